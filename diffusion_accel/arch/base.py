@@ -1,0 +1,176 @@
+"""Adapter interface: what a technique may ask about a denoiser family.
+
+An adapter is the only code that knows a model family's module names. Techniques ask it
+("which layers share an input", "where are the skip concatenations", "which blocks can be
+cached") and never match module paths themselves. All names returned are fully qualified module
+names relative to the denoiser (``denoiser.get_submodule(name)`` resolves them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One block of the denoiser, in execution order.
+
+    kind: "resnet", "transformer", "attention", "down", "mid", "up", "double_stream",
+    "single_stream", ... (family specific, but stable).
+    """
+
+    name: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """Linear/Conv layers that receive exactly the same input tensor (e.g. q, k, v).
+
+    OBS pruning shares one Hessian per group; PTQ shares one input quantizer per group.
+    ``block`` is the enclosing block's name (for group-wise sequential work), ``role`` a short
+    label such as "qkv", "kv_cross", "attn_out", "ffn_in", "ffn_out", "conv", "proj".
+    """
+
+    layers: tuple[str, ...]
+    block: str
+    role: str
+
+
+@dataclass(frozen=True)
+class AttentionInfo:
+    """An attention module with its projections and head geometry.
+
+    ``added_*`` are the context-stream projections of joint attention (SD3/Flux), empty if none.
+    ``to_out`` may be None (Flux single-stream blocks project with the block's ``proj_out``).
+    """
+
+    name: str
+    heads: int
+    head_dim: int
+    to_q: str
+    to_k: str
+    to_v: str
+    to_out: str | None
+    added_q: str | None = None
+    added_k: str | None = None
+    added_v: str | None = None
+    added_out: str | None = None
+    is_cross_attention: bool = False
+
+
+@dataclass(frozen=True)
+class FFNInfo:
+    """A feed-forward pair: ``proj_in`` layers expand to ``hidden`` units, ``proj_out`` contracts.
+
+    Structured pruning of hidden neuron j removes output row j of every ``proj_in`` (for GEGLU,
+    rows j and j+hidden of the gate projection) and input column j of ``proj_out``.
+    """
+
+    name: str
+    proj_in: tuple[str, ...]
+    proj_out: str
+    hidden: int
+    gated: bool = False
+
+
+@dataclass(frozen=True)
+class SkipConcat:
+    """A layer fed by ``cat([hidden, skip], dim=1)`` in a UNet decoder.
+
+    ``split`` is the channel count of the first part (``hidden``); channels ``split:`` are the skip.
+    ``direct`` is True when the layer sees the concatenation directly (the 1x1 shortcut conv), False
+    when a norm/activation sits between (conv1 after GroupNorm): only direct consumers get
+    split-shortcut quantization.
+    """
+
+    layer: str
+    split: int
+    total: int
+    direct: bool
+
+
+@dataclass(frozen=True)
+class CachePoint:
+    """Where a cache can cut the computation.
+
+    UNet: ``kind == "skip_branch"``; ``branch`` is the DeepCache branch id (0 = shallowest),
+    ``down``/``up`` the names of the paired down and up blocks. DiT: ``kind == "block_stack"``;
+    ``blocks`` lists the cacheable transformer blocks of one stack in order.
+    """
+
+    kind: str
+    branch: int | None = None
+    down: str | None = None
+    up: str | None = None
+    blocks: tuple[str, ...] = field(default_factory=tuple)
+    stack: str | None = None
+
+
+class DenoiserAdapter:
+    """Base class: one subclass per denoiser family, registered with ``@register_adapter``.
+
+    Subclasses set ``family`` (a short name) and ``denoiser_classes`` (class names, so that
+    diffusers need not export every class) and implement the query methods.
+    """
+
+    family: ClassVar[str] = ""
+    denoiser_classes: ClassVar[tuple[str, ...]] = ()
+    component: ClassVar[str] = "transformer"  # the pipeline attribute holding the denoiser
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        self.denoiser = denoiser
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.denoiser, "config", None)
+
+    def module(self, name: str) -> nn.Module:
+        return self.denoiser.get_submodule(name)
+
+    # ---- queries every adapter answers ----------------------------------------------------
+    def blocks(self) -> list[BlockInfo]:
+        raise NotImplementedError
+
+    def layer_groups(self) -> list[LayerGroup]:
+        """Eligible layers grouped by shared input, in execution (depth) order."""
+        raise NotImplementedError
+
+    def attention(self) -> list[AttentionInfo]:
+        raise NotImplementedError
+
+    def ffns(self) -> list[FFNInfo]:
+        raise NotImplementedError
+
+    def skip_concats(self) -> list[SkipConcat]:
+        return []
+
+    def cache_points(self) -> list[CachePoint]:
+        raise NotImplementedError
+
+    def high_precision_layers(self) -> list[str]:
+        """Layers kept in high precision by default (first/last conv or proj, time embedding)."""
+        raise NotImplementedError
+
+    # ---- derived helpers ---------------------------------------------------------------
+    def eligible_layers(self) -> list[str]:
+        """All Linear/Conv layers eligible for quantization and pruning, in depth order."""
+        return [name for group in self.layer_groups() for name in group.layers]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts of what the adapter found, for users and tests."""
+        return {
+            "family": self.family,
+            "denoiser": type(self.denoiser).__name__,
+            "blocks": len(self.blocks()),
+            "layer_groups": len(self.layer_groups()),
+            "eligible_layers": len(self.eligible_layers()),
+            "attention": len(self.attention()),
+            "ffns": len(self.ffns()),
+            "skip_concats": len(self.skip_concats()),
+            "cache_points": len(self.cache_points()),
+            "high_precision_layers": len(self.high_precision_layers()),
+        }

@@ -1,0 +1,74 @@
+"""Registry from denoiser classes to adapters, and the lookup from a pipeline to its denoiser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .base import DenoiserAdapter
+
+_ADAPTERS: dict[str, type[DenoiserAdapter]] = {}
+
+# Pipeline attributes that may hold the denoiser, in lookup order.
+DENOISER_COMPONENTS = ("unet", "transformer")
+
+
+class UnsupportedModelError(TypeError):
+    """Raised for a pipeline or denoiser no adapter supports; the message lists the supported ones."""
+
+
+def register_adapter(cls: type[DenoiserAdapter]) -> type[DenoiserAdapter]:
+    """Class decorator: register ``cls`` for every class name in ``cls.denoiser_classes``."""
+    if not cls.denoiser_classes:
+        raise ValueError(f"adapter {cls.__name__} declares no denoiser_classes")
+    for class_name in cls.denoiser_classes:
+        _ADAPTERS[class_name] = cls
+    return cls
+
+
+def supported_denoisers() -> list[str]:
+    """Class names of all supported denoisers, sorted."""
+    _ensure_builtin_adapters()
+    return sorted(_ADAPTERS)
+
+
+def _ensure_builtin_adapters() -> None:
+    # Importing the package registers the built-in adapters (decorators run at import).
+    from . import families  # noqa: F401
+
+
+def _adapter_class_for(denoiser: nn.Module) -> type[DenoiserAdapter] | None:
+    _ensure_builtin_adapters()
+    for klass in type(denoiser).__mro__:
+        if klass.__name__ in _ADAPTERS:
+            return _ADAPTERS[klass.__name__]
+    return None
+
+
+def _unsupported_message(what: str) -> str:
+    return f"{what} is not supported; supported denoisers: {', '.join(supported_denoisers())}"
+
+
+def find_denoiser(pipe: Any) -> tuple[str, nn.Module]:
+    """Return ``(component_name, denoiser)`` of a diffusers pipeline (or accept a bare denoiser)."""
+    if isinstance(pipe, nn.Module) and _adapter_class_for(pipe) is not None:
+        return "", pipe
+    for component in DENOISER_COMPONENTS:
+        candidate = getattr(pipe, component, None)
+        if isinstance(candidate, nn.Module):
+            if _adapter_class_for(candidate) is None:
+                raise UnsupportedModelError(
+                    _unsupported_message(f"denoiser {type(candidate).__name__} of {type(pipe).__name__}"))
+            return component, candidate
+    raise UnsupportedModelError(_unsupported_message(
+        f"{type(pipe).__name__} (no 'unet' or 'transformer' component found)"))
+
+
+def get_adapter(pipe_or_denoiser: Any) -> DenoiserAdapter:
+    """The adapter for a pipeline's denoiser (or for a denoiser module itself)."""
+    _, denoiser = find_denoiser(pipe_or_denoiser)
+    adapter_cls = _adapter_class_for(denoiser)
+    if adapter_cls is None:  # pragma: no cover - find_denoiser already checked
+        raise UnsupportedModelError(_unsupported_message(type(denoiser).__name__))
+    return adapter_cls(denoiser)

@@ -1,0 +1,242 @@
+"""The one hook engine: step tracking and per-context named state for a denoiser.
+
+A :class:`StepTracker` is attached once per denoiser (as a diffusers ``ModelHook``). On every
+denoiser call it knows the step index within the current pipeline call, the timestep, and the
+context name ("cond"/"uncond" when the pipeline uses ``denoiser.cache_context``; ``"default"``
+otherwise, e.g. SD's batched CFG). Techniques register named *clients* with the tracker and keep
+their state in ``tracker.state(client)``, which is separate per context and cleared at the start of
+every pipeline call.
+
+A new pipeline call is detected without patching anything on the pipeline: every diffusers pipeline
+calls ``scheduler.set_timesteps`` at the start of ``__call__``, which builds a new
+``scheduler.timesteps`` tensor. When the tracker sees a different tensor object than on its last
+call, a new trajectory has begun and all state resets. (Assigning ``pipe.__call__`` on an instance
+would not work: Python looks ``__call__`` up on the class.)
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import StateManager
+
+TRACKER_HOOK_NAME = "diffusion_accel.step_tracker"
+DEFAULT_CONTEXT = "default"
+
+
+class _ContextState:
+    """Empty per-context state object; diffusers' StateManager needs a class to build."""
+
+    def reset(self) -> None:
+        return None
+
+
+class _ContextReader(StateManager):
+    """A StateManager whose only job is to receive diffusers' ``cache_context`` name."""
+
+    def current_name(self) -> str:
+        context = self._context
+        return DEFAULT_CONTEXT if context is None else str(context.name)
+
+
+@dataclass
+class _Client:
+    """A technique using the tracker: its reset callback and its per-context state dicts."""
+
+    on_reset: Callable[[], None] | None = None
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class StepTracker(ModelHook):
+    """Counts denoiser calls per context within a pipeline call; owns techniques' named state.
+
+    Attributes readable inside any hook during a denoiser call:
+      - ``step_index``: 0 for the first (noisiest) step of this pipeline call, per context.
+      - ``timestep``: the scalar timestep of this call as a float (None if the caller passed none).
+      - ``context``: the context name of this call.
+      - ``num_inference_steps``: length of ``scheduler.timesteps`` if a pipeline is attached.
+    """
+
+    _is_stateful = True
+
+    def __init__(self, pipeline: Any | None = None) -> None:
+        super().__init__()
+        self._pipeline_ref = weakref.ref(pipeline) if pipeline is not None else None
+        self._context_reader = _ContextReader(_ContextState)
+        self._clients: dict[str, _Client] = {}
+        self._counters: dict[str, int] = {}
+        self._last_timesteps: torch.Tensor | None = None
+        self.step_index: int = 0
+        self.timestep: float | None = None
+        self.context: str = DEFAULT_CONTEXT
+        self.in_call: bool = False
+        self.calls_since_reset: int = 0
+
+    # ----- clients and state -------------------------------------------------------------
+    def register_client(self, name: str, on_reset: Callable[[], None] | None = None) -> None:
+        """Register a technique under ``name``; ``on_reset`` runs at each new pipeline call."""
+        self._clients[name] = _Client(on_reset=on_reset)
+
+    def unregister_client(self, name: str) -> None:
+        self._clients.pop(name, None)
+
+    @property
+    def client_names(self) -> list[str]:
+        return list(self._clients)
+
+    def state(self, client: str, context: str | None = None) -> dict[str, Any]:
+        """The mutable state dict of ``client`` for ``context`` (default: the current one)."""
+        if client not in self._clients:
+            raise KeyError(f"no client named {client!r} is registered; registered: {self.client_names}")
+        states = self._clients[client].states
+        return states.setdefault(context or self.context, {})
+
+    def reset(self) -> None:
+        """Forget all step counters and every client's state (a new trajectory begins)."""
+        self._counters.clear()
+        self.calls_since_reset = 0
+        for client in self._clients.values():
+            client.states.clear()
+            if client.on_reset is not None:
+                client.on_reset()
+
+    # ----- pipeline awareness -------------------------------------------------------------
+    @property
+    def pipeline(self) -> Any | None:
+        return self._pipeline_ref() if self._pipeline_ref is not None else None
+
+    @property
+    def num_inference_steps(self) -> int | None:
+        timesteps = self._scheduler_timesteps()
+        return None if timesteps is None else int(len(timesteps))
+
+    def _scheduler_timesteps(self) -> torch.Tensor | None:
+        pipeline = self.pipeline
+        scheduler = getattr(pipeline, "scheduler", None) if pipeline is not None else None
+        timesteps = getattr(scheduler, "timesteps", None)
+        return timesteps if isinstance(timesteps, torch.Tensor) else None
+
+    def _detect_new_call(self) -> None:
+        timesteps = self._scheduler_timesteps()
+        if timesteps is not None and timesteps is not self._last_timesteps:
+            self._last_timesteps = timesteps
+            self.reset()
+
+    # ----- diffusers ModelHook interface ------------------------------------------------
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
+        self._detect_new_call()
+        self.context = self._context_reader.current_name()
+        self.step_index = self._counters.get(self.context, 0)
+        self.timestep = _scalar_timestep(args, kwargs)
+        self.in_call = True
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        self._counters[self.context] = self.step_index + 1
+        self.calls_since_reset += 1
+        self.in_call = False
+        return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.reset()
+        return module
+
+
+def _scalar_timestep(args: tuple, kwargs: dict) -> float | None:
+    """Find the ``timestep`` argument of a denoiser call and return its first value as float."""
+    value = kwargs.get("timestep")
+    if value is None and len(args) >= 2:
+        value = args[1]
+    if isinstance(value, torch.Tensor):
+        return float(value.flatten()[0].item()) if value.numel() else None
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+def get_tracker(denoiser: torch.nn.Module) -> StepTracker | None:
+    """The tracker attached to ``denoiser``, or None."""
+    registry = getattr(denoiser, "_diffusers_hook", None)
+    if registry is None:
+        return None
+    hook = registry.get_hook(TRACKER_HOOK_NAME)
+    return hook if isinstance(hook, StepTracker) else None
+
+
+def attach_tracker(denoiser: torch.nn.Module, pipeline: Any | None = None) -> StepTracker:
+    """Attach (or return the existing) tracker; ``pipeline`` enables automatic per-call reset."""
+    tracker = get_tracker(denoiser)
+    if tracker is not None:
+        if pipeline is not None and tracker.pipeline is None:
+            tracker._pipeline_ref = weakref.ref(pipeline)
+        return tracker
+    tracker = StepTracker(pipeline)
+    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+    registry.register_hook(tracker, TRACKER_HOOK_NAME)
+    return tracker
+
+
+def detach_tracker_if_unused(denoiser: torch.nn.Module) -> bool:
+    """Remove the tracker when no client uses it any more; returns True if it was removed."""
+    tracker = get_tracker(denoiser)
+    if tracker is None or tracker.client_names:
+        return False
+    denoiser._diffusers_hook.remove_hook(TRACKER_HOOK_NAME, recurse=False)
+    return True
+
+
+class use_tracker:
+    """Context manager: register ``client`` on the denoiser's tracker and always clean up.
+
+    >>> with use_tracker(unet, "calib", pipeline=pipe) as tracker:
+    ...     pipe("a prompt")   # hooks read tracker.step_index / tracker.timestep
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, client: str, pipeline: Any | None = None,
+                 on_reset: Callable[[], None] | None = None) -> None:
+        self.denoiser, self.client, self.pipeline, self.on_reset = denoiser, client, pipeline, on_reset
+        self.tracker: StepTracker | None = None
+
+    def __enter__(self) -> StepTracker:
+        self.tracker = attach_tracker(self.denoiser, self.pipeline)
+        self.tracker.register_client(self.client, self.on_reset)
+        return self.tracker
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.tracker is not None:
+            self.tracker.unregister_client(self.client)
+        detach_tracker_if_unused(self.denoiser)
+
+
+class ModuleHooks:
+    """A set of plain torch forward (pre-)hooks that is always removed as a whole.
+
+    Used by collectors and simulated quantizers; ``remove()`` is idempotent and also runs on
+    ``__exit__`` so hooks never outlive an exception.
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def pre(self, module: torch.nn.Module, fn: Callable, with_kwargs: bool = False) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
+
+    def post(self, module: torch.nn.Module, fn: Callable, with_kwargs: bool = False) -> None:
+        self._handles.append(module.register_forward_hook(fn, with_kwargs=with_kwargs))
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self) -> "ModuleHooks":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()

@@ -1,0 +1,1 @@
+"""Test and demo helpers: tiny pipelines built from config, local tokenizers, contract checks."""
