@@ -1,0 +1,196 @@
+"""Save and load accelerated pipelines: safetensors + a JSON manifest, never pickles.
+
+An artifact folder holds ``manifest.json`` (format, library version, base-model fingerprint, the
+ordered list of applied techniques with their JSON configs) and one ``NN-<technique>.safetensors``
+per technique. Techniques plug in with :func:`register_technique`: ``export`` returns
+``(config_dict, tensors)`` from an accelerated pipeline, ``restore`` re-applies them to a base one.
+
+``load`` re-applies the techniques in order onto the base pipeline's denoiser and refuses a base
+whose fingerprint differs from the one recorded at save time. It never leaves the pipeline
+half-modified: techniques are restored on a copy of the denoiser that replaces the original only
+when every step succeeded.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .arch.registry import find_denoiser
+
+FORMAT = "diffusion_accel.artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_APPLIED_ATTR = "_diffusion_accel_applied"
+_FINGERPRINT_ATTR = "_diffusion_accel_base_fingerprint"
+_SAMPLE_ELEMENTS = 2048  # per tensor: head, tail and a strided middle sample
+
+
+class ArtifactError(ValueError):
+    """A folder is not a valid artifact, or it does not fit the base pipeline it is loaded onto."""
+
+
+@dataclass(frozen=True)
+class TechniqueHandler:
+    """How one technique serializes itself (``export``) and re-applies itself (``restore``)."""
+
+    name: str
+    export: Callable[[Any], tuple[dict[str, Any], dict[str, torch.Tensor]]]
+    restore: Callable[[Any, dict[str, Any], dict[str, torch.Tensor]], None]
+
+
+_HANDLERS: dict[str, TechniqueHandler] = {}
+
+
+def register_technique(name: str, export: Callable, restore: Callable) -> TechniqueHandler:
+    """Register the save/load handler of technique ``name`` (one per technique)."""
+    handler = TechniqueHandler(name, export, restore)
+    _HANDLERS[name] = handler
+    return handler
+
+
+def registered_techniques() -> list[str]:
+    return sorted(_HANDLERS)
+
+
+# ----- fingerprints and the applied-techniques record -------------------------------------
+def fingerprint(denoiser: torch.nn.Module) -> str:
+    """A dtype- and device-independent SHA-256 of class, config and sampled weight values."""
+    digest = hashlib.sha256(type(denoiser).__name__.encode())
+    config = getattr(denoiser, "config", None)
+    if config is not None:
+        config_items = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+        digest.update(json.dumps(config_items, sort_keys=True, default=str).encode())
+    for name, tensor in denoiser.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(_sampled_bytes(tensor))
+    return digest.hexdigest()
+
+
+def _sampled_bytes(tensor: torch.Tensor) -> bytes:
+    """Bytes of a bf16-rounded sample of ``tensor`` (so fp32/bf16/fp16 copies agree)."""
+    flat = tensor.detach().reshape(-1)
+    if not flat.is_floating_point():
+        flat = flat.to(torch.float64)
+    if flat.numel() > 3 * _SAMPLE_ELEMENTS:
+        stride = flat.numel() // _SAMPLE_ELEMENTS
+        flat = torch.cat([flat[:_SAMPLE_ELEMENTS], flat[::stride], flat[-_SAMPLE_ELEMENTS:]])
+    return flat.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()
+
+
+def base_fingerprint(pipe: Any) -> str:
+    """Fingerprint of the denoiser as it was before any technique changed it (cached)."""
+    _, denoiser = find_denoiser(pipe)
+    cached = getattr(denoiser, _FINGERPRINT_ATTR, None)
+    if cached is None:
+        cached = fingerprint(denoiser)
+        setattr(denoiser, _FINGERPRINT_ATTR, cached)
+    return cached
+
+
+def mark_applied(pipe: Any, technique: str) -> None:
+    """Record that ``technique`` now modifies the pipeline (call ``base_fingerprint`` first)."""
+    if technique not in _HANDLERS:
+        raise ValueError(f"technique {technique!r} has no save/load handler; "
+                         f"registered: {registered_techniques()}")
+    _, denoiser = find_denoiser(pipe)
+    applied = list(getattr(denoiser, _APPLIED_ATTR, []))
+    if technique not in applied:
+        applied.append(technique)
+    setattr(denoiser, _APPLIED_ATTR, applied)
+
+
+def unmark_applied(pipe: Any, technique: str) -> None:
+    """Forget ``technique`` (after it was removed from the pipeline)."""
+    _, denoiser = find_denoiser(pipe)
+    setattr(denoiser, _APPLIED_ATTR, [t for t in getattr(denoiser, _APPLIED_ATTR, []) if t != technique])
+
+
+def applied_techniques(pipe: Any) -> list[str]:
+    """Techniques applied to the pipeline's denoiser, in order."""
+    _, denoiser = find_denoiser(pipe)
+    return list(getattr(denoiser, _APPLIED_ATTR, []))
+
+
+# ----- save / load ---------------------------------------------------------------------
+def save(pipe: Any, directory: str | Path) -> Path:
+    """Write the techniques applied to ``pipe`` as safetensors + ``manifest.json``; returns the folder."""
+    from . import __version__
+
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    component, denoiser = find_denoiser(pipe)
+    entries = []
+    for index, technique in enumerate(applied_techniques(pipe)):
+        config, tensors = _HANDLERS[technique].export(pipe)
+        filename = f"{index:02d}-{technique}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / filename))
+        entries.append({"name": technique, "config": config, "tensors": filename})
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
+        "base": {"pipeline": type(pipe).__name__, "denoiser": type(denoiser).__name__,
+                 "component": component, "fingerprint": base_fingerprint(pipe)},
+        "techniques": entries,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return folder
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """Parse and validate ``manifest.json`` of an artifact folder."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory} is not a diffusion_accel artifact: no {MANIFEST}")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format_version {manifest['format_version']} is newer than "
+                            f"this library reads ({FORMAT_VERSION}); upgrade diffusion-accel")
+    unknown = [t["name"] for t in manifest.get("techniques", []) if t["name"] not in _HANDLERS]
+    if unknown:
+        raise ArtifactError(f"{path}: unknown techniques {unknown}; registered: {registered_techniques()}")
+    return manifest
+
+
+def load(base_pipe: Any, directory: str | Path) -> Any:
+    """Re-apply a saved artifact onto ``base_pipe`` (same object returned); all or nothing."""
+    manifest = read_manifest(directory)
+    _check_base(base_pipe, manifest, directory)
+    component, original = find_denoiser(base_pipe)
+    if not component:  # a bare denoiser has no pipeline to swap a copy into
+        raise ArtifactError("load() needs a pipeline (with a 'unet' or 'transformer'), not a bare denoiser")
+    _set_denoiser(base_pipe, component, copy.deepcopy(original))
+    try:
+        for entry in manifest["techniques"]:
+            tensors = load_file(str(Path(directory) / entry["tensors"]))
+            _HANDLERS[entry["name"]].restore(base_pipe, entry["config"], tensors)
+            mark_applied(base_pipe, entry["name"])
+    except BaseException:
+        _set_denoiser(base_pipe, component, original)
+        raise
+    return base_pipe
+
+
+def _check_base(base_pipe: Any, manifest: dict[str, Any], directory: str | Path) -> None:
+    if applied_techniques(base_pipe):
+        raise ArtifactError(f"load() needs an unmodified base pipeline; this one already has "
+                            f"{applied_techniques(base_pipe)} applied")
+    expected = manifest["base"]["fingerprint"]
+    actual = base_fingerprint(base_pipe)
+    if actual != expected:
+        raise ArtifactError(
+            f"artifact {directory} was made for a different base model "
+            f"({manifest['base']['denoiser']} fingerprint {expected[:12]}…), this pipeline's "
+            f"{type(find_denoiser(base_pipe)[1]).__name__} has fingerprint {actual[:12]}…")
+
+
+def _set_denoiser(pipe: Any, component: str, denoiser: torch.nn.Module) -> None:
+    setattr(pipe, component, denoiser)

@@ -1,0 +1,186 @@
+"""``diffusion-accel`` command line: a thin argparse front over the library (no logic of its own).
+
+User mistakes print one clear ``error:`` line and exit with status 2; unexpected failures keep
+their traceback and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError, KeyError)
+
+
+def _add_pipe_args(parser: argparse.ArgumentParser, many: bool) -> None:
+    help_text = ("pipeline spec: zoo:NAME, tiny:FAMILY, a save_pretrained folder or a hub id; "
+                 + ("repeat as NAME=SPEC to compare variants" if many else "default: the bundled demo model"))
+    parser.add_argument("--pipe", action="append" if many else "store", default=None, help=help_text)
+    parser.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: as loaded)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: as loaded)")
+
+
+def _add_generation_args(parser: argparse.ArgumentParser, steps: int) -> None:
+    parser.add_argument("--prompts", default=None,
+                        help="bundled prompt set (default, fashion) or a .txt/.json file")
+    parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--steps", type=int, default=steps, help="denoising steps (default %(default)s)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (default %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="diffusion-accel", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="calibrate and measure the bundled reference pipeline")
+    _add_pipe_args(demo, many=False)
+    _add_generation_args(demo, steps=20)
+    demo.add_argument("--out", default="diffusion_accel_demo", help="output folder (report, grid)")
+    demo.add_argument("--repeats", type=int, default=3, help="timed repeats for latency")
+    demo.set_defaults(handler=_cmd_demo)
+
+    calibrate = sub.add_parser("calibrate", help="run a trajectory calibration pass and save its statistics")
+    _add_pipe_args(calibrate, many=False)
+    _add_generation_args(calibrate, steps=25)
+    calibrate.add_argument("--recipe", default=None, help="a recipe TOML from pipelines/ (sets the defaults)")
+    calibrate.add_argument("--selection", default=None, help='"all", "uniform:K" or "0,5,10" (default all)')
+    calibrate.add_argument("--weighting", default=None,
+                           help="uniform, linear, log-decrease or log-increase (default uniform)")
+    calibrate.add_argument("--collect", default="ranges,features",
+                           help="comma list of: ranges, hessian, features (default %(default)s)")
+    calibrate.add_argument("--batch-size", type=int, default=1)
+    calibrate.add_argument("--out", required=True, help="output folder for statistics + manifest")
+    calibrate.set_defaults(handler=_cmd_calibrate)
+
+    evaluate = sub.add_parser("eval", help="measure pipelines side by side (table + JSON + Markdown)")
+    _add_pipe_args(evaluate, many=True)
+    _add_generation_args(evaluate, steps=25)
+    evaluate.add_argument("--metrics", default="psnr,ssim,latency,flops",
+                          help="comma list of: fid, clip, psnr, ssim, latency, memory, flops")
+    evaluate.add_argument("--fid-reference", default=None, help="reference stats file or image folder for FID")
+    evaluate.add_argument("--clip-model", default=None, help="CLIP model name or local folder for CLIP score")
+    evaluate.add_argument("--out", default=None, help="folder for report.json / report.md / grid.png")
+    evaluate.set_defaults(handler=_cmd_eval)
+
+    grid = sub.add_parser("grid", help="comparison grid: rows = variants, columns = prompts")
+    _add_pipe_args(grid, many=True)
+    _add_generation_args(grid, steps=25)
+    grid.add_argument("--out", default="grid.png", help="PNG path (default %(default)s)")
+    grid.add_argument("--cell", type=int, default=128, help="cell size in pixels (default %(default)s)")
+    grid.set_defaults(handler=_cmd_grid)
+
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub: argparse._SubParsersAction) -> None:
+    """Subcommand groups contributed by other packages (e.g. ``zoo``)."""
+    try:
+        from .zoo.cli import register as register_zoo
+    except ImportError:
+        return
+    register_zoo(sub)
+
+
+# ----- handlers ----------------------------------------------------------------------------
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    report = run_demo(spec=args.pipe, prompts=args.prompts, num_prompts=args.num_prompts,
+                      steps=args.steps, guidance=args.guidance, seed=args.seed, out=Path(args.out),
+                      repeats=args.repeats, dtype=args.dtype, device=args.device)
+    print(report.to_markdown())
+    print(f"\nreport, grid and calibration summary written to {args.out}/")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .recipes import calibrate_from_args
+
+    summary = calibrate_from_args(args)
+    print(summary)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import evaluate
+
+    pipes = _load_variants(args)
+    report = evaluate(pipes, _prompts_for(args, next(iter(pipes.values()))),
+                      metrics=_split(args.metrics), num_inference_steps=args.steps, seed=args.seed,
+                      fid_reference=args.fid_reference, clip_model=args.clip_model,
+                      call_kwargs=_guidance_kwargs(args))
+    print(report.to_markdown())
+    if args.out:
+        report.save(args.out)
+        print(f"\nwritten to {args.out}/")
+    return 0
+
+
+def _cmd_grid(args: argparse.Namespace) -> int:
+    from .eval import comparison_grid
+
+    pipes = _load_variants(args)
+    image = comparison_grid(pipes, _prompts_for(args, next(iter(pipes.values()))),
+                            num_inference_steps=args.steps, seed=args.seed, cell_size=args.cell,
+                            call_kwargs=_guidance_kwargs(args))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.out)
+    print(f"grid {image.width}x{image.height} written to {args.out}")
+    return 0
+
+
+# ----- helpers -------------------------------------------------------------------------------
+def _split(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _guidance_kwargs(args: argparse.Namespace) -> dict:
+    return {} if args.guidance is None else {"guidance_scale": args.guidance}
+
+
+def _load_variants(args: argparse.Namespace) -> dict:
+    """``--pipe NAME=SPEC`` (or bare SPEC) entries loaded in order, names unique."""
+    from .loading import default_demo_spec, load_pipeline
+
+    entries = args.pipe or [default_demo_spec()]
+    pipes = {}
+    for entry in entries:
+        name, _, spec = entry.partition("=") if "=" in entry else (entry, "", entry)
+        if name in pipes:
+            raise ValueError(f"variant name {name!r} given twice; use NAME=SPEC to name variants")
+        pipes[name] = load_pipeline(spec, dtype=args.dtype, device=args.device)
+    return pipes
+
+
+def _prompts_for(args: argparse.Namespace, pipe: object) -> list:
+    """Prompts from ``--prompts`` or the default set that suits ``pipe``."""
+    from . import prompts
+    from .eval import default_prompts
+
+    if args.prompts is None:
+        return default_prompts(pipe, limit=args.num_prompts)
+    return prompts.load(args.prompts, limit=args.num_prompts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``diffusion-accel`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except USER_ERRORS as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

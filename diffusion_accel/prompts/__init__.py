@@ -1,0 +1,41 @@
+"""Bundled prompt sets: ``load("default")``, ``load("fashion")`` or ``load(path_to_txt_or_json)``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+_HERE = Path(__file__).parent
+
+
+def names() -> list[str]:
+    """Names of the bundled prompt sets."""
+    return sorted(path.stem for path in _HERE.glob("*.txt"))
+
+
+def load(name_or_path: str | Path, limit: int | None = None) -> list[str]:
+    """Prompts of a bundled set or of a file (``.txt`` one per line, ``#`` comments; ``.json`` list)."""
+    path = _resolve(name_or_path)
+    if path.suffix == ".json":
+        prompts = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{path} must hold a JSON list of strings")
+    else:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompt set {str(name_or_path)!r} is empty")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    return prompts[:limit] if limit else prompts
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    bundled = _HERE / f"{name_or_path}.txt"
+    if isinstance(name_or_path, str) and bundled.is_file():
+        return bundled
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    raise ValueError(f"unknown prompt set {str(name_or_path)!r}: not a bundled set "
+                     f"({', '.join(names())}) nor an existing .txt/.json file")

@@ -1,0 +1,86 @@
+"""Save/load framework: manifest, fingerprints, mismatch errors, all-or-nothing restore."""
+
+import json
+
+import pytest
+import torch
+
+from diffusion_accel import artifact
+from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
+
+
+def _export_scale(pipe):
+    return {"factor": pipe.unet._test_scale}, {"conv_in.weight": pipe.unet.conv_in.weight.data}
+
+
+def _restore_scale(pipe, config, tensors):
+    if config["factor"] < 0:
+        raise RuntimeError("restore failed on purpose")
+    pipe.unet.conv_in.weight.data.copy_(tensors["conv_in.weight"])
+    pipe.unet._test_scale = config["factor"]
+
+
+artifact.register_technique("test-scale", _export_scale, _restore_scale)
+
+
+def _scaled_pipe(factor: float = 2.0):
+    pipe = build_tiny("sd")
+    artifact.base_fingerprint(pipe)
+    pipe.unet.conv_in.weight.data.mul_(factor)
+    pipe.unet._test_scale = factor
+    artifact.mark_applied(pipe, "test-scale")
+    return pipe
+
+
+def _images(pipe):
+    return pipe(**tiny_call_kwargs("sd", steps=2)).images
+
+
+def test_round_trip_reproduces_images_exactly(tmp_path):
+    accelerated = _scaled_pipe()
+    artifact.save(accelerated, tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["techniques"][0]["name"] == "test-scale"
+    assert manifest["base"]["denoiser"] == "UNet2DConditionModel"
+    base = build_tiny("sd")
+    loaded = artifact.load(base, tmp_path)
+    assert loaded is base and artifact.applied_techniques(base) == ["test-scale"]
+    assert torch.equal(_images(loaded), _images(accelerated))
+
+
+def test_fingerprint_ignores_dtype_but_not_weights():
+    pipe = build_tiny("sd")
+    fp32 = artifact.fingerprint(pipe.unet)
+    assert artifact.fingerprint(pipe.unet.to(torch.bfloat16)) == fp32
+    assert artifact.fingerprint(build_tiny("sd", seed=1).unet) != fp32
+
+
+def test_loading_onto_another_model_is_a_clear_error(tmp_path):
+    artifact.save(_scaled_pipe(), tmp_path)
+    other = build_tiny("sd", seed=1)
+    with pytest.raises(artifact.ArtifactError, match="different base model"):
+        artifact.load(other, tmp_path)
+    assert artifact.applied_techniques(other) == []
+
+
+def test_failed_restore_leaves_pipeline_unchanged(tmp_path):
+    artifact.save(_scaled_pipe(factor=-1.0), tmp_path)
+    base = build_tiny("sd")
+    unet_before, weights_before = base.unet, base.unet.conv_in.weight.clone()
+    with pytest.raises(RuntimeError, match="on purpose"):
+        artifact.load(base, tmp_path)
+    assert base.unet is unet_before and torch.equal(base.unet.conv_in.weight, weights_before)
+    assert artifact.applied_techniques(base) == []
+
+
+def test_bad_folders_are_rejected(tmp_path):
+    with pytest.raises(artifact.ArtifactError, match="no manifest.json"):
+        artifact.load(build_tiny("sd"), tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(artifact.ArtifactError, match="expected"):
+        artifact.read_manifest(tmp_path)
+
+
+def test_mark_applied_needs_a_registered_technique():
+    with pytest.raises(ValueError, match="no save/load handler"):
+        artifact.mark_applied(build_tiny("sd"), "unknown")

@@ -1,0 +1,28 @@
+"""The drop-in contract holds for every tiny family, untransformed and after calibration."""
+
+import pytest
+import torch
+
+from diffusion_accel.testing.contract import check_drop_in
+from diffusion_accel.testing.tiny import TINY_BUILDERS, build_tiny, tiny_call_kwargs
+
+FAMILIES = sorted(TINY_BUILDERS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_untransformed_pipelines_meet_the_contract(family):
+    check_drop_in(family, lambda pipe: pipe)
+
+
+def test_contract_catches_a_replaced_pipeline():
+    with pytest.raises(AssertionError, match="same object|object it was given"):
+        check_drop_in("sd", lambda pipe: build_tiny("sd"))
+
+
+def test_contract_catches_a_patched_call():
+    def patch(pipe):
+        pipe.__call__ = lambda *a, **k: None
+        return pipe
+
+    with pytest.raises(AssertionError, match="patched"):
+        check_drop_in("sd", patch)

@@ -1,0 +1,107 @@
+"""The hook engine: step counting per context, reset per pipeline call, clean removal."""
+
+import pytest
+import torch
+from torch import nn
+
+from diffusion_accel.hooks import (ModuleHooks, attach_tracker, detach_tracker_if_unused,
+                                   get_tracker, use_tracker)
+from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
+
+
+class AddOne(nn.Module):
+    """Denoiser stand-in: output = sample + 1."""
+
+    def forward(self, sample, timestep=None):
+        return sample + 1
+
+
+def test_step_index_counts_calls_and_records_timestep():
+    model = AddOne()
+    seen = []
+    with use_tracker(model, "probe") as tracker:
+        for t in (999, 500, 1):
+            model(torch.zeros(1), timestep=torch.tensor([t]))
+            seen.append((tracker.step_index, tracker.timestep))
+    assert seen == [(0, 999.0), (1, 500.0), (2, 1.0)]
+    assert get_tracker(model) is None
+
+
+def test_tracker_resets_on_new_pipeline_call():
+    pipe = build_tiny("sd")
+    steps_per_call: list[list[int]] = [[], []]
+    call_number = {"n": 0}
+    with use_tracker(pipe.unet, "probe", pipeline=pipe,
+                     on_reset=lambda: call_number.__setitem__("n", call_number["n"] + 1)) as tracker:
+        def record(module, args):
+            steps_per_call[call_number["n"] - 1].append(tracker.step_index)
+        with ModuleHooks() as hooks:
+            hooks.pre(pipe.unet.conv_in, record)
+            pipe(**tiny_call_kwargs("sd", steps=3))
+            pipe(**tiny_call_kwargs("sd", steps=3))
+    assert steps_per_call == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_cache_context_keeps_separate_counters_and_state():
+    pipe = build_tiny("flux")
+    transformer = pipe.transformer
+    with use_tracker(transformer, "probe") as tracker:
+        inputs = _flux_inputs(transformer)
+        observed = []
+        for _ in range(2):
+            for name in ("cond", "uncond"):
+                with transformer.cache_context(name):
+                    transformer(**inputs)
+                    observed.append((tracker.context, tracker.step_index))
+                    tracker.state("probe")["calls"] = tracker.state("probe").get("calls", 0) + 1
+        assert observed == [("cond", 0), ("uncond", 0), ("cond", 1), ("uncond", 1)]
+        assert tracker.state("probe", "cond")["calls"] == 2
+        assert tracker.state("probe", "uncond")["calls"] == 2
+
+
+def _flux_inputs(transformer):
+    tokens, text_tokens = 16, 4
+    return dict(
+        hidden_states=torch.randn(1, tokens, transformer.config.in_channels),
+        encoder_hidden_states=torch.randn(1, text_tokens, transformer.config.joint_attention_dim),
+        pooled_projections=torch.randn(1, transformer.config.pooled_projection_dim),
+        timestep=torch.tensor([0.5]), img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text_tokens, 3),
+    )
+
+
+def test_tracker_detached_after_exception_and_shared_between_clients():
+    model = AddOne()
+    with pytest.raises(RuntimeError):
+        with use_tracker(model, "a"):
+            with use_tracker(model, "b") as tracker:
+                assert sorted(tracker.client_names) == ["a", "b"]
+                raise RuntimeError("boom")
+    assert get_tracker(model) is None
+    assert model(torch.zeros(1)).item() == 1.0
+
+
+def test_detach_keeps_tracker_in_use():
+    model = AddOne()
+    tracker = attach_tracker(model)
+    tracker.register_client("x")
+    assert detach_tracker_if_unused(model) is False
+    tracker.unregister_client("x")
+    assert detach_tracker_if_unused(model) is True
+
+
+def test_state_of_unknown_client_is_a_clear_error():
+    model = AddOne()
+    with use_tracker(model, "a") as tracker:
+        with pytest.raises(KeyError, match="registered"):
+            tracker.state("nope")
+
+
+def test_module_hooks_removed_even_after_exception():
+    layer = nn.Linear(2, 2)
+    with pytest.raises(ValueError):
+        with ModuleHooks() as hooks:
+            hooks.pre(layer, lambda m, a: None)
+            hooks.post(layer, lambda m, a, o: None)
+            assert len(hooks) == 2
+            raise ValueError("stop")
+    assert not layer._forward_pre_hooks and not layer._forward_hooks
