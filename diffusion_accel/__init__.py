@@ -1,3 +1,42 @@
-"""diffusion_accel: make diffusers pipelines faster and smaller without retraining."""
+"""diffusion_accel: make diffusers pipelines faster and smaller without retraining, measured.
+
+Public API (every function returns the pipeline it was given where it takes one):
+
+- ``calibrate(pipe, prompts, num_inference_steps, collectors=...)``: one trajectory pass
+- ``evaluate({name: pipe}, prompts, metrics=...)``: FID / CLIP / PSNR / SSIM / latency table
+- ``save(pipe, dir)`` / ``load(base_pipe, dir)``: safetensors + JSON manifest artifacts
+- ``get_adapter(pipe)``: what a model family looks like (blocks, layer groups, heads, skips)
+- ``zoo.load(name)`` / ``zoo.path(name)``: bundled reference pipelines; ``prompts.load(name)``
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import prompts
+from .arch import UnsupportedModelError, get_adapter, supported_denoisers
+from .artifact import ArtifactError, load, save
 
 __version__ = "0.1.0"
+
+# Imported on first use: they pull in torchmetrics / training code that a plain import needn't.
+_LAZY_ATTRIBUTES = {
+    "calibrate": ("diffusion_accel.calib", "calibrate"),
+    "Calibration": ("diffusion_accel.calib", "Calibration"),
+    "evaluate": ("diffusion_accel.eval", "evaluate"),
+    "load_pipeline": ("diffusion_accel.loading", "load_pipeline"),
+}
+_LAZY_MODULES = ("calib", "eval", "zoo", "hooks", "arch", "testing", "loading")
+
+__all__ = ["ArtifactError", "UnsupportedModelError", "get_adapter", "load", "prompts", "save",
+           "supported_denoisers", *_LAZY_ATTRIBUTES, *_LAZY_MODULES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_ATTRIBUTES:
+        module_name, attribute = _LAZY_ATTRIBUTES[name]
+        return getattr(importlib.import_module(module_name), attribute)
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"diffusion_accel.{name}")
+    raise AttributeError(f"module 'diffusion_accel' has no attribute {name!r}")

@@ -7,6 +7,7 @@ their traceback and exit 1.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -167,8 +168,18 @@ def _prompts_for(args: argparse.Namespace, pipe: object) -> list:
     return prompts.load(args.prompts, limit=args.num_prompts)
 
 
+def _quiet_third_party_logs() -> None:
+    """Silence import-time warnings of optional kernels (torchao .so files built for other GPUs)."""
+    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``diffusion-accel`` console script."""
+    _quiet_third_party_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

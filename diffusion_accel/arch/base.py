@@ -18,8 +18,9 @@ from torch import nn
 class BlockInfo:
     """One block of the denoiser, in execution order.
 
-    kind: "resnet", "transformer", "attention", "down", "mid", "up", "double_stream",
-    "single_stream", ... (family specific, but stable).
+    kind: UNets list their individual layers' modules in run order ("resnet", "transformer",
+    "attention", "downsample", "upsample"); DiTs their blocks ("transformer", "double_stream",
+    "single_stream").
     """
 
     name: str
@@ -33,19 +34,24 @@ class LayerGroup:
     OBS pruning shares one Hessian per group; PTQ shares one input quantizer per group.
     ``block`` is the enclosing block's name (for group-wise sequential work), ``role`` a short
     label such as "qkv", "kv_cross", "attn_out", "ffn_in", "ffn_out", "conv", "proj".
+    ``input_key`` is set when several groups read the very same tensor (every cross-attention's
+    K/V reads the text encoder states): groups with equal keys may share one Hessian.
     """
 
     layers: tuple[str, ...]
     block: str
     role: str
+    input_key: str | None = None
 
 
 @dataclass(frozen=True)
 class AttentionInfo:
     """An attention module with its projections and head geometry.
 
-    ``added_*`` are the context-stream projections of joint attention (SD3/Flux), empty if none.
-    ``to_out`` may be None (Flux single-stream blocks project with the block's ``proj_out``).
+    ``added_*`` are the context-stream projections of joint attention (SD3/Flux), None if none.
+    ``to_out`` is None when the attention has no own output projection (Flux single-stream
+    blocks): then ``shared_out`` names the layer that projects it and ``shared_out_columns`` the
+    ``(start, stop)`` input columns of that layer which belong to this attention.
     """
 
     name: str
@@ -60,6 +66,8 @@ class AttentionInfo:
     added_v: str | None = None
     added_out: str | None = None
     is_cross_attention: bool = False
+    shared_out: str | None = None
+    shared_out_columns: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,9 @@ class FFNInfo:
     """A feed-forward pair: ``proj_in`` layers expand to ``hidden`` units, ``proj_out`` contracts.
 
     Structured pruning of hidden neuron j removes output row j of every ``proj_in`` (for GEGLU,
-    rows j and j+hidden of the gate projection) and input column j of ``proj_out``.
+    rows j and j+hidden of the gate projection) and input column ``proj_out_offset + j`` of
+    ``proj_out``. The offset is non-zero when ``proj_out`` reads ``cat([other, mlp_hidden])``
+    (Flux single-stream blocks): columns ``0:proj_out_offset`` are not the FFN's to prune.
     """
 
     name: str
@@ -75,6 +85,7 @@ class FFNInfo:
     proj_out: str
     hidden: int
     gated: bool = False
+    proj_out_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,9 +108,11 @@ class SkipConcat:
 class CachePoint:
     """Where a cache can cut the computation.
 
-    UNet: ``kind == "skip_branch"``; ``branch`` is the DeepCache branch id (0 = shallowest),
-    ``down``/``up`` the names of the paired down and up blocks. DiT: ``kind == "block_stack"``;
-    ``blocks`` lists the cacheable transformer blocks of one stack in order.
+    UNet: ``kind == "skip_branch"``; ``branch`` is the DeepCache branch id: skip tensor k, with
+    k = 0 the output of ``conv_in`` (for SD/SDXL exactly DeepCache's ``block = k // 3``,
+    ``layer = k % 3``). ``down`` is the module producing that skip, ``up`` the decoder resnet
+    consuming it, ``blocks`` the modules the cache replaces on a skipped step.
+    DiT: ``kind == "block_stack"``; ``stack`` names the stack, ``blocks`` its blocks in order.
     """
 
     kind: str
