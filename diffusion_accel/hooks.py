@@ -12,6 +12,10 @@ calls ``scheduler.set_timesteps`` at the start of ``__call__``, which builds a n
 ``scheduler.timesteps`` tensor. When the tracker sees a different tensor object than on its last
 call, a new trajectory has begun and all state resets. (Assigning ``pipe.__call__`` on an instance
 would not work: Python looks ``__call__`` up on the class.)
+
+Hook order: a plain torch forward *pre*-hook registered on the denoiser itself runs before the
+tracker's ``pre_forward`` and still sees the previous call's step; read the tracker from hooks on
+submodules, or from a forward *post*-hook on the denoiser.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class StepTracker(ModelHook):
         self.context: str = DEFAULT_CONTEXT
         self.in_call: bool = False
         self.calls_since_reset: int = 0
+        self._pinned_context: str | None = None
 
     # ----- clients and state -------------------------------------------------------------
     def register_client(self, name: str, on_reset: Callable[[], None] | None = None) -> None:
@@ -104,6 +109,21 @@ class StepTracker(ModelHook):
             if client.on_reset is not None:
                 client.on_reset()
 
+    def pin(self, step_index: int, context: str = DEFAULT_CONTEXT) -> None:
+        """Make the next denoiser calls report ``step_index`` under ``context`` until ``unpin``.
+
+        For replaying stored denoiser inputs outside a pipeline call (calibration replay).
+        """
+        if step_index < 0:
+            raise ValueError(f"step_index must be >= 0, got {step_index}")
+        self._detect_new_call()
+        self._pinned_context = context
+        self._counters[context] = step_index
+
+    def unpin(self) -> None:
+        """Return to counting calls and reading the pipeline's context."""
+        self._pinned_context = None
+
     # ----- pipeline awareness -------------------------------------------------------------
     @property
     def pipeline(self) -> Any | None:
@@ -129,7 +149,7 @@ class StepTracker(ModelHook):
     # ----- diffusers ModelHook interface ------------------------------------------------
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
         self._detect_new_call()
-        self.context = self._context_reader.current_name()
+        self.context = self._pinned_context or self._context_reader.current_name()
         self.step_index = self._counters.get(self.context, 0)
         self.timestep = _scalar_timestep(args, kwargs)
         self.in_call = True
@@ -185,7 +205,11 @@ def detach_tracker_if_unused(denoiser: torch.nn.Module) -> bool:
     tracker = get_tracker(denoiser)
     if tracker is None or tracker.client_names:
         return False
-    denoiser._diffusers_hook.remove_hook(TRACKER_HOOK_NAME, recurse=False)
+    registry = denoiser._diffusers_hook
+    registry.remove_hook(TRACKER_HOOK_NAME, recurse=False)
+    if not registry.hooks:  # leave the module exactly as it was: class forward, no registry
+        denoiser.__dict__.pop("forward", None)
+        del denoiser._diffusers_hook
     return True
 
 

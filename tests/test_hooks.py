@@ -105,3 +105,23 @@ def test_module_hooks_removed_even_after_exception():
             assert len(hooks) == 2
             raise ValueError("stop")
     assert not layer._forward_pre_hooks and not layer._forward_hooks
+
+
+def test_pin_reports_a_given_step_and_context_until_unpinned():
+    model = AddOne()
+    with use_tracker(model, "probe") as tracker:
+        tracker.pin(7, "uncond")
+        model(torch.zeros(1))
+        assert (tracker.step_index, tracker.context) == (7, "uncond")
+        tracker.unpin()
+        model(torch.zeros(1))
+        assert tracker.context == "default"
+        with pytest.raises(ValueError, match="step_index"):
+            tracker.pin(-1)
+
+
+def test_detach_leaves_the_module_as_it_was():
+    model = AddOne()
+    with use_tracker(model, "probe"):
+        pass
+    assert "forward" not in vars(model) and not hasattr(model, "_diffusers_hook")

@@ -1,0 +1,28 @@
+"""Trajectory calibration: run a pipeline once, stream per-step module tensors into collectors.
+
+>>> calib = calibrate(pipe, prompts, num_inference_steps=25, steps="uniform:5",
+...                   weighting="log-decrease", collectors=[HessianCollector(["mid_block.attentions.0.proj_in"])])
+>>> H = calib.collector(HessianCollector).hessian("mid_block.attentions.0.proj_in")
+"""
+
+from .collectors import WANTS, Collector, ModuleCall, Step
+from .hessian import HessianCollector, conv2d_rows, linear_rows
+from .inputs import CALL_MODES, call_mode
+from .probes import ChangeRecord, FeatureChangeProbe
+from .ranges import RANGE_METHODS, RangeObserver, fake_quantize, mse_range, percentile_range, quantization_mse
+from .replay import CallCounts
+from .reservoir import ValueReservoir
+from .result import Calibration, CalibrationSettings
+from .runner import DEFAULT_MAX_TRAJECTORY_BYTES, calibrate
+from .samples import Sample, SampleStore
+from .schedule import SELECTION_FORMS, WEIGHTING_SCHEMES, resolve_weights, select_steps, step_weights
+from .trajectory import TrajectoryRecord
+
+__all__ = [
+    "CALL_MODES", "DEFAULT_MAX_TRAJECTORY_BYTES", "RANGE_METHODS", "SELECTION_FORMS", "WANTS",
+    "WEIGHTING_SCHEMES", "CallCounts", "Calibration", "CalibrationSettings", "ChangeRecord", "Collector",
+    "FeatureChangeProbe", "HessianCollector", "ModuleCall", "RangeObserver", "Sample", "SampleStore", "Step",
+    "TrajectoryRecord", "ValueReservoir", "calibrate", "call_mode", "conv2d_rows", "fake_quantize",
+    "linear_rows", "mse_range", "percentile_range", "quantization_mse", "resolve_weights", "select_steps",
+    "step_weights",
+]

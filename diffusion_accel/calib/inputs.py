@@ -1,0 +1,184 @@
+"""Turning calibration inputs into pipeline calls, for the three kinds of diffusers pipelines.
+
+The kind is read from the pipeline's ``__call__`` signature, not its class:
+
+- ``"prompt"`` (text-to-image: SD, SDXL, SD3, Flux, PixArt, ...): ``prompts`` are strings; a call
+  gets ``prompt=[...]``, ``negative_prompt``, ``num_images_per_prompt`` and ``guidance_scale``,
+  and ``output_type="latent"`` so the VAE decode is skipped.
+- ``"class"`` (class-conditional: DiT): ``prompts`` are class ids or label names (looked up in
+  ``pipe.labels``); each id is repeated ``num_images_per_prompt`` times in ``class_labels``.
+- ``"unconditional"`` (DDPM, ...): ``prompts`` must be None; ``num_samples`` (default 1) items, each
+  giving ``num_images_per_prompt`` images, are generated ``batch_size`` items per call.
+
+Pipelines without a latent output (DiT decodes always, DDPM is pixel-space) get
+``output_type="pt"`` to skip the PIL conversion. ``call_kwargs`` may override ``output_type``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+CALL_MODES = ("prompt", "class", "unconditional")
+RESERVED_KWARGS = {
+    "prompt": "prompts", "negative_prompt": "negative_prompt", "class_labels": "prompts",
+    "batch_size": "num_samples and batch_size", "num_images_per_prompt": "num_images_per_prompt",
+    "guidance_scale": "guidance_scale", "generator": "seed", "num_inference_steps": "num_inference_steps",
+}
+
+
+@dataclass(frozen=True)
+class PlannedCall:
+    """One pipeline call of a calibration: its keyword arguments (no generator), items, seed."""
+
+    kwargs: dict[str, Any]
+    num_items: int
+    seed: int
+
+
+def call_mode(pipe: Any) -> str:
+    """"prompt", "class" or "unconditional", from the parameters of ``pipe.__call__``."""
+    params = _call_parameters(pipe)
+    if "prompt" in params:
+        return "prompt"
+    if "class_labels" in params:
+        return "class"
+    if "batch_size" in params:
+        return "unconditional"
+    raise TypeError(f"{type(pipe).__name__}.__call__ takes none of 'prompt', 'class_labels' or "
+                    f"'batch_size'; calibrate supports text-to-image, class-conditional and "
+                    f"unconditional diffusers pipelines")
+
+
+def _call_parameters(pipe: Any) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(pipe.__call__).parameters)
+
+
+def calibration_items(pipe: Any, prompts: Any, num_samples: int | None) -> list[Any]:
+    """The per-item inputs (prompt strings, class ids, or None per unconditional sample)."""
+    mode = call_mode(pipe)
+    if mode == "unconditional":
+        return _unconditional_items(pipe, prompts, num_samples)
+    if num_samples is not None:
+        raise ValueError(f"num_samples is for unconditional pipelines; {type(pipe).__name__} takes "
+                         f"{'prompts' if mode == 'prompt' else 'class ids or labels'} via `prompts`")
+    if mode == "prompt":
+        return _prompt_items(prompts)
+    return _class_items(pipe, prompts)
+
+
+def _as_list(values: Any, what: str) -> list[Any]:
+    if values is None:
+        raise ValueError(f"calibration needs {what}; got None")
+    items = [values] if isinstance(values, (str, int)) else list(values)
+    if not items:
+        raise ValueError(f"calibration needs at least one of {what}; got an empty list")
+    return items
+
+
+def _prompt_items(prompts: Any) -> list[str]:
+    items = _as_list(prompts, "prompts (strings)")
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"prompts must be strings, got {item!r} ({type(item).__name__})")
+    return items
+
+
+def _class_items(pipe: Any, prompts: Any) -> list[int]:
+    labels = getattr(pipe, "labels", None) or {}
+    ids = []
+    for item in _as_list(prompts, "class ids or label names (`prompts`)"):
+        if isinstance(item, str):
+            if item not in labels:
+                raise ValueError(f"unknown class label {item!r}; known labels: {sorted(labels)}")
+            item = labels[item]
+        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+            raise TypeError(f"class ids must be ints >= 0 or label strings, got {item!r}")
+        ids.append(int(item))
+    return ids
+
+
+def _unconditional_items(pipe: Any, prompts: Any, num_samples: int | None) -> list[None]:
+    if prompts is not None:
+        raise TypeError(f"{type(pipe).__name__} is unconditional and takes no prompts; "
+                        f"pass prompts=None and num_samples=N")
+    count = 1 if num_samples is None else num_samples
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    return [None] * count
+
+
+def plan_calls(pipe: Any, items: list[Any], *, num_inference_steps: int, batch_size: int,
+               num_images_per_prompt: int, guidance_scale: float | None,
+               negative_prompt: str | Sequence[str] | None, seed: int,
+               call_kwargs: dict[str, Any]) -> list[PlannedCall]:
+    """Split ``items`` into pipeline calls of ``batch_size`` items; call k is seeded ``seed + k``."""
+    mode, params = call_mode(pipe), _call_parameters(pipe)
+    _check_counts(batch_size, num_images_per_prompt, seed)
+    _check_call_kwargs(pipe, params, call_kwargs)
+    _check_options(pipe, mode, params, num_images_per_prompt, guidance_scale, negative_prompt, len(items))
+    shared = {"num_inference_steps": num_inference_steps}
+    if "output_type" in params:
+        shared["output_type"] = "latent" if mode == "prompt" else "pt"
+    if guidance_scale is not None:
+        shared["guidance_scale"] = guidance_scale
+    shared.update(call_kwargs)
+    calls = []
+    for index, start in enumerate(range(0, len(items), batch_size)):
+        chunk = slice(start, start + batch_size)
+        kwargs = shared | _batch_inputs(mode, items[chunk], num_images_per_prompt, negative_prompt, chunk)
+        calls.append(PlannedCall(kwargs=kwargs, num_items=len(items[chunk]), seed=seed + index))
+    return calls
+
+
+def _batch_inputs(mode: str, batch: list[Any], per_item: int, negative_prompt: Any,
+                  chunk: slice) -> dict[str, Any]:
+    if mode == "unconditional":
+        return {"batch_size": len(batch) * per_item}
+    if mode == "class":
+        return {"class_labels": [label for label in batch for _ in range(per_item)]}
+    inputs: dict[str, Any] = {"prompt": list(batch)}
+    if per_item != 1:
+        inputs["num_images_per_prompt"] = per_item
+    if negative_prompt is not None:
+        inputs["negative_prompt"] = negative_prompt if isinstance(negative_prompt, str) else list(negative_prompt[chunk])
+    return inputs
+
+
+def _check_counts(batch_size: int, num_images_per_prompt: int, seed: int) -> None:
+    for label, value, low in (("batch_size", batch_size, 1), ("num_images_per_prompt", num_images_per_prompt, 1),
+                              ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{label} must be an int >= {low}, got {value!r}")
+
+
+def _check_call_kwargs(pipe: Any, params: dict[str, inspect.Parameter], call_kwargs: dict[str, Any]) -> None:
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key in call_kwargs:
+        if key in RESERVED_KWARGS:
+            raise TypeError(f"do not pass {key!r} as an extra pipeline argument; calibrate sets it "
+                            f"from its own argument(s): {RESERVED_KWARGS[key]}")
+        if key not in params and not takes_any:
+            raise TypeError(f"{type(pipe).__name__}.__call__ has no argument {key!r}; "
+                            f"it accepts: {sorted(params)}")
+
+
+def _check_options(pipe: Any, mode: str, params: dict[str, inspect.Parameter], per_item: int,
+                   guidance_scale: float | None, negative_prompt: Any, num_items: int) -> None:
+    name = type(pipe).__name__
+    if guidance_scale is not None and "guidance_scale" not in params:
+        raise ValueError(f"{name} has no guidance_scale; leave guidance_scale=None")
+    if per_item != 1 and mode == "prompt" and "num_images_per_prompt" not in params:
+        raise ValueError(f"{name} has no num_images_per_prompt; leave num_images_per_prompt=1")
+    if negative_prompt is None:
+        return
+    if "negative_prompt" not in params:
+        raise ValueError(f"{name} takes no negative_prompt; leave negative_prompt=None")
+    if isinstance(negative_prompt, str):
+        return
+    negatives = list(negative_prompt)
+    if len(negatives) != num_items or not all(isinstance(n, str) for n in negatives):
+        raise ValueError(f"negative_prompt must be a string or a list of {num_items} strings "
+                         f"(one per prompt), got {negative_prompt!r}")

@@ -1,0 +1,137 @@
+"""The result of a calibration pass: its settings, step tags, collectors, stored trajectory, counts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from .collectors import Collector
+from .dispatch import resolve_denoiser, validate_collectors
+from .replay import CallCounts, replay_records
+from .trajectory import TrajectoryRecord
+
+CollectorT = TypeVar("CollectorT", bound=Collector)
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Everything needed to repeat a calibration pass with ``calibrate(pipe, **settings.as_kwargs())``."""
+
+    prompts: tuple | None
+    num_inference_steps: int
+    steps: str | tuple[int, ...]
+    weighting: str | tuple[float, ...]
+    weight_range: tuple[float, float]
+    guidance_scale: float | None
+    negative_prompt: str | tuple[str, ...] | None
+    batch_size: int
+    num_images_per_prompt: int
+    num_samples: int | None
+    seed: int
+    max_trajectory_bytes: int
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``calibrate`` (without collectors, store_trajectory, progress)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "call_kwargs"}
+        return values | dict(self.call_kwargs)
+
+
+@dataclass
+class Calibration:
+    """What one calibration pass saw (``calibrate``), or one replay / rerun of it.
+
+    ``selected_steps``: step indices forwarded to collectors; ``step_weights``: (num_steps,) weight
+    of every step; ``timesteps``: scheduler timestep value per step index (first trajectory);
+    ``seeds``: the generator seed of each pipeline call; ``trajectory``: stored denoiser call inputs
+    at selected steps; ``counts``: denoiser calls seen/observed and rows observed.
+    """
+
+    settings: CalibrationSettings
+    pipeline_class: str
+    denoiser_class: str
+    selected_steps: list[int]
+    step_weights: torch.Tensor
+    collectors: list[Collector]
+    seeds: list[int] = field(default_factory=list)
+    timesteps: dict[int, float | None] = field(default_factory=dict)
+    trajectory: list[TrajectoryRecord] = field(default_factory=list)
+    trajectory_bytes: int = 0
+    trajectory_truncated: bool = False
+    counts: CallCounts = field(default_factory=CallCounts)
+    source: str = "pipeline"
+
+    @property
+    def denoiser_calls(self) -> int:
+        """Denoiser calls seen (all steps)."""
+        return self.counts.denoiser_calls
+
+    @property
+    def observed_calls(self) -> int:
+        """Denoiser calls on selected steps (forwarded to collectors)."""
+        return self.counts.observed_calls
+
+    @property
+    def observed_rows(self) -> int:
+        """Batch rows of the observed denoiser calls (CFG halves included)."""
+        return self.counts.observed_rows
+
+    def collector(self, kind: type[CollectorT]) -> CollectorT:
+        """The first collector of type ``kind``."""
+        for item in self.collectors:
+            if isinstance(item, kind):
+                return item
+        raise KeyError(f"no {kind.__name__} in this calibration; collectors: "
+                       f"{[type(item).__name__ for item in self.collectors]}")
+
+    def replay(self, collectors: Sequence[Collector] | Collector, denoiser: Any,
+               batch_size: int | None = None, progress: bool = True) -> "Calibration":
+        """Run ``denoiser`` (a module or a pipeline) on the stored trajectory into new collectors."""
+        if not self.trajectory:
+            raise ValueError("this calibration stored no trajectory; run calibrate(..., store_trajectory=True)")
+        module = denoiser if isinstance(denoiser, nn.Module) else resolve_denoiser(denoiser)[1]
+        bound = validate_collectors(collectors, module)
+        counts = replay_records(self.trajectory, bound, module, batch_size=batch_size, progress=progress)
+        return Calibration(
+            settings=self.settings, pipeline_class=self.pipeline_class, denoiser_class=type(module).__name__,
+            selected_steps=list(self.selected_steps), step_weights=self.step_weights, collectors=bound,
+            seeds=list(self.seeds), timesteps=dict(self.timesteps), trajectory=self.trajectory,
+            trajectory_bytes=self.trajectory_bytes, trajectory_truncated=self.trajectory_truncated,
+            counts=counts, source="replay")
+
+    def rerun(self, pipe: Any, collectors: Sequence[Collector] | Collector, *,
+              store_trajectory: bool = False, progress: bool = True) -> "Calibration":
+        """Run the whole pipeline again with identical settings, streaming into ``collectors``."""
+        from .runner import calibrate
+
+        return calibrate(pipe, collectors=collectors, store_trajectory=store_trajectory,
+                         progress=progress, **self.settings.as_kwargs())
+
+    def summary(self) -> str:
+        """A short human-readable report of the pass."""
+        s = self.settings
+        items = len(s.prompts) if s.prompts is not None else s.num_samples
+        lines = [
+            f"Calibration ({self.source}) of {self.pipeline_class} / {self.denoiser_class}",
+            f"  items: {items} x {s.num_images_per_prompt} image(s), batch_size {s.batch_size}, "
+            f"{len(self.seeds)} pipeline call(s) seeded {_seed_text(self.seeds)}",
+            f"  steps: {s.num_inference_steps}, selection {s.steps!r} -> {self.selected_steps}",
+            f"  weighting: {s.weighting!r}, weights {[round(w, 3) for w in self.step_weights.tolist()]}",
+            f"  guidance_scale: {s.guidance_scale}, negative_prompt: {s.negative_prompt!r}",
+            f"  denoiser calls: {self.denoiser_calls} seen, {self.observed_calls} observed "
+            f"({self.observed_rows} rows; per context {self.counts.calls_per_context})",
+            f"  trajectory: {len(self.trajectory)} calls, {self.trajectory_bytes / 2**20:.1f} MiB"
+            + (" (truncated by max_trajectory_bytes)" if self.trajectory_truncated else ""),
+        ]
+        lines += [f"  - {item.describe()}" for item in self.collectors]
+        return "\n".join(lines)
+
+
+def _seed_text(seeds: list[int]) -> str:
+    if not seeds:
+        return "-"
+    return str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}..{seeds[-1]}"

@@ -1,0 +1,171 @@
+"""``calibrate``: run the real pipeline once and stream module tensors, tagged by step, into collectors.
+
+How inputs map to pipeline calls (prompts, class ids, unconditional samples) is described in
+``inputs.py``. Under classifier-free guidance SD-style pipelines make one denoiser call per step
+holding both halves (2 x batch rows, context "default"); pipelines that call the denoiser twice
+per step inside ``cache_context("cond"/"uncond")`` (Flux true CFG) give two calls per step with
+the same step index and their own context. Collectors see all of them: CFG branches included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..hooks import ModuleHooks, StepTracker, get_tracker, use_tracker
+from .collectors import Collector, Step
+from .dispatch import CollectorRouter, resolve_denoiser, validate_collectors
+from .inputs import PlannedCall, calibration_items, call_mode, plan_calls
+from .result import Calibration, CalibrationSettings
+from .schedule import resolve_weights, select_steps
+from .trajectory import TrajectoryRecorder
+from .trees import call_batch_size
+
+TRACKER_CLIENT = "calib"
+DEFAULT_MAX_TRAJECTORY_BYTES = 1 << 30
+
+
+def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
+              collectors: Sequence[Collector] | Collector = (), steps: str | Sequence[int] = "all",
+              weighting: str | Sequence[float] = "uniform", weight_range: tuple[float, float] = (0.8, 1.2),
+              guidance_scale: float | None = None, negative_prompt: str | Sequence[str] | None = None,
+              batch_size: int = 1, num_images_per_prompt: int = 1, num_samples: int | None = None,
+              seed: int = 0, store_trajectory: bool = True,
+              max_trajectory_bytes: int = DEFAULT_MAX_TRAJECTORY_BYTES, progress: bool = True,
+              **call_kwargs: Any) -> Calibration:
+    """Run ``pipe`` over the calibration inputs and feed ``collectors`` on the selected steps.
+
+    ``prompts``: strings for text-to-image pipelines, class ids or label names for class-conditional
+    ones (DiT), None for unconditional ones (DDPM; then ``num_samples`` items). ``steps``: "all",
+    "uniform:K", "every:K" or a list of step indices. ``weighting``: "uniform", "linear",
+    "log-decrease", "log-increase" (between ``weight_range`` = (w_min, w_max)) or one weight per step.
+    ``guidance_scale=None`` keeps the pipeline's default. Pipeline call k uses a CPU generator seeded
+    ``seed + k``. With ``store_trajectory`` the denoiser inputs of selected steps are kept (CPU, at
+    most ``max_trajectory_bytes``) for ``Calibration.replay``. Extra keyword arguments go to every
+    pipeline call (e.g. height, width). The pipeline is left exactly as it was.
+    """
+    selected = select_steps(num_inference_steps, steps)
+    weights = resolve_weights(num_inference_steps, weighting, weight_range)
+    items = calibration_items(pipe, prompts, num_samples)
+    calls = plan_calls(pipe, items, num_inference_steps=num_inference_steps, batch_size=batch_size,
+                       num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale,
+                       negative_prompt=negative_prompt, seed=seed, call_kwargs=call_kwargs)
+    recorder = TrajectoryRecorder(max_trajectory_bytes) if store_trajectory else None
+    _, denoiser = resolve_denoiser(pipe)
+    bound = validate_collectors(collectors, denoiser)
+    settings = CalibrationSettings(
+        prompts=None if call_mode(pipe) == "unconditional" else tuple(items),
+        num_inference_steps=num_inference_steps, steps=_frozen(steps), weighting=_frozen(weighting),
+        weight_range=tuple(weight_range), guidance_scale=guidance_scale,
+        negative_prompt=_frozen(negative_prompt), batch_size=batch_size,
+        num_images_per_prompt=num_images_per_prompt, num_samples=num_samples, seed=seed,
+        max_trajectory_bytes=max_trajectory_bytes, call_kwargs=dict(call_kwargs))
+    result = Calibration(settings=settings, pipeline_class=type(pipe).__name__,
+                         denoiser_class=type(denoiser).__name__, selected_steps=selected,
+                         step_weights=weights, collectors=bound, seeds=[call.seed for call in calls])
+    _LiveRun(result, recorder).run(pipe, denoiser, calls, progress)
+    return result
+
+
+def _frozen(value: Any) -> Any:
+    """Strings and None as they are; other sequences as tuples (settings are immutable)."""
+    return value if value is None or isinstance(value, str) else tuple(value)
+
+
+class _LiveRun:
+    """State of one calibration pass: tags denoiser calls, counts them, records the trajectory."""
+
+    def __init__(self, result: Calibration, recorder: TrajectoryRecorder | None) -> None:
+        self.result, self.recorder = result, recorder
+        self.selected = frozenset(result.selected_steps)
+        self.weights = result.step_weights.tolist()
+        self.tracker: StepTracker | None = None
+        self.items_in_call = 0
+        self.next_progress_step = 0
+        self.bar: tqdm | None = None
+
+    def current_step(self) -> Step | None:
+        """Tag of the denoiser call in progress, or None when its step is not selected."""
+        tracker = self.tracker
+        if tracker is None or not tracker.in_call or tracker.step_index not in self.selected:
+            return None
+        return Step(tracker.step_index, tracker.timestep, tracker.context, self.weights[tracker.step_index])
+
+    def on_new_trajectory(self) -> None:
+        """Tracker reset callback: a new pipeline call began."""
+        self.next_progress_step = 0
+        if self.recorder is not None:
+            self.recorder.new_trajectory()
+
+    def after_denoiser_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Forward post-hook on the denoiser: count, remember the timestep, record the inputs."""
+        tracker, counts = self.tracker, self.result.counts
+        index = tracker.step_index
+        counts.denoiser_calls += 1
+        self.result.timesteps.setdefault(index, tracker.timestep)
+        if index >= self.next_progress_step and self.bar is not None:
+            self.bar.update(self.items_in_call)
+            self.next_progress_step = index + 1
+        if index in self.selected:
+            step = Step(index, tracker.timestep, tracker.context, self.weights[index])
+            counts.add_observed(step, call_batch_size(args, kwargs))
+            if self.recorder is not None:
+                self.recorder.record(args, kwargs, step)
+
+    def run(self, pipe: Any, denoiser: nn.Module, calls: list[PlannedCall], progress: bool) -> None:
+        """Make every planned pipeline call with hooks installed; hooks always come off again."""
+        _refuse_nested(denoiser)
+        router = CollectorRouter(denoiser, self.result.collectors, self.current_step)
+        total = sum(call.num_items for call in calls) * self.result.settings.num_inference_steps
+        saved_bar_config = _silence_pipeline_bar(pipe)
+        try:
+            with use_tracker(denoiser, TRACKER_CLIENT, pipeline=pipe, on_reset=self.on_new_trajectory) as tracker, \
+                    ModuleHooks() as hooks, tqdm(total=total, desc="calibrate", disable=not progress) as bar:
+                self.tracker, self.bar = tracker, bar
+                router.install(hooks)
+                hooks.post(denoiser, self.after_denoiser_call, with_kwargs=True)
+                for call in calls:
+                    tracker.reset()   # a new trajectory, even if a scheduler reuses its timesteps tensor
+                    self.items_in_call = call.num_items
+                    pipe(**call.kwargs, generator=torch.Generator().manual_seed(call.seed))
+        finally:
+            self.tracker = self.bar = None
+            _restore_pipeline_bar(pipe, saved_bar_config)
+            self._finish()
+
+    def _finish(self) -> None:
+        for collector in self.result.collectors:
+            collector.finish()
+        if self.recorder is not None:
+            self.recorder.new_trajectory()
+            self.result.trajectory = self.recorder.records
+            self.result.trajectory_bytes = self.recorder.bytes
+            self.result.trajectory_truncated = self.recorder.truncated
+
+
+def _refuse_nested(denoiser: nn.Module) -> None:
+    tracker = get_tracker(denoiser)
+    if tracker is not None and TRACKER_CLIENT in tracker.client_names:
+        raise RuntimeError("a calibration is already running on this denoiser; calibrate is not re-entrant")
+
+
+_NO_CONFIG = object()
+
+
+def _silence_pipeline_bar(pipe: Any) -> Any:
+    """Disable the pipeline's own progress bar; returns the previous config to restore."""
+    saved = pipe.__dict__.get("_progress_bar_config", _NO_CONFIG)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(**(dict(saved) if isinstance(saved, dict) else {}) | {"disable": True})
+    return saved
+
+
+def _restore_pipeline_bar(pipe: Any, saved: Any) -> None:
+    if saved is _NO_CONFIG:
+        pipe.__dict__.pop("_progress_bar_config", None)
+    else:
+        pipe._progress_bar_config = saved

@@ -1,0 +1,145 @@
+"""A capped, uniformly subsampled store of module calls, one batch row each, for reconstruction.
+
+Each batch row of each observed call is a candidate sample holding that row of the call's inputs
+(all positional and keyword arguments: for a transformer block the hidden states, the encoder
+states, the embedding, ...) and optionally of its output, tagged with the denoising step. Rows
+get uniform random keys and each module keeps the rows with the smallest keys that fit both
+``max_samples`` and its share of ``max_bytes`` (``max_bytes / number of modules``): a uniform
+sample without replacement over all steps, prompts and CFG branches. Samples live on the CPU.
+
+A tensor counts as batched when its first dimension equals the call's batch size (that of the
+call's first tensor); other tensors (rotary embeddings, ids) are kept whole in every sample.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .collectors import Collector, ModuleCall, Step
+from .trees import (batched_leaf_indices, call_batch_size, flatten, merge_rows, nbytes, same_layout,
+                    take_row, tensors_in, to_cpu_copy)
+
+
+@dataclass
+class Sample:
+    """One stored batch row: the call's inputs (batch dim kept, size 1), its output, its step."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    output: Any
+    step: Step
+    nbytes: int = 0
+    _input_batched: frozenset[int] = field(default=frozenset(), repr=False)
+    _output_batched: frozenset[int] = field(default=frozenset(), repr=False)
+
+    @property
+    def input(self) -> torch.Tensor:
+        """The first input tensor of the call (what a Linear or Conv2d receives)."""
+        return tensors_in((self.args, self.kwargs))[0]
+
+
+@dataclass
+class _ModuleSamples:
+    """Max-heap (by key) of one module's samples and their total bytes."""
+
+    heap: list[tuple[float, int, Sample]] = field(default_factory=list)
+    bytes: int = 0
+
+    def largest_key(self) -> float:
+        return -self.heap[0][0]
+
+
+class SampleStore(Collector):
+    """Uniform subsample (at most ``max_samples`` rows per module, ``max_bytes`` in all) of module calls."""
+
+    wants = "call"
+
+    def __init__(self, module_names: str | Iterable[str], max_samples: int = 256,
+                 max_bytes: int = 1 << 30, with_outputs: bool = False, seed: int = 0) -> None:
+        super().__init__(module_names)
+        for label, value in (("max_samples", max_samples), ("max_bytes", max_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be an int >= 1, got {value!r}")
+        self.max_samples, self.max_bytes, self.with_outputs = max_samples, max_bytes, bool(with_outputs)
+        self.bytes_per_module = max_bytes // len(self.module_names)
+        self._generator = torch.Generator().manual_seed(seed)
+        self._order = itertools.count()
+        self._stores: dict[str, _ModuleSamples] = {name: _ModuleSamples() for name in self.module_names}
+        self.rows_seen: dict[str, int] = dict.fromkeys(self.module_names, 0)
+
+    def observe(self, name: str, value: ModuleCall, step: Step) -> None:
+        """Offer every batch row of one call of ``name`` to the store."""
+        batch = call_batch_size(value.args, value.kwargs)
+        in_leaves, in_rebuild = flatten((value.args, value.kwargs))
+        in_batched = batched_leaf_indices(in_leaves, batch)
+        out_leaves, out_rebuild = flatten(value.output if self.with_outputs else None)
+        out_batched = batched_leaf_indices(out_leaves, batch)
+        self.rows_seen[name] += batch
+        for row, key in enumerate(torch.rand(batch, generator=self._generator).tolist()):
+            store = self._stores[name]
+            if len(store.heap) >= self.max_samples and key >= store.largest_key():
+                continue
+            args, kwargs = in_rebuild(_copy_leaves(take_row(in_leaves, in_batched, row)))
+            output = out_rebuild(_copy_leaves(take_row(out_leaves, out_batched, row)))
+            sample = Sample(args, kwargs, output, step, 0, in_batched, out_batched)
+            sample.nbytes = nbytes((args, kwargs, output))
+            self._insert(name, key, sample)
+
+    def _insert(self, name: str, key: float, sample: Sample) -> None:
+        if sample.nbytes > self.bytes_per_module:
+            raise ValueError(f"one sample of {name!r} takes {sample.nbytes} bytes, more than its share "
+                             f"{self.bytes_per_module} of max_bytes={self.max_bytes}; raise max_bytes")
+        store = self._stores[name]
+        heapq.heappush(store.heap, (-key, next(self._order), sample))
+        store.bytes += sample.nbytes
+        while len(store.heap) > self.max_samples or store.bytes > self.bytes_per_module:
+            store.bytes -= heapq.heappop(store.heap)[2].nbytes
+
+    def samples(self, name: str) -> list[Sample]:
+        """Stored samples of ``name`` in the order they were taken."""
+        if name not in self._stores:
+            raise KeyError(f"{name!r} is not stored; modules: {list(self.module_names)}")
+        return [sample for _, _, sample in sorted(self._stores[name].heap, key=lambda item: item[1])]
+
+    def inputs(self, name: str) -> torch.Tensor:
+        """First input tensors of all samples of ``name``, concatenated: (num_samples, ...)."""
+        return torch.cat([sample.input for sample in self._non_empty(name)])
+
+    def batch(self, name: str, indices: Sequence[int] | None = None) -> ModuleCall:
+        """Samples of ``name`` (all, or those at ``indices``) merged into one batched call."""
+        chosen = self._non_empty(name)
+        chosen = chosen if indices is None else [chosen[i] for i in indices]
+        first = chosen[0]
+        in_lists = [flatten((s.args, s.kwargs))[0] for s in chosen]
+        out_lists = [flatten(s.output)[0] for s in chosen]
+        if not all(same_layout(in_lists[0], leaves, first._input_batched) for leaves in in_lists):
+            raise ValueError(f"samples of {name!r} have different input layouts and cannot be batched")
+        args, kwargs = flatten((first.args, first.kwargs))[1](merge_rows(in_lists, first._input_batched))
+        output = flatten(first.output)[1](merge_rows(out_lists, first._output_batched))
+        return ModuleCall(args=args, kwargs=kwargs, output=output)
+
+    def steps(self, name: str) -> list[Step]:
+        """Step tags of the samples of ``name``, in sample order."""
+        return [sample.step for sample in self.samples(name)]
+
+    def _non_empty(self, name: str) -> list[Sample]:
+        samples = self.samples(name)
+        if not samples:
+            raise ValueError(f"no samples were stored for {name!r}: was it called on a selected step?")
+        return samples
+
+    def describe(self) -> str:
+        """One line: module count, samples held and bytes."""
+        held = sum(len(store.heap) for store in self._stores.values())
+        used = sum(store.bytes for store in self._stores.values())
+        return f"SampleStore({len(self.module_names)} modules, {held} samples, {used / 2**20:.1f} MiB)"
+
+
+def _copy_leaves(leaves: list[Any]) -> list[Any]:
+    return [to_cpu_copy(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]

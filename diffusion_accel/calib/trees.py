@@ -1,0 +1,103 @@
+"""Small helpers for nested call arguments (tuples, lists, dicts of tensors and plain values).
+
+Used to copy denoiser and module call inputs off the device, to count their bytes, and to split
+a batched call into rows or merge rows back into one call. A tensor leaf counts as *batched* when
+its first dimension equals the call's batch size (the first dimension of the call's first tensor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def flatten(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
+    """Leaves of ``tree`` in a fixed order and a function rebuilding the same structure from leaves."""
+    if isinstance(tree, (tuple, list)):
+        parts = [flatten(item) for item in tree]
+        return _join(parts, lambda items: type(tree)(items) if isinstance(tree, list) else tuple(items))
+    if isinstance(tree, dict):
+        keys = list(tree)
+        parts = [flatten(tree[key]) for key in keys]
+        return _join(parts, lambda items: dict(zip(keys, items)))
+    return [tree], lambda leaves: leaves[0]
+
+
+def _join(parts: list[tuple[list[Any], Callable]], build: Callable[[list[Any]], Any]):
+    sizes = [len(leaves) for leaves, _ in parts]
+    leaves = [leaf for part_leaves, _ in parts for leaf in part_leaves]
+
+    def rebuild(new_leaves: list[Any]) -> Any:
+        items, start = [], 0
+        for size, (_, part_rebuild) in zip(sizes, parts):
+            items.append(part_rebuild(new_leaves[start:start + size]))
+            start += size
+        return build(items)
+
+    return leaves, rebuild
+
+
+def map_tensors(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
+    """``tree`` with every tensor leaf replaced by ``fn(tensor)``."""
+    leaves, rebuild = flatten(tree)
+    return rebuild([fn(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves])
+
+
+def tensors_in(tree: Any) -> list[torch.Tensor]:
+    """All tensor leaves of ``tree`` in flatten order."""
+    return [leaf for leaf in flatten(tree)[0] if isinstance(leaf, torch.Tensor)]
+
+
+def to_cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy that never aliases the original (also for CPU tensors)."""
+    return tensor.detach().to("cpu", copy=True)
+
+
+def nbytes(tree: Any) -> int:
+    """Bytes held by the distinct tensor leaves of ``tree`` (shared tensors counted once)."""
+    seen: dict[int, int] = {}
+    for tensor in tensors_in(tree):
+        seen[id(tensor)] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
+
+
+def call_batch_size(args: tuple, kwargs: dict) -> int:
+    """Batch size of a call: first dimension of the first tensor in args, else in kwargs; 1 if none."""
+    for tensor in tensors_in(args) + tensors_in(kwargs):
+        if tensor.ndim >= 1:
+            return int(tensor.shape[0])
+    return 1
+
+
+def batched_leaf_indices(leaves: list[Any], batch: int) -> frozenset[int]:
+    """Indices of tensor leaves whose first dimension equals ``batch``."""
+    return frozenset(i for i, leaf in enumerate(leaves)
+                     if isinstance(leaf, torch.Tensor) and leaf.ndim >= 1 and leaf.shape[0] == batch)
+
+
+def take_row(leaves: list[Any], batched: frozenset[int], row: int) -> list[Any]:
+    """Leaves of one batch row (batched leaves sliced to ``[row:row+1]``, the others unchanged)."""
+    return [leaf[row:row + 1] if i in batched else leaf for i, leaf in enumerate(leaves)]
+
+
+def merge_rows(leaf_lists: list[list[Any]], batched: frozenset[int]) -> list[Any]:
+    """Concatenate batched leaves of several calls along dim 0; other leaves come from the first."""
+    first = leaf_lists[0]
+    return [torch.cat([leaves[i] for leaves in leaf_lists]) if i in batched else leaf
+            for i, leaf in enumerate(first)]
+
+
+def same_layout(a: list[Any], b: list[Any], batched: frozenset[int]) -> bool:
+    """Whether two leaf lists can be merged: same count, same shapes except batched dims."""
+    if len(a) != len(b):
+        return False
+    for i, (x, y) in enumerate(zip(a, b)):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            shape_x, shape_y = (x.shape[1:], y.shape[1:]) if i in batched else (x.shape, y.shape)
+            if shape_x != shape_y or x.dtype != y.dtype:
+                return False
+    return True

@@ -1,0 +1,458 @@
+"""Trajectory calibration: step selection and weights, collectors, the pipeline runner, replay."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusion_accel.calib import (Calibration, Collector, FeatureChangeProbe, HessianCollector,
+                                   RangeObserver, SampleStore, Step, ValueReservoir, calibrate,
+                                   call_mode, quantization_mse, select_steps, step_weights)
+from diffusion_accel.hooks import get_tracker, use_tracker
+from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
+
+SD_SIZE = {"height": 32, "width": 32}
+SD_LINEAR = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+SD_CONV = "down_blocks.0.resnets.0.conv1"
+
+
+class Recorder(Collector):
+    """Test collector: keeps every tensor it is given, with its step."""
+
+    def __init__(self, module_names, wants="input"):
+        super().__init__(module_names)
+        self.wants = wants
+        self.seen: list[tuple[str, torch.Tensor, Step]] = []
+
+    def observe(self, name, value, step):
+        self.seen.append((name, value.detach().clone(), step))
+
+    @property
+    def rows(self) -> int:
+        return sum(tensor.shape[0] for _, tensor, _ in self.seen)
+
+
+class FailAtStep(Collector):
+    """Raises when it sees ``step_index``."""
+
+    def __init__(self, module_names, step_index):
+        super().__init__(module_names)
+        self.step_index = step_index
+
+    def observe(self, name, value, step):
+        if step.step_index == self.step_index:
+            raise RuntimeError(f"collector failed at step {step.step_index}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP spinning stalls them on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd_pipe():
+    pipe = build_tiny("sd")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def assert_pipeline_clean(pipe, denoiser, bar_config=None):
+    """No torch hook on any denoiser module, no step tracker, the pipeline's bar config as before."""
+    assert get_tracker(denoiser) is None
+    for name, module in denoiser.named_modules():
+        assert not module._forward_pre_hooks, name
+        assert not module._forward_hooks, name
+    assert pipe.__dict__.get("_progress_bar_config") == bar_config
+
+
+# ----- schedule ---------------------------------------------------------------------------------
+
+def test_uniform_selection_picks_q_diffusion_steps():
+    assert select_steps(25, "uniform:5") == [0, 5, 10, 15, 20]
+    assert select_steps(50, "uniform:25") == list(range(0, 50, 2))
+    assert select_steps(10, "uniform:3") == [0, 3, 6, 9]   # the authors' code keeps range(0, n, n // K)
+    assert select_steps(4, "all") == [0, 1, 2, 3]
+    assert select_steps(10, "every:4") == [0, 4, 8]
+    assert select_steps(10, [7, 2, 2]) == [2, 7]
+
+
+@pytest.mark.parametrize("selection, error, words", [
+    ([0, 7], ValueError, ["step index 7", "0..4"]),
+    ([-1], ValueError, ["step index -1", "0..4"]),
+    ("random", ValueError, ["'random'", '"all"', '"uniform:K"']),
+    ("uniform:0", ValueError, ["[1, 5]"]),
+    ("uniform:9", ValueError, ["[1, 5]"]),
+    ([], ValueError, ["empty"]),
+    ([1.5], TypeError, ["1.5"]),
+])
+def test_select_steps_rejects_bad_selections(selection, error, words):
+    with pytest.raises(error) as info:
+        select_steps(5, selection)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_log_decrease_weights_match_obs_diff_formula():
+    T, w_min, w_max = 25, 0.8, 1.2
+    weights = step_weights(T, "log-decrease", w_min, w_max)
+    expected = [w_min + (w_max - w_min) * math.log(T - k) / math.log(T) for k in range(T)]
+    assert torch.allclose(weights, torch.tensor(expected), atol=1e-6)
+    assert weights[0] == pytest.approx(1.2) and weights[-1] == pytest.approx(0.8)
+    assert torch.allclose(step_weights(T, "log-increase"), weights.flip(0))
+    linear = step_weights(5, "linear")
+    assert torch.allclose(linear, torch.tensor([1.2, 1.1, 1.0, 0.9, 0.8]))
+    assert torch.equal(step_weights(3), torch.ones(3))
+    assert step_weights(1, "log-decrease").tolist() == [pytest.approx(1.2)]
+    with pytest.raises(ValueError, match="log-decrease"):
+        step_weights(5, "exponential")
+    with pytest.raises(ValueError, match="w_min"):
+        step_weights(5, "linear", w_min=1.5, w_max=1.0)
+
+
+# ----- collectors by hand -----------------------------------------------------------------------
+
+def test_linear_hessian_equals_hand_computed_weighted_xxt():
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(5, 3))
+    collector = HessianCollector(["0"])
+    collector.bind(layer)
+    weights = step_weights(3, "log-decrease")
+    inputs = [torch.randn(2, 4, 5) for _ in range(3)]
+    for k, x in enumerate(inputs):
+        collector.observe("0", x, Step(k, weight=float(weights[k])))
+    rows = [x.reshape(-1, 5) for x in inputs]
+    numerator = sum(weights[k] * rows[k].T @ rows[k] for k in range(3))
+    normalizer = sum(weights[k] * rows[k].shape[0] for k in range(3))
+    assert torch.allclose(collector.hessian("0"), 2 * numerator / normalizer, atol=1e-6)
+    assert torch.allclose(collector.input_sq_norms("0"), sum(r.pow(2).sum(0) for r in rows), atol=1e-5)
+    assert collector.num_rows("0") == 24 and collector.rows_per_step("0") == {0: 8, 1: 8, 2: 8}
+
+
+def test_hessian_in_pipeline_equals_weighted_xxt_of_hooked_inputs(sd_pipe):
+    recorder = Recorder([SD_LINEAR])
+    hessian = HessianCollector([SD_LINEAR])
+    calib = calibrate(sd_pipe, ["a red bicycle", "a cat"], 3, collectors=[recorder, hessian],
+                      weighting="log-decrease", progress=False, **SD_SIZE)
+    weights = step_weights(3, "log-decrease")
+    rows = [(tensor.reshape(-1, tensor.shape[-1]), step) for _, tensor, step in recorder.seen]
+    assert all(step.weight == pytest.approx(float(weights[step.step_index])) for _, step in rows)
+    numerator = sum(step.weight * x.T @ x for x, step in rows)
+    normalizer = sum(step.weight * x.shape[0] for x, step in rows)
+    assert torch.allclose(hessian.hessian(SD_LINEAR), 2 * numerator / normalizer, rtol=1e-4, atol=1e-6)
+    assert calib.step_weights.tolist() == pytest.approx(weights.tolist())
+
+
+def _patches_by_hand(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Patch rows (B * L, C * kh * kw) gathered with explicit loops (independent of F.unfold)."""
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    ph, pw = conv.padding
+    padded = F.pad(x, (pw, pw, ph, ph))
+    out_h = (padded.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (padded.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    rows = []
+    for b in range(x.shape[0]):
+        for i in range(out_h):
+            for j in range(out_w):
+                window = padded[b, :, i * sh: i * sh + dh * (kh - 1) + 1: dh, j * sw: j * sw + dw * (kw - 1) + 1: dw]
+                rows.append(window.reshape(-1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("conv_kwargs", [
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=(3, 2), stride=1, padding=(2, 1), dilation=(2, 1)),
+])
+def test_conv_hessian_equals_linear_hessian_on_unfolded_patches(conv_kwargs):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 4, **conv_kwargs)
+    model = nn.ModuleDict({"conv": conv, "linear": nn.Linear(conv.weight[0].numel(), 4)})
+    collector = HessianCollector(["conv", "linear"])
+    collector.bind(model)
+    for k, weight in enumerate((1.2, 0.9)):
+        x = torch.randn(2, 3, 7, 6)
+        patches = _patches_by_hand(x, conv)
+        conv_as_linear = (patches @ conv.weight.reshape(4, -1).T + conv.bias).reshape(2, -1, 4)
+        assert torch.allclose(conv_as_linear, conv(x).flatten(2).transpose(1, 2), atol=1e-5)
+        collector.observe("conv", x, Step(k, weight=weight))
+        collector.observe("linear", patches, Step(k, weight=weight))
+    assert torch.allclose(collector.hessian("conv"), collector.hessian("linear"), atol=1e-5)
+    assert collector.num_rows("conv") == collector.num_rows("linear")
+
+
+def test_hessian_rejects_unsupported_layers():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Conv2d(4, 4, 3, groups=2), nn.GroupNorm(1, 4))
+    with pytest.raises(TypeError, match="groups=2"):
+        HessianCollector(["1"]).bind(model)
+    with pytest.raises(TypeError, match="GroupNorm.*Linear"):
+        HessianCollector(["2"]).bind(model)
+
+
+def test_range_observers_minmax_percentile_and_mse():
+    torch.manual_seed(2)
+    tensors = [torch.distributions.StudentT(1.5).sample((4, 2000)) for _ in range(3)]
+    seen = torch.cat([t.reshape(-1) for t in tensors])
+    observers = {method: RangeObserver(["m"], method=method, percentile=99.0, bits=4, per_step=True)
+                 for method in ("minmax", "percentile", "mse")}
+    for k, tensor in enumerate(tensors):
+        for observer in observers.values():
+            observer.observe("m", tensor, Step(k))
+    lo, hi = seen.min().item(), seen.max().item()
+    assert observers["minmax"].range("m") == (pytest.approx(lo), pytest.approx(hi))
+    assert observers["minmax"].step_ranges("m")[1] == (pytest.approx(tensors[1].min().item()),
+                                                        pytest.approx(tensors[1].max().item()))
+    for method in ("percentile", "mse"):
+        r_lo, r_hi = observers[method].range("m")
+        assert lo <= r_lo < r_hi <= hi and (r_lo, r_hi) != (lo, hi)
+        assert observers[method].minmax("m") == (pytest.approx(lo), pytest.approx(hi))
+    assert quantization_mse(seen, *observers["mse"].range("m"), 4) < quantization_mse(seen, lo, hi, 4)
+    assert len(observers["mse"].sample("m")) == seen.numel()   # under sample_size: the search sees all
+
+
+def test_reservoir_is_bounded_and_samples_seen_values():
+    reservoir = ValueReservoir(100, seed=0)
+    for start in range(0, 10_000, 1000):
+        reservoir.add(torch.arange(start, start + 1000, dtype=torch.float32))
+    assert len(reservoir.values) == 100 and reservoir.seen == 10_000
+    assert len(set(reservoir.values.tolist())) == 100
+    assert 3000 < reservoir.values.mean().item() < 7000   # drawn from the whole stream
+
+
+def test_feature_change_probe_relative_l1_by_hand():
+    probe = FeatureChangeProbe(["block"])
+    for k, value in enumerate((1.0, 3.0, 1.5)):
+        probe.observe("block", torch.full((2, 4), value), Step(k, timestep=1000.0 - k))
+    probe.observe("block", torch.full((2, 4), 9.0), Step(0))   # a new trajectory starts
+    records = probe.records["block"]
+    assert [r.rel_l1 for r in records] == [None, pytest.approx(2.0), pytest.approx(0.5), None]
+    assert records[1].previous_step == 0 and records[1].l2_norm == pytest.approx(3.0 * math.sqrt(8))
+    assert probe.mean_change("block") == {1: pytest.approx(2.0), 2: pytest.approx(0.5)}
+    assert probe.mean_abs("block")[0] == pytest.approx(5.0)
+
+
+# ----- the runner -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("guidance, cfg_factor", [(7.5, 2), (1.0, 1)])
+def test_collectors_see_prompts_times_steps_times_cfg(sd_pipe, guidance, cfg_factor):
+    prompts, steps, images = ["a", "b", "c"], 2, 2
+    recorder = Recorder([SD_CONV])
+    calib = calibrate(sd_pipe, prompts, steps, collectors=[recorder], guidance_scale=guidance,
+                      batch_size=2, num_images_per_prompt=images, progress=False, **SD_SIZE)
+    rows = len(prompts) * images * steps * cfg_factor
+    assert len(recorder.seen) == 2 * steps                 # 2 pipeline calls (batches of 2 + 1) x steps
+    assert recorder.rows == rows == calib.observed_rows
+    assert calib.denoiser_calls == calib.observed_calls == 2 * steps
+    assert [step.step_index for _, _, step in recorder.seen] == [0, 1, 0, 1]
+    assert calib.seeds == [0, 1]
+    assert sorted(record.batch for record in calib.trajectory) == sorted([4 * cfg_factor] * 2 + [2 * cfg_factor] * 2)
+
+
+def test_selected_steps_only_and_timesteps_recorded(sd_pipe):
+    recorder = Recorder([SD_CONV])
+    calib = calibrate(sd_pipe, "a cat", 4, collectors=recorder, steps=[1, 3], progress=False, **SD_SIZE)
+    assert [step.step_index for _, _, step in recorder.seen] == [1, 3]
+    assert calib.denoiser_calls == 4 and calib.observed_calls == 2
+    assert list(calib.timesteps) == [0, 1, 2, 3]
+    assert [step.timestep for _, _, step in recorder.seen] == [calib.timesteps[1], calib.timesteps[3]]
+    assert [record.step.step_index for record in calib.trajectory] == [1, 3]
+
+
+def test_flux_true_cfg_counts_cond_and_uncond_contexts():
+    pipe = build_tiny("flux")
+    recorder = Recorder(["transformer_blocks.0.attn.to_q"])
+    calib = calibrate(pipe, ["a cat", "a dog"], 2, collectors=recorder, negative_prompt="blurry",
+                      true_cfg_scale=2.0, height=16, width=16, progress=False)
+    assert calib.counts.calls_per_context == {"cond": 2 * 2, "uncond": 2 * 2}
+    assert [(s.context, s.step_index) for _, _, s in recorder.seen[:4]] == [
+        ("cond", 0), ("uncond", 0), ("cond", 1), ("uncond", 1)]
+
+
+def test_hooks_removed_after_success_and_after_exception(sd_pipe):
+    calibrate(sd_pipe, "a cat", 2, collectors=[HessianCollector([SD_LINEAR, SD_CONV])], progress=False,
+              **SD_SIZE)
+    assert_pipeline_clean(sd_pipe, sd_pipe.unet, {"disable": True})
+    with pytest.raises(RuntimeError, match="failed at step 1"):
+        calibrate(sd_pipe, "a cat", 3, collectors=[FailAtStep([SD_LINEAR], 1), RangeObserver([SD_CONV])],
+                  progress=False, **SD_SIZE)
+    assert_pipeline_clean(sd_pipe, sd_pipe.unet, {"disable": True})
+
+
+def test_pipeline_images_identical_before_and_after_calibrate():
+    pipe = build_tiny("sd")
+    before = pipe(**tiny_call_kwargs("sd", steps=2)).images
+    bar_config = pipe._progress_bar_config
+    calibrate(pipe, ["a red bicycle", "a cat"], 2, collectors=[RangeObserver([SD_CONV], method="mse"),
+              FeatureChangeProbe(["mid_block"])], progress=False, **SD_SIZE)
+    after = pipe(**tiny_call_kwargs("sd", steps=2)).images
+    assert torch.equal(before, after)
+    assert_pipeline_clean(pipe, pipe.unet, bar_config)
+
+
+def test_replay_reproduces_live_statistics(sd_pipe):
+    def collectors():
+        return [HessianCollector([SD_LINEAR, SD_CONV]), RangeObserver([SD_CONV]),
+                FeatureChangeProbe(["mid_block"]), Recorder([SD_CONV])]
+    live = calibrate(sd_pipe, ["a cat", "a dog"], 3, collectors=collectors(), weighting="linear",
+                     guidance_scale=5.0, progress=False, **SD_SIZE)
+    replayed = live.replay(collectors(), sd_pipe.unet, progress=False)
+    merged = live.replay(collectors(), sd_pipe, batch_size=8, progress=False)
+    assert replayed.observed_calls == live.observed_calls == 6 and merged.denoiser_calls == 3
+    for result in (replayed, merged):
+        for name in (SD_LINEAR, SD_CONV):
+            assert torch.allclose(result.collector(HessianCollector).hessian(name),
+                                  live.collector(HessianCollector).hessian(name), rtol=1e-4, atol=1e-6)
+        assert result.collector(RangeObserver).range(SD_CONV) == pytest.approx(
+            live.collector(RangeObserver).range(SD_CONV))
+    live_steps = [(s.step_index, s.weight) for _, _, s in live.collector(Recorder).seen]
+    assert [(s.step_index, s.weight) for _, _, s in replayed.collector(Recorder).seen] == live_steps
+    assert replayed.collector(FeatureChangeProbe).mean_change("mid_block") == pytest.approx(
+        live.collector(FeatureChangeProbe).mean_change("mid_block"), rel=1e-4)
+    assert_pipeline_clean(sd_pipe, sd_pipe.unet, {"disable": True})
+
+
+def test_replay_pins_an_attached_tracker_to_the_recorded_step(sd_pipe):
+    live = calibrate(sd_pipe, "a cat", 3, steps=[0, 2], progress=False, **SD_SIZE)
+    seen = []
+
+    class TrackerReader(Collector):
+        def observe(self, name, value, step):
+            seen.append((step.step_index, tracker.step_index))
+
+    with use_tracker(sd_pipe.unet, "quant", pipeline=sd_pipe) as tracker:
+        live.replay([TrackerReader([SD_CONV])], sd_pipe.unet, progress=False)
+    assert seen == [(0, 0), (2, 2)]
+
+
+def test_rerun_repeats_the_pass_with_identical_settings(sd_pipe):
+    first = calibrate(sd_pipe, ["a cat", "a dog"], 2, collectors=[HessianCollector([SD_LINEAR])],
+                      batch_size=2, seed=5, steps="uniform:2", progress=False, **SD_SIZE)
+    second = first.rerun(sd_pipe, [HessianCollector([SD_LINEAR])], progress=False)
+    assert second.settings == first.settings and second.seeds == [5] and second.trajectory == []
+    assert torch.equal(second.collector(HessianCollector).hessian(SD_LINEAR),
+                       first.collector(HessianCollector).hessian(SD_LINEAR))
+    assert "HessianCollector" in first.summary() and "uniform:2" in first.summary()
+
+
+def test_sample_store_keeps_a_capped_uniform_sample_with_outputs(sd_pipe):
+    block = "down_blocks.0.attentions.0.transformer_blocks.0"
+    store = SampleStore([block, SD_CONV], max_samples=5, with_outputs=True)
+    calibrate(sd_pipe, ["a", "b", "c"], 3, collectors=[store], progress=False, store_trajectory=False,
+              **SD_SIZE)
+    samples = store.samples(block)
+    assert len(samples) == 5 and store.rows_seen[block] == 3 * 3 * 2
+    assert all(s.args[0].shape[0] == 1 and s.kwargs["encoder_hidden_states"].shape == (1, 77, 32)
+               for s in samples)
+    call = store.batch(block)
+    assert call.args[0].shape[0] == 5 and call.kwargs["encoder_hidden_states"].shape[0] == 5
+    with torch.no_grad():
+        rebuilt = sd_pipe.unet.get_submodule(block)(*call.args, **call.kwargs)
+    assert torch.allclose(rebuilt, call.output, atol=1e-5)
+    assert store.inputs(SD_CONV).shape[0] == 5
+    one_sample_bytes = store.samples(SD_CONV)[0].nbytes
+    small = SampleStore([SD_CONV], max_samples=100, max_bytes=3 * one_sample_bytes, with_outputs=True)
+    calibrate(sd_pipe, "a", 3, collectors=[small], progress=False, store_trajectory=False, **SD_SIZE)
+    assert len(small.samples(SD_CONV)) == 3
+
+
+def test_trajectory_cap_keeps_whole_first_trajectories(sd_pipe):
+    full = calibrate(sd_pipe, ["a", "b"], 2, progress=False, **SD_SIZE)
+    per_prompt = full.trajectory_bytes // 2
+    with pytest.warns(RuntimeWarning, match="max_trajectory_bytes"):
+        capped = calibrate(sd_pipe, ["a", "b"], 2, max_trajectory_bytes=per_prompt + 10, progress=False,
+                           **SD_SIZE)
+    assert capped.trajectory_truncated and len(capped.trajectory) == 2
+    assert [r.step.step_index for r in capped.trajectory] == [0, 1]
+    assert capped.trajectory_bytes <= per_prompt + 10
+    shared = capped.trajectory[0].kwargs["encoder_hidden_states"]
+    assert capped.trajectory[1].kwargs["encoder_hidden_states"] is shared   # prompt embeddings stored once
+
+
+FAMILY_CALLS = {
+    "sd": (["a cat", "a dog"], SD_SIZE),
+    "sdxl": (["a cat", "a dog"], SD_SIZE),
+    "sd3": (["a cat", "a dog"], SD_SIZE),
+    "flux": (["a cat", "a dog"], {"height": 16, "width": 16}),
+    "pixart": (["a cat", "a dog"], SD_SIZE | {"use_resolution_binning": False, "clean_caption": False}),
+    "dit": ([1, "dress"], {"guidance_scale": 1.0}),
+    "ddpm": (None, {"num_samples": 2}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CALLS))
+def test_calibrate_runs_on_every_tiny_family(family):
+    pipe = build_tiny(family)
+    _, denoiser = ("unet", pipe.unet) if hasattr(pipe, "unet") else ("transformer", pipe.transformer)
+    linear = [n for n, m in denoiser.named_modules() if isinstance(m, nn.Linear)][-1]
+    first_conv = [n for n, m in denoiser.named_modules() if isinstance(m, nn.Conv2d)][:1]
+    prompts, extra = FAMILY_CALLS[family]
+    collectors = [HessianCollector([linear, *first_conv]), RangeObserver([linear], method="percentile"),
+                  FeatureChangeProbe([linear]), SampleStore([linear], max_samples=3)]
+    calib = calibrate(pipe, prompts, 2, collectors=collectors, batch_size=2, progress=False, **extra)
+    assert isinstance(calib, Calibration) and calib.observed_calls == calib.denoiser_calls == 2
+    assert calib.observed_rows >= 4 and len(calib.trajectory) == 2
+    assert calib.collector(HessianCollector).hessian(linear).shape[0] == denoiser.get_submodule(linear).in_features
+    assert len(calib.collector(SampleStore).samples(linear)) == 3
+    assert_pipeline_clean(pipe, denoiser)
+
+
+def test_call_modes_and_labels():
+    assert call_mode(build_tiny("sd")) == "prompt"
+    dit = build_tiny("dit")
+    assert call_mode(dit) == "class"
+    calib = calibrate(dit, ["dress", 3], 2, guidance_scale=1.0, num_images_per_prompt=2, progress=False)
+    assert calib.settings.prompts == (3, 3) and calib.observed_rows == 2 * 2 * 2
+    ddpm = build_tiny("ddpm")
+    assert call_mode(ddpm) == "unconditional"
+    calib = calibrate(ddpm, None, 2, num_samples=3, batch_size=2, progress=False)
+    assert calib.observed_rows == 3 * 2 and calib.seeds == [0, 1]
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(prompts=[]), ValueError, ["at least one"]),
+    (dict(num_inference_steps=0), ValueError, ["num_inference_steps", ">= 1"]),
+    (dict(steps="sometimes"), ValueError, ["'sometimes'", "uniform:K"]),
+    (dict(weighting="cubic"), ValueError, ["'cubic'", "log-decrease"]),
+    (dict(collectors=[RangeObserver(["down_blocks.9.conv", SD_CONV, "mid_block.nope"])]), ValueError,
+     ["down_blocks.9.conv", "mid_block.nope"]),
+    (dict(collectors=[object()]), TypeError, ["Collector"]),
+    (dict(num_samples=4), ValueError, ["num_samples"]),
+    (dict(generator=torch.Generator()), TypeError, ["'generator'", "seed"]),
+    (dict(negative_prompt=["x", "y", "z"]), ValueError, ["negative_prompt"]),
+    (dict(batch_size=0), ValueError, ["batch_size"]),
+])
+def test_calibrate_validates_inputs(sd_pipe, kwargs, error, words):
+    arguments = dict(prompts=["a cat"], num_inference_steps=2, progress=False) | kwargs
+    with pytest.raises(error) as info:
+        calibrate(sd_pipe, **arguments)
+    for word in words:
+        assert word in str(info.value)
+    assert_pipeline_clean(sd_pipe, sd_pipe.unet, {"disable": True})
+
+
+def test_collector_options_are_validated():
+    with pytest.raises(ValueError, match="'kl'.*minmax"):
+        RangeObserver([SD_CONV], method="kl")
+    with pytest.raises(ValueError, match="percentile"):
+        RangeObserver([SD_CONV], method="percentile", percentile=120)
+    with pytest.raises(ValueError, match="at least one module"):
+        HessianCollector([])
+    with pytest.raises(ValueError, match="max_samples"):
+        SampleStore([SD_CONV], max_samples=0)
+
+
+def test_unconditional_pipeline_rejects_prompts():
+    with pytest.raises(TypeError, match="num_samples"):
+        calibrate(build_tiny("ddpm"), ["a cat"], 2, progress=False)
+
+
+def test_replay_needs_a_stored_trajectory(sd_pipe):
+    calib = calibrate(sd_pipe, "a", 1, store_trajectory=False, progress=False, **SD_SIZE)
+    with pytest.raises(ValueError, match="store_trajectory=True"):
+        calib.replay([RangeObserver([SD_CONV])], sd_pipe.unet)
