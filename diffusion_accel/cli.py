@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError, KeyError)
+from .arch.registry import UnsupportedModelError
+
+# Mistakes a user can make (bad values, missing files, unsupported models): one line, exit 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, UnsupportedModelError)
 
 
 def _add_pipe_args(parser: argparse.ArgumentParser, many: bool) -> None:
@@ -23,11 +26,12 @@ def _add_pipe_args(parser: argparse.ArgumentParser, many: bool) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: as loaded)")
 
 
-def _add_generation_args(parser: argparse.ArgumentParser, steps: int) -> None:
+def _add_generation_args(parser: argparse.ArgumentParser, steps: int | None) -> None:
     parser.add_argument("--prompts", default=None,
                         help="bundled prompt set (default, fashion) or a .txt/.json file")
     parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
-    parser.add_argument("--steps", type=int, default=steps, help="denoising steps (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=steps,
+                        help=f"denoising steps (default {steps or '25, or the recipe value'})")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default %(default)s)")
 
@@ -46,14 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = sub.add_parser("calibrate", help="run a trajectory calibration pass and save its statistics")
     _add_pipe_args(calibrate, many=False)
-    _add_generation_args(calibrate, steps=25)
+    _add_generation_args(calibrate, steps=None)
     calibrate.add_argument("--recipe", default=None, help="a recipe TOML from pipelines/ (sets the defaults)")
     calibrate.add_argument("--selection", default=None, help='"all", "uniform:K" or "0,5,10" (default all)')
     calibrate.add_argument("--weighting", default=None,
                            help="uniform, linear, log-decrease or log-increase (default uniform)")
     calibrate.add_argument("--collect", default="ranges,features",
                            help="comma list of: ranges, hessian, features (default %(default)s)")
-    calibrate.add_argument("--batch-size", type=int, default=1)
+    calibrate.add_argument("--batch-size", type=int, default=None, help="items per pipeline call (default 1)")
+    calibrate.add_argument("--layers", default=None, help="glob over eligible layer names (e.g. 'up_blocks.*')")
     calibrate.add_argument("--out", required=True, help="output folder for statistics + manifest")
     calibrate.set_defaults(handler=_cmd_calibrate)
 
@@ -95,15 +100,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                       steps=args.steps, guidance=args.guidance, seed=args.seed, out=Path(args.out),
                       repeats=args.repeats, dtype=args.dtype, device=args.device)
     print(report.to_markdown())
-    print(f"\nreport, grid and calibration summary written to {args.out}/")
+    print(f"\nreport, grid and calibration summary (calibration.json) written to {args.out}/")
     return 0
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .recipes import calibrate_from_args
 
-    summary = calibrate_from_args(args)
-    print(summary)
+    print(calibrate_from_args(args))
     return 0
 
 
@@ -123,15 +127,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_grid(args: argparse.Namespace) -> int:
-    from .eval import comparison_grid
+    from .eval import evaluate, save_grid
 
     pipes = _load_variants(args)
-    image = comparison_grid(pipes, _prompts_for(args, next(iter(pipes.values()))),
-                            num_inference_steps=args.steps, seed=args.seed, cell_size=args.cell,
-                            call_kwargs=_guidance_kwargs(args))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out)
-    print(f"grid {image.width}x{image.height} written to {args.out}")
+    report = evaluate(pipes, _prompts_for(args, next(iter(pipes.values()))), metrics=("latency",),
+                      num_inference_steps=args.steps, seed=args.seed, grid_cell_size=args.cell,
+                      call_kwargs=_guidance_kwargs(args), repeats=1)
+    path = save_grid(report.grid, args.out)
+    print(f"grid {report.grid.width}x{report.grid.height} written to {path}")
     return 0
 
 
@@ -161,10 +164,9 @@ def _load_variants(args: argparse.Namespace) -> dict:
 def _prompts_for(args: argparse.Namespace, pipe: object) -> list:
     """Prompts from ``--prompts`` or the default set that suits ``pipe``."""
     from . import prompts
-    from .eval import default_prompts
 
     if args.prompts is None:
-        return default_prompts(pipe, limit=args.num_prompts)
+        return prompts.for_pipeline(pipe, limit=args.num_prompts)
     return prompts.load(args.prompts, limit=args.num_prompts)
 
 
@@ -185,8 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except USER_ERRORS as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

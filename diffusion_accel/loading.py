@@ -28,7 +28,7 @@ def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str
     """Load the pipeline named by ``spec`` (see module docstring), optionally cast and moved."""
     torch_dtype = parse_dtype(dtype)
     pipe = _load_by_kind(spec, torch_dtype)
-    if torch_dtype is not None:
+    if torch_dtype is not None and getattr(pipe, "dtype", None) != torch_dtype:
         pipe.to(dtype=torch_dtype)
     if device is not None:
         pipe.to(device)
@@ -56,11 +56,10 @@ def _load_by_kind(spec: str, torch_dtype: torch.dtype | None) -> Any:
 
 def default_demo_spec() -> str:
     """The demo's pipeline: the bundled ``fashion-sd`` if shipped, else the tiny SD pipeline."""
-    try:
-        from . import zoo
+    from . import zoo
 
-        if "fashion-sd" in zoo.names():
-            return "zoo:fashion-sd"
-    except (ImportError, AttributeError):
-        pass
-    return "tiny:sd"
+    try:
+        zoo.path("fashion-sd")
+    except FileNotFoundError:
+        return "tiny:sd"
+    return "zoo:fashion-sd"

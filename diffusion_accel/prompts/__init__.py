@@ -39,3 +39,25 @@ def _resolve(name_or_path: str | Path) -> Path:
         return path
     raise ValueError(f"unknown prompt set {str(name_or_path)!r}: not a bundled set "
                      f"({', '.join(names())}) nor an existing .txt/.json file")
+
+
+def for_pipeline(pipe: object, limit: int | None = None) -> list:
+    """Default prompts that suit ``pipe``: captions, DiT class ids, or one ``None`` per sample.
+
+    Text pipelines from the bundled zoo get the ``fashion`` set, others ``default``; class-label
+    pipelines (DiT) get ids ``0..n-1``; unconditional pipelines (DDPM) get ``None`` per image.
+    """
+    import inspect
+
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    count = limit or 8
+    if "prompt" in parameters:
+        return load("fashion" if _is_fashion_pipeline(pipe) else "default", limit=limit)
+    if "class_labels" in parameters:
+        return list(range(min(count, len(getattr(pipe, "labels", {})) or count)))
+    return [None] * count
+
+
+def _is_fashion_pipeline(pipe: object) -> bool:
+    source = str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or "")
+    return "fashion" in source

@@ -1,0 +1,131 @@
+"""Recipes (``pipelines/*.toml``) and the ``diffusion-accel calibrate`` job built on them.
+
+A recipe has a ``[model]`` table (``id``: any pipeline spec, ``dtype``) and a ``[calibration]``
+table (``prompts``, ``num_prompts``, ``steps``, ``guidance``, ``selection``, ``weighting``,
+``batch_size``); technique tables (``[cache]``, ...) are read by their techniques. Command-line
+flags override the recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from . import prompts as prompt_sets
+from .arch import get_adapter
+from .artifact import base_fingerprint
+from .loading import default_demo_spec, load_pipeline
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+COLLECTOR_KINDS = ("ranges", "hessian", "features")
+CALIBRATION_KEYS = ("prompts", "num_prompts", "steps", "guidance", "selection", "weighting", "batch_size")
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Parse a recipe TOML file; unknown calibration keys are an error."""
+    recipe_path = Path(path)
+    if not recipe_path.is_file():
+        raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
+    recipe = tomllib.loads(recipe_path.read_text(encoding="utf-8"))
+    unknown = sorted(set(recipe.get("calibration", {})) - set(CALIBRATION_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown [calibration] keys {unknown}; accepted: {list(CALIBRATION_KEYS)}")
+    return recipe
+
+
+def merged_settings(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
+    """Calibration settings: recipe values overridden by flags the user gave."""
+    settings = {"steps": 25, "selection": "all", "weighting": "uniform", "batch_size": 1,
+                "prompts": None, "num_prompts": None, "guidance": None}
+    settings.update(recipe.get("calibration", {}))
+    for key in CALIBRATION_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[key] = value
+    return settings
+
+
+def build_collectors(pipe: Any, kinds: list[str], layer_glob: str | None) -> list[Any]:
+    """Collectors for ``kinds`` over the adapter's eligible layers (optionally glob-filtered)."""
+    from .calib import FeatureChangeProbe, HessianCollector, RangeObserver
+
+    unknown = sorted(set(kinds) - set(COLLECTOR_KINDS))
+    if unknown or not kinds:
+        raise ValueError(f"--collect {','.join(kinds)!r}: accepted kinds are {', '.join(COLLECTOR_KINDS)}")
+    adapter = get_adapter(pipe)
+    layers = [name for name in adapter.eligible_layers() if fnmatch.fnmatch(name, layer_glob or "*")]
+    if not layers:
+        raise ValueError(f"--layers {layer_glob!r} matches no eligible layer of {adapter.family}")
+    factories = {"ranges": lambda: RangeObserver(layers, per_step=True),
+                 "hessian": lambda: HessianCollector(layers),
+                 "features": lambda: FeatureChangeProbe([block.name for block in adapter.blocks()])}
+    return [factories[kind]() for kind in kinds]
+
+
+def statistics_tensors(collectors: list[Any]) -> dict[str, torch.Tensor]:
+    """Flatten collector results into named tensors for a safetensors file."""
+    from .calib import FeatureChangeProbe, HessianCollector, RangeObserver
+
+    tensors: dict[str, torch.Tensor] = {}
+    for collector in collectors:
+        for name in collector.module_names:
+            if isinstance(collector, RangeObserver):
+                tensors[f"range/{name}"] = torch.tensor(collector.range(name))
+                per_step = collector.step_ranges(name)
+                tensors[f"step_range/{name}"] = torch.tensor([[s, lo, hi] for s, (lo, hi) in per_step.items()])
+            elif isinstance(collector, HessianCollector):
+                tensors[f"hessian/{name}"] = collector.hessian(name)
+            elif isinstance(collector, FeatureChangeProbe):
+                change = collector.mean_change(name)
+                tensors[f"feature_change/{name}"] = torch.tensor([[s, c] for s, c in change.items()])
+    return tensors
+
+
+def calibrate_from_args(args: argparse.Namespace) -> str:
+    """Run ``diffusion-accel calibrate``: one pass, statistics + manifest written to ``--out``."""
+    from .calib import calibrate
+
+    recipe = load_recipe(args.recipe) if args.recipe else {}
+    model = recipe.get("model", {})
+    spec = args.pipe or model.get("id") or default_demo_spec()
+    pipe = load_pipeline(spec, dtype=args.dtype or model.get("dtype"), device=args.device)
+    settings = merged_settings(args, recipe)
+    prompt_list = (prompt_sets.load(settings["prompts"], limit=settings["num_prompts"]) if settings["prompts"]
+                   else prompt_sets.for_pipeline(pipe, limit=settings["num_prompts"]))
+    collectors = build_collectors(pipe, [k.strip() for k in args.collect.split(",") if k.strip()], args.layers)
+    guidance = {} if settings["guidance"] is None else {"guidance_scale": settings["guidance"]}
+    calib = calibrate(pipe, prompt_list, num_inference_steps=settings["steps"], collectors=collectors,
+                      steps=_selection(settings["selection"]), weighting=settings["weighting"],
+                      batch_size=settings["batch_size"], seed=args.seed, store_trajectory=False, **guidance)
+    _write_statistics(Path(args.out), spec, pipe, settings, calib, collectors)
+    return calib.summary() + f"\nstatistics written to {args.out}/"
+
+
+def _selection(value: Any) -> Any:
+    """``"0,5,10"`` -> [0, 5, 10]; names such as "all" or "uniform:K" pass through."""
+    if isinstance(value, str) and value.replace(",", "").replace(" ", "").isdigit():
+        return [int(part) for part in value.split(",")]
+    return value
+
+
+def _write_statistics(out: Path, spec: str, pipe: Any, settings: dict[str, Any], calib: Any,
+                      collectors: list[Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in statistics_tensors(collectors).items()},
+              str(out / "statistics.safetensors"))
+    manifest = {"format": "diffusion_accel.calibration", "model": spec, "pipeline": type(pipe).__name__,
+                "base_fingerprint": base_fingerprint(pipe), "settings": settings,
+                "selected_steps": list(calib.selected_steps), "collectors": [c.describe() for c in collectors],
+                "summary": calib.summary().splitlines()}
+    (out / "calibration.json").write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")

@@ -1,0 +1,90 @@
+"""The command line: help on every subcommand, real work on tiny pipelines, one-line errors."""
+
+import json
+
+import pytest
+
+from diffusion_accel.cli import build_parser, main
+
+SUBCOMMANDS = ("demo", "calibrate", "eval", "grid")
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_of_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: diffusion-accel" in capsys.readouterr().out
+
+
+def test_unknown_subcommand_and_bad_flag_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frobnicate"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--steps", "many"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["calibrate", "--pipe", "tiny:sd", "--collect", "bogus", "--out", "x"], "accepted kinds"),
+    (["calibrate", "--recipe", "missing.toml", "--out", "x"], "does not exist"),
+    (["eval", "--pipe", "tiny:nope"], "unknown tiny family"),
+    (["eval", "--pipe", "not-a-spec"], "unknown pipeline spec"),
+    (["eval", "--pipe", "tiny:sd", "--metrics", "speed"], "speed"),
+    (["eval", "--pipe", "tiny:sd", "--dtype", "int3"], "unknown dtype"),
+])
+def test_user_mistakes_are_one_line_errors(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "Traceback" not in err
+
+
+def test_calibrate_writes_statistics_and_manifest(tmp_path, capsys):
+    out = tmp_path / "stats"
+    code = main(["calibrate", "--pipe", "tiny:sd", "--steps", "2", "--num-prompts", "2",
+                 "--collect", "ranges,hessian,features", "--layers", "up_blocks.2.*", "--out", str(out)])
+    assert code == 0
+    manifest = json.loads((out / "calibration.json").read_text())
+    assert manifest["selected_steps"] == [0, 1] and manifest["pipeline"] == "StableDiffusionPipeline"
+    from safetensors.torch import load_file
+
+    tensors = load_file(out / "statistics.safetensors")
+    assert any(k.startswith("hessian/up_blocks.2") for k in tensors)
+    assert any(k.startswith("feature_change/") for k in tensors)
+
+
+def test_eval_and_grid_on_tiny_pipelines(tmp_path, capsys):
+    code = main(["eval", "--pipe", "a=tiny:sd", "--pipe", "b=tiny:sd", "--num-prompts", "2",
+                 "--steps", "2", "--metrics", "psnr,latency", "--out", str(tmp_path / "r")])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "| a |" in table and "| b |" in table
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert [row["variant"] for row in report["rows"]] == ["a", "b"]
+    grid_path = tmp_path / "g.png"
+    assert main(["grid", "--pipe", "tiny:ddpm", "--num-prompts", "2", "--steps", "2", "--cell", "32",
+                 "--out", str(grid_path)]) == 0
+    assert grid_path.is_file()
+
+
+def test_duplicate_variant_names_are_refused(capsys):
+    assert main(["eval", "--pipe", "x=tiny:sd", "--pipe", "x=tiny:dit"]) == 2
+    assert "given twice" in capsys.readouterr().err
+
+
+def test_demo_runs_on_the_tiny_pipeline(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--pipe", "tiny:sd", "--steps", "2", "--num-prompts", "2", "--repeats", "1",
+                 "--out", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "| fp32 |" in table and "| bf16 |" in table
+    assert {"report.json", "report.md", "grid.png", "calibration.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_parser_lists_every_subcommand():
+    text = build_parser().format_help()
+    for command in SUBCOMMANDS:
+        assert command in text
