@@ -5,6 +5,7 @@ Public API (every function returns the pipeline it was given where it takes one)
 - ``calibrate(pipe, prompts, num_inference_steps, collectors=...)``: one trajectory pass
 - ``evaluate({name: pipe}, prompts, metrics=...)``: FID / CLIP / PSNR / SSIM / latency table
 - ``save(pipe, dir)`` / ``load(base_pipe, dir)``: safetensors + JSON manifest artifacts
+- ``enable_cache(pipe, DeepCacheConfig(...))`` / ``remove_cache(pipe)``: feature caching
 - ``get_adapter(pipe)``: what a model family looks like (blocks, layer groups, heads, skips)
 - ``zoo.load(name)`` / ``zoo.path(name)``: bundled reference pipelines; ``prompts.load(name)``
 """
@@ -26,8 +27,19 @@ _LAZY_ATTRIBUTES = {
     "Calibration": ("diffusion_accel.calib", "Calibration"),
     "evaluate": ("diffusion_accel.eval", "evaluate"),
     "load_pipeline": ("diffusion_accel.loading", "load_pipeline"),
+    # feature caching (issue 6)
+    "enable_cache": ("diffusion_accel.cache", "enable_cache"),
+    "remove_cache": ("diffusion_accel.cache", "remove_cache"),
+    "cache_summary": ("diffusion_accel.cache", "summary"),
+    "DeepCacheConfig": ("diffusion_accel.cache", "DeepCacheConfig"),
+    "BlockCacheConfig": ("diffusion_accel.cache", "BlockCacheConfig"),
+    "FirstBlockCacheConfig": ("diffusion_accel.cache", "FirstBlockCacheConfig"),
+    "TeaCacheConfig": ("diffusion_accel.cache", "TeaCacheConfig"),
+    "CalibratedCacheConfig": ("diffusion_accel.cache", "CalibratedCacheConfig"),
+    "calibrate_schedule": ("diffusion_accel.cache", "calibrate_schedule"),
+    "fit_teacache_coefficients": ("diffusion_accel.cache", "fit_teacache_coefficients"),
 }
-_LAZY_MODULES = ("calib", "eval", "zoo", "hooks", "arch", "testing", "loading")
+_LAZY_MODULES = ("calib", "eval", "zoo", "hooks", "arch", "testing", "loading", "cache")
 
 __all__ = ["ArtifactError", "UnsupportedModelError", "get_adapter", "load", "prompts", "save",
            "supported_denoisers", *_LAZY_ATTRIBUTES, *_LAZY_MODULES]

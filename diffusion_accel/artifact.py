@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,14 @@ class TechniqueHandler:
 
 
 _HANDLERS: dict[str, TechniqueHandler] = {}
+# Technique packages that register a handler when imported; load() imports them first.
+BUILTIN_TECHNIQUE_PACKAGES = ("diffusion_accel.cache", "diffusion_accel.quant", "diffusion_accel.prune")
+
+
+def _import_builtin_techniques() -> None:
+    for package in BUILTIN_TECHNIQUE_PACKAGES:
+        if importlib.util.find_spec(package) is not None:
+            importlib.import_module(package)
 
 
 def register_technique(name: str, export: Callable, restore: Callable) -> TechniqueHandler:
@@ -145,6 +155,7 @@ def save(pipe: Any, directory: str | Path) -> Path:
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """Parse and validate ``manifest.json`` of an artifact folder."""
+    _import_builtin_techniques()
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{directory} is not a diffusion_accel artifact: no {MANIFEST}")

@@ -29,9 +29,19 @@ def bf16_variant(pipe: Any) -> Any:
     return copy.deepcopy(pipe).to(torch.bfloat16)
 
 
+def deepcache_variant(pipe: Any) -> Any:
+    """A copy with DeepCache for UNets (full step every 3, cut at the shallowest skip) or static
+    block caching for DiTs (every 3 steps)."""
+    from .cache import BlockCacheConfig, DeepCacheConfig, enable_cache
+
+    config = (DeepCacheConfig(interval=3, branch=0) if get_adapter(pipe).component == "unet"
+              else BlockCacheConfig(interval=3))
+    return enable_cache(copy.deepcopy(pipe), config)
+
+
 def demo_variants() -> dict[str, VariantBuilder]:
     """Variant name -> builder taking the base pipeline; techniques add theirs here as they land."""
-    return {"bf16": bf16_variant}
+    return {"bf16": bf16_variant, "cache-every-3": deepcache_variant}
 
 
 def calibration_summary(pipe: Any, prompts: list, steps: int, seed: int) -> dict[str, Any]:

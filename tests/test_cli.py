@@ -80,7 +80,7 @@ def test_demo_runs_on_the_tiny_pipeline(tmp_path, capsys):
                  "--out", str(out)])
     assert code == 0
     table = capsys.readouterr().out
-    assert "| fp32 |" in table and "| bf16 |" in table
+    assert "| fp32 |" in table and "| bf16 |" in table and "| cache-every-3 |" in table
     assert {"report.json", "report.md", "grid.png", "calibration.json"} <= {p.name for p in out.iterdir()}
 
 

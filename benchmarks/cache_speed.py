@@ -1,0 +1,114 @@
+"""DeepCache speed on the full-size SD 1.5 UNet (random weights) on this machine.
+
+The pipeline is the tiny SD pipeline with its UNet replaced by the published SD 1.5 UNet
+architecture and a 768-wide 2-layer CLIP text tower; the tiny VAE (scale 2) at 64x64 pixels gives
+32x32 latents, i.e. the UNet works exactly as for SD 1.5 at 256x256. Baseline and every config are
+timed in this process (baseline first and last to show load drift), median of repeats after a
+warm-up, CFG on (batch 2). The deepcache package is timed side by side when installed.
+
+    python benchmarks/cache_speed.py --steps 6 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from diffusion_accel.cache import DeepCacheConfig, enable_cache, remove_cache
+from diffusion_accel.eval.machine import machine_info
+from diffusion_accel.eval.timing import time_pipeline
+from diffusion_accel.testing.fullsize import sd15_unet
+from diffusion_accel.testing.tiny import tiny_clip_text, tiny_sd_pipeline
+
+RESULTS = Path(__file__).parent / "results"
+INTERVALS = (2, 3, 5)
+
+
+def build_pipeline() -> Any:
+    """Tiny SD pipeline carrying the full-size SD 1.5 UNet and a 768-wide text tower."""
+    pipe = tiny_sd_pipeline()
+    pipe.unet, _ = sd15_unet()
+    pipe.text_encoder = tiny_clip_text(hidden=768, projection_dim=768)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call_kwargs(steps: int) -> Callable[[], dict[str, Any]]:
+    return lambda: {"prompt": "a red bicycle", "num_inference_steps": steps, "height": 64, "width": 64,
+                    "guidance_scale": 7.5, "output_type": "latent",
+                    "generator": torch.Generator().manual_seed(0)}
+
+
+def deepcache_helper(pipe: Any, interval: int) -> Any:
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=0)
+    return helper
+
+
+def run(steps: int, repeats: int) -> dict[str, Any]:
+    pipe, kwargs = build_pipeline(), call_kwargs(steps)
+    timings: dict[str, Any] = {"baseline": time_pipeline(pipe, kwargs, repeats=repeats).to_dict()}
+    for interval in INTERVALS:
+        enable_cache(pipe, DeepCacheConfig(interval=interval, branch=0))
+        timings[f"ours_interval{interval}"] = time_pipeline(pipe, kwargs, repeats=repeats).to_dict()
+        remove_cache(pipe)
+        if importlib.util.find_spec("DeepCache") is not None:
+            helper = deepcache_helper(pipe, interval)
+            helper.enable()
+            timings[f"deepcache_pkg_interval{interval}"] = time_pipeline(pipe, kwargs, repeats=repeats).to_dict()
+            helper.disable()
+    timings["baseline_again"] = time_pipeline(pipe, kwargs, repeats=repeats).to_dict()
+    return timings
+
+
+def speedups(timings: dict[str, Any]) -> dict[str, dict[str, float]]:
+    base = timings["baseline"]
+    return {name: {"pipeline": base["pipeline"]["median_ms"] / t["pipeline"]["median_ms"],
+                   "denoiser": base["denoiser"]["median_ms"] / t["denoiser"]["median_ms"]}
+            for name, t in timings.items()}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["# DeepCache on the SD 1.5 UNet (random weights), CPU", "",
+             f"{result['setup']}", "", f"Machine: {result['machine']['cpu_model']}, "
+             f"{result['machine']['cpu_cores_available']} cores, torch threads "
+             f"{result['machine']['torch_threads']}, load average before run {result['load_before']}, "
+             f"after {result['load_after']}; no torch.compile; fp32.", "",
+             "| config | pipeline median ms | denoiser ms / call of pipeline | speed-up pipeline | speed-up denoiser |",
+             "|---|---|---|---|---|"]
+    for name, t in result["timings"].items():
+        s = result["speedups"][name]
+        lines.append(f"| {name} | {t['pipeline']['median_ms']:.0f} | {t['denoiser']['median_ms']:.0f} | "
+                     f"{s['pipeline']:.2f}x | {s['denoiser']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+    timings = run(args.steps, args.repeats)
+    result = {"setup": f"SD 1.5 UNet (859.5M params, random weights) at 32x32 latents (256x256-pixel "
+                       f"equivalent), {args.steps} DDIM steps, CFG 7.5 (batch 2), branch 0, median of "
+                       f"{args.repeats} after 1 warm-up",
+              "machine": machine_info(), "load_before": [round(x, 2) for x in load_before],
+              "load_after": [round(x, 2) for x in os.getloadavg()],
+              "timings": timings, "speedups": speedups(timings)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cache_speed.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "cache_speed.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Public entry points: ``enable_cache``, ``remove_cache``, ``summary``.
+
+A registry maps each config type to its handler (a new method is one dataclass and one decorated
+function). A handler validates against the model and builds everything *before* the first hook is
+attached, so a bad config leaves the pipeline unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable
+
+from ..arch import find_denoiser, get_adapter
+from ..artifact import base_fingerprint, mark_applied, unmark_applied
+from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, FirstBlockCacheConfig,
+                      TeaCacheConfig, config_to_dict)
+from .policies import FirstBlockPolicy, SchedulePolicy, TeaCachePolicy
+from .schedules import nonuniform_full_steps, resample_full_steps, uniform_full_steps
+from .session import end_session, get_session, start_session
+from .stack import check_stack, install_stack_cache
+from .unet_branch import branch_point, install_branch_cache
+
+TECHNIQUE = "cache"
+Installer = Callable[[Any, Any], None]
+_HANDLERS: dict[type, Callable[[Any, Any], tuple[str, Any, Installer]]] = {}
+
+
+def register_cache_method(config_type: type) -> Callable:
+    """Decorator: ``handler(pipe, config) -> (method name, policy, install(session, pipe))``."""
+    def decorate(handler: Callable) -> Callable:
+        _HANDLERS[config_type] = handler
+        return handler
+    return decorate
+
+
+def _unet_installer(pipe: Any, branch: int) -> Installer:
+    point = branch_point(pipe, branch)
+    return lambda session, _pipe: install_branch_cache(session, point)
+
+
+def _stack_installer(pipe: Any, uses_head: bool) -> Installer:
+    check_stack(pipe, uses_head)  # raises for UNets, unknown block classes, too few blocks
+    return install_stack_cache
+
+
+@register_cache_method(DeepCacheConfig)
+def _deepcache(pipe: Any, config: DeepCacheConfig) -> tuple[str, Any, Installer]:
+    if config.schedule == "uniform":
+        full = lambda n: uniform_full_steps(n, config.interval)  # noqa: E731
+    else:
+        full = lambda n: nonuniform_full_steps(n, config.interval, config.center, config.power)  # noqa: E731
+    return "deepcache", SchedulePolicy(full, config.interval), _unet_installer(pipe, config.branch)
+
+
+@register_cache_method(BlockCacheConfig)
+def _block_cache(pipe: Any, config: BlockCacheConfig) -> tuple[str, Any, Installer]:
+    policy = SchedulePolicy(lambda n: uniform_full_steps(n, config.interval), config.interval)
+    return "block_cache", policy, _stack_installer(pipe, policy.uses_head)
+
+
+@register_cache_method(FirstBlockCacheConfig)
+def _first_block(pipe: Any, config: FirstBlockCacheConfig) -> tuple[str, Any, Installer]:
+    policy = FirstBlockPolicy(config.threshold)
+    return "first_block_cache", policy, _stack_installer(pipe, policy.uses_head)
+
+
+@register_cache_method(TeaCacheConfig)
+def _teacache(pipe: Any, config: TeaCacheConfig) -> tuple[str, Any, Installer]:
+    policy = TeaCachePolicy(config.threshold, config.coefficients)
+    return "teacache", policy, _stack_installer(pipe, policy.uses_head)
+
+
+@register_cache_method(CalibratedCacheConfig)
+def _calibrated(pipe: Any, config: CalibratedCacheConfig) -> tuple[str, Any, Installer]:
+    policy = SchedulePolicy(lambda n: calibrated_steps(config, n), config.num_inference_steps)
+    is_unet = any(p.kind == "skip_branch" for p in get_adapter(pipe).cache_points())
+    installer = _unet_installer(pipe, config.branch) if is_unet else _stack_installer(pipe, False)
+    return "calibrated", policy, installer
+
+
+def calibrated_steps(config: CalibratedCacheConfig, num_steps: int) -> list[int]:
+    """The calibrated full steps for a ``num_steps`` trajectory (resampled, or ValueError)."""
+    if num_steps == config.num_inference_steps:
+        return list(config.full_steps)
+    if not config.resample:
+        raise ValueError(f"this cache schedule was calibrated for num_inference_steps="
+                         f"{config.num_inference_steps}, the pipeline runs {num_steps}; recalibrate, "
+                         f"call with {config.num_inference_steps} steps, or set resample=True")
+    return resample_full_steps(config.full_steps, config.num_inference_steps, num_steps)
+
+
+def _handler_for(config: Any) -> Callable:
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        accepted = ", ".join(sorted(cls.__name__ for cls in _HANDLERS))
+        raise TypeError(f"enable_cache needs a cache config ({accepted}); got {type(config).__name__}")
+    return handler
+
+
+def enable_cache(pipe: Any, config: Any) -> Any:
+    """Cache denoiser features across steps as ``config`` says; returns the same pipeline.
+
+    A cache already enabled is replaced. Errors (bad config, unsupported model) leave ``pipe``
+    unchanged.
+    """
+    handler = _handler_for(config)
+    _, denoiser = find_denoiser(pipe)
+    method, policy, install = handler(pipe, config)
+    base_fingerprint(pipe)
+    previous = get_session(denoiser)
+    if previous is not None:
+        end_session(previous)
+    session = start_session(pipe, denoiser, config, method, policy)
+    try:
+        install(session, pipe)
+    except BaseException:
+        end_session(session)
+        raise
+    mark_applied(pipe, TECHNIQUE)
+    return pipe
+
+
+def remove_cache(pipe: Any) -> Any:
+    """Remove the cache and every hook it added; returns the same pipeline (no-op if none)."""
+    _, denoiser = find_denoiser(pipe)
+    session = get_session(denoiser)
+    if session is not None:
+        end_session(session)
+    unmark_applied(pipe, TECHNIQUE)
+    return pipe
+
+
+def cache_config(pipe: Any) -> Any | None:
+    """The config of the enabled cache, or None."""
+    session = get_session(find_denoiser(pipe)[1])
+    return None if session is None else session.config
+
+
+def summary(pipe: Any, as_text: bool = False) -> dict[str, Any] | str:
+    """What the last pipeline call computed vs reused: totals and one record per denoiser call."""
+    session = get_session(find_denoiser(pipe)[1])
+    if session is None:
+        return "no cache enabled" if as_text else {"enabled": False}
+    records = session.records
+    computed = Counter(r.computed for r in records)
+    info = {
+        "enabled": True, "method": session.method, "config": config_to_dict(session.config),
+        "cached_blocks": len(session.cached_blocks), "total_blocks": session.total_blocks,
+        "denoiser_calls": len(records), "full_calls": computed[True], "reused_calls": computed[False],
+        "block_compute_fraction": _block_fraction(records),
+        "steps": [vars(r).copy() for r in records],
+    }
+    return _summary_text(info) if as_text else info
+
+
+def _block_fraction(records: list) -> float | None:
+    total = sum(r.computed_blocks + r.reused_blocks for r in records)
+    return None if total == 0 else sum(r.computed_blocks for r in records) / total
+
+
+def _summary_text(info: dict[str, Any]) -> str:
+    lines = [f"{info['method']}: {info['full_calls']} full / {info['reused_calls']} reused of "
+             f"{info['denoiser_calls']} denoiser calls; {info['cached_blocks']} of "
+             f"{info['total_blocks']} blocks cached"]
+    for record in info["steps"]:
+        mark = "compute" if record["computed"] else "reuse  "
+        lines.append(f"  step {record['step']:3d} [{record['context']}] {mark} "
+                     f"blocks computed {record['computed_blocks']}, reused {record['reused_blocks']}")
+    return "\n".join(lines)

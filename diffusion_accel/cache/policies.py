@@ -1,0 +1,94 @@
+"""Step policies: whether the cached part of the denoiser is computed (True) or reused (False).
+
+A policy sees the step index, the trajectory length and the per-context state dict; threshold
+policies also get a signal tensor from the always-computed head block.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .streams import rel_l1
+
+
+class SchedulePolicy:
+    """Compute on a fixed set of steps, given as a function of the trajectory length."""
+
+    uses_head = False
+    signal = None
+
+    def __init__(self, full_steps: Callable[[int], list[int]], fallback_interval: int) -> None:
+        self._full_steps = full_steps
+        self._fallback_interval = fallback_interval
+        self._memo: dict[int, frozenset[int]] = {}
+
+    def full_steps(self, num_steps: int) -> frozenset[int]:
+        """The full steps of a ``num_steps`` trajectory (memoised)."""
+        if num_steps not in self._memo:
+            self._memo[num_steps] = frozenset(self._full_steps(num_steps))
+        return self._memo[num_steps]
+
+    def should_compute(self, step: int, num_steps: int | None, state: dict, signal: Any = None) -> bool:
+        if num_steps is None or step >= num_steps:
+            return step % self._fallback_interval == 0
+        return step in self.full_steps(num_steps)
+
+
+class FirstBlockPolicy:
+    """Compute when block 0's residual moved by >= ``threshold`` (relative L1) since the last full step."""
+
+    uses_head = True
+    signal = "residual"
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def should_compute(self, step: int, num_steps: int | None, state: dict, signal: torch.Tensor) -> bool:
+        reference = state.get("head_reference")
+        change = None if reference is None else rel_l1(signal, reference)
+        state["signal_change"] = change
+        if change is not None and change < self.threshold:
+            return False
+        state["head_reference"] = signal
+        return True
+
+
+class TeaCachePolicy:
+    """Accumulate poly(rel L1 change of the modulated input); compute once the sum reaches ``threshold``.
+
+    The first and last steps of a trajectory are always computed.
+    """
+
+    uses_head = True
+    signal = "modulated"
+
+    def __init__(self, threshold: float, coefficients: tuple[float, ...] | None) -> None:
+        self.threshold = threshold
+        self.coefficients = coefficients
+
+    def rescale(self, change: float) -> float:
+        """The fitted polynomial (highest power first) at ``change``; identity without coefficients."""
+        if self.coefficients is None:
+            return change
+        value = 0.0
+        for coefficient in self.coefficients:
+            value = value * change + coefficient
+        return value
+
+    def should_compute(self, step: int, num_steps: int | None, state: dict, signal: torch.Tensor) -> bool:
+        previous = state.get("head_reference")
+        state["head_reference"] = signal
+        change = None if previous is None else rel_l1(signal, previous)
+        state["signal_change"] = change
+        is_last = num_steps is not None and step >= num_steps - 1
+        if change is None or is_last:
+            state["accumulated"] = 0.0
+            return True
+        accumulated = state.get("accumulated", 0.0) + self.rescale(change)
+        if accumulated < self.threshold:
+            state["accumulated"] = accumulated
+            return False
+        state["accumulated"] = 0.0
+        return True

@@ -1,0 +1,42 @@
+"""Running a pipeline over calibration inputs and collecting its final outputs.
+
+The calls are planned by ``calib.inputs`` (the same mapping of prompts / class ids / sample counts to
+pipeline arguments that ``calibrate`` uses); call k is seeded ``seed + k`` so runs are comparable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..calib.inputs import calibration_items, plan_calls
+
+
+def planned_calls(pipe: Any, prompts: Any, num_inference_steps: int, seed: int = 0,
+                  num_samples: int | None = None, guidance_scale: float | None = None,
+                  **call_kwargs: Any) -> list:
+    """The calibration calls (one prompt / class / sample per call) with their seeds."""
+    items = calibration_items(pipe, prompts, num_samples)
+    return plan_calls(pipe, items, num_inference_steps=num_inference_steps, batch_size=1,
+                      num_images_per_prompt=1, guidance_scale=guidance_scale, negative_prompt=None,
+                      seed=seed, call_kwargs=call_kwargs)
+
+
+@torch.no_grad()
+def final_outputs(pipe: Any, calls: list) -> list[torch.Tensor]:
+    """The final latents (or images) of every planned call, as float32 CPU tensors."""
+    outputs = []
+    for call in calls:
+        generator = torch.Generator().manual_seed(call.seed)
+        result = pipe(**call.kwargs, generator=generator)
+        images = result[0] if isinstance(result, tuple) else result.images
+        outputs.append(torch.as_tensor(images).detach().float().cpu())
+    return outputs
+
+
+def relative_error(outputs: list[torch.Tensor], references: list[torch.Tensor]) -> float:
+    """Mean over calls of ||out - ref|| / ||ref|| (L2)."""
+    errors = [float(torch.linalg.vector_norm(o - r) / torch.linalg.vector_norm(r).clamp_min(1e-12))
+              for o, r in zip(outputs, references)]
+    return sum(errors) / len(errors)

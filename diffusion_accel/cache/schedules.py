@@ -1,0 +1,75 @@
+"""Which denoising steps run the full denoiser: uniform, non-uniform (DeepCache) and resampled."""
+
+from __future__ import annotations
+
+import math
+
+
+def uniform_full_steps(num_steps: int, interval: int) -> list[int]:
+    """Steps 0, interval, 2*interval, ... below ``num_steps``."""
+    return list(range(0, num_steps, interval))
+
+
+def nonuniform_full_steps(num_steps: int, interval: int, center: float = 0.3,
+                          power: float = 1.4) -> list[int]:
+    """ceil(num_steps / interval) full steps, dense near ``center * num_steps``, sparse far from it.
+
+    Offsets from the center are ``sign(u) * |u| ** power`` for ``u`` evenly spaced; if rounding
+    makes two steps collide the power is lowered towards 1 (even spacing). Step 0 is always full.
+    """
+    count = min(num_steps, math.ceil(num_steps / interval))
+    if count >= num_steps:
+        return list(range(num_steps))
+    middle = center * (num_steps - 1)
+    candidate = power
+    while candidate > 1.0:
+        steps = _power_spaced(num_steps, count, middle, candidate)
+        if len(steps) == count:
+            return steps
+        candidate -= 0.05
+    return _power_spaced(num_steps, count, 0.0, 1.0) if count > 1 else [0]
+
+
+def _power_spaced(num_steps: int, count: int, middle: float, power: float) -> list[int]:
+    """Distinct steps at ``middle + sign(u) |u|^power``; u spans [0, num_steps - 1] after mapping."""
+    low = -(middle ** (1.0 / power))
+    high = (num_steps - 1 - middle) ** (1.0 / power)
+    points = [low + (high - low) * i / (count - 1) for i in range(count)] if count > 1 else [low]
+    steps = {0}
+    for u in points[1:]:
+        steps.add(min(num_steps - 1, max(0, int(round(middle + math.copysign(abs(u) ** power, u))))))
+    return sorted(steps)
+
+
+def resample_full_steps(full_steps: tuple[int, ...], source_steps: int, target_steps: int) -> list[int]:
+    """Map a schedule of ``source_steps`` onto ``target_steps``, keeping the fraction of full steps.
+
+    The full steps are read as positions in [0, 1] of the trajectory; the target takes
+    round(count * target / source) positions interpolated along them (so dense regions stay
+    dense) and rounds each to the nearest free step. Step 0 stays full.
+    """
+    if target_steps == source_steps:
+        return sorted(full_steps)
+    fractions = [s / max(source_steps - 1, 1) for s in sorted(full_steps)]
+    wanted = min(target_steps, max(1, round(len(fractions) * target_steps / source_steps)))
+    chosen: set[int] = set()
+    for i in range(wanted):
+        position = _interpolate(fractions, i * (len(fractions) - 1) / max(wanted - 1, 1))
+        chosen.add(_nearest_free(round(position * (target_steps - 1)), chosen, target_steps))
+    return sorted(chosen)
+
+
+def _interpolate(values: list[float], index: float) -> float:
+    """Linear interpolation of ``values`` at fractional ``index``."""
+    low = min(int(index), len(values) - 1)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (index - low)
+
+
+def _nearest_free(step: int, taken: set[int], num_steps: int) -> int:
+    """``step`` if free, else the closest free step in [0, num_steps) (later one first on ties)."""
+    for distance in range(num_steps):
+        for candidate in (step + distance, step - distance):
+            if 0 <= candidate < num_steps and candidate not in taken:
+                return candidate
+    return step

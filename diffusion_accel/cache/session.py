@@ -1,0 +1,144 @@
+"""The live cache on one denoiser: its hooks, its step decisions and what the last call computed.
+
+The session is stored on the denoiser (``_diffusion_accel_cache``). Per-context state (cached
+tensors, policy memory) lives in the step tracker under the client ``"cache"``, so CFG's cond and
+uncond passes never share a cache and every pipeline call starts fresh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from ..hooks import StepTracker, attach_tracker, detach_tracker_if_unused
+
+SESSION_ATTR = "_diffusion_accel_cache"
+CACHE_HOOK_NAME = "diffusion_accel.cache"
+TRACKER_CLIENT = "cache"
+
+
+@dataclass
+class StepRecord:
+    """What one denoiser call did: blocks computed vs reused, and the policy's signal change."""
+
+    step: int
+    context: str
+    computed: bool
+    computed_blocks: int
+    reused_blocks: int
+    signal_change: float | None = None
+
+
+@dataclass
+class CacheSession:
+    """Hooks and bookkeeping of one enabled cache (see :func:`enable_cache`)."""
+
+    denoiser: nn.Module
+    tracker: StepTracker
+    config: Any
+    method: str
+    policy: Any
+    cached_blocks: tuple[str, ...] = ()
+    total_blocks: int = 0
+    hooked: list[nn.Module] = field(default_factory=list)
+    handles: list[Any] = field(default_factory=list)
+    records: list[StepRecord] = field(default_factory=list)
+    residual_changes: list[tuple[int, str, float]] = field(default_factory=list)
+    fresh: bool = True
+
+    # ---- per-call state and decisions ------------------------------------------------
+    def active(self) -> bool:
+        """True inside a denoiser call (hooks fall back to plain computation otherwise)."""
+        return self.tracker.in_call
+
+    def state(self) -> dict[str, Any]:
+        """This context's state dict for the current pipeline call."""
+        return self.tracker.state(TRACKER_CLIENT)
+
+    @torch.compiler.disable
+    def decide(self, signal: torch.Tensor | None = None) -> bool:
+        """Whether this call computes the cached blocks; decided once per (context, step)."""
+        state, step = self.state(), self.tracker.step_index
+        if state.get("decided_step") != step:
+            compute = self.policy.should_compute(step, self.tracker.num_inference_steps, state, signal)
+            compute = compute or not state.get("ready", False)
+            state["decided_step"], state["compute"] = step, compute
+            self._record(step, compute, state.get("signal_change"))
+        return state["compute"]
+
+    def _record(self, step: int, compute: bool, change: float | None) -> None:
+        self.start_records_if_fresh()
+        reused = 0 if compute else len(self.cached_blocks)
+        self.records.append(StepRecord(step, self.tracker.context, compute,
+                                       self.total_blocks - reused, reused, change))
+
+    def on_reset(self) -> None:
+        """The tracker reset (a new call, or diffusers resetting hooks after one): the next record
+        starts a new call's log (so the last call's log stays readable after it returned)."""
+        self.fresh = True
+
+    def start_records_if_fresh(self) -> None:
+        """Drop the previous call's log on the first record after a reset."""
+        if self.fresh:
+            self.records, self.residual_changes, self.fresh = [], [], False
+
+    # ---- installation --------------------------------------------------------------
+    def hook(self, module: nn.Module, hook: ModelHook) -> None:
+        """Register ``hook`` on ``module`` under the cache's hook name."""
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, CACHE_HOOK_NAME)
+        self.hooked.append(module)
+
+    def remove(self) -> None:
+        """Remove every hook, torch handle and the tracker client; leave no empty registries."""
+        for module in self.hooked:
+            module._diffusers_hook.remove_hook(CACHE_HOOK_NAME, recurse=False)
+            drop_empty_registry(module)
+        for handle in self.handles:
+            handle.remove()
+        self.hooked, self.handles = [], []
+        self.tracker.unregister_client(TRACKER_CLIENT)
+        if detach_tracker_if_unused(self.denoiser):
+            drop_empty_registry(self.denoiser)
+        _invalidate_registry_cache(self.denoiser)
+
+
+def start_session(pipe: Any, denoiser: nn.Module, config: Any, method: str, policy: Any) -> CacheSession:
+    """Attach the tracker, register the cache client and store a new session on the denoiser."""
+    tracker = attach_tracker(denoiser, pipe)
+    session = CacheSession(denoiser=denoiser, tracker=tracker, config=config, method=method, policy=policy)
+    tracker.register_client(TRACKER_CLIENT, session.on_reset)
+    setattr(denoiser, SESSION_ATTR, session)
+    return session
+
+
+def get_session(denoiser: nn.Module) -> CacheSession | None:
+    """The cache session of ``denoiser``, or None."""
+    return getattr(denoiser, SESSION_ATTR, None)
+
+
+def end_session(session: CacheSession) -> None:
+    """Remove the session's hooks and forget it."""
+    session.remove()
+    if getattr(session.denoiser, SESSION_ATTR, None) is session:
+        delattr(session.denoiser, SESSION_ATTR)
+
+
+def drop_empty_registry(module: nn.Module) -> None:
+    """Delete an empty diffusers hook registry and the instance ``forward`` it left behind."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None or registry.hooks:
+        return
+    del module._diffusers_hook
+    forward = vars(module).get("forward")
+    if forward is not None and getattr(forward, "__func__", None) is type(module).forward:
+        del module.forward
+
+
+def _invalidate_registry_cache(denoiser: nn.Module) -> None:
+    registry = getattr(denoiser, "_diffusers_hook", None)
+    if registry is not None:
+        registry.invalidate_child_registries_cache()

@@ -1,0 +1,97 @@
+"""The hidden/encoder streams that enter and leave a transformer block.
+
+Which positional output holds ``hidden_states`` or ``encoder_hidden_states`` is read from diffusers'
+own block metadata (``TransformerBlockRegistry``, the table its FirstBlockCache uses), so no module
+names are matched here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+STREAMS = ("hidden", "encoder")
+
+
+@dataclass(frozen=True)
+class BlockIO:
+    """How to read a block class's stream inputs and outputs."""
+
+    hidden_arg: str
+    encoder_arg: str
+    hidden_out: int
+    encoder_out: int | None
+    parameters: tuple[str, ...]
+
+    def inputs(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor | None]:
+        """{"hidden": tensor, "encoder": tensor or None} from a block call's arguments."""
+        return {"hidden": self._argument(self.hidden_arg, args, kwargs),
+                "encoder": self._argument(self.encoder_arg, args, kwargs)}
+
+    def _argument(self, name: str, args: tuple, kwargs: dict) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        index = self.parameters.index(name) if name in self.parameters else len(args)
+        return args[index] if index < len(args) else None
+
+    def outputs(self, output: Any) -> dict[str, torch.Tensor | None]:
+        """{"hidden": ..., "encoder": ...} from a block's return value."""
+        if isinstance(output, torch.Tensor):
+            return {"hidden": output, "encoder": None}
+        encoder = output[self.encoder_out] if self.encoder_out is not None else None
+        return {"hidden": output[self.hidden_out], "encoder": encoder}
+
+    def template(self, output: Any) -> Any:
+        """A light description of a return value's structure: "tensor" or which slots were None."""
+        if isinstance(output, torch.Tensor):
+            return "tensor"
+        return tuple(value is None for value in output)
+
+    def build(self, template: Any, streams: dict[str, torch.Tensor | None]) -> Any:
+        """A return value with the structure ``template`` holding ``streams``."""
+        if template == "tensor":
+            return streams["hidden"]
+        values: list[Any] = [None] * len(template)
+        values[self.hidden_out] = streams["hidden"]
+        if self.encoder_out is not None and not template[self.encoder_out]:
+            values[self.encoder_out] = streams["encoder"]
+        return tuple(values)
+
+
+def block_io(block: nn.Module) -> BlockIO:
+    """The stream layout of ``block``; TypeError naming the class if diffusers has no metadata."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    try:
+        meta = TransformerBlockRegistry.get(type(block))
+    except ValueError as error:
+        raise TypeError(f"block cache does not know the outputs of {type(block).__name__} "
+                        f"(diffusers has no TransformerBlockRegistry entry for it)") from error
+    parameters = tuple(inspect.signature(type(block).forward).parameters)[1:]
+    return BlockIO(meta.hidden_states_argument_name, meta.encoder_hidden_states_argument_name,
+                   meta.return_hidden_states_index, meta.return_encoder_hidden_states_index, parameters)
+
+
+def add_streams(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    """Element-wise ``base + delta`` per stream (None where either is None)."""
+    return {k: None if base[k] is None or delta.get(k) is None else base[k] + delta[k] for k in STREAMS}
+
+
+def sub_streams(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """Element-wise ``after - before`` per stream (None where either is None or shapes differ)."""
+    out = {}
+    for k in STREAMS:
+        a, b = after.get(k), before.get(k)
+        out[k] = a - b if a is not None and b is not None and a.shape == b.shape else None
+    return out
+
+
+def rel_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
+    """mean|current - previous| / mean|previous| (inf if shapes differ)."""
+    if current.shape != previous.shape:
+        return float("inf")
+    return float((current - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12))

@@ -1,0 +1,70 @@
+"""DeepCache for UNets: on reuse steps the modules between skip ``branch`` and its decoder consumer
+return their outputs from the last full step; the shallow path runs as usual.
+
+The adapter's ``CachePoint`` for the branch lists exactly those modules (deeper down units, the mid
+block, deeper up units). Replacing each with its cached output reproduces the ``deepcache`` package
+numerically (it wraps the same modules) while the UNet's own forward stays untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers.hooks import ModelHook
+from torch import nn
+
+from ..arch import get_adapter
+from ..arch.base import CachePoint
+from .session import CacheSession
+
+
+class CachedOutputHook(ModelHook):
+    """Computes and stores the module's output on full steps; returns the stored one otherwise."""
+
+    def __init__(self, session: CacheSession, key: str) -> None:
+        super().__init__()
+        self.session, self.key = session, key
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        session = self.session
+        if not session.active():
+            return self.fn_ref.original_forward(*args, **kwargs)
+        outputs = session.state().setdefault("outputs", {})
+        if session.decide() or self.key not in outputs:
+            outputs[self.key] = self.fn_ref.original_forward(*args, **kwargs)
+        return outputs[self.key]
+
+
+def branch_point(pipe: Any, branch: int) -> CachePoint:
+    """The UNet cache point of ``branch``; ValueError listing the valid range otherwise."""
+    points = [p for p in get_adapter(pipe).cache_points() if p.kind == "skip_branch"]
+    if not points:
+        raise ValueError("this denoiser has no UNet skip branches; DeepCache needs a UNet")
+    if not 0 <= branch < len(points):
+        raise ValueError(f"branch {branch} is out of range for this UNet: valid branch ids are "
+                         f"0..{len(points) - 1} (0 = conv_in, the shallowest skip)")
+    return points[branch]
+
+
+def install_branch_cache(session: CacheSession, point: CachePoint) -> None:
+    """Hook every module the branch's cache replaces."""
+    adapter = get_adapter(session.denoiser)
+    session.cached_blocks = point.blocks
+    session.total_blocks = len(adapter.blocks())
+    state_ready = ModelHookReady(session)
+    for name in point.blocks:
+        session.hook(session.denoiser.get_submodule(name), CachedOutputHook(session, name))
+    session.hook(session.denoiser.get_submodule(point.up), state_ready)
+
+
+class ModelHookReady(ModelHook):
+    """On the branch's consumer resnet: after a full step the cache is complete (reuse allowed)."""
+
+    def __init__(self, session: CacheSession) -> None:
+        super().__init__()
+        self.session = session
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        if self.session.active():
+            self.session.state()["ready"] = True
+        return output

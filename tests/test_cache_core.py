@@ -1,0 +1,182 @@
+"""Cache core: analytic dummy blocks, schedules, bad configs, removal, save/load."""
+
+import pytest
+import torch
+from torch import nn
+
+import diffusion_accel as da
+from diffusion_accel.cache import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig,
+                                   FirstBlockCacheConfig, TeaCacheConfig, calibrated_steps,
+                                   enable_cache, nonuniform_full_steps, remove_cache,
+                                   resample_full_steps, summary, uniform_full_steps)
+from diffusion_accel.cache.policies import SchedulePolicy
+from diffusion_accel.cache.session import SESSION_ATTR, end_session, start_session
+from diffusion_accel.cache.stack import StackBlockHook
+from diffusion_accel.cache.streams import BlockIO
+from diffusion_accel.cache.unet_branch import CachedOutputHook, ModelHookReady
+from diffusion_accel.hooks import get_tracker
+from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
+
+
+class Offset(nn.Module):
+    def __init__(self, offset: float, scale: float = 1.0) -> None:
+        super().__init__()
+        self.offset, self.scale = offset, scale
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return (hidden_states + self.offset) * self.scale
+
+
+class Toy(nn.Module):
+    """A 'denoiser' whose blocks see the timestep as their input value."""
+
+    def __init__(self, *blocks: nn.Module) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, sample: torch.Tensor, timestep: float) -> torch.Tensor:
+        hidden = torch.full((1,), float(timestep))
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden
+
+
+def _toy_session(toy: Toy, interval: int):
+    policy = SchedulePolicy(lambda n: uniform_full_steps(n, interval), interval)
+    return start_session(None, toy, DeepCacheConfig(interval=interval), "toy", policy)
+
+
+def test_skipped_step_returns_cached_output_and_computed_step_the_new_one():
+    toy = Toy(Offset(40.0), Offset(0.0))
+    session = _toy_session(toy, interval=2)
+    session.cached_blocks, session.total_blocks = ("blocks.0",), 2
+    session.hook(toy.blocks[0], CachedOutputHook(session, "blocks.0"))
+    session.hook(toy.blocks[1], ModelHookReady(session))
+    outputs = [float(toy(None, t)) for t in (1, 4, 4)]
+    assert outputs == [41.0, 41.0, 44.0]  # step 0 computed, step 1 reused, step 2 computed
+    assert [r.computed for r in session.records] == [True, False, True]
+    end_session(session)
+    assert float(toy(None, 4)) == 44.0 and not hasattr(toy.blocks[0], "_diffusers_hook")
+
+
+def test_stack_residual_is_added_to_the_fresh_input_on_skipped_steps():
+    toy = Toy(Offset(1.0), Offset(0.0, scale=2.0))
+    session = _toy_session(toy, interval=2)
+    io = BlockIO("hidden_states", "encoder_hidden_states", 0, None, ("hidden_states",))
+    session.cached_blocks, session.total_blocks = ("blocks.0", "blocks.1"), 2
+    session.hook(toy.blocks[0], StackBlockHook(session, "blocks.0", io, first=True, last=False))
+    session.hook(toy.blocks[1], StackBlockHook(session, "blocks.1", io, first=False, last=True))
+    # step 0: (10 + 1) * 2 = 22, residual 12; step 1 reuses: 5 + 12 = 17; step 2: (5 + 1) * 2 = 12
+    assert [float(toy(None, t)) for t in (10, 5, 5)] == [22.0, 17.0, 12.0]
+    end_session(session)
+    assert get_tracker(toy) is None
+
+
+def test_schedules():
+    assert uniform_full_steps(7, 3) == [0, 3, 6]
+    steps = nonuniform_full_steps(50, 3)
+    assert len(steps) == 17 and steps[0] == 0 and len(set(steps)) == 17
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    assert min(gaps) < 3 < max(gaps)  # dense near the center, sparse far from it
+    assert nonuniform_full_steps(4, 1) == [0, 1, 2, 3]
+
+
+def test_calibrated_schedule_resampling_and_refusal():
+    config = CalibratedCacheConfig(full_steps=(0, 2, 5, 10, 20, 40), num_inference_steps=50)
+    assert calibrated_steps(config, 50) == [0, 2, 5, 10, 20, 40]
+    resampled = calibrated_steps(config, 25)
+    assert resampled[0] == 0 and len(resampled) == 3 and max(resampled) < 25
+    assert len(resample_full_steps(config.full_steps, 50, 100)) == 12
+    strict = CalibratedCacheConfig(full_steps=(0, 2), num_inference_steps=50, resample=False)
+    with pytest.raises(ValueError, match="calibrated for num_inference_steps=50"):
+        calibrated_steps(strict, 20)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: DeepCacheConfig(interval=0), "interval must be an int >= 1, got 0"),
+    (lambda: DeepCacheConfig(schedule="cosine"), "schedule must be one of"),
+    (lambda: DeepCacheConfig(branch=-1), "branch must be an int >= 0"),
+    (lambda: BlockCacheConfig(interval=0), "interval must be an int >= 1"),
+    (lambda: FirstBlockCacheConfig(threshold=-0.1), "threshold must be a number >= 0"),
+    (lambda: TeaCacheConfig(threshold=-1), "threshold must be a number >= 0"),
+    (lambda: TeaCacheConfig(coefficients=()), "coefficients must be"),
+    (lambda: CalibratedCacheConfig(full_steps=(1, 2), num_inference_steps=4), "must contain step 0"),
+    (lambda: CalibratedCacheConfig(full_steps=(0,), num_inference_steps=4, budget=1.5), "budget"),
+])
+def test_bad_configs_raise_clear_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def _assert_no_cache_left(pipe, denoiser):
+    assert not hasattr(denoiser, SESSION_ATTR) and get_tracker(denoiser) is None
+    leftovers = [name for name, module in denoiser.named_modules()
+                 if hasattr(module, "_diffusers_hook") or "forward" in vars(module)]
+    assert leftovers == []
+    assert "cache" not in da.artifact.applied_techniques(pipe)
+
+
+@pytest.mark.parametrize("family, config, match", [
+    ("sd", DeepCacheConfig(branch=99), r"valid branch ids are 0\.\.5"),
+    ("sd", FirstBlockCacheConfig(), "no transformer block stacks"),
+    ("flux", DeepCacheConfig(), "no UNet skip branches"),
+])
+def test_model_dependent_errors_leave_the_pipeline_unchanged(family, config, match):
+    pipe = build_tiny(family)
+    denoiser = da.arch.find_denoiser(pipe)[1]
+    with pytest.raises(ValueError, match=match):
+        enable_cache(pipe, config)
+    _assert_no_cache_left(pipe, denoiser)
+
+
+def test_unsupported_config_type_and_unsupported_pipeline():
+    pipe = build_tiny("sd")
+    with pytest.raises(TypeError, match="DeepCacheConfig"):
+        enable_cache(pipe, {"interval": 3})
+    with pytest.raises(TypeError, match="supported denoisers"):
+        enable_cache(object(), DeepCacheConfig())
+
+
+def test_remove_cache_is_bit_identical_and_leaves_no_hooks():
+    pipe = build_tiny("sd")
+    base = pipe(**tiny_call_kwargs("sd", steps=4)).images
+    enable_cache(pipe, DeepCacheConfig(interval=2, branch=1))
+    cached = pipe(**tiny_call_kwargs("sd", steps=4)).images
+    assert not torch.equal(cached, base)
+    remove_cache(pipe)
+    assert torch.equal(pipe(**tiny_call_kwargs("sd", steps=4)).images, base)
+    _assert_no_cache_left(pipe, pipe.unet)
+
+
+def test_enable_twice_replaces_the_cache():
+    pipe = build_tiny("sd")
+    enable_cache(pipe, DeepCacheConfig(interval=2))
+    enable_cache(pipe, DeepCacheConfig(interval=3))
+    pipe(**tiny_call_kwargs("sd", steps=6))
+    assert [r["computed"] for r in summary(pipe)["steps"]] == [True, False, False, True, False, False]
+    remove_cache(pipe)
+    _assert_no_cache_left(pipe, pipe.unet)
+
+
+def test_summary_counts_per_step():
+    pipe = build_tiny("sd")
+    assert summary(pipe) == {"enabled": False}
+    enable_cache(pipe, DeepCacheConfig(interval=3, branch=0))
+    pipe(**tiny_call_kwargs("sd", steps=5))
+    info = summary(pipe)
+    assert (info["denoiser_calls"], info["full_calls"], info["reused_calls"]) == (5, 2, 3)
+    reused = [s for s in info["steps"] if not s["computed"]]
+    assert all(s["reused_blocks"] == info["cached_blocks"] for s in reused)
+    assert "2 full / 3 reused of 5 denoiser calls" in summary(pipe, as_text=True)
+
+
+def test_save_and_load_carry_the_cache_config(tmp_path):
+    pipe = build_tiny("dit")
+    config = CalibratedCacheConfig(full_steps=(0, 1, 3), num_inference_steps=6)
+    enable_cache(pipe, config)
+    expected = pipe(**tiny_call_kwargs("dit", steps=6)).images
+    da.save(pipe, tmp_path / "art")
+    base = build_tiny("dit")
+    da.load(base, tmp_path / "art")
+    assert da.cache.cache_config(base) == config
+    assert torch.equal(base(**tiny_call_kwargs("dit", steps=6)).images, expected)

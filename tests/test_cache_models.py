@@ -1,0 +1,160 @@
+"""Caches on the tiny pipelines: DeepCache parity with the deepcache package, every family, CFG
+state separation, per-call reset, the drop-in contract, torch.compile, fitting and calibration."""
+
+import importlib.util
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from diffusion_accel.cache import (BlockCacheConfig, DeepCacheConfig, FirstBlockCacheConfig,
+                                   TeaCacheConfig, calibrate_schedule, enable_cache,
+                                   fit_teacache_coefficients, remove_cache, summary)
+from diffusion_accel.hooks import get_tracker
+from diffusion_accel.testing.contract import check_drop_in
+from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
+
+UNET_FAMILIES = ("sd", "sdxl", "ddpm")
+DIT_FAMILIES = ("sd3", "flux", "pixart", "dit")
+DIT_CONFIGS = (BlockCacheConfig(interval=2), FirstBlockCacheConfig(threshold=0.5),
+               TeaCacheConfig(threshold=0.5))
+
+
+def _images(pipe, family, steps=6, **overrides):
+    return pipe(**(tiny_call_kwargs(family, steps=steps) | overrides)).images
+
+
+def _sd_with_three_resnet_up_blocks():
+    """Tiny SD whose UNet has layers_per_block=2 (3 resnets per up block, as DeepCache assumes)."""
+    pipe = build_tiny("sd")
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.skipif(importlib.util.find_spec("DeepCache") is None,
+                    reason="the deepcache package is not installed (pip install --no-deps deepcache)")
+@pytest.mark.parametrize("branch", [0, 3, 7])
+def test_deepcache_matches_the_deepcache_package(branch):
+    from DeepCache import DeepCacheSDHelper
+
+    pipe = _sd_with_three_resnet_up_blocks()
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=branch)
+    helper.enable()
+    reference = _images(pipe, "sd", steps=7, output_type="latent")
+    helper.disable()
+    fresh = _sd_with_three_resnet_up_blocks()  # DeepCache leaves instance forwards behind
+    enable_cache(fresh, DeepCacheConfig(interval=3, branch=branch))
+    ours = _images(fresh, "sd", steps=7, output_type="latent")
+    assert (ours - reference).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", UNET_FAMILIES + DIT_FAMILIES)
+def test_every_family_caches_generates_and_is_deterministic(family):
+    pipe = build_tiny(family)
+    pipe.set_progress_bar_config(disable=True)
+    base = _images(pipe, family)
+    configs = (DeepCacheConfig(interval=2), DeepCacheConfig(interval=3, schedule="non-uniform")) \
+        if family in UNET_FAMILIES else DIT_CONFIGS
+    for config in configs:
+        enable_cache(pipe, config)
+        first, second = _images(pipe, family), _images(pipe, family)
+        assert torch.equal(first, second) and torch.isfinite(first).all()
+        assert summary(pipe)["reused_calls"] > 0, config
+        relative = (first - base).norm() / base.norm()
+        assert 0 < relative < 1.0, (config, float(relative))  # random weights: loose bound
+    remove_cache(pipe)
+    assert torch.equal(_images(pipe, family), base)
+
+
+def test_fresh_state_at_every_call_for_any_step_count_and_batch():
+    pipe = build_tiny("sd")
+    pipe.set_progress_bar_config(disable=True)
+    enable_cache(pipe, DeepCacheConfig(interval=2))
+    _images(pipe, "sd", steps=3, num_images_per_prompt=2, height=48, width=48)
+    after_other_call = _images(pipe, "sd", steps=5)
+    fresh = build_tiny("sd")
+    enable_cache(fresh, DeepCacheConfig(interval=2))
+    assert torch.equal(_images(fresh, "sd", steps=5), after_other_call)
+    assert [s["step"] for s in summary(pipe)["steps"]] == [0, 1, 2, 3, 4]
+
+
+def test_batched_cfg_caches_both_halves_in_one_state():
+    pipe = build_tiny("sd")
+    enable_cache(pipe, DeepCacheConfig(interval=2))
+    seen = {}
+
+    def inspect(_pipe, step, _t, kwargs):
+        state = get_tracker(_pipe.unet).state("cache", "default")
+        seen[step] = {tuple(v.shape)[0] for v in state["outputs"].values() if isinstance(v, torch.Tensor)}
+        return kwargs
+
+    _images(pipe, "sd", steps=3, guidance_scale=5.0, callback_on_step_end=inspect)
+    assert seen[1] == {2}  # cond and uncond halves together
+
+
+def test_flux_true_cfg_keeps_separate_state_per_context():
+    pipe = build_tiny("flux")
+    enable_cache(pipe, BlockCacheConfig(interval=2))
+    residuals = {}
+
+    def inspect(_pipe, step, _t, kwargs):
+        tracker = get_tracker(_pipe.transformer)
+        residuals[step] = {c: tracker.state("cache", c)["residual"]["hidden"].clone() for c in ("cond", "uncond")}
+        return kwargs
+
+    _images(pipe, "flux", steps=4, negative_prompt="blurry", true_cfg_scale=3.0, callback_on_step_end=inspect)
+    assert not torch.equal(residuals[0]["cond"], residuals[0]["uncond"])
+    contexts = [(s["context"], s["step"], s["computed"]) for s in summary(pipe)["steps"]]
+    for context in ("cond", "uncond"):
+        assert [(st, c) for ctx, st, c in contexts if ctx == context] == [(0, True), (1, False), (2, True), (3, False)]
+
+
+@pytest.mark.parametrize("family, config", [
+    ("sd", DeepCacheConfig(interval=2, branch=1)), ("ddpm", DeepCacheConfig(interval=2)),
+    ("flux", FirstBlockCacheConfig(threshold=0.3)), ("dit", BlockCacheConfig(interval=2)),
+    ("sd3", TeaCacheConfig(threshold=0.3)),
+])
+def test_drop_in_contract(family, config):
+    check_drop_in(family, lambda p: enable_cache(p, config))
+
+
+def test_cache_then_compile_a_block_runs_and_matches_eager():
+    pipe = build_tiny("dit")
+    pipe.set_progress_bar_config(disable=True)
+    enable_cache(pipe, BlockCacheConfig(interval=2))
+    eager = _images(pipe, "dit", steps=4)
+    pipe.transformer.transformer_blocks[1].compile(backend="eager")
+    compiled = _images(pipe, "dit", steps=4)
+    assert torch.allclose(compiled, eager, atol=1e-5)
+    assert summary(pipe)["reused_calls"] == 2
+
+
+def test_fit_teacache_coefficients_gives_a_usable_polynomial():
+    pipe = build_tiny("dit")
+    pipe.set_progress_bar_config(disable=True)
+    coefficients = fit_teacache_coefficients(pipe, [1, 3], num_inference_steps=8, degree=2, guidance_scale=1.0)
+    assert len(coefficients) == 3 and get_tracker(pipe.transformer) is None
+    enable_cache(pipe, TeaCacheConfig(threshold=0.3, coefficients=coefficients))
+    assert torch.isfinite(_images(pipe, "dit", steps=8)).all()
+
+
+def test_calibrate_schedule_meets_the_budget_and_beats_uniform():
+    pipe = build_tiny("dit")
+    pipe.set_progress_bar_config(disable=True)
+    config = calibrate_schedule(pipe, [1], budget=0.5, num_inference_steps=6, guidance_scale=1.0)
+    assert len(config.full_steps) == 3 and config.full_steps[0] == 0
+    base = _images(pipe, "dit", steps=6)
+    errors = {}
+    for name, cfg in (("calibrated", config), ("uniform", BlockCacheConfig(interval=2))):
+        enable_cache(pipe, cfg)
+        errors[name] = float((_images(pipe, "dit", steps=6) - base).norm())
+        assert summary(pipe)["full_calls"] == 3
+        remove_cache(pipe)
+    assert errors["calibrated"] <= errors["uniform"] + 1e-6
