@@ -516,3 +516,11 @@ def test_cross_attention_kv_groups_share_an_input_key(traced: Any) -> None:
     assert kv_groups and {g.input_key for g in kv_groups} == {"encoder_hidden_states"}
     first = trace.layer_inputs[kv_groups[0].layers[0]]
     assert all(torch.equal(trace.layer_inputs[g.layers[0]], first) for g in kv_groups)
+
+
+def test_find_denoiser_looks_through_torch_compile() -> None:
+    """A compiled denoiser (OptimizedModule) resolves to its original module."""
+    pipe = build_tiny("sd")
+    original = pipe.unet
+    pipe.unet = torch.compile(original, backend="eager")
+    assert find_denoiser(pipe) == ("unet", original)

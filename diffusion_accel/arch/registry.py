@@ -50,12 +50,21 @@ def _unsupported_message(what: str) -> str:
     return f"{what} is not supported; supported denoisers: {', '.join(supported_denoisers())}"
 
 
+def _unwrap_compiled(module: Any) -> Any:
+    """The original module behind a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``)."""
+    return getattr(module, "_orig_mod", module)
+
+
 def find_denoiser(pipe: Any) -> tuple[str, nn.Module]:
-    """Return ``(component_name, denoiser)`` of a diffusers pipeline (or accept a bare denoiser)."""
+    """Return ``(component_name, denoiser)`` of a diffusers pipeline (or accept a bare denoiser).
+
+    A ``torch.compile``d denoiser is looked through: the original module is returned.
+    """
+    pipe = _unwrap_compiled(pipe)
     if isinstance(pipe, nn.Module) and _adapter_class_for(pipe) is not None:
         return "", pipe
     for component in DENOISER_COMPONENTS:
-        candidate = getattr(pipe, component, None)
+        candidate = _unwrap_compiled(getattr(pipe, component, None))
         if isinstance(candidate, nn.Module):
             if _adapter_class_for(candidate) is None:
                 raise UnsupportedModelError(

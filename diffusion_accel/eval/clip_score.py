@@ -1,0 +1,88 @@
+"""CLIP score (torchmetrics ``CLIPScore``: 100 x cosine(image, text), clamped at 0, averaged).
+
+``model`` is a hub id (e.g. ``"openai/clip-vit-large-patch14"``, needs the hub) or a local folder
+holding a ``CLIPModel`` and a ``CLIPProcessor`` saved with ``save_pretrained`` (e.g. the zoo's
+in-domain CLIP). The model is always handed to torchmetrics as a loader callable: torchmetrics 1.9
+rejects folder paths given as strings, and transformers 5's ``get_*_features`` return model
+outputs where torchmetrics expects tensors, which :class:`_TensorFeatures` adapts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torchmetrics.multimodal.clip_score import CLIPScore
+
+from .images import to_uint8
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+
+
+class _TensorFeatures(nn.Module):
+    """Wrap a CLIPModel so ``get_image_features``/``get_text_features`` return (N, D) tensors."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def get_image_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _as_tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _as_tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def _as_tensor(output: Any) -> torch.Tensor:
+    """Projected embeddings from a tensor (transformers 4) or a model output (transformers 5)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _pretrained_loader(name_or_path: str) -> Callable[[], tuple[Any, Any]]:
+    """A callable returning ``(model, CLIPProcessor)`` from a folder or hub id."""
+    def load() -> tuple[Any, Any]:
+        from transformers import CLIPModel, CLIPProcessor
+
+        model = CLIPModel.from_pretrained(name_or_path).eval()
+        return _TensorFeatures(model), CLIPProcessor.from_pretrained(name_or_path)
+
+    return load
+
+
+def clip_metric(model: str | Path = DEFAULT_CLIP_MODEL) -> CLIPScore:
+    """A torchmetrics CLIPScore for a local ``save_pretrained`` folder or a hub id."""
+    folder = Path(str(model)).expanduser()
+    if folder.is_dir():
+        return CLIPScore(model_name_or_path=_pretrained_loader(str(folder)))
+    name = str(model)
+    if "/" not in name:
+        raise ValueError(f"CLIP model {name!r} is neither a local folder nor a hub id; accepted: a folder with a "
+                         f"saved CLIPModel + CLIPProcessor, or a hub id such as {DEFAULT_CLIP_MODEL!r}")
+    return CLIPScore(model_name_or_path=_pretrained_loader(name))
+
+
+def clip_score(images: Any, prompts: Sequence[str], *, model: str | Path | CLIPScore = DEFAULT_CLIP_MODEL,
+               batch_size: int = 32, device: Any = "cpu") -> float:
+    """Mean CLIP score of ``images`` (N images, any form) against their ``prompts`` (N strings).
+
+    The CLIP model runs on ``device`` (torchmetrics follows the images' device).
+    """
+    pixels = to_uint8(images).to(device)
+    texts = list(prompts)
+    if len(texts) != len(pixels):
+        raise ValueError(f"got {len(pixels)} images but {len(texts)} prompts; need one prompt per image")
+    if not all(isinstance(text, str) for text in texts):
+        kinds = sorted({type(text).__name__ for text in texts})
+        raise TypeError(f"CLIP score needs text prompts (str); got {kinds}")
+    metric = model if isinstance(model, CLIPScore) else clip_metric(model)
+    metric.reset()
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            metric.update(pixels[start:start + batch_size], texts[start:start + batch_size])
+    return float(metric.compute())

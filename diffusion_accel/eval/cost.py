@@ -1,0 +1,113 @@
+"""Compute and storage cost: FLOPs per denoiser call, parameter count, serialized size.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts 2). For a
+pipeline, every denoiser call of one real pipeline call is counted separately (a counter is opened
+in a forward pre-hook and closed in the post-hook), so cached or skipped steps show their true
+cost; ``per_call`` is the mean over calls.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_model
+from torch.utils.flop_counter import FlopCounterMode
+
+from .pipes import denoiser_of
+from ..hooks import ModuleHooks
+
+
+def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """FLOPs of one call ``fn(*args, **kwargs)`` (e.g. a module and its inputs)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return int(counter.get_total_flops())
+
+
+@dataclass
+class FlopStats:
+    """FLOPs of each denoiser call in one pipeline call."""
+
+    calls: list[int] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.calls))
+
+    @property
+    def per_call(self) -> float:
+        return self.total / len(self.calls) if self.calls else 0.0
+
+
+class _PerCallFlops:
+    """Forward hooks opening a FlopCounterMode per call of a module and recording its total."""
+
+    def __init__(self, stats: FlopStats) -> None:
+        self.stats, self.counter = stats, None
+
+    def pre(self, module: torch.nn.Module, args: Any) -> None:
+        self.counter = FlopCounterMode(display=False)
+        self.counter.__enter__()
+
+    def post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self.counter.__exit__(None, None, None)
+        self.stats.calls.append(int(self.counter.get_total_flops()))
+        self.counter = None
+
+
+def denoiser_flops(pipe: Any, call_kwargs: dict[str, Any]) -> FlopStats:
+    """FLOPs of every denoiser call during one ``pipe(**call_kwargs)``."""
+    denoiser = denoiser_of(pipe)
+    stats = FlopStats()
+    recorder = _PerCallFlops(stats)
+    with ModuleHooks() as hooks:
+        hooks.pre(denoiser, recorder.pre)
+        hooks.post(denoiser, recorder.post)
+        pipe(**call_kwargs)
+    return stats
+
+
+@dataclass
+class SizeStats:
+    """Parameter count, bytes of all state tensors, and the safetensors file size (None if unknown)."""
+
+    parameters: int
+    state_bytes: int
+    serialized_bytes: int | None
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    """Number of parameter elements (shared parameters counted once)."""
+    return int(sum(parameter.numel() for parameter in module.parameters()))
+
+
+def state_bytes(module: torch.nn.Module) -> int:
+    """Bytes of all parameters and buffers in the state dict (tied tensors counted once)."""
+    unique = {id(tensor): tensor for tensor in module.state_dict(keep_vars=True).values()}
+    return int(sum(tensor.numel() * tensor.element_size() for tensor in unique.values()))
+
+
+def serialized_bytes(module: torch.nn.Module) -> int | None:
+    """Size of ``module`` written with ``safetensors.torch.save_model``; None on meta or if unsavable."""
+    if any(tensor.device.type == "meta" for tensor in module.state_dict().values()):
+        return None
+    with tempfile.TemporaryDirectory(prefix="da_size_") as folder:
+        path = Path(folder) / "model.safetensors"
+        try:
+            save_model(module, str(path))
+        except (TypeError, ValueError, RuntimeError, AttributeError) as error:
+            warnings.warn(f"could not serialize {type(module).__name__} with safetensors ({error}); "
+                          "serialized size not reported", stacklevel=2)
+            return None
+        return path.stat().st_size
+
+
+def model_size(module: torch.nn.Module, *, serialize: bool = True) -> SizeStats:
+    """Parameters, state bytes and (if ``serialize``) safetensors bytes of ``module``."""
+    return SizeStats(parameter_count(module), state_bytes(module),
+                     serialized_bytes(module) if serialize else None)

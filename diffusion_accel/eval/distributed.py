@@ -1,0 +1,52 @@
+"""Sharding evaluation work across ``accelerate launch`` processes and gathering it back.
+
+``shard`` gives this process its contiguous slice (accelerate's ``split_between_processes``),
+``gather`` collects every process's ``(index, item)`` pairs (accelerate's ``gather_object``) and
+``merge_ordered`` restores the global order. With one process all three are identities, so the
+same code runs on one CPU and on many GPUs or machines.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
+
+
+def shard(items: Sequence[Any], state: Any = None) -> list[Any]:
+    """This process's contiguous share of ``items`` (all of them on a single process)."""
+    state = state if state is not None else PartialState()
+    with state.split_between_processes(list(items)) as mine:
+        return list(mine)
+
+
+def gather(pairs: list[tuple[int, Any]], state: Any = None) -> list[tuple[int, Any]]:
+    """Every process's ``(index, item)`` pairs, on every process."""
+    state = state if state is not None else PartialState()
+    if state.num_processes == 1:
+        return list(pairs)
+    return list(gather_object(list(pairs)))
+
+
+def merge_ordered(pairs: list[tuple[int, Any]], expected: int) -> list[Any]:
+    """Items ordered by index; raises if any index in ``range(expected)`` is missing or repeated."""
+    by_index: dict[int, Any] = {}
+    for index, item in pairs:
+        if index in by_index:
+            raise ValueError(f"index {index} was produced twice while gathering results")
+        by_index[index] = item
+    missing = sorted(set(range(expected)) - set(by_index))
+    if missing or len(by_index) != expected:
+        raise ValueError(f"gathered {len(by_index)} results, expected {expected}; missing indices {missing[:10]}")
+    return [by_index[index] for index in range(expected)]
+
+
+def share_from_main(value: Any, state: Any = None) -> Any:
+    """The main process's ``value`` on every process."""
+    state = state if state is not None else PartialState()
+    if state.num_processes == 1:
+        return value
+    holder = [value]
+    broadcast_object_list(holder, from_process=0)
+    return holder[0]

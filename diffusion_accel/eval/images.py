@@ -1,0 +1,118 @@
+"""Image conversions shared by the metrics: everything becomes a uint8 NCHW tensor.
+
+Accepted inputs: a torch tensor (N, C, H, W) or (C, H, W), uint8 in 0..255 or float in [0, 1];
+a numpy array (N, H, W, C) or (H, W, C) (diffusers' ``output_type="np"``), uint8 or float in
+[0, 1]; a PIL image; or a list of any of these with equal sizes. Grayscale (C = 1) becomes RGB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def to_uint8(images: Any) -> torch.Tensor:
+    """Convert images (see module doc) to a uint8 RGB tensor of shape (N, 3, H, W)."""
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("got an empty list of images; need at least one image")
+        parts = [to_uint8(image) for image in images]
+        shapes = {tuple(part.shape[1:]) for part in parts}
+        if len(shapes) > 1:
+            raise ValueError(f"images have different sizes {sorted(shapes)}; resize them to one size first")
+        return torch.cat(parts)
+    if isinstance(images, Image.Image):
+        return _from_hwc(np.array(images.convert("RGB")))
+    if isinstance(images, np.ndarray):
+        return _from_hwc(images)
+    if isinstance(images, torch.Tensor):
+        return _from_chw(images)
+    raise TypeError(f"unsupported image type {type(images).__name__}; accepted: torch.Tensor "
+                    "(N,C,H,W), numpy array (N,H,W,C), PIL.Image, or a list of these")
+
+
+def _from_hwc(array: np.ndarray) -> torch.Tensor:
+    """numpy (H, W, C) / (N, H, W, C) / (H, W) -> uint8 (N, 3, H, W)."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4:
+        raise ValueError(f"numpy images must have 2-4 dims (N,H,W,C); got shape {array.shape}")
+    return _from_chw(torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2))
+
+
+def _from_chw(tensor: torch.Tensor) -> torch.Tensor:
+    """torch (C, H, W) / (N, C, H, W), uint8 or float in [0, 1] -> uint8 (N, 3, H, W)."""
+    if tensor.ndim == 3:
+        tensor = tensor[None]
+    if tensor.ndim != 4 or tensor.shape[1] not in (1, 3, 4):
+        raise ValueError(f"image tensors must be (N,C,H,W) with C in (1, 3, 4); got shape {tuple(tensor.shape)}")
+    tensor = tensor.detach().cpu()
+    if tensor.dtype != torch.uint8:
+        if not tensor.is_floating_point():
+            raise TypeError(f"image tensor dtype {tensor.dtype} unsupported; accepted: uint8 or float in [0, 1]")
+        tensor = (tensor.float() * 255).round().clamp(0, 255).to(torch.uint8)
+    return to_rgb(tensor)
+
+
+def to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) with C = 1 (gray), 3 or 4 (RGBA, alpha dropped) -> (N, 3, H, W)."""
+    channels = images.shape[1]
+    if channels == 1:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    if channels == 4:
+        return images[:, :3].contiguous()
+    return images
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """uint8 (N, 3, H, W) tensor -> list of RGB PIL images."""
+    return [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in to_uint8(images)]
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted by relative path."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"image folder {str(root)!r} does not exist or is not a directory")
+    files = sorted(path for path in root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no images in {str(root)!r}; accepted suffixes: {', '.join(IMAGE_SUFFIXES)}")
+    return files
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """Read one image file as uint8 (3, H, W)."""
+    with Image.open(path) as image:
+        return to_uint8(image)[0]
+
+
+def iter_dataset_images(dataset: Iterable[Any]) -> Iterator[torch.Tensor]:
+    """Yield uint8 (3, H, W) images from a dataset of images or (image, label, ...) tuples."""
+    for item in dataset:
+        image = item[0] if isinstance(item, (tuple, list)) else item
+        yield to_uint8(image)[0]
+
+
+def hash_tensor(tensor: torch.Tensor) -> str:
+    """SHA-256 hex digest of a tensor's dtype, shape and bytes."""
+    digest = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def hash_files(files: Sequence[Path], root: Path) -> str:
+    """SHA-256 hex digest over (relative path, bytes) of every file."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()

