@@ -1,0 +1,183 @@
+"""``prune_(pipe, config, calib)``: one-shot pruning of a pipeline's denoiser, all or nothing."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+from .. import prompts as prompt_sets
+from ..arch import find_denoiser, get_adapter
+from ..artifact import base_fingerprint, mark_applied
+from ..calib import Calibration, HessianCollector, calibrate, call_mode, resolve_weights
+from .configs import PruneConfig
+from .plan import structured_plan, unstructured_plan
+from .record import ensure_record
+from .report import REPORT_ATTR, PruneReport, count_parameters, zero_fraction
+from .sequential import SequentialPruner, Sweep
+from .sparse import enable_sparse_kernels
+from .structured import StructuredUnit, prune_structured_unit
+from .unstructured import prune_layer_group
+
+TECHNIQUE = "prune"
+
+
+def prune_(pipe: Any, config: PruneConfig, calib: Calibration | None = None, *, progress: bool = False) -> Any:
+    """Prune ``pipe``'s denoiser per ``config`` and return ``pipe``; on any error it is left unchanged.
+
+    ``calib`` supplies the calibration inputs (prompts, steps, guidance, seeds); its settings are
+    re-run once per group of ``config.groups`` with ``config.weighting`` / ``config.weight_range``.
+    Without ``calib`` the first ``config.calib_prompts`` default prompts (class ids 0.., or
+    unconditional samples) at ``config.calib_steps`` steps are used. Magnitude pruning needs none.
+    """
+    check_arguments(pipe, config, calib)
+    component, original = find_denoiser(pipe)
+    base_fingerprint(pipe)
+    working = copy.deepcopy(original)
+    setattr(pipe, component, working)
+    try:
+        sweep = make_sweep(pipe, config, calib, progress) if config.needs_calibration else None
+        report = prune_denoiser_(working, config, sweep)
+        if sweep is not None:
+            report.step_weights = used_step_weights(config, calib)
+        mark_applied(pipe, TECHNIQUE)
+    except BaseException:
+        setattr(pipe, component, original)
+        raise
+    return pipe
+
+
+def check_arguments(pipe: Any, config: PruneConfig, calib: Calibration | None) -> None:
+    """Type and fit checks done before anything is modified."""
+    if not isinstance(config, PruneConfig):
+        raise TypeError(f"config must be a PruneConfig, got {type(config).__name__}")
+    if calib is not None and not isinstance(calib, Calibration):
+        raise TypeError(f"calib must be a Calibration from da.calibrate or None, got {type(calib).__name__}")
+    component, denoiser = find_denoiser(pipe)
+    if not component:
+        raise TypeError("prune_ needs a diffusers pipeline (it re-runs it to calibrate); for a bare "
+                        "denoiser use prune_denoiser_(denoiser, config) with method='magnitude'")
+    if calib is not None and calib.denoiser_class != type(denoiser).__name__:
+        raise ValueError(f"calib was made for a {calib.denoiser_class}, this pipeline has a "
+                         f"{type(denoiser).__name__}")
+    adapter = get_adapter(pipe)
+    units, _ = structured_plan(adapter, config) if config.structured else unstructured_plan(adapter, config)
+    if not units:
+        raise ValueError(f"nothing to prune in {type(denoiser).__name__} with pattern {config.pattern!r} "
+                         f"(all candidates excluded or kept dense)")
+
+
+def calibration_kwargs(pipe: Any, config: PruneConfig, calib: Calibration | None) -> dict[str, Any]:
+    """``calibrate`` keyword arguments of every sweep: ``calib``'s settings or the config defaults."""
+    weights = {"weighting": config.weighting, "weight_range": config.weight_range}
+    if calib is not None:
+        return calib.settings.as_kwargs() | weights
+    count, mode = config.calib_prompts, call_mode(pipe)
+    inputs: dict[str, Any] = {"prompts": prompt_sets.load("default", limit=count)}
+    if mode == "class":
+        inputs = {"prompts": list(range(count))}
+    elif mode == "unconditional":
+        inputs = {"prompts": None, "num_samples": count}
+    return inputs | weights | {"num_inference_steps": config.calib_steps,
+                               "guidance_scale": config.calib_guidance_scale}
+
+
+def make_sweep(pipe: Any, config: PruneConfig, calib: Calibration | None, progress: bool) -> Sweep:
+    """A function running one calibration pass of ``pipe`` into a HessianCollector for given layers."""
+    kwargs = calibration_kwargs(pipe, config, calib)
+
+    def sweep(layer_names: list[str]) -> HessianCollector:
+        collector = HessianCollector(layer_names, full=config.method == "obs")
+        calibrate(pipe, collectors=[collector], store_trajectory=False, progress=progress, **kwargs)
+        return collector
+
+    return sweep
+
+
+def used_step_weights(config: PruneConfig, calib: Calibration | None) -> list[float]:
+    """The per-step Hessian weights the sweeps used."""
+    steps = calib.settings.num_inference_steps if calib is not None else config.calib_steps
+    return resolve_weights(steps, config.weighting, config.weight_range).tolist()
+
+
+def prune_denoiser_(denoiser: nn.Module, config: PruneConfig, sweep: Sweep | None = None) -> PruneReport:
+    """Prune ``denoiser`` in place (no rollback); ``sweep`` collects inputs (required unless magnitude)."""
+    if config.needs_calibration and sweep is None:
+        raise ValueError(f"method {config.method!r} needs calibration inputs; use prune_(pipe, ...) "
+                         f"or method='magnitude'")
+    adapter = get_adapter(denoiser)
+    report = PruneReport(config.method, config.pattern, config.target_sparsity,
+                         params_before=count_parameters(denoiser))
+    if config.structured:
+        _prune_structured(denoiser, adapter, config, sweep, report)
+    else:
+        _prune_unstructured(denoiser, adapter, config, sweep, report)
+    ensure_record(denoiser).configs.append(config.to_dict())
+    report.params_after = count_parameters(denoiser)
+    setattr(denoiser, REPORT_ATTR, report)
+    return report
+
+
+def _prune_unstructured(denoiser: nn.Module, adapter: Any, config: PruneConfig, sweep: Sweep | None,
+                        report: PruneReport) -> None:
+    groups, report.layers_skipped = unstructured_plan(adapter, config)
+    record = ensure_record(denoiser)
+
+    def prune_group(group: Any, collector: HessianCollector | None) -> None:
+        skipped = prune_layer_group(denoiser, group, config, collector, record)
+        report.layers_skipped |= skipped
+        report.layers_pruned += [name for name in group.layers if name not in skipped]
+
+    stats = SequentialPruner(lambda group: [group.layers[0]], prune_group, sweep).run(groups, config.groups)
+    _copy_stats(report, stats)
+    report.achieved_sparsity = zero_fraction(denoiser, report.layers_pruned)
+    if config.nm is not None and config.sparse_kernels:
+        report.sparse_kernels = enable_sparse_kernels(denoiser, report.layers_pruned, config.pattern)
+    else:
+        report.sparse_kernels = "no sparse kernel used: unstructured zeros are stored densely (storage savings only via save)"
+
+
+def _prune_structured(denoiser: nn.Module, adapter: Any, config: PruneConfig, sweep: Sweep | None,
+                      report: PruneReport) -> None:
+    units, report.layers_skipped = structured_plan(adapter, config)
+    record = ensure_record(denoiser)
+
+    def prune_unit(unit: StructuredUnit, collector: HessianCollector | None) -> None:
+        hessians = _unit_hessians(unit, collector)
+        if hessians is None:
+            report.layers_skipped[unit.block] = "no calibration input reached its output projections"
+            return
+        removed = prune_structured_unit(denoiser, unit, hessians, config.target_sparsity, config.damp, record)
+        report.heads_removed += removed["heads"]
+        report.neurons_removed += removed["neurons"]
+        report.layers_pruned += unit.output_layers()
+
+    stats = SequentialPruner(StructuredUnit.output_layers, prune_unit, sweep).run(units, config.groups)
+    _copy_stats(report, stats)
+    report.achieved_sparsity = 1.0 - count_parameters(denoiser) / max(report.params_before, 1)
+    report.sparse_kernels = "structured: layers are physically smaller and use dense kernels"
+
+
+def _unit_hessians(unit: StructuredUnit, collector: HessianCollector | None) -> dict[str, Any] | None:
+    """Output-layer Hessians of ``unit`` ({} for magnitude), or None if one saw no inputs."""
+    if collector is None:
+        return {}
+    hessians = {}
+    for name in unit.output_layers():
+        try:
+            hessians[name] = collector.hessian(name)
+        except ValueError:
+            return None
+    return hessians
+
+
+def _copy_stats(report: PruneReport, stats: Any) -> None:
+    report.groups, report.sweeps = stats.groups, stats.sweeps
+    report.peak_hessian_bytes, report.seconds = stats.peak_hessian_bytes, stats.seconds
+
+
+def prune_report(pipe: Any) -> PruneReport | None:
+    """The report of the last ``prune_`` on ``pipe``'s denoiser (a pipeline or a bare denoiser), or None."""
+    _, denoiser = find_denoiser(pipe)
+    return getattr(denoiser, REPORT_ATTR, None)

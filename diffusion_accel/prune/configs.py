@@ -1,0 +1,150 @@
+"""``PruneConfig``: what to prune, how, and how to calibrate; validated on construction."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+METHODS = ("obs", "wanda", "magnitude")
+PATTERNS = ("unstructured", "structured", "2:4", "4:8", "any 'N:M' with 0 < N < M")
+STRUCTURED_METHODS = ("obs", "magnitude")
+WEIGHTINGS = ("uniform", "linear", "log-decrease", "log-increase")
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_nm(pattern: str) -> tuple[int, int] | None:
+    """``(N, M)`` for an "N:M" pattern (at most N non-zeros in every M inputs), else None."""
+    match = _NM.match(pattern)
+    if match is None:
+        return None
+    keep, group = int(match.group(1)), int(match.group(2))
+    if not 0 < keep < group:
+        raise ValueError(f"pattern {pattern!r}: N:M sparsity needs 0 < N < M (N kept of every M), "
+                         f"got N={keep}, M={group}")
+    return keep, group
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """One-shot pruning of a pipeline's denoiser.
+
+    ``sparsity``: fraction of weights (unstructured), of FFN neurons and attention heads per module
+    (structured), or None for N:M (implied 1 - N/M). ``weighting`` / ``weight_range``: per-step Hessian
+    weights (OBS-Diff default log-decrease 0.8..1.2). ``groups``: K for group-wise sequential pruning
+    (an int >= 1, or "all" for one calibration sweep per unit). ``damp``: fraction of mean(diag H) added
+    to the Hessian diagonal. ``blocksize``: solver columns per lazy-update block. ``exclude``: layer or
+    module-name prefixes left dense (the adapter's high-precision layers are always left dense).
+    ``calib_prompts`` / ``calib_steps`` / ``calib_guidance_scale``: calibration used when ``prune_`` gets
+    no Calibration. ``prune_heads`` / ``prune_ffn``: which units structured pruning removes.
+    """
+
+    method: str = "obs"
+    sparsity: float | None = 0.5
+    pattern: str = "unstructured"
+    weighting: str = "log-decrease"
+    weight_range: tuple[float, float] = (0.8, 1.2)
+    groups: int | str = 4
+    damp: float = 0.01
+    blocksize: int = 128
+    keep_last_block_dense: bool = True
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+    prune_heads: bool = True
+    prune_ffn: bool = True
+    calib_prompts: int = 4
+    calib_steps: int = 25
+    calib_guidance_scale: float | None = None
+    sparse_kernels: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "weight_range", tuple(self.weight_range))
+        _check_choice("method", self.method, METHODS)
+        _check_pattern(self)
+        _check_sparsity(self)
+        _check_numbers(self)
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; accepted: {', '.join(WEIGHTINGS)}")
+        if self.groups != "all" and (isinstance(self.groups, bool) or not isinstance(self.groups, int)
+                                     or self.groups < 1):
+            raise ValueError(f"groups must be an int >= 1 or 'all', got {self.groups!r}")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """``(N, M)`` for N:M patterns, None otherwise."""
+        return parse_nm(self.pattern)
+
+    @property
+    def structured(self) -> bool:
+        """True for pattern "structured" (heads / FFN neurons removed, layers made smaller)."""
+        return self.pattern == "structured"
+
+    @property
+    def target_sparsity(self) -> float:
+        """Fraction of weights (or units) to remove: ``sparsity``, or 1 - N/M for N:M."""
+        nm = self.nm
+        return 1.0 - nm[0] / nm[1] if nm else float(self.sparsity)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when the method reads layer inputs (OBS Hessians, Wanda norms)."""
+        return self.method != "magnitude"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PruneConfig":
+        """Inverse of ``to_dict``; unknown keys raise a ValueError naming them."""
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown PruneConfig fields {unknown}; accepted: {sorted(cls.__dataclass_fields__)}")
+        return cls(**values)
+
+
+def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in accepted:
+        raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(accepted)}")
+
+
+def _check_pattern(config: PruneConfig) -> None:
+    if not isinstance(config.pattern, str):
+        raise TypeError(f"pattern must be a string, got {type(config.pattern).__name__}; accepted: {', '.join(PATTERNS)}")
+    if config.pattern not in ("unstructured", "structured") and parse_nm(config.pattern) is None:
+        raise ValueError(f"unknown pattern {config.pattern!r}; accepted: {', '.join(PATTERNS)}")
+    if config.structured and config.method not in STRUCTURED_METHODS:
+        raise ValueError(f"structured pruning supports methods {STRUCTURED_METHODS}, got {config.method!r}")
+    if config.structured and not (config.prune_heads or config.prune_ffn):
+        raise ValueError("structured pruning needs prune_heads=True or prune_ffn=True")
+
+
+def _check_sparsity(config: PruneConfig) -> None:
+    value, nm = config.sparsity, parse_nm(config.pattern)
+    if nm is not None:
+        implied = 1.0 - nm[0] / nm[1]
+        if value is not None and not (isinstance(value, (int, float)) and math.isclose(value, implied)):
+            raise ValueError(f"pattern {config.pattern!r} implies sparsity {implied:g}; got sparsity={value!r} "
+                             f"(pass None or {implied:g})")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"sparsity must be a float in [0, 1), got {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {value!r}")
+
+
+def _check_numbers(config: PruneConfig) -> None:
+    if not (isinstance(config.damp, (int, float)) and config.damp > 0 and math.isfinite(config.damp)):
+        raise ValueError(f"damp must be a finite float > 0, got {config.damp!r}")
+    if isinstance(config.blocksize, bool) or not isinstance(config.blocksize, int) or config.blocksize < 1:
+        raise ValueError(f"blocksize must be an int >= 1, got {config.blocksize!r}")
+    nm = parse_nm(config.pattern)
+    if nm is not None and config.blocksize % nm[1]:
+        raise ValueError(f"blocksize {config.blocksize} must be a multiple of M={nm[1]} for pattern {config.pattern!r}")
+    if isinstance(config.calib_prompts, bool) or not isinstance(config.calib_prompts, int) or config.calib_prompts < 1:
+        raise ValueError(f"calib_prompts must be an int >= 1, got {config.calib_prompts!r}")
+    if isinstance(config.calib_steps, bool) or not isinstance(config.calib_steps, int) or config.calib_steps < 1:
+        raise ValueError(f"calib_steps must be an int >= 1, got {config.calib_steps!r}")
+    if len(config.weight_range) != 2 or not 0 <= config.weight_range[0] <= config.weight_range[1]:
+        raise ValueError(f"weight_range must be (w_min, w_max) with 0 <= w_min <= w_max, got {config.weight_range!r}")

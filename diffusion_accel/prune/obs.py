@@ -1,0 +1,110 @@
+"""The OBS solver (SparseGPT's algorithm, as used by OBS-Diff) for one weight matrix.
+
+``obs_prune(W, H, sparsity)`` removes weights column by column in the order of the upper Cholesky
+factor of H^-1 and folds each removed weight's error into the columns not yet visited, so the
+layer output on the calibration inputs changes as little as possible. Everything runs in fp32
+with TF32 off. A Conv2d weight (out, in, kh, kw) is passed as ``W.reshape(out, -1)``, matching the
+unfolded Hessian of ``calib.HessianCollector``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+MAX_DAMP_RETRIES = 4
+
+
+@contextmanager
+def no_tf32() -> Iterator[None]:
+    """Disable TF32 matmuls (CUDA) inside the block; restores the previous settings."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def damped_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H + damp * mean(diag H) * I with dead inputs' diagonal set to 1, dead mask (d,)); fp32 copy."""
+    hess = hessian.detach().to(torch.float32).clone()
+    dead = torch.diag(hess) == 0
+    hess[dead, dead] = 1.0
+    diagonal = torch.arange(hess.shape[0], device=hess.device)
+    hess[diagonal, diagonal] += damp * torch.mean(torch.diag(hess))
+    return hess, dead
+
+
+def inverse_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H^-1 of the damped Hessian (d, d), dead mask); raises the damping if H is not PD."""
+    for attempt in range(MAX_DAMP_RETRIES):
+        hess, dead = damped_hessian(hessian, damp * 10 ** attempt)
+        factor, info = torch.linalg.cholesky_ex(hess)
+        if int(info) == 0:
+            return torch.cholesky_inverse(factor), dead
+    raise ValueError(f"Hessian of shape {tuple(hessian.shape)} is not positive definite even with "
+                     f"damp={damp * 10 ** (MAX_DAMP_RETRIES - 1):g}; check the calibration inputs")
+
+
+def upper_inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Upper Cholesky factor U of H^-1 = U^T U (d, d), dead mask (d,))."""
+    inverse, dead = inverse_hessian(hessian, damp)
+    return torch.linalg.cholesky(inverse, upper=True), dead
+
+
+def _block_counts(rows: int, cols: int, sparsity: float, blocksize: int) -> list[int]:
+    """Weights to remove per column block so the layer total is exactly round(rows*cols*sparsity)."""
+    starts = list(range(0, cols, blocksize)) + [cols]
+    cumulative = [round(rows * start * sparsity) for start in starts]
+    return [b - a for a, b in zip(cumulative[:-1], cumulative[1:])]
+
+
+def _nm_prune(scores: torch.Tensor, keep: int, group: int) -> torch.Tensor:
+    """Mask (rows, group) of the ``group - keep`` lowest scores of each row."""
+    lowest = torch.topk(scores, group - keep, dim=1, largest=False).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, lowest, True)
+
+
+def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
+              nm: tuple[int, int] | None = None, blocksize: int = 128,
+              damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune ``weight`` (rows, d) with Hessian (d, d): (new weight fp32, pruned mask bool), both (rows, d).
+
+    Unstructured: exactly round(rows * d * sparsity) weights, chosen by w^2 / [U]_ii^2 within each
+    ``blocksize``-column block. ``nm=(N, M)``: keeps N of every M consecutive inputs per row
+    (d % M == 0 required). Weights of dead inputs (zero Hessian diagonal) are zeroed.
+    """
+    with no_tf32():
+        work = weight.detach().to(torch.float32).clone()
+        factor, dead = upper_inverse_factor(hessian.to(work.device), damp)
+        work[:, dead] = 0
+        rows, cols = work.shape
+        mask = torch.zeros_like(work, dtype=torch.bool)
+        counts = _block_counts(rows, cols, sparsity, blocksize)
+        for block, start in enumerate(range(0, cols, blocksize)):
+            stop = min(start + blocksize, cols)
+            block_w = work[:, start:stop].clone()
+            block_u = factor[start:stop, start:stop]
+            block_mask = torch.zeros_like(block_w, dtype=torch.bool)
+            if nm is None and counts[block] > 0:
+                scores = block_w.pow(2) / torch.diag(block_u).pow(2).unsqueeze(0)
+                lowest = torch.topk(scores.flatten(), counts[block], largest=False).indices
+                block_mask.view(-1)[lowest] = True
+            errors = torch.zeros_like(block_w)
+            for i in range(stop - start):
+                if nm is not None and i % nm[1] == 0:
+                    scores = block_w[:, i:i + nm[1]].pow(2) / torch.diag(block_u)[i:i + nm[1]].pow(2)
+                    block_mask[:, i:i + nm[1]] = _nm_prune(scores, *nm)
+                column = block_w[:, i]
+                kept = torch.where(block_mask[:, i], torch.zeros_like(column), column)
+                err = (column - kept) / block_u[i, i]
+                block_w[:, i:] -= err.unsqueeze(1) * block_u[i, i:].unsqueeze(0)
+                block_w[:, i] = kept
+                errors[:, i] = err
+            work[:, start:stop] = block_w
+            mask[:, start:stop] = block_mask
+            work[:, stop:] -= errors @ factor[start:stop, stop:]
+    return work, mask

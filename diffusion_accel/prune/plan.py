@@ -1,0 +1,47 @@
+"""Which units a config prunes: layer groups (unstructured, N:M) or blocks (structured)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..arch.base import DenoiserAdapter, LayerGroup
+from .configs import PruneConfig
+from .structured import StructuredUnit, structured_units
+
+
+def excluded(adapter: DenoiserAdapter, config: PruneConfig) -> Callable[[str], bool]:
+    """Predicate: module ``name`` stays dense (high-precision layer, or under an ``exclude`` prefix)."""
+    high_precision = set(adapter.high_precision_layers())
+    prefixes = tuple(config.exclude)
+
+    def is_excluded(name: str) -> bool:
+        return name in high_precision or any(name == p or name.startswith(p + ".") for p in prefixes)
+
+    return is_excluded
+
+
+def unstructured_plan(adapter: DenoiserAdapter, config: PruneConfig) -> tuple[list[LayerGroup], dict[str, str]]:
+    """(layer groups to prune in depth order, {layer: why it stays dense})."""
+    is_excluded = excluded(adapter, config)
+    skipped: dict[str, str] = {}
+    groups: list[LayerGroup] = []
+    for group in adapter.layer_groups():
+        kept = tuple(name for name in group.layers if not is_excluded(name))
+        skipped |= {name: "excluded (high precision or config.exclude)" for name in group.layers if is_excluded(name)}
+        if kept:
+            groups.append(LayerGroup(kept, group.block, group.role, group.input_key))
+    if config.keep_last_block_dense and groups:
+        last = groups[-1].block
+        skipped |= {name: "last block kept dense" for g in groups if g.block == last for name in g.layers}
+        groups = [g for g in groups if g.block != last]
+    return groups, skipped
+
+
+def structured_plan(adapter: DenoiserAdapter, config: PruneConfig) -> tuple[list[StructuredUnit], dict[str, str]]:
+    """(blocks whose heads / FFN neurons are pruned, in depth order, {block: why it stays dense})."""
+    units = structured_units(adapter, config.prune_heads, config.prune_ffn, excluded(adapter, config))
+    skipped: dict[str, str] = {}
+    if config.keep_last_block_dense and units:
+        skipped[units[-1].block] = "last block kept dense"
+        units = units[:-1]
+    return units, skipped

@@ -1,0 +1,68 @@
+"""``PruneReport``: what one ``prune_`` call did, readable by users and tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+REPORT_ATTR = "_diffusion_accel_prune_report"
+
+
+@dataclass
+class PruneReport:
+    """Method, pattern, sparsity reached, parameter counts, skips, sweeps, memory, step weights.
+
+    ``achieved_sparsity``: zero fraction of the pruned layers' weights (unstructured, N:M), or the
+    fraction of the denoiser's parameters removed (structured). ``peak_hessian_bytes``: the most
+    accumulator memory alive at once (one group's Hessians). ``step_weights``: per-step Hessian
+    weights of the calibration sweeps (empty for magnitude).
+    """
+
+    method: str
+    pattern: str
+    target_sparsity: float
+    layers_pruned: list[str] = field(default_factory=list)
+    layers_skipped: dict[str, str] = field(default_factory=dict)
+    achieved_sparsity: float = 0.0
+    params_before: int = 0
+    params_after: int = 0
+    heads_removed: int = 0
+    neurons_removed: int = 0
+    groups: int = 0
+    sweeps: int = 0
+    peak_hessian_bytes: int = 0
+    step_weights: list[float] = field(default_factory=list)
+    sparse_kernels: str = ""
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        lines = [f"prune: {self.method} {self.pattern}, target sparsity {self.target_sparsity:.3f}, "
+                 f"reached {self.achieved_sparsity:.3f} over {len(self.layers_pruned)} layers",
+                 f"  parameters: {self.params_before:,} -> {self.params_after:,}",
+                 f"  groups {self.groups}, calibration sweeps {self.sweeps}, "
+                 f"peak Hessian memory {self.peak_hessian_bytes / 2**20:.1f} MiB, {self.seconds:.1f} s"]
+        if self.heads_removed or self.neurons_removed:
+            lines.append(f"  removed {self.heads_removed} heads, {self.neurons_removed} FFN neurons")
+        if self.layers_skipped:
+            lines.append(f"  left dense: {len(self.layers_skipped)} layers "
+                         f"(e.g. {next(iter(self.layers_skipped.items()))})")
+        if self.sparse_kernels:
+            lines.append(f"  {self.sparse_kernels}")
+        return "\n".join(lines)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameter elements of ``module``."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def zero_fraction(denoiser: nn.Module, names: list[str]) -> float:
+    """Fraction of exactly-zero weights over the named layers (0 when none)."""
+    zeros = total = 0
+    for name in names:
+        weight = denoiser.get_submodule(name).weight
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    return zeros / total if total else 0.0

@@ -1,0 +1,118 @@
+"""The "prune" artifact handler: masked layers as packed bitmasks + non-zero values, resized layers whole.
+
+Config JSON: the prune record (configs applied, masked layers with their shapes, base shapes of
+resized layers, head counts). Tensors: ``<layer>.mask`` (uint8, 8 mask bits per byte) and
+``<layer>.values`` (the non-zero weights in order) for masked layers; ``<layer>.weight`` /
+``<layer>.bias`` for layers made smaller. ``restore`` checks every base shape and raises a
+ValueError naming the layer on any mismatch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import find_denoiser
+from ..artifact import register_technique
+from .apply import TECHNIQUE
+from .record import ensure_record, get_record
+from .sparse import dense_weight
+from .structured import set_head_count
+from .surgery import new_linear, replace_module
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 (ceil(numel / 8),), most significant bit first."""
+    flat = mask.detach().flatten().to(torch.uint8).cpu()
+    padded = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)]).reshape(-1, 8)
+    return (padded * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """Inverse of ``pack_bits``: bool tensor of ``shape``."""
+    bits = (packed.unsqueeze(1) & _BIT_WEIGHTS) != 0
+    numel = int(torch.tensor(shape).prod()) if shape else 1
+    return bits.flatten()[:numel].reshape(shape)
+
+
+def export_prune(pipe: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(record JSON, tensors) of the pruned denoiser."""
+    _, denoiser = find_denoiser(pipe)
+    record = get_record(denoiser)
+    if record is None:
+        raise ValueError("the pipeline is marked as pruned but its denoiser has no prune record")
+    tensors: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    for name in record.masked:
+        if name in record.base_shapes:
+            continue
+        weight = dense_weight(denoiser.get_submodule(name).weight.detach())
+        tensors[f"{name}.mask"] = pack_bits(weight != 0)
+        tensors[f"{name}.values"] = weight[weight != 0]
+        shapes[name] = list(weight.shape)
+    for name in record.base_shapes:
+        layer = denoiser.get_submodule(name)
+        tensors[f"{name}.weight"] = dense_weight(layer.weight.detach())
+        if layer.bias is not None:
+            tensors[f"{name}.bias"] = layer.bias.detach()
+    return {"record": record.to_dict(), "masked_shapes": shapes}, tensors
+
+
+def restore_prune(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Re-apply an exported prune onto ``pipe``'s (base) denoiser; ValueError on any shape mismatch."""
+    _, denoiser = find_denoiser(pipe)
+    saved = config["record"]
+    _restore_heads(denoiser, saved["heads"])
+    for name, base_shape in saved["base_shapes"].items():
+        _restore_resized(denoiser, name, base_shape, tensors)
+    for name, shape in config["masked_shapes"].items():
+        _restore_masked(denoiser, name, shape, tensors)
+    record = ensure_record(denoiser)
+    record.configs += saved["configs"]
+    for name in saved["masked"]:
+        record.note_masked(name)
+    record.base_shapes |= saved["base_shapes"]
+    record.heads |= saved["heads"]
+
+
+def _layer(denoiser: nn.Module, name: str, shape: list[int]) -> nn.Module:
+    try:
+        layer = denoiser.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"pruned artifact names layer {name!r}, which this base model does not have") from None
+    if list(layer.weight.shape) != list(shape):
+        raise ValueError(f"pruned artifact expects layer {name!r} with weight shape {list(shape)}; "
+                         f"the base model has {list(layer.weight.shape)}")
+    return layer
+
+
+def _restore_heads(denoiser: nn.Module, heads: dict[str, int]) -> None:
+    """Set saved head counts (head_dim read from the base layers, before they are resized)."""
+    for name, count in heads.items():
+        module = denoiser.get_submodule(name)
+        head_dim = module.to_q.out_features // module.heads
+        set_head_count(module, count, head_dim)
+
+
+def _restore_resized(denoiser: nn.Module, name: str, base_shape: list[int], tensors: dict[str, torch.Tensor]) -> None:
+    layer = _layer(denoiser, name, base_shape)
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(f"pruned artifact resized {name!r} as a Linear; the base model has {type(layer).__name__}")
+    bias = tensors.get(f"{name}.bias")
+    replace_module(denoiser, name, new_linear(tensors[f"{name}.weight"], bias, layer))
+
+
+def _restore_masked(denoiser: nn.Module, name: str, shape: list[int], tensors: dict[str, torch.Tensor]) -> None:
+    layer = _layer(denoiser, name, shape)
+    mask = unpack_bits(tensors[f"{name}.mask"], shape).to(layer.weight.device)
+    weight = torch.zeros(shape, dtype=layer.weight.dtype, device=layer.weight.device)
+    weight[mask] = tensors[f"{name}.values"].to(weight)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+
+
+register_technique(TECHNIQUE, export_prune, restore_prune)

@@ -1,0 +1,143 @@
+"""Structured pruning: remove FFN hidden neurons and attention heads, making layers smaller.
+
+FFN neuron j is scored by the single-column OBS error of its ``proj_out`` input column,
+sum_rows W[:, c]^2 / [H^-1]_cc; the lowest are removed with group-OBS compensation of the remaining
+columns, then dropped from every ``proj_in`` (GEGLU/SwiGLU: rows j and j + hidden) and from
+``proj_out`` (Flux single-stream: column ``proj_out_offset + j``). An attention head is scored by
+the joint OBS error of its ``head_dim`` input columns of every output projection (``to_out``,
+``to_add_out``, or the shared ``proj_out`` of Flux single-stream blocks), removed likewise from
+q/k/v (and added q/k/v) and the output projections; ``heads`` is updated. Units are grouped per
+block so sequential pruning can calibrate a block's output projections once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..arch.base import AttentionInfo, DenoiserAdapter, FFNInfo
+from .columns import ColumnPruner
+from .record import PruneRecord
+from .surgery import keep_rows, set_columns, weight_matrix
+
+HEAD_COUNT_ATTRIBUTES = ("heads", "sliceable_head_dim")
+WIDTH_ATTRIBUTES = ("inner_dim", "inner_kv_dim")
+
+
+@dataclass(frozen=True)
+class StructuredUnit:
+    """The attentions and FFNs of one block, pruned together."""
+
+    block: str
+    attentions: tuple[AttentionInfo, ...]
+    ffns: tuple[FFNInfo, ...]
+
+    def output_layers(self) -> list[str]:
+        """Layers whose input Hessians score this unit (FFN proj_out, attention output projections)."""
+        names = [ffn.proj_out for ffn in self.ffns]
+        names += [name for attn in self.attentions for name, _ in attention_outputs(attn)]
+        return list(dict.fromkeys(names))
+
+
+def attention_outputs(attn: AttentionInfo) -> list[tuple[str, int]]:
+    """(layer, first input column) of every output projection reading this attention's heads."""
+    outputs = [(name, 0) for name in (attn.to_out, attn.added_out) if name is not None]
+    if attn.shared_out is not None and attn.shared_out_columns is not None:
+        outputs.append((attn.shared_out, attn.shared_out_columns[0]))
+    return outputs
+
+
+def _owner(name: str, blocks: list[str]) -> str:
+    """The longest block name that is a prefix of module ``name``."""
+    owners = [block for block in blocks if name.startswith(block + ".")]
+    return max(owners, key=len) if owners else name
+
+
+def structured_units(adapter: DenoiserAdapter, prune_heads: bool, prune_ffn: bool,
+                     skip: Callable[[str], bool]) -> list[StructuredUnit]:
+    """Units in depth order; ``skip(module_name)`` drops attentions/FFNs left dense by the config."""
+    blocks = [info.name for info in adapter.blocks()]
+    attentions = [a for a in adapter.attention() if prune_heads and a.heads > 1 and not skip(a.name)]
+    ffns = [f for f in adapter.ffns() if prune_ffn and f.hidden > 1 and not skip(f.name)]
+    units = []
+    for block in blocks:
+        own_attn = tuple(a for a in attentions if _owner(a.name, blocks) == block)
+        own_ffn = tuple(f for f in ffns if _owner(f.name, blocks) == block)
+        if own_attn or own_ffn:
+            units.append(StructuredUnit(block, own_attn, own_ffn))
+    return units
+
+
+def _removal_count(total: int, fraction: float) -> int:
+    return min(round(total * fraction), total - 1)
+
+
+def remove_ffn_neurons(denoiser: nn.Module, ffn: FFNInfo, pruner: ColumnPruner, fraction: float,
+                       record: PruneRecord) -> int:
+    """Remove the lowest-scoring ``fraction`` of ``ffn``'s hidden neurons; returns how many."""
+    count = _removal_count(ffn.hidden, fraction)
+    if count <= 0:
+        return 0
+    neurons = torch.arange(ffn.hidden, device=pruner.weight.device)
+    scores = pruner.column_scores(ffn.proj_out_offset + neurons)
+    dropped = torch.zeros(ffn.hidden, dtype=torch.bool, device=neurons.device)
+    dropped[torch.topk(scores, count, largest=False).indices] = True
+    pruner.remove(ffn.proj_out_offset + neurons[dropped])
+    kept = neurons[~dropped]
+    rows = torch.cat([kept, kept + ffn.hidden]) if ffn.gated else kept
+    for name in ffn.proj_in:
+        record.note_shape(denoiser, name)
+        keep_rows(denoiser, name, rows.to(denoiser.get_submodule(name).weight.device))
+    return count
+
+
+def remove_heads(denoiser: nn.Module, attn: AttentionInfo, pruners: dict[str, ColumnPruner],
+                 fraction: float, record: PruneRecord) -> int:
+    """Remove the lowest-scoring ``fraction`` of ``attn``'s heads; returns how many."""
+    count = _removal_count(attn.heads, fraction)
+    if count <= 0:
+        return 0
+    head_columns = torch.arange(attn.heads * attn.head_dim).reshape(attn.heads, attn.head_dim)
+    outputs = attention_outputs(attn)
+    scores = sum(pruners[name].block_scores(head_columns + start) for name, start in outputs)
+    dropped = torch.zeros(attn.heads, dtype=torch.bool)
+    dropped[torch.topk(scores, count, largest=False).indices] = True
+    for name, start in outputs:
+        pruners[name].remove((head_columns[dropped] + start).flatten())
+    rows = head_columns[~dropped].flatten()
+    for name in (attn.to_q, attn.to_k, attn.to_v, attn.added_q, attn.added_k, attn.added_v):
+        if name is not None:
+            record.note_shape(denoiser, name)
+            keep_rows(denoiser, name, rows.to(denoiser.get_submodule(name).weight.device))
+    set_head_count(denoiser.get_submodule(attn.name), attn.heads - count, attn.head_dim)
+    record.heads[attn.name] = attn.heads - count
+    return count
+
+
+def set_head_count(module: nn.Module, heads: int, head_dim: int) -> None:
+    """Update an attention module's head count and derived widths after head removal."""
+    for attribute in HEAD_COUNT_ATTRIBUTES:
+        if hasattr(module, attribute):
+            setattr(module, attribute, heads)
+    for attribute in WIDTH_ATTRIBUTES:
+        if isinstance(getattr(module, attribute, None), int):
+            setattr(module, attribute, heads * head_dim)
+
+
+def prune_structured_unit(denoiser: nn.Module, unit: StructuredUnit, hessians: dict[str, torch.Tensor | None],
+                          fraction: float, damp: float, record: PruneRecord) -> dict[str, int]:
+    """Prune one unit's FFNs then heads (FFN columns follow attention columns in shared layers)."""
+    pruners = {name: ColumnPruner(weight_matrix(denoiser.get_submodule(name)), hessians.get(name), damp)
+               for name in unit.output_layers()}
+    removed = {"neurons": 0, "heads": 0}
+    for ffn in unit.ffns:
+        removed["neurons"] += remove_ffn_neurons(denoiser, ffn, pruners[ffn.proj_out], fraction, record)
+    for attn in unit.attentions:
+        removed["heads"] += remove_heads(denoiser, attn, pruners, fraction, record)
+    for name, pruner in pruners.items():
+        record.note_shape(denoiser, name)
+        set_columns(denoiser, name, pruner.weight)
+    return removed

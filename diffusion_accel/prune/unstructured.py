@@ -1,0 +1,69 @@
+"""Unstructured and N:M pruning of one group of layers that share an input (OBS, Wanda, magnitude)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..arch.base import LayerGroup
+from ..calib import HessianCollector
+from .configs import PruneConfig
+from .masks import magnitude_mask, wanda_mask
+from .obs import obs_prune
+from .record import PruneRecord
+from .surgery import weight_matrix, write_weight_matrix
+
+
+def skip_reason(layer: nn.Module, config: PruneConfig) -> str | None:
+    """Why ``layer`` cannot take ``config``'s pattern, or None if it can."""
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        return f"grouped Conv2d (groups={layer.groups})"
+    nm = config.nm
+    width = weight_matrix(layer).shape[1]
+    if nm is not None and width % nm[1]:
+        return f"input width {width} is not a multiple of M={nm[1]}"
+    return None
+
+
+def prune_matrix(weight: torch.Tensor, config: PruneConfig, hessian: torch.Tensor | None,
+                 sq_norms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new 2-D weight, pruned mask) of ``weight`` (rows, d) by ``config.method``."""
+    sparsity, nm = config.target_sparsity, config.nm
+    if config.method == "obs":
+        return obs_prune(weight, hessian, sparsity, nm=nm, blocksize=config.blocksize, damp=config.damp)
+    if config.method == "wanda":
+        mask = wanda_mask(weight, sq_norms, sparsity, nm)
+    else:
+        mask = magnitude_mask(weight, sparsity, nm)
+    return weight.masked_fill(mask, 0), mask
+
+
+def observed_inputs(collector: HessianCollector | None, name: str,
+                    full: bool) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """(Hessian or None, squared input norms or None) of ``name``; None if it saw no inputs."""
+    if collector is None:
+        return None, None
+    try:
+        sq_norms = collector.input_sq_norms(name)
+    except ValueError:
+        return None
+    return (collector.hessian(name) if full else None), sq_norms
+
+
+def prune_layer_group(denoiser: nn.Module, group: LayerGroup, config: PruneConfig,
+                      collector: HessianCollector | None, record: PruneRecord) -> dict[str, str]:
+    """Prune every layer of ``group`` (one Hessian: its first layer's input); returns skipped reasons."""
+    inputs = observed_inputs(collector, group.layers[0], config.method == "obs")
+    if inputs is None:
+        return {name: "no calibration input reached it" for name in group.layers}
+    skipped: dict[str, str] = {}
+    for name in group.layers:
+        layer = denoiser.get_submodule(name)
+        reason = skip_reason(layer, config)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        new_weight, _ = prune_matrix(weight_matrix(layer), config, *inputs)
+        write_weight_matrix(layer, new_weight)
+        record.note_masked(name)
+    return skipped

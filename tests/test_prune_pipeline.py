@@ -1,0 +1,170 @@
+"""prune_ on real tiny pipelines: every family, atomicity, weighting, groups, save/load, drop-in."""
+
+import pytest
+import torch
+
+import diffusion_accel as da
+import diffusion_accel.prune.apply as prune_apply
+from diffusion_accel.artifact import applied_techniques
+from diffusion_accel.calib import step_weights
+from diffusion_accel.prune import PruneConfig, prune_, prune_report
+from diffusion_accel.prune.serialize import export_prune, restore_prune
+from diffusion_accel.testing.contract import check_drop_in
+from diffusion_accel.testing.tiny import TINY_BUILDERS, build_tiny
+
+from prune_helpers import generate, tiny_calibration
+
+FAMILIES = sorted(TINY_BUILDERS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pattern", ["unstructured", "structured"])
+def test_every_family_prunes_and_generates(family, pattern):
+    pipe = build_tiny(family)
+    calib = tiny_calibration(pipe, family)
+    sparsity = 0.5 if pattern == "unstructured" else 0.3
+    prune_(pipe, PruneConfig(method="obs", sparsity=sparsity, pattern=pattern, groups=2), calib=calib)
+    report = prune_report(pipe)
+    assert report.sweeps == report.groups and 1 <= report.groups <= 2
+    if pattern == "unstructured":
+        assert abs(report.achieved_sparsity - 0.5) < 0.01
+    else:
+        assert report.params_after < report.params_before
+    assert torch.isfinite(generate(pipe, family)).all()
+    assert applied_techniques(pipe) == ["prune"]
+
+
+@pytest.mark.parametrize("method,pattern", [("wanda", "2:4"), ("magnitude", "4:8"), ("wanda", "unstructured")])
+def test_baselines_and_nm_on_sd(method, pattern):
+    pipe = build_tiny("sd")
+    sparsity = 0.5 if pattern == "unstructured" else None
+    prune_(pipe, PruneConfig(method=method, sparsity=sparsity, pattern=pattern), calib=tiny_calibration(pipe, "sd"))
+    report = prune_report(pipe)
+    assert abs(report.achieved_sparsity - 0.5) < 0.01
+    assert report.sweeps == (0 if method == "magnitude" else report.groups)
+    assert "no sparse kernel" in report.sparse_kernels
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(sparsity=1.0), ValueError, "sparsity must be in"),
+    (dict(sparsity=-0.1), ValueError, "sparsity must be in"),
+    (dict(pattern="4:4", sparsity=None), ValueError, "0 < N < M"),
+    (dict(pattern="5:4", sparsity=None), ValueError, "0 < N < M"),
+    (dict(pattern="blocky"), ValueError, "unknown pattern 'blocky'"),
+    (dict(method="random"), ValueError, "unknown method 'random'"),
+    (dict(pattern="2:4", sparsity=0.3), ValueError, "implies sparsity 0.5"),
+    (dict(method="wanda", pattern="structured"), ValueError, "structured pruning supports"),
+    (dict(groups=0), ValueError, "groups must be"),
+    (dict(weighting="cosine"), ValueError, "unknown weighting"),
+])
+def test_bad_configs_raise_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        PruneConfig(**kwargs)
+
+
+def test_bad_arguments_leave_pipeline_unchanged():
+    pipe = build_tiny("sd")
+    unet, before = pipe.unet, generate(pipe, "sd")
+    with pytest.raises(TypeError, match="PruneConfig"):
+        prune_(pipe, {"method": "obs"})
+    with pytest.raises(ValueError, match="nothing to prune"):
+        prune_(pipe, PruneConfig(method="magnitude", exclude=("down_blocks", "mid_block", "up_blocks")))
+    assert pipe.unet is unet and applied_techniques(pipe) == []
+    assert torch.equal(generate(pipe, "sd"), before)
+
+
+def test_failure_midway_rolls_back(monkeypatch):
+    pipe = build_tiny("sd")
+    unet, before = pipe.unet, generate(pipe, "sd")
+    calls = []
+    real = prune_apply.prune_layer_group
+
+    def fail_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prune_apply, "prune_layer_group", fail_on_third)
+    with pytest.raises(RuntimeError, match="boom"):
+        prune_(pipe, PruneConfig(method="magnitude", sparsity=0.5))
+    assert pipe.unet is unet and applied_techniques(pipe) == []
+    assert torch.equal(generate(pipe, "sd"), before)
+
+
+def test_weighting_reaches_the_hessians(monkeypatch):
+    pipe = build_tiny("sd")
+    calib = tiny_calibration(pipe, "sd", steps=3)   # made with uniform weights
+    seen = []
+    real = prune_apply.calibrate
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        collector = kwargs["collectors"][0]
+        name = collector.module_names[0]
+        weights = result.step_weights.tolist()
+        expected = sum(weights[k] * n for k, n in collector.rows_per_step(name).items())
+        seen.append((kwargs["weighting"], weights, collector.weighted_rows(name), expected))
+        return result
+
+    monkeypatch.setattr(prune_apply, "calibrate", spy)
+    config = PruneConfig(method="obs", sparsity=0.5, weighting="log-decrease", weight_range=(0.5, 1.5), groups=1)
+    prune_(pipe, config, calib=calib)
+    formula = step_weights(3, "log-decrease", 0.5, 1.5).tolist()
+    assert len(seen) == 1 and seen[0][0] == "log-decrease"
+    assert seen[0][1] == pytest.approx(formula) and seen[0][2] == pytest.approx(seen[0][3])
+    assert prune_report(pipe).step_weights == pytest.approx(formula)
+
+
+def test_fully_sequential_and_single_group_both_run():
+    reports = {}
+    for groups in ("all", 1):
+        pipe = build_tiny("dit")
+        prune_(pipe, PruneConfig(method="obs", sparsity=0.5, groups=groups), calib=tiny_calibration(pipe, "dit"))
+        reports[groups] = prune_report(pipe)
+    assert reports[1].sweeps == 1 and reports["all"].sweeps == reports["all"].groups > 1
+    assert reports["all"].peak_hessian_bytes < reports[1].peak_hessian_bytes
+
+
+@pytest.mark.parametrize("family,config", [
+    ("sd", PruneConfig(method="obs", sparsity=0.5)),
+    ("flux", PruneConfig(method="obs", sparsity=0.3, pattern="structured")),
+    ("sd", PruneConfig(method="obs", sparsity=0.3, pattern="structured")),
+])
+def test_save_load_round_trip_is_exact(tmp_path, family, config):
+    pipe = build_tiny(family)
+    prune_(pipe, config, calib=tiny_calibration(pipe, family))
+    expected = generate(pipe, family)
+    da.save(pipe, tmp_path / "pruned")
+    base = build_tiny(family)
+    loaded = da.load(base, tmp_path / "pruned")
+    assert loaded is base and applied_techniques(base) == ["prune"]
+    assert torch.equal(generate(base, family), expected)
+
+
+def test_unstructured_artifact_is_smaller_than_dense(tmp_path):
+    pipe = build_tiny("sd")
+    prune_(pipe, PruneConfig(method="magnitude", sparsity=0.5))
+    da.save(pipe, tmp_path / "pruned")
+    stored = (tmp_path / "pruned" / "00-prune.safetensors").stat().st_size
+    dense = sum(pipe.unet.get_submodule(n).weight.numel() * 4 for n in prune_report(pipe).layers_pruned)
+    assert stored < 0.6 * dense
+
+
+def test_restore_onto_wrong_shapes_names_the_layer(tmp_path):
+    pipe = build_tiny("sd")
+    prune_(pipe, PruneConfig(method="magnitude", sparsity=0.3, pattern="structured"))
+    config, tensors = export_prune(pipe)
+    name = next(iter(config["record"]["base_shapes"]))
+    config["record"]["base_shapes"][name] = [1, 1]
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        restore_prune(build_tiny("sd"), config, tensors)
+
+
+DROP_IN_CONFIGS = {"sd": PruneConfig(method="obs", sparsity=None, pattern="2:4", groups=1),
+                   "flux": PruneConfig(method="obs", sparsity=0.3, pattern="structured", groups=1)}
+
+
+@pytest.mark.parametrize("family", sorted(DROP_IN_CONFIGS))
+def test_drop_in_contract(family):
+    check_drop_in(family, lambda pipe: prune_(pipe, DROP_IN_CONFIGS[family], calib=tiny_calibration(pipe, family)))

@@ -1,0 +1,102 @@
+"""OBS solver, Wanda/magnitude masks, N:M patterns, Conv2d path and structured column removal."""
+
+import pytest
+import torch
+from torch import nn
+
+from diffusion_accel.calib import conv2d_rows
+from diffusion_accel.prune import magnitude_mask, nm_mask, obs_prune, wanda_mask
+from diffusion_accel.prune.columns import ColumnPruner
+
+
+def correlated_inputs(rows: int = 512, width: int = 64, seed: int = 0) -> torch.Tensor:
+    """Inputs (rows, width) with strongly correlated features and uneven scales."""
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(width, width, generator=gen) * 0.3 + torch.eye(width)
+    scales = torch.logspace(-1, 1, width)
+    return (torch.randn(rows, width, generator=gen) @ mixing) * scales
+
+
+def hessian_of(x: torch.Tensor) -> torch.Tensor:
+    return 2 * x.T @ x / x.shape[0]
+
+
+def output_error(weight: torch.Tensor, pruned: torch.Tensor, x: torch.Tensor) -> float:
+    return float(((weight - pruned) @ x.T).norm())
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_obs_beats_magnitude_and_wanda(nm):
+    x = correlated_inputs()
+    weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+    obs_weight, obs_mask = obs_prune(weight, hessian_of(x), 0.5, nm=nm)
+    wanda = weight.masked_fill(wanda_mask(weight, x.pow(2).sum(0), 0.5, nm), 0)
+    magnitude = weight.masked_fill(magnitude_mask(weight, 0.5, nm), 0)
+    obs_error = output_error(weight, obs_weight, x)
+    assert torch.equal(obs_weight == 0, obs_mask)
+    assert obs_error < output_error(weight, wanda, x)
+    assert obs_error < output_error(weight, magnitude, x)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
+def test_unstructured_counts_are_exact(sparsity):
+    weight = torch.randn(30, 70)
+    expected = round(weight.numel() * sparsity)
+    _, mask = obs_prune(weight, hessian_of(correlated_inputs(width=70)), sparsity, blocksize=16)
+    assert int(mask.sum()) == expected
+    assert int(magnitude_mask(weight, sparsity).sum()) == expected
+    per_row = wanda_mask(weight, torch.rand(70) + 0.1, sparsity).sum(1)
+    assert torch.all(per_row == round(70 * sparsity))
+
+
+@pytest.mark.parametrize("keep,group", [(2, 4), (4, 8), (1, 4)])
+def test_nm_patterns_are_exact(keep, group):
+    weight = torch.randn(16, 64)
+    obs_weight, _ = obs_prune(weight, hessian_of(correlated_inputs()), 1 - keep / group, nm=(keep, group))
+    for pruned in (obs_weight, weight.masked_fill(nm_mask(weight.abs(), keep, group), 0),
+                   weight.masked_fill(wanda_mask(weight, torch.rand(64), 0.0, (keep, group)), 0)):
+        nonzero = (pruned != 0).reshape(16, 64 // group, group).sum(2)
+        assert torch.all(nonzero == keep)
+
+
+def test_nm_rejects_width_not_multiple_of_m():
+    with pytest.raises(ValueError, match="multiple of M=4"):
+        nm_mask(torch.rand(3, 6), 2, 4)
+
+
+def test_dead_inputs_are_zeroed_and_solver_stays_finite():
+    x = correlated_inputs(width=32)
+    x[:, 5] = 0
+    new_weight, _ = obs_prune(torch.randn(8, 32), hessian_of(x), 0.25)
+    assert torch.all(new_weight[:, 5] == 0) and torch.isfinite(new_weight).all()
+
+
+def test_conv2d_path_matches_linear_on_unfolded_input():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, kernel_size=3, padding=1, stride=2)
+    images = torch.randn(4, 3, 9, 9)
+    rows = conv2d_rows(conv, images)
+    linear = nn.Linear(27, 5)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.reshape(5, -1))
+        linear.bias.copy_(conv.bias)
+    conv_out = conv(images).permute(0, 2, 3, 1).reshape(-1, 5)
+    assert torch.allclose(linear(rows), conv_out, atol=1e-5)
+    conv_pruned, _ = obs_prune(conv.weight.reshape(5, -1), hessian_of(rows), 0.5, blocksize=8)
+    linear_pruned, _ = obs_prune(linear.weight, hessian_of(rows), 0.5, blocksize=8)
+    assert torch.equal(conv_pruned, linear_pruned)
+
+
+def test_column_removal_is_least_squares_optimal():
+    x = correlated_inputs(width=24)
+    weight = torch.randn(6, 24)
+    pruner = ColumnPruner(weight, hessian_of(x), damp=1e-8)
+    removed = torch.tensor([1, 5, 6, 20])
+    pruner.remove(removed)
+    keep = torch.ones(24, dtype=torch.bool)
+    keep[removed] = False
+    best = torch.linalg.lstsq(x[:, keep], x @ weight.T).solution.T
+    target = x @ weight.T
+    optimal = float((x[:, keep] @ best.T - target).norm())
+    assert float((x[:, keep] @ pruner.weight.T - target).norm()) <= 1.001 * optimal
+    assert pruner.hessian.shape == (20, 20)

@@ -1,0 +1,69 @@
+"""Structured pruning: removing heads / FFN neurons whose weights are already zero changes nothing."""
+
+import pytest
+import torch
+
+from diffusion_accel import get_adapter
+from diffusion_accel.prune import PruneConfig, prune_denoiser_
+from diffusion_accel.prune.structured import attention_outputs
+from diffusion_accel.testing.tiny import build_tiny
+
+from prune_helpers import generate
+
+FRACTION = 0.5
+
+
+def zero_prunable_units(pipe, fraction: float) -> tuple[int, int]:
+    """Zero the output columns of the first round(n * fraction) FFN neurons and heads of every unit."""
+    adapter = get_adapter(pipe)
+    denoiser = adapter.denoiser
+    heads = neurons = 0
+    with torch.no_grad():
+        for ffn in adapter.ffns():
+            count = min(round(ffn.hidden * fraction), ffn.hidden - 1)
+            start = ffn.proj_out_offset
+            denoiser.get_submodule(ffn.proj_out).weight[:, start:start + count] = 0
+            neurons += count
+        for attn in adapter.attention():
+            count = min(round(attn.heads * fraction), attn.heads - 1)
+            for name, start in attention_outputs(attn):
+                denoiser.get_submodule(name).weight[:, start:start + count * attn.head_dim] = 0
+            heads += count
+    return heads, neurons
+
+
+@pytest.mark.parametrize("family", ["sd", "flux", "sd3", "dit", "ddpm"])
+def test_removing_zero_units_keeps_outputs(family):
+    pipe = build_tiny(family)
+    heads, neurons = zero_prunable_units(pipe, FRACTION)
+    before = generate(pipe, family)
+    config = PruneConfig(method="magnitude", sparsity=FRACTION, pattern="structured", keep_last_block_dense=False)
+    report = prune_denoiser_(get_adapter(pipe).denoiser, config)
+    after = generate(pipe, family)
+    assert (report.heads_removed, report.neurons_removed) == (heads, neurons)
+    assert report.params_after < report.params_before
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_gated_ffn_and_heads_shrink_layers():
+    pipe = build_tiny("sd")
+    adapter = get_adapter(pipe)
+    ffn, attn = adapter.ffns()[0], adapter.attention()[0]
+    assert ffn.gated
+    prune_denoiser_(adapter.denoiser, PruneConfig(method="magnitude", sparsity=0.25, pattern="structured"))
+    after_ffn = next(f for f in get_adapter(pipe).ffns() if f.name == ffn.name)
+    after_attn = next(a for a in get_adapter(pipe).attention() if a.name == attn.name)
+    assert after_ffn.hidden == ffn.hidden - round(ffn.hidden * 0.25)
+    assert adapter.denoiser.get_submodule(ffn.proj_in[0]).out_features == 2 * after_ffn.hidden
+    assert after_attn.heads == attn.heads - round(attn.heads * 0.25)
+    assert adapter.denoiser.get_submodule(attn.to_k).out_features == after_attn.heads * attn.head_dim
+
+
+def test_flux_single_block_offset_columns():
+    pipe = build_tiny("flux")
+    block = pipe.transformer.single_transformer_blocks[0]
+    width, hidden = block.attn.to_q.out_features, block.proj_mlp.out_features
+    prune_denoiser_(pipe.transformer, PruneConfig(method="magnitude", sparsity=0.5, pattern="structured"))
+    new_hidden, heads = block.proj_mlp.out_features, block.attn.heads
+    assert new_hidden == hidden // 2 and heads == 1
+    assert block.proj_out.in_features == heads * (width // 2) + new_hidden
