@@ -6,6 +6,7 @@ Public API (every function returns the pipeline it was given where it takes one)
 - ``evaluate({name: pipe}, prompts, metrics=...)``: FID / CLIP / PSNR / SSIM / latency table
 - ``save(pipe, dir)`` / ``load(base_pipe, dir)``: safetensors + JSON manifest artifacts
 - ``enable_cache(pipe, DeepCacheConfig(...))`` / ``remove_cache(pipe)``: feature caching
+- ``quantize_(pipe, PTQConfig.preset("w8a8"), calib=...)``: timestep-aware PTQ, lowered to int8
 - ``prune_(pipe, PruneConfig(method="obs", sparsity=0.5, pattern="2:4"), calib=...)``: OBS pruning
 - ``get_adapter(pipe)``: what a model family looks like (blocks, layer groups, heads, skips)
 - ``zoo.load(name)`` / ``zoo.path(name)``: bundled reference pipelines; ``prompts.load(name)``
@@ -39,13 +40,18 @@ _LAZY_ATTRIBUTES = {
     "CalibratedCacheConfig": ("diffusion_accel.cache", "CalibratedCacheConfig"),
     "calibrate_schedule": ("diffusion_accel.cache", "calibrate_schedule"),
     "fit_teacache_coefficients": ("diffusion_accel.cache", "fit_teacache_coefficients"),
+    # timestep-aware post-training quantization (issue 4)
+    "quantize_": ("diffusion_accel.quant", "quantize_"),
+    "PTQConfig": ("diffusion_accel.quant", "PTQConfig"),
+    "lower_": ("diffusion_accel.quant", "lower_"),
+    "quant_summary": ("diffusion_accel.quant", "summary"),
     # one-shot OBS pruning (issue 5)
     "prune_": ("diffusion_accel.prune", "prune_"),
     "PruneConfig": ("diffusion_accel.prune", "PruneConfig"),
     "prune_report": ("diffusion_accel.prune", "prune_report"),
     "PruneReport": ("diffusion_accel.prune", "PruneReport"),
 }
-_LAZY_MODULES = ("calib", "eval", "zoo", "hooks", "arch", "testing", "loading", "cache", "prune")
+_LAZY_MODULES = ("calib", "eval", "zoo", "hooks", "arch", "testing", "loading", "cache", "prune", "quant")
 
 __all__ = ["ArtifactError", "UnsupportedModelError", "get_adapter", "load", "prompts", "save",
            "supported_denoisers", *_LAZY_ATTRIBUTES, *_LAZY_MODULES]

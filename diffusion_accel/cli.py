@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=3, help="timed repeats for latency")
     demo.set_defaults(handler=_cmd_demo)
 
-    calibrate = sub.add_parser("calibrate", help="run a trajectory calibration pass and save its statistics")
+    calibrate = sub.add_parser(
+        "calibrate", help="trajectory calibration: save statistics, or quantize/prune and save the artifact")
     _add_pipe_args(calibrate, many=False)
     _add_generation_args(calibrate, steps=None)
     calibrate.add_argument("--recipe", default=None, help="a recipe TOML from pipelines/ (sets the defaults)")
@@ -59,7 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="comma list of: ranges, hessian, features (default %(default)s)")
     calibrate.add_argument("--batch-size", type=int, default=None, help="items per pipeline call (default 1)")
     calibrate.add_argument("--layers", default=None, help="glob over eligible layer names (e.g. 'up_blocks.*')")
-    calibrate.add_argument("--out", required=True, help="output folder for statistics + manifest")
+    calibrate.add_argument("--method", default="stats",
+                           help="stats (collector statistics), ptq (quantize), obs, wanda or magnitude "
+                                "(prune); default %(default)s")
+    calibrate.add_argument("--preset", default=None, help="PTQ preset: w8a8 (default), w4a8, w8a16, w4a16, qdiffusion")
+    calibrate.add_argument("--sparsity", type=float, default=None, help="pruning sparsity, e.g. 0.5")
+    calibrate.add_argument("--pattern", default=None, help="pruning pattern: unstructured, 2:4, 4:8, structured")
+    calibrate.add_argument("--out", required=True, help="output folder (statistics, or the artifact)")
     calibrate.set_defaults(handler=_cmd_calibrate)
 
     evaluate = sub.add_parser("eval", help="measure pipelines side by side (table + JSON + Markdown)")

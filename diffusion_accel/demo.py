@@ -2,9 +2,9 @@
 
 1. One trajectory-calibration pass: per-step activation ranges of every eligible layer and the
    step-to-step feature change of every block (what timestep-aware PTQ and caching build on).
-2. ``evaluate`` of the pipeline variants on identical seeds: the fp32 base, a bf16 copy, and every
-   acceleration variant the installed techniques provide, with CLIP score (bundled CLIP),
-   PSNR/SSIM against the base, latency and FLOPs.
+2. ``evaluate`` of the pipeline variants on identical seeds: the fp32 base, a bf16 copy, feature
+   caching, W8A8 lowered to int8, OBS 2:4 pruning and all three stacked, with CLIP score (bundled
+   CLIP), PSNR/SSIM against the base, latency and FLOPs.
 3. A report (JSON + Markdown), a comparison grid and the calibration summary under ``out``.
 """
 
@@ -21,31 +21,61 @@ from . import prompts as prompt_sets
 from .arch import get_adapter
 from .loading import default_demo_spec, load_pipeline
 
-VariantBuilder = Callable[[Any], Any]
+VariantBuilder = Callable[[Any, Any], Any]  # (base pipeline, Calibration) -> accelerated copy
 
 
-def bf16_variant(pipe: Any) -> Any:
+def bf16_variant(pipe: Any, calib: Any) -> Any:
     """A bf16 copy of the pipeline (bf16 matmuls are ~4x faster than fp32 on AMX CPUs)."""
     return copy.deepcopy(pipe).to(torch.bfloat16)
 
 
-def deepcache_variant(pipe: Any) -> Any:
-    """A copy with DeepCache for UNets (full step every 3, cut at the shallowest skip) or static
-    block caching for DiTs (every 3 steps)."""
-    from .cache import BlockCacheConfig, DeepCacheConfig, enable_cache
+def _cache_config(pipe: Any) -> Any:
+    """DeepCache for UNets (full step every 3, cut at the shallowest skip), else static block
+    caching every 3 steps."""
+    from .cache import BlockCacheConfig, DeepCacheConfig
 
-    config = (DeepCacheConfig(interval=3, branch=0) if get_adapter(pipe).component == "unet"
-              else BlockCacheConfig(interval=3))
-    return enable_cache(copy.deepcopy(pipe), config)
+    if get_adapter(pipe).component == "unet":
+        return DeepCacheConfig(interval=3, branch=0)
+    return BlockCacheConfig(interval=3)
+
+
+def cache_variant(pipe: Any, calib: Any) -> Any:
+    from .cache import enable_cache
+
+    return enable_cache(copy.deepcopy(pipe), _cache_config(pipe))
+
+
+def w8a8_variant(pipe: Any, calib: Any) -> Any:
+    """Timestep-aware W8A8 calibrated on the demo trajectory, lowered to int8 GEMMs."""
+    from .quant import PTQConfig, quantize_
+
+    return quantize_(copy.deepcopy(pipe), PTQConfig.preset("w8a8"), calib=calib)
+
+
+def obs_variant(pipe: Any, calib: Any) -> Any:
+    """One-shot OBS pruning to 50% in the 2:4 pattern, log-decrease timestep weights."""
+    from .prune import PruneConfig, prune_
+
+    return prune_(copy.deepcopy(pipe), PruneConfig(method="obs", sparsity=0.5, pattern="2:4"), calib=calib)
+
+
+def stacked_variant(pipe: Any, calib: Any) -> Any:
+    """All three stacked: OBS 2:4, then W8A8, then caching."""
+    from .cache import enable_cache
+
+    return enable_cache(w8a8_variant(obs_variant(pipe, calib), calib), _cache_config(pipe))
 
 
 def demo_variants() -> dict[str, VariantBuilder]:
-    """Variant name -> builder taking the base pipeline; techniques add theirs here as they land."""
-    return {"bf16": bf16_variant, "cache-every-3": deepcache_variant}
+    """Variant name -> builder taking (base pipeline, calibration); each returns an accelerated copy."""
+    return {"bf16": bf16_variant, "cache-every-3": cache_variant, "w8a8": w8a8_variant,
+            "obs-2:4": obs_variant, "obs-2:4+w8a8+cache": stacked_variant}
 
 
-def calibration_summary(pipe: Any, prompts: list, steps: int, seed: int) -> dict[str, Any]:
-    """One calibration pass: range drift across steps per layer, feature change per block."""
+def calibration_pass(pipe: Any, prompts: list, steps: int, seed: int,
+                     call_kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """One calibration pass that every variant reuses (stored trajectory for PTQ, settings for
+    OBS sweeps), plus a summary: range drift across steps per layer, feature change per block."""
     from .calib import FeatureChangeProbe, RangeObserver, calibrate
 
     adapter = get_adapter(pipe)
@@ -54,12 +84,13 @@ def calibration_summary(pipe: Any, prompts: list, steps: int, seed: int) -> dict
     ranges = RangeObserver(layers, per_step=True)
     probe = FeatureChangeProbe(blocks)
     calib = calibrate(pipe, prompts, num_inference_steps=steps, collectors=[ranges, probe],
-                      seed=seed, store_trajectory=False, progress=True)
+                      seed=seed, store_trajectory=True, progress=True, **call_kwargs)
     drift = {name: _range_drift(ranges.step_ranges(name)) for name in layers}
     change = {name: _mean(probe.mean_change(name)) for name in blocks}
-    return {"family": adapter.family, "calibration": calib.summary(),
-            "layers": len(layers), "blocks": len(blocks),
-            "max_range_drift": _top(drift, 5), "slowest_changing_blocks": _top(change, 5, lowest=True)}
+    summary = {"family": adapter.family, "calibration": calib.summary().splitlines(),
+               "layers": len(layers), "blocks": len(blocks),
+               "max_range_drift": _top(drift, 5), "slowest_changing_blocks": _top(change, 5, lowest=True)}
+    return calib, summary
 
 
 def _range_drift(step_ranges: dict[int, tuple[float, float]]) -> float:
@@ -97,11 +128,11 @@ def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: i
     prompt_list = (prompt_sets.load(prompts, limit=num_prompts) if prompts
                    else prompt_sets.for_pipeline(pipe, limit=num_prompts))
     out.mkdir(parents=True, exist_ok=True)
-    summary = calibration_summary(pipe, prompt_list, steps, seed)
+    call_kwargs = {} if guidance is None else {"guidance_scale": guidance}
+    calib, summary = calibration_pass(pipe, prompt_list, steps, seed, call_kwargs)
     (out / "calibration.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    variants = {"fp32": pipe} | {name: build(pipe) for name, build in demo_variants().items()}
+    variants = {"fp32": pipe} | {name: build(pipe, calib) for name, build in demo_variants().items()}
     clip_folder = _clip_model_folder()
     metrics = ("psnr", "ssim", "latency", "flops") + (("clip",) if clip_folder else ())
-    call_kwargs = {} if guidance is None else {"guidance_scale": guidance}
     return evaluate(variants, prompt_list, metrics=metrics, num_inference_steps=steps, seed=seed,
                     clip_model=clip_folder, call_kwargs=call_kwargs, output_dir=out, repeats=repeats)

@@ -29,6 +29,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 COLLECTOR_KINDS = ("ranges", "hessian", "features")
+METHODS = ("stats", "ptq", "obs", "wanda", "magnitude")
 CALIBRATION_KEYS = ("prompts", "num_prompts", "steps", "guidance", "selection", "weighting", "batch_size")
 
 
@@ -93,9 +94,9 @@ def statistics_tensors(collectors: list[Any]) -> dict[str, torch.Tensor]:
 
 
 def calibrate_from_args(args: argparse.Namespace) -> str:
-    """Run ``diffusion-accel calibrate``: one pass, statistics + manifest written to ``--out``."""
-    from .calib import calibrate
-
+    """Run ``diffusion-accel calibrate``: statistics (``--method stats``) or an accelerated artifact."""
+    if args.method not in METHODS:
+        raise ValueError(f"--method {args.method!r}: accepted methods are {', '.join(METHODS)}")
     recipe = load_recipe(args.recipe) if args.recipe else {}
     model = recipe.get("model", {})
     spec = args.pipe or model.get("id") or default_demo_spec()
@@ -103,13 +104,46 @@ def calibrate_from_args(args: argparse.Namespace) -> str:
     settings = merged_settings(args, recipe)
     prompt_list = (prompt_sets.load(settings["prompts"], limit=settings["num_prompts"]) if settings["prompts"]
                    else prompt_sets.for_pipeline(pipe, limit=settings["num_prompts"]))
-    collectors = build_collectors(pipe, [k.strip() for k in args.collect.split(",") if k.strip()], args.layers)
+    if args.method == "stats":
+        collectors = build_collectors(pipe, [k.strip() for k in args.collect.split(",") if k.strip()], args.layers)
+        calib = _run_calibration(pipe, prompt_list, settings, args.seed, collectors, store_trajectory=False)
+        _write_statistics(Path(args.out), spec, pipe, settings, calib, collectors)
+        return calib.summary() + f"\nstatistics written to {args.out}/"
+    technique_summary = _apply_technique(pipe, args, recipe, _run_calibration(
+        pipe, prompt_list, settings, args.seed, [], store_trajectory=args.method == "ptq"))
+    from .artifact import save
+
+    save(pipe, args.out)
+    return technique_summary + f"\nartifact (safetensors + manifest.json) written to {args.out}/"
+
+
+def _run_calibration(pipe: Any, prompt_list: list, settings: dict[str, Any], seed: int,
+                     collectors: list[Any], store_trajectory: bool) -> Any:
+    from .calib import calibrate
+
     guidance = {} if settings["guidance"] is None else {"guidance_scale": settings["guidance"]}
-    calib = calibrate(pipe, prompt_list, num_inference_steps=settings["steps"], collectors=collectors,
-                      steps=_selection(settings["selection"]), weighting=settings["weighting"],
-                      batch_size=settings["batch_size"], seed=args.seed, store_trajectory=False, **guidance)
-    _write_statistics(Path(args.out), spec, pipe, settings, calib, collectors)
-    return calib.summary() + f"\nstatistics written to {args.out}/"
+    return calibrate(pipe, prompt_list, num_inference_steps=settings["steps"], collectors=collectors,
+                     steps=_selection(settings["selection"]), weighting=settings["weighting"],
+                     batch_size=settings["batch_size"], seed=seed, store_trajectory=store_trajectory,
+                     **guidance)
+
+
+def _apply_technique(pipe: Any, args: argparse.Namespace, recipe: dict[str, Any], calib: Any) -> str:
+    """Quantize (``ptq``) or prune (``obs``/``wanda``/``magnitude``) with the recipe's table + flags."""
+    if args.method == "ptq":
+        from .quant import PTQConfig, quantize_, summary
+
+        options = dict(recipe.get("quant", {}))
+        preset = args.preset or options.pop("preset", "w8a8")
+        quantize_(pipe, PTQConfig.preset(preset, **options), calib=calib)
+        return summary(pipe)
+    from .prune import PruneConfig, prune_, prune_report
+
+    options = dict(recipe.get("prune", {})) | {"method": args.method}
+    options |= {key: value for key, value in (("sparsity", args.sparsity), ("pattern", args.pattern))
+                if value is not None}
+    prune_(pipe, PruneConfig(**options), calib=calib)
+    return str(prune_report(pipe))
 
 
 def _selection(value: Any) -> Any:

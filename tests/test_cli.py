@@ -80,7 +80,8 @@ def test_demo_runs_on_the_tiny_pipeline(tmp_path, capsys):
                  "--out", str(out)])
     assert code == 0
     table = capsys.readouterr().out
-    assert "| fp32 |" in table and "| bf16 |" in table and "| cache-every-3 |" in table
+    for variant in ("fp32", "bf16", "cache-every-3", "w8a8", "obs-2:4", "obs-2:4+w8a8+cache"):
+        assert f"| {variant} |" in table
     assert {"report.json", "report.md", "grid.png", "calibration.json"} <= {p.name for p in out.iterdir()}
 
 
@@ -88,3 +89,28 @@ def test_parser_lists_every_subcommand():
     text = build_parser().format_help()
     for command in SUBCOMMANDS:
         assert command in text
+
+
+@pytest.mark.parametrize("method, extra", [("ptq", ["--preset", "w8a8"]),
+                                           ("magnitude", ["--sparsity", "0.5", "--pattern", "2:4"]),
+                                           ("obs", ["--sparsity", "0.3"])])
+def test_calibrate_method_writes_a_loadable_artifact(method, extra, tmp_path, capsys):
+    import torch
+
+    import diffusion_accel as da
+    from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
+
+    out = tmp_path / method
+    code = main(["calibrate", "--pipe", "tiny:sd", "--method", method, "--steps", "3", "--num-prompts", "2",
+                 "--out", str(out), *extra])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["techniques"][0]["name"] in ("ptq", "prune")
+    loaded = da.load(build_tiny("sd"), out)
+    images = loaded(**tiny_call_kwargs("sd")).images
+    assert torch.isfinite(images).all()
+
+
+def test_calibrate_unknown_method_is_a_user_error(capsys):
+    assert main(["calibrate", "--pipe", "tiny:sd", "--method", "fp4", "--out", "x"]) == 2
+    assert "accepted methods" in capsys.readouterr().err

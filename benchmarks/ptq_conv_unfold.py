@@ -1,0 +1,75 @@
+"""Is a 3x3 conv faster as unfold + int8 GEMM (torch._int_mm) than as an fp32 / bf16 conv on this CPU?
+
+    python benchmarks/ptq_conv_unfold.py
+
+SD 1.5 UNet conv shapes at 256 px, batch 2; median of 5 after warm-up, eager and compiled unfold
+path. Decides whether ``lower.py`` lowers k x k convs to int8 GEMMs (it does not: see results).
+Writes ``benchmarks/results/ptq_conv_unfold.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diffusion_accel.eval.machine import machine_info
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = [(320, 32), (640, 16), (1280, 8)]  # (channels, latent side) of SD 1.5 resnet convs at 256 px
+
+
+def median_ms(fn, repeats: int = 5) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return sorted(samples)[len(samples) // 2]
+
+
+def unfold_int8(x: torch.Tensor, w_t: torch.Tensor, scale: float, out_scale: torch.Tensor) -> torch.Tensor:
+    """3x3 conv as unfold + quantize + int8 GEMM + rescale; x (N, C, H, W), w_t (C*9, O) int8."""
+    n, c, h, w = x.shape
+    cols = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, c * 9)
+    q = torch.clamp(torch.round(cols / scale), -128, 127).to(torch.int8)
+    out = torch._int_mm(q, w_t).to(torch.float32) * out_scale
+    return out.reshape(n, h * w, -1).transpose(1, 2).reshape(n, -1, h, w)
+
+
+def measure(channels: int, side: int) -> dict[str, float]:
+    x = torch.randn(2, channels, side, side)
+    weight = torch.randn(channels, channels, 3, 3) * 0.02
+    w_t = torch.randint(-127, 128, (channels * 9, channels), dtype=torch.int8)
+    out_scale = torch.rand(channels) * 1e-3
+    compiled = torch.compile(unfold_int8)
+    with torch.inference_mode():
+        return {"fp32_conv_ms": median_ms(lambda: F.conv2d(x, weight, padding=1)),
+                "bf16_conv_ms": median_ms(lambda: F.conv2d(x.bfloat16(), weight.bfloat16(), padding=1)),
+                "unfold_int8_eager_ms": median_ms(lambda: unfold_int8(x, w_t, 0.05, out_scale)),
+                "unfold_int8_compiled_ms": median_ms(lambda: compiled(x, w_t, 0.05, out_scale))}
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    results = {"machine": machine_info(), "load_average": os.getloadavg(),
+               "shapes": {f"{c}ch_{s}x{s}": measure(c, s) for c, s in SHAPES}}
+    lines = ["# 3x3 conv: fp32 / bf16 conv vs unfold + int8 GEMM (batch 2)", "",
+             f"threads 2, load average {results['load_average']}", "",
+             "| shape | fp32 conv | bf16 conv | unfold+int8 eager | unfold+int8 compiled |", "|---|---|---|---|---|"]
+    for name, r in results["shapes"].items():
+        lines.append(f"| {name} | {r['fp32_conv_ms']:.1f} | {r['bf16_conv_ms']:.1f} | "
+                     f"{r['unfold_int8_eager_ms']:.1f} | {r['unfold_int8_compiled_ms']:.1f} |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ptq_conv_unfold.json").write_text(json.dumps(results, indent=2, default=str))
+    (RESULTS / "ptq_conv_unfold.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

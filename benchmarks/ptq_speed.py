@@ -1,0 +1,177 @@
+"""PTQ speed and size on the full-size SD 1.5 UNet (random weights) at 256 x 256, batch 2 (CFG).
+
+    python benchmarks/ptq_speed.py [--repeats 5] [--no-compile] [--threads 2]
+
+Denoiser-only latency, median of ``repeats`` after warm-up, every variant timed in this process:
+fp32 eager, fp32 ``torch.compile``, bf16 eager, W8A8 lowered eager and compiled. Calibration runs a
+real StableDiffusionPipeline around the full-size UNet (tiny text encoder with 768-wide states,
+tiny 8x VAE) for one prompt, 2 steps, CFG. Sizes: the fp32 UNet's safetensors bytes vs the PTQ
+artifact plus the base tensors it does not replace (what a standalone quantized checkpoint holds).
+Writes JSON + Markdown to ``benchmarks/results/ptq_speed.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from diffusion_accel.artifact import save
+from diffusion_accel.eval.machine import machine_info
+from diffusion_accel.eval.timing import time_callable
+from diffusion_accel.quant import PTQConfig, lower_, quantize_, summary
+from diffusion_accel.quant.state import get_state
+from diffusion_accel.testing.fullsize import build_fullsize
+from diffusion_accel.testing.tiny import _sd_scheduler, tiny_clip_text, tiny_vae
+from diffusion_accel.testing.tokenizers import clip_tokenizer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RESOLUTION, BATCH = 256, 2
+
+
+def sd15_pipeline() -> tuple[StableDiffusionPipeline, Callable[..., dict[str, Any]]]:
+    """A StableDiffusionPipeline around the full-size SD 1.5 UNet, and the UNet's input maker."""
+    unet, make_inputs = build_fullsize("sd15")
+    vae = tiny_vae(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                   up_block_types=("UpDecoderBlock2D",) * 4)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=tiny_clip_text(hidden=768, projection_dim=768),
+                                   tokenizer=clip_tokenizer(), unet=unet, scheduler=_sd_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, make_inputs
+
+
+def time_denoiser(module: torch.nn.Module, inputs: dict[str, Any], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median / min latency (ms) of one denoiser call; warm-up time (compile included) reported too."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        stats = time_callable(lambda: module(**inputs), warmup=warmup, repeats=repeats)
+    return {"median_ms": stats.median_ms, "p10_ms": stats.p10_ms, "p90_ms": stats.p90_ms,
+            "total_s_incl_warmup": time.perf_counter() - start}
+
+
+def state_bytes(module: torch.nn.Module) -> dict[str, int]:
+    """Bytes of every state-dict tensor of ``module`` (no copies kept)."""
+    return {k: t.numel() * t.element_size() for k, t in module.state_dict().items()}
+
+
+def artifact_size(pipe: Any, base_state: dict[str, int]) -> dict[str, float]:
+    """Artifact bytes, and artifact + base tensors not replaced by quantized weights, vs fp32."""
+    layers = set(get_state(pipe.unet).layers)
+    kept = {k: v for k, v in base_state.items() if not (k.endswith(".weight") and k[:-7] in layers)}
+    with tempfile.TemporaryDirectory() as folder:
+        save(pipe, folder)
+        artifact = sum(f.stat().st_size for f in Path(folder).iterdir())
+    fp32 = sum(base_state.values())
+    standalone = artifact + sum(kept.values())
+    return {"artifact_mb": artifact / 2**20, "standalone_mb": standalone / 2**20, "fp32_mb": fp32 / 2**20,
+            "standalone_ratio": standalone / fp32, "artifact_ratio": artifact / fp32}
+
+
+def weight_only_size(config: PTQConfig, base_state: dict[str, int]) -> dict[str, float]:
+    """Size of a weight-only quantized copy (no calibration needed)."""
+    pipe, _ = sd15_pipeline()
+    quantize_(pipe, config)
+    return artifact_size(pipe, base_state)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    pipe, make_inputs = sd15_pipeline()
+    inputs = make_inputs(BATCH, RESOLUTION)
+    base_state = state_bytes(pipe.unet)
+    sizes = {"w4a16_per_channel": weight_only_size(PTQConfig(weights="int4", activations=None), base_state),
+             "w4a16_group128": weight_only_size(PTQConfig(weights="int4", activations=None,
+                                                          weight_granularity="group", group_size=128), base_state)}
+    results: dict[str, Any] = {"machine": machine_info(), "load_average_start": os.getloadavg(),
+                               "resolution": RESOLUTION, "batch": BATCH, "repeats": args.repeats,
+                               "compiled_repeats": args.compiled_repeats, "latency": {}, "size": sizes}
+    lat = results["latency"]
+    partial = RESULTS / "ptq_speed.partial.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    lat["fp32_eager"] = time_denoiser(pipe.unet, inputs, args.repeats)
+    print("fp32 eager", lat["fp32_eager"], flush=True)
+    partial.write_text(json.dumps(results, indent=2, default=str))
+    if not args.no_compile:
+        lat["fp32_compiled"] = time_denoiser(torch.compile(pipe.unet), inputs, args.compiled_repeats)
+        print("fp32 compiled", lat["fp32_compiled"], flush=True)
+        partial.write_text(json.dumps(results, indent=2, default=str))
+        torch._dynamo.reset()
+    bf16 = copy.deepcopy(pipe.unet).to(torch.bfloat16)
+    lat["bf16_eager"] = time_denoiser(bf16, {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                                             for k, v in inputs.items()}, args.repeats)
+    print("bf16 eager", lat["bf16_eager"], flush=True)
+    partial.write_text(json.dumps(results, indent=2, default=str))
+    del bf16
+    gc.collect()
+    start = time.perf_counter()
+    quantize_(pipe, PTQConfig(weights="int8", activations="int8", calib_prompts=1, calib_num_steps=2,
+                              calib_steps="all", calib_guidance_scale=7.5,
+                              calib_kwargs=(("height", RESOLUTION), ("width", RESOLUTION))))
+    gc.collect()
+    lower_(pipe)  # after quantize_ returned, so the fp32 originals are already freed
+    results["quantize_s"] = time.perf_counter() - start
+    results["summary"] = summary(pipe)
+    results["size"]["w8a8"] = artifact_size(pipe, base_state)
+    print(results["summary"], flush=True)
+    lat["w8a8_lowered_eager"] = time_denoiser(pipe.unet, inputs, args.repeats)
+    print("w8a8 eager", lat["w8a8_lowered_eager"], flush=True)
+    partial.write_text(json.dumps(results, indent=2, default=str))
+    if not args.no_compile:
+        lat["w8a8_lowered_compiled"] = time_denoiser(torch.compile(pipe.unet), inputs, args.compiled_repeats)
+        print("w8a8 compiled", lat["w8a8_lowered_compiled"], flush=True)
+        partial.write_text(json.dumps(results, indent=2, default=str))
+    results["load_average_end"] = os.getloadavg()
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """A Markdown table of latencies (with ratios to fp32 eager / compiled) and sizes."""
+    lat = results["latency"]
+    partial = RESULTS / "ptq_speed.partial.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    base, compiled = lat["fp32_eager"]["median_ms"], lat.get("fp32_compiled", {}).get("median_ms")
+    m = results["machine"]
+    lines = [f"# PTQ speed: SD 1.5 UNet (random weights), {results['resolution']} px, batch {results['batch']}",
+             "", f"CPU {m['cpu_model']}, {m['cpu_cores_available']} cores, torch threads {m['torch_threads']}, "
+             f"torch {m.get('torch_version')}; load average {results['load_average_start']} -> "
+             f"{results['load_average_end']} (cores shared with other jobs); median of {results['repeats']} "
+             f"(compiled: {results['compiled_repeats']}) after 1 warm-up (the compiled warm-up includes compilation).", "", "| variant | median ms | vs fp32 eager | vs fp32 compiled |", "|---|---|---|---|"]
+    for name, item in lat.items():
+        ratio_c = f"{compiled / item['median_ms']:.2f}x" if compiled else "-"
+        lines.append(f"| {name} | {item['median_ms']:.0f} | {base / item['median_ms']:.2f}x | {ratio_c} |")
+    lines += ["", "| weights | artifact MB | standalone MB | standalone / fp32 |", "|---|---|---|---|"]
+    for name, size in results["size"].items():
+        lines.append(f"| {name} | {size['artifact_mb']:.0f} | {size['standalone_mb']:.0f} | "
+                     f"{size['standalone_ratio']:.3f} |")
+    lines += ["", f"fp32 UNet: {results['size']['w8a8']['fp32_mb']:.0f} MB (artifact = PTQ file only; "
+              "standalone = artifact + the base tensors it does not replace). Quantize time "
+              f"{results['quantize_s']:.0f} s.", "", "```", results["summary"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compiled-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    results = run(args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ptq_speed.json").write_text(json.dumps(results, indent=2, default=str))
+    (RESULTS / "ptq_speed.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

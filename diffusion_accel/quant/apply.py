@@ -1,0 +1,148 @@
+"""``quantize_``: validate, calibrate, build every quantized layer, then swap them in (all or nothing).
+
+A registry maps config types to handlers (a new method is one dataclass and one decorated function).
+Nothing on the pipeline changes until every layer is built; a failure while swapping,
+reconstructing or lowering restores the original layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ..arch.registry import find_denoiser
+from ..artifact import base_fingerprint, mark_applied
+from ..calib import Calibration
+from ..hooks import attach_tracker, detach_tracker_if_unused, get_tracker
+from .attention import install_attention, quantizable_attention, restore_attention
+from .build import build_layer
+from .calibrate import Collected, FilterFn, collect, select_layers
+from .configs import PTQConfig
+from .layers import StepGroups
+from .lower import lower_
+from .reconstruct import reconstruct_blocks
+from .state import TRACKER_CLIENT, PTQState, get_state, set_state, swap_module
+
+TECHNIQUE = "ptq"
+Handler = Callable[[Any, Any, Calibration | None, FilterFn | None], Any]
+_HANDLERS: dict[type, Handler] = {}
+
+
+def register_quant_method(config_type: type) -> Callable[[Handler], Handler]:
+    """Decorator: ``handler(pipe, config, calib, filter_fn) -> pipe`` for configs of ``config_type``."""
+    def decorate(handler: Handler) -> Handler:
+        _HANDLERS[config_type] = handler
+        return handler
+    return decorate
+
+
+def quantize_(pipe: Any, config: Any = None, calib: Calibration | None = None,
+              filter_fn: FilterFn | None = None) -> Any:
+    """Quantize the denoiser of ``pipe`` in place per ``config`` (default W8A8); returns ``pipe``."""
+    config = PTQConfig() if config is None else config
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        raise TypeError(f"quantize_ got a {type(config).__name__}; accepted configs: "
+                        f"{', '.join(t.__name__ for t in _HANDLERS)}")
+    return handler(pipe, config, calib, filter_fn)
+
+
+@register_quant_method(PTQConfig)
+def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: FilterFn | None) -> Any:
+    _, denoiser = find_denoiser(pipe)
+    if get_state(denoiser) is not None:
+        raise ValueError("this pipeline's denoiser is already quantized; quantize a fresh base pipeline")
+    targets = select_layers(pipe, config, filter_fn) if config.weights or config.activations else []
+    attention, skipped = _attention_targets(pipe, config)
+    collected = collect(pipe, config, targets, calib)
+    base_fingerprint(pipe)
+    selector = StepGroups(denoiser, config.timestep_groups, collected.num_steps) \
+        if config.timestep_groups > 1 else None
+    layers = {t.name: build_layer(denoiser.get_submodule(t.name), t, collected, config, selector)
+              for t in targets}
+    state = PTQState(config.to_dict(), [t.name for t in targets], collected.num_steps,
+                     calibration=collected.calibration.summary() if collected.calibration else "",
+                     attention=attention)
+    if skipped:
+        state.notes.append(f"{skipped} attention modules use non-standard processors and stay unquantized")
+    install(pipe, layers, state, lambda originals: _finish(pipe, config, collected, originals))
+    return pipe
+
+
+def _attention_targets(pipe: Any, config: PTQConfig) -> tuple[list[str], int]:
+    """Attention modules to quantize and how many are skipped; raises if attention finds none."""
+    if config.attention is None:
+        return [], 0
+    attention, skipped = quantizable_attention(pipe)
+    if not attention:
+        raise ValueError(f"PTQConfig.attention={config.attention!r}: {type(find_denoiser(pipe)[1]).__name__} "
+                         f"has no attention with a standard processor ({skipped} use other processors)")
+    return attention, skipped
+
+
+def _finish(pipe: Any, config: PTQConfig, collected: Collected, originals: dict[str, nn.Module]) -> None:
+    """Post-install steps that may fail (and then roll back): reconstruction, lowering."""
+    if config.reconstruct:
+        reconstruct_blocks(pipe, config, collected.samples, originals)
+    if config.lower:
+        lower_(pipe)
+
+
+def install(pipe: Any, layers: dict[str, nn.Module], state: PTQState,
+            finish: Callable[[dict[str, nn.Module]], None] | None = None) -> None:
+    """Swap ``layers`` in, attach the step tracker, run ``finish(originals)``; roll back on error."""
+    _, denoiser = find_denoiser(pipe)
+    originals: dict[str, nn.Module] = {}
+    processors: dict[str, Any] = {}
+    try:
+        for name, layer in layers.items():
+            originals[name] = swap_module(denoiser, name, layer)
+        set_state(denoiser, state)
+        if state.attention:
+            processors = install_attention(denoiser, state.attention, state.config["attention"],
+                                           state.config["softmax_bits"])
+        if state.config["timestep_groups"] > 1:
+            attach_tracker(denoiser, pipeline=pipe).register_client(TRACKER_CLIENT)
+        if finish is not None:
+            finish(originals)
+    except BaseException:
+        restore_attention(denoiser, processors)
+        _rollback(denoiser, originals)
+        raise
+    mark_applied(pipe, TECHNIQUE)
+
+
+def _rollback(denoiser: nn.Module, originals: dict[str, nn.Module]) -> None:
+    for name, module in originals.items():
+        swap_module(denoiser, name, module)
+    set_state(denoiser, None)
+    tracker = get_tracker(denoiser)
+    if tracker is not None:
+        tracker.unregister_client(TRACKER_CLIENT)
+        detach_tracker_if_unused(denoiser)
+
+
+def summary(pipe: Any) -> str:
+    """What PTQ did to ``pipe``: config, layer counts by kind, lowering, notes."""
+    _, denoiser = find_denoiser(pipe)
+    state = get_state(denoiser)
+    if state is None:
+        return f"{type(denoiser).__name__}: not quantized"
+    config = state.config
+    kinds: dict[str, int] = {}
+    for name in state.layers:
+        kind = state.lowered.get(name, "simulated")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    lines = [f"PTQ of {type(denoiser).__name__}: weights={config['weights']} "
+             f"({config['weight_granularity']}, scale {config['weight_scale']}), activations="
+             f"{config['activations']} ({config['act_mode']}, {config['act_method']}, "
+             f"{'sym' if config['act_symmetric'] else 'asym'}, timestep groups {config['timestep_groups']})",
+             f"  layers quantized: {len(state.layers)}; execution: "
+             + ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))]
+    if state.attention:
+        lines.append(f"  attention matmuls: {len(state.attention)} modules (Q/K/V {config['attention']} dynamic "
+                     f"per tensor, softmax {config['softmax_bits']}-bit unsigned; simulated)")
+    lines += [f"  note: {note}" for note in state.notes]
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""Build simulated quantized layers from float layers, calibrated ranges and the config."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .calibrate import Collected, LayerTarget, group_ranges
+from .configs import PTQConfig
+from .formats import get_format
+from .layers import CHANNEL_DIMS, QUANT_LAYER_TYPES, ActQuantizer, DynamicActQuantizer, QuantLayer, StepGroups
+from .quantizers import activation_qparams, quantize_weight, segment_sizes, weight_scales
+
+
+def weight_codes(module: nn.Module, config: PTQConfig, split: int | None
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[int, ...]]:
+    """(codes (out, columns), scales (out, S), segment sizes) of ``module``'s weight; Nones if fp."""
+    weight = module.weight.detach()
+    w2d = weight.reshape(weight.shape[0], -1)
+    unit = w2d.shape[1] // weight.shape[1]  # kh * kw for convs, 1 for Linear
+    sizes = segment_sizes(w2d.shape[1], config.weight_granularity, config.group_size, split, unit)
+    if config.weights is None:
+        return None, None, sizes
+    fmt = get_format(config.weights)
+    scale = weight_scales(w2d, fmt, sizes, config.weight_scale)
+    return quantize_weight(w2d, scale, fmt, sizes), scale.to(weight.dtype), sizes
+
+
+def qparam_table(ranges: list[list[tuple[float, float]]], config: PTQConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, S) scales and zero points from ``ranges[segment][group] = (lo, hi)``."""
+    fmt = get_format(config.activations)
+    pairs = [[activation_qparams(lo, hi, fmt, config.act_symmetric) for lo, hi in per_group]
+             for per_group in ranges]
+    scale = torch.tensor([[p[0] for p in seg] for seg in pairs], dtype=torch.float32).T.contiguous()
+    zero = torch.tensor([[p[1] for p in seg] for seg in pairs], dtype=torch.int32).T.contiguous()
+    return scale, zero
+
+
+def activation_quantizer(target: LayerTarget, collected: Collected, config: PTQConfig,
+                         selector: StepGroups | None, channels: int) -> nn.Module | None:
+    """The activation quantizer of ``target`` (None for weight-only configs)."""
+    if config.activations is None:
+        return None
+    channel_dim = CHANNEL_DIMS[target.float_type]
+    if config.act_mode == "dynamic":
+        return DynamicActQuantizer(config.activations, config.act_symmetric, channel_dim)
+    groups, steps = config.timestep_groups, collected.num_steps
+    if target.split is None:
+        ranges = [group_ranges(collected.plain, target.representative, groups, steps)]
+        sizes: tuple[int, ...] = ()
+    else:
+        inner = collected.split.inner
+        ranges = [group_ranges(inner, f"{target.name}[{i}]", groups, steps) for i in (0, 1)]
+        sizes = (target.split, channels - target.split)
+    scale, zero = qparam_table(ranges, config)
+    return ActQuantizer(scale, zero, config.activations, config.act_symmetric or config.activations == "fp8",
+                        sizes, channel_dim, selector)
+
+
+def build_layer(module: nn.Module, target: LayerTarget, collected: Collected, config: PTQConfig,
+                selector: StepGroups | None) -> QuantLayer:
+    """A QuantLinear / QuantConv2d replacing ``module``."""
+    codes, scale, sizes = weight_codes(module, config, target.split)
+    channels = module.weight.shape[1]
+    act = activation_quantizer(target, collected, config, selector, channels)
+    layer_cls = QUANT_LAYER_TYPES[target.float_type]
+    layer = layer_cls(module, codes, scale, sizes, config.weights, act)
+    return layer.to(module.weight.device)

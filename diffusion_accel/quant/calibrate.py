@@ -1,0 +1,186 @@
+"""Which layers PTQ touches, and their activation ranges collected over the denoising trajectory.
+
+Layers come from the adapter (``layer_groups``; the high-precision list is kept in fp unless the
+config says otherwise), then ``include`` / ``exclude`` globs and ``filter_fn(module, fqn)``.
+Layers sharing an input share one observed range. Split-shortcut layers (the adapter's *direct*
+skip concatenations) get one range per channel half from :class:`SegmentRangeObserver`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import get_adapter
+from ..arch.registry import find_denoiser
+from ..calib import Calibration, Collector, RangeObserver, SampleStore, Step, calibrate, call_mode
+from ..prompts import load as load_prompts
+from .configs import PTQConfig
+from .layers import float_type_of
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    """A layer to quantize: its name, float type, split channel (or None) and range source name."""
+
+    name: str
+    float_type: type
+    split: int | None
+    representative: str
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def candidate_layers(pipe: Any, config: PTQConfig) -> tuple[list[list[str]], set[str]]:
+    """Layer groups (shared input) eligible for PTQ, and the adapter's high-precision layers."""
+    adapter = get_adapter(pipe)
+    groups = [list(group.layers) for group in adapter.layer_groups()]
+    high = set(adapter.high_precision_layers())
+    if not config.keep_high_precision:
+        groups += [[name] for name in adapter.high_precision_layers()]
+    return groups, high if config.keep_high_precision else set()
+
+
+def select_layers(pipe: Any, config: PTQConfig, filter_fn: FilterFn | None = None) -> list[LayerTarget]:
+    """The layers PTQ will quantize, in execution order; raises ValueError if none is left."""
+    _, denoiser = find_denoiser(pipe)
+    groups, high = candidate_layers(pipe, config)
+    splits = {c.layer: c.split for c in get_adapter(pipe).skip_concats() if c.direct} \
+        if config.split_shortcut else {}
+    targets: list[LayerTarget] = []
+    for group in groups:
+        chosen = [name for name in group if _wanted(denoiser, name, config, high, filter_fn)]
+        targets += [LayerTarget(name, float_type_of(denoiser.get_submodule(name)), splits.get(name),
+                                chosen[0] if name not in splits else name) for name in chosen]
+    if not targets:
+        raise ValueError(f"no layer of {type(denoiser).__name__} is selected for quantization "
+                         f"(include={list(config.include)}, exclude={list(config.exclude)}, filter_fn)")
+    return targets
+
+
+def _wanted(denoiser: nn.Module, name: str, config: PTQConfig, high: set[str],
+            filter_fn: FilterFn | None) -> bool:
+    module = denoiser.get_submodule(name)
+    if name in high or float_type_of(module) is None:
+        return False
+    if config.include and not _matches(name, config.include):
+        return False
+    if _matches(name, config.exclude):
+        return False
+    return filter_fn is None or bool(filter_fn(module, name))
+
+
+class SegmentRangeObserver(Collector):
+    """Ranges of the channel halves ``[:split]`` and ``[split:]`` (dim 1) of module inputs."""
+
+    def __init__(self, splits: dict[str, int], **range_options: Any) -> None:
+        super().__init__(list(splits))
+        self.splits = dict(splits)
+        parts = [f"{name}[{i}]" for name in splits for i in (0, 1)]
+        self.inner = RangeObserver(parts, **range_options)
+
+    def observe(self, name: str, value: torch.Tensor, step: Step) -> None:
+        split = self.splits[name]
+        self.inner.observe(f"{name}[0]", value[:, :split], step)
+        self.inner.observe(f"{name}[1]", value[:, split:], step)
+
+    def finish(self) -> None:
+        self.inner.finish()
+
+
+@dataclass
+class Collected:
+    """What calibration gave PTQ: range observers, the optional block sample store, steps per call."""
+
+    plain: RangeObserver | None
+    split: SegmentRangeObserver | None
+    samples: SampleStore | None
+    num_steps: int
+    calibration: Calibration | None
+
+
+def _range_options(config: PTQConfig) -> dict[str, Any]:
+    return dict(method=config.act_method, percentile=config.act_percentile,
+                per_step=config.timestep_groups > 1, bits=8)
+
+
+def build_collectors(pipe: Any, config: PTQConfig, targets: Sequence[LayerTarget]) -> list[Collector]:
+    """Range observers for static activations and a SampleStore of blocks for reconstruction."""
+    collectors: list[Collector] = []
+    if config.activations is not None and config.act_mode == "static":
+        plain = sorted({t.representative for t in targets if t.split is None})
+        splits = {t.name: t.split for t in targets if t.split is not None}
+        if plain:
+            collectors.append(RangeObserver(plain, **_range_options(config)))
+        if splits:
+            collectors.append(SegmentRangeObserver(splits, **_range_options(config)))
+    if config.reconstruct:
+        blocks = [info.name for info in get_adapter(pipe).blocks()]
+        collectors.append(SampleStore(blocks, max_samples=config.recon_samples, with_outputs=True))
+    return collectors
+
+
+def default_calibration_inputs(pipe: Any, count: int) -> dict[str, Any]:
+    """``calibrate`` keyword arguments giving ``count`` default items for this pipeline's call mode."""
+    mode = call_mode(pipe)
+    if mode == "prompt":
+        return {"prompts": load_prompts("default", limit=count)}
+    if mode == "unconditional":
+        return {"num_samples": count}
+    return {"prompts": list(range(count))}
+
+
+def collect(pipe: Any, config: PTQConfig, targets: Sequence[LayerTarget],
+            calib: Calibration | None) -> Collected:
+    """Run (or replay) calibration into fresh collectors; raises ValueError if it saw nothing."""
+    collectors = build_collectors(pipe, config, targets)
+    result, num_steps = None, config.calib_num_steps
+    if collectors:
+        result = _run(pipe, config, collectors, calib)
+        if result.observed_calls == 0:
+            raise ValueError("the calibration observed no denoiser calls (empty prompts or no selected "
+                             f"steps: {result.selected_steps}); nothing to set activation ranges from")
+        num_steps = result.settings.num_inference_steps
+    by_type = {type(c): c for c in collectors}
+    return Collected(by_type.get(RangeObserver), by_type.get(SegmentRangeObserver),
+                     by_type.get(SampleStore), num_steps, result)
+
+
+def _run(pipe: Any, config: PTQConfig, collectors: list[Collector], calib: Calibration | None) -> Calibration:
+    if calib is None:
+        return calibrate(pipe, num_inference_steps=config.calib_num_steps, collectors=collectors,
+                         steps=config.calib_steps, guidance_scale=config.calib_guidance_scale,
+                         store_trajectory=False, progress=False,
+                         **default_calibration_inputs(pipe, config.calib_prompts), **dict(config.calib_kwargs))
+    if not isinstance(calib, Calibration):
+        raise TypeError(f"calib must be a diffusion_accel Calibration or None, got {type(calib).__name__}")
+    if calib.observed_calls == 0:
+        raise ValueError("the given calibration is empty: it observed no denoiser calls")
+    if calib.trajectory:
+        return calib.replay(collectors, find_denoiser(pipe)[1], progress=False)
+    return calib.rerun(pipe, collectors, progress=False)
+
+
+def group_ranges(observer: RangeObserver, name: str, groups: int, num_steps: int) -> list[tuple[float, float]]:
+    """(lo, hi) per timestep group: the union of the step ranges falling in each group.
+
+    A group with no calibrated step falls back to the range over all steps.
+    """
+    if groups == 1:
+        return [observer.range(name)]
+    overall = observer.range(name)
+    merged: list[tuple[float, float] | None] = [None] * groups
+    for step, (lo, hi) in observer.step_ranges(name).items():
+        g = min(groups - 1, step * groups // max(num_steps, 1))
+        old = merged[g]
+        merged[g] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+    return [item if item is not None else overall for item in merged]

@@ -1,0 +1,185 @@
+"""``PTQConfig``: what to quantize and how, validated up front with errors naming the accepted values."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from ..calib.schedule import select_steps
+from .formats import ACTIVATION_FORMATS, WEIGHT_FORMATS
+
+WEIGHT_GRANULARITIES = ("per_channel", "group")
+GROUP_SIZES = (32, 64, 128, 256)
+WEIGHT_SCALE_METHODS = ("max", "mse")
+ACT_METHODS = ("minmax", "percentile", "mse")
+ACT_MODES = ("static", "dynamic")
+
+
+@dataclass(frozen=True)
+class PTQConfig:
+    """Timestep-aware post-training quantization of the denoiser (Q-Diffusion style).
+
+    weights: "int8" | "int4" | "fp8" | None (keep fp). activations: "int8" | "fp8" | None (weight-only).
+    weight_granularity: "per_channel" (symmetric, one scale per output channel) or "group"
+    (``group_size`` input columns per scale). weight_scale: "max" or "mse" (clipping search).
+    act_mode: "static" (per-tensor scale from calibration) or "dynamic" (per-token at run time).
+    act_method: how static ranges are set ("minmax", "percentile", "mse"). act_symmetric: False =
+    asymmetric with a zero point. timestep_groups: K > 1 gives K activation scales over the
+    trajectory, chosen at run time by the step index. split_shortcut: separate scales for the two
+    channel halves of UNet skip concatenations. include/exclude: fnmatch globs on layer names.
+    keep_high_precision: keep the adapter's high-precision layers (conv_in, embeddings, conv_out).
+    calib_*: used only when ``quantize_`` runs the calibration itself. reconstruct: AdaRound/BRECQ
+    block reconstruction with ``recon_iters`` iterations per block. lower: turn the calibrated
+    layers into real int8 / packed int4 layers at the end. attention: "int8" | "fp8" | None quantizes
+    the attention matmul inputs (Q, K, V dynamic per tensor) and the softmax output on an unsigned
+    ``softmax_bits`` grid, for standard ``Attention`` processors (simulated).
+    """
+
+    weights: str | None = "int8"
+    activations: str | None = "int8"
+    weight_granularity: str = "per_channel"
+    group_size: int = 128
+    weight_scale: str = "max"
+    act_mode: str = "static"
+    act_method: str = "minmax"
+    act_percentile: float = 99.99
+    act_symmetric: bool = False
+    timestep_groups: int = 1
+    split_shortcut: bool = True
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    keep_high_precision: bool = True
+    calib_prompts: int = 4
+    calib_num_steps: int = 10
+    calib_steps: str | tuple[int, ...] = "uniform:5"
+    calib_guidance_scale: float | None = None
+    calib_kwargs: tuple[tuple[str, Any], ...] = ()
+    reconstruct: bool = False
+    recon_iters: int = 200
+    recon_act_iters: int = 0
+    recon_batch: int = 8
+    recon_samples: int = 64
+    recon_lr: float = 1e-3
+    recon_act_lr: float = 4e-4
+    recon_reg: float = 0.01
+    recon_beta: tuple[float, float] = (20.0, 2.0)
+    recon_warmup: float = 0.2
+    recon_p: float = 2.0
+    lower: bool = True
+    attention: str | None = None
+    softmax_bits: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("include", "exclude", "calib_kwargs"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not isinstance(self.calib_steps, str):
+            object.__setattr__(self, "calib_steps", tuple(self.calib_steps))
+        object.__setattr__(self, "recon_beta", tuple(self.recon_beta))
+        validate(self)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "PTQConfig":
+        """A named recipe ("w8a8", "w4a8", "w8a16", "w4a16", "qdiffusion", "cpu-fast")."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown PTQ preset {name!r}; accepted: {', '.join(PRESETS)}")
+        return cls(**(PRESETS[name] | overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PTQConfig":
+        """Inverse of ``to_dict``; unknown keys raise ValueError naming the accepted ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown PTQConfig fields {unknown}; accepted: {sorted(known)}")
+        items = dict(values)
+        if "calib_kwargs" in items:
+            items["calib_kwargs"] = tuple(tuple(pair) for pair in items["calib_kwargs"])
+        return cls(**items)
+
+    def with_(self, **changes: Any) -> "PTQConfig":
+        """A validated copy with ``changes`` applied."""
+        return replace(self, **changes)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "w8a8": dict(weights="int8", activations="int8"),
+    "w4a8": dict(weights="int4", activations="int8", weight_scale="mse"),
+    "w8a16": dict(weights="int8", activations=None),
+    "w4a16": dict(weights="int4", activations=None, weight_granularity="group", group_size=128),
+    "cpu-fast": dict(weights="int8", activations="int8", calib_prompts=2, calib_num_steps=10,
+                     calib_steps="uniform:5", lower=True),
+    "qdiffusion": dict(weights="int4", activations="int8", weight_scale="mse", act_method="mse",
+                       calib_prompts=32, calib_num_steps=50, calib_steps="uniform:25",
+                       calib_guidance_scale=7.5, reconstruct=True, recon_iters=20000,
+                       recon_act_iters=5000, recon_batch=8, recon_samples=256, recon_lr=1e-3,
+                       recon_act_lr=4e-4, recon_reg=0.01, recon_beta=(20.0, 2.0), recon_warmup=0.2,
+                       recon_p=2.4),
+}
+
+
+def _choice(name: str, value: Any, accepted: tuple) -> None:
+    if value not in accepted:
+        raise ValueError(f"PTQConfig.{name}={value!r} is not supported; accepted: "
+                         f"{', '.join(repr(a) for a in accepted)}")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"PTQConfig.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def validate(config: PTQConfig) -> None:
+    """Raise ValueError naming the bad field, its value and the accepted values."""
+    _choice("weights", config.weights, WEIGHT_FORMATS)
+    _choice("activations", config.activations, ACTIVATION_FORMATS)
+    if config.weights is None and config.activations is None and config.attention is None:
+        raise ValueError("PTQConfig needs weights, activations or attention to quantize; all are None")
+    _choice("weight_granularity", config.weight_granularity, WEIGHT_GRANULARITIES)
+    _choice("group_size", config.group_size, GROUP_SIZES)
+    _choice("weight_scale", config.weight_scale, WEIGHT_SCALE_METHODS)
+    _choice("act_mode", config.act_mode, ACT_MODES)
+    _choice("act_method", config.act_method, ACT_METHODS)
+    if not isinstance(config.act_percentile, (int, float)) or not 50.0 < config.act_percentile <= 100.0:
+        raise ValueError(f"PTQConfig.act_percentile must be in (50, 100], got {config.act_percentile!r}")
+    _positive_int("timestep_groups", config.timestep_groups)
+    if config.timestep_groups > 1 and config.act_mode == "dynamic":
+        raise ValueError("PTQConfig.timestep_groups > 1 needs act_mode='static' (dynamic scales "
+                         "are computed per token at run time)")
+    for name in ("calib_prompts", "calib_num_steps", "recon_batch", "recon_samples"):
+        _positive_int(name, getattr(config, name))
+    for name in ("recon_iters", "recon_act_iters"):
+        _positive_int(name, getattr(config, name), minimum=0)
+    try:
+        select_steps(config.calib_num_steps, config.calib_steps)
+    except ValueError as error:
+        raise ValueError(f"PTQConfig.calib_steps={config.calib_steps!r} with calib_num_steps="
+                         f"{config.calib_num_steps}: {error}") from None
+    _choice("attention", config.attention, ACTIVATION_FORMATS)
+    if isinstance(config.softmax_bits, bool) or not isinstance(config.softmax_bits, int) \
+            or not 2 <= config.softmax_bits <= 16:
+        raise ValueError(f"PTQConfig.softmax_bits must be an int in [2, 16], got {config.softmax_bits!r}")
+    _check_globs(config)
+    _check_reconstruction(config)
+
+
+def _check_globs(config: PTQConfig) -> None:
+    for name in ("include", "exclude"):
+        for pattern in getattr(config, name):
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"PTQConfig.{name} holds glob strings; got {pattern!r}")
+
+
+def _check_reconstruction(config: PTQConfig) -> None:
+    if not config.reconstruct:
+        return
+    if config.weights not in ("int8", "int4"):
+        raise ValueError(f"PTQConfig.reconstruct=True needs integer weights ('int8' or 'int4'); "
+                         f"got weights={config.weights!r}")
+    if not 0.0 <= config.recon_warmup < 1.0:
+        raise ValueError(f"PTQConfig.recon_warmup must be in [0, 1), got {config.recon_warmup!r}")
+    if len(config.recon_beta) != 2 or min(config.recon_beta) <= 0:
+        raise ValueError(f"PTQConfig.recon_beta must be (start, end) > 0, got {config.recon_beta!r}")

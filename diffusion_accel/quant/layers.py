@@ -1,0 +1,185 @@
+"""Simulated quantized layers registered in place of Linear / Conv2d, and activation quantizers.
+
+``QuantLinear`` / ``QuantConv2d`` hold the integer (or fp8) weight codes and per-segment scales as
+buffers and dequantize on the fly; they keep the original interface (``in_features``,
+``out_channels``, ``weight``, ``bias``, ...). Activations go through an ``ActQuantizer`` (static,
+optionally one scale per timestep group and per channel segment) or a ``DynamicActQuantizer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..hooks import get_tracker
+from .formats import get_format
+from .quantizers import dequantize_weight, dynamic_qparams, expand_segments, fake_quant_act
+
+
+class StepGroups:
+    """Maps the denoiser's current step index to one of ``groups`` equal slices of the trajectory.
+
+    Holds a plain (strong) reference to the denoiser so that ``copy.deepcopy`` of a quantized
+    denoiser gives a copy whose selector reads the copy's tracker.
+    """
+
+    def __init__(self, denoiser: nn.Module, groups: int, default_steps: int) -> None:
+        self.denoiser = denoiser
+        self.groups, self.default_steps = groups, default_steps
+
+    def group_of(self, step_index: int, num_steps: int | None = None) -> int:
+        """Group of ``step_index`` in a trajectory of ``num_steps`` (default: the calibration's)."""
+        steps = max(num_steps or self.default_steps, 1)
+        return min(self.groups - 1, max(step_index, 0) * self.groups // steps)
+
+    @torch.compiler.disable
+    def current(self, device: torch.device) -> torch.Tensor:
+        """0-d long tensor: the group of the denoiser call in progress (0 without a tracker)."""
+        tracker = get_tracker(self.denoiser)
+        if tracker is None:
+            return torch.zeros((), dtype=torch.long, device=device)
+        group = self.group_of(tracker.step_index, tracker.num_inference_steps)
+        return torch.tensor(group, dtype=torch.long, device=device)
+
+
+class ActQuantizer(nn.Module):
+    """Static activation fake-quantizer: scale / zero point per (timestep group, channel segment).
+
+    ``scale`` and ``zero_point``: (G, S). ``segment_sizes``: channels per segment along
+    ``channel_dim`` (S == 1: per-tensor). ``selector`` picks the group at run time when G > 1.
+    """
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, fmt: str, symmetric: bool,
+                 segment_sizes: Sequence[int] = (), channel_dim: int = -1,
+                 selector: StepGroups | None = None) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.float().reshape(scale.shape[0], -1))
+        self.register_buffer("zero_point", zero_point.to(torch.int32).reshape(scale.shape[0], -1))
+        self.fmt_name, self.symmetric, self.channel_dim = fmt, symmetric, channel_dim
+        self.segment_sizes = tuple(segment_sizes) or (0,)
+        self.selector = selector
+
+    @property
+    def fmt(self):
+        return get_format(self.fmt_name)
+
+    def qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero_point) broadcastable to ``x`` for the current timestep group."""
+        if self.scale.shape[0] > 1 and self.selector is not None:
+            group = self.selector.current(self.scale.device)
+            scale, zero_point = self.scale[group], self.zero_point[group]
+        else:
+            scale, zero_point = self.scale[0], self.zero_point[0]
+        if scale.numel() == 1:
+            return scale.reshape(()), zero_point.reshape(())
+        shape = [1] * x.dim()
+        shape[self.channel_dim] = -1
+        full = lambda t: expand_segments(t.reshape(1, -1), self.segment_sizes).reshape(shape)  # noqa: E731
+        return full(scale), full(zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zero_point = self.qparams(x)
+        return fake_quant_act(x, scale.to(x.dtype), zero_point, self.fmt, self.symmetric)
+
+    def extra_repr(self) -> str:
+        groups, segments = self.scale.shape
+        return f"{self.fmt_name}, {'sym' if self.symmetric else 'asym'}, groups={groups}, segments={segments}"
+
+
+class DynamicActQuantizer(nn.Module):
+    """Dynamic per-token activation fake-quantizer (one scale per position, over ``channel_dim``)."""
+
+    def __init__(self, fmt: str, symmetric: bool, channel_dim: int = -1) -> None:
+        super().__init__()
+        self.fmt_name, self.symmetric, self.channel_dim = fmt, symmetric, channel_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = get_format(self.fmt_name)
+        scale, zero_point = dynamic_qparams(x, self.channel_dim, fmt, self.symmetric)
+        return fake_quant_act(x, scale, zero_point, fmt, self.symmetric)
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt_name}, {'sym' if self.symmetric else 'asym'}, per-token"
+
+
+class QuantLayer(nn.Module):
+    """Shared weight handling: codes (out, columns) + scales (out, S), or a float weight if None."""
+
+    def _init_weight(self, source: nn.Module, codes: torch.Tensor | None, scale: torch.Tensor | None,
+                     segment_sizes: Sequence[int], fmt: str | None, act: nn.Module | None) -> None:
+        self.weight_shape = tuple(source.weight.shape)
+        self.segment_sizes, self.weight_fmt = tuple(segment_sizes), fmt
+        if codes is None:
+            self.float_weight = nn.Parameter(source.weight.detach().clone(), requires_grad=False)
+        else:
+            self.register_buffer("weight_codes", codes)
+            self.register_buffer("weight_scale", scale)
+        self.bias = source.bias
+        self.act = act
+        self.rounding: nn.Module | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective (dequantized) weight, original shape."""
+        if self.weight_fmt is None:
+            return self.float_weight
+        if self.rounding is not None:
+            return self.rounding().reshape(self.weight_shape)
+        return dequantize_weight(self.weight_codes, self.weight_scale, self.segment_sizes).reshape(self.weight_shape)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.act is None else self.act(x)
+
+    def describe(self) -> str:
+        """Short label: weight format and segments, activation quantizer."""
+        weights = "fp" if self.weight_fmt is None else f"{self.weight_fmt}x{len(self.segment_sizes)}seg"
+        return f"W:{weights} A:{'fp' if self.act is None else self.act.extra_repr()}"
+
+
+class QuantLinear(QuantLayer):
+    """Simulated quantized ``nn.Linear``."""
+
+    def __init__(self, source: nn.Linear, codes: torch.Tensor | None, scale: torch.Tensor | None,
+                 segment_sizes: Sequence[int], fmt: str | None, act: nn.Module | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = source.in_features, source.out_features
+        self._init_weight(source, codes, scale, segment_sizes, fmt, act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quantized_input(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class QuantConv2d(QuantLayer):
+    """Simulated quantized ``nn.Conv2d`` (zeros padding)."""
+
+    def __init__(self, source: nn.Conv2d, codes: torch.Tensor | None, scale: torch.Tensor | None,
+                 segment_sizes: Sequence[int], fmt: str | None, act: nn.Module | None) -> None:
+        super().__init__()
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                     "groups", "padding_mode"):
+            setattr(self, name, getattr(source, name))
+        self._init_weight(source, codes, scale, segment_sizes, fmt, act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quantized_input(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, self.weight.to(x.dtype), bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+QUANT_LAYER_TYPES: dict[type, type[QuantLayer]] = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
+CHANNEL_DIMS: dict[type, int] = {nn.Linear: -1, nn.Conv2d: 1}
+
+
+def float_type_of(module: nn.Module) -> type | None:
+    """The supported float layer type ``module`` is (Linear / Conv2d with zeros padding), or None."""
+    for klass in type(module).__mro__:
+        if klass in QUANT_LAYER_TYPES:
+            if klass is nn.Conv2d and module.padding_mode != "zeros":
+                return None
+            return klass
+    return None

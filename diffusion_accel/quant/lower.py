@@ -1,0 +1,284 @@
+"""Lowering: simulated quantized layers -> layers that run in low precision or store packed weights.
+
+What each layer becomes (``summary`` lists the counts):
+
+- ``int8-gemm``: int8 weights (per channel, or the two split-shortcut halves) with int8
+  activations (static per-tensor / per timestep group, or dynamic per token): activations are
+  quantized once, multiplied by ``torch._int_mm`` (int8 x int8 -> int32) and rescaled in one fused
+  expression; zero points are folded in via the weight column sums. Linear layers and 1x1
+  stride-1 convs (as a GEMM over pixels).
+- ``int4-packed``: int4 weights stored two per byte, dequantized on the fly; activations stay
+  fake-quantized if configured. torchao's int4 weight-only needs mslk or CUDA here, and torch's
+  ``_weight_int4pack_mm_for_cpu`` measured slower than a dense bf16 matmul: smaller, not faster.
+- ``dequant-int8``: int8 weights that cannot use the int8 GEMM (group-wise, weight-only, k x k
+  convs), stored as int8 and dequantized once into a cached float weight: fp speed, int8 on disk.
+  k x k convs are not lowered to unfold + int8 GEMM: on this CPU (SD 1.5 3x3 shapes, 256 px) it
+  took 1.5-2.6x the fp32 conv's time in eager mode and ran at 0.9-1.4x its speed under
+  torch.compile (mixed, within the shared-core noise), with a 9x larger unfolded input (``benchmarks/ptq_conv_unfold.py``).
+- fp8 layers stay simulated on CPU (no fp8 GEMM here); they count as ``simulated``.
+
+Outputs equal the simulated layers up to float summation order (relative error ~1e-6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch.registry import find_denoiser
+from .formats import get_format
+from .layers import ActQuantizer, DynamicActQuantizer, QuantConv2d, QuantLayer, QuantLinear
+from .quantizers import dequantize_weight, dynamic_qparams, pack_int4, unpack_int4
+from .state import get_state, swap_module
+
+INT8_OFFSET = 128  # unsigned activation codes [0, 255] are shifted to int8 [-128, 127]
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(M, K) int8 @ (K, N) int8 -> (M, N) int32; exact float fallback where ``_int_mm`` can't run.
+
+    CUDA's ``_int_mm`` needs M > 16 and K, N multiples of 8; CPU takes any shape.
+    """
+    m, k = a.shape
+    if a.device.type == "cuda" and (m <= 16 or k % 8 or b.shape[1] % 8):
+        return (a.double() @ b.double()).to(torch.int32)
+    return torch._int_mm(a.contiguous(), b)
+
+
+class Int8GemmCore(nn.Module):
+    """int8 GEMM of activations (M, K) with a weight split in column segments, rescaled to float.
+
+    ``weight_t``: (K, N) int8 codes; ``weight_scale``: (N, S); ``col_sums``: (S, N) int32 per-segment
+    weight column sums (for zero points); ``act``: the calibrated ActQuantizer or DynamicActQuantizer.
+    """
+
+    def __init__(self, codes: torch.Tensor, weight_scale: torch.Tensor, segment_sizes: Sequence[int],
+                 act: nn.Module) -> None:
+        super().__init__()
+        self.segment_sizes = tuple(segment_sizes)
+        self.register_buffer("weight_t", codes.t().contiguous())
+        self.register_buffer("weight_scale", weight_scale.clone())
+        sums = [part.to(torch.int32).sum(dim=1) for part in codes.split(list(segment_sizes), dim=1)]
+        self.register_buffer("col_sums", torch.stack(sums))
+        self.act = act
+        self.symmetric = act.symmetric
+        self.offset = 0 if act.symmetric else INT8_OFFSET
+
+    def codes(self) -> torch.Tensor:
+        """(N, K) int8 weight codes."""
+        return self.weight_t.t()
+
+    def _quantize(self, x: torch.Tensor, scale: torch.Tensor, shifted_zero: torch.Tensor) -> torch.Tensor:
+        """int8 codes ``clamp(round(x / scale) + zero, grid) - offset`` in four passes."""
+        q = torch.round(x / scale.to(x.dtype))
+        return q.add_(shifted_zero.to(x.dtype)).clamp_(-128, 127).to(torch.int8)
+
+    def _segments(self):
+        start = 0
+        for index, size in enumerate(self.segment_sizes):
+            yield index, start, size
+            start += size
+
+    def _static(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Static scales: out = acc * (s_a * s_w) + (bias - (zero - offset) * colsum * s_a * s_w)."""
+        act = self.act
+        grouped = act.scale.shape[0] > 1 and act.selector is not None
+        group = act.selector.current(act.scale.device) if grouped else 0
+        scales, zeros = act.scale[group], act.zero_point[group]
+        out, base = None, None
+        for s, start, size in self._segments():
+            a = s if scales.shape[0] > 1 else 0
+            shifted_zero = zeros[a] - self.offset
+            acc = int8_matmul(self._quantize(x2d[:, start:start + size], scales[a], shifted_zero),
+                              self.weight_t[start:start + size])
+            combined = scales[a].float() * self.weight_scale[:, s].float()
+            correction = shifted_zero * self.col_sums[s] * combined
+            base = -correction if base is None else base - correction
+            out = acc.float() * combined if out is None else out.addcmul_(acc.float(), combined)
+        if bias is not None:
+            base = base + bias.float()
+        return out.add_(base).to(x2d.dtype)
+
+    def _dynamic(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Per-token scales (M, 1): out = (acc - zero_row * colsum) * s_row * s_w + bias."""
+        scale, zero = dynamic_qparams(x2d, -1, get_format("int8"), self.symmetric)
+        shifted_zero = zero - self.offset
+        out = None
+        for s, start, size in self._segments():
+            acc = int8_matmul(self._quantize(x2d[:, start:start + size], scale, shifted_zero),
+                              self.weight_t[start:start + size]).float()
+            acc.sub_(shifted_zero.float() * self.col_sums[s].float()).mul_(scale.float())
+            weight_scale = self.weight_scale[:, s].float()
+            out = acc * weight_scale if out is None else out.addcmul_(acc, weight_scale)
+        if bias is not None:
+            out = out.add_(bias.float())
+        return out.to(x2d.dtype)
+
+    def forward(self, x2d: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, K) float -> (M, N) float in ``x2d``'s dtype, bias added."""
+        if isinstance(self.act, DynamicActQuantizer):
+            return self._dynamic(x2d, bias)
+        return self._static(x2d, bias)
+
+
+class Int8Linear(nn.Module):
+    """Linear layer computed with an int8 GEMM (see ``Int8GemmCore``)."""
+
+    kind = "int8-gemm"
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.segment_sizes, self.weight_fmt = layer.segment_sizes, layer.weight_fmt
+        self.core = Int8GemmCore(layer.weight_codes, layer.weight_scale, layer.segment_sizes, layer.act)
+        self.bias = layer.bias
+
+    @property
+    def act(self) -> nn.Module:
+        return self.core.act
+
+    def export_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.core.codes(), self.core.weight_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.core(x.reshape(-1, x.shape[-1]), self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8Conv1x1(nn.Module):
+    """1x1, stride-1, unpadded, ungrouped Conv2d computed as an int8 GEMM over pixels."""
+
+    kind = "int8-gemm"
+
+    def __init__(self, layer: QuantConv2d) -> None:
+        super().__init__()
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                     "groups", "padding_mode"):
+            setattr(self, name, getattr(layer, name))
+        self.segment_sizes, self.weight_fmt = layer.segment_sizes, layer.weight_fmt
+        self.core = Int8GemmCore(layer.weight_codes, layer.weight_scale, layer.segment_sizes, layer.act)
+        self.bias = layer.bias
+
+    @property
+    def act(self) -> nn.Module:
+        return self.core.act
+
+    def export_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.core.codes(), self.core.weight_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        out = self.core(x.permute(0, 2, 3, 1).reshape(-1, c), self.bias)
+        return out.reshape(n, h, w, self.out_channels).permute(0, 3, 1, 2)
+
+
+class StoredWeightLayer(nn.Module):
+    """Weights stored as int8 codes or packed int4, dequantized cached (int8) or per call (int4).
+
+    Runs the original float op on the dequantized weight; activations fake-quantized if configured.
+    """
+
+    def __init__(self, layer: QuantLayer, op: Callable[..., torch.Tensor], op_kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        for name in ("in_features", "out_features", "in_channels", "out_channels", "kernel_size",
+                     "stride", "padding", "dilation", "groups", "padding_mode"):
+            if hasattr(layer, name):
+                setattr(self, name, getattr(layer, name))
+        self.segment_sizes, self.weight_fmt = layer.segment_sizes, layer.weight_fmt
+        self.weight_shape, self.op, self.op_kwargs = layer.weight_shape, op, dict(op_kwargs)
+        self.packed = layer.weight_fmt == "int4" and layer.weight_codes.shape[1] % 2 == 0
+        codes = pack_int4(layer.weight_codes) if self.packed else layer.weight_codes
+        self.kind = "int4-packed" if self.packed else f"dequant-{layer.weight_fmt}"
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("weight_scale", layer.weight_scale.clone())
+        cached = None if self.packed else self._dequantize()
+        self.register_buffer("cached_weight", cached, persistent=False)
+        self.bias, self.act = layer.bias, layer.act
+
+    def export_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = unpack_int4(self.weight_codes) if self.packed else self.weight_codes
+        return codes, self.weight_scale
+
+    def _dequantize(self) -> torch.Tensor:
+        codes = unpack_int4(self.weight_codes) if self.packed else self.weight_codes
+        return dequantize_weight(codes, self.weight_scale, self.segment_sizes).reshape(self.weight_shape)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.cached_weight if self.cached_weight is not None else self._dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x if self.act is None else self.act(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return self.op(x, self.weight.to(x.dtype), bias, **self.op_kwargs)
+
+
+def _gemm_ready(layer: QuantLayer) -> bool:
+    """int8 weights with at most the activation's segments, and int8 activations."""
+    act = layer.act
+    if layer.weight_fmt != "int8" or act is None or act.fmt_name != "int8":
+        return False
+    if isinstance(act, ActQuantizer) and act.scale.shape[1] > 1:
+        return tuple(act.segment_sizes) == tuple(layer.segment_sizes)
+    return len(layer.segment_sizes) <= 2
+
+
+def _is_pointwise(conv: QuantConv2d) -> bool:
+    return (tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1) and conv.groups == 1
+            and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1))
+
+
+def _lower_linear(layer: QuantLinear) -> nn.Module | None:
+    if _gemm_ready(layer):
+        return Int8Linear(layer)
+    return StoredWeightLayer(layer, F.linear, {})
+
+
+def _lower_conv(layer: QuantConv2d) -> nn.Module | None:
+    if _gemm_ready(layer) and _is_pointwise(layer):
+        return Int8Conv1x1(layer)
+    kwargs = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+    return StoredWeightLayer(layer, F.conv2d, kwargs)
+
+
+LOWERINGS: dict[type, Callable[[Any], nn.Module | None]] = {QuantLinear: _lower_linear, QuantConv2d: _lower_conv}
+UNLOWERED_FORMATS = (None, "fp8")  # float weights / fp8: nothing to lower on this device
+
+
+def lower_layer(layer: nn.Module) -> nn.Module | None:
+    """The lowered replacement of a simulated layer, or None if it stays simulated."""
+    if layer.weight_fmt in UNLOWERED_FORMATS or type(layer) not in LOWERINGS:
+        return None
+    return LOWERINGS[type(layer)](layer)
+
+
+def lower_(pipe: Any) -> Any:
+    """Replace every simulated quantized layer of ``pipe``'s denoiser by its lowered form; returns ``pipe``."""
+    _, denoiser = find_denoiser(pipe)
+    state = get_state(denoiser)
+    if state is None:
+        raise ValueError("lower_ needs a quantized pipeline; call quantize_ first")
+    lowered = {name: lower_layer(denoiser.get_submodule(name)) for name in state.layers
+               if name not in state.lowered}
+    for name, module in lowered.items():
+        if module is not None:
+            swap_module(denoiser, name, module)
+            state.lowered[name] = module.kind
+    _note_lowering(state, lowered)
+    return pipe
+
+
+def _note_lowering(state: Any, lowered: dict[str, nn.Module | None]) -> None:
+    kept = [name for name, module in lowered.items() if module is None]
+    if kept:
+        state.notes.append(f"{len(kept)} layers stay simulated (fp8 or fp weights have no CPU kernel)")
+    if any(kind == "dequant-int8" for kind in state.lowered.values()):
+        state.notes.append("dequant-int8 layers (k x k convs, group-wise or weight-only int8) run the "
+                           "float op on a weight dequantized once: int8 on disk, no speed-up")
+    if any(kind == "int4-packed" for kind in state.lowered.values()):
+        state.notes.append("int4-packed layers dequantize per call (no int4 CPU kernel): smaller, not faster")
+    state.notes[:] = list(dict.fromkeys(state.notes))

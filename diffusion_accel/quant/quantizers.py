@@ -1,0 +1,144 @@
+"""Quantizer math: weight scales (per channel / segment, max or MSE), activation qparams, fake quant.
+
+Weights are symmetric with one scale per (output channel, input segment). A segment is a run of
+flattened input columns (``in * kh * kw`` for convs, in-channel-major): one segment = per-channel,
+equal segments = group-wise, two unequal ones = split-shortcut halves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .formats import NumberFormat
+
+EPS = 1e-12
+MSE_CANDIDATES = torch.linspace(1.0, 0.3, 15).tolist()
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through gradient (identity backward)."""
+    return x + (torch.round(x) - x).detach() if x.requires_grad else torch.round(x)
+
+
+def segment_sizes(columns: int, granularity: str, group_size: int, split: int | None = None,
+                  unit: int = 1) -> tuple[int, ...]:
+    """Column counts of the scale segments of a weight with ``columns`` flattened inputs.
+
+    ``split`` (in channels, times ``unit`` = kh * kw columns each) wins over group-wise; a group
+    size that does not divide ``columns`` falls back to one segment (per-channel).
+    """
+    if split is not None:
+        return (split * unit, columns - split * unit)
+    if granularity == "group" and columns % group_size == 0 and columns > group_size:
+        return (group_size,) * (columns // group_size)
+    return (columns,)
+
+
+def expand_segments(scale: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """(rows, S) per-segment values -> (rows, sum(sizes)) per-column values (or (rows, 1) if S == 1)."""
+    if len(sizes) == 1:
+        return scale
+    if len(set(sizes)) == 1:
+        return scale.repeat_interleave(sizes[0], dim=1)
+    return torch.repeat_interleave(scale, torch.tensor(list(sizes), device=scale.device), dim=1)
+
+
+def _segment_amax(w2d: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """(out, S) absolute max of each row within each segment."""
+    if len(set(sizes)) == 1:
+        return w2d.reshape(w2d.shape[0], len(sizes), sizes[0]).abs().amax(dim=2)
+    return torch.stack([part.abs().amax(dim=1) for part in w2d.split(list(sizes), dim=1)], dim=1)
+
+
+def weight_scales(w2d: torch.Tensor, fmt: NumberFormat, sizes: Sequence[int],
+                  method: str = "max") -> torch.Tensor:
+    """(out, S) symmetric scales of a flattened weight ``w2d`` (out, columns) by max or MSE search."""
+    amax = _segment_amax(w2d.float(), sizes).clamp_min(EPS)
+    if method == "max":
+        return amax / fmt.qmax
+    best_scale, best_error = amax / fmt.qmax, None
+    for fraction in MSE_CANDIDATES:
+        scale = amax * fraction / fmt.qmax
+        error = _segment_error(w2d.float(), scale, fmt, sizes)
+        best_error = error if best_error is None else best_error
+        better = error < best_error
+        best_scale = torch.where(better, scale, best_scale)
+        best_error = torch.minimum(error, best_error)
+    return best_scale
+
+
+def _segment_error(w2d: torch.Tensor, scale: torch.Tensor, fmt: NumberFormat,
+                   sizes: Sequence[int]) -> torch.Tensor:
+    """(out, S) squared error of fake-quantizing each segment with ``scale``."""
+    full = expand_segments(scale, sizes)
+    error = (fmt.round(w2d / full) * full - w2d).pow(2)
+    if len(sizes) == 1:
+        return error.sum(dim=1, keepdim=True)
+    return torch.stack([part.sum(dim=1) for part in error.split(list(sizes), dim=1)], dim=1)
+
+
+def quantize_weight(w2d: torch.Tensor, scale: torch.Tensor, fmt: NumberFormat,
+                    sizes: Sequence[int]) -> torch.Tensor:
+    """Codes (int8 or fp8) of ``w2d`` (out, columns) under per-segment ``scale`` (out, S)."""
+    return fmt.to_codes(w2d.float() / expand_segments(scale.float(), sizes))
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Float weight (out, columns) in ``scale``'s dtype from codes and per-segment scales."""
+    return codes.to(scale.dtype) * expand_segments(scale, sizes)
+
+
+def activation_qparams(lo: float, hi: float, fmt: NumberFormat, symmetric: bool) -> tuple[float, int]:
+    """(scale, zero_point) covering [lo, hi] (widened to include 0); zero_point 0 if symmetric."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if symmetric or fmt.is_float:
+        return max(max(-lo, hi) / fmt.qmax, EPS), 0
+    qmin, qmax = fmt.unsigned_range()
+    scale = max((hi - lo) / (qmax - qmin), EPS)
+    return scale, int(min(max(round(qmin - lo / scale), qmin), qmax))
+
+
+def act_grid(fmt: NumberFormat, symmetric: bool) -> tuple[float, float]:
+    """(qmin, qmax) code range of an activation quantizer."""
+    return (fmt.qmin, fmt.qmax) if symmetric or fmt.is_float else fmt.unsigned_range()
+
+
+def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                   fmt: NumberFormat, symmetric: bool) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with broadcastable ``scale`` / ``zero_point`` (STE when training)."""
+    if fmt.is_float:
+        return fmt.round(x / scale) * scale
+    qmin, qmax = act_grid(fmt, symmetric)
+    zp = zero_point.to(x.dtype)
+    q = torch.clamp(round_ste(x / scale) + zp, qmin, qmax)
+    return (q - zp) * scale
+
+
+def dynamic_qparams(x: torch.Tensor, dim: int, fmt: NumberFormat,
+                    symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (scale, zero_point) of ``x``, reducing over channel dimension ``dim`` (kept)."""
+    lo = x.detach().amin(dim=dim, keepdim=True).clamp_max(0)
+    hi = x.detach().amax(dim=dim, keepdim=True).clamp_min(0)
+    if symmetric or fmt.is_float:
+        return (torch.maximum(-lo, hi) / fmt.qmax).clamp_min(EPS), torch.zeros_like(lo)
+    qmin, qmax = fmt.unsigned_range()
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
+    return scale, torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-8, 7] with an even last dim -> uint8 holding two nibbles (low = even column)."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even number of columns, got {codes.shape[-1]}")
+    nibbles = (codes.to(torch.int16) & 0xF).to(torch.uint8)
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_int4``: uint8 (..., n/2) -> int8 codes (..., n) in [-8, 7]."""
+    low = (packed & 0xF).to(torch.int8)
+    high = (packed >> 4).to(torch.int8)
+    both = torch.stack([low, high], dim=-1).flatten(-2)
+    return torch.where(both > 7, both - 16, both)

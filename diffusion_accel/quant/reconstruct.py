@@ -1,0 +1,159 @@
+"""Block reconstruction (BRECQ with AdaRound, LSQ-style activation steps), block by block.
+
+For each adapter block holding quantized layers, in execution order: every quantized layer gets a
+learnable rectified-sigmoid rounding of its float weight (AdaRound: ``h(V)`` in [0, 1] added to
+``floor(W / s)``), optionally its static activation scales become learnable (LSQ, straight-through
+rounding), and both minimise ``|block_q(x) - block_fp(x)|^p`` over stored block calls plus the
+rounding regulariser ``lambda * sum(1 - |2h - 1|^beta)`` (beta annealed after a warm-up). The
+rounding is then frozen into the integer codes. Inputs are the full-precision model's block inputs
+(from ``SampleStore``), so quantization error of earlier blocks is not propagated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import get_adapter
+from ..arch.registry import find_denoiser
+from ..calib import SampleStore
+from ..calib.trees import tensors_in
+from .configs import PTQConfig
+from .formats import get_format
+from .layers import ActQuantizer, QuantLayer
+from .quantizers import expand_segments
+from .state import get_state
+
+GAMMA, ZETA = -0.1, 1.1
+BatchFn = Callable[[torch.Tensor], tuple[tuple, dict, torch.Tensor]]
+
+
+class AdaRound(nn.Module):
+    """Learnable rounding of a float weight (out, columns) on a fixed per-segment scale grid."""
+
+    def __init__(self, w2d: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int], fmt: str) -> None:
+        super().__init__()
+        full = expand_segments(scale.float(), sizes)
+        scaled = w2d.float() / full
+        self.register_buffer("floor", torch.floor(scaled))
+        self.register_buffer("full_scale", full)
+        rest = (scaled - self.floor).clamp(1e-4, 1 - 1e-4)
+        self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        number = get_format(fmt)
+        self.qmin, self.qmax = number.qmin, number.qmax
+
+    def soft(self) -> torch.Tensor:
+        """h(V) in [0, 1]: the rectified sigmoid."""
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def forward(self) -> torch.Tensor:
+        return torch.clamp(self.floor + self.soft(), self.qmin, self.qmax) * self.full_scale
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * self.soft() - 1).abs().pow(beta)).sum()
+
+    def hard_codes(self) -> torch.Tensor:
+        """Final int8 codes: round up where V >= 0."""
+        return torch.clamp(self.floor + (self.alpha >= 0).float(), self.qmin, self.qmax).to(torch.int8)
+
+
+def _beta(iteration: int, total: int, config: PTQConfig) -> float | None:
+    """Annealed beta, or None during warm-up (no regulariser)."""
+    warm = int(config.recon_warmup * total)
+    if iteration < warm:
+        return None
+    start, end = config.recon_beta
+    return end + (start - end) * (1 - (iteration - warm) / max(total - warm, 1))
+
+
+def _attach(layers: dict[str, QuantLayer], originals: dict[str, nn.Module], learn_act: bool) -> tuple[list, list]:
+    rounding_params, act_params = [], []
+    for name, layer in layers.items():
+        w = originals[name].weight.detach()
+        layer.rounding = AdaRound(w.reshape(w.shape[0], -1), layer.weight_scale, layer.segment_sizes,
+                                  layer.weight_fmt).to(w.device)
+        rounding_params.append(layer.rounding.alpha)
+        if learn_act and isinstance(layer.act, ActQuantizer):
+            layer.act.scale.requires_grad_(True)
+            act_params.append(layer.act.scale)
+    return rounding_params, act_params
+
+
+def _freeze(layers: dict[str, QuantLayer]) -> None:
+    for layer in layers.values():
+        if layer.rounding is not None:
+            layer.weight_codes.copy_(layer.rounding.hard_codes())
+            layer.rounding = None
+        if isinstance(layer.act, ActQuantizer):
+            layer.act.scale.requires_grad_(False)
+            layer.act.scale.data.clamp_(min=1e-12)
+
+
+def reconstruct_block(block: nn.Module, layers: dict[str, QuantLayer], originals: dict[str, nn.Module],
+                      batches: BatchFn, num_samples: int, config: PTQConfig, seed: int = 0) -> None:
+    """Optimise the rounding (and activation scales) of ``layers`` inside ``block``; freeze codes."""
+    saved = {p: p.requires_grad for p in block.parameters()}
+    for p in saved:
+        p.requires_grad_(False)
+    rounding_params, act_params = _attach(layers, originals, config.recon_act_iters > 0)
+    opt_w = torch.optim.Adam(rounding_params, lr=config.recon_lr)
+    opt_a = torch.optim.Adam(act_params, lr=config.recon_act_lr) if act_params else None
+    generator = torch.Generator().manual_seed(seed)
+    total = max(config.recon_iters, config.recon_act_iters)
+    try:
+        with torch.enable_grad():
+            for it in range(total):
+                idx = torch.randperm(num_samples, generator=generator)[:config.recon_batch]
+                args, kwargs, target = batches(idx)
+                pred = tensors_in(block(*args, **kwargs))[0]
+                loss = (pred - target).abs().pow(config.recon_p).mean()
+                beta = _beta(it, config.recon_iters, config)
+                if beta is not None and it < config.recon_iters:
+                    loss = loss + config.recon_reg * sum(layer.rounding.regularizer(beta) for layer in layers.values())
+                opt_w.zero_grad()
+                if opt_a is not None:
+                    opt_a.zero_grad()
+                loss.backward()
+                if it < config.recon_iters:
+                    opt_w.step()
+                if opt_a is not None and it < config.recon_act_iters:
+                    opt_a.step()
+    finally:
+        _freeze(layers)
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+
+
+def store_batches(samples: SampleStore, name: str, device: torch.device) -> tuple[BatchFn, int]:
+    """A batch function over the stored calls of block ``name`` and the number of samples."""
+    count = len(samples.samples(name))
+
+    def batches(indices: torch.Tensor) -> tuple[tuple, dict, torch.Tensor]:
+        call = samples.batch(name, indices.tolist())
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        args = tuple(move(a) for a in call.args)
+        kwargs = {k: move(v) for k, v in call.kwargs.items()}
+        return args, kwargs, tensors_in(call.output)[0].to(device)
+
+    return batches, count
+
+
+def reconstruct_blocks(pipe: Any, config: PTQConfig, samples: SampleStore | None,
+                       originals: dict[str, nn.Module]) -> None:
+    """Reconstruct every adapter block that holds quantized layers, sequentially."""
+    _, denoiser = find_denoiser(pipe)
+    state = get_state(denoiser)
+    if samples is None:
+        raise ValueError("reconstruction needs stored block calls; none were collected")
+    device = next(denoiser.parameters()).device
+    for info in get_adapter(pipe).blocks():
+        layers = {n: denoiser.get_submodule(n) for n in state.layers if n.startswith(info.name + ".")}
+        if not layers or not samples.samples(info.name):
+            continue
+        batches, count = store_batches(samples, info.name, device)
+        reconstruct_block(denoiser.get_submodule(info.name), layers, originals, batches, count, config)
+    state.notes.append(f"block reconstruction: {config.recon_iters} AdaRound iterations per block, "
+                       f"{config.recon_act_iters} activation-step iterations, fp block inputs")

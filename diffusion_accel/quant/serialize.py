@@ -1,0 +1,114 @@
+"""The "ptq" artifact handler: int codes (int4 packed), scales and zero points in safetensors.
+
+Per layer ``L`` the tensors are ``L.codes`` (int8, uint8 for packed int4, float8 for fp8),
+``L.weight_scale`` (out, S), ``L.act_scale`` / ``L.act_zero_point`` (G, S) for static
+activations. The JSON config holds the PTQConfig, each layer's segments and activation kind, and
+which layers were lowered. Restore rebuilds the simulated layers from these exact tensors (then
+lowers the same ones), so a loaded pipeline reproduces the saved one bit for bit. Biases and every
+unquantized weight come from the base pipeline, whose fingerprint the framework checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch.registry import find_denoiser
+from ..artifact import register_technique
+from .apply import TECHNIQUE, install
+from .configs import PTQConfig
+from .layers import (CHANNEL_DIMS, QUANT_LAYER_TYPES, ActQuantizer, DynamicActQuantizer, StepGroups,
+                     float_type_of)
+from .lower import lower_layer
+from .quantizers import pack_int4, unpack_int4
+from .state import PTQState, get_state
+
+
+def _layer_weight(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if hasattr(module, "export_weight"):
+        return module.export_weight()
+    if module.weight_fmt is None:
+        return None, None
+    return module.weight_codes, module.weight_scale
+
+
+def _act_entry(act: nn.Module | None) -> dict[str, Any] | None:
+    if act is None:
+        return None
+    entry = {"fmt": act.fmt_name, "symmetric": act.symmetric, "channel_dim": act.channel_dim,
+             "mode": "dynamic" if isinstance(act, DynamicActQuantizer) else "static"}
+    if isinstance(act, ActQuantizer):
+        entry["segments"] = list(act.segment_sizes)
+    return entry
+
+
+def export_ptq(pipe: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON config, tensors) describing every quantized layer of ``pipe``'s denoiser."""
+    _, denoiser = find_denoiser(pipe)
+    state = get_state(denoiser)
+    layers, tensors = {}, {}
+    for name in state.layers:
+        module = denoiser.get_submodule(name)
+        codes, scale = _layer_weight(module)
+        packed = module.weight_fmt == "int4" and codes.shape[1] % 2 == 0
+        if codes is not None:
+            tensors[f"{name}.codes"] = pack_int4(codes) if packed else codes
+            tensors[f"{name}.weight_scale"] = scale
+        if isinstance(module.act, ActQuantizer):
+            tensors[f"{name}.act_scale"] = module.act.scale
+            tensors[f"{name}.act_zero_point"] = module.act.zero_point
+        layers[name] = {"segments": list(module.segment_sizes), "packed": packed,
+                        "act": _act_entry(module.act), "lowered": state.lowered.get(name)}
+    config = {"ptq_config": state.config, "num_steps": state.num_steps, "layers": layers,
+              "attention": list(state.attention)}
+    return config, tensors
+
+
+def _restore_act(entry: dict[str, Any] | None, name: str, tensors: dict[str, torch.Tensor],
+                 selector: StepGroups | None) -> nn.Module | None:
+    if entry is None:
+        return None
+    if entry["mode"] == "dynamic":
+        return DynamicActQuantizer(entry["fmt"], entry["symmetric"], entry["channel_dim"])
+    segments = entry["segments"] if entry["segments"] != [0] else []
+    return ActQuantizer(tensors[f"{name}.act_scale"], tensors[f"{name}.act_zero_point"], entry["fmt"],
+                        entry["symmetric"], segments, entry["channel_dim"], selector)
+
+
+def _restore_layer(source: nn.Module, name: str, entry: dict[str, Any], config: PTQConfig,
+                   tensors: dict[str, torch.Tensor], selector: StepGroups | None) -> nn.Module:
+    float_type = float_type_of(source)
+    if float_type is None:
+        raise ValueError(f"artifact layer {name!r} is a {type(source).__name__} in this base model; "
+                         f"expected one of {[t.__name__ for t in QUANT_LAYER_TYPES]}")
+    codes = tensors.get(f"{name}.codes")
+    if codes is not None and entry["packed"]:
+        codes = unpack_int4(codes)
+    scale = tensors.get(f"{name}.weight_scale")
+    act = _restore_act(entry["act"], name, tensors, selector)
+    if act is not None and act.channel_dim != CHANNEL_DIMS[float_type]:
+        raise ValueError(f"artifact layer {name!r}: activation channel dim {act.channel_dim} does not fit a "
+                         f"{float_type.__name__}")
+    layer = QUANT_LAYER_TYPES[float_type](source, codes, scale, entry["segments"], config.weights, act)
+    return layer.to(source.weight.device)
+
+
+def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Rebuild the saved quantized layers on ``pipe``'s denoiser (and lower the lowered ones)."""
+    _, denoiser = find_denoiser(pipe)
+    ptq_config = PTQConfig.from_dict(config["ptq_config"])
+    selector = StepGroups(denoiser, ptq_config.timestep_groups, config["num_steps"]) \
+        if ptq_config.timestep_groups > 1 else None
+    layers = {name: _restore_layer(denoiser.get_submodule(name), name, entry, ptq_config, tensors, selector)
+              for name, entry in config["layers"].items()}
+    lowered = {name: lower_layer(layers[name]) for name, entry in config["layers"].items() if entry["lowered"]}
+    final = {name: lowered.get(name) or layer for name, layer in layers.items()}
+    state = PTQState(ptq_config.to_dict(), list(config["layers"]), config["num_steps"],
+                     lowered={name: module.kind for name, module in lowered.items() if module is not None},
+                     notes=["restored from an artifact"], attention=list(config.get("attention", [])))
+    install(pipe, final, state)
+
+
+register_technique(TECHNIQUE, export_ptq, restore_ptq)

@@ -1,0 +1,137 @@
+"""Simulated layers, split-shortcut quantization, timestep-group selection, lowering vs simulation."""
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from diffusion_accel.hooks import attach_tracker
+from diffusion_accel.quant.build import weight_codes
+from diffusion_accel.quant.configs import PTQConfig
+from diffusion_accel.quant.formats import get_format
+from diffusion_accel.quant.layers import ActQuantizer, DynamicActQuantizer, QuantConv2d, QuantLinear, StepGroups
+from diffusion_accel.quant.lower import Int8Conv1x1, Int8Linear, StoredWeightLayer, lower_layer
+from diffusion_accel.quant.quantizers import activation_qparams, quantize_weight, weight_scales
+
+
+def _quant(module, fmt, sizes, act):
+    w2d = module.weight.detach().reshape(module.weight.shape[0], -1)
+    scale = weight_scales(w2d, get_format(fmt), sizes)
+    codes = quantize_weight(w2d, scale, get_format(fmt), sizes)
+    cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv2d
+    return cls(module, codes, scale, sizes, fmt, act)
+
+
+def _split_act(x, split, fmt, channel_dim=1):
+    pairs = [activation_qparams(float(p.min()), float(p.max()), get_format(fmt), False)
+             for p in (x[:, :split], x[:, split:])]
+    scale = torch.tensor([[p[0] for p in pairs]])
+    zero = torch.tensor([[p[1] for p in pairs]])
+    return ActQuantizer(scale, zero, fmt, False, (split, x.shape[1] - split), channel_dim)
+
+
+def _skip_input():
+    torch.manual_seed(0)
+    return torch.cat([torch.randn(2, 8, 4, 4) * 0.05, torch.randn(2, 24, 4, 4) * 20], dim=1)
+
+
+def test_split_shortcut_layer_equals_float_layer_at_16_bits():
+    conv = nn.Conv2d(32, 16, 1)
+    x = _skip_input()
+    layer = _quant(conv, "int16", (8, 24), _split_act(x, 8, "int16"))
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-3, atol=1e-3)
+    assert layer.weight_scale.shape == (16, 2) and layer.act.scale.shape == (1, 2)
+
+
+def test_split_shortcut_beats_one_scale_on_mismatched_halves():
+    conv = nn.Conv2d(32, 16, 1)
+    x = _skip_input()
+    split = _quant(conv, "int8", (8, 24), _split_act(x, 8, "int8"))
+    s, z = activation_qparams(float(x.min()), float(x.max()), get_format("int8"), False)
+    whole = _quant(conv, "int8", (32,), ActQuantizer(torch.tensor([[s]]), torch.tensor([[z]]), "int8", False, (), 1))
+    ref = conv(x)
+    assert (split(x) - ref).pow(2).mean() < (whole(x) - ref).pow(2).mean()
+
+
+def test_split_segments_from_config_follow_the_adapter_split():
+    conv = nn.Conv2d(48, 16, 1)
+    _, scale, sizes = weight_codes(conv, PTQConfig(), split=16)
+    assert sizes == (16, 32) and scale.shape == (16, 2)
+
+
+def test_timestep_group_scale_selected_by_step_index():
+    denoiser = nn.Linear(4, 4)
+    tracker = attach_tracker(denoiser)
+    selector = StepGroups(denoiser, groups=2, default_steps=10)
+    act = ActQuantizer(torch.tensor([[0.5], [0.01]]), torch.tensor([[0], [0]]), "int8", True, (), -1, selector)
+    x = torch.tensor([0.26, 0.74])
+    tracker.step_index = 2            # steps 0..4 -> group 0 (scale 0.5)
+    assert torch.equal(act(x), torch.tensor([0.5, 0.5]))
+    tracker.step_index = 7            # steps 5..9 -> group 1 (scale 0.01)
+    torch.testing.assert_close(act(x), torch.tensor([0.26, 0.74]))
+    assert selector.group_of(0, 50) == 0 and selector.group_of(49, 50) == 1 and selector.group_of(24, 50) == 0
+
+
+def _static(scale, zero, symmetric=False):
+    return ActQuantizer(torch.tensor([[scale]]), torch.tensor([[zero]]), "int8", symmetric, (), -1)
+
+
+@pytest.mark.parametrize("act", [lambda: _static(0.03, 120), lambda: _static(0.03, 0, True),
+                                 lambda: DynamicActQuantizer("int8", False, -1),
+                                 lambda: DynamicActQuantizer("int8", True, -1)])
+def test_int8_linear_matches_simulation(act):
+    torch.manual_seed(0)
+    layer = _quant(nn.Linear(64, 48), "int8", (64,), act())
+    lowered = lower_layer(layer)
+    assert isinstance(lowered, Int8Linear)
+    x = torch.randn(2, 10, 64)
+    torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_conv1x1_split_matches_simulation():
+    conv = nn.Conv2d(32, 16, 1)
+    x = _skip_input()
+    layer = _quant(conv, "int8", (8, 24), _split_act(x, 8, "int8"))
+    lowered = lower_layer(layer)
+    assert isinstance(lowered, Int8Conv1x1)
+    torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-4)
+
+
+def test_kxk_conv_and_int4_lowering_are_storage_forms_that_match_exactly():
+    torch.manual_seed(0)
+    conv = _quant(nn.Conv2d(8, 16, 3, padding=1), "int8", (72,), _static(0.05, 128))
+    lowered = lower_layer(conv)
+    assert isinstance(lowered, StoredWeightLayer) and lowered.kind == "dequant-int8"
+    x = torch.randn(1, 8, 6, 6)
+    assert torch.equal(lowered(x), conv(x))
+    linear = _quant(nn.Linear(64, 8), "int4", (64,), None)
+    packed = lower_layer(linear)
+    assert packed.kind == "int4-packed" and packed.weight_codes.dtype == torch.uint8
+    assert packed.weight_codes.numel() == 64 * 8 // 2
+    x = torch.randn(3, 64)
+    assert torch.equal(packed(x), linear(x))
+
+
+@pytest.mark.slow  # ~30 s of compile on 2 shared cores
+def test_lowered_linear_under_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    lowered = lower_layer(_quant(nn.Linear(64, 32), "int8", (64,), _static(0.03, 120)))
+    x = torch.randn(8, 64)
+    start = time.perf_counter()
+    compiled = torch.compile(lowered, fullgraph=True)
+    out = compiled(x)
+    elapsed = time.perf_counter() - start
+    torch.testing.assert_close(out, lowered(x), rtol=1e-5, atol=1e-5)
+    assert elapsed < 120, f"compiling one lowered Linear took {elapsed:.0f} s"
+
+
+def test_deepcopy_of_a_quantized_denoiser_reads_its_own_tracker():
+    import copy
+
+    denoiser = nn.Sequential(nn.Linear(4, 4))
+    selector = StepGroups(denoiser, groups=2, default_steps=10)
+    denoiser[0] = QuantLinear(denoiser[0], None, None, (4,), None,
+                              ActQuantizer(torch.ones(2, 1), torch.zeros(2, 1), "int8", True, (), -1, selector))
+    twin = copy.deepcopy(denoiser)
+    assert twin[0].act.selector.denoiser is twin and selector.denoiser is denoiser

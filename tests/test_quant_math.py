@@ -1,0 +1,125 @@
+"""Quantizer math: error bounds, per-channel and group-wise scales, zero points, int4 packing, configs."""
+
+import pytest
+import torch
+
+from diffusion_accel.quant import PTQConfig
+from diffusion_accel.quant.formats import get_format
+from diffusion_accel.quant.quantizers import (activation_qparams, dequantize_weight, dynamic_qparams,
+                                              fake_quant_act, pack_int4, quantize_weight, segment_sizes,
+                                              unpack_int4, weight_scales)
+
+
+def test_per_channel_int8_scales_and_error_bound():
+    torch.manual_seed(0)
+    w = torch.randn(8, 32) * torch.linspace(0.1, 10, 8)[:, None]
+    fmt = get_format("int8")
+    scale = weight_scales(w, fmt, (32,))
+    assert scale.shape == (8, 1)
+    torch.testing.assert_close(scale[:, 0], w.abs().amax(dim=1) / 127)
+    error = (dequantize_weight(quantize_weight(w, scale, fmt, (32,)), scale, (32,)) - w).abs()
+    assert (error <= scale / 2 + 1e-6).all()
+
+
+def test_groupwise_int4_has_one_scale_per_group_and_bounded_error():
+    torch.manual_seed(0)
+    w = torch.randn(4, 256)
+    w[:, :64] *= 20  # one loud group must not spoil the others
+    fmt = get_format("int4")
+    sizes = segment_sizes(256, "group", 64)
+    assert sizes == (64,) * 4
+    scale = weight_scales(w, fmt, sizes)
+    assert scale.shape == (4, 4)
+    codes = quantize_weight(w, scale, fmt, sizes)
+    assert codes.min() >= -8 and codes.max() <= 7
+    deq = dequantize_weight(codes, scale, sizes)
+    for g in range(4):
+        part = slice(64 * g, 64 * (g + 1))
+        assert ((deq[:, part] - w[:, part]).abs() <= scale[:, g:g + 1] / 2 + 1e-6).all()
+    per_channel = weight_scales(w, fmt, (256,))
+    error_channel = (dequantize_weight(quantize_weight(w, per_channel, fmt, (256,)), per_channel, (256,)) - w)
+    quiet = slice(64, 256)
+    assert (deq - w)[:, quiet].pow(2).mean() < error_channel[:, quiet].pow(2).mean() / 4
+
+
+def test_mse_scale_search_never_worse_than_max():
+    torch.manual_seed(0)
+    w = torch.randn(16, 128)
+    w[0, 0] = 30.0  # outlier
+    fmt = get_format("int4")
+    errors = {}
+    for method in ("max", "mse"):
+        scale = weight_scales(w, fmt, (128,), method)
+        errors[method] = (dequantize_weight(quantize_weight(w, scale, fmt, (128,)), scale, (128,)) - w).pow(2).sum(1)
+    assert (errors["mse"] <= errors["max"] + 1e-6).all() and errors["mse"].sum() < errors["max"].sum()
+
+
+def test_asymmetric_zero_point_represents_zero_and_the_range():
+    fmt = get_format("int8")
+    scale, zero = activation_qparams(-1.0, 3.0, fmt, symmetric=False)
+    assert scale == pytest.approx(4 / 255) and zero == 64
+    x = torch.tensor([-1.0, 0.0, 3.0, 1.234])
+    out = fake_quant_act(x, torch.tensor(scale), torch.tensor(zero), fmt, False)
+    assert out[1] == 0.0
+    assert (out - x).abs().max() <= scale / 2 + 1e-6
+    sym_scale, sym_zero = activation_qparams(-1.0, 3.0, fmt, symmetric=True)
+    assert sym_zero == 0 and sym_scale == pytest.approx(3 / 127)
+    # a positive-only range is widened to include 0
+    assert activation_qparams(2.0, 3.0, fmt, False)[1] == 0
+
+
+def test_dynamic_per_token_params_follow_each_token():
+    x = torch.stack([torch.linspace(-1, 1, 16), torch.linspace(0, 100, 16)])
+    scale, zero = dynamic_qparams(x, -1, get_format("int8"), symmetric=False)
+    assert scale.shape == (2, 1) and scale[1, 0] > 40 * scale[0, 0]
+    out = fake_quant_act(x, scale, zero, get_format("int8"), False)
+    assert ((out - x).abs() <= scale / 2 + 1e-5).all()
+
+
+def test_int4_pack_round_trip():
+    codes = torch.randint(-8, 8, (5, 12), dtype=torch.int8)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 6)
+    assert torch.equal(unpack_int4(packed), codes)
+
+
+def test_fp8_weights_simulated_within_relative_precision():
+    w = torch.randn(4, 64)
+    fmt = get_format("fp8")
+    scale = weight_scales(w, fmt, (64,))
+    deq = dequantize_weight(quantize_weight(w, scale, fmt, (64,)), scale, (64,))
+    assert ((deq - w).abs() <= w.abs() * 2 ** -3 + scale * 2 ** -6).all()
+
+
+@pytest.mark.parametrize("field, value, accepted", [
+    ("weights", "int3", "'int8', 'int4', 'fp8', None"),
+    ("weights", 3, "'int8'"),
+    ("activations", "int4", "'int8', 'fp8', None"),
+    ("weight_granularity", "block", "'per_channel', 'group'"),
+    ("group_size", 100, "64, 128"),
+    ("act_method", "kl", "'minmax', 'percentile', 'mse'"),
+    ("act_mode", "per_token", "'static', 'dynamic'"),
+])
+def test_bad_config_values_are_named_with_accepted_values(field, value, accepted):
+    with pytest.raises(ValueError) as error:
+        PTQConfig(**{field: value})
+    assert repr(value) in str(error.value) and accepted in str(error.value) and field in str(error.value)
+
+
+def test_more_bad_configs():
+    with pytest.raises(ValueError, match="all are None"):
+        PTQConfig(weights=None, activations=None)
+    with pytest.raises(ValueError, match="calib_steps"):
+        PTQConfig(calib_num_steps=4, calib_steps="uniform:5")
+    with pytest.raises(ValueError, match="timestep_groups"):
+        PTQConfig(act_mode="dynamic", timestep_groups=2)
+    with pytest.raises(ValueError, match="unknown PTQ preset"):
+        PTQConfig.preset("w2a2")
+    with pytest.raises(ValueError, match="unknown PTQConfig fields"):
+        PTQConfig.from_dict({"bits": 3})
+
+
+def test_config_dict_round_trip_and_presets():
+    config = PTQConfig.preset("qdiffusion")
+    assert config.weights == "int4" and config.reconstruct and config.recon_iters == 20000
+    assert PTQConfig.from_dict(config.to_dict()) == config

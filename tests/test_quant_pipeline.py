@@ -1,0 +1,181 @@
+"""PTQ on tiny pipelines of every family: generation, drop-in contract, errors, save/load, recipe."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import diffusion_accel as da
+from diffusion_accel.artifact import ArtifactError, applied_techniques
+from diffusion_accel.calib import CallCounts, calibrate
+from diffusion_accel.quant import PTQConfig, lower_, quantize_, run_ptq_from_recipe, summary
+from diffusion_accel.quant.layers import ActQuantizer, QuantLayer
+from diffusion_accel.testing.contract import check_drop_in
+from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
+
+FAST = dict(calib_prompts=1, calib_num_steps=2, calib_steps="all")
+FLUX_FAST = dict(FAST, calib_kwargs=(("height", 16), ("width", 16)))  # calibrate at the tiny call's size
+
+
+def _calib_kwargs(family):
+    """The tiny call's size options, for calibration calls (PixArt needs them at this size)."""
+    kwargs = tiny_call_kwargs(family)
+    keep = ("height", "width", "use_resolution_binning", "clean_caption")
+    return tuple((k, v) for k, v in kwargs.items() if k in keep)
+
+
+def _images(pipe, family):
+    return pipe(**tiny_call_kwargs(family)).images
+
+
+def _sqnr_db(ref, out):
+    return float(10 * torch.log10(ref.var() / (out - ref).pow(2).mean().clamp_min(1e-20)))
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux", "pixart", "dit", "ddpm"])
+def test_every_family_quantizes_lowers_and_generates(family):
+    pipe = build_tiny(family)
+    reference = _images(pipe, family)
+    guidance = {"calib_guidance_scale": 1.0} if family == "dit" else {}  # tiny DiT has no null class
+    quantize_(pipe, PTQConfig(lower=True, calib_kwargs=_calib_kwargs(family), **guidance, **FAST))
+    images = _images(pipe, family)
+    assert images.shape == reference.shape and torch.isfinite(images).all()
+    assert _sqnr_db(reference, images) > 8.0
+    assert "int8-gemm" in summary(pipe) and applied_techniques(pipe) == ["ptq"]
+
+
+def test_w8a8_is_closer_to_float_than_w4a8_and_weight_only_is_closest():
+    errors = {}
+    for name, config in {"w8a16": PTQConfig(activations=None), "w8a8": PTQConfig(**FLUX_FAST),
+                         "w4a8": PTQConfig(weights="int4", **FLUX_FAST)}.items():
+        pipe = build_tiny("flux")
+        reference = _images(pipe, "flux")
+        quantize_(pipe, config)
+        errors[name] = _sqnr_db(reference, _images(pipe, "flux"))
+    assert errors["w8a16"] > errors["w8a8"] > errors["w4a8"] > 10
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_drop_in_contract(family):
+    options = FLUX_FAST if family == "flux" else FAST
+    check_drop_in(family, lambda pipe: quantize_(pipe, PTQConfig(lower=True, timestep_groups=2, **options)))
+
+
+def test_skip_concat_shortcuts_get_split_quantizers():
+    pipe = build_tiny("sd")
+    quantize_(pipe, PTQConfig(**FAST))
+    direct = [c for c in da.get_adapter(pipe).skip_concats() if c.direct]
+    assert direct
+    for concat in direct:
+        layer = pipe.unet.get_submodule(concat.layer)
+        assert layer.segment_sizes == (concat.split, concat.total - concat.split)
+        assert layer.act.scale.shape == (1, 2)
+
+
+def test_high_precision_layers_kept_and_globs_and_filter_fn_apply():
+    pipe = build_tiny("sd")
+    quantize_(pipe, PTQConfig(exclude=("*attn2*",), lower=False, **FAST),
+              filter_fn=lambda module, name: not name.endswith("time_emb_proj"))
+    unet = pipe.unet
+    assert not isinstance(unet.conv_in, QuantLayer) and not isinstance(unet.conv_out, QuantLayer)
+    quantized = [n for n, m in unet.named_modules() if isinstance(m, QuantLayer)]
+    assert quantized and not any("attn2" in n or n.endswith("time_emb_proj") for n in quantized)
+    other = build_tiny("sd")
+    quantize_(other, PTQConfig(include=("up_blocks.*",), keep_high_precision=False, lower=False, **FAST))
+    names = [n for n, m in other.unet.named_modules() if isinstance(m, QuantLayer)]
+    assert names and all(n.startswith("up_blocks.") for n in names)
+
+
+def test_timestep_groups_switch_scales_during_a_pipeline_call():
+    pipe = build_tiny("flux")
+    quantize_(pipe, PTQConfig(timestep_groups=2, lower=False, **FLUX_FAST))
+    act = next(m for m in pipe.transformer.modules() if isinstance(m, ActQuantizer))
+    assert act.scale.shape[0] == 2
+    seen = []
+    handle = act.register_forward_hook(lambda m, i, o: seen.append(int(m.selector.current(torch.device("cpu")))))
+    _images(pipe, "flux")
+    handle.remove()
+    assert seen == [0, 1]
+
+
+def _state(pipe):
+    return {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+
+
+@pytest.mark.parametrize("bad", [
+    lambda pipe: quantize_(pipe, PTQConfig(include=("no_such_layer*",), **FAST)),
+    lambda pipe: quantize_(pipe, PTQConfig(**FAST), calib="not a calibration"),
+    lambda pipe: quantize_(pipe, "w8a8"),
+])
+def test_bad_inputs_raise_and_leave_the_pipeline_unchanged(bad):
+    pipe = build_tiny("sd")
+    before, classes = _state(pipe), [type(m) for m in pipe.unet.modules()]
+    with pytest.raises((ValueError, TypeError)):
+        bad(pipe)
+    after = _state(pipe)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert classes == [type(m) for m in pipe.unet.modules()] and applied_techniques(pipe) == []
+
+
+def test_empty_calibration_raises_and_failure_midway_rolls_back():
+    pipe = build_tiny("sd")
+    calib = calibrate(pipe, ["a red bicycle"], num_inference_steps=2, progress=False)
+    empty = dataclasses.replace(calib, counts=CallCounts())
+    with pytest.raises(ValueError, match="empty"):
+        quantize_(pipe, PTQConfig(**FAST), calib=empty)
+    classes = [type(m) for m in pipe.unet.modules()]
+    with pytest.raises(ValueError, match="reconstruction needs"):  # fails after swapping in
+        from diffusion_accel.quant import apply as apply_module
+        config = PTQConfig(**FAST)
+        collected = apply_module.collect(pipe, config, apply_module.select_layers(pipe, config), None)
+        apply_module.install(pipe, {}, apply_module.PTQState(config.to_dict(), [], 2),
+                             lambda originals: (_ for _ in ()).throw(ValueError("reconstruction needs x")))
+    assert classes == [type(m) for m in pipe.unet.modules()] and applied_techniques(pipe) == []
+    assert collected.plain is not None
+
+
+def test_given_calibration_is_replayed():
+    pipe = build_tiny("sd")
+    calib = calibrate(pipe, ["a red bicycle", "a cat"], num_inference_steps=4, steps="uniform:2",
+                      guidance_scale=5.0, progress=False)
+    reference = _images(pipe, "sd")
+    quantize_(pipe, PTQConfig(), calib=calib)
+    assert _sqnr_db(reference, _images(pipe, "sd")) > 8.0
+
+
+@pytest.mark.parametrize("family, config", [
+    ("sd", PTQConfig(lower=True, timestep_groups=2, **FAST)),
+    ("flux", PTQConfig(weights="int4", activations=None, weight_granularity="group", group_size=32,
+                       lower=True, **FLUX_FAST)),
+    ("sd", PTQConfig(act_mode="dynamic", act_symmetric=True, **FAST)),
+])
+def test_save_load_round_trip_is_bit_exact(tmp_path, family, config):
+    pipe = build_tiny(family)
+    quantize_(pipe, config)
+    images = _images(pipe, family)
+    da.save(pipe, tmp_path)
+    base = build_tiny(family)
+    da.load(base, tmp_path)
+    assert torch.equal(_images(base, family), images)
+    assert summary(base).split("\n")[1] == summary(pipe).split("\n")[1]
+    with pytest.raises(ArtifactError, match="different base model"):
+        da.load(build_tiny(family, seed=1), tmp_path)
+
+
+def test_int4_artifact_is_packed(tmp_path):
+    pipe = build_tiny("flux")
+    quantize_(pipe, PTQConfig(weights="int4", activations=None, **FLUX_FAST))
+    da.save(pipe, tmp_path)
+    from safetensors.torch import load_file
+    tensors = load_file(str(next(tmp_path.glob("*-ptq.safetensors"))))
+    codes = [t for k, t in tensors.items() if k.endswith(".codes")]
+    assert codes and all(t.dtype == torch.uint8 for t in codes)
+
+
+def test_lower_needs_a_quantized_pipeline_and_recipe_runs(tmp_path):
+    with pytest.raises(ValueError, match="quantize_ first"):
+        lower_(build_tiny("sd"))
+    pipe = build_tiny("sd")
+    text = run_ptq_from_recipe(pipe, {"calibration": {"num_prompts": 1, "steps": 2, "selection": "all"},
+                                      "quant": {"preset": "w8a8", "lower": True}}, tmp_path)
+    assert "int8-gemm" in text and (tmp_path / "manifest.json").is_file()
