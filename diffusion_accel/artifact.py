@@ -31,6 +31,7 @@ FORMAT = "diffusion_accel.artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _APPLIED_ATTR = "_diffusion_accel_applied"
+_EXPORTS_ATTR = "_diffusion_accel_exports"
 _FINGERPRINT_ATTR = "_diffusion_accel_base_fingerprint"
 _SAMPLE_ELEMENTS = 2048  # per tensor: head, tail and a strided middle sample
 
@@ -106,7 +107,12 @@ def base_fingerprint(pipe: Any) -> str:
 
 
 def mark_applied(pipe: Any, technique: str) -> None:
-    """Record that ``technique`` now modifies the pipeline (call ``base_fingerprint`` first)."""
+    """Record that ``technique`` now modifies the pipeline (call ``base_fingerprint`` first).
+
+    The technique's export is taken now and kept: a technique applied later may replace the layers
+    this one changed (lowering swaps in int8 layers after pruning), so ``save`` must not have to
+    read this technique's state back from them.
+    """
     if technique not in _HANDLERS:
         raise ValueError(f"technique {technique!r} has no save/load handler; "
                          f"registered: {registered_techniques()}")
@@ -115,12 +121,18 @@ def mark_applied(pipe: Any, technique: str) -> None:
     if technique not in applied:
         applied.append(technique)
     setattr(denoiser, _APPLIED_ATTR, applied)
+    exports = dict(getattr(denoiser, _EXPORTS_ATTR, {}))
+    exports[technique] = _HANDLERS[technique].export(pipe)
+    setattr(denoiser, _EXPORTS_ATTR, exports)
 
 
 def unmark_applied(pipe: Any, technique: str) -> None:
     """Forget ``technique`` (after it was removed from the pipeline)."""
     _, denoiser = find_denoiser(pipe)
     setattr(denoiser, _APPLIED_ATTR, [t for t in getattr(denoiser, _APPLIED_ATTR, []) if t != technique])
+    exports = dict(getattr(denoiser, _EXPORTS_ATTR, {}))
+    exports.pop(technique, None)
+    setattr(denoiser, _EXPORTS_ATTR, exports)
 
 
 def applied_techniques(pipe: Any) -> list[str]:
@@ -137,9 +149,10 @@ def save(pipe: Any, directory: str | Path) -> Path:
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     component, denoiser = find_denoiser(pipe)
+    exports = getattr(denoiser, _EXPORTS_ATTR, {})
     entries = []
     for index, technique in enumerate(applied_techniques(pipe)):
-        config, tensors = _HANDLERS[technique].export(pipe)
+        config, tensors = exports.get(technique) or _HANDLERS[technique].export(pipe)
         filename = f"{index:02d}-{technique}.safetensors"
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / filename))
         entries.append({"name": technique, "config": config, "tensors": filename})

@@ -84,3 +84,21 @@ def test_bad_folders_are_rejected(tmp_path):
 def test_mark_applied_needs_a_registered_technique():
     with pytest.raises(ValueError, match="no save/load handler"):
         artifact.mark_applied(build_tiny("sd"), "unknown")
+
+
+def test_all_three_techniques_stack_save_and_reload_bit_exactly(tmp_path):
+    """Prune, then quantize (lowered: layers replaced), then cache: save needs each technique's
+    state as it was applied, and load reproduces the stacked pipeline's images exactly."""
+    import diffusion_accel as da
+
+    pipe = build_tiny("sd")
+    calib = da.calibrate(pipe, ["a cat", "a dog"], num_inference_steps=4, progress=False)
+    da.prune_(pipe, da.PruneConfig(method="obs", sparsity=0.5, pattern="2:4"), calib=calib)
+    da.quantize_(pipe, da.PTQConfig.preset("w8a8"), calib=calib)
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=2, branch=0))
+    artifact.save(pipe, tmp_path)
+    loaded = artifact.load(build_tiny("sd"), tmp_path)
+    assert artifact.applied_techniques(loaded) == ["prune", "ptq", "cache"]
+    kwargs = dict(tiny_call_kwargs("sd", steps=4))
+    expected = pipe(**kwargs).images
+    assert torch.equal(loaded(**tiny_call_kwargs("sd", steps=4)).images, expected)

@@ -23,9 +23,8 @@ from .configs import PTQConfig
 from .layers import StepGroups
 from .lower import lower_
 from .reconstruct import reconstruct_blocks
-from .state import TRACKER_CLIENT, PTQState, get_state, set_state, swap_module
+from .state import TECHNIQUE, TRACKER_CLIENT, PTQState, get_state, set_state, swap_module
 
-TECHNIQUE = "ptq"
 Handler = Callable[[Any, Any, Calibration | None, FilterFn | None], Any]
 _HANDLERS: dict[type, Handler] = {}
 

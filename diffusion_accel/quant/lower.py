@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch.registry import find_denoiser
+from ..artifact import applied_techniques, mark_applied
 from .formats import get_format
 from .layers import ActQuantizer, DynamicActQuantizer, QuantConv2d, QuantLayer, QuantLinear
 from .quantizers import dequantize_weight, dynamic_qparams, pack_int4, unpack_int4
-from .state import get_state, swap_module
+from .state import TECHNIQUE, get_state, swap_module
 
 INT8_OFFSET = 128  # unsigned activation codes [0, 255] are shifted to int8 [-128, 127]
 
@@ -269,6 +270,8 @@ def lower_(pipe: Any) -> Any:
             swap_module(denoiser, name, module)
             state.lowered[name] = module.kind
     _note_lowering(state, lowered)
+    if TECHNIQUE in applied_techniques(pipe):  # refresh the saved state: layers are lowered now
+        mark_applied(pipe, TECHNIQUE)
     return pipe
 
 

@@ -10,6 +10,8 @@ from torch import nn
 STATE_ATTR = "_diffusion_accel_ptq"
 TRACKER_CLIENT = "ptq"
 
+TECHNIQUE = "ptq"  # the artifact technique name
+
 
 @dataclass
 class PTQState:
