@@ -126,14 +126,13 @@ class Int8GemmCore(nn.Module):
         return self._static(x2d, bias)
 
 
-class Int8Linear(nn.Module):
-    """Linear layer computed with an int8 GEMM (see ``Int8GemmCore``)."""
+class _Int8GemmLayer(nn.Module):
+    """Shared part of the int8-GEMM layers: the core, the bias and the saved-weight view."""
 
     kind = "int8-gemm"
 
-    def __init__(self, layer: QuantLinear) -> None:
+    def __init__(self, layer: QuantLayer) -> None:
         super().__init__()
-        self.in_features, self.out_features = layer.in_features, layer.out_features
         self.segment_sizes, self.weight_fmt = layer.segment_sizes, layer.weight_fmt
         self.core = Int8GemmCore(layer.weight_codes, layer.weight_scale, layer.segment_sizes, layer.act)
         self.bias = layer.bias
@@ -144,32 +143,28 @@ class Int8Linear(nn.Module):
 
     def export_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.core.codes(), self.core.weight_scale
+
+
+class Int8Linear(_Int8GemmLayer):
+    """Linear layer computed with an int8 GEMM (see ``Int8GemmCore``)."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__(layer)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.core(x.reshape(-1, x.shape[-1]), self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-class Int8Conv1x1(nn.Module):
+class Int8Conv1x1(_Int8GemmLayer):
     """1x1, stride-1, unpadded, ungrouped Conv2d computed as an int8 GEMM over pixels."""
 
-    kind = "int8-gemm"
-
     def __init__(self, layer: QuantConv2d) -> None:
-        super().__init__()
+        super().__init__(layer)
         for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
                      "groups", "padding_mode"):
             setattr(self, name, getattr(layer, name))
-        self.segment_sizes, self.weight_fmt = layer.segment_sizes, layer.weight_fmt
-        self.core = Int8GemmCore(layer.weight_codes, layer.weight_scale, layer.segment_sizes, layer.act)
-        self.bias = layer.bias
-
-    @property
-    def act(self) -> nn.Module:
-        return self.core.act
-
-    def export_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.core.codes(), self.core.weight_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
