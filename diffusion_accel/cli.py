@@ -191,8 +191,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_third_party_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None) or getattr(args, "func", None)
+    if handler is None:  # a command group given without its action, e.g. ``diffusion-accel zoo``
+        parser.parse_args([*(argv or sys.argv[1:]), "--help"])
     try:
-        return int(args.handler(args) or 0)
+        return int(handler(args) or 0)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

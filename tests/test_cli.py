@@ -6,7 +6,7 @@ import pytest
 
 from diffusion_accel.cli import build_parser, main
 
-SUBCOMMANDS = ("demo", "calibrate", "eval", "grid")
+SUBCOMMANDS = ("demo", "calibrate", "eval", "grid", "zoo")
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -114,3 +114,8 @@ def test_calibrate_method_writes_a_loadable_artifact(method, extra, tmp_path, ca
 def test_calibrate_unknown_method_is_a_user_error(capsys):
     assert main(["calibrate", "--pipe", "tiny:sd", "--method", "fp4", "--out", "x"]) == 2
     assert "accepted methods" in capsys.readouterr().err
+
+
+def test_zoo_list_names_the_shipped_models(capsys):
+    assert main(["zoo", "list"]) == 0
+    assert "fashion-sd" in capsys.readouterr().out

@@ -1,0 +1,68 @@
+"""The reference zoo: small real text-to-image pipelines trained here on Fashion-MNIST, loaded offline.
+
+``load("fashion-sd")`` → StableDiffusionPipeline, ``load("fashion-flux")`` → FluxPipeline,
+``load("fashion-clip")`` → (CLIPModel, CLIPProcessor); ``path(name)`` → the model folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+_NAMES = ("fashion-clip", "fashion-sd", "fashion-flux")
+
+
+def names() -> tuple[str, ...]:
+    """Names of the shipped zoo models."""
+    return _NAMES
+
+
+def path(name: str) -> Path:
+    """Folder of shipped model ``name`` (a save_pretrained layout)."""
+    if name not in _NAMES:
+        raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(_NAMES)}")
+    folder = MODELS_DIR / name
+    if not (folder / ("config.json" if name == "fashion-clip" else "model_index.json")).is_file():
+        raise FileNotFoundError(f"zoo model {name!r} is not shipped in this install ({folder} is missing); "
+                                f"train it with `diffusion-accel zoo train {name} --ship`")
+    return folder
+
+
+def load(name: str, torch_dtype: torch.dtype = torch.float32) -> Any:
+    """Load zoo model ``name`` offline: a diffusers pipeline, or (CLIPModel, CLIPProcessor) for fashion-clip."""
+    folder = path(name)
+    if name == "fashion-clip":
+        from transformers import CLIPModel, CLIPProcessor
+
+        model = CLIPModel.from_pretrained(folder, dtype=torch_dtype).eval()
+        return model, CLIPProcessor.from_pretrained(folder)
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
+
+
+def clip_score_loader() -> tuple[Any, Any]:
+    """(model, processor) of fashion-clip for ``torchmetrics`` ``CLIPScore(model_name_or_path=clip_score_loader)``.
+
+    torchmetrics accepts only hub names or a callable, and expects the transformers-4 API where
+    ``get_image_features``/``get_text_features`` return tensors; the model returned here does.
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    class _TensorFeaturesCLIP(CLIPModel):
+        def get_image_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+            out = super().get_image_features(*args, **kwargs)
+            return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+        def get_text_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+            out = super().get_text_features(*args, **kwargs)
+            return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    folder = path("fashion-clip")
+    return _TensorFeaturesCLIP.from_pretrained(folder, dtype=torch.float32).eval(), CLIPProcessor.from_pretrained(folder)
+
+
+__all__ = ["clip_score_loader", "load", "names", "path", "MODELS_DIR"]

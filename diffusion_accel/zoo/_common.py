@@ -1,0 +1,136 @@
+"""Shared training plumbing: device/threads, seeding, resumable checkpoints, a budgeted tqdm loop."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RUNS_ROOT = Path(os.environ.get("DIFFUSION_ACCEL_ZOO_RUNS", REPO_ROOT / "zoo_runs"))
+
+
+def setup_device(threads: int | None = None) -> torch.device:
+    """CUDA when available (runs unchanged, faster), else CPU limited to ``threads`` threads."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda")
+    threads = threads or int(os.environ.get("DIFFUSION_ACCEL_THREADS", "2"))
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:
+    """bf16 autocast on ``device`` (≈1.6× faster VAE steps on this CPU); a no-op context when disabled."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def command_line() -> str:
+    """The command that started this process, as a user would type it."""
+    import sys
+
+    head = sys.argv[0]
+    if head.endswith(("zoo/train.py", "zoo/cli.py")):
+        head = "python -m diffusion_accel.zoo." + Path(head).stem
+    return " ".join([head, *sys.argv[1:]])
+
+
+def seed_all(seed: int) -> torch.Generator:
+    """Seed python/torch RNGs and return a CPU generator for data sampling."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def lr_at(step: int, frac: float, peak: float, warmup: int = 100, floor: float = 0.1) -> float:
+    """Linear warm-up for ``warmup`` steps, then cosine decay to ``floor``·peak as ``frac`` goes 0 → 1."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, max(0.0, frac))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema ← decay·ema + (1−decay)·model, parameter by parameter."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and how long it may go."""
+
+    run_dir: Path
+    steps: int
+    seed: int = 0
+    time_budget_min: float | None = None
+    resume: bool = True
+    checkpoint_every_min: float = 3.0
+    batch_size: int | None = None
+    data_root: str | None = None
+    limit_images: int | None = None
+    freeze_text: bool = False
+
+
+def load_data(cfg: RunConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST ``split`` as (uint8 N×28×28, int64 N), cut to ``cfg.limit_images`` (smoke runs)."""
+    from .data import load_split
+
+    images, labels = load_split(split, cfg.data_root)
+    return images[:cfg.limit_images], labels[:cfg.limit_images]
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` (tensors, ints, floats, nested dicts) atomically with torch.save."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    """Load a checkpoint written by ``save_checkpoint`` (weights_only=True), or None if absent."""
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def run_loop(cfg: RunConfig, start_step: int, step_fn: Callable[[int, float], dict],
+             state_fn: Callable[[int], dict], desc: str) -> tuple[int, float]:
+    """Call ``step_fn(step, frac)`` from ``start_step`` to ``cfg.steps`` with tqdm, checkpoints and a time budget.
+
+    ``frac`` is the run's progress in [0, 1]: steps done or time budget used, whichever is further.
+    Returns (last completed step count, seconds spent in this call).
+    """
+    ckpt = cfg.run_dir / "checkpoint.pt"
+    t0 = last_ckpt = time.time()
+    budget_s = None if cfg.time_budget_min is None else cfg.time_budget_min * 60
+    step = start_step
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=desc,
+               mininterval=10.0, dynamic_ncols=True)
+    for step in bar:
+        frac = step / cfg.steps if budget_s is None else max(step / cfg.steps, (time.time() - t0) / budget_s)
+        logs = step_fn(step, frac)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+        now = time.time()
+        if now - last_ckpt > cfg.checkpoint_every_min * 60:
+            save_checkpoint(ckpt, state_fn(step + 1))
+            last_ckpt = now
+        if budget_s is not None and now - t0 > budget_s:
+            bar.write(f"time budget of {cfg.time_budget_min} min reached at step {step + 1}")
+            break
+    else:
+        step = cfg.steps - 1
+    bar.close()
+    done = min(step + 1, cfg.steps) if cfg.steps > start_step else start_step
+    save_checkpoint(ckpt, state_fn(done))
+    return done, time.time() - t0

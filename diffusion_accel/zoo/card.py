@@ -1,0 +1,64 @@
+"""Model cards (README.md in each shipped folder) from the stages' train_info.json and benchmark results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import _common as C
+
+DESCRIPTIONS = {
+    "fashion-clip": (
+        "A small `transformers.CLIPModel` trained contrastively here on Fashion-MNIST image–caption pairs "
+        "(10 caption templates × 10 class names). Vision: ViT, 32×32 input, patch 4, 4 layers × 128, "
+        "4 heads. Text: 3 layers × 128, 4 heads, 16 positions, a locally built byte-level BPE tokenizer in "
+        "which every caption word is one token. Projection 128. The processor works at the native 32×32 "
+        "size (pixels 0..255 → [-1, 1]). For CLIP score offline give torchmetrics the loader: "
+        "`CLIPScore(model_name_or_path=diffusion_accel.zoo.clip_score_loader)` (torchmetrics accepts only "
+        "hub names or a callable, and expects tensors from `get_*_features`, which that loader's model returns). It is also the text tower of fashion-sd and fashion-flux."),
+    "fashion-sd": (
+        "A `StableDiffusionPipeline`: `AutoencoderKL` (blocks 32/64/128, 32×32×3 → 8×8×4), "
+        "`UNet2DConditionModel` (blocks 64/128/128, cross-attention down blocks at 8×8 and 4×4 and the "
+        "matching cross-attention up blocks, 4 heads, cross_attention_dim 128) conditioned on the frozen "
+        "fashion-clip text tower, `DDIMScheduler` (scaled-linear betas 0.00085–0.012, ε-prediction). "
+        "Trained with 10% caption dropout to the empty prompt, so classifier-free guidance works. "
+        "Generate at the native size: `pipe(prompt, height=32, width=32, guidance_scale=5.0)`."),
+    "fashion-flux": (
+        "A `FluxPipeline`: `FluxTransformer2DModel` (2 double-stream + 4 single-stream blocks, 4 heads × 32, "
+        "no guidance embedding), `AutoencoderKL` with 16 latent channels (32×32 → 8×8×16, packed 2×2 into "
+        "16 tokens), the fashion-clip text tower for the pooled embedding and a 2-layer `T5EncoderModel` "
+        "(d_model 128, word-level Unigram tokenizer) trained jointly with the transformer for the sequence "
+        "embedding, `FlowMatchEulerDiscreteScheduler` (shift 1). Trained with 10% caption dropout, so true CFG "
+        "works (`negative_prompt=\"\", true_cfg_scale=3.0`). **Call it with `max_sequence_length=32`** (the T5 "
+        "length it was trained with; FluxPipeline's default 512 pads with tokens it never saw): "
+        "`pipe(prompt, height=32, width=32, max_sequence_length=32)`."),
+}
+STAGES = {"fashion-clip": ("fashion-clip",), "fashion-sd": ("fashion-sd-vae", "fashion-sd"),
+          "fashion-flux": ("fashion-flux-vae", "fashion-flux")}
+KEYS = ("command", "seed", "steps", "batch_size", "wall_time_s", "device", "threads", "params", "unet_params",
+        "transformer_params", "t5_params", "zero_shot_test_accuracy", "test_psnr_db", "note")
+
+
+def stage_table(stage: str, info: dict) -> str:
+    """Markdown rows for one stage's train_info."""
+    rows = [f"| {k} | `{info[k]}` |" if k == "command" else f"| {k} | {info[k]} |" for k in KEYS if k in info]
+    return f"### Stage `{stage}`\n\n| field | value |\n|---|---|\n" + "\n".join(rows) + "\n"
+
+
+def write_card(name: str, folder: Path, metrics_md: str = "", runs_root: Path | None = None) -> Path:
+    """Write ``folder/README.md`` for shipped model ``name`` from its stages' train_info.json."""
+    runs_root = runs_root or C.RUNS_ROOT
+    parts = [f"# {name}\n", DESCRIPTIONS[name] + "\n",
+             "Data: Fashion-MNIST (MIT, Debian `dataset-fashion-mnist`), 28×28 padded to 32×32, grayscale "
+             "replicated to RGB. Weights stored as float16 safetensors; `diffusion_accel.zoo.load` loads "
+             "them as float32.\n", "## Training\n",
+             "Reproduce in order (each stage resumes from `zoo_runs/<stage>/checkpoint.pt` if interrupted; "
+             "`--time-budget-min` stops and exports early):\n"]
+    for stage in STAGES[name]:
+        info_file = runs_root / stage / "final" / "train_info.json"
+        if info_file.is_file():
+            parts.append(stage_table(stage, json.loads(info_file.read_text())))
+    parts += ["## Quality\n", metrics_md or "Not measured yet.\n"]
+    card = folder / "README.md"
+    card.write_text("\n".join(parts))
+    return card

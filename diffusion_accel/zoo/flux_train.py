@@ -1,0 +1,161 @@
+"""Train ``fashion-flux``: a FluxTransformer2DModel (rectified flow) + jointly trained small T5, on the 16-ch VAE."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+from . import _common as C
+from .captions import TEMPLATES, all_captions
+from .sd_train import encode_latents, stage_folder
+from .tokenizer import T5_MAX_LENGTH, build_t5_tokenizer
+
+DEFAULT_STEPS = 3000
+DEFAULT_BATCH = 128
+CAPTION_DROPOUT = 0.1
+EMA_DECAY = 0.999
+
+
+def default_steps(name: str = "fashion-flux") -> int:
+    """Default optimiser steps (batch 128) for the fashion-flux transformer."""
+    return DEFAULT_STEPS
+
+
+def build_t5(vocab_size: int) -> T5EncoderModel:
+    """A 2-layer T5 encoder, d_model 128, 4 heads (the sequence-embedding text tower)."""
+    cfg = T5Config(vocab_size=vocab_size, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                   dropout_rate=0.0, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(cfg)
+
+
+def build_transformer(pooled_dim: int = 128, joint_dim: int = 128) -> FluxTransformer2DModel:
+    """Flux transformer: 2 double-stream + 4 single-stream blocks, 4 heads × 32 (inner 128), 16-ch latents."""
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
+                                  attention_head_dim=32, num_attention_heads=4, joint_attention_dim=joint_dim,
+                                  pooled_projection_dim=pooled_dim, guidance_embeds=False,
+                                  axes_dims_rope=(8, 12, 12))
+
+
+def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """Flow-matching Euler scheduler, no resolution-dependent shift (16 image tokens)."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+
+
+@torch.no_grad()
+def clip_pooled(text_encoder: CLIPTextModel, tok: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+    """CLIP pooler_output (len(texts) × width), encoded as FluxPipeline does."""
+    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device), output_hidden_states=False).pooler_output.float()
+
+
+def t5_ids(tok: T5Tokenizer, texts: list[str]) -> torch.Tensor:
+    """T5 input_ids padded to T5_MAX_LENGTH (len(texts) × 32), as FluxPipeline pads them."""
+    return tok(texts, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True,
+               return_tensors="pt").input_ids
+
+
+def pack(z: torch.Tensor) -> torch.Tensor:
+    """B×16×8×8 latents → B×16 tokens×64, FluxPipeline's 2×2 packing."""
+    return FluxPipeline._pack_latents(z, z.shape[0], z.shape[1], z.shape[2], z.shape[3])
+
+
+def flow_loss(model: FluxTransformer2DModel, t5: T5EncoderModel, batch: dict, ids: dict) -> torch.Tensor:
+    """Rectified-flow MSE: x_σ = (1−σ)x0 + σε, target ε − x0, σ ~ logit-normal."""
+    x0, noise, sigma = batch["x0"], batch["noise"], batch["sigma"]
+    xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+    seq = t5(ids["t5"])[0][batch["cap"]]
+    pred = model(hidden_states=xt, timestep=sigma, pooled_projections=ids["pooled"][batch["cap"]],
+                 encoder_hidden_states=seq, txt_ids=ids["txt_ids"], img_ids=ids["img_ids"]).sample
+    return (pred.float() - (noise - x0)).pow(2).mean()
+
+
+def export(parts: dict, folder: Path, info: dict) -> Path:
+    """Assemble and save_pretrained the FluxPipeline from ``parts`` (transformer, t5, vae, clip, tokenizers)."""
+    pipe = FluxPipeline(scheduler=build_scheduler(), vae=parts["vae"], text_encoder=parts["clip"],
+                        tokenizer=parts["clip_tok"], text_encoder_2=parts["t5"], tokenizer_2=parts["t5_tok"],
+                        transformer=parts["transformer"])
+    pipe.save_pretrained(folder)
+    (folder / "train_info.json").write_text(json.dumps(info, indent=2))
+    return folder
+
+
+def conditioning(device: torch.device) -> tuple[dict, dict]:
+    """Frozen parts (VAE, CLIP text tower, tokenizers) and per-caption tensors (pooled, T5 ids, rope ids)."""
+    clip = stage_folder("fashion-clip")
+    parts = {"vae": AutoencoderKL.from_pretrained(stage_folder("fashion-flux-vae")).to(device).eval(),
+             "clip": CLIPTextModel.from_pretrained(clip).to(device).eval(),
+             "clip_tok": CLIPTokenizer.from_pretrained(clip), "t5_tok": build_t5_tokenizer()}
+    texts = all_captions() + [""]
+    ids = {"pooled": clip_pooled(parts["clip"], parts["clip_tok"], texts),
+           "t5": t5_ids(parts["t5_tok"], texts).to(device),
+           "txt_ids": torch.zeros(T5_MAX_LENGTH, 3, device=device),
+           "img_ids": FluxPipeline._prepare_latent_image_ids(1, 4, 4, device, torch.float32)}
+    return parts, ids
+
+
+def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
+    """Train (or resume) the fashion-flux transformer and T5; returns the exported folder ``run_dir/final``."""
+    device = C.setup_device()
+    gen = C.seed_all(cfg.seed)
+    parts, ids = conditioning(device)
+    images, labels = C.load_data(cfg, "train")
+    mean, std = encode_latents(parts["vae"], images)
+    vcfg = parts["vae"].config
+    model = build_transformer(ids["pooled"].shape[1], 128).to(device)
+    t5 = build_t5(len(parts["t5_tok"])).to(device)
+    ema = copy.deepcopy(torch.nn.ModuleList([model, t5])).requires_grad_(False)
+    params = list(model.parameters()) + list(t5.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
+    bs, n_caps = cfg.batch_size or DEFAULT_BATCH, len(ids["pooled"])
+    state = C.load_checkpoint(cfg.run_dir / "checkpoint.pt") if cfg.resume else None
+    start, elapsed = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"]), t5.load_state_dict(state["t5"])
+        ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        start, elapsed = int(state["step"]), float(state["elapsed_s"])
+    commands = list(state.get("commands", [])) if state is not None else []
+    commands.append(C.command_line())
+    t_start = time.time()
+
+    def step_fn(step: int, frac: float) -> dict:
+        model.train(), t5.train()
+        for group in opt.param_groups:
+            group["lr"] = C.lr_at(step, frac, 3e-4, warmup=min(200, cfg.steps // 10 + 1), floor=0.1)
+        idx = torch.randint(0, len(images), (bs,), generator=gen)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen) - vcfg.shift_factor)
+        cap = labels[idx] * len(TEMPLATES) + torch.randint(0, len(TEMPLATES), (bs,), generator=gen)
+        cap = torch.where(torch.rand(bs, generator=gen) < CAPTION_DROPOUT, n_caps - 1, cap)
+        x0 = pack(z * vcfg.scaling_factor)
+        batch = {"x0": x0, "noise": torch.randn(x0.shape, generator=gen), "cap": cap,
+                 "sigma": torch.sigmoid(torch.randn(bs, generator=gen))}
+        loss = flow_loss(model, t5, {k: v.to(device) for k, v in batch.items()}, ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        C.ema_update(ema, torch.nn.ModuleList([model, t5]), min(EMA_DECAY, (1 + step) / (10 + step)))
+        return {"loss": loss.item()}
+
+    def state_fn(step: int) -> dict:
+        return {"model": model.state_dict(), "t5": t5.state_dict(), "ema": ema.state_dict(),
+                "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
+                "elapsed_s": elapsed + (time.time() - t_start), "commands": commands}
+
+    done, _ = C.run_loop(cfg, start, step_fn, state_fn, name)
+    info = {"name": name, "seed": cfg.seed, "steps": done, "batch_size": bs, "device": str(device),
+            "wall_time_s": round(elapsed + time.time() - t_start, 1), "threads": torch.get_num_threads(),
+            "command": " && ".join(commands), "transformer_params": sum(p.numel() for p in model.parameters()),
+            "t5_params": sum(p.numel() for p in t5.parameters()), "caption_dropout": CAPTION_DROPOUT,
+            "ema_decay": EMA_DECAY, "t5_max_sequence_length": T5_MAX_LENGTH}
+    parts.update(transformer=ema[0].cpu(), t5=ema[1].cpu(), vae=parts["vae"].cpu(), clip=parts["clip"].cpu())
+    return export(parts, cfg.run_dir / "final", info)

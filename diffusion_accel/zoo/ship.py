@@ -1,0 +1,64 @@
+"""Copy a trained model folder into the package (``diffusion_accel/zoo/models/NAME``), weights in fp16."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+SHIPPED = ("fashion-clip", "fashion-sd", "fashion-flux")
+
+
+def to_fp16_safetensors(path: Path) -> None:
+    """Rewrite one .safetensors file with every floating tensor stored as float16 (configs keep float32)."""
+    tensors = load_file(str(path))
+    halved = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(halved, str(path), metadata={"format": "pt"})
+
+
+def ship(name: str, folder: Path, dest_root: Path = MODELS_DIR) -> Path:
+    """Copy exported ``folder`` to ``dest_root/name`` (replacing it), halving weights; returns the new folder."""
+    if name not in SHIPPED:
+        raise ValueError(f"only {SHIPPED} are shipped, got {name!r} (VAE stages live inside the pipelines)")
+    dest = dest_root / name
+    if dest.exists():
+        card = dest / "README.md"
+        saved_card = card.read_text() if card.is_file() else None
+        shutil.rmtree(dest)
+    else:
+        saved_card = None
+    shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("*.pt", "*.tmp"))
+    for path in dest.rglob("*.safetensors"):
+        to_fp16_safetensors(path)
+    if saved_card is not None:
+        (dest / "README.md").write_text(saved_card)
+    return dest
+
+
+def folder_size_mb(folder: Path) -> float:
+    """Total size of the files under ``folder`` in MB (10^6 bytes)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m diffusion_accel.zoo.ship NAME [--from DIR] [--metrics FILE.md]``: copy in, fp16, write card."""
+    import argparse
+
+    from . import _common as C
+    from .card import write_card
+
+    parser = argparse.ArgumentParser(prog="python -m diffusion_accel.zoo.ship")
+    parser.add_argument("name", choices=SHIPPED)
+    parser.add_argument("--from", dest="source", type=Path, default=None, help="default zoo_runs/NAME/final")
+    parser.add_argument("--metrics", type=Path, default=None, help="markdown with measured quality")
+    args = parser.parse_args(argv)
+    dest = ship(args.name, args.source or C.RUNS_ROOT / args.name / "final")
+    metrics = args.metrics.read_text() if args.metrics else ""
+    write_card(args.name, dest, metrics)
+    print(f"shipped {args.name} to {dest} ({folder_size_mb(dest):.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

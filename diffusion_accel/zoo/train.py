@@ -1,0 +1,68 @@
+"""Entry point: ``python -m diffusion_accel.zoo.train NAME [--steps N] [--time-budget-min M] ...``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from . import _common as C
+
+TRAINERS = {
+    "fashion-clip": "clip_train",
+    "fashion-sd-vae": "vae_train",
+    "fashion-flux-vae": "vae_train",
+    "fashion-sd": "sd_train",
+    "fashion-flux": "flux_train",
+}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add NAME and the training options to ``parser``."""
+    parser.add_argument("name", choices=sorted(TRAINERS), help="which zoo model (or stage) to train")
+    parser.add_argument("--steps", type=int, default=None, help="total optimiser steps (default per model)")
+    parser.add_argument("--time-budget-min", type=float, default=None, help="stop (and export) after M minutes")
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default zoo_runs/NAME)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--data", default=None, help="folder with the Fashion-MNIST *-ubyte.gz files")
+    parser.add_argument("--resume", dest="resume", action="store_true", default=True,
+                        help="continue from run folder's checkpoint.pt if present (default)")
+    parser.add_argument("--no-resume", dest="resume", action="store_false", help="start from scratch")
+    parser.add_argument("--freeze-text", action="store_true",
+                        help="fashion-clip only: keep the text tower fixed (it is already the pipelines' encoder)")
+    parser.add_argument("--ship", action="store_true",
+                        help="also copy the result into diffusion_accel/zoo/models/NAME (maintainers)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Train ``args.name`` with the parsed options; returns the exported folder."""
+    from .ship import SHIPPED
+
+    if args.ship and args.name not in SHIPPED:
+        raise ValueError(f"--ship applies to {SHIPPED}, not to the stage {args.name!r}")
+    module = importlib.import_module(f"{__package__}.{TRAINERS[args.name]}")
+    run_dir = args.out or C.RUNS_ROOT / args.name
+    cfg = C.RunConfig(run_dir=Path(run_dir), steps=args.steps or module.default_steps(args.name),
+                      seed=args.seed, time_budget_min=args.time_budget_min, resume=args.resume,
+                      batch_size=args.batch_size, data_root=args.data,
+                      freeze_text=args.freeze_text)
+    folder = module.train(cfg, args.name)
+    if args.ship:
+        from .card import write_card
+        from .ship import ship
+
+        write_card(args.name, ship(args.name, folder))
+    print(f"exported {args.name} to {folder}")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` and train."""
+    parser = add_train_arguments(argparse.ArgumentParser(prog="python -m diffusion_accel.zoo.train"))
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The reference zoo: offline loading and generation, tokenizers, the data loader, a tiny training run."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from diffusion_accel import zoo
+from diffusion_accel.zoo import _common as C
+from diffusion_accel.zoo.captions import all_captions, vocabulary
+from diffusion_accel.zoo.data import ENV_VAR, find_root, load_split, to_rgb32
+from diffusion_accel.zoo.tokenizer import build_clip_tokenizer, build_t5_tokenizer
+
+
+def _have_data() -> bool:
+    try:
+        find_root()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+needs_data = pytest.mark.skipif(not _have_data(), reason="Fashion-MNIST (dataset-fashion-mnist) not installed")
+
+
+def test_path_rejects_unknown_name():
+    with pytest.raises(ValueError, match="fashion-sd"):
+        zoo.path("stable-diffusion")
+    assert set(zoo.names()) == {"fashion-clip", "fashion-sd", "fashion-flux"}
+
+
+def test_loader_error_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as err:
+        load_split("train", root=tmp_path)
+    assert ENV_VAR in str(err.value) and str(tmp_path) in str(err.value)
+    with pytest.raises(ValueError, match="validation"):
+        load_split("validation")
+
+
+@needs_data
+def test_loader_shapes_and_range():
+    images, labels = load_split("test")
+    assert images.shape == (10_000, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (10_000,) and set(labels.tolist()) == set(range(10))
+    x = to_rgb32(images[:4])
+    assert x.shape == (4, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x[:, 0], x[:, 2]) and (x[:, :, :2] == -1).all()
+
+
+def test_clip_tokenizer_whole_words_and_round_trip(tmp_path):
+    tok = build_clip_tokenizer()
+    ids = tok("a photo of an ankle boot").input_ids
+    assert tok.convert_ids_to_tokens(ids)[1:-1] == ["a</w>", "photo</w>", "of</w>", "an</w>", "ankle</w>", "boot</w>"]
+    assert len(tok("a zebra").input_ids) > 4  # unknown words fall back to bytes
+    tok.save_pretrained(tmp_path)
+    again = type(tok).from_pretrained(tmp_path)
+    assert [again(c).input_ids for c in all_captions()] == [tok(c).input_ids for c in all_captions()]
+    assert again.model_max_length == tok.model_max_length
+
+
+def test_t5_tokenizer_word_level():
+    tok = build_t5_tokenizer()
+    pieces = tok.convert_ids_to_tokens(tok("a grayscale image of a pair of trousers").input_ids)
+    assert pieces == ["\u2581a", "\u2581grayscale", "\u2581image", "\u2581of", "\u2581a", "\u2581pair",
+                      "\u2581of", "\u2581trousers", "</s>"]
+    assert all(w.isalpha() or w == "-" for w in vocabulary())
+
+
+def test_fashion_clip_round_trip_and_clip_score(tmp_path):
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = zoo.load("fashion-clip")
+    model.save_pretrained(tmp_path), processor.save_pretrained(tmp_path)
+    again = CLIPModel.from_pretrained(tmp_path).eval()
+    inputs = CLIPProcessor.from_pretrained(tmp_path)(text=["a photo of a bag"], images=[torch.zeros(3, 32, 32)],
+                                                     return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a, b = model(**inputs), again(**inputs)
+    assert torch.allclose(a.logits_per_image, b.logits_per_image)
+    metric = CLIPScore(model_name_or_path=zoo.clip_score_loader)
+    score = metric(torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8), ["a bag", "a sneaker"])
+    assert torch.isfinite(score)
+
+
+@pytest.mark.parametrize("name, kwargs", [("fashion-sd", {}), ("fashion-flux", {"max_sequence_length": 32})])
+def test_zoo_pipeline_generates_offline(name, kwargs, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = zoo.load(name)
+    assert pipe.vae.dtype == torch.float32
+    out = pipe("a photo of a sneaker", num_inference_steps=2, height=32, width=32, output_type="np",
+               generator=torch.Generator().manual_seed(0), **kwargs)
+    image = out.images[0]
+    assert image.shape == (32, 32, 3) and (image >= 0).all() and (image <= 1).all()
+
+
+@needs_data
+def test_training_smoke_run_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "RUNS_ROOT", tmp_path)
+    monkeypatch.setenv("DIFFUSION_ACCEL_THREADS", "1")  # tiny ops: one thread avoids oversubscription
+    threads = torch.get_num_threads()
+    try:
+        _run_all_stages(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_all_stages(tmp_path):
+    from diffusion_accel.zoo import clip_train, flux_train, sd_train, vae_train
+
+    stages = [(clip_train, "fashion-clip"), (vae_train, "fashion-sd-vae"), (sd_train, "fashion-sd"),
+              (vae_train, "fashion-flux-vae"), (flux_train, "fashion-flux")]
+    for module, name in stages:
+        cfg = C.RunConfig(run_dir=tmp_path / name, steps=2, batch_size=8, limit_images=32)
+        folder = module.train(cfg, name)
+        assert (folder / "train_info.json").is_file()
+        assert C.load_checkpoint(tmp_path / name / "checkpoint.pt")["step"] == 2
+    assert (tmp_path / "fashion-sd" / "final" / "model_index.json").is_file()
+    cfg = C.RunConfig(run_dir=tmp_path / "fashion-sd-vae", steps=3, batch_size=8, limit_images=32)
+    vae_train.train(cfg, "fashion-sd-vae")
+    assert C.load_checkpoint(tmp_path / "fashion-sd-vae" / "checkpoint.pt")["step"] == 3
+
+
+def test_cli_register_parses_train_options():
+    from diffusion_accel.zoo.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["zoo", "train", "fashion-sd", "--steps", "5", "--time-budget-min", "1.5",
+                              "--seed", "3", "--no-resume"])
+    assert (args.name, args.steps, args.time_budget_min, args.seed, args.resume) == ("fashion-sd", 5, 1.5, 3, False)
+    assert parser.parse_args(["zoo", "list"]).func.__name__ == "_list"
+
+
+@pytest.mark.parametrize("name", ["fashion-sd", "fashion-flux"])
+def test_pipelines_share_the_fashion_clip_text_tower(name):
+    from safetensors.torch import load_file
+
+    clip = load_file(str(zoo.path("fashion-clip") / "model.safetensors"))
+    tower = load_file(str(zoo.path(name) / "text_encoder" / "model.safetensors"))
+    assert tower and all(torch.equal(tensor, clip[key]) for key, tensor in tower.items())
