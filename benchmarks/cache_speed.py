@@ -3,8 +3,9 @@
 The pipeline is the tiny SD pipeline with its UNet replaced by the published SD 1.5 UNet
 architecture and a 768-wide 2-layer CLIP text tower; the tiny VAE (scale 2) at 64x64 pixels gives
 32x32 latents, i.e. the UNet works exactly as for SD 1.5 at 256x256. Baseline and every config are
-timed in this process (baseline first and last to show load drift), median of repeats after a
-warm-up, CFG on (batch 2). The deepcache package is timed side by side when installed.
+timed in this process round-robin (each repeat times every config once, so load drift hits all
+alike), median of repeats after a warm-up round, wall and process CPU time, CFG on (batch 2). The
+deepcache package is timed side by side when installed.
 
     python benchmarks/cache_speed.py --steps 6 --repeats 3
 """
@@ -15,6 +16,8 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +25,6 @@ import torch
 
 from diffusion_accel.cache import DeepCacheConfig, enable_cache, remove_cache
 from diffusion_accel.eval.machine import machine_info
-from diffusion_accel.eval.timing import time_pipeline
 from diffusion_accel.testing.fullsize import sd15_unet
 from diffusion_accel.testing.tiny import tiny_clip_text, tiny_sd_pipeline
 
@@ -53,26 +55,49 @@ def deepcache_helper(pipe: Any, interval: int) -> Any:
     return helper
 
 
-def run(steps: int, repeats: int) -> dict[str, Any]:
-    pipe, kwargs = build_pipeline(), call_kwargs(steps)
-    timings: dict[str, Any] = {"baseline": time_pipeline(pipe, kwargs, repeats=repeats).to_dict()}
+def configs(pipe: Any) -> list[tuple[str, Callable[[], Any], Callable[[], Any]]]:
+    """(name, enable, disable) for the baseline, ours and the deepcache package at each interval."""
+    entries = [("baseline", lambda: None, lambda: None)]
+    has_package = importlib.util.find_spec("DeepCache") is not None
     for interval in INTERVALS:
-        enable_cache(pipe, DeepCacheConfig(interval=interval, branch=0))
-        timings[f"ours_interval{interval}"] = time_pipeline(pipe, kwargs, repeats=repeats).to_dict()
-        remove_cache(pipe)
-        if importlib.util.find_spec("DeepCache") is not None:
+        config = DeepCacheConfig(interval=interval, branch=0)
+        entries.append((f"ours_interval{interval}", lambda c=config: enable_cache(pipe, c),
+                        lambda: remove_cache(pipe)))
+        if has_package:
             helper = deepcache_helper(pipe, interval)
-            helper.enable()
-            timings[f"deepcache_pkg_interval{interval}"] = time_pipeline(pipe, kwargs, repeats=repeats).to_dict()
-            helper.disable()
-    timings["baseline_again"] = time_pipeline(pipe, kwargs, repeats=repeats).to_dict()
-    return timings
+            entries.append((f"deepcache_pkg_interval{interval}", helper.enable, helper.disable))
+    return entries
+
+
+def timed_call(pipe: Any, kwargs: Callable[[], dict[str, Any]]) -> tuple[float, float]:
+    """(wall ms, process CPU ms) of one pipeline call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    pipe(**kwargs())
+    return (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3
+
+
+def run(steps: int, repeats: int) -> dict[str, Any]:
+    """Round-robin: every repeat times each config once, so load drift hits all configs alike."""
+    pipe, kwargs = build_pipeline(), call_kwargs(steps)
+    entries = configs(pipe)
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in entries}
+    for round_index in range(repeats + 1):  # round 0 is the warm-up
+        for name, enable, disable in entries:
+            enable()
+            sample = timed_call(pipe, kwargs)
+            disable()
+            if round_index:
+                samples[name].append(sample)
+    return {name: {"wall_ms": [w for w, _ in values], "cpu_ms": [c for _, c in values],
+                   "median_wall_ms": statistics.median(w for w, _ in values),
+                   "median_cpu_ms": statistics.median(c for _, c in values)}
+            for name, values in samples.items()}
 
 
 def speedups(timings: dict[str, Any]) -> dict[str, dict[str, float]]:
     base = timings["baseline"]
-    return {name: {"pipeline": base["pipeline"]["median_ms"] / t["pipeline"]["median_ms"],
-                   "denoiser": base["denoiser"]["median_ms"] / t["denoiser"]["median_ms"]}
+    return {name: {"wall": base["median_wall_ms"] / t["median_wall_ms"],
+                   "cpu": base["median_cpu_ms"] / t["median_cpu_ms"]}
             for name, t in timings.items()}
 
 
@@ -82,12 +107,12 @@ def markdown(result: dict[str, Any]) -> str:
              f"{result['machine']['cpu_cores_available']} cores, torch threads "
              f"{result['machine']['torch_threads']}, load average before run {result['load_before']}, "
              f"after {result['load_after']}; no torch.compile; fp32.", "",
-             "| config | pipeline median ms | denoiser ms / call of pipeline | speed-up pipeline | speed-up denoiser |",
+             "| config | pipeline median ms (wall) | median CPU ms | speed-up wall | speed-up CPU time |",
              "|---|---|---|---|---|"]
     for name, t in result["timings"].items():
         s = result["speedups"][name]
-        lines.append(f"| {name} | {t['pipeline']['median_ms']:.0f} | {t['denoiser']['median_ms']:.0f} | "
-                     f"{s['pipeline']:.2f}x | {s['denoiser']:.2f}x |")
+        lines.append(f"| {name} | {t['median_wall_ms']:.0f} | {t['median_cpu_ms']:.0f} | "
+                     f"{s['wall']:.2f}x | {s['cpu']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -100,7 +125,7 @@ def main() -> None:
     timings = run(args.steps, args.repeats)
     result = {"setup": f"SD 1.5 UNet (859.5M params, random weights) at 32x32 latents (256x256-pixel "
                        f"equivalent), {args.steps} DDIM steps, CFG 7.5 (batch 2), branch 0, median of "
-                       f"{args.repeats} after 1 warm-up",
+                       f"{args.repeats} round-robin rounds after 1 warm-up round",
               "machine": machine_info(), "load_before": [round(x, 2) for x in load_before],
               "load_after": [round(x, 2) for x in os.getloadavg()],
               "timings": timings, "speedups": speedups(timings)}
