@@ -8,6 +8,7 @@ names relative to the denoiser (``denoiser.get_submodule(name)`` resolves them).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -123,7 +124,7 @@ class CachePoint:
     stack: str | None = None
 
 
-class DenoiserAdapter:
+class DenoiserAdapter(ABC):
     """Base class: one subclass per denoiser family, registered with ``@register_adapter``.
 
     Subclasses set ``family`` (a short name) and ``denoiser_classes`` (class names, so that
@@ -145,28 +146,33 @@ class DenoiserAdapter:
         return self.denoiser.get_submodule(name)
 
     # ---- queries every adapter answers ----------------------------------------------------
+    @abstractmethod
     def blocks(self) -> list[BlockInfo]:
-        raise NotImplementedError
+        """The denoiser's blocks in execution order."""
 
+    @abstractmethod
     def layer_groups(self) -> list[LayerGroup]:
         """Eligible layers grouped by shared input, in execution (depth) order."""
-        raise NotImplementedError
 
+    @abstractmethod
     def attention(self) -> list[AttentionInfo]:
-        raise NotImplementedError
+        """Every attention module with its projections and head geometry."""
 
+    @abstractmethod
     def ffns(self) -> list[FFNInfo]:
-        raise NotImplementedError
+        """Every feed-forward pair (expanding and contracting projections)."""
 
     def skip_concats(self) -> list[SkipConcat]:
+        """UNet decoder layers fed by ``cat([hidden, skip])``; none for other families."""
         return []
 
+    @abstractmethod
     def cache_points(self) -> list[CachePoint]:
-        raise NotImplementedError
+        """Where caches can cut the computation (UNet skip branches, DiT block stacks)."""
 
+    @abstractmethod
     def high_precision_layers(self) -> list[str]:
         """Layers kept in high precision by default (first/last conv or proj, time embedding)."""
-        raise NotImplementedError
 
     # ---- derived helpers ---------------------------------------------------------------
     def eligible_layers(self) -> list[str]:

@@ -8,7 +8,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -102,6 +102,19 @@ def load_checkpoint(path: Path) -> dict | None:
     if not path.is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resume(cfg: Any, stateful: dict[str, Any], generator: torch.Generator) -> tuple[int, float, list[str]]:
+    """Load ``run_dir/checkpoint.pt`` into ``stateful`` (checkpoint key -> object with
+    ``load_state_dict``) and ``generator`` when resuming; returns (start step, elapsed s, the
+    command history with this command appended)."""
+    state = load_checkpoint(cfg.run_dir / "checkpoint.pt") if cfg.resume else None
+    if state is None:
+        return 0, 0.0, [command_line()]
+    for key, target in stateful.items():
+        target.load_state_dict(state[key])
+    generator.set_state(state["gen"])
+    return int(state["step"]), float(state["elapsed_s"]), [*state.get("commands", []), command_line()]
 
 
 def run_loop(cfg: RunConfig, start_step: int, step_fn: Callable[[int, float], dict],

@@ -110,12 +110,7 @@ def train(cfg: C.RunConfig, name: str = "fashion-clip") -> Path:
     images, labels = C.load_data(cfg, "train")
     ids, mask = (t.to(device) for t in tokenize_captions(tok, all_captions()))
     bs = cfg.batch_size or DEFAULT_BATCH
-    state = C.load_checkpoint(cfg.run_dir / "checkpoint.pt") if cfg.resume else None
-    start, elapsed = 0, 0.0
-    if state is not None:
-        model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        start, elapsed = int(state["step"]), float(state["elapsed_s"])
+    start, elapsed, commands = C.resume(cfg, {"model": model, "opt": opt}, gen)
 
     def step_fn(step: int, frac: float) -> dict:
         model.train()
@@ -134,8 +129,6 @@ def train(cfg: C.RunConfig, name: str = "fashion-clip") -> Path:
         return {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
                 "step": step, "elapsed_s": elapsed + (time.time() - t_start), "commands": commands}
 
-    commands = list(state.get("commands", [])) if state is not None else []
-    commands.append(C.command_line())
     if cfg.freeze_text:
         for module in (model.text_model, model.text_projection):
             module.requires_grad_(False)

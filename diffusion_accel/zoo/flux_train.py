@@ -116,15 +116,7 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
     params = list(model.parameters()) + list(t5.parameters())
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
     bs, n_caps = cfg.batch_size or DEFAULT_BATCH, len(ids["pooled"])
-    state = C.load_checkpoint(cfg.run_dir / "checkpoint.pt") if cfg.resume else None
-    start, elapsed = 0, 0.0
-    if state is not None:
-        model.load_state_dict(state["model"]), t5.load_state_dict(state["t5"])
-        ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        start, elapsed = int(state["step"]), float(state["elapsed_s"])
-    commands = list(state.get("commands", [])) if state is not None else []
-    commands.append(C.command_line())
+    start, elapsed, commands = C.resume(cfg, {"model": model, "t5": t5, "ema": ema, "opt": opt}, gen)
     t_start = time.time()
 
     def step_fn(step: int, frac: float) -> dict:

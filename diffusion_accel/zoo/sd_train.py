@@ -109,14 +109,7 @@ def train(cfg: C.RunConfig, name: str = "fashion-sd") -> Path:
     opt = torch.optim.AdamW(unet.parameters(), lr=3e-4, weight_decay=0.01)
     sched = DDPMScheduler(**SCHEDULE)
     bs, scale = cfg.batch_size or DEFAULT_BATCH, vae.config.scaling_factor
-    state = C.load_checkpoint(cfg.run_dir / "checkpoint.pt") if cfg.resume else None
-    start, elapsed = 0, 0.0
-    if state is not None:
-        unet.load_state_dict(state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        start, elapsed = int(state["step"]), float(state["elapsed_s"])
-    commands = list(state.get("commands", [])) if state is not None else []
-    commands.append(C.command_line())
+    start, elapsed, commands = C.resume(cfg, {"model": unet, "ema": ema, "opt": opt}, gen)
     t_start = time.time()
 
     def step_fn(step: int, frac: float) -> dict:

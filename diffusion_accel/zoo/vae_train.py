@@ -98,14 +98,7 @@ def train(cfg: C.RunConfig, name: str) -> Path:
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99))
     images, _ = C.load_data(cfg, "train")
     bs = cfg.batch_size or DEFAULT_BATCH
-    state = C.load_checkpoint(cfg.run_dir / "checkpoint.pt") if cfg.resume else None
-    start, elapsed = 0, 0.0
-    if state is not None:
-        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        start, elapsed = int(state["step"]), float(state["elapsed_s"])
-    commands = list(state.get("commands", [])) if state is not None else []
-    commands.append(C.command_line())
+    start, elapsed, commands = C.resume(cfg, {"model": vae, "opt": opt}, gen)
     t_start = time.time()
 
     def step_fn(step: int, frac: float) -> dict:

@@ -7,6 +7,8 @@ embedders, ``norm_out``, ``proj_out``) is kept in high precision.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 from typing import ClassVar
 
 from torch import nn
@@ -23,17 +25,17 @@ class TransformerStackAdapter(DenoiserAdapter):
     stacks: ClassVar[tuple[tuple[str, str], ...]] = (("transformer_blocks", "transformer"),)
 
     # ---- per-block descriptions (subclasses) --------------------------------------------
+    @abstractmethod
     def block_groups(self, name: str, block: nn.Module, kind: str) -> list[LayerGroup]:
         """Layer groups of one block, in execution order."""
-        raise NotImplementedError
 
+    @abstractmethod
     def block_attention(self, name: str, block: nn.Module, kind: str) -> list[AttentionInfo]:
         """Attention modules of one block."""
-        raise NotImplementedError
 
+    @abstractmethod
     def block_ffns(self, name: str, block: nn.Module, kind: str) -> list[FFNInfo]:
         """Feed-forward pairs of one block."""
-        raise NotImplementedError
 
     def block_high_precision(self, name: str, block: nn.Module, kind: str) -> list[str]:
         """Layers inside one block kept in high precision (none by default)."""
