@@ -92,7 +92,7 @@ def markdown(results: dict[str, Any]) -> str:
     info = results["machine"]
     lines = [f"# Structured pruning speed ({info['cpu_model']}, {info['cpu_cores_available']} cores, "
              f"{info['torch_threads']} torch threads, fp32, eager, no torch.compile)", "",
-             f"Load average before/after: {results['load_before']} / {results['load_after']} (shared machine).", "",
+             f"Load average before/after: {results['load_before']} / {results['load_after']} (a high load average means the cores were shared).", "",
              "| model | batch | res | sparsity | params dense → pruned | heads / neurons removed | dense ms | pruned ms | speed-up (wall) | speed-up (CPU time) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["structured"]:
