@@ -144,7 +144,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# PTQ speed: SD 1.5 UNet (random weights), {results['resolution']} px, batch {results['batch']}",
              "", f"CPU {m['cpu_model']}, {m['cpu_cores_available']} cores, torch threads {m['torch_threads']}, "
              f"torch {m.get('torch_version')}; load average {results['load_average_start']} -> "
-             f"{results['load_average_end']} (cores shared with other jobs); median of {results['repeats']} "
+             f"{results['load_average_end']} (a high load average means the cores were shared); median of {results['repeats']} "
              f"(compiled: {results['compiled_repeats']}) after 1 warm-up (the compiled warm-up includes compilation).", "", "| variant | median ms | vs fp32 eager | vs fp32 compiled |", "|---|---|---|---|"]
     for name, item in lat.items():
         ratio_c = f"{compiled / item['median_ms']:.2f}x" if compiled else "-"
