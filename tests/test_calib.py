@@ -48,14 +48,6 @@ class FailAtStep(Collector):
             raise RuntimeError(f"collector failed at step {step.step_index}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and OpenMP spinning stalls them on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def sd_pipe():

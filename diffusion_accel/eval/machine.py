@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from importlib import metadata
@@ -17,12 +18,10 @@ LIBRARIES = ("torch", "diffusers", "transformers", "torchmetrics", "accelerate")
 
 def cpu_model() -> str:
     """CPU model name from /proc/cpuinfo (Linux), else ``platform.processor()``."""
-    try:
+    with contextlib.suppress(OSError):  # not Linux: fall back to platform
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or "unknown"
 
 

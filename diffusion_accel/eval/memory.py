@@ -9,6 +9,7 @@ lifetime peak from ``getrusage`` is reported and labelled as such.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import resource
@@ -70,10 +71,8 @@ def release_free_memory() -> None:
     free heap memory, hide what the call needs.
     """
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # no glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _cpu_peak(fn: Callable[[], Any]) -> MemoryStats:
