@@ -35,6 +35,8 @@ _LAZY_ATTRIBUTES = {
     "cache_summary": ("diffusion_accel.cache", "summary"),
     "DeepCacheConfig": ("diffusion_accel.cache", "DeepCacheConfig"),
     "BlockCacheConfig": ("diffusion_accel.cache", "BlockCacheConfig"),
+    "DeltaCacheConfig": ("diffusion_accel.cache", "DeltaCacheConfig"),
+    "EncoderPropagationConfig": ("diffusion_accel.cache", "EncoderPropagationConfig"),
     "FirstBlockCacheConfig": ("diffusion_accel.cache", "FirstBlockCacheConfig"),
     "TeaCacheConfig": ("diffusion_accel.cache", "TeaCacheConfig"),
     "CalibratedCacheConfig": ("diffusion_accel.cache", "CalibratedCacheConfig"),

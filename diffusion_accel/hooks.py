@@ -147,6 +147,9 @@ class StepTracker(ModelHook):
             self.reset()
 
     # ----- diffusers ModelHook interface ------------------------------------------------
+    # Step bookkeeping is Python state (and reads the timestep with .item()): kept out of
+    # torch.compile graphs so it costs one clean graph break instead of recompiles and splits.
+    @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
         self._detect_new_call()
         self.context = self._pinned_context or self._context_reader.current_name()
@@ -155,6 +158,7 @@ class StepTracker(ModelHook):
         self.in_call = True
         return args, kwargs
 
+    @torch.compiler.disable
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         self._counters[self.context] = self.step_index + 1
         self.calls_since_reset += 1

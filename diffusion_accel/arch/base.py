@@ -114,6 +114,9 @@ class CachePoint:
     ``layer = k % 3``). ``down`` is the module producing that skip, ``up`` the decoder resnet
     consuming it, ``blocks`` the modules the cache replaces on a skipped step.
     DiT: ``kind == "block_stack"``; ``stack`` names the stack, ``blocks`` its blocks in order.
+    UNet encoder (``encoder_cache_point()``): ``kind == "encoder"``; ``blocks`` are the modules
+    whose outputs encoder propagation reuses (input conv, down blocks, mid block), ``up`` the first
+    decoder module.
     """
 
     kind: str
@@ -122,6 +125,34 @@ class CachePoint:
     up: str | None = None
     blocks: tuple[str, ...] = field(default_factory=tuple)
     stack: str | None = None
+
+
+MODULATED_SOURCES = ("output", "input")
+
+
+@dataclass(frozen=True)
+class BlockStreams:
+    """How a transformer block's ``forward`` takes and returns its streams.
+
+    ``hidden_arg`` / ``encoder_arg`` name the forward arguments carrying the image and the text
+    (context) stream; ``encoder_arg`` is None when the block does not update a context stream
+    (cross-attention blocks only read it). ``hidden_out`` / ``encoder_out`` are their positions in
+    a returned tuple (a block returning a bare tensor returns the hidden stream). ``modulated`` is
+    the submodule (relative to the block) that carries the timestep-modulated input TeaCache
+    watches: its first output (``modulated_from="output"``, an adaptive norm) or its
+    ``hidden_states`` input (``"input"``, e.g. the attention after adaLN-single's scale/shift).
+    """
+
+    hidden_arg: str = "hidden_states"
+    encoder_arg: str | None = None
+    hidden_out: int = 0
+    encoder_out: int | None = None
+    modulated: str | None = None
+    modulated_from: str = "output"
+
+    def __post_init__(self) -> None:
+        if self.modulated_from not in MODULATED_SOURCES:
+            raise ValueError(f"modulated_from must be one of {MODULATED_SOURCES}, got {self.modulated_from!r}")
 
 
 class DenoiserAdapter(ABC):
@@ -169,6 +200,15 @@ class DenoiserAdapter(ABC):
     @abstractmethod
     def cache_points(self) -> list[CachePoint]:
         """Where caches can cut the computation (UNet skip branches, DiT block stacks)."""
+
+    def block_streams(self, name: str) -> BlockStreams:
+        """Stream layout of the transformer block ``name`` (block caches); TypeError if it has none."""
+        raise TypeError(f"{type(self.denoiser).__name__} has no transformer blocks with known streams "
+                        f"(asked for {name!r})")
+
+    def encoder_cache_point(self) -> CachePoint | None:
+        """UNets: the encoder (input conv, down blocks, mid block) for encoder propagation; else None."""
+        return None
 
     @abstractmethod
     def high_precision_layers(self) -> list[str]:

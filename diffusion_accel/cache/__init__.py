@@ -1,5 +1,5 @@
-"""Feature caching across denoising steps: DeepCache (UNets), block / First-Block / TeaCache
-caching (transformers) and calibrated schedules.
+"""Feature caching across denoising steps: DeepCache and Faster Diffusion encoder propagation
+(UNets), block / Δ-DiT / First-Block / TeaCache caching (transformers) and calibrated schedules.
 
 >>> enable_cache(pipe, DeepCacheConfig(interval=3, branch=0))
 >>> pipe("a red bicycle"); print(summary(pipe, as_text=True))
@@ -9,13 +9,15 @@ caching (transformers) and calibrated schedules.
 from . import persist  # noqa: F401  (registers the "cache" save/load technique)
 from .apply import cache_config, calibrated_steps, enable_cache, register_cache_method, remove_cache, summary
 from .calibrated import calibrate_schedule
-from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, FirstBlockCacheConfig,
-                      TeaCacheConfig)
+from .configs import (FASTER_DIFFUSION_KEY_STEPS, BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig,
+                      DeltaCacheConfig, EncoderPropagationConfig, FirstBlockCacheConfig, TeaCacheConfig)
 from .schedules import nonuniform_full_steps, resample_full_steps, uniform_full_steps
 from .teacache_fit import fit_teacache_coefficients
 
 __all__ = [
-    "BlockCacheConfig", "CalibratedCacheConfig", "DeepCacheConfig", "FirstBlockCacheConfig",
-    "TeaCacheConfig", "cache_config", "calibrate_schedule", "calibrated_steps", "enable_cache", "fit_teacache_coefficients", "nonuniform_full_steps",
-    "register_cache_method", "remove_cache", "resample_full_steps", "summary", "uniform_full_steps",
+    "FASTER_DIFFUSION_KEY_STEPS", "BlockCacheConfig", "CalibratedCacheConfig", "DeepCacheConfig",
+    "DeltaCacheConfig", "EncoderPropagationConfig", "FirstBlockCacheConfig", "TeaCacheConfig",
+    "cache_config", "calibrate_schedule", "calibrated_steps", "enable_cache", "fit_teacache_coefficients",
+    "nonuniform_full_steps", "register_cache_method", "remove_cache", "resample_full_steps", "summary",
+    "uniform_full_steps",
 ]

@@ -12,9 +12,11 @@ from typing import Any, Callable
 
 from ..arch import find_denoiser, get_adapter
 from ..artifact import base_fingerprint, mark_applied, unmark_applied
-from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, FirstBlockCacheConfig,
-                      TeaCacheConfig, config_to_dict)
-from .policies import FirstBlockPolicy, SchedulePolicy, TeaCachePolicy
+from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, DeltaCacheConfig,
+                      EncoderPropagationConfig, FirstBlockCacheConfig, TeaCacheConfig, config_to_dict)
+from .delta import install_delta_cache
+from .encoder import encoder_point, install_encoder_cache, key_steps
+from .policies import DeltaPolicy, FirstBlockPolicy, SchedulePolicy, TeaCachePolicy
 from .schedules import nonuniform_full_steps, resample_full_steps, uniform_full_steps
 from .session import end_session, get_session, start_session
 from .stack import check_stack, install_stack_cache
@@ -68,6 +70,20 @@ def _first_block(pipe: Any, config: FirstBlockCacheConfig) -> tuple[str, Any, In
 def _teacache(pipe: Any, config: TeaCacheConfig) -> tuple[str, Any, Installer]:
     policy = TeaCachePolicy(config.threshold, config.coefficients)
     return "teacache", policy, _stack_installer(pipe, policy.uses_head)
+
+
+@register_cache_method(DeltaCacheConfig)
+def _delta_cache(pipe: Any, config: DeltaCacheConfig) -> tuple[str, Any, Installer]:
+    check_stack(pipe, uses_head=False)  # raises for UNets and unknown blocks before any hook exists
+    install = lambda session, _pipe: install_delta_cache(session, _pipe, config.cached_fraction)  # noqa: E731
+    return "delta_cache", DeltaPolicy(config.interval, config.boundary), install
+
+
+@register_cache_method(EncoderPropagationConfig)
+def _encoder_propagation(pipe: Any, config: EncoderPropagationConfig) -> tuple[str, Any, Installer]:
+    point = encoder_point(pipe)  # raises for transformers before any hook exists
+    policy = SchedulePolicy(lambda n: key_steps(config, n), config.interval)
+    return "encoder_propagation", policy, lambda session, _pipe: install_encoder_cache(session, point, config)
 
 
 @register_cache_method(CalibratedCacheConfig)

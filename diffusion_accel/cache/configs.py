@@ -95,6 +95,84 @@ class TeaCacheConfig:
             object.__setattr__(self, "coefficients", tuple(float(c) for c in values))
 
 
+def _check_fraction(name: str, value: Any) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+    if not ok:
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
+
+
+@dataclass(frozen=True)
+class DeltaCacheConfig:
+    """Δ-DiT for transformers: every ``interval`` steps all blocks run; in between a span of
+    ``cached_fraction`` of the blocks is bypassed and its cached *delta* (span output - span input,
+    per stream, from the last full step) is added to the span's fresh input.
+
+    Steps before ``boundary`` (a fraction of the trajectory: the outline stage) bypass the *rear*
+    blocks, later steps (the detail stage) the *front* blocks, so the blocks that shape the current
+    stage keep running. ``cached_fraction=1`` is FORA-style whole-stack caching.
+    """
+
+    interval: int = 2
+    cached_fraction: float = 0.5
+    boundary: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_int("interval", self.interval, 1)
+        _check_fraction("boundary", self.boundary)
+        ok = isinstance(self.cached_fraction, (int, float)) and not isinstance(self.cached_fraction, bool)
+        if not (ok and 0.0 < self.cached_fraction <= 1.0):
+            raise ValueError(f"cached_fraction must be a fraction in (0, 1], got {self.cached_fraction!r}")
+
+
+# Faster Diffusion's non-uniform key steps for 50 DDIM steps (the official code's "50ls" schedule).
+FASTER_DIFFUSION_KEY_STEPS = (0, 1, 2, 3, 5, 10, 15, 25, 35)
+
+
+@dataclass(frozen=True)
+class EncoderPropagationConfig:
+    """Faster Diffusion encoder propagation for UNets: the whole UNet runs on *key* steps; on the
+    others the encoder (input conv, down blocks, mid block) is skipped and its outputs from the last
+    key step (every skip tensor and the mid output) feed the decoder, which runs with the current
+    timestep embedding.
+
+    Key steps are every ``interval``-th step, or ``key_steps`` written for a
+    ``num_inference_steps`` trajectory (resampled proportionally for other lengths), e.g. the
+    paper's ``FASTER_DIFFUSION_KEY_STEPS`` for 50 steps. ``noise_injection`` > 0 adds that fraction
+    of the initial noise (the denoiser's input at step 0) to the prediction on non-key steps from
+    ``injection_start`` (a fraction of the trajectory) on: the paper's prior-noise injection, moved
+    from the sampling loop's latents to the denoiser output (see docs/architecture.md).
+    """
+
+    interval: int = 2
+    key_steps: tuple[int, ...] | None = None
+    num_inference_steps: int | None = None
+    noise_injection: float = 0.0
+    injection_start: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_int("interval", self.interval, 1)
+        _check_float("noise_injection", self.noise_injection, 0.0)
+        _check_fraction("injection_start", self.injection_start)
+        if self.key_steps is not None:
+            object.__setattr__(self, "key_steps", _checked_key_steps(self.key_steps, self.num_inference_steps))
+        elif self.num_inference_steps is not None:
+            _check_int("num_inference_steps", self.num_inference_steps, 1)
+
+
+def _checked_key_steps(key_steps: Any, num_steps: Any) -> tuple[int, ...]:
+    """Sorted, de-duplicated key steps; ValueError unless they include 0 and lie in [0, num_steps)."""
+    if num_steps is None:
+        raise ValueError("key_steps need num_inference_steps (the trajectory length they were written for)")
+    _check_int("num_inference_steps", num_steps, 1)
+    values = tuple(key_steps)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"key_steps must be ints, got {key_steps!r}")
+    steps = tuple(sorted(set(values)))
+    if not steps or steps[0] != 0 or steps[-1] >= num_steps:
+        raise ValueError(f"key_steps must contain step 0 and lie in [0, {num_steps}), got {key_steps!r}")
+    return steps
+
+
 @dataclass(frozen=True)
 class CalibratedCacheConfig:
     """A calibrated schedule: ``full_steps`` of a ``num_inference_steps`` trajectory run the whole
@@ -124,7 +202,8 @@ class CalibratedCacheConfig:
 
 
 CACHE_CONFIGS: tuple[type, ...] = (DeepCacheConfig, BlockCacheConfig, FirstBlockCacheConfig,
-                                   TeaCacheConfig, CalibratedCacheConfig)
+                                   TeaCacheConfig, CalibratedCacheConfig, DeltaCacheConfig,
+                                   EncoderPropagationConfig)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 
+from .schedules import uniform_full_steps
 from .streams import rel_l1
 
 
@@ -34,6 +35,25 @@ class SchedulePolicy:
         if num_steps is None or step >= num_steps:
             return step % self._fallback_interval == 0
         return step in self.full_steps(num_steps)
+
+
+class DeltaPolicy(SchedulePolicy):
+    """Δ-DiT: full steps every ``interval``; each reuse step also picks the bypassed span, "rear"
+    before ``boundary`` (a fraction of the trajectory) and "front" from it on (in ``state["span"]``)."""
+
+    def __init__(self, interval: int, boundary: float) -> None:
+        super().__init__(lambda n: uniform_full_steps(n, interval), interval)
+        self.boundary = boundary
+
+    def span(self, step: int, num_steps: int | None) -> str:
+        """The span bypassed at ``step``: rear blocks in the outline stage, front blocks after it."""
+        if num_steps is None or step < self.boundary * num_steps:
+            return "rear"
+        return "front"
+
+    def should_compute(self, step: int, num_steps: int | None, state: dict, signal: Any = None) -> bool:
+        state["span"] = self.span(step, num_steps)
+        return super().should_compute(step, num_steps, state, signal)
 
 
 class FirstBlockPolicy:

@@ -44,10 +44,12 @@ class CacheSession:
     policy: Any
     cached_blocks: tuple[str, ...] = ()
     total_blocks: int = 0
+    reuse_size: int | None = None  # blocks bypassed per reuse step when fewer than cached_blocks (Δ-DiT)
     hooked: list[nn.Module] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
     records: list[StepRecord] = field(default_factory=list)
     residual_changes: list[tuple[int, str, float]] = field(default_factory=list)
+    record_residuals: bool = False  # log residual changes per full step (TeaCache fitting only)
     fresh: bool = True
 
     # ---- per-call state and decisions ------------------------------------------------
@@ -72,7 +74,7 @@ class CacheSession:
 
     def _record(self, step: int, compute: bool, change: float | None) -> None:
         self.start_records_if_fresh()
-        reused = 0 if compute else len(self.cached_blocks)
+        reused = 0 if compute else (self.reuse_size or len(self.cached_blocks))
         self.records.append(StepRecord(step, self.tracker.context, compute,
                                        self.total_blocks - reused, reused, change))
 

@@ -14,7 +14,7 @@ import torch
 from diffusers.hooks import ModelHook
 from torch import nn
 
-from ..arch import get_adapter
+from ..arch import BlockStreams, get_adapter
 from .session import CacheSession
 from .streams import BlockIO, add_streams, block_io, rel_l1, sub_streams
 
@@ -53,7 +53,8 @@ class StackBlockHook(ModelHook):
         state.setdefault("templates", {})[self.key] = self.io.template(output)
         if self.last:
             residual = sub_streams(self.io.outputs(output), state.pop("stack_input"))
-            self._note_residual_change(state, residual["hidden"])
+            if self.session.record_residuals:
+                self._note_residual_change(state, residual["hidden"])
             state["residual"], state["ready"] = residual, True
         return output
 
@@ -90,20 +91,12 @@ class HeadBlockHook(ModelHook):
         return self.io.outputs(output)["hidden"] - hidden_in
 
 
-def modulation_norm(block: nn.Module) -> nn.Module | None:
-    """The block's first normalisation child (adaptive LayerNorm in Flux/SD3/DiT), or None."""
-    for child in block.children():
-        if "Norm" in type(child).__name__:
-            return child
-    return None
-
-
 def check_stack(pipe: Any, uses_head: bool) -> list[str]:
     """Validate that the block stack can be cached (known block outputs, enough blocks)."""
     names = stack_blocks(pipe)
     adapter = get_adapter(pipe)
     for name in names:
-        block_io(adapter.module(name))
+        block_io(adapter, name)
     if uses_head and len(names) < 2:
         raise ValueError(f"a head-block policy needs at least 2 transformer blocks; this denoiser has {len(names)}")
     return names
@@ -112,28 +105,46 @@ def check_stack(pipe: Any, uses_head: bool) -> list[str]:
 def install_stack_cache(session: CacheSession, pipe: Any) -> None:
     """Hook the block stack for ``session.policy`` (with a computed head block if it uses one)."""
     names = check_stack(pipe, session.policy.uses_head)
+    adapter = get_adapter(pipe)
     modules = [session.denoiser.get_submodule(name) for name in names]
     cached = names[1:] if session.policy.uses_head else names
-    ios = [block_io(module) for module in modules]
+    ios = [block_io(adapter, name) for name in names]
     session.cached_blocks, session.total_blocks = tuple(cached), len(names)
     if session.policy.uses_head:
         session.hook(modules[0], HeadBlockHook(session, ios[0]))
-        _capture_modulation(session, modules[0])
+        if session.policy.signal == "modulated":
+            _capture_modulation(session, modules[0], adapter.block_streams(names[0]))
     offset = len(names) - len(cached)
     for index, name in enumerate(cached):
         hook = StackBlockHook(session, name, ios[offset + index], first=index == 0, last=index == len(cached) - 1)
         session.hook(modules[offset + index], hook)
 
 
-def _capture_modulation(session: CacheSession, head: nn.Module) -> None:
-    """For TeaCache: keep the first output tensor of the head block's first norm in the state."""
-    norm = modulation_norm(head)
-    if session.policy.signal != "modulated" or norm is None:
-        return
+class ModulationKeeper:
+    """Torch hooks for TeaCache: store the head block's timestep-modulated input in the state."""
 
-    def keep(module: nn.Module, args: tuple, output: Any) -> None:
-        if session.active():
-            value = output if isinstance(output, torch.Tensor) else output[0]
-            session.state()["modulated"] = value.detach()
+    def __init__(self, session: CacheSession) -> None:
+        self.session = session
 
-    session.handles.append(norm.register_forward_hook(keep))
+    def keep(self, value: Any) -> None:
+        """Store ``value`` (a tensor) for the head block hook to pick up in this call."""
+        if self.session.active() and isinstance(value, torch.Tensor):
+            self.session.state()["modulated"] = value.detach()
+
+    def from_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.keep(output if isinstance(output, torch.Tensor) else output[0])
+
+    def from_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.keep(kwargs.get("hidden_states", args[0] if args else None))
+
+
+def _capture_modulation(session: CacheSession, head: nn.Module, streams: BlockStreams) -> None:
+    """Hook the submodule the adapter names as carrying the modulated input (output or input side)."""
+    if streams.modulated is None:
+        return  # no modulated input known: the policy falls back to the block's input
+    source, keeper = head.get_submodule(streams.modulated), ModulationKeeper(session)
+    if streams.modulated_from == "output":
+        handle = source.register_forward_hook(keeper.from_output)
+    else:
+        handle = source.register_forward_pre_hook(keeper.from_input, with_kwargs=True)
+    session.handles.append(handle)

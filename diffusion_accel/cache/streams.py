@@ -1,7 +1,7 @@
 """The hidden/encoder streams that enter and leave a transformer block.
 
-Which positional output holds ``hidden_states`` or ``encoder_hidden_states`` is read from diffusers'
-own block metadata (``TransformerBlockRegistry``, the table its FirstBlockCache uses), so no module
+Which argument and which positional output hold ``hidden_states`` or ``encoder_hidden_states`` is
+the model family's knowledge: the adapter's ``block_streams(name)`` says it, so no module or class
 names are matched here.
 """
 
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+
+from ..arch import DenoiserAdapter
 
 STREAMS = ("hidden", "encoder")
 
@@ -22,7 +23,7 @@ class BlockIO:
     """How to read a block class's stream inputs and outputs."""
 
     hidden_arg: str
-    encoder_arg: str
+    encoder_arg: str | None
     hidden_out: int
     encoder_out: int | None
     parameters: tuple[str, ...]
@@ -32,7 +33,9 @@ class BlockIO:
         return {"hidden": self._argument(self.hidden_arg, args, kwargs),
                 "encoder": self._argument(self.encoder_arg, args, kwargs)}
 
-    def _argument(self, name: str, args: tuple, kwargs: dict) -> Any:
+    def _argument(self, name: str | None, args: tuple, kwargs: dict) -> Any:
+        if name is None:
+            return None
         if name in kwargs:
             return kwargs[name]
         index = self.parameters.index(name) if name in self.parameters else len(args)
@@ -62,18 +65,11 @@ class BlockIO:
         return tuple(values)
 
 
-def block_io(block: nn.Module) -> BlockIO:
-    """The stream layout of ``block``; TypeError naming the class if diffusers has no metadata."""
-    from diffusers.hooks._helpers import TransformerBlockRegistry
-
-    try:
-        meta = TransformerBlockRegistry.get(type(block))
-    except ValueError as error:
-        raise TypeError(f"block cache does not know the outputs of {type(block).__name__} "
-                        f"(diffusers has no TransformerBlockRegistry entry for it)") from error
-    parameters = tuple(inspect.signature(type(block).forward).parameters)[1:]
-    return BlockIO(meta.hidden_states_argument_name, meta.encoder_hidden_states_argument_name,
-                   meta.return_hidden_states_index, meta.return_encoder_hidden_states_index, parameters)
+def block_io(adapter: DenoiserAdapter, name: str) -> BlockIO:
+    """The stream layout of block ``name`` from its adapter (TypeError if the adapter has none)."""
+    spec = adapter.block_streams(name)
+    parameters = tuple(inspect.signature(type(adapter.module(name)).forward).parameters)[1:]
+    return BlockIO(spec.hidden_arg, spec.encoder_arg, spec.hidden_out, spec.encoder_out, parameters)
 
 
 def add_streams(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:

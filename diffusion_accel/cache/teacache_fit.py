@@ -30,6 +30,7 @@ def teacache_samples(pipe: Any, prompts: Any, num_inference_steps: int = 25, see
     ys: list[float] = []
     try:
         session = get_session(find_denoiser(pipe)[1])
+        session.record_residuals = True
         for call in calls:
             final_outputs(pipe, [call])
             inputs = {(r.step, r.context): r.signal_change for r in session.records}

@@ -19,18 +19,24 @@ from .session import CacheSession
 
 
 class CachedOutputHook(ModelHook):
-    """Computes and stores the module's output on full steps; returns the stored one otherwise."""
+    """Computes and stores the module's output on full steps; returns the stored one otherwise.
 
-    def __init__(self, session: CacheSession, key: str) -> None:
+    Only the first cached module of a call (``decides``) asks the policy; the others read its
+    decision, so a compiled denoiser breaks its graph once per call, not once per module.
+    """
+
+    def __init__(self, session: CacheSession, key: str, decides: bool = True) -> None:
         super().__init__()
-        self.session, self.key = session, key
+        self.session, self.key, self.decides = session, key, decides
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         session = self.session
         if not session.active():
             return self.fn_ref.original_forward(*args, **kwargs)
-        outputs = session.state().setdefault("outputs", {})
-        if session.decide() or self.key not in outputs:
+        state = session.state()
+        outputs = state.setdefault("outputs", {})
+        compute = session.decide() if self.decides else state.get("compute", True)
+        if compute or self.key not in outputs:
             outputs[self.key] = self.fn_ref.original_forward(*args, **kwargs)
         return outputs[self.key]
 
@@ -52,8 +58,8 @@ def install_branch_cache(session: CacheSession, point: CachePoint) -> None:
     session.cached_blocks = point.blocks
     session.total_blocks = len(adapter.blocks())
     state_ready = ModelHookReady(session)
-    for name in point.blocks:
-        session.hook(session.denoiser.get_submodule(name), CachedOutputHook(session, name))
+    for index, name in enumerate(point.blocks):
+        session.hook(session.denoiser.get_submodule(name), CachedOutputHook(session, name, decides=index == 0))
     session.hook(session.denoiser.get_submodule(point.up), state_ready)
 
 

@@ -74,7 +74,7 @@ def calibration_kwargs(pipe: Any, config: PruneConfig, calib: Calibration | None
     if calib is not None:
         return calib.settings.as_kwargs() | weights
     count, mode = config.calib_prompts, call_mode(pipe)
-    inputs: dict[str, Any] = {"prompts": prompt_sets.load("default", limit=count)}
+    inputs: dict[str, Any] = {"prompts": prompt_sets.for_pipeline(pipe, limit=count)}
     if mode == "class":
         inputs = {"prompts": list(range(count))}
     elif mode == "unconditional":

@@ -19,7 +19,7 @@ from torch import nn
 from ..arch import get_adapter
 from ..arch.registry import find_denoiser
 from ..calib import Calibration, Collector, RangeObserver, SampleStore, Step, calibrate, call_mode
-from ..prompts import load as load_prompts
+from ..prompts import for_pipeline as prompts_for_pipeline
 from .configs import PTQConfig
 from .layers import float_type_of
 
@@ -133,7 +133,7 @@ def default_calibration_inputs(pipe: Any, count: int) -> dict[str, Any]:
     """``calibrate`` keyword arguments giving ``count`` default items for this pipeline's call mode."""
     mode = call_mode(pipe)
     if mode == "prompt":
-        return {"prompts": load_prompts("default", limit=count)}
+        return {"prompts": prompts_for_pipeline(pipe, limit=count)}
     if mode == "unconditional":
         return {"num_samples": count}
     return {"prompts": list(range(count))}

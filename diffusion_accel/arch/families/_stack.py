@@ -13,7 +13,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from ..base import AttentionInfo, BlockInfo, CachePoint, DenoiserAdapter, FFNInfo, LayerGroup
+from ..base import (AttentionInfo, BlockInfo, BlockStreams, CachePoint, DenoiserAdapter, FFNInfo,
+                    LayerGroup)
 from ._common import (basic_block_attention, basic_block_groups, basic_block_time_embedding,
                       ffn_info, in_module_order, layers_outside)
 
@@ -23,6 +24,8 @@ class TransformerStackAdapter(DenoiserAdapter):
 
     component = "transformer"
     stacks: ClassVar[tuple[tuple[str, str], ...]] = (("transformer_blocks", "transformer"),)
+    # How each block kind's forward takes and returns its streams (see ``BlockStreams``).
+    kind_streams: ClassVar[dict[str, BlockStreams]] = {}
 
     # ---- per-block descriptions (subclasses) --------------------------------------------
     @abstractmethod
@@ -66,6 +69,15 @@ class TransformerStackAdapter(DenoiserAdapter):
                            blocks=tuple(f"{attr}.{i}" for i in range(len(getattr(self.denoiser, attr)))))
                 for attr, _ in self.stacks]
 
+    def block_streams(self, name: str) -> BlockStreams:
+        """The stream layout of block ``name``, from its kind (TypeError for a non-block name)."""
+        kinds = {info.name: info.kind for info in self.blocks()}
+        if name not in kinds or kinds[name] not in self.kind_streams:
+            stacks = ", ".join(attr for attr, _ in self.stacks)
+            raise TypeError(f"{name!r} is not a transformer block of {type(self.denoiser).__name__} "
+                            f"(its blocks are {stacks}.<i>)")
+        return self.kind_streams[kinds[name]]
+
     def high_precision_layers(self) -> list[str]:
         outside = layers_outside(self.denoiser, [attr for attr, _ in self.stacks])
         inside = [n for name, block, kind in self._each_block()
@@ -78,7 +90,13 @@ class BasicTransformerStackAdapter(TransformerStackAdapter):
 
     A block's own timestep/label embedder (DiT's ``norm1.emb``) is time embedding: high precision;
     its modulation linear (``norm1.linear``) is eligible.
+
+    Streams: ``hidden_states`` in, a tensor out; ``encoder_hidden_states`` is only read by
+    cross-attention. The modulated input is ``attn1``'s input: adaLN-zero's ``norm1`` output (DiT)
+    or ``norm1(x) * (1 + scale) + shift`` computed inline from the shared table (PixArt).
     """
+
+    kind_streams = {"transformer": BlockStreams(modulated="attn1", modulated_from="input")}
 
     def block_groups(self, name: str, block: nn.Module, kind: str) -> list[LayerGroup]:
         return basic_block_groups(name, block, name)

@@ -209,6 +209,17 @@ class UNetAdapter(DenoiserAdapter):
                 concats.append(SkipConcat(join(resnet, "conv_shortcut"), split, total, direct=True))
         return concats
 
+    def encoder_cache_point(self) -> CachePoint:
+        """The encoder Faster Diffusion propagates: ``conv_in``, every down block, the mid block.
+
+        Their outputs are everything the decoder reads from the encoder (the skip tensors and the
+        mid output); ``up`` is the first up block, which runs after all of them.
+        """
+        names = ["conv_in"] + [f"down_blocks.{i}" for i in range(len(self.denoiser.down_blocks))]
+        if getattr(self.denoiser, "mid_block", None) is not None:
+            names.append("mid_block")
+        return CachePoint(kind="encoder", down=names[-1], up="up_blocks.0", blocks=tuple(names))
+
     def cache_points(self) -> list[CachePoint]:
         """DeepCache branches; ``blocks`` are the leaves replaced by the cache on skipped steps."""
         order = [info.name for info in self.blocks()]

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from torch import nn
 
-from ..base import AttentionInfo, FFNInfo, LayerGroup
+from ..base import AttentionInfo, BlockStreams, FFNInfo, LayerGroup
 from ..registry import register_adapter
 from ._common import (attention_groups, attention_info, ffn_groups, ffn_info,
                       group, present)
@@ -40,6 +40,12 @@ class FluxAdapter(TransformerStackAdapter):
     family = "flux"
     denoiser_classes = ("FluxTransformer2DModel",)
     stacks = (("transformer_blocks", "double_stream"), ("single_transformer_blocks", "single_stream"))
+    # Both block kinds take (hidden_states, encoder_hidden_states, temb) and return
+    # (encoder_hidden_states, hidden_states); the adaptive norm's first output is the modulated input.
+    kind_streams = {
+        "double_stream": BlockStreams("hidden_states", "encoder_hidden_states", 1, 0, modulated="norm1"),
+        "single_stream": BlockStreams("hidden_states", "encoder_hidden_states", 1, 0, modulated="norm"),
+    }
 
     def block_groups(self, name: str, block: nn.Module, kind: str) -> list[LayerGroup]:
         if kind == "single_stream":

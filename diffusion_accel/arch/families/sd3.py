@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..base import AttentionInfo, FFNInfo, LayerGroup
+from ..base import AttentionInfo, BlockStreams, FFNInfo, LayerGroup
 from ..registry import register_adapter
 from ._common import attention_groups, attention_info, ffn_groups, ffn_info, group
 from ._stack import TransformerStackAdapter
@@ -22,6 +22,11 @@ class SD3Adapter(TransformerStackAdapter):
     family = "sd3"
     denoiser_classes = ("SD3Transformer2DModel",)
     stacks = (("transformer_blocks", "double_stream"),)
+    # JointTransformerBlock returns (encoder_hidden_states, hidden_states); the context_pre_only last
+    # block returns None for the context. ``norm1`` (AdaLayerNormZero[X]) gives the modulated input.
+    kind_streams = {
+        "double_stream": BlockStreams("hidden_states", "encoder_hidden_states", 1, 0, modulated="norm1"),
+    }
 
     def block_groups(self, name: str, block: nn.Module, kind: str) -> list[LayerGroup]:
         groups = group(block, name, ("norm1.linear", "norm1_context.linear"), name, "adaln")

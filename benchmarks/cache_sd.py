@@ -1,0 +1,167 @@
+"""Feature caching on fashion-sd (issue #6): DeepCache vs the deepcache package, uniform vs calibrated
+schedules, quality (FID / CLIP / PSNR vs uncached) at 2,000 images and whole-pipeline speed-up.
+
+    python benchmarks/cache_sd.py                 # everything (resumes a killed run)
+    python benchmarks/cache_sd.py --skip-quality  # parity + timing only
+
+1. Parity: the ``deepcache`` package and ours at the same interval/branch, same seeds: max |Δ| of
+   the final latents (target ≤ 1e-4).
+2. Quality: uniform DeepCache at intervals 2-5, the non-uniform schedule, and schedules calibrated
+   (``calibrate_schedule``, refine search, on calibration prompts disjoint from the benchmark's) for
+   the same numbers of full steps as the uniform ones.
+3. Speed: every variant timed round-robin against the uncached pipeline on one batch of prompts.
+A plot of speed-up vs FID is written next to the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusion_accel import zoo
+from diffusion_accel.cache import CalibratedCacheConfig, DeepCacheConfig, calibrate_schedule, enable_cache
+from diffusion_accel.cache.configs import config_to_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo_harness import RESULTS, Variant, ZooBench, markdown_table, time_variants  # noqa: E402
+from zoo_quality import DEFAULTS, prompts_for  # noqa: E402
+
+MODEL = "fashion-sd"
+INTERVALS = (2, 3, 4, 5)
+CALIBRATION_SEED = 1000  # prompts drawn with another seed than the benchmark's (seed 0)
+
+
+def parity(intervals: tuple[int, ...], n_prompts: int = 8) -> dict[str, float]:
+    """Max |ours − deepcache package| of final latents per interval (branch 0, same seeds)."""
+    from DeepCache import DeepCacheSDHelper
+
+    prompts = prompts_for(n_prompts, CALIBRATION_SEED)[0]
+    kwargs = {**DEFAULTS[MODEL], "height": 32, "width": 32, "output_type": "latent"}
+    result = {}
+    for interval in intervals:
+        package_pipe, ours_pipe = zoo.load(MODEL), zoo.load(MODEL)
+        helper = DeepCacheSDHelper(pipe=package_pipe)
+        helper.set_params(cache_interval=interval, cache_branch_id=0)
+        helper.enable()
+        enable_cache(ours_pipe, DeepCacheConfig(interval=interval, branch=0))
+        latents = [p(prompts, generator=torch.Generator().manual_seed(0), **kwargs).images
+                   for p in (package_pipe, ours_pipe)]
+        result[f"interval{interval}"] = float((latents[0] - latents[1]).abs().max())
+    return result
+
+
+def calibrated_config(full_steps: int, args: argparse.Namespace) -> CalibratedCacheConfig:
+    """A schedule with ``full_steps`` full steps of 50, calibrated on prompts disjoint from the benchmark's."""
+    path = args.cache_dir / f"cache_sd_schedule_{full_steps}.json"
+    if path.is_file():
+        return CalibratedCacheConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                        for k, v in json.loads(path.read_text())["params"].items()})
+    pipe = zoo.load(MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    steps = DEFAULTS[MODEL]["num_inference_steps"]
+    config = calibrate_schedule(pipe, prompts_for(args.calibration_prompts, CALIBRATION_SEED)[0],
+                                budget=full_steps / steps, num_inference_steps=steps, search="refine",
+                                max_passes=args.max_passes, guidance_scale=DEFAULTS[MODEL]["guidance_scale"],
+                                height=32, width=32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config_to_dict(config)))
+    return config
+
+
+def cached_pipe(config: Any) -> Any:
+    """A freshly loaded fashion-sd with ``config`` enabled."""
+    pipe = zoo.load(MODEL)
+    enable_cache(pipe, config)
+    pipe._bench_info = {"cache_config": config_to_dict(config)}
+    return pipe
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    """Uniform DeepCache, non-uniform, and calibrated schedules with the uniform ones' full-step counts."""
+    steps = DEFAULTS[MODEL]["num_inference_steps"]
+    out = []
+    for interval in INTERVALS:
+        config = DeepCacheConfig(interval=interval, branch=0)
+        out.append(Variant(f"deepcache_interval{interval}", lambda c=config: cached_pipe(c), "uniform",
+                           f"{len(range(0, steps, interval))} full steps of {steps}"))
+    for interval in (3, 5):
+        config = DeepCacheConfig(interval=interval, branch=0, schedule="non-uniform")
+        out.append(Variant(f"deepcache_nonuniform{interval}", lambda c=config: cached_pipe(c), "non-uniform",
+                           "DeepCache's non-uniform schedule (center 0.3, power 1.4)"))
+    for interval in INTERVALS[1:]:
+        full = len(range(0, steps, interval))
+        out.append(Variant(f"calibrated_{full}of{steps}", lambda f=full: cached_pipe(calibrated_config(f, args)),
+                           "calibrated", f"refine search, {args.calibration_prompts} calibration prompts"))
+    return out
+
+
+def timing(selected: list[Variant], n_prompts: int, repeats: int) -> dict:
+    """Round-robin whole-pipeline timing of the baseline and every variant on one batch."""
+    pipes = {"baseline": zoo.load(MODEL), **{v.label: v.build() for v in selected}}
+    return time_variants(pipes, DEFAULTS[MODEL], prompts_for(n_prompts, 7)[0], repeats=repeats)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Speed-up vs FID for the uniform, non-uniform and calibrated groups."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for group, marker in (("uniform", "o-"), ("non-uniform", "s"), ("calibrated", "^-")):
+        rows = sorted((report["timing"][k]["speedup"], v["fid"]) for k, v in report["variants"].items()
+                      if v.get("group") == group and k in report.get("timing", {}))
+        if rows:
+            ax.plot(*zip(*rows), marker, label=group)
+    ax.axhline(report["variants"]["baseline"]["fid"], color="gray", ls="--", label="uncached")
+    ax.set_xlabel("whole-pipeline speed-up (×)")
+    ax.set_ylabel("FID (2k vs test)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--n-ref", type=int, default=10000, help="test images for the FID reference statistics")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--calibration-prompts", type=int, default=4)
+    p.add_argument("--max-passes", type=int, default=2)
+    p.add_argument("--timing-prompts", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--cache-dir", type=Path, default=RESULTS.parent.parent / "zoo_runs" / "bench_cache")
+    p.add_argument("--out", type=Path, default=RESULTS / "cache_sd.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bench = ZooBench(MODEL, args.n, args.out, n_ref=args.n_ref)
+    report = bench.report
+    report["command"] = "python benchmarks/cache_sd.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report["parity_max_abs_diff"] = parity((3, 5))
+    selected = variants(args)
+    if not args.skip_quality:
+        bench.run_baseline()
+        for variant in selected:
+            bench.run(variant)
+    if not args.skip_timing:
+        report["timing"] = timing(selected, args.timing_prompts, args.repeats)
+        report["timing_setup"] = {"prompts_per_call": args.timing_prompts, "repeats": args.repeats,
+                                  "threads": torch.get_num_threads()}
+    args.out.write_text(json.dumps(report, indent=1))
+    extra = ("Parity with the `deepcache` package (max |Δ| of final latents, 8 prompts, branch 0): "
+             + ", ".join(f"{k}: {v:.1e}" for k, v in report["parity_max_abs_diff"].items()) + ".")
+    args.out.with_suffix(".md").write_text(markdown_table(report, "Feature caching on fashion-sd", extra))
+    if "timing" in report and "baseline" in report["variants"]:
+        plot(report, args.out.with_suffix(".png"))
+    return report
+
+
+if __name__ == "__main__":
+    main()

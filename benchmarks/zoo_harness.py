@@ -1,0 +1,180 @@
+"""Shared harness of the quality benchmarks on the zoo (PTQ, pruning, caching).
+
+Every variant generates the same prompts with the same seeds as the unaccelerated baseline and is
+scored by FID (TF-Inception) against the Fashion-MNIST test split, mean CLIP score (torchmetrics,
+fashion-clip), fashion-clip class accuracy for the prompted class, and PSNR/SSIM against the
+baseline's image for the same seed. The baseline's images are generated once per model fingerprint,
+sampling settings, prompt set and torch version and kept in ``zoo_runs/bench_cache`` (generation is
+deterministic on CPU, so a rerun would give the same bytes). Results are written after every variant,
+so a killed run resumes where it stopped; speed is timed separately (``time_variants``), round-robin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from diffusion_accel import zoo
+from diffusion_accel.artifact import base_fingerprint
+from diffusion_accel.eval.fid import FIDStats, fid_to_reference
+from diffusion_accel.eval.fidelity import fidelity
+from diffusion_accel.eval.inception import TFInceptionFeatures, find_tf_inception
+from diffusion_accel.eval.machine import machine_info
+from diffusion_accel.eval.memory import measure_peak_memory
+from diffusion_accel.eval.timing import time_pipelines
+
+from zoo_quality import DEFAULTS, class_accuracy, clip_score, prompts_for, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "zoo_runs" / "bench_cache"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+@dataclass
+class Variant:
+    """One benchmarked pipeline: ``build()`` returns a freshly loaded, accelerated zoo pipeline."""
+
+    label: str
+    build: Callable[[], Any]
+    group: str = ""
+    note: str = ""
+    call_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def generate_images(pipe: Any, prompts: list[str], batch: int, seed: int, call_kwargs: dict) -> torch.Tensor:
+    """uint8 N×3×32×32 images of ``pipe`` for ``prompts``; batch ``i`` uses seed ``seed + i·batch``."""
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for start in tqdm(range(0, len(prompts), batch), desc="generate", leave=False):
+        gen = torch.Generator().manual_seed(seed + start)
+        images = pipe(prompts[start:start + batch], height=32, width=32, generator=gen, output_type="pt",
+                      **call_kwargs).images
+        out.append((images.clamp(0, 1) * 255).round().to(torch.uint8))
+    return torch.cat(out)
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ZooBench:
+    """Scores variants of zoo pipeline ``model`` on ``n`` class-cycled prompts; results in ``out``."""
+
+    def __init__(self, model: str, n: int, out: Path, *, seed: int = 0, batch: int = 100, n_ref: int = 10000,
+                 inception_dtype: str = "bfloat16", call_overrides: dict | None = None) -> None:
+        self.model, self.n, self.seed, self.batch, self.out = model, n, seed, batch, out
+        self.call_kwargs = {**DEFAULTS[model], **(call_overrides or {})}
+        self.prompts, self.labels = prompts_for(n, seed)
+        self.extractor = TFInceptionFeatures(find_tf_inception(), dtype=getattr(torch, inception_dtype))
+        self.ref: FIDStats = reference(n_ref, CACHE.parent / "fid_cache", self.extractor)
+        self.config = {"model": model, "n_generated": n, "n_ref_test": n_ref, "seed": seed,
+                       "sampling": self.call_kwargs, "fid_network": self.extractor.fid_id}
+        self.report = self._load_report()
+        self._baseline: torch.Tensor | None = None
+
+    def _load_report(self) -> dict:
+        """The existing report at ``out`` if it was made with the same settings, else a fresh one."""
+        if self.out.is_file():
+            report = json.loads(self.out.read_text())
+            if report.get("config") == json.loads(json.dumps(self.config)):
+                return report
+        return {"config": self.config, "machine": machine_info(), "variants": {}}
+
+    def baseline_images(self) -> torch.Tensor:
+        """The unaccelerated pipeline's images (generated once, cached per fingerprint and settings)."""
+        if self._baseline is None:
+            pipe = zoo.load(self.model)
+            key = _digest([self.config, base_fingerprint(pipe), torch.__version__, self.batch])
+            path = CACHE / f"{self.model}_{key}.safetensors"
+            if not path.is_file():
+                t0 = time.time()
+                images = generate_images(pipe, self.prompts, self.batch, self.seed, self.call_kwargs)
+                CACHE.mkdir(parents=True, exist_ok=True)
+                save_file({"images": images}, str(path), metadata={"generation_s": f"{time.time() - t0:.1f}"})
+            self._baseline = load_file(str(path))["images"]
+            self.report["baseline_fingerprint"] = base_fingerprint(pipe)
+        return self._baseline
+
+    def scores(self, images: torch.Tensor) -> dict[str, float]:
+        """FID vs test, CLIP score, class accuracy and fidelity to the baseline images."""
+        acc, per_class = class_accuracy(images, self.labels)
+        fid_ = fidelity(images, self.baseline_images())
+        return {"fid": fid_to_reference(self.ref, images, extractor=self.extractor, batch_size=50),
+                "clip_score": clip_score(images, self.prompts), "class_accuracy": acc,
+                "psnr_vs_baseline": fid_.psnr, "ssim_vs_baseline": fid_.ssim,
+                "per_class_accuracy": per_class}
+
+    def run_baseline(self) -> dict:
+        """Score the baseline itself (row "baseline")."""
+        if "baseline" not in self.report["variants"]:
+            images = self.baseline_images()
+            self._record("baseline", {"group": "baseline", "note": "unaccelerated fp32", **self.scores(images)})
+        return self.report["variants"]["baseline"]
+
+    def run(self, variant: Variant, force: bool = False) -> dict:
+        """Build, generate and score ``variant`` (skipped when already in the report)."""
+        if variant.label in self.report["variants"] and not force:
+            return self.report["variants"][variant.label]
+        self.baseline_images()
+        built: dict[str, Any] = {}
+        t0 = time.time()
+        memory = measure_peak_memory(lambda: built.setdefault("pipe", variant.build()))
+        prepare_s = time.time() - t0
+        t0 = time.time()
+        images = generate_images(built["pipe"], self.prompts, self.batch, self.seed,
+                                 {**self.call_kwargs, **variant.call_overrides})
+        row = {"group": variant.group, "note": variant.note, "prepare_s": round(prepare_s, 1),
+               "prepare_peak_rss_mib": round(memory.peak_mib, 1), "generation_s": round(time.time() - t0, 1),
+               **self.scores(images), **getattr(built["pipe"], "_bench_info", {})}
+        self._record(variant.label, row)
+        return row
+
+    def _record(self, label: str, row: dict) -> None:
+        self.report["variants"][label] = row
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.report, indent=1))
+        base = self.report["variants"].get("baseline")
+        delta = "" if base is None else f" (ΔFID {row['fid'] - base['fid']:+.2f})"
+        print(f"[{self.model}] {label}: FID {row['fid']:.2f}{delta}, CLIP {row['clip_score']:.2f}, "
+              f"acc {row['class_accuracy']:.3f}, PSNR {row['psnr_vs_baseline']:.2f}", flush=True)
+
+
+def time_variants(pipes: dict[str, Any], call_kwargs: dict, prompts: list[str], repeats: int = 3) -> dict:
+    """Median whole-pipeline and denoiser latency (ms) per variant, timed round-robin, with the
+    speed-up over the first entry (the baseline)."""
+    kwargs = {name: (lambda: {"prompt": prompts, "height": 32, "width": 32,
+                              "generator": torch.Generator().manual_seed(0), **call_kwargs}) for name in pipes}
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    timings = time_pipelines(pipes, kwargs, warmup=1, repeats=repeats)
+    base = next(iter(timings.values()))
+    return {name: {"pipeline_ms": t.pipeline.median_ms, "denoiser_ms": t.denoiser.median_ms,
+                   "speedup": base.pipeline.median_ms / t.pipeline.median_ms} for name, t in timings.items()}
+
+
+def markdown_table(report: dict, title: str, extra: str = "") -> str:
+    """A Markdown table of every variant with ΔFID against the baseline row."""
+    cfg = report["config"]
+    base = report["variants"].get("baseline", {})
+    lines = [f"# {title}", "", f"Model `{cfg['model']}`, {cfg['n_generated']} generated images vs "
+             f"{cfg['n_ref_test']} test images, FID network {cfg['fid_network']}; sampling "
+             + ", ".join(f"{k}={v!r}" for k, v in cfg["sampling"].items())
+             + f". Machine: {report['machine']['cpu_model']}, torch threads {report['machine']['torch_threads']}.",
+             "", "| variant | group | FID | ΔFID | CLIP | class acc | PSNR vs base (dB) | SSIM | speed-up | prepare (s) | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, row in report["variants"].items():
+        speed = report.get("timing", {}).get(label, {}).get("speedup")
+        delta = row["fid"] - base["fid"] if base else float("nan")
+        lines.append(f"| {label} | {row.get('group', '')} | {row['fid']:.2f} | {delta:+.2f} | {row['clip_score']:.2f} | "
+                     f"{row['class_accuracy']:.3f} | {row['psnr_vs_baseline']:.2f} | {row['ssim_vs_baseline']:.3f} | "
+                     f"{'' if speed is None else f'{speed:.2f}×'} | {row.get('prepare_s', '')} | {row.get('note', '')} |")
+    return "\n".join(lines) + "\n" + (f"\n{extra}\n" if extra else "")

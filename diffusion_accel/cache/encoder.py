@@ -1,0 +1,101 @@
+"""Faster Diffusion encoder propagation for UNets.
+
+On key steps the whole UNet runs and the outputs of its encoder modules (the adapter's
+``encoder_cache_point()``: input conv, down blocks, mid block) are kept; on the other steps those
+modules return the kept outputs — every skip tensor and the mid output — and only the decoder runs,
+with the current timestep embedding. Prior-noise injection adds a fraction of the denoiser's step-0
+input (the initial noise) to the prediction of non-key steps late in the trajectory.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import get_adapter
+from ..arch.base import CachePoint
+from .configs import EncoderPropagationConfig
+from .schedules import resample_full_steps, uniform_full_steps
+from .session import CacheSession
+from .unet_branch import CachedOutputHook, ModelHookReady
+
+
+def key_steps(config: EncoderPropagationConfig, num_steps: int) -> list[int]:
+    """The key (full UNet) steps of a ``num_steps`` trajectory: uniform, or the given list resampled."""
+    if config.key_steps is None:
+        return uniform_full_steps(num_steps, config.interval)
+    return resample_full_steps(config.key_steps, config.num_inference_steps, num_steps)
+
+
+def encoder_point(pipe: Any) -> CachePoint:
+    """The adapter's UNet encoder; ValueError for denoisers without one (transformers)."""
+    point = get_adapter(pipe).encoder_cache_point()
+    if point is None:
+        raise ValueError("this denoiser has no UNet encoder; encoder propagation needs a UNet "
+                         "(use DeltaCacheConfig or BlockCacheConfig for transformers)")
+    return point
+
+
+def install_encoder_cache(session: CacheSession, point: CachePoint, config: EncoderPropagationConfig) -> None:
+    """Hook every encoder module (the first decides the step), the decoder's first block (cache
+    complete) and, with noise injection, the denoiser's output."""
+    adapter = get_adapter(session.denoiser)
+    inside = tuple(f"{name}." for name in point.blocks)
+    session.cached_blocks = tuple(info.name for info in adapter.blocks() if info.name.startswith(inside))
+    session.total_blocks = len(adapter.blocks())
+    for index, name in enumerate(point.blocks):
+        session.hook(session.denoiser.get_submodule(name), CachedOutputHook(session, name, decides=index == 0))
+    session.hook(session.denoiser.get_submodule(point.up), ModelHookReady(session))
+    if config.noise_injection > 0:
+        injection = PriorNoiseInjection(session, config.noise_injection, config.injection_start)
+        session.handles.append(session.denoiser.register_forward_hook(injection, with_kwargs=True))
+
+
+class PriorNoiseInjection:
+    """Forward hook on the denoiser: keeps its step-0 input per context (the prior noise) and adds
+    ``strength`` times it to the output of non-key steps from ``start`` of the trajectory on.
+
+    Runs after the step tracker's post-forward, whose step index and context still describe the
+    call that just finished.
+    """
+
+    def __init__(self, session: CacheSession, strength: float, start: float) -> None:
+        self.session, self.strength, self.start = session, strength, start
+        parameters = list(inspect.signature(type(session.denoiser).forward).parameters)
+        self.sample_arg = parameters[1] if len(parameters) > 1 else None  # the noisy input, after self
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        state, step = self.session.state(), self.session.tracker.step_index
+        if step == 0:
+            sample = args[0] if args else kwargs.get(self.sample_arg)
+            state["prior_noise"] = sample.detach() if isinstance(sample, torch.Tensor) else None
+            return None
+        if not self._injects(state, step):
+            return None
+        return add_to_prediction(output, self.strength * state["prior_noise"])
+
+    def _injects(self, state: dict, step: int) -> bool:
+        """True on a reused step at or after the injection start, with the prior noise known."""
+        num_steps = self.session.tracker.num_inference_steps
+        reused = state.get("decided_step") == step and not state.get("compute", True)
+        late = num_steps is not None and step >= self.start * num_steps
+        return reused and late and state.get("prior_noise") is not None
+
+
+def add_to_prediction(output: Any, delta: torch.Tensor) -> Any:
+    """``output`` with ``delta`` added to its first tensor (a tensor, a tuple or a diffusers output);
+    None (output unchanged) when the shapes differ."""
+    first = output if isinstance(output, torch.Tensor) else output[0]
+    if not isinstance(first, torch.Tensor) or first.shape != delta.shape:
+        return None
+    updated = first + delta.to(first.dtype)
+    if isinstance(output, torch.Tensor):
+        return updated
+    if isinstance(output, tuple):
+        return (updated, *output[1:])
+    values = dict(output.items())
+    values[next(iter(values))] = updated
+    return type(output)(**values)

@@ -1,0 +1,45 @@
+"""Calibrated cache schedules: both searches meet the budget; the refine search never loses to uniform."""
+
+import pytest
+import torch
+
+from diffusion_accel.cache import BlockCacheConfig, calibrate_schedule, enable_cache, remove_cache
+from diffusion_accel.cache.calibrated import evenly_spaced_steps
+from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
+
+
+def _final_error(pipe, config, steps: int) -> float:
+    base = pipe(**tiny_call_kwargs("dit", steps=steps)).images
+    enable_cache(pipe, config)
+    try:
+        cached = pipe(**tiny_call_kwargs("dit", steps=steps)).images
+    finally:
+        remove_cache(pipe)
+    return float((cached - base).norm())
+
+
+def test_evenly_spaced_steps_start_at_zero_and_have_the_count():
+    assert len(evenly_spaced_steps(50, 17)) == 17
+    assert evenly_spaced_steps(10, 5) == {0, 2, 4, 6, 8}
+    assert 0 in evenly_spaced_steps(7, 3) and len(evenly_spaced_steps(7, 3)) == 3
+
+
+@pytest.mark.parametrize("search", ["greedy", "refine"])
+def test_both_searches_meet_the_budget(search):
+    pipe = build_tiny("dit")
+    pipe.set_progress_bar_config(disable=True)
+    config = calibrate_schedule(pipe, [1], budget=0.5, num_inference_steps=8, guidance_scale=1.0, search=search)
+    assert len(config.full_steps) == 4 and config.full_steps[0] == 0
+
+
+def test_refine_is_never_worse_than_evenly_spaced_on_the_calibration_prompt():
+    pipe = build_tiny("dit")
+    pipe.set_progress_bar_config(disable=True)
+    config = calibrate_schedule(pipe, [1], budget=0.5, num_inference_steps=8, guidance_scale=1.0, search="refine")
+    assert _final_error(pipe, config, 8) <= _final_error(pipe, BlockCacheConfig(interval=2), 8) + 1e-6
+
+
+def test_unknown_search_is_refused_and_pipeline_untouched():
+    pipe = build_tiny("dit")
+    with pytest.raises(ValueError, match="search must be one of"):
+        calibrate_schedule(pipe, [1], budget=0.5, num_inference_steps=6, search="annealing")

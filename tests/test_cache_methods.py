@@ -1,0 +1,374 @@
+"""Δ-DiT (DeltaCacheConfig), Faster Diffusion encoder propagation (EncoderPropagationConfig),
+adapter-provided block streams and caches on torch.compile'd denoisers."""
+
+import inspect
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import diffusion_accel as da
+from diffusion_accel.arch import find_denoiser, get_adapter
+from diffusion_accel.cache import (FASTER_DIFFUSION_KEY_STEPS, DeltaCacheConfig, EncoderPropagationConfig,
+                                   TeaCacheConfig, enable_cache, remove_cache, summary)
+from diffusion_accel.cache.configs import config_from_dict, config_to_dict
+from diffusion_accel.cache.delta import DeltaBlockHook, delta_spans
+from diffusion_accel.cache.encoder import key_steps
+from diffusion_accel.cache.policies import DeltaPolicy
+from diffusion_accel.cache.session import SESSION_ATTR, end_session, get_session, start_session
+from diffusion_accel.cache.streams import BlockIO
+from diffusion_accel.hooks import get_tracker
+from diffusion_accel.testing.contract import check_drop_in
+from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
+
+UNET_FAMILIES = ("sd", "sdxl", "ddpm")
+DIT_FAMILIES = ("sd3", "flux", "pixart", "dit")
+
+
+def _images(pipe, family, steps=6, **overrides):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(**(tiny_call_kwargs(family, steps=steps) | overrides)).images
+
+
+def _arguments(block, args, kwargs):
+    """A block call's arguments by parameter name."""
+    return inspect.signature(type(block).forward).bind(block, *args, **kwargs).arguments
+
+
+def _assert_no_cache_left(pipe, denoiser):
+    assert not hasattr(denoiser, SESSION_ATTR) and get_tracker(denoiser) is None
+    leftovers = [name for name, module in denoiser.named_modules()  # Flux's pipeline leaves an empty registry
+                 if getattr(getattr(module, "_diffusers_hook", None), "hooks", None)
+                 or module._forward_hooks or module._forward_pre_hooks]
+    assert leftovers == []
+    assert "cache" not in da.artifact.applied_techniques(pipe)
+
+
+# ---- Δ-DiT on an analytic toy stack ------------------------------------------------------------
+class Offset(nn.Module):
+    def __init__(self, offset: float, scale: float = 1.0) -> None:
+        super().__init__()
+        self.offset, self.scale = offset, scale
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return (hidden_states + self.offset) * self.scale
+
+
+class Toy(nn.Module):
+    """A 'denoiser' whose blocks see the timestep as their input value."""
+
+    def __init__(self, *blocks: nn.Module) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, sample: torch.Tensor, timestep: float) -> torch.Tensor:
+        hidden = torch.full((1,), float(timestep))
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden
+
+
+class Trajectory:
+    """Stands in for a pipeline: the step tracker reads the trajectory length from its scheduler."""
+
+    def __init__(self, steps: int) -> None:
+        self.scheduler = SimpleNamespace(timesteps=torch.arange(steps))
+
+
+def test_delta_cache_bypasses_the_rear_span_early_and_the_front_span_late():
+    toy = Toy(Offset(1.0), Offset(2.0), Offset(0.0, scale=2.0), Offset(3.0))
+    trajectory = Trajectory(4)  # the tracker holds it weakly
+    session = start_session(trajectory, toy, DeltaCacheConfig(), "delta_cache", DeltaPolicy(2, 0.5))
+    spans = delta_spans(4, 0.5)
+    io = BlockIO("hidden_states", None, 0, None, ("hidden_states",))
+    session.cached_blocks, session.total_blocks, session.reuse_size = ("b0", "b1", "b2", "b3"), 4, 2
+    for i, block in enumerate(toy.blocks):
+        session.hook(block, DeltaBlockHook(session, f"blocks.{i}", io, i, i == 3, spans))
+    # full x: front (b0, b1) = x + 3 (delta 3); rear (b2, b3) = 2(x + 3) + 3 (delta x + 6)
+    # step 0 t=10 full: 29, rear delta 16 | step 1 t=5 rear reused: (5 + 3) + 16 = 24
+    # step 2 t=5 full: 19, front delta 3  | step 3 t=4 front reused: 2 * (4 + 3) + 3 = 17
+    assert [float(toy(None, t)) for t in (10, 5, 5, 4)] == [29.0, 24.0, 19.0, 17.0]
+    assert [r.reused_blocks for r in session.records] == [0, 2, 0, 2]
+    end_session(session)
+    assert float(toy(None, 4)) == 17.0 and get_tracker(toy) is None
+
+
+def test_delta_spans_and_policy():
+    front, rear = delta_spans(28, 0.25).values()
+    assert (front.start, front.stop, rear.start, rear.stop) == (0, 7, 21, 28)
+    assert [s.stop - s.start for s in delta_spans(28, 0.001).values()] == [1, 1]
+    assert [s.stop - s.start for s in delta_spans(3, 1.0).values()] == [3, 3]
+    policy = DeltaPolicy(interval=3, boundary=0.4)
+    state: dict = {}
+    plan = [(policy.should_compute(step, 10, state), state["span"]) for step in range(10)]
+    assert [c for c, _ in plan] == [True, False, False, True, False, False, True, False, False, True]
+    assert [s for _, s in plan] == ["rear"] * 4 + ["front"] * 6
+
+
+# ---- encoder propagation on the tiny SD UNet ----------------------------------------------------
+def _record_unet(pipe):
+    """Forward hooks recording every UNet call and the mid block / first up block per call."""
+    seen = {"calls": [], "mid": [], "temb": [], "skips": []}
+    unet = pipe.unet
+    handles = [
+        unet.register_forward_hook(lambda m, a, k, out: seen["calls"].append((a, k, out[0])), with_kwargs=True),
+        unet.mid_block.register_forward_hook(lambda m, a, out: seen["mid"].append(out)),
+        unet.up_blocks[0].register_forward_pre_hook(
+            lambda m, a, k: seen["temb"].append(k["temb"]) or seen["skips"].append(k["res_hidden_states_tuple"]),
+            with_kwargs=True),
+    ]
+    return seen, handles
+
+
+def test_encoder_propagation_reuses_the_encoder_and_runs_the_decoder_with_the_current_timestep():
+    pipe = build_tiny("sd")
+    enable_cache(pipe, EncoderPropagationConfig(interval=2))
+    seen, handles = _record_unet(pipe)
+    _images(pipe, "sd", steps=4)
+    for handle in handles:
+        handle.remove()
+    mid = seen["mid"]
+    assert mid[1] is mid[0] and mid[3] is mid[2] and not torch.equal(mid[2], mid[0])
+    assert all(a is b for a, b in zip(seen["skips"][1], seen["skips"][0]))
+    assert not torch.equal(seen["temb"][1], seen["temb"][0])  # decoder sees step 1's timestep
+    assert [r["computed"] for r in summary(pipe)["steps"]] == [True, False, True, False]
+    remove_cache(pipe)
+    for step, expect_equal in ((2, True), (3, False)):  # key step = the full UNet; reused step differs
+        args, kwargs, output = seen["calls"][step]
+        assert torch.equal(pipe.unet(*args, **kwargs)[0], output) is expect_equal
+
+
+@pytest.mark.parametrize("family", ["sd", "ddpm"])
+def test_prior_noise_injection_adds_the_initial_noise_on_late_reused_steps(family):
+    pipe = build_tiny(family)
+    outputs = {}
+    for strength in (0.0, 0.1):
+        enable_cache(pipe, EncoderPropagationConfig(interval=2, noise_injection=strength, injection_start=0.5))
+        calls = []
+        handle = pipe.unet.register_forward_hook(
+            lambda m, a, k, out: calls.append((a[0], out[0])), with_kwargs=True)
+        _images(pipe, family, steps=4)
+        handle.remove()
+        outputs[strength] = calls
+    plain, injected = outputs[0.0], outputs[0.1]
+    for step in range(3):  # key steps 0, 2 and the early reused step 1 are untouched
+        assert torch.equal(plain[step][1], injected[step][1])
+    prior = injected[0][0]
+    assert torch.allclose(injected[3][1], plain[3][1] + 0.1 * prior, atol=1e-6)
+
+
+def test_key_steps_uniform_paper_and_resampled():
+    assert key_steps(EncoderPropagationConfig(interval=3), 10) == [0, 3, 6, 9]
+    paper = EncoderPropagationConfig(key_steps=FASTER_DIFFUSION_KEY_STEPS, num_inference_steps=50)
+    assert key_steps(paper, 50) == list(FASTER_DIFFUSION_KEY_STEPS)
+    resampled = key_steps(paper, 100)
+    assert resampled[0] == 0 and len(resampled) == 18 and max(resampled) < 100
+    assert EncoderPropagationConfig(key_steps=[5, 0, 5], num_inference_steps=8).key_steps == (0, 5)
+
+
+# ---- configuration errors -----------------------------------------------------------------------
+@pytest.mark.parametrize("make, match", [
+    (lambda: DeltaCacheConfig(interval=0), "interval must be an int >= 1, got 0"),
+    (lambda: DeltaCacheConfig(boundary=1.5), r"boundary must be a fraction in \[0, 1\], got 1.5"),
+    (lambda: DeltaCacheConfig(boundary=-0.1), r"boundary must be a fraction in \[0, 1\], got -0.1"),
+    (lambda: DeltaCacheConfig(cached_fraction=0.0), r"cached_fraction must be a fraction in \(0, 1\], got 0.0"),
+    (lambda: DeltaCacheConfig(cached_fraction=True), "cached_fraction .* got True"),
+    (lambda: EncoderPropagationConfig(interval=0), "interval must be an int >= 1, got 0"),
+    (lambda: EncoderPropagationConfig(noise_injection=-0.01), "noise_injection must be a number >= 0.0, got -0.01"),
+    (lambda: EncoderPropagationConfig(injection_start=2), r"injection_start must be a fraction in \[0, 1\], got 2"),
+    (lambda: EncoderPropagationConfig(key_steps=(0, 50), num_inference_steps=50),
+     r"key_steps must contain step 0 and lie in \[0, 50\), got \(0, 50\)"),
+    (lambda: EncoderPropagationConfig(key_steps=(1, 2), num_inference_steps=10), "must contain step 0"),
+    (lambda: EncoderPropagationConfig(key_steps=(0, -1), num_inference_steps=10), r"got \(0, -1\)"),
+    (lambda: EncoderPropagationConfig(key_steps=(0, 2)), "key_steps need num_inference_steps"),
+    (lambda: EncoderPropagationConfig(key_steps=(0, 1.5), num_inference_steps=4), r"key_steps must be ints, got \(0, 1.5\)"),
+    (lambda: EncoderPropagationConfig(num_inference_steps=0), "num_inference_steps must be an int >= 1, got 0"),
+])
+def test_bad_configs_raise_clear_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("family, config, match", [
+    ("sd", DeltaCacheConfig(), "no transformer block stacks"),
+    ("flux", EncoderPropagationConfig(), "no UNet encoder"),
+])
+def test_model_dependent_errors_leave_the_pipeline_unchanged(family, config, match):
+    pipe = build_tiny(family)
+    with pytest.raises(ValueError, match=match):
+        enable_cache(pipe, config)
+    _assert_no_cache_left(pipe, find_denoiser(pipe)[1])
+
+
+# ---- every family, CFG, per-call state, drop-in, save/load ----------------------------------------
+UNET_CONFIGS = (EncoderPropagationConfig(interval=2), EncoderPropagationConfig(interval=3, noise_injection=0.05),
+                EncoderPropagationConfig(key_steps=(0, 1, 3), num_inference_steps=6))
+DIT_CONFIGS = (DeltaCacheConfig(interval=2), DeltaCacheConfig(interval=3, cached_fraction=1.0, boundary=0.0))
+
+
+@pytest.mark.parametrize("family", UNET_FAMILIES + DIT_FAMILIES)
+def test_every_family_caches_generates_and_is_deterministic(family):
+    pipe = build_tiny(family)
+    base = _images(pipe, family)
+    for config in UNET_CONFIGS if family in UNET_FAMILIES else DIT_CONFIGS:
+        enable_cache(pipe, config)
+        first, second = _images(pipe, family), _images(pipe, family)
+        assert torch.equal(first, second) and torch.isfinite(first).all(), config
+        assert summary(pipe)["reused_calls"] > 0, config
+        relative = (first - base).norm() / base.norm()
+        assert 0 < relative < 1.0, (config, float(relative))  # random weights: loose bound
+    remove_cache(pipe)
+    assert torch.equal(_images(pipe, family), base)
+    _assert_no_cache_left(pipe, find_denoiser(pipe)[1])
+
+
+@pytest.mark.parametrize("family, config", [("sd", EncoderPropagationConfig(interval=2, noise_injection=0.1)),
+                                            ("dit", DeltaCacheConfig(interval=2))])
+def test_fresh_state_at_every_call(family, config):
+    pipe = build_tiny(family)
+    enable_cache(pipe, config)
+    _images(pipe, family, steps=3)
+    after_other_call = _images(pipe, family, steps=5)
+    fresh = build_tiny(family)
+    enable_cache(fresh, config)
+    assert torch.equal(_images(fresh, family, steps=5), after_other_call)
+    assert [s["step"] for s in summary(pipe)["steps"]] == [0, 1, 2, 3, 4]
+
+
+def test_flux_true_cfg_keeps_separate_delta_state_per_context():
+    pipe = build_tiny("flux")
+    enable_cache(pipe, DeltaCacheConfig(interval=2))
+    deltas = {}
+
+    def inspect_state(_pipe, step, _t, kwargs):
+        tracker = get_tracker(_pipe.transformer)
+        deltas[step] = {c: tracker.state("cache", c)["deltas"]["front"]["hidden"].clone() for c in ("cond", "uncond")}
+        return kwargs
+
+    _images(pipe, "flux", steps=4, negative_prompt="blurry", true_cfg_scale=3.0, callback_on_step_end=inspect_state)
+    assert not torch.equal(deltas[0]["cond"], deltas[0]["uncond"])
+    steps = [(s["context"], s["step"], s["computed"], s["reused_blocks"]) for s in summary(pipe)["steps"]]
+    for context in ("cond", "uncond"):
+        assert [s[1:] for s in steps if s[0] == context] == [(0, True, 0), (1, False, 2), (2, True, 0), (3, False, 2)]
+
+
+def test_batched_cfg_propagates_both_halves_in_one_state():
+    pipe = build_tiny("sd")
+    enable_cache(pipe, EncoderPropagationConfig(interval=2, noise_injection=0.1))
+    seen = {}
+
+    def inspect_state(_pipe, step, _t, kwargs):
+        state = get_tracker(_pipe.unet).state("cache", "default")
+        seen[step] = (state["outputs"]["mid_block"].shape[0], state["prior_noise"].shape[0])
+        return kwargs
+
+    _images(pipe, "sd", steps=3, guidance_scale=5.0, callback_on_step_end=inspect_state)
+    assert seen[1] == (2, 2)  # cond and uncond halves together, prior noise of both
+
+
+@pytest.mark.parametrize("family, config", [
+    ("sd", EncoderPropagationConfig(interval=2, noise_injection=0.1, injection_start=0.0)),
+    ("ddpm", EncoderPropagationConfig(interval=2)),
+    ("flux", DeltaCacheConfig(interval=2)), ("pixart", DeltaCacheConfig(interval=2, boundary=0.0)),
+])
+def test_drop_in_contract(family, config):
+    check_drop_in(family, lambda p: enable_cache(p, config))
+
+
+@pytest.mark.parametrize("family, config", [
+    ("pixart", DeltaCacheConfig(interval=3, cached_fraction=0.5, boundary=0.3)),
+    ("sd", EncoderPropagationConfig(key_steps=(0, 1, 3), num_inference_steps=6, noise_injection=0.05)),
+])
+def test_save_and_load_carry_the_config(tmp_path, family, config):
+    assert config_from_dict(config_to_dict(config)) == config
+    pipe = build_tiny(family)
+    enable_cache(pipe, config)
+    expected = _images(pipe, family)
+    da.save(pipe, tmp_path / "art")
+    base = build_tiny(family)
+    da.load(base, tmp_path / "art")
+    assert da.cache.cache_config(base) == config
+    assert torch.equal(_images(base, family), expected)
+
+
+# ---- adapter-provided block streams --------------------------------------------------------------
+@pytest.mark.parametrize("family", DIT_FAMILIES)
+def test_adapter_block_streams_match_what_the_blocks_take_and_return(family):
+    pipe = build_tiny(family)
+    adapter = get_adapter(pipe)
+    seen = {}
+    handles = []
+    for info in adapter.blocks():
+        block = adapter.module(info.name)
+        spec = adapter.block_streams(info.name)
+        parameters = inspect.signature(type(block).forward).parameters
+        assert spec.hidden_arg in parameters and (spec.encoder_arg is None or spec.encoder_arg in parameters)
+        assert isinstance(block.get_submodule(spec.modulated), nn.Module)
+        handles.append(block.register_forward_hook(
+            lambda m, a, k, out, name=info.name: seen.setdefault(name, (_arguments(m, a, k), out)) and None,
+            with_kwargs=True))
+    _images(pipe, family, steps=1)
+    for handle in handles:
+        handle.remove()
+    for name, (kwargs, output) in seen.items():
+        spec = adapter.block_streams(name)
+        hidden = output if isinstance(output, torch.Tensor) else output[spec.hidden_out]
+        assert hidden.shape == kwargs[spec.hidden_arg].shape, name
+        if spec.encoder_out is not None and output[spec.encoder_out] is not None:
+            assert output[spec.encoder_out].shape == kwargs[spec.encoder_arg].shape, name
+
+
+def test_unet_adapters_have_no_block_streams_but_an_encoder():
+    adapter = get_adapter(build_tiny("sd"))
+    with pytest.raises(TypeError, match="no transformer blocks"):
+        adapter.block_streams("down_blocks.0")
+    point = adapter.encoder_cache_point()
+    assert point.blocks == ("conv_in", "down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block")
+    assert point.up == "up_blocks.0" and get_adapter(build_tiny("flux")).encoder_cache_point() is None
+    with pytest.raises(TypeError, match="not a transformer block"):
+        get_adapter(build_tiny("dit")).block_streams("proj_out_1")
+
+
+@pytest.mark.parametrize("family", DIT_FAMILIES)
+def test_teacache_watches_the_timestep_modulated_input(family):
+    pipe = build_tiny(family)
+    enable_cache(pipe, TeaCacheConfig(threshold=0.0))
+    policy = get_session(find_denoiser(pipe)[1]).policy
+    signals, inputs = [], []
+    original = policy.should_compute
+    policy.should_compute = lambda step, n, state, signal: signals.append(signal) or original(step, n, state, signal)
+    head = get_adapter(pipe).module(get_adapter(pipe).blocks()[0].name)
+    handle = head.register_forward_pre_hook(
+        lambda m, a, k: inputs.append(_arguments(m, a, k)["hidden_states"]), with_kwargs=True)
+    _images(pipe, family, steps=3)
+    handle.remove()
+    assert len(signals) == len(inputs) > 0
+    for signal, block_input in zip(signals, inputs):  # the modulated input, not the raw-input fallback
+        assert not (signal.shape == block_input.shape and torch.equal(signal, block_input))
+
+
+# ---- torch.compile ---------------------------------------------------------------------------
+@pytest.mark.parametrize("family, config, backend", [
+    ("dit", DeltaCacheConfig(interval=2), "eager"),
+    ("ddpm", EncoderPropagationConfig(interval=2, noise_injection=0.05), "eager"),
+    pytest.param("sd", EncoderPropagationConfig(interval=2), "inductor", marks=pytest.mark.slow),
+    pytest.param("flux", DeltaCacheConfig(interval=2), "inductor", marks=pytest.mark.slow),
+])
+def test_enable_cache_on_a_compiled_denoiser_matches_eager(family, config, backend):
+    torch._dynamo.reset()
+    pipe = build_tiny(family)
+    base = _images(pipe, family, steps=4)
+    enable_cache(pipe, config)
+    eager = _images(pipe, family, steps=4)
+    remove_cache(pipe)
+    component, denoiser = find_denoiser(pipe)
+    setattr(pipe, component, torch.compile(denoiser, backend=backend))
+    enable_cache(pipe, config)  # find_denoiser looks through the compiled wrapper
+    try:
+        assert torch.allclose(_images(pipe, family, steps=4), eager, atol=1e-4)
+        assert summary(pipe)["reused_calls"] == 2
+        remove_cache(pipe)
+        assert torch.allclose(_images(pipe, family, steps=4), base, atol=1e-4)
+    finally:
+        torch._dynamo.reset()
