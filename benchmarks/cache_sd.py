@@ -6,9 +6,9 @@ schedules, quality (FID / CLIP / PSNR vs uncached) at 2,000 images and whole-pip
 
 1. Parity: the ``deepcache`` package and ours at the same interval/branch, same seeds: max |Δ| of
    the final latents (target ≤ 1e-4).
-2. Quality: uniform DeepCache at intervals 2-5, the non-uniform schedule, and schedules calibrated
+2. Quality: uniform DeepCache at intervals 2-5, the non-uniform schedule, schedules calibrated
    (``calibrate_schedule``, refine search, on calibration prompts disjoint from the benchmark's) for
-   the same numbers of full steps as the uniform ones.
+   the same numbers of full steps as the uniform ones, and Faster Diffusion's encoder propagation.
 3. Speed: every variant timed round-robin against the uncached pipeline on one batch of prompts.
 A plot of speed-up vs FID is written next to the results.
 """
@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from diffusion_accel import zoo
-from diffusion_accel.cache import CalibratedCacheConfig, DeepCacheConfig, calibrate_schedule, enable_cache
+from diffusion_accel.cache import (FASTER_DIFFUSION_KEY_STEPS, CalibratedCacheConfig, DeepCacheConfig,
+                                   EncoderPropagationConfig, calibrate_schedule, enable_cache)
 from diffusion_accel.cache.configs import config_to_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,6 +98,11 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         full = len(range(0, steps, interval))
         out.append(Variant(f"calibrated_{full}of{steps}", lambda f=full: cached_pipe(calibrated_config(f, args)),
                            "calibrated", f"refine search, {args.calibration_prompts} calibration prompts"))
+    for label, config in (("encoder_propagation_paper", EncoderPropagationConfig(
+            key_steps=FASTER_DIFFUSION_KEY_STEPS, num_inference_steps=steps)),
+                          ("encoder_propagation_interval2", EncoderPropagationConfig(interval=2))):
+        out.append(Variant(label, lambda c=config: cached_pipe(c), "encoder-propagation",
+                           "Faster Diffusion: encoder reused on non-key steps, decoder always runs"))
     return out
 
 

@@ -99,7 +99,7 @@ class ZooBench:
                 t0 = time.time()
                 images = generate_images(pipe, self.prompts, self.batch, self.seed, self.call_kwargs)
                 CACHE.mkdir(parents=True, exist_ok=True)
-                save_file({"images": images}, str(path), metadata={"generation_s": f"{time.time() - t0:.1f}"})
+                save_file({"images": images.contiguous()}, str(path), metadata={"generation_s": f"{time.time() - t0:.1f}"})
             self._baseline = load_file(str(path))["images"]
             self.report["baseline_fingerprint"] = base_fingerprint(pipe)
         return self._baseline

@@ -43,3 +43,11 @@ def test_unknown_search_is_refused_and_pipeline_untouched():
     pipe = build_tiny("dit")
     with pytest.raises(ValueError, match="search must be one of"):
         calibrate_schedule(pipe, [1], budget=0.5, num_inference_steps=6, search="annealing")
+
+
+def test_calibration_runs_pass_the_negative_prompt_through():
+    from diffusion_accel.cache.runs import planned_calls
+
+    pipe = build_tiny("flux")
+    calls = planned_calls(pipe, ["a red bicycle"], 4, negative_prompt="", true_cfg_scale=3.0, height=16, width=16)
+    assert calls[0].kwargs["negative_prompt"] == "" and calls[0].kwargs["true_cfg_scale"] == 3.0

@@ -253,6 +253,17 @@ def test_flux_true_cfg_keeps_separate_delta_state_per_context():
         assert [s[1:] for s in steps if s[0] == context] == [(0, True, 0), (1, False, 2), (2, True, 0), (3, False, 2)]
 
 
+def test_flux_batch_with_an_unrepeated_negative_prompt_keeps_the_text_delta():
+    """Flux's uncond text stream enters the stack with batch 1 and leaves it with batch B: the front
+    span's text delta must broadcast rather than be dropped (it feeds the single-stream blocks)."""
+    pipe = build_tiny("flux")
+    enable_cache(pipe, DeltaCacheConfig(interval=2, cached_fraction=0.5, boundary=0.0))
+    images = _images(pipe, "flux", steps=4, prompt=["a red bicycle", "a blue car"], negative_prompt="",
+                     true_cfg_scale=3.0)
+    assert images.shape[0] == 2 and torch.isfinite(images).all()
+    assert summary(pipe)["reused_calls"] > 0
+
+
 def test_batched_cfg_propagates_both_halves_in_one_state():
     pipe = build_tiny("sd")
     enable_cache(pipe, EncoderPropagationConfig(interval=2, noise_injection=0.1))

@@ -15,11 +15,13 @@ from ..calib.inputs import calibration_items, plan_calls
 
 def planned_calls(pipe: Any, prompts: Any, num_inference_steps: int, seed: int = 0,
                   num_samples: int | None = None, guidance_scale: float | None = None,
-                  **call_kwargs: Any) -> list:
-    """The calibration calls (one prompt / class / sample per call) with their seeds."""
+                  negative_prompt: Any = None, **call_kwargs: Any) -> list:
+    """The calibration calls (one prompt / class / sample per call) with their seeds; pass the
+    sampling settings the pipeline will run with (``height``/``width``, Flux's ``true_cfg_scale`` with
+    ``negative_prompt``), since pipeline defaults may differ (Flux defaults to 1024×1024)."""
     items = calibration_items(pipe, prompts, num_samples)
     return plan_calls(pipe, items, num_inference_steps=num_inference_steps, batch_size=1,
-                      num_images_per_prompt=1, guidance_scale=guidance_scale, negative_prompt=None,
+                      num_images_per_prompt=1, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                       seed=seed, call_kwargs=call_kwargs)
 
 

@@ -78,12 +78,21 @@ def add_streams(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
 
 
 def sub_streams(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
-    """Element-wise ``after - before`` per stream (None where either is None or shapes differ)."""
+    """Element-wise ``after - before`` per stream (None where either is None or ``before`` does not
+    broadcast to ``after``: Flux's uncond text stream enters with batch 1 and leaves with batch B)."""
     out = {}
     for k in STREAMS:
         a, b = after.get(k), before.get(k)
-        out[k] = a - b if a is not None and b is not None and a.shape == b.shape else None
+        out[k] = a - b if a is not None and b is not None and _broadcasts_to(b.shape, a.shape) else None
     return out
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """True if a tensor of ``shape`` broadcasts to ``target`` without changing it."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
 
 
 def rel_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
