@@ -149,9 +149,13 @@ def _ours_block(pipe: Any, s: dict, cal: dict) -> None:
     enable_cache(pipe, BlockCacheConfig(interval=s["interval"]))
 
 
-def _ours_calibrated(pipe: Any, s: dict, cal: dict) -> None:
+def _ours_calibrated(pipe: Any, s: dict, cal: dict, forecast: int = 0) -> None:
     steps = s.get("full_steps") or sorted(evenly_spaced_steps(STEPS, s["full_count"]))
-    enable_cache(pipe, CalibratedCacheConfig(tuple(steps), STEPS, budget=s["full_count"] / STEPS))
+    enable_cache(pipe, CalibratedCacheConfig(tuple(steps), STEPS, budget=s["full_count"] / STEPS, forecast=forecast))
+
+
+def _ours_calibrated_forecast(pipe: Any, s: dict, cal: dict) -> None:
+    _ours_calibrated(pipe, s, cal, forecast=1)
 
 
 def _ours_delta(pipe: Any, s: dict, cal: dict) -> None:
@@ -223,6 +227,10 @@ METHODS: dict[str, dict[str, Any]] = {
                         "grid": _grid(full_count=[14, 13, 12, 11, 10, 9]),
                         "name": "ours calibrate_schedule (refine search; probe times evenly spaced schedules "
                                 "with the same number of full steps)"},
+    "ours-calibrated-forecast": {"group": "ours", "build": _ours_calibrated_forecast,
+                                 "grid": _grid(full_count=[14, 13, 12, 11, 10, 9]),
+                                 "name": "ours calibrate_schedule with forecast=1 (reused steps extrapolate the "
+                                         "stack residual linearly from the last two full steps)"},
     "ours-delta": {"group": "ours", "build": _ours_delta, "grid": delta_candidates(),
                    "name": "ours DeltaCacheConfig (Delta-DiT)"},
 }
@@ -420,19 +428,20 @@ def not_run_reason(method: str) -> str | None:
     return None
 
 
-def finalize_calibrated(report: dict, calib: list[str], passes: int) -> None:
+def finalize_calibrated(report: dict, calib: list[str], passes: int, method: str = "ours-calibrated") -> None:
     """Our calibrated schedule for the chosen number of full steps (refine search on the calibration prompts)."""
-    chosen = report.get("chosen", {}).get("ours-calibrated")
+    forecast = 1 if method.endswith("forecast") else 0
+    chosen = report.get("chosen", {}).get(method)
     if chosen is None or chosen["setting"].get("full_steps"):
         return
     count = chosen["setting"]["full_count"]
     t0 = time.time()
     pipe = load_pipe()
     config = calibrate_schedule(pipe, calib, budget=count / STEPS, num_inference_steps=STEPS, search="refine",
-                                max_passes=passes, seed=CALIB_SEED, **calib_call_kwargs(pipe))
+                                max_passes=passes, seed=CALIB_SEED, forecast=forecast, **calib_call_kwargs(pipe))
     chosen["setting"] = {"full_count": count, "full_steps": list(config.full_steps)}
     chosen["calibration_s"] = round(time.time() - t0, 1)
-    pipe = built("ours-calibrated", chosen["setting"], report["calibration"])
+    pipe = built(method, chosen["setting"], report["calibration"])
     chosen["calib_rel_error_calibrated"] = rel_error(final_latents(pipe, calib), final_latents(load_pipe(), calib))
     print(f"calibrated schedule ({count} full steps): {config.full_steps}, calib err "
           f"{chosen['calib_rel_error_calibrated']:.4f} (evenly spaced {chosen['calib_rel_error']:.4f}), "
@@ -648,7 +657,8 @@ def main(argv: list[str] | None = None) -> dict:
                 # a recomputed choice invalidates an old quality row of the same label
                 report["variants"].pop(method, None)
             write(report, args.out)
-        finalize_calibrated(report, calib, args.calib_passes)
+        for method in ("ours-calibrated", "ours-calibrated-forecast"):
+            finalize_calibrated(report, calib, args.calib_passes, method)
         write(report, args.out)
 
     methods = [m for m in args.methods if m in report["chosen"]]

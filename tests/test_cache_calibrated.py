@@ -51,3 +51,37 @@ def test_calibration_runs_pass_the_negative_prompt_through():
     pipe = build_tiny("flux")
     calls = planned_calls(pipe, ["a red bicycle"], 4, negative_prompt="", true_cfg_scale=3.0, height=16, width=16)
     assert calls[0].kwargs["negative_prompt"] == "" and calls[0].kwargs["true_cfg_scale"] == 3.0
+
+
+def test_forecast_residual_extrapolates_linearly_per_stream():
+    from diffusion_accel.cache.stack import forecast_residual
+
+    r0 = {"hidden": torch.tensor([1.0, 2.0]), "encoder": None}
+    r1 = {"hidden": torch.tensor([2.0, 2.5]), "encoder": None}
+    state = {"residual": r1, "residual_step": 4, "previous_residual": (r0, 2)}
+    out = forecast_residual(state, 5)
+    assert torch.allclose(out["hidden"], torch.tensor([2.5, 2.75])) and out["encoder"] is None
+    assert forecast_residual({"residual": r1, "residual_step": 0}, 1) is r1  # one full step: plain reuse
+
+
+def test_block_cache_forecast_changes_reused_steps_only_and_is_deterministic():
+    pipe = build_tiny("dit")
+    pipe.set_progress_bar_config(disable=True)
+    outputs = {}
+    for forecast in (0, 1):
+        enable_cache(pipe, BlockCacheConfig(interval=3, forecast=forecast))
+        outputs[forecast] = pipe(**tiny_call_kwargs("dit", steps=8)).images
+        assert torch.equal(outputs[forecast], pipe(**tiny_call_kwargs("dit", steps=8)).images)
+        remove_cache(pipe)
+    assert not torch.equal(outputs[0], outputs[1]) and torch.isfinite(outputs[1]).all()
+
+
+def test_forecast_is_validated_and_refused_for_unets():
+    from diffusion_accel.cache import CalibratedCacheConfig
+
+    with pytest.raises(ValueError, match="forecast must be one of"):
+        BlockCacheConfig(interval=2, forecast=2)
+    pipe = build_tiny("sd")
+    with pytest.raises(ValueError, match="UNet"):
+        enable_cache(pipe, CalibratedCacheConfig((0, 2), 4, forecast=1))
+    assert not hasattr(pipe.unet, "_diffusers_hook") or pipe.unet._diffusers_hook.get_hook("diffusion_accel.step_tracker") is None

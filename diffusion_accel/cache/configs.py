@@ -10,11 +10,18 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 SCHEDULES = ("uniform", "non-uniform")
+FORECAST_ORDERS = (0, 1)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_forecast(value: Any) -> None:
+    if isinstance(value, bool) or value not in FORECAST_ORDERS:
+        raise ValueError(f"forecast must be one of {FORECAST_ORDERS} (0 = reuse, 1 = linear "
+                         f"extrapolation), got {value!r}")
 
 
 def _check_float(name: str, value: Any, minimum: float, inclusive: bool = True) -> None:
@@ -54,12 +61,18 @@ class DeepCacheConfig:
 @dataclass(frozen=True)
 class BlockCacheConfig:
     """Static FORA-style block caching for transformers: all blocks run every ``interval`` steps;
-    in between, the cached residual of the block stack (output - input) is added to the input."""
+    in between, the cached residual of the block stack (output - input) is added to the input.
+
+    ``forecast=1`` extrapolates that residual linearly in the step index from the last two full
+    steps (a first-order Taylor forecast, as TaylorSeer does for features) instead of reusing it.
+    """
 
     interval: int = 2
+    forecast: int = 0
 
     def __post_init__(self) -> None:
         _check_int("interval", self.interval, 1)
+        _check_forecast(self.forecast)
 
 
 @dataclass(frozen=True)
@@ -180,6 +193,7 @@ class CalibratedCacheConfig:
 
     Built by :func:`calibrate_schedule` for a compute ``budget`` (fraction of full calls). For another
     step count the schedule is resampled proportionally, or refused when ``resample`` is False.
+    ``forecast=1`` (transformers only) extrapolates the stack residual as in :class:`BlockCacheConfig`.
     """
 
     full_steps: tuple[int, ...]
@@ -187,8 +201,10 @@ class CalibratedCacheConfig:
     budget: float = 0.4
     branch: int = 0
     resample: bool = True
+    forecast: int = 0
 
     def __post_init__(self) -> None:
+        _check_forecast(self.forecast)
         _check_int("num_inference_steps", self.num_inference_steps, 1)
         _check_int("branch", self.branch, 0)
         _check_float("budget", self.budget, 0.0, inclusive=False)

@@ -43,8 +43,14 @@ class StackBlockHook(ModelHook):
         inputs = self.io.inputs(args, kwargs)
         if compute:
             return self._compute(state, inputs, args, kwargs)
-        streams = add_streams(inputs, state["residual"]) if self.last else inputs
+        streams = add_streams(inputs, self._residual(state)) if self.last else inputs
         return self.io.build(state["templates"][self.key], streams)
+
+    def _residual(self, state: dict) -> dict:
+        """The residual to add on a reuse step: the cached one, or its linear forecast."""
+        if not getattr(self.session.config, "forecast", 0):
+            return state["residual"]
+        return forecast_residual(state, self.session.tracker.step_index)
 
     def _compute(self, state: dict, inputs: dict, args: tuple, kwargs: dict) -> Any:
         if self.first:
@@ -55,7 +61,8 @@ class StackBlockHook(ModelHook):
             residual = sub_streams(self.io.outputs(output), state.pop("stack_input"))
             if self.session.record_residuals:
                 self._note_residual_change(state, residual["hidden"])
-            state["residual"], state["ready"] = residual, True
+            state["previous_residual"] = state.get("residual"), state.get("residual_step")
+            state["residual"], state["residual_step"], state["ready"] = residual, self.session.tracker.step_index, True
         return output
 
     def _note_residual_change(self, state: dict, residual: torch.Tensor | None) -> None:
@@ -65,6 +72,22 @@ class StackBlockHook(ModelHook):
             change = rel_l1(residual, previous)
             self.session.residual_changes.append((self.session.tracker.step_index,
                                                   self.session.tracker.context, change))
+
+
+def forecast_residual(state: dict, step: int) -> dict:
+    """First-order forecast of the stack residual at ``step`` from the last two full steps
+    (r1 + (r1 - r0) * (step - s1) / (s1 - s0), per stream); the cached residual if only one exists."""
+    current, current_step = state["residual"], state["residual_step"]
+    previous, previous_step = state.get("previous_residual", (None, None))
+    if previous is None or previous_step is None or current_step <= previous_step:
+        return current
+    scale = (step - current_step) / (current_step - previous_step)
+    out = {}
+    for key, value in current.items():
+        before = previous.get(key)
+        same = value is not None and before is not None and before.shape == value.shape
+        out[key] = value + (value - before) * scale if same else value
+    return out
 
 
 class HeadBlockHook(ModelHook):
