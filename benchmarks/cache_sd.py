@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-passes", type=int, default=2)
     p.add_argument("--timing-prompts", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", nargs="*", default=None, help="variant labels to run (default: all)")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--cache-dir", type=Path, default=RESULTS.parent.parent / "zoo_runs" / "bench_cache")
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = bench.report
     report["command"] = "python benchmarks/cache_sd.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report["parity_max_abs_diff"] = parity((3, 5))
-    selected = variants(args)
+    selected = [v for v in variants(args) if args.only is None or v.label in args.only]
     if not args.skip_quality:
         bench.run_baseline()
         for variant in selected:

@@ -11,17 +11,14 @@ Same 2,000 prompts and seeds for every variant; the dense baseline's images are 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from diffusion_accel import PruneConfig, prune_, prune_report, zoo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo_harness import RESULTS, Variant, ZooBench, markdown_table  # noqa: E402
+from zoo_harness import RESULTS, Variant, run_variants_cli  # noqa: E402
 
 MODEL = "fashion-sd"
 CALIB = dict(calib_prompts=8, calib_steps=50, calib_guidance_scale=5.0)
@@ -64,24 +61,10 @@ def variants() -> list[Variant]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=2000)
-    p.add_argument("--n-ref", type=int, default=10000, help="test images for the FID reference statistics")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--only", nargs="*", default=None, help="variant labels to run (default: all, in order)")
-    p.add_argument("--out", type=Path, default=RESULTS / "prune_quality.json")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    bench = ZooBench(MODEL, args.n, args.out, n_ref=args.n_ref)
-    bench.report["command"] = "python benchmarks/prune_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    bench.run_baseline()
-    for variant in variants():
-        if args.only is None or variant.label in args.only:
-            bench.run(variant)
-            args.out.with_suffix(".md").write_text(markdown_table(
-                bench.report, "One-shot pruning quality on fashion-sd",
-                "`prepare (s)` is the calibration + pruning wall time; peak RSS of that step is in the JSON."))
-    return bench.report
+    return run_variants_cli("prune_quality.py", __doc__, "One-shot pruning quality on fashion-sd", variants,
+                            RESULTS / "prune_quality.json", MODEL, argv=argv,
+                            extra="`prepare (s)` is the calibration + pruning wall time; peak RSS of that step, "
+                                  "Hessian memory and sweeps are in the JSON.")
 
 
 if __name__ == "__main__":

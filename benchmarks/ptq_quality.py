@@ -13,7 +13,6 @@ scales, no split, no reconstruction. The ablations change one thing of ours at W
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +22,7 @@ import torch
 from diffusion_accel import PTQConfig, quantize_, zoo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo_harness import RESULTS, Variant, ZooBench, markdown_table  # noqa: E402
+from zoo_harness import RESULTS, Variant, run_variants_cli  # noqa: E402
 
 MODEL = "fashion-sd"
 STEPS, GUIDANCE = 50, 5.0
@@ -108,22 +107,8 @@ def variants() -> list[Variant]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=2000)
-    p.add_argument("--n-ref", type=int, default=10000, help="test images for the FID reference statistics")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--only", nargs="*", default=None, help="variant labels to run (default: all, in order)")
-    p.add_argument("--out", type=Path, default=RESULTS / "ptq_quality.json")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    bench = ZooBench(MODEL, args.n, args.out, n_ref=args.n_ref)
-    bench.report["command"] = "python benchmarks/ptq_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    bench.run_baseline()
-    for variant in variants():
-        if args.only is None or variant.label in args.only:
-            bench.run(variant)
-            args.out.with_suffix(".md").write_text(markdown_table(bench.report, "PTQ quality on fashion-sd"))
-    return bench.report
+    return run_variants_cli("ptq_quality.py", __doc__, "PTQ quality on fashion-sd", variants,
+                            RESULTS / "ptq_quality.json", MODEL, argv=argv)
 
 
 if __name__ == "__main__":

@@ -137,8 +137,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     """A Markdown table of latencies (with ratios to fp32 eager / compiled) and sizes."""
     lat = results["latency"]
-    partial = RESULTS / "ptq_speed.partial.json"
-    RESULTS.mkdir(parents=True, exist_ok=True)
     base, compiled = lat["fp32_eager"]["median_ms"], lat.get("fp32_compiled", {}).get("median_ms")
     m = results["machine"]
     lines = [f"# PTQ speed: SD 1.5 UNet (random weights), {results['resolution']} px, batch {results['batch']}",

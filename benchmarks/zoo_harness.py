@@ -11,8 +11,10 @@ so a killed run resumes where it stopped; speed is timed separately (``time_vari
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,3 +180,26 @@ def markdown_table(report: dict, title: str, extra: str = "") -> str:
                      f"{row['class_accuracy']:.3f} | {row['psnr_vs_baseline']:.2f} | {row['ssim_vs_baseline']:.3f} | "
                      f"{'' if speed is None else f'{speed:.2f}×'} | {row.get('prepare_s', '')} | {row.get('note', '')} |")
     return "\n".join(lines) + "\n" + (f"\n{extra}\n" if extra else "")
+
+
+def run_variants_cli(script: str, doc: str, title: str, variants: Callable[[], list[Variant]],
+                     default_out: Path, model: str = "fashion-sd", extra: str = "",
+                     argv: list[str] | None = None) -> dict:
+    """The command line shared by the quality scripts: score the baseline, then every variant (or
+    those named by ``--only``), rewriting ``--out`` (JSON) and its Markdown table after each."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2000, help="generated images per variant")
+    p.add_argument("--n-ref", type=int, default=10000, help="test images for the FID reference statistics")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--only", nargs="*", default=None, help="variant labels to run (default: all, in order)")
+    p.add_argument("--out", type=Path, default=default_out)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bench = ZooBench(model, args.n, args.out, n_ref=args.n_ref)
+    bench.report["command"] = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    bench.run_baseline()
+    for variant in variants():
+        if args.only is None or variant.label in args.only:
+            bench.run(variant)
+            args.out.with_suffix(".md").write_text(markdown_table(bench.report, title, extra))
+    return bench.report

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from torch import nn
 
 import diffusion_accel as da
+from cache_toys import Offset, Toy
 from diffusion_accel.cache import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig,
                                    FirstBlockCacheConfig, TeaCacheConfig, calibrated_steps,
                                    enable_cache, nonuniform_full_steps, remove_cache,
@@ -16,29 +16,6 @@ from diffusion_accel.cache.streams import BlockIO
 from diffusion_accel.cache.unet_branch import CachedOutputHook, ModelHookReady
 from diffusion_accel.hooks import get_tracker
 from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
-
-
-class Offset(nn.Module):
-    def __init__(self, offset: float, scale: float = 1.0) -> None:
-        super().__init__()
-        self.offset, self.scale = offset, scale
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return (hidden_states + self.offset) * self.scale
-
-
-class Toy(nn.Module):
-    """A 'denoiser' whose blocks see the timestep as their input value."""
-
-    def __init__(self, *blocks: nn.Module) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, sample: torch.Tensor, timestep: float) -> torch.Tensor:
-        hidden = torch.full((1,), float(timestep))
-        for block in self.blocks:
-            hidden = block(hidden)
-        return hidden
 
 
 def _toy_session(toy: Toy, interval: int):

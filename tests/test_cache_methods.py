@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import diffusion_accel as da
+from cache_toys import Offset, Toy
 from diffusion_accel.arch import find_denoiser, get_adapter
 from diffusion_accel.cache import (FASTER_DIFFUSION_KEY_STEPS, DeltaCacheConfig, EncoderPropagationConfig,
                                    TeaCacheConfig, enable_cache, remove_cache, summary)
@@ -46,27 +47,6 @@ def _assert_no_cache_left(pipe, denoiser):
 
 
 # ---- Δ-DiT on an analytic toy stack ------------------------------------------------------------
-class Offset(nn.Module):
-    def __init__(self, offset: float, scale: float = 1.0) -> None:
-        super().__init__()
-        self.offset, self.scale = offset, scale
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return (hidden_states + self.offset) * self.scale
-
-
-class Toy(nn.Module):
-    """A 'denoiser' whose blocks see the timestep as their input value."""
-
-    def __init__(self, *blocks: nn.Module) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, sample: torch.Tensor, timestep: float) -> torch.Tensor:
-        hidden = torch.full((1,), float(timestep))
-        for block in self.blocks:
-            hidden = block(hidden)
-        return hidden
 
 
 class Trajectory:
