@@ -82,6 +82,23 @@ def cached_pipe(config: Any) -> Any:
     return pipe
 
 
+def stacked_pipe(interval: int) -> Any:
+    """30% structured OBS pruning, then our W8A8 (lowered), then DeepCache at ``interval``."""
+    from diffusion_accel import PruneConfig, PTQConfig, prune_, quantize_
+
+    pipe = zoo.load(MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    calib = dict(calib_prompts=8, calib_guidance_scale=DEFAULTS[MODEL]["guidance_scale"])
+    prune_(pipe, PruneConfig(sparsity=0.3, pattern="structured", calib_steps=50, **calib))
+    quantize_(pipe, PTQConfig.preset("w8a8", act_method="mse", calib_num_steps=50, calib_steps="uniform:10",
+                                     **{**calib, "calib_prompts": 16}))
+    config = DeepCacheConfig(interval=interval, branch=0)
+    enable_cache(pipe, config)
+    pipe._bench_info = {"stack": "OBS structured 30% (heads + FFN) → W8A8 lowered → DeepCache",
+                        "cache_config": config_to_dict(config)}
+    return pipe
+
+
 def variants(args: argparse.Namespace) -> list[Variant]:
     """Uniform DeepCache, non-uniform, and calibrated schedules with the uniform ones' full-step counts."""
     steps = DEFAULTS[MODEL]["num_inference_steps"]
@@ -103,6 +120,8 @@ def variants(args: argparse.Namespace) -> list[Variant]:
                           ("encoder_propagation_interval2", EncoderPropagationConfig(interval=2))):
         out.append(Variant(label, lambda c=config: cached_pipe(c), "encoder-propagation",
                            "Faster Diffusion: encoder reused on non-key steps, decoder always runs"))
+    out.append(Variant("stacked_prune30_w8a8_deepcache3", lambda: stacked_pipe(3), "stacked",
+                       "structured 30% + W8A8 + DeepCache interval 3"))
     return out
 
 
