@@ -98,19 +98,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lat = results["latency"]
     partial = RESULTS / "ptq_speed.partial.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    lat["fp32_eager"] = time_denoiser(pipe.unet, inputs, args.repeats)
-    print("fp32 eager", lat["fp32_eager"], flush=True)
-    partial.write_text(json.dumps(results, indent=2, default=str))
-    if not args.no_compile:
-        lat["fp32_compiled"] = time_denoiser(torch.compile(pipe.unet), inputs, args.compiled_repeats)
-        print("fp32 compiled", lat["fp32_compiled"], flush=True)
+
+    def record(name: str, module: torch.nn.Module, module_inputs: dict, repeats: int) -> None:
+        """Time ``module``, print it and checkpoint the partial results (a long run may be killed)."""
+        lat[name] = time_denoiser(module, module_inputs, repeats)
+        print(name, lat[name], flush=True)
         partial.write_text(json.dumps(results, indent=2, default=str))
+
+    record("fp32_eager", pipe.unet, inputs, args.repeats)
+    if not args.no_compile:
+        record("fp32_compiled", torch.compile(pipe.unet), inputs, args.compiled_repeats)
         torch._dynamo.reset()
     bf16 = copy.deepcopy(pipe.unet).to(torch.bfloat16)
-    lat["bf16_eager"] = time_denoiser(bf16, {k: v.to(torch.bfloat16) if v.is_floating_point() else v
-                                             for k, v in inputs.items()}, args.repeats)
-    print("bf16 eager", lat["bf16_eager"], flush=True)
-    partial.write_text(json.dumps(results, indent=2, default=str))
+    record("bf16_eager", bf16, {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()},
+           args.repeats)
     del bf16
     gc.collect()
     start = time.perf_counter()
@@ -123,13 +124,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["summary"] = summary(pipe)
     results["size"]["w8a8"] = artifact_size(pipe, base_state)
     print(results["summary"], flush=True)
-    lat["w8a8_lowered_eager"] = time_denoiser(pipe.unet, inputs, args.repeats)
-    print("w8a8 eager", lat["w8a8_lowered_eager"], flush=True)
-    partial.write_text(json.dumps(results, indent=2, default=str))
+    record("w8a8_lowered_eager", pipe.unet, inputs, args.repeats)
     if not args.no_compile:
-        lat["w8a8_lowered_compiled"] = time_denoiser(torch.compile(pipe.unet), inputs, args.compiled_repeats)
-        print("w8a8 compiled", lat["w8a8_lowered_compiled"], flush=True)
-        partial.write_text(json.dumps(results, indent=2, default=str))
+        record("w8a8_lowered_compiled", torch.compile(pipe.unet), inputs, args.compiled_repeats)
     results["load_average_end"] = os.getloadavg()
     return results
 
