@@ -81,6 +81,8 @@ def test_forecast_is_validated_and_refused_for_unets():
 
     with pytest.raises(ValueError, match="forecast must be one of"):
         BlockCacheConfig(interval=2, forecast=2)
+    with pytest.raises(ValueError, match="forecast must be one of"):
+        BlockCacheConfig(interval=2, forecast=1.0)
     pipe = build_tiny("sd")
     with pytest.raises(ValueError, match="UNet"):
         enable_cache(pipe, CalibratedCacheConfig((0, 2), 4, forecast=1))

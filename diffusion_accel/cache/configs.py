@@ -19,7 +19,7 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 
 def _check_forecast(value: Any) -> None:
-    if isinstance(value, bool) or value not in FORECAST_ORDERS:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in FORECAST_ORDERS:
         raise ValueError(f"forecast must be one of {FORECAST_ORDERS} (0 = reuse, 1 = linear "
                          f"extrapolation), got {value!r}")
 

@@ -61,7 +61,8 @@ class StackBlockHook(ModelHook):
             residual = sub_streams(self.io.outputs(output), state.pop("stack_input"))
             if self.session.record_residuals:
                 self._note_residual_change(state, residual["hidden"])
-            state["previous_residual"] = state.get("residual"), state.get("residual_step")
+            if getattr(self.session.config, "forecast", 0):  # keep the one before only when forecasting
+                state["previous_residual"] = state.get("residual"), state.get("residual_step")
             state["residual"], state["residual_step"], state["ready"] = residual, self.session.tracker.step_index, True
         return output
 
