@@ -160,11 +160,12 @@ def main() -> None:
     parser.add_argument("--compiled-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS / "ptq_speed.json", help="JSON (Markdown beside it)")
     args = parser.parse_args()
     results = run(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ptq_speed.json").write_text(json.dumps(results, indent=2, default=str))
-    (RESULTS / "ptq_speed.md").write_text(markdown(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=str))
+    args.out.with_suffix(".md").write_text(markdown(results))
     print(markdown(results))
 
 

@@ -64,6 +64,19 @@ def generate_images(pipe: Any, prompts: list[str], batch: int, seed: int, call_k
     return torch.cat(out)
 
 
+def sampling(model: str) -> tuple[int, float | None, dict]:
+    """(num_inference_steps, guidance_scale or None, the other call kwargs) of ``model``'s benchmark
+    sampling, for building calibrations that run the same trajectory as the measured images."""
+    call = dict(DEFAULTS[model])
+    steps = call.pop("num_inference_steps")
+    return steps, call.pop("guidance_scale", None), {"height": 32, "width": 32, **call}
+
+
+def denoiser_attr(model: str) -> str:
+    """"unet" or "transformer": the attribute holding ``model``'s denoiser."""
+    return "transformer" if model == "fashion-flux" else "unet"
+
+
 def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -78,8 +91,9 @@ class ZooBench:
         self.prompts, self.labels = prompts_for(n, seed)
         self.extractor = TFInceptionFeatures(find_tf_inception(), dtype=getattr(torch, inception_dtype))
         self.ref: FIDStats = reference(n_ref, CACHE.parent / "fid_cache", self.extractor)
-        self.config = {"model": model, "n_generated": n, "n_ref_test": n_ref, "seed": seed,
-                       "sampling": self.call_kwargs, "fid_network": self.extractor.fid_id}
+        self.config = {"model": model, "base_fingerprint": base_fingerprint(zoo.load(model)), "n_generated": n,
+                       "n_ref_test": n_ref, "seed": seed, "sampling": self.call_kwargs,
+                       "fid_network": self.extractor.fid_id}  # a retrained zoo model starts a fresh report
         self.report = self._load_report()
         self._baseline: torch.Tensor | None = None
 
@@ -182,24 +196,30 @@ def markdown_table(report: dict, title: str, extra: str = "") -> str:
     return "\n".join(lines) + "\n" + (f"\n{extra}\n" if extra else "")
 
 
-def run_variants_cli(script: str, doc: str, title: str, variants: Callable[[], list[Variant]],
-                     default_out: Path, model: str = "fashion-sd", extra: str = "",
+def run_variants_cli(script: str, doc: str, title: str, variants: Callable[[str], list[Variant]],
+                     default_out: Path, models: tuple[str, ...] = ("fashion-sd",), extra: str = "",
                      argv: list[str] | None = None) -> dict:
     """The command line shared by the quality scripts: score the baseline, then every variant (or
-    those named by ``--only``), rewriting ``--out`` (JSON) and its Markdown table after each."""
+    those named by ``--only``), rewriting ``--out`` (JSON) and its Markdown table after each.
+
+    ``variants(model)`` builds the list for ``--model`` (default ``models[0]``, whose results go to
+    ``default_out``; another model's to ``<stem>_<model>.json``)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=models, default=models[0])
     p.add_argument("--n", type=int, default=2000, help="generated images per variant")
     p.add_argument("--n-ref", type=int, default=10000, help="test images for the FID reference statistics")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", nargs="*", default=None, help="variant labels to run (default: all, in order)")
-    p.add_argument("--out", type=Path, default=default_out)
+    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    out = args.out or (default_out if args.model == models[0]
+                       else default_out.with_name(f"{default_out.stem}_{args.model}.json"))
     torch.set_num_threads(args.threads)
-    bench = ZooBench(model, args.n, args.out, n_ref=args.n_ref)
+    bench = ZooBench(args.model, args.n, out, n_ref=args.n_ref)
     bench.report["command"] = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
     bench.run_baseline()
-    for variant in variants():
+    for variant in variants(args.model):
         if args.only is None or variant.label in args.only:
             bench.run(variant)
-            args.out.with_suffix(".md").write_text(markdown_table(bench.report, title, extra))
+            out.with_suffix(".md").write_text(markdown_table(bench.report, f"{title} on {args.model}", extra))
     return bench.report

@@ -56,6 +56,8 @@ def test_baselines_and_nm_on_sd(method, pattern):
     (dict(method="wanda", pattern="structured"), ValueError, "structured pruning supports"),
     (dict(groups=0), ValueError, "groups must be"),
     (dict(weighting="cosine"), ValueError, "unknown weighting"),
+    (dict(calib_kwargs=(("height",),)), TypeError, "calib_kwargs must be"),
+    (dict(calib_kwargs={1: 2}), TypeError, "calib_kwargs keys must be strings"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -168,3 +170,19 @@ DROP_IN_CONFIGS = {"sd": PruneConfig(method="obs", sparsity=None, pattern="2:4",
 @pytest.mark.parametrize("family", sorted(DROP_IN_CONFIGS))
 def test_drop_in_contract(family):
     check_drop_in(family, lambda pipe: prune_(pipe, DROP_IN_CONFIGS[family], calib=tiny_calibration(pipe, family)))
+
+
+def test_self_calibration_passes_calib_kwargs_to_the_pipeline():
+    """Without a Calibration, prune_ calibrates itself at the call settings given in calib_kwargs."""
+    from prune_helpers import PIPELINE_ONLY_KWARGS
+    from diffusion_accel.testing.tiny import tiny_call_kwargs
+
+    pipe = build_tiny("flux")
+    extra = {k: v for k, v in tiny_call_kwargs("flux").items() if k in PIPELINE_ONLY_KWARGS}
+    config = PruneConfig(method="obs", sparsity=0.5, groups=1, calib_prompts=1, calib_steps=2, calib_kwargs=extra)
+    seen, original = [], prune_apply.calibrate
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prune_apply, "calibrate", lambda *a, **kw: seen.append(kw) or original(*a, **kw))
+        prune_(pipe, config)
+    assert seen and all(kw[k] == v for kw in seen for k, v in extra.items())
+    assert PruneConfig.from_dict(config.to_dict()) == config

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from diffusion_accel.hooks import attach_tracker
+from diffusion_accel.quant import onednn
 from diffusion_accel.quant.build import weight_codes
 from diffusion_accel.quant.configs import PTQConfig
 from diffusion_accel.quant.formats import get_format
@@ -89,7 +90,8 @@ def test_int8_linear_matches_simulation(act):
     torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
-def test_int8_conv1x1_split_matches_simulation():
+def test_int8_conv1x1_split_matches_simulation(monkeypatch):
+    monkeypatch.setattr(onednn, "supports", lambda layer: False)  # the portable GEMM path
     conv = nn.Conv2d(32, 16, 1)
     x = _skip_input()
     layer = _quant(conv, "int8", (8, 24), _split_act(x, 8, "int8"))
@@ -98,9 +100,52 @@ def test_int8_conv1x1_split_matches_simulation():
     torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-4)
 
 
+needs_onednn = pytest.mark.skipif(not onednn.onednn_available(), reason="torch build without oneDNN int8 ops")
+
+
+def _conv_act(x, split=None, symmetric=False):
+    if split is not None:
+        return _split_act(x, split, "int8")
+    s, z = activation_qparams(float(x.min()), float(x.max()), get_format("int8"), symmetric)
+    return ActQuantizer(torch.tensor([[s]]), torch.tensor([[z]]), "int8", symmetric, (), 1)
+
+
+@needs_onednn
+@pytest.mark.parametrize("kernel,stride,split,symmetric", [(3, 1, None, False), (3, 2, None, True), (1, 1, None, False),
+                                                         (3, 1, 8, False), (1, 1, 8, False)])
+def test_onednn_int8_conv_matches_simulation(kernel, stride, split, symmetric):
+    torch.manual_seed(0)
+    x = _skip_input()
+    conv = nn.Conv2d(32, 16, kernel, stride=stride, padding=kernel // 2)
+    sizes = (32 * kernel ** 2,) if split is None else (split * kernel ** 2, (32 - split) * kernel ** 2)
+    layer = _quant(conv, "int8", sizes, _conv_act(x, split, symmetric))
+    lowered = lower_layer(layer)
+    assert isinstance(lowered, onednn.OneDNNInt8Conv2d) and lowered.kind == "int8-conv"
+    torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_onednn_int8_conv_follows_timestep_groups_and_survives_copies():
+    import copy
+
+    denoiser = nn.Sequential(nn.Conv2d(8, 4, 3, padding=1))
+    tracker = attach_tracker(denoiser)
+    selector = StepGroups(denoiser, groups=2, default_steps=10)
+    act = ActQuantizer(torch.tensor([[0.05], [0.002]]), torch.tensor([[128], [128]]), "int8", False, (), 1, selector)
+    layer = _quant(denoiser[0], "int8", (72,), act)
+    denoiser[0] = lower_layer(layer)
+    x = torch.randn(1, 8, 5, 5) * 0.2
+    for step in (1, 8):
+        tracker.step_index = step
+        torch.testing.assert_close(denoiser(x), layer(x), rtol=1e-5, atol=1e-5)
+    twin = copy.deepcopy(denoiser)  # oneDNN's packed weights are not copyable: repacked on use
+    torch.testing.assert_close(twin[0](x), denoiser[0](x))
+    assert torch.equal(denoiser.double().float()[0](x), twin[0](x))
+
+
 def test_kxk_conv_and_int4_lowering_are_storage_forms_that_match_exactly():
     torch.manual_seed(0)
-    conv = _quant(nn.Conv2d(8, 16, 3, padding=1), "int8", (72,), _static(0.05, 128))
+    conv = _quant(nn.Conv2d(8, 16, 3, padding=1), "int8", (72,), None)  # weight-only: no int8 kernel
     lowered = lower_layer(conv)
     assert isinstance(lowered, StoredWeightLayer) and lowered.kind == "dequant-int8"
     x = torch.randn(1, 8, 6, 6)
@@ -124,6 +169,16 @@ def test_lowered_linear_under_torch_compile_matches_eager():
     elapsed = time.perf_counter() - start
     torch.testing.assert_close(out, lowered(x), rtol=1e-5, atol=1e-5)
     assert elapsed < 120, f"compiling one lowered Linear took {elapsed:.0f} s"
+
+
+@needs_onednn
+@pytest.mark.slow  # compile on 2 shared cores
+def test_onednn_int8_conv_under_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6)
+    lowered = lower_layer(_quant(nn.Conv2d(8, 16, 3, padding=1), "int8", (72,), _conv_act(x)))
+    compiled = torch.compile(lowered, fullgraph=True)
+    torch.testing.assert_close(compiled(x), lowered(x), rtol=1e-5, atol=1e-5)
 
 
 def test_deepcopy_of_a_quantized_denoiser_reads_its_own_tracker():

@@ -91,7 +91,7 @@ def test_zoo_pipeline_generates_offline(name, kwargs, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = zoo.load(name)
     assert pipe.vae.dtype == torch.float32
-    out = pipe("a photo of a sneaker", num_inference_steps=2, height=32, width=32, output_type="np",
+    out = pipe("a photo of a sneaker", num_inference_steps=2, output_type="np",  # native 32×32 by default
                generator=torch.Generator().manual_seed(0), **kwargs)
     image = out.images[0]
     assert image.shape == (32, 32, 3) and (image >= 0).all() and (image <= 1).all()
@@ -109,19 +109,35 @@ def test_training_smoke_run_resumes(tmp_path, monkeypatch):
 
 
 def _run_all_stages(tmp_path):
-    from diffusion_accel.zoo import clip_train, flux_train, sd_train, vae_train
+    from diffusion_accel.zoo import clip_train, decoder_train, flux_train, sd_train, vae_train
 
-    stages = [(clip_train, "fashion-clip"), (vae_train, "fashion-sd-vae"), (sd_train, "fashion-sd"),
-              (vae_train, "fashion-flux-vae"), (flux_train, "fashion-flux")]
+    stages = [(clip_train, "fashion-clip"), (vae_train, "fashion-sd-vae"), (decoder_train, "fashion-sd-decoder"),
+              (sd_train, "fashion-sd"), (vae_train, "fashion-flux-vae"), (flux_train, "fashion-flux")]
     for module, name in stages:
         cfg = C.RunConfig(run_dir=tmp_path / name, steps=2, batch_size=8, limit_images=32)
         folder = module.train(cfg, name)
         assert (folder / "train_info.json").is_file()
         assert C.load_checkpoint(tmp_path / name / "checkpoint.pt")["step"] == 2
     assert (tmp_path / "fashion-sd" / "final" / "model_index.json").is_file()
+    _check_decoder_stage_kept_the_latent_space(tmp_path)
     cfg = C.RunConfig(run_dir=tmp_path / "fashion-sd-vae", steps=3, batch_size=8, limit_images=32)
     vae_train.train(cfg, "fashion-sd-vae")
     assert C.load_checkpoint(tmp_path / "fashion-sd-vae" / "checkpoint.pt")["step"] == 3
+
+
+def _check_decoder_stage_kept_the_latent_space(tmp_path):
+    """The decoder stage changes only decoding; fashion-sd ships it with the VAE stage's encoder."""
+    from diffusers import AutoencoderKL
+
+    source = AutoencoderKL.from_pretrained(tmp_path / "fashion-sd-vae" / "final").state_dict()
+    tuned = AutoencoderKL.from_pretrained(tmp_path / "fashion-sd-decoder" / "final")
+    shipped = AutoencoderKL.from_pretrained(tmp_path / "fashion-sd" / "final" / "vae").state_dict()
+    assert tuned.config.scaling_factor == AutoencoderKL.load_config(tmp_path / "fashion-sd-vae" / "final")["scaling_factor"]
+    for key, tensor in tuned.state_dict().items():
+        if key.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(tensor, source[key]), key
+        assert torch.equal(tensor, shipped[key]), key
+    assert not all(torch.equal(t, source[k]) for k, t in tuned.state_dict().items() if k.startswith("decoder."))
 
 
 def test_cli_register_parses_train_options():
@@ -142,3 +158,21 @@ def test_pipelines_share_the_fashion_clip_text_tower(name):
     clip = load_file(str(zoo.path("fashion-clip") / "model.safetensors"))
     tower = load_file(str(zoo.path(name) / "text_encoder" / "model.safetensors"))
     assert tower and all(torch.equal(tensor, clip[key]) for key, tensor in tower.items())
+
+
+def test_decoder_finetune_adversarial_loss_trains_only_the_decoder():
+    from diffusion_accel.zoo import decoder_train, vae_train
+
+    torch.manual_seed(0)
+    vae = vae_train.build_vae(4)
+    params = decoder_train.decoder_parameters(vae)
+    disc = decoder_train.build_discriminator(channels=16)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    loss, rec, _ = decoder_train.generator_loss(vae, disc, x, adv_weight=0.2)
+    loss.backward()
+    assert rec.shape == x.shape and disc(x).shape == (2, 1, 4, 4)
+    assert all(p.grad is not None for p in params)
+    assert all(p.grad is None for p in vae.encoder.parameters())
+    assert decoder_train.discriminator_loss(disc, x, rec).item() >= 0
+    with pytest.raises(ValueError, match="fashion-sd-decoder"):
+        decoder_train.default_steps("fashion-sd")

@@ -80,7 +80,7 @@ def calibration_kwargs(pipe: Any, config: PruneConfig, calib: Calibration | None
     elif mode == "unconditional":
         inputs = {"prompts": None, "num_samples": count}
     return inputs | weights | {"num_inference_steps": config.calib_steps,
-                               "guidance_scale": config.calib_guidance_scale}
+                               "guidance_scale": config.calib_guidance_scale} | dict(config.calib_kwargs)
 
 
 def make_sweep(pipe: Any, config: PruneConfig, calib: Calibration | None, progress: bool) -> Sweep:

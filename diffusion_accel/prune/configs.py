@@ -37,7 +37,8 @@ class PruneConfig:
     to the Hessian diagonal. ``blocksize``: solver columns per lazy-update block. ``exclude``: layer or
     module-name prefixes left dense (the adapter's high-precision layers are always left dense).
     ``calib_prompts`` / ``calib_steps`` / ``calib_guidance_scale``: calibration used when ``prune_`` gets
-    no Calibration. ``prune_heads`` / ``prune_ffn``: which units structured pruning removes.
+    no Calibration; ``calib_kwargs``: (name, value) pairs passed on to that calibration's pipeline calls
+    (e.g. ``(("height", 32), ("width", 32))``, or Flux's ``negative_prompt`` / ``true_cfg_scale``). ``prune_heads`` / ``prune_ffn``: which units structured pruning removes.
     """
 
     method: str = "obs"
@@ -55,11 +56,13 @@ class PruneConfig:
     calib_prompts: int = 4
     calib_steps: int = 25
     calib_guidance_scale: float | None = None
+    calib_kwargs: tuple[tuple[str, Any], ...] = ()
     sparse_kernels: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "weight_range", tuple(self.weight_range))
+        object.__setattr__(self, "calib_kwargs", _pairs("calib_kwargs", self.calib_kwargs))
         _check_choice("method", self.method, METHODS)
         _check_pattern(self)
         _check_sparsity(self)
@@ -102,6 +105,18 @@ class PruneConfig:
         if unknown:
             raise ValueError(f"unknown PruneConfig fields {unknown}; accepted: {sorted(cls.__dataclass_fields__)}")
         return cls(**values)
+
+
+def _pairs(name: str, value: Any) -> tuple[tuple[str, Any], ...]:
+    """``value`` (a dict or (key, value) pairs) as a tuple of pairs with string keys."""
+    items = value.items() if isinstance(value, dict) else value
+    try:
+        pairs = tuple((key, val) for key, val in items)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a dict or (name, value) pairs, got {value!r}") from None
+    if not all(isinstance(key, str) for key, _ in pairs):
+        raise TypeError(f"{name} keys must be strings, got {[key for key, _ in pairs]!r}")
+    return pairs
 
 
 def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
+NATIVE_SIZE = 32  # pixels: every zoo pipeline is trained and generates at 32×32
 _NAMES = ("fashion-clip", "fashion-sd", "fashion-flux")
 
 
@@ -41,7 +42,12 @@ def load(name: str, torch_dtype: torch.dtype = torch.float32) -> Any:
         return model, CLIPProcessor.from_pretrained(folder)
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
+    if hasattr(pipe, "default_sample_size") and hasattr(pipe, "vae_scale_factor"):
+        # FluxPipeline defaults to 128 latent pixels (1024 px); the zoo's native size is 32 px, so calls
+        # and calibrations without height/width generate what the model was trained for.
+        pipe.default_sample_size = NATIVE_SIZE // pipe.vae_scale_factor
+    return pipe
 
 
 def clip_score_loader() -> tuple[Any, Any]:

@@ -33,10 +33,10 @@ DESCRIPTIONS = {
         "length it was trained with; FluxPipeline's default 512 pads with tokens it never saw): "
         "`pipe(prompt, height=32, width=32, max_sequence_length=32)`."),
 }
-STAGES = {"fashion-clip": ("fashion-clip",), "fashion-sd": ("fashion-sd-vae", "fashion-sd"),
-          "fashion-flux": ("fashion-flux-vae", "fashion-flux")}
+STAGES = {"fashion-clip": ("fashion-clip",), "fashion-sd": ("fashion-sd-vae", "fashion-sd-decoder", "fashion-sd"),
+          "fashion-flux": ("fashion-flux-vae", "fashion-flux-decoder", "fashion-flux")}
 KEYS = ("command", "seed", "steps", "batch_size", "wall_time_s", "device", "threads", "params", "unet_params",
-        "transformer_params", "t5_params", "zero_shot_test_accuracy", "test_psnr_db", "note")
+        "transformer_params", "t5_params", "source", "adv_weight", "zero_shot_test_accuracy", "test_psnr_db", "note")
 
 
 def stage_table(stage: str, info: dict) -> str:

@@ -13,7 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel,
 
 from . import _common as C
 from .captions import TEMPLATES, all_captions
-from .sd_train import encode_latents, stage_folder
+from .sd_train import encode_latents, stage_folder, vae_folder
 from .tokenizer import T5_MAX_LENGTH, build_t5_tokenizer
 
 DEFAULT_STEPS = 3000
@@ -91,7 +91,7 @@ def export(parts: dict, folder: Path, info: dict) -> Path:
 def conditioning(device: torch.device) -> tuple[dict, dict]:
     """Frozen parts (VAE, CLIP text tower, tokenizers) and per-caption tensors (pooled, T5 ids, rope ids)."""
     clip = stage_folder("fashion-clip")
-    parts = {"vae": AutoencoderKL.from_pretrained(stage_folder("fashion-flux-vae")).to(device).eval(),
+    parts = {"vae": AutoencoderKL.from_pretrained(vae_folder("fashion-flux-vae")).to(device).eval(),
              "clip": CLIPTextModel.from_pretrained(clip).to(device).eval(),
              "clip_tok": CLIPTokenizer.from_pretrained(clip), "t5_tok": build_t5_tokenizer()}
     texts = all_captions() + [""]

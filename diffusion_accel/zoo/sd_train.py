@@ -51,6 +51,14 @@ def stage_folder(name: str) -> Path:
     raise FileNotFoundError(f"{run} missing: train it first with `python -m diffusion_accel.zoo.train {name}`")
 
 
+def vae_folder(vae_stage: str) -> Path:
+    """The VAE a pipeline ships: the decoder-fine-tuned stage (same encoder, same latents) if trained, else ``vae_stage``."""
+    decoder_stage = vae_stage.replace("-vae", "-decoder")
+    if (C.RUNS_ROOT / decoder_stage / "final").is_dir():
+        return C.RUNS_ROOT / decoder_stage / "final"
+    return stage_folder(vae_stage)
+
+
 @torch.no_grad()
 def encode_captions(text_encoder: CLIPTextModel, tok: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
     """last_hidden_state (len(texts) × model_max_length × width), encoded exactly as the SD pipeline does."""
@@ -89,8 +97,8 @@ def export(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTex
 
 
 def load_frozen(device: torch.device) -> tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer]:
-    """The trained fashion-sd-vae and the fashion-clip text tower + tokenizer, frozen, on ``device``."""
-    vae = AutoencoderKL.from_pretrained(stage_folder("fashion-sd-vae")).to(device).eval()
+    """The trained fashion-sd VAE (see ``vae_folder``) and the fashion-clip text tower + tokenizer, frozen, on ``device``."""
+    vae = AutoencoderKL.from_pretrained(vae_folder("fashion-sd-vae")).to(device).eval()
     clip = stage_folder("fashion-clip")
     text_encoder = CLIPTextModel.from_pretrained(clip).to(device).eval()
     return vae, text_encoder, CLIPTokenizer.from_pretrained(clip)

@@ -12,6 +12,8 @@ TRAINERS = {
     "fashion-clip": "clip_train",
     "fashion-sd-vae": "vae_train",
     "fashion-flux-vae": "vae_train",
+    "fashion-sd-decoder": "decoder_train",
+    "fashion-flux-decoder": "decoder_train",
     "fashion-sd": "sd_train",
     "fashion-flux": "flux_train",
 }

@@ -1,0 +1,133 @@
+"""oneDNN int8 convolution for lowered Conv2d layers on CPU (VNNI / AMX int8 units).
+
+``torch.ops.onednn.qconv_pointwise`` (the kernel torch.compile's x86 int8 path uses) convolves
+uint8 activation codes with prepacked int8 per-output-channel weights and writes fp32 directly, so
+the result equals the simulated ``QuantConv2d`` up to summation order: no requantized output.
+Static activation scales are passed as tensors at call time, so per-timestep-group scales share one
+prepacked weight. A split-shortcut conv (two input-channel segments with their own activation and
+weight scales) runs one int8 conv per segment and adds them: conv(cat(a, b), W) = conv(a, Wa) + conv(b, Wb).
+
+On other devices (or when this torch build lacks oneDNN) the layer runs the float conv on the
+dequantized weight: the same numbers, no speed-up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import ActQuantizer, QuantConv2d
+from .quantizers import act_grid, dequantize_weight
+
+CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+              "padding_mode")
+
+
+def onednn_available() -> bool:
+    """True when this torch build has oneDNN's int8 convolution ops (x86 CPU builds)."""
+    ops = getattr(torch.ops, "onednn", None)
+    return (ops is not None and hasattr(ops, "qconv_prepack") and hasattr(ops, "qconv_pointwise")
+            and torch.backends.mkldnn.is_available())
+
+
+def supports(layer: QuantConv2d) -> bool:
+    """Whether ``layer`` can run as a oneDNN int8 conv: int8 weights per output channel (one scale per
+    activation segment), static int8 activations, ungrouped, on CPU."""
+    act = layer.act
+    if layer.weight_fmt != "int8" or not isinstance(act, ActQuantizer) or act.fmt_name != "int8":
+        return False
+    unit = layer.weight_codes.shape[1] // layer.in_channels
+    act_segments = act.segment_sizes if act.scale.shape[1] > 1 else (layer.in_channels,)
+    return (layer.groups == 1 and layer.weight_codes.device.type == "cpu" and onednn_available()
+            and tuple(s * unit for s in act_segments) == tuple(layer.segment_sizes))
+
+
+class OneDNNInt8Conv2d(nn.Module):
+    """Conv2d computed by oneDNN from uint8 activation codes and int8 weights, fp32 out (see module doc).
+
+    ``weight_codes``: (out, in·kh·kw) int8; ``weight_scale``: (out, S) for S channel segments;
+    ``act``: the calibrated ActQuantizer (scale / zero point per timestep group and segment).
+    """
+
+    kind = "int8-conv"
+
+    def __init__(self, layer: QuantConv2d) -> None:
+        super().__init__()
+        for name in CONV_ATTRS:
+            setattr(self, name, getattr(layer, name))
+        self.segment_sizes, self.weight_fmt = layer.segment_sizes, layer.weight_fmt
+        self.weight_shape = layer.weight_shape
+        self.register_buffer("weight_codes", layer.weight_codes)
+        self.register_buffer("weight_scale", layer.weight_scale.clone())
+        self.bias, self.act = layer.bias, layer.act
+        self.code_offset = int(-act_grid(layer.act.fmt, layer.act.symmetric)[0])  # codes -> [0, 255]
+        unit = self.weight_codes.shape[1] // self.in_channels
+        self.channel_segments = tuple(size // unit for size in self.segment_sizes)
+        self._packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._repack()
+
+    def export_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight_codes, self.weight_scale
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_packed"] = None  # oneDNN's opaque packed weights cannot be copied ...
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._repack()  # ... so a copy packs its own
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "OneDNNInt8Conv2d":
+        super()._apply(fn, recurse)
+        self._repack()  # .to(device), .float(), ...: pack for where the weights are now
+        return self
+
+    def _repack(self) -> None:
+        """Pack (oneDNN weight, fp32 weight scale (out,)) per channel segment when the weights are on
+        CPU, else drop the packs (the layer then runs the float fallback). Packing happens here, never
+        inside ``forward``, so torch.compile sees the packed weights as constants."""
+        if self.weight_codes.device.type != "cpu" or not onednn_available():
+            self._packed = None
+            return
+        codes = self.weight_codes.reshape(self.weight_shape)
+        self._packed = []
+        for s, part in enumerate(codes.split(list(self.channel_segments), dim=1)):
+            scale = self.weight_scale[:, s].float().contiguous()
+            self._packed.append((torch.ops.onednn.qconv_prepack(
+                part.contiguous(), scale, 1.0, 0, list(self.stride), list(self.padding), list(self.dilation),
+                1, None), scale))
+
+    def _qparams(self, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """0-d fp32 scale and int64 uint8-grid zero point of ``segment`` for the current timestep group."""
+        act = self.act
+        group = act.selector.current(act.scale.device) if act.scale.shape[0] > 1 and act.selector else 0
+        column = segment if act.scale.shape[1] > 1 else 0
+        zero = act.zero_point[group, column].to(torch.int64) + self.code_offset
+        return act.scale[group, column], zero
+
+    def _float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = dequantize_weight(self.weight_codes, self.weight_scale, self.segment_sizes)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(self.act(x), weight.reshape(self.weight_shape).to(x.dtype), bias, self.stride,
+                        self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None or x.device.type != "cpu":
+            return self._float_forward(x)
+        out, start = None, 0
+        for s, (packed, w_scale) in enumerate(self._packed):
+            scale, zero = self._qparams(s)
+            part = x[:, start:start + self.channel_segments[s]].float()
+            start += self.channel_segments[s]
+            codes = torch.clamp(torch.round(part / scale) + zero, 0, 255).to(torch.uint8)
+            bias = self.bias.float() if self.bias is not None and s == 0 else None
+            y = torch.ops.onednn.qconv_pointwise.tensor(
+                codes, scale, zero, packed, w_scale, torch.zeros_like(w_scale, dtype=torch.int64), bias,
+                list(self.stride), list(self.padding), list(self.dilation), 1, 1.0, 0, torch.float32,
+                "none", [], "")
+            out = y if out is None else out.add_(y)
+        return out.to(x.dtype)
