@@ -96,8 +96,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                "resolution": RESOLUTION, "batch": BATCH, "repeats": args.repeats,
                                "compiled_repeats": args.compiled_repeats, "latency": {}, "size": sizes}
     lat = results["latency"]
-    partial = RESULTS / "ptq_speed.partial.json"
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_suffix(".partial.json")  # checkpoint of a run in progress (git-ignored)
+    partial.parent.mkdir(parents=True, exist_ok=True)
 
     def record(name: str, module: torch.nn.Module, module_inputs: dict, repeats: int) -> None:
         """Time ``module``, print it and checkpoint the partial results (a long run may be killed)."""
