@@ -1,6 +1,8 @@
-"""PTQ speed and size on the full-size SD 1.5 UNet (random weights) at 256 x 256, batch 2 (CFG).
+"""PTQ speed and size on the full-size SD 1.5 UNet (random weights) at 256 x 256, batch 2 (CFG),
+or on a zoo pipeline's denoiser (``--model fashion-sd``: real weights and real denoiser inputs).
 
     python benchmarks/ptq_speed.py [--repeats 5] [--no-compile] [--threads 2]
+    python benchmarks/ptq_speed.py --model fashion-sd --out benchmarks/results/ptq_speed_fashion-sd.json
 
 Denoiser-only latency, median of ``repeats`` after warm-up, every variant timed in this process:
 fp32 eager, fp32 ``torch.compile``, bf16 eager, W8A8 lowered eager and compiled. Calibration runs a
@@ -15,8 +17,10 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import inspect
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +29,10 @@ from typing import Any, Callable
 import torch
 from diffusers import StableDiffusionPipeline
 
+from diffusion_accel import zoo
 from diffusion_accel.artifact import save
 from diffusion_accel.eval.machine import machine_info
+from diffusion_accel.eval.pipes import denoiser_of
 from diffusion_accel.eval.timing import time_callable
 from diffusion_accel.quant import PTQConfig, lower_, quantize_, summary
 from diffusion_accel.quant.state import get_state
@@ -66,7 +72,7 @@ def state_bytes(module: torch.nn.Module) -> dict[str, int]:
 
 def artifact_size(pipe: Any, base_state: dict[str, int]) -> dict[str, float]:
     """Artifact bytes, and artifact + base tensors not replaced by quantized weights, vs fp32."""
-    layers = set(get_state(pipe.unet).layers)
+    layers = set(get_state(denoiser_of(pipe)).layers)
     kept = {k: v for k, v in base_state.items() if not (k.endswith(".weight") and k[:-7] in layers)}
     with tempfile.TemporaryDirectory() as folder:
         save(pipe, folder)
@@ -77,23 +83,73 @@ def artifact_size(pipe: Any, base_state: dict[str, int]) -> dict[str, float]:
             "standalone_ratio": standalone / fp32, "artifact_ratio": artifact / fp32}
 
 
-def weight_only_size(config: PTQConfig, base_state: dict[str, int]) -> dict[str, float]:
+def weight_only_size(make_pipe: Callable[[], Any], config: PTQConfig, base_state: dict[str, int]) -> dict[str, float]:
     """Size of a weight-only quantized copy (no calibration needed)."""
-    pipe, _ = sd15_pipeline()
+    pipe = make_pipe()
     quantize_(pipe, config)
     return artifact_size(pipe, base_state)
 
 
+def sd15_target(batch_prompts: int) -> tuple[Any, Callable[[], Any], dict[str, Any], PTQConfig]:
+    """(pipe, fresh-pipe maker, UNet inputs at 256 px with CFG batch 2, W8A8 config)."""
+    pipe, make_inputs = sd15_pipeline()
+    config = PTQConfig(weights="int8", activations="int8", calib_prompts=1, calib_num_steps=2, calib_steps="all",
+                       calib_guidance_scale=7.5, calib_kwargs=(("height", RESOLUTION), ("width", RESOLUTION)))
+    return pipe, lambda: sd15_pipeline()[0], make_inputs(BATCH, RESOLUTION), config
+
+
+@torch.no_grad()
+def captured_inputs(pipe: Any, call_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword inputs of the denoiser's first call inside ``pipe(**call_kwargs)`` (cloned)."""
+    captured: dict[str, Any] = {}
+
+    def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if not captured:
+            captured.update(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
+
+    handle = denoiser_of(pipe).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        pipe(**call_kwargs, num_inference_steps=1, output_type="latent")
+    finally:
+        handle.remove()
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in captured.items() if v is not None}
+
+
+def zoo_target(name: str, batch_prompts: int) -> tuple[Any, Callable[[], Any], dict[str, Any], PTQConfig]:
+    """(zoo pipe, fresh-pipe maker, the denoiser's real inputs for ``batch_prompts`` prompts, W8A8 config
+    calibrated as the quality benchmark does: 16 prompts, 10 uniform steps of the sampling trajectory)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ptq_quality import calib_fields
+    from zoo_quality import DEFAULTS, prompts_for
+
+    def make() -> Any:
+        pipe = zoo.load(name)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    pipe = make()
+    call = {k: v for k, v in DEFAULTS[name].items() if k != "num_inference_steps"}
+    inputs = captured_inputs(pipe, {"prompt": prompts_for(batch_prompts, 0)[0], **call})
+    return pipe, make, inputs, PTQConfig.preset("w8a8", act_method="mse", **calib_fields(name))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    pipe, make_inputs = sd15_pipeline()
-    inputs = make_inputs(BATCH, RESOLUTION)
-    base_state = state_bytes(pipe.unet)
-    sizes = {"w4a16_per_channel": weight_only_size(PTQConfig(weights="int4", activations=None), base_state),
-             "w4a16_group128": weight_only_size(PTQConfig(weights="int4", activations=None,
-                                                          weight_granularity="group", group_size=128), base_state)}
+    if args.model == "sd15":
+        pipe, make_pipe, inputs, config = sd15_target(BATCH)
+    else:
+        pipe, make_pipe, inputs, config = zoo_target(args.model, args.batch_prompts)
+    denoiser = denoiser_of(pipe)
+    base_state = state_bytes(denoiser)
+    sizes = {"w4a16_per_channel": weight_only_size(make_pipe, PTQConfig(weights="int4", activations=None), base_state),
+             "w4a16_group128": weight_only_size(make_pipe, PTQConfig(weights="int4", activations=None,
+                                                                     weight_granularity="group", group_size=128),
+                                                base_state)}
     results: dict[str, Any] = {"machine": machine_info(), "load_average_start": os.getloadavg(),
-                               "resolution": RESOLUTION, "batch": BATCH, "repeats": args.repeats,
+                               "model": args.model, "inputs": {k: list(v.shape) for k, v in inputs.items()
+                                                               if isinstance(v, torch.Tensor)},
+                               "resolution": RESOLUTION if args.model == "sd15" else 32,
+                               "batch": BATCH if args.model == "sd15" else args.batch_prompts, "repeats": args.repeats,
                                "compiled_repeats": args.compiled_repeats, "latency": {}, "size": sizes}
     lat = results["latency"]
     partial = args.out.with_suffix(".partial.json")  # checkpoint of a run in progress (git-ignored)
@@ -105,28 +161,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(name, lat[name], flush=True)
         partial.write_text(json.dumps(results, indent=2, default=str))
 
-    record("fp32_eager", pipe.unet, inputs, args.repeats)
+    record("fp32_eager", denoiser, inputs, args.repeats)
     if not args.no_compile:
-        record("fp32_compiled", torch.compile(pipe.unet), inputs, args.compiled_repeats)
+        record("fp32_compiled", torch.compile(denoiser), inputs, args.compiled_repeats)
         torch._dynamo.reset()
-    bf16 = copy.deepcopy(pipe.unet).to(torch.bfloat16)
-    record("bf16_eager", bf16, {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()},
+    bf16 = copy.deepcopy(denoiser).to(torch.bfloat16)
+    record("bf16_eager", bf16, {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                               for k, v in inputs.items()},
            args.repeats)
     del bf16
     gc.collect()
     start = time.perf_counter()
-    quantize_(pipe, PTQConfig(weights="int8", activations="int8", calib_prompts=1, calib_num_steps=2,
-                              calib_steps="all", calib_guidance_scale=7.5,
-                              calib_kwargs=(("height", RESOLUTION), ("width", RESOLUTION))))
+    quantize_(pipe, config)
     gc.collect()
     lower_(pipe)  # after quantize_ returned, so the fp32 originals are already freed
     results["quantize_s"] = time.perf_counter() - start
     results["summary"] = summary(pipe)
     results["size"]["w8a8"] = artifact_size(pipe, base_state)
     print(results["summary"], flush=True)
-    record("w8a8_lowered_eager", pipe.unet, inputs, args.repeats)
+    denoiser = denoiser_of(pipe)
+    record("w8a8_lowered_eager", denoiser, inputs, args.repeats)
     if not args.no_compile:
-        record("w8a8_lowered_compiled", torch.compile(pipe.unet), inputs, args.compiled_repeats)
+        record("w8a8_lowered_compiled", torch.compile(denoiser), inputs, args.compiled_repeats)
     results["load_average_end"] = os.getloadavg()
     return results
 
@@ -136,7 +192,9 @@ def markdown(results: dict[str, Any]) -> str:
     lat = results["latency"]
     base, compiled = lat["fp32_eager"]["median_ms"], lat.get("fp32_compiled", {}).get("median_ms")
     m = results["machine"]
-    lines = [f"# PTQ speed: SD 1.5 UNet (random weights), {results['resolution']} px, batch {results['batch']}",
+    title = ("SD 1.5 UNet (random weights)" if results.get("model", "sd15") == "sd15"
+             else f"{results['model']} denoiser (zoo weights, real inputs {results['inputs']})")
+    lines = [f"# PTQ speed: {title}, {results['resolution']} px, batch {results['batch']}",
              "", f"CPU {m['cpu_model']}, {m['cpu_cores_available']} cores, torch threads {m['torch_threads']}, "
              f"torch {m.get('torch_version')}; load average {results['load_average_start']} -> "
              f"{results['load_average_end']} (a high load average means the cores were shared); median of {results['repeats']} "
@@ -148,7 +206,7 @@ def markdown(results: dict[str, Any]) -> str:
     for name, size in results["size"].items():
         lines.append(f"| {name} | {size['artifact_mb']:.0f} | {size['standalone_mb']:.0f} | "
                      f"{size['standalone_ratio']:.3f} |")
-    lines += ["", f"fp32 UNet: {results['size']['w8a8']['fp32_mb']:.0f} MB (artifact = PTQ file only; "
+    lines += ["", f"fp32 denoiser: {results['size']['w8a8']['fp32_mb']:.0f} MB (artifact = PTQ file only; "
               "standalone = artifact + the base tensors it does not replace). Quantize time "
               f"{results['quantize_s']:.0f} s.", "", "```", results["summary"], "```"]
     return "\n".join(lines) + "\n"
@@ -160,6 +218,8 @@ def main() -> None:
     parser.add_argument("--compiled-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--model", choices=["sd15", "fashion-sd", "fashion-flux"], default="sd15")
+    parser.add_argument("--batch-prompts", type=int, default=32, help="zoo models: prompts per call (CFG doubles)")
     parser.add_argument("--out", type=Path, default=RESULTS / "ptq_speed.json", help="JSON (Markdown beside it)")
     args = parser.parse_args()
     results = run(args)
