@@ -58,6 +58,11 @@ def variants(model: str) -> list[Variant]:
     for fraction in (0.2, 0.3):
         out.append(Variant(f"obs_structured_{int(fraction * 100)}", pruned(model, sparsity=fraction, pattern="structured"),
                            "structured", "heads + FFN neurons removed"))
+    if denoiser_attr(model) == "unet":
+        for fraction in (0.2, 0.3):
+            out.append(Variant(f"obs_structured_{int(fraction * 100)}_resnets",
+                               pruned(model, sparsity=fraction, pattern="structured", prune_resnets=True),
+                               "structured", "heads + FFN neurons + ResNet channel groups removed"))
     for weighting in ("uniform", "log-increase"):
         out.append(Variant(f"ablation_obs_50_{weighting}", pruned(model, sparsity=0.5, weighting=weighting), "ablation",
                            f"weighting {weighting} (default log-decrease)"))

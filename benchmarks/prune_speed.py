@@ -1,12 +1,13 @@
 """Structured-pruning speed and unstructured storage on full-size architectures (random weights), CPU.
 
 Structured 30% (FFN hidden neurons + attention heads, last block dense, magnitude criterion — the
-criterion does not change shapes, so speed equals OBS-Diff's) vs the dense denoiser, both timed in
+criterion does not change shapes, so speed equals OBS-Diff's; for the UNet also with
+``prune_resnets=True``: 30% of every ResNet's inner GroupNorm groups) vs the dense denoiser, both timed in
 this process, interleaved (dense, pruned, dense, ...), median of repeats after a warm-up:
 SD 1.5 UNet at 256x256 (32x32 latents), batch 2 (CFG), and DiT-XL/2 at 256x256, batch 2.
 50% unstructured pruning of the SD 1.5 UNet reports storage only (no sparse CPU kernel exists).
 
-    python benchmarks/prune_speed.py --repeats 5
+    python benchmarks/prune_speed.py --repeats 5 [--out benchmarks/results/prune_speed.json]
 """
 
 from __future__ import annotations
@@ -56,18 +57,20 @@ def interleaved_medians(dense: torch.nn.Module, pruned: torch.nn.Module, inputs:
             "cpu_speedup": cpu["dense"] / cpu["pruned"], "samples_wall_cpu_ms": samples}
 
 
-def structured_speed(name: str, sparsity: float, repeats: int) -> dict[str, Any]:
-    """Dense vs structured-pruned latency of full-size model ``name``."""
+def structured_speed(name: str, sparsity: float, repeats: int, resnets: bool = False) -> dict[str, Any]:
+    """Dense vs structured-pruned latency of full-size model ``name`` (``resnets``: also ResNet channels)."""
     dense, make_inputs = build_fullsize(name)
     pruned = copy.deepcopy(dense)
-    report = prune_denoiser_(pruned, PruneConfig(method="magnitude", sparsity=sparsity, pattern="structured"))
+    report = prune_denoiser_(pruned, PruneConfig(method="magnitude", sparsity=sparsity, pattern="structured",
+                                                 prune_resnets=resnets))
     inputs = make_inputs(**MODELS[name])
     result = interleaved_medians(dense, pruned, inputs, repeats)
     print(f"{name}: wall {result['dense_ms']:.0f} -> {result['pruned_ms']:.0f} ms, "
           f"cpu {result['dense_cpu_ms']:.0f} -> {result['pruned_cpu_ms']:.0f} ms", flush=True)
     result |= {"model": name, **MODELS[name], "sparsity": sparsity, "params_dense": report.params_before,
                "params_pruned": report.params_after, "heads_removed": report.heads_removed,
-               "neurons_removed": report.neurons_removed}
+               "neurons_removed": report.neurons_removed, "resnets": resnets,
+               "channels_removed": report.channels_removed}
     del dense, pruned
     return result
 
@@ -93,13 +96,14 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# Structured pruning speed ({info['cpu_model']}, {info['cpu_cores_available']} cores, "
              f"{info['torch_threads']} torch threads, fp32, eager, no torch.compile)", "",
              f"Load average before/after: {results['load_before']} / {results['load_after']} (a high load average means the cores were shared).", "",
-             "| model | batch | res | sparsity | params dense → pruned | heads / neurons removed | dense ms | pruned ms | speed-up (wall) | speed-up (CPU time) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | batch | res | sparsity | units | params dense → pruned | heads / neurons / ResNet channels removed | dense ms | pruned ms | speed-up (wall) | speed-up (CPU time) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["structured"]:
-        lines.append(f"| {r['model']} | {r['batch_size']} | {r['resolution']} | {r['sparsity']:.0%} | "
+        units = "heads + FFN" + (" + ResNet channels" if r.get("resnets") else "")
+        lines.append(f"| {r['model']} | {r['batch_size']} | {r['resolution']} | {r['sparsity']:.0%} | {units} | "
                      f"{r['params_dense'] / 1e6:.1f}M → {r['params_pruned'] / 1e6:.1f}M | {r['heads_removed']} / "
-                     f"{r['neurons_removed']} | {r['dense_ms']:.0f} | {r['pruned_ms']:.0f} | {r['speedup']:.2f}× | "
-                     f"{r['cpu_speedup']:.2f}× |")
+                     f"{r['neurons_removed']} / {r.get('channels_removed', 0)} | {r['dense_ms']:.0f} | "
+                     f"{r['pruned_ms']:.0f} | {r['speedup']:.2f}× | {r['cpu_speedup']:.2f}× |")
     s = results.get("unstructured_storage")
     if s:
         lines += ["", f"Unstructured {s['sparsity']:.0%} (SD 1.5 UNet, {s['pruned_layers']} layers): artifact "
@@ -114,24 +118,26 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.3)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--skip-storage", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS / "prune_speed.json", help="JSON (Markdown beside it)")
     args = parser.parse_args()
     results: dict[str, Any] = {"machine": machine_info(), "load_before": os.getloadavg()[0]}
     results["structured"] = []
     for name in args.models:
-        results["structured"].append(structured_speed(name, args.sparsity, args.repeats))
-        write(results)
+        for resnets in ((False, True) if name == "sd15" else (False,)):
+            results["structured"].append(structured_speed(name, args.sparsity, args.repeats, resnets))
+            write(results, args.out)
     if not args.skip_storage:
         results["unstructured_storage"] = unstructured_storage(0.5)
-    write(results)
+    write(results, args.out)
     print(markdown(results))
 
 
-def write(results: dict[str, Any]) -> None:
-    """Write the results so far (JSON + Markdown) to benchmarks/results/."""
+def write(results: dict[str, Any], out: Path) -> None:
+    """Write the results so far: JSON to ``out``, Markdown beside it."""
     results["load_after"] = os.getloadavg()[0]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "prune_speed.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    (RESULTS / "prune_speed.md").write_text(markdown(results), encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    out.with_suffix(".md").write_text(markdown(results), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,7 @@ def test_fully_sequential_and_single_group_both_run():
     ("sd", PruneConfig(method="obs", sparsity=0.5)),
     ("flux", PruneConfig(method="obs", sparsity=0.3, pattern="structured")),
     ("sd", PruneConfig(method="obs", sparsity=0.3, pattern="structured")),
+    ("sd", PruneConfig(method="obs", sparsity=0.3, pattern="structured", prune_resnets=True)),
 ])
 def test_save_load_round_trip_is_exact(tmp_path, family, config):
     pipe = build_tiny(family)

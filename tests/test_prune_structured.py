@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffusion_accel import get_adapter
-from diffusion_accel.prune import PruneConfig, prune_denoiser_
+from diffusion_accel.prune import PruneConfig, prune_, prune_denoiser_
 from diffusion_accel.prune.structured import attention_outputs
 from diffusion_accel.testing.tiny import build_tiny
 
@@ -67,3 +67,59 @@ def test_flux_single_block_offset_columns():
     new_hidden, heads = block.proj_mlp.out_features, block.attn.heads
     assert new_hidden == hidden // 2 and heads == 1
     assert block.proj_out.in_features == heads * (width // 2) + new_hidden
+
+
+def zero_resnet_groups(pipe, fraction: float) -> int:
+    """Zero conv2's input columns of the first round(groups * fraction) GroupNorm groups of every ResNet."""
+    adapter = get_adapter(pipe)
+    channels = 0
+    with torch.no_grad():
+        for resnet in adapter.resnets():
+            count = min(round(resnet.groups * fraction), resnet.groups - 1)
+            width = count * resnet.channels // resnet.groups
+            adapter.denoiser.get_submodule(resnet.conv2).weight[:, :width] = 0
+            channels += width
+    return channels
+
+
+@pytest.mark.parametrize("family", ["sd", "ddpm"])
+def test_removing_zero_resnet_groups_keeps_outputs(family):
+    pipe = build_tiny(family)
+    channels = zero_resnet_groups(pipe, FRACTION)
+    before = generate(pipe, family)
+    config = PruneConfig(method="magnitude", sparsity=FRACTION, pattern="structured", keep_last_block_dense=False,
+                         prune_heads=False, prune_ffn=False, prune_resnets=True)
+    report = prune_denoiser_(get_adapter(pipe).denoiser, config)
+    assert channels > 0 and report.channels_removed == channels
+    assert torch.allclose(before, generate(pipe, family), atol=1e-5)
+
+
+def test_resnet_pruning_shrinks_conv_norm_and_time_projection_together():
+    pipe = build_tiny("sd")
+    before = {r.name: r for r in get_adapter(pipe).resnets()}
+    prune_denoiser_(get_adapter(pipe).denoiser, PruneConfig(method="magnitude", sparsity=0.25, pattern="structured",
+                                                            prune_resnets=True))
+    denoiser = pipe.unet
+    shrunk = [r for r in get_adapter(pipe).resnets() if r.channels < before[r.name].channels]
+    assert shrunk
+    for info in shrunk:
+        old = before[info.name]
+        assert info.groups == old.groups - round(old.groups * 0.25)
+        assert info.channels == info.groups * old.channels // old.groups
+        assert denoiser.get_submodule(info.conv2).in_channels == info.channels
+        assert denoiser.get_submodule(info.time_emb_proj).out_features == info.channels
+        assert denoiser.get_submodule(info.norm2).weight.shape == (info.channels,)
+
+
+def test_obs_resnet_pruning_beats_magnitude_on_the_calibration_trajectory():
+    from prune_helpers import tiny_calibration
+
+    errors = {}
+    reference = generate(build_tiny("sd"), "sd")
+    for method in ("obs", "magnitude"):
+        pipe = build_tiny("sd")
+        config = PruneConfig(method=method, sparsity=0.25, pattern="structured", prune_heads=False, prune_ffn=False,
+                             prune_resnets=True, groups=1)
+        prune_(pipe, config, calib=tiny_calibration(pipe, "sd"))
+        errors[method] = float((generate(pipe, "sd") - reference).pow(2).mean())
+    assert errors["obs"] < errors["magnitude"]

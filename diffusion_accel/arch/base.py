@@ -90,6 +90,26 @@ class FFNInfo:
 
 
 @dataclass(frozen=True)
+class ResnetInfo:
+    """A ResNet block's inner channels: ``conv1`` -> (+ time embedding) -> ``norm2`` -> ``conv2``.
+
+    Structured pruning removes whole GroupNorm groups of these ``channels`` (``groups`` of
+    ``channels // groups`` each), so the remaining groups' statistics are unchanged: output rows of
+    ``conv1`` and ``time_emb_proj`` (rows c and c + channels when ``scale_shift``), ``norm2``'s
+    affine entries, and ``conv2``'s input channels.
+    """
+
+    name: str
+    conv1: str
+    norm2: str
+    conv2: str
+    time_emb_proj: str | None
+    channels: int
+    groups: int
+    scale_shift: bool = False
+
+
+@dataclass(frozen=True)
 class SkipConcat:
     """A layer fed by ``cat([hidden, skip], dim=1)`` in a UNet decoder.
 
@@ -192,6 +212,10 @@ class DenoiserAdapter(ABC):
     @abstractmethod
     def ffns(self) -> list[FFNInfo]:
         """Every feed-forward pair (expanding and contracting projections)."""
+
+    def resnets(self) -> list[ResnetInfo]:
+        """ResNet blocks whose inner channels structured pruning may remove; none by default."""
+        return []
 
     def skip_concats(self) -> list[SkipConcat]:
         """UNet decoder layers fed by ``cat([hidden, skip])``; none for other families."""

@@ -151,6 +151,7 @@ def _prune_structured(denoiser: nn.Module, adapter: Any, config: PruneConfig, sw
         removed = prune_structured_unit(denoiser, unit, hessians, config.target_sparsity, config.damp, record)
         report.heads_removed += removed["heads"]
         report.neurons_removed += removed["neurons"]
+        report.channels_removed += removed["channels"]
         report.layers_pruned += unit.output_layers()
 
     stats = SequentialPruner(StructuredUnit.output_layers, prune_unit, sweep).run(units, config.groups)

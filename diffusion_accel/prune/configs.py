@@ -38,7 +38,10 @@ class PruneConfig:
     module-name prefixes left dense (the adapter's high-precision layers are always left dense).
     ``calib_prompts`` / ``calib_steps`` / ``calib_guidance_scale``: calibration used when ``prune_`` gets
     no Calibration; ``calib_kwargs``: (name, value) pairs passed on to that calibration's pipeline calls
-    (e.g. ``(("height", 32), ("width", 32))``, or Flux's ``negative_prompt`` / ``true_cfg_scale``). ``prune_heads`` / ``prune_ffn``: which units structured pruning removes.
+    (e.g. ``(("height", 32), ("width", 32))``, or Flux's ``negative_prompt`` / ``true_cfg_scale``).
+    ``prune_heads`` / ``prune_ffn`` / ``prune_resnets``: which units structured pruning removes
+    (``prune_resnets``, off by default: ResNet inner channels by whole GroupNorm groups, the bulk of a
+    UNet's compute).
     """
 
     method: str = "obs"
@@ -53,6 +56,7 @@ class PruneConfig:
     exclude: tuple[str, ...] = field(default_factory=tuple)
     prune_heads: bool = True
     prune_ffn: bool = True
+    prune_resnets: bool = False
     calib_prompts: int = 4
     calib_steps: int = 25
     calib_guidance_scale: float | None = None
@@ -131,8 +135,8 @@ def _check_pattern(config: PruneConfig) -> None:
         raise ValueError(f"unknown pattern {config.pattern!r}; accepted: {', '.join(PATTERNS)}")
     if config.structured and config.method not in STRUCTURED_METHODS:
         raise ValueError(f"structured pruning supports methods {STRUCTURED_METHODS}, got {config.method!r}")
-    if config.structured and not (config.prune_heads or config.prune_ffn):
-        raise ValueError("structured pruning needs prune_heads=True or prune_ffn=True")
+    if config.structured and not (config.prune_heads or config.prune_ffn or config.prune_resnets):
+        raise ValueError("structured pruning needs prune_heads, prune_ffn or prune_resnets set to True")
 
 
 def _check_sparsity(config: PruneConfig) -> None:

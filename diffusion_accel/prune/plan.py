@@ -38,8 +38,9 @@ def unstructured_plan(adapter: DenoiserAdapter, config: PruneConfig) -> tuple[li
 
 
 def structured_plan(adapter: DenoiserAdapter, config: PruneConfig) -> tuple[list[StructuredUnit], dict[str, str]]:
-    """(blocks whose heads / FFN neurons are pruned, in depth order, {block: why it stays dense})."""
-    units = structured_units(adapter, config.prune_heads, config.prune_ffn, excluded(adapter, config))
+    """(blocks whose heads / FFN neurons / ResNet channels are pruned, in depth order, {block: why it stays dense})."""
+    units = structured_units(adapter, config.prune_heads, config.prune_ffn, excluded(adapter, config),
+                             config.prune_resnets)
     skipped: dict[str, str] = {}
     if config.keep_last_block_dense and units:
         skipped[units[-1].block] = "last block kept dense"

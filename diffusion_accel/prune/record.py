@@ -12,12 +12,14 @@ RECORD_ATTR = "_diffusion_accel_prune"
 
 @dataclass
 class PruneRecord:
-    """Layers with masked weights, layers replaced by smaller ones (with their base shapes), heads."""
+    """Layers with masked weights, layers replaced by smaller ones (with their base shapes), head counts
+    of pruned attentions, group counts of pruned GroupNorms."""
 
     configs: list[dict[str, Any]] = field(default_factory=list)
     masked: list[str] = field(default_factory=list)
     base_shapes: dict[str, list[int]] = field(default_factory=dict)
     heads: dict[str, int] = field(default_factory=dict)
+    norm_groups: dict[str, int] = field(default_factory=dict)
 
     def note_masked(self, name: str) -> None:
         """Remember that layer ``name`` holds pruned (zeroed and updated) weights."""
@@ -32,7 +34,7 @@ class PruneRecord:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"configs": self.configs, "masked": self.masked, "base_shapes": self.base_shapes,
-                "heads": self.heads}
+                "heads": self.heads, "norm_groups": self.norm_groups}
 
 
 def get_record(denoiser: nn.Module) -> PruneRecord | None:

@@ -29,6 +29,7 @@ class PruneReport:
     params_after: int = 0
     heads_removed: int = 0
     neurons_removed: int = 0
+    channels_removed: int = 0
     groups: int = 0
     sweeps: int = 0
     peak_hessian_bytes: int = 0
@@ -43,8 +44,9 @@ class PruneReport:
                  f"  parameters: {self.params_before:,} -> {self.params_after:,}",
                  f"  groups {self.groups}, calibration sweeps {self.sweeps}, "
                  f"peak Hessian memory {self.peak_hessian_bytes / 2**20:.1f} MiB, {self.seconds:.1f} s"]
-        if self.heads_removed or self.neurons_removed:
-            lines.append(f"  removed {self.heads_removed} heads, {self.neurons_removed} FFN neurons")
+        if self.heads_removed or self.neurons_removed or self.channels_removed:
+            lines.append(f"  removed {self.heads_removed} heads, {self.neurons_removed} FFN neurons, "
+                         f"{self.channels_removed} ResNet channels")
         if self.layers_skipped:
             lines.append(f"  left dense: {len(self.layers_skipped)} layers "
                          f"(e.g. {next(iter(self.layers_skipped.items()))})")

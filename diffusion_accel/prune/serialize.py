@@ -1,7 +1,7 @@
 """The "prune" artifact handler: masked layers as packed bitmasks + non-zero values, resized layers whole.
 
 Config JSON: the prune record (configs applied, masked layers with their shapes, base shapes of
-resized layers, head counts). Tensors: ``<layer>.mask`` (uint8, 8 mask bits per byte) and
+resized layers, head counts, GroupNorm group counts). Tensors: ``<layer>.mask`` (uint8, 8 mask bits per byte) and
 ``<layer>.values`` (the non-zero weights in order) for masked layers; ``<layer>.weight`` /
 ``<layer>.bias`` for layers made smaller. ``restore`` checks every base shape and raises a
 ValueError naming the layer on any mismatch.
@@ -20,7 +20,7 @@ from .apply import TECHNIQUE
 from .record import ensure_record, get_record
 from .sparse import dense_weight
 from .structured import set_head_count
-from .surgery import new_linear, replace_module
+from .surgery import new_group_norm, new_layer, replace_module
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -67,8 +67,9 @@ def restore_prune(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Te
     _, denoiser = find_denoiser(pipe)
     saved = config["record"]
     _restore_heads(denoiser, saved["heads"])
+    norm_groups = saved.get("norm_groups", {})
     for name, base_shape in saved["base_shapes"].items():
-        _restore_resized(denoiser, name, base_shape, tensors)
+        _restore_resized(denoiser, name, base_shape, tensors, norm_groups.get(name))
     for name, shape in config["masked_shapes"].items():
         _restore_masked(denoiser, name, shape, tensors)
     record = ensure_record(denoiser)
@@ -77,6 +78,7 @@ def restore_prune(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Te
         record.note_masked(name)
     record.base_shapes |= saved["base_shapes"]
     record.heads |= saved["heads"]
+    record.norm_groups |= norm_groups
 
 
 def _layer(denoiser: nn.Module, name: str, shape: list[int]) -> nn.Module:
@@ -98,12 +100,22 @@ def _restore_heads(denoiser: nn.Module, heads: dict[str, int]) -> None:
         set_head_count(module, count, head_dim)
 
 
-def _restore_resized(denoiser: nn.Module, name: str, base_shape: list[int], tensors: dict[str, torch.Tensor]) -> None:
+def _restore_resized(denoiser: nn.Module, name: str, base_shape: list[int], tensors: dict[str, torch.Tensor],
+                     norm_groups: int | None) -> None:
+    """Swap in the saved smaller Linear / Conv2d (or GroupNorm over ``norm_groups`` groups)."""
     layer = _layer(denoiser, name, base_shape)
-    if not isinstance(layer, nn.Linear):
-        raise ValueError(f"pruned artifact resized {name!r} as a Linear; the base model has {type(layer).__name__}")
-    bias = tensors.get(f"{name}.bias")
-    replace_module(denoiser, name, new_linear(tensors[f"{name}.weight"], bias, layer))
+    weight, bias = tensors[f"{name}.weight"], tensors.get(f"{name}.bias")
+    if isinstance(layer, nn.GroupNorm) and norm_groups is not None:
+        new = new_group_norm(norm_groups, weight, bias, layer, weight.shape[0])
+    elif isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups == 1):
+        if weight.dim() != layer.weight.dim():
+            raise ValueError(f"pruned artifact holds a {weight.dim()}-D weight for {name!r}; the base layer's is "
+                             f"{layer.weight.dim()}-D")
+        new = new_layer(weight, bias, layer)
+    else:
+        raise ValueError(f"pruned artifact resized {name!r}, a {type(layer).__name__} in the base model; "
+                         "only Linear, Conv2d and GroupNorm layers can be restored smaller")
+    replace_module(denoiser, name, new)
 
 
 def _restore_masked(denoiser: nn.Module, name: str, shape: list[int], tensors: dict[str, torch.Tensor]) -> None:

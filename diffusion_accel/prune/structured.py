@@ -1,4 +1,4 @@
-"""Structured pruning: remove FFN hidden neurons and attention heads, making layers smaller.
+"""Structured pruning: remove FFN hidden neurons, attention heads and ResNet inner channels.
 
 FFN neuron j is scored by the single-column OBS error of its ``proj_out`` input column,
 sum_rows W[:, c]^2 / [H^-1]_cc; the lowest are removed with group-OBS compensation of the remaining
@@ -6,8 +6,11 @@ columns, then dropped from every ``proj_in`` (GEGLU/SwiGLU: rows j and j + hidde
 ``proj_out`` (Flux single-stream: column ``proj_out_offset + j``). An attention head is scored by
 the joint OBS error of its ``head_dim`` input columns of every output projection (``to_out``,
 ``to_add_out``, or the shared ``proj_out`` of Flux single-stream blocks), removed likewise from
-q/k/v (and added q/k/v) and the output projections; ``heads`` is updated. Units are grouped per
-block so sequential pruning can calibrate a block's output projections once.
+q/k/v (and added q/k/v) and the output projections; ``heads`` is updated. A ResNet block's inner
+channels go by whole GroupNorm groups (so the kept groups' statistics are unchanged), scored by the
+joint OBS error of their ``conv2`` input columns (channels x kh x kw), removed from ``conv2`` with
+compensation and from ``conv1`` / ``time_emb_proj`` rows and ``norm2``. Units are grouped per block
+so sequential pruning can calibrate a block's output projections once.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..arch.base import AttentionInfo, DenoiserAdapter, FFNInfo
+from ..arch.base import AttentionInfo, DenoiserAdapter, FFNInfo, ResnetInfo
 from .columns import ColumnPruner
 from .record import PruneRecord
-from .surgery import keep_rows, set_columns, weight_matrix
+from .surgery import keep_groups, keep_rows, set_columns, weight_matrix
 
 HEAD_COUNT_ATTRIBUTES = ("heads", "sliceable_head_dim")
 WIDTH_ATTRIBUTES = ("inner_dim", "inner_kv_dim")
@@ -29,15 +32,16 @@ WIDTH_ATTRIBUTES = ("inner_dim", "inner_kv_dim")
 
 @dataclass(frozen=True)
 class StructuredUnit:
-    """The attentions and FFNs of one block, pruned together."""
+    """The attentions, FFNs and ResNet blocks of one block, pruned together."""
 
     block: str
     attentions: tuple[AttentionInfo, ...]
     ffns: tuple[FFNInfo, ...]
+    resnets: tuple[ResnetInfo, ...] = ()
 
     def output_layers(self) -> list[str]:
-        """Layers whose input Hessians score this unit (FFN proj_out, attention output projections)."""
-        names = [ffn.proj_out for ffn in self.ffns]
+        """Layers whose input Hessians score this unit (ResNet conv2, FFN proj_out, attention outputs)."""
+        names = [resnet.conv2 for resnet in self.resnets] + [ffn.proj_out for ffn in self.ffns]
         names += [name for attn in self.attentions for name, _ in attention_outputs(attn)]
         return list(dict.fromkeys(names))
 
@@ -57,17 +61,19 @@ def _owner(name: str, blocks: list[str]) -> str:
 
 
 def structured_units(adapter: DenoiserAdapter, prune_heads: bool, prune_ffn: bool,
-                     skip: Callable[[str], bool]) -> list[StructuredUnit]:
-    """Units in depth order; ``skip(module_name)`` drops attentions/FFNs left dense by the config."""
+                     skip: Callable[[str], bool], prune_resnets: bool = False) -> list[StructuredUnit]:
+    """Units in depth order; ``skip(module_name)`` drops attentions/FFNs/ResNets left dense by the config."""
     blocks = [info.name for info in adapter.blocks()]
     attentions = [a for a in adapter.attention() if prune_heads and a.heads > 1 and not skip(a.name)]
     ffns = [f for f in adapter.ffns() if prune_ffn and f.hidden > 1 and not skip(f.name)]
+    resnets = [r for r in adapter.resnets() if prune_resnets and r.groups > 1 and not skip(r.name)]
     units = []
     for block in blocks:
         own_attn = tuple(a for a in attentions if _owner(a.name, blocks) == block)
         own_ffn = tuple(f for f in ffns if _owner(f.name, blocks) == block)
-        if own_attn or own_ffn:
-            units.append(StructuredUnit(block, own_attn, own_ffn))
+        own_resnets = tuple(r for r in resnets if _owner(r.name, blocks) == block)
+        if own_attn or own_ffn or own_resnets:
+            units.append(StructuredUnit(block, own_attn, own_ffn, own_resnets))
     return units
 
 
@@ -92,6 +98,33 @@ def remove_ffn_neurons(denoiser: nn.Module, ffn: FFNInfo, pruner: ColumnPruner, 
         record.note_shape(denoiser, name)
         keep_rows(denoiser, name, rows.to(denoiser.get_submodule(name).weight.device))
     return count
+
+
+def remove_resnet_channels(denoiser: nn.Module, resnet: ResnetInfo, pruner: ColumnPruner, fraction: float,
+                           record: PruneRecord) -> int:
+    """Remove the lowest-scoring ``fraction`` of ``resnet``'s GroupNorm groups of inner channels;
+    returns how many channels went."""
+    count = _removal_count(resnet.groups, fraction)
+    if count <= 0:
+        return 0
+    size = resnet.channels // resnet.groups
+    kernel = pruner.weight.shape[1] // resnet.channels  # kh * kw columns per channel
+    group_columns = torch.arange(resnet.channels * kernel, device=pruner.weight.device).reshape(resnet.groups, -1)
+    dropped = torch.zeros(resnet.groups, dtype=torch.bool, device=group_columns.device)
+    dropped[torch.topk(pruner.block_scores(group_columns), count, largest=False).indices] = True
+    pruner.remove(group_columns[dropped].flatten())
+    kept_groups = torch.arange(resnet.groups, device=dropped.device)[~dropped]
+    channels = (kept_groups[:, None] * size + torch.arange(size, device=dropped.device)).flatten()
+    rows = {resnet.conv1: channels}
+    if resnet.time_emb_proj is not None:
+        rows[resnet.time_emb_proj] = torch.cat([channels, channels + resnet.channels]) if resnet.scale_shift else channels
+    for name, keep in rows.items():
+        record.note_shape(denoiser, name)
+        keep_rows(denoiser, name, keep.to(denoiser.get_submodule(name).weight.device))
+    record.note_shape(denoiser, resnet.norm2)
+    keep_groups(denoiser, resnet.norm2, kept_groups)
+    record.norm_groups[resnet.norm2] = resnet.groups - count
+    return count * size
 
 
 def remove_heads(denoiser: nn.Module, attn: AttentionInfo, pruners: dict[str, ColumnPruner],
@@ -129,10 +162,13 @@ def set_head_count(module: nn.Module, heads: int, head_dim: int) -> None:
 
 def prune_structured_unit(denoiser: nn.Module, unit: StructuredUnit, hessians: dict[str, torch.Tensor | None],
                           fraction: float, damp: float, record: PruneRecord) -> dict[str, int]:
-    """Prune one unit's FFNs then heads (FFN columns follow attention columns in shared layers)."""
+    """Prune one unit's ResNet channels, FFNs then heads (FFN columns follow attention columns in
+    shared layers)."""
     pruners = {name: ColumnPruner(weight_matrix(denoiser.get_submodule(name)), hessians.get(name), damp)
                for name in unit.output_layers()}
-    removed = {"neurons": 0, "heads": 0}
+    removed = {"neurons": 0, "heads": 0, "channels": 0}
+    for resnet in unit.resnets:
+        removed["channels"] += remove_resnet_channels(denoiser, resnet, pruners[resnet.conv2], fraction, record)
     for ffn in unit.ffns:
         removed["neurons"] += remove_ffn_neurons(denoiser, ffn, pruners[ffn.proj_out], fraction, record)
     for attn in unit.attentions:

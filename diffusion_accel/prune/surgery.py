@@ -1,4 +1,4 @@
-"""Replacing Linear layers by smaller ones (structured pruning) and reading/writing 2-D weights."""
+"""Replacing Linear / Conv2d / GroupNorm layers by smaller ones (structured pruning); 2-D weight views."""
 
 from __future__ import annotations
 
@@ -25,25 +25,74 @@ def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear)
     return layer
 
 
+def new_conv(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Conv2d) -> nn.Conv2d:
+    """An nn.Conv2d holding ``weight`` (out, in, kh, kw) with ``like``'s stride, padding, ... and dtype."""
+    layer = nn.Conv2d(weight.shape[1], weight.shape[0], like.kernel_size, like.stride, like.padding, like.dilation,
+                      groups=1, bias=bias is not None, padding_mode=like.padding_mode,
+                      device=like.weight.device, dtype=like.weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    layer.train(like.training)
+    return layer
+
+
+def new_layer(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module) -> nn.Module:
+    """A Linear or (ungrouped) Conv2d like ``like`` holding ``weight`` / ``bias`` in their own shapes."""
+    if isinstance(like, nn.Conv2d):
+        return new_conv(weight, bias, like)
+    return new_linear(weight, bias, like)
+
+
 def keep_rows(root: nn.Module, name: str, rows: torch.Tensor) -> None:
-    """Replace Linear ``name`` by one holding only output rows ``rows`` (long indices)."""
-    layer = _linear(root, name)
+    """Replace Linear / Conv2d ``name`` by one holding only output rows (channels) ``rows``."""
+    layer = _prunable(root, name)
     bias = layer.bias.detach()[rows] if layer.bias is not None else None
-    replace_module(root, name, new_linear(layer.weight.detach()[rows], bias, layer))
+    replace_module(root, name, new_layer(layer.weight.detach()[rows], bias, layer))
 
 
 def set_columns(root: nn.Module, name: str, weight: torch.Tensor) -> None:
-    """Replace Linear ``name`` by one with ``weight`` (out, fewer in), keeping its bias."""
-    layer = _linear(root, name)
+    """Replace Linear / Conv2d ``name`` by one with 2-D ``weight`` (out, fewer in[*kh*kw]), keeping its bias."""
+    layer = _prunable(root, name)
     bias = layer.bias.detach() if layer.bias is not None else None
-    replace_module(root, name, new_linear(weight, bias, layer))
+    if isinstance(layer, nn.Conv2d):
+        weight = weight.reshape(weight.shape[0], -1, *layer.kernel_size)
+    replace_module(root, name, new_layer(weight, bias, layer))
 
 
-def _linear(root: nn.Module, name: str) -> nn.Linear:
+def new_group_norm(num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   like: nn.GroupNorm, channels: int) -> nn.GroupNorm:
+    """A GroupNorm of ``num_groups`` over ``channels`` with ``like``'s eps / affine and the given entries."""
+    norm = nn.GroupNorm(num_groups, channels, eps=like.eps, affine=like.affine,
+                        device=like.weight.device if like.affine else None,
+                        dtype=like.weight.dtype if like.affine else None)
+    if like.affine:
+        with torch.no_grad():
+            norm.weight.copy_(weight)
+            norm.bias.copy_(bias)
+    norm.train(like.training)
+    return norm
+
+
+def keep_groups(root: nn.Module, name: str, groups: torch.Tensor) -> None:
+    """Replace GroupNorm ``name`` by one over only its groups ``groups`` (long indices, sorted)."""
+    norm = root.get_submodule(name)
+    if not isinstance(norm, nn.GroupNorm):
+        raise TypeError(f"structured pruning expects {name!r} to be nn.GroupNorm, got {type(norm).__name__}")
+    size = norm.num_channels // norm.num_groups
+    channels = (groups[:, None] * size + torch.arange(size, device=groups.device)).flatten()
+    weight = norm.weight.detach()[channels] if norm.affine else None
+    bias = norm.bias.detach()[channels] if norm.affine else None
+    replace_module(root, name, new_group_norm(len(groups), weight, bias, norm, len(channels)))
+
+
+def _prunable(root: nn.Module, name: str) -> nn.Module:
     layer = root.get_submodule(name)
-    if not isinstance(layer, nn.Linear):
-        raise TypeError(f"structured pruning expects {name!r} to be nn.Linear, got {type(layer).__name__}")
-    return layer
+    if isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups == 1):
+        return layer
+    raise TypeError(f"structured pruning expects {name!r} to be nn.Linear or an ungrouped nn.Conv2d, "
+                    f"got {type(layer).__name__}")
 
 
 def weight_matrix(layer: nn.Module) -> torch.Tensor:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..base import AttentionInfo, BlockInfo, CachePoint, DenoiserAdapter, FFNInfo, LayerGroup, SkipConcat
+from ..base import (AttentionInfo, BlockInfo, CachePoint, DenoiserAdapter, FFNInfo, LayerGroup, ResnetInfo,
+                    SkipConcat)
 from ..registry import UnsupportedModelError
 from ._common import (attention_groups, attention_info, basic_block_attention, basic_block_groups,
                       ffn_info, group, join, layers_outside)
@@ -104,6 +105,22 @@ def leaf_groups(name: str, module: nn.Module) -> list[LayerGroup]:
     return group(module, name, ("conv",), name, "conv")  # Downsample2D / Upsample2D
 
 
+def resnet_info(name: str, resnet: nn.Module) -> ResnetInfo | None:
+    """The inner-channel geometry of a ResnetBlock2D, or None if it is not the standard layout."""
+    norm = getattr(resnet, "norm2", None)
+    standard = (isinstance(norm, nn.GroupNorm) and norm.affine and isinstance(getattr(resnet, "conv1", None), nn.Conv2d)
+                and isinstance(getattr(resnet, "conv2", None), nn.Conv2d)
+                and not getattr(resnet, "up", False) and not getattr(resnet, "down", False)
+                and getattr(resnet, "time_embedding_norm", "default") in ("default", "scale_shift"))
+    if (not standard or resnet.conv1.groups != 1 or resnet.conv2.groups != 1
+            or norm.num_channels != resnet.conv1.out_channels):
+        return None
+    temb = "time_emb_proj" if isinstance(getattr(resnet, "time_emb_proj", None), nn.Linear) else None
+    return ResnetInfo(name, f"{name}.conv1", f"{name}.norm2", f"{name}.conv2",
+                      None if temb is None else f"{name}.{temb}", resnet.conv1.out_channels, norm.num_groups,
+                      getattr(resnet, "time_embedding_norm", "default") == "scale_shift")
+
+
 class UNetAdapter(DenoiserAdapter):
     """Adapter for diffusers UNets built from the standard down/mid/up blocks."""
 
@@ -167,6 +184,11 @@ class UNetAdapter(DenoiserAdapter):
         return [ffn_info(f"{name}.transformer_blocks.{k}.ff", inner.ff)
                 for name, module in self._transformer_leaves()
                 for k, inner in enumerate(getattr(module, "transformer_blocks", ()))]
+
+    def resnets(self) -> list[ResnetInfo]:
+        """Every standard ResnetBlock2D (GroupNorm norm2, no up/down sampling inside)."""
+        infos = [resnet_info(info.name, self.module(info.name)) for info in self.blocks() if info.kind == "resnet"]
+        return [info for info in infos if info is not None]
 
     # ---- skip connections and DeepCache branches ---------------------------------------
     def skip_producers(self) -> list[tuple[str, int]]:
