@@ -66,7 +66,7 @@ class OneDNNInt8Conv2d(nn.Module):
         self.code_offset = int(-act_grid(layer.act.fmt, layer.act.symmetric)[0])  # codes -> [0, 255]
         unit = self.weight_codes.shape[1] // self.in_channels
         self.channel_segments = tuple(size // unit for size in self.segment_sizes)
-        self._packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._packed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._repack()
 
     def export_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +87,7 @@ class OneDNNInt8Conv2d(nn.Module):
         return self
 
     def _repack(self) -> None:
-        """Pack (oneDNN weight, fp32 weight scale (out,)) per channel segment when the weights are on
+        """Pack (oneDNN weight, fp32 weight scale (out,), zero points) per channel segment when the weights are on
         CPU, else drop the packs (the layer then runs the float fallback). Packing happens here, never
         inside ``forward``, so torch.compile sees the packed weights as constants."""
         if self.weight_codes.device.type != "cpu" or not onednn_available():
@@ -99,7 +99,7 @@ class OneDNNInt8Conv2d(nn.Module):
             scale = self.weight_scale[:, s].float().contiguous()
             self._packed.append((torch.ops.onednn.qconv_prepack(
                 part.contiguous(), scale, 1.0, 0, list(self.stride), list(self.padding), list(self.dilation),
-                1, None), scale))
+                1, None), scale, torch.zeros_like(scale, dtype=torch.int64)))
 
     def _qparams(self, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
         """0-d fp32 scale and int64 uint8-grid zero point of ``segment`` for the current timestep group."""
@@ -119,14 +119,14 @@ class OneDNNInt8Conv2d(nn.Module):
         if self._packed is None or x.device.type != "cpu":
             return self._float_forward(x)
         out, start = None, 0
-        for s, (packed, w_scale) in enumerate(self._packed):
+        for s, (packed, w_scale, w_zero) in enumerate(self._packed):
             scale, zero = self._qparams(s)
             part = x[:, start:start + self.channel_segments[s]].float()
             start += self.channel_segments[s]
             codes = torch.clamp(torch.round(part / scale) + zero, 0, 255).to(torch.uint8)
             bias = self.bias.float() if self.bias is not None and s == 0 else None
             y = torch.ops.onednn.qconv_pointwise.tensor(
-                codes, scale, zero, packed, w_scale, torch.zeros_like(w_scale, dtype=torch.int64), bias,
+                codes, scale, zero, packed, w_scale, w_zero, bias,
                 list(self.stride), list(self.padding), list(self.dilation), 1, 1.0, 0, torch.float32,
                 "none", [], "")
             out = y if out is None else out.add_(y)
