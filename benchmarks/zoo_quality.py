@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torchmetrics.multimodal.clip_score import CLIPScore
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffusion_accel import zoo
 from diffusion_accel.eval.fid import FIDStats, fid_to_reference, frechet_distance, reference_stats
 from diffusion_accel.eval.inception import TFInceptionFeatures, find_tf_inception
 from diffusion_accel.zoo.captions import TEMPLATES, all_captions, caption
-from diffusion_accel.zoo.data import load_split, to_rgb32, to_uint8_rgb32
+from diffusion_accel.zoo.data import CLASS_NAMES, load_split, to_rgb32, to_uint8_rgb32
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = {"fashion-sd": {"num_inference_steps": 50, "guidance_scale": 5.0},
@@ -125,8 +126,37 @@ def evaluate_model(name: str, args: argparse.Namespace, ref: FIDStats, extractor
         train = load_split("train")[0][-args.n:]
         result["fid_vae_reconstruction"] = fid(ref, vae_reconstructions(name, train), extractor)
     if args.save_grid:
-        torch.save(images[:100].clone(), ROOT / "zoo_runs" / f"{name}_samples.pt")
+        save_file({"images": images[:100].contiguous()}, str(samples_path(name)))
     return result
+
+
+def samples_path(name: str) -> Path:
+    """Where ``--save-grid`` keeps the first 100 generated images of ``name`` (10 per class, cycled)."""
+    return ROOT / "zoo_runs" / f"{name}_samples.safetensors"
+
+
+def write_grid(path: Path, per_class: int = 2, cell: int = 64) -> Path:
+    """PNG grid: columns = the ten classes, rows = real test images then ``per_class`` samples of every
+    zoo pipeline whose samples were saved (``--save-grid``); each 32×32 image upscaled to ``cell``."""
+    from PIL import Image
+
+    test_x, test_y = load_split("test")
+    rows = [[to_uint8_rgb32(test_x[test_y == c][k:k + 1])[0] for c in range(10)] for k in range(per_class)]
+    labels = ["test"] * per_class
+    for name in ("fashion-sd", "fashion-flux"):
+        if samples_path(name).is_file():
+            images = load_file(str(samples_path(name)))["images"]  # image i was prompted with class i % 10
+            rows += [[images[c + 10 * k] for c in range(10)] for k in range(per_class)]
+            labels += [name] * per_class
+    grid = Image.new("RGB", (10 * cell, len(rows) * cell))
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            tile = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((cell, cell), Image.NEAREST)
+            grid.paste(tile, (c * cell, r * cell))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    print(f"grid: rows {labels}, columns {', '.join(CLASS_NAMES)} -> {path}")
+    return path
 
 
 def markdown(report: dict, name: str) -> str:
@@ -163,7 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--floors", action="store_true", help="also real-vs-real and VAE-reconstruction FID")
-    p.add_argument("--save-grid", action="store_true")
+    p.add_argument("--save-grid", action="store_true",
+                   help="keep 100 samples per model and redraw the README grid (--grid) from every saved model")
+    p.add_argument("--grid", type=Path, default=ROOT / "docs" / "zoo_grid.png")
     p.add_argument("--stats-only", action="store_true", help="only compute and cache the real statistics")
     p.add_argument("--inception-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="bfloat16 runs TF-Inception under autocast (~2x faster on AMX CPUs; labelled in the report)")
@@ -191,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.write_text(json.dumps(report, indent=2))
     for name in args.models:
         args.out.with_name(f"{args.out.stem}_{name}.md").write_text(markdown(report, name))
+    if args.save_grid:
+        write_grid(args.grid)
     print(json.dumps(report, indent=1))
     return report
 
