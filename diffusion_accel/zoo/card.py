@@ -21,7 +21,9 @@ DESCRIPTIONS = {
         "`UNet2DConditionModel` (blocks 64/128/128, cross-attention down blocks at 8×8 and 4×4 and the "
         "matching cross-attention up blocks, 4 heads, cross_attention_dim 128) conditioned on the frozen "
         "fashion-clip text tower, `DDIMScheduler` (scaled-linear betas 0.00085–0.012, ε-prediction). "
-        "Trained with 10% caption dropout to the empty prompt, so classifier-free guidance works. "
+        "Trained with 10% caption dropout to the empty prompt, so classifier-free guidance works. The VAE's "
+        "decoder was fine-tuned after the UNet's latents were fixed (stage `fashion-sd-decoder`: encoder frozen, "
+        "L1 + L2 + a small PatchGAN), which sharpens decoding without changing the latent space. "
         "Generate at the native size: `pipe(prompt, height=32, width=32, guidance_scale=5.0)`."),
     "fashion-flux": (
         "A `FluxPipeline`: `FluxTransformer2DModel` (2 double-stream + 4 single-stream blocks, 4 heads × 32, "
