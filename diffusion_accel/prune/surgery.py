@@ -13,16 +13,21 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
-    """An nn.Linear holding ``weight`` (out, in) and ``bias`` (out,), on ``like``'s device and dtype."""
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                      device=like.weight.device, dtype=like.weight.dtype)
+def _filled(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module) -> nn.Module:
+    """``layer`` with ``weight`` / ``bias`` copied in and ``like``'s train/eval mode."""
     with torch.no_grad():
         layer.weight.copy_(weight)
         if bias is not None:
             layer.bias.copy_(bias)
     layer.train(like.training)
     return layer
+
+
+def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
+    """An nn.Linear holding ``weight`` (out, in) and ``bias`` (out,), on ``like``'s device and dtype."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                      device=like.weight.device, dtype=like.weight.dtype)
+    return _filled(layer, weight, bias, like)
 
 
 def new_conv(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Conv2d) -> nn.Conv2d:
@@ -30,12 +35,7 @@ def new_conv(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Conv2d) -
     layer = nn.Conv2d(weight.shape[1], weight.shape[0], like.kernel_size, like.stride, like.padding, like.dilation,
                       groups=1, bias=bias is not None, padding_mode=like.padding_mode,
                       device=like.weight.device, dtype=like.weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    layer.train(like.training)
-    return layer
+    return _filled(layer, weight, bias, like)
 
 
 def new_layer(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module) -> nn.Module:
