@@ -190,3 +190,17 @@ def test_deepcopy_of_a_quantized_denoiser_reads_its_own_tracker():
                               ActQuantizer(torch.ones(2, 1), torch.zeros(2, 1), "int8", True, (), -1, selector))
     twin = copy.deepcopy(denoiser)
     assert twin[0].act.selector.denoiser is twin and selector.denoiser is denoiser
+
+
+@needs_onednn
+def test_flop_counter_counts_the_int8_kernels_like_the_float_ops():
+    from diffusion_accel.eval.cost import count_flops
+
+    torch.manual_seed(0)
+    x, xl = torch.randn(2, 8, 6, 6), torch.randn(8, 64)
+    conv, linear = nn.Conv2d(8, 16, 3, padding=1), nn.Linear(64, 32)
+    lowered_conv = lower_layer(_quant(conv, "int8", (72,), _conv_act(x)))
+    lowered_linear = lower_layer(_quant(linear, "int8", (64,), _static(0.03, 120)))
+    assert isinstance(lowered_linear, Int8Linear)
+    assert count_flops(lowered_conv, x) == count_flops(conv, x) > 0
+    assert count_flops(lowered_linear, xl) == count_flops(linear, xl) > 0

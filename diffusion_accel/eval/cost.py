@@ -8,6 +8,7 @@ cost; ``per_call`` is the mean over calls.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -16,10 +17,29 @@ from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_model
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from .pipes import denoiser_of
 from ..hooks import ModuleHooks
+
+
+def _register_int8_flop_formulas() -> None:
+    """Teach torch's counter the int8 kernels lowered PTQ layers run (it knows only float ops), so a
+    lowered model reports the multiply-adds it really does: ``_int_mm`` and oneDNN's int8 conv."""
+    if torch.ops.aten._int_mm.default not in flop_registry:
+        @register_flop_formula(torch.ops.aten._int_mm)
+        def _int_mm_flop(a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:
+            return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    ops = getattr(torch.ops, "onednn", None)
+    if ops is not None and hasattr(ops, "qconv_pointwise") and ops.qconv_pointwise.tensor not in flop_registry:
+        @register_flop_formula(ops.qconv_pointwise)
+        def _qconv_flop(x_shape: Any, x_scale: Any, x_zero: Any, w_shape: Any, *args: Any,
+                        out_shape: Any = None, **kwargs: Any) -> int:
+            return 2 * math.prod(out_shape) * math.prod(w_shape[1:])  # packed weight keeps (out, in, kh, kw)
+
+
+_register_int8_flop_formulas()
 
 
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
