@@ -101,10 +101,9 @@ class OneDNNInt8Conv2d(nn.Module):
                 part.contiguous(), scale, 1.0, 0, list(self.stride), list(self.padding), list(self.dilation),
                 1, None), scale, torch.zeros_like(scale, dtype=torch.int64)))
 
-    def _qparams(self, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """0-d fp32 scale and int64 uint8-grid zero point of ``segment`` for the current timestep group."""
+    def _qparams(self, group: int | torch.Tensor, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """0-d fp32 scale and int64 uint8-grid zero point of ``segment`` in timestep group ``group``."""
         act = self.act
-        group = act.selector.current(act.scale.device) if act.scale.shape[0] > 1 and act.selector else 0
         column = segment if act.scale.shape[1] > 1 else 0
         zero = act.zero_point[group, column].to(torch.int64) + self.code_offset
         return act.scale[group, column], zero
@@ -118,9 +117,11 @@ class OneDNNInt8Conv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None or x.device.type != "cpu":
             return self._float_forward(x)
+        act = self.act
+        group = act.selector.current(act.scale.device) if act.scale.shape[0] > 1 and act.selector else 0
         out, start = None, 0
         for s, (packed, w_scale, w_zero) in enumerate(self._packed):
-            scale, zero = self._qparams(s)
+            scale, zero = self._qparams(group, s)
             part = x[:, start:start + self.channel_segments[s]].float()
             start += self.channel_segments[s]
             codes = torch.clamp(torch.round(part / scale) + zero, 0, 255).to(torch.uint8)
