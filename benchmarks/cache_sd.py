@@ -24,12 +24,13 @@ from typing import Any
 import torch
 
 from diffusion_accel import zoo
+from diffusion_accel.artifact import base_fingerprint
 from diffusion_accel.cache import (FASTER_DIFFUSION_KEY_STEPS, CalibratedCacheConfig, DeepCacheConfig,
                                    EncoderPropagationConfig, calibrate_schedule, enable_cache)
 from diffusion_accel.cache.configs import config_to_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo_harness import RESULTS, Variant, ZooBench, markdown_table, time_variants  # noqa: E402
+from zoo_harness import RESULTS, Variant, ZooBench, digest, markdown_table, time_variants  # noqa: E402
 from zoo_quality import DEFAULTS, prompts_for  # noqa: E402
 
 MODEL = "fashion-sd"
@@ -58,7 +59,8 @@ def parity(intervals: tuple[int, ...], n_prompts: int = 8) -> dict[str, float]:
 
 def calibrated_config(full_steps: int, args: argparse.Namespace) -> CalibratedCacheConfig:
     """A schedule with ``full_steps`` full steps of 50, calibrated on prompts disjoint from the benchmark's."""
-    path = args.cache_dir / f"cache_sd_schedule_{full_steps}.json"
+    settings = [base_fingerprint(zoo.load(MODEL)), DEFAULTS[MODEL], args.calibration_prompts, args.max_passes]
+    path = args.cache_dir / f"cache_sd_schedule_{full_steps}_{digest(settings)}.json"
     if path.is_file():
         return CalibratedCacheConfig(**{k: tuple(v) if isinstance(v, list) else v
                                         for k, v in json.loads(path.read_text())["params"].items()})

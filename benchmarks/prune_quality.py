@@ -7,7 +7,7 @@ weighting and of the number of sequential groups K (quality, calibration time, p
     python benchmarks/prune_quality.py --only obs_50 wanda_50 magnitude_50
 
 Every method gets the same calibration: 8 prompts over the benchmark's own trajectory (fashion-sd
-50 DDIM steps with CFG 5, fashion-flux 28 steps with true CFG 3; both branches).
+50 DDIM steps with CFG 3, fashion-flux 28 steps with true CFG 3; both branches).
 Same 2,000 prompts and seeds for every variant; the dense baseline's images are the PSNR reference.
 """
 

@@ -7,7 +7,7 @@ TorchAoConfig (data-free int8 weight-only / dynamic) and optimum-quanto W8A8, pl
 
 Same 2,000 prompts and seeds for every variant, the fp32 baseline's images as the PSNR reference.
 Ours: activation ranges calibrated uniformly over the benchmark's own trajectory (fashion-sd 50 DDIM
-steps with CFG 5, fashion-flux 28 steps with true CFG 3; Q-Diffusion), MSE range search,
+steps with CFG 3, fashion-flux 28 steps with true CFG 3; Q-Diffusion), MSE range search,
 split-shortcut quantization (UNets), lowered to real int8 kernels (int4 weights packed); W4A8 adds
 block reconstruction (AdaRound). Naive: min-max ranges from one timestep, max weight scales, no
 split, no reconstruction. The ablations change one thing of ours at W4A8.

@@ -77,7 +77,8 @@ def denoiser_attr(model: str) -> str:
     return "transformer" if model == "fashion-flux" else "unet"
 
 
-def _digest(payload: Any) -> str:
+def digest(payload: Any) -> str:
+    """16 hex digits of the SHA-256 of ``payload``'s JSON: a cache key for settings."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -109,7 +110,7 @@ class ZooBench:
         """The unaccelerated pipeline's images (generated once, cached per fingerprint and settings)."""
         if self._baseline is None:
             pipe = zoo.load(self.model)
-            key = _digest([self.config, base_fingerprint(pipe), torch.__version__, self.batch])
+            key = digest([self.config, base_fingerprint(pipe), torch.__version__, self.batch])
             path = CACHE / f"{self.model}_{key}.safetensors"
             if not path.is_file():
                 t0 = time.time()

@@ -24,7 +24,8 @@ DESCRIPTIONS = {
         "Trained with 10% caption dropout to the empty prompt, so classifier-free guidance works. The VAE's "
         "decoder was fine-tuned after the UNet's latents were fixed (stage `fashion-sd-decoder`: encoder frozen, "
         "L1 + L2 + a small PatchGAN), which sharpens decoding without changing the latent space. "
-        "Generate at the native size: `pipe(prompt, height=32, width=32, guidance_scale=5.0)`."),
+        "Generate at the native size: `pipe(prompt, height=32, width=32, guidance_scale=3.0)` (on the FID "
+        "plateau of a sweep against the train split, `benchmarks/results/zoo_guidance_sweep_sd.md`)."),
     "fashion-flux": (
         "A `FluxPipeline`: `FluxTransformer2DModel` (2 double-stream + 4 single-stream blocks, 4 heads × 32, "
         "no guidance embedding), `AutoencoderKL` with 16 latent channels (32×32 → 8×8×16, packed 2×2 into "
