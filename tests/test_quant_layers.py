@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from diffusion_accel.hooks import attach_tracker
-from diffusion_accel.quant import onednn
+from diffusion_accel.quant import fp8, onednn
 from diffusion_accel.quant.build import weight_codes
 from diffusion_accel.quant.configs import PTQConfig
 from diffusion_accel.quant.formats import get_format
 from diffusion_accel.quant.layers import ActQuantizer, DynamicActQuantizer, QuantConv2d, QuantLinear, StepGroups
-from diffusion_accel.quant.lower import Int8Conv1x1, Int8Linear, StoredWeightLayer, lower_layer
+from diffusion_accel.quant.lower import Fp8Conv1x1, Fp8Linear, Int8Conv1x1, Int8Linear, StoredWeightLayer, lower_layer
 from diffusion_accel.quant.quantizers import activation_qparams, quantize_weight, weight_scales
 
 
@@ -204,3 +204,47 @@ def test_flop_counter_counts_the_int8_kernels_like_the_float_ops():
     assert isinstance(lowered_linear, Int8Linear)
     assert count_flops(lowered_conv, x) == count_flops(conv, x) > 0
     assert count_flops(lowered_linear, xl) == count_flops(linear, xl) > 0
+
+
+def _fp8_static(x, channel_dim=-1):
+    return ActQuantizer(torch.tensor([[float(x.abs().max()) / 448]]), torch.tensor([[0]]), "fp8", True, (),
+                        channel_dim)
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_fp8_linear_matches_simulation_with_and_without_the_fp8_kernel(monkeypatch, kernel, dynamic):
+    # torch's CPU _scaled_mm computes the kernel path exactly, so the GPU path is checked here too
+    monkeypatch.setattr(fp8, "fp8_kernel_available", lambda device: kernel)
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 64) * 3
+    act = DynamicActQuantizer("fp8", True, -1) if dynamic else _fp8_static(x)
+    layer = _quant(nn.Linear(64, 48), "fp8", (64,), act)
+    lowered = lower_layer(layer)
+    assert isinstance(lowered, Fp8Linear) and lowered.kind == "fp8-gemm"
+    assert lowered.core.weight_codes.dtype == torch.float8_e4m3fn
+    calls = []
+    real_scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or real_scaled_mm(*a, **k))
+    torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-4)
+    assert bool(calls) == kernel
+
+
+def test_fp8_conv1x1_split_matches_simulation_and_kxk_stays_simulated(monkeypatch):
+    monkeypatch.setattr(fp8, "fp8_kernel_available", lambda device: True)
+    x = _skip_input()
+    scales = torch.tensor([[float(x[:, :8].abs().max()) / 448, float(x[:, 8:].abs().max()) / 448]])
+    act = ActQuantizer(scales, torch.zeros(1, 2), "fp8", True, (8, 24), 1)
+    layer = _quant(nn.Conv2d(32, 16, 1), "fp8", (8, 24), act)
+    lowered = lower_layer(layer)
+    assert isinstance(lowered, Fp8Conv1x1)
+    torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-4)
+    assert lower_layer(_quant(nn.Conv2d(32, 16, 3, padding=1), "fp8", (288,), _fp8_static(x, 1))) is None
+    assert lower_layer(_quant(nn.Linear(32, 16), "fp8", (32,), None)) is None  # fp8 weight-only
+
+
+def test_fp8_kernel_needs_cuda_capability_8_9_and_shapes_of_16():
+    assert not fp8.fp8_kernel_available(torch.device("cpu"))
+    assert fp8.kernel_shapes_ok(torch.device("cpu"), 10, 3)
+    assert not fp8.kernel_shapes_ok(torch.device("cuda"), 24, 32)
+    assert fp8.kernel_shapes_ok(torch.device("cuda"), 32, 48)

@@ -162,6 +162,19 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, family, config):
         da.load(build_tiny(family, seed=1), tmp_path)
 
 
+def test_fp8_lowering_matches_simulation_and_round_trips(tmp_path):
+    pipe = build_tiny("flux")
+    quantize_(pipe, PTQConfig(weights="fp8", activations="fp8", **FLUX_FAST))
+    simulated = _images(pipe, "flux")
+    lower_(pipe)
+    assert "fp8-gemm" in summary(pipe)
+    torch.testing.assert_close(_images(pipe, "flux"), simulated, rtol=0, atol=1e-4)
+    da.save(pipe, tmp_path)
+    base = build_tiny("flux")
+    da.load(base, tmp_path)
+    assert torch.equal(_images(base, "flux"), _images(pipe, "flux")) and "fp8-gemm" in summary(base)
+
+
 def test_int4_artifact_is_packed(tmp_path):
     pipe = build_tiny("flux")
     quantize_(pipe, PTQConfig(weights="int4", activations=None, **FLUX_FAST))

@@ -79,7 +79,7 @@ class PTQConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "PTQConfig":
-        """A named recipe ("w8a8", "w4a8", "w8a16", "w4a16", "qdiffusion", "cpu-fast")."""
+        """A named recipe ("w8a8", "w4a8", "w8a16", "fp8", "w4a16", "qdiffusion", "cpu-fast")."""
         if name not in PRESETS:
             raise ValueError(f"unknown PTQ preset {name!r}; accepted: {', '.join(PRESETS)}")
         return cls(**(PRESETS[name] | overrides))
@@ -109,6 +109,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "w8a8": dict(weights="int8", activations="int8"),
     "w4a8": dict(weights="int4", activations="int8", weight_scale="mse"),
     "w8a16": dict(weights="int8", activations=None),
+    "fp8": dict(weights="fp8", activations="fp8", lower=True),
     "w4a16": dict(weights="int4", activations=None, weight_granularity="group", group_size=128),
     "cpu-fast": dict(weights="int8", activations="int8", calib_prompts=2, calib_num_steps=10,
                      calib_steps="uniform:5", lower=True),

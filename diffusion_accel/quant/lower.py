@@ -19,7 +19,9 @@ What each layer becomes (``summary`` lists the counts):
   k x k convs are not lowered to unfold + int8 GEMM: on this CPU (SD 1.5 3x3 shapes, 256 px) it
   took 1.5-2.6x the fp32 conv's time in eager mode and ran at 0.9-1.4x its speed under
   torch.compile (mixed, within the shared-core noise), with a 9x larger unfolded input (``benchmarks/ptq_conv_unfold.py``).
-- fp8 layers stay simulated on CPU (no fp8 GEMM here); they count as ``simulated``.
+- ``fp8-gemm``: fp8 weights with fp8 activations (Linear and 1x1 convs) run ``torch._scaled_mm`` on
+  GPUs with fp8 tensor cores and the simulated fp8 math elsewhere (``fp8.Fp8GemmCore``); fp8 k x k
+  convs and fp8 weight-only layers stay simulated (``simulated`` in the summary).
 
 Outputs equal the simulated layers up to float summation order (relative error ~1e-6).
 """
@@ -36,6 +38,7 @@ from torch import nn
 from ..arch.registry import find_denoiser
 from ..artifact import applied_techniques, mark_applied
 from . import onednn
+from .fp8 import Fp8GemmCore
 from .formats import get_format
 from .layers import ActQuantizer, DynamicActQuantizer, QuantConv2d, QuantLayer, QuantLinear
 from .quantizers import dequantize_weight, dynamic_qparams, pack_int4, unpack_int4
@@ -131,15 +134,16 @@ class Int8GemmCore(nn.Module):
         return self._static(x2d, bias)
 
 
-class _Int8GemmLayer(nn.Module):
-    """Shared part of the int8-GEMM layers: the core, the bias and the saved-weight view."""
+class _GemmLayer(nn.Module):
+    """Shared part of the GEMM layers: the core (``core_cls``), the bias and the saved-weight view."""
 
     kind = "int8-gemm"
+    core_cls: type[nn.Module] = Int8GemmCore
 
     def __init__(self, layer: QuantLayer) -> None:
         super().__init__()
         self.segment_sizes, self.weight_fmt = layer.segment_sizes, layer.weight_fmt
-        self.core = Int8GemmCore(layer.weight_codes, layer.weight_scale, layer.segment_sizes, layer.act)
+        self.core = self.core_cls(layer.weight_codes, layer.weight_scale, layer.segment_sizes, layer.act)
         self.bias = layer.bias
 
     @property
@@ -150,7 +154,7 @@ class _Int8GemmLayer(nn.Module):
         return self.core.codes(), self.core.weight_scale
 
 
-class Int8Linear(_Int8GemmLayer):
+class Int8Linear(_GemmLayer):
     """Linear layer computed with an int8 GEMM (see ``Int8GemmCore``)."""
 
     def __init__(self, layer: QuantLinear) -> None:
@@ -162,7 +166,7 @@ class Int8Linear(_Int8GemmLayer):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-class Int8Conv1x1(_Int8GemmLayer):
+class Int8Conv1x1(_GemmLayer):
     """1x1, stride-1, unpadded, ungrouped Conv2d computed as an int8 GEMM over pixels."""
 
     def __init__(self, layer: QuantConv2d) -> None:
@@ -175,6 +179,20 @@ class Int8Conv1x1(_Int8GemmLayer):
         n, c, h, w = x.shape
         out = self.core(x.permute(0, 2, 3, 1).reshape(-1, c), self.bias)
         return out.reshape(n, h, w, self.out_channels).permute(0, 3, 1, 2)
+
+
+class Fp8Linear(Int8Linear):
+    """Linear layer computed with an fp8 GEMM where the device has one (see ``fp8.Fp8GemmCore``)."""
+
+    kind = "fp8-gemm"
+    core_cls = Fp8GemmCore
+
+
+class Fp8Conv1x1(Int8Conv1x1):
+    """1x1, stride-1 Conv2d computed as an fp8 GEMM over pixels where the device has one."""
+
+    kind = "fp8-gemm"
+    core_cls = Fp8GemmCore
 
 
 class StoredWeightLayer(nn.Module):
@@ -218,10 +236,10 @@ class StoredWeightLayer(nn.Module):
         return self.op(x, self.weight.to(x.dtype), bias, **self.op_kwargs)
 
 
-def _gemm_ready(layer: QuantLayer) -> bool:
-    """int8 weights with at most the activation's segments, and int8 activations."""
+def _gemm_ready(layer: QuantLayer, fmt: str = "int8") -> bool:
+    """``fmt`` weights and ``fmt`` activations, the weight split at most like the activation."""
     act = layer.act
-    if layer.weight_fmt != "int8" or act is None or act.fmt_name != "int8":
+    if layer.weight_fmt != fmt or act is None or act.fmt_name != fmt:
         return False
     if isinstance(act, ActQuantizer) and act.scale.shape[1] > 1:
         return tuple(act.segment_sizes) == tuple(layer.segment_sizes)
@@ -236,6 +254,10 @@ def _is_pointwise(conv: QuantConv2d) -> bool:
 def _lower_linear(layer: QuantLinear) -> nn.Module | None:
     if _gemm_ready(layer):
         return Int8Linear(layer)
+    if _gemm_ready(layer, "fp8"):
+        return Fp8Linear(layer)
+    if layer.weight_fmt == "fp8":
+        return None  # fp8 weights with other activations: no kernel anywhere, stays simulated
     return StoredWeightLayer(layer, F.linear, {})
 
 
@@ -244,12 +266,16 @@ def _lower_conv(layer: QuantConv2d) -> nn.Module | None:
         return onednn.OneDNNInt8Conv2d(layer)
     if _gemm_ready(layer) and _is_pointwise(layer):
         return Int8Conv1x1(layer)
+    if _gemm_ready(layer, "fp8") and _is_pointwise(layer):
+        return Fp8Conv1x1(layer)
+    if layer.weight_fmt == "fp8":
+        return None
     kwargs = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
     return StoredWeightLayer(layer, F.conv2d, kwargs)
 
 
 LOWERINGS: dict[type, Callable[[Any], nn.Module | None]] = {QuantLinear: _lower_linear, QuantConv2d: _lower_conv}
-UNLOWERED_FORMATS = (None, "fp8")  # float weights / fp8: nothing to lower on this device
+UNLOWERED_FORMATS = (None,)  # float weights: nothing to lower
 
 
 def lower_layer(layer: nn.Module) -> nn.Module | None:
@@ -280,7 +306,11 @@ def lower_(pipe: Any) -> Any:
 def _note_lowering(state: Any, lowered: dict[str, nn.Module | None]) -> None:
     kept = [name for name, module in lowered.items() if module is None]
     if kept:
-        state.notes.append(f"{len(kept)} layers stay simulated (fp8 or fp weights have no CPU kernel)")
+        state.notes.append(f"{len(kept)} layers stay simulated (fp8 k x k convs, fp8 weights without fp8 "
+                           "activations, or float weights: no kernel)")
+    if any(kind == "fp8-gemm" for kind in state.lowered.values()):
+        state.notes.append("fp8-gemm layers run torch._scaled_mm on GPUs with fp8 tensor cores (CUDA >= 8.9) "
+                           "and the simulated fp8 math elsewhere")
     if any(kind == "dequant-int8" for kind in state.lowered.values()):
         state.notes.append("dequant-int8 layers (group-wise or weight-only int8, k x k convs off CPU) run the "
                            "float op on a weight dequantized once: int8 on disk, no speed-up")
