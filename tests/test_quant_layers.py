@@ -248,3 +248,15 @@ def test_fp8_kernel_needs_cuda_capability_8_9_and_shapes_of_16():
     assert fp8.kernel_shapes_ok(torch.device("cpu"), 10, 3)
     assert not fp8.kernel_shapes_ok(torch.device("cuda"), 24, 32)
     assert fp8.kernel_shapes_ok(torch.device("cuda"), 32, 48)
+
+
+def test_fp8_codes_stay_fp8_through_a_dtype_cast(monkeypatch):
+    monkeypatch.setattr(fp8, "fp8_kernel_available", lambda device: True)
+    x = torch.randn(4, 64)
+    layer = _quant(nn.Linear(64, 32), "fp8", (64,), _fp8_static(x))
+    lowered = lower_layer(layer)
+    expected = lowered(x)
+    layer.to(torch.bfloat16), lowered.to(torch.bfloat16)
+    assert layer.weight_codes.dtype == lowered.core.weight_codes.dtype == torch.float8_e4m3fn
+    assert lowered.core.weight_scale.dtype == torch.bfloat16
+    torch.testing.assert_close(lowered(x.bfloat16()).float(), expected, rtol=0.02, atol=0.05)

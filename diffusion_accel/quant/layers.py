@@ -105,7 +105,19 @@ class DynamicActQuantizer(nn.Module):
         return f"{self.fmt_name}, {'sym' if self.symmetric else 'asym'}, per-token"
 
 
-class QuantLayer(nn.Module):
+class KeepsCodeDtype(nn.Module):
+    """Keeps the ``weight_codes`` buffer in its own dtype through ``module.to(dtype)``: fp8 codes are a
+    floating-point dtype, which a cast to bf16 / fp16 would otherwise convert (doubling their size)."""
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        codes = getattr(self, "weight_codes", None)
+        result = super()._apply(fn, recurse)
+        if codes is not None and self.weight_codes.dtype != codes.dtype:
+            self.weight_codes = self.weight_codes.to(codes.dtype)  # exact: every fp8 value fits bf16/fp16
+        return result
+
+
+class QuantLayer(KeepsCodeDtype):
     """Shared weight handling: codes (out, columns) + scales (out, S), or a float weight if None."""
 
     def _init_weight(self, source: nn.Module, codes: torch.Tensor | None, scale: torch.Tensor | None,
