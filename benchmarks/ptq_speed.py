@@ -44,12 +44,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RESOLUTION, BATCH = 256, 2
 
 
-def sd15_pipeline() -> tuple[StableDiffusionPipeline, Callable[..., dict[str, Any]]]:
-    """A StableDiffusionPipeline around the full-size SD 1.5 UNet, and the UNet's input maker."""
-    unet, make_inputs = build_fullsize("sd15")
+def sd15_pipeline(**unet_overrides: Any) -> tuple[StableDiffusionPipeline, Callable[..., dict[str, Any]]]:
+    """A StableDiffusionPipeline around the full-size SD 1.5 UNet (config ``unet_overrides`` applied,
+    e.g. smaller blocks for a smoke run), and the UNet's input maker."""
+    unet, make_inputs = build_fullsize("sd15", **unet_overrides)
     vae = tiny_vae(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
                    up_block_types=("UpDecoderBlock2D",) * 4)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=tiny_clip_text(hidden=768, projection_dim=768),
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=tiny_clip_text(hidden=unet.config.cross_attention_dim,
+                                                                        projection_dim=unet.config.cross_attention_dim),
                                    tokenizer=clip_tokenizer(), unet=unet, scheduler=_sd_scheduler(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

@@ -134,10 +134,11 @@ def summary(pipe: Any) -> str:
     for name in state.layers:
         kind = state.lowered.get(name, "simulated")
         kinds[kind] = kinds.get(kind, 0) + 1
+    symmetric = config["act_symmetric"] or config["activations"] == "fp8"  # fp8 has no zero point
     lines = [f"PTQ of {type(denoiser).__name__}: weights={config['weights']} "
              f"({config['weight_granularity']}, scale {config['weight_scale']}), activations="
              f"{config['activations']} ({config['act_mode']}, {config['act_method']}, "
-             f"{'sym' if config['act_symmetric'] else 'asym'}, timestep groups {config['timestep_groups']})",
+             f"{'sym' if symmetric else 'asym'}, timestep groups {config['timestep_groups']})",
              f"  layers quantized: {len(state.layers)}; execution: "
              + ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))]
     if state.attention:

@@ -1,0 +1,228 @@
+"""Denoiser speed of every technique on one device, for the GPU runs the issues ask for "when a GPU is
+available" (#4 W8A8 vs bf16 compiled, fp8; #5 structured and 2:4 sparse kernels).
+
+    python benchmarks/device_speed.py --device cuda                      # SD 1.5 UNet, all variants
+    python benchmarks/device_speed.py --device cuda --model dit --only dense structured
+    python benchmarks/device_speed.py --device cpu --smoke               # tiny shapes: the script end to end
+
+``--smoke`` also forces the fp8 kernel path (torch's CPU ``_scaled_mm`` is exact, just slow) so that
+every code path runs on a machine without a GPU.
+
+Full-size published architectures with random weights (speed does not depend on weight values), 256 px,
+batch 2 (CFG). Every variant is timed in this process on the same inputs: median of ``--repeats`` after
+one warm-up (compilation included in the warm-up; CUDA events on GPU). Ratios are against bf16
+compiled, the GPU baseline users run. Variants (``--only`` picks groups):
+
+- ``dense``: fp32 eager, bf16 eager, bf16 compiled.
+- ``w8a8``: our W8A8, calibrated through a real pipeline (1 prompt, 2 steps, CFG) and lowered, run in
+  bf16: int8 ``torch._int_mm`` for Linear and 1x1 layers; k x k convs use oneDNN's int8 conv on CPU and
+  a dequantized bf16 conv elsewhere (``summary`` in the JSON says which layer runs what).
+- ``fp8``: fp8 weights and activations on the Linear layers (``torch._scaled_mm``), CUDA >= 8.9 only.
+- ``structured``: 30% of heads + FFN neurons (+ ResNet channel groups on UNets), bf16 compiled.
+- ``2of4``: 2:4 magnitude pruning of the Linear layers with PyTorch semi-structured sparse kernels
+  (CUDA >= 8.0, bf16); elsewhere the JSON records that no sparse kernel ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from diffusion_accel.eval.machine import machine_info
+from diffusion_accel.eval.timing import time_callable
+from diffusion_accel.prune import PruneConfig, prune_denoiser_
+from diffusion_accel.prune.sparse import enable_sparse_kernels
+from diffusion_accel.quant import PTQConfig, quantize_, summary
+from diffusion_accel.quant import fp8
+from diffusion_accel.testing.fullsize import build_fullsize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ptq_speed import sd15_pipeline  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GROUPS = ("dense", "w8a8", "fp8", "structured", "2of4")
+SMOKE = {"sd15": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, attention_head_dim=4,
+                      cross_attention_dim=64, norm_num_groups=8),
+         "dit": dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, sample_size=8)}
+
+
+def as_dtype(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """``inputs`` with floating tensors cast to ``dtype`` (timesteps included, as pipelines pass them)."""
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in inputs.items()}
+
+
+class Timer:
+    """Times denoisers on fixed inputs and keeps the results (ms) by variant name."""
+
+    def __init__(self, inputs: dict[str, Any], device: torch.device, repeats: int, compile_mode: str | None) -> None:
+        self.inputs, self.device, self.repeats, self.compile_mode = inputs, device, repeats, compile_mode
+        self.results: dict[str, Any] = {}
+
+    def time(self, name: str, module: nn.Module, dtype: torch.dtype, compiled: bool, **extra: Any) -> None:
+        """Median latency of ``module`` on the inputs cast to ``dtype`` (compiled if asked)."""
+        model = torch.compile(module, mode=self.compile_mode) if compiled else module
+        inputs = as_dtype(self.inputs, dtype)
+        with torch.inference_mode():
+            stats = time_callable(lambda: model(**inputs), warmup=1, repeats=self.repeats, device=self.device)
+        self.results[name] = {"median_ms": stats.median_ms, "p10_ms": stats.p10_ms, "p90_ms": stats.p90_ms,
+                              "dtype": str(dtype).replace("torch.", ""), "compiled": compiled, **extra}
+        print(name, f"{stats.median_ms:.1f} ms", flush=True)
+        if compiled:
+            torch._dynamo.reset()
+
+
+def dense_variants(timer: Timer, denoiser: nn.Module) -> None:
+    timer.time("fp32_eager", denoiser, torch.float32, False)
+    bf16 = copy.deepcopy(denoiser).to(torch.bfloat16)
+    timer.time("bf16_eager", bf16, torch.bfloat16, False)
+    timer.time("bf16_compiled", bf16, torch.bfloat16, True)
+
+
+def quantized_unet(model: str, device: torch.device, config: PTQConfig, smoke: bool,
+                   filter_fn: Callable[[nn.Module, str], bool] | None = None) -> tuple[nn.Module, str]:
+    """The SD 1.5 UNet quantized through a real pipeline on ``device``; (denoiser, layer summary)."""
+    if model != "sd15":
+        raise ValueError(f"PTQ variants calibrate through a pipeline, which only 'sd15' has here; got {model!r}")
+    pipe = sd15_pipeline(**(SMOKE["sd15"] if smoke else {}))[0].to(device)
+    quantize_(pipe, config, filter_fn=filter_fn)
+    return pipe.unet, summary(pipe)
+
+
+def ptq_config(fmt: str, smoke: bool) -> PTQConfig:
+    """``fmt`` weights and activations, calibrated on 1 prompt x 2 steps with CFG, lowered."""
+    resolution = 64 if smoke else 256
+    return PTQConfig(weights=fmt, activations=fmt, calib_prompts=1, calib_num_steps=2, calib_steps="all",
+                     calib_guidance_scale=7.5, calib_kwargs=(("height", resolution), ("width", resolution)),
+                     lower=True)
+
+
+def w8a8_variants(timer: Timer, model: str, smoke: bool) -> None:
+    unet, text = quantized_unet(model, timer.device, ptq_config("int8", smoke), smoke)
+    unet.to(torch.bfloat16)
+    timer.time("w8a8_bf16_eager", unet, torch.bfloat16, False, summary=text)
+    timer.time("w8a8_bf16_compiled", unet, torch.bfloat16, True)
+
+
+def fp8_variants(timer: Timer, model: str, smoke: bool) -> None:
+    """fp8 on the Linear layers only: fp8 k x k convs have no kernel and would stay simulated."""
+    if not fp8.fp8_kernel_available(timer.device):
+        timer.results["fp8"] = {"skipped": f"no fp8 tensor cores on {timer.device} (needs CUDA capability >= 8.9)"}
+        return
+    unet, text = quantized_unet(model, timer.device, ptq_config("fp8", smoke), smoke,
+                                filter_fn=lambda module, name: isinstance(module, nn.Linear))
+    unet.to(torch.bfloat16)
+    timer.time("fp8_linear_bf16_compiled", unet, torch.bfloat16, True, summary=text)
+
+
+def structured_variants(timer: Timer, denoiser: nn.Module, model: str) -> None:
+    pruned = copy.deepcopy(denoiser)
+    report = prune_denoiser_(pruned, PruneConfig(method="magnitude", sparsity=0.3, pattern="structured",
+                                                 prune_resnets=model == "sd15"))
+    pruned.to(torch.bfloat16)
+    timer.time("structured30_bf16_compiled", pruned, torch.bfloat16, True,
+               params_before=report.params_before, params_after=report.params_after)
+
+
+def two_four_variants(timer: Timer, denoiser: nn.Module) -> None:
+    """2:4 magnitude pruning of every prunable Linear, then semi-structured sparse kernels in bf16."""
+    pruned = copy.deepcopy(denoiser)
+    report = prune_denoiser_(pruned, PruneConfig(method="magnitude", sparsity=None, pattern="2:4",
+                                                 sparse_kernels=False))
+    pruned.to(torch.bfloat16)
+    kernels = enable_sparse_kernels(pruned, report.layers_pruned, "2:4")
+    timer.time("2of4_bf16_eager", pruned, torch.bfloat16, False, sparse_kernels=kernels)
+    try:
+        timer.time("2of4_bf16_compiled", pruned, torch.bfloat16, True, sparse_kernels=kernels)
+    except Exception as error:  # semi-structured tensors under torch.compile vary by torch build
+        timer.results["2of4_bf16_compiled"] = {"failed": f"{type(error).__name__}: {error}"[:300]}
+
+
+def ratios(results: dict[str, Any]) -> None:
+    """Add speed-up vs bf16 compiled and vs fp32 eager to every timed variant."""
+    base = results.get("bf16_compiled", {}).get("median_ms")
+    fp32 = results.get("fp32_eager", {}).get("median_ms")
+    for item in results.values():
+        if "median_ms" in item:
+            item["vs_bf16_compiled"] = base / item["median_ms"] if base else None
+            item["vs_fp32_eager"] = fp32 / item["median_ms"] if fp32 else None
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """A Markdown table of the variants of ``report``."""
+    m = report["machine"]
+    lines = [f"# Denoiser speed on {m.get('device', report['device'])}: {report['model']}"
+             + (" (smoke shapes)" if report["smoke"] else "") + f", {report['resolution']} px, batch 2", "",
+             f"torch {m.get('torch_version')}; median of {report['repeats']} after one warm-up "
+             "(compilation in the warm-up); random weights.", "",
+             "| variant | median ms | vs bf16 compiled | vs fp32 eager | note |", "|---|---|---|---|---|"]
+    for name, item in report["variants"].items():
+        if "median_ms" not in item:
+            lines.append(f"| {name} | | | | {item.get('skipped') or item.get('failed')} |")
+            continue
+        note = item.get("sparse_kernels") or (f"{item['params_before'] / 1e6:.0f}M → {item['params_after'] / 1e6:.0f}M"
+                                              " params" if "params_after" in item else "")
+        fmt = lambda r: f"{r:.2f}×" if r else ""  # noqa: E731
+        lines.append(f"| {name} | {item['median_ms']:.1f} | {fmt(item['vs_bf16_compiled'])} | "
+                     f"{fmt(item['vs_fp32_eager'])} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    overrides = SMOKE[args.model] if args.smoke else {}
+    denoiser, make_inputs = build_fullsize(args.model, device=device, **overrides)
+    resolution = 64 if args.smoke else 256
+    timer = Timer(make_inputs(batch_size=2, resolution=resolution), device, args.repeats, args.compile_mode)
+    report = {"machine": machine_info(device), "device": str(device), "model": args.model, "smoke": args.smoke,
+              "resolution": resolution, "repeats": args.repeats, "variants": timer.results}
+    steps: dict[str, Callable[[], None]] = {
+        "dense": lambda: dense_variants(timer, denoiser),
+        "w8a8": lambda: w8a8_variants(timer, args.model, args.smoke),
+        "fp8": lambda: fp8_variants(timer, args.model, args.smoke),
+        "structured": lambda: structured_variants(timer, denoiser, args.model),
+        "2of4": lambda: two_four_variants(timer, denoiser)}
+    for group in args.only:
+        steps[group]()
+        gc.collect()
+        ratios(timer.results)
+        write(report, args.out)
+    return report
+
+
+def write(report: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=str))
+    out.with_suffix(".md").write_text(markdown(report))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", choices=sorted(SMOKE), default="sd15")
+    parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: its default)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes of the same architectures")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.model != "sd15":
+        args.only = [g for g in args.only if g not in ("w8a8", "fp8")]
+    args.out = args.out or RESULTS / f"device_speed_{args.device.split(':')[0]}_{args.model}.json"
+    if args.smoke:
+        fp8.fp8_kernel_available = lambda device: True  # exercise the kernel path (see the module doc)
+    report = run(args)
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
