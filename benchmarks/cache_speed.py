@@ -8,6 +8,9 @@ alike), median of repeats after a warm-up round, wall and process CPU time, CFG 
 deepcache package is timed side by side when installed.
 
     python benchmarks/cache_speed.py --steps 6 --repeats 3
+    python benchmarks/cache_speed.py --device cuda --dtype bfloat16 --steps 50 --out benchmarks/results/cache_speed_cuda.json
+
+On CUDA every call is synchronised before the clock stops; the CPU-time column is then meaningless.
 """
 
 from __future__ import annotations
@@ -32,13 +35,13 @@ RESULTS = Path(__file__).parent / "results"
 INTERVALS = (2, 3, 5)
 
 
-def build_pipeline() -> Any:
-    """Tiny SD pipeline carrying the full-size SD 1.5 UNet and a 768-wide text tower."""
+def build_pipeline(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """Tiny SD pipeline carrying the full-size SD 1.5 UNet and a 768-wide text tower, on ``device``."""
     pipe = tiny_sd_pipeline()
     pipe.unet, _ = sd15_unet()
     pipe.text_encoder = tiny_clip_text(hidden=768, projection_dim=768)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(device, dtype)
 
 
 def call_kwargs(steps: int) -> Callable[[], dict[str, Any]]:
@@ -70,15 +73,17 @@ def configs(pipe: Any) -> list[tuple[str, Callable[[], Any], Callable[[], Any]]]
 
 
 def timed_call(pipe: Any, kwargs: Callable[[], dict[str, Any]]) -> tuple[float, float]:
-    """(wall ms, process CPU ms) of one pipeline call."""
+    """(wall ms, process CPU ms) of one pipeline call (CUDA work synchronised)."""
     wall, cpu = time.perf_counter(), time.process_time()
     pipe(**kwargs())
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize(pipe.device)
     return (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3
 
 
-def run(steps: int, repeats: int) -> dict[str, Any]:
+def run(steps: int, repeats: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Round-robin: every repeat times each config once, so load drift hits all configs alike."""
-    pipe, kwargs = build_pipeline(), call_kwargs(steps)
+    pipe, kwargs = build_pipeline(device, dtype), call_kwargs(steps)
     entries = configs(pipe)
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in entries}
     for round_index in range(repeats + 1):  # round 0 is the warm-up
@@ -102,11 +107,12 @@ def speedups(timings: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["# DeepCache on the SD 1.5 UNet (random weights), CPU", "",
-             f"{result['setup']}", "", f"Machine: {result['machine']['cpu_model']}, "
+    lines = [f"# DeepCache on the SD 1.5 UNet (random weights), {result.get('device', 'cpu')}", "",
+             f"{result['setup']}", "",
+             f"Machine: {result['machine'].get('device', 'cpu')}, CPU {result['machine']['cpu_model']}, "
              f"{result['machine']['cpu_cores_available']} cores, torch threads "
              f"{result['machine']['torch_threads']}, load average before run {result['load_before']}, "
-             f"after {result['load_after']}; no torch.compile; fp32.", "",
+             f"after {result['load_after']}; no torch.compile; {result.get('dtype', 'float32')}.", "",
              "| config | pipeline median ms (wall) | median CPU ms | speed-up wall | speed-up CPU time |",
              "|---|---|---|---|---|"]
     for name, t in result["timings"].items():
@@ -120,18 +126,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--out", type=Path, default=RESULTS / "cache_speed.json", help="JSON (Markdown beside it)")
     args = parser.parse_args()
     load_before = os.getloadavg()
-    timings = run(args.steps, args.repeats)
+    timings = run(args.steps, args.repeats, args.device, getattr(torch, args.dtype))
     result = {"setup": f"SD 1.5 UNet (859.5M params, random weights) at 32x32 latents (256x256-pixel "
                        f"equivalent), {args.steps} DDIM steps, CFG 7.5 (batch 2), branch 0, median of "
                        f"{args.repeats} round-robin rounds after 1 warm-up round",
-              "machine": machine_info(), "load_before": [round(x, 2) for x in load_before],
+              "machine": machine_info(args.device), "device": args.device, "dtype": args.dtype,
+              "load_before": [round(x, 2) for x in load_before],
               "load_after": [round(x, 2) for x in os.getloadavg()],
               "timings": timings, "speedups": speedups(timings)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cache_speed.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "cache_speed.md").write_text(markdown(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
 
 
