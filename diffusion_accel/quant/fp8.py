@@ -11,7 +11,7 @@ saved artifact keeps fp8 weights (1 byte each) and runs the fp8 kernel wherever 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import nn
 
 from .formats import get_format
 from .layers import DynamicActQuantizer, KeepsCodeDtype
-from .quantizers import dequantize_weight, dynamic_qparams
+from .quantizers import dequantize_weight, dynamic_qparams, segment_spans
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -62,11 +62,8 @@ class Fp8GemmCore(KeepsCodeDtype):
         """(N, K) fp8 weight codes."""
         return self.weight_codes
 
-    def _segments(self) -> Iterator[tuple[int, int, int]]:
-        start = 0
-        for index, size in enumerate(self.segment_sizes):
-            yield index, start, size
-            start += size
+    def _segments(self) -> list[tuple[int, int, int]]:
+        return segment_spans(self.segment_sizes)
 
     def _act_scales(self, x2d: torch.Tensor) -> list[torch.Tensor]:
         """Per segment: the activation scale, () static or (M, 1) per token (over all K columns,

@@ -41,7 +41,7 @@ from . import onednn
 from .fp8 import Fp8GemmCore
 from .formats import get_format
 from .layers import ActQuantizer, DynamicActQuantizer, QuantConv2d, QuantLayer, QuantLinear
-from .quantizers import dequantize_weight, dynamic_qparams, pack_int4, unpack_int4
+from .quantizers import dequantize_weight, dynamic_qparams, pack_int4, segment_spans, unpack_int4
 from .state import TECHNIQUE, get_state, swap_module
 
 INT8_OFFSET = 128  # unsigned activation codes [0, 255] are shifted to int8 [-128, 127]
@@ -86,11 +86,8 @@ class Int8GemmCore(nn.Module):
         q = torch.round(x / scale.to(x.dtype))
         return q.add_(shifted_zero.to(x.dtype)).clamp_(-128, 127).to(torch.int8)
 
-    def _segments(self):
-        start = 0
-        for index, size in enumerate(self.segment_sizes):
-            yield index, start, size
-            start += size
+    def _segments(self) -> list[tuple[int, int, int]]:
+        return segment_spans(self.segment_sizes)
 
     def _static(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Static scales: out = acc * (s_a * s_w) + (bias - (zero - offset) * colsum * s_a * s_w)."""

@@ -85,6 +85,12 @@ def quantize_weight(w2d: torch.Tensor, scale: torch.Tensor, fmt: NumberFormat,
     return fmt.to_codes(w2d.float() / expand_segments(scale.float(), sizes))
 
 
+def segment_spans(sizes: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(segment index, first column, width) of consecutive column segments of ``sizes``."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [(index, start, size) for index, (start, size) in enumerate(zip(starts, sizes))]
+
+
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """Float weight (out, columns) in ``scale``'s dtype from codes and per-segment scales."""
     return codes.to(scale.dtype) * expand_segments(scale, sizes)
