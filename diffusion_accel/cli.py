@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--preset", default=None, help="PTQ preset: w8a8 (default), w4a8, w8a16, fp8, w4a16, qdiffusion")
     calibrate.add_argument("--sparsity", type=float, default=None, help="pruning sparsity, e.g. 0.5")
     calibrate.add_argument("--pattern", default=None, help="pruning pattern: unstructured, 2:4, 4:8, structured")
+    calibrate.add_argument("--scope", default=None, choices=("layer", "global"),
+                           help="unstructured pruning: sparsity per layer (default) or denoiser-wide")
     calibrate.add_argument("--out", required=True, help="output folder (statistics, or the artifact)")
     calibrate.set_defaults(handler=_cmd_calibrate)
 

@@ -140,10 +140,10 @@ def _apply_technique(pipe: Any, args: argparse.Namespace, recipe: dict[str, Any]
     from .prune import PruneConfig, prune_, prune_report
 
     options = dict(recipe.get("prune", {})) | {"method": args.method}
-    options |= {key: value for key, value in (("sparsity", args.sparsity), ("pattern", args.pattern))
-                if value is not None}
+    flags = (("sparsity", args.sparsity), ("pattern", args.pattern), ("scope", getattr(args, "scope", None)))
+    options |= {key: value for key, value in flags if value is not None}
     prune_(pipe, PruneConfig(**options), calib=calib)
-    return str(prune_report(pipe))
+    return prune_report(pipe).summary()
 
 
 def _selection(value: Any) -> Any:

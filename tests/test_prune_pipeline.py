@@ -45,6 +45,24 @@ def test_baselines_and_nm_on_sd(method, pattern):
     assert "no sparse kernel" in report.sparse_kernels
 
 
+@pytest.mark.parametrize("method", ["obs", "wanda", "magnitude"])
+def test_global_scope_spreads_the_target_over_layers(method):
+    pipe = build_tiny("sd")
+    calib = tiny_calibration(pipe, "sd") if method != "magnitude" else None
+    prune_(pipe, PruneConfig(method=method, sparsity=0.6, scope="global"), calib=calib)
+    report = prune_report(pipe)
+    shares = report.layer_sparsity
+    assert set(shares) == set(report.layers_pruned)
+    assert abs(report.achieved_sparsity - 0.6) < 0.01
+    assert max(shares.values()) - min(shares.values()) > 0.05 and max(shares.values()) <= 0.95
+    for name, share in shares.items():
+        weight = pipe.unet.get_submodule(name).weight
+        assert abs(float((weight == 0).float().mean()) - share) < 2 / weight[0].numel() + 1e-6
+    assert report.sweeps == (0 if method == "magnitude" else report.groups + 1)
+    assert "global scope" in report.summary()
+    assert torch.isfinite(generate(pipe, "sd")).all()
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(sparsity=1.0), ValueError, "sparsity must be in"),
     (dict(sparsity=-0.1), ValueError, "sparsity must be in"),
@@ -56,6 +74,8 @@ def test_baselines_and_nm_on_sd(method, pattern):
     (dict(method="wanda", pattern="structured"), ValueError, "structured pruning supports"),
     (dict(groups=0), ValueError, "groups must be"),
     (dict(weighting="cosine"), ValueError, "unknown weighting"),
+    (dict(scope="model"), ValueError, "unknown scope 'model'"),
+    (dict(scope="global", pattern="2:4", sparsity=None), ValueError, "scope='global' needs pattern='unstructured'"),
     (dict(calib_kwargs=(("height",),)), TypeError, "calib_kwargs must be"),
     (dict(calib_kwargs={1: 2}), TypeError, "calib_kwargs keys must be strings"),
 ])

@@ -100,3 +100,17 @@ def test_column_removal_is_least_squares_optimal():
     optimal = float((x[:, keep] @ best.T - target).norm())
     assert float((x[:, keep] @ pruner.weight.T - target).norm()) <= 1.001 * optimal
     assert pruner.hessian.shape == (20, 20)
+
+
+def test_global_allocation_hits_the_target_and_favours_concentrated_layers():
+    from diffusion_accel.prune.allocate import SaliencyProfile, allocate_sparsity, normalized_saliency
+    generator = torch.Generator().manual_seed(0)
+    flat = torch.randn(64, 64, generator=generator)  # importance spread evenly
+    spiky = torch.randn(64, 64, generator=generator) * (torch.rand(64, 64, generator=generator) < 0.1)
+    spiky = spiky + 1e-3 * torch.randn(64, 64, generator=generator)  # few weights carry the layer
+    profiles = {"flat": SaliencyProfile(normalized_saliency(flat, None)),
+                "spiky": SaliencyProfile(normalized_saliency(spiky, torch.ones(64)))}
+    shares = allocate_sparsity(profiles, 0.5)
+    assert abs((shares["flat"] + shares["spiky"]) / 2 - 0.5) < 1e-3
+    assert shares["spiky"] > 0.8 > 0.2 > shares["flat"]
+    assert allocate_sparsity({}, 0.5) == {}

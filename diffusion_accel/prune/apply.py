@@ -18,7 +18,7 @@ from .report import REPORT_ATTR, PruneReport, count_parameters, zero_fraction
 from .sequential import SequentialPruner, Sweep
 from .sparse import enable_sparse_kernels
 from .structured import StructuredUnit, prune_structured_unit
-from .unstructured import prune_layer_group
+from .unstructured import global_layer_sparsity, prune_layer_group
 
 TECHNIQUE = "prune"
 
@@ -87,8 +87,9 @@ def make_sweep(pipe: Any, config: PruneConfig, calib: Calibration | None, progre
     """A function running one calibration pass of ``pipe`` into a HessianCollector for given layers."""
     kwargs = calibration_kwargs(pipe, config, calib)
 
-    def sweep(layer_names: list[str]) -> HessianCollector:
-        collector = HessianCollector(layer_names, full=config.method == "obs")
+    def sweep(layer_names: list[str], full: bool | None = None) -> HessianCollector:
+        """Collect inputs of ``layer_names``: full Hessians for OBS, input norms only otherwise or if not ``full``."""
+        collector = HessianCollector(layer_names, full=config.method == "obs" if full is None else full)
         calibrate(pipe, collectors=[collector], store_trajectory=False, progress=progress, **kwargs)
         return collector
 
@@ -123,19 +124,32 @@ def _prune_unstructured(denoiser: nn.Module, adapter: Any, config: PruneConfig, 
                         report: PruneReport) -> None:
     groups, report.layers_skipped = unstructured_plan(adapter, config)
     record = ensure_record(denoiser)
+    if config.scope == "global":
+        report.layer_sparsity = _allocate_globally(denoiser, groups, config, sweep)
 
     def prune_group(group: Any, collector: HessianCollector | None) -> None:
-        skipped = prune_layer_group(denoiser, group, config, collector, record)
+        skipped = prune_layer_group(denoiser, group, config, collector, record, report.layer_sparsity)
         report.layers_skipped |= skipped
         report.layers_pruned += [name for name in group.layers if name not in skipped]
 
     stats = SequentialPruner(lambda group: [group.layers[0]], prune_group, sweep).run(groups, config.groups)
-    _copy_stats(report, stats)
+    _copy_stats(report, stats, extra_sweeps=int(config.scope == "global" and sweep is not None))
     report.achieved_sparsity = zero_fraction(denoiser, report.layers_pruned)
     if config.nm is not None and config.sparse_kernels:
         report.sparse_kernels = enable_sparse_kernels(denoiser, report.layers_pruned, config.pattern)
     else:
         report.sparse_kernels = "no sparse kernel used: unstructured zeros are stored densely (storage savings only via save)"
+
+
+def _allocate_globally(denoiser: nn.Module, groups: list, config: PruneConfig,
+                       sweep: Sweep | None) -> dict[str, float]:
+    """Per-layer sparsities of scope="global": one input-norm sweep of the dense model (none for magnitude)."""
+    collector = sweep([group.layers[0] for group in groups], False) if sweep is not None else None
+    try:
+        return global_layer_sparsity(denoiser, groups, config, collector)
+    finally:
+        if collector is not None:
+            collector.free()
 
 
 def _prune_structured(denoiser: nn.Module, adapter: Any, config: PruneConfig, sweep: Sweep | None,
@@ -173,8 +187,8 @@ def _unit_hessians(unit: StructuredUnit, collector: HessianCollector | None) -> 
     return hessians
 
 
-def _copy_stats(report: PruneReport, stats: Any) -> None:
-    report.groups, report.sweeps = stats.groups, stats.sweeps
+def _copy_stats(report: PruneReport, stats: Any, extra_sweeps: int = 0) -> None:
+    report.groups, report.sweeps = stats.groups, stats.sweeps + extra_sweeps
     report.peak_hessian_bytes, report.seconds = stats.peak_hessian_bytes, stats.seconds
 
 

@@ -11,6 +11,7 @@ METHODS = ("obs", "wanda", "magnitude")
 PATTERNS = ("unstructured", "structured", "2:4", "4:8", "any 'N:M' with 0 < N < M")
 STRUCTURED_METHODS = ("obs", "magnitude")
 WEIGHTINGS = ("uniform", "linear", "log-decrease", "log-increase")
+SCOPES = ("layer", "global")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -31,7 +32,9 @@ class PruneConfig:
     """One-shot pruning of a pipeline's denoiser.
 
     ``sparsity``: fraction of weights (unstructured), of FFN neurons and attention heads per module
-    (structured), or None for N:M (implied 1 - N/M). ``weighting`` / ``weight_range``: per-step Hessian
+    (structured), or None for N:M (implied 1 - N/M). ``scope`` (unstructured only): "layer" prunes
+    every layer to ``sparsity``; "global" makes ``sparsity`` the denoiser-wide fraction and splits it
+    into per-layer sparsities by one threshold on layer-normalised saliency (``prune.allocate``). ``weighting`` / ``weight_range``: per-step Hessian
     weights (OBS-Diff default log-decrease 0.8..1.2). ``groups``: K for group-wise sequential pruning
     (an int >= 1, or "all" for one calibration sweep per unit). ``damp``: fraction of mean(diag H) added
     to the Hessian diagonal. ``blocksize``: solver columns per lazy-update block. ``exclude``: layer or
@@ -47,6 +50,7 @@ class PruneConfig:
     method: str = "obs"
     sparsity: float | None = 0.5
     pattern: str = "unstructured"
+    scope: str = "layer"
     weighting: str = "log-decrease"
     weight_range: tuple[float, float] = (0.8, 1.2)
     groups: int | str = 4
@@ -135,6 +139,10 @@ def _check_pattern(config: PruneConfig) -> None:
         raise ValueError(f"unknown pattern {config.pattern!r}; accepted: {', '.join(PATTERNS)}")
     if config.structured and config.method not in STRUCTURED_METHODS:
         raise ValueError(f"structured pruning supports methods {STRUCTURED_METHODS}, got {config.method!r}")
+    _check_choice("scope", config.scope, SCOPES)
+    if config.scope == "global" and config.pattern != "unstructured":
+        raise ValueError(f"scope='global' needs pattern='unstructured' (N:M and structured patterns fix "
+                         f"the sparsity of every layer), got pattern {config.pattern!r}")
     if config.structured and not (config.prune_heads or config.prune_ffn or config.prune_resnets):
         raise ValueError("structured pruning needs prune_heads, prune_ffn or prune_resnets set to True")
 

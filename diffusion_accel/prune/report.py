@@ -16,7 +16,8 @@ class PruneReport:
     ``achieved_sparsity``: zero fraction of the pruned layers' weights (unstructured, N:M), or the
     fraction of the denoiser's parameters removed (structured). ``peak_hessian_bytes``: the most
     accumulator memory alive at once (one group's Hessians). ``step_weights``: per-step Hessian
-    weights of the calibration sweeps (empty for magnitude).
+    weights of the calibration sweeps (empty for magnitude). ``layer_sparsity``: the per-layer targets
+    of scope="global" (empty for scope="layer").
     """
 
     method: str
@@ -34,6 +35,7 @@ class PruneReport:
     sweeps: int = 0
     peak_hessian_bytes: int = 0
     step_weights: list[float] = field(default_factory=list)
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
     sparse_kernels: str = ""
     seconds: float = 0.0
 
@@ -44,6 +46,10 @@ class PruneReport:
                  f"  parameters: {self.params_before:,} -> {self.params_after:,}",
                  f"  groups {self.groups}, calibration sweeps {self.sweeps}, "
                  f"peak Hessian memory {self.peak_hessian_bytes / 2**20:.1f} MiB, {self.seconds:.1f} s"]
+        if self.layer_sparsity:
+            shares = sorted(self.layer_sparsity.values())
+            lines.append(f"  global scope: per-layer sparsity {shares[0]:.3f} .. {shares[-1]:.3f} "
+                         f"(median {shares[len(shares) // 2]:.3f})")
         if self.heads_removed or self.neurons_removed or self.channels_removed:
             lines.append(f"  removed {self.heads_removed} heads, {self.neurons_removed} FFN neurons, "
                          f"{self.channels_removed} ResNet channels")

@@ -17,7 +17,7 @@ from typing import Generic, TypeVar
 from ..calib import HessianCollector
 
 UnitT = TypeVar("UnitT")
-Sweep = Callable[[list[str]], HessianCollector]
+Sweep = Callable[..., HessianCollector]  # (layer names, full Hessians?) -> collector
 
 
 @dataclass

@@ -8,6 +8,7 @@ from torch import nn
 from ..arch.base import LayerGroup
 from ..calib import HessianCollector
 from .configs import PruneConfig
+from .allocate import SaliencyProfile, allocate_sparsity, normalized_saliency
 from .masks import magnitude_mask, wanda_mask
 from .obs import obs_prune
 from .record import PruneRecord
@@ -26,9 +27,11 @@ def skip_reason(layer: nn.Module, config: PruneConfig) -> str | None:
 
 
 def prune_matrix(weight: torch.Tensor, config: PruneConfig, hessian: torch.Tensor | None,
-                 sq_norms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(new 2-D weight, pruned mask) of ``weight`` (rows, d) by ``config.method``."""
-    sparsity, nm = config.target_sparsity, config.nm
+                 sq_norms: torch.Tensor | None, sparsity: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new 2-D weight, pruned mask) of ``weight`` (rows, d) by ``config.method``, at ``sparsity``
+    (default ``config.target_sparsity``; global scope passes each layer's allocated share)."""
+    nm = config.nm
+    sparsity = config.target_sparsity if sparsity is None else sparsity
     if config.method == "obs":
         return obs_prune(weight, hessian, sparsity, nm=nm, blocksize=config.blocksize, damp=config.damp)
     if config.method == "wanda":
@@ -51,8 +54,10 @@ def observed_inputs(collector: HessianCollector | None, name: str,
 
 
 def prune_layer_group(denoiser: nn.Module, group: LayerGroup, config: PruneConfig,
-                      collector: HessianCollector | None, record: PruneRecord) -> dict[str, str]:
-    """Prune every layer of ``group`` (one Hessian: its first layer's input); returns skipped reasons."""
+                      collector: HessianCollector | None, record: PruneRecord,
+                      layer_sparsity: dict[str, float] | None = None) -> dict[str, str]:
+    """Prune every layer of ``group`` (one Hessian: its first layer's input) at its sparsity in
+    ``layer_sparsity`` (global scope) or the config's; returns skipped reasons."""
     inputs = observed_inputs(collector, group.layers[0], config.method == "obs")
     if inputs is None:
         return {name: "no calibration input reached it" for name in group.layers}
@@ -63,7 +68,25 @@ def prune_layer_group(denoiser: nn.Module, group: LayerGroup, config: PruneConfi
         if reason is not None:
             skipped[name] = reason
             continue
-        new_weight, _ = prune_matrix(weight_matrix(layer), config, *inputs)
+        new_weight, _ = prune_matrix(weight_matrix(layer), config, *inputs,
+                                     sparsity=(layer_sparsity or {}).get(name))
         write_weight_matrix(layer, new_weight)
         record.note_masked(name)
     return skipped
+
+
+def global_layer_sparsity(denoiser: nn.Module, groups: list[LayerGroup], config: PruneConfig,
+                          collector: HessianCollector | None) -> dict[str, float]:
+    """{layer: sparsity} for scope="global" from the dense weights and, unless magnitude, the input
+    norms in ``collector`` (one diagonal-only sweep of the dense model)."""
+    profiles = {}
+    for group in groups:
+        inputs = observed_inputs(collector, group.layers[0], full=False)
+        if inputs is None:
+            continue
+        for name in group.layers:
+            layer = denoiser.get_submodule(name)
+            if skip_reason(layer, config) is None:
+                saliency = normalized_saliency(weight_matrix(layer), inputs[1])
+                profiles[name] = SaliencyProfile(saliency)
+    return allocate_sparsity(profiles, config.target_sparsity)
