@@ -1,5 +1,5 @@
 """One-shot pruning quality on the zoo (issue #5): OBS-Diff vs Wanda vs magnitude at 50%
-unstructured and 2:4, structured 20% / 30% (heads + FFN neurons), and ablations of the timestep
+unstructured (every layer at 50%, and 50% of the denoiser with global per-layer allocation) and 2:4, structured 20% / 30% (heads + FFN neurons), and ablations of the timestep
 weighting and of the number of sequential groups K (quality, calibration time, peak memory).
 
     python benchmarks/prune_quality.py                    # fashion-sd: everything, headline first
@@ -40,7 +40,7 @@ def pruned(model: str, **fields: Any) -> Callable[[], Any]:
         pipe.set_progress_bar_config(disable=True)
         prune_(pipe, config)
         report = prune_report(pipe)
-        pipe._bench_info = {"prune_config": config.to_dict(),
+        pipe._bench_info = {"prune_config": config.to_dict(), "layer_sparsity": report.layer_sparsity,
                             "achieved_sparsity": report.achieved_sparsity, "sweeps": report.sweeps,
                             "peak_hessian_mib": round(report.peak_hessian_bytes / 2 ** 20, 1),
                             "denoiser_params": sum(p.numel() for p in getattr(pipe, denoiser_attr(model)).parameters())}
@@ -53,6 +53,9 @@ def variants(model: str) -> list[Variant]:
     out = []
     for method in ("obs", "wanda", "magnitude"):
         out.append(Variant(f"{method}_50", pruned(model, method=method, sparsity=0.5), "50% unstructured"))
+    for method in ("obs", "wanda", "magnitude"):
+        out.append(Variant(f"{method}_50_global", pruned(model, method=method, sparsity=0.5, scope="global"),
+                           "50% unstructured, global", "one threshold on layer-normalised saliency sets per-layer sparsity"))
     for method in ("obs", "wanda", "magnitude"):
         out.append(Variant(f"{method}_2of4", pruned(model, method=method, sparsity=None, pattern="2:4"), "2:4"))
     for fraction in (0.2, 0.3):

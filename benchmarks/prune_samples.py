@@ -1,7 +1,9 @@
 """Side-by-side samples of fashion-sd dense vs 50% unstructured pruning (OBS, magnitude, ...), to see
 what FID and PSNR disagree about (``prune_quality.md``): one row per method, the ten classes as columns.
 
-    python benchmarks/prune_samples.py --methods obs magnitude --out benchmarks/results/prune_50_samples_fashion-sd.png
+    python benchmarks/prune_samples.py --methods obs obs:global magnitude --out benchmarks/results/prune_50_samples_fashion-sd.png
+
+A method may carry a scope: ``obs:global`` prunes 50% of the denoiser with global per-layer allocation.
 
 Same calibration and sampling as ``prune_quality.py``; prompts are its first ten (one per class), seed 0.
 Also prints each row's mean / std pixel value and the share of near-white pixels.
@@ -27,11 +29,12 @@ MODEL = "fashion-sd"
 
 @torch.no_grad()
 def samples(method: str | None, sparsity: float, prompts: list[str]) -> torch.Tensor:
-    """N×3×32×32 images in [0, 1] of fashion-sd, pruned by ``method`` (None: dense)."""
+    """N×3×32×32 images in [0, 1] of fashion-sd, pruned by ``method`` ("obs", "obs:global", ...; None: dense)."""
     pipe = zoo.load(MODEL)
     pipe.set_progress_bar_config(disable=True)
     if method is not None:
-        prune_(pipe, PruneConfig(**calib_fields(MODEL), method=method, sparsity=sparsity))
+        name, _, scope = method.partition(":")
+        prune_(pipe, PruneConfig(**calib_fields(MODEL), method=name, sparsity=sparsity, scope=scope or "layer"))
     return pipe(prompts, height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="pt",
                 **DEFAULTS[MODEL]).images.clamp(0, 1)
 
@@ -51,7 +54,8 @@ def draw(rows: list[tuple[str, torch.Tensor]], path: Path, cell: int = 64, label
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=["obs", "magnitude"], choices=["obs", "wanda", "magnitude"])
+    p.add_argument("--methods", nargs="+", default=["obs", "obs:global", "magnitude"],
+                   choices=[f"{m}{scope}" for m in ("obs", "wanda", "magnitude") for scope in ("", ":global")])
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results"
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     prompts = prompts_for(10, 0)[0]
     rows = [("dense", samples(None, args.sparsity, prompts))]
-    rows += [(f"{m} {args.sparsity:.0%}", samples(m, args.sparsity, prompts)) for m in args.methods]
+    rows += [(f"{m.replace(':', ' ')} {args.sparsity:.0%}", samples(m, args.sparsity, prompts)) for m in args.methods]
     for label, images in rows:
         print(f"{label}: mean {images.mean():.3f}, std {images.std():.3f}, "
               f"near-white share {(images > 0.9).float().mean():.4f}")

@@ -7,8 +7,8 @@ from torch import nn
 
 from ..arch.base import LayerGroup
 from ..calib import HessianCollector
-from .configs import PruneConfig
 from .allocate import SaliencyProfile, allocate_sparsity, normalized_saliency
+from .configs import PruneConfig
 from .masks import magnitude_mask, wanda_mask
 from .obs import obs_prune
 from .record import PruneRecord
