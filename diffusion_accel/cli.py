@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--sparsity", type=float, default=None, help="pruning sparsity, e.g. 0.5")
     calibrate.add_argument("--pattern", default=None, help="pruning pattern: unstructured, 2:4, 4:8, structured")
     calibrate.add_argument("--scope", default=None, choices=("layer", "global"),
-                           help="unstructured pruning: sparsity per layer (default) or denoiser-wide")
+                           help="unstructured pruning: sparsity per layer (default) or over all pruned layers together")
     calibrate.add_argument("--out", required=True, help="output folder (statistics, or the artifact)")
     calibrate.set_defaults(handler=_cmd_calibrate)
 

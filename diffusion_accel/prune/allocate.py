@@ -1,4 +1,4 @@
-"""Global unstructured sparsity: one denoiser-wide target split into per-layer sparsities.
+"""Global unstructured sparsity: one target over all pruned layers, split into per-layer sparsities.
 
 Each weight gets a saliency comparable across layers: its share of the layer's output energy,
 ``w_ij^2 * E[x_j^2]`` (the diagonal-Hessian OBS saliency; ``w_ij^2`` for magnitude, which reads no

@@ -33,9 +33,10 @@ class PruneConfig:
 
     ``sparsity``: fraction of weights (unstructured), of FFN neurons and attention heads per module
     (structured), or None for N:M (implied 1 - N/M). ``scope`` (unstructured only): "layer" prunes
-    every layer to ``sparsity``; "global" makes ``sparsity`` the denoiser-wide fraction and splits it
-    into per-layer sparsities by one threshold on layer-normalised saliency (``prune.allocate``).
-    ``weighting`` / ``weight_range``: per-step Hessian weights (OBS-Diff default log-decrease 0.8..1.2). ``groups``: K for group-wise sequential pruning
+    every layer to ``sparsity``; "global" makes ``sparsity`` the fraction over all pruned layers and
+    splits it into per-layer sparsities by one threshold on layer-normalised saliency
+    (``prune.allocate``). ``weighting`` / ``weight_range``: per-step Hessian weights (OBS-Diff
+    default log-decrease 0.8..1.2). ``groups``: K for group-wise sequential pruning
     (an int >= 1, or "all" for one calibration sweep per unit). ``damp``: fraction of mean(diag H) added
     to the Hessian diagonal. ``blocksize``: solver columns per lazy-update block. ``exclude``: layer or
     module-name prefixes left dense (the adapter's high-precision layers are always left dense).
