@@ -54,8 +54,16 @@ def variants(model: str) -> list[Variant]:
     for method in ("obs", "wanda", "magnitude"):
         out.append(Variant(f"{method}_50", pruned(model, method=method, sparsity=0.5), "50% unstructured"))
     for method in ("obs", "wanda", "magnitude"):
+        how = "least summed layer output error" if method != "magnitude" else "one threshold on layer-normalised saliency"
         out.append(Variant(f"{method}_50_global", pruned(model, method=method, sparsity=0.5, scope="global"),
-                           "50% unstructured, global", "one threshold on layer-normalised saliency sets per-layer sparsity"))
+                           "50% unstructured, global", f"per-layer sparsity by {how} (default allocation)"))
+    for method in ("obs", "wanda"):
+        out.append(Variant(f"{method}_50_global_saliency",
+                           pruned(model, method=method, sparsity=0.5, scope="global", allocation="saliency"),
+                           "50% unstructured, global", "per-layer sparsity by one threshold on layer-normalised saliency"))
+    out.append(Variant("magnitude_50_global_error",
+                       pruned(model, method="magnitude", sparsity=0.5, scope="global", allocation="error"),
+                       "50% unstructured, global", "magnitude masks, per-layer sparsity by least output error (reads data)"))
     for method in ("obs", "wanda", "magnitude"):
         out.append(Variant(f"{method}_2of4", pruned(model, method=method, sparsity=None, pattern="2:4"), "2:4"))
     for fraction in (0.2, 0.3):

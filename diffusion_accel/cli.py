@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--pattern", default=None, help="pruning pattern: unstructured, 2:4, 4:8, structured")
     calibrate.add_argument("--scope", default=None, choices=("layer", "global"),
                            help="unstructured pruning: sparsity per layer (default) or over all pruned layers together")
+    calibrate.add_argument("--allocation", default=None, choices=("error", "saliency"),
+                           help="--scope global: per-layer shares by least output error (default; obs, wanda) "
+                                "or by normalised saliency (default for magnitude)")
     calibrate.add_argument("--out", required=True, help="output folder (statistics, or the artifact)")
     calibrate.set_defaults(handler=_cmd_calibrate)
 

@@ -140,7 +140,8 @@ def _apply_technique(pipe: Any, args: argparse.Namespace, recipe: dict[str, Any]
     from .prune import PruneConfig, prune_, prune_report
 
     options = dict(recipe.get("prune", {})) | {"method": args.method}
-    flags = (("sparsity", args.sparsity), ("pattern", args.pattern), ("scope", getattr(args, "scope", None)))
+    flags = (("sparsity", args.sparsity), ("pattern", args.pattern), ("scope", getattr(args, "scope", None)),
+             ("allocation", getattr(args, "allocation", None)))
     options |= {key: value for key, value in flags if value is not None}
     prune_(pipe, PruneConfig(**options), calib=calib)
     return prune_report(pipe).summary()

@@ -94,7 +94,7 @@ def test_parser_lists_every_subcommand():
 @pytest.mark.parametrize("method, extra", [("ptq", ["--preset", "w8a8"]),
                                            ("magnitude", ["--sparsity", "0.5", "--pattern", "2:4"]),
                                            ("obs", ["--sparsity", "0.3"]),
-                                           ("wanda", ["--sparsity", "0.4", "--scope", "global"])])
+                                           ("wanda", ["--sparsity", "0.4", "--scope", "global", "--allocation", "error"])])
 def test_calibrate_method_writes_a_loadable_artifact(method, extra, tmp_path, capsys):
     import torch
 

@@ -45,11 +45,13 @@ def test_baselines_and_nm_on_sd(method, pattern):
     assert "no sparse kernel" in report.sparse_kernels
 
 
-@pytest.mark.parametrize("method", ["obs", "wanda", "magnitude"])
-def test_global_scope_spreads_the_target_over_layers(method):
+@pytest.mark.parametrize("method, allocation", [("obs", None), ("wanda", None), ("magnitude", None),
+                                                ("obs", "saliency"), ("magnitude", "error")])
+def test_global_scope_spreads_the_target_over_layers(method, allocation):
     pipe = build_tiny("sd")
-    calib = tiny_calibration(pipe, "sd") if method != "magnitude" else None
-    prune_(pipe, PruneConfig(method=method, sparsity=0.6, scope="global"), calib=calib)
+    config = PruneConfig(method=method, sparsity=0.6, scope="global", allocation=allocation)
+    calib = tiny_calibration(pipe, "sd") if config.needs_calibration else None
+    prune_(pipe, config, calib=calib)
     report = prune_report(pipe)
     shares = report.layer_sparsity
     assert set(shares) == set(report.layers_pruned)
@@ -58,9 +60,34 @@ def test_global_scope_spreads_the_target_over_layers(method):
     for name, share in shares.items():
         weight = pipe.unet.get_submodule(name).weight
         assert abs(float((weight == 0).float().mean()) - share) < 2 / weight[0].numel() + 1e-6
-    assert report.sweeps == (0 if method == "magnitude" else report.groups + 1)
-    assert "global scope" in report.summary()
+    pruning_sweeps = 0 if method == "magnitude" else report.groups
+    allocation_sweeps = {"error": report.groups, "saliency": int(method != "magnitude")}[config.global_allocation]
+    assert report.sweeps == pruning_sweeps + allocation_sweeps
+    assert f"global scope ({config.global_allocation} allocation)" in report.summary()
     assert torch.isfinite(generate(pipe, "sd")).all()
+
+
+def test_error_allocation_beats_saliency_allocation_on_summed_layer_error():
+    """The error allocation minimises the summed relative output error, so measured on the same
+    calibration Hessians it is no worse than the saliency allocation's."""
+    from diffusion_accel.calib import HessianCollector, calibrate
+    from diffusion_accel.prune.allocate import relative_output_error
+    from diffusion_accel.prune.surgery import weight_matrix
+
+    totals = {}
+    for allocation in ("error", "saliency"):
+        pipe = build_tiny("sd")
+        dense = {name: weight_matrix(module).clone() for name, module in pipe.unet.named_modules()
+                 if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))}
+        calib = tiny_calibration(pipe, "sd")
+        prune_(pipe, PruneConfig(method="obs", sparsity=0.6, scope="global", allocation=allocation, groups=1), calib=calib)
+        pruned = list(prune_report(pipe).layer_sparsity)
+        pipe.unet, pruned_unet = build_tiny("sd").unet, pipe.unet
+        collector = HessianCollector(pruned, full=True)
+        calibrate(pipe, collectors=[collector], store_trajectory=False, **calib.settings.as_kwargs())
+        totals[allocation] = sum(relative_output_error(dense[name], weight_matrix(pruned_unet.get_submodule(name)),
+                                                       collector.hessian(name)) for name in pruned)
+    assert totals["error"] < totals["saliency"]
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
@@ -76,6 +103,8 @@ def test_global_scope_spreads_the_target_over_layers(method):
     (dict(weighting="cosine"), ValueError, "unknown weighting"),
     (dict(scope="model"), ValueError, "unknown scope 'model'"),
     (dict(scope="global", pattern="2:4", sparsity=None), ValueError, "scope='global' needs pattern='unstructured'"),
+    (dict(scope="global", allocation="greedy"), ValueError, "unknown allocation 'greedy'"),
+    (dict(allocation="error"), ValueError, "it needs scope='global'"),
     (dict(calib_kwargs=(("height",),)), TypeError, "calib_kwargs must be"),
     (dict(calib_kwargs={1: 2}), TypeError, "calib_kwargs keys must be strings"),
 ])

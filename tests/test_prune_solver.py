@@ -1,5 +1,6 @@
 """OBS solver, Wanda/magnitude masks, N:M patterns, Conv2d path and structured column removal."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -114,3 +115,32 @@ def test_global_allocation_hits_the_target_and_favours_concentrated_layers():
     assert abs((shares["flat"] + shares["spiky"]) / 2 - 0.5) < 1e-3
     assert shares["spiky"] > 0.8 > 0.2 > shares["flat"]
     assert allocate_sparsity({}, 0.5) == {}
+
+
+def test_error_allocation_spends_the_budget_where_error_is_cheapest():
+    from diffusion_accel.prune.allocate import allocate_by_error, error_grid
+    grid = error_grid(0.5)
+    assert grid[0] == 0.0 and grid[-1] == 0.95 and all(b > a for a, b in zip(grid, grid[1:]))
+    assert error_grid(0.97)[-1] == 0.97
+    curves = {"robust": [0.01 * s ** 2 for s in grid], "fragile": [1.0 * s ** 2 for s in grid],
+              "bumpy": [0.1 * s ** 2 + (0.05 if 0.2 < s < 0.3 else 0.0) for s in grid]}  # not convex
+    sizes = {"robust": 1000, "fragile": 1000, "bumpy": 2000}
+    shares = allocate_by_error(curves, sizes, 0.5, grid)
+    assert abs(sum(shares[n] * sizes[n] for n in sizes) / sum(sizes.values()) - 0.5) < 1e-9
+    assert shares["robust"] > shares["bumpy"] > shares["fragile"] and max(shares.values()) <= 0.95
+    uniform_error = sum(curve[grid.index(0.5)] for curve in curves.values())
+    def error_at(name, share):  # linear interpolation on the grid
+        return float(np.interp(share, grid, curves[name]))
+    assert sum(error_at(n, s) for n, s in shares.items()) < uniform_error
+
+
+def test_relative_output_error_is_zero_for_the_dense_weight_and_one_for_all_zero():
+    from diffusion_accel.prune.allocate import relative_output_error
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=generator)
+    hessian, weight = x.T @ x, torch.randn(8, 16, generator=generator)
+    assert relative_output_error(weight, weight, hessian) == 0.0
+    assert relative_output_error(weight, torch.zeros_like(weight), hessian) == pytest.approx(1.0)
+    pruned, _ = obs_prune(weight, hessian, 0.5)
+    assert 0 < relative_output_error(weight, pruned, hessian) < relative_output_error(
+        weight, weight.masked_fill(magnitude_mask(weight, 0.5, None), 0), hessian)

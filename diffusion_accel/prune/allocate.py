@@ -1,19 +1,28 @@
 """Global unstructured sparsity: one target over all pruned layers, split into per-layer sparsities.
 
-Each weight gets a saliency comparable across layers: its share of the layer's output energy,
-``w_ij^2 * E[x_j^2]`` (the diagonal-Hessian OBS saliency; ``w_ij^2`` for magnitude, which reads no
-inputs) divided by the layer's mean saliency. One global threshold on that normalised saliency
-then decides how much of each layer goes, so layers whose importance is concentrated in few
-weights are pruned harder than layers where every weight matters. Each layer keeps at least
-``1 - MAX_LAYER_SPARSITY`` of its weights. The layers are then pruned one by one (OBS, Wanda or
-magnitude) at their own sparsity; the weighted mean of the per-layer sparsities is the target.
+Two allocations; either way each layer keeps at least ``1 - MAX_LAYER_SPARSITY`` of its weights,
+the layers are then pruned one by one at their own sparsity, and the weight-count-weighted mean of
+the per-layer sparsities is the target.
+
+``error`` (default for OBS and Wanda): each layer is pruned by its own method on its real Hessian
+at a grid of sparsities, giving a curve of relative output error ``tr(dW H dW^T) / tr(W H W^T)``.
+The sparsities minimising the summed error at the global budget are found greedily on the curves'
+convex hulls: every removed weight goes where it costs the least error.
+
+``saliency`` (default for magnitude, which reads no data): each weight's share of its layer's
+output energy, ``w_ij^2 * E[x_j^2]`` (``w_ij^2`` for magnitude) over the layer's mean. One global
+threshold on it decides how much of each layer goes, so layers whose importance is concentrated in
+few weights are pruned harder than layers where every weight matters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
 MAX_LAYER_SPARSITY = 0.95
+ERROR_GRID_STEP = 0.05
 QUANTILE_LEVELS = 1025
 BISECTION_STEPS = 60
 
@@ -73,3 +82,61 @@ def allocate_sparsity(profiles: dict[str, SaliencyProfile], target: float) -> di
         middle = (low + high) / 2
         low, high = (middle, high) if overall(allocation(middle)) < target else (low, middle)
     return allocation(high)
+
+
+def error_grid(target: float) -> list[float]:
+    """Sparsities at which error curves are measured: 0, ERROR_GRID_STEP, ... up to the layer cap."""
+    cap = max(MAX_LAYER_SPARSITY, target)
+    steps = int(round(cap / ERROR_GRID_STEP + 1e-9))
+    grid = [round(i * ERROR_GRID_STEP, 6) for i in range(steps + 1) if i * ERROR_GRID_STEP < cap - 1e-9]
+    return grid + [cap]
+
+
+def relative_output_error(weight: torch.Tensor, new_weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr(dW H dW^T) / tr(W H W^T)``: the layer's output error energy on the calibration inputs over
+    its output energy (``weight`` / ``new_weight`` (rows, d), ``hessian`` (d, d))."""
+    weight, hessian = weight.detach().float(), hessian.float()
+    delta = new_weight.float() - weight
+    energy = float(torch.einsum("rd,de,re->", weight, hessian, weight))
+    return float(torch.einsum("rd,de,re->", delta, hessian, delta)) / energy if energy > 0 else 0.0
+
+
+def error_curve(weight: torch.Tensor, hessian: torch.Tensor, prune: Callable[[float], torch.Tensor],
+                grid: Sequence[float]) -> list[float]:
+    """Relative output error of ``prune(sparsity)`` (the pruned 2-D weight) at every ``grid`` point."""
+    return [0.0 if sparsity == 0 else relative_output_error(weight, prune(sparsity), hessian) for sparsity in grid]
+
+
+def _hull_segments(grid: Sequence[float], curve: Sequence[float]) -> list[tuple[float, float, float]]:
+    """Lower convex hull of the points (grid, curve) as (slope, start, end) segments, slopes ascending."""
+    hull: list[int] = [0]
+    for k in range(1, len(grid)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            cross = (grid[b] - grid[a]) * (curve[k] - curve[a]) - (curve[b] - curve[a]) * (grid[k] - grid[a])
+            if cross > 0:
+                break
+            hull.pop()
+        hull.append(k)
+    return [((curve[b] - curve[a]) / (grid[b] - grid[a]), grid[a], grid[b]) for a, b in zip(hull, hull[1:])]
+
+
+def allocate_by_error(curves: dict[str, Sequence[float]], sizes: dict[str, int], target: float,
+                      grid: Sequence[float]) -> dict[str, float]:
+    """Per-layer sparsities with weight-count-weighted mean ``target`` that minimise the summed error.
+
+    ``curves[name][k]`` is the layer's error at ``grid[k]`` (grid[0] = 0); ``sizes[name]`` its weight
+    count. Segments of every curve's convex hull are taken cheapest-first by error per removed weight
+    (their slopes ascend within a layer, so each layer fills in order); the last one only in part.
+    """
+    segments = sorted((slope / sizes[name], start, end, name)
+                      for name, curve in curves.items() for slope, start, end in _hull_segments(grid, curve))
+    budget = target * sum(sizes.values())
+    shares = dict.fromkeys(curves, 0.0)
+    for _, start, end, name in segments:
+        if budget <= 0:
+            break
+        take = min(end - start, budget / sizes[name])
+        shares[name] = start + take
+        budget -= take * sizes[name]
+    return shares

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 from torch import nn
@@ -15,10 +16,11 @@ from .configs import PruneConfig
 from .plan import structured_plan, unstructured_plan
 from .record import ensure_record
 from .report import REPORT_ATTR, PruneReport, count_parameters, zero_fraction
-from .sequential import SequentialPruner, Sweep
+from .allocate import allocate_by_error, error_grid
+from .sequential import SequentialPruner, SequentialStats, Sweep
 from .sparse import enable_sparse_kernels
 from .structured import StructuredUnit, prune_structured_unit
-from .unstructured import global_layer_sparsity, prune_layer_group
+from .unstructured import layer_error_curves, prune_layer_group, saliency_layer_sparsity
 
 TECHNIQUE = "prune"
 
@@ -105,8 +107,9 @@ def used_step_weights(config: PruneConfig, calib: Calibration | None) -> list[fl
 def prune_denoiser_(denoiser: nn.Module, config: PruneConfig, sweep: Sweep | None = None) -> PruneReport:
     """Prune ``denoiser`` in place (no rollback); ``sweep`` collects inputs (required unless magnitude)."""
     if config.needs_calibration and sweep is None:
-        raise ValueError(f"method {config.method!r} needs calibration inputs; use prune_(pipe, ...) "
-                         f"or method='magnitude'")
+        what = f"method {config.method!r}" if config.method != "magnitude" else "allocation='error'"
+        raise ValueError(f"{what} needs calibration inputs; use prune_(pipe, ...), or method='magnitude' "
+                         f"(with allocation='saliency' for scope='global')")
     adapter = get_adapter(denoiser)
     report = PruneReport(config.method, config.pattern, config.target_sparsity,
                          params_before=count_parameters(denoiser))
@@ -124,16 +127,19 @@ def _prune_unstructured(denoiser: nn.Module, adapter: Any, config: PruneConfig, 
                         report: PruneReport) -> None:
     groups, report.layers_skipped = unstructured_plan(adapter, config)
     record = ensure_record(denoiser)
+    allocation_stats = SequentialStats()
     if config.scope == "global":
-        report.layer_sparsity = _allocate_globally(denoiser, groups, config, sweep)
+        report.allocation = config.global_allocation
+        report.layer_sparsity, allocation_stats = _allocate_globally(denoiser, groups, config, sweep)
 
     def prune_group(group: Any, collector: HessianCollector | None) -> None:
         skipped = prune_layer_group(denoiser, group, config, collector, record, report.layer_sparsity)
         report.layers_skipped |= skipped
         report.layers_pruned += [name for name in group.layers if name not in skipped]
 
-    stats = SequentialPruner(lambda group: [group.layers[0]], prune_group, sweep).run(groups, config.groups)
-    _copy_stats(report, stats, extra_sweeps=int(config.scope == "global" and sweep is not None))
+    pruning_sweep = sweep if config.method != "magnitude" else None
+    stats = SequentialPruner(lambda group: [group.layers[0]], prune_group, pruning_sweep).run(groups, config.groups)
+    _copy_stats(report, stats, allocation_stats)
     report.achieved_sparsity = zero_fraction(denoiser, report.layers_pruned)
     if config.nm is not None and config.sparse_kernels:
         report.sparse_kernels = enable_sparse_kernels(denoiser, report.layers_pruned, config.pattern)
@@ -142,14 +148,31 @@ def _prune_unstructured(denoiser: nn.Module, adapter: Any, config: PruneConfig, 
 
 
 def _allocate_globally(denoiser: nn.Module, groups: list, config: PruneConfig,
-                       sweep: Sweep | None) -> dict[str, float]:
-    """Per-layer sparsities of scope="global": one input-norm sweep of the dense model (none for magnitude)."""
-    collector = sweep([group.layers[0] for group in groups], False) if sweep is not None else None
-    try:
-        return global_layer_sparsity(denoiser, groups, config, collector)
-    finally:
-        if collector is not None:
-            collector.free()
+                       sweep: Sweep | None) -> tuple[dict[str, float], SequentialStats]:
+    """Per-layer sparsities of scope="global" and the sweeps they took: for allocation="error" K
+    full-Hessian sweeps of the dense model (group by group, as pruning does); for "saliency" one
+    input-norm sweep (none for magnitude)."""
+    if config.global_allocation == "saliency":
+        start = time.perf_counter()
+        collector = sweep([group.layers[0] for group in groups], False) if sweep is not None else None
+        try:
+            shares = saliency_layer_sparsity(denoiser, groups, config, collector)
+        finally:
+            if collector is not None:
+                collector.free()
+        return shares, SequentialStats(sweeps=int(sweep is not None), seconds=time.perf_counter() - start)
+    grid, curves = error_grid(config.target_sparsity), {}
+
+    def measure(group: Any, collector: HessianCollector | None) -> None:
+        curves.update(layer_error_curves(denoiser, group, config, collector, grid))
+
+    def full_sweep(names: list[str]) -> HessianCollector:  # Wanda's sweeps default to norms only
+        return sweep(names, True)
+
+    stats = SequentialPruner(lambda group: [group.layers[0]], measure, full_sweep).run(groups, config.groups)
+    shares = allocate_by_error({name: curve for name, (curve, _) in curves.items()},
+                               {name: size for name, (_, size) in curves.items()}, config.target_sparsity, grid)
+    return shares, stats
 
 
 def _prune_structured(denoiser: nn.Module, adapter: Any, config: PruneConfig, sweep: Sweep | None,
@@ -187,9 +210,13 @@ def _unit_hessians(unit: StructuredUnit, collector: HessianCollector | None) -> 
     return hessians
 
 
-def _copy_stats(report: PruneReport, stats: Any, extra_sweeps: int = 0) -> None:
-    report.groups, report.sweeps = stats.groups, stats.sweeps + extra_sweeps
-    report.peak_hessian_bytes, report.seconds = stats.peak_hessian_bytes, stats.seconds
+def _copy_stats(report: PruneReport, stats: SequentialStats,
+                allocation: SequentialStats | None = None) -> None:
+    """Groups, sweeps, peak Hessian bytes and seconds of pruning plus a global allocation's sweeps."""
+    allocation = allocation or SequentialStats()
+    report.groups, report.sweeps = stats.groups, stats.sweeps + allocation.sweeps
+    report.peak_hessian_bytes = max(stats.peak_hessian_bytes, allocation.peak_hessian_bytes)
+    report.seconds = stats.seconds + allocation.seconds
 
 
 def prune_report(pipe: Any) -> PruneReport | None:

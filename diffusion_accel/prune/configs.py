@@ -12,6 +12,7 @@ PATTERNS = ("unstructured", "structured", "2:4", "4:8", "any 'N:M' with 0 < N < 
 STRUCTURED_METHODS = ("obs", "magnitude")
 WEIGHTINGS = ("uniform", "linear", "log-decrease", "log-increase")
 SCOPES = ("layer", "global")
+ALLOCATIONS = ("error", "saliency")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -34,8 +35,9 @@ class PruneConfig:
     ``sparsity``: fraction of weights (unstructured), of FFN neurons and attention heads per module
     (structured), or None for N:M (implied 1 - N/M). ``scope`` (unstructured only): "layer" prunes
     every layer to ``sparsity``; "global" makes ``sparsity`` the fraction over all pruned layers and
-    splits it into per-layer sparsities by one threshold on layer-normalised saliency
-    (``prune.allocate``). ``weighting`` / ``weight_range``: per-step Hessian weights (OBS-Diff
+    splits it into per-layer sparsities (``prune.allocate``) by ``allocation``: "error" (the least
+    summed relative output error, measured on real Hessians; default for OBS and Wanda) or
+    "saliency" (one threshold on layer-normalised saliency; default for magnitude, data-free). ``weighting`` / ``weight_range``: per-step Hessian weights (OBS-Diff
     default log-decrease 0.8..1.2). ``groups``: K for group-wise sequential pruning
     (an int >= 1, or "all" for one calibration sweep per unit). ``damp``: fraction of mean(diag H) added
     to the Hessian diagonal. ``blocksize``: solver columns per lazy-update block. ``exclude``: layer or
@@ -52,6 +54,7 @@ class PruneConfig:
     sparsity: float | None = 0.5
     pattern: str = "unstructured"
     scope: str = "layer"
+    allocation: str | None = None
     weighting: str = "log-decrease"
     weight_range: tuple[float, float] = (0.8, 1.2)
     groups: int | str = 4
@@ -99,9 +102,14 @@ class PruneConfig:
         return 1.0 - nm[0] / nm[1] if nm else float(self.sparsity)
 
     @property
+    def global_allocation(self) -> str:
+        """The allocation scope="global" uses: ``allocation``, or "saliency" for magnitude, else "error"."""
+        return self.allocation or ("saliency" if self.method == "magnitude" else "error")
+
+    @property
     def needs_calibration(self) -> bool:
-        """True when the method reads layer inputs (OBS Hessians, Wanda norms)."""
-        return self.method != "magnitude"
+        """True when layer inputs are read (OBS Hessians, Wanda norms, global error allocation)."""
+        return self.method != "magnitude" or (self.scope == "global" and self.global_allocation == "error")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
@@ -144,6 +152,11 @@ def _check_pattern(config: PruneConfig) -> None:
     if config.scope == "global" and config.pattern != "unstructured":
         raise ValueError(f"scope='global' needs pattern='unstructured' (N:M and structured patterns fix "
                          f"the sparsity of every layer), got pattern {config.pattern!r}")
+    if config.allocation is not None:
+        _check_choice("allocation", config.allocation, ALLOCATIONS)
+        if config.scope != "global":
+            raise ValueError(f"allocation={config.allocation!r} splits a global target; it needs scope='global', "
+                             f"got scope {config.scope!r}")
     if config.structured and not (config.prune_heads or config.prune_ffn or config.prune_resnets):
         raise ValueError("structured pruning needs prune_heads, prune_ffn or prune_resnets set to True")
 

@@ -17,7 +17,7 @@ class PruneReport:
     fraction of the denoiser's parameters removed (structured). ``peak_hessian_bytes``: the most
     accumulator memory alive at once (one group's Hessians). ``step_weights``: per-step Hessian
     weights of the calibration sweeps (empty for magnitude). ``layer_sparsity``: the per-layer targets
-    of scope="global" (empty for scope="layer").
+    of scope="global" (empty for scope="layer"), split by ``allocation`` ("error" or "saliency").
     """
 
     method: str
@@ -36,6 +36,7 @@ class PruneReport:
     peak_hessian_bytes: int = 0
     step_weights: list[float] = field(default_factory=list)
     layer_sparsity: dict[str, float] = field(default_factory=dict)
+    allocation: str = ""
     sparse_kernels: str = ""
     seconds: float = 0.0
 
@@ -48,7 +49,7 @@ class PruneReport:
                  f"peak Hessian memory {self.peak_hessian_bytes / 2**20:.1f} MiB, {self.seconds:.1f} s"]
         if self.layer_sparsity:
             shares = sorted(self.layer_sparsity.values())
-            lines.append(f"  global scope: per-layer sparsity {shares[0]:.3f} .. {shares[-1]:.3f} "
+            lines.append(f"  global scope ({self.allocation} allocation): per-layer sparsity {shares[0]:.3f} .. {shares[-1]:.3f} "
                          f"(median {shares[len(shares) // 2]:.3f})")
         if self.heads_removed or self.neurons_removed or self.channels_removed:
             lines.append(f"  removed {self.heads_removed} heads, {self.neurons_removed} FFN neurons, "

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..arch.base import LayerGroup
 from ..calib import HessianCollector
-from .allocate import SaliencyProfile, allocate_sparsity, normalized_saliency
+from .allocate import SaliencyProfile, allocate_sparsity, error_curve, normalized_saliency
 from .configs import PruneConfig
 from .masks import magnitude_mask, wanda_mask
 from .obs import obs_prune
@@ -75,10 +75,27 @@ def prune_layer_group(denoiser: nn.Module, group: LayerGroup, config: PruneConfi
     return skipped
 
 
-def global_layer_sparsity(denoiser: nn.Module, groups: list[LayerGroup], config: PruneConfig,
-                          collector: HessianCollector | None) -> dict[str, float]:
-    """{layer: sparsity} for scope="global" from the dense weights and, unless magnitude, the input
-    norms in ``collector`` (one diagonal-only sweep of the dense model)."""
+def layer_error_curves(denoiser: nn.Module, group: LayerGroup, config: PruneConfig,
+                       collector: HessianCollector, grid: list[float]) -> dict[str, tuple[list[float], int]]:
+    """{layer: (relative output error at every ``grid`` sparsity, weight count)} of ``group``'s
+    prunable layers, each pruned by ``config.method`` on a copy (``collector`` holds full Hessians)."""
+    inputs = observed_inputs(collector, group.layers[0], True)
+    if inputs is None:
+        return {}
+    curves = {}
+    for name in group.layers:
+        layer = denoiser.get_submodule(name)
+        if skip_reason(layer, config) is None:
+            weight = weight_matrix(layer)
+            curve = error_curve(weight, inputs[0], lambda s: prune_matrix(weight, config, *inputs, sparsity=s)[0], grid)
+            curves[name] = (curve, weight.numel())
+    return curves
+
+
+def saliency_layer_sparsity(denoiser: nn.Module, groups: list[LayerGroup], config: PruneConfig,
+                            collector: HessianCollector | None) -> dict[str, float]:
+    """{layer: sparsity} for allocation="saliency" from the dense weights and, unless magnitude, the
+    input norms in ``collector`` (one diagonal-only sweep of the dense model)."""
     profiles = {}
     for group in groups:
         inputs = observed_inputs(collector, group.layers[0], full=False)
