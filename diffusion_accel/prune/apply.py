@@ -12,11 +12,11 @@ from .. import prompts as prompt_sets
 from ..arch import find_denoiser, get_adapter
 from ..artifact import base_fingerprint, mark_applied
 from ..calib import Calibration, HessianCollector, calibrate, call_mode, resolve_weights
+from .allocate import allocate_by_error, error_grid
 from .configs import PruneConfig
 from .plan import structured_plan, unstructured_plan
 from .record import ensure_record
 from .report import REPORT_ATTR, PruneReport, count_parameters, zero_fraction
-from .allocate import allocate_by_error, error_grid
 from .sequential import SequentialPruner, SequentialStats, Sweep
 from .sparse import enable_sparse_kernels
 from .structured import StructuredUnit, prune_structured_unit
@@ -149,18 +149,29 @@ def _prune_unstructured(denoiser: nn.Module, adapter: Any, config: PruneConfig, 
 
 def _allocate_globally(denoiser: nn.Module, groups: list, config: PruneConfig,
                        sweep: Sweep | None) -> tuple[dict[str, float], SequentialStats]:
-    """Per-layer sparsities of scope="global" and the sweeps they took: for allocation="error" K
-    full-Hessian sweeps of the dense model (group by group, as pruning does); for "saliency" one
-    input-norm sweep (none for magnitude)."""
+    """Per-layer sparsities of scope="global" and the sweeps they took."""
     if config.global_allocation == "saliency":
-        start = time.perf_counter()
-        collector = sweep([group.layers[0] for group in groups], False) if sweep is not None else None
-        try:
-            shares = saliency_layer_sparsity(denoiser, groups, config, collector)
-        finally:
-            if collector is not None:
-                collector.free()
-        return shares, SequentialStats(sweeps=int(sweep is not None), seconds=time.perf_counter() - start)
+        return _saliency_allocation(denoiser, groups, config, sweep)
+    return _error_allocation(denoiser, groups, config, sweep)
+
+
+def _saliency_allocation(denoiser: nn.Module, groups: list, config: PruneConfig,
+                         sweep: Sweep | None) -> tuple[dict[str, float], SequentialStats]:
+    """allocation="saliency": one input-norm sweep of the dense model (none for magnitude)."""
+    start = time.perf_counter()
+    collector = sweep([group.layers[0] for group in groups], False) if sweep is not None else None
+    try:
+        shares = saliency_layer_sparsity(denoiser, groups, config, collector)
+    finally:
+        if collector is not None:
+            collector.free()
+    return shares, SequentialStats(sweeps=int(sweep is not None), seconds=time.perf_counter() - start)
+
+
+def _error_allocation(denoiser: nn.Module, groups: list, config: PruneConfig,
+                      sweep: Sweep) -> tuple[dict[str, float], SequentialStats]:
+    """allocation="error": K full-Hessian sweeps of the dense model, group by group as pruning does
+    (same peak memory), measuring every layer's error curve; then the least-error split."""
     grid, curves = error_grid(config.target_sparsity), {}
 
     def measure(group: Any, collector: HessianCollector | None) -> None:
