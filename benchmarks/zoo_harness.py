@@ -33,7 +33,7 @@ from diffusion_accel.eval.machine import machine_info
 from diffusion_accel.eval.memory import measure_peak_memory
 from diffusion_accel.eval.timing import time_pipelines
 
-from zoo_quality import DEFAULTS, class_accuracy, clip_score, prompts_for, reference
+from zoo_quality import DEFAULTS, class_accuracy, clip_score, metric_clip_fingerprint, prompts_for, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "zoo_runs" / "bench_cache"
@@ -94,7 +94,8 @@ class ZooBench:
         self.ref: FIDStats = reference(n_ref, CACHE.parent / "fid_cache", self.extractor)
         self.config = {"model": model, "base_fingerprint": base_fingerprint(zoo.load(model)), "n_generated": n,
                        "n_ref_test": n_ref, "seed": seed, "sampling": self.call_kwargs,
-                       "fid_network": self.extractor.fid_id}  # a retrained zoo model starts a fresh report
+                       "fid_network": self.extractor.fid_id,
+                       "metric_clip": metric_clip_fingerprint()}  # a retrained zoo model or CLIP starts a fresh report
         self.report = self._load_report()
         self._baseline: torch.Tensor | None = None
 
@@ -110,7 +111,8 @@ class ZooBench:
         """The unaccelerated pipeline's images (generated once, cached per fingerprint and settings)."""
         if self._baseline is None:
             pipe = zoo.load(self.model)
-            key = digest([self.config, base_fingerprint(pipe), torch.__version__, self.batch])
+            settings = {k: v for k, v in self.config.items() if k != "metric_clip"}  # images do not depend on it
+            key = digest([settings, base_fingerprint(pipe), torch.__version__, self.batch])
             path = CACHE / f"{self.model}_{key}.safetensors"
             if not path.is_file():
                 t0 = time.time()

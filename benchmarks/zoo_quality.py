@@ -10,6 +10,7 @@ and the VAE-reconstruction floor, because FID at n ≤ 2k is biased upward.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import sys
@@ -81,6 +82,16 @@ def class_accuracy(images: torch.Tensor, labels: list[int]) -> tuple[float, list
     y = torch.tensor(labels)
     per_class = [float((preds[y == c] == c).float().mean()) for c in range(10)]
     return float((preds == y).float().mean()), per_class
+
+
+def metric_clip_fingerprint() -> str:
+    """Fingerprint of the fashion-clip behind CLIP score and class accuracy: reports made with another
+    one cannot be extended (its scores would not compare)."""
+    digest = hashlib.sha256()
+    for name, tensor in zoo.load("fashion-clip")[0].state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @torch.no_grad()
