@@ -38,8 +38,9 @@ class PruneConfig:
     splits it into per-layer sparsities (``prune.allocate``) by ``allocation``: "error" (the least
     summed relative output error, measured on real Hessians; default for OBS and Wanda) or
     "saliency" (one threshold on layer-normalised saliency; default for magnitude, data-free).
-    ``weighting`` / ``weight_range``: per-step Hessian weights (OBS-Diff default log-decrease 0.8..1.2). ``groups``: K for group-wise sequential pruning
-    (an int >= 1, or "all" for one calibration sweep per unit). ``damp``: fraction of mean(diag H) added
+    ``weighting`` / ``weight_range``: per-step Hessian weights (OBS-Diff default log-decrease 0.8..1.2).
+    ``groups``: K for group-wise sequential pruning (an int >= 1, or "all" for one calibration sweep
+    per unit). ``damp``: fraction of mean(diag H) added
     to the Hessian diagonal. ``blocksize``: solver columns per lazy-update block. ``exclude``: layer or
     module-name prefixes left dense (the adapter's high-precision layers are always left dense).
     ``calib_prompts`` / ``calib_steps`` / ``calib_guidance_scale``: calibration used when ``prune_`` gets
