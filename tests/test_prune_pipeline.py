@@ -179,6 +179,7 @@ def test_fully_sequential_and_single_group_both_run():
 
 @pytest.mark.parametrize("family,config", [
     ("sd", PruneConfig(method="obs", sparsity=0.5)),
+    ("sd", PruneConfig(method="wanda", sparsity=0.5, scope="global")),
     ("flux", PruneConfig(method="obs", sparsity=0.3, pattern="structured")),
     ("sd", PruneConfig(method="obs", sparsity=0.3, pattern="structured")),
     ("sd", PruneConfig(method="obs", sparsity=0.3, pattern="structured", prune_resnets=True)),
