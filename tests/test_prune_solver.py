@@ -144,3 +144,15 @@ def test_relative_output_error_is_zero_for_the_dense_weight_and_one_for_all_zero
     pruned, _ = obs_prune(weight, hessian, 0.5)
     assert 0 < relative_output_error(weight, pruned, hessian) < relative_output_error(
         weight, weight.masked_fill(magnitude_mask(weight, 0.5, None), 0), hessian)
+
+
+def test_precomputed_inverse_factor_gives_the_same_result():
+    from diffusion_accel.prune.obs import upper_inverse_factor
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 32, generator=generator)
+    hessian, weight = x.T @ x, torch.randn(12, 32, generator=generator)
+    factor = upper_inverse_factor(hessian, 0.01)
+    for sparsity in (0.3, 0.6):
+        direct = obs_prune(weight, hessian, sparsity)
+        shared = obs_prune(weight, hessian, sparsity, inverse_factor=factor)
+        assert torch.equal(direct[0], shared[0]) and torch.equal(direct[1], shared[1])

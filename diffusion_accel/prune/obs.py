@@ -70,16 +70,21 @@ def _nm_prune(scores: torch.Tensor, keep: int, group: int) -> torch.Tensor:
 
 def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
               nm: tuple[int, int] | None = None, blocksize: int = 128,
-              damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+              damp: float = 0.01,
+              inverse_factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` (rows, d) with Hessian (d, d): (new weight fp32, pruned mask bool), both (rows, d).
 
     Unstructured: exactly round(rows * d * sparsity) weights, chosen by w^2 / [U]_ii^2 within each
     ``blocksize``-column block. ``nm=(N, M)``: keeps N of every M consecutive inputs per row
     (d % M == 0 required). Weights of dead inputs (zero Hessian diagonal) are zeroed.
+    ``inverse_factor``: ``upper_inverse_factor(hessian, damp)`` when already computed (layers that
+    share an input, or one layer pruned at several sparsities, need it once).
     """
     with no_tf32():
         work = weight.detach().to(torch.float32).clone()
-        factor, dead = upper_inverse_factor(hessian.to(work.device), damp)
+        if inverse_factor is None:
+            inverse_factor = upper_inverse_factor(hessian.to(work.device), damp)
+        factor, dead = (t.to(work.device) for t in inverse_factor)
         work[:, dead] = 0
         rows, cols = work.shape
         mask = torch.zeros_like(work, dtype=torch.bool)

@@ -10,7 +10,7 @@ from ..calib import HessianCollector
 from .allocate import SaliencyProfile, allocate_sparsity, error_curve, normalized_saliency
 from .configs import PruneConfig
 from .masks import magnitude_mask, wanda_mask
-from .obs import obs_prune
+from .obs import no_tf32, obs_prune, upper_inverse_factor
 from .record import PruneRecord
 from .surgery import weight_matrix, write_weight_matrix
 
@@ -27,18 +27,31 @@ def skip_reason(layer: nn.Module, config: PruneConfig) -> str | None:
 
 
 def prune_matrix(weight: torch.Tensor, config: PruneConfig, hessian: torch.Tensor | None,
-                 sq_norms: torch.Tensor | None, sparsity: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 sq_norms: torch.Tensor | None, sparsity: float | None = None,
+                 inverse_factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(new 2-D weight, pruned mask) of ``weight`` (rows, d) by ``config.method``, at ``sparsity``
-    (default ``config.target_sparsity``; global scope passes each layer's allocated share)."""
+    (default ``config.target_sparsity``; global scope passes each layer's allocated share).
+    ``inverse_factor``: OBS's factor of ``hessian`` from ``shared_inverse_factor``, reused."""
     nm = config.nm
     sparsity = config.target_sparsity if sparsity is None else sparsity
     if config.method == "obs":
-        return obs_prune(weight, hessian, sparsity, nm=nm, blocksize=config.blocksize, damp=config.damp)
+        return obs_prune(weight, hessian, sparsity, nm=nm, blocksize=config.blocksize, damp=config.damp,
+                         inverse_factor=inverse_factor)
     if config.method == "wanda":
         mask = wanda_mask(weight, sq_norms, sparsity, nm)
     else:
         mask = magnitude_mask(weight, sparsity, nm)
     return weight.masked_fill(mask, 0), mask
+
+
+def shared_inverse_factor(config: PruneConfig,
+                          hessian: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """OBS's upper Cholesky factor of the damped H^-1 (and dead-input mask) of a group's shared
+    Hessian, computed once for all its layers and sparsities; None for Wanda and magnitude."""
+    if config.method != "obs" or hessian is None:
+        return None
+    with no_tf32():
+        return upper_inverse_factor(hessian, config.damp)
 
 
 def observed_inputs(collector: HessianCollector | None, name: str,
@@ -62,6 +75,7 @@ def prune_layer_group(denoiser: nn.Module, group: LayerGroup, config: PruneConfi
     if inputs is None:
         return {name: "no calibration input reached it" for name in group.layers}
     skipped: dict[str, str] = {}
+    factor = shared_inverse_factor(config, inputs[0])
     for name in group.layers:
         layer = denoiser.get_submodule(name)
         reason = skip_reason(layer, config)
@@ -69,7 +83,7 @@ def prune_layer_group(denoiser: nn.Module, group: LayerGroup, config: PruneConfi
             skipped[name] = reason
             continue
         new_weight, _ = prune_matrix(weight_matrix(layer), config, *inputs,
-                                     sparsity=(layer_sparsity or {}).get(name))
+                                     sparsity=(layer_sparsity or {}).get(name), inverse_factor=factor)
         write_weight_matrix(layer, new_weight)
         record.note_masked(name)
     return skipped
@@ -82,12 +96,13 @@ def layer_error_curves(denoiser: nn.Module, group: LayerGroup, config: PruneConf
     inputs = observed_inputs(collector, group.layers[0], True)
     if inputs is None:
         return {}
-    curves = {}
+    curves, factor = {}, shared_inverse_factor(config, inputs[0])
     for name in group.layers:
         layer = denoiser.get_submodule(name)
         if skip_reason(layer, config) is None:
             weight = weight_matrix(layer)
-            curve = error_curve(weight, inputs[0], lambda s: prune_matrix(weight, config, *inputs, sparsity=s)[0], grid)
+            curve = error_curve(weight, inputs[0], lambda s: prune_matrix(
+                weight, config, *inputs, sparsity=s, inverse_factor=factor)[0], grid)
             curves[name] = (curve, weight.numel())
     return curves
 
