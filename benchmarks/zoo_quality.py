@@ -10,7 +10,6 @@ and the VAE-reconstruction floor, because FID at n ≤ 2k is biased upward.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import sys
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffusion_accel import zoo
+from diffusion_accel.artifact import fingerprint
 from diffusion_accel.eval.fid import FIDStats, fid_to_reference, frechet_distance, reference_stats
 from diffusion_accel.eval.inception import TFInceptionFeatures, find_tf_inception
 from diffusion_accel.zoo.captions import TEMPLATES, all_captions, caption
@@ -87,11 +87,7 @@ def class_accuracy(images: torch.Tensor, labels: list[int]) -> tuple[float, list
 def metric_clip_fingerprint() -> str:
     """Fingerprint of the fashion-clip behind CLIP score and class accuracy: reports made with another
     one cannot be extended (its scores would not compare)."""
-    digest = hashlib.sha256()
-    for name, tensor in zoo.load("fashion-clip")[0].state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return fingerprint(zoo.load("fashion-clip")[0])
 
 
 @torch.no_grad()

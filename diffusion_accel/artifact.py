@@ -73,11 +73,13 @@ def registered_techniques() -> list[str]:
 
 # ----- fingerprints and the applied-techniques record -------------------------------------
 def fingerprint(denoiser: torch.nn.Module) -> str:
-    """A dtype- and device-independent SHA-256 of class, config and sampled weight values."""
+    """A dtype- and device-independent SHA-256 of class, config and sampled weight values (any
+    module; diffusers configs are dicts, transformers configs give theirs by ``to_dict``)."""
     digest = hashlib.sha256(type(denoiser).__name__.encode())
     config = getattr(denoiser, "config", None)
     if config is not None:
-        config_items = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+        values = dict(config) if isinstance(config, dict) else config.to_dict()
+        config_items = {k: v for k, v in values.items() if not k.startswith("_")}
         digest.update(json.dumps(config_items, sort_keys=True, default=str).encode())
     for name, tensor in denoiser.state_dict().items():
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())

@@ -55,6 +55,16 @@ def test_fingerprint_ignores_dtype_but_not_weights():
     assert artifact.fingerprint(build_tiny("sd", seed=1).unet) != fp32
 
 
+def test_fingerprint_reads_transformers_configs():
+    pipe = build_tiny("sd")  # its text encoder is a transformers CLIPTextModel (config is not a dict)
+    encoder = pipe.text_encoder
+    before = artifact.fingerprint(encoder)
+    assert artifact.fingerprint(encoder.to(torch.bfloat16)) == before
+    with torch.no_grad():
+        next(encoder.parameters()).mul_(2)
+    assert artifact.fingerprint(encoder) != before
+
+
 def test_loading_onto_another_model_is_a_clear_error(tmp_path):
     artifact.save(_scaled_pipe(), tmp_path)
     other = build_tiny("sd", seed=1)
