@@ -8,7 +8,9 @@ schedules, quality (FID / CLIP / PSNR vs uncached) at 2,000 images and whole-pip
    the final latents (target ≤ 1e-4).
 2. Quality: uniform DeepCache at intervals 2-5, the non-uniform schedule, schedules calibrated
    (``calibrate_schedule``, refine search, on calibration prompts disjoint from the benchmark's) for
-   the same numbers of full steps as the uniform ones, and Faster Diffusion's encoder propagation.
+   the same numbers of full steps as the uniform ones, the same uniform and calibrated schedules with
+   reuse steps filled by the linear forecast of the deep feature (``forecast=1``), and Faster
+   Diffusion's encoder propagation.
 3. Speed: every variant timed round-robin against the uncached pipeline on one batch of prompts.
 A plot of speed-up vs FID is written next to the results.
 """
@@ -35,6 +37,7 @@ from zoo_quality import DEFAULTS, prompts_for  # noqa: E402
 
 MODEL = "fashion-sd"
 INTERVALS = (2, 3, 4, 5)
+FORECAST_INTERVALS = (3, 4, 5, 6)
 CALIBRATION_SEED = 1000  # prompts drawn with another seed than the benchmark's (seed 0)
 
 
@@ -57,9 +60,12 @@ def parity(intervals: tuple[int, ...], n_prompts: int = 8) -> dict[str, float]:
     return result
 
 
-def calibrated_config(full_steps: int, args: argparse.Namespace) -> CalibratedCacheConfig:
-    """A schedule with ``full_steps`` full steps of 50, calibrated on prompts disjoint from the benchmark's."""
+def calibrated_config(full_steps: int, args: argparse.Namespace, forecast: int = 0) -> CalibratedCacheConfig:
+    """A schedule with ``full_steps`` full steps of 50, calibrated on prompts disjoint from the
+    benchmark's, searched with reuse steps filled as ``forecast`` says."""
     settings = [base_fingerprint(zoo.load(MODEL)), DEFAULTS[MODEL], args.calibration_prompts, args.max_passes]
+    if forecast:  # keeps the digests of the plain-reuse schedules calibrated before forecasts existed
+        settings.append({"forecast": forecast})
     path = args.cache_dir / f"cache_sd_schedule_{full_steps}_{digest(settings)}.json"
     if path.is_file():
         return CalibratedCacheConfig(**{k: tuple(v) if isinstance(v, list) else v
@@ -69,7 +75,7 @@ def calibrated_config(full_steps: int, args: argparse.Namespace) -> CalibratedCa
     steps = DEFAULTS[MODEL]["num_inference_steps"]
     config = calibrate_schedule(pipe, prompts_for(args.calibration_prompts, CALIBRATION_SEED)[0],
                                 budget=full_steps / steps, num_inference_steps=steps, search="refine",
-                                max_passes=args.max_passes, guidance_scale=DEFAULTS[MODEL]["guidance_scale"],
+                                max_passes=args.max_passes, forecast=forecast, guidance_scale=DEFAULTS[MODEL]["guidance_scale"],
                                 height=32, width=32)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config_to_dict(config)))
@@ -109,6 +115,11 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         config = DeepCacheConfig(interval=interval, branch=0)
         out.append(Variant(f"deepcache_interval{interval}", lambda c=config: cached_pipe(c), "uniform",
                            f"{len(range(0, steps, interval))} full steps of {steps}"))
+    for interval in FORECAST_INTERVALS:
+        config = DeepCacheConfig(interval=interval, branch=0, forecast=1)
+        out.append(Variant(f"deepcache_forecast_interval{interval}", lambda c=config: cached_pipe(c),
+                           "uniform-forecast", f"{len(range(0, steps, interval))} full steps of {steps}, "
+                           "reuse steps filled with the linear forecast of the deep feature"))
     for interval in (3, 5):
         config = DeepCacheConfig(interval=interval, branch=0, schedule="non-uniform")
         out.append(Variant(f"deepcache_nonuniform{interval}", lambda c=config: cached_pipe(c), "non-uniform",
@@ -117,6 +128,11 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         full = len(range(0, steps, interval))
         out.append(Variant(f"calibrated_{full}of{steps}", lambda f=full: cached_pipe(calibrated_config(f, args)),
                            "calibrated", f"refine search, {args.calibration_prompts} calibration prompts"))
+    for interval in FORECAST_INTERVALS:
+        full = len(range(0, steps, interval))
+        out.append(Variant(f"calibrated_forecast_{full}of{steps}",
+                           lambda f=full: cached_pipe(calibrated_config(f, args, forecast=1)), "calibrated-forecast",
+                           f"refine search with forecast, {args.calibration_prompts} calibration prompts"))
     for label, config in (("encoder_propagation_paper", EncoderPropagationConfig(
             key_steps=FASTER_DIFFUSION_KEY_STEPS, num_inference_steps=steps)),
                           ("encoder_propagation_interval2", EncoderPropagationConfig(interval=2))):
@@ -141,7 +157,8 @@ def plot(report: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for metric, ax in zip(("fid", "psnr_vs_baseline"), axes):
-        for group, marker in (("uniform", "o-"), ("non-uniform", "s"), ("calibrated", "^-")):
+        for group, marker in (("uniform", "o-"), ("non-uniform", "s"), ("calibrated", "^-"),
+                              ("uniform-forecast", "o--"), ("calibrated-forecast", "^--")):
             rows = sorted((report["timing"][k]["speedup"], v[metric]) for k, v in report["variants"].items()
                           if v.get("group") == group and k in report.get("timing", {}))
             if rows:

@@ -76,14 +76,51 @@ def test_block_cache_forecast_changes_reused_steps_only_and_is_deterministic():
     assert not torch.equal(outputs[0], outputs[1]) and torch.isfinite(outputs[1]).all()
 
 
-def test_forecast_is_validated_and_refused_for_unets():
+def test_forecast_is_validated():
+    from diffusion_accel.cache import CalibratedCacheConfig, DeepCacheConfig
+
+    for make in (lambda f: BlockCacheConfig(interval=2, forecast=f), lambda f: DeepCacheConfig(forecast=f),
+                 lambda f: CalibratedCacheConfig((0, 2), 4, forecast=f)):
+        for bad in (2, 1.0, True):
+            with pytest.raises(ValueError, match="forecast must be one of"):
+                make(bad)
+
+
+def test_linear_forecast_follows_nested_outputs_and_falls_back_to_reuse():
+    from diffusion_accel.cache.forecast import linear_forecast
+
+    before = (torch.tensor([1.0]), (torch.tensor([0.0, 0.0]), None))
+    now = (torch.tensor([3.0]), (torch.tensor([1.0, 2.0]), None))
+    out = linear_forecast(now, before, 4, 2, 5)  # half a full-step gap past step 4
+    assert torch.equal(out[0], torch.tensor([4.0])) and torch.equal(out[1][0], torch.tensor([1.5, 3.0]))
+    assert out[1][1] is None
+    assert linear_forecast(now, None, 4, None, 5) is now
+    assert linear_forecast(now, (torch.tensor([1.0]),), 4, 2, 5) is now  # structure changed: reuse
+
+
+def test_deepcache_forecast_extrapolates_the_cached_feature_on_reuse_steps():
+    from diffusion_accel.cache import DeepCacheConfig
+
+    pipe = build_tiny("sd")
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    handle = pipe.unet.mid_block.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    enable_cache(pipe, DeepCacheConfig(interval=3, forecast=1))
+    images = pipe(**tiny_call_kwargs("sd", steps=7)).images  # full steps 0, 3, 6
+    assert torch.equal(images, pipe(**tiny_call_kwargs("sd", steps=7)).images)  # fresh state per call
+    remove_cache(pipe)
+    handle.remove()
+    steps = seen[:7]  # one batched CFG call per step
+    assert torch.equal(steps[1], steps[0]) and torch.equal(steps[2], steps[0])  # one full step: reuse
+    expected = steps[3] + (steps[3] - steps[0]) * (5 - 3) / (3 - 0)
+    assert torch.allclose(steps[5], expected, atol=1e-6) and not torch.equal(steps[5], steps[3])
+
+
+def test_calibrated_schedule_with_forecast_runs_on_a_unet():
     from diffusion_accel.cache import CalibratedCacheConfig
 
-    with pytest.raises(ValueError, match="forecast must be one of"):
-        BlockCacheConfig(interval=2, forecast=2)
-    with pytest.raises(ValueError, match="forecast must be one of"):
-        BlockCacheConfig(interval=2, forecast=1.0)
     pipe = build_tiny("sd")
-    with pytest.raises(ValueError, match="UNet"):
-        enable_cache(pipe, CalibratedCacheConfig((0, 2), 4, forecast=1))
-    assert not hasattr(pipe.unet, "_diffusers_hook") or pipe.unet._diffusers_hook.get_hook("diffusion_accel.step_tracker") is None
+    pipe.set_progress_bar_config(disable=True)
+    enable_cache(pipe, CalibratedCacheConfig((0, 2), 4, forecast=1))
+    assert torch.isfinite(pipe(**tiny_call_kwargs("sd", steps=4)).images).all()
+    remove_cache(pipe)

@@ -90,9 +90,6 @@ def _encoder_propagation(pipe: Any, config: EncoderPropagationConfig) -> tuple[s
 def _calibrated(pipe: Any, config: CalibratedCacheConfig) -> tuple[str, Any, Installer]:
     policy = SchedulePolicy(lambda n: calibrated_steps(config, n), config.num_inference_steps)
     is_unet = any(p.kind == "skip_branch" for p in get_adapter(pipe).cache_points())
-    if is_unet and config.forecast:
-        raise ValueError(f"forecast={config.forecast} extrapolates transformer stack residuals; this "
-                         "denoiser is a UNet (DeepCache reuses its deep features): use forecast=0")
     installer = _unet_installer(pipe, config.branch) if is_unet else _stack_installer(pipe, False)
     return "calibrated", policy, installer
 

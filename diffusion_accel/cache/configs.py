@@ -40,6 +40,10 @@ class DeepCacheConfig:
     ``schedule="non-uniform"`` places the same number of full steps (ceil(steps / interval))
     densely around ``center`` (a fraction of the trajectory) and sparsely far from it, with
     offsets growing as ``|u| ** power``.
+
+    ``forecast=1`` fills a reuse step with the linear extrapolation (in the step index) of the deep
+    feature from the last two full steps instead of the last one (TaylorSeer's first-order forecast
+    applied to DeepCache's cached branch); 0 is the DeepCache paper's plain reuse.
     """
 
     interval: int = 3
@@ -47,9 +51,11 @@ class DeepCacheConfig:
     schedule: str = "uniform"
     center: float = 0.3
     power: float = 1.4
+    forecast: int = 0
 
     def __post_init__(self) -> None:
         _check_int("interval", self.interval, 1)
+        _check_forecast(self.forecast)
         _check_int("branch", self.branch, 0)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
@@ -193,7 +199,8 @@ class CalibratedCacheConfig:
 
     Built by :func:`calibrate_schedule` for a compute ``budget`` (fraction of full calls). For another
     step count the schedule is resampled proportionally, or refused when ``resample`` is False.
-    ``forecast=1`` (transformers only) extrapolates the stack residual as in :class:`BlockCacheConfig`.
+    ``forecast=1`` extrapolates what reuse steps fill in (the transformer stack residual as in
+    :class:`BlockCacheConfig`, the UNet deep feature as in :class:`DeepCacheConfig`).
     """
 
     full_steps: tuple[int, ...]

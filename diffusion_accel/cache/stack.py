@@ -15,6 +15,7 @@ from diffusers.hooks import ModelHook
 from torch import nn
 
 from ..arch import BlockStreams, get_adapter
+from .forecast import linear_forecast
 from .session import CacheSession
 from .streams import BlockIO, add_streams, block_io, rel_l1, sub_streams
 
@@ -78,17 +79,8 @@ class StackBlockHook(ModelHook):
 def forecast_residual(state: dict, step: int) -> dict:
     """First-order forecast of the stack residual at ``step`` from the last two full steps
     (r1 + (r1 - r0) * (step - s1) / (s1 - s0), per stream); the cached residual if only one exists."""
-    current, current_step = state["residual"], state["residual_step"]
     previous, previous_step = state.get("previous_residual", (None, None))
-    if previous is None or previous_step is None or current_step <= previous_step:
-        return current
-    scale = (step - current_step) / (current_step - previous_step)
-    out = {}
-    for key, value in current.items():
-        before = previous.get(key)
-        same = value is not None and before is not None and before.shape == value.shape
-        out[key] = value + (value - before) * scale if same else value
-    return out
+    return linear_forecast(state["residual"], previous, state["residual_step"], previous_step, step)
 
 
 class HeadBlockHook(ModelHook):

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..arch import get_adapter
 from ..arch.base import CachePoint
+from .forecast import linear_forecast
 from .session import CacheSession
 
 
@@ -22,7 +23,9 @@ class CachedOutputHook(ModelHook):
     """Computes and stores the module's output on full steps; returns the stored one otherwise.
 
     Only the first cached module of a call (``decides``) asks the policy; the others read its
-    decision, so a compiled denoiser breaks its graph once per call, not once per module.
+    decision, so a compiled denoiser breaks its graph once per call, not once per module. With
+    ``config.forecast=1`` a reuse step returns the linear forecast of the output from the last two
+    full steps instead (see :mod:`.forecast`).
     """
 
     def __init__(self, session: CacheSession, key: str, decides: bool = True) -> None:
@@ -33,12 +36,19 @@ class CachedOutputHook(ModelHook):
         session = self.session
         if not session.active():
             return self.fn_ref.original_forward(*args, **kwargs)
-        state = session.state()
-        outputs = state.setdefault("outputs", {})
+        state, step = session.state(), session.tracker.step_index
+        outputs, steps = state.setdefault("outputs", {}), state.setdefault("output_steps", {})
         compute = session.decide() if self.decides else state.get("compute", True)
+        forecast = getattr(session.config, "forecast", 0)
         if compute or self.key not in outputs:
-            outputs[self.key] = self.fn_ref.original_forward(*args, **kwargs)
-        return outputs[self.key]
+            if forecast and self.key in outputs:  # keep the one before only when forecasting
+                state.setdefault("previous_outputs", {})[self.key] = outputs[self.key], steps[self.key]
+            outputs[self.key], steps[self.key] = self.fn_ref.original_forward(*args, **kwargs), step
+            return outputs[self.key]
+        if not forecast:
+            return outputs[self.key]
+        previous, previous_step = state.get("previous_outputs", {}).get(self.key, (None, None))
+        return linear_forecast(outputs[self.key], previous, steps[self.key], previous_step, step)
 
 
 def branch_point(pipe: Any, branch: int) -> CachePoint:

@@ -130,7 +130,8 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
         x0 = pack(z * vcfg.scaling_factor)
         batch = {"x0": x0, "noise": torch.randn(x0.shape, generator=gen), "cap": cap,
                  "sigma": torch.sigmoid(torch.randn(bs, generator=gen))}
-        loss = flow_loss(model, t5, {k: v.to(device) for k, v in batch.items()}, ids)
+        with C.autocast(device):
+            loss = flow_loss(model, t5, {k: v.to(device) for k, v in batch.items()}, ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
