@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--layers", default=None, help="glob over eligible layer names (e.g. 'up_blocks.*')")
     calibrate.add_argument("--method", default="stats",
                            help="stats (collector statistics), ptq (quantize), obs, wanda or magnitude "
-                                "(prune); default %(default)s")
+                                "(prune), cache (enable and calibrate a cache); default %(default)s")
     calibrate.add_argument("--preset", default=None, help="PTQ preset: w8a8 (default), w4a8, w8a16, fp8, w4a16, qdiffusion")
     calibrate.add_argument("--sparsity", type=float, default=None, help="pruning sparsity, e.g. 0.5")
     calibrate.add_argument("--pattern", default=None, help="pruning pattern: unstructured, 2:4, 4:8, structured")
@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--allocation", default=None, choices=("error", "saliency"),
                            help="--scope global: per-layer shares by least output error (default; obs, wanda) "
                                 "or by normalised saliency (default for magnitude)")
+    calibrate.add_argument("--cache-method", default=None,
+                           help="--method cache: deepcache, block, first_block, teacache, delta, "
+                                "encoder_propagation or calibrated (default: the recipe's [cache] method)")
+    calibrate.add_argument("--budget", type=float, default=None,
+                           help="--cache-method calibrated: fraction of steps that run the full denoiser")
+    calibrate.add_argument("--interval", type=int, default=None, help="cache interval (deepcache, block, ...)")
+    calibrate.add_argument("--forecast", type=int, default=None, choices=(0, 1),
+                           help="reuse steps: 0 reuse the cached feature, 1 forecast it linearly")
     calibrate.add_argument("--out", required=True, help="output folder (statistics, or the artifact)")
     calibrate.set_defaults(handler=_cmd_calibrate)
 

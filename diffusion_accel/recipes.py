@@ -29,7 +29,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 COLLECTOR_KINDS = ("ranges", "hessian", "features")
-METHODS = ("stats", "ptq", "obs", "wanda", "magnitude")
+METHODS = ("stats", "ptq", "obs", "wanda", "magnitude", "cache")
 CALIBRATION_KEYS = ("prompts", "num_prompts", "steps", "guidance", "selection", "weighting", "batch_size")
 
 
@@ -109,8 +109,11 @@ def calibrate_from_args(args: argparse.Namespace) -> str:
         calib = _run_calibration(pipe, prompt_list, settings, args.seed, collectors, store_trajectory=False)
         _write_statistics(Path(args.out), spec, pipe, settings, calib, collectors)
         return calib.summary() + f"\nstatistics written to {args.out}/"
-    technique_summary = _apply_technique(pipe, args, recipe, _run_calibration(
-        pipe, prompt_list, settings, args.seed, [], store_trajectory=args.method == "ptq"))
+    if args.method == "cache":
+        technique_summary = _apply_cache(pipe, args, recipe, prompt_list, settings)
+    else:
+        technique_summary = _apply_technique(pipe, args, recipe, _run_calibration(
+            pipe, prompt_list, settings, args.seed, [], store_trajectory=args.method == "ptq"))
     from .artifact import save
 
     save(pipe, args.out)
@@ -145,6 +148,26 @@ def _apply_technique(pipe: Any, args: argparse.Namespace, recipe: dict[str, Any]
     options |= {key: value for key, value in flags if value is not None}
     prune_(pipe, PruneConfig(**options), calib=calib)
     return prune_report(pipe).summary()
+
+
+def _apply_cache(pipe: Any, args: argparse.Namespace, recipe: dict[str, Any], prompt_list: list,
+                 settings: dict[str, Any]) -> str:
+    """Enable the cache of the recipe's ``[cache]`` table (+ flags), calibrating it on the prompts
+    first where the method needs it (a calibrated schedule, TeaCache's polynomial)."""
+    from .cache import enable_cache
+    from .cache.configs import config_to_dict
+    from .cache.recipe import config_from_table
+
+    table = dict(recipe.get("cache", {}))
+    flags = (("method", args.cache_method), ("budget", args.budget), ("interval", args.interval),
+             ("forecast", args.forecast))
+    table |= {key: value for key, value in flags if value is not None}
+    if not table.get("method"):
+        raise ValueError("--method cache needs a cache: give --cache-method or a recipe with a [cache] table")
+    guidance = {} if settings["guidance"] is None else {"guidance_scale": settings["guidance"]}
+    config = config_from_table(pipe, table, prompt_list, settings["steps"], seed=args.seed, **guidance)
+    enable_cache(pipe, config)
+    return f"cache: {json.dumps(config_to_dict(config))}"
 
 
 def _selection(value: Any) -> Any:

@@ -94,7 +94,8 @@ def test_parser_lists_every_subcommand():
 @pytest.mark.parametrize("method, extra", [("ptq", ["--preset", "w8a8"]),
                                            ("magnitude", ["--sparsity", "0.5", "--pattern", "2:4"]),
                                            ("obs", ["--sparsity", "0.3"]),
-                                           ("wanda", ["--sparsity", "0.4", "--scope", "global", "--allocation", "error"])])
+                                           ("wanda", ["--sparsity", "0.4", "--scope", "global", "--allocation", "error"]),
+                                           ("cache", ["--cache-method", "calibrated", "--budget", "0.5", "--forecast", "1"])])
 def test_calibrate_method_writes_a_loadable_artifact(method, extra, tmp_path, capsys):
     import torch
 
@@ -106,10 +107,24 @@ def test_calibrate_method_writes_a_loadable_artifact(method, extra, tmp_path, ca
                  "--out", str(out), *extra])
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["techniques"][0]["name"] in ("ptq", "prune")
+    assert manifest["techniques"][0]["name"] in ("ptq", "prune", "cache")
     loaded = da.load(build_tiny("sd"), out)
     images = loaded(**tiny_call_kwargs("sd")).images
     assert torch.isfinite(images).all()
+
+
+def test_calibrate_cache_reads_the_recipe_table_and_flags_override_it(tmp_path, capsys):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nid = "tiny:sd"\n[calibration]\nsteps = 4\nnum_prompts = 1\n'
+                      '[cache]\nmethod = "deepcache"\ninterval = 2\nbranch = 0\n')
+    out = tmp_path / "cached"
+    assert main(["calibrate", "--recipe", str(recipe), "--method", "cache", "--interval", "3",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    config = json.loads((out / "manifest.json").read_text())["techniques"][0]["config"]
+    assert config == {"type": "DeepCacheConfig", "params": {"interval": 3, "branch": 0, "schedule": "uniform",
+                                                            "center": 0.3, "power": 1.4, "forecast": 0}}
+    assert main(["calibrate", "--pipe", "tiny:sd", "--method", "cache", "--out", str(tmp_path / "x")]) == 2
+    assert "--cache-method" in capsys.readouterr().err
 
 
 def test_calibrate_unknown_method_is_a_user_error(capsys):

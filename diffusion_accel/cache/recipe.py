@@ -1,0 +1,50 @@
+"""Cache configs from a recipe's ``[cache]`` table (``diffusion-accel calibrate --method cache``).
+
+``method`` names the cache; the other keys are that config's fields. Two methods calibrate on the
+recipe's prompts first: ``"calibrated"`` searches a schedule (keys: ``budget``, ``branch``,
+``forecast``, ``search``, ``max_passes``, ``max_candidates``, ``resample``) and ``"teacache"``
+fits its rescaling polynomial when no ``coefficients`` are given (key ``degree``, default 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from .calibrated import calibrate_schedule
+from .configs import (BlockCacheConfig, DeepCacheConfig, DeltaCacheConfig, EncoderPropagationConfig,
+                      FirstBlockCacheConfig, TeaCacheConfig)
+from .teacache_fit import fit_teacache_coefficients
+
+STATIC_METHODS: dict[str, type] = {
+    "deepcache": DeepCacheConfig, "block": BlockCacheConfig, "first_block": FirstBlockCacheConfig,
+    "teacache": TeaCacheConfig, "delta": DeltaCacheConfig, "encoder_propagation": EncoderPropagationConfig,
+}
+CALIBRATED_KEYS = ("budget", "branch", "forecast", "search", "max_passes", "max_candidates", "resample")
+CACHE_METHODS = (*STATIC_METHODS, "calibrated")
+
+
+def config_from_table(pipe: Any, table: dict[str, Any], prompts: Any, num_inference_steps: int,
+                      seed: int = 0, **call_kwargs: Any) -> Any:
+    """The cache config a ``[cache]`` table describes, calibrated on ``prompts`` where the method
+    needs it (``call_kwargs``: the sampling settings, e.g. ``guidance_scale``)."""
+    options = dict(table)
+    method = options.pop("method", None)
+    if method not in CACHE_METHODS:
+        raise ValueError(f"[cache] method {method!r}: accepted methods are {', '.join(CACHE_METHODS)}")
+    if method == "calibrated":
+        _check_keys(method, options, CALIBRATED_KEYS)
+        return calibrate_schedule(pipe, prompts, num_inference_steps=num_inference_steps, seed=seed,
+                                  **options, **call_kwargs)
+    degree = options.pop("degree", 4) if method == "teacache" else None
+    _check_keys(method, options, tuple(f.name for f in fields(STATIC_METHODS[method])))
+    if method == "teacache" and options.get("coefficients") is None:
+        options["coefficients"] = fit_teacache_coefficients(pipe, prompts, num_inference_steps, degree=degree,
+                                                            seed=seed, **call_kwargs)
+    return STATIC_METHODS[method](**options)
+
+
+def _check_keys(method: str, options: dict[str, Any], accepted: tuple[str, ...]) -> None:
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"[cache] keys {unknown} do not apply to method {method!r}; accepted: {list(accepted)}")

@@ -1,0 +1,42 @@
+"""Cache configs from a recipe's [cache] table: static configs, calibrated ones, clear errors."""
+
+import pytest
+
+from diffusion_accel.cache import BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, TeaCacheConfig
+from diffusion_accel.cache.recipe import config_from_table
+from diffusion_accel.testing.tiny import build_tiny
+
+
+def test_static_table_builds_its_config_without_running_the_pipeline():
+    config = config_from_table(None, {"method": "deepcache", "interval": 4, "forecast": 1}, [], 10)
+    assert config == DeepCacheConfig(interval=4, forecast=1)
+    assert config_from_table(None, {"method": "block", "interval": 2}, [], 10) == BlockCacheConfig(interval=2)
+
+
+def test_calibrated_table_searches_a_schedule_for_the_budget():
+    pipe = build_tiny("dit")
+    pipe.set_progress_bar_config(disable=True)
+    config = config_from_table(pipe, {"method": "calibrated", "budget": 0.5, "forecast": 1}, [1], 6,
+                               guidance_scale=1.0)
+    assert isinstance(config, CalibratedCacheConfig)
+    assert len(config.full_steps) == 3 and config.forecast == 1 and config.num_inference_steps == 6
+
+
+def test_teacache_without_coefficients_fits_them():
+    pipe = build_tiny("dit")
+    pipe.set_progress_bar_config(disable=True)
+    config = config_from_table(pipe, {"method": "teacache", "threshold": 0.2, "degree": 1}, [1, 2], 8,
+                               guidance_scale=1.0)
+    assert isinstance(config, TeaCacheConfig) and len(config.coefficients) == 2 and config.threshold == 0.2
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"method": "fora"}, "accepted methods are deepcache"),
+    ({}, "accepted methods"),
+    ({"method": "deepcache", "budget": 0.3}, r"keys \['budget'\] do not apply to method 'deepcache'"),
+    ({"method": "calibrated", "interval": 3}, r"keys \['interval'\] do not apply"),
+    ({"method": "deepcache", "interval": 0}, "interval must be an int >= 1"),
+])
+def test_bad_tables_name_the_value_and_what_is_accepted(table, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_table(None, table, [], 10)
