@@ -159,6 +159,8 @@ def _apply_cache(pipe: Any, args: argparse.Namespace, recipe: dict[str, Any], pr
     from .cache.recipe import config_from_table
 
     table = dict(recipe.get("cache", {}))
+    if args.cache_method is not None and args.cache_method != table.get("method"):
+        table = {}  # the recipe's keys belong to its own method
     flags = (("method", args.cache_method), ("budget", args.budget), ("interval", args.interval),
              ("forecast", args.forecast))
     table |= {key: value for key, value in flags if value is not None}

@@ -123,6 +123,8 @@ def test_calibrate_cache_reads_the_recipe_table_and_flags_override_it(tmp_path, 
     config = json.loads((out / "manifest.json").read_text())["techniques"][0]["config"]
     assert config == {"type": "DeepCacheConfig", "params": {"interval": 3, "branch": 0, "schedule": "uniform",
                                                             "center": 0.3, "power": 1.4, "forecast": 0}}
+    assert main(["calibrate", "--recipe", str(recipe), "--method", "cache", "--cache-method", "calibrated",
+                 "--budget", "0.5", "--out", str(out)]) == 0, capsys.readouterr().err  # recipe keys dropped
     assert main(["calibrate", "--pipe", "tiny:sd", "--method", "cache", "--out", str(tmp_path / "x")]) == 2
     assert "--cache-method" in capsys.readouterr().err
 
