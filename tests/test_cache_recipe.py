@@ -40,3 +40,16 @@ def test_teacache_without_coefficients_fits_them():
 def test_bad_tables_name_the_value_and_what_is_accepted(table, message):
     with pytest.raises(ValueError, match=message):
         config_from_table(None, table, [], 10)
+
+
+def test_every_shipped_recipe_cache_table_builds_a_config():
+    from pathlib import Path
+
+    from diffusion_accel.recipes import load_recipe
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.toml"))
+    assert recipes
+    for path in recipes:
+        table = load_recipe(path).get("cache")
+        if table is not None:
+            assert config_from_table(None, table, [], 10) is not None, path.name
