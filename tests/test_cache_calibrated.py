@@ -101,15 +101,20 @@ def test_linear_forecast_follows_nested_outputs_and_falls_back_to_reuse():
 def test_deepcache_forecast_extrapolates_the_cached_feature_on_reuse_steps():
     from diffusion_accel.cache import DeepCacheConfig
 
+    from diffusion_accel.cache.unet_branch import branch_point
+
     pipe = build_tiny("sd")
     pipe.set_progress_bar_config(disable=True)
-    seen = []
-    handle = pipe.unet.mid_block.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    seen, mid = [], []
+    fed = pipe.unet.get_submodule(branch_point(pipe, 0).blocks[-1])  # what the shallow path consumes
+    handle = fed.register_forward_hook(lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).clone()))
+    mid_handle = pipe.unet.mid_block.register_forward_hook(lambda m, i, o: mid.append(o.detach().clone()))
     enable_cache(pipe, DeepCacheConfig(interval=3, forecast=1))
     images = pipe(**tiny_call_kwargs("sd", steps=7)).images  # full steps 0, 3, 6
     assert torch.equal(images, pipe(**tiny_call_kwargs("sd", steps=7)).images)  # fresh state per call
     remove_cache(pipe)
-    handle.remove()
+    handle.remove(), mid_handle.remove()
+    assert torch.equal(mid[5], mid[3])  # a module that only feeds cached ones is not forecast
     steps = seen[:7]  # one batched CFG call per step
     assert torch.equal(steps[1], steps[0]) and torch.equal(steps[2], steps[0])  # one full step: reuse
     expected = steps[3] + (steps[3] - steps[0]) * (5 - 3) / (3 - 0)

@@ -24,13 +24,14 @@ class CachedOutputHook(ModelHook):
 
     Only the first cached module of a call (``decides``) asks the policy; the others read its
     decision, so a compiled denoiser breaks its graph once per call, not once per module. With
-    ``config.forecast=1`` a reuse step returns the linear forecast of the output from the last two
+    ``config.forecast=1`` the module whose output the shallow path consumes (``forecasts``; the
+    others only feed cached modules) returns the linear forecast of its output from the last two
     full steps instead (see :mod:`.forecast`).
     """
 
-    def __init__(self, session: CacheSession, key: str, decides: bool = True) -> None:
+    def __init__(self, session: CacheSession, key: str, decides: bool = True, forecasts: bool = False) -> None:
         super().__init__()
-        self.session, self.key, self.decides = session, key, decides
+        self.session, self.key, self.decides, self.forecasts = session, key, decides, forecasts
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         session = self.session
@@ -39,7 +40,7 @@ class CachedOutputHook(ModelHook):
         state, step = session.state(), session.tracker.step_index
         outputs, steps = state.setdefault("outputs", {}), state.setdefault("output_steps", {})
         compute = session.decide() if self.decides else state.get("compute", True)
-        forecast = getattr(session.config, "forecast", 0)
+        forecast = self.forecasts and getattr(session.config, "forecast", 0)
         if compute or self.key not in outputs:
             if forecast and self.key in outputs:  # keep the one before only when forecasting
                 state.setdefault("previous_outputs", {})[self.key] = outputs[self.key], steps[self.key]
@@ -68,8 +69,10 @@ def install_branch_cache(session: CacheSession, point: CachePoint) -> None:
     session.cached_blocks = point.blocks
     session.total_blocks = len(adapter.blocks())
     state_ready = ModelHookReady(session)
+    last = len(point.blocks) - 1  # its output feeds point.up, the only live consumer on reuse steps
     for index, name in enumerate(point.blocks):
-        session.hook(session.denoiser.get_submodule(name), CachedOutputHook(session, name, decides=index == 0))
+        hook = CachedOutputHook(session, name, decides=index == 0, forecasts=index == last)
+        session.hook(session.denoiser.get_submodule(name), hook)
     session.hook(session.denoiser.get_submodule(point.up), state_ready)
 
 
