@@ -36,6 +36,7 @@ def test_teacache_without_coefficients_fits_them():
     ({"method": "deepcache", "budget": 0.3}, r"keys \['budget'\] do not apply to method 'deepcache'"),
     ({"method": "calibrated", "interval": 3}, r"keys \['interval'\] do not apply"),
     ({"method": "deepcache", "interval": 0}, "interval must be an int >= 1"),
+    ({"method": "teacache", "coefficients": [1.0, 0.0], "degree": 2}, "does not apply when coefficients"),
 ])
 def test_bad_tables_name_the_value_and_what_is_accepted(table, message):
     with pytest.raises(ValueError, match=message):

@@ -37,6 +37,8 @@ def config_from_table(pipe: Any, table: dict[str, Any], prompts: Any, num_infere
         return calibrate_schedule(pipe, prompts, num_inference_steps=num_inference_steps, seed=seed,
                                   **options, **call_kwargs)
     degree = options.pop("degree", 4) if method == "teacache" else None
+    if "degree" in table and options.get("coefficients") is not None:
+        raise ValueError("[cache] degree fits TeaCache's polynomial; it does not apply when coefficients are given")
     _check_keys(method, options, tuple(f.name for f in fields(STATIC_METHODS[method])))
     if method == "teacache" and options.get("coefficients") is None:
         options["coefficients"] = fit_teacache_coefficients(pipe, prompts, num_inference_steps, degree=degree,
