@@ -10,7 +10,8 @@ Ours: activation ranges calibrated uniformly over the benchmark's own trajectory
 steps with CFG 3, fashion-flux 28 steps with true CFG 3; Q-Diffusion), MSE range search,
 split-shortcut quantization (UNets), lowered to real int8 kernels (int4 weights packed); W4A8 adds
 block reconstruction (AdaRound). Naive: min-max ranges from one timestep, max weight scales, no
-split, no reconstruction. The ablations change one thing of ours at W4A8.
+split, no reconstruction. The ablations change one thing of ours at W4A8; the output_mse variants
+change only the weight-scale search.
 """
 
 from __future__ import annotations
@@ -124,6 +125,10 @@ def variants(model: str) -> list[Variant]:
                 "ours W4A8 without reconstruction"),
         Variant("ablation_w4a8_timestep_groups4", ours_pipe(model, ours(model, "w4a8", timestep_groups=4)), "ablation",
                 "ours W4A8 with 4 per-timestep-group activation scales"),
+        Variant("ours_w4a8_output_mse", ours_pipe(model, ours(model, "w4a8", weight_scale="output_mse")), "W4A8",
+                "ours W4A8 with output-MSE weight scales (error weighted by calibrated input mean squares)"),
+        Variant("ours_w8a8_output_mse", ours_pipe(model, ours(model, "w8a8", weight_scale="output_mse")), "W8A8",
+                "ours W8A8 with output-MSE weight scales instead of max"),
     ]
     if denoiser_attr(model) == "unet":
         out.insert(8, Variant("ablation_w4a8_no_split", ours_pipe(model, ours(model, "w4a8", split_shortcut=False)),

@@ -2,7 +2,8 @@
 
 Paired per image: 40 class-cycled prompts on fashion-sd (50 DDIM steps, CFG 3), each quantized
 pipeline (simulated, no reconstruction) vs the fp32 images of the same seeds; mean PSNR and the
-paired t statistic of split minus plain. Writes benchmarks/results/ptq_split_ablation.{json,md}.
+paired t statistic of split minus plain. Weight scales by max, weight MSE, or output MSE (the weight
+error weighted by each input feature's calibrated mean square, which sees the two halves' scales). Writes benchmarks/results/ptq_split_ablation.{json,md}.
 
     python benchmarks/ptq_split_ablation.py
 """
@@ -28,9 +29,12 @@ SETTINGS = {  # label -> (bits preset, changes)
     "A8 only (weights fp32)": ("w4a8", dict(weights=None)),
     "W4 only, MSE weight scales": ("w4a8", dict(activations=None)),
     "W4 only, max weight scales": ("w4a8", dict(activations=None, weight_scale="max")),
+    "W4 only, output-MSE weight scales": ("w4a8", dict(activations=None, weight_scale="output_mse")),
     "W4A8, MSE weight scales": ("w4a8", {}),
     "W4A8, max weight scales": ("w4a8", dict(weight_scale="max")),
+    "W4A8, output-MSE weight scales": ("w4a8", dict(weight_scale="output_mse")),
     "W8A8, max weight scales": ("w8a8", {}),
+    "W8A8, output-MSE weight scales": ("w8a8", dict(weight_scale="output_mse")),
 }
 
 

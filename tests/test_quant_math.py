@@ -54,6 +54,24 @@ def test_mse_scale_search_never_worse_than_max():
     assert (errors["mse"] <= errors["max"] + 1e-6).all() and errors["mse"].sum() < errors["max"].sum()
 
 
+def test_output_mse_scales_minimise_output_error_on_unevenly_scaled_inputs():
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    w[:, :8] *= 6  # large weights on quiet inputs: clipping them costs little output error
+    x = torch.randn(4096, 64) * torch.cat([torch.full((8,), 0.05), torch.ones(56)])
+    column_weights = x.pow(2).mean(0)
+    fmt = get_format("int4")
+
+    def output_error(method):
+        scale = weight_scales(w, fmt, (64,), method, column_weights)
+        deq = dequantize_weight(quantize_weight(w, scale, fmt, (64,)), scale, (64,))
+        return (x @ (deq - w).T).pow(2).mean().item()
+
+    assert output_error("output_mse") < 0.7 * output_error("mse") < output_error("max")
+    with pytest.raises(ValueError, match="output_mse.*column_weights of shape \\(64,\\)"):
+        weight_scales(w, fmt, (64,), "output_mse")
+
+
 def test_asymmetric_zero_point_represents_zero_and_the_range():
     fmt = get_format("int8")
     scale, zero = activation_qparams(-1.0, 3.0, fmt, symmetric=False)

@@ -56,6 +56,26 @@ def test_w8a8_is_closer_to_float_than_w4a8_and_weight_only_is_closest():
 
 
 @pytest.mark.parametrize("family", ["sd", "flux"])
+def test_output_mse_weight_scales_use_calibrated_input_norms(family):
+    options = FLUX_FAST if family == "flux" else FAST
+    reference = build_tiny(family)
+    pipes = {method: build_tiny(family) for method in ("mse", "output_mse")}
+    for method, pipe in pipes.items():  # weight-only: output_mse still calibrates (input norms)
+        quantize_(pipe, PTQConfig(weights="int4", activations=None, weight_scale=method, lower=False, **options))
+    changed = [name for name, layer in pipes["mse"].components[_denoiser(family)].named_modules()
+               if isinstance(layer, QuantLayer) and not torch.equal(
+                   layer.weight_scale, pipes["output_mse"].components[_denoiser(family)]
+                   .get_submodule(name).weight_scale)]
+    assert changed  # the input weighting moves some clipping choices
+    images = _images(pipes["output_mse"], family)
+    assert _sqnr_db(_images(reference, family), images) > 8.0
+
+
+def _denoiser(family):
+    return "unet" if family == "sd" else "transformer"
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
 def test_drop_in_contract(family):
     options = FLUX_FAST if family == "flux" else FAST
     check_drop_in(family, lambda pipe: quantize_(pipe, PTQConfig(lower=True, timestep_groups=2, **options)))

@@ -12,9 +12,13 @@ from .layers import CHANNEL_DIMS, QUANT_LAYER_TYPES, ActQuantizer, DynamicActQua
 from .quantizers import activation_qparams, quantize_weight, segment_sizes, weight_scales
 
 
-def weight_codes(module: nn.Module, config: PTQConfig, split: int | None
+def weight_codes(module: nn.Module, config: PTQConfig, split: int | None,
+                 column_weights: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[int, ...]]:
-    """(codes (out, columns), scales (out, S), segment sizes) of ``module``'s weight; Nones if fp."""
+    """(codes (out, columns), scales (out, S), segment sizes) of ``module``'s weight; Nones if fp.
+
+    ``column_weights`` (columns,): per-column input mean squares, used by weight_scale "output_mse".
+    """
     weight = module.weight.detach()
     w2d = weight.reshape(weight.shape[0], -1)
     unit = w2d.shape[1] // weight.shape[1]  # kh * kw for convs, 1 for Linear
@@ -22,7 +26,7 @@ def weight_codes(module: nn.Module, config: PTQConfig, split: int | None
     if config.weights is None:
         return None, None, sizes
     fmt = get_format(config.weights)
-    scale = weight_scales(w2d, fmt, sizes, config.weight_scale)
+    scale = weight_scales(w2d, fmt, sizes, config.weight_scale, column_weights)
     return quantize_weight(w2d, scale, fmt, sizes), scale.to(weight.dtype), sizes
 
 
@@ -61,7 +65,7 @@ def activation_quantizer(target: LayerTarget, collected: Collected, config: PTQC
 def build_layer(module: nn.Module, target: LayerTarget, collected: Collected, config: PTQConfig,
                 selector: StepGroups | None) -> QuantLayer:
     """A QuantLinear / QuantConv2d replacing ``module``."""
-    codes, scale, sizes = weight_codes(module, config, target.split)
+    codes, scale, sizes = weight_codes(module, config, target.split, collected.column_weights(target.name))
     channels = module.weight.shape[1]
     act = activation_quantizer(target, collected, config, selector, channels)
     layer_cls = QUANT_LAYER_TYPES[target.float_type]

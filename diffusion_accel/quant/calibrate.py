@@ -18,7 +18,8 @@ from torch import nn
 
 from ..arch import get_adapter
 from ..arch.registry import find_denoiser
-from ..calib import Calibration, Collector, RangeObserver, SampleStore, Step, calibrate, call_mode
+from ..calib import (Calibration, Collector, HessianCollector, RangeObserver, SampleStore, Step, calibrate,
+                     call_mode)
 from ..prompts import for_pipeline as prompts_for_pipeline
 from .configs import PTQConfig
 from .layers import float_type_of
@@ -99,13 +100,21 @@ class SegmentRangeObserver(Collector):
 
 @dataclass
 class Collected:
-    """What calibration gave PTQ: range observers, the optional block sample store, steps per call."""
+    """What calibration gave PTQ: range observers, input norms, the block sample store, steps per call."""
 
     plain: RangeObserver | None
     split: SegmentRangeObserver | None
     samples: SampleStore | None
     num_steps: int
     calibration: Calibration | None
+    input_norms: HessianCollector | None = None
+
+    def column_weights(self, name: str) -> torch.Tensor | None:
+        """Mean square of each weight column's input feature of layer ``name`` (for "output_mse")."""
+        if self.input_norms is None:
+            return None
+        mean_square = self.input_norms.input_sq_norms(name) / max(self.input_norms.num_rows(name), 1)
+        return mean_square + 1e-4 * mean_square.mean()  # dead inputs still break ties
 
 
 def _range_options(config: PTQConfig) -> dict[str, Any]:
@@ -123,6 +132,8 @@ def build_collectors(pipe: Any, config: PTQConfig, targets: Sequence[LayerTarget
             collectors.append(RangeObserver(plain, **_range_options(config)))
         if splits:
             collectors.append(SegmentRangeObserver(splits, **_range_options(config)))
+    if config.weights is not None and config.weight_scale == "output_mse":
+        collectors.append(HessianCollector([t.name for t in targets], full=False))
     if config.reconstruct:
         blocks = [info.name for info in get_adapter(pipe).blocks()]
         collectors.append(SampleStore(blocks, max_samples=config.recon_samples, with_outputs=True))
@@ -152,7 +163,7 @@ def collect(pipe: Any, config: PTQConfig, targets: Sequence[LayerTarget],
         num_steps = result.settings.num_inference_steps
     by_type = {type(c): c for c in collectors}
     return Collected(by_type.get(RangeObserver), by_type.get(SegmentRangeObserver),
-                     by_type.get(SampleStore), num_steps, result)
+                     by_type.get(SampleStore), num_steps, result, by_type.get(HessianCollector))
 
 
 def _run(pipe: Any, config: PTQConfig, collectors: list[Collector], calib: Calibration | None) -> Calibration:

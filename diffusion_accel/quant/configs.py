@@ -10,7 +10,7 @@ from .formats import ACTIVATION_FORMATS, WEIGHT_FORMATS
 
 WEIGHT_GRANULARITIES = ("per_channel", "group")
 GROUP_SIZES = (32, 64, 128, 256)
-WEIGHT_SCALE_METHODS = ("max", "mse")
+WEIGHT_SCALE_METHODS = ("max", "mse", "output_mse")
 ACT_METHODS = ("minmax", "percentile", "mse")
 ACT_MODES = ("static", "dynamic")
 
@@ -21,7 +21,8 @@ class PTQConfig:
 
     weights: "int8" | "int4" | "fp8" | None (keep fp). activations: "int8" | "fp8" | None (weight-only).
     weight_granularity: "per_channel" (symmetric, one scale per output channel) or "group"
-    (``group_size`` input columns per scale). weight_scale: "max" or "mse" (clipping search).
+    (``group_size`` input columns per scale). weight_scale: "max", "mse" (clipping search on the weight
+error) or "output_mse" (the same search weighted by each input feature's calibrated mean square).
     act_mode: "static" (per-tensor scale from calibration) or "dynamic" (per-token at run time).
     act_method: how static ranges are set ("minmax", "percentile", "mse"). act_symmetric: False =
     asymmetric with a zero point. timestep_groups: K > 1 gives K activation scales over the

@@ -52,16 +52,25 @@ def _segment_amax(w2d: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     return torch.stack([part.abs().amax(dim=1) for part in w2d.split(list(sizes), dim=1)], dim=1)
 
 
-def weight_scales(w2d: torch.Tensor, fmt: NumberFormat, sizes: Sequence[int],
-                  method: str = "max") -> torch.Tensor:
-    """(out, S) symmetric scales of a flattened weight ``w2d`` (out, columns) by max or MSE search."""
+def weight_scales(w2d: torch.Tensor, fmt: NumberFormat, sizes: Sequence[int], method: str = "max",
+                  column_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(out, S) symmetric scales of a flattened weight ``w2d`` (out, columns) by max or a clipping search.
+
+    "mse" minimises each segment's squared weight error; "output_mse" weights column j's error by
+    ``column_weights[j]`` (the layer's mean squared input feature, the diagonal of its Hessian), so
+    the search minimises the expected output error instead; it needs ``column_weights`` (columns,).
+    """
     amax = _segment_amax(w2d.float(), sizes).clamp_min(EPS)
     if method == "max":
         return amax / fmt.qmax
+    if method == "output_mse" and (column_weights is None or column_weights.numel() != w2d.shape[1]):
+        got = None if column_weights is None else tuple(column_weights.shape)
+        raise ValueError(f"weight_scale 'output_mse' needs column_weights of shape ({w2d.shape[1]},); got {got}")
+    weights = column_weights.float().reshape(1, -1) if method == "output_mse" else None
     best_scale, best_error = amax / fmt.qmax, None
     for fraction in MSE_CANDIDATES:
         scale = amax * fraction / fmt.qmax
-        error = _segment_error(w2d.float(), scale, fmt, sizes)
+        error = _segment_error(w2d.float(), scale, fmt, sizes, weights)
         best_error = error if best_error is None else best_error
         better = error < best_error
         best_scale = torch.where(better, scale, best_scale)
@@ -70,10 +79,12 @@ def weight_scales(w2d: torch.Tensor, fmt: NumberFormat, sizes: Sequence[int],
 
 
 def _segment_error(w2d: torch.Tensor, scale: torch.Tensor, fmt: NumberFormat,
-                   sizes: Sequence[int]) -> torch.Tensor:
-    """(out, S) squared error of fake-quantizing each segment with ``scale``."""
+                   sizes: Sequence[int], column_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(out, S) squared error of fake-quantizing each segment with ``scale``, columns optionally weighted."""
     full = expand_segments(scale, sizes)
     error = (fmt.round(w2d / full) * full - w2d).pow(2)
+    if column_weights is not None:
+        error = error * column_weights
     if len(sizes) == 1:
         return error.sum(dim=1, keepdim=True)
     return torch.stack([part.sum(dim=1) for part in error.split(list(sizes), dim=1)], dim=1)
