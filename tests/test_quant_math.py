@@ -117,6 +117,8 @@ def test_fp8_weights_simulated_within_relative_precision():
     ("group_size", 100, "64, 128"),
     ("act_method", "kl", "'minmax', 'percentile', 'mse'"),
     ("act_mode", "per_token", "'static', 'dynamic'"),
+    ("weight_scale", "l1", "'max', 'mse', 'output_mse'"),
+    ("weight_rounding", "adaround", "'nearest', 'gptq'"),
 ])
 def test_bad_config_values_are_named_with_accepted_values(field, value, accepted):
     with pytest.raises(ValueError) as error:

@@ -168,6 +168,7 @@ def test_given_calibration_is_replayed():
     ("flux", PTQConfig(weights="int4", activations=None, weight_granularity="group", group_size=32,
                        lower=True, **FLUX_FAST)),
     ("sd", PTQConfig(act_mode="dynamic", act_symmetric=True, **FAST)),
+    ("sd", PTQConfig(weights="int4", weight_rounding="gptq", weight_scale="output_mse", **FAST)),
 ])
 def test_save_load_round_trip_is_bit_exact(tmp_path, family, config):
     pipe = build_tiny(family)

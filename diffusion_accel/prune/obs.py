@@ -9,7 +9,7 @@ unfolded Hessian of ``calib.HessianCollector``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -68,6 +68,34 @@ def _nm_prune(scores: torch.Tensor, keep: int, group: int) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, lowest, True)
 
 
+ColumnRule = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+
+
+def obs_column_pass(work: torch.Tensor, factor: torch.Tensor, blocksize: int, rule: ColumnRule) -> None:
+    """The OBS / GPTQ sweep over the columns of ``work`` (rows, d), in place.
+
+    Column i of each ``blocksize`` block becomes ``rule(block_w, block_u, start, i)`` (the block's
+    current weights (rows, b), its factor block, the block's first column, i); the change, divided
+    by U_ii, is folded into the later columns along row i of the upper factor U of H^-1 (lazily
+    across blocks), so the layer output on the calibration inputs moves as little as possible.
+    """
+    cols = work.shape[1]
+    for start in range(0, cols, blocksize):
+        stop = min(start + blocksize, cols)
+        block_w = work[:, start:stop].clone()
+        block_u = factor[start:stop, start:stop]
+        errors = torch.zeros_like(block_w)
+        for i in range(stop - start):
+            column = block_w[:, i].clone()
+            kept = rule(block_w, block_u, start, i)
+            err = (column - kept) / block_u[i, i]
+            block_w[:, i:] -= err.unsqueeze(1) * block_u[i, i:].unsqueeze(0)
+            block_w[:, i] = kept
+            errors[:, i] = err
+        work[:, start:stop] = block_w
+        work[:, stop:] -= errors @ factor[start:stop, stop:]
+
+
 def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
               nm: tuple[int, int] | None = None, blocksize: int = 128,
               damp: float = 0.01,
@@ -89,27 +117,20 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
         rows, cols = work.shape
         mask = torch.zeros_like(work, dtype=torch.bool)
         counts = _block_counts(rows, cols, sparsity, blocksize)
-        for block, start in enumerate(range(0, cols, blocksize)):
-            stop = min(start + blocksize, cols)
-            block_w = work[:, start:stop].clone()
-            block_u = factor[start:stop, start:stop]
-            block_mask = torch.zeros_like(block_w, dtype=torch.bool)
-            if nm is None and counts[block] > 0:
+
+        def prune_column(block_w: torch.Tensor, block_u: torch.Tensor, start: int, i: int) -> torch.Tensor:
+            width = block_w.shape[1]
+            if nm is None and i == 0 and counts[start // blocksize] > 0:
                 scores = block_w.pow(2) / torch.diag(block_u).pow(2).unsqueeze(0)
-                lowest = torch.topk(scores.flatten(), counts[block], largest=False).indices
+                lowest = torch.topk(scores.flatten(), counts[start // blocksize], largest=False).indices
+                block_mask = torch.zeros_like(block_w, dtype=torch.bool)
                 block_mask.view(-1)[lowest] = True
-            errors = torch.zeros_like(block_w)
-            for i in range(stop - start):
-                if nm is not None and i % nm[1] == 0:
-                    scores = block_w[:, i:i + nm[1]].pow(2) / torch.diag(block_u)[i:i + nm[1]].pow(2)
-                    block_mask[:, i:i + nm[1]] = _nm_prune(scores, *nm)
-                column = block_w[:, i]
-                kept = torch.where(block_mask[:, i], torch.zeros_like(column), column)
-                err = (column - kept) / block_u[i, i]
-                block_w[:, i:] -= err.unsqueeze(1) * block_u[i, i:].unsqueeze(0)
-                block_w[:, i] = kept
-                errors[:, i] = err
-            work[:, start:stop] = block_w
-            mask[:, start:stop] = block_mask
-            work[:, stop:] -= errors @ factor[start:stop, stop:]
+                mask[:, start:start + width] = block_mask
+            if nm is not None and i % nm[1] == 0:
+                scores = block_w[:, i:i + nm[1]].pow(2) / torch.diag(block_u)[i:i + nm[1]].pow(2)
+                mask[:, start + i:start + i + nm[1]] = _nm_prune(scores, *nm)
+            column = block_w[:, i]
+            return torch.where(mask[:, start + i], torch.zeros_like(column), column)
+
+        obs_column_pass(work, factor, blocksize, prune_column)
     return work, mask

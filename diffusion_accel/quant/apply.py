@@ -17,9 +17,11 @@ from ..artifact import base_fingerprint, mark_applied
 from ..calib import Calibration
 from ..hooks import attach_tracker, detach_tracker_if_unused, get_tracker
 from .attention import install_attention, quantizable_attention, restore_attention
-from .build import build_layer
-from .calibrate import Collected, FilterFn, collect, select_layers
+from .build import build_layer, weight_grid
+from .calibrate import Collected, FilterFn, LayerTarget, collect, hessian_sweep, select_layers
 from .configs import PTQConfig
+from .formats import get_format
+from .gptq import gptq_round_all
 from .layers import StepGroups
 from .lower import lower_
 from .reconstruct import reconstruct_blocks
@@ -57,6 +59,8 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
     attention, skipped = _attention_targets(pipe, config)
     collected = collect(pipe, config, targets, calib)
     base_fingerprint(pipe)
+    if config.weight_rounding == "gptq":
+        collected.rounded_codes = _gptq(pipe, denoiser, config, targets, collected, calib)
     selector = StepGroups(denoiser, config.timestep_groups, collected.num_steps) \
         if config.timestep_groups > 1 else None
     layers = {t.name: build_layer(denoiser.get_submodule(t.name), t, collected, config, selector)
@@ -68,6 +72,16 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
         state.notes.append(f"{skipped} attention modules use non-standard processors and stay unquantized")
     install(pipe, layers, state, lambda originals: _finish(pipe, config, collected, originals))
     return pipe
+
+
+def _gptq(pipe: Any, denoiser: nn.Module, config: PTQConfig, targets: list[LayerTarget],
+          collected: Collected, calib: Calibration | None) -> dict:
+    """GPTQ codes of every target on the grid ``build_layer`` will use (same scales)."""
+    def grid(target: LayerTarget) -> tuple:
+        module = denoiser.get_submodule(target.name)
+        w2d, scale, sizes = weight_grid(module, config, target.split, collected.column_weights(target.name))
+        return w2d, scale, sizes, get_format(config.weights)
+    return gptq_round_all(denoiser, targets, config, hessian_sweep(pipe, config, calib), grid)
 
 
 def _attention_targets(pipe: Any, config: PTQConfig) -> tuple[list[str], int]:

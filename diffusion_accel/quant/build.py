@@ -12,10 +12,10 @@ from .layers import CHANNEL_DIMS, QUANT_LAYER_TYPES, ActQuantizer, DynamicActQua
 from .quantizers import activation_qparams, quantize_weight, segment_sizes, weight_scales
 
 
-def weight_codes(module: nn.Module, config: PTQConfig, split: int | None,
-                 column_weights: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[int, ...]]:
-    """(codes (out, columns), scales (out, S), segment sizes) of ``module``'s weight; Nones if fp.
+def weight_grid(module: nn.Module, config: PTQConfig, split: int | None,
+                column_weights: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
+    """(flattened weight (out, columns), scales (out, S) or None if fp, segment sizes) of ``module``.
 
     ``column_weights`` (columns,): per-column input mean squares, used by weight_scale "output_mse".
     """
@@ -24,10 +24,23 @@ def weight_codes(module: nn.Module, config: PTQConfig, split: int | None,
     unit = w2d.shape[1] // weight.shape[1]  # kh * kw for convs, 1 for Linear
     sizes = segment_sizes(w2d.shape[1], config.weight_granularity, config.group_size, split, unit)
     if config.weights is None:
+        return w2d, None, sizes
+    return w2d, weight_scales(w2d, get_format(config.weights), sizes, config.weight_scale, column_weights), sizes
+
+
+def weight_codes(module: nn.Module, config: PTQConfig, split: int | None,
+                 column_weights: torch.Tensor | None = None, codes: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[int, ...]]:
+    """(codes (out, columns), scales (out, S), segment sizes) of ``module``'s weight; Nones if fp.
+
+    ``codes``: already chosen codes on this grid (GPTQ); default: round to nearest.
+    """
+    w2d, scale, sizes = weight_grid(module, config, split, column_weights)
+    if scale is None:
         return None, None, sizes
-    fmt = get_format(config.weights)
-    scale = weight_scales(w2d, fmt, sizes, config.weight_scale, column_weights)
-    return quantize_weight(w2d, scale, fmt, sizes), scale.to(weight.dtype), sizes
+    if codes is None:
+        codes = quantize_weight(w2d, scale, get_format(config.weights), sizes)
+    return codes, scale.to(module.weight.dtype), sizes
 
 
 def qparam_table(ranges: list[list[tuple[float, float]]], config: PTQConfig
@@ -65,7 +78,8 @@ def activation_quantizer(target: LayerTarget, collected: Collected, config: PTQC
 def build_layer(module: nn.Module, target: LayerTarget, collected: Collected, config: PTQConfig,
                 selector: StepGroups | None) -> QuantLayer:
     """A QuantLinear / QuantConv2d replacing ``module``."""
-    codes, scale, sizes = weight_codes(module, config, target.split, collected.column_weights(target.name))
+    codes, scale, sizes = weight_codes(module, config, target.split, collected.column_weights(target.name),
+                                       collected.rounded_codes.get(target.name))
     channels = module.weight.shape[1]
     act = activation_quantizer(target, collected, config, selector, channels)
     layer_cls = QUANT_LAYER_TYPES[target.float_type]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -108,6 +108,7 @@ class Collected:
     num_steps: int
     calibration: Calibration | None
     input_norms: HessianCollector | None = None
+    rounded_codes: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def column_weights(self, name: str) -> torch.Tensor | None:
         """Mean square of each weight column's input feature of layer ``name`` (for "output_mse")."""
@@ -164,6 +165,15 @@ def collect(pipe: Any, config: PTQConfig, targets: Sequence[LayerTarget],
     by_type = {type(c): c for c in collectors}
     return Collected(by_type.get(RangeObserver), by_type.get(SegmentRangeObserver),
                      by_type.get(SampleStore), num_steps, result, by_type.get(HessianCollector))
+
+
+def hessian_sweep(pipe: Any, config: PTQConfig, calib: Calibration | None) -> Callable[[list[str]], HessianCollector]:
+    """A function collecting the full input Hessians of the named layers over the calibration."""
+    def sweep(names: list[str]) -> HessianCollector:
+        collector = HessianCollector(names, full=True)
+        _run(pipe, config, [collector], calib)
+        return collector
+    return sweep
 
 
 def _run(pipe: Any, config: PTQConfig, collectors: list[Collector], calib: Calibration | None) -> Calibration:

@@ -11,6 +11,7 @@ from .formats import ACTIVATION_FORMATS, WEIGHT_FORMATS
 WEIGHT_GRANULARITIES = ("per_channel", "group")
 GROUP_SIZES = (32, 64, 128, 256)
 WEIGHT_SCALE_METHODS = ("max", "mse", "output_mse")
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 ACT_METHODS = ("minmax", "percentile", "mse")
 ACT_MODES = ("static", "dynamic")
 
@@ -23,6 +24,8 @@ class PTQConfig:
     weight_granularity: "per_channel" (symmetric, one scale per output channel) or "group"
     (``group_size`` input columns per scale). weight_scale: "max", "mse" (clipping search on the weight
 error) or "output_mse" (the same search weighted by each input feature's calibrated mean square).
+    weight_rounding: "nearest" or "gptq" (codes chosen column by column against each layer's input
+    Hessian, collected in ``gptq_groups`` calibration sweeps; ``gptq_damp`` is relative to mean(diag H)).
     act_mode: "static" (per-tensor scale from calibration) or "dynamic" (per-token at run time).
     act_method: how static ranges are set ("minmax", "percentile", "mse"). act_symmetric: False =
     asymmetric with a zero point. timestep_groups: K > 1 gives K activation scales over the
@@ -41,6 +44,10 @@ error) or "output_mse" (the same search weighted by each input feature's calibra
     weight_granularity: str = "per_channel"
     group_size: int = 128
     weight_scale: str = "max"
+    weight_rounding: str = "nearest"
+    gptq_damp: float = 0.01
+    gptq_blocksize: int = 128
+    gptq_groups: int = 4
     act_mode: str = "static"
     act_method: str = "minmax"
     act_percentile: float = 99.99
@@ -166,6 +173,7 @@ def validate(config: PTQConfig) -> None:
         raise ValueError(f"PTQConfig.softmax_bits must be an int in [2, 16], got {config.softmax_bits!r}")
     _check_globs(config)
     _check_reconstruction(config)
+    _check_gptq(config)
 
 
 def _check_globs(config: PTQConfig) -> None:
@@ -185,3 +193,20 @@ def _check_reconstruction(config: PTQConfig) -> None:
         raise ValueError(f"PTQConfig.recon_warmup must be in [0, 1), got {config.recon_warmup!r}")
     if len(config.recon_beta) != 2 or min(config.recon_beta) <= 0:
         raise ValueError(f"PTQConfig.recon_beta must be (start, end) > 0, got {config.recon_beta!r}")
+
+
+def _check_gptq(config: PTQConfig) -> None:
+    _choice("weight_rounding", config.weight_rounding, WEIGHT_ROUNDINGS)
+    _positive_int("gptq_blocksize", config.gptq_blocksize)
+    _positive_int("gptq_groups", config.gptq_groups)
+    if isinstance(config.gptq_damp, bool) or not isinstance(config.gptq_damp, (int, float)) \
+            or not config.gptq_damp > 0:
+        raise ValueError(f"PTQConfig.gptq_damp must be a number > 0, got {config.gptq_damp!r}")
+    if config.weight_rounding != "gptq":
+        return
+    if config.weights not in ("int8", "int4"):
+        raise ValueError(f"PTQConfig.weight_rounding='gptq' needs integer weights ('int8' or 'int4'); "
+                         f"got weights={config.weights!r}")
+    if config.reconstruct:
+        raise ValueError("PTQConfig.weight_rounding='gptq' and reconstruct=True both choose the weight "
+                         "rounding (AdaRound restarts from the float weights); use one of them")

@@ -1,0 +1,87 @@
+"""GPTQ weight rounding: the solver lowers the output error on correlated inputs, stays on the
+grid, and ``PTQConfig(weight_rounding="gptq")`` quantizes pipelines (and refuses bad combinations)."""
+
+import pytest
+import torch
+
+from diffusion_accel.prune.obs import upper_inverse_factor
+from diffusion_accel.quant import PTQConfig, quantize_, summary
+from diffusion_accel.quant.formats import get_format
+from diffusion_accel.quant.gptq import gptq_codes, hessian_key
+from diffusion_accel.quant.quantizers import dequantize_weight, quantize_weight, segment_sizes, weight_scales
+from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
+
+FLUX_FAST = dict(calib_prompts=1, calib_num_steps=2, calib_steps="all",
+                 calib_kwargs=(("height", 16), ("width", 16)))
+
+
+def _correlated_inputs(rows=2048, width=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(width, width, generator=generator) / width ** 0.5 + torch.eye(width)
+    return torch.randn(rows, width, generator=generator) @ mixing
+
+
+@pytest.mark.parametrize("fmt_name, granularity", [("int4", "per_channel"), ("int4", "group"), ("int8", "per_channel")])
+def test_gptq_lowers_output_error_and_stays_on_the_grid(fmt_name, granularity):
+    x = _correlated_inputs()
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    fmt, sizes = get_format(fmt_name), segment_sizes(64, granularity, 32)
+    scale = weight_scales(w, fmt, sizes)
+    hessian = 2 * x.T @ x / len(x)
+    codes = gptq_codes(w, scale, sizes, fmt, upper_inverse_factor(hessian, 0.01), blocksize=16)
+    assert codes.dtype == torch.int8 and codes.min() >= fmt.qmin and codes.max() <= fmt.qmax
+    nearest = quantize_weight(w, scale, fmt, sizes)
+
+    def output_error(c):
+        return (x @ (dequantize_weight(c, scale, sizes) - w).T).pow(2).mean().item()
+
+    assert output_error(codes) < 0.75 * output_error(nearest)
+
+
+def test_gptq_keeps_weights_already_on_the_grid_and_zeroes_dead_inputs():
+    fmt, sizes = get_format("int8"), (32,)
+    scale = torch.full((4, 1), 0.1)
+    codes = torch.randint(-127, 128, (4, 32), generator=torch.Generator().manual_seed(0)).to(torch.int8)
+    x = _correlated_inputs(512, 32)
+    x[:, 5] = 0  # a dead input: its weights get code 0
+    hessian = 2 * x.T @ x / len(x)
+    out = gptq_codes(dequantize_weight(codes, scale, sizes), scale, sizes, fmt, upper_inverse_factor(hessian, 0.01))
+    assert (out[:, 5] == 0).all()
+    keep = torch.arange(32) != 5
+    assert torch.equal(out[:, keep], codes[:, keep])
+
+
+def test_layers_sharing_an_input_share_one_hessian_only_when_they_unfold_it_alike():
+    unet = build_tiny("sd").unet
+    attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    assert hessian_key(unet, f"{attn}.to_k", f"{attn}.to_q") == f"{attn}.to_q"
+    resnet = "up_blocks.1.resnets.0"
+    assert hessian_key(unet, f"{resnet}.conv_shortcut", f"{resnet}.conv1") == f"{resnet}.conv_shortcut"
+
+
+def _sqnr_db(ref, out):
+    return float(10 * torch.log10(ref.var() / (out - ref).pow(2).mean()))
+
+
+def test_gptq_w4_pipeline_is_closer_to_float_than_nearest_rounding():
+    reference = build_tiny("flux")(**tiny_call_kwargs("flux")).images
+    sqnr = {}
+    for rounding in ("nearest", "gptq"):
+        pipe = build_tiny("flux")
+        quantize_(pipe, PTQConfig(weights="int4", activations=None, weight_rounding=rounding, gptq_groups=2,
+                                  **FLUX_FAST))
+        assert "int4-packed" in summary(pipe)  # GPTQ codes lower like any others
+        sqnr[rounding] = _sqnr_db(reference, pipe(**tiny_call_kwargs("flux")).images)
+    assert sqnr["gptq"] > sqnr["nearest"] + 3
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(weights="fp8", activations="fp8"), "integer weights"),
+    (dict(weights=None, activations="int8"), "integer weights"),
+    (dict(reconstruct=True), "use one of them"),
+    (dict(gptq_damp=0), "gptq_damp"),
+    (dict(gptq_groups=0), "gptq_groups"),
+])
+def test_bad_gptq_configs_raise(changes, message):
+    with pytest.raises(ValueError, match=message):
+        PTQConfig(weight_rounding="gptq", **changes)
