@@ -11,7 +11,7 @@ steps with CFG 3, fashion-flux 28 steps with true CFG 3; Q-Diffusion), MSE range
 split-shortcut quantization (UNets), lowered to real int8 kernels (int4 weights packed); W4A8 adds
 block reconstruction (AdaRound). Naive: min-max ranges from one timestep, max weight scales, no
 split, no reconstruction. The ablations change one thing of ours at W4A8; the output_mse variants
-change only the weight-scale search.
+change only the weight-scale search; ours_w4a8_gptq rounds with GPTQ instead of AdaRound.
 """
 
 from __future__ import annotations
@@ -127,6 +127,9 @@ def variants(model: str) -> list[Variant]:
                 "ours W4A8 with 4 per-timestep-group activation scales"),
         Variant("ours_w4a8_output_mse", ours_pipe(model, ours(model, "w4a8", weight_scale="output_mse")), "W4A8",
                 "ours W4A8 with output-MSE weight scales (error weighted by calibrated input mean squares)"),
+        Variant("ours_w4a8_gptq", ours_pipe(model, ours(model, "w4a8", reconstruct=False, weight_rounding="gptq",
+                                                       weight_scale="output_mse")), "W4A8",
+                "ours W4A8 with GPTQ rounding and output-MSE weight scales instead of AdaRound"),
         Variant("ours_w8a8_output_mse", ours_pipe(model, ours(model, "w8a8", weight_scale="output_mse")), "W8A8",
                 "ours W8A8 with output-MSE weight scales instead of max"),
     ]
