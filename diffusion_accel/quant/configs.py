@@ -115,7 +115,7 @@ error) or "output_mse" (the same search weighted by each input feature's calibra
 
 PRESETS: dict[str, dict[str, Any]] = {
     "w8a8": dict(weights="int8", activations="int8"),
-    "w4a8": dict(weights="int4", activations="int8", weight_scale="mse"),
+    "w4a8": dict(weights="int4", activations="int8", weight_scale="output_mse", weight_rounding="gptq"),
     "w8a16": dict(weights="int8", activations=None),
     "fp8": dict(weights="fp8", activations="fp8", lower=True),
     "w4a16": dict(weights="int4", activations=None, weight_granularity="group", group_size=128),
