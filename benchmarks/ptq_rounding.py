@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ptq_quality import MODELS, ours  # noqa: E402
 from ptq_split_ablation import per_image_psnr  # noqa: E402
-from zoo_harness import RESULTS, generate_images  # noqa: E402
+from zoo_harness import RESULTS, denoiser_attr, generate_images  # noqa: E402
 from zoo_quality import DEFAULTS, prompts_for  # noqa: E402
 
 from diffusion_accel import quantize_, zoo  # noqa: E402
@@ -40,6 +40,10 @@ SETTINGS = {  # label -> changes to ours(model, "w4a8")
                                     weight_scale="output_mse"),
     "AdaRound reconstruction, weight-MSE scales (ours W4A8)": {},
     "AdaRound reconstruction, output-MSE scales": dict(weight_scale="output_mse"),
+}
+UNET_ONLY = {  # does GPTQ, which sees the correlation of the two halves, close the split gap?
+    "GPTQ, output-MSE scales, no split shortcut": dict(reconstruct=False, weight_rounding="gptq", gptq_groups=1,
+                                                       weight_scale="output_mse", split_shortcut=False),
 }
 
 
@@ -86,7 +90,8 @@ def main() -> None:
     prompts = prompts_for(N_IMAGES, 0)[0]
     fp32 = images(args.model, prompts)[0]
     psnr, rows = {}, {}
-    for label, changes in SETTINGS.items():
+    settings = SETTINGS | (UNET_ONLY if denoiser_attr(args.model) == "unet" else {})
+    for label, changes in settings.items():
         quantized, prepare_s = images(args.model, prompts, ours(args.model, "w4a8", lower=False, **changes))
         psnr[label] = per_image_psnr(quantized, fp32)
         rows[label] = row(psnr[label], psnr[REFERENCE], prepare_s)
