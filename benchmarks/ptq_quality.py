@@ -132,6 +132,8 @@ def variants(model: str) -> list[Variant]:
         Variant("ours_w4a8_gptq", ours_pipe(model, ours(model, "w4a8", reconstruct=False, weight_rounding="gptq",
                                                        weight_scale="output_mse")), "W4A8",
                 "ours W4A8 with GPTQ rounding and output-MSE weight scales instead of AdaRound"),
+        Variant("ours_w8a8_dynamic", ours_pipe(model, ours(model, "w8a8", act_mode="dynamic")), "W8A8",
+                "ours W8A8 with dynamic per-token (asymmetric) activations, like torchao's dynamic int8"),
         Variant("ours_w8a8_output_mse", ours_pipe(model, ours(model, "w8a8", weight_scale="output_mse")), "W8A8",
                 "ours W8A8 with output-MSE weight scales instead of max"),
     ]
