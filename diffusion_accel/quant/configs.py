@@ -22,8 +22,9 @@ class PTQConfig:
 
     weights: "int8" | "int4" | "fp8" | None (keep fp). activations: "int8" | "fp8" | None (weight-only).
     weight_granularity: "per_channel" (symmetric, one scale per output channel) or "group"
-    (``group_size`` input columns per scale). weight_scale: "max", "mse" (clipping search on the weight
-error) or "output_mse" (the same search weighted by each input feature's calibrated mean square).
+    (``group_size`` input columns per scale). weight_scale: "max", "mse" (clipping search on the
+    weight error) or "output_mse" (the same search weighted by each input feature's calibrated mean
+    square).
     weight_rounding: "nearest" or "gptq" (codes chosen column by column against each layer's input
     Hessian, collected in ``gptq_groups`` calibration sweeps; ``gptq_damp`` is relative to mean(diag H)).
     act_mode: "static" (per-tensor scale from calibration) or "dynamic" (per-token at run time).

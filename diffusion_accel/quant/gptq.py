@@ -51,9 +51,8 @@ def hessian_key(denoiser: nn.Module, name: str, representative: str) -> str:
     """The layer whose collected Hessian ``name`` uses: its input group's representative when that
     layer unfolds its input the same way (same type and weight shape past dim 0), else itself."""
     layer, source = denoiser.get_submodule(name), denoiser.get_submodule(representative)
-    same = type(layer) is type(source) and layer.weight.shape[1:] == source.weight.shape[1:] \
-        and getattr(layer, "stride", None) == getattr(source, "stride", None) \
-        and getattr(layer, "padding", None) == getattr(source, "padding", None)
+    same = type(layer) is type(source) and layer.weight.shape[1:] == source.weight.shape[1:] and all(
+        getattr(layer, attr, None) == getattr(source, attr, None) for attr in ("stride", "padding", "dilation"))
     return representative if same else name
 
 
