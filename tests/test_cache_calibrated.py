@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from diffusion_accel.cache import BlockCacheConfig, calibrate_schedule, enable_cache, remove_cache
-from diffusion_accel.cache.calibrated import evenly_spaced_steps
+from diffusion_accel.cache.calibrated import evenly_spaced_steps, front_loaded_steps
+from diffusion_accel.cache.configs import CalibratedCacheConfig
 from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
 
 
@@ -24,6 +25,14 @@ def test_evenly_spaced_steps_start_at_zero_and_have_the_count():
     assert 0 in evenly_spaced_steps(7, 3) and len(evenly_spaced_steps(7, 3)) == 3
 
 
+def test_front_loaded_steps_fill_the_start_and_end_at_the_last_step():
+    assert front_loaded_steps(28, 12) == {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27}
+    for steps in range(1, 40):
+        for count in range(1, steps + 1):
+            chosen = front_loaded_steps(steps, count)
+            assert len(chosen) == count and 0 in chosen and max(chosen) == (steps - 1 if count > 1 else 0)
+
+
 @pytest.mark.parametrize("search", ["greedy", "refine"])
 def test_both_searches_meet_the_budget(search):
     pipe = build_tiny("dit")
@@ -32,11 +41,14 @@ def test_both_searches_meet_the_budget(search):
     assert len(config.full_steps) == 4 and config.full_steps[0] == 0
 
 
-def test_refine_is_never_worse_than_evenly_spaced_on_the_calibration_prompt():
+def test_refine_is_never_worse_than_either_start_on_the_calibration_prompt():
     pipe = build_tiny("dit")
     pipe.set_progress_bar_config(disable=True)
     config = calibrate_schedule(pipe, [1], budget=0.5, num_inference_steps=8, guidance_scale=1.0, search="refine")
-    assert _final_error(pipe, config, 8) <= _final_error(pipe, BlockCacheConfig(interval=2), 8) + 1e-6
+    error = _final_error(pipe, config, 8)
+    assert error <= _final_error(pipe, BlockCacheConfig(interval=2), 8) + 1e-6
+    front = CalibratedCacheConfig(tuple(sorted(front_loaded_steps(8, 4))), 8)
+    assert error <= _final_error(pipe, front, 8) + 1e-6
 
 
 def test_unknown_search_is_refused_and_pipeline_untouched():

@@ -2,9 +2,12 @@
 the error of the FINAL output against the uncached trajectory (HarmoniCa's lesson: per-step feature
 error is a poor proxy for what the user sees).
 
-Two searches: ``"refine"`` (default) starts from the evenly spaced schedule with the budget's number
-of full steps and moves single full steps to nearby free steps while that lowers the error, so on the
-calibration prompts it is never worse than uniform; ``"greedy"`` grows the schedule from step 0.
+Two searches: ``"refine"`` (default) starts from each of two schedules with the budget's number of
+full steps, evenly spaced and front-loaded (the first steps all full, then evenly spaced up to the
+last step, like TaylorSeer's warm-up), moves single full steps to nearby free steps while that
+lowers the error, and keeps the better result, so on the calibration prompts it is never worse than
+either start (on fashion-flux without forecast the front-loaded start halves the error of the
+evenly spaced one); ``"greedy"`` grows the schedule from step 0.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
     """The schedule with round(budget * steps) full steps that minimises the final-output error on
     ``prompts`` (see the module doc for the two searches). ``max_candidates`` thins the greedy
     search's candidates; ``max_passes`` bounds the refine search's sweeps (about 4 runs per full step
-    per sweep). ``forecast`` is searched with (the schedule suits how reused steps are filled)."""
+    per sweep, per start). ``forecast`` is searched with (the schedule suits how reused steps are filled)."""
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
     if get_session(find_denoiser(pipe)[1]) is not None:
@@ -56,18 +59,37 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
                                   forecast=forecast)
     calls = planned_calls(pipe, prompts, num_inference_steps, seed=seed, **call_kwargs)
     references = final_outputs(pipe, calls)
-    error = lambda steps: schedule_error(pipe, _with_steps(probe, steps), calls, references)  # noqa: E731
+    seen: dict[frozenset, float] = {}
+
+    def error(steps: set[int]) -> float:
+        """Final-output error of a schedule (each schedule run once)."""
+        key = frozenset(steps)
+        if key not in seen:
+            seen[key] = schedule_error(pipe, _with_steps(probe, steps), calls, references)
+        return seen[key]
+
     target = min(num_inference_steps, max(1, round(budget * num_inference_steps)))
     if search == "greedy":
         chosen = _greedy(error, num_inference_steps, target, max_candidates)
     else:
-        chosen = _refine(error, num_inference_steps, evenly_spaced_steps(num_inference_steps, target), max_passes)
+        starts = (evenly_spaced_steps(num_inference_steps, target), front_loaded_steps(num_inference_steps, target))
+        refined = [_refine(error, num_inference_steps, start, max_passes) for start in starts]
+        chosen = min(refined, key=error)
     return _with_steps(probe, chosen)
 
 
 def evenly_spaced_steps(num_steps: int, count: int) -> set[int]:
     """``count`` full steps spread evenly over ``num_steps``, starting at step 0."""
     return {min(num_steps - 1, round(i * num_steps / count)) for i in range(count)}
+
+
+def front_loaded_steps(num_steps: int, count: int) -> set[int]:
+    """``count`` full steps: the first ``max(1, count // 3)`` (at most 4) all full, the rest evenly
+    spaced after them up to the last step (early steps shape the image; the last one finishes it)."""
+    head = min(4, max(1, count // 3), count)
+    rest = count - head
+    tail = {round(head - 1 + (num_steps - head) * (i + 1) / rest) for i in range(rest)} if rest else set()
+    return set(range(head)) | {min(num_steps - 1, step) for step in tail}
 
 
 def _greedy(error: Any, num_steps: int, target: int, max_candidates: int | None) -> set[int]:
