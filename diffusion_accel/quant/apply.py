@@ -150,7 +150,9 @@ def summary(pipe: Any) -> str:
         kinds[kind] = kinds.get(kind, 0) + 1
     symmetric = config["act_symmetric"] or config["activations"] == "fp8"  # fp8 has no zero point
     lines = [f"PTQ of {type(denoiser).__name__}: weights={config['weights']} "
-             f"({config['weight_granularity']}, scale {config['weight_scale']}), activations="
+             f"({config['weight_granularity']}, scale {config['weight_scale']}, "
+             f"rounding {'AdaRound' if config['reconstruct'] else config.get('weight_rounding', 'nearest')}), "
+             f"activations="
              f"{config['activations']} ({config['act_mode']}, {config['act_method']}, "
              f"{'sym' if symmetric else 'asym'}, timestep groups {config['timestep_groups']})",
              f"  layers quantized: {len(state.layers)}; execution: "
