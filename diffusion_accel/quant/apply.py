@@ -60,7 +60,7 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
     collected = collect(pipe, config, targets, calib)
     base_fingerprint(pipe)
     if config.weight_rounding == "gptq":
-        collected.rounded_codes = _gptq(pipe, denoiser, config, targets, collected, calib)
+        collected.rounded = _gptq(pipe, denoiser, config, targets, collected, calib)
     selector = StepGroups(denoiser, config.timestep_groups, collected.num_steps) \
         if config.timestep_groups > 1 else None
     layers = {t.name: build_layer(denoiser.get_submodule(t.name), t, collected, config, selector)
@@ -76,7 +76,7 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
 
 def _gptq(pipe: Any, denoiser: nn.Module, config: PTQConfig, targets: list[LayerTarget],
           collected: Collected, calib: Calibration | None) -> dict:
-    """GPTQ codes of every target on the grid ``build_layer`` will use (same scales)."""
+    """(GPTQ codes, scales, segment sizes) of every target, for ``build_layer``."""
     def grid(target: LayerTarget) -> tuple:
         module = denoiser.get_submodule(target.name)
         w2d, scale, sizes = weight_grid(module, config, target.split, collected.column_weights(target.name))

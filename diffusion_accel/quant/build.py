@@ -29,18 +29,21 @@ def weight_grid(module: nn.Module, config: PTQConfig, split: int | None,
 
 
 def weight_codes(module: nn.Module, config: PTQConfig, split: int | None,
-                 column_weights: torch.Tensor | None = None, codes: torch.Tensor | None = None
+                 column_weights: torch.Tensor | None = None,
+                 rounded: tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None = None
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[int, ...]]:
     """(codes (out, columns), scales (out, S), segment sizes) of ``module``'s weight; Nones if fp.
 
-    ``codes``: already chosen codes on this grid (GPTQ); default: round to nearest.
+    ``rounded``: (codes, scales, sizes) already chosen (GPTQ), used as they are; default: the scale
+    search of ``config`` and round to nearest.
     """
+    if rounded is not None:
+        codes, scale, sizes = rounded
+        return codes, scale.to(module.weight.dtype), sizes
     w2d, scale, sizes = weight_grid(module, config, split, column_weights)
     if scale is None:
         return None, None, sizes
-    if codes is None:
-        codes = quantize_weight(w2d, scale, get_format(config.weights), sizes)
-    return codes, scale.to(module.weight.dtype), sizes
+    return quantize_weight(w2d, scale, get_format(config.weights), sizes), scale.to(module.weight.dtype), sizes
 
 
 def qparam_table(ranges: list[list[tuple[float, float]]], config: PTQConfig
@@ -79,7 +82,7 @@ def build_layer(module: nn.Module, target: LayerTarget, collected: Collected, co
                 selector: StepGroups | None) -> QuantLayer:
     """A QuantLinear / QuantConv2d replacing ``module``."""
     codes, scale, sizes = weight_codes(module, config, target.split, collected.column_weights(target.name),
-                                       collected.rounded_codes.get(target.name))
+                                       collected.rounded.get(target.name))
     channels = module.weight.shape[1]
     act = activation_quantizer(target, collected, config, selector, channels)
     layer_cls = QUANT_LAYER_TYPES[target.float_type]

@@ -100,7 +100,8 @@ class SegmentRangeObserver(Collector):
 
 @dataclass
 class Collected:
-    """What calibration gave PTQ: range observers, input norms, the block sample store, steps per call."""
+    """What calibration gave PTQ: range observers, input norms, the block sample store, steps per call,
+    and (GPTQ) each layer's already rounded (codes, scales, segment sizes)."""
 
     plain: RangeObserver | None
     split: SegmentRangeObserver | None
@@ -108,7 +109,7 @@ class Collected:
     num_steps: int
     calibration: Calibration | None
     input_norms: HessianCollector | None = None
-    rounded_codes: dict[str, torch.Tensor] = field(default_factory=dict)
+    rounded: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = field(default_factory=dict)
 
     def column_weights(self, name: str) -> torch.Tensor | None:
         """Mean square of each weight column's input feature of layer ``name`` (for "output_mse")."""

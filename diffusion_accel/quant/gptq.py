@@ -58,11 +58,12 @@ def hessian_key(denoiser: nn.Module, name: str, representative: str) -> str:
 
 def gptq_round_all(denoiser: nn.Module, targets: Sequence[Any], config: PTQConfig, sweep: Sweep,
                    grid: Callable[[Any], tuple[torch.Tensor, torch.Tensor, tuple[int, ...], NumberFormat]]
-                   ) -> dict[str, torch.Tensor]:
-    """GPTQ codes of every target (``LayerTarget``), group by group; ``grid(target)`` gives its
-    (w2d, scale, segment sizes, format), ``sweep(layer names)`` a collector of their Hessians."""
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]:
+    """(GPTQ codes, scales, segment sizes) of every target (``LayerTarget``), group by group;
+    ``grid(target)`` gives its (w2d, scale, segment sizes, format), ``sweep(layer names)`` a
+    collector of their Hessians."""
     keys = {t.name: hessian_key(denoiser, t.name, t.representative) for t in targets}
-    codes: dict[str, torch.Tensor] = {}
+    rounded: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
     for group in split_into_groups(list(targets), config.gptq_groups):
         collector = sweep(list(dict.fromkeys(keys[t.name] for t in group)))
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -72,6 +73,7 @@ def gptq_round_all(denoiser: nn.Module, targets: Sequence[Any], config: PTQConfi
                 with no_tf32():
                     factors[key] = upper_inverse_factor(collector.hessian(key), config.gptq_damp)
             w2d, scale, sizes, fmt = grid(target)
-            codes[target.name] = gptq_codes(w2d, scale, sizes, fmt, factors[key], config.gptq_blocksize)
+            codes = gptq_codes(w2d, scale, sizes, fmt, factors[key], config.gptq_blocksize)
+            rounded[target.name] = codes, scale, sizes
         collector.free()
-    return codes
+    return rounded
