@@ -149,13 +149,18 @@ def _ours_block(pipe: Any, s: dict, cal: dict) -> None:
     enable_cache(pipe, BlockCacheConfig(interval=s["interval"]))
 
 
-def _ours_calibrated(pipe: Any, s: dict, cal: dict, forecast: int = 0) -> None:
+def _ours_calibrated(pipe: Any, s: dict, cal: dict, forecast: int = 0, forecast_target: str = "residual") -> None:
     steps = s.get("full_steps") or sorted(evenly_spaced_steps(STEPS, s["full_count"]))
-    enable_cache(pipe, CalibratedCacheConfig(tuple(steps), STEPS, budget=s["full_count"] / STEPS, forecast=forecast))
+    enable_cache(pipe, CalibratedCacheConfig(tuple(steps), STEPS, budget=s["full_count"] / STEPS, forecast=forecast,
+                                             forecast_target=forecast_target))
 
 
 def _ours_calibrated_forecast(pipe: Any, s: dict, cal: dict) -> None:
     _ours_calibrated(pipe, s, cal, forecast=1)
+
+
+def _ours_calibrated_output(pipe: Any, s: dict, cal: dict) -> None:
+    _ours_calibrated(pipe, s, cal, forecast=1, forecast_target="output")
 
 
 def _ours_delta(pipe: Any, s: dict, cal: dict) -> None:
@@ -235,9 +240,24 @@ METHODS: dict[str, dict[str, Any]] = {
                                       "grid": _grid(full_count=[11, 10]),
                                       "name": "ours calibrate_schedule with forecast=1, fewer full steps (to match "
                                               "the fastest peers' speed-up)"},
+    "ours-calibrated-forecast-11": {"group": "ours", "build": _ours_calibrated_forecast, "grid": _grid(full_count=[11]),
+                                    "name": "ours calibrate_schedule with forecast=1 at 11 full steps per branch: the "
+                                            "compute of diffusers TaylorSeer's chosen setting (3 warm-up steps, then "
+                                            "every 3rd), for an equal-compute comparison"},
+    "ours-calibrated-output-11": {"group": "ours", "build": _ours_calibrated_output, "grid": _grid(full_count=[11]),
+                                  "schedule": {"forecast": 1, "forecast_target": "output"},
+                                  "name": "ours calibrate_schedule with forecast=1, forecast_target='output' (reused "
+                                          "steps extrapolate the final projection's output, as TaylorSeer's lite mode) "
+                                          "at 11 full steps per branch (TaylorSeer's compute)"},
+    "ours-calibrated-output-10": {"group": "ours", "build": _ours_calibrated_output, "grid": _grid(full_count=[10]),
+                                  "schedule": {"forecast": 1, "forecast_target": "output"},
+                                  "name": "ours calibrate_schedule with forecast=1, forecast_target='output' at 10 "
+                                          "full steps per branch"},
     "ours-delta": {"group": "ours", "build": _ours_delta, "grid": delta_candidates(),
                    "name": "ours DeltaCacheConfig (Delta-DiT)"},
 }
+
+CALIBRATED_METHODS = [m for m in METHODS if m.startswith("ours-calibrated")]  # schedules searched after the probe
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers
@@ -434,7 +454,7 @@ def not_run_reason(method: str) -> str | None:
 
 def finalize_calibrated(report: dict, calib: list[str], passes: int, method: str = "ours-calibrated") -> None:
     """Our calibrated schedule for the chosen number of full steps (refine search on the calibration prompts)."""
-    forecast = 1 if "forecast" in method else 0
+    schedule = METHODS[method].get("schedule", {"forecast": 1 if "forecast" in method else 0})
     chosen = report.get("chosen", {}).get(method)
     if chosen is None or chosen["setting"].get("full_steps"):
         return
@@ -442,7 +462,7 @@ def finalize_calibrated(report: dict, calib: list[str], passes: int, method: str
     t0 = time.time()
     pipe = load_pipe()
     config = calibrate_schedule(pipe, calib, budget=count / STEPS, num_inference_steps=STEPS, search="refine",
-                                max_passes=passes, seed=CALIB_SEED, forecast=forecast, **calib_call_kwargs(pipe))
+                                max_passes=passes, seed=CALIB_SEED, **schedule, **calib_call_kwargs(pipe))
     chosen["setting"] = {"full_count": count, "full_steps": list(config.full_steps)}
     chosen["calibration_s"] = round(time.time() - t0, 1)
     pipe = built(method, chosen["setting"], report["calibration"])
@@ -661,7 +681,7 @@ def main(argv: list[str] | None = None) -> dict:
                 # a recomputed choice invalidates an old quality row of the same label
                 report["variants"].pop(method, None)
             write(report, args.out)
-        for method in ("ours-calibrated", "ours-calibrated-forecast", "ours-calibrated-forecast-fast"):
+        for method in CALIBRATED_METHODS:
             finalize_calibrated(report, calib, args.calib_passes, method)
         write(report, args.out)
 

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--interval", type=int, default=None, help="cache interval (deepcache, block, ...)")
     calibrate.add_argument("--forecast", type=int, default=None, choices=(0, 1),
                            help="reuse steps: 0 reuse the cached feature, 1 forecast it linearly")
+    calibrate.add_argument("--forecast-target", default=None, choices=("residual", "output"),
+                           help="transformer caches (block, calibrated): what reuse steps fill in: the block "
+                                "stack's residual, or the final projection's output")
     calibrate.add_argument("--out", required=True, help="output folder (statistics, or the artifact)")
     calibrate.set_defaults(handler=_cmd_calibrate)
 

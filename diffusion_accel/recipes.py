@@ -162,7 +162,7 @@ def _apply_cache(pipe: Any, args: argparse.Namespace, recipe: dict[str, Any], pr
     if args.cache_method is not None and args.cache_method != table.get("method"):
         table = {}  # the recipe's keys belong to its own method
     flags = (("method", args.cache_method), ("budget", args.budget), ("interval", args.interval),
-             ("forecast", args.forecast))
+             ("forecast", args.forecast), ("forecast_target", args.forecast_target))
     table |= {key: value for key, value in flags if value is not None}
     if not table.get("method"):
         raise ValueError("--method cache needs a cache: give --cache-method or a recipe with a [cache] table")

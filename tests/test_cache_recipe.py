@@ -11,14 +11,16 @@ def test_static_table_builds_its_config_without_running_the_pipeline():
     config = config_from_table(None, {"method": "deepcache", "interval": 4, "forecast": 1}, [], 10)
     assert config == DeepCacheConfig(interval=4, forecast=1)
     assert config_from_table(None, {"method": "block", "interval": 2}, [], 10) == BlockCacheConfig(interval=2)
+    block = config_from_table(None, {"method": "block", "forecast_target": "output"}, [], 10)
+    assert block == BlockCacheConfig(forecast_target="output")
 
 
 def test_calibrated_table_searches_a_schedule_for_the_budget():
     pipe = build_tiny("dit")
     pipe.set_progress_bar_config(disable=True)
-    config = config_from_table(pipe, {"method": "calibrated", "budget": 0.5, "forecast": 1}, [1], 6,
-                               guidance_scale=1.0)
-    assert isinstance(config, CalibratedCacheConfig)
+    config = config_from_table(pipe, {"method": "calibrated", "budget": 0.5, "forecast": 1,
+                                      "forecast_target": "output"}, [1], 6, guidance_scale=1.0)
+    assert isinstance(config, CalibratedCacheConfig) and config.forecast_target == "output"
     assert len(config.full_steps) == 3 and config.forecast == 1 and config.num_inference_steps == 6
 
 

@@ -137,3 +137,12 @@ def test_calibrate_unknown_method_is_a_user_error(capsys):
 def test_zoo_list_names_the_shipped_models(capsys):
     assert main(["zoo", "list"]) == 0
     assert "fashion-sd" in capsys.readouterr().out
+
+
+def test_calibrate_cache_forecast_target_flag_reaches_the_manifest(tmp_path, capsys):
+    out = tmp_path / "block"
+    assert main(["calibrate", "--pipe", "tiny:dit", "--method", "cache", "--cache-method", "block", "--forecast", "1",
+                 "--forecast-target", "output", "--steps", "3", "--num-prompts", "1", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    params = json.loads((out / "manifest.json").read_text())["techniques"][0]["config"]["params"]
+    assert params["forecast_target"] == "output" and params["forecast"] == 1

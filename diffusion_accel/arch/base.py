@@ -230,6 +230,10 @@ class DenoiserAdapter(ABC):
         raise TypeError(f"{type(self.denoiser).__name__} has no transformer blocks with known streams "
                         f"(asked for {name!r})")
 
+    def output_layer(self) -> str | None:
+        """The final projection producing the denoiser's output (output-forecasting caches); None if unknown."""
+        return None
+
     def encoder_cache_point(self) -> CachePoint | None:
         """UNets: the encoder (input conv, down blocks, mid block) for encoder propagation; else None."""
         return None

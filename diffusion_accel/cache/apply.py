@@ -19,7 +19,7 @@ from .encoder import encoder_point, install_encoder_cache, key_steps
 from .policies import DeltaPolicy, FirstBlockPolicy, SchedulePolicy, TeaCachePolicy
 from .schedules import nonuniform_full_steps, resample_full_steps, uniform_full_steps
 from .session import end_session, get_session, start_session
-from .stack import check_stack, install_stack_cache
+from .stack import check_stack, install_stack_cache, output_layer
 from .unet_branch import branch_point, install_branch_cache
 
 TECHNIQUE = "cache"
@@ -40,8 +40,9 @@ def _unet_installer(pipe: Any, branch: int) -> Installer:
     return lambda session, _pipe: install_branch_cache(session, point)
 
 
-def _stack_installer(pipe: Any, uses_head: bool) -> Installer:
+def _stack_installer(pipe: Any, uses_head: bool, config: Any = None) -> Installer:
     check_stack(pipe, uses_head)  # raises for UNets, unknown block classes, too few blocks
+    output_layer(pipe, config)  # raises when forecast_target="output" has no final projection to hook
     return install_stack_cache
 
 
@@ -57,7 +58,7 @@ def _deepcache(pipe: Any, config: DeepCacheConfig) -> tuple[str, Any, Installer]
 @register_cache_method(BlockCacheConfig)
 def _block_cache(pipe: Any, config: BlockCacheConfig) -> tuple[str, Any, Installer]:
     policy = SchedulePolicy(lambda n: uniform_full_steps(n, config.interval), config.interval)
-    return "block_cache", policy, _stack_installer(pipe, policy.uses_head)
+    return "block_cache", policy, _stack_installer(pipe, policy.uses_head, config)
 
 
 @register_cache_method(FirstBlockCacheConfig)
@@ -90,7 +91,10 @@ def _encoder_propagation(pipe: Any, config: EncoderPropagationConfig) -> tuple[s
 def _calibrated(pipe: Any, config: CalibratedCacheConfig) -> tuple[str, Any, Installer]:
     policy = SchedulePolicy(lambda n: calibrated_steps(config, n), config.num_inference_steps)
     is_unet = any(p.kind == "skip_branch" for p in get_adapter(pipe).cache_points())
-    installer = _unet_installer(pipe, config.branch) if is_unet else _stack_installer(pipe, False)
+    if is_unet and config.forecast_target != "residual":
+        raise ValueError(f"forecast_target={config.forecast_target!r} is for transformer denoisers; a UNet's "
+                         f"calibrated schedule reuses its DeepCache branch (use forecast_target='residual')")
+    installer = _unet_installer(pipe, config.branch) if is_unet else _stack_installer(pipe, False, config)
     return "calibrated", policy, installer
 
 

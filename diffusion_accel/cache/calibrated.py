@@ -46,17 +46,18 @@ SEARCHES = ("refine", "greedy")
 def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inference_steps: int = 25, *,
                        branch: int = 0, seed: int = 0, search: str = "refine", max_candidates: int | None = None,
                        max_passes: int = 3, resample: bool = True, forecast: int = 0,
-                       **call_kwargs: Any) -> CalibratedCacheConfig:
+                       forecast_target: str = "residual", **call_kwargs: Any) -> CalibratedCacheConfig:
     """The schedule with round(budget * steps) full steps that minimises the final-output error on
     ``prompts`` (see the module doc for the two searches). ``max_candidates`` thins the greedy
     search's candidates; ``max_passes`` bounds the refine search's sweeps (about 4 runs per full step
-    per sweep, per start). ``forecast`` is searched with (the schedule suits how reused steps are filled)."""
+    per sweep, per start). ``forecast`` and ``forecast_target`` are searched with (the schedule suits how
+    reused steps are filled)."""
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
     if get_session(find_denoiser(pipe)[1]) is not None:
         raise ValueError("calibrate_schedule needs a pipeline without a cache; call remove_cache first")
     probe = CalibratedCacheConfig((0,), num_inference_steps, budget=budget, branch=branch, resample=resample,
-                                  forecast=forecast)
+                                  forecast=forecast, forecast_target=forecast_target)
     calls = planned_calls(pipe, prompts, num_inference_steps, seed=seed, **call_kwargs)
     references = final_outputs(pipe, calls)
     seen: dict[frozenset, float] = {}

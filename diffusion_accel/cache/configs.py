@@ -11,6 +11,7 @@ from typing import Any
 
 SCHEDULES = ("uniform", "non-uniform")
 FORECAST_ORDERS = (0, 1)
+FORECAST_TARGETS = ("residual", "output")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -22,6 +23,12 @@ def _check_forecast(value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value not in FORECAST_ORDERS:
         raise ValueError(f"forecast must be one of {FORECAST_ORDERS} (0 = reuse, 1 = linear "
                          f"extrapolation), got {value!r}")
+
+
+def _check_forecast_target(value: Any) -> None:
+    if value not in FORECAST_TARGETS:
+        raise ValueError(f"forecast_target must be one of {FORECAST_TARGETS} ('residual': the block stack's "
+                         f"residual, 'output': the denoiser's final projection), got {value!r}")
 
 
 def _check_float(name: str, value: Any, minimum: float, inclusive: bool = True) -> None:
@@ -71,14 +78,19 @@ class BlockCacheConfig:
 
     ``forecast=1`` extrapolates that residual linearly in the step index from the last two full
     steps (a first-order Taylor forecast, as TaylorSeer does for features) instead of reusing it.
+    ``forecast_target="output"`` reuses / forecasts the output of the denoiser's final projection
+    (the adapter's ``output_layer``, e.g. Flux's ``proj_out``; TaylorSeer's lite mode) instead of
+    the residual, so a reuse step also skips the final norm and projection.
     """
 
     interval: int = 2
     forecast: int = 0
+    forecast_target: str = "residual"
 
     def __post_init__(self) -> None:
         _check_int("interval", self.interval, 1)
         _check_forecast(self.forecast)
+        _check_forecast_target(self.forecast_target)
 
 
 @dataclass(frozen=True)
@@ -200,7 +212,9 @@ class CalibratedCacheConfig:
     Built by :func:`calibrate_schedule` for a compute ``budget`` (fraction of full calls). For another
     step count the schedule is resampled proportionally, or refused when ``resample`` is False.
     ``forecast=1`` extrapolates what reuse steps fill in (the transformer stack residual as in
-    :class:`BlockCacheConfig`, the UNet deep feature as in :class:`DeepCacheConfig`).
+    :class:`BlockCacheConfig`, the UNet deep feature as in :class:`DeepCacheConfig`);
+    ``forecast_target="output"`` (transformers only) fills reuse steps from the final projection's
+    output instead of the stack residual (see :class:`BlockCacheConfig`).
     """
 
     full_steps: tuple[int, ...]
@@ -209,9 +223,11 @@ class CalibratedCacheConfig:
     branch: int = 0
     resample: bool = True
     forecast: int = 0
+    forecast_target: str = "residual"
 
     def __post_init__(self) -> None:
         _check_forecast(self.forecast)
+        _check_forecast_target(self.forecast_target)
         _check_int("num_inference_steps", self.num_inference_steps, 1)
         _check_int("branch", self.branch, 0)
         _check_float("budget", self.budget, 0.0, inclusive=False)

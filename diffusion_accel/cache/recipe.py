@@ -2,7 +2,7 @@
 
 ``method`` names the cache; the other keys are that config's fields. Two methods calibrate on the
 recipe's prompts first: ``"calibrated"`` searches a schedule (keys: ``budget``, ``branch``,
-``forecast``, ``search``, ``max_passes``, ``max_candidates``, ``resample``) and ``"teacache"``
+``forecast``, ``forecast_target``, ``search``, ``max_passes``, ``max_candidates``, ``resample``) and ``"teacache"``
 fits its rescaling polynomial when no ``coefficients`` are given (key ``degree``, default 4).
 """
 
@@ -20,7 +20,8 @@ STATIC_METHODS: dict[str, type] = {
     "deepcache": DeepCacheConfig, "block": BlockCacheConfig, "first_block": FirstBlockCacheConfig,
     "teacache": TeaCacheConfig, "delta": DeltaCacheConfig, "encoder_propagation": EncoderPropagationConfig,
 }
-CALIBRATED_KEYS = ("budget", "branch", "forecast", "search", "max_passes", "max_candidates", "resample")
+CALIBRATED_KEYS = ("budget", "branch", "forecast", "forecast_target", "search", "max_passes", "max_candidates",
+                   "resample")
 CACHE_METHODS = (*STATIC_METHODS, "calibrated")
 
 

@@ -26,6 +26,8 @@ class TransformerStackAdapter(DenoiserAdapter):
     stacks: ClassVar[tuple[tuple[str, str], ...]] = (("transformer_blocks", "transformer"),)
     # How each block kind's forward takes and returns its streams (see ``BlockStreams``).
     kind_streams: ClassVar[dict[str, BlockStreams]] = {}
+    # The final projection after the stacks (after ``norm_out``), whose output the denoiser returns.
+    final_projection: ClassVar[str] = "proj_out"
 
     # ---- per-block descriptions (subclasses) --------------------------------------------
     @abstractmethod
@@ -68,6 +70,11 @@ class TransformerStackAdapter(DenoiserAdapter):
         return [CachePoint(kind="block_stack", stack=attr,
                            blocks=tuple(f"{attr}.{i}" for i in range(len(getattr(self.denoiser, attr)))))
                 for attr, _ in self.stacks]
+
+    def output_layer(self) -> str | None:
+        """``final_projection`` when the denoiser has that module, else None."""
+        names = dict(self.denoiser.named_modules())
+        return self.final_projection if self.final_projection in names else None
 
     def block_streams(self, name: str) -> BlockStreams:
         """The stream layout of block ``name``, from its kind (TypeError for a non-block name)."""

@@ -16,3 +16,4 @@ class DiTAdapter(BasicTransformerStackAdapter):
 
     family = "dit"
     denoiser_classes = ("DiTTransformer2DModel",)
+    final_projection = "proj_out_2"
