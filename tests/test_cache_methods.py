@@ -11,7 +11,7 @@ from torch import nn
 import diffusion_accel as da
 from cache_toys import Offset, Toy
 from diffusion_accel.arch import find_denoiser, get_adapter
-from diffusion_accel.cache import (FASTER_DIFFUSION_KEY_STEPS, DeltaCacheConfig, EncoderPropagationConfig,
+from diffusion_accel.cache import (FASTER_DIFFUSION_KEY_STEPS, BlockCacheConfig, DeltaCacheConfig, EncoderPropagationConfig,
                                    TeaCacheConfig, enable_cache, remove_cache, summary)
 from diffusion_accel.cache.configs import config_from_dict, config_to_dict
 from diffusion_accel.cache.delta import DeltaBlockHook, delta_spans
@@ -343,6 +343,7 @@ def test_teacache_watches_the_timestep_modulated_input(family):
 @pytest.mark.parametrize("family, config, backend", [
     ("dit", DeltaCacheConfig(interval=2), "eager"),
     ("ddpm", EncoderPropagationConfig(interval=2, noise_injection=0.05), "eager"),
+    ("dit", BlockCacheConfig(interval=2, forecast=1, forecast_target="output"), "eager"),
     pytest.param("sd", EncoderPropagationConfig(interval=2), "inductor", marks=pytest.mark.slow),
     pytest.param("flux", DeltaCacheConfig(interval=2), "inductor", marks=pytest.mark.slow),
 ])
