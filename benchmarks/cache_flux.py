@@ -253,6 +253,14 @@ METHODS: dict[str, dict[str, Any]] = {
                                   "schedule": {"forecast": 1, "forecast_target": "output"},
                                   "name": "ours calibrate_schedule with forecast=1, forecast_target='output' at 10 "
                                           "full steps per branch"},
+    "ours-calibrated-output-11-c16": {"group": "ours", "build": _ours_calibrated_output, "grid": _grid(full_count=[11]),
+                                      "schedule": {"forecast": 1, "forecast_target": "output"}, "schedule_prompts": 16,
+                                      "name": "ours calibrate_schedule, output forecast, 11 full steps, schedule searched "
+                                              "on 16 calibration prompts (4 over-fit; peers choose among <= 12 settings)"},
+    "ours-calibrated-output-10-c16": {"group": "ours", "build": _ours_calibrated_output, "grid": _grid(full_count=[10]),
+                                      "schedule": {"forecast": 1, "forecast_target": "output"}, "schedule_prompts": 16,
+                                      "name": "ours calibrate_schedule, output forecast, 10 full steps, schedule searched "
+                                              "on 16 calibration prompts"},
     "ours-delta": {"group": "ours", "build": _ours_delta, "grid": delta_candidates(),
                    "name": "ours DeltaCacheConfig (Delta-DiT)"},
 }
@@ -461,7 +469,9 @@ def finalize_calibrated(report: dict, calib: list[str], passes: int, method: str
     count = chosen["setting"]["full_count"]
     t0 = time.time()
     pipe = load_pipe()
-    config = calibrate_schedule(pipe, calib, budget=count / STEPS, num_inference_steps=STEPS, search="refine",
+    count_prompts = METHODS[method].get("schedule_prompts")  # a larger search set, where the method names one
+    search_prompts = calibration_prompts(count_prompts) if count_prompts else calib
+    config = calibrate_schedule(pipe, search_prompts, budget=count / STEPS, num_inference_steps=STEPS, search="refine",
                                 max_passes=passes, seed=CALIB_SEED, **schedule, **calib_call_kwargs(pipe))
     chosen["setting"] = {"full_count": count, "full_steps": list(config.full_steps)}
     chosen["calibration_s"] = round(time.time() - t0, 1)
