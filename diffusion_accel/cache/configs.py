@@ -80,7 +80,7 @@ class BlockCacheConfig:
     steps (a first-order Taylor forecast, as TaylorSeer does for features) instead of reusing it.
     ``forecast_target="output"`` reuses / forecasts the output of the denoiser's final projection
     (the adapter's ``output_layer``, e.g. Flux's ``proj_out``; TaylorSeer's lite mode) instead of
-    the residual, so a reuse step also skips the final norm and projection.
+    the residual, so a reuse step also skips the final projection.
     """
 
     interval: int = 2
