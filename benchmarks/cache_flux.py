@@ -228,19 +228,21 @@ METHODS: dict[str, dict[str, Any]] = {
                       "name": "ours TeaCacheConfig (coefficients fitted on the calibration prompts)"},
     "ours-blockcache": {"group": "ours", "build": _ours_block, "grid": _grid(interval=[2, 3, 4]),
                         "name": "ours BlockCacheConfig (FORA)"},
-    "ours-calibrated": {"group": "ours", "build": _ours_calibrated,
+    "ours-calibrated": {"group": "ours", "build": _ours_calibrated, "schedule": {"forecast": 0},
                         "grid": _grid(full_count=[14, 13, 12, 11, 10, 9]),
                         "name": "ours calibrate_schedule (refine search; probe times evenly spaced schedules "
                                 "with the same number of full steps)"},
-    "ours-calibrated-forecast": {"group": "ours", "build": _ours_calibrated_forecast,
+    "ours-calibrated-forecast": {"group": "ours", "build": _ours_calibrated_forecast, "schedule": {"forecast": 1},
                                  "grid": _grid(full_count=[14, 13, 12, 11, 10, 9]),
                                  "name": "ours calibrate_schedule with forecast=1 (reused steps extrapolate the "
                                          "stack residual linearly from the last two full steps)"},
     "ours-calibrated-forecast-fast": {"group": "ours", "build": _ours_calibrated_forecast,
+                                      "schedule": {"forecast": 1},
                                       "grid": _grid(full_count=[11, 10]),
                                       "name": "ours calibrate_schedule with forecast=1, fewer full steps (to match "
                                               "the fastest peers' speed-up)"},
     "ours-calibrated-forecast-11": {"group": "ours", "build": _ours_calibrated_forecast, "grid": _grid(full_count=[11]),
+                                    "schedule": {"forecast": 1},
                                     "name": "ours calibrate_schedule with forecast=1 at 11 full steps per branch: the "
                                             "compute of diffusers TaylorSeer's chosen setting (3 warm-up steps, then "
                                             "every 3rd), for an equal-compute comparison"},
@@ -265,7 +267,7 @@ METHODS: dict[str, dict[str, Any]] = {
                    "name": "ours DeltaCacheConfig (Delta-DiT)"},
 }
 
-CALIBRATED_METHODS = [m for m in METHODS if m.startswith("ours-calibrated")]  # schedules searched after the probe
+CALIBRATED_METHODS = [m for m in METHODS if "schedule" in METHODS[m]]  # schedules searched after the probe
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers
@@ -462,7 +464,7 @@ def not_run_reason(method: str) -> str | None:
 
 def finalize_calibrated(report: dict, calib: list[str], passes: int, method: str = "ours-calibrated") -> None:
     """Our calibrated schedule for the chosen number of full steps (refine search on the calibration prompts)."""
-    schedule = METHODS[method].get("schedule", {"forecast": 1 if "forecast" in method else 0})
+    schedule = METHODS[method]["schedule"]  # the forecast settings the schedule is searched with
     chosen = report.get("chosen", {}).get(method)
     if chosen is None or chosen["setting"].get("full_steps"):
         return

@@ -32,8 +32,8 @@ def bf16_variant(pipe: Any, calib: Any) -> Any:
 def _cache_config(pipe: Any) -> Any:
     """DeepCache for UNets (full step every 3, cut at the shallowest skip), else static block
     caching every 3 steps; reuse steps forecast the cached feature linearly (``forecast=1``), for
-    transformers the final projection's output (on fashion-flux 15% lower final-latent error than
-    forecasting the stack residual at interval 3, 23% at interval 2)."""
+    transformers the final projection's output (closer to the uncached result than the stack residual
+    on fashion-flux: benchmarks/results/cache_flux_heldout.md)."""
     from .cache import BlockCacheConfig, DeepCacheConfig
 
     if get_adapter(pipe).component == "unet":

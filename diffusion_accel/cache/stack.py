@@ -5,9 +5,10 @@ Blocks between the first and last cached block pass their inputs through, so the
 ``input + residual``. With a head policy (First-Block-Cache, TeaCache) block 0 always runs and
 supplies the decision signal before the remaining blocks are reached.
 
-With ``forecast_target="output"`` no residual is kept: on reuse steps the blocks pass their inputs
-through and the denoiser's final projection (the adapter's ``output_layer``) returns its cached or
-forecast output instead of computing (TaylorSeer's lite mode).
+With ``forecast_target="output"`` the denoiser's final projection (the adapter's ``output_layer``)
+is cached like a DeepCache module (``CachedOutputHook``): on reuse steps it returns its last output
+or its linear forecast without computing (TaylorSeer's lite mode), so what the bypassed stack hands
+to ``norm_out`` no longer matters (its residual path still runs; two elementwise ops per step).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..arch import BlockStreams, get_adapter
 from .forecast import linear_forecast
 from .session import CacheSession
 from .streams import BlockIO, add_streams, block_io, rel_l1, sub_streams
+from .unet_branch import CachedOutputHook
 
 
 def stack_blocks(pipe: Any) -> list[str]:
@@ -48,8 +50,7 @@ class StackBlockHook(ModelHook):
         inputs = self.io.inputs(args, kwargs)
         if compute:
             return self._compute(state, inputs, args, kwargs)
-        adds_residual = self.last and not forecasts_output(session)
-        streams = add_streams(inputs, self._residual(state)) if adds_residual else inputs
+        streams = add_streams(inputs, self._residual(state)) if self.last else inputs
         return self.io.build(state["templates"][self.key], streams)
 
     def _residual(self, state: dict) -> dict:
@@ -59,14 +60,11 @@ class StackBlockHook(ModelHook):
         return forecast_residual(state, self.session.tracker.step_index)
 
     def _compute(self, state: dict, inputs: dict, args: tuple, kwargs: dict) -> Any:
-        keeps_residual = not forecasts_output(self.session)
-        if self.first and keeps_residual:
+        if self.first:
             state["stack_input"] = inputs
         output = self.fn_ref.original_forward(*args, **kwargs)
         state.setdefault("templates", {})[self.key] = self.io.template(output)
-        if self.last and not keeps_residual:
-            state["ready"] = True
-        elif self.last:
+        if self.last:
             residual = sub_streams(self.io.outputs(output), state.pop("stack_input"))
             if self.session.record_residuals:
                 self._note_residual_change(state, residual["hidden"])
@@ -89,37 +87,6 @@ def forecast_residual(state: dict, step: int) -> dict:
     (r1 + (r1 - r0) * (step - s1) / (s1 - s0), per stream); the cached residual if only one exists."""
     previous, previous_step = state.get("previous_residual", (None, None))
     return linear_forecast(state["residual"], previous, state["residual_step"], previous_step, step)
-
-
-def forecasts_output(session: CacheSession) -> bool:
-    """True when reuse steps take the final projection's output instead of the stack residual."""
-    return getattr(session.config, "forecast_target", "residual") == "output"
-
-
-class OutputLayerHook(ModelHook):
-    """The final projection under ``forecast_target="output"``: computed (and its output kept, with
-    the one before when forecasting) when the stack computed; otherwise the kept output or its
-    linear forecast, without computing."""
-
-    def __init__(self, session: CacheSession) -> None:
-        super().__init__()
-        self.session = session
-
-    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        session = self.session
-        if not session.active():
-            return self.fn_ref.original_forward(*args, **kwargs)
-        state, step = session.state(), session.tracker.step_index
-        if state.get("compute", True) or "output" not in state:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-            if getattr(session.config, "forecast", 0):
-                state["previous_output"] = state.get("output"), state.get("output_step")
-            state["output"], state["output_step"] = output, step
-            return output
-        if not getattr(session.config, "forecast", 0):
-            return state["output"]
-        previous, previous_step = state.get("previous_output", (None, None))
-        return linear_forecast(state["output"], previous, state["output_step"], previous_step, step)
 
 
 def output_layer(pipe: Any, config: Any) -> str | None:
@@ -187,7 +154,8 @@ def install_stack_cache(session: CacheSession, pipe: Any) -> None:
         session.hook(modules[offset + index], hook)
     final = output_layer(pipe, session.config)
     if final is not None:
-        session.hook(session.denoiser.get_submodule(final), OutputLayerHook(session))
+        session.hook(session.denoiser.get_submodule(final), CachedOutputHook(session, final, decides=False,
+                                                                             forecasts=True))
 
 
 class ModulationKeeper:

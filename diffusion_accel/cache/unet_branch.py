@@ -20,7 +20,9 @@ from .session import CacheSession
 
 
 class CachedOutputHook(ModelHook):
-    """Computes and stores the module's output on full steps; returns the stored one otherwise.
+    """Computes and stores the module's output on full steps; returns the stored one otherwise
+    (DeepCache's cached modules, encoder propagation, a transformer's final projection under
+    ``forecast_target="output"``).
 
     Only the first cached module of a call (``decides``) asks the policy; the others read its
     decision, so a compiled denoiser breaks its graph once per call, not once per module. With
