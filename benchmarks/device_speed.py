@@ -20,7 +20,8 @@ compiled, the GPU baseline users run. Variants (``--only`` picks groups):
 - ``fp8``: fp8 weights and activations on the Linear layers (``torch._scaled_mm``), CUDA >= 8.9 only.
 - ``structured``: 30% of heads + FFN neurons (+ ResNet channel groups on UNets), bf16 compiled.
 - ``2of4``: 2:4 magnitude pruning of the Linear layers with PyTorch semi-structured sparse kernels
-  (CUDA >= 8.0, bf16); elsewhere the JSON records that no sparse kernel ran.
+  (CUDA >= 8.0, bf16), through its default library (cuSPARSELt) and through CUTLASS; elsewhere the
+  JSON records that no sparse kernel ran.
 """
 
 from __future__ import annotations
@@ -97,27 +98,26 @@ def quantized_unet(model: str, device: torch.device, config: PTQConfig, smoke: b
     return pipe.unet, summary(pipe)
 
 
-def ptq_config(fmt: str, smoke: bool) -> PTQConfig:
-    """``fmt`` weights and activations, calibrated on 1 prompt x 2 steps with CFG, lowered."""
-    resolution = 64 if smoke else 256
+def ptq_config(fmt: str, resolution: int) -> PTQConfig:
+    """``fmt`` weights and activations, calibrated on 1 prompt x 2 steps with CFG at ``resolution`` px, lowered."""
     return PTQConfig(weights=fmt, activations=fmt, calib_prompts=1, calib_num_steps=2, calib_steps="all",
                      calib_guidance_scale=7.5, calib_kwargs=(("height", resolution), ("width", resolution)),
                      lower=True)
 
 
-def w8a8_variants(timer: Timer, model: str, smoke: bool) -> None:
-    unet, text = quantized_unet(model, timer.device, ptq_config("int8", smoke), smoke)
+def w8a8_variants(timer: Timer, model: str, smoke: bool, resolution: int) -> None:
+    unet, text = quantized_unet(model, timer.device, ptq_config("int8", resolution), smoke)
     unet.to(torch.bfloat16)
     timer.time("w8a8_bf16_eager", unet, torch.bfloat16, False, summary=text)
     timer.time("w8a8_bf16_compiled", unet, torch.bfloat16, True)
 
 
-def fp8_variants(timer: Timer, model: str, smoke: bool) -> None:
+def fp8_variants(timer: Timer, model: str, smoke: bool, resolution: int) -> None:
     """fp8 on the Linear layers only: fp8 k x k convs have no kernel and would stay simulated."""
     if not fp8.fp8_kernel_available(timer.device):
         timer.results["fp8"] = {"skipped": f"no fp8 tensor cores on {timer.device} (needs CUDA capability >= 8.9)"}
         return
-    unet, text = quantized_unet(model, timer.device, ptq_config("fp8", smoke), smoke,
+    unet, text = quantized_unet(model, timer.device, ptq_config("fp8", resolution), smoke,
                                 filter_fn=lambda module, name: isinstance(module, nn.Linear))
     unet.to(torch.bfloat16)
     timer.time("fp8_linear_bf16_compiled", unet, torch.bfloat16, True, summary=text)
@@ -133,17 +133,20 @@ def structured_variants(timer: Timer, denoiser: nn.Module, model: str) -> None:
 
 
 def two_four_variants(timer: Timer, denoiser: nn.Module) -> None:
-    """2:4 magnitude pruning of every prunable Linear, then semi-structured sparse kernels in bf16."""
+    """2:4 magnitude pruning of every prunable Linear, then semi-structured sparse kernels in bf16, through
+    PyTorch's default library (cuSPARSELt where built in) and through CUTLASS."""
     pruned = copy.deepcopy(denoiser)
     report = prune_denoiser_(pruned, PruneConfig(method="magnitude", sparsity=None, pattern="2:4",
                                                  sparse_kernels=False))
     pruned.to(torch.bfloat16)
-    kernels = enable_sparse_kernels(pruned, report.layers_pruned, "2:4")
-    timer.time("2of4_bf16_eager", pruned, torch.bfloat16, False, sparse_kernels=kernels)
-    try:
-        timer.time("2of4_bf16_compiled", pruned, torch.bfloat16, True, sparse_kernels=kernels)
-    except Exception as error:  # semi-structured tensors under torch.compile vary by torch build
-        timer.results["2of4_bf16_compiled"] = {"failed": f"{type(error).__name__}: {error}"[:300]}
+    for backend, label in (("auto", "2of4"), ("cutlass", "2of4_cutlass")):
+        model = copy.deepcopy(pruned)
+        kernels = enable_sparse_kernels(model, report.layers_pruned, "2:4", backend=backend)
+        timer.time(f"{label}_bf16_eager", model, torch.bfloat16, False, sparse_kernels=kernels)
+        try:
+            timer.time(f"{label}_bf16_compiled", model, torch.bfloat16, True, sparse_kernels=kernels)
+        except Exception as error:  # semi-structured tensors under torch.compile vary by torch build
+            timer.results[f"{label}_bf16_compiled"] = {"failed": f"{type(error).__name__}: {error}"[:300]}
 
 
 def ratios(results: dict[str, Any]) -> None:
@@ -180,14 +183,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     overrides = SMOKE[args.model] if args.smoke else {}
     denoiser, make_inputs = build_fullsize(args.model, device=device, **overrides)
-    resolution = 64 if args.smoke else 256
+    resolution = args.resolution or (64 if args.smoke else 256)
     timer = Timer(make_inputs(batch_size=2, resolution=resolution), device, args.repeats, args.compile_mode)
     report = {"machine": machine_info(device), "device": str(device), "model": args.model, "smoke": args.smoke,
               "resolution": resolution, "repeats": args.repeats, "variants": timer.results}
     steps: dict[str, Callable[[], None]] = {
         "dense": lambda: dense_variants(timer, denoiser),
-        "w8a8": lambda: w8a8_variants(timer, args.model, args.smoke),
-        "fp8": lambda: fp8_variants(timer, args.model, args.smoke),
+        "w8a8": lambda: w8a8_variants(timer, args.model, args.smoke, resolution),
+        "fp8": lambda: fp8_variants(timer, args.model, args.smoke, resolution),
         "structured": lambda: structured_variants(timer, denoiser, args.model),
         "2of4": lambda: two_four_variants(timer, denoiser)}
     for group in args.only:
@@ -210,13 +213,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", choices=sorted(SMOKE), default="sd15")
     parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS))
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--resolution", type=int, default=None, help="pixels (default 256; 64 with --smoke)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: its default)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes of the same architectures")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.model != "sd15":
         args.only = [g for g in args.only if g not in ("w8a8", "fp8")]
-    args.out = args.out or RESULTS / f"device_speed_{args.device.split(':')[0]}_{args.model}.json"
+    size = f"_{args.resolution}px" if args.resolution else ""
+    args.out = args.out or RESULTS / f"device_speed_{args.device.split(':')[0]}_{args.model}{size}.json"
     if args.smoke:
         fp8.fp8_kernel_available = lambda device: True  # exercise the kernel path (see the module doc)
     report = run(args)

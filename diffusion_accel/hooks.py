@@ -60,7 +60,9 @@ class StepTracker(ModelHook):
 
     Attributes readable inside any hook during a denoiser call:
       - ``step_index``: 0 for the first (noisiest) step of this pipeline call, per context.
-      - ``timestep``: the scalar timestep of this call as a float (None if the caller passed none).
+      - ``timestep``: the scalar timestep of this call as a float (None if the caller passed none),
+        read from the tensor only when asked: ``.item()`` on a GPU tensor waits for the device, so
+        hooks that never read it (caching) keep the host running ahead of the GPU.
       - ``context``: the context name of this call.
       - ``num_inference_steps``: length of ``scheduler.timesteps`` if a pipeline is attached.
     """
@@ -75,7 +77,8 @@ class StepTracker(ModelHook):
         self._counters: dict[str, int] = {}
         self._last_timesteps: torch.Tensor | None = None
         self.step_index: int = 0
-        self.timestep: float | None = None
+        self._timestep_argument: Any = None
+        self._timestep_value: float | None = None
         self.context: str = DEFAULT_CONTEXT
         self.in_call: bool = False
         self.calls_since_reset: int = 0
@@ -146,15 +149,22 @@ class StepTracker(ModelHook):
             self._last_timesteps = timesteps
             self.reset()
 
+    @property
+    def timestep(self) -> float | None:
+        """The current call's scalar timestep as a float; converted (and the device synced) on first read."""
+        if self._timestep_value is None and self._timestep_argument is not None:
+            self._timestep_value = _scalar_timestep(self._timestep_argument)
+        return self._timestep_value
+
     # ----- diffusers ModelHook interface ------------------------------------------------
-    # Step bookkeeping is Python state (and reads the timestep with .item()): kept out of
+    # Step bookkeeping is Python state: kept out of
     # torch.compile graphs so it costs one clean graph break instead of recompiles and splits.
     @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
         self._detect_new_call()
         self.context = self._pinned_context or self._context_reader.current_name()
         self.step_index = self._counters.get(self.context, 0)
-        self.timestep = _scalar_timestep(args, kwargs)
+        self._timestep_argument, self._timestep_value = _timestep_argument(args, kwargs), None
         self.in_call = True
         return args, kwargs
 
@@ -170,11 +180,16 @@ class StepTracker(ModelHook):
         return module
 
 
-def _scalar_timestep(args: tuple, kwargs: dict) -> float | None:
-    """Find the ``timestep`` argument of a denoiser call and return its first value as float."""
+def _timestep_argument(args: tuple, kwargs: dict) -> Any:
+    """The ``timestep`` argument of a denoiser call (keyword or second positional), or None."""
     value = kwargs.get("timestep")
     if value is None and len(args) >= 2:
         value = args[1]
+    return value
+
+
+def _scalar_timestep(value: Any) -> float | None:
+    """The first value of a timestep argument as a float (None for anything else)."""
     if isinstance(value, torch.Tensor):
         return float(value.flatten()[0].item()) if value.numel() else None
     if isinstance(value, (int, float)):

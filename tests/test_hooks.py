@@ -27,6 +27,20 @@ def test_step_index_counts_calls_and_records_timestep():
     assert get_tracker(model) is None
 
 
+def test_timestep_is_read_from_the_tensor_only_when_asked(monkeypatch):
+    """A GPU tensor's .item() waits for the device: hooks that never read the timestep must not pay it."""
+    model, reads = AddOne(), []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or real_item(self))
+    with use_tracker(model, "probe") as tracker:
+        model(torch.zeros(1), timestep=torch.tensor([750]))
+        assert reads == []
+        assert tracker.timestep == 750.0 and tracker.timestep == 750.0
+        assert reads == [1]  # converted once, then remembered
+        model(torch.zeros(1), torch.tensor([250]))  # positional timestep, a new call
+        assert tracker.timestep == 250.0
+
+
 def test_tracker_resets_on_new_pipeline_call():
     pipe = build_tiny("sd")
     steps_per_call: list[list[int]] = [[], []]

@@ -47,15 +47,34 @@ from .state import TECHNIQUE, get_state, swap_module
 INT8_OFFSET = 128  # unsigned activation codes [0, 255] are shifted to int8 [-128, 127]
 
 
-def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(M, K) int8 @ (K, N) int8 -> (M, N) int32; exact float fallback where ``_int_mm`` can't run.
+CUBLAS_REFUSED: set[tuple[int, int, int, int]] = set()  # (device, rows, K, N) cuBLASLt said NOT_SUPPORTED for
 
-    CUDA's ``_int_mm`` needs M > 16 and K, N multiples of 8; CPU takes any shape.
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(M, K) int8 @ (K, N) int8 -> (M, N) int32, exact.
+
+    CPU takes any shape. CUDA's ``_int_mm`` (cuBLASLt) needs more than 16 rows, a row count that is a
+    multiple of 8, and K, N multiples of 8: rows are zero-padded up to that (and cut off again). Other
+    K, N, and shapes cuBLASLt refuses at run time (seen for K, N <= 64 on an H100), take an exact float64
+    product; refused shapes are remembered so the refusal is paid once.
     """
     m, k = a.shape
-    if a.device.type == "cuda" and (m <= 16 or k % 8 or b.shape[1] % 8):
+    if a.device.type != "cuda":
+        return torch._int_mm(a.contiguous(), b)
+    rows = max(24, -(-m // 8) * 8)
+    key = (a.device.index or 0, rows, k, b.shape[1])
+    if k % 8 or b.shape[1] % 8 or key in CUBLAS_REFUSED:
         return (a.double() @ b.double()).to(torch.int32)
-    return torch._int_mm(a.contiguous(), b)
+    padded = torch.cat([a, a.new_zeros(rows - m, k)]) if rows != m else a.contiguous()
+    if torch.compiler.is_compiling():
+        return torch._int_mm(padded, b)[:m]
+    try:
+        return torch._int_mm(padded, b)[:m]
+    except RuntimeError as error:
+        if "CUBLAS_STATUS_NOT_SUPPORTED" not in str(error):
+            raise
+        CUBLAS_REFUSED.add(key)
+        return (a.double() @ b.double()).to(torch.int32)
 
 
 class Int8GemmCore(nn.Module):

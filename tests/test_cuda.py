@@ -1,0 +1,102 @@
+"""On a CUDA GPU: artifacts saved on CPU load and run there (and back), and the real low-precision
+kernels (int8 ``_int_mm``, fp8 ``_scaled_mm``, 2:4 semi-structured) compute what the CPU computes.
+
+Skipped where no CUDA device exists (CI). On a GPU machine: ``pytest tests/test_cuda.py``.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import diffusion_accel as da
+from diffusion_accel.cache import summary as cache_summary
+from diffusion_accel.prune.sparse import enable_sparse_kernels
+from diffusion_accel.quant import PTQConfig, lower_, quantize_, summary
+from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+FAST = dict(calib_prompts=1, calib_num_steps=2, calib_steps="all")
+
+
+def _images(pipe, family: str = "sd") -> torch.Tensor:
+    return pipe(**tiny_call_kwargs(family)).images.float().cpu()
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("preset, kernel", [("w8a8", "int8-gemm"), ("w4a8", "int4-packed")])
+def test_artifact_saved_on_cpu_runs_on_cuda_and_back(tmp_path, preset, kernel):
+    pipe = build_tiny("sd")
+    quantize_(pipe, PTQConfig.preset(preset, **FAST))
+    on_cpu = _images(pipe)
+    da.save(pipe, tmp_path / "cpu")
+    gpu_pipe = da.load(build_tiny("sd").to("cuda"), tmp_path / "cpu")
+    assert next(gpu_pipe.unet.parameters()).device.type == "cuda"
+    assert kernel in summary(gpu_pipe)
+    assert _relative_error(_images(gpu_pipe), on_cpu) < 5e-2
+    da.save(gpu_pipe, tmp_path / "cuda")  # saved from the GPU: the same codes, so CPU images are exact
+    assert torch.equal(_images(da.load(build_tiny("sd"), tmp_path / "cuda")), on_cpu)
+
+
+def test_int8_matmul_is_exact_for_any_shape():
+    from diffusion_accel.quant.lower import int8_matmul
+
+    for rows, k, n in [(154, 32, 32), (5, 64, 40), (17, 16, 8), (64, 24, 12), (154, 768, 320), (2048, 320, 1280)]:
+        a = torch.randint(-128, 128, (rows, k), dtype=torch.int8, device="cuda")
+        b = torch.randint(-128, 128, (k, n), dtype=torch.int8, device="cuda")
+        expected = (a.cpu().long() @ b.cpu().long()).to(torch.int32)
+        assert torch.equal(int8_matmul(a, b).cpu(), expected)
+
+
+def test_quantized_pipeline_moves_to_cuda_with_to():
+    pipe = build_tiny("sd")
+    quantize_(pipe, PTQConfig.preset("w8a8", **FAST))
+    on_cpu = _images(pipe)
+    assert _relative_error(_images(pipe.to("cuda")), on_cpu) < 5e-2
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
+                    reason="fp8 tensor cores need CUDA capability >= 8.9")
+def test_fp8_scaled_mm_on_cuda_matches_simulation():
+    pipe = build_tiny("flux").to("cuda")
+    quantize_(pipe, PTQConfig(weights="fp8", activations="fp8", calib_kwargs=(("height", 16), ("width", 16)),
+                              **FAST))
+    simulated = _images(pipe, "flux")
+    lower_(pipe)
+    assert "fp8-gemm" in summary(pipe)
+    assert _relative_error(_images(pipe, "flux"), simulated) < 1e-2
+
+
+def test_two_four_sparse_kernels_compute_the_dense_product():
+    layer = nn.Linear(256, 512).to("cuda", torch.bfloat16)
+    with torch.no_grad():  # keep the 2 largest of every 4 weights of a row
+        groups = layer.weight.view(512, 64, 4)
+        smallest = groups.abs().argsort(dim=-1)[..., :2]
+        groups.scatter_(-1, smallest, 0.0)
+    model = nn.Sequential(layer)
+    inputs = torch.randn(2, 1024, 256, device="cuda", dtype=torch.bfloat16)
+    dense = model(inputs).float()
+    cutlass_runs = torch.cuda.get_device_capability()[0] == 8
+    for backend in ("auto", "cusparselt", "cutlass"):
+        sparse_model = nn.Sequential(nn.Linear(256, 512).to("cuda", torch.bfloat16))
+        sparse_model.load_state_dict(model.state_dict())
+        text = enable_sparse_kernels(sparse_model, ["0"], "2:4", backend=backend)
+        if backend == "cutlass" and not cutlass_runs:
+            assert "compute capability 8.x" in text and sparse_model[0].weight.layout == torch.strided
+            continue
+        assert "enabled on 1 of 1" in text
+        assert _relative_error(sparse_model(inputs).float(), dense) < 1e-2
+
+
+def test_deepcache_on_cuda_reuses_like_on_cpu():
+    config = da.DeepCacheConfig(interval=2, branch=0)
+    cpu_pipe, gpu_pipe = build_tiny("sd"), build_tiny("sd").to("cuda")
+    for pipe in (cpu_pipe, gpu_pipe):
+        da.enable_cache(pipe, config)
+    on_cpu = cpu_pipe(**tiny_call_kwargs("sd", steps=4)).images.float()
+    on_gpu = gpu_pipe(**tiny_call_kwargs("sd", steps=4)).images.float().cpu()
+    assert cache_summary(gpu_pipe)["reused_calls"] == cache_summary(cpu_pipe)["reused_calls"] > 0
+    assert _relative_error(on_gpu, on_cpu) < 1e-3
