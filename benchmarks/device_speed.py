@@ -165,7 +165,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Denoiser speed on {m.get('device', report['device'])}: {report['model']}"
              + (" (smoke shapes)" if report["smoke"] else "") + f", {report['resolution']} px, batch 2", "",
              f"torch {m.get('torch_version')}; median of {report['repeats']} after one warm-up "
-             "(compilation in the warm-up); random weights.", "",
+             f"(compilation in the warm-up); torch.compile mode: {report.get('compile_mode') or 'default'}; "
+             "random weights.", "",
              "| variant | median ms | vs bf16 compiled | vs fp32 eager | note |", "|---|---|---|---|---|"]
     for name, item in report["variants"].items():
         if "median_ms" not in item:
@@ -186,7 +187,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     resolution = args.resolution or (64 if args.smoke else 256)
     timer = Timer(make_inputs(batch_size=2, resolution=resolution), device, args.repeats, args.compile_mode)
     report = {"machine": machine_info(device), "device": str(device), "model": args.model, "smoke": args.smoke,
-              "resolution": resolution, "repeats": args.repeats, "variants": timer.results}
+              "resolution": resolution, "repeats": args.repeats, "compile_mode": args.compile_mode,
+              "variants": timer.results}
     steps: dict[str, Callable[[], None]] = {
         "dense": lambda: dense_variants(timer, denoiser),
         "w8a8": lambda: w8a8_variants(timer, args.model, args.smoke, resolution),
