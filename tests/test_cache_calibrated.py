@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from diffusion_accel.cache import BlockCacheConfig, calibrate_schedule, enable_cache, remove_cache
-from diffusion_accel.cache.calibrated import evenly_spaced_steps, front_loaded_steps
+from diffusion_accel.cache.calibrated import (_refine, _refine_far, evenly_spaced_steps, front_loaded_steps,
+                                              search_starts)
 from diffusion_accel.cache.configs import CalibratedCacheConfig
 from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
 
@@ -31,6 +32,26 @@ def test_front_loaded_steps_fill_the_start_and_end_at_the_last_step():
         for count in range(1, steps + 1):
             chosen = front_loaded_steps(steps, count)
             assert len(chosen) == count and 0 in chosen and max(chosen) == (steps - 1 if count > 1 else 0)
+
+
+def test_search_starts_are_distinct_schedules_of_the_budget():
+    starts = search_starts(28, 10)
+    assert starts[0] == evenly_spaced_steps(28, 10) and front_loaded_steps(28, 10) in starts
+    assert len(starts) == 5 and all(len(s) == 10 and 0 in s for s in starts)
+    assert len({frozenset(s) for s in starts}) == len(starts)
+    assert search_starts(3, 1) == [{0}]
+
+
+def test_far_moves_leave_a_local_minimum_of_the_nearby_moves():
+    """A landscape whose best schedule needs a step moved further than the nearby moves reach."""
+    target = {0, 3, 15}
+
+    def error(steps):  # flat until step 15 is full
+        return len(steps ^ target)
+
+    stuck = _refine(error, 20, {0, 3, 4}, max_passes=5)
+    assert stuck == {0, 3, 4}  # every nearby move of 4 is worse or equal
+    assert _refine_far(error, 20, stuck, max_passes=5) == target
 
 
 @pytest.mark.parametrize("search", ["greedy", "refine"])
