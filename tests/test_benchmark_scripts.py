@@ -1,4 +1,4 @@
-"""The GPU speed benchmark's code paths, run on CPU at tiny shapes (slow: compiles several models)."""
+"""Benchmark scripts: the GPU speed benchmark's code paths on CPU at tiny shapes (slow: compiles several models), and the FID bootstrap's math."""
 
 import json
 import sys
@@ -22,3 +22,19 @@ def test_device_speed_smoke_runs_every_variant(tmp_path):
     assert "fp8-gemm" in variants["fp8_linear_bf16_compiled"]["summary"]
     assert "no sparse kernel used" in variants["2of4_bf16_eager"]["sparse_kernels"]
     assert out.with_suffix(".md").read_text().count("|") > 20
+
+
+def test_fid_bootstrap_formula_matches_torchmetrics_and_pairs_resamples():
+    import torch
+    from fid_bootstrap import FixedReferenceFID, bootstrap
+
+    from diffusion_accel.eval.fid import _compute_fid
+
+    torch.manual_seed(0)
+    ref = torch.randn(400, 32).double() @ torch.randn(32, 32).double()
+    other = torch.randn(300, 32).double() * 1.3 + 0.2
+    fid = FixedReferenceFID(ref.mean(0), torch.cov(ref.T))
+    expected = float(_compute_fid(ref.mean(0), torch.cov(ref.T), other.mean(0), torch.cov(other.T)))
+    assert abs(fid(other) - expected) < 1e-6 * expected
+    samples = bootstrap(fid, {"a": other, "b": other.clone()}, reps=3, seed=0)
+    assert torch.equal(samples["a"], samples["b"])  # the same indices for every variant
