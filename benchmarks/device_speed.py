@@ -31,6 +31,7 @@ import copy
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,8 +95,9 @@ def quantized_unet(model: str, device: torch.device, config: PTQConfig, smoke: b
     if model != "sd15":
         raise ValueError(f"PTQ variants calibrate through a pipeline, which only 'sd15' has here; got {model!r}")
     pipe = sd15_pipeline(**(SMOKE["sd15"] if smoke else {}))[0].to(device)
+    start = time.perf_counter()
     quantize_(pipe, config, filter_fn=filter_fn)
-    return pipe.unet, summary(pipe)
+    return pipe.unet, f"{summary(pipe)}\n  calibration + quantization wall time: {time.perf_counter() - start:.1f} s"
 
 
 def ptq_config(fmt: str, resolution: int) -> PTQConfig:
