@@ -1,10 +1,14 @@
-"""How much of a ΔFID between two cache_flux variants is sampling noise? A paired bootstrap.
+"""How much of a ΔFID between two variants of a zoo benchmark is sampling noise? A paired bootstrap.
 
     python benchmarks/fid_bootstrap.py --report benchmarks/results/cache_flux_v3.json \
         --variants diffusers-taylorseer ours-calibrated-output-10 ours-calibrated-output-11
+    python benchmarks/fid_bootstrap.py --report benchmarks/results/ptq_quality_fashion-flux.json \
+        --variants ours_w8a8_dynamic torchao_int8_dynamic --out benchmarks/results/fid_bootstrap_ptq_flux.json
 
-Regenerates the report's 2,000 images of the baseline and each variant (same prompts and seeds as
-the report, so the full-sample FIDs reproduce it), extracts per-image TF-Inception features, and
+Takes the report's 2,000 images of the baseline and each variant (kept by zoo_harness when the
+variant was scored, else regenerated with the report's prompts and seeds, so the full-sample FIDs
+reproduce it; cache_flux variants from the report's chosen settings, ptq_quality / prune_quality
+variants from the script's own list), extracts per-image TF-Inception features, and
 resamples the *same* image indices for every variant (the images share prompts and initial noise,
 so their FIDs move together): for each replicate, every variant's FID against the fixed test-split
 statistics. Reports each variant's FID and ΔFID vs baseline and vs the first variant with 95%
@@ -14,18 +18,22 @@ percentile intervals. Writes JSON + Markdown at ``--out``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cache_flux as cf  # noqa: E402
 from zoo_harness import RESULTS, ZooBench, generate_images  # noqa: E402
 
 from diffusion_accel.eval.machine import machine_info  # noqa: E402
+
+QUALITY_SCRIPTS = ("ptq_quality", "prune_quality")
 
 
 def features(bench: ZooBench, images: torch.Tensor, batch: int = 50) -> torch.Tensor:
@@ -52,10 +60,41 @@ class FixedReferenceFID:
         return float((mean - self.mean).square().sum() + self.cov.trace() + cov.trace() - 2 * trace_sqrt)
 
 
-def variant_images(bench: ZooBench, report: dict, method: str) -> torch.Tensor:
-    """The report's images of ``method`` (its chosen setting, same prompts and seeds)."""
-    pipe = cf.built(method, report["chosen"][method]["setting"], report["calibration"])
-    return generate_images(pipe, bench.prompts, bench.batch, bench.seed, bench.call_kwargs)
+def report_script(path: Path, report: dict) -> str:
+    """Which benchmark script wrote ``report``: cache_flux (it has chosen settings) or the quality
+    script named by the file (ptq_quality*, prune_quality*)."""
+    if "chosen" in report:
+        return "cache_flux"
+    for script in QUALITY_SCRIPTS:
+        if path.stem.startswith(script):
+            return script
+    raise SystemExit(f"{path}: not a cache_flux, {' or '.join(QUALITY_SCRIPTS)} report")
+
+
+def build_variant(script: str, report: dict, label: str) -> Any:
+    """A fresh pipeline of the report's variant ``label``, built as its script built it."""
+    if script == "cache_flux":
+        return cf.built(label, report["chosen"][label]["setting"], report["calibration"])
+    module = importlib.import_module(script)
+    variants = {v.label: v for v in module.variants(report["config"]["model"])}
+    return variants[label].build()
+
+
+def variant_images(bench: ZooBench, script: str, report: dict, label: str) -> torch.Tensor:
+    """The report's images of ``label`` (same prompts and seeds): kept ones if present, else regenerated."""
+    kept = bench.variant_images_path(label)
+    if kept.is_file():
+        return load_file(str(kept))["images"]
+    pipe = build_variant(script, report, label)
+    images = generate_images(pipe, bench.prompts, bench.batch, bench.seed, bench.call_kwargs)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"images": images.contiguous()}, str(kept))
+    return images
+
+
+def known_labels(script: str, report: dict) -> list[str]:
+    """Variant labels the report can name: cache_flux's chosen methods, or the scored rows."""
+    return sorted(report["chosen"] if script == "cache_flux" else set(report["variants"]) - {"baseline"})
 
 
 def interval(values: torch.Tensor) -> list[float]:
@@ -88,7 +127,7 @@ def summarise(full: dict[str, float], samples: dict[str, torch.Tensor], first: s
 
 def markdown(result: dict) -> str:
     first = result["variants"][0]
-    lines = ["# Paired bootstrap of FID on fashion-flux (cache_flux variants)", "",
+    lines = [f"# Paired bootstrap of FID on {result['model']} ({result['script']} variants)", "",
              f"{result['n']} images per variant (the report's prompts and seeds), {result['reps']} replicates "
              "resampling the same image indices for every variant; FID against the fixed test-split statistics; "
              "95% percentile intervals. A difference whose interval contains 0 is within sampling noise.", "",
@@ -104,7 +143,8 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--report", type=Path, default=RESULTS / "cache_flux_v3.json")
-    p.add_argument("--variants", nargs="+", required=True, help="chosen methods of the report; the first is the reference")
+    p.add_argument("--variants", nargs="+", required=True,
+                   help="the report's variants (cache_flux: chosen methods); the first is the reference")
     p.add_argument("--n", type=int, default=2000, help="images per variant, as in the report")
     p.add_argument("--reps", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
@@ -112,18 +152,23 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = json.loads(args.report.read_text())
-    unknown = [v for v in args.variants if v not in report["chosen"]]
+    script = report_script(args.report, report)
+    unknown = [v for v in args.variants if v not in known_labels(script, report)]
     if unknown:
-        raise SystemExit(f"not chosen in {args.report}: {unknown}; chosen: {sorted(report['chosen'])}")
-    bench = ZooBench(cf.MODEL, args.n, Path("/dev/null"))
+        raise SystemExit(f"not in {args.report}: {unknown}; available: {known_labels(script, report)}")
+    model = report["config"]["model"]
+    bench = ZooBench(model, args.n, Path("/dev/null"))
+    if bench.config["base_fingerprint"] != report["config"]["base_fingerprint"]:
+        raise SystemExit(f"{args.report} measured another {model} than the installed one (model fingerprint differs)")
     feats = {"baseline": features(bench, bench.baseline_images())}
-    feats |= {v: features(bench, variant_images(bench, report, v)) for v in args.variants}
+    feats |= {v: features(bench, variant_images(bench, script, report, v)) for v in args.variants}
     fid = FixedReferenceFID(bench.ref.mean, bench.ref.cov)
     full = {name: fid(f) for name, f in feats.items()}
     print({name: round(value, 3) for name, value in full.items()}, flush=True)
     samples = bootstrap(fid, feats, args.reps, seed=0)
-    result = {"report": str(args.report), "variants": args.variants, "n": len(feats["baseline"]), "reps": args.reps,
-              "machine": machine_info(), "rows": summarise(full, samples, args.variants[0])}
+    result = {"report": str(args.report), "script": script, "model": model, "variants": args.variants,
+              "n": len(feats["baseline"]), "reps": args.reps, "machine": machine_info(),
+              "rows": summarise(full, samples, args.variants[0])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     args.out.with_suffix(".md").write_text(markdown(result))

@@ -107,13 +107,20 @@ class ZooBench:
                 return report
         return {"config": self.config, "machine": machine_info(), "variants": {}}
 
+    def images_key(self) -> str:
+        """Cache key of this benchmark's images: settings (not the scoring CLIP), torch version, batch."""
+        settings = {k: v for k, v in self.config.items() if k != "metric_clip"}  # images do not depend on it
+        return digest([settings, self.config["base_fingerprint"], torch.__version__, self.batch])
+
+    def variant_images_path(self, label: str) -> Path:
+        """Where ``run`` keeps variant ``label``'s images (for paired re-analysis, e.g. fid_bootstrap.py)."""
+        return CACHE / "images" / f"{self.model}_{self.images_key()}_{label}.safetensors"
+
     def baseline_images(self) -> torch.Tensor:
         """The unaccelerated pipeline's images (generated once, cached per fingerprint and settings)."""
         if self._baseline is None:
             pipe = zoo.load(self.model)
-            settings = {k: v for k, v in self.config.items() if k != "metric_clip"}  # images do not depend on it
-            key = digest([settings, base_fingerprint(pipe), torch.__version__, self.batch])
-            path = CACHE / f"{self.model}_{key}.safetensors"
+            path = CACHE / f"{self.model}_{self.images_key()}.safetensors"
             if not path.is_file():
                 t0 = time.time()
                 images = generate_images(pipe, self.prompts, self.batch, self.seed, self.call_kwargs)
@@ -151,6 +158,8 @@ class ZooBench:
         t0 = time.time()
         images = generate_images(built["pipe"], self.prompts, self.batch, self.seed,
                                  {**self.call_kwargs, **variant.call_overrides})
+        self.variant_images_path(variant.label).parent.mkdir(parents=True, exist_ok=True)
+        save_file({"images": images.contiguous()}, str(self.variant_images_path(variant.label)))
         row = {"group": variant.group, "note": variant.note, "prepare_s": round(prepare_s, 1),
                "prepare_peak_rss_mib": round(memory.peak_mib, 1), "generation_s": round(time.time() - t0, 1),
                **self.scores(images), **getattr(built["pipe"], "_bench_info", {})}

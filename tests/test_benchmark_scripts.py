@@ -38,3 +38,17 @@ def test_fid_bootstrap_formula_matches_torchmetrics_and_pairs_resamples():
     assert abs(fid(other) - expected) < 1e-6 * expected
     samples = bootstrap(fid, {"a": other, "b": other.clone()}, reps=3, seed=0)
     assert torch.equal(samples["a"], samples["b"])  # the same indices for every variant
+
+
+def test_fid_bootstrap_reads_cache_flux_and_quality_reports(tmp_path):
+    from fid_bootstrap import known_labels, report_script
+
+    cache = {"chosen": {"ours-a": {}, "peer-b": {}}, "variants": {"baseline": {}, "x": {}}}
+    assert report_script(tmp_path / "cache_flux_v3.json", cache) == "cache_flux"
+    assert known_labels("cache_flux", cache) == ["ours-a", "peer-b"]
+    ptq = {"config": {"model": "fashion-flux"}, "variants": {"baseline": {}, "ours_w8a8": {}, "naive_w8a8": {}}}
+    assert report_script(tmp_path / "ptq_quality_fashion-flux.json", ptq) == "ptq_quality"
+    assert known_labels("ptq_quality", ptq) == ["naive_w8a8", "ours_w8a8"]
+    assert report_script(tmp_path / "prune_quality.json", ptq) == "prune_quality"
+    with pytest.raises(SystemExit, match="not a cache_flux"):
+        report_script(tmp_path / "zoo_quality_sd.json", ptq)

@@ -140,6 +140,46 @@ def _check_decoder_stage_kept_the_latent_space(tmp_path):
     assert not all(torch.equal(t, source[k]) for k, t in tuned.state_dict().items() if k.startswith("decoder."))
 
 
+@needs_data
+@pytest.mark.parametrize("name, denoiser", [("fashion-sd", "unet"), ("fashion-flux", "transformer")])
+def test_warm_start_from_the_shipped_model(name, denoiser, tmp_path, monkeypatch):
+    """--init-from zoo needs no earlier stage: weights, frozen parts and step history come from the shipped pipeline."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from diffusion_accel.zoo import flux_train, sd_train
+
+    monkeypatch.setattr(C, "RUNS_ROOT", tmp_path / "empty_runs")  # no trained stages to fall back on
+    monkeypatch.setenv("DIFFUSION_ACCEL_THREADS", "1")
+    threads = torch.get_num_threads()
+    module = sd_train if name == "fashion-sd" else flux_train
+    cfg = C.RunConfig(run_dir=tmp_path / name, steps=1, batch_size=4, limit_images=16, init_from="zoo", lr=1e-9)
+    try:
+        folder = module.train(cfg, name)
+    finally:
+        torch.set_num_threads(threads)
+    shipped = load_file(str(zoo.path(name) / denoiser / "diffusion_pytorch_model.safetensors"))
+    tuned = load_file(str(folder / denoiser / "diffusion_pytorch_model.safetensors"))
+    assert max((tuned[k].float() - t.float()).abs().max().item() for k, t in shipped.items()) < 1e-6
+    info = json.loads((folder / "train_info.json").read_text())
+    assert info["init_steps"] == C.source_steps(zoo.path(name)) > 0
+    assert info["total_steps"] == info["init_steps"] + 1 and info["peak_lr"] == 1e-9
+
+
+def test_warm_start_rejects_bad_sources(tmp_path):
+    from diffusion_accel.zoo.train import add_train_arguments, run
+
+    parser = add_train_arguments(argparse.ArgumentParser())
+    with pytest.raises(ValueError, match="--init-from applies to"):
+        run(parser.parse_args(["fashion-sd-vae", "--init-from", "zoo"]))
+    with pytest.raises(ValueError, match="--lr must be > 0"):
+        run(parser.parse_args(["fashion-sd", "--lr", "0"]))
+    cfg = C.RunConfig(run_dir=tmp_path, steps=1, init_from=tmp_path)
+    with pytest.raises(ValueError, match="model_index.json"):
+        C.init_source(cfg, "fashion-sd")
+
+
 def test_cli_register_parses_train_options():
     from diffusion_accel.zoo.cli import register
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -79,6 +80,37 @@ class RunConfig:
     data_root: str | None = None
     limit_images: int | None = None
     freeze_text: bool = False
+    init_from: Path | None = None
+    lr: float | None = None
+
+
+def init_source(cfg: RunConfig, name: str) -> Path | None:
+    """The exported pipeline folder a fresh run warm-starts from (``--init-from``), or None.
+
+    ``"zoo"`` means the shipped model ``name``; any other value is a ``save_pretrained`` folder of the
+    same pipeline class. A checkpoint in the run folder still wins (``resume``): warm start only sets
+    the weights that step 0 begins with.
+    """
+    if cfg.init_from is None:
+        return None
+    if str(cfg.init_from) == "zoo":
+        from . import path
+
+        return path(name)
+    folder = Path(cfg.init_from)
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"--init-from {str(cfg.init_from)!r}: expected 'zoo' or an exported pipeline folder "
+                         f"with a model_index.json (e.g. zoo_runs/{name}/final)")
+    return folder
+
+
+def source_steps(source: Path | None) -> int:
+    """Optimiser steps behind ``source`` (its train_info.json ``total_steps``, else ``steps``; 0 if unknown)."""
+    info_file = None if source is None else source / "train_info.json"
+    if info_file is None or not info_file.is_file():
+        return 0
+    info = json.loads(info_file.read_text())
+    return int(info.get("total_steps", info.get("steps", 0)))
 
 
 def load_data(cfg: RunConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,7 +39,8 @@ DESCRIPTIONS = {
 STAGES = {"fashion-clip": ("fashion-clip",), "fashion-sd": ("fashion-sd-vae", "fashion-sd-decoder", "fashion-sd"),
           "fashion-flux": ("fashion-flux-vae", "fashion-flux-decoder", "fashion-flux")}
 KEYS = ("command", "seed", "steps", "batch_size", "wall_time_s", "device", "threads", "params", "unet_params",
-        "transformer_params", "t5_params", "source", "adv_weight", "zero_shot_test_accuracy", "test_psnr_db", "note")
+        "transformer_params", "t5_params", "init_from", "init_steps", "total_steps", "peak_lr", "source",
+        "adv_weight", "zero_shot_test_accuracy", "test_psnr_db", "note")
 
 
 def stage_table(stage: str, info: dict) -> str:

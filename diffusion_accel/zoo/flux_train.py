@@ -13,7 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel,
 
 from . import _common as C
 from .captions import TEMPLATES, all_captions
-from .sd_train import encode_latents, stage_folder, vae_folder
+from .sd_train import encode_latents, stage_folder, vae_folder, warm_start_info
 from .tokenizer import T5_MAX_LENGTH, build_t5_tokenizer
 
 DEFAULT_STEPS = 3000
@@ -88,12 +88,23 @@ def export(parts: dict, folder: Path, info: dict) -> Path:
     return folder
 
 
-def conditioning(device: torch.device) -> tuple[dict, dict]:
-    """Frozen parts (VAE, CLIP text tower, tokenizers) and per-caption tensors (pooled, T5 ids, rope ids)."""
+def frozen_parts(device: torch.device, source: Path | None = None) -> dict:
+    """VAE, CLIP text tower and both tokenizers: from the warm-start pipeline ``source`` when given, else
+    the trained stages (T5 tokenizer built locally, identical to the shipped one)."""
+    if source is not None:
+        return {"vae": AutoencoderKL.from_pretrained(source / "vae").float().to(device).eval(),
+                "clip": CLIPTextModel.from_pretrained(source / "text_encoder").float().to(device).eval(),
+                "clip_tok": CLIPTokenizer.from_pretrained(source / "tokenizer"),
+                "t5_tok": T5Tokenizer.from_pretrained(source / "tokenizer_2")}
     clip = stage_folder("fashion-clip")
-    parts = {"vae": AutoencoderKL.from_pretrained(vae_folder("fashion-flux-vae")).to(device).eval(),
-             "clip": CLIPTextModel.from_pretrained(clip).to(device).eval(),
-             "clip_tok": CLIPTokenizer.from_pretrained(clip), "t5_tok": build_t5_tokenizer()}
+    return {"vae": AutoencoderKL.from_pretrained(vae_folder("fashion-flux-vae")).to(device).eval(),
+            "clip": CLIPTextModel.from_pretrained(clip).to(device).eval(),
+            "clip_tok": CLIPTokenizer.from_pretrained(clip), "t5_tok": build_t5_tokenizer()}
+
+
+def conditioning(device: torch.device, source: Path | None = None) -> tuple[dict, dict]:
+    """Frozen parts (see ``frozen_parts``) and per-caption tensors (pooled, T5 ids, rope ids)."""
+    parts = frozen_parts(device, source)
     texts = all_captions() + [""]
     ids = {"pooled": clip_pooled(parts["clip"], parts["clip_tok"], texts),
            "t5": t5_ids(parts["t5_tok"], texts).to(device),
@@ -102,19 +113,28 @@ def conditioning(device: torch.device) -> tuple[dict, dict]:
     return parts, ids
 
 
+def trainable(source: Path | None, pooled_dim: int, vocab_size: int) -> tuple[FluxTransformer2DModel, T5EncoderModel]:
+    """(transformer, T5): the warm-start pipeline's when ``source`` is given, else freshly built."""
+    if source is None:
+        return build_transformer(pooled_dim, 128), build_t5(vocab_size)
+    return (FluxTransformer2DModel.from_pretrained(source / "transformer").float(),
+            T5EncoderModel.from_pretrained(source / "text_encoder_2").float())
+
+
 def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
     """Train (or resume) the fashion-flux transformer and T5; returns the exported folder ``run_dir/final``."""
     device = C.setup_device()
     gen = C.seed_all(cfg.seed)
-    parts, ids = conditioning(device)
+    source = C.init_source(cfg, name)
+    parts, ids = conditioning(device, source)
     images, labels = C.load_data(cfg, "train")
     mean, std = encode_latents(parts["vae"], images)
     vcfg = parts["vae"].config
-    model = build_transformer(ids["pooled"].shape[1], 128).to(device)
-    t5 = build_t5(len(parts["t5_tok"])).to(device)
+    model, t5 = trainable(source, ids["pooled"].shape[1], len(parts["t5_tok"]))
+    model, t5, peak_lr = model.to(device), t5.to(device), cfg.lr or 3e-4
     ema = copy.deepcopy(torch.nn.ModuleList([model, t5])).requires_grad_(False)
     params = list(model.parameters()) + list(t5.parameters())
-    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.01)
     bs, n_caps = cfg.batch_size or DEFAULT_BATCH, len(ids["pooled"])
     start, elapsed, commands = C.resume(cfg, {"model": model, "t5": t5, "ema": ema, "opt": opt}, gen)
     t_start = time.time()
@@ -122,7 +142,7 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
     def step_fn(step: int, frac: float) -> dict:
         model.train(), t5.train()
         for group in opt.param_groups:
-            group["lr"] = C.lr_at(step, frac, 3e-4, warmup=min(200, cfg.steps // 10 + 1), floor=0.1)
+            group["lr"] = C.lr_at(step, frac, peak_lr, warmup=min(200, cfg.steps // 10 + 1), floor=0.1)
         idx = torch.randint(0, len(images), (bs,), generator=gen)
         z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen) - vcfg.shift_factor)
         cap = labels[idx] * len(TEMPLATES) + torch.randint(0, len(TEMPLATES), (bs,), generator=gen)
@@ -149,6 +169,7 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
             "wall_time_s": round(elapsed + time.time() - t_start, 1), "threads": torch.get_num_threads(),
             "command": " && ".join(commands), "transformer_params": sum(p.numel() for p in model.parameters()),
             "t5_params": sum(p.numel() for p in t5.parameters()), "caption_dropout": CAPTION_DROPOUT,
-            "ema_decay": EMA_DECAY, "t5_max_sequence_length": T5_MAX_LENGTH}
+            "ema_decay": EMA_DECAY, "t5_max_sequence_length": T5_MAX_LENGTH, "peak_lr": peak_lr,
+            **warm_start_info(source, done)}
     parts.update(transformer=ema[0].cpu(), t5=ema[1].cpu(), vae=parts["vae"].cpu(), clip=parts["clip"].cpu())
     return export(parts, cfg.run_dir / "final", info)

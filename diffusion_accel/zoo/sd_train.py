@@ -96,25 +96,41 @@ def export(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTex
     return folder
 
 
-def load_frozen(device: torch.device) -> tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer]:
-    """The trained fashion-sd VAE (see ``vae_folder``) and the fashion-clip text tower + tokenizer, frozen, on ``device``."""
+def load_frozen(device: torch.device, source: Path | None = None) -> tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer]:
+    """The frozen VAE and fashion-clip text tower + tokenizer on ``device``: from the warm-start pipeline
+    ``source`` when given, else the trained stages (see ``vae_folder``)."""
+    if source is not None:
+        vae = AutoencoderKL.from_pretrained(source / "vae").float()
+        text_encoder = CLIPTextModel.from_pretrained(source / "text_encoder").float()
+        return vae.to(device).eval(), text_encoder.to(device).eval(), CLIPTokenizer.from_pretrained(source / "tokenizer")
     vae = AutoencoderKL.from_pretrained(vae_folder("fashion-sd-vae")).to(device).eval()
     clip = stage_folder("fashion-clip")
     text_encoder = CLIPTextModel.from_pretrained(clip).to(device).eval()
     return vae, text_encoder, CLIPTokenizer.from_pretrained(clip)
 
 
+def warm_start_info(source: Path | None, steps_done: int) -> dict:
+    """train_info fields of a warm start: the source folder and the steps behind the exported weights."""
+    if source is None:
+        return {}
+    return {"init_from": str(source), "init_steps": C.source_steps(source),
+            "total_steps": C.source_steps(source) + steps_done}
+
+
 def train(cfg: C.RunConfig, name: str = "fashion-sd") -> Path:
     """Train (or resume) the fashion-sd UNet; returns the exported pipeline folder ``run_dir/final``."""
     device = C.setup_device()
     gen = C.seed_all(cfg.seed)
-    vae, text_encoder, tok = load_frozen(device)
+    source = C.init_source(cfg, name)
+    vae, text_encoder, tok = load_frozen(device, source)
     images, labels = C.load_data(cfg, "train")
     mean, std = encode_latents(vae, images)
     texts = encode_captions(text_encoder, tok, all_captions() + [""])
-    unet = build_unet(text_encoder.config.hidden_size).to(device)
+    unet = (UNet2DConditionModel.from_pretrained(source / "unet").float() if source is not None
+            else build_unet(text_encoder.config.hidden_size)).to(device)
+    peak_lr = cfg.lr or 3e-4
     ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=3e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW(unet.parameters(), lr=peak_lr, weight_decay=0.01)
     sched = DDPMScheduler(**SCHEDULE)
     bs, scale = cfg.batch_size or DEFAULT_BATCH, vae.config.scaling_factor
     start, elapsed, commands = C.resume(cfg, {"model": unet, "ema": ema, "opt": opt}, gen)
@@ -123,7 +139,7 @@ def train(cfg: C.RunConfig, name: str = "fashion-sd") -> Path:
     def step_fn(step: int, frac: float) -> dict:
         unet.train()
         for group in opt.param_groups:
-            group["lr"] = C.lr_at(step, frac, 3e-4, warmup=min(200, cfg.steps // 10 + 1), floor=0.1)
+            group["lr"] = C.lr_at(step, frac, peak_lr, warmup=min(200, cfg.steps // 10 + 1), floor=0.1)
         idx = torch.randint(0, len(images), (bs,), generator=gen)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
         cap = labels[idx] * len(TEMPLATES) + torch.randint(0, len(TEMPLATES), (bs,), generator=gen)
@@ -149,5 +165,6 @@ def train(cfg: C.RunConfig, name: str = "fashion-sd") -> Path:
     info = {"name": name, "seed": cfg.seed, "steps": done, "batch_size": bs, "device": str(device),
             "wall_time_s": round(elapsed + time.time() - t_start, 1), "threads": torch.get_num_threads(),
             "command": " && ".join(commands), "unet_params": sum(p.numel() for p in unet.parameters()),
-            "caption_dropout": CAPTION_DROPOUT, "ema_decay": EMA_DECAY}
+            "caption_dropout": CAPTION_DROPOUT, "ema_decay": EMA_DECAY, "peak_lr": peak_lr,
+            **warm_start_info(source, done)}
     return export(ema.cpu(), vae.cpu(), text_encoder.cpu(), tok, cfg.run_dir / "final", info)

@@ -17,6 +17,7 @@ TRAINERS = {
     "fashion-sd": "sd_train",
     "fashion-flux": "flux_train",
 }
+WARM_STARTABLE = ("fashion-sd", "fashion-flux")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -33,6 +34,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="start from scratch")
     parser.add_argument("--freeze-text", action="store_true",
                         help="fashion-clip only: keep the text tower fixed (it is already the pipelines' encoder)")
+    parser.add_argument("--init-from", default=None, metavar="zoo|FOLDER",
+                        help="fashion-sd / fashion-flux: warm-start a fresh run from the shipped model ('zoo') or an "
+                             "exported pipeline folder (its denoiser, and for flux its T5, plus its frozen parts)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate (default 3e-4 from scratch; lower it for a warm start)")
     parser.add_argument("--ship", action="store_true",
                         help="also copy the result into diffusion_accel/zoo/models/NAME (maintainers)")
     return parser
@@ -44,12 +50,16 @@ def run(args: argparse.Namespace) -> Path:
 
     if args.ship and args.name not in SHIPPED:
         raise ValueError(f"--ship applies to {SHIPPED}, not to the stage {args.name!r}")
+    if args.init_from is not None and args.name not in WARM_STARTABLE:
+        raise ValueError(f"--init-from applies to {WARM_STARTABLE}, not to {args.name!r}")
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
     module = importlib.import_module(f"{__package__}.{TRAINERS[args.name]}")
     run_dir = args.out or C.RUNS_ROOT / args.name
     cfg = C.RunConfig(run_dir=Path(run_dir), steps=args.steps or module.default_steps(args.name),
                       seed=args.seed, time_budget_min=args.time_budget_min, resume=args.resume,
                       batch_size=args.batch_size, data_root=args.data,
-                      freeze_text=args.freeze_text)
+                      freeze_text=args.freeze_text, init_from=args.init_from, lr=args.lr)
     folder = module.train(cfg, args.name)
     if args.ship:
         from .card import write_card
