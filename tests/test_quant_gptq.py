@@ -8,7 +8,8 @@ from diffusion_accel.prune.obs import upper_inverse_factor
 from diffusion_accel.quant import PTQConfig, quantize_, summary
 from diffusion_accel.quant.formats import get_format
 from diffusion_accel.quant.gptq import gptq_codes, hessian_key
-from diffusion_accel.quant.quantizers import dequantize_weight, quantize_weight, segment_sizes, weight_scales
+from diffusion_accel.quant.quantizers import (dequantize_weight, quantize_weight, segment_rescaler, segment_sizes,
+                                              weight_scales)
 from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
 
 FLUX_FAST = dict(calib_prompts=1, calib_num_steps=2, calib_steps="all",
@@ -28,7 +29,7 @@ def test_gptq_lowers_output_error_and_stays_on_the_grid(fmt_name, granularity):
     fmt, sizes = get_format(fmt_name), segment_sizes(64, granularity, 32)
     scale = weight_scales(w, fmt, sizes)
     hessian = 2 * x.T @ x / len(x)
-    codes = gptq_codes(w, scale, sizes, fmt, upper_inverse_factor(hessian, 0.01), blocksize=16)
+    codes, _ = gptq_codes(w, scale, sizes, fmt, upper_inverse_factor(hessian, 0.01), blocksize=16)
     assert codes.dtype == torch.int8 and codes.min() >= fmt.qmin and codes.max() <= fmt.qmax
     nearest = quantize_weight(w, scale, fmt, sizes)
 
@@ -38,6 +39,31 @@ def test_gptq_lowers_output_error_and_stays_on_the_grid(fmt_name, granularity):
     assert output_error(codes) < 0.75 * output_error(nearest)
 
 
+def test_lazy_group_scales_fit_the_compensated_weights():
+    """Each later group's scale comes from the weights as compensation left them: no code is clipped
+    that a scale refitted to those weights would have kept, and the output error drops."""
+    x = _correlated_inputs(width=128, seed=3)
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(4))
+    fmt, sizes = get_format("int4"), segment_sizes(128, "group", 32)
+    scale = weight_scales(w, fmt, sizes)
+    factor = upper_inverse_factor(2 * x.T @ x / len(x), 0.01)
+    static_codes, static_scale = gptq_codes(w, scale, sizes, fmt, factor, blocksize=64)
+    lazy_codes, lazy_scale = gptq_codes(w, scale, sizes, fmt, factor, blocksize=64,
+                                        rescale=segment_rescaler(fmt, sizes))
+    assert torch.equal(static_scale, scale) and torch.equal(lazy_scale[:, 0], scale[:, 0])
+    assert not torch.equal(lazy_scale[:, 1:], scale[:, 1:])
+
+    def output_error(codes, s):
+        return (x @ (dequantize_weight(codes, s, sizes) - w).T).pow(2).mean().item()
+
+    assert output_error(lazy_codes, lazy_scale) < output_error(static_codes, static_scale)
+    one_segment = segment_sizes(128, "per_channel", 32)
+    per_channel = weight_scales(w, fmt, one_segment)
+    assert torch.equal(gptq_codes(w, per_channel, one_segment, fmt, factor)[0],
+                       gptq_codes(w, per_channel, one_segment, fmt, factor,
+                                  rescale=segment_rescaler(fmt, one_segment))[0])
+
+
 def test_gptq_keeps_weights_already_on_the_grid_and_zeroes_dead_inputs():
     fmt, sizes = get_format("int8"), (32,)
     scale = torch.full((4, 1), 0.1)
@@ -45,7 +71,7 @@ def test_gptq_keeps_weights_already_on_the_grid_and_zeroes_dead_inputs():
     x = _correlated_inputs(512, 32)
     x[:, 5] = 0  # a dead input: its weights get code 0
     hessian = 2 * x.T @ x / len(x)
-    out = gptq_codes(dequantize_weight(codes, scale, sizes), scale, sizes, fmt, upper_inverse_factor(hessian, 0.01))
+    out, _ = gptq_codes(dequantize_weight(codes, scale, sizes), scale, sizes, fmt, upper_inverse_factor(hessian, 0.01))
     assert (out[:, 5] == 0).all()
     keep = torch.arange(32) != 5
     assert torch.equal(out[:, keep], codes[:, keep])
@@ -81,6 +107,7 @@ def test_gptq_w4_pipeline_is_closer_to_float_than_nearest_rounding():
     (dict(reconstruct=True), "use one of them"),
     (dict(gptq_damp=0), "gptq_damp"),
     (dict(gptq_groups=0), "gptq_groups"),
+    (dict(gptq_group_scales="dynamic"), "gptq_group_scales"),
 ])
 def test_bad_gptq_configs_raise(changes, message):
     with pytest.raises(ValueError, match=message):

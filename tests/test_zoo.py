@@ -40,6 +40,33 @@ def test_loader_error_names_the_fix(tmp_path, monkeypatch):
         load_split("validation")
 
 
+def _write_idx_gz(path, array):
+    import gzip
+
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype("uint8").tobytes())
+
+
+def test_loader_reads_an_xz_copy_made_by_pack_xz(tmp_path):
+    import numpy as np
+
+    from diffusion_accel.zoo.data import pack_xz
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (5, 28, 28)), rng.integers(0, 10, (5,))
+    source = tmp_path / "gz"
+    source.mkdir()
+    for split in ("train", "t10k"):
+        _write_idx_gz(source / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx_gz(source / f"{split}-labels-idx1-ubyte.gz", labels)
+    written = pack_xz(tmp_path / "xz", "train", root=source)
+    assert sorted(p.name for p in written) == ["train-images-idx3-ubyte.xz", "train-labels-idx1-ubyte.xz"]
+    got_images, got_labels = load_split("train", root=tmp_path / "xz")
+    assert torch.equal(got_images, torch.from_numpy(images.astype("uint8")))
+    assert got_labels.tolist() == labels.tolist()
+
+
 @needs_data
 def test_loader_shapes_and_range():
     images, labels = load_split("test")
@@ -150,11 +177,13 @@ def test_warm_start_from_the_shipped_model(name, denoiser, tmp_path, monkeypatch
 
     from diffusion_accel.zoo import flux_train, sd_train
 
-    monkeypatch.setattr(C, "RUNS_ROOT", tmp_path / "empty_runs")  # no trained stages to fall back on
+    from diffusion_accel.zoo.ship import main as ship_main
+
+    monkeypatch.setattr(C, "RUNS_ROOT", tmp_path / "runs")  # no trained stages to fall back on
     monkeypatch.setenv("DIFFUSION_ACCEL_THREADS", "1")
     threads = torch.get_num_threads()
     module = sd_train if name == "fashion-sd" else flux_train
-    cfg = C.RunConfig(run_dir=tmp_path / name, steps=1, batch_size=4, limit_images=16, init_from="zoo", lr=1e-9)
+    cfg = C.RunConfig(run_dir=tmp_path / "runs" / name, steps=1, batch_size=4, limit_images=16, init_from="zoo", lr=1e-9)
     try:
         folder = module.train(cfg, name)
     finally:
@@ -165,6 +194,11 @@ def test_warm_start_from_the_shipped_model(name, denoiser, tmp_path, monkeypatch
     info = json.loads((folder / "train_info.json").read_text())
     assert info["init_steps"] == C.source_steps(zoo.path(name)) > 0
     assert info["total_steps"] == info["init_steps"] + 1 and info["peak_lr"] == 1e-9
+    ship_main([name, "--from", str(folder), "--dest", str(tmp_path / "staged")])  # e.g. on a GPU machine
+    staged = tmp_path / "staged" / name
+    weights = load_file(str(staged / denoiser / "diffusion_pytorch_model.safetensors"))
+    assert all(t.dtype == torch.float16 for t in weights.values())
+    assert "| init_steps |" in (staged / "README.md").read_text()
 
 
 def test_warm_start_rejects_bad_sources(tmp_path):

@@ -23,6 +23,7 @@ from .configs import PTQConfig
 from .formats import get_format
 from .gptq import gptq_round_all
 from .layers import StepGroups
+from .quantizers import segment_rescaler
 from .lower import lower_
 from .reconstruct import reconstruct_blocks
 from .state import TECHNIQUE, TRACKER_CLIENT, PTQState, get_state, set_state, swap_module
@@ -78,9 +79,12 @@ def _gptq(pipe: Any, denoiser: nn.Module, config: PTQConfig, targets: list[Layer
           collected: Collected, calib: Calibration | None) -> dict:
     """(GPTQ codes, scales, segment sizes) of every target, for ``build_layer``."""
     def grid(target: LayerTarget) -> tuple:
-        module = denoiser.get_submodule(target.name)
-        w2d, scale, sizes = weight_grid(module, config, target.split, collected.column_weights(target.name))
-        return w2d, scale, sizes, get_format(config.weights)
+        module, column_weights = denoiser.get_submodule(target.name), collected.column_weights(target.name)
+        w2d, scale, sizes = weight_grid(module, config, target.split, column_weights)
+        fmt = get_format(config.weights)
+        rescale = segment_rescaler(fmt, sizes, config.weight_scale, column_weights) \
+            if config.gptq_group_scales == "lazy" else None
+        return w2d, scale, sizes, fmt, rescale
     return gptq_round_all(denoiser, targets, config, hessian_sweep(pipe, config, calib), grid)
 
 

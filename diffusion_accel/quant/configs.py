@@ -14,6 +14,7 @@ WEIGHT_SCALE_METHODS = ("max", "mse", "output_mse")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 ACT_METHODS = ("minmax", "percentile", "mse")
 ACT_MODES = ("static", "dynamic")
+GPTQ_GROUP_SCALES = ("lazy", "static")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class PTQConfig:
     square).
     weight_rounding: "nearest" or "gptq" (codes chosen column by column against each layer's input
     Hessian, collected in ``gptq_groups`` calibration sweeps; ``gptq_damp`` is relative to mean(diag H)).
+    gptq_group_scales: "lazy" (each later scale segment, a weight group or split-shortcut half, gets its
+    scale when the GPTQ sweep reaches it, from the weights as compensation left them) or "static"
+    (every scale fitted to the original weights first).
     act_mode: "static" (per-tensor scale from calibration) or "dynamic" (per-token at run time).
     act_method: how static ranges are set ("minmax", "percentile", "mse"). act_symmetric: False =
     asymmetric with a zero point. timestep_groups: K > 1 gives K activation scales over the
@@ -49,6 +53,7 @@ class PTQConfig:
     gptq_damp: float = 0.01
     gptq_blocksize: int = 128
     gptq_groups: int = 4
+    gptq_group_scales: str = "lazy"
     act_mode: str = "static"
     act_method: str = "minmax"
     act_percentile: float = 99.99
@@ -200,6 +205,7 @@ def _check_gptq(config: PTQConfig) -> None:
     _choice("weight_rounding", config.weight_rounding, WEIGHT_ROUNDINGS)
     _positive_int("gptq_blocksize", config.gptq_blocksize)
     _positive_int("gptq_groups", config.gptq_groups)
+    _choice("gptq_group_scales", config.gptq_group_scales, GPTQ_GROUP_SCALES)
     if isinstance(config.gptq_damp, bool) or not isinstance(config.gptq_damp, (int, float)) \
             or not config.gptq_damp > 0:
         raise ValueError(f"PTQConfig.gptq_damp must be a number > 0, got {config.gptq_damp!r}")

@@ -21,15 +21,24 @@ from ..prune.obs import no_tf32, obs_column_pass, upper_inverse_factor
 from ..prune.sequential import split_into_groups
 from .configs import PTQConfig
 from .formats import NumberFormat
-from .quantizers import expand_segments, quantize_weight
+from .quantizers import expand_segments, quantize_weight, segment_spans
 
 Sweep = Callable[[list[str]], HessianCollector]
 
 
-def gptq_codes(w2d: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int], fmt: NumberFormat,
-               inverse_factor: tuple[torch.Tensor, torch.Tensor], blocksize: int = 128) -> torch.Tensor:
-    """Codes (out, d) of ``w2d`` (out, d) on the per-segment grid ``scale`` (out, S), GPTQ-rounded.
+Rescale = Callable[[torch.Tensor, int], torch.Tensor]
 
+
+def gptq_codes(w2d: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int], fmt: NumberFormat,
+               inverse_factor: tuple[torch.Tensor, torch.Tensor], blocksize: int = 128,
+               rescale: Rescale | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes (out, d), scales (out, S)) of ``w2d`` (out, d) on a per-segment grid, GPTQ-rounded.
+
+    ``scale`` (out, S) is the grid of the first segment, and of every segment when ``rescale`` is
+    None. With ``rescale(current weights (out, width), segment index) -> (out,)``, each later
+    segment's scale is chosen when the sweep reaches its first column, from the weights as the
+    earlier columns' rounding errors have moved them (GPTQ's lazy group scales): a scale fitted to
+    the original weights would clip what the compensation pushed past it.
     ``inverse_factor``: ``prune.obs.upper_inverse_factor(H, damp)`` of the layer's input Hessian
     (d, d); weights of dead inputs (zero Hessian diagonal) get code 0.
     """
@@ -37,14 +46,23 @@ def gptq_codes(w2d: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int], fmt
         work = w2d.detach().to(torch.float32).clone()
         factor, dead = (t.to(work.device) for t in inverse_factor)
         work[:, dead] = 0
-        grid = expand_segments(scale.float(), sizes).expand_as(work)
+        scale = scale.float().clone()
+        grid = expand_segments(scale, sizes).expand_as(work).clone()
+        later_starts = {start: (index, width) for index, start, width in segment_spans(sizes) if index > 0}
 
         def round_column(block_w: torch.Tensor, block_u: torch.Tensor, start: int, i: int) -> torch.Tensor:
-            step = grid[:, start + i]
+            column = start + i
+            if rescale is not None and column in later_starts:
+                index, width = later_starts[column]
+                inside = block_w[:, i:i + width]
+                current = torch.cat([inside, work[:, start + block_w.shape[1]:column + width]], dim=1)
+                scale[:, index] = rescale(current, index)
+                grid[:, column:column + width] = scale[:, index:index + 1]
+            step = grid[:, column]
             return fmt.round(block_w[:, i] / step) * step
 
         obs_column_pass(work, factor, blocksize, round_column)
-    return quantize_weight(work, scale, fmt, sizes)
+    return quantize_weight(work, scale, fmt, sizes), scale
 
 
 def hessian_key(denoiser: nn.Module, name: str, representative: str) -> str:
@@ -57,11 +75,12 @@ def hessian_key(denoiser: nn.Module, name: str, representative: str) -> str:
 
 
 def gptq_round_all(denoiser: nn.Module, targets: Sequence[Any], config: PTQConfig, sweep: Sweep,
-                   grid: Callable[[Any], tuple[torch.Tensor, torch.Tensor, tuple[int, ...], NumberFormat]]
+                   grid: Callable[[Any], tuple[torch.Tensor, torch.Tensor, tuple[int, ...], NumberFormat,
+                                               Rescale | None]]
                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]:
     """(GPTQ codes, scales, segment sizes) of every target (``LayerTarget``), group by group;
-    ``grid(target)`` gives its (w2d, scale, segment sizes, format), ``sweep(layer names)`` a
-    collector of their Hessians."""
+    ``grid(target)`` gives its (w2d, initial scales, segment sizes, format, rescale or None; see
+    ``gptq_codes``), ``sweep(layer names)`` a collector of their Hessians."""
     keys = {t.name: hessian_key(denoiser, t.name, t.representative) for t in targets}
     rounded: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
     for group in split_into_groups(list(targets), config.gptq_groups):
@@ -72,8 +91,8 @@ def gptq_round_all(denoiser: nn.Module, targets: Sequence[Any], config: PTQConfi
             if key not in factors:
                 with no_tf32():
                     factors[key] = upper_inverse_factor(collector.hessian(key), config.gptq_damp)
-            w2d, scale, sizes, fmt = grid(target)
-            codes = gptq_codes(w2d, scale, sizes, fmt, factors[key], config.gptq_blocksize)
+            w2d, scale, sizes, fmt, rescale = grid(target)
+            codes, scale = gptq_codes(w2d, scale, sizes, fmt, factors[key], config.gptq_blocksize, rescale)
             rounded[target.name] = codes, scale, sizes
         collector.free()
     return rounded

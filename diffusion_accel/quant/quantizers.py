@@ -7,7 +7,7 @@ equal segments = group-wise, two unequal ones = split-shortcut halves.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -76,6 +76,20 @@ def weight_scales(w2d: torch.Tensor, fmt: NumberFormat, sizes: Sequence[int], me
         best_scale = torch.where(better, scale, best_scale)
         best_error = torch.minimum(error, best_error)
     return best_scale
+
+
+def segment_rescaler(fmt: NumberFormat, sizes: Sequence[int], method: str = "max",
+                     column_weights: torch.Tensor | None = None) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """``rescale(current (out, width), segment index) -> (out,)``: one segment's scale by ``method``
+    (see ``weight_scales``) from its current weights, for GPTQ's lazy group scales."""
+    spans = {index: (start, width) for index, start, width in segment_spans(sizes)}
+
+    def rescale(current: torch.Tensor, index: int) -> torch.Tensor:
+        start, width = spans[index]
+        weights = None if column_weights is None else column_weights.reshape(-1)[start:start + width]
+        return weight_scales(current, fmt, (width,), method, weights)[:, 0]
+
+    return rescale
 
 
 def _segment_error(w2d: torch.Tensor, scale: torch.Tensor, fmt: NumberFormat,

@@ -43,7 +43,7 @@ def folder_size_mb(folder: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m diffusion_accel.zoo.ship NAME [--from DIR] [--metrics FILE.md]``: copy in, fp16, write card."""
+    """``python -m diffusion_accel.zoo.ship NAME [--from DIR] [--dest ROOT] [--metrics FILE.md]``: copy in, fp16, write card."""
     import argparse
 
     from . import _common as C
@@ -52,9 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diffusion_accel.zoo.ship")
     parser.add_argument("name", choices=SHIPPED)
     parser.add_argument("--from", dest="source", type=Path, default=None, help="default zoo_runs/NAME/final")
+    parser.add_argument("--dest", type=Path, default=MODELS_DIR,
+                        help="folder to ship into (default: the package's models/; e.g. a staging folder on a GPU machine)")
     parser.add_argument("--metrics", type=Path, default=None, help="markdown with measured quality")
     args = parser.parse_args(argv)
-    dest = ship(args.name, args.source or C.RUNS_ROOT / args.name / "final")
+    dest = ship(args.name, args.source or C.RUNS_ROOT / args.name / "final", args.dest)
     metrics = args.metrics.read_text() if args.metrics else ""
     write_card(args.name, dest, metrics)
     print(f"shipped {args.name} to {dest} ({folder_size_mb(dest):.1f} MB)")
