@@ -30,6 +30,8 @@ from zoo_harness import RESULTS, Variant, denoiser_attr, run_variants_cli, sampl
 MODELS = ("fashion-sd", "fashion-flux")
 CALIB_PROMPTS = 16
 RECON = dict(reconstruct=True, recon_iters=300, recon_samples=64, recon_batch=8)
+GPTQ = dict(reconstruct=False, weight_rounding="gptq", weight_scale="output_mse")  # the "w4a8" preset's rounding
+GROUP32 = dict(weight_granularity="group", group_size=32)
 
 
 def calib_fields(model: str) -> dict[str, Any]:
@@ -129,13 +131,18 @@ def variants(model: str) -> list[Variant]:
                 "ours W4A8 with 4 per-timestep-group activation scales"),
         Variant("ours_w4a8_output_mse", ours_pipe(model, ours(model, "w4a8", weight_scale="output_mse")), "W4A8",
                 "ours W4A8 with output-MSE weight scales (error weighted by calibrated input mean squares)"),
-        Variant("ours_w4a8_gptq", ours_pipe(model, ours(model, "w4a8", reconstruct=False, weight_rounding="gptq",
-                                                       weight_scale="output_mse")), "W4A8",
+        Variant("ours_w4a8_gptq", ours_pipe(model, ours(model, "w4a8", **GPTQ)), "W4A8",
                 "ours W4A8 with GPTQ rounding and output-MSE weight scales instead of AdaRound"),
         Variant("ours_w8a8_dynamic", ours_pipe(model, ours(model, "w8a8", act_mode="dynamic")), "W8A8",
                 "ours W8A8 with dynamic per-token (asymmetric) activations, like torchao's dynamic int8"),
         Variant("ours_w8a8_output_mse", ours_pipe(model, ours(model, "w8a8", weight_scale="output_mse")), "W8A8",
                 "ours W8A8 with output-MSE weight scales instead of max"),
+        Variant("ours_w4a8_gptq_dynamic", ours_pipe(model, ours(model, "w4a8", **GPTQ, act_mode="dynamic")), "W4A8",
+                "ours W4A8 GPTQ + output-MSE scales, dynamic per-token activations"),
+        Variant("ours_w4a8_gptq_dynamic_g32", ours_pipe(model, ours(model, "w4a8", **GPTQ, **GROUP32, act_mode="dynamic")),
+                "W4A8 g32", "as ours_w4a8_gptq_dynamic with one weight scale per 32 inputs (lazy GPTQ group scales)"),
+        Variant("naive_w4a8_g32", ours_pipe(model, naive(model, "w4a8").with_(**GROUP32)), "W4A8 g32",
+                "naive W4A8 with one weight scale per 32 inputs"),
     ]
     if denoiser_attr(model) == "unet":
         out.insert(8, Variant("ablation_w4a8_no_split", ours_pipe(model, ours(model, "w4a8", split_shortcut=False)),

@@ -32,6 +32,7 @@ from diffusion_accel import quantize_, zoo  # noqa: E402
 
 N_IMAGES = 40
 REFERENCE = "nearest, weight-MSE scales"
+TITLE = "W4A8 weight rounding and scale search"
 SETTINGS = {  # label -> changes to ours(model, "w4a8")
     REFERENCE: dict(reconstruct=False),
     "nearest, output-MSE scales": dict(reconstruct=False, weight_scale="output_mse"),
@@ -65,20 +66,39 @@ def row(psnr: torch.Tensor, reference: torch.Tensor, prepare_s: float) -> dict:
             "better": int((diff > 0).sum()), "n": len(diff), "prepare_s": round(prepare_s, 1)}
 
 
-def write(model: str, rows: dict) -> None:
+def write(model: str, rows: dict, stem: str = "ptq_rounding", title: str = TITLE,
+          reference: str = REFERENCE) -> None:
+    """``benchmarks/results/<stem>_<model>.{json,md}``: each setting's PSNR, paired against ``reference``."""
     report = {"model": model, "n_images": N_IMAGES, "sampling": DEFAULTS[model], "bits": "W4A8",
               "simulated": True, "machine": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads(), "rows": rows}
-    out = RESULTS / f"ptq_rounding_{model}"
+              "threads": torch.get_num_threads(), "reference": reference, "rows": rows}
+    out = RESULTS / f"{stem}_{model}"
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    lines = [f"# W4A8 weight rounding and scale search, paired per image ({model}, {N_IMAGES} images)", "",
+    lines = [f"# {title}, paired per image ({model}, {N_IMAGES} images)", "",
              f"PSNR against the fp32 images of the same seeds; difference and paired t against "
-             f"\"{REFERENCE}\"; preparation = calibration + rounding, {torch.get_num_threads()} thread(s).", "",
-             "| setting | PSNR (dB) | Δ vs nearest (dB) | paired t | better | preparation (s) |",
+             f"\"{reference}\"; preparation = calibration + rounding, {torch.get_num_threads()} thread(s).", "",
+             "| setting | PSNR (dB) | Δ vs reference (dB) | paired t | better | preparation (s) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {k} | {r['psnr_db']:.2f} | {r['diff_db']:+.2f} | {r['paired_t']:+.1f} | "
               f"{r['better']}/{r['n']} | {r['prepare_s']:.0f} |" for k, r in rows.items()]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def run_settings(model: str, settings: dict[str, dict], reference: str, stem: str, title: str,
+                 threads: int = 1) -> dict:
+    """Images of ``ours(model, "w4a8", lower=False, **changes)`` for every setting, paired per image
+    against ``reference`` (a key of ``settings``, run first); rewrites the report after each."""
+    torch.set_num_threads(threads)
+    prompts = prompts_for(N_IMAGES, 0)[0]
+    fp32 = images(model, prompts)[0]
+    psnr, rows = {}, {}
+    for label in [reference, *(k for k in settings if k != reference)]:
+        quantized, prepare_s = images(model, prompts, ours(model, "w4a8", lower=False, **settings[label]))
+        psnr[label] = per_image_psnr(quantized, fp32)
+        rows[label] = row(psnr[label], psnr[reference], prepare_s)
+        print(label, rows[label], flush=True)
+        write(model, rows, stem, title, reference)
+    return rows
 
 
 def main() -> None:
@@ -86,17 +106,8 @@ def main() -> None:
     parser.add_argument("--model", choices=MODELS, default="fashion-sd")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    prompts = prompts_for(N_IMAGES, 0)[0]
-    fp32 = images(args.model, prompts)[0]
-    psnr, rows = {}, {}
     settings = SETTINGS | (UNET_ONLY if denoiser_attr(args.model) == "unet" else {})
-    for label, changes in settings.items():
-        quantized, prepare_s = images(args.model, prompts, ours(args.model, "w4a8", lower=False, **changes))
-        psnr[label] = per_image_psnr(quantized, fp32)
-        rows[label] = row(psnr[label], psnr[REFERENCE], prepare_s)
-        print(label, rows[label], flush=True)
-        write(args.model, rows)
+    run_settings(args.model, settings, REFERENCE, "ptq_rounding", TITLE, args.threads)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from .configs import PTQConfig
 from .formats import get_format
 from .gptq import gptq_round_all
 from .layers import StepGroups
-from .quantizers import segment_rescaler
 from .lower import lower_
+from .quantizers import segment_rescaler
 from .reconstruct import reconstruct_blocks
 from .state import TECHNIQUE, TRACKER_CLIENT, PTQState, get_state, set_state, swap_module
 

@@ -24,8 +24,6 @@ from .formats import NumberFormat
 from .quantizers import expand_segments, quantize_weight, segment_spans
 
 Sweep = Callable[[list[str]], HessianCollector]
-
-
 Rescale = Callable[[torch.Tensor, int], torch.Tensor]
 
 
