@@ -34,6 +34,7 @@ _APPLIED_ATTR = "_diffusion_accel_applied"
 _EXPORTS_ATTR = "_diffusion_accel_exports"
 _FINGERPRINT_ATTR = "_diffusion_accel_base_fingerprint"
 _SAMPLE_ELEMENTS = 2048  # per tensor: head, tail and a strided middle sample
+LIBRARY_KEYS = frozenset({"transformers_version"})  # not underscored, unlike diffusers' _diffusers_version
 
 
 class ArtifactError(ValueError):
@@ -74,12 +75,14 @@ def registered_techniques() -> list[str]:
 # ----- fingerprints and the applied-techniques record -------------------------------------
 def fingerprint(denoiser: torch.nn.Module) -> str:
     """A dtype- and device-independent SHA-256 of class, config and sampled weight values (any
-    module; diffusers configs are dicts, transformers configs give theirs by ``to_dict``)."""
+    module; diffusers configs are dicts, transformers configs give theirs by ``to_dict``). The
+    library version a config names (diffusers' ``_diffusers_version``, transformers'
+    ``transformers_version``) is left out: the same model must fingerprint alike after an upgrade."""
     digest = hashlib.sha256(type(denoiser).__name__.encode())
     config = getattr(denoiser, "config", None)
     if config is not None:
         values = dict(config) if isinstance(config, dict) else config.to_dict()
-        config_items = {k: v for k, v in values.items() if not k.startswith("_")}
+        config_items = {k: v for k, v in values.items() if not k.startswith("_") and k not in LIBRARY_KEYS}
         digest.update(json.dumps(config_items, sort_keys=True, default=str).encode())
     for name, tensor in denoiser.state_dict().items():
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())

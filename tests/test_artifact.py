@@ -65,6 +65,17 @@ def test_fingerprint_reads_transformers_configs():
     assert artifact.fingerprint(encoder) != before
 
 
+def test_fingerprint_is_the_same_under_another_transformers_version(monkeypatch):
+    """transformers writes its own version into every config dict; the model has not changed."""
+    import transformers.configuration_utils as configuration_utils
+
+    encoder = build_tiny("sd").text_encoder
+    before = artifact.fingerprint(encoder)
+    monkeypatch.setattr(configuration_utils, "__version__", "0.0.1")
+    assert encoder.config.to_dict()["transformers_version"] == "0.0.1"
+    assert artifact.fingerprint(encoder) == before
+
+
 def test_loading_onto_another_model_is_a_clear_error(tmp_path):
     artifact.save(_scaled_pipe(), tmp_path)
     other = build_tiny("sd", seed=1)
