@@ -22,7 +22,7 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -58,6 +58,19 @@ class FixedReferenceFID:
         middle = self.cov_sqrt @ cov @ self.cov_sqrt
         trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
         return float((mean - self.mean).square().sum() + self.cov.trace() + cov.trace() - 2 * trace_sqrt)
+
+
+def kept_features(bench: ZooBench, label: str, images: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``features`` of ``label``'s images, kept beside its images (float32) so a later bootstrap
+    over the same variant skips the Inception pass."""
+    kept = bench.variant_images_path(label)
+    path = kept.with_name(f"{kept.stem}_features.safetensors")
+    if path.is_file():
+        return load_file(str(path))["features"].double()
+    feats = features(bench, images())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"features": feats.float().contiguous()}, str(path))
+    return feats
 
 
 def report_script(path: Path, report: dict) -> str:
@@ -160,8 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
     bench = ZooBench(model, args.n, Path("/dev/null"))
     if bench.config["base_fingerprint"] != report["config"]["base_fingerprint"]:
         raise SystemExit(f"{args.report} measured another {model} than the installed one (model fingerprint differs)")
-    feats = {"baseline": features(bench, bench.baseline_images())}
-    feats |= {v: features(bench, variant_images(bench, script, report, v)) for v in args.variants}
+    feats = {"baseline": kept_features(bench, "baseline", lambda: bench.baseline_images())}
+    for label in args.variants:
+        feats[label] = kept_features(bench, label, lambda label=label: variant_images(bench, script, report, label))
     fid = FixedReferenceFID(bench.ref.mean, bench.ref.cov)
     full = {name: fid(f) for name, f in feats.items()}
     print({name: round(value, 3) for name, value in full.items()}, flush=True)
