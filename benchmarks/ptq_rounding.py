@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from zoo_harness import RESULTS, denoiser_attr, generate_images  # noqa: E402
 from zoo_quality import DEFAULTS, prompts_for  # noqa: E402
 
 from diffusion_accel import quantize_, zoo  # noqa: E402
+from diffusion_accel.eval.machine import machine_info  # noqa: E402
 
 N_IMAGES = 40
 REFERENCE = "nearest, weight-MSE scales"
@@ -70,7 +70,7 @@ def write(model: str, rows: dict, stem: str = "ptq_rounding", title: str = TITLE
           reference: str = REFERENCE) -> None:
     """``benchmarks/results/<stem>_<model>.{json,md}``: each setting's PSNR, paired against ``reference``."""
     report = {"model": model, "n_images": N_IMAGES, "sampling": DEFAULTS[model], "bits": "W4A8",
-              "simulated": True, "machine": platform.processor() or platform.machine(),
+              "simulated": True, "machine": machine_info()["cpu_model"],
               "threads": torch.get_num_threads(), "reference": reference, "rows": rows}
     out = RESULTS / f"{stem}_{model}"
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
