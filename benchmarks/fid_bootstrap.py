@@ -8,7 +8,9 @@
 Takes the report's 2,000 images of the baseline and each variant (kept by zoo_harness when the
 variant was scored, else regenerated with the report's prompts and seeds, so the full-sample FIDs
 reproduce it; cache_flux variants from the report's chosen settings, ptq_quality / prune_quality
-variants from the script's own list), extracts per-image TF-Inception features, and
+variants from the script's own list; kept images are those of the variant's last scoring or
+regeneration: delete them after changing a variant), extracts per-image TF-Inception features
+(kept too, tagged with the images' hash), and
 resamples the *same* image indices for every variant (the images share prompts and initial noise,
 so their FIDs move together): for each replicate, every variant's FID against the fixed test-split
 statistics. Reports each variant's FID and ΔFID vs baseline and vs the first variant with 95%
@@ -18,6 +20,7 @@ percentile intervals. Writes JSON + Markdown at ``--out``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import sys
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,15 +65,19 @@ class FixedReferenceFID:
 
 
 def kept_features(bench: ZooBench, label: str, images: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``features`` of ``label``'s images, kept beside its images (float32) so a later bootstrap
-    over the same variant skips the Inception pass."""
+    """``features`` of ``label``'s images, kept beside its images (float32, tagged with the images'
+    SHA-256) so a later bootstrap over the same images skips the Inception pass."""
+    pixels = images()
+    digest = hashlib.sha256(pixels.contiguous().numpy().tobytes()).hexdigest()
     kept = bench.variant_images_path(label)
     path = kept.with_name(f"{kept.stem}_features.safetensors")
     if path.is_file():
-        return load_file(str(path))["features"].double()
-    feats = features(bench, images())
+        with safe_open(str(path), "pt") as stored:
+            if (stored.metadata() or {}).get("images_sha256") == digest:
+                return stored.get_tensor("features").double()
+    feats = features(bench, pixels)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"features": feats.float().contiguous()}, str(path))
+    save_file({"features": feats.float().contiguous()}, str(path), metadata={"images_sha256": digest})
     return feats
 
 

@@ -52,3 +52,27 @@ def test_fid_bootstrap_reads_cache_flux_and_quality_reports(tmp_path):
     assert report_script(tmp_path / "prune_quality.json", ptq) == "prune_quality"
     with pytest.raises(SystemExit, match="not a cache_flux"):
         report_script(tmp_path / "zoo_quality_sd.json", ptq)
+
+
+def test_fid_bootstrap_reuses_kept_features_only_for_the_same_images(tmp_path, monkeypatch):
+    import fid_bootstrap
+    import torch
+
+    class Bench:
+        def variant_images_path(self, label):
+            return tmp_path / f"images_{label}.safetensors"
+
+    passes = []
+
+    def fake_features(bench, images):
+        passes.append(1)
+        return images.float().reshape(len(images), -1)[:, :4].double()
+
+    monkeypatch.setattr(fid_bootstrap, "features", fake_features)
+    images = torch.randint(0, 255, (3, 3, 4, 4), dtype=torch.uint8)
+    first = fid_bootstrap.kept_features(Bench(), "v", lambda: images)
+    assert torch.equal(fid_bootstrap.kept_features(Bench(), "v", lambda: images), first) and len(passes) == 1
+    changed = images.clone()
+    changed[0, 0, 0, 0] += 1  # regenerated images: the kept features are stale
+    fid_bootstrap.kept_features(Bench(), "v", lambda: changed)
+    assert len(passes) == 2
