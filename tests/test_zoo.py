@@ -207,6 +207,8 @@ def test_warm_start_rejects_bad_sources(tmp_path):
     parser = add_train_arguments(argparse.ArgumentParser())
     with pytest.raises(ValueError, match="--init-from applies to"):
         run(parser.parse_args(["fashion-sd-vae", "--init-from", "zoo"]))
+    with pytest.raises(ValueError, match="--lr applies to"):
+        run(parser.parse_args(["fashion-clip", "--lr", "1e-4"]))
     with pytest.raises(ValueError, match="--lr must be > 0"):
         run(parser.parse_args(["fashion-sd", "--lr", "0"]))
     cfg = C.RunConfig(run_dir=tmp_path, steps=1, init_from=tmp_path)

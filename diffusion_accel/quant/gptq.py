@@ -35,7 +35,8 @@ def gptq_codes(w2d: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int], fmt
     ``scale`` (out, S) is the grid of the first segment, and of every segment when ``rescale`` is
     None. With ``rescale(current weights (out, width), segment index) -> (out,)``, each later
     segment's scale is chosen when the sweep reaches its first column, from the weights as the
-    earlier columns' rounding errors have moved them (GPTQ's lazy group scales): a scale fitted to
+    earlier columns' rounding errors have moved them (GPTQ's lazy group scales; columns past the
+    current block lack only that block's pending update, as in the reference): a scale fitted to
     the original weights would clip what the compensation pushed past it.
     ``inverse_factor``: ``prune.obs.upper_inverse_factor(H, damp)`` of the layer's input Hessian
     (d, d); weights of dead inputs (zero Hessian diagonal) get code 0.

@@ -170,6 +170,6 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
             "command": " && ".join(commands), "transformer_params": sum(p.numel() for p in model.parameters()),
             "t5_params": sum(p.numel() for p in t5.parameters()), "caption_dropout": CAPTION_DROPOUT,
             "ema_decay": EMA_DECAY, "t5_max_sequence_length": T5_MAX_LENGTH, "peak_lr": peak_lr,
-            **warm_start_info(cfg, name, done)}
+            **warm_start_info(cfg, name, source, done)}
     parts.update(transformer=ema[0].cpu(), t5=ema[1].cpu(), vae=parts["vae"].cpu(), clip=parts["clip"].cpu())
     return export(parts, cfg.run_dir / "final", info)

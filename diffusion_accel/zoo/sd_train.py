@@ -109,15 +109,14 @@ def load_frozen(device: torch.device, source: Path | None = None) -> tuple[Autoe
     return vae, text_encoder, CLIPTokenizer.from_pretrained(clip)
 
 
-def warm_start_info(cfg: C.RunConfig, name: str, steps_done: int) -> dict:
-    """train_info fields of a warm start: where it started (as given: "zoo" names the shipped model)
-    and the optimiser steps behind the exported weights."""
-    source = C.init_source(cfg, name)
+def warm_start_info(cfg: C.RunConfig, name: str, source: Path | None, steps_done: int) -> dict:
+    """train_info fields of a warm start from ``source``: where it started (as given: "zoo" names the
+    shipped model) and the optimiser steps behind the exported weights."""
     if source is None:
         return {}
+    init_steps = C.source_steps(source)
     label = f"zoo:{name}" if str(cfg.init_from) == "zoo" else str(cfg.init_from)
-    return {"init_from": label, "init_steps": C.source_steps(source),
-            "total_steps": C.source_steps(source) + steps_done}
+    return {"init_from": label, "init_steps": init_steps, "total_steps": init_steps + steps_done}
 
 
 def train(cfg: C.RunConfig, name: str = "fashion-sd") -> Path:
@@ -169,5 +168,5 @@ def train(cfg: C.RunConfig, name: str = "fashion-sd") -> Path:
             "wall_time_s": round(elapsed + time.time() - t_start, 1), "threads": torch.get_num_threads(),
             "command": " && ".join(commands), "unet_params": sum(p.numel() for p in unet.parameters()),
             "caption_dropout": CAPTION_DROPOUT, "ema_decay": EMA_DECAY, "peak_lr": peak_lr,
-            **warm_start_info(cfg, name, done)}
+            **warm_start_info(cfg, name, source, done)}
     return export(ema.cpu(), vae.cpu(), text_encoder.cpu(), tok, cfg.run_dir / "final", info)

@@ -38,7 +38,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="fashion-sd / fashion-flux: warm-start a fresh run from the shipped model ('zoo') or an "
                              "exported pipeline folder (its denoiser, and for flux its T5, plus its frozen parts)")
     parser.add_argument("--lr", type=float, default=None,
-                        help="peak learning rate (default 3e-4 from scratch; lower it for a warm start)")
+                        help="fashion-sd / fashion-flux: peak learning rate (default 3e-4)")
     parser.add_argument("--ship", action="store_true",
                         help="also copy the result into diffusion_accel/zoo/models/NAME (maintainers)")
     return parser
@@ -50,8 +50,9 @@ def run(args: argparse.Namespace) -> Path:
 
     if args.ship and args.name not in SHIPPED:
         raise ValueError(f"--ship applies to {SHIPPED}, not to the stage {args.name!r}")
-    if args.init_from is not None and args.name not in WARM_STARTABLE:
-        raise ValueError(f"--init-from applies to {WARM_STARTABLE}, not to {args.name!r}")
+    for option, value in (("--init-from", args.init_from), ("--lr", args.lr)):
+        if value is not None and args.name not in WARM_STARTABLE:
+            raise ValueError(f"{option} applies to {WARM_STARTABLE}, not to {args.name!r}")
     if args.lr is not None and not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     module = importlib.import_module(f"{__package__}.{TRAINERS[args.name]}")
