@@ -43,9 +43,10 @@ def prompts_for(n: int, seed: int) -> tuple[list[str], list[int]]:
 
 
 @torch.no_grad()
-def generate(name: str, prompts: list[str], batch: int, seed: int, overrides: dict) -> torch.Tensor:
-    """uint8 N×3×32×32 images of zoo pipeline ``name`` for ``prompts`` (seeded per batch)."""
-    pipe = zoo.load(name)
+def generate(name: str, prompts: list[str], batch: int, seed: int, overrides: dict,
+             folder: Path | None = None) -> torch.Tensor:
+    """uint8 N×3×32×32 images of zoo pipeline ``name`` (or its export in ``folder``) for ``prompts`` (seeded per batch)."""
+    pipe = zoo.load(name, folder=folder)
     pipe.set_progress_bar_config(disable=True)
     kwargs = {**DEFAULTS[name], **overrides}
     out = []
@@ -58,9 +59,9 @@ def generate(name: str, prompts: list[str], batch: int, seed: int, overrides: di
 
 
 @torch.no_grad()
-def vae_reconstructions(name: str, images: torch.Tensor) -> torch.Tensor:
+def vae_reconstructions(name: str, images: torch.Tensor, folder: Path | None = None) -> torch.Tensor:
     """uint8 N×3×32×32 round trips of uint8 N×28×28 ``images`` through the pipeline's VAE (posterior mode)."""
-    vae = zoo.load(name).vae
+    vae = zoo.load(name, folder=folder).vae
     out = []
     for start in range(0, len(images), 250):
         x = to_rgb32(images[start:start + 250])
@@ -123,7 +124,7 @@ def evaluate_model(name: str, args: argparse.Namespace, ref: FIDStats, extractor
     if args.guidance is not None:
         overrides["true_cfg_scale" if name == "fashion-flux" else "guidance_scale"] = args.guidance
     t0 = time.time()
-    images = generate(name, prompts, args.batch, args.seed, overrides)
+    images = generate(name, prompts, args.batch, args.seed, overrides, args.pipeline)
     gen_s = time.time() - t0
     acc, per_class = class_accuracy(images, labels)
     result = {"n_generated": args.n, "settings": {**DEFAULTS[name], **overrides}, "generation_s": round(gen_s, 1),
@@ -131,7 +132,7 @@ def evaluate_model(name: str, args: argparse.Namespace, ref: FIDStats, extractor
               "clip_score": clip_score(images, prompts)}
     if args.floors:
         train = load_split("train")[0][-args.n:]
-        result["fid_vae_reconstruction"] = fid(ref, vae_reconstructions(name, train), extractor)
+        result["fid_vae_reconstruction"] = fid(ref, vae_reconstructions(name, train, args.pipeline), extractor)
     if args.save_grid:
         save_file({"images": images[:100].contiguous()}, str(samples_path(name)))
     return result
@@ -201,6 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ref-split", choices=["test", "train"], default="test",
                    help="real images of the FID reference; 'train' is for choosing sampling settings "
                         "without tuning on the test split")
+    p.add_argument("--pipeline", type=Path, default=None,
+                   help="evaluate this export of the (single) --models pipeline instead of the shipped one, "
+                        "e.g. a training run's final/ folder before shipping it")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--floors", action="store_true", help="also real-vs-real and VAE-reconstruction FID")
@@ -214,12 +218,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cache", type=Path, default=ROOT / "zoo_runs" / "fid_cache")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "zoo_quality.json")
     args = p.parse_args(argv)
+    if args.pipeline is not None and len(args.models) != 1:
+        p.error(f"--pipeline evaluates one model; got --models {' '.join(args.models)}")
     torch.set_num_threads(args.threads)
     extractor = TFInceptionFeatures(find_tf_inception(), dtype=getattr(torch, args.inception_dtype))
     ref = reference(args.n_ref, args.cache, extractor, args.ref_split)
     report = {"command": "python benchmarks/zoo_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "ref_split": args.ref_split, "n_ref_test": args.n_ref, "fid_network": extractor.fid_id,
               "device": "cpu", "threads": torch.get_num_threads(), "models": {}}
+    if args.pipeline is not None:
+        report["pipeline_folder"] = str(args.pipeline)
     if args.floors:
         report["fid_real_train_vs_test"] = real_floor(args.n, args.cache, ref, extractor)
     test_x, test_y = load_split("test")

@@ -124,6 +124,18 @@ def test_zoo_pipeline_generates_offline(name, kwargs, monkeypatch):
     assert image.shape == (32, 32, 3) and (image >= 0).all() and (image <= 1).all()
 
 
+def test_load_reads_another_export_of_the_model(tmp_path):
+    """zoo.load(name, folder=...) loads a candidate export with the shipped model's settings."""
+    import shutil
+
+    shutil.copytree(zoo.path("fashion-flux"), tmp_path / "candidate")
+    pipe = zoo.load("fashion-flux", folder=tmp_path / "candidate")
+    assert pipe.default_sample_size * pipe.vae_scale_factor == zoo.NATIVE_SIZE
+    assert pipe.transformer.dtype == torch.float32
+    with pytest.raises(FileNotFoundError, match="missing.*model_index.json"):
+        zoo.load("fashion-sd", folder=tmp_path / "missing")
+
+
 @needs_data
 def test_training_smoke_run_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "RUNS_ROOT", tmp_path)
@@ -201,12 +213,72 @@ def test_warm_start_from_the_shipped_model(name, denoiser, tmp_path, monkeypatch
     assert "| init_steps |" in (staged / "README.md").read_text()
 
 
+@needs_data
+def test_decoder_warm_start_ships_with_the_pipeline(tmp_path, monkeypatch):
+    """fashion-sd-decoder --init-from zoo tunes the shipped VAE's decoder; ship --vae swaps it into the
+    pipeline, and the card keeps the recorded stages and the table of the weights it started from."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from diffusion_accel.zoo import decoder_train
+    from diffusion_accel.zoo.ship import main as ship_main
+
+    monkeypatch.setattr(C, "RUNS_ROOT", tmp_path / "runs")
+    monkeypatch.setenv("DIFFUSION_ACCEL_THREADS", "1")
+    threads = torch.get_num_threads()
+    cfg = C.RunConfig(run_dir=tmp_path / "runs" / "fashion-sd-decoder", steps=1, batch_size=4, limit_images=16,
+                      init_from="zoo", lr=1e-3)
+    try:
+        folder = decoder_train.train(cfg, "fashion-sd-decoder")
+    finally:
+        torch.set_num_threads(threads)
+    info = json.loads((folder / "train_info.json").read_text())
+    assert info["init_from"] == "zoo:fashion-sd" and info["peak_lr"] == 1e-3
+    shipped = load_file(str(zoo.path("fashion-sd") / "vae" / "diffusion_pytorch_model.safetensors"))
+    tuned = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(tuned[k].half(), t) for k, t in shipped.items() if k.startswith(("encoder.", "quant_conv.")))
+    assert not all(torch.equal(tuned[k].half(), t) for k, t in shipped.items() if k.startswith("decoder."))
+    ship_main(["fashion-sd", "--from", str(zoo.path("fashion-sd")), "--dest", str(tmp_path / "staged"),
+               "--vae", str(folder)])
+    staged = tmp_path / "staged" / "fashion-sd"
+    vae = load_file(str(staged / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(vae[k], t.half()) for k, t in tuned.items())
+    card = (staged / "README.md").read_text()
+    assert "### Stage `fashion-sd-vae`" in card  # not rerun: the recorded table stays
+    assert "### Stage `fashion-sd-decoder` (the shipped weights it started from)" in card
+    assert "| init_from | zoo:fashion-sd |" in card and "### Stage `fashion-sd`\n" in card
+
+
+def test_ship_vae_refuses_another_latent_space(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from diffusion_accel.zoo.ship import ship
+
+    other = tmp_path / "vae"
+    shutil.copytree(zoo.path("fashion-sd") / "vae", other)
+    weights = load_file(str(other / "diffusion_pytorch_model.safetensors"))
+    weights["encoder.conv_in.weight"] = weights["encoder.conv_in.weight"] + 1
+    save_file(weights, str(other / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(ValueError, match="encoder differs.*encoder.conv_in.weight"):
+        ship("fashion-sd", zoo.path("fashion-sd"), tmp_path / "staged", vae=other)
+    with pytest.raises(ValueError, match="scaling_factor"):
+        ship("fashion-sd", zoo.path("fashion-sd"), tmp_path / "staged", vae=zoo.path("fashion-flux") / "vae")
+    with pytest.raises(ValueError, match="not to fashion-clip"):
+        ship("fashion-clip", zoo.path("fashion-clip"), tmp_path / "staged", vae=other)
+    assert not (tmp_path / "staged").exists()
+
+
 def test_warm_start_rejects_bad_sources(tmp_path):
     from diffusion_accel.zoo.train import add_train_arguments, run
 
     parser = add_train_arguments(argparse.ArgumentParser())
     with pytest.raises(ValueError, match="--init-from applies to"):
         run(parser.parse_args(["fashion-sd-vae", "--init-from", "zoo"]))
+    with pytest.raises(ValueError, match="--lr applies to"):
+        run(parser.parse_args(["fashion-flux-vae", "--lr", "1e-4"]))
     with pytest.raises(ValueError, match="--lr applies to"):
         run(parser.parse_args(["fashion-clip", "--lr", "1e-4"]))
     with pytest.raises(ValueError, match="--lr must be > 0"):

@@ -32,9 +32,23 @@ def path(name: str) -> Path:
     return folder
 
 
-def load(name: str, torch_dtype: torch.dtype = torch.float32) -> Any:
-    """Load zoo model ``name`` offline: a diffusers pipeline, or (CLIPModel, CLIPProcessor) for fashion-clip."""
-    folder = path(name)
+def _export_folder(name: str, folder: Path) -> Path:
+    """``folder`` if it holds a save_pretrained layout of zoo model ``name``, else a clear error."""
+    if name not in _NAMES:
+        raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(_NAMES)}")
+    marker = "config.json" if name == "fashion-clip" else "model_index.json"
+    if not (folder / marker).is_file():
+        raise FileNotFoundError(f"folder={str(folder)!r} has no {marker}: expected a save_pretrained export of {name}")
+    return folder
+
+
+def load(name: str, torch_dtype: torch.dtype = torch.float32, folder: str | Path | None = None) -> Any:
+    """Load zoo model ``name`` offline: a diffusers pipeline, or (CLIPModel, CLIPProcessor) for fashion-clip.
+
+    ``folder``: another save_pretrained folder of that model (a training export or a staged ship) to load
+    with the same settings instead of the shipped one.
+    """
+    folder = path(name) if folder is None else _export_folder(name, Path(folder))
     if name == "fashion-clip":
         from transformers import CLIPModel, CLIPProcessor
 

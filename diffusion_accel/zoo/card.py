@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from . import _common as C
@@ -49,9 +50,38 @@ def stage_table(stage: str, info: dict) -> str:
     return f"### Stage `{stage}`\n\n| field | value |\n|---|---|\n" + "\n".join(rows) + "\n"
 
 
+def recorded_sections(card_text: str) -> dict[str, list[str]]:
+    """Stage sections of an earlier card, by stage name: each ``### Stage `NAME`...`` block, in order."""
+    sections: dict[str, list[str]] = {}
+    for block in re.split(r"(?m)^(?=### |## )", card_text):
+        match = re.match(r"### Stage `([^`]+)`", block)
+        if match:
+            sections.setdefault(match.group(1), []).append(block.rstrip("\n") + "\n")
+    return sections
+
+
+def stage_sections(stage: str, info: dict | None, recorded: list[str]) -> list[str]:
+    """A stage's card sections: its new run's table, after the recorded ones when that run warm-started from
+    the shipped model (so the card still says how the starting weights were made); the recorded sections
+    alone when the stage was not rerun here."""
+    if info is None:
+        return recorded
+    table = stage_table(stage, info)
+    if not str(info.get("init_from", "")).startswith("zoo:"):
+        return [table]
+    kept = [re.sub(r"^### Stage `([^`]+)`[^\n]*", r"### Stage `\1` (the shipped weights it started from)", section,
+                   count=1) for section in recorded]
+    return kept + [table]
+
+
 def write_card(name: str, folder: Path, metrics_md: str = "", runs_root: Path | None = None) -> Path:
-    """Write ``folder/README.md`` for shipped model ``name`` from its stages' train_info.json."""
+    """Write ``folder/README.md`` for shipped model ``name`` from its stages' train_info.json.
+
+    Stages without a run under ``runs_root`` keep the tables the folder's earlier card recorded.
+    """
     runs_root = runs_root or C.RUNS_ROOT
+    card = folder / "README.md"
+    recorded = recorded_sections(card.read_text()) if card.is_file() else {}
     parts = [f"# {name}\n", DESCRIPTIONS[name] + "\n",
              "Data: Fashion-MNIST (MIT, Debian `dataset-fashion-mnist`), 28×28 padded to 32×32, grayscale "
              "replicated to RGB. Weights stored as float16 safetensors; `diffusion_accel.zoo.load` loads "
@@ -60,9 +90,8 @@ def write_card(name: str, folder: Path, metrics_md: str = "", runs_root: Path | 
              "`--time-budget-min` stops and exports early):\n"]
     for stage in STAGES[name]:
         info_file = runs_root / stage / "final" / "train_info.json"
-        if info_file.is_file():
-            parts.append(stage_table(stage, json.loads(info_file.read_text())))
+        info = json.loads(info_file.read_text()) if info_file.is_file() else None
+        parts += stage_sections(stage, info, recorded.get(stage, []))
     parts += ["## Quality\n", metrics_md or "Not measured yet.\n"]
-    card = folder / "README.md"
     card.write_text("\n".join(parts))
     return card

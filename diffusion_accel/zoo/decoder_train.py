@@ -40,6 +40,18 @@ def _check(name: str) -> str:
     return name
 
 
+def vae_source(cfg: C.RunConfig, name: str) -> tuple[Path, str]:
+    """(VAE folder to fine-tune, its label): the warm-start pipeline's ``vae`` (``--init-from zoo|FOLDER``),
+    else the VAE stage's export. Either way the encoder, and so the latent space, is kept."""
+    from .sd_train import stage_folder
+
+    pipeline = C.init_source(cfg, name.removesuffix("-decoder"))
+    if pipeline is None:
+        return stage_folder(SOURCE_STAGE[name]), SOURCE_STAGE[name]
+    label = f"zoo:{name.removesuffix('-decoder')}" if str(cfg.init_from) == "zoo" else str(cfg.init_from)
+    return pipeline / "vae", label
+
+
 def build_discriminator(channels: int = 64) -> torch.nn.Sequential:
     """PatchGAN for 32×32×3 inputs: 3 strided convs → a 4×4 map of real/fake logits."""
     def block(cin: int, cout: int) -> list[torch.nn.Module]:
@@ -92,17 +104,17 @@ def discriminator_loss(disc: torch.nn.Module, real: torch.Tensor, fake: torch.Te
 
 
 def train(cfg: C.RunConfig, name: str) -> Path:
-    """Fine-tune (or resume) the decoder of stage ``SOURCE_STAGE[name]``; exports ``run_dir/final``."""
-    from .sd_train import stage_folder
+    """Fine-tune (or resume) the decoder of ``vae_source``; exports the VAE to ``run_dir/final``."""
     from .vae_train import evaluate
 
     device = C.setup_device()
     gen = C.seed_all(cfg.seed)
-    source = stage_folder(SOURCE_STAGE[_check(name)])
-    vae = AutoencoderKL.from_pretrained(source).to(device)
+    source, source_label = vae_source(cfg, _check(name))
+    vae = AutoencoderKL.from_pretrained(source).float().to(device)
     disc = build_discriminator().to(device)
-    opt_g = torch.optim.AdamW(decoder_parameters(vae), lr=LR, weight_decay=0.0, betas=(0.5, 0.9))
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=LR, weight_decay=0.0, betas=(0.5, 0.9))
+    peak_lr = cfg.lr or LR
+    opt_g = torch.optim.AdamW(decoder_parameters(vae), lr=peak_lr, weight_decay=0.0, betas=(0.5, 0.9))
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=peak_lr, weight_decay=0.0, betas=(0.5, 0.9))
     images, _ = C.load_data(cfg, "train")
     bs = cfg.batch_size or DEFAULT_BATCH
     start, elapsed, commands = C.resume(cfg, {"model": vae, "disc": disc, "opt_g": opt_g, "opt_d": opt_d}, gen)
@@ -112,7 +124,7 @@ def train(cfg: C.RunConfig, name: str) -> Path:
         vae.decoder.train()
         for opt in (opt_g, opt_d):
             for group in opt.param_groups:
-                group["lr"] = C.lr_at(step, frac, LR, warmup=min(100, cfg.steps // 10 + 1), floor=0.05)
+                group["lr"] = C.lr_at(step, frac, peak_lr, warmup=min(100, cfg.steps // 10 + 1), floor=0.05)
         x = to_rgb32(images[torch.randint(0, len(images), (bs,), generator=gen)]).to(device)
         adv = ADV_WEIGHT if step >= ADV_START else 0.0
         with C.autocast(device):
@@ -136,10 +148,12 @@ def train(cfg: C.RunConfig, name: str) -> Path:
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, name)
     metrics = evaluate(vae, C.load_data(cfg, "test")[0])
     print(f"{name}: test PSNR {metrics['test_psnr_db']:.2f} dB after {done} steps")
-    info = {"name": name, "source": SOURCE_STAGE[name], "seed": cfg.seed, "steps": done, "batch_size": bs,
+    info = {"name": name, "source": source_label, "seed": cfg.seed, "steps": done, "batch_size": bs,
             "device": str(device), "wall_time_s": round(elapsed + time.time() - t_start, 1),
             "threads": torch.get_num_threads(), "command": " && ".join(commands),
-            "adv_weight": ADV_WEIGHT, "adv_start": ADV_START, **metrics}
+            "adv_weight": ADV_WEIGHT, "adv_start": ADV_START, "peak_lr": peak_lr, **metrics}
+    if cfg.init_from is not None:
+        info["init_from"] = source_label
     folder = cfg.run_dir / "final"
     vae.cpu().save_pretrained(folder)  # scaling/shift factors unchanged: the latent space is the source's
     (folder / "train_info.json").write_text(json.dumps(info, indent=2))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -18,10 +20,35 @@ def to_fp16_safetensors(path: Path) -> None:
     save_file(halved, str(path), metadata={"format": "pt"})
 
 
-def ship(name: str, folder: Path, dest_root: Path = MODELS_DIR) -> Path:
-    """Copy exported ``folder`` to ``dest_root/name`` (replacing it), halving weights; returns the new folder."""
+LATENT_KEYS = ("encoder.", "quant_conv.")
+
+
+def check_same_latent_space(pipeline_vae: Path, vae: Path) -> None:
+    """Raise ValueError unless ``vae`` encodes exactly like ``pipeline_vae`` (same encoder and quant_conv
+    weights at float16, same scaling/shift factors): only then does the denoiser stay valid with it."""
+    configs = [json.loads((folder / "config.json").read_text()) for folder in (pipeline_vae, vae)]
+    for key in ("scaling_factor", "shift_factor", "latent_channels"):
+        if configs[0].get(key) != configs[1].get(key):
+            raise ValueError(f"--vae {vae}: {key} {configs[1].get(key)} differs from the pipeline's {configs[0].get(key)}")
+    old, new = (load_file(str(folder / "diffusion_pytorch_model.safetensors")) for folder in (pipeline_vae, vae))
+    changed = [key for key, tensor in old.items() if key.startswith(LATENT_KEYS)
+               and (key not in new or not torch.equal(tensor.half(), new[key].half()))]
+    if changed:
+        raise ValueError(f"--vae {vae}: its encoder differs from the pipeline's (e.g. {changed[0]}); only a decoder "
+                         f"fine-tuned from this pipeline's VAE (`zoo train NAME-decoder --init-from ...`) fits")
+
+
+def ship(name: str, folder: Path, dest_root: Path = MODELS_DIR, vae: Path | None = None) -> Path:
+    """Copy exported ``folder`` to ``dest_root/name`` (replacing it), halving weights; returns the new folder.
+
+    ``vae``: a decoder stage's export to ship in place of the folder's VAE (checked to keep the latent space).
+    """
     if name not in SHIPPED:
         raise ValueError(f"only {SHIPPED} are shipped, got {name!r} (VAE stages live inside the pipelines)")
+    if vae is not None:
+        if name == "fashion-clip":
+            raise ValueError("--vae applies to fashion-sd and fashion-flux, not to fashion-clip")
+        check_same_latent_space(folder / "vae", vae)
     dest = dest_root / name
     if dest.exists():
         card = dest / "README.md"
@@ -30,6 +57,9 @@ def ship(name: str, folder: Path, dest_root: Path = MODELS_DIR) -> Path:
     else:
         saved_card = None
     shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("*.pt", "*.tmp"))
+    if vae is not None:
+        shutil.rmtree(dest / "vae")
+        shutil.copytree(vae, dest / "vae", ignore=shutil.ignore_patterns("*.pt", "*.tmp", "train_info.json"))
     for path in dest.rglob("*.safetensors"):
         to_fp16_safetensors(path)
     if saved_card is not None:
@@ -43,7 +73,8 @@ def folder_size_mb(folder: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m diffusion_accel.zoo.ship NAME [--from DIR] [--dest ROOT] [--metrics FILE.md]``: copy in, fp16, write card."""
+    """``python -m diffusion_accel.zoo.ship NAME [--from DIR] [--dest ROOT] [--vae DIR] [--metrics FILE.md]``: copy in,
+    fp16, write card."""
     import argparse
 
     from . import _common as C
@@ -55,8 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dest", type=Path, default=MODELS_DIR,
                         help="folder to ship into (default: the package's models/; e.g. a staging folder on a GPU machine)")
     parser.add_argument("--metrics", type=Path, default=None, help="markdown with measured quality")
+    parser.add_argument("--vae", type=Path, default=None,
+                        help="a decoder stage's export (e.g. zoo_runs/fashion-sd-decoder/final) to ship in place of "
+                             "the pipeline's VAE; its encoder must be the pipeline's")
     args = parser.parse_args(argv)
-    dest = ship(args.name, args.source or C.RUNS_ROOT / args.name / "final", args.dest)
+    dest = ship(args.name, args.source or C.RUNS_ROOT / args.name / "final", args.dest, args.vae)
     metrics = args.metrics.read_text() if args.metrics else ""
     write_card(args.name, dest, metrics)
     print(f"shipped {args.name} to {dest} ({folder_size_mb(dest):.1f} MB)")

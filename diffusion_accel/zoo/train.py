@@ -17,7 +17,7 @@ TRAINERS = {
     "fashion-sd": "sd_train",
     "fashion-flux": "flux_train",
 }
-WARM_STARTABLE = ("fashion-sd", "fashion-flux")
+WARM_STARTABLE = ("fashion-sd", "fashion-flux", "fashion-sd-decoder", "fashion-flux-decoder")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -35,10 +35,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--freeze-text", action="store_true",
                         help="fashion-clip only: keep the text tower fixed (it is already the pipelines' encoder)")
     parser.add_argument("--init-from", default=None, metavar="zoo|FOLDER",
-                        help="fashion-sd / fashion-flux: warm-start a fresh run from the shipped model ('zoo') or an "
-                             "exported pipeline folder (its denoiser, and for flux its T5, plus its frozen parts)")
+                        help="fashion-sd / fashion-flux (and their -decoder stages): warm-start a fresh run from the shipped "
+                             "model ('zoo') or an exported pipeline folder (its denoiser, and for flux its T5, plus "
+                             "its frozen parts; a decoder stage takes its VAE)")
     parser.add_argument("--lr", type=float, default=None,
-                        help="fashion-sd / fashion-flux: peak learning rate (default 3e-4)")
+                        help="fashion-sd / fashion-flux / -decoder stages: peak learning rate (default 3e-4; decoders 2e-4)")
     parser.add_argument("--ship", action="store_true",
                         help="also copy the result into diffusion_accel/zoo/models/NAME (maintainers)")
     return parser
