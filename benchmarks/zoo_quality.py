@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from diffusion_accel import zoo
 from diffusion_accel.artifact import fingerprint
-from diffusion_accel.eval.fid import FIDStats, fid_to_reference, frechet_distance, reference_stats
+from diffusion_accel.eval.fid import FIDStats, compute_fid_stats, fid_to_reference, frechet_distance, reference_stats
 from diffusion_accel.eval.inception import TFInceptionFeatures, find_tf_inception
 from diffusion_accel.zoo.captions import TEMPLATES, all_captions, caption
 from diffusion_accel.zoo.data import CLASS_NAMES, load_split, to_rgb32, to_uint8_rgb32
@@ -117,8 +117,10 @@ def fid(ref: FIDStats, images: torch.Tensor, extractor: torch.nn.Module) -> floa
     return fid_to_reference(ref, images, extractor=extractor, batch_size=50)
 
 
-def evaluate_model(name: str, args: argparse.Namespace, ref: FIDStats, extractor: torch.nn.Module) -> dict:
-    """All metrics for one pipeline, plus its VAE-reconstruction floor."""
+def evaluate_model(name: str, args: argparse.Namespace, ref: FIDStats, extractor: torch.nn.Module,
+                   train_ref: FIDStats | None = None) -> dict:
+    """All metrics for one pipeline, plus its VAE-reconstruction floor; with ``train_ref``, also the FID of
+    the same images against train-split statistics (for choosing between candidates)."""
     prompts, labels = prompts_for(args.n, args.seed)
     overrides = {"num_inference_steps": args.steps} if args.steps else {}
     if args.guidance is not None:
@@ -127,9 +129,12 @@ def evaluate_model(name: str, args: argparse.Namespace, ref: FIDStats, extractor
     images = generate(name, prompts, args.batch, args.seed, overrides, args.pipeline)
     gen_s = time.time() - t0
     acc, per_class = class_accuracy(images, labels)
+    stats = compute_fid_stats(images, extractor=extractor, batch_size=50)
     result = {"n_generated": args.n, "settings": {**DEFAULTS[name], **overrides}, "generation_s": round(gen_s, 1),
-              "fid": fid(ref, images, extractor), "class_accuracy": acc, "per_class_accuracy": per_class,
+              "fid": frechet_distance(ref, stats), "class_accuracy": acc, "per_class_accuracy": per_class,
               "clip_score": clip_score(images, prompts)}
+    if train_ref is not None:
+        result["fid_vs_train_ref"] = frechet_distance(train_ref, stats)
     if args.floors:
         train = load_split("train")[0][-args.n:]
         result["fid_vae_reconstruction"] = fid(ref, vae_reconstructions(name, train, args.pipeline), extractor)
@@ -175,6 +180,9 @@ def markdown(report: dict, name: str) -> str:
              f"Sampling: {settings}, 32×32, prompts cycling the 10 classes over the 10 templates.\n",
              "| metric | value |", "|---|---|",
              f"| FID, {r['n_generated']} generated vs {report['n_ref_test']} {report.get('ref_split', 'test')} images | {r['fid']:.1f} |"]
+    if "fid_vs_train_ref" in r:
+        lines.append(f"| FID, the same images vs the first {report['n_train_ref']} train images (for choosing) | "
+                     f"{r['fid_vs_train_ref']:.1f} |")
     if "fid_real_train_vs_test" in report:
         lines.append(f"| FID floor: {r['n_generated']} real train vs the same test stats | "
                      f"{report['fid_real_train_vs_test']:.1f} |")
@@ -205,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--pipeline", type=Path, default=None,
                    help="evaluate this export of the (single) --models pipeline instead of the shipped one, "
                         "e.g. a training run's final/ folder before shipping it")
+    p.add_argument("--train-ref", type=int, default=0, metavar="N",
+                   help="also score the same images against the first N train images (cached): choose between "
+                        "candidate exports on this, report the test FID")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--floors", action="store_true", help="also real-vs-real and VAE-reconstruction FID")
@@ -230,13 +241,16 @@ def main(argv: list[str] | None = None) -> dict:
         report["pipeline_folder"] = str(args.pipeline)
     if args.floors:
         report["fid_real_train_vs_test"] = real_floor(args.n, args.cache, ref, extractor)
+    train_ref = reference(args.train_ref, args.cache, extractor, "train") if args.train_ref else None
+    if train_ref is not None:
+        report["n_train_ref"] = args.train_ref
     test_x, test_y = load_split("test")
     report["class_accuracy_real_test"] = class_accuracy(to_uint8_rgb32(test_x), test_y.tolist())[0]
     if args.stats_only:
         print(json.dumps(report, indent=1))
         return report
     for name in args.models:
-        report["models"][name] = evaluate_model(name, args, ref, extractor)
+        report["models"][name] = evaluate_model(name, args, ref, extractor, train_ref)
         print(json.dumps({name: report["models"][name]}, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
