@@ -248,6 +248,9 @@ def test_decoder_warm_start_ships_with_the_pipeline(tmp_path, monkeypatch):
     assert "### Stage `fashion-sd-vae`" in card  # not rerun: the recorded table stays
     assert "### Stage `fashion-sd-decoder` (the shipped weights it started from)" in card
     assert "| init_from | zoo:fashion-sd |" in card and "### Stage `fashion-sd`\n" in card
+    ship_main(["fashion-sd", "--from", str(staged), "--dest", str(tmp_path / "staged"), "--vae", str(folder)])
+    assert load_file(str(staged / "vae" / "diffusion_pytorch_model.safetensors")).keys() == vae.keys()  # onto itself
+    assert not (tmp_path / "staged" / ".fashion-sd.staging").exists()
 
 
 def test_ship_vae_refuses_another_latent_space(tmp_path):

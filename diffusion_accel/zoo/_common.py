@@ -104,6 +104,11 @@ def init_source(cfg: RunConfig, name: str) -> Path | None:
     return folder
 
 
+def init_label(cfg: RunConfig, name: str) -> str:
+    """How a card names the warm-start source: ``zoo:NAME`` for the shipped pipeline, else the folder given."""
+    return f"zoo:{name}" if str(cfg.init_from) == "zoo" else str(cfg.init_from)
+
+
 def source_steps(source: Path | None) -> int:
     """Optimiser steps behind ``source`` (its train_info.json ``total_steps``, else ``steps``; 0 if unknown)."""
     info_file = None if source is None else source / "train_info.json"

@@ -45,11 +45,11 @@ def vae_source(cfg: C.RunConfig, name: str) -> tuple[Path, str]:
     else the VAE stage's export. Either way the encoder, and so the latent space, is kept."""
     from .sd_train import stage_folder
 
-    pipeline = C.init_source(cfg, name.removesuffix("-decoder"))
+    pipeline_name = name.removesuffix("-decoder")
+    pipeline = C.init_source(cfg, pipeline_name)
     if pipeline is None:
         return stage_folder(SOURCE_STAGE[name]), SOURCE_STAGE[name]
-    label = f"zoo:{name.removesuffix('-decoder')}" if str(cfg.init_from) == "zoo" else str(cfg.init_from)
-    return pipeline / "vae", label
+    return pipeline / "vae", C.init_label(cfg, pipeline_name)
 
 
 def build_discriminator(channels: int = 64) -> torch.nn.Sequential:

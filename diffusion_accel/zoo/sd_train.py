@@ -115,8 +115,7 @@ def warm_start_info(cfg: C.RunConfig, name: str, source: Path | None, steps_done
     if source is None:
         return {}
     init_steps = C.source_steps(source)
-    label = f"zoo:{name}" if str(cfg.init_from) == "zoo" else str(cfg.init_from)
-    return {"init_from": label, "init_steps": init_steps, "total_steps": init_steps + steps_done}
+    return {"init_from": C.init_label(cfg, name), "init_steps": init_steps, "total_steps": init_steps + steps_done}
 
 
 def train(cfg: C.RunConfig, name: str = "fashion-sd") -> Path:

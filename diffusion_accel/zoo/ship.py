@@ -50,20 +50,19 @@ def ship(name: str, folder: Path, dest_root: Path = MODELS_DIR, vae: Path | None
             raise ValueError("--vae applies to fashion-sd and fashion-flux, not to fashion-clip")
         check_same_latent_space(folder / "vae", vae)
     dest = dest_root / name
-    if dest.exists():
-        card = dest / "README.md"
-        saved_card = card.read_text() if card.is_file() else None
-        shutil.rmtree(dest)
-    else:
-        saved_card = None
-    shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("*.pt", "*.tmp"))
+    staged = dest_root / f".{name}.staging"  # built beside dest, swapped in last: ``folder`` may be ``dest``
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(folder, staged, ignore=shutil.ignore_patterns("*.pt", "*.tmp"))
     if vae is not None:
-        shutil.rmtree(dest / "vae")
-        shutil.copytree(vae, dest / "vae", ignore=shutil.ignore_patterns("*.pt", "*.tmp", "train_info.json"))
-    for path in dest.rglob("*.safetensors"):
+        shutil.rmtree(staged / "vae")
+        shutil.copytree(vae, staged / "vae", ignore=shutil.ignore_patterns("*.pt", "*.tmp", "train_info.json"))
+    for path in staged.rglob("*.safetensors"):
         to_fp16_safetensors(path)
-    if saved_card is not None:
-        (dest / "README.md").write_text(saved_card)
+    if (dest / "README.md").is_file():  # the card's recorded stages outlive the weights
+        shutil.copyfile(dest / "README.md", staged / "README.md")
+    if dest.exists():
+        shutil.rmtree(dest)
+    staged.rename(dest)
     return dest
 
 
