@@ -234,7 +234,7 @@ def test_decoder_warm_start_ships_with_the_pipeline(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     info = json.loads((folder / "train_info.json").read_text())
-    assert info["init_from"] == "zoo:fashion-sd" and info["peak_lr"] == 1e-3
+    assert info["init_from"] == "zoo:fashion-sd" and "source" not in info and info["peak_lr"] == 1e-3
     shipped = load_file(str(zoo.path("fashion-sd") / "vae" / "diffusion_pytorch_model.safetensors"))
     tuned = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(tuned[k].half(), t) for k, t in shipped.items() if k.startswith(("encoder.", "quant_conv.")))

@@ -148,12 +148,11 @@ def train(cfg: C.RunConfig, name: str) -> Path:
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, name)
     metrics = evaluate(vae, C.load_data(cfg, "test")[0])
     print(f"{name}: test PSNR {metrics['test_psnr_db']:.2f} dB after {done} steps")
-    info = {"name": name, "source": source_label, "seed": cfg.seed, "steps": done, "batch_size": bs,
+    origin = {"init_from": source_label} if cfg.init_from is not None else {"source": source_label}
+    info = {"name": name, **origin, "seed": cfg.seed, "steps": done, "batch_size": bs,
             "device": str(device), "wall_time_s": round(elapsed + time.time() - t_start, 1),
             "threads": torch.get_num_threads(), "command": " && ".join(commands),
             "adv_weight": ADV_WEIGHT, "adv_start": ADV_START, "peak_lr": peak_lr, **metrics}
-    if cfg.init_from is not None:
-        info["init_from"] = source_label
     folder = cfg.run_dir / "final"
     vae.cpu().save_pretrained(folder)  # scaling/shift factors unchanged: the latent space is the source's
     (folder / "train_info.json").write_text(json.dumps(info, indent=2))
