@@ -4,10 +4,12 @@ TorchAoConfig (data-free int8 weight-only / dynamic) and optimum-quanto W8A8, pl
     python benchmarks/ptq_quality.py                      # fashion-sd: headline variants, then ablations
     python benchmarks/ptq_quality.py --model fashion-flux # results in ptq_quality_fashion-flux.json
     python benchmarks/ptq_quality.py --only ours_w8a8 naive_w8a8
+    python benchmarks/ptq_quality.py --model mnist-ddpm  # Q-Diffusion's CIFAR-10 analog: DDIM 100 steps
 
 Same 2,000 prompts and seeds for every variant, the fp32 baseline's images as the PSNR reference.
 Ours: activation ranges calibrated uniformly over the benchmark's own trajectory (fashion-sd 50 DDIM
-steps with CFG 3, fashion-flux 28 steps with true CFG 3; Q-Diffusion), MSE range search,
+steps with CFG 3, fashion-flux 28 steps with true CFG 3; Q-Diffusion; for the unconditional mnist-ddpm
+64 samples over 20 uniform steps of its 100 DDIM steps), MSE range search,
 split-shortcut quantization (UNets), lowered to real int8 kernels (int4 weights packed); W4A8 adds
 block reconstruction (AdaRound). Naive: min-max ranges from one timestep, max weight scales, no
 split, no reconstruction. The ablations change one thing of ours at W4A8; the output_mse variants
@@ -26,8 +28,9 @@ from diffusion_accel import PTQConfig, quantize_, zoo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo_harness import RESULTS, Variant, denoiser_attr, run_variants_cli, sampling  # noqa: E402
+from zoo_quality import is_unconditional  # noqa: E402
 
-MODELS = ("fashion-sd", "fashion-flux")
+MODELS = ("fashion-sd", "fashion-flux", "mnist-ddpm")
 CALIB_PROMPTS = 16
 RECON = dict(reconstruct=True, recon_iters=300, recon_samples=64, recon_batch=8)
 GPTQ = dict(reconstruct=False, weight_rounding="gptq", weight_scale="output_mse")  # the "w4a8" preset's rounding
@@ -35,9 +38,11 @@ GROUP32 = dict(weight_granularity="group", group_size=32)
 
 
 def calib_fields(model: str) -> dict[str, Any]:
-    """PTQConfig calibration fields: 16 prompts, 10 uniform steps of the benchmark's trajectory."""
+    """PTQConfig calibration fields: 16 prompts, 10 uniform steps of the benchmark's trajectory (an
+    unconditional model: 64 samples, 20 uniform steps, as Q-Diffusion's 20 timesteps on CIFAR-10)."""
     steps, guidance, call = sampling(model)
-    return dict(calib_prompts=CALIB_PROMPTS, calib_num_steps=steps, calib_steps="uniform:10",
+    count, uniform = (64, "uniform:20") if is_unconditional(model) else (CALIB_PROMPTS, "uniform:10")
+    return dict(calib_prompts=count, calib_num_steps=steps, calib_steps=uniform,
                 calib_guidance_scale=guidance, calib_kwargs=tuple(call.items()))
 
 
@@ -73,13 +78,13 @@ def ours_pipe(model: str, config: PTQConfig) -> Callable[[], Any]:
 def torchao_pipe(model: str, kind: str) -> Callable[[], Any]:
     """diffusers' TorchAoConfig on the denoiser (torchao quantizes its Linear layers; convs stay fp32)."""
     def build() -> Any:
-        from diffusers import FluxTransformer2DModel, TorchAoConfig, UNet2DConditionModel
+        from diffusers import TorchAoConfig
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
 
         quant = Int8WeightOnlyConfig() if kind == "int8wo" else Int8DynamicActivationInt8WeightConfig()
         attr = denoiser_attr(model)
-        cls = FluxTransformer2DModel if attr == "transformer" else UNet2DConditionModel
         pipe = zoo.load(model)
+        cls = type(getattr(pipe, attr))
         setattr(pipe, attr, cls.from_pretrained(zoo.path(model) / attr, torch_dtype=torch.float32,
                                                 quantization_config=TorchAoConfig(quant)))
         pipe._bench_info = {"quantized": "torch.nn.Linear layers only (torchao's default filter)"}
@@ -101,9 +106,10 @@ def quanto_pipe(model: str) -> Callable[[], Any]:
         quanto.quantize(denoiser, weights=quanto.qint8, activations=quanto.qint8)
         steps, guidance, call = sampling(model)
         guidance_kw = {} if guidance is None else {"guidance_scale": guidance}
+        count = calib_fields(model)["calib_prompts"]
+        inputs = {"batch_size": count} if is_unconditional(model) else {"prompt": for_pipeline(pipe, limit=count)}
         with quanto.Calibration(), torch.no_grad():
-            pipe(for_pipeline(pipe, limit=CALIB_PROMPTS), num_inference_steps=steps, **guidance_kw, **call,
-                 generator=torch.Generator().manual_seed(0))
+            pipe(**inputs, num_inference_steps=steps, **guidance_kw, **call, generator=torch.Generator().manual_seed(0))
         quanto.freeze(denoiser)
         return pipe
     return build

@@ -33,7 +33,8 @@ from diffusion_accel.eval.machine import machine_info
 from diffusion_accel.eval.memory import measure_peak_memory
 from diffusion_accel.eval.timing import time_pipelines
 
-from zoo_quality import DEFAULTS, class_accuracy, clip_score, metric_clip_fingerprint, prompts_for, reference
+from zoo_quality import (DATASETS, DEFAULTS, call_inputs, class_accuracy, clip_score, is_unconditional,
+                         metric_clip_fingerprint, pipe_images, prompts_for, reference)
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "zoo_runs" / "bench_cache"
@@ -53,14 +54,13 @@ class Variant:
 
 @torch.no_grad()
 def generate_images(pipe: Any, prompts: list[str], batch: int, seed: int, call_kwargs: dict) -> torch.Tensor:
-    """uint8 N×3×32×32 images of ``pipe`` for ``prompts``; batch ``i`` uses seed ``seed + i·batch``."""
+    """uint8 N×3×32×32 images of ``pipe`` for ``prompts`` (an unconditional pipeline: as many samples);
+    batch ``i`` uses seed ``seed + i·batch``."""
     pipe.set_progress_bar_config(disable=True)
     out = []
     for start in tqdm(range(0, len(prompts), batch), desc="generate", leave=False):
         gen = torch.Generator().manual_seed(seed + start)
-        images = pipe(prompts[start:start + batch], height=32, width=32, generator=gen, output_type="pt",
-                      **call_kwargs).images
-        out.append((images.clamp(0, 1) * 255).round().to(torch.uint8))
+        out.append(pipe_images(pipe, prompts[start:start + batch], gen, call_kwargs))
     return torch.cat(out)
 
 
@@ -69,7 +69,8 @@ def sampling(model: str) -> tuple[int, float | None, dict]:
     sampling, for building calibrations that run the same trajectory as the measured images."""
     call = dict(DEFAULTS[model])
     steps = call.pop("num_inference_steps")
-    return steps, call.pop("guidance_scale", None), {"height": 32, "width": 32, **call}
+    size = {} if is_unconditional(model) else {"height": 32, "width": 32}
+    return steps, call.pop("guidance_scale", None), {**size, **call}
 
 
 def denoiser_attr(model: str) -> str:
@@ -91,7 +92,7 @@ class ZooBench:
         self.call_kwargs = {**DEFAULTS[model], **(call_overrides or {})}
         self.prompts, self.labels = prompts_for(n, seed)
         self.extractor = TFInceptionFeatures(find_tf_inception(), dtype=getattr(torch, inception_dtype))
-        self.ref: FIDStats = reference(n_ref, CACHE.parent / "fid_cache", self.extractor)
+        self.ref: FIDStats = reference(n_ref, CACHE.parent / "fid_cache", self.extractor, dataset=DATASETS[model])
         self.config = {"model": model, "base_fingerprint": base_fingerprint(zoo.load(model)), "n_generated": n,
                        "n_ref_test": n_ref, "seed": seed, "sampling": self.call_kwargs,
                        "fid_network": self.extractor.fid_id,
@@ -131,13 +132,14 @@ class ZooBench:
         return self._baseline
 
     def scores(self, images: torch.Tensor) -> dict[str, float]:
-        """FID vs test, CLIP score, class accuracy and fidelity to the baseline images."""
-        acc, per_class = class_accuracy(images, self.labels)
+        """FID vs test, fidelity to the baseline images and (text-to-image models) CLIP score and class accuracy."""
         fid_ = fidelity(images, self.baseline_images())
-        return {"fid": fid_to_reference(self.ref, images, extractor=self.extractor, batch_size=50),
-                "clip_score": clip_score(images, self.prompts), "class_accuracy": acc,
-                "psnr_vs_baseline": fid_.psnr, "ssim_vs_baseline": fid_.ssim,
-                "per_class_accuracy": per_class}
+        scores = {"fid": fid_to_reference(self.ref, images, extractor=self.extractor, batch_size=50),
+                  "psnr_vs_baseline": fid_.psnr, "ssim_vs_baseline": fid_.ssim}
+        if not is_unconditional(self.model):
+            acc, per_class = class_accuracy(images, self.labels)
+            scores.update(clip_score=clip_score(images, self.prompts), class_accuracy=acc, per_class_accuracy=per_class)
+        return scores
 
     def run_baseline(self) -> dict:
         """Score the baseline itself (row "baseline")."""
@@ -172,15 +174,15 @@ class ZooBench:
         self.out.write_text(json.dumps(self.report, indent=1))
         base = self.report["variants"].get("baseline")
         delta = "" if base is None else f" (ΔFID {row['fid'] - base['fid']:+.2f})"
-        print(f"[{self.model}] {label}: FID {row['fid']:.2f}{delta}, CLIP {row['clip_score']:.2f}, "
-              f"acc {row['class_accuracy']:.3f}, PSNR {row['psnr_vs_baseline']:.2f}", flush=True)
+        clip = "" if "clip_score" not in row else f", CLIP {row['clip_score']:.2f}, acc {row['class_accuracy']:.3f}"
+        print(f"[{self.model}] {label}: FID {row['fid']:.2f}{delta}{clip}, PSNR {row['psnr_vs_baseline']:.2f}", flush=True)
 
 
 def time_variants(pipes: dict[str, Any], call_kwargs: dict, prompts: list[str], repeats: int = 3) -> dict:
     """Median whole-pipeline and denoiser latency (ms) per variant, timed round-robin, with the
     speed-up over the first entry (the baseline)."""
-    kwargs = {name: (lambda: {"prompt": prompts, "height": 32, "width": 32,
-                              "generator": torch.Generator().manual_seed(0), **call_kwargs}) for name in pipes}
+    kwargs = {name: (lambda pipe=pipe: {**call_inputs(pipe, prompts), "generator": torch.Generator().manual_seed(0),
+                                        **call_kwargs}) for name, pipe in pipes.items()}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
     timings = time_pipelines(pipes, kwargs, warmup=1, repeats=repeats)
@@ -202,8 +204,9 @@ def markdown_table(report: dict, title: str, extra: str = "") -> str:
     for label, row in report["variants"].items():
         speed = report.get("timing", {}).get(label, {}).get("speedup")
         delta = row["fid"] - base["fid"] if base else float("nan")
-        lines.append(f"| {label} | {row.get('group', '')} | {row['fid']:.2f} | {delta:+.2f} | {row['clip_score']:.2f} | "
-                     f"{row['class_accuracy']:.3f} | {row['psnr_vs_baseline']:.2f} | {row['ssim_vs_baseline']:.3f} | "
+        clip, acc = (f"{row['clip_score']:.2f}", f"{row['class_accuracy']:.3f}") if "clip_score" in row else ("–", "–")
+        lines.append(f"| {label} | {row.get('group', '')} | {row['fid']:.2f} | {delta:+.2f} | {clip} | "
+                     f"{acc} | {row['psnr_vs_baseline']:.2f} | {row['ssim_vs_baseline']:.3f} | "
                      f"{'' if speed is None else f'{speed:.2f}×'} | {row.get('prepare_s', '')} | {row.get('note', '')} |")
     return "\n".join(lines) + "\n" + (f"\n{extra}\n" if extra else "")
 

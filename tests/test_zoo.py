@@ -28,7 +28,7 @@ needs_data = pytest.mark.skipif(not _have_data(), reason="Fashion-MNIST (dataset
 def test_path_rejects_unknown_name():
     with pytest.raises(ValueError, match="fashion-sd"):
         zoo.path("stable-diffusion")
-    assert set(zoo.names()) == {"fashion-clip", "fashion-sd", "fashion-flux"}
+    assert set(zoo.names()) == {"fashion-clip", "fashion-sd", "fashion-flux", "mnist-ddpm"}
 
 
 def test_loader_error_names_the_fix(tmp_path, monkeypatch):

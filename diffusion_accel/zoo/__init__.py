@@ -1,7 +1,8 @@
 """The reference zoo: small real text-to-image pipelines trained here on Fashion-MNIST, loaded offline.
 
 ``load("fashion-sd")`` → StableDiffusionPipeline, ``load("fashion-flux")`` → FluxPipeline,
-``load("fashion-clip")`` → (CLIPModel, CLIPProcessor); ``path(name)`` → the model folder.
+``load("fashion-clip")`` → (CLIPModel, CLIPProcessor), ``load("mnist-ddpm")`` → DDPMPipeline (an
+unconditional pixel-space UNet2DModel on MNIST with a DDIM scheduler); ``path(name)`` → the model folder.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 NATIVE_SIZE = 32  # pixels: every zoo pipeline is trained and generates at 32×32
-_NAMES = ("fashion-clip", "fashion-sd", "fashion-flux")
+_NAMES = ("fashion-clip", "fashion-sd", "fashion-flux", "mnist-ddpm")
 
 
 def names() -> tuple[str, ...]:

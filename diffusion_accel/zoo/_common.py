@@ -118,11 +118,16 @@ def source_steps(source: Path | None) -> int:
     return int(info.get("total_steps", info.get("steps", 0)))
 
 
-def load_data(cfg: RunConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fashion-MNIST ``split`` as (uint8 N×28×28, int64 N), cut to ``cfg.limit_images`` (smoke runs)."""
+def load_data(cfg: RunConfig, split: str, dataset: str = "fashion-mnist") -> tuple[torch.Tensor, torch.Tensor]:
+    """``dataset`` ("fashion-mnist" or "mnist") ``split`` as (uint8 N×28×28, int64 N), cut to
+    ``cfg.limit_images`` (smoke runs)."""
     from .data import load_split
+    from .mnist_data import load_mnist
 
-    images, labels = load_split(split, cfg.data_root)
+    loaders = {"fashion-mnist": load_split, "mnist": load_mnist}
+    if dataset not in loaders:
+        raise ValueError(f"dataset must be one of {sorted(loaders)}, got {dataset!r}")
+    images, labels = loaders[dataset](split, cfg.data_root)
     return images[:cfg.limit_images], labels[:cfg.limit_images]
 
 

@@ -66,11 +66,15 @@ def load_split(split: str = "train", root: str | os.PathLike | None = None) -> t
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
+def to_gray32(images: torch.Tensor) -> torch.Tensor:
+    """uint8 N×28×28 → float N×1×32×32 in [-1, 1] (padded by 2 px of background)."""
+    x = images.float().div(127.5).sub(1.0).unsqueeze(1)
+    return torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+
+
 def to_rgb32(images: torch.Tensor) -> torch.Tensor:
     """uint8 N×28×28 → float N×3×32×32 in [-1, 1] (padded by 2 px of background)."""
-    x = images.float().div(127.5).sub(1.0).unsqueeze(1)
-    x = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
-    return x.expand(-1, 3, -1, -1).contiguous()
+    return to_gray32(images).expand(-1, 3, -1, -1).contiguous()
 
 
 def to_uint8_rgb32(images: torch.Tensor) -> torch.Tensor:

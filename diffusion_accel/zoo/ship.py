@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-SHIPPED = ("fashion-clip", "fashion-sd", "fashion-flux")
+SHIPPED = ("fashion-clip", "fashion-sd", "fashion-flux", "mnist-ddpm")
 
 
 def to_fp16_safetensors(path: Path) -> None:
@@ -46,8 +46,8 @@ def ship(name: str, folder: Path, dest_root: Path = MODELS_DIR, vae: Path | None
     if name not in SHIPPED:
         raise ValueError(f"only {SHIPPED} are shipped, got {name!r} (VAE stages live inside the pipelines)")
     if vae is not None:
-        if name == "fashion-clip":
-            raise ValueError("--vae applies to fashion-sd and fashion-flux, not to fashion-clip")
+        if name not in ("fashion-sd", "fashion-flux"):
+            raise ValueError(f"--vae applies to fashion-sd and fashion-flux, not to {name}")
         check_same_latent_space(folder / "vae", vae)
     dest = dest_root / name
     staged = dest_root / f".{name}.staging"  # built beside dest, swapped in last: ``folder`` may be ``dest``

