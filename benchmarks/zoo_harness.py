@@ -224,13 +224,16 @@ def run_variants_cli(script: str, doc: str, title: str, variants: Callable[[str]
     p.add_argument("--n", type=int, default=2000, help="generated images per variant")
     p.add_argument("--n-ref", type=int, default=10000, help="test images for the FID reference statistics")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--inception-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="TF-Inception under bf16 autocast (fast on AVX-512 BF16/AMX CPUs) or float32 (much faster "
+                        "where bf16 is emulated, e.g. AVX2-only CPUs); the report's fid_network names it")
     p.add_argument("--only", nargs="*", default=None, help="variant labels to run (default: all, in order)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     out = args.out or (default_out if args.model == models[0]
                        else default_out.with_name(f"{default_out.stem}_{args.model}.json"))
     torch.set_num_threads(args.threads)
-    bench = ZooBench(args.model, args.n, out, n_ref=args.n_ref)
+    bench = ZooBench(args.model, args.n, out, n_ref=args.n_ref, inception_dtype=args.inception_dtype)
     bench.report["command"] = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
     bench.run_baseline()
     for variant in variants(args.model):

@@ -231,7 +231,7 @@ def markdown(report: dict, name: str) -> str:
                      f"{r['fid_vae_reconstruction']:.1f} |")
     if is_unconditional(name):
         lines += [f"| generation wall time ({r['n_generated']} images) | {r['generation_s']} s |",
-                  "", f"FID network: {report['fid_network']}; reference: the {report.get('dataset', 'mnist')} split."]
+                  "", f"FID network: {report['fid_network']}; real images: {report['dataset']}."]
         return "\n".join(lines) + "\n"
     lines += [f"| fashion-clip zero-shot accuracy on generated images (prompted class) | {r['class_accuracy']:.3f} |",
               f"| same classifier on the real test split | {report['class_accuracy_real_test']:.3f} |",

@@ -76,3 +76,27 @@ def test_fid_bootstrap_reuses_kept_features_only_for_the_same_images(tmp_path, m
     changed[0, 0, 0, 0] += 1  # regenerated images: the kept features are stale
     fid_bootstrap.kept_features(Bench(), "v", lambda: changed)
     assert len(passes) == 2
+
+
+def test_zoo_benchmarks_drive_the_unconditional_mnist_ddpm():
+    """The shared harness calls DDPMPipeline with batch_size (no prompts, no size) and calibrates it
+    on 64 samples over 20 of its 100 DDIM steps without height/width."""
+    import torch
+
+    from diffusion_accel import zoo
+    from ptq_quality import calib_fields, naive
+    from zoo_harness import sampling
+    from zoo_quality import call_inputs, is_unconditional, pipe_images
+
+    assert is_unconditional("mnist-ddpm") and not is_unconditional("fashion-sd")
+    assert sampling("mnist-ddpm") == (100, None, {})
+    assert sampling("fashion-sd")[2] == {"height": 32, "width": 32}
+    fields = calib_fields("mnist-ddpm")
+    assert (fields["calib_prompts"], fields["calib_steps"], fields["calib_kwargs"]) == (64, "uniform:20", ())
+    assert naive("mnist-ddpm", "w8a8").calib_steps == (99,)
+    pipe = zoo.load("mnist-ddpm")
+    pipe.set_progress_bar_config(disable=True)
+    assert call_inputs(pipe, ["", "", ""]) == {"batch_size": 3}
+    images = pipe_images(pipe, ["", "", ""], torch.Generator().manual_seed(0), {"num_inference_steps": 2})
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.equal(images[:, 0], images[:, 2])  # grayscale replicated to RGB
