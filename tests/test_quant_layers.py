@@ -100,7 +100,8 @@ def test_int8_conv1x1_split_matches_simulation(monkeypatch):
     torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-4)
 
 
-needs_onednn = pytest.mark.skipif(not onednn.onednn_available(), reason="torch build without oneDNN int8 ops")
+needs_onednn = pytest.mark.skipif(not onednn.onednn_available(),
+                                  reason="torch build without oneDNN int8 ops, or a CPU without VNNI")
 
 
 def _conv_act(x, split=None, symmetric=False):
@@ -141,6 +142,22 @@ def test_onednn_int8_conv_follows_timestep_groups_and_survives_copies():
     twin = copy.deepcopy(denoiser)  # oneDNN's packed weights are not copyable: repacked on use
     torch.testing.assert_close(twin[0](x), denoiser[0](x))
     assert torch.equal(denoiser.double().float()[0](x), twin[0](x))
+
+
+def test_int8_conv_without_vnni_runs_the_exact_float_form(monkeypatch):
+    """AVX2-only CPUs saturate oneDNN's u8 x s8 pair sums: there a lowered 3x3 int8 conv must not use oneDNN."""
+    for capabilities, expected in (({"avx2": True}, False), ({"avx_vnni": True}, True), ({"amx_int8": True}, True),
+                                   ({"avx512_vnni": True}, True)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=capabilities: caps)
+        assert onednn.cpu_has_vnni() is expected
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    assert not onednn.onednn_available()
+    torch.manual_seed(0)
+    x = _skip_input()
+    layer = _quant(nn.Conv2d(32, 16, 3, padding=1), "int8", (32 * 9,), _conv_act(x))
+    lowered = lower_layer(layer)
+    assert not isinstance(lowered, onednn.OneDNNInt8Conv2d)
+    torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
 def test_kxk_conv_and_int4_lowering_are_storage_forms_that_match_exactly():

@@ -7,8 +7,8 @@ Static activation scales are passed as tensors at call time, so per-timestep-gro
 prepacked weight. A split-shortcut conv (two input-channel segments with their own activation and
 weight scales) runs one int8 conv per segment and adds them: conv(cat(a, b), W) = conv(a, Wa) + conv(b, Wb).
 
-On other devices (or when this torch build lacks oneDNN) the layer runs the float conv on the
-dequantized weight: the same numbers, no speed-up.
+On other devices (or when this torch build lacks oneDNN, or the CPU lacks VNNI: see ``cpu_has_vnni``)
+the layer runs the float conv on the dequantized weight: the same numbers, no speed-up.
 """
 
 from __future__ import annotations
@@ -26,11 +26,30 @@ CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding",
               "padding_mode")
 
 
+VNNI_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_has_vnni() -> bool:
+    """True when this CPU has VNNI-class int8 dot products (AVX512-VNNI, AVX-VNNI or AMX-INT8).
+
+    Without them oneDNN's uint8 x int8 convolution adds pairs of products in saturating int16
+    (``vpmaddubsw``), so full-range int8 weights give wrong sums (seen on an AVX2-only AMD EPYC: errors
+    of 3.3 on outputs of ~1); PyTorch's own x86 quantization avoids it with 7-bit ``reduce_range``.
+    Unknown (a torch without ``torch.cpu.get_capabilities``) counts as absent.
+    """
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is None:
+        return False
+    capabilities = get_capabilities()
+    return any(bool(capabilities.get(feature, False)) for feature in VNNI_FEATURES)
+
+
 def onednn_available() -> bool:
-    """True when this torch build has oneDNN's int8 convolution ops (x86 CPU builds)."""
+    """True when this torch build has oneDNN's int8 convolution ops (x86 CPU builds) and this CPU computes
+    them exactly (``cpu_has_vnni``); otherwise lowered convs run the float conv on their int8 weights."""
     ops = getattr(torch.ops, "onednn", None)
     return (ops is not None and hasattr(ops, "qconv_prepack") and hasattr(ops, "qconv_pointwise")
-            and torch.backends.mkldnn.is_available())
+            and torch.backends.mkldnn.is_available() and cpu_has_vnni())
 
 
 def supports(layer: QuantConv2d) -> bool:
