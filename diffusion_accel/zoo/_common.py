@@ -66,6 +66,31 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach(), 1.0 - decay)
 
 
+def ema_step(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor,
+             step: int, decay: float) -> None:
+    """One optimiser step on ``loss`` with the gradient norm clipped to 1, then the EMA update with the
+    warm-up decay min(``decay``, (1+step)/(10+step)) used by every zoo denoiser."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    ema_update(ema, model, min(decay, (1 + step) / (10 + step)))
+
+
+def denoiser_state(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
+                   gen: torch.Generator, step: int, elapsed_s: float, commands: list[str]) -> dict:
+    """The checkpoint of a denoiser run (model, EMA, optimiser, data RNG, progress, command history)."""
+    return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "gen": gen.get_state(), "step": step, "elapsed_s": elapsed_s, "commands": commands}
+
+
+def run_info(name: str, cfg: "RunConfig", steps_done: int, batch_size: int, device: torch.device,
+             wall_time_s: float, commands: list[str]) -> dict:
+    """The train_info.json fields every stage records: what ran, how long (s), where and by which commands."""
+    return {"name": name, "seed": cfg.seed, "steps": steps_done, "batch_size": batch_size, "device": str(device),
+            "wall_time_s": round(wall_time_s, 1), "threads": torch.get_num_threads(), "command": " && ".join(commands)}
+
+
 @dataclass
 class RunConfig:
     """Where a run lives and how long it may go."""

@@ -68,20 +68,13 @@ def train(cfg: C.RunConfig, name: str = "mnist-ddpm") -> Path:
         noise = torch.randn(x0.shape, generator=gen)
         xt, t, noise = sched.add_noise(x0, noise, t).to(device), t.to(device), noise.to(device)
         loss = (unet(xt, t).sample - noise).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        C.ema_update(ema, unet, min(EMA_DECAY, (1 + step) / (10 + step)))
+        C.ema_step(unet, ema, opt, loss, step, EMA_DECAY)
         return {"loss": loss.item()}
 
     def state_fn(step: int) -> dict:
-        return {"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                "gen": gen.get_state(), "step": step, "elapsed_s": elapsed + (time.time() - t_start), "commands": commands}
+        return C.denoiser_state(unet, ema, opt, gen, step, elapsed + (time.time() - t_start), commands)
 
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, name)
-    info = {"name": name, "seed": cfg.seed, "steps": done, "batch_size": bs, "device": str(device),
-            "wall_time_s": round(elapsed + time.time() - t_start, 1), "threads": torch.get_num_threads(),
-            "command": " && ".join(commands), "unet_params": sum(p.numel() for p in unet.parameters()),
-            "ema_decay": EMA_DECAY, "peak_lr": DEFAULT_LR}
+    info = {**C.run_info(name, cfg, done, bs, device, elapsed + time.time() - t_start, commands),
+            "unet_params": sum(p.numel() for p in unet.parameters()), "ema_decay": EMA_DECAY, "peak_lr": DEFAULT_LR}
     return export(ema.cpu(), cfg.run_dir / "final", info)
