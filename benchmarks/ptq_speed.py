@@ -5,7 +5,7 @@ or on a zoo pipeline's denoiser (``--model fashion-sd``: real weights and real d
     python benchmarks/ptq_speed.py --model fashion-sd --out benchmarks/results/ptq_speed_fashion-sd.json
 
 Denoiser-only latency, median of ``repeats`` after warm-up, every variant timed in this process:
-fp32 eager, fp32 ``torch.compile``, bf16 eager, W8A8 lowered eager and compiled. Calibration runs a
+fp32 eager, fp32 ``torch.compile``, bf16 eager (``--no-bf16`` skips it), W8A8 lowered eager and compiled. Calibration runs a
 real StableDiffusionPipeline around the full-size UNet (tiny text encoder with 768-wide states,
 tiny 8x VAE) for one prompt, 2 steps, CFG. Sizes: the fp32 UNet's safetensors bytes vs the PTQ
 artifact plus the base tensors it does not replace (what a standalone quantized checkpoint holds).
@@ -167,11 +167,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_compile:
         record("fp32_compiled", torch.compile(denoiser), inputs, args.compiled_repeats)
         torch._dynamo.reset()
-    bf16 = copy.deepcopy(denoiser).to(torch.bfloat16)
-    record("bf16_eager", bf16, {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                               for k, v in inputs.items()},
-           args.repeats)
-    del bf16
+    if not args.no_bf16:
+        bf16 = copy.deepcopy(denoiser).to(torch.bfloat16)
+        record("bf16_eager", bf16, {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                                    else v for k, v in inputs.items()},
+               args.repeats)
+        del bf16
     gc.collect()
     start = time.perf_counter()
     quantize_(pipe, config)
@@ -197,13 +198,15 @@ def markdown(results: dict[str, Any]) -> str:
     title = ("SD 1.5 UNet (random weights)" if results.get("model", "sd15") == "sd15"
              else f"{results['model']} denoiser (zoo weights, real inputs {results['inputs']})")
     lines = [f"# PTQ speed: {title}, {results['resolution']} px, batch {results['batch']}",
-             "", f"CPU {m['cpu_model']}, {m['cpu_cores_available']} cores, torch threads {m['torch_threads']}, "
+             "", f"CPU {m['cpu_model']} ({m.get('cpu_features', 'features not recorded')}), {m['cpu_cores_available']} cores, torch threads {m['torch_threads']}, "
              f"torch {m.get('torch_version')}; load average {results['load_average_start']} -> "
              f"{results['load_average_end']} (a high load average means the cores were shared); median of {results['repeats']} "
              f"(compiled: {results['compiled_repeats']}) after 1 warm-up (the compiled warm-up includes compilation).", "", "| variant | median ms | vs fp32 eager | vs fp32 compiled |", "|---|---|---|---|"]
     for name, item in lat.items():
         ratio_c = f"{compiled / item['median_ms']:.2f}x" if compiled else "-"
         lines.append(f"| {name} | {item['median_ms']:.0f} | {base / item['median_ms']:.2f}x | {ratio_c} |")
+    if "bf16_eager" not in lat:
+        lines += ["", "bf16 eager not timed (`--no-bf16`: this CPU emulates bf16)."]
     lines += ["", "| weights | artifact MB | standalone MB | standalone / fp32 |", "|---|---|---|---|"]
     for name, size in results["size"].items():
         lines.append(f"| {name} | {size['artifact_mb']:.0f} | {size['standalone_mb']:.0f} | "
@@ -220,6 +223,8 @@ def main() -> None:
     parser.add_argument("--compiled-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="skip bf16 eager (CPUs without AVX512-BF16/AMX emulate bf16: minutes per call here)")
     parser.add_argument("--model", choices=["sd15", "fashion-sd", "fashion-flux"], default="sd15")
     parser.add_argument("--batch-prompts", type=int, default=32, help="zoo models: prompts per call (CFG doubles)")
     parser.add_argument("--out", type=Path, default=RESULTS / "ptq_speed.json", help="JSON (Markdown beside it)")

@@ -24,3 +24,12 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def int8_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lower to the int8 GEMM layers on any CPU, as on CUDA or a VNNI CPU (where the CPU has no VNNI they
+    would lower to dequant-int8; their int8 products then run ``exact_float_matmul``, still exact)."""
+    from diffusion_accel.quant import lower
+
+    monkeypatch.setattr(lower, "int8_kernels_on", lambda device: True)

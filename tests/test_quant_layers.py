@@ -12,7 +12,8 @@ from diffusion_accel.quant.build import weight_codes
 from diffusion_accel.quant.configs import PTQConfig
 from diffusion_accel.quant.formats import get_format
 from diffusion_accel.quant.layers import ActQuantizer, DynamicActQuantizer, QuantConv2d, QuantLinear, StepGroups
-from diffusion_accel.quant.lower import Fp8Conv1x1, Fp8Linear, Int8Conv1x1, Int8Linear, StoredWeightLayer, lower_layer
+from diffusion_accel.quant.lower import (Fp8Conv1x1, Fp8Linear, Int8Conv1x1, Int8Linear, StoredWeightLayer, int8_kernels_on,
+                                        int8_matmul, lower_layer)
 from diffusion_accel.quant.quantizers import activation_qparams, quantize_weight, weight_scales
 
 
@@ -81,7 +82,7 @@ def _static(scale, zero, symmetric=False):
 @pytest.mark.parametrize("act", [lambda: _static(0.03, 120), lambda: _static(0.03, 0, True),
                                  lambda: DynamicActQuantizer("int8", False, -1),
                                  lambda: DynamicActQuantizer("int8", True, -1)])
-def test_int8_linear_matches_simulation(act):
+def test_int8_linear_matches_simulation(act, int8_kernels):
     torch.manual_seed(0)
     layer = _quant(nn.Linear(64, 48), "int8", (64,), act())
     lowered = lower_layer(layer)
@@ -90,7 +91,7 @@ def test_int8_linear_matches_simulation(act):
     torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
-def test_int8_conv1x1_split_matches_simulation(monkeypatch):
+def test_int8_conv1x1_split_matches_simulation(monkeypatch, int8_kernels):
     monkeypatch.setattr(onednn, "supports", lambda layer: False)  # the portable GEMM path
     conv = nn.Conv2d(32, 16, 1)
     x = _skip_input()
@@ -144,13 +145,15 @@ def test_onednn_int8_conv_follows_timestep_groups_and_survives_copies():
     assert torch.equal(denoiser.double().float()[0](x), twin[0](x))
 
 
-def test_int8_conv_without_vnni_runs_the_exact_float_form(monkeypatch):
-    """AVX2-only CPUs saturate oneDNN's u8 x s8 pair sums: there a lowered 3x3 int8 conv must not use oneDNN."""
+def test_int8_layers_without_vnni_run_the_exact_float_form(monkeypatch):
+    """AVX2-only CPUs saturate oneDNN's u8 x s8 pair sums and have only a scalar ``_int_mm``: there lowered
+    int8 layers run the float op on their int8 weights."""
     for capabilities, expected in (({"avx2": True}, False), ({"avx_vnni": True}, True), ({"amx_int8": True}, True),
                                    ({"avx512_vnni": True}, True)):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=capabilities: caps)
         onednn.cpu_has_vnni.cache_clear()
-        assert onednn.cpu_has_vnni() is expected
+        assert onednn.cpu_has_vnni() is expected and int8_kernels_on(torch.device("cpu")) is expected
+        assert int8_kernels_on(torch.device("cuda"))
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
     onednn.cpu_has_vnni.cache_clear()
     try:
@@ -160,13 +163,35 @@ def test_int8_conv_without_vnni_runs_the_exact_float_form(monkeypatch):
 
 
 def _check_float_form_without_vnni():
-    assert not onednn.onednn_available()
+    """Without int8 units every int8 layer (k x k conv, 1x1 conv, linear) runs dequant-int8: same numbers."""
+    assert not onednn.onednn_available() and not int8_kernels_on(torch.device("cpu"))
     torch.manual_seed(0)
     x = _skip_input()
-    layer = _quant(nn.Conv2d(32, 16, 3, padding=1), "int8", (32 * 9,), _conv_act(x))
-    lowered = lower_layer(layer)
-    assert not isinstance(lowered, onednn.OneDNNInt8Conv2d)
-    torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-5)
+    for conv in (nn.Conv2d(32, 16, 3, padding=1), nn.Conv2d(32, 16, 1)):
+        layer = _quant(conv, "int8", (32 * conv.kernel_size[0] ** 2,), _conv_act(x))
+        lowered = lower_layer(layer)
+        assert isinstance(lowered, StoredWeightLayer) and lowered.kind == "dequant-int8"
+        torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-5)
+    linear = _quant(nn.Linear(64, 48), "int8", (64,), _static(0.03, 120))
+    assert lower_layer(linear).kind == "dequant-int8"
+
+
+def test_int8_matmul_is_exact_with_and_without_vnni(monkeypatch):
+    """Without VNNI the int8 GEMM runs as fp32 blocks (``_int_mm`` is a scalar loop there): still exact,
+    even at the extremes (-128 x -128 products over K = 2,500, past fp32's 2**24 in one sum)."""
+    torch.manual_seed(0)
+    a = torch.randint(-128, 128, (37, 2500), dtype=torch.int8)
+    b = torch.randint(-128, 128, (2500, 24), dtype=torch.int8)
+    a[0], b[:, 0] = -128, -128
+    expected = (a.double() @ b.double()).to(torch.int32)
+    assert expected[0, 0] == 2500 * 128 * 128
+    for capabilities in ({"avx2": True}, {"avx512_vnni": True}):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=capabilities: caps)
+        onednn.cpu_has_vnni.cache_clear()
+        try:
+            assert torch.equal(int8_matmul(a, b), expected)
+        finally:
+            onednn.cpu_has_vnni.cache_clear()
 
 
 def test_kxk_conv_and_int4_lowering_are_storage_forms_that_match_exactly():
@@ -219,7 +244,7 @@ def test_deepcopy_of_a_quantized_denoiser_reads_its_own_tracker():
 
 
 @needs_onednn
-def test_flop_counter_counts_the_int8_kernels_like_the_float_ops():
+def test_flop_counter_counts_the_int8_kernels_like_the_float_ops(int8_kernels):
     from diffusion_accel.eval.cost import count_flops
 
     torch.manual_seed(0)

@@ -33,7 +33,7 @@ def _sqnr_db(ref, out):
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux", "pixart", "dit", "ddpm"])
-def test_every_family_quantizes_lowers_and_generates(family):
+def test_every_family_quantizes_lowers_and_generates(family, int8_kernels):
     pipe = build_tiny(family)
     reference = _images(pipe, family)
     guidance = {"calib_guidance_scale": 1.0} if family == "dit" else {}  # tiny DiT has no null class
@@ -206,7 +206,7 @@ def test_int4_artifact_is_packed(tmp_path):
     assert codes and all(t.dtype == torch.uint8 for t in codes)
 
 
-def test_lower_needs_a_quantized_pipeline_and_recipe_runs(tmp_path):
+def test_lower_needs_a_quantized_pipeline_and_recipe_runs(tmp_path, int8_kernels):
     with pytest.raises(ValueError, match="quantize_ first"):
         lower_(build_tiny("sd"))
     pipe = build_tiny("sd")

@@ -25,6 +25,19 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+SPEED_FEATURES = ("avx2", "avx512_f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16")
+
+
+def cpu_features() -> str:
+    """The CPU's instruction sets that decide low-precision speed (int8 VNNI/AMX, bf16), space-separated.
+
+    An AVX2-only CPU has no int8 dot-product units and emulates bf16, so its speed rows differ in kind.
+    """
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    capabilities = get_capabilities() if get_capabilities is not None else {}
+    return " ".join(name for name in SPEED_FEATURES if capabilities.get(name)) or "unknown"
+
+
 def _version(package: str) -> str:
     try:
         return metadata.version(package)
@@ -41,9 +54,10 @@ def device_name(device: Any = None) -> str:
 
 
 def machine_info(device: Any = None) -> dict[str, Any]:
-    """Device, CPU model, core and thread counts, Python/platform and library versions."""
+    """Device, CPU model and speed-relevant features, core and thread counts, Python/platform and library versions."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"device": device_name(device), "cpu_model": cpu_model(), "cpu_cores_available": cores,
+    return {"device": device_name(device), "cpu_model": cpu_model(), "cpu_features": cpu_features(),
+            "cpu_cores_available": cores,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform(), "cuda_available": torch.cuda.is_available(),
             **{f"{name}_version": _version(name) for name in LIBRARIES}}

@@ -6,7 +6,10 @@ What each layer becomes (``summary`` lists the counts):
   activations (static per-tensor / per timestep group, or dynamic per token): activations are
   quantized once, multiplied by ``torch._int_mm`` (int8 x int8 -> int32) and rescaled in one fused
   expression; zero points are folded in via the weight column sums. Linear layers and 1x1
-  stride-1 convs (as a GEMM over pixels).
+  stride-1 convs (as a GEMM over pixels), on CUDA and on CPUs with VNNI-class int8 units
+  (``int8_kernels_on``). Without them ``_int_mm`` is a scalar loop: such CPUs lower these layers to
+  ``dequant-int8``, and an int8-gemm layer that still lands there takes its product exactly in fp32
+  blocks (``exact_float_matmul``).
 - ``int8-conv`` (CPU with oneDNN): Conv2d layers of any kernel size with int8 per-channel weights
   and static int8 activations run oneDNN's int8 convolution (``onednn.OneDNNInt8Conv2d``), fp32 out.
   Measured on this CPU (SD 1.5 3x3 320-channel conv, 32x32 latents, 1 thread): ~3x faster than the
@@ -15,7 +18,7 @@ What each layer becomes (``summary`` lists the counts):
   fake-quantized if configured. torchao's int4 weight-only needs mslk or CUDA here, and torch's
   ``_weight_int4pack_mm_for_cpu`` measured slower than a dense bf16 matmul: smaller, not faster.
 - ``dequant-int8``: int8 weights that cannot use an int8 kernel (group-wise, weight-only, k x k
-  convs without oneDNN), stored as int8 and dequantized once into a cached float weight: fp speed, int8 on disk.
+  convs without oneDNN, every int8 layer on a CPU without VNNI), stored as int8 and dequantized once into a cached float weight: fp speed, int8 on disk.
   k x k convs are not lowered to unfold + int8 GEMM: on this CPU (SD 1.5 3x3 shapes, 256 px) it
   took 1.5-2.6x the fp32 conv's time in eager mode and ran at 0.9-1.4x its speed under
   torch.compile (mixed, within the shared-core noise), with a 9x larger unfolded input (``benchmarks/ptq_conv_unfold.py``).
@@ -50,6 +53,23 @@ INT8_OFFSET = 128  # unsigned activation codes [0, 255] are shifted to int8 [-12
 CUBLAS_REFUSED: set[tuple[int, int, int, int]] = set()  # (device, rows, K, N) cuBLASLt said NOT_SUPPORTED for
 
 
+EXACT_FP32_BLOCK = 1024  # int8 products are <= 2**14 in size: 1024 of them sum to <= 2**24, exact in fp32
+
+
+def exact_float_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(M, K) int8 @ (K, N) int8 -> (M, N) int32 through fp32 matmuls over K blocks of ``EXACT_FP32_BLOCK``.
+
+    Every partial sum of a block is an integer of magnitude <= 2**24, which fp32 holds exactly in any
+    summation order, so the result is exact at about the speed of an fp32 matmul (measured 1.0-1.1x).
+    """
+    out = None
+    for start in range(0, a.shape[1], EXACT_FP32_BLOCK):
+        block = slice(start, start + EXACT_FP32_BLOCK)
+        part = (a[:, block].float() @ b[block].float()).to(torch.int32)
+        out = part if out is None else out.add_(part)
+    return out
+
+
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(M, K) int8 @ (K, N) int8 -> (M, N) int32, exact.
 
@@ -57,8 +77,12 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     multiple of 8, and K, N multiples of 8: rows are zero-padded up to that (and cut off again). Other
     K, N, and shapes cuBLASLt refuses at run time (seen for K, N <= 64 on an H100), take an exact float64
     product; refused shapes are remembered so the refusal is paid once.
+    On CPUs without VNNI-class int8 units (``onednn.cpu_has_vnni``) ``_int_mm`` is a scalar loop (25-35x
+    slower than an fp32 matmul on an AVX2 EPYC), so there the product is taken in fp32 blocks that are exact.
     """
     m, k = a.shape
+    if a.device.type == "cpu" and not onednn.cpu_has_vnni():
+        return exact_float_matmul(a, b)
     if a.device.type != "cuda":
         return torch._int_mm(a.contiguous(), b)
     rows = max(24, -(-m // 8) * 8)
@@ -267,8 +291,17 @@ def _is_pointwise(conv: QuantConv2d) -> bool:
             and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1))
 
 
+def int8_kernels_on(device: torch.device) -> bool:
+    """Whether ``device`` multiplies int8 faster than float: CUDA, or a CPU with VNNI-class int8 units.
+
+    Elsewhere (AVX2-only or non-x86 CPUs) an int8 GEMM only adds conversions (measured 1.5x slower than
+    fp32 eager on mnist-ddpm here), so such layers lower to ``dequant-int8``, the same numbers.
+    """
+    return device.type == "cuda" or (device.type == "cpu" and onednn.cpu_has_vnni())
+
+
 def _lower_linear(layer: QuantLinear) -> nn.Module | None:
-    if _gemm_ready(layer):
+    if _gemm_ready(layer) and int8_kernels_on(layer.weight_codes.device):
         return Int8Linear(layer)
     if _gemm_ready(layer, "fp8"):
         return Fp8Linear(layer)
@@ -280,7 +313,7 @@ def _lower_linear(layer: QuantLinear) -> nn.Module | None:
 def _lower_conv(layer: QuantConv2d) -> nn.Module | None:
     if onednn.supports(layer):
         return onednn.OneDNNInt8Conv2d(layer)
-    if _gemm_ready(layer) and _is_pointwise(layer):
+    if _gemm_ready(layer) and _is_pointwise(layer) and int8_kernels_on(layer.weight_codes.device):
         return Int8Conv1x1(layer)
     if _gemm_ready(layer, "fp8") and _is_pointwise(layer):
         return Fp8Conv1x1(layer)
@@ -328,7 +361,8 @@ def _note_lowering(state: Any, lowered: dict[str, nn.Module | None]) -> None:
         state.notes.append("fp8-gemm layers run torch._scaled_mm on GPUs with fp8 tensor cores (CUDA >= 8.9) "
                            "and the simulated fp8 math elsewhere")
     if any(kind == "dequant-int8" for kind in state.lowered.values()):
-        state.notes.append("dequant-int8 layers (group-wise or weight-only int8, k x k convs off CPU) run the "
+        state.notes.append("dequant-int8 layers (group-wise or weight-only int8; k x k convs off VNNI CPUs; "
+                           "every int8 layer on CPUs without VNNI / AMX int8 units) run the "
                            "float op on a weight dequantized once: int8 on disk, no speed-up")
     if any(kind == "int4-packed" for kind in state.lowered.values()):
         state.notes.append("int4-packed layers dequantize per call (no int4 CPU kernel): smaller, not faster")

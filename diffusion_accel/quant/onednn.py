@@ -31,19 +31,28 @@ VNNI_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 @functools.lru_cache(maxsize=None)
+def _vnni_in_capabilities() -> bool:
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is None:
+        return False
+    capabilities = get_capabilities()
+    return any(bool(capabilities.get(feature, False)) for feature in VNNI_FEATURES)
+
+
+@torch.compiler.assume_constant_result  # a fixed fact of the machine: torch.compile takes it as a constant
 def cpu_has_vnni() -> bool:
     """True when this CPU has VNNI-class int8 dot products (AVX512-VNNI, AVX-VNNI or AMX-INT8).
 
     Without them oneDNN's uint8 x int8 convolution adds pairs of products in saturating int16
     (``vpmaddubsw``), so full-range int8 weights give wrong sums (seen on an AVX2-only AMD EPYC: errors
     of 3.3 on outputs of ~1); PyTorch's own x86 quantization avoids it with 7-bit ``reduce_range``.
-    Unknown (a torch without ``torch.cpu.get_capabilities``) counts as absent. Cached: asked per layer.
+    Unknown (a torch without ``torch.cpu.get_capabilities``) counts as absent. Cached (asked per layer and
+    per int8 GEMM); ``cpu_has_vnni.cache_clear()`` forgets the answer.
     """
-    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
-    if get_capabilities is None:
-        return False
-    capabilities = get_capabilities()
-    return any(bool(capabilities.get(feature, False)) for feature in VNNI_FEATURES)
+    return _vnni_in_capabilities()
+
+
+cpu_has_vnni.cache_clear = _vnni_in_capabilities.cache_clear  # type: ignore[attr-defined]
 
 
 def onednn_available() -> bool:

@@ -138,13 +138,22 @@ def act_grid(fmt: NumberFormat, symmetric: bool) -> tuple[float, float]:
 
 def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                    fmt: NumberFormat, symmetric: bool) -> torch.Tensor:
-    """Quantize-dequantize ``x`` with broadcastable ``scale`` / ``zero_point`` (STE when training)."""
+    """Quantize-dequantize ``x`` with broadcastable ``scale`` / ``zero_point`` (STE when training).
+
+    ``(clamp(round(x / s) + z, qmin, qmax) - z) * s`` computed as ``clamp(round(x / s), qmin - z, qmax - z) * s``
+    (the same values and gradients, z being an integer): four passes, in place when no gradient is needed.
+    """
     if fmt.is_float:
         return fmt.round(x / scale) * scale
     qmin, qmax = act_grid(fmt, symmetric)
-    zp = zero_point.to(x.dtype)
-    q = torch.clamp(round_ste(x / scale) + zp, qmin, qmax)
-    return (q - zp) * scale
+    if zero_point.numel() == 1 and zero_point.device.type == "cpu" and not torch.compiler.is_compiling():
+        zp = zero_point.item()  # eager CPU: a scalar clamp is ~2x faster than one with tensor bounds (no GPU sync)
+    else:
+        zp = zero_point.to(x.dtype)
+    lo, hi = qmin - zp, qmax - zp
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        return torch.clamp(round_ste(x / scale), lo, hi) * scale
+    return (x / scale).round_().clamp_(lo, hi).mul_(scale)
 
 
 def dynamic_qparams(x: torch.Tensor, dim: int, fmt: NumberFormat,
