@@ -86,6 +86,33 @@ def test_asymmetric_zero_point_represents_zero_and_the_range():
     assert activation_qparams(2.0, 3.0, fmt, False)[1] == 0
 
 
+def _textbook_fake_quant(x, scale, zero, qmin, qmax):
+    q = torch.clamp(x / scale + (torch.round(x / scale) - x / scale).detach() + zero, qmin, qmax)
+    return (q - zero) * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_quant_equals_the_textbook_form_in_values_and_gradients(dtype):
+    """``clamp(round(x/s), qmin - z, qmax - z) * s`` is ``(clamp(round(x/s) + z, qmin, qmax) - z) * s``:
+    same values (with and without autograd, scalar or per-channel zero points) and same gradients."""
+    torch.manual_seed(0)
+    fmt = get_format("int8")
+    x = (torch.randn(4, 6, 5) * 3).to(dtype)
+    for scale, zero in ((torch.tensor(0.02), torch.tensor(100)),
+                        (torch.tensor([0.01, 0.03, 0.02, 0.05, 0.02, 0.04]).reshape(1, 6, 1),
+                         torch.tensor([0, 30, 128, 255, 7, 90]).reshape(1, 6, 1))):
+        expected = _textbook_fake_quant(x, scale.to(dtype), zero.to(dtype), 0, 255)
+        assert torch.equal(fake_quant_act(x, scale.to(dtype), zero, fmt, False), expected)
+        xg, sg = x.float().requires_grad_(), scale.clone().requires_grad_()
+        xt, st = x.float().requires_grad_(), scale.clone().requires_grad_()
+        out, ref = fake_quant_act(xg, sg, zero, fmt, False), _textbook_fake_quant(xt, st, zero.float(), 0, 255)
+        assert torch.equal(out, ref)
+        (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+        (ref * torch.arange(ref.numel()).reshape(ref.shape)).sum().backward()
+        assert torch.equal(xg.grad, xt.grad)
+        torch.testing.assert_close(sg.grad, st.grad, rtol=1e-4, atol=1e-3)
+
+
 def test_dynamic_per_token_params_follow_each_token():
     x = torch.stack([torch.linspace(-1, 1, 16), torch.linspace(0, 100, 16)])
     scale, zero = dynamic_qparams(x, -1, get_format("int8"), symmetric=False)
