@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..quant.onednn import cpu_capabilities
 from .pipes import denoiser_of
 
 LIBRARIES = ("torch", "diffusers", "transformers", "torchmetrics", "accelerate")
@@ -33,8 +34,7 @@ def cpu_features() -> str:
 
     An AVX2-only CPU has no int8 dot-product units and emulates bf16, so its speed rows differ in kind.
     """
-    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
-    capabilities = get_capabilities() if get_capabilities is not None else {}
+    capabilities = cpu_capabilities()
     return " ".join(name for name in SPEED_FEATURES if capabilities.get(name)) or "unknown"
 
 

@@ -31,12 +31,11 @@ VNNI_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 @functools.lru_cache(maxsize=None)
-def _vnni_in_capabilities() -> bool:
+def cpu_capabilities() -> dict[str, Any]:
+    """torch's report of this CPU's instruction sets (``torch.cpu.get_capabilities``; {} where this torch
+    cannot tell). Cached: a fixed fact of the machine, asked per layer."""
     get_capabilities = getattr(torch.cpu, "get_capabilities", None)
-    if get_capabilities is None:
-        return False
-    capabilities = get_capabilities()
-    return any(bool(capabilities.get(feature, False)) for feature in VNNI_FEATURES)
+    return dict(get_capabilities()) if get_capabilities is not None else {}
 
 
 @torch.compiler.assume_constant_result  # a fixed fact of the machine: torch.compile takes it as a constant
@@ -46,13 +45,12 @@ def cpu_has_vnni() -> bool:
     Without them oneDNN's uint8 x int8 convolution adds pairs of products in saturating int16
     (``vpmaddubsw``), so full-range int8 weights give wrong sums (seen on an AVX2-only AMD EPYC: errors
     of 3.3 on outputs of ~1); PyTorch's own x86 quantization avoids it with 7-bit ``reduce_range``.
-    Unknown (a torch without ``torch.cpu.get_capabilities``) counts as absent. Cached (asked per layer and
-    per int8 GEMM); ``cpu_has_vnni.cache_clear()`` forgets the answer.
+    Unknown capabilities count as absent; ``cpu_has_vnni.cache_clear()`` forgets the cached answer.
     """
-    return _vnni_in_capabilities()
+    return any(bool(cpu_capabilities().get(feature, False)) for feature in VNNI_FEATURES)
 
 
-cpu_has_vnni.cache_clear = _vnni_in_capabilities.cache_clear  # type: ignore[attr-defined]
+cpu_has_vnni.cache_clear = cpu_capabilities.cache_clear  # type: ignore[attr-defined]
 
 
 def onednn_available() -> bool:
