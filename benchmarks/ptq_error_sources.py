@@ -34,6 +34,8 @@ CHANGES = {
     "w8a8 minmax": dict(act_method="minmax"),
     "w8a8 sym": dict(act_symmetric=True),
     "w8a8 recon": dict(reconstruct=True, recon_iters=300, recon_samples=64, recon_batch=8),
+    "w8a8 shortcut-a16": dict(act_exclude=("*conv_shortcut",)),  # int8 weights, fp activations there
+    "w8a8 dynamic": dict(act_mode="dynamic"),
 }
 
 
@@ -62,19 +64,28 @@ def main() -> None:
         pipe, start = zoo.load("mnist-ddpm"), time.perf_counter()
         da.quantize_(pipe, da.PTQConfig.preset("w8a8", **{**BASE, **CHANGES[label]}))
         report["rows"][label] = {"psnr_db": mean_psnr(generate(pipe), reference),
-                                 "seconds": time.perf_counter() - start, "changes": repr(CHANGES[label])}
+                                 "seconds": time.perf_counter() - start, "changes": repr(CHANGES[label]),
+                                 "cpu": machine_label()}
         print(label, report["rows"][label], flush=True)
         OUT.write_text(json.dumps(report, indent=1))
         OUT.with_suffix(".md").write_text(markdown(report))
 
 
+def machine_label() -> str:
+    """CPU model and int8-relevant features: lowering (and so summation order) differs with them."""
+    info = machine_info()
+    return f"{info['cpu_model']} ({info.get('cpu_features', '')})"
+
+
 def markdown(report: dict) -> str:
     lines = ["# mnist-ddpm W8A8: one change at a time", "",
              f"{N_IMAGES} images, {STEPS} DDIM steps, seed {SEED}; mean PSNR vs the fp32 model's images. "
-             f"CPU {report['machine']['cpu_model']} ({report['machine'].get('cpu_features', '')}).", "",
-             "| setting | change | PSNR dB | quantize + generate (s) |", "|---|---|---|---|"]
+             f"Rows without a CPU of their own ran on {report['machine']['cpu_model']} "
+             f"({report['machine'].get('cpu_features', '')}).", "",
+             "| setting | change | PSNR dB | quantize + generate (s) | CPU |", "|---|---|---|---|---|"]
     for label, row in report["rows"].items():
-        lines.append(f"| {label} | `{row['changes']}` | {row['psnr_db']:.2f} | {row['seconds']:.0f} |")
+        lines.append(f"| {label} | `{row['changes']}` | {row['psnr_db']:.2f} | {row['seconds']:.0f} "
+                     f"| {row.get('cpu', '')} |")
     return "\n".join(lines) + "\n"
 
 

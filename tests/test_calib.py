@@ -217,6 +217,22 @@ def test_reservoir_is_bounded_and_samples_seen_values():
     assert 3000 < reservoir.values.mean().item() < 7000   # drawn from the whole stream
 
 
+def test_reservoir_batched_merges_keep_the_smallest_keys_as_merging_every_tensor():
+    class MergeEveryTensor(ValueReservoir):
+        def add(self, tensor):
+            super().add(tensor)
+            self._merge()
+
+    stream = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in (5, 700, 90, 3000, 1, 2500, 40)]
+    for capacity in (64, 1000, 10_000):
+        batched, eager = ValueReservoir(capacity, seed=3), MergeEveryTensor(capacity, seed=3)
+        for tensor in stream:
+            batched.add(tensor)
+            eager.add(tensor)
+        assert torch.equal(batched.values, eager.values) and torch.equal(batched.keys, eager.keys)
+        assert len(batched.values) == min(capacity, sum(t.numel() for t in stream))
+
+
 def test_feature_change_probe_relative_l1_by_hand():
     probe = FeatureChangeProbe(["block"])
     for k, value in enumerate((1.0, 3.0, 1.5)):

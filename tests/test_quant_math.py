@@ -164,6 +164,10 @@ def test_more_bad_configs():
         PTQConfig.preset("w2a2")
     with pytest.raises(ValueError, match="unknown PTQConfig fields"):
         PTQConfig.from_dict({"bits": 3})
+    with pytest.raises(ValueError, match=r"act_exclude takes a tuple of glob strings.*\('\*conv_shortcut',\)"):
+        PTQConfig(act_exclude="*conv_shortcut")  # tuple() of it would be the globs "*", "c", ...
+    with pytest.raises(ValueError, match="activations=None already keeps"):
+        PTQConfig(activations=None, act_exclude=("*conv_shortcut",))
 
 
 def test_config_dict_round_trip_and_presets():

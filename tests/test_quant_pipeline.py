@@ -106,6 +106,30 @@ def test_high_precision_layers_kept_and_globs_and_filter_fn_apply():
     assert names and all(n.startswith("up_blocks.") for n in names)
 
 
+def test_act_exclude_keeps_those_inputs_float_and_their_weights_int8(int8_kernels):
+    pipe, reference = build_tiny("sd"), build_tiny("sd")
+    quantize_(pipe, PTQConfig(act_exclude=("*conv_shortcut", "*.ff.net.2"), **FAST))
+    layers = {n: m for n, m in pipe.unet.named_modules() if hasattr(m, "weight_fmt") and hasattr(m, "act")}
+    kept = [n for n in layers if n.endswith(("conv_shortcut", ".ff.net.2"))]
+    assert kept and all(layers[n].act is None and layers[n].weight_fmt == "int8" for n in kept)
+    assert all(layers[n].act is not None for n in layers if n not in kept)
+    assert f"activations kept in floating point (act_exclude ['*conv_shortcut', '*.ff.net.2']): {len(kept)} layers" \
+        in summary(pipe)
+    assert "int8-gemm" in summary(pipe) and "dequant-int8" in summary(pipe)
+    full = build_tiny("sd")
+    quantize_(full, PTQConfig(**FAST))
+    images, fp_images = _images(pipe, "sd"), _images(reference, "sd")
+    assert not torch.equal(images, _images(full, "sd")) and _sqnr_db(fp_images, images) > 8.0
+
+
+def test_act_exclude_pattern_matching_no_quantized_layer_is_refused():
+    pipe = build_tiny("sd")
+    classes = [type(m) for m in pipe.unet.modules()]
+    with pytest.raises(ValueError, match=r"act_exclude pattern 'conv_shortcut' matches none of the \d+ quantized"):
+        quantize_(pipe, PTQConfig(act_exclude=("conv_shortcut",), **FAST))  # needs a leading '*'
+    assert classes == [type(m) for m in pipe.unet.modules()] and applied_techniques(pipe) == []
+
+
 def test_timestep_groups_switch_scales_during_a_pipeline_call():
     pipe = build_tiny("flux")
     quantize_(pipe, PTQConfig(timestep_groups=2, lower=False, **FLUX_FAST))
@@ -169,6 +193,7 @@ def test_given_calibration_is_replayed():
                        lower=True, **FLUX_FAST)),
     ("sd", PTQConfig(act_mode="dynamic", act_symmetric=True, **FAST)),
     ("sd", PTQConfig(weights="int4", weight_rounding="gptq", weight_scale="output_mse", **FAST)),
+    ("sd", PTQConfig(act_exclude=("*conv_shortcut",), **FAST)),
 ])
 def test_save_load_round_trip_is_bit_exact(tmp_path, family, config):
     pipe = build_tiny(family)

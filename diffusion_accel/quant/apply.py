@@ -18,7 +18,8 @@ from ..calib import Calibration
 from ..hooks import attach_tracker, detach_tracker_if_unused, get_tracker
 from .attention import install_attention, quantizable_attention, restore_attention
 from .build import build_layer, weight_grid
-from .calibrate import Collected, FilterFn, LayerTarget, collect, hessian_sweep, select_layers
+from .calibrate import (Collected, FilterFn, LayerTarget, collect, hessian_sweep, keeps_float_activations,
+                        select_layers)
 from .configs import PTQConfig
 from .formats import get_format
 from .gptq import gptq_round_all
@@ -161,6 +162,10 @@ def summary(pipe: Any) -> str:
              f"{'sym' if symmetric else 'asym'}, timestep groups {config['timestep_groups']})",
              f"  layers quantized: {len(state.layers)}; execution: "
              + ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))]
+    float_inputs = [name for name in state.layers if keeps_float_activations(name, config)]
+    if float_inputs and config["activations"] is not None:
+        lines.append(f"  activations kept in floating point (act_exclude {list(config['act_exclude'])}): "
+                     f"{len(float_inputs)} layers")
     if state.attention:
         lines.append(f"  attention matmuls: {len(state.attention)} modules (Q/K/V {config['attention']} dynamic "
                      f"per tensor, softmax {config['softmax_bits']}-bit unsigned; simulated)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .calibrate import Collected, LayerTarget, group_ranges
+from .calibrate import Collected, LayerTarget, group_ranges, keeps_float_activations
 from .configs import PTQConfig
 from .formats import get_format
 from .layers import CHANNEL_DIMS, QUANT_LAYER_TYPES, ActQuantizer, DynamicActQuantizer, QuantLayer, StepGroups
@@ -60,7 +60,7 @@ def qparam_table(ranges: list[list[tuple[float, float]]], config: PTQConfig
 def activation_quantizer(target: LayerTarget, collected: Collected, config: PTQConfig,
                          selector: StepGroups | None, channels: int) -> nn.Module | None:
     """The activation quantizer of ``target`` (None for weight-only configs)."""
-    if config.activations is None:
+    if config.activations is None or keeps_float_activations(target.name, config):
         return None
     channel_dim = CHANNEL_DIMS[target.float_type]
     if config.act_mode == "dynamic":

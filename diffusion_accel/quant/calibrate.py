@@ -65,7 +65,23 @@ def select_layers(pipe: Any, config: PTQConfig, filter_fn: FilterFn | None = Non
     if not targets:
         raise ValueError(f"no layer of {type(denoiser).__name__} is selected for quantization "
                          f"(include={list(config.include)}, exclude={list(config.exclude)}, filter_fn)")
+    _check_act_exclude(targets, config, type(denoiser).__name__)
     return targets
+
+
+def keeps_float_activations(name: str, config: PTQConfig | dict[str, Any]) -> bool:
+    """Whether quantized layer ``name``'s input stays in floating point (``act_exclude``; a config or its dict)."""
+    patterns = config.get("act_exclude", ()) if isinstance(config, dict) else config.act_exclude
+    return _matches(name, patterns)
+
+
+def _check_act_exclude(targets: Sequence[LayerTarget], config: PTQConfig, denoiser_name: str) -> None:
+    """Each ``act_exclude`` pattern must match a quantized layer (a typo would silently change nothing)."""
+    names = [t.name for t in targets]
+    for pattern in config.act_exclude:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ValueError(f"PTQConfig.act_exclude pattern {pattern!r} matches none of the {len(names)} "
+                             f"quantized layers of {denoiser_name} (e.g. {names[:3]})")
 
 
 def _wanted(denoiser: nn.Module, name: str, config: PTQConfig, high: set[str],
@@ -128,8 +144,9 @@ def build_collectors(pipe: Any, config: PTQConfig, targets: Sequence[LayerTarget
     """Range observers for static activations and a SampleStore of blocks for reconstruction."""
     collectors: list[Collector] = []
     if config.activations is not None and config.act_mode == "static":
-        plain = sorted({t.representative for t in targets if t.split is None})
-        splits = {t.name: t.split for t in targets if t.split is not None}
+        quantized = [t for t in targets if not keeps_float_activations(t.name, config)]
+        plain = sorted({t.representative for t in quantized if t.split is None})
+        splits = {t.name: t.split for t in quantized if t.split is not None}
         if plain:
             collectors.append(RangeObserver(plain, **_range_options(config)))
         if splits:

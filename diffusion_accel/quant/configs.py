@@ -36,6 +36,9 @@ class PTQConfig:
     asymmetric with a zero point. timestep_groups: K > 1 gives K activation scales over the
     trajectory, chosen at run time by the step index. split_shortcut: separate scales for the two
     channel halves of UNet skip concatenations. include/exclude: fnmatch globs on layer names.
+    act_exclude: globs of quantized layers whose input activations stay in floating point while their
+    weights are still quantized (per-layer mixed precision, e.g. ``("*conv_shortcut",)`` for the UNet
+    layers fed by raw skip concatenations); each pattern must match at least one quantized layer.
     keep_high_precision: keep the adapter's high-precision layers (conv_in, embeddings, conv_out).
     calib_*: used only when ``quantize_`` runs the calibration itself. reconstruct: AdaRound/BRECQ
     block reconstruction with ``recon_iters`` iterations per block. lower: turn the calibrated
@@ -62,6 +65,7 @@ class PTQConfig:
     split_shortcut: bool = True
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    act_exclude: tuple[str, ...] = ()
     keep_high_precision: bool = True
     calib_prompts: int = 4
     calib_num_steps: int = 10
@@ -84,7 +88,11 @@ class PTQConfig:
     softmax_bits: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("include", "exclude", "calib_kwargs"):
+        for name in ("include", "exclude", "act_exclude"):
+            if isinstance(getattr(self, name), str):  # tuple("*conv") would be globs "*", "c", ...
+                raise ValueError(f"PTQConfig.{name} takes a tuple of glob strings, got the string "
+                                 f"{getattr(self, name)!r}; write ({getattr(self, name)!r},)")
+        for name in ("include", "exclude", "act_exclude", "calib_kwargs"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if not isinstance(self.calib_steps, str):
             object.__setattr__(self, "calib_steps", tuple(self.calib_steps))
@@ -178,12 +186,15 @@ def validate(config: PTQConfig) -> None:
             or not 2 <= config.softmax_bits <= 16:
         raise ValueError(f"PTQConfig.softmax_bits must be an int in [2, 16], got {config.softmax_bits!r}")
     _check_globs(config)
+    if config.act_exclude and config.activations is None:
+        raise ValueError(f"PTQConfig.act_exclude={list(config.act_exclude)} keeps some layers' activations in "
+                         "floating point, but activations=None already keeps all of them")
     _check_reconstruction(config)
     _check_gptq(config)
 
 
 def _check_globs(config: PTQConfig) -> None:
-    for name in ("include", "exclude"):
+    for name in ("include", "exclude", "act_exclude"):
         for pattern in getattr(config, name):
             if not isinstance(pattern, str) or not pattern:
                 raise ValueError(f"PTQConfig.{name} holds glob strings; got {pattern!r}")
