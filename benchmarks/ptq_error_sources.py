@@ -3,7 +3,8 @@
 16 images (seed 123, 100 DDIM steps) of the quantized model (lowered) against the fp32 model's, for
 ours W8A8 (32 calibration samples, 20 uniform steps, MSE ranges, split shortcut) and variants that
 change one thing: weight-only (W8A16), layers kept in fp32 by glob, timestep groups, range method,
-symmetric activations, AdaRound reconstruction. A quick ablation, not an FID measurement; results
+symmetric activations, AdaRound reconstruction, float activations for the shortcut convs (``act_exclude``),
+dynamic per-token / per-tensor activations. A quick ablation, not an FID measurement; results
 are appended to benchmarks/results/ptq_error_sources_mnist-ddpm.json (Markdown beside it).
 
     python benchmarks/ptq_error_sources.py [--threads 1] [--only "w8a8" "w8a16" ...]
@@ -36,6 +37,8 @@ CHANGES = {
     "w8a8 recon": dict(reconstruct=True, recon_iters=300, recon_samples=64, recon_batch=8),
     "w8a8 shortcut-a16": dict(act_exclude=("*conv_shortcut",)),  # int8 weights, fp activations there
     "w8a8 dynamic": dict(act_mode="dynamic"),
+    "w8a8 dynamic-tensor": dict(act_mode="dynamic_per_tensor"),
+    "w8a8 dynamic-tensor shortcut-a16": dict(act_mode="dynamic_per_tensor", act_exclude=("*conv_shortcut",)),
 }
 
 

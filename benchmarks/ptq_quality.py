@@ -35,6 +35,7 @@ CALIB_PROMPTS = 16
 RECON = dict(reconstruct=True, recon_iters=300, recon_samples=64, recon_batch=8)
 GPTQ = dict(reconstruct=False, weight_rounding="gptq", weight_scale="output_mse")  # the "w4a8" preset's rounding
 GROUP32 = dict(weight_granularity="group", group_size=32)
+SHORTCUTS = ("*conv_shortcut",)  # diffusers' ResnetBlock2D 1x1 convs; on the decoder side they read the raw skip concat
 
 
 def calib_fields(model: str) -> dict[str, Any]:
@@ -150,9 +151,16 @@ def variants(model: str) -> list[Variant]:
         Variant("naive_w4a8_g32", ours_pipe(model, naive(model, "w4a8").with_(**GROUP32)), "W4A8 g32",
                 "naive W4A8 with one weight scale per 32 inputs"),
     ]
+    out.append(Variant("ours_w8a8_dynamic_tensor", ours_pipe(model, ours(model, "w8a8", act_mode="dynamic_per_tensor")),
+                       "W8A8", "ours W8A8 with dynamic per-tensor activations (per split half; int8 kernels, no ranges)"))
     if denoiser_attr(model) == "unet":
         out.insert(8, Variant("ablation_w4a8_no_split", ours_pipe(model, ours(model, "w4a8", split_shortcut=False)),
                               "ablation", "ours W4A8 without split-shortcut quantization"))
+        for label, changes in (("ours_w8a8_shortcut_a16", {}),
+                               ("ours_w8a8_dynamic_tensor_shortcut_a16", dict(act_mode="dynamic_per_tensor"))):
+            out.append(Variant(label, ours_pipe(model, ours(model, "w8a8", act_exclude=SHORTCUTS, **changes)), "W8A8 mixed",
+                               f"as ours_w8a8{'_dynamic_tensor' if changes else ''} with float activations "
+                               "(int8 weights) for the 1x1 shortcut convs"))
     return out
 
 

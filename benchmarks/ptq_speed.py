@@ -5,7 +5,8 @@ or on a zoo pipeline's denoiser (``--model fashion-sd``: real weights and real d
     python benchmarks/ptq_speed.py --model fashion-sd --out benchmarks/results/ptq_speed_fashion-sd.json
 
 Denoiser-only latency, median of ``repeats`` after warm-up, every variant timed in this process:
-fp32 eager, fp32 ``torch.compile``, bf16 eager (``--no-bf16`` skips it), W8A8 lowered eager and compiled. Calibration runs a
+fp32 eager, fp32 ``torch.compile``, bf16 eager (``--no-bf16`` skips it), W8A8 lowered eager and compiled
+(``--act-modes static dynamic_per_tensor`` also times dynamic per-tensor activations on a fresh base). Calibration runs a
 real StableDiffusionPipeline around the full-size UNet (tiny text encoder with 768-wide states,
 tiny 8x VAE) for one prompt, 2 steps, CFG. Sizes: the fp32 UNet's safetensors bytes vs the PTQ
 artifact plus the base tensors it does not replace (what a standalone quantized checkpoint holds).
@@ -173,21 +174,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     else v for k, v in inputs.items()},
                args.repeats)
         del bf16
+    for index, act_mode in enumerate(args.act_modes):
+        pipe = pipe if index == 0 else make_pipe()  # a fresh base for every activation mode
+        denoiser = quantized_denoiser(pipe, config.with_(act_mode=act_mode), results, act_mode)
+        if "w8a8" not in results["size"]:
+            results["size"]["w8a8"] = artifact_size(pipe, base_state)
+        label = "w8a8" if act_mode == "static" else f"w8a8_{act_mode}"
+        record(f"{label}_lowered_eager", denoiser, inputs, args.repeats)
+        if not args.no_compile:
+            record(f"{label}_lowered_compiled", torch.compile(denoiser), inputs, args.compiled_repeats)
+            torch._dynamo.reset()
+        del pipe, denoiser
+        gc.collect()
+    results["load_average_end"] = os.getloadavg()
+    return results
+
+
+def quantized_denoiser(pipe: Any, config: PTQConfig, results: dict[str, Any], act_mode: str) -> torch.nn.Module:
+    """Quantize and lower ``pipe``; records quantize time and summary (per activation mode)."""
     gc.collect()
     start = time.perf_counter()
     quantize_(pipe, config)
     gc.collect()
     lower_(pipe)  # after quantize_ returned, so the fp32 originals are already freed
-    results["quantize_s"] = time.perf_counter() - start
-    results["summary"] = summary(pipe)
-    results["size"]["w8a8"] = artifact_size(pipe, base_state)
-    print(results["summary"], flush=True)
-    denoiser = denoiser_of(pipe)
-    record("w8a8_lowered_eager", denoiser, inputs, args.repeats)
-    if not args.no_compile:
-        record("w8a8_lowered_compiled", torch.compile(denoiser), inputs, args.compiled_repeats)
-    results["load_average_end"] = os.getloadavg()
-    return results
+    suffix = "" if act_mode == "static" else f"_{act_mode}"
+    results[f"quantize_s{suffix}"] = time.perf_counter() - start
+    results[f"summary{suffix}"] = summary(pipe)
+    print(results[f"summary{suffix}"], flush=True)
+    return denoiser_of(pipe)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -214,6 +228,10 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", f"fp32 denoiser: {results['size']['w8a8']['fp32_mb']:.0f} MB (artifact = PTQ file only; "
               "standalone = artifact + the base tensors it does not replace). Quantize time "
               f"{results['quantize_s']:.0f} s.", "", "```", results["summary"], "```"]
+    if "summary_dynamic_per_tensor" in results:
+        lines += ["", f"Dynamic per-tensor activations (no range calibration; quantize time "
+                  f"{results['quantize_s_dynamic_per_tensor']:.0f} s):", "", "```",
+                  results["summary_dynamic_per_tensor"], "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -226,6 +244,8 @@ def main() -> None:
     parser.add_argument("--no-bf16", action="store_true",
                         help="skip bf16 eager (CPUs without AVX512-BF16/AMX emulate bf16: minutes per call here)")
     parser.add_argument("--model", choices=["sd15", "fashion-sd", "fashion-flux"], default="sd15")
+    parser.add_argument("--act-modes", nargs="+", default=["static"], choices=["static", "dynamic_per_tensor"],
+                        help="W8A8 activation modes to time (each quantizes a fresh base)")
     parser.add_argument("--batch-prompts", type=int, default=32, help="zoo models: prompts per call (CFG doubles)")
     parser.add_argument("--out", type=Path, default=RESULTS / "ptq_speed.json", help="JSON (Markdown beside it)")
     args = parser.parse_args()

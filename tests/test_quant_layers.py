@@ -81,7 +81,9 @@ def _static(scale, zero, symmetric=False):
 
 @pytest.mark.parametrize("act", [lambda: _static(0.03, 120), lambda: _static(0.03, 0, True),
                                  lambda: DynamicActQuantizer("int8", False, -1),
-                                 lambda: DynamicActQuantizer("int8", True, -1)])
+                                 lambda: DynamicActQuantizer("int8", True, -1),
+                                 lambda: DynamicActQuantizer("int8", False, -1, per_tensor=True),
+                                 lambda: DynamicActQuantizer("int8", True, -1, per_tensor=True)])
 def test_int8_linear_matches_simulation(act, int8_kernels):
     torch.manual_seed(0)
     layer = _quant(nn.Linear(64, 48), "int8", (64,), act())
@@ -91,21 +93,41 @@ def test_int8_linear_matches_simulation(act, int8_kernels):
     torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
-def test_int8_conv1x1_split_matches_simulation(monkeypatch, int8_kernels):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_int8_conv1x1_split_matches_simulation(monkeypatch, int8_kernels, dynamic):
     monkeypatch.setattr(onednn, "supports", lambda layer: False)  # the portable GEMM path
     conv = nn.Conv2d(32, 16, 1)
     x = _skip_input()
-    layer = _quant(conv, "int8", (8, 24), _split_act(x, 8, "int8"))
+    act = DynamicActQuantizer("int8", False, 1, per_tensor=True, segment_sizes=(8, 24)) if dynamic \
+        else _split_act(x, 8, "int8")
+    layer = _quant(conv, "int8", (8, 24), act)
     lowered = lower_layer(layer)
     assert isinstance(lowered, Int8Conv1x1)
     torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-4)
+
+
+def test_dynamic_per_tensor_quantizer_takes_each_halfs_range_from_the_call():
+    x = _skip_input()  # halves with ranges ~0.15 and ~60
+    act = DynamicActQuantizer("int8", False, 1, per_tensor=True, segment_sizes=(8, 24))
+    (small, small_zero), (large, _) = act.segment_qparams(x)
+    expected = activation_qparams(float(x[:, :8].min()), float(x[:, :8].max()), get_format("int8"), False)
+    assert small.shape == () and float(small) == pytest.approx(expected[0]) and int(small_zero) == expected[1]
+    assert float(large) > 100 * float(small)
+    out = act(x)
+    assert (out[:, :8] - x[:, :8]).abs().max() <= float(small) / 2 + 1e-6  # the small half keeps its resolution
+    assert (act(x * 2) - 2 * out).abs().max() < 1e-4  # scales follow the input: no calibrated range
+    whole = DynamicActQuantizer("int8", False, 1, per_tensor=True)
+    assert (whole(x)[:, :8] - x[:, :8]).abs().max() > 10 * float(small)
 
 
 needs_onednn = pytest.mark.skipif(not onednn.onednn_available(),
                                   reason="torch build without oneDNN int8 ops, or a CPU without VNNI")
 
 
-def _conv_act(x, split=None, symmetric=False):
+def _conv_act(x, split=None, symmetric=False, dynamic=False):
+    if dynamic:
+        return DynamicActQuantizer("int8", symmetric, 1, per_tensor=True,
+                                   segment_sizes=() if split is None else (split, x.shape[1] - split))
     if split is not None:
         return _split_act(x, split, "int8")
     s, z = activation_qparams(float(x.min()), float(x.max()), get_format("int8"), symmetric)
@@ -113,14 +135,15 @@ def _conv_act(x, split=None, symmetric=False):
 
 
 @needs_onednn
+@pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("kernel,stride,split,symmetric", [(3, 1, None, False), (3, 2, None, True), (1, 1, None, False),
                                                          (3, 1, 8, False), (1, 1, 8, False)])
-def test_onednn_int8_conv_matches_simulation(kernel, stride, split, symmetric):
+def test_onednn_int8_conv_matches_simulation(kernel, stride, split, symmetric, dynamic):
     torch.manual_seed(0)
     x = _skip_input()
     conv = nn.Conv2d(32, 16, kernel, stride=stride, padding=kernel // 2)
     sizes = (32 * kernel ** 2,) if split is None else (split * kernel ** 2, (32 - split) * kernel ** 2)
-    layer = _quant(conv, "int8", sizes, _conv_act(x, split, symmetric))
+    layer = _quant(conv, "int8", sizes, _conv_act(x, split, symmetric, dynamic))
     lowered = lower_layer(layer)
     assert isinstance(lowered, onednn.OneDNNInt8Conv2d) and lowered.kind == "int8-conv"
     torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-4)
@@ -210,9 +233,11 @@ def test_kxk_conv_and_int4_lowering_are_storage_forms_that_match_exactly():
 
 
 @pytest.mark.slow  # ~30 s of compile on 2 shared cores
-def test_lowered_linear_under_torch_compile_matches_eager():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_lowered_linear_under_torch_compile_matches_eager(dynamic):
     torch.manual_seed(0)
-    lowered = lower_layer(_quant(nn.Linear(64, 32), "int8", (64,), _static(0.03, 120)))
+    act = DynamicActQuantizer("int8", False, -1, per_tensor=True) if dynamic else _static(0.03, 120)
+    lowered = lower_layer(_quant(nn.Linear(64, 32), "int8", (64,), act))
     x = torch.randn(8, 64)
     start = time.perf_counter()
     compiled = torch.compile(lowered, fullgraph=True)
@@ -224,10 +249,11 @@ def test_lowered_linear_under_torch_compile_matches_eager():
 
 @needs_onednn
 @pytest.mark.slow  # compile on 2 shared cores
-def test_onednn_int8_conv_under_torch_compile_matches_eager():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_onednn_int8_conv_under_torch_compile_matches_eager(dynamic):
     torch.manual_seed(0)
     x = torch.randn(2, 8, 6, 6)
-    lowered = lower_layer(_quant(nn.Conv2d(8, 16, 3, padding=1), "int8", (72,), _conv_act(x)))
+    lowered = lower_layer(_quant(nn.Conv2d(8, 16, 3, padding=1), "int8", (72,), _conv_act(x, dynamic=dynamic)))
     compiled = torch.compile(lowered, fullgraph=True)
     torch.testing.assert_close(compiled(x), lowered(x), rtol=1e-5, atol=1e-5)
 
@@ -263,13 +289,13 @@ def _fp8_static(x, channel_dim=-1):
 
 
 @pytest.mark.parametrize("kernel", [False, True])
-@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("dynamic", [False, True, "per_tensor"])
 def test_fp8_linear_matches_simulation_with_and_without_the_fp8_kernel(monkeypatch, kernel, dynamic):
     # torch's CPU _scaled_mm computes the kernel path exactly, so the GPU path is checked here too
     monkeypatch.setattr(fp8, "fp8_kernel_available", lambda device: kernel)
     torch.manual_seed(0)
     x = torch.randn(2, 10, 64) * 3
-    act = DynamicActQuantizer("fp8", True, -1) if dynamic else _fp8_static(x)
+    act = DynamicActQuantizer("fp8", True, -1, per_tensor=dynamic == "per_tensor") if dynamic else _fp8_static(x)
     layer = _quant(nn.Linear(64, 48), "fp8", (64,), act)
     lowered = lower_layer(layer)
     assert isinstance(lowered, Fp8Linear) and lowered.kind == "fp8-gemm"

@@ -194,6 +194,7 @@ def test_given_calibration_is_replayed():
     ("sd", PTQConfig(act_mode="dynamic", act_symmetric=True, **FAST)),
     ("sd", PTQConfig(weights="int4", weight_rounding="gptq", weight_scale="output_mse", **FAST)),
     ("sd", PTQConfig(act_exclude=("*conv_shortcut",), **FAST)),
+    ("sd", PTQConfig(act_mode="dynamic_per_tensor", **FAST)),
 ])
 def test_save_load_round_trip_is_bit_exact(tmp_path, family, config):
     pipe = build_tiny(family)

@@ -65,6 +65,10 @@ def activation_quantizer(target: LayerTarget, collected: Collected, config: PTQC
     channel_dim = CHANNEL_DIMS[target.float_type]
     if config.act_mode == "dynamic":
         return DynamicActQuantizer(config.activations, config.act_symmetric, channel_dim)
+    if config.act_mode == "dynamic_per_tensor":
+        halves = () if target.split is None else (target.split, channels - target.split)
+        return DynamicActQuantizer(config.activations, config.act_symmetric, channel_dim, per_tensor=True,
+                                   segment_sizes=halves)
     groups, steps = config.timestep_groups, collected.num_steps
     if target.split is None:
         ranges = [group_ranges(collected.plain, target.representative, groups, steps)]

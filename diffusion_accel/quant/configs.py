@@ -13,7 +13,7 @@ GROUP_SIZES = (32, 64, 128, 256)
 WEIGHT_SCALE_METHODS = ("max", "mse", "output_mse")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 ACT_METHODS = ("minmax", "percentile", "mse")
-ACT_MODES = ("static", "dynamic")
+ACT_MODES = ("static", "dynamic", "dynamic_per_tensor")
 GPTQ_GROUP_SCALES = ("lazy", "static")
 
 
@@ -31,7 +31,10 @@ class PTQConfig:
     gptq_group_scales: "lazy" (each later scale segment, a weight group or split-shortcut half, gets its
     scale when the GPTQ sweep reaches it, from the weights as compensation left them) or "static"
     (every scale fitted to the original weights first).
-    act_mode: "static" (per-tensor scale from calibration) or "dynamic" (per-token at run time).
+    act_mode: "static" (per-tensor scale from calibration), "dynamic" (per-token scales at run time) or
+    "dynamic_per_tensor" (one scale per layer call, per split-shortcut half, from that call's min / max:
+    no range calibration, and it still lowers to int8 GEMMs and oneDNN int8 convs, which take the
+    activation scale at call time).
     act_method: how static ranges are set ("minmax", "percentile", "mse"). act_symmetric: False =
     asymmetric with a zero point. timestep_groups: K > 1 gives K activation scales over the
     trajectory, chosen at run time by the step index. split_shortcut: separate scales for the two
@@ -169,7 +172,7 @@ def validate(config: PTQConfig) -> None:
     if not isinstance(config.act_percentile, (int, float)) or not 50.0 < config.act_percentile <= 100.0:
         raise ValueError(f"PTQConfig.act_percentile must be in (50, 100], got {config.act_percentile!r}")
     _positive_int("timestep_groups", config.timestep_groups)
-    if config.timestep_groups > 1 and config.act_mode == "dynamic":
+    if config.timestep_groups > 1 and config.act_mode != "static":
         raise ValueError("PTQConfig.timestep_groups > 1 needs act_mode='static' (dynamic scales "
                          "are computed per token at run time)")
     for name in ("calib_prompts", "calib_num_steps", "recon_batch", "recon_samples"):

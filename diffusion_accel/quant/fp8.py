@@ -66,8 +66,11 @@ class Fp8GemmCore(KeepsCodeDtype):
         return segment_spans(self.segment_sizes)
 
     def _act_scales(self, x2d: torch.Tensor) -> list[torch.Tensor]:
-        """Per segment: the activation scale, () static or (M, 1) per token (over all K columns,
-        as the simulated ``DynamicActQuantizer`` does)."""
+        """Per segment: the activation scale, () static or dynamic per tensor, or (M, 1) per token (over
+        all K columns, as the simulated ``DynamicActQuantizer`` does)."""
+        if isinstance(self.act, DynamicActQuantizer) and self.act.per_tensor:
+            scales = [scale.float() for scale, _ in self.act.segment_qparams(x2d)]
+            return scales if len(scales) > 1 else scales * len(self.segment_sizes)
         if isinstance(self.act, DynamicActQuantizer):
             per_token = dynamic_qparams(x2d, -1, get_format("fp8"), True)[0].float()
             return [per_token] * len(self.segment_sizes)

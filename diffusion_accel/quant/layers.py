@@ -16,7 +16,7 @@ from torch import nn
 
 from ..hooks import get_tracker
 from .formats import get_format
-from .quantizers import dequantize_weight, dynamic_qparams, expand_segments, fake_quant_act
+from .quantizers import dequantize_weight, dynamic_qparams, expand_segments, fake_quant_act, tensor_qparams
 
 
 class StepGroups:
@@ -90,19 +90,40 @@ class ActQuantizer(nn.Module):
 
 
 class DynamicActQuantizer(nn.Module):
-    """Dynamic per-token activation fake-quantizer (one scale per position, over ``channel_dim``)."""
+    """Dynamic activation fake-quantizer: scales from each call's own values, per token (one scale per
+    position, over ``channel_dim``) or, with ``per_tensor``, one per channel segment of the whole tensor
+    (``segment_sizes``: the split-shortcut halves; none = one scale)."""
 
-    def __init__(self, fmt: str, symmetric: bool, channel_dim: int = -1) -> None:
+    def __init__(self, fmt: str, symmetric: bool, channel_dim: int = -1, per_tensor: bool = False,
+                 segment_sizes: Sequence[int] = ()) -> None:
         super().__init__()
         self.fmt_name, self.symmetric, self.channel_dim = fmt, symmetric, channel_dim
+        self.per_tensor = per_tensor
+        self.segment_sizes = tuple(segment_sizes) or (0,)
+
+    @property
+    def fmt(self):
+        return get_format(self.fmt_name)
+
+    def _parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x] if len(self.segment_sizes) == 1 else list(x.split(list(self.segment_sizes), dim=self.channel_dim))
+
+    def segment_qparams(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-tensor mode: 0-d (scale, zero_point) of each channel segment of ``x``."""
+        return [tensor_qparams(part, self.fmt, self.symmetric) for part in self._parts(x)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fmt = get_format(self.fmt_name)
-        scale, zero_point = dynamic_qparams(x, self.channel_dim, fmt, self.symmetric)
-        return fake_quant_act(x, scale, zero_point, fmt, self.symmetric)
+        fmt = self.fmt
+        if not self.per_tensor:
+            scale, zero_point = dynamic_qparams(x, self.channel_dim, fmt, self.symmetric)
+            return fake_quant_act(x, scale, zero_point, fmt, self.symmetric)
+        quantized = [fake_quant_act(part, scale, zero_point, fmt, self.symmetric)
+                     for part, (scale, zero_point) in zip(self._parts(x), self.segment_qparams(x))]
+        return quantized[0] if len(quantized) == 1 else torch.cat(quantized, dim=self.channel_dim)
 
     def extra_repr(self) -> str:
-        return f"{self.fmt_name}, {'sym' if self.symmetric else 'asym'}, per-token"
+        kind = f"per-tensor, segments={len(self.segment_sizes)}" if self.per_tensor else "per-token"
+        return f"{self.fmt_name}, {'sym' if self.symmetric else 'asym'}, {kind}"
 
 
 class KeepsCodeDtype(nn.Module):

@@ -3,7 +3,7 @@
 What each layer becomes (``summary`` lists the counts):
 
 - ``int8-gemm``: int8 weights (per channel, or the two split-shortcut halves) with int8
-  activations (static per-tensor / per timestep group, or dynamic per token): activations are
+  activations (static per-tensor / per timestep group, or dynamic per token / per tensor): activations are
   quantized once, multiplied by ``torch._int_mm`` (int8 x int8 -> int32) and rescaled in one fused
   expression; zero points are folded in via the weight column sums. Linear layers and 1x1
   stride-1 convs (as a GEMM over pixels), on CUDA and on CPUs with VNNI-class int8 units
@@ -11,7 +11,7 @@ What each layer becomes (``summary`` lists the counts):
   ``dequant-int8``, and an int8-gemm layer that still lands there takes its product exactly in fp32
   blocks (``exact_float_matmul``).
 - ``int8-conv`` (CPU with oneDNN): Conv2d layers of any kernel size with int8 per-channel weights
-  and static int8 activations run oneDNN's int8 convolution (``onednn.OneDNNInt8Conv2d``), fp32 out.
+  and static or dynamic per-tensor int8 activations run oneDNN's int8 convolution (``onednn.OneDNNInt8Conv2d``), fp32 out.
   Measured on this CPU (SD 1.5 3x3 320-channel conv, 32x32 latents, 1 thread): ~3x faster than the
   fp32 conv. Elsewhere such convs fall back to the paths below.
 - ``int4-packed``: int4 weights stored two per byte, dequantized on the fly; activations stay
@@ -105,7 +105,8 @@ class Int8GemmCore(nn.Module):
     """int8 GEMM of activations (M, K) with a weight split in column segments, rescaled to float.
 
     ``weight_t``: (K, N) int8 codes; ``weight_scale``: (N, S); ``col_sums``: (S, N) int32 per-segment
-    weight column sums (for zero points); ``act``: the calibrated ActQuantizer or DynamicActQuantizer.
+    weight column sums (for zero points); ``act``: the calibrated ActQuantizer or a DynamicActQuantizer
+    (per token, or per tensor with the scales computed from each call's input).
     """
 
     def __init__(self, codes: torch.Tensor, weight_scale: torch.Tensor, segment_sizes: Sequence[int],
@@ -132,15 +133,23 @@ class Int8GemmCore(nn.Module):
     def _segments(self) -> list[tuple[int, int, int]]:
         return segment_spans(self.segment_sizes)
 
-    def _static(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Static scales: out = acc * (s_a * s_w) + (bias - (zero - offset) * colsum * s_a * s_w)."""
+    def _tensor_qparams(self, x2d: torch.Tensor) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]:
+        """Per activation segment: 0-d scales and zero points, static (current timestep group) or
+        computed from ``x2d`` (dynamic per tensor)."""
         act = self.act
+        if isinstance(act, DynamicActQuantizer):
+            pairs = act.segment_qparams(x2d)  # x2d's channels are dim 1, as for the layer's own input
+            return [scale for scale, _ in pairs], [zero for _, zero in pairs]
         grouped = act.scale.shape[0] > 1 and act.selector is not None
         group = act.selector.current(act.scale.device) if grouped else 0
-        scales, zeros = act.scale[group], act.zero_point[group]
+        return act.scale[group], act.zero_point[group]
+
+    def _per_tensor(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Per-tensor scales: out = acc * (s_a * s_w) + (bias - (zero - offset) * colsum * s_a * s_w)."""
+        scales, zeros = self._tensor_qparams(x2d)
         out, base = None, None
         for s, start, size in self._segments():
-            a = s if scales.shape[0] > 1 else 0
+            a = s if len(scales) > 1 else 0
             shifted_zero = zeros[a] - self.offset
             acc = int8_matmul(self._quantize(x2d[:, start:start + size], scales[a], shifted_zero),
                               self.weight_t[start:start + size])
@@ -169,9 +178,9 @@ class Int8GemmCore(nn.Module):
 
     def forward(self, x2d: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """(M, K) float -> (M, N) float in ``x2d``'s dtype, bias added."""
-        if isinstance(self.act, DynamicActQuantizer):
+        if isinstance(self.act, DynamicActQuantizer) and not self.act.per_tensor:
             return self._dynamic(x2d, bias)
-        return self._static(x2d, bias)
+        return self._per_tensor(x2d, bias)
 
 
 class _GemmLayer(nn.Module):
@@ -281,7 +290,7 @@ def _gemm_ready(layer: QuantLayer, fmt: str = "int8") -> bool:
     act = layer.act
     if layer.weight_fmt != fmt or act is None or act.fmt_name != fmt:
         return False
-    if isinstance(act, ActQuantizer) and act.scale.shape[1] > 1:
+    if len(act.segment_sizes) > 1:
         return tuple(act.segment_sizes) == tuple(layer.segment_sizes)
     return len(layer.segment_sizes) <= 2
 

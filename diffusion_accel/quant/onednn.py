@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ActQuantizer, QuantConv2d
+from .layers import ActQuantizer, DynamicActQuantizer, QuantConv2d
 from .quantizers import act_grid, dequantize_weight
 
 CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
@@ -61,14 +61,20 @@ def onednn_available() -> bool:
             and torch.backends.mkldnn.is_available() and cpu_has_vnni())
 
 
+def per_tensor_act(act: nn.Module | None) -> bool:
+    """Static, or dynamic per-tensor, int8 activations: one scale and zero point per channel segment."""
+    per_tensor = isinstance(act, ActQuantizer) or (isinstance(act, DynamicActQuantizer) and act.per_tensor)
+    return per_tensor and act.fmt_name == "int8"
+
+
 def supports(layer: QuantConv2d) -> bool:
     """Whether ``layer`` can run as a oneDNN int8 conv: int8 weights per output channel (one scale per
-    activation segment), static int8 activations, ungrouped, on CPU."""
+    activation segment), static or dynamic per-tensor int8 activations, ungrouped, on CPU."""
     act = layer.act
-    if layer.weight_fmt != "int8" or not isinstance(act, ActQuantizer) or act.fmt_name != "int8":
+    if layer.weight_fmt != "int8" or not per_tensor_act(act):
         return False
     unit = layer.weight_codes.shape[1] // layer.in_channels
-    act_segments = act.segment_sizes if act.scale.shape[1] > 1 else (layer.in_channels,)
+    act_segments = act.segment_sizes if len(act.segment_sizes) > 1 else (layer.in_channels,)
     return (layer.groups == 1 and layer.weight_codes.device.type == "cpu" and onednn_available()
             and tuple(s * unit for s in act_segments) == tuple(layer.segment_sizes))
 
@@ -129,12 +135,18 @@ class OneDNNInt8Conv2d(nn.Module):
                 part.contiguous(), scale, 1.0, 0, list(self.stride), list(self.padding), list(self.dilation),
                 1, None), scale, torch.zeros_like(scale, dtype=torch.int64)))
 
-    def _qparams(self, group: int | torch.Tensor, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """0-d fp32 scale and int64 uint8-grid zero point of ``segment`` in timestep group ``group``."""
+    def _qparams(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per channel segment: 0-d fp32 scale and int64 uint8-grid zero point, static (current timestep
+        group) or computed from ``x`` (dynamic per tensor)."""
         act = self.act
-        column = segment if act.scale.shape[1] > 1 else 0
-        zero = act.zero_point[group, column].to(torch.int64) + self.code_offset
-        return act.scale[group, column], zero
+        if isinstance(act, DynamicActQuantizer):
+            pairs = act.segment_qparams(x)
+        else:
+            group = act.selector.current(act.scale.device) if act.scale.shape[0] > 1 and act.selector else 0
+            pairs = list(zip(act.scale[group], act.zero_point[group]))
+        if len(pairs) == 1:
+            pairs = pairs * len(self.channel_segments)
+        return [(scale.float(), zero.to(torch.int64) + self.code_offset) for scale, zero in pairs]
 
     def _float_forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = dequantize_weight(self.weight_codes, self.weight_scale, self.segment_sizes)
@@ -145,11 +157,8 @@ class OneDNNInt8Conv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None or x.device.type != "cpu":
             return self._float_forward(x)
-        act = self.act
-        group = act.selector.current(act.scale.device) if act.scale.shape[0] > 1 and act.selector else 0
         out, start = None, 0
-        for s, (packed, w_scale, w_zero) in enumerate(self._packed):
-            scale, zero = self._qparams(group, s)
+        for s, ((packed, w_scale, w_zero), (scale, zero)) in enumerate(zip(self._packed, self._qparams(x))):
             part = x[:, start:start + self.channel_segments[s]].float()
             start += self.channel_segments[s]
             codes = torch.clamp(torch.round(part / scale) + zero, 0, 255).to(torch.uint8)

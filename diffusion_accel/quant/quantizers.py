@@ -159,8 +159,21 @@ def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
 def dynamic_qparams(x: torch.Tensor, dim: int, fmt: NumberFormat,
                     symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (scale, zero_point) of ``x``, reducing over channel dimension ``dim`` (kept)."""
-    lo = x.detach().amin(dim=dim, keepdim=True).clamp_max(0)
-    hi = x.detach().amax(dim=dim, keepdim=True).clamp_min(0)
+    lo = x.detach().amin(dim=dim, keepdim=True)
+    hi = x.detach().amax(dim=dim, keepdim=True)
+    return range_qparams(lo, hi, fmt, symmetric)
+
+
+def tensor_qparams(x: torch.Tensor, fmt: NumberFormat, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-d (scale, zero_point) covering all of ``x`` (one ``aminmax`` pass): dynamic per-tensor."""
+    lo, hi = torch.aminmax(x.detach())
+    return range_qparams(lo, hi, fmt, symmetric)
+
+
+def range_qparams(lo: torch.Tensor, hi: torch.Tensor, fmt: NumberFormat,
+                  symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) tensors covering [lo, hi] widened to include 0, as ``activation_qparams``."""
+    lo, hi = lo.clamp_max(0), hi.clamp_min(0)
     if symmetric or fmt.is_float:
         return (torch.maximum(-lo, hi) / fmt.qmax).clamp_min(EPS), torch.zeros_like(lo)
     qmin, qmax = fmt.unsigned_range()

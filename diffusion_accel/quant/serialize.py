@@ -38,9 +38,10 @@ def _act_entry(act: nn.Module | None) -> dict[str, Any] | None:
     if act is None:
         return None
     entry = {"fmt": act.fmt_name, "symmetric": act.symmetric, "channel_dim": act.channel_dim,
-             "mode": "dynamic" if isinstance(act, DynamicActQuantizer) else "static"}
-    if isinstance(act, ActQuantizer):
-        entry["segments"] = list(act.segment_sizes)
+             "mode": "dynamic" if isinstance(act, DynamicActQuantizer) else "static",
+             "segments": list(act.segment_sizes)}
+    if isinstance(act, DynamicActQuantizer):
+        entry["per_tensor"] = act.per_tensor
     return entry
 
 
@@ -71,7 +72,10 @@ def _restore_act(entry: dict[str, Any] | None, name: str, tensors: dict[str, tor
     if entry is None:
         return None
     if entry["mode"] == "dynamic":
-        return DynamicActQuantizer(entry["fmt"], entry["symmetric"], entry["channel_dim"])
+        segments = entry.get("segments", [0])
+        return DynamicActQuantizer(entry["fmt"], entry["symmetric"], entry["channel_dim"],
+                                   per_tensor=entry.get("per_tensor", False),
+                                   segment_sizes=segments if segments != [0] else [])
     segments = entry["segments"] if entry["segments"] != [0] else []
     return ActQuantizer(tensors[f"{name}.act_scale"], tensors[f"{name}.act_zero_point"], entry["fmt"],
                         entry["symmetric"], segments, entry["channel_dim"], selector)
