@@ -67,9 +67,9 @@ def row(psnr: torch.Tensor, reference: torch.Tensor, prepare_s: float) -> dict:
 
 
 def write(model: str, rows: dict, stem: str = "ptq_rounding", title: str = TITLE,
-          reference: str = REFERENCE) -> None:
+          reference: str = REFERENCE, bits: str = "w4a8") -> None:
     """``benchmarks/results/<stem>_<model>.{json,md}``: each setting's PSNR, paired against ``reference``."""
-    report = {"model": model, "n_images": N_IMAGES, "sampling": DEFAULTS[model], "bits": "W4A8",
+    report = {"model": model, "n_images": N_IMAGES, "sampling": DEFAULTS[model], "bits": bits.upper(),
               "simulated": True, "machine": machine_info()["cpu_model"],
               "threads": torch.get_num_threads(), "reference": reference, "rows": rows}
     out = RESULTS / f"{stem}_{model}"
@@ -85,19 +85,19 @@ def write(model: str, rows: dict, stem: str = "ptq_rounding", title: str = TITLE
 
 
 def run_settings(model: str, settings: dict[str, dict], reference: str, stem: str, title: str,
-                 threads: int = 1) -> dict:
-    """Images of ``ours(model, "w4a8", lower=False, **changes)`` for every setting, paired per image
+                 threads: int = 1, bits: str = "w4a8") -> dict:
+    """Images of ``ours(model, bits, lower=False, **changes)`` for every setting, paired per image
     against ``reference`` (a key of ``settings``, run first); rewrites the report after each."""
     torch.set_num_threads(threads)
     prompts = prompts_for(N_IMAGES, 0)[0]
     fp32 = images(model, prompts)[0]
     psnr, rows = {}, {}
     for label in [reference, *(k for k in settings if k != reference)]:
-        quantized, prepare_s = images(model, prompts, ours(model, "w4a8", lower=False, **settings[label]))
+        quantized, prepare_s = images(model, prompts, ours(model, bits, lower=False, **settings[label]))
         psnr[label] = per_image_psnr(quantized, fp32)
         rows[label] = row(psnr[label], psnr[reference], prepare_s)
         print(label, rows[label], flush=True)
-        write(model, rows, stem, title, reference)
+        write(model, rows, stem, title, reference, bits)
     return rows
 
 

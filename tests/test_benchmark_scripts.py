@@ -100,3 +100,14 @@ def test_zoo_benchmarks_drive_the_unconditional_mnist_ddpm():
     images = pipe_images(pipe, ["", "", ""], torch.Generator().manual_seed(0), {"num_inference_steps": 2})
     assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
     assert torch.equal(images[:, 0], images[:, 2])  # grayscale replicated to RGB
+
+
+def test_ptq_act_modes_settings_are_valid_w8a8_configs():
+    import ptq_act_modes
+    from ptq_quality import ours
+
+    settings = ptq_act_modes.SETTINGS | ptq_act_modes.UNET_ONLY
+    configs = {label: ours("fashion-sd", "w8a8", lower=False, **changes) for label, changes in settings.items()}
+    assert {c.act_mode for c in configs.values()} == {"static", "dynamic", "dynamic_per_tensor"}
+    assert all(c.weights == "int8" and c.activations == "int8" for c in configs.values())
+    assert configs["dynamic per-tensor, shortcut convs' activations in float"].act_exclude == ("*conv_shortcut",)
