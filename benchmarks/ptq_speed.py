@@ -175,7 +175,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                args.repeats)
         del bf16
     for index, act_mode in enumerate(args.act_modes):
-        pipe = pipe if index == 0 else make_pipe()  # a fresh base for every activation mode
+        if index:
+            pipe = make_pipe()  # a fresh base for every activation mode
         denoiser = quantized_denoiser(pipe, config.with_(act_mode=act_mode), results, act_mode)
         if "w8a8" not in results["size"]:
             results["size"]["w8a8"] = artifact_size(pipe, base_state)

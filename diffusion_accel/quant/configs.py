@@ -173,8 +173,8 @@ def validate(config: PTQConfig) -> None:
         raise ValueError(f"PTQConfig.act_percentile must be in (50, 100], got {config.act_percentile!r}")
     _positive_int("timestep_groups", config.timestep_groups)
     if config.timestep_groups > 1 and config.act_mode != "static":
-        raise ValueError("PTQConfig.timestep_groups > 1 needs act_mode='static' (dynamic scales "
-                         "are computed per token at run time)")
+        raise ValueError(f"PTQConfig.timestep_groups > 1 needs act_mode='static', got {config.act_mode!r} "
+                         "(dynamic scales are computed from each call at run time)")
     for name in ("calib_prompts", "calib_num_steps", "recon_batch", "recon_samples"):
         _positive_int(name, getattr(config, name))
     for name in ("recon_iters", "recon_act_iters"):

@@ -68,16 +68,11 @@ class Fp8GemmCore(KeepsCodeDtype):
     def _act_scales(self, x2d: torch.Tensor) -> list[torch.Tensor]:
         """Per segment: the activation scale, () static or dynamic per tensor, or (M, 1) per token (over
         all K columns, as the simulated ``DynamicActQuantizer`` does)."""
-        if isinstance(self.act, DynamicActQuantizer) and self.act.per_tensor:
-            scales = [scale.float() for scale, _ in self.act.segment_qparams(x2d)]
-            return scales if len(scales) > 1 else scales * len(self.segment_sizes)
-        if isinstance(self.act, DynamicActQuantizer):
+        if isinstance(self.act, DynamicActQuantizer) and not self.act.per_tensor:
             per_token = dynamic_qparams(x2d, -1, get_format("fp8"), True)[0].float()
             return [per_token] * len(self.segment_sizes)
-        act = self.act
-        group = act.selector.current(act.scale.device) if act.scale.shape[0] > 1 and act.selector else 0
-        scales = act.scale[group]
-        return [scales[s if scales.shape[0] > 1 else 0] for s, _, _ in self._segments()]
+        scales = [scale.float() for scale, _ in self.act.segment_qparams(x2d)]
+        return scales if len(scales) > 1 else scales * len(self.segment_sizes)
 
     def _kernel(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """out = Σ_segments _scaled_mm(fp8(x / s_a), W8ᵀ) · s_a · s_w + bias, in fp32."""

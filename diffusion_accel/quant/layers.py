@@ -45,7 +45,22 @@ class StepGroups:
         return torch.tensor(group, dtype=torch.long, device=device)
 
 
-class ActQuantizer(nn.Module):
+class _ActQuantizerBase(nn.Module):
+    """What lowered layers ask of an activation quantizer: its format, channel segments and, for
+    per-tensor scales, ``segment_qparams(x)``: the 0-d (scale, zero_point) of each segment for this call."""
+
+    fmt_name: str
+    segment_sizes: tuple[int, ...]
+
+    @property
+    def fmt(self):
+        return get_format(self.fmt_name)
+
+    def segment_qparams(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class ActQuantizer(_ActQuantizerBase):
     """Static activation fake-quantizer: scale / zero point per (timestep group, channel segment).
 
     ``scale`` and ``zero_point``: (G, S). ``segment_sizes``: channels per segment along
@@ -62,17 +77,20 @@ class ActQuantizer(nn.Module):
         self.segment_sizes = tuple(segment_sizes) or (0,)
         self.selector = selector
 
-    @property
-    def fmt(self):
-        return get_format(self.fmt_name)
+    def group_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S,) scales and zero points of the current timestep group."""
+        if self.scale.shape[0] > 1 and self.selector is not None:
+            group = self.selector.current(self.scale.device)
+            return self.scale[group], self.zero_point[group]
+        return self.scale[0], self.zero_point[0]
+
+    def segment_qparams(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """0-d (scale, zero_point) of each channel segment in the current timestep group (``x`` unused)."""
+        return list(zip(*self.group_qparams()))
 
     def qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point) broadcastable to ``x`` for the current timestep group."""
-        if self.scale.shape[0] > 1 and self.selector is not None:
-            group = self.selector.current(self.scale.device)
-            scale, zero_point = self.scale[group], self.zero_point[group]
-        else:
-            scale, zero_point = self.scale[0], self.zero_point[0]
+        scale, zero_point = self.group_qparams()
         if scale.numel() == 1:
             return scale.reshape(()), zero_point.reshape(())
         shape = [1] * x.dim()
@@ -89,7 +107,7 @@ class ActQuantizer(nn.Module):
         return f"{self.fmt_name}, {'sym' if self.symmetric else 'asym'}, groups={groups}, segments={segments}"
 
 
-class DynamicActQuantizer(nn.Module):
+class DynamicActQuantizer(_ActQuantizerBase):
     """Dynamic activation fake-quantizer: scales from each call's own values, per token (one scale per
     position, over ``channel_dim``) or, with ``per_tensor``, one per channel segment of the whole tensor
     (``segment_sizes``: the split-shortcut halves; none = one scale)."""
@@ -100,10 +118,6 @@ class DynamicActQuantizer(nn.Module):
         self.fmt_name, self.symmetric, self.channel_dim = fmt, symmetric, channel_dim
         self.per_tensor = per_tensor
         self.segment_sizes = tuple(segment_sizes) or (0,)
-
-    @property
-    def fmt(self):
-        return get_format(self.fmt_name)
 
     def _parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [x] if len(self.segment_sizes) == 1 else list(x.split(list(self.segment_sizes), dim=self.channel_dim))

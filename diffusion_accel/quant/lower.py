@@ -43,7 +43,7 @@ from ..artifact import applied_techniques, mark_applied
 from . import onednn
 from .fp8 import Fp8GemmCore
 from .formats import get_format
-from .layers import ActQuantizer, DynamicActQuantizer, QuantConv2d, QuantLayer, QuantLinear
+from .layers import DynamicActQuantizer, QuantConv2d, QuantLayer, QuantLinear
 from .quantizers import dequantize_weight, dynamic_qparams, pack_int4, segment_spans, unpack_int4
 from .state import TECHNIQUE, get_state, swap_module
 
@@ -133,27 +133,17 @@ class Int8GemmCore(nn.Module):
     def _segments(self) -> list[tuple[int, int, int]]:
         return segment_spans(self.segment_sizes)
 
-    def _tensor_qparams(self, x2d: torch.Tensor) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]:
-        """Per activation segment: 0-d scales and zero points, static (current timestep group) or
-        computed from ``x2d`` (dynamic per tensor)."""
-        act = self.act
-        if isinstance(act, DynamicActQuantizer):
-            pairs = act.segment_qparams(x2d)  # x2d's channels are dim 1, as for the layer's own input
-            return [scale for scale, _ in pairs], [zero for _, zero in pairs]
-        grouped = act.scale.shape[0] > 1 and act.selector is not None
-        group = act.selector.current(act.scale.device) if grouped else 0
-        return act.scale[group], act.zero_point[group]
-
     def _per_tensor(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Per-tensor scales: out = acc * (s_a * s_w) + (bias - (zero - offset) * colsum * s_a * s_w)."""
-        scales, zeros = self._tensor_qparams(x2d)
+        """Per-tensor scales (static, or dynamic from ``x2d``, whose channels are dim 1 as in the layer's
+        own input): out = acc * (s_a * s_w) + (bias - (zero - offset) * colsum * s_a * s_w)."""
+        pairs = self.act.segment_qparams(x2d)
         out, base = None, None
         for s, start, size in self._segments():
-            a = s if len(scales) > 1 else 0
-            shifted_zero = zeros[a] - self.offset
-            acc = int8_matmul(self._quantize(x2d[:, start:start + size], scales[a], shifted_zero),
+            scale, zero = pairs[s if len(pairs) > 1 else 0]
+            shifted_zero = zero - self.offset
+            acc = int8_matmul(self._quantize(x2d[:, start:start + size], scale, shifted_zero),
                               self.weight_t[start:start + size])
-            combined = scales[a].float() * self.weight_scale[:, s].float()
+            combined = scale.float() * self.weight_scale[:, s].float()
             correction = shifted_zero * self.col_sums[s] * combined
             base = -correction if base is None else base - correction
             out = acc.float() * combined if out is None else out.addcmul_(acc.float(), combined)

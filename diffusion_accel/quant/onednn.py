@@ -83,7 +83,8 @@ class OneDNNInt8Conv2d(nn.Module):
     """Conv2d computed by oneDNN from uint8 activation codes and int8 weights, fp32 out (see module doc).
 
     ``weight_codes``: (out, in·kh·kw) int8; ``weight_scale``: (out, S) for S channel segments;
-    ``act``: the calibrated ActQuantizer (scale / zero point per timestep group and segment).
+    ``act``: the calibrated ActQuantizer (scale / zero point per timestep group and segment) or a dynamic
+    per-tensor DynamicActQuantizer (scales from each call).
     """
 
     kind = "int8-conv"
@@ -138,12 +139,7 @@ class OneDNNInt8Conv2d(nn.Module):
     def _qparams(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per channel segment: 0-d fp32 scale and int64 uint8-grid zero point, static (current timestep
         group) or computed from ``x`` (dynamic per tensor)."""
-        act = self.act
-        if isinstance(act, DynamicActQuantizer):
-            pairs = act.segment_qparams(x)
-        else:
-            group = act.selector.current(act.scale.device) if act.scale.shape[0] > 1 and act.selector else 0
-            pairs = list(zip(act.scale[group], act.zero_point[group]))
+        pairs = self.act.segment_qparams(x)
         if len(pairs) == 1:
             pairs = pairs * len(self.channel_segments)
         return [(scale.float(), zero.to(torch.int64) + self.code_offset) for scale, zero in pairs]
