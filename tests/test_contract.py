@@ -1,10 +1,9 @@
 """The drop-in contract holds for every tiny family, untransformed and after calibration."""
 
 import pytest
-import torch
 
 from diffusion_accel.testing.contract import check_drop_in
-from diffusion_accel.testing.tiny import TINY_BUILDERS, build_tiny, tiny_call_kwargs
+from diffusion_accel.testing.tiny import TINY_BUILDERS, build_tiny
 
 FAMILIES = sorted(TINY_BUILDERS)
 

@@ -7,7 +7,6 @@ adapter stays truthful after a technique has, say, pruned heads or FFN neurons.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from torch import nn
 
