@@ -8,6 +8,7 @@ optionally one scale per timestep group and per channel segment) or a ``DynamicA
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 
 import torch
@@ -45,7 +46,7 @@ class StepGroups:
         return torch.tensor(group, dtype=torch.long, device=device)
 
 
-class _ActQuantizerBase(nn.Module):
+class _ActQuantizerBase(nn.Module, abc.ABC):
     """What lowered layers ask of an activation quantizer: its format, channel segments and, for
     per-tensor scales, ``segment_qparams(x)``: the 0-d (scale, zero_point) of each segment for this call."""
 
@@ -56,8 +57,9 @@ class _ActQuantizerBase(nn.Module):
     def fmt(self):
         return get_format(self.fmt_name)
 
+    @abc.abstractmethod
     def segment_qparams(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        raise NotImplementedError
+        """0-d (scale, zero_point) of each channel segment for the call on ``x`` (each subclass says how)."""
 
 
 class ActQuantizer(_ActQuantizerBase):
