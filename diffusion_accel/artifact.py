@@ -1,7 +1,8 @@
 """Save and load accelerated pipelines: safetensors + a JSON manifest, never pickles.
 
-An artifact folder holds ``manifest.json`` (format, library version, base-model fingerprint, the
-ordered list of applied techniques with their JSON configs) and one ``NN-<technique>.safetensors``
+An artifact folder holds ``manifest.json`` (format, library version, base-model fingerprint and,
+where known, the pipeline spec the base was loaded from, the ordered list of applied techniques
+with their JSON configs) and one ``NN-<technique>.safetensors``
 per technique. Techniques plug in with :func:`register_technique`: ``export`` returns
 ``(config_dict, tensors)`` from an accelerated pipeline, ``restore`` re-applies them to a base one.
 
@@ -33,6 +34,7 @@ MANIFEST = "manifest.json"
 _APPLIED_ATTR = "_diffusion_accel_applied"
 _EXPORTS_ATTR = "_diffusion_accel_exports"
 _FINGERPRINT_ATTR = "_diffusion_accel_base_fingerprint"
+_SOURCE_ATTR = "_diffusion_accel_source"
 _SAMPLE_ELEMENTS = 2048  # per tensor: head, tail and a strided middle sample
 LIBRARY_KEYS = frozenset({"transformers_version"})  # not underscored, unlike diffusers' _diffusers_version
 
@@ -146,6 +148,23 @@ def applied_techniques(pipe: Any) -> list[str]:
     return list(getattr(denoiser, _APPLIED_ATTR, []))
 
 
+def record_source(pipe: Any, spec: str, dtype: torch.dtype | None) -> None:
+    """Remember the pipeline spec (``zoo:NAME``, a hub id, a folder) and dtype ``pipe`` was loaded
+    with, so an artifact saved from it can name its base (``loading.load_pipeline`` reads it back)."""
+    dtype_name = None if dtype is None else str(dtype).removeprefix("torch.")
+    setattr(pipe, _SOURCE_ATTR, {"spec": spec, "dtype": dtype_name})
+
+
+def pipeline_source(pipe: Any) -> dict[str, Any] | None:
+    """``{"spec", "dtype"}`` of where ``pipe`` came from: what diffusion_accel loaded it from, else
+    diffusers' ``_name_or_path`` (hub id or folder; dtype unknown); None for pipelines built in code."""
+    source = getattr(pipe, _SOURCE_ATTR, None)
+    if source is not None:
+        return dict(source)
+    name = getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    return {"spec": str(name), "dtype": None} if name else None
+
+
 # ----- save / load ---------------------------------------------------------------------
 def save(pipe: Any, directory: str | Path) -> Path:
     """Write the techniques applied to ``pipe`` as safetensors + ``manifest.json``; returns the folder."""
@@ -164,7 +183,8 @@ def save(pipe: Any, directory: str | Path) -> Path:
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
         "base": {"pipeline": type(pipe).__name__, "denoiser": type(denoiser).__name__,
-                 "component": component, "fingerprint": base_fingerprint(pipe)},
+                 "component": component, "fingerprint": base_fingerprint(pipe),
+                 "source": pipeline_source(pipe)},
         "techniques": entries,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")

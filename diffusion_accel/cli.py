@@ -19,7 +19,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, U
 
 
 def _add_pipe_args(parser: argparse.ArgumentParser, many: bool) -> None:
-    help_text = ("pipeline spec: zoo:NAME, tiny:FAMILY, a save_pretrained folder or a hub id; "
+    help_text = ("pipeline spec: zoo:NAME, tiny:FAMILY, a save_pretrained folder, a hub id, an artifact "
+                 "folder (base from its manifest) or BASE+ARTIFACT; "
                  + ("repeat as NAME=SPEC to compare variants" if many else "default: the bundled demo model"))
     parser.add_argument("--pipe", action="append" if many else "store", default=None, help=help_text)
     parser.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: as loaded)")
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--layers", default=None, help="glob over eligible layer names (e.g. 'up_blocks.*')")
     calibrate.add_argument("--method", default="stats",
                            help="stats (collector statistics), ptq (quantize), obs, wanda or magnitude "
-                                "(prune), cache (enable and calibrate a cache); default %(default)s")
+                                "(prune), cache (enable and calibrate a cache), or a chain saved as one "
+                                "artifact, in this order: e.g. obs,ptq,cache; default %(default)s")
     calibrate.add_argument("--preset", default=None, help="PTQ preset: w8a8 (default), w4a8, w8a16, fp8, w4a16, qdiffusion")
     calibrate.add_argument("--sparsity", type=float, default=None, help="pruning sparsity, e.g. 0.5")
     calibrate.add_argument("--pattern", default=None, help="pruning pattern: unstructured, 2:4, 4:8, structured")

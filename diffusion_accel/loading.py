@@ -1,7 +1,10 @@
 """Turn a pipeline spec string into a diffusers pipeline (CLI, benchmarks, demo).
 
 Specs: ``zoo:NAME`` (a bundled reference pipeline), ``tiny:FAMILY`` (a tiny random pipeline built
-from config), a local ``save_pretrained`` folder, or a Hugging Face hub id (needs internet).
+from config), a local ``save_pretrained`` folder, or a Hugging Face hub id (needs internet); and
+accelerated pipelines: an artifact folder written by ``save`` / ``diffusion-accel calibrate`` (its
+base is loaded from the spec its manifest records, then the artifact is applied), or
+``BASE+ARTIFACT`` to name the base explicitly (e.g. ``org/model+runs/w8a8``).
 """
 
 from __future__ import annotations
@@ -26,13 +29,56 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str | None = None) -> Any:
     """Load the pipeline named by ``spec`` (see module docstring), optionally cast and moved."""
+    from .artifact import record_source
+
     torch_dtype = parse_dtype(dtype)
-    pipe = _load_by_kind(spec, torch_dtype)
-    if torch_dtype is not None and getattr(pipe, "dtype", None) != torch_dtype:
-        pipe.to(dtype=torch_dtype)
+    base_spec, artifact = split_artifact_spec(spec)
+    if artifact is not None:
+        pipe = _load_with_artifact(base_spec, artifact, torch_dtype)
+    else:
+        pipe = _load_by_kind(spec, torch_dtype)
+        if torch_dtype is not None and getattr(pipe, "dtype", None) != torch_dtype:
+            pipe.to(dtype=torch_dtype)
+        record_source(pipe, spec, torch_dtype)
     if device is not None:
         pipe.to(device)
     return pipe
+
+
+def split_artifact_spec(spec: str) -> tuple[str | None, Path | None]:
+    """``(base spec or None, artifact folder)`` if ``spec`` names an artifact, else ``(None, None)``.
+
+    An artifact is a folder with a ``manifest.json``, alone (base from the manifest) or after the
+    last ``+`` of ``BASE+ARTIFACT``; a path that exists is taken as a whole, ``+`` included.
+    """
+    from .artifact import MANIFEST
+
+    if Path(spec).exists():
+        return (None, Path(spec)) if (Path(spec) / MANIFEST).is_file() else (None, None)
+    base, plus, artifact = spec.rpartition("+")
+    if not plus or not base:
+        return None, None
+    if not (Path(artifact) / MANIFEST).is_file():
+        raise FileNotFoundError(f"pipeline spec {spec!r}: {artifact!r} after '+' is not an artifact folder "
+                                f"(no {MANIFEST}); BASE+ARTIFACT needs a folder written by save / calibrate")
+    return base, Path(artifact)
+
+
+def _load_with_artifact(base_spec: str | None, artifact: Path, torch_dtype: torch.dtype | None) -> Any:
+    """Load the base (``base_spec`` or the one the manifest records) in ``torch_dtype`` (or the
+    recorded dtype), then apply the artifact to it."""
+    from .artifact import ArtifactError, load, read_manifest
+
+    source = read_manifest(artifact)["base"].get("source") or {}
+    base_spec = base_spec or source.get("spec")
+    if not base_spec:
+        raise ArtifactError(f"artifact {str(artifact)!r} does not record the pipeline it was made from "
+                            f"(it was built in code); name the base as BASE+{artifact}, e.g. 'org/model+{artifact}'")
+    if split_artifact_spec(base_spec)[1] is not None:
+        raise ArtifactError(f"the base {base_spec!r} of artifact {str(artifact)!r} is itself an artifact; "
+                            "an artifact already holds every technique applied before it was saved")
+    base = load_pipeline(base_spec, dtype=torch_dtype or parse_dtype(source.get("dtype")))
+    return load(base, artifact)
 
 
 def _load_by_kind(spec: str, torch_dtype: torch.dtype | None) -> Any:

@@ -12,6 +12,7 @@ import argparse
 import fnmatch
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 COLLECTOR_KINDS = ("ranges", "hessian", "features")
-METHODS = ("stats", "ptq", "obs", "wanda", "magnitude", "cache")
+PRUNE_METHODS = ("obs", "wanda", "magnitude")
+METHODS = ("stats", *PRUNE_METHODS, "ptq", "cache")
+_STAGES = {"stats": -1, "obs": 0, "wanda": 0, "magnitude": 0, "ptq": 1, "cache": 2}  # chain order
 CALIBRATION_KEYS = ("prompts", "num_prompts", "steps", "guidance", "selection", "weighting", "batch_size")
 
 
@@ -93,10 +96,33 @@ def statistics_tensors(collectors: list[Any]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def parse_methods(text: str) -> list[str]:
+    """``--method``: ``stats``, or a chain of techniques applied in order to one pipeline and saved as
+    one artifact: at most one pruning method, then ``ptq``, then ``cache`` (e.g. ``obs,ptq,cache``)."""
+    methods = [method.strip() for method in text.split(",") if method.strip()]
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--method {text!r}: accepted methods are {', '.join(METHODS)}, "
+                         "or a chain of them such as obs,ptq,cache")
+    stages = [_STAGES[method] for method in methods]
+    if len(methods) > 1 and ("stats" in methods or stages != sorted(set(stages))):
+        raise ValueError(f"--method {text!r}: a chain applies at most one of {', '.join(PRUNE_METHODS)}, then "
+                         "ptq, then cache, in that order, each once (stats is not chained)")
+    return methods
+
+
 def calibrate_from_args(args: argparse.Namespace) -> str:
-    """Run ``diffusion-accel calibrate``: statistics (``--method stats``) or an accelerated artifact."""
-    if args.method not in METHODS:
-        raise ValueError(f"--method {args.method!r}: accepted methods are {', '.join(METHODS)}")
+    """Run ``diffusion-accel calibrate`` and return its printed summary (see :func:`run_calibrate`)."""
+    return run_calibrate(args)["summary"]
+
+
+def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
+    """Statistics (``--method stats``) or an artifact of the technique chain in ``--method``.
+
+    Returns ``{"summary": text, "methods", "seconds": {method: wall s}, "out": folder}``; an artifact
+    folder also gets ``calibration.json`` (base spec, settings, prompts, wall times).
+    """
+    methods = parse_methods(args.method)
     recipe = load_recipe(args.recipe) if args.recipe else {}
     model = recipe.get("model", {})
     spec = args.pipe or model.get("id") or default_demo_spec()
@@ -104,20 +130,37 @@ def calibrate_from_args(args: argparse.Namespace) -> str:
     settings = merged_settings(args, recipe)
     prompt_list = (prompt_sets.load(settings["prompts"], limit=settings["num_prompts"]) if settings["prompts"]
                    else prompt_sets.for_pipeline(pipe, limit=settings["num_prompts"]))
-    if args.method == "stats":
+    if methods == ["stats"]:
         collectors = build_collectors(pipe, [k.strip() for k in args.collect.split(",") if k.strip()], args.layers)
         calib = _run_calibration(pipe, prompt_list, settings, args.seed, collectors, store_trajectory=False)
         _write_statistics(Path(args.out), spec, pipe, settings, calib, collectors)
-        return calib.summary() + f"\nstatistics written to {args.out}/"
-    if args.method == "cache":
-        technique_summary = _apply_cache(pipe, args, recipe, prompt_list, settings)
-    else:
-        technique_summary = _apply_technique(pipe, args, recipe, _run_calibration(
-            pipe, prompt_list, settings, args.seed, [], store_trajectory=args.method == "ptq"))
+        return {"summary": calib.summary() + f"\nstatistics written to {args.out}/", "methods": methods,
+                "seconds": {}, "out": args.out}
+    summaries, seconds = _apply_chain(pipe, methods, args, recipe, prompt_list, settings)
     from .artifact import save
 
     save(pipe, args.out)
-    return technique_summary + f"\nartifact (safetensors + manifest.json) written to {args.out}/"
+    _write_artifact_notes(Path(args.out), spec, methods, settings, prompt_list, seconds)
+    summary = "\n".join(summaries) + f"\nartifact (safetensors + manifest.json) written to {args.out}/"
+    return {"summary": summary, "methods": methods, "seconds": seconds, "out": args.out}
+
+
+def _apply_chain(pipe: Any, methods: list[str], args: argparse.Namespace, recipe: dict[str, Any],
+                 prompt_list: list, settings: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
+    """Apply ``methods`` in order; one calibration pass serves pruning and PTQ (PTQ replays its stored
+    trajectory when it comes first, else re-runs it through the pruned pipeline)."""
+    summaries, seconds, calib = [], {}, None
+    for method in methods:
+        start = time.perf_counter()
+        if method == "cache":
+            summaries.append(_apply_cache(pipe, args, recipe, prompt_list, settings))
+        else:
+            if calib is None:
+                calib = _run_calibration(pipe, prompt_list, settings, args.seed, [],
+                                         store_trajectory=method == "ptq")
+            summaries.append(_apply_technique(pipe, method, args, recipe, calib))
+        seconds[method] = round(time.perf_counter() - start, 2)
+    return summaries, seconds
 
 
 def _run_calibration(pipe: Any, prompt_list: list, settings: dict[str, Any], seed: int,
@@ -131,9 +174,9 @@ def _run_calibration(pipe: Any, prompt_list: list, settings: dict[str, Any], see
                      **guidance)
 
 
-def _apply_technique(pipe: Any, args: argparse.Namespace, recipe: dict[str, Any], calib: Any) -> str:
+def _apply_technique(pipe: Any, method: str, args: argparse.Namespace, recipe: dict[str, Any], calib: Any) -> str:
     """Quantize (``ptq``) or prune (``obs``/``wanda``/``magnitude``) with the recipe's table + flags."""
-    if args.method == "ptq":
+    if method == "ptq":
         from .quant import PTQConfig, quantize_, summary
 
         options = dict(recipe.get("quant", {}))
@@ -142,7 +185,7 @@ def _apply_technique(pipe: Any, args: argparse.Namespace, recipe: dict[str, Any]
         return summary(pipe)
     from .prune import PruneConfig, prune_, prune_report
 
-    options = dict(recipe.get("prune", {})) | {"method": args.method}
+    options = dict(recipe.get("prune", {})) | {"method": method}
     flags = (("sparsity", args.sparsity), ("pattern", args.pattern), ("scope", getattr(args, "scope", None)),
              ("allocation", getattr(args, "allocation", None)))
     options |= {key: value for key, value in flags if value is not None}
@@ -189,3 +232,11 @@ def _write_statistics(out: Path, spec: str, pipe: Any, settings: dict[str, Any],
                 "selected_steps": list(calib.selected_steps), "collectors": [c.describe() for c in collectors],
                 "summary": calib.summary().splitlines()}
     (out / "calibration.json").write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+
+
+def _write_artifact_notes(out: Path, spec: str, methods: list[str], settings: dict[str, Any], prompt_list: list,
+                          seconds: dict[str, float]) -> None:
+    """``calibration.json`` beside the artifact: how it was made (not read by ``load``)."""
+    notes = {"format": "diffusion_accel.calibration", "model": spec, "methods": methods, "settings": settings,
+             "num_prompts": len(prompt_list), "seconds": seconds}
+    (out / "calibration.json").write_text(json.dumps(notes, indent=2, default=str), encoding="utf-8")

@@ -23,8 +23,8 @@ def _restore_scale(pipe, config, tensors):
 artifact.register_technique("test-scale", _export_scale, _restore_scale)
 
 
-def _scaled_pipe(factor: float = 2.0):
-    pipe = build_tiny("sd")
+def _scaled_pipe(factor: float = 2.0, pipe=None):
+    pipe = build_tiny("sd") if pipe is None else pipe
     artifact.base_fingerprint(pipe)
     pipe.unet.conv_in.weight.data.mul_(factor)
     pipe.unet._test_scale = factor
@@ -123,3 +123,41 @@ def test_all_three_techniques_stack_save_and_reload_bit_exactly(tmp_path):
     kwargs = dict(tiny_call_kwargs("sd", steps=4))
     expected = pipe(**kwargs).images
     assert torch.equal(loaded(**tiny_call_kwargs("sd", steps=4)).images, expected)
+
+
+def test_an_artifact_folder_is_a_pipeline_spec_that_loads_its_recorded_base(tmp_path):
+    from diffusion_accel.loading import load_pipeline
+
+    accelerated = _scaled_pipe(pipe=load_pipeline("tiny:sd"))
+    artifact.save(accelerated, tmp_path / "art")
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["base"]["source"] == {"spec": "tiny:sd", "dtype": None}
+    for spec in (str(tmp_path / "art"), f"tiny:sd+{tmp_path / 'art'}"):
+        loaded = load_pipeline(spec)
+        assert artifact.applied_techniques(loaded) == ["test-scale"]
+        assert torch.equal(_images(loaded), _images(accelerated))
+    in_bf16 = load_pipeline(str(tmp_path / "art"), dtype="bf16")  # the base is cast before the artifact applies
+    assert in_bf16.unet.dtype == torch.bfloat16 and artifact.applied_techniques(in_bf16) == ["test-scale"]
+
+
+def test_artifact_specs_that_cannot_work_are_clear_errors(tmp_path):
+    from diffusion_accel.loading import load_pipeline
+
+    artifact.save(_scaled_pipe(), tmp_path / "built_in_code")  # no spec to record
+    with pytest.raises(artifact.ArtifactError, match=r"does not record.*BASE\+"):
+        load_pipeline(str(tmp_path / "built_in_code"))
+    with pytest.raises(FileNotFoundError, match="not an artifact folder"):
+        load_pipeline(f"tiny:sd+{tmp_path / 'missing'}")
+    with pytest.raises(artifact.ArtifactError, match="itself an artifact"):
+        load_pipeline(f"{tmp_path / 'built_in_code'}+{tmp_path / 'built_in_code'}")
+    with pytest.raises(artifact.ArtifactError, match="different base model"):
+        load_pipeline(f"tiny:dit+{tmp_path / 'built_in_code'}")
+
+
+def test_pipelines_loaded_by_diffusers_record_their_folder(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    build_tiny("sd").save_pretrained(tmp_path / "sd")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "sd")
+    assert artifact.pipeline_source(pipe) == {"spec": str(tmp_path / "sd"), "dtype": None}
+    assert artifact.pipeline_source(build_tiny("sd")) is None

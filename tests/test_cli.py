@@ -146,3 +146,45 @@ def test_calibrate_cache_forecast_target_flag_reaches_the_manifest(tmp_path, cap
         capsys.readouterr().err
     params = json.loads((out / "manifest.json").read_text())["techniques"][0]["config"]["params"]
     assert params["forecast_target"] == "output" and params["forecast"] == 1
+
+
+def test_calibrate_chain_saves_one_artifact_that_eval_loads_by_folder(tmp_path, capsys):
+    import torch
+
+    import diffusion_accel as da
+    from diffusion_accel.loading import load_pipeline
+    from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
+
+    out = tmp_path / "stacked"
+    assert main(["calibrate", "--pipe", "tiny:sd", "--method", "magnitude,ptq,cache", "--sparsity", "0.3",
+                 "--cache-method", "deepcache", "--interval", "2", "--steps", "3", "--num-prompts", "2",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["techniques"]] == ["prune", "ptq", "cache"]
+    notes = json.loads((out / "calibration.json").read_text())
+    assert notes["model"] == "tiny:sd" and set(notes["seconds"]) == {"magnitude", "ptq", "cache"}
+    by_folder = load_pipeline(str(out))(**tiny_call_kwargs("sd")).images
+    by_hand = da.load(build_tiny("sd"), out)(**tiny_call_kwargs("sd")).images
+    assert torch.equal(by_folder, by_hand)
+    assert main(["eval", "--pipe", "base=tiny:sd", "--pipe", f"accel={out}", "--num-prompts", "1", "--steps", "2",
+                 "--metrics", "psnr"]) == 0, capsys.readouterr().err
+    assert "| accel |" in capsys.readouterr().out
+
+
+def test_calibrate_on_an_artifact_adds_the_next_technique(tmp_path, capsys):
+    pruned, both = tmp_path / "pruned", tmp_path / "both"
+    common = ["--steps", "3", "--num-prompts", "2"]
+    assert main(["calibrate", "--pipe", "tiny:sd", "--method", "magnitude", "--sparsity", "0.3", *common,
+                 "--out", str(pruned)]) == 0, capsys.readouterr().err
+    assert main(["calibrate", "--pipe", str(pruned), "--method", "ptq", *common, "--out", str(both)]) == 0, \
+        capsys.readouterr().err
+    manifest = json.loads((both / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["techniques"]] == ["prune", "ptq"]
+    assert manifest["base"]["source"]["spec"] == "tiny:sd"  # the base, not the intermediate artifact
+
+
+@pytest.mark.parametrize("chain", ["ptq,obs", "obs,wanda", "stats,ptq", "cache,ptq", "ptq,ptq", "ptq,fp4"])
+def test_calibrate_bad_chains_are_user_errors(chain, capsys):
+    assert main(["calibrate", "--pipe", "tiny:sd", "--method", chain, "--out", "x"]) == 2
+    err = capsys.readouterr().err
+    assert chain in err and ("in that order" in err or "accepted methods" in err)

@@ -122,16 +122,22 @@ def test_zoo_pipeline_generates_offline(name, kwargs, monkeypatch):
                generator=torch.Generator().manual_seed(0), **kwargs)
     image = out.images[0]
     assert image.shape == (32, 32, 3) and (image >= 0).all() and (image <= 1).all()
+    from diffusion_accel.artifact import pipeline_source
+
+    assert pipeline_source(pipe) == {"spec": f"zoo:{name}", "dtype": "float32"}  # what artifacts record
 
 
 def test_load_reads_another_export_of_the_model(tmp_path):
     """zoo.load(name, folder=...) loads a candidate export with the shipped model's settings."""
     import shutil
 
+    from diffusion_accel.artifact import pipeline_source as artifact_source
+
     shutil.copytree(zoo.path("fashion-flux"), tmp_path / "candidate")
     pipe = zoo.load("fashion-flux", folder=tmp_path / "candidate")
     assert pipe.default_sample_size * pipe.vae_scale_factor == zoo.NATIVE_SIZE
     assert pipe.transformer.dtype == torch.float32
+    assert "zoo:" not in str(artifact_source(pipe))  # another export is not the shipped model
     with pytest.raises(FileNotFoundError, match="missing.*model_index.json"):
         zoo.load("fashion-sd", folder=tmp_path / "missing")
 

@@ -49,7 +49,8 @@ def load(name: str, torch_dtype: torch.dtype = torch.float32, folder: str | Path
     ``folder``: another save_pretrained folder of that model (a training export or a staged ship) to load
     with the same settings instead of the shipped one.
     """
-    folder = path(name) if folder is None else _export_folder(name, Path(folder))
+    shipped = folder is None
+    folder = path(name) if shipped else _export_folder(name, Path(folder))
     if name == "fashion-clip":
         from transformers import CLIPModel, CLIPProcessor
 
@@ -58,6 +59,10 @@ def load(name: str, torch_dtype: torch.dtype = torch.float32, folder: str | Path
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
+    if shipped:  # artifacts saved from it name "zoo:NAME", not this machine's install path
+        from ..artifact import record_source
+
+        record_source(pipe, f"zoo:{name}", torch_dtype)
     if hasattr(pipe, "default_sample_size") and hasattr(pipe, "vae_scale_factor"):
         # FluxPipeline defaults to 128 latent pixels (1024 px); the zoo's native size is 32 px, so calls
         # and calibrations without height/width generate what the model was trained for.

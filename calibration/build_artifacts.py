@@ -1,0 +1,178 @@
+"""Build accelerated artifacts for the hub pipelines named by the recipes in ``pipelines/``.
+
+For each recipe (default: every ``pipelines/*.toml``) this runs ``diffusion-accel calibrate`` with
+the recipe and a technique chain (default ``ptq``, e.g. ``obs,ptq,cache``): load the model the
+recipe names (hub ids need internet and, for gated models, a Hugging Face login), one trajectory
+calibration, the techniques in order, and the artifact (safetensors + manifest.json) saved to
+``OUT/<recipe name>/``. Each artifact is then checked against its base on a few prompts (PSNR/SSIM
+vs the base images, latency) and ``OUT/summary.json`` / ``summary.md`` list every recipe with its
+calibration wall times, artifact size and check. Artifacts already in OUT are kept (the batch
+resumes after an interruption) unless ``--force``; a recipe that fails is reported and the others
+go on.
+
+    python calibration/build_artifacts.py --methods ptq --preset w8a8 --out artifacts/
+    python calibration/build_artifacts.py pipelines/sdxl.toml --methods obs,ptq,cache --sparsity 0.3 \
+        --pattern structured --out artifacts/
+    diffusion-accel eval --pipe base=stabilityai/stable-diffusion-xl-base-1.0 --pipe accel=artifacts/sdxl
+
+Any calibrate flag can be passed after ``--`` (e.g. ``-- --selection uniform:10 --budget 0.4``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "pipelines"
+ARTIFACT_MANIFEST = "manifest.json"
+
+
+def calibrate_argv(recipe: Path, out: Path, args: argparse.Namespace) -> list[str]:
+    """The ``diffusion-accel calibrate`` command line this script runs for ``recipe``."""
+    argv = ["calibrate", "--recipe", str(recipe), "--method", args.methods, "--out", str(out)]
+    flags = {"--pipe": args.pipe, "--dtype": args.dtype, "--device": args.device, "--preset": args.preset,
+             "--sparsity": args.sparsity, "--pattern": args.pattern, "--num-prompts": args.num_prompts,
+             "--steps": args.steps}
+    for flag, value in flags.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv + list(args.calibrate_args)
+
+
+def build_one(recipe: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Calibrate and save one artifact; returns its summary row (status, wall times, size)."""
+    from diffusion_accel.cli import build_parser
+    from diffusion_accel.recipes import run_calibrate
+
+    argv = calibrate_argv(recipe, out, args)
+    row: dict[str, Any] = {"recipe": recipe.stem, "command": "diffusion-accel " + " ".join(argv)}
+    start = time.perf_counter()
+    result = run_calibrate(build_parser().parse_args(argv))
+    row.update(status="built", wall_s=round(time.perf_counter() - start, 1), technique_s=result["seconds"],
+               summary=result["summary"].splitlines())
+    return row
+
+
+def artifact_size_mib(folder: Path) -> float:
+    """Bytes of the artifact's files (tensors + manifest + notes) in MiB."""
+    return round(sum(path.stat().st_size for path in folder.iterdir() if path.is_file()) / 2**20, 3)
+
+
+def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """PSNR/SSIM of the artifact's images against its base's (same prompts and seeds) and the latency
+    ratio. The two pipelines share every component but the denoiser, so the check holds one extra
+    denoiser in memory, not a second pipeline."""
+    from diffusion_accel import load, prompts
+    from diffusion_accel.eval import evaluate
+    from diffusion_accel.loading import load_pipeline
+    from diffusion_accel.recipes import load_recipe
+
+    manifest = json.loads((folder / ARTIFACT_MANIFEST).read_text(encoding="utf-8"))
+    source = manifest["base"].get("source") or {}
+    base = load_pipeline(args.pipe or source["spec"], dtype=args.dtype or source.get("dtype"), device=args.device)
+    accelerated = load(type(base)(**base.components), folder)  # swaps in its own copy of the denoiser
+    if hasattr(base, "default_sample_size"):
+        accelerated.default_sample_size = base.default_sample_size
+    guidance = load_recipe(recipe).get("calibration", {}).get("guidance")
+    report = evaluate({"base": base, "accelerated": accelerated},
+                      prompts.for_pipeline(base, limit=args.check_prompts), metrics=("psnr", "ssim", "latency"),
+                      num_inference_steps=args.check_steps, repeats=args.check_repeats, progress=False,
+                      call_kwargs={} if guidance is None else {"guidance_scale": guidance})
+    rows = {row["variant"]: row for row in report.rows}
+    return {"psnr_db": rows["accelerated"].get("psnr_db"), "ssim": rows["accelerated"].get("ssim"),
+            "speedup": rows["accelerated"].get("speedup"), "latency_ms": rows["accelerated"].get("latency_ms"),
+            "base_latency_ms": rows["base"].get("latency_ms"), "check_prompts": rows["base"]["images"],
+            "check_steps": args.check_steps}
+
+
+def process(recipe: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Build (unless already built) and check one recipe's artifact; failures become a row, not a crash."""
+    out = args.out / recipe.stem
+    try:
+        if (out / ARTIFACT_MANIFEST).is_file() and not args.force:
+            row = {"recipe": recipe.stem, "status": "kept (already built; --force rebuilds)"}
+        else:
+            row = build_one(recipe, out, args)
+        row["artifact_mib"] = artifact_size_mib(out)
+        if args.check_prompts > 0:
+            row["check"] = check_artifact(out, recipe, args)
+    except Exception as error:  # one bad recipe (no network, gated model) must not stop the batch
+        traceback.print_exc()
+        return {"recipe": recipe.stem, "status": "failed", "error": f"{type(error).__name__}: {error}"}
+    return row
+
+
+def write_summary(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """``summary.json`` (rows + machine) and ``summary.md`` (one line per recipe) under OUT."""
+    from diffusion_accel.eval import machine_info
+
+    machine = machine_info(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    (args.out / "summary.json").write_text(json.dumps({"methods": args.methods, "machine": machine, "rows": rows},
+                                                      indent=2, default=str), encoding="utf-8")
+    lines = [f"# Artifacts: {args.methods}", "", "| recipe | status | calibration s | artifact MiB | "
+             "PSNR dB vs base | SSIM | speed-up |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        check = row.get("check", {})
+        cells = [row["recipe"], row.get("error") or row["status"], row.get("wall_s", ""), row.get("artifact_mib", ""),
+                 _fmt(check.get("psnr_db")), _fmt(check.get("ssim")), _fmt(check.get("speedup"))]
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    lines += ["", "Machine: " + ", ".join(f"{key}={value}" for key, value in machine.items())]
+    (args.out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipes", nargs="*", type=Path, help="recipe TOML files (default: every pipelines/*.toml)")
+    parser.add_argument("--methods", default="ptq", help="technique chain, e.g. ptq or obs,ptq,cache (default ptq)")
+    parser.add_argument("--preset", default=None, help="PTQ preset (w8a8, w4a8, w8a16, w4a16, fp8, qdiffusion)")
+    parser.add_argument("--sparsity", type=float, default=None, help="pruning sparsity")
+    parser.add_argument("--pattern", default=None, help="pruning pattern: unstructured, 2:4, 4:8, structured")
+    parser.add_argument("--pipe", default=None, help="load this pipeline instead of the recipe's model id "
+                        "(a local mirror of the hub model)")
+    parser.add_argument("--dtype", default=None, help="override the recipe's dtype (fp32, bf16, fp16)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: as loaded)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="calibration prompts (default: the recipe's)")
+    parser.add_argument("--steps", type=int, default=None, help="calibration steps (default: the recipe's)")
+    parser.add_argument("--check-prompts", type=int, default=4, help="prompts of the check vs the base (0: no check)")
+    parser.add_argument("--check-steps", type=int, default=20, help="denoising steps of the check")
+    parser.add_argument("--check-repeats", type=int, default=2, help="timed repeats of the check")
+    parser.add_argument("--force", action="store_true", help="rebuild artifacts that already exist")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the artifacts and the summary")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.calibrate_args = argv[split + 1:]  # after --: more diffusion-accel calibrate flags
+    args.recipes = args.recipes or sorted(RECIPES.glob("*.toml"))
+    missing = [str(path) for path in args.recipes if not path.is_file()]
+    if missing:
+        parser.error(f"recipe files not found: {missing}; the recipes are in {RECIPES}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for recipe in args.recipes:
+        print(f"== {recipe.stem}: {args.methods}", flush=True)
+        rows.append(process(recipe, args))
+        write_summary(rows, args)  # after every recipe, so an interrupted batch keeps its table
+        print(json.dumps(rows[-1], indent=1, default=str), flush=True)
+    print(f"summary written to {args.out}/summary.md")
+    return 1 if any(row["status"] == "failed" for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

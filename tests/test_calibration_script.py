@@ -1,0 +1,56 @@
+"""calibration/build_artifacts.py: recipes -> artifacts + a summary, resumable, failures isolated."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "calibration"))
+
+import build_artifacts  # noqa: E402
+
+
+def _recipe(tmp_path: Path, name: str, model: str) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'[model]\nid = "{model}"\n[calibration]\nsteps = 3\nnum_prompts = 2\nguidance = 4.0\n'
+                    '[cache]\nmethod = "deepcache"\ninterval = 2\n')
+    return path
+
+
+def test_builds_checks_and_resumes(tmp_path):
+    recipe, out = _recipe(tmp_path, "small", "tiny:sd"), tmp_path / "out"
+    argv = [str(recipe), "--methods", "ptq,cache", "--check-prompts", "1", "--check-steps", "2",
+            "--check-repeats", "1", "--out", str(out), "--", "--selection", "uniform:2"]
+    assert build_artifacts.main(argv) == 0
+    row = json.loads((out / "summary.json").read_text())["rows"][0]
+    assert row["status"] == "built" and set(row["technique_s"]) == {"ptq", "cache"}
+    assert "--selection uniform:2" in row["command"] and row["artifact_mib"] > 0
+    assert 10 < row["check"]["psnr_db"] < float("inf")  # quantized: close to the base, not identical
+    manifest = json.loads((out / "small" / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["techniques"]] == ["ptq", "cache"]
+    assert build_artifacts.main(argv[:-3] + ["--check-prompts", "0"]) == 0  # second run keeps the artifact
+    assert json.loads((out / "summary.json").read_text())["rows"][0]["status"].startswith("kept")
+    assert "| small |" in (out / "summary.md").read_text()
+
+
+def test_a_failing_recipe_is_reported_and_the_batch_goes_on(tmp_path):
+    bad, good, out = _recipe(tmp_path, "bad", "tiny:nope"), _recipe(tmp_path, "good", "tiny:sd"), tmp_path / "o"
+    assert build_artifacts.main([str(bad), str(good), "--methods", "cache", "--check-prompts", "0",
+                                 "--out", str(out)]) == 1
+    rows = {row["recipe"]: row for row in json.loads((out / "summary.json").read_text())["rows"]}
+    assert rows["bad"]["status"] == "failed" and "unknown tiny family" in rows["bad"]["error"]
+    assert rows["good"]["status"] == "built"
+
+
+def test_missing_recipe_files_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_artifacts.main([str(tmp_path / "nope.toml"), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "nope.toml" in capsys.readouterr().err
+
+
+def test_default_recipes_are_the_shipped_ones(tmp_path):
+    args = build_artifacts.parse_args(["--out", str(tmp_path)])
+    assert {path.stem for path in args.recipes} >= {"sd15", "sdxl", "sd3", "flux", "pixart"}
+    assert build_artifacts.calibrate_argv(args.recipes[0], tmp_path / "a", args)[:3] == [
+        "calibrate", "--recipe", str(args.recipes[0])]
