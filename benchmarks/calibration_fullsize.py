@@ -58,12 +58,13 @@ def build_sd15_pipeline(seed: int = 0) -> torch.nn.Module:
                                    requires_safety_checker=False)
 
 
-def pipeline_folder(workdir: Path) -> Path:
-    """The saved random-weight pipeline (built and saved once, fp16 on disk, ~2 GB)."""
+def pipeline_folder(workdir: Path) -> tuple[Path, bool]:
+    """The saved random-weight pipeline (built and saved once, fp16 on disk, ~2 GB); True if built now."""
     folder = workdir / "sd15-random"
-    if not (folder / "model_index.json").is_file():
-        build_sd15_pipeline().to(torch.float16).save_pretrained(folder)
-    return folder
+    if (folder / "model_index.json").is_file():
+        return folder, False
+    build_sd15_pipeline().to(torch.float16).save_pretrained(folder)
+    return folder, True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     import build_artifacts
 
     start = time.perf_counter()
-    folder = pipeline_folder(args.workdir)
+    folder, built = pipeline_folder(args.workdir)
     build_s = time.perf_counter() - start
     artifacts = args.workdir / f"artifacts-{args.methods.replace(',', '-')}"
     code = build_artifacts.main([str(ROOT / "pipelines" / "sd15.toml"), "--pipe", str(folder), "--dtype", "fp32",
@@ -90,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "--check-steps", str(args.check_steps), "--force", "--out", str(artifacts),
                                  *(["--", *calibrate_args] if calibrate_args else [])])
     summary = json.loads((artifacts / "summary.json").read_text())
-    summary["setup"] = {"pipeline": "SD 1.5 configs, random weights, 256 px default", "build_or_load_s":
-                        round(build_s, 1), "unet_fp32_mib": round(PUBLISHED_PARAMETERS["sd15"] * 4 / 2**20, 1)}
+    summary["setup"] = {"pipeline": "SD 1.5 configs, random weights, 256 px default",
+                        "pipeline_folder": f"built and saved in {build_s:.0f} s" if built else "reused",
+                        "unet_fp32_mib": round(PUBLISHED_PARAMETERS["sd15"] * 4 / 2**20, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     md = (artifacts / "summary.md").read_text()

@@ -49,7 +49,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def merged_settings(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
-    """Calibration settings: recipe values overridden by flags the user gave."""
+    """Calibration settings: recipe values overridden by flags the user gave. A recipe's
+    ``uniform:K`` means at most K steps: with ``--steps`` below K it takes every step."""
     settings = {"steps": 25, "selection": "all", "weighting": "uniform", "batch_size": 1,
                 "prompts": None, "num_prompts": None, "guidance": None}
     settings.update(recipe.get("calibration", {}))
@@ -57,6 +58,11 @@ def merged_settings(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[st
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
+    selection = str(settings["selection"])
+    if getattr(args, "selection", None) is None and selection.startswith("uniform:"):
+        count = selection.removeprefix("uniform:")
+        if count.isdigit() and int(count) > settings["steps"]:
+            settings["selection"] = "all"
     return settings
 
 
@@ -148,7 +154,8 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
 def _apply_chain(pipe: Any, methods: list[str], args: argparse.Namespace, recipe: dict[str, Any],
                  prompt_list: list, settings: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
     """Apply ``methods`` in order; one calibration pass serves pruning and PTQ (PTQ replays its stored
-    trajectory when it comes first, else re-runs it through the pruned pipeline)."""
+    trajectory when it comes first, else re-runs it through the pruned pipeline). ``seconds`` per
+    method: wall time, the shared pass counted in the first method that needs it."""
     summaries, seconds, calib = [], {}, None
     for method in methods:
         start = time.perf_counter()

@@ -188,3 +188,16 @@ def test_calibrate_bad_chains_are_user_errors(chain, capsys):
     assert main(["calibrate", "--pipe", "tiny:sd", "--method", chain, "--out", "x"]) == 2
     err = capsys.readouterr().err
     assert chain in err and ("in that order" in err or "accepted methods" in err)
+
+
+def test_a_recipes_uniform_selection_caps_at_fewer_steps(tmp_path):
+    import argparse
+
+    from diffusion_accel.recipes import merged_settings
+
+    recipe = {"calibration": {"steps": 25, "selection": "uniform:25"}}
+    flags = dict(prompts=None, num_prompts=None, guidance=None, weighting=None, batch_size=None)
+    assert merged_settings(argparse.Namespace(steps=10, selection=None, **flags), recipe)["selection"] == "all"
+    assert merged_settings(argparse.Namespace(steps=30, selection=None, **flags), recipe)["selection"] == "uniform:25"
+    given = argparse.Namespace(steps=10, selection="uniform:25", **flags)  # the user's own flag stays an error later
+    assert merged_settings(given, recipe)["selection"] == "uniform:25"
