@@ -97,6 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="folder for report.json / report.md / grid.png")
     evaluate.set_defaults(handler=_cmd_eval)
 
+    bench = sub.add_parser("bench", help="speed side by side: pipeline and denoiser latency, peak memory, "
+                                         "size, FLOPs (optionally torch.compile'd)")
+    _add_pipe_args(bench, many=True)
+    _add_generation_args(bench, steps=25)
+    bench.add_argument("--batch-size", type=int, default=1, help="prompts per timed pipeline call (default 1)")
+    bench.add_argument("--compile", action="store_true",
+                       help="torch.compile every variant's denoiser first (compilation happens in the warm-up)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default %(default)s)")
+    bench.add_argument("--repeats", type=int, default=5, help="timed calls (default %(default)s)")
+    bench.add_argument("--metrics", default="latency,memory,flops",
+                       help="comma list of: latency, memory, flops (default %(default)s)")
+    bench.add_argument("--out", default=None, help="folder for report.json / report.md")
+    bench.set_defaults(handler=_cmd_bench)
+
     grid = sub.add_parser("grid", help="comparison grid: rows = variants, columns = prompts")
     _add_pipe_args(grid, many=True)
     _add_generation_args(grid, steps=25)
@@ -144,6 +158,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       metrics=_split(args.metrics), num_inference_steps=args.steps, seed=args.seed,
                       fid_reference=args.fid_reference, clip_model=args.clip_model,
                       call_kwargs=_guidance_kwargs(args))
+    print(report.to_markdown())
+    if args.out:
+        report.save(args.out)
+        print(f"\nwritten to {args.out}/")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .eval import compile_denoiser, evaluate
+    from .eval.evaluate import SPEED_METRICS
+
+    metrics = _split(args.metrics)
+    if not metrics or set(metrics) - set(SPEED_METRICS):
+        raise ValueError(f"--metrics {args.metrics!r}: bench measures {', '.join(SPEED_METRICS)} "
+                         "(quality metrics are in `diffusion-accel eval`)")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+    pipes = _load_variants(args)
+    if args.compile:
+        pipes = {name: compile_denoiser(pipe) for name, pipe in pipes.items()}
+    prompts = _prompts_for(args, next(iter(pipes.values())))
+    report = evaluate(pipes, prompts if args.num_prompts else prompts[:args.batch_size], metrics=metrics,
+                      num_inference_steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                      call_kwargs=_guidance_kwargs(args), warmup=args.warmup, repeats=args.repeats)
     print(report.to_markdown())
     if args.out:
         report.save(args.out)

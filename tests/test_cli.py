@@ -6,7 +6,7 @@ import pytest
 
 from diffusion_accel.cli import build_parser, main
 
-SUBCOMMANDS = ("demo", "calibrate", "eval", "grid", "zoo")
+SUBCOMMANDS = ("demo", "calibrate", "eval", "bench", "grid", "zoo")
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -201,3 +201,25 @@ def test_a_recipes_uniform_selection_caps_at_fewer_steps(tmp_path):
     assert merged_settings(argparse.Namespace(steps=30, selection=None, **flags), recipe)["selection"] == "uniform:25"
     given = argparse.Namespace(steps=10, selection="uniform:25", **flags)  # the user's own flag stays an error later
     assert merged_settings(given, recipe)["selection"] == "uniform:25"
+
+
+def test_bench_times_variants_and_compiles_denoisers_on_request(tmp_path, capsys, monkeypatch):
+    import diffusion_accel.eval as eval_package
+    from diffusion_accel.eval import compile_denoiser
+
+    compiled = []
+    monkeypatch.setattr(eval_package, "compile_denoiser", lambda pipe: compiled.append(pipe) or pipe)
+    assert main(["bench", "--pipe", "a=tiny:sd", "--pipe", "b=tiny:sd", "--steps", "2", "--batch-size", "2",
+                 "--repeats", "1", "--compile", "--out", str(tmp_path)]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "report.json").read_text())
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert len(compiled) == 2 and rows["b"]["images"] == 2 and rows["b"]["latency_ms"] > 0
+    assert "psnr_db" not in rows["b"] and rows["b"]["params"] > 0
+    assert main(["bench", "--pipe", "tiny:sd", "--metrics", "latency,fid"]) == 2
+    assert "eval" in capsys.readouterr().err
+    from diffusion_accel.eval.machine import is_compiled
+    from diffusion_accel.testing.tiny import build_tiny
+
+    pipe = build_tiny("ddpm")
+    unet = pipe.unet
+    assert compile_denoiser(pipe) is pipe and pipe.unet is unet and is_compiled(unet)  # compiled lazily, in place

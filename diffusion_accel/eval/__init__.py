@@ -16,14 +16,14 @@ from .images import to_pil, to_uint8
 from .inception import TFInceptionFeatures, find_tf_inception
 from .machine import machine_info
 from .memory import MemoryStats, measure_peak_memory
-from .pipes import ImageJob, default_prompt_to_kwargs, denoiser_of, generate_images, make_jobs
+from .pipes import ImageJob, compile_denoiser, default_prompt_to_kwargs, denoiser_of, generate_images, make_jobs
 from .report import EvalReport
 from .timing import LatencyStats, PipelineTiming, time_callable, time_pipeline, time_pipelines
 
 __all__ = [
     "DEFAULT_CLIP_MODEL", "DEFAULT_METRICS", "EvalReport", "FIDStats", "FidelityResult", "FlopStats",
     "ImageJob", "LatencyStats", "MemoryStats", "PipelineTiming", "SizeStats", "TFInceptionFeatures",
-    "clip_metric", "clip_score", "compute_fid_stats", "count_flops", "default_prompt_to_kwargs",
+    "clip_metric", "clip_score", "compile_denoiser", "compute_fid_stats", "count_flops", "default_prompt_to_kwargs",
     "denoiser_flops", "denoiser_of", "evaluate", "fid_feature_extractor", "fid_metric", "fid_to_reference",
     "fidelity", "find_tf_inception", "frechet_distance", "gather", "generate_images", "grid_size",
     "machine_info", "make_grid", "make_jobs", "measure_peak_memory", "merge_ordered", "model_size",

@@ -48,6 +48,14 @@ def denoiser_of(pipe: Any) -> nn.Module:
                     f"{DENOISER_ATTRIBUTES} or an nn.Module")
 
 
+def compile_denoiser(pipe: Any, **compile_kwargs: Any) -> Any:
+    """``torch.compile`` the pipeline's denoiser in place (``nn.Module.compile``: the module, its
+    hooks and the pipeline's attribute stay the same objects); compilation runs on the first call.
+    Returns ``pipe``."""
+    denoiser_of(pipe).compile(**compile_kwargs)
+    return pipe
+
+
 @dataclass(frozen=True)
 class ImageJob:
     """One image to generate: its global index, prompt (index and value) and noise seed."""
