@@ -3,7 +3,8 @@
 1. One trajectory-calibration pass: per-step activation ranges of every eligible layer and the
    step-to-step feature change of every block (what timestep-aware PTQ and caching build on).
 2. ``evaluate`` of the pipeline variants on identical seeds: the fp32 base, a bf16 copy, feature
-   caching, W8A8 lowered to int8, OBS 2:4 pruning and all three stacked, with CLIP score (bundled
+   caching, W8A8 lowered to int8, structured OBS pruning (30% of attention heads and FFN neurons
+   removed) and all three stacked, with CLIP score (bundled
    CLIP), PSNR/SSIM against the base, latency and FLOPs.
 3. A report (JSON + Markdown), a comparison grid and the calibration summary under ``out``.
 """
@@ -55,14 +56,16 @@ def w8a8_variant(pipe: Any, calib: Any) -> Any:
 
 
 def obs_variant(pipe: Any, calib: Any) -> Any:
-    """One-shot OBS pruning to 50% in the 2:4 pattern, log-decrease timestep weights."""
+    """One-shot structured OBS pruning: 30% of attention heads and FFN neurons physically removed
+    (fewer FLOPs on every device; 2:4 sparsity needs GPU sparse kernels and on a model this small
+    costs far more quality), log-decrease timestep weights."""
     from .prune import PruneConfig, prune_
 
-    return prune_(copy.deepcopy(pipe), PruneConfig(method="obs", sparsity=0.5, pattern="2:4"), calib=calib)
+    return prune_(copy.deepcopy(pipe), PruneConfig(method="obs", sparsity=0.3, pattern="structured"), calib=calib)
 
 
 def stacked_variant(pipe: Any, calib: Any) -> Any:
-    """All three stacked: OBS 2:4, then W8A8, then caching."""
+    """All three stacked: structured OBS, then W8A8, then caching."""
     from .cache import enable_cache
 
     return enable_cache(w8a8_variant(obs_variant(pipe, calib), calib), _cache_config(pipe))
@@ -71,7 +74,7 @@ def stacked_variant(pipe: Any, calib: Any) -> Any:
 def demo_variants() -> dict[str, VariantBuilder]:
     """Variant name -> builder taking (base pipeline, calibration); each returns an accelerated copy."""
     return {"bf16": bf16_variant, "cache-every-3": cache_variant, "w8a8": w8a8_variant,
-            "obs-2:4": obs_variant, "obs-2:4+w8a8+cache": stacked_variant}
+            "obs-structured-30%": obs_variant, "obs-structured+w8a8+cache": stacked_variant}
 
 
 def calibration_pass(pipe: Any, prompts: list, steps: int, seed: int,

@@ -80,7 +80,7 @@ def test_demo_runs_on_the_tiny_pipeline(tmp_path, capsys):
                  "--out", str(out)])
     assert code == 0
     table = capsys.readouterr().out
-    for variant in ("fp32", "bf16", "cache-every-3", "w8a8", "obs-2:4", "obs-2:4+w8a8+cache"):
+    for variant in ("fp32", "bf16", "cache-every-3", "w8a8", "obs-structured-30%", "obs-structured+w8a8+cache"):
         assert f"| {variant} |" in table
     assert {"report.json", "report.md", "grid.png", "calibration.json"} <= {p.name for p in out.iterdir()}
 
