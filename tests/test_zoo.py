@@ -333,3 +333,23 @@ def test_decoder_finetune_adversarial_loss_trains_only_the_decoder():
     assert decoder_train.discriminator_loss(disc, x, rec).item() >= 0
     with pytest.raises(ValueError, match="fashion-sd-decoder"):
         decoder_train.default_steps("fashion-sd")
+
+
+def test_clip_score_truncates_long_prompts_keeping_the_end_token(monkeypatch):
+    """torchmetrics cuts tokens past the text tower's 16 positions after tokenizing, which drops the
+    end token CLIP pools at (long prompts then scored 0); our processors truncate while tokenizing."""
+    import warnings
+
+    from diffusion_accel.eval.clip_score import clip_score
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, processor = zoo.clip_score_loader()
+    long = "a photo of a sneaker on a plain background seen from the front in soft light, a long caption"
+    ids = processor(text=[long], padding=True, return_tensors="pt")["input_ids"]
+    assert ids.shape[1] == 16 and ids[0, -1] == processor.tokenizer.eos_token_id
+    image = zoo.load("fashion-sd")("a photo of a sneaker", num_inference_steps=8, output_type="pt",
+                                   generator=torch.Generator().manual_seed(0)).images
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "max_length is ignored" on every call
+        score = clip_score(image, [long], model=zoo.path("fashion-clip"))
+    assert score > 10

@@ -44,13 +44,22 @@ def _as_tensor(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+def truncating(processor: Any) -> Any:
+    """The processor with tokenizer truncation on by default: torchmetrics tokenizes with
+    ``padding=True`` only, so prompts longer than the text tower's positions would otherwise be cut
+    by torchmetrics after tokenizing (dropping the end token CLIP pools at), and a tokenizer that
+    records a ``max_length`` warns on every call."""
+    processor.tokenizer.init_kwargs["truncation"] = True
+    return processor
+
+
 def _pretrained_loader(name_or_path: str) -> Callable[[], tuple[Any, Any]]:
     """A callable returning ``(model, CLIPProcessor)`` from a folder or hub id."""
     def load() -> tuple[Any, Any]:
         from transformers import CLIPModel, CLIPProcessor
 
         model = CLIPModel.from_pretrained(name_or_path).eval()
-        return _TensorFeatures(model), CLIPProcessor.from_pretrained(name_or_path)
+        return _TensorFeatures(model), truncating(CLIPProcessor.from_pretrained(name_or_path))
 
     return load
 

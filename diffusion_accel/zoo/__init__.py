@@ -87,8 +87,11 @@ def clip_score_loader() -> tuple[Any, Any]:
             out = super().get_text_features(*args, **kwargs)
             return out if isinstance(out, torch.Tensor) else out.pooler_output
 
+    from ..eval.clip_score import truncating
+
     folder = path("fashion-clip")
-    return _TensorFeaturesCLIP.from_pretrained(folder, dtype=torch.float32).eval(), CLIPProcessor.from_pretrained(folder)
+    model = _TensorFeaturesCLIP.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, truncating(CLIPProcessor.from_pretrained(folder))
 
 
 __all__ = ["clip_score_loader", "load", "names", "path", "MODELS_DIR"]
