@@ -77,6 +77,8 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
 
     manifest = json.loads((folder / ARTIFACT_MANIFEST).read_text(encoding="utf-8"))
     source = manifest["base"].get("source") or {}
+    if not (args.pipe or source.get("spec")):
+        raise ValueError(f"{folder} does not record its base pipeline; give it with --pipe")
     base = load_pipeline(args.pipe or source["spec"], dtype=args.dtype or source.get("dtype"), device=args.device)
     accelerated = load(type(base)(**base.components), folder)  # swaps in its own copy of the denoiser
     if hasattr(base, "default_sample_size"):

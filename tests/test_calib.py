@@ -464,3 +464,16 @@ def test_replay_needs_a_stored_trajectory(sd_pipe):
     calib = calibrate(sd_pipe, "a", 1, store_trajectory=False, progress=False, **SD_SIZE)
     with pytest.raises(ValueError, match="store_trajectory=True"):
         calib.replay([RangeObserver([SD_CONV])], sd_pipe.unet)
+
+
+def test_unconditional_pipeline_takes_placeholder_prompts():
+    """``prompts.for_pipeline`` gives an unconditional pipeline one None per sample; calibrate takes them."""
+    from diffusion_accel import prompts
+
+    ddpm = build_tiny("ddpm")
+    placeholders = prompts.for_pipeline(ddpm, limit=3)
+    assert placeholders == [None] * 3
+    assert calibrate(ddpm, placeholders, 2, progress=False).summary() == \
+        calibrate(ddpm, None, 2, num_samples=3, progress=False).summary()
+    with pytest.raises(ValueError, match="num_samples=2 but 3 placeholder"):
+        calibrate(ddpm, placeholders, 2, num_samples=2, progress=False)

@@ -223,3 +223,9 @@ def test_bench_times_variants_and_compiles_denoisers_on_request(tmp_path, capsys
     pipe = build_tiny("ddpm")
     unet = pipe.unet
     assert compile_denoiser(pipe) is pipe and pipe.unet is unet and is_compiled(unet)  # compiled lazily, in place
+
+
+def test_calibrate_an_unconditional_pipeline(tmp_path, capsys):
+    assert main(["calibrate", "--pipe", "tiny:ddpm", "--method", "ptq", "--steps", "2", "--num-prompts", "2",
+                 "--out", str(tmp_path / "ddpm")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "ddpm" / "manifest.json").is_file()

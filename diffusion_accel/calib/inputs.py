@@ -100,6 +100,16 @@ def _class_items(pipe: Any, prompts: Any) -> list[int]:
     return ids
 
 
+def placeholder_prompts(prompts: Any, num_samples: int | None) -> tuple[Any, int | None]:
+    """A list of Nones (what ``prompts.for_pipeline`` gives an unconditional pipeline) becomes
+    ``(None, its length)``; anything else passes through unchanged."""
+    if not (isinstance(prompts, (list, tuple)) and prompts and all(item is None for item in prompts)):
+        return prompts, num_samples
+    if num_samples is not None and num_samples != len(prompts):
+        raise ValueError(f"num_samples={num_samples} but {len(prompts)} placeholder prompts (None); give one of them")
+    return None, len(prompts)
+
+
 def _unconditional_items(pipe: Any, prompts: Any, num_samples: int | None) -> list[None]:
     if prompts is not None:
         raise TypeError(f"{type(pipe).__name__} is unconditional and takes no prompts; "

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..hooks import ModuleHooks, StepTracker, get_tracker, use_tracker
 from .collectors import Collector, Step
 from .dispatch import CollectorRouter, resolve_denoiser, validate_collectors
-from .inputs import PlannedCall, calibration_items, call_mode, plan_calls
+from .inputs import PlannedCall, calibration_items, call_mode, placeholder_prompts, plan_calls
 from .result import Calibration, CalibrationSettings
 from .schedule import resolve_weights, select_steps
 from .trajectory import TrajectoryRecorder
@@ -50,6 +50,7 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
     """
     selected = select_steps(num_inference_steps, steps)
     weights = resolve_weights(num_inference_steps, weighting, weight_range)
+    prompts, num_samples = placeholder_prompts(prompts, num_samples)
     items = calibration_items(pipe, prompts, num_samples)
     calls = plan_calls(pipe, items, num_inference_steps=num_inference_steps, batch_size=batch_size,
                        num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale,

@@ -156,11 +156,12 @@ def tiny_pixart_pipeline(seed: int = 0) -> PixArtAlphaPipeline:
 
 
 def tiny_dit_pipeline(seed: int = 0) -> DiTPipeline:
-    """DiTPipeline: class-conditional, 2 adaLN-zero blocks, ids 0..9 labelled."""
+    """DiTPipeline: class-conditional, 2 adaLN-zero blocks, ids 0..9 labelled; 1000 class embeddings
+    (+ the null class) as DiT-XL, because DiTPipeline's CFG feeds class id 1000 as the null label."""
     _seeded(seed)
     transformer = DiTTransformer2DModel(
         sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2,
-        in_channels=4, out_channels=8, num_embeds_ada_norm=10, norm_type="ada_norm_zero",
+        in_channels=4, out_channels=8, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
         norm_elementwise_affine=False,
     ).eval()
     labels = {i: name for i, name in enumerate(
