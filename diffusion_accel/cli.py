@@ -179,7 +179,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.compile:
         pipes = {name: compile_denoiser(pipe) for name, pipe in pipes.items()}
     prompts = _prompts_for(args, next(iter(pipes.values())))
-    report = evaluate(pipes, prompts if args.num_prompts else prompts[:args.batch_size], metrics=metrics,
+    if not args.num_prompts:  # one full call: the prompt set cycled to --batch-size
+        prompts = [prompts[index % len(prompts)] for index in range(args.batch_size)]
+    report = evaluate(pipes, prompts, metrics=metrics,
                       num_inference_steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                       call_kwargs=_guidance_kwargs(args), warmup=args.warmup, repeats=args.repeats)
     print(report.to_markdown())

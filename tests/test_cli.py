@@ -214,6 +214,9 @@ def test_bench_times_variants_and_compiles_denoisers_on_request(tmp_path, capsys
     report = json.loads((tmp_path / "report.json").read_text())
     rows = {row["variant"]: row for row in report["rows"]}
     assert len(compiled) == 2 and rows["b"]["images"] == 2 and rows["b"]["latency_ms"] > 0
+    assert main(["bench", "--pipe", "tiny:sd", "--prompts", "fashion", "--steps", "1", "--batch-size", "12",
+                 "--repeats", "1", "--out", str(tmp_path / "c")]) == 0  # 10 prompts cycled to fill the batch
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["rows"][0]["images"] == 12
     assert "psnr_db" not in rows["b"] and rows["b"]["params"] > 0
     assert main(["bench", "--pipe", "tiny:sd", "--metrics", "latency,fid"]) == 2
     assert "eval" in capsys.readouterr().err
