@@ -50,3 +50,11 @@ def test_attention_only_config_on_joint_attention_model_raises_and_leaves_it_unc
     with pytest.raises(ValueError, match="no attention with a standard processor"):
         quantize_(pipe, PTQConfig(weights=None, activations=None, attention="int8"))
     assert processors == {n: type(m.processor) for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
+
+
+def test_summary_warns_when_attention_processors_are_replaced_afterwards():
+    pipe = build_tiny("sd")
+    quantize_(pipe, PTQConfig(attention="int8", calib_prompts=1, calib_num_steps=2, calib_steps="all"))
+    assert "warning" not in summary(pipe)
+    pipe.enable_attention_slicing(1)  # diffusers swaps every attention processor
+    assert "no longer run the quantizing processor" in summary(pipe)

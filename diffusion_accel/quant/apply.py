@@ -16,7 +16,7 @@ from ..arch.registry import find_denoiser
 from ..artifact import base_fingerprint, mark_applied
 from ..calib import Calibration
 from ..hooks import attach_tracker, detach_tracker_if_unused, get_tracker
-from .attention import install_attention, quantizable_attention, restore_attention
+from .attention import install_attention, quantizable_attention, replaced_attention, restore_attention
 from .build import build_layer, weight_grid
 from .calibrate import (Collected, FilterFn, LayerTarget, collect, hessian_sweep, keeps_float_activations,
                         select_layers)
@@ -169,5 +169,10 @@ def summary(pipe: Any) -> str:
     if state.attention:
         lines.append(f"  attention matmuls: {len(state.attention)} modules (Q/K/V {config['attention']} dynamic "
                      f"per tensor, softmax {config['softmax_bits']}-bit unsigned; simulated)")
+        replaced = replaced_attention(denoiser, state.attention)
+        if replaced:
+            lines.append(f"  warning: {len(replaced)} of them no longer run the quantizing processor (replaced "
+                         f"after quantize_, e.g. by enable_attention_slicing or set_attn_processor: {replaced[0]}); "
+                         "their attention runs unquantized until the pipeline is quantized or loaded again")
     lines += [f"  note: {note}" for note in state.notes]
     return "\n".join(lines)

@@ -112,6 +112,11 @@ def install_attention(denoiser: nn.Module, names: list[str], fmt: str, softmax_b
     return originals
 
 
+def replaced_attention(denoiser: nn.Module, names: list[str]) -> list[str]:
+    """Those of ``names`` whose processor is no longer a :class:`QuantAttnProcessor`."""
+    return [name for name in names if not isinstance(denoiser.get_submodule(name).processor, QuantAttnProcessor)]
+
+
 def restore_attention(denoiser: nn.Module, originals: dict[str, Any]) -> None:
     """Put the original processors back."""
     for name, processor in originals.items():
