@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
+from diffusion_accel.artifact import MANIFEST
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "pipelines"
-ARTIFACT_MANIFEST = "manifest.json"
 
 
 def calibrate_argv(recipe: Path, out: Path, args: argparse.Namespace) -> list[str]:
@@ -72,14 +73,11 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
     denoiser in memory, not a second pipeline."""
     from diffusion_accel import load, prompts
     from diffusion_accel.eval import evaluate
-    from diffusion_accel.loading import load_pipeline
+    from diffusion_accel.loading import artifact_base, load_pipeline
     from diffusion_accel.recipes import load_recipe
 
-    manifest = json.loads((folder / ARTIFACT_MANIFEST).read_text(encoding="utf-8"))
-    source = manifest["base"].get("source") or {}
-    if not (args.pipe or source.get("spec")):
-        raise ValueError(f"{folder} does not record its base pipeline; give it with --pipe")
-    base = load_pipeline(args.pipe or source["spec"], dtype=args.dtype or source.get("dtype"), device=args.device)
+    spec, dtype = artifact_base(folder, args.pipe, args.dtype)
+    base = load_pipeline(spec, dtype=dtype, device=args.device)
     accelerated = load(type(base)(**base.components), folder)  # swaps in its own copy of the denoiser
     if hasattr(base, "default_sample_size"):
         accelerated.default_sample_size = base.default_sample_size
@@ -99,7 +97,7 @@ def process(recipe: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Build (unless already built) and check one recipe's artifact; failures become a row, not a crash."""
     out = args.out / recipe.stem
     try:
-        if (out / ARTIFACT_MANIFEST).is_file() and not args.force:
+        if (out / MANIFEST).is_file() and not args.force:
             row = {"recipe": recipe.stem, "status": "kept (already built; --force rebuilds)"}
         else:
             row = build_one(recipe, out, args)

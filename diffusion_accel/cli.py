@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .arch.registry import UnsupportedModelError
 
@@ -158,11 +158,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       metrics=_split(args.metrics), num_inference_steps=args.steps, seed=args.seed,
                       fid_reference=args.fid_reference, clip_model=args.clip_model,
                       call_kwargs=_guidance_kwargs(args))
-    print(report.to_markdown())
-    if args.out:
-        report.save(args.out)
-        print(f"\nwritten to {args.out}/")
-    return 0
+    return _print_and_save(report, args.out)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -184,11 +180,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     report = evaluate(pipes, prompts, metrics=metrics,
                       num_inference_steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                       call_kwargs=_guidance_kwargs(args), warmup=args.warmup, repeats=args.repeats)
-    print(report.to_markdown())
-    if args.out:
-        report.save(args.out)
-        print(f"\nwritten to {args.out}/")
-    return 0
+    return _print_and_save(report, args.out)
 
 
 def _cmd_grid(args: argparse.Namespace) -> int:
@@ -204,6 +196,15 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 
 
 # ----- helpers -------------------------------------------------------------------------------
+def _print_and_save(report: Any, out: str | None) -> int:
+    """Print the report's Markdown table and, with ``--out``, save it there."""
+    print(report.to_markdown())
+    if out:
+        report.save(out)
+        print(f"\nwritten to {out}/")
+    return 0
+
+
 def _split(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 

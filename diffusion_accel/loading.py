@@ -64,10 +64,11 @@ def split_artifact_spec(spec: str) -> tuple[str | None, Path | None]:
     return base, Path(artifact)
 
 
-def _load_with_artifact(base_spec: str | None, artifact: Path, torch_dtype: torch.dtype | None) -> Any:
-    """Load the base (``base_spec`` or the one the manifest records) in ``torch_dtype`` (or the
-    recorded dtype), then apply the artifact to it."""
-    from .artifact import ArtifactError, load, read_manifest
+def artifact_base(artifact: str | Path, base_spec: str | None = None,
+                  dtype: str | torch.dtype | None = None) -> tuple[str, torch.dtype | None]:
+    """``(spec, dtype)`` of the base to load ``artifact`` onto: ``base_spec`` / ``dtype`` when given,
+    else what its manifest recorded; a clear error when neither names one or the base is an artifact."""
+    from .artifact import ArtifactError, read_manifest
 
     source = read_manifest(artifact)["base"].get("source") or {}
     base_spec = base_spec or source.get("spec")
@@ -77,8 +78,16 @@ def _load_with_artifact(base_spec: str | None, artifact: Path, torch_dtype: torc
     if split_artifact_spec(base_spec)[1] is not None:
         raise ArtifactError(f"the base {base_spec!r} of artifact {str(artifact)!r} is itself an artifact; "
                             "an artifact already holds every technique applied before it was saved")
-    base = load_pipeline(base_spec, dtype=torch_dtype or parse_dtype(source.get("dtype")))
-    return load(base, artifact)
+    return base_spec, parse_dtype(dtype) or parse_dtype(source.get("dtype"))
+
+
+def _load_with_artifact(base_spec: str | None, artifact: Path, torch_dtype: torch.dtype | None) -> Any:
+    """Load the base (``base_spec`` or the one the manifest records) in ``torch_dtype`` (or the
+    recorded dtype), then apply the artifact to it."""
+    from .artifact import load
+
+    spec, dtype = artifact_base(artifact, base_spec, torch_dtype)
+    return load(load_pipeline(spec, dtype=dtype), artifact)
 
 
 def _load_by_kind(spec: str, torch_dtype: torch.dtype | None) -> Any:

@@ -54,3 +54,16 @@ def test_default_recipes_are_the_shipped_ones(tmp_path):
     assert {path.stem for path in args.recipes} >= {"sd15", "sdxl", "sd3", "flux", "pixart"}
     assert build_artifacts.calibrate_argv(args.recipes[0], tmp_path / "a", args)[:3] == [
         "calibrate", "--recipe", str(args.recipes[0])]
+
+
+@pytest.mark.parametrize("recipe, family", [("sd15", "sd"), ("sdxl", "sdxl"), ("sd3", "sd3"), ("flux", "flux")])
+def test_shipped_recipes_build_on_tiny_stand_ins(recipe, family, tmp_path):
+    """The hub recipes themselves (their guidance, selection, weighting, [cache] table) drive the job;
+    --pipe swaps the hub model for a tiny pipeline of the same family."""
+    out = tmp_path / "out"
+    assert build_artifacts.main([str(build_artifacts.RECIPES / f"{recipe}.toml"), "--pipe", f"tiny:{family}",
+                                 "--methods", "ptq,cache", "--num-prompts", "1", "--steps", "3",
+                                 "--check-prompts", "1", "--check-steps", "3", "--check-repeats", "1",
+                                 "--out", str(out)]) == 0
+    row = json.loads((out / "summary.json").read_text())["rows"][0]
+    assert row["status"] == "built" and row["check"]["psnr_db"] > 20

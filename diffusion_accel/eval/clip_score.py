@@ -53,8 +53,9 @@ def truncating(processor: Any) -> Any:
     return processor
 
 
-def _pretrained_loader(name_or_path: str) -> Callable[[], tuple[Any, Any]]:
-    """A callable returning ``(model, CLIPProcessor)`` from a folder or hub id."""
+def pretrained_loader(name_or_path: str) -> Callable[[], tuple[Any, Any]]:
+    """A callable returning ``(model, CLIPProcessor)`` from a folder or hub id, in the form torchmetrics'
+    ``CLIPScore(model_name_or_path=...)`` takes (tensor features, truncating tokenizer)."""
     def load() -> tuple[Any, Any]:
         from transformers import CLIPModel, CLIPProcessor
 
@@ -68,12 +69,12 @@ def clip_metric(model: str | Path = DEFAULT_CLIP_MODEL) -> CLIPScore:
     """A torchmetrics CLIPScore for a local ``save_pretrained`` folder or a hub id."""
     folder = Path(str(model)).expanduser()
     if folder.is_dir():
-        return CLIPScore(model_name_or_path=_pretrained_loader(str(folder)))
+        return CLIPScore(model_name_or_path=pretrained_loader(str(folder)))
     name = str(model)
     if "/" not in name:
         raise ValueError(f"CLIP model {name!r} is neither a local folder nor a hub id; accepted: a folder with a "
                          f"saved CLIPModel + CLIPProcessor, or a hub id such as {DEFAULT_CLIP_MODEL!r}")
-    return CLIPScore(model_name_or_path=_pretrained_loader(name))
+    return CLIPScore(model_name_or_path=pretrained_loader(name))
 
 
 def clip_score(images: Any, prompts: Sequence[str], *, model: str | Path | CLIPScore = DEFAULT_CLIP_MODEL,

@@ -76,22 +76,9 @@ def clip_score_loader() -> tuple[Any, Any]:
     torchmetrics accepts only hub names or a callable, and expects the transformers-4 API where
     ``get_image_features``/``get_text_features`` return tensors; the model returned here does.
     """
-    from transformers import CLIPModel, CLIPProcessor
+    from ..eval.clip_score import pretrained_loader
 
-    class _TensorFeaturesCLIP(CLIPModel):
-        def get_image_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-            out = super().get_image_features(*args, **kwargs)
-            return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-        def get_text_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-            out = super().get_text_features(*args, **kwargs)
-            return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-    from ..eval.clip_score import truncating
-
-    folder = path("fashion-clip")
-    model = _TensorFeaturesCLIP.from_pretrained(folder, dtype=torch.float32).eval()
-    return model, truncating(CLIPProcessor.from_pretrained(folder))
+    return pretrained_loader(str(path("fashion-clip")))()
 
 
 __all__ = ["clip_score_loader", "load", "names", "path", "MODELS_DIR"]
