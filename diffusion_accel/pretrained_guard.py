@@ -1,0 +1,90 @@
+"""Keep diffusers' ``save_pretrained`` from writing a denoiser that ``from_pretrained`` cannot read.
+
+diffusers saves whatever ``state_dict`` holds beside the model's unchanged config. After PTQ the
+state dict holds int8 codes and scales instead of ``weight`` tensors, and after structured pruning
+smaller shapes: ``from_pretrained`` then fails on shapes or, worse, silently re-initialises every
+missing weight at random. Once a technique is applied (``artifact.mark_applied``) the denoiser's and
+the pipeline's ``save_pretrained`` check the state dict against the config first and, if they
+differ, raise before anything is written, pointing to ``da.save``. Weight-preserving techniques
+(feature caching, unstructured pruning) pass the check and save as diffusers would.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+SAVE_METHOD = "save_pretrained"
+_EXAMPLES = 3  # mismatched tensor names quoted in the error
+
+
+class UnsavableModelError(ValueError):
+    """``save_pretrained`` was called on a denoiser whose tensors diffusers could not load back."""
+
+
+def install_guards(pipe: Any, denoiser: nn.Module) -> None:
+    """Guard ``denoiser.save_pretrained`` and, when ``pipe`` is a pipeline, ``pipe.save_pretrained``.
+
+    Bound methods on the instances (not the classes): a deep copy of the denoiser carries its own.
+    """
+    _install(denoiser, _guarded_model_save)
+    if pipe is not denoiser:
+        _install(pipe, _guarded_pipeline_save)
+
+
+def _install(owner: Any, guarded: Any) -> None:
+    if callable(getattr(type(owner), SAVE_METHOD, None)) and SAVE_METHOD not in vars(owner):
+        object.__setattr__(owner, SAVE_METHOD, types.MethodType(guarded, owner))
+
+
+def _guarded_model_save(model: nn.Module, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+    check_savable(model)
+    return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+
+
+def _guarded_pipeline_save(pipe: Any, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+    from .arch.registry import find_denoiser
+
+    check_savable(find_denoiser(pipe)[1])
+    return type(pipe).save_pretrained(pipe, save_directory, *args, **kwargs)
+
+
+def check_savable(denoiser: nn.Module) -> None:
+    """Raise ``UnsavableModelError`` if ``from_pretrained`` could not rebuild ``denoiser`` from its
+    ``state_dict`` and config (tensor names or shapes differ from a model built from the config)."""
+    mismatched = mismatched_tensors(denoiser)
+    if not mismatched:
+        return
+    from .artifact import applied_techniques
+
+    examples = ", ".join(mismatched[:_EXAMPLES]) + (", ..." if len(mismatched) > _EXAMPLES else "")
+    raise UnsavableModelError(
+        f"diffusers' save_pretrained cannot save this {type(denoiser).__name__}: techniques "
+        f"{applied_techniques(denoiser)} changed {len(mismatched)} of its tensors ({examples}), which "
+        f"from_pretrained would reject or silently re-initialise at random. Save the accelerated "
+        f"pipeline as an artifact with diffusion_accel.save(pipe, DIR) and reload it with "
+        f"diffusion_accel.load(base_pipe, DIR) (or pass DIR as the --pipe of the CLI); the base "
+        f"model itself can be saved with save_pretrained before the techniques are applied.")
+
+
+def mismatched_tensors(denoiser: nn.Module) -> list[str]:
+    """State-dict entries of ``denoiser`` that are missing, extra or differently shaped compared with
+    a model built from ``denoiser.config`` (built on the meta device: no memory, no weights)."""
+    config = getattr(denoiser, "config", None)
+    if config is None or not hasattr(type(denoiser), "from_config"):
+        return []
+    try:
+        with torch.device("meta"):
+            reference = type(denoiser).from_config(config)
+    except Exception as error:  # a model whose __init__ cannot run on meta: save unchecked, say so
+        warnings.warn(f"could not check that from_pretrained can read this {type(denoiser).__name__} "
+                      f"back ({type(error).__name__}: {error}); saving it unchecked", stacklevel=3)
+        return []
+    expected = {name: tuple(tensor.shape) for name, tensor in reference.state_dict().items()}
+    actual = {name: tuple(tensor.shape) for name, tensor in denoiser.state_dict().items()}
+    names = sorted(expected.keys() | actual.keys())
+    return [name for name in names if expected.get(name) != actual.get(name)]

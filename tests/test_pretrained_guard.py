@@ -1,0 +1,58 @@
+"""diffusers' save_pretrained on accelerated pipelines: refused where from_pretrained could not read the
+result back (PTQ codes, structured pruning's shapes), unchanged where the weights stay diffusers weights."""
+
+import copy
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+import diffusion_accel as da
+from diffusion_accel.pretrained_guard import UnsavableModelError, mismatched_tensors
+from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
+
+PROMPTS = ["a cat", "a dog"]
+
+
+def _images(pipe):
+    return pipe(**tiny_call_kwargs("sd", steps=4)).images
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return da.calibrate(build_tiny("sd"), PROMPTS, num_inference_steps=4, progress=False)
+
+
+def test_quantized_pipeline_refuses_save_pretrained_before_writing_anything(tmp_path, calib):
+    pipe = da.quantize_(build_tiny("sd"), da.PTQConfig.preset("w8a8"), calib=calib)
+    with pytest.raises(UnsavableModelError, match=r"\['ptq'\] changed \d+ of its tensors.*diffusion_accel.save"):
+        pipe.save_pretrained(tmp_path / "pipe")
+    assert not (tmp_path / "pipe").exists()
+    with pytest.raises(UnsavableModelError, match="UNet2DConditionModel"):
+        pipe.unet.save_pretrained(tmp_path / "unet")
+    assert not (tmp_path / "unet").exists()
+
+
+def test_structured_pruning_refuses_save_pretrained(tmp_path, calib):
+    pipe = da.prune_(build_tiny("sd"), da.PruneConfig(method="obs", sparsity=0.3, pattern="structured"),
+                     calib=calib)
+    assert any(name.endswith("to_k.weight") for name in mismatched_tensors(pipe.unet))  # fewer heads
+    with pytest.raises(UnsavableModelError, match=r"\['prune'\]"):
+        pipe.save_pretrained(tmp_path)
+
+
+def test_weight_preserving_techniques_save_and_reload_through_diffusers(tmp_path, calib):
+    pruned = da.prune_(build_tiny("sd"), da.PruneConfig(method="obs", sparsity=0.5), calib=calib)
+    pruned.save_pretrained(tmp_path / "pruned")
+    assert torch.equal(_images(DiffusionPipeline.from_pretrained(tmp_path / "pruned")), _images(pruned))
+    cached = da.enable_cache(build_tiny("sd"), da.DeepCacheConfig(interval=2, branch=0))
+    cached.save_pretrained(tmp_path / "cached")  # the weights are the base's; the cache is runtime state
+    assert torch.equal(_images(DiffusionPipeline.from_pretrained(tmp_path / "cached")), _images(build_tiny("sd")))
+
+
+def test_a_deep_copy_guards_itself_and_the_check_reads_its_own_tensors(calib):
+    pipe = da.quantize_(build_tiny("sd"), da.PTQConfig.preset("w8a8"), calib=calib)
+    duplicate = copy.deepcopy(pipe.unet)
+    assert duplicate.save_pretrained.__self__ is duplicate
+    assert mismatched_tensors(duplicate) == mismatched_tensors(pipe.unet) != []
+    assert mismatched_tensors(build_tiny("sd").unet) == []
