@@ -246,8 +246,9 @@ def test_unsupported_unet_block_is_named() -> None:
 def test_fused_projections_are_rejected() -> None:
     adapter = get_adapter(build_tiny("flux"))
     adapter.denoiser.fuse_qkv_projections()
-    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
-        adapter.layer_groups()
+    for query in (adapter.layer_groups, adapter.attention):  # attention(): structured pruning's heads
+        with pytest.raises(ValueError, match=r"pipe.unfuse_qkv_projections\(\) first"):
+            query()
 
 
 # ---- layers and groups ---------------------------------------------------------------------

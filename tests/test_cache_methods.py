@@ -181,6 +181,18 @@ def test_model_dependent_errors_leave_the_pipeline_unchanged(family, config, mat
     _assert_no_cache_left(pipe, find_denoiser(pipe)[1])
 
 
+def test_diffusers_own_cache_must_be_disabled_first():
+    from diffusers.hooks import FirstBlockCacheConfig as DiffusersFirstBlockCache
+
+    pipe = build_tiny("flux")
+    pipe.transformer.enable_cache(DiffusersFirstBlockCache(threshold=0.2))
+    with pytest.raises(ValueError, match=r"diffusers' own cache \(FirstBlockCacheConfig\).*pipe.transformer.disable_cache\(\)"):
+        enable_cache(pipe, DeltaCacheConfig())
+    assert find_denoiser(pipe)[1].is_cache_enabled and get_session(find_denoiser(pipe)[1]) is None
+    pipe.transformer.disable_cache()
+    enable_cache(pipe, DeltaCacheConfig())
+
+
 # ---- every family, CFG, per-call state, drop-in, save/load ----------------------------------------
 UNET_CONFIGS = (EncoderPropagationConfig(interval=2), EncoderPropagationConfig(interval=3, noise_injection=0.05),
                 EncoderPropagationConfig(key_steps=(0, 1, 3), num_inference_steps=6))

@@ -124,6 +124,17 @@ def test_bad_arguments_leave_pipeline_unchanged():
     assert torch.equal(generate(pipe, "sd"), before)
 
 
+def test_pruning_a_quantized_pipeline_names_the_order():
+    import diffusion_accel as da
+
+    pipe = build_tiny("sd")
+    da.quantize_(pipe, da.PTQConfig.preset("w8a8"), calib=da.calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False))
+    unet = pipe.unet
+    with pytest.raises(ValueError, match="already quantized; prune first, then quantize_"):
+        prune_(pipe, PruneConfig(method="magnitude", sparsity=0.3))
+    assert pipe.unet is unet and applied_techniques(pipe) == ["ptq"]
+
+
 def test_failure_midway_rolls_back(monkeypatch):
     pipe = build_tiny("sd")
     unet, before = pipe.unet, generate(pipe, "sd")

@@ -124,7 +124,8 @@ def enable_cache(pipe: Any, config: Any) -> Any:
     unchanged.
     """
     handler = _handler_for(config)
-    _, denoiser = find_denoiser(pipe)
+    component, denoiser = find_denoiser(pipe)
+    _refuse_diffusers_cache(component, denoiser)
     method, policy, install = handler(pipe, config)
     base_fingerprint(pipe)
     previous = get_session(denoiser)
@@ -138,6 +139,15 @@ def enable_cache(pipe: Any, config: Any) -> Any:
         raise
     mark_applied(pipe, TECHNIQUE)
     return pipe
+
+
+def _refuse_diffusers_cache(component: str, denoiser: Any) -> None:
+    """Two caches on one denoiser would skip on each other's stale features: like diffusers, which
+    refuses a second cache, ask for its own (``denoiser.enable_cache(...)``) to be disabled first."""
+    if getattr(denoiser, "is_cache_enabled", False):
+        owner = f"pipe.{component}" if component else "denoiser"
+        raise ValueError(f"diffusers' own cache ({type(denoiser._cache_config).__name__}) is enabled on "
+                         f"this {type(denoiser).__name__}; call {owner}.disable_cache() before enable_cache")
 
 
 def remove_cache(pipe: Any) -> Any:

@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import prompts as prompt_sets
 from ..arch import find_denoiser, get_adapter
-from ..artifact import base_fingerprint, mark_applied
+from ..artifact import applied_techniques, base_fingerprint, mark_applied
 from ..calib import Calibration, HessianCollector, calibrate, call_mode, resolve_weights
 from .allocate import allocate_by_error, error_grid
 from .configs import PruneConfig
@@ -57,6 +57,9 @@ def check_arguments(pipe: Any, config: PruneConfig, calib: Calibration | None) -
     if calib is not None and not isinstance(calib, Calibration):
         raise TypeError(f"calib must be a Calibration from da.calibrate or None, got {type(calib).__name__}")
     component, denoiser = find_denoiser(pipe)
+    if "ptq" in applied_techniques(pipe):
+        raise ValueError("this pipeline's denoiser is already quantized; prune first, then quantize_ "
+                         "(the order is pruning, then PTQ, then caching)")
     if not component:
         raise TypeError("prune_ needs a diffusers pipeline (it re-runs it to calibrate); for a bare "
                         "denoiser use prune_denoiser_(denoiser, config) with method='magnitude'")

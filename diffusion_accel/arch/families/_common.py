@@ -68,8 +68,9 @@ def in_module_order(denoiser: nn.Module, names: Iterable[str]) -> list[str]:
 # ---- attention -----------------------------------------------------------------------------
 def _check_unfused(prefix: str, attn: nn.Module) -> None:
     if getattr(attn, "fused_projections", False):
-        raise ValueError(f"attention {prefix!r} uses fused QKV projections; call "
-                         "denoiser.unfuse_qkv_projections() before asking the adapter")
+        raise ValueError(f"attention {prefix!r} uses fused QKV projections (fuse_qkv_projections()); "
+                         "call pipe.unfuse_qkv_projections() first: techniques work on the separate "
+                         "to_q/to_k/to_v layers")
 
 
 def is_cross_attention(attn: nn.Module) -> bool:
@@ -111,6 +112,7 @@ def _optional(attn: nn.Module, prefix: str, path: str) -> str | None:
 
 def attention_info(prefix: str, attn: nn.Module) -> AttentionInfo:
     """Describe a diffusers attention module (``Attention``, ``FluxAttention``, ...)."""
+    _check_unfused(prefix, attn)
     heads = int(attn.heads)
     inner = attn.to_q.out_features
     if heads <= 0 or inner % heads:
