@@ -130,6 +130,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     """
     methods = parse_methods(args.method)
     recipe = load_recipe(args.recipe) if args.recipe else {}
+    configs = technique_configs(methods, args, recipe)  # bad presets/options fail before any loading
     model = recipe.get("model", {})
     spec = args.pipe or model.get("id") or default_demo_spec()
     pipe = load_pipeline(spec, dtype=args.dtype or model.get("dtype"), device=args.device)
@@ -142,7 +143,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         _write_statistics(Path(args.out), spec, pipe, settings, calib, collectors)
         return {"summary": calib.summary() + f"\nstatistics written to {args.out}/", "methods": methods,
                 "seconds": {}, "out": args.out}
-    summaries, seconds = _apply_chain(pipe, methods, args, recipe, prompt_list, settings)
+    summaries, seconds = _apply_chain(pipe, methods, configs, args, recipe, prompt_list, settings)
     from .artifact import save
 
     save(pipe, args.out)
@@ -151,8 +152,9 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     return {"summary": summary, "methods": methods, "seconds": seconds, "out": args.out}
 
 
-def _apply_chain(pipe: Any, methods: list[str], args: argparse.Namespace, recipe: dict[str, Any],
-                 prompt_list: list, settings: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
+def _apply_chain(pipe: Any, methods: list[str], configs: dict[str, Any], args: argparse.Namespace,
+                 recipe: dict[str, Any], prompt_list: list,
+                 settings: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
     """Apply ``methods`` in order; one calibration pass serves pruning and PTQ (PTQ replays its stored
     trajectory when it comes first, else re-runs it through the pruned pipeline). ``seconds`` per
     method: wall time, the shared pass counted in the first method that needs it."""
@@ -165,7 +167,7 @@ def _apply_chain(pipe: Any, methods: list[str], args: argparse.Namespace, recipe
             if calib is None:
                 calib = _run_calibration(pipe, prompt_list, settings, args.seed, [],
                                          store_trajectory=method == "ptq")
-            summaries.append(_apply_technique(pipe, method, args, recipe, calib))
+            summaries.append(_apply_technique(pipe, configs[method], calib))
         seconds[method] = round(time.perf_counter() - start, 2)
     return summaries, seconds
 
@@ -181,23 +183,36 @@ def _run_calibration(pipe: Any, prompt_list: list, settings: dict[str, Any], see
                      **guidance)
 
 
-def _apply_technique(pipe: Any, method: str, args: argparse.Namespace, recipe: dict[str, Any], calib: Any) -> str:
-    """Quantize (``ptq``) or prune (``obs``/``wanda``/``magnitude``) with the recipe's table + flags."""
-    if method == "ptq":
-        from .quant import PTQConfig, quantize_, summary
+def technique_configs(methods: list[str], args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
+    """The ``PTQConfig`` / ``PruneConfig`` of each quantization or pruning method in ``methods``, from
+    the recipe's ``[quant]`` / ``[prune]`` table + flags; building them validates them."""
+    from .prune import PruneConfig
+    from .quant import PTQConfig
 
-        options = dict(recipe.get("quant", {}))
-        preset = args.preset or options.pop("preset", "w8a8")
-        quantize_(pipe, PTQConfig.preset(preset, **options), calib=calib)
-        return summary(pipe)
+    configs: dict[str, Any] = {}
+    for method in methods:
+        if method == "ptq":
+            options = dict(recipe.get("quant", {}))
+            preset = args.preset or options.pop("preset", "w8a8")
+            configs[method] = PTQConfig.preset(preset, **options)
+        elif method not in ("cache", "stats"):
+            options = dict(recipe.get("prune", {})) | {"method": method}
+            flags = (("sparsity", args.sparsity), ("pattern", args.pattern),
+                     ("scope", getattr(args, "scope", None)), ("allocation", getattr(args, "allocation", None)))
+            configs[method] = PruneConfig(**options | {key: value for key, value in flags if value is not None})
+    return configs
+
+
+def _apply_technique(pipe: Any, config: Any, calib: Any) -> str:
+    """Quantize (a ``PTQConfig``) or prune (a ``PruneConfig``) with the shared calibration."""
     from .prune import PruneConfig, prune_, prune_report
+    from .quant import quantize_, summary
 
-    options = dict(recipe.get("prune", {})) | {"method": method}
-    flags = (("sparsity", args.sparsity), ("pattern", args.pattern), ("scope", getattr(args, "scope", None)),
-             ("allocation", getattr(args, "allocation", None)))
-    options |= {key: value for key, value in flags if value is not None}
-    prune_(pipe, PruneConfig(**options), calib=calib)
-    return prune_report(pipe).summary()
+    if isinstance(config, PruneConfig):
+        prune_(pipe, config, calib=calib)
+        return prune_report(pipe).summary()
+    quantize_(pipe, config, calib=calib)
+    return summary(pipe)
 
 
 def _apply_cache(pipe: Any, args: argparse.Namespace, recipe: dict[str, Any], prompt_list: list,

@@ -190,6 +190,19 @@ def test_calibrate_bad_chains_are_user_errors(chain, capsys):
     assert chain in err and ("in that order" in err or "accepted methods" in err)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "obs,ptq", "--preset", "w3a8"], "unknown PTQ preset 'w3a8'"),
+    (["--method", "obs", "--pattern", "3:4"], "3:4"),
+])
+def test_bad_technique_options_fail_before_the_pipeline_loads(argv, message, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded (and calibrated) before the options were checked")
+
+    monkeypatch.setattr("diffusion_accel.recipes.load_pipeline", no_loading)
+    assert main(["calibrate", "--pipe", "tiny:sd", *argv, "--out", "x"]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_a_recipes_uniform_selection_caps_at_fewer_steps(tmp_path):
     import argparse
 
