@@ -35,10 +35,9 @@ from diffusion_accel.zoo.data import CLASS_NAMES, load_split, to_rgb32, to_uint8
 from diffusion_accel.zoo.mnist_data import load_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULTS = {"fashion-sd": {"num_inference_steps": 50, "guidance_scale": 3.0},
-            "fashion-flux": {"num_inference_steps": 28, "true_cfg_scale": 3.0, "negative_prompt": "",
-                             "max_sequence_length": 32},
-            "mnist-ddpm": {"num_inference_steps": 100}}  # Q-Diffusion's CIFAR-10 setting: DDIM, 100 steps
+# The step counts (mnist-ddpm: Q-Diffusion's CIFAR-10 setting, DDIM 100) + each model's call defaults.
+BENCH_STEPS = {"fashion-sd": 50, "fashion-flux": 28, "mnist-ddpm": 100}
+DEFAULTS = {name: {"num_inference_steps": steps, **zoo.CALL_DEFAULTS[name]} for name, steps in BENCH_STEPS.items()}
 DATASETS = {"fashion-sd": "fashion-mnist", "fashion-flux": "fashion-mnist", "mnist-ddpm": "mnist"}
 
 

@@ -10,6 +10,7 @@ Public API (every function returns the pipeline it was given where it takes one)
 - ``prune_(pipe, PruneConfig(method="obs", sparsity=0.5, pattern="2:4"), calib=...)``: OBS pruning
 - ``get_adapter(pipe)``: what a model family looks like (blocks, layer groups, heads, skips)
 - ``zoo.load(name)`` / ``zoo.path(name)``: bundled reference pipelines; ``prompts.load(name)``
+- ``call_defaults(pipe)``: the keyword arguments a pipeline is meant to be called with (zoo pipelines')
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _LAZY_ATTRIBUTES = {
     "Calibration": ("diffusion_accel.calib", "Calibration"),
     "evaluate": ("diffusion_accel.eval", "evaluate"),
     "load_pipeline": ("diffusion_accel.loading", "load_pipeline"),
+    "call_defaults": ("diffusion_accel.pipeline_defaults", "call_defaults"),
     # feature caching (issue 6)
     "enable_cache": ("diffusion_accel.cache", "enable_cache"),
     "remove_cache": ("diffusion_accel.cache", "remove_cache"),

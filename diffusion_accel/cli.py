@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from .arch.registry import UnsupportedModelError
 
 # Mistakes a user can make (bad values, missing files, unsupported models): one line, exit 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, UnsupportedModelError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, UnsupportedModelError)  # OSError: files, hub
 
 
 def _add_pipe_args(parser: argparse.ArgumentParser, many: bool) -> None:

@@ -2,7 +2,9 @@
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from diffusion_accel.cli import build_parser, main
 
@@ -83,6 +85,18 @@ def test_demo_runs_on_the_tiny_pipeline(tmp_path, capsys):
     for variant in ("fp32", "bf16", "cache-every-3", "w8a8", "obs-structured-30%", "obs-structured+w8a8+cache"):
         assert f"| {variant} |" in table
     assert {"report.json", "report.md", "grid.png", "calibration.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_demo_bf16_variant_of_a_pixel_space_pipeline_returns_float_images():
+    """DDPMPipeline converts the denoiser's samples to numpy, which has no bf16: the variant keeps
+    the denoiser in bf16 and its outputs in fp32."""
+    from diffusion_accel.demo import bf16_variant
+    from diffusion_accel.testing.tiny import build_tiny
+
+    variant = bf16_variant(build_tiny("ddpm"), None)
+    assert variant.unet.dtype == torch.bfloat16
+    images = variant(batch_size=1, num_inference_steps=2, output_type="np").images
+    assert images.dtype == np.float32 and np.isfinite(images).all()
 
 
 def test_parser_lists_every_subcommand():

@@ -342,3 +342,15 @@ def test_sharded_generation_equals_single_process_generation():
     sharded = [pair for index in range(2)
                for pair in generate_images(pipe, shard(jobs, FakeState(2, index)), **kwargs)]
     assert all(torch.equal(a, b) for a, b in zip(single, merge_ordered(sharded, len(jobs))))
+
+
+def test_zoo_pipelines_are_scored_by_the_bundled_fashion_clip():
+    from diffusion_accel import zoo
+    from diffusion_accel.artifact import record_source
+    from diffusion_accel.eval.clip_score import DEFAULT_CLIP_MODEL
+    from diffusion_accel.eval.evaluate import default_clip_model
+
+    zoo_like, other = build_tiny("sd"), build_tiny("sd")
+    record_source(zoo_like, "zoo:fashion-sd", torch.float32)
+    assert default_clip_model({"a": zoo_like}) == str(zoo.path("fashion-clip"))
+    assert default_clip_model({"a": zoo_like, "b": other}) == DEFAULT_CLIP_MODEL  # a hub model among them

@@ -113,13 +113,16 @@ def test_fashion_clip_round_trip_and_clip_score(tmp_path):
     assert torch.isfinite(score)
 
 
-@pytest.mark.parametrize("name, kwargs", [("fashion-sd", {}), ("fashion-flux", {"max_sequence_length": 32})])
-def test_zoo_pipeline_generates_offline(name, kwargs, monkeypatch):
+@pytest.mark.parametrize("name", ["fashion-sd", "fashion-flux"])
+def test_zoo_pipeline_generates_offline(name, monkeypatch):
+    from diffusion_accel.pipeline_defaults import call_defaults
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = zoo.load(name)
     assert pipe.vae.dtype == torch.float32
+    assert call_defaults(pipe) == zoo.CALL_DEFAULTS[name]  # e.g. fashion-flux's 32-token T5, true CFG
     out = pipe("a photo of a sneaker", num_inference_steps=2, output_type="np",  # native 32×32 by default
-               generator=torch.Generator().manual_seed(0), **kwargs)
+               generator=torch.Generator().manual_seed(0), **call_defaults(pipe))
     image = out.images[0]
     assert image.shape == (32, 32, 3) and (image >= 0).all() and (image <= 1).all()
     from diffusion_accel.artifact import pipeline_source

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..pipeline_defaults import call_defaults
+
 CALL_MODES = ("prompt", "class", "unconditional")
 RESERVED_KWARGS = {
     "prompt": "prompts", "negative_prompt": "negative_prompt", "class_labels": "prompts",
@@ -132,6 +134,7 @@ def plan_calls(pipe: Any, items: list[Any], *, num_inference_steps: int, batch_s
     shared = {"num_inference_steps": num_inference_steps}
     if "output_type" in params:
         shared["output_type"] = "latent" if mode == "prompt" else "pt"
+    shared.update(call_defaults(pipe))  # the pipeline's own settings, beneath the explicit ones
     if guidance_scale is not None:
         shared["guidance_scale"] = guidance_scale
     shared.update(call_kwargs)

@@ -26,6 +26,8 @@ from accelerate import PartialState
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..artifact import pipeline_source
+from ..pipeline_defaults import call_defaults
 from .clip_score import DEFAULT_CLIP_MODEL, clip_metric, clip_score
 from .cost import denoiser_flops, model_size
 from .distributed import gather, merge_ordered, shard, share_from_main
@@ -91,12 +93,15 @@ class _Run:
         return build_call_kwargs(pipe, jobs, num_inference_steps=self.num_inference_steps,
                                  call_kwargs=self.call_kwargs, prompt_to_kwargs=self.prompt_to_kwargs)
 
-    def settings(self, num_processes: int) -> dict[str, Any]:
-        """The run's settings as plain values for the report."""
+    def settings(self, num_processes: int, pipelines: Mapping[str, Any]) -> dict[str, Any]:
+        """The run's settings as plain values for the report (with each pipeline's own call defaults)."""
+        defaults = {name: {key: repr(value) for key, value in call_defaults(pipe).items()}
+                    for name, pipe in pipelines.items() if call_defaults(pipe)}
         return {"metrics": list(self.requested), "baseline": self.baseline,
                 "prompts": len(self.jobs) // self.images_per_prompt, "images_per_prompt": self.images_per_prompt,
                 "num_inference_steps": self.num_inference_steps, "seed": self.seed, "batch_size": self.batch_size,
                 "call_kwargs": {key: repr(value) for key, value in (self.call_kwargs or {}).items()},
+                "pipeline_call_defaults": defaults,
                 "timing_warmup": self.warmup, "timing_repeats": self.repeats, "num_processes": num_processes,
                 "clip_model": str(self.clip_model or DEFAULT_CLIP_MODEL) if "clip" in self.requested else None}
 
@@ -116,6 +121,21 @@ def _generate_all(pipelines: Mapping[str, Any], run: _Run, state: Any, progress:
     return images
 
 
+def default_clip_model(pipelines: Mapping[str, Any]) -> str:
+    """The CLIP that scores ``pipelines``: the bundled in-domain fashion-clip when every one was loaded
+    from the Fashion-MNIST zoo (``zoo:fashion-*``; a general CLIP knows nothing of 32-px garments and
+    needs the hub), else ``DEFAULT_CLIP_MODEL``."""
+    specs = [(pipeline_source(pipe) or {}).get("spec", "") for pipe in pipelines.values()]
+    if specs and all(spec.startswith("zoo:fashion-") for spec in specs):
+        from .. import zoo
+
+        try:
+            return str(zoo.path("fashion-clip"))
+        except FileNotFoundError:
+            pass
+    return DEFAULT_CLIP_MODEL
+
+
 def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequence[str] = DEFAULT_METRICS, *,
              num_inference_steps: int = 25, seed: int = 0, baseline: str | None = None,
              fid_reference: Any = None, fid_cache_dir: str | Path | None = None,
@@ -128,13 +148,13 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
 
     ``fid_reference``: FIDStats, a ``.safetensors`` stats file, an image folder, a uint8 tensor or a
     dataset (cached under ``fid_cache_dir``); ``fid_extractor``: feature network (default: offline
-    TF-Inception). ``clip_model``: hub id or local CLIP folder.
+    TF-Inception). ``clip_model``: hub id or local CLIP folder (default: ``default_clip_model``).
     """
     check_call_kwargs(call_kwargs)
     run = _Run(_check_metrics(metrics), _check_variants(pipelines, baseline),
                make_jobs(prompts, images_per_prompt, seed), images_per_prompt, num_inference_steps, seed,
-               batch_size, call_kwargs, prompt_to_kwargs, fid_reference, fid_cache_dir, fid_extractor, clip_model,
-               warmup, repeats, grid_cell_size)
+               batch_size, call_kwargs, prompt_to_kwargs, fid_reference, fid_cache_dir, fid_extractor,
+               clip_model or default_clip_model(pipelines), warmup, repeats, grid_cell_size)
     state = PartialState()
     images = _generate_all(pipelines, run, state, progress)
     report = _report(pipelines, images, run, state) if state.is_main_process else None
@@ -145,7 +165,7 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
 
 def _report(pipelines: Mapping[str, Any], images: dict[str, torch.Tensor], run: _Run, state: Any) -> EvalReport:
     """Measure every requested metric on the main process and assemble the report."""
-    report = EvalReport(rows=[], settings=run.settings(state.num_processes), images=images,
+    report = EvalReport(rows=[], settings=run.settings(state.num_processes, pipelines), images=images,
                         details={name: {} for name in pipelines})
     rows = {name: {"variant": name, "baseline": name == run.baseline, "images": len(images[name]),
                    **denoiser_runtime(pipe)} for name, pipe in pipelines.items()}

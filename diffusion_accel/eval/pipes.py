@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..pipeline_defaults import call_defaults
 from .images import to_uint8
 
 DENOISER_ATTRIBUTES = ("unet", "transformer")
@@ -124,9 +125,10 @@ def check_call_kwargs(call_kwargs: dict[str, Any] | None) -> dict[str, Any]:
 def build_call_kwargs(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_steps: int,
                       call_kwargs: dict[str, Any] | None = None,
                       prompt_to_kwargs: PromptToKwargs | None = None) -> dict[str, Any]:
-    """Keyword arguments generating ``jobs`` in one call, one seeded CPU generator per image."""
+    """Keyword arguments generating ``jobs`` in one call, one seeded CPU generator per image
+    (``call_kwargs`` over the pipeline's own ``call_defaults``)."""
     to_kwargs = prompt_to_kwargs or default_prompt_to_kwargs
-    kwargs: dict[str, Any] = {"output_type": "np", **check_call_kwargs(call_kwargs)}
+    kwargs: dict[str, Any] = {"output_type": "np", **call_defaults(pipe), **check_call_kwargs(call_kwargs)}
     kwargs.update(to_kwargs(pipe, [job.prompt for job in jobs]))
     kwargs["num_inference_steps"] = num_inference_steps
     kwargs["generator"] = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]

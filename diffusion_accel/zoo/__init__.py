@@ -12,9 +12,17 @@ from typing import Any
 
 import torch
 
+from ..pipeline_defaults import set_call_defaults
+
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 NATIVE_SIZE = 32  # pixels: every zoo pipeline is trained and generates at 32×32
 _NAMES = ("fashion-clip", "fashion-sd", "fashion-flux", "mnist-ddpm")
+# Keyword arguments each pipeline is meant to be called with (its model card's; pipeline_defaults.py).
+CALL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fashion-sd": {"guidance_scale": 3.0},  # on the FID plateau (benchmarks/results/zoo_guidance_sweep_sd.md)
+    "fashion-flux": {"true_cfg_scale": 3.0, "negative_prompt": "", "max_sequence_length": 32},  # T5 trained at 32
+    "mnist-ddpm": {},
+}
 
 
 def names() -> tuple[str, ...]:
@@ -63,6 +71,7 @@ def load(name: str, torch_dtype: torch.dtype = torch.float32, folder: str | Path
         from ..artifact import record_source
 
         record_source(pipe, f"zoo:{name}", torch_dtype)
+    set_call_defaults(pipe, CALL_DEFAULTS[name])
     if hasattr(pipe, "default_sample_size") and hasattr(pipe, "vae_scale_factor"):
         # FluxPipeline defaults to 128 latent pixels (1024 px); the zoo's native size is 32 px, so calls
         # and calibrations without height/width generate what the model was trained for.

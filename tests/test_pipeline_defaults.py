@@ -1,0 +1,46 @@
+"""A pipeline's own call settings (pipeline_defaults.py) apply beneath explicit arguments wherever the
+library calls it: calibration plans and evaluation calls, recorded in the evaluation report."""
+
+import copy
+
+import diffusion_accel as da
+from diffusion_accel.calib.inputs import plan_calls
+from diffusion_accel.pipeline_defaults import call_defaults, set_call_defaults
+from diffusion_accel.eval.pipes import ImageJob, build_call_kwargs
+from diffusion_accel.testing.tiny import build_tiny
+
+FLUX_DEFAULTS = {"true_cfg_scale": 2.0, "negative_prompt": "", "max_sequence_length": 16}
+
+
+def _tagged_flux():
+    pipe = build_tiny("flux")
+    set_call_defaults(pipe, FLUX_DEFAULTS)
+    return pipe
+
+
+def test_defaults_survive_a_deep_copy_and_untagged_pipelines_have_none():
+    pipe = _tagged_flux()
+    assert call_defaults(copy.deepcopy(pipe)) == FLUX_DEFAULTS
+    assert da.call_defaults(pipe) == FLUX_DEFAULTS  # the top-level name is the function, not the module
+    assert call_defaults(build_tiny("flux")) == {}
+
+
+def test_calibration_calls_use_the_defaults_under_explicit_arguments():
+    pipe = _tagged_flux()
+    settings = dict(num_inference_steps=2, batch_size=1, num_images_per_prompt=1, seed=0)
+    call = plan_calls(pipe, ["a cat"], guidance_scale=None, negative_prompt=None, call_kwargs={}, **settings)[0]
+    assert {key: call.kwargs[key] for key in FLUX_DEFAULTS} == FLUX_DEFAULTS
+    call = plan_calls(pipe, ["a cat"], guidance_scale=None, negative_prompt="blurry",
+                      call_kwargs={"max_sequence_length": 8}, **settings)[0]
+    assert call.kwargs["max_sequence_length"] == 8 and call.kwargs["negative_prompt"] == "blurry"
+    assert call.kwargs["true_cfg_scale"] == 2.0
+
+
+def test_evaluation_calls_use_the_defaults_and_the_report_names_them():
+    pipe = _tagged_flux()
+    jobs = [ImageJob(index=0, prompt_index=0, prompt="a cat", seed=0)]
+    kwargs = build_call_kwargs(pipe, jobs, num_inference_steps=2, call_kwargs={"true_cfg_scale": 1.0})
+    assert kwargs["max_sequence_length"] == 16 and kwargs["true_cfg_scale"] == 1.0
+    report = da.evaluate({"flux": pipe}, ["a cat"], metrics=("psnr",), num_inference_steps=2,
+                         call_kwargs={"height": 16, "width": 16}, progress=False)
+    assert report.settings["pipeline_call_defaults"] == {"flux": {k: repr(v) for k, v in FLUX_DEFAULTS.items()}}
