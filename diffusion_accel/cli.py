@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from .arch.registry import UnsupportedModelError
 
 # Mistakes a user can make (bad values, missing files, unsupported models): one line, exit 2.
+FID_CACHE = "~/.cache/diffusion_accel/fid"
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, UnsupportedModelError)  # OSError: files, hub
 
 
@@ -92,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(evaluate, steps=25)
     evaluate.add_argument("--metrics", default="psnr,ssim,latency,flops",
                           help="comma list of: fid, clip, psnr, ssim, latency, memory, flops")
-    evaluate.add_argument("--fid-reference", default=None, help="reference stats file or image folder for FID")
+    evaluate.add_argument("--fid-reference", default=None,
+                          help="FID reference: a stats file, an image folder, or DATASET:SPLIT of the zoo's "
+                               "data (fashion-mnist:test, mnist:test); its statistics are cached")
+    evaluate.add_argument("--fid-cache", default=FID_CACHE,
+                          help=f"folder caching FID reference statistics (default {FID_CACHE})")
     evaluate.add_argument("--clip-model", default=None, help="CLIP model name or local folder for CLIP score")
     evaluate.add_argument("--out", default=None, help="folder for report.json / report.md / grid.png")
     evaluate.set_defaults(handler=_cmd_eval)
@@ -156,7 +161,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     pipes = _load_variants(args)
     report = evaluate(pipes, _prompts_for(args, next(iter(pipes.values()))),
                       metrics=_split(args.metrics), num_inference_steps=args.steps, seed=args.seed,
-                      fid_reference=args.fid_reference, clip_model=args.clip_model,
+                      fid_reference=_fid_reference(args.fid_reference), fid_cache_dir=args.fid_cache,
+                      clip_model=args.clip_model,
                       call_kwargs=_guidance_kwargs(args))
     return _print_and_save(report, args.out)
 
@@ -207,6 +213,18 @@ def _print_and_save(report: Any, out: str | None) -> int:
 
 def _split(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _fid_reference(text: str | None) -> Any:
+    """``--fid-reference``: ``DATASET:SPLIT`` of the zoo's data becomes its images; anything else (a
+    statistics file or an image folder) passes through to ``evaluate``."""
+    dataset, _, split = (text or "").partition(":")
+    if split and not Path(text).exists():
+        from .zoo import DATASETS, dataset_images
+
+        if dataset in DATASETS:
+            return dataset_images(dataset, split)
+    return text
 
 
 def _guidance_kwargs(args: argparse.Namespace) -> dict:

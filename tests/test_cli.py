@@ -99,6 +99,20 @@ def test_demo_bf16_variant_of_a_pixel_space_pipeline_returns_float_images():
     assert images.dtype == np.float32 and np.isfinite(images).all()
 
 
+def test_eval_fid_against_a_zoo_dataset_split_caches_its_statistics(tmp_path, capsys, monkeypatch):
+    fake_test_split = torch.randint(0, 255, (6, 28, 28), dtype=torch.uint8)
+    monkeypatch.setattr("diffusion_accel.zoo.data.load_split",
+                        lambda split: (fake_test_split, torch.zeros(6, dtype=torch.long)))
+    argv = ["eval", "--pipe", "tiny:sd", "--metrics", "fid", "--num-prompts", "2", "--steps", "2",
+            "--fid-reference", "fashion-mnist:test", "--fid-cache", str(tmp_path)]
+    assert main(argv) == 0
+    header = capsys.readouterr().out.split("| variant |")[1].splitlines()[0]
+    assert "| FID |" in f"|{header}" and "FID vs base" not in header  # against the dataset, not the baseline
+    assert len(list(tmp_path.glob("fid_ref_*.safetensors"))) == 1
+    assert main([*argv[:-4], "--fid-reference", "mnist:valid"]) == 2
+    assert "split must be one of" in capsys.readouterr().err
+
+
 def test_parser_lists_every_subcommand():
     text = build_parser().format_help()
     for command in SUBCOMMANDS:

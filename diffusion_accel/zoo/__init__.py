@@ -79,6 +79,21 @@ def load(name: str, torch_dtype: torch.dtype = torch.float32, folder: str | Path
     return pipe
 
 
+DATASETS = ("fashion-mnist", "mnist")  # the zoo's training data, for FID references
+
+
+def dataset_images(dataset: str, split: str = "test") -> torch.Tensor:
+    """uint8 N×3×32×32 images of ``split`` of the zoo's ``dataset`` ("fashion-mnist" or "mnist"), in the
+    layout zoo pipelines generate (28×28 padded to 32×32, grey replicated to RGB): an FID reference."""
+    from .data import load_split, to_uint8_rgb32
+    from .mnist_data import load_mnist
+
+    loaders = {"fashion-mnist": load_split, "mnist": load_mnist}
+    if dataset not in loaders:
+        raise ValueError(f"unknown zoo dataset {dataset!r}; accepted: {', '.join(DATASETS)}")
+    return to_uint8_rgb32(loaders[dataset](split)[0])
+
+
 def clip_score_loader() -> tuple[Any, Any]:
     """(model, processor) of fashion-clip for ``torchmetrics`` ``CLIPScore(model_name_or_path=clip_score_loader)``.
 
