@@ -74,6 +74,7 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
     from diffusion_accel import load, prompts
     from diffusion_accel.eval import evaluate
     from diffusion_accel.loading import artifact_base, load_pipeline
+    from diffusion_accel.pipeline_defaults import call_defaults, set_call_defaults
     from diffusion_accel.recipes import load_recipe
 
     spec, dtype = artifact_base(folder, args.pipe, args.dtype)
@@ -81,6 +82,7 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
     accelerated = load(type(base)(**base.components), folder)  # swaps in its own copy of the denoiser
     if hasattr(base, "default_sample_size"):
         accelerated.default_sample_size = base.default_sample_size
+    set_call_defaults(accelerated, call_defaults(base))  # a zoo base's call settings (T5 length, CFG)
     guidance = load_recipe(recipe).get("calibration", {}).get("guidance")
     report = evaluate({"base": base, "accelerated": accelerated},
                       prompts.for_pipeline(base, limit=args.check_prompts), metrics=("psnr", "ssim", "latency"),

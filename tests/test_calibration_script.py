@@ -67,3 +67,16 @@ def test_shipped_recipes_build_on_tiny_stand_ins(recipe, family, tmp_path):
                                  "--out", str(out)]) == 0
     row = json.loads((out / "summary.json").read_text())["rows"][0]
     assert row["status"] == "built" and row["check"]["psnr_db"] > 20
+
+
+def test_the_check_calls_both_pipelines_with_a_zoo_bases_call_settings(tmp_path):
+    """fashion-flux needs its 32-token T5 and true CFG (da.call_defaults): the accelerated sibling
+    pipeline must get them too, or base and artifact are sampled differently. Caching every step
+    (interval 1) computes everything, so the images must be identical."""
+    recipe = tmp_path / "flux.toml"
+    recipe.write_text('[model]\nid = "zoo:fashion-flux"\n[calibration]\nsteps = 2\nnum_prompts = 1\n'
+                      '[cache]\nmethod = "block"\ninterval = 1\n')
+    out = tmp_path / "out"
+    assert build_artifacts.main([str(recipe), "--methods", "cache", "--check-prompts", "1", "--check-steps", "3",
+                                 "--check-repeats", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["rows"][0]["check"]["psnr_db"] == float("inf")
