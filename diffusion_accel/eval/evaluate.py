@@ -131,8 +131,8 @@ def default_clip_model(pipelines: Mapping[str, Any]) -> str:
 
         try:
             return str(zoo.path("fashion-clip"))
-        except FileNotFoundError:
-            pass
+        except FileNotFoundError:  # an install without the zoo's weights
+            return DEFAULT_CLIP_MODEL
     return DEFAULT_CLIP_MODEL
 
 
