@@ -83,11 +83,13 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
     if hasattr(base, "default_sample_size"):
         accelerated.default_sample_size = base.default_sample_size
     set_call_defaults(accelerated, call_defaults(base))  # a zoo base's call settings (T5 length, CFG)
-    guidance = load_recipe(recipe).get("calibration", {}).get("guidance")
+    table = load_recipe(recipe)
+    guidance = table.get("calibration", {}).get("guidance")
+    sampling = dict(table.get("call", {})) | ({} if guidance is None else {"guidance_scale": guidance})
     report = evaluate({"base": base, "accelerated": accelerated},
                       prompts.for_pipeline(base, limit=args.check_prompts), metrics=("psnr", "ssim", "latency"),
                       num_inference_steps=args.check_steps, repeats=args.check_repeats, progress=False,
-                      call_kwargs={} if guidance is None else {"guidance_scale": guidance})
+                      call_kwargs=sampling)
     rows = {row["variant"]: row for row in report.rows}
     return {"psnr_db": rows["accelerated"].get("psnr_db"), "ssim": rows["accelerated"].get("ssim"),
             "speedup": rows["accelerated"].get("speedup"), "latency_ms": rows["accelerated"].get("latency_ms"),

@@ -36,6 +36,9 @@ def _add_generation_args(parser: argparse.ArgumentParser, steps: int | None) -> 
                         help=f"denoising steps (default {steps or '25, or the recipe value'})")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default %(default)s)")
+    parser.add_argument("--call", action="append", metavar="KEY=VALUE",
+                        help="a further pipeline argument, repeatable: --call height=512 --call width=512, "
+                             "--call max_sequence_length=256 (VALUE parsed as JSON, else a string)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +144,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     report = run_demo(spec=args.pipe, prompts=args.prompts, num_prompts=args.num_prompts,
-                      steps=args.steps, guidance=args.guidance, seed=args.seed, out=Path(args.out),
+                      steps=args.steps, call_kwargs=_call_kwargs(args), seed=args.seed, out=Path(args.out),
                       repeats=args.repeats, dtype=args.dtype, device=args.device)
     print(report.to_markdown())
     print(f"\nreport, grid and calibration summary (calibration.json) written to {args.out}/")
@@ -163,7 +166,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       metrics=_split(args.metrics), num_inference_steps=args.steps, seed=args.seed,
                       fid_reference=_fid_reference(args.fid_reference), fid_cache_dir=args.fid_cache,
                       clip_model=args.clip_model,
-                      call_kwargs=_guidance_kwargs(args))
+                      call_kwargs=_call_kwargs(args))
     return _print_and_save(report, args.out)
 
 
@@ -185,7 +188,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         prompts = [prompts[index % len(prompts)] for index in range(args.batch_size)]
     report = evaluate(pipes, prompts, metrics=metrics,
                       num_inference_steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                      call_kwargs=_guidance_kwargs(args), warmup=args.warmup, repeats=args.repeats)
+                      call_kwargs=_call_kwargs(args), warmup=args.warmup, repeats=args.repeats)
     return _print_and_save(report, args.out)
 
 
@@ -195,7 +198,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     pipes = _load_variants(args)
     report = evaluate(pipes, _prompts_for(args, next(iter(pipes.values()))), metrics=("latency",),
                       num_inference_steps=args.steps, seed=args.seed, grid_cell_size=args.cell,
-                      call_kwargs=_guidance_kwargs(args), repeats=1)
+                      call_kwargs=_call_kwargs(args), repeats=1)
     path = save_grid(report.grid, args.out)
     print(f"grid {report.grid.width}x{report.grid.height} written to {path}")
     return 0
@@ -227,8 +230,12 @@ def _fid_reference(text: str | None) -> Any:
     return text
 
 
-def _guidance_kwargs(args: argparse.Namespace) -> dict:
-    return {} if args.guidance is None else {"guidance_scale": args.guidance}
+def _call_kwargs(args: argparse.Namespace) -> dict:
+    """Pipeline arguments from ``--call KEY=VALUE`` and ``--guidance``."""
+    from .recipes import parse_call_args
+
+    guidance = {} if args.guidance is None else {"guidance_scale": args.guidance}
+    return parse_call_args(args.call) | guidance
 
 
 def _load_variants(args: argparse.Namespace) -> dict:

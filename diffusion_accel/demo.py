@@ -147,17 +147,20 @@ def _clip_model_folder() -> str | None:
 
 
 def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: int | None = None,
-             steps: int = 20, guidance: float | None = None, seed: int = 0,
+             steps: int = 20, call_kwargs: dict[str, Any] | None = None, seed: int = 0,
              out: Path = Path("diffusion_accel_demo"), repeats: int = 3, dtype: str | None = None,
              device: str | None = None) -> Any:
-    """Run the demo (see module doc) and return the :class:`~diffusion_accel.eval.EvalReport`."""
+    """Run the demo (see module doc) and return the :class:`~diffusion_accel.eval.EvalReport`.
+
+    ``call_kwargs``: further pipeline arguments (``guidance_scale``, ``height``, ...) for calibration
+    and every variant, over the pipeline's own ``call_defaults``."""
     from .eval import evaluate
 
     pipe = load_pipeline(spec or default_demo_spec(), dtype=dtype, device=device)
     prompt_list = (prompt_sets.load(prompts, limit=num_prompts) if prompts
                    else prompt_sets.for_pipeline(pipe, limit=num_prompts))
     out.mkdir(parents=True, exist_ok=True)
-    call_kwargs = {} if guidance is None else {"guidance_scale": guidance}
+    call_kwargs = dict(call_kwargs or {})
     calib, summary = calibration_pass(pipe, prompt_list, steps, seed, call_kwargs)
     (out / "calibration.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     variants = {"fp32": pipe} | {name: build(pipe, calib) for name, build in demo_variants().items()}

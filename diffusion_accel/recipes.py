@@ -2,8 +2,9 @@
 
 A recipe has a ``[model]`` table (``id``: any pipeline spec, ``dtype``) and a ``[calibration]``
 table (``prompts``, ``num_prompts``, ``steps``, ``guidance``, ``selection``, ``weighting``,
-``batch_size``); technique tables (``[cache]``, ...) are read by their techniques. Command-line
-flags override the recipe.
+``batch_size``), an optional ``[call]`` table of further pipeline arguments (``height``, ``width``,
+``max_sequence_length``, ...); technique tables (``[cache]``, ...) are read by their techniques.
+Command-line flags override the recipe (``--call KEY=VALUE`` the ``[call]`` table).
 """
 
 from __future__ import annotations
@@ -48,12 +49,35 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return recipe
 
 
+def parse_call_args(pairs: list[str] | None) -> dict[str, Any]:
+    """``--call KEY=VALUE`` flags -> pipeline keyword arguments; a VALUE that parses as JSON becomes
+    that value (``512``, ``3.5``, ``true``, ``[1, 2]``), anything else stays a string."""
+    kwargs: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"--call {pair!r}: expected KEY=VALUE with a keyword-argument name, "
+                             "e.g. --call height=512 or --call negative_prompt=")
+        try:
+            kwargs[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            kwargs[key.strip()] = text
+    return kwargs
+
+
+def sampling_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline arguments every calibration call gets: the ``[call]`` table + flags, the guidance."""
+    guidance = {} if settings["guidance"] is None else {"guidance_scale": settings["guidance"]}
+    return dict(settings["call"]) | guidance
+
+
 def merged_settings(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
     """Calibration settings: recipe values overridden by flags the user gave. A recipe's
     ``uniform:K`` means at most K steps: with ``--steps`` below K it takes every step."""
     settings = {"steps": 25, "selection": "all", "weighting": "uniform", "batch_size": 1,
                 "prompts": None, "num_prompts": None, "guidance": None}
     settings.update(recipe.get("calibration", {}))
+    settings["call"] = dict(recipe.get("call", {})) | parse_call_args(getattr(args, "call", None))
     for key in CALIBRATION_KEYS:
         value = getattr(args, key, None)
         if value is not None:
@@ -176,11 +200,10 @@ def _run_calibration(pipe: Any, prompt_list: list, settings: dict[str, Any], see
                      collectors: list[Any], store_trajectory: bool) -> Any:
     from .calib import calibrate
 
-    guidance = {} if settings["guidance"] is None else {"guidance_scale": settings["guidance"]}
     return calibrate(pipe, prompt_list, num_inference_steps=settings["steps"], collectors=collectors,
                      steps=_selection(settings["selection"]), weighting=settings["weighting"],
                      batch_size=settings["batch_size"], seed=seed, store_trajectory=store_trajectory,
-                     **guidance)
+                     **sampling_kwargs(settings))
 
 
 def technique_configs(methods: list[str], args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
@@ -231,8 +254,8 @@ def _apply_cache(pipe: Any, args: argparse.Namespace, recipe: dict[str, Any], pr
     table |= {key: value for key, value in flags if value is not None}
     if not table.get("method"):
         raise ValueError("--method cache needs a cache: give --cache-method or a recipe with a [cache] table")
-    guidance = {} if settings["guidance"] is None else {"guidance_scale": settings["guidance"]}
-    config = config_from_table(pipe, table, prompt_list, settings["steps"], seed=args.seed, **guidance)
+    config = config_from_table(pipe, table, prompt_list, settings["steps"], seed=args.seed,
+                               **sampling_kwargs(settings))
     enable_cache(pipe, config)
     return f"cache: {json.dumps(config_to_dict(config))}"
 

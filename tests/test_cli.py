@@ -113,6 +113,39 @@ def test_eval_fid_against_a_zoo_dataset_split_caches_its_statistics(tmp_path, ca
     assert "split must be one of" in capsys.readouterr().err
 
 
+def test_call_flags_parse_json_values_and_refuse_malformed_pairs():
+    from diffusion_accel.recipes import parse_call_args
+
+    assert parse_call_args(["height=512", "true_cfg_scale=3.5", "use_resolution_binning=false",
+                            "negative_prompt=", "negative_prompt_2=blurry, dark"]) == {
+        "height": 512, "true_cfg_scale": 3.5, "use_resolution_binning": False, "negative_prompt": "",
+        "negative_prompt_2": "blurry, dark"}
+    for bad in ("height", "=3", "2x=1"):
+        with pytest.raises(ValueError, match="expected KEY=VALUE"):
+            parse_call_args([bad])
+
+
+def test_call_flags_reach_the_pipeline(tmp_path):
+    """--call height/width changes the generated size: 4x the pixels, ~4x the denoiser FLOPs."""
+    flops = {}
+    for side in (32, 64):
+        out = tmp_path / str(side)
+        assert main(["eval", "--pipe", "tiny:sd", "--metrics", "flops", "--num-prompts", "1", "--steps", "2",
+                     "--call", f"height={side}", "--call", f"width={side}", "--out", str(out)]) == 0
+        flops[side] = json.loads((out / "report.json").read_text())["rows"][0]["gflops_per_denoiser_call"]
+    assert 3.5 < flops[64] / flops[32] < 4.5
+
+
+def test_a_recipes_call_table_reaches_calibration_and_flags_override_it(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nid = "tiny:sd"\n[calibration]\nsteps = 2\nnum_prompts = 1\n'
+                      '[call]\nheight = 64\nwidth = 64\n')
+    out = tmp_path / "art"
+    assert main(["calibrate", "--recipe", str(recipe), "--method", "ptq", "--call", "width=48", "--out", str(out)]) == 0
+    notes = json.loads((out / "calibration.json").read_text())
+    assert notes["settings"]["call"] == {"height": 64, "width": 48}
+
+
 def test_parser_lists_every_subcommand():
     text = build_parser().format_help()
     for command in SUBCOMMANDS:
