@@ -356,3 +356,12 @@ def test_clip_score_truncates_long_prompts_keeping_the_end_token(monkeypatch):
         warnings.simplefilter("error", UserWarning)  # no "max_length is ignored" on every call
         score = clip_score(image, [long], model=zoo.path("fashion-clip"))
     assert score > 10
+
+
+def test_the_fashion_prompt_set_is_the_training_captions():
+    """The bundled prompts must use the words the zoo was trained on ("a pair of trousers", not the
+    out-of-vocabulary "a trouser", which both pipelines drew as other garments)."""
+    from diffusion_accel import prompts
+    from diffusion_accel.zoo.captions import caption
+
+    assert prompts.load("fashion") == [caption(label, 0) for label in range(10)]
