@@ -15,7 +15,7 @@ from diffusion_accel.loading import default_demo_spec, load_pipeline
 def generate(pipe, steps: int) -> tuple[torch.Tensor, float]:
     start = time.perf_counter()
     images = pipe("a photo of a sneaker", num_inference_steps=steps, output_type="pt",
-                  generator=torch.Generator().manual_seed(0)).images
+                  generator=torch.Generator().manual_seed(0), **da.call_defaults(pipe)).images
     return images, time.perf_counter() - start
 
 
