@@ -19,6 +19,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMPipeline, DiTPipeline,
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config,
                           T5EncoderModel)
 
+from ..pipeline_defaults import set_call_defaults
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
 TEXT_DIM = 32
@@ -151,8 +152,12 @@ def tiny_pixart_pipeline(seed: int = 0) -> PixArtAlphaPipeline:
         attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
         norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
     ).eval()
-    return PixArtAlphaPipeline(tokenizer=t5_tokenizer(), text_encoder=tiny_t5(), vae=tiny_vae(),
+    pipe = PixArtAlphaPipeline(tokenizer=t5_tokenizer(), text_encoder=tiny_t5(), vae=tiny_vae(),
                                transformer=transformer, scheduler=DDIMScheduler())
+    # Its 16-latent sample size is none of PixArt's resolution-binning tables ("Invalid sample size"),
+    # and clean_caption needs bs4 + ftfy: every call the library makes turns both off.
+    set_call_defaults(pipe, {"use_resolution_binning": False, "clean_caption": False})
+    return pipe
 
 
 def tiny_dit_pipeline(seed: int = 0) -> DiTPipeline:
