@@ -26,7 +26,9 @@ DESCRIPTIONS = {
         "decoder was fine-tuned after the UNet's latents were fixed (stage `fashion-sd-decoder`: encoder frozen, "
         "L1 + L2 + a small PatchGAN), which sharpens decoding without changing the latent space. "
         "Generate at the native size: `pipe(prompt, height=32, width=32, guidance_scale=3.0)` (on the FID "
-        "plateau of a sweep against the train split, `benchmarks/results/zoo_guidance_sweep_sd.md`)."),
+        "plateau of a sweep against the train split, `benchmarks/results/zoo_guidance_sweep_sd.md`); "
+        "`diffusion_accel.zoo.load` tags the pipeline with these settings: `pipe(prompt, "
+        "**diffusion_accel.call_defaults(pipe))`, and the library's own calls apply them."),
     "fashion-flux": (
         "A `FluxPipeline`: `FluxTransformer2DModel` (2 double-stream + 4 single-stream blocks, 4 heads × 32, "
         "no guidance embedding), `AutoencoderKL` with 16 latent channels (32×32 → 8×8×16, packed 2×2 into "
@@ -35,7 +37,9 @@ DESCRIPTIONS = {
         "embedding, `FlowMatchEulerDiscreteScheduler` (shift 1). Trained with 10% caption dropout, so true CFG "
         "works (`negative_prompt=\"\", true_cfg_scale=3.0`). **Call it with `max_sequence_length=32`** (the T5 "
         "length it was trained with; FluxPipeline's default 512 pads with tokens it never saw): "
-        "`pipe(prompt, height=32, width=32, max_sequence_length=32)`."),
+        "`pipe(prompt, height=32, width=32, max_sequence_length=32)`. `diffusion_accel.zoo.load` tags the "
+        "pipeline with these settings: `pipe(prompt, **diffusion_accel.call_defaults(pipe))`, and the "
+        "library's own calls apply them."),
     "mnist-ddpm": (
         "An unconditional pixel-space `DDPMPipeline`: `UNet2DModel` on 32×32×1 (blocks 16/32/64 at 32/16/8 px, "
         "one ResBlock per level, self-attention at 8×8 in the last down block, the mid block and the first up "
