@@ -174,3 +174,4 @@ def test_config_dict_round_trip_and_presets():
     config = PTQConfig.preset("qdiffusion")
     assert config.weights == "int4" and config.reconstruct and config.recon_iters == 20000
     assert PTQConfig.from_dict(config.to_dict()) == config
+    assert PTQConfig.preset("W8A8") == PTQConfig.preset("w8a8")  # as papers write it

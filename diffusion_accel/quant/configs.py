@@ -104,10 +104,11 @@ class PTQConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "PTQConfig":
-        """A named recipe ("w8a8", "w4a8", "w8a16", "fp8", "w4a16", "qdiffusion", "cpu-fast")."""
-        if name not in PRESETS:
+        """A named recipe ("w8a8", "w4a8", "w8a16", "fp8", "w4a16", "qdiffusion", "cpu-fast"; any case)."""
+        key = name.lower() if isinstance(name, str) else name
+        if key not in PRESETS:
             raise ValueError(f"unknown PTQ preset {name!r}; accepted: {', '.join(PRESETS)}")
-        return cls(**(PRESETS[name] | overrides))
+        return cls(**(PRESETS[key] | overrides))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
