@@ -11,7 +11,14 @@ A new pipeline call is detected without patching anything on the pipeline: every
 calls ``scheduler.set_timesteps`` at the start of ``__call__``, which builds a new
 ``scheduler.timesteps`` tensor. When the tracker sees a different tensor object than on its last
 call, a new trajectory has begun and all state resets. (Assigning ``pipe.__call__`` on an instance
-would not work: Python looks ``__call__`` up on the class.)
+would not work: Python looks ``__call__`` up on the class.) That watches the scheduler of the
+pipeline the technique was applied to; the denoiser may also be called by another pipeline built
+from its components with a scheduler of its own, or outlive that pipeline. So a call whose timestep
+is not a view of the watched ``scheduler.timesteps`` (SD, SDXL, SD3, PixArt, DiT and DDPM pass
+views; checking costs no device sync) is checked by value instead: the first such call after calls
+that were views, or a timestep above the previous one in the same context (samplers only descend),
+starts a new trajectory. Denoisers with diffusers' ``CacheMixin`` (Flux) skip the value check:
+their pipelines reset stateful hooks (``reset_state`` here) at the end of every call.
 
 Hook order: a plain torch forward *pre*-hook registered on the denoiser itself runs before the
 tracker's ``pre_forward`` and still sees the previous call's step; read the tracker from hooks on
@@ -26,6 +33,7 @@ from typing import Any, Callable
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.hooks.hooks import StateManager
 
 TRACKER_HOOK_NAME = "diffusion_accel.step_tracker"
@@ -76,6 +84,8 @@ class StepTracker(ModelHook):
         self._clients: dict[str, _Client] = {}
         self._counters: dict[str, int] = {}
         self._last_timesteps: torch.Tensor | None = None
+        self._last_values: dict[str, float] = {}  # per context: the previous unvouched call's timestep
+        self._vouched: bool = False  # whether the previous call's timestep was a view of the watched ones
         self.step_index: int = 0
         self._timestep_argument: Any = None
         self._timestep_value: float | None = None
@@ -106,6 +116,7 @@ class StepTracker(ModelHook):
     def reset(self) -> None:
         """Forget all step counters and every client's state (a new trajectory begins)."""
         self._counters.clear()
+        self._last_values.clear()
         self.calls_since_reset = 0
         for client in self._clients.values():
             client.states.clear()
@@ -143,11 +154,27 @@ class StepTracker(ModelHook):
         timesteps = getattr(scheduler, "timesteps", None)
         return timesteps if isinstance(timesteps, torch.Tensor) else None
 
-    def _detect_new_call(self) -> None:
+    def _detect_new_call(self) -> bool:
+        """Reset if the watched scheduler has new timesteps; returns whether the current timestep
+        argument is a view of them (so that scheduler vouches for this call)."""
         timesteps = self._scheduler_timesteps()
         if timesteps is not None and timesteps is not self._last_timesteps:
             self._last_timesteps = timesteps
             self.reset()
+        return _is_view_of(self._timestep_argument, timesteps)
+
+    def _detect_other_caller(self, module: torch.nn.Module, context: str) -> None:
+        """For a call the watched scheduler does not vouch for: reset on a switch of caller or a rising
+        timestep in ``context`` (a new descent); ``CacheMixin`` denoisers are reset by diffusers."""
+        if isinstance(module, CacheMixin):
+            return
+        value = self.timestep
+        previous = self._last_values.get(context)
+        if self._vouched and self.calls_since_reset or (value is not None and previous is not None
+                                                         and value > previous):
+            self.reset()
+        if value is not None:
+            self._last_values[context] = value
 
     @property
     def timestep(self) -> float | None:
@@ -161,10 +188,14 @@ class StepTracker(ModelHook):
     # torch.compile graphs so it costs one clean graph break instead of recompiles and splits.
     @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
-        self._detect_new_call()
-        self.context = self._pinned_context or self._context_reader.current_name()
-        self.step_index = self._counters.get(self.context, 0)
         self._timestep_argument, self._timestep_value = _timestep_argument(args, kwargs), None
+        context = self._pinned_context or self._context_reader.current_name()
+        vouched = self._detect_new_call() or self._pinned_context is not None
+        if not vouched:
+            self._detect_other_caller(module, context)
+        self._vouched = vouched
+        self.context = context
+        self.step_index = self._counters.get(context, 0)
         self.in_call = True
         return args, kwargs
 
@@ -178,6 +209,13 @@ class StepTracker(ModelHook):
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.reset()
         return module
+
+
+def _is_view_of(value: Any, timesteps: torch.Tensor | None) -> bool:
+    """Whether tensor ``value`` shares ``timesteps``' storage (an element, slice or expand of it)."""
+    if not isinstance(value, torch.Tensor) or timesteps is None or value.device != timesteps.device:
+        return False
+    return value.untyped_storage().data_ptr() == timesteps.untyped_storage().data_ptr()
 
 
 def _timestep_argument(args: tuple, kwargs: dict) -> Any:

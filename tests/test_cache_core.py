@@ -29,8 +29,8 @@ def test_skipped_step_returns_cached_output_and_computed_step_the_new_one():
     session.cached_blocks, session.total_blocks = ("blocks.0",), 2
     session.hook(toy.blocks[0], CachedOutputHook(session, "blocks.0"))
     session.hook(toy.blocks[1], ModelHookReady(session))
-    outputs = [float(toy(None, t)) for t in (1, 4, 4)]
-    assert outputs == [41.0, 41.0, 44.0]  # step 0 computed, step 1 reused, step 2 computed
+    outputs = [float(toy(None, t)) for t in (4, 1, 1)]  # timesteps descend, as in every sampler
+    assert outputs == [44.0, 44.0, 41.0]  # step 0 computed, step 1 reused, step 2 computed
     assert [r.computed for r in session.records] == [True, False, True]
     end_session(session)
     assert float(toy(None, 4)) == 44.0 and not hasattr(toy.blocks[0], "_diffusers_hook")

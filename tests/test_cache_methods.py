@@ -11,8 +11,9 @@ from torch import nn
 import diffusion_accel as da
 from cache_toys import Offset, Toy
 from diffusion_accel.arch import find_denoiser, get_adapter
-from diffusion_accel.cache import (FASTER_DIFFUSION_KEY_STEPS, BlockCacheConfig, DeltaCacheConfig, EncoderPropagationConfig,
-                                   TeaCacheConfig, enable_cache, remove_cache, summary)
+from diffusion_accel.cache import (FASTER_DIFFUSION_KEY_STEPS, BlockCacheConfig, DeepCacheConfig, DeltaCacheConfig,
+                                   EncoderPropagationConfig, TeaCacheConfig, enable_cache, remove_cache,
+                                   summary)
 from diffusion_accel.cache.configs import config_from_dict, config_to_dict
 from diffusion_accel.cache.delta import DeltaBlockHook, delta_spans
 from diffusion_accel.cache.encoder import key_steps
@@ -191,6 +192,24 @@ def test_diffusers_own_cache_must_be_disabled_first():
     assert find_denoiser(pipe)[1].is_cache_enabled and get_session(find_denoiser(pipe)[1]) is None
     pipe.transformer.disable_cache()
     enable_cache(pipe, DeltaCacheConfig())
+
+
+def test_a_pipeline_built_from_the_components_with_its_own_scheduler_repeats_its_images():
+    """Per-call reset must not depend on which pipeline calls the cached denoiser: with 5 steps and
+    interval 3, a missed reset starts the second call mid-schedule on the first call's stale features."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    def other_pipeline(pipe):
+        return StableDiffusionPipeline(**{**pipe.components,
+                                          "scheduler": DDIMScheduler.from_config(pipe.scheduler.config)})
+
+    config = DeepCacheConfig(interval=3, branch=0)
+    fresh = other_pipeline(build_tiny("sd"))
+    enable_cache(fresh, config)  # enabled on the very pipeline that calls it
+    expected = fresh(**tiny_call_kwargs("sd", steps=5)).images
+    other = other_pipeline(enable_cache(build_tiny("sd"), config))
+    for _ in range(2):
+        assert torch.equal(other(**tiny_call_kwargs("sd", steps=5)).images, expected)
 
 
 # ---- every family, CFG, per-call state, drop-in, save/load ----------------------------------------

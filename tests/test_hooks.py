@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from diffusion_accel.arch import find_denoiser
 from diffusion_accel.hooks import (ModuleHooks, attach_tracker, detach_tracker_if_unused,
                                    get_tracker, use_tracker)
 from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
@@ -27,18 +28,56 @@ def test_step_index_counts_calls_and_records_timestep():
     assert get_tracker(model) is None
 
 
-def test_timestep_is_read_from_the_tensor_only_when_asked(monkeypatch):
-    """A GPU tensor's .item() waits for the device: hooks that never read the timestep must not pay it."""
-    model, reads = AddOne(), []
-    real_item = torch.Tensor.item
-    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or real_item(self))
+def test_pipeline_calls_never_read_the_timestep_value(monkeypatch):
+    """A GPU tensor's .item() waits for the device: the tracker must not pay it when the watched
+    scheduler vouches for the call (the timestep is a view of its timesteps: SD, SDXL, SD3, PixArt,
+    DiT, DDPM), nor on Flux, which diffusers resets itself at the end of every call."""
+    from diffusion_accel import hooks
+
+    reads = []
+    real = hooks._scalar_timestep
+    monkeypatch.setattr(hooks, "_scalar_timestep", lambda value: reads.append(1) or real(value))
+    for family in ("sd", "flux"):
+        pipe = build_tiny(family)
+        with use_tracker(find_denoiser(pipe)[1], "probe", pipeline=pipe) as tracker:
+            pipe(**tiny_call_kwargs(family, steps=2))
+            assert reads == []
+            assert tracker.timestep is not None and tracker.timestep == tracker.timestep
+            assert reads == [1]  # converted once when asked, then remembered
+        reads.clear()
+
+
+def test_a_bare_denoiser_starts_a_new_trajectory_when_the_timestep_rises():
+    """No pipeline vouches for the calls (a custom sampling loop): the timestep value decides."""
+    model, seen = AddOne(), []
     with use_tracker(model, "probe") as tracker:
-        model(torch.zeros(1), timestep=torch.tensor([750]))
-        assert reads == []
-        assert tracker.timestep == 750.0 and tracker.timestep == 750.0
-        assert reads == [1]  # converted once, then remembered
-        model(torch.zeros(1), torch.tensor([250]))  # positional timestep, a new call
-        assert tracker.timestep == 250.0
+        for t in (900, 500, 100, 900, 400, 400):  # the last repeats a timestep, as Heun's second stage does
+            model(torch.zeros(1), torch.tensor([t]))
+            seen.append(tracker.step_index)
+    assert seen == [0, 1, 2, 0, 1, 2]
+
+
+def test_a_pipeline_sharing_the_denoiser_with_its_own_scheduler_gets_fresh_state():
+    """The tracker watches the scheduler of the pipeline it was attached with; a pipeline built from
+    its components with another scheduler, or one outliving it, still starts every call at step 0."""
+    import gc
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = build_tiny("sd")
+    other = StableDiffusionPipeline(**{**pipe.components,
+                                       "scheduler": DDIMScheduler.from_config(pipe.scheduler.config)})
+    steps: list[int] = []
+    with use_tracker(pipe.unet, "probe", pipeline=pipe) as tracker:
+        with ModuleHooks() as module_hooks:
+            module_hooks.pre(pipe.unet.conv_in, lambda module, args: steps.append(tracker.step_index))
+            pipe(**tiny_call_kwargs("sd", steps=3))
+            other(**tiny_call_kwargs("sd", steps=3))
+            other(**tiny_call_kwargs("sd", steps=3))
+            del pipe
+            gc.collect()
+            other(**tiny_call_kwargs("sd", steps=3))
+    assert steps == [0, 1, 2] * 4
 
 
 def test_tracker_resets_on_new_pipeline_call():
