@@ -33,8 +33,8 @@ from typing import Any, Callable
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.models.cache_utils import CacheMixin
 from diffusers.hooks.hooks import StateManager
+from diffusers.models.cache_utils import CacheMixin
 
 TRACKER_HOOK_NAME = "diffusion_accel.step_tracker"
 DEFAULT_CONTEXT = "default"
@@ -170,8 +170,8 @@ class StepTracker(ModelHook):
             return
         value = self.timestep
         previous = self._last_values.get(context)
-        if self._vouched and self.calls_since_reset or (value is not None and previous is not None
-                                                         and value > previous):
+        caller_switched = self._vouched and self.calls_since_reset > 0
+        if caller_switched or (value is not None and previous is not None and value > previous):
             self.reset()
         if value is not None:
             self._last_values[context] = value
