@@ -75,7 +75,7 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
     from diffusion_accel.eval import evaluate
     from diffusion_accel.loading import artifact_base, load_pipeline
     from diffusion_accel.pipeline_defaults import call_defaults, set_call_defaults
-    from diffusion_accel.recipes import load_recipe
+    from diffusion_accel.recipes import load_recipe, sampling_kwargs
 
     spec, dtype = artifact_base(folder, args.pipe, args.dtype)
     base = load_pipeline(spec, dtype=dtype, device=args.device)
@@ -84,8 +84,8 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
         accelerated.default_sample_size = base.default_sample_size
     set_call_defaults(accelerated, call_defaults(base))  # a zoo base's call settings (T5 length, CFG)
     table = load_recipe(recipe)
-    guidance = table.get("calibration", {}).get("guidance")
-    sampling = dict(table.get("call", {})) | ({} if guidance is None else {"guidance_scale": guidance})
+    sampling = sampling_kwargs({"call": table.get("call", {}),
+                                "guidance": table.get("calibration", {}).get("guidance")})
     report = evaluate({"base": base, "accelerated": accelerated},
                       prompts.for_pipeline(base, limit=args.check_prompts), metrics=("psnr", "ssim", "latency"),
                       num_inference_steps=args.check_steps, repeats=args.check_repeats, progress=False,

@@ -137,15 +137,6 @@ def _top(values: dict[str, float], count: int, lowest: bool = False) -> dict[str
     return {name: round(float(value), 4) for name, value in ordered[:count]}
 
 
-def _clip_model_folder() -> str | None:
-    from . import zoo
-
-    try:
-        return str(zoo.path("fashion-clip"))
-    except FileNotFoundError:
-        return None
-
-
 def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: int | None = None,
              steps: int = 20, call_kwargs: dict[str, Any] | None = None, seed: int = 0,
              out: Path = Path("diffusion_accel_demo"), repeats: int = 3, dtype: str | None = None,
@@ -164,7 +155,9 @@ def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: i
     calib, summary = calibration_pass(pipe, prompt_list, steps, seed, call_kwargs)
     (out / "calibration.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     variants = {"fp32": pipe} | {name: build(pipe, calib) for name, build in demo_variants().items()}
-    clip_folder = _clip_model_folder()
+    from .zoo import bundled_clip
+
+    clip_folder = bundled_clip()
     metrics = ("psnr", "ssim", "latency", "flops") + (("clip",) if clip_folder else ())
     return evaluate(variants, prompt_list, metrics=metrics, num_inference_steps=steps, seed=seed,
                     clip_model=clip_folder, call_kwargs=call_kwargs, output_dir=out, repeats=repeats)

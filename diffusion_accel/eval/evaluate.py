@@ -127,12 +127,9 @@ def default_clip_model(pipelines: Mapping[str, Any]) -> str:
     needs the hub), else ``DEFAULT_CLIP_MODEL``."""
     specs = [(pipeline_source(pipe) or {}).get("spec", "") for pipe in pipelines.values()]
     if specs and all(spec.startswith("zoo:fashion-") for spec in specs):
-        from .. import zoo
+        from ..zoo import bundled_clip
 
-        try:
-            return str(zoo.path("fashion-clip"))
-        except FileNotFoundError:  # an install without the zoo's weights
-            return DEFAULT_CLIP_MODEL
+        return bundled_clip() or DEFAULT_CLIP_MODEL  # None: an install without the zoo's weights
     return DEFAULT_CLIP_MODEL
 
 

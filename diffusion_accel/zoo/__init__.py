@@ -79,6 +79,14 @@ def load(name: str, torch_dtype: torch.dtype = torch.float32, folder: str | Path
     return pipe
 
 
+def bundled_clip() -> str | None:
+    """Folder of the shipped fashion-clip (the in-domain CLIP for CLIP score), None if not installed."""
+    try:
+        return str(path("fashion-clip"))
+    except FileNotFoundError:
+        return None
+
+
 DATASETS = ("fashion-mnist", "mnist")  # the zoo's training data, for FID references
 
 
