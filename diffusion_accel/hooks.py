@@ -3,7 +3,16 @@
 A :class:`StepTracker` is attached once per denoiser (as a diffusers ``ModelHook``). On every
 denoiser call it knows the step index within the current pipeline call, the timestep, and the
 context name ("cond"/"uncond" when the pipeline uses ``denoiser.cache_context``; ``"default"``
-otherwise, e.g. SD's batched CFG). Techniques register named *clients* with the tracker and keep
+otherwise, e.g. SD's batched CFG).
+
+The step index is the call's position in ``scheduler.timesteps`` whenever that is known without a
+device sync: from the offset of a timestep that is a view of them, else from the watched
+scheduler's ``step_index``/``begin_index`` when that scheduler runs this call. So img2img and
+inpainting, which start mid-schedule (strength < 1), index the same steps a text-to-image call
+would, and timestep-dependent schedules and scales stay aligned. A second call at the same position
+in the same context (pipelines that run CFG's two branches as separate calls without
+``cache_context``, e.g. FluxImg2ImgPipeline's true CFG) gets a context of its own, ``"default#1"``,
+so the branches never share state. Otherwise calls are counted from the start of the trajectory. Techniques register named *clients* with the tracker and keep
 their state in ``tracker.state(client)``, which is separate per context and cleared at the start of
 every pipeline call.
 
@@ -85,6 +94,8 @@ class StepTracker(ModelHook):
         self._counters: dict[str, int] = {}
         self._last_timesteps: torch.Tensor | None = None
         self._last_values: dict[str, float] = {}  # per context: the previous unvouched call's timestep
+        self._last_positions: dict[str, int] = {}  # per context: the previous call's position in the timesteps
+        self._scheduler_live: bool = False  # the watched scheduler's timesteps were set in this trajectory
         self._vouched: bool = False  # whether the previous call's timestep was a view of the watched ones
         self.step_index: int = 0
         self._timestep_argument: Any = None
@@ -117,6 +128,8 @@ class StepTracker(ModelHook):
         """Forget all step counters and every client's state (a new trajectory begins)."""
         self._counters.clear()
         self._last_values.clear()
+        self._last_positions.clear()
+        self._scheduler_live = False
         self.calls_since_reset = 0
         for client in self._clients.values():
             client.states.clear()
@@ -161,6 +174,7 @@ class StepTracker(ModelHook):
         if timesteps is not None and timesteps is not self._last_timesteps:
             self._last_timesteps = timesteps
             self.reset()
+            self._scheduler_live = True
         return _is_view_of(self._timestep_argument, timesteps)
 
     def _detect_other_caller(self, module: torch.nn.Module, context: str) -> None:
@@ -175,6 +189,36 @@ class StepTracker(ModelHook):
             self.reset()
         if value is not None:
             self._last_values[context] = value
+
+    def _place(self, context: str, vouched: bool) -> tuple[str, int]:
+        """This call's (context, step index): its position in the timesteps when known, a context of
+        its own for a repeated position (a CFG branch called separately), else the call count."""
+        position = self._position(vouched)
+        if position is None:
+            return context, self._counters.get(context, 0)
+        branch, repeat = context, 0
+        while self._last_positions.get(branch) == position:
+            repeat += 1
+            branch = f"{context}#{repeat}"
+        self._last_positions[branch] = position
+        return branch, position
+
+    def _position(self, vouched: bool) -> int | None:
+        """Index of this call's timestep in the watched ``scheduler.timesteps``, or None if unknown:
+        a view's offset, else the scheduler's ``step_index`` (None before its first step, then
+        ``begin_index``, else 0) while that scheduler drives this trajectory."""
+        timesteps = self._scheduler_timesteps()
+        if timesteps is None:
+            return None
+        if vouched:
+            return _view_position(self._timestep_argument, timesteps)
+        scheduler = self.pipeline.scheduler
+        if not self._scheduler_live or not hasattr(scheduler, "begin_index"):
+            return None
+        position = getattr(scheduler, "step_index", None)
+        position = getattr(scheduler, "begin_index", None) if position is None else position
+        position = 0 if position is None else int(position)
+        return position if position < len(timesteps) else None
 
     @property
     def timestep(self) -> float | None:
@@ -194,8 +238,11 @@ class StepTracker(ModelHook):
         if not vouched:
             self._detect_other_caller(module, context)
         self._vouched = vouched
+        if self._pinned_context is None:
+            context, self.step_index = self._place(context, vouched)
+        else:
+            self.step_index = self._counters.get(context, 0)
         self.context = context
-        self.step_index = self._counters.get(context, 0)
         self.in_call = True
         return args, kwargs
 
@@ -216,6 +263,15 @@ def _is_view_of(value: Any, timesteps: torch.Tensor | None) -> bool:
     if not isinstance(value, torch.Tensor) or timesteps is None or value.device != timesteps.device:
         return False
     return value.untyped_storage().data_ptr() == timesteps.untyped_storage().data_ptr()
+
+
+def _view_position(value: torch.Tensor, timesteps: torch.Tensor) -> int | None:
+    """Index in 1-D ``timesteps`` of the element view ``value`` starts at (None if not a valid one)."""
+    stride = timesteps.stride(0) if timesteps.dim() == 1 else 0
+    if stride <= 0:
+        return None
+    offset, remainder = divmod(value.storage_offset() - timesteps.storage_offset(), stride)
+    return offset if remainder == 0 and 0 <= offset < len(timesteps) else None
 
 
 def _timestep_argument(args: tuple, kwargs: dict) -> Any:

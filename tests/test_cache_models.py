@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import FluxImg2ImgPipeline, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
 
 from diffusion_accel.cache import (BlockCacheConfig, DeepCacheConfig, FirstBlockCacheConfig,
                                    TeaCacheConfig, calibrate_schedule, enable_cache,
@@ -114,6 +114,47 @@ def test_flux_true_cfg_keeps_separate_state_per_context():
     contexts = [(s["context"], s["step"], s["computed"]) for s in summary(pipe)["steps"]]
     for context in ("cond", "uncond"):
         assert [(st, c) for ctx, st, c in contexts if ctx == context] == [(0, True), (1, False), (2, True), (3, False)]
+
+
+def _img2img(pipe, pipeline_class, **overrides):
+    """Run ``pipeline_class`` built from ``pipe``'s components (shared scheduler) at strength 0.5 of 10 steps."""
+    img2img = pipeline_class(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a shoe", image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
+                  num_inference_steps=10, strength=0.5, output_type="latent",
+                  generator=torch.Generator().manual_seed(0))
+    return img2img(**(kwargs | overrides)).images
+
+
+def test_img2img_steps_are_positions_in_the_schedule():
+    """Starting mid-schedule (strength 0.5 of 10 steps) runs steps 5..9 of the schedule, not 0..4:
+    timestep-dependent schedules and PTQ's step-group scales stay aligned with text-to-image."""
+    pipe = build_tiny("sd")
+    enable_cache(pipe, DeepCacheConfig(interval=2))
+    _img2img(pipe, StableDiffusionImg2ImgPipeline)
+    steps = [(s["step"], s["computed"]) for s in summary(pipe)["steps"]]
+    assert steps == [(5, True), (6, True), (7, False), (8, True), (9, False)]
+
+
+def test_flux_img2img_true_cfg_without_cache_context_keeps_branches_apart():
+    """FluxImg2ImgPipeline calls the transformer twice per step without ``cache_context``: the
+    second call at a step gets its own state ("default#1") instead of reusing the first's."""
+    pipe = build_tiny("flux")
+    enable_cache(pipe, BlockCacheConfig(interval=2))
+    residuals = {}
+
+    def inspect(_pipe, step, _t, kwargs):
+        tracker = get_tracker(_pipe.transformer)
+        residuals[step] = [tracker.state("cache", c)["residual"]["hidden"].clone() for c in ("default", "default#1")]
+        return kwargs
+
+    _img2img(pipe, FluxImg2ImgPipeline, height=32, width=32, negative_prompt="blurry", true_cfg_scale=3.0,
+             callback_on_step_end=inspect)
+    assert not torch.equal(*residuals[0])
+    records = [(s["context"], s["step"], s["computed"]) for s in summary(pipe)["steps"]]
+    for context in ("default", "default#1"):
+        assert [(st, c) for ctx, st, c in records if ctx == context] == \
+            [(5, True), (6, True), (7, False), (8, True), (9, False)]
 
 
 @pytest.mark.parametrize("family, config", [
