@@ -7,6 +7,11 @@ missing weight at random. Once a technique is applied (``artifact.mark_applied``
 the pipeline's ``save_pretrained`` check the state dict against the config first and, if they
 differ, raise before anything is written, pointing to ``da.save``. Weight-preserving techniques
 (feature caching, unstructured pruning) pass the check and save as diffusers would.
+
+The denoiser's ``fuse_qkv_projections`` is guarded the same way: diffusers concatenates
+``to_q/to_k/to_v.weight`` into one float layer, which fails on an int8 GEMM layer (no ``weight``)
+and silently dequantizes a simulated or weight-only one. It refuses while any attention projection
+is not a plain ``nn.Linear`` with a dense weight; pruned plain layers fuse as diffusers would.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import torch
 from torch import nn
 
 SAVE_METHOD = "save_pretrained"
+FUSE_METHOD = "fuse_qkv_projections"
+PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 _EXAMPLES = 3  # mismatched tensor names quoted in the error
 
 
@@ -26,19 +33,52 @@ class UnsavableModelError(ValueError):
     """``save_pretrained`` was called on a denoiser whose tensors diffusers could not load back."""
 
 
+class UnfusableModelError(ValueError):
+    """``fuse_qkv_projections`` was called on a denoiser whose projections diffusers cannot fuse."""
+
+
 def install_guards(pipe: Any, denoiser: nn.Module) -> None:
-    """Guard ``denoiser.save_pretrained`` and, when ``pipe`` is a pipeline, ``pipe.save_pretrained``.
+    """Guard ``denoiser.save_pretrained`` / ``fuse_qkv_projections`` and, when ``pipe`` is a pipeline,
+    ``pipe.save_pretrained`` (``pipe.fuse_qkv_projections`` calls the denoiser's).
 
     Bound methods on the instances (not the classes): a deep copy of the denoiser carries its own.
     """
-    _install(denoiser, _guarded_model_save)
+    _install(denoiser, SAVE_METHOD, _guarded_model_save)
+    _install(denoiser, FUSE_METHOD, _guarded_model_fuse)
     if pipe is not denoiser:
-        _install(pipe, _guarded_pipeline_save)
+        _install(pipe, SAVE_METHOD, _guarded_pipeline_save)
 
 
-def _install(owner: Any, guarded: Any) -> None:
-    if callable(getattr(type(owner), SAVE_METHOD, None)) and SAVE_METHOD not in vars(owner):
-        object.__setattr__(owner, SAVE_METHOD, types.MethodType(guarded, owner))
+def _install(owner: Any, method: str, guarded: Any) -> None:
+    if callable(getattr(type(owner), method, None)) and method not in vars(owner):
+        object.__setattr__(owner, method, types.MethodType(guarded, owner))
+
+
+def _guarded_model_fuse(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    check_fusable(model)
+    return type(model).fuse_qkv_projections(model, *args, **kwargs)
+
+
+def check_fusable(denoiser: nn.Module) -> None:
+    """Raise ``UnfusableModelError`` naming the first attention projection that is not a plain
+    ``nn.Linear`` with a dense weight (quantized, or a sparse-kernel weight)."""
+    from .artifact import applied_techniques
+
+    for name, module in denoiser.named_modules():
+        for attribute in PROJECTIONS:
+            projection = getattr(module, attribute, None)
+            if projection is None or _plain_linear(projection):
+                continue
+            raise UnfusableModelError(
+                f"fuse_qkv_projections() cannot fuse {name}.{attribute} ({type(projection).__name__}): "
+                f"techniques {applied_techniques(denoiser)} replaced it, and diffusers fuses only plain "
+                f"nn.Linear projections (it would fail, or dequantize the layer into a float fused one). "
+                f"Keep the projections unfused: quantized ones already run as separate low-precision "
+                f"layers. Pruned plain layers fuse normally.")
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and type(module.weight.data) is torch.Tensor
 
 
 def _guarded_model_save(model: nn.Module, save_directory: Any, *args: Any, **kwargs: Any) -> Any:

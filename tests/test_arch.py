@@ -243,12 +243,15 @@ def test_unsupported_unet_block_is_named() -> None:
         get_adapter(unet)
 
 
-def test_fused_projections_are_rejected() -> None:
-    adapter = get_adapter(build_tiny("flux"))
+@pytest.mark.parametrize("family", ["flux", "sd"])  # FluxAttention (AttentionModuleMixin), legacy Attention
+def test_fused_projections_are_rejected_until_unfused(family: str) -> None:
+    adapter = get_adapter(build_tiny(family))
     adapter.denoiser.fuse_qkv_projections()
     for query in (adapter.layer_groups, adapter.attention):  # attention(): structured pruning's heads
         with pytest.raises(ValueError, match=r"pipe.unfuse_qkv_projections\(\) first"):
             query()
+    adapter.denoiser.unfuse_qkv_projections()  # legacy Attention keeps fused_projections=True
+    assert adapter.layer_groups() and adapter.attention()
 
 
 # ---- layers and groups ---------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""diffusers' save_pretrained on accelerated pipelines: refused where from_pretrained could not read the
-result back (PTQ codes, structured pruning's shapes), unchanged where the weights stay diffusers weights."""
+"""diffusers' save_pretrained and fuse_qkv_projections on accelerated pipelines: refused where diffusers
+would write a model from_pretrained cannot read back (PTQ codes, structured pruning's shapes) or fuse
+quantized projections; unchanged where the weights stay diffusers weights."""
 
 import copy
 
@@ -8,7 +9,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 import diffusion_accel as da
-from diffusion_accel.pretrained_guard import UnsavableModelError, mismatched_tensors
+from diffusion_accel.pretrained_guard import UnfusableModelError, UnsavableModelError, mismatched_tensors
 from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
 
 PROMPTS = ["a cat", "a dog"]
@@ -56,3 +57,25 @@ def test_a_deep_copy_guards_itself_and_the_check_reads_its_own_tensors(calib):
     assert duplicate.save_pretrained.__self__ is duplicate
     assert mismatched_tensors(duplicate) == mismatched_tensors(pipe.unet) != []
     assert mismatched_tensors(build_tiny("sd").unet) == []
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w8a16"])  # int8 GEMM layers; weight-only stored layers
+def test_quantized_pipeline_refuses_fuse_qkv_projections_and_keeps_working(calib, preset):
+    pipe = da.quantize_(build_tiny("sd"), da.PTQConfig.preset(preset), calib=calib)
+    before = _images(pipe)
+    with pytest.raises(UnfusableModelError, match=r"attn1\.to_q \(\w+\): techniques \['ptq'\]"):
+        pipe.fuse_qkv_projections()
+    assert not any(name.endswith("to_qkv") for name, _ in pipe.unet.named_modules())
+    assert torch.equal(_images(pipe), before)
+
+
+def test_pruned_projections_fuse_and_unfuse_as_diffusers_does(calib):
+    """Structured pruning keeps plain (smaller) Linear projections: fusing them gives the same images."""
+    pipe = da.prune_(build_tiny("sd"), da.PruneConfig(method="obs", sparsity=0.5, pattern="structured"),
+                     calib=calib)
+    before = _images(pipe)
+    pipe.fuse_qkv_projections()
+    assert torch.allclose(_images(pipe), before, atol=1e-5)
+    pipe.unfuse_qkv_projections()  # legacy Attention keeps fused_projections=True: techniques still apply
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=2, branch=0))
+    assert torch.isfinite(_images(pipe)).all()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..base import AttentionInfo, FFNInfo, LayerGroup
@@ -66,8 +67,22 @@ def in_module_order(denoiser: nn.Module, names: Iterable[str]) -> list[str]:
 
 
 # ---- attention -----------------------------------------------------------------------------
+def uses_fused_projections(attn: nn.Module) -> bool:
+    """Whether ``attn`` runs fused QKV projections (``to_qkv``/``to_kv``/``to_added_qkv``).
+
+    Legacy ``Attention`` keeps ``fused_projections=True`` after ``pipe.unfuse_qkv_projections()``,
+    which only restores the unfused processors: there the processor decides. Attention classes with
+    diffusers' ``AttentionModuleMixin`` (Flux, SD3's new style) clear the flag when they unfuse.
+    """
+    if not getattr(attn, "fused_projections", False):
+        return False
+    if isinstance(attn, Attention):
+        return "Fused" in type(attn.processor).__name__
+    return True
+
+
 def _check_unfused(prefix: str, attn: nn.Module) -> None:
-    if getattr(attn, "fused_projections", False):
+    if uses_fused_projections(attn):
         raise ValueError(f"attention {prefix!r} uses fused QKV projections (fuse_qkv_projections()); "
                          "call pipe.unfuse_qkv_projections() first: techniques work on the separate "
                          "to_q/to_k/to_v layers")
