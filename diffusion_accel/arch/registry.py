@@ -74,6 +74,20 @@ def find_denoiser(pipe: Any) -> tuple[str, nn.Module]:
         f"{type(pipe).__name__} (no 'unet' or 'transformer' component found)"))
 
 
+def check_no_unmerged_adapters(denoiser: nn.Module, technique: str) -> None:
+    """Refuse a weight-changing ``technique`` while adapter layers (peft LoRA: modules holding a
+    ``base_layer``) wrap layers of ``denoiser``: it would find only the layers peft left unwrapped
+    and silently quantize or prune fewer of them, with the adapters still in float."""
+    wrapped = [name for name, module in denoiser.named_modules()
+               if isinstance(getattr(module, "base_layer", None), nn.Module)]
+    if wrapped:
+        raise ValueError(
+            f"{technique} cannot change layers that adapters (LoRA, via peft) wrap: {len(wrapped)} in "
+            f"{type(denoiser).__name__}, e.g. {wrapped[0]!r}. Merge them into the weights first with "
+            f"pipe.fuse_lora() then pipe.unload_lora_weights(), and apply {technique} after that "
+            f"(feature caching works with unmerged adapters).")
+
+
 def get_adapter(pipe_or_denoiser: Any) -> DenoiserAdapter:
     """The adapter for a pipeline's denoiser (or for a denoiser module itself)."""
     _, denoiser = find_denoiser(pipe_or_denoiser)

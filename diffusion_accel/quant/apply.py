@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ..arch.registry import find_denoiser
+from ..arch.registry import check_no_unmerged_adapters, find_denoiser
 from ..artifact import base_fingerprint, mark_applied
 from ..calib import Calibration
 from ..hooks import attach_tracker, detach_tracker_if_unused, get_tracker
@@ -49,6 +49,7 @@ def quantize_(pipe: Any, config: Any = None, calib: Calibration | None = None,
     if handler is None:
         raise TypeError(f"quantize_ got a {type(config).__name__}; accepted configs: "
                         f"{', '.join(t.__name__ for t in _HANDLERS)}")
+    check_no_unmerged_adapters(find_denoiser(pipe)[1], "quantize_")
     return handler(pipe, config, calib, filter_fn)
 
 

@@ -1,0 +1,53 @@
+"""LoRA adapters (peft) on the denoiser: weight-changing techniques refuse unmerged adapters before
+changing anything and work once they are fused; caching works with them loaded."""
+
+import pytest
+import torch
+from peft import LoraConfig
+
+import diffusion_accel as da
+from diffusion_accel.artifact import applied_techniques
+from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _images(pipe):
+    return pipe(**tiny_call_kwargs("sd", steps=3)).images
+
+
+def _with_lora():
+    pipe = build_tiny("sd")
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=TARGETS))
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return da.calibrate(_with_lora(), ["a cat", "a dog"], num_inference_steps=3, progress=False)
+
+
+@pytest.mark.parametrize("apply", [
+    lambda pipe, calib: da.quantize_(pipe, da.PTQConfig.preset("w8a8"), calib=calib),
+    lambda pipe, calib: da.prune_(pipe, da.PruneConfig(sparsity=0.5, pattern="structured"), calib=calib),
+], ids=["quantize_", "prune_"])
+def test_unmerged_lora_is_refused_before_anything_changes(calib, apply):
+    pipe = _with_lora()
+    before = _images(pipe)
+    with pytest.raises(ValueError, match=r"adapters \(LoRA, via peft\) wrap: 56 .*attn1\.to_q.*fuse_lora\(\)"):
+        apply(pipe, calib)
+    assert applied_techniques(pipe) == [] and torch.equal(_images(pipe), before)
+
+
+def test_fused_lora_quantizes_and_caching_works_with_adapters_loaded(calib):
+    cached = da.enable_cache(_with_lora(), da.DeepCacheConfig(interval=2))
+    assert torch.isfinite(_images(cached)).all()
+    pipe = _with_lora()
+    with_adapters = _images(pipe)
+    pipe.fuse_lora(components=["unet"])
+    pipe.unload_lora_weights()
+    assert torch.allclose(_images(pipe), with_adapters, atol=1e-5)
+    da.quantize_(pipe, da.PTQConfig.preset("w8a8"), calib=calib)
+    attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    assert type(attn.to_q).__name__ == "Int8Linear"  # the merged projection is quantized, not skipped
