@@ -12,9 +12,11 @@ inpainting, which start mid-schedule (strength < 1), index the same steps a text
 would, and timestep-dependent schedules and scales stay aligned. A second call at the same position
 in the same context (pipelines that run CFG's two branches as separate calls without
 ``cache_context``, e.g. FluxImg2ImgPipeline's true CFG) gets a context of its own, ``"default#1"``,
-so the branches never share state. Otherwise calls are counted from the start of the trajectory. Techniques register named *clients* with the tracker and keep
-their state in ``tracker.state(client)``, which is separate per context and cleared at the start of
-every pipeline call.
+so the branches never share state. Otherwise calls are counted from the start of the trajectory.
+
+Techniques register named *clients* with the tracker and keep their state in
+``tracker.state(client)``, which is separate per context and cleared at the start of every
+pipeline call.
 
 A new pipeline call is detected without patching anything on the pipeline: every diffusers pipeline
 calls ``scheduler.set_timesteps`` at the start of ``__call__``, which builds a new

@@ -171,7 +171,8 @@ class EncoderPropagationConfig:
     paper's ``FASTER_DIFFUSION_KEY_STEPS`` for 50 steps. ``noise_injection`` > 0 adds that fraction
     of the initial noise (the denoiser's input at step 0) to the prediction on non-key steps from
     ``injection_start`` (a fraction of the trajectory) on: the paper's prior-noise injection, moved
-    from the sampling loop's latents to the denoiser output (see docs/architecture.md).
+    from the sampling loop's latents to the denoiser output (see docs/architecture.md). Calls that
+    start mid-schedule (img2img, inpainting) have no step 0 and inject nothing.
     """
 
     interval: int = 2

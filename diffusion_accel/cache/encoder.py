@@ -56,7 +56,9 @@ def install_encoder_cache(session: CacheSession, point: CachePoint, config: Enco
 
 class PriorNoiseInjection:
     """Forward hook on the denoiser: keeps its step-0 input per context (the prior noise) and adds
-    ``strength`` times it to the output of non-key steps from ``start`` of the trajectory on.
+    ``strength`` times it to the output of non-key steps from ``start`` of the trajectory on. A call
+    that starts mid-schedule (img2img) never sees step 0: its first input is a noised image, not
+    the prior noise, so nothing is injected.
 
     Runs after the step tracker's post-forward, whose step index and context still describe the
     call that just finished.

@@ -108,8 +108,8 @@ class _LiveRun:
         index = tracker.step_index
         counts.denoiser_calls += 1
         self.result.timesteps.setdefault(index, tracker.timestep)
-        if index >= self.next_progress_step and self.bar is not None:
-            self.bar.update(self.items_in_call)
+        if index >= self.next_progress_step and self.bar is not None:  # steps a call starts after
+            self.bar.update(self.items_in_call * (index + 1 - self.next_progress_step))  # (img2img) count as done
             self.next_progress_step = index + 1
         if index in self.selected:
             step = Step(index, tracker.timestep, tracker.context, self.weights[index])
