@@ -111,6 +111,10 @@ def test_eval_fid_against_a_zoo_dataset_split_caches_its_statistics(tmp_path, ca
     assert len(list(tmp_path.glob("fid_ref_*.safetensors"))) == 1
     assert main([*argv[:-4], "--fid-reference", "mnist:valid"]) == 2
     assert "split must be one of" in capsys.readouterr().err
+    assert main([*argv, "--fid-dtype", "bfloat16", "--out", str(tmp_path / "bf16")]) == 0
+    assert len(list(tmp_path.glob("fid_ref_*.safetensors"))) == 2  # statistics are cached per precision
+    report = json.loads((tmp_path / "bf16" / "report.json").read_text())
+    assert report["settings"]["fid_reference"]["extractor"].endswith(" bf16")
 
 
 def test_call_flags_parse_json_values_and_refuse_malformed_pairs():

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
+from tqdm.auto import tqdm
 
 from .images import (hash_files, hash_tensor, image_files, iter_dataset_images, load_image, to_rgb,
                      to_uint8)
@@ -159,11 +160,15 @@ def _stats_from_metric(metric: FrechetInceptionDistance, source: str) -> FIDStat
 
 def compute_fid_stats(images: Any, *, extractor: nn.Module | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                       source: str = "", metric: FrechetInceptionDistance | None = None) -> FIDStats:
-    """Feature statistics of ``images`` (tensor/array, folder, or iterable of images)."""
+    """Feature statistics of ``images`` (tensor/array, folder, or iterable of images), with a progress
+    bar: a 10,000-image reference set takes minutes on a CPU."""
     metric = metric if metric is not None else fid_metric(extractor)
     metric.reset()
-    for batch in image_batches(images, batch_size):
-        metric.update(_metric_input(metric, batch), real=True)
+    total = len(images) if isinstance(images, (torch.Tensor, np.ndarray, list)) else None
+    with tqdm(total=total, desc="FID features", unit="img", leave=False) as bar:
+        for batch in image_batches(images, batch_size):
+            metric.update(_metric_input(metric, batch), real=True)
+            bar.update(len(batch))
     return _stats_from_metric(metric, source)
 
 
