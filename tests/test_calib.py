@@ -272,6 +272,21 @@ def test_selected_steps_only_and_timesteps_recorded(sd_pipe):
     assert [record.step.step_index for record in calib.trajectory] == [1, 3]
 
 
+def test_img2img_calibrates_the_steps_it_runs_and_says_which_selected_ones_it_missed():
+    """strength 0.3 of 10 steps runs steps 7..9: those are recorded as such; selected steps that never
+    run give a warning (some ran) or a clear error (none ran) naming the steps that did."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline(**build_tiny("sd").components)
+    kwargs = dict(image=torch.rand(1, 3, 32, 32), strength=0.3, progress=False)
+    calib = calibrate(pipe, ["a cat"], num_inference_steps=10, **kwargs)
+    assert sorted(calib.timesteps) == [7, 8, 9] and calib.counts.observed_calls == 3
+    with pytest.warns(UserWarning, match=r"steps \[0, 3, 6\] did not run: the pipeline ran steps 7..9 of 10"):
+        calibrate(pipe, ["a cat"], num_inference_steps=10, steps=[0, 3, 6, 9], **kwargs)
+    with pytest.raises(ValueError, match=r"none of the selected calibration steps \[0, 5\] ran: .* steps 7..9"):
+        calibrate(pipe, ["a cat"], num_inference_steps=10, steps=[0, 5], **kwargs)
+
+
 def test_flux_true_cfg_counts_cond_and_uncond_contexts():
     pipe = build_tiny("flux")
     recorder = Recorder(["transformer_blocks.0.attn.to_q"])

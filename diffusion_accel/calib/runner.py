@@ -9,6 +9,7 @@ the same step index and their own context. Collectors see all of them: CFG branc
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,7 +70,24 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
                          denoiser_class=type(denoiser).__name__, selected_steps=selected,
                          step_weights=weights, collectors=bound, seeds=[call.seed for call in calls])
     _LiveRun(result, recorder).run(pipe, denoiser, calls, progress)
+    _check_selected_steps_ran(result)
     return result
+
+
+def _check_selected_steps_ran(result: Calibration) -> None:
+    """Raise if no selected step ran, warn if some did not (unless all steps were asked for): calls
+    that start mid-schedule (img2img, inpainting at strength < 1) never run the early steps."""
+    ran = sorted(result.timesteps)
+    missed = [step for step in result.selected_steps if step not in result.timesteps]
+    if not ran or not missed or (result.settings.steps == "all" and len(missed) < len(result.selected_steps)):
+        return
+    where = (f"the pipeline ran steps {ran[0]}..{ran[-1]} of {result.settings.num_inference_steps} "
+             f"(img2img and inpainting start mid-schedule)")
+    if len(missed) == len(result.selected_steps):
+        raise ValueError(f"none of the selected calibration steps {result.selected_steps} ran: {where}; "
+                         f"select steps among those, or steps='all'")
+    warnings.warn(f"selected calibration steps {missed} did not run: {where}; the calibration observed "
+                  f"{[step for step in result.selected_steps if step in result.timesteps]} only", stacklevel=3)
 
 
 def _frozen(value: Any) -> Any:
