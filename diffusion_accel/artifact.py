@@ -147,7 +147,11 @@ def unmark_applied(pipe: Any, technique: str) -> None:
 
 def applied_techniques(pipe: Any) -> list[str]:
     """Techniques applied to the pipeline's denoiser, in order."""
-    _, denoiser = find_denoiser(pipe)
+    return techniques_on(find_denoiser(pipe)[1])
+
+
+def techniques_on(denoiser: torch.nn.Module) -> list[str]:
+    """Techniques applied to ``denoiser`` itself, in order (any module; [] if none)."""
     return list(getattr(denoiser, _APPLIED_ATTR, []))
 
 

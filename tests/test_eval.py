@@ -18,6 +18,7 @@ from diffusion_accel.eval import (EvalReport, FIDStats, compute_fid_stats, count
                                   time_callable, time_pipeline)
 from diffusion_accel.eval.clip_score import clip_metric, clip_score
 from diffusion_accel.eval.distributed import merge_ordered, shard
+from diffusion_accel.eval.evaluate import shared_denoiser_notes
 from diffusion_accel.eval.inception import TFInceptionFeatures, find_tf_inception, inception_input
 from diffusion_accel.eval.machine import is_compiled
 from diffusion_accel.eval.pipes import default_prompt_to_kwargs, generate_images, make_jobs
@@ -354,3 +355,21 @@ def test_zoo_pipelines_are_scored_by_the_bundled_fashion_clip():
     record_source(zoo_like, "zoo:fashion-sd", torch.float32)
     assert default_clip_model({"a": zoo_like}) == str(zoo.path("fashion-clip"))
     assert default_clip_model({"a": zoo_like, "b": other}) == DEFAULT_CLIP_MODEL  # a hub model among them
+
+
+def test_variants_sharing_an_accelerated_denoiser_are_flagged():
+    """A "base" built from the accelerated pipeline's components runs the same cached UNet: warned
+    before generating and noted in the report; sharing an untouched denoiser (another scheduler) is fine."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    import diffusion_accel as da
+
+    pipe = build_tiny("sd")
+    other_scheduler = StableDiffusionPipeline(**{**pipe.components, "scheduler": DDIMScheduler.from_config(
+        pipe.scheduler.config, timestep_spacing="trailing")})
+    assert shared_denoiser_notes({"a": pipe, "b": other_scheduler}) == []
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
+    with pytest.warns(UserWarning, match=r"variants \['base', 'accel'\] share one UNet2DConditionModel .*'cache'"):
+        report = evaluate({"base": other_scheduler, "accel": pipe}, ["a cat"], metrics=("psnr",),
+                          num_inference_steps=2, call_kwargs=SD_CALL, progress=False)
+    assert any("share one UNet2DConditionModel" in note for note in report.notes)

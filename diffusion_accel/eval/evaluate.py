@@ -15,6 +15,7 @@ measured there only); all processes return the same report. On a single process 
 
 from __future__ import annotations
 
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
@@ -26,7 +27,7 @@ from accelerate import PartialState
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..artifact import pipeline_source
+from ..artifact import pipeline_source, techniques_on
 from ..pipeline_defaults import call_defaults
 from .clip_score import DEFAULT_CLIP_MODEL, clip_metric, clip_score
 from .cost import denoiser_flops, model_size
@@ -152,12 +153,36 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
                make_jobs(prompts, images_per_prompt, seed), images_per_prompt, num_inference_steps, seed,
                batch_size, call_kwargs, prompt_to_kwargs, fid_reference, fid_cache_dir, fid_extractor,
                clip_model or default_clip_model(pipelines), warmup, repeats, grid_cell_size)
+    shared = shared_denoiser_notes(pipelines)
+    for note in shared:
+        warnings.warn(note, stacklevel=2)
     state = PartialState()
     images = _generate_all(pipelines, run, state, progress)
     report = _report(pipelines, images, run, state) if state.is_main_process else None
+    if report is not None:
+        report.notes.extend(shared)
     if report is not None and output_dir is not None:
         report.save(output_dir)
     return share_from_main(report, state)
+
+
+def shared_denoiser_notes(pipelines: Mapping[str, Any]) -> list[str]:
+    """One sentence per denoiser object that several variants share with techniques applied: a
+    pipeline built with ``from_pipe`` or from another's components runs the same (accelerated) model,
+    so a "base" sharing it is no baseline."""
+    groups: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, pipe in pipelines.items():
+        denoiser = denoiser_of(pipe)
+        denoiser = getattr(denoiser, "_orig_mod", denoiser)
+        groups.setdefault(id(denoiser), (denoiser, []))[1].append(name)
+    notes = []
+    for denoiser, names in groups.values():
+        techniques = techniques_on(denoiser)
+        if len(names) > 1 and techniques:
+            notes.append(f"variants {names} share one {type(denoiser).__name__} object with {techniques} "
+                         f"applied, so all of them run it; load the baseline separately to compare "
+                         f"against the unaccelerated model")
+    return notes
 
 
 def _report(pipelines: Mapping[str, Any], images: dict[str, torch.Tensor], run: _Run, state: Any) -> EvalReport:
