@@ -49,6 +49,7 @@ from diffusers.models.cache_utils import CacheMixin
 
 TRACKER_HOOK_NAME = "diffusion_accel.step_tracker"
 DEFAULT_CONTEXT = "default"
+CACHE_CLIENT = "cache"  # the client name feature caching registers (cache/session.py)
 
 
 class _ContextState:
@@ -300,6 +301,16 @@ def get_tracker(denoiser: torch.nn.Module) -> StepTracker | None:
         return None
     hook = registry.get_hook(TRACKER_HOOK_NAME)
     return hook if isinstance(hook, StepTracker) else None
+
+
+def refuse_while_cached(denoiser: torch.nn.Module, action: str) -> None:
+    """Raise if a feature cache is enabled on ``denoiser``: ``action`` must see every block computed
+    (calibration under a cache observes only the steps that recompute each block)."""
+    tracker = get_tracker(denoiser)
+    if tracker is not None and CACHE_CLIENT in tracker.client_names:
+        raise ValueError(f"{action} needs every block of the denoiser computed, but a feature cache is "
+                         "enabled on it. Caching comes last (prune_, then quantize_, then enable_cache): "
+                         f"call da.remove_cache(pipe), run {action}, then enable the cache again")
 
 
 def attach_tracker(denoiser: torch.nn.Module, pipeline: Any | None = None) -> StepTracker:

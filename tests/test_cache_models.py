@@ -199,3 +199,20 @@ def test_calibrate_schedule_meets_the_budget_and_beats_uniform():
         assert summary(pipe)["full_calls"] == 3
         remove_cache(pipe)
     assert errors["calibrated"] <= errors["uniform"] + 1e-6
+
+
+def test_calibrating_techniques_refuse_an_enabled_cache_before_changing_anything():
+    """Calibration under a cache sees the deep blocks only on recomputing steps (and replay would run
+    through the cache): calibrate, quantize_ and prune_ refuse, naming the order; the cache keeps working."""
+    import diffusion_accel as da
+
+    calib = da.calibrate(build_tiny("sd"), ["a cat"], num_inference_steps=3, progress=False)
+    pipe = build_tiny("sd")
+    enable_cache(pipe, DeepCacheConfig(interval=2))
+    before = _images(pipe, "sd")
+    for action, apply in (("calibrate", lambda: da.calibrate(pipe, ["a cat"], num_inference_steps=3)),
+                          ("quantize_", lambda: da.quantize_(pipe, da.PTQConfig.preset("w8a8"), calib=calib)),
+                          ("prune_", lambda: da.prune_(pipe, da.PruneConfig(sparsity=0.5), calib=calib))):
+        with pytest.raises(ValueError, match=rf"{action} needs every block .* da.remove_cache\(pipe\)"):
+            apply()
+    assert torch.equal(_images(pipe, "sd"), before) and summary(pipe)["reused_calls"] > 0

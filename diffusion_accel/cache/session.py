@@ -14,11 +14,11 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from ..hooks import StepTracker, attach_tracker, detach_tracker_if_unused
+from ..hooks import CACHE_CLIENT, StepTracker, attach_tracker, detach_tracker_if_unused
 
 SESSION_ATTR = "_diffusion_accel_cache"
 CACHE_HOOK_NAME = "diffusion_accel.cache"
-TRACKER_CLIENT = "cache"
+TRACKER_CLIENT = CACHE_CLIENT
 
 
 @dataclass

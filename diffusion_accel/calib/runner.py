@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..hooks import ModuleHooks, StepTracker, get_tracker, use_tracker
+from ..hooks import ModuleHooks, StepTracker, get_tracker, refuse_while_cached, use_tracker
 from .collectors import Collector, Step
 from .dispatch import CollectorRouter, resolve_denoiser, validate_collectors
 from .inputs import PlannedCall, calibration_items, call_mode, placeholder_prompts, plan_calls
@@ -58,6 +58,7 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
                        negative_prompt=negative_prompt, seed=seed, call_kwargs=call_kwargs)
     recorder = TrajectoryRecorder(max_trajectory_bytes) if store_trajectory else None
     _, denoiser = resolve_denoiser(pipe)
+    refuse_while_cached(denoiser, "calibrate")
     bound = validate_collectors(collectors, denoiser)
     settings = CalibrationSettings(
         prompts=None if call_mode(pipe) == "unconditional" else tuple(items),

@@ -15,7 +15,7 @@ from torch import nn
 from ..arch.registry import check_no_unmerged_adapters, find_denoiser
 from ..artifact import base_fingerprint, mark_applied
 from ..calib import Calibration
-from ..hooks import attach_tracker, detach_tracker_if_unused, get_tracker
+from ..hooks import attach_tracker, detach_tracker_if_unused, get_tracker, refuse_while_cached
 from .attention import install_attention, quantizable_attention, replaced_attention, restore_attention
 from .build import build_layer, weight_grid
 from .calibrate import (Collected, FilterFn, LayerTarget, collect, hessian_sweep, keeps_float_activations,
@@ -49,7 +49,9 @@ def quantize_(pipe: Any, config: Any = None, calib: Calibration | None = None,
     if handler is None:
         raise TypeError(f"quantize_ got a {type(config).__name__}; accepted configs: "
                         f"{', '.join(t.__name__ for t in _HANDLERS)}")
-    check_no_unmerged_adapters(find_denoiser(pipe)[1], "quantize_")
+    _, denoiser = find_denoiser(pipe)
+    check_no_unmerged_adapters(denoiser, "quantize_")
+    refuse_while_cached(denoiser, "quantize_")
     return handler(pipe, config, calib, filter_fn)
 
 
