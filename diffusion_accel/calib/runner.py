@@ -79,16 +79,18 @@ def _check_selected_steps_ran(result: Calibration) -> None:
     """Raise if no selected step ran, warn if some did not (unless all steps were asked for): calls
     that start mid-schedule (img2img, inpainting at strength < 1) never run the early steps."""
     ran = sorted(result.timesteps)
+    observed = [step for step in result.selected_steps if step in result.timesteps]
     missed = [step for step in result.selected_steps if step not in result.timesteps]
-    if not ran or not missed or (result.settings.steps == "all" and len(missed) < len(result.selected_steps)):
+    if not ran or not missed:
         return
     where = (f"the pipeline ran steps {ran[0]}..{ran[-1]} of {result.settings.num_inference_steps} "
              f"(img2img and inpainting start mid-schedule)")
-    if len(missed) == len(result.selected_steps):
+    if not observed:
         raise ValueError(f"none of the selected calibration steps {result.selected_steps} ran: {where}; "
                          f"select steps among those, or steps='all'")
-    warnings.warn(f"selected calibration steps {missed} did not run: {where}; the calibration observed "
-                  f"{[step for step in result.selected_steps if step in result.timesteps]} only", stacklevel=3)
+    if result.settings.steps != "all":
+        warnings.warn(f"selected calibration steps {missed} did not run: {where}; the calibration "
+                      f"observed {observed} only", stacklevel=3)
 
 
 def _frozen(value: Any) -> Any:

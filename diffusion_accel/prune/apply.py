@@ -11,9 +11,9 @@ from torch import nn
 from .. import prompts as prompt_sets
 from ..arch import find_denoiser, get_adapter
 from ..arch.registry import check_no_unmerged_adapters
-from ..hooks import refuse_while_cached
 from ..artifact import applied_techniques, base_fingerprint, mark_applied
 from ..calib import Calibration, HessianCollector, calibrate, call_mode, resolve_weights
+from ..hooks import refuse_while_cached
 from .allocate import allocate_by_error, error_grid
 from .configs import PruneConfig
 from .plan import structured_plan, unstructured_plan
