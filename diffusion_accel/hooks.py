@@ -79,11 +79,12 @@ class StepTracker(ModelHook):
     """Counts denoiser calls per context within a pipeline call; owns techniques' named state.
 
     Attributes readable inside any hook during a denoiser call:
-      - ``step_index``: 0 for the first (noisiest) step of this pipeline call, per context.
+      - ``step_index``: this call's position in ``scheduler.timesteps`` (0 = the noisiest step; an
+        img2img call starts later), else the count of earlier calls in this context and trajectory.
       - ``timestep``: the scalar timestep of this call as a float (None if the caller passed none),
         read from the tensor only when asked: ``.item()`` on a GPU tensor waits for the device, so
         hooks that never read it (caching) keep the host running ahead of the GPU.
-      - ``context``: the context name of this call.
+      - ``context``: the context name of this call (``"<name>#k"`` for the k-th repeat of a position).
       - ``num_inference_steps``: length of ``scheduler.timesteps`` if a pipeline is attached.
     """
 
