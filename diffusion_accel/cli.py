@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--fid-cache", default=FID_CACHE,
                           help=f"folder caching FID reference statistics (default {FID_CACHE})")
     evaluate.add_argument("--fid-dtype", choices=["float32", "bfloat16"], default="float32",
-                          help="precision of the TF-Inception network: bfloat16 (autocast) is ~1.6x faster on "
+                          help="precision of the TF-Inception network: bfloat16 (autocast) is ~1.5x faster on "
                                "CPUs with AVX-512 BF16/AMX (emulated, so slower, elsewhere); compare FIDs only "
                                "at equal precision (reference statistics are cached per precision)")
     evaluate.add_argument("--clip-model", default=None, help="CLIP model name or local folder for CLIP score")
