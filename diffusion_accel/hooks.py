@@ -16,7 +16,10 @@ so the branches never share state. Otherwise calls are counted from the start of
 
 Techniques register named *clients* with the tracker and keep their state in
 ``tracker.state(client)``, which is separate per context and cleared at the start of every
-pipeline call.
+pipeline call. A context's state is also dropped when the shapes of the denoiser's tensor inputs
+change within a call: a ``callback_on_step_end`` that turns classifier-free guidance off part-way
+(diffusers' documented "dynamic CFG") halves the batch, and features cached for the old batch
+cannot be reused (the next call recomputes them).
 
 A new pipeline call is detected without patching anything on the pipeline: every diffusers pipeline
 calls ``scheduler.set_timesteps`` at the start of ``__call__``, which builds a new
@@ -99,6 +102,7 @@ class StepTracker(ModelHook):
         self._last_timesteps: torch.Tensor | None = None
         self._last_values: dict[str, float] = {}  # per context: the previous unvouched call's timestep
         self._last_positions: dict[str, int] = {}  # per context: the previous call's position in the timesteps
+        self._input_shapes: dict[str, tuple] = {}  # per context: the previous call's tensor input shapes
         self._scheduler_live: bool = False  # the watched scheduler's timesteps were set in this trajectory
         self._vouched: bool = False  # whether the previous call's timestep was a view of the watched ones
         self.step_index: int = 0
@@ -133,6 +137,7 @@ class StepTracker(ModelHook):
         self._counters.clear()
         self._last_values.clear()
         self._last_positions.clear()
+        self._input_shapes.clear()
         self._scheduler_live = False
         self.calls_since_reset = 0
         for client in self._clients.values():
@@ -247,6 +252,7 @@ class StepTracker(ModelHook):
         else:
             self.step_index = self._counters.get(context, 0)
         self.context = context
+        self._drop_state_if_shapes_changed(context, _tensor_shapes(args, kwargs))
         self.in_call = True
         return args, kwargs
 
@@ -260,6 +266,29 @@ class StepTracker(ModelHook):
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.reset()
         return module
+
+    def _drop_state_if_shapes_changed(self, context: str, shapes: tuple) -> None:
+        """Forget every client's state of ``context`` when this call's input shapes differ from its
+        previous call's (the batch changed mid-trajectory); step positions are kept."""
+        if self._input_shapes.get(context, shapes) != shapes:
+            for client in self._clients.values():
+                client.states.pop(context, None)
+        self._input_shapes[context] = shapes
+
+
+def _tensor_shapes(args: tuple, kwargs: dict) -> tuple:
+    """The shapes of a call's tensor arguments, including those inside dicts (SDXL's
+    ``added_cond_kwargs``), in argument order (None for non-tensors)."""
+    values = list(args) + [kwargs[name] for name in sorted(kwargs)]
+    return tuple(_shapes_of(value) for value in values)
+
+
+def _shapes_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, dict):
+        return tuple((name, _shapes_of(value[name])) for name in sorted(value))
+    return None
 
 
 def _is_view_of(value: Any, timesteps: torch.Tensor | None) -> bool:

@@ -99,6 +99,27 @@ def test_batched_cfg_caches_both_halves_in_one_state():
     assert seen[1] == {2}  # cond and uncond halves together
 
 
+@pytest.mark.parametrize("family, callback_name, config", [
+    ("sd", "SDCFGCutoffCallback", DeepCacheConfig(interval=3)),
+    ("sdxl", "SDXLCFGCutoffCallback", DeepCacheConfig(interval=3)),
+    ("sd3", "SD3CFGCutoffCallback", BlockCacheConfig(interval=3)),
+])
+def test_cfg_cutoff_callback_mid_call_recomputes_instead_of_reusing_the_other_batch(family, callback_name,
+                                                                                     config):
+    """diffusers' CFG cutoff callbacks halve the batch after step 4 of 10: UNets crashed on the cached
+    batch-2 features, and SD3 silently broadcast the batch-2 residual (cond + uncond) onto the cond
+    latents. The cache now recomputes at the cut and reuses from there on."""
+    from diffusers import callbacks
+
+    pipe = build_tiny(family)
+    enable_cache(pipe, config)
+    cutoff = getattr(callbacks, callback_name)(cutoff_step_ratio=0.4)
+    images = _images(pipe, family, steps=10, guidance_scale=5.0, callback_on_step_end=cutoff)
+    assert images.shape[0] == 1 and torch.isfinite(images).all()
+    computed = {s["step"]: s["computed"] for s in summary(pipe)["steps"]}
+    assert [step for step in range(10) if computed[step]] == [0, 3, 5, 6, 9]  # 5: the first at batch 1
+
+
 def test_flux_true_cfg_keeps_separate_state_per_context():
     pipe = build_tiny("flux")
     enable_cache(pipe, BlockCacheConfig(interval=2))
