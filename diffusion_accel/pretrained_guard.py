@@ -8,6 +8,12 @@ the pipeline's ``save_pretrained`` check the state dict against the config first
 differ, raise before anything is written, pointing to ``da.save``. Weight-preserving techniques
 (feature caching, unstructured pruning) pass the check and save as diffusers would.
 
+A pipeline built from the accelerated one's components (``from_pipe``, ``Img2ImgPipeline(**pipe.
+components)``) shares the denoiser but not the pipeline guard, and diffusers saves component by
+component: the text encoder, tokenizer and VAE are written before the denoiser's guard refuses.
+Guarding every pipeline would mean patching ``DiffusionPipeline`` itself, which the project does
+not do; the error then names the folders already written instead.
+
 The denoiser's ``fuse_qkv_projections`` is guarded the same way: diffusers concatenates
 ``to_q/to_k/to_v.weight`` into one float layer, which fails on an int8 GEMM layer (no ``weight``)
 and silently dequantizes a simulated or weight-only one. It refuses while any attention projection
@@ -16,8 +22,10 @@ is not a plain ``nn.Linear`` with a dense weight; pruned plain layers fuse as di
 
 from __future__ import annotations
 
+import sys
 import types
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,8 +90,34 @@ def _plain_linear(module: nn.Module) -> bool:
 
 
 def _guarded_model_save(model: nn.Module, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
-    check_savable(model)
+    try:
+        check_savable(model)
+    except UnsavableModelError as error:
+        written = _written_by_pipeline_save(save_directory)
+        if not written:
+            raise
+        raise UnsavableModelError(
+            f"{error} This pipeline shares the accelerated denoiser but is not the pipeline the "
+            f"techniques were applied to (from_pipe, or built from its components), so its "
+            f"save_pretrained had already written {written} to {Path(save_directory).parent} before "
+            f"reaching the denoiser; delete them, or save with diffusion_accel.save(pipe, DIR), which "
+            f"works from either pipeline.") from None
     return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+
+
+def _written_by_pipeline_save(save_directory: Any) -> list[str]:
+    """The component folders a ``DiffusionPipeline.save_pretrained`` on the call stack has written
+    beside ``save_directory`` (empty when no pipeline save is calling)."""
+    from diffusers import DiffusionPipeline
+
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not DiffusionPipeline.save_pretrained.__code__:
+        frame = frame.f_back
+    if frame is None:
+        return []
+    parent = Path(save_directory).parent
+    names = [name for name in frame.f_locals["self"].components if name != Path(save_directory).name]
+    return [name for name in names if (parent / name).exists()]
 
 
 def _guarded_pipeline_save(pipe: Any, save_directory: Any, *args: Any, **kwargs: Any) -> Any:

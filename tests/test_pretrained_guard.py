@@ -79,3 +79,21 @@ def test_pruned_projections_fuse_and_unfuse_as_diffusers_does(calib):
     pipe.unfuse_qkv_projections()  # legacy Attention keeps fused_projections=True: techniques still apply
     da.enable_cache(pipe, da.DeepCacheConfig(interval=2, branch=0))
     assert torch.isfinite(_images(pipe)).all()
+
+
+def test_a_pipeline_built_from_the_quantized_components_names_what_it_already_wrote(tmp_path, calib):
+    """from_pipe shares the quantized UNet, not the guarded pipeline instance: diffusers writes the
+    components before the UNet, so the UNet's refusal names them and points to da.save."""
+    from diffusers import AutoPipelineForImage2Image
+
+    pipe = da.quantize_(build_tiny("sd"), da.PTQConfig.preset("w8a8"), calib=calib)
+    sibling = AutoPipelineForImage2Image.from_pipe(pipe)
+    with pytest.raises(UnsavableModelError, match=r"already written \['vae', 'text_encoder', 'tokenizer'\]"):
+        sibling.save_pretrained(tmp_path / "sibling")
+    assert not (tmp_path / "sibling" / "unet").exists()
+    with pytest.raises(UnsavableModelError) as direct:  # a direct call has nothing to name
+        pipe.unet.save_pretrained(tmp_path / "unet")
+    assert "already written" not in str(direct.value)
+    da.save(sibling, tmp_path / "artifact")
+    reloaded = da.load(build_tiny("sd"), tmp_path / "artifact")
+    assert torch.equal(_images(reloaded), _images(pipe))
