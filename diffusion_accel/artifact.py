@@ -51,6 +51,8 @@ class TechniqueHandler:
     name: str
     export: Callable[[Any], tuple[dict[str, Any], dict[str, torch.Tensor]]]
     restore: Callable[[Any, dict[str, Any], dict[str, torch.Tensor]], None]
+    # raises ArtifactError when the live pipeline no longer matches the export (changed after apply)
+    check_current: Callable[[Any], None] | None = None
 
 
 _HANDLERS: dict[str, TechniqueHandler] = {}
@@ -64,9 +66,12 @@ def _import_builtin_techniques() -> None:
             importlib.import_module(package)
 
 
-def register_technique(name: str, export: Callable, restore: Callable) -> TechniqueHandler:
-    """Register the save/load handler of technique ``name`` (one per technique)."""
-    handler = TechniqueHandler(name, export, restore)
+def register_technique(name: str, export: Callable, restore: Callable,
+                       check_current: Callable | None = None) -> TechniqueHandler:
+    """Register the save/load handler of technique ``name`` (one per technique); ``check_current``
+    (optional) refuses a save whose pipeline was changed after the technique so that the artifact
+    would not reproduce it."""
+    handler = TechniqueHandler(name, export, restore, check_current)
     _HANDLERS[name] = handler
     return handler
 
@@ -177,6 +182,9 @@ def save(pipe: Any, directory: str | Path) -> Path:
     """Write the techniques applied to ``pipe`` as safetensors + ``manifest.json``; returns the folder."""
     from . import __version__
 
+    for technique in applied_techniques(pipe):
+        if _HANDLERS[technique].check_current is not None:
+            _HANDLERS[technique].check_current(pipe)
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     component, denoiser = find_denoiser(pipe)

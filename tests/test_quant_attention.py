@@ -58,3 +58,14 @@ def test_summary_warns_when_attention_processors_are_replaced_afterwards():
     assert "warning" not in summary(pipe)
     pipe.enable_attention_slicing(1)  # diffusers swaps every attention processor
     assert "no longer run the quantizing processor" in summary(pipe)
+
+
+def test_save_refuses_once_quantized_attention_processors_were_replaced(tmp_path):
+    """The artifact would restore quantized attention: not the images this pipeline now makes."""
+    pipe = build_tiny("sd")
+    quantize_(pipe, PTQConfig(attention="int8", calib_prompts=1, calib_num_steps=2, calib_steps="all"))
+    da.save(pipe, tmp_path / "before")
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    with pytest.raises(da.ArtifactError, match=r"14 attention modules .* now use other processors .*AttnProcessor2_0"):
+        da.save(pipe, tmp_path / "after")
+    assert not (tmp_path / "after").exists()

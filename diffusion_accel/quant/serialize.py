@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from ..arch.registry import find_denoiser
-from ..artifact import register_technique
+from ..artifact import ArtifactError, register_technique
 from .apply import TECHNIQUE, install
+from .attention import replaced_attention
 from .configs import PTQConfig
 from .layers import (CHANNEL_DIMS, QUANT_LAYER_TYPES, ActQuantizer, DynamicActQuantizer, StepGroups,
                      float_type_of)
@@ -115,4 +116,19 @@ def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tens
     install(pipe, final, state)
 
 
-register_technique(TECHNIQUE, export_ptq, restore_ptq)
+def check_attention_current(pipe: Any) -> None:
+    """Refuse to save once quantized attention processors were replaced after quantize_
+    (``set_attn_processor``, ``load_ip_adapter``): the artifact would restore them quantized."""
+    _, denoiser = find_denoiser(pipe)
+    replaced = replaced_attention(denoiser, get_state(denoiser).attention)
+    if replaced:
+        processor = type(denoiser.get_submodule(replaced[0]).processor).__name__
+        raise ArtifactError(
+            f"cannot save: {len(replaced)} attention modules that quantize_ quantized (attention="
+            f"{get_state(denoiser).config['attention']!r}) now use other processors (e.g. {replaced[0]}: "
+            f"{processor}), set after quantize_. The artifact would restore quantized attention, not "
+            f"this pipeline's. Save before changing the processors, or quantize a base pipeline that "
+            f"already has them (attention quantization keeps AttnProcessor2_0 modules only).")
+
+
+register_technique(TECHNIQUE, export_ptq, restore_ptq, check_attention_current)
