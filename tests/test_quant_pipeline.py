@@ -239,3 +239,17 @@ def test_lower_needs_a_quantized_pipeline_and_recipe_runs(tmp_path, int8_kernels
     text = run_ptq_from_recipe(pipe, {"calibration": {"num_prompts": 1, "steps": 2, "selection": "all"},
                                       "quant": {"preset": "w8a8", "lower": True}}, tmp_path)
     assert "int8-gemm" in text and (tmp_path / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_float32_calibration_quantizes_and_prunes_a_bfloat16_copy(family):
+    """A trajectory recorded in float32 replays into a bfloat16 denoiser as a bfloat16 run would feed
+    it (activations cast; timesteps and guidance keep their dtype); before, the replay raised
+    'mat1 and mat2 must have the same dtype'."""
+    calib = da.calibrate(build_tiny(family), ["a cat", "a dog"], num_inference_steps=3, progress=False)
+    quantized = da.quantize_(build_tiny(family).to(torch.bfloat16), da.PTQConfig.preset("w8a8"), calib=calib)
+    pruned = da.prune_(build_tiny(family).to(torch.bfloat16), da.PruneConfig(method="obs", sparsity=0.5),
+                       calib=calib)
+    for pipe in (quantized, pruned):
+        images = pipe(**tiny_call_kwargs(family, steps=3)).images
+        assert images.dtype == torch.bfloat16 and torch.isfinite(images.float()).all()

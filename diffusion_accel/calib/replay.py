@@ -45,7 +45,7 @@ def replay_records(records: Sequence[TrajectoryRecord], collectors: Sequence[Col
         raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
     current: list[Step | None] = [None]
     router = CollectorRouter(denoiser, collectors, lambda: current[0])
-    device = _device_of(denoiser)
+    device, dtype = _device_of(denoiser), _float_dtype_of(denoiser)
     counts = CallCounts()
     groups = list(group_records(list(records), batch_size))
     try:
@@ -53,7 +53,7 @@ def replay_records(records: Sequence[TrajectoryRecord], collectors: Sequence[Col
             router.install(hooks)
             for group in tqdm(groups, desc="replay", disable=not progress):
                 current[0] = group[0].step
-                args, kwargs = map_tensors(lambda t: t.to(device), merged_call(group))
+                args, kwargs = map_tensors(lambda t: _to_model(t, device, dtype), merged_call(group))
                 with _as_live_step(denoiser, group[0].step):
                     denoiser(*args, **kwargs)
                 counts.denoiser_calls += 1
@@ -67,6 +67,20 @@ def replay_records(records: Sequence[TrajectoryRecord], collectors: Sequence[Col
 def _device_of(denoiser: nn.Module) -> torch.device:
     parameter = next(denoiser.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _float_dtype_of(denoiser: nn.Module) -> torch.dtype | None:
+    """The dtype of the denoiser's first floating-point parameter (None if it has none)."""
+    return next((p.dtype for p in denoiser.parameters() if p.is_floating_point()), None)
+
+
+def _to_model(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """Move a stored input to the denoiser's device and, for floating activations (2-D and up),
+    its dtype: a trajectory recorded in float32 replays into a bfloat16 copy as a bfloat16 run
+    would feed it. Timesteps and guidance (0-D/1-D) keep their dtype, as pipelines pass them."""
+    if dtype is not None and tensor.is_floating_point() and tensor.dim() >= 2:
+        return tensor.to(device, dtype)
+    return tensor.to(device)
 
 
 @contextlib.contextmanager
