@@ -41,8 +41,24 @@ def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str
             pipe.to(dtype=torch_dtype)
         record_source(pipe, spec, torch_dtype)
     if device is not None:
-        pipe.to(device)
+        pipe.to(check_device(device))
     return pipe
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; ValueError naming it when this torch cannot use it (a CUDA
+    device on a CPU-only build, or an index past the GPUs present), before anything is loaded onto it."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {device!r} ({error}); accepted: cpu, cuda, cuda:N, ...") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index is not None and parsed.index >= count):
+            found = "no CUDA device" if count == 0 else f"{count} CUDA device(s): cuda:0..cuda:{count - 1}"
+            raise ValueError(f"device {device!r} is not available: torch {torch.__version__} sees {found}; "
+                             f"use 'cpu'")
+    return parsed
 
 
 def split_artifact_spec(spec: str) -> tuple[str | None, Path | None]:
@@ -101,12 +117,28 @@ def _load_by_kind(spec: str, torch_dtype: torch.dtype | None) -> Any:
         return build_tiny(spec[5:])
     from diffusers import DiffusionPipeline
 
+    dtype_kwarg = {_dtype_keyword(): torch_dtype or torch.float32}
     if Path(spec).is_dir():
-        return DiffusionPipeline.from_pretrained(spec, torch_dtype=torch_dtype or torch.float32)
+        return DiffusionPipeline.from_pretrained(spec, **dtype_kwarg)
+    if _looks_like_a_path(spec):
+        raise FileNotFoundError(f"pipeline spec {spec!r}: no such folder (a local pipeline is a "
+                                f"save_pretrained folder; a hub id looks like 'org/model')")
     if "/" not in spec:
         raise ValueError(f"unknown pipeline spec {spec!r}; accepted: zoo:NAME, tiny:FAMILY, "
                          "a local save_pretrained folder, or a hub id like 'org/model'")
-    return DiffusionPipeline.from_pretrained(spec, torch_dtype=torch_dtype or torch.float32)
+    return DiffusionPipeline.from_pretrained(spec, **dtype_kwarg)
+
+
+def _looks_like_a_path(spec: str) -> bool:
+    """A spec that cannot be a hub id ('org/model'): absolute, relative-dotted, home-based or deeper."""
+    return spec.startswith(("/", ".", "~", "\\")) or spec.count("/") > 1
+
+
+def _dtype_keyword() -> str:
+    """``dtype`` where diffusers accepts it (it deprecates ``torch_dtype``), else ``torch_dtype``."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 
 
 def default_demo_spec() -> str:

@@ -35,6 +35,9 @@ def test_unknown_subcommand_and_bad_flag_exit_2(capsys):
     (["eval", "--pipe", "not-a-spec"], "unknown pipeline spec"),
     (["eval", "--pipe", "tiny:sd", "--metrics", "speed"], "speed"),
     (["eval", "--pipe", "tiny:sd", "--dtype", "int3"], "unknown dtype"),
+    (["eval", "--pipe", "./runs/missing"], "'./runs/missing': no such folder"),  # was a hub repo-id error
+    (["eval", "--pipe", "tiny:sd", "--device", "cuda:99"], "'cuda:99' is not available"),  # was a traceback
+    (["eval", "--pipe", "tiny:sd", "--device", "gpu"], "unknown device 'gpu'"),
 ])
 def test_user_mistakes_are_one_line_errors(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
