@@ -492,3 +492,19 @@ def test_unconditional_pipeline_takes_placeholder_prompts():
         calibrate(ddpm, None, 2, num_samples=3, progress=False).summary()
     with pytest.raises(ValueError, match="num_samples=2 but 3 placeholder"):
         calibrate(ddpm, placeholders, 2, num_samples=2, progress=False)
+
+
+def test_replay_refuses_a_denoiser_of_another_architecture(sd_pipe):
+    """A stored trajectory only feeds the architecture it was recorded on: another class, or the same
+    class with another config, got an unrelated TypeError / shape error deep in the replay."""
+    from diffusers import UNet2DConditionModel
+
+    calibration = calibrate(sd_pipe, ["a cat"], num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"recorded on a StableDiffusionPipeline \(UNet2DConditionModel\).*"
+                                         r"cannot feed a FluxTransformer2DModel"):
+        calibration.replay(RangeObserver([SD_CONV]), build_tiny("flux"))
+    other = UNet2DConditionModel.from_config({**sd_pipe.unet.config, "cross_attention_dim": 16})
+    with pytest.raises(ValueError, match="differs in cross_attention_dim"):
+        calibration.replay(RangeObserver([SD_CONV]), other)
+    bf16_copy = build_tiny("sd").to(torch.bfloat16)  # same architecture: fits
+    assert calibration.replay(RangeObserver([SD_CONV]), bf16_copy, progress=False).observed_calls > 0

@@ -64,6 +64,7 @@ class Calibration:
     trajectory_truncated: bool = False
     counts: CallCounts = field(default_factory=CallCounts)
     source: str = "pipeline"
+    denoiser_config: dict[str, Any] = field(default_factory=dict)  # architecture the inputs were recorded for
 
     @property
     def denoiser_calls(self) -> int:
@@ -94,6 +95,7 @@ class Calibration:
         if not self.trajectory:
             raise ValueError("this calibration stored no trajectory; run calibrate(..., store_trajectory=True)")
         module = denoiser if isinstance(denoiser, nn.Module) else resolve_denoiser(denoiser)[1]
+        self.check_fits(module)
         bound = validate_collectors(collectors, module)
         counts = replay_records(self.trajectory, bound, module, batch_size=batch_size, progress=progress)
         return Calibration(
@@ -101,7 +103,22 @@ class Calibration:
             selected_steps=list(self.selected_steps), step_weights=self.step_weights, collectors=bound,
             seeds=list(self.seeds), timesteps=dict(self.timesteps), trajectory=self.trajectory,
             trajectory_bytes=self.trajectory_bytes, trajectory_truncated=self.trajectory_truncated,
-            counts=counts, source="replay")
+            counts=counts, source="replay", denoiser_config=dict(self.denoiser_config))
+
+    def check_fits(self, denoiser: nn.Module) -> None:
+        """ValueError unless ``denoiser`` has the class and architecture config the stored inputs were
+        recorded for (its dtype, device, weights and pruned shapes may differ)."""
+        mismatched = [key for key, value in architecture_config(denoiser).items()
+                      if key in self.denoiser_config and self.denoiser_config[key] != value]
+        if type(denoiser).__name__ == self.denoiser_class and not mismatched:
+            return
+        if type(denoiser).__name__ != self.denoiser_class:
+            found = f"its stored inputs cannot feed a {type(denoiser).__name__}"
+        else:
+            found = f"this one differs in {', '.join(mismatched[:4])}"
+        raise ValueError(f"this calibration was recorded on a {self.pipeline_class} ({self.denoiser_class}), and "
+                         f"{found}; calibrate the pipeline you quantize or prune (a calibration fits the same "
+                         f"architecture in any dtype, on any device, pruned or not)")
 
     def rerun(self, pipe: Any, collectors: Sequence[Collector] | Collector, *,
               store_trajectory: bool = False, progress: bool = True) -> "Calibration":
@@ -135,3 +152,9 @@ def _seed_text(seeds: list[int]) -> str:
     if not seeds:
         return "-"
     return str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}..{seeds[-1]}"
+
+
+def architecture_config(denoiser: nn.Module) -> dict[str, Any]:
+    """The denoiser's diffusers config without bookkeeping keys (``_name_or_path``, versions)."""
+    config = getattr(denoiser, "config", None) or {}
+    return {key: value for key, value in dict(config).items() if not key.startswith("_")}

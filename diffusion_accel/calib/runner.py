@@ -21,7 +21,7 @@ from ..hooks import ModuleHooks, StepTracker, get_tracker, refuse_while_cached, 
 from .collectors import Collector, Step
 from .dispatch import CollectorRouter, resolve_denoiser, validate_collectors
 from .inputs import PlannedCall, calibration_items, call_mode, placeholder_prompts, plan_calls
-from .result import Calibration, CalibrationSettings
+from .result import Calibration, CalibrationSettings, architecture_config
 from .schedule import resolve_weights, select_steps
 from .trajectory import TrajectoryRecorder
 from .trees import call_batch_size
@@ -69,7 +69,8 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
         max_trajectory_bytes=max_trajectory_bytes, call_kwargs=dict(call_kwargs))
     result = Calibration(settings=settings, pipeline_class=type(pipe).__name__,
                          denoiser_class=type(denoiser).__name__, selected_steps=selected,
-                         step_weights=weights, collectors=bound, seeds=[call.seed for call in calls])
+                         step_weights=weights, collectors=bound, seeds=[call.seed for call in calls],
+                         denoiser_config=architecture_config(denoiser))
     _LiveRun(result, recorder).run(pipe, denoiser, calls, progress)
     _check_selected_steps_ran(result)
     return result
