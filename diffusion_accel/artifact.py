@@ -212,9 +212,13 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{directory} is not a diffusion_accel artifact: no {MANIFEST}")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{path} is not valid JSON ({error}); the artifact is damaged: save it again") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
+    if found != FORMAT:
+        raise ArtifactError(f"{path}: format {found!r}, expected {FORMAT!r}")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(f"{path}: format_version {manifest['format_version']} is newer than "
                             f"this library reads ({FORMAT_VERSION}); upgrade diffusion-accel")
@@ -234,13 +238,24 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
     _set_denoiser(base_pipe, component, copy.deepcopy(original))
     try:
         for entry in manifest["techniques"]:
-            tensors = load_file(str(Path(directory) / entry["tensors"]))
+            tensors = _read_tensors(Path(directory) / entry["tensors"])
             _HANDLERS[entry["name"]].restore(base_pipe, entry["config"], tensors)
             mark_applied(base_pipe, entry["name"])
     except BaseException:
         _set_denoiser(base_pipe, component, original)
         raise
     return base_pipe
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one technique file; ArtifactError naming the file when missing or damaged."""
+    if not path.is_file():
+        raise ArtifactError(f"artifact file {path} is missing (manifest.json lists it); save the artifact again")
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own SafetensorError for damaged headers
+        raise ArtifactError(f"artifact file {path} is not readable safetensors ({error}); "
+                            f"save the artifact again") from None
 
 
 def _check_base(base_pipe: Any, manifest: dict[str, Any], directory: str | Path) -> None:

@@ -102,6 +102,24 @@ def test_bad_folders_are_rejected(tmp_path):
         artifact.read_manifest(tmp_path)
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda folder: (folder / "manifest.json").write_text("{not json"), r"manifest.json is not valid JSON"),
+    (lambda folder: (folder / "manifest.json").write_text("[1, 2]"), r"format 'a JSON list'"),
+    (lambda folder: (folder / "00-test-scale.safetensors").unlink(), r"00-test-scale.safetensors is missing"),
+    (lambda folder: (folder / "00-test-scale.safetensors").write_bytes(b"garbage"),
+     r"00-test-scale.safetensors is not readable safetensors"),
+])
+def test_a_damaged_artifact_is_an_artifact_error_naming_the_file(tmp_path, damage, message):
+    """Was a bare JSONDecodeError / FileNotFoundError / SafetensorError naming no artifact file."""
+    artifact.save(_scaled_pipe(), tmp_path)
+    damage(tmp_path)
+    base = build_tiny("sd")
+    unet_before = base.unet
+    with pytest.raises(artifact.ArtifactError, match=message):
+        artifact.load(base, tmp_path)
+    assert base.unet is unet_before and artifact.applied_techniques(base) == []
+
+
 def test_mark_applied_needs_a_registered_technique():
     with pytest.raises(ValueError, match="no save/load handler"):
         artifact.mark_applied(build_tiny("sd"), "unknown")
