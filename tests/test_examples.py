@@ -25,3 +25,21 @@ def test_example_runs(script, extra, tmp_path, monkeypatch, capsys):
     if script == "stack_all_three.py":
         assert "['prune', 'ptq', 'cache']; reloaded images identical: True" in out
         assert (tmp_path / "out" / "artifact" / "manifest.json").is_file()
+
+
+def test_readme_python_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The README's Python block, verbatim, with the zoo swapped for the tiny SD pipeline and two prompts."""
+    import diffusion_accel as da
+    from diffusion_accel.testing.tiny import build_tiny
+
+    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setattr(da.zoo, "load", lambda name: build_tiny("sd"))
+    monkeypatch.setattr(da.prompts, "load", lambda name: ["a photo of a sneaker", "a photo of a bag"])
+    evaluate = da.evaluate  # CLIP score with the bundled CLIP: the tiny pipeline names no CLIP of its own
+    monkeypatch.setattr(da, "evaluate", lambda *args, **kwargs: evaluate(
+        *args, clip_model=da.zoo.path("fashion-clip"), repeats=1, **kwargs))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert (tmp_path / "fashion-sd-accel" / "manifest.json").is_file()
+    assert "| accel |" in capsys.readouterr().out
