@@ -1,7 +1,9 @@
 """Turn a pipeline spec string into a diffusers pipeline (CLI, benchmarks, demo).
 
 Specs: ``zoo:NAME`` (a bundled reference pipeline), ``tiny:FAMILY`` (a tiny random pipeline built
-from config), a local ``save_pretrained`` folder, or a Hugging Face hub id (needs internet); and
+from config), a local ``save_pretrained`` folder (one holding a zoo pipeline, the shipped folder, a
+copy or a training export, loads as ``zoo.load`` does: with its call settings and native size), or a
+Hugging Face hub id (needs internet); and
 accelerated pipelines: an artifact folder written by ``save`` / ``diffusion-accel calibrate`` (its
 base is loaded from the spec its manifest records, then the artifact is applied), or
 ``BASE+ARTIFACT`` to name the base explicitly (e.g. ``org/model+runs/w8a8``).
@@ -119,6 +121,11 @@ def _load_by_kind(spec: str, torch_dtype: torch.dtype | None) -> Any:
 
     dtype_kwarg = {_dtype_keyword(): torch_dtype or torch.float32}
     if Path(spec).is_dir():
+        zoo_name = _zoo_model_name(Path(spec))
+        if zoo_name is not None:  # the zoo's call settings and native size come with its folder
+            from . import zoo
+
+            return zoo.load(zoo_name, torch_dtype or torch.float32, folder=spec)
         return DiffusionPipeline.from_pretrained(spec, **dtype_kwarg)
     if _looks_like_a_path(spec):
         raise FileNotFoundError(f"pipeline spec {spec!r}: no such folder (a local pipeline is a "
@@ -127,6 +134,23 @@ def _load_by_kind(spec: str, torch_dtype: torch.dtype | None) -> Any:
         raise ValueError(f"unknown pipeline spec {spec!r}; accepted: zoo:NAME, tiny:FAMILY, "
                          "a local save_pretrained folder, or a hub id like 'org/model'")
     return DiffusionPipeline.from_pretrained(spec, **dtype_kwarg)
+
+
+def _zoo_model_name(folder: Path) -> str | None:
+    """The zoo pipeline a folder holds (the shipped one, a copy or a training export), read from the
+    ``train_info.json`` zoo training writes beside ``model_index.json``; None for other pipelines."""
+    import json
+
+    from . import zoo
+
+    info = folder / "train_info.json"
+    if not (info.is_file() and (folder / "model_index.json").is_file()):
+        return None
+    try:
+        name = json.loads(info.read_text(encoding="utf-8")).get("name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return name if name in zoo.CALL_DEFAULTS else None
 
 
 def _looks_like_a_path(spec: str) -> bool:

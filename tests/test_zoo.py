@@ -145,6 +145,24 @@ def test_load_reads_another_export_of_the_model(tmp_path):
         zoo.load("fashion-sd", folder=tmp_path / "missing")
 
 
+def test_a_zoo_folder_given_as_a_pipeline_spec_keeps_its_call_settings(tmp_path):
+    """--pipe PATH to the zoo's folder (or a copy, or a training export) loads what zoo.load does: before,
+    diffusers' plain loading lost fashion-flux's 32-token T5, true CFG and 32-px size."""
+    import shutil
+
+    from diffusion_accel.loading import load_pipeline
+    from diffusion_accel.pipeline_defaults import call_defaults
+
+    shutil.copytree(zoo.path("fashion-flux"), tmp_path / "copy")
+    for folder in (zoo.path("fashion-flux"), tmp_path / "copy"):
+        pipe = load_pipeline(str(folder), dtype="bf16")
+        assert call_defaults(pipe) == zoo.CALL_DEFAULTS["fashion-flux"], folder
+        assert pipe.default_sample_size * pipe.vae_scale_factor == zoo.NATIVE_SIZE
+        assert pipe.transformer.dtype == torch.bfloat16
+    (tmp_path / "copy" / "train_info.json").unlink()  # any other save_pretrained folder: diffusers as is
+    assert call_defaults(load_pipeline(str(tmp_path / "copy"))) == {}
+
+
 @needs_data
 def test_training_smoke_run_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "RUNS_ROOT", tmp_path)
