@@ -35,6 +35,7 @@ _LAZY_ATTRIBUTES = {
     "enable_cache": ("diffusion_accel.cache", "enable_cache"),
     "remove_cache": ("diffusion_accel.cache", "remove_cache"),
     "cache_summary": ("diffusion_accel.cache", "summary"),
+    "default_cache_config": ("diffusion_accel.cache", "default_cache_config"),
     "DeepCacheConfig": ("diffusion_accel.cache", "DeepCacheConfig"),
     "BlockCacheConfig": ("diffusion_accel.cache", "BlockCacheConfig"),
     "DeltaCacheConfig": ("diffusion_accel.cache", "DeltaCacheConfig"),

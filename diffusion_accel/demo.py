@@ -54,22 +54,10 @@ def _float32_outputs(denoiser: torch.nn.Module) -> None:
     denoiser.register_forward_hook(float_output, with_kwargs=True)
 
 
-def _cache_config(pipe: Any) -> Any:
-    """DeepCache for UNets (full step every 3, cut at the shallowest skip), else static block
-    caching every 3 steps; reuse steps forecast the cached feature linearly (``forecast=1``), for
-    transformers the final projection's output (closer to the uncached result than the stack residual
-    on fashion-flux: benchmarks/results/cache_flux_heldout.md)."""
-    from .cache import BlockCacheConfig, DeepCacheConfig
-
-    if get_adapter(pipe).component == "unet":
-        return DeepCacheConfig(interval=3, branch=0, forecast=1)
-    return BlockCacheConfig(interval=3, forecast=1, forecast_target="output")
-
-
 def cache_variant(pipe: Any, calib: Any) -> Any:
-    from .cache import enable_cache
+    from .cache import default_cache_config, enable_cache
 
-    return enable_cache(copy.deepcopy(pipe), _cache_config(pipe))
+    return enable_cache(copy.deepcopy(pipe), default_cache_config(pipe))
 
 
 def w8a8_variant(pipe: Any, calib: Any) -> Any:
@@ -90,9 +78,9 @@ def obs_variant(pipe: Any, calib: Any) -> Any:
 
 def stacked_variant(pipe: Any, calib: Any) -> Any:
     """All three stacked: structured OBS, then W8A8, then caching."""
-    from .cache import enable_cache
+    from .cache import default_cache_config, enable_cache
 
-    return enable_cache(w8a8_variant(obs_variant(pipe, calib), calib), _cache_config(pipe))
+    return enable_cache(w8a8_variant(obs_variant(pipe, calib), calib), default_cache_config(pipe))
 
 
 def demo_variants() -> dict[str, VariantBuilder]:

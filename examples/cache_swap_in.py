@@ -27,7 +27,7 @@ def main() -> None:
 
     pipe = load_pipeline(args.pipe)
     baseline, baseline_s = generate(pipe, args.steps)
-    da.enable_cache(pipe, da.DeepCacheConfig(interval=3, branch=0))
+    da.enable_cache(pipe, da.default_cache_config(pipe))  # DeepCache (UNets) or block caching (DiTs)
     cached, cached_s = generate(pipe, args.steps)
     print(da.cache_summary(pipe, as_text=True).splitlines()[0])
     print(f"uncached {baseline_s:.2f} s, cached {cached_s:.2f} s ({baseline_s / cached_s:.2f}x), "

@@ -18,7 +18,7 @@ def main() -> None:
     args = parser.parse_args()
 
     base = load_pipeline(args.pipe)
-    cached = da.enable_cache(copy.deepcopy(base), da.DeepCacheConfig(interval=2, branch=0))
+    cached = da.enable_cache(copy.deepcopy(base), da.default_cache_config(base, interval=2))
     pruned = da.prune_(copy.deepcopy(base), da.PruneConfig(method="magnitude", sparsity=0.3))
     prompts = da.prompts.for_pipeline(base, limit=6)
     report = da.evaluate({"base": base, "deepcache-2": cached, "magnitude-30%": pruned}, prompts,

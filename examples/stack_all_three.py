@@ -23,10 +23,7 @@ def stack(base, steps: int):
     pipe = copy.deepcopy(base)
     da.prune_(pipe, da.PruneConfig(method="obs", sparsity=0.3, pattern="structured"), calib=calib)
     da.quantize_(pipe, da.PTQConfig.preset("w8a8"), calib=calib)
-    unet = da.get_adapter(pipe).component == "unet"
-    cache = (da.DeepCacheConfig(interval=3, branch=0, forecast=1) if unet
-             else da.BlockCacheConfig(interval=3, forecast=1, forecast_target="output"))
-    return da.enable_cache(pipe, cache)
+    return da.enable_cache(pipe, da.default_cache_config(pipe))  # DeepCache, or block caching for DiTs
 
 
 def main(argv=None) -> None:
@@ -40,7 +37,7 @@ def main(argv=None) -> None:
     stacked = stack(base, args.steps)
     da.save(stacked, f"{args.out}/artifact")
     reloaded = da.load(load_pipeline(args.pipe), f"{args.out}/artifact")
-    call = {"num_inference_steps": args.steps, "output_type": "pt"}
+    call = {"num_inference_steps": args.steps, "output_type": "pt", **da.call_defaults(base)}
     prompt = da.prompts.for_pipeline(base, limit=1)
     first = stacked(prompt, generator=torch.Generator().manual_seed(0), **call).images
     again = reloaded(prompt, generator=torch.Generator().manual_seed(0), **call).images

@@ -73,6 +73,14 @@ def test_every_family_caches_generates_and_is_deterministic(family):
     assert torch.equal(_images(pipe, family), base)
 
 
+def test_default_cache_config_follows_the_denoiser():
+    from diffusion_accel.cache import default_cache_config
+
+    assert default_cache_config(build_tiny("sd")) == DeepCacheConfig(interval=3, branch=0, forecast=1)
+    assert default_cache_config(build_tiny("flux"), interval=2) == \
+        BlockCacheConfig(interval=2, forecast=1, forecast_target="output")
+
+
 def test_fresh_state_at_every_call_for_any_step_count_and_batch():
     pipe = build_tiny("sd")
     pipe.set_progress_bar_config(disable=True)

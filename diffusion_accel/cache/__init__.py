@@ -7,7 +7,8 @@
 """
 
 from . import persist  # noqa: F401  (registers the "cache" save/load technique)
-from .apply import cache_config, calibrated_steps, enable_cache, register_cache_method, remove_cache, summary
+from .apply import (cache_config, calibrated_steps, default_cache_config, enable_cache, register_cache_method,
+                    remove_cache, summary)
 from .calibrated import calibrate_schedule
 from .configs import (FASTER_DIFFUSION_KEY_STEPS, BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig,
                       DeltaCacheConfig, EncoderPropagationConfig, FirstBlockCacheConfig, TeaCacheConfig)
@@ -17,7 +18,7 @@ from .teacache_fit import fit_teacache_coefficients
 __all__ = [
     "FASTER_DIFFUSION_KEY_STEPS", "BlockCacheConfig", "CalibratedCacheConfig", "DeepCacheConfig",
     "DeltaCacheConfig", "EncoderPropagationConfig", "FirstBlockCacheConfig", "TeaCacheConfig",
-    "cache_config", "calibrate_schedule", "calibrated_steps", "enable_cache", "fit_teacache_coefficients",
+    "cache_config", "calibrate_schedule", "calibrated_steps", "default_cache_config", "enable_cache", "fit_teacache_coefficients",
     "nonuniform_full_steps", "register_cache_method", "remove_cache", "resample_full_steps", "summary",
     "uniform_full_steps",
 ]

@@ -160,6 +160,16 @@ def remove_cache(pipe: Any) -> Any:
     return pipe
 
 
+def default_cache_config(pipe: Any, interval: int = 3) -> DeepCacheConfig | BlockCacheConfig:
+    """The project's default cache for ``pipe``'s denoiser: DeepCache at the shallowest skip for UNets,
+    static block caching for transformers, a full step every ``interval`` and a linear forecast on
+    reuse steps (``forecast=1``; for transformers of the final projection's output, closer to the
+    uncached result than the stack residual on fashion-flux: benchmarks/results/cache_flux_heldout.md)."""
+    if get_adapter(pipe).component == "unet":
+        return DeepCacheConfig(interval=interval, branch=0, forecast=1)
+    return BlockCacheConfig(interval=interval, forecast=1, forecast_target="output")
+
+
 def cache_config(pipe: Any) -> Any | None:
     """The config of the enabled cache, or None."""
     session = get_session(find_denoiser(pipe)[1])
