@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "or by normalised saliency (default for magnitude)")
     calibrate.add_argument("--cache-method", default=None,
                            help="--method cache: deepcache, block, first_block, teacache, delta, "
-                                "encoder_propagation or calibrated (default: the recipe's [cache] method)")
+                                "encoder_propagation or calibrated (default: the recipe's [cache] method, else "
+                                "da.default_cache_config: deepcache for UNets, block for transformers, "
+                                "interval 3 with forecast 1)")
     calibrate.add_argument("--budget", type=float, default=None,
                            help="--cache-method calibrated: fraction of steps that run the full denoiser")
     calibrate.add_argument("--interval", type=int, default=None, help="cache interval (deepcache, block, ...)")

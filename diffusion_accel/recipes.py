@@ -244,7 +244,7 @@ def _apply_cache(pipe: Any, args: argparse.Namespace, recipe: dict[str, Any], pr
     first where the method needs it (a calibrated schedule, TeaCache's polynomial)."""
     from .cache import enable_cache
     from .cache.configs import config_to_dict
-    from .cache.recipe import config_from_table
+    from .cache.recipe import config_from_table, default_cache_table
 
     table = dict(recipe.get("cache", {}))
     if args.cache_method is not None and args.cache_method != table.get("method"):
@@ -253,7 +253,7 @@ def _apply_cache(pipe: Any, args: argparse.Namespace, recipe: dict[str, Any], pr
              ("forecast", args.forecast), ("forecast_target", args.forecast_target))
     table |= {key: value for key, value in flags if value is not None}
     if not table.get("method"):
-        raise ValueError("--method cache needs a cache: give --cache-method or a recipe with a [cache] table")
+        table = default_cache_table(pipe) | table
     config = config_from_table(pipe, table, prompt_list, settings["steps"], seed=args.seed,
                                **sampling_kwargs(settings))
     enable_cache(pipe, config)

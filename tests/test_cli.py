@@ -193,8 +193,19 @@ def test_calibrate_cache_reads_the_recipe_table_and_flags_override_it(tmp_path, 
                                                             "center": 0.3, "power": 1.4, "forecast": 0}}
     assert main(["calibrate", "--recipe", str(recipe), "--method", "cache", "--cache-method", "calibrated",
                  "--budget", "0.5", "--out", str(out)]) == 0, capsys.readouterr().err  # recipe keys dropped
-    assert main(["calibrate", "--pipe", "tiny:sd", "--method", "cache", "--out", str(tmp_path / "x")]) == 2
-    assert "--cache-method" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family, expected", [
+    ("sd", {"type": "DeepCacheConfig", "params": {"interval": 2, "branch": 0, "schedule": "uniform",
+                                                  "center": 0.3, "power": 1.4, "forecast": 1}}),
+    ("flux", {"type": "BlockCacheConfig", "params": {"interval": 2, "forecast": 1, "forecast_target": "output"}}),
+])
+def test_calibrate_cache_without_a_method_uses_the_default_cache_of_the_denoiser(family, expected, tmp_path, capsys):
+    """No --cache-method and no recipe: da.default_cache_config (was an error asking for a method)."""
+    out = tmp_path / family
+    assert main(["calibrate", "--pipe", f"tiny:{family}", "--method", "cache", "--interval", "2", "--steps", "3",
+                 "--num-prompts", "1", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text())["techniques"][0]["config"] == expected
 
 
 def test_calibrate_unknown_method_is_a_user_error(capsys):

@@ -1,6 +1,6 @@
 """Cache configs from a recipe's ``[cache]`` table (``diffusion-accel calibrate --method cache``).
 
-``method`` names the cache; the other keys are that config's fields. Two methods calibrate on the
+``method`` names the cache (none: ``default_cache_config``'s); the other keys are that config's fields. Two methods calibrate on the
 recipe's prompts first: ``"calibrated"`` searches a schedule (keys: ``budget``, ``branch``,
 ``forecast``, ``forecast_target``, ``search``, ``max_passes``, ``max_candidates``, ``resample``) and ``"teacache"``
 fits its rescaling polynomial when no ``coefficients`` are given (key ``degree``, default 4).
@@ -45,6 +45,18 @@ def config_from_table(pipe: Any, table: dict[str, Any], prompts: Any, num_infere
         options["coefficients"] = fit_teacache_coefficients(pipe, prompts, num_inference_steps, degree=degree,
                                                             seed=seed, **call_kwargs)
     return STATIC_METHODS[method](**options)
+
+
+def default_cache_table(pipe: Any) -> dict[str, Any]:
+    """``default_cache_config(pipe)`` as a ``[cache]`` table (method name + fields), for recipes and
+    command lines that name no cache method."""
+    from dataclasses import asdict
+
+    from .apply import default_cache_config
+
+    config = default_cache_config(pipe)
+    method = next(name for name, config_type in STATIC_METHODS.items() if type(config) is config_type)
+    return {"method": method, **asdict(config)}
 
 
 def _check_keys(method: str, options: dict[str, Any], accepted: tuple[str, ...]) -> None:
