@@ -123,3 +123,16 @@ def test_obs_resnet_pruning_beats_magnitude_on_the_calibration_trajectory():
         prune_(pipe, config, calib=tiny_calibration(pipe, "sd"))
         errors[method] = float((generate(pipe, "sd") - reference).pow(2).mean())
     assert errors["obs"] < errors["magnitude"]
+
+
+def test_structured_summary_states_the_target_per_unit_and_the_parameter_reduction():
+    """The headline used to read 'target sparsity 0.990, reached 0.237': a per-unit head/neuron fraction
+    against a whole-denoiser parameter share, with no word on the one head always kept."""
+    from diffusion_accel.prune import prune_report
+
+    pipe = prune_(build_tiny("sd"), PruneConfig(method="magnitude", sparsity=0.99, pattern="structured"))
+    report = prune_report(pipe)
+    reduction = 1 - report.params_after / report.params_before
+    headline = report.summary().splitlines()[0]
+    assert "removing 0.990 of each unit's heads, FFN neurons and channels (one always kept)" in headline
+    assert f"denoiser parameters -{reduction:.1%}" in headline and "reached" not in headline

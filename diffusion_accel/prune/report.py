@@ -42,8 +42,7 @@ class PruneReport:
 
     def summary(self) -> str:
         """A few human-readable lines."""
-        lines = [f"prune: {self.method} {self.pattern}, target sparsity {self.target_sparsity:.3f}, "
-                 f"reached {self.achieved_sparsity:.3f} over {len(self.layers_pruned)} layers",
+        lines = [self._headline(),
                  f"  parameters: {self.params_before:,} -> {self.params_after:,}",
                  f"  groups {self.groups}, calibration sweeps {self.sweeps}, "
                  f"peak Hessian memory {self.peak_hessian_bytes / 2**20:.1f} MiB, {self.seconds:.1f} s"]
@@ -60,6 +59,18 @@ class PruneReport:
         if self.sparse_kernels:
             lines.append(f"  {self.sparse_kernels}")
         return "\n".join(lines)
+
+
+    def _headline(self) -> str:
+        """Target vs result in the pattern's own terms: structured pruning removes a fraction of each
+        unit's heads / FFN neurons / channels (always keeping one), so its result is the share of
+        the whole denoiser's parameters removed, not a zero fraction."""
+        if self.pattern == "structured":
+            return (f"prune: {self.method} structured, removing {self.target_sparsity:.3f} of each unit's heads, "
+                    f"FFN neurons and channels (one always kept): denoiser parameters "
+                    f"-{self.achieved_sparsity:.1%}, {len(self.layers_pruned)} output layers pruned")
+        return (f"prune: {self.method} {self.pattern}, target sparsity {self.target_sparsity:.3f}, "
+                f"reached {self.achieved_sparsity:.3f} over {len(self.layers_pruned)} layers")
 
 
 def count_parameters(module: nn.Module) -> int:
