@@ -227,7 +227,12 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 
 # ----- helpers -------------------------------------------------------------------------------
 def _print_and_save(report: Any, out: str | None) -> int:
-    """Print the report's Markdown table and, with ``--out``, save it there."""
+    """Print the report's Markdown table and, with ``--out``, save it there (on the main process only
+    under a multi-process launcher: every process holds the same gathered report)."""
+    from .eval.distributed import process_state
+
+    if not process_state().is_main_process:
+        return 0
     print(report.to_markdown())
     if out:
         report.save(out)

@@ -373,3 +373,22 @@ def test_variants_sharing_an_accelerated_denoiser_are_flagged():
         report = evaluate({"base": other_scheduler, "accel": pipe}, ["a cat"], metrics=("psnr",),
                           num_inference_steps=2, call_kwargs=SD_CALL, progress=False)
     assert any("share one UNet2DConditionModel" in note for note in report.notes)
+
+
+def test_two_cpu_processes_under_torchrun_shard_the_evaluation_and_match_one_process(tmp_path):
+    """Without an accelerator, accelerate's default PartialState saw DistributedType.NO under a launcher:
+    each process ran the whole evaluation alone and both wrote the report files."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    argv = ["eval", "--pipe", "tiny:sd", "--metrics", "psnr", "--num-prompts", "3", "--steps", "2"]
+    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "diffusion_accel.cli", *argv,
+                           "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("| tiny:sd |") == 1  # printed by the main process only
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["settings"]["num_processes"] == 2 and report["rows"][0]["images"] == 3

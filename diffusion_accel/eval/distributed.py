@@ -10,20 +10,29 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
 
+def process_state() -> PartialState:
+    """accelerate's shared ``PartialState``. On a machine without an accelerator, processes started by
+    a launcher (``torchrun``, ``accelerate launch``) join one CPU process group (gloo): with accelerate's
+    default ``cpu=False`` each saw ``DistributedType.NO`` and ran the whole evaluation alone."""
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return PartialState(cpu=not has_accelerator)
+
+
 def shard(items: Sequence[Any], state: Any = None) -> list[Any]:
     """This process's contiguous share of ``items`` (all of them on a single process)."""
-    state = state if state is not None else PartialState()
+    state = state if state is not None else process_state()
     with state.split_between_processes(list(items)) as mine:
         return list(mine)
 
 
 def gather(pairs: list[tuple[int, Any]], state: Any = None) -> list[tuple[int, Any]]:
     """Every process's ``(index, item)`` pairs, on every process."""
-    state = state if state is not None else PartialState()
+    state = state if state is not None else process_state()
     if state.num_processes == 1:
         return list(pairs)
     return list(gather_object(list(pairs)))
@@ -44,7 +53,7 @@ def merge_ordered(pairs: list[tuple[int, Any]], expected: int) -> list[Any]:
 
 def share_from_main(value: Any, state: Any = None) -> Any:
     """The main process's ``value`` on every process."""
-    state = state if state is not None else PartialState()
+    state = state if state is not None else process_state()
     if state.num_processes == 1:
         return value
     holder = [value]

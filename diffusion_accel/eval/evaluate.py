@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from accelerate import PartialState
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,7 +30,7 @@ from ..artifact import pipeline_source, techniques_on
 from ..pipeline_defaults import call_defaults
 from .clip_score import DEFAULT_CLIP_MODEL, clip_metric, clip_score
 from .cost import denoiser_flops, model_size
-from .distributed import gather, merge_ordered, shard, share_from_main
+from .distributed import gather, merge_ordered, process_state, shard, share_from_main
 from .fid import (FIDStats, compute_fid_stats, fid_feature_extractor, frechet_distance,
                   reference_stats)
 from .fidelity import fidelity
@@ -156,7 +155,7 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
     shared = shared_denoiser_notes(pipelines)
     for note in shared:
         warnings.warn(note, stacklevel=2)
-    state = PartialState()
+    state = process_state()
     images = _generate_all(pipelines, run, state, progress)
     report = _report(pipelines, images, run, state) if state.is_main_process else None
     if report is not None:
