@@ -245,3 +245,19 @@ def test_calibrating_techniques_refuse_an_enabled_cache_before_changing_anything
         with pytest.raises(ValueError, match=rf"{action} needs every block .* da.remove_cache\(pipe\)"):
             apply()
     assert torch.equal(_images(pipe, "sd"), before) and summary(pipe)["reused_calls"] > 0
+
+
+def test_diffusers_own_cache_is_refused_while_ours_is_enabled():
+    """diffusers' CacheMixin.enable_cache stacked its hooks on ours (the images matched neither cache);
+    ours already refuses when diffusers' is on. After remove_cache diffusers' works as usual."""
+    from diffusers.hooks import FirstBlockCacheConfig as DiffusersFirstBlockCacheConfig
+
+    pipe = build_tiny("flux")
+    enable_cache(pipe, BlockCacheConfig(interval=2))
+    with pytest.raises(ValueError, match=r"diffusion_accel's cache is enabled .*remove_cache\(pipe\) first"):
+        pipe.transformer.enable_cache(DiffusersFirstBlockCacheConfig(threshold=0.2))
+    assert not pipe.transformer.is_cache_enabled
+    remove_cache(pipe)
+    assert "enable_cache" not in vars(pipe.transformer)
+    pipe.transformer.enable_cache(DiffusersFirstBlockCacheConfig(threshold=0.2))
+    assert pipe.transformer.is_cache_enabled

@@ -7,6 +7,7 @@ uncond passes never share a cache and every pipeline call starts fresh.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 from ..hooks import CACHE_CLIENT, StepTracker, attach_tracker, detach_tracker_if_unused
 
 SESSION_ATTR = "_diffusion_accel_cache"
+DIFFUSERS_ENABLE = "enable_cache"  # diffusers' CacheMixin method, refused while our cache is on
 CACHE_HOOK_NAME = "diffusion_accel.cache"
 TRACKER_CLIENT = CACHE_CLIENT
 
@@ -114,6 +116,7 @@ def start_session(pipe: Any, denoiser: nn.Module, config: Any, method: str, poli
     session = CacheSession(denoiser=denoiser, tracker=tracker, config=config, method=method, policy=policy)
     tracker.register_client(TRACKER_CLIENT, session.on_reset)
     setattr(denoiser, SESSION_ATTR, session)
+    _guard_diffusers_cache(denoiser)
     return session
 
 
@@ -127,6 +130,23 @@ def end_session(session: CacheSession) -> None:
     session.remove()
     if getattr(session.denoiser, SESSION_ATTR, None) is session:
         delattr(session.denoiser, SESSION_ATTR)
+    guard = vars(session.denoiser).get(DIFFUSERS_ENABLE)
+    if getattr(guard, "__func__", None) is _refuse_diffusers_cache:
+        del session.denoiser.__dict__[DIFFUSERS_ENABLE]
+
+
+def _guard_diffusers_cache(denoiser: nn.Module) -> None:
+    """While our cache is on, the denoiser's own ``enable_cache`` (diffusers' ``CacheMixin``: First-Block,
+    TaylorSeer, MagCache, ...) refuses: both would hook the same blocks and skip on each other's
+    stale features (an instance-bound method, like ``pretrained_guard``; a deep copy carries its own)."""
+    if callable(getattr(type(denoiser), DIFFUSERS_ENABLE, None)) and DIFFUSERS_ENABLE not in vars(denoiser):
+        object.__setattr__(denoiser, DIFFUSERS_ENABLE, types.MethodType(_refuse_diffusers_cache, denoiser))
+
+
+def _refuse_diffusers_cache(denoiser: nn.Module, *args: Any, **kwargs: Any) -> None:
+    name = type(denoiser).__name__
+    raise ValueError(f"diffusion_accel's cache is enabled on this {name}; diffusers' enable_cache would stack a "
+                     f"second cache on the same blocks. Call diffusion_accel.remove_cache(pipe) first")
 
 
 def drop_empty_registry(module: nn.Module) -> None:
