@@ -341,6 +341,10 @@ def refuse_while_cached(denoiser: torch.nn.Module, action: str) -> None:
         raise ValueError(f"{action} needs every block of the denoiser computed, but a feature cache is "
                          "enabled on it. Caching comes last (prune_, then quantize_, then enable_cache): "
                          f"call da.remove_cache(pipe), run {action}, then enable the cache again")
+    if getattr(denoiser, "is_cache_enabled", False):  # diffusers' own (CacheMixin.enable_cache)
+        raise ValueError(f"{action} needs every block of the denoiser computed, but diffusers' own cache "
+                         f"({type(denoiser._cache_config).__name__}) is enabled on this {type(denoiser).__name__}: "
+                         f"call its disable_cache(), run {action}, then enable the cache again")
 
 
 def attach_tracker(denoiser: torch.nn.Module, pipeline: Any | None = None) -> StepTracker:

@@ -247,10 +247,14 @@ def test_calibrating_techniques_refuse_an_enabled_cache_before_changing_anything
     assert torch.equal(_images(pipe, "sd"), before) and summary(pipe)["reused_calls"] > 0
 
 
-def test_diffusers_own_cache_is_refused_while_ours_is_enabled():
+def test_diffusers_own_cache_and_ours_exclude_each_other_and_calibration():
     """diffusers' CacheMixin.enable_cache stacked its hooks on ours (the images matched neither cache);
-    ours already refuses when diffusers' is on. After remove_cache diffusers' works as usual."""
+    ours already refuses when diffusers' is on. After remove_cache diffusers' works as usual, and then
+    calibrate / prune_ refuse it as they refuse ours."""
     from diffusers.hooks import FirstBlockCacheConfig as DiffusersFirstBlockCacheConfig
+
+    from diffusion_accel.calib import calibrate
+    from diffusion_accel.prune import PruneConfig, prune_
 
     pipe = build_tiny("flux")
     enable_cache(pipe, BlockCacheConfig(interval=2))
@@ -261,3 +265,7 @@ def test_diffusers_own_cache_is_refused_while_ours_is_enabled():
     assert "enable_cache" not in vars(pipe.transformer)
     pipe.transformer.enable_cache(DiffusersFirstBlockCacheConfig(threshold=0.2))
     assert pipe.transformer.is_cache_enabled
+    for name, action in [("calibrate", lambda: calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False)),
+                         ("prune_", lambda: prune_(pipe, PruneConfig(method="magnitude", sparsity=0.5)))]:
+        with pytest.raises(ValueError, match=rf"{name} needs every block .* diffusers' own cache"):
+            action()  # statistics through diffusers' cache would miss every skipped block too
