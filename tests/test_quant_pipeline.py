@@ -253,3 +253,21 @@ def test_float32_calibration_quantizes_and_prunes_a_bfloat16_copy(family):
     for pipe in (quantized, pruned):
         images = pipe(**tiny_call_kwargs(family, steps=3)).images
         assert images.dtype == torch.bfloat16 and torch.isfinite(images.float()).all()
+
+
+def test_layerwise_casting_is_refused_before_anything_changes_and_works_after():
+    """diffusers' enable_layerwise_casting stores weights in float8: quantize_ and structured prune_
+    crashed mid-way on 'mat1 and mat2 must have the same dtype'. Both now refuse up front; the other
+    order (technique first, then layerwise casting of the float layers left) runs."""
+    calib = calibrate(build_tiny("sd"), ["a cat"], 2, progress=False)
+    pipe = build_tiny("sd")
+    pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    unet = pipe.unet
+    with pytest.raises(ValueError, match="quantize_ cannot change layers .* torch.float8_e4m3fn"):
+        quantize_(pipe, PTQConfig.preset("w8a8"), calib=calib)
+    with pytest.raises(ValueError, match="prune_ cannot change layers .* enable_layerwise_casting afterwards"):
+        da.prune_(pipe, da.PruneConfig(method="obs", sparsity=0.3, pattern="structured"), calib=calib)
+    assert pipe.unet is unet and applied_techniques(pipe) == []
+    quantized = quantize_(build_tiny("sd"), PTQConfig.preset("w8a8"), calib=calib)
+    quantized.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert torch.isfinite(quantized(**tiny_call_kwargs("sd", steps=2)).images).all()

@@ -88,6 +88,24 @@ def check_no_unmerged_adapters(denoiser: nn.Module, technique: str) -> None:
             f"(feature caching works with unmerged adapters).")
 
 
+LAYERWISE_CASTING_HOOK = "layerwise_casting"  # diffusers' hook name (enable_layerwise_casting)
+
+
+def check_no_layerwise_casting(denoiser: nn.Module, technique: str) -> None:
+    """Refuse a weight-changing ``technique`` while diffusers' layerwise casting stores weights in a
+    low-precision dtype (``enable_layerwise_casting``, e.g. float8): the solvers and quantizers would
+    read the lossy stored weights and fail on the dtype (float8 times float32) or change them."""
+    for name, module in denoiser.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook(LAYERWISE_CASTING_HOOK) if registry is not None else None
+        if hook is not None:
+            raise ValueError(
+                f"{technique} cannot change layers whose weights diffusers' layerwise casting stores in "
+                f"{hook.storage_dtype} (e.g. {name or type(denoiser).__name__!r}). Apply {technique} to the "
+                f"model first and call enable_layerwise_casting afterwards (it then casts the layers "
+                f"{technique} left in floating point).")
+
+
 def get_adapter(pipe_or_denoiser: Any) -> DenoiserAdapter:
     """The adapter for a pipeline's denoiser (or for a denoiser module itself)."""
     _, denoiser = find_denoiser(pipe_or_denoiser)
