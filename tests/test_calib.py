@@ -508,3 +508,13 @@ def test_replay_refuses_a_denoiser_of_another_architecture(sd_pipe):
         calibration.replay(RangeObserver([SD_CONV]), other)
     bf16_copy = build_tiny("sd").to(torch.bfloat16)  # same architecture: fits
     assert calibration.replay(RangeObserver([SD_CONV]), bf16_copy, progress=False).observed_calls > 0
+
+
+def test_replay_fits_the_same_model_loaded_from_its_folder(sd_pipe, tmp_path):
+    """A config read back from JSON holds lists where the model built in code holds tuples."""
+    from diffusers import UNet2DConditionModel
+
+    calibration = calibrate(sd_pipe, ["a cat"], num_inference_steps=2, progress=False)
+    sd_pipe.unet.save_pretrained(tmp_path)
+    reloaded = UNet2DConditionModel.from_pretrained(tmp_path)
+    assert calibration.replay(RangeObserver([SD_CONV]), reloaded, progress=False).observed_calls > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -155,6 +156,8 @@ def _seed_text(seeds: list[int]) -> str:
 
 
 def architecture_config(denoiser: nn.Module) -> dict[str, Any]:
-    """The denoiser's diffusers config without bookkeeping keys (``_name_or_path``, versions)."""
+    """The denoiser's diffusers config without bookkeeping keys (``_name_or_path``, versions), as JSON
+    values: a model built in code holds tuples where the same model loaded from its folder holds lists."""
     config = getattr(denoiser, "config", None) or {}
-    return {key: value for key, value in dict(config).items() if not key.startswith("_")}
+    plain = {key: value for key, value in dict(config).items() if not key.startswith("_")}
+    return json.loads(json.dumps(plain, default=str))
