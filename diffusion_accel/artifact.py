@@ -99,8 +99,13 @@ def fingerprint(denoiser: torch.nn.Module) -> str:
 
 
 def _sampled_bytes(tensor: torch.Tensor) -> bytes:
-    """Bytes of a bf16-rounded sample of ``tensor`` (so fp32/bf16/fp16 copies agree)."""
-    flat = tensor.detach().reshape(-1)
+    """Bytes of a bf16-rounded sample of ``tensor`` (so fp32/bf16/fp16 copies agree); a quantized
+    tensor subclass (torchao's, loaded through diffusers' ``quantization_config``) by its dequantized
+    values (it implements no ``view``)."""
+    tensor = tensor.detach()
+    if type(tensor) is not torch.Tensor and callable(getattr(tensor, "dequantize", None)):
+        tensor = tensor.dequantize()
+    flat = tensor.reshape(-1)
     if not flat.is_floating_point():
         flat = flat.to(torch.float64)
     if flat.numel() > 3 * _SAMPLE_ELEMENTS:

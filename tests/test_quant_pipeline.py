@@ -271,3 +271,30 @@ def test_layerwise_casting_is_refused_before_anything_changes_and_works_after():
     quantized = quantize_(build_tiny("sd"), PTQConfig.preset("w8a8"), calib=calib)
     quantized.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     assert torch.isfinite(quantized(**tiny_call_kwargs("sd", steps=2)).images).all()
+
+
+def test_a_denoiser_diffusers_loaded_quantized_is_refused_by_ptq_and_pruning_and_caches(tmp_path):
+    """from_pretrained(..., quantization_config=TorchAoConfig(...)) holds torchao tensor subclasses:
+    quantize_ / prune_ raised torchao dispatch errors, and even enable_cache failed in the fingerprint."""
+    from diffusers import TorchAoConfig, UNet2DConditionModel
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    build_tiny("sd").unet.save_pretrained(tmp_path / "unet")
+
+    def prequantized():
+        pipe = build_tiny("sd")
+        pipe.unet = UNet2DConditionModel.from_pretrained(
+            tmp_path / "unet", quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), dtype=torch.float32)
+        return pipe
+
+    calib = calibrate(build_tiny("sd"), ["a cat"], 2, progress=False)
+    pipe = prequantized()
+    with pytest.raises(ValueError, match=r"quantize_ needs floating-point weights.*already quantized by diffusers \(torchao\)"):
+        quantize_(pipe, PTQConfig.preset("w8a8"), calib=calib)
+    with pytest.raises(ValueError, match=r"prune_ needs floating-point weights"):
+        da.prune_(pipe, da.PruneConfig(method="obs", sparsity=0.5), calib=calib)
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=2))  # caching stacks on diffusers' int8
+    images = pipe(**tiny_call_kwargs("sd", steps=4)).images
+    da.save(pipe, tmp_path / "artifact")
+    reloaded = da.load(prequantized(), tmp_path / "artifact")
+    assert torch.equal(reloaded(**tiny_call_kwargs("sd", steps=4)).images, images)

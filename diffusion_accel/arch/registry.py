@@ -88,6 +88,19 @@ def check_no_unmerged_adapters(denoiser: nn.Module, technique: str) -> None:
             f"(feature caching works with unmerged adapters).")
 
 
+def check_not_prequantized(denoiser: nn.Module, technique: str) -> None:
+    """Refuse a weight-changing ``technique`` on a denoiser diffusers loaded already quantized
+    (``from_pretrained(..., quantization_config=TorchAoConfig/BitsAndBytesConfig/...)``): its
+    weights are tensor subclasses or packed layers the solvers and quantizers cannot read."""
+    if getattr(denoiser, "is_quantized", False) or getattr(denoiser, "hf_quantizer", None) is not None:
+        quantizer = getattr(getattr(denoiser, "hf_quantizer", None), "quantization_config", None)
+        method = getattr(getattr(quantizer, "quant_method", None), "value", None) or "a quantization_config"
+        raise ValueError(
+            f"{technique} needs floating-point weights, but this {type(denoiser).__name__} was loaded already "
+            f"quantized by diffusers ({method}). Load it without quantization_config and apply {technique} "
+            f"to the float model (feature caching works on the quantized one).")
+
+
 LAYERWISE_CASTING_HOOK = "layerwise_casting"  # diffusers' hook name (enable_layerwise_casting)
 
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from .. import prompts as prompt_sets
 from ..arch import find_denoiser, get_adapter
-from ..arch.registry import check_no_layerwise_casting, check_no_unmerged_adapters
+from ..arch.registry import (check_no_layerwise_casting, check_no_unmerged_adapters,
+                             check_not_prequantized)
 from ..artifact import applied_techniques, base_fingerprint, mark_applied
 from ..calib import Calibration, HessianCollector, calibrate, call_mode, resolve_weights
 from ..hooks import refuse_while_cached
@@ -60,6 +61,7 @@ def check_arguments(pipe: Any, config: PruneConfig, calib: Calibration | None) -
         raise TypeError(f"calib must be a Calibration from da.calibrate or None, got {type(calib).__name__}")
     component, denoiser = find_denoiser(pipe)
     check_no_unmerged_adapters(denoiser, "prune_")
+    check_not_prequantized(denoiser, "prune_")
     check_no_layerwise_casting(denoiser, "prune_")
     refuse_while_cached(denoiser, "prune_")
     if "ptq" in applied_techniques(pipe):
