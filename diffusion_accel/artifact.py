@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -240,6 +241,7 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
     component, original = find_denoiser(base_pipe)
     if not component:  # a bare denoiser has no pipeline to swap a copy into
         raise ArtifactError("load() needs a pipeline (with a 'unet' or 'transformer'), not a bare denoiser")
+    attribute = getattr(base_pipe, component)  # the denoiser, or a torch.compile wrapper around it
     _set_denoiser(base_pipe, component, copy.deepcopy(original))
     try:
         for entry in manifest["techniques"]:
@@ -247,8 +249,12 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
             _HANDLERS[entry["name"]].restore(base_pipe, entry["config"], tensors)
             mark_applied(base_pipe, entry["name"])
     except BaseException:
-        _set_denoiser(base_pipe, component, original)
+        _set_denoiser(base_pipe, component, attribute)
         raise
+    if attribute is not original:
+        warnings.warn(f"load() replaced the torch.compile wrapper of pipe.{component} with the accelerated "
+                      f"{type(original).__name__} (applied to a copy, so a failed load changes nothing); "
+                      f"compile it again: pipe.{component} = torch.compile(pipe.{component})", stacklevel=2)
     return base_pipe
 
 

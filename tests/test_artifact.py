@@ -179,3 +179,20 @@ def test_pipelines_loaded_by_diffusers_record_their_folder(tmp_path):
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "sd")
     assert artifact.pipeline_source(pipe) == {"spec": str(tmp_path / "sd"), "dtype": None}
     assert artifact.pipeline_source(build_tiny("sd")) is None
+
+
+def test_load_onto_a_compiled_base_warns_and_a_failed_one_keeps_the_wrapper(tmp_path):
+    """load() applies to a copy of the module inside torch.compile's wrapper: say so on success (the
+    wrapper is gone); on failure put back the wrapper itself (it used to put back the bare module)."""
+    artifact.save(_scaled_pipe(), tmp_path / "good")
+    base = build_tiny("sd")
+    base.unet = torch.compile(base.unet)
+    with pytest.warns(UserWarning, match=r"replaced the torch.compile wrapper of pipe.unet"):
+        artifact.load(base, tmp_path / "good")
+    assert artifact.applied_techniques(base) == ["test-scale"]
+    artifact.save(_scaled_pipe(factor=-1.0), tmp_path / "bad")
+    base = build_tiny("sd")
+    wrapper = base.unet = torch.compile(base.unet)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        artifact.load(base, tmp_path / "bad")
+    assert base.unet is wrapper
