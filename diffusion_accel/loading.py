@@ -119,21 +119,20 @@ def _load_by_kind(spec: str, torch_dtype: torch.dtype | None) -> Any:
         return build_tiny(spec[5:])
     from diffusers import DiffusionPipeline
 
-    dtype_kwarg = {_dtype_keyword(): torch_dtype or torch.float32}
     if Path(spec).is_dir():
         zoo_name = _zoo_model_name(Path(spec))
         if zoo_name is not None:  # the zoo's call settings and native size come with its folder
             from . import zoo
 
             return zoo.load(zoo_name, torch_dtype or torch.float32, folder=spec)
-        return DiffusionPipeline.from_pretrained(spec, **dtype_kwarg)
+        return DiffusionPipeline.from_pretrained(spec, dtype=torch_dtype or torch.float32)
     if _looks_like_a_path(spec):
         raise FileNotFoundError(f"pipeline spec {spec!r}: no such folder (a local pipeline is a "
                                 f"save_pretrained folder; a hub id looks like 'org/model')")
     if "/" not in spec:
         raise ValueError(f"unknown pipeline spec {spec!r}; accepted: zoo:NAME, tiny:FAMILY, "
                          "a local save_pretrained folder, or a hub id like 'org/model'")
-    return DiffusionPipeline.from_pretrained(spec, **dtype_kwarg)
+    return DiffusionPipeline.from_pretrained(spec, dtype=torch_dtype or torch.float32)
 
 
 def _zoo_model_name(folder: Path) -> str | None:
@@ -156,13 +155,6 @@ def _zoo_model_name(folder: Path) -> str | None:
 def _looks_like_a_path(spec: str) -> bool:
     """A spec that cannot be a hub id ('org/model'): absolute, relative-dotted, home-based or deeper."""
     return spec.startswith(("/", ".", "~", "\\")) or spec.count("/") > 1
-
-
-def _dtype_keyword() -> str:
-    """``dtype`` where diffusers accepts it (it deprecates ``torch_dtype``), else ``torch_dtype``."""
-    from diffusers.utils import deprecation_utils
-
-    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 
 
 def default_demo_spec() -> str:

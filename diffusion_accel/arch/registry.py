@@ -119,6 +119,14 @@ def check_no_layerwise_casting(denoiser: nn.Module, technique: str) -> None:
                 f"{technique} left in floating point).")
 
 
+def check_plain_weights(denoiser: nn.Module, technique: str) -> None:
+    """Everything a weight-changing ``technique`` (quantize_, prune_) needs of the denoiser's weights:
+    no unmerged adapters, not loaded pre-quantized, no layerwise casting; each refusal says the fix."""
+    check_no_unmerged_adapters(denoiser, technique)
+    check_not_prequantized(denoiser, technique)
+    check_no_layerwise_casting(denoiser, technique)
+
+
 def get_adapter(pipe_or_denoiser: Any) -> DenoiserAdapter:
     """The adapter for a pipeline's denoiser (or for a denoiser module itself)."""
     _, denoiser = find_denoiser(pipe_or_denoiser)

@@ -10,8 +10,7 @@ from torch import nn
 
 from .. import prompts as prompt_sets
 from ..arch import find_denoiser, get_adapter
-from ..arch.registry import (check_no_layerwise_casting, check_no_unmerged_adapters,
-                             check_not_prequantized)
+from ..arch.registry import check_plain_weights
 from ..artifact import applied_techniques, base_fingerprint, mark_applied
 from ..calib import Calibration, HessianCollector, calibrate, call_mode, resolve_weights
 from ..hooks import refuse_while_cached
@@ -60,9 +59,7 @@ def check_arguments(pipe: Any, config: PruneConfig, calib: Calibration | None) -
     if calib is not None and not isinstance(calib, Calibration):
         raise TypeError(f"calib must be a Calibration from da.calibrate or None, got {type(calib).__name__}")
     component, denoiser = find_denoiser(pipe)
-    check_no_unmerged_adapters(denoiser, "prune_")
-    check_not_prequantized(denoiser, "prune_")
-    check_no_layerwise_casting(denoiser, "prune_")
+    check_plain_weights(denoiser, "prune_")
     refuse_while_cached(denoiser, "prune_")
     if "ptq" in applied_techniques(pipe):
         raise ValueError("this pipeline's denoiser is already quantized; prune first, then quantize_ "

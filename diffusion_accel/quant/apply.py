@@ -12,8 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ..arch.registry import (check_no_layerwise_casting, check_no_unmerged_adapters,
-                             check_not_prequantized, find_denoiser)
+from ..arch.registry import check_plain_weights, find_denoiser
 from ..artifact import base_fingerprint, mark_applied
 from ..calib import Calibration
 from ..hooks import attach_tracker, detach_tracker_if_unused, get_tracker, refuse_while_cached
@@ -51,9 +50,7 @@ def quantize_(pipe: Any, config: Any = None, calib: Calibration | None = None,
         raise TypeError(f"quantize_ got a {type(config).__name__}; accepted configs: "
                         f"{', '.join(t.__name__ for t in _HANDLERS)}")
     _, denoiser = find_denoiser(pipe)
-    check_no_unmerged_adapters(denoiser, "quantize_")
-    check_not_prequantized(denoiser, "quantize_")
-    check_no_layerwise_casting(denoiser, "quantize_")
+    check_plain_weights(denoiser, "quantize_")
     refuse_while_cached(denoiser, "quantize_")
     return handler(pipe, config, calib, filter_fn)
 
