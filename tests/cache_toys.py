@@ -14,14 +14,16 @@ class Offset(nn.Module):
 
 
 class Toy(nn.Module):
-    """A 'denoiser' whose blocks see the timestep as their input value."""
+    """A 'denoiser' whose blocks see the timestep as their input value. ``between`` is added after
+    every block by the denoiser's own loop, as Flux and SD3 add ControlNet residuals."""
 
-    def __init__(self, *blocks: nn.Module) -> None:
+    def __init__(self, *blocks: nn.Module, between: float = 0.0) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
+        self.between = between
 
     def forward(self, sample: torch.Tensor, timestep: float) -> torch.Tensor:
         hidden = torch.full((1,), float(timestep))
         for block in self.blocks:
-            hidden = block(hidden)
+            hidden = block(hidden) + self.between
         return hidden

@@ -49,6 +49,21 @@ def test_stack_residual_is_added_to_the_fresh_input_on_skipped_steps():
     assert get_tracker(toy) is None
 
 
+def test_stack_residual_counts_what_the_loop_adds_between_blocks_once():
+    """ControlNet residuals added by the denoiser's loop between blocks are in the cached residual: a
+    reuse step adds it to the stack input, not to the last block's input (which holds them again)."""
+    toy = Toy(Offset(1.0), Offset(0.0, scale=2.0), between=100.0)
+    session = _toy_session(toy, interval=2)
+    io = BlockIO("hidden_states", None, 0, None, ("hidden_states",))
+    session.cached_blocks, session.total_blocks = ("blocks.0", "blocks.1"), 2
+    session.hook(toy.blocks[0], StackBlockHook(session, "blocks.0", io, first=True, last=False))
+    session.hook(toy.blocks[1], StackBlockHook(session, "blocks.1", io, first=False, last=True))
+    # step 0: ((10 + 1) + 100) * 2 = 222 (+ 100 after), residual 212; step 1 reuses: 5 + 212 (+ 100);
+    # step 2: ((5 + 1) + 100) * 2 (+ 100). Adding the residual to the last block's input gave 417.
+    assert [float(toy(None, t)) for t in (10, 5, 5)] == [322.0, 317.0, 312.0]
+    end_session(session)
+
+
 def test_schedules():
     assert uniform_full_steps(7, 3) == [0, 3, 6]
     steps = nonuniform_full_steps(50, 3)

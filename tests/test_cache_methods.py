@@ -75,6 +75,22 @@ def test_delta_cache_bypasses_the_rear_span_early_and_the_front_span_late():
     assert float(toy(None, 4)) == 17.0 and get_tracker(toy) is None
 
 
+def test_delta_cache_counts_what_the_loop_adds_between_blocks_once():
+    toy = Toy(Offset(1.0), Offset(2.0), Offset(0.0, scale=2.0), Offset(3.0), between=100.0)
+    trajectory = Trajectory(4)
+    session = start_session(trajectory, toy, DeltaCacheConfig(), "delta_cache", DeltaPolicy(2, 0.5))
+    spans = delta_spans(4, 0.5)
+    io = BlockIO("hidden_states", None, 0, None, ("hidden_states",))
+    session.cached_blocks, session.total_blocks, session.reuse_size = ("b0", "b1", "b2", "b3"), 4, 2
+    for i, block in enumerate(toy.blocks):
+        session.hook(block, DeltaBlockHook(session, f"blocks.{i}", io, i, i == 3, spans))
+    # full x: 2x + 609; front delta 103 (b1 out - b0 in), rear delta x + 306 (b3 out - b2 in)
+    # step 1 t=5, rear reused: b2 gets 208, returns 208 + 316 via b3, + 100 -> 624 (was 724)
+    # step 3 t=4, front reused: 4 + 103 + 100 -> 207 into b2 -> 2 * 207 + 203 = 617 (was 817)
+    assert [float(toy(None, t)) for t in (10, 5, 5, 4)] == [629.0, 624.0, 619.0, 617.0]
+    end_session(session)
+
+
 def test_delta_spans_and_policy():
     front, rear = delta_spans(28, 0.25).values()
     assert (front.start, front.stop, rear.start, rear.stop) == (0, 7, 21, 28)

@@ -60,9 +60,17 @@ class DeltaBlockHook(ModelHook):
         span = self.spans[state["span"]]
         if not span.holds(self.index):
             return self.fn_ref.original_forward(*args, **kwargs)
-        inputs = self.io.inputs(args, kwargs)
-        streams = add_streams(inputs, state["deltas"][span.name]) if self.index == span.stop - 1 else inputs
-        return self.io.build(state["templates"][self.key], streams)
+        return self.io.build(state["templates"][self.key], self._reuse(state, span, self.io.inputs(args, kwargs)))
+
+    def _reuse(self, state: dict, span: Span, inputs: dict) -> dict:
+        """Pass the inputs through; the span's last block returns the span's input + the cached delta
+        (the input its first block received, as in ``StackBlockHook._reuse``: what the denoiser's loop
+        adds between blocks, ControlNet residuals, is in the delta already)."""
+        if self.index == span.start:
+            state["reuse_input"] = inputs
+        if self.index != span.stop - 1:
+            return inputs
+        return add_streams(state.pop("reuse_input", inputs), state["deltas"][span.name])
 
     def _compute(self, state: dict, args: tuple, kwargs: dict) -> Any:
         """Run the block; record the inputs of spans starting here and the deltas of spans ending here."""

@@ -50,8 +50,19 @@ class StackBlockHook(ModelHook):
         inputs = self.io.inputs(args, kwargs)
         if compute:
             return self._compute(state, inputs, args, kwargs)
-        streams = add_streams(inputs, self._residual(state)) if self.last else inputs
-        return self.io.build(state["templates"][self.key], streams)
+        return self.io.build(state["templates"][self.key], self._reuse(state, inputs))
+
+    def _reuse(self, state: dict, inputs: dict) -> dict:
+        """Pass the inputs through; the last block returns this step's stack input + the residual.
+
+        The stack input is the one the first bypassed block received: anything the denoiser's own loop
+        adds between blocks (ControlNet residuals) was part of the cached residual already, so adding the
+        residual to the last block's input would count it twice."""
+        if self.first:
+            state["reuse_input"] = inputs
+        if not self.last:
+            return inputs
+        return add_streams(state.pop("reuse_input", inputs), self._residual(state))
 
     def _residual(self, state: dict) -> dict:
         """The residual to add on a reuse step: the cached one, or its linear forecast."""
