@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from diffusers import StableDiffusionAdapterPipeline, T2IAdapter
 from torch import nn
 
 import diffusion_accel as da
@@ -126,14 +127,35 @@ def test_encoder_propagation_reuses_the_encoder_and_runs_the_decoder_with_the_cu
     for handle in handles:
         handle.remove()
     mid = seen["mid"]
-    assert mid[1] is mid[0] and mid[3] is mid[2] and not torch.equal(mid[2], mid[0])
-    assert all(a is b for a, b in zip(seen["skips"][1], seen["skips"][0]))
+    assert torch.equal(mid[1], mid[0]) and torch.equal(mid[3], mid[2]) and not torch.equal(mid[2], mid[0])
+    assert all(torch.equal(a, b) for a, b in zip(seen["skips"][1], seen["skips"][0]))
     assert not torch.equal(seen["temb"][1], seen["temb"][0])  # decoder sees step 1's timestep
     assert [r["computed"] for r in summary(pipe)["steps"]] == [True, False, True, False]
     remove_cache(pipe)
     for step, expect_equal in ((2, True), (3, False)):  # key step = the full UNet; reused step differs
         args, kwargs, output = seen["calls"][step]
         assert torch.equal(pipe.unet(*args, **kwargs)[0], output) is expect_equal
+
+
+def test_encoder_propagation_with_a_t2i_adapter_adds_its_residual_once_per_step():
+    """The UNet adds T2I-Adapter residuals to a plain down block's output in place (``sample +=``),
+    and that output is also the decoder's deepest skip: reuse steps get a fresh copy of the stored
+    output, so the residual is added once per step instead of piling up in the cache."""
+    base = build_tiny("sd")
+    torch.manual_seed(1)
+    adapter = T2IAdapter(in_channels=3, channels=[16, 32, 32], num_res_blocks=1, downscale_factor=2).eval()
+    components = {k: v for k, v in base.components.items() if k != "image_encoder"}
+    pipe = StableDiffusionAdapterPipeline(**components, adapter=adapter)
+    pipe.set_progress_bar_config(disable=True)
+    enable_cache(pipe, EncoderPropagationConfig(interval=4))
+    deepest_skips = []
+    handle = pipe.unet.up_blocks[0].register_forward_pre_hook(
+        lambda m, a, k: deepest_skips.append(k["res_hidden_states_tuple"][-1].clone()), with_kwargs=True)
+    pipe("a photo", image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), height=32,
+         width=32, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent")
+    handle.remove()
+    # key step 0, then three reuse steps: all see step 0's skip (it grew by one residual per step before)
+    assert all(torch.equal(skip, deepest_skips[0]) for skip in deepest_skips[1:])
 
 
 @pytest.mark.parametrize("family", ["sd", "ddpm"])

@@ -47,7 +47,8 @@ def install_encoder_cache(session: CacheSession, point: CachePoint, config: Enco
     session.cached_blocks = tuple(info.name for info in adapter.blocks() if info.name.startswith(inside))
     session.total_blocks = len(adapter.blocks())
     for index, name in enumerate(point.blocks):
-        session.hook(session.denoiser.get_submodule(name), CachedOutputHook(session, name, decides=index == 0))
+        hook = CachedOutputHook(session, name, decides=index == 0, snapshot=True)  # the decoder is live
+        session.hook(session.denoiser.get_submodule(name), hook)
     session.hook(session.denoiser.get_submodule(point.up), ModelHookReady(session))
     if config.noise_injection > 0:
         injection = PriorNoiseInjection(session, config.noise_injection, config.injection_start)

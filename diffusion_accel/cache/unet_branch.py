@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from diffusers.hooks import ModelHook
 from torch import nn
 
@@ -29,11 +30,18 @@ class CachedOutputHook(ModelHook):
     ``config.forecast=1`` the module whose output the shallow path consumes (``forecasts``; the
     others only feed cached modules) returns the linear forecast of its output from the last two
     full steps instead (see :mod:`.forecast`).
+
+    With ``snapshot`` the stored output is a copy taken before the caller sees it, and every reuse
+    step returns a fresh copy of it: for modules whose outputs live code downstream edits in place
+    (the UNet adds T2I-Adapter residuals to a down block's output with ``+=``), which would otherwise
+    pile up in the stored tensors, one more per reuse step.
     """
 
-    def __init__(self, session: CacheSession, key: str, decides: bool = True, forecasts: bool = False) -> None:
+    def __init__(self, session: CacheSession, key: str, decides: bool = True, forecasts: bool = False,
+                 snapshot: bool = False) -> None:
         super().__init__()
         self.session, self.key, self.decides, self.forecasts = session, key, decides, forecasts
+        self.snapshot = snapshot
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         session = self.session
@@ -46,12 +54,28 @@ class CachedOutputHook(ModelHook):
         if compute or self.key not in outputs:
             if forecast and self.key in outputs:  # keep the one before only when forecasting
                 state.setdefault("previous_outputs", {})[self.key] = outputs[self.key], steps[self.key]
-            outputs[self.key], steps[self.key] = self.fn_ref.original_forward(*args, **kwargs), step
-            return outputs[self.key]
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            outputs[self.key], steps[self.key] = clone_tensors(output) if self.snapshot else output, step
+            return output
         if not forecast:
-            return outputs[self.key]
+            return clone_tensors(outputs[self.key]) if self.snapshot else outputs[self.key]
         previous, previous_step = state.get("previous_outputs", {}).get(self.key, (None, None))
         return linear_forecast(outputs[self.key], previous, steps[self.key], previous_step, step)
+
+
+def clone_tensors(value: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
+    """A copy of ``value`` (a tensor or nested tuples / lists of them) with every tensor cloned once:
+    tensors that were the same object stay the same object in the copy (a down block's output sample is
+    also its last skip tensor, and an in-place add must reach both, as without caching)."""
+    memo = {} if memo is None else memo
+    if isinstance(value, torch.Tensor):
+        if id(value) not in memo:
+            memo[id(value)] = value.clone()
+        return memo[id(value)]
+    if isinstance(value, (tuple, list)):
+        items = [clone_tensors(item, memo) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
 
 
 def branch_point(pipe: Any, branch: int) -> CachePoint:
