@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 import diffusion_accel as da
 from diffusion_accel.quant import PTQConfig, quantize_, summary
-from diffusion_accel.quant.attention import QuantAttnProcessor, quantize_softmax
+from diffusion_accel.quant.attention import (QUANT_PROCESSORS, QuantAttnProcessor, QuantFluxAttnProcessor,
+                                             QuantJointAttnProcessor, quantize_softmax)
 from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
 
 
@@ -25,12 +26,52 @@ def test_processor_matches_sdpa_at_16_bits_and_differs_at_4():
     assert (attn(x, encoder_hidden_states=context) - reference).abs().max() > 1e-3
 
 
+def _joint_block_calls(family):
+    """(attention module, keyword arguments) of every attention call in one tiny-pipeline step."""
+    pipe = build_tiny(family)
+    calls, handles = [], []
+    for module in pipe.transformer.modules():
+        if type(getattr(module, "processor", None)) in QUANT_PROCESSORS:
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a, k: calls.append((m, dict(k, hidden_states=a[0] if a else k["hidden_states"]))),
+                with_kwargs=True))
+    pipe(**tiny_call_kwargs(family, steps=1))
+    for handle in handles:
+        handle.remove()
+    return pipe, calls
+
+
+@pytest.mark.parametrize("family, processor_cls", [("sd3", QuantJointAttnProcessor), ("flux", QuantFluxAttnProcessor)])
+def test_joint_attention_processors_match_diffusers_at_16_bits_and_differ_at_4(family, processor_cls):
+    """SD3's and Flux's joint attention (both streams, Flux's single-stream blocks, Flux's fused
+    projections) computed explicitly equals diffusers' processor up to the 16-bit grids."""
+    pipe, calls = _joint_block_calls(family)
+    assert {call[0].processor.__class__ for call in calls} == {cls for cls, q in QUANT_PROCESSORS.items()
+                                                             if q is processor_cls}
+    if family == "flux":
+        assert any(kwargs.get("encoder_hidden_states") is None for _, kwargs in calls)  # single-stream blocks
+        pipe.transformer.fuse_qkv_projections()
+    for attn, kwargs in calls:
+        original = attn.processor
+        with torch.no_grad():
+            reference = attn(**kwargs)
+            attn.set_processor(processor_cls("int16", 16, original))
+            fine = attn(**kwargs)
+            attn.set_processor(processor_cls("int8", 4, original))
+            coarse = attn(**kwargs)
+        attn.set_processor(original)
+        # the joint sequence is long: 16-bit softmax steps add up over it to ~1e-3 of outputs ~1
+        torch.testing.assert_close(fine, reference, rtol=5e-3, atol=5e-3)
+        first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+        assert (first(coarse) - first(reference)).abs().max() > 5e-2
+
+
 def test_softmax_grid_is_unsigned_and_fixed():
     probs = torch.tensor([0.0, 0.01, 0.5, 1.0])
     assert torch.equal(quantize_softmax(probs, 2), torch.tensor([0.0, 0.0, 2 / 3, 1.0]))
 
 
-@pytest.mark.parametrize("family", ["sd", "ddpm"])
+@pytest.mark.parametrize("family", ["sd", "ddpm", "sd3", "flux"])
 def test_attention_quantization_in_pipeline_and_round_trip(tmp_path, family):
     pipe = build_tiny(family)
     config = PTQConfig(attention="int8", softmax_bits=8, calib_prompts=1, calib_num_steps=2, calib_steps="all")
@@ -44,12 +85,13 @@ def test_attention_quantization_in_pipeline_and_round_trip(tmp_path, family):
     assert torch.equal(base(**tiny_call_kwargs(family)).images, images)
 
 
-def test_attention_only_config_on_joint_attention_model_raises_and_leaves_it_unchanged():
-    pipe = build_tiny("flux")
-    processors = {n: type(m.processor) for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
-    with pytest.raises(ValueError, match="no attention with a standard processor"):
+def test_attention_only_config_without_known_processors_raises_and_leaves_it_unchanged():
+    pipe = build_tiny("sd")
+    pipe.unet.set_attn_processor(AttnProcessor())  # diffusers' pre-2.0 processor: not one we replace
+    processors = {n: type(m.processor) for n, m in pipe.unet.named_modules() if hasattr(m, "processor")}
+    with pytest.raises(ValueError, match="no attention with a processor we can quantize .14 use others: AttnProcessor"):
         quantize_(pipe, PTQConfig(weights=None, activations=None, attention="int8"))
-    assert processors == {n: type(m.processor) for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
+    assert processors == {n: type(m.processor) for n, m in pipe.unet.named_modules() if hasattr(m, "processor")}
 
 
 def test_summary_warns_when_attention_processors_are_replaced_afterwards():

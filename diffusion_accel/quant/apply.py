@@ -16,7 +16,8 @@ from ..arch.registry import check_plain_weights, find_denoiser
 from ..artifact import base_fingerprint, mark_applied
 from ..calib import Calibration
 from ..hooks import attach_tracker, detach_tracker_if_unused, get_tracker, refuse_while_cached
-from .attention import install_attention, quantizable_attention, replaced_attention, restore_attention
+from .attention import (QUANT_PROCESSORS, describe_processors, install_attention, quantizable_attention,
+                        replaced_attention, restore_attention)
 from .build import build_layer, weight_grid
 from .calibrate import (Collected, FilterFn, LayerTarget, collect, hessian_sweep, keeps_float_activations,
                         select_layers)
@@ -61,7 +62,7 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
     if get_state(denoiser) is not None:
         raise ValueError("this pipeline's denoiser is already quantized; quantize a fresh base pipeline")
     targets = select_layers(pipe, config, filter_fn) if config.weights or config.activations else []
-    attention, skipped = _attention_targets(pipe, config)
+    attention, others = _attention_targets(pipe, config)
     collected = collect(pipe, config, targets, calib)
     base_fingerprint(pipe)
     if config.weight_rounding == "gptq":
@@ -73,8 +74,9 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
     state = PTQState(config.to_dict(), [t.name for t in targets], collected.num_steps,
                      calibration=collected.calibration.summary() if collected.calibration else "",
                      attention=attention)
-    if skipped:
-        state.notes.append(f"{skipped} attention modules use non-standard processors and stay unquantized")
+    if others:
+        state.notes.append(f"{sum(others.values())} attention modules stay unquantized: their processors are "
+                           f"none we replace ({describe_processors(others)})")
     install(pipe, layers, state, lambda originals: _finish(pipe, config, collected, originals))
     return pipe
 
@@ -92,15 +94,17 @@ def _gptq(pipe: Any, denoiser: nn.Module, config: PTQConfig, targets: list[Layer
     return gptq_round_all(denoiser, targets, config, hessian_sweep(pipe, config, calib), grid)
 
 
-def _attention_targets(pipe: Any, config: PTQConfig) -> tuple[list[str], int]:
-    """Attention modules to quantize and how many are skipped; raises if attention finds none."""
+def _attention_targets(pipe: Any, config: PTQConfig) -> tuple[list[str], dict[str, int]]:
+    """Attention modules to quantize and the other processors; raises if attention finds none."""
     if config.attention is None:
-        return [], 0
-    attention, skipped = quantizable_attention(pipe)
+        return [], {}
+    attention, others = quantizable_attention(pipe)
     if not attention:
+        accepted = ", ".join(cls.__name__ for cls in QUANT_PROCESSORS)
         raise ValueError(f"PTQConfig.attention={config.attention!r}: {type(find_denoiser(pipe)[1]).__name__} "
-                         f"has no attention with a standard processor ({skipped} use other processors)")
-    return attention, skipped
+                         f"has no attention with a processor we can quantize ({describe_processors(others)}; "
+                         f"accepted: {accepted})")
+    return attention, others
 
 
 def _finish(pipe: Any, config: PTQConfig, collected: Collected, originals: dict[str, nn.Module]) -> None:

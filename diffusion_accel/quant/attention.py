@@ -1,11 +1,17 @@
 """Attention matmul quantization: Q, K, V at the activation format and the softmax output unsigned.
 
-``QuantAttnProcessor`` replaces diffusers' standard ``AttnProcessor2_0`` on ``Attention`` modules
-(SD/SDXL/DDPM UNets, PixArt, DiT). It computes attention explicitly so the two matmul inputs can
-be quantized: Q and K (for Q·Kᵀ), softmax probabilities on an unsigned ``softmax_bits`` grid over
-[0, 1] and V (for P·V). Q/K/V use dynamic per-tensor symmetric scales (no calibration needed);
-the softmax grid is fixed (scale ``1 / (2**bits - 1)``). Simulation only: no speed-up. Joint
-attention (SD3/Flux) uses other processors and is left unchanged (``summary`` says how many).
+Each diffusers processor we know is replaced by a quantizing one computing the same attention
+explicitly, so the two matmul inputs can be quantized: Q and K (for Q·Kᵀ), softmax probabilities on
+an unsigned ``softmax_bits`` grid over [0, 1] and V (for P·V):
+
+- ``QuantAttnProcessor`` for the standard ``AttnProcessor2_0`` (SD/SDXL/DDPM UNets, PixArt, DiT);
+- ``QuantJointAttnProcessor`` for SD3's ``JointAttnProcessor2_0`` (image tokens, then the context's);
+- ``QuantFluxAttnProcessor`` for Flux's ``FluxAttnProcessor`` (context tokens first, rotary
+  embeddings, fused projections, the single-stream blocks' output without projection).
+
+Q/K/V use dynamic per-tensor symmetric scales (no calibration needed); the softmax grid is fixed
+(scale ``1 / (2**bits - 1)``). Simulation only: no speed-up. Other processors (IP-Adapter, PAG,
+attention slicing) are left unchanged (``summary`` says how many).
 """
 
 from __future__ import annotations
@@ -13,14 +19,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0, JointAttnProcessor2_0
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from torch import nn
 
 from ..arch import get_adapter
 from .formats import get_format
 from .quantizers import dynamic_qparams, fake_quant_act
-
-SUPPORTED_PROCESSORS: tuple[type, ...] = (AttnProcessor2_0,)
 
 
 def quantize_softmax(probs: torch.Tensor, bits: int) -> torch.Tensor:
@@ -29,8 +35,8 @@ def quantize_softmax(probs: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.round(probs * levels).clamp(0, levels) / levels
 
 
-class QuantAttnProcessor:
-    """AttnProcessor2_0's computation with quantized Q, K, V and softmax output."""
+class QuantAttentionBase:
+    """The quantized attention product shared by the processors; ``original`` is the replaced one."""
 
     def __init__(self, fmt: str, softmax_bits: int, original: Any) -> None:
         self.fmt_name, self.softmax_bits, self.original = fmt, softmax_bits, original
@@ -49,6 +55,10 @@ class QuantAttnProcessor:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         probs = quantize_softmax(scores.softmax(dim=-1), self.softmax_bits)
         return probs.to(value.dtype) @ self._quant(value)
+
+
+class QuantAttnProcessor(QuantAttentionBase):
+    """AttnProcessor2_0's computation with quantized Q, K, V and softmax output."""
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -89,32 +99,115 @@ class QuantAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def quantizable_attention(pipe: Any) -> tuple[list[str], int]:
-    """Names of attention modules whose processor can be replaced, and how many cannot."""
+class QuantJointAttnProcessor(QuantAttentionBase):
+    """SD3's joint attention (``JointAttnProcessor2_0``) with quantized Q, K, V and softmax output:
+    image and context tokens attend together, image tokens first."""
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        image_tokens = hidden_states.shape[1]
+        query, key, value = _heads(attn, ("to_q", "to_k", "to_v"), hidden_states, attn.norm_q, attn.norm_k)
+        if encoder_hidden_states is not None:
+            context = _heads(attn, ("add_q_proj", "add_k_proj", "add_v_proj"), encoder_hidden_states,
+                             attn.norm_added_q, attn.norm_added_k)
+            query, key, value = (torch.cat(pair, dim=2) for pair in zip((query, key, value), context))
+        out = self.attend(query, key, value, None, query.shape[-1] ** -0.5)
+        out = out.transpose(1, 2).flatten(2).to(query.dtype)
+        if encoder_hidden_states is None:
+            return attn.to_out[1](attn.to_out[0](out))
+        out, context_out = out[:, :image_tokens], out[:, image_tokens:]
+        if not attn.context_pre_only:
+            context_out = attn.to_add_out(context_out)
+        return attn.to_out[1](attn.to_out[0](out)), context_out
+
+
+def _heads(attn: nn.Module, names: tuple[str, str, str], states: torch.Tensor, norm_q: Any, norm_k: Any) -> tuple:
+    """Q, K, V of ``states`` through the projections ``names``, as (B, H, L, D), Q and K normed."""
+    batch = states.shape[0]
+    query, key, value = (getattr(attn, name)(states) for name in names)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    query = query if norm_q is None else norm_q(query)
+    key = key if norm_k is None else norm_k(key)
+    return query, key, value
+
+
+class QuantFluxAttnProcessor(QuantAttentionBase):
+    """Flux's attention (``FluxAttnProcessor``) with quantized Q, K, V and softmax output: context tokens
+    first, rotary embeddings on Q and K; single-stream blocks return the attention output unprojected."""
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None) -> Any:
+        query, key, value = _flux_projections(attn, ("to_q", "to_k", "to_v"), "to_qkv", hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+            context = _flux_projections(attn, ("add_q_proj", "add_k_proj", "add_v_proj"), "to_added_qkv",
+                                        encoder_hidden_states)
+            context = (attn.norm_added_q(context[0]), attn.norm_added_k(context[1]), context[2])
+            query, key, value = (torch.cat(pair, dim=1) for pair in zip(context, (query, key, value)))
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = self.attend(*(t.transpose(1, 2) for t in (query, key, value)), attention_mask, attn.head_dim ** -0.5)
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out
+        context_tokens = encoder_hidden_states.shape[1]
+        context_out, out = out.split_with_sizes([context_tokens, out.shape[1] - context_tokens], dim=1)
+        return attn.to_out[1](attn.to_out[0](out.contiguous())), attn.to_add_out(context_out.contiguous())
+
+
+def _flux_projections(attn: nn.Module, names: tuple[str, str, str], fused: str, states: torch.Tensor) -> tuple:
+    """Q, K, V of ``states`` as (B, L, H, D): separate projections, or the fused one after
+    ``fuse_qkv_projections``."""
+    if getattr(attn, "fused_projections", False) and hasattr(attn, fused):
+        projected = getattr(attn, fused)(states).chunk(3, dim=-1)
+    else:
+        projected = [getattr(attn, name)(states) for name in names]
+    return tuple(t.unflatten(-1, (-1, attn.head_dim)) for t in projected)
+
+
+# diffusers processor class -> its quantizing replacement (exact classes: a subclass may compute otherwise)
+QUANT_PROCESSORS: dict[type, type[QuantAttentionBase]] = {
+    AttnProcessor2_0: QuantAttnProcessor,
+    JointAttnProcessor2_0: QuantJointAttnProcessor,
+    FluxAttnProcessor: QuantFluxAttnProcessor,
+}
+
+
+def quantizable_attention(pipe: Any) -> tuple[list[str], dict[str, int]]:
+    """Names of attention modules whose processor can be replaced, and the other processors' class
+    names with how many modules use each."""
     adapter = get_adapter(pipe)
-    names, skipped = [], 0
+    names, others = [], {}
     for info in adapter.attention():
-        module = adapter.module(info.name)
-        if isinstance(getattr(module, "processor", None), SUPPORTED_PROCESSORS):
+        processor = getattr(adapter.module(info.name), "processor", None)
+        if type(processor) in QUANT_PROCESSORS:
             names.append(info.name)
         else:
-            skipped += 1
-    return names, skipped
+            others[type(processor).__name__] = others.get(type(processor).__name__, 0) + 1
+    return names, others
+
+
+def describe_processors(counts: dict[str, int]) -> str:
+    """"14 use others: AttnProcessor" from {class name: modules}."""
+    return f"{sum(counts.values())} use others: " + ", ".join(
+        name if count == sum(counts.values()) else f"{name} ({count})" for name, count in counts.items())
 
 
 def install_attention(denoiser: nn.Module, names: list[str], fmt: str, softmax_bits: int) -> dict[str, Any]:
-    """Set ``QuantAttnProcessor`` on ``names``; returns the processors they had (for rollback)."""
+    """Set the quantizing processor on ``names``; returns the processors they had (for rollback)."""
     originals = {}
     for name in names:
         module = denoiser.get_submodule(name)
         originals[name] = module.processor
-        module.set_processor(QuantAttnProcessor(fmt, softmax_bits, module.processor))
+        module.set_processor(QUANT_PROCESSORS[type(module.processor)](fmt, softmax_bits, module.processor))
     return originals
 
 
 def replaced_attention(denoiser: nn.Module, names: list[str]) -> list[str]:
-    """Those of ``names`` whose processor is no longer a :class:`QuantAttnProcessor`."""
-    return [name for name in names if not isinstance(denoiser.get_submodule(name).processor, QuantAttnProcessor)]
+    """Those of ``names`` whose processor is no longer a quantizing one."""
+    return [name for name in names if not isinstance(denoiser.get_submodule(name).processor, QuantAttentionBase)]
 
 
 def restore_attention(denoiser: nn.Module, originals: dict[str, Any]) -> None:

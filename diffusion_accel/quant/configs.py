@@ -47,7 +47,7 @@ class PTQConfig:
     block reconstruction with ``recon_iters`` iterations per block. lower: turn the calibrated
     layers into real int8 / packed int4 layers at the end. attention: "int8" | "fp8" | None quantizes
     the attention matmul inputs (Q, K, V dynamic per tensor) and the softmax output on an unsigned
-    ``softmax_bits`` grid, for standard ``Attention`` processors (simulated).
+    ``softmax_bits`` grid, through processors for UNet/DiT, SD3 and Flux attention (simulated).
     """
 
     weights: str | None = "int8"
