@@ -273,6 +273,30 @@ def test_layerwise_casting_is_refused_before_anything_changes_and_works_after():
     assert torch.isfinite(quantized(**tiny_call_kwargs("sd", steps=2)).images).all()
 
 
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_offloaded_denoisers_are_refused_before_anything_changes(family):
+    """Group offloading would leave swapped-in layers on the offload device (and, with CUDA streams,
+    onload from copies that undo in-place pruning); sequential CPU offload keeps weights on 'meta'."""
+    size = {k: v for k, v in tiny_call_kwargs(family).items() if k in ("height", "width")}
+    calib = calibrate(build_tiny(family), ["a cat"], 2, progress=False, **size)
+    grouped = build_tiny(family)
+    reference = grouped(**tiny_call_kwargs(family, steps=2)).images
+    denoiser_name = "transformer" if family == "flux" else "unet"
+    getattr(grouped, denoiser_name).enable_group_offload(torch.device("cpu"), offload_device=torch.device("cpu"),
+                                                         offload_type="block_level", num_blocks_per_group=1)
+    sequential = build_tiny(family)
+    sequential.enable_sequential_cpu_offload(device="cpu")
+    for pipe, match in ((grouped, "cannot change a denoiser under diffusers' group offloading .* call enable_group_offload afterwards"),
+                        (sequential, "needs the denoiser.s weights in memory, but '.*weight' is on the 'meta' device")):
+        denoiser = getattr(pipe, denoiser_name)
+        with pytest.raises(ValueError, match="quantize_ " + match):
+            quantize_(pipe, PTQConfig.preset("w8a8"), calib=calib)
+        with pytest.raises(ValueError, match="prune_ " + match):
+            da.prune_(pipe, da.PruneConfig(method="obs", sparsity=0.3), calib=calib)
+        assert getattr(pipe, denoiser_name) is denoiser and applied_techniques(pipe) == []
+    assert torch.equal(grouped(**tiny_call_kwargs(family, steps=2)).images, reference)
+
+
 def test_a_denoiser_diffusers_loaded_quantized_is_refused_by_ptq_and_pruning_and_caches(tmp_path):
     """from_pretrained(..., quantization_config=TorchAoConfig(...)) holds torchao tensor subclasses:
     quantize_ / prune_ raised torchao dispatch errors, and even enable_cache failed in the fingerprint."""

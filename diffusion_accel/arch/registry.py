@@ -101,30 +101,61 @@ def check_not_prequantized(denoiser: nn.Module, technique: str) -> None:
             f"to the float model (feature caching works on the quantized one).")
 
 
-LAYERWISE_CASTING_HOOK = "layerwise_casting"  # diffusers' hook name (enable_layerwise_casting)
+LAYERWISE_CASTING_HOOK = "layerwise_casting"  # diffusers' hook names (enable_layerwise_casting,
+GROUP_OFFLOADING_HOOK = "group_offloading"     # enable_group_offload)
+
+
+def _first_diffusers_hook(denoiser: nn.Module, hook_name: str) -> tuple[str, Any] | None:
+    """(module name, hook) of the first module carrying diffusers' hook ``hook_name``, else None."""
+    for name, module in denoiser.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook(hook_name) if registry is not None else None
+        if hook is not None:
+            return name or type(denoiser).__name__, hook
+    return None
 
 
 def check_no_layerwise_casting(denoiser: nn.Module, technique: str) -> None:
     """Refuse a weight-changing ``technique`` while diffusers' layerwise casting stores weights in a
     low-precision dtype (``enable_layerwise_casting``, e.g. float8): the solvers and quantizers would
     read the lossy stored weights and fail on the dtype (float8 times float32) or change them."""
-    for name, module in denoiser.named_modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        hook = registry.get_hook(LAYERWISE_CASTING_HOOK) if registry is not None else None
-        if hook is not None:
-            raise ValueError(
-                f"{technique} cannot change layers whose weights diffusers' layerwise casting stores in "
-                f"{hook.storage_dtype} (e.g. {name or type(denoiser).__name__!r}). Apply {technique} to the "
-                f"model first and call enable_layerwise_casting afterwards (it then casts the layers "
-                f"{technique} left in floating point).")
+    found = _first_diffusers_hook(denoiser, LAYERWISE_CASTING_HOOK)
+    if found is not None:
+        raise ValueError(
+            f"{technique} cannot change layers whose weights diffusers' layerwise casting stores in "
+            f"{found[1].storage_dtype} (e.g. {found[0]!r}). Apply {technique} to the "
+            f"model first and call enable_layerwise_casting afterwards (it then casts the layers "
+            f"{technique} left in floating point).")
+
+
+def check_not_offloaded(denoiser: nn.Module, technique: str) -> None:
+    """Refuse a weight-changing ``technique`` while the denoiser's weights are offloaded: diffusers'
+    group offloading moves the modules it hooked (layers swapped in afterwards would stay on the
+    offload device, and with CUDA streams it onloads from copies taken when it was enabled, undoing
+    in-place changes); sequential CPU offload (accelerate) leaves the weights on the meta device."""
+    found = _first_diffusers_hook(denoiser, GROUP_OFFLOADING_HOOK)
+    if found is not None:
+        raise ValueError(
+            f"{technique} cannot change a denoiser under diffusers' group offloading (hooked at {found[0]!r}): "
+            f"the layers it swaps in would not be moved between devices, and the offloaded copies would undo "
+            f"its changes. Apply {technique} first and call enable_group_offload afterwards.")
+    meta = next((name for name, tensor in [*denoiser.named_parameters(), *denoiser.named_buffers()]
+                 if tensor.device.type == "meta"), None)
+    if meta is not None:
+        raise ValueError(
+            f"{technique} needs the denoiser's weights in memory, but {meta!r} is on the 'meta' device "
+            f"(enable_sequential_cpu_offload keeps weights there between calls). Apply {technique} first "
+            f"and enable the offload afterwards.")
 
 
 def check_plain_weights(denoiser: nn.Module, technique: str) -> None:
     """Everything a weight-changing ``technique`` (quantize_, prune_) needs of the denoiser's weights:
-    no unmerged adapters, not loaded pre-quantized, no layerwise casting; each refusal says the fix."""
+    no unmerged adapters, not loaded pre-quantized, no layerwise casting, not offloaded; each refusal
+    says the fix."""
     check_no_unmerged_adapters(denoiser, technique)
     check_not_prequantized(denoiser, technique)
     check_no_layerwise_casting(denoiser, technique)
+    check_not_offloaded(denoiser, technique)
 
 
 def get_adapter(pipe_or_denoiser: Any) -> DenoiserAdapter:
