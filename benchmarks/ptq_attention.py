@@ -1,7 +1,7 @@
 """Attention matmul quantization on top of W8A8, paired per image (issue #4).
 
 W8A8 (ours, simulated) with and without Q·Kᵀ and softmax·V input quantization (Q, K, V int8 dynamic
-per tensor; softmax output on an unsigned 8- or 6-bit grid), on 40 class-cycled prompts of a zoo model
+per tensor; softmax output on an unsigned 16-, 8- or 6-bit grid: which of the two costs what), on 40 class-cycled prompts of a zoo model
 (fashion-sd: the UNet's attention; fashion-flux: Flux's joint attention, double- and single-stream
 blocks). Mean PSNR against the fp32 images of the same seeds and the paired difference to plain W8A8.
 fashion-flux uses dynamic per-token activations (its best W8A8 mode). Writes
@@ -29,6 +29,7 @@ def settings(model: str) -> dict[str, dict]:
     """label -> changes to ours(model, "w8a8", lower=False)."""
     base = dict(act_mode="dynamic") if denoiser_attr(model) == "transformer" else {}
     return {REFERENCE: base,
+            "W8A8 + attention int8, softmax 16-bit": base | dict(attention="int8", softmax_bits=16),
             "W8A8 + attention int8, softmax 8-bit": base | dict(attention="int8", softmax_bits=8),
             "W8A8 + attention int8, softmax 6-bit": base | dict(attention="int8", softmax_bits=6)}
 

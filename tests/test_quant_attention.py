@@ -89,7 +89,9 @@ def test_attention_only_config_without_known_processors_raises_and_leaves_it_unc
     pipe = build_tiny("sd")
     pipe.unet.set_attn_processor(AttnProcessor())  # diffusers' pre-2.0 processor: not one we replace
     processors = {n: type(m.processor) for n, m in pipe.unet.named_modules() if hasattr(m, "processor")}
-    with pytest.raises(ValueError, match="no attention with a processor we can quantize .14 use others: AttnProcessor"):
+    expected = (r"no attention with a processor we can quantize \(its processors: AttnProcessor ×14; "
+                r"accepted: AttnProcessor2_0, JointAttnProcessor2_0, FluxAttnProcessor\)")
+    with pytest.raises(ValueError, match=expected):
         quantize_(pipe, PTQConfig(weights=None, activations=None, attention="int8"))
     assert processors == {n: type(m.processor) for n, m in pipe.unet.named_modules() if hasattr(m, "processor")}
 

@@ -75,8 +75,8 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
                      calibration=collected.calibration.summary() if collected.calibration else "",
                      attention=attention)
     if others:
-        state.notes.append(f"{sum(others.values())} attention modules stay unquantized: their processors are "
-                           f"none we replace ({describe_processors(others)})")
+        state.notes.append(f"{sum(others.values())} attention modules stay unquantized (processors not "
+                           f"replaced: {describe_processors(others)})")
     install(pipe, layers, state, lambda originals: _finish(pipe, config, collected, originals))
     return pipe
 
@@ -102,8 +102,8 @@ def _attention_targets(pipe: Any, config: PTQConfig) -> tuple[list[str], dict[st
     if not attention:
         accepted = ", ".join(cls.__name__ for cls in QUANT_PROCESSORS)
         raise ValueError(f"PTQConfig.attention={config.attention!r}: {type(find_denoiser(pipe)[1]).__name__} "
-                         f"has no attention with a processor we can quantize ({describe_processors(others)}; "
-                         f"accepted: {accepted})")
+                         f"has no attention with a processor we can quantize (its processors: "
+                         f"{describe_processors(others)}; accepted: {accepted})")
     return attention, others
 
 

@@ -190,9 +190,8 @@ def quantizable_attention(pipe: Any) -> tuple[list[str], dict[str, int]]:
 
 
 def describe_processors(counts: dict[str, int]) -> str:
-    """"14 use others: AttnProcessor" from {class name: modules}."""
-    return f"{sum(counts.values())} use others: " + ", ".join(
-        name if count == sum(counts.values()) else f"{name} ({count})" for name, count in counts.items())
+    """"AttnProcessor ×14, PAGIdentitySelfAttnProcessor2_0 ×2" from {class name: modules}."""
+    return ", ".join(f"{name} ×{count}" for name, count in counts.items())
 
 
 def install_attention(denoiser: nn.Module, names: list[str], fmt: str, softmax_bits: int) -> dict[str, Any]:
