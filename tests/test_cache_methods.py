@@ -58,15 +58,21 @@ class Trajectory:
         self.scheduler = SimpleNamespace(timesteps=torch.arange(steps))
 
 
-def test_delta_cache_bypasses_the_rear_span_early_and_the_front_span_late():
-    toy = Toy(Offset(1.0), Offset(2.0), Offset(0.0, scale=2.0), Offset(3.0))
-    trajectory = Trajectory(4)  # the tracker holds it weakly
-    session = start_session(trajectory, toy, DeltaCacheConfig(), "delta_cache", DeltaPolicy(2, 0.5))
+def _delta_toy(between: float = 0.0):
+    """A 4-block toy stack under Δ-caching (interval 2, boundary at half the trajectory, spans of 2)."""
+    toy = Toy(Offset(1.0), Offset(2.0), Offset(0.0, scale=2.0), Offset(3.0), between=between)
+    toy.trajectory = Trajectory(4)  # the tracker holds it weakly
+    session = start_session(toy.trajectory, toy, DeltaCacheConfig(), "delta_cache", DeltaPolicy(2, 0.5))
     spans = delta_spans(4, 0.5)
     io = BlockIO("hidden_states", None, 0, None, ("hidden_states",))
     session.cached_blocks, session.total_blocks, session.reuse_size = ("b0", "b1", "b2", "b3"), 4, 2
     for i, block in enumerate(toy.blocks):
         session.hook(block, DeltaBlockHook(session, f"blocks.{i}", io, i, i == 3, spans))
+    return toy, session
+
+
+def test_delta_cache_bypasses_the_rear_span_early_and_the_front_span_late():
+    toy, session = _delta_toy()
     # full x: front (b0, b1) = x + 3 (delta 3); rear (b2, b3) = 2(x + 3) + 3 (delta x + 6)
     # step 0 t=10 full: 29, rear delta 16 | step 1 t=5 rear reused: (5 + 3) + 16 = 24
     # step 2 t=5 full: 19, front delta 3  | step 3 t=4 front reused: 2 * (4 + 3) + 3 = 17
@@ -77,14 +83,7 @@ def test_delta_cache_bypasses_the_rear_span_early_and_the_front_span_late():
 
 
 def test_delta_cache_counts_what_the_loop_adds_between_blocks_once():
-    toy = Toy(Offset(1.0), Offset(2.0), Offset(0.0, scale=2.0), Offset(3.0), between=100.0)
-    trajectory = Trajectory(4)
-    session = start_session(trajectory, toy, DeltaCacheConfig(), "delta_cache", DeltaPolicy(2, 0.5))
-    spans = delta_spans(4, 0.5)
-    io = BlockIO("hidden_states", None, 0, None, ("hidden_states",))
-    session.cached_blocks, session.total_blocks, session.reuse_size = ("b0", "b1", "b2", "b3"), 4, 2
-    for i, block in enumerate(toy.blocks):
-        session.hook(block, DeltaBlockHook(session, f"blocks.{i}", io, i, i == 3, spans))
+    toy, session = _delta_toy(between=100.0)
     # full x: 2x + 609; front delta 103 (b1 out - b0 in), rear delta x + 306 (b3 out - b2 in)
     # step 1 t=5, rear reused: b2 gets 208, returns 208 + 316 via b3, + 100 -> 624 (was 724)
     # step 3 t=4, front reused: 4 + 103 + 100 -> 207 into b2 -> 2 * 207 + 203 = 617 (was 817)
