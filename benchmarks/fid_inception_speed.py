@@ -50,7 +50,7 @@ def main() -> None:
         rows[str(dtype).removeprefix("torch.")] = {"images_per_s": round(rate, 2),
                                                    "minutes_for_10k": round(REFERENCE_IMAGES / rate / 60, 1)}
     difference = (features[torch.bfloat16] - features[torch.float32]).abs().max() / features[torch.float32].abs().max()
-    results = {"command": "python benchmarks/fid_inception_speed.py " + f"--images {args.images} --repeats {args.repeats}",
+    results = {"command": f"python benchmarks/fid_inception_speed.py --images {args.images} --repeats {args.repeats}",
                "machine": machine_info(), "load_average": os.getloadavg(), "rows": rows,
                "bf16_speedup": round(rows["bfloat16"]["images_per_s"] / rows["float32"]["images_per_s"], 2),
                "bf16_max_relative_feature_difference": round(float(difference), 4)}

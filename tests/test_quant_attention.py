@@ -71,7 +71,7 @@ def test_softmax_grid_is_unsigned_and_fixed():
     assert torch.equal(quantize_softmax(probs, 2), torch.tensor([0.0, 0.0, 2 / 3, 1.0]))
 
 
-@pytest.mark.parametrize("family", ["sd", "ddpm", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd", "ddpm", "sd3", "flux", "pixart", "dit", "sdxl"])
 def test_attention_quantization_in_pipeline_and_round_trip(tmp_path, family):
     pipe = build_tiny(family)
     config = PTQConfig(attention="int8", softmax_bits=8, calib_prompts=1, calib_num_steps=2, calib_steps="all")

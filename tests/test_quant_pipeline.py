@@ -286,7 +286,8 @@ def test_offloaded_denoisers_are_refused_before_anything_changes(family):
                                                          offload_type="block_level", num_blocks_per_group=1)
     sequential = build_tiny(family)
     sequential.enable_sequential_cpu_offload(device="cpu")
-    for pipe, match in ((grouped, "cannot change a denoiser under diffusers' group offloading .* call enable_group_offload afterwards"),
+    for pipe, match in ((grouped, "cannot change a denoiser under diffusers' group offloading .* "
+                                  "call enable_group_offload afterwards"),
                         (sequential, "needs the denoiser.s weights in memory, but '.*weight' is on the 'meta' device")):
         denoiser = getattr(pipe, denoiser_name)
         with pytest.raises(ValueError, match="quantize_ " + match):

@@ -18,7 +18,8 @@ from .teacache_fit import fit_teacache_coefficients
 __all__ = [
     "FASTER_DIFFUSION_KEY_STEPS", "BlockCacheConfig", "CalibratedCacheConfig", "DeepCacheConfig",
     "DeltaCacheConfig", "EncoderPropagationConfig", "FirstBlockCacheConfig", "TeaCacheConfig",
-    "cache_config", "calibrate_schedule", "calibrated_steps", "default_cache_config", "enable_cache", "fit_teacache_coefficients",
+    "cache_config", "calibrate_schedule", "calibrated_steps", "default_cache_config", "enable_cache",
+    "fit_teacache_coefficients",
     "nonuniform_full_steps", "register_cache_method", "remove_cache", "resample_full_steps", "summary",
     "uniform_full_steps",
 ]

@@ -1,9 +1,10 @@
 """Cache configs from a recipe's ``[cache]`` table (``diffusion-accel calibrate --method cache``).
 
-``method`` names the cache (none: ``default_cache_config``'s); the other keys are that config's fields. Two methods calibrate on the
-recipe's prompts first: ``"calibrated"`` searches a schedule (keys: ``budget``, ``branch``,
-``forecast``, ``forecast_target``, ``search``, ``max_passes``, ``max_candidates``, ``resample``) and ``"teacache"``
-fits its rescaling polynomial when no ``coefficients`` are given (key ``degree``, default 4).
+``method`` names the cache (none: ``default_cache_config``'s); the other keys are that config's
+fields. Two methods calibrate on the recipe's prompts first: ``"calibrated"`` searches a schedule
+(keys: ``budget``, ``branch``, ``forecast``, ``forecast_target``, ``search``, ``max_passes``,
+``max_candidates``, ``resample``) and ``"teacache"`` fits its rescaling polynomial when no
+``coefficients`` are given (key ``degree``, default 4).
 """
 
 from __future__ import annotations

@@ -60,7 +60,6 @@ class PruneReport:
             lines.append(f"  {self.sparse_kernels}")
         return "\n".join(lines)
 
-
     def _headline(self) -> str:
         """Target vs result in the pattern's own terms: structured pruning removes a fraction of each
         unit's heads / FFN neurons / channels (always keeping one), so its result is the share of

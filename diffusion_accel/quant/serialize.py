@@ -18,7 +18,7 @@ from torch import nn
 from ..arch.registry import find_denoiser
 from ..artifact import ArtifactError, register_technique
 from .apply import TECHNIQUE, install
-from .attention import replaced_attention
+from .attention import QUANT_PROCESSORS, replaced_attention
 from .configs import PTQConfig
 from .layers import (CHANNEL_DIMS, QUANT_LAYER_TYPES, ActQuantizer, DynamicActQuantizer, StepGroups,
                      float_type_of)
@@ -128,7 +128,8 @@ def check_attention_current(pipe: Any) -> None:
             f"{get_state(denoiser).config['attention']!r}) now use other processors (e.g. {replaced[0]}: "
             f"{processor}), set after quantize_. The artifact would restore quantized attention, not "
             f"this pipeline's. Save before changing the processors, or quantize a base pipeline that "
-            f"already has them (attention quantization keeps AttnProcessor2_0 modules only).")
+            f"already has them (attention quantization replaces only "
+            f"{', '.join(cls.__name__ for cls in QUANT_PROCESSORS)}).")
 
 
 register_technique(TECHNIQUE, export_ptq, restore_ptq, check_attention_current)
