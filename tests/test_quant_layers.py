@@ -38,6 +38,14 @@ def _skip_input():
     return torch.cat([torch.randn(2, 8, 4, 4) * 0.05, torch.randn(2, 24, 4, 4) * 20], dim=1)
 
 
+@pytest.fixture(params=[True, False], ids=["grad", "no_grad"])
+def grad_enabled(request):
+    """Both forward paths of lowered layers: gradients on (constants rebuilt per call) and eager inference
+    (static-scale constants folded once, ``quant.constants``)."""
+    with torch.set_grad_enabled(request.param):
+        yield request.param
+
+
 def test_split_shortcut_layer_equals_float_layer_at_16_bits():
     conv = nn.Conv2d(32, 16, 1)
     x = _skip_input()
@@ -84,7 +92,7 @@ def _static(scale, zero, symmetric=False):
                                  lambda: DynamicActQuantizer("int8", True, -1),
                                  lambda: DynamicActQuantizer("int8", False, -1, per_tensor=True),
                                  lambda: DynamicActQuantizer("int8", True, -1, per_tensor=True)])
-def test_int8_linear_matches_simulation(act, int8_kernels):
+def test_int8_linear_matches_simulation(act, int8_kernels, grad_enabled):
     torch.manual_seed(0)
     layer = _quant(nn.Linear(64, 48), "int8", (64,), act())
     lowered = lower_layer(layer)
@@ -94,7 +102,7 @@ def test_int8_linear_matches_simulation(act, int8_kernels):
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_int8_conv1x1_split_matches_simulation(monkeypatch, int8_kernels, dynamic):
+def test_int8_conv1x1_split_matches_simulation(monkeypatch, int8_kernels, dynamic, grad_enabled):
     monkeypatch.setattr(onednn, "supports", lambda layer: False)  # the portable GEMM path
     conv = nn.Conv2d(32, 16, 1)
     x = _skip_input()
@@ -138,7 +146,7 @@ def _conv_act(x, split=None, symmetric=False, dynamic=False):
 @pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("kernel,stride,split,symmetric", [(3, 1, None, False), (3, 2, None, True), (1, 1, None, False),
                                                          (3, 1, 8, False), (1, 1, 8, False)])
-def test_onednn_int8_conv_matches_simulation(kernel, stride, split, symmetric, dynamic):
+def test_onednn_int8_conv_matches_simulation(kernel, stride, split, symmetric, dynamic, grad_enabled):
     torch.manual_seed(0)
     x = _skip_input()
     conv = nn.Conv2d(32, 16, kernel, stride=stride, padding=kernel // 2)
@@ -166,6 +174,48 @@ def test_onednn_int8_conv_follows_timestep_groups_and_survives_copies():
     twin = copy.deepcopy(denoiser)  # oneDNN's packed weights are not copyable: repacked on use
     torch.testing.assert_close(twin[0](x), denoiser[0](x))
     assert torch.equal(denoiser.double().float()[0](x), twin[0](x))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1x1", "onednn-conv"])
+def test_folded_constants_follow_timestep_groups_edits_and_copies(monkeypatch, int8_kernels, kind):
+    """In eager inference lowered layers fold their static scales once per timestep group; the folded
+    values must follow the step, in-place edits and replaced buffers, bias edits (even via ``.data``) and copies."""
+    import copy
+
+    if kind == "onednn-conv" and not onednn.onednn_available():
+        pytest.skip("torch build without oneDNN int8 ops, or a CPU without VNNI")
+    if kind == "conv1x1":
+        monkeypatch.setattr(onednn, "supports", lambda layer: False)
+    module, x, dim = {"linear": (nn.Linear(16, 8), torch.randn(3, 16) * 0.2, -1),
+                      "conv1x1": (nn.Conv2d(8, 4, 1), torch.randn(2, 8, 5, 5) * 0.2, 1),
+                      "onednn-conv": (nn.Conv2d(8, 4, 3, padding=1), torch.randn(2, 8, 5, 5) * 0.2, 1)}[kind]
+    denoiser = nn.Sequential(module)
+    tracker = attach_tracker(denoiser)
+    act = ActQuantizer(torch.tensor([[0.05], [0.002]]), torch.tensor([[128], [120]]), "int8", False, (), dim,
+                       StepGroups(denoiser, groups=2, default_steps=10))
+    layer = _quant(module, "int8", (module.weight[0].numel(),), act)
+    denoiser[0] = lower_layer(layer)
+    assert denoiser[0].kind == ("int8-conv" if kind == "onednn-conv" else "int8-gemm")
+
+    def check():  # the layer itself: a call of the denoiser would move the tracker's step
+        out = denoiser[0](x)
+        torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
+        return out
+
+    with torch.no_grad():
+        outputs = {}
+        for step in (1, 8, 1, 8):
+            tracker.step_index = step
+            outputs.setdefault(step, check())
+        assert not torch.allclose(outputs[1], outputs[8])
+        act.scale.mul_(1.5)                              # in place: the version counter moves
+        assert not torch.allclose(check(), outputs[8])
+        act.zero_point = torch.tensor([[100], [90]])     # a replaced buffer
+        check()
+        layer.bias.data.add_(1.0)                        # invisible to version counters: never folded
+        check()
+        twin = copy.deepcopy(denoiser)
+        torch.testing.assert_close(twin[0](x), denoiser[0](x))
 
 
 def test_int8_layers_without_vnni_run_the_exact_float_form(monkeypatch):

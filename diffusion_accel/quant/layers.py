@@ -36,14 +36,17 @@ class StepGroups:
         steps = max(num_steps or self.default_steps, 1)
         return min(self.groups - 1, max(step_index, 0) * self.groups // steps)
 
+    def current_index(self) -> int:
+        """The group of the denoiser call in progress (0 without a tracker)."""
+        tracker = get_tracker(self.denoiser)
+        if tracker is None:
+            return 0
+        return self.group_of(tracker.step_index, tracker.num_inference_steps)
+
     @torch.compiler.disable
     def current(self, device: torch.device) -> torch.Tensor:
         """0-d long tensor: the group of the denoiser call in progress (0 without a tracker)."""
-        tracker = get_tracker(self.denoiser)
-        if tracker is None:
-            return torch.zeros((), dtype=torch.long, device=device)
-        group = self.group_of(tracker.step_index, tracker.num_inference_steps)
-        return torch.tensor(group, dtype=torch.long, device=device)
+        return torch.tensor(self.current_index(), dtype=torch.long, device=device)
 
 
 class _ActQuantizerBase(nn.Module, abc.ABC):
@@ -78,6 +81,12 @@ class ActQuantizer(_ActQuantizerBase):
         self.fmt_name, self.symmetric, self.channel_dim = fmt, symmetric, channel_dim
         self.segment_sizes = tuple(segment_sizes) or (0,)
         self.selector = selector
+
+    def group_index(self) -> int:
+        """Index of the current timestep group as a Python int (eager paths that key folded constants on it)."""
+        if self.scale.shape[0] > 1 and self.selector is not None:
+            return self.selector.current_index()
+        return 0
 
     def group_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(S,) scales and zero points of the current timestep group."""

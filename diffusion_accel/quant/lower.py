@@ -26,7 +26,9 @@ What each layer becomes (``summary`` lists the counts):
   GPUs with fp8 tensor cores and the simulated fp8 math elsewhere (``fp8.Fp8GemmCore``); fp8 k x k
   convs and fp8 weight-only layers stay simulated (``simulated`` in the summary).
 
-Outputs equal the simulated layers up to float summation order (relative error ~1e-6).
+Outputs equal the simulated layers up to float summation order (relative error ~1e-6). In eager
+inference the static-scale constants of ``int8-gemm`` and ``int8-conv`` layers are folded once per
+timestep group (``constants.DerivedConstants``) instead of being rebuilt on every call.
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ from ..artifact import applied_techniques, mark_applied
 from . import onednn
 from .fp8 import Fp8GemmCore
 from .formats import get_format
-from .layers import DynamicActQuantizer, QuantConv2d, QuantLayer, QuantLinear
-from .quantizers import dequantize_weight, dynamic_qparams, pack_int4, segment_spans, unpack_int4
+from .constants import DerivedConstants, fast_path_on
+from .layers import ActQuantizer, DynamicActQuantizer, QuantConv2d, QuantLayer, QuantLinear
+from .quantizers import (dequantize_weight, dynamic_qparams, pack_int4, quantize_codes, segment_spans,
+                         unpack_int4)
 from .state import TECHNIQUE, get_state, swap_module
 
 INT8_OFFSET = 128  # unsigned activation codes [0, 255] are shifted to int8 [-128, 127]
@@ -120,6 +124,8 @@ class Int8GemmCore(nn.Module):
         self.act = act
         self.symmetric = act.symmetric
         self.offset = 0 if act.symmetric else INT8_OFFSET
+        self.spans = segment_spans(self.segment_sizes)
+        self.constants = DerivedConstants()
 
     def codes(self) -> torch.Tensor:
         """(N, K) int8 weight codes."""
@@ -127,11 +133,10 @@ class Int8GemmCore(nn.Module):
 
     def _quantize(self, x: torch.Tensor, scale: torch.Tensor, shifted_zero: torch.Tensor) -> torch.Tensor:
         """int8 codes ``clamp(round(x / scale) + zero, grid) - offset`` in four passes."""
-        q = torch.round(x / scale.to(x.dtype))
-        return q.add_(shifted_zero.to(x.dtype)).clamp_(-128, 127).to(torch.int8)
+        return quantize_codes(x, scale.to(x.dtype), shifted_zero.to(x.dtype), -128, 127, torch.int8)
 
     def _segments(self) -> list[tuple[int, int, int]]:
-        return segment_spans(self.segment_sizes)
+        return self.spans
 
     def _per_tensor(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Per-tensor scales (static, or dynamic from ``x2d``, whose channels are dim 1 as in the layer's
@@ -150,6 +155,39 @@ class Int8GemmCore(nn.Module):
         if bias is not None:
             base = base + bias.float()
         return out.add_(base).to(x2d.dtype)
+
+    def _fold_static(self, group: int, dtype: torch.dtype) -> tuple[list, torch.Tensor]:
+        """The constants of ``_per_tensor`` for static scales of timestep group ``group``: per segment
+        (activation scale, shifted zero point) in ``dtype`` and the (N,) fp32 rescale s_a * s_w; and the (N,)
+        fp32 zero-point correction -sum over segments of (zero - offset) * colsum * s_a * s_w."""
+        scales, zeros = self.act.scale[group], self.act.zero_point[group]
+        segments, base = [], None
+        for s, _, _ in self._segments():
+            scale, zero = (scales[s], zeros[s]) if scales.numel() > 1 else (scales[0], zeros[0])
+            shifted_zero = zero - self.offset
+            combined = scale.float() * self.weight_scale[:, s].float()
+            correction = shifted_zero * self.col_sums[s] * combined
+            base = -correction if base is None else base - correction
+            segments.append((scale.to(dtype), shifted_zero.to(dtype), combined))
+        return segments, base
+
+    def _static_folded(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``_per_tensor`` for static scales with its constants folded once per timestep group (eager
+        inference): per segment quantize, int8 GEMM and one fused multiply-add; then the bias (not folded:
+        a user may edit it through ``.data``, which no version counter sees)."""
+        group = self.act.group_index()
+        sources = (self.act.scale, self.act.zero_point, self.weight_scale, self.col_sums)
+        segments, out = self.constants.get((group, x2d.dtype, x2d.device), sources,
+                                           lambda: self._fold_static(group, x2d.dtype))
+        single = len(segments) == 1
+        for (_, start, size), (scale, shifted_zero, combined) in zip(self._segments(), segments):
+            part = x2d if single else x2d[:, start:start + size]
+            weight = self.weight_t if single else self.weight_t[start:start + size]
+            acc = int8_matmul(quantize_codes(part, scale, shifted_zero, -128, 127, torch.int8), weight)
+            out = torch.addcmul(out, acc, combined)
+        if bias is not None:
+            out = out.add_(bias)
+        return out if out.dtype == x2d.dtype else out.to(x2d.dtype)
 
     def _dynamic(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Per-token scales (M, 1): out = (acc - zero_row * colsum) * s_row * s_w + bias."""
@@ -170,6 +208,8 @@ class Int8GemmCore(nn.Module):
         """(M, K) float -> (M, N) float in ``x2d``'s dtype, bias added."""
         if isinstance(self.act, DynamicActQuantizer) and not self.act.per_tensor:
             return self._dynamic(x2d, bias)
+        if isinstance(self.act, ActQuantizer) and fast_path_on():
+            return self._static_folded(x2d, bias)
         return self._per_tensor(x2d, bias)
 
 

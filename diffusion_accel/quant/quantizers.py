@@ -116,6 +116,13 @@ def segment_spans(sizes: Sequence[int]) -> list[tuple[int, int, int]]:
     return [(index, start, size) for index, (start, size) in enumerate(zip(starts, sizes))]
 
 
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: int, high: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Integer codes ``clamp(round(x / scale) + zero, low, high)`` as ``dtype``; ``scale`` and ``zero`` are
+    0-d tensors in ``x``'s dtype (four passes over ``x`` and the cast)."""
+    return torch.round(x / scale).add_(zero).clamp_(low, high).to(dtype)
+
+
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """Float weight (out, columns) in ``scale``'s dtype from codes and per-segment scales."""
     return codes.to(scale.dtype) * expand_segments(scale, sizes)
