@@ -62,6 +62,26 @@ def test_both_searches_meet_the_budget(search):
     assert len(config.full_steps) == 4 and config.full_steps[0] == 0
 
 
+def test_schedule_steps_count_denoiser_calls_of_second_order_schedulers():
+    """Heun at 4 steps makes 7 denoiser calls: the budget is a fraction of those 7, and the schedule
+    applies to them as calibrated (it used to search 4 steps, then stretch 2 full ones over 7 calls)."""
+    import diffusers
+
+    from diffusion_accel.cache import summary
+
+    pipe = build_tiny("sd")
+    pipe.scheduler = diffusers.HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    size = {"height": 32, "width": 32}
+    config = calibrate_schedule(pipe, ["a cat"], budget=0.5, num_inference_steps=4, guidance_scale=1.0, **size)
+    assert config.num_inference_steps == 7 and len(config.full_steps) == 4
+    enable_cache(pipe, config)
+    pipe(**tiny_call_kwargs("sd", steps=4), guidance_scale=1.0)
+    report = summary(pipe)
+    computed = [record["step"] for record in report["steps"] if record["computed"]]
+    assert computed == list(config.full_steps)
+
+
 def test_refine_is_never_worse_than_either_start_on_the_calibration_prompt():
     pipe = build_tiny("dit")
     pipe.set_progress_bar_config(disable=True)

@@ -11,7 +11,7 @@ from torch import nn
 
 from diffusion_accel.calib import (Calibration, Collector, FeatureChangeProbe, HessianCollector,
                                    RangeObserver, SampleStore, Step, ValueReservoir, calibrate,
-                                   call_mode, quantization_mse, select_steps, step_weights)
+                                   call_mode, denoiser_steps, quantization_mse, select_steps, step_weights)
 from diffusion_accel.hooks import get_tracker, use_tracker
 from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
 
@@ -285,6 +285,46 @@ def test_img2img_calibrates_the_steps_it_runs_and_says_which_selected_ones_it_mi
         calibrate(pipe, ["a cat"], num_inference_steps=10, steps=[0, 3, 6, 9], **kwargs)
     with pytest.raises(ValueError, match=r"none of the selected calibration steps \[0, 5\] ran: .* steps 7..9"):
         calibrate(pipe, ["a cat"], num_inference_steps=10, steps=[0, 5], **kwargs)
+
+
+def _with_scheduler(name, **overrides):
+    import diffusers
+
+    pipe = build_tiny("sd")
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_denoiser_steps_follow_the_scheduler():
+    """Second-order schedulers call the denoiser 2N - 1 times for N steps, PNDM N + 1 (SD 1.5's default,
+    without its Runge-Kutta warm-up); Flux's dynamic shifting needs ``mu`` to set timesteps at all."""
+    flux = build_tiny("flux")
+    flux.scheduler = flux.scheduler.from_config(flux.scheduler.config, use_dynamic_shifting=True)
+    assert denoiser_steps(flux, 6) == 6 and denoiser_steps(build_tiny("sd"), 6) == 6
+    assert denoiser_steps(_with_scheduler("HeunDiscreteScheduler"), 6) == 11
+    assert denoiser_steps(_with_scheduler("KDPM2DiscreteScheduler"), 6) == 11
+    assert denoiser_steps(_with_scheduler("PNDMScheduler", skip_prk_steps=True), 50) == 51
+    pipe = _with_scheduler("HeunDiscreteScheduler")
+    pipe.scheduler.set_timesteps(3)
+    before = pipe.scheduler.timesteps.clone()
+    assert denoiser_steps(pipe, 6) == 11 and torch.equal(pipe.scheduler.timesteps, before)  # a copy is set
+    assert denoiser_steps(object(), 7) == 7
+
+
+def test_second_order_scheduler_calibrates_its_whole_trajectory():
+    """Heun at 4 steps calls the denoiser 7 times: "all" and "uniform:K" select among those 7 (they
+    used to cover the first 4 only: the noisier half), and each gets its weight."""
+    pipe = _with_scheduler("HeunDiscreteScheduler")
+    recorder = Recorder([SD_CONV])
+    calib = calibrate(pipe, "a cat", 4, collectors=recorder, guidance_scale=1.0, weighting="log-decrease",
+                      progress=False, **SD_SIZE)
+    assert calib.num_steps == 7 and calib.selected_steps == list(range(7)) and len(calib.step_weights) == 7
+    assert [step.step_index for _, _, step in recorder.seen] == list(range(7))
+    assert calib.denoiser_calls == calib.observed_calls == 7 and sorted(calib.timesteps) == list(range(7))
+    uniform = calibrate(pipe, "a cat", 4, steps="uniform:3", guidance_scale=1.0, progress=False, **SD_SIZE)
+    assert uniform.selected_steps == [0, 2, 4, 6]
+    assert "4 (7 denoiser steps)" in uniform.summary()
 
 
 def test_flux_true_cfg_counts_cond_and_uncond_contexts():

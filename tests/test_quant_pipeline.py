@@ -10,6 +10,7 @@ from diffusion_accel.artifact import ArtifactError, applied_techniques
 from diffusion_accel.calib import CallCounts, calibrate
 from diffusion_accel.quant import PTQConfig, lower_, quantize_, run_ptq_from_recipe, summary
 from diffusion_accel.quant.layers import ActQuantizer, QuantLayer
+from diffusion_accel.quant.state import get_state
 from diffusion_accel.testing.contract import check_drop_in
 from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
 
@@ -140,6 +141,23 @@ def test_timestep_groups_switch_scales_during_a_pipeline_call():
     _images(pipe, "flux")
     handle.remove()
     assert seen == [0, 1]
+
+
+def test_timestep_groups_split_a_heun_trajectory_as_calibrated():
+    """Heun at 3 steps calls the UNet 5 times: calibration and run time both split those 5 calls into the
+    two groups (calibration used to split its first 3 only)."""
+    import diffusers
+
+    pipe = build_tiny("sd")
+    pipe.scheduler = diffusers.HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    quantize_(pipe, PTQConfig(timestep_groups=2, lower=False, **{**FAST, "calib_num_steps": 3}))
+    assert get_state(pipe.unet).num_steps == 5
+    act = next(m for m in pipe.unet.modules() if isinstance(m, ActQuantizer))
+    seen = []
+    handle = act.register_forward_hook(lambda m, i, o: seen.append(m.group_index()))
+    pipe(**tiny_call_kwargs("sd", steps=3), guidance_scale=1.0)
+    handle.remove()
+    assert seen == [0, 0, 0, 1, 1]
 
 
 def _state(pipe):

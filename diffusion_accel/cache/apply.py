@@ -104,7 +104,8 @@ def calibrated_steps(config: CalibratedCacheConfig, num_steps: int) -> list[int]
         return list(config.full_steps)
     if not config.resample:
         raise ValueError(f"this cache schedule was calibrated for num_inference_steps="
-                         f"{config.num_inference_steps}, the pipeline runs {num_steps}; recalibrate, "
+                         f"{config.num_inference_steps}, the pipeline runs {num_steps} (denoiser steps per call: "
+                         f"2N - 1 for Heun / KDPM2); recalibrate, "
                          f"call with {config.num_inference_steps} steps, or set resample=True")
     return resample_full_steps(config.full_steps, config.num_inference_steps, num_steps)
 

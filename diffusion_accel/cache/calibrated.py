@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..arch import find_denoiser
+from ..calib import denoiser_steps
 from .apply import enable_cache, remove_cache
 from .configs import CalibratedCacheConfig
 from .runs import final_outputs, planned_calls, relative_error
@@ -58,7 +59,8 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
     if get_session(find_denoiser(pipe)[1]) is not None:
         raise ValueError("calibrate_schedule needs a pipeline without a cache; call remove_cache first")
-    probe = CalibratedCacheConfig((0,), num_inference_steps, budget=budget, branch=branch, resample=resample,
+    num_steps = denoiser_steps(pipe, num_inference_steps)  # the schedule's steps are denoiser calls (Heun: 2N - 1)
+    probe = CalibratedCacheConfig((0,), num_steps, budget=budget, branch=branch, resample=resample,
                                   forecast=forecast, forecast_target=forecast_target)
     calls = planned_calls(pipe, prompts, num_inference_steps, seed=seed, **call_kwargs)
     references = final_outputs(pipe, calls)
@@ -71,13 +73,12 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
             seen[key] = schedule_error(pipe, _with_steps(probe, steps), calls, references)
         return seen[key]
 
-    target = min(num_inference_steps, max(1, round(budget * num_inference_steps)))
+    target = min(num_steps, max(1, round(budget * num_steps)))
     if search == "greedy":
-        chosen = _greedy(error, num_inference_steps, target, max_candidates)
+        chosen = _greedy(error, num_steps, target, max_candidates)
     else:
-        refined = [_refine(error, num_inference_steps, start, max_passes)
-                   for start in search_starts(num_inference_steps, target)]
-        chosen = _refine_far(error, num_inference_steps, min(refined, key=error), max_passes)
+        refined = [_refine(error, num_steps, start, max_passes) for start in search_starts(num_steps, target)]
+        chosen = _refine_far(error, num_steps, min(refined, key=error), max_passes)
     return _with_steps(probe, chosen)
 
 

@@ -210,8 +210,10 @@ class CalibratedCacheConfig:
     """A calibrated schedule: ``full_steps`` of a ``num_inference_steps`` trajectory run the whole
     denoiser, the others reuse (UNets: DeepCache at ``branch``; transformers: the stack residual).
 
-    Built by :func:`calibrate_schedule` for a compute ``budget`` (fraction of full calls). For another
-    step count the schedule is resampled proportionally, or refused when ``resample`` is False.
+    Built by :func:`calibrate_schedule` for a compute ``budget`` (fraction of full calls). Steps count
+    denoiser calls per item: ``num_inference_steps`` is the pipeline's for first-order schedulers, 2N - 1
+    for a Heun / KDPM2 call of N steps (``calib.denoiser_steps``). For another step count the schedule is
+    resampled proportionally, or refused when ``resample`` is False.
     ``forecast=1`` extrapolates what reuse steps fill in (the transformer stack residual as in
     :class:`BlockCacheConfig`, the UNet deep feature as in :class:`DeepCacheConfig`);
     ``forecast_target="output"`` (transformers only) fills reuse steps from the final projection's

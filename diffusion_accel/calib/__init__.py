@@ -15,14 +15,15 @@ from .reservoir import ValueReservoir
 from .result import Calibration, CalibrationSettings
 from .runner import DEFAULT_MAX_TRAJECTORY_BYTES, calibrate
 from .samples import Sample, SampleStore
-from .schedule import SELECTION_FORMS, WEIGHTING_SCHEMES, resolve_weights, select_steps, step_weights
+from .schedule import (SELECTION_FORMS, WEIGHTING_SCHEMES, denoiser_steps, resolve_weights, select_steps,
+                       step_weights)
 from .trajectory import TrajectoryRecord
 
 __all__ = [
     "CALL_MODES", "DEFAULT_MAX_TRAJECTORY_BYTES", "RANGE_METHODS", "SELECTION_FORMS", "WANTS",
     "WEIGHTING_SCHEMES", "CallCounts", "Calibration", "CalibrationSettings", "ChangeRecord", "Collector",
     "FeatureChangeProbe", "HessianCollector", "ModuleCall", "RangeObserver", "Sample", "SampleStore", "Step",
-    "TrajectoryRecord", "ValueReservoir", "calibrate", "call_mode", "conv2d_rows", "fake_quantize",
+    "TrajectoryRecord", "ValueReservoir", "calibrate", "call_mode", "conv2d_rows", "denoiser_steps", "fake_quantize",
     "linear_rows", "mse_range", "percentile_range", "quantization_mse", "resolve_weights", "select_steps",
     "step_weights",
 ]

@@ -68,6 +68,12 @@ class Calibration:
     denoiser_config: dict[str, Any] = field(default_factory=dict)  # architecture the inputs were recorded for
 
     @property
+    def num_steps(self) -> int:
+        """Denoiser steps per pipeline call (``settings.num_inference_steps``, or 2N - 1 for Heun / KDPM2,
+        N + 1 for PNDM: ``schedule.denoiser_steps``); step indices lie in [0, num_steps)."""
+        return int(self.step_weights.numel())
+
+    @property
     def denoiser_calls(self) -> int:
         """Denoiser calls seen (all steps)."""
         return self.counts.denoiser_calls
@@ -137,7 +143,8 @@ class Calibration:
             f"Calibration ({self.source}) of {self.pipeline_class} / {self.denoiser_class}",
             f"  items: {items} x {s.num_images_per_prompt} image(s), batch_size {s.batch_size}, "
             f"{len(self.seeds)} pipeline call(s) seeded {_seed_text(self.seeds)}",
-            f"  steps: {s.num_inference_steps}, selection {s.steps!r} -> {self.selected_steps}",
+            f"  steps: {s.num_inference_steps} ({self.num_steps} denoiser steps), selection {s.steps!r} -> "
+            f"{self.selected_steps}",
             f"  weighting: {s.weighting!r}, weights {[round(w, 3) for w in self.step_weights.tolist()]}",
             f"  guidance_scale: {s.guidance_scale}, negative_prompt: {s.negative_prompt!r}",
             f"  denoiser calls: {self.denoiser_calls} seen, {self.observed_calls} observed "

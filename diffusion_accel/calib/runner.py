@@ -22,7 +22,7 @@ from .collectors import Collector, Step
 from .dispatch import CollectorRouter, resolve_denoiser, validate_collectors
 from .inputs import PlannedCall, calibration_items, call_mode, placeholder_prompts, plan_calls
 from .result import Calibration, CalibrationSettings, architecture_config
-from .schedule import resolve_weights, select_steps
+from .schedule import denoiser_steps, resolve_weights, select_steps
 from .trajectory import TrajectoryRecorder
 from .trees import call_batch_size
 
@@ -49,8 +49,9 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
     most ``max_trajectory_bytes``) for ``Calibration.replay``. Extra keyword arguments go to every
     pipeline call (e.g. height, width). The pipeline is left exactly as it was.
     """
-    selected = select_steps(num_inference_steps, steps)
-    weights = resolve_weights(num_inference_steps, weighting, weight_range)
+    num_steps = denoiser_steps(pipe, num_inference_steps)  # 2N - 1 for Heun: selections span them all
+    selected = select_steps(num_steps, steps)
+    weights = resolve_weights(num_steps, weighting, weight_range)
     prompts, num_samples = placeholder_prompts(prompts, num_samples)
     items = calibration_items(pipe, prompts, num_samples)
     calls = plan_calls(pipe, items, num_inference_steps=num_inference_steps, batch_size=batch_size,
@@ -80,11 +81,16 @@ def _check_selected_steps_ran(result: Calibration) -> None:
     """Raise if no selected step ran, warn if some did not (unless all steps were asked for): calls
     that start mid-schedule (img2img, inpainting at strength < 1) never run the early steps."""
     ran = sorted(result.timesteps)
+    beyond = [step for step in ran if step >= result.num_steps]
+    if beyond:
+        warnings.warn(f"the pipeline ran {ran[-1] + 1} denoiser steps per call where its scheduler set for "
+                      f"num_inference_steps={result.settings.num_inference_steps} has {result.num_steps} "
+                      f"(custom timesteps or sigmas?); steps {beyond} were not calibrated", stacklevel=3)
     observed = [step for step in result.selected_steps if step in result.timesteps]
     missed = [step for step in result.selected_steps if step not in result.timesteps]
     if not ran or not missed:
         return
-    where = (f"the pipeline ran steps {ran[0]}..{ran[-1]} of {result.settings.num_inference_steps} "
+    where = (f"the pipeline ran steps {ran[0]}..{ran[-1]} of {result.num_steps} "
              f"(img2img and inpainting start mid-schedule)")
     if not observed:
         raise ValueError(f"none of the selected calibration steps {result.selected_steps} ran: {where}; "
@@ -143,7 +149,7 @@ class _LiveRun:
         """Make every planned pipeline call with hooks installed; hooks always come off again."""
         _refuse_nested(denoiser)
         router = CollectorRouter(denoiser, self.result.collectors, self.current_step)
-        total = sum(call.num_items for call in calls) * self.result.settings.num_inference_steps
+        total = sum(call.num_items for call in calls) * self.result.num_steps
         saved_bar_config = _silence_pipeline_bar(pipe)
         try:
             with use_tracker(denoiser, TRACKER_CLIENT, pipeline=pipe, on_reset=self.on_new_trajectory) as tracker, \

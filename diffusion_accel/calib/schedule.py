@@ -1,18 +1,46 @@
 """Which denoising steps to calibrate on, and how much each step weighs.
 
 Step indices count denoiser steps within one pipeline call: 0 is the first (noisiest) step and
-``num_steps - 1`` the last. Selection follows Q-Diffusion; weighting follows OBS-Diff.
+``num_steps - 1`` the last. Selection follows Q-Diffusion; weighting follows OBS-Diff. A call with
+``num_inference_steps=N`` makes ``denoiser_steps(pipe, N)`` of them: N for first-order schedulers,
+2N - 1 for Heun / KDPM2, N + 1 for PNDM without its Runge-Kutta warm-up (SD 1.5's default), more with it.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import Any
 from collections.abc import Sequence
 
 import torch
 
 SELECTION_FORMS = ('"all"', '"uniform:K"', '"every:K"', "a list of step indices")
 WEIGHTING_SCHEMES = ("uniform", "linear", "log-decrease", "log-increase")
+
+
+def denoiser_steps(pipe: Any, num_inference_steps: int) -> int:
+    """Denoiser calls per item in one call of ``pipe`` with ``num_inference_steps``: the length of its
+    scheduler's timesteps once set (a copy of the scheduler is set, never the pipeline's own).
+
+    Schedulers that need more than the step count to set their timesteps (Flux's dynamic shifting needs
+    ``mu``, which does not change their length) are set with ``mu=0``; where even that fails, or the
+    pipeline has no scheduler, the answer is ``num_inference_steps``.
+    """
+    _check_num_steps(num_inference_steps)
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is None or not hasattr(scheduler, "set_timesteps"):
+        return num_inference_steps
+    probe = copy.deepcopy(scheduler)
+    for extra in ({}, {"mu": 0.0}):
+        try:
+            probe.set_timesteps(num_inference_steps, **extra)
+        except (TypeError, ValueError):
+            continue
+        timesteps = getattr(probe, "timesteps", None)
+        if isinstance(timesteps, torch.Tensor) and timesteps.numel() > 0:
+            return int(timesteps.numel())
+    return num_inference_steps
 
 
 def select_steps(num_steps: int, selection: str | Sequence[int] = "all") -> list[int]:
@@ -48,7 +76,7 @@ def _select_by_name(num_steps: int, selection: str) -> list[int]:
     count = int(count_text)
     if not 1 <= count <= num_steps:
         raise ValueError(f"K in steps selection {selection!r} must be in [1, {num_steps}] "
-                         f"for num_inference_steps={num_steps}")
+                         f"for {num_steps} denoiser steps per call")
     stride = num_steps // count if kind == "uniform" else count
     return list(range(0, num_steps, stride))
 
@@ -61,7 +89,7 @@ def _select_explicit(num_steps: int, selection: Sequence[int]) -> list[int]:
             raise TypeError(f"step indices must be ints, got {value!r} ({type(value).__name__})")
         if not 0 <= value < num_steps:
             raise ValueError(f"step index {value} is out of range; valid step indices are "
-                             f"0..{num_steps - 1} for num_inference_steps={num_steps}")
+                             f"0..{num_steps - 1} for {num_steps} denoiser steps per call")
     return sorted(set(selection))
 
 
@@ -109,7 +137,7 @@ def resolve_weights(num_steps: int, weighting: str | Sequence[float],
         return step_weights(num_steps, weighting, *weight_range)
     values = torch.as_tensor(list(weighting), dtype=torch.float32)
     if values.ndim != 1 or len(values) != num_steps:
-        raise ValueError(f"explicit step weights need {num_steps} values (one per step), "
+        raise ValueError(f"explicit step weights need {num_steps} values (one per denoiser step), "
                          f"got shape {tuple(values.shape)}")
     if not torch.isfinite(values).all() or (values < 0).any() or values.sum() <= 0:
         raise ValueError(f"explicit step weights must be finite, >= 0 and not all 0, got {values.tolist()}")

@@ -12,7 +12,7 @@ from .. import prompts as prompt_sets
 from ..arch import find_denoiser, get_adapter
 from ..arch.registry import check_plain_weights
 from ..artifact import applied_techniques, base_fingerprint, mark_applied
-from ..calib import Calibration, HessianCollector, calibrate, call_mode, resolve_weights
+from ..calib import Calibration, HessianCollector, calibrate, call_mode, denoiser_steps, resolve_weights
 from ..hooks import refuse_while_cached
 from .allocate import allocate_by_error, error_grid
 from .configs import PruneConfig
@@ -44,7 +44,7 @@ def prune_(pipe: Any, config: PruneConfig, calib: Calibration | None = None, *, 
         sweep = make_sweep(pipe, config, calib, progress) if config.needs_calibration else None
         report = prune_denoiser_(working, config, sweep)
         if sweep is not None:
-            report.step_weights = used_step_weights(config, calib)
+            report.step_weights = used_step_weights(pipe, config, calib)
         mark_applied(pipe, TECHNIQUE)
     except BaseException:
         setattr(pipe, component, original)
@@ -105,10 +105,10 @@ def make_sweep(pipe: Any, config: PruneConfig, calib: Calibration | None, progre
     return sweep
 
 
-def used_step_weights(config: PruneConfig, calib: Calibration | None) -> list[float]:
-    """The per-step Hessian weights the sweeps used."""
+def used_step_weights(pipe: Any, config: PruneConfig, calib: Calibration | None) -> list[float]:
+    """The per-step Hessian weights the sweeps used (one per denoiser step of a pipeline call)."""
     steps = calib.settings.num_inference_steps if calib is not None else config.calib_steps
-    return resolve_weights(steps, config.weighting, config.weight_range).tolist()
+    return resolve_weights(denoiser_steps(pipe, steps), config.weighting, config.weight_range).tolist()
 
 
 def prune_denoiser_(denoiser: nn.Module, config: PruneConfig, sweep: Sweep | None = None) -> PruneReport:
