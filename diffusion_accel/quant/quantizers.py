@@ -118,8 +118,8 @@ def segment_spans(sizes: Sequence[int]) -> list[tuple[int, int, int]]:
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: int, high: int,
                    dtype: torch.dtype) -> torch.Tensor:
-    """Integer codes ``clamp(round(x / scale) + zero, low, high)`` as ``dtype``; ``scale`` and ``zero`` are
-    0-d tensors in ``x``'s dtype (four passes over ``x`` and the cast)."""
+    """Integer codes ``clamp(round(x / scale) + zero, low, high)`` as ``dtype``; ``scale`` is a 0-d tensor in
+    ``x``'s dtype, ``zero`` a 0-d tensor holding an integer (four passes over ``x`` and the cast)."""
     return torch.round(x / scale).add_(zero).clamp_(low, high).to(dtype)
 
 
