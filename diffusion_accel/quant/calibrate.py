@@ -173,13 +173,13 @@ def collect(pipe: Any, config: PTQConfig, targets: Sequence[LayerTarget],
             calib: Calibration | None) -> Collected:
     """Run (or replay) calibration into fresh collectors; raises ValueError if it saw nothing."""
     collectors = build_collectors(pipe, config, targets)
-    result, num_steps = None, denoiser_steps(pipe, config.calib_num_steps)
+    result = None
     if collectors:
         result = _run(pipe, config, collectors, calib)
         if result.observed_calls == 0:
             raise ValueError("the calibration observed no denoiser calls (empty prompts or no selected "
                              f"steps: {result.selected_steps}); nothing to set activation ranges from")
-        num_steps = result.num_steps
+    num_steps = result.num_steps if result is not None else denoiser_steps(pipe, config.calib_num_steps)
     by_type = {type(c): c for c in collectors}
     return Collected(by_type.get(RangeObserver), by_type.get(SegmentRangeObserver),
                      by_type.get(SampleStore), num_steps, result, by_type.get(HessianCollector))

@@ -44,8 +44,7 @@ class DerivedConstants:
         if versions is None:
             return build()
         entry = self._entries.get(key)
-        if (entry is not None and entry[1] == versions and len(entry[0]) == len(sources)
-                and all(kept is given for kept, given in zip(entry[0], sources))):
+        if entry is not None and entry[1] == versions and all(kept is given for kept, given in zip(entry[0], sources)):
             return entry[2]
         with torch.no_grad():
             value = build()
