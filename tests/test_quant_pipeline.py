@@ -227,6 +227,28 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, family, config):
         da.load(build_tiny(family, seed=1), tmp_path)
 
 
+@pytest.mark.parametrize("family, config", [
+    ("sd", PTQConfig(lower=True, timestep_groups=2, **FAST)),
+    ("flux", PTQConfig(weights="int4", activations=None, weight_granularity="group", group_size=32,
+                       lower=True, **FLUX_FAST)),
+    ("flux", PTQConfig(weights="fp8", activations="fp8", **FLUX_FAST)),
+])
+def test_a_pipeline_cast_after_quantize_keeps_its_scales_and_round_trips(tmp_path, family, config,
+                                                                         int8_kernels):
+    """``pipe.to(torch.bfloat16)`` after quantize_ leaves scales and codes as calibrated (as torchao's
+    quantized tensors do), so the saved artifact, loaded onto a bf16 base, gives the same images."""
+    pipe = quantize_(build_tiny(family), config).to(torch.bfloat16)
+    denoiser = pipe.unet if family == "sd" else pipe.transformer
+    kept = {name: buffer.dtype for name, buffer in denoiser.named_buffers()
+            if name.endswith(("scale", "codes", "weight_t"))}
+    assert kept and torch.bfloat16 not in kept.values(), kept
+    assert denoiser.dtype == torch.bfloat16
+    images = _images(pipe, family)
+    da.save(pipe, tmp_path)
+    loaded = da.load(build_tiny(family).to(torch.bfloat16), tmp_path)
+    assert torch.equal(_images(loaded, family), images)
+
+
 def test_fp8_lowering_matches_simulation_and_round_trips(tmp_path):
     pipe = build_tiny("flux")
     quantize_(pipe, PTQConfig(weights="fp8", activations="fp8", **FLUX_FAST))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import get_format
-from .layers import DynamicActQuantizer, KeepsCodeDtype
+from .layers import DynamicActQuantizer, KeepsQuantDtypes
 from .quantizers import dequantize_weight, dynamic_qparams, segment_spans
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -42,7 +42,7 @@ def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-class Fp8GemmCore(KeepsCodeDtype):
+class Fp8GemmCore(KeepsQuantDtypes):
     """fp8 GEMM of activations (M, K) with a weight split in column segments, rescaled to float.
 
     ``codes``: (N, K) fp8 weight codes; ``weight_scale``: (N, S); ``act``: a symmetric fp8

@@ -49,6 +49,31 @@ class StepGroups:
         return torch.tensor(self.current_index(), dtype=torch.long, device=device)
 
 
+_SAME_SIZE_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class KeepsQuantDtypes(nn.Module):
+    """Quantization parameters (the buffers named in ``kept_dtype_buffers``) keep their own dtype through
+    ``module.to(dtype)`` / ``.half()`` / ``.float()``, as torchao's quantized tensors do; device moves still
+    apply. So scales stay as calibrated when a quantized pipeline is cast to bf16 (a saved artifact of it
+    then reloads bit for bit), and fp8 codes, a floating-point dtype, are not widened."""
+
+    kept_dtype_buffers: tuple[str, ...] = ("weight_codes", "weight_scale")
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        kept = {name: buffer for name in self.kept_dtype_buffers
+                if (buffer := self._buffers.get(name)) is not None and buffer.is_floating_point()}
+        for name, buffer in kept.items():  # dtype casts skip integer tensors: hide the floats as their bits
+            self._buffers[name] = buffer.view(_SAME_SIZE_INTS[buffer.element_size()])
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name, buffer in kept.items():
+                moved = self._buffers[name]
+                if moved.dtype == _SAME_SIZE_INTS[buffer.element_size()]:
+                    self._buffers[name] = moved.view(buffer.dtype)
+
+
 class _ActQuantizerBase(nn.Module, abc.ABC):
     """What lowered layers ask of an activation quantizer: its format, channel segments and, for
     per-tensor scales, ``segment_qparams(x)``: the 0-d (scale, zero_point) of each segment for this call."""
@@ -65,12 +90,14 @@ class _ActQuantizerBase(nn.Module, abc.ABC):
         """0-d (scale, zero_point) of each channel segment for the call on ``x`` (each subclass says how)."""
 
 
-class ActQuantizer(_ActQuantizerBase):
+class ActQuantizer(KeepsQuantDtypes, _ActQuantizerBase):
     """Static activation fake-quantizer: scale / zero point per (timestep group, channel segment).
 
     ``scale`` and ``zero_point``: (G, S). ``segment_sizes``: channels per segment along
     ``channel_dim`` (S == 1: per-tensor). ``selector`` picks the group at run time when G > 1.
     """
+
+    kept_dtype_buffers = ("scale",)
 
     def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, fmt: str, symmetric: bool,
                  segment_sizes: Sequence[int] = (), channel_dim: int = -1,
@@ -151,19 +178,7 @@ class DynamicActQuantizer(_ActQuantizerBase):
         return f"{self.fmt_name}, {'sym' if self.symmetric else 'asym'}, {kind}"
 
 
-class KeepsCodeDtype(nn.Module):
-    """Keeps the ``weight_codes`` buffer in its own dtype through ``module.to(dtype)``: fp8 codes are a
-    floating-point dtype, which a cast to bf16 / fp16 would otherwise convert (doubling their size)."""
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
-        codes = getattr(self, "weight_codes", None)
-        result = super()._apply(fn, recurse)
-        if codes is not None and self.weight_codes.dtype != codes.dtype:
-            self.weight_codes = self.weight_codes.to(codes.dtype)  # exact: every fp8 value fits bf16/fp16
-        return result
-
-
-class QuantLayer(KeepsCodeDtype):
+class QuantLayer(KeepsQuantDtypes):
     """Shared weight handling: codes (out, columns) + scales (out, S), or a float weight if None."""
 
     def _init_weight(self, source: nn.Module, codes: torch.Tensor | None, scale: torch.Tensor | None,

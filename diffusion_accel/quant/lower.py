@@ -46,7 +46,7 @@ from . import onednn
 from .fp8 import Fp8GemmCore
 from .formats import get_format
 from .constants import DerivedConstants, fast_path_on
-from .layers import ActQuantizer, DynamicActQuantizer, QuantConv2d, QuantLayer, QuantLinear
+from .layers import ActQuantizer, DynamicActQuantizer, KeepsQuantDtypes, QuantConv2d, QuantLayer, QuantLinear
 from .quantizers import (dequantize_weight, dynamic_qparams, pack_int4, quantize_codes, segment_spans,
                          unpack_int4)
 from .state import TECHNIQUE, get_state, swap_module
@@ -105,7 +105,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a.double() @ b.double()).to(torch.int32)
 
 
-class Int8GemmCore(nn.Module):
+class Int8GemmCore(KeepsQuantDtypes):
     """int8 GEMM of activations (M, K) with a weight split in column segments, rescaled to float.
 
     ``weight_t``: (K, N) int8 codes; ``weight_scale``: (N, S); ``col_sums``: (S, N) int32 per-segment
@@ -274,7 +274,7 @@ class Fp8Conv1x1(Int8Conv1x1):
     core_cls = Fp8GemmCore
 
 
-class StoredWeightLayer(nn.Module):
+class StoredWeightLayer(KeepsQuantDtypes):
     """Weights stored as int8 codes or packed int4, dequantized cached (int8) or per call (int4).
 
     Runs the original float op on the dequantized weight; activations fake-quantized if configured.

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .constants import DerivedConstants, fast_path_on
-from .layers import ActQuantizer, DynamicActQuantizer, QuantConv2d
+from .layers import ActQuantizer, DynamicActQuantizer, KeepsQuantDtypes, QuantConv2d
 from .quantizers import act_grid, dequantize_weight, quantize_codes
 
 CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
@@ -80,7 +80,7 @@ def supports(layer: QuantConv2d) -> bool:
             and tuple(s * unit for s in act_segments) == tuple(layer.segment_sizes))
 
 
-class OneDNNInt8Conv2d(nn.Module):
+class OneDNNInt8Conv2d(KeepsQuantDtypes):
     """Conv2d computed by oneDNN from uint8 activation codes and int8 weights, fp32 out (see module doc).
 
     ``weight_codes``: (out, in·kh·kw) int8; ``weight_scale``: (out, S) for S channel segments;
