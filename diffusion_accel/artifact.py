@@ -1,8 +1,8 @@
 """Save and load accelerated pipelines: safetensors + a JSON manifest, never pickles.
 
 An artifact folder holds ``manifest.json`` (format, library version, base-model fingerprint and,
-where known, the pipeline spec the base was loaded from, the ordered list of applied techniques
-with their JSON configs) and one ``NN-<technique>.safetensors``
+where known, the pipeline spec the base was loaded from, the dtype the denoiser computed in, the
+ordered list of applied techniques with their JSON configs) and one ``NN-<technique>.safetensors``
 per technique. Techniques plug in with :func:`register_technique`: ``export`` returns
 ``(config_dict, tensors)`` from an accelerated pipeline, ``restore`` re-applies them to a base one.
 
@@ -205,7 +205,7 @@ def save(pipe: Any, directory: str | Path) -> Path:
         "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
         "base": {"pipeline": type(pipe).__name__, "denoiser": type(denoiser).__name__,
                  "component": component, "fingerprint": base_fingerprint(pipe),
-                 "source": pipeline_source(pipe)},
+                 "source": pipeline_source(pipe), "dtype": _dtype_name(compute_dtype(denoiser))},
         "techniques": entries,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
@@ -239,6 +239,7 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
     manifest = read_manifest(directory)
     _check_base(base_pipe, manifest, directory)
     component, original = find_denoiser(base_pipe)
+    _warn_on_dtype_change(manifest, original, component, directory)
     if not component:  # a bare denoiser has no pipeline to swap a copy into
         raise ArtifactError("load() needs a pipeline (with a 'unet' or 'transformer'), not a bare denoiser")
     attribute = getattr(base_pipe, component)  # the denoiser, or a torch.compile wrapper around it
@@ -280,6 +281,27 @@ def _check_base(base_pipe: Any, manifest: dict[str, Any], directory: str | Path)
             f"artifact {directory} was made for a different base model "
             f"({manifest['base']['denoiser']} fingerprint {expected[:12]}…), this pipeline's "
             f"{type(find_denoiser(base_pipe)[1]).__name__} has fingerprint {actual[:12]}…")
+
+
+def compute_dtype(denoiser: torch.nn.Module) -> torch.dtype | None:
+    """The floating dtype ``denoiser`` computes in: that of its first floating-point parameter."""
+    return next((p.dtype for p in denoiser.parameters() if p.is_floating_point()), None)
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _warn_on_dtype_change(manifest: dict[str, Any], denoiser: torch.nn.Module, component: str,
+                          directory: str | Path) -> None:
+    """Loading onto a base in another dtype works (artifacts are dtype-independent) but cannot
+    reproduce the saved pipeline's images: say so, and how to get the exact round trip."""
+    saved, actual = manifest["base"].get("dtype"), _dtype_name(compute_dtype(denoiser))
+    if saved and actual and saved != actual:
+        warnings.warn(f"artifact {directory} was saved from a {saved} {component}; this base's {component} "
+                      f"is {actual}: it runs, but its images will differ from the saved pipeline's. For a "
+                      f"bit-exact round trip load the base in {saved} (from_pretrained(..., dtype=torch.{saved}), "
+                      f"or pipe.to(torch.{saved}) before load)", stacklevel=3)
 
 
 def _set_denoiser(pipe: Any, component: str, denoiser: torch.nn.Module) -> None:

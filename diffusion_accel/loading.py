@@ -85,10 +85,12 @@ def split_artifact_spec(spec: str) -> tuple[str | None, Path | None]:
 def artifact_base(artifact: str | Path, base_spec: str | None = None,
                   dtype: str | torch.dtype | None = None) -> tuple[str, torch.dtype | None]:
     """``(spec, dtype)`` of the base to load ``artifact`` onto: ``base_spec`` / ``dtype`` when given,
-    else what its manifest recorded; a clear error when neither names one or the base is an artifact."""
+    else what its manifest recorded (the dtype its denoiser computed in when saved, else the one its
+    base was loaded in); a clear error when neither names one or the base is an artifact."""
     from .artifact import ArtifactError, read_manifest
 
-    source = read_manifest(artifact)["base"].get("source") or {}
+    base = read_manifest(artifact)["base"]
+    source = base.get("source") or {}
     base_spec = base_spec or source.get("spec")
     if not base_spec:
         raise ArtifactError(f"artifact {str(artifact)!r} does not record the pipeline it was made from "
@@ -96,7 +98,7 @@ def artifact_base(artifact: str | Path, base_spec: str | None = None,
     if split_artifact_spec(base_spec)[1] is not None:
         raise ArtifactError(f"the base {base_spec!r} of artifact {str(artifact)!r} is itself an artifact; "
                             "an artifact already holds every technique applied before it was saved")
-    return base_spec, parse_dtype(dtype) or parse_dtype(source.get("dtype"))
+    return base_spec, parse_dtype(dtype) or parse_dtype(base.get("dtype") or source.get("dtype"))
 
 
 def _load_with_artifact(base_spec: str | None, artifact: Path, torch_dtype: torch.dtype | None) -> Any:

@@ -154,8 +154,25 @@ def test_an_artifact_folder_is_a_pipeline_spec_that_loads_its_recorded_base(tmp_
         loaded = load_pipeline(spec)
         assert artifact.applied_techniques(loaded) == ["test-scale"]
         assert torch.equal(_images(loaded), _images(accelerated))
-    in_bf16 = load_pipeline(str(tmp_path / "art"), dtype="bf16")  # the base is cast before the artifact applies
+    with pytest.warns(UserWarning, match="saved from a float32 unet; this base's unet is bfloat16"):
+        in_bf16 = load_pipeline(str(tmp_path / "art"), dtype="bf16")  # the base is cast before the artifact applies
     assert in_bf16.unet.dtype == torch.bfloat16 and artifact.applied_techniques(in_bf16) == ["test-scale"]
+
+
+def test_a_pipeline_cast_before_saving_reloads_in_its_dtype(tmp_path):
+    """The manifest records the dtype the denoiser computed in: the artifact spec loads its base in it
+    (bit for bit), and da.load onto a base in another dtype warns that the images will differ."""
+    import diffusion_accel as da
+    from diffusion_accel.loading import load_pipeline
+
+    config = da.PTQConfig(calib_prompts=1, calib_num_steps=2, calib_steps="all")
+    pipe = da.quantize_(load_pipeline("tiny:sd"), config).to(torch.bfloat16)
+    artifact.save(pipe, tmp_path)
+    assert json.loads((tmp_path / "manifest.json").read_text())["base"]["dtype"] == "bfloat16"
+    loaded = load_pipeline(str(tmp_path))
+    assert loaded.unet.dtype == torch.bfloat16 and torch.equal(_images(loaded), _images(pipe))
+    with pytest.warns(UserWarning, match="saved from a bfloat16 unet; this base's unet is float32"):
+        artifact.load(build_tiny("sd"), tmp_path)
 
 
 def test_artifact_specs_that_cannot_work_are_clear_errors(tmp_path):
