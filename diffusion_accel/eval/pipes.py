@@ -20,6 +20,7 @@ process count or the variant: variants are compared on identical starting noise.
 from __future__ import annotations
 
 import inspect
+import operator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -67,8 +68,21 @@ class ImageJob:
     seed: int
 
 
+def whole_number(name: str, value: Any, minimum: int | None = None) -> int:
+    """``value`` as an int (numpy integers accepted, bools and floats not); a clear error naming ``name``."""
+    try:
+        number = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        number = None
+    if number is None or (minimum is not None and number < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{name} must be an int{bound}; got {value!r}")
+    return number
+
+
 def make_jobs(prompts: Sequence[Any], images_per_prompt: int = 1, seed: int = 0) -> list[ImageJob]:
     """One job per (prompt, copy), seeds ``seed + index``."""
+    seed = whole_number("seed", seed)
     if images_per_prompt < 1:
         raise ValueError(f"images_per_prompt must be >= 1; got {images_per_prompt}")
     if isinstance(prompts, str) or not len(prompts):
@@ -159,6 +173,7 @@ def generate_images(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_steps:
                     call_kwargs: dict[str, Any] | None = None, prompt_to_kwargs: PromptToKwargs | None = None,
                     progress: Callable[[int], None] | None = None) -> list[tuple[int, torch.Tensor]]:
     """Generate every job's image: list of (job index, uint8 (3, H, W))."""
+    num_inference_steps = whole_number("num_inference_steps", num_inference_steps, minimum=1)
     results: list[tuple[int, torch.Tensor]] = []
     with quiet_progress(pipe):
         for batch in chunks(list(jobs), batch_size):
