@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .arch.registry import find_denoiser
+from .arch.registry import adapter_wrapped_layers, find_denoiser
 from .pretrained_guard import install_guards
 
 FORMAT = "diffusion_accel.artifact"
@@ -194,6 +194,7 @@ def save(pipe: Any, directory: str | Path) -> Path:
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     component, denoiser = find_denoiser(pipe)
+    _warn_on_adapters(denoiser, component)
     exports = getattr(denoiser, _EXPORTS_ATTR, {})
     entries = []
     for index, technique in enumerate(applied_techniques(pipe)):
@@ -281,6 +282,17 @@ def _check_base(base_pipe: Any, manifest: dict[str, Any], directory: str | Path)
             f"artifact {directory} was made for a different base model "
             f"({manifest['base']['denoiser']} fingerprint {expected[:12]}…), this pipeline's "
             f"{type(find_denoiser(base_pipe)[1]).__name__} has fingerprint {actual[:12]}…")
+
+
+def _warn_on_adapters(denoiser: torch.nn.Module, component: str) -> None:
+    """Unmerged LoRA adapters change the images but are not a technique of this library: the artifact
+    cannot hold them, so say that a load needs them loaded again."""
+    wrapped = adapter_wrapped_layers(denoiser)
+    if wrapped:
+        warnings.warn(f"pipe.{component} holds unmerged adapters (LoRA, via peft) on {len(wrapped)} layers, e.g. "
+                      f"{wrapped[0]!r}; the artifact holds only {techniques_on(denoiser)}, not them: after "
+                      f"load(), load the adapters again (pipe.load_lora_weights) to get this pipeline's images",
+                      stacklevel=3)
 
 
 def compute_dtype(denoiser: torch.nn.Module) -> torch.dtype | None:

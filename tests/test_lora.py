@@ -1,6 +1,8 @@
 """LoRA adapters (peft) on the denoiser: weight-changing techniques refuse unmerged adapters before
 changing anything and work once they are fused; caching works with them loaded."""
 
+import warnings
+
 import pytest
 import torch
 from peft import LoraConfig
@@ -51,3 +53,15 @@ def test_fused_lora_quantizes_and_caching_works_with_adapters_loaded(calib):
     da.quantize_(pipe, da.PTQConfig.preset("w8a8"), calib=calib)
     attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     assert type(attn.to_q).__name__ == "Int8Linear"  # the merged projection is quantized, not skipped
+
+
+def test_saving_a_pipeline_with_unmerged_adapters_warns_that_the_artifact_lacks_them(tmp_path):
+    """Adapters added after a technique change the images, but the artifact holds only the techniques."""
+    pipe = da.enable_cache(_with_lora(), da.DeepCacheConfig(interval=2))
+    with pytest.warns(UserWarning, match=r"unmerged adapters \(LoRA, via peft\) on 56 layers.*\['cache'\]"):
+        da.save(pipe, tmp_path)
+    da.remove_cache(pipe)
+    pipe.unload_lora_weights()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        da.save(da.enable_cache(pipe, da.DeepCacheConfig(interval=2)), tmp_path / "without")

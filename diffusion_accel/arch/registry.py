@@ -74,12 +74,18 @@ def find_denoiser(pipe: Any) -> tuple[str, nn.Module]:
         f"{type(pipe).__name__} (no 'unet' or 'transformer' component found)"))
 
 
+def adapter_wrapped_layers(denoiser: nn.Module) -> list[str]:
+    """Names of the layers of ``denoiser`` that unmerged adapters wrap (peft LoRA: modules holding a
+    ``base_layer``)."""
+    return [name for name, module in denoiser.named_modules()
+            if isinstance(getattr(module, "base_layer", None), nn.Module)]
+
+
 def check_no_unmerged_adapters(denoiser: nn.Module, technique: str) -> None:
     """Refuse a weight-changing ``technique`` while adapter layers (peft LoRA: modules holding a
     ``base_layer``) wrap layers of ``denoiser``: it would find only the layers peft left unwrapped
     and silently quantize or prune fewer of them, with the adapters still in float."""
-    wrapped = [name for name, module in denoiser.named_modules()
-               if isinstance(getattr(module, "base_layer", None), nn.Module)]
+    wrapped = adapter_wrapped_layers(denoiser)
     if wrapped:
         raise ValueError(
             f"{technique} cannot change layers that adapters (LoRA, via peft) wrap: {len(wrapped)} in "
