@@ -42,11 +42,36 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     recipe_path = Path(path)
     if not recipe_path.is_file():
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
-    recipe = tomllib.loads(recipe_path.read_text(encoding="utf-8"))
+    try:
+        recipe = tomllib.loads(recipe_path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"recipe {str(path)!r} is not valid TOML: {error}") from None
     unknown = sorted(set(recipe.get("calibration", {})) - set(CALIBRATION_KEYS))
     if unknown:
         raise ValueError(f"{path}: unknown [calibration] keys {unknown}; accepted: {list(CALIBRATION_KEYS)}")
+    for key, value in recipe.get("calibration", {}).items():
+        _check_calibration_value(path, key, value)
     return recipe
+
+
+_POSITIVE_INTS = ("num_prompts", "steps", "batch_size")
+
+
+def _check_calibration_value(path: str | Path, key: str, value: Any) -> None:
+    """A clear error for a [calibration] value of the wrong type (a TOML string where a count belongs)."""
+    if key in _POSITIVE_INTS:
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1"
+    elif key == "guidance":
+        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif key in ("prompts", "selection"):
+        ok = isinstance(value, str) or (isinstance(value, list) and all(
+            isinstance(item, str if key == "prompts" else int) for item in value))
+        wanted = "a prompt-set name or path, or a list of strings" if key == "prompts" else \
+            "a selection string (e.g. 'uniform:5') or a list of step indices"
+    else:
+        ok, wanted = isinstance(value, str), "a string"
+    if not ok:
+        raise ValueError(f"{path}: [calibration] {key} = {value!r} must be {wanted}")
 
 
 def parse_call_args(pairs: list[str] | None) -> dict[str, Any]:
