@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
@@ -51,6 +51,10 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: unknown [calibration] keys {unknown}; accepted: {list(CALIBRATION_KEYS)}")
     for key, value in recipe.get("calibration", {}).items():
         _check_calibration_value(path, key, value)
+    for key, value in recipe.get("model", {}).items():
+        if key in ("id", "dtype") and not isinstance(value, str):
+            raise ValueError(f"{path}: [model] {key} = {value!r} must be a string (a pipeline spec such as "
+                             f"'zoo:fashion-sd' / a dtype such as 'bf16')")
     return recipe
 
 
@@ -242,13 +246,22 @@ def technique_configs(methods: list[str], args: argparse.Namespace, recipe: dict
         if method == "ptq":
             options = dict(recipe.get("quant", {}))
             preset = args.preset or options.pop("preset", "w8a8")
-            configs[method] = PTQConfig.preset(preset, **options)
+            configs[method] = _built("quant", PTQConfig.preset, preset, **options)
         elif method not in ("cache", "stats"):
             options = dict(recipe.get("prune", {})) | {"method": method}
             flags = (("sparsity", args.sparsity), ("pattern", args.pattern),
                      ("scope", getattr(args, "scope", None)), ("allocation", getattr(args, "allocation", None)))
-            configs[method] = PruneConfig(**options | {key: value for key, value in flags if value is not None})
+            configs[method] = _built("prune", PruneConfig, **options | {k: v for k, v in flags if v is not None})
     return configs
+
+
+def _built(table: str, factory: Callable[..., Any], *args: Any, **options: Any) -> Any:
+    """``factory(*args, **options)`` for a recipe table: a wrong type or unknown key (TypeError, e.g.
+    ``sparsity = "0.5"``) becomes a ValueError naming the table, which the CLI prints as one line."""
+    try:
+        return factory(*args, **options)
+    except TypeError as error:
+        raise ValueError(f"recipe [{table}] / flags: {error}") from None
 
 
 def _apply_technique(pipe: Any, config: Any, calib: Any) -> str:

@@ -47,14 +47,17 @@ def test_user_mistakes_are_one_line_errors(argv, message, capsys, tmp_path, monk
 
 
 @pytest.mark.parametrize("text, message", [
-    ('[pipeline]\nspec = "tiny:sd"\n[calibration]\nnum_prompts = "8"\n',
+    ('[model]\nid = "tiny:sd"\n[calibration]\nnum_prompts = "8"\n',
      "[calibration] num_prompts = '8' must be an integer >= 1"),  # was a TypeError traceback
     ('[calibration]\nselection = ["0", "3"]\n', "must be a selection string"),
     ("spec = = 1\n", "recipe.toml' is not valid TOML"),
+    ('[model]\nid = 5\n', "[model] id = 5 must be a string"),
+    ('[model]\nid = "tiny:sd"\n[prune]\nsparsity = "0.5"\n', "recipe [prune] / flags: sparsity must be a float"),
 ])
 def test_malformed_recipes_are_one_line_errors(text, message, capsys, tmp_path):
     (tmp_path / "recipe.toml").write_text(text)
-    assert main(["calibrate", "--recipe", str(tmp_path / "recipe.toml"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["calibrate", "--recipe", str(tmp_path / "recipe.toml"), "--method", "obs",
+                 "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "Traceback" not in err
 
