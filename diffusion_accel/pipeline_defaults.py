@@ -23,3 +23,10 @@ def set_call_defaults(pipe: Any, defaults: dict[str, Any]) -> None:
 def call_defaults(pipe: Any) -> dict[str, Any]:
     """The keyword arguments ``pipe`` was tagged with (``{}`` for an untagged pipeline)."""
     return dict(getattr(pipe, _ATTR, None) or {})
+
+
+def per_prompt_negative(negative_prompt: Any, num_prompts: int) -> Any:
+    """A negative prompt given as one string, as one copy per prompt (for a list of ``num_prompts``
+    prompts): StableDiffusionPipeline refuses a string beside a list of prompts; the other pipelines
+    broadcast it themselves, so this changes nothing else."""
+    return [negative_prompt] * num_prompts if isinstance(negative_prompt, str) else negative_prompt

@@ -107,6 +107,7 @@ def merged_settings(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[st
                 "prompts": None, "num_prompts": None, "guidance": None}
     settings.update(recipe.get("calibration", {}))
     settings["call"] = dict(recipe.get("call", {})) | parse_call_args(getattr(args, "call", None))
+    _check_call_table(settings["call"])
     for key in CALIBRATION_KEYS:
         value = getattr(args, key, None)
         if value is not None:
@@ -117,6 +118,19 @@ def merged_settings(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[st
         if count.isdigit() and int(count) > settings["steps"]:
             settings["selection"] = "all"
     return settings
+
+
+_OWN_SETTINGS = {"num_inference_steps": "--steps / [calibration] steps", "generator": "--seed",
+                 "prompt": "--prompts / [calibration] prompts", "class_labels": "--prompts / [calibration] prompts",
+                 "batch_size": "--batch-size / [calibration] batch_size"}
+
+
+def _check_call_table(call: dict[str, Any]) -> None:
+    """Refuse ``--call`` / ``[call]`` keys that calibration sets from its own settings."""
+    clashes = sorted(set(call) & set(_OWN_SETTINGS))
+    if clashes:
+        raise ValueError(f"--call / [call] may not set {clashes}: calibration sets them from "
+                         f"{', '.join(_OWN_SETTINGS[key] for key in clashes)}")
 
 
 def build_collectors(pipe: Any, kinds: list[str], layer_glob: str | None) -> list[Any]:

@@ -337,6 +337,14 @@ def test_flux_true_cfg_counts_cond_and_uncond_contexts():
         ("cond", 0), ("uncond", 0), ("cond", 1), ("uncond", 1)]
 
 
+def test_one_negative_prompt_string_serves_a_batch_of_prompts(sd_pipe):
+    """StableDiffusionPipeline refuses a str negative_prompt beside a list of prompts; calibrate
+    passes one copy per prompt (it raised diffusers' TypeError)."""
+    calib = calibrate(sd_pipe, ["a cat", "a dog"], 2, negative_prompt="blurry", batch_size=2, progress=False,
+                      **SD_SIZE)
+    assert calib.denoiser_calls == 2
+
+
 def test_hooks_removed_after_success_and_after_exception(sd_pipe):
     calibrate(sd_pipe, "a cat", 2, collectors=[HessianCollector([SD_LINEAR, SD_CONV])], progress=False,
               **SD_SIZE)

@@ -31,6 +31,8 @@ def test_unknown_subcommand_and_bad_flag_exit_2(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["calibrate", "--pipe", "tiny:sd", "--collect", "bogus", "--out", "x"], "accepted kinds"),
     (["calibrate", "--recipe", "missing.toml", "--out", "x"], "does not exist"),
+    (["calibrate", "--pipe", "tiny:sd", "--method", "ptq", "--call", "num_inference_steps=3", "--out", "x"],
+     "may not set ['num_inference_steps']: calibration sets them from --steps"),  # was a TypeError traceback
     (["eval", "--pipe", "tiny:nope"], "unknown tiny family"),
     (["eval", "--pipe", "not-a-spec"], "unknown pipeline spec"),
     (["eval", "--pipe", "tiny:sd", "--metrics", "speed"], "speed"),

@@ -317,6 +317,14 @@ def test_evaluate_rejects_bad_arguments():
     assert make_jobs([None], seed=np.int64(3))[0].seed == 3
 
 
+def test_a_negative_prompt_string_works_for_stable_diffusion_batches():
+    """diffusers' StableDiffusionPipeline refuses negative_prompt="..." beside a list of prompts."""
+    pipe = build_tiny("sd")
+    images = generate_images(pipe, make_jobs(["a cat", "a dog"]), num_inference_steps=2, batch_size=2,
+                             call_kwargs={"negative_prompt": "blurry"})
+    assert len(images) == 2
+
+
 # ----- sharding across processes ---------------------------------------------------------------
 
 class FakeState:

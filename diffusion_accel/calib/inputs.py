@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..pipeline_defaults import call_defaults
+from ..pipeline_defaults import call_defaults, per_prompt_negative
 
 CALL_MODES = ("prompt", "class", "unconditional")
 RESERVED_KWARGS = {
@@ -156,7 +156,8 @@ def _batch_inputs(mode: str, batch: list[Any], per_item: int, negative_prompt: A
     if per_item != 1:
         inputs["num_images_per_prompt"] = per_item
     if negative_prompt is not None:
-        inputs["negative_prompt"] = negative_prompt if isinstance(negative_prompt, str) else list(negative_prompt[chunk])
+        inputs["negative_prompt"] = per_prompt_negative(negative_prompt, len(batch)) if isinstance(negative_prompt, str) \
+            else list(negative_prompt[chunk])
     return inputs
 
 

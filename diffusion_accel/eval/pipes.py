@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..pipeline_defaults import call_defaults
+from ..pipeline_defaults import call_defaults, per_prompt_negative
 from .images import to_uint8
 
 DENOISER_ATTRIBUTES = ("unet", "transformer")
@@ -142,8 +142,11 @@ def build_call_kwargs(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_step
     """Keyword arguments generating ``jobs`` in one call, one seeded CPU generator per image
     (``call_kwargs`` over the pipeline's own ``call_defaults``)."""
     to_kwargs = prompt_to_kwargs or default_prompt_to_kwargs
-    kwargs: dict[str, Any] = {"output_type": "np", **call_defaults(pipe), **check_call_kwargs(call_kwargs)}
+    extra = check_call_kwargs(call_kwargs)
+    kwargs: dict[str, Any] = {"output_type": "np", **call_defaults(pipe), **extra}
     kwargs.update(to_kwargs(pipe, [job.prompt for job in jobs]))
+    if "negative_prompt" in extra and isinstance(kwargs.get("prompt"), list):  # yours, not a zoo default
+        kwargs["negative_prompt"] = per_prompt_negative(extra["negative_prompt"], len(kwargs["prompt"]))
     kwargs["num_inference_steps"] = num_inference_steps
     kwargs["generator"] = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
     return kwargs
