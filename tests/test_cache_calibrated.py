@@ -103,7 +103,7 @@ def test_calibration_runs_pass_the_negative_prompt_through():
 
     pipe = build_tiny("flux")
     calls = planned_calls(pipe, ["a red bicycle"], 4, negative_prompt="", true_cfg_scale=3.0, height=16, width=16)
-    assert calls[0].kwargs["negative_prompt"] == "" and calls[0].kwargs["true_cfg_scale"] == 3.0
+    assert calls[0].kwargs["negative_prompt"] == [""] and calls[0].kwargs["true_cfg_scale"] == 3.0
 
 
 def test_forecast_residual_extrapolates_linearly_per_stream():

@@ -32,7 +32,7 @@ def test_calibration_calls_use_the_defaults_under_explicit_arguments():
     assert {key: call.kwargs[key] for key in FLUX_DEFAULTS} == FLUX_DEFAULTS
     call = plan_calls(pipe, ["a cat"], guidance_scale=None, negative_prompt="blurry",
                       call_kwargs={"max_sequence_length": 8}, **settings)[0]
-    assert call.kwargs["max_sequence_length"] == 8 and call.kwargs["negative_prompt"] == "blurry"
+    assert call.kwargs["max_sequence_length"] == 8 and call.kwargs["negative_prompt"] == ["blurry"]
     assert call.kwargs["true_cfg_scale"] == 2.0
 
 
