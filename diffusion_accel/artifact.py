@@ -193,6 +193,7 @@ def save(pipe: Any, directory: str | Path) -> Path:
             _HANDLERS[technique].check_current(pipe)
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
+    previous_files = _listed_files(folder)
     component, denoiser = find_denoiser(pipe)
     _warn_on_adapters(denoiser, component)
     exports = getattr(denoiser, _EXPORTS_ATTR, {})
@@ -210,7 +211,19 @@ def save(pipe: Any, directory: str | Path) -> Path:
         "techniques": entries,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    for stale in previous_files - {entry["tensors"] for entry in entries}:
+        (folder / stale).unlink(missing_ok=True)  # an earlier artifact's technique file in this folder
     return folder
+
+
+def _listed_files(folder: Path) -> set[str]:
+    """The technique files an artifact already in ``folder`` lists (none if there is no readable one)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        return {Path(entry["tensors"]).name for entry in manifest["techniques"]} if manifest.get("format") == FORMAT \
+            else set()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

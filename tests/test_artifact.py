@@ -213,3 +213,15 @@ def test_load_onto_a_compiled_base_warns_and_a_failed_one_keeps_the_wrapper(tmp_
     with pytest.raises(RuntimeError, match="on purpose"):
         artifact.load(base, tmp_path / "bad")
     assert base.unet is wrapper
+
+
+def test_saving_over_an_artifact_removes_the_files_only_the_old_one_listed(tmp_path):
+    stale = _scaled_pipe()
+    artifact.save(stale, tmp_path)
+    (tmp_path / "00-test-scale.safetensors").rename(tmp_path / "07-old.safetensors")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["techniques"][0]["tensors"] = "07-old.safetensors"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "notes.txt").write_text("mine")  # not listed by the old manifest: kept
+    artifact.save(_scaled_pipe(), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00-test-scale.safetensors", "manifest.json", "notes.txt"]
