@@ -107,6 +107,7 @@ def test_error_allocation_beats_saliency_allocation_on_summed_layer_error():
     (dict(allocation="error"), ValueError, "it needs scope='global'"),
     (dict(calib_kwargs=(("height",),)), TypeError, "calib_kwargs must be"),
     (dict(calib_kwargs={1: 2}), TypeError, "calib_kwargs keys must be strings"),
+    (dict(calib_steps="all"), ValueError, "PTQConfig names this count calib_num_steps"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -187,6 +187,8 @@ def _check_numbers(config: PruneConfig) -> None:
     if isinstance(config.calib_prompts, bool) or not isinstance(config.calib_prompts, int) or config.calib_prompts < 1:
         raise ValueError(f"calib_prompts must be an int >= 1, got {config.calib_prompts!r}")
     if isinstance(config.calib_steps, bool) or not isinstance(config.calib_steps, int) or config.calib_steps < 1:
-        raise ValueError(f"calib_steps must be an int >= 1, got {config.calib_steps!r}")
+        raise ValueError(f"calib_steps must be an int >= 1 (PruneConfig's calibration runs that many denoising "
+                         f"steps and observes all of them; PTQConfig names this count calib_num_steps), "
+                         f"got {config.calib_steps!r}")
     if len(config.weight_range) != 2 or not 0 <= config.weight_range[0] <= config.weight_range[1]:
         raise ValueError(f"weight_range must be (w_min, w_max) with 0 <= w_min <= w_max, got {config.weight_range!r}")
