@@ -198,10 +198,10 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     methods = parse_methods(args.method)
     recipe = load_recipe(args.recipe) if args.recipe else {}
     configs = technique_configs(methods, args, recipe)  # bad presets/options fail before any loading
+    settings = merged_settings(args, recipe)  # and bad --call keys
     model = recipe.get("model", {})
     spec = args.pipe or model.get("id") or default_demo_spec()
     pipe = load_pipeline(spec, dtype=args.dtype or model.get("dtype"), device=args.device)
-    settings = merged_settings(args, recipe)
     prompt_list = (prompt_sets.load(settings["prompts"], limit=settings["num_prompts"]) if settings["prompts"]
                    else prompt_sets.for_pipeline(pipe, limit=settings["num_prompts"]))
     if methods == ["stats"]:
