@@ -310,9 +310,9 @@ def test_evaluate_rejects_bad_arguments():
         evaluate(pipelines, [None], baseline="fast")
     with pytest.raises(ValueError, match="call_kwargs may not set \\['generator'\\]"):
         evaluate(pipelines, [None], call_kwargs={"generator": None})
-    with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1; got 0"):
+    with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1, got 0"):
         evaluate(pipelines, [None], metrics=("latency",), num_inference_steps=0, progress=False)
-    with pytest.raises(ValueError, match="seed must be an int; got '1'"):
+    with pytest.raises(ValueError, match="seed must be an int, got '1'"):
         evaluate(pipelines, [None], metrics=("latency",), seed="1", progress=False)
     assert make_jobs([None], seed=np.int64(3))[0].seed == 3
 

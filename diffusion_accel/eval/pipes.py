@@ -76,7 +76,7 @@ def whole_number(name: str, value: Any, minimum: int | None = None) -> int:
         number = None
     if number is None or (minimum is not None and number < minimum):
         bound = "" if minimum is None else f" >= {minimum}"
-        raise ValueError(f"{name} must be an int{bound}; got {value!r}")
+        raise ValueError(f"{name} must be an int{bound}, got {value!r}")
     return number
 
 
