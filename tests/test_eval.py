@@ -402,6 +402,8 @@ def test_two_cpu_processes_under_torchrun_shard_the_evaluation_and_match_one_pro
     done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "diffusion_accel.cli", *argv,
                            "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("| tiny:sd |") == 1  # printed by the main process only
+    # printed by the main process only (the output is kept in the message: this test failed twice in session
+    # 24's combined runs of test_cli + test_calib + test_eval and passed in every rerun)
+    assert done.stdout.count("| tiny:sd |") == 1, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     assert report["settings"]["num_processes"] == 2 and report["rows"][0]["images"] == 3
