@@ -100,3 +100,15 @@ def test_deepcache_on_cuda_reuses_like_on_cpu():
     on_gpu = gpu_pipe(**tiny_call_kwargs("sd", steps=4)).images.float().cpu()
     assert cache_summary(gpu_pipe)["reused_calls"] == cache_summary(cpu_pipe)["reused_calls"] > 0
     assert _relative_error(on_gpu, on_cpu) < 1e-3
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
+def test_quantized_pipeline_cast_to_bf16_on_cuda_round_trips_exactly(tmp_path, preset):
+    pipe = quantize_(build_tiny("sd").to("cuda"), PTQConfig.preset(preset, **FAST)).to(torch.bfloat16)
+    codes = {name: buf.dtype for name, buf in pipe.unet.named_buffers() if buf.dtype in (torch.int8, torch.uint8)}
+    assert codes, "the lowered UNet holds integer codes"
+    images = _images(pipe)
+    da.save(pipe, tmp_path / "bf16")
+    loaded = da.load(build_tiny("sd").to("cuda", torch.bfloat16), tmp_path / "bf16")
+    assert {name: buf.dtype for name, buf in loaded.unet.named_buffers() if name in codes} == codes
+    assert loaded.unet.dtype == torch.bfloat16 and torch.equal(_images(loaded), images)

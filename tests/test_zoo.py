@@ -383,3 +383,31 @@ def test_the_fashion_prompt_set_is_the_training_captions():
     from diffusion_accel.zoo.captions import caption
 
     assert prompts.load("fashion") == [caption(label, 0) for label in range(10)]
+
+
+def test_training_autocasts_to_bf16_on_cpu_only_unless_the_environment_says(monkeypatch):
+    monkeypatch.delenv(C.AUTOCAST_ENV, raising=False)
+    assert C.bf16_autocast_wanted("cpu") and not C.bf16_autocast_wanted("cuda")
+    with C.autocast(torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu")
+    monkeypatch.setenv(C.AUTOCAST_ENV, "0")
+    with C.autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setenv(C.AUTOCAST_ENV, "1")
+    assert C.bf16_autocast_wanted("cuda")
+    monkeypatch.setenv(C.AUTOCAST_ENV, "yes")
+    with pytest.raises(ValueError, match="DIFFUSION_ACCEL_AUTOCAST must be '0' or '1', got 'yes'"):
+        C.bf16_autocast_wanted("cpu")
+
+
+def test_gpu_training_turns_off_cudnn_attention(monkeypatch):
+    """cuDNN's fused attention failed in its bf16 backward on an H200 (torch 2.11, CUDA 13): trainers avoid it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    flags = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32)
+    try:
+        assert C.setup_device().type == "cuda"
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(flags[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags[1:]
