@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .arch.registry import adapter_wrapped_layers, find_denoiser
+from .adapter_guard import install_adapter_guards
 from .pretrained_guard import install_guards
 
 FORMAT = "diffusion_accel.artifact"
@@ -131,13 +132,15 @@ def mark_applied(pipe: Any, technique: str) -> None:
     The technique's export is taken now and kept: a technique applied later may replace the layers
     this one changed (lowering swaps in int8 layers after pruning), so ``save`` must not have to
     read this technique's state back from them. diffusers' ``save_pretrained`` is guarded from then
-    on (``pretrained_guard``): it refuses tensors ``from_pretrained`` could not read back.
+    on (``pretrained_guard``): it refuses tensors ``from_pretrained`` could not read back; and so are
+    ``add_adapter`` / ``load_lora_adapter`` (``adapter_guard``): no half-wrapped LoRA.
     """
     if technique not in _HANDLERS:
         raise ValueError(f"technique {technique!r} has no save/load handler; "
                          f"registered: {registered_techniques()}")
     _, denoiser = find_denoiser(pipe)
     install_guards(pipe, denoiser)
+    install_adapter_guards(denoiser)
     applied = list(getattr(denoiser, _APPLIED_ATTR, []))
     if technique not in applied:
         applied.append(technique)

@@ -1,0 +1,114 @@
+"""Keep peft from half-wrapping an accelerated denoiser with LoRA adapters.
+
+diffusers' ``add_adapter`` and ``load_lora_adapter`` (which ``pipe.load_lora_weights`` calls) let peft
+wrap every targeted layer in turn. peft wraps only plain torch layers: on a layer a technique replaced
+(an int8 GEMM layer, a simulated ``QuantLayer``) it raises, after wrapping the plain layers before it
+(kept-float ones such as the time embedding). Those kept their LoRA: ``add_adapter`` left the denoiser
+computing other images; ``load_lora_adapter`` deletes the adapter but leaves the wrappers.
+
+From the first technique on, both methods are guarded on the denoiser instance (never the class): a
+LoRA whose targets include a replaced layer is refused before anything changes, and any other failure
+unwraps the layers the call wrapped, so the denoiser is left as it was.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Callable
+
+from torch import nn
+
+ADD_METHOD = "add_adapter"
+LOAD_METHOD = "load_lora_adapter"
+_LORA_KEY_MARK = ".lora_"  # "<module>.lora_A.weight", "<module>.lora_B.<adapter>.weight", ...
+
+
+class AdapterOnReplacedLayerError(ValueError):
+    """A LoRA adapter targets a layer that a technique replaced (peft cannot wrap it)."""
+
+
+def install_adapter_guards(denoiser: nn.Module) -> None:
+    """Guard ``denoiser.add_adapter`` and ``denoiser.load_lora_adapter`` where its class has them."""
+    for method, guarded in ((ADD_METHOD, _guarded_add_adapter), (LOAD_METHOD, _guarded_load_lora_adapter)):
+        if callable(getattr(type(denoiser), method, None)) and method not in vars(denoiser):
+            object.__setattr__(denoiser, method, types.MethodType(guarded, denoiser))
+
+
+def replaced_layers(denoiser: nn.Module) -> dict[str, nn.Module]:
+    """Layers of ``denoiser`` that a technique swapped for one of this package's modules, by name."""
+    return {name: module for name, module in denoiser.named_modules()
+            if name and type(module).__module__.startswith(f"{__package__}.")}
+
+
+def _guarded_add_adapter(model: nn.Module, adapter_config: Any, *args: Any, **kwargs: Any) -> Any:
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    replaced = replaced_layers(model)
+    _refuse_targets(model, ADD_METHOD, [name for name in replaced if check_target_module_exists(adapter_config, name)])
+    return _rolled_back_on_error(model, lambda: type(model).add_adapter(model, adapter_config, *args, **kwargs))
+
+
+def _guarded_load_lora_adapter(model: nn.Module, source: Any, *args: Any, **kwargs: Any) -> Any:
+    if isinstance(source, dict):
+        prefix = kwargs.get("prefix", args[0] if args else "transformer")
+        _refuse_targets(model, LOAD_METHOD, [name for name in lora_targets(source, prefix)
+                                             if name in replaced_layers(model)])
+    return _rolled_back_on_error(model, lambda: type(model).load_lora_adapter(model, source, *args, **kwargs))
+
+
+def lora_targets(state_dict: dict[str, Any], prefix: str | None) -> list[str]:
+    """Module names a diffusers-format LoRA state dict adapts (keys ``[prefix.]<module>.lora_...``)."""
+    lead = f"{prefix}." if prefix else ""
+    names = {key[len(lead):].split(_LORA_KEY_MARK)[0] for key in state_dict
+             if key.startswith(lead) and _LORA_KEY_MARK in key}
+    return sorted(names)
+
+
+def _refuse_targets(model: nn.Module, method: str, targeted: list[str]) -> None:
+    if not targeted:
+        return
+    from .artifact import applied_techniques
+
+    layer = model.get_submodule(targeted[0])
+    raise AdapterOnReplacedLayerError(
+        f"{method}() cannot put a LoRA adapter on {targeted[0]} ({type(layer).__name__}) or "
+        f"{len(targeted) - 1} more: techniques {applied_techniques(model)} replaced these layers, and peft "
+        f"wraps only plain torch layers (it would wrap the plain ones, then fail). Nothing was changed. "
+        f"Merge the LoRA into the base pipeline before applying the techniques: pipe.load_lora_weights(...), "
+        f"pipe.fuse_lora(), pipe.unload_lora_weights(), then quantize_ / prune_ (feature caching alone "
+        f"works with unmerged adapters).")
+
+
+def _rolled_back_on_error(model: nn.Module, call: Callable[[], Any]) -> Any:
+    """Run ``call``; if it raises, unwrap the adapter layers it added and restore the peft bookkeeping."""
+    wrapped_before = set(_adapter_layers(model))
+    configs_before = dict(getattr(model, "peft_config", {}) or {})
+    had_configs = "peft_config" in vars(model)
+    loaded_flag = getattr(model, "_hf_peft_config_loaded", None)
+    try:
+        return call()
+    except BaseException:
+        for name, layer in _adapter_layers(model).items():
+            if name not in wrapped_before:
+                _replace(model, name, layer.get_base_layer())
+        if had_configs:
+            model.peft_config = configs_before
+        elif "peft_config" in vars(model):
+            del model.peft_config
+        if loaded_flag is not None:
+            model._hf_peft_config_loaded = loaded_flag
+        raise
+
+
+def _adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """peft adapter wrappers in ``model`` by name (empty when peft is not installed)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return {}
+    return {name: module for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -1,0 +1,99 @@
+"""LoRA adapters (peft) on accelerated denoisers: refused before anything changes where they target layers a
+technique replaced, rolled back when peft fails part-way, and loaded as diffusers would otherwise."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import diffusion_accel as da
+from diffusion_accel.adapter_guard import AdapterOnReplacedLayerError, lora_targets
+from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
+
+peft = pytest.importorskip("peft")
+from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+from peft.utils import get_peft_model_state_dict  # noqa: E402
+
+FAST = dict(calib_prompts=1, calib_num_steps=2, calib_steps="all")
+# attention projections (quantized by W8A8) and the time embedding's first layer (kept in float)
+TARGETS = ["linear_1", "to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _images(pipe):
+    return pipe(**tiny_call_kwargs("sd")).images
+
+
+def _lora_config(targets=TARGETS):
+    return peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+
+
+def _wrappers(module):
+    return [name for name, layer in module.named_modules() if isinstance(layer, BaseTunerLayer)]
+
+
+@pytest.fixture(scope="module")
+def lora_state_dict():
+    """A diffusers-format UNet LoRA ("unet.<module>.lora_A.weight", ...) with non-zero weights."""
+    donor = build_tiny("sd").unet
+    donor.add_adapter(_lora_config())
+    return {f"unet.{key}": value for key, value in get_peft_model_state_dict(donor).items()}
+
+
+@pytest.fixture
+def quantized():
+    pipe = da.quantize_(build_tiny("sd"), da.PTQConfig.preset("w8a8", **FAST))
+    return pipe, _images(pipe)
+
+
+def test_add_adapter_on_quantized_layers_is_refused_and_changes_nothing(quantized):
+    pipe, before = quantized
+    with pytest.raises(AdapterOnReplacedLayerError, match=r"add_adapter\(\) cannot put a LoRA adapter on .*"
+                                                           r"\(Int8Linear\).*\['ptq'\].*Nothing was changed"):
+        pipe.unet.add_adapter(_lora_config())
+    assert _wrappers(pipe.unet) == [] and not hasattr(pipe.unet, "peft_config")
+    assert torch.equal(_images(pipe), before)
+
+
+def test_load_lora_weights_on_a_quantized_pipeline_is_refused_and_changes_nothing(quantized, lora_state_dict):
+    pipe, before = quantized
+    with pytest.raises(AdapterOnReplacedLayerError, match=r"load_lora_adapter\(\) cannot .*pipe.fuse_lora"):
+        pipe.load_lora_weights(dict(lora_state_dict))
+    assert _wrappers(pipe.unet) == []
+    assert torch.equal(_images(pipe), before)
+
+
+def test_a_lora_file_peft_fails_on_is_unwrapped_again(quantized, lora_state_dict, tmp_path):
+    """A path is read by diffusers itself (no early check): peft fails on the first Int8Linear after
+    wrapping the float time-embedding layer, and the guard unwraps it."""
+    pipe, before = quantized
+    save_file(dict(lora_state_dict), tmp_path / "pytorch_lora_weights.safetensors")
+    with pytest.raises(ValueError, match="not supported"):
+        pipe.unet.load_lora_adapter(str(tmp_path), prefix="unet", weight_name="pytorch_lora_weights.safetensors")
+    assert _wrappers(pipe.unet) == []
+    assert type(pipe.unet.time_embedding.linear_1) is torch.nn.Linear
+    assert torch.equal(_images(pipe), before)
+
+
+def test_lora_on_layers_kept_in_float_or_on_a_cached_pipeline_loads(quantized, lora_state_dict):
+    pipe, before = quantized
+    pipe.unet.add_adapter(_lora_config(["linear_1"]))
+    assert _wrappers(pipe.unet) == ["time_embedding.linear_1"]
+    assert not torch.equal(_images(pipe), before)
+    cached = da.enable_cache(build_tiny("sd"), da.DeepCacheConfig(interval=2, branch=0))
+    cached.load_lora_weights(dict(lora_state_dict))
+    assert len(_wrappers(cached.unet)) == len(lora_targets(lora_state_dict, "unet"))
+
+
+def test_lora_targets_reads_module_names_from_diffusers_keys():
+    keys = {"unet.a.to_q.lora_A.weight": 0, "unet.a.to_q.lora_B.weight": 0, "unet.b.lora_B.default.weight": 0,
+            "text_encoder.c.lora_A.weight": 0, "unet.a.to_q.alpha": 0}
+    assert lora_targets(keys, "unet") == ["a.to_q", "b"]
+    assert lora_targets({"a.lora_A.weight": 0}, None) == ["a"]
+
+
+def test_a_loaded_artifact_is_guarded_too(quantized, lora_state_dict, tmp_path):
+    pipe, before = quantized
+    da.save(pipe, tmp_path / "w8a8")
+    loaded = da.load(build_tiny("sd"), tmp_path / "w8a8")
+    with pytest.raises(AdapterOnReplacedLayerError):
+        loaded.load_lora_weights(dict(lora_state_dict))
+    assert _wrappers(loaded.unet) == [] and torch.equal(_images(loaded), before)
