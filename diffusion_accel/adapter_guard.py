@@ -8,7 +8,9 @@ computing other images; ``load_lora_adapter`` deletes the adapter but leaves the
 
 From the first technique on, both methods are guarded on the denoiser instance (never the class): a
 LoRA whose targets include a replaced layer is refused before anything changes, and any other failure
-unwraps the layers the call wrapped, so the denoiser is left as it was.
+unwraps the layers the call wrapped, so the denoiser is left as it was. Flux's ``load_lora_weights``
+fails earlier, with a KeyError for the replaced layer's ``weight`` (nothing loaded yet): the pipeline's
+method is guarded to say why.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 ADD_METHOD = "add_adapter"
 LOAD_METHOD = "load_lora_adapter"
+PIPELINE_METHOD = "load_lora_weights"
 _LORA_KEY_MARK = ".lora_"  # "<module>.lora_A.weight", "<module>.lora_B.<adapter>.weight", ...
 
 
@@ -27,11 +30,14 @@ class AdapterOnReplacedLayerError(ValueError):
     """A LoRA adapter targets a layer that a technique replaced (peft cannot wrap it)."""
 
 
-def install_adapter_guards(denoiser: nn.Module) -> None:
-    """Guard ``denoiser.add_adapter`` and ``denoiser.load_lora_adapter`` where its class has them."""
-    for method, guarded in ((ADD_METHOD, _guarded_add_adapter), (LOAD_METHOD, _guarded_load_lora_adapter)):
-        if callable(getattr(type(denoiser), method, None)) and method not in vars(denoiser):
-            object.__setattr__(denoiser, method, types.MethodType(guarded, denoiser))
+def install_adapter_guards(pipe: Any, denoiser: nn.Module) -> None:
+    """Guard ``denoiser.add_adapter`` / ``load_lora_adapter`` and ``pipe.load_lora_weights`` where their
+    classes have them."""
+    for owner, method, guarded in ((denoiser, ADD_METHOD, _guarded_add_adapter),
+                                   (denoiser, LOAD_METHOD, _guarded_load_lora_adapter),
+                                   (pipe, PIPELINE_METHOD, _guarded_load_lora_weights)):
+        if owner is not None and callable(getattr(type(owner), method, None)) and method not in vars(owner):
+            object.__setattr__(owner, method, types.MethodType(guarded, owner))
 
 
 def replaced_layers(denoiser: nn.Module) -> dict[str, nn.Module]:
@@ -50,10 +56,24 @@ def _guarded_add_adapter(model: nn.Module, adapter_config: Any, *args: Any, **kw
 
 def _guarded_load_lora_adapter(model: nn.Module, source: Any, *args: Any, **kwargs: Any) -> Any:
     if isinstance(source, dict):
-        prefix = kwargs.get("prefix", args[0] if args else "transformer")
-        _refuse_targets(model, LOAD_METHOD, [name for name in lora_targets(source, prefix)
-                                             if name in replaced_layers(model)])
+        prefix, replaced = kwargs.get("prefix", args[0] if args else "transformer"), replaced_layers(model)
+        _refuse_targets(model, LOAD_METHOD, [name for name in lora_targets(source, prefix) if name in replaced])
     return _rolled_back_on_error(model, lambda: type(model).load_lora_adapter(model, source, *args, **kwargs))
+
+
+def _guarded_load_lora_weights(pipe: Any, *args: Any, **kwargs: Any) -> Any:
+    """Flux's ``load_lora_weights`` reads ``<layer>.weight`` of every targeted layer before loading anything:
+    a KeyError naming a replaced layer becomes this module's error."""
+    try:
+        return type(pipe).load_lora_weights(pipe, *args, **kwargs)
+    except KeyError as error:
+        from .arch.registry import find_denoiser
+
+        _, denoiser = find_denoiser(pipe)
+        layer = str(error.args[0]).rsplit(".", 1)[0] if error.args else ""
+        if layer in replaced_layers(denoiser):
+            _refuse_targets(denoiser, PIPELINE_METHOD, [layer])
+        raise
 
 
 def lora_targets(state_dict: dict[str, Any], prefix: str | None) -> list[str]:
@@ -71,8 +91,9 @@ def _refuse_targets(model: nn.Module, method: str, targeted: list[str]) -> None:
 
     layer = model.get_submodule(targeted[0])
     raise AdapterOnReplacedLayerError(
-        f"{method}() cannot put a LoRA adapter on {targeted[0]} ({type(layer).__name__}) or "
-        f"{len(targeted) - 1} more: techniques {applied_techniques(model)} replaced these layers, and peft "
+        f"{method}() cannot put a LoRA adapter on {targeted[0]} ({type(layer).__name__})"
+        f"{f' or {len(targeted) - 1} more' if len(targeted) > 1 else ''}: techniques "
+        f"{applied_techniques(model)} replaced {'these layers' if len(targeted) > 1 else 'it'}, and peft "
         f"wraps only plain torch layers (it would wrap the plain ones, then fail). Nothing was changed. "
         f"Merge the LoRA into the base pipeline before applying the techniques: pipe.load_lora_weights(...), "
         f"pipe.fuse_lora(), pipe.unload_lora_weights(), then quantize_ / prune_ (feature caching alone "

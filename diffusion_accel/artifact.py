@@ -140,7 +140,7 @@ def mark_applied(pipe: Any, technique: str) -> None:
                          f"registered: {registered_techniques()}")
     _, denoiser = find_denoiser(pipe)
     install_guards(pipe, denoiser)
-    install_adapter_guards(denoiser)
+    install_adapter_guards(pipe if pipe is not denoiser else None, denoiser)
     applied = list(getattr(denoiser, _APPLIED_ATTR, []))
     if technique not in applied:
         applied.append(technique)

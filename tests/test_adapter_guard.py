@@ -97,3 +97,16 @@ def test_a_loaded_artifact_is_guarded_too(quantized, lora_state_dict, tmp_path):
     with pytest.raises(AdapterOnReplacedLayerError):
         loaded.load_lora_weights(dict(lora_state_dict))
     assert _wrappers(loaded.unet) == [] and torch.equal(_images(loaded), before)
+
+
+def test_flux_load_lora_weights_names_the_replaced_layer_instead_of_a_key_error():
+    """FluxPipeline.load_lora_weights reads every targeted layer's ``weight`` first (KeyError on an Int8Linear)."""
+    donor = build_tiny("flux").transformer
+    donor.add_adapter(_lora_config(["to_q", "to_k", "to_v"]))
+    lora = {f"transformer.{key}": value for key, value in get_peft_model_state_dict(donor).items()}
+    pipe = da.quantize_(build_tiny("flux"), da.PTQConfig.preset("w8a8", **FAST))
+    before = pipe(**tiny_call_kwargs("flux")).images
+    with pytest.raises(AdapterOnReplacedLayerError, match=r"load_lora_weights\(\) cannot put a LoRA adapter on "
+                                                           r"[\w.]+\.to_[qkv] \(Int8Linear\): .* replaced it"):
+        pipe.load_lora_weights(lora)
+    assert _wrappers(pipe.transformer) == [] and torch.equal(pipe(**tiny_call_kwargs("flux")).images, before)
