@@ -133,7 +133,8 @@ def mark_applied(pipe: Any, technique: str) -> None:
     this one changed (lowering swaps in int8 layers after pruning), so ``save`` must not have to
     read this technique's state back from them. diffusers' ``save_pretrained`` is guarded from then
     on (``pretrained_guard``): it refuses tensors ``from_pretrained`` could not read back; and so are
-    ``add_adapter`` / ``load_lora_adapter`` (``adapter_guard``): no half-wrapped LoRA.
+    ``add_adapter`` / ``load_lora_adapter`` / ``pipe.load_lora_weights`` (``adapter_guard``): no
+    half-wrapped LoRA.
     """
     if technique not in _HANDLERS:
         raise ValueError(f"technique {technique!r} has no save/load handler; "
