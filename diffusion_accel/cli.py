@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .arch.registry import UnsupportedModelError
+from .argtypes import int_at_least
 
 # Mistakes a user can make (bad values, missing files, unsupported models): one line, exit 2.
 FID_CACHE = "~/.cache/diffusion_accel/fid"
@@ -31,8 +32,8 @@ def _add_pipe_args(parser: argparse.ArgumentParser, many: bool) -> None:
 def _add_generation_args(parser: argparse.ArgumentParser, steps: int | None) -> None:
     parser.add_argument("--prompts", default=None,
                         help="bundled prompt set (default, fashion) or a .txt/.json file")
-    parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
-    parser.add_argument("--steps", type=int, default=steps,
+    parser.add_argument("--num-prompts", type=int_at_least(1), default=None, help="use only the first N prompts")
+    parser.add_argument("--steps", type=int_at_least(1), default=steps,
                         help=f"denoising steps (default {steps or '25, or the recipe value'})")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default %(default)s)")
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipe_args(demo, many=False)
     _add_generation_args(demo, steps=20)
     demo.add_argument("--out", default="diffusion_accel_demo", help="output folder (report, grid)")
-    demo.add_argument("--repeats", type=int, default=3, help="timed repeats for latency")
+    demo.add_argument("--repeats", type=int_at_least(1), default=3, help="timed repeats for latency")
     demo.set_defaults(handler=_cmd_demo)
 
     calibrate = sub.add_parser(
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="uniform, linear, log-decrease or log-increase (default uniform)")
     calibrate.add_argument("--collect", default="ranges,features",
                            help="comma list of: ranges, hessian, features (default %(default)s)")
-    calibrate.add_argument("--batch-size", type=int, default=None, help="items per pipeline call (default 1)")
+    calibrate.add_argument("--batch-size", type=int_at_least(1), default=None, help="items per pipeline call (default 1)")
     calibrate.add_argument("--layers", default=None, help="glob over eligible layer names (e.g. 'up_blocks.*')")
     calibrate.add_argument("--method", default="stats",
                            help="stats (collector statistics), ptq (quantize), obs, wanda or magnitude "
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "interval 3 with forecast 1)")
     calibrate.add_argument("--budget", type=float, default=None,
                            help="--cache-method calibrated: fraction of steps that run the full denoiser")
-    calibrate.add_argument("--interval", type=int, default=None, help="cache interval (deepcache, block, ...)")
+    calibrate.add_argument("--interval", type=int_at_least(1), default=None, help="cache interval (deepcache, block, ...)")
     calibrate.add_argument("--forecast", type=int, default=None, choices=(0, 1),
                            help="reuse steps: 0 reuse the cached feature, 1 forecast it linearly")
     calibrate.add_argument("--forecast-target", default=None, choices=("residual", "output"),
@@ -115,11 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                                          "size, FLOPs (optionally torch.compile'd)")
     _add_pipe_args(bench, many=True)
     _add_generation_args(bench, steps=25)
-    bench.add_argument("--batch-size", type=int, default=1, help="prompts per timed pipeline call (default 1)")
+    bench.add_argument("--batch-size", type=int_at_least(1), default=1, help="prompts per timed pipeline call (default 1)")
     bench.add_argument("--compile", action="store_true",
                        help="torch.compile every variant's denoiser first (compilation happens in the warm-up)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default %(default)s)")
-    bench.add_argument("--repeats", type=int, default=5, help="timed calls (default %(default)s)")
+    bench.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls before timing (default %(default)s)")
+    bench.add_argument("--repeats", type=int_at_least(1), default=5, help="timed calls (default %(default)s)")
     bench.add_argument("--metrics", default="latency,memory,flops",
                        help="comma list of: latency, memory, flops (default %(default)s)")
     bench.add_argument("--out", default=None, help="folder for report.json / report.md")
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipe_args(grid, many=True)
     _add_generation_args(grid, steps=25)
     grid.add_argument("--out", default="grid.png", help="PNG path (default %(default)s)")
-    grid.add_argument("--cell", type=int, default=128, help="cell size in pixels (default %(default)s)")
+    grid.add_argument("--cell", type=int_at_least(1), default=128, help="cell size in pixels (default %(default)s)")
     grid.set_defaults(handler=_cmd_grid)
 
     _register_optional(sub)
@@ -199,8 +200,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not metrics or set(metrics) - set(SPEED_METRICS):
         raise ValueError(f"--metrics {args.metrics!r}: bench measures {', '.join(SPEED_METRICS)} "
                          "(quality metrics are in `diffusion-accel eval`)")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
     pipes = _load_variants(args)
     if args.compile:
         pipes = {name: compile_denoiser(pipe) for name, pipe in pipes.items()}

@@ -301,6 +301,23 @@ def test_bad_technique_options_fail_before_the_pipeline_loads(argv, message, cap
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--num-prompts", "0"], "argument --num-prompts: must be an int >= 1, got 0"),
+    (["eval", "--steps", "-1"], "argument --steps: must be an int >= 1, got -1"),
+    (["bench", "--repeats", "0"], "argument --repeats: must be an int >= 1, got 0"),
+    (["bench", "--warmup", "x"], "argument --warmup: must be an int >= 0, got 'x'"),
+    (["bench", "--batch-size", "0"], "argument --batch-size: must be an int >= 1, got 0"),
+    (["calibrate", "--interval", "0", "--out", "x"], "argument --interval: must be an int >= 1, got 0"),
+    (["grid", "--cell", "0"], "argument --cell: must be an int >= 1, got 0"),
+])
+def test_bad_counts_are_usage_errors_before_any_pipeline_loads(argv, message, capsys, monkeypatch):
+    """They used to fail after loading (and for eval/bench after starting generation), or as 'limit must be >= 1'."""
+    monkeypatch.setattr("diffusion_accel.recipes.load_pipeline", lambda *a, **k: pytest.fail("pipeline loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([argv[0], "--pipe", "tiny:sd", *argv[1:]])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_a_recipes_uniform_selection_caps_at_fewer_steps(tmp_path):
     import argparse
 

@@ -311,8 +311,10 @@ def test_warm_start_rejects_bad_sources(tmp_path):
         run(parser.parse_args(["fashion-flux-vae", "--lr", "1e-4"]))
     with pytest.raises(ValueError, match="--lr applies to"):
         run(parser.parse_args(["fashion-clip", "--lr", "1e-4"]))
+    programmatic = parser.parse_args(["fashion-sd"])
+    programmatic.lr = 0.0
     with pytest.raises(ValueError, match="--lr must be > 0"):
-        run(parser.parse_args(["fashion-sd", "--lr", "0"]))
+        run(programmatic)
     cfg = C.RunConfig(run_dir=tmp_path, steps=1, init_from=tmp_path)
     with pytest.raises(ValueError, match="model_index.json"):
         C.init_source(cfg, "fashion-sd")
@@ -411,3 +413,18 @@ def test_gpu_training_turns_off_cudnn_attention(monkeypatch):
     finally:
         torch.backends.cuda.enable_cudnn_sdp(flags[0])
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags[1:]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--steps", "0", "must be an int >= 1, got 0"),  # 0 used to mean the default (a full run)
+    ("--steps", "-5", "must be an int >= 1, got -5"),
+    ("--batch-size", "0", "must be an int >= 1, got 0"),
+    ("--time-budget-min", "-1", "must be a number > 0, got -1.0"),  # stopped after one step and exported
+    ("--lr", "0", "must be a number > 0, got 0.0"),
+])
+def test_train_options_reject_bad_numbers_before_training(capsys, option, value, message):
+    from diffusion_accel.zoo.train import add_train_arguments
+
+    with pytest.raises(SystemExit):
+        add_train_arguments(argparse.ArgumentParser()).parse_args(["fashion-clip", option, value])
+    assert f"argument {option}: {message}" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import argparse
 import importlib
 from pathlib import Path
 
+from ..argtypes import int_at_least, positive_float
 from . import _common as C
 
 TRAINERS = {
@@ -24,11 +25,11 @@ WARM_STARTABLE = ("fashion-sd", "fashion-flux", "fashion-sd-decoder", "fashion-f
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add NAME and the training options to ``parser``."""
     parser.add_argument("name", choices=sorted(TRAINERS), help="which zoo model (or stage) to train")
-    parser.add_argument("--steps", type=int, default=None, help="total optimiser steps (default per model)")
-    parser.add_argument("--time-budget-min", type=float, default=None, help="stop (and export) after M minutes")
+    parser.add_argument("--steps", type=int_at_least(1), default=None, help="total optimiser steps (default per model)")
+    parser.add_argument("--time-budget-min", type=positive_float, default=None, help="stop (and export) after M minutes")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default zoo_runs/NAME)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int_at_least(1), default=None)
     parser.add_argument("--data", default=None, help="folder with the Fashion-MNIST *-ubyte.gz files (mnist-ddpm: MNIST's, or mnist.pkl.gz)")
     parser.add_argument("--resume", dest="resume", action="store_true", default=True,
                         help="continue from run folder's checkpoint.pt if present (default)")
@@ -39,7 +40,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="fashion-sd / fashion-flux (and their -decoder stages): warm-start a fresh run from the shipped "
                              "model ('zoo') or an exported pipeline folder (its denoiser, and for flux its T5, plus "
                              "its frozen parts; a decoder stage takes its VAE)")
-    parser.add_argument("--lr", type=float, default=None,
+    parser.add_argument("--lr", type=positive_float, default=None,
                         help="fashion-sd / fashion-flux / -decoder stages: peak learning rate (default 3e-4; decoders 2e-4)")
     parser.add_argument("--ship", action="store_true",
                         help="also copy the result into diffusion_accel/zoo/models/NAME (maintainers)")
