@@ -188,6 +188,20 @@ def pipeline_source(pipe: Any) -> dict[str, Any] | None:
 
 
 # ----- save / load ---------------------------------------------------------------------
+def _artifact_folder(directory: str | Path) -> Path:
+    """``directory`` as a folder, created if missing; an ArtifactError naming it when it cannot be one
+    (a file of that name, a parent that is a file, no permission)."""
+    folder = Path(directory)
+    if folder.exists() and not folder.is_dir():
+        raise ArtifactError(f"cannot save the artifact to {str(folder)!r}: it is a file, not a folder; "
+                            f"give a new folder or an earlier artifact's folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ArtifactError(f"cannot create the artifact folder {str(folder)!r}: {error.strerror or error}") from error
+    return folder
+
+
 def save(pipe: Any, directory: str | Path) -> Path:
     """Write the techniques applied to ``pipe`` as safetensors + ``manifest.json``; returns the folder."""
     from . import __version__
@@ -195,8 +209,7 @@ def save(pipe: Any, directory: str | Path) -> Path:
     for technique in applied_techniques(pipe):
         if _HANDLERS[technique].check_current is not None:
             _HANDLERS[technique].check_current(pipe)
-    folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _artifact_folder(directory)
     previous_files = _listed_files(folder)
     component, denoiser = find_denoiser(pipe)
     _warn_on_adapters(denoiser, component)

@@ -102,6 +102,17 @@ def test_bad_folders_are_rejected(tmp_path):
         artifact.read_manifest(tmp_path)
 
 
+def test_saving_to_a_path_that_cannot_be_a_folder_is_an_artifact_error(tmp_path):
+    """They were bare FileExistsError / NotADirectoryError from mkdir."""
+    pipe = _scaled_pipe()
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(artifact.ArtifactError, match=r"'.*a-file': it is a file, not a folder"):
+        artifact.save(pipe, tmp_path / "a-file")
+    with pytest.raises(artifact.ArtifactError, match=r"cannot create the artifact folder '.*a-file/sub': Not a directory"):
+        artifact.save(pipe, tmp_path / "a-file" / "sub")
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda folder: (folder / "manifest.json").write_text("{not json"), r"manifest.json is not valid JSON"),
     (lambda folder: (folder / "manifest.json").write_text("[1, 2]"), r"format 'a JSON list'"),
