@@ -2,8 +2,8 @@
 
 An artifact folder holds ``manifest.json`` (format, library version, base-model fingerprint and,
 where known, the pipeline spec the base was loaded from, the dtype the denoiser computed in, the
-ordered list of applied techniques with their JSON configs) and one ``NN-<technique>.safetensors``
-per technique. Techniques plug in with :func:`register_technique`: ``export`` returns
+ordered list of applied techniques with their JSON configs), one ``NN-<technique>.safetensors``
+per technique and ``base-sample.safetensors`` (see ``base_match``: recognises the base in float16). Techniques plug in with :func:`register_technique`: ``export`` returns
 ``(config_dict, tensors)`` from an accelerated pipeline, ``restore`` re-applies them to a base one.
 
 ``load`` re-applies the techniques in order onto the base pipeline's denoiser and refuses a base
@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .arch.registry import adapter_wrapped_layers, find_denoiser
+from .base_match import SAMPLE_FILE, config_items, samples_match, structure_fingerprint, weight_sample
 from .adapter_guard import install_adapter_guards
 from .pretrained_guard import install_guards
 
@@ -37,9 +38,9 @@ MANIFEST = "manifest.json"
 _APPLIED_ATTR = "_diffusion_accel_applied"
 _EXPORTS_ATTR = "_diffusion_accel_exports"
 _FINGERPRINT_ATTR = "_diffusion_accel_base_fingerprint"
+_BASE_SAMPLE_ATTR = "_diffusion_accel_base_sample"  # (structure fingerprint, weight sample)
 _SOURCE_ATTR = "_diffusion_accel_source"
 _SAMPLE_ELEMENTS = 2048  # per tensor: head, tail and a strided middle sample
-LIBRARY_KEYS = frozenset({"transformers_version"})  # not underscored, unlike diffusers' _diffusers_version
 
 
 class ArtifactError(ValueError):
@@ -89,11 +90,9 @@ def fingerprint(denoiser: torch.nn.Module) -> str:
     library version a config names (diffusers' ``_diffusers_version``, transformers'
     ``transformers_version``) is left out: the same model must fingerprint alike after an upgrade."""
     digest = hashlib.sha256(type(denoiser).__name__.encode())
-    config = getattr(denoiser, "config", None)
+    config = config_items(denoiser)
     if config is not None:
-        values = dict(config) if isinstance(config, dict) else config.to_dict()
-        config_items = {k: v for k, v in values.items() if not k.startswith("_") and k not in LIBRARY_KEYS}
-        digest.update(json.dumps(config_items, sort_keys=True, default=str).encode())
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in denoiser.state_dict().items():
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())
         digest.update(_sampled_bytes(tensor))
@@ -123,6 +122,7 @@ def base_fingerprint(pipe: Any) -> str:
     if cached is None:
         cached = fingerprint(denoiser)
         setattr(denoiser, _FINGERPRINT_ATTR, cached)
+        setattr(denoiser, _BASE_SAMPLE_ATTR, (structure_fingerprint(denoiser), weight_sample(denoiser)))
     return cached
 
 
@@ -224,13 +224,24 @@ def save(pipe: Any, directory: str | Path) -> Path:
         "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
         "base": {"pipeline": type(pipe).__name__, "denoiser": type(denoiser).__name__,
                  "component": component, "fingerprint": base_fingerprint(pipe),
-                 "source": pipeline_source(pipe), "dtype": _dtype_name(compute_dtype(denoiser))},
+                 "source": pipeline_source(pipe), "dtype": _dtype_name(compute_dtype(denoiser)),
+                 **_write_base_sample(denoiser, folder)},
         "techniques": entries,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     for stale in previous_files - {entry["tensors"] for entry in entries}:
         (folder / stale).unlink(missing_ok=True)  # an earlier artifact's technique file in this folder
     return folder
+
+
+def _write_base_sample(denoiser: torch.nn.Module, folder: Path) -> dict[str, str]:
+    """Write the base's weight sample beside the technique files; the manifest entries naming it
+    (none for a denoiser whose base sample was not taken)."""
+    structure, sample = getattr(denoiser, _BASE_SAMPLE_ATTR, (None, None))
+    if sample is None:
+        return {}
+    save_file({name: values.contiguous() for name, values in sample.items()}, str(folder / SAMPLE_FILE))
+    return {"structure": structure, "sample": SAMPLE_FILE}
 
 
 def _listed_files(folder: Path) -> set[str]:
@@ -307,11 +318,21 @@ def _check_base(base_pipe: Any, manifest: dict[str, Any], directory: str | Path)
                             f"{applied_techniques(base_pipe)} applied")
     expected = manifest["base"]["fingerprint"]
     actual = base_fingerprint(base_pipe)
-    if actual != expected:
+    if actual != expected and not _same_base_in_another_dtype(base_pipe, manifest, directory):
         raise ArtifactError(
             f"artifact {directory} was made for a different base model "
             f"({manifest['base']['denoiser']} fingerprint {expected[:12]}…), this pipeline's "
             f"{type(find_denoiser(base_pipe)[1]).__name__} has fingerprint {actual[:12]}…")
+
+
+def _same_base_in_another_dtype(base_pipe: Any, manifest: dict[str, Any], directory: str | Path) -> bool:
+    """Whether ``base_pipe``'s denoiser is the artifact's base cast to another dtype (the bf16-rounded
+    fingerprint cannot tell for float16): same architecture and the saved weight sample matches."""
+    _, denoiser = find_denoiser(base_pipe)
+    sample_file = manifest["base"].get("sample")
+    if not sample_file or manifest["base"].get("structure") != structure_fingerprint(denoiser):
+        return False
+    return samples_match(_read_tensors(Path(directory) / sample_file), weight_sample(denoiser))
 
 
 def _warn_on_adapters(denoiser: torch.nn.Module, component: str) -> None:

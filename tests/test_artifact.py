@@ -1,11 +1,14 @@
 """Save/load framework: manifest, fingerprints, mismatch errors, all-or-nothing restore."""
 
 import json
+import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffusion_accel import artifact
+from diffusion_accel.base_match import weight_sample
 from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
 
 
@@ -235,4 +238,36 @@ def test_saving_over_an_artifact_removes_the_files_only_the_old_one_listed(tmp_p
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     (tmp_path / "notes.txt").write_text("mine")  # not listed by the old manifest: kept
     artifact.save(_scaled_pipe(), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["00-test-scale.safetensors", "manifest.json", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00-test-scale.safetensors", "base-sample.safetensors",
+                                                          "manifest.json", "notes.txt"]
+
+
+@pytest.mark.parametrize("saved_dtype, loaded_dtype", [
+    (torch.float32, torch.float16), (torch.float16, torch.float32), (torch.float32, torch.bfloat16),
+    (torch.float16, torch.float16)])
+def test_the_same_base_in_another_float_dtype_is_recognised(tmp_path, saved_dtype, loaded_dtype):
+    """The bf16-rounded fingerprint never matched a float16 copy (double rounding); the weight sample does."""
+    pipe = build_tiny("sd").to(saved_dtype)
+    artifact.save(_scaled_pipe(pipe=pipe), tmp_path)
+    base = build_tiny("sd").to(loaded_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dtype-change warning (tested above)
+        assert artifact.applied_techniques(artifact.load(base, tmp_path)) == ["test-scale"]
+
+
+def test_another_model_in_float16_is_still_refused(tmp_path):
+    artifact.save(_scaled_pipe(), tmp_path)
+    fine_tuned = build_tiny("sd")
+    with torch.no_grad():
+        fine_tuned.unet.conv_out.bias.add_(1e-3)  # a small change: same architecture, other weights
+    for base in (fine_tuned.to(torch.float16), build_tiny("sd", seed=1).to(torch.float16)):
+        with pytest.raises(artifact.ArtifactError, match="different base model"):
+            artifact.load(base, tmp_path)
+    assert artifact.applied_techniques(fine_tuned) == []
+
+
+def test_the_base_sample_is_taken_before_a_technique_changes_the_weights(tmp_path):
+    artifact.save(_scaled_pipe(factor=3.0), tmp_path)  # conv_in.weight scaled after the sample
+    sample = load_file(str(tmp_path / "base-sample.safetensors"))
+    untouched = weight_sample(build_tiny("sd").unet)
+    assert sample.keys() == untouched.keys() and torch.equal(sample["conv_in.weight"], untouched["conv_in.weight"])

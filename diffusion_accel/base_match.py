@@ -1,0 +1,73 @@
+"""Recognise an artifact's base model in another floating dtype, exactly.
+
+The fingerprint hashes bf16-rounded weight samples, so float32 and bfloat16 copies of a model agree.
+A float16 copy does not: rounding to float16 first and then to bfloat16 lands on a bfloat16 tie for
+about 1 value in 8 and rounds the other way for half of those, so float16 bases (the usual GPU
+setting) never matched an artifact saved from float32. An artifact therefore also keeps a few weight
+values per tensor in the saved dtype (``weight_sample``) and a hash of the architecture alone
+(``structure_fingerprint``); ``samples_match`` casts the finer of two samples to the coarser dtype and
+compares exactly: the same model cast with round-to-nearest matches bit for bit, a fine-tune does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+SAMPLE_FILE = "base-sample.safetensors"
+_VALUES_PER_TENSOR = 16
+LIBRARY_KEYS = frozenset({"transformers_version"})  # not underscored, unlike diffusers' _diffusers_version
+
+
+def config_items(module: torch.nn.Module) -> dict[str, Any] | None:
+    """The module's config without private or library-version keys (diffusers dicts, transformers
+    configs through ``to_dict``); None when it has no config."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return None
+    values = dict(config) if isinstance(config, dict) else config.to_dict()
+    return {key: value for key, value in values.items() if not key.startswith("_") and key not in LIBRARY_KEYS}
+
+
+def structure_fingerprint(denoiser: torch.nn.Module) -> str:
+    """SHA-256 of class, config and tensor names and shapes: the architecture, not the weights."""
+    digest = hashlib.sha256(type(denoiser).__name__.encode())
+    digest.update(json.dumps(config_items(denoiser), sort_keys=True, default=str).encode())
+    for name, tensor in denoiser.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+    return digest.hexdigest()
+
+
+def weight_sample(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Up to 16 evenly spaced values of every state-dict tensor, in its own dtype, on the CPU."""
+    sample = {}
+    for name, tensor in denoiser.state_dict().items():
+        tensor = tensor.detach()
+        if type(tensor) is not torch.Tensor and callable(getattr(tensor, "dequantize", None)):
+            tensor = tensor.dequantize()
+        flat = tensor.reshape(-1)
+        positions = torch.linspace(0, max(flat.numel() - 1, 0), min(_VALUES_PER_TENSOR, flat.numel()))
+        sample[name] = flat[positions.long().to(flat.device)].cpu().clone()
+    return sample
+
+
+def samples_match(saved: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> bool:
+    """Whether two ``weight_sample``s come from the same weights, possibly cast to another dtype."""
+    return saved.keys() == actual.keys() and all(_values_match(saved[name], actual[name]) for name in saved)
+
+
+def _values_match(saved: torch.Tensor, actual: torch.Tensor) -> bool:
+    if saved.shape != actual.shape:
+        return False
+    if saved.dtype == actual.dtype:
+        return torch.equal(saved, actual)
+    if not (saved.is_floating_point() and actual.is_floating_point()):
+        return False
+    if saved.dtype == torch.float32:  # cast the finer one: a float32 value rounds to one float16/bf16 value
+        return torch.equal(saved.to(actual.dtype), actual)
+    if actual.dtype == torch.float32:
+        return torch.equal(actual.to(saved.dtype), saved)
+    return False  # bfloat16 vs float16: neither is a rounding of the other
