@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .arch.registry import adapter_wrapped_layers, find_denoiser
-from .base_match import SAMPLE_FILE, config_items, samples_match, structure_fingerprint, weight_sample
+from .base_match import SAMPLE_FILE, config_items, dense, samples_match, structure_fingerprint, weight_sample
 from .adapter_guard import install_adapter_guards
 from .pretrained_guard import install_guards
 
@@ -100,13 +100,9 @@ def fingerprint(denoiser: torch.nn.Module) -> str:
 
 
 def _sampled_bytes(tensor: torch.Tensor) -> bytes:
-    """Bytes of a bf16-rounded sample of ``tensor`` (so fp32/bf16/fp16 copies agree); a quantized
-    tensor subclass (torchao's, loaded through diffusers' ``quantization_config``) by its dequantized
-    values (it implements no ``view``)."""
-    tensor = tensor.detach()
-    if type(tensor) is not torch.Tensor and callable(getattr(tensor, "dequantize", None)):
-        tensor = tensor.dequantize()
-    flat = tensor.reshape(-1)
+    """Bytes of a bf16-rounded sample of ``tensor`` (so fp32 and bf16 copies agree; fp16 ones are
+    recognised by ``base_match``), a quantized tensor subclass by its dequantized values."""
+    flat = dense(tensor).reshape(-1)
     if not flat.is_floating_point():
         flat = flat.to(torch.float64)
     if flat.numel() > 3 * _SAMPLE_ELEMENTS:

@@ -41,14 +41,20 @@ def structure_fingerprint(denoiser: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def dense(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` detached; a quantized tensor subclass (torchao's, loaded through diffusers'
+    ``quantization_config``) by its dequantized values (it implements no ``view``)."""
+    tensor = tensor.detach()
+    if type(tensor) is not torch.Tensor and callable(getattr(tensor, "dequantize", None)):
+        return tensor.dequantize()
+    return tensor
+
+
 def weight_sample(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Up to 16 evenly spaced values of every state-dict tensor, in its own dtype, on the CPU."""
     sample = {}
     for name, tensor in denoiser.state_dict().items():
-        tensor = tensor.detach()
-        if type(tensor) is not torch.Tensor and callable(getattr(tensor, "dequantize", None)):
-            tensor = tensor.dequantize()
-        flat = tensor.reshape(-1)
+        flat = dense(tensor).reshape(-1)
         positions = torch.linspace(0, max(flat.numel() - 1, 0), min(_VALUES_PER_TENSOR, flat.numel()))
         sample[name] = flat[positions.long().to(flat.device)].cpu().clone()
     return sample
