@@ -387,3 +387,20 @@ def test_fp8_codes_stay_fp8_through_a_dtype_cast(monkeypatch):
     assert layer.weight_codes.dtype == lowered.core.weight_codes.dtype == torch.float8_e4m3fn
     assert lowered.core.weight_scale.dtype == layer.weight_scale.dtype == torch.float32  # kept as calibrated
     torch.testing.assert_close(lowered(x.bfloat16()).float(), expected, rtol=0.02, atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("make_act", [lambda: _static(0.03, 120), lambda: _static(0.03, 0, True),
+                                      lambda: DynamicActQuantizer("int8", False, -1),
+                                      lambda: DynamicActQuantizer("int8", False, -1, per_tensor=True)],
+                         ids=["static", "static-sym", "dynamic", "dynamic-tensor"])
+def test_int8_codes_of_half_precision_inputs_are_those_of_float32(dtype, make_act):
+    """In bf16 ``x / scale`` moves in steps of 0.5 near the grid's ends, so ``round`` picked other codes: the
+    quantizers (simulated) and the int8 GEMM (lowered) compute scales and codes in float32."""
+    torch.manual_seed(0)
+    x = (torch.randn(16, 64) * 1.5).to(dtype)  # reaches the clip range 0.03 * 127 ≈ 3.8
+    act = make_act()
+    assert torch.equal(act(x), act(x.float()).to(dtype))
+    lowered = lower_layer(_quant(nn.Linear(64, 32), "int8", (64,), make_act()))
+    core = lowered.core.to(dtype)
+    assert torch.equal(core(x, None), core(x.float(), None).to(dtype))

@@ -17,7 +17,8 @@ from torch import nn
 
 from ..hooks import get_tracker
 from .formats import get_format
-from .quantizers import dequantize_weight, dynamic_qparams, expand_segments, fake_quant_act, tensor_qparams
+from .quantizers import (dequantize_weight, dynamic_qparams, expand_segments, fake_quant_act, in_float32,
+                         tensor_qparams)
 
 
 class StepGroups:
@@ -137,6 +138,9 @@ class ActQuantizer(KeepsQuantDtypes, _ActQuantizerBase):
         return full(scale), full(zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return in_float32(self._fake_quant, x, self.fmt)
+
+    def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero_point = self.qparams(x)
         return fake_quant_act(x, scale.to(x.dtype), zero_point, self.fmt, self.symmetric)
 
@@ -165,6 +169,9 @@ class DynamicActQuantizer(_ActQuantizerBase):
         return [tensor_qparams(part, self.fmt, self.symmetric) for part in self._parts(x)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return in_float32(self._fake_quant, x, self.fmt)
+
+    def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.fmt
         if not self.per_tensor:
             scale, zero_point = dynamic_qparams(x, self.channel_dim, fmt, self.symmetric)

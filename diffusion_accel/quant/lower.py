@@ -47,7 +47,7 @@ from .fp8 import Fp8GemmCore
 from .formats import get_format
 from .constants import DerivedConstants, fast_path_on
 from .layers import ActQuantizer, DynamicActQuantizer, KeepsQuantDtypes, QuantConv2d, QuantLayer, QuantLinear
-from .quantizers import (dequantize_weight, dynamic_qparams, pack_int4, quantize_codes, segment_spans,
+from .quantizers import (as_float32, dequantize_weight, dynamic_qparams, pack_int4, quantize_codes, segment_spans,
                          unpack_int4)
 from .state import TECHNIQUE, get_state, swap_module
 
@@ -132,8 +132,8 @@ class Int8GemmCore(KeepsQuantDtypes):
         return self.weight_t.t()
 
     def _quantize(self, x: torch.Tensor, scale: torch.Tensor, shifted_zero: torch.Tensor) -> torch.Tensor:
-        """int8 codes ``clamp(round(x / scale) + zero, grid) - offset`` in four passes."""
-        return quantize_codes(x, scale.to(x.dtype), shifted_zero.to(x.dtype), -128, 127, torch.int8)
+        """int8 codes ``clamp(round(x / scale) + zero, grid) - offset`` of float32 ``x`` in four passes."""
+        return quantize_codes(x, scale.float(), shifted_zero.float(), -128, 127, torch.int8)
 
     def _segments(self) -> list[tuple[int, int, int]]:
         return self.spans
@@ -154,12 +154,12 @@ class Int8GemmCore(KeepsQuantDtypes):
             out = acc.float() * combined if out is None else out.addcmul_(acc.float(), combined)
         if bias is not None:
             base = base + bias.float()
-        return out.add_(base).to(x2d.dtype)
+        return out.add_(base)
 
-    def _fold_static(self, group: int, dtype: torch.dtype) -> tuple[list, torch.Tensor]:
+    def _fold_static(self, group: int) -> tuple[list, torch.Tensor]:
         """The constants of ``_per_tensor`` for static scales of timestep group ``group``: per segment
-        (activation scale, shifted zero point) in ``dtype`` and the (N,) fp32 rescale s_a * s_w; and the (N,)
-        fp32 zero-point correction -sum over segments of (zero - offset) * colsum * s_a * s_w."""
+        (activation scale, shifted zero point) and the (N,) rescale s_a * s_w; and the (N,) zero-point
+        correction -sum over segments of (zero - offset) * colsum * s_a * s_w; all float32."""
         scales, zeros = self.act.scale[group], self.act.zero_point[group]
         segments, base = [], None
         for s, _, _ in self._segments():
@@ -168,7 +168,7 @@ class Int8GemmCore(KeepsQuantDtypes):
             combined = scale.float() * self.weight_scale[:, s].float()
             correction = shifted_zero * self.col_sums[s] * combined
             base = -correction if base is None else base - correction
-            segments.append((scale.to(dtype), shifted_zero.to(dtype), combined))
+            segments.append((scale.float(), shifted_zero.float(), combined))
         return segments, base
 
     def _static_folded(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -177,17 +177,14 @@ class Int8GemmCore(KeepsQuantDtypes):
         a user may edit it through ``.data``, which no version counter sees)."""
         group = self.act.group_index()
         sources = (self.act.scale, self.act.zero_point, self.weight_scale, self.col_sums)
-        segments, out = self.constants.get((group, x2d.dtype, x2d.device), sources,
-                                           lambda: self._fold_static(group, x2d.dtype))
+        segments, out = self.constants.get((group, x2d.device), sources, lambda: self._fold_static(group))
         single = len(segments) == 1
         for (_, start, size), (scale, shifted_zero, combined) in zip(self._segments(), segments):
             part = x2d if single else x2d[:, start:start + size]
             weight = self.weight_t if single else self.weight_t[start:start + size]
             acc = int8_matmul(quantize_codes(part, scale, shifted_zero, -128, 127, torch.int8), weight)
             out = torch.addcmul(out, acc, combined)
-        if bias is not None:
-            out = out.add_(bias)
-        return out if out.dtype == x2d.dtype else out.to(x2d.dtype)
+        return out if bias is None else out.add_(bias)
 
     def _dynamic(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Per-token scales (M, 1): out = (acc - zero_row * colsum) * s_row * s_w + bias."""
@@ -200,17 +197,19 @@ class Int8GemmCore(KeepsQuantDtypes):
             acc.sub_(shifted_zero.float() * self.col_sums[s].float()).mul_(scale.float())
             weight_scale = self.weight_scale[:, s].float()
             out = acc * weight_scale if out is None else out.addcmul_(acc, weight_scale)
-        if bias is not None:
-            out = out.add_(bias.float())
-        return out.to(x2d.dtype)
+        return out if bias is None else out.add_(bias.float())
 
     def forward(self, x2d: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """(M, K) float -> (M, N) float in ``x2d``'s dtype, bias added."""
+        """(M, K) float -> (M, N) float in ``x2d``'s dtype, bias added; scales, codes and the rescale are
+        computed in float32 whatever ``x2d``'s dtype (``as_float32``)."""
+        x_float = as_float32(x2d)
         if isinstance(self.act, DynamicActQuantizer) and not self.act.per_tensor:
-            return self._dynamic(x2d, bias)
-        if isinstance(self.act, ActQuantizer) and fast_path_on():
-            return self._static_folded(x2d, bias)
-        return self._per_tensor(x2d, bias)
+            out = self._dynamic(x_float, bias)
+        elif isinstance(self.act, ActQuantizer) and fast_path_on():
+            out = self._static_folded(x_float, bias)
+        else:
+            out = self._per_tensor(x_float, bias)
+        return out if out.dtype == x2d.dtype else out.to(x2d.dtype)
 
 
 class _GemmLayer(nn.Module):
