@@ -113,3 +113,11 @@ def test_save_refuses_once_quantized_attention_processors_were_replaced(tmp_path
     with pytest.raises(da.ArtifactError, match=r"14 attention modules .* now use other processors .*AttnProcessor2_0"):
         da.save(pipe, tmp_path / "after")
     assert not (tmp_path / "after").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_codes_of_half_precision_inputs_are_those_of_float32(dtype):
+    processor = QuantAttnProcessor("int8", 8, AttnProcessor2_0())
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 16, 32).to(dtype)
+    assert torch.equal(processor._quant(x), processor._quant(x.float()).to(dtype))

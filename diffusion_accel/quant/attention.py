@@ -26,7 +26,7 @@ from torch import nn
 
 from ..arch import get_adapter
 from .formats import get_format
-from .quantizers import dynamic_qparams, fake_quant_act
+from .quantizers import dynamic_qparams, fake_quant_act, in_float32
 
 
 def quantize_softmax(probs: torch.Tensor, bits: int) -> torch.Tensor:
@@ -42,9 +42,13 @@ class QuantAttentionBase:
         self.fmt_name, self.softmax_bits, self.original = fmt, softmax_bits, original
 
     def _quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Dynamic per-tensor symmetric fake quantization; integer codes computed in float32 (``in_float32``)."""
         fmt = get_format(self.fmt_name)
-        flat = x.reshape(1, -1)
-        scale, zero = dynamic_qparams(flat, -1, fmt, symmetric=True)
+        return in_float32(lambda values: self._fake_quant(values, fmt), x, fmt)
+
+    @staticmethod
+    def _fake_quant(x: torch.Tensor, fmt: Any) -> torch.Tensor:
+        scale, zero = dynamic_qparams(x.reshape(1, -1), -1, fmt, symmetric=True)
         return fake_quant_act(x, scale.reshape(()), zero.reshape(()), fmt, True)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
