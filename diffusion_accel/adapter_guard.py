@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .arch.registry import adapter_wrapped_layers
+
 ADD_METHOD = "add_adapter"
 LOAD_METHOD = "load_lora_adapter"
 PIPELINE_METHOD = "load_lora_weights"
@@ -102,16 +104,16 @@ def _refuse_targets(model: nn.Module, method: str, targeted: list[str]) -> None:
 
 def _rolled_back_on_error(model: nn.Module, call: Callable[[], Any]) -> Any:
     """Run ``call``; if it raises, unwrap the adapter layers it added and restore the peft bookkeeping."""
-    wrapped_before = set(_adapter_layers(model))
+    wrapped_before = set(adapter_wrapped_layers(model))
     configs_before = dict(getattr(model, "peft_config", {}) or {})
     had_configs = "peft_config" in vars(model)
     loaded_flag = getattr(model, "_hf_peft_config_loaded", None)
     try:
         return call()
     except BaseException:
-        for name, layer in _adapter_layers(model).items():
+        for name in adapter_wrapped_layers(model):
             if name not in wrapped_before:
-                _replace(model, name, layer.get_base_layer())
+                _replace(model, name, model.get_submodule(name).base_layer)
         if had_configs:
             model.peft_config = configs_before
         elif "peft_config" in vars(model):
@@ -119,15 +121,6 @@ def _rolled_back_on_error(model: nn.Module, call: Callable[[], Any]) -> Any:
         if loaded_flag is not None:
             model._hf_peft_config_loaded = loaded_flag
         raise
-
-
-def _adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """peft adapter wrappers in ``model`` by name (empty when peft is not installed)."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
-        return {}
-    return {name: module for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
