@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from .arch.registry import adapter_wrapped_layers, find_denoiser
 from .base_match import SAMPLE_FILE, config_items, dense, samples_match, structure_fingerprint, weight_sample
 from .adapter_guard import install_adapter_guards
+from .manifest_schema import ManifestError, check_manifest
 from .pretrained_guard import install_guards
 
 FORMAT = "diffusion_accel.artifact"
@@ -263,6 +264,10 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     found = manifest.get("format") if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
     if found != FORMAT:
         raise ArtifactError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    try:
+        check_manifest(manifest, path)
+    except ManifestError as error:
+        raise ArtifactError(str(error)) from None
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(f"{path}: format_version {manifest['format_version']} is newer than "
                             f"this library reads ({FORMAT_VERSION}); upgrade diffusion-accel")
@@ -284,9 +289,7 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
     _set_denoiser(base_pipe, component, copy.deepcopy(original))
     try:
         for entry in manifest["techniques"]:
-            tensors = _read_tensors(Path(directory) / entry["tensors"])
-            _HANDLERS[entry["name"]].restore(base_pipe, entry["config"], tensors)
-            mark_applied(base_pipe, entry["name"])
+            _restore_technique(base_pipe, entry, Path(directory))
     except BaseException:
         _set_denoiser(base_pipe, component, attribute)
         raise
@@ -295,6 +298,20 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
                       f"{type(original).__name__} (applied to a copy, so a failed load changes nothing); "
                       f"compile it again: pipe.{component} = torch.compile(pipe.{component})", stacklevel=2)
     return base_pipe
+
+
+def _restore_technique(pipe: Any, entry: dict[str, Any], folder: Path) -> None:
+    """Re-apply one manifest entry. A config field or tensor the technique needs but the artifact lacks
+    (a damaged or hand-edited artifact, or one from another version) is an ArtifactError naming both."""
+    tensors = _read_tensors(folder / entry["tensors"])
+    try:
+        _HANDLERS[entry["name"]].restore(pipe, entry["config"], tensors)
+    except (KeyError, TypeError, IndexError) as error:
+        raise ArtifactError(
+            f"artifact {folder}: technique {entry['name']!r} cannot be restored from its manifest config and "
+            f"{entry['tensors']} ({type(error).__name__}: {error}); the artifact is damaged, edited by hand or "
+            f"written by another version of diffusion-accel: save it again") from error
+    mark_applied(pipe, entry["name"])
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

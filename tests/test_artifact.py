@@ -134,6 +134,78 @@ def test_a_damaged_artifact_is_an_artifact_error_naming_the_file(tmp_path, damag
     assert base.unet is unet_before and artifact.applied_techniques(base) == []
 
 
+def _edit_manifest(folder, edit):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("techniques"), r"field 'techniques' must be present: it is missing"),
+    (lambda m: m.update(techniques="00-test-scale"), r"field 'techniques' must be a list, got str"),
+    (lambda m: m["techniques"][0].pop("name"), r"field 'techniques\[0\].name' must be present"),
+    (lambda m: m["techniques"][0].pop("config"), r"field 'techniques\[0\].config' must be present"),
+    (lambda m: m["techniques"].append(dict(m["techniques"][0])),
+     r"'techniques\[1\].name' must be a technique not listed before, got 'test-scale' a second time"),
+    (lambda m: m.pop("base"), r"field 'base' must be present"),
+    (lambda m: m["base"].pop("fingerprint"), r"field 'base.fingerprint' must be present"),
+    (lambda m: m["base"].update(source="tiny:sd"), r"field 'base.source' must be an object or null, got str"),
+    (lambda m: m.update(format_version="1"), r"field 'format_version' must be an integer, got '1'"),
+    (lambda m: m["base"].update(source={"spec": ["tiny:sd"]}), r"field 'base.source.spec' must be a string or null"),
+    (lambda m: m["base"].update(sample="../base-sample.safetensors"),
+     r"field 'base.sample' must be a file name inside the artifact folder"),
+])
+def test_a_damaged_manifest_is_an_artifact_error_naming_the_field(tmp_path, edit, message):
+    """Each was a bare KeyError / TypeError from inside load()."""
+    artifact.save(_scaled_pipe(), tmp_path)
+    _edit_manifest(tmp_path, edit)
+    base = build_tiny("sd")
+    with pytest.raises(artifact.ArtifactError, match=message):
+        artifact.load(base, tmp_path)
+    assert artifact.applied_techniques(base) == []
+
+
+@pytest.mark.parametrize("where", ["absolute", "parent", "subfolder"])
+def test_a_manifest_cannot_point_load_at_files_outside_the_artifact(tmp_path, where):
+    """A technique file named by an absolute path or through '..' used to be read from wherever it pointed."""
+    other = tmp_path / "other"
+    artifact.save(_scaled_pipe(), other)
+    folder = tmp_path / "artifact"
+    artifact.save(_scaled_pipe(), folder)
+    name = {"absolute": str(other / "00-test-scale.safetensors"), "parent": "../other/00-test-scale.safetensors",
+            "subfolder": "sub/00-test-scale.safetensors"}[where]
+    _edit_manifest(folder, lambda m: m["techniques"][0].update(tensors=name))
+    with pytest.raises(artifact.ArtifactError, match=r"'techniques\[0\].tensors' must be a file name inside the "
+                                                      r"artifact folder"):
+        artifact.load(build_tiny("sd"), folder)
+
+
+def test_a_config_field_or_tensor_a_technique_needs_is_an_artifact_error_and_nothing_changes(tmp_path):
+    """A technique's restore reading a field or tensor the artifact lacks raised a bare KeyError."""
+    import diffusion_accel as da
+    from safetensors.torch import save_file
+
+    pipe = build_tiny("sd")
+    calib = da.calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False)
+    da.quantize_(pipe, da.PTQConfig.preset("w8a8"), calib=calib)
+    artifact.save(pipe, tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    _edit_manifest(tmp_path, lambda m: m["techniques"][0]["config"].pop("num_steps"))
+    base = build_tiny("sd")
+    unet_before = base.unet
+    with pytest.raises(artifact.ArtifactError, match=r"technique 'ptq' cannot be restored .*KeyError: 'num_steps'"):
+        artifact.load(base, tmp_path)
+    assert base.unet is unet_before and artifact.applied_techniques(base) == []
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    tensors = load_file(tmp_path / "00-ptq.safetensors")
+    first_codes = next(name for name in tensors if name.endswith(".codes"))
+    save_file({name: value for name, value in tensors.items() if name != first_codes},
+              tmp_path / "00-ptq.safetensors")
+    with pytest.raises(artifact.ArtifactError, match=r"00-ptq.safetensors \(KeyError"):
+        artifact.load(base, tmp_path)
+    assert base.unet is unet_before and artifact.applied_techniques(base) == []
+
+
 def test_mark_applied_needs_a_registered_technique():
     with pytest.raises(ValueError, match="no save/load handler"):
         artifact.mark_applied(build_tiny("sd"), "unknown")

@@ -351,6 +351,15 @@ def test_save_and_load_carry_the_config(tmp_path, family, config):
     assert torch.equal(_images(base, family), expected)
 
 
+def test_a_saved_cache_config_with_unknown_fields_is_refused_naming_them():
+    """They were dropped silently (a misspelt field in an edited manifest ran with its default), while
+    PTQConfig.from_dict refused them."""
+    data = config_to_dict(DeepCacheConfig(interval=3))
+    data["params"]["intervall"] = 5
+    with pytest.raises(ValueError, match=r"unknown DeepCacheConfig fields \['intervall'\]; accepted: .*'interval'"):
+        config_from_dict(data)
+
+
 # ---- adapter-provided block streams --------------------------------------------------------------
 @pytest.mark.parametrize("family", DIT_FAMILIES)
 def test_adapter_block_streams_match_what_the_blocks_take_and_return(family):
@@ -432,3 +441,4 @@ def test_enable_cache_on_a_compiled_denoiser_matches_eager(family, config, backe
         assert torch.allclose(_images(pipe, family, steps=4), base, atol=1e-4)
     finally:
         torch._dynamo.reset()
+

@@ -255,11 +255,14 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> Any:
-    """Inverse of :func:`config_to_dict`; raises ValueError for an unknown type."""
+    """Inverse of :func:`config_to_dict`; ValueError for an unknown type or unknown fields (fields added
+    later keep their defaults, so older artifacts load)."""
     by_name = {cls.__name__: cls for cls in CACHE_CONFIGS}
     cls = by_name.get(data.get("type"))
     if cls is None:
         raise ValueError(f"unknown cache config type {data.get('type')!r}; known: {sorted(by_name)}")
     names = {f.name for f in fields(cls)}
-    params = {k: tuple(v) if isinstance(v, list) else v for k, v in data["params"].items() if k in names}
-    return cls(**params)
+    unknown = sorted(set(data["params"]) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; accepted: {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["params"].items()})

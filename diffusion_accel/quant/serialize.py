@@ -88,10 +88,10 @@ def _restore_layer(source: nn.Module, name: str, entry: dict[str, Any], config: 
     if float_type is None:
         raise ValueError(f"artifact layer {name!r} is a {type(source).__name__} in this base model; "
                          f"expected one of {[t.__name__ for t in QUANT_LAYER_TYPES]}")
-    codes = tensors.get(f"{name}.codes")
-    if codes is not None and entry["packed"]:
-        codes = unpack_int4(codes)
-    scale = tensors.get(f"{name}.weight_scale")
+    codes = scale = None  # activation-only quantization keeps the base's float weights
+    if config.weights is not None:
+        codes, scale = tensors[f"{name}.codes"], tensors[f"{name}.weight_scale"]
+        codes = unpack_int4(codes) if entry["packed"] else codes
     act = _restore_act(entry["act"], name, tensors, selector)
     if act is not None and act.channel_dim != CHANNEL_DIMS[float_type]:
         raise ValueError(f"artifact layer {name!r}: activation channel dim {act.channel_dim} does not fit a "

@@ -1,0 +1,78 @@
+"""Shape checks of an artifact's ``manifest.json``, so a damaged or hand-edited manifest is refused with
+an error naming the field instead of a bare KeyError / TypeError deep inside ``load``.
+
+Only the envelope is checked here (what ``artifact.load`` and ``loading.artifact_base`` read); each
+technique's ``config`` is checked by that technique's own restore. Technique files must be plain file
+names inside the artifact folder: a manifest cannot make ``load`` read tensors from elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# field -> accepted JSON types, for the fields load() reads
+BASE_FIELDS: dict[str, tuple[type, ...]] = {"fingerprint": (str,), "denoiser": (str,)}
+OPTIONAL_BASE_FIELDS: dict[str, tuple[type, ...]] = {
+    "source": (dict, type(None)), "dtype": (str, type(None)), "structure": (str,), "sample": (str,)}
+TECHNIQUE_FIELDS: dict[str, tuple[type, ...]] = {"name": (str,), "config": (dict,), "tensors": (str,)}
+
+
+class ManifestError(ValueError):
+    """``manifest.json`` lacks a field ``load`` needs, or holds it with the wrong type."""
+
+
+def check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """Raise ManifestError naming the first missing or mistyped envelope field of ``manifest`` (read
+    from ``path``), or a technique file that is not a plain name inside the artifact folder."""
+    version = manifest.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        _fail(path, "format_version", f"an integer, got {version!r}")
+    base = _field(manifest, "base", (dict,), path, "")
+    for name, kinds in BASE_FIELDS.items():
+        _field(base, name, kinds, path, "base.")
+    for name, kinds in OPTIONAL_BASE_FIELDS.items():
+        if name in base:
+            _field(base, name, kinds, path, "base.")
+    if "sample" in base:
+        _plain_file_name(base["sample"], path, "base.sample")
+    for name in ("spec", "dtype"):  # where the base was loaded from (loading.artifact_base reads them)
+        if isinstance(base.get("source"), dict) and name in base["source"]:
+            _field(base["source"], name, (str, type(None)), path, "base.source.")
+    techniques = _field(manifest, "techniques", (list,), path, "")
+    seen: set[str] = set()
+    for index, entry in enumerate(techniques):
+        where = f"techniques[{index}]"
+        if not isinstance(entry, dict):
+            _fail(path, where, f"an object with {sorted(TECHNIQUE_FIELDS)}, got {type(entry).__name__}")
+        for name, kinds in TECHNIQUE_FIELDS.items():
+            _field(entry, name, kinds, path, f"{where}.")
+        _plain_file_name(entry["tensors"], path, f"{where}.tensors")
+        if entry["name"] in seen:
+            _fail(path, f"{where}.name", f"a technique not listed before, got {entry['name']!r} a second time")
+        seen.add(entry["name"])
+
+
+def _field(mapping: dict[str, Any], name: str, kinds: tuple[type, ...], path: Path, prefix: str) -> Any:
+    if name not in mapping:
+        _fail(path, prefix + name, "present: it is missing")
+    value = mapping[name]
+    if not isinstance(value, kinds):
+        accepted = " or ".join("null" if kind is type(None) else _JSON_NAMES.get(kind, kind.__name__)
+                               for kind in kinds)
+        _fail(path, prefix + name, f"{accepted}, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _plain_file_name(name: str, path: Path, where: str) -> None:
+    """Technique and sample files live in the artifact folder itself: no folders, no '..', no absolute path."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        _fail(path, where, f"a file name inside the artifact folder, got {name!r}")
+
+
+def _fail(path: Path, field: str, expected: str) -> None:
+    raise ManifestError(f"{path}: field {field!r} must be {expected}; the manifest is damaged or was edited "
+                        f"by hand: save the artifact again")
+
+
+_JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer"}
