@@ -127,6 +127,19 @@ def test_fid_against_cached_stats_needs_no_reference_images(tmp_path):
     assert fid_to_reference(loaded, generated, extractor=extractor) == pytest.approx(direct, rel=1e-9)
 
 
+@pytest.mark.parametrize("write", [
+    lambda path: np.savez(path, mu=np.zeros(4), sigma=np.eye(4)),  # pytorch-fid / clean-fid statistics
+    lambda path: path.write_bytes(b"not safetensors"),
+])
+def test_a_stats_file_that_is_not_ours_is_a_clear_error(tmp_path, write):
+    """Was safetensors' bare 'Error while deserializing header' naming no file."""
+    path = tmp_path / "reference.npz"
+    write(path)
+    with pytest.raises(ValueError, match=r"'.*reference.npz' is not a FID statistics file of diffusion-accel "
+                                         r".*pass the reference image folder instead"):
+        reference_stats(path)
+
+
 def test_fid_refuses_stats_from_another_network():
     stats = compute_fid_stats(smooth_images(4), extractor=CountingFeatures())
     other = FIDStats(stats.mean, stats.cov, stats.n, "another network")

@@ -56,8 +56,15 @@ class FIDStats:
         """Read statistics written by :meth:`save`."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except Exception as error:  # safetensors' SafetensorError: not a safetensors file, or a damaged one
+            raise ValueError(
+                f"{str(path)!r} is not a FID statistics file of diffusion-accel (safetensors written by "
+                f"FIDStats.save or the --fid-reference cache: {error}). Statistics of other tools (pytorch-fid "
+                f"or clean-fid .npz) come from other Inception ports and resizing, so FIDs against them are "
+                f"not comparable: pass the reference image folder instead") from None
         if metadata.get("format") != STATS_FORMAT:
             raise ValueError(f"{str(path)!r} is not a FID statistics file (format {metadata.get('format')!r}, "
                              f"expected {STATS_FORMAT!r})")
