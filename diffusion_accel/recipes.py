@@ -35,10 +35,14 @@ PRUNE_METHODS = ("obs", "wanda", "magnitude")
 METHODS = ("stats", *PRUNE_METHODS, "ptq", "cache")
 _STAGES = {"stats": -1, "obs": 0, "wanda": 0, "magnitude": 0, "ptq": 1, "cache": 2}  # chain order
 CALIBRATION_KEYS = ("prompts", "num_prompts", "steps", "guidance", "selection", "weighting", "batch_size")
+MODEL_KEYS = ("id", "dtype")
+# [quant] / [prune] / [cache] keys are checked by the configs they build; [call] keys by _check_call_table
+RECIPE_TABLES = ("model", "calibration", "call", "quant", "prune", "cache")
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Parse a recipe TOML file; unknown calibration keys are an error."""
+    """Parse a recipe TOML file; unknown tables, unknown [model] / [calibration] keys and values of the
+    wrong type are errors naming them."""
     recipe_path = Path(path)
     if not recipe_path.is_file():
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
@@ -46,16 +50,29 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         recipe = tomllib.loads(recipe_path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"recipe {str(path)!r} is not valid TOML: {error}") from None
-    unknown = sorted(set(recipe.get("calibration", {})) - set(CALIBRATION_KEYS))
-    if unknown:
-        raise ValueError(f"{path}: unknown [calibration] keys {unknown}; accepted: {list(CALIBRATION_KEYS)}")
+    _check_tables(path, recipe)
     for key, value in recipe.get("calibration", {}).items():
         _check_calibration_value(path, key, value)
     for key, value in recipe.get("model", {}).items():
-        if key in ("id", "dtype") and not isinstance(value, str):
+        if not isinstance(value, str):
             raise ValueError(f"{path}: [model] {key} = {value!r} must be a string (a pipeline spec such as "
                              f"'zoo:fashion-sd' / a dtype such as 'bf16')")
     return recipe
+
+
+def _check_tables(path: str | Path, recipe: dict[str, Any]) -> None:
+    """Unknown tables, non-table entries where a table belongs, and unknown [model] / [calibration] keys
+    are errors: a misspelt ``[quantization]`` used to be ignored, quantizing with the defaults."""
+    unknown = sorted(set(recipe) - set(RECIPE_TABLES))
+    if unknown:
+        raise ValueError(f"{path}: unknown recipe tables or keys {unknown}; accepted tables: {list(RECIPE_TABLES)}")
+    for table, value in recipe.items():
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: {table} = {value!r} must be a table ([{table}] with key = value lines)")
+    for table, accepted in (("model", MODEL_KEYS), ("calibration", CALIBRATION_KEYS)):
+        unknown = sorted(set(recipe.get(table, {})) - set(accepted))
+        if unknown:
+            raise ValueError(f"{path}: unknown [{table}] keys {unknown}; accepted: {list(accepted)}")
 
 
 _POSITIVE_INTS = ("num_prompts", "steps", "batch_size")

@@ -55,6 +55,12 @@ def test_user_mistakes_are_one_line_errors(argv, message, capsys, tmp_path, monk
     ("spec = = 1\n", "recipe.toml' is not valid TOML"),
     ('[model]\nid = 5\n', "[model] id = 5 must be a string"),
     ('[model]\nid = "tiny:sd"\n[prune]\nsparsity = "0.5"\n', "recipe [prune] / flags: sparsity must be a float"),
+    # these three were ignored: the run went on with the defaults
+    ('[model]\nid = "tiny:sd"\n[quantization]\npreset = "w4a8"\n',
+     "unknown recipe tables or keys ['quantization']; accepted tables: ['model', 'calibration', 'call', 'quant'"),
+    ('[model]\nid = "tiny:sd"\nrevision = "fp16"\n', "unknown [model] keys ['revision']; accepted: ['id', 'dtype']"),
+    ('steps = 4\n[model]\nid = "tiny:sd"\n', "unknown recipe tables or keys ['steps']"),
+    ('call = 4\n[model]\nid = "tiny:sd"\n', "call = 4 must be a table ([call] with key = value lines)"),
 ])
 def test_malformed_recipes_are_one_line_errors(text, message, capsys, tmp_path):
     (tmp_path / "recipe.toml").write_text(text)

@@ -9,7 +9,5 @@ from . import serialize as _serialize  # noqa: F401  (registers the "ptq" save/l
 from .apply import quantize_, register_quant_method, summary
 from .configs import PRESETS, PTQConfig
 from .lower import lower_
-from .recipe import run_ptq_from_recipe
 
-__all__ = ["PRESETS", "PTQConfig", "lower_", "quantize_", "register_quant_method", "run_ptq_from_recipe",
-           "summary"]
+__all__ = ["PRESETS", "PTQConfig", "lower_", "quantize_", "register_quant_method", "summary"]
