@@ -16,12 +16,18 @@ def names() -> list[str]:
 def load(name_or_path: str | Path, limit: int | None = None) -> list[str]:
     """Prompts of a bundled set or of a file (``.txt`` one per line, ``#`` comments; ``.json`` list)."""
     path = _resolve(name_or_path)
-    if path.suffix == ".json":
-        prompts = json.loads(path.read_text(encoding="utf-8"))
+    if path.suffix.lower() == ".json":
+        try:
+            prompts = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not a JSON list of strings: {error}") from None
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"{path} must hold a JSON list of strings")
     else:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path} is not a UTF-8 text file of prompts, one per line: {error}") from None
         prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise ValueError(f"prompt set {str(name_or_path)!r} is empty")
