@@ -92,6 +92,20 @@ def test_grayscale_images_become_rgb():
     assert torch.equal(stats_gray.mean, stats_rgb.mean)
 
 
+def test_image_files_of_any_pil_mode_load_as_rgb_uint8(tmp_path):
+    """16-bit grayscale PNGs used to come out clipped at 255 (PIL's convert("RGB") on mode I;16)."""
+    from diffusion_accel.eval.images import load_image
+
+    ramp = np.arange(0, 65536, 64, dtype=np.uint16).reshape(32, 32)
+    Image.fromarray(ramp).save(tmp_path / "gray16.png")
+    Image.fromarray((ramp >> 8).astype(np.uint8)).save(tmp_path / "gray8.png")
+    Image.fromarray(np.zeros((32, 32, 4), np.uint8), "RGBA").save(tmp_path / "rgba.png")
+    sixteen, eight = load_image(tmp_path / "gray16.png"), load_image(tmp_path / "gray8.png")
+    assert sixteen.shape == (3, 32, 32) and sixteen.dtype == torch.uint8
+    assert (sixteen.int() - eight.int()).abs().max() <= 1  # the same picture at 8 bits
+    assert load_image(tmp_path / "rgba.png").shape == (3, 32, 32)
+
+
 def test_reference_stats_are_cached_by_content_and_not_recomputed(tmp_path):
     extractor, images = CountingFeatures(), smooth_images(10)
     first = reference_stats(images, cache_dir=tmp_path, extractor=extractor, batch_size=4)

@@ -29,6 +29,8 @@ def to_uint8(images: Any) -> torch.Tensor:
             raise ValueError(f"images have different sizes {sorted(shapes)}; resize them to one size first")
         return torch.cat(parts)
     if isinstance(images, Image.Image):
+        if images.mode.startswith("I;16"):  # 16-bit grayscale: PIL's convert("RGB") clips it at 255
+            return _from_hwc((np.array(images).astype(np.uint32) * 255 // 65535).astype(np.uint8))
         return _from_hwc(np.array(images.convert("RGB")))
     if isinstance(images, np.ndarray):
         return _from_hwc(images)
