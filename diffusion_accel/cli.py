@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid = sub.add_parser("grid", help="comparison grid: rows = variants, columns = prompts")
     _add_pipe_args(grid, many=True)
     _add_generation_args(grid, steps=25)
-    grid.add_argument("--out", default="grid.png", help="PNG path (default %(default)s)")
+    grid.add_argument("--out", default="grid.png", help="image path: .png, .jpg or .webp (default %(default)s)")
     grid.add_argument("--cell", type=int_at_least(1), default=128, help="cell size in pixels (default %(default)s)")
     grid.set_defaults(handler=_cmd_grid)
 
@@ -214,7 +214,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_grid(args: argparse.Namespace) -> int:
     from .eval import evaluate, save_grid
+    from .eval.grid import grid_format
 
+    grid_format(args.out)  # a bad --out is an error before any pipeline loads
     pipes = _load_variants(args)
     report = evaluate(pipes, _prompts_for(args, next(iter(pipes.values()))), metrics=("latency",),
                       num_inference_steps=args.steps, seed=args.seed, grid_cell_size=args.cell,

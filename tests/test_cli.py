@@ -324,6 +324,17 @@ def test_bad_counts_are_usage_errors_before_any_pipeline_loads(argv, message, ca
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("out, message", [
+    (".", "grid path '.' is a folder; give an image file"),  # was '[Errno 21] Is a directory' after generating
+    ("grid.gif", "unknown image suffix '.gif'; accepted: .png, .jpg, .jpeg, .webp"),
+])
+def test_a_bad_grid_path_is_an_error_before_any_pipeline_loads(out, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("diffusion_accel.loading.load_pipeline", lambda *a, **k: pytest.fail("pipeline loaded"))
+    assert main(["grid", "--pipe", "tiny:sd", "--out", out]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_a_recipes_uniform_selection_caps_at_fewer_steps(tmp_path):
     import argparse
 

@@ -275,6 +275,8 @@ def test_grid_has_documented_size_and_labels(tmp_path):
     assert (label_area < 128).any(), "row label text should be drawn"
     reloaded = Image.open(save_grid(grid, tmp_path / "grid.png"))
     assert reloaded.size == grid.size and reloaded.format == "PNG"
+    for name, image_format in (("grid.jpg", "JPEG"), ("grid.webp", "WEBP"), ("grid", "PNG")):
+        assert Image.open(save_grid(grid, tmp_path / name)).format == image_format  # .jpg held PNG bytes
 
 
 def test_report_json_is_standard_and_markdown_has_a_row_per_variant(tmp_path):

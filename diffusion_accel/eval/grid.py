@@ -82,9 +82,27 @@ def make_grid(rows: Mapping[str, Any], *, column_labels: Sequence[str] | None = 
     return grid
 
 
+GRID_FORMATS = {"": "PNG", ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def grid_format(path: str | Path) -> str:
+    """The PIL format ``path``'s suffix names (PNG without one); ValueError for a folder or another suffix.
+    The CLI asks before generating, so a bad ``--out`` costs no images."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"grid path {str(target)!r} is a folder; give an image file, e.g. {str(target / 'grid.png')!r}")
+    suffix = target.suffix.lower()
+    if suffix not in GRID_FORMATS:
+        raise ValueError(f"grid path {str(target)!r}: unknown image suffix {target.suffix!r}; "
+                         f"accepted: {', '.join(s for s in GRID_FORMATS if s)} (or none, for PNG)")
+    return GRID_FORMATS[suffix]
+
+
 def save_grid(grid: Image.Image, path: str | Path) -> Path:
-    """Write the grid as PNG; returns the path."""
+    """Write the grid in the format its suffix names (PNG, JPEG or WebP; PNG without one: until session
+    26 a ``.jpg`` path got PNG bytes); returns the path."""
+    image_format = grid_format(path)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(target, format="PNG")
+    grid.save(target, format=image_format, **({"quality": 95} if image_format == "JPEG" else {}))
     return target
