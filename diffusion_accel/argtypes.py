@@ -4,6 +4,7 @@ naming the value, before any pipeline loads (minutes for a hub model) or trainin
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable
 
 
@@ -29,3 +30,16 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {value}")
     return value
+
+
+def output_folder(text: str) -> str:
+    """An argparse type for ``--out`` folders: refuses a path that is, or lies under, an existing file, so
+    the command does not fail only when writing its results, after the work (an evaluation, a demo)."""
+    path = Path(text)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is a file" if candidate == path else f"lies under the file {str(candidate)!r}"
+                raise argparse.ArgumentTypeError(f"{text!r} {where}; give a folder (it is created if missing)")
+            break
+    return text

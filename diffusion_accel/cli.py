@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .arch.registry import UnsupportedModelError
-from .argtypes import int_at_least
+from .argtypes import int_at_least, output_folder
 
 # Mistakes a user can make (bad values, missing files, unsupported models): one line, exit 2.
 FID_CACHE = "~/.cache/diffusion_accel/fid"
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="calibrate and measure the bundled reference pipeline")
     _add_pipe_args(demo, many=False)
     _add_generation_args(demo, steps=20)
-    demo.add_argument("--out", default="diffusion_accel_demo", help="output folder (report, grid)")
+    demo.add_argument("--out", type=output_folder, default="diffusion_accel_demo", help="output folder (report, grid)")
     demo.add_argument("--repeats", type=int_at_least(1), default=3, help="timed repeats for latency")
     demo.set_defaults(handler=_cmd_demo)
 
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--forecast-target", default=None, choices=("residual", "output"),
                            help="transformer caches (block, calibrated): what reuse steps fill in: the block "
                                 "stack's residual, or the final projection's output")
-    calibrate.add_argument("--out", required=True, help="output folder (statistics, or the artifact)")
+    calibrate.add_argument("--out", type=output_folder, required=True, help="output folder (statistics, or the artifact)")
     calibrate.set_defaults(handler=_cmd_calibrate)
 
     evaluate = sub.add_parser("eval", help="measure pipelines side by side (table + JSON + Markdown)")
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "CPUs with AVX-512 BF16/AMX (emulated, so slower, elsewhere); compare FIDs only "
                                "at equal precision (reference statistics are cached per precision)")
     evaluate.add_argument("--clip-model", default=None, help="CLIP model name or local folder for CLIP score")
-    evaluate.add_argument("--out", default=None, help="folder for report.json / report.md / grid.png")
+    evaluate.add_argument("--out", type=output_folder, default=None, help="folder for report.json / report.md / grid.png")
     evaluate.set_defaults(handler=_cmd_eval)
 
     bench = sub.add_parser("bench", help="speed side by side: pipeline and denoiser latency, peak memory, "
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int_at_least(1), default=5, help="timed calls (default %(default)s)")
     bench.add_argument("--metrics", default="latency,memory,flops",
                        help="comma list of: latency, memory, flops (default %(default)s)")
-    bench.add_argument("--out", default=None, help="folder for report.json / report.md")
+    bench.add_argument("--out", type=output_folder, default=None, help="folder for report.json / report.md")
     bench.set_defaults(handler=_cmd_bench)
 
     grid = sub.add_parser("grid", help="comparison grid: rows = variants, columns = prompts")

@@ -335,6 +335,19 @@ def test_a_bad_grid_path_is_an_error_before_any_pipeline_loads(out, message, cap
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["demo"], ["eval", "--pipe", "tiny:sd"], ["bench", "--pipe", "tiny:sd"],
+                                     ["calibrate", "--pipe", "tiny:sd"], ["zoo", "train", "fashion-clip"]])
+def test_an_output_folder_that_is_a_file_is_a_usage_error_before_any_work(command, capsys, monkeypatch, tmp_path):
+    """Each ran its whole job, then failed with '[Errno 17] File exists' when writing the results."""
+    (tmp_path / "taken").write_text("mine")
+    monkeypatch.setattr("diffusion_accel.loading.load_pipeline", lambda *a, **k: pytest.fail("pipeline loaded"))
+    for out, message in ((tmp_path / "taken", "is a file"), (tmp_path / "taken" / "sub", "lies under the file")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--out", str(out)])
+        assert exit_info.value.code == 2 and f"argument --out: '{out}' {message}" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
 def test_a_recipes_uniform_selection_caps_at_fewer_steps(tmp_path):
     import argparse
 

@@ -6,7 +6,7 @@ import argparse
 import importlib
 from pathlib import Path
 
-from ..argtypes import int_at_least, positive_float
+from ..argtypes import int_at_least, output_folder, positive_float
 from . import _common as C
 
 TRAINERS = {
@@ -27,7 +27,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("name", choices=sorted(TRAINERS), help="which zoo model (or stage) to train")
     parser.add_argument("--steps", type=int_at_least(1), default=None, help="total optimiser steps (default per model)")
     parser.add_argument("--time-budget-min", type=positive_float, default=None, help="stop (and export) after M minutes")
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default zoo_runs/NAME)")
+    parser.add_argument("--out", type=output_folder, default=None, help="run folder (default zoo_runs/NAME)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int_at_least(1), default=None)
     parser.add_argument("--data", default=None, help="folder with the Fashion-MNIST *-ubyte.gz files (mnist-ddpm: MNIST's, or mnist.pkl.gz)")
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.lr is not None and not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     module = importlib.import_module(f"{__package__}.{TRAINERS[args.name]}")
-    run_dir = args.out or C.RUNS_ROOT / args.name
+    run_dir = Path(args.out) if args.out else C.RUNS_ROOT / args.name
     cfg = C.RunConfig(run_dir=Path(run_dir), steps=args.steps or module.default_steps(args.name),
                       seed=args.seed, time_budget_min=args.time_budget_min, resume=args.resume,
                       batch_size=args.batch_size, data_root=args.data,
