@@ -1,5 +1,6 @@
 """eval/: FID, CLIP score, fidelity, latency, memory, FLOPs, grids, evaluate() and its reports."""
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -344,6 +345,28 @@ def test_evaluate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="seed must be an int, got '1'"):
         evaluate(pipelines, [None], metrics=("latency",), seed="1", progress=False)
     assert make_jobs([None], seed=np.int64(3))[0].seed == 3
+
+
+@pytest.mark.parametrize("metrics, arguments, message", [
+    (("fid",), {"fid_reference": "/no/such/reference"}, "FID reference '/no/such/reference' is neither a statistics"),
+    (("fid",), {"fid_reference": "EMPTY"}, "no images in"),
+    (("fid",), {"fid_reference": "NOT_STATS"}, "is not a FID statistics file of diffusion-accel"),
+    (("clip",), {"clip_model": "/no/such/clip"}, "CLIP model '/no/such/clip' is neither a local folder nor a hub id"),
+    (("clip",), {"clip_model": "./clip"}, "CLIP model './clip' is neither"),
+])
+def test_a_missing_fid_reference_or_clip_model_fails_before_generation(metrics, arguments, message, tmp_path,
+                                                                       monkeypatch):
+    """Both failed only after every variant had generated its images (the CLIP one with the hub's
+    'Repo id must use alphanumeric chars')."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "not-stats.safetensors").write_bytes(b"{}")
+    value = next(iter(arguments.values()))
+    value = {"EMPTY": str(tmp_path / "empty"), "NOT_STATS": str(tmp_path / "not-stats.safetensors")}.get(value, value)
+    module = importlib.import_module("diffusion_accel.eval.evaluate")  # the package exports the function
+    monkeypatch.setattr(module, "_generate_all", lambda *a: pytest.fail("generated"))
+    with pytest.raises(ValueError, match=message):
+        evaluate({"base": build_tiny("sd")}, PROMPTS[:2], metrics=metrics, progress=False,
+                 **{next(iter(arguments)): value})
 
 
 def test_a_negative_prompt_string_works_for_stable_diffusion_batches():

@@ -65,16 +65,24 @@ def pretrained_loader(name_or_path: str) -> Callable[[], tuple[Any, Any]]:
     return load
 
 
-def clip_metric(model: str | Path = DEFAULT_CLIP_MODEL) -> CLIPScore:
-    """A torchmetrics CLIPScore for a local ``save_pretrained`` folder or a hub id."""
+def check_clip_model(model: str | Path) -> str:
+    """``model`` as a loadable name: an existing folder, or a hub id ``org/name`` (``evaluate`` asks before
+    generating). A path-like name that is no folder (``/x``, ``./x``, ``~/x``, ``a/b/c``) is an error here,
+    not the hub's 'Repo id must use alphanumeric chars' after every image was generated."""
     folder = Path(str(model)).expanduser()
     if folder.is_dir():
-        return CLIPScore(model_name_or_path=pretrained_loader(str(folder)))
+        return str(folder)
     name = str(model)
-    if "/" not in name:
+    parts = name.split("/")
+    if len(parts) != 2 or not all(parts) or name.startswith((".", "~")) or isinstance(model, Path):
         raise ValueError(f"CLIP model {name!r} is neither a local folder nor a hub id; accepted: a folder with a "
                          f"saved CLIPModel + CLIPProcessor, or a hub id such as {DEFAULT_CLIP_MODEL!r}")
-    return CLIPScore(model_name_or_path=pretrained_loader(name))
+    return name
+
+
+def clip_metric(model: str | Path = DEFAULT_CLIP_MODEL) -> CLIPScore:
+    """A torchmetrics CLIPScore for a local ``save_pretrained`` folder or a hub id."""
+    return CLIPScore(model_name_or_path=pretrained_loader(check_clip_model(model)))
 
 
 def clip_score(images: Any, prompts: Sequence[str], *, model: str | Path | CLIPScore = DEFAULT_CLIP_MODEL,

@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 
 from ..artifact import pipeline_source, techniques_on
 from ..pipeline_defaults import call_defaults
-from .clip_score import DEFAULT_CLIP_MODEL, clip_metric, clip_score
+from .clip_score import DEFAULT_CLIP_MODEL, check_clip_model, clip_metric, clip_score
 from .cost import denoiser_flops, model_size
 from .distributed import gather, merge_ordered, process_state, shard, share_from_main
-from .fid import (FIDStats, compute_fid_stats, fid_feature_extractor, frechet_distance,
+from .fid import (FIDStats, check_reference, compute_fid_stats, fid_feature_extractor, frechet_distance,
                   reference_stats)
 from .fidelity import fidelity
 from .grid import make_grid
@@ -152,6 +152,7 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
                make_jobs(prompts, images_per_prompt, seed), images_per_prompt, num_inference_steps, seed,
                batch_size, call_kwargs, prompt_to_kwargs, fid_reference, fid_cache_dir, fid_extractor,
                clip_model or default_clip_model(pipelines), warmup, repeats, grid_cell_size)
+    _check_metric_inputs(run)
     shared = shared_denoiser_notes(pipelines)
     for note in shared:
         warnings.warn(note, stacklevel=2)
@@ -163,6 +164,15 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
     if report is not None and output_dir is not None:
         report.save(output_dir)
     return share_from_main(report, state)
+
+
+def _check_metric_inputs(run: _Run) -> None:
+    """A missing FID reference or CLIP model is an error before generation, not after it (hours for
+    2,000 images of a hub model)."""
+    if "fid" in run.requested and run.fid_reference is not None:
+        check_reference(run.fid_reference)
+    if "clip" in run.requested:
+        check_clip_model(run.clip_model or DEFAULT_CLIP_MODEL)
 
 
 def shared_denoiser_notes(pipelines: Mapping[str, Any]) -> list[str]:

@@ -209,6 +209,21 @@ def _content_hash(source: Any) -> tuple[str, Any]:
     return digest.hexdigest(), images
 
 
+def check_reference(source: Any) -> None:
+    """Cheap checks of a path ``fid_reference`` before any image is generated (``evaluate`` calls it): a
+    statistics file must be ours, a folder must hold images; anything else is the error
+    ``reference_stats`` would raise only after generation."""
+    if not isinstance(source, (str, Path)):
+        return
+    path = Path(source).expanduser()
+    if path.is_file():
+        FIDStats.load(path)
+    elif path.is_dir():
+        image_files(path)
+    else:
+        reference_stats(source)  # the error it raises for a path that is neither
+
+
 def reference_stats(source: Any, *, cache_dir: str | Path | None = None, extractor: nn.Module | None = None,
                     batch_size: int = DEFAULT_BATCH_SIZE) -> FIDStats:
     """Reference statistics from FIDStats, a ``.safetensors`` stats file, a folder, tensor or dataset.
