@@ -112,3 +112,30 @@ def test_quantized_pipeline_cast_to_bf16_on_cuda_round_trips_exactly(tmp_path, p
     loaded = da.load(build_tiny("sd").to("cuda", torch.bfloat16), tmp_path / "bf16")
     assert {name: buf.dtype for name, buf in loaded.unet.named_buffers() if name in codes} == codes
     assert loaded.unet.dtype == torch.bfloat16 and torch.equal(_images(loaded), images)
+
+
+def test_int4_weight_only_linears_run_tinygemm_in_bf16_and_match_the_dequantize_path(tmp_path):
+    """W4A16 on CUDA: Linear layers whose segments fit a tinygemm group size run torch._weight_int4pack_mm
+    on the same codes (bf16 scales), survive moves to CPU and back, and an artifact saved from them
+    reloads with the same images."""
+    import copy
+
+    from diffusion_accel.quant.lower import StoredWeightLayer
+
+    pipe = quantize_(build_tiny("sd").to("cuda"), PTQConfig.preset("w4a16", group_size=32, **FAST))
+    pipe = pipe.to(torch.bfloat16)
+    fast = [m for m in pipe.unet.modules() if isinstance(m, StoredWeightLayer) and m._tinygemm is not None]
+    assert fast, "some int4 Linear layers run tinygemm"
+    images = _images(pipe)
+    slow = copy.deepcopy(pipe)
+    for module in slow.unet.modules():
+        if isinstance(module, StoredWeightLayer):
+            module._tinygemm = None
+    assert _relative_error(images, _images(slow)) < 2e-2
+    pipe.to("cpu")
+    assert all(m._tinygemm is None for m in fast)
+    pipe.to("cuda")
+    assert all(m._tinygemm is not None for m in fast) and torch.equal(_images(pipe), images)
+    da.save(pipe, tmp_path / "w4a16")
+    loaded = da.load(build_tiny("sd").to("cuda", torch.bfloat16), tmp_path / "w4a16")
+    assert torch.equal(_images(loaded), images)

@@ -404,3 +404,33 @@ def test_int8_codes_of_half_precision_inputs_are_those_of_float32(dtype, make_ac
     lowered = lower_layer(_quant(nn.Linear(64, 32), "int8", (64,), make_act()))
     core = lowered.core.to(dtype)
     assert torch.equal(core(x, None), core(x.float(), None).to(dtype))
+
+
+@pytest.mark.parametrize("segments", [(256,), (64, 64, 64, 64), (128, 192), (96, 32)])
+def test_tinygemm_operands_compute_our_int4_codes_with_bf16_scales(segments):
+    """The CUDA int4 path hands tinygemm q = code + 8 with zero 0 and one scale per group of the largest
+    group size dividing every segment; checked here with tinygemm's CPU twin (same scales-and-zeros
+    semantics; the CUDA op differs only in how it packs, checked on the GPU in tests/test_cuda.py)."""
+    from diffusion_accel.quant.quantizers import expand_segments
+    from diffusion_accel.quant.tinygemm import group_size_for, tinygemm_operands
+
+    generator = torch.Generator().manual_seed(0)
+    n, k = 16, sum(segments)
+    codes = torch.randint(-8, 8, (n, k), generator=generator, dtype=torch.int8)
+    scale = torch.rand(n, len(segments), generator=generator) * 0.1 + 0.01
+    q, scales_and_zeros, group = tinygemm_operands(codes, scale, segments)
+    assert group == group_size_for(segments) and all(size % group == 0 for size in segments)
+    x = torch.randn(5, k, generator=generator).to(torch.bfloat16)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros).float()
+    dense = codes.float() * expand_segments(scale, segments)
+    expected = x.float() @ dense.t()
+    assert (out - expected).abs().max() / expected.abs().max() < 1e-2  # bf16 scales and output
+
+
+def test_tinygemm_needs_a_group_size_dividing_every_segment_and_cuda():
+    from diffusion_accel.quant.tinygemm import group_size_for, pack_for_cuda
+
+    assert group_size_for((320,)) == 64 and group_size_for((256, 512)) == 256 and group_size_for((100,)) is None
+    codes = torch.zeros(16, 256, dtype=torch.int8)
+    assert pack_for_cuda(codes, torch.ones(16, 1), (256,)) is None  # CPU tensors: the dequantize path

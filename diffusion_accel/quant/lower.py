@@ -17,6 +17,8 @@ What each layer becomes (``summary`` lists the counts):
 - ``int4-packed``: int4 weights stored two per byte, dequantized on the fly; activations stay
   fake-quantized if configured. torchao's int4 weight-only needs mslk or CUDA here, and torch's
   ``_weight_int4pack_mm_for_cpu`` measured slower than a dense bf16 matmul: smaller, not faster.
+  On CUDA, weight-only int4 Linear layers called in bf16 run tinygemm (``torch._weight_int4pack_mm``, the
+  kernel torchao's int4 weight-only tensors use) on the same codes (``tinygemm``).
 - ``dequant-int8``: int8 weights that cannot use an int8 kernel (group-wise, weight-only, k x k
   convs without oneDNN, every int8 layer on a CPU without VNNI), stored as int8 and dequantized once into a cached float weight: fp speed, int8 on disk.
   k x k convs are not lowered to unfold + int8 GEMM: on this CPU (SD 1.5 3x3 shapes, 256 px) it
@@ -50,6 +52,7 @@ from .layers import ActQuantizer, DynamicActQuantizer, KeepsQuantDtypes, QuantCo
 from .quantizers import (as_float32, dequantize_weight, dynamic_qparams, pack_int4, quantize_codes, segment_spans,
                          unpack_int4)
 from .state import TECHNIQUE, get_state, swap_module
+from .tinygemm import TinyGemmWeight, pack_for_cuda, tinygemm_linear
 
 INT8_OFFSET = 128  # unsigned activation codes [0, 255] are shifted to int8 [-128, 127]
 
@@ -295,6 +298,19 @@ class StoredWeightLayer(KeepsQuantDtypes):
         cached = None if self.packed else self._dequantize()
         self.register_buffer("cached_weight", cached, persistent=False)
         self.bias, self.act = layer.bias, layer.act
+        self._tinygemm: TinyGemmWeight | None = None
+        self._pack_tinygemm()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "StoredWeightLayer":
+        super()._apply(fn, recurse)
+        self._pack_tinygemm()  # .to("cuda") / .cpu(): the tinygemm pack exists only on CUDA
+        return self
+
+    def _pack_tinygemm(self) -> None:
+        """int4 weight-only Linear layers on CUDA run tinygemm (``tinygemm``); others dequantize per call."""
+        weight_only_linear = self.packed and self.act is None and self.op is F.linear
+        self._tinygemm = pack_for_cuda(unpack_int4(self.weight_codes), self.weight_scale, self.segment_sizes) \
+            if weight_only_linear and self.weight_codes.is_cuda else None
 
     def export_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         codes = unpack_int4(self.weight_codes) if self.packed else self.weight_codes
@@ -309,6 +325,8 @@ class StoredWeightLayer(KeepsQuantDtypes):
         return self.cached_weight if self.cached_weight is not None else self._dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._tinygemm is not None and x.is_cuda and x.dtype == torch.bfloat16:
+            return tinygemm_linear(x, self._tinygemm, self.bias)
         x = x if self.act is None else self.act(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return self.op(x, self.weight.to(x.dtype), bias, **self.op_kwargs)
@@ -403,5 +421,6 @@ def _note_lowering(state: Any, lowered: dict[str, nn.Module | None]) -> None:
                            "every int8 layer on CPUs without VNNI / AMX int8 units) run the "
                            "float op on a weight dequantized once: int8 on disk, no speed-up")
     if any(kind == "int4-packed" for kind in state.lowered.values()):
-        state.notes.append("int4-packed layers dequantize per call (no int4 CPU kernel): smaller, not faster")
+        state.notes.append("int4-packed layers dequantize per call (no int4 CPU kernel): smaller, not faster; "
+                           "weight-only int4 Linear layers on CUDA in bf16 run tinygemm instead")
     state.notes[:] = list(dict.fromkeys(state.notes))
