@@ -18,6 +18,8 @@ compiled, the GPU baseline users run. Variants (``--only`` picks groups):
   bf16: int8 ``torch._int_mm`` for Linear and 1x1 layers; k x k convs use oneDNN's int8 conv on CPU and
   a dequantized bf16 conv elsewhere (``summary`` in the JSON says which layer runs what).
 - ``fp8``: fp8 weights and activations on the Linear layers (``torch._scaled_mm``), CUDA >= 8.9 only.
+- ``w4a16``: int4 weight-only, group 128, on the Linear layers: tinygemm (``torch._weight_int4pack_mm``) on
+  CUDA in bf16, dequantized per call elsewhere.
 - ``structured``: 30% of heads + FFN neurons (+ ResNet channel groups on UNets), bf16 compiled.
 - ``2of4``: 2:4 magnitude pruning of the Linear layers with PyTorch semi-structured sparse kernels
   (CUDA >= 8.0, bf16), through its default library (cuSPARSELt) and through CUTLASS (compute
@@ -50,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ptq_speed import sd15_pipeline  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GROUPS = ("dense", "w8a8", "fp8", "structured", "2of4")
+GROUPS = ("dense", "w8a8", "fp8", "w4a16", "structured", "2of4")
 SMOKE = {"sd15": dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, attention_head_dim=4,
                       cross_attention_dim=64, norm_num_groups=8),
          "dit": dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, sample_size=8)}
@@ -123,6 +125,18 @@ def fp8_variants(timer: Timer, model: str, smoke: bool, resolution: int) -> None
                                 filter_fn=lambda module, name: isinstance(module, nn.Linear))
     unet.to(torch.bfloat16)
     timer.time("fp8_linear_bf16_compiled", unet, torch.bfloat16, True, summary=text)
+
+
+def w4a16_variants(timer: Timer, model: str, smoke: bool, resolution: int) -> None:
+    """int4 weight-only (group 128) on the Linear layers: tinygemm on CUDA in bf16 (``quant.tinygemm``);
+    int4 k x k convs have no kernel and would dequantize per call."""
+    config = ptq_config("int8", resolution).with_(weights="int4", activations=None, weight_granularity="group",
+                                                  group_size=128)
+    unet, text = quantized_unet(model, timer.device, config, smoke,
+                                filter_fn=lambda module, name: isinstance(module, nn.Linear))
+    unet.to(torch.bfloat16)
+    timer.time("w4a16_linear_bf16_eager", unet, torch.bfloat16, False, summary=text)
+    timer.time("w4a16_linear_bf16_compiled", unet, torch.bfloat16, True)
 
 
 def structured_variants(timer: Timer, denoiser: nn.Module, model: str) -> None:
@@ -198,6 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dense": lambda: dense_variants(timer, denoiser),
         "w8a8": lambda: w8a8_variants(timer, args.model, args.smoke, resolution),
         "fp8": lambda: fp8_variants(timer, args.model, args.smoke, resolution),
+        "w4a16": lambda: w4a16_variants(timer, args.model, args.smoke, resolution),
         "structured": lambda: structured_variants(timer, denoiser, args.model),
         "2of4": lambda: two_four_variants(timer, denoiser)}
     for group in args.only:
@@ -226,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.model != "sd15":
-        args.only = [g for g in args.only if g not in ("w8a8", "fp8")]
+        args.only = [g for g in args.only if g not in ("w8a8", "fp8", "w4a16")]
     size = f"_{args.resolution}px" if args.resolution else ""
     args.out = args.out or RESULTS / f"device_speed_{args.device.split(':')[0]}_{args.model}{size}.json"
     if args.smoke:
