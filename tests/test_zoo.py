@@ -189,6 +189,27 @@ def _run_all_stages(tmp_path):
     cfg = C.RunConfig(run_dir=tmp_path / "fashion-sd-vae", steps=3, batch_size=8, limit_images=32)
     vae_train.train(cfg, "fashion-sd-vae")
     assert C.load_checkpoint(tmp_path / "fashion-sd-vae" / "checkpoint.pt")["step"] == 3
+    _check_flux_arch(tmp_path)
+
+
+def _check_flux_arch(tmp_path):
+    """--arch large builds the 4 + 8 block transformer and records it; a resumed run keeps its arch, and
+    resuming it as another arch is refused before any weight loads (a state-dict shape error before)."""
+    import json
+
+    from diffusers import FluxTransformer2DModel
+
+    from diffusion_accel.zoo import flux_train
+
+    cfg = C.RunConfig(run_dir=tmp_path / "flux-large", steps=1, batch_size=4, limit_images=16, arch="large")
+    folder = flux_train.train(cfg, "fashion-flux")
+    config = FluxTransformer2DModel.load_config(folder / "transformer")
+    assert (config["num_layers"], config["num_single_layers"]) == flux_train.ARCHS["large"] == (4, 8)
+    assert json.loads((folder / "train_info.json").read_text())["arch"] == "large"
+    assert flux_train.checked_arch(C.RunConfig(run_dir=tmp_path / "flux-large", steps=2)) == "large"
+    with pytest.raises(ValueError, match=r"holds a 'large' transformer, not 'small': resume without --arch"):
+        flux_train.train(C.RunConfig(run_dir=tmp_path / "flux-large", steps=2, arch="small"), "fashion-flux")
+    assert flux_train.checked_arch(C.RunConfig(run_dir=tmp_path / "fashion-flux", steps=2)) == "small"
 
 
 def _check_decoder_stage_kept_the_latent_space(tmp_path):
@@ -204,6 +225,34 @@ def _check_decoder_stage_kept_the_latent_space(tmp_path):
             assert torch.equal(tensor, source[key]), key
         assert torch.equal(tensor, shipped[key]), key
     assert not all(torch.equal(t, source[k]) for k, t in tuned.state_dict().items() if k.startswith("decoder."))
+
+
+@needs_data
+def test_a_larger_flux_transformer_trains_from_scratch_on_the_shipped_frozen_parts(tmp_path, monkeypatch):
+    """--arch large --init-from zoo: what a lent GPU runs with no earlier stage on disk: the VAE, CLIP and
+    tokenizers of the shipped pipeline, a fresh 4 + 8 block transformer and T5."""
+    import json
+
+    from diffusers import FluxTransformer2DModel
+
+    from diffusion_accel.zoo import flux_train
+
+    monkeypatch.setattr(C, "RUNS_ROOT", tmp_path / "runs")  # no trained stages to fall back on
+    monkeypatch.setenv("DIFFUSION_ACCEL_THREADS", "1")
+    threads = torch.get_num_threads()
+    cfg = C.RunConfig(run_dir=tmp_path / "runs" / "fashion-flux", steps=1, batch_size=4, limit_images=16,
+                      init_from="zoo", arch="large")
+    try:
+        folder = flux_train.train(cfg, "fashion-flux")
+    finally:
+        torch.set_num_threads(threads)
+    config = FluxTransformer2DModel.load_config(folder / "transformer")
+    assert (config["num_layers"], config["num_single_layers"]) == (4, 8)
+    info = json.loads((folder / "train_info.json").read_text())
+    assert info["arch"] == "large" and info["frozen_parts_from"] == "zoo:fashion-flux" and "init_steps" not in info
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    assert vae_config["scaling_factor"] == json.loads((zoo.path("fashion-flux") / "vae" / "config.json").read_text())[
+        "scaling_factor"]
 
 
 @needs_data
@@ -311,6 +360,12 @@ def test_warm_start_rejects_bad_sources(tmp_path):
         run(parser.parse_args(["fashion-flux-vae", "--lr", "1e-4"]))
     with pytest.raises(ValueError, match="--lr applies to"):
         run(parser.parse_args(["fashion-clip", "--lr", "1e-4"]))
+    with pytest.raises(ValueError, match="--arch applies to fashion-flux, not to 'fashion-sd'"):
+        run(parser.parse_args(["fashion-sd", "--arch", "large"]))
+    from diffusion_accel.zoo.flux_train import ARCHS
+
+    arch_option = next(action for action in parser._actions if action.dest == "arch")
+    assert sorted(arch_option.choices) == sorted(ARCHS)  # the CLI names them without importing diffusers
     programmatic = parser.parse_args(["fashion-sd"])
     programmatic.lr = 0.0
     with pytest.raises(ValueError, match="--lr must be > 0"):

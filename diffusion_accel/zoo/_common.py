@@ -125,6 +125,7 @@ class RunConfig:
     freeze_text: bool = False
     init_from: Path | None = None
     lr: float | None = None
+    arch: str | None = None  # fashion-flux: a flux_train.ARCHS name
 
 
 def init_source(cfg: RunConfig, name: str) -> Path | None:

@@ -36,9 +36,17 @@ def build_t5(vocab_size: int) -> T5EncoderModel:
     return T5EncoderModel(cfg)
 
 
-def build_transformer(pooled_dim: int = 128, joint_dim: int = 128) -> FluxTransformer2DModel:
-    """Flux transformer: 2 double-stream + 4 single-stream blocks, 4 heads × 32 (inner 128), 16-ch latents."""
-    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
+# (double-stream, single-stream) blocks, 4 heads x 32 each: "small" is the shipped v2 (2.33M parameters,
+# 4.4 MiB in fp16); "large" (4.50M, 8.6 MiB) is the largest that keeps the zoo's weights within 40 MB
+ARCHS = {"small": (2, 4), "large": (4, 8)}
+DEFAULT_ARCH = "small"
+
+
+def build_transformer(pooled_dim: int = 128, joint_dim: int = 128, arch: str = DEFAULT_ARCH) -> FluxTransformer2DModel:
+    """Flux transformer of ``arch`` (``ARCHS``: double- + single-stream blocks), 4 heads × 32 (inner 128),
+    16-ch latents."""
+    double, single = ARCHS[arch]
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=double, num_single_layers=single,
                                   attention_head_dim=32, num_attention_heads=4, joint_attention_dim=joint_dim,
                                   pooled_projection_dim=pooled_dim, guidance_embeds=False,
                                   axes_dims_rope=(8, 12, 12))
@@ -113,16 +121,38 @@ def conditioning(device: torch.device, source: Path | None = None) -> tuple[dict
     return parts, ids
 
 
-def trainable(source: Path | None, pooled_dim: int, vocab_size: int) -> tuple[FluxTransformer2DModel, T5EncoderModel]:
-    """(transformer, T5): the warm-start pipeline's when ``source`` is given, else freshly built."""
-    if source is None:
-        return build_transformer(pooled_dim, 128), build_t5(vocab_size)
+def trainable(source: Path | None, pooled_dim: int, vocab_size: int,
+              arch: str | None = None) -> tuple[FluxTransformer2DModel, T5EncoderModel]:
+    """(transformer, T5): the warm-start pipeline's when ``source`` is given without ``arch``, else freshly
+    built (``arch``, default ``DEFAULT_ARCH``; with a ``source`` only its frozen parts are used)."""
+    if source is None or arch is not None:
+        return build_transformer(pooled_dim, 128, arch or DEFAULT_ARCH), build_t5(vocab_size)
     return (FluxTransformer2DModel.from_pretrained(source / "transformer").float(),
             T5EncoderModel.from_pretrained(source / "text_encoder_2").float())
 
 
+def arch_of(model: FluxTransformer2DModel) -> str:
+    """The ``ARCHS`` name of ``model``'s block counts ("custom" for others)."""
+    blocks = (model.config.num_layers, model.config.num_single_layers)
+    return next((name for name, counts in ARCHS.items() if counts == blocks), "custom")
+
+
+def checked_arch(cfg: C.RunConfig) -> str:
+    """The run's transformer architecture: ``cfg.arch``, else the checkpoint's (a resumed run keeps its own),
+    else ``DEFAULT_ARCH``; a ValueError when ``cfg.arch`` differs from the checkpoint's, or names none of ARCHS."""
+    if cfg.arch is not None and cfg.arch not in ARCHS:
+        raise ValueError(f"--arch {cfg.arch!r} is not a fashion-flux architecture; accepted: {sorted(ARCHS)}")
+    state = C.load_checkpoint(cfg.run_dir / "checkpoint.pt") if cfg.resume else None
+    saved = None if state is None else state.get("arch", DEFAULT_ARCH)  # checkpoints before --arch: small
+    if cfg.arch is not None and saved is not None and cfg.arch != saved:
+        raise ValueError(f"{cfg.run_dir}/checkpoint.pt holds a {saved!r} transformer, not {cfg.arch!r}: resume "
+                         f"without --arch, or start over with --no-resume (or another --out)")
+    return cfg.arch or saved or DEFAULT_ARCH
+
+
 def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
     """Train (or resume) the fashion-flux transformer and T5; returns the exported folder ``run_dir/final``."""
+    arch = checked_arch(cfg)  # before loading anything: a mismatch with the checkpoint is refused first
     device = C.setup_device()
     gen = C.seed_all(cfg.seed)
     source = C.init_source(cfg, name)
@@ -130,7 +160,9 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
     images, labels = C.load_data(cfg, "train")
     mean, std = encode_latents(parts["vae"], images)
     vcfg = parts["vae"].config
-    model, t5 = trainable(source, ids["pooled"].shape[1], len(parts["t5_tok"]))
+    fresh = source is None or cfg.arch is not None  # --arch with --init-from: only the frozen parts come from it
+    model, t5 = trainable(source, ids["pooled"].shape[1], len(parts["t5_tok"]), arch if fresh else None)
+    arch = arch_of(model)  # a warm start trains the source's architecture
     model, t5, peak_lr = model.to(device), t5.to(device), cfg.lr or 3e-4
     ema = copy.deepcopy(torch.nn.ModuleList([model, t5])).requires_grad_(False)
     params = list(model.parameters()) + list(t5.parameters())
@@ -162,7 +194,7 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
     def state_fn(step: int) -> dict:
         return {"model": model.state_dict(), "t5": t5.state_dict(), "ema": ema.state_dict(),
                 "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
-                "elapsed_s": elapsed + (time.time() - t_start), "commands": commands}
+                "elapsed_s": elapsed + (time.time() - t_start), "commands": commands, "arch": arch}
 
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, name)
     info = {"name": name, "seed": cfg.seed, "steps": done, "batch_size": bs, "device": str(device),
@@ -170,6 +202,8 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
             "command": " && ".join(commands), "transformer_params": sum(p.numel() for p in model.parameters()),
             "t5_params": sum(p.numel() for p in t5.parameters()), "caption_dropout": CAPTION_DROPOUT,
             "ema_decay": EMA_DECAY, "t5_max_sequence_length": T5_MAX_LENGTH, "peak_lr": peak_lr,
-            **warm_start_info(cfg, name, source, done)}
+            "arch": arch,
+            **(warm_start_info(cfg, name, source, done) if not fresh
+               else {"frozen_parts_from": C.init_label(cfg, name)} if source is not None else {})}
     parts.update(transformer=ema[0].cpu(), t5=ema[1].cpu(), vae=parts["vae"].cpu(), clip=parts["clip"].cpu())
     return export(parts, cfg.run_dir / "final", info)

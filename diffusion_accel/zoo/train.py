@@ -42,6 +42,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              "its frozen parts; a decoder stage takes its VAE)")
     parser.add_argument("--lr", type=positive_float, default=None,
                         help="fashion-sd / fashion-flux / -decoder stages: peak learning rate (default 3e-4; decoders 2e-4)")
+    parser.add_argument("--arch", choices=("small", "large"), default=None,
+                        help="fashion-flux: train a fresh transformer and T5 of this size (small: 2 double + 4 "
+                             "single blocks, shipped; large: 4 + 8, 4.5M parameters); with --init-from only the "
+                             "frozen parts (VAE, CLIP, tokenizers) come from there; a resumed run keeps its own")
     parser.add_argument("--ship", action="store_true",
                         help="also copy the result into diffusion_accel/zoo/models/NAME (maintainers)")
     return parser
@@ -56,6 +60,8 @@ def run(args: argparse.Namespace) -> Path:
     for option, value in (("--init-from", args.init_from), ("--lr", args.lr)):
         if value is not None and args.name not in WARM_STARTABLE:
             raise ValueError(f"{option} applies to {WARM_STARTABLE}, not to {args.name!r}")
+    if args.arch is not None and args.name != "fashion-flux":
+        raise ValueError(f"--arch applies to fashion-flux, not to {args.name!r}")
     if args.lr is not None and not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     module = importlib.import_module(f"{__package__}.{TRAINERS[args.name]}")
@@ -63,7 +69,8 @@ def run(args: argparse.Namespace) -> Path:
     cfg = C.RunConfig(run_dir=Path(run_dir), steps=args.steps or module.default_steps(args.name),
                       seed=args.seed, time_budget_min=args.time_budget_min, resume=args.resume,
                       batch_size=args.batch_size, data_root=args.data,
-                      freeze_text=args.freeze_text, init_from=args.init_from, lr=args.lr)
+                      freeze_text=args.freeze_text, init_from=args.init_from, lr=args.lr,
+                      arch=getattr(args, "arch", None))
     folder = module.train(cfg, args.name)
     if args.ship:
         from .card import write_card
