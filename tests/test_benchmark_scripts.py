@@ -40,6 +40,27 @@ def test_fid_bootstrap_formula_matches_torchmetrics_and_pairs_resamples():
     assert torch.equal(samples["a"], samples["b"])  # the same indices for every variant
 
 
+def test_fid_decomposition_terms_sum_to_fid_and_pixel_statistics_follow_the_images():
+    import torch
+    from fid_decomposition import fid_terms, pixel_stats, summary
+
+    from diffusion_accel.eval.fid import _compute_fid
+
+    torch.manual_seed(0)
+    ref = torch.randn(400, 32).double() @ torch.randn(32, 32).double()
+    other = torch.randn(300, 32).double() * 1.3 + 0.2
+    terms = fid_terms(other, ref.mean(0), torch.cov(ref.T))
+    expected = float(_compute_fid(ref.mean(0), torch.cov(ref.T), other.mean(0), torch.cov(other.T)))
+    assert abs(terms["fid"] - expected) < 1e-6 * expected
+    assert abs(terms["mean_term"] - float((other.mean(0) - ref.mean(0)).square().sum())) < 1e-9
+    flat = torch.full((2, 3, 8, 8), 128, dtype=torch.uint8)
+    edges = flat.clone()
+    edges[:, :, :, ::2] = 255
+    soft, sharp = pixel_stats(flat), pixel_stats(edges)
+    assert float(soft["sharpness"].max()) == 0 and float(sharp["sharpness"].min()) > 0
+    assert summary(sharp, soft)["sharpness_higher_fraction"] == 1.0 and soft["contrast"].max() == 0
+
+
 def test_fid_bootstrap_reads_cache_flux_and_quality_reports(tmp_path):
     from fid_bootstrap import known_labels, report_script
 
