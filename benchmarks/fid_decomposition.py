@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(name, {key: round(value, 4) for key, value in rows[name].items()}, flush=True)
     real_images = to_uint8_rgb32(load_split("test")[0])
     real = {"n": len(real_images), **summary(pixel_stats(real_images), None)}
-    result = {"report": str(args.report), "model": report["config"]["model"], "n": args.n, "rows": rows,
+    result = {"report": args.report.name, "model": report["config"]["model"], "n": args.n, "rows": rows,
               "real": real, "machine": machine_info()}
     args.out.write_text(json.dumps(result, indent=1))
     args.out.with_suffix(".md").write_text(markdown(result))
