@@ -161,6 +161,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def open_report(path: Path, variants: list[str], n: int) -> tuple[dict, str, ZooBench]:
+    """(report, script that wrote it, a ZooBench of its model for ``n`` images); SystemExit when a variant is
+    not in the report or the installed zoo model is not the one it measured."""
+    report = json.loads(path.read_text())
+    script = report_script(path, report)
+    unknown = [v for v in variants if v not in known_labels(script, report)]
+    if unknown:
+        raise SystemExit(f"not in {path}: {unknown}; available: {known_labels(script, report)}")
+    model = report["config"]["model"]
+    bench = ZooBench(model, n, Path("/dev/null"))
+    if bench.config["base_fingerprint"] != report["config"]["base_fingerprint"]:
+        raise SystemExit(f"{path} measured another {model} than the installed one (model fingerprint differs)")
+    return report, script, bench
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--report", type=Path, default=RESULTS / "cache_flux_v3.json")
@@ -172,15 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=RESULTS / "fid_bootstrap_flux.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    report = json.loads(args.report.read_text())
-    script = report_script(args.report, report)
-    unknown = [v for v in args.variants if v not in known_labels(script, report)]
-    if unknown:
-        raise SystemExit(f"not in {args.report}: {unknown}; available: {known_labels(script, report)}")
+    report, script, bench = open_report(args.report, args.variants, args.n)
     model = report["config"]["model"]
-    bench = ZooBench(model, args.n, Path("/dev/null"))
-    if bench.config["base_fingerprint"] != report["config"]["base_fingerprint"]:
-        raise SystemExit(f"{args.report} measured another {model} than the installed one (model fingerprint differs)")
     feats = {"baseline": kept_features(bench, "baseline", lambda: bench.baseline_images())}
     for label in args.variants:
         feats[label] = kept_features(bench, label, lambda label=label: variant_images(bench, script, report, label))

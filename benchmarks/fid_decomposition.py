@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fid_bootstrap import kept_features, known_labels, report_script, variant_images  # noqa: E402
-from zoo_harness import RESULTS, ZooBench  # noqa: E402
+from fid_bootstrap import kept_features, open_report, variant_images  # noqa: E402
+from zoo_harness import RESULTS  # noqa: E402
 
 from diffusion_accel.eval.machine import machine_info  # noqa: E402
 from diffusion_accel.zoo.data import load_split, to_uint8_rgb32  # noqa: E402
@@ -98,14 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=RESULTS / "fid_decomposition_flux.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    report = json.loads(args.report.read_text())
-    script = report_script(args.report, report)
-    unknown = [v for v in args.variants if v not in known_labels(script, report)]
-    if unknown:
-        raise SystemExit(f"not in {args.report}: {unknown}; available: {known_labels(script, report)}")
-    bench = ZooBench(report["config"]["model"], args.n, Path("/dev/null"))
-    if bench.config["base_fingerprint"] != report["config"]["base_fingerprint"]:
-        raise SystemExit(f"{args.report} measured another model than the installed one (fingerprint differs)")
+    report, script, bench = open_report(args.report, args.variants, args.n)
     images = {"baseline": bench.baseline_images()}
     images |= {label: variant_images(bench, script, report, label) for label in args.variants}
     ref_mean, ref_cov = bench.ref.mean.double(), bench.ref.cov.double()
