@@ -209,6 +209,10 @@ def save(pipe: Any, directory: str | Path) -> Path:
     folder = _artifact_folder(directory)
     previous_files = _listed_files(folder)
     component, denoiser = find_denoiser(pipe)
+    if not applied_techniques(pipe):
+        warnings.warn(f"saving an artifact of a pipeline with no technique applied: {folder} will hold only the "
+                      f"base's fingerprint, and load() will return the base unchanged (apply prune_, quantize_ "
+                      f"or enable_cache first)", stacklevel=2)
     _warn_on_adapters(denoiser, component)
     exports = getattr(denoiser, _EXPORTS_ATTR, {})
     entries = []

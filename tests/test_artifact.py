@@ -51,6 +51,14 @@ def test_round_trip_reproduces_images_exactly(tmp_path):
     assert torch.equal(_images(loaded), _images(accelerated))
 
 
+def test_saving_a_pipeline_with_no_technique_warns_and_loads_as_the_base(tmp_path):
+    """It wrote an empty artifact silently (usually a forgotten quantize_ / prune_ / enable_cache)."""
+    with pytest.warns(UserWarning, match="no technique applied"):
+        artifact.save(build_tiny("sd"), tmp_path)
+    base = build_tiny("sd")
+    assert artifact.load(base, tmp_path) is base and artifact.applied_techniques(base) == []
+
+
 def test_fingerprint_ignores_dtype_but_not_weights():
     pipe = build_tiny("sd")
     fp32 = artifact.fingerprint(pipe.unet)
