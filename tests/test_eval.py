@@ -347,6 +347,20 @@ def test_evaluate_rejects_bad_arguments():
     assert make_jobs([None], seed=np.int64(3))[0].seed == 3
 
 
+@pytest.mark.parametrize("arguments, message", [
+    ({"repeats": 0}, "repeats must be an int >= 1, got 0"),  # checked only when timing, after generation
+    ({"grid_cell_size": 0}, "grid_cell_size must be an int >= 1, got 0"),  # only when drawing the grid, at the end
+    ({"images_per_prompt": 2.5}, "images_per_prompt must be an int >= 1, got 2.5"),  # a bare TypeError
+    ({"warmup": -1}, "warmup must be an int >= 0, got -1"),
+    ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+])
+def test_bad_counts_fail_before_generation(arguments, message, monkeypatch):
+    module = importlib.import_module("diffusion_accel.eval.evaluate")
+    monkeypatch.setattr(module, "_generate_all", lambda *a: pytest.fail("generated"))
+    with pytest.raises(ValueError, match=message):
+        evaluate({"base": build_tiny("sd")}, PROMPTS[:2], metrics=("latency",), progress=False, **arguments)
+
+
 @pytest.mark.parametrize("metrics, arguments, message", [
     (("fid",), {"fid_reference": "/no/such/reference"}, "FID reference '/no/such/reference' is neither a statistics"),
     (("fid",), {"fid_reference": "EMPTY"}, "no images in"),

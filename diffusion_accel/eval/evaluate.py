@@ -38,7 +38,7 @@ from .grid import make_grid
 from .machine import denoiser_runtime, machine_info
 from .memory import measure_peak_memory
 from .pipes import (ImageJob, PromptToKwargs, build_call_kwargs, check_call_kwargs, denoiser_of,
-                    generate_images, make_jobs, quiet_progress)
+                    generate_images, make_jobs, quiet_progress, whole_number)
 from .report import EvalReport
 from .timing import PipelineTiming, pipeline_device, time_pipelines
 
@@ -148,6 +148,8 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
     TF-Inception). ``clip_model``: hub id or local CLIP folder (default: ``default_clip_model``).
     """
     check_call_kwargs(call_kwargs)
+    _check_counts(images_per_prompt=images_per_prompt, batch_size=batch_size, warmup=warmup, repeats=repeats,
+                  grid_cell_size=grid_cell_size)
     run = _Run(_check_metrics(metrics), _check_variants(pipelines, baseline),
                make_jobs(prompts, images_per_prompt, seed), images_per_prompt, num_inference_steps, seed,
                batch_size, call_kwargs, prompt_to_kwargs, fid_reference, fid_cache_dir, fid_extractor,
@@ -164,6 +166,16 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
     if report is not None and output_dir is not None:
         report.save(output_dir)
     return share_from_main(report, state)
+
+
+COUNT_MINIMA = {"images_per_prompt": 1, "batch_size": 1, "warmup": 0, "repeats": 1, "grid_cell_size": 1}
+
+
+def _check_counts(**counts: Any) -> None:
+    """Each count an int at or above its ``COUNT_MINIMA`` bound, before any image is generated (repeats and
+    the grid's cell size were checked only after generation, a float images_per_prompt was a TypeError)."""
+    for name, value in counts.items():
+        whole_number(name, value, minimum=COUNT_MINIMA[name])
 
 
 def _check_metric_inputs(run: _Run) -> None:
