@@ -30,3 +30,32 @@ def per_prompt_negative(negative_prompt: Any, num_prompts: int) -> Any:
     prompts): StableDiffusionPipeline refuses a string beside a list of prompts; the other pipelines
     broadcast it themselves, so this changes nothing else."""
     return [negative_prompt] * num_prompts if isinstance(negative_prompt, str) else negative_prompt
+
+
+KWARGS_DIFFUSERS_READS = ("callback", "callback_steps")  # the deprecated arguments pipelines take via **kwargs
+
+
+class CallArgumentError(TypeError, ValueError):
+    """A keyword argument the pipeline's ``__call__`` does not have: a TypeError as Python raises for it, and a
+    ValueError, the library's (and the command line's) bad-input error."""
+
+
+def check_call_arguments(pipe: Any, names: Any, owner: str) -> None:
+    """Extra keyword arguments ``owner`` (``calibrate``, ``evaluate``) will pass to ``pipe``'s calls: a name
+    ``__call__`` does not have is a ``CallArgumentError``, or, where it takes ``**kwargs`` (diffusers' SD / SDXL / PixArt
+    pipelines, which ignore what they do not read there), a warning — a typo such as ``hieght`` used to run
+    silently at the default size."""
+    import inspect
+    import warnings
+
+    params = inspect.signature(pipe.__call__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = sorted(name for name, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD)
+    unknown = sorted(set(names) - set(named) - set(KWARGS_DIFFUSERS_READS if takes_any else ()))
+    if not unknown:
+        return
+    message = f"{type(pipe).__name__}.__call__ has no argument {unknown[0] if len(unknown) == 1 else unknown}"
+    if not takes_any:
+        raise CallArgumentError(f"{message} (from {owner}); it accepts: {named}")
+    warnings.warn(f"{message}: {owner} passes {'it' if len(unknown) == 1 else 'them'} into its **kwargs, which "
+                  f"diffusers ignores; its arguments are {named}", stacklevel=3)

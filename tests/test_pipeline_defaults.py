@@ -44,3 +44,36 @@ def test_evaluation_calls_use_the_defaults_and_the_report_names_them():
     report = da.evaluate({"flux": pipe}, ["a cat"], metrics=("psnr",), num_inference_steps=2,
                          call_kwargs={"height": 16, "width": 16}, progress=False)
     assert report.settings["pipeline_call_defaults"] == {"flux": {k: repr(v) for k, v in FLUX_DEFAULTS.items()}}
+
+
+
+def _misspelt_calls(pipe):
+    return (lambda: da.calibrate(pipe, ["a cat"], num_inference_steps=2, hieght=48, progress=False),
+            lambda: da.evaluate({"base": pipe}, ["a cat"], metrics=("psnr",), num_inference_steps=2,
+                                call_kwargs={"hieght": 48}, progress=False))
+
+
+def test_a_misspelt_argument_of_a_pipeline_without_kwargs_fails_before_any_call(monkeypatch):
+    """Flux: diffusers' bare TypeError at the first pipeline call (a traceback from the command line)."""
+    import importlib
+
+    import pytest
+
+    from diffusion_accel.pipeline_defaults import CallArgumentError
+
+    pipe = build_tiny("flux")
+    monkeypatch.setattr(importlib.import_module("diffusion_accel.eval.evaluate"), "_generate_all",
+                        lambda *a: pytest.fail("generated"))
+    for run in _misspelt_calls(pipe):
+        with pytest.raises(CallArgumentError, match=r"FluxPipeline.__call__ has no argument hieght .*'height'"):
+            run()
+    assert issubclass(CallArgumentError, ValueError) and issubclass(CallArgumentError, TypeError)
+
+
+def test_a_misspelt_argument_of_a_pipeline_taking_kwargs_warns():
+    """SD's __call__ takes **kwargs and ignores what it does not read: 'hieght' ran silently at the default size."""
+    import pytest
+
+    for run in _misspelt_calls(build_tiny("sd")):
+        with pytest.warns(UserWarning, match=r"StableDiffusionPipeline.__call__ has no argument hieght: .*ignores"):
+            run()

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..pipeline_defaults import call_defaults, per_prompt_negative
+from ..pipeline_defaults import call_defaults, check_call_arguments, per_prompt_negative
 
 CALL_MODES = ("prompt", "class", "unconditional")
 RESERVED_KWARGS = {
@@ -129,7 +129,7 @@ def plan_calls(pipe: Any, items: list[Any], *, num_inference_steps: int, batch_s
     """Split ``items`` into pipeline calls of ``batch_size`` items; call k is seeded ``seed + k``."""
     mode, params = call_mode(pipe), _call_parameters(pipe)
     _check_counts(batch_size, num_images_per_prompt, seed)
-    _check_call_kwargs(pipe, params, call_kwargs)
+    _check_call_kwargs(pipe, call_kwargs)
     _check_options(pipe, mode, params, num_images_per_prompt, guidance_scale, negative_prompt, len(items))
     shared = {"num_inference_steps": num_inference_steps}
     if "output_type" in params:
@@ -168,15 +168,12 @@ def _check_counts(batch_size: int, num_images_per_prompt: int, seed: int) -> Non
             raise ValueError(f"{label} must be an int >= {low}, got {value!r}")
 
 
-def _check_call_kwargs(pipe: Any, params: dict[str, inspect.Parameter], call_kwargs: dict[str, Any]) -> None:
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+def _check_call_kwargs(pipe: Any, call_kwargs: dict[str, Any]) -> None:
     for key in call_kwargs:
         if key in RESERVED_KWARGS:
             raise TypeError(f"do not pass {key!r} as an extra pipeline argument; calibrate sets it "
                             f"from its own argument(s): {RESERVED_KWARGS[key]}")
-        if key not in params and not takes_any:
-            raise TypeError(f"{type(pipe).__name__}.__call__ has no argument {key!r}; "
-                            f"it accepts: {sorted(params)}")
+    check_call_arguments(pipe, call_kwargs, "calibrate")
 
 
 def _check_options(pipe: Any, mode: str, params: dict[str, inspect.Parameter], per_item: int,

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..artifact import pipeline_source, techniques_on
-from ..pipeline_defaults import call_defaults
+from ..pipeline_defaults import call_defaults, check_call_arguments
 from .clip_score import DEFAULT_CLIP_MODEL, check_clip_model, clip_metric, clip_score
 from .cost import denoiser_flops, model_size
 from .distributed import gather, merge_ordered, process_state, shard, share_from_main
@@ -154,7 +154,7 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
                make_jobs(prompts, images_per_prompt, seed), images_per_prompt, num_inference_steps, seed,
                batch_size, call_kwargs, prompt_to_kwargs, fid_reference, fid_cache_dir, fid_extractor,
                clip_model or default_clip_model(pipelines), warmup, repeats, grid_cell_size)
-    _check_metric_inputs(run)
+    _check_inputs(run, pipelines)
     shared = shared_denoiser_notes(pipelines)
     for note in shared:
         warnings.warn(note, stacklevel=2)
@@ -178,13 +178,15 @@ def _check_counts(**counts: Any) -> None:
         whole_number(name, value, minimum=COUNT_MINIMA[name])
 
 
-def _check_metric_inputs(run: _Run) -> None:
-    """A missing FID reference or CLIP model is an error before generation, not after it (hours for
-    2,000 images of a hub model)."""
+def _check_inputs(run: _Run, pipelines: Mapping[str, Any]) -> None:
+    """A missing FID reference or CLIP model, or a call argument a pipeline does not have, is an error
+    before generation, not after it (hours for 2,000 images of a hub model)."""
     if "fid" in run.requested and run.fid_reference is not None:
         check_reference(run.fid_reference)
     if "clip" in run.requested:
         check_clip_model(run.clip_model or DEFAULT_CLIP_MODEL)
+    for pipe in pipelines.values():
+        check_call_arguments(pipe, run.call_kwargs or {}, "evaluate")
 
 
 def shared_denoiser_notes(pipelines: Mapping[str, Any]) -> list[str]:
