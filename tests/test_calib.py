@@ -518,6 +518,13 @@ def test_collector_options_are_validated():
         SampleStore([SD_CONV], max_samples=0)
 
 
+@pytest.mark.parametrize("guidance", ["3", True])
+def test_a_guidance_scale_that_is_not_a_number_is_a_clear_error(sd_pipe, guidance):
+    """'3' was diffusers' "'>' not supported between instances of 'str' and 'int'" from inside the call."""
+    with pytest.raises(ValueError, match=f"guidance_scale must be a number .*got {guidance!r}"):
+        calibrate(sd_pipe, ["a cat"], num_inference_steps=2, guidance_scale=guidance, progress=False)
+
+
 def test_unconditional_pipeline_rejects_prompts():
     with pytest.raises(TypeError, match="num_samples"):
         calibrate(build_tiny("ddpm"), ["a cat"], 2, progress=False)

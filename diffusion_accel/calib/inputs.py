@@ -181,6 +181,8 @@ def _check_options(pipe: Any, mode: str, params: dict[str, inspect.Parameter], p
     name = type(pipe).__name__
     if guidance_scale is not None and "guidance_scale" not in params:
         raise ValueError(f"{name} has no guidance_scale; leave guidance_scale=None")
+    if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))):
+        raise ValueError(f"guidance_scale must be a number (or None for the pipeline's default), got {guidance_scale!r}")
     if per_item != 1 and mode == "prompt" and "num_images_per_prompt" not in params:
         raise ValueError(f"{name} has no num_images_per_prompt; leave num_images_per_prompt=1")
     if negative_prompt is None:
