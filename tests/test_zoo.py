@@ -206,10 +206,10 @@ def _check_flux_arch(tmp_path):
     config = FluxTransformer2DModel.load_config(folder / "transformer")
     assert (config["num_layers"], config["num_single_layers"]) == flux_train.ARCHS["large"] == (4, 8)
     assert json.loads((folder / "train_info.json").read_text())["arch"] == "large"
-    assert flux_train.checked_arch(C.RunConfig(run_dir=tmp_path / "flux-large", steps=2)) == "large"
+    assert flux_train.checked_arch(C.RunConfig(run_dir=tmp_path / "flux-large", steps=2)) == ("large", True)
     with pytest.raises(ValueError, match=r"holds a 'large' transformer, not 'small': resume without --arch"):
         flux_train.train(C.RunConfig(run_dir=tmp_path / "flux-large", steps=2, arch="small"), "fashion-flux")
-    assert flux_train.checked_arch(C.RunConfig(run_dir=tmp_path / "fashion-flux", steps=2)) == "small"
+    assert flux_train.checked_arch(C.RunConfig(run_dir=tmp_path / "fashion-flux", steps=2)) == ("small", False)
 
 
 def _check_decoder_stage_kept_the_latent_space(tmp_path):
@@ -250,6 +250,15 @@ def test_a_larger_flux_transformer_trains_from_scratch_on_the_shipped_frozen_par
     assert (config["num_layers"], config["num_single_layers"]) == (4, 8)
     info = json.loads((folder / "train_info.json").read_text())
     assert info["arch"] == "large" and info["frozen_parts_from"] == "zoo:fashion-flux" and "init_steps" not in info
+    resumed = C.RunConfig(run_dir=tmp_path / "runs" / "fashion-flux", steps=2, batch_size=4, limit_images=16,
+                          init_from="zoo")  # no --arch: the checkpoint's fresh large run goes on
+    try:
+        folder = flux_train.train(resumed, "fashion-flux")
+    finally:
+        torch.set_num_threads(threads)
+    config = FluxTransformer2DModel.load_config(folder / "transformer")
+    assert (config["num_layers"], config["num_single_layers"]) == (4, 8)
+    assert C.load_checkpoint(tmp_path / "runs" / "fashion-flux" / "checkpoint.pt")["step"] == 2
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] == json.loads((zoo.path("fashion-flux") / "vae" / "config.json").read_text())[
         "scaling_factor"]

@@ -137,9 +137,10 @@ def arch_of(model: FluxTransformer2DModel) -> str:
     return next((name for name, counts in ARCHS.items() if counts == blocks), "custom")
 
 
-def checked_arch(cfg: C.RunConfig) -> str:
-    """The run's transformer architecture: ``cfg.arch``, else the checkpoint's (a resumed run keeps its own),
-    else ``DEFAULT_ARCH``; a ValueError when ``cfg.arch`` differs from the checkpoint's, or names none of ARCHS."""
+def checked_arch(cfg: C.RunConfig) -> tuple[str, bool]:
+    """(the run's transformer architecture, whether an ``--arch`` chose it): ``cfg.arch``, else the
+    checkpoint's (a resumed run keeps its own, and a fresh one stays fresh under ``--init-from``), else
+    ``DEFAULT_ARCH``; a ValueError when ``cfg.arch`` differs from the checkpoint's or names none of ARCHS."""
     if cfg.arch is not None and cfg.arch not in ARCHS:
         raise ValueError(f"--arch {cfg.arch!r} is not a fashion-flux architecture; accepted: {sorted(ARCHS)}")
     state = C.load_checkpoint(cfg.run_dir / "checkpoint.pt") if cfg.resume else None
@@ -147,12 +148,13 @@ def checked_arch(cfg: C.RunConfig) -> str:
     if cfg.arch is not None and saved is not None and cfg.arch != saved:
         raise ValueError(f"{cfg.run_dir}/checkpoint.pt holds a {saved!r} transformer, not {cfg.arch!r}: resume "
                          f"without --arch, or start over with --no-resume (or another --out)")
-    return cfg.arch or saved or DEFAULT_ARCH
+    chosen = cfg.arch is not None or (state is not None and bool(state.get("arch_chosen", False)))
+    return cfg.arch or saved or DEFAULT_ARCH, chosen
 
 
 def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
     """Train (or resume) the fashion-flux transformer and T5; returns the exported folder ``run_dir/final``."""
-    arch = checked_arch(cfg)  # before loading anything: a mismatch with the checkpoint is refused first
+    arch, arch_chosen = checked_arch(cfg)  # before loading anything: a mismatch with the checkpoint is refused
     device = C.setup_device()
     gen = C.seed_all(cfg.seed)
     source = C.init_source(cfg, name)
@@ -160,7 +162,7 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
     images, labels = C.load_data(cfg, "train")
     mean, std = encode_latents(parts["vae"], images)
     vcfg = parts["vae"].config
-    fresh = source is None or cfg.arch is not None  # --arch with --init-from: only the frozen parts come from it
+    fresh = source is None or arch_chosen  # --arch with --init-from: only the frozen parts come from the source
     model, t5 = trainable(source, ids["pooled"].shape[1], len(parts["t5_tok"]), arch if fresh else None)
     arch = arch_of(model)  # a warm start trains the source's architecture
     model, t5, peak_lr = model.to(device), t5.to(device), cfg.lr or 3e-4
@@ -194,7 +196,8 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
     def state_fn(step: int) -> dict:
         return {"model": model.state_dict(), "t5": t5.state_dict(), "ema": ema.state_dict(),
                 "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
-                "elapsed_s": elapsed + (time.time() - t_start), "commands": commands, "arch": arch}
+                "elapsed_s": elapsed + (time.time() - t_start), "commands": commands, "arch": arch,
+                "arch_chosen": arch_chosen}
 
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, name)
     info = {"name": name, "seed": cfg.seed, "steps": done, "batch_size": bs, "device": str(device),
