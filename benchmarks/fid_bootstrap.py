@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cache_flux as cf  # noqa: E402
-from zoo_harness import RESULTS, ZooBench, generate_images  # noqa: E402
+from zoo_harness import RESULTS, ZooBench, generate_images, write_result  # noqa: E402
 
 from diffusion_accel.eval.machine import machine_info  # noqa: E402
 
@@ -199,10 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"report": str(args.report), "script": script, "model": model, "variants": args.variants,
               "n": len(feats["baseline"]), "reps": args.reps, "machine": machine_info(),
               "rows": summarise(full, samples, args.variants[0])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.out, result, markdown)
     return result
 
 

@@ -15,7 +15,6 @@ the model, not by reproducing it. Writes JSON + Markdown at ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fid_bootstrap import kept_features, open_report, variant_images  # noqa: E402
-from zoo_harness import RESULTS  # noqa: E402
+from zoo_harness import RESULTS, write_result  # noqa: E402
 
 from diffusion_accel.eval.machine import machine_info  # noqa: E402
 from diffusion_accel.zoo.data import load_split, to_uint8_rgb32  # noqa: E402
@@ -113,9 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     real = {"n": len(real_images), **summary(pixel_stats(real_images), None)}
     result = {"report": args.report.name, "model": report["config"]["model"], "n": args.n, "rows": rows,
               "real": real, "machine": machine_info()}
-    args.out.write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.out, result, markdown)
     return result
 
 

@@ -53,6 +53,14 @@ class Variant:
 
 
 @torch.no_grad()
+def write_result(out: Path, result: dict, markdown: Callable[[dict], str]) -> None:
+    """``result`` as JSON at ``out`` and ``markdown(result)`` beside it (.md), also printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
 def generate_images(pipe: Any, prompts: list[str], batch: int, seed: int, call_kwargs: dict) -> torch.Tensor:
     """uint8 N×3×32×32 images of ``pipe`` for ``prompts`` (an unconditional pipeline: as many samples);
     batch ``i`` uses seed ``seed + i·batch``."""

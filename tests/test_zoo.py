@@ -240,25 +240,19 @@ def test_a_larger_flux_transformer_trains_from_scratch_on_the_shipped_frozen_par
     monkeypatch.setattr(C, "RUNS_ROOT", tmp_path / "runs")  # no trained stages to fall back on
     monkeypatch.setenv("DIFFUSION_ACCEL_THREADS", "1")
     threads = torch.get_num_threads()
-    cfg = C.RunConfig(run_dir=tmp_path / "runs" / "fashion-flux", steps=1, batch_size=4, limit_images=16,
-                      init_from="zoo", arch="large")
-    try:
-        folder = flux_train.train(cfg, "fashion-flux")
-    finally:
-        torch.set_num_threads(threads)
-    config = FluxTransformer2DModel.load_config(folder / "transformer")
-    assert (config["num_layers"], config["num_single_layers"]) == (4, 8)
+    run_dir = tmp_path / "runs" / "fashion-flux"
+    # then resumed without --arch: the checkpoint's fresh large run goes on (not the source's small one)
+    for steps, arch in ((1, "large"), (2, None)):
+        cfg = C.RunConfig(run_dir=run_dir, steps=steps, batch_size=4, limit_images=16, init_from="zoo", arch=arch)
+        try:
+            folder = flux_train.train(cfg, "fashion-flux")
+        finally:
+            torch.set_num_threads(threads)
+        config = FluxTransformer2DModel.load_config(folder / "transformer")
+        assert (config["num_layers"], config["num_single_layers"]) == (4, 8)
+        assert C.load_checkpoint(run_dir / "checkpoint.pt")["step"] == steps
     info = json.loads((folder / "train_info.json").read_text())
     assert info["arch"] == "large" and info["frozen_parts_from"] == "zoo:fashion-flux" and "init_steps" not in info
-    resumed = C.RunConfig(run_dir=tmp_path / "runs" / "fashion-flux", steps=2, batch_size=4, limit_images=16,
-                          init_from="zoo")  # no --arch: the checkpoint's fresh large run goes on
-    try:
-        folder = flux_train.train(resumed, "fashion-flux")
-    finally:
-        torch.set_num_threads(threads)
-    config = FluxTransformer2DModel.load_config(folder / "transformer")
-    assert (config["num_layers"], config["num_single_layers"]) == (4, 8)
-    assert C.load_checkpoint(tmp_path / "runs" / "fashion-flux" / "checkpoint.pt")["step"] == 2
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] == json.loads((zoo.path("fashion-flux") / "vae" / "config.json").read_text())[
         "scaling_factor"]
