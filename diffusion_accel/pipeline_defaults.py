@@ -58,4 +58,17 @@ def check_call_arguments(pipe: Any, names: Any, owner: str) -> None:
     if not takes_any:
         raise CallArgumentError(f"{message} (from {owner}); it accepts: {named}")
     warnings.warn(f"{message}: {owner} passes {'it' if len(unknown) == 1 else 'them'} into its **kwargs, which "
-                  f"diffusers ignores; its arguments are {named}", stacklevel=3)
+                  f"diffusers ignores; its arguments are {named}", stacklevel=_caller_stacklevel())
+
+
+def _caller_stacklevel() -> int:
+    """The ``warnings`` stacklevel, for the function calling this one, of the first frame outside this
+    package: the user's line that called ``calibrate`` / ``evaluate``, however deep inside it the check ran."""
+    import sys
+    from pathlib import Path
+
+    package = str(Path(__file__).parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

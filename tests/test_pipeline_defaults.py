@@ -75,5 +75,7 @@ def test_a_misspelt_argument_of_a_pipeline_taking_kwargs_warns():
     import pytest
 
     for run in _misspelt_calls(build_tiny("sd")):
-        with pytest.warns(UserWarning, match=r"StableDiffusionPipeline.__call__ has no argument hieght: .*ignores"):
+        with pytest.warns(UserWarning, match=r"StableDiffusionPipeline.__call__ has no argument hieght: .*ignores") \
+                as record:
             run()
+        assert {item.filename for item in record if "hieght" in str(item.message)} == {__file__}  # the caller's line
