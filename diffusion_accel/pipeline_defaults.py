@@ -10,6 +10,10 @@ beneath the caller's explicit arguments. Calling the pipeline yourself, pass the
 
 from __future__ import annotations
 
+import inspect
+import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 _ATTR = "_diffusion_accel_call_defaults"
@@ -45,9 +49,6 @@ def check_call_arguments(pipe: Any, names: Any, owner: str) -> None:
     ``__call__`` does not have is a ``CallArgumentError``, or, where it takes ``**kwargs`` (diffusers' SD / SDXL / PixArt
     pipelines, which ignore what they do not read there), a warning — a typo such as ``hieght`` used to run
     silently at the default size."""
-    import inspect
-    import warnings
-
     params = inspect.signature(pipe.__call__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     named = sorted(name for name, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD)
@@ -64,9 +65,6 @@ def check_call_arguments(pipe: Any, names: Any, owner: str) -> None:
 def _caller_stacklevel() -> int:
     """The ``warnings`` stacklevel, for the function calling this one, of the first frame outside this
     package: the user's line that called ``calibrate`` / ``evaluate``, however deep inside it the check ran."""
-    import sys
-    from pathlib import Path
-
     package = str(Path(__file__).parent)
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(package):
