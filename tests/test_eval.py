@@ -280,6 +280,41 @@ def test_grid_has_documented_size_and_labels(tmp_path):
         assert Image.open(save_grid(grid, tmp_path / name)).format == image_format  # .jpg held PNG bytes
 
 
+def test_mean_psnr_counts_an_identical_image_as_the_best_differing_one():
+    """One identical image switched the mean to the PSNR of the mean MSE: [26.9, inf] scored 29.9 dB,
+    below [26.9, 89.0] at 57.9 dB, although it is strictly closer."""
+    images = smooth_images(2)
+    noisy_first = torch.stack([add_noise(images, 10)[0], images[1]])
+    one_off = images[1].clone()
+    one_off.view(-1)[0] ^= 1  # one uint8 value off by one level
+    one_value_off_second = torch.stack([noisy_first[0], one_off])
+    identical_second = fidelity(noisy_first, images)
+    nearly_identical_second = fidelity(one_value_off_second, images)
+    assert identical_second.psnr_per_image[1] == math.inf
+    assert identical_second.psnr == pytest.approx(nearly_identical_second.psnr, abs=1e-4)
+    assert identical_second.psnr > fidelity(add_noise(images, 10), images).psnr
+
+
+@pytest.mark.parametrize("size", [(4, 4), (1, 64), (8, 8), (10, 10)])
+def test_ssim_window_fits_images_smaller_than_eleven_pixels(size):
+    """torchmetrics ignores kernel_size for Gaussian windows: images under 6 px failed with torch's
+    padding error; the window's sigma now shrinks to fit."""
+    images = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    noisy = (images.int() + 15).clamp(0, 255).to(torch.uint8)
+    assert fidelity(images, images.clone()).ssim == pytest.approx(1.0)
+    assert 0 < fidelity(noisy, images).ssim < 1
+
+
+def test_markdown_table_escapes_pipes_and_line_breaks():
+    """The 'max |diff|' title and a variant named with '|' or a newline broke the table's columns."""
+    report = EvalReport(rows=[{"variant": "base|fp32", "max_abs_diff": None},
+                              {"variant": "fast\nW8A8", "max_abs_diff": 3}])
+    header, separator, *rows = report.to_markdown().splitlines()[:4]
+    cells = [len(line.replace("\\|", "").split("|")) for line in (header, separator, *rows)]
+    assert len(set(cells)) == 1 and "max \\|diff\\|" in header
+    assert rows == ["| base\\|fp32 | — |", "| fast W8A8 | 3 |"]
+
+
 def test_report_json_is_standard_and_markdown_has_a_row_per_variant(tmp_path):
     report = EvalReport(rows=[{"variant": "base", "psnr_db": None}, {"variant": "fast", "psnr_db": math.inf}],
                         machine={"device": "cpu"}, notes=["a note"])

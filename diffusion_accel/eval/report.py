@@ -24,7 +24,7 @@ from .grid import save_grid
 
 MARKDOWN_COLUMNS = (
     ("variant", "variant"), ("images", "images"), ("fid", "FID"), ("fid_vs_baseline", "FID vs base"),
-    ("clip_score", "CLIP"), ("psnr_db", "PSNR dB"), ("ssim", "SSIM"), ("max_abs_diff", "max |diff|"),
+    ("clip_score", "CLIP"), ("psnr_db", "PSNR dB"), ("ssim", "SSIM"), ("max_abs_diff", r"max \|diff\|"),
     ("latency_ms", "latency ms"), ("speedup", "speedup"), ("denoiser_ms", "denoiser ms"),
     ("denoiser_speedup", "denoiser speedup"), ("peak_memory_mib", "peak MiB"), ("params", "params"),
     ("serialized_mib", "size MiB"), ("gflops_per_denoiser_call", "GFLOPs/call"), ("dtype", "dtype"),
@@ -56,6 +56,12 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return str(value) if not math.isfinite(value) else f"{value:.4g}"
     return str(value)
+
+
+def _table_cell(value: Any) -> str:
+    """``_cell`` made safe inside a Markdown table row: ``|`` escaped, line breaks as spaces (a variant
+    named ``a|b`` added a column, one with a newline split the row)."""
+    return " ".join(_cell(value).split()).replace("|", "\\|")
 
 
 @dataclass
@@ -95,7 +101,7 @@ class EvalReport:
         columns = [(key, title) for key, title in MARKDOWN_COLUMNS if any(key in row for row in self.rows)]
         lines = ["| " + " | ".join(title for _, title in columns) + " |",
                  "|" + "|".join("---" for _ in columns) + "|"]
-        lines += ["| " + " | ".join(_cell(row.get(key)) for key, _ in columns) + " |" for row in self.rows]
+        lines += ["| " + " | ".join(_table_cell(row.get(key)) for key, _ in columns) + " |" for row in self.rows]
         lines += ["", "**Machine:** " + ", ".join(f"{k}={_cell(v)}" for k, v in self.machine.items()),
                   "", "**Settings:** " + ", ".join(f"{k}={_cell(v)}" for k, v in self.settings.items())]
         if self.notes:
