@@ -4,8 +4,9 @@ naming the value, before any pipeline loads (minutes for a hub model) or trainin
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Callable
+
+from .paths import output_folder_problem
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -35,11 +36,7 @@ def positive_float(text: str) -> float:
 def output_folder(text: str) -> str:
     """An argparse type for ``--out`` folders: refuses a path that is, or lies under, an existing file, so
     the command does not fail only when writing its results, after the work (an evaluation, a demo)."""
-    path = Path(text)
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            if not candidate.is_dir():
-                where = "is a file" if candidate == path else f"lies under the file {str(candidate)!r}"
-                raise argparse.ArgumentTypeError(f"{text!r} {where}; give a folder (it is created if missing)")
-            break
+    problem = output_folder_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text

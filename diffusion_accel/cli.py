@@ -167,29 +167,45 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .eval import evaluate
+    from .eval.evaluate import check_metrics
 
+    metrics = list(check_metrics(_split(args.metrics)))
+    fid_extractor = _fid_extractor(args.fid_dtype, metrics, args.device)
+    fid_reference = _fid_reference(args.fid_reference)
+    _check_eval_inputs(args, metrics, fid_reference, fid_extractor)  # before loading any pipeline
     pipes = _load_variants(args)
-    metrics = _split(args.metrics)
     report = evaluate(pipes, _prompts_for(args, next(iter(pipes.values()))),
                       metrics=metrics, num_inference_steps=args.steps, seed=args.seed,
-                      fid_reference=_fid_reference(args.fid_reference), fid_cache_dir=args.fid_cache,
-                      fid_extractor=_fid_extractor(args.fid_dtype, metrics, pipes),
-                      clip_model=args.clip_model,
-                      call_kwargs=_call_kwargs(args))
+                      fid_reference=fid_reference, fid_cache_dir=args.fid_cache, fid_extractor=fid_extractor,
+                      clip_model=args.clip_model, call_kwargs=_call_kwargs(args))
     return _print_and_save(report, args.out)
 
 
-def _fid_extractor(dtype_name: str, metrics: list[str], pipes: dict) -> Any:
-    """``--fid-dtype``: a bf16 TF-Inception on the first pipeline's device; None leaves evaluate's
-    default (fp32 TF-Inception) in place."""
+def _check_eval_inputs(args: argparse.Namespace, metrics: list[str], fid_reference: Any, fid_extractor: Any) -> None:
+    """The FID reference (and its feature network), the CLIP model and the prompt file, checked before the
+    pipelines load (minutes for a hub model or an artifact; they were checked only after)."""
+    from . import prompts
+    from .eval.clip_score import check_clip_model
+    from .eval.fid import check_reference
+
+    if "fid" in metrics and fid_reference is not None:
+        check_reference(fid_reference, fid_extractor)
+    if "clip" in metrics and args.clip_model is not None:
+        check_clip_model(args.clip_model)
+    if args.prompts is not None:
+        prompts.load(args.prompts, limit=args.num_prompts)
+
+
+def _fid_extractor(dtype_name: str, metrics: list[str], device: str | None) -> Any:
+    """``--fid-dtype``: a bf16 TF-Inception on ``--device`` (where the pipelines will be); None leaves
+    evaluate's default (fp32 TF-Inception) in place."""
     if dtype_name == "float32" or "fid" not in metrics:
         return None
     import torch
 
     from .eval.fid import fid_feature_extractor
-    from .eval.timing import pipeline_device
 
-    return fid_feature_extractor(getattr(torch, dtype_name), device=pipeline_device(next(iter(pipes.values()))))
+    return fid_feature_extractor(getattr(torch, dtype_name), device=device or "cpu")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -204,7 +220,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.compile:
         pipes = {name: compile_denoiser(pipe) for name, pipe in pipes.items()}
     prompts = _prompts_for(args, next(iter(pipes.values())))
-    if not args.num_prompts:  # one full call: the prompt set cycled to --batch-size
+    if not args.num_prompts or len(prompts) < args.batch_size:  # a full timed call: cycled to --batch-size
         prompts = [prompts[index % len(prompts)] for index in range(args.batch_size)]
     report = evaluate(pipes, prompts, metrics=metrics,
                       num_inference_steps=args.steps, seed=args.seed, batch_size=args.batch_size,
@@ -220,7 +236,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     pipes = _load_variants(args)
     report = evaluate(pipes, _prompts_for(args, next(iter(pipes.values()))), metrics=("latency",),
                       num_inference_steps=args.steps, seed=args.seed, grid_cell_size=args.cell,
-                      call_kwargs=_call_kwargs(args), repeats=1)
+                      grid_columns=None, call_kwargs=_call_kwargs(args), repeats=1)
     path = save_grid(report.grid, args.out)
     print(f"grid {report.grid.width}x{report.grid.height} written to {path}")
     return 0

@@ -112,6 +112,8 @@ def test_demo_runs_on_the_tiny_pipeline(tmp_path, capsys):
     for variant in ("fp32", "bf16", "cache-every-3", "w8a8", "obs-structured-30%", "obs-structured+w8a8+cache"):
         assert f"| {variant} |" in table
     assert {"report.json", "report.md", "grid.png", "calibration.json"} <= {p.name for p in out.iterdir()}
+    saved = json.loads((out / "report.json").read_text())  # fashion-clip scored every pipeline (0 here)
+    assert "clip_score" not in saved["rows"][0] and any("CLIP score skipped" in note for note in saved["notes"])
 
 
 def test_demo_bf16_variant_of_a_pixel_space_pipeline_returns_float_images():
@@ -390,3 +392,26 @@ def test_calibrate_an_unconditional_pipeline(tmp_path, capsys):
     assert main(["calibrate", "--pipe", "tiny:ddpm", "--method", "ptq", "--steps", "2", "--num-prompts", "2",
                  "--out", str(tmp_path / "ddpm")]) == 0, capsys.readouterr().err
     assert (tmp_path / "ddpm" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--metrics", "speed"], "unknown metrics"),
+    (["--metrics", "fid", "--fid-reference", "/no/such/stats"], "is neither a statistics"),
+    (["--metrics", "clip", "--clip-model", "/no/such/clip"], "is neither a local folder"),
+    (["--prompts", "/no/such/prompts.txt"], "prompts.txt"),
+])
+def test_eval_checks_its_flags_before_loading_any_pipeline(flags, message, monkeypatch, capsys):
+    """Each was checked only after every --pipe had loaded (minutes for a hub model or an artifact)."""
+    import diffusion_accel.cli as cli
+
+    monkeypatch.setattr(cli, "_load_variants", lambda args: pytest.fail("loaded pipelines"))
+    assert main(["eval", "--pipe", "tiny:sd", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_batch_size_above_num_prompts_cycles_prompts(tmp_path):
+    """--batch-size 3 with --num-prompts 2 timed calls of 2 images under 'batch_size=3'."""
+    assert main(["bench", "--pipe", "tiny:sd", "--steps", "2", "--batch-size", "3", "--num-prompts", "2",
+                 "--repeats", "1", "--metrics", "latency", "--out", str(tmp_path)]) == 0
+    notes = json.loads((tmp_path / "report.json").read_text())["notes"]
+    assert any("calls of 3 image(s)" in note for note in notes)

@@ -20,6 +20,7 @@ from diffusion_accel.eval import (EvalReport, FIDStats, compute_fid_stats, count
 from diffusion_accel.eval.clip_score import clip_metric, clip_score
 from diffusion_accel.eval.distributed import merge_ordered, shard
 from diffusion_accel.eval.evaluate import shared_denoiser_notes
+from diffusion_accel.eval.images import to_uint8
 from diffusion_accel.eval.inception import TFInceptionFeatures, find_tf_inception, inception_input
 from diffusion_accel.eval.machine import is_compiled
 from diffusion_accel.eval.pipes import default_prompt_to_kwargs, generate_images, make_jobs
@@ -153,6 +154,70 @@ def test_a_stats_file_that_is_not_ours_is_a_clear_error(tmp_path, write):
     with pytest.raises(ValueError, match=r"'.*reference.npz' is not a FID statistics file of diffusion-accel "
                                          r".*pass the reference image folder instead"):
         reference_stats(path)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("other_network", "computed with the feature network 'counting-avgpool-4x4', this evaluation uses"),
+    ("output_dir_file", "output_dir '.*taken' is a file"),
+    ("variant_name", "variant names must be strings"),
+    ("latent", "output_type='latent': evaluation scores decoded images"),
+    ("tuple_output", r"call_kwargs may not set \['return_dict'\]"),
+    ("huge_seed", "torch generators take seeds in"),
+    ("dit_text", "variant 'dit' \\(DiTPipeline\\) cannot take these prompts"),
+])
+def test_more_inputs_fail_before_generation(case, message, tmp_path, monkeypatch):
+    """Each of these failed only after every image was generated (or scored latents as images)."""
+    module = importlib.import_module("diffusion_accel.eval.evaluate")
+    monkeypatch.setattr(module, "_generate_all", lambda *a: pytest.fail("generated"))
+    stats_file = tmp_path / "stats.safetensors"
+    compute_fid_stats(smooth_images(4), extractor=CountingFeatures()).save(stats_file)
+    (tmp_path / "taken").write_text("a file")
+    pipelines, arguments = {"base": build_tiny("sd")}, {"metrics": ("psnr",)}
+    if case == "other_network":
+        arguments = {"metrics": ("fid",), "fid_reference": str(stats_file)}  # default network: TF-Inception
+    elif case == "output_dir_file":
+        arguments["output_dir"] = tmp_path / "taken"
+    elif case == "variant_name":
+        pipelines = {1: build_tiny("sd")}
+    elif case == "latent":
+        arguments["call_kwargs"] = {"output_type": "latent"}
+    elif case == "tuple_output":
+        arguments["call_kwargs"] = {"return_dict": False}
+    elif case == "huge_seed":
+        arguments["seed"] = 2 ** 64 - 2
+    elif case == "dit_text":
+        pipelines["dit"] = build_tiny("dit")
+    with pytest.raises((ValueError, TypeError), match=message):
+        evaluate(pipelines, PROMPTS[:3], progress=False, **arguments)
+
+
+def test_variants_of_other_sizes_get_no_psnr_and_the_grid_notes_left_out_prompts(monkeypatch):
+    """Comparing families (16-px Flux vs 32-px SD) raised 'differ in shape' after generation; a grid of
+    more prompts than grid_columns dropped the rest silently."""
+    fake_images = {"base": smooth_images(3), "small": smooth_images(3, size=16)}
+    module = importlib.import_module("diffusion_accel.eval.evaluate")
+    monkeypatch.setattr(module, "_generate_all", lambda pipelines, *a: {name: fake_images[name] for name in pipelines})
+    pipelines = {"base": build_tiny("sd"), "small": build_tiny("sd")}
+    report = evaluate(pipelines, PROMPTS[:3], metrics=("psnr", "ssim"), progress=False, grid_columns=2)
+    assert report.row("small")["psnr_db"] is None and report.row("small")["ssim"] is None
+    assert any("not computed for 'small': its images are 16x16, the baseline 'base' makes 32x32" in note
+               for note in report.notes)
+    assert any("first 2 of 3 prompts" in note for note in report.notes)
+    assert report.grid.width == grid_size(2, 2, cell_size=128)[0]
+
+
+def test_float_images_outside_zero_one_or_not_finite_are_errors():
+    """0..255 floats were clamped to white, [-1, 1] floats lost their dark half, NaNs became black."""
+    images = smooth_images(2).float()
+    with pytest.raises(ValueError, match=r"float images must hold values in \[0, 1\]; got \[0, 2"):
+        to_uint8(images)
+    with pytest.raises(ValueError, match=r"got \[0, 2"):
+        compute_fid_stats(images, extractor=CountingFeatures())
+    broken = images / 255
+    broken[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="1 of 2 images hold NaN or infinite values"):
+        to_uint8(broken)
+    assert int(to_uint8(images / 255 * 1.005).max()) == 255  # rounding overshoot within the slack: clamped
 
 
 def test_fid_refuses_stats_from_another_network():

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..artifact import pipeline_source, techniques_on
+from ..paths import output_folder_problem
 from ..pipeline_defaults import call_defaults, check_call_arguments
 from .clip_score import DEFAULT_CLIP_MODEL, check_clip_model, clip_metric, clip_score
 from .cost import denoiser_flops, model_size
@@ -37,8 +38,8 @@ from .fidelity import fidelity
 from .grid import make_grid
 from .machine import denoiser_runtime, machine_info
 from .memory import measure_peak_memory
-from .pipes import (ImageJob, PromptToKwargs, build_call_kwargs, check_call_kwargs, denoiser_of,
-                    generate_images, make_jobs, quiet_progress, whole_number)
+from .pipes import (ImageJob, PromptToKwargs, build_call_kwargs, check_call_kwargs, default_prompt_to_kwargs,
+                    denoiser_of, generate_images, make_jobs, quiet_progress, whole_number)
 from .report import EvalReport
 from .timing import PipelineTiming, pipeline_device, time_pipelines
 
@@ -47,9 +48,18 @@ SPEED_METRICS = ("latency", "memory", "flops")
 GRID_COLUMNS = 8
 NO_GAIN_BAND = 0.05  # a speedup below 1.05x is reported as "not faster"
 MIB = 2 ** 20
+MEMORY_KINDS = {  # memory.MemoryStats.kind -> what "peak MiB" means
+    "cuda_max_allocated": "the CUDA allocator's peak during one call",
+    "process_peak_rss": "the whole process's peak resident memory during one call (CPU: weights of every "
+                        "loaded pipeline, libraries and the call's own allocations), so compare variants by "
+                        "differences",
+    "process_peak_rss_lifetime": "the whole process's lifetime peak resident memory (this OS cannot reset it), "
+                                 "not one call's",
+}
 
 
-def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    """``metrics`` in report order; a ValueError naming unknown ones and the accepted names."""
     if isinstance(metrics, str):
         metrics = (metrics,)
     unknown = sorted(set(metrics) - set(DEFAULT_METRICS))
@@ -61,6 +71,9 @@ def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
 def _check_variants(pipelines: Mapping[str, Any], baseline: str | None) -> str:
     if not isinstance(pipelines, Mapping) or not pipelines:
         raise TypeError("pipelines must be a non-empty dict {variant name: pipeline}")
+    unnamed = [name for name in pipelines if not isinstance(name, str)]
+    if unnamed:
+        raise TypeError(f"variant names must be strings (they label report rows and grid rows); got {unnamed!r}")
     baseline = baseline if baseline is not None else next(iter(pipelines))
     if baseline not in pipelines:
         raise ValueError(f"baseline {baseline!r} is not a variant; variants: {list(pipelines)}")
@@ -87,6 +100,7 @@ class _Run:
     warmup: int
     repeats: int
     grid_cell_size: int
+    grid_columns: int | None
 
     def call_kwargs_for(self, pipe: Any, jobs: Sequence[ImageJob]) -> dict[str, Any]:
         """Pipeline kwargs generating ``jobs`` (fresh seeded generators every time)."""
@@ -140,21 +154,22 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
              batch_size: int = 1, images_per_prompt: int = 1,
              call_kwargs: dict[str, Any] | None = None, prompt_to_kwargs: PromptToKwargs | None = None,
              output_dir: str | Path | None = None, progress: bool = True, warmup: int = 1,
-             repeats: int = 3, grid_cell_size: int = 128) -> EvalReport:
+             repeats: int = 3, grid_cell_size: int = 128, grid_columns: int | None = GRID_COLUMNS) -> EvalReport:
     """Compare pipeline variants ({name: pipe}) on ``prompts`` with identical seeds; see module doc.
 
     ``fid_reference``: FIDStats, a ``.safetensors`` stats file, an image folder, a uint8 tensor or a
     dataset (cached under ``fid_cache_dir``); ``fid_extractor``: feature network (default: offline
     TF-Inception). ``clip_model``: hub id or local CLIP folder (default: ``default_clip_model``).
+    ``grid_columns``: prompts shown in the report's grid (None: all).
     """
     check_call_kwargs(call_kwargs)
     _check_counts(images_per_prompt=images_per_prompt, batch_size=batch_size, warmup=warmup, repeats=repeats,
-                  grid_cell_size=grid_cell_size)
-    run = _Run(_check_metrics(metrics), _check_variants(pipelines, baseline),
+                  grid_cell_size=grid_cell_size, **({} if grid_columns is None else {"grid_columns": grid_columns}))
+    run = _Run(check_metrics(metrics), _check_variants(pipelines, baseline),
                make_jobs(prompts, images_per_prompt, seed), images_per_prompt, num_inference_steps, seed,
                batch_size, call_kwargs, prompt_to_kwargs, fid_reference, fid_cache_dir, fid_extractor,
-               clip_model or default_clip_model(pipelines), warmup, repeats, grid_cell_size)
-    _check_inputs(run, pipelines)
+               clip_model or default_clip_model(pipelines), warmup, repeats, grid_cell_size, grid_columns)
+    _check_inputs(run, pipelines, output_dir)
     shared = shared_denoiser_notes(pipelines)
     for note in shared:
         warnings.warn(note, stacklevel=2)
@@ -168,7 +183,8 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
     return share_from_main(report, state)
 
 
-COUNT_MINIMA = {"images_per_prompt": 1, "batch_size": 1, "warmup": 0, "repeats": 1, "grid_cell_size": 1}
+COUNT_MINIMA = {"images_per_prompt": 1, "batch_size": 1, "warmup": 0, "repeats": 1, "grid_cell_size": 1,
+                "grid_columns": 1}
 
 
 def _check_counts(**counts: Any) -> None:
@@ -178,15 +194,31 @@ def _check_counts(**counts: Any) -> None:
         whole_number(name, value, minimum=COUNT_MINIMA[name])
 
 
-def _check_inputs(run: _Run, pipelines: Mapping[str, Any]) -> None:
-    """A missing FID reference or CLIP model, or a call argument a pipeline does not have, is an error
-    before generation, not after it (hours for 2,000 images of a hub model)."""
+def _check_inputs(run: _Run, pipelines: Mapping[str, Any], output_dir: str | Path | None) -> None:
+    """A missing FID reference (or one of another feature network), a CLIP model, prompts or a call
+    argument a pipeline cannot take, or an output folder that is a file, is an error before generation,
+    not after it (hours for 2,000 images of a hub model)."""
     if "fid" in run.requested and run.fid_reference is not None:
-        check_reference(run.fid_reference)
+        check_reference(run.fid_reference, run.fid_extractor)
     if "clip" in run.requested:
         check_clip_model(run.clip_model or DEFAULT_CLIP_MODEL)
-    for pipe in pipelines.values():
+    for name, pipe in pipelines.items():
         check_call_arguments(pipe, run.call_kwargs or {}, "evaluate")
+        if run.prompt_to_kwargs is None:  # a user's function may be costly (text encoding): not run twice
+            _check_prompts_fit(name, pipe, [job.prompt for job in run.jobs])
+    problem = None if output_dir is None else output_folder_problem(output_dir)
+    if problem is not None:
+        raise ValueError(f"output_dir {problem}")
+
+
+def _check_prompts_fit(name: str, pipe: Any, prompts: list[Any]) -> None:
+    """The prompts suit ``pipe`` (text for text-to-image, class ids or label names for DiT): comparing
+    families generated the first variant's images before the second refused its prompts."""
+    try:
+        default_prompt_to_kwargs(pipe, prompts)
+    except (TypeError, ValueError, KeyError) as error:
+        kind = TypeError if isinstance(error, TypeError) else ValueError
+        raise kind(f"variant {name!r} ({type(pipe).__name__}) cannot take these prompts: {error}") from error
 
 
 def shared_denoiser_notes(pipelines: Mapping[str, Any]) -> list[str]:
@@ -233,6 +265,9 @@ def _add_fidelity(report: EvalReport, rows: dict[str, dict[str, Any]], run: _Run
     """PSNR (dB), SSIM and max |diff| of each variant's images vs the baseline's, same seeds."""
     reference = report.images[run.baseline]
     for name, row in rows.items():
+        if report.images[name].shape != reference.shape:
+            _skip_fidelity(report, row, run, name)
+            continue
         result = fidelity(report.images[name], reference)
         is_base = name == run.baseline
         if "psnr" in run.requested:
@@ -244,6 +279,16 @@ def _add_fidelity(report: EvalReport, rows: dict[str, dict[str, Any]], run: _Run
         row["max_abs_diff"] = None if is_base else result.max_abs_diff
     report.notes.append(f"PSNR/SSIM/max |diff| compare each image with the baseline {run.baseline!r} image of "
                         "the same seed, as uint8 0..255 (identical images: PSNR inf, SSIM 1).")
+
+
+def _skip_fidelity(report: EvalReport, row: dict[str, Any], run: _Run, name: str) -> None:
+    """No PSNR/SSIM for a variant whose images differ in size from the baseline's (another family or
+    resolution): a note, not an error after every image was generated."""
+    row.update({key: None for key, metric in (("psnr_db", "psnr"), ("ssim", "ssim"), ("max_abs_diff", None))
+                if metric is None or metric in run.requested})
+    size, base_size = (tuple(report.images[key].shape[-2:]) for key in (name, run.baseline))
+    report.notes.append(f"PSNR/SSIM not computed for {name!r}: its images are {size[0]}x{size[1]}, the baseline "
+                        f"{run.baseline!r} makes {base_size[0]}x{base_size[1]}.")
 
 
 def _fid_reference(report: EvalReport, run: _Run, extractor: Any) -> tuple[str, FIDStats]:
@@ -313,6 +358,9 @@ def _add_speed(report: EvalReport, rows: dict[str, dict[str, Any]], pipelines: M
     report.notes.append(f"Speed, memory and FLOPs: calls of {len(batch)} image(s) in this process; latency = "
                         f"median of {run.repeats} after {run.warmup} warm-up, variants interleaved per repeat; "
                         "denoiser_ms = denoiser time summed over one pipeline call.")
+    kinds = sorted({row["memory_kind"] for row in rows.values() if "memory_kind" in row})
+    if kinds:
+        report.notes.append("peak MiB: " + "; ".join(MEMORY_KINDS.get(kind, kind) for kind in kinds) + ".")
 
 
 def _latency_fields(timing: PipelineTiming) -> dict[str, Any]:
@@ -345,8 +393,13 @@ def _add_speedups(report: EvalReport, rows: dict[str, dict[str, Any]], baseline:
 
 
 def _grid(report: EvalReport, run: _Run) -> Any:
-    """Grid of the first image of up to GRID_COLUMNS prompts per variant, labelled with latency."""
-    first_copies = [job for job in run.jobs if job.index % run.images_per_prompt == 0][:GRID_COLUMNS]
+    """Grid of the first image of up to ``grid_columns`` prompts per variant (all with None), labelled
+    with latency; a note says when prompts were left out."""
+    first_copies = [job for job in run.jobs if job.index % run.images_per_prompt == 0]
+    if run.grid_columns is not None and len(first_copies) > run.grid_columns:
+        report.notes.append(f"The grid shows the first {run.grid_columns} of {len(first_copies)} prompts "
+                            "(grid_columns).")
+        first_copies = first_copies[:run.grid_columns]
     columns = [f"#{job.prompt_index}" if job.prompt is None else str(job.prompt) for job in first_copies]
     indices = [job.index for job in first_copies]
     rows = {name: images[indices] for name, images in report.images.items()}

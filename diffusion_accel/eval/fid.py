@@ -24,8 +24,8 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 from tqdm.auto import tqdm
 
-from .images import (hash_files, hash_tensor, image_files, iter_dataset_images, load_image, to_rgb,
-                     to_uint8)
+from .images import (checked_unit_range, hash_files, hash_tensor, image_files, iter_dataset_images, load_image,
+                     to_rgb, to_uint8)
 from .inception import TF_INCEPTION_ID, TFInceptionFeatures, find_tf_inception, tf1_bilinear_resize
 
 STATS_FORMAT = "diffusion_accel.fid_stats/1"
@@ -150,7 +150,8 @@ def image_batches(images: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator
     if isinstance(images, torch.Tensor):
         images = to_rgb(images if images.ndim == 4 else images[None])
         for start in range(0, len(images), batch_size):
-            yield images[start:start + batch_size]
+            batch = images[start:start + batch_size]
+            yield checked_unit_range(batch) if batch.is_floating_point() else batch
         return
     yield from _group(iter_dataset_images(images), batch_size)
 
@@ -209,19 +210,32 @@ def _content_hash(source: Any) -> tuple[str, Any]:
     return digest.hexdigest(), images
 
 
-def check_reference(source: Any) -> None:
-    """Cheap checks of a path ``fid_reference`` before any image is generated (``evaluate`` calls it): a
-    statistics file must be ours, a folder must hold images; anything else is the error
-    ``reference_stats`` would raise only after generation."""
+def check_reference(source: Any, extractor: nn.Module | None = None) -> None:
+    """Cheap checks of ``fid_reference`` before any image is generated (``evaluate`` calls it): a
+    statistics file must be ours and, like given ``FIDStats``, come from ``extractor``'s network
+    (None: the default one); a folder must hold images; anything else is the error ``reference_stats``
+    would raise only after generation."""
+    if isinstance(source, FIDStats):
+        _check_same_network(source, extractor)
     if not isinstance(source, (str, Path)):
         return
     path = Path(source).expanduser()
     if path.is_file():
-        FIDStats.load(path)
+        _check_same_network(FIDStats.load(path), extractor)
     elif path.is_dir():
         image_files(path)
     else:
         reference_stats(source)  # the error it raises for a path that is neither
+
+
+def _check_same_network(reference: FIDStats, extractor: nn.Module | None) -> None:
+    """Statistics of another feature network cannot be compared with this run's features."""
+    network = _extractor_id(extractor)
+    if reference.extractor != network:
+        raise ValueError(f"the FID reference ({reference.source}) was computed with the feature network "
+                         f"{reference.extractor!r}, this evaluation uses {network!r}: FIDs across networks "
+                         f"are not comparable; pass the matching fid_extractor (the CLI's --fid-dtype) or "
+                         f"recompute the reference with this one")
 
 
 def reference_stats(source: Any, *, cache_dir: str | Path | None = None, extractor: nn.Module | None = None,

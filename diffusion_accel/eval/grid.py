@@ -68,7 +68,7 @@ def make_grid(rows: Mapping[str, Any], *, column_labels: Sequence[str] | None = 
                                       header_height=header_height), BACKGROUND)
     draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
     for column, label in enumerate(list(column_labels or [])[:columns]):
-        text = _truncate(draw, str(label), cell_size - 2 * PADDING, font)
+        text = _truncate(draw, " ".join(str(label).split()), cell_size - 2 * PADDING, font)  # one line
         draw.text((label_width + column * cell_size + PADDING, PADDING), text, fill=TEXT_COLOR, font=font)
     for row, (name, row_images) in enumerate(images.items()):
         top = header_height + row * cell_size

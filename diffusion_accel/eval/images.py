@@ -61,8 +61,26 @@ def _from_chw(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dtype != torch.uint8:
         if not tensor.is_floating_point():
             raise TypeError(f"image tensor dtype {tensor.dtype} unsupported; accepted: uint8 or float in [0, 1]")
-        tensor = (tensor.float() * 255).round().clamp(0, 255).to(torch.uint8)
+        tensor = (checked_unit_range(tensor.float()) * 255).round().clamp(0, 255).to(torch.uint8)
     return to_rgb(tensor)
+
+
+FLOAT_RANGE_SLACK = 0.01  # float images may overshoot [0, 1] by rounding; beyond this they are not [0, 1] images
+
+
+def checked_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """``images`` if every value is finite and within [0, 1] (± ``FLOAT_RANGE_SLACK``), else a ValueError:
+    0..255 or [-1, 1] floats were clamped silently, NaNs became black pixels."""
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        bad = int((~finite).flatten(1).any(dim=1).sum())
+        raise ValueError(f"{bad} of {len(images)} images hold NaN or infinite values: the pipeline produced "
+                         "non-finite outputs (e.g. fp16 overflow), which no metric can score")
+    low, high = float(images.min()), float(images.max())
+    if low < -FLOAT_RANGE_SLACK or high > 1 + FLOAT_RANGE_SLACK:
+        raise ValueError(f"float images must hold values in [0, 1]; got [{low:.4g}, {high:.4g}] "
+                         "(0..255 floats: pass uint8 or divide by 255; [-1, 1]: map with (x + 1) / 2)")
+    return images
 
 
 def to_rgb(images: torch.Tensor) -> torch.Tensor:

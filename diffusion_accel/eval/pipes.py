@@ -33,8 +33,10 @@ from .images import to_uint8
 
 DENOISER_ATTRIBUTES = ("unet", "transformer")
 CONTROLLED_KWARGS = ("generator", "num_inference_steps", "prompt", "class_labels", "batch_size",
-                     "num_images_per_prompt")
+                     "num_images_per_prompt", "return_dict")
+IMAGE_OUTPUT_TYPES = ("np", "pil", "pt")  # "latent" would be scored as if latents were images
 
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
 PromptToKwargs = Callable[[Any, list[Any]], dict[str, Any]]
 
 
@@ -87,6 +89,10 @@ def make_jobs(prompts: Sequence[Any], images_per_prompt: int = 1, seed: int = 0)
         raise ValueError(f"images_per_prompt must be >= 1; got {images_per_prompt}")
     if isinstance(prompts, str) or not len(prompts):
         raise ValueError("prompts must be a non-empty sequence (of strings, class labels, or placeholders)")
+    last_seed = seed + len(prompts) * images_per_prompt - 1
+    if seed < SEED_RANGE[0] or last_seed > SEED_RANGE[1]:
+        raise ValueError(f"seed {seed} gives image seeds {seed}..{last_seed}; torch generators take seeds in "
+                         f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
     return [ImageJob(p * images_per_prompt + c, p, prompt, seed + p * images_per_prompt + c)
             for p, prompt in enumerate(prompts) for c in range(images_per_prompt)]
 
@@ -133,6 +139,9 @@ def check_call_kwargs(call_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     if clashes:
         raise ValueError(f"call_kwargs may not set {clashes}: evaluation controls {list(CONTROLLED_KWARGS)} "
                          "(use the prompts, seed, num_inference_steps and prompt_to_kwargs arguments)")
+    if extra.get("output_type", "np") not in IMAGE_OUTPUT_TYPES:
+        raise ValueError(f"call_kwargs output_type={extra['output_type']!r}: evaluation scores decoded images; "
+                         f"accepted: {list(IMAGE_OUTPUT_TYPES)}")
     return extra
 
 

@@ -1,0 +1,20 @@
+"""Path checks shared by the Python API and the command lines (no heavy imports: argparse types use it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def output_folder_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot become an output folder (it is, or lies under, an existing file), or None.
+
+    Checked before the work (an evaluation, a demo, a training run) rather than when its results are
+    written, which failed with ``[Errno 17] File exists`` after it."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if candidate.is_dir():
+                return None
+            where = "is a file" if candidate == path else f"lies under the file {str(candidate)!r}"
+            return f"{str(path)!r} {where}; give a folder (it is created if missing)"
+    return None
