@@ -215,9 +215,11 @@ def save(pipe: Any, directory: str | Path) -> Path:
                       f"or enable_cache first)", stacklevel=2)
     _warn_on_adapters(denoiser, component)
     exports = getattr(denoiser, _EXPORTS_ATTR, {})
+    exported = [(technique, *(exports.get(technique) or _HANDLERS[technique].export(pipe)))
+                for technique in applied_techniques(pipe)]
+    _check_json_configs(exported)  # before any file is written: a failure left tensors without a manifest
     entries = []
-    for index, technique in enumerate(applied_techniques(pipe)):
-        config, tensors = exports.get(technique) or _HANDLERS[technique].export(pipe)
+    for index, (technique, config, tensors) in enumerate(exported):
         filename = f"{index:02d}-{technique}.safetensors"
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / filename))
         entries.append({"name": technique, "config": config, "tensors": filename})
@@ -233,6 +235,16 @@ def save(pipe: Any, directory: str | Path) -> Path:
     for stale in previous_files - {entry["tensors"] for entry in entries}:
         (folder / stale).unlink(missing_ok=True)  # an earlier artifact's technique file in this folder
     return folder
+
+
+def _check_json_configs(exported: list[tuple[str, Any, Any]]) -> None:
+    """ArtifactError naming the technique whose config JSON cannot hold."""
+    for technique, config, _ in exported:
+        try:
+            json.dumps(config)
+        except (TypeError, ValueError) as error:
+            raise ArtifactError(f"cannot save: the {technique!r} config holds a value JSON cannot store "
+                                f"({error}); nothing was written") from error
 
 
 def _write_base_sample(denoiser: torch.nn.Module, folder: Path) -> dict[str, str]:

@@ -351,3 +351,22 @@ def test_the_base_sample_is_taken_before_a_technique_changes_the_weights(tmp_pat
     sample = load_file(str(tmp_path / "base-sample.safetensors"))
     untouched = weight_sample(build_tiny("sd").unet)
     assert sample.keys() == untouched.keys() and torch.equal(sample["conv_in.weight"], untouched["conv_in.weight"])
+
+
+def test_a_config_json_cannot_hold_fails_before_any_file_is_written(tmp_path, monkeypatch):
+    """A non-JSON value in a technique's config (a numpy int in calib_kwargs, before PruneConfig checked
+    them) failed after the tensor files were written, leaving them without a manifest."""
+    import dataclasses
+
+    import numpy as np
+
+    import diffusion_accel as da
+
+    pipe = da.prune_(build_tiny("sd"), da.PruneConfig(method="magnitude", sparsity=0.3))
+    handler = artifact._HANDLERS["prune"]
+    monkeypatch.setitem(artifact._HANDLERS, "prune", dataclasses.replace(
+        handler, export=lambda p: ({"calib_kwargs": {"height": np.int64(32)}}, handler.export(p)[1])))
+    monkeypatch.delattr(pipe.unet, artifact._EXPORTS_ATTR, raising=False)
+    with pytest.raises(artifact.ArtifactError, match="'prune' config holds a value JSON cannot store"):
+        da.save(pipe, tmp_path / "art")
+    assert not (tmp_path / "art").exists() or not any((tmp_path / "art").iterdir())

@@ -182,3 +182,18 @@ def test_calibrated_schedule_with_forecast_runs_on_a_unet():
     enable_cache(pipe, CalibratedCacheConfig((0, 2), 4, forecast=1))
     assert torch.isfinite(pipe(**tiny_call_kwargs("sd", steps=4)).images).all()
     remove_cache(pipe)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"search": "greedy", "max_candidates": 0}, "max_candidates must be None or an int >= 1, got 0"),  # ZeroDivisionError
+    ({"max_candidates": -2}, "max_candidates must be None or an int >= 1"),
+    ({"max_passes": -1}, "max_passes must be an int >= 0, got -1"),  # accepted
+    ({"max_passes": "3"}, "max_passes must be an int >= 0"),
+    ({"branch": 99}, "branch"),  # refused only after the uncached reference ran
+])
+def test_bad_search_settings_fail_before_any_reference_run(arguments, message, monkeypatch):
+    from diffusion_accel.cache import calibrated
+
+    monkeypatch.setattr(calibrated, "final_outputs", lambda *a: pytest.fail("ran the reference"))
+    with pytest.raises(ValueError, match=message):
+        calibrated.calibrate_schedule(build_tiny("sd"), ["a cat"], budget=0.5, num_inference_steps=4, **arguments)

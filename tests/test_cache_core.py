@@ -5,7 +5,7 @@ import torch
 
 import diffusion_accel as da
 from cache_toys import Offset, Toy
-from diffusion_accel.cache import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig,
+from diffusion_accel.cache import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, EncoderPropagationConfig,
                                    FirstBlockCacheConfig, TeaCacheConfig, calibrated_steps,
                                    enable_cache, nonuniform_full_steps, remove_cache,
                                    resample_full_steps, summary, uniform_full_steps)
@@ -89,11 +89,23 @@ def test_calibrated_schedule_resampling_and_refusal():
     (lambda: DeepCacheConfig(schedule="cosine"), "schedule must be one of"),
     (lambda: DeepCacheConfig(branch=-1), "branch must be an int >= 0"),
     (lambda: BlockCacheConfig(interval=0), "interval must be an int >= 1"),
-    (lambda: FirstBlockCacheConfig(threshold=-0.1), "threshold must be a number >= 0"),
-    (lambda: TeaCacheConfig(threshold=-1), "threshold must be a number >= 0"),
+    (lambda: FirstBlockCacheConfig(threshold=-0.1), "threshold must be a finite number >= 0"),
+    (lambda: TeaCacheConfig(threshold=-1), "threshold must be a finite number >= 0"),
     (lambda: TeaCacheConfig(coefficients=()), "coefficients must be"),
     (lambda: CalibratedCacheConfig(full_steps=(1, 2), num_inference_steps=4), "must contain step 0"),
     (lambda: CalibratedCacheConfig(full_steps=(0,), num_inference_steps=4, budget=1.5), "budget"),
+    # session 27: each of these was accepted (and misbehaved) or a bare TypeError / hang
+    (lambda: DeepCacheConfig(schedule="non-uniform", power=float("inf")), "power must be a finite number"),
+    (lambda: DeepCacheConfig(center=True), "center must be a fraction"),
+    (lambda: TeaCacheConfig(coefficients=(float("nan"),)), "coefficients must be a non-empty sequence of finite"),
+    (lambda: TeaCacheConfig(coefficients=1.0), "coefficients must be"),
+    (lambda: CalibratedCacheConfig(full_steps=(0, 1.7), num_inference_steps=4), "full_steps must be a sequence of int"),
+    (lambda: CalibratedCacheConfig(full_steps=(0, True), num_inference_steps=4), "full_steps must be a sequence"),
+    (lambda: CalibratedCacheConfig(full_steps=0, num_inference_steps=4), "full_steps must be a sequence"),
+    (lambda: CalibratedCacheConfig(full_steps=(0,), num_inference_steps=4, resample="no"), "resample must be True"),
+    (lambda: EncoderPropagationConfig(key_steps=3, num_inference_steps=4), "key_steps must be a sequence"),
+    (lambda: EncoderPropagationConfig(interval=2, num_inference_steps=50), "without key_steps it has no effect"),
+    (lambda: EncoderPropagationConfig(noise_injection=float("inf")), "noise_injection must be a finite"),
 ])
 def test_bad_configs_raise_clear_errors(make, match):
     with pytest.raises(ValueError, match=match):
@@ -172,3 +184,28 @@ def test_save_and_load_carry_the_cache_config(tmp_path):
     da.load(base, tmp_path / "art")
     assert da.cache.cache_config(base) == config
     assert torch.equal(base(**tiny_call_kwargs("dit", steps=6)).images, expected)
+
+
+def test_teacache_rescaling_never_shrinks_the_accumulated_change():
+    """A fitted polynomial negative near 0 (a degree-4 fit to 6 points gave poly(0) = -1040) made the sum
+    fall forever: every middle step was reused."""
+    from diffusion_accel.cache.policies import TeaCachePolicy
+
+    policy = TeaCachePolicy(threshold=0.1, coefficients=(1.0, -0.5))  # negative below change 0.5
+    assert policy.rescale(0.2) == 0.0 and policy.rescale(1.0) == 0.5
+
+
+def test_a_teacache_fit_negative_on_the_seen_range_is_refused(monkeypatch):
+    from diffusion_accel.cache import teacache_fit
+
+    changes = [0.136, 0.14, 0.145, 0.15, 0.155, 0.16, 0.162, 0.164, 0.166, 0.168]
+    noisy = [0.2, 0.1, 0.3, 0.05, 0.25, 0.1, 0.3, 0.02, 0.2, 0.1]
+    monkeypatch.setattr(teacache_fit, "teacache_samples", lambda *a, **k: (changes, noisy))
+    with pytest.raises(ValueError, match="the degree-4 fit to 10 points is negative on"):
+        teacache_fit.fit_teacache_coefficients(None, ["a cat"], degree=4)
+    with pytest.raises(ValueError, match="only 10 calibration points for a degree-5 fit"):
+        teacache_fit.fit_teacache_coefficients(None, ["a cat"], degree=5)
+
+
+def test_nonuniform_schedule_with_a_huge_power_ends():
+    assert nonuniform_full_steps(10, 3, power=1e6) == nonuniform_full_steps(10, 3, power=1.0 + 1e-9)

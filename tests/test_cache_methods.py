@@ -193,14 +193,14 @@ def test_key_steps_uniform_paper_and_resampled():
     (lambda: DeltaCacheConfig(cached_fraction=0.0), r"cached_fraction must be a fraction in \(0, 1\], got 0.0"),
     (lambda: DeltaCacheConfig(cached_fraction=True), "cached_fraction .* got True"),
     (lambda: EncoderPropagationConfig(interval=0), "interval must be an int >= 1, got 0"),
-    (lambda: EncoderPropagationConfig(noise_injection=-0.01), "noise_injection must be a number >= 0.0, got -0.01"),
+    (lambda: EncoderPropagationConfig(noise_injection=-0.01), "noise_injection must be a finite number >= 0.0, got -0.01"),
     (lambda: EncoderPropagationConfig(injection_start=2), r"injection_start must be a fraction in \[0, 1\], got 2"),
     (lambda: EncoderPropagationConfig(key_steps=(0, 50), num_inference_steps=50),
      r"key_steps must contain step 0 and lie in \[0, 50\), got \(0, 50\)"),
     (lambda: EncoderPropagationConfig(key_steps=(1, 2), num_inference_steps=10), "must contain step 0"),
     (lambda: EncoderPropagationConfig(key_steps=(0, -1), num_inference_steps=10), r"got \(0, -1\)"),
     (lambda: EncoderPropagationConfig(key_steps=(0, 2)), "key_steps need num_inference_steps"),
-    (lambda: EncoderPropagationConfig(key_steps=(0, 1.5), num_inference_steps=4), r"key_steps must be ints, got \(0, 1.5\)"),
+    (lambda: EncoderPropagationConfig(key_steps=(0, 1.5), num_inference_steps=4), r"key_steps must be a sequence of int step indices, got \(0, 1.5\)"),
     (lambda: EncoderPropagationConfig(num_inference_steps=0), "num_inference_steps must be an int >= 1, got 0"),
 ])
 def test_bad_configs_raise_clear_errors(make, match):

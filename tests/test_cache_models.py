@@ -308,3 +308,16 @@ def test_diffusers_own_cache_and_ours_exclude_each_other_and_calibration():
                          ("prune_", lambda: prune_(pipe, PruneConfig(method="magnitude", sparsity=0.5)))]:
         with pytest.raises(ValueError, match=rf"{name} needs every block .* diffusers' own cache"):
             action()  # statistics through diffusers' cache would miss every skipped block too
+
+
+@pytest.mark.parametrize("config", [BlockCacheConfig(interval=2), TeaCacheConfig(threshold=0.3)])
+def test_sd3_skip_layer_guidance_skipping_the_first_cached_block_runs(config):
+    """SD3's skip-layer guidance pass skips block 0, so the last cached block found no stack input
+    (KeyError: 'stack_input')."""
+    pipe = build_tiny("sd3")
+    kwargs = tiny_call_kwargs("sd3", steps=6) | {"guidance_scale": 5.0, "skip_guidance_layers": [0],
+                                                 "skip_layer_guidance_start": 0.0, "skip_layer_guidance_stop": 1.0}
+    enable_cache(pipe, config)
+    first = pipe(**kwargs).images
+    again = pipe(**(kwargs | {"generator": torch.Generator().manual_seed(0)})).images
+    assert torch.isfinite(first).all() and torch.equal(first, again)

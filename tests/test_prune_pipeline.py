@@ -108,6 +108,15 @@ def test_error_allocation_beats_saliency_allocation_on_summed_layer_error():
     (dict(calib_kwargs=(("height",),)), TypeError, "calib_kwargs must be"),
     (dict(calib_kwargs={1: 2}), TypeError, "calib_kwargs keys must be strings"),
     (dict(calib_steps="all"), ValueError, "PTQConfig names this count calib_num_steps"),
+    # session 27: each was accepted and misbehaved, or a bare Python error at prune time
+    (dict(exclude="down_blocks"), ValueError, "got the string 'down_blocks'; write \\('down_blocks',\\)"),
+    (dict(exclude=(1,)), ValueError, "exclude holds module-name prefixes"),
+    (dict(exclude=None), ValueError, "exclude takes a tuple"),
+    (dict(prune_heads="false"), ValueError, "prune_heads must be True or False, got 'false'"),
+    (dict(weight_range=None), ValueError, "weight_range must be \\(w_min, w_max\\), two finite numbers"),
+    (dict(weight_range="ab"), ValueError, "weight_range must be"),
+    (dict(calib_guidance_scale="7"), ValueError, "calib_guidance_scale must be a finite number or None"),
+    (dict(calib_kwargs={"height": torch.tensor(32)}), ValueError, "cannot be stored in the artifact manifest"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -249,3 +258,52 @@ def test_self_calibration_passes_calib_kwargs_to_the_pipeline():
         prune_(pipe, config)
     assert seen and all(kw[k] == v for kw in seen for k, v in extra.items())
     assert PruneConfig.from_dict(config.to_dict()) == config
+
+
+def test_nm_patterns_take_their_implied_sparsity_by_default():
+    """PruneConfig(pattern="1:4") said 'implies sparsity 0.75; got sparsity=0.5', a value never passed."""
+    assert PruneConfig(pattern="1:4").target_sparsity == 0.75 and PruneConfig().sparsity == 0.5
+    assert PruneConfig.from_dict(PruneConfig(pattern="3:4").to_dict()).target_sparsity == 0.25
+
+
+@pytest.mark.parametrize("config, match", [
+    (PruneConfig(method="magnitude", exclude=("down_blocks.*",)), "exclude entry 'down_blocks.\\*' matches no module"),
+    (PruneConfig(method="magnitude", pattern="1:7", blocksize=126), "nothing to prune"),  # no width % 7 == 0
+    (PruneConfig(calib_kwargs={"num_inference_steps": 3}), "calib_kwargs may not set \\['num_inference_steps'\\]"),
+])
+def test_configs_that_cannot_act_as_asked_are_refused_before_pruning(config, match):
+    pipe = build_tiny("sd")
+    unet = pipe.unet
+    with pytest.raises(ValueError, match=match):
+        prune_(pipe, config)
+    assert pipe.unet is unet and applied_techniques(pipe) == []
+
+
+def test_structured_pruning_leaves_a_unit_with_an_excluded_projection_whole():
+    """exclude=(...attn1.to_q,) still shrank to_q from 16 to 8 rows."""
+    pipe = build_tiny("sd")
+    attention = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    before = {name: tuple(p.shape) for name, p in pipe.unet.named_parameters() if name.startswith(attention)}
+    prune_(pipe, PruneConfig(method="magnitude", pattern="structured", sparsity=0.5, exclude=(f"{attention}.to_q",)))
+    after = {name: tuple(p.shape) for name, p in pipe.unet.named_parameters() if name.startswith(attention)}
+    assert after == before and prune_report(pipe).params_after < prune_report(pipe).params_before
+
+
+def test_sparsity_zero_changes_nothing_when_calibrated_below_the_generation_size():
+    """Calibrating at 8x8 left the 1x1 deepest level's 3x3 convs with only padding off-centre: their
+    'dead' inputs were zeroed (29% of the weights at sparsity 0; images off by 0.18)."""
+    pipe = build_tiny("sd")
+    before = generate(pipe, "sd")
+    prune_(pipe, PruneConfig(method="obs", sparsity=0.0, groups=1, calib_steps=2, calib_prompts=2,
+                             calib_kwargs={"height": 8, "width": 8}))
+    assert prune_report(pipe).achieved_sparsity == 0.0
+    assert torch.equal(generate(pipe, "sd"), before)
+
+
+def test_dit_calibrates_on_more_prompts_than_classes_by_cycling_them():
+    from diffusion_accel.prune.apply import calibration_kwargs
+
+    pipe = build_tiny("dit")
+    classes = pipe.transformer.config.num_embeds_ada_norm
+    prompts = calibration_kwargs(pipe, PruneConfig(calib_prompts=classes + 2), None)["prompts"]
+    assert len(prompts) == classes + 2 and max(prompts) == classes - 1 and prompts[-1] == 1

@@ -65,11 +65,16 @@ def test_nm_rejects_width_not_multiple_of_m():
         nm_mask(torch.rand(3, 6), 2, 4)
 
 
-def test_dead_inputs_are_zeroed_and_solver_stays_finite():
+def test_dead_inputs_are_kept_and_the_count_is_exact():
+    """Zeroing dead inputs (no calibration signal) pruned beyond the target, even at sparsity 0: a 3x3
+    conv calibrated on a 1x1 feature map sees only padding off-centre, yet not at the generation size."""
     x = correlated_inputs(width=32)
     x[:, 5] = 0
-    new_weight, _ = obs_prune(torch.randn(8, 32), hessian_of(x), 0.25)
-    assert torch.all(new_weight[:, 5] == 0) and torch.isfinite(new_weight).all()
+    weight = torch.randn(8, 32)
+    untouched, mask = obs_prune(weight, hessian_of(x), 0.0)
+    assert torch.equal(untouched, weight) and not mask.any()
+    new_weight, mask = obs_prune(weight, hessian_of(x), 0.25)
+    assert int(mask.sum()) == 64 and int((new_weight == 0).sum()) == 64 and torch.isfinite(new_weight).all()
 
 
 def test_conv2d_path_matches_linear_on_unfolded_input():

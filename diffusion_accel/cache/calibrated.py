@@ -55,13 +55,13 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
     per full step per sweep, per start; moves anywhere: one run per (full step, free step) pair per
     sweep, from the best start only). ``forecast`` and ``forecast_target`` are searched with (the schedule suits how
     reused steps are filled)."""
-    if search not in SEARCHES:
-        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    _check_search(search, max_candidates, max_passes)
     if get_session(find_denoiser(pipe)[1]) is not None:
         raise ValueError("calibrate_schedule needs a pipeline without a cache; call remove_cache first")
     num_steps = denoiser_steps(pipe, num_inference_steps)  # the schedule's steps are denoiser calls (Heun: 2N - 1)
     probe = CalibratedCacheConfig((0,), num_steps, budget=budget, branch=branch, resample=resample,
                                   forecast=forecast, forecast_target=forecast_target)
+    remove_cache(enable_cache(pipe, probe))  # branch / target errors before the uncached reference runs
     calls = planned_calls(pipe, prompts, num_inference_steps, seed=seed, **call_kwargs)
     references = final_outputs(pipe, calls)
     seen: dict[frozenset, float] = {}
@@ -80,6 +80,21 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
         refined = [_refine(error, num_steps, start, max_passes) for start in search_starts(num_steps, target)]
         chosen = _refine_far(error, num_steps, min(refined, key=error), max_passes)
     return _with_steps(probe, chosen)
+
+
+def _check_search(search: Any, max_candidates: Any, max_passes: Any) -> None:
+    """ValueErrors naming the bad search setting (max_candidates=0 was a ZeroDivisionError, -2 an empty
+    min(), a negative max_passes was accepted)."""
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    if max_candidates is not None and not _is_int_at_least(max_candidates, 1):
+        raise ValueError(f"max_candidates must be None or an int >= 1, got {max_candidates!r}")
+    if not _is_int_at_least(max_passes, 0):
+        raise ValueError(f"max_passes must be an int >= 0, got {max_passes!r}")
+
+
+def _is_int_at_least(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def evenly_spaced_steps(num_steps: int, count: int) -> set[int]:

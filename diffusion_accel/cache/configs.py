@@ -6,6 +6,9 @@ Model-dependent checks (a UNet branch id in range, a denoiser family the method 
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -31,12 +34,25 @@ def _check_forecast_target(value: Any) -> None:
                          f"residual, 'output': the denoiser's final projection), got {value!r}")
 
 
+def _number_sequence(value: Any) -> tuple[float, ...]:
+    """``value`` as a tuple of real numbers (bools and strings are not), or () if it is no such sequence."""
+    if isinstance(value, (str, bytes)):
+        return ()
+    try:
+        items = tuple(value)
+    except TypeError:
+        return ()
+    if not all(isinstance(item, numbers.Real) and not isinstance(item, bool) for item in items):
+        return ()
+    return tuple(float(item) for item in items)
+
+
 def _check_float(name: str, value: Any, minimum: float, inclusive: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value >= minimum if inclusive else value > minimum)
     if not ok:
         bound = ">=" if inclusive else ">"
-        raise ValueError(f"{name} must be a number {bound} {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number {bound} {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -66,8 +82,7 @@ class DeepCacheConfig:
         _check_int("branch", self.branch, 0)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not (isinstance(self.center, (int, float)) and 0.0 <= self.center <= 1.0):
-            raise ValueError(f"center must be a fraction in [0, 1], got {self.center!r}")
+        _check_fraction("center", self.center)
         _check_float("power", self.power, 1.0)
 
 
@@ -119,9 +134,9 @@ class TeaCacheConfig:
     def __post_init__(self) -> None:
         _check_float("threshold", self.threshold, 0.0)
         if self.coefficients is not None:
-            values = tuple(self.coefficients)
-            if not values or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in values):
-                raise ValueError(f"coefficients must be a non-empty sequence of numbers or None, "
+            values = _number_sequence(self.coefficients)
+            if not values or not all(math.isfinite(c) for c in values):
+                raise ValueError(f"coefficients must be a non-empty sequence of finite numbers or None, "
                                  f"got {self.coefficients!r}")
             object.__setattr__(self, "coefficients", tuple(float(c) for c in values))
 
@@ -186,22 +201,30 @@ class EncoderPropagationConfig:
         _check_float("noise_injection", self.noise_injection, 0.0)
         _check_fraction("injection_start", self.injection_start)
         if self.key_steps is not None:
-            object.__setattr__(self, "key_steps", _checked_key_steps(self.key_steps, self.num_inference_steps))
+            if self.num_inference_steps is None:
+                raise ValueError("key_steps need num_inference_steps (the trajectory length they were written for)")
+            object.__setattr__(self, "key_steps", _checked_steps("key_steps", self.key_steps,
+                                                                 self.num_inference_steps))
         elif self.num_inference_steps is not None:
             _check_int("num_inference_steps", self.num_inference_steps, 1)
+            raise ValueError(f"num_inference_steps={self.num_inference_steps} is the trajectory length key_steps "
+                             f"were written for; without key_steps it has no effect (interval={self.interval} "
+                             f"sets the key steps of every length)")
 
 
-def _checked_key_steps(key_steps: Any, num_steps: Any) -> tuple[int, ...]:
-    """Sorted, de-duplicated key steps; ValueError unless they include 0 and lie in [0, num_steps)."""
-    if num_steps is None:
-        raise ValueError("key_steps need num_inference_steps (the trajectory length they were written for)")
+def _checked_steps(name: str, values: Any, num_steps: Any) -> tuple[int, ...]:
+    """Sorted, de-duplicated step indices (ints: numpy ints too, not bools or floats); ValueError naming
+    ``name`` unless they include 0 and lie in [0, num_steps)."""
     _check_int("num_inference_steps", num_steps, 1)
-    values = tuple(key_steps)
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"key_steps must be ints, got {key_steps!r}")
-    steps = tuple(sorted(set(values)))
+    try:
+        items = tuple(values)
+        if any(isinstance(value, bool) for value in items):
+            raise TypeError("bool")
+        steps = tuple(sorted({operator.index(value) for value in items}))
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of int step indices, got {values!r}") from None
     if not steps or steps[0] != 0 or steps[-1] >= num_steps:
-        raise ValueError(f"key_steps must contain step 0 and lie in [0, {num_steps}), got {key_steps!r}")
+        raise ValueError(f"{name} must contain step 0 and lie in [0, {num_steps}), got {values!r}")
     return steps
 
 
@@ -236,11 +259,10 @@ class CalibratedCacheConfig:
         _check_float("budget", self.budget, 0.0, inclusive=False)
         if self.budget > 1.0:
             raise ValueError(f"budget is a fraction of full denoiser calls in (0, 1], got {self.budget!r}")
-        steps = tuple(sorted(set(int(s) for s in self.full_steps)))
-        if not steps or steps[0] != 0 or steps[-1] >= self.num_inference_steps:
-            raise ValueError(f"full_steps must contain step 0 and lie in [0, {self.num_inference_steps}), "
-                             f"got {self.full_steps!r}")
-        object.__setattr__(self, "full_steps", steps)
+        if not isinstance(self.resample, bool):
+            raise ValueError(f"resample must be True or False, got {self.resample!r}")
+        object.__setattr__(self, "full_steps", _checked_steps("full_steps", self.full_steps,
+                                                              self.num_inference_steps))
 
 
 CACHE_CONFIGS: tuple[type, ...] = (DeepCacheConfig, BlockCacheConfig, FirstBlockCacheConfig,

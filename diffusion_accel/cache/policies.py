@@ -89,13 +89,14 @@ class TeaCachePolicy:
         self.coefficients = coefficients
 
     def rescale(self, change: float) -> float:
-        """The fitted polynomial (highest power first) at ``change``; identity without coefficients."""
+        """The fitted polynomial (highest power first) at ``change``, at least 0 (an estimated drift never
+        shrinks the sum); identity without coefficients."""
         if self.coefficients is None:
             return change
         value = 0.0
         for coefficient in self.coefficients:
             value = value * change + coefficient
-        return value
+        return max(value, 0.0)
 
     def should_compute(self, step: int, num_steps: int | None, state: dict, signal: torch.Tensor) -> bool:
         previous = state.get("head_reference")

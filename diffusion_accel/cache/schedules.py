@@ -10,6 +10,9 @@ def uniform_full_steps(num_steps: int, interval: int) -> list[int]:
     return list(range(0, num_steps, interval))
 
 
+POWER_TRIES = 200  # powers lowered by 0.05 at most this often before even spacing
+
+
 def nonuniform_full_steps(num_steps: int, interval: int, center: float = 0.3,
                           power: float = 1.4) -> list[int]:
     """ceil(num_steps / interval) full steps, dense near ``center * num_steps``, sparse far from it.
@@ -21,12 +24,13 @@ def nonuniform_full_steps(num_steps: int, interval: int, center: float = 0.3,
     if count >= num_steps:
         return list(range(num_steps))
     middle = center * (num_steps - 1)
-    candidate = power
-    while candidate > 1.0:
+    for lowered in range(POWER_TRIES):  # bounded: power 1e6 took 2e7 tries, inf never ended
+        candidate = power - 0.05 * lowered
+        if candidate <= 1.0:
+            break
         steps = _power_spaced(num_steps, count, middle, candidate)
         if len(steps) == count:
             return steps
-        candidate -= 0.05
     return _power_spaced(num_steps, count, 0.0, 1.0) if count > 1 else [0]
 
 

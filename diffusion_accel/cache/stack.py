@@ -76,7 +76,10 @@ class StackBlockHook(ModelHook):
         output = self.fn_ref.original_forward(*args, **kwargs)
         state.setdefault("templates", {})[self.key] = self.io.template(output)
         if self.last:
-            residual = sub_streams(self.io.outputs(output), state.pop("stack_input"))
+            stack_input = state.pop("stack_input", None)
+            if stack_input is None:  # the first cached block did not run (SD3's skip-layer guidance pass): no
+                return output        # residual to record, and with no decision made every block computes
+            residual = sub_streams(self.io.outputs(output), stack_input)
             if self.session.record_residuals:
                 self._note_residual_change(state, residual["hidden"])
             if getattr(self.session.config, "forecast", 0):  # keep the one before only when forecasting

@@ -19,6 +19,9 @@ from .runs import final_outputs, planned_calls
 from .session import get_session
 
 
+POINTS_PER_COEFFICIENT = 2  # a fit with fewer points per coefficient follows noise
+
+
 def teacache_samples(pipe: Any, prompts: Any, num_inference_steps: int = 25, seed: int = 0,
                      **call_kwargs: Any) -> tuple[list[float], list[float]]:
     """Paired (input change, residual change) per step of the calibration trajectories."""
@@ -49,7 +52,22 @@ def fit_teacache_coefficients(pipe: Any, prompts: Any, num_inference_steps: int 
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
         raise ValueError(f"degree must be an int >= 1, got {degree!r}")
     xs, ys = teacache_samples(pipe, prompts, num_inference_steps, seed=seed, **call_kwargs)
-    if len(xs) <= degree:
-        raise ValueError(f"only {len(xs)} calibration points for a degree-{degree} fit; use more "
-                         f"prompts or steps, or a lower degree")
-    return tuple(float(c) for c in np.polyfit(np.asarray(xs), np.asarray(ys), degree))
+    if len(xs) < POINTS_PER_COEFFICIENT * (degree + 1):
+        raise ValueError(f"only {len(xs)} calibration points for a degree-{degree} fit (need at least "
+                         f"{POINTS_PER_COEFFICIENT * (degree + 1)}); use more prompts or steps, or a lower degree")
+    coefficients = np.polyfit(np.asarray(xs), np.asarray(ys), degree)
+    _check_non_negative(coefficients, max(xs), degree, len(xs))
+    return tuple(float(c) for c in coefficients)
+
+
+def _check_non_negative(coefficients: np.ndarray, largest_change: float, degree: int, points: int) -> None:
+    """The policy accumulates the polynomial's values: one that dips below zero between no change and the
+    largest change seen never lets the sum reach the threshold, so every middle step was reused (a degree-4
+    fit to 6 points gave poly(0) = -1040)."""
+    grid = np.linspace(0.0, largest_change, 257)
+    values = np.polyval(coefficients, grid)
+    if values.min() < 0:
+        where = float(grid[int(values.argmin())])
+        raise ValueError(f"the degree-{degree} fit to {points} points is negative on [0, {largest_change:.4g}] "
+                         f"(minimum {values.min():.4g} at change {where:.4g}): TeaCache would accumulate "
+                         f"nothing and reuse every step; use more prompts or steps, or a lower degree")

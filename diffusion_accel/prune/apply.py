@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from typing import Any
 
@@ -22,7 +23,7 @@ from .report import REPORT_ATTR, PruneReport, count_parameters, zero_fraction
 from .sequential import SequentialPruner, SequentialStats, Sweep
 from .sparse import enable_sparse_kernels
 from .structured import StructuredUnit, prune_structured_unit
-from .unstructured import layer_error_curves, prune_layer_group, saliency_layer_sparsity
+from .unstructured import layer_error_curves, prune_layer_group, saliency_layer_sparsity, skip_reason
 
 TECHNIQUE = "prune"
 
@@ -34,6 +35,10 @@ def prune_(pipe: Any, config: PruneConfig, calib: Calibration | None = None, *, 
     re-run once per group of ``config.groups`` with ``config.weighting`` / ``config.weight_range``.
     Without ``calib`` the first ``config.calib_prompts`` default prompts (class ids 0.., or
     unconditional samples) at ``config.calib_steps`` steps are used. Magnitude pruning needs none.
+
+    The pipeline's denoiser is replaced by a pruned copy (so a failure restores the original object):
+    a pipeline that shares the old denoiser object (``from_pipe``, ``Img2ImgPipeline(**pipe.components)``)
+    keeps the unpruned one; build such pipelines after pruning.
     """
     check_arguments(pipe, config, calib)
     component, original = find_denoiser(pipe)
@@ -71,10 +76,34 @@ def check_arguments(pipe: Any, config: PruneConfig, calib: Calibration | None) -
         raise ValueError(f"calib was made for a {calib.denoiser_class}, this pipeline has a "
                          f"{type(denoiser).__name__}")
     adapter = get_adapter(pipe)
+    _check_exclude(denoiser, config)
+    _check_calib_kwargs(config)
     units, _ = structured_plan(adapter, config) if config.structured else unstructured_plan(adapter, config)
+    if not config.structured:  # layers an N:M pattern (width % M) or the solver cannot take
+        units = [group for group in units
+                 if any(skip_reason(denoiser.get_submodule(name), config) is None for name in group.layers)]
     if not units:
         raise ValueError(f"nothing to prune in {type(denoiser).__name__} with pattern {config.pattern!r} "
-                         f"(all candidates excluded or kept dense)")
+                         f"(all candidates excluded, kept dense, or too narrow for the pattern)")
+
+
+def _check_exclude(denoiser: nn.Module, config: PruneConfig) -> None:
+    """Every ``exclude`` entry names a module or a prefix of module names (globs and typos matched nothing,
+    silently)."""
+    names = [name for name, _ in denoiser.named_modules() if name]
+    for prefix in config.exclude:
+        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+            raise ValueError(f"exclude entry {prefix!r} matches no module of {type(denoiser).__name__}; entries are "
+                             f"module-name prefixes (e.g. {names[0]!r}), not globs")
+
+
+def _check_calib_kwargs(config: PruneConfig) -> None:
+    """``calib_kwargs`` are further pipeline arguments; the calibration's own settings come from the config
+    (``num_inference_steps`` there ran 3 steps while the step weights were computed for ``calib_steps``)."""
+    own = sorted(set(dict(config.calib_kwargs)) & set(inspect.signature(calibrate).parameters))
+    if own:
+        raise ValueError(f"calib_kwargs may not set {own}: they are calibrate's own arguments; use calib_steps, "
+                         f"calib_prompts and calib_guidance_scale (or pass a Calibration)")
 
 
 def calibration_kwargs(pipe: Any, config: PruneConfig, calib: Calibration | None) -> dict[str, Any]:
@@ -83,13 +112,24 @@ def calibration_kwargs(pipe: Any, config: PruneConfig, calib: Calibration | None
     if calib is not None:
         return calib.settings.as_kwargs() | weights
     count, mode = config.calib_prompts, call_mode(pipe)
-    inputs: dict[str, Any] = {"prompts": prompt_sets.for_pipeline(pipe, limit=count)}
+    inputs: dict[str, Any] = {"prompts": _cycled(prompt_sets.for_pipeline(pipe, limit=count), count)}
     if mode == "class":
-        inputs = {"prompts": list(range(count))}
+        inputs = {"prompts": _cycled(list(range(_class_count(pipe))), count)}
     elif mode == "unconditional":
         inputs = {"prompts": None, "num_samples": count}
     return inputs | weights | {"num_inference_steps": config.calib_steps,
                                "guidance_scale": config.calib_guidance_scale} | dict(config.calib_kwargs)
+
+
+def _cycled(items: list[Any], count: int) -> list[Any]:
+    """``count`` items, repeating ``items`` (32 default prompts, or 1000 class ids, for more calibration calls)."""
+    return [items[index % len(items)] for index in range(count)]
+
+
+def _class_count(pipe: Any) -> int:
+    """Classes of a class-conditional pipeline (DiT's ``num_embeds_ada_norm``; the extra null class of its
+    embedding table is CFG's unconditional label, not one to calibrate on)."""
+    return int(find_denoiser(pipe)[1].config.num_embeds_ada_norm)
 
 
 def make_sweep(pipe: Any, config: PruneConfig, calib: Calibration | None, progress: bool) -> Sweep:

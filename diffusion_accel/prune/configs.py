@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -13,6 +14,8 @@ STRUCTURED_METHODS = ("obs", "magnitude")
 WEIGHTINGS = ("uniform", "linear", "log-decrease", "log-increase")
 SCOPES = ("layer", "global")
 ALLOCATIONS = ("error", "saliency")
+DEFAULT_SPARSITY = 0.5
+FLAGS = ("keep_last_block_dense", "prune_heads", "prune_ffn", "prune_resnets", "sparse_kernels")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -33,7 +36,7 @@ class PruneConfig:
     """One-shot pruning of a pipeline's denoiser.
 
     ``sparsity``: fraction of weights (unstructured), of FFN neurons and attention heads per module
-    (structured), or None for N:M (implied 1 - N/M). ``scope`` (unstructured only): "layer" prunes
+    (structured); None (the default) means 0.5, or for N:M the implied 1 - N/M. ``scope`` (unstructured only): "layer" prunes
     every layer to ``sparsity``; "global" makes ``sparsity`` the fraction over all pruned layers and
     splits it into per-layer sparsities (``prune.allocate``) by ``allocation``: "error" (the least
     summed relative output error, measured on real Hessians; default for OBS and Wanda) or
@@ -52,7 +55,7 @@ class PruneConfig:
     """
 
     method: str = "obs"
-    sparsity: float | None = 0.5
+    sparsity: float | None = None  # DEFAULT_SPARSITY, or 1 - N/M for N:M patterns
     pattern: str = "unstructured"
     scope: str = "layer"
     allocation: str | None = None
@@ -73,9 +76,12 @@ class PruneConfig:
     sparse_kernels: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        object.__setattr__(self, "weight_range", tuple(self.weight_range))
-        object.__setattr__(self, "calib_kwargs", _pairs("calib_kwargs", self.calib_kwargs))
+        object.__setattr__(self, "exclude", _prefixes(self.exclude))
+        object.__setattr__(self, "weight_range", _number_pair("weight_range", self.weight_range))
+        object.__setattr__(self, "calib_kwargs", _json_pairs("calib_kwargs", self.calib_kwargs))
+        if self.sparsity is None and parse_nm(str(self.pattern)) is None:
+            object.__setattr__(self, "sparsity", DEFAULT_SPARSITY)
+        _check_flags(self)
         _check_choice("method", self.method, METHODS)
         _check_pattern(self)
         _check_sparsity(self)
@@ -123,6 +129,52 @@ class PruneConfig:
         if unknown:
             raise ValueError(f"unknown PruneConfig fields {unknown}; accepted: {sorted(cls.__dataclass_fields__)}")
         return cls(**values)
+
+
+def _prefixes(value: Any) -> tuple[str, ...]:
+    """``exclude`` as a tuple of non-empty strings (a bare string was split into one-letter prefixes)."""
+    if isinstance(value, str):
+        raise ValueError(f"exclude takes a tuple of module-name prefixes, got the string {value!r}; "
+                         f"write ({value!r},)")
+    try:
+        prefixes = tuple(value)
+    except TypeError:
+        raise ValueError(f"exclude takes a tuple of module-name prefixes, got {value!r}") from None
+    if not all(isinstance(prefix, str) and prefix for prefix in prefixes):
+        raise ValueError(f"exclude holds module-name prefixes (non-empty strings), got {value!r}")
+    return prefixes
+
+
+def _number_pair(name: str, value: Any) -> tuple[float, float]:
+    """``value`` as a pair of finite numbers, else a ValueError naming ``name``."""
+    try:
+        pair = tuple(value)
+    except TypeError:
+        pair = ()
+    ok = len(pair) == 2 and all(isinstance(item, (int, float)) and not isinstance(item, bool)
+                                and math.isfinite(item) for item in pair)
+    if not ok:
+        raise ValueError(f"{name} must be (w_min, w_max), two finite numbers, got {value!r}")
+    return pair
+
+
+def _json_pairs(name: str, value: Any) -> tuple[tuple[str, Any], ...]:
+    """``_pairs`` whose values the artifact's JSON manifest can hold (a numpy int passed pruning, then
+    ``save`` failed half-written)."""
+    pairs = _pairs(name, value)
+    for key, item in pairs:
+        try:
+            json.dumps(item, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}[{key!r}]={item!r} cannot be stored in the artifact manifest (JSON); pass "
+                             f"plain values (int, float, str, bool, None, lists / dicts of them)") from None
+    return pairs
+
+
+def _check_flags(config: "PruneConfig") -> None:
+    for name in FLAGS:
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(config, name)!r}")
 
 
 def _pairs(name: str, value: Any) -> tuple[tuple[str, Any], ...]:
@@ -190,5 +242,9 @@ def _check_numbers(config: PruneConfig) -> None:
         raise ValueError(f"calib_steps must be an int >= 1 (PruneConfig's calibration runs that many denoising "
                          f"steps and observes all of them; PTQConfig names this count calib_num_steps), "
                          f"got {config.calib_steps!r}")
-    if len(config.weight_range) != 2 or not 0 <= config.weight_range[0] <= config.weight_range[1]:
+    guidance = config.calib_guidance_scale
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                                 or not math.isfinite(guidance)):
+        raise ValueError(f"calib_guidance_scale must be a finite number or None, got {guidance!r}")
+    if not 0 <= config.weight_range[0] <= config.weight_range[1]:
         raise ValueError(f"weight_range must be (w_min, w_max) with 0 <= w_min <= w_max, got {config.weight_range!r}")

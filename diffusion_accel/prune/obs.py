@@ -104,7 +104,10 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
 
     Unstructured: exactly round(rows * d * sparsity) weights, chosen by w^2 / [U]_ii^2 within each
     ``blocksize``-column block. ``nm=(N, M)``: keeps N of every M consecutive inputs per row
-    (d % M == 0 required). Weights of dead inputs (zero Hessian diagonal) are zeroed.
+    (d % M == 0 required). Weights of dead inputs (zero Hessian diagonal: no signal in calibration)
+    are kept unless the budget picks them: zeroing them all (SparseGPT's rule, ours until session 27)
+    pruned beyond the target, even at sparsity 0, when calibration at a small size left a 3x3 conv's
+    off-centre taps on a 1x1 feature map seeing only padding.
     ``inverse_factor``: ``upper_inverse_factor(hessian, damp)`` when already computed (layers that
     share an input, or one layer pruned at several sparsities, need it once).
     """
@@ -112,8 +115,7 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
         work = weight.detach().to(torch.float32).clone()
         if inverse_factor is None:
             inverse_factor = upper_inverse_factor(hessian.to(work.device), damp)
-        factor, dead = (t.to(work.device) for t in inverse_factor)
-        work[:, dead] = 0
+        factor, _ = (t.to(work.device) for t in inverse_factor)
         rows, cols = work.shape
         mask = torch.zeros_like(work, dtype=torch.bool)
         counts = _block_counts(rows, cols, sparsity, blocksize)

@@ -16,7 +16,8 @@ so sequential pruning can calibrate a block's output projections once.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,9 +65,9 @@ def structured_units(adapter: DenoiserAdapter, prune_heads: bool, prune_ffn: boo
                      skip: Callable[[str], bool], prune_resnets: bool = False) -> list[StructuredUnit]:
     """Units in depth order; ``skip(module_name)`` drops attentions/FFNs/ResNets left dense by the config."""
     blocks = [info.name for info in adapter.blocks()]
-    attentions = [a for a in adapter.attention() if prune_heads and a.heads > 1 and not skip(a.name)]
-    ffns = [f for f in adapter.ffns() if prune_ffn and f.hidden > 1 and not skip(f.name)]
-    resnets = [r for r in adapter.resnets() if prune_resnets and r.groups > 1 and not skip(r.name)]
+    attentions = [a for a in adapter.attention() if prune_heads and a.heads > 1 and not _skipped(a, skip)]
+    ffns = [f for f in adapter.ffns() if prune_ffn and f.hidden > 1 and not _skipped(f, skip)]
+    resnets = [r for r in adapter.resnets() if prune_resnets and r.groups > 1 and not _skipped(r, skip)]
     units = []
     for block in blocks:
         own_attn = tuple(a for a in attentions if _owner(a.name, blocks) == block)
@@ -75,6 +76,14 @@ def structured_units(adapter: DenoiserAdapter, prune_heads: bool, prune_ffn: boo
         if own_attn or own_ffn or own_resnets:
             units.append(StructuredUnit(block, own_attn, own_ffn, own_resnets))
     return units
+
+
+def _skipped(info: Any, skip: Callable[[str], bool]) -> bool:
+    """True if the attention / FFN / ResNet ``info`` or any layer it reshapes stays dense: excluding one
+    projection (``exclude=("...attn1.to_q",)``) shrank it anyway until session 27."""
+    layers = [getattr(info, f.name) for f in fields(info) if f.name != "name"]
+    layers += [name for value in layers if isinstance(value, tuple) for name in value]
+    return skip(info.name) or any(skip(layer) for layer in layers if isinstance(layer, str) and layer)
 
 
 def _removal_count(total: int, fraction: float) -> int:

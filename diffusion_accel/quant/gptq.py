@@ -39,12 +39,13 @@ def gptq_codes(w2d: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int], fmt
     current block lack only that block's pending update, as in the reference): a scale fitted to
     the original weights would clip what the compensation pushed past it.
     ``inverse_factor``: ``prune.obs.upper_inverse_factor(H, damp)`` of the layer's input Hessian
-    (d, d); weights of dead inputs (zero Hessian diagonal) get code 0.
+    (d, d). Weights of dead inputs (zero Hessian diagonal: no signal in calibration) are rounded to
+    nearest: zero there only at the calibration size (a 3x3 conv's off-centre taps on a 1x1 feature
+    map see padding), so zeroing them (SparseGPT's rule, ours until session 27) broke larger images.
     """
     with no_tf32():
         work = w2d.detach().to(torch.float32).clone()
-        factor, dead = (t.to(work.device) for t in inverse_factor)
-        work[:, dead] = 0
+        factor, _ = (t.to(work.device) for t in inverse_factor)
         scale = scale.float().clone()
         grid = expand_segments(scale, sizes).expand_as(work).clone()
         later_starts = {start: (index, width) for index, start, width in segment_spans(sizes) if index > 0}
