@@ -88,7 +88,12 @@ class StepTracker(ModelHook):
         read from the tensor only when asked: ``.item()`` on a GPU tensor waits for the device, so
         hooks that never read it (caching) keep the host running ahead of the GPU.
       - ``context``: the context name of this call (``"<name>#k"`` for the k-th repeat of a position).
-      - ``num_inference_steps``: length of ``scheduler.timesteps`` if a pipeline is attached.
+      - ``num_inference_steps``: length of the watched ``scheduler.timesteps`` when that scheduler
+        drives this call (its timestep is a view of them, its step index places the call, or its
+        timesteps were set in this trajectory and the timestep is no view of another schedule's), else
+        None: another pipeline sharing the denoiser, or a bare denoiser, runs a trajectory of unknown
+        length (until session 27 the watched scheduler's stale length was reported: 1000 before its
+        first call, else its last call's).
     """
 
     _is_stateful = True
@@ -105,6 +110,7 @@ class StepTracker(ModelHook):
         self._input_shapes: dict[str, tuple] = {}  # per context: the previous call's tensor input shapes
         self._scheduler_live: bool = False  # the watched scheduler's timesteps were set in this trajectory
         self._vouched: bool = False  # whether the previous call's timestep was a view of the watched ones
+        self._driven: bool = False  # whether the watched scheduler places the current call (see num_inference_steps)
         self.step_index: int = 0
         self._timestep_argument: Any = None
         self._timestep_value: float | None = None
@@ -168,7 +174,7 @@ class StepTracker(ModelHook):
     @property
     def num_inference_steps(self) -> int | None:
         timesteps = self._scheduler_timesteps()
-        return None if timesteps is None else int(len(timesteps))
+        return None if timesteps is None or not self._driven else int(len(timesteps))
 
     def _scheduler_timesteps(self) -> torch.Tensor | None:
         pipeline = self.pipeline
@@ -203,6 +209,7 @@ class StepTracker(ModelHook):
         """This call's (context, step index): its position in the timesteps when known, a context of
         its own for a repeated position (a CFG branch called separately), else the call count."""
         position = self._position(vouched)
+        self._driven = position is not None or (self._scheduler_live and not _is_any_view(self._timestep_argument))
         if position is None:
             return context, self._counters.get(context, 0)
         branch, repeat = context, 0
@@ -250,7 +257,7 @@ class StepTracker(ModelHook):
         if self._pinned_context is None:
             context, self.step_index = self._place(context, vouched)
         else:
-            self.step_index = self._counters.get(context, 0)
+            self.step_index, self._driven = self._counters.get(context, 0), True
         self.context = context
         self._drop_state_if_shapes_changed(context, _tensor_shapes(args, kwargs))
         self.in_call = True
@@ -296,6 +303,11 @@ def _is_view_of(value: Any, timesteps: torch.Tensor | None) -> bool:
     if not isinstance(value, torch.Tensor) or timesteps is None or value.device != timesteps.device:
         return False
     return value.untyped_storage().data_ptr() == timesteps.untyped_storage().data_ptr()
+
+
+def _is_any_view(value: Any) -> bool:
+    """True for a tensor that views another one (an element of some ``scheduler.timesteps``)."""
+    return isinstance(value, torch.Tensor) and value._base is not None
 
 
 def _view_position(value: torch.Tensor, timesteps: torch.Tensor) -> int | None:

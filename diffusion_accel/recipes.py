@@ -248,7 +248,7 @@ def _apply_chain(pipe: Any, methods: list[str], configs: dict[str, Any], args: a
         if method == "cache":
             summaries.append(_apply_cache(pipe, args, recipe, prompt_list, settings))
         else:
-            if calib is None:
+            if calib is None and getattr(configs[method], "needs_calibration", True):  # magnitude reads no inputs
                 calib = _run_calibration(pipe, prompt_list, settings, args.seed, [],
                                          store_trajectory=method == "ptq")
             summaries.append(_apply_technique(pipe, configs[method], calib))

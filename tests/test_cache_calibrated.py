@@ -197,3 +197,21 @@ def test_bad_search_settings_fail_before_any_reference_run(arguments, message, m
     monkeypatch.setattr(calibrated, "final_outputs", lambda *a: pytest.fail("ran the reference"))
     with pytest.raises(ValueError, match=message):
         calibrated.calibrate_schedule(build_tiny("sd"), ["a cat"], budget=0.5, num_inference_steps=4, **arguments)
+
+
+def test_a_calibrated_schedule_holds_under_a_pipeline_with_its_own_scheduler():
+    """The cache read the step count from the scheduler of the pipeline it was enabled on, even when
+    another pipeline sharing the UNet drove the call: 1000 (DDIM's training steps) before the first
+    call ran no cached step at all; after a 4-step call only steps 0 and 2 of 10 ran in full."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from diffusion_accel.cache import summary
+
+    pipe = build_tiny("sd")
+    sibling = StableDiffusionPipeline(**(pipe.components | {"scheduler": DDIMScheduler.from_config(pipe.scheduler.config)}))
+    for each in (pipe, sibling):
+        each.set_progress_bar_config(disable=True)
+    enable_cache(pipe, CalibratedCacheConfig(full_steps=(0, 1, 4, 7), num_inference_steps=10))
+    for runner, steps in ((sibling, 10), (pipe, 4), (sibling, 10)):
+        runner(**tiny_call_kwargs("sd", steps=steps))
+    assert [record["step"] for record in summary(pipe)["steps"] if record["computed"]] == [0, 1, 4, 7]

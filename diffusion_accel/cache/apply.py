@@ -83,13 +83,15 @@ def _delta_cache(pipe: Any, config: DeltaCacheConfig) -> tuple[str, Any, Install
 @register_cache_method(EncoderPropagationConfig)
 def _encoder_propagation(pipe: Any, config: EncoderPropagationConfig) -> tuple[str, Any, Installer]:
     point = encoder_point(pipe)  # raises for transformers before any hook exists
-    policy = SchedulePolicy(lambda n: key_steps(config, n), config.interval)
+    policy = SchedulePolicy(lambda n: key_steps(config, n), config.interval,
+                            assumed_steps=config.num_inference_steps if config.key_steps is not None else None)
     return "encoder_propagation", policy, lambda session, _pipe: install_encoder_cache(session, point, config)
 
 
 @register_cache_method(CalibratedCacheConfig)
 def _calibrated(pipe: Any, config: CalibratedCacheConfig) -> tuple[str, Any, Installer]:
-    policy = SchedulePolicy(lambda n: calibrated_steps(config, n), config.num_inference_steps)
+    policy = SchedulePolicy(lambda n: calibrated_steps(config, n), config.num_inference_steps,
+                            assumed_steps=config.num_inference_steps)
     is_unet = any(p.kind == "skip_branch" for p in get_adapter(pipe).cache_points())
     if is_unet and config.forecast_target != "residual":
         raise ValueError(f"forecast_target={config.forecast_target!r} is for transformer denoisers; a UNet's "

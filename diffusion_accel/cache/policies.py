@@ -20,9 +20,11 @@ class SchedulePolicy:
     uses_head = False
     signal = None
 
-    def __init__(self, full_steps: Callable[[int], list[int]], fallback_interval: int) -> None:
+    def __init__(self, full_steps: Callable[[int], list[int]], fallback_interval: int,
+                 assumed_steps: int | None = None) -> None:
         self._full_steps = full_steps
         self._fallback_interval = fallback_interval
+        self._assumed_steps = assumed_steps
         self._memo: dict[int, frozenset[int]] = {}
 
     def full_steps(self, num_steps: int) -> frozenset[int]:
@@ -32,6 +34,12 @@ class SchedulePolicy:
         return self._memo[num_steps]
 
     def should_compute(self, step: int, num_steps: int | None, state: dict, signal: Any = None) -> bool:
+        """Whether ``step`` is a full step. For a trajectory of unknown length (a bare denoiser, or another
+        pipeline's scheduler) a schedule written for ``assumed_steps`` is used as it stands (a calibrated
+        one fell back to every ``num_inference_steps``-th step: only step 0 ran), else every
+        ``fallback_interval``-th step; past the assumed length every step computes."""
+        if num_steps is None and self._assumed_steps is not None:
+            return step >= self._assumed_steps or step in self.full_steps(self._assumed_steps)
         if num_steps is None or step >= num_steps:
             return step % self._fallback_interval == 0
         return step in self.full_steps(num_steps)
