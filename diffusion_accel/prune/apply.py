@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
+import warnings
 from typing import Any
 
 from torch import nn
@@ -50,6 +51,8 @@ def prune_(pipe: Any, config: PruneConfig, calib: Calibration | None = None, *, 
         report = prune_denoiser_(working, config, sweep)
         if sweep is not None:
             report.step_weights = used_step_weights(pipe, config, calib)
+        if report.unobserved_inputs:
+            warnings.warn(f"prune_: {report.unobserved_inputs_text()}", stacklevel=2)
         mark_applied(pipe, TECHNIQUE)
     except BaseException:
         setattr(pipe, component, original)
@@ -180,7 +183,8 @@ def _prune_unstructured(denoiser: nn.Module, adapter: Any, config: PruneConfig, 
         report.layer_sparsity, allocation_stats = _allocate_globally(denoiser, groups, config, sweep)
 
     def prune_group(group: Any, collector: HessianCollector | None) -> None:
-        skipped = prune_layer_group(denoiser, group, config, collector, record, report.layer_sparsity)
+        skipped = prune_layer_group(denoiser, group, config, collector, record, report.layer_sparsity,
+                                    report.unobserved_inputs)
         report.layers_skipped |= skipped
         report.layers_pruned += [name for name in group.layers if name not in skipped]
 

@@ -18,6 +18,9 @@ class PruneReport:
     accumulator memory alive at once (one group's Hessians). ``step_weights``: per-step Hessian
     weights of the calibration sweeps (empty for magnitude). ``layer_sparsity``: the per-layer targets
     of scope="global" (empty for scope="layer"), split by ``allocation`` ("error" or "saliency").
+    ``unobserved_inputs``: layers with input columns that were zero on every calibration input (a 3x3
+    conv's off-centre taps on a 1x1 feature map of a calibration smaller than the generation size):
+    their weights were judged without data.
     """
 
     method: str
@@ -39,6 +42,7 @@ class PruneReport:
     allocation: str = ""
     sparse_kernels: str = ""
     seconds: float = 0.0
+    unobserved_inputs: dict[str, int] = field(default_factory=dict)  # layer -> input columns no calibration reached
 
     def summary(self) -> str:
         """A few human-readable lines."""
@@ -58,7 +62,15 @@ class PruneReport:
                          f"(e.g. {next(iter(self.layers_skipped.items()))})")
         if self.sparse_kernels:
             lines.append(f"  {self.sparse_kernels}")
+        if self.unobserved_inputs:
+            lines.append(f"  warning: {self.unobserved_inputs_text()}")
         return "\n".join(lines)
+
+    def unobserved_inputs_text(self) -> str:
+        """One sentence on the layers whose inputs calibration left partly without signal."""
+        name, count = next(iter(self.unobserved_inputs.items()))
+        return (f"{len(self.unobserved_inputs)} layers had input columns no calibration input reached (e.g. {name}: "
+                f"{count}); their weights were judged without data: calibrate at the generation size")
 
     def _headline(self) -> str:
         """Target vs result in the pattern's own terms: structured pruning removes a fraction of each

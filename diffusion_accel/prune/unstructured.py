@@ -68,12 +68,18 @@ def observed_inputs(collector: HessianCollector | None, name: str,
 
 def prune_layer_group(denoiser: nn.Module, group: LayerGroup, config: PruneConfig,
                       collector: HessianCollector | None, record: PruneRecord,
-                      layer_sparsity: dict[str, float] | None = None) -> dict[str, str]:
+                      layer_sparsity: dict[str, float] | None = None,
+                      unobserved: dict[str, int] | None = None) -> dict[str, str]:
     """Prune every layer of ``group`` (one Hessian: its first layer's input) at its sparsity in
-    ``layer_sparsity`` (global scope) or the config's; returns skipped reasons."""
+    ``layer_sparsity`` (global scope) or the config's; returns skipped reasons. ``unobserved`` gets
+    {first layer: input columns zero on every calibration input}."""
     inputs = observed_inputs(collector, group.layers[0], config.method == "obs")
     if inputs is None:
         return {name: "no calibration input reached it" for name in group.layers}
+    norms = inputs[1] if inputs[1] is not None else (None if inputs[0] is None else torch.diagonal(inputs[0]))
+    silent = 0 if norms is None else int((norms == 0).sum())
+    if silent and unobserved is not None:
+        unobserved[group.layers[0]] = silent
     skipped: dict[str, str] = {}
     factor = shared_inverse_factor(config, inputs[0])
     for name in group.layers:
