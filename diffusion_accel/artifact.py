@@ -113,10 +113,13 @@ def _sampled_bytes(tensor: torch.Tensor) -> bytes:
 
 
 def base_fingerprint(pipe: Any) -> str:
-    """Fingerprint of the denoiser as it was before any technique changed it (cached)."""
+    """Fingerprint of the denoiser as it was before any technique changed it: taken afresh while no
+    technique is applied, then cached. (Until session 27 it was cached by the first call, so one taken
+    before a failed ``quantize_`` or a removed cache outlived a weight change — a merged LoRA — and the
+    artifact named the old weights as its base.)"""
     _, denoiser = find_denoiser(pipe)
     cached = getattr(denoiser, _FINGERPRINT_ATTR, None)
-    if cached is None:
+    if cached is None or not techniques_on(denoiser):
         cached = fingerprint(denoiser)
         setattr(denoiser, _FINGERPRINT_ATTR, cached)
         setattr(denoiser, _BASE_SAMPLE_ATTR, (structure_fingerprint(denoiser), weight_sample(denoiser)))

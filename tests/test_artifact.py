@@ -370,3 +370,26 @@ def test_a_config_json_cannot_hold_fails_before_any_file_is_written(tmp_path, mo
     with pytest.raises(artifact.ArtifactError, match="'prune' config holds a value JSON cannot store"):
         da.save(pipe, tmp_path / "art")
     assert not (tmp_path / "art").exists() or not any((tmp_path / "art").iterdir())
+
+
+def test_the_base_fingerprint_follows_weight_changes_until_a_technique_is_applied(tmp_path):
+    """A fingerprint taken by a failed quantize_ (or a removed cache) was kept: after the weights changed
+    (a merged LoRA) the artifact named the old weights as its base, so the right base was refused and
+    the old one accepted."""
+    import diffusion_accel as da
+
+    pipe = build_tiny("sd")
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
+    da.remove_cache(pipe)
+    with torch.no_grad():
+        for parameter in pipe.unet.parameters():
+            parameter.mul_(1.01)
+    da.prune_(pipe, da.PruneConfig(method="magnitude", sparsity=0.3))
+    da.save(pipe, tmp_path / "art")
+    changed = build_tiny("sd")
+    with torch.no_grad():
+        for parameter in changed.unet.parameters():
+            parameter.mul_(1.01)
+    da.load(changed, tmp_path / "art")
+    with pytest.raises(artifact.ArtifactError, match="different base model"):
+        da.load(build_tiny("sd"), tmp_path / "art")

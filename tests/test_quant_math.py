@@ -170,6 +170,31 @@ def test_more_bad_configs():
         PTQConfig(activations=None, act_exclude=("*conv_shortcut",))
 
 
+@pytest.mark.parametrize("fields, message", [  # session 27: accepted as truthy, or bare errors deep inside
+    ({"lower": "false"}, "lower must be True or False, got 'false'"),
+    ({"act_symmetric": "no"}, "act_symmetric must be True or False"),
+    ({"weight_granularity": "group", "group_size": 32.0}, "group_size must be an int >= 1, got 32.0"),
+    ({"weight_rounding": "gptq", "gptq_damp": float("inf")}, r"gptq_damp must be a finite number in \(0, inf\)"),
+    ({"reconstruct": True, "recon_lr": "1e-3"}, "recon_lr must be a finite number"),
+    ({"reconstruct": True, "recon_p": 0}, "recon_p must be a finite number in"),
+    ({"reconstruct": True, "recon_beta": (float("nan"), 2.0)}, "recon_beta must be \\(start, end\\), two finite"),
+    ({"reconstruct": True, "recon_warmup": "0.2"}, "recon_warmup must be a finite number"),
+    ({"include": 5}, "include takes a tuple"),
+    ({"include": {"*": 1}}, "include takes a tuple"),
+    ({"calib_kwargs": (("eta",),)}, "calib_kwargs takes \\(name, value\\) pairs"),
+    ({"calib_guidance_scale": float("nan")}, "calib_guidance_scale must be a finite number"),
+])
+def test_config_fields_of_the_wrong_type_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        PTQConfig(**fields)
+
+
+def test_calib_kwargs_may_be_a_dict():
+    """A dict was taken by its keys, then failed when quantize_ calibrated by itself."""
+    config = PTQConfig(calib_kwargs={"height": 32})
+    assert config.calib_kwargs == (("height", 32),) and PTQConfig.from_dict(config.to_dict()) == config
+
+
 def test_config_dict_round_trip_and_presets():
     config = PTQConfig.preset("qdiffusion")
     assert config.weights == "int4" and config.reconstruct and config.recon_iters == 20000

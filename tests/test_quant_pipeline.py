@@ -166,6 +166,8 @@ def _state(pipe):
 
 @pytest.mark.parametrize("bad", [
     lambda pipe: quantize_(pipe, PTQConfig(include=("no_such_layer*",), **FAST)),
+    lambda pipe: quantize_(pipe, PTQConfig(exclude=("*to_qq",), **FAST)),  # quantized every layer
+    lambda pipe: quantize_(pipe, PTQConfig(include=("*attn*", "*to_kk"), **FAST)),  # the typo went unnoticed
     lambda pipe: quantize_(pipe, PTQConfig(**FAST), calib="not a calibration"),
     lambda pipe: quantize_(pipe, "w8a8"),
 ])

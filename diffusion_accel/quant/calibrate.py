@@ -57,6 +57,7 @@ def select_layers(pipe: Any, config: PTQConfig, filter_fn: FilterFn | None = Non
     groups, high = candidate_layers(pipe, config)
     splits = {c.layer: c.split for c in get_adapter(pipe).skip_concats() if c.direct} \
         if config.split_shortcut else {}
+    _check_globs_match([name for group in groups for name in group] + sorted(high), config, type(denoiser).__name__)
     targets: list[LayerTarget] = []
     for group in groups:
         chosen = [name for name in group if _wanted(denoiser, name, config, high, filter_fn)]
@@ -73,6 +74,16 @@ def keeps_float_activations(name: str, config: PTQConfig | dict[str, Any]) -> bo
     """Whether quantized layer ``name``'s input stays in floating point (``act_exclude``; a config or its dict)."""
     patterns = config.get("act_exclude", ()) if isinstance(config, dict) else config.act_exclude
     return _matches(name, patterns)
+
+
+def _check_globs_match(names: Sequence[str], config: PTQConfig, denoiser_name: str) -> None:
+    """Each ``include`` / ``exclude`` pattern must match a quantizable layer: a typo (``*to_qq``) silently
+    quantized everything, or left a wanted layer out."""
+    for field_name in ("include", "exclude"):
+        for pattern in getattr(config, field_name):
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                raise ValueError(f"PTQConfig.{field_name} pattern {pattern!r} matches none of the {len(names)} "
+                                 f"quantizable layers of {denoiser_name} (e.g. {list(names[:3])})")
 
 
 def _check_act_exclude(targets: Sequence[LayerTarget], config: PTQConfig, denoiser_name: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -15,6 +16,7 @@ WEIGHT_ROUNDINGS = ("nearest", "gptq")
 ACT_METHODS = ("minmax", "percentile", "mse")
 ACT_MODES = ("static", "dynamic", "dynamic_per_tensor")
 GPTQ_GROUP_SCALES = ("lazy", "static")
+FLAGS = ("act_symmetric", "split_shortcut", "keep_high_precision", "reconstruct", "lower")
 
 
 @dataclass(frozen=True)
@@ -95,11 +97,10 @@ class PTQConfig:
             if isinstance(getattr(self, name), str):  # tuple("*conv") would be globs "*", "c", ...
                 raise ValueError(f"PTQConfig.{name} takes a tuple of glob strings, got the string "
                                  f"{getattr(self, name)!r}; write ({getattr(self, name)!r},)")
-        for name in ("include", "exclude", "act_exclude", "calib_kwargs"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("include", "exclude", "act_exclude", "calib_kwargs", "recon_beta"):
+            object.__setattr__(self, name, _as_tuple(name, getattr(self, name)))
         if not isinstance(self.calib_steps, str):
-            object.__setattr__(self, "calib_steps", tuple(self.calib_steps))
-        object.__setattr__(self, "recon_beta", tuple(self.recon_beta))
+            object.__setattr__(self, "calib_steps", _as_tuple("calib_steps", self.calib_steps))
         validate(self)
 
     @classmethod
@@ -154,6 +155,30 @@ def _choice(name: str, value: Any, accepted: tuple) -> None:
                          f"{', '.join(repr(a) for a in accepted)}")
 
 
+def _as_tuple(name: str, value: Any) -> tuple:
+    """``value`` (a list or tuple; for ``calib_kwargs`` also a dict, by its items) as a tuple, else a
+    ValueError (``include=5`` was a bare TypeError, a dict was taken by its keys)."""
+    if name == "calib_kwargs" and isinstance(value, dict):
+        return tuple(value.items())
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"PTQConfig.{name} takes a tuple (or list), got {value!r}")
+    return tuple(tuple(item) if name == "calib_kwargs" and isinstance(item, list) else item for item in value)
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"PTQConfig.{name} must be True or False, got {value!r}")
+
+
+def _finite(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    """A finite number in [low, high) ((low, high) when ``low_open``), else a ValueError naming the field."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value < high
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g})"
+        raise ValueError(f"PTQConfig.{name} must be a finite number in {bounds}, got {value!r}")
+
+
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"PTQConfig.{name} must be an int >= {minimum}, got {value!r}")
@@ -166,7 +191,13 @@ def validate(config: PTQConfig) -> None:
     if config.weights is None and config.activations is None and config.attention is None:
         raise ValueError("PTQConfig needs weights, activations or attention to quantize; all are None")
     _choice("weight_granularity", config.weight_granularity, WEIGHT_GRANULARITIES)
+    _positive_int("group_size", config.group_size)  # 32.0 == 32 passed the choice, then failed deep inside
     _choice("group_size", config.group_size, GROUP_SIZES)
+    for name in FLAGS:
+        _flag(name, getattr(config, name))
+    if config.calib_guidance_scale is not None:
+        _finite("calib_guidance_scale", config.calib_guidance_scale, 0.0)
+    _check_calib_kwargs(config.calib_kwargs)
     _choice("weight_scale", config.weight_scale, WEIGHT_SCALE_METHODS)
     _choice("act_mode", config.act_mode, ACT_MODES)
     _choice("act_method", config.act_method, ACT_METHODS)
@@ -190,11 +221,20 @@ def validate(config: PTQConfig) -> None:
             or not 2 <= config.softmax_bits <= 16:
         raise ValueError(f"PTQConfig.softmax_bits must be an int in [2, 16], got {config.softmax_bits!r}")
     _check_globs(config)
+    if config.activations is None and (config.timestep_groups > 1 or config.act_mode != "static"):
+        raise ValueError(f"PTQConfig.timestep_groups={config.timestep_groups} / act_mode={config.act_mode!r} set how "
+                         "activations are quantized, but activations=None keeps them in floating point")
     if config.act_exclude and config.activations is None:
         raise ValueError(f"PTQConfig.act_exclude={list(config.act_exclude)} keeps some layers' activations in "
                          "floating point, but activations=None already keeps all of them")
     _check_reconstruction(config)
     _check_gptq(config)
+
+
+def _check_calib_kwargs(pairs: tuple) -> None:
+    """(name, value) pairs with string names (a dict's items, as ``from_dict`` gives them)."""
+    if not all(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) for pair in pairs):
+        raise ValueError(f"PTQConfig.calib_kwargs takes (name, value) pairs, e.g. (('height', 32),); got {pairs!r}")
 
 
 def _check_globs(config: PTQConfig) -> None:
@@ -210,10 +250,14 @@ def _check_reconstruction(config: PTQConfig) -> None:
     if config.weights not in ("int8", "int4"):
         raise ValueError(f"PTQConfig.reconstruct=True needs integer weights ('int8' or 'int4'); "
                          f"got weights={config.weights!r}")
-    if not 0.0 <= config.recon_warmup < 1.0:
-        raise ValueError(f"PTQConfig.recon_warmup must be in [0, 1), got {config.recon_warmup!r}")
-    if len(config.recon_beta) != 2 or min(config.recon_beta) <= 0:
-        raise ValueError(f"PTQConfig.recon_beta must be (start, end) > 0, got {config.recon_beta!r}")
+    _finite("recon_warmup", config.recon_warmup, 0.0, 1.0)
+    for name in ("recon_lr", "recon_act_lr", "recon_p"):
+        _finite(name, getattr(config, name), 0.0, low_open=True)
+    _finite("recon_reg", config.recon_reg, 0.0)
+    ok = len(config.recon_beta) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                              and math.isfinite(b) and b > 0 for b in config.recon_beta)
+    if not ok:
+        raise ValueError(f"PTQConfig.recon_beta must be (start, end), two finite numbers > 0, got {config.recon_beta!r}")
 
 
 def _check_gptq(config: PTQConfig) -> None:
@@ -221,9 +265,7 @@ def _check_gptq(config: PTQConfig) -> None:
     _positive_int("gptq_blocksize", config.gptq_blocksize)
     _positive_int("gptq_groups", config.gptq_groups)
     _choice("gptq_group_scales", config.gptq_group_scales, GPTQ_GROUP_SCALES)
-    if isinstance(config.gptq_damp, bool) or not isinstance(config.gptq_damp, (int, float)) \
-            or not config.gptq_damp > 0:
-        raise ValueError(f"PTQConfig.gptq_damp must be a number > 0, got {config.gptq_damp!r}")
+    _finite("gptq_damp", config.gptq_damp, 0.0, low_open=True)
     if config.weight_rounding != "gptq":
         return
     if config.weights not in ("int8", "int4"):
