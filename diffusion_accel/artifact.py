@@ -184,6 +184,8 @@ def pipeline_source(pipe: Any) -> dict[str, Any] | None:
     if source is not None:
         return dict(source)
     name = getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    if name and Path(str(name)).is_dir():  # a relative folder would not be found from elsewhere
+        name = Path(str(name)).resolve()
     return {"spec": str(name), "dtype": None} if name else None
 
 

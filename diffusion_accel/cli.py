@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--selection", default=None, help='"all", "uniform:K" or "0,5,10" (default all)')
     calibrate.add_argument("--weighting", default=None,
                            help="uniform, linear, log-decrease or log-increase (default uniform)")
-    calibrate.add_argument("--collect", default="ranges,features",
-                           help="comma list of: ranges, hessian, features (default %(default)s)")
+    calibrate.add_argument("--collect", default=None,
+                           help="--method stats: comma list of ranges, hessian, features (default ranges,features)")
     calibrate.add_argument("--batch-size", type=int_at_least(1), default=None, help="items per pipeline call (default 1)")
     calibrate.add_argument("--layers", default=None, help="glob over eligible layer names (e.g. 'up_blocks.*')")
     calibrate.add_argument("--method", default="stats",
@@ -182,9 +182,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _check_eval_inputs(args: argparse.Namespace, metrics: list[str], fid_reference: Any, fid_extractor: Any) -> None:
-    """The FID reference (and its feature network), the CLIP model and the prompt file, checked before the
-    pipelines load (minutes for a hub model or an artifact; they were checked only after)."""
-    from . import prompts
+    """The FID reference (and its feature network) and the CLIP model, checked before the pipelines load
+    (minutes for a hub model or an artifact; they were checked only after; ``_load_variants`` checks the
+    prompt file and ``--call``)."""
     from .eval.clip_score import check_clip_model
     from .eval.fid import check_reference
 
@@ -192,8 +192,6 @@ def _check_eval_inputs(args: argparse.Namespace, metrics: list[str], fid_referen
         check_reference(fid_reference, fid_extractor)
     if "clip" in metrics and args.clip_model is not None:
         check_clip_model(args.clip_model)
-    if args.prompts is not None:
-        prompts.load(args.prompts, limit=args.num_prompts)
 
 
 def _fid_extractor(dtype_name: str, metrics: list[str], device: str | None) -> Any:
@@ -285,14 +283,19 @@ def _load_variants(args: argparse.Namespace) -> dict:
     """``--pipe NAME=SPEC`` (or bare SPEC) entries loaded in order, names unique."""
     from .loading import default_demo_spec, load_pipeline
 
+    _call_kwargs(args)  # a malformed --call, a missing --prompts file: errors before the first load
+    if getattr(args, "prompts", None) is not None:
+        from . import prompts
+
+        prompts.load(args.prompts, limit=args.num_prompts)
     entries = args.pipe or [default_demo_spec()]
-    pipes = {}
-    for entry in entries:
+    named: dict[str, str] = {}
+    for entry in entries:  # every name checked before the first (minutes-long) load
         name, _, spec = entry.partition("=") if "=" in entry else (entry, "", entry)
-        if name in pipes:
+        if name in named:
             raise ValueError(f"variant name {name!r} given twice; use NAME=SPEC to name variants")
-        pipes[name] = load_pipeline(spec, dtype=args.dtype, device=args.device)
-    return pipes
+        named[name] = spec
+    return {name: load_pipeline(spec, dtype=args.dtype, device=args.device) for name, spec in named.items()}
 
 
 def _prompts_for(args: argparse.Namespace, pipe: object) -> list:

@@ -34,6 +34,8 @@ def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str
     from .artifact import record_source
 
     torch_dtype = parse_dtype(dtype)
+    target = None if device is None else check_device(device)  # before minutes of loading
+    spec = _checked_spec(spec)
     base_spec, artifact = split_artifact_spec(spec)
     if artifact is not None:
         pipe = _load_with_artifact(base_spec, artifact, torch_dtype)
@@ -41,10 +43,25 @@ def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str
         pipe = _load_by_kind(spec, torch_dtype)
         if torch_dtype is not None and getattr(pipe, "dtype", None) != torch_dtype:
             pipe.to(dtype=torch_dtype)
-        record_source(pipe, spec, torch_dtype)
-    if device is not None:
-        pipe.to(check_device(device))
+        record_source(pipe, _portable_spec(spec), torch_dtype)
+    if target is not None:
+        pipe.to(target)
     return pipe
+
+
+def _checked_spec(spec: Any) -> str:
+    """``spec`` with ``~`` expanded; a ValueError for an empty or non-string one (``''`` reached the hub's
+    'Repo id must be ...' error)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"pipeline spec {spec!r} is empty; accepted: zoo:NAME, tiny:FAMILY, a local "
+                         "save_pretrained folder, an artifact folder, BASE+ARTIFACT, or a hub id like 'org/model'")
+    return str(Path(spec).expanduser()) if spec.startswith("~") else spec
+
+
+def _portable_spec(spec: str) -> str:
+    """What an artifact records as its base: a local folder as an absolute path (a relative one could not
+    be found from another working directory), anything else as given."""
+    return str(Path(spec).resolve()) if Path(spec).is_dir() else spec
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -114,6 +131,10 @@ def _load_by_kind(spec: str, torch_dtype: torch.dtype | None) -> Any:
     if spec.startswith("zoo:"):
         from . import zoo
 
+        if spec[4:] == "fashion-clip":
+            raise ValueError("zoo:fashion-clip is a CLIP model (it scores images and encodes text for the "
+                             "pipelines), not a diffusion pipeline; pipelines: zoo:fashion-sd, zoo:fashion-flux, "
+                             "zoo:mnist-ddpm")
         return zoo.load(spec[4:])
     if spec.startswith("tiny:"):
         from .testing.tiny import build_tiny

@@ -142,12 +142,31 @@ _OWN_SETTINGS = {"num_inference_steps": "--steps / [calibration] steps", "genera
                  "batch_size": "--batch-size / [calibration] batch_size"}
 
 
+# calibrate() parameters that are pipeline arguments it passes on (with its own handling): fine in --call
+_PIPELINE_ARGUMENTS_CALIBRATE_TAKES = ("guidance_scale", "negative_prompt", "num_images_per_prompt")
+
+
 def _check_call_table(call: dict[str, Any]) -> None:
     """Refuse ``--call`` / ``[call]`` keys that calibration sets from its own settings."""
     clashes = sorted(set(call) & set(_OWN_SETTINGS))
     if clashes:
         raise ValueError(f"--call / [call] may not set {clashes}: calibration sets them from "
                          f"{', '.join(_OWN_SETTINGS[key] for key in clashes)}")
+    own = sorted(set(call) & _calibrate_parameters())
+    if own:  # they reached calibrate() itself: 'multiple values' crashes, or silently changed its settings
+        raise ValueError(f"--call / [call] may not set {own}: these are settings of the calibration itself, "
+                         "not pipeline arguments (use the calibrate flags or the [calibration] table)")
+
+
+def _calibrate_parameters() -> set[str]:
+    """Names of ``calib.calibrate``'s own parameters (besides the pipeline arguments it passes on)."""
+    import inspect
+
+    from .calib import calibrate
+
+    return {name for name, parameter in inspect.signature(calibrate).parameters.items()
+            if parameter.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+            and name not in _PIPELINE_ARGUMENTS_CALIBRATE_TAKES}
 
 
 def build_collectors(pipe: Any, kinds: list[str], layer_glob: str | None) -> list[Any]:
@@ -213,16 +232,24 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     folder also gets ``calibration.json`` (base spec, settings, prompts, wall times).
     """
     methods = parse_methods(args.method)
+    _check_flags_apply(args, methods)
     recipe = load_recipe(args.recipe) if args.recipe else {}
     configs = technique_configs(methods, args, recipe)  # bad presets/options fail before any loading
     settings = merged_settings(args, recipe)  # and bad --call keys
+    if "cache" in methods:
+        _check_cache_table(_cache_table(args, recipe))
+    _check_calibration_settings(settings, args.seed)
     model = recipe.get("model", {})
-    spec = args.pipe or model.get("id") or default_demo_spec()
-    pipe = load_pipeline(spec, dtype=args.dtype or model.get("dtype"), device=args.device)
+    spec = args.pipe if args.pipe is not None else (model.get("id") or default_demo_spec())
+    _check_out_is_not_the_base(args.out, spec)
+    dtype = args.dtype or (model.get("dtype") if args.pipe is None else None)  # the recipe's dtype is its model's
+    pipe = load_pipeline(spec, dtype=dtype, device=args.device)
+    _check_chain_fits(pipe, methods)
     prompt_list = (prompt_sets.load(settings["prompts"], limit=settings["num_prompts"]) if settings["prompts"]
                    else prompt_sets.for_pipeline(pipe, limit=settings["num_prompts"]))
     if methods == ["stats"]:
-        collectors = build_collectors(pipe, [k.strip() for k in args.collect.split(",") if k.strip()], args.layers)
+        collectors = build_collectors(pipe, [k.strip() for k in (args.collect or DEFAULT_COLLECT).split(",")
+                                             if k.strip()], args.layers)
         calib = _run_calibration(pipe, prompt_list, settings, args.seed, collectors, store_trajectory=False)
         _write_statistics(Path(args.out), spec, pipe, settings, calib, collectors)
         return {"summary": calib.summary() + f"\nstatistics written to {args.out}/", "methods": methods,
@@ -234,6 +261,83 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     _write_artifact_notes(Path(args.out), spec, methods, settings, prompt_list, seconds)
     summary = "\n".join(summaries) + f"\nartifact (safetensors + manifest.json) written to {args.out}/"
     return {"summary": summary, "methods": methods, "seconds": seconds, "out": args.out}
+
+
+DEFAULT_COLLECT = "ranges,features"
+# calibrate flags -> the --method entries that read them (a flag for a method not run was ignored silently)
+_FLAG_METHODS = {"layers": ("stats",), "collect": ("stats",), "preset": ("ptq",),
+                 "sparsity": PRUNE_METHODS, "pattern": PRUNE_METHODS, "scope": PRUNE_METHODS,
+                 "allocation": PRUNE_METHODS, "cache_method": ("cache",), "budget": ("cache",),
+                 "interval": ("cache",), "forecast": ("cache",), "forecast_target": ("cache",)}
+
+
+def _check_flags_apply(args: argparse.Namespace, methods: list[str]) -> None:
+    """Refuse technique flags that no method of this run reads (``--layers`` looked like it limited
+    quantization; it only filters ``--method stats``)."""
+    idle = [f"--{flag.replace('_', '-')}" for flag, readers in _FLAG_METHODS.items()
+            if getattr(args, flag, None) is not None and not set(readers) & set(methods)]
+    if idle:
+        users = {f"--{flag.replace('_', '-')}": "/".join(readers) for flag, readers in _FLAG_METHODS.items()}
+        raise ValueError(f"{', '.join(idle)} not used by --method {','.join(methods)} (they apply to "
+                         f"{'; '.join(f'{flag}: {users[flag]}' for flag in idle)}); drop them or add the method")
+
+
+def _check_calibration_settings(settings: dict[str, Any], seed: int) -> None:
+    """Selection, weighting, seed and prompt file checked before the pipeline loads (each failed after it).
+    The selection is checked against twice the step count (Heun-like schedulers run 2N - 1 calls)."""
+    from .calib import resolve_weights, select_steps
+
+    selection = settings["selection"]
+    chosen = _selection(selection)
+    try:
+        select_steps(2 * settings["steps"], chosen)
+    except ValueError as error:
+        raise ValueError(f"--selection / [calibration] selection {selection!r}: {error}") from None
+    resolve_weights(settings["steps"], settings["weighting"])
+    if seed < 0:
+        raise ValueError(f"--seed must be an int >= 0, got {seed}")
+    if settings["prompts"]:
+        prompt_sets.load(settings["prompts"], limit=settings["num_prompts"])
+
+
+def _check_out_is_not_the_base(out: str, spec: str) -> None:
+    """Writing the artifact into the base model's folder left neither loadable by spec."""
+    base = spec.rpartition("+")[0] if "+" in spec and not Path(spec).exists() else spec
+    if Path(base).expanduser().is_dir() and Path(out).expanduser().resolve() == Path(base).expanduser().resolve():
+        raise ValueError(f"--out {out!r} is the base pipeline's folder; write the artifact to another folder")
+
+
+def _check_chain_fits(pipe: Any, methods: list[str]) -> None:
+    """An artifact loaded as the base already holds techniques: a method that must come before them in
+    the chain (pruning or PTQ after PTQ) fails after the calibration pass otherwise."""
+    from .artifact import applied_techniques
+
+    applied = [technique for technique in applied_techniques(pipe) if technique != "cache"]
+    late = {"prune": 0, "ptq": 1}
+    done = max((late[technique] for technique in applied if technique in late), default=-1)
+    blocked = [method for method in methods if method != "stats" and _STAGES[method] <= done and method != "cache"]
+    if blocked:
+        raise ValueError(f"the base pipeline already has {applied} applied; --method {','.join(blocked)} must come "
+                         "before them (the order is pruning, then ptq, then cache): start from the original model")
+
+
+def _cache_table(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
+    """The ``[cache]`` table with the cache flags over it (the recipe's keys only for its own method)."""
+    table = dict(recipe.get("cache", {}))
+    if args.cache_method is not None and args.cache_method != table.get("method"):
+        table = {}  # the recipe's keys belong to its own method
+    flags = (("method", args.cache_method), ("budget", args.budget), ("interval", args.interval),
+             ("forecast", args.forecast), ("forecast_target", args.forecast_target))
+    return table | {key: value for key, value in flags if value is not None}
+
+
+def _check_cache_table(table: dict[str, Any]) -> None:
+    """A ``[cache]`` table naming its method is checked before loading (it failed after the chain's
+    calibration, pruning and quantization); one without a method gets the pipeline's default later."""
+    from .cache.recipe import check_table
+
+    if table.get("method"):
+        check_table(table)
 
 
 def _apply_chain(pipe: Any, methods: list[str], configs: dict[str, Any], args: argparse.Namespace,
@@ -311,16 +415,12 @@ def _apply_cache(pipe: Any, args: argparse.Namespace, recipe: dict[str, Any], pr
                  settings: dict[str, Any]) -> str:
     """Enable the cache of the recipe's ``[cache]`` table (+ flags), calibrating it on the prompts
     first where the method needs it (a calibrated schedule, TeaCache's polynomial)."""
-    from .cache import enable_cache
+    from .cache import enable_cache, remove_cache
     from .cache.configs import config_to_dict
     from .cache.recipe import config_from_table, default_cache_table
 
-    table = dict(recipe.get("cache", {}))
-    if args.cache_method is not None and args.cache_method != table.get("method"):
-        table = {}  # the recipe's keys belong to its own method
-    flags = (("method", args.cache_method), ("budget", args.budget), ("interval", args.interval),
-             ("forecast", args.forecast), ("forecast_target", args.forecast_target))
-    table |= {key: value for key, value in flags if value is not None}
+    table = _cache_table(args, recipe)
+    remove_cache(pipe)  # an artifact's cache is replaced; calibrating a schedule needs the uncached model
     if not table.get("method"):
         table = default_cache_table(pipe) | table
     config = config_from_table(pipe, table, prompt_list, settings["steps"], seed=args.seed,
@@ -330,9 +430,13 @@ def _apply_cache(pipe: Any, args: argparse.Namespace, recipe: dict[str, Any], pr
 
 
 def _selection(value: Any) -> Any:
-    """``"0,5,10"`` -> [0, 5, 10]; names such as "all" or "uniform:K" pass through."""
+    """``"0,5,10"`` -> [0, 5, 10]; names such as "all" or "uniform:K" pass through; ``"0,,3"`` is a
+    ValueError naming it (it was int()'s "invalid literal ... ''")."""
     if isinstance(value, str) and value.replace(",", "").replace(" ", "").isdigit():
-        return [int(part) for part in value.split(",")]
+        parts = [part.strip() for part in value.split(",")]
+        if not all(parts):
+            raise ValueError(f"--selection {value!r}: expected comma-separated step indices such as '0,5,10'")
+        return [int(part) for part in parts]
     return value
 
 

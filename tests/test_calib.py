@@ -573,3 +573,24 @@ def test_replay_fits_the_same_model_loaded_from_its_folder(sd_pipe, tmp_path):
     sd_pipe.unet.save_pretrained(tmp_path)
     reloaded = UNet2DConditionModel.from_pretrained(tmp_path)
     assert calibration.replay(RangeObserver([SD_CONV]), reloaded, progress=False).observed_calls > 0
+
+
+def test_class_ids_beyond_the_model_and_huge_seeds_are_refused_before_any_call():
+    """DiT id 5000 failed mid-run inside the embedding (1000, the CFG null label, ran silently); a seed of
+    2**64 failed in torch with 'Overflow when unpacking long long'."""
+    pipe = build_tiny("dit")
+    classes = pipe.transformer.config.num_embeds_ada_norm
+    with pytest.raises(ValueError, match=f"class ids \\[{classes}\\] are out of range"):
+        calibrate(pipe, [classes], num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="seed must be an int in"):
+        calibrate(build_tiny("sd"), ["a cat"], num_inference_steps=2, seed=2 ** 64, progress=False)
+
+
+def test_custom_timesteps_set_the_number_of_calibrated_steps():
+    """With timesteps=[999, 500, 1] three steps ran while ten were planned (and weighted)."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = build_tiny("sd")
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    result = calibrate(pipe, ["a cat"], num_inference_steps=10, timesteps=[999, 500, 1], progress=False)
+    assert result.num_steps == 3 and list(result.selected_steps) == [0, 1, 2]

@@ -402,9 +402,9 @@ def test_calibrate_an_unconditional_pipeline(tmp_path, capsys):
 ])
 def test_eval_checks_its_flags_before_loading_any_pipeline(flags, message, monkeypatch, capsys):
     """Each was checked only after every --pipe had loaded (minutes for a hub model or an artifact)."""
-    import diffusion_accel.cli as cli
+    import diffusion_accel.loading as loading
 
-    monkeypatch.setattr(cli, "_load_variants", lambda args: pytest.fail("loaded pipelines"))
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
     assert main(["eval", "--pipe", "tiny:sd", *flags]) == 2
     assert message in capsys.readouterr().err
 
@@ -415,3 +415,53 @@ def test_bench_batch_size_above_num_prompts_cycles_prompts(tmp_path):
                  "--repeats", "1", "--metrics", "latency", "--out", str(tmp_path)]) == 0
     notes = json.loads((tmp_path / "report.json").read_text())["notes"]
     assert any("calls of 3 image(s)" in note for note in notes)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["calibrate", "--method", "ptq", "--sparsity", "0.5", "--layers", "x*"], "--layers, --sparsity not used by --method ptq"),
+    (["calibrate", "--method", "stats", "--preset", "w4a8"], "--preset not used by --method stats"),
+    (["calibrate", "--method", "ptq", "--call", "seed=3"], "may not set ['seed']: these are settings of the calibration"),
+    (["calibrate", "--method", "obs,ptq,cache", "--cache-method", "bogus"], "[cache] method 'bogus'"),
+    (["calibrate", "--method", "cache", "--cache-method", "deepcache", "--budget", "0.2"], "do not apply to method 'deepcache'"),
+    (["calibrate", "--selection", "0,,3"], "expected comma-separated step indices"),
+    (["calibrate", "--weighting", "nope"], "nope"),
+    (["calibrate", "--seed", "-1"], "--seed must be an int >= 0"),
+    (["calibrate", "--prompts", "/no/such/prompts.txt"], "prompts.txt"),
+    (["calibrate", "--device", "cuda:7"], "not available"),
+    (["calibrate", "--pipe", ""], "is empty"),
+    (["bench", "--prompts", "/no/such/prompts.txt"], "prompts.txt"),
+    (["grid", "--call", "height"], "expected KEY=VALUE"),
+    (["bench", "--pipe", "a=tiny:sd", "--pipe", "a=tiny:dit"], "given twice"),
+])
+def test_command_line_inputs_are_checked_before_any_pipeline_loads(argv, message, monkeypatch, capsys, tmp_path):
+    """Each was found only after the pipeline loaded (minutes for a hub model), or ran ignoring the flag."""
+    import diffusion_accel.loading as loading
+
+    real = loading.load_pipeline
+    monkeypatch.setattr(loading, "load_pipeline", lambda spec, *a, **k: pytest.fail("loaded a pipeline")
+                        if spec.startswith("tiny:") else real(spec, *a, **k))
+    extra = ["--pipe", "tiny:sd"] if "--pipe" not in argv else []
+    out = ["--out", str(tmp_path / "out")] if argv[0] == "calibrate" else []
+    assert main([*argv, *extra, *out]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_zoo_fashion_clip_is_no_pipeline_spec(capsys, tmp_path):
+    assert main(["calibrate", "--pipe", "zoo:fashion-clip", "--out", str(tmp_path / "o")]) == 2
+    assert "is a CLIP model" in capsys.readouterr().err
+
+
+def test_an_artifact_from_a_relative_folder_loads_from_another_directory(tmp_path, monkeypatch):
+    """The manifest recorded the relative folder: loading from elsewhere said 'unknown pipeline spec'."""
+    from diffusion_accel.loading import load_pipeline
+    from diffusion_accel.testing.tiny import build_tiny
+
+    monkeypatch.chdir(tmp_path)
+    build_tiny("sd").save_pretrained("base")
+    assert main(["calibrate", "--pipe", "base", "--method", "magnitude", "--sparsity", "0.3", "--steps", "2",
+                 "--num-prompts", "1", "--out", "art"]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert load_pipeline("../art").unet is not None
+    assert main(["calibrate", "--pipe", "../base", "--method", "magnitude", "--steps", "2", "--num-prompts", "1",
+                 "--out", "../base"]) == 2  # writing into the base's folder left neither loadable

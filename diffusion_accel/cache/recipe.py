@@ -13,7 +13,7 @@ from dataclasses import fields
 from typing import Any
 
 from .calibrated import calibrate_schedule
-from .configs import (BlockCacheConfig, DeepCacheConfig, DeltaCacheConfig, EncoderPropagationConfig,
+from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, DeltaCacheConfig, EncoderPropagationConfig,
                       FirstBlockCacheConfig, TeaCacheConfig)
 from .teacache_fit import fit_teacache_coefficients
 
@@ -46,6 +46,24 @@ def config_from_table(pipe: Any, table: dict[str, Any], prompts: Any, num_infere
         options["coefficients"] = fit_teacache_coefficients(pipe, prompts, num_inference_steps, degree=degree,
                                                             seed=seed, **call_kwargs)
     return STATIC_METHODS[method](**options)
+
+
+def check_table(table: dict[str, Any]) -> None:
+    """Validate a ``[cache]`` table that names its method before any pipeline is loaded or calibrated:
+    its method, its keys, and (for methods needing no calibration) its values."""
+    options = dict(table)
+    method = options.pop("method", None)
+    if method not in CACHE_METHODS:
+        raise ValueError(f"[cache] method {method!r}: accepted methods are {', '.join(CACHE_METHODS)}")
+    if method == "calibrated":
+        _check_keys(method, options, CALIBRATED_KEYS)
+        if "budget" in options:  # the config checks it; any schedule will do for that
+            CalibratedCacheConfig((0,), 1, budget=options["budget"])
+        return
+    options.pop("degree", None)
+    _check_keys(method, options, tuple(f.name for f in fields(STATIC_METHODS[method])))
+    if method != "teacache" or options.get("coefficients") is not None:
+        STATIC_METHODS[method](**options)
 
 
 def default_cache_table(pipe: Any) -> dict[str, Any]:

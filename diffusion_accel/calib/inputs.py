@@ -99,7 +99,19 @@ def _class_items(pipe: Any, prompts: Any) -> list[int]:
         if isinstance(item, bool) or not isinstance(item, int) or item < 0:
             raise TypeError(f"class ids must be ints >= 0 or label strings, got {item!r}")
         ids.append(int(item))
+    classes = _class_count(pipe)
+    beyond = [item for item in ids if classes is not None and item >= classes]
+    if beyond:  # 1000 is DiT's unconditional (CFG) label; larger ids failed inside the embedding
+        raise ValueError(f"class ids {beyond[:5]} are out of range: {type(pipe).__name__} has {classes} classes "
+                         f"(ids 0..{classes - 1})")
     return ids
+
+
+def _class_count(pipe: Any) -> int | None:
+    """Classes of a class-conditional pipeline's denoiser (DiT: ``num_embeds_ada_norm``), None if unknown."""
+    denoiser = getattr(pipe, "transformer", None)
+    count = getattr(getattr(denoiser, "config", None), "num_embeds_ada_norm", None)
+    return int(count) if isinstance(count, int) else None
 
 
 def placeholder_prompts(prompts: Any, num_samples: int | None) -> tuple[Any, int | None]:
@@ -161,11 +173,16 @@ def _batch_inputs(mode: str, batch: list[Any], per_item: int, negative_prompt: A
     return inputs
 
 
+MAX_SEED = 2 ** 63 - 1
+
+
 def _check_counts(batch_size: int, num_images_per_prompt: int, seed: int) -> None:
     for label, value, low in (("batch_size", batch_size, 1), ("num_images_per_prompt", num_images_per_prompt, 1),
                               ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{label} must be an int >= {low}, got {value!r}")
+    if seed > MAX_SEED:  # call k is seeded seed + k; torch generators overflowed past 2**64 - 1
+        raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {seed!r}")
 
 
 def _check_call_kwargs(pipe: Any, call_kwargs: dict[str, Any]) -> None:

@@ -49,7 +49,8 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
     most ``max_trajectory_bytes``) for ``Calibration.replay``. Extra keyword arguments go to every
     pipeline call (e.g. height, width). The pipeline is left exactly as it was.
     """
-    num_steps = denoiser_steps(pipe, num_inference_steps)  # 2N - 1 for Heun: selections span them all
+    num_steps = denoiser_steps(pipe, num_inference_steps, call_kwargs.get("timesteps"),  # Heun: 2N - 1
+                               call_kwargs.get("sigmas"))
     selected = select_steps(num_steps, steps)
     weights = resolve_weights(num_steps, weighting, weight_range)
     prompts, num_samples = placeholder_prompts(prompts, num_samples)
@@ -90,8 +91,9 @@ def _check_selected_steps_ran(result: Calibration) -> None:
     missed = [step for step in result.selected_steps if step not in result.timesteps]
     if not ran or not missed:
         return
-    where = (f"the pipeline ran steps {ran[0]}..{ran[-1]} of {result.num_steps} "
-             f"(img2img and inpainting start mid-schedule)")
+    why = ("img2img and inpainting start mid-schedule" if ran[0] > 0 else
+           "the trajectory ended early: custom timesteps or sigmas, or a callback that interrupted it")
+    where = f"the pipeline ran steps {ran[0]}..{ran[-1]} of {result.num_steps} ({why})"
     if not observed:
         raise ValueError(f"none of the selected calibration steps {result.selected_steps} ran: {where}; "
                          f"select steps among those, or steps='all'")

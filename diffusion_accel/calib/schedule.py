@@ -19,28 +19,34 @@ SELECTION_FORMS = ('"all"', '"uniform:K"', '"every:K"', "a list of step indices"
 WEIGHTING_SCHEMES = ("uniform", "linear", "log-decrease", "log-increase")
 
 
-def denoiser_steps(pipe: Any, num_inference_steps: int) -> int:
+def denoiser_steps(pipe: Any, num_inference_steps: int, timesteps: Sequence[float] | None = None,
+                   sigmas: Sequence[float] | None = None) -> int:
     """Denoiser calls per item in one call of ``pipe`` with ``num_inference_steps``: the length of its
     scheduler's timesteps once set (a copy of the scheduler is set, never the pipeline's own).
 
-    Schedulers that need more than the step count to set their timesteps (Flux's dynamic shifting needs
-    ``mu``, which does not change their length) are set with ``mu=0``; where even that fails, or the
-    pipeline has no scheduler, the answer is ``num_inference_steps``.
+    A call with custom ``timesteps`` / ``sigmas`` (diffusers' ``retrieve_timesteps``) sets those instead:
+    until session 27 the count ignored them (3 custom timesteps were planned as 10 steps). Schedulers
+    that need more than the step count to set their timesteps (Flux's dynamic shifting needs ``mu``,
+    which does not change their length) are set with ``mu=0``; where even that fails, or the pipeline
+    has no scheduler, the answer is ``num_inference_steps`` (or the custom schedule's length).
     """
     _check_num_steps(num_inference_steps)
+    custom = {"timesteps": list(timesteps)} if timesteps is not None else \
+        {"sigmas": list(sigmas)} if sigmas is not None else {}
+    fallback = len(next(iter(custom.values()))) if custom else num_inference_steps
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None or not hasattr(scheduler, "set_timesteps"):
-        return num_inference_steps
+        return fallback
     probe = copy.deepcopy(scheduler)
     for extra in ({}, {"mu": 0.0}):
         try:
-            probe.set_timesteps(num_inference_steps, **extra)
+            probe.set_timesteps(**(custom or {"num_inference_steps": num_inference_steps}), **extra)
         except (TypeError, ValueError):
             continue
-        timesteps = getattr(probe, "timesteps", None)
-        if isinstance(timesteps, torch.Tensor) and timesteps.numel() > 0:
-            return int(timesteps.numel())
-    return num_inference_steps
+        found = getattr(probe, "timesteps", None)
+        if isinstance(found, torch.Tensor) and found.numel() > 0:
+            return int(found.numel())
+    return fallback
 
 
 def select_steps(num_steps: int, selection: str | Sequence[int] = "all") -> list[int]:

@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> Path:
             raise ValueError(f"{option} applies to {WARM_STARTABLE}, not to {args.name!r}")
     if args.arch is not None and args.name != "fashion-flux":
         raise ValueError(f"--arch applies to fashion-flux, not to {args.name!r}")
+    if args.freeze_text and args.name != "fashion-clip":
+        raise ValueError(f"--freeze-text applies to fashion-clip, not to {args.name!r}")
     if args.lr is not None and not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     module = importlib.import_module(f"{__package__}.{TRAINERS[args.name]}")
