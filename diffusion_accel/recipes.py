@@ -178,8 +178,14 @@ def build_collectors(pipe: Any, kinds: list[str], layer_glob: str | None) -> lis
         raise ValueError(f"--collect {','.join(kinds)!r}: accepted kinds are {', '.join(COLLECTOR_KINDS)}")
     adapter = get_adapter(pipe)
     layers = [name for name in adapter.eligible_layers() if fnmatch.fnmatch(name, layer_glob or "*")]
-    if not layers:
-        raise ValueError(f"--layers {layer_glob!r} matches no eligible layer of {adapter.family}")
+    if not layers and set(kinds) & {"ranges", "hessian"}:  # features read blocks, not layers
+        from .artifact import applied_techniques
+
+        why = (f"--layers {layer_glob!r} matches no eligible (Linear / Conv2d) layer of {adapter.family}"
+               if layer_glob else f"{adapter.family} has no eligible (Linear / Conv2d) layer")
+        applied = applied_techniques(pipe)
+        raise ValueError(why + (f"; its layers were replaced by {applied}: collect statistics on the base model"
+                                if applied else ""))
     factories = {"ranges": lambda: RangeObserver(layers, per_step=True),
                  "hessian": lambda: HessianCollector(layers),
                  "features": lambda: FeatureChangeProbe([block.name for block in adapter.blocks()])}
