@@ -23,13 +23,13 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 def positive_float(text: str) -> float:
-    """An argparse type accepting a float > 0 (a time budget, a learning rate)."""
+    """An argparse type accepting a finite float > 0 (a time budget, a learning rate)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {value}")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
     return value
 
 

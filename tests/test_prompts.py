@@ -32,5 +32,26 @@ def test_files_that_are_not_prompt_sets_are_clear_errors(tmp_path, name, content
 def test_unknown_names_and_bad_limits_are_clear_errors():
     with pytest.raises(ValueError, match=r"unknown prompt set 'nope': not a bundled set \(.*default"):
         prompts.load("nope")
-    with pytest.raises(ValueError, match=r"limit must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"limit must be None or an int >= 1, got 0"):
         prompts.load("default", limit=0)
+
+
+@pytest.mark.parametrize("limit", [0, -1, 2.5, "3", True])
+def test_prompt_limits_are_ints_of_at_least_one_for_every_kind_of_pipeline(limit):
+    """DiT / DDPM took limit=0 as 8 and -1 as none; floats were bare TypeErrors, True one prompt."""
+    from diffusion_accel.testing.tiny import build_tiny
+
+    for pipe in (build_tiny("dit"), build_tiny("ddpm")):
+        with pytest.raises(ValueError, match="limit must be None or an int >= 1"):
+            prompts.for_pipeline(pipe, limit=limit)
+    with pytest.raises(ValueError, match="limit must be None or an int >= 1"):
+        prompts.load("fashion", limit=limit)
+
+
+def test_blank_json_prompts_and_byte_order_marks_are_dropped(tmp_path):
+    (tmp_path / "blank.json").write_text('["", "  "]', encoding="utf-8")
+    with pytest.raises(ValueError, match="is empty"):
+        prompts.load(tmp_path / "blank.json")
+    (tmp_path / "bom.txt").write_text("\ufeff# a comment\nhello\n", encoding="utf-8")
+    (tmp_path / "bom.json").write_text('\ufeff["hi", " "]', encoding="utf-8")
+    assert prompts.load(tmp_path / "bom.txt") == ["hello"] and prompts.load(tmp_path / "bom.json") == ["hi"]

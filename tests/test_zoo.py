@@ -67,6 +67,34 @@ def test_loader_reads_an_xz_copy_made_by_pack_xz(tmp_path):
     assert got_labels.tolist() == labels.tolist()
 
 
+def test_loader_finds_one_split_raw_files_and_names_damaged_or_mismatched_ones(tmp_path, monkeypatch):
+    """Only test files, or gunzipped ones, were 'not found'; a damaged file's error named no path;
+    another split's labels loaded silently; a wrong $DIFFUSION_ACCEL_FASHION_MNIST fell back to Debian's."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (5, 28, 28)), rng.integers(0, 10, (5,))
+    _write_idx_gz(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    _write_idx_gz(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    assert load_split("test", root=tmp_path)[0].shape == (5, 28, 28)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        import gzip
+
+        (raw / name).write_bytes(gzip.decompress((tmp_path / f"{name}.gz").read_bytes()))
+    assert load_split("test", root=raw)[1].tolist() == labels.tolist()
+    _write_idx_gz(tmp_path / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, (7,)))
+    with pytest.raises(ValueError, match="5 images but 7 labels"):
+        load_split("test", root=tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz is damaged"):
+        load_split("test", root=tmp_path)
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        find_root()
+
+
 @needs_data
 def test_loader_shapes_and_range():
     images, labels = load_split("test")
@@ -477,8 +505,8 @@ def test_gpu_training_turns_off_cudnn_attention(monkeypatch):
     ("--steps", "0", "must be an int >= 1, got 0"),  # 0 used to mean the default (a full run)
     ("--steps", "-5", "must be an int >= 1, got -5"),
     ("--batch-size", "0", "must be an int >= 1, got 0"),
-    ("--time-budget-min", "-1", "must be a number > 0, got -1.0"),  # stopped after one step and exported
-    ("--lr", "0", "must be a number > 0, got 0.0"),
+    ("--time-budget-min", "-1", "must be a finite number > 0, got -1.0"),  # stopped after one step and exported
+    ("--lr", "0", "must be a finite number > 0, got 0.0"),
 ])
 def test_train_options_reject_bad_numbers_before_training(capsys, option, value, message):
     from diffusion_accel.zoo.train import add_train_arguments

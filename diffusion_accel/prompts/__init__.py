@@ -15,25 +15,31 @@ def names() -> list[str]:
 
 def load(name_or_path: str | Path, limit: int | None = None) -> list[str]:
     """Prompts of a bundled set or of a file (``.txt`` one per line, ``#`` comments; ``.json`` list)."""
+    _check_limit(limit)
     path = _resolve(name_or_path)
     if path.suffix.lower() == ".json":
-        try:
-            prompts = json.loads(path.read_text(encoding="utf-8"))
+        try:  # utf-8-sig: a byte-order mark is no part of the text
+            prompts = json.loads(path.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path} is not a JSON list of strings: {error}") from None
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"{path} must hold a JSON list of strings")
+        prompts = [prompt.strip() for prompt in prompts if prompt.strip()]  # as blank .txt lines are
     else:
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
         except UnicodeDecodeError as error:
             raise ValueError(f"{path} is not a UTF-8 text file of prompts, one per line: {error}") from None
         prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise ValueError(f"prompt set {str(name_or_path)!r} is empty")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
     return prompts[:limit] if limit else prompts
+
+
+def _check_limit(limit: object) -> None:
+    """``limit`` is None or an int >= 1 (floats, strings and bools were bare TypeErrors or taken as 1)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be None or an int >= 1, got {limit!r}")
 
 
 def _resolve(name_or_path: str | Path) -> Path:
@@ -55,6 +61,7 @@ def for_pipeline(pipe: object, limit: int | None = None) -> list:
     """
     import inspect
 
+    _check_limit(limit)
     parameters = inspect.signature(type(pipe).__call__).parameters
     count = limit or 8
     if "prompt" in parameters:

@@ -57,6 +57,10 @@ def load(name: str, torch_dtype: torch.dtype = torch.float32, folder: str | Path
     ``folder``: another save_pretrained folder of that model (a training export or a staged ship) to load
     with the same settings instead of the shipped one.
     """
+    if not isinstance(torch_dtype, torch.dtype):  # diffusers fell back to fp32 while the source said float16
+        from ..loading import parse_dtype
+
+        torch_dtype = parse_dtype(torch_dtype) or torch.float32
     shipped = folder is None
     folder = path(name) if shipped else _export_folder(name, Path(folder))
     if name == "fashion-clip":

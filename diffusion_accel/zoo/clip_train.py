@@ -108,6 +108,7 @@ def train(cfg: C.RunConfig, name: str = "fashion-clip") -> Path:
     model = CLIPModel(clip_config(len(tok), tok)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, betas=(0.9, 0.98))
     images, labels = C.load_data(cfg, "train")
+    test_x, test_y = C.load_data(cfg, "test")  # read before training: a missing split failed after it
     ids, mask = (t.to(device) for t in tokenize_captions(tok, all_captions()))
     bs = cfg.batch_size or DEFAULT_BATCH
     start, elapsed, commands = C.resume(cfg, {"model": model, "opt": opt}, gen)
@@ -134,7 +135,6 @@ def train(cfg: C.RunConfig, name: str = "fashion-clip") -> Path:
             module.requires_grad_(False)
     t_start = time.time()
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, "fashion-clip")
-    test_x, test_y = C.load_data(cfg, "test")
     acc = zero_shot_accuracy(model, tok, to_rgb32(test_x), test_y)
     print(f"fashion-clip: zero-shot test accuracy {acc:.4f} after {done} steps")
     info = {"name": "fashion-clip", "seed": cfg.seed, "steps": done, "batch_size": bs,

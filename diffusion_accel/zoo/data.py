@@ -15,26 +15,29 @@ DEFAULT_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/fashion-mnist")
 CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat",
                "sandal", "shirt", "sneaker", "bag", "ankle boot")
 SPLITS = {"train": "train", "test": "t10k"}
-COMPRESSIONS = {".gz": gzip.open, ".xz": lzma.open}  # Debian ships .gz; .xz is 15% smaller (pack_xz)
+# Debian ships .gz; .xz is 15% smaller (pack_xz); "" is a gunzipped download
+COMPRESSIONS = {".gz": gzip.open, ".xz": lzma.open, "": open}
 
 
 def idx_file(folder: Path, stem: str) -> Path:
-    """``folder/stem.gz`` or ``folder/stem.xz``, whichever exists (the .gz path when neither does)."""
+    """``folder/stem.gz``, ``.xz`` or uncompressed, whichever exists (the .gz path when none does)."""
     for suffix in COMPRESSIONS:
         if (folder / f"{stem}{suffix}").is_file():
             return folder / f"{stem}{suffix}"
     return folder / f"{stem}.gz"
 
 
-def find_root(root: str | os.PathLike | None = None) -> Path:
-    """Return the folder holding the idx files: ``root``, then $DIFFUSION_ACCEL_FASHION_MNIST, then Debian's."""
-    candidates = [Path(root)] if root is not None else []
-    if root is None and os.environ.get(ENV_VAR):
-        candidates.append(Path(os.environ[ENV_VAR]))
-    if root is None:
-        candidates += [Path(d) for d in DEFAULT_DIRS]
+def find_root(root: str | os.PathLike | None = None, split: str = "train") -> Path:
+    """Return the folder holding ``split``'s idx files: ``root``, else $DIFFUSION_ACCEL_FASHION_MNIST when set
+    (only it: a wrong one was skipped silently for Debian's), else Debian's."""
+    if root is not None:
+        candidates = [Path(root)]
+    elif os.environ.get(ENV_VAR):
+        candidates = [Path(os.environ[ENV_VAR])]
+    else:
+        candidates = [Path(d) for d in DEFAULT_DIRS]
     for folder in candidates:
-        if idx_file(folder, "train-images-idx3-ubyte").is_file():
+        if idx_file(folder, f"{SPLITS.get(split, 'train')}-images-idx3-ubyte").is_file():
             return folder
     tried = ", ".join(str(c) for c in candidates)
     raise FileNotFoundError(
@@ -48,21 +51,28 @@ def _read_idx(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"missing Fashion-MNIST file {path}; install `dataset-fashion-mnist` "
                                 f"or point {ENV_VAR} at a folder holding all four *-ubyte.gz files")
-    with COMPRESSIONS[path.suffix](path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    opener = COMPRESSIONS.get(path.suffix, open)
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        ndim = data[3]
+        dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    except (OSError, EOFError, lzma.LZMAError, ValueError, IndexError) as error:
+        raise ValueError(f"dataset file {path} is damaged or not an idx file ({error}); download it "
+                         "again (Fashion-MNIST: reinstall `dataset-fashion-mnist`)") from None
 
 
 def load_split(split: str = "train", root: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (images uint8 N×28×28, labels int64 N) of ``split`` ("train" 60k or "test" 10k)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    folder = find_root(root)
+    folder = find_root(root, split)
     prefix = SPLITS[split]
     images = _read_idx(idx_file(folder, f"{prefix}-images-idx3-ubyte"))
     labels = _read_idx(idx_file(folder, f"{prefix}-labels-idx1-ubyte"))
+    if len(images) != len(labels):  # e.g. another split's labels copied over these
+        raise ValueError(f"Fashion-MNIST {split} split in {folder}: {len(images)} images but {len(labels)} labels")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 

@@ -116,6 +116,7 @@ def train(cfg: C.RunConfig, name: str) -> Path:
     opt_g = torch.optim.AdamW(decoder_parameters(vae), lr=peak_lr, weight_decay=0.0, betas=(0.5, 0.9))
     opt_d = torch.optim.AdamW(disc.parameters(), lr=peak_lr, weight_decay=0.0, betas=(0.5, 0.9))
     images, _ = C.load_data(cfg, "train")
+    test_images = C.load_data(cfg, "test")[0]  # read before training: a missing split failed after it
     bs = cfg.batch_size or DEFAULT_BATCH
     start, elapsed, commands = C.resume(cfg, {"model": vae, "disc": disc, "opt_g": opt_g, "opt_d": opt_d}, gen)
     t_start = time.time()
@@ -146,7 +147,7 @@ def train(cfg: C.RunConfig, name: str) -> Path:
                 "elapsed_s": elapsed + (time.time() - t_start), "commands": commands}
 
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, name)
-    metrics = evaluate(vae, C.load_data(cfg, "test")[0])
+    metrics = evaluate(vae, test_images)
     print(f"{name}: test PSNR {metrics['test_psnr_db']:.2f} dB after {done} steps")
     origin = {"init_from": source_label} if cfg.init_from is not None else {"source": source_label}
     info = {"name": name, **origin, "seed": cfg.seed, "steps": done, "batch_size": bs,

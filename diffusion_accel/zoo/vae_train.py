@@ -97,6 +97,7 @@ def train(cfg: C.RunConfig, name: str) -> Path:
     vae.to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99))
     images, _ = C.load_data(cfg, "train")
+    test_images = C.load_data(cfg, "test")[0]  # read before training: a missing split failed after it
     bs = cfg.batch_size or DEFAULT_BATCH
     start, elapsed, commands = C.resume(cfg, {"model": vae, "opt": opt}, gen)
     t_start = time.time()
@@ -119,7 +120,7 @@ def train(cfg: C.RunConfig, name: str) -> Path:
                 "step": step, "elapsed_s": elapsed + (time.time() - t_start), "commands": commands}
 
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, name)
-    metrics = evaluate(vae, C.load_data(cfg, "test")[0])
+    metrics = evaluate(vae, test_images)
     print(f"{name}: test PSNR {metrics['test_psnr_db']:.2f} dB after {done} steps")
     info = {"name": name, "seed": cfg.seed, "steps": done, "batch_size": bs, "device": str(device),
             "wall_time_s": round(elapsed + time.time() - t_start, 1), "threads": torch.get_num_threads(),
