@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", type=Path, help="recipe TOML files (default: every pipelines/*.toml)")
     parser.add_argument("--methods", default="ptq", help="technique chain, e.g. ptq or obs,ptq,cache (default ptq)")
-    parser.add_argument("--preset", default=None, help="PTQ preset (w8a8, w4a8, w8a16, w4a16, fp8, qdiffusion)")
+    parser.add_argument("--preset", default=None, help="PTQ preset (w8a8, w4a8, w8a16, w4a16, fp8, qdiffusion, cpu-fast)")
     parser.add_argument("--sparsity", type=float, default=None, help="pruning sparsity")
     parser.add_argument("--pattern", default=None, help="pruning pattern: unstructured, 2:4, 4:8, structured")
     parser.add_argument("--pipe", default=None, help="load this pipeline instead of the recipe's model id "

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="stats (collector statistics), ptq (quantize), obs, wanda or magnitude "
                                 "(prune), cache (enable and calibrate a cache), or a chain saved as one "
                                 "artifact, in this order: e.g. obs,ptq,cache; default %(default)s")
-    calibrate.add_argument("--preset", default=None, help="PTQ preset: w8a8 (default), w4a8, w8a16, fp8, w4a16, qdiffusion")
+    calibrate.add_argument("--preset", default=None,
+                           help="PTQ preset: w8a8 (default), w4a8, w8a16, fp8, w4a16, qdiffusion, cpu-fast")
     calibrate.add_argument("--sparsity", type=float, default=None, help="pruning sparsity, e.g. 0.5")
     calibrate.add_argument("--pattern", default=None, help="pruning pattern: unstructured, 2:4, 4:8, structured")
     calibrate.add_argument("--scope", default=None, choices=("layer", "global"),
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipe_args(evaluate, many=True)
     _add_generation_args(evaluate, steps=25)
     evaluate.add_argument("--metrics", default="psnr,ssim,latency,flops",
-                          help="comma list of: fid, clip, psnr, ssim, latency, memory, flops")
+                          help="comma list of: fid, clip, psnr, ssim, latency, memory, flops (default %(default)s)")
     evaluate.add_argument("--fid-reference", default=None,
                           help="FID reference: a stats file, an image folder, or DATASET:SPLIT of the zoo's "
                                "data (fashion-mnist:test, mnist:test); its statistics are cached")

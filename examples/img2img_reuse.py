@@ -1,5 +1,5 @@
 """Accelerate once, reuse everywhere: an img2img pipeline built from the accelerated text-to-image
-pipeline's components runs the same W8A8 + DeepCache denoiser, on the steps it actually runs.
+pipeline's components runs the same W8A8 + cached denoiser, on the steps it actually runs.
 
     python examples/img2img_reuse.py [--pipe zoo:fashion-sd] [--steps 50] [--strength 0.6]
 
@@ -18,7 +18,8 @@ from diffusion_accel.loading import default_demo_spec, load_pipeline
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pipe", default=default_demo_spec())
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--strength", type=float, default=0.6)
@@ -41,12 +42,12 @@ def main() -> None:
     calib = da.calibrate(pipe, da.prompts.load("fashion")[:4], num_inference_steps=args.steps,
                          steps=f"uniform:{min(5, args.steps)}", progress=False, **defaults)
     da.quantize_(pipe, da.PTQConfig.preset("w8a8"), calib=calib)
-    da.enable_cache(pipe, da.DeepCacheConfig(interval=3, branch=0))
+    da.enable_cache(pipe, da.default_cache_config(pipe))  # DeepCache on UNets, block caching on transformers
     accelerated = boot()
     steps = [record["step"] for record in da.cache_summary(pipe)["steps"]]
     print(f"{type(img2img).__name__} ran schedule steps {steps[0]}..{steps[-1]} of {args.steps}")
     print(da.cache_summary(pipe, as_text=True).splitlines()[0])
-    print(f"W8A8 + DeepCache img2img vs fp32 img2img: PSNR {fidelity(accelerated, reference).psnr:.1f} dB")
+    print(f"W8A8 + cache img2img vs fp32 img2img: PSNR {fidelity(accelerated, reference).psnr:.1f} dB")
 
 
 if __name__ == "__main__":

@@ -109,9 +109,18 @@ def pack_xz(dest: str | os.PathLike, split: str = "train", root: str | os.PathLi
     return written
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv: list[str] | None = None) -> None:
+    """``python -m diffusion_accel.zoo.data DEST``: write the xz copy of a split (``--help`` was taken as DEST)."""
+    import argparse
 
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m diffusion_accel.zoo.data DEST  (xz copy of the train split)")
-    print("\n".join(str(p) for p in pack_xz(sys.argv[1])))
+    parser = argparse.ArgumentParser(prog="python -m diffusion_accel.zoo.data",
+                                     description="Write an xz copy of a Fashion-MNIST split (for a GPU machine's --data).")
+    parser.add_argument("dest", help="folder to write the two .xz idx files into")
+    parser.add_argument("--split", choices=sorted(SPLITS), default="train")
+    parser.add_argument("--root", default=None, help="where Fashion-MNIST is (default: as the loader finds it)")
+    args = parser.parse_args(argv)
+    print("\n".join(str(p) for p in pack_xz(args.dest, args.split, root=args.root)))
+
+
+if __name__ == "__main__":
+    main()
