@@ -30,18 +30,11 @@ def config_from_table(pipe: Any, table: dict[str, Any], prompts: Any, num_infere
                       seed: int = 0, **call_kwargs: Any) -> Any:
     """The cache config a ``[cache]`` table describes, calibrated on ``prompts`` where the method
     needs it (``call_kwargs``: the sampling settings, e.g. ``guidance_scale``)."""
-    options = dict(table)
-    method = options.pop("method", None)
-    if method not in CACHE_METHODS:
-        raise ValueError(f"[cache] method {method!r}: accepted methods are {', '.join(CACHE_METHODS)}")
+    method, options = _method_and_options(table)
     if method == "calibrated":
-        _check_keys(method, options, CALIBRATED_KEYS)
         return calibrate_schedule(pipe, prompts, num_inference_steps=num_inference_steps, seed=seed,
                                   **options, **call_kwargs)
     degree = options.pop("degree", 4) if method == "teacache" else None
-    if "degree" in table and options.get("coefficients") is not None:
-        raise ValueError("[cache] degree fits TeaCache's polynomial; it does not apply when coefficients are given")
-    _check_keys(method, options, tuple(f.name for f in fields(STATIC_METHODS[method])))
     if method == "teacache" and options.get("coefficients") is None:
         options["coefficients"] = fit_teacache_coefficients(pipe, prompts, num_inference_steps, degree=degree,
                                                             seed=seed, **call_kwargs)
@@ -51,19 +44,31 @@ def config_from_table(pipe: Any, table: dict[str, Any], prompts: Any, num_infere
 def check_table(table: dict[str, Any]) -> None:
     """Validate a ``[cache]`` table that names its method before any pipeline is loaded or calibrated:
     its method, its keys, and (for methods needing no calibration) its values."""
+    method, options = _method_and_options(table)
+    if method == "calibrated":
+        if "budget" in options:  # the config checks it; any schedule will do for that
+            CalibratedCacheConfig((0,), 1, budget=options["budget"])
+        return
+    options.pop("degree", None)
+    if method != "teacache" or options.get("coefficients") is not None:
+        STATIC_METHODS[method](**options)
+
+
+def _method_and_options(table: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(method, the other keys) of a ``[cache]`` table; ValueError for an unknown method or a key that
+    method does not take (``degree`` only for TeaCache's fit, not beside given coefficients)."""
     options = dict(table)
     method = options.pop("method", None)
     if method not in CACHE_METHODS:
         raise ValueError(f"[cache] method {method!r}: accepted methods are {', '.join(CACHE_METHODS)}")
     if method == "calibrated":
         _check_keys(method, options, CALIBRATED_KEYS)
-        if "budget" in options:  # the config checks it; any schedule will do for that
-            CalibratedCacheConfig((0,), 1, budget=options["budget"])
-        return
-    options.pop("degree", None)
-    _check_keys(method, options, tuple(f.name for f in fields(STATIC_METHODS[method])))
-    if method != "teacache" or options.get("coefficients") is not None:
-        STATIC_METHODS[method](**options)
+        return method, options
+    if "degree" in options and options.get("coefficients") is not None:
+        raise ValueError("[cache] degree fits TeaCache's polynomial; it does not apply when coefficients are given")
+    accepted = tuple(f.name for f in fields(STATIC_METHODS[method])) + (("degree",) if method == "teacache" else ())
+    _check_keys(method, options, accepted)
+    return method, options
 
 
 def default_cache_table(pipe: Any) -> dict[str, Any]:
