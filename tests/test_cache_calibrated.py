@@ -215,3 +215,22 @@ def test_a_calibrated_schedule_holds_under_a_pipeline_with_its_own_scheduler():
     for runner, steps in ((sibling, 10), (pipe, 4), (sibling, 10)):
         runner(**tiny_call_kwargs("sd", steps=steps))
     assert [record["step"] for record in summary(pipe)["steps"] if record["computed"]] == [0, 1, 4, 7]
+
+
+def test_a_schedule_for_a_pipeline_that_starts_mid_schedule_spends_its_budget_on_steps_that_run():
+    """img2img at strength 0.5 of 10 steps runs steps 5..9; the search placed its full steps over all ten
+    ((0, 6, 7, 8, 9)): every step that ran was computed, nothing was cached."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from diffusion_accel.cache import summary
+
+    img2img = StableDiffusionImg2ImgPipeline(**build_tiny("sd").components)
+    img2img.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    kwargs = {"image": image, "strength": 0.5, "height": 32, "width": 32}
+    schedule = calibrate_schedule(img2img, ["a red bicycle"], budget=0.5, num_inference_steps=10, max_passes=1,
+                                  **kwargs)
+    enable_cache(img2img, schedule)
+    img2img("a red bicycle", num_inference_steps=10, generator=torch.Generator().manual_seed(0), **kwargs)
+    computed = [record["computed"] for record in summary(img2img)["steps"]]
+    assert len(computed) == 5 and computed.count(True) == 2

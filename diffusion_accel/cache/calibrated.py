@@ -18,7 +18,7 @@ from typing import Any
 
 from ..arch import find_denoiser
 from ..calib import denoiser_steps
-from .apply import enable_cache, remove_cache
+from .apply import enable_cache, remove_cache, summary as cache_summary
 from .configs import CalibratedCacheConfig
 from .runs import final_outputs, planned_calls, relative_error
 from .session import get_session
@@ -64,22 +64,43 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
     remove_cache(enable_cache(pipe, probe))  # branch / target errors before the uncached reference runs
     calls = planned_calls(pipe, prompts, num_inference_steps, seed=seed, **call_kwargs)
     references = final_outputs(pipe, calls)
+    ran = steps_that_run(pipe, _with_steps(probe, set(range(num_steps))), calls)
     seen: dict[frozenset, float] = {}
 
-    def error(steps: set[int]) -> float:
-        """Final-output error of a schedule (each schedule run once)."""
-        key = frozenset(steps)
+    def error(positions: set[int]) -> float:
+        """Final-output error of a schedule, given as positions among the steps that run (each run once)."""
+        key = frozenset(positions)
         if key not in seen:
-            seen[key] = schedule_error(pipe, _with_steps(probe, steps), calls, references)
+            seen[key] = schedule_error(pipe, _with_steps(probe, _steps_at(ran, positions)), calls, references)
         return seen[key]
 
-    target = min(num_steps, max(1, round(budget * num_steps)))
+    count = len(ran)  # the search and the budget cover the steps that run (img2img from 0.5: the last half)
+    target = min(count, max(1, round(budget * count)))
     if search == "greedy":
-        chosen = _greedy(error, num_steps, target, max_candidates)
+        chosen = _greedy(error, count, target, max_candidates)
     else:
-        refined = [_refine(error, num_steps, start, max_passes) for start in search_starts(num_steps, target)]
-        chosen = _refine_far(error, num_steps, min(refined, key=error), max_passes)
-    return _with_steps(probe, chosen)
+        refined = [_refine(error, count, start, max_passes) for start in search_starts(count, target)]
+        chosen = _refine_far(error, count, min(refined, key=error), max_passes)
+    return _with_steps(probe, _steps_at(ran, chosen))
+
+
+def steps_that_run(pipe: Any, every_step: CalibratedCacheConfig, calls: list) -> list[int]:
+    """The schedule positions a call actually runs, read from one fully computed cached run: a pipeline
+    that starts mid-schedule (img2img, a refiner's ``denoising_start``) skips the early ones, and a schedule
+    searched over all of them spent its budget on steps that never run (no caching at all)."""
+    enable_cache(pipe, every_step)
+    try:
+        final_outputs(pipe, calls[:1])
+        steps = sorted({record["step"] for record in cache_summary(pipe)["steps"]})
+    finally:
+        remove_cache(pipe)
+    return steps or list(range(every_step.num_inference_steps))
+
+
+def _steps_at(ran: list[int], positions: set[int]) -> set[int]:
+    """Schedule steps of search ``positions`` (indices into ``ran``), with step 0 (the config requires it;
+    a call starting later never reaches it)."""
+    return {0} | {ran[position] for position in positions}
 
 
 def _check_search(search: Any, max_candidates: Any, max_passes: Any) -> None:
