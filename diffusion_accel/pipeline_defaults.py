@@ -13,8 +13,9 @@ from __future__ import annotations
 import inspect
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 _ATTR = "_diffusion_accel_call_defaults"
 
@@ -70,3 +71,28 @@ def _caller_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     return level
+
+
+IMAGE_ARGUMENTS = ("image", "mask_image", "control_image")  # inputs image-conditioned pipelines need
+
+
+@contextmanager
+def image_input_hint(pipe: Any, kwargs: dict[str, Any]) -> Iterator[None]:
+    """Add to a pipeline call's TypeError / ValueError which image inputs its ``__call__`` takes that were
+    not passed (inpainting without ``image`` failed with diffusers' 'Input is in incorrect format', a
+    ControlNet with 'image must be passed'), and how to pass them."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        parameters = inspect.signature(type(pipe).__call__).parameters
+        missing = [name for name in IMAGE_ARGUMENTS if name in parameters and kwargs.get(name) is None]
+        if not missing:
+            raise
+        message = (f"{error}\n{type(pipe).__name__} takes {missing}, not given: pass them as extra keyword "
+                   f"arguments (da.calibrate(pipe, prompts, steps, image=...), calibrate_schedule(..., image=...), "
+                   f"evaluate(..., call_kwargs={{'image': ...}})), and give quantize_ / prune_ that calib=")
+        try:
+            replacement = type(error)(message)
+        except Exception:  # an exception class with another signature
+            replacement = ValueError(message)
+        raise replacement from error

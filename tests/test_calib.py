@@ -594,3 +594,12 @@ def test_custom_timesteps_set_the_number_of_calibrated_steps():
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     result = calibrate(pipe, ["a cat"], num_inference_steps=10, timesteps=[999, 500, 1], progress=False)
     assert result.num_steps == 3 and list(result.selected_steps) == [0, 1, 2]
+
+
+def test_an_image_conditioned_pipeline_called_without_its_image_says_how_to_pass_it():
+    """Inpainting without image failed with diffusers' 'Input is in incorrect format', naming nothing."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    inpaint = StableDiffusionInpaintPipeline(**build_tiny("sd").components)
+    with pytest.raises(ValueError, match=r"takes \['image', 'mask_image'\], not given: pass them"):
+        calibrate(inpaint, ["a cat"], num_inference_steps=2, progress=False)

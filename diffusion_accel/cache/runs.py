@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..calib.inputs import calibration_items, plan_calls
+from ..pipeline_defaults import image_input_hint
 
 
 def planned_calls(pipe: Any, prompts: Any, num_inference_steps: int, seed: int = 0,
@@ -31,7 +32,8 @@ def final_outputs(pipe: Any, calls: list) -> list[torch.Tensor]:
     outputs = []
     for call in calls:
         generator = torch.Generator().manual_seed(call.seed)
-        result = pipe(**call.kwargs, generator=generator)
+        with image_input_hint(pipe, call.kwargs):
+            result = pipe(**call.kwargs, generator=generator)
         images = result[0] if isinstance(result, tuple) else result.images
         outputs.append(torch.as_tensor(images).detach().float().cpu())
     return outputs

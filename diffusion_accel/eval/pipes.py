@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..pipeline_defaults import call_defaults, per_prompt_negative
+from ..pipeline_defaults import call_defaults, image_input_hint, per_prompt_negative
 from .images import to_uint8
 
 DENOISER_ATTRIBUTES = ("unet", "transformer")
@@ -191,7 +191,8 @@ def generate_images(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_steps:
         for batch in chunks(list(jobs), batch_size):
             kwargs = build_call_kwargs(pipe, batch, num_inference_steps=num_inference_steps,
                                        call_kwargs=call_kwargs, prompt_to_kwargs=prompt_to_kwargs)
-            images = to_uint8(pipe(**kwargs).images)
+            with image_input_hint(pipe, kwargs):
+                images = to_uint8(pipe(**kwargs).images)
             if len(images) != len(batch):
                 raise ValueError(f"{type(pipe).__name__} returned {len(images)} images for {len(batch)} requested")
             results.extend((job.index, image) for job, image in zip(batch, images))
