@@ -15,12 +15,12 @@ method is guarded to say why.
 
 from __future__ import annotations
 
-import types
 from typing import Any, Callable
 
 from torch import nn
 
 from .arch.registry import adapter_wrapped_layers
+from .pretrained_guard import install_method
 
 ADD_METHOD = "add_adapter"
 LOAD_METHOD = "load_lora_adapter"
@@ -38,8 +38,8 @@ def install_adapter_guards(pipe: Any, denoiser: nn.Module) -> None:
     for owner, method, guarded in ((denoiser, ADD_METHOD, _guarded_add_adapter),
                                    (denoiser, LOAD_METHOD, _guarded_load_lora_adapter),
                                    (pipe, PIPELINE_METHOD, _guarded_load_lora_weights)):
-        if owner is not None and callable(getattr(type(owner), method, None)) and method not in vars(owner):
-            object.__setattr__(owner, method, types.MethodType(guarded, owner))
+        if owner is not None:
+            install_method(owner, method, guarded)
 
 
 def replaced_layers(denoiser: nn.Module) -> dict[str, nn.Module]:

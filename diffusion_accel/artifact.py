@@ -40,6 +40,7 @@ _APPLIED_ATTR = "_diffusion_accel_applied"
 _EXPORTS_ATTR = "_diffusion_accel_exports"
 _FINGERPRINT_ATTR = "_diffusion_accel_base_fingerprint"
 _BASE_SAMPLE_ATTR = "_diffusion_accel_base_sample"  # (structure fingerprint, weight sample)
+_APPLIED_SAMPLE_ATTR = "_diffusion_accel_applied_sample"  # weight sample right after the last technique
 _SOURCE_ATTR = "_diffusion_accel_source"
 _SAMPLE_ELEMENTS = 2048  # per tensor: head, tail and a strided middle sample
 
@@ -149,6 +150,7 @@ def mark_applied(pipe: Any, technique: str) -> None:
     exports = dict(getattr(denoiser, _EXPORTS_ATTR, {}))
     exports[technique] = _HANDLERS[technique].export(pipe)
     setattr(denoiser, _EXPORTS_ATTR, exports)
+    setattr(denoiser, _APPLIED_SAMPLE_ATTR, weight_sample(denoiser))  # what save checks the weights against
 
 
 def unmark_applied(pipe: Any, technique: str) -> None:
@@ -211,6 +213,7 @@ def save(pipe: Any, directory: str | Path) -> Path:
     for technique in applied_techniques(pipe):
         if _HANDLERS[technique].check_current is not None:
             _HANDLERS[technique].check_current(pipe)
+    _check_weights_unchanged(pipe)
     folder = _artifact_folder(directory)
     previous_files = _listed_files(folder)
     component, denoiser = find_denoiser(pipe)
@@ -240,6 +243,25 @@ def save(pipe: Any, directory: str | Path) -> Path:
     for stale in previous_files - {entry["tensors"] for entry in entries}:
         (folder / stale).unlink(missing_ok=True)  # an earlier artifact's technique file in this folder
     return folder
+
+
+def _check_weights_unchanged(pipe: Any) -> None:
+    """ArtifactError when the denoiser's weights changed after the last technique was applied (``fuse_lora``,
+    ``load_state_dict``, an optimizer step): the exports taken then would be saved, and ``load`` would
+    rebuild the old weights (a LoRA fused into a pruned UNet vanished silently). Layers an unmerged adapter
+    wraps are renamed, not compared: ``save`` warns about those."""
+    _, denoiser = find_denoiser(pipe)
+    applied_sample = getattr(denoiser, _APPLIED_SAMPLE_ATTR, None)
+    if applied_sample is None or not techniques_on(denoiser):
+        return
+    current = weight_sample(denoiser)
+    changed = [name for name in applied_sample.keys() & current.keys()
+               if not samples_match({name: applied_sample[name]}, {name: current[name]})]
+    if changed:
+        raise ArtifactError(f"cannot save: {len(changed)} tensors of the {type(denoiser).__name__} changed after "
+                            f"{applied_techniques(pipe)} were applied (e.g. {sorted(changed)[0]}; fuse_lora, "
+                            f"load_state_dict or training?), and the artifact would restore them as they were then; "
+                            f"change the weights first and apply the techniques to the result")
 
 
 def _check_json_configs(exported: list[tuple[str, Any, Any]]) -> None:

@@ -90,10 +90,11 @@ class StepTracker(ModelHook):
       - ``context``: the context name of this call (``"<name>#k"`` for the k-th repeat of a position).
       - ``num_inference_steps``: length of the watched ``scheduler.timesteps`` when that scheduler
         drives this call (its timestep is a view of them, its step index places the call, or its
-        timesteps were set in this trajectory and the timestep is no view of another schedule's), else
-        None: another pipeline sharing the denoiser, or a bare denoiser, runs a trajectory of unknown
-        length (until session 27 the watched scheduler's stale length was reported: 1000 before its
-        first call, else its last call's).
+        timesteps were set in this trajectory and the timestep is no view of another schedule's); else
+        the length of the other schedule the timestep is a view of (a pipeline built from the
+        components with its own scheduler; the step index is then its position there); else None (a
+        bare denoiser). Until session 27 the watched scheduler's stale length was reported: 1000
+        before its first call, else its last call's.
     """
 
     _is_stateful = True
@@ -111,6 +112,7 @@ class StepTracker(ModelHook):
         self._scheduler_live: bool = False  # the watched scheduler's timesteps were set in this trajectory
         self._vouched: bool = False  # whether the previous call's timestep was a view of the watched ones
         self._driven: bool = False  # whether the watched scheduler places the current call (see num_inference_steps)
+        self._foreign_length: int | None = None  # length of another schedule this call's timestep is a view of
         self.step_index: int = 0
         self._timestep_argument: Any = None
         self._timestep_value: float | None = None
@@ -174,7 +176,9 @@ class StepTracker(ModelHook):
     @property
     def num_inference_steps(self) -> int | None:
         timesteps = self._scheduler_timesteps()
-        return None if timesteps is None or not self._driven else int(len(timesteps))
+        if timesteps is not None and self._driven:
+            return int(len(timesteps))
+        return self._foreign_length
 
     def _scheduler_timesteps(self) -> torch.Tensor | None:
         pipeline = self.pipeline
@@ -210,6 +214,9 @@ class StepTracker(ModelHook):
         its own for a repeated position (a CFG branch called separately), else the call count."""
         position = self._position(vouched)
         self._driven = position is not None or (self._scheduler_live and not _is_any_view(self._timestep_argument))
+        self._foreign_length = None
+        if position is None and not self._driven:
+            position = self._foreign_position()
         if position is None:
             return context, self._counters.get(context, 0)
         branch, repeat = context, 0
@@ -218,6 +225,19 @@ class StepTracker(ModelHook):
             branch = f"{context}#{repeat}"
         self._last_positions[branch] = position
         return branch, position
+
+    def _foreign_position(self) -> int | None:
+        """Index of this call's timestep in the schedule it is a view of when that is not the watched one
+        (a pipeline built from the components with a scheduler of its own: SD-style pipelines pass
+        views), which also gives the trajectory length; None if the timestep is no such view."""
+        value = self._timestep_argument
+        base = value._base if isinstance(value, torch.Tensor) else None
+        if base is None or base.dim() != 1 or base.device != value.device:
+            return None
+        position = _view_position(value, base)
+        if position is not None:
+            self._foreign_length = int(base.numel())
+        return position
 
     def _position(self, vouched: bool) -> int | None:
         """Index of this call's timestep in the watched ``scheduler.timesteps``, or None if unknown:

@@ -22,8 +22,8 @@ is not a plain ``nn.Linear`` with a dense weight; pruned plain layers fuse as di
 
 from __future__ import annotations
 
+import inspect
 import sys
-import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -51,15 +51,46 @@ def install_guards(pipe: Any, denoiser: nn.Module) -> None:
 
     Bound methods on the instances (not the classes): a deep copy of the denoiser carries its own.
     """
-    _install(denoiser, SAVE_METHOD, _guarded_model_save)
-    _install(denoiser, FUSE_METHOD, _guarded_model_fuse)
+    install_method(denoiser, SAVE_METHOD, _guarded_model_save)
+    install_method(denoiser, FUSE_METHOD, _guarded_model_fuse)
     if pipe is not denoiser:
-        _install(pipe, SAVE_METHOD, _guarded_pipeline_save)
+        install_method(pipe, SAVE_METHOD, _guarded_pipeline_save)
 
 
-def _install(owner: Any, method: str, guarded: Any) -> None:
+class GuardedMethod:
+    """``guarded`` bound to ``owner`` as ``types.MethodType`` would, but picklable: a bound method pickles
+    as ``getattr(owner, name)``, which the owner's class lacks, so ``torch.save`` of a quantized UNet
+    wrote a file ``torch.load`` could not read."""
+
+    def __init__(self, guarded: Any, owner: Any) -> None:
+        self.guarded, self.owner = guarded, owner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.guarded(self.owner, *args, **kwargs)
+
+    @property
+    def __self__(self) -> Any:
+        """The owner, as on a bound method."""
+        return self.owner
+
+    @property
+    def __func__(self) -> Any:
+        """The guarded function, as on a bound method."""
+        return self.guarded
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The guarded function's signature without its owner (diffusers inspects save methods)."""
+        signature = inspect.signature(self.guarded)
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
+def install_method(owner: Any, method: str, guarded: Any) -> None:
+    """Set ``guarded`` bound to ``owner`` as ``owner.method`` (on the instance, not the class) where the
+    class has that method and the instance has no own one yet."""
     if callable(getattr(type(owner), method, None)) and method not in vars(owner):
-        object.__setattr__(owner, method, types.MethodType(guarded, owner))
+        object.__setattr__(owner, method, GuardedMethod(guarded, owner))
+
 
 
 def _guarded_model_fuse(model: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -65,3 +65,20 @@ def test_saving_a_pipeline_with_unmerged_adapters_warns_that_the_artifact_lacks_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         da.save(da.enable_cache(pipe, da.DeepCacheConfig(interval=2)), tmp_path / "without")
+
+
+def test_save_refuses_weights_changed_after_the_techniques_by_a_fused_lora(tmp_path):
+    """A LoRA fused into a pruned UNet was dropped silently: the artifact held the weights of prune time."""
+    from peft import LoraConfig
+
+    import diffusion_accel as da
+    from diffusion_accel.artifact import ArtifactError
+    from diffusion_accel.testing.tiny import build_tiny
+
+    pipe = da.prune_(build_tiny("sd"), da.PruneConfig(method="magnitude", sparsity=0.5))
+    pipe.unet.add_adapter(LoraConfig(r=4, target_modules=["to_q"], init_lora_weights=False))
+    pipe.fuse_lora(components=["unet"])
+    pipe.unload_lora_weights()
+    with pytest.raises(ArtifactError, match="changed after \\['prune'\\] were applied"):
+        da.save(pipe, tmp_path / "art")
+    assert not (tmp_path / "art" / "manifest.json").exists()

@@ -97,3 +97,19 @@ def test_a_pipeline_built_from_the_quantized_components_names_what_it_already_wr
     da.save(sibling, tmp_path / "artifact")
     reloaded = da.load(build_tiny("sd"), tmp_path / "artifact")
     assert torch.equal(_images(reloaded), _images(pipe))
+
+
+def test_an_accelerated_denoiser_pickles_and_its_guards_come_along(calib):
+    """The guards were bound methods on the instance, pickled as getattr(unet, '_guarded_model_save'):
+    torch.load of a torch.save'd quantized UNet raised AttributeError."""
+    import io
+
+    pipe = da.quantize_(build_tiny("sd"), da.PTQConfig.preset("w8a8"), calib=calib)
+    buffer = io.BytesIO()
+    torch.save(pipe.unet, buffer)
+    buffer.seek(0)
+    other = build_tiny("sd")
+    other.unet = torch.load(buffer, weights_only=False)
+    assert torch.equal(_images(other), _images(pipe))
+    with pytest.raises(UnsavableModelError):
+        other.unet.save_pretrained("never-written")

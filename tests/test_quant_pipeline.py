@@ -361,3 +361,16 @@ def test_a_denoiser_diffusers_loaded_quantized_is_refused_by_ptq_and_pruning_and
     da.save(pipe, tmp_path / "artifact")
     reloaded = da.load(prequantized(), tmp_path / "artifact")
     assert torch.equal(reloaded(**tiny_call_kwargs("sd", steps=4)).images, images)
+
+
+def test_timestep_groups_follow_a_sibling_pipelines_own_scheduler():
+    """A pipeline built from the components with a scheduler of its own ran the calibration's step count's
+    groups ([0, 0, 1, 1, 1, ...] at 10 steps instead of [0, 0, 0, 0, 0, 1, ...]): its images differed."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = build_tiny("sd")
+    calib = calibrate(pipe, ["a red bicycle"], num_inference_steps=4, progress=False)
+    quantize_(pipe, PTQConfig(timestep_groups=2, **FAST), calib=calib)
+    sibling = StableDiffusionPipeline(**(pipe.components | {"scheduler": DDIMScheduler.from_config(pipe.scheduler.config)}))
+    images = [p(**tiny_call_kwargs("sd", steps=10)).images for p in (pipe, sibling)]
+    assert torch.equal(images[0], images[1])
