@@ -603,3 +603,13 @@ def test_an_image_conditioned_pipeline_called_without_its_image_says_how_to_pass
     inpaint = StableDiffusionInpaintPipeline(**build_tiny("sd").components)
     with pytest.raises(ValueError, match=r"takes \['image', 'mask_image'\], not given: pass them"):
         calibrate(inpaint, ["a cat"], num_inference_steps=2, progress=False)
+
+
+def test_a_collector_passed_to_a_second_run_warns_that_it_accumulates():
+    """The second run added its rows to the first Calibration's collector silently."""
+    pipe = build_tiny("sd")
+    layer = "down_blocks.0.resnets.0.conv1"
+    collector = HessianCollector([layer])
+    calibrate(pipe, ["a cat"], num_inference_steps=2, collectors=[collector], progress=False)
+    with pytest.warns(UserWarning, match="already holds data from 1 earlier run"):
+        calibrate(pipe, ["a dog"], num_inference_steps=2, collectors=[collector], progress=False)

@@ -7,6 +7,8 @@ replay from the trajectory record being replayed.
 
 from __future__ import annotations
 
+import warnings
+
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,8 +49,23 @@ def validate_collectors(collectors: Sequence[Collector] | Collector, denoiser: n
     unique = list({id(item): item for item in items}.values())
     check_module_names(denoiser, [name for item in unique for name in item.module_names])
     for item in unique:
+        _warn_if_reused(item)
         item.bind(denoiser)
     return unique
+
+
+_RUNS_ATTR = "_diffusion_accel_runs"
+
+
+def _warn_if_reused(collector: Collector) -> None:
+    """Collectors accumulate: one passed to a second run adds its data to the first run's, and the first
+    ``Calibration`` (which holds the same object) silently changes with it."""
+    runs = getattr(collector, _RUNS_ATTR, 0)
+    if runs:
+        warnings.warn(f"{type(collector).__name__} already holds data from {runs} earlier run(s); it accumulates "
+                      f"this run's too, and every Calibration holding it sees the sum: use a new collector per run",
+                      stacklevel=4)
+    setattr(collector, _RUNS_ATTR, runs + 1)
 
 
 class CollectorRouter:
