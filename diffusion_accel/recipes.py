@@ -159,14 +159,10 @@ def _check_call_table(call: dict[str, Any]) -> None:
 
 
 def _calibrate_parameters() -> set[str]:
-    """Names of ``calib.calibrate``'s own parameters (besides the pipeline arguments it passes on)."""
-    import inspect
+    """``calibrate``'s own parameters that are no pipeline arguments it passes on."""
+    from .calib import calibrate_parameters
 
-    from .calib import calibrate
-
-    return {name for name, parameter in inspect.signature(calibrate).parameters.items()
-            if parameter.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
-            and name not in _PIPELINE_ARGUMENTS_CALIBRATE_TAKES}
+    return calibrate_parameters() - set(_PIPELINE_ARGUMENTS_CALIBRATE_TAKES)
 
 
 def build_collectors(pipe: Any, kinds: list[str], layer_glob: str | None) -> list[Any]:

@@ -185,8 +185,8 @@ def test_calibrated_schedule_with_forecast_runs_on_a_unet():
 
 
 @pytest.mark.parametrize("arguments, message", [
-    ({"search": "greedy", "max_candidates": 0}, "max_candidates must be None or an int >= 1, got 0"),  # ZeroDivisionError
-    ({"max_candidates": -2}, "max_candidates must be None or an int >= 1"),
+    ({"search": "greedy", "max_candidates": 0}, "max_candidates must be an int >= 1, got 0"),  # ZeroDivisionError
+    ({"max_candidates": -2}, "max_candidates must be an int >= 1"),
     ({"max_passes": -1}, "max_passes must be an int >= 0, got -1"),  # accepted
     ({"max_passes": "3"}, "max_passes must be an int >= 0"),
     ({"branch": 99}, "branch"),  # refused only after the uncached reference ran

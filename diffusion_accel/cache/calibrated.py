@@ -19,7 +19,7 @@ from typing import Any
 from ..arch import find_denoiser
 from ..calib import denoiser_steps
 from .apply import enable_cache, remove_cache, summary as cache_summary
-from .configs import CalibratedCacheConfig
+from .configs import CalibratedCacheConfig, check_int
 from .runs import final_outputs, planned_calls, relative_error
 from .session import get_session
 
@@ -61,10 +61,9 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
     num_steps = denoiser_steps(pipe, num_inference_steps)  # the schedule's steps are denoiser calls (Heun: 2N - 1)
     probe = CalibratedCacheConfig((0,), num_steps, budget=budget, branch=branch, resample=resample,
                                   forecast=forecast, forecast_target=forecast_target)
-    remove_cache(enable_cache(pipe, probe))  # branch / target errors before the uncached reference runs
     calls = planned_calls(pipe, prompts, num_inference_steps, seed=seed, **call_kwargs)
+    ran = steps_that_run(pipe, _with_steps(probe, set(range(num_steps))), calls)  # also checks branch / target
     references = final_outputs(pipe, calls)
-    ran = steps_that_run(pipe, _with_steps(probe, set(range(num_steps))), calls)
     seen: dict[frozenset, float] = {}
 
     def error(positions: set[int]) -> float:
@@ -108,14 +107,9 @@ def _check_search(search: Any, max_candidates: Any, max_passes: Any) -> None:
     min(), a negative max_passes was accepted)."""
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
-    if max_candidates is not None and not _is_int_at_least(max_candidates, 1):
-        raise ValueError(f"max_candidates must be None or an int >= 1, got {max_candidates!r}")
-    if not _is_int_at_least(max_passes, 0):
-        raise ValueError(f"max_passes must be an int >= 0, got {max_passes!r}")
-
-
-def _is_int_at_least(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    if max_candidates is not None:
+        check_int("max_candidates", max_candidates, 1)
+    check_int("max_passes", max_passes, 0)
 
 
 def evenly_spaced_steps(num_steps: int, count: int) -> set[int]:

@@ -17,7 +17,8 @@ FORECAST_ORDERS = (0, 1)
 FORECAST_TARGETS = ("residual", "output")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
@@ -77,9 +78,9 @@ class DeepCacheConfig:
     forecast: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("interval", self.interval, 1)
+        check_int("interval", self.interval, 1)
         _check_forecast(self.forecast)
-        _check_int("branch", self.branch, 0)
+        check_int("branch", self.branch, 0)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         _check_fraction("center", self.center)
@@ -103,7 +104,7 @@ class BlockCacheConfig:
     forecast_target: str = "residual"
 
     def __post_init__(self) -> None:
-        _check_int("interval", self.interval, 1)
+        check_int("interval", self.interval, 1)
         _check_forecast(self.forecast)
         _check_forecast_target(self.forecast_target)
 
@@ -163,7 +164,7 @@ class DeltaCacheConfig:
     boundary: float = 0.5
 
     def __post_init__(self) -> None:
-        _check_int("interval", self.interval, 1)
+        check_int("interval", self.interval, 1)
         _check_fraction("boundary", self.boundary)
         ok = isinstance(self.cached_fraction, (int, float)) and not isinstance(self.cached_fraction, bool)
         if not (ok and 0.0 < self.cached_fraction <= 1.0):
@@ -197,7 +198,7 @@ class EncoderPropagationConfig:
     injection_start: float = 0.5
 
     def __post_init__(self) -> None:
-        _check_int("interval", self.interval, 1)
+        check_int("interval", self.interval, 1)
         _check_float("noise_injection", self.noise_injection, 0.0)
         _check_fraction("injection_start", self.injection_start)
         if self.key_steps is not None:
@@ -206,7 +207,7 @@ class EncoderPropagationConfig:
             object.__setattr__(self, "key_steps", _checked_steps("key_steps", self.key_steps,
                                                                  self.num_inference_steps))
         elif self.num_inference_steps is not None:
-            _check_int("num_inference_steps", self.num_inference_steps, 1)
+            check_int("num_inference_steps", self.num_inference_steps, 1)
             raise ValueError(f"num_inference_steps={self.num_inference_steps} is the trajectory length key_steps "
                              f"were written for; without key_steps it has no effect (interval={self.interval} "
                              f"sets the key steps of every length)")
@@ -215,7 +216,7 @@ class EncoderPropagationConfig:
 def _checked_steps(name: str, values: Any, num_steps: Any) -> tuple[int, ...]:
     """Sorted, de-duplicated step indices (ints: numpy ints too, not bools or floats); ValueError naming
     ``name`` unless they include 0 and lie in [0, num_steps)."""
-    _check_int("num_inference_steps", num_steps, 1)
+    check_int("num_inference_steps", num_steps, 1)
     try:
         items = tuple(values)
         if any(isinstance(value, bool) for value in items):
@@ -254,8 +255,8 @@ class CalibratedCacheConfig:
     def __post_init__(self) -> None:
         _check_forecast(self.forecast)
         _check_forecast_target(self.forecast_target)
-        _check_int("num_inference_steps", self.num_inference_steps, 1)
-        _check_int("branch", self.branch, 0)
+        check_int("num_inference_steps", self.num_inference_steps, 1)
+        check_int("branch", self.branch, 0)
         _check_float("budget", self.budget, 0.0, inclusive=False)
         if self.budget > 1.0:
             raise ValueError(f"budget is a fraction of full denoiser calls in (0, 1], got {self.budget!r}")

@@ -7,13 +7,13 @@
 
 from .collectors import WANTS, Collector, ModuleCall, Step
 from .hessian import HessianCollector, conv2d_rows, linear_rows
-from .inputs import CALL_MODES, call_mode
+from .inputs import CALL_MODES, call_mode, class_count
 from .probes import ChangeRecord, FeatureChangeProbe
 from .ranges import RANGE_METHODS, RangeObserver, fake_quantize, mse_range, percentile_range, quantization_mse
 from .replay import CallCounts
 from .reservoir import ValueReservoir
 from .result import Calibration, CalibrationSettings
-from .runner import DEFAULT_MAX_TRAJECTORY_BYTES, calibrate
+from .runner import DEFAULT_MAX_TRAJECTORY_BYTES, calibrate, calibrate_parameters
 from .samples import Sample, SampleStore
 from .schedule import (SELECTION_FORMS, WEIGHTING_SCHEMES, denoiser_steps, resolve_weights, select_steps,
                        step_weights)
@@ -23,7 +23,8 @@ __all__ = [
     "CALL_MODES", "DEFAULT_MAX_TRAJECTORY_BYTES", "RANGE_METHODS", "SELECTION_FORMS", "WANTS",
     "WEIGHTING_SCHEMES", "CallCounts", "Calibration", "CalibrationSettings", "ChangeRecord", "Collector",
     "FeatureChangeProbe", "HessianCollector", "ModuleCall", "RangeObserver", "Sample", "SampleStore", "Step",
-    "TrajectoryRecord", "ValueReservoir", "calibrate", "call_mode", "conv2d_rows", "denoiser_steps", "fake_quantize",
+    "TrajectoryRecord", "ValueReservoir", "calibrate", "calibrate_parameters", "call_mode", "class_count",
+    "conv2d_rows", "denoiser_steps", "fake_quantize",
     "linear_rows", "mse_range", "percentile_range", "quantization_mse", "resolve_weights", "select_steps",
     "step_weights",
 ]

@@ -99,7 +99,7 @@ def _class_items(pipe: Any, prompts: Any) -> list[int]:
         if isinstance(item, bool) or not isinstance(item, int) or item < 0:
             raise TypeError(f"class ids must be ints >= 0 or label strings, got {item!r}")
         ids.append(int(item))
-    classes = _class_count(pipe)
+    classes = class_count(pipe)
     beyond = [item for item in ids if classes is not None and item >= classes]
     if beyond:  # 1000 is DiT's unconditional (CFG) label; larger ids failed inside the embedding
         raise ValueError(f"class ids {beyond[:5]} are out of range: {type(pipe).__name__} has {classes} classes "
@@ -107,8 +107,9 @@ def _class_items(pipe: Any, prompts: Any) -> list[int]:
     return ids
 
 
-def _class_count(pipe: Any) -> int | None:
-    """Classes of a class-conditional pipeline's denoiser (DiT: ``num_embeds_ada_norm``), None if unknown."""
+def class_count(pipe: Any) -> int | None:
+    """Classes of a class-conditional pipeline's denoiser (DiT: ``num_embeds_ada_norm``; the extra null class
+    of its embedding table is CFG's unconditional label, not one to calibrate on), None if unknown."""
     denoiser = getattr(pipe, "transformer", None)
     count = getattr(getattr(denoiser, "config", None), "num_embeds_ada_norm", None)
     return int(count) if isinstance(count, int) else None

@@ -9,6 +9,7 @@ the same step index and their own context. Collectors see all of them: CFG branc
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -202,3 +203,10 @@ def _restore_pipeline_bar(pipe: Any, saved: Any) -> None:
         pipe.__dict__.pop("_progress_bar_config", None)
     else:
         pipe._progress_bar_config = saved
+
+
+def calibrate_parameters() -> set[str]:
+    """Names of ``calibrate``'s own parameters: extra pipeline arguments must not reuse them (``seed`` was
+    a 'multiple values' crash, ``weight_range`` silently changed the weighting)."""
+    return {name for name, parameter in inspect.signature(calibrate).parameters.items()
+            if parameter.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import time
 import warnings
 from typing import Any
@@ -14,7 +13,8 @@ from .. import prompts as prompt_sets
 from ..arch import find_denoiser, get_adapter
 from ..arch.registry import check_plain_weights
 from ..artifact import applied_techniques, base_fingerprint, mark_applied
-from ..calib import Calibration, HessianCollector, calibrate, call_mode, denoiser_steps, resolve_weights
+from ..calib import (Calibration, HessianCollector, calibrate, calibrate_parameters, call_mode, class_count,
+                     denoiser_steps, resolve_weights)
 from ..hooks import refuse_while_cached
 from .allocate import allocate_by_error, error_grid
 from .configs import PruneConfig
@@ -103,7 +103,7 @@ def _check_exclude(denoiser: nn.Module, config: PruneConfig) -> None:
 def _check_calib_kwargs(config: PruneConfig) -> None:
     """``calib_kwargs`` are further pipeline arguments; the calibration's own settings come from the config
     (``num_inference_steps`` there ran 3 steps while the step weights were computed for ``calib_steps``)."""
-    own = sorted(set(dict(config.calib_kwargs)) & set(inspect.signature(calibrate).parameters))
+    own = sorted(set(dict(config.calib_kwargs)) & calibrate_parameters())
     if own:
         raise ValueError(f"calib_kwargs may not set {own}: they are calibrate's own arguments; use calib_steps, "
                          f"calib_prompts and calib_guidance_scale (or pass a Calibration)")
@@ -117,7 +117,7 @@ def calibration_kwargs(pipe: Any, config: PruneConfig, calib: Calibration | None
     count, mode = config.calib_prompts, call_mode(pipe)
     inputs: dict[str, Any] = {"prompts": _cycled(prompt_sets.for_pipeline(pipe, limit=count), count)}
     if mode == "class":
-        inputs = {"prompts": _cycled(list(range(_class_count(pipe))), count)}
+        inputs = {"prompts": _cycled(list(range(class_count(pipe) or count)), count)}
     elif mode == "unconditional":
         inputs = {"prompts": None, "num_samples": count}
     return inputs | weights | {"num_inference_steps": config.calib_steps,
@@ -127,12 +127,6 @@ def calibration_kwargs(pipe: Any, config: PruneConfig, calib: Calibration | None
 def _cycled(items: list[Any], count: int) -> list[Any]:
     """``count`` items, repeating ``items`` (32 default prompts, or 1000 class ids, for more calibration calls)."""
     return [items[index % len(items)] for index in range(count)]
-
-
-def _class_count(pipe: Any) -> int:
-    """Classes of a class-conditional pipeline (DiT's ``num_embeds_ada_norm``; the extra null class of its
-    embedding table is CFG's unconditional label, not one to calibrate on)."""
-    return int(find_denoiser(pipe)[1].config.num_embeds_ada_norm)
 
 
 def make_sweep(pipe: Any, config: PruneConfig, calib: Calibration | None, progress: bool) -> Sweep:
@@ -150,8 +144,8 @@ def make_sweep(pipe: Any, config: PruneConfig, calib: Calibration | None, progre
 
 def used_step_weights(pipe: Any, config: PruneConfig, calib: Calibration | None) -> list[float]:
     """The per-step Hessian weights the sweeps used (one per denoiser step of a pipeline call)."""
-    steps = calib.settings.num_inference_steps if calib is not None else config.calib_steps
-    return resolve_weights(denoiser_steps(pipe, steps), config.weighting, config.weight_range).tolist()
+    num_steps = calib.num_steps if calib is not None else denoiser_steps(pipe, config.calib_steps)
+    return resolve_weights(num_steps, config.weighting, config.weight_range).tolist()
 
 
 def prune_denoiser_(denoiser: nn.Module, config: PruneConfig, sweep: Sweep | None = None) -> PruneReport:
