@@ -394,21 +394,6 @@ def test_calibrate_an_unconditional_pipeline(tmp_path, capsys):
     assert (tmp_path / "ddpm" / "manifest.json").is_file()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--metrics", "speed"], "unknown metrics"),
-    (["--metrics", "fid", "--fid-reference", "/no/such/stats"], "is neither a statistics"),
-    (["--metrics", "clip", "--clip-model", "/no/such/clip"], "is neither a local folder"),
-    (["--prompts", "/no/such/prompts.txt"], "prompts.txt"),
-])
-def test_eval_checks_its_flags_before_loading_any_pipeline(flags, message, monkeypatch, capsys):
-    """Each was checked only after every --pipe had loaded (minutes for a hub model or an artifact)."""
-    import diffusion_accel.loading as loading
-
-    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
-    assert main(["eval", "--pipe", "tiny:sd", *flags]) == 2
-    assert message in capsys.readouterr().err
-
-
 def test_bench_batch_size_above_num_prompts_cycles_prompts(tmp_path):
     """--batch-size 3 with --num-prompts 2 timed calls of 2 images under 'batch_size=3'."""
     assert main(["bench", "--pipe", "tiny:sd", "--steps", "2", "--batch-size", "3", "--num-prompts", "2",
@@ -432,6 +417,10 @@ def test_bench_batch_size_above_num_prompts_cycles_prompts(tmp_path):
     (["bench", "--prompts", "/no/such/prompts.txt"], "prompts.txt"),
     (["grid", "--call", "height"], "expected KEY=VALUE"),
     (["bench", "--pipe", "a=tiny:sd", "--pipe", "a=tiny:dit"], "given twice"),
+    (["eval", "--metrics", "speed"], "unknown metrics"),
+    (["eval", "--metrics", "fid", "--fid-reference", "/no/such/stats"], "is neither a statistics"),
+    (["eval", "--metrics", "clip", "--clip-model", "/no/such/clip"], "is neither a local folder"),
+    (["eval", "--prompts", "/no/such/prompts.txt"], "prompts.txt"),
 ])
 def test_command_line_inputs_are_checked_before_any_pipeline_loads(argv, message, monkeypatch, capsys, tmp_path):
     """Each was found only after the pipeline loaded (minutes for a hub model), or ran ignoring the flag."""
