@@ -291,9 +291,10 @@ def test_lowered_linear_under_torch_compile_matches_eager(dynamic):
     x = torch.randn(8, 64)
     start = time.perf_counter()
     compiled = torch.compile(lowered, fullgraph=True)
-    out = compiled(x)
-    elapsed = time.perf_counter() - start
-    torch.testing.assert_close(out, lowered(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # inference: the int8 kernel itself is compiled (with grads: the simulated path)
+        out = compiled(x)
+        elapsed = time.perf_counter() - start
+        torch.testing.assert_close(out, lowered(x), rtol=1e-5, atol=1e-5)
     assert elapsed < 120, f"compiling one lowered Linear took {elapsed:.0f} s"
 
 
@@ -305,8 +306,44 @@ def test_onednn_int8_conv_under_torch_compile_matches_eager(dynamic):
     x = torch.randn(2, 8, 6, 6)
     lowered = lower_layer(_quant(nn.Conv2d(8, 16, 3, padding=1), "int8", (72,), _conv_act(x, dynamic=dynamic)))
     compiled = torch.compile(lowered, fullgraph=True)
-    torch.testing.assert_close(compiled(x), lowered(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), lowered(x), rtol=1e-5, atol=1e-5)
 
+
+
+def _input_and_bias_grads(layer, x):
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    return x.grad, layer.bias.grad
+
+
+@needs_onednn
+@pytest.mark.parametrize("kind", ["linear", "linear_dynamic", "conv1x1", "conv3x3"])
+def test_lowered_layers_give_the_simulated_layers_gradients(monkeypatch, int8_kernels, kind):
+    # the int8 kernels have no autograd formula: backward used to stop at them (no input gradient)
+    torch.manual_seed(0)
+    if kind.startswith("linear"):
+        x = torch.randn(3, 5, 64)
+        act = DynamicActQuantizer("int8", False, -1) if kind == "linear_dynamic" else _static(0.03, 120)
+        make = lambda: _quant(nn.Linear(64, 32), "int8", (64,), act)  # noqa: E731
+    else:
+        if kind == "conv1x1":
+            monkeypatch.setattr(onednn, "supports", lambda layer: False)  # the portable GEMM path
+        size = 1 if kind == "conv1x1" else 3
+        x = torch.randn(2, 8, 6, 6)
+        make = lambda: _quant(nn.Conv2d(8, 16, size, padding=size // 2), "int8", (8 * size * size,),  # noqa: E731
+                              _conv_act(x))
+    torch.manual_seed(1)
+    simulated = make()
+    torch.manual_seed(1)
+    lowered = lower_layer(make())
+    assert lowered.kind in ("int8-gemm", "int8-conv")
+    for got, want in zip(_input_and_bias_grads(lowered, x), _input_and_bias_grads(simulated, x)):
+        assert got is not None and float(got.abs().sum()) > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), simulated(x), rtol=1e-5, atol=1e-4)
 
 def test_deepcopy_of_a_quantized_denoiser_reads_its_own_tracker():
     import copy

@@ -56,6 +56,29 @@ def test_w8a8_is_closer_to_float_than_w4a8_and_weight_only_is_closest():
     assert errors["w8a16"] > errors["w8a8"] > errors["w4a8"] > 10
 
 
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_lowered_denoiser_passes_the_simulated_gradient_to_its_input(int8_kernels, mode):
+    # LoRA-style training on a quantized denoiser needs gradients through the int8 layers: they used to
+    # stop there (static W8A8: no input gradient at all; dynamic: only the residual paths' share)
+    import copy
+
+    pipe = build_tiny("sd")
+    quantize_(pipe, PTQConfig(lower=False, act_mode=mode, **FAST))
+    simulated = pipe.unet
+    lowered = copy.deepcopy(simulated)
+    pipe.unet = lowered
+    lower_(pipe)
+    assert "int8-gemm" in summary(pipe) or "int8-conv" in summary(pipe)
+    grads = []
+    for unet in (simulated, lowered):
+        torch.manual_seed(0)
+        sample = torch.randn(1, 4, 8, 8, requires_grad=True)
+        unet(sample, 10, torch.randn(1, 4, unet.config.cross_attention_dim)).sample.square().sum().backward()
+        grads.append(sample.grad)
+    assert grads[1] is not None
+    assert _sqnr_db(grads[0], grads[1]) > 30
+
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_output_mse_weight_scales_use_calibrated_input_norms(family):
     options = FLUX_FAST if family == "flux" else FAST

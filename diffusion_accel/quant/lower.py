@@ -47,6 +47,7 @@ from ..artifact import applied_techniques, mark_applied
 from . import onednn
 from .fp8 import Fp8GemmCore
 from .formats import get_format
+from .kernel_grad import run_kernel
 from .constants import DerivedConstants, fast_path_on
 from .layers import ActQuantizer, DynamicActQuantizer, KeepsQuantDtypes, QuantConv2d, QuantLayer, QuantLinear
 from .quantizers import (as_float32, dequantize_weight, dynamic_qparams, pack_int4, quantize_codes, segment_spans,
@@ -234,6 +235,13 @@ class _GemmLayer(nn.Module):
     def export_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.core.codes(), self.core.weight_scale
 
+    def float_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized (out, in) weight in ``dtype``: the simulated layer's weight (for gradients)."""
+        return dequantize_weight(self.core.codes(), self.core.weight_scale, self.segment_sizes).to(dtype)
+
+    def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(dtype)
+
 
 class Int8Linear(_GemmLayer):
     """Linear layer computed with an int8 GEMM (see ``Int8GemmCore``)."""
@@ -242,9 +250,15 @@ class Int8Linear(_GemmLayer):
         super().__init__(layer)
         self.in_features, self.out_features = layer.in_features, layer.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         out = self.core(x.reshape(-1, x.shape[-1]), self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _simulated(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act(x), self.float_weight(x.dtype), self._bias(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_kernel(self, x, self._kernel, self._simulated)
 
 
 class Int8Conv1x1(_GemmLayer):
@@ -256,10 +270,17 @@ class Int8Conv1x1(_GemmLayer):
                      "groups", "padding_mode"):
             setattr(self, name, getattr(layer, name))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         out = self.core(x.permute(0, 2, 3, 1).reshape(-1, c), self.bias)
         return out.reshape(n, h, w, self.out_channels).permute(0, 3, 1, 2)
+
+    def _simulated(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.float_weight(x.dtype).reshape(self.out_channels, self.in_channels, 1, 1)
+        return F.conv2d(self.act(x), weight, self._bias(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_kernel(self, x, self._kernel, self._simulated)
 
 
 class Fp8Linear(Int8Linear):
@@ -326,7 +347,10 @@ class StoredWeightLayer(KeepsQuantDtypes):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._tinygemm is not None and x.is_cuda and x.dtype == torch.bfloat16:
-            return tinygemm_linear(x, self._tinygemm, self.bias)
+            return run_kernel(self, x, lambda x: tinygemm_linear(x, self._tinygemm, self.bias), self._float_op)
+        return self._float_op(x)
+
+    def _float_op(self, x: torch.Tensor) -> torch.Tensor:
         x = x if self.act is None else self.act(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return self.op(x, self.weight.to(x.dtype), bias, **self.op_kwargs)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .constants import DerivedConstants, fast_path_on
+from .kernel_grad import run_kernel
 from .layers import ActQuantizer, DynamicActQuantizer, KeepsQuantDtypes, QuantConv2d
 from .quantizers import act_grid, dequantize_weight, quantize_codes
 
@@ -164,6 +165,10 @@ class OneDNNInt8Conv2d(KeepsQuantDtypes):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None or x.device.type != "cpu":
             return self._float_forward(x)
+        return run_kernel(self, x, self._kernel, self._float_forward)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """oneDNN's int8 convolution per channel segment, summed; fp32 out cast to ``x``'s dtype."""
         static = isinstance(self.act, ActQuantizer) and fast_path_on()
         qparams = self._folded_qparams() if static else self._qparams(x)
         bias = self.bias if self.bias is None or self.bias.dtype == torch.float32 else self.bias.float()
