@@ -409,6 +409,7 @@ def test_rerun_repeats_the_pass_with_identical_settings(sd_pipe):
     assert torch.equal(second.collector(HessianCollector).hessian(SD_LINEAR),
                        first.collector(HessianCollector).hessian(SD_LINEAR))
     assert "HessianCollector" in first.summary() and "uniform:2" in first.summary()
+    assert "guidance_scale: the pipeline's default, negative_prompt: the pipeline's default" in first.summary()
 
 
 def test_sample_store_keeps_a_capped_uniform_sample_with_outputs(sd_pipe):

@@ -146,7 +146,7 @@ class Calibration:
             f"  steps: {s.num_inference_steps} ({self.num_steps} denoiser steps), selection {s.steps!r} -> "
             f"{self.selected_steps}",
             f"  weighting: {s.weighting!r}, weights {[round(w, 3) for w in self.step_weights.tolist()]}",
-            f"  guidance_scale: {s.guidance_scale}, negative_prompt: {s.negative_prompt!r}",
+            f"  guidance_scale: {_or_default(s.guidance_scale)}, negative_prompt: {_or_default(s.negative_prompt)}",
             f"  denoiser calls: {self.denoiser_calls} seen, {self.observed_calls} observed "
             f"({self.observed_rows} rows; per context {self.counts.calls_per_context})",
             f"  trajectory: {len(self.trajectory)} calls, {self.trajectory_bytes / 2**20:.1f} MiB"
@@ -154,6 +154,11 @@ class Calibration:
         ]
         lines += [f"  - {item.describe()}" for item in self.collectors]
         return "\n".join(lines)
+
+
+def _or_default(value: Any) -> str:
+    """A setting as written, or "the pipeline's default" for None (calibrate then passes nothing)."""
+    return "the pipeline's default" if value is None else repr(value)
 
 
 def _seed_text(seeds: list[int]) -> str:
