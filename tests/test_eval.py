@@ -308,6 +308,27 @@ def test_denoiser_flops_counts_every_call_of_one_pipeline_call():
     assert stats.total == 2 * stats.per_call
 
 
+def test_denoiser_flops_of_a_compiled_denoiser_compile_nothing_more():
+    # bench --compile counts FLOPs after timing: under the counting mode dynamo recompiled every call
+    import torch._dynamo.utils as dynamo_utils
+
+    class Pipe:
+        unet = nn.Linear(8, 8)
+
+        def __call__(self, calls):
+            for _ in range(calls):
+                self.unet(torch.randn(2, 8))
+
+    pipe = Pipe()
+    pipe.unet.compile(backend="eager")
+    with torch.no_grad():
+        pipe(1)
+        frames = dynamo_utils.counters["frames"]["total"]
+        stats = denoiser_flops(pipe, dict(calls=3))
+    assert stats.calls == [2 * 2 * 8 * 8] * 3
+    assert dynamo_utils.counters["frames"]["total"] == frames
+
+
 def test_peak_memory_sees_a_temporary_allocation():
     stats = measure_peak_memory(lambda: torch.ones(64 * 2 ** 20 // 4).sum())
     assert stats.kind == "process_peak_rss"

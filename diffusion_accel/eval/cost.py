@@ -81,11 +81,13 @@ class _PerCallFlops:
 
 
 def denoiser_flops(pipe: Any, call_kwargs: dict[str, Any]) -> FlopStats:
-    """FLOPs of every denoiser call during one ``pipe(**call_kwargs)``."""
+    """FLOPs of every denoiser call during one ``pipe(**call_kwargs)``. A compiled denoiser runs eagerly
+    here (the same ops): under the counting mode dynamo would compile it afresh, up to its recompile
+    limit, after the timing of ``bench --compile``."""
     denoiser = denoiser_of(pipe)
     stats = FlopStats()
     recorder = _PerCallFlops(stats)
-    with ModuleHooks() as hooks:
+    with ModuleHooks() as hooks, torch.compiler.set_stance("force_eager"):
         hooks.pre(denoiser, recorder.pre)
         hooks.post(denoiser, recorder.post)
         pipe(**call_kwargs)
