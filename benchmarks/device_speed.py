@@ -16,7 +16,9 @@ compiled, the GPU baseline users run. Variants (``--only`` picks groups):
 - ``dense``: fp32 eager, bf16 eager, bf16 compiled.
 - ``w8a8``: our W8A8, calibrated through a real pipeline (1 prompt, 2 steps, CFG) and lowered, run in
   bf16: int8 ``torch._int_mm`` for Linear and 1x1 layers; k x k convs use oneDNN's int8 conv on CPU and
-  a dequantized bf16 conv elsewhere (``summary`` in the JSON says which layer runs what).
+  a dequantized bf16 conv elsewhere (``summary`` in the JSON says which layer runs what). Compiled
+  also with inductor's ``force_fuse_int_mm_with_mul`` (the rescale fused into the int8 GEMM, as
+  torchao recommends), and W8A8 on the Linear layers only (convs bf16), to see where the GPU time goes.
 - ``fp8``: fp8 weights and activations on the Linear layers (``torch._scaled_mm``), CUDA >= 8.9 only.
 - ``w4a16``: int4 weight-only, group 128, on the Linear layers: tinygemm (``torch._weight_int4pack_mm``) on
   CUDA in bf16, dequantized per call elsewhere.
@@ -114,6 +116,16 @@ def w8a8_variants(timer: Timer, model: str, smoke: bool, resolution: int) -> Non
     unet.to(torch.bfloat16)
     timer.time("w8a8_bf16_eager", unet, torch.bfloat16, False, summary=text)
     timer.time("w8a8_bf16_compiled", unet, torch.bfloat16, True)
+    with torch._inductor.config.patch(force_fuse_int_mm_with_mul=True):  # torchao's recommended setting
+        timer.time("w8a8_bf16_compiled_fused_rescale", unet, torch.bfloat16, True,
+                   note="inductor force_fuse_int_mm_with_mul: the int8 product's rescale fused into the GEMM")
+    del unet
+    gc.collect()
+    linear_only, text = quantized_unet(model, timer.device, ptq_config("int8", resolution), smoke,
+                                       filter_fn=lambda module, name: isinstance(module, nn.Linear))
+    linear_only.to(torch.bfloat16)
+    timer.time("w8a8_linear_bf16_compiled", linear_only, torch.bfloat16, True, summary=text,
+               note="Linear layers only: convs stay bf16 (no int8 conv kernel off CPU)")
 
 
 def fp8_variants(timer: Timer, model: str, smoke: bool, resolution: int) -> None:
@@ -191,8 +203,8 @@ def markdown(report: dict[str, Any]) -> str:
         if "median_ms" not in item:
             lines.append(f"| {name} | | | | {item.get('skipped') or item.get('failed')} |")
             continue
-        note = item.get("sparse_kernels") or (f"{item['params_before'] / 1e6:.0f}M → {item['params_after'] / 1e6:.0f}M"
-                                              " params" if "params_after" in item else "")
+        note = item.get("sparse_kernels") or item.get("note") or (
+            f"{item['params_before'] / 1e6:.0f}M → {item['params_after'] / 1e6:.0f}M params" if "params_after" in item else "")
         fmt = lambda r: f"{r:.2f}×" if r else ""  # noqa: E731
         lines.append(f"| {name} | {item['median_ms']:.1f} | {fmt(item['vs_bf16_compiled'])} | "
                      f"{fmt(item['vs_fp32_eager'])} | {note} |")

@@ -17,7 +17,8 @@ def test_device_speed_smoke_runs_every_variant(tmp_path):
     device_speed.main(["--device", "cpu", "--smoke", "--repeats", "1", "--out", str(out)])
     variants = json.loads(out.read_text())["variants"]
     timed = {name for name, item in variants.items() if "median_ms" in item}
-    assert {"fp32_eager", "bf16_compiled", "w8a8_bf16_compiled", "fp8_linear_bf16_compiled",
+    assert {"fp32_eager", "bf16_compiled", "w8a8_bf16_compiled", "w8a8_bf16_compiled_fused_rescale",
+            "w8a8_linear_bf16_compiled", "fp8_linear_bf16_compiled",
             "w4a16_linear_bf16_compiled", "structured30_bf16_compiled", "2of4_bf16_eager"} <= timed
     assert "fp8-gemm" in variants["fp8_linear_bf16_compiled"]["summary"]
     assert "no sparse kernel used" in variants["2of4_bf16_eager"]["sparse_kernels"]
