@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from .arch.registry import adapter_wrapped_layers, find_denoiser
 from .base_match import SAMPLE_FILE, config_items, dense, samples_match, structure_fingerprint, weight_sample
 from .adapter_guard import install_adapter_guards
+from .artifact_tensors import TechniqueTensors
 from .manifest_schema import ManifestError, check_manifest
 from .pretrained_guard import install_guards
 
@@ -192,13 +193,29 @@ def pipeline_source(pipe: Any) -> dict[str, Any] | None:
 
 
 # ----- save / load ---------------------------------------------------------------------
-def _artifact_folder(directory: str | Path) -> Path:
-    """``directory`` as a folder, created if missing; an ArtifactError naming it when it cannot be one
-    (a file of that name, a parent that is a file, no permission)."""
+def save_folder_problem(directory: str | Path) -> str | None:
+    """Why ``directory`` cannot take an artifact, or None: a file; a diffusers pipeline folder (it would
+    then load as the artifact, by spec); another tool's ``manifest.json`` (it would be overwritten)."""
     folder = Path(directory)
     if folder.exists() and not folder.is_dir():
-        raise ArtifactError(f"cannot save the artifact to {str(folder)!r}: it is a file, not a folder; "
-                            f"give a new folder or an earlier artifact's folder")
+        return "it is a file, not a folder; give a new folder or an earlier artifact's folder"
+    if (folder / "model_index.json").is_file():
+        return "it holds a diffusers pipeline (model_index.json), which would then load as this artifact; " \
+               "give another folder"
+    if (folder / MANIFEST).is_file() and not _is_artifact_manifest(folder / MANIFEST):
+        return f"its {MANIFEST} is not a diffusion_accel artifact's and would be overwritten; give another folder"
+    return None
+
+
+def _artifact_folder(directory: str | Path) -> Path:
+    """``directory`` as a folder, created if missing; an ArtifactError naming it when it cannot be one
+    (a file of that name, a parent that is a file, no permission) or holds something an artifact would
+    break or overwrite (a diffusers pipeline: its folder would then load as this artifact; another tool's
+    ``manifest.json``)."""
+    folder = Path(directory)
+    problem = save_folder_problem(folder)
+    if problem:
+        raise ArtifactError(f"cannot save the artifact to {str(folder)!r}: {problem}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -284,6 +301,14 @@ def _write_base_sample(denoiser: torch.nn.Module, folder: Path) -> dict[str, str
     return {"structure": structure, "sample": SAMPLE_FILE}
 
 
+def _is_artifact_manifest(path: Path) -> bool:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
 def _listed_files(folder: Path) -> set[str]:
     """The technique files an artifact already in ``folder`` lists (none if there is no readable one)."""
     try:
@@ -307,13 +332,14 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     found = manifest.get("format") if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
     if found != FORMAT:
         raise ArtifactError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    version = manifest.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise ArtifactError(f"{path}: format_version {version} is newer than this library reads "
+                            f"({FORMAT_VERSION}); upgrade diffusion-accel")  # before its envelope may differ
     try:
         check_manifest(manifest, path)
     except ManifestError as error:
         raise ArtifactError(str(error)) from None
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format_version {manifest['format_version']} is newer than "
-                            f"this library reads ({FORMAT_VERSION}); upgrade diffusion-accel")
     unknown = [t["name"] for t in manifest.get("techniques", []) if t["name"] not in _HANDLERS]
     if unknown:
         raise ArtifactError(f"{path}: unknown techniques {unknown}; registered: {registered_techniques()}")
@@ -326,6 +352,9 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
     _check_base(base_pipe, manifest, directory)
     component, original = find_denoiser(base_pipe)
     _warn_on_dtype_change(manifest, original, component, directory)
+    if not manifest["techniques"]:
+        warnings.warn(f"artifact {directory} holds no technique (saved from a pipeline with none applied): "
+                      f"load() returns the base unchanged", stacklevel=2)
     if not component:  # a bare denoiser has no pipeline to swap a copy into
         raise ArtifactError("load() needs a pipeline (with a 'unet' or 'transformer'), not a bare denoiser")
     attribute = getattr(base_pipe, component)  # the denoiser, or a torch.compile wrapper around it
@@ -346,14 +375,20 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
 def _restore_technique(pipe: Any, entry: dict[str, Any], folder: Path) -> None:
     """Re-apply one manifest entry. A config field or tensor the technique needs but the artifact lacks
     (a damaged or hand-edited artifact, or one from another version) is an ArtifactError naming both."""
-    tensors = _read_tensors(folder / entry["tensors"])
+    tensors = TechniqueTensors(_read_tensors(folder / entry["tensors"]), entry["tensors"])
+    damaged = ("the artifact is damaged, edited by hand or written by another version of diffusion-accel: "
+               "save it again")
     try:
         _HANDLERS[entry["name"]].restore(pipe, entry["config"], tensors)
-    except (KeyError, TypeError, IndexError) as error:
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, IndexError, ValueError, RuntimeError, NotImplementedError) as error:
         raise ArtifactError(
             f"artifact {folder}: technique {entry['name']!r} cannot be restored from its manifest config and "
-            f"{entry['tensors']} ({type(error).__name__}: {error}); the artifact is damaged, edited by hand or "
-            f"written by another version of diffusion-accel: save it again") from error
+            f"{entry['tensors']} ({type(error).__name__}: {error}); {damaged}") from error
+    if tensors.unread():
+        raise ArtifactError(f"artifact {folder}: {entry['tensors']} holds {len(tensors.unread())} tensors the "
+                            f"{entry['name']!r} config does not use (e.g. {tensors.unread()[0]!r}); {damaged}")
     mark_applied(pipe, entry["name"])
 
 
@@ -372,6 +407,10 @@ def _check_base(base_pipe: Any, manifest: dict[str, Any], directory: str | Path)
     if applied_techniques(base_pipe):
         raise ArtifactError(f"load() needs an unmodified base pipeline; this one already has "
                             f"{applied_techniques(base_pipe)} applied")
+    component, denoiser = find_denoiser(base_pipe)
+    if any(tensor.is_meta for tensor in denoiser.state_dict().values()):
+        raise ArtifactError(f"the base's {component or type(denoiser).__name__} has weights on the meta device "
+                            f"(created without them, or offloaded?): load an artifact onto a base with its weights")
     expected = manifest["base"]["fingerprint"]
     actual = base_fingerprint(base_pipe)
     if actual != expected and not _same_base_in_another_dtype(base_pipe, manifest, directory):

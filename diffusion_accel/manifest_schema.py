@@ -25,9 +25,9 @@ class ManifestError(ValueError):
 def check_manifest(manifest: dict[str, Any], path: Path) -> None:
     """Raise ManifestError naming the first missing or mistyped envelope field of ``manifest`` (read
     from ``path``), or a technique file that is not a plain name inside the artifact folder."""
-    version = manifest.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        _fail(path, "format_version", f"an integer, got {version!r}")
+    version = _field(manifest, "format_version", (int,), path, "")
+    if isinstance(version, bool) or version < 1:
+        _fail(path, "format_version", f"an integer >= 1, got {version!r}")
     base = _field(manifest, "base", (dict,), path, "")
     for name, kinds in BASE_FIELDS.items():
         _field(base, name, kinds, path, "base.")
@@ -65,9 +65,13 @@ def _field(mapping: dict[str, Any], name: str, kinds: tuple[type, ...], path: Pa
 
 
 def _plain_file_name(name: str, path: Path, where: str) -> None:
-    """Technique and sample files live in the artifact folder itself: no folders, no '..', no absolute path."""
+    """Technique and sample files live in the artifact folder itself: no folders, no '..', no absolute path,
+    no symbolic link to a file elsewhere."""
     if not name or Path(name).name != name or name in (".", ".."):
         _fail(path, where, f"a file name inside the artifact folder, got {name!r}")
+    target = path.parent / name
+    if target.is_symlink() and target.resolve().parent != path.parent.resolve():
+        _fail(path, where, f"a file inside the artifact folder, got {name!r}, a link to {str(target.resolve())!r}")
 
 
 def _fail(path: Path, field: str, expected: str) -> None:

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from . import prompts as prompt_sets
 from .arch import get_adapter
-from .artifact import base_fingerprint
+from .artifact import base_fingerprint, save_folder_problem
 from .loading import default_demo_spec, load_pipeline
 
 if sys.version_info >= (3, 11):
@@ -243,7 +243,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     _check_calibration_settings(settings, args.seed)
     model = recipe.get("model", {})
     spec = args.pipe if args.pipe is not None else (model.get("id") or default_demo_spec())
-    _check_out_is_not_the_base(args.out, spec)
+    _check_out_is_not_the_base(args.out, spec, methods)
     dtype = args.dtype or (model.get("dtype") if args.pipe is None else None)  # the recipe's dtype is its model's
     pipe = load_pipeline(spec, dtype=dtype, device=args.device)
     _check_chain_fits(pipe, methods)
@@ -302,11 +302,15 @@ def _check_calibration_settings(settings: dict[str, Any], seed: int) -> None:
         prompt_sets.load(settings["prompts"], limit=settings["num_prompts"])
 
 
-def _check_out_is_not_the_base(out: str, spec: str) -> None:
-    """Writing the artifact into the base model's folder left neither loadable by spec."""
+def _check_out_is_not_the_base(out: str, spec: str, methods: list[str]) -> None:
+    """Writing the artifact into the base model's folder left neither loadable by spec; a folder ``save``
+    refuses (a diffusers pipeline, another tool's manifest.json) is refused before the calibration."""
     base = spec.rpartition("+")[0] if "+" in spec and not Path(spec).exists() else spec
     if Path(base).expanduser().is_dir() and Path(out).expanduser().resolve() == Path(base).expanduser().resolve():
         raise ValueError(f"--out {out!r} is the base pipeline's folder; write the artifact to another folder")
+    problem = None if methods == ["stats"] else save_folder_problem(Path(out).expanduser())
+    if problem:
+        raise ValueError(f"--out {out!r}: {problem}")
 
 
 def _check_chain_fits(pipe: Any, methods: list[str]) -> None:

@@ -99,7 +99,7 @@ def test_failed_restore_leaves_pipeline_unchanged(tmp_path):
     artifact.save(_scaled_pipe(factor=-1.0), tmp_path)
     base = build_tiny("sd")
     unet_before, weights_before = base.unet, base.unet.conv_in.weight.clone()
-    with pytest.raises(RuntimeError, match="on purpose"):
+    with pytest.raises(artifact.ArtifactError, match="RuntimeError: .*on purpose"):
         artifact.load(base, tmp_path)
     assert base.unet is unet_before and torch.equal(base.unet.conv_in.weight, weights_before)
     assert artifact.applied_techniques(base) == []
@@ -158,7 +158,9 @@ def _edit_manifest(folder, edit):
     (lambda m: m.pop("base"), r"field 'base' must be present"),
     (lambda m: m["base"].pop("fingerprint"), r"field 'base.fingerprint' must be present"),
     (lambda m: m["base"].update(source="tiny:sd"), r"field 'base.source' must be an object or null, got str"),
-    (lambda m: m.update(format_version="1"), r"field 'format_version' must be an integer, got '1'"),
+    (lambda m: m.update(format_version="1"), r"field 'format_version' must be an integer, got str '1'"),
+    (lambda m: m.update(format_version=0), r"field 'format_version' must be an integer >= 1, got 0"),
+    (lambda m: m.pop("format_version"), r"field 'format_version' must be present"),
     (lambda m: m["base"].update(source={"spec": ["tiny:sd"]}), r"field 'base.source.spec' must be a string or null"),
     (lambda m: m["base"].update(sample="../base-sample.safetensors"),
      r"field 'base.sample' must be a file name inside the artifact folder"),
@@ -188,6 +190,47 @@ def test_a_manifest_cannot_point_load_at_files_outside_the_artifact(tmp_path, wh
         artifact.load(build_tiny("sd"), folder)
 
 
+def test_a_technique_file_linking_outside_the_artifact_is_refused(tmp_path):
+    other, folder = tmp_path / "other", tmp_path / "artifact"
+    artifact.save(_scaled_pipe(), other)
+    artifact.save(_scaled_pipe(), folder)
+    (folder / "00-test-scale.safetensors").unlink()
+    (folder / "00-test-scale.safetensors").symlink_to(other / "00-test-scale.safetensors")
+    with pytest.raises(artifact.ArtifactError, match=r"'techniques\[0\].tensors' must be a file inside the "
+                                                      r"artifact folder, got '00-test-scale.safetensors', a link to"):
+        artifact.load(build_tiny("sd"), folder)
+
+
+def test_save_refuses_folders_it_would_break_or_overwrite(tmp_path):
+    """Saving into the folder the base was loaded from made both unloadable by spec; another tool's
+    manifest.json was overwritten without a word."""
+    pipe = _scaled_pipe()
+    model = tmp_path / "model"
+    build_tiny("sd").save_pretrained(model)
+    with pytest.raises(artifact.ArtifactError, match=r"holds a diffusers pipeline \(model_index.json\)"):
+        artifact.save(pipe, model)
+    assert not (model / "manifest.json").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"tool": "other"}')
+    with pytest.raises(artifact.ArtifactError, match=r"its manifest.json is not a diffusion_accel artifact's"):
+        artifact.save(pipe, foreign)
+    assert (foreign / "manifest.json").read_text() == '{"tool": "other"}'
+    artifact.save(pipe, tmp_path / "ours")
+    artifact.save(pipe, tmp_path / "ours")  # over an artifact of ours: fine
+
+
+def test_loading_an_artifact_without_techniques_warns_and_onto_meta_weights_is_refused(tmp_path):
+    with pytest.warns(UserWarning, match="no technique applied"):
+        artifact.save(build_tiny("sd"), tmp_path)
+    base = build_tiny("sd")
+    with pytest.warns(UserWarning, match="holds no technique"):
+        assert artifact.load(base, tmp_path) is base
+    base.unet.to("meta")
+    with pytest.raises(artifact.ArtifactError, match="weights on the meta device"):
+        artifact.load(base, tmp_path)
+
+
 def test_a_config_field_or_tensor_a_technique_needs_is_an_artifact_error_and_nothing_changes(tmp_path):
     """A technique's restore reading a field or tensor the artifact lacks raised a bare KeyError."""
     import diffusion_accel as da
@@ -213,6 +256,77 @@ def test_a_config_field_or_tensor_a_technique_needs_is_an_artifact_error_and_not
         artifact.load(base, tmp_path)
     assert base.unet is unet_before and artifact.applied_techniques(base) == []
 
+
+
+@pytest.fixture(scope="module")
+def saved_artifacts(tmp_path_factory):
+    """A W8A8 and a magnitude-pruned tiny SD artifact (folder by technique), saved once for the edits below."""
+    import diffusion_accel as da
+
+    folders = {}
+    for technique in ("ptq", "prune"):
+        pipe = build_tiny("sd")
+        if technique == "ptq":
+            da.quantize_(pipe, da.PTQConfig(calib_prompts=1, calib_num_steps=2, calib_steps="all"))
+        else:
+            da.prune_(pipe, da.PruneConfig(method="magnitude", sparsity=0.5))
+        folders[technique] = artifact.save(pipe, tmp_path_factory.mktemp(technique))
+    return folders
+
+
+def _first(tensors, suffix):
+    return next(name for name in sorted(tensors) if name.endswith(suffix))
+
+
+def _set(suffix, edit):
+    def apply(tensors):
+        name = _first(tensors, suffix)
+        tensors[name] = edit(tensors[name])
+    return apply
+
+
+@pytest.mark.parametrize("technique, edit, message", [
+    ("ptq", _set(".weight_scale", lambda t: t.reshape(1, -1).contiguous()), r"weight_scale' .* has shape \[1, 16\], "
+                                                                            r"expected \[16, 1\]"),
+    ("ptq", _set(".weight_scale", lambda t: t[:1].contiguous()), r"has shape \[1, 1\], expected \[16, 1\]"),
+    ("ptq", _set(".weight_scale", lambda t: t.to(torch.int32)), r"is int32, expected float"),
+    ("ptq", _set(".codes", lambda t: t.float()), r"codes' .* is float32, expected int8"),
+    ("ptq", _set(".act_zero_point", lambda t: t.float()), r"act_zero_point' .* is float32, expected int"),
+    ("ptq", _set(".act_scale", lambda t: t.repeat(1, 4)), r"act_scale' .* has shape \[1, 4\], expected \[1, 1\]"),
+    ("ptq", lambda t: t.update(extra=torch.zeros(3)), r"holds 1 tensors the 'ptq' config does not use .*'extra'"),
+    ("prune", _set(".values", lambda t: t.to(torch.int32)), r"values' .* is int32, expected float"),
+    ("prune", _set(".values", lambda t: t[:-1].contiguous()), r"values' .* has shape"),
+    ("prune", _set(".mask", lambda t: t[:-1].contiguous()), r"mask' .* has shape"),
+    ("prune", _set(".mask", lambda t: t.float()), r"mask' .* is float32, expected uint8"),
+], ids=["scale-transposed", "scale-broadcast", "scale-int", "codes-float", "zero-float", "act-scale-wide", "extra",
+        "values-int", "values-short", "mask-short", "mask-float"])
+def test_technique_tensors_of_another_shape_or_dtype_are_refused(saved_artifacts, tmp_path, technique, edit,
+                                                                 message):
+    """They loaded silently when they broadcast or cast, and the images changed (0.07-0.26)."""
+    import shutil
+    from safetensors.torch import save_file
+
+    folder = shutil.copytree(saved_artifacts[technique], tmp_path / "edited")
+    path = folder / f"00-{technique}.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+    base = build_tiny("sd")
+    unet_before, state_before = base.unet, {k: v.clone() for k, v in base.unet.state_dict().items()}
+    with pytest.raises(artifact.ArtifactError, match=message):
+        artifact.load(base, folder)
+    assert base.unet is unet_before and artifact.applied_techniques(base) == []
+    assert all(torch.equal(value, state_before[key]) for key, value in base.unet.state_dict().items())
+
+
+def test_int8_codes_under_a_manifest_saying_int4_are_refused(saved_artifacts, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(saved_artifacts["ptq"], tmp_path / "edited")
+    _edit_manifest(folder, lambda m: m["techniques"][0]["config"]["ptq_config"].update(weights="int4"))
+    with pytest.raises(artifact.ArtifactError, match=r"codes' .* holds values in \[-\d+, \d+\], outside the "
+                                                     r"format's \[-8, 7\]"):
+        artifact.load(build_tiny("sd"), folder)
 
 def test_mark_applied_needs_a_registered_technique():
     with pytest.raises(ValueError, match="no save/load handler"):
@@ -304,7 +418,7 @@ def test_load_onto_a_compiled_base_warns_and_a_failed_one_keeps_the_wrapper(tmp_
     artifact.save(_scaled_pipe(factor=-1.0), tmp_path / "bad")
     base = build_tiny("sd")
     wrapper = base.unet = torch.compile(base.unet)
-    with pytest.raises(RuntimeError, match="on purpose"):
+    with pytest.raises(artifact.ArtifactError, match="on purpose"):
         artifact.load(base, tmp_path / "bad")
     assert base.unet is wrapper
 

@@ -454,3 +454,16 @@ def test_an_artifact_from_a_relative_folder_loads_from_another_directory(tmp_pat
     assert load_pipeline("../art").unet is not None
     assert main(["calibrate", "--pipe", "../base", "--method", "magnitude", "--steps", "2", "--num-prompts", "1",
                  "--out", "../base"]) == 2  # writing into the base's folder left neither loadable
+
+
+def test_calibrate_refuses_an_out_folder_save_would_refuse_before_calibrating(tmp_path, capsys, monkeypatch):
+    import diffusion_accel.recipes as recipes
+    from diffusion_accel.testing.tiny import build_tiny
+
+    monkeypatch.setattr(recipes, "load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
+    build_tiny("sd").save_pretrained(tmp_path / "model")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "manifest.json").write_text("{}")
+    for out, message in [("model", "holds a diffusers pipeline"), ("foreign", "is not a diffusion_accel artifact's")]:
+        assert main(["calibrate", "--pipe", "tiny:sd", "--method", "magnitude", "--out", str(tmp_path / out)]) == 2
+        assert message in capsys.readouterr().err

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..arch import find_denoiser
 from ..artifact import register_technique
+from ..artifact_tensors import TechniqueTensors, technique_tensors
 from .apply import TECHNIQUE
 from .record import ensure_record, get_record
 from .sparse import dense_weight
@@ -62,9 +63,10 @@ def export_prune(pipe: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return {"record": record.to_dict(), "masked_shapes": shapes}, tensors
 
 
-def restore_prune(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+def restore_prune(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor] | TechniqueTensors) -> None:
     """Re-apply an exported prune onto ``pipe``'s (base) denoiser; ValueError on any shape mismatch."""
     _, denoiser = find_denoiser(pipe)
+    tensors = technique_tensors(tensors)
     saved = config["record"]
     _restore_heads(denoiser, saved["heads"])
     norm_groups = saved.get("norm_groups", {})
@@ -100,17 +102,18 @@ def _restore_heads(denoiser: nn.Module, heads: dict[str, int]) -> None:
         set_head_count(module, count, head_dim)
 
 
-def _restore_resized(denoiser: nn.Module, name: str, base_shape: list[int], tensors: dict[str, torch.Tensor],
+def _restore_resized(denoiser: nn.Module, name: str, base_shape: list[int], tensors: TechniqueTensors,
                      norm_groups: int | None) -> None:
     """Swap in the saved smaller Linear / Conv2d (or GroupNorm over ``norm_groups`` groups)."""
     layer = _layer(denoiser, name, base_shape)
-    weight, bias = tensors[f"{name}.weight"], tensors.get(f"{name}.bias")
+    weight = tensors.take(f"{name}.weight", dtype="float")
+    if weight.dim() != len(base_shape) or any(size > base for size, base in zip(weight.shape, base_shape)):
+        raise ValueError(f"pruned artifact holds a weight of shape {list(weight.shape)} for {name!r}, whose "
+                         f"base weight is {list(base_shape)}: a pruned layer is never larger")
+    bias = None if layer.bias is None else tensors.take(f"{name}.bias", (weight.shape[0],), "float")
     if isinstance(layer, nn.GroupNorm) and norm_groups is not None:
         new = new_group_norm(norm_groups, weight, bias, layer, weight.shape[0])
     elif isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups == 1):
-        if weight.dim() != layer.weight.dim():
-            raise ValueError(f"pruned artifact holds a {weight.dim()}-D weight for {name!r}; the base layer's is "
-                             f"{layer.weight.dim()}-D")
         new = new_layer(weight, bias, layer)
     else:
         raise ValueError(f"pruned artifact resized {name!r}, a {type(layer).__name__} in the base model; "
@@ -118,11 +121,13 @@ def _restore_resized(denoiser: nn.Module, name: str, base_shape: list[int], tens
     replace_module(denoiser, name, new)
 
 
-def _restore_masked(denoiser: nn.Module, name: str, shape: list[int], tensors: dict[str, torch.Tensor]) -> None:
+def _restore_masked(denoiser: nn.Module, name: str, shape: list[int], tensors: TechniqueTensors) -> None:
     layer = _layer(denoiser, name, shape)
-    mask = unpack_bits(tensors[f"{name}.mask"], shape).to(layer.weight.device)
+    numel = layer.weight.numel()
+    mask = unpack_bits(tensors.take(f"{name}.mask", (-(-numel // 8),), torch.uint8), shape).to(layer.weight.device)
+    values = tensors.take(f"{name}.values", (int(mask.sum()),), "float")
     weight = torch.zeros(shape, dtype=layer.weight.dtype, device=layer.weight.device)
-    weight[mask] = tensors[f"{name}.values"].to(weight)
+    weight[mask] = values.to(weight)
     with torch.no_grad():
         layer.weight.copy_(weight)
 

@@ -17,9 +17,12 @@ from torch import nn
 
 from ..arch.registry import find_denoiser
 from ..artifact import ArtifactError, register_technique
+from ..artifact_tensors import TechniqueTensors, technique_tensors
 from .apply import TECHNIQUE, install
 from .attention import QUANT_PROCESSORS, replaced_attention
 from .configs import PTQConfig
+from .fp8 import FP8_DTYPE
+from .formats import get_format
 from .layers import (CHANNEL_DIMS, QUANT_LAYER_TYPES, ActQuantizer, DynamicActQuantizer, StepGroups,
                      float_type_of)
 from .lower import lower_layer
@@ -78,20 +81,42 @@ def _restore_act(entry: dict[str, Any] | None, name: str, tensors: dict[str, tor
                                    per_tensor=entry.get("per_tensor", False),
                                    segment_sizes=segments if segments != [0] else [])
     segments = entry["segments"] if entry["segments"] != [0] else []
-    return ActQuantizer(tensors[f"{name}.act_scale"], tensors[f"{name}.act_zero_point"], entry["fmt"],
+    shape = (selector.groups if selector is not None else 1, max(len(segments), 1))
+    return ActQuantizer(tensors.take(f"{name}.act_scale", shape, "float"),
+                        tensors.take(f"{name}.act_zero_point", shape, "int"), entry["fmt"],
                         entry["symmetric"], segments, entry["channel_dim"], selector)
 
 
+def _restore_weight(source: nn.Module, name: str, entry: dict[str, Any], fmt: str,
+                    tensors: TechniqueTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes (out, columns), scales (out, S)) of layer ``name``, checked against the base layer and the
+    saved format: a ValueError naming the tensor when a shape, dtype or code range does not fit."""
+    rows, columns = source.weight.shape[0], source.weight[0].numel()
+    segments = entry["segments"]
+    if sum(segments) != columns:
+        raise ValueError(f"artifact layer {name!r}: segments {segments} cover {sum(segments)} weight columns; "
+                         f"the base layer has {columns}")
+    if entry["packed"]:
+        if fmt != "int4" or columns % 2:
+            raise ValueError(f"artifact layer {name!r}: packed codes, but the weights are {fmt} with {columns} "
+                             f"columns (packing holds int4 codes of an even column count)")
+        codes = unpack_int4(tensors.take(f"{name}.codes", (rows, columns // 2), torch.uint8))
+    else:
+        grid = get_format(fmt)
+        codes = tensors.take(f"{name}.codes", (rows, columns), FP8_DTYPE if grid.is_float else torch.int8,
+                             values=None if grid.is_float else (int(grid.qmin), int(grid.qmax)))
+    return codes, tensors.take(f"{name}.weight_scale", (rows, len(segments)), "float")
+
+
 def _restore_layer(source: nn.Module, name: str, entry: dict[str, Any], config: PTQConfig,
-                   tensors: dict[str, torch.Tensor], selector: StepGroups | None) -> nn.Module:
+                   tensors: TechniqueTensors, selector: StepGroups | None) -> nn.Module:
     float_type = float_type_of(source)
     if float_type is None:
         raise ValueError(f"artifact layer {name!r} is a {type(source).__name__} in this base model; "
                          f"expected one of {[t.__name__ for t in QUANT_LAYER_TYPES]}")
     codes = scale = None  # activation-only quantization keeps the base's float weights
     if config.weights is not None:
-        codes, scale = tensors[f"{name}.codes"], tensors[f"{name}.weight_scale"]
-        codes = unpack_int4(codes) if entry["packed"] else codes
+        codes, scale = _restore_weight(source, name, entry, config.weights, tensors)
     act = _restore_act(entry["act"], name, tensors, selector)
     if act is not None and act.channel_dim != CHANNEL_DIMS[float_type]:
         raise ValueError(f"artifact layer {name!r}: activation channel dim {act.channel_dim} does not fit a "
@@ -103,6 +128,7 @@ def _restore_layer(source: nn.Module, name: str, entry: dict[str, Any], config: 
 def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """Rebuild the saved quantized layers on ``pipe``'s denoiser (and lower the lowered ones)."""
     _, denoiser = find_denoiser(pipe)
+    tensors = technique_tensors(tensors)
     ptq_config = PTQConfig.from_dict(config["ptq_config"])
     selector = StepGroups(denoiser, ptq_config.timestep_groups, config["num_steps"]) \
         if ptq_config.timestep_groups > 1 else None
