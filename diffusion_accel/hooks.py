@@ -41,6 +41,7 @@ submodules, or from a forward *post*-hook on the denoiser.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -49,6 +50,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
 from diffusers.models.cache_utils import CacheMixin
+
+from . import hook_copy
 
 TRACKER_HOOK_NAME = "diffusion_accel.step_tracker"
 DEFAULT_CONTEXT = "default"
@@ -120,6 +123,18 @@ class StepTracker(ModelHook):
         self.in_call: bool = False
         self.calls_since_reset: int = 0
         self._pinned_context: str | None = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "StepTracker":
+        """A copy watching the copied pipeline when the pipeline itself is being deep-copied (a weakref
+        copies as itself), else the same pipeline (a copied denoiser placed in another pipeline is
+        placed by the schedule its timesteps come from, see ``num_inference_steps``)."""
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        pipeline = self.pipeline
+        clone.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "_pipeline_ref"}, memo))
+        watched = memo.get(id(pipeline), pipeline) if pipeline is not None else None
+        clone._pipeline_ref = weakref.ref(watched) if watched is not None else None
+        return clone
 
     # ----- clients and state -------------------------------------------------------------
     def register_client(self, name: str, on_reset: Callable[[], None] | None = None) -> None:
@@ -389,6 +404,7 @@ def attach_tracker(denoiser: torch.nn.Module, pipeline: Any | None = None) -> St
     tracker = StepTracker(pipeline)
     registry = HookRegistry.check_if_exists_or_initialize(denoiser)
     registry.register_hook(tracker, TRACKER_HOOK_NAME)
+    hook_copy.install(denoiser)
     return tracker
 
 
@@ -399,6 +415,7 @@ def detach_tracker_if_unused(denoiser: torch.nn.Module) -> bool:
         return False
     registry = denoiser._diffusers_hook
     registry.remove_hook(TRACKER_HOOK_NAME, recurse=False)
+    hook_copy.uninstall(denoiser)
     if not registry.hooks:  # leave the module exactly as it was: class forward, no registry
         denoiser.__dict__.pop("forward", None)
         del denoiser._diffusers_hook

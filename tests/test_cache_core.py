@@ -152,6 +152,58 @@ def test_remove_cache_is_bit_identical_and_leaves_no_hooks():
     _assert_no_cache_left(pipe, pipe.unet)
 
 
+
+@pytest.mark.parametrize("family, config", [("sd", DeepCacheConfig(interval=2, branch=1)),
+                                            ("pixart", BlockCacheConfig(interval=2))])
+def test_a_deep_copy_of_a_cached_pipeline_runs_its_own_weights_and_state(family, config):
+    """The copy kept diffusers' hooked-forward closures: it ran the original's hooks and weights (zeroing
+    the copy's output layer changed nothing) and shared its cache state."""
+    import copy
+
+    pipe = build_tiny(family)
+    enable_cache(pipe, config)
+    kwargs = lambda: tiny_call_kwargs(family, steps=4)  # noqa: E731 (a fresh generator per call)
+    reference = pipe(**kwargs()).images
+    twin = copy.deepcopy(pipe)
+    twin_denoiser = twin.unet if family == "sd" else twin.transformer
+    assert get_tracker(twin_denoiser).pipeline is twin and summary(twin)["enabled"]
+    nested = {}
+
+    def run_twin_inside(step):
+        if step == 1:
+            nested["images"] = twin(**kwargs()).images
+
+    callbacks = {"sd": {"callback_on_step_end": lambda pipeline, step, timestep, kw: run_twin_inside(step) or kw},
+                 "pixart": {"callback": lambda step, timestep, latents: run_twin_inside(step)}}
+    assert torch.equal(pipe(**kwargs(), **callbacks[family]).images, reference)
+    assert torch.equal(nested["images"], reference)
+    output_layer = twin_denoiser.conv_out if family == "sd" else twin_denoiser.proj_out
+    with torch.no_grad():
+        output_layer.weight.zero_()
+        output_layer.bias.zero_()
+    assert not torch.equal(twin(**kwargs()).images, reference)
+    assert torch.equal(pipe(**kwargs()).images, reference)
+    remove_cache(twin)
+    _assert_no_cache_left(twin, twin_denoiser)
+
+
+def test_pickling_a_cached_denoiser_is_a_clear_error_and_gradients_flow_through_reused_steps():
+    import pickle
+
+    pipe = build_tiny("sd")
+    enable_cache(pipe, DeepCacheConfig(interval=3, branch=0))
+    with pytest.raises(TypeError, match=r"cannot pickle this UNet2DConditionModel: .*da.save"):
+        pickle.dumps(pipe.unet)
+    pipe.scheduler.set_timesteps(3)
+    context = torch.randn(1, 4, pipe.unet.config.cross_attention_dim)
+    for timestep in pipe.scheduler.timesteps:  # classifier guidance: a backward per step, reused steps too
+        sample = torch.randn(1, 4, 8, 8, requires_grad=True)
+        pipe.unet(sample, timestep, context).sample.sum().backward()
+        assert sample.grad is not None and torch.isfinite(sample.grad).all()
+    assert [record["computed"] for record in summary(pipe)["steps"]] == [True, False, False]
+    remove_cache(pipe)
+    pickle.loads(pickle.dumps(pipe.unet))
+
 def test_enable_twice_replaces_the_cache():
     pipe = build_tiny("sd")
     enable_cache(pipe, DeepCacheConfig(interval=2))

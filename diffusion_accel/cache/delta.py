@@ -19,7 +19,7 @@ from torch import nn
 from ..arch import get_adapter
 from .session import CacheSession
 from .stack import check_stack
-from .streams import BlockIO, add_streams, block_io, sub_streams
+from .streams import BlockIO, add_streams, block_io, detached, sub_streams
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ class DeltaBlockHook(ModelHook):
         for span in self.spans.values():
             if span.stop - 1 == self.index:
                 delta = sub_streams(self.io.outputs(output), starts.pop(span.name))
-                state.setdefault("deltas", {})[span.name] = delta
+                state.setdefault("deltas", {})[span.name] = detached(delta)
         if self.last:
             state["ready"] = True
         return output

@@ -79,7 +79,7 @@ class FirstBlockPolicy:
         state["signal_change"] = change
         if change is not None and change < self.threshold:
             return False
-        state["head_reference"] = signal
+        state["head_reference"] = signal.detach()
         return True
 
 
@@ -108,7 +108,7 @@ class TeaCachePolicy:
 
     def should_compute(self, step: int, num_steps: int | None, state: dict, signal: torch.Tensor) -> bool:
         previous = state.get("head_reference")
-        state["head_reference"] = signal
+        state["head_reference"] = signal.detach()
         change = None if previous is None else rel_l1(signal, previous)
         state["signal_change"] = change
         is_last = num_steps is not None and step >= num_steps - 1

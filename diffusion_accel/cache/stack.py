@@ -22,7 +22,7 @@ from torch import nn
 from ..arch import BlockStreams, get_adapter
 from .forecast import linear_forecast
 from .session import CacheSession
-from .streams import BlockIO, add_streams, block_io, rel_l1, sub_streams
+from .streams import BlockIO, add_streams, block_io, detached, rel_l1, sub_streams
 from .unet_branch import CachedOutputHook
 
 
@@ -84,7 +84,7 @@ class StackBlockHook(ModelHook):
                 self._note_residual_change(state, residual["hidden"])
             if getattr(self.session.config, "forecast", 0):  # keep the one before only when forecasting
                 state["previous_residual"] = state.get("residual"), state.get("residual_step")
-            state["residual"], state["residual_step"], state["ready"] = residual, self.session.tracker.step_index, True
+            state["residual"], state["residual_step"], state["ready"] = detached(residual), self.session.tracker.step_index, True
         return output
 
     def _note_residual_change(self, state: dict, residual: torch.Tensor | None) -> None:

@@ -95,6 +95,22 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
         return False
 
 
+def detached(value: Any) -> Any:
+    """``value`` (a tensor, or a dict / tuple / list of them) without autograd history, for storing across
+    steps: a reused feature is a constant at the later step. Stored with its graph, a second backward
+    through the cached denoiser failed ('backward through the graph a second time'), and the graph's
+    memory stayed alive. Unchanged when nothing records gradients."""
+    if not torch.is_grad_enabled():
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, dict):
+        return {key: detached(item) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(detached(item) for item in value)
+    return value
+
+
 def rel_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     """mean|current - previous| / mean|previous| (inf if shapes differ)."""
     if current.shape != previous.shape:

@@ -18,6 +18,7 @@ from ..arch import get_adapter
 from ..arch.base import CachePoint
 from .forecast import linear_forecast
 from .session import CacheSession
+from .streams import detached
 
 
 class CachedOutputHook(ModelHook):
@@ -55,7 +56,8 @@ class CachedOutputHook(ModelHook):
             if forecast and self.key in outputs:  # keep the one before only when forecasting
                 state.setdefault("previous_outputs", {})[self.key] = outputs[self.key], steps[self.key]
             output = self.fn_ref.original_forward(*args, **kwargs)
-            outputs[self.key], steps[self.key] = clone_tensors(output) if self.snapshot else output, step
+            kept = detached(output)
+            outputs[self.key], steps[self.key] = clone_tensors(kept) if self.snapshot else kept, step
             return output
         if not forecast:
             return clone_tensors(outputs[self.key]) if self.snapshot else outputs[self.key]
