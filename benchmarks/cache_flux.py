@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_options import COUNT, report_path  # noqa: E402
 
 import diffusion_accel.cache as dcache  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
@@ -625,13 +626,13 @@ def write(report: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=2000, help="generated images per variant")
-    p.add_argument("--timing-prompts", type=int, default=50, help="prompts per call in the final timing")
-    p.add_argument("--timing-repeats", type=int, default=3)
-    p.add_argument("--probe-prompts", type=int, default=20, help="prompts per call in the speed probe")
-    p.add_argument("--probe-repeats", type=int, default=2)
-    p.add_argument("--calib-prompts", type=int, default=4)
-    p.add_argument("--calib-passes", type=int, default=2, help="max_passes of the refine search")
+    p.add_argument("--n", type=COUNT, default=2000, help="generated images per variant")
+    p.add_argument("--timing-prompts", type=COUNT, default=50, help="prompts per call in the final timing")
+    p.add_argument("--timing-repeats", type=COUNT, default=3)
+    p.add_argument("--probe-prompts", type=COUNT, default=20, help="prompts per call in the speed probe")
+    p.add_argument("--probe-repeats", type=COUNT, default=2)
+    p.add_argument("--calib-prompts", type=COUNT, default=4)
+    p.add_argument("--calib-passes", type=COUNT, default=2, help="max_passes of the refine search")
     p.add_argument("--target", type=float, default=2.0, help="required whole-pipeline speed-up")
     p.add_argument("--margin", type=float, default=0.03, help="probe must show target x (1 + margin)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -639,8 +640,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--only-timing", action="store_true", help="only the final timing (needs a probed report)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=RESULTS / "cache_flux.json")
+    p.add_argument("--threads", type=COUNT, default=1)
+    p.add_argument("--out", type=report_path, default=RESULTS / "cache_flux.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 

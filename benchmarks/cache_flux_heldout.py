@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_options import COUNT, existing_file, report_path  # noqa: E402
 import cache_flux as cf  # noqa: E402
 from zoo_harness import RESULTS  # noqa: E402
 
@@ -86,10 +87,10 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--report", type=Path, default=RESULTS / "cache_flux_v2c.json")
-    p.add_argument("--held-out", type=int, default=20, help="held-out prompts")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=RESULTS / "cache_flux_heldout.json")
+    p.add_argument("--report", type=existing_file, default=RESULTS / "cache_flux_v2c.json")
+    p.add_argument("--held-out", type=COUNT, default=20, help="held-out prompts")
+    p.add_argument("--threads", type=COUNT, default=1)
+    p.add_argument("--out", type=report_path, default=RESULTS / "cache_flux_heldout.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = evaluate(json.loads(args.report.read_text()), args.held_out)

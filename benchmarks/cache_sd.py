@@ -32,6 +32,7 @@ from diffusion_accel.cache import (FASTER_DIFFUSION_KEY_STEPS, CalibratedCacheCo
 from diffusion_accel.cache.configs import config_to_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_options import COUNT, report_path  # noqa: E402
 from zoo_harness import RESULTS, Variant, ZooBench, digest, markdown_table, time_variants  # noqa: E402
 from zoo_quality import DEFAULTS, prompts_for  # noqa: E402
 
@@ -174,18 +175,18 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=2000)
-    p.add_argument("--n-ref", type=int, default=10000, help="test images for the FID reference statistics")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--calibration-prompts", type=int, default=4)
-    p.add_argument("--max-passes", type=int, default=2)
-    p.add_argument("--timing-prompts", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--n", type=COUNT, default=2000)
+    p.add_argument("--n-ref", type=COUNT, default=10000, help="test images for the FID reference statistics")
+    p.add_argument("--threads", type=COUNT, default=1)
+    p.add_argument("--calibration-prompts", type=COUNT, default=4)
+    p.add_argument("--max-passes", type=COUNT, default=2)
+    p.add_argument("--timing-prompts", type=COUNT, default=50)
+    p.add_argument("--repeats", type=COUNT, default=3)
     p.add_argument("--only", nargs="*", default=None, help="variant labels to run (default: all)")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--cache-dir", type=Path, default=RESULTS.parent.parent / "zoo_runs" / "bench_cache")
-    p.add_argument("--out", type=Path, default=RESULTS / "cache_sd.json")
+    p.add_argument("--out", type=report_path, default=RESULTS / "cache_sd.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     bench = ZooBench(MODEL, args.n, args.out, n_ref=args.n_ref)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from cli_options import COUNT, report_path
 
 from diffusion_accel.cache import DeepCacheConfig, enable_cache, remove_cache
 from diffusion_accel.eval.machine import machine_info
@@ -122,14 +123,14 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=COUNT, default=6)
+    parser.add_argument("--repeats", type=COUNT, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--out", type=Path, default=RESULTS / "cache_speed.json", help="JSON (Markdown beside it)")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=report_path, default=RESULTS / "cache_speed.json", help="JSON (Markdown beside it)")
+    args = parser.parse_args(argv)
     load_before = os.getloadavg()
     timings = run(args.steps, args.repeats, args.device, getattr(torch, args.dtype))
     result = {"setup": f"SD 1.5 UNet (859.5M params, random weights) at 32x32 latents (256x256-pixel "

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import diffusers
 import torch
+from cli_options import COUNT, report_path
 
 import diffusion_accel as da
 from diffusion_accel.eval.machine import machine_info
@@ -85,13 +86,13 @@ def to_markdown(result: dict) -> str:
                               f"same scheduler and seeds. **Machine:** {machine}", ""])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=COUNT, default=10)
     parser.add_argument("--budget", type=float, default=0.4)
     parser.add_argument("--schedulers", nargs="+", choices=list(SCHEDULERS), default=list(SCHEDULERS))
-    parser.add_argument("--out", type=Path, default=RESULTS / "calib_schedulers.json")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=report_path, default=RESULTS / "calib_schedulers.json")
+    args = parser.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"steps": args.steps, "budget": args.budget, "rows": [], "machine": machine_info()}
     for label in args.schedulers:  # written after every scheduler: a stopped run keeps what it measured

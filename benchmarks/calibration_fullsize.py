@@ -27,6 +27,7 @@ from diffusion_accel.testing.fullsize import PUBLISHED_PARAMETERS
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(ROOT / "calibration"))
+from cli_options import COUNT, report_path  # noqa: E402
 
 SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                 layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -70,13 +71,13 @@ def pipeline_folder(workdir: Path) -> tuple[Path, bool]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="ptq")
-    parser.add_argument("--num-prompts", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10, help="calibration steps (the recipe: 25)")
-    parser.add_argument("--check-prompts", type=int, default=2)
-    parser.add_argument("--check-steps", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--num-prompts", type=COUNT, default=4)
+    parser.add_argument("--steps", type=COUNT, default=10, help="calibration steps (the recipe: 25)")
+    parser.add_argument("--check-prompts", type=COUNT, default=2)
+    parser.add_argument("--check-steps", type=COUNT, default=10)
+    parser.add_argument("--threads", type=COUNT, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("zoo_runs/calibration_fullsize"))
-    parser.add_argument("--out", type=Path, default=RESULTS / "calibration_sd15_fullsize.json")
+    parser.add_argument("--out", type=report_path, default=RESULTS / "calibration_sd15_fullsize.json")
     args, calibrate_args = parser.parse_known_args(argv)
     torch.set_num_threads(args.threads)
     import build_artifacts

@@ -51,6 +51,7 @@ from diffusion_accel.quant import fp8
 from diffusion_accel.testing.fullsize import build_fullsize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_options import COUNT, report_path  # noqa: E402
 from ptq_speed import sd15_pipeline  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -246,11 +247,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=sorted(SMOKE), default="sd15")
     parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS))
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--resolution", type=int, default=None, help="pixels (default 256; 64 with --smoke)")
+    parser.add_argument("--repeats", type=COUNT, default=10)
+    parser.add_argument("--resolution", type=COUNT, default=None, help="pixels (default 256; 64 with --smoke)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: its default)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes of the same architectures")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=report_path, default=None)
     args = parser.parse_args(argv)
     if args.model != "sd15":
         args.only = [g for g in args.only if g not in ("w8a8", "fp8", "w4a16")]

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_options import COUNT, existing_file, report_path  # noqa: E402
 import cache_flux as cf  # noqa: E402
 from zoo_harness import RESULTS, ZooBench, generate_images, write_result  # noqa: E402
 
@@ -178,13 +179,13 @@ def open_report(path: Path, variants: list[str], n: int) -> tuple[dict, str, Zoo
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--report", type=Path, default=RESULTS / "cache_flux_v3.json")
+    p.add_argument("--report", type=existing_file, default=RESULTS / "cache_flux_v3.json")
     p.add_argument("--variants", nargs="+", required=True,
                    help="the report's variants (cache_flux: chosen methods); the first is the reference")
-    p.add_argument("--n", type=int, default=2000, help="images per variant, as in the report")
-    p.add_argument("--reps", type=int, default=100)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=RESULTS / "fid_bootstrap_flux.json")
+    p.add_argument("--n", type=COUNT, default=2000, help="images per variant, as in the report")
+    p.add_argument("--reps", type=COUNT, default=100)
+    p.add_argument("--threads", type=COUNT, default=2)
+    p.add_argument("--out", type=report_path, default=RESULTS / "fid_bootstrap_flux.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     report, script, bench = open_report(args.report, args.variants, args.n)

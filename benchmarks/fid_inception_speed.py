@@ -10,18 +10,16 @@ between the two precisions. Backs ``eval --fid-dtype bfloat16``. Writes
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 import torch
+from cli_options import COUNT, RESULTS, script_parser
 
 from diffusion_accel.eval.inception import TFInceptionFeatures
 from diffusion_accel.eval.machine import machine_info
 
-RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCE_IMAGES = 10_000  # the Fashion-MNIST test split
 
 
@@ -37,11 +35,11 @@ def images_per_second(extractor: TFInceptionFeatures, images: torch.Tensor, repe
     return len(images) / min(seconds), features
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = script_parser(__doc__, RESULTS / "fid_inception_speed.json")
+    parser.add_argument("--images", type=COUNT, default=64)
+    parser.add_argument("--repeats", type=COUNT, default=2)
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     images = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8)
     rows, features = {}, {}
@@ -54,15 +52,15 @@ def main() -> None:
                "machine": machine_info(), "load_average": os.getloadavg(), "rows": rows,
                "bf16_speedup": round(rows["bfloat16"]["images_per_s"] / rows["float32"]["images_per_s"], 2),
                "bf16_max_relative_feature_difference": round(float(difference), 4)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fid_inception_speed.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")
     lines = [f"Measured by `{results['command']}` (load average before: {results['load_average'][0]:.2f}).", "",
              "| precision | images/s | minutes for 10,000 images |", "|---|---|---|"]
     lines += [f"| {name} | {row['images_per_s']} | {row['minutes_for_10k']} |" for name, row in rows.items()]
     lines += ["", f"bf16 speed-up: {results['bf16_speedup']}x; largest feature difference "
                   f"{results['bf16_max_relative_feature_difference']:.2%} of the largest fp32 feature.",
               "", "**Machine:** " + ", ".join(f"{k}={v}" for k, v in results["machine"].items())]
-    (RESULTS / "fid_inception_speed.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 

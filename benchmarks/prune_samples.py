@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from diffusion_accel import PruneConfig, prune_, zoo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_options import COUNT, report_path  # noqa: E402
 from prune_quality import calib_fields  # noqa: E402
 from zoo_quality import DEFAULTS, prompts_for  # noqa: E402
 
@@ -57,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=["obs", "obs:global", "magnitude"],
                    choices=[f"{m}{scope}" for m in ("obs", "wanda", "magnitude") for scope in ("", ":global")])
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results"
+    p.add_argument("--threads", type=COUNT, default=1)
+    p.add_argument("--out", type=report_path, default=Path(__file__).resolve().parent / "results"
                    / "prune_50_samples_fashion-sd.png")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cli_options import COUNT, report_path
 from safetensors.torch import save_file
 
 from diffusion_accel.eval.machine import machine_info
@@ -112,14 +113,14 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=COUNT, default=5)
     parser.add_argument("--sparsity", type=float, default=0.3)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--skip-storage", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS / "prune_speed.json", help="JSON (Markdown beside it)")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=report_path, default=RESULTS / "prune_speed.json", help="JSON (Markdown beside it)")
+    args = parser.parse_args(argv)
     results: dict[str, Any] = {"machine": machine_info(), "load_before": os.getloadavg()[0]}
     results["structured"] = []
     for name in args.models:

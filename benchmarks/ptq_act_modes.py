@@ -13,13 +13,12 @@ benchmarks/results/ptq_act_modes_<model>.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ptq_quality import SHORTCUTS  # noqa: E402
-from ptq_rounding import run_settings  # noqa: E402
+from ptq_rounding import run_settings, settings_cli  # noqa: E402
 from zoo_harness import denoiser_attr  # noqa: E402
 
 REFERENCE = "static per-tensor ranges (ours W8A8)"
@@ -36,13 +35,10 @@ UNET_ONLY = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=("fashion-sd", "fashion-flux"), default="fashion-sd")  # text-to-image
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = settings_cli(__doc__, ("fashion-sd", "fashion-flux"), "fashion-sd", argv)  # text-to-image
     settings = SETTINGS | (UNET_ONLY if denoiser_attr(args.model) == "unet" else {})
-    run_settings(args.model, settings, REFERENCE, "ptq_act_modes", TITLE, args.threads, bits="w8a8")
+    run_settings(args.model, settings, REFERENCE, "ptq_act_modes", TITLE, args.threads, bits="w8a8", out=args.out)
 
 
 if __name__ == "__main__":

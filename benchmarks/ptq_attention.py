@@ -12,13 +12,12 @@ mode). Writes benchmarks/results/ptq_attention_<model>.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ptq_quality import MODELS  # noqa: E402
-from ptq_rounding import run_settings  # noqa: E402
+from ptq_rounding import run_settings, settings_cli  # noqa: E402
 from zoo_harness import denoiser_attr  # noqa: E402
 
 REFERENCE = "W8A8"
@@ -34,12 +33,10 @@ def settings(model: str) -> dict[str, dict]:
             "W8A8 + attention int8, softmax 6-bit": base | dict(attention="int8", softmax_bits=6)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=MODELS, default="fashion-flux")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    run_settings(args.model, settings(args.model), REFERENCE, "ptq_attention", TITLE, args.threads, bits="w8a8")
+def main(argv: list[str] | None = None) -> None:
+    args = settings_cli(__doc__, MODELS, "fashion-flux", argv)
+    run_settings(args.model, settings(args.model), REFERENCE, "ptq_attention", TITLE, args.threads, bits="w8a8",
+                 out=args.out)
 
 
 if __name__ == "__main__":

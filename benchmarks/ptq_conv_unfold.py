@@ -1,6 +1,6 @@
 """Is a 3x3 conv faster as unfold + int8 GEMM (torch._int_mm) than as an fp32 / bf16 conv on this CPU?
 
-    python benchmarks/ptq_conv_unfold.py
+    python benchmarks/ptq_conv_unfold.py [--out REPORT.json]
 
 SD 1.5 UNet conv shapes at 256 px, batch 2; median of 5 after warm-up, eager and compiled unfold
 path. Decides whether ``lower.py`` lowers k x k convs to int8 GEMMs (it does not: see results).
@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from cli_options import RESULTS, script_parser
 
 from diffusion_accel.eval.machine import machine_info
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(320, 32), (640, 16), (1280, 8)]  # (channels, latent side) of SD 1.5 resnet convs at 256 px
 
 
@@ -55,7 +54,8 @@ def measure(channels: int, side: int) -> dict[str, float]:
                 "unfold_int8_compiled_ms": median_ms(lambda: compiled(x, w_t, 0.05, out_scale))}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    out = script_parser(__doc__, RESULTS / "ptq_conv_unfold.json").parse_args(argv).out
     torch.set_num_threads(2)
     results = {"machine": machine_info(), "load_average": os.getloadavg(),
                "shapes": {f"{c}ch_{s}x{s}": measure(c, s) for c, s in SHAPES}}
@@ -65,9 +65,9 @@ def main() -> None:
     for name, r in results["shapes"].items():
         lines.append(f"| {name} | {r['fp32_conv_ms']:.1f} | {r['bf16_conv_ms']:.1f} | "
                      f"{r['unfold_int8_eager_ms']:.1f} | {r['unfold_int8_compiled_ms']:.1f} |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ptq_conv_unfold.json").write_text(json.dumps(results, indent=2, default=str))
-    (RESULTS / "ptq_conv_unfold.md").write_text("\n".join(lines) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -5,25 +5,24 @@ ours W8A8 (32 calibration samples, 20 uniform steps, MSE ranges, split shortcut)
 change one thing: weight-only (W8A16), layers kept in fp32 by glob, timestep groups, range method,
 symmetric activations, AdaRound reconstruction, float activations for the shortcut convs (``act_exclude``),
 dynamic per-token / per-tensor activations. A quick ablation, not an FID measurement; results
-are appended to benchmarks/results/ptq_error_sources_mnist-ddpm.json (Markdown beside it).
+are appended to benchmarks/results/ptq_error_sources_mnist-ddpm.json (or ``--out``; Markdown beside it).
 
     python benchmarks/ptq_error_sources.py [--threads 1] [--only "w8a8" "w8a16" ...]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
+from cli_options import COUNT, RESULTS, script_parser
 
 import diffusion_accel as da
 from diffusion_accel import zoo
 from diffusion_accel.eval.machine import machine_info
 
-OUT = Path(__file__).resolve().parent / "results" / "ptq_error_sources_mnist-ddpm.json"
+OUT = RESULTS / "ptq_error_sources_mnist-ddpm.json"
 N_IMAGES, STEPS, SEED = 16, 100, 123
 BASE = dict(calib_prompts=32, calib_num_steps=STEPS, calib_steps="uniform:20", act_method="mse")
 CHANGES = {
@@ -55,13 +54,14 @@ def mean_psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     return float((10 * torch.log10(1 / mse.clamp_min(1e-12))).mean())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
+def main(argv: list[str] | None = None) -> None:
+    parser = script_parser(__doc__, OUT)
+    parser.add_argument("--threads", type=COUNT, default=1)
     parser.add_argument("--only", nargs="*", default=list(CHANGES), choices=list(CHANGES))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    report = json.loads(OUT.read_text()) if OUT.is_file() else {"machine": machine_info(), "rows": {}}
+    out = args.out
+    report = json.loads(out.read_text()) if out.is_file() else {"machine": machine_info(), "rows": {}}
     reference = generate(zoo.load("mnist-ddpm"))
     for label in args.only:
         pipe, start = zoo.load("mnist-ddpm"), time.perf_counter()
@@ -70,8 +70,9 @@ def main() -> None:
                                  "seconds": time.perf_counter() - start, "changes": repr(CHANGES[label]),
                                  "cpu": machine_label()}
         print(label, report["rows"][label], flush=True)
-        OUT.write_text(json.dumps(report, indent=1))
-        OUT.with_suffix(".md").write_text(markdown(report))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+        out.with_suffix(".md").write_text(markdown(report))
 
 
 def machine_label() -> str:

@@ -13,13 +13,12 @@ dynamic per-token activations (its best W8A8 mode), fashion-sd static ranges and
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ptq_quality import GPTQ, MODELS, naive  # noqa: E402
-from ptq_rounding import run_settings  # noqa: E402
+from ptq_rounding import run_settings, settings_cli  # noqa: E402
 from zoo_harness import denoiser_attr  # noqa: E402
 
 REFERENCE = "GPTQ, per-channel"
@@ -45,12 +44,9 @@ def settings(model: str) -> dict[str, dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=MODELS, default="fashion-flux")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    run_settings(args.model, settings(args.model), REFERENCE, "ptq_group_scales", TITLE, args.threads)
+def main(argv: list[str] | None = None) -> None:
+    args = settings_cli(__doc__, MODELS, "fashion-flux", argv)
+    run_settings(args.model, settings(args.model), REFERENCE, "ptq_group_scales", TITLE, args.threads, out=args.out)
 
 
 if __name__ == "__main__":

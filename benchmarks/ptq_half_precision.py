@@ -11,7 +11,7 @@ error to the layer computed in float32 0.0090 -> 0.0017, to the float layer 0.01
 pipeline level the cells moved by -1.2 to +1.0 dB here, while a first probe (8 prompts in one batch, seed 0)
 moved lowered bf16 from 39.65 to 40.15 dB: the two disagree in sign, so no pipeline-level effect is claimed.
 
-    python benchmarks/ptq_half_precision.py
+    python benchmarks/ptq_half_precision.py [--out REPORT.json]
 
 Writes benchmarks/results/ptq_half_precision.{json,md}.
 """
@@ -21,14 +21,13 @@ from __future__ import annotations
 import copy
 import json
 import time
-from pathlib import Path
 
 import torch
+from cli_options import RESULTS, script_parser
 
 import diffusion_accel as da
 from diffusion_accel.eval.machine import machine_info
 
-RESULTS = Path(__file__).resolve().parent / "results"
 STEPS = 10
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,7 +47,8 @@ def psnr(images_: torch.Tensor, reference: torch.Tensor) -> float | None:
     return round(float((10 * torch.log10(1 / mse.clamp_min(1e-12))).mean()), 2)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    out = script_parser(__doc__, RESULTS / "ptq_half_precision.json").parse_args(argv).out
     torch.set_num_threads(2)
     base = da.zoo.load("fashion-sd")
     base.set_progress_bar_config(disable=True)
@@ -65,9 +65,9 @@ def main() -> None:
                    for label, dtype in DTYPES.items()} for name, pipe in variants.items()}
     report = {"model": "fashion-sd", "steps": STEPS, "images": 16, "psnr_db_vs_fp32_unquantized": rows,
               "wall_s": round(time.perf_counter() - started, 1), "machine": machine_info()}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "ptq_half_precision.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / "ptq_half_precision.md").write_text(markdown(report))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
 
 

@@ -8,9 +8,9 @@ used under autograd and torch.compile), and simulated (``lower=False``). Over 20
 mean PSNR (dB) of 10 images of each vs the fp32 images and vs each other: the numerical noise floor
 under which W8A8 variants cannot be told apart on this model.
 
-    python benchmarks/ptq_numerical_noise.py
+    python benchmarks/ptq_numerical_noise.py [--out REPORT.json]
 
-Writes benchmarks/results/ptq_numerical_noise.{json,md}.
+Writes benchmarks/results/ptq_numerical_noise.{json,md} (or ``--out`` and the .md beside it).
 """
 
 from __future__ import annotations
@@ -18,16 +18,15 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-from pathlib import Path
 
 import torch
+from cli_options import RESULTS, script_parser
 
 import diffusion_accel as da
 from diffusion_accel.eval.machine import machine_info
 from diffusion_accel.quant import lower as lower_module
 from diffusion_accel.quant import onednn
 
-RESULTS = Path(__file__).resolve().parent / "results"
 STEPS = 20
 
 
@@ -52,7 +51,8 @@ def per_call_constants(pipe, prompts: list[str], call: dict) -> torch.Tensor:
         lower_module.fast_path_on, onednn.fast_path_on = saved
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    out = script_parser(__doc__, RESULTS / "ptq_numerical_noise.json").parse_args(argv).out
     pipe = da.zoo.load("fashion-sd")
     pipe.set_progress_bar_config(disable=True)
     prompts, call = da.prompts.load("fashion")[:10], da.call_defaults(pipe)
@@ -65,14 +65,14 @@ def main() -> None:
     pairs = {f"{a} vs {b}": psnr(runs[a], runs[b]) for a, b in itertools.combinations(runs, 2)}
     result = {"model": "fashion-sd", "steps": STEPS, "images": len(prompts), "psnr_db": pairs,
               "machine": machine_info()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ptq_numerical_noise.json").write_text(json.dumps(result, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     lines = ["# Numerical noise of W8A8 on fashion-sd (20 DDIM steps, CFG 3, 10 images)", "",
              "| pair | mean PSNR dB |", "|---|---|"]
     lines += [f"| {pair} | {value:.2f} |" for pair, value in pairs.items()]
     machine = ", ".join(f"{key}={value}" for key, value in result["machine"].items())
     lines += ["", f"**Machine:** {machine}", ""]
-    (RESULTS / "ptq_numerical_noise.md").write_text("\n".join(lines))
+    out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

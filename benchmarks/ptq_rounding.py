@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ptq_quality import MODELS, ours  # noqa: E402
 from ptq_split_ablation import per_image_psnr  # noqa: E402
-from zoo_harness import RESULTS, denoiser_attr, generate_images  # noqa: E402
+from cli_options import COUNT, RESULTS, script_parser  # noqa: E402
+from zoo_harness import denoiser_attr, generate_images  # noqa: E402
 from zoo_quality import DEFAULTS, prompts_for  # noqa: E402
 
 from diffusion_accel import quantize_, zoo  # noqa: E402
@@ -67,13 +68,15 @@ def row(psnr: torch.Tensor, reference: torch.Tensor, prepare_s: float) -> dict:
 
 
 def write(model: str, rows: dict, stem: str = "ptq_rounding", title: str = TITLE,
-          reference: str = REFERENCE, bits: str = "w4a8") -> None:
-    """``benchmarks/results/<stem>_<model>.{json,md}``: each setting's PSNR, paired against ``reference``."""
+          reference: str = REFERENCE, bits: str = "w4a8", out: Path | None = None) -> None:
+    """``out`` (default ``benchmarks/results/<stem>_<model>.json``) and the .md beside it: each setting's
+    PSNR, paired against ``reference``."""
     report = {"model": model, "n_images": N_IMAGES, "sampling": DEFAULTS[model], "bits": bits.upper(),
               "simulated": True, "machine": machine_info()["cpu_model"],
               "threads": torch.get_num_threads(), "reference": reference, "rows": rows}
-    out = RESULTS / f"{stem}_{model}"
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    out = out or RESULTS / f"{stem}_{model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
     lines = [f"# {title}, paired per image ({model}, {N_IMAGES} images)", "",
              f"PSNR against the fp32 images of the same seeds; difference and paired t against "
              f"\"{reference}\"; preparation = calibration + rounding, {torch.get_num_threads()} thread(s).", "",
@@ -85,7 +88,7 @@ def write(model: str, rows: dict, stem: str = "ptq_rounding", title: str = TITLE
 
 
 def run_settings(model: str, settings: dict[str, dict], reference: str, stem: str, title: str,
-                 threads: int = 1, bits: str = "w4a8") -> dict:
+                 threads: int = 1, bits: str = "w4a8", out: Path | None = None) -> dict:
     """Images of ``ours(model, bits, lower=False, **changes)`` for every setting, paired per image
     against ``reference`` (a key of ``settings``, run first); rewrites the report after each."""
     torch.set_num_threads(threads)
@@ -97,17 +100,24 @@ def run_settings(model: str, settings: dict[str, dict], reference: str, stem: st
         psnr[label] = per_image_psnr(quantized, fp32)
         rows[label] = row(psnr[label], psnr[reference], prepare_s)
         print(label, rows[label], flush=True)
-        write(model, rows, stem, title, reference, bits)
+        write(model, rows, stem, title, reference, bits, out)
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=MODELS, default="fashion-sd")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+def settings_cli(doc: str, models: tuple[str, ...], default_model: str,
+                 argv: list[str] | None = None) -> argparse.Namespace:
+    """``--model``, ``--threads`` and ``--out`` (default ``benchmarks/results/<stem>_<model>.json``) of the
+    scripts built on ``run_settings``, parsed before any work."""
+    parser = script_parser(doc, None)
+    parser.add_argument("--model", choices=models, default=default_model)
+    parser.add_argument("--threads", type=COUNT, default=1)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = settings_cli(__doc__, MODELS, "fashion-sd", argv)
     settings = SETTINGS | (UNET_ONLY if denoiser_attr(args.model) == "unet" else {})
-    run_settings(args.model, settings, REFERENCE, "ptq_rounding", TITLE, args.threads)
+    run_settings(args.model, settings, REFERENCE, "ptq_rounding", TITLE, args.threads, out=args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from cli_options import COUNT, report_path
 from diffusers import StableDiffusionPipeline
 
 from diffusion_accel import zoo
@@ -236,20 +237,20 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--compiled-repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=COUNT, default=5)
+    parser.add_argument("--compiled-repeats", type=COUNT, default=3)
+    parser.add_argument("--threads", type=COUNT, default=2)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-bf16", action="store_true",
                         help="skip bf16 eager (CPUs without AVX512-BF16/AMX emulate bf16: minutes per call here)")
     parser.add_argument("--model", choices=["sd15", "fashion-sd", "fashion-flux"], default="sd15")
     parser.add_argument("--act-modes", nargs="+", default=["static"], choices=["static", "dynamic_per_tensor"],
                         help="W8A8 activation modes to time (each quantizes a fresh base)")
-    parser.add_argument("--batch-prompts", type=int, default=32, help="zoo models: prompts per call (CFG doubles)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "ptq_speed.json", help="JSON (Markdown beside it)")
-    args = parser.parse_args()
+    parser.add_argument("--batch-prompts", type=COUNT, default=32, help="zoo models: prompts per call (CFG doubles)")
+    parser.add_argument("--out", type=report_path, default=RESULTS / "ptq_speed.json", help="JSON (Markdown beside it)")
+    args = parser.parse_args(argv)
     results = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))

@@ -5,7 +5,7 @@ pipeline (simulated, no reconstruction) vs the fp32 images of the same seeds; me
 paired t statistic of split minus plain. Weight scales by max, weight MSE, or output MSE (the weight
 error weighted by each input feature's calibrated mean square, which sees the two halves' scales). Writes benchmarks/results/ptq_split_ablation.{json,md}.
 
-    python benchmarks/ptq_split_ablation.py
+    python benchmarks/ptq_split_ablation.py [--out REPORT.json]
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ptq_quality import ours  # noqa: E402
-from zoo_harness import RESULTS, generate_images  # noqa: E402
+from cli_options import RESULTS, script_parser  # noqa: E402
+from zoo_harness import generate_images  # noqa: E402
 from zoo_quality import DEFAULTS, prompts_for  # noqa: E402
 
 from diffusion_accel import quantize_, zoo  # noqa: E402
@@ -51,7 +52,8 @@ def per_image_psnr(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(255 ** 2 / ((x - ref) ** 2).flatten(1).mean(1).clamp_min(1e-6))
 
 
-def main() -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    out = script_parser(__doc__, RESULTS / "ptq_split_ablation.json").parse_args(argv).out
     torch.set_num_threads(1)
     prompts = prompts_for(N_IMAGES, 0)[0]
     ref = images(prompts)
@@ -67,13 +69,14 @@ def main() -> dict:
         print(label, rows[label], flush=True)
     report = {"model": MODEL, "n_images": N_IMAGES, "sampling": DEFAULTS[MODEL], "simulated": True,
               "reconstruct": False, "machine": platform.processor() or platform.machine(), "rows": rows}
-    (RESULTS / "ptq_split_ablation.json").write_text(json.dumps(report, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
     lines = ["# Split shortcut on / off, paired per image (fashion-sd, 40 images, no reconstruction)", "",
              "| setting | PSNR split (dB) | PSNR plain (dB) | split − plain | paired t | split better |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {k} | {r['psnr_split']:.2f} | {r['psnr_plain']:.2f} | {r['mean_diff_db']:+.2f} | "
               f"{r['paired_t']:+.1f} | {r['split_better']}/{r['n']} |" for k, r in rows.items()]
-    (RESULTS / "ptq_split_ablation.md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return report
 
 

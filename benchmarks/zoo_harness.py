@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from cli_options import COUNT, report_path
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -229,23 +230,30 @@ def run_variants_cli(script: str, doc: str, title: str, variants: Callable[[str]
     ``default_out``; another model's to ``<stem>_<model>.json``)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=models, default=models[0])
-    p.add_argument("--n", type=int, default=2000, help="generated images per variant")
-    p.add_argument("--n-ref", type=int, default=10000, help="test images for the FID reference statistics")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--n", type=COUNT, default=2000, help="generated images per variant")
+    p.add_argument("--n-ref", type=COUNT, default=10000, help="test images for the FID reference statistics")
+    p.add_argument("--threads", type=COUNT, default=1)
     p.add_argument("--inception-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="TF-Inception under bf16 autocast (fast on AVX-512 BF16/AMX CPUs) or float32 (much faster "
                         "where bf16 is emulated, e.g. AVX2-only CPUs); the report's fid_network names it")
     p.add_argument("--only", nargs="*", default=None, help="variant labels to run (default: all, in order)")
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=report_path, default=None)
     args = p.parse_args(argv)
+    chosen = variants(args.model)
+    unknown = sorted(set(args.only or ()) - {variant.label for variant in chosen})
+    if unknown:  # they were skipped silently: a typo scored the baseline alone
+        p.error(f"--only {unknown} are no variants of {args.model}; choose from {[v.label for v in chosen]}")
     out = args.out or (default_out if args.model == models[0]
                        else default_out.with_name(f"{default_out.stem}_{args.model}.json"))
     torch.set_num_threads(args.threads)
     bench = ZooBench(args.model, args.n, out, n_ref=args.n_ref, inception_dtype=args.inception_dtype)
     bench.report["command"] = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
     bench.run_baseline()
-    for variant in variants(args.model):
+    write_markdown = lambda: out.with_suffix(".md").write_text(  # noqa: E731
+        markdown_table(bench.report, f"{title} on {args.model}", extra))
+    write_markdown()
+    for variant in chosen:
         if args.only is None or variant.label in args.only:
             bench.run(variant)
-            out.with_suffix(".md").write_text(markdown_table(bench.report, f"{title} on {args.model}", extra))
+            write_markdown()
     return bench.report

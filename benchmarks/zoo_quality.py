@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from cli_options import COUNT, NONNEGATIVE, report_path
 from torchmetrics.multimodal.clip_score import CLIPScore
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -246,9 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["fashion-sd", "fashion-flux"], choices=sorted(DATASETS),
                    help="models of one dataset per run (mnist-ddpm is scored against MNIST)")
-    p.add_argument("--n", type=int, default=2000, help="generated images per model")
-    p.add_argument("--n-ref", type=int, default=10000, help="test images for the reference statistics")
-    p.add_argument("--steps", type=int, default=None, help="override sampling steps (default 50 SD / 28 Flux)")
+    p.add_argument("--n", type=COUNT, default=2000, help="generated images per model")
+    p.add_argument("--n-ref", type=COUNT, default=10000, help="test images for the reference statistics")
+    p.add_argument("--steps", type=COUNT, default=None, help="override sampling steps (default 50 SD / 28 Flux)")
     p.add_argument("--guidance", type=float, default=None,
                    help="override the CFG scale (defaults: fashion-sd 3.0, fashion-flux true_cfg 3.0)")
     p.add_argument("--ref-split", choices=["test", "train"], default="test",
@@ -257,10 +258,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--pipeline", type=Path, default=None,
                    help="evaluate this export of the (single) --models pipeline instead of the shipped one, "
                         "e.g. a training run's final/ folder before shipping it")
-    p.add_argument("--train-ref", type=int, default=0, metavar="N",
+    p.add_argument("--train-ref", type=NONNEGATIVE, default=0, metavar="N",
                    help="also score the same images against the first N train images (cached): choose between "
                         "candidate exports on this, report the test FID")
-    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--batch", type=COUNT, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--floors", action="store_true", help="also real-vs-real and VAE-reconstruction FID")
     p.add_argument("--save-grid", action="store_true",
@@ -270,9 +271,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stats-only", action="store_true", help="only compute and cache the real statistics")
     p.add_argument("--inception-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="bfloat16 runs TF-Inception under autocast (~2x faster on AMX CPUs; labelled in the report)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=COUNT, default=2)
     p.add_argument("--cache", type=Path, default=ROOT / "zoo_runs" / "fid_cache")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "zoo_quality.json")
+    p.add_argument("--out", type=report_path, default=ROOT / "benchmarks" / "results" / "zoo_quality.json")
     args = p.parse_args(argv)
     if args.pipeline is not None and len(args.models) != 1:
         p.error(f"--pipeline evaluates one model; got --models {' '.join(args.models)}")
