@@ -183,6 +183,39 @@ def test_timestep_groups_split_a_heun_trajectory_as_calibrated():
     assert seen == [0, 0, 0, 1, 1]
 
 
+def test_timestep_group_bounds_sit_between_the_groups_calibrated_timesteps():
+    from diffusion_accel.quant.layers import StepGroups, timestep_bounds
+
+    assert timestep_bounds({0: 999.0, 1: 750.0, 2: 500.0, 3: 250.0}, 2, 4) == (625.0,)
+    assert timestep_bounds({0: 999.0, 1: 666.0, 2: 666.0, 3: 333.0, 4: 333.0}, 2, 5) == (499.5,)  # Heun
+    assert timestep_bounds({0: 250.0, 1: 500.0}, 2, 2) is None  # not a descending schedule
+    assert timestep_bounds({0: 999.0, 1: None, 2: None, 3: 1.0}, 2, 4) is None  # no timestep recorded there
+    groups = StepGroups(torch.nn.Linear(1, 1), 3, 9, bounds=(700.0, 300.0))
+    assert [groups.group_of_timestep(t) for t in (999.0, 700.0, 699.0, 300.0, 1.0)] == [0, 0, 1, 1, 2]
+
+
+def test_timestep_groups_follow_the_noise_level_on_other_timesteps(tmp_path):
+    """Groups followed the position in the run's schedule: custom high-noise timesteps (all in the
+    calibration's first group) ran half their steps on the low-noise group's scales."""
+    import diffusers
+
+    pipe = build_tiny("sd")
+    quantize_(pipe, PTQConfig(timestep_groups=2, lower=False, **{**FAST, "calib_num_steps": 4}))
+    assert len(get_state(pipe.unet).group_bounds) == 1
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    act = next(m for m in pipe.unet.modules() if isinstance(m, ActQuantizer))
+    seen = []
+    handle = act.register_forward_hook(lambda m, i, o: seen.append(m.group_index()))
+    kwargs = {**tiny_call_kwargs("sd", steps=4), "guidance_scale": 1.0}
+    kwargs.pop("num_inference_steps")
+    pipe(**kwargs, timesteps=[999, 960, 920, 880])
+    pipe(**kwargs, timesteps=[999, 700, 300, 100])
+    handle.remove()
+    assert seen == [0, 0, 0, 0, 0, 0, 1, 1]
+    da.save(pipe, tmp_path)
+    loaded = da.load(build_tiny("sd"), tmp_path)
+    assert get_state(loaded.unet).group_bounds == get_state(pipe.unet).group_bounds
+
 def _state(pipe):
     return {k: v.clone() for k, v in pipe.unet.state_dict().items()}
 

@@ -24,7 +24,7 @@ from .calibrate import (Collected, FilterFn, LayerTarget, collect, hessian_sweep
 from .configs import PTQConfig
 from .formats import get_format
 from .gptq import gptq_round_all
-from .layers import StepGroups
+from .layers import StepGroups, timestep_bounds
 from .lower import lower_
 from .quantizers import segment_rescaler
 from .reconstruct import reconstruct_blocks
@@ -67,13 +67,15 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
     base_fingerprint(pipe)
     if config.weight_rounding == "gptq":
         collected.rounded = _gptq(pipe, denoiser, config, targets, collected, calib)
-    selector = StepGroups(denoiser, config.timestep_groups, collected.num_steps) \
+    bounds = timestep_bounds(collected.calibration.timesteps, config.timestep_groups, collected.num_steps) \
+        if config.timestep_groups > 1 and collected.calibration is not None else None
+    selector = StepGroups(denoiser, config.timestep_groups, collected.num_steps, bounds) \
         if config.timestep_groups > 1 else None
     layers = {t.name: build_layer(denoiser.get_submodule(t.name), t, collected, config, selector)
               for t in targets}
     state = PTQState(config.to_dict(), [t.name for t in targets], collected.num_steps,
                      calibration=collected.calibration.summary() if collected.calibration else "",
-                     attention=attention)
+                     attention=attention, group_bounds=None if bounds is None else list(bounds))
     if others:
         state.notes.append(f"{sum(others.values())} attention modules stay unquantized (processors not "
                            f"replaced: {describe_processors(others)})")

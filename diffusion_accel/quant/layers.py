@@ -22,15 +22,29 @@ from .quantizers import (dequantize_weight, dynamic_qparams, expand_segments, fa
 
 
 class StepGroups:
-    """Maps the denoiser's current step index to one of ``groups`` equal slices of the trajectory.
+    """Maps the denoiser call in progress to one of ``groups`` equal slices of the calibrated trajectory.
+
+    With ``bounds`` (timestep values between consecutive groups, descending; ``timestep_bounds``) the
+    group is chosen by the call's timestep, i.e. by noise level: a run whose timesteps are spread
+    otherwise than the calibration's (custom ``timesteps``, PNDM's warm-up, Heun's two calls per
+    step) gets the scales calibrated at its noise level. By position in the run's schedule, as before
+    session 28, such runs used scales of other noise levels (custom high-noise timesteps: 2.3 dB
+    below a single group). Without bounds (no timesteps recorded; artifacts saved before) or without
+    a timestep argument, by position. Reading the timestep waits for the device once per call.
 
     Holds a plain (strong) reference to the denoiser so that ``copy.deepcopy`` of a quantized
     denoiser gives a copy whose selector reads the copy's tracker.
     """
 
-    def __init__(self, denoiser: nn.Module, groups: int, default_steps: int) -> None:
+    def __init__(self, denoiser: nn.Module, groups: int, default_steps: int,
+                 bounds: Sequence[float] | None = None) -> None:
         self.denoiser = denoiser
         self.groups, self.default_steps = groups, default_steps
+        self.bounds = None if bounds is None else tuple(float(bound) for bound in bounds)
+
+    def group_of_timestep(self, timestep: float) -> int:
+        """Group of a call at ``timestep``: the number of group bounds above it."""
+        return sum(1 for bound in self.bounds if timestep < bound)
 
     def group_of(self, step_index: int, num_steps: int | None = None) -> int:
         """Group of ``step_index`` in a trajectory of ``num_steps`` (default: the calibration's)."""
@@ -42,12 +56,29 @@ class StepGroups:
         tracker = get_tracker(self.denoiser)
         if tracker is None:
             return 0
+        if self.bounds is not None and tracker.timestep is not None:
+            return self.group_of_timestep(tracker.timestep)
         return self.group_of(tracker.step_index, tracker.num_inference_steps)
 
     @torch.compiler.disable
     def current(self, device: torch.device) -> torch.Tensor:
         """0-d long tensor: the group of the denoiser call in progress (0 without a tracker)."""
         return torch.tensor(self.current_index(), dtype=torch.long, device=device)
+
+
+def timestep_bounds(timesteps: dict[int, float | None], groups: int, num_steps: int) -> tuple[float, ...] | None:
+    """Timestep values separating the ``groups`` position slices of a calibrated trajectory of ``num_steps``
+    (``timesteps``: step index -> timestep, ``Calibration.timesteps``): midway between the timesteps of
+    the two steps where the group changes. None unless those steps were recorded and the timesteps
+    never increase (Heun repeats each); groups are then chosen by position (``StepGroups.group_of``)."""
+    values = [value for _, value in sorted(timesteps.items()) if value is not None]
+    if groups < 2 or any(later > earlier for earlier, later in zip(values, values[1:])):
+        return None
+    group = [min(groups - 1, step * groups // max(num_steps, 1)) for step in range(num_steps)]
+    edges = [step for step in range(num_steps - 1) if group[step] != group[step + 1]]
+    if len(edges) != groups - 1 or any(timesteps.get(s) is None or timesteps.get(s + 1) is None for s in edges):
+        return None
+    return tuple((timesteps[step] + timesteps[step + 1]) / 2 for step in edges)
 
 
 _SAME_SIZE_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -66,7 +66,8 @@ def export_ptq(pipe: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             tensors[f"{name}.act_zero_point"] = module.act.zero_point
         layers[name] = {"segments": list(module.segment_sizes), "packed": packed,
                         "act": _act_entry(module.act), "lowered": state.lowered.get(name)}
-    config = {"ptq_config": state.config, "num_steps": state.num_steps, "layers": layers,
+    config = {"ptq_config": state.config, "num_steps": state.num_steps, "group_bounds": state.group_bounds,
+              "layers": layers,
               "attention": list(state.attention)}
     return config, tensors
 
@@ -130,7 +131,11 @@ def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tens
     _, denoiser = find_denoiser(pipe)
     tensors = technique_tensors(tensors)
     ptq_config = PTQConfig.from_dict(config["ptq_config"])
-    selector = StepGroups(denoiser, ptq_config.timestep_groups, config["num_steps"]) \
+    bounds = config.get("group_bounds")  # artifacts saved before session 28: groups by position
+    if bounds is not None and (not isinstance(bounds, list) or len(bounds) != ptq_config.timestep_groups - 1):
+        raise ValueError(f"group_bounds must list timestep_groups - 1 = {ptq_config.timestep_groups - 1} "
+                         f"timesteps, got {bounds!r}")
+    selector = StepGroups(denoiser, ptq_config.timestep_groups, config["num_steps"], bounds) \
         if ptq_config.timestep_groups > 1 else None
     layers = {name: _restore_layer(denoiser.get_submodule(name), name, entry, ptq_config, tensors, selector)
               for name, entry in config["layers"].items()}
@@ -138,7 +143,8 @@ def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tens
     final = {name: lowered.get(name) or layer for name, layer in layers.items()}
     state = PTQState(ptq_config.to_dict(), list(config["layers"]), config["num_steps"],
                      lowered={name: module.kind for name, module in lowered.items() if module is not None},
-                     notes=["restored from an artifact"], attention=list(config.get("attention", [])))
+                     notes=["restored from an artifact"], attention=list(config.get("attention", [])),
+                     group_bounds=bounds)
     install(pipe, final, state)
 
 

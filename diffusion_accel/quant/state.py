@@ -24,6 +24,7 @@ class PTQState:
     notes: list[str] = field(default_factory=list)
     calibration: str = ""
     attention: list[str] = field(default_factory=list)
+    group_bounds: list[float] | None = None  # timestep values between timestep groups (layers.StepGroups)
 
 
 def get_state(denoiser: nn.Module) -> PTQState | None:
