@@ -80,7 +80,7 @@ def test_calibrated_schedule_resampling_and_refusal():
     assert resampled[0] == 0 and len(resampled) == 3 and max(resampled) < 25
     assert len(resample_full_steps(config.full_steps, 50, 100)) == 12
     strict = CalibratedCacheConfig(full_steps=(0, 2), num_inference_steps=50, resample=False)
-    with pytest.raises(ValueError, match="calibrated for num_inference_steps=50"):
+    with pytest.raises(ValueError, match="calibrated for 50 denoiser steps per call; this call runs 20"):
         calibrated_steps(strict, 20)
 
 

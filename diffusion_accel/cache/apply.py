@@ -105,10 +105,10 @@ def calibrated_steps(config: CalibratedCacheConfig, num_steps: int) -> list[int]
     if num_steps == config.num_inference_steps:
         return list(config.full_steps)
     if not config.resample:
-        raise ValueError(f"this cache schedule was calibrated for num_inference_steps="
-                         f"{config.num_inference_steps}, the pipeline runs {num_steps} (denoiser steps per call: "
-                         f"2N - 1 for Heun / KDPM2); recalibrate, "
-                         f"call with {config.num_inference_steps} steps, or set resample=True")
+        raise ValueError(f"this cache schedule was calibrated for {config.num_inference_steps} denoiser steps per "
+                         f"call; this call runs {num_steps} (another num_inference_steps, or a scheduler that "
+                         f"calls the denoiser 2N - 1 times for N steps, as Heun / KDPM2 do, where the calibration's "
+                         f"did not): recalibrate with this scheduler and step count, or set resample=True")
     return resample_full_steps(config.full_steps, config.num_inference_steps, num_steps)
 
 
