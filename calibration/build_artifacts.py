@@ -30,16 +30,19 @@ from typing import Any
 
 import torch
 
+from diffusion_accel.argtypes import int_at_least
 from diffusion_accel.artifact import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "pipelines"
+BUILD_FILE = "build.json"  # the calibrate command line an artifact was built with (resume compares it)
 
 
 def calibrate_argv(recipe: Path, out: Path, args: argparse.Namespace) -> list[str]:
     """The ``diffusion-accel calibrate`` command line this script runs for ``recipe``."""
     argv = ["calibrate", "--recipe", str(recipe), "--method", args.methods, "--out", str(out)]
-    flags = {"--pipe": args.pipe, "--dtype": args.dtype, "--device": args.device, "--preset": args.preset,
+    flags = {"--pipe": args.pipe, "--dtype": args.dtype, "--variant": args.variant, "--device": args.device,
+             "--preset": args.preset,
              "--sparsity": args.sparsity, "--pattern": args.pattern, "--num-prompts": args.num_prompts,
              "--steps": args.steps}
     for flag, value in flags.items():
@@ -59,7 +62,37 @@ def build_one(recipe: Path, out: Path, args: argparse.Namespace) -> dict[str, An
     result = run_calibrate(build_parser().parse_args(argv))
     row.update(status="built", wall_s=round(time.perf_counter() - start, 1), technique_s=result["seconds"],
                summary=result["summary"].splitlines())
+    (out / BUILD_FILE).write_text(json.dumps({"calibrate_argv": _settings_argv(argv)}, indent=1), encoding="utf-8")
     return row
+
+
+def _settings_argv(argv: list[str]) -> list[str]:
+    """A calibrate command line without its ``--out`` (what decides the artifact's content)."""
+    index = argv.index("--out")
+    return argv[:index] + argv[index + 2:]
+
+
+def kept_artifact_problem(recipe: Path, out: Path, args: argparse.Namespace) -> str | None:
+    """Why the artifact already in ``out`` is not what this run asks for (another method chain, preset,
+    sparsity ...), or None: resuming kept it silently, so a w4a16 run reported a w8a8 artifact."""
+    built = out / BUILD_FILE
+    wanted = _settings_argv(calibrate_argv(recipe, out, args))
+    if built.is_file():
+        found = json.loads(built.read_text(encoding="utf-8")).get("calibrate_argv")
+        if found == wanted:
+            return None
+        return f"it was built by `diffusion-accel {' '.join(found or [])}`"
+    techniques = [entry["name"] for entry in json.loads((out / MANIFEST).read_text(encoding="utf-8"))["techniques"]]
+    if techniques != _technique_names(args.methods):
+        return f"it holds {techniques}"
+    return None
+
+
+def _technique_names(methods: str) -> list[str]:
+    """Manifest technique names of a ``--methods`` chain (a pruning method saves as 'prune')."""
+    from diffusion_accel.recipes import parse_methods
+
+    return [method if method in ("ptq", "cache") else "prune" for method in parse_methods(methods)]
 
 
 def artifact_size_mib(folder: Path) -> float:
@@ -79,7 +112,8 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
 
     spec, dtype = artifact_base(folder, args.pipe, args.dtype)
     base = load_pipeline(spec, dtype=dtype, device=args.device)
-    accelerated = load(type(base)(**base.components), folder)  # swaps in its own copy of the denoiser
+    accelerated = load(type(base).from_pipe(base), folder)  # its own copy of the denoiser; the pipeline's
+    # config (SDXL's force_zeros_for_empty_prompt, ...) kept: type(base)(**base.components) reset it
     if hasattr(base, "default_sample_size"):
         accelerated.default_sample_size = base.default_sample_size
     set_call_defaults(accelerated, call_defaults(base))  # a zoo base's call settings (T5 length, CFG)
@@ -102,7 +136,12 @@ def process(recipe: Path, args: argparse.Namespace) -> dict[str, Any]:
     out = args.out / recipe.stem
     try:
         if (out / MANIFEST).is_file() and not args.force:
-            row = {"recipe": recipe.stem, "status": "kept (already built; --force rebuilds)"}
+            problem = kept_artifact_problem(recipe, out, args)
+            if problem:
+                raise ValueError(f"{out} holds an artifact of other settings ({problem}); this run asks for "
+                                 f"`diffusion-accel {' '.join(_settings_argv(calibrate_argv(recipe, out, args)))}`: "
+                                 f"--force rebuilds it, or give another --out")
+            row = {"recipe": recipe.stem, "status": "kept (already built with these settings; --force rebuilds)"}
         else:
             row = build_one(recipe, out, args)
         row["artifact_mib"] = artifact_size_mib(out)
@@ -121,7 +160,9 @@ def write_summary(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     machine = machine_info(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     (args.out / "summary.json").write_text(json.dumps({"methods": args.methods, "machine": machine, "rows": rows},
                                                       indent=2, default=str), encoding="utf-8")
-    lines = [f"# Artifacts: {args.methods}", "", "| recipe | status | calibration s | artifact MiB | "
+    settings = " ".join(f"--{name} {value}" for name, value in
+                        (("preset", args.preset), ("sparsity", args.sparsity), ("pattern", args.pattern)) if value)
+    lines = [f"# Artifacts: {args.methods} {settings}".rstrip(), "", "| recipe | status | calibration s | artifact MiB | "
              "PSNR dB vs base | SSIM | speed-up |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         check = row.get("check", {})
@@ -144,14 +185,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sparsity", type=float, default=None, help="pruning sparsity")
     parser.add_argument("--pattern", default=None, help="pruning pattern: unstructured, 2:4, 4:8, structured")
     parser.add_argument("--pipe", default=None, help="load this pipeline instead of the recipe's model id "
-                        "(a local mirror of the hub model)")
+                        "(a local mirror of the hub model; with one recipe only)")
     parser.add_argument("--dtype", default=None, help="override the recipe's dtype (fp32, bf16, fp16)")
+    parser.add_argument("--variant", default=None, help="weight-file variant (e.g. fp16; default: the recipe's)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: as loaded)")
-    parser.add_argument("--num-prompts", type=int, default=None, help="calibration prompts (default: the recipe's)")
-    parser.add_argument("--steps", type=int, default=None, help="calibration steps (default: the recipe's)")
-    parser.add_argument("--check-prompts", type=int, default=4, help="prompts of the check vs the base (0: no check)")
-    parser.add_argument("--check-steps", type=int, default=20, help="denoising steps of the check")
-    parser.add_argument("--check-repeats", type=int, default=2, help="timed repeats of the check")
+    parser.add_argument("--num-prompts", type=int_at_least(1), default=None,
+                        help="calibration prompts (default: the recipe's)")
+    parser.add_argument("--steps", type=int_at_least(1), default=None, help="calibration steps (default: the recipe's)")
+    parser.add_argument("--check-prompts", type=int_at_least(0), default=4,
+                        help="prompts of the check vs the base (0: no check)")
+    parser.add_argument("--check-steps", type=int_at_least(1), default=20, help="denoising steps of the check")
+    parser.add_argument("--check-repeats", type=int_at_least(1), default=2, help="timed repeats of the check")
     parser.add_argument("--force", action="store_true", help="rebuild artifacts that already exist")
     parser.add_argument("--out", type=Path, required=True, help="folder for the artifacts and the summary")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -162,6 +206,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     missing = [str(path) for path in args.recipes if not path.is_file()]
     if missing:
         parser.error(f"recipe files not found: {missing}; the recipes are in {RECIPES}")
+    if args.pipe is not None and len(args.recipes) > 1:  # every recipe's artifact came from that one model
+        parser.error(f"--pipe {args.pipe!r} replaces the model of one recipe; name that recipe "
+                     f"({len(args.recipes)} given), or point each recipe's [model] id at its local mirror")
+    try:
+        if _technique_names(args.methods) == ["prune"] and args.methods.strip() == "stats":
+            parser.error("--methods stats writes calibration statistics, not an artifact: run "
+                         "`diffusion-accel calibrate --method stats` for those")
+    except ValueError as error:
+        parser.error(f"--methods: {error}")
     return args
 
 

@@ -173,11 +173,13 @@ def techniques_on(denoiser: torch.nn.Module) -> list[str]:
     return list(getattr(denoiser, _APPLIED_ATTR, []))
 
 
-def record_source(pipe: Any, spec: str, dtype: torch.dtype | None) -> None:
-    """Remember the pipeline spec (``zoo:NAME``, a hub id, a folder) and dtype ``pipe`` was loaded
-    with, so an artifact saved from it can name its base (``loading.load_pipeline`` reads it back)."""
+def record_source(pipe: Any, spec: str, dtype: torch.dtype | None, variant: str | None = None) -> None:
+    """Remember the pipeline spec (``zoo:NAME``, a hub id, a folder), dtype and weight-file variant
+    ``pipe`` was loaded with, so an artifact saved from it can name its base (``loading.load_pipeline``
+    reads it back)."""
     dtype_name = None if dtype is None else str(dtype).removeprefix("torch.")
-    setattr(pipe, _SOURCE_ATTR, {"spec": spec, "dtype": dtype_name})
+    source = {"spec": spec, "dtype": dtype_name}
+    setattr(pipe, _SOURCE_ATTR, source if variant is None else {**source, "variant": variant})
 
 
 def pipeline_source(pipe: Any) -> dict[str, Any] | None:

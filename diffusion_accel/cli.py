@@ -26,6 +26,9 @@ def _add_pipe_args(parser: argparse.ArgumentParser, many: bool) -> None:
                  + ("repeat as NAME=SPEC to compare variants" if many else "default: the bundled demo model"))
     parser.add_argument("--pipe", action="append" if many else "store", default=None, help=help_text)
     parser.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: as loaded)")
+    parser.add_argument("--variant", default=None,
+                        help="weight-file variant of a hub model or folder, e.g. fp16 (diffusers' variant=; "
+                             "default: the standard files)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: as loaded)")
 
 
@@ -153,7 +156,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     report = run_demo(spec=args.pipe, prompts=args.prompts, num_prompts=args.num_prompts,
                       steps=args.steps, call_kwargs=_call_kwargs(args), seed=args.seed, out=Path(args.out),
-                      repeats=args.repeats, dtype=args.dtype, device=args.device)
+                      repeats=args.repeats, dtype=args.dtype, device=args.device, variant=args.variant)
     print(report.to_markdown())
     print(f"\nreport, grid and calibration summary (calibration.json) written to {args.out}/")
     return 0
@@ -296,7 +299,8 @@ def _load_variants(args: argparse.Namespace) -> dict:
         if name in named:
             raise ValueError(f"variant name {name!r} given twice; use NAME=SPEC to name variants")
         named[name] = spec
-    return {name: load_pipeline(spec, dtype=args.dtype, device=args.device) for name, spec in named.items()}
+    return {name: load_pipeline(spec, dtype=args.dtype, device=args.device, variant=args.variant)
+            for name, spec in named.items()}
 
 
 def _prompts_for(args: argparse.Namespace, pipe: object) -> list:

@@ -128,14 +128,14 @@ def _top(values: dict[str, float], count: int, lowest: bool = False) -> dict[str
 def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: int | None = None,
              steps: int = 20, call_kwargs: dict[str, Any] | None = None, seed: int = 0,
              out: Path = Path("diffusion_accel_demo"), repeats: int = 3, dtype: str | None = None,
-             device: str | None = None) -> Any:
+             device: str | None = None, variant: str | None = None) -> Any:
     """Run the demo (see module doc) and return the :class:`~diffusion_accel.eval.EvalReport`.
 
     ``call_kwargs``: further pipeline arguments (``guidance_scale``, ``height``, ...) for calibration
     and every variant, over the pipeline's own ``call_defaults``."""
     from .eval import evaluate
 
-    pipe = load_pipeline(spec or default_demo_spec(), dtype=dtype, device=device)
+    pipe = load_pipeline(spec or default_demo_spec(), dtype=dtype, device=device, variant=variant)
     prompt_list = (prompt_sets.load(prompts, limit=num_prompts) if prompts
                    else prompt_sets.for_pipeline(pipe, limit=num_prompts))
     out.mkdir(parents=True, exist_ok=True)

@@ -29,24 +29,36 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str | None = None) -> Any:
-    """Load the pipeline named by ``spec`` (see module docstring), optionally cast and moved."""
+def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str | None = None,
+                  variant: str | None = None) -> Any:
+    """Load the pipeline named by ``spec`` (see module docstring), optionally cast and moved.
+
+    ``variant`` (e.g. "fp16") reads a hub model's or folder's variant weight files
+    (``model.fp16.safetensors``), as diffusers' ``from_pretrained(variant=...)``: half the download of
+    the fp32 files for a half-precision run; an artifact records it for its base."""
     from .artifact import record_source
 
     torch_dtype = parse_dtype(dtype)
     target = None if device is None else check_device(device)  # before minutes of loading
     spec = _checked_spec(spec)
+    variant = _checked_variant(variant)
     base_spec, artifact = split_artifact_spec(spec)
     if artifact is not None:
-        pipe = _load_with_artifact(base_spec, artifact, torch_dtype)
+        pipe = _load_with_artifact(base_spec, artifact, torch_dtype, variant)
     else:
-        pipe = _load_by_kind(spec, torch_dtype)
+        pipe = _load_by_kind(spec, torch_dtype, variant)
         if torch_dtype is not None and getattr(pipe, "dtype", None) != torch_dtype:
             pipe.to(dtype=torch_dtype)
-        record_source(pipe, _portable_spec(spec), torch_dtype)
+        record_source(pipe, _portable_spec(spec), torch_dtype, variant)
     if target is not None:
         pipe.to(target)
     return pipe
+
+
+def _checked_variant(variant: Any) -> str | None:
+    if variant is None or (isinstance(variant, str) and variant.strip() and "/" not in variant):
+        return variant
+    raise ValueError(f"variant {variant!r} must be a weight-file variant name such as 'fp16', or None")
 
 
 def _checked_spec(spec: Any) -> str:
@@ -103,7 +115,8 @@ def artifact_base(artifact: str | Path, base_spec: str | None = None,
                   dtype: str | torch.dtype | None = None) -> tuple[str, torch.dtype | None]:
     """``(spec, dtype)`` of the base to load ``artifact`` onto: ``base_spec`` / ``dtype`` when given,
     else what its manifest recorded (the dtype its denoiser computed in when saved, else the one its
-    base was loaded in); a clear error when neither names one or the base is an artifact."""
+    base was loaded in); a clear error when neither names one or the base is an artifact. The recorded
+    weight variant: ``artifact_variant``."""
     from .artifact import ArtifactError, read_manifest
 
     base = read_manifest(artifact)["base"]
@@ -118,16 +131,28 @@ def artifact_base(artifact: str | Path, base_spec: str | None = None,
     return base_spec, parse_dtype(dtype) or parse_dtype(base.get("dtype") or source.get("dtype"))
 
 
-def _load_with_artifact(base_spec: str | None, artifact: Path, torch_dtype: torch.dtype | None) -> Any:
+def artifact_variant(artifact: str | Path) -> str | None:
+    """The weight-file variant the artifact's base was loaded with (None: the default files)."""
+    from .artifact import read_manifest
+
+    return (read_manifest(artifact)["base"].get("source") or {}).get("variant")
+
+
+def _load_with_artifact(base_spec: str | None, artifact: Path, torch_dtype: torch.dtype | None,
+                        variant: str | None) -> Any:
     """Load the base (``base_spec`` or the one the manifest records) in ``torch_dtype`` (or the
-    recorded dtype), then apply the artifact to it."""
+    recorded dtype) from ``variant``'s files (or the recorded variant), then apply the artifact to it."""
     from .artifact import load
 
     spec, dtype = artifact_base(artifact, base_spec, torch_dtype)
-    return load(load_pipeline(spec, dtype=dtype), artifact)
+    return load(load_pipeline(spec, dtype=dtype, variant=variant or artifact_variant(artifact)), artifact)
 
 
-def _load_by_kind(spec: str, torch_dtype: torch.dtype | None) -> Any:
+def _load_by_kind(spec: str, torch_dtype: torch.dtype | None, variant: str | None = None) -> Any:
+    if variant is not None and spec.startswith(("zoo:", "tiny:")):
+        raise ValueError(f"variant={variant!r} selects weight files of a hub model or save_pretrained folder; "
+                         f"{spec!r} has none")
+    extra = {} if variant is None else {"variant": variant}
     if spec.startswith("zoo:"):
         from . import zoo
 
@@ -148,14 +173,30 @@ def _load_by_kind(spec: str, torch_dtype: torch.dtype | None) -> Any:
             from . import zoo
 
             return zoo.load(zoo_name, torch_dtype or torch.float32, folder=spec)
-        return DiffusionPipeline.from_pretrained(spec, dtype=torch_dtype or torch.float32)
+        return DiffusionPipeline.from_pretrained(spec, dtype=torch_dtype or torch.float32, **extra)
     if _looks_like_a_path(spec):
         raise FileNotFoundError(f"pipeline spec {spec!r}: no such folder (a local pipeline is a "
                                 f"save_pretrained folder; a hub id looks like 'org/model')")
     if "/" not in spec:
         raise ValueError(f"unknown pipeline spec {spec!r}; accepted: zoo:NAME, tiny:FAMILY, "
                          "a local save_pretrained folder, or a hub id like 'org/model'")
-    return DiffusionPipeline.from_pretrained(spec, dtype=torch_dtype or torch.float32)
+    try:
+        return DiffusionPipeline.from_pretrained(spec, dtype=torch_dtype or torch.float32, **extra)
+    except OSError as error:  # diffusers' text points at a stack trace the CLI does not show
+        raise OSError(f"cannot load the hub model {spec!r}: {_hub_problem()} (diffusers: "
+                      f"{str(error).split('. ')[0]})") from error
+
+
+def _hub_problem() -> str:
+    """What to check when a hub id could not be loaded."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set and its files are not all in the local Hugging Face cache; unset it " \
+               "to download them, or give a local save_pretrained folder"
+    return "its files are not all in the local Hugging Face cache and the hub could not be reached, or " \
+           "has no such model: check the network and the id (gated models need `hf auth login`), or give " \
+           "a local save_pretrained folder"
 
 
 def _zoo_model_name(folder: Path) -> str | None:

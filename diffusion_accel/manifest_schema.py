@@ -36,7 +36,7 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> None:
             _field(base, name, kinds, path, "base.")
     if "sample" in base:
         _plain_file_name(base["sample"], path, "base.sample")
-    for name in ("spec", "dtype"):  # where the base was loaded from (loading.artifact_base reads them)
+    for name in ("spec", "dtype", "variant"):  # where the base was loaded from (loading.artifact_base reads them)
         if isinstance(base.get("source"), dict) and name in base["source"]:
             _field(base["source"], name, (str, type(None)), path, "base.source.")
     techniques = _field(manifest, "techniques", (list,), path, "")

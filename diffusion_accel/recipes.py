@@ -1,6 +1,7 @@
 """Recipes (``pipelines/*.toml``) and the ``diffusion-accel calibrate`` job built on them.
 
-A recipe has a ``[model]`` table (``id``: any pipeline spec, ``dtype``) and a ``[calibration]``
+A recipe has a ``[model]`` table (``id``: any pipeline spec, ``dtype``, ``variant``: weight files such as
+"fp16") and a ``[calibration]``
 table (``prompts``, ``num_prompts``, ``steps``, ``guidance``, ``selection``, ``weighting``,
 ``batch_size``), an optional ``[call]`` table of further pipeline arguments (``height``, ``width``,
 ``max_sequence_length``, ...); technique tables (``[cache]``, ...) are read by their techniques.
@@ -35,7 +36,7 @@ PRUNE_METHODS = ("obs", "wanda", "magnitude")
 METHODS = ("stats", *PRUNE_METHODS, "ptq", "cache")
 _STAGES = {"stats": -1, "obs": 0, "wanda": 0, "magnitude": 0, "ptq": 1, "cache": 2}  # chain order
 CALIBRATION_KEYS = ("prompts", "num_prompts", "steps", "guidance", "selection", "weighting", "batch_size")
-MODEL_KEYS = ("id", "dtype")
+MODEL_KEYS = ("id", "dtype", "variant")
 # [quant] / [prune] / [cache] keys are checked by the configs they build; [call] keys by _check_call_table
 RECIPE_TABLES = ("model", "calibration", "call", "quant", "prune", "cache")
 
@@ -245,7 +246,8 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     spec = args.pipe if args.pipe is not None else (model.get("id") or default_demo_spec())
     _check_out_is_not_the_base(args.out, spec, methods)
     dtype = args.dtype or (model.get("dtype") if args.pipe is None else None)  # the recipe's dtype is its model's
-    pipe = load_pipeline(spec, dtype=dtype, device=args.device)
+    variant = args.variant or (model.get("variant") if args.pipe is None else None)  # so are its weight files
+    pipe = load_pipeline(spec, dtype=dtype, device=args.device, variant=variant)
     _check_chain_fits(pipe, methods)
     prompt_list = (prompt_sets.load(settings["prompts"], limit=settings["num_prompts"]) if settings["prompts"]
                    else prompt_sets.for_pipeline(pipe, limit=settings["num_prompts"]))

@@ -507,3 +507,22 @@ def test_the_base_fingerprint_follows_weight_changes_until_a_technique_is_applie
     da.load(changed, tmp_path / "art")
     with pytest.raises(artifact.ArtifactError, match="different base model"):
         da.load(build_tiny("sd"), tmp_path / "art")
+
+
+def test_variant_weight_files_load_and_an_artifact_records_them(tmp_path):
+    """Folders and hub models with only fp16-variant files could not load (no variant option)."""
+    import diffusion_accel as da
+    from diffusion_accel.loading import load_pipeline
+
+    build_tiny("sd").save_pretrained(tmp_path / "model", variant="fp16")
+    with pytest.raises(OSError):
+        load_pipeline(str(tmp_path / "model"))
+    pipe = load_pipeline(str(tmp_path / "model"), variant="fp16")
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
+    da.save(pipe, tmp_path / "artifact")
+    assert json.loads((tmp_path / "artifact" / "manifest.json").read_text())["base"]["source"]["variant"] == "fp16"
+    loaded = load_pipeline(str(tmp_path / "artifact"))  # the base from the recorded variant's files
+    assert artifact.applied_techniques(loaded) == ["cache"]
+    assert torch.equal(loaded(**tiny_call_kwargs("sd")).images, pipe(**tiny_call_kwargs("sd")).images)
+    with pytest.raises(ValueError, match="selects weight files of a hub model or save_pretrained folder"):
+        load_pipeline("tiny:sd", variant="fp16")

@@ -29,9 +29,40 @@ def test_builds_checks_and_resumes(tmp_path):
     assert 10 < row["check"]["psnr_db"] < float("inf")  # quantized: close to the base, not identical
     manifest = json.loads((out / "small" / "manifest.json").read_text())
     assert [t["name"] for t in manifest["techniques"]] == ["ptq", "cache"]
-    assert build_artifacts.main(argv[:-3] + ["--check-prompts", "0"]) == 0  # second run keeps the artifact
+    again = argv[:argv.index("--")] + ["--check-prompts", "0", "--", "--selection", "uniform:2"]
+    assert build_artifacts.main(again) == 0  # the same settings: the second run keeps the artifact
     assert json.loads((out / "summary.json").read_text())["rows"][0]["status"].startswith("kept")
     assert "| small |" in (out / "summary.md").read_text()
+
+
+def test_resuming_with_other_settings_refuses_the_kept_artifact(tmp_path):
+    """A w4a16 run over a w8a8 artifact said 'kept' and exit 0: the user thought they had w4a16."""
+    recipe, out = _recipe(tmp_path, "small", "tiny:sd"), tmp_path / "out"
+    base = [str(recipe), "--methods", "ptq", "--check-prompts", "0", "--out", str(out)]
+    assert build_artifacts.main(base + ["--preset", "w8a8"]) == 0
+    assert build_artifacts.main(base + ["--preset", "w4a16"]) == 1
+    row = json.loads((out / "summary.json").read_text())["rows"][0]
+    assert row["status"] == "failed" and "holds an artifact of other settings" in row["error"]
+    assert "--preset w8a8" in row["error"] and "--force rebuilds it" in row["error"]
+    assert "# Artifacts: ptq --preset w4a16" in (out / "summary.md").read_text()
+    assert build_artifacts.main(base + ["--preset", "w4a16", "--force"]) == 0
+    assert json.loads((out / "small" / "manifest.json").read_text())["techniques"][0]["config"]["ptq_config"][
+        "weights"] == "int4"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "bogus"], "--methods: --method 'bogus': accepted methods are"),
+    (["--methods", "stats"], "writes calibration statistics, not an artifact"),
+    (["--check-repeats", "-2"], "--check-repeats: must be an int >= 1"),
+    (["--pipe", "tiny:sd", "A", "B"], "replaces the model of one recipe"),
+])
+def test_arguments_are_checked_before_any_recipe_runs(tmp_path, capsys, argv, message):
+    recipes = {"A": _recipe(tmp_path, "a", "tiny:sd"), "B": _recipe(tmp_path, "b", "tiny:sd")}
+    argv = [str(recipes.get(item, item)) for item in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        build_artifacts.main(argv + ["--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_failing_recipe_is_reported_and_the_batch_goes_on(tmp_path):

@@ -58,7 +58,7 @@ def test_user_mistakes_are_one_line_errors(argv, message, capsys, tmp_path, monk
     # these three were ignored: the run went on with the defaults
     ('[model]\nid = "tiny:sd"\n[quantization]\npreset = "w4a8"\n',
      "unknown recipe tables or keys ['quantization']; accepted tables: ['model', 'calibration', 'call', 'quant'"),
-    ('[model]\nid = "tiny:sd"\nrevision = "fp16"\n', "unknown [model] keys ['revision']; accepted: ['id', 'dtype']"),
+    ('[model]\nid = "tiny:sd"\nrevision = "fp16"\n', "unknown [model] keys ['revision']; accepted: ['id', 'dtype', 'variant']"),
     ('steps = 4\n[model]\nid = "tiny:sd"\n', "unknown recipe tables or keys ['steps']"),
     ('call = 4\n[model]\nid = "tiny:sd"\n', "call = 4 must be a table ([call] with key = value lines)"),
 ])
@@ -433,6 +433,23 @@ def test_command_line_inputs_are_checked_before_any_pipeline_loads(argv, message
     out = ["--out", str(tmp_path / "out")] if argv[0] == "calibrate" else []
     assert main([*argv, *extra, *out]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_hub_model_that_cannot_load_says_what_to_check(monkeypatch, capsys, offline):
+    """diffusers' message pointed at a stack trace the CLI does not show."""
+    import diffusers
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Cannot load model org/model: the model is not fully cached locally. Please check "
+                      "out the root cause in the stacktrace above.")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", unreachable)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    assert main(["bench", "--pipe", "org/model"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load the hub model 'org/model'" in err and "stacktrace" not in err
+    assert ("HF_HUB_OFFLINE is set" in err) == offline and ("check the network and the id" in err) != offline
 
 
 def test_zoo_fashion_clip_is_no_pipeline_spec(capsys, tmp_path):
