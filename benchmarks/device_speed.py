@@ -196,7 +196,7 @@ def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [f"# Denoiser speed on {m.get('device', report['device'])}: {report['model']}"
              + (" (smoke shapes)" if report["smoke"] else "") + f", {report['resolution']} px, batch 2", "",
-             f"torch {m.get('torch_version')}; median of {report['repeats']} after one warm-up "
+             f"torch {m.get('torch_version')}; CPU {m.get('cpu_model')}; median of {report['repeats']} after one warm-up "
              f"(compilation in the warm-up); torch.compile mode: {report.get('compile_mode') or 'default'}; "
              "random weights.", "",
              "| variant | median ms | vs bf16 compiled | vs fp32 eager | note |", "|---|---|---|---|---|"]

@@ -21,13 +21,33 @@ _ATTR = "_diffusion_accel_call_defaults"
 
 
 def set_call_defaults(pipe: Any, defaults: dict[str, Any]) -> None:
-    """Tag ``pipe`` with the keyword arguments it should be called with (a deep copy keeps them)."""
+    """Tag ``pipe`` with the keyword arguments it should be called with (a deep copy keeps them), and its
+    denoiser too: a pipeline built from the components (``from_pipe``, ``Img2ImgPipeline(**components)``)
+    is a new object, which lost them (fashion-flux's T5 length and true CFG, fashion-sd's CFG 3)."""
     setattr(pipe, _ATTR, dict(defaults))
+    denoiser = _denoiser(pipe)
+    if denoiser is not None:
+        denoiser.__dict__[_ATTR] = dict(defaults)
 
 
 def call_defaults(pipe: Any) -> dict[str, Any]:
-    """The keyword arguments ``pipe`` was tagged with (``{}`` for an untagged pipeline)."""
-    return dict(getattr(pipe, _ATTR, None) or {})
+    """The keyword arguments ``pipe`` was tagged with, else those of its denoiser (a pipeline sharing a
+    tagged pipeline's denoiser); ``{}`` for an untagged pipeline."""
+    tagged = getattr(pipe, _ATTR, None)
+    if tagged is None:
+        denoiser = _denoiser(pipe)
+        tagged = None if denoiser is None else denoiser.__dict__.get(_ATTR)
+    return dict(tagged or {})
+
+
+def _denoiser(pipe: Any) -> Any:
+    """``pipe.unet`` or ``pipe.transformer`` when it is a module (no adapter lookup: this module is imported
+    below the adapters)."""
+    for attribute in ("unet", "transformer"):
+        module = getattr(pipe, attribute, None)
+        if isinstance(getattr(module, "__dict__", None), dict) and hasattr(module, "forward"):
+            return module
+    return None
 
 
 def per_prompt_negative(negative_prompt: Any, num_prompts: int) -> Any:

@@ -9,6 +9,7 @@ import time
 import torch
 
 import diffusion_accel as da
+from diffusion_accel.argtypes import int_at_least
 from diffusion_accel.loading import default_demo_spec, load_pipeline
 
 
@@ -22,7 +23,7 @@ def generate(pipe, steps: int) -> tuple[torch.Tensor, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipe", default=default_demo_spec())
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int_at_least(1), default=50)
     args = parser.parse_args()
 
     pipe = load_pipeline(args.pipe)

@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoPipelineForImage2Image
 
 import diffusion_accel as da
+from diffusion_accel.argtypes import int_at_least
 from diffusion_accel.eval.fidelity import fidelity
 from diffusion_accel.loading import default_demo_spec, load_pipeline
 
@@ -21,7 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pipe", default=default_demo_spec())
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int_at_least(1), default=50)
     parser.add_argument("--strength", type=float, default=0.6)
     args = parser.parse_args()
 

@@ -25,6 +25,18 @@ def test_defaults_survive_a_deep_copy_and_untagged_pipelines_have_none():
     assert call_defaults(build_tiny("flux")) == {}
 
 
+def test_pipelines_built_from_a_tagged_pipelines_components_keep_its_defaults():
+    """from_pipe / Img2Img(**components) made a new, untagged object: the same call gave another image."""
+    import diffusers
+
+    pipe = _tagged_flux()
+    assert call_defaults(type(pipe).from_pipe(pipe)) == FLUX_DEFAULTS
+    assert call_defaults(diffusers.FluxImg2ImgPipeline(**pipe.components)) == FLUX_DEFAULTS
+    own = type(pipe).from_pipe(pipe)
+    set_call_defaults(own, {"max_sequence_length": 8})  # a pipeline's own tag wins
+    assert call_defaults(own) == {"max_sequence_length": 8}
+
+
 def test_calibration_calls_use_the_defaults_under_explicit_arguments():
     pipe = _tagged_flux()
     settings = dict(num_inference_steps=2, batch_size=1, num_images_per_prompt=1, seed=0)
