@@ -41,6 +41,10 @@ def path(name: str) -> Path:
     return folder
 
 
+PIPELINE_CLASSES = {"fashion-sd": "StableDiffusionPipeline", "fashion-flux": "FluxPipeline",
+                    "mnist-ddpm": "DDPMPipeline"}  # what each zoo pipeline's model_index.json names
+
+
 def _export_folder(name: str, folder: Path) -> Path:
     """``folder`` if it holds a save_pretrained layout of zoo model ``name``, else a clear error."""
     if name not in _NAMES:
@@ -48,7 +52,23 @@ def _export_folder(name: str, folder: Path) -> Path:
     marker = "config.json" if name == "fashion-clip" else "model_index.json"
     if not (folder / marker).is_file():
         raise FileNotFoundError(f"folder={str(folder)!r} has no {marker}: expected a save_pretrained export of {name}")
+    if name in PIPELINE_CLASSES:
+        check_pipeline_class(folder, PIPELINE_CLASSES[name], f"folder={str(folder)!r}")
     return folder
+
+
+def check_pipeline_class(folder: Path, expected: str, what: str) -> None:
+    """ValueError unless ``folder``'s model_index.json names the pipeline class ``expected`` (a DDPM export
+    loaded as fashion-sd was tagged with CFG settings its call then refused)."""
+    import json
+
+    try:
+        found = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found != expected:
+        raise ValueError(f"{what} holds a {found or 'unreadable'} pipeline (model_index.json), not the "
+                         f"{expected} this model is")
 
 
 def load(name: str, torch_dtype: torch.dtype = torch.float32, folder: str | Path | None = None) -> Any:

@@ -7,6 +7,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -145,6 +146,10 @@ def init_source(cfg: RunConfig, name: str) -> Path | None:
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"--init-from {str(cfg.init_from)!r}: expected 'zoo' or an exported pipeline folder "
                          f"with a model_index.json (e.g. zoo_runs/{name}/final)")
+    from . import PIPELINE_CLASSES, check_pipeline_class
+
+    pipeline = name.removesuffix("-decoder")  # a decoder stage warm-starts from its pipeline's export
+    check_pipeline_class(folder, PIPELINE_CLASSES[pipeline], f"--init-from {str(cfg.init_from)!r}")
     return folder
 
 
@@ -197,6 +202,11 @@ def resume(cfg: Any, stateful: dict[str, Any], generator: torch.Generator) -> tu
     state = load_checkpoint(cfg.run_dir / "checkpoint.pt") if cfg.resume else None
     if state is None:
         return 0, 0.0, [command_line()]
+    saved_seed = state.get("seed", cfg.seed)
+    if saved_seed != cfg.seed:  # the data order and weights continue the checkpoint's: record its seed
+        warnings.warn(f"--seed {cfg.seed} is ignored: resuming {cfg.run_dir}, a run started with seed {saved_seed} "
+                      f"(--no-resume starts over with the new seed)", stacklevel=2)
+        cfg.seed = saved_seed
     for key, target in stateful.items():
         target.load_state_dict(state[key])
     generator.set_state(state["gen"])
@@ -214,22 +224,29 @@ def run_loop(cfg: RunConfig, start_step: int, step_fn: Callable[[int, float], di
     t0 = last_ckpt = time.time()
     budget_s = None if cfg.time_budget_min is None else cfg.time_budget_min * 60
     step = start_step
+    checkpoint = lambda steps_done: save_checkpoint(ckpt, {**state_fn(steps_done), "seed": cfg.seed})  # noqa: E731
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=desc,
                mininterval=10.0, dynamic_ncols=True)
-    for step in bar:
-        frac = step / cfg.steps if budget_s is None else max(step / cfg.steps, (time.time() - t0) / budget_s)
-        logs = step_fn(step, frac)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
-        now = time.time()
-        if now - last_ckpt > cfg.checkpoint_every_min * 60:
-            save_checkpoint(ckpt, state_fn(step + 1))
-            last_ckpt = now
-        if budget_s is not None and now - t0 > budget_s:
-            bar.write(f"time budget of {cfg.time_budget_min} min reached at step {step + 1}")
-            break
-    else:
-        step = cfg.steps - 1
-    bar.close()
+    try:
+        for step in bar:
+            frac = step / cfg.steps if budget_s is None else max(step / cfg.steps, (time.time() - t0) / budget_s)
+            logs = step_fn(step, frac)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+            now = time.time()
+            if now - last_ckpt > cfg.checkpoint_every_min * 60:
+                checkpoint(step + 1)
+                last_ckpt = now
+            if budget_s is not None and now - t0 > budget_s:
+                bar.write(f"time budget of {cfg.time_budget_min} min reached at step {step + 1}")
+                break
+        else:
+            step = cfg.steps - 1
+    except KeyboardInterrupt:  # up to checkpoint_every_min of work was lost: keep the steps completed
+        checkpoint(step)
+        bar.write(f"interrupted: {step} steps saved to {ckpt}; run the same command again to resume")
+        raise
+    finally:
+        bar.close()
     done = min(step + 1, cfg.steps) if cfg.steps > start_step else start_step
-    save_checkpoint(ckpt, state_fn(done))
+    checkpoint(done)
     return done, time.time() - t0

@@ -93,10 +93,39 @@ def stage_sections(stage: str, info: dict | None, recorded: list[str]) -> list[s
     return kept + [table]
 
 
-def write_card(name: str, folder: Path, metrics_md: str = "", runs_root: Path | None = None) -> Path:
-    """Write ``folder/README.md`` for shipped model ``name`` from its stages' train_info.json.
+def shipped_stage_info(name: str, stage: str, folder: Path, runs_root: Path) -> dict | None:
+    """The train_info of ``stage`` as shipped in ``folder``: the model's own stage from the folder's copy
+    (the run it was shipped from, ``ship --from``), an earlier VAE stage from ``runs_root`` only when that
+    run's weights are the shipped VAE's (the encoder for a ``-vae`` stage, whose decoder a ``-decoder``
+    stage fine-tunes). Before session 28 every stage was read from ``runs_root``: a card could describe
+    a from-scratch run beside the weights of a warm start, or stale VAE runs. None: keep the old card's."""
+    if stage == name:
+        own = folder / "train_info.json"
+        return json.loads(own.read_text()) if own.is_file() else None
+    run = runs_root / stage / "final"
+    if not (run / "train_info.json").is_file() or not _same_vae(folder / "vae", run, stage.endswith("-vae")):
+        return None
+    return json.loads((run / "train_info.json").read_text())
 
-    Stages without a run under ``runs_root`` keep the tables the folder's earlier card recorded.
+
+def _same_vae(shipped: Path, run: Path, encoder_only: bool) -> bool:
+    """Whether the VAE exported in ``run`` holds the shipped fp16 weights (all, or only the encoder's)."""
+    from safetensors.torch import load_file
+
+    files = [folder / "diffusion_pytorch_model.safetensors" for folder in (shipped, run)]
+    if not all(file.is_file() for file in files):
+        return False
+    ours, theirs = (load_file(str(file)) for file in files)
+    keys = [key for key in ours if not encoder_only or key.startswith(("encoder.", "quant_conv."))]
+    return bool(keys) and all(key in theirs and theirs[key].shape == ours[key].shape
+                              and bool((theirs[key].to(ours[key].dtype) == ours[key]).all()) for key in keys)
+
+
+def write_card(name: str, folder: Path, metrics_md: str = "", runs_root: Path | None = None) -> Path:
+    """Write ``folder/README.md`` for shipped model ``name`` from its stages' train_info.json
+    (``shipped_stage_info``: records of the shipped weights only).
+
+    Stages without such a record keep the tables the folder's earlier card recorded.
     """
     runs_root = runs_root or C.RUNS_ROOT
     card = folder / "README.md"
@@ -105,8 +134,7 @@ def write_card(name: str, folder: Path, metrics_md: str = "", runs_root: Path | 
              "Reproduce in order (each stage resumes from `zoo_runs/<stage>/checkpoint.pt` if interrupted; "
              "`--time-budget-min` stops and exports early):\n"]
     for stage in STAGES[name]:
-        info_file = runs_root / stage / "final" / "train_info.json"
-        info = json.loads(info_file.read_text()) if info_file.is_file() else None
+        info = shipped_stage_info(name, stage, folder, runs_root)
         parts += stage_sections(stage, info, recorded.get(stage, []))
     parts += ["## Quality\n", metrics_md or "Not measured yet.\n"]
     card.write_text("\n".join(parts))

@@ -48,7 +48,9 @@ def stage_folder(name: str) -> Path:
     if name == "fashion-clip":
         from . import path
         return path(name)
-    raise FileNotFoundError(f"{run} missing: train it first with `python -m diffusion_accel.zoo.train {name}`")
+    raise FileNotFoundError(f"{run} missing: train it first with `diffusion-accel zoo train {name}` (earlier stages "
+                            f"are read from {C.RUNS_ROOT}/<stage>/final, the default run folders; set "
+                            f"DIFFUSION_ACCEL_ZOO_RUNS to the folder holding them: --out places only this stage's run)")
 
 
 def vae_folder(vae_stage: str) -> Path:

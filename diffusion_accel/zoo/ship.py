@@ -89,9 +89,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="a decoder stage's export (e.g. zoo_runs/fashion-sd-decoder/final) to ship in place of "
                              "the pipeline's VAE; its encoder must be the pipeline's")
     args = parser.parse_args(argv)
-    dest = ship(args.name, args.source or C.RUNS_ROOT / args.name / "final", args.dest, args.vae)
-    metrics = args.metrics.read_text() if args.metrics else ""
-    write_card(args.name, dest, metrics)
+    try:
+        dest = ship(args.name, args.source or C.RUNS_ROOT / args.name / "final", args.dest, args.vae)
+        metrics = args.metrics.read_text() if args.metrics else ""
+        write_card(args.name, dest, metrics)
+    except (ValueError, OSError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(f"shipped {args.name} to {dest} ({folder_size_mb(dest):.1f} MB)")
 
 

@@ -84,9 +84,14 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse ``argv`` and train."""
+    """Parse ``argv`` and train; a bad option or missing data is a one-line error (exit 2), as in
+    ``diffusion-accel zoo train``, not a traceback."""
     parser = add_train_arguments(argparse.ArgumentParser(prog="python -m diffusion_accel.zoo.train"))
-    run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ def train(cfg: C.RunConfig, name: str) -> Path:
     gen = C.seed_all(cfg.seed)
     vae = build_vae(LATENT_CHANNELS[_check(name)])
     donor = C.RUNS_ROOT / "fashion-sd-vae" / "final"
-    if name == "fashion-flux-vae" and donor.is_dir():
+    donor_used = name == "fashion-flux-vae" and donor.is_dir()
+    if donor_used:  # recorded below: the same command gives other weights without that run on disk
         print(f"initialised {init_from(vae, donor)} tensors from {donor}")
     vae.to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99))
@@ -124,5 +125,6 @@ def train(cfg: C.RunConfig, name: str) -> Path:
     print(f"{name}: test PSNR {metrics['test_psnr_db']:.2f} dB after {done} steps")
     info = {"name": name, "seed": cfg.seed, "steps": done, "batch_size": bs, "device": str(device),
             "wall_time_s": round(elapsed + time.time() - t_start, 1), "threads": torch.get_num_threads(),
-            "command": " && ".join(commands), "params": sum(p.numel() for p in vae.parameters())}
+            "command": " && ".join(commands), "params": sum(p.numel() for p in vae.parameters()),
+            **({"init_from": f"{donor} (same-shaped tensors)"} if donor_used else {})}
     return export(vae.cpu(), cfg.run_dir / "final", metrics, name == "fashion-flux-vae", info)
