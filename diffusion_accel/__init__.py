@@ -1,6 +1,7 @@
 """diffusion_accel: make diffusers pipelines faster and smaller without retraining, measured.
 
-Public API (every function returns the pipeline it was given where it takes one):
+Public API (the in-place functions ``quantize_`` / ``prune_`` / ``enable_cache`` / ``remove_cache`` and
+``load`` return the pipeline they were given):
 
 - ``calibrate(pipe, prompts, num_inference_steps, collectors=...)``: one trajectory pass
 - ``evaluate({name: pipe}, prompts, metrics=...)``: FID / CLIP / PSNR / SSIM / latency table

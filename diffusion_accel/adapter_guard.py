@@ -25,6 +25,7 @@ from .pretrained_guard import install_method
 ADD_METHOD = "add_adapter"
 LOAD_METHOD = "load_lora_adapter"
 PIPELINE_METHOD = "load_lora_weights"
+GUARDED_ADAPTER_METHODS = (ADD_METHOD, LOAD_METHOD)  # on the denoiser
 _LORA_KEY_MARK = ".lora_"  # "<module>.lora_A.weight", "<module>.lora_B.<adapter>.weight", ...
 
 

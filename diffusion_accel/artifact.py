@@ -29,10 +29,10 @@ from safetensors.torch import load_file, save_file
 
 from .arch.registry import adapter_wrapped_layers, find_denoiser
 from .base_match import SAMPLE_FILE, config_items, dense, samples_match, structure_fingerprint, weight_sample
-from .adapter_guard import install_adapter_guards
+from .adapter_guard import GUARDED_ADAPTER_METHODS, PIPELINE_METHOD, install_adapter_guards
 from .artifact_tensors import TechniqueTensors
 from .manifest_schema import ManifestError, check_manifest
-from .pretrained_guard import install_guards
+from .pretrained_guard import GUARDED_MODEL_METHODS, GUARDED_PIPELINE_METHODS, install_guards, uninstall_methods
 
 FORMAT = "diffusion_accel.artifact"
 FORMAT_VERSION = 1
@@ -155,12 +155,22 @@ def mark_applied(pipe: Any, technique: str) -> None:
 
 
 def unmark_applied(pipe: Any, technique: str) -> None:
-    """Forget ``technique`` (after it was removed from the pipeline)."""
+    """Forget ``technique`` (after it was removed from the pipeline); with none left, the pipeline and its
+    denoiser lose every mark and guard of this package (``calibrate_schedule`` left them after its
+    trial caches: the object was not as it had been)."""
     _, denoiser = find_denoiser(pipe)
-    setattr(denoiser, _APPLIED_ATTR, [t for t in getattr(denoiser, _APPLIED_ATTR, []) if t != technique])
+    applied = [t for t in getattr(denoiser, _APPLIED_ATTR, []) if t != technique]
     exports = dict(getattr(denoiser, _EXPORTS_ATTR, {}))
     exports.pop(technique, None)
-    setattr(denoiser, _EXPORTS_ATTR, exports)
+    if applied:
+        setattr(denoiser, _APPLIED_ATTR, applied)
+        setattr(denoiser, _EXPORTS_ATTR, exports)
+        return
+    for attribute in (_APPLIED_ATTR, _EXPORTS_ATTR, _APPLIED_SAMPLE_ATTR, _FINGERPRINT_ATTR, _BASE_SAMPLE_ATTR):
+        denoiser.__dict__.pop(attribute, None)
+    uninstall_methods(denoiser, GUARDED_MODEL_METHODS + GUARDED_ADAPTER_METHODS)
+    if pipe is not denoiser:
+        uninstall_methods(pipe, GUARDED_PIPELINE_METHODS + (PIPELINE_METHOD,))
 
 
 def applied_techniques(pipe: Any) -> list[str]:
@@ -229,6 +239,7 @@ def save(pipe: Any, directory: str | Path) -> Path:
     """Write the techniques applied to ``pipe`` as safetensors + ``manifest.json``; returns the folder."""
     from . import __version__
 
+    _check_folder_argument("save(pipe, directory)", pipe, directory)
     for technique in applied_techniques(pipe):
         if _HANDLERS[technique].check_current is not None:
             _HANDLERS[technique].check_current(pipe)
@@ -262,6 +273,14 @@ def save(pipe: Any, directory: str | Path) -> Path:
     for stale in previous_files - {entry["tensors"] for entry in entries}:
         (folder / stale).unlink(missing_ok=True)  # an earlier artifact's technique file in this folder
     return folder
+
+
+def _check_folder_argument(call: str, pipe: Any, directory: Any) -> None:
+    """TypeError for a folder that is no path (None; the arguments swapped), before any work."""
+    if isinstance(directory, (str, Path)) and not isinstance(pipe, (str, Path)):
+        return
+    raise TypeError(f"{call} takes the pipeline first and a folder path (str or Path) second; got "
+                    f"{type(pipe).__name__} and {type(directory).__name__}")
 
 
 def _check_weights_unchanged(pipe: Any) -> None:
@@ -350,6 +369,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 def load(base_pipe: Any, directory: str | Path) -> Any:
     """Re-apply a saved artifact onto ``base_pipe`` (same object returned); all or nothing."""
+    _check_folder_argument("load(base_pipe, directory)", base_pipe, directory)
     manifest = read_manifest(directory)
     _check_base(base_pipe, manifest, directory)
     component, original = find_denoiser(base_pipe)

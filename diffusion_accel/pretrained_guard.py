@@ -26,6 +26,7 @@ import inspect
 import sys
 import warnings
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,6 +34,8 @@ from torch import nn
 
 SAVE_METHOD = "save_pretrained"
 FUSE_METHOD = "fuse_qkv_projections"
+GUARDED_MODEL_METHODS = (SAVE_METHOD, FUSE_METHOD)  # on the denoiser
+GUARDED_PIPELINE_METHODS = (SAVE_METHOD,)  # on the pipeline
 PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 _EXAMPLES = 3  # mismatched tensor names quoted in the error
 
@@ -83,6 +86,13 @@ class GuardedMethod:
         """The guarded function's signature without its owner (diffusers inspects save methods)."""
         signature = inspect.signature(self.guarded)
         return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
+def uninstall_methods(owner: Any, methods: Sequence[str]) -> None:
+    """Remove the ``methods`` ``install_method`` set on ``owner``: its class's own methods apply again."""
+    for method in methods:
+        if isinstance(vars(owner).get(method), GuardedMethod):
+            del vars(owner)[method]
 
 
 def install_method(owner: Any, method: str, guarded: Any) -> None:

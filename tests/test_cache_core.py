@@ -117,6 +117,10 @@ def _assert_no_cache_left(pipe, denoiser):
     leftovers = [name for name, module in denoiser.named_modules()
                  if hasattr(module, "_diffusers_hook") or "forward" in vars(module)]
     assert leftovers == []
+    marks = [name for name in vars(denoiser) if name.startswith("_diffusion_accel_") and "call_defaults" not in name]
+    guards = [name for owner in (pipe, denoiser) for name, value in vars(owner).items() if callable(value)
+              and type(value).__name__ == "GuardedMethod"]
+    assert marks == [] and guards == []  # no technique left: the objects are as they were
     assert "cache" not in da.artifact.applied_techniques(pipe)
 
 

@@ -38,6 +38,9 @@ def resolve_denoiser(pipe: Any) -> tuple[str, nn.Module]:
 
 def validate_collectors(collectors: Sequence[Collector] | Collector, denoiser: nn.Module) -> list[Collector]:
     """Collectors as a de-duplicated list, type-checked, module names checked, bound to ``denoiser``."""
+    if not isinstance(collectors, (Collector, list, tuple)):
+        raise TypeError(f"collectors must be a Collector or a list of them, got {type(collectors).__name__} "
+                        f"{collectors!r:.60}")
     items = [collectors] if isinstance(collectors, Collector) else list(collectors)
     for item in items:
         if not isinstance(item, Collector):

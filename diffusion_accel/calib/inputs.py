@@ -209,7 +209,7 @@ def _check_options(pipe: Any, mode: str, params: dict[str, inspect.Parameter], p
         raise ValueError(f"{name} takes no negative_prompt; leave negative_prompt=None")
     if isinstance(negative_prompt, str):
         return
-    negatives = list(negative_prompt)
-    if len(negatives) != num_items or not all(isinstance(n, str) for n in negatives):
+    negatives = list(negative_prompt) if isinstance(negative_prompt, (list, tuple)) else None
+    if negatives is None or len(negatives) != num_items or not all(isinstance(n, str) for n in negatives):
         raise ValueError(f"negative_prompt must be a string or a list of {num_items} strings "
                          f"(one per prompt), got {negative_prompt!r}")

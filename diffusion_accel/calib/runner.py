@@ -51,6 +51,7 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
     most ``max_trajectory_bytes``) for ``Calibration.replay``. Extra keyword arguments go to every
     pipeline call (e.g. height, width). The pipeline is left exactly as it was.
     """
+    resolve_denoiser(pipe)  # a pipeline at all (None, a spec string, a list): named before anything else
     num_steps = denoiser_steps(pipe, num_inference_steps, call_kwargs.get("timesteps"),  # Heun: 2N - 1
                                call_kwargs.get("sigmas"))
     selected = select_steps(num_steps, steps)

@@ -74,6 +74,10 @@ def _check_variants(pipelines: Mapping[str, Any], baseline: str | None) -> str:
     unnamed = [name for name in pipelines if not isinstance(name, str)]
     if unnamed:
         raise TypeError(f"variant names must be strings (they label report rows and grid rows); got {unnamed!r}")
+    uncallable = [name for name, pipe in pipelines.items() if not callable(pipe)]
+    if uncallable:
+        raise TypeError(f"variants {uncallable} are no pipelines (got {type(pipelines[uncallable[0]]).__name__}); "
+                        f"pass {{name: diffusers pipeline}}")
     baseline = baseline if baseline is not None else next(iter(pipelines))
     if baseline not in pipelines:
         raise ValueError(f"baseline {baseline!r} is not a variant; variants: {list(pipelines)}")

@@ -87,8 +87,9 @@ def make_jobs(prompts: Sequence[Any], images_per_prompt: int = 1, seed: int = 0)
     seed = whole_number("seed", seed)
     if images_per_prompt < 1:
         raise ValueError(f"images_per_prompt must be >= 1; got {images_per_prompt}")
-    if isinstance(prompts, str) or not len(prompts):
-        raise ValueError("prompts must be a non-empty sequence (of strings, class labels, or placeholders)")
+    if isinstance(prompts, str) or not hasattr(prompts, "__len__") or not len(prompts):
+        raise ValueError(f"prompts must be a non-empty list (of strings, class labels, or None placeholders for "
+                         f"unconditional pipelines), got {prompts!r:.60}")
     last_seed = seed + len(prompts) * images_per_prompt - 1
     if seed < SEED_RANGE[0] or last_seed > SEED_RANGE[1]:
         raise ValueError(f"seed {seed} gives image seeds {seed}..{last_seed}; torch generators take seeds in "

@@ -50,6 +50,9 @@ def quantize_(pipe: Any, config: Any = None, calib: Calibration | None = None,
     if handler is None:
         raise TypeError(f"quantize_ got a {type(config).__name__}; accepted configs: "
                         f"{', '.join(t.__name__ for t in _HANDLERS)}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be a function (module, name) -> bool, got {filter_fn!r:.60}; for name "
+                        f"globs use PTQConfig(include=..., exclude=...)")
     _, denoiser = find_denoiser(pipe)
     check_plain_weights(denoiser, "quantize_")
     refuse_while_cached(denoiser, "quantize_")

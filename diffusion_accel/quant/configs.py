@@ -109,6 +109,7 @@ class PTQConfig:
         key = name.lower() if isinstance(name, str) else name
         if key not in PRESETS:
             raise ValueError(f"unknown PTQ preset {name!r}; accepted: {', '.join(PRESETS)}")
+        _check_fields(overrides)
         return cls(**(PRESETS[key] | overrides))
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,10 +119,9 @@ class PTQConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PTQConfig":
         """Inverse of ``to_dict``; unknown keys raise ValueError naming the accepted ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown PTQConfig fields {unknown}; accepted: {sorted(known)}")
+        if not isinstance(values, dict):
+            raise TypeError(f"PTQConfig.from_dict takes a dict (PTQConfig.to_dict()), got {type(values).__name__}")
+        _check_fields(values)
         items = dict(values)
         if "calib_kwargs" in items:
             items["calib_kwargs"] = tuple(tuple(pair) for pair in items["calib_kwargs"])
@@ -129,7 +129,16 @@ class PTQConfig:
 
     def with_(self, **changes: Any) -> "PTQConfig":
         """A validated copy with ``changes`` applied."""
+        _check_fields(changes)
         return replace(self, **changes)
+
+
+def _check_fields(values: dict[str, Any]) -> None:
+    """ValueError naming the keys of ``values`` that are no PTQConfig field, and the accepted ones."""
+    known = {f.name for f in fields(PTQConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown PTQConfig fields {unknown}; accepted: {sorted(known)}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

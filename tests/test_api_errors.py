@@ -1,0 +1,34 @@
+"""Wrong inputs to the public API: a clear error naming the value, before any work (session 28 review:
+these ended in bare AttributeError / TypeError from deep inside)."""
+
+import pytest
+
+import diffusion_accel as da
+from diffusion_accel.testing.tiny import build_tiny
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny("sd")
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda p: da.calibrate(None, ["a"], 2), TypeError, "NoneType .* is not supported"),
+    (lambda p: da.calibrate("zoo:fashion-sd", ["a"], 2), TypeError, "str .* is not supported"),
+    (lambda p: da.calibrate(p, ["a"], 2, collectors=5), TypeError, "collectors must be a Collector or a list"),
+    (lambda p: da.calibrate(p, ["a"], 2, negative_prompt=5), ValueError, "negative_prompt must be a string or a list"),
+    (lambda p: da.quantize_(p, filter_fn="*attn*"), TypeError, r"filter_fn must be a function .* PTQConfig\(include"),
+    (lambda p: da.PTQConfig.preset("w8a8", bogus=1), ValueError, r"unknown PTQConfig fields \['bogus'\]"),
+    (lambda p: da.PTQConfig().with_(bogus=1), ValueError, r"unknown PTQConfig fields \['bogus'\]"),
+    (lambda p: da.PTQConfig.from_dict(None), TypeError, "from_dict takes a dict"),
+    (lambda p: da.evaluate({"a": None}, ["x"]), TypeError, r"variants \['a'\] are no pipelines"),
+    (lambda p: da.evaluate({"a": p}, None), ValueError, "prompts must be a non-empty list"),
+    (lambda p: da.save(p, None), TypeError, r"save\(pipe, directory\) takes the pipeline first"),
+    (lambda p: da.load("some/folder", p), TypeError, r"load\(base_pipe, directory\) takes the pipeline first"),
+], ids=["calibrate-none", "calibrate-spec", "collectors", "negative", "filter-fn", "preset-field", "with-field",
+        "from-dict", "evaluate-none", "evaluate-prompts", "save-none", "load-swapped"])
+def test_wrong_inputs_are_named_before_any_work(pipe, call, error, message):
+    unet = pipe.unet
+    with pytest.raises(error, match=message):
+        call(pipe)
+    assert pipe.unet is unet and da.artifact.applied_techniques(pipe) == []
