@@ -98,7 +98,7 @@ def stacked_pipe(interval: int) -> Any:
     pipe = zoo.load(MODEL)
     pipe.set_progress_bar_config(disable=True)
     calib = dict(calib_prompts=8, calib_guidance_scale=DEFAULTS[MODEL]["guidance_scale"])
-    prune_(pipe, PruneConfig(sparsity=0.3, pattern="structured", calib_steps=50, **calib))
+    prune_(pipe, PruneConfig(sparsity=0.3, pattern="structured", calib_num_steps=50, **calib))
     quantize_(pipe, PTQConfig.preset("w8a8", act_method="mse", calib_num_steps=50, calib_steps="uniform:10",
                                      **{**calib, "calib_prompts": 16}))
     config = DeepCacheConfig(interval=interval, branch=0)

@@ -28,7 +28,7 @@ MODELS = ("fashion-sd", "fashion-flux")
 def calib_fields(model: str) -> dict[str, Any]:
     """PruneConfig calibration fields: 8 prompts over the benchmark's trajectory (all steps)."""
     steps, guidance, call = sampling(model)
-    return dict(calib_prompts=8, calib_steps=steps, calib_guidance_scale=guidance, calib_kwargs=call)
+    return dict(calib_prompts=8, calib_num_steps=steps, calib_guidance_scale=guidance, calib_kwargs=call)
 
 
 def pruned(model: str, **fields: Any) -> Callable[[], Any]:

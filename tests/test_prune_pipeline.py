@@ -107,7 +107,7 @@ def test_error_allocation_beats_saliency_allocation_on_summed_layer_error():
     (dict(allocation="error"), ValueError, "it needs scope='global'"),
     (dict(calib_kwargs=(("height",),)), TypeError, "calib_kwargs must be"),
     (dict(calib_kwargs={1: 2}), TypeError, "calib_kwargs keys must be strings"),
-    (dict(calib_steps="all"), ValueError, "PTQConfig names this count calib_num_steps"),
+    (dict(calib_num_steps="all"), ValueError, "as PTQConfig.s calib_num_steps"),
     # session 27: each was accepted and misbehaved, or a bare Python error at prune time
     (dict(exclude="down_blocks"), ValueError, "got the string 'down_blocks'; write \\('down_blocks',\\)"),
     (dict(exclude=(1,)), ValueError, "exclude holds module-name prefixes"),
@@ -251,7 +251,7 @@ def test_self_calibration_passes_calib_kwargs_to_the_pipeline():
 
     pipe = build_tiny("flux")
     extra = {k: v for k, v in tiny_call_kwargs("flux").items() if k in PIPELINE_ONLY_KWARGS}
-    config = PruneConfig(method="obs", sparsity=0.5, groups=1, calib_prompts=1, calib_steps=2, calib_kwargs=extra)
+    config = PruneConfig(method="obs", sparsity=0.5, groups=1, calib_prompts=1, calib_num_steps=2, calib_kwargs=extra)
     seen, original = [], prune_apply.calibrate
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(prune_apply, "calibrate", lambda *a, **kw: seen.append(kw) or original(*a, **kw))
@@ -296,7 +296,7 @@ def test_sparsity_zero_changes_nothing_when_calibrated_below_the_generation_size
     before = generate(pipe, "sd")
     with pytest.warns(UserWarning, match="had input columns no calibration input reached .*calibrate at the "
                                          "generation size"):
-        prune_(pipe, PruneConfig(method="obs", sparsity=0.0, groups=1, calib_steps=2, calib_prompts=2,
+        prune_(pipe, PruneConfig(method="obs", sparsity=0.0, groups=1, calib_num_steps=2, calib_prompts=2,
                                  calib_kwargs={"height": 8, "width": 8}))
     assert prune_report(pipe).achieved_sparsity == 0.0 and prune_report(pipe).unobserved_inputs
     assert torch.equal(generate(pipe, "sd"), before)
@@ -309,3 +309,11 @@ def test_dit_calibrates_on_more_prompts_than_classes_by_cycling_them():
     classes = pipe.transformer.config.num_embeds_ada_norm
     prompts = calibration_kwargs(pipe, PruneConfig(calib_prompts=classes + 2), None)["prompts"]
     assert len(prompts) == classes + 2 and max(prompts) == classes - 1 and prompts[-1] == 1
+
+
+def test_prune_config_names_its_step_count_as_ptq_does_and_reads_the_old_name():
+    """PruneConfig.calib_steps was a count where PTQConfig.calib_steps is a step selection."""
+    config = PruneConfig(method="obs", calib_num_steps=7)
+    assert PruneConfig.from_dict(config.to_dict()) == config
+    old = {key if key != "calib_num_steps" else "calib_steps": value for key, value in config.to_dict().items()}
+    assert PruneConfig.from_dict(old) == config  # artifacts saved before the rename

@@ -35,7 +35,7 @@ def prune_(pipe: Any, config: PruneConfig, calib: Calibration | None = None, *, 
     ``calib`` supplies the calibration inputs (prompts, steps, guidance, seeds); its settings are
     re-run once per group of ``config.groups`` with ``config.weighting`` / ``config.weight_range``.
     Without ``calib`` the first ``config.calib_prompts`` default prompts (class ids 0.., or
-    unconditional samples) at ``config.calib_steps`` steps are used. Magnitude pruning needs none.
+    unconditional samples) at ``config.calib_num_steps`` steps are used. Magnitude pruning needs none.
 
     The pipeline's denoiser is replaced by a pruned copy (so a failure restores the original object):
     a pipeline that shares the old denoiser object (``from_pipe``, ``Img2ImgPipeline(**pipe.components)``)
@@ -102,10 +102,10 @@ def _check_exclude(denoiser: nn.Module, config: PruneConfig) -> None:
 
 def _check_calib_kwargs(config: PruneConfig) -> None:
     """``calib_kwargs`` are further pipeline arguments; the calibration's own settings come from the config
-    (``num_inference_steps`` there ran 3 steps while the step weights were computed for ``calib_steps``)."""
+    (``num_inference_steps`` there ran 3 steps while the step weights were computed for ``calib_num_steps``)."""
     own = sorted(set(dict(config.calib_kwargs)) & calibrate_parameters())
     if own:
-        raise ValueError(f"calib_kwargs may not set {own}: they are calibrate's own arguments; use calib_steps, "
+        raise ValueError(f"calib_kwargs may not set {own}: they are calibrate's own arguments; use calib_num_steps, "
                          f"calib_prompts and calib_guidance_scale (or pass a Calibration)")
 
 
@@ -120,7 +120,7 @@ def calibration_kwargs(pipe: Any, config: PruneConfig, calib: Calibration | None
         inputs = {"prompts": _cycled(list(range(class_count(pipe) or count)), count)}
     elif mode == "unconditional":
         inputs = {"prompts": None, "num_samples": count}
-    return inputs | weights | {"num_inference_steps": config.calib_steps,
+    return inputs | weights | {"num_inference_steps": config.calib_num_steps,
                                "guidance_scale": config.calib_guidance_scale} | dict(config.calib_kwargs)
 
 
@@ -144,7 +144,7 @@ def make_sweep(pipe: Any, config: PruneConfig, calib: Calibration | None, progre
 
 def used_step_weights(pipe: Any, config: PruneConfig, calib: Calibration | None) -> list[float]:
     """The per-step Hessian weights the sweeps used (one per denoiser step of a pipeline call)."""
-    num_steps = calib.num_steps if calib is not None else denoiser_steps(pipe, config.calib_steps)
+    num_steps = calib.num_steps if calib is not None else denoiser_steps(pipe, config.calib_num_steps)
     return resolve_weights(num_steps, config.weighting, config.weight_range).tolist()
 
 

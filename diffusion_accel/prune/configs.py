@@ -46,7 +46,7 @@ class PruneConfig:
     per unit). ``damp``: fraction of mean(diag H) added
     to the Hessian diagonal. ``blocksize``: solver columns per lazy-update block. ``exclude``: layer or
     module-name prefixes left dense (the adapter's high-precision layers are always left dense).
-    ``calib_prompts`` / ``calib_steps`` / ``calib_guidance_scale``: calibration used when ``prune_`` gets
+    ``calib_prompts`` / ``calib_num_steps`` / ``calib_guidance_scale``: calibration used when ``prune_`` gets
     no Calibration; ``calib_kwargs``: (name, value) pairs passed on to that calibration's pipeline calls
     (e.g. ``(("height", 32), ("width", 32))``, or Flux's ``negative_prompt`` / ``true_cfg_scale``).
     ``prune_heads`` / ``prune_ffn`` / ``prune_resnets``: which units structured pruning removes
@@ -70,7 +70,7 @@ class PruneConfig:
     prune_ffn: bool = True
     prune_resnets: bool = False
     calib_prompts: int = 4
-    calib_steps: int = 25
+    calib_num_steps: int = 25
     calib_guidance_scale: float | None = None
     calib_kwargs: tuple[tuple[str, Any], ...] = ()
     sparse_kernels: bool = True
@@ -125,6 +125,11 @@ class PruneConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PruneConfig":
         """Inverse of ``to_dict``; unknown keys raise a ValueError naming them."""
+        if not isinstance(values, dict):
+            raise TypeError(f"PruneConfig.from_dict takes a dict (PruneConfig.to_dict()), got {type(values).__name__}")
+        values = dict(values)
+        if "calib_steps" in values and "calib_num_steps" not in values:  # its name until session 28 (artifacts)
+            values["calib_num_steps"] = values.pop("calib_steps")
         unknown = sorted(set(values) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"unknown PruneConfig fields {unknown}; accepted: {sorted(cls.__dataclass_fields__)}")
@@ -238,10 +243,10 @@ def _check_numbers(config: PruneConfig) -> None:
         raise ValueError(f"blocksize {config.blocksize} must be a multiple of M={nm[1]} for pattern {config.pattern!r}")
     if isinstance(config.calib_prompts, bool) or not isinstance(config.calib_prompts, int) or config.calib_prompts < 1:
         raise ValueError(f"calib_prompts must be an int >= 1, got {config.calib_prompts!r}")
-    if isinstance(config.calib_steps, bool) or not isinstance(config.calib_steps, int) or config.calib_steps < 1:
-        raise ValueError(f"calib_steps must be an int >= 1 (PruneConfig's calibration runs that many denoising "
-                         f"steps and observes all of them; PTQConfig names this count calib_num_steps), "
-                         f"got {config.calib_steps!r}")
+    if isinstance(config.calib_num_steps, bool) or not isinstance(config.calib_num_steps, int) or config.calib_num_steps < 1:
+        raise ValueError(f"calib_num_steps must be an int >= 1 (PruneConfig's calibration runs that many denoising "
+                         f"steps and observes all of them, as PTQConfig's calib_num_steps), "
+                         f"got {config.calib_num_steps!r}")
     guidance = config.calib_guidance_scale
     if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
                                  or not math.isfinite(guidance)):
