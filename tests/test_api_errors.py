@@ -32,3 +32,24 @@ def test_wrong_inputs_are_named_before_any_work(pipe, call, error, message):
     with pytest.raises(error, match=message):
         call(pipe)
     assert pipe.unet is unet and da.artifact.applied_techniques(pipe) == []
+
+
+def test_unconditional_placeholder_prompts_work_for_cache_calibration_too():
+    """calibrate took [None] * N (what prompts.for_pipeline gives a DDPM); calibrate_schedule refused it."""
+    config = da.calibrate_schedule(build_tiny("ddpm"), [None, None], budget=0.5, num_inference_steps=4)
+    assert config.full_steps[0] == 0 and config.num_inference_steps == 4
+
+
+def test_evaluating_a_pipeline_without_images_is_a_clear_error():
+    import types
+
+    pipe = build_tiny("ddpm")
+
+    class AudioLike(type(pipe)):
+        def __call__(self, batch_size=1, num_inference_steps=2, generator=None, output_type="pil"):
+            return types.SimpleNamespace(audios=super().__call__(batch_size=batch_size, generator=generator,
+                                                                 num_inference_steps=num_inference_steps).images)
+
+    audio = AudioLike(unet=pipe.unet, scheduler=pipe.scheduler)
+    with pytest.raises(TypeError, match="returned a SimpleNamespace without images: evaluation scores image pipelines"):
+        da.evaluate({"a": audio}, [None], metrics=("latency",), num_inference_steps=2, progress=False)

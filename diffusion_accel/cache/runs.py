@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..calib.inputs import calibration_items, plan_calls
+from ..calib.inputs import calibration_items, placeholder_prompts, plan_calls
 from ..pipeline_defaults import image_input_hint
 
 
@@ -20,6 +20,7 @@ def planned_calls(pipe: Any, prompts: Any, num_inference_steps: int, seed: int =
     """The calibration calls (one prompt / class / sample per call) with their seeds; pass the
     sampling settings the pipeline will run with (``height``/``width``, Flux's ``true_cfg_scale`` with
     ``negative_prompt``), since pipeline defaults may differ (Flux defaults to 1024×1024)."""
+    prompts, num_samples = placeholder_prompts(prompts, num_samples)  # [None] * N, as prompts.for_pipeline gives
     items = calibration_items(pipe, prompts, num_samples)
     return plan_calls(pipe, items, num_inference_steps=num_inference_steps, batch_size=1,
                       num_images_per_prompt=1, guidance_scale=guidance_scale, negative_prompt=negative_prompt,

@@ -193,7 +193,11 @@ def generate_images(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_steps:
             kwargs = build_call_kwargs(pipe, batch, num_inference_steps=num_inference_steps,
                                        call_kwargs=call_kwargs, prompt_to_kwargs=prompt_to_kwargs)
             with image_input_hint(pipe, kwargs):
-                images = to_uint8(pipe(**kwargs).images)
+                output = pipe(**kwargs)
+            if not hasattr(output, "images"):  # AudioLDM & co. (their UNets are supported denoisers)
+                raise TypeError(f"{type(pipe).__name__} returned a {type(output).__name__} without images: "
+                                f"evaluation scores image pipelines")
+            images = to_uint8(output.images)
             if len(images) != len(batch):
                 raise ValueError(f"{type(pipe).__name__} returned {len(images)} images for {len(batch)} requested")
             results.extend((job.index, image) for job, image in zip(batch, images))
