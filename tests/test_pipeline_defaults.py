@@ -55,7 +55,7 @@ def test_evaluation_calls_use_the_defaults_and_the_report_names_them():
     assert kwargs["max_sequence_length"] == 16 and kwargs["true_cfg_scale"] == 1.0
     report = da.evaluate({"flux": pipe}, ["a cat"], metrics=("psnr",), num_inference_steps=2,
                          call_kwargs={"height": 16, "width": 16}, progress=False)
-    assert report.settings["pipeline_call_defaults"] == {"flux": {k: repr(v) for k, v in FLUX_DEFAULTS.items()}}
+    assert report.settings["pipeline_call_defaults"] == {"flux": FLUX_DEFAULTS}  # JSON values as they are (3.0 was "3.0")
 
 
 

@@ -84,6 +84,12 @@ def _check_variants(pipelines: Mapping[str, Any], baseline: str | None) -> str:
     return baseline
 
 
+def _plain(value: Any) -> Any:
+    """A call argument for the JSON report: numbers, strings, booleans and None as they are (guidance 3.0
+    was written as the string "3.0"), anything else (tensors, generators, images) as its repr."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
+
+
 @dataclass
 class _Run:
     """Everything one evaluation needs besides the pipelines and their images."""
@@ -113,12 +119,12 @@ class _Run:
 
     def settings(self, num_processes: int, pipelines: Mapping[str, Any]) -> dict[str, Any]:
         """The run's settings as plain values for the report (with each pipeline's own call defaults)."""
-        defaults = {name: {key: repr(value) for key, value in call_defaults(pipe).items()}
+        defaults = {name: {key: _plain(value) for key, value in call_defaults(pipe).items()}
                     for name, pipe in pipelines.items() if call_defaults(pipe)}
         return {"metrics": list(self.requested), "baseline": self.baseline,
                 "prompts": len(self.jobs) // self.images_per_prompt, "images_per_prompt": self.images_per_prompt,
                 "num_inference_steps": self.num_inference_steps, "seed": self.seed, "batch_size": self.batch_size,
-                "call_kwargs": {key: repr(value) for key, value in (self.call_kwargs or {}).items()},
+                "call_kwargs": {key: _plain(value) for key, value in (self.call_kwargs or {}).items()},
                 "pipeline_call_defaults": defaults,
                 "timing_warmup": self.warmup, "timing_repeats": self.repeats, "num_processes": num_processes,
                 "clip_model": str(self.clip_model or DEFAULT_CLIP_MODEL) if "clip" in self.requested else None}

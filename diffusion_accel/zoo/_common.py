@@ -60,6 +60,8 @@ def command_line() -> str:
     head = sys.argv[0]
     if head.endswith(("zoo/train.py", "zoo/cli.py")):
         head = "python -m diffusion_accel.zoo." + Path(head).stem
+    elif Path(head).name == "diffusion-accel":  # the console script's absolute path in a virtualenv
+        head = "diffusion-accel"
     return " ".join([head, *sys.argv[1:]])
 
 

@@ -26,7 +26,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """Add NAME and the training options to ``parser``."""
     parser.add_argument("name", choices=sorted(TRAINERS), help="which zoo model (or stage) to train")
     parser.add_argument("--steps", type=int_at_least(1), default=None, help="total optimiser steps (default per model)")
-    parser.add_argument("--time-budget-min", type=positive_float, default=None, help="stop (and export) after M minutes")
+    parser.add_argument("--time-budget-min", type=positive_float, default=None,
+                        help="stop (and export) after M minutes of training (loading, latent encoding and the final "
+                             "evaluation come on top)")
     parser.add_argument("--out", type=output_folder, default=None, help="run folder (default zoo_runs/NAME)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int_at_least(1), default=None)
