@@ -53,3 +53,26 @@ def test_evaluating_a_pipeline_without_images_is_a_clear_error():
     audio = AudioLike(unet=pipe.unet, scheduler=pipe.scheduler)
     with pytest.raises(TypeError, match="returned a SimpleNamespace without images: evaluation scores image pipelines"):
         da.evaluate({"a": audio}, [None], metrics=("latency",), num_inference_steps=2, progress=False)
+
+
+@pytest.mark.parametrize("config", [da.PTQConfig(), da.PruneConfig(method="obs"), da.DeepCacheConfig(interval=2),
+                                    da.BlockCacheConfig(interval=2), da.CalibratedCacheConfig(full_steps=(0, 3),
+                                                                                            num_inference_steps=6)],
+                         ids=lambda config: type(config).__name__)
+def test_every_config_round_trips_and_copies_the_same_way(config):
+    """Only PTQConfig had with_; cache configs had no to_dict / from_dict of their own."""
+    cls = type(config)
+    assert cls.from_dict(config.to_dict()) == config
+    change = {"PTQConfig": {"timestep_groups": 2}, "PruneConfig": {"groups": 2}, "DeepCacheConfig": {"interval": 5},
+              "BlockCacheConfig": {"interval": 5}, "CalibratedCacheConfig": {"resample": False}}[cls.__name__]
+    changed = config.with_(**change)
+    assert changed != config and type(changed) is cls
+    with pytest.raises(ValueError, match=rf"unknown {cls.__name__} fields \['bogus'\]"):
+        config.with_(bogus=1)
+
+
+def test_a_cache_config_dict_of_another_type_is_refused():
+    with pytest.raises(ValueError, match="DeepCacheConfig.from_dict got a BlockCacheConfig"):
+        da.DeepCacheConfig.from_dict(da.BlockCacheConfig(interval=2).to_dict())
+    with pytest.raises(ValueError, match="a cache config dict is"):
+        da.DeepCacheConfig.from_dict({})

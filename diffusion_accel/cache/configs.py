@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 SCHEDULES = ("uniform", "non-uniform")
@@ -56,8 +56,33 @@ def _check_float(name: str, value: Any, minimum: float, inclusive: bool = True) 
         raise ValueError(f"{name} must be a finite number {bound} {minimum}, got {value!r}")
 
 
+class _ConfigMethods:
+    """``to_dict`` / ``from_dict`` / ``with_`` on every cache config, as on ``PTQConfig`` and ``PruneConfig``
+    (the module functions ``config_to_dict`` / ``config_from_dict`` behind them read any cache config)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready ``{"type": class name, "params": fields}`` (what an artifact's manifest holds)."""
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        """Inverse of ``to_dict``; a ValueError when ``data`` holds another cache config type."""
+        config = config_from_dict(data)
+        if not isinstance(config, cls):
+            raise ValueError(f"{cls.__name__}.from_dict got a {type(config).__name__}; use config_from_dict for any type")
+        return config
+
+    def with_(self, **changes: Any) -> Any:
+        """A validated copy with ``changes`` applied (unknown fields named)."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ValueError(f"unknown {type(self).__name__} fields {unknown}; accepted: {sorted(names)}")
+        return replace(self, **changes)
+
+
 @dataclass(frozen=True)
-class DeepCacheConfig:
+class DeepCacheConfig(_ConfigMethods):
     """DeepCache for UNets: every ``interval`` steps a full UNet call, otherwise only the shallow
     path down to skip ``branch`` (0 = ``conv_in``) and the cached deep feature.
 
@@ -88,7 +113,7 @@ class DeepCacheConfig:
 
 
 @dataclass(frozen=True)
-class BlockCacheConfig:
+class BlockCacheConfig(_ConfigMethods):
     """Static FORA-style block caching for transformers: all blocks run every ``interval`` steps;
     in between, the cached residual of the block stack (output - input) is added to the input.
 
@@ -110,7 +135,7 @@ class BlockCacheConfig:
 
 
 @dataclass(frozen=True)
-class FirstBlockCacheConfig:
+class FirstBlockCacheConfig(_ConfigMethods):
     """First-Block-Cache: block 0 always runs; when its residual's relative L1 change since the
     last fully computed step is below ``threshold``, the remaining blocks reuse their residual."""
 
@@ -121,7 +146,7 @@ class FirstBlockCacheConfig:
 
 
 @dataclass(frozen=True)
-class TeaCacheConfig:
+class TeaCacheConfig(_ConfigMethods):
     """TeaCache-style: accumulate ``poly(rel_l1(modulated input of block 0))`` over steps and reuse
     the cached residual of the following blocks while the sum stays below ``threshold``.
 
@@ -149,7 +174,7 @@ def _check_fraction(name: str, value: Any) -> None:
 
 
 @dataclass(frozen=True)
-class DeltaCacheConfig:
+class DeltaCacheConfig(_ConfigMethods):
     """Δ-DiT for transformers: every ``interval`` steps all blocks run; in between a span of
     ``cached_fraction`` of the blocks is bypassed and its cached *delta* (span output - span input,
     per stream, from the last full step) is added to the span's fresh input.
@@ -176,7 +201,7 @@ FASTER_DIFFUSION_KEY_STEPS = (0, 1, 2, 3, 5, 10, 15, 25, 35)
 
 
 @dataclass(frozen=True)
-class EncoderPropagationConfig:
+class EncoderPropagationConfig(_ConfigMethods):
     """Faster Diffusion encoder propagation for UNets: the whole UNet runs on *key* steps; on the
     others the encoder (input conv, down blocks, mid block) is skipped and its outputs from the last
     key step (every skip tensor and the mid output) feed the decoder, which runs with the current
@@ -230,7 +255,7 @@ def _checked_steps(name: str, values: Any, num_steps: Any) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class CalibratedCacheConfig:
+class CalibratedCacheConfig(_ConfigMethods):
     """A calibrated schedule: ``full_steps`` of a ``num_inference_steps`` trajectory run the whole
     denoiser, the others reuse (UNets: DeepCache at ``branch``; transformers: the stack residual).
 
@@ -280,6 +305,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def config_from_dict(data: dict[str, Any]) -> Any:
     """Inverse of :func:`config_to_dict`; ValueError for an unknown type or unknown fields (fields added
     later keep their defaults, so older artifacts load)."""
+    if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
+        raise ValueError(f"a cache config dict is {{'type': class name, 'params': {{...}}}} (config_to_dict), got "
+                         f"{data!r:.80}")
     by_name = {cls.__name__: cls for cls in CACHE_CONFIGS}
     cls = by_name.get(data.get("type"))
     if cls is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 METHODS = ("obs", "wanda", "magnitude")
@@ -117,6 +117,13 @@ class PruneConfig:
     def needs_calibration(self) -> bool:
         """True when layer inputs are read (OBS Hessians, Wanda norms, global error allocation)."""
         return self.method != "magnitude" or (self.scope == "global" and self.global_allocation == "error")
+
+    def with_(self, **changes: Any) -> "PruneConfig":
+        """A validated copy with ``changes`` applied (unknown fields named), as ``PTQConfig.with_``."""
+        unknown = sorted(set(changes) - set(self.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown PruneConfig fields {unknown}; accepted: {sorted(self.__dataclass_fields__)}")
+        return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
