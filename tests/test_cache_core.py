@@ -128,6 +128,7 @@ def _assert_no_cache_left(pipe, denoiser):
     ("sd", DeepCacheConfig(branch=99), r"valid branch ids are 0\.\.5"),
     ("sd", FirstBlockCacheConfig(), "no transformer block stacks"),
     ("flux", DeepCacheConfig(), "no UNet skip branches"),
+    ("flux", CalibratedCacheConfig(full_steps=(0, 2), num_inference_steps=4, branch=3), "leave branch=0"),
 ])
 def test_model_dependent_errors_leave_the_pipeline_unchanged(family, config, match):
     pipe = build_tiny(family)

@@ -93,6 +93,9 @@ def _calibrated(pipe: Any, config: CalibratedCacheConfig) -> tuple[str, Any, Ins
     policy = SchedulePolicy(lambda n: calibrated_steps(config, n), config.num_inference_steps,
                             assumed_steps=config.num_inference_steps)
     is_unet = any(p.kind == "skip_branch" for p in get_adapter(pipe).cache_points())
+    if not is_unet and config.branch != 0:  # it was accepted and ignored
+        raise ValueError(f"branch={config.branch} picks a UNet's DeepCache skip branch; a transformer's calibrated "
+                         f"schedule caches its block stack: leave branch=0")
     if is_unet and config.forecast_target != "residual":
         raise ValueError(f"forecast_target={config.forecast_target!r} is for transformer denoisers; a UNet's "
                          f"calibrated schedule reuses its DeepCache branch (use forecast_target='residual')")
