@@ -594,3 +594,22 @@ def test_two_cpu_processes_under_torchrun_shard_the_evaluation_and_match_one_pro
     assert done.stdout.count("| tiny:sd |") == 1, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     assert report["settings"]["num_processes"] == 2 and report["rows"][0]["images"] == 3
+
+
+def test_compiling_a_cached_denoiser_raises_dynamos_recompile_limit(monkeypatch):
+    """One graph per hooked block and cache state: tiny Flux's 4 blocks hit the default limit of 8 on the
+    third call, and the rest ran eagerly with only a warning."""
+    import torch._dynamo
+
+    import diffusion_accel as da
+    from diffusion_accel.eval import compile_denoiser
+    from diffusion_accel.eval.pipes import recompile_limit_for
+
+    pipe = build_tiny("flux")
+    assert recompile_limit_for(pipe.transformer) == 8
+    da.enable_cache(pipe, da.default_cache_config(pipe, interval=2))
+    limit = recompile_limit_for(pipe.transformer)
+    assert limit > 16
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    compile_denoiser(pipe)
+    assert torch._dynamo.config.recompile_limit == limit

@@ -55,9 +55,26 @@ def denoiser_of(pipe: Any) -> nn.Module:
 def compile_denoiser(pipe: Any, **compile_kwargs: Any) -> Any:
     """``torch.compile`` the pipeline's denoiser in place (``nn.Module.compile``: the module, its
     hooks and the pipeline's attribute stay the same objects); compilation runs on the first call.
-    Returns ``pipe``."""
-    denoiser_of(pipe).compile(**compile_kwargs)
+    Returns ``pipe``.
+
+    A denoiser with hooked modules (a feature cache's blocks) compiles one graph per hooked block and
+    cache state, past dynamo's default ``recompile_limit`` of 8 (tiny Flux's 4 blocks hit it on the third
+    call; SD's up blocks at 12 steps), after which those frames run eagerly with a warning only; so the
+    limit is raised to ``recompile_limit_for(denoiser)``."""
+    denoiser = denoiser_of(pipe)
+    limit = recompile_limit_for(denoiser)
+    if limit > torch._dynamo.config.recompile_limit:
+        torch._dynamo.config.recompile_limit = limit
+    denoiser.compile(**compile_kwargs)
     return pipe
+
+
+def recompile_limit_for(denoiser: nn.Module) -> int:
+    """A dynamo ``recompile_limit`` for compiling ``denoiser`` with its hooks: 4 per hooked module + 16
+    (the default 8 when nothing is hooked). Users compiling a cached denoiser themselves set
+    ``torch._dynamo.config.recompile_limit`` to this."""
+    hooked = sum(1 for module in denoiser.modules() if "_diffusers_hook" in vars(module))
+    return 8 if hooked == 0 else 4 * hooked + 16
 
 
 @dataclass(frozen=True)
