@@ -585,7 +585,11 @@ def test_two_cpu_processes_under_torchrun_shard_the_evaluation_and_match_one_pro
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     if torchrun is None:
         pytest.skip("torchrun is not installed beside this Python")
-    argv = ["eval", "--pipe", "tiny:sd", "--metrics", "psnr", "--num-prompts", "3", "--steps", "2"]
+    from diffusion_accel import zoo
+
+    # clip: torchmetrics' CLIPScore synced in compute(), which only the main process runs: it hung
+    argv = ["eval", "--pipe", "tiny:sd", "--metrics", "psnr,clip", "--clip-model", str(zoo.path("fashion-clip")),
+            "--num-prompts", "3", "--steps", "2"]
     done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "diffusion_accel.cli", *argv,
                            "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -594,9 +598,10 @@ def test_two_cpu_processes_under_torchrun_shard_the_evaluation_and_match_one_pro
     assert done.stdout.count("| tiny:sd |") == 1, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     assert report["settings"]["num_processes"] == 2 and report["rows"][0]["images"] == 3
+    assert report["rows"][0]["clip_score"] >= 0
 
 
-def test_compiling_a_cached_denoiser_raises_dynamos_recompile_limit(monkeypatch):
+def test_compiling_a_cached_denoiser_raises_dynamos_recompile_limit():
     """One graph per hooked block and cache state: tiny Flux's 4 blocks hit the default limit of 8 on the
     third call, and the rest ran eagerly with only a warning."""
     import torch._dynamo
@@ -610,6 +615,19 @@ def test_compiling_a_cached_denoiser_raises_dynamos_recompile_limit(monkeypatch)
     da.enable_cache(pipe, da.default_cache_config(pipe, interval=2))
     limit = recompile_limit_for(pipe.transformer)
     assert limit > 16
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    compile_denoiser(pipe)
-    assert torch._dynamo.config.recompile_limit == limit
+    with torch._dynamo.config.patch(recompile_limit=8):  # (monkeypatch's undo deletes dynamo config entries)
+        compile_denoiser(pipe)
+        assert torch._dynamo.config.recompile_limit == limit
+
+
+def test_fid_statistics_record_the_image_size_and_a_mismatch_is_noted(tmp_path):
+    """A reference at another resolution moved FID silently (262.5 -> 276.1 for the same images upscaled)."""
+    torch.manual_seed(0)
+    reference = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8)
+    extractor = CountingFeatures()
+    stats = compute_fid_stats(reference, extractor=extractor)
+    assert stats.image_size == (24, 24)
+    assert FIDStats.load(stats.save(tmp_path / "stats.safetensors")).image_size == (24, 24)
+    report = evaluate({"tiny:sd": build_tiny("sd")}, ["a cat", "a dog"], metrics=("fid",), num_inference_steps=2,
+                      fid_reference=stats, fid_extractor=extractor, call_kwargs=SD_CALL, progress=False)
+    assert any("FID reference images are 24x24, generated ones" in note for note in report.notes)

@@ -81,8 +81,10 @@ def check_clip_model(model: str | Path) -> str:
 
 
 def clip_metric(model: str | Path = DEFAULT_CLIP_MODEL) -> CLIPScore:
-    """A torchmetrics CLIPScore for a local ``save_pretrained`` folder or a hub id."""
-    return CLIPScore(model_name_or_path=pretrained_loader(check_clip_model(model)))
+    """A torchmetrics CLIPScore for a local ``save_pretrained`` folder or a hub id. It never syncs across
+    processes: evaluation scores the gathered images on the main process alone, and the sync in
+    ``compute()`` waited for processes that never came (a 2-process ``eval --metrics clip`` hung)."""
+    return CLIPScore(model_name_or_path=pretrained_loader(check_clip_model(model)), sync_on_compute=False)
 
 
 def clip_score(images: Any, prompts: Sequence[str], *, model: str | Path | CLIPScore = DEFAULT_CLIP_MODEL,

@@ -8,6 +8,7 @@ same code runs on one CPU and on many GPUs or machines.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
@@ -15,12 +16,18 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
 
+# The other processes wait in one collective while the main one scores every metric (an FID reference of
+# 10,000 images takes 30-40 min on 2 CPU cores): past gloo's 30-min / NCCL's 10-min default they crashed.
+COLLECTIVE_TIMEOUT = timedelta(hours=4)
+
+
 def process_state() -> PartialState:
     """accelerate's shared ``PartialState``. On a machine without an accelerator, processes started by
     a launcher (``torchrun``, ``accelerate launch``) join one CPU process group (gloo): with accelerate's
-    default ``cpu=False`` each saw ``DistributedType.NO`` and ran the whole evaluation alone."""
+    default ``cpu=False`` each saw ``DistributedType.NO`` and ran the whole evaluation alone. A process
+    group this creates waits ``COLLECTIVE_TIMEOUT`` in a collective (one made before keeps its own)."""
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    return PartialState(cpu=not has_accelerator)
+    return PartialState(cpu=not has_accelerator, timeout=COLLECTIVE_TIMEOUT)
 
 
 def shard(items: Sequence[Any], state: Any = None) -> list[Any]:

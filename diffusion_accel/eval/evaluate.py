@@ -325,9 +325,23 @@ def _add_fid(report: EvalReport, rows: dict[str, dict[str, Any]], pipelines: Map
         row[key] = None if skip else frechet_distance(
             reference, compute_fid_stats(report.images[name], extractor=extractor))
     report.settings["fid_reference"] = {"n": reference.n, "extractor": reference.extractor,
-                                        "source": reference.source}
+                                        "source": reference.source, "image_size": reference.image_size}
+    _note_fid_sizes(report, reference)
     report.notes.append(f"FID: {len(run.jobs)} generated vs {reference.n} reference images; FID at small n is "
                         "biased upward, so compare variants only at equal n.")
+
+
+def _note_fid_sizes(report: EvalReport, reference: FIDStats) -> None:
+    """A note when generated images are of another size than the FID reference's: the feature network
+    resizes both, so FID then also measures the resize (the same 40 test images at 32 px and upscaled
+    to 64 px moved a variant's FID from 262.5 to 276.1)."""
+    if reference.image_size is None:
+        return
+    other = sorted({tuple(images.shape[-2:]) for images in report.images.values()} - {tuple(reference.image_size)})
+    if other:
+        sizes = ", ".join(f"{h}x{w}" for h, w in other)
+        report.notes.append(f"FID reference images are {reference.image_size[0]}x{reference.image_size[1]}, generated "
+                            f"ones {sizes}: FID also measures that difference; compare at the reference's size.")
 
 
 def _add_clip(report: EvalReport, rows: dict[str, dict[str, Any]], pipelines: Mapping[str, Any],

