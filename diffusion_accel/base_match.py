@@ -55,8 +55,12 @@ def weight_sample(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
     sample = {}
     for name, tensor in denoiser.state_dict().items():
         flat = dense(tensor).reshape(-1)
-        positions = torch.linspace(0, max(flat.numel() - 1, 0), min(_VALUES_PER_TENSOR, flat.numel()))
-        sample[name] = flat[positions.long().to(flat.device)].cpu().clone()
+        last = max(flat.numel() - 1, 0)
+        positions = torch.linspace(0, last, min(_VALUES_PER_TENSOR, flat.numel()))
+        # float32 positions past 2**24 elements can round beyond the end (an SD 1.5 up-block conv1 of
+        # 29,491,200 weights gave 29491200: IndexError in every technique): clamped, so samples of
+        # smaller tensors, and the base samples saved with them, keep their positions
+        sample[name] = flat[positions.long().clamp_(max=last).to(flat.device)].cpu().clone()
     return sample
 
 

@@ -526,3 +526,14 @@ def test_variant_weight_files_load_and_an_artifact_records_them(tmp_path):
     assert torch.equal(loaded(**tiny_call_kwargs("sd")).images, pipe(**tiny_call_kwargs("sd")).images)
     with pytest.raises(ValueError, match="selects weight files of a hub model or save_pretrained folder"):
         load_pipeline("tiny:sd", variant="fp16")
+
+
+def test_weight_samples_of_tensors_past_two_to_the_24_elements_stay_in_bounds():
+    """float32 sample positions rounded past the end of a 29,491,200-weight conv (full-size SD 1.5):
+    every technique failed with IndexError before doing anything."""
+    from torch import nn
+
+    big = nn.Linear(1, 1)
+    big.weight = nn.Parameter(torch.zeros(29_491_200, 1))  # an SD 1.5 up-block conv1's element count
+    sample = weight_sample(big)["weight"]
+    assert sample.numel() == 16 and bool((sample == 0).all())

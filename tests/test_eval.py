@@ -631,3 +631,18 @@ def test_fid_statistics_record_the_image_size_and_a_mismatch_is_noted(tmp_path):
     report = evaluate({"tiny:sd": build_tiny("sd")}, ["a cat", "a dog"], metrics=("fid",), num_inference_steps=2,
                       fid_reference=stats, fid_extractor=extractor, call_kwargs=SD_CALL, progress=False)
     assert any("FID reference images are 24x24, generated ones" in note for note in report.notes)
+
+
+def test_an_unloadable_hub_clip_fails_before_any_image_is_generated(monkeypatch):
+    """Offline, the default hub CLIP failed after generating every image (and ~46 s of hub retries)."""
+    import transformers
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", unreachable)
+    pipe = build_tiny("sd")
+    monkeypatch.setattr(type(pipe), "__call__", lambda *a, **k: pytest.fail("generated before the check"))
+    with pytest.raises(OSError, match=r"the CLIP model 'org/clip' of the clip metric cannot be loaded .*--clip-model"):
+        evaluate({"a": pipe}, ["a cat", "a dog"], metrics=("clip",), clip_model="org/clip", num_inference_steps=2,
+                 progress=False)

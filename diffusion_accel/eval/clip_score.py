@@ -80,6 +80,24 @@ def check_clip_model(model: str | Path) -> str:
     return name
 
 
+def check_clip_reachable(model: str | Path) -> None:
+    """An OSError before any image is generated when the CLIP ``model`` (a hub id) cannot be had: its
+    config is neither cached nor downloadable (offline: a missing default CLIP failed after generating
+    everything, following ~46 s of hub retries). Local folders pass (``check_clip_model`` checks them)."""
+    name = check_clip_model(model)
+    if Path(name).is_dir():
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except OSError as error:
+        raise OSError(f"the CLIP model {name!r} of the clip metric cannot be loaded (not in the local Hugging "
+                      f"Face cache and the hub not reachable, or no such model): pass clip_model= / --clip-model "
+                      f"a local CLIP folder (for zoo pipelines diffusion_accel.zoo.path('fashion-clip')), or "
+                      f"leave clip out of the metrics") from error
+
+
 def clip_metric(model: str | Path = DEFAULT_CLIP_MODEL) -> CLIPScore:
     """A torchmetrics CLIPScore for a local ``save_pretrained`` folder or a hub id. It never syncs across
     processes: evaluation scores the gathered images on the main process alone, and the sync in

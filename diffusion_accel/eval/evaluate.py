@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..artifact import pipeline_source, techniques_on
 from ..paths import output_folder_problem
 from ..pipeline_defaults import call_defaults, check_call_arguments
-from .clip_score import DEFAULT_CLIP_MODEL, check_clip_model, clip_metric, clip_score
+from .clip_score import DEFAULT_CLIP_MODEL, check_clip_reachable, clip_metric, clip_score
 from .cost import denoiser_flops, model_size
 from .distributed import gather, merge_ordered, process_state, shard, share_from_main
 from .fid import (FIDStats, check_reference, compute_fid_stats, fid_feature_extractor, frechet_distance,
@@ -210,8 +210,8 @@ def _check_inputs(run: _Run, pipelines: Mapping[str, Any], output_dir: str | Pat
     not after it (hours for 2,000 images of a hub model)."""
     if "fid" in run.requested and run.fid_reference is not None:
         check_reference(run.fid_reference, run.fid_extractor)
-    if "clip" in run.requested:
-        check_clip_model(run.clip_model or DEFAULT_CLIP_MODEL)
+    if "clip" in run.requested and all(isinstance(job.prompt, str) for job in run.jobs):  # else not scored
+        check_clip_reachable(run.clip_model or DEFAULT_CLIP_MODEL)
     for name, pipe in pipelines.items():
         check_call_arguments(pipe, run.call_kwargs or {}, "evaluate")
         if run.prompt_to_kwargs is None:  # a user's function may be costly (text encoding): not run twice
