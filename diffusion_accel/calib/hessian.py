@@ -9,6 +9,7 @@ Conv2d inputs are unfolded into kernel patches like GPTQ's ``nn.Unfold`` path, s
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -67,6 +68,44 @@ class _HessianSums:
         self.rows_per_step[step.step_index] = self.rows_per_step.get(step.step_index, 0) + rows.shape[0]
 
 
+def hessian_bytes(denoiser: nn.Module, names: Iterable[str]) -> int:
+    """Bytes of the fp32 input Hessians (d x d, plus d sums) of the named layers, d = weight columns."""
+    total = 0
+    for name in dict.fromkeys(names):
+        weight = getattr(denoiser.get_submodule(name), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+            columns = weight[0].numel()
+            total += 4 * (columns * columns + columns)
+    return total
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of ``device``: the GPU's, else the machine's RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def warn_if_hessians_large(denoiser: nn.Module, names: Iterable[str]) -> None:
+    """Warn before a pass whose full input Hessians alone take over a quarter of the device's memory:
+    pruning and GPTQ groups hold equal numbers of layers, not bytes (full-size SD 1.5 at 4 groups: 13.4 GiB
+    in its second group; every layer at once: 26.3 GiB), and memory ran out without a word."""
+    size = hessian_bytes(denoiser, names)
+    parameter = next(denoiser.parameters(), None)
+    total = device_memory_bytes(parameter.device if parameter is not None else torch.device("cpu"))
+    if size > total // 4:
+        warnings.warn(f"this calibration pass collects {_size_text(size)} of input Hessians (fp32, d x d per "
+                      f"layer) at once, over a quarter of this device's {_size_text(total)}: collect fewer "
+                      f"layers per pass (more PruneConfig.groups / PTQConfig.gptq_groups, 'all' for one layer "
+                      f"group at a time; fewer layers per HessianCollector)", stacklevel=5)
+
+
+def _size_text(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
 class HessianCollector(Collector):
     """Accumulates H = 2 sum_k w_k X_k X_k^T / sum_k w_k n_k per Linear/Conv2d layer (fp32).
 
@@ -89,6 +128,8 @@ class HessianCollector(Collector):
         super().bind(denoiser)
         for name in self.module_names:
             self._row_functions[name] = row_function(denoiser.get_submodule(name), name)
+        if self.full:
+            warn_if_hessians_large(denoiser, self.module_names)
 
     def observe(self, name: str, value: torch.Tensor, step: Step) -> None:
         """Add the rows of one input tensor of layer ``name`` with weight ``step.weight``."""

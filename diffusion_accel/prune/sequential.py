@@ -3,7 +3,9 @@
 Units (layer groups, or blocks for structured pruning) are ordered by depth and split into K
 contiguous groups. For each group one calibration sweep runs the whole pipeline through the model
 as pruned so far, collecting inputs of that group's layers only (memory stays bounded by one
-group's Hessians), then the group is pruned and its accumulators freed. K = number of units is
+group's Hessians; groups hold equal numbers of units, not bytes, so ``HessianCollector.bind`` warns
+when one group's would take over a quarter of the device's memory), then the group is pruned and its
+accumulators freed. K = number of units is
 fully sequential pruning; K = 1 prunes everything from one sweep of the dense model.
 """
 
