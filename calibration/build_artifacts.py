@@ -89,10 +89,15 @@ def kept_artifact_problem(recipe: Path, out: Path, args: argparse.Namespace) -> 
 
 
 def _technique_names(methods: str) -> list[str]:
-    """Manifest technique names of a ``--methods`` chain (a pruning method saves as 'prune')."""
+    """Manifest technique names of a ``--methods`` chain (a pruning method saves as 'prune'); ValueError
+    for ``stats``, which writes calibration statistics, not an artifact."""
     from diffusion_accel.recipes import parse_methods
 
-    return [method if method in ("ptq", "cache") else "prune" for method in parse_methods(methods)]
+    chain = parse_methods(methods)
+    if chain == ["stats"]:
+        raise ValueError("stats writes calibration statistics, not an artifact: run `diffusion-accel calibrate "
+                         "--method stats` for those")
+    return [method if method in ("ptq", "cache") else "prune" for method in chain]
 
 
 def artifact_size_mib(folder: Path) -> float:
@@ -210,9 +215,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--pipe {args.pipe!r} replaces the model of one recipe; name that recipe "
                      f"({len(args.recipes)} given), or point each recipe's [model] id at its local mirror")
     try:
-        if _technique_names(args.methods) == ["prune"] and args.methods.strip() == "stats":
-            parser.error("--methods stats writes calibration statistics, not an artifact: run "
-                         "`diffusion-accel calibrate --method stats` for those")
+        _technique_names(args.methods)
     except ValueError as error:
         parser.error(f"--methods: {error}")
     return args
