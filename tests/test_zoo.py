@@ -514,3 +514,28 @@ def test_train_options_reject_bad_numbers_before_training(capsys, option, value,
     with pytest.raises(SystemExit):
         add_train_arguments(argparse.ArgumentParser()).parse_args(["fashion-clip", option, value])
     assert f"argument {option}: {message}" in capsys.readouterr().err
+
+
+def test_a_card_describes_only_the_shipped_weights(tmp_path):
+    """The card read every stage from the runs folder: a from-scratch run's table beside warm-started
+    weights, or a VAE run whose weights were not the shipped VAE's."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from diffusion_accel.zoo.card import shipped_stage_info
+
+    shipped, runs = tmp_path / "fashion-sd", tmp_path / "runs"
+    for folder, info, encoder in ((shipped, {"command": "warm start"}, 1.0),
+                                  (runs / "fashion-sd" / "final", {"command": "from scratch"}, 1.0),
+                                  (runs / "fashion-sd-vae" / "final", {"command": "vae run"}, 2.0)):
+        vae = folder / "vae" if folder == shipped else folder
+        vae.mkdir(parents=True)
+        save_file({"encoder.w": torch.full((2,), encoder, dtype=torch.float16 if folder == shipped else torch.float32),
+                   "decoder.w": torch.zeros(2)}, str(vae / "diffusion_pytorch_model.safetensors"))
+        (folder / "train_info.json").write_text(json.dumps(info))
+    assert shipped_stage_info("fashion-sd", "fashion-sd", shipped, runs) == {"command": "warm start"}
+    assert shipped_stage_info("fashion-sd", "fashion-sd-vae", shipped, runs) is None  # another encoder
+    save_file({"encoder.w": torch.ones(2), "decoder.w": torch.ones(2)},
+              str(runs / "fashion-sd-vae" / "final" / "diffusion_pytorch_model.safetensors"))
+    assert shipped_stage_info("fashion-sd", "fashion-sd-vae", shipped, runs) == {"command": "vae run"}

@@ -91,6 +91,50 @@ def test_training_smoke_run_resumes_and_exports_a_ddpm_pipeline(tmp_path, monkey
     assert len(folder.joinpath("train_info.json").read_text()) > 0
 
 
+def test_a_resume_keeps_the_runs_seed_and_an_interrupt_keeps_the_completed_steps(tmp_path, monkeypatch):
+    """train_info recorded the new --seed of a resumed run (its weights continued the old seed's), and Ctrl-C
+    lost everything since the last 3-minute checkpoint."""
+    import json
+
+    from diffusion_accel.zoo import mnist_train
+
+    _write_pickle(tmp_path / "mnist.pkl.gz", sizes=(16, 4, 4))
+    monkeypatch.setenv("DIFFUSION_ACCEL_THREADS", "1")
+    threads = torch.get_num_threads()
+    run = lambda steps, seed: mnist_train.train(C.RunConfig(  # noqa: E731
+        run_dir=tmp_path / "run", steps=steps, seed=seed, batch_size=4, data_root=str(tmp_path / "mnist.pkl.gz")))
+    try:
+        run(2, 0)
+        with pytest.warns(UserWarning, match="--seed 7 is ignored: resuming .* started with seed 0"):
+            folder = run(3, 7)
+        assert json.loads((folder / "train_info.json").read_text())["seed"] == 0
+        calls = []
+
+        def interrupt_at_step_4(cfg, start, step_fn, state_fn, desc):
+            def stepping(step, frac):
+                if step == 4:
+                    raise KeyboardInterrupt
+                calls.append(step)
+                return step_fn(step, frac)
+            return real_loop(cfg, start, stepping, state_fn, desc)
+
+        real_loop = C.run_loop
+        monkeypatch.setattr(C, "run_loop", interrupt_at_step_4)
+        with pytest.raises(KeyboardInterrupt):
+            run(6, 0)
+        assert calls == [3] and C.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_zoo_load_refuses_a_folder_of_another_pipeline_class(tmp_path):
+    """A DDPM export loaded as fashion-sd was tagged with CFG settings its call then refused."""
+    with pytest.raises(ValueError, match="holds a DDPMPipeline pipeline .* not the StableDiffusionPipeline"):
+        zoo.load("fashion-sd", folder=zoo.path("mnist-ddpm"))
+    cfg = C.RunConfig(run_dir=tmp_path, steps=1, init_from=zoo.path("mnist-ddpm"))
+    with pytest.raises(ValueError, match="--init-from .* holds a DDPMPipeline pipeline"):
+        C.init_source(cfg, "fashion-sd-decoder")
+
 def test_shipped_mnist_ddpm_generates_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = zoo.load("mnist-ddpm")
