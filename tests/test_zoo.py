@@ -539,3 +539,13 @@ def test_a_card_describes_only_the_shipped_weights(tmp_path):
     save_file({"encoder.w": torch.ones(2), "decoder.w": torch.ones(2)},
               str(runs / "fashion-sd-vae" / "final" / "diffusion_pytorch_model.safetensors"))
     assert shipped_stage_info("fashion-sd", "fashion-sd-vae", shipped, runs) == {"command": "vae run"}
+
+
+def test_python_m_train_reports_user_errors_in_one_line(capsys):
+    """`python -m diffusion_accel.zoo.train` (the README's mnist-ddpm command) printed tracebacks."""
+    from diffusion_accel.zoo.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fashion-clip", "--lr", "1e-3"])
+    assert exit_info.value.code == 2
+    assert "python -m diffusion_accel.zoo.train: error: --lr applies to" in capsys.readouterr().err
