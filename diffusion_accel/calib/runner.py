@@ -51,7 +51,7 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
     most ``max_trajectory_bytes``) for ``Calibration.replay``. Extra keyword arguments go to every
     pipeline call (e.g. height, width). The pipeline is left exactly as it was.
     """
-    resolve_denoiser(pipe)  # a pipeline at all (None, a spec string, a list): named before anything else
+    _, denoiser = resolve_denoiser(pipe)  # a pipeline at all (None, a spec string, a list): named before anything
     num_steps = denoiser_steps(pipe, num_inference_steps, call_kwargs.get("timesteps"),  # Heun: 2N - 1
                                call_kwargs.get("sigmas"))
     selected = select_steps(num_steps, steps)
@@ -62,7 +62,6 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
                        num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale,
                        negative_prompt=negative_prompt, seed=seed, call_kwargs=call_kwargs)
     recorder = TrajectoryRecorder(max_trajectory_bytes) if store_trajectory else None
-    _, denoiser = resolve_denoiser(pipe)
     refuse_while_cached(denoiser, "calibrate")
     bound = validate_collectors(collectors, denoiser)
     settings = CalibrationSettings(
