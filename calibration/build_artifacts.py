@@ -79,13 +79,13 @@ def kept_artifact_problem(recipe: Path, out: Path, args: argparse.Namespace) -> 
     wanted = _settings_argv(calibrate_argv(recipe, out, args))
     if built.is_file():
         found = json.loads(built.read_text(encoding="utf-8")).get("calibrate_argv")
-        if found == wanted:
-            return None
-        return f"it was built by `diffusion-accel {' '.join(found or [])}`"
-    techniques = [entry["name"] for entry in json.loads((out / MANIFEST).read_text(encoding="utf-8"))["techniques"]]
-    if techniques != _technique_names(args.methods):
-        return f"it holds {techniques}"
-    return None
+        problem = None if found == wanted else f"it was built by `diffusion-accel {' '.join(found or [])}`"
+    else:
+        techniques = [entry["name"] for entry in json.loads((out / MANIFEST).read_text(encoding="utf-8"))["techniques"]]
+        problem = None if techniques == _technique_names(args.methods) else f"it holds {techniques}"
+    return None if problem is None else (f"{out} holds an artifact of other settings ({problem}); this run asks for "
+                                         f"`diffusion-accel {' '.join(wanted)}`: --force rebuilds it, or give "
+                                         f"another --out")
 
 
 def _technique_names(methods: str) -> list[str]:
@@ -143,9 +143,7 @@ def process(recipe: Path, args: argparse.Namespace) -> dict[str, Any]:
         if (out / MANIFEST).is_file() and not args.force:
             problem = kept_artifact_problem(recipe, out, args)
             if problem:
-                raise ValueError(f"{out} holds an artifact of other settings ({problem}); this run asks for "
-                                 f"`diffusion-accel {' '.join(_settings_argv(calibrate_argv(recipe, out, args)))}`: "
-                                 f"--force rebuilds it, or give another --out")
+                raise ValueError(problem)
             row = {"recipe": recipe.stem, "status": "kept (already built with these settings; --force rebuilds)"}
         else:
             row = build_one(recipe, out, args)

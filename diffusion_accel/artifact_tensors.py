@@ -28,6 +28,9 @@ class TechniqueTensors(Mapping):
         self.read.add(key)
         return self._tensors[key]
 
+    def __contains__(self, key: object) -> bool:  # Mapping's default reads the tensor, marking it used
+        return key in self._tensors
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
 
