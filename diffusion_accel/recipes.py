@@ -413,9 +413,9 @@ def _apply_technique(pipe: Any, config: Any, calib: Any) -> str:
     from .quant import quantize_, summary
 
     if isinstance(config, PruneConfig):
-        prune_(pipe, config, calib=calib)
+        prune_(pipe, config, calib=calib, progress=True)
         return prune_report(pipe).summary()
-    quantize_(pipe, config, calib=calib)
+    quantize_(pipe, config, calib=calib, progress=True)
     return summary(pipe)
 
 

@@ -319,15 +319,44 @@ def test_prune_config_names_its_step_count_as_ptq_does_and_reads_the_old_name():
     assert PruneConfig.from_dict(old) == config  # artifacts saved before the rename
 
 
-def test_a_group_whose_hessians_would_fill_a_quarter_of_memory_is_warned_about(monkeypatch):
+def test_groups_whose_hessians_exceed_a_quarter_of_memory_are_split_into_more_sweeps(monkeypatch):
     """Groups hold equal numbers of layer groups, not bytes: full-size SD 1.5 at 4 groups planned 13.4 GiB of
-    Hessians in one sweep, and memory ran out with no word."""
+    Hessians in one sweep, and memory ran out with no word. Now such groups are split to fit the budget."""
+    import warnings
+
+    from diffusion_accel.calib import hessian
+
+    config = PruneConfig(method="obs", sparsity=0.5, groups=2, calib_prompts=1, calib_num_steps=2)
+    roomy = prune_report(prune_(build_tiny("sd"), config))
+    monkeypatch.setattr(hessian, "device_memory_bytes", lambda device: 16 * 2**20)  # budget 4 MiB: < a group
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        split = prune_report(prune_(build_tiny("sd"), config))
+    assert roomy.groups == 2 and roomy.peak_hessian_bytes > 4 * 2**20
+    assert split.groups > 2 and split.sweeps == split.groups and split.peak_hessian_bytes <= 4 * 2**20
+    assert split.layers_pruned == roomy.layers_pruned
+
+
+def test_a_single_layer_over_the_hessian_budget_gets_a_sweep_of_its_own_and_a_warning(monkeypatch):
     from diffusion_accel.calib import hessian
     from diffusion_accel.quant import PTQConfig, quantize_
 
-    monkeypatch.setattr(hessian, "device_memory_bytes", lambda device: 4 * 2**10)  # a 4 KiB "device"
-    with pytest.warns(UserWarning, match=r"collects .* of input Hessians .*more PruneConfig.groups"):
-        prune_(build_tiny("sd"), PruneConfig(method="obs", sparsity=0.5, groups=2, calib_prompts=1, calib_num_steps=2))
-    with pytest.warns(UserWarning, match=r"PTQConfig.gptq_groups"):
+    monkeypatch.setattr(hessian, "device_memory_bytes", lambda device: 2 * 2**20)  # budget 0.5 MiB: < one layer
+    with pytest.warns(UserWarning, match=r"collects .* of input Hessians .*fewer layers per HessianCollector"):
+        pipe = prune_(build_tiny("sd"), PruneConfig(method="obs", sparsity=0.5, groups=1, calib_prompts=1,
+                                                    calib_num_steps=2))
+    assert prune_report(pipe).groups > 10
+    with pytest.warns(UserWarning, match=r"collects .* of input Hessians"):
         quantize_(build_tiny("sd"), PTQConfig.preset("w4a8", calib_prompts=1, calib_num_steps=2, calib_steps="all"))
     assert hessian.hessian_bytes(torch.nn.Linear(10, 3), [""]) == 4 * (10 * 10 + 10)
+
+
+def test_split_by_memory_keeps_units_in_order_and_counts_shared_layers_once():
+    from diffusion_accel.prune.sequential import MemoryBudget, plan_groups, split_by_memory
+
+    sizes = {"a": 4, "b": 4, "c": 9, "d": 1}
+    budget = MemoryBudget(8, lambda names: sum(sizes[name] for name in names))
+    units = [["a"], ["a"], ["b"], ["c"], ["d"], ["d"]]  # c alone exceeds the budget
+    assert split_by_memory(units, list, budget) == [[["a"], ["a"], ["b"]], [["c"]], [["d"], ["d"]]]
+    assert plan_groups(units, 2, list, budget) == [[["a"], ["a"], ["b"]], [["c"]], [["d"], ["d"]]]
+    assert plan_groups(units, 2, list) == [[["a"], ["a"], ["b"]], [["c"], ["d"], ["d"]]]

@@ -99,6 +99,31 @@ def test_gptq_w4_pipeline_is_closer_to_float_than_nearest_rounding():
     assert sqnr["gptq"] > sqnr["nearest"] + 3
 
 
+def test_gptq_groups_over_the_hessian_budget_split_into_more_sweeps_with_the_same_codes(monkeypatch):
+    """GPTQ collects Hessians of the float model, so splitting a group that would not fit a quarter of the
+    device's memory (full-size SD 1.5 planned 13.4 GiB in one sweep) changes the number of sweeps only."""
+    import warnings
+
+    from diffusion_accel.calib import hessian
+    from diffusion_accel.quant import calibrate as quant_calibrate
+
+    sweeps, run = [], quant_calibrate._run
+    monkeypatch.setattr(quant_calibrate, "_run", lambda *args: sweeps.append(args[2]) or run(*args))
+    config = PTQConfig(weights="int4", activations=None, weight_rounding="gptq", gptq_groups=1, **FLUX_FAST)
+    roomy = quantize_(build_tiny("flux"), config)
+    roomy_sweeps = len(sweeps)
+    float_model = build_tiny("flux").transformer
+    largest = max(hessian.hessian_bytes(float_model, [name])
+                  for name, module in float_model.named_modules()
+                  if isinstance(module, torch.nn.Linear) and "blocks." in name)  # quantized layers only
+    monkeypatch.setattr(hessian, "device_memory_bytes", lambda device: 4 * 2 * largest)  # budget: two layers
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        split = quantize_(build_tiny("flux"), config)
+    assert roomy_sweeps == 1 and len(sweeps) - roomy_sweeps > 3
+    assert torch.equal(split(**tiny_call_kwargs("flux")).images, roomy(**tiny_call_kwargs("flux")).images)
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(weights="fp8", activations="fp8"), "integer weights"),
     (dict(weights=None, activations="int8"), "integer weights"),

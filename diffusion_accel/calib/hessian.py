@@ -88,18 +88,23 @@ def device_memory_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().total)
 
 
-def warn_if_hessians_large(denoiser: nn.Module, names: Iterable[str]) -> None:
-    """Warn before a pass whose full input Hessians alone take over a quarter of the device's memory:
-    pruning and GPTQ groups hold equal numbers of layers, not bytes (full-size SD 1.5 at 4 groups: 13.4 GiB
-    in its second group; every layer at once: 26.3 GiB), and memory ran out without a word."""
-    size = hessian_bytes(denoiser, names)
+def hessian_memory_budget(denoiser: nn.Module) -> int:
+    """Bytes of full input Hessians one calibration pass may hold: a quarter of the memory of the
+    device of ``denoiser``'s weights (full-size SD 1.5 has 26.3 GiB of them over all layers)."""
     parameter = next(denoiser.parameters(), None)
-    total = device_memory_bytes(parameter.device if parameter is not None else torch.device("cpu"))
-    if size > total // 4:
+    return device_memory_bytes(parameter.device if parameter is not None else torch.device("cpu")) // 4
+
+
+def warn_if_hessians_large(denoiser: nn.Module, names: Iterable[str]) -> None:
+    """Warn before a pass whose full input Hessians alone exceed ``hessian_memory_budget``: pruning and
+    GPTQ split their groups to fit it, so this is a single layer too large, or a hand-made collector
+    (memory ran out without a word before)."""
+    size, budget = hessian_bytes(denoiser, names), hessian_memory_budget(denoiser)
+    if size > budget:
         warnings.warn(f"this calibration pass collects {_size_text(size)} of input Hessians (fp32, d x d per "
-                      f"layer) at once, over a quarter of this device's {_size_text(total)}: collect fewer "
-                      f"layers per pass (more PruneConfig.groups / PTQConfig.gptq_groups, 'all' for one layer "
-                      f"group at a time; fewer layers per HessianCollector)", stacklevel=5)
+                      f"layer) at once, over a quarter of this device's {_size_text(4 * budget)}: collect fewer "
+                      f"layers per HessianCollector (pruning and GPTQ already split their groups to fit, down "
+                      f"to one layer group per pass)", stacklevel=5)
 
 
 def _size_text(size: int) -> str:

@@ -16,12 +16,13 @@ from ..artifact import applied_techniques, base_fingerprint, mark_applied
 from ..calib import (Calibration, HessianCollector, calibrate, calibrate_parameters, call_mode, class_count,
                      denoiser_steps, resolve_weights)
 from ..hooks import refuse_while_cached
+from ..progress import showing_progress
 from .allocate import allocate_by_error, error_grid
 from .configs import PruneConfig
 from .plan import structured_plan, unstructured_plan
 from .record import ensure_record
 from .report import REPORT_ATTR, PruneReport, count_parameters, zero_fraction
-from .sequential import SequentialPruner, SequentialStats, Sweep
+from .sequential import MemoryBudget, SequentialPruner, SequentialStats, Sweep
 from .sparse import enable_sparse_kernels
 from .structured import StructuredUnit, prune_structured_unit
 from .unstructured import layer_error_curves, prune_layer_group, saliency_layer_sparsity, skip_reason
@@ -48,7 +49,8 @@ def prune_(pipe: Any, config: PruneConfig, calib: Calibration | None = None, *, 
     setattr(pipe, component, working)
     try:
         sweep = make_sweep(pipe, config, calib, progress) if config.needs_calibration else None
-        report = prune_denoiser_(working, config, sweep)
+        with showing_progress(progress):
+            report = prune_denoiser_(working, config, sweep)
         if sweep is not None:
             report.step_weights = used_step_weights(pipe, config, calib)
         if report.unobserved_inputs:
@@ -183,7 +185,8 @@ def _prune_unstructured(denoiser: nn.Module, adapter: Any, config: PruneConfig, 
         report.layers_pruned += [name for name in group.layers if name not in skipped]
 
     pruning_sweep = sweep if config.method != "magnitude" else None
-    stats = SequentialPruner(lambda group: [group.layers[0]], prune_group, pruning_sweep).run(groups, config.groups)
+    stats = SequentialPruner(lambda group: [group.layers[0]], prune_group, pruning_sweep,
+                             _budget(denoiser, config)).run(groups, config.groups)
     _copy_stats(report, stats, allocation_stats)
     report.achieved_sparsity = zero_fraction(denoiser, report.layers_pruned)
     if config.nm is not None and config.sparse_kernels:
@@ -225,7 +228,8 @@ def _error_allocation(denoiser: nn.Module, groups: list, config: PruneConfig,
     def full_sweep(names: list[str]) -> HessianCollector:  # Wanda's sweeps default to norms only
         return sweep(names, True)
 
-    stats = SequentialPruner(lambda group: [group.layers[0]], measure, full_sweep).run(groups, config.groups)
+    stats = SequentialPruner(lambda group: [group.layers[0]], measure, full_sweep,
+                             MemoryBudget.for_denoiser(denoiser), "allocation groups").run(groups, config.groups)
     shares = allocate_by_error({name: curve for name, (curve, _) in curves.items()},
                                {name: size for name, (_, size) in curves.items()}, config.target_sparsity, grid)
     return shares, stats
@@ -247,10 +251,16 @@ def _prune_structured(denoiser: nn.Module, adapter: Any, config: PruneConfig, sw
         report.channels_removed += removed["channels"]
         report.layers_pruned += unit.output_layers()
 
-    stats = SequentialPruner(StructuredUnit.output_layers, prune_unit, sweep).run(units, config.groups)
+    stats = SequentialPruner(StructuredUnit.output_layers, prune_unit, sweep,
+                             _budget(denoiser, config)).run(units, config.groups)
     _copy_stats(report, stats)
     report.achieved_sparsity = 1.0 - count_parameters(denoiser) / max(report.params_before, 1)
     report.sparse_kernels = "structured: layers are physically smaller and use dense kernels"
+
+
+def _budget(denoiser: nn.Module, config: PruneConfig) -> MemoryBudget | None:
+    """The Hessian memory budget of sweeps collecting full Hessians (OBS); Wanda's norms need none."""
+    return MemoryBudget.for_denoiser(denoiser) if config.method == "obs" else None
 
 
 def _unit_hessians(unit: StructuredUnit, collector: HessianCollector | None) -> dict[str, Any] | None:

@@ -43,7 +43,8 @@ class PruneConfig:
     "saliency" (one threshold on layer-normalised saliency; default for magnitude, data-free).
     ``weighting`` / ``weight_range``: per-step Hessian weights (OBS-Diff default log-decrease 0.8..1.2).
     ``groups``: K for group-wise sequential pruning (an int >= 1, or "all" for one calibration sweep
-    per unit). ``damp``: fraction of mean(diag H) added
+    per unit); a group whose full Hessians would exceed a quarter of the device's memory is split
+    further (one more sweep per piece; ``PruneReport.groups`` counts the groups run). ``damp``: fraction of mean(diag H) added
     to the Hessian diagonal. ``blocksize``: solver columns per lazy-update block. ``exclude``: layer or
     module-name prefixes left dense (the adapter's high-precision layers are always left dense).
     ``calib_prompts`` / ``calib_num_steps`` / ``calib_guidance_scale``: calibration used when ``prune_`` gets

@@ -16,6 +16,7 @@ from ..arch.registry import check_plain_weights, find_denoiser
 from ..artifact import base_fingerprint, mark_applied
 from ..calib import Calibration
 from ..hooks import attach_tracker, detach_tracker_if_unused, get_tracker, refuse_while_cached
+from ..progress import showing_progress
 from .attention import (QUANT_PROCESSORS, describe_processors, install_attention, quantizable_attention,
                         replaced_attention, restore_attention)
 from .build import build_layer, weight_grid
@@ -43,8 +44,9 @@ def register_quant_method(config_type: type) -> Callable[[Handler], Handler]:
 
 
 def quantize_(pipe: Any, config: Any = None, calib: Calibration | None = None,
-              filter_fn: FilterFn | None = None) -> Any:
-    """Quantize the denoiser of ``pipe`` in place per ``config`` (default W8A8); returns ``pipe``."""
+              filter_fn: FilterFn | None = None, *, progress: bool = False) -> Any:
+    """Quantize the denoiser of ``pipe`` in place per ``config`` (default W8A8); returns ``pipe``.
+    ``progress``: tqdm bars for the calibration passes, GPTQ groups and reconstructed blocks."""
     config = PTQConfig() if config is None else config
     handler = _HANDLERS.get(type(config))
     if handler is None:
@@ -56,7 +58,8 @@ def quantize_(pipe: Any, config: Any = None, calib: Calibration | None = None,
     _, denoiser = find_denoiser(pipe)
     check_plain_weights(denoiser, "quantize_")
     refuse_while_cached(denoiser, "quantize_")
-    return handler(pipe, config, calib, filter_fn)
+    with showing_progress(progress):
+        return handler(pipe, config, calib, filter_fn)
 
 
 @register_quant_method(PTQConfig)

@@ -20,6 +20,7 @@ from ..arch import get_adapter
 from ..arch.registry import find_denoiser
 from ..calib import (Calibration, Collector, HessianCollector, RangeObserver, SampleStore, Step, calibrate,
                      call_mode, denoiser_steps)
+from ..progress import progress_shown
 from ..prompts import for_pipeline as prompts_for_pipeline
 from .configs import PTQConfig
 from .layers import float_type_of
@@ -209,15 +210,15 @@ def _run(pipe: Any, config: PTQConfig, collectors: list[Collector], calib: Calib
     if calib is None:
         return calibrate(pipe, num_inference_steps=config.calib_num_steps, collectors=collectors,
                          steps=config.calib_steps, guidance_scale=config.calib_guidance_scale,
-                         store_trajectory=False, progress=False,
+                         store_trajectory=False, progress=progress_shown(),
                          **default_calibration_inputs(pipe, config.calib_prompts), **dict(config.calib_kwargs))
     if not isinstance(calib, Calibration):
         raise TypeError(f"calib must be a diffusion_accel Calibration or None, got {type(calib).__name__}")
     if calib.observed_calls == 0:
         raise ValueError("the given calibration is empty: it observed no denoiser calls")
     if calib.trajectory:
-        return calib.replay(collectors, find_denoiser(pipe)[1], progress=False)
-    return calib.rerun(pipe, collectors, progress=False)
+        return calib.replay(collectors, find_denoiser(pipe)[1], progress=progress_shown())
+    return calib.rerun(pipe, collectors, progress=progress_shown())
 
 
 def group_ranges(observer: RangeObserver, name: str, groups: int, num_steps: int) -> list[tuple[float, float]]:

@@ -29,7 +29,8 @@ class PTQConfig:
     weight error) or "output_mse" (the same search weighted by each input feature's calibrated mean
     square).
     weight_rounding: "nearest" or "gptq" (codes chosen column by column against each layer's input
-    Hessian, collected in ``gptq_groups`` calibration sweeps; ``gptq_damp`` is relative to mean(diag H)).
+    Hessian, collected in ``gptq_groups`` calibration sweeps, more where a group's Hessians would exceed a
+    quarter of the device's memory; ``gptq_damp`` is relative to mean(diag H)).
     gptq_group_scales: "lazy" (each later scale segment, a weight group or split-shortcut half, gets its
     scale when the GPTQ sweep reaches it, from the weights as compensation left them) or "static"
     (every scale fitted to the original weights first).

@@ -4,8 +4,8 @@ Columns are rounded one by one to the nearest code of their fixed per-segment sc
 rounding error (divided by U_ii) is folded into the columns not yet rounded, along the upper
 Cholesky factor U of H^-1 (Frantar et al., 2023), the same sweep as OBS pruning
 (``prune.obs.obs_column_pass``) with "round" in place of "remove". Hessians are collected over
-the calibration trajectory in ``gptq_groups`` sweeps of the float model, so only one group's
-(d x d) accumulators are alive at a time.
+the calibration trajectory in ``gptq_groups`` sweeps of the float model (more where a group's would
+exceed ``hessian_memory_budget``), so only one group's (d x d) accumulators are alive at a time.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from torch import nn
 
 from ..calib import HessianCollector
 from ..prune.obs import no_tf32, obs_column_pass, upper_inverse_factor
-from ..prune.sequential import split_into_groups
+from ..progress import progress_bar
+from ..prune.sequential import MemoryBudget, plan_groups
 from .configs import PTQConfig
 from .formats import NumberFormat
 from .quantizers import expand_segments, quantize_weight, segment_spans
@@ -83,7 +84,9 @@ def gptq_round_all(denoiser: nn.Module, targets: Sequence[Any], config: PTQConfi
     ``gptq_codes``), ``sweep(layer names)`` a collector of their Hessians."""
     keys = {t.name: hessian_key(denoiser, t.name, t.representative) for t in targets}
     rounded: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
-    for group in split_into_groups(list(targets), config.gptq_groups):
+    budget = MemoryBudget.for_denoiser(denoiser)
+    groups = plan_groups(list(targets), config.gptq_groups, lambda target: [keys[target.name]], budget)
+    for group in progress_bar(groups, "GPTQ layer groups"):
         collector = sweep(list(dict.fromkeys(keys[t.name] for t in group)))
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for target in group:

@@ -21,6 +21,7 @@ from ..arch import get_adapter
 from ..arch.registry import find_denoiser
 from ..calib import SampleStore
 from ..calib.trees import tensors_in
+from ..progress import progress_bar
 from .configs import PTQConfig
 from .formats import get_format
 from .layers import ActQuantizer, QuantLayer
@@ -149,7 +150,7 @@ def reconstruct_blocks(pipe: Any, config: PTQConfig, samples: SampleStore | None
     if samples is None:
         raise ValueError("reconstruction needs stored block calls; none were collected")
     device = next(denoiser.parameters()).device
-    for info in get_adapter(pipe).blocks():
+    for info in progress_bar(get_adapter(pipe).blocks(), "reconstruct blocks"):
         layers = {n: denoiser.get_submodule(n) for n in state.layers if n.startswith(info.name + ".")}
         if not layers or not samples.samples(info.name):
             continue
