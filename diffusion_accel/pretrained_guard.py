@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import sys
 import warnings
+import weakref
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
@@ -63,13 +64,32 @@ def install_guards(pipe: Any, denoiser: nn.Module) -> None:
 class GuardedMethod:
     """``guarded`` bound to ``owner`` as ``types.MethodType`` would, but picklable: a bound method pickles
     as ``getattr(owner, name)``, which the owner's class lacks, so ``torch.save`` of a quantized UNet
-    wrote a file ``torch.load`` could not read."""
+    wrote a file ``torch.load`` could not read. It holds its owner weakly: it lives in the owner's own
+    ``__dict__``, and a strong reference made every accelerated pipeline a reference cycle that ``del
+    pipe`` did not free (its GPU memory waited for Python's cycle collector)."""
 
     def __init__(self, guarded: Any, owner: Any) -> None:
-        self.guarded, self.owner = guarded, owner
+        self.guarded = guarded
+        try:
+            self._owner = weakref.ref(owner)
+        except TypeError:  # an owner without weak references (none of diffusers' types)
+            self._owner = lambda: owner
+
+    @property
+    def owner(self) -> Any:
+        """The object this method is bound to (ReferenceError once it was freed)."""
+        owner = self._owner()
+        if owner is None:
+            raise ReferenceError(f"{getattr(self.guarded, '__name__', 'method')} was bound to an object that "
+                                 f"no longer exists")
+        return owner
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.guarded(self.owner, *args, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        """Copies and pickles rebind to the copied owner (deepcopy's memo, pickle's own references)."""
+        return GuardedMethod, (self.guarded, self.owner)
 
     @property
     def __self__(self) -> Any:

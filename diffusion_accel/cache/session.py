@@ -7,7 +7,6 @@ uncond passes never share a cache and every pipeline call starts fresh.
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +15,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from ..hooks import CACHE_CLIENT, StepTracker, attach_tracker, detach_tracker_if_unused
+from ..pretrained_guard import GuardedMethod
 
 SESSION_ATTR = "_diffusion_accel_cache"
 DIFFUSERS_ENABLE = "enable_cache"  # diffusers' CacheMixin method, refused while our cache is on
@@ -140,7 +140,7 @@ def _guard_diffusers_cache(denoiser: nn.Module) -> None:
     TaylorSeer, MagCache, ...) refuses: both would hook the same blocks and skip on each other's
     stale features (an instance-bound method, like ``pretrained_guard``; a deep copy carries its own)."""
     if callable(getattr(type(denoiser), DIFFUSERS_ENABLE, None)) and DIFFUSERS_ENABLE not in vars(denoiser):
-        object.__setattr__(denoiser, DIFFUSERS_ENABLE, types.MethodType(_refuse_diffusers_cache, denoiser))
+        object.__setattr__(denoiser, DIFFUSERS_ENABLE, GuardedMethod(_refuse_diffusers_cache, denoiser))
 
 
 def _refuse_diffusers_cache(denoiser: nn.Module, *args: Any, **kwargs: Any) -> None:

@@ -27,7 +27,7 @@ def fast_path_on() -> bool:
 def _versions(sources: Sources) -> tuple[int, ...] | None:
     """Version counters of ``sources`` (-1 for None), or None when one cannot tell (inference tensors)."""
     try:
-        return tuple(-1 if tensor is None else tensor._version for tensor in sources)
+        return tuple([-1 if tensor is None else tensor._version for tensor in sources])  # a list: no generator
     except RuntimeError:  # inference-mode tensors track no version: never cache what derives from them
         return None
 
@@ -44,7 +44,7 @@ class DerivedConstants:
         if versions is None:
             return build()
         entry = self._entries.get(key)
-        if entry is not None and entry[1] == versions and all(kept is given for kept, given in zip(entry[0], sources)):
+        if entry is not None and entry[1] == versions and all([kept is given for kept, given in zip(entry[0], sources)]):
             return entry[2]
         with torch.no_grad():
             value = build()

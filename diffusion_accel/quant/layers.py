@@ -143,7 +143,7 @@ class ActQuantizer(KeepsQuantDtypes, _ActQuantizerBase):
 
     def group_index(self) -> int:
         """Index of the current timestep group as a Python int (eager paths that key folded constants on it)."""
-        if self.scale.shape[0] > 1 and self.selector is not None:
+        if self.selector is not None and self._buffers["scale"].shape[0] > 1:  # no module lookup: per layer call
             return self.selector.current_index()
         return 0
 

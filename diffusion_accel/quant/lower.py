@@ -135,6 +135,12 @@ class Int8GemmCore(KeepsQuantDtypes):
         """(N, K) int8 weight codes."""
         return self.weight_t.t()
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "Int8GemmCore":
+        """``.to()`` & co. also forget the folded constants: those keyed by the old device kept it alive
+        (a lowered pipeline moved off the GPU held small CUDA tensors per layer)."""
+        self.constants.clear()
+        return super()._apply(fn, recurse)
+
     def _quantize(self, x: torch.Tensor, scale: torch.Tensor, shifted_zero: torch.Tensor) -> torch.Tensor:
         """int8 codes ``clamp(round(x / scale) + zero, grid) - offset`` of float32 ``x`` in four passes."""
         return quantize_codes(x, scale.float(), shifted_zero.float(), -128, 127, torch.int8)
@@ -175,12 +181,15 @@ class Int8GemmCore(KeepsQuantDtypes):
             segments.append((scale.float(), shifted_zero.float(), combined))
         return segments, base
 
-    def _static_folded(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _static_folded(self, act: ActQuantizer, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``_per_tensor`` for static scales with its constants folded once per timestep group (eager
         inference): per segment quantize, int8 GEMM and one fused multiply-add; then the bias (not folded:
-        a user may edit it through ``.data``, which no version counter sees)."""
-        group = self.act.group_index()
-        sources = (self.act.scale, self.act.zero_point, self.weight_scale, self.col_sums)
+        a user may edit it through ``.data``, which no version counter sees). Buffers are read from the
+        module dicts: four ``nn.Module.__getattr__`` lookups cost ~5 us per call, more than the GEMM's
+        rescale on small layers."""
+        group = act.group_index()
+        own, act_buffers = self._buffers, act._buffers
+        sources = (act_buffers["scale"], act_buffers["zero_point"], own["weight_scale"], own["col_sums"])
         segments, out = self.constants.get((group, x2d.device), sources, lambda: self._fold_static(group))
         single = len(segments) == 1
         for (_, start, size), (scale, shifted_zero, combined) in zip(self._segments(), segments):
@@ -206,11 +215,11 @@ class Int8GemmCore(KeepsQuantDtypes):
     def forward(self, x2d: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """(M, K) float -> (M, N) float in ``x2d``'s dtype, bias added; scales, codes and the rescale are
         computed in float32 whatever ``x2d``'s dtype (``as_float32``)."""
-        x_float = as_float32(x2d)
-        if isinstance(self.act, DynamicActQuantizer) and not self.act.per_tensor:
+        x_float, act = as_float32(x2d), self._modules["act"]
+        if isinstance(act, ActQuantizer) and fast_path_on():
+            out = self._static_folded(act, x_float, bias)
+        elif isinstance(act, DynamicActQuantizer) and not act.per_tensor:
             out = self._dynamic(x_float, bias)
-        elif isinstance(self.act, ActQuantizer) and fast_path_on():
-            out = self._static_folded(x_float, bias)
         else:
             out = self._per_tensor(x_float, bias)
         return out if out.dtype == x2d.dtype else out.to(x2d.dtype)
@@ -251,7 +260,7 @@ class Int8Linear(_GemmLayer):
         self.in_features, self.out_features = layer.in_features, layer.out_features
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.core(x.reshape(-1, x.shape[-1]), self.bias)
+        out = self.core.forward(x.reshape(-1, x.shape[-1]), self.bias)  # the core is internal: no hooks to run
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _simulated(self, x: torch.Tensor) -> torch.Tensor:
@@ -272,7 +281,7 @@ class Int8Conv1x1(_GemmLayer):
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        out = self.core(x.permute(0, 2, 3, 1).reshape(-1, c), self.bias)
+        out = self.core.forward(x.permute(0, 2, 3, 1).reshape(-1, c), self.bias)
         return out.reshape(n, h, w, self.out_channels).permute(0, 3, 1, 2)
 
     def _simulated(self, x: torch.Tensor) -> torch.Tensor:
