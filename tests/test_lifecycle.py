@@ -14,6 +14,7 @@ from diffusion_accel.pretrained_guard import GuardedMethod
 from diffusion_accel.testing.tiny import build_tiny
 
 CALIB = dict(calib_prompts=1, calib_num_steps=2, calib_steps="all")
+PRUNE_CALIB = dict(calib_prompts=1, calib_num_steps=2)
 
 
 def _freed_without_the_cycle_collector(accelerate=lambda pipe: pipe) -> bool:
@@ -68,3 +69,45 @@ def test_moving_a_lowered_layer_forgets_constants_folded_for_its_old_device(int8
     assert cores and any(core.constants._entries for core in cores)
     pipe.unet.to(torch.float32)  # any _apply: a move to another device takes the same path
     assert not any(core.constants._entries for core in cores)
+
+
+@pytest.mark.parametrize("apply", [
+    lambda pipe: da.prune_(pipe, da.PruneConfig(method="obs", sparsity=0.3, pattern="structured", **PRUNE_CALIB)),
+    lambda pipe: da.prune_(pipe, da.PruneConfig(method="obs", pattern="2:4", **PRUNE_CALIB)),
+    lambda pipe: da.quantize_(pipe, da.PTQConfig.preset("w8a8", **CALIB)),
+    lambda pipe: da.calibrate(pipe, ["a photo"], num_inference_steps=2, progress=False),
+], ids=["structured", "2:4", "w8a8", "calibrate"])
+def test_techniques_leave_the_global_random_stream_alone(apply):
+    """Structured pruning built its smaller layers with random init (then overwrote it), drawing from the
+    global RNG: a user's ``torch.manual_seed(0)`` before it no longer gave the same later draws."""
+    pipe = build_tiny("sd")
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    apply(pipe)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("apply", [
+    lambda pipe: da.calibrate(pipe, ["a photo"], num_inference_steps=3, progress=False),
+    lambda pipe: da.quantize_(pipe, da.PTQConfig.preset("w8a8", **CALIB)),
+    lambda pipe: da.calibrate_schedule(pipe, ["a photo"], budget=0.5, num_inference_steps=4, height=32, width=32),
+], ids=["calibrate", "quantize", "calibrate_schedule"])
+def test_calibration_runs_leave_the_scheduler_as_they_found_it(apply):
+    """They left it set for their own step count: a user's ``set_timesteps(20)`` (a hand-written denoising
+    loop) found 3 steps after ``calibrate``."""
+    pipe = build_tiny("sd")
+    pipe.scheduler.set_timesteps(20)
+    timesteps = pipe.scheduler.timesteps.clone()
+    apply(pipe)
+    assert torch.equal(pipe.scheduler.timesteps, timesteps) and pipe.scheduler.num_inference_steps == 20
+
+
+def test_loading_a_structured_artifact_leaves_the_global_random_stream_alone(tmp_path):
+    pruned = da.prune_(build_tiny("sd"), da.PruneConfig(method="obs", sparsity=0.3, pattern="structured",
+                                                        **PRUNE_CALIB))
+    da.save(pruned, tmp_path / "art")
+    base = build_tiny("sd")
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    da.load(base, tmp_path / "art")
+    assert torch.equal(torch.get_rng_state(), state)

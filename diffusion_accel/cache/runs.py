@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..calib.inputs import calibration_items, placeholder_prompts, plan_calls
+from ..calib.runner import restore_scheduler_state, scheduler_state
 from ..pipeline_defaults import image_input_hint
 
 
@@ -29,14 +30,18 @@ def planned_calls(pipe: Any, prompts: Any, num_inference_steps: int, seed: int =
 
 @torch.no_grad()
 def final_outputs(pipe: Any, calls: list) -> list[torch.Tensor]:
-    """The final latents (or images) of every planned call, as float32 CPU tensors."""
-    outputs = []
-    for call in calls:
-        generator = torch.Generator().manual_seed(call.seed)
-        with image_input_hint(pipe, call.kwargs):
-            result = pipe(**call.kwargs, generator=generator)
-        images = result[0] if isinstance(result, tuple) else result.images
-        outputs.append(torch.as_tensor(images).detach().float().cpu())
+    """The final latents (or images) of every planned call, as float32 CPU tensors; the scheduler is left
+    as it was (``calib.runner.scheduler_state``)."""
+    outputs, saved_scheduler = [], scheduler_state(pipe)
+    try:
+        for call in calls:
+            generator = torch.Generator().manual_seed(call.seed)
+            with image_input_hint(pipe, call.kwargs):
+                result = pipe(**call.kwargs, generator=generator)
+            images = result[0] if isinstance(result, tuple) else result.images
+            outputs.append(torch.as_tensor(images).detach().float().cpu())
+    finally:
+        restore_scheduler_state(pipe, saved_scheduler)
     return outputs
 
 

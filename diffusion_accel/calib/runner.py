@@ -9,6 +9,7 @@ the same step index and their own context. Collectors see all of them: CFG branc
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from collections.abc import Sequence
@@ -154,7 +155,7 @@ class _LiveRun:
         _refuse_nested(denoiser)
         router = CollectorRouter(denoiser, self.result.collectors, self.current_step)
         total = sum(call.num_items for call in calls) * self.result.num_steps
-        saved_bar_config = _silence_pipeline_bar(pipe)
+        saved_bar_config, saved_scheduler = _silence_pipeline_bar(pipe), scheduler_state(pipe)
         try:
             with use_tracker(denoiser, TRACKER_CLIENT, pipeline=pipe, on_reset=self.on_new_trajectory) as tracker, \
                     ModuleHooks() as hooks, tqdm(total=total, desc="calibrate", disable=not progress) as bar:
@@ -169,6 +170,7 @@ class _LiveRun:
         finally:
             self.tracker = self.bar = None
             _restore_pipeline_bar(pipe, saved_bar_config)
+            restore_scheduler_state(pipe, saved_scheduler)
             self._finish()
 
     def _finish(self) -> None:
@@ -203,6 +205,22 @@ def _restore_pipeline_bar(pipe: Any, saved: Any) -> None:
         pipe.__dict__.pop("_progress_bar_config", None)
     else:
         pipe._progress_bar_config = saved
+
+
+def scheduler_state(pipe: Any) -> dict[str, Any] | None:
+    """A copy of the pipeline scheduler's attributes (timesteps, sigmas, step index, multistep buffers;
+    a few KB), or None without a scheduler."""
+    scheduler = getattr(pipe, "scheduler", None)
+    return None if scheduler is None else copy.deepcopy(vars(scheduler))
+
+
+def restore_scheduler_state(pipe: Any, saved: dict[str, Any] | None) -> None:
+    """Put the attributes ``scheduler_state`` copied back on the same scheduler object: calibration runs left
+    it set for their own step count (a user's ``set_timesteps(20)`` before ``quantize_`` found 10 after)."""
+    scheduler = getattr(pipe, "scheduler", None)
+    if saved is not None and scheduler is not None:
+        vars(scheduler).clear()
+        vars(scheduler).update(saved)
 
 
 def calibrate_parameters() -> set[str]:

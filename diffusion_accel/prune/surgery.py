@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -25,15 +26,15 @@ def _filled(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, l
 
 def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
     """An nn.Linear holding ``weight`` (out, in) and ``bias`` (out,), on ``like``'s device and dtype."""
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                      device=like.weight.device, dtype=like.weight.dtype)
-    return _filled(layer, weight, bias, like)
+    layer = skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
+                      device=like.weight.device, dtype=like.weight.dtype)  # no random init: it drew from
+    return _filled(layer, weight, bias, like)  # the global RNG, moving the user's torch.manual_seed stream
 
 
 def new_conv(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Conv2d) -> nn.Conv2d:
     """An nn.Conv2d holding ``weight`` (out, in, kh, kw) with ``like``'s stride, padding, ... and dtype."""
-    layer = nn.Conv2d(weight.shape[1], weight.shape[0], like.kernel_size, like.stride, like.padding, like.dilation,
-                      groups=1, bias=bias is not None, padding_mode=like.padding_mode,
+    layer = skip_init(nn.Conv2d, weight.shape[1], weight.shape[0], like.kernel_size, like.stride, like.padding,
+                      like.dilation, groups=1, bias=bias is not None, padding_mode=like.padding_mode,
                       device=like.weight.device, dtype=like.weight.dtype)
     return _filled(layer, weight, bias, like)
 
