@@ -305,6 +305,16 @@ class StepTracker(ModelHook):
         self.in_call = False
         return output
 
+    @property
+    def at_last_step(self) -> bool:
+        """Whether the current (or just finished) call sits at the last position of the watched schedule."""
+        return self._driven and self.step_index + 1 == self.num_inference_steps
+
+    def drop_state(self, client: str, context: str | None = None) -> None:
+        """Forget ``client``'s state of ``context`` (default: the current one)."""
+        if client in self._clients:
+            self._clients[client].states.pop(context or self.context, None)
+
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.reset()
         return module

@@ -111,3 +111,20 @@ def test_loading_a_structured_artifact_leaves_the_global_random_stream_alone(tmp
     state = torch.get_rng_state()
     da.load(base, tmp_path / "art")
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("config", [da.DeepCacheConfig(interval=2, forecast=1),
+                                    da.EncoderPropagationConfig(interval=2, noise_injection=0.1)],
+                         ids=["deepcache", "encoder-propagation"])
+def test_unet_caches_drop_their_features_when_the_call_ends(config):
+    """The last call's cached features stayed on the device after it returned (until the next call)."""
+    from diffusion_accel.hooks import get_tracker
+    from diffusion_accel.testing.tiny import tiny_call_kwargs
+
+    pipe = da.enable_cache(build_tiny("sd"), config)
+    first = pipe(**tiny_call_kwargs("sd", steps=4)).images
+    assert not get_tracker(pipe.unet)._clients["cache"].states
+    assert torch.equal(pipe(**tiny_call_kwargs("sd", steps=4)).images, first)
+    assert da.cache_summary(pipe)["reused_calls"] == 2  # the last call's summary is kept
+    da.remove_cache(pipe)
+    assert not pipe.unet._forward_hooks

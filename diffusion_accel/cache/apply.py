@@ -18,7 +18,7 @@ from .delta import install_delta_cache
 from .encoder import encoder_point, install_encoder_cache, key_steps
 from .policies import DeltaPolicy, FirstBlockPolicy, SchedulePolicy, TeaCachePolicy
 from .schedules import nonuniform_full_steps, resample_full_steps, uniform_full_steps
-from .session import end_session, get_session, start_session
+from .session import end_session, finish_session, get_session, start_session
 from .stack import check_stack, install_stack_cache, output_layer
 from .unet_branch import branch_point, install_branch_cache
 
@@ -140,6 +140,7 @@ def enable_cache(pipe: Any, config: Any) -> Any:
     session = start_session(pipe, denoiser, config, method, policy)
     try:
         install(session, pipe)
+        finish_session(session)
     except BaseException:
         end_session(session)
         raise
