@@ -123,8 +123,113 @@ def test_unet_caches_drop_their_features_when_the_call_ends(config):
 
     pipe = da.enable_cache(build_tiny("sd"), config)
     first = pipe(**tiny_call_kwargs("sd", steps=4)).images
-    assert not get_tracker(pipe.unet)._clients["cache"].states
+    assert not get_tracker(pipe.unet).client_states("cache")
     assert torch.equal(pipe(**tiny_call_kwargs("sd", steps=4)).images, first)
     assert da.cache_summary(pipe)["reused_calls"] == 2  # the last call's summary is kept
     da.remove_cache(pipe)
     assert not pipe.unet._forward_hooks
+
+
+def _alternating(jobs):
+    """Run ``jobs`` (two functions of a ``callback_on_step_end``) in two threads whose denoising steps
+    strictly alternate (each waits for the other after every step): a deterministic stand-in for a
+    server's concurrent requests."""
+    import threading
+
+    turn, lock, outputs, errors = [0], threading.Condition(), [None, None], []
+    done = [False, False]
+
+    def run(index):
+        def step_end(_pipe, step, _timestep, kwargs):
+            with lock:
+                turn[0] = 1 - index
+                lock.notify_all()
+                lock.wait_for(lambda: turn[0] == index or done[1 - index], timeout=60)
+            return kwargs
+
+        try:
+            with lock:
+                lock.wait_for(lambda: turn[0] == index, timeout=60)
+            outputs[index] = jobs[index](step_end)
+        except Exception as error:  # reported below: a thread's exception is otherwise lost
+            errors.append(error)
+        finally:
+            with lock:
+                done[index] = True
+                turn[0] = 1 - index
+                lock.notify_all()
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    return outputs
+
+
+def _shared_denoiser_pipelines(pipe):
+    """``pipe`` and a second pipeline built from its components (its own scheduler), sharing the denoiser."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    return pipe, StableDiffusionPipeline(**(pipe.components | {"scheduler": copy.deepcopy(pipe.scheduler)}))
+
+
+def _generate(pipe, steps, seed):
+    from diffusion_accel.testing.tiny import tiny_call_kwargs
+
+    return lambda step_end=None: pipe(**tiny_call_kwargs("sd", steps=steps, seed=seed),
+                                      callback_on_step_end=step_end).images
+
+
+@pytest.mark.parametrize("config", [da.DeepCacheConfig(interval=3), da.EncoderPropagationConfig(interval=2)],
+                         ids=["deepcache", "encoder-propagation"])
+def test_pipelines_sharing_a_cached_denoiser_in_two_threads_give_their_serial_images(config):
+    """Pipelines built from one pipeline's components (diffusers' way to share a denoiser) in a server's
+    threads: the step tracker's state was shared, so interleaved calls reset or reused each other's cache
+    (images off by up to 0.39, or a crash when the batch sizes differed)."""
+    first, second = _shared_denoiser_pipelines(da.enable_cache(build_tiny("sd"), config))
+    serial = [_generate(first, 9, 1)(), _generate(second, 6, 2)()]
+    for output, expected in zip(_alternating([_generate(first, 9, 1), _generate(second, 6, 2)]), serial):
+        assert torch.equal(output, expected)
+
+
+def test_calibration_ignores_another_threads_calls_of_the_shared_denoiser():
+    """calibrate recorded every call of its denoiser, also another pipeline's in another thread (22 calls
+    counted for 16), and the artifact built from it carried them."""
+    first, second = _shared_denoiser_pipelines(build_tiny("sd"))
+    settings = dict(num_inference_steps=4, progress=False, height=32, width=32)
+    serial = da.calibrate(first, ["a photo", "a cat"], **settings)
+
+    def calibration(step_end):
+        return da.calibrate(first, ["a photo", "a cat"], callback_on_step_end=step_end, **settings)
+
+    concurrent, _ = _alternating([calibration, _generate(second, 6, 2)])
+    assert concurrent.denoiser_calls == serial.denoiser_calls == 8
+    assert concurrent.timesteps == serial.timesteps
+
+
+def test_seeded_calls_pin_samplers_that_draw_from_the_global_rng():
+    """FluxPipeline's scheduler.step gets no generator: a stochastic sampler's noise came from the global RNG,
+    so identical seeded calls differed (calibrated schedules were searched on noise), and calibration moved
+    the user's RNG."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffusion_accel.cache.runs import final_outputs, planned_calls
+    from diffusion_accel.eval.pipes import ImageJob, generate_images
+
+    pipe = build_tiny("flux")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
+    calls = planned_calls(pipe, ["a photo"], 3, height=16, width=16)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first, second = final_outputs(pipe, calls), final_outputs(pipe, calls)
+    assert torch.equal(first[0], second[0])
+    jobs = [ImageJob(0, 0, "a photo", 5)]
+    images = [generate_images(pipe, jobs, num_inference_steps=3, call_kwargs={"height": 16, "width": 16})
+              for _ in range(2)]
+    assert torch.equal(images[0][0][1], images[1][0][1])
+    da.calibrate(pipe, ["a photo"], num_inference_steps=3, progress=False, height=16, width=16)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..hooks import ModuleHooks, StepTracker, get_tracker, refuse_while_cached, use_tracker
 from ..pipeline_defaults import image_input_hint
+from ..seeding import seeded_global_rng
 from .collectors import Collector, Step
 from .dispatch import CollectorRouter, resolve_denoiser, validate_collectors
 from .inputs import PlannedCall, calibration_items, call_mode, placeholder_prompts, plan_calls
@@ -118,6 +120,7 @@ class _LiveRun:
         self.selected = frozenset(result.selected_steps)
         self.weights = result.step_weights.tolist()
         self.tracker: StepTracker | None = None
+        self.thread = threading.get_ident()  # calls of the denoiser from other threads are not ours
         self.items_in_call = 0
         self.next_progress_step = 0
         self.bar: tqdm | None = None
@@ -125,18 +128,27 @@ class _LiveRun:
     def current_step(self) -> Step | None:
         """Tag of the denoiser call in progress, or None when its step is not selected."""
         tracker = self.tracker
-        if tracker is None or not tracker.in_call or tracker.step_index not in self.selected:
+        if tracker is None or not self._ours() or not tracker.in_call or tracker.step_index not in self.selected:
             return None
         return Step(tracker.step_index, tracker.timestep, tracker.context, self.weights[tracker.step_index])
 
+    def _ours(self) -> bool:
+        """Whether the denoiser call in progress is this calibration's: another pipeline sharing the denoiser
+        may run in another thread (a server), and its calls were recorded too (22 calls counted for 16)."""
+        return threading.get_ident() == self.thread
+
     def on_new_trajectory(self) -> None:
         """Tracker reset callback: a new pipeline call began."""
+        if not self._ours():
+            return
         self.next_progress_step = 0
         if self.recorder is not None:
             self.recorder.new_trajectory()
 
     def after_denoiser_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Forward post-hook on the denoiser: count, remember the timestep, record the inputs."""
+        if not self._ours():
+            return
         tracker, counts = self.tracker, self.result.counts
         index = tracker.step_index
         counts.denoiser_calls += 1
@@ -153,6 +165,7 @@ class _LiveRun:
     def run(self, pipe: Any, denoiser: nn.Module, calls: list[PlannedCall], progress: bool) -> None:
         """Make every planned pipeline call with hooks installed; hooks always come off again."""
         _refuse_nested(denoiser)
+        self.thread = threading.get_ident()
         router = CollectorRouter(denoiser, self.result.collectors, self.current_step)
         total = sum(call.num_items for call in calls) * self.result.num_steps
         saved_bar_config, saved_scheduler = _silence_pipeline_bar(pipe), scheduler_state(pipe)
@@ -165,7 +178,7 @@ class _LiveRun:
                 for call in calls:
                     tracker.reset()   # a new trajectory, even if a scheduler reuses its timesteps tensor
                     self.items_in_call = call.num_items
-                    with image_input_hint(pipe, call.kwargs):
+                    with image_input_hint(pipe, call.kwargs), seeded_global_rng(call.seed):
                         pipe(**call.kwargs, generator=torch.Generator().manual_seed(call.seed))
         finally:
             self.tracker = self.bar = None

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..pipeline_defaults import call_defaults, image_input_hint, per_prompt_negative
+from ..seeding import seeded_global_rng
 from .images import to_uint8
 
 DENOISER_ATTRIBUTES = ("unet", "transformer")
@@ -209,7 +210,7 @@ def generate_images(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_steps:
         for batch in chunks(list(jobs), batch_size):
             kwargs = build_call_kwargs(pipe, batch, num_inference_steps=num_inference_steps,
                                        call_kwargs=call_kwargs, prompt_to_kwargs=prompt_to_kwargs)
-            with image_input_hint(pipe, kwargs):
+            with image_input_hint(pipe, kwargs), seeded_global_rng(batch[0].seed):  # stochastic samplers
                 output = pipe(**kwargs)
             if not hasattr(output, "images"):  # AudioLDM & co. (their UNets are supported denoisers)
                 raise TypeError(f"{type(pipe).__name__} returned a {type(output).__name__} without images: "
