@@ -24,7 +24,7 @@ import cache_flux as cf  # noqa: E402
 from zoo_harness import RESULTS  # noqa: E402
 
 from diffusion_accel.cache.runs import final_outputs, planned_calls, relative_error  # noqa: E402
-from diffusion_accel.eval.machine import machine_info  # noqa: E402
+from diffusion_accel.eval.machine import machine_info, machine_summary  # noqa: E402
 
 HELD_OUT_SEED = 555
 
@@ -75,6 +75,7 @@ def evaluate(report: dict, held_out: int) -> dict[str, Any]:
 
 def markdown(result: dict) -> str:
     lines = ["# Calibration vs held-out error of cache_flux's chosen settings", "",
+             f"Machine: {machine_summary(result['machine'])}.", "",
              f"Relative L2 error of the final latents vs uncached (fashion-flux, 28 steps, true CFG 3), mean "
              f"over calls: on the {result['calibration_prompts']} calibration prompts every setting was chosen or "
              f"searched on, and on {result['held_out_prompts']} held-out prompts (seed {result['held_out_seed']}).",

@@ -36,7 +36,7 @@ from cli_options import COUNT, existing_file, report_path  # noqa: E402
 import cache_flux as cf  # noqa: E402
 from zoo_harness import RESULTS, ZooBench, generate_images, write_result  # noqa: E402
 
-from diffusion_accel.eval.machine import machine_info  # noqa: E402
+from diffusion_accel.eval.machine import machine_info, machine_summary  # noqa: E402
 
 QUALITY_SCRIPTS = ("ptq_quality", "prune_quality")
 
@@ -150,6 +150,7 @@ def summarise(full: dict[str, float], samples: dict[str, torch.Tensor], first: s
 def markdown(result: dict) -> str:
     first = result["variants"][0]
     lines = [f"# Paired bootstrap of FID on {result['model']} ({result['script']} variants)", "",
+             f"Machine: {machine_summary(result['machine'])}.", "",
              f"{result['n']} images per variant (the report's prompts and seeds), {result['reps']} replicates "
              "resampling the same image indices for every variant; FID against the fixed test-split statistics; "
              "95% percentile intervals. A difference whose interval contains 0 is within sampling noise.", "",

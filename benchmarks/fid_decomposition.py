@@ -27,7 +27,7 @@ from cli_options import COUNT, existing_file, report_path  # noqa: E402
 from fid_bootstrap import kept_features, open_report, variant_images  # noqa: E402
 from zoo_harness import RESULTS, write_result  # noqa: E402
 
-from diffusion_accel.eval.machine import machine_info  # noqa: E402
+from diffusion_accel.eval.machine import machine_info, machine_summary  # noqa: E402
 from diffusion_accel.zoo.data import load_split, to_uint8_rgb32  # noqa: E402
 
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).reshape(1, 1, 3, 3)
@@ -69,6 +69,7 @@ def summary(stats: dict[str, torch.Tensor], baseline: dict[str, torch.Tensor] | 
 def markdown(result: dict) -> str:
     real = result["real"]
     lines = [f"# FID decomposition and pixel statistics on {result['model']}", "",
+             f"Machine: {machine_summary(result['machine'])}.", "",
              f"{result['n']} images per variant ({result['report']}'s prompts and seeds); FID against the "
              f"test-split statistics, split into the mean term ||mu_g - mu_r||^2 and the covariance term; "
              f"pixel statistics on the grey level in [0, 1], mean over images (paired Δ vs the baseline's images "

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from cli_options import RESULTS, script_parser
 
-from diffusion_accel.eval.machine import machine_info
+from diffusion_accel.eval.machine import machine_info, machine_summary
 
 SHAPES = [(320, 32), (640, 16), (1280, 8)]  # (channels, latent side) of SD 1.5 resnet convs at 256 px
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {"machine": machine_info(), "load_average": os.getloadavg(),
                "shapes": {f"{c}ch_{s}x{s}": measure(c, s) for c, s in SHAPES}}
     lines = ["# 3x3 conv: fp32 / bf16 conv vs unfold + int8 GEMM (batch 2)", "",
-             f"threads 2, load average {results['load_average']}", "",
+             f"Machine: {machine_summary(results['machine'])}; threads 2, load average {results['load_average']}", "",
              "| shape | fp32 conv | bf16 conv | unfold+int8 eager | unfold+int8 compiled |", "|---|---|---|---|---|"]
     for name, r in results["shapes"].items():
         lines.append(f"| {name} | {r['fp32_conv_ms']:.1f} | {r['bf16_conv_ms']:.1f} | "

@@ -29,7 +29,7 @@ from zoo_harness import denoiser_attr, generate_images  # noqa: E402
 from zoo_quality import DEFAULTS, prompts_for  # noqa: E402
 
 from diffusion_accel import quantize_, zoo  # noqa: E402
-from diffusion_accel.eval.machine import machine_info  # noqa: E402
+from diffusion_accel.eval.machine import machine_info, machine_summary  # noqa: E402
 
 N_IMAGES = 40
 REFERENCE = "nearest, weight-MSE scales"
@@ -79,7 +79,8 @@ def write(model: str, rows: dict, stem: str = "ptq_rounding", title: str = TITLE
     out.write_text(json.dumps(report, indent=1))
     lines = [f"# {title}, paired per image ({model}, {N_IMAGES} images)", "",
              f"PSNR against the fp32 images of the same seeds; difference and paired t against "
-             f"\"{reference}\"; preparation = calibration + rounding, {torch.get_num_threads()} thread(s).", "",
+             f"\"{reference}\"; preparation = calibration + rounding, {torch.get_num_threads()} thread(s). "
+             f"Machine: {machine_summary(report['machine'])}.", "",
              "| setting | PSNR (dB) | Δ vs reference (dB) | paired t | better | preparation (s) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {k} | {r['psnr_db']:.2f} | {r['diff_db']:+.2f} | {r['paired_t']:+.1f} | "

@@ -11,7 +11,6 @@ error weighted by each input feature's calibrated mean square, which sees the tw
 from __future__ import annotations
 
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from zoo_harness import generate_images  # noqa: E402
 from zoo_quality import DEFAULTS, prompts_for  # noqa: E402
 
 from diffusion_accel import quantize_, zoo  # noqa: E402
+from diffusion_accel.eval.machine import machine_info, machine_summary  # noqa: E402
 
 MODEL, N_IMAGES = "fashion-sd", 40
 SETTINGS = {  # label -> (bits preset, changes)
@@ -68,10 +68,11 @@ def main(argv: list[str] | None = None) -> dict:
                        "split_better": int((diff > 0).sum()), "n": len(diff)}
         print(label, rows[label], flush=True)
     report = {"model": MODEL, "n_images": N_IMAGES, "sampling": DEFAULTS[MODEL], "simulated": True,
-              "reconstruct": False, "machine": platform.processor() or platform.machine(), "rows": rows}
+              "reconstruct": False, "machine": machine_summary(machine_info()), "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     lines = ["# Split shortcut on / off, paired per image (fashion-sd, 40 images, no reconstruction)", "",
+             f"PSNR against the fp32 images of the same seeds (simulated). Machine: {report['machine']}.", "",
              "| setting | PSNR split (dB) | PSNR plain (dB) | split − plain | paired t | split better |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {k} | {r['psnr_split']:.2f} | {r['psnr_plain']:.2f} | {r['mean_diff_db']:+.2f} | "

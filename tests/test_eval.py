@@ -646,3 +646,11 @@ def test_an_unloadable_hub_clip_fails_before_any_image_is_generated(monkeypatch)
     with pytest.raises(OSError, match=r"the CLIP model 'org/clip' of the clip metric cannot be loaded .*--clip-model"):
         evaluate({"a": pipe}, ["a cat", "a dog"], metrics=("clip",), clip_model="org/clip", num_inference_steps=2,
                  progress=False)
+
+
+def test_machine_summary_names_the_cpu_of_a_record_and_keeps_old_plain_strings():
+    from diffusion_accel.eval.machine import machine_info, machine_summary
+
+    summary = machine_summary(machine_info())
+    assert machine_info()["cpu_model"] in summary and summary.startswith("cpu")
+    assert machine_summary("x86_64") == "x86_64"

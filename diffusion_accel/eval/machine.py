@@ -76,3 +76,18 @@ def denoiser_runtime(pipe: Any) -> dict[str, Any]:
             "device": str(parameter.device) if parameter is not None else "cpu",
             "dtype": str(parameter.dtype).replace("torch.", "") if parameter is not None else "unknown",
             "compiled": is_compiled(denoiser)}
+
+
+def machine_summary(machine: dict[str, Any] | str) -> str:
+    """One line naming the machine of a ``machine_info()`` record (or an older record's plain string), for
+    benchmark Markdown: every result names its machine."""
+    if isinstance(machine, str):
+        return machine
+    parts = [str(machine.get("device", "cpu")), str(machine.get("cpu_model", "unknown CPU"))]
+    if machine.get("cpu_features"):
+        parts.append(f"features {machine['cpu_features']}")
+    if machine.get("cpu_cores_available"):
+        parts.append(f"{machine['cpu_cores_available']} cores available")
+    if machine.get("torch_threads"):
+        parts.append(f"{machine['torch_threads']} torch thread(s)")
+    return ", ".join(parts)
