@@ -370,6 +370,11 @@ class StepTracker(ModelHook):
         self.in_call = False
         return output
 
+    def watched_timesteps(self) -> torch.Tensor | None:
+        """The watched scheduler's timesteps when they place the current call (see ``num_inference_steps``),
+        else None."""
+        return self._scheduler_timesteps() if self._driven else None
+
     @property
     def at_last_step(self) -> bool:
         """Whether the current (or just finished) call sits at the last position of the watched schedule."""

@@ -234,3 +234,41 @@ def test_a_schedule_for_a_pipeline_that_starts_mid_schedule_spends_its_budget_on
     img2img("a red bicycle", num_inference_steps=10, generator=torch.Generator().manual_seed(0), **kwargs)
     computed = [record["computed"] for record in summary(img2img)["steps"]]
     assert len(computed) == 5 and computed.count(True) == 2
+
+
+def test_a_schedule_under_other_timesteps_of_the_same_length_follows_the_noise_levels_or_is_refused():
+    """Only the step count was compared: under another scheduler / spacing of as many steps the calibrated
+    positions were reused silently, and resample=False did not refuse (fashion-flux, default -> Karras
+    sigmas: 24.6 dB vs 33.4 recalibrated)."""
+    import diffusers
+
+    from diffusion_accel.cache import summary
+    from diffusion_accel.cache.apply import steps_at_noise_levels
+
+    pipe = build_tiny("sd")
+    pipe.set_progress_bar_config(disable=True)
+    size = {"height": 32, "width": 32}
+    config = calibrate_schedule(pipe, ["a cat"], budget=0.5, num_inference_steps=6, guidance_scale=1.0, **size)
+    scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(6)
+    assert config.timesteps == tuple(float(t) for t in scheduler.timesteps)
+    assert CalibratedCacheConfig.from_dict(config.to_dict()) == config  # saved in artifacts
+    config = config.with_(full_steps=(0, 3, 5))
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    pipe.scheduler.set_timesteps(6)
+    shifted = pipe.scheduler.timesteps.tolist()
+    assert shifted != list(config.timesteps)
+    expected = steps_at_noise_levels(config, shifted)
+    assert expected != list(config.full_steps)  # nearest noise levels sit at other positions
+    enable_cache(pipe, config)
+    pipe(**tiny_call_kwargs("sd", steps=6), guidance_scale=1.0)
+    assert [record["step"] for record in summary(pipe)["steps"] if record["computed"]] == expected
+    enable_cache(pipe, config.with_(resample=False))
+    with pytest.raises(ValueError, match=r"calibrated on timesteps .* \(another scheduler, sigmas or spacing\)"):
+        pipe(**tiny_call_kwargs("sd", steps=6), guidance_scale=1.0)
+
+
+def test_schedule_timesteps_are_checked():
+    with pytest.raises(ValueError, match="timesteps must hold 3 finite values"):
+        CalibratedCacheConfig((0, 2), 3, timesteps=(999.0, 500.0))
+    assert CalibratedCacheConfig((0, 2), 3, timesteps=[999, 500, 1]).timesteps == (999.0, 500.0, 1.0)

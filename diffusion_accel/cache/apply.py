@@ -90,8 +90,7 @@ def _encoder_propagation(pipe: Any, config: EncoderPropagationConfig) -> tuple[s
 
 @register_cache_method(CalibratedCacheConfig)
 def _calibrated(pipe: Any, config: CalibratedCacheConfig) -> tuple[str, Any, Installer]:
-    policy = SchedulePolicy(lambda n: calibrated_steps(config, n), config.num_inference_steps,
-                            assumed_steps=config.num_inference_steps)
+    policy = CalibratedPolicy(config)
     is_unet = any(p.kind == "skip_branch" for p in get_adapter(pipe).cache_points())
     if not is_unet and config.branch != 0:  # it was accepted and ignored
         raise ValueError(f"branch={config.branch} picks a UNet's DeepCache skip branch; a transformer's calibrated "
@@ -113,6 +112,57 @@ def calibrated_steps(config: CalibratedCacheConfig, num_steps: int) -> list[int]
                          f"calls the denoiser 2N - 1 times for N steps, as Heun / KDPM2 do, where the calibration's "
                          f"did not): recalibrate with this scheduler and step count, or set resample=True")
     return resample_full_steps(config.full_steps, config.num_inference_steps, num_steps)
+
+
+class CalibratedPolicy(SchedulePolicy):
+    """A calibrated schedule's policy: ``calibrated_steps`` for the call's step count and, when the config
+    records the timesteps it was searched on and the call's schedule has as many but others, the full
+    steps at the nearest noise levels (``steps_at_noise_levels``)."""
+
+    def __init__(self, config: CalibratedCacheConfig) -> None:
+        super().__init__(lambda n: calibrated_steps(config, n), config.num_inference_steps,
+                         assumed_steps=config.num_inference_steps)
+        self.config = config
+        self.tracker: Any = None
+        self._last: tuple[Any, frozenset[int]] | None = None  # (the call's timesteps tensor, its full steps)
+
+    def bind(self, tracker: Any) -> None:
+        """The session's step tracker, which knows the timesteps of the call in progress."""
+        self.tracker = tracker
+
+    def should_compute(self, step: int, num_steps: int | None, state: dict, signal: Any = None) -> bool:
+        timesteps = self.tracker.watched_timesteps() if self.tracker is not None else None
+        if timesteps is None or self.config.timesteps is None or num_steps != self.config.num_inference_steps:
+            return super().should_compute(step, num_steps, state, signal)
+        last = self._last
+        if last is None or last[0] is not timesteps:
+            last = self._last = (timesteps, frozenset(steps_at_noise_levels(self.config, timesteps.tolist())))
+        return step in last[1]
+
+
+def steps_at_noise_levels(config: CalibratedCacheConfig, timesteps: list[float]) -> list[int]:
+    """``config.full_steps`` for a call whose schedule is ``timesteps`` (as many steps as the config's): the
+    same positions when the timesteps match the calibration's, else the positions nearest to the calibrated
+    full steps' timesteps (step 0 kept), or ValueError when ``config.resample`` is False."""
+    calibrated = config.timesteps
+    scale = max(max(abs(value) for value in calibrated), 1e-12)
+    if all(abs(a - b) <= 1e-4 * scale for a, b in zip(timesteps, calibrated)):
+        return list(config.full_steps)
+    if not config.resample:
+        raise ValueError(f"this cache schedule was calibrated on timesteps {_few(calibrated)}; this call's "
+                         f"{len(timesteps)} steps run at {_few(timesteps)} (another scheduler, sigmas or spacing): "
+                         f"recalibrate with this schedule, or set resample=True to take the full steps at the "
+                         f"nearest noise levels")
+    chosen = {0}
+    for step in config.full_steps[1:]:
+        free = [index for index in range(len(timesteps)) if index not in chosen]
+        chosen.add(min(free, key=lambda index: abs(timesteps[index] - calibrated[step])))
+    return sorted(chosen)
+
+
+def _few(values: Any) -> str:
+    values = [round(float(value), 3) for value in values]
+    return str(values) if len(values) <= 6 else f"[{', '.join(map(str, values[:3]))}, ..., {values[-1]}]"
 
 
 def _handler_for(config: Any) -> Callable:
@@ -138,6 +188,8 @@ def enable_cache(pipe: Any, config: Any) -> Any:
     if previous is not None:
         end_session(previous)
     session = start_session(pipe, denoiser, config, method, policy)
+    if hasattr(policy, "bind"):
+        policy.bind(session.tracker)
     try:
         install(session, pipe)
         finish_session(session)

@@ -13,8 +13,13 @@ error of the evenly spaced one); ``"greedy"`` grows the schedule from step 0.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
+
+import torch
+from torch import nn
 
 from ..arch import find_denoiser
 from ..calib import denoiser_steps
@@ -63,7 +68,10 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
                                   forecast=forecast, forecast_target=forecast_target)
     calls = planned_calls(pipe, prompts, num_inference_steps, seed=seed, **call_kwargs)
     ran = steps_that_run(pipe, _with_steps(probe, set(range(num_steps))), calls)  # also checks branch / target
-    references = final_outputs(pipe, calls)
+    with recorded_timesteps(pipe) as timesteps:
+        references = final_outputs(pipe, calls)
+    if len(timesteps) == num_steps:  # the schedule follows noise levels under other schedules of this length
+        probe = replace(probe, timesteps=tuple(timesteps))
     seen: dict[frozenset, float] = {}
 
     def error(positions: set[int]) -> float:
@@ -81,6 +89,24 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
         refined = [_refine(error, count, start, max_passes) for start in search_starts(count, target)]
         chosen = _refine_far(error, count, min(refined, key=error), max_passes)
     return _with_steps(probe, _steps_at(ran, chosen))
+
+
+@contextmanager
+def recorded_timesteps(pipe: Any) -> Iterator[list[float]]:
+    """A list that receives the pipeline scheduler's timesteps as the first denoiser call of the block sees
+    them (set by the pipeline at the start of its call)."""
+    values: list[float] = []
+
+    def record(module: nn.Module, args: tuple) -> None:
+        timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+        if not values and isinstance(timesteps, torch.Tensor):
+            values.extend(float(value) for value in timesteps.detach().float().cpu())
+
+    handle = find_denoiser(pipe)[1].register_forward_pre_hook(record)
+    try:
+        yield values
+    finally:
+        handle.remove()
 
 
 def steps_that_run(pipe: Any, every_step: CalibratedCacheConfig, calls: list) -> list[int]:

@@ -238,6 +238,17 @@ class EncoderPropagationConfig(_ConfigMethods):
                              f"sets the key steps of every length)")
 
 
+def _checked_timesteps(values: Any, num_steps: int) -> tuple[float, ...]:
+    """``values`` as a tuple of ``num_steps`` finite floats; ValueError otherwise."""
+    try:
+        timesteps = tuple(float(value) for value in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"timesteps must be a sequence of numbers, got {values!r:.80}") from None
+    if len(timesteps) != num_steps or not all(math.isfinite(value) for value in timesteps):
+        raise ValueError(f"timesteps must hold {num_steps} finite values (one per step), got {values!r:.80}")
+    return timesteps
+
+
 def _checked_steps(name: str, values: Any, num_steps: Any) -> tuple[int, ...]:
     """Sorted, de-duplicated step indices (ints: numpy ints too, not bools or floats); ValueError naming
     ``name`` unless they include 0 and lie in [0, num_steps)."""
@@ -267,6 +278,11 @@ class CalibratedCacheConfig(_ConfigMethods):
     :class:`BlockCacheConfig`, the UNet deep feature as in :class:`DeepCacheConfig`);
     ``forecast_target="output"`` (transformers only) fills reuse steps from the final projection's
     output instead of the stack residual (see :class:`BlockCacheConfig`).
+    ``timesteps``: the scheduler timesteps the schedule was searched on (``calibrate_schedule`` records
+    them; None in older artifacts). A call with as many steps but other timesteps (another scheduler,
+    Karras sigmas, another spacing) gets the full steps at the nearest noise levels, or a ValueError when
+    ``resample`` is False: its positions alone were reused silently (fashion-flux, default -> Karras
+    sigmas: 24.6 dB where recalibrating gave 33.4).
     """
 
     full_steps: tuple[int, ...]
@@ -276,6 +292,7 @@ class CalibratedCacheConfig(_ConfigMethods):
     resample: bool = True
     forecast: int = 0
     forecast_target: str = "residual"
+    timesteps: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_forecast(self.forecast)
@@ -289,6 +306,8 @@ class CalibratedCacheConfig(_ConfigMethods):
             raise ValueError(f"resample must be True or False, got {self.resample!r}")
         object.__setattr__(self, "full_steps", _checked_steps("full_steps", self.full_steps,
                                                               self.num_inference_steps))
+        if self.timesteps is not None:
+            object.__setattr__(self, "timesteps", _checked_timesteps(self.timesteps, self.num_inference_steps))
 
 
 CACHE_CONFIGS: tuple[type, ...] = (DeepCacheConfig, BlockCacheConfig, FirstBlockCacheConfig,
