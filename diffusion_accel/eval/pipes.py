@@ -53,7 +53,7 @@ def denoiser_of(pipe: Any) -> nn.Module:
                     f"{DENOISER_ATTRIBUTES} or an nn.Module")
 
 
-def compile_denoiser(pipe: Any, **compile_kwargs: Any) -> Any:
+def compile_denoiser(pipe: Any, *, regional: bool = False, **compile_kwargs: Any) -> Any:
     """``torch.compile`` the pipeline's denoiser in place (``nn.Module.compile``: the module, its
     hooks and the pipeline's attribute stay the same objects); compilation runs on the first call.
     Returns ``pipe``.
@@ -61,13 +61,40 @@ def compile_denoiser(pipe: Any, **compile_kwargs: Any) -> Any:
     A denoiser with hooked modules (a feature cache's blocks) compiles one graph per hooked block and
     cache state, past dynamo's default ``recompile_limit`` of 8 (tiny Flux's 4 blocks hit it on the third
     call; SD's up blocks at 12 steps), after which those frames run eagerly with a warning only; so the
-    limit is raised to ``recompile_limit_for(denoiser)``."""
+    limit is raised to ``recompile_limit_for(denoiser)``. ``regional=True`` compiles instead every largest
+    submodule that carries no hook (``unhooked_regions``), as diffusers' ``compile_repeated_blocks`` does
+    for its caches: the hooks and their skip decisions run eagerly between compiled regions, with no graph
+    break inside one. Cached on CPU (20 steps, 1 thread, AMD EPYC): fashion-sd's first call 1.9 s instead of
+    45 s, 95 ms per call instead of 107 (cached eager 88; uncached eager 199, compiled 168); fashion-flux
+    10 s instead of 22 s, 64 vs 63 ms (eager 68)."""
     denoiser = denoiser_of(pipe)
     limit = recompile_limit_for(denoiser)
     if limit > torch._dynamo.config.recompile_limit:
         torch._dynamo.config.recompile_limit = limit
-    denoiser.compile(**compile_kwargs)
+    for module in unhooked_regions(denoiser) if regional else [denoiser]:
+        module.compile(**compile_kwargs)
     return pipe
+
+
+def unhooked_regions(root: nn.Module) -> list[nn.Module]:
+    """The largest submodules of ``root`` with parameters on which, and under which, no hook is registered
+    (diffusers hook registries or torch forward hooks); ``root`` itself when nothing is hooked."""
+    def hooked(module: nn.Module) -> bool:
+        return ("_diffusers_hook" in vars(module) or bool(module._forward_hooks)
+                or bool(module._forward_pre_hooks))
+
+    regions: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        if not any(hooked(inner) for inner in module.modules()):
+            if next(module.parameters(), None) is not None:
+                regions.append(module)
+            return
+        for child in module.children():
+            visit(child)
+
+    visit(root)
+    return regions
 
 
 def recompile_limit_for(denoiser: nn.Module) -> int:
