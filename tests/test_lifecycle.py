@@ -233,3 +233,27 @@ def test_seeded_calls_pin_samplers_that_draw_from_the_global_rng():
     assert torch.equal(images[0][0][1], images[1][0][1])
     da.calibrate(pipe, ["a photo"], num_inference_steps=3, progress=False, height=16, width=16)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_artifacts_record_what_their_calibration_ran(tmp_path):
+    """The prompts and their order change an artifact (call k is seeded seed + k), but only the CLI's
+    calibration.json recorded them: the manifest of an API-built artifact could not say what built it."""
+    import json
+
+    pipe = build_tiny("sd")
+    calib = da.calibrate(pipe, ["a red bicycle", "a cat"], num_inference_steps=2, progress=False, seed=7,
+                         height=32, width=32)
+    da.prune_(pipe, da.PruneConfig(method="obs", sparsity=0.3, **PRUNE_CALIB))
+    da.quantize_(pipe, da.PTQConfig.preset("w8a8"), calib=calib)
+    da.save(pipe, tmp_path / "art")
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    entries = {technique["name"]: technique["config"] for technique in manifest["techniques"]}
+    ptq = entries["ptq"]["calibration"]
+    assert ptq["settings"]["prompts"] == ["a red bicycle", "a cat"] and ptq["seeds"] == [7, 8]
+    assert ptq["settings"]["height"] == 32 and ptq["pipeline_class"] == "StableDiffusionPipeline"
+    pruned = entries["prune"]["record"]["calibrations"]
+    assert len(pruned) == 1 and pruned[0]["settings"]["num_inference_steps"] == 2 and pruned[0]["seeds"] == [0]
+    loaded = da.load(build_tiny("sd"), tmp_path / "art")
+    da.save(loaded, tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert [t["config"].get("calibration") for t in again["techniques"] if t["name"] == "ptq"] == [ptq]

@@ -135,6 +135,14 @@ class Calibration:
         return calibrate(pipe, collectors=collectors, store_trajectory=store_trajectory,
                          progress=progress, **self.settings.as_kwargs())
 
+    def provenance(self) -> dict[str, Any]:
+        """JSON-ready record of what this pass ran (its settings and seeds), which artifacts store: the
+        prompts and their order change the result (call k is seeded seed + k). Values JSON cannot hold
+        (an image of img2img calls) are named by type."""
+        settings = {name: json_safe(value) for name, value in self.settings.as_kwargs().items()}
+        return {"source": self.source, "pipeline_class": self.pipeline_class, "settings": settings,
+                "seeds": list(self.seeds)}
+
     def summary(self) -> str:
         """A short human-readable report of the pass."""
         s = self.settings
@@ -159,6 +167,19 @@ class Calibration:
 def _or_default(value: Any) -> str:
     """A setting as written, or "the pipeline's default" for None (calibrate then passes nothing)."""
     return "the pipeline's default" if value is None else repr(value)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with lists / tuples / dicts of JSON scalars kept, anything else as ``"<TypeName>"``."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else repr(value)
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    return f"<{type(value).__name__}>"
 
 
 def _seed_text(seeds: list[int]) -> str:

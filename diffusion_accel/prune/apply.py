@@ -53,6 +53,7 @@ def prune_(pipe: Any, config: PruneConfig, calib: Calibration | None = None, *, 
             report = prune_denoiser_(working, config, sweep)
         if sweep is not None:
             report.step_weights = used_step_weights(pipe, config, calib)
+            ensure_record(working).calibrations[-1] = sweep.first_calibration()
         if report.unobserved_inputs:
             warnings.warn(f"prune_: {report.unobserved_inputs_text()}", stacklevel=2)
         mark_applied(pipe, TECHNIQUE)
@@ -135,12 +136,15 @@ def make_sweep(pipe: Any, config: PruneConfig, calib: Calibration | None, progre
     """A function running one calibration pass of ``pipe`` into a HessianCollector for given layers."""
     kwargs = calibration_kwargs(pipe, config, calib)
 
+    passes: list[Calibration] = []
+
     def sweep(layer_names: list[str], full: bool | None = None) -> HessianCollector:
         """Collect inputs of ``layer_names``: full Hessians for OBS, input norms only otherwise or if not ``full``."""
         collector = HessianCollector(layer_names, full=config.method == "obs" if full is None else full)
-        calibrate(pipe, collectors=[collector], store_trajectory=False, progress=progress, **kwargs)
+        passes.append(calibrate(pipe, collectors=[collector], store_trajectory=False, progress=progress, **kwargs))
         return collector
 
+    sweep.first_calibration = lambda: passes[0].provenance() if passes else None  # type: ignore[attr-defined]
     return sweep
 
 
@@ -163,7 +167,9 @@ def prune_denoiser_(denoiser: nn.Module, config: PruneConfig, sweep: Sweep | Non
         _prune_structured(denoiser, adapter, config, sweep, report)
     else:
         _prune_unstructured(denoiser, adapter, config, sweep, report)
-    ensure_record(denoiser).configs.append(config.to_dict())
+    record = ensure_record(denoiser)
+    record.configs.append(config.to_dict())
+    record.calibrations.append(None)  # prune_ fills in what its sweeps ran
     report.params_after = count_parameters(denoiser)
     setattr(denoiser, REPORT_ATTR, report)
     return report

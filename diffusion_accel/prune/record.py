@@ -16,6 +16,7 @@ class PruneRecord:
     of pruned attentions, group counts of pruned GroupNorms."""
 
     configs: list[dict[str, Any]] = field(default_factory=list)
+    calibrations: list[dict[str, Any] | None] = field(default_factory=list)  # per config: Calibration.provenance()
     masked: list[str] = field(default_factory=list)
     base_shapes: dict[str, list[int]] = field(default_factory=dict)
     heads: dict[str, int] = field(default_factory=dict)
@@ -33,7 +34,7 @@ class PruneRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"configs": self.configs, "masked": self.masked, "base_shapes": self.base_shapes,
+        return {"configs": self.configs, "calibrations": self.calibrations, "masked": self.masked, "base_shapes": self.base_shapes,
                 "heads": self.heads, "norm_groups": self.norm_groups}
 
 

@@ -76,6 +76,7 @@ def restore_prune(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Te
         _restore_masked(denoiser, name, shape, tensors)
     record = ensure_record(denoiser)
     record.configs += saved["configs"]
+    record.calibrations += saved.get("calibrations", [None] * len(saved["configs"]))  # older artifacts: none
     for name in saved["masked"]:
         record.note_masked(name)
     record.base_shapes |= saved["base_shapes"]

@@ -81,7 +81,8 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
               for t in targets}
     state = PTQState(config.to_dict(), [t.name for t in targets], collected.num_steps,
                      calibration=collected.calibration.summary() if collected.calibration else "",
-                     attention=attention, group_bounds=None if bounds is None else list(bounds))
+                     attention=attention, group_bounds=None if bounds is None else list(bounds),
+                     calibration_record=collected.calibration.provenance() if collected.calibration else None)
     if others:
         state.notes.append(f"{sum(others.values())} attention modules stay unquantized (processors not "
                            f"replaced: {describe_processors(others)})")

@@ -67,8 +67,7 @@ def export_ptq(pipe: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         layers[name] = {"segments": list(module.segment_sizes), "packed": packed,
                         "act": _act_entry(module.act), "lowered": state.lowered.get(name)}
     config = {"ptq_config": state.config, "num_steps": state.num_steps, "group_bounds": state.group_bounds,
-              "layers": layers,
-              "attention": list(state.attention)}
+              "layers": layers, "attention": list(state.attention), "calibration": state.calibration_record}
     return config, tensors
 
 
@@ -144,7 +143,7 @@ def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tens
     state = PTQState(ptq_config.to_dict(), list(config["layers"]), config["num_steps"],
                      lowered={name: module.kind for name, module in lowered.items() if module is not None},
                      notes=["restored from an artifact"], attention=list(config.get("attention", [])),
-                     group_bounds=bounds)
+                     group_bounds=bounds, calibration_record=config.get("calibration"))
     install(pipe, final, state)
 
 

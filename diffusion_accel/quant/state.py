@@ -25,6 +25,7 @@ class PTQState:
     calibration: str = ""
     attention: list[str] = field(default_factory=list)
     group_bounds: list[float] | None = None  # timestep values between timestep groups (layers.StepGroups)
+    calibration_record: dict[str, Any] | None = None  # Calibration.provenance() of the ranges' pass
 
 
 def get_state(denoiser: nn.Module) -> PTQState | None:
