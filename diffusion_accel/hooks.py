@@ -173,6 +173,7 @@ class StepTracker(ModelHook):
         self._context_reader = _ContextReader(_ContextState)
         self._clients: dict[str, _Client] = {}
         self._call = _CallState()
+        self._timesteps_owner: tuple[torch.Tensor, int] | None = None  # (watched timesteps, first thread to use them)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "StepTracker":
         """A copy watching the copied pipeline when the pipeline itself is being deep-copied (a weakref
@@ -269,12 +270,25 @@ class StepTracker(ModelHook):
         view of the watched timesteps (so that scheduler vouches for this call)."""
         timesteps = self._scheduler_timesteps()
         vouched = _is_view_of(self._timestep_argument, timesteps)
-        foreign = not vouched and _is_any_view(self._timestep_argument)  # a view of another pipeline's schedule
+        owned = self._claim(timesteps) or vouched
+        # a view of another pipeline's schedule, or (Flux passes no views) timesteps another thread started on
+        foreign = not vouched and (_is_any_view(self._timestep_argument) or not owned)
         if timesteps is not None and timesteps is not self._last_timesteps and not foreign:
             self._last_timesteps = timesteps
             self.reset()
             self._scheduler_live = True
         return vouched
+
+    def _claim(self, timesteps: torch.Tensor | None) -> bool:
+        """Whether the calling thread owns the watched ``timesteps``: the first thread to call the denoiser after
+        they were set (the pipeline sets them in its own thread just before its first denoiser call)."""
+        owner, thread = self._timesteps_owner, threading.get_ident()
+        if timesteps is None:
+            return True
+        if owner is None or owner[0] is not timesteps:
+            self._timesteps_owner = (timesteps, thread)
+            return True
+        return owner[1] == thread
 
     def _detect_other_caller(self, module: torch.nn.Module, context: str) -> None:
         """For a call the watched scheduler does not vouch for: reset on a switch of caller or a rising

@@ -264,7 +264,7 @@ def test_a_schedule_under_other_timesteps_of_the_same_length_follows_the_noise_l
     pipe(**tiny_call_kwargs("sd", steps=6), guidance_scale=1.0)
     assert [record["step"] for record in summary(pipe)["steps"] if record["computed"]] == expected
     enable_cache(pipe, config.with_(resample=False))
-    with pytest.raises(ValueError, match=r"calibrated on timesteps .* \(another scheduler, sigmas or spacing\)"):
+    with pytest.raises(ValueError, match=r"calibrated on timesteps .* \(another scheduler, sigmas or spacing, or a resolution"):
         pipe(**tiny_call_kwargs("sd", steps=6), guidance_scale=1.0)
 
 
@@ -272,3 +272,15 @@ def test_schedule_timesteps_are_checked():
     with pytest.raises(ValueError, match="timesteps must hold 3 finite values"):
         CalibratedCacheConfig((0, 2), 3, timesteps=(999.0, 500.0))
     assert CalibratedCacheConfig((0, 2), 3, timesteps=[999, 500, 1]).timesteps == (999.0, 500.0, 1.0)
+
+
+def test_a_shifted_schedule_that_keeps_every_full_step_in_place_is_not_refused():
+    """Flux-style dynamic shifting moves every timestep a little with the resolution (0.9% from 16 to 32 px):
+    with resample=False that was refused, though the full steps stay where they were."""
+    from diffusion_accel.cache.apply import steps_at_noise_levels
+
+    config = CalibratedCacheConfig((0, 2, 4), 6, resample=False, timesteps=(1000, 888, 750, 583, 375, 125))
+    assert steps_at_noise_levels(config, [1000, 889, 752, 586, 378, 127]) == [0, 2, 4]
+    with pytest.raises(ValueError, match="sit at other positions"):
+        steps_at_noise_levels(config, [1000, 950, 900, 750, 500, 250])
+    assert steps_at_noise_levels(config.with_(resample=True), [1000, 950, 900, 750, 500, 250]) == [0, 3, 4]

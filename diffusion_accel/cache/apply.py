@@ -142,21 +142,19 @@ class CalibratedPolicy(SchedulePolicy):
 
 def steps_at_noise_levels(config: CalibratedCacheConfig, timesteps: list[float]) -> list[int]:
     """``config.full_steps`` for a call whose schedule is ``timesteps`` (as many steps as the config's): the
-    same positions when the timesteps match the calibration's, else the positions nearest to the calibrated
-    full steps' timesteps (step 0 kept), or ValueError when ``config.resample`` is False."""
-    calibrated = config.timesteps
-    scale = max(max(abs(value) for value in calibrated), 1e-12)
-    if all(abs(a - b) <= 1e-4 * scale for a, b in zip(timesteps, calibrated)):
-        return list(config.full_steps)
-    if not config.resample:
-        raise ValueError(f"this cache schedule was calibrated on timesteps {_few(calibrated)}; this call's "
-                         f"{len(timesteps)} steps run at {_few(timesteps)} (another scheduler, sigmas or spacing): "
-                         f"recalibrate with this schedule, or set resample=True to take the full steps at the "
-                         f"nearest noise levels")
-    chosen = {0}
+    positions nearest to the calibrated full steps' timesteps (step 0 kept), which are the same positions
+    unless the noise levels moved (another scheduler, sigmas or spacing; resolution-dependent shifting
+    only when it moves a full step). Where they differ, ValueError when ``config.resample`` is False."""
+    calibrated, chosen = config.timesteps, {0}
     for step in config.full_steps[1:]:
         free = [index for index in range(len(timesteps)) if index not in chosen]
-        chosen.add(min(free, key=lambda index: abs(timesteps[index] - calibrated[step])))
+        chosen.add(min(free, key=lambda index: (abs(timesteps[index] - calibrated[step]), abs(index - step))))
+    if sorted(chosen) != list(config.full_steps) and not config.resample:
+        raise ValueError(f"this cache schedule was calibrated on timesteps {_few(calibrated)}; this call's "
+                         f"{len(timesteps)} steps run at {_few(timesteps)} (another scheduler, sigmas or spacing, "
+                         f"or a resolution that shifts the schedule), where its full steps sit at other positions: "
+                         f"recalibrate with this schedule, or set resample=True to take the full steps at the "
+                         f"nearest noise levels")
     return sorted(chosen)
 
 
