@@ -271,8 +271,10 @@ class StepTracker(ModelHook):
         timesteps = self._scheduler_timesteps()
         vouched = _is_view_of(self._timestep_argument, timesteps)
         owned = self._claim(timesteps) or vouched
-        # a view of another pipeline's schedule, or (Flux passes no views) timesteps another thread started on
-        foreign = not vouched and (_is_any_view(self._timestep_argument) or not owned)
+        # a view of another pipeline's schedule, or (Flux passes no views) timesteps another thread started on,
+        # or the schedule the watched scheduler was built with (no set_timesteps yet: another pipeline calls)
+        unset = getattr(getattr(self.pipeline, "scheduler", None), "num_inference_steps", None) is None
+        foreign = not vouched and (_is_any_view(self._timestep_argument) or not owned or unset)
         if timesteps is not None and timesteps is not self._last_timesteps and not foreign:
             self._last_timesteps = timesteps
             self.reset()

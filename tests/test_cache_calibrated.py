@@ -253,8 +253,11 @@ def test_a_schedule_under_other_timesteps_of_the_same_length_follows_the_noise_l
     scheduler.set_timesteps(6)
     assert config.timesteps == tuple(float(t) for t in scheduler.timesteps)
     assert CalibratedCacheConfig.from_dict(config.to_dict()) == config  # saved in artifacts
-    config = config.with_(full_steps=(0, 3, 5))
-    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    config = config.with_(full_steps=(0, 2, 4))
+    trailing = diffusers.DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing")
+    trailing.set_timesteps(6)  # starts elsewhere (999, not 831) but spaced alike: the positions stay
+    assert steps_at_noise_levels(config.with_(resample=False), trailing.timesteps.tolist()) == [0, 2, 4]
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
     pipe.scheduler.set_timesteps(6)
     shifted = pipe.scheduler.timesteps.tolist()
     assert shifted != list(config.timesteps)

@@ -55,7 +55,7 @@ class Trajectory:
     """Stands in for a pipeline: the step tracker reads the trajectory length from its scheduler."""
 
     def __init__(self, steps: int) -> None:
-        self.scheduler = SimpleNamespace(timesteps=torch.arange(steps))
+        self.scheduler = SimpleNamespace(timesteps=torch.arange(steps), num_inference_steps=steps)  # set, as by set_timesteps
 
 
 def _delta_toy(between: float = 0.0):

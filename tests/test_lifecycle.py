@@ -97,9 +97,11 @@ def test_calibration_runs_leave_the_scheduler_as_they_found_it(apply):
     loop) found 3 steps after ``calibrate``."""
     pipe = build_tiny("sd")
     pipe.scheduler.set_timesteps(20)
-    timesteps = pipe.scheduler.timesteps.clone()
+    timesteps = pipe.scheduler.timesteps
+    values = timesteps.clone()
     apply(pipe)
-    assert torch.equal(pipe.scheduler.timesteps, timesteps) and pipe.scheduler.num_inference_steps == 20
+    assert torch.equal(pipe.scheduler.timesteps, values) and pipe.scheduler.num_inference_steps == 20
+    assert pipe.scheduler.timesteps is timesteps  # the same object: the step tracker sees no new trajectory
 
 
 def test_loading_a_structured_artifact_leaves_the_global_random_stream_alone(tmp_path):
@@ -259,3 +261,19 @@ def test_artifacts_record_what_their_calibration_ran(tmp_path):
     da.save(loaded, tmp_path / "again")
     again = json.loads((tmp_path / "again" / "manifest.json").read_text())
     assert [t["config"].get("calibration") for t in again["techniques"] if t["name"] == "ptq"] == [ptq]
+
+
+def test_a_flux_pipeline_sharing_the_transformer_is_counted_before_the_original_ever_ran():
+    """Flux passes timesteps that are no views: a pipeline built from the components, called before the original
+    pipeline's first call, was placed by the original's never-set scheduler (every call at step 0 of 1000, so the
+    cache reused nothing) and gave another image than after the original had run."""
+    from diffusion_accel.hooks import get_tracker
+    from diffusion_accel.testing.tiny import tiny_call_kwargs
+
+    first, second = _shared_denoiser_pipelines(da.enable_cache(build_tiny("flux"), da.BlockCacheConfig(interval=2)))
+    tracker, steps = get_tracker(first.transformer), []
+    first.transformer.register_forward_hook(lambda *args: steps.append(tracker.step_index))
+    before = second(**tiny_call_kwargs("flux", steps=5)).images
+    assert steps == [0, 1, 2, 3, 4] and da.cache_summary(first)["reused_calls"] == 2
+    first(**tiny_call_kwargs("flux", steps=3))
+    assert torch.equal(second(**tiny_call_kwargs("flux", steps=5)).images, before)

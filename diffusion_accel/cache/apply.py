@@ -142,20 +142,30 @@ class CalibratedPolicy(SchedulePolicy):
 
 def steps_at_noise_levels(config: CalibratedCacheConfig, timesteps: list[float]) -> list[int]:
     """``config.full_steps`` for a call whose schedule is ``timesteps`` (as many steps as the config's): the
-    positions nearest to the calibrated full steps' timesteps (step 0 kept), which are the same positions
-    unless the noise levels moved (another scheduler, sigmas or spacing; resolution-dependent shifting
-    only when it moves a full step). Where they differ, ValueError when ``config.resample`` is False."""
-    calibrated, chosen = config.timesteps, {0}
+    positions nearest to the calibrated full steps' noise levels (step 0 kept), which are the same positions
+    unless the levels moved (Karras sigmas, resolution-dependent shifting, another scheduler). Levels are
+    compared within each schedule's own range, ``(t - min) / (max - min)``: by absolute timestep a schedule
+    that only starts elsewhere (DDIM "trailing" / "linspace" spacing, DPM++: 999 vs 901) moved every full
+    step one position later, 2-5 dB below reusing the positions (fashion-sd). Where the positions differ,
+    ValueError when ``config.resample`` is False."""
+    calibrated, current, chosen = _normalized(config.timesteps), _normalized(timesteps), {0}
     for step in config.full_steps[1:]:
-        free = [index for index in range(len(timesteps)) if index not in chosen]
-        chosen.add(min(free, key=lambda index: (abs(timesteps[index] - calibrated[step]), abs(index - step))))
+        free = [index for index in range(len(current)) if index not in chosen]
+        chosen.add(min(free, key=lambda index: (abs(current[index] - calibrated[step]), abs(index - step))))
     if sorted(chosen) != list(config.full_steps) and not config.resample:
-        raise ValueError(f"this cache schedule was calibrated on timesteps {_few(calibrated)}; this call's "
+        raise ValueError(f"this cache schedule was calibrated on timesteps {_few(config.timesteps)}; this call's "
                          f"{len(timesteps)} steps run at {_few(timesteps)} (another scheduler, sigmas or spacing, "
                          f"or a resolution that shifts the schedule), where its full steps sit at other positions: "
                          f"recalibrate with this schedule, or set resample=True to take the full steps at the "
                          f"nearest noise levels")
     return sorted(chosen)
+
+
+def _normalized(timesteps: Any) -> list[float]:
+    """``timesteps`` scaled to [0, 1] by their own minimum and maximum (all 0 for a constant schedule)."""
+    values = [float(value) for value in timesteps]
+    low, span = min(values), max(values) - min(values)
+    return [(value - low) / span if span > 0 else 0.0 for value in values]
 
 
 def _few(values: Any) -> str:

@@ -221,10 +221,14 @@ def _restore_pipeline_bar(pipe: Any, saved: Any) -> None:
 
 
 def scheduler_state(pipe: Any) -> dict[str, Any] | None:
-    """A copy of the pipeline scheduler's attributes (timesteps, sigmas, step index, multistep buffers;
-    a few KB), or None without a scheduler."""
+    """The pipeline scheduler's attributes (timesteps, sigmas, step index, multistep buffers), or None without a
+    scheduler. The values themselves, lists and dicts copied: schedulers replace their tensors rather than
+    edit them, and keeping the same ``timesteps`` object keeps the step tracker from taking the restore for
+    a new trajectory of the original pipeline (it then placed another pipeline's next call by it)."""
     scheduler = getattr(pipe, "scheduler", None)
-    return None if scheduler is None else copy.deepcopy(vars(scheduler))
+    if scheduler is None:
+        return None
+    return {name: copy.copy(value) if isinstance(value, (list, dict)) else value for name, value in vars(scheduler).items()}
 
 
 def restore_scheduler_state(pipe: Any, saved: dict[str, Any] | None) -> None:
