@@ -12,8 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
+
+from .pipeline_defaults import image_input_hint
 
 
 @contextmanager
@@ -26,3 +29,10 @@ def seeded_global_rng(seed: int) -> Iterator[None]:
         for device in devices:
             torch.cuda.default_generators[device].manual_seed(seed)
         yield
+
+
+def seeded_call(pipe: Any, kwargs: dict[str, Any], seed: int) -> Any:
+    """``pipe(**kwargs)`` inside ``seeded_global_rng(seed)`` (a missing image input of an image-conditioned
+    pipeline named, ``image_input_hint``): how calibration, schedule search and evaluation call pipelines."""
+    with image_input_hint(pipe, kwargs), seeded_global_rng(seed):
+        return pipe(**kwargs)

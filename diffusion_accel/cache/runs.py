@@ -12,8 +12,7 @@ import torch
 
 from ..calib.inputs import calibration_items, placeholder_prompts, plan_calls
 from ..calib.runner import restore_scheduler_state, scheduler_state
-from ..pipeline_defaults import image_input_hint
-from ..seeding import seeded_global_rng
+from ..seeding import seeded_call
 
 
 def planned_calls(pipe: Any, prompts: Any, num_inference_steps: int, seed: int = 0,
@@ -36,9 +35,8 @@ def final_outputs(pipe: Any, calls: list) -> list[torch.Tensor]:
     outputs, saved_scheduler = [], scheduler_state(pipe)
     try:
         for call in calls:
-            generator = torch.Generator().manual_seed(call.seed)
-            with image_input_hint(pipe, call.kwargs), seeded_global_rng(call.seed):
-                result = pipe(**call.kwargs, generator=generator)
+            result = seeded_call(pipe, call.kwargs | {"generator": torch.Generator().manual_seed(call.seed)},
+                                 call.seed)
             images = result[0] if isinstance(result, tuple) else result.images
             outputs.append(torch.as_tensor(images).detach().float().cpu())
     finally:

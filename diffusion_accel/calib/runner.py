@@ -21,8 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..hooks import ModuleHooks, StepTracker, get_tracker, refuse_while_cached, use_tracker
-from ..pipeline_defaults import image_input_hint
-from ..seeding import seeded_global_rng
+from ..seeding import seeded_call
 from .collectors import Collector, Step
 from .dispatch import CollectorRouter, resolve_denoiser, validate_collectors
 from .inputs import PlannedCall, calibration_items, call_mode, placeholder_prompts, plan_calls
@@ -178,8 +177,7 @@ class _LiveRun:
                 for call in calls:
                     tracker.reset()   # a new trajectory, even if a scheduler reuses its timesteps tensor
                     self.items_in_call = call.num_items
-                    with image_input_hint(pipe, call.kwargs), seeded_global_rng(call.seed):
-                        pipe(**call.kwargs, generator=torch.Generator().manual_seed(call.seed))
+                    seeded_call(pipe, call.kwargs | {"generator": torch.Generator().manual_seed(call.seed)}, call.seed)
         finally:
             self.tracker = self.bar = None
             _restore_pipeline_bar(pipe, saved_bar_config)

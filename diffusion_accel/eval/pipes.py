@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..pipeline_defaults import call_defaults, image_input_hint, per_prompt_negative
-from ..seeding import seeded_global_rng
+from ..pipeline_defaults import call_defaults, per_prompt_negative
+from ..seeding import seeded_call
 from .images import to_uint8
 
 DENOISER_ATTRIBUTES = ("unet", "transformer")
@@ -64,9 +64,9 @@ def compile_denoiser(pipe: Any, *, regional: bool = False, **compile_kwargs: Any
     limit is raised to ``recompile_limit_for(denoiser)``. ``regional=True`` compiles instead every largest
     submodule that carries no hook (``unhooked_regions``), as diffusers' ``compile_repeated_blocks`` does
     for its caches: the hooks and their skip decisions run eagerly between compiled regions, with no graph
-    break inside one. Cached on CPU (20 steps, 1 thread, AMD EPYC): fashion-sd's first call 1.9 s instead of
-    45 s, 95 ms per call instead of 107 (cached eager 88; uncached eager 199, compiled 168); fashion-flux
-    10 s instead of 22 s, 64 vs 63 ms (eager 68)."""
+    break inside one. Cached, CPU, 20 steps, 1 thread (``benchmarks/cache_compile.py``): fashion-sd's first call
+    1.9 s instead of 38.6 s and 105 ms per call instead of 117 (eager 99); fashion-flux 2.7 s instead of 9.2 s,
+    but 66 ms instead of 54 (eager 71)."""
     denoiser = denoiser_of(pipe)
     limit = recompile_limit_for(denoiser)
     if limit > torch._dynamo.config.recompile_limit:
@@ -237,8 +237,7 @@ def generate_images(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_steps:
         for batch in chunks(list(jobs), batch_size):
             kwargs = build_call_kwargs(pipe, batch, num_inference_steps=num_inference_steps,
                                        call_kwargs=call_kwargs, prompt_to_kwargs=prompt_to_kwargs)
-            with image_input_hint(pipe, kwargs), seeded_global_rng(batch[0].seed):  # stochastic samplers
-                output = pipe(**kwargs)
+            output = seeded_call(pipe, kwargs, batch[0].seed)  # stochastic samplers draw from the global RNG
             if not hasattr(output, "images"):  # AudioLDM & co. (their UNets are supported denoisers)
                 raise TypeError(f"{type(pipe).__name__} returned a {type(output).__name__} without images: "
                                 f"evaluation scores image pipelines")

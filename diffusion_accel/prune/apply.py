@@ -136,16 +136,28 @@ def make_sweep(pipe: Any, config: PruneConfig, calib: Calibration | None, progre
     """A function running one calibration pass of ``pipe`` into a HessianCollector for given layers."""
     kwargs = calibration_kwargs(pipe, config, calib)
 
-    passes: list[Calibration] = []
+    return _CalibrationSweep(pipe, config.method == "obs", progress, kwargs)
 
-    def sweep(layer_names: list[str], full: bool | None = None) -> HessianCollector:
+
+class _CalibrationSweep:
+    """One calibration pass of the pipeline into a HessianCollector per call; remembers the first pass (for the
+    artifact's provenance: every pass runs the same settings)."""
+
+    def __init__(self, pipe: Any, full: bool, progress: bool, kwargs: dict[str, Any]) -> None:
+        self.pipe, self.full, self.progress, self.kwargs = pipe, full, progress, kwargs
+        self.first: Calibration | None = None
+
+    def __call__(self, layer_names: list[str], full: bool | None = None) -> HessianCollector:
         """Collect inputs of ``layer_names``: full Hessians for OBS, input norms only otherwise or if not ``full``."""
-        collector = HessianCollector(layer_names, full=config.method == "obs" if full is None else full)
-        passes.append(calibrate(pipe, collectors=[collector], store_trajectory=False, progress=progress, **kwargs))
+        collector = HessianCollector(layer_names, full=self.full if full is None else full)
+        calibration = calibrate(self.pipe, collectors=[collector], store_trajectory=False, progress=self.progress,
+                                **self.kwargs)
+        self.first = self.first or calibration
         return collector
 
-    sweep.first_calibration = lambda: passes[0].provenance() if passes else None  # type: ignore[attr-defined]
-    return sweep
+    def first_calibration(self) -> dict[str, Any] | None:
+        """``Calibration.provenance()`` of the first pass, or None before any."""
+        return None if self.first is None else self.first.provenance()
 
 
 def used_step_weights(pipe: Any, config: PruneConfig, calib: Calibration | None) -> list[float]:
