@@ -282,7 +282,7 @@ class CalibratedCacheConfig(_ConfigMethods):
     them; None in older artifacts). A call with as many steps but other timesteps (another scheduler,
     Karras sigmas, another spacing) gets the full steps at the nearest noise levels, or a ValueError when
     ``resample`` is False: its positions alone were reused silently (fashion-flux, default -> Karras
-    sigmas: 24.6 dB where recalibrating gave 33.4).
+    sigmas: 27.05 dB, mapped 34.60 = recalibrated; ``benchmarks/cache_schedule_transfer.py``).
     """
 
     full_steps: tuple[int, ...]
