@@ -102,10 +102,16 @@ class _Client:
     on_reset: Callable[[], None] | None = None
 
 
-class _CallState(threading.local):
-    """A tracker's trajectory state in one thread (see the module doc); fresh in every thread."""
+class _ClientStates(dict):
+    """One thread's client states (client -> context -> state dict); a dict a weak reference can point to."""
 
-    def __init__(self) -> None:
+
+class _CallState(threading.local):
+    """A tracker's trajectory state in one thread (see the module doc); fresh in every thread. Each
+    thread's client states join ``registry`` so that unregistering a client forgets them in every thread
+    (cached features of a removed cache would otherwise stay alive in the other threads' state)."""
+
+    def __init__(self, registry: "weakref.WeakValueDictionary[int, _ClientStates]") -> None:
         self.counters: dict[str, int] = {}
         self.last_timesteps: torch.Tensor | None = None
         self.last_values: dict[str, float] = {}  # per context: the previous unvouched call's timestep
@@ -122,7 +128,8 @@ class _CallState(threading.local):
         self.in_call = False
         self.calls_since_reset = 0
         self.pinned_context: str | None = None
-        self.client_states: dict[str, dict[str, dict[str, Any]]] = {}  # client -> context -> state
+        self.client_states = _ClientStates()  # client -> context -> state
+        registry[id(self.client_states)] = self.client_states
 
 
 def _per_thread(name: str) -> property:
@@ -172,7 +179,8 @@ class StepTracker(ModelHook):
         self._pipeline_ref = weakref.ref(pipeline) if pipeline is not None else None
         self._context_reader = _ContextReader(_ContextState)
         self._clients: dict[str, _Client] = {}
-        self._call = _CallState()
+        self._thread_states: weakref.WeakValueDictionary[int, _ClientStates] = weakref.WeakValueDictionary()
+        self._call = _CallState(self._thread_states)
         self._timesteps_owner: tuple[torch.Tensor, int] | None = None  # (watched timesteps, first thread to use them)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "StepTracker":
@@ -183,11 +191,14 @@ class StepTracker(ModelHook):
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         pipeline = self.pipeline
-        kept = {k: v for k, v in self.__dict__.items() if k not in ("_pipeline_ref", "_call")}
+        kept = {k: v for k, v in self.__dict__.items() if k not in ("_pipeline_ref", "_call", "_thread_states")}
         clone.__dict__.update(copy.deepcopy(kept, memo))
-        clone._call = _CallState()
+        clone._thread_states = weakref.WeakValueDictionary()
+        clone._call = _CallState(clone._thread_states)
         for name, value in vars(self._call).items():
-            setattr(clone._call, name, copy.deepcopy(value, memo))
+            if name != "client_states":
+                setattr(clone._call, name, copy.deepcopy(value, memo))
+        clone._call.client_states.update(copy.deepcopy(dict(self._call.client_states), memo))
         watched = memo.get(id(pipeline), pipeline) if pipeline is not None else None
         clone._pipeline_ref = weakref.ref(watched) if watched is not None else None
         return clone
@@ -196,11 +207,17 @@ class StepTracker(ModelHook):
     def register_client(self, name: str, on_reset: Callable[[], None] | None = None) -> None:
         """Register a technique under ``name``; ``on_reset`` runs at each new pipeline call."""
         self._clients[name] = _Client(on_reset=on_reset)
-        self._call.client_states.pop(name, None)
+        self._forget_states(name)
 
     def unregister_client(self, name: str) -> None:
+        """Forget the technique ``name`` and its state in every thread."""
         self._clients.pop(name, None)
-        self._call.client_states.pop(name, None)  # this thread's; other threads' go with their next reset
+        self._forget_states(name)
+
+    def _forget_states(self, client: str) -> None:
+        """Drop ``client``'s state in every thread (features a removed cache held stay alive otherwise)."""
+        for states in list(self._thread_states.values()):
+            states.pop(client, None)
 
     def client_states(self, client: str) -> dict[str, dict[str, Any]]:
         """``client``'s state dicts by context in the calling thread (empty when it has none)."""

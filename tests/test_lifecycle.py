@@ -277,3 +277,52 @@ def test_a_flux_pipeline_sharing_the_transformer_is_counted_before_the_original_
     assert steps == [0, 1, 2, 3, 4] and da.cache_summary(first)["reused_calls"] == 2
     first(**tiny_call_kwargs("flux", steps=3))
     assert torch.equal(second(**tiny_call_kwargs("flux", steps=5)).images, before)
+
+
+def test_remove_cache_forgets_the_features_other_threads_cached():
+    """A thread whose cached call was interrupted kept its features after ``remove_cache`` from another
+    thread while the tracker stayed (a timestep-grouped W8A8 denoiser also uses it), until its next call."""
+    import threading
+
+    from diffusion_accel.hooks import get_tracker
+    from diffusion_accel.testing.tiny import tiny_call_kwargs
+
+    pipe = da.quantize_(build_tiny("sd"), da.PTQConfig.preset("w8a8", timestep_groups=2, **CALIB))
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
+    removed, held_before, held_after = threading.Event(), [], []
+
+    def interrupt(pipe_, step, _timestep, kwargs):
+        pipe_._interrupt = step >= 1
+        return kwargs
+
+    def worker():
+        pipe(**tiny_call_kwargs("sd", steps=6), callback_on_step_end=interrupt)
+        held_before.append(bool(get_tracker(pipe.unet).client_states("cache")))
+        removed.wait(timeout=60)
+        held_after.append(bool(get_tracker(pipe.unet).client_states("cache")))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    while not held_before and thread.is_alive():
+        thread.join(timeout=0.05)
+    da.remove_cache(pipe)
+    removed.set()
+    thread.join(timeout=60)
+    assert held_before == [True] and held_after == [False]
+
+
+def test_cache_summary_reports_the_calling_threads_last_call():
+    """Two threads' calls of a shared cached denoiser went into one log: each thread's summary mixed both."""
+    first, second = _shared_denoiser_pipelines(da.enable_cache(build_tiny("sd"), da.DeepCacheConfig(interval=3)))
+    summaries = [None, None]
+
+    def job(pipe, steps, index):
+        def run(step_end):
+            images = _generate(pipe, steps, index)(step_end)
+            summaries[index] = da.cache_summary(pipe)
+            return images
+        return run
+
+    _alternating([job(first, 9, 0), job(second, 6, 1)])
+    assert [s["denoiser_calls"] for s in summaries] == [9, 6]
+    assert [s["full_calls"] for s in summaries] == [3, 2]

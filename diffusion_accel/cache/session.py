@@ -7,6 +7,8 @@ uncond passes never share a cache and every pipeline call starts fresh.
 
 from __future__ import annotations
 
+import copy
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +37,27 @@ class StepRecord:
     signal_change: float | None = None
 
 
+class _CallLog(threading.local):
+    """What the last pipeline call of one thread computed (pipelines sharing a cached denoiser in threads
+    each read their own call in ``summary``); a deep copy carries the copying thread's log."""
+
+    def __init__(self) -> None:
+        self.records: list[StepRecord] = []
+        self.residual_changes: list[tuple[int, str, float]] = []
+        self.fresh = True  # the next record starts a new call's log
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_CallLog":
+        clone = _CallLog()
+        clone.records, clone.fresh = copy.deepcopy(self.records, memo), self.fresh
+        clone.residual_changes = list(self.residual_changes)
+        return clone
+
+
+def _logged(name: str) -> property:
+    """A CacheSession attribute kept in the calling thread's ``_CallLog``."""
+    return property(lambda self: getattr(self.log, name), lambda self, value: setattr(self.log, name, value))
+
+
 @dataclass
 class CacheSession:
     """Hooks and bookkeeping of one enabled cache (see :func:`enable_cache`)."""
@@ -49,10 +72,12 @@ class CacheSession:
     reuse_size: int | None = None  # blocks bypassed per reuse step when fewer than cached_blocks (Δ-DiT)
     hooked: list[nn.Module] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
-    records: list[StepRecord] = field(default_factory=list)
-    residual_changes: list[tuple[int, str, float]] = field(default_factory=list)
+    log: _CallLog = field(default_factory=_CallLog)
     record_residuals: bool = False  # log residual changes per full step (TeaCache fitting only)
-    fresh: bool = True
+
+    records = _logged("records")  # this thread's last call: one StepRecord per denoiser call
+    residual_changes = _logged("residual_changes")  # (step, context, change) per full step, when recorded
+    fresh = _logged("fresh")
 
     # ---- per-call state and decisions ------------------------------------------------
     def active(self) -> bool:
