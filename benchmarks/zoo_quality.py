@@ -31,6 +31,7 @@ from diffusion_accel import zoo
 from diffusion_accel.artifact import fingerprint
 from diffusion_accel.eval.fid import FIDStats, compute_fid_stats, fid_to_reference, frechet_distance, reference_stats
 from diffusion_accel.eval.inception import TFInceptionFeatures, find_tf_inception
+from diffusion_accel.eval.machine import machine_info, machine_summary
 from diffusion_accel.zoo.captions import TEMPLATES, all_captions, caption
 from diffusion_accel.zoo.data import CLASS_NAMES, load_split, to_rgb32, to_uint8_rgb32
 from diffusion_accel.zoo.mnist_data import load_mnist
@@ -216,7 +217,8 @@ def markdown(report: dict, name: str) -> str:
     settings = ", ".join(f"{k}={v!r}" for k, v in r["settings"].items())
     what = ("unconditional samples" if is_unconditional(name)
             else "prompts cycling the 10 classes over the 10 templates")
-    lines = [f"Measured by `{report['command']}` on {report['device']} ({report['threads']} threads, shared).\n",
+    machine = machine_summary(report["machine"]) if "machine" in report else f"{report['device']} ({report['threads']} threads)"
+    lines = [f"Measured by `{report['command']}` on {machine}, shared.\n",
              f"Sampling: {settings}, 32×32, {what}.\n",
              "| metric | value |", "|---|---|",
              f"| FID, {r['n_generated']} generated vs {report['n_ref_test']} {report.get('ref_split', 'test')} images | {r['fid']:.1f} |"]
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     ref = reference(args.n_ref, args.cache, extractor, args.ref_split, dataset)
     report = {"command": "python benchmarks/zoo_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "dataset": dataset, "ref_split": args.ref_split, "n_ref_test": args.n_ref, "fid_network": extractor.fid_id,
-              "device": "cpu", "threads": torch.get_num_threads(), "models": {}}
+              "device": "cpu", "threads": torch.get_num_threads(), "machine": machine_info(), "models": {}}
     if args.pipeline is not None:
         report["pipeline_folder"] = str(args.pipeline)
     if args.floors:
