@@ -410,8 +410,10 @@ class StepTracker(ModelHook):
 
     @property
     def at_last_step(self) -> bool:
-        """Whether the current (or just finished) call sits at the last position of the watched schedule."""
-        return self._driven and self.step_index + 1 == self.num_inference_steps
+        """Whether the current (or just finished) call sits at the last position of the schedule placing it
+        (the watched one, or another schedule its timestep is a view of; never for a bare denoiser)."""
+        length = self.num_inference_steps
+        return length is not None and self.step_index + 1 == length
 
     def drop_state(self, client: str, context: str | None = None) -> None:
         """Forget ``client``'s state of ``context`` (default: the current one)."""

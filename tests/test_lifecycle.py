@@ -326,3 +326,16 @@ def test_cache_summary_reports_the_calling_threads_last_call():
     _alternating([job(first, 9, 0), job(second, 6, 1)])
     assert [s["denoiser_calls"] for s in summaries] == [9, 6]
     assert [s["full_calls"] for s in summaries] == [3, 2]
+
+
+def test_a_pipeline_sharing_the_cached_denoiser_also_drops_its_features_when_its_call_ends():
+    """Features were dropped only after the last step of the watched pipeline's schedule: a pipeline built
+    from the components with a scheduler of its own (or a deep copy of the denoiser placed in one) kept
+    its call's features alive until its next call."""
+    from diffusion_accel.hooks import get_tracker
+
+    first, second = _shared_denoiser_pipelines(da.enable_cache(build_tiny("sd"), da.DeepCacheConfig(interval=2)))
+    images = _generate(second, 5, 0)()
+    assert not get_tracker(second.unet).client_states("cache")
+    assert torch.equal(_generate(second, 5, 0)(), images)
+    assert da.cache_summary(second)["denoiser_calls"] == 5
