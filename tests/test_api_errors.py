@@ -76,3 +76,44 @@ def test_a_cache_config_dict_of_another_type_is_refused():
         da.DeepCacheConfig.from_dict(da.BlockCacheConfig(interval=2).to_dict())
     with pytest.raises(ValueError, match="a cache config dict is"):
         da.DeepCacheConfig.from_dict({})
+
+
+NAN_LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+CALIB_FAST = dict(calib_prompts=1, calib_num_steps=2, calib_steps="all")
+
+
+@pytest.mark.parametrize("apply", [
+    lambda p: da.quantize_(p, da.PTQConfig.preset("w8a8", **CALIB_FAST)),
+    lambda p: da.quantize_(p, da.PTQConfig.preset("w8a16", **CALIB_FAST)),
+    lambda p: da.prune_(p, da.PruneConfig(method="obs", sparsity=0.5, calib_prompts=1, calib_num_steps=2)),
+], ids=["w8a8", "w8a16", "obs"])
+def test_a_weight_holding_nan_is_named_and_nothing_changes(apply):
+    """w8a8 failed with "cannot convert float NaN to integer", OBS with "Hessian ... not positive definite",
+    both naming no layer; w8a16 quantized silently (NaN images, as the float model's)."""
+    import torch
+
+    pipe = build_tiny("sd")
+    with torch.no_grad():
+        pipe.unet.get_submodule(NAN_LAYER).weight[0, 0] = float("nan")
+    before = {name: tensor.clone() for name, tensor in pipe.unet.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"needs finite weights, but '{NAN_LAYER}.weight' holds 1 NaN"):
+        apply(pipe)
+    after = pipe.unet.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) or name.endswith("to_q.weight") for name in before)
+
+
+@pytest.mark.parametrize("apply", [
+    lambda p, calib: da.quantize_(p, da.PTQConfig.preset("w8a8"), calib=calib),
+    lambda p, calib: da.prune_(p, da.PruneConfig(method="obs", sparsity=0.5), calib=calib),
+], ids=["w8a8", "obs"])
+def test_calibration_inputs_that_overflow_are_named(apply):
+    """Finite weights whose activations overflow (a float16 model's usual failure) gave errors naming no layer."""
+    import torch
+
+    pipe = build_tiny("sd")
+    with torch.no_grad():
+        pipe.unet.get_submodule(NAN_LAYER).weight.mul_(1e38)
+    calib = da.calibrate(pipe, ["a photo"], num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"calibration inputs of layer '.*' (range over|hold) .*NaN or inf"):
+        apply(pipe, calib)

@@ -307,6 +307,27 @@ def test_a_pipeline_cast_after_quantize_keeps_its_scales_and_round_trips(tmp_pat
     assert torch.equal(_images(loaded, family), images)
 
 
+@pytest.mark.parametrize("config", [PTQConfig(weights="int8", activations=None, lower=False, **FAST),
+                                    PTQConfig(weights="int4", activations=None, weight_rounding="gptq", **FAST),
+                                    PTQConfig(lower=True, **FAST)], ids=["w8a16", "w4a16-gptq", "w8a8-lowered"])
+def test_a_float16_pipeline_keeps_float32_weight_scales(config, int8_kernels):
+    """Scales were stored in the weight's dtype: in float16 a row whose largest |w| is below ~8e-3 got a
+    subnormal scale (1e-4: 23% error) or none (1e-5: the row became zero)."""
+    pipe = build_tiny("sd")
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"
+    with torch.no_grad():
+        pipe.unet.get_submodule(name).weight[:2] *= torch.tensor([[1e-4], [1e-5]])
+    pipe.to(torch.float16)
+    original = pipe.unet.get_submodule(name).weight.detach().float()
+    quantize_(pipe, config)
+    layer = pipe.unet.get_submodule(name)
+    codes, scale = layer.export_weight() if hasattr(layer, "export_weight") else (None, layer.weight_scale)
+    assert scale.dtype == torch.float32
+    weight = layer.weight.float() if codes is None else (codes.float() * scale.float())
+    relative = (weight - original).norm(dim=1) / original.norm(dim=1)
+    assert relative[:2].max() < 1.5 * relative[2:].max()  # as accurate as the rows of normal magnitude
+
+
 def test_fp8_lowering_matches_simulation_and_round_trips(tmp_path):
     pipe = build_tiny("flux")
     quantize_(pipe, PTQConfig(weights="fp8", activations="fp8", **FLUX_FAST))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from .base import DenoiserAdapter
@@ -162,6 +163,22 @@ def check_plain_weights(denoiser: nn.Module, technique: str) -> None:
     check_not_prequantized(denoiser, technique)
     check_no_layerwise_casting(denoiser, technique)
     check_not_offloaded(denoiser, technique)
+    check_finite_weights(denoiser, technique)
+
+
+def check_finite_weights(denoiser: nn.Module, technique: str) -> None:
+    """Refuse weights holding NaN or inf, naming the first such tensor: the float model already gives NaN
+    images, and the quantizers and solvers would fail later with errors naming no layer (or not at all)."""
+    named = [(name, tensor) for name, tensor in denoiser.named_parameters() if tensor.is_floating_point()]
+    if not named:
+        return
+    finite = torch.stack([torch.isfinite(tensor).all().to(named[0][1].device) for _, tensor in named])
+    if bool(finite.all()):  # one device sync for the whole denoiser
+        return
+    name, tensor = named[int((~finite).nonzero()[0])]
+    count = int((~torch.isfinite(tensor)).sum())
+    raise ValueError(f"{technique} needs finite weights, but {name!r} holds {count} NaN or inf values (the float "
+                     f"model already gives NaN images); check the checkpoint or the changes made to it")
 
 
 def get_adapter(pipe_or_denoiser: Any) -> DenoiserAdapter:

@@ -49,6 +49,10 @@ def row_function(module: nn.Module, name: str) -> Callable[[torch.Tensor], torch
                     f"supported: {', '.join(SUPPORTED_LAYERS)}")
 
 
+class UnobservedLayerError(ValueError):
+    """A layer the collector saw no (weighted) inputs for: callers skip it, unlike other errors."""
+
+
 @dataclass
 class _HessianSums:
     """Accumulators of one layer: weighted X^T X, squared input norms and row counts."""
@@ -159,16 +163,20 @@ class HessianCollector(Collector):
 
     def hessian(self, name: str) -> torch.Tensor:
         """Normalized Hessian 2 * sum_k w_k X_k X_k^T / sum_k w_k n_k, shape (d, d), fp32."""
-        sums = self._observed(name)
+        sums = self._finite(name)
         if sums.xtx is None:
             raise ValueError("this HessianCollector was built with full=False; only input_sq_norms exist")
         if sums.weighted_rows <= 0:
-            raise ValueError(f"layer {name!r} was only observed on steps of weight 0")
+            raise UnobservedLayerError(f"layer {name!r} was only observed on steps of weight 0")
         return sums.xtx * (2.0 / sums.weighted_rows)
 
     def input_sq_norms(self, name: str) -> torch.Tensor:
         """Unweighted squared L2 norm of each input feature over all rows, ||X_j||^2, shape (d,)."""
-        return self._observed(name).sq_norms
+        return self._finite(name).sq_norms
+
+    def input_width(self, name: str) -> int:
+        """Input features d of ``name`` (its Hessian is d x d); no device sync."""
+        return self._observed(name).sq_norms.numel()
 
     def num_rows(self, name: str) -> int:
         """Total rows n = sum_k n_k seen for ``name``."""
@@ -191,8 +199,17 @@ class HessianCollector(Collector):
         if name not in self.module_names:
             raise KeyError(f"{name!r} is not collected by this HessianCollector; modules: {list(self.module_names)}")
         if name not in self._sums:
-            raise ValueError(f"no inputs were observed for layer {name!r} (freed, or not called on a selected step)")
+            raise UnobservedLayerError(f"no inputs were observed for layer {name!r} (freed, or not called on a "
+                                       f"selected step)")
         return self._sums[name]
+
+    def _finite(self, name: str) -> _HessianSums:
+        """``name``'s sums; raises if its inputs held NaN or inf (their squares, summed, do too)."""
+        sums = self._observed(name)
+        if not bool(torch.isfinite(sums.sq_norms).all()):
+            raise ValueError(f"the calibration inputs of layer {name!r} hold NaN or inf values (the float model "
+                             f"overflows or its weights are not finite); calibrate in float32 or bfloat16")
+        return sums
 
     def describe(self) -> str:
         """One line: layer count and mode."""

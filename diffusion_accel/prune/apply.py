@@ -15,6 +15,7 @@ from ..arch.registry import check_plain_weights
 from ..artifact import applied_techniques, base_fingerprint, mark_applied
 from ..calib import (Calibration, HessianCollector, calibrate, calibrate_parameters, call_mode, class_count,
                      denoiser_steps, resolve_weights)
+from ..calib.hessian import UnobservedLayerError
 from ..hooks import refuse_while_cached
 from ..progress import showing_progress
 from .allocate import allocate_by_error, error_grid
@@ -289,7 +290,7 @@ def _unit_hessians(unit: StructuredUnit, collector: HessianCollector | None) -> 
     for name in unit.output_layers():
         try:
             hessians[name] = collector.hessian(name)
-        except ValueError:
+        except UnobservedLayerError:
             return None
     return hessians
 

@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 from torch import nn
 
 from ..calib import HessianCollector
-from ..calib.hessian import hessian_bytes, hessian_memory_budget
+from ..calib.hessian import UnobservedLayerError, hessian_bytes, hessian_memory_budget
 from ..progress import progress_bar
 
 UnitT = TypeVar("UnitT")
@@ -89,8 +89,8 @@ def accumulator_bytes(collector: HessianCollector, names: list[str]) -> int:
     total = 0
     for name in names:
         try:
-            width = collector.input_sq_norms(name).numel()
-        except ValueError:
+            width = collector.input_width(name)
+        except UnobservedLayerError:
             continue
         total += 4 * (width * width + width if collector.full else width)
     return total

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..arch.base import LayerGroup
 from ..calib import HessianCollector
+from ..calib.hessian import UnobservedLayerError
 from .allocate import SaliencyProfile, allocate_sparsity, error_curve, normalized_saliency
 from .configs import PruneConfig
 from .masks import magnitude_mask, wanda_mask
@@ -61,7 +62,7 @@ def observed_inputs(collector: HessianCollector | None, name: str,
         return None, None
     try:
         sq_norms = collector.input_sq_norms(name)
-    except ValueError:
+    except UnobservedLayerError:
         return None
     return (collector.hessian(name) if full else None), sq_norms
 

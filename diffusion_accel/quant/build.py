@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -39,11 +41,11 @@ def weight_codes(module: nn.Module, config: PTQConfig, split: int | None,
     """
     if rounded is not None:
         codes, scale, sizes = rounded
-        return codes, scale.to(module.weight.dtype), sizes
+        return codes, scale.float(), sizes
     w2d, scale, sizes = weight_grid(module, config, split, column_weights)
     if scale is None:
         return None, None, sizes
-    return quantize_weight(w2d, scale, get_format(config.weights), sizes), scale.to(module.weight.dtype), sizes
+    return quantize_weight(w2d, scale, get_format(config.weights), sizes), scale.float(), sizes
 
 
 def qparam_table(ranges: list[list[tuple[float, float]]], config: PTQConfig
@@ -77,9 +79,19 @@ def activation_quantizer(target: LayerTarget, collected: Collected, config: PTQC
         inner = collected.split.inner
         ranges = [group_ranges(inner, f"{target.name}[{i}]", groups, steps) for i in (0, 1)]
         sizes = (target.split, channels - target.split)
+    _check_finite_ranges(target.name, ranges)
     scale, zero = qparam_table(ranges, config)
     return ActQuantizer(scale, zero, config.activations, config.act_symmetric or config.activations == "fp8",
                         sizes, channel_dim, selector)
+
+
+def _check_finite_ranges(name: str, ranges: list[list[tuple[float, float]]]) -> None:
+    """Refuse activation ranges holding NaN or inf, naming the layer (they have no scale)."""
+    bad = next(((lo, hi) for per_group in ranges for lo, hi in per_group
+                if not (math.isfinite(lo) and math.isfinite(hi))), None)
+    if bad is not None:
+        raise ValueError(f"the calibration inputs of layer {name!r} range over {bad}: NaN or inf values (the float "
+                         f"model overflows or its weights are not finite); calibrate in float32 or bfloat16")
 
 
 def build_layer(module: nn.Module, target: LayerTarget, collected: Collected, config: PTQConfig,
