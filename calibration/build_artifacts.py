@@ -41,7 +41,8 @@ BUILD_FILE = "build.json"  # the calibrate command line an artifact was built wi
 def calibrate_argv(recipe: Path, out: Path, args: argparse.Namespace) -> list[str]:
     """The ``diffusion-accel calibrate`` command line this script runs for ``recipe``."""
     argv = ["calibrate", "--recipe", str(recipe), "--method", args.methods, "--out", str(out)]
-    flags = {"--pipe": args.pipe, "--dtype": args.dtype, "--variant": args.variant, "--device": args.device,
+    dtype, variant = _weights_of(recipe, args)
+    flags = {"--pipe": args.pipe, "--dtype": dtype, "--variant": variant, "--device": args.device,
              "--preset": args.preset,
              "--sparsity": args.sparsity, "--pattern": args.pattern, "--num-prompts": args.num_prompts,
              "--steps": args.steps}
@@ -49,6 +50,18 @@ def calibrate_argv(recipe: Path, out: Path, args: argparse.Namespace) -> list[st
         if value is not None:
             argv += [flag, str(value)]
     return argv + list(args.calibrate_args)
+
+
+def _weights_of(recipe: Path, args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(dtype, variant) flags: the user's, else, for a ``--pipe`` local mirror of the recipe's hub model, the
+    recipe's own (``calibrate --pipe`` ignores the recipe's [model] table: an SDXL mirror was calibrated in
+    fp32 from the fp32 files although the recipe asks for fp16 weights); None lets calibrate read the recipe."""
+    if args.pipe is None or args.pipe.startswith(("tiny:", "zoo:")):  # those have no weight-file variants
+        return args.dtype, args.variant
+    from diffusion_accel.recipes import load_recipe
+
+    model = load_recipe(recipe).get("model", {})
+    return args.dtype or model.get("dtype"), args.variant or model.get("variant")
 
 
 def build_one(recipe: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -111,12 +124,13 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
     denoiser in memory, not a second pipeline."""
     from diffusion_accel import load, prompts
     from diffusion_accel.eval import evaluate
-    from diffusion_accel.loading import artifact_base, load_pipeline
+    from diffusion_accel.loading import artifact_base, artifact_variant, load_pipeline
     from diffusion_accel.pipeline_defaults import call_defaults, set_call_defaults
     from diffusion_accel.recipes import load_recipe, sampling_kwargs
 
     spec, dtype = artifact_base(folder, args.pipe, args.dtype)
-    base = load_pipeline(spec, dtype=dtype, device=args.device)
+    base = load_pipeline(spec, dtype=dtype, device=args.device,  # the files the artifact was built from:
+                         variant=args.variant or artifact_variant(folder))  # a fp16-only folder failed here
     accelerated = load(type(base).from_pipe(base), folder)  # its own copy of the denoiser; the pipeline's
     # config (SDXL's force_zeros_for_empty_prompt, ...) kept: type(base)(**base.components) reset it
     if hasattr(base, "default_sample_size"):

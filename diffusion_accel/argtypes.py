@@ -4,22 +4,36 @@ naming the value, before any pipeline loads (minutes for a hub model) or trainin
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable
 
 from .paths import output_folder_problem
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type accepting an int >= ``minimum``."""
+def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type accepting an int >= ``minimum`` (and <= ``maximum`` if given)."""
+    wanted = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
         return value
     return parse
+
+
+def nonnegative_float(text: str) -> float:
+    """An argparse type accepting a finite float >= 0 (a guidance scale: nan ran SD without CFG silently)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
 
 
 def positive_float(text: str) -> float:
@@ -36,7 +50,20 @@ def positive_float(text: str) -> float:
 def output_folder(text: str) -> str:
     """An argparse type for ``--out`` folders: refuses a path that is, or lies under, an existing file, so
     the command does not fail only when writing its results, after the work (an evaluation, a demo)."""
+    text = str(Path(text).expanduser())  # --out=~/x: the shell expands no ~ after "="
     problem = output_folder_problem(text)
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)
     return text
+
+
+def output_file(text: str) -> str:
+    """An argparse type for an output file (``grid --out``): its folder must be creatable, checked before the
+    work (a path under a file failed with ``[Errno 17] File exists`` after every image was generated)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{str(path)!r} is a folder; give an image file path")
+    problem = output_folder_problem(path.parent)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return str(path)

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from .arch.registry import adapter_wrapped_layers, find_denoiser
 from .base_match import SAMPLE_FILE, config_items, dense, samples_match, structure_fingerprint, weight_sample
 from .adapter_guard import GUARDED_ADAPTER_METHODS, PIPELINE_METHOD, install_adapter_guards
+from .artifact_files import StagedWrite
 from .artifact_tensors import TechniqueTensors
 from .manifest_schema import ManifestError, check_manifest
 from .pretrained_guard import GUARDED_MODEL_METHODS, GUARDED_PIPELINE_METHODS, install_guards, uninstall_methods
@@ -256,23 +257,29 @@ def save(pipe: Any, directory: str | Path) -> Path:
     exported = [(technique, *(exports.get(technique) or _HANDLERS[technique].export(pipe)))
                 for technique in applied_techniques(pipe)]
     _check_json_configs(exported)  # before any file is written: a failure left tensors without a manifest
-    entries = []
-    for index, (technique, config, tensors) in enumerate(exported):
-        filename = f"{index:02d}-{technique}.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / filename))
-        entries.append({"name": technique, "config": config, "tensors": filename})
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
-        "base": {"pipeline": type(pipe).__name__, "denoiser": type(denoiser).__name__,
-                 "component": component, "fingerprint": base_fingerprint(pipe),
-                 "source": pipeline_source(pipe), "dtype": _dtype_name(compute_dtype(denoiser)),
-                 **_write_base_sample(denoiser, folder)},
-        "techniques": entries,
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    for stale in previous_files - {entry["tensors"] for entry in entries}:
-        (folder / stale).unlink(missing_ok=True)  # an earlier artifact's technique file in this folder
+    files = StagedWrite(folder)  # interrupted: the old artifact whole, none, or the new one whole
+    try:
+        entries = [{"name": technique, "config": config,
+                    "tensors": files.write(f"{index:02d}-{technique}.safetensors", _tensor_writer(tensors))}
+                   for index, (technique, config, tensors) in enumerate(exported)]
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
+            "base": {"pipeline": type(pipe).__name__, "denoiser": type(denoiser).__name__,
+                     "component": component, "fingerprint": base_fingerprint(pipe),
+                     "source": pipeline_source(pipe), "dtype": _dtype_name(compute_dtype(denoiser)),
+                     **_write_base_sample(denoiser, files)},
+            "techniques": entries,
+        }
+    except BaseException:
+        files.discard()
+        raise
+    files.commit(MANIFEST, json.dumps(manifest, indent=2), stale=previous_files)  # stale: an earlier artifact's
     return folder
+
+
+def _tensor_writer(tensors: dict[str, torch.Tensor]) -> Callable[[Path], None]:
+    """A writer of ``tensors`` as one safetensors file (on the CPU, contiguous)."""
+    return lambda path: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
 
 
 def _check_folder_argument(call: str, pipe: Any, directory: Any) -> None:
@@ -312,14 +319,13 @@ def _check_json_configs(exported: list[tuple[str, Any, Any]]) -> None:
                                 f"({error}); nothing was written") from error
 
 
-def _write_base_sample(denoiser: torch.nn.Module, folder: Path) -> dict[str, str]:
-    """Write the base's weight sample beside the technique files; the manifest entries naming it
+def _write_base_sample(denoiser: torch.nn.Module, files: StagedWrite) -> dict[str, str]:
+    """Stage the base's weight sample beside the technique files; the manifest entries naming it
     (none for a denoiser whose base sample was not taken)."""
     structure, sample = getattr(denoiser, _BASE_SAMPLE_ATTR, (None, None))
     if sample is None:
         return {}
-    save_file({name: values.contiguous() for name, values in sample.items()}, str(folder / SAMPLE_FILE))
-    return {"structure": structure, "sample": SAMPLE_FILE}
+    return {"structure": structure, "sample": files.write(SAMPLE_FILE, _tensor_writer(sample))}
 
 
 def _is_artifact_manifest(path: Path) -> bool:
@@ -345,7 +351,10 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     _import_builtin_techniques()
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise ArtifactError(f"{directory} is not a diffusion_accel artifact: no {MANIFEST}")
+        interrupted = any(Path(directory).glob("[0-9][0-9]-*.safetensors")) if Path(directory).is_dir() else False
+        raise ArtifactError(f"{directory} is not a diffusion_accel artifact: no {MANIFEST}" + (
+            " (it holds technique files without one: a save into it was interrupted; save the artifact again)"
+            if interrupted else ""))
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -404,7 +413,7 @@ def _restore_technique(pipe: Any, entry: dict[str, Any], folder: Path) -> None:
         _HANDLERS[entry["name"]].restore(pipe, entry["config"], tensors)
     except ArtifactError:
         raise
-    except (KeyError, TypeError, IndexError, ValueError, RuntimeError, NotImplementedError) as error:
+    except (KeyError, TypeError, IndexError, ValueError, RuntimeError, NotImplementedError, AttributeError) as error:
         raise ArtifactError(
             f"artifact {folder}: technique {entry['name']!r} cannot be restored from its manifest config and "
             f"{entry['tensors']} ({type(error).__name__}: {error}); {damaged}") from error

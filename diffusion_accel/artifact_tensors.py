@@ -38,9 +38,10 @@ class TechniqueTensors(Mapping):
         return len(self._tensors)
 
     def take(self, key: str, shape: Sequence[int] | None = None, dtype: torch.dtype | str | None = None,
-             values: tuple[int, int] | None = None) -> torch.Tensor:
+             values: tuple[int, int] | None = None, scales: str | None = None) -> torch.Tensor:
         """Tensor ``key``, checked: ``shape`` exactly, ``dtype`` a torch dtype or a kind ("float" or
-        "int"), integer ``values`` within the inclusive range; ValueError naming the tensor otherwise."""
+        "int"), integer ``values`` within the inclusive range, ``scales`` "positive" or "nonnegative"
+        finite floats; ValueError naming the tensor otherwise."""
         tensor = self[key]
         if shape is not None and tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"tensor {key!r} of {self.filename} has shape {list(tensor.shape)}, expected "
@@ -52,7 +53,18 @@ class TechniqueTensors(Mapping):
                                                           int(tensor.max()) <= values[1]):
             raise ValueError(f"tensor {key!r} of {self.filename} holds values in [{int(tensor.min())}, "
                              f"{int(tensor.max())}], outside the format's [{values[0]}, {values[1]}]")
+        if scales is not None:
+            self._check_scales(key, tensor, scales)
         return tensor
+
+    def _check_scales(self, key: str, tensor: torch.Tensor, kind: str) -> None:
+        """Quantization scales must be finite and > 0 ("positive") or >= 0 ("nonnegative"; a weight row of
+        zeros may have a zero scale in float16): NaN, inf or a negative scale gives garbage images."""
+        wrong = ~torch.isfinite(tensor) | (tensor <= 0 if kind == "positive" else tensor < 0)
+        if bool(wrong.any()):
+            example = tensor[wrong].flatten()[0].item()
+            raise ValueError(f"tensor {key!r} of {self.filename} holds {int(wrong.sum())} scales that are not "
+                             f"{kind} finite numbers (e.g. {example})")
 
     def unread(self) -> list[str]:
         """Names of the tensors no restore read (sorted)."""

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .arch.registry import UnsupportedModelError
-from .argtypes import int_at_least, output_folder
+from .argtypes import int_at_least, nonnegative_float, output_file, output_folder
 
 # Mistakes a user can make (bad values, missing files, unsupported models): one line, exit 2.
 FID_CACHE = "~/.cache/diffusion_accel/fid"
+MAX_CELL = 2048  # grid cell side in pixels: 100,000 exhausted memory (a killed process, no message)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, UnsupportedModelError)  # OSError: files, hub
 
 
@@ -38,8 +39,8 @@ def _add_generation_args(parser: argparse.ArgumentParser, steps: int | None) -> 
     parser.add_argument("--num-prompts", type=int_at_least(1), default=None, help="use only the first N prompts")
     parser.add_argument("--steps", type=int_at_least(1), default=steps,
                         help=f"denoising steps (default {steps or '25, or the recipe value'})")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
-    parser.add_argument("--seed", type=int, default=0, help="base seed (default %(default)s)")
+    parser.add_argument("--guidance", type=nonnegative_float, default=None, help="guidance scale (default: the pipeline's)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="base seed (default %(default)s)")
     parser.add_argument("--call", action="append", metavar="KEY=VALUE",
                         help="a further pipeline argument, repeatable: --call height=512 --call width=512, "
                              "--call max_sequence_length=256 (VALUE parsed as JSON, else a string)")
@@ -127,14 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int_at_least(1), default=5, help="timed calls (default %(default)s)")
     bench.add_argument("--metrics", default="latency,memory,flops",
                        help="comma list of: latency, memory, flops (default %(default)s)")
-    bench.add_argument("--out", type=output_folder, default=None, help="folder for report.json / report.md")
+    bench.add_argument("--out", type=output_folder, default=None, help="folder for report.json / report.md / grid.png")
     bench.set_defaults(handler=_cmd_bench)
 
     grid = sub.add_parser("grid", help="comparison grid: rows = variants, columns = prompts")
     _add_pipe_args(grid, many=True)
     _add_generation_args(grid, steps=25)
-    grid.add_argument("--out", default="grid.png", help="image path: .png, .jpg or .webp (default %(default)s)")
-    grid.add_argument("--cell", type=int_at_least(1), default=128, help="cell size in pixels (default %(default)s)")
+    grid.add_argument("--out", type=output_file, default="grid.png",
+                      help="image path: .png, .jpg or .webp (default %(default)s)")
+    grid.add_argument("--cell", type=int_at_least(1, MAX_CELL), default=128,
+                      help=f"cell size in pixels, at most {MAX_CELL} (default %(default)s)")
     grid.set_defaults(handler=_cmd_grid)
 
     _register_optional(sub)
@@ -174,6 +177,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .eval.evaluate import check_metrics
 
     metrics = list(check_metrics(_split(args.metrics)))
+    if not metrics:
+        raise ValueError(f"--metrics {args.metrics!r}: name at least one of fid, clip, psnr, ssim, latency, memory, "
+                         "flops (grid images alone: diffusion-accel grid)")
     fid_extractor = _fid_extractor(args.fid_dtype, metrics, args.device)
     fid_reference = _fid_reference(args.fid_reference)
     _check_eval_inputs(args, metrics, fid_reference, fid_extractor)  # before loading any pipeline
@@ -296,6 +302,8 @@ def _load_variants(args: argparse.Namespace) -> dict:
     named: dict[str, str] = {}
     for entry in entries:  # every name checked before the first (minutes-long) load
         name, _, spec = entry.partition("=") if "=" in entry else (entry, "", entry)
+        if not name.strip() or not spec.strip():
+            raise ValueError(f"--pipe {entry!r}: give NAME=SPEC with a non-empty name and spec, or a bare SPEC")
         if name in named:
             raise ValueError(f"variant name {name!r} given twice; use NAME=SPEC to name variants")
         named[name] = spec

@@ -71,6 +71,8 @@ def check_call_arguments(pipe: Any, names: Any, owner: str) -> None:
     pipelines, which ignore what they do not read there), a warning — a typo such as ``hieght`` used to run
     silently at the default size."""
     params = inspect.signature(pipe.__call__).parameters
+    if isinstance(names, dict):
+        _check_value_types(pipe, params, names, owner)
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     named = sorted(name for name, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD)
     unknown = sorted(set(names) - set(named) - set(KWARGS_DIFFUSERS_READS if takes_any else ()))
@@ -81,6 +83,22 @@ def check_call_arguments(pipe: Any, names: Any, owner: str) -> None:
         raise CallArgumentError(f"{message} (from {owner}); it accepts: {named}")
     warnings.warn(f"{message}: {owner} passes {'it' if len(unknown) == 1 else 'them'} into its **kwargs, which "
                   f"diffusers ignores; its arguments are {named}", stacklevel=_caller_stacklevel())
+
+
+def _check_value_types(pipe: Any, params: Any, values: dict[str, Any], owner: str) -> None:
+    """CallArgumentError for a value whose type contradicts the parameter's number or bool default
+    (``--call guidance_scale=abc`` ended in a TypeError traceback deep inside diffusers)."""
+    for name, value in values.items():
+        default = params[name].default if name in params else None
+        if isinstance(default, bool):
+            wanted, fits = "true or false", isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            wanted, fits = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            continue
+        if not fits and value is not None:
+            raise CallArgumentError(f"{type(pipe).__name__}.__call__ argument {name}={value!r} (from {owner}) must "
+                                    f"be {wanted} (its default is {default!r})")
 
 
 def _caller_stacklevel() -> int:

@@ -261,6 +261,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     summaries, seconds = _apply_chain(pipe, methods, configs, args, recipe, prompt_list, settings)
     from .artifact import save
 
+    (Path(args.out) / "calibration.json").unlink(missing_ok=True)  # never left describing an older artifact
     save(pipe, args.out)
     _write_artifact_notes(Path(args.out), spec, methods, settings, prompt_list, seconds)
     summary = "\n".join(summaries) + f"\nartifact (safetensors + manifest.json) written to {args.out}/"

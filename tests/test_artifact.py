@@ -1,5 +1,6 @@
 """Save/load framework: manifest, fingerprints, mismatch errors, all-or-nothing restore."""
 
+import copy
 import json
 import warnings
 
@@ -298,8 +299,15 @@ def _set(suffix, edit):
     ("prune", _set(".values", lambda t: t[:-1].contiguous()), r"values' .* has shape"),
     ("prune", _set(".mask", lambda t: t[:-1].contiguous()), r"mask' .* has shape"),
     ("prune", _set(".mask", lambda t: t.float()), r"mask' .* is float32, expected uint8"),
+    ("ptq", _set(".weight_scale", lambda t: t.index_fill(0, torch.tensor([0]), float("nan"))),
+     r"weight_scale' .* holds 1 scales that are not nonnegative finite numbers \(e.g. nan\)"),
+    ("ptq", _set(".weight_scale", lambda t: -t), r"weight_scale' .* holds 16 scales that are not nonnegative"),
+    ("ptq", _set(".act_scale", lambda t: t * 0), r"act_scale' .* holds 1 scales that are not positive"),
+    ("ptq", _set(".act_scale", lambda t: t + float("inf")), r"act_scale' .* not positive finite numbers \(e.g. inf"),
+    ("ptq", _set(".act_zero_point", lambda t: t + 1000), r"act_zero_point' .* outside the format's \[0, 255\]"),
 ], ids=["scale-transposed", "scale-broadcast", "scale-int", "codes-float", "zero-float", "act-scale-wide", "extra",
-        "values-int", "values-short", "mask-short", "mask-float"])
+        "values-int", "values-short", "mask-short", "mask-float", "scale-nan", "scale-negative", "act-scale-zero",
+        "act-scale-inf", "zero-point-range"])
 def test_technique_tensors_of_another_shape_or_dtype_are_refused(saved_artifacts, tmp_path, technique, edit,
                                                                  message):
     """They loaded silently when they broadcast or cast, and the images changed (0.07-0.26)."""
@@ -327,6 +335,40 @@ def test_int8_codes_under_a_manifest_saying_int4_are_refused(saved_artifacts, tm
     with pytest.raises(artifact.ArtifactError, match=r"codes' .* holds values in \[-\d+, \d+\], outside the "
                                                      r"format's \[-8, 7\]"):
         artifact.load(build_tiny("sd"), folder)
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda config: next(iter(config["layers"].values())).update(lowered=1),
+     r"lowered must be a kernel name or null, got 1"),
+    (lambda config: config.update(num_steps=-1), r"num_steps must be an integer >= 1, got -1"),
+    (lambda config: config["layers"].update({"no.such.layer": next(iter(config["layers"].values()))}),
+     r"AttributeError: .*no attribute `no`"),
+], ids=["lowered-truthy", "num-steps", "unknown-layer"])
+def test_mistyped_ptq_manifest_fields_are_refused(saved_artifacts, tmp_path, edit, message):
+    """Any truthy 'lowered' (1, a list) was taken as lowered, num_steps -1 loaded, and an unknown layer name ended in a
+    bare AttributeError traceback."""
+    import shutil
+
+    folder = shutil.copytree(saved_artifacts["ptq"], tmp_path / "edited")
+    _edit_manifest(folder, lambda m: edit(m["techniques"][0]["config"]))
+    base = build_tiny("sd")
+    with pytest.raises(artifact.ArtifactError, match=message):
+        artifact.load(base, folder)
+    assert artifact.applied_techniques(base) == []
+
+
+def test_a_manifest_listing_the_cache_before_quantization_is_refused(tmp_path):
+    """Restoring quantization after the cache bypassed quantize_'s rule that caching comes last."""
+    import diffusion_accel as da
+
+    pipe = da.quantize_(build_tiny("sd"), da.PTQConfig(calib_prompts=1, calib_num_steps=2, calib_steps="all"))
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
+    artifact.save(pipe, tmp_path)
+    _edit_manifest(tmp_path, lambda m: m["techniques"].reverse())
+    base = build_tiny("sd")
+    with pytest.raises(artifact.ArtifactError, match=r"'ptq' cannot be restored .*a feature cache is enabled"):
+        artifact.load(base, tmp_path)
+    assert artifact.applied_techniques(base) == []
+
 
 def test_mark_applied_needs_a_registered_technique():
     with pytest.raises(ValueError, match="no save/load handler"):
@@ -438,9 +480,10 @@ def test_saving_over_an_artifact_removes_the_files_only_the_old_one_listed(tmp_p
 
 @pytest.mark.parametrize("saved_dtype, loaded_dtype", [
     (torch.float32, torch.float16), (torch.float16, torch.float32), (torch.float32, torch.bfloat16),
-    (torch.float16, torch.float16)])
+    (torch.float16, torch.float16), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
 def test_the_same_base_in_another_float_dtype_is_recognised(tmp_path, saved_dtype, loaded_dtype):
-    """The bf16-rounded fingerprint never matched a float16 copy (double rounding); the weight sample does."""
+    """The bf16-rounded fingerprint never matched a float16 copy (double rounding); the weight sample does.
+    float16 vs bfloat16 (an fp16 recipe's artifact on a bf16 pipeline) was refused as another model."""
     pipe = build_tiny("sd").to(saved_dtype)
     artifact.save(_scaled_pipe(pipe=pipe), tmp_path)
     base = build_tiny("sd").to(loaded_dtype)
@@ -455,6 +498,10 @@ def test_another_model_in_float16_is_still_refused(tmp_path):
     with torch.no_grad():
         fine_tuned.unet.conv_out.bias.add_(1e-3)  # a small change: same architecture, other weights
     for base in (fine_tuned.to(torch.float16), build_tiny("sd", seed=1).to(torch.float16)):
+        with pytest.raises(artifact.ArtifactError, match="different base model"):
+            artifact.load(base, tmp_path)
+    artifact.save(_scaled_pipe(pipe=build_tiny("sd").to(torch.float16)), tmp_path)
+    for base in (copy.deepcopy(fine_tuned).to(torch.bfloat16), build_tiny("sd", seed=1).to(torch.bfloat16)):
         with pytest.raises(artifact.ArtifactError, match="different base model"):
             artifact.load(base, tmp_path)
     assert artifact.applied_techniques(fine_tuned) == []
@@ -537,3 +584,36 @@ def test_weight_samples_of_tensors_past_two_to_the_24_elements_stay_in_bounds():
     big.weight = nn.Parameter(torch.zeros(29_491_200, 1))  # an SD 1.5 up-block conv1's element count
     sample = weight_sample(big)["weight"]
     assert sample.numel() == 16 and bool((sample == 0).all())
+
+
+@pytest.mark.parametrize("interrupted_call", [0, 1, 2])
+def test_a_save_interrupted_over_an_artifact_never_leaves_a_mixed_one(tmp_path, monkeypatch, interrupted_call):
+    """Files were overwritten in place and the manifest written last: Ctrl-C in between left the old manifest
+    over the new tensors, which load accepted (images of one run, provenance of another). Interrupted at each
+    rename, the folder now loads as the old artifact, is refused naming the interrupted save, or is the new."""
+    import os
+
+    old = _scaled_pipe(2.0)
+    artifact.save(old, tmp_path)
+    new = _scaled_pipe(3.0)
+    calls, real_replace = [0], os.replace
+
+    def replace(source, target):
+        calls[0] += 1
+        if calls[0] > interrupted_call:
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        artifact.save(new, tmp_path)
+    monkeypatch.setattr(os, "replace", real_replace)
+    try:
+        loaded = artifact.load(build_tiny("sd"), tmp_path)
+    except artifact.ArtifactError as error:
+        assert "a save into it was interrupted" in str(error)
+        artifact.save(new, tmp_path)  # saving again repairs it and removes the staging files
+        assert not list(tmp_path.glob(".*"))
+        loaded = artifact.load(build_tiny("sd"), tmp_path)
+    assert loaded.unet._test_scale in (2.0, 3.0)
+    assert torch.equal(_images(loaded), _images(old if loaded.unet._test_scale == 2.0 else new))

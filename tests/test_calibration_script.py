@@ -112,3 +112,25 @@ def test_the_check_calls_both_pipelines_with_a_zoo_bases_call_settings(tmp_path)
     assert build_artifacts.main([str(recipe), "--methods", "cache", "--check-prompts", "1", "--check-steps", "3",
                                  "--check-repeats", "1", "--out", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["rows"][0]["check"]["psnr_db"] == float("inf")
+
+
+def test_a_mirror_holding_only_variant_files_is_built_and_checked_from_them(tmp_path):
+    """The check loaded the base without the recipe's variant: a folder of *.fp16 files failed ('no file named
+    ...'), and with --pipe the recipe's dtype and variant were dropped (an fp16 recipe calibrated in fp32)."""
+    from diffusion_accel.testing.tiny import build_tiny
+
+    folder = tmp_path / "mirror"
+    build_tiny("sd").save_pretrained(folder, variant="fp16")
+    assert not list(folder.glob("unet/*model.safetensors"))  # only the variant's files
+    recipe = tmp_path / "mirrored.toml"
+    recipe.write_text(f'[model]\nid = "{folder}"\nvariant = "fp16"\ndtype = "bf16"\n[calibration]\nsteps = 2\n'
+                      'num_prompts = 1\n')
+    for extra in ([], ["--pipe", str(folder)]):
+        out = tmp_path / f"out{len(extra)}"
+        argv = [str(recipe), "--methods", "ptq", "--check-prompts", "1", "--check-steps", "2",
+                "--check-repeats", "1", "--out", str(out), *extra]
+        assert build_artifacts.main(argv) == 0
+        row = json.loads((out / "summary.json").read_text())["rows"][0]
+        assert row["status"] == "built" and row["check"]["psnr_db"] > 10
+        source = json.loads((out / "mirrored" / "manifest.json").read_text())["base"]["source"]
+        assert source["variant"] == "fp16" and source["dtype"] == "bfloat16"

@@ -316,7 +316,12 @@ def test_bad_technique_options_fail_before_the_pipeline_loads(argv, message, cap
     (["bench", "--warmup", "x"], "argument --warmup: must be an int >= 0, got 'x'"),
     (["bench", "--batch-size", "0"], "argument --batch-size: must be an int >= 1, got 0"),
     (["calibrate", "--interval", "0", "--out", "x"], "argument --interval: must be an int >= 1, got 0"),
-    (["grid", "--cell", "0"], "argument --cell: must be an int >= 1, got 0"),
+    (["grid", "--cell", "0"], "argument --cell: must be an int in [1, 2048], got 0"),
+    (["grid", "--cell", "100000"], "argument --cell: must be an int in [1, 2048], got 100000"),  # was killed (memory)
+    (["eval", "--seed", "-1"], "argument --seed: must be an int >= 0, got -1"),  # accepted by eval
+    (["calibrate", "--seed", "-1", "--out", "x"], "argument --seed: must be an int >= 0, got -1"),
+    (["eval", "--guidance", "nan"], "argument --guidance: must be a finite number >= 0, got nan"),  # SD ran without CFG
+    (["eval", "--guidance", "-2"], "argument --guidance: must be a finite number >= 0, got -2.0"),
 ])
 def test_bad_counts_are_usage_errors_before_any_pipeline_loads(argv, message, capsys, monkeypatch):
     """They used to fail after loading (and for eval/bench after starting generation), or as 'limit must be >= 1'."""
@@ -327,14 +332,28 @@ def test_bad_counts_are_usage_errors_before_any_pipeline_loads(argv, message, ca
 
 
 @pytest.mark.parametrize("out, message", [
-    (".", "grid path '.' is a folder; give an image file"),  # was '[Errno 21] Is a directory' after generating
+    (".", "argument --out: '.' is a folder; give an image file path"),  # was '[Errno 21] Is a directory' late
+    ("taken/grid.png", "argument --out: 'taken' is a file; give a folder"),  # was '[Errno 17] File exists' late
     ("grid.gif", "unknown image suffix '.gif'; accepted: .png, .jpg, .jpeg, .webp"),
 ])
 def test_a_bad_grid_path_is_an_error_before_any_pipeline_loads(out, message, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("mine")
     monkeypatch.setattr("diffusion_accel.loading.load_pipeline", lambda *a, **k: pytest.fail("pipeline loaded"))
-    assert main(["grid", "--pipe", "tiny:sd", "--out", out]) == 2
-    assert message in capsys.readouterr().err
+    try:
+        code = main(["grid", "--pipe", "tiny:sd", "--out", out])
+    except SystemExit as usage_error:
+        code = usage_error.code
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_out_folders_given_with_a_tilde_after_an_equals_sign_go_home(monkeypatch, tmp_path):
+    """``--out=~/x``: the shell expands no ~ there, and the folder './~/x' was written."""
+    from diffusion_accel.cli import build_parser
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert build_parser().parse_args(["eval", "--out=~/x"]).out == str(tmp_path / "x")
+    assert build_parser().parse_args(["grid", "--out=~/g.png"]).out == str(tmp_path / "g.png")
 
 
 @pytest.mark.parametrize("command", [["demo"], ["eval", "--pipe", "tiny:sd"], ["bench", "--pipe", "tiny:sd"],
@@ -410,7 +429,6 @@ def test_bench_batch_size_above_num_prompts_cycles_prompts(tmp_path):
     (["calibrate", "--method", "cache", "--cache-method", "deepcache", "--budget", "0.2"], "do not apply to method 'deepcache'"),
     (["calibrate", "--selection", "0,,3"], "expected comma-separated step indices"),
     (["calibrate", "--weighting", "nope"], "nope"),
-    (["calibrate", "--seed", "-1"], "--seed must be an int >= 0"),
     (["calibrate", "--prompts", "/no/such/prompts.txt"], "prompts.txt"),
     (["calibrate", "--device", "cuda:7"], "not available"),
     (["calibrate", "--pipe", ""], "is empty"),
@@ -418,6 +436,8 @@ def test_bench_batch_size_above_num_prompts_cycles_prompts(tmp_path):
     (["grid", "--call", "height"], "expected KEY=VALUE"),
     (["bench", "--pipe", "a=tiny:sd", "--pipe", "a=tiny:dit"], "given twice"),
     (["eval", "--metrics", "speed"], "unknown metrics"),
+    (["eval", "--metrics", ","], "name at least one of"),  # ran with no metric
+    (["eval", "--pipe", "=tiny:sd"], "give NAME=SPEC with a non-empty name"),  # an unnamed report row
     (["eval", "--metrics", "fid", "--fid-reference", "/no/such/stats"], "is neither a statistics"),
     (["eval", "--metrics", "clip", "--clip-model", "/no/such/clip"], "is neither a local folder"),
     (["eval", "--prompts", "/no/such/prompts.txt"], "prompts.txt"),

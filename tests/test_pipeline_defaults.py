@@ -91,3 +91,18 @@ def test_a_misspelt_argument_of_a_pipeline_taking_kwargs_warns():
                 as record:
             run()
         assert {item.filename for item in record if "hieght" in str(item.message)} == {__file__}  # the caller's line
+
+
+def test_a_call_argument_of_the_wrong_type_is_named_before_any_call():
+    """``--call guidance_scale=abc`` ended in a TypeError traceback from inside diffusers' first call."""
+    import pytest
+
+    from diffusion_accel.pipeline_defaults import CallArgumentError
+
+    pipe = build_tiny("sd")
+    for value, wanted in (("abc", "a number"), (True, "a number")):
+        with pytest.raises(CallArgumentError, match=rf"guidance_rescale={value!r} \(from evaluate\) must be {wanted}"):
+            da.evaluate({"base": pipe}, ["a cat"], metrics=("psnr",), num_inference_steps=2,
+                        call_kwargs={"guidance_rescale": value}, progress=False)
+    with pytest.raises(CallArgumentError, match=r"eta='0.5' \(from calibrate\) must be a number"):
+        da.calibrate(pipe, ["a cat"], num_inference_steps=2, eta="0.5", progress=False)

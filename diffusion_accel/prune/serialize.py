@@ -17,6 +17,7 @@ from torch import nn
 from ..arch import find_denoiser
 from ..artifact import register_technique
 from ..artifact_tensors import TechniqueTensors, technique_tensors
+from ..hooks import refuse_while_cached
 from .apply import TECHNIQUE
 from .record import ensure_record, get_record
 from .sparse import dense_weight
@@ -66,6 +67,7 @@ def export_prune(pipe: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 def restore_prune(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor] | TechniqueTensors) -> None:
     """Re-apply an exported prune onto ``pipe``'s (base) denoiser; ValueError on any shape mismatch."""
     _, denoiser = find_denoiser(pipe)
+    refuse_while_cached(denoiser, "restoring pruning")  # a manifest listing the cache first
     tensors = technique_tensors(tensors)
     saved = config["record"]
     _restore_heads(denoiser, saved["heads"])

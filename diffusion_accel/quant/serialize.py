@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..arch.registry import find_denoiser
+from ..hooks import refuse_while_cached
 from ..artifact import ArtifactError, register_technique
 from ..artifact_tensors import TechniqueTensors, technique_tensors
 from .apply import TECHNIQUE, install
@@ -82,8 +83,10 @@ def _restore_act(entry: dict[str, Any] | None, name: str, tensors: dict[str, tor
                                    segment_sizes=segments if segments != [0] else [])
     segments = entry["segments"] if entry["segments"] != [0] else []
     shape = (selector.groups if selector is not None else 1, max(len(segments), 1))
-    return ActQuantizer(tensors.take(f"{name}.act_scale", shape, "float"),
-                        tensors.take(f"{name}.act_zero_point", shape, "int"), entry["fmt"],
+    fmt = get_format(entry["fmt"])
+    zero_points = (0, 0) if entry["symmetric"] or fmt.is_float else tuple(int(v) for v in fmt.unsigned_range())
+    return ActQuantizer(tensors.take(f"{name}.act_scale", shape, "float", scales="positive"),
+                        tensors.take(f"{name}.act_zero_point", shape, "int", values=zero_points), entry["fmt"],
                         entry["symmetric"], segments, entry["channel_dim"], selector)
 
 
@@ -105,7 +108,7 @@ def _restore_weight(source: nn.Module, name: str, entry: dict[str, Any], fmt: st
         grid = get_format(fmt)
         codes = tensors.take(f"{name}.codes", (rows, columns), FP8_DTYPE if grid.is_float else torch.int8,
                              values=None if grid.is_float else (int(grid.qmin), int(grid.qmax)))
-    return codes, tensors.take(f"{name}.weight_scale", (rows, len(segments)), "float")
+    return codes, tensors.take(f"{name}.weight_scale", (rows, len(segments)), "float", scales="nonnegative")
 
 
 def _restore_layer(source: nn.Module, name: str, entry: dict[str, Any], config: PTQConfig,
@@ -125,11 +128,23 @@ def _restore_layer(source: nn.Module, name: str, entry: dict[str, Any], config: 
     return layer.to(source.weight.device)
 
 
+def _check_saved_fields(config: dict[str, Any]) -> None:
+    """ValueError naming a mistyped ``num_steps`` or layer ``lowered`` entry (a truthy "banana" lowered)."""
+    steps = config["num_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {steps!r}")
+    for name, entry in config["layers"].items():
+        if entry["lowered"] is not None and not isinstance(entry["lowered"], str):
+            raise ValueError(f"layer {name!r}: lowered must be a kernel name or null, got {entry['lowered']!r}")
+
+
 def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """Rebuild the saved quantized layers on ``pipe``'s denoiser (and lower the lowered ones)."""
     _, denoiser = find_denoiser(pipe)
+    refuse_while_cached(denoiser, "restoring quantization")  # a manifest listing the cache first
     tensors = technique_tensors(tensors)
     ptq_config = PTQConfig.from_dict(config["ptq_config"])
+    _check_saved_fields(config)
     bounds = config.get("group_bounds")  # artifacts saved before session 28: groups by position
     if bounds is not None and (not isinstance(bounds, list) or len(bounds) != ptq_config.timestep_groups - 1):
         raise ValueError(f"group_bounds must list timestep_groups - 1 = {ptq_config.timestep_groups - 1} "
