@@ -20,6 +20,7 @@ from diffusion_accel.eval import (EvalReport, FIDStats, compute_fid_stats, count
 from diffusion_accel.eval.clip_score import clip_metric, clip_score
 from diffusion_accel.eval.distributed import merge_ordered, shard
 from diffusion_accel.eval.evaluate import shared_denoiser_notes
+from diffusion_accel.eval.fid import image_batches
 from diffusion_accel.eval.images import to_uint8
 from diffusion_accel.eval.inception import TFInceptionFeatures, find_tf_inception, inception_input
 from diffusion_accel.eval.machine import is_compiled
@@ -218,6 +219,36 @@ def test_float_images_outside_zero_one_or_not_finite_are_errors():
     with pytest.raises(ValueError, match="1 of 2 images hold NaN or infinite values"):
         to_uint8(broken)
     assert int(to_uint8(images / 255 * 1.005).max()) == 255  # rounding overshoot within the slack: clamped
+
+
+def test_fid_of_identical_statistics_is_never_negative():
+    """The square root of a rank-deficient covariance product left FID at -4e-4 for identical sets (a report
+    of two identical pipelines printed a negative FID)."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(4, 64, generator=generator, dtype=torch.float64)
+    stats = FIDStats(mean=features.mean(0), cov=torch.cov(features.T), n=4, extractor="test")
+    assert frechet_distance(stats, stats) == 0.0
+
+
+def test_a_grayscale_batch_without_a_channel_axis_is_a_clear_error():
+    """(N, H, W) reached the FID network as one N-channel image and crashed there."""
+    batch = torch.rand(40, 28, 28)
+    for convert in (to_uint8, lambda images: list(image_batches(images))):
+        with pytest.raises(ValueError, match=r"got shape \(1, 40, 28, 28\) \(a grayscale batch \(N,H,W\): pass"):
+            convert(batch)
+
+
+def test_a_variant_giving_nan_images_is_named():
+    """'1 of 1 images hold NaN' named neither the variant nor which of its images."""
+    import diffusion_accel as da
+
+    base, broken = build_tiny("sd"), build_tiny("sd")
+    with torch.no_grad():
+        broken.unet.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"variant 'broken': StableDiffusionPipeline image 1 of 2: 1 of 1 images "
+                                         r"hold NaN"):
+        da.evaluate({"base": base, "broken": broken}, ["a cat", "a dog"], metrics=("psnr",),
+                    num_inference_steps=2, progress=False)
 
 
 def test_fid_refuses_stats_from_another_network():

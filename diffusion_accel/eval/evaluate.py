@@ -137,9 +137,12 @@ def _generate_all(pipelines: Mapping[str, Any], run: _Run, state: Any, progress:
                disable=not (progress and state.is_main_process))
     images = {}
     for name, pipe in pipelines.items():
-        local = generate_images(pipe, mine, num_inference_steps=run.num_inference_steps, batch_size=run.batch_size,
-                                call_kwargs=run.call_kwargs, prompt_to_kwargs=run.prompt_to_kwargs,
-                                progress=bar.update)
+        try:
+            local = generate_images(pipe, mine, num_inference_steps=run.num_inference_steps,
+                                    batch_size=run.batch_size, call_kwargs=run.call_kwargs,
+                                    prompt_to_kwargs=run.prompt_to_kwargs, progress=bar.update)
+        except ValueError as error:
+            raise ValueError(f"variant {name!r}: {error}") from error
         images[name] = torch.stack(merge_ordered(gather(local, state), len(run.jobs)))
     bar.close()
     return images

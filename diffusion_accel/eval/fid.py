@@ -24,7 +24,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 from tqdm.auto import tqdm
 
-from .images import (checked_unit_range, hash_files, hash_tensor, image_files, iter_dataset_images, load_image,
+from .images import (as_nchw, checked_unit_range, hash_files, hash_tensor, image_files, iter_dataset_images, load_image,
                      to_rgb, to_uint8)
 from .inception import TF_INCEPTION_ID, TFInceptionFeatures, find_tf_inception, tf1_bilinear_resize
 
@@ -152,7 +152,7 @@ def image_batches(images: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator
     if isinstance(images, np.ndarray):
         images = to_uint8(images)
     if isinstance(images, torch.Tensor):
-        images = to_rgb(images if images.ndim == 4 else images[None])
+        images = to_rgb(as_nchw(images))
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
             yield checked_unit_range(batch) if batch.is_floating_point() else batch
@@ -192,8 +192,9 @@ def frechet_distance(reference: FIDStats, other: FIDStats) -> float:
     if reference.extractor != other.extractor:
         raise ValueError(f"statistics come from different feature networks: {reference.extractor!r} vs "
                          f"{other.extractor!r}; recompute one of them with the other's network")
-    return float(_compute_fid(reference.mean.double(), reference.cov.double(),
-                              other.mean.double(), other.cov.double()))
+    distance = float(_compute_fid(reference.mean.double(), reference.cov.double(),
+                                  other.mean.double(), other.cov.double()))
+    return max(distance, 0.0)  # the trace of a rank-deficient sqrt came out at -4e-4 for identical sets
 
 
 def fid_to_reference(reference: FIDStats, images: Any, *, extractor: nn.Module | None = None,

@@ -53,16 +53,23 @@ def _from_hwc(array: np.ndarray) -> torch.Tensor:
 
 def _from_chw(tensor: torch.Tensor) -> torch.Tensor:
     """torch (C, H, W) / (N, C, H, W), uint8 or float in [0, 1] -> uint8 (N, 3, H, W)."""
-    if tensor.ndim == 3:
-        tensor = tensor[None]
-    if tensor.ndim != 4 or tensor.shape[1] not in (1, 3, 4):
-        raise ValueError(f"image tensors must be (N,C,H,W) with C in (1, 3, 4); got shape {tuple(tensor.shape)}")
-    tensor = tensor.detach().cpu()
+    tensor = as_nchw(tensor).detach().cpu()
     if tensor.dtype != torch.uint8:
         if not tensor.is_floating_point():
             raise TypeError(f"image tensor dtype {tensor.dtype} unsupported; accepted: uint8 or float in [0, 1]")
         tensor = (checked_unit_range(tensor.float()) * 255).round().clamp(0, 255).to(torch.uint8)
     return to_rgb(tensor)
+
+
+def as_nchw(tensor: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) from one (C, H, W) image or a batch; a ValueError for other shapes (a grayscale batch
+    (N, H, W) with N not 1, 3 or 4 reached the FID network and crashed there)."""
+    if tensor.ndim == 3:
+        tensor = tensor[None]
+    if tensor.ndim != 4 or tensor.shape[1] not in (1, 3, 4):
+        raise ValueError(f"image tensors must be (N,C,H,W) with C in (1, 3, 4), or one (C,H,W) image; got shape "
+                         f"{tuple(tensor.shape)} (a grayscale batch (N,H,W): pass images[:, None])")
+    return tensor
 
 
 FLOAT_RANGE_SLACK = 0.01  # float images may overshoot [0, 1] by rounding; beyond this they are not [0, 1] images

@@ -241,7 +241,12 @@ def generate_images(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_steps:
             if not hasattr(output, "images"):  # AudioLDM & co. (their UNets are supported denoisers)
                 raise TypeError(f"{type(pipe).__name__} returned a {type(output).__name__} without images: "
                                 f"evaluation scores image pipelines")
-            images = to_uint8(output.images)
+            try:
+                images = to_uint8(output.images)
+            except ValueError as error:  # NaN images: say which of the run's images
+                first, last = batch[0].index + 1, batch[-1].index + 1
+                raise ValueError(f"{type(pipe).__name__} image{'s' if last > first else ''} "
+                                 f"{first if last == first else f'{first}-{last}'} of {len(jobs)}: {error}") from None
             if len(images) != len(batch):
                 raise ValueError(f"{type(pipe).__name__} returned {len(images)} images for {len(batch)} requested")
             results.extend((job.index, image) for job, image in zip(batch, images))
