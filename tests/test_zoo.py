@@ -173,6 +173,19 @@ def test_load_reads_another_export_of_the_model(tmp_path):
         zoo.load("fashion-sd", folder=tmp_path / "missing")
 
 
+@pytest.mark.parametrize("name, missing", [("fashion-clip", "tokenizer.json"), ("fashion-sd", "tokenizer/tokenizer.json"),
+                                           ("fashion-flux", "tokenizer_2/tokenizer.json")])
+def test_a_folder_missing_its_tokenizer_is_refused(tmp_path, name, missing):
+    """Without tokenizer.json transformers built a 2-token vocabulary (T5: 4): every prompt became unknown
+    tokens and the model loaded without an error."""
+    import shutil
+
+    shutil.copytree(zoo.path(name), tmp_path / name)
+    (tmp_path / name / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"lacks {missing}: its word-level tokenizer"):
+        zoo.load(name, folder=tmp_path / name)
+
+
 def test_a_zoo_folder_given_as_a_pipeline_spec_keeps_its_call_settings(tmp_path):
     """--pipe PATH to the zoo's folder (or a copy, or a training export) loads what zoo.load does: before,
     diffusers' plain loading lost fashion-flux's 32-token T5, true CFG and 32-px size."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
+import signal
 
 import numpy as np
 import pytest
@@ -93,7 +95,8 @@ def test_training_smoke_run_resumes_and_exports_a_ddpm_pipeline(tmp_path, monkey
 
 def test_a_resume_keeps_the_runs_seed_and_an_interrupt_keeps_the_completed_steps(tmp_path, monkeypatch):
     """train_info recorded the new --seed of a resumed run (its weights continued the old seed's), and Ctrl-C
-    lost everything since the last 3-minute checkpoint."""
+    lost everything since the last 3-minute checkpoint. Since session 30 Ctrl-C takes effect after the step
+    in progress (saved from inside it, the checkpoint held a step more than its count)."""
     import json
 
     from diffusion_accel.zoo import mnist_train
@@ -112,8 +115,8 @@ def test_a_resume_keeps_the_runs_seed_and_an_interrupt_keeps_the_completed_steps
 
         def interrupt_at_step_4(cfg, start, step_fn, state_fn, desc):
             def stepping(step, frac):
-                if step == 4:
-                    raise KeyboardInterrupt
+                if step == 4:  # Ctrl-C arrives during step 4: it finishes, then the run stops
+                    os.kill(os.getpid(), signal.SIGINT)
                 calls.append(step)
                 return step_fn(step, frac)
             return real_loop(cfg, start, stepping, state_fn, desc)
@@ -122,9 +125,66 @@ def test_a_resume_keeps_the_runs_seed_and_an_interrupt_keeps_the_completed_steps
         monkeypatch.setattr(C, "run_loop", interrupt_at_step_4)
         with pytest.raises(KeyboardInterrupt):
             run(6, 0)
-        assert calls == [3] and C.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4
+        assert calls == [3, 4] and C.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 5
     finally:
         torch.set_num_threads(threads)
+
+
+def _global_rng_loop(run_dir, steps, interrupt_at=None):
+    """run_loop over steps that each draw from torch's global RNG (as a VAE's latent_dist.sample() does);
+    returns the draws of this command. ``interrupt_at``: Ctrl-C during that step."""
+    draws, state = [], {}
+    cfg = C.RunConfig(run_dir=run_dir, steps=steps, stage="test")
+    generator = C.seed_all(0)
+    start, _, _ = C.resume(cfg, {}, generator)
+
+    def step_fn(step, frac):
+        if step == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        draws.append(float(torch.rand(())))
+        return {}
+
+    def state_fn(step):
+        return {**state, "gen": generator.get_state(), "step": step, "elapsed_s": 0.0}
+
+    C.run_loop(cfg, start, step_fn, state_fn, "test")
+    return draws
+
+
+def test_an_interrupted_run_resumes_the_global_random_stream(tmp_path):
+    """Losses sampling from the global RNG (the VAE stages) re-drew step 0's numbers after a resume: the
+    checkpoint did not hold the RNG state, and seed_all reset it (weights 1e-3 off the straight run)."""
+    straight = _global_rng_loop(tmp_path / "straight", 6)
+    with pytest.raises(KeyboardInterrupt):
+        _global_rng_loop(tmp_path / "resumed", 6, interrupt_at=2)
+    assert _global_rng_loop(tmp_path / "resumed", 6) == straight[3:]
+
+
+def test_resuming_with_other_settings_is_refused_and_unset_ones_continue_the_run(tmp_path):
+    """A resumed --batch-size 32 on a batch-8 run trained on silently; another stage's folder ended in a raw
+    load_state_dict traceback."""
+    C.save_checkpoint(tmp_path / "checkpoint.pt", {"settings": C.RunConfig(
+        run_dir=tmp_path, steps=4, stage="mnist-ddpm", batch_size=8, lr=1e-3).settings()})
+    unset = C.RunConfig(run_dir=tmp_path, steps=8, stage="mnist-ddpm")
+    C.apply_checkpoint_settings(unset)
+    assert (unset.batch_size, unset.lr) == (8, 1e-3)
+    with pytest.raises(ValueError, match=r"other settings \(batch_size 8 -> 32\).* --no-resume"):
+        C.apply_checkpoint_settings(C.RunConfig(run_dir=tmp_path, steps=8, stage="mnist-ddpm", batch_size=32))
+    with pytest.raises(ValueError, match="holds a checkpoint of the stage 'mnist-ddpm', not 'fashion-sd-vae'"):
+        C.apply_checkpoint_settings(C.RunConfig(run_dir=tmp_path, steps=8, stage="fashion-sd-vae"))
+    C.apply_checkpoint_settings(C.RunConfig(run_dir=tmp_path, steps=8, stage="x", batch_size=32, resume=False))
+
+
+def test_the_time_budget_counts_the_whole_run(tmp_path):
+    """Each resumed command got a fresh budget (and restarted the LR schedule's time)."""
+    C.save_checkpoint(tmp_path / "checkpoint.pt", {"gen": torch.Generator().get_state(), "step": 3,
+                                                   "elapsed_s": 120.0})
+    cfg = C.RunConfig(run_dir=tmp_path, steps=10, time_budget_min=1.0)
+    start, _, _ = C.resume(cfg, {}, torch.Generator())
+    steps = []
+    done, _ = C.run_loop(cfg, start, lambda step, frac: steps.append(step) or {},
+                         lambda step: {"gen": torch.Generator().get_state(), "step": step, "elapsed_s": 120.0}, "t")
+    assert steps == [] and done == 3
 
 
 def test_zoo_load_refuses_a_folder_of_another_pipeline_class(tmp_path):

@@ -25,6 +25,23 @@ CALL_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# The locally built word-level tokenizers: without tokenizer.json, transformers silently builds a 2-token
+# vocabulary (fashion-clip / fashion-sd) or a 4-token one (fashion-flux's T5) and every prompt becomes
+# unknown tokens: CLIP scores and prompts stop meaning anything, with no error.
+TOKENIZER_FILES: dict[str, tuple[str, ...]] = {
+    "fashion-clip": ("tokenizer.json",), "fashion-sd": ("tokenizer/tokenizer.json",),
+    "fashion-flux": ("tokenizer/tokenizer.json", "tokenizer_2/tokenizer.json"), "mnist-ddpm": ()}
+
+
+def _check_tokenizers(name: str, folder: Path) -> None:
+    """FileNotFoundError naming a tokenizer file the zoo model ``name`` in ``folder`` lacks."""
+    missing = [file for file in TOKENIZER_FILES[name] if not (folder / file).is_file()]
+    if missing:
+        raise FileNotFoundError(f"zoo model folder {str(folder)!r} lacks {', '.join(missing)}: its word-level "
+                                f"tokenizer (without it every prompt becomes unknown tokens); copy the folder "
+                                f"again or re-export it")
+
+
 def names() -> tuple[str, ...]:
     """Names of the shipped zoo models."""
     return _NAMES
@@ -38,6 +55,7 @@ def path(name: str) -> Path:
     if not (folder / ("config.json" if name == "fashion-clip" else "model_index.json")).is_file():
         raise FileNotFoundError(f"zoo model {name!r} is not shipped in this install ({folder} is missing); "
                                 f"train it with `diffusion-accel zoo train {name} --ship`")
+    _check_tokenizers(name, folder)
     return folder
 
 
@@ -54,6 +72,7 @@ def _export_folder(name: str, folder: Path) -> Path:
         raise FileNotFoundError(f"folder={str(folder)!r} has no {marker}: expected a save_pretrained export of {name}")
     if name in PIPELINE_CLASSES:
         check_pipeline_class(folder, PIPELINE_CLASSES[name], f"folder={str(folder)!r}")
+    _check_tokenizers(name, folder)
     return folder
 
 

@@ -6,9 +6,13 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -129,6 +133,14 @@ class RunConfig:
     init_from: Path | None = None
     lr: float | None = None
     arch: str | None = None  # fashion-flux: a flux_train.ARCHS name
+    stage: str = ""  # the zoo stage training in run_dir (recorded in its checkpoint)
+    resumed: dict = field(default_factory=dict)  # set by resume: what run_loop restores (RNG, elapsed time)
+
+    def settings(self) -> dict:
+        """The options a resumed run must keep: a checkpoint continues the weights, optimiser and data order
+        they made (a resumed --batch-size 32 on a batch-8 run mixed both silently)."""
+        return {"stage": self.stage, "batch_size": self.batch_size, "lr": self.lr, "arch": self.arch,
+                "data_root": self.data_root, "limit_images": self.limit_images, "freeze_text": self.freeze_text}
 
 
 def init_source(cfg: RunConfig, name: str) -> Path | None:
@@ -148,10 +160,11 @@ def init_source(cfg: RunConfig, name: str) -> Path | None:
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"--init-from {str(cfg.init_from)!r}: expected 'zoo' or an exported pipeline folder "
                          f"with a model_index.json (e.g. zoo_runs/{name}/final)")
-    from . import PIPELINE_CLASSES, check_pipeline_class
+    from . import PIPELINE_CLASSES, _check_tokenizers, check_pipeline_class
 
     pipeline = name.removesuffix("-decoder")  # a decoder stage warm-starts from its pipeline's export
     check_pipeline_class(folder, PIPELINE_CLASSES[pipeline], f"--init-from {str(cfg.init_from)!r}")
+    _check_tokenizers(pipeline, folder)  # training on all-unknown captions, silently
     return folder
 
 
@@ -209,46 +222,137 @@ def resume(cfg: Any, stateful: dict[str, Any], generator: torch.Generator) -> tu
         warnings.warn(f"--seed {cfg.seed} is ignored: resuming {cfg.run_dir}, a run started with seed {saved_seed} "
                       f"(--no-resume starts over with the new seed)", stacklevel=2)
         cfg.seed = saved_seed
+    _check_same_settings(cfg, state.get("settings", {}))
     for key, target in stateful.items():
         target.load_state_dict(state[key])
     generator.set_state(state["gen"])
+    cfg.resumed = {"rng": state.get("global_rng"), "elapsed_s": float(state["elapsed_s"])}
     return int(state["step"]), float(state["elapsed_s"]), [*state.get("commands", []), command_line()]
+
+
+def apply_checkpoint_settings(cfg: Any) -> None:
+    """Before a resumed run reads its options: those left unset take the checkpoint's values, those given
+    otherwise are a ValueError (``train.run`` calls it; ``resume`` checks again)."""
+    state = load_checkpoint(cfg.run_dir / "checkpoint.pt") if cfg.resume else None
+    if state is not None:
+        _check_same_settings(cfg, state.get("settings", {}))
+
+
+def _check_same_settings(cfg: Any, saved: dict) -> None:
+    """Adopt the checkpoint's value of every option left unset (None / False); a ValueError naming the options
+    given with other values (checkpoints before session 30 record none: accepted)."""
+    current = cfg.settings()
+    if saved.get("stage") and cfg.stage and saved["stage"] != cfg.stage:
+        raise ValueError(f"{cfg.run_dir} holds a checkpoint of the stage {saved['stage']!r}, not {cfg.stage!r}: "
+                         f"give this stage its own --out")
+    changed = {}
+    for key, value in saved.items():
+        if key == "stage" or key not in current or value == current[key]:
+            continue
+        if current[key] in (None, False):
+            setattr(cfg, key, value)
+        else:
+            changed[key] = (value, current[key])
+    if not changed:
+        return
+    listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+    raise ValueError(f"resuming {cfg.run_dir} with other settings ({listed}): a resumed run keeps the settings it "
+                     f"started with; repeat them, or start over with --no-resume")
+
+
+def global_rng_state() -> dict:
+    """torch's global CPU (and CUDA) RNG states and Python's: losses that sample (a VAE's latent_dist.sample())
+    draw from them, so a resumed run needs them back (it re-drew step 0's numbers: weights off by 1e-3)."""
+    state = {"cpu": torch.get_rng_state(), "python": _python_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def restore_global_rng(state: dict | None) -> None:
+    """Put back what ``global_rng_state`` saved (nothing for checkpoints written before session 30)."""
+    if not state:
+        return
+    torch.set_rng_state(state["cpu"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def interrupts_at_step_boundaries() -> Iterator[Callable[[], bool]]:
+    """Within: Ctrl-C (SIGINT) only raises a flag, read by the returned function after each step, so the
+    checkpoint is the state between two steps. Saved from inside an interrupted step it held a batch or
+    an optimiser step more than its step count, and the resumed run differed from an uninterrupted one.
+    A second Ctrl-C interrupts at once. Main thread only (elsewhere signals cannot be caught)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    pending: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(pending)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_loop(cfg: RunConfig, start_step: int, step_fn: Callable[[int, float], dict],
              state_fn: Callable[[int], dict], desc: str) -> tuple[int, float]:
     """Call ``step_fn(step, frac)`` from ``start_step`` to ``cfg.steps`` with tqdm, checkpoints and a time budget.
 
-    ``frac`` is the run's progress in [0, 1]: steps done or time budget used, whichever is further.
+    ``frac`` is the run's progress in [0, 1]: steps done or time budget used, whichever is further. The
+    budget counts the run's time over all its commands (``cfg.resumed``): before session 30 each resumed
+    command got a fresh budget and restarted the cosine schedule's time at 0 (the LR rose again).
+    Checkpoints record the settings (``RunConfig.settings``) and the global RNG states.
     Returns (last completed step count, seconds spent in this call).
     """
     ckpt = cfg.run_dir / "checkpoint.pt"
     t0 = last_ckpt = time.time()
     budget_s = None if cfg.time_budget_min is None else cfg.time_budget_min * 60
-    step = start_step
-    checkpoint = lambda steps_done: save_checkpoint(ckpt, {**state_fn(steps_done), "seed": cfg.seed})  # noqa: E731
+    spent_before = cfg.resumed.get("elapsed_s", 0.0)  # the budget and the LR schedule's time are the run's
+    restore_global_rng(cfg.resumed.get("rng"))
+    done = start_step  # steps completed
+    checkpoint = lambda steps_done: save_checkpoint(ckpt, {  # noqa: E731
+        **state_fn(steps_done), "seed": cfg.seed, "settings": cfg.settings(), "global_rng": global_rng_state()})
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=desc,
                mininterval=10.0, dynamic_ncols=True)
     try:
-        for step in bar:
-            frac = step / cfg.steps if budget_s is None else max(step / cfg.steps, (time.time() - t0) / budget_s)
-            logs = step_fn(step, frac)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
-            now = time.time()
-            if now - last_ckpt > cfg.checkpoint_every_min * 60:
-                checkpoint(step + 1)
-                last_ckpt = now
-            if budget_s is not None and now - t0 > budget_s:
-                bar.write(f"time budget of {cfg.time_budget_min} min reached at step {step + 1}")
-                break
-        else:
-            step = cfg.steps - 1
-    except KeyboardInterrupt:  # up to checkpoint_every_min of work was lost: keep the steps completed
-        checkpoint(step)
-        bar.write(f"interrupted: {step} steps saved to {ckpt}; run the same command again to resume")
+        with interrupts_at_step_boundaries() as interrupted:
+            for step in bar:
+                spent = spent_before + time.time() - t0
+                if budget_s is not None and spent > budget_s:
+                    bar.write(f"time budget of {cfg.time_budget_min} min (this run's, over all its commands) "
+                              f"reached at step {step}")
+                    break
+                frac = step / cfg.steps if budget_s is None else max(step / cfg.steps, spent / budget_s)
+                logs = step_fn(step, frac)
+                done = step + 1
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+                if interrupted():
+                    checkpoint(done)
+                    bar.write(f"interrupted: {done} steps saved to {ckpt}; run the same command again to resume")
+                    raise KeyboardInterrupt
+                if time.time() - last_ckpt > cfg.checkpoint_every_min * 60:
+                    checkpoint(done)
+                    last_ckpt = time.time()
+    except KeyboardInterrupt:
+        if not interrupted():  # a second Ctrl-C, mid-step: that step's state is not saved
+            bar.write(f"interrupted during step {done + 1}: rerunning the command resumes from the last "
+                      f"checkpoint in {ckpt}")
         raise
     finally:
         bar.close()
-    done = min(step + 1, cfg.steps) if cfg.steps > start_step else start_step
     checkpoint(done)
     return done, time.time() - t0

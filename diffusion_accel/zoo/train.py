@@ -30,7 +30,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="stop (and export) after M minutes of training (loading, latent encoding and the final "
                              "evaluation come on top)")
     parser.add_argument("--out", type=output_folder, default=None, help="run folder (default zoo_runs/NAME)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_at_least(0, 2 ** 63 - 1), default=0)
     parser.add_argument("--batch-size", type=int_at_least(1), default=None)
     parser.add_argument("--data", default=None, help="folder with the Fashion-MNIST *-ubyte.gz files (mnist-ddpm: MNIST's, or mnist.pkl.gz)")
     parser.add_argument("--resume", dest="resume", action="store_true", default=True,
@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> Path:
                       seed=args.seed, time_budget_min=args.time_budget_min, resume=args.resume,
                       batch_size=args.batch_size, data_root=args.data,
                       freeze_text=args.freeze_text, init_from=args.init_from, lr=args.lr,
-                      arch=getattr(args, "arch", None))
+                      arch=getattr(args, "arch", None), stage=args.name)
+    C.apply_checkpoint_settings(cfg)  # resuming: unset options continue the run's, others must match
     folder = module.train(cfg, args.name)
     if args.ship:
         from .card import write_card
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         run(args)
     except (ValueError, OSError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except KeyboardInterrupt:  # the loop said where the run was saved; no traceback
+        parser.exit(130)
 
 
 if __name__ == "__main__":
