@@ -87,6 +87,9 @@ def test_loader_finds_one_split_raw_files_and_names_damaged_or_mismatched_ones(t
     _write_idx_gz(tmp_path / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, (7,)))
     with pytest.raises(ValueError, match="5 images but 7 labels"):
         load_split("test", root=tmp_path)
+    _write_idx_gz(tmp_path / "t10k-labels-idx1-ubyte.gz", images)  # images saved under the labels name
+    with pytest.raises(ValueError, match=r"labels-idx1-ubyte.gz is damaged .*not one of unsigned bytes in 1 dim"):
+        load_split("test", root=tmp_path)
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz is damaged"):
         load_split("test", root=tmp_path)

@@ -32,9 +32,17 @@ def setup_device(threads: int | None = None) -> torch.device:
         # SDPA's flash and memory-efficient kernels train these models fine.
         torch.backends.cuda.enable_cudnn_sdp(False)
         return torch.device("cuda")
-    threads = threads or int(os.environ.get("DIFFUSION_ACCEL_THREADS", "2"))
+    threads = threads or _env_threads()
     torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
     return torch.device("cpu")
+
+
+def _env_threads() -> int:
+    """``DIFFUSION_ACCEL_THREADS`` (default 2); a ValueError naming the variable when it is no count."""
+    text = os.environ.get("DIFFUSION_ACCEL_THREADS", "2")
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"DIFFUSION_ACCEL_THREADS must be a thread count >= 1, got {text!r}")
+    return int(text)
 
 
 AUTOCAST_ENV = "DIFFUSION_ACCEL_AUTOCAST"

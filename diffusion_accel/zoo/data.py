@@ -46,8 +46,10 @@ def find_root(root: str | os.PathLike | None = None, split: str = "train") -> Pa
         f"*-ubyte.gz files and pass root=FOLDER (CLI: --data FOLDER) or set {ENV_VAR}=FOLDER.")
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """Parse one gzipped (or xz) idx file into a uint8 array (images: N×28×28, labels: N)."""
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Parse one gzipped (or xz) idx file of ``ndim`` dimensions into a uint8 array (images: N×28×28,
+    labels: N); a clear error for another file under this name (images saved as the labels file failed
+    deep in training)."""
     if not path.is_file():
         raise FileNotFoundError(f"missing Fashion-MNIST file {path}; install `dataset-fashion-mnist` "
                                 f"or point {ENV_VAR} at a folder holding all four *-ubyte.gz files")
@@ -55,7 +57,8 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-        ndim = data[3]
+        if data[:3] != b"\x00\x00\x08" or data[3] != ndim:
+            raise ValueError(f"idx header {data[:4].hex()} is not one of unsigned bytes in {ndim} dimension(s)")
         dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
         return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
     except (OSError, EOFError, lzma.LZMAError, ValueError, IndexError) as error:
@@ -69,8 +72,8 @@ def load_split(split: str = "train", root: str | os.PathLike | None = None) -> t
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     folder = find_root(root, split)
     prefix = SPLITS[split]
-    images = _read_idx(idx_file(folder, f"{prefix}-images-idx3-ubyte"))
-    labels = _read_idx(idx_file(folder, f"{prefix}-labels-idx1-ubyte"))
+    images = _read_idx(idx_file(folder, f"{prefix}-images-idx3-ubyte"), 3)
+    labels = _read_idx(idx_file(folder, f"{prefix}-labels-idx1-ubyte"), 1)
     if len(images) != len(labels):  # e.g. another split's labels copied over these
         raise ValueError(f"Fashion-MNIST {split} split in {folder}: {len(images)} images but {len(labels)} labels")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))

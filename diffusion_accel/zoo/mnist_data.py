@@ -102,8 +102,8 @@ def load_mnist(split: str = "train", root: str | os.PathLike | None = None) -> t
     if source.is_file():
         images, labels = _read_pickle(source, split)
     else:
-        images = _read_idx(idx_file(source, f"{SPLITS[split]}-images-idx3-ubyte"))
-        labels = _read_idx(idx_file(source, f"{SPLITS[split]}-labels-idx1-ubyte"))
+        images = _read_idx(idx_file(source, f"{SPLITS[split]}-images-idx3-ubyte"), 3)
+        labels = _read_idx(idx_file(source, f"{SPLITS[split]}-labels-idx1-ubyte"), 1)
         if len(images) != len(labels):
             raise ValueError(f"MNIST {split} split in {source}: {len(images)} images but {len(labels)} labels")
     return torch.from_numpy(np.array(images, copy=True)), torch.from_numpy(labels.astype(np.int64))
