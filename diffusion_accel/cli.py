@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--recipe", default=None, help="a recipe TOML from pipelines/ (sets the defaults)")
     calibrate.add_argument("--selection", default=None, help='"all", "uniform:K" or "0,5,10" (default all)')
     calibrate.add_argument("--weighting", default=None,
-                           help="uniform, linear, log-decrease or log-increase (default uniform)")
+                           help="per-step weights of the calibration's Hessians: uniform, linear, log-decrease or "
+                                "log-increase (default uniform; pruning's default log-decrease, OBS-Diff's)")
     calibrate.add_argument("--collect", default=None,
                            help="--method stats: comma list of ranges, hessian, features (default ranges,features)")
     calibrate.add_argument("--batch-size", type=int_at_least(1), default=None, help="items per pipeline call (default 1)")

@@ -392,11 +392,19 @@ def technique_configs(methods: list[str], args: argparse.Namespace, recipe: dict
             preset = args.preset or options.pop("preset", "w8a8")
             configs[method] = _built("quant", PTQConfig.preset, preset, **options)
         elif method not in ("cache", "stats"):
-            options = dict(recipe.get("prune", {})) | {"method": method}
-            flags = (("sparsity", args.sparsity), ("pattern", args.pattern),
+            options = {**_calibration_weighting(recipe), **recipe.get("prune", {}), "method": method}
+            flags = (("sparsity", args.sparsity), ("pattern", args.pattern), ("weighting", args.weighting),
                      ("scope", getattr(args, "scope", None)), ("allocation", getattr(args, "allocation", None)))
             configs[method] = _built("prune", PruneConfig, **options | {k: v for k, v in flags if v is not None})
     return configs
+
+
+def _calibration_weighting(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's ``[calibration] weighting`` as a PruneConfig option: pruning re-weights its Hessians
+    over the steps with its own ``weighting``, so ``--weighting`` and the recipe's were ignored there (a
+    ``[prune] weighting`` still wins over it)."""
+    weighting = recipe.get("calibration", {}).get("weighting")
+    return {} if weighting is None else {"weighting": weighting}
 
 
 def _built(table: str, factory: Callable[..., Any], *args: Any, **options: Any) -> Any:

@@ -179,6 +179,22 @@ def test_a_recipes_call_table_reaches_calibration_and_flags_override_it(tmp_path
     assert notes["settings"]["call"] == {"height": 64, "width": 48}
 
 
+def test_the_weighting_of_a_recipe_or_flag_reaches_pruning(tmp_path):
+    """Pruning re-weights its Hessians with PruneConfig.weighting, which only a [prune] table set: --weighting
+    and the recipe's [calibration] weighting were recorded in calibration.json and ignored."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nid = "tiny:sd"\n[calibration]\nsteps = 2\nnum_prompts = 1\nweighting = "linear"\n')
+
+    def pruning_weighting(*flags):
+        out = tmp_path / f"art{len(flags)}"
+        assert main(["calibrate", "--recipe", str(recipe), "--method", "wanda", *flags, "--out", str(out)]) == 0
+        return json.loads((out / "manifest.json").read_text())["techniques"][0]["config"]["record"]["configs"][0][
+            "weighting"]
+
+    assert pruning_weighting() == "linear"
+    assert pruning_weighting("--weighting", "log-increase") == "log-increase"
+
+
 def test_parser_lists_every_subcommand():
     text = build_parser().format_help()
     for command in SUBCOMMANDS:

@@ -221,6 +221,18 @@ def test_float_images_outside_zero_one_or_not_finite_are_errors():
     assert int(to_uint8(images / 255 * 1.005).max()) == 255  # rounding overshoot within the slack: clamped
 
 
+@pytest.mark.parametrize("preset", ["w8a8", "w4a16"])
+@pytest.mark.parametrize("lower", [True, False])
+def test_a_quantized_denoiser_counts_its_quantized_weights_as_parameters(preset, lower, int8_kernels):
+    """bench / eval's params column counted only nn.Parameters: a W8A8 fashion-sd UNet had 112,900 of 5.9M."""
+    import diffusion_accel as da
+    from diffusion_accel.eval.cost import parameter_count
+
+    expected = parameter_count(build_tiny("sd").unet)
+    config = da.PTQConfig.preset(preset, calib_prompts=1, calib_num_steps=2, calib_steps="all", lower=lower)
+    assert parameter_count(da.quantize_(build_tiny("sd"), config).unet) == expected
+
+
 def test_fid_of_identical_statistics_is_never_negative():
     """The square root of a rank-deficient covariance product left FID at -4e-4 for identical sets (a report
     of two identical pipelines printed a negative FID)."""

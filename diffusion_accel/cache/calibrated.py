@@ -59,7 +59,9 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
     search's candidates; ``max_passes`` bounds the refine search's sweeps (nearby moves: about 4 runs
     per full step per sweep, per start; moves anywhere: one run per (full step, free step) pair per
     sweep, from the best start only). ``forecast`` and ``forecast_target`` are searched with (the schedule suits how
-    reused steps are filled)."""
+    reused steps are filled). ``branch``: the UNet skip branch cached (DeepCache's; transformers: unused);
+    ``resample``: whether the schedule may be mapped onto another step count or scheduler later (else
+    those are refused); ``seed``: first seed of the prompts' runs; ``call_kwargs``: further pipeline arguments."""
     _check_search(search, max_candidates, max_passes)
     if get_session(find_denoiser(pipe)[1]) is not None:
         raise ValueError("calibrate_schedule needs a pipeline without a cache; call remove_cache first")

@@ -48,7 +48,9 @@ def teacache_samples(pipe: Any, prompts: Any, num_inference_steps: int = 25, see
 
 def fit_teacache_coefficients(pipe: Any, prompts: Any, num_inference_steps: int = 25, degree: int = 4,
                               seed: int = 0, **call_kwargs: Any) -> tuple[float, ...]:
-    """Polynomial coefficients (highest power first) for ``TeaCacheConfig(coefficients=...)``."""
+    """Polynomial coefficients (highest power first) for ``TeaCacheConfig(coefficients=...)``: a degree-
+    ``degree`` fit of the stack's output change against its modulated input's change, over uncached runs
+    of ``prompts`` (``num_inference_steps`` steps, seeded from ``seed``, ``call_kwargs`` passed on)."""
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
         raise ValueError(f"degree must be an int >= 1, got {degree!r}")
     xs, ys = teacache_samples(pipe, prompts, num_inference_steps, seed=seed, **call_kwargs)

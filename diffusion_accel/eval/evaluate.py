@@ -170,10 +170,18 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
              repeats: int = 3, grid_cell_size: int = 128, grid_columns: int | None = GRID_COLUMNS) -> EvalReport:
     """Compare pipeline variants ({name: pipe}) on ``prompts`` with identical seeds; see module doc.
 
+    ``metrics``: any of fid, clip, psnr, ssim, latency, memory, flops (default all; fid needs
+    ``fid_reference``, and clip a CLIP model: offline, only zoo pipelines have one bundled). ``baseline``:
+    the variant psnr / ssim / speed-ups compare against (default: the first). Image ``k`` of prompt ``p``
+    is seeded ``seed + p * images_per_prompt + k`` in every variant; ``num_inference_steps`` steps,
+    ``batch_size`` images per pipeline call, ``call_kwargs`` further pipeline arguments (over each
+    pipeline's ``call_defaults``), ``prompt_to_kwargs(pipe, prompts)`` how prompts become call arguments
+    (default: ``prompt`` / ``class_labels`` / ``batch_size``). Latency: ``warmup`` untimed then ``repeats``
+    timed calls per variant, interleaved. ``output_dir``: also save report.json / report.md / grid.png.
     ``fid_reference``: FIDStats, a ``.safetensors`` stats file, an image folder, a uint8 tensor or a
     dataset (cached under ``fid_cache_dir``); ``fid_extractor``: feature network (default: offline
     TF-Inception). ``clip_model``: hub id or local CLIP folder (default: ``default_clip_model``).
-    ``grid_columns``: prompts shown in the report's grid (None: all).
+    ``grid_cell_size``: grid cell side in pixels; ``grid_columns``: prompts shown in the grid (None: all).
     """
     check_call_kwargs(call_kwargs)
     _check_counts(images_per_prompt=images_per_prompt, batch_size=batch_size, warmup=warmup, repeats=repeats,

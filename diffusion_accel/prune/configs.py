@@ -35,7 +35,11 @@ def parse_nm(pattern: str) -> tuple[int, int] | None:
 class PruneConfig:
     """One-shot pruning of a pipeline's denoiser.
 
-    ``sparsity``: fraction of weights (unstructured), of FFN neurons and attention heads per module
+    ``method``: "obs" (SparseGPT's solver on timestep-weighted Hessians), "wanda" or "magnitude".
+    ``pattern``: "unstructured", "structured" (whole heads / FFN neurons removed; obs and magnitude) or
+    "N:M" such as "2:4" / "4:8" (with ``sparse_kernels``, 2:4 layers run torch's semi-structured sparse
+    kernels where the device has them). ``keep_last_block_dense``: leave the block nearest the output
+    dense (default, as OBS-Diff). ``sparsity``: fraction of weights (unstructured), of FFN neurons and attention heads per module
     (structured); None (the default) means 0.5, or for N:M the implied 1 - N/M. ``scope`` (unstructured only): "layer" prunes
     every layer to ``sparsity``; "global" makes ``sparsity`` the fraction over all pruned layers and
     splits it into per-layer sparsities (``prune.allocate``) by ``allocation``: "error" (the least

@@ -46,6 +46,9 @@ def register_quant_method(config_type: type) -> Callable[[Handler], Handler]:
 def quantize_(pipe: Any, config: Any = None, calib: Calibration | None = None,
               filter_fn: FilterFn | None = None, *, progress: bool = False) -> Any:
     """Quantize the denoiser of ``pipe`` in place per ``config`` (default W8A8); returns ``pipe``.
+    ``calib``: a ``Calibration`` from ``da.calibrate`` (its stored trajectory is replayed; default: a
+    calibration run of the config's ``calib_*`` settings). ``filter_fn(module, name) -> bool``: which of
+    the adapter's eligible layers to quantize (name globs: ``PTQConfig(include=..., exclude=...)``).
     ``progress``: tqdm bars for the calibration passes, GPTQ groups and reconstructed blocks."""
     config = PTQConfig() if config is None else config
     handler = _HANDLERS.get(type(config))

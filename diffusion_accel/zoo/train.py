@@ -32,7 +32,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--out", type=output_folder, default=None, help="run folder (default zoo_runs/NAME)")
     parser.add_argument("--seed", type=int_at_least(0, 2 ** 63 - 1), default=0)
     parser.add_argument("--batch-size", type=int_at_least(1), default=None)
-    parser.add_argument("--data", default=None, help="folder with the Fashion-MNIST *-ubyte.gz files (mnist-ddpm: MNIST's, or mnist.pkl.gz)")
+    parser.add_argument("--data", default=None, help="folder with the Fashion-MNIST idx files (*-ubyte.gz, .xz or uncompressed; mnist-ddpm: MNIST's, or mnist.pkl.gz)")
     parser.add_argument("--resume", dest="resume", action="store_true", default=True,
                         help="continue from run folder's checkpoint.pt if present (default)")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="start from scratch")
