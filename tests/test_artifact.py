@@ -393,6 +393,33 @@ def test_all_three_techniques_stack_save_and_reload_bit_exactly(tmp_path):
     assert torch.equal(loaded(**tiny_call_kwargs("sd", steps=4)).images, expected)
 
 
+@pytest.mark.parametrize("prune_config", [dict(method="wanda", sparsity=0.5), dict(method="obs", sparsity=0.3,
+                                                                                     pattern="structured")],
+                         ids=["unstructured", "structured"])
+def test_quantizing_a_pruned_pipeline_frees_the_pruned_float_weights_it_replaced(tmp_path, prune_config):
+    """The prune export, taken when pruning ended, kept every pruned layer's float weights alive under the
+    int8 codes that replaced them (fashion-sd: 0.5x the fp32 UNet; on the GPU for a GPU pipeline); now it
+    keeps masks and shapes of the layers quantization replaced, and the artifact still reloads exactly."""
+    import diffusion_accel as da
+
+    pipe = build_tiny("sd")
+    calib = da.calibrate(pipe, ["a cat", "a dog"], num_inference_steps=3, progress=False)
+    da.prune_(pipe, da.PruneConfig(**prune_config), calib=calib)
+    da.quantize_(pipe, da.PTQConfig.preset("w8a8", exclude=("*.ff.net.2",)), calib=calib)
+    config, tensors = pipe.unet._diffusion_accel_exports["prune"]
+    kept_floats = [name for name in tensors if name.endswith((".values", ".weight"))]
+    assert config["superseded"] and config["superseded_by"] == "ptq"
+    assert all(".ff.net.2" in name for name in kept_floats), kept_floats  # only layers left in float
+    artifact.save(pipe, tmp_path)
+    loaded = artifact.load(build_tiny("sd"), tmp_path)
+    assert torch.equal(_images(loaded), _images(pipe))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["techniques"] = manifest["techniques"][:1]  # the quantization that replaces them, cut off
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(artifact.ArtifactError, match="no 'ptq' follows in the manifest"):
+        artifact.load(build_tiny("sd"), tmp_path)
+
+
 def test_an_artifact_folder_is_a_pipeline_spec_that_loads_its_recorded_base(tmp_path):
     from diffusion_accel.loading import load_pipeline
 

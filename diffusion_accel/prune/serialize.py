@@ -54,7 +54,7 @@ def export_prune(pipe: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             continue
         weight = dense_weight(denoiser.get_submodule(name).weight.detach())
         tensors[f"{name}.mask"] = pack_bits(weight != 0)
-        tensors[f"{name}.values"] = weight[weight != 0]
+        tensors[f"{name}.values"] = weight[weight != 0].cpu()  # kept until saved: not in the GPU's memory
         shapes[name] = list(weight.shape)
     for name in record.base_shapes:
         layer = denoiser.get_submodule(name)
@@ -64,18 +64,40 @@ def export_prune(pipe: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return {"record": record.to_dict(), "masked_shapes": shapes}, tensors
 
 
+def supersede_prune(config: dict[str, Any], tensors: dict[str, torch.Tensor], replaced: set[str],
+                    technique: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The export without the float weights of layers ``technique`` (quantization) replaced: their masks
+    and resized shapes stay (restore needs them to rebuild the layer that technique then replaces), their
+    values would only be overwritten (and kept ~0.5x of the model alive for the pipeline's life)."""
+    names = [name for name in sorted(replaced) if f"{name}.values" in tensors or f"{name}.weight" in tensors]
+    if not names:
+        return config, tensors
+    kept = dict(tensors)
+    shapes = dict(config.get("superseded_shapes", {}))
+    for name in names:
+        kept.pop(f"{name}.values", None)
+        resized = kept.pop(f"{name}.weight", None)
+        if resized is not None:
+            shapes[name] = list(resized.shape)
+    config = {**config, "superseded": sorted({*config.get("superseded", []), *names}),
+              "superseded_by": technique, "superseded_shapes": shapes}
+    return config, kept
+
+
 def restore_prune(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor] | TechniqueTensors) -> None:
     """Re-apply an exported prune onto ``pipe``'s (base) denoiser; ValueError on any shape mismatch."""
     _, denoiser = find_denoiser(pipe)
     refuse_while_cached(denoiser, "restoring pruning")  # a manifest listing the cache first
     tensors = technique_tensors(tensors)
     saved = config["record"]
+    superseded = set(config.get("superseded", []))  # layers the artifact's quantization replaces
     _restore_heads(denoiser, saved["heads"])
     norm_groups = saved.get("norm_groups", {})
     for name, base_shape in saved["base_shapes"].items():
-        _restore_resized(denoiser, name, base_shape, tensors, norm_groups.get(name))
+        shape = config.get("superseded_shapes", {}).get(name) if name in superseded else None
+        _restore_resized(denoiser, name, base_shape, tensors, norm_groups.get(name), shape)
     for name, shape in config["masked_shapes"].items():
-        _restore_masked(denoiser, name, shape, tensors)
+        _restore_masked(denoiser, name, shape, tensors, name in superseded)
     record = ensure_record(denoiser)
     record.configs += saved["configs"]
     record.calibrations += saved.get("calibrations", [None] * len(saved["configs"]))  # older artifacts: none
@@ -106,10 +128,12 @@ def _restore_heads(denoiser: nn.Module, heads: dict[str, int]) -> None:
 
 
 def _restore_resized(denoiser: nn.Module, name: str, base_shape: list[int], tensors: TechniqueTensors,
-                     norm_groups: int | None) -> None:
-    """Swap in the saved smaller Linear / Conv2d (or GroupNorm over ``norm_groups`` groups)."""
+                     norm_groups: int | None, superseded_shape: list[int] | None = None) -> None:
+    """Swap in the saved smaller Linear / Conv2d (or GroupNorm over ``norm_groups`` groups); a layer the
+    artifact's quantization replaces gets its saved shape with zero weights (``supersede_prune``)."""
     layer = _layer(denoiser, name, base_shape)
-    weight = tensors.take(f"{name}.weight", dtype="float")
+    weight = tensors.take(f"{name}.weight", dtype="float") if superseded_shape is None else \
+        torch.zeros(superseded_shape, dtype=layer.weight.dtype, device=layer.weight.device)
     if weight.dim() != len(base_shape) or any(size > base for size, base in zip(weight.shape, base_shape)):
         raise ValueError(f"pruned artifact holds a weight of shape {list(weight.shape)} for {name!r}, whose "
                          f"base weight is {list(base_shape)}: a pruned layer is never larger")
@@ -124,10 +148,16 @@ def _restore_resized(denoiser: nn.Module, name: str, base_shape: list[int], tens
     replace_module(denoiser, name, new)
 
 
-def _restore_masked(denoiser: nn.Module, name: str, shape: list[int], tensors: TechniqueTensors) -> None:
+def _restore_masked(denoiser: nn.Module, name: str, shape: list[int], tensors: TechniqueTensors,
+                    superseded: bool = False) -> None:
+    """Write the saved pruned weight; a layer the artifact's quantization replaces only gets its mask."""
     layer = _layer(denoiser, name, shape)
     numel = layer.weight.numel()
     mask = unpack_bits(tensors.take(f"{name}.mask", (-(-numel // 8),), torch.uint8), shape).to(layer.weight.device)
+    if superseded:
+        with torch.no_grad():
+            layer.weight.mul_(mask)
+        return
     values = tensors.take(f"{name}.values", (int(mask.sum()),), "float")
     weight = torch.zeros(shape, dtype=layer.weight.dtype, device=layer.weight.device)
     weight[mask] = values.to(weight)
@@ -135,4 +165,4 @@ def _restore_masked(denoiser: nn.Module, name: str, shape: list[int], tensors: T
         layer.weight.copy_(weight)
 
 
-register_technique(TECHNIQUE, export_prune, restore_prune)
+register_technique(TECHNIQUE, export_prune, restore_prune, supersede=supersede_prune)

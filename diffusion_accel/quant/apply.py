@@ -148,7 +148,7 @@ def install(pipe: Any, layers: dict[str, nn.Module], state: PTQState,
         restore_attention(denoiser, processors)
         _rollback(denoiser, originals)
         raise
-    mark_applied(pipe, TECHNIQUE)
+    mark_applied(pipe, TECHNIQUE, replaced=layers)  # a pruned export drops those layers' float weights
 
 
 def _rollback(denoiser: nn.Module, originals: dict[str, nn.Module]) -> None:
