@@ -139,3 +139,16 @@ def test_int4_weight_only_linears_run_tinygemm_in_bf16_and_match_the_dequantize_
     da.save(pipe, tmp_path / "w4a16")
     loaded = da.load(build_tiny("sd").to("cuda", torch.bfloat16), tmp_path / "w4a16")
     assert torch.equal(_images(loaded), images)
+
+
+def test_structured_pruning_and_timestep_groups_run_on_cuda(tmp_path):
+    """Paths a CPU review flagged: structured head removal indexed a CPU mask with the scores of a CUDA model,
+    and timestep-group scales were looked up through a device tensor (syncs per layer)."""
+    pipe = build_tiny("sd").to("cuda")
+    da.prune_(pipe, da.PruneConfig(method="obs", sparsity=0.3, pattern="structured", calib_prompts=1,
+                                   calib_num_steps=2))
+    quantize_(pipe, PTQConfig(timestep_groups=2, **FAST))
+    images = _images(pipe)
+    assert torch.isfinite(images).all()
+    da.save(pipe, tmp_path)
+    assert torch.equal(_images(da.load(build_tiny("sd").to("cuda"), tmp_path)), images)

@@ -61,11 +61,12 @@ def _check_counts(warmup: int, repeats: int) -> None:
 
 def time_once_ms(fn: Callable[[], Any], device: Any = None) -> float:
     """Wall time of one ``fn()`` call in ms (CUDA events on a CUDA ``device``)."""
-    if _is_cuda(device):
+    if _is_cuda(device):  # events on ``device``'s stream: the current device may be another GPU
+        stream = torch.cuda.current_stream(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start.record(stream)
         fn()
-        end.record()
+        end.record(stream)
         torch.cuda.synchronize(device)
         return float(start.elapsed_time(end))
     begin = time.perf_counter()
@@ -88,7 +89,7 @@ class DenoiserTimer:
     """Context manager timing every forward call of ``module`` (CUDA events or perf_counter)."""
 
     def __init__(self, module: torch.nn.Module, device: Any = None) -> None:
-        self.module, self.cuda = module, _is_cuda(device)
+        self.module, self.cuda, self.device = module, _is_cuda(device), device
         self._hooks = ModuleHooks()
         self._marks: list[tuple[Any, Any]] = []
         self._open: Any = None
@@ -97,7 +98,7 @@ class DenoiserTimer:
         if not self.cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         return event
 
     def _pre(self, module: torch.nn.Module, args: Any) -> None:
@@ -120,7 +121,7 @@ class DenoiserTimer:
     def durations_ms(self) -> list[float]:
         """Duration of each recorded call in ms (synchronises CUDA first)."""
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
             return [float(start.elapsed_time(end)) for start, end in self._marks]
         return [(end - start) * 1000.0 for start, end in self._marks]
 
@@ -140,7 +141,15 @@ class PipelineTiming:
 
 
 def pipeline_device(pipe: Any) -> torch.device:
-    """The device the pipeline's denoiser runs on."""
+    """The device the pipeline's denoiser runs on: diffusers' ``_execution_device`` when the pipeline has one
+    (with model CPU offload the parameters sit on the CPU between calls: timing fell back to perf_counter
+    without a sync and memory to the process RSS), else its first parameter's."""
+    try:
+        execution = getattr(pipe, "_execution_device", None)
+    except Exception:  # noqa: BLE001 - a property of a half-built or custom pipeline
+        execution = None
+    if isinstance(execution, torch.device) and execution.type not in ("meta", "cpu"):
+        return execution
     denoiser = denoiser_of(pipe)
     parameter = next(denoiser.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")

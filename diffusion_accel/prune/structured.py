@@ -144,8 +144,8 @@ def remove_heads(denoiser: nn.Module, attn: AttentionInfo, pruners: dict[str, Co
         return 0
     head_columns = torch.arange(attn.heads * attn.head_dim).reshape(attn.heads, attn.head_dim)
     outputs = attention_outputs(attn)
-    scores = sum(pruners[name].block_scores(head_columns + start) for name, start in outputs)
-    dropped = torch.zeros(attn.heads, dtype=torch.bool)
+    scores = sum(pruners[name].block_scores(head_columns + start) for name, start in outputs).cpu()  # CUDA
+    dropped = torch.zeros(attn.heads, dtype=torch.bool)  # scores indexed this CPU mask (untested on a GPU)
     dropped[torch.topk(scores, count, largest=False).indices] = True
     for name, start in outputs:
         pruners[name].remove((head_columns[dropped] + start).flatten())

@@ -61,9 +61,11 @@ class StepGroups:
         return self.group_of(tracker.step_index, tracker.num_inference_steps)
 
     @torch.compiler.disable
-    def current(self, device: torch.device) -> torch.Tensor:
-        """0-d long tensor: the group of the denoiser call in progress (0 without a tracker)."""
-        return torch.tensor(self.current_index(), dtype=torch.long, device=device)
+    def current(self) -> int:
+        """``current_index`` kept out of torch.compile graphs (the tracker's per-thread state). Until session 30
+        this returned a 0-d device tensor, and indexing the scales with it read it back: on a GPU one upload
+        and two device syncs per quantized layer per call (a CPU review; never measured on a GPU)."""
+        return self.current_index()
 
 
 def timestep_bounds(timesteps: dict[int, float | None], groups: int, num_steps: int) -> tuple[float, ...] | None:
@@ -150,7 +152,7 @@ class ActQuantizer(KeepsQuantDtypes, _ActQuantizerBase):
     def group_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(S,) scales and zero points of the current timestep group."""
         if self.scale.shape[0] > 1 and self.selector is not None:
-            group = self.selector.current(self.scale.device)
+            group = self.selector.current()  # a Python int: slicing needs no device sync
             return self.scale[group], self.zero_point[group]
         return self.scale[0], self.zero_point[0]
 

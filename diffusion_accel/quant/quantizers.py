@@ -42,7 +42,9 @@ def expand_segments(scale: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
         return scale
     if len(set(sizes)) == 1:
         return scale.repeat_interleave(sizes[0], dim=1)
-    return torch.repeat_interleave(scale, torch.tensor(list(sizes), device=scale.device), dim=1)
+    # unequal segments (split shortcuts): expanded views concatenated, no repeats tensor to upload and
+    # sum on the host (repeat_interleave with a tensor of repeats syncs a GPU per call)
+    return torch.cat([scale[:, index:index + 1].expand(-1, size) for index, size in enumerate(sizes)], dim=1)
 
 
 def _segment_amax(w2d: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
