@@ -113,8 +113,12 @@ class SequentialPruner(Generic[UnitT]):
         budget = self.budget if self.sweep is not None else None
         for group in progress_bar(plan_groups(units, groups, self.layers_of, budget), self.label):
             collector = self._collect(group, stats)
-            for unit in group:
+            for index, unit in enumerate(group):
                 self.prune(unit, collector)
+                if collector is not None:  # its Hessians are done with: the group's shrink as it goes
+                    later = {name for other in group[index + 1:] for name in self.layers_of(other)}
+                    for name in set(self.layers_of(unit)) - later:
+                        collector.free(name)
             if collector is not None:
                 collector.free()
             stats.groups += 1

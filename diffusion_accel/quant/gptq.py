@@ -10,6 +10,7 @@ exceed ``hessian_memory_budget``), so only one group's (d x d) accumulators are 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -88,14 +89,19 @@ def gptq_round_all(denoiser: nn.Module, targets: Sequence[Any], config: PTQConfi
     groups = plan_groups(list(targets), config.gptq_groups, lambda target: [keys[target.name]], budget)
     for group in progress_bar(groups, "GPTQ layer groups"):
         collector = sweep(list(dict.fromkeys(keys[t.name] for t in group)))
+        users = Counter(keys[t.name] for t in group)
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for target in group:
             key = keys[target.name]
             if key not in factors:
                 with no_tf32():
                     factors[key] = upper_inverse_factor(collector.hessian(key), config.gptq_damp)
+                collector.free(key)  # the factor replaces it: a group held every Hessian and factor at once
             w2d, scale, sizes, fmt, rescale = grid(target)
             codes, scale = gptq_codes(w2d, scale, sizes, fmt, factors[key], config.gptq_blocksize, rescale)
             rounded[target.name] = codes, scale, sizes
+            users[key] -= 1
+            if not users[key]:
+                del factors[key]
         collector.free()
     return rounded
