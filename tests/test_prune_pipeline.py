@@ -360,3 +360,16 @@ def test_split_by_memory_keeps_units_in_order_and_counts_shared_layers_once():
     assert split_by_memory(units, list, budget) == [[["a"], ["a"], ["b"]], [["c"]], [["d"], ["d"]]]
     assert plan_groups(units, 2, list, budget) == [[["a"], ["a"], ["b"]], [["c"]], [["d"], ["d"]]]
     assert plan_groups(units, 2, list) == [[["a"], ["a"], ["b"]], [["c"], ["d"], ["d"]]]
+
+def test_a_calibration_of_another_architecture_is_refused_as_quantize_refuses_it():
+    """prune_ compared only the denoiser class: an SDXL calibration was accepted for SD (both
+    UNet2DConditionModel), while quantize_ refused it."""
+    import diffusion_accel as da
+    from diffusion_accel.testing.tiny import build_tiny
+
+    sdxl_calibration = da.calibrate(build_tiny("sdxl"), ["a cat"], num_inference_steps=2, progress=False)
+    pipe = build_tiny("sd")
+    unet = pipe.unet
+    with pytest.raises(ValueError, match=r"recorded on a StableDiffusionXLPipeline .* differs in"):
+        da.prune_(pipe, da.PruneConfig(method="wanda", sparsity=0.5), calib=sdxl_calibration)
+    assert pipe.unet is unet

@@ -79,9 +79,8 @@ def check_arguments(pipe: Any, config: PruneConfig, calib: Calibration | None) -
     if not component:
         raise TypeError("prune_ needs a diffusers pipeline (it re-runs it to calibrate); for a bare "
                         "denoiser use prune_denoiser_(denoiser, config) with method='magnitude'")
-    if calib is not None and calib.denoiser_class != type(denoiser).__name__:
-        raise ValueError(f"calib was made for a {calib.denoiser_class}, this pipeline has a "
-                         f"{type(denoiser).__name__}")
+    if calib is not None:  # the class and the architecture config, as quantize_ checks (SDXL's fed SD's before)
+        calib.check_fits(denoiser)
     adapter = get_adapter(pipe)
     _check_exclude(denoiser, config)
     _check_calib_kwargs(config)
