@@ -424,8 +424,8 @@ def _check_superseded(manifest: dict[str, Any], directory: str | Path) -> None:
     for index, entry in enumerate(manifest["techniques"]):
         later = entry["config"].get("superseded_by")
         if later is not None and later not in names[index + 1:]:
-            raise ArtifactError(f"artifact {directory}: technique {entry['name']!r} leaves the weights of layers "
-                                f"{later!r} replaces to it, but no {later!r} follows in the manifest; the artifact "
+            raise ArtifactError(f"artifact {directory}: technique {entry['name']!r} saved no weights for the "
+                                f"layers {later!r} replaces, but no {later!r} follows in the manifest; the artifact "
                                 f"is damaged or edited by hand: save it again")
 
 
