@@ -136,3 +136,36 @@ def test_structured_summary_states_the_target_per_unit_and_the_parameter_reducti
     headline = report.summary().splitlines()[0]
     assert "removing 0.990 of each unit's heads, FFN neurons and channels (one always kept)" in headline
     assert f"denoiser parameters -{reduction:.1%}" in headline and "reached" not in headline
+
+
+def test_attention_with_ip_adapter_projections_keeps_its_heads():
+    """IP-Adapter processors hold image key/value projections of their own that head removal did not resize:
+    structured pruning crashed the next calibration sweep with a shape error (FFN neurons are still pruned)."""
+    import diffusion_accel as da
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+
+    from diffusion_accel.testing.tiny import TEXT_DIM, tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(0)
+    unet = pipe.unet
+    processors = {}
+    for name in unet.attn_processors:
+        attention = unet.get_submodule(name.removesuffix(".processor"))
+        processors[name] = AttnProcessor2_0() if name.endswith("attn1.processor") else IPAdapterAttnProcessor2_0(
+            attention.to_q.out_features, cross_attention_dim=TEXT_DIM, num_tokens=(4,), scale=1.0)
+    unet.set_attn_processor(processors)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection(
+        [ImageProjection(cross_attention_dim=TEXT_DIM, image_embed_dim=16, num_image_text_embeds=4)])
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    embeds = [torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(5))]
+    calib = da.calibrate(pipe, ["a red bicycle"], num_inference_steps=3, progress=False, height=32, width=32,
+                         ip_adapter_image_embeds=embeds)
+    da.prune_(pipe, da.PruneConfig(method="obs", sparsity=0.3, pattern="structured"), calib=calib)
+    report = da.prune_report(pipe)
+    kept = [name for name, why in report.layers_skipped.items() if "IP-Adapter" in why]
+    assert kept and all(name.endswith("attn2") for name in kept)
+    assert report.heads_removed > 0 and report.neurons_removed > 0  # attn1 heads and FFNs still pruned
+    images = pipe("a red bicycle", num_inference_steps=3, height=32, width=32, output_type="pt",
+                  ip_adapter_image_embeds=embeds).images
+    assert torch.isfinite(images).all()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from torch import nn
+
 from ..arch.base import DenoiserAdapter, LayerGroup
 from .configs import PruneConfig
 from .structured import StructuredUnit, structured_units
@@ -39,10 +41,25 @@ def unstructured_plan(adapter: DenoiserAdapter, config: PruneConfig) -> tuple[li
 
 def structured_plan(adapter: DenoiserAdapter, config: PruneConfig) -> tuple[list[StructuredUnit], dict[str, str]]:
     """(blocks whose heads / FFN neurons / ResNet channels are pruned, in depth order, {block: why it stays dense})."""
-    units = structured_units(adapter, config.prune_heads, config.prune_ffn, excluded(adapter, config),
-                             config.prune_resnets)
-    skipped: dict[str, str] = {}
+    weighted = processors_with_weights(adapter)
+    is_excluded = excluded(adapter, config)
+    units = structured_units(adapter, config.prune_heads, config.prune_ffn,
+                             lambda name: is_excluded(name) or name in weighted, config.prune_resnets)
+    skipped: dict[str, str] = {name: f"heads kept: its {kind} holds projections of its own (IP-Adapter's image "
+                                     f"key/value) that head removal would not resize" for name, kind in weighted.items()}
     if config.keep_last_block_dense and units:
         skipped[units[-1].block] = "last block kept dense"
         units = units[:-1]
     return units, skipped
+
+
+def processors_with_weights(adapter: DenoiserAdapter) -> dict[str, str]:
+    """{attention module: processor class} for attention processors holding parameters of their own
+    (diffusers' IP-Adapter processors: ``to_k_ip`` / ``to_v_ip`` read the heads too); removing heads there
+    crashed the next calibration sweep with a shape error."""
+    found = {}
+    for info in adapter.attention():
+        processor = getattr(adapter.module(info.name), "processor", None)
+        if isinstance(processor, nn.Module) and any(True for _ in processor.parameters()):
+            found[info.name] = type(processor).__name__
+    return found
