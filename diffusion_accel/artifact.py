@@ -410,10 +410,13 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
     except BaseException:
         _set_denoiser(base_pipe, component, attribute)
         raise
-    if attribute is not original:
-        warnings.warn(f"load() replaced the torch.compile wrapper of pipe.{component} with the accelerated "
-                      f"{type(original).__name__} (applied to a copy, so a failed load changes nothing); "
-                      f"compile it again: pipe.{component} = torch.compile(pipe.{component})", stacklevel=2)
+    compiled_in_place = getattr(original, "_compiled_call_impl", None) is not None or any(
+        getattr(module, "_compiled_call_impl", None) is not None for module in original.modules())
+    if attribute is not original or compiled_in_place:  # module.compile() / compile_denoiser: not copied
+        warnings.warn(f"load() replaced the compiled pipe.{component} with the accelerated "
+                      f"{type(original).__name__} (applied to a copy, so a failed load changes nothing), which is "
+                      f"not compiled; compile it again (pipe.{component} = torch.compile(pipe.{component}), or "
+                      f"diffusion_accel.eval.compile_denoiser(pipe))", stacklevel=2)
     return base_pipe
 
 

@@ -481,9 +481,16 @@ def test_load_onto_a_compiled_base_warns_and_a_failed_one_keeps_the_wrapper(tmp_
     artifact.save(_scaled_pipe(), tmp_path / "good")
     base = build_tiny("sd")
     base.unet = torch.compile(base.unet)
-    with pytest.warns(UserWarning, match=r"replaced the torch.compile wrapper of pipe.unet"):
+    with pytest.warns(UserWarning, match=r"replaced the compiled pipe.unet .* not compiled; compile it again"):
         artifact.load(base, tmp_path / "good")
     assert artifact.applied_techniques(base) == ["test-scale"]
+    from diffusion_accel.eval import compile_denoiser
+
+    for regional in (False, True):  # compiled in place (module.compile()): the copy dropped it without a word
+        base = build_tiny("sd")
+        compile_denoiser(base, regional=regional)
+        with pytest.warns(UserWarning, match=r"replaced the compiled pipe.unet"):
+            artifact.load(base, tmp_path / "good")
     artifact.save(_scaled_pipe(factor=-1.0), tmp_path / "bad")
     base = build_tiny("sd")
     wrapper = base.unet = torch.compile(base.unet)
