@@ -100,6 +100,7 @@ class _Client:
     """A technique using the tracker: its reset callback; its per-context state dicts are per thread."""
 
     on_reset: Callable[[], None] | None = None
+    on_call: Callable[[], None] | None = None  # runs once per denoiser call, after the call is placed
 
 
 class _ClientStates(dict):
@@ -204,9 +205,11 @@ class StepTracker(ModelHook):
         return clone
 
     # ----- clients and state -------------------------------------------------------------
-    def register_client(self, name: str, on_reset: Callable[[], None] | None = None) -> None:
-        """Register a technique under ``name``; ``on_reset`` runs at each new pipeline call."""
-        self._clients[name] = _Client(on_reset=on_reset)
+    def register_client(self, name: str, on_reset: Callable[[], None] | None = None,
+                        on_call: Callable[[], None] | None = None) -> None:
+        """Register a technique under ``name``; ``on_reset`` runs at each new pipeline call, ``on_call`` at each
+        denoiser call once it is placed (outside torch.compile graphs, like the tracker itself)."""
+        self._clients[name] = _Client(on_reset=on_reset, on_call=on_call)
         self._forget_states(name)
 
     def unregister_client(self, name: str) -> None:
@@ -394,6 +397,9 @@ class StepTracker(ModelHook):
         self.context = context
         self._drop_state_if_shapes_changed(context, _tensor_shapes(args, kwargs))
         self.in_call = True
+        for client in self._clients.values():
+            if client.on_call is not None:
+                client.on_call()
         return args, kwargs
 
     @torch.compiler.disable

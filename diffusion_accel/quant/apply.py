@@ -141,7 +141,10 @@ def install(pipe: Any, layers: dict[str, nn.Module], state: PTQState,
             processors = install_attention(denoiser, state.attention, state.config["attention"],
                                            state.config["softmax_bits"])
         if state.config["timestep_groups"] > 1:
-            attach_tracker(denoiser, pipeline=pipe).register_client(TRACKER_CLIENT)
+            selectors = (getattr(module, "selector", None) for module in denoiser.modules())
+            selector = next((found for found in selectors if isinstance(found, StepGroups)), None)
+            attach_tracker(denoiser, pipeline=pipe).register_client(
+                TRACKER_CLIENT, on_call=None if selector is None else selector.note_call)
         if finish is not None:
             finish(originals)
     except BaseException:

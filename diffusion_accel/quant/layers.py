@@ -41,6 +41,7 @@ class StepGroups:
         self.denoiser = denoiser
         self.groups, self.default_steps = groups, default_steps
         self.bounds = None if bounds is None else tuple(float(bound) for bound in bounds)
+        self.active = 0  # the group of the latest denoiser call (``note_call``): what compiled graphs read
 
     def group_of_timestep(self, timestep: float) -> int:
         """Group of a call at ``timestep``: the number of group bounds above it."""
@@ -59,6 +60,18 @@ class StepGroups:
         if self.bounds is not None and tracker.timestep is not None:
             return self.group_of_timestep(tracker.timestep)
         return self.group_of(tracker.step_index, tracker.num_inference_steps)
+
+    def note_call(self) -> None:
+        """Step-tracker callback at each denoiser call: store its group in ``active``. Compiled graphs read
+        that plain int (dynamo guards on it: one graph per group) instead of calling ``current`` per layer,
+        which broke the graph at every quantized layer (tiny SD W8A8, 2 groups: 102 breaks and 110
+        recompiles on the first call, past dynamo's recompile limit). Eager calls keep ``current``: it is
+        per thread, ``active`` is shared."""
+        self.active = self.current_index()
+
+    def index_for_call(self) -> int:
+        """The group of the call in progress: ``active`` inside a torch.compile graph, else ``current``."""
+        return self.active if torch.compiler.is_compiling() else self.current()
 
     @torch.compiler.disable
     def current(self) -> int:
@@ -146,13 +159,13 @@ class ActQuantizer(KeepsQuantDtypes, _ActQuantizerBase):
     def group_index(self) -> int:
         """Index of the current timestep group as a Python int (eager paths that key folded constants on it)."""
         if self.selector is not None and self._buffers["scale"].shape[0] > 1:  # no module lookup: per layer call
-            return self.selector.current_index()
+            return self.selector.index_for_call()
         return 0
 
     def group_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(S,) scales and zero points of the current timestep group."""
         if self.scale.shape[0] > 1 and self.selector is not None:
-            group = self.selector.current()  # a Python int: slicing needs no device sync
+            group = self.selector.index_for_call()  # a Python int: slicing needs no device sync
             return self.scale[group], self.zero_point[group]
         return self.scale[0], self.zero_point[0]
 
