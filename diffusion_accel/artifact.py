@@ -33,6 +33,7 @@ from .base_match import SAMPLE_FILE, config_items, dense, samples_match, structu
 from .adapter_guard import GUARDED_ADAPTER_METHODS, PIPELINE_METHOD, install_adapter_guards
 from .artifact_files import StagedWrite
 from .artifact_tensors import TechniqueTensors
+from .uncompiled import runs_compiled
 from .manifest_schema import ManifestError, check_manifest
 from .pretrained_guard import GUARDED_MODEL_METHODS, GUARDED_PIPELINE_METHODS, install_guards, uninstall_methods
 
@@ -403,6 +404,7 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
         raise ArtifactError("load() needs a pipeline (with a 'unet' or 'transformer'), not a bare denoiser")
     _check_superseded(manifest, directory)
     attribute = getattr(base_pipe, component)  # the denoiser, or a torch.compile wrapper around it
+    compiled = runs_compiled(base_pipe)
     _set_denoiser(base_pipe, component, copy.deepcopy(original))
     try:
         for entry in manifest["techniques"]:
@@ -410,9 +412,7 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
     except BaseException:
         _set_denoiser(base_pipe, component, attribute)
         raise
-    compiled_in_place = getattr(original, "_compiled_call_impl", None) is not None or any(
-        getattr(module, "_compiled_call_impl", None) is not None for module in original.modules())
-    if attribute is not original or compiled_in_place:  # module.compile() / compile_denoiser: not copied
+    if compiled:  # a wrapper, or module.compile() / compile_denoiser (in place: not deep-copied)
         warnings.warn(f"load() replaced the compiled pipe.{component} with the accelerated "
                       f"{type(original).__name__} (applied to a copy, so a failed load changes nothing), which is "
                       f"not compiled; compile it again (pipe.{component} = torch.compile(pipe.{component}), or "

@@ -1,5 +1,7 @@
 """prune_ on real tiny pipelines: every family, atomicity, weighting, groups, save/load, drop-in."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -373,3 +375,18 @@ def test_a_calibration_of_another_architecture_is_refused_as_quantize_refuses_it
     with pytest.raises(ValueError, match=r"recorded on a StableDiffusionXLPipeline .* differs in"):
         da.prune_(pipe, da.PruneConfig(method="wanda", sparsity=0.5), calib=sdxl_calibration)
     assert pipe.unet is unet
+
+
+def test_pruning_a_compiled_pipeline_says_the_pruned_copy_is_not_compiled():
+    """prune_ swaps in a pruned copy of the denoiser: a torch.compile wrapper (or in-place compilation) was
+    dropped without a word."""
+    import diffusion_accel as da
+    from diffusion_accel.testing.tiny import build_tiny
+
+    pipe = build_tiny("sd")
+    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    with pytest.warns(UserWarning, match="prune_ replaced the compiled pipe.unet .* not compiled"):
+        da.prune_(pipe, da.PruneConfig(method="magnitude", sparsity=0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an uncompiled pipeline: no such warning
+        da.prune_(build_tiny("sd"), da.PruneConfig(method="magnitude", sparsity=0.5))

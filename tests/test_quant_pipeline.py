@@ -473,3 +473,25 @@ def test_timestep_groups_compile_without_a_break_per_layer():
         dynamo.reset()
     assert breaks <= 4 and graphs <= 4, (breaks, graphs)
     assert torch.equal(compiled, eager)
+
+
+def test_quantizing_a_compiled_pipeline_calibrates_uncompiled():
+    """Calibration hooks on every layer made dynamo recompile per layer (64 graphs while quantizing tiny SD,
+    past the recompile limit; the quantized UNet then compiled 13 graphs instead of 1)."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    pipe = build_tiny("sd")
+    dynamo.reset()
+    counters.clear()
+    try:
+        wrapper = pipe.unet = torch.compile(pipe.unet, backend="eager")
+        pipe(**tiny_call_kwargs("sd", steps=2))
+        before = counters["stats"]["unique_graphs"]
+        quantize_(pipe, PTQConfig(**FAST))
+        during = counters["stats"]["unique_graphs"] - before
+        pipe(**tiny_call_kwargs("sd", steps=2))
+        after = counters["stats"]["unique_graphs"] - before - during
+    finally:
+        dynamo.reset()
+    assert pipe.unet is wrapper and during == 0 and after == 1, (during, after)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..hooks import ModuleHooks, StepTracker, get_tracker, refuse_while_cached, use_tracker
 from ..seeding import seeded_call
+from ..uncompiled import uncompiled
 from .collectors import Collector, Step
 from .dispatch import CollectorRouter, resolve_denoiser, validate_collectors
 from .inputs import PlannedCall, calibration_items, call_mode, placeholder_prompts, plan_calls
@@ -169,7 +170,8 @@ class _LiveRun:
         total = sum(call.num_items for call in calls) * self.result.num_steps
         saved_bar_config, saved_scheduler = _silence_pipeline_bar(pipe), scheduler_state(pipe)
         try:
-            with use_tracker(denoiser, TRACKER_CLIENT, pipeline=pipe, on_reset=self.on_new_trajectory) as tracker, \
+            with uncompiled(pipe), \
+                    use_tracker(denoiser, TRACKER_CLIENT, pipeline=pipe, on_reset=self.on_new_trajectory) as tracker, \
                     ModuleHooks() as hooks, tqdm(total=total, desc="calibrate", disable=not progress) as bar:
                 self.tracker, self.bar = tracker, bar
                 router.install(hooks)

@@ -18,6 +18,7 @@ from ..calib import (Calibration, HessianCollector, calibrate, calibrate_paramet
 from ..calib.hessian import UnobservedLayerError
 from ..hooks import refuse_while_cached
 from ..progress import showing_progress
+from ..uncompiled import runs_compiled
 from .allocate import allocate_by_error, error_grid
 from .configs import PruneConfig
 from .plan import structured_plan, unstructured_plan
@@ -45,6 +46,7 @@ def prune_(pipe: Any, config: PruneConfig, calib: Calibration | None = None, *, 
     """
     check_arguments(pipe, config, calib)
     component, original = find_denoiser(pipe)
+    compiled_before = runs_compiled(pipe)
     base_fingerprint(pipe)
     working = copy.deepcopy(original)
     setattr(pipe, component, working)
@@ -61,6 +63,10 @@ def prune_(pipe: Any, config: PruneConfig, calib: Calibration | None = None, *, 
     except BaseException:
         setattr(pipe, component, original)
         raise
+    if compiled_before:
+        warnings.warn(f"prune_ replaced the compiled pipe.{component} with its pruned copy, which is not compiled; "
+                      f"compile it again (pipe.{component} = torch.compile(pipe.{component}), or "
+                      f"diffusion_accel.eval.compile_denoiser(pipe))", stacklevel=2)
     return pipe
 
 

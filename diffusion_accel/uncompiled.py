@@ -1,0 +1,47 @@
+"""Calibration passes run a pipeline's denoiser uncompiled.
+
+Calibration hooks every eligible layer (range observers, Hessian collectors, replay pins). On a denoiser
+the user had compiled first (``pipe.unet = torch.compile(pipe.unet)``, ``compile_denoiser``), dynamo then
+recompiled per hooked layer (session 30 compile probe, tiny SD: 53 recompiles and 3 recompile-limit hits
+during one calibration), and frames past the limit stayed eager afterwards (the quantized UNet compiled 13
+graphs instead of 1). The passes gain nothing from compilation, so they run on the plain module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .arch.registry import find_denoiser
+
+
+@contextmanager
+def uncompiled(pipe: Any) -> Iterator[None]:
+    """Within: ``pipe``'s denoiser runs without torch.compile (a wrapper swapped for its module, modules
+    compiled in place switched off); both are put back afterwards, also on error."""
+    component, denoiser = find_denoiser(pipe)
+    wrapper = getattr(pipe, component, None) if component else None
+    unwrapped = wrapper is not None and wrapper is not denoiser
+    in_place = {module: module._compiled_call_impl for module in denoiser.modules()
+                if getattr(module, "_compiled_call_impl", None) is not None}
+    if unwrapped:
+        setattr(pipe, component, denoiser)
+    for module in in_place:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, compiled in in_place.items():
+            module._compiled_call_impl = compiled
+        if unwrapped:
+            setattr(pipe, component, wrapper)
+
+
+def runs_compiled(pipe: Any) -> bool:
+    """Whether ``pipe``'s denoiser is compiled: behind a torch.compile wrapper, or (parts) compiled in place
+    (``module.compile()``, ``compile_denoiser(regional=True)``). A deep copy of it, as ``prune_`` and ``load``
+    make, is not."""
+    component, denoiser = find_denoiser(pipe)
+    wrapped = bool(component) and getattr(pipe, component, denoiser) is not denoiser
+    return wrapped or any(getattr(module, "_compiled_call_impl", None) is not None for module in denoiser.modules())
