@@ -13,6 +13,7 @@ import torch
 from ..calib.inputs import calibration_items, placeholder_prompts, plan_calls
 from ..calib.runner import restore_scheduler_state, scheduler_state
 from ..seeding import seeded_call
+from ..uncompiled import uncompiled
 
 
 def planned_calls(pipe: Any, prompts: Any, num_inference_steps: int, seed: int = 0,
@@ -34,11 +35,12 @@ def final_outputs(pipe: Any, calls: list) -> list[torch.Tensor]:
     as it was (``calib.runner.scheduler_state``)."""
     outputs, saved_scheduler = [], scheduler_state(pipe)
     try:
-        for call in calls:
-            result = seeded_call(pipe, call.kwargs | {"generator": torch.Generator().manual_seed(call.seed)},
-                                 call.seed)
-            images = result[0] if isinstance(result, tuple) else result.images
-            outputs.append(torch.as_tensor(images).detach().float().cpu())
+        with uncompiled(pipe):  # trial caches on a compiled denoiser recompiled per schedule
+            for call in calls:
+                result = seeded_call(pipe, call.kwargs | {"generator": torch.Generator().manual_seed(call.seed)},
+                                     call.seed)
+                images = result[0] if isinstance(result, tuple) else result.images
+                outputs.append(torch.as_tensor(images).detach().float().cpu())
     finally:
         restore_scheduler_state(pipe, saved_scheduler)
     return outputs
