@@ -70,8 +70,9 @@ class StepGroups:
         self.active = self.current_index()
 
     def index_for_call(self) -> int:
-        """The group of the call in progress: ``active`` inside a torch.compile graph, else ``current``."""
-        return self.active if torch.compiler.is_compiling() else self.current()
+        """The group of the call in progress: ``active`` inside a torch.compile graph, else ``current_index``
+        (per layer call on the eager int8 path: no ``torch.compiler.disable`` wrapper there)."""
+        return self.active if torch.compiler.is_compiling() else self.current_index()
 
     @torch.compiler.disable
     def current(self) -> int:
