@@ -175,12 +175,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .eval import evaluate
-    from .eval.evaluate import check_metrics
+    from .eval.evaluate import DEFAULT_METRICS, check_metrics
 
     metrics = list(check_metrics(_split(args.metrics)))
     if not metrics:
-        raise ValueError(f"--metrics {args.metrics!r}: name at least one of fid, clip, psnr, ssim, latency, memory, "
-                         "flops (grid images alone: diffusion-accel grid)")
+        raise ValueError(f"--metrics {args.metrics!r}: name at least one of {', '.join(DEFAULT_METRICS)} (grid "
+                         "images alone: diffusion-accel grid)")
     fid_extractor = _fid_extractor(args.fid_dtype, metrics, args.device)
     fid_reference = _fid_reference(args.fid_reference)
     _check_eval_inputs(args, metrics, fid_reference, fid_extractor)  # before loading any pipeline
