@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from . import prompts as prompt_sets
 from .arch import get_adapter
 from .artifact import base_fingerprint, save_folder_problem
-from .loading import default_demo_spec, load_pipeline
+from .loading import check_device, default_demo_spec, load_pipeline
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -245,6 +245,8 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     model = recipe.get("model", {})
     spec = args.pipe if args.pipe is not None else (model.get("id") or default_demo_spec())
     _check_out_is_not_the_base(args.out, spec, methods)
+    if args.device is not None:
+        check_device(args.device)  # before the (minutes-long) load, whichever loader runs
     dtype = args.dtype or (model.get("dtype") if args.pipe is None else None)  # the recipe's dtype is its model's
     variant = args.variant or (model.get("variant") if args.pipe is None else None)  # so are its weight files
     pipe = load_pipeline(spec, dtype=dtype, device=args.device, variant=variant)
