@@ -43,5 +43,10 @@ def runs_compiled(pipe: Any) -> bool:
     (``module.compile()``, ``compile_denoiser(regional=True)``). A deep copy of it, as ``prune_`` and ``load``
     make, is not."""
     component, denoiser = find_denoiser(pipe)
-    wrapped = bool(component) and getattr(pipe, component, denoiser) is not denoiser
-    return wrapped or any(getattr(module, "_compiled_call_impl", None) is not None for module in denoiser.modules())
+    attribute = getattr(pipe, component, denoiser) if component else denoiser
+    return is_compiled(attribute) or any(is_compiled(module) for module in denoiser.modules())
+
+
+def is_compiled(module: Any) -> bool:
+    """True if ``module`` is a ``torch.compile`` wrapper or was compiled in place (``module.compile()``)."""
+    return hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None

@@ -4,8 +4,8 @@ PSNR and SSIM come from torchmetrics, per image and averaged; images are compare
 0..255 (what the user saves), so identical images give PSNR = inf and SSIM = 1. torchmetrics' SSIM
 (since 1.5) pads images by reflection and averages the SSIM map over every pixel, also windows that
 reach into the padding; skimage and the paper average only windows inside the image. At 32 px that
-makes our SSIM lower (noisy Fashion-MNIST: 0.71 vs 0.86; 256 px: 0.49 vs 0.51): compare SSIM between
-variants of one report, not with published values at small sizes.
+makes our SSIM lower (noisy Fashion-MNIST: 0.76 vs 0.87; 256 px: 0.53 vs 0.54;
+benchmarks/ssim_convention.py): compare SSIM between variants of one report, not with published values.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..quant.onednn import cpu_capabilities
+from ..uncompiled import is_compiled
 from .pipes import denoiser_of
 
 LIBRARIES = ("torch", "diffusers", "transformers", "torchmetrics", "accelerate")
@@ -61,11 +62,6 @@ def machine_info(device: Any = None) -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform(), "cuda_available": torch.cuda.is_available(),
             **{f"{name}_version": _version(name) for name in LIBRARIES}}
-
-
-def is_compiled(module: torch.nn.Module) -> bool:
-    """True if ``module`` is a ``torch.compile`` wrapper or was compiled in place (``module.compile()``)."""
-    return hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
 
 
 def denoiser_runtime(pipe: Any) -> dict[str, Any]:

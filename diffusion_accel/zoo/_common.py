@@ -331,7 +331,7 @@ def run_loop(cfg: RunConfig, start_step: int, step_fn: Callable[[int, float], di
     budget_s = None if cfg.time_budget_min is None else cfg.time_budget_min * 60
     spent_before = cfg.resumed.get("elapsed_s", 0.0)  # the budget and the LR schedule's time are the run's
     restore_global_rng(cfg.resumed.get("rng"))
-    done = start_step  # steps completed
+    done, interrupted = start_step, lambda: False  # steps completed; whether Ctrl-C asked to stop
     checkpoint = lambda steps_done: save_checkpoint(ckpt, {  # noqa: E731
         **state_fn(steps_done), "seed": cfg.seed, "settings": cfg.settings(), "global_rng": global_rng_state()})
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=desc,
