@@ -7,6 +7,7 @@ from diffusion_accel.cache import BlockCacheConfig, calibrate_schedule, enable_c
 from diffusion_accel.cache.calibrated import (_refine, _refine_far, evenly_spaced_steps, front_loaded_steps,
                                               search_starts)
 from diffusion_accel.cache.configs import CalibratedCacheConfig
+from diffusion_accel.cache.forecast import forecast_scale
 from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
 
 
@@ -111,10 +112,17 @@ def test_forecast_residual_extrapolates_linearly_per_stream():
 
     r0 = {"hidden": torch.tensor([1.0, 2.0]), "encoder": None}
     r1 = {"hidden": torch.tensor([2.0, 2.5]), "encoder": None}
-    state = {"residual": r1, "residual_step": 4, "previous_residual": (r0, 2)}
-    out = forecast_residual(state, 5)
+    state = {"residual": r1, "previous_residual": r0}
+    out = forecast_residual(state, forecast_scale(5, 4, 2))
     assert torch.allclose(out["hidden"], torch.tensor([2.5, 2.75])) and out["encoder"] is None
-    assert forecast_residual({"residual": r1, "residual_step": 0}, 1) is r1  # one full step: plain reuse
+    assert forecast_residual({"residual": r1}, forecast_scale(1, 0, None)) is r1  # one full step: plain reuse
+
+
+def test_forecast_scale_is_a_tensor_past_two_increasing_full_steps():
+    scale = forecast_scale(7, 4, 2)
+    assert isinstance(scale, torch.Tensor) and scale.dim() == 0 and scale.item() == 1.5
+    assert forecast_scale(5, 4, None) is None and forecast_scale(5, None, None) is None
+    assert forecast_scale(5, 2, 2) is None
 
 
 def test_block_cache_forecast_changes_reused_steps_only_and_is_deterministic():
@@ -144,11 +152,12 @@ def test_linear_forecast_follows_nested_outputs_and_falls_back_to_reuse():
 
     before = (torch.tensor([1.0]), (torch.tensor([0.0, 0.0]), None))
     now = (torch.tensor([3.0]), (torch.tensor([1.0, 2.0]), None))
-    out = linear_forecast(now, before, 4, 2, 5)  # half a full-step gap past step 4
+    out = linear_forecast(now, before, forecast_scale(5, 4, 2))  # half a full-step gap past step 4
     assert torch.equal(out[0], torch.tensor([4.0])) and torch.equal(out[1][0], torch.tensor([1.5, 3.0]))
     assert out[1][1] is None
-    assert linear_forecast(now, None, 4, None, 5) is now
-    assert linear_forecast(now, (torch.tensor([1.0]),), 4, 2, 5) is now  # structure changed: reuse
+    assert linear_forecast(now, None, forecast_scale(5, 4, 2)) is now
+    assert linear_forecast(now, before, None) is now  # one full step only: reuse
+    assert linear_forecast(now, (torch.tensor([1.0]),), forecast_scale(5, 4, 2)) is now  # structure changed
 
 
 def test_deepcache_forecast_extrapolates_the_cached_feature_on_reuse_steps():

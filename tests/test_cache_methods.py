@@ -446,3 +446,30 @@ def test_enable_cache_on_a_compiled_denoiser_matches_eager(family, config, backe
     finally:
         torch._dynamo.reset()
 
+
+
+@pytest.mark.parametrize("family, config", [
+    ("dit", BlockCacheConfig(interval=3, forecast=1)),
+    ("ddpm", EncoderPropagationConfig(interval=3, noise_injection=0.05)),
+    ("dit", DeltaCacheConfig(interval=2)),
+])
+def test_a_compiled_step_schedule_cache_compiles_a_few_graphs_whatever_the_step_count(family, config):
+    """A step policy decides in the tracker's graph break and no step number reaches a compiled hook: one graph
+    per decision state (not per step or per block: 32-44 graphs at 6-12 steps before), no break in the cache."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    pipe = build_tiny(family)
+    enable_cache(pipe, config)
+    component, denoiser = find_denoiser(pipe)
+    setattr(pipe, component, torch.compile(denoiser, backend="eager"))
+    try:
+        counters.clear()
+        _images(pipe, family, steps=12)
+        breaks = [reason for reason in counters["graph_break"] if "CacheSession" in reason]
+        assert counters["stats"]["unique_graphs"] <= 4 and not breaks
+        counters.clear()
+        _images(pipe, family, steps=12)
+        assert counters["stats"]["unique_graphs"] == 0
+    finally:
+        torch._dynamo.reset()

@@ -42,7 +42,7 @@ def delta_spans(num_blocks: int, fraction: float) -> dict[str, Span]:
 
 
 class DeltaBlockHook(ModelHook):
-    """One block of a Δ-cached stack (block ``index``; block 0 asks the policy for the step)."""
+    """One block of a Δ-cached stack (block ``index``), following the call's decision."""
 
     def __init__(self, session: CacheSession, key: str, io: BlockIO, index: int, last: bool,
                  spans: dict[str, Span]) -> None:
@@ -54,7 +54,7 @@ class DeltaBlockHook(ModelHook):
         if not session.active():
             return self.fn_ref.original_forward(*args, **kwargs)
         state = session.state()
-        compute = session.decide() if self.index == 0 else state.get("compute", True)
+        compute = session.compute(state)
         if compute:
             return self._compute(state, args, kwargs)
         span = self.spans[state["span"]]

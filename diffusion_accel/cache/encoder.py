@@ -40,14 +40,14 @@ def encoder_point(pipe: Any) -> CachePoint:
 
 
 def install_encoder_cache(session: CacheSession, point: CachePoint, config: EncoderPropagationConfig) -> None:
-    """Hook every encoder module (the first decides the step), the decoder's first block (cache
+    """Hook every encoder module (they follow the call's decision), the decoder's first block (cache
     complete) and, with noise injection, the denoiser's output."""
     adapter = get_adapter(session.denoiser)
     inside = tuple(f"{name}." for name in point.blocks)
     session.cached_blocks = tuple(info.name for info in adapter.blocks() if info.name.startswith(inside))
     session.total_blocks = len(adapter.blocks())
-    for index, name in enumerate(point.blocks):
-        hook = CachedOutputHook(session, name, decides=index == 0, snapshot=True)  # the decoder is live
+    for name in point.blocks:
+        hook = CachedOutputHook(session, name, snapshot=True)  # the decoder is live
         session.hook(session.denoiser.get_submodule(name), hook)
     session.hook(session.denoiser.get_submodule(point.up), ModelHookReady(session))
     if config.noise_injection > 0:
@@ -70,6 +70,7 @@ class PriorNoiseInjection:
         parameters = list(inspect.signature(type(session.denoiser).forward).parameters)
         self.sample_arg = parameters[1] if len(parameters) > 1 else None  # the noisy input, after self
 
+    @torch.compiler.disable  # reads step numbers: out of compiled graphs, as the tracker (after the denoiser's graph)
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         state, step = self.session.state(), self.session.tracker.step_index
         if step == 0:
@@ -83,7 +84,7 @@ class PriorNoiseInjection:
     def _injects(self, state: dict, step: int) -> bool:
         """True on a reused step at or after the injection start, with the prior noise known."""
         num_steps = self.session.tracker.num_inference_steps
-        reused = state.get("decided_step") == step and not state.get("compute", True)
+        reused = not self.session.compute(state)
         late = num_steps is not None and step >= self.start * num_steps
         return reused and late and state.get("prior_noise") is not None
 

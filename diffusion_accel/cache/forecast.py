@@ -14,13 +14,21 @@ import torch
 from torch.utils._pytree import tree_map
 
 
-def linear_forecast(current: Any, previous: Any, current_step: int, previous_step: int | None,
-                    step: int) -> Any:
-    """``current + (current - previous) * (step - current_step) / (current_step - previous_step)``
-    leaf by leaf; ``current`` itself when there is no earlier full step to extrapolate from."""
-    if previous is None or previous_step is None or current_step <= previous_step:
+def forecast_scale(step: int, full_step: int | None, previous_full_step: int | None) -> torch.Tensor | None:
+    """``(step - full_step) / (full_step - previous_full_step)``, how far past the last full step ``step``
+    lies in units of the gap between the last two full steps; None without two increasing full steps.
+    A 0-d float32 CPU tensor: a compiled hook takes it as a graph input, so the step numbers it comes
+    from are not baked into (and guarded by) the graph."""
+    if full_step is None or previous_full_step is None or full_step <= previous_full_step:
+        return None
+    return torch.tensor((step - full_step) / (full_step - previous_full_step), dtype=torch.float32)
+
+
+def linear_forecast(current: Any, previous: Any, scale: torch.Tensor | None) -> Any:
+    """``current + (current - previous) * scale`` leaf by leaf (``scale`` from :func:`forecast_scale`);
+    ``current`` itself when there is no earlier full step to extrapolate from."""
+    if previous is None or scale is None:
         return current
-    scale = (step - current_step) / (current_step - previous_step)
     try:
         return tree_map(lambda now, before: _extrapolate(now, before, scale), current, previous,
                         is_leaf=lambda value: value is None)
@@ -28,7 +36,6 @@ def linear_forecast(current: Any, previous: Any, current_step: int, previous_ste
         return current
 
 
-def _extrapolate(now: Any, before: Any, scale: float) -> Any:
+def _extrapolate(now: Any, before: Any, scale: torch.Tensor) -> Any:
     same = isinstance(now, torch.Tensor) and isinstance(before, torch.Tensor) and before.shape == now.shape
     return now + (now - before) * scale if same else now
-

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..hooks import CACHE_CLIENT, StepTracker, attach_tracker, detach_tracker_if_unused
 from ..pretrained_guard import GuardedMethod
+from .forecast import forecast_scale
 
 SESSION_ATTR = "_diffusion_accel_cache"
 DIFFUSERS_ENABLE = "enable_cache"  # diffusers' CacheMixin method, refused while our cache is on
@@ -51,6 +52,26 @@ class _CallLog(threading.local):
         clone.records, clone.fresh = copy.deepcopy(self.records, memo), self.fresh
         clone.residual_changes = list(self.residual_changes)
         return clone
+
+
+class StepDecision:
+    """One context's decision for its current call. A single object per context, updated in place outside
+    compiled code, so a compiled hook reading ``compute`` guards on that bool only, not on step numbers
+    (one graph per decision, not per step)."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.compute = True
+        self.full_step: int | None = None  # the last two steps that computed, for forecasts
+        self.previous_full_step: int | None = None
+        self.forecast_scale: torch.Tensor | None = None  # on reuse steps (see forecast.forecast_scale)
+
+    def update(self, step: int, compute: bool) -> None:
+        """Record ``compute`` for ``step`` and, on a reuse step, its forecast scale."""
+        self.step, self.compute = step, compute
+        if compute:
+            self.previous_full_step, self.full_step = self.full_step, step
+        self.forecast_scale = None if compute else forecast_scale(step, self.full_step, self.previous_full_step)
 
 
 def _logged(name: str) -> property:
@@ -88,16 +109,37 @@ class CacheSession:
         """This context's state dict for the current pipeline call."""
         return self.tracker.state(TRACKER_CLIENT)
 
+    def on_call(self) -> None:
+        """Tracker callback at each denoiser call, once the call is placed: a step policy decides here, so
+        under torch.compile the tracker's graph break is the only one (a head policy decides on its
+        signal, in the head block: see :meth:`decide`)."""
+        if not getattr(self.policy, "uses_head", False):
+            self._decide(None)
+
+    def compute(self, state: dict[str, Any]) -> bool:
+        """This call's decision for a hooked module: True computes (also before any decision)."""
+        decision = state.get("decision")
+        return True if decision is None else decision.compute
+
+    def forecast_scale(self, state: dict[str, Any]) -> torch.Tensor | None:
+        """This reuse step's forecast scale (None: reuse the last full step's value as it is)."""
+        decision = state.get("decision")
+        return None if decision is None else decision.forecast_scale
+
     @torch.compiler.disable
     def decide(self, signal: torch.Tensor | None = None) -> bool:
-        """Whether this call computes the cached blocks; decided once per (context, step)."""
+        """Whether this call computes the cached blocks, from a head policy's ``signal`` (a graph break)."""
+        return self._decide(signal)
+
+    def _decide(self, signal: torch.Tensor | None) -> bool:
+        """Ask the policy once per (context, step); store and log the answer."""
         state, step = self.state(), self.tracker.step_index
-        if state.get("decided_step") != step:
+        decision = state.setdefault("decision", StepDecision())
+        if decision.step != step:
             compute = self.policy.should_compute(step, self.tracker.num_inference_steps, state, signal)
-            compute = compute or not state.get("ready", False)
-            state["decided_step"], state["compute"] = step, compute
-            self._record(step, compute, state.get("signal_change"))
-        return state["compute"]
+            decision.update(step, compute or not state.get("ready", False))
+            self._record(step, decision.compute, state.get("signal_change"))
+        return decision.compute
 
     def _record(self, step: int, compute: bool, change: float | None) -> None:
         self.start_records_if_fresh()
@@ -161,7 +203,7 @@ def start_session(pipe: Any, denoiser: nn.Module, config: Any, method: str, poli
     """Attach the tracker, register the cache client and store a new session on the denoiser."""
     tracker = attach_tracker(denoiser, pipe)
     session = CacheSession(denoiser=denoiser, tracker=tracker, config=config, method=method, policy=policy)
-    tracker.register_client(TRACKER_CLIENT, session.on_reset)
+    tracker.register_client(TRACKER_CLIENT, session.on_reset, on_call=session.on_call)
     setattr(denoiser, SESSION_ATTR, session)
     _guard_diffusers_cache(denoiser)
     return session

@@ -46,7 +46,7 @@ class StackBlockHook(ModelHook):
         if not session.active():
             return self.fn_ref.original_forward(*args, **kwargs)
         state = session.state()
-        compute = session.decide() if self.first and not session.policy.uses_head else state.get("compute", True)
+        compute = session.compute(state)
         inputs = self.io.inputs(args, kwargs)
         if compute:
             return self._compute(state, inputs, args, kwargs)
@@ -68,7 +68,7 @@ class StackBlockHook(ModelHook):
         """The residual to add on a reuse step: the cached one, or its linear forecast."""
         if not getattr(self.session.config, "forecast", 0):
             return state["residual"]
-        return forecast_residual(state, self.session.tracker.step_index)
+        return forecast_residual(state, self.session.forecast_scale(state))
 
     def _compute(self, state: dict, inputs: dict, args: tuple, kwargs: dict) -> Any:
         if self.first:
@@ -83,8 +83,8 @@ class StackBlockHook(ModelHook):
             if self.session.record_residuals:
                 self._note_residual_change(state, residual["hidden"])
             if getattr(self.session.config, "forecast", 0):  # keep the one before only when forecasting
-                state["previous_residual"] = state.get("residual"), state.get("residual_step")
-            state["residual"], state["residual_step"], state["ready"] = detached(residual), self.session.tracker.step_index, True
+                state["previous_residual"] = state.get("residual")
+            state["residual"], state["ready"] = detached(residual), True
         return output
 
     def _note_residual_change(self, state: dict, residual: torch.Tensor | None) -> None:
@@ -96,11 +96,10 @@ class StackBlockHook(ModelHook):
                                                   self.session.tracker.context, change))
 
 
-def forecast_residual(state: dict, step: int) -> dict:
-    """First-order forecast of the stack residual at ``step`` from the last two full steps
-    (r1 + (r1 - r0) * (step - s1) / (s1 - s0), per stream); the cached residual if only one exists."""
-    previous, previous_step = state.get("previous_residual", (None, None))
-    return linear_forecast(state["residual"], previous, state["residual_step"], previous_step, step)
+def forecast_residual(state: dict, scale: torch.Tensor | None) -> dict:
+    """First-order forecast of the stack residual, r1 + (r1 - r0) * scale per stream (``scale`` from
+    ``forecast.forecast_scale``); the cached residual if only one full step exists."""
+    return linear_forecast(state["residual"], state.get("previous_residual"), scale)
 
 
 def output_layer(pipe: Any, config: Any) -> str | None:
@@ -168,8 +167,7 @@ def install_stack_cache(session: CacheSession, pipe: Any) -> None:
         session.hook(modules[offset + index], hook)
     final = output_layer(pipe, session.config)
     if final is not None:
-        session.hook(session.denoiser.get_submodule(final), CachedOutputHook(session, final, decides=False,
-                                                                             forecasts=True))
+        session.hook(session.denoiser.get_submodule(final), CachedOutputHook(session, final, forecasts=True))
 
 
 class ModulationKeeper:

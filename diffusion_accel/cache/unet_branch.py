@@ -26,8 +26,9 @@ class CachedOutputHook(ModelHook):
     (DeepCache's cached modules, encoder propagation, a transformer's final projection under
     ``forecast_target="output"``).
 
-    Only the first cached module of a call (``decides``) asks the policy; the others read its
-    decision, so a compiled denoiser breaks its graph once per call, not once per module. With
+    The modules read the call's decision, taken when the step tracker placed the call (a step policy)
+    or by the head block (a threshold policy), so a compiled denoiser breaks its graph once per call
+    (in the tracker), not once per module. With
     ``config.forecast=1`` the module whose output the shallow path consumes (``forecasts``; the
     others only feed cached modules) returns the linear forecast of its output from the last two
     full steps instead (see :mod:`.forecast`).
@@ -38,44 +39,47 @@ class CachedOutputHook(ModelHook):
     pile up in the stored tensors, one more per reuse step.
     """
 
-    def __init__(self, session: CacheSession, key: str, decides: bool = True, forecasts: bool = False,
-                 snapshot: bool = False) -> None:
+    def __init__(self, session: CacheSession, key: str, forecasts: bool = False, snapshot: bool = False) -> None:
         super().__init__()
-        self.session, self.key, self.decides, self.forecasts = session, key, decides, forecasts
+        self.session, self.key, self.forecasts = session, key, forecasts
         self.snapshot = snapshot
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         session = self.session
         if not session.active():
             return self.fn_ref.original_forward(*args, **kwargs)
-        state, step = session.state(), session.tracker.step_index
-        outputs, steps = state.setdefault("outputs", {}), state.setdefault("output_steps", {})
-        compute = session.decide() if self.decides else state.get("compute", True)
+        state = session.state()
+        outputs = state.setdefault("outputs", {})
+        compute = session.compute(state)
         forecast = self.forecasts and getattr(session.config, "forecast", 0)
         if compute or self.key not in outputs:
             if forecast and self.key in outputs:  # keep the one before only when forecasting
-                state.setdefault("previous_outputs", {})[self.key] = outputs[self.key], steps[self.key]
+                state.setdefault("previous_outputs", {})[self.key] = outputs[self.key]
             output = self.fn_ref.original_forward(*args, **kwargs)
             kept = detached(output)
-            outputs[self.key], steps[self.key] = clone_tensors(kept) if self.snapshot else kept, step
+            outputs[self.key] = clone_tensors(kept) if self.snapshot else kept
             return output
         if not forecast:
             return clone_tensors(outputs[self.key]) if self.snapshot else outputs[self.key]
-        previous, previous_step = state.get("previous_outputs", {}).get(self.key, (None, None))
-        return linear_forecast(outputs[self.key], previous, steps[self.key], previous_step, step)
+        previous = state.get("previous_outputs", {}).get(self.key)
+        return linear_forecast(outputs[self.key], previous, session.forecast_scale(state))
 
 
-def clone_tensors(value: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
+def clone_tensors(value: Any, copies: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
     """A copy of ``value`` (a tensor or nested tuples / lists of them) with every tensor cloned once:
     tensors that were the same object stay the same object in the copy (a down block's output sample is
-    also its last skip tensor, and an in-place add must reach both, as without caching)."""
-    memo = {} if memo is None else memo
+    also its last skip tensor, and an in-place add must reach both, as without caching). Originals are
+    matched with ``is``, not ``id()``: under torch.compile an ``id()`` becomes a guard on the object,
+    which every new full step replaces (a recompile per step)."""
+    copies = [] if copies is None else copies
     if isinstance(value, torch.Tensor):
-        if id(value) not in memo:
-            memo[id(value)] = value.clone()
-        return memo[id(value)]
+        for original, copy in copies:
+            if original is value:
+                return copy
+        copies.append((value, value.clone()))
+        return copies[-1][1]
     if isinstance(value, (tuple, list)):
-        items = [clone_tensors(item, memo) for item in value]
+        items = [clone_tensors(item, copies) for item in value]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     return value
 
@@ -99,7 +103,7 @@ def install_branch_cache(session: CacheSession, point: CachePoint) -> None:
     state_ready = ModelHookReady(session)
     last = len(point.blocks) - 1  # its output feeds point.up, the only live consumer on reuse steps
     for index, name in enumerate(point.blocks):
-        hook = CachedOutputHook(session, name, decides=index == 0, forecasts=index == last)
+        hook = CachedOutputHook(session, name, forecasts=index == last)
         session.hook(session.denoiser.get_submodule(name), hook)
     session.hook(session.denoiser.get_submodule(point.up), state_ready)
 
