@@ -35,6 +35,7 @@ from .artifact_files import StagedWrite
 from .artifact_tensors import TechniqueTensors
 from .uncompiled import runs_compiled
 from .manifest_schema import ManifestError, check_manifest
+from .paths import EMPTY_PATH_PROBLEM, empty_path
 from .pretrained_guard import GUARDED_MODEL_METHODS, GUARDED_PIPELINE_METHODS, install_guards, uninstall_methods
 
 FORMAT = "diffusion_accel.artifact"
@@ -223,6 +224,8 @@ def pipeline_source(pipe: Any) -> dict[str, Any] | None:
 def save_folder_problem(directory: str | Path) -> str | None:
     """Why ``directory`` cannot take an artifact, or None: a file; a diffusers pipeline folder (it would
     then load as the artifact, by spec); another tool's ``manifest.json`` (it would be overwritten)."""
+    if empty_path(directory):
+        return EMPTY_PATH_PROBLEM
     folder = Path(directory)
     if folder.exists() and not folder.is_dir():
         return "it is a file, not a folder; give a new folder or an earlier artifact's folder"
@@ -240,9 +243,9 @@ def _artifact_folder(directory: str | Path) -> Path:
     break or overwrite (a diffusers pipeline: its folder would then load as this artifact; another tool's
     ``manifest.json``)."""
     folder = Path(directory)
-    problem = save_folder_problem(folder)
+    problem = save_folder_problem(directory)
     if problem:
-        raise ArtifactError(f"cannot save the artifact to {str(folder)!r}: {problem}")
+        raise ArtifactError(f"cannot save the artifact to {str(directory)!r}: {problem}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -472,7 +475,7 @@ def _check_base(base_pipe: Any, manifest: dict[str, Any], directory: str | Path)
         raise ArtifactError(f"the base's {component or type(denoiser).__name__} has weights on the meta device "
                             f"(created without them, or offloaded?): load an artifact onto a base with its weights")
     expected = manifest["base"]["fingerprint"]
-    actual = base_fingerprint(base_pipe)
+    actual = fingerprint(denoiser)  # not base_fingerprint: a refused load left its cache on the denoiser
     if actual != expected and not _same_base_in_another_dtype(base_pipe, manifest, directory):
         raise ArtifactError(
             f"artifact {directory} was made for a different base model "

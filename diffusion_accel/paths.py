@@ -10,6 +10,8 @@ def output_folder_problem(path: str | Path) -> str | None:
 
     Checked before the work (an evaluation, a demo, a training run) rather than when its results are
     written, which failed with ``[Errno 17] File exists`` after it."""
+    if empty_path(path):
+        return EMPTY_PATH_PROBLEM
     path = Path(path)
     for candidate in (path, *path.parents):
         if candidate.exists():
@@ -18,3 +20,11 @@ def output_folder_problem(path: str | Path) -> str | None:
             where = "is a file" if candidate == path else f"lies under the file {str(candidate)!r}"
             return f"{str(path)!r} {where}; give a folder (it is created if missing)"
     return None
+
+
+EMPTY_PATH_PROBLEM = "the path is empty (it would write into the current folder); give a folder, '.' for the current one"
+
+
+def empty_path(path: str | Path) -> bool:
+    """True for ``""`` or blanks: ``Path("")`` is the current folder, where reports and artifacts landed silently."""
+    return isinstance(path, str) and not path.strip()

@@ -94,6 +94,7 @@ def test_loading_onto_another_model_is_a_clear_error(tmp_path):
     with pytest.raises(artifact.ArtifactError, match="different base model"):
         artifact.load(other, tmp_path)
     assert artifact.applied_techniques(other) == []
+    assert not [name for name in vars(other.unet) if name.startswith("_diffusion_accel")]  # session 31: cached
 
 
 def test_failed_restore_leaves_pipeline_unchanged(tmp_path):
@@ -123,6 +124,15 @@ def test_saving_to_a_path_that_cannot_be_a_folder_is_an_artifact_error(tmp_path)
     with pytest.raises(artifact.ArtifactError, match=r"cannot create the artifact folder '.*a-file/sub': Not a directory"):
         artifact.save(pipe, tmp_path / "a-file" / "sub")
     assert (tmp_path / "a-file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_save_path_is_refused_not_the_current_folder(tmp_path, monkeypatch, path):
+    """``save(pipe, "")`` wrote manifest.json and the tensors into the working directory (session 31)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(artifact.ArtifactError, match="the path is empty"):
+        artifact.save(_scaled_pipe(), path)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("damage, message", [

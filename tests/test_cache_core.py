@@ -99,6 +99,9 @@ def test_calibrated_schedule_resampling_and_refusal():
     (lambda: DeepCacheConfig(center=True), "center must be a fraction"),
     (lambda: TeaCacheConfig(coefficients=(float("nan"),)), "coefficients must be a non-empty sequence of finite"),
     (lambda: TeaCacheConfig(coefficients=1.0), "coefficients must be"),
+    # session 31: accepted, then every step after the first was reused
+    (lambda: TeaCacheConfig(coefficients=(-1.0,)), "polynomial <= 0 for every relative change"),
+    (lambda: TeaCacheConfig(coefficients=(0.0, 0.0)), "polynomial <= 0 for every relative change"),
     (lambda: CalibratedCacheConfig(full_steps=(0, 1.7), num_inference_steps=4), "full_steps must be a sequence of int"),
     (lambda: CalibratedCacheConfig(full_steps=(0, True), num_inference_steps=4), "full_steps must be a sequence"),
     (lambda: CalibratedCacheConfig(full_steps=0, num_inference_steps=4), "full_steps must be a sequence"),
@@ -262,6 +265,9 @@ def test_a_teacache_fit_negative_on_the_seen_range_is_refused(monkeypatch):
         teacache_fit.fit_teacache_coefficients(None, ["a cat"], degree=4)
     with pytest.raises(ValueError, match="only 10 calibration points for a degree-5 fit"):
         teacache_fit.fit_teacache_coefficients(None, ["a cat"], degree=5)
+    for steps in (0, 1, 2.0):  # 0 was a ZeroDivisionError inside FluxPipeline (session 31)
+        with pytest.raises(ValueError, match=f"num_inference_steps must be an int >= 2 .*got {steps!r}"):
+            teacache_fit.fit_teacache_coefficients(None, ["a cat"], num_inference_steps=steps)
 
 
 def test_nonuniform_schedule_with_a_huge_power_ends():

@@ -519,11 +519,23 @@ def test_collector_options_are_validated():
         SampleStore([SD_CONV], max_samples=0)
 
 
-@pytest.mark.parametrize("guidance", ["3", True])
-def test_a_guidance_scale_that_is_not_a_number_is_a_clear_error(sd_pipe, guidance):
-    """'3' was diffusers' "'>' not supported between instances of 'str' and 'int'" from inside the call."""
-    with pytest.raises(ValueError, match=f"guidance_scale must be a number .*got {guidance!r}"):
+@pytest.mark.parametrize("guidance", ["3", True, float("nan"), -1.0, float("inf")])
+def test_a_guidance_scale_that_is_not_a_finite_number_is_a_clear_error(sd_pipe, guidance):
+    """'3' was diffusers' "'>' not supported between instances of 'str' and 'int'" from inside the call; NaN and
+    -1 calibrated without CFG, silently (session 31), inf overflowed every range."""
+    with pytest.raises(ValueError, match=f"guidance_scale must be a finite number >= 0 .*got {guidance!r}"):
         calibrate(sd_pipe, ["a cat"], num_inference_steps=2, guidance_scale=guidance, progress=False)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"weighting": None}, "weighting must be one of uniform.* or one weight per step, got None"),
+    ({"weighting": "linear", "weight_range": None}, r"weight_range must be \(w_min, w_max\), got None"),
+    ({"weighting": "linear", "weight_range": (True, 2)}, "step weights need finite"),
+])
+def test_weighting_values_that_are_no_weights_are_clear_errors(sd_pipe, arguments, message):
+    """None was "'NoneType' object is not iterable"; a bool bound passed as 1."""
+    with pytest.raises(ValueError, match=message):
+        calibrate(sd_pipe, ["a cat"], num_inference_steps=2, progress=False, **arguments)
 
 
 def test_unconditional_pipeline_rejects_prompts():

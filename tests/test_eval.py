@@ -165,6 +165,11 @@ def test_a_stats_file_that_is_not_ours_is_a_clear_error(tmp_path, write):
     ("tuple_output", r"call_kwargs may not set \['return_dict'\]"),
     ("huge_seed", "torch generators take seeds in"),
     ("dit_text", "variant 'dit' \\(DiTPipeline\\) cannot take these prompts"),
+    # session 31: wrote into the current folder / bare errors from inside
+    ("empty_output_dir", "output_dir the path is empty"),
+    ("call_kwargs_string", "call_kwargs must be a dict of further pipeline arguments"),
+    ("prompt_to_kwargs_int", "prompt_to_kwargs must be a function"),
+    ("no_metrics", "metrics is empty"),
 ])
 def test_more_inputs_fail_before_generation(case, message, tmp_path, monkeypatch):
     """Each of these failed only after every image was generated (or scored latents as images)."""
@@ -188,6 +193,14 @@ def test_more_inputs_fail_before_generation(case, message, tmp_path, monkeypatch
         arguments["seed"] = 2 ** 64 - 2
     elif case == "dit_text":
         pipelines["dit"] = build_tiny("dit")
+    elif case == "empty_output_dir":
+        arguments["output_dir"] = ""
+    elif case == "call_kwargs_string":
+        arguments["call_kwargs"] = "height=32"
+    elif case == "prompt_to_kwargs_int":
+        arguments["prompt_to_kwargs"] = 5
+    elif case == "no_metrics":
+        arguments["metrics"] = ()
     with pytest.raises((ValueError, TypeError), match=message):
         evaluate(pipelines, PROMPTS[:3], progress=False, **arguments)
 

@@ -117,12 +117,21 @@ def test_error_allocation_beats_saliency_allocation_on_summed_layer_error():
     (dict(prune_heads="false"), ValueError, "prune_heads must be True or False, got 'false'"),
     (dict(weight_range=None), ValueError, "weight_range must be \\(w_min, w_max\\), two finite numbers"),
     (dict(weight_range="ab"), ValueError, "weight_range must be"),
-    (dict(calib_guidance_scale="7"), ValueError, "calib_guidance_scale must be a finite number or None"),
+    (dict(calib_guidance_scale="7"), ValueError, "calib_guidance_scale must be a finite number >= 0 or None"),
+    # session 31: accepted (a negative guidance calibrated without CFG; damp=True damped by 1.0)
+    (dict(calib_guidance_scale=-1), ValueError, "calib_guidance_scale must be a finite number >= 0 or None, got -1"),
+    (dict(damp=True), ValueError, "damp must be a finite float > 0, got True"),
     (dict(calib_kwargs={"height": torch.tensor(32)}), ValueError, "cannot be stored in the artifact manifest"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         PruneConfig(**kwargs)
+
+
+@pytest.mark.parametrize("written", [" 2:4 ", "2 : 4", "02:04"])
+def test_an_nm_pattern_is_stored_in_its_canonical_form(written):
+    """They pruned 2:4 but the sparse-kernel check compared the raw string with "2:4" (session 31)."""
+    assert PruneConfig(method="magnitude", pattern=written).pattern == "2:4"
 
 
 def test_bad_arguments_leave_pipeline_unchanged():

@@ -1,5 +1,6 @@
 """Quantizer math: error bounds, per-channel and group-wise scales, zero points, int4 packing, configs."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +20,21 @@ def test_per_channel_int8_scales_and_error_bound():
     torch.testing.assert_close(scale[:, 0], w.abs().amax(dim=1) / 127)
     error = (dequantize_weight(quantize_weight(w, scale, fmt, (32,)), scale, (32,)) - w).abs()
     assert (error <= scale / 2 + 1e-6).all()
+
+
+def test_a_group_size_that_does_not_divide_the_columns_leaves_a_shorter_last_group():
+    """SD 1.5's 320-channel 3x3 convs (2,880 columns) under group 128 were quantized per channel, silently."""
+    assert segment_sizes(2880, "group", 128) == (128,) * 22 + (64,)
+    assert segment_sizes(96, "group", 128) == (96,)  # no wider than one group: one segment
+    torch.manual_seed(0)
+    w = torch.randn(3, 160)
+    w[:, 128:] *= 0.01  # a quiet tail group keeps its own fine scale
+    fmt, sizes = get_format("int4"), segment_sizes(160, "group", 64)
+    scale = weight_scales(w, fmt, sizes)
+    assert sizes == (64, 64, 32) and scale.shape == (3, 3)
+    deq = dequantize_weight(quantize_weight(w, scale, fmt, sizes), scale, sizes)
+    assert ((deq - w)[:, 128:].abs() <= scale[:, 2:] / 2 + 1e-7).all()
+    assert (deq - w)[:, 128:].abs().max() < 1e-2 * w[:, :128].abs().max() / fmt.qmax
 
 
 def test_groupwise_int4_has_one_scale_per_group_and_bounded_error():
@@ -168,6 +184,18 @@ def test_more_bad_configs():
         PTQConfig(act_exclude="*conv_shortcut")  # tuple() of it would be the globs "*", "c", ...
     with pytest.raises(ValueError, match="activations=None already keeps"):
         PTQConfig(activations=None, act_exclude=("*conv_shortcut",))
+
+
+@pytest.mark.parametrize("fields, message", [  # session 31: quantize_ ran, then save refused / a TypeError inside
+    ({"calib_kwargs": {"height": np.int64(32)}}, r"calib_kwargs=.*cannot be stored in the artifact manifest"),
+    ({"recon_lr": float("nan")}, "recon_lr=nan cannot be stored"),
+    ({"recon_reg": np.float32(0.1)}, "recon_reg=np.float32.* cannot be stored"),
+    ({"calib_kwargs": {"num_inference_steps": 3}}, r"calib_kwargs may not set \['num_inference_steps'\]"),
+    ({"calib_kwargs": {"guidance_scale": 3.0}}, "use calib_num_steps, calib_steps, calib_prompts and calib_guidance"),
+])
+def test_configs_an_artifact_could_not_hold_or_calibrate_could_not_take_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        PTQConfig(**fields)
 
 
 @pytest.mark.parametrize("fields, message", [  # session 27: accepted as truthy, or bare errors deep inside

@@ -166,6 +166,14 @@ def test_timestep_groups_switch_scales_during_a_pipeline_call():
     assert seen == [0, 1]
 
 
+def test_timestep_groups_without_a_calibrated_step_are_named():
+    """10 groups over 2 calibrated steps: 8 groups took the range over all steps, silently."""
+    pipe = build_tiny("flux")
+    with pytest.warns(UserWarning, match=r"timestep groups \[1, 2, 3, 4, 6, 7, 8, 9\] of 10 hold none"):
+        quantize_(pipe, PTQConfig(timestep_groups=10, lower=False, **FLUX_FAST))
+    assert "hold none of the calibrated steps [0, 1]" in summary(pipe)
+
+
 def test_timestep_groups_split_a_heun_trajectory_as_calibrated():
     """Heun at 3 steps calls the UNet 5 times: calibration and run time both split those 5 calls into the
     two groups (calibration used to split its first 3 only)."""

@@ -165,6 +165,17 @@ class TeaCacheConfig(_ConfigMethods):
                 raise ValueError(f"coefficients must be a non-empty sequence of finite numbers or None, "
                                  f"got {self.coefficients!r}")
             object.__setattr__(self, "coefficients", tuple(float(c) for c in values))
+            _check_accumulates(self.coefficients)
+
+
+def _check_accumulates(coefficients: tuple[float, ...]) -> None:
+    """A rescaling polynomial that is <= 0 for every relative change in (0, 1] accumulates nothing: every step
+    after the first was reused whatever the threshold ((-1.0,) and (0.0, 0.0) were accepted)."""
+    changes = [index / 256 for index in range(1, 257)]
+    if max(sum(c * x ** power for power, c in enumerate(reversed(coefficients))) for x in changes) <= 0:
+        raise ValueError(f"coefficients {coefficients} give a polynomial <= 0 for every relative change in (0, 1]: "
+                         f"TeaCache would accumulate nothing and reuse every step after the first; use "
+                         f"fit_teacache_coefficients, or None for the raw change")
 
 
 def _check_fraction(name: str, value: Any) -> None:

@@ -53,6 +53,9 @@ def fit_teacache_coefficients(pipe: Any, prompts: Any, num_inference_steps: int 
     of ``prompts`` (``num_inference_steps`` steps, seeded from ``seed``, ``call_kwargs`` passed on)."""
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
         raise ValueError(f"degree must be an int >= 1, got {degree!r}")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 2:
+        raise ValueError(f"num_inference_steps must be an int >= 2 (the fit needs changes between steps), "
+                         f"got {num_inference_steps!r}")  # 0 was a ZeroDivisionError inside the pipeline
     xs, ys = teacache_samples(pipe, prompts, num_inference_steps, seed=seed, **call_kwargs)
     if len(xs) < POINTS_PER_COEFFICIENT * (degree + 1):
         raise ValueError(f"only {len(xs)} calibration points for a degree-{degree} fit (need at least "

@@ -17,6 +17,7 @@ Pipelines without a latent output (DiT decodes always, DDPM is pixel-space) get
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -199,8 +200,10 @@ def _check_options(pipe: Any, mode: str, params: dict[str, inspect.Parameter], p
     name = type(pipe).__name__
     if guidance_scale is not None and "guidance_scale" not in params:
         raise ValueError(f"{name} has no guidance_scale; leave guidance_scale=None")
-    if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))):
-        raise ValueError(f"guidance_scale must be a number (or None for the pipeline's default), got {guidance_scale!r}")
+    bad = isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
+    if guidance_scale is not None and (bad or not math.isfinite(guidance_scale) or guidance_scale < 0):
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (or None for the pipeline's default), got "
+                         f"{guidance_scale!r}")  # NaN / -1 ran without CFG, silently; inf overflowed the ranges
     if per_item != 1 and mode == "prompt" and "num_images_per_prompt" not in params:
         raise ValueError(f"{name} has no num_images_per_prompt; leave num_images_per_prompt=1")
     if negative_prompt is None:

@@ -128,7 +128,7 @@ def step_weights(num_steps: int, scheme: str = "uniform", w_min: float = 0.8,
 
 
 def _check_weight_range(w_min: float, w_max: float) -> None:
-    values_ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (w_min, w_max))
+    values_ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (w_min, w_max))
     if not values_ok or w_min < 0 or w_max < w_min or w_max <= 0:
         raise ValueError(f"step weights need finite 0 <= w_min <= w_max with w_max > 0, "
                          f"got w_min={w_min!r}, w_max={w_max!r}")
@@ -138,9 +138,12 @@ def resolve_weights(num_steps: int, weighting: str | Sequence[float],
                     weight_range: tuple[float, float] = (0.8, 1.2)) -> torch.Tensor:
     """Weights (num_steps,) from a scheme name or an explicit per-step sequence of floats >= 0."""
     if isinstance(weighting, str):
-        if isinstance(weight_range, str) or len(tuple(weight_range)) != 2:
+        if not isinstance(weight_range, (tuple, list)) or len(weight_range) != 2:
             raise ValueError(f"weight_range must be (w_min, w_max), got {weight_range!r}")
         return step_weights(num_steps, weighting, *weight_range)
+    if not isinstance(weighting, (tuple, list, torch.Tensor)):
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTING_SCHEMES)} or one weight per step, "
+                         f"got {weighting!r}")
     values = torch.as_tensor(list(weighting), dtype=torch.float32)
     if values.ndim != 1 or len(values) != num_steps:
         raise ValueError(f"explicit step weights need {num_steps} values (one per denoiser step), "

@@ -62,6 +62,8 @@ def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     """``metrics`` in report order; a ValueError naming unknown ones and the accepted names."""
     if isinstance(metrics, str):
         metrics = (metrics,)
+    if not metrics:
+        raise ValueError(f"metrics is empty: nothing to measure; accepted: {list(DEFAULT_METRICS)}")
     unknown = sorted(set(metrics) - set(DEFAULT_METRICS))
     if unknown:
         raise ValueError(f"unknown metrics {unknown}; accepted: {list(DEFAULT_METRICS)}")
@@ -184,6 +186,9 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
     ``grid_cell_size``: grid cell side in pixels; ``grid_columns``: prompts shown in the grid (None: all).
     """
     check_call_kwargs(call_kwargs)
+    if prompt_to_kwargs is not None and not callable(prompt_to_kwargs):
+        raise TypeError(f"prompt_to_kwargs must be a function (pipe, prompts) -> call arguments, or None; got "
+                        f"{type(prompt_to_kwargs).__name__}")
     _check_counts(images_per_prompt=images_per_prompt, batch_size=batch_size, warmup=warmup, repeats=repeats,
                   grid_cell_size=grid_cell_size, **({} if grid_columns is None else {"grid_columns": grid_columns}))
     run = _Run(check_metrics(metrics), _check_variants(pipelines, baseline),
@@ -219,6 +224,9 @@ def _check_inputs(run: _Run, pipelines: Mapping[str, Any], output_dir: str | Pat
     """A missing FID reference (or one of another feature network), a CLIP model, prompts or a call
     argument a pipeline cannot take, or an output folder that is a file, is an error before generation,
     not after it (hours for 2,000 images of a hub model)."""
+    problem = None if output_dir is None else output_folder_problem(output_dir)
+    if problem is not None:
+        raise ValueError(f"output_dir {problem}")
     if "fid" in run.requested and run.fid_reference is not None:
         check_reference(run.fid_reference, run.fid_extractor)
     if "clip" in run.requested and all(isinstance(job.prompt, str) for job in run.jobs):  # else not scored
@@ -227,9 +235,6 @@ def _check_inputs(run: _Run, pipelines: Mapping[str, Any], output_dir: str | Pat
         check_call_arguments(pipe, run.call_kwargs or {}, "evaluate")
         if run.prompt_to_kwargs is None:  # a user's function may be costly (text encoding): not run twice
             _check_prompts_fit(name, pipe, [job.prompt for job in run.jobs])
-    problem = None if output_dir is None else output_folder_problem(output_dir)
-    if problem is not None:
-        raise ValueError(f"output_dir {problem}")
 
 
 def _check_prompts_fit(name: str, pipe: Any, prompts: list[Any]) -> None:

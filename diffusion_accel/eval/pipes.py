@@ -23,7 +23,7 @@ import inspect
 import operator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -180,6 +180,9 @@ def is_text_conditioned(pipe: Any) -> bool:
 
 def check_call_kwargs(call_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """Extra call kwargs, refusing those evaluation controls itself."""
+    if call_kwargs is not None and not isinstance(call_kwargs, Mapping):
+        raise TypeError(f"call_kwargs must be a dict of further pipeline arguments (e.g. {{'height': 256}}) or None, "
+                        f"got {type(call_kwargs).__name__} {call_kwargs!r:.60}")
     extra = dict(call_kwargs or {})
     clashes = sorted(set(extra) & set(CONTROLLED_KWARGS))
     if clashes:

@@ -84,6 +84,9 @@ class PruneConfig:
         object.__setattr__(self, "exclude", _prefixes(self.exclude))
         object.__setattr__(self, "weight_range", _number_pair("weight_range", self.weight_range))
         object.__setattr__(self, "calib_kwargs", _json_pairs("calib_kwargs", self.calib_kwargs))
+        nm = parse_nm(self.pattern) if isinstance(self.pattern, str) else None
+        if nm is not None:  # " 2:4 " / "02:04" pruned 2:4 but never matched the 2:4 sparse kernels
+            object.__setattr__(self, "pattern", f"{nm[0]}:{nm[1]}")
         if self.sparsity is None and parse_nm(str(self.pattern)) is None:
             object.__setattr__(self, "sparsity", DEFAULT_SPARSITY)
         _check_flags(self)
@@ -246,7 +249,8 @@ def _check_sparsity(config: PruneConfig) -> None:
 
 
 def _check_numbers(config: PruneConfig) -> None:
-    if not (isinstance(config.damp, (int, float)) and config.damp > 0 and math.isfinite(config.damp)):
+    if isinstance(config.damp, bool) or not (isinstance(config.damp, (int, float)) and config.damp > 0
+                                             and math.isfinite(config.damp)):
         raise ValueError(f"damp must be a finite float > 0, got {config.damp!r}")
     if isinstance(config.blocksize, bool) or not isinstance(config.blocksize, int) or config.blocksize < 1:
         raise ValueError(f"blocksize must be an int >= 1, got {config.blocksize!r}")
@@ -261,7 +265,7 @@ def _check_numbers(config: PruneConfig) -> None:
                          f"got {config.calib_num_steps!r}")
     guidance = config.calib_guidance_scale
     if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
-                                 or not math.isfinite(guidance)):
-        raise ValueError(f"calib_guidance_scale must be a finite number or None, got {guidance!r}")
+                                 or not math.isfinite(guidance) or guidance < 0):
+        raise ValueError(f"calib_guidance_scale must be a finite number >= 0 or None, got {guidance!r}")
     if not 0 <= config.weight_range[0] <= config.weight_range[1]:
         raise ValueError(f"weight_range must be (w_min, w_max) with 0 <= w_min <= w_max, got {config.weight_range!r}")

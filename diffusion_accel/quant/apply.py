@@ -7,6 +7,7 @@ reconstructing or lowering restores the original layers.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -89,8 +90,28 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
     if others:
         state.notes.append(f"{sum(others.values())} attention modules stay unquantized (processors not "
                            f"replaced: {describe_processors(others)})")
+    uncalibrated = _uncalibrated_groups_note(config, collected)
+    if uncalibrated:
+        warnings.warn(uncalibrated, stacklevel=3)
+        state.notes.append(uncalibrated)
     install(pipe, layers, state, lambda originals: _finish(pipe, config, collected, originals))
     return pipe
+
+
+def _uncalibrated_groups_note(config: PTQConfig, collected: Collected) -> str | None:
+    """A sentence when some timestep groups hold no calibrated step (they use the range over all steps: the
+    same scales as one group, so those groups buy nothing), else None."""
+    if config.timestep_groups < 2 or collected.calibration is None:
+        return None
+    groups, steps, calibration = config.timestep_groups, collected.num_steps, collected.calibration
+    calibrated = sorted(step for step in calibration.selected_steps if step in calibration.timesteps)
+    observed = {min(groups - 1, step * groups // max(steps, 1)) for step in calibrated}
+    empty = [group for group in range(groups) if group not in observed]
+    if not empty:
+        return None
+    return (f"timestep groups {empty} of {groups} hold none of the calibrated steps {calibrated} (of {steps}): "
+            f"they use the range over all steps; "
+            f"calibrate more steps (calib_steps / calib_num_steps) or use fewer groups")
 
 
 def _gptq(pipe: Any, denoiser: nn.Module, config: PTQConfig, targets: list[LayerTarget],

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from ..calib.runner import calibrate_parameters
 from ..calib.schedule import select_steps
 from .formats import ACTIVATION_FORMATS, WEIGHT_FORMATS
 
@@ -239,12 +241,30 @@ def validate(config: PTQConfig) -> None:
                          "floating point, but activations=None already keeps all of them")
     _check_reconstruction(config)
     _check_gptq(config)
+    _check_storable(config)
 
 
 def _check_calib_kwargs(pairs: tuple) -> None:
-    """(name, value) pairs with string names (a dict's items, as ``from_dict`` gives them)."""
+    """(name, value) pairs with string names (a dict's items, as ``from_dict`` gives them), none of them
+    ``calibrate``'s own arguments (``num_inference_steps`` there was a 'multiple values' TypeError inside
+    quantize_), with values the artifact's JSON manifest can hold."""
     if not all(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) for pair in pairs):
         raise ValueError(f"PTQConfig.calib_kwargs takes (name, value) pairs, e.g. (('height', 32),); got {pairs!r}")
+    own = sorted(set(dict(pairs)) & calibrate_parameters())
+    if own:
+        raise ValueError(f"PTQConfig.calib_kwargs may not set {own}: they are calibrate's own arguments; use "
+                         f"calib_num_steps, calib_steps, calib_prompts and calib_guidance_scale (or pass a Calibration)")
+
+
+def _check_storable(config: PTQConfig) -> None:
+    """Every field can be written to the artifact's JSON manifest (a numpy int in calib_kwargs or a NaN /
+    numpy recon_lr quantized, then ``save`` refused, or wrote non-standard JSON)."""
+    for name, value in config.to_dict().items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValueError(f"PTQConfig.{name}={value!r} cannot be stored in the artifact manifest (JSON); pass plain "
+                             f"values (int, float, str, bool, None, lists / dicts of them), finite numbers") from None
 
 
 def _check_globs(config: PTQConfig) -> None:

@@ -26,13 +26,16 @@ def segment_sizes(columns: int, granularity: str, group_size: int, split: int | 
                   unit: int = 1) -> tuple[int, ...]:
     """Column counts of the scale segments of a weight with ``columns`` flattened inputs.
 
-    ``split`` (in channels, times ``unit`` = kh * kw columns each) wins over group-wise; a group
-    size that does not divide ``columns`` falls back to one segment (per-channel).
+    ``split`` (in channels, times ``unit`` = kh * kw columns each) wins over group-wise. Group-wise
+    segments are ``group_size`` columns each, the last one shorter where ``group_size`` does not divide
+    ``columns`` (SD 1.5's 320-channel 3x3 convs: 2,880 = 22 x 128 + 64; until session 31 such layers fell
+    back to per-channel scales silently); a layer no wider than one group has one segment.
     """
     if split is not None:
         return (split * unit, columns - split * unit)
-    if granularity == "group" and columns % group_size == 0 and columns > group_size:
-        return (group_size,) * (columns // group_size)
+    if granularity == "group" and columns > group_size:
+        full, rest = divmod(columns, group_size)
+        return (group_size,) * full + ((rest,) if rest else ())
     return (columns,)
 
 
