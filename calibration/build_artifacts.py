@@ -7,8 +7,8 @@ calibration, the techniques in order, and the artifact (safetensors + manifest.j
 ``OUT/<recipe name>/``. Each artifact is then checked against its base on a few prompts (PSNR/SSIM
 vs the base images, latency) and ``OUT/summary.json`` / ``summary.md`` list every recipe with its
 calibration wall times, artifact size and check. Artifacts already in OUT are kept (the batch
-resumes after an interruption) unless ``--force``; a recipe that fails is reported and the others
-go on.
+resumes after an interruption) unless ``--force``; one built with other settings stops the run before
+any work (exit 2, summary untouched); a recipe that fails is reported and the others go on.
 
     python calibration/build_artifacts.py --methods ptq --preset w8a8 --out artifacts/
     python calibration/build_artifacts.py pipelines/sdxl.toml --methods obs,ptq,cache --sparsity 0.3 \
@@ -83,6 +83,23 @@ def _settings_argv(argv: list[str]) -> list[str]:
     """A calibrate command line without its ``--out`` (what decides the artifact's content)."""
     index = argv.index("--out")
     return argv[:index] + argv[index + 2:]
+
+
+def kept_artifact_problems(args: argparse.Namespace) -> list[str]:
+    """``kept_artifact_problem`` of every recipe whose artifact already exists (none with ``--force``): a rerun
+    with other settings rewrote summary.md marking those recipes failed, losing the earlier checks."""
+    if args.force:
+        return []
+    problems = []
+    for recipe in args.recipes:
+        out = args.out / recipe.stem
+        if (out / MANIFEST).is_file():
+            try:
+                problem = kept_artifact_problem(recipe, out, args)
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                problem = f"{out} holds an artifact whose build record cannot be read ({error}); --force rebuilds it"
+            problems += [problem] if problem else []
+    return problems
 
 
 def kept_artifact_problem(recipe: Path, out: Path, args: argparse.Namespace) -> str | None:
@@ -235,6 +252,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    refused = kept_artifact_problems(args)
+    if refused:  # before any work and before summary.md is rewritten: the kept artifacts' rows stay readable
+        print("\n".join(f"error: {problem}" for problem in refused), file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for recipe in args.recipes:

@@ -47,6 +47,18 @@ def positive_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    """An argparse type accepting a float in (0, 1] (an img2img strength: 1.5 failed inside diffusers after
+    the text-to-image run)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {value}")
+    return value
+
+
 def output_folder(text: str) -> str:
     """An argparse type for ``--out`` folders: refuses a path that is, or lies under, an existing file, so
     the command does not fail only when writing its results, after the work (an evaluation, a demo)."""

@@ -177,10 +177,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .eval import evaluate
     from .eval.evaluate import DEFAULT_METRICS, check_metrics
 
-    metrics = list(check_metrics(_split(args.metrics)))
-    if not metrics:
+    requested = _split(args.metrics)
+    if not requested:
         raise ValueError(f"--metrics {args.metrics!r}: name at least one of {', '.join(DEFAULT_METRICS)} (grid "
                          "images alone: diffusion-accel grid)")
+    metrics = list(check_metrics(requested))
     fid_extractor = _fid_extractor(args.fid_dtype, metrics, args.device)
     fid_reference = _fid_reference(args.fid_reference)
     _check_eval_inputs(args, metrics, fid_reference, fid_extractor)  # before loading any pipeline

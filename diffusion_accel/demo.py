@@ -141,7 +141,6 @@ def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: i
     out.mkdir(parents=True, exist_ok=True)
     call_kwargs = dict(call_kwargs or {})
     calib, summary = calibration_pass(pipe, prompt_list, steps, seed, call_kwargs)
-    (out / "calibration.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     variants = {"fp32": pipe} | {name: build(pipe, calib) for name, build in demo_variants().items()}
     clip_folder = _demo_clip(variants)
     metrics = ("psnr", "ssim", "latency", "flops") + (("clip",) if clip_folder else ())
@@ -151,6 +150,9 @@ def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: i
         report.notes.append("CLIP score skipped: the bundled fashion-clip judges only the Fashion-MNIST zoo "
                             "pipelines; score others with `diffusion-accel eval --metrics clip --clip-model ...`.")
     report.save(out)
+    # the calibration summary is written with the report it belongs to, after it: written first, an interrupted
+    # run left a new calibration.json beside the previous run's report (session 31)
+    (out / "calibration.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     return report
 
 

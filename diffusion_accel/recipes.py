@@ -316,6 +316,10 @@ def _check_out_is_not_the_base(out: str, spec: str, methods: list[str]) -> None:
     problem = None if methods == ["stats"] else save_folder_problem(Path(out).expanduser())
     if problem:
         raise ValueError(f"--out {out!r}: {problem}")
+    # statistics into an artifact's folder replaced the artifact's calibration.json (how it was made)
+    if methods == ["stats"] and (Path(out).expanduser() / "manifest.json").is_file():
+        raise ValueError(f"--out {out!r} holds an artifact (manifest.json): statistics would replace its "
+                         f"calibration.json and sit beside it; write them to another folder")
 
 
 def _check_chain_fits(pipe: Any, methods: list[str]) -> None:

@@ -22,7 +22,8 @@ def main() -> None:
     cached = da.enable_cache(copy.deepcopy(base), da.default_cache_config(base, interval=2))
     pruned = da.prune_(copy.deepcopy(base), da.PruneConfig(method="magnitude", sparsity=0.3))
     prompts = da.prompts.for_pipeline(base, limit=6)
-    report = da.evaluate({"base": base, "deepcache-2": cached, "magnitude-30%": pruned}, prompts,
+    cache_name = f"{da.cache_summary(cached)['method']}-2"  # deepcache on UNets, block caching on transformers
+    report = da.evaluate({"base": base, cache_name: cached, "magnitude-30%": pruned}, prompts,
                          metrics=("psnr", "ssim", "latency"), num_inference_steps=args.steps,
                          output_dir=args.out)
     print(report.to_markdown())

@@ -13,8 +13,9 @@ import torch
 from diffusers import AutoPipelineForImage2Image
 
 import diffusion_accel as da
-from diffusion_accel.argtypes import int_at_least
+from diffusion_accel.argtypes import fraction, int_at_least
 from diffusion_accel.eval.fidelity import fidelity
+from diffusion_accel.eval.pipes import is_text_conditioned
 from diffusion_accel.loading import default_demo_spec, load_pipeline
 
 
@@ -23,10 +24,15 @@ def main() -> None:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pipe", default=default_demo_spec())
     parser.add_argument("--steps", type=int_at_least(1), default=50)
-    parser.add_argument("--strength", type=float, default=0.6)
+    parser.add_argument("--strength", type=fraction, default=0.6)
     args = parser.parse_args()
+    if int(args.steps * args.strength) < 1:  # diffusers runs int(steps * strength) of the steps
+        parser.error(f"--strength {args.strength} of --steps {args.steps} runs no img2img step; raise either")
 
     pipe = load_pipeline(args.pipe)
+    if not is_text_conditioned(pipe):
+        parser.error(f"{args.pipe} is a {type(pipe).__name__}: this example needs a text-to-image pipeline "
+                     f"(img2img reuses its components), e.g. zoo:fashion-sd or zoo:fashion-flux")
     pipe.set_progress_bar_config(disable=True)
     defaults = da.call_defaults(pipe)
     sneaker = pipe("a photo of a sneaker", num_inference_steps=args.steps, output_type="pt",

@@ -39,9 +39,9 @@ def main(argv=None) -> None:
     da.save(stacked, f"{args.out}/artifact")
     reloaded = da.load(load_pipeline(args.pipe), f"{args.out}/artifact")
     call = {"num_inference_steps": args.steps, "output_type": "pt", **da.call_defaults(base)}
-    prompt = da.prompts.for_pipeline(base, limit=1)
-    first = stacked(prompt, generator=torch.Generator().manual_seed(0), **call).images
-    again = reloaded(prompt, generator=torch.Generator().manual_seed(0), **call).images
+    prompt = da.eval.default_prompt_to_kwargs(base, da.prompts.for_pipeline(base, limit=1))  # none for DDPM
+    first = stacked(**prompt, generator=torch.Generator().manual_seed(0), **call).images
+    again = reloaded(**prompt, generator=torch.Generator().manual_seed(0), **call).images
     print(f"techniques: {da.artifact.applied_techniques(reloaded)}; reloaded images identical: "
           f"{torch.equal(first, again)}")
     report = da.evaluate({"base": base, "stacked": stacked}, da.prompts.for_pipeline(base, limit=4),

@@ -35,16 +35,18 @@ def test_builds_checks_and_resumes(tmp_path):
     assert "| small |" in (out / "summary.md").read_text()
 
 
-def test_resuming_with_other_settings_refuses_the_kept_artifact(tmp_path):
-    """A w4a16 run over a w8a8 artifact said 'kept' and exit 0: the user thought they had w4a16."""
+def test_resuming_with_other_settings_refuses_the_kept_artifact(tmp_path, capsys):
+    """A w4a16 run over a w8a8 artifact said 'kept' and exit 0: the user thought they had w4a16. Then (until
+    session 31) the refusal rewrote summary.md with the recipe marked failed, losing the kept artifact's row."""
     recipe, out = _recipe(tmp_path, "small", "tiny:sd"), tmp_path / "out"
     base = [str(recipe), "--methods", "ptq", "--check-prompts", "0", "--out", str(out)]
     assert build_artifacts.main(base + ["--preset", "w8a8"]) == 0
-    assert build_artifacts.main(base + ["--preset", "w4a16"]) == 1
-    row = json.loads((out / "summary.json").read_text())["rows"][0]
-    assert row["status"] == "failed" and "holds an artifact of other settings" in row["error"]
-    assert "--preset w8a8" in row["error"] and "--force rebuilds it" in row["error"]
-    assert "# Artifacts: ptq --preset w4a16" in (out / "summary.md").read_text()
+    summary = (out / "summary.json").read_text(), (out / "summary.md").read_text()
+    capsys.readouterr()
+    assert build_artifacts.main(base + ["--preset", "w4a16"]) == 2
+    error = capsys.readouterr().err
+    assert "holds an artifact of other settings" in error and "--preset w8a8" in error and "--force rebuilds it" in error
+    assert ((out / "summary.json").read_text(), (out / "summary.md").read_text()) == summary
     assert build_artifacts.main(base + ["--preset", "w4a16", "--force"]) == 0
     assert json.loads((out / "small" / "manifest.json").read_text())["techniques"][0]["config"]["ptq_config"][
         "weights"] == "int4"

@@ -520,3 +520,8 @@ def test_calibrate_refuses_an_out_folder_save_would_refuse_before_calibrating(tm
     for out, message in [("model", "holds a diffusers pipeline"), ("foreign", "is not a diffusion_accel artifact's")]:
         assert main(["calibrate", "--pipe", "tiny:sd", "--method", "magnitude", "--out", str(tmp_path / out)]) == 2
         assert message in capsys.readouterr().err
+    # statistics into an artifact's folder replaced its calibration.json (session 31)
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "manifest.json").write_text('{"format": "diffusion_accel.artifact"}')
+    assert main(["calibrate", "--pipe", "tiny:sd", "--out", str(tmp_path / "art")]) == 2
+    assert "holds an artifact (manifest.json): statistics would replace" in capsys.readouterr().err

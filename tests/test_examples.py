@@ -14,6 +14,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
     ("stack_all_three.py", ["--out"], "sd"), ("img2img_reuse.py", [], "sd"),
     # transformers: block caching instead of DeepCache; PixArt's tiny pipeline needs its call defaults
     ("cache_swap_in.py", [], "flux"), ("stack_all_three.py", ["--out"], "pixart"),
+    # unconditional DDPM (the zoo's mnist-ddpm): the prompt string was read as the batch size (session 31)
+    ("cache_swap_in.py", [], "ddpm"), ("stack_all_three.py", ["--out"], "ddpm"),
+    ("comparison_grid.py", ["--out"], "flux"),
 ])
 def test_example_runs(script, extra, family, tmp_path, monkeypatch, capsys):
     argv = ["--pipe", f"tiny:{family}", "--steps", "4"] + ([*extra, str(tmp_path / "out")] if extra else [])
@@ -29,6 +32,21 @@ def test_example_runs(script, extra, family, tmp_path, monkeypatch, capsys):
     if script == "stack_all_three.py":
         assert "['prune', 'ptq', 'cache']; reloaded images identical: True" in out
         assert (tmp_path / "out" / "artifact" / "manifest.json").is_file()
+    if script == "comparison_grid.py":  # the cache row names the method it ran (it said deepcache-2 on Flux)
+        assert f"| {'deepcache' if family == 'sd' else 'block_cache'}-2 |" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pipe", "tiny:ddpm", "--steps", "4"], "DDPMPipeline: this example needs a text-to-image pipeline"),
+    (["--pipe", "tiny:sd", "--steps", "4", "--strength", "1.5"], r"must be a number in \(0, 1\], got 1.5"),
+    (["--pipe", "tiny:sd", "--steps", "3", "--strength", "0.2"], "runs no img2img step"),
+])
+def test_img2img_example_refuses_what_it_cannot_run_before_generating(argv, message, monkeypatch, capsys):
+    """Each failed inside diffusers after the text-to-image run (or read the prompt as DDPM's batch size)."""
+    monkeypatch.setattr(sys, "argv", ["img2img_reuse.py", *argv])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(EXAMPLES / "img2img_reuse.py"), run_name="__main__")
+    assert __import__("re").search(message, capsys.readouterr().err)
 
 
 def test_readme_python_snippet_runs_as_written(tmp_path, monkeypatch, capsys):

@@ -43,7 +43,8 @@ def find_root(root: str | os.PathLike | None = None, split: str = "train") -> Pa
     raise FileNotFoundError(
         f"Fashion-MNIST not found (looked in: {tried}). Install it with "
         f"`sudo apt-get install dataset-fashion-mnist`, or download the four "
-        f"*-ubyte.gz files and pass root=FOLDER (CLI: --data FOLDER) or set {ENV_VAR}=FOLDER.")
+        f"*-ubyte.gz files into a FOLDER: set {ENV_VAR}=FOLDER (any command), pass root=FOLDER (Python) or "
+        f"`diffusion-accel zoo train --data FOLDER`.")
 
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:

