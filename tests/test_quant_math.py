@@ -188,14 +188,28 @@ def test_more_bad_configs():
 
 @pytest.mark.parametrize("fields, message", [  # session 31: quantize_ ran, then save refused / a TypeError inside
     ({"calib_kwargs": {"height": np.int64(32)}}, r"calib_kwargs=.*cannot be stored in the artifact manifest"),
-    ({"recon_lr": float("nan")}, "recon_lr=nan cannot be stored"),
-    ({"recon_reg": np.float32(0.1)}, "recon_reg=np.float32.* cannot be stored"),
+    ({"recon_lr": float("nan")}, r"recon_lr must be a finite number in \(0, inf\), got nan"),
+    ({"recon_reg": "strong"}, r"recon_reg must be a finite number in \[0, inf\), got 'strong'"),
+    ({"lower": np.str_("yes")}, "lower must be True or False"),
     ({"calib_kwargs": {"num_inference_steps": 3}}, r"calib_kwargs may not set \['num_inference_steps'\]"),
     ({"calib_kwargs": {"guidance_scale": 3.0}}, "use calib_num_steps, calib_steps, calib_prompts and calib_guidance"),
 ])
 def test_configs_an_artifact_could_not_hold_or_calibrate_could_not_take_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         PTQConfig(**fields)
+
+
+def test_numpy_scalars_in_configs_become_python_scalars():
+    """A numpy-driven sweep's values: np.int64 was "must be an int >= 1, got np.int64(2)"; np.float32 quantized,
+    then save could not write it (session 31)."""
+    from diffusion_accel.cache import CalibratedCacheConfig, DeepCacheConfig
+    from diffusion_accel.prune import PruneConfig
+
+    config = PTQConfig(timestep_groups=np.int64(2), recon_lr=np.float32(0.5), lower=np.bool_(False))
+    assert (type(config.timestep_groups), type(config.recon_lr), config.lower) == (int, float, False)
+    assert DeepCacheConfig(interval=np.int64(3)).interval == 3 and type(DeepCacheConfig(interval=np.int32(3)).interval) is int
+    assert CalibratedCacheConfig((0, 2), 4, budget=np.float32(0.5)).budget == 0.5
+    assert type(PruneConfig(sparsity=np.float64(0.3), blocksize=np.int32(64)).blocksize) is int
 
 
 @pytest.mark.parametrize("fields, message", [  # session 27: accepted as truthy, or bare errors deep inside

@@ -12,6 +12,8 @@ import operator
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from ..scalars import plain_scalars
+
 SCHEDULES = ("uniform", "non-uniform")
 FORECAST_ORDERS = (0, 1)
 FORECAST_TARGETS = ("residual", "output")
@@ -103,6 +105,7 @@ class DeepCacheConfig(_ConfigMethods):
     forecast: int = 0
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         check_int("interval", self.interval, 1)
         _check_forecast(self.forecast)
         check_int("branch", self.branch, 0)
@@ -129,6 +132,7 @@ class BlockCacheConfig(_ConfigMethods):
     forecast_target: str = "residual"
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         check_int("interval", self.interval, 1)
         _check_forecast(self.forecast)
         _check_forecast_target(self.forecast_target)
@@ -142,6 +146,7 @@ class FirstBlockCacheConfig(_ConfigMethods):
     threshold: float = 0.08
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         _check_float("threshold", self.threshold, 0.0)
 
 
@@ -158,6 +163,7 @@ class TeaCacheConfig(_ConfigMethods):
     coefficients: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         _check_float("threshold", self.threshold, 0.0)
         if self.coefficients is not None:
             values = _number_sequence(self.coefficients)
@@ -200,6 +206,7 @@ class DeltaCacheConfig(_ConfigMethods):
     boundary: float = 0.5
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         check_int("interval", self.interval, 1)
         _check_fraction("boundary", self.boundary)
         ok = isinstance(self.cached_fraction, (int, float)) and not isinstance(self.cached_fraction, bool)
@@ -234,6 +241,7 @@ class EncoderPropagationConfig(_ConfigMethods):
     injection_start: float = 0.5
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         check_int("interval", self.interval, 1)
         _check_float("noise_injection", self.noise_injection, 0.0)
         _check_fraction("injection_start", self.injection_start)
@@ -306,6 +314,7 @@ class CalibratedCacheConfig(_ConfigMethods):
     timesteps: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         _check_forecast(self.forecast)
         _check_forecast_target(self.forecast_target)
         check_int("num_inference_steps", self.num_inference_steps, 1)

@@ -8,6 +8,8 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..scalars import plain_scalars
+
 METHODS = ("obs", "wanda", "magnitude")
 PATTERNS = ("unstructured", "structured", "2:4", "4:8", "any 'N:M' with 0 < N < M")
 STRUCTURED_METHODS = ("obs", "magnitude")
@@ -81,6 +83,7 @@ class PruneConfig:
     sparse_kernels: bool = True
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         object.__setattr__(self, "exclude", _prefixes(self.exclude))
         object.__setattr__(self, "weight_range", _number_pair("weight_range", self.weight_range))
         object.__setattr__(self, "calib_kwargs", _json_pairs("calib_kwargs", self.calib_kwargs))

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..calib.runner import calibrate_parameters
 from ..calib.schedule import select_steps
+from ..scalars import plain_scalars
 from .formats import ACTIVATION_FORMATS, WEIGHT_FORMATS
 
 WEIGHT_GRANULARITIES = ("per_channel", "group")
@@ -96,6 +97,7 @@ class PTQConfig:
     softmax_bits: int = 8
 
     def __post_init__(self) -> None:
+        plain_scalars(self)
         for name in ("include", "exclude", "act_exclude"):
             if isinstance(getattr(self, name), str):  # tuple("*conv") would be globs "*", "c", ...
                 raise ValueError(f"PTQConfig.{name} takes a tuple of glob strings, got the string "
@@ -275,11 +277,8 @@ def _check_globs(config: PTQConfig) -> None:
 
 
 def _check_reconstruction(config: PTQConfig) -> None:
-    if not config.reconstruct:
-        return
-    if config.weights not in ("int8", "int4"):
-        raise ValueError(f"PTQConfig.reconstruct=True needs integer weights ('int8' or 'int4'); "
-                         f"got weights={config.weights!r}")
+    """The reconstruction settings, also when ``reconstruct=False`` (the manifest records them: a string
+    ``recon_lr`` was saved as it was)."""
     _finite("recon_warmup", config.recon_warmup, 0.0, 1.0)
     for name in ("recon_lr", "recon_act_lr", "recon_p"):
         _finite(name, getattr(config, name), 0.0, low_open=True)
@@ -288,6 +287,9 @@ def _check_reconstruction(config: PTQConfig) -> None:
                                               and math.isfinite(b) and b > 0 for b in config.recon_beta)
     if not ok:
         raise ValueError(f"PTQConfig.recon_beta must be (start, end), two finite numbers > 0, got {config.recon_beta!r}")
+    if config.reconstruct and config.weights not in ("int8", "int4"):
+        raise ValueError(f"PTQConfig.reconstruct=True needs integer weights ('int8' or 'int4'); "
+                         f"got weights={config.weights!r}")
 
 
 def _check_gptq(config: PTQConfig) -> None:
