@@ -161,8 +161,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     report = run_demo(spec=args.pipe, prompts=args.prompts, num_prompts=args.num_prompts,
                       steps=args.steps, call_kwargs=_call_kwargs(args), seed=args.seed, out=Path(args.out),
                       repeats=args.repeats, dtype=args.dtype, device=args.device, variant=args.variant)
-    print(report.to_markdown())
-    print(f"\nreport, grid and calibration summary (calibration.json) written to {args.out}/")
+    if _is_main_process():
+        print(report.to_markdown())
+        print(f"\nreport, grid and calibration summary (calibration.json) written to {args.out}/")
     return 0
 
 
@@ -247,6 +248,8 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     report = evaluate(pipes, _prompts_for(args, next(iter(pipes.values()))), metrics=("latency",),
                       num_inference_steps=args.steps, seed=args.seed, grid_cell_size=args.cell,
                       grid_columns=None, call_kwargs=_call_kwargs(args), repeats=1)
+    if not _is_main_process():  # every process holds the gathered report: one writes the PNG
+        return 0
     path = save_grid(report.grid, args.out)
     print(f"grid {report.grid.width}x{report.grid.height} written to {path}")
     return 0
@@ -256,15 +259,20 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 def _print_and_save(report: Any, out: str | None) -> int:
     """Print the report's Markdown table and, with ``--out``, save it there (on the main process only
     under a multi-process launcher: every process holds the same gathered report)."""
-    from .eval.distributed import process_state
-
-    if not process_state().is_main_process:
+    if not _is_main_process():
         return 0
     print(report.to_markdown())
     if out:
         report.save(out)
         print(f"\nwritten to {out}/")
     return 0
+
+
+def _is_main_process() -> bool:
+    """Whether this process prints and writes (the only one, or the main one under a launcher)."""
+    from .eval.distributed import process_state
+
+    return process_state().is_main_process
 
 
 def _split(text: str) -> list[str]:

@@ -134,6 +134,7 @@ def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: i
     ``call_kwargs``: further pipeline arguments (``guidance_scale``, ``height``, ...) for calibration
     and every variant, over the pipeline's own ``call_defaults``."""
     from .eval import evaluate
+    from .eval.distributed import process_state
 
     pipe = load_pipeline(spec or default_demo_spec(), dtype=dtype, device=device, variant=variant)
     prompt_list = (prompt_sets.load(prompts, limit=num_prompts) if prompts
@@ -149,10 +150,11 @@ def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: i
     if clip_folder is None:
         report.notes.append("CLIP score skipped: the bundled fashion-clip judges only the Fashion-MNIST zoo "
                             "pipelines; score others with `diffusion-accel eval --metrics clip --clip-model ...`.")
-    report.save(out)
-    # the calibration summary is written with the report it belongs to, after it: written first, an interrupted
-    # run left a new calibration.json beside the previous run's report (session 31)
-    (out / "calibration.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    if process_state().is_main_process:  # under a launcher every process holds the report: one writes it
+        report.save(out)
+        # the calibration summary is written with the report it belongs to, after it: written first, an
+        # interrupted run left a new calibration.json beside the previous run's report (session 31)
+        (out / "calibration.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     return report
 
 

@@ -3,6 +3,7 @@
 import importlib
 import json
 import math
+import types
 from pathlib import Path
 
 import numpy as np
@@ -657,6 +658,50 @@ def test_two_cpu_processes_under_torchrun_shard_the_evaluation_and_match_one_pro
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     assert report["settings"]["num_processes"] == 2 and report["rows"][0]["images"] == 3
     assert report["rows"][0]["clip_score"] >= 0
+
+
+def test_a_state_created_without_a_process_group_under_a_launcher_is_refused(monkeypatch):
+    """A script's own PartialState() on a CPU machine, before evaluate, joined no process group: under torchrun
+    every process evaluated everything and wrote the same folder, the report said one process (session 31)."""
+    from diffusion_accel.eval import distributed
+
+    class Alone:
+        num_processes, distributed_type = 1, "DistributedType.NO"
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match=r"2 processes were launched .* PartialState\(cpu=True\)"):
+        distributed._check_joined(Alone())
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    distributed._check_joined(Alone())
+
+
+@pytest.mark.parametrize("command", ["grid", "demo"])
+def test_only_the_main_process_writes_grid_and_demo_outputs(command, tmp_path, monkeypatch, capsys):
+    """Under torchrun both processes wrote the same PNG / demo folder and printed (session 31)."""
+    from diffusion_accel import cli
+    from diffusion_accel.eval import distributed
+
+    class Worker:
+        is_main_process, num_processes = False, 2
+
+    monkeypatch.setattr(distributed, "process_state", lambda: Worker())
+    monkeypatch.setattr(cli, "_is_main_process", lambda: False)
+    out = tmp_path / ("grid.png" if command == "grid" else "demo")
+    report = types.SimpleNamespace(grid=None, to_markdown=lambda: "table")
+    if command == "grid":
+        monkeypatch.setattr("diffusion_accel.eval.evaluate", lambda *a, **k: report)
+        monkeypatch.setattr(cli, "_load_variants", lambda args: {"base": build_tiny("sd")})
+        argv = ["grid", "--pipe", "tiny:sd", "--num-prompts", "1", "--steps", "1", "--out", str(out)]
+    else:
+        import diffusion_accel.demo as demo
+
+        monkeypatch.setattr("diffusion_accel.eval.evaluate", lambda *a, **k: types.SimpleNamespace(
+            save=lambda folder: pytest.fail("a worker saved the report"), to_markdown=lambda: "table", notes=[]))
+        monkeypatch.setattr(demo, "calibration_pass", lambda *a, **k: (None, {}))
+        monkeypatch.setattr(demo, "demo_variants", lambda: {})
+        argv = ["demo", "--pipe", "tiny:sd", "--num-prompts", "1", "--steps", "1", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out == "" and not (out / "calibration.json").exists() and not out.is_file()
 
 
 def test_compiling_a_cached_denoiser_raises_dynamos_recompile_limit():

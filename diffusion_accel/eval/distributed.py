@@ -1,4 +1,5 @@
-"""Sharding evaluation work across ``accelerate launch`` processes and gathering it back.
+"""Sharding evaluation work across launched processes (``torchrun``; ``accelerate launch`` on GPUs) and
+gathering it back.
 
 ``shard`` gives this process its contiguous slice (accelerate's ``split_between_processes``),
 ``gather`` collects every process's ``(index, item)`` pairs (accelerate's ``gather_object``) and
@@ -8,6 +9,7 @@ same code runs on one CPU and on many GPUs or machines.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import Any, Sequence
 
@@ -27,7 +29,23 @@ def process_state() -> PartialState:
     default ``cpu=False`` each saw ``DistributedType.NO`` and ran the whole evaluation alone. A process
     group this creates waits ``COLLECTIVE_TIMEOUT`` in a collective (one made before keeps its own)."""
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    return PartialState(cpu=not has_accelerator, timeout=COLLECTIVE_TIMEOUT)
+    state = PartialState(cpu=not has_accelerator, timeout=COLLECTIVE_TIMEOUT)
+    _check_joined(state)
+    return state
+
+
+def _check_joined(state: PartialState) -> None:
+    """RuntimeError when a launcher started several processes (``WORLD_SIZE``) but accelerate's state, shared
+    per process and created before with its defaults (``PartialState()`` / ``Accelerator()`` on a CPU
+    machine), joined no process group: every process then ran the whole evaluation and wrote the same
+    output folder, and the report said one process (session 31)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and state.num_processes == 1:
+        raise RuntimeError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but accelerate's state in this one runs "
+            f"alone ({state.distributed_type}): it was created before, without a process group (on a machine "
+            f"without an accelerator, PartialState() / Accelerator() need cpu=True). Create it with "
+            f"PartialState(cpu=True) (or Accelerator(cpu=True)), or let diffusion_accel create it")
 
 
 def shard(items: Sequence[Any], state: Any = None) -> list[Any]:

@@ -7,9 +7,10 @@ variant timed in this process), peak memory with parameter count and serialized 
 denoiser call. How prompts become pipeline arguments for text, class-label and unconditional
 pipelines is described in :mod:`diffusion_accel.eval.pipes`.
 
-Under ``accelerate launch`` (move each pipeline to ``PartialState().device`` first) the images are
-sharded across processes and gathered on the main process, which computes every metric (speed is
-measured there only); all processes return the same report. On a single process (plain
+Under a launcher (``torchrun --nproc_per_node N``; on GPUs also ``accelerate launch``, which starts a
+single process on a CPU-only machine; move each pipeline to ``PartialState().device`` first) the images
+are sharded across processes and gathered on the main process, which computes every metric (speed,
+memory and FLOPs are measured there only, while the others wait); all processes return the same report. On a single process (plain
 ``python``) nothing changes. Images are kept in memory as uint8 (N, 3, H, W) per variant.
 """
 
