@@ -20,7 +20,8 @@ import importlib
 import importlib.util
 import json
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -170,6 +171,31 @@ def mark_applied(pipe: Any, technique: str, replaced: Iterable[str] = ()) -> Non
     setattr(denoiser, _APPLIED_SAMPLE_ATTR, weight_sample(denoiser))  # what save checks the weights against
 
 
+_MARK_ATTRS = (_APPLIED_ATTR, _EXPORTS_ATTR, _APPLIED_SAMPLE_ATTR, _FINGERPRINT_ATTR, _BASE_SAMPLE_ATTR)
+
+
+@contextmanager
+def marks_restored_on_error(pipe: Any) -> Iterator[None]:
+    """Put this package's marks and guards on ``pipe`` and its denoiser (as found on entry) back as they were
+    when the block raises, KeyboardInterrupt included: a technique interrupted in ``mark_applied`` stayed
+    installed but unrecorded, or its rollback left the base fingerprint and the guards behind (session 31)."""
+    _, denoiser = find_denoiser(pipe)
+    names = [(denoiser, _MARK_ATTRS + GUARDED_MODEL_METHODS + GUARDED_ADAPTER_METHODS)]
+    if pipe is not denoiser:
+        names.append((pipe, GUARDED_PIPELINE_METHODS + (PIPELINE_METHOD,)))
+    saved = [(owner, {name: vars(owner)[name] for name in keys if name in vars(owner)}, keys) for owner, keys in names]
+    try:
+        yield
+    except BaseException:
+        for owner, values, keys in saved:
+            for name in keys:
+                if name in values:
+                    owner.__dict__[name] = values[name]
+                else:
+                    owner.__dict__.pop(name, None)
+        raise
+
+
 def unmark_applied(pipe: Any, technique: str) -> None:
     """Forget ``technique`` (after it was removed from the pipeline); with none left, the pipeline and its
     denoiser lose every mark and guard of this package (``calibrate_schedule`` left them after its
@@ -182,7 +208,7 @@ def unmark_applied(pipe: Any, technique: str) -> None:
         setattr(denoiser, _APPLIED_ATTR, applied)
         setattr(denoiser, _EXPORTS_ATTR, exports)
         return
-    for attribute in (_APPLIED_ATTR, _EXPORTS_ATTR, _APPLIED_SAMPLE_ATTR, _FINGERPRINT_ATTR, _BASE_SAMPLE_ATTR):
+    for attribute in _MARK_ATTRS:
         denoiser.__dict__.pop(attribute, None)
     uninstall_methods(denoiser, GUARDED_MODEL_METHODS + GUARDED_ADAPTER_METHODS)
     if pipe is not denoiser:

@@ -339,3 +339,70 @@ def test_a_pipeline_sharing_the_cached_denoiser_also_drops_its_features_when_its
     assert not get_tracker(second.unet).client_states("cache")
     assert torch.equal(_generate(second, 5, 0)(), images)
     assert da.cache_summary(second)["denoiser_calls"] == 5
+
+
+def _snapshot(pipe):
+    """What a failed technique call must leave as it was: instance attributes, hooks, images."""
+    from diffusion_accel.testing.tiny import tiny_call_kwargs
+
+    unet = pipe.unet
+    hooks = {name: (len(m._forward_hooks), len(m._forward_pre_hooks), "_diffusers_hook" in vars(m))
+             for name, m in unet.named_modules()}
+    images = pipe(**tiny_call_kwargs("sd", 3)).images
+    return unet, set(vars(unet)), set(vars(pipe)), hooks, images
+
+
+def _assert_unchanged(pipe, before):
+    after = _snapshot(pipe)
+    assert after[0] is before[0] and after[1:4] == before[1:4] and torch.equal(after[4], before[4])
+    assert da.artifact.applied_techniques(pipe) == []
+
+
+QUICK_PTQ = dict(calib_prompts=1, calib_num_steps=2, calib_steps="all", calib_kwargs={"height": 32, "width": 32})
+
+
+@pytest.mark.parametrize("apply", [
+    lambda pipe: da.quantize_(pipe, da.PTQConfig(**QUICK_PTQ)),
+    lambda pipe: da.enable_cache(pipe, da.DeepCacheConfig(interval=2)),
+    lambda pipe: da.prune_(pipe, da.PruneConfig(method="magnitude", sparsity=0.3)),
+], ids=["quantize_", "enable_cache", "prune_"])
+def test_a_ctrl_c_while_a_technique_is_being_recorded_leaves_the_pipeline_as_it_was(apply, monkeypatch):
+    """Interrupted in mark_applied, quantize_ and enable_cache left their layers / hooks installed but unrecorded
+    (a retry: "already quantized"), and every technique left the base fingerprint and guards (session 31)."""
+    import diffusion_accel.artifact as artifact
+
+    pipe = build_tiny("sd")
+    before = _snapshot(pipe)
+    guard = artifact.install_adapter_guards
+    monkeypatch.setattr(artifact, "install_adapter_guards", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        apply(pipe)
+    monkeypatch.setattr(artifact, "install_adapter_guards", guard)
+    _assert_unchanged(pipe, before)
+    apply(pipe)  # the retry works
+    assert len(da.artifact.applied_techniques(pipe)) == 1
+
+
+@pytest.mark.parametrize("fails", ["end_session", "start_session", "finish_session"])
+def test_an_interrupted_cache_replacement_keeps_the_cache_it_replaced(fails, monkeypatch):
+    """The old cache was ended before the new one's try: interrupted after that, no cache ran while the marks
+    still said 'cache' (session 31)."""
+    import diffusion_accel.cache.apply as cache_apply
+    from diffusion_accel.testing.tiny import tiny_call_kwargs
+
+    pipe = build_tiny("sd")
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=3))
+    before = pipe(**tiny_call_kwargs("sd", 4)).images
+    original, calls = getattr(cache_apply, fails), []
+
+    def first_call_interrupted(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cache_apply, fails, first_call_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
+    assert da.cache.cache_config(pipe).interval == 3 and da.artifact.applied_techniques(pipe) == ["cache"]
+    assert torch.equal(pipe(**tiny_call_kwargs("sd", 4)).images, before)

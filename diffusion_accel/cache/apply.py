@@ -10,15 +10,18 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Callable
 
+from diffusers.hooks import HookRegistry
+
 from ..arch import find_denoiser, get_adapter
-from ..artifact import base_fingerprint, mark_applied, unmark_applied
+from ..artifact import base_fingerprint, mark_applied, marks_restored_on_error, unmark_applied
+from ..hooks import CACHE_CLIENT, detach_tracker_if_unused, get_tracker
 from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, DeltaCacheConfig,
                       EncoderPropagationConfig, FirstBlockCacheConfig, TeaCacheConfig, config_to_dict)
 from .delta import install_delta_cache
 from .encoder import encoder_point, install_encoder_cache, key_steps
 from .policies import DeltaPolicy, FirstBlockPolicy, SchedulePolicy, TeaCachePolicy
 from .schedules import nonuniform_full_steps, resample_full_steps, uniform_full_steps
-from .session import end_session, finish_session, get_session, start_session
+from .session import CacheSession, drop_empty_registry, end_session, finish_session, get_session, start_session
 from .stack import check_stack, install_stack_cache, output_layer
 from .unet_branch import branch_point, install_branch_cache
 
@@ -191,21 +194,53 @@ def enable_cache(pipe: Any, config: Any) -> Any:
     component, denoiser = find_denoiser(pipe)
     _refuse_diffusers_cache(component, denoiser)
     method, policy, install = handler(pipe, config)
-    base_fingerprint(pipe)
     previous = get_session(denoiser)
-    if previous is not None:
-        end_session(previous)
-    session = start_session(pipe, denoiser, config, method, policy)
-    if hasattr(policy, "bind"):
-        policy.bind(session.tracker)
+    had_registry = "_diffusers_hook" in vars(denoiser)
     try:
-        install(session, pipe)
-        finish_session(session)
-    except BaseException:
-        end_session(session)
+        with marks_restored_on_error(pipe):
+            base_fingerprint(pipe)
+            if previous is not None:
+                end_session(previous)
+            session = start_session(pipe, denoiser, config, method, policy)
+            if hasattr(policy, "bind"):
+                policy.bind(session.tracker)
+            install(session, pipe)
+            finish_session(session)
+            mark_applied(pipe, TECHNIQUE)
+    except BaseException:  # KeyboardInterrupt included: the hooks of a half-installed cache went on computing
+        _roll_back(pipe, denoiser, previous, had_registry)
         raise
-    mark_applied(pipe, TECHNIQUE)
     return pipe
+
+
+def _roll_back(pipe: Any, denoiser: Any, previous: CacheSession | None, had_registry: bool) -> None:
+    """Remove what a failed ``enable_cache`` installed (its session, or a tracker attached before the session
+    existed) and re-enable the cache it was replacing (its end left none, while the marks still said
+    'cache'); the denoiser's (empty) diffusers hook registry exists again if it did before."""
+    session = get_session(denoiser)
+    if session is not None and session is not previous:
+        end_session(session)
+    elif session is None and get_tracker(denoiser) is not None:  # interrupted inside start_session
+        get_tracker(denoiser).unregister_client(CACHE_CLIENT)
+        if detach_tracker_if_unused(denoiser):
+            drop_empty_registry(denoiser)
+    try:
+        if previous is not None and get_session(denoiser) is None:
+            _reenable(pipe, previous.config)
+    finally:
+        if had_registry:
+            HookRegistry.check_if_exists_or_initialize(denoiser)
+
+
+def _reenable(pipe: Any, config: Any) -> None:
+    """Enable the replaced cache's ``config`` again; if that fails too (a second Ctrl-C), no cache and no
+    'cache' mark is the consistent state left."""
+    try:
+        enable_cache(pipe, config)
+    except BaseException as error:
+        unmark_applied(pipe, TECHNIQUE)
+        if not isinstance(error, Exception):
+            raise
 
 
 def _refuse_diffusers_cache(component: str, denoiser: Any) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 from .. import prompts as prompt_sets
 from ..arch import find_denoiser, get_adapter
 from ..arch.registry import check_plain_weights
-from ..artifact import applied_techniques, base_fingerprint, mark_applied
+from ..artifact import applied_techniques, base_fingerprint, mark_applied, marks_restored_on_error
 from ..calib import (Calibration, HessianCollector, calibrate, calibrate_parameters, call_mode, class_count,
                      denoiser_steps, resolve_weights)
 from ..calib.hessian import UnobservedLayerError
@@ -47,6 +47,19 @@ def prune_(pipe: Any, config: PruneConfig, calib: Calibration | None = None, *, 
     check_arguments(pipe, config, calib)
     component, original = find_denoiser(pipe)
     compiled_before = runs_compiled(pipe)
+    with marks_restored_on_error(pipe):  # the base fingerprint, and guards of an interrupted mark_applied
+        _prune_a_copy(pipe, component, original, config, calib, progress)
+    if compiled_before:
+        warnings.warn(f"prune_ replaced the compiled pipe.{component} with its pruned copy, which is not compiled; "
+                      f"compile it again (pipe.{component} = torch.compile(pipe.{component}), or "
+                      f"diffusion_accel.eval.compile_denoiser(pipe))", stacklevel=2)
+    return pipe
+
+
+def _prune_a_copy(pipe: Any, component: str, original: nn.Module, config: PruneConfig, calib: Calibration | None,
+                  progress: bool) -> None:
+    """Prune a deep copy of ``original`` and set it as ``pipe.<component>``; the original is put back on any
+    error (KeyboardInterrupt included)."""
     base_fingerprint(pipe)
     working = copy.deepcopy(original)
     setattr(pipe, component, working)
@@ -58,16 +71,11 @@ def prune_(pipe: Any, config: PruneConfig, calib: Calibration | None = None, *, 
             report.step_weights = used_step_weights(pipe, config, calib)
             ensure_record(working).calibrations[-1] = sweep.first_calibration()
         if report.unobserved_inputs:
-            warnings.warn(f"prune_: {report.unobserved_inputs_text()}", stacklevel=2)
+            warnings.warn(f"prune_: {report.unobserved_inputs_text()}", stacklevel=3)
         mark_applied(pipe, TECHNIQUE)
     except BaseException:
         setattr(pipe, component, original)
         raise
-    if compiled_before:
-        warnings.warn(f"prune_ replaced the compiled pipe.{component} with its pruned copy, which is not compiled; "
-                      f"compile it again (pipe.{component} = torch.compile(pipe.{component}), or "
-                      f"diffusion_accel.eval.compile_denoiser(pipe))", stacklevel=2)
-    return pipe
 
 
 def check_arguments(pipe: Any, config: PruneConfig, calib: Calibration | None) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..arch.registry import check_plain_weights, find_denoiser
-from ..artifact import base_fingerprint, mark_applied
+from ..artifact import base_fingerprint, mark_applied, marks_restored_on_error
 from ..calib import Calibration
 from ..hooks import attach_tracker, detach_tracker_if_unused, get_tracker, refuse_while_cached
 from ..progress import showing_progress
@@ -62,7 +62,7 @@ def quantize_(pipe: Any, config: Any = None, calib: Calibration | None = None,
     _, denoiser = find_denoiser(pipe)
     check_plain_weights(denoiser, "quantize_")
     refuse_while_cached(denoiser, "quantize_")
-    with showing_progress(progress):
+    with showing_progress(progress), marks_restored_on_error(pipe):
         return handler(pipe, config, calib, filter_fn)
 
 
@@ -168,11 +168,11 @@ def install(pipe: Any, layers: dict[str, nn.Module], state: PTQState,
                 TRACKER_CLIENT, on_call=None if selector is None else selector.note_call)
         if finish is not None:
             finish(originals)
-    except BaseException:
+        mark_applied(pipe, TECHNIQUE, replaced=layers)  # a pruned export drops those layers' float weights
+    except BaseException:  # (quantize_ puts the marks back: interrupted in mark_applied, the layers stayed)
         restore_attention(denoiser, processors)
         _rollback(denoiser, originals)
         raise
-    mark_applied(pipe, TECHNIQUE, replaced=layers)  # a pruned export drops those layers' float weights
 
 
 def _rollback(denoiser: nn.Module, originals: dict[str, nn.Module]) -> None:
