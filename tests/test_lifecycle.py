@@ -406,3 +406,34 @@ def test_an_interrupted_cache_replacement_keeps_the_cache_it_replaced(fails, mon
         da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
     assert da.cache.cache_config(pipe).interval == 3 and da.artifact.applied_techniques(pipe) == ["cache"]
     assert torch.equal(pipe(**tiny_call_kwargs("sd", 4)).images, before)
+
+
+def test_a_cache_replacement_interrupted_half_way_through_removing_the_old_hooks_keeps_the_old_cache(monkeypatch):
+    """The replaced session was half removed (its registries partly dropped): ending it again raised
+    AttributeError, and no cache ran (session 31)."""
+    from diffusers.hooks import HookRegistry
+
+    from diffusion_accel.testing.tiny import tiny_call_kwargs
+
+    def cache_hooked():
+        return sorted(name for name, module in pipe.unet.named_modules()
+                      if "diffusion_accel.cache" in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}))
+
+    pipe = build_tiny("sd")
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=3))
+    before, hooked = pipe(**tiny_call_kwargs("sd", 4)).images, cache_hooked()
+    remove_hook, calls = HookRegistry.remove_hook, []
+
+    def interrupted_on_the_third(self, *args, **kwargs):
+        calls.append(None)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return remove_hook(self, *args, **kwargs)
+
+    monkeypatch.setattr(HookRegistry, "remove_hook", interrupted_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
+    monkeypatch.setattr(HookRegistry, "remove_hook", remove_hook)
+    # (half unhooked, the deep modules computed on reuse steps: same images, wasted work)
+    assert da.cache.cache_config(pipe).interval == 3 and cache_hooked() == hooked
+    assert torch.equal(pipe(**tiny_call_kwargs("sd", 4)).images, before)

@@ -215,17 +215,18 @@ def enable_cache(pipe: Any, config: Any) -> Any:
 
 def _roll_back(pipe: Any, denoiser: Any, previous: CacheSession | None, had_registry: bool) -> None:
     """Remove what a failed ``enable_cache`` installed (its session, or a tracker attached before the session
-    existed) and re-enable the cache it was replacing (its end left none, while the marks still said
-    'cache'); the denoiser's (empty) diffusers hook registry exists again if it did before."""
+    existed) and re-enable the cache it was replacing from its config (ending it left none, or half of it,
+    while the marks still said 'cache'); the denoiser's (empty) diffusers hook registry exists again if it
+    did before."""
     session = get_session(denoiser)
-    if session is not None and session is not previous:
+    if session is not None:  # the new one, or the replaced one, whole or half ended
         end_session(session)
-    elif session is None and get_tracker(denoiser) is not None:  # interrupted inside start_session
+    elif get_tracker(denoiser) is not None:  # interrupted inside start_session
         get_tracker(denoiser).unregister_client(CACHE_CLIENT)
         if detach_tracker_if_unused(denoiser):
             drop_empty_registry(denoiser)
     try:
-        if previous is not None and get_session(denoiser) is None:
+        if previous is not None:
             _reenable(pipe, previous.config)
     finally:
         if had_registry:

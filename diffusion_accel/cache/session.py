@@ -166,8 +166,10 @@ class CacheSession:
     def remove(self) -> None:
         """Remove every hook, torch handle and the tracker client; leave no empty registries."""
         for module in self.hooked:
-            module._diffusers_hook.remove_hook(CACHE_HOOK_NAME, recurse=False)
-            drop_empty_registry(module)
+            registry = getattr(module, "_diffusers_hook", None)  # gone already: a removal interrupted before
+            if registry is not None:
+                registry.remove_hook(CACHE_HOOK_NAME, recurse=False)
+                drop_empty_registry(module)
         for handle in self.handles:
             handle.remove()
         self.hooked, self.handles = [], []
