@@ -53,8 +53,8 @@ class CachedOutputHook(ModelHook):
         compute = session.compute(state)
         forecast = self.forecasts and getattr(session.config, "forecast", 0)
         if compute or self.key not in outputs:
-            if forecast and self.key in outputs:  # keep the one before only when forecasting
-                state.setdefault("previous_outputs", {})[self.key] = outputs[self.key]
+            if forecast:  # keep the one before (None at first: the state keeps one layout, one graph fewer)
+                state.setdefault("previous_outputs", {})[self.key] = outputs.get(self.key)
             output = self.fn_ref.original_forward(*args, **kwargs)
             kept = detached(output)
             outputs[self.key] = clone_tensors(kept) if self.snapshot else kept
