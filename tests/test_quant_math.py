@@ -193,10 +193,17 @@ def test_more_bad_configs():
     ({"lower": np.str_("yes")}, "lower must be True or False"),
     ({"calib_kwargs": {"num_inference_steps": 3}}, r"calib_kwargs may not set \['num_inference_steps'\]"),
     ({"calib_kwargs": {"guidance_scale": 3.0}}, "use calib_num_steps, calib_steps, calib_prompts and calib_guidance"),
+    ({"calib_kwargs": {"prompts": ["a"]}}, r"may not set \['prompts'\]: quantize_'s own calibration sets them"),
 ])
 def test_configs_an_artifact_could_not_hold_or_calibrate_could_not_take_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         PTQConfig(**fields)
+
+
+def test_calibrate_arguments_quantize_does_not_set_pass_on():
+    """Flux's true CFG calibrates with a negative prompt: calibrate's own argument, not one quantize_ sets."""
+    config = PTQConfig(calib_kwargs={"negative_prompt": "", "true_cfg_scale": 3.0, "seed": 5, "height": 16})
+    assert dict(config.calib_kwargs)["negative_prompt"] == ""
 
 
 def test_numpy_scalars_in_configs_become_python_scalars():

@@ -7,11 +7,13 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from ..calib.runner import calibrate_parameters
 from ..calib.schedule import select_steps
 from ..scalars import plain_scalars
 from .formats import ACTIVATION_FORMATS, WEIGHT_FORMATS
 
+# calibrate() arguments quantize_'s own calibration sets from the config (quant/calibrate.py's _run)
+SELF_CALIBRATION_ARGUMENTS = ("pipe", "prompts", "num_samples", "num_inference_steps", "collectors", "steps",
+                              "guidance_scale", "store_trajectory", "progress")
 WEIGHT_GRANULARITIES = ("per_channel", "group")
 GROUP_SIZES = (32, 64, 128, 256)
 WEIGHT_SCALE_METHODS = ("max", "mse", "output_mse")
@@ -247,14 +249,15 @@ def validate(config: PTQConfig) -> None:
 
 
 def _check_calib_kwargs(pairs: tuple) -> None:
-    """(name, value) pairs with string names (a dict's items, as ``from_dict`` gives them), none of them
-    ``calibrate``'s own arguments (``num_inference_steps`` there was a 'multiple values' TypeError inside
-    quantize_), with values the artifact's JSON manifest can hold."""
+    """(name, value) pairs with string names (a dict's items, as ``from_dict`` gives them), none of them an
+    argument ``quantize_``'s calibration sets from the config (``num_inference_steps`` there was a 'multiple
+    values' TypeError inside quantize_); other ``calibrate`` arguments (Flux's ``negative_prompt``, ``seed``)
+    and pipeline arguments pass on."""
     if not all(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) for pair in pairs):
         raise ValueError(f"PTQConfig.calib_kwargs takes (name, value) pairs, e.g. (('height', 32),); got {pairs!r}")
-    own = sorted(set(dict(pairs)) & calibrate_parameters())
+    own = sorted(set(dict(pairs)) & set(SELF_CALIBRATION_ARGUMENTS))
     if own:
-        raise ValueError(f"PTQConfig.calib_kwargs may not set {own}: they are calibrate's own arguments; use "
+        raise ValueError(f"PTQConfig.calib_kwargs may not set {own}: quantize_'s own calibration sets them; use "
                          f"calib_num_steps, calib_steps, calib_prompts and calib_guidance_scale (or pass a Calibration)")
 
 
