@@ -262,6 +262,7 @@ def test_self_calibration_passes_calib_kwargs_to_the_pipeline():
 
     pipe = build_tiny("flux")
     extra = {k: v for k, v in tiny_call_kwargs("flux").items() if k in PIPELINE_ONLY_KWARGS}
+    extra |= {"negative_prompt": "", "true_cfg_scale": 3.0}  # Flux's true CFG: refused as calibrate's (session 31)
     config = PruneConfig(method="obs", sparsity=0.5, groups=1, calib_prompts=1, calib_num_steps=2, calib_kwargs=extra)
     seen, original = [], prune_apply.calibrate
     with pytest.MonkeyPatch.context() as patch:
@@ -281,6 +282,7 @@ def test_nm_patterns_take_their_implied_sparsity_by_default():
     (PruneConfig(method="magnitude", exclude=("down_blocks.*",)), "exclude entry 'down_blocks.\\*' matches no module"),
     (PruneConfig(method="magnitude", pattern="1:7", blocksize=126), "nothing to prune"),  # no width % 7 == 0
     (PruneConfig(calib_kwargs={"num_inference_steps": 3}), "calib_kwargs may not set \\['num_inference_steps'\\]"),
+    (PruneConfig(calib_kwargs={"weight_range": (0, 1)}), "calib_kwargs may not set \\['weight_range'\\]"),
 ])
 def test_configs_that_cannot_act_as_asked_are_refused_before_pruning(config, match):
     pipe = build_tiny("sd")

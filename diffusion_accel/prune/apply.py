@@ -13,7 +13,7 @@ from .. import prompts as prompt_sets
 from ..arch import find_denoiser, get_adapter
 from ..arch.registry import check_plain_weights
 from ..artifact import applied_techniques, base_fingerprint, mark_applied, marks_restored_on_error
-from ..calib import (Calibration, HessianCollector, calibrate, calibrate_parameters, call_mode, class_count,
+from ..calib import (Calibration, HessianCollector, calibrate, call_mode, class_count,
                      denoiser_steps, resolve_weights)
 from ..calib.hessian import UnobservedLayerError
 from ..hooks import refuse_while_cached
@@ -117,13 +117,19 @@ def _check_exclude(denoiser: nn.Module, config: PruneConfig) -> None:
                              f"module-name prefixes (e.g. {names[0]!r}), not globs")
 
 
+# calibrate() arguments prune_'s own calibration sets from the config (calibration_kwargs, Sweep)
+SELF_CALIBRATION_ARGUMENTS = frozenset({"pipe", "prompts", "num_samples", "num_inference_steps", "guidance_scale",
+                                        "weighting", "weight_range", "collectors", "store_trajectory", "progress"})
+
+
 def _check_calib_kwargs(config: PruneConfig) -> None:
-    """``calib_kwargs`` are further pipeline arguments; the calibration's own settings come from the config
-    (``num_inference_steps`` there ran 3 steps while the step weights were computed for ``calib_num_steps``)."""
-    own = sorted(set(dict(config.calib_kwargs)) & calibrate_parameters())
+    """``calib_kwargs`` may not set what the config sets (``num_inference_steps`` there ran 3 steps while the
+    step weights were computed for ``calib_num_steps``; ``weight_range`` changed the weighting silently); other
+    ``calibrate`` arguments (Flux's ``negative_prompt``, ``seed``) and pipeline arguments pass on."""
+    own = sorted(set(dict(config.calib_kwargs)) & SELF_CALIBRATION_ARGUMENTS)
     if own:
-        raise ValueError(f"calib_kwargs may not set {own}: they are calibrate's own arguments; use calib_num_steps, "
-                         f"calib_prompts and calib_guidance_scale (or pass a Calibration)")
+        raise ValueError(f"calib_kwargs may not set {own}: prune_'s own calibration sets them; use calib_num_steps, "
+                         f"calib_prompts, calib_guidance_scale, weighting and weight_range (or pass a Calibration)")
 
 
 def calibration_kwargs(pipe: Any, config: PruneConfig, calib: Calibration | None) -> dict[str, Any]:
