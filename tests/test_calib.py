@@ -446,6 +446,55 @@ def test_trajectory_cap_keeps_whole_first_trajectories(sd_pipe):
     assert capped.trajectory[1].kwargs["encoder_hidden_states"] is shared   # prompt embeddings stored once
 
 
+def test_a_cap_reached_inside_a_pipeline_call_drops_that_call_and_a_cap_below_one_call_is_named(sd_pipe):
+    """A cap between steps kept the first steps of a prompt (replays leaned to the noisy steps); a cap below one
+    call said 'run calibrate(..., store_trajectory=True)', which it had (session 31)."""
+    full = calibrate(sd_pipe, ["a", "b"], 4, progress=False, **SD_SIZE)
+    per_prompt = full.trajectory_bytes // 2
+    with pytest.warns(RuntimeWarning, match="whole pipeline calls"):
+        capped = calibrate(sd_pipe, ["a", "b"], 4, max_trajectory_bytes=per_prompt * 3 // 2, progress=False,
+                           **SD_SIZE)
+    assert [r.step.step_index for r in capped.trajectory] == [0, 1, 2, 3] and capped.trajectory_bytes <= per_prompt
+    with pytest.warns(RuntimeWarning):
+        tiny = calibrate(sd_pipe, ["a"], 4, max_trajectory_bytes=per_prompt // 2, progress=False, **SD_SIZE)
+    with pytest.raises(ValueError, match=r"its first pipeline call alone needed more than max_trajectory_bytes="):
+        tiny.replay([RangeObserver([SD_CONV])], sd_pipe, progress=False)
+
+
+def test_replay_refuses_a_cached_denoiser_and_unwraps_a_compiled_one(sd_pipe):
+    """Through DeepCache the replay fed 2 of 6 steps to the collectors, silently; a compiled UNet passed alone
+    was 'cannot feed a OptimizedModule' (session 31)."""
+    import diffusion_accel as da
+
+    calib = calibrate(sd_pipe, ["a"], 3, progress=False, **SD_SIZE)
+    cached = build_tiny("sd")
+    da.enable_cache(cached, da.DeepCacheConfig(interval=2))
+    with pytest.raises(ValueError, match="replay needs every block of the denoiser computed"):
+        calib.replay([RangeObserver([SD_CONV])], cached, progress=False)
+    direct, compiled = RangeObserver([SD_CONV]), RangeObserver([SD_CONV])
+    calib.replay([direct], sd_pipe.unet, progress=False)
+    calib.replay([compiled], torch.compile(sd_pipe.unet, backend="eager"), progress=False)
+    assert direct.range(SD_CONV) == compiled.range(SD_CONV)
+
+
+def test_tensor_step_weights_are_recorded_as_numbers(sd_pipe):
+    calib = calibrate(sd_pipe, ["a"], 4, weighting=torch.tensor([1.0, 2.0, 3.0, 4.0]), progress=False, **SD_SIZE)
+    assert calib.provenance()["settings"]["weighting"] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_calibration_refused_at_binding_leaves_its_collectors_unused(sd_pipe):
+    """The failed run counted the first collector as used: the retry warned it held earlier data (session 31)."""
+    import warnings
+
+    ranges = RangeObserver([SD_CONV])
+    with pytest.raises(TypeError):
+        calibrate(sd_pipe, ["a"], 2, collectors=[ranges, HessianCollector(["down_blocks.0"])], progress=False,
+                  **SD_SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate(sd_pipe, ["a"], 2, collectors=[ranges], progress=False, **SD_SIZE)
+
+
 FAMILY_CALLS = {
     "sd": (["a cat", "a dog"], SD_SIZE),
     "sdxl": (["a cat", "a dog"], SD_SIZE),

@@ -52,8 +52,9 @@ def validate_collectors(collectors: Sequence[Collector] | Collector, denoiser: n
     unique = list({id(item): item for item in items}.values())
     check_module_names(denoiser, [name for item in unique for name in item.module_names])
     for item in unique:
-        _warn_if_reused(item)
         item.bind(denoiser)
+    for item in unique:  # after every bind: a bind that raised counted the collectors before it as used
+        _warn_if_reused(item)
     return unique
 
 

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ..hooks import refuse_while_cached
 from .collectors import Collector
 from .dispatch import resolve_denoiser, validate_collectors
 from .replay import CallCounts, replay_records
@@ -98,10 +99,14 @@ class Calibration:
 
     def replay(self, collectors: Sequence[Collector] | Collector, denoiser: Any,
                batch_size: int | None = None, progress: bool = True) -> "Calibration":
-        """Run ``denoiser`` (a module or a pipeline) on the stored trajectory into new collectors."""
+        """Run ``denoiser`` (a module, compiled or not, or a pipeline) on the stored trajectory into new
+        collectors; refused while a feature cache is on it (replaying through it observed only the steps that
+        recompute each block, silently)."""
         if not self.trajectory:
-            raise ValueError("this calibration stored no trajectory; run calibrate(..., store_trajectory=True)")
+            raise ValueError(self._no_trajectory_reason())
         module = denoiser if isinstance(denoiser, nn.Module) else resolve_denoiser(denoiser)[1]
+        module = getattr(module, "_orig_mod", module)  # a torch.compile wrapper: replay runs the model eagerly
+        refuse_while_cached(module, "replay")
         self.check_fits(module)
         bound = validate_collectors(collectors, module)
         counts = replay_records(self.trajectory, bound, module, batch_size=batch_size, progress=progress)
@@ -111,6 +116,13 @@ class Calibration:
             seeds=list(self.seeds), timesteps=dict(self.timesteps), trajectory=self.trajectory,
             trajectory_bytes=self.trajectory_bytes, trajectory_truncated=self.trajectory_truncated,
             counts=counts, source="replay", denoiser_config=dict(self.denoiser_config))
+
+    def _no_trajectory_reason(self) -> str:
+        if self.trajectory_truncated:
+            return (f"this calibration stored no trajectory: its first pipeline call alone needed more than "
+                    f"max_trajectory_bytes={self.settings.max_trajectory_bytes}; calibrate again with a larger "
+                    f"max_trajectory_bytes (or fewer selected steps)")
+        return "this calibration stored no trajectory; run calibrate(..., store_trajectory=True)"
 
     def check_fits(self, denoiser: nn.Module) -> None:
         """ValueError unless ``denoiser`` has the class and architecture config the stored inputs were

@@ -108,8 +108,11 @@ def _check_selected_steps_ran(result: Calibration) -> None:
 
 
 def _frozen(value: Any) -> Any:
-    """Strings and None as they are; other sequences as tuples (settings are immutable)."""
-    return value if value is None or isinstance(value, str) else tuple(value)
+    """Strings and None as they are; other sequences as tuples (settings are immutable), tensors and arrays as
+    tuples of plain numbers (a tensor of step weights was recorded as '<Tensor>' entries)."""
+    if value is None or isinstance(value, str):
+        return value
+    return tuple(value.tolist() if hasattr(value, "tolist") else value)
 
 
 class _LiveRun:

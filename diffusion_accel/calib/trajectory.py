@@ -47,10 +47,12 @@ class TrajectoryRecorder:
         self.bytes = 0
         self.truncated = False
         self._copies: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+        self._call_start = 0  # index of the current pipeline call's first record
 
     def new_trajectory(self) -> None:
         """Forget the shared-tensor cache (called at the start of every pipeline call)."""
         self._copies.clear()
+        self._call_start = len(self.records)
 
     def record(self, args: tuple, kwargs: dict[str, Any], step: Step) -> None:
         """Store one call's inputs unless the byte budget is exhausted."""
@@ -84,11 +86,17 @@ class TrajectoryRecorder:
         return copy
 
     def _stop(self) -> None:
+        """Stop recording and drop the records of the pipeline call in progress, so the trajectory holds whole
+        pipeline calls (until session 31 it kept the first steps of the last one: replays leaned to the noisy
+        steps)."""
         self.truncated = True
         self._copies.clear()
-        warnings.warn(f"calibration trajectory reached max_trajectory_bytes={self.max_bytes} after "
-                      f"{len(self.records)} denoiser calls; later calls are not stored (replay will "
-                      f"see only the stored ones)", RuntimeWarning, stacklevel=2)
+        del self.records[self._call_start:]
+        kept = {id(leaf): leaf for record in self.records for leaf in record.leaves() if isinstance(leaf, torch.Tensor)}
+        self.bytes = sum(tensor.numel() * tensor.element_size() for tensor in kept.values())
+        warnings.warn(f"calibration trajectory reached max_trajectory_bytes={self.max_bytes}: it keeps the first "
+                      f"{len(self.records)} denoiser calls, whole pipeline calls; later calls are not stored (replay "
+                      f"will see only the stored ones)", RuntimeWarning, stacklevel=2)
 
 
 def group_records(records: list[TrajectoryRecord], max_rows: int | None) -> Iterator[list[TrajectoryRecord]]:
