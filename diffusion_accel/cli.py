@@ -17,7 +17,7 @@ from .argtypes import int_at_least, nonnegative_float, output_file, output_folde
 
 # Mistakes a user can make (bad values, missing files, unsupported models): one line, exit 2.
 FID_CACHE = "~/.cache/diffusion_accel/fid"
-MAX_CELL = 2048  # grid cell side in pixels: 100,000 exhausted memory (a killed process, no message)
+MAX_CELL = 2048  # grid cell side in pixels (eval.evaluate.MAX_GRID_CELL; not imported: the CLI starts light)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, UnsupportedModelError)  # OSError: files, hub
 
 

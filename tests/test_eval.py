@@ -778,3 +778,48 @@ def test_regional_compile_of_a_cached_denoiser_compiles_the_unhooked_parts_and_m
     assert all(is_compiled(region) for region in regions) and not is_compiled(pipe.unet)
     torch.testing.assert_close(pipe(**tiny_call_kwargs("sd", steps=4)).images, eager, atol=1e-5, rtol=1e-5)
     assert unhooked_regions(build_tiny("sd").unet)[0].__class__.__name__ == "UNet2DConditionModel"
+
+
+def test_report_numbers_never_print_as_the_marks_of_identical_images_and_large_ones_stay_plain():
+    """SSIM 0.99997 printed as 1 (the mark of identical images); 12345.6 ms as 1.235e+04 (session 31)."""
+    from diffusion_accel.eval.report import _cell
+
+    assert _cell(0.99997) == "0.99997" and _cell(1.0) == "1" and _cell(0.5) == "0.5"
+    assert _cell(1e-9) == "1e-09" and _cell(12345.6) == "12,346" and _cell(99999.5) == "100,000"
+    assert _cell(0.12345) == "0.1235"
+
+
+@pytest.mark.parametrize("names, message", [
+    (("a  b", "a b"), "print as the same label 'a b'"),
+    (("a\nb", "a b"), "print as the same label 'a b'"),
+    (("   ",), "non-blank names"),
+])
+def test_variant_names_that_print_alike_are_refused(names, message):
+    """Three names printed as '| a b |' rows, each with its own numbers (session 31)."""
+    pipelines = {name: build_tiny("sd") for name in names}
+    with pytest.raises(ValueError, match=message):
+        evaluate(pipelines, PROMPTS[:1], metrics=("psnr",), progress=False)
+
+
+def test_grid_cell_size_and_folders_in_the_way_fail_before_generation(tmp_path, monkeypatch):
+    """A 10**6-pixel cell was found when the grid was drawn, after every image; a folder named grid.png in
+    output_dir after report.json / report.md were written (session 31)."""
+    module = importlib.import_module("diffusion_accel.eval.evaluate")
+    monkeypatch.setattr(module, "_generate_all", lambda *a: pytest.fail("generated"))
+    with pytest.raises(ValueError, match="grid_cell_size must be at most 2048 pixels"):
+        evaluate({"base": build_tiny("sd")}, PROMPTS[:1], metrics=("psnr",), grid_cell_size=10 ** 6, progress=False)
+    (tmp_path / "grid.png").mkdir()
+    with pytest.raises(ValueError, match=r"holds folders named \['grid.png'\]"):
+        evaluate({"base": build_tiny("sd")}, PROMPTS[:1], metrics=("psnr",), output_dir=tmp_path, progress=False)
+    from diffusion_accel import cli
+    assert cli.MAX_CELL == module.MAX_GRID_CELL
+
+
+def test_long_grid_labels_keep_their_last_characters():
+    from PIL import Image, ImageDraw
+
+    from diffusion_accel.eval.grid import _truncate
+
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    first, second = (_truncate(draw, "x" * 200 + end, 120, None) for end in ("-v1", "-v2"))
+    assert first != second and first.endswith("xxx-v1") and "..." in first

@@ -81,6 +81,14 @@ def _check_variants(pipelines: Mapping[str, Any], baseline: str | None) -> str:
     if uncallable:
         raise TypeError(f"variants {uncallable} are no pipelines (got {type(pipelines[uncallable[0]]).__name__}); "
                         f"pass {{name: diffusers pipeline}}")
+    labels: dict[str, list[str]] = {}
+    for name in pipelines:  # report.md and grid.png show names with runs of blanks and line breaks as one space
+        labels.setdefault(" ".join(name.split()), []).append(name)
+    clashes = [names for names in labels.values() if len(names) > 1]
+    if clashes or "" in labels:
+        raise ValueError(f"variant names {clashes[0] if clashes else ['']!r} print as the same label "
+                         f"{' '.join(clashes[0][0].split()) if clashes else ''!r} in the report and grid; "
+                         f"give distinct, non-blank names")
     baseline = baseline if baseline is not None else next(iter(pipelines))
     if baseline not in pipelines:
         raise ValueError(f"baseline {baseline!r} is not a variant; variants: {list(pipelines)}")
@@ -210,6 +218,7 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
     return share_from_main(report, state)
 
 
+MAX_GRID_CELL = 2048  # pixels per grid cell: 100,000 exhausted memory (a killed process, no message)
 COUNT_MINIMA = {"images_per_prompt": 1, "batch_size": 1, "warmup": 0, "repeats": 1, "grid_cell_size": 1,
                 "grid_columns": 1}
 
@@ -219,6 +228,8 @@ def _check_counts(**counts: Any) -> None:
     the grid's cell size were checked only after generation, a float images_per_prompt was a TypeError)."""
     for name, value in counts.items():
         whole_number(name, value, minimum=COUNT_MINIMA[name])
+    if counts.get("grid_cell_size", 1) > MAX_GRID_CELL:  # checked only when the grid was drawn, after everything
+        raise ValueError(f"grid_cell_size must be at most {MAX_GRID_CELL} pixels, got {counts['grid_cell_size']}")
 
 
 def _check_inputs(run: _Run, pipelines: Mapping[str, Any], output_dir: str | Path | None) -> None:
@@ -226,6 +237,9 @@ def _check_inputs(run: _Run, pipelines: Mapping[str, Any], output_dir: str | Pat
     argument a pipeline cannot take, or an output folder that is a file, is an error before generation,
     not after it (hours for 2,000 images of a hub model)."""
     problem = None if output_dir is None else output_folder_problem(output_dir)
+    taken = [] if output_dir is None else [name for name in REPORT_FILES if (Path(output_dir) / name).is_dir()]
+    if problem is None and taken:  # found when the grid was saved, after every image and metric
+        problem = f"{str(output_dir)!r} holds folders named {taken}, where the report writes files"
     if problem is not None:
         raise ValueError(f"output_dir {problem}")
     if "fid" in run.requested and run.fid_reference is not None:
@@ -236,6 +250,9 @@ def _check_inputs(run: _Run, pipelines: Mapping[str, Any], output_dir: str | Pat
         check_call_arguments(pipe, run.call_kwargs or {}, "evaluate")
         if run.prompt_to_kwargs is None:  # a user's function may be costly (text encoding): not run twice
             _check_prompts_fit(name, pipe, [job.prompt for job in run.jobs])
+
+
+REPORT_FILES = ("report.json", "report.md", "grid.png")  # what EvalReport.save writes into output_dir
 
 
 def _check_prompts_fit(name: str, pipe: Any, prompts: list[Any]) -> None:

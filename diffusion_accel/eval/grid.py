@@ -39,12 +39,20 @@ def _fit(image: Image.Image, cell_size: int) -> Image.Image:
 
 
 def _truncate(draw: ImageDraw.ImageDraw, text: str, width: int, font: Any) -> str:
-    """``text`` shortened with an ellipsis to fit ``width`` pixels."""
+    """``text`` shortened with an ellipsis to fit ``width`` pixels, keeping its last characters where they fit
+    (names that differ only at the end, "...-v1" / "...-v2", were cut to the same label)."""
     if draw.textlength(text, font=font) <= width:
         return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
+    tail = text[-TAIL_CHARS:] if len(text) > 2 * TAIL_CHARS else ""
+    body = text[:len(text) - len(tail)]
+    while body and draw.textlength(body + "..." + tail, font=font) > width:
+        body = body[:-1]
+    if body or not tail:
+        return body + "..." + tail
+    return _truncate(draw, text[:len(text) - len(tail)], width, font)  # too narrow for the tail: plain cut
+
+
+TAIL_CHARS = 6  # characters of a long label kept after the ellipsis
 
 
 def _check_layout(cell_size: int, label_width: int, header_height: int) -> None:

@@ -54,8 +54,20 @@ def _cell(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return str(value) if not math.isfinite(value) else f"{value:.4g}"
+        return str(value) if not math.isfinite(value) else _float_text(value)
     return str(value)
+
+
+def _float_text(value: float) -> str:
+    """4 significant digits; whole numbers from 10,000 up (not 1.235e+04), and more digits where 4 would show
+    0, 1 or -1 for a value that is not (SSIM 0.99997 printed as 1, the mark of identical images)."""
+    if 1e4 <= abs(value) < 1e15:
+        return f"{value:,.0f}"
+    text, digits = f"{value:.4g}", 4
+    while float(text) in (0.0, 1.0, -1.0) and float(text) != value and digits < 12:
+        digits += 1
+        text = f"{value:.{digits}g}"
+    return text
 
 
 def _table_cell(value: Any) -> str:
