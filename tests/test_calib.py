@@ -689,3 +689,13 @@ def test_calibrating_without_the_cfg_a_pipeline_guides_with_by_default_warns():
         warnings.simplefilter("error")
         calibrate(build_tiny("flux"), ["a cat"], 2, guidance_scale=1.0, height=16, width=16, progress=False)
         calibrate(build_tiny("dit"), [1], 2, guidance_scale=4.0, progress=False)
+
+
+def test_numpy_numbers_are_taken_as_python_numbers(sd_pipe):
+    """np.int64 seeds and counts were "must be an int >= 0, got np.int64(0)" (session 31)."""
+    import numpy as np
+
+    calib = calibrate(sd_pipe, ["a"], np.int64(2), seed=np.int64(3), batch_size=np.int32(1),
+                      guidance_scale=np.float32(2.0), progress=False, **SD_SIZE)
+    assert calib.seeds == [3] and type(calib.settings.seed) is int and calib.settings.guidance_scale == 2.0
+    assert calib.provenance()["settings"]["num_inference_steps"] == 2

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -55,6 +56,10 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
     pipeline call (e.g. height, width). The pipeline is left exactly as it was.
     """
     _, denoiser = resolve_denoiser(pipe)  # a pipeline at all (None, a spec string, a list): named before anything
+    num_inference_steps, batch_size, num_images_per_prompt, num_samples, seed, max_trajectory_bytes = (
+        _plain_number(value) for value in (num_inference_steps, batch_size, num_images_per_prompt, num_samples, seed,
+                                           max_trajectory_bytes))
+    guidance_scale = _plain_number(guidance_scale)
     num_steps = denoiser_steps(pipe, num_inference_steps, call_kwargs.get("timesteps"),  # Heun: 2N - 1
                                call_kwargs.get("sigmas"))
     selected = select_steps(num_steps, steps)
@@ -105,6 +110,12 @@ def _check_selected_steps_ran(result: Calibration) -> None:
     if result.settings.steps != "all":
         warnings.warn(f"selected calibration steps {missed} did not run: {where}; the calibration "
                       f"observed {observed} only", stacklevel=3)
+
+
+def _plain_number(value: Any) -> Any:
+    """A numpy scalar as its Python value (np.int64(0) as a seed was "must be an int"; settings stay JSON-ready);
+    anything else as it is, for the checks to name."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _frozen(value: Any) -> Any:
