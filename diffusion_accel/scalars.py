@@ -1,5 +1,5 @@
-"""NumPy scalars in config fields become Python scalars, as users of numpy-driven sweeps pass them
-(``DeepCacheConfig(interval=np.int64(2))`` was refused as "must be an int >= 1, got np.int64(2)",
+"""NumPy scalars in config fields and calibrate's arguments become Python scalars, as numpy-driven sweeps
+pass them (``DeepCacheConfig(interval=np.int64(2))`` was refused as "must be an int >= 1, got np.int64(2)",
 ``PTQConfig(recon_lr=np.float32(1e-3))`` quantized and then could not be saved as JSON)."""
 
 from __future__ import annotations
@@ -10,10 +10,13 @@ from typing import Any
 import numpy as np
 
 
+def plain_number(value: Any) -> Any:
+    """A numpy scalar as its Python value (``np.int64(2)`` -> 2, ``np.float32(0.5)`` -> 0.5, ``np.bool_(True)``
+    -> True); anything else as it is, for the caller's checks to name."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def plain_scalars(config: Any) -> None:
-    """Replace every field of the (frozen) dataclass ``config`` holding a numpy scalar by its Python value
-    (``np.int64(2)`` -> 2, ``np.float32(0.5)`` -> 0.5, ``np.bool_(True)`` -> True), before validation."""
+    """Replace every field of the (frozen) dataclass ``config`` by :func:`plain_number` of it, before validation."""
     for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if isinstance(value, np.generic):
-            object.__setattr__(config, field.name, value.item())
+        object.__setattr__(config, field.name, plain_number(getattr(config, field.name)))

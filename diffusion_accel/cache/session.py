@@ -111,7 +111,7 @@ class CacheSession:
 
     def on_call(self) -> None:
         """Tracker callback at each denoiser call, once the call is placed: a step policy decides here, so
-        under torch.compile the tracker's graph break is the only one (a head policy decides on its
+        under torch.compile the decision costs no graph break of its own (a head policy decides on its
         signal, in the head block: see :meth:`decide`)."""
         if not getattr(self.policy, "uses_head", False):
             self._decide(None)

@@ -16,12 +16,12 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..hooks import ModuleHooks, StepTracker, get_tracker, refuse_while_cached, use_tracker
+from ..scalars import plain_number
 from ..seeding import seeded_call
 from ..uncompiled import uncompiled
 from .collectors import Collector, Step
@@ -57,9 +57,9 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
     """
     _, denoiser = resolve_denoiser(pipe)  # a pipeline at all (None, a spec string, a list): named before anything
     num_inference_steps, batch_size, num_images_per_prompt, num_samples, seed, max_trajectory_bytes = (
-        _plain_number(value) for value in (num_inference_steps, batch_size, num_images_per_prompt, num_samples, seed,
+        plain_number(value) for value in (num_inference_steps, batch_size, num_images_per_prompt, num_samples, seed,
                                            max_trajectory_bytes))
-    guidance_scale = _plain_number(guidance_scale)
+    guidance_scale = plain_number(guidance_scale)
     num_steps = denoiser_steps(pipe, num_inference_steps, call_kwargs.get("timesteps"),  # Heun: 2N - 1
                                call_kwargs.get("sigmas"))
     selected = select_steps(num_steps, steps)
@@ -110,12 +110,6 @@ def _check_selected_steps_ran(result: Calibration) -> None:
     if result.settings.steps != "all":
         warnings.warn(f"selected calibration steps {missed} did not run: {where}; the calibration "
                       f"observed {observed} only", stacklevel=3)
-
-
-def _plain_number(value: Any) -> Any:
-    """A numpy scalar as its Python value (np.int64(0) as a seed was "must be an int"; settings stay JSON-ready);
-    anything else as it is, for the checks to name."""
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _frozen(value: Any) -> Any:
