@@ -3,7 +3,7 @@
     python benchmarks/fid_bootstrap.py --report benchmarks/results/cache_flux_v3.json \
         --variants diffusers-taylorseer ours-calibrated-output-10 ours-calibrated-output-11
     python benchmarks/fid_bootstrap.py --report benchmarks/results/ptq_quality_fashion-flux.json \
-        --variants ours_w8a8_dynamic torchao_int8_dynamic --out benchmarks/results/fid_bootstrap_ptq_flux.json
+        --variants ours_w8a8_dynamic torchao_int8_dynamic --out benchmarks/results/fid_bootstrap_ptq_w8_flux.json
 
 Takes the report's 2,000 images of the baseline and each variant (kept by zoo_harness when the
 variant was scored, else regenerated with the report's prompts and seeds, so the full-sample FIDs

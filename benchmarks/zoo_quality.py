@@ -3,7 +3,7 @@ MNIST for the unconditional mnist-ddpm), and for the text-to-image ones the CLIP
 of generated images for their prompted class and mean CLIP score (torchmetrics, fashion-clip).
 
     python benchmarks/zoo_quality.py --models fashion-sd fashion-flux --n 2000 --n-ref 10000
-    python benchmarks/zoo_quality.py --models mnist-ddpm --floors --out benchmarks/results/zoo_quality_mnist.json
+    python benchmarks/zoo_quality.py --models mnist-ddpm --floors --out benchmarks/results/zoo_quality_mnist_floor.json
 
 Always reports the sample counts and the real-vs-real floor (train images vs the same test statistics)
 and the VAE-reconstruction floor, because FID at n ≤ 2k is biased upward.
