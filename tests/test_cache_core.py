@@ -270,5 +270,22 @@ def test_a_teacache_fit_negative_on_the_seen_range_is_refused(monkeypatch):
             teacache_fit.fit_teacache_coefficients(None, ["a cat"], num_inference_steps=steps)
 
 
+def test_schedule_and_teacache_fits_take_numpy_numbers(monkeypatch):
+    """np.int64 degree / max_passes were "must be an int >= 1, got np.int64(1)" (session 32)."""
+    import numpy as np
+
+    from diffusion_accel.cache import calibrate_schedule, teacache_fit
+    from diffusion_accel.testing.tiny import build_tiny
+
+    changes = [0.1 * i for i in range(1, 11)]
+    monkeypatch.setattr(teacache_fit, "teacache_samples", lambda *a, **k: (changes, [2 * c for c in changes]))
+    fitted = teacache_fit.fit_teacache_coefficients(None, ["a"], num_inference_steps=np.int64(6), degree=np.int64(1),
+                                                    seed=np.int64(0))
+    assert fitted == pytest.approx((2.0, 0.0), abs=1e-9)
+    config = calibrate_schedule(build_tiny("sd"), ["a"], budget=np.float32(0.5), num_inference_steps=np.int64(4),
+                                seed=np.int64(1), max_passes=np.int64(1), branch=np.int64(0), height=32, width=32)
+    assert len(config.full_steps) == 2 and type(config.budget) is float
+
+
 def test_nonuniform_schedule_with_a_huge_power_ends():
     assert nonuniform_full_steps(10, 3, power=1e6) == nonuniform_full_steps(10, 3, power=1.0 + 1e-9)

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..arch import find_denoiser
 from ..calib import denoiser_steps
+from ..scalars import plain_number
 from .apply import enable_cache, remove_cache, summary as cache_summary
 from .configs import CalibratedCacheConfig, check_int
 from .runs import final_outputs, planned_calls, relative_error
@@ -62,6 +63,8 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
     reused steps are filled). ``branch``: the UNet skip branch cached (DeepCache's; transformers: unused);
     ``resample``: whether the schedule may be mapped onto another step count or scheduler later (else
     those are refused); ``seed``: first seed of the prompts' runs; ``call_kwargs``: further pipeline arguments."""
+    budget, num_inference_steps, branch, seed, max_candidates, max_passes, forecast = (plain_number(value) for value in (
+        budget, num_inference_steps, branch, seed, max_candidates, max_passes, forecast))  # numpy sweeps pass these
     _check_search(search, max_candidates, max_passes)
     if get_session(find_denoiser(pipe)[1]) is not None:
         raise ValueError("calibrate_schedule needs a pipeline without a cache; call remove_cache first")

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..arch import find_denoiser
+from ..scalars import plain_number
 from .apply import enable_cache, remove_cache
 from .configs import TeaCacheConfig
 from .runs import final_outputs, planned_calls
@@ -51,6 +52,7 @@ def fit_teacache_coefficients(pipe: Any, prompts: Any, num_inference_steps: int 
     """Polynomial coefficients (highest power first) for ``TeaCacheConfig(coefficients=...)``: a degree-
     ``degree`` fit of the stack's output change against its modulated input's change, over uncached runs
     of ``prompts`` (``num_inference_steps`` steps, seeded from ``seed``, ``call_kwargs`` passed on)."""
+    num_inference_steps, degree, seed = (plain_number(value) for value in (num_inference_steps, degree, seed))
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
         raise ValueError(f"degree must be an int >= 1, got {degree!r}")
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 2:
