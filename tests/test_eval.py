@@ -467,6 +467,34 @@ def test_report_json_is_standard_and_markdown_has_a_row_per_variant(tmp_path):
     assert "| variant | PSNR dB |" in markdown and "| fast | inf |" in markdown and "- a note" in markdown
 
 
+def test_a_saved_report_loads_back_and_a_grid_less_save_removes_the_old_grid(tmp_path):
+    """No loader existed, and a report without a grid saved over one with a grid left the old grid.png."""
+    from PIL import Image
+
+    grid = Image.new("RGB", (8, 4), (10, 200, 30))
+    report = EvalReport(rows=[{"variant": "base", "baseline": True, "psnr_db": math.inf, "dtype": "nan"},
+                              {"variant": "fast", "psnr_db": 41.5, "speedup": 1.9}],
+                        machine={"device": "cpu"}, settings={"steps": 4}, notes=["n"], details={"fast": {"a": 1}},
+                        grid=grid)
+    report.save(tmp_path)
+    for source in (tmp_path, tmp_path / "report.json", str(tmp_path)):
+        loaded = EvalReport.load(source)
+        assert loaded.rows == report.rows and loaded.to_markdown() == report.to_markdown()
+        assert (loaded.machine, loaded.settings, loaded.notes, loaded.details) == (
+            report.machine, report.settings, report.notes, report.details)
+        assert list(loaded.grid.getdata()) == list(grid.getdata())
+    EvalReport(rows=[{"variant": "other"}]).save(tmp_path)
+    assert not (tmp_path / "grid.png").exists() and EvalReport.load(tmp_path).grid is None
+    with pytest.raises(FileNotFoundError, match="no report at .*expected a folder holding report.json"):
+        EvalReport.load(tmp_path / "missing")
+    (tmp_path / "other.json").write_text('{"rows": 3}')
+    with pytest.raises(ValueError, match="is not an evaluation report: no 'rows' list"):
+        EvalReport.load(tmp_path / "other.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="not JSON text"):
+        EvalReport.load(tmp_path / "bad.json")
+
+
 # ----- evaluate ----------------------------------------------------------------------------------
 
 def test_evaluate_two_tiny_sd_pipelines_reports_every_metric(tmp_path, tiny_clip_folder):

@@ -45,6 +45,16 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
+TEXT_ROW_KEYS = ("variant", "dtype", "device", "memory_kind")
+NON_FINITE_TEXT = ("inf", "-inf", "nan")
+
+
+def _from_json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A saved row with its metrics' "inf" / "-inf" / "nan" strings (see ``_json_safe``) read back as floats."""
+    return {key: float(value) if key not in TEXT_ROW_KEYS and value in NON_FINITE_TEXT else value
+            for key, value in row.items()}
+
+
 def _cell(value: Any) -> str:
     """Markdown text of one value: 4 significant digits for floats, thousands separators for ints."""
     if value is None:
@@ -121,7 +131,8 @@ class EvalReport:
         return "\n".join(lines) + "\n"
 
     def save(self, directory: str | Path) -> dict[str, Path]:
-        """Write ``report.json``, ``report.md`` and (if made) ``grid.png`` into ``directory``."""
+        """Write ``report.json``, ``report.md`` and (if made) ``grid.png`` into ``directory``; a ``grid.png``
+        an earlier report left there is removed when this one has no grid (it showed other images)."""
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
         paths = {"json": folder / "report.json", "markdown": folder / "report.md"}
@@ -129,4 +140,33 @@ class EvalReport:
         paths["markdown"].write_text(self.to_markdown(), encoding="utf-8")
         if self.grid is not None:
             paths["grid"] = save_grid(self.grid, folder / "grid.png")
+        elif (folder / "grid.png").is_file():
+            (folder / "grid.png").unlink()
         return paths
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalReport:
+        """The report :meth:`save` wrote: ``path`` is its folder or its ``report.json``; the grid is read
+        when ``grid.png`` is beside it (images are not saved, so ``images`` is empty)."""
+        json_path = Path(path) / "report.json" if Path(path).is_dir() else Path(path)
+        if not json_path.is_file():
+            raise FileNotFoundError(f"no report at {str(path)!r}: expected a folder holding report.json "
+                                    f"(as EvalReport.save / evaluate(output_dir=...) write) or the JSON file itself")
+        try:
+            data = json.loads(json_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{str(json_path)!r} is not an evaluation report: not JSON text ({error})") from None
+        rows = data.get("rows") if isinstance(data, dict) else None
+        if not isinstance(rows, list) or not all(isinstance(row, dict) and "variant" in row for row in rows):
+            raise ValueError(f"{str(json_path)!r} is not an evaluation report: no 'rows' list of variant rows")
+        return cls(rows=[_from_json_row(row) for row in rows], machine=data.get("machine", {}),
+                   settings=data.get("settings", {}), notes=data.get("notes", []),
+                   details=data.get("details", {}), grid=_read_grid(json_path.parent / "grid.png"))
+
+
+def _read_grid(path: Path) -> Image.Image | None:
+    """The saved grid as an RGB image in memory (file closed), or None without one."""
+    if not path.is_file():
+        return None
+    with Image.open(path) as image:
+        return image.convert("RGB")
