@@ -93,6 +93,7 @@ def register_technique(name: str, export: Callable, restore: Callable,
 
 
 def registered_techniques() -> list[str]:
+    """Names of the techniques save / load know (quant, prune, cache, and any registered since), sorted."""
     return sorted(_HANDLERS)
 
 

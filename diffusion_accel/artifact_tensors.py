@@ -13,9 +13,6 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-KINDS = ("float", "int")  # any floating dtype except fp8 / any integer dtype
-
-
 class TechniqueTensors(Mapping):
     """Read-only mapping of one technique file's tensors that records which ones were read."""
 

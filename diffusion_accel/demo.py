@@ -55,6 +55,8 @@ def _float32_outputs(denoiser: torch.nn.Module) -> None:
 
 
 def cache_variant(pipe: Any, calib: Any) -> Any:
+    """The pipeline's default cache (fashion-sd: DeepCache every 3rd step); needs no calibration (``calib``
+    is taken for the variants' shared signature)."""
     from .cache import default_cache_config, enable_cache
 
     return enable_cache(copy.deepcopy(pipe), default_cache_config(pipe))

@@ -383,7 +383,7 @@ class StepTracker(ModelHook):
     # Step bookkeeping is Python state: kept out of
     # torch.compile graphs so it costs one clean graph break instead of recompiles and splits.
     @torch.compiler.disable
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         self._timestep_argument, self._timestep_value = _timestep_argument(args, kwargs), None
         context = self._pinned_context or self._context_reader.current_name()
         vouched = self._detect_new_call() or self._pinned_context is not None

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .arch.registry import DENOISER_COMPONENTS
+
 _ATTR = "_diffusion_accel_call_defaults"
 
 
@@ -41,9 +43,9 @@ def call_defaults(pipe: Any) -> dict[str, Any]:
 
 
 def _denoiser(pipe: Any) -> Any:
-    """``pipe.unet`` or ``pipe.transformer`` when it is a module (no adapter lookup: this module is imported
-    below the adapters)."""
-    for attribute in ("unet", "transformer"):
+    """``pipe.unet`` or ``pipe.transformer`` when it is a module (no adapter lookup: the tags go on the denoiser
+    whether or not an adapter supports it)."""
+    for attribute in DENOISER_COMPONENTS:
         module = getattr(pipe, attribute, None)
         if isinstance(getattr(module, "__dict__", None), dict) and hasattr(module, "forward"):
             return module

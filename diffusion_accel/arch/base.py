@@ -234,6 +234,11 @@ class DenoiserAdapter(ABC):
         """The final projection producing the denoiser's output (output-forecasting caches); None if unknown."""
         return None
 
+    def num_classes(self) -> int | None:
+        """Classes a class-conditional denoiser is trained on (calibration label ids 0..n-1); None if it
+        takes no class labels."""
+        return None
+
     def encoder_cache_point(self) -> CachePoint | None:
         """UNets: the encoder (input conv, down blocks, mid block) for encoder propagation; else None."""
         return None

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..arch.registry import UnsupportedModelError, get_adapter
 from ..pipeline_defaults import call_defaults, check_call_arguments, per_prompt_negative
 
 CALL_MODES = ("prompt", "class", "unconditional")
@@ -110,11 +111,12 @@ def _class_items(pipe: Any, prompts: Any) -> list[int]:
 
 
 def class_count(pipe: Any) -> int | None:
-    """Classes of a class-conditional pipeline's denoiser (DiT: ``num_embeds_ada_norm``; the extra null class
-    of its embedding table is CFG's unconditional label, not one to calibrate on), None if unknown."""
-    denoiser = getattr(pipe, "transformer", None)
-    count = getattr(getattr(denoiser, "config", None), "num_embeds_ada_norm", None)
-    return int(count) if isinstance(count, int) else None
+    """Classes of a class-conditional pipeline's denoiser (its adapter's ``num_classes``), None if unknown
+    (no class labels, or no adapter for the denoiser)."""
+    try:
+        return get_adapter(pipe).num_classes()
+    except UnsupportedModelError:
+        return None
 
 
 def placeholder_prompts(prompts: Any, num_samples: int | None) -> tuple[Any, int | None]:

@@ -25,7 +25,8 @@ from ..hooks import ModuleHooks
 
 def _register_int8_flop_formulas() -> None:
     """Teach torch's counter the int8 kernels lowered PTQ layers run (it knows only float ops), so a
-    lowered model reports the multiply-adds it really does: ``_int_mm`` and oneDNN's int8 conv."""
+    lowered model reports the FLOPs it really does (2 per multiply-add, as torch counts float ops): ``_int_mm``
+    and oneDNN's int8 conv."""
     if torch.ops.aten._int_mm.default not in flop_registry:
         @register_flop_formula(torch.ops.aten._int_mm)
         def _int_mm_flop(a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:

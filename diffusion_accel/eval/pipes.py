@@ -28,11 +28,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..arch.registry import DENOISER_COMPONENTS
 from ..pipeline_defaults import call_defaults, per_prompt_negative
 from ..seeding import seeded_call
 from .images import to_uint8
 
-DENOISER_ATTRIBUTES = ("unet", "transformer")
 CONTROLLED_KWARGS = ("generator", "num_inference_steps", "prompt", "class_labels", "batch_size",
                      "num_images_per_prompt", "return_dict")
 IMAGE_OUTPUT_TYPES = ("np", "pil", "pt")  # "latent" would be scored as if latents were images
@@ -43,14 +43,14 @@ PromptToKwargs = Callable[[Any, list[Any]], dict[str, Any]]
 
 def denoiser_of(pipe: Any) -> nn.Module:
     """The pipeline's denoiser (``unet`` or ``transformer``, compiled or not), or ``pipe`` itself."""
-    for attribute in DENOISER_ATTRIBUTES:
+    for attribute in DENOISER_COMPONENTS:
         module = getattr(pipe, attribute, None)
         if isinstance(module, nn.Module):
             return module
     if isinstance(pipe, nn.Module):
         return pipe
     raise TypeError(f"{type(pipe).__name__} has no denoiser; expected a pipeline with one of "
-                    f"{DENOISER_ATTRIBUTES} or an nn.Module")
+                    f"{DENOISER_COMPONENTS} or an nn.Module")
 
 
 def compile_denoiser(pipe: Any, *, regional: bool = False, **compile_kwargs: Any) -> Any:

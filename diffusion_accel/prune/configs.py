@@ -8,12 +8,12 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..calib.schedule import WEIGHTING_SCHEMES
 from ..scalars import plain_scalars
 
 METHODS = ("obs", "wanda", "magnitude")
 PATTERNS = ("unstructured", "structured", "2:4", "4:8", "any 'N:M' with 0 < N < M")
 STRUCTURED_METHODS = ("obs", "magnitude")
-WEIGHTINGS = ("uniform", "linear", "log-decrease", "log-increase")
 SCOPES = ("layer", "global")
 ALLOCATIONS = ("error", "saliency")
 DEFAULT_SPARSITY = 0.5
@@ -97,8 +97,8 @@ class PruneConfig:
         _check_pattern(self)
         _check_sparsity(self)
         _check_numbers(self)
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {self.weighting!r}; accepted: {', '.join(WEIGHTINGS)}")
+        if self.weighting not in WEIGHTING_SCHEMES:
+            raise ValueError(f"unknown weighting {self.weighting!r}; accepted: {', '.join(WEIGHTING_SCHEMES)}")
         if self.groups != "all" and (isinstance(self.groups, bool) or not isinstance(self.groups, int)
                                      or self.groups < 1):
             raise ValueError(f"groups must be an int >= 1 or 'all', got {self.groups!r}")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import find_denoiser
+from ..arch import find_denoiser, get_adapter
 from ..artifact import register_technique
 from ..artifact_tensors import TechniqueTensors, technique_tensors
 from ..hooks import refuse_while_cached
@@ -120,11 +120,14 @@ def _layer(denoiser: nn.Module, name: str, shape: list[int]) -> nn.Module:
 
 
 def _restore_heads(denoiser: nn.Module, heads: dict[str, int]) -> None:
-    """Set saved head counts (head_dim read from the base layers, before they are resized)."""
+    """Set saved head counts (head_dim from the adapter's view of the base layers, before they are resized)."""
+    if not heads:
+        return
+    head_dims = {info.name: info.head_dim for info in get_adapter(denoiser).attention()}
     for name, count in heads.items():
-        module = denoiser.get_submodule(name)
-        head_dim = module.to_q.out_features // module.heads
-        set_head_count(module, count, head_dim)
+        if name not in head_dims:
+            raise ValueError(f"pruned artifact names attention {name!r}, which this base model does not have")
+        set_head_count(denoiser.get_submodule(name), count, head_dims[name])
 
 
 def _restore_resized(denoiser: nn.Module, name: str, base_shape: list[int], tensors: TechniqueTensors,

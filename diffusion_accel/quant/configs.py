@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from ..calib.ranges import RANGE_METHODS
 from ..calib.schedule import select_steps
 from ..scalars import plain_scalars
 from .formats import ACTIVATION_FORMATS, WEIGHT_FORMATS
@@ -18,7 +19,6 @@ WEIGHT_GRANULARITIES = ("per_channel", "group")
 GROUP_SIZES = (32, 64, 128, 256)
 WEIGHT_SCALE_METHODS = ("max", "mse", "output_mse")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
-ACT_METHODS = ("minmax", "percentile", "mse")
 ACT_MODES = ("static", "dynamic", "dynamic_per_tensor")
 GPTQ_GROUP_SCALES = ("lazy", "static")
 FLAGS = ("act_symmetric", "split_shortcut", "keep_high_precision", "reconstruct", "lower")
@@ -216,7 +216,7 @@ def validate(config: PTQConfig) -> None:
     _check_calib_kwargs(config.calib_kwargs)
     _choice("weight_scale", config.weight_scale, WEIGHT_SCALE_METHODS)
     _choice("act_mode", config.act_mode, ACT_MODES)
-    _choice("act_method", config.act_method, ACT_METHODS)
+    _choice("act_method", config.act_method, RANGE_METHODS)
     if not isinstance(config.act_percentile, (int, float)) or not 50.0 < config.act_percentile <= 100.0:
         raise ValueError(f"PTQConfig.act_percentile must be in (50, 100], got {config.act_percentile!r}")
     _positive_int("timestep_groups", config.timestep_groups)

@@ -5,7 +5,7 @@ tinygemm dequantizes ``w = (q - 8) * scale + zero`` per group of ``g`` input col
 bf16 scales and zeros. Our symmetric int4 codes ``c`` in [-8, 7] are ``q = c + 8`` with zero 0, and our
 per-segment scales (one per output channel and weight segment: the whole row, groups, or split-shortcut
 halves) become per-group scales for the largest ``g`` dividing every segment. So the kernel computes our
-codes exactly; only the scales round to bf16 (relative error <= 2**-9 per weight).
+codes exactly; only the scales round to bf16 (relative error <= 2**-8 per weight, bf16's unit roundoff).
 
 The packed weight is CUDA-only and rebuilt wherever the layer moves (``StoredWeightLayer._apply``). Each
 pack is checked once against the dequantized matmul on a small random input; a mismatch (a kernel or

@@ -196,9 +196,6 @@ TINY_BUILDERS: dict[str, Callable[..., Any]] = {
     "ddpm": tiny_ddpm_pipeline,
 }
 
-TEXT_TO_IMAGE = ("sd", "sdxl", "sd3", "flux", "pixart")
-
-
 def build_tiny(family: str, seed: int = 0) -> Any:
     """Build the tiny pipeline of ``family`` (one of ``TINY_BUILDERS``)."""
     if family not in TINY_BUILDERS:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import re
 
 from .data import CLASS_NAMES
@@ -37,11 +36,6 @@ def caption(label: int, template: int = 0) -> str:
 def all_captions() -> list[str]:
     """Every caption, ordered label-major: index = label * len(TEMPLATES) + template."""
     return [caption(lab, t) for lab in range(len(CLASS_NAMES)) for t in range(len(TEMPLATES))]
-
-
-def random_caption(label: int, rng: random.Random) -> str:
-    """One caption of class ``label`` with a template drawn from ``rng``."""
-    return caption(label, rng.randrange(len(TEMPLATES)))
 
 
 def vocabulary() -> tuple[str, ...]:

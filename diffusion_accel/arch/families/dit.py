@@ -17,3 +17,8 @@ class DiTAdapter(BasicTransformerStackAdapter):
     family = "dit"
     denoiser_classes = ("DiTTransformer2DModel",)
     final_projection = "proj_out_2"
+
+    def num_classes(self) -> int | None:
+        """``num_embeds_ada_norm``: the label embedding's extra null row is CFG's unconditional label, not a class."""
+        count = getattr(self.denoiser.config, "num_embeds_ada_norm", None)
+        return int(count) if isinstance(count, int) else None
