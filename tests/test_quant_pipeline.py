@@ -1,5 +1,6 @@
 """PTQ on tiny pipelines of every family: generation, drop-in contract, errors, save/load, recipe."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -313,6 +314,36 @@ def test_a_pipeline_cast_after_quantize_keeps_its_scales_and_round_trips(tmp_pat
     da.save(pipe, tmp_path)
     loaded = da.load(build_tiny(family).to(torch.bfloat16), tmp_path)
     assert torch.equal(_images(loaded, family), images)
+
+
+@pytest.mark.parametrize("config", [PTQConfig(lower=False, **FAST), PTQConfig(lower=True, **FAST),
+                                    PTQConfig(weights="fp8", activations="fp8", **FAST),
+                                    PTQConfig(weights="int4", activations=None, weight_granularity="group",
+                                              group_size=32, lower=True, **FAST)],
+                         ids=["w8a8-simulated", "w8a8-lowered", "fp8", "w4a16-packed"])
+def test_module_type_casts_floats_only_as_to_does(config, int8_kernels):
+    """``unet.type(torch.bfloat16)`` casts integer tensors too: int8 codes became bf16 numbers and the fp32
+    scales kept as int32 bits read ~1e9 (wrong images; lowered layers crashed in oneDNN's repack)."""
+    pipe = quantize_(build_tiny("sd"), config)
+    expected = _images(copy.deepcopy(pipe).to(torch.bfloat16), "sd")
+    pipe.unet.type(torch.bfloat16)
+    assert torch.equal(_images(pipe.to(torch.bfloat16), "sd"), expected)
+
+
+def test_weight_only_int8_caches_its_weight_in_the_pipeline_dtype_exactly(tmp_path, int8_kernels):
+    """w8a16's dequantized weight stayed float32 in a float16 pipeline (2.5x a plain fp16 UNet) and, cast
+    along with .to(), drifted from codes x scale after a bf16 -> fp16 -> bf16 round trip."""
+    config = PTQConfig(weights="int8", activations=None, lower=True, **FAST)
+    pipe = quantize_(build_tiny("sd").to(torch.float16), config)
+    layers = [module for module in pipe.unet.modules() if getattr(module, "cached_weight", None) is not None]
+    assert layers and {layer.cached_weight.dtype for layer in layers} == {torch.float16}
+    da.save(pipe, tmp_path)
+    loaded = da.load(build_tiny("sd").to(torch.float16), tmp_path)
+    assert {m.cached_weight.dtype for m in loaded.unet.modules() if getattr(m, "cached_weight", None) is not None} \
+        == {torch.float16}
+    pipe.to(torch.bfloat16).to(torch.float16).to(torch.bfloat16)
+    for layer in layers:
+        assert torch.equal(layer.cached_weight, layer._dequantize().to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("config", [PTQConfig(weights="int8", activations=None, lower=False, **FAST),

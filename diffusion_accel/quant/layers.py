@@ -9,7 +9,7 @@ optionally one scale per timestep group and per channel segment) or a ``DynamicA
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,18 @@ def timestep_bounds(timesteps: dict[int, float | None], groups: int, num_steps: 
 _SAME_SIZE_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _integer_dtypes_kept(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` that never changes an integer tensor's dtype (device moves still apply): ``module.type(torch.bfloat16)``
+    casts every tensor, so it turned int8 codes into bf16 numbers and the scales hidden as int32 bits into ~1e9
+    (silently wrong simulated W8A8 / fp8; lowered layers crashed inside oneDNN's repack)."""
+    def apply(tensor: torch.Tensor) -> torch.Tensor:
+        result = fn(tensor)
+        if result.dtype != tensor.dtype and not (tensor.is_floating_point() or tensor.is_complex()):
+            return tensor.to(result.device)
+        return result
+    return apply
+
+
 class KeepsQuantDtypes(nn.Module):
     """Quantization parameters (the buffers named in ``kept_dtype_buffers``) keep their own dtype through
     ``module.to(dtype)`` / ``.half()`` / ``.float()``, as torchao's quantized tensors do; device moves still
@@ -109,6 +121,7 @@ class KeepsQuantDtypes(nn.Module):
     kept_dtype_buffers: tuple[str, ...] = ("weight_codes", "weight_scale")
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        fn = _integer_dtypes_kept(fn)
         kept = {name: buffer for name in self.kept_dtype_buffers
                 if (buffer := self._buffers.get(name)) is not None and buffer.is_floating_point()}
         for name, buffer in kept.items():  # dtype casts skip integer tensors: hide the floats as their bits

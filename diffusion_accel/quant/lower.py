@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch.registry import find_denoiser
-from ..artifact import applied_techniques, mark_applied
+from ..artifact import applied_techniques, compute_dtype, mark_applied
 from . import onednn
 from .fp8 import Fp8GemmCore
 from .formats import get_format
@@ -312,7 +312,9 @@ class StoredWeightLayer(KeepsQuantDtypes):
     Runs the original float op on the dequantized weight; activations fake-quantized if configured.
     """
 
-    def __init__(self, layer: QuantLayer, op: Callable[..., torch.Tensor], op_kwargs: dict[str, Any]) -> None:
+    def __init__(self, layer: QuantLayer, op: Callable[..., torch.Tensor], op_kwargs: dict[str, Any],
+                 dtype: torch.dtype = torch.float32) -> None:
+        """``dtype``: the float dtype the denoiser computes in, that of the cached dequantized weight (int8)."""
         super().__init__()
         for name in ("in_features", "out_features", "in_channels", "out_channels", "kernel_size",
                      "stride", "padding", "dilation", "groups", "padding_mode"):
@@ -325,7 +327,7 @@ class StoredWeightLayer(KeepsQuantDtypes):
         self.kind = "int4-packed" if self.packed else f"dequant-{layer.weight_fmt}"
         self.register_buffer("weight_codes", codes)
         self.register_buffer("weight_scale", layer.weight_scale.clone())
-        cached = None if self.packed else self._dequantize()
+        cached = None if self.packed else self._dequantize().to(dtype)
         self.register_buffer("cached_weight", cached, persistent=False)
         self.bias, self.act = layer.bias, layer.act
         self._tinygemm: TinyGemmWeight | None = None
@@ -333,6 +335,8 @@ class StoredWeightLayer(KeepsQuantDtypes):
 
     def _apply(self, fn: Any, recurse: bool = True) -> "StoredWeightLayer":
         super()._apply(fn, recurse)
+        if self.cached_weight is not None:  # cast along, but re-derived from the codes: exact after any round trip
+            self.cached_weight = self._dequantize().to(self.cached_weight.dtype)
         self._pack_tinygemm()  # .to("cuda") / .cpu(): the tinygemm pack exists only on CUDA
         return self
 
@@ -389,17 +393,17 @@ def int8_kernels_on(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and onednn.cpu_has_vnni())
 
 
-def _lower_linear(layer: QuantLinear) -> nn.Module | None:
+def _lower_linear(layer: QuantLinear, dtype: torch.dtype) -> nn.Module | None:
     if _gemm_ready(layer) and int8_kernels_on(layer.weight_codes.device):
         return Int8Linear(layer)
     if _gemm_ready(layer, "fp8"):
         return Fp8Linear(layer)
     if layer.weight_fmt == "fp8":
         return None  # fp8 weights with other activations: no kernel anywhere, stays simulated
-    return StoredWeightLayer(layer, F.linear, {})
+    return StoredWeightLayer(layer, F.linear, {}, dtype)
 
 
-def _lower_conv(layer: QuantConv2d) -> nn.Module | None:
+def _lower_conv(layer: QuantConv2d, dtype: torch.dtype) -> nn.Module | None:
     if onednn.supports(layer):
         return onednn.OneDNNInt8Conv2d(layer)
     if _gemm_ready(layer) and _is_pointwise(layer) and int8_kernels_on(layer.weight_codes.device):
@@ -409,18 +413,19 @@ def _lower_conv(layer: QuantConv2d) -> nn.Module | None:
     if layer.weight_fmt == "fp8":
         return None
     kwargs = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
-    return StoredWeightLayer(layer, F.conv2d, kwargs)
+    return StoredWeightLayer(layer, F.conv2d, kwargs, dtype)
 
 
-LOWERINGS: dict[type, Callable[[Any], nn.Module | None]] = {QuantLinear: _lower_linear, QuantConv2d: _lower_conv}
+LOWERINGS: dict[type, Callable[[Any, torch.dtype], nn.Module | None]] = {QuantLinear: _lower_linear, QuantConv2d: _lower_conv}
 UNLOWERED_FORMATS = (None,)  # float weights: nothing to lower
 
 
-def lower_layer(layer: nn.Module) -> nn.Module | None:
-    """The lowered replacement of a simulated layer, or None if it stays simulated."""
+def lower_layer(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Module | None:
+    """The lowered replacement of a simulated layer, or None if it stays simulated. ``dtype``: the float dtype
+    the denoiser computes in (float32 if None), which weights dequantized once are kept in."""
     if layer.weight_fmt in UNLOWERED_FORMATS or type(layer) not in LOWERINGS:
         return None
-    return LOWERINGS[type(layer)](layer)
+    return LOWERINGS[type(layer)](layer, dtype or torch.float32)
 
 
 def lower_(pipe: Any) -> Any:
@@ -429,7 +434,8 @@ def lower_(pipe: Any) -> Any:
     state = get_state(denoiser)
     if state is None:
         raise ValueError("lower_ needs a quantized pipeline; call quantize_ first")
-    lowered = {name: lower_layer(denoiser.get_submodule(name)) for name in state.layers
+    dtype = compute_dtype(denoiser)
+    lowered = {name: lower_layer(denoiser.get_submodule(name), dtype) for name in state.layers
                if name not in state.lowered}
     for name, module in lowered.items():
         if module is not None:

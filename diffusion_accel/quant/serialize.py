@@ -17,7 +17,7 @@ from torch import nn
 
 from ..arch.registry import find_denoiser
 from ..hooks import refuse_while_cached
-from ..artifact import ArtifactError, register_technique
+from ..artifact import ArtifactError, compute_dtype, register_technique
 from ..artifact_tensors import TechniqueTensors, technique_tensors
 from .apply import TECHNIQUE, install
 from .attention import QUANT_PROCESSORS, replaced_attention
@@ -153,7 +153,8 @@ def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tens
         if ptq_config.timestep_groups > 1 else None
     layers = {name: _restore_layer(denoiser.get_submodule(name), name, entry, ptq_config, tensors, selector)
               for name, entry in config["layers"].items()}
-    lowered = {name: lower_layer(layers[name]) for name, entry in config["layers"].items() if entry["lowered"]}
+    dtype = compute_dtype(denoiser)  # before any layer is swapped: the base's own float dtype
+    lowered = {name: lower_layer(layers[name], dtype) for name, entry in config["layers"].items() if entry["lowered"]}
     final = {name: lowered.get(name) or layer for name, layer in layers.items()}
     state = PTQState(ptq_config.to_dict(), list(config["layers"]), config["num_steps"],
                      lowered={name: module.kind for name, module in lowered.items() if module is not None},
