@@ -30,7 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .arch.registry import adapter_wrapped_layers, find_denoiser
-from .base_match import SAMPLE_FILE, config_items, dense, samples_match, structure_fingerprint, weight_sample
+from .base_match import (SAMPLE_FILE, config_items, dense, only_rounded, representable_in, rounded_to, samples_match,
+                         structure_fingerprint, weight_sample)
 from .adapter_guard import GUARDED_ADAPTER_METHODS, PIPELINE_METHOD, install_adapter_guards
 from .artifact_files import StagedWrite
 from .artifact_tensors import TechniqueTensors
@@ -285,6 +286,7 @@ def save(pipe: Any, directory: str | Path) -> Path:
     from . import __version__
 
     _check_folder_argument("save(pipe, directory)", pipe, directory)
+    _check_has_weights(pipe, "save")
     for technique in applied_techniques(pipe):
         if _HANDLERS[technique].check_current is not None:
             _HANDLERS[technique].check_current(pipe)
@@ -311,7 +313,7 @@ def save(pipe: Any, directory: str | Path) -> Path:
             "base": {"pipeline": type(pipe).__name__, "denoiser": type(denoiser).__name__,
                      "component": component, "fingerprint": base_fingerprint(pipe),
                      "source": pipeline_source(pipe), "dtype": _dtype_name(compute_dtype(denoiser)),
-                     **_write_base_sample(denoiser, files)},
+                     **_rounding_entry(denoiser), **_write_base_sample(denoiser, files)},
             "techniques": entries,
         }
     except BaseException:
@@ -324,6 +326,16 @@ def save(pipe: Any, directory: str | Path) -> Path:
 def _tensor_writer(tensors: dict[str, torch.Tensor]) -> Callable[[Path], None]:
     """A writer of ``tensors`` as one safetensors file (on the CPU, contiguous)."""
     return lambda path: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def _check_has_weights(pipe: Any, call: str) -> None:
+    """ArtifactError when the denoiser's weights are on the meta device (no data to save, or to check a base by)."""
+    component, denoiser = find_denoiser(pipe)
+    if any(tensor.is_meta for tensor in denoiser.state_dict().values()):
+        whose = "the base's" if call == "load" else "the pipeline's"
+        raise ArtifactError(f"{call}: {whose} {component or type(denoiser).__name__} has weights on the meta device "
+                            f"(created without them, moved with .to('meta'), or offloaded?): {call} needs a "
+                            f"{component or 'denoiser'} with its weights")
 
 
 def _check_folder_argument(call: str, pipe: Any, directory: Any) -> None:
@@ -346,7 +358,7 @@ def _check_weights_unchanged(pipe: Any) -> None:
     current = weight_sample(denoiser)
     changed = [name for name in applied_sample.keys() & current.keys()
                if not samples_match({name: applied_sample[name]}, {name: current[name]})]
-    if changed:
+    if changed and not only_rounded(applied_sample, current, changed):  # a cast there and back rounds, no more
         raise ArtifactError(f"cannot save: {len(changed)} tensors of the {type(denoiser).__name__} changed after "
                             f"{applied_techniques(pipe)} were applied (e.g. {sorted(changed)[0]}; fuse_lora, "
                             f"load_state_dict or training?), and the artifact would restore them as they were then; "
@@ -361,6 +373,19 @@ def _check_json_configs(exported: list[tuple[str, Any, Any]]) -> None:
         except (TypeError, ValueError) as error:
             raise ArtifactError(f"cannot save: the {technique!r} config holds a value JSON cannot store "
                                 f"({error}); nothing was written") from error
+
+
+def _rounding_entry(denoiser: torch.nn.Module) -> dict[str, str]:
+    """``{"rounded_to": "bfloat16"}`` when the denoiser computes wider than the half precision its float weights
+    were rounded to (techniques applied in bf16, then ``pipe.to(torch.float32)``; or a cast there and back): a
+    float32 base lacks that rounding, so ``load`` says how to get the saved images. Empty otherwise."""
+    dtype = compute_dtype(denoiser)
+    base_names = getattr(denoiser, _BASE_SAMPLE_ATTR, (None, None))[1] or {}
+    sample = {name: tensor for name, tensor in weight_sample(denoiser).items() if not base_names or name in base_names}
+    rounded = rounded_to(sample)  # the base's own tensors: scales that quantization added stay float32
+    if rounded is None or dtype is None or dtype.itemsize <= rounded.itemsize:
+        return {}
+    return {"rounded_to": _dtype_name(rounded)}
 
 
 def _write_base_sample(denoiser: torch.nn.Module, files: StagedWrite) -> dict[str, str]:
@@ -497,10 +522,8 @@ def _check_base(base_pipe: Any, manifest: dict[str, Any], directory: str | Path)
     if applied_techniques(base_pipe):
         raise ArtifactError(f"load() needs an unmodified base pipeline; this one already has "
                             f"{applied_techniques(base_pipe)} applied")
+    _check_has_weights(base_pipe, "load")
     component, denoiser = find_denoiser(base_pipe)
-    if any(tensor.is_meta for tensor in denoiser.state_dict().values()):
-        raise ArtifactError(f"the base's {component or type(denoiser).__name__} has weights on the meta device "
-                            f"(created without them, or offloaded?): load an artifact onto a base with its weights")
     expected = manifest["base"]["fingerprint"]
     actual = fingerprint(denoiser)  # not base_fingerprint: a refused load left its cache on the denoiser
     if actual != expected and not _same_base_in_another_dtype(base_pipe, manifest, directory):
@@ -545,11 +568,30 @@ def _warn_on_dtype_change(manifest: dict[str, Any], denoiser: torch.nn.Module, c
     """Loading onto a base in another dtype works (artifacts are dtype-independent) but cannot
     reproduce the saved pipeline's images: say so, and how to get the exact round trip."""
     saved, actual = manifest["base"].get("dtype"), _dtype_name(compute_dtype(denoiser))
-    if saved and actual and saved != actual:
+    rounded = manifest["base"].get("rounded_to")
+    if rounded and saved and actual:
+        _warn_on_rounding(directory, component, saved, rounded, actual, denoiser)
+    elif saved and actual and saved != actual:
         warnings.warn(f"artifact {directory} was saved from a {saved} {component}; this base's {component} "
                       f"is {actual}: it runs, but its images will differ from the saved pipeline's. For a "
                       f"bit-exact round trip load the base in {saved} (from_pretrained(..., dtype=torch.{saved}), "
                       f"or pipe.to(torch.{saved}) before load)", stacklevel=3)
+
+
+def _warn_on_rounding(directory: str | Path, component: str, saved: str, rounded: str, actual: str,
+                      denoiser: torch.nn.Module) -> None:
+    """The artifact's pipeline computed in ``saved`` on weights rounded to ``rounded``: a base whose weights lack
+    that rounding cannot give its images; one that has it needs only the cast to ``saved`` after load."""
+    if actual != rounded and not representable_in(weight_sample(denoiser), getattr(torch, rounded)):
+        warnings.warn(f"artifact {directory} was saved from a {saved} {component} whose float weights were rounded to "
+                      f"{rounded} (techniques applied in {rounded}, cast to {saved} after); this base's {actual} "
+                      f"weights are not: it runs, but its images will differ from the saved pipeline's. For those, "
+                      f"load the base in {rounded} (or pipe.to(torch.{rounded}) before load) and call "
+                      f"pipe.to(torch.{saved}) after load", stacklevel=4)
+    elif actual != saved:
+        warnings.warn(f"artifact {directory} was saved from a {saved} {component} (its weights rounded to {rounded}); "
+                      f"this base's {component} is {actual}: pipe.to(torch.{saved}) after load gives the saved "
+                      f"pipeline's images", stacklevel=4)
 
 
 def _set_denoiser(pipe: Any, component: str, denoiser: torch.nn.Module) -> None:

@@ -90,3 +90,27 @@ def _half_precisions_match(saved: torch.Tensor, actual: torch.Tensor) -> bool:
     session 30 such loads were refused as "a different base model"."""
     finer, coarser = saved.float(), actual.float()
     return bool(torch.isclose(finer, coarser, rtol=2 ** -8, atol=2 ** -24).all())
+
+
+ROUNDING_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def representable_in(sample: dict[str, torch.Tensor], dtype: torch.dtype) -> bool:
+    """Whether every value of the sample's float tensors wider than ``dtype`` is exactly a ``dtype`` value (a
+    model made or cast in ``dtype``, widened after; a float32 model's weights never are), with at least one such
+    tensor."""
+    wider = [tensor for tensor in sample.values()
+             if tensor.is_floating_point() and tensor.element_size() > torch.finfo(dtype).bits // 8]
+    return bool(wider) and all(torch.equal(tensor.to(dtype).to(tensor.dtype), tensor) for tensor in wider)
+
+
+def rounded_to(sample: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The half precision the sample's wider float values were all rounded to (bfloat16 first), or None."""
+    return next((dtype for dtype in ROUNDING_DTYPES if representable_in(sample, dtype)), None)
+
+
+def only_rounded(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], names: list[str]) -> bool:
+    """Whether the ``names`` tensors of ``after`` are those of ``before`` rounded through one half precision and
+    back (``pipe.to(torch.bfloat16).to(torch.float32)``), so nothing but the cast changed them."""
+    return any(all(torch.equal(before[name].to(dtype).to(after[name].dtype), after[name]) for name in names)
+               for dtype in ROUNDING_DTYPES)

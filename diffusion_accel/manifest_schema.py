@@ -14,7 +14,9 @@ from typing import Any
 # field -> accepted JSON types, for the fields load() reads
 BASE_FIELDS: dict[str, tuple[type, ...]] = {"fingerprint": (str,), "denoiser": (str,)}
 OPTIONAL_BASE_FIELDS: dict[str, tuple[type, ...]] = {
-    "source": (dict, type(None)), "dtype": (str, type(None)), "structure": (str,), "sample": (str,)}
+    "source": (dict, type(None)), "dtype": (str, type(None)), "structure": (str,), "sample": (str,),
+    "rounded_to": (str,)}
+ROUNDING_DTYPE_NAMES = ("bfloat16", "float16")  # base.rounded_to (artifact.save)
 TECHNIQUE_FIELDS: dict[str, tuple[type, ...]] = {"name": (str,), "config": (dict,), "tensors": (str,)}
 
 
@@ -36,6 +38,8 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> None:
             _field(base, name, kinds, path, "base.")
     if "sample" in base:
         _plain_file_name(base["sample"], path, "base.sample")
+    if base.get("rounded_to", ROUNDING_DTYPE_NAMES[0]) not in ROUNDING_DTYPE_NAMES:
+        _fail(path, "base.rounded_to", f"one of {ROUNDING_DTYPE_NAMES}, got {base['rounded_to']!r}")
     for name in ("spec", "dtype", "variant"):  # where the base was loaded from (loading.artifact_base reads them)
         if isinstance(base.get("source"), dict) and name in base["source"]:
             _field(base["source"], name, (str, type(None)), path, "base.source.")

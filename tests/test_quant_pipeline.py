@@ -2,12 +2,13 @@
 
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import torch
 
 import diffusion_accel as da
-from diffusion_accel.artifact import ArtifactError, applied_techniques
+from diffusion_accel.artifact import ArtifactError, applied_techniques, read_manifest
 from diffusion_accel.calib import CallCounts, calibrate
 from diffusion_accel.quant import PTQConfig, lower_, quantize_, summary
 from diffusion_accel.quant.layers import ActQuantizer, QuantLayer
@@ -314,6 +315,31 @@ def test_a_pipeline_cast_after_quantize_keeps_its_scales_and_round_trips(tmp_pat
     da.save(pipe, tmp_path)
     loaded = da.load(build_tiny(family).to(torch.bfloat16), tmp_path)
     assert torch.equal(_images(loaded, family), images)
+
+
+def test_a_pipeline_quantized_in_bf16_and_widened_saves_what_load_needs_to_reproduce_it(tmp_path, int8_kernels):
+    """Quantized in bf16, cast to fp32 and saved, an artifact reloaded onto a float32 base 40 dB off without a word
+    (its float weights carried bf16 rounding the base lacks); a cast there and back was refused as 'changed
+    (fuse_lora, ...)'. Now the manifest records the rounding and load says how to get the saved images."""
+    pipe = quantize_(build_tiny("sd").to(torch.bfloat16), PTQConfig(lower=True, **FAST)).to(torch.float32)
+    images = _images(pipe, "sd")
+    da.save(pipe, tmp_path / "widened")
+    assert read_manifest(tmp_path / "widened")["base"]["rounded_to"] == "bfloat16"
+    with pytest.warns(UserWarning, match="rounded to bfloat16 .* load the base in bfloat16 .* pipe.to\\(torch.float32\\)"):
+        da.load(build_tiny("sd"), tmp_path / "widened")
+    with pytest.warns(UserWarning, match="this base's unet is bfloat16: pipe.to\\(torch.float32\\) after load"):
+        loaded = da.load(build_tiny("sd").to(torch.bfloat16), tmp_path / "widened")
+    assert torch.equal(_images(loaded.to(torch.float32), "sd"), images)
+
+    there_and_back = quantize_(build_tiny("sd"), PTQConfig(lower=True, **FAST)).to(torch.bfloat16).to(torch.float32)
+    da.save(there_and_back, tmp_path / "round-trip")  # refused before
+    loaded = da.load(build_tiny("sd").to(torch.bfloat16), tmp_path / "round-trip").to(torch.float32)
+    assert torch.equal(_images(loaded, "sd"), _images(there_and_back, "sd"))
+    da.save(quantize_(build_tiny("sd"), PTQConfig(lower=True, **FAST)), tmp_path / "float32")
+    assert "rounded_to" not in read_manifest(tmp_path / "float32")["base"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        da.load(build_tiny("sd"), tmp_path / "float32")
 
 
 @pytest.mark.parametrize("config", [PTQConfig(lower=False, **FAST), PTQConfig(lower=True, **FAST),
