@@ -50,7 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="diffusion-accel", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_subcommand in (_add_demo, _add_calibrate, _add_eval, _add_bench, _add_grid):
+        add_subcommand(sub)
+    _register_optional(sub)
+    return parser
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="calibrate and measure the bundled reference pipeline")
     _add_pipe_args(demo, many=False)
     _add_generation_args(demo, steps=20)
@@ -58,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int_at_least(1), default=3, help="timed repeats for latency")
     demo.set_defaults(handler=_cmd_demo)
 
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     calibrate = sub.add_parser(
         "calibrate", help="trajectory calibration: save statistics, or quantize/prune and save the artifact")
     _add_pipe_args(calibrate, many=False)
@@ -75,31 +83,38 @@ def build_parser() -> argparse.ArgumentParser:
                            help="stats (collector statistics), ptq (quantize), obs, wanda or magnitude "
                                 "(prune), cache (enable and calibrate a cache), or a chain saved as one "
                                 "artifact, in this order: e.g. obs,ptq,cache; default %(default)s")
-    calibrate.add_argument("--preset", default=None,
+    _add_technique_options(calibrate)
+    calibrate.add_argument("--out", type=output_folder, required=True, help="output folder (statistics, or the artifact)")
+    calibrate.set_defaults(handler=_cmd_calibrate)
+
+
+def _add_technique_options(parser: argparse.ArgumentParser) -> None:
+    """calibrate's settings of each technique: PTQ preset, pruning sparsity and pattern, cache method."""
+    parser.add_argument("--preset", default=None,
                            help="PTQ preset: w8a8 (default), w4a8, w8a16, fp8, w4a16, qdiffusion, cpu-fast")
-    calibrate.add_argument("--sparsity", type=float, default=None, help="pruning sparsity, e.g. 0.5")
-    calibrate.add_argument("--pattern", default=None, help="pruning pattern: unstructured, 2:4, 4:8, structured")
-    calibrate.add_argument("--scope", default=None, choices=("layer", "global"),
+    parser.add_argument("--sparsity", type=float, default=None, help="pruning sparsity, e.g. 0.5")
+    parser.add_argument("--pattern", default=None, help="pruning pattern: unstructured, 2:4, 4:8, structured")
+    parser.add_argument("--scope", default=None, choices=("layer", "global"),
                            help="unstructured pruning: sparsity per layer (default) or over all pruned layers together")
-    calibrate.add_argument("--allocation", default=None, choices=("error", "saliency"),
+    parser.add_argument("--allocation", default=None, choices=("error", "saliency"),
                            help="--scope global: per-layer shares by least output error (default; obs, wanda) "
                                 "or by normalised saliency (default for magnitude)")
-    calibrate.add_argument("--cache-method", default=None,
+    parser.add_argument("--cache-method", default=None,
                            help="--method cache: deepcache, block, first_block, teacache, delta, "
                                 "encoder_propagation or calibrated (default: the recipe's [cache] method, else "
                                 "da.default_cache_config: deepcache for UNets, block for transformers, "
                                 "interval 3 with forecast 1)")
-    calibrate.add_argument("--budget", type=float, default=None,
+    parser.add_argument("--budget", type=float, default=None,
                            help="--cache-method calibrated: fraction of steps that run the full denoiser")
-    calibrate.add_argument("--interval", type=int_at_least(1), default=None, help="cache interval (deepcache, block, ...)")
-    calibrate.add_argument("--forecast", type=int, default=None, choices=(0, 1),
+    parser.add_argument("--interval", type=int_at_least(1), default=None, help="cache interval (deepcache, block, ...)")
+    parser.add_argument("--forecast", type=int, default=None, choices=(0, 1),
                            help="reuse steps: 0 reuse the cached feature, 1 forecast it linearly")
-    calibrate.add_argument("--forecast-target", default=None, choices=("residual", "output"),
+    parser.add_argument("--forecast-target", default=None, choices=("residual", "output"),
                            help="transformer caches (block, calibrated): what reuse steps fill in: the block "
                                 "stack's residual, or the final projection's output")
-    calibrate.add_argument("--out", type=output_folder, required=True, help="output folder (statistics, or the artifact)")
-    calibrate.set_defaults(handler=_cmd_calibrate)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser("eval", help="measure pipelines side by side (table + JSON + Markdown)")
     _add_pipe_args(evaluate, many=True)
     _add_generation_args(evaluate, steps=25)
@@ -118,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=output_folder, default=None, help="folder for report.json / report.md / grid.png")
     evaluate.set_defaults(handler=_cmd_eval)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="speed side by side: pipeline and denoiser latency, peak memory, "
                                          "size, FLOPs (optionally torch.compile'd)")
     _add_pipe_args(bench, many=True)
@@ -132,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=output_folder, default=None, help="folder for report.json / report.md / grid.png")
     bench.set_defaults(handler=_cmd_bench)
 
+
+def _add_grid(sub: argparse._SubParsersAction) -> None:
     grid = sub.add_parser("grid", help="comparison grid: rows = variants, columns = prompts")
     _add_pipe_args(grid, many=True)
     _add_generation_args(grid, steps=25)
@@ -140,9 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--cell", type=int_at_least(1, MAX_CELL), default=128,
                       help=f"cell size in pixels, at most {MAX_CELL} (default %(default)s)")
     grid.set_defaults(handler=_cmd_grid)
-
-    _register_optional(sub)
-    return parser
 
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:

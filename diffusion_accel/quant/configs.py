@@ -202,6 +202,17 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
 
 def validate(config: PTQConfig) -> None:
     """Raise ValueError naming the bad field, its value and the accepted values."""
+    _check_formats(config)
+    _check_calibration_options(config)
+    _check_activation_options(config)
+    _check_attention(config)
+    _check_reconstruction(config)
+    _check_gptq(config)
+    _check_storable(config)
+
+
+def _check_formats(config: PTQConfig) -> None:
+    """What is quantized (formats, include / exclude globs), the weight granularity and scales, the flags."""
     _choice("weights", config.weights, WEIGHT_FORMATS)
     _choice("activations", config.activations, ACTIVATION_FORMATS)
     if config.weights is None and config.activations is None and config.attention is None:
@@ -211,18 +222,15 @@ def validate(config: PTQConfig) -> None:
     _choice("group_size", config.group_size, GROUP_SIZES)
     for name in FLAGS:
         _flag(name, getattr(config, name))
+    _choice("weight_scale", config.weight_scale, WEIGHT_SCALE_METHODS)
+    _check_globs(config)
+
+
+def _check_calibration_options(config: PTQConfig) -> None:
+    """The calibration run quantize_ makes: guidance, extra call arguments, counts and the step selection."""
     if config.calib_guidance_scale is not None:
         _finite("calib_guidance_scale", config.calib_guidance_scale, 0.0)
     _check_calib_kwargs(config.calib_kwargs)
-    _choice("weight_scale", config.weight_scale, WEIGHT_SCALE_METHODS)
-    _choice("act_mode", config.act_mode, ACT_MODES)
-    _choice("act_method", config.act_method, RANGE_METHODS)
-    if not isinstance(config.act_percentile, (int, float)) or not 50.0 < config.act_percentile <= 100.0:
-        raise ValueError(f"PTQConfig.act_percentile must be in (50, 100], got {config.act_percentile!r}")
-    _positive_int("timestep_groups", config.timestep_groups)
-    if config.timestep_groups > 1 and config.act_mode != "static":
-        raise ValueError(f"PTQConfig.timestep_groups > 1 needs act_mode='static', got {config.act_mode!r} "
-                         "(dynamic scales are computed from each call at run time)")
     for name in ("calib_prompts", "calib_num_steps", "recon_batch", "recon_samples"):
         _positive_int(name, getattr(config, name))
     for name in ("recon_iters", "recon_act_iters"):
@@ -232,20 +240,33 @@ def validate(config: PTQConfig) -> None:
     except ValueError as error:
         raise ValueError(f"PTQConfig.calib_steps={config.calib_steps!r} with calib_num_steps="
                          f"{config.calib_num_steps}: {error}") from None
-    _choice("attention", config.attention, ACTIVATION_FORMATS)
-    if isinstance(config.softmax_bits, bool) or not isinstance(config.softmax_bits, int) \
-            or not 2 <= config.softmax_bits <= 16:
-        raise ValueError(f"PTQConfig.softmax_bits must be an int in [2, 16], got {config.softmax_bits!r}")
-    _check_globs(config)
+
+
+def _check_activation_options(config: PTQConfig) -> None:
+    """How activations are quantized (mode, range method, timestep groups, excluded layers), and only when
+    they are."""
+    _choice("act_mode", config.act_mode, ACT_MODES)
+    _choice("act_method", config.act_method, RANGE_METHODS)
+    if not isinstance(config.act_percentile, (int, float)) or not 50.0 < config.act_percentile <= 100.0:
+        raise ValueError(f"PTQConfig.act_percentile must be in (50, 100], got {config.act_percentile!r}")
+    _positive_int("timestep_groups", config.timestep_groups)
+    if config.timestep_groups > 1 and config.act_mode != "static":
+        raise ValueError(f"PTQConfig.timestep_groups > 1 needs act_mode='static', got {config.act_mode!r} "
+                         "(dynamic scales are computed from each call at run time)")
     if config.activations is None and (config.timestep_groups > 1 or config.act_mode != "static"):
         raise ValueError(f"PTQConfig.timestep_groups={config.timestep_groups} / act_mode={config.act_mode!r} set how "
                          "activations are quantized, but activations=None keeps them in floating point")
     if config.act_exclude and config.activations is None:
         raise ValueError(f"PTQConfig.act_exclude={list(config.act_exclude)} keeps some layers' activations in "
                          "floating point, but activations=None already keeps all of them")
-    _check_reconstruction(config)
-    _check_gptq(config)
-    _check_storable(config)
+
+
+def _check_attention(config: PTQConfig) -> None:
+    """Attention-score quantization: its format and softmax bits."""
+    _choice("attention", config.attention, ACTIVATION_FORMATS)
+    if isinstance(config.softmax_bits, bool) or not isinstance(config.softmax_bits, int) \
+            or not 2 <= config.softmax_bits <= 16:
+        raise ValueError(f"PTQConfig.softmax_bits must be an int in [2, 16], got {config.softmax_bits!r}")
 
 
 def _check_calib_kwargs(pairs: tuple) -> None:
