@@ -6,6 +6,7 @@ import copy
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -152,6 +153,21 @@ def checked_arch(cfg: C.RunConfig) -> tuple[str, bool]:
     return cfg.arch or saved or DEFAULT_ARCH, chosen
 
 
+def training_batch(data: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_size: int, num_captions: int,
+                   vae_config: Any, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """One batch on the CPU: packed latents ``x0`` drawn from each image's encoder posterior (``data``: posterior
+    means, stds, labels), noise, caption ids (the last, empty caption with CAPTION_DROPOUT) and logit-normal
+    sigmas."""
+    mean, std, labels = data
+    idx = torch.randint(0, len(mean), (batch_size,), generator=gen)
+    z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen) - vae_config.shift_factor)
+    cap = labels[idx] * len(TEMPLATES) + torch.randint(0, len(TEMPLATES), (batch_size,), generator=gen)
+    cap = torch.where(torch.rand(batch_size, generator=gen) < CAPTION_DROPOUT, num_captions - 1, cap)
+    x0 = pack(z * vae_config.scaling_factor)
+    return {"x0": x0, "noise": torch.randn(x0.shape, generator=gen), "cap": cap,
+            "sigma": torch.sigmoid(torch.randn(batch_size, generator=gen))}
+
+
 def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
     """Train (or resume) the fashion-flux transformer and T5; returns the exported folder ``run_dir/final``."""
     arch, arch_chosen = checked_arch(cfg)  # before loading anything: a mismatch with the checkpoint is refused
@@ -166,9 +182,9 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
     model, t5 = trainable(source, ids["pooled"].shape[1], len(parts["t5_tok"]), arch if fresh else None)
     arch = arch_of(model)  # a warm start trains the source's architecture
     model, t5, peak_lr = model.to(device), t5.to(device), cfg.lr or 3e-4
-    ema = copy.deepcopy(torch.nn.ModuleList([model, t5])).requires_grad_(False)
-    params = list(model.parameters()) + list(t5.parameters())
-    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.01)
+    trained = torch.nn.ModuleList([model, t5])  # trained jointly: one optimiser, one EMA
+    ema = copy.deepcopy(trained).requires_grad_(False)
+    opt = torch.optim.AdamW(trained.parameters(), lr=peak_lr, weight_decay=0.01)
     bs, n_caps = cfg.batch_size or DEFAULT_BATCH, len(ids["pooled"])
     start, elapsed, commands = C.resume(cfg, {"model": model, "t5": t5, "ema": ema, "opt": opt}, gen)
     t_start = time.time()
@@ -177,20 +193,10 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
         model.train(), t5.train()
         for group in opt.param_groups:
             group["lr"] = C.lr_at(step, frac, peak_lr, warmup=min(200, cfg.steps // 10 + 1), floor=0.1)
-        idx = torch.randint(0, len(images), (bs,), generator=gen)
-        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen) - vcfg.shift_factor)
-        cap = labels[idx] * len(TEMPLATES) + torch.randint(0, len(TEMPLATES), (bs,), generator=gen)
-        cap = torch.where(torch.rand(bs, generator=gen) < CAPTION_DROPOUT, n_caps - 1, cap)
-        x0 = pack(z * vcfg.scaling_factor)
-        batch = {"x0": x0, "noise": torch.randn(x0.shape, generator=gen), "cap": cap,
-                 "sigma": torch.sigmoid(torch.randn(bs, generator=gen))}
+        batch = training_batch((mean, std, labels), bs, n_caps, vcfg, gen)
         with C.autocast(device):
             loss = flow_loss(model, t5, {k: v.to(device) for k, v in batch.items()}, ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        C.ema_update(ema, torch.nn.ModuleList([model, t5]), min(EMA_DECAY, (1 + step) / (10 + step)))
+        C.ema_step(trained, ema, opt, loss, step, EMA_DECAY)
         return {"loss": loss.item()}
 
     def state_fn(step: int) -> dict:
@@ -200,9 +206,8 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
                 "arch_chosen": arch_chosen}
 
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, name)
-    info = {"name": name, "seed": cfg.seed, "steps": done, "batch_size": bs, "device": str(device),
-            "wall_time_s": round(elapsed + time.time() - t_start, 1), "threads": torch.get_num_threads(),
-            "command": " && ".join(commands), "transformer_params": sum(p.numel() for p in model.parameters()),
+    info = {**C.run_info(name, cfg, done, bs, device, elapsed + time.time() - t_start, commands),
+            "transformer_params": sum(p.numel() for p in model.parameters()),
             "t5_params": sum(p.numel() for p in t5.parameters()), "caption_dropout": CAPTION_DROPOUT,
             "ema_decay": EMA_DECAY, "t5_max_sequence_length": T5_MAX_LENGTH, "peak_lr": peak_lr,
             "arch": arch,
