@@ -123,8 +123,7 @@ def train(cfg: C.RunConfig, name: str) -> Path:
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, name)
     metrics = evaluate(vae, test_images)
     print(f"{name}: test PSNR {metrics['test_psnr_db']:.2f} dB after {done} steps")
-    info = {"name": name, "seed": cfg.seed, "steps": done, "batch_size": bs, "device": str(device),
-            "wall_time_s": round(elapsed + time.time() - t_start, 1), "threads": torch.get_num_threads(),
-            "command": " && ".join(commands), "params": sum(p.numel() for p in vae.parameters()),
+    info = {**C.run_info(name, cfg, done, bs, device, elapsed + time.time() - t_start, commands),
+            "params": sum(p.numel() for p in vae.parameters()),
             **({"init_from": f"{donor} (same-shaped tensors)"} if donor_used else {})}
     return export(vae.cpu(), cfg.run_dir / "final", metrics, name == "fashion-flux-vae", info)
