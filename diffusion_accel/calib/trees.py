@@ -11,38 +11,19 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 
 def flatten(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
-    """Leaves of ``tree`` in a fixed order and a function rebuilding the same structure from leaves."""
-    if isinstance(tree, (tuple, list)):
-        parts = [flatten(item) for item in tree]
-        return _join(parts, lambda items: type(tree)(items) if isinstance(tree, list) else tuple(items))
-    if isinstance(tree, dict):
-        keys = list(tree)
-        parts = [flatten(tree[key]) for key in keys]
-        return _join(parts, lambda items: dict(zip(keys, items)))
-    return [tree], lambda leaves: leaves[0]
-
-
-def _join(parts: list[tuple[list[Any], Callable]], build: Callable[[list[Any]], Any]):
-    sizes = [len(leaves) for leaves, _ in parts]
-    leaves = [leaf for part_leaves, _ in parts for leaf in part_leaves]
-
-    def rebuild(new_leaves: list[Any]) -> Any:
-        items, start = [], 0
-        for size, (_, part_rebuild) in zip(sizes, parts):
-            items.append(part_rebuild(new_leaves[start:start + size]))
-            start += size
-        return build(items)
-
-    return leaves, rebuild
+    """Leaves of ``tree`` in a fixed order and a function rebuilding the same structure from leaves (torch's
+    pytree: tuples, lists, dicts, namedtuples and diffusers' output classes keep their types; None is a leaf)."""
+    leaves, spec = tree_flatten(tree)
+    return leaves, lambda new_leaves: tree_unflatten(list(new_leaves), spec)
 
 
 def map_tensors(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
     """``tree`` with every tensor leaf replaced by ``fn(tensor)``."""
-    leaves, rebuild = flatten(tree)
-    return rebuild([fn(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves])
+    return tree_map_only(torch.Tensor, fn, tree)
 
 
 def tensors_in(tree: Any) -> list[torch.Tensor]:
