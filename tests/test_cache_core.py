@@ -255,6 +255,36 @@ def test_teacache_rescaling_never_shrinks_the_accumulated_change():
     assert policy.rescale(0.2) == 0.0 and policy.rescale(1.0) == 0.5
 
 
+def _decisions(policy, values, num_steps):
+    """The policy's compute (True) / reuse (False) per step for signals ``torch.full((4,), value)``: relative L1
+    changes between consecutive values are exact (|v1 - v0| / |v0|)."""
+    state = {}
+    return [policy.should_compute(step, num_steps, state, torch.full((4,), value)) for step, value in enumerate(values)]
+
+
+def test_teacache_accumulates_rescaled_changes_and_always_computes_the_first_and_last_step():
+    """Nothing checked the step-by-step sequence: never forcing the last step passed every test (session 32)."""
+    from diffusion_accel.cache.policies import TeaCachePolicy
+
+    values = [1.0, 1.1, 1.21, 1.331, 1.4641, 1.61051, 1.771561]  # each 10% above the one before
+    assert _decisions(TeaCachePolicy(0.25, None), values, 7) == [True, False, False, True, False, False, True]
+    assert _decisions(TeaCachePolicy(0.25, None), values[:5], 5) == [True, False, False, True, True]  # last forced
+    doubled = TeaCachePolicy(0.25, (2.0, 0.0))  # the fitted polynomial 2x: each change counts 0.2
+    assert _decisions(doubled, values, 7) == [True, False, True, False, True, False, True]
+
+
+def test_first_block_cache_reuses_while_the_head_residual_moved_less_than_the_threshold_since_the_last_full_step():
+    """The change is measured against the last computed step's signal, not the previous step's; a doubled
+    threshold passed every test before (session 32)."""
+    from diffusion_accel.cache.policies import FirstBlockPolicy
+
+    values = [1.0, 1.06, 1.099, 1.2, 1.25, 1.3]
+    # 1.06 and 1.099 are within 10% of 1.0; 1.2 is not (computes, new reference); 1.25 and 1.3 are within 10% of it
+    assert _decisions(FirstBlockPolicy(0.1), values, 6) == [True, False, False, True, False, False]
+    # at 5%: 1.06 computes (new reference); 1.099 is 3.7% above it; 1.2 computes; 1.25 is 4.2%, 1.3 8.3% above 1.2
+    assert _decisions(FirstBlockPolicy(0.05), values, 6) == [True, True, False, True, False, True]
+
+
 def test_a_teacache_fit_negative_on_the_seen_range_is_refused(monkeypatch):
     from diffusion_accel.cache import teacache_fit
 
