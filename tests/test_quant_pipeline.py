@@ -43,7 +43,7 @@ def test_every_family_quantizes_lowers_and_generates(family, int8_kernels):
     quantize_(pipe, PTQConfig(lower=True, calib_kwargs=_calib_kwargs(family), **guidance, **FAST))
     images = _images(pipe, family)
     assert images.shape == reference.shape and torch.isfinite(images).all()
-    assert _sqnr_db(reference, images) > 8.0
+    assert _sqnr_db(reference, images) > 15.0  # 19.9 (DiT) to 61.2 dB (Flux) here in session 32; was > 8
     assert "int8-gemm" in summary(pipe) and applied_techniques(pipe) == ["ptq"]
 
 
