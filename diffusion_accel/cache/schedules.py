@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 
 def uniform_full_steps(num_steps: int, interval: int) -> list[int]:
     """Steps 0, interval, 2*interval, ... below ``num_steps``."""
@@ -58,16 +60,9 @@ def resample_full_steps(full_steps: tuple[int, ...], source_steps: int, target_s
     wanted = min(target_steps, max(1, round(len(fractions) * target_steps / source_steps)))
     chosen: set[int] = set()
     for i in range(wanted):
-        position = _interpolate(fractions, i * (len(fractions) - 1) / max(wanted - 1, 1))
+        position = float(np.interp(i * (len(fractions) - 1) / max(wanted - 1, 1), range(len(fractions)), fractions))
         chosen.add(_nearest_free(round(position * (target_steps - 1)), chosen, target_steps))
     return sorted(chosen)
-
-
-def _interpolate(values: list[float], index: float) -> float:
-    """Linear interpolation of ``values`` at fractional ``index``."""
-    low = min(int(index), len(values) - 1)
-    high = min(low + 1, len(values) - 1)
-    return values[low] + (values[high] - values[low]) * (index - low)
 
 
 def _nearest_free(step: int, taken: set[int], num_steps: int) -> int:
