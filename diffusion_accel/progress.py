@@ -7,7 +7,7 @@ keep their signature). The CLI turns it on: a full-size model's sweeps run for m
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TypeVar
@@ -38,3 +38,17 @@ def progress_bar(items: Iterable[ItemT], desc: str, total: int | None = None) ->
     if not progress_shown():
         return items
     return tqdm(items, desc=desc, total=total, leave=False)
+
+
+@contextmanager
+def progress_counter(desc: str, unit: str) -> Iterator[Callable[[], None]]:
+    """A function that advances a tqdm counter named ``desc`` (count, rate and time so far, for work whose
+    total is not known ahead) when progress is shown; a no-op otherwise."""
+    if not progress_shown():
+        yield lambda: None
+        return
+    bar = tqdm(desc=desc, unit=unit, leave=False)
+    try:
+        yield lambda: bar.update(1)
+    finally:
+        bar.close()

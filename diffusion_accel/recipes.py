@@ -285,8 +285,9 @@ def _check_flags_apply(args: argparse.Namespace, methods: list[str]) -> None:
             if getattr(args, flag, None) is not None and not set(readers) & set(methods)]
     if idle:
         users = {f"--{flag.replace('_', '-')}": "/".join(readers) for flag, readers in _FLAG_METHODS.items()}
-        raise ValueError(f"{', '.join(idle)} not used by --method {','.join(methods)} (they apply to "
-                         f"{'; '.join(f'{flag}: {users[flag]}' for flag in idle)}); drop them or add the method")
+        readers = "; ".join(f"{flag} is read by --method {users[flag]}" for flag in idle)
+        raise ValueError(f"{', '.join(idle)} not used by --method {','.join(methods)} ({readers}); drop them or "
+                         f"add the method")
 
 
 def _check_calibration_settings(settings: dict[str, Any], seed: int) -> None:
@@ -447,7 +448,7 @@ def _apply_cache(pipe: Any, args: argparse.Namespace, recipe: dict[str, Any], pr
     if not table.get("method"):
         table = default_cache_table(pipe) | table
     config = config_from_table(pipe, table, prompt_list, settings["steps"], seed=args.seed,
-                               **sampling_kwargs(settings))
+                               batch_size=settings["batch_size"], progress=True, **sampling_kwargs(settings))
     enable_cache(pipe, config)
     return f"cache: {json.dumps(config_to_dict(config))}"
 

@@ -63,6 +63,23 @@ def test_both_searches_meet_the_budget(search):
     assert len(config.full_steps) == 4 and config.full_steps[0] == 0
 
 
+def test_a_schedule_search_batches_prompts_counts_schedules_and_hides_per_run_bars(capsys, monkeypatch):
+    """The README's 50-step search ran thousands of pipeline calls, each printing its own 50-step bar, with no
+    overall progress; prompts now share calls (``batch_size``) and a bar counts the schedules tried."""
+    from diffusion_accel.cache import calibrated
+
+    pipe = build_tiny("sd")
+    calls = []
+    original = calibrated.final_outputs
+    monkeypatch.setattr(calibrated, "final_outputs", lambda p, planned: calls.append(len(planned)) or original(p, planned))
+    config = calibrate_schedule(pipe, ["a", "b", "c"], budget=0.5, num_inference_steps=4, batch_size=2,
+                                max_passes=1, progress=True, height=32, width=32)
+    assert len(config.full_steps) == 2 and set(calls) == {1, 2}  # 3 prompts in 2 calls per schedule (1: steps_that_run)
+    err = capsys.readouterr().err
+    assert "schedule search" in err and "4/4" not in err  # the pipeline's own bar stayed off
+    assert getattr(pipe, "_progress_bar_config", {}).get("disable") is not True  # and back on after
+
+
 def test_schedule_steps_count_denoiser_calls_of_second_order_schedulers():
     """Heun at 4 steps makes 7 denoiser calls: the budget is a fraction of those 7, and the schedule
     applies to them as calibrated (it used to search 4 steps, then stretch 2 full ones over 7 calls)."""

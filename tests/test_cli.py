@@ -438,7 +438,7 @@ def test_bench_batch_size_above_num_prompts_cycles_prompts(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["calibrate", "--method", "ptq", "--sparsity", "0.5", "--layers", "x*"], "--layers, --sparsity not used by --method ptq"),
+    (["calibrate", "--method", "ptq", "--sparsity", "0.5", "--layers", "x*"], "--layers, --sparsity not used by --method ptq (--layers is read by --method stats; --sparsity is read by --method obs/wanda/magnitude)"),
     (["calibrate", "--method", "stats", "--preset", "w4a8"], "--preset not used by --method stats"),
     (["calibrate", "--method", "ptq", "--call", "seed=3"], "may not set ['seed']: these are settings of the calibration"),
     (["calibrate", "--method", "obs,ptq,cache", "--cache-method", "bogus"], "[cache] method 'bogus'"),

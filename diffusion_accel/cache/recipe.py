@@ -27,13 +27,14 @@ CACHE_METHODS = (*STATIC_METHODS, "calibrated")
 
 
 def config_from_table(pipe: Any, table: dict[str, Any], prompts: Any, num_inference_steps: int,
-                      seed: int = 0, **call_kwargs: Any) -> Any:
+                      seed: int = 0, batch_size: int = 1, progress: bool = False, **call_kwargs: Any) -> Any:
     """The cache config a ``[cache]`` table describes, calibrated on ``prompts`` where the method
-    needs it (``call_kwargs``: the sampling settings, e.g. ``guidance_scale``)."""
+    needs it (``call_kwargs``: the sampling settings, e.g. ``guidance_scale``; ``batch_size`` prompts per
+    call and a ``progress`` bar for a schedule search)."""
     method, options = _method_and_options(table)
     if method == "calibrated":
         return calibrate_schedule(pipe, prompts, num_inference_steps=num_inference_steps, seed=seed,
-                                  **options, **call_kwargs)
+                                  batch_size=batch_size, progress=progress, **options, **call_kwargs)
     degree = options.pop("degree", 4) if method == "teacache" else None
     if method == "teacache" and options.get("coefficients") is None:
         options["coefficients"] = fit_teacache_coefficients(pipe, prompts, num_inference_steps, degree=degree,

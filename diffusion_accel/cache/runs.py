@@ -11,20 +11,20 @@ from typing import Any
 import torch
 
 from ..calib.inputs import calibration_items, placeholder_prompts, plan_calls
-from ..calib.runner import restore_scheduler_state, scheduler_state
+from ..calib.runner import restore_scheduler_state, scheduler_state, silent_pipeline_bar
 from ..seeding import seeded_call
 from ..uncompiled import uncompiled
 
 
 def planned_calls(pipe: Any, prompts: Any, num_inference_steps: int, seed: int = 0,
                   num_samples: int | None = None, guidance_scale: float | None = None,
-                  negative_prompt: Any = None, **call_kwargs: Any) -> list:
-    """The calibration calls (one prompt / class / sample per call) with their seeds; pass the
+                  negative_prompt: Any = None, batch_size: int = 1, **call_kwargs: Any) -> list:
+    """The calibration calls (``batch_size`` prompts / classes / samples per call) with their seeds; pass the
     sampling settings the pipeline will run with (``height``/``width``, Flux's ``true_cfg_scale`` with
     ``negative_prompt``), since pipeline defaults may differ (Flux defaults to 1024×1024)."""
     prompts, num_samples = placeholder_prompts(prompts, num_samples)  # [None] * N, as prompts.for_pipeline gives
     items = calibration_items(pipe, prompts, num_samples)
-    return plan_calls(pipe, items, num_inference_steps=num_inference_steps, batch_size=1,
+    return plan_calls(pipe, items, num_inference_steps=num_inference_steps, batch_size=batch_size,
                       num_images_per_prompt=1, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                       seed=seed, call_kwargs=call_kwargs)
 
@@ -35,7 +35,7 @@ def final_outputs(pipe: Any, calls: list) -> list[torch.Tensor]:
     as it was (``calib.runner.scheduler_state``)."""
     outputs, saved_scheduler = [], scheduler_state(pipe)
     try:
-        with uncompiled(pipe):  # trial caches on a compiled denoiser recompiled per schedule
+        with uncompiled(pipe), silent_pipeline_bar(pipe):  # trial caches on a compiled denoiser recompiled per schedule
             for call in calls:
                 result = seeded_call(pipe, call.kwargs | {"generator": torch.Generator().manual_seed(call.seed)},
                                      call.seed)

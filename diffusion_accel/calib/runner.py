@@ -13,7 +13,8 @@ import copy
 import inspect
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -226,6 +227,17 @@ def _restore_pipeline_bar(pipe: Any, saved: Any) -> None:
         pipe.__dict__.pop("_progress_bar_config", None)
     else:
         pipe._progress_bar_config = saved
+
+
+@contextmanager
+def silent_pipeline_bar(pipe: Any) -> Iterator[None]:
+    """The pipeline's own per-call progress bar off within the block (runs that make many calls show their
+    own progress instead: a schedule search printed one 50-step bar per run, thousands of them)."""
+    saved = _silence_pipeline_bar(pipe)
+    try:
+        yield
+    finally:
+        _restore_pipeline_bar(pipe, saved)
 
 
 def scheduler_state(pipe: Any) -> dict[str, Any] | None:
