@@ -47,7 +47,7 @@ from .timing import PipelineTiming, pipeline_device, time_pipelines
 DEFAULT_METRICS = ("fid", "clip", "psnr", "ssim", "latency", "memory", "flops")
 SPEED_METRICS = ("latency", "memory", "flops")
 GRID_COLUMNS = 8
-NO_GAIN_BAND = 0.05  # a speedup below 1.05x is reported as "not faster"
+NO_GAIN_BAND = 0.05  # a speedup below 1.05x is reported as "not measurably faster"
 MIB = 2 ** 20
 MEMORY_KINDS = {  # memory.MemoryStats.kind -> what "peak MiB" means
     "cuda_max_allocated": "the CUDA allocator's peak during one call",
@@ -446,8 +446,8 @@ def _add_speedups(report: EvalReport, rows: dict[str, dict[str, Any]], baseline:
             if row.get(key) and base.get(key):
                 row[ratio] = base[key] / row[key]
         if row["variant"] != baseline and row.get("speedup") is not None and row["speedup"] < 1 + NO_GAIN_BAND:
-            report.notes.append(f"{row['variant']!r} is not faster than {baseline!r} on this device "
-                                f"(pipeline speedup {row['speedup']:.2f}x).")
+            report.notes.append(f"{row['variant']!r} is not measurably faster than {baseline!r} on this device "
+                                f"(pipeline speedup {row['speedup']:.2f}x, within {NO_GAIN_BAND:.0%} of 1 or below).")
 
 
 def _grid(report: EvalReport, run: _Run) -> Any:
