@@ -136,11 +136,13 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
     ).eval()
     vae = tiny_vae(latent_channels=4, use_quant_conv=False, use_post_quant_conv=False,
                    shift_factor=0.0609, scaling_factor=1.5035)
-    return FluxPipeline(
+    pipe = FluxPipeline(
         transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
         text_encoder=tiny_clip_text(), tokenizer=clip_tokenizer(),
         text_encoder_2=tiny_t5(), tokenizer_2=t5_tokenizer(),
     )
+    pipe.default_sample_size = 8  # 16 px without height / width, as tiny_call_kwargs (FluxPipeline's 128: 256 px)
+    return pipe
 
 
 def tiny_pixart_pipeline(seed: int = 0) -> PixArtAlphaPipeline:
