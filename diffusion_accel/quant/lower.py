@@ -150,30 +150,18 @@ class Int8GemmCore(KeepsQuantDtypes):
 
     def _per_tensor(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Per-tensor scales (static, or dynamic from ``x2d``, whose channels are dim 1 as in the layer's
-        own input): out = acc * (s_a * s_w) + (bias - (zero - offset) * colsum * s_a * s_w)."""
-        pairs = self.act.segment_qparams(x2d)
-        out, base = None, None
-        for s, start, size in self._segments():
-            scale, zero = pairs[s if len(pairs) > 1 else 0]
-            shifted_zero = zero - self.offset
-            acc = int8_matmul(self._quantize(x2d[:, start:start + size], scale, shifted_zero),
-                              self.weight_t[start:start + size])
-            combined = scale.float() * self.weight_scale[:, s].float()
-            correction = shifted_zero * self.col_sums[s] * combined
-            base = -correction if base is None else base - correction
-            out = acc.float() * combined if out is None else out.addcmul_(acc.float(), combined)
-        if bias is not None:
-            base = base + bias.float()
-        return out.add_(base)
+        own input): out = acc * (s_a * s_w) + (bias - (zero - offset) * colsum * s_a * s_w), in the order of
+        the eager folded path, so compiled graphs give its exact values (one ulp apart, later layers rounded
+        some activations to other codes: compiled images differed from eager by up to 1e-2)."""
+        return self._rescaled_gemm(x2d, *self._fold(self.act.segment_qparams(x2d)), bias)
 
-    def _fold_static(self, group: int) -> tuple[list, torch.Tensor]:
-        """The constants of ``_per_tensor`` for static scales of timestep group ``group``: per segment
-        (activation scale, shifted zero point) and the (N,) rescale s_a * s_w; and the (N,) zero-point
-        correction -sum over segments of (zero - offset) * colsum * s_a * s_w; all float32."""
-        scales, zeros = self.act.scale[group], self.act.zero_point[group]
+    def _fold(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list, torch.Tensor]:
+        """From the per-segment (activation scale, zero point) ``pairs`` (one pair: shared by the segments):
+        per segment (activation scale, shifted zero point) and the (N,) rescale s_a * s_w; and the (N,)
+        zero-point correction -sum over segments of (zero - offset) * colsum * s_a * s_w; all float32."""
         segments, base = [], None
         for s, _, _ in self._segments():
-            scale, zero = (scales[s], zeros[s]) if scales.numel() > 1 else (scales[0], zeros[0])
+            scale, zero = pairs[s if len(pairs) > 1 else 0]
             shifted_zero = zero - self.offset
             combined = scale.float() * self.weight_scale[:, s].float()
             correction = shifted_zero * self.col_sums[s] * combined
@@ -181,23 +169,33 @@ class Int8GemmCore(KeepsQuantDtypes):
             segments.append((scale.float(), shifted_zero.float(), combined))
         return segments, base
 
-    def _static_folded(self, act: ActQuantizer, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``_per_tensor`` for static scales with its constants folded once per timestep group (eager
-        inference): per segment quantize, int8 GEMM and one fused multiply-add; then the bias (not folded:
-        a user may edit it through ``.data``, which no version counter sees). Buffers are read from the
-        module dicts: four ``nn.Module.__getattr__`` lookups cost ~5 us per call, more than the GEMM's
-        rescale on small layers."""
-        group = act.group_index()
-        own, act_buffers = self._buffers, act._buffers
-        sources = (act_buffers["scale"], act_buffers["zero_point"], own["weight_scale"], own["col_sums"])
-        segments, out = self.constants.get((group, x2d.device), sources, lambda: self._fold_static(group))
-        single = len(segments) == 1
+    def _fold_static(self, group: int) -> tuple[list, torch.Tensor]:
+        """``_fold`` of the static scales of timestep group ``group``."""
+        scales, zeros = self.act.scale[group], self.act.zero_point[group]
+        return self._fold(list(zip(scales, zeros)))
+
+    def _rescaled_gemm(self, x2d: torch.Tensor, segments: list, base: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+        """Per segment quantize, int8 GEMM and one fused multiply-add onto the zero-point correction ``base``
+        (``_fold``); then the bias (not folded: a user may edit it through ``.data``, which no version counter
+        sees)."""
+        single, out = len(segments) == 1, base
         for (_, start, size), (scale, shifted_zero, combined) in zip(self._segments(), segments):
             part = x2d if single else x2d[:, start:start + size]
             weight = self.weight_t if single else self.weight_t[start:start + size]
             acc = int8_matmul(quantize_codes(part, scale, shifted_zero, -128, 127, torch.int8), weight)
             out = torch.addcmul(out, acc, combined)
         return out if bias is None else out.add_(bias)
+
+    def _static_folded(self, act: ActQuantizer, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``_per_tensor`` for static scales with ``_fold`` done once per timestep group (eager inference).
+        Buffers are read from the module dicts: four ``nn.Module.__getattr__`` lookups cost ~5 us per call,
+        more than the GEMM's rescale on small layers."""
+        group = act.group_index()
+        own, act_buffers = self._buffers, act._buffers
+        sources = (act_buffers["scale"], act_buffers["zero_point"], own["weight_scale"], own["col_sums"])
+        segments, base = self.constants.get((group, x2d.device), sources, lambda: self._fold_static(group))
+        return self._rescaled_gemm(x2d, segments, base, bias)
 
     def _dynamic(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Per-token scales (M, 1): out = (acc - zero_row * colsum) * s_row * s_w + bias."""
