@@ -200,10 +200,12 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
                         f"{type(prompt_to_kwargs).__name__}")
     _check_counts(images_per_prompt=images_per_prompt, batch_size=batch_size, warmup=warmup, repeats=repeats,
                   grid_cell_size=grid_cell_size, **({} if grid_columns is None else {"grid_columns": grid_columns}))
-    run = _Run(check_metrics(metrics), _check_variants(pipelines, baseline),
-               make_jobs(prompts, images_per_prompt, seed), images_per_prompt, num_inference_steps, seed,
-               batch_size, call_kwargs, prompt_to_kwargs, fid_reference, fid_cache_dir, fid_extractor,
-               clip_model or default_clip_model(pipelines), warmup, repeats, grid_cell_size, grid_columns)
+    run = _Run(requested=check_metrics(metrics), baseline=_check_variants(pipelines, baseline),
+               jobs=make_jobs(prompts, images_per_prompt, seed), images_per_prompt=images_per_prompt,
+               num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size, call_kwargs=call_kwargs,
+               prompt_to_kwargs=prompt_to_kwargs, fid_reference=fid_reference, fid_cache_dir=fid_cache_dir,
+               fid_extractor=fid_extractor, clip_model=clip_model or default_clip_model(pipelines), warmup=warmup,
+               repeats=repeats, grid_cell_size=grid_cell_size, grid_columns=grid_columns)
     _check_inputs(run, pipelines, output_dir)
     shared = shared_denoiser_notes(pipelines)
     for note in shared:
