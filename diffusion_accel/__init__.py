@@ -4,7 +4,8 @@ Public API (the in-place functions ``quantize_`` / ``prune_`` / ``enable_cache``
 ``load`` return the pipeline they were given):
 
 - ``calibrate(pipe, prompts, num_inference_steps, collectors=...)``: one trajectory pass
-- ``evaluate({name: pipe}, prompts, metrics=...)``: FID / CLIP / PSNR / SSIM / latency table
+- ``evaluate({name: pipe}, prompts, metrics=...)``: FID / CLIP / PSNR / SSIM / latency table (an ``EvalReport``:
+  ``save(dir)``, ``EvalReport.load(dir)``)
 - ``save(pipe, dir)`` / ``load(base_pipe, dir)``: safetensors + JSON manifest artifacts
 - ``enable_cache(pipe, DeepCacheConfig(...))`` / ``remove_cache(pipe)``: feature caching
 - ``quantize_(pipe, PTQConfig.preset("w8a8"), calib=...)``: timestep-aware PTQ, lowered to int8
@@ -30,6 +31,7 @@ _LAZY_ATTRIBUTES = {
     "calibrate": ("diffusion_accel.calib", "calibrate"),
     "Calibration": ("diffusion_accel.calib", "Calibration"),
     "evaluate": ("diffusion_accel.eval", "evaluate"),
+    "EvalReport": ("diffusion_accel.eval", "EvalReport"),
     "load_pipeline": ("diffusion_accel.loading", "load_pipeline"),
     "call_defaults": ("diffusion_accel.pipeline_defaults", "call_defaults"),
     # feature caching (issue 6)
