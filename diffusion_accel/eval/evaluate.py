@@ -449,7 +449,8 @@ def _add_speedups(report: EvalReport, rows: dict[str, dict[str, Any]], baseline:
                 row[ratio] = base[key] / row[key]
         if row["variant"] != baseline and row.get("speedup") is not None and row["speedup"] < 1 + NO_GAIN_BAND:
             report.notes.append(f"{row['variant']!r} is not measurably faster than {baseline!r} on this device "
-                                f"(pipeline speedup {row['speedup']:.2f}x, within {NO_GAIN_BAND:.0%} of 1 or below).")
+                                f"(pipeline speedup {row['speedup']:.3f}x, below the {1 + NO_GAIN_BAND:.2f}x a gain "
+                                f"needs).")
 
 
 def _grid(report: EvalReport, run: _Run) -> Any:
