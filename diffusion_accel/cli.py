@@ -364,13 +364,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:  # a command group given without its action, e.g. ``diffusion-accel zoo``
         parser.parse_args([*(argv or sys.argv[1:]), "--help"])
     try:
-        return int(handler(args) or 0)
+        status = int(handler(args) or 0)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    distributed = sys.modules.get("diffusion_accel.eval.distributed")  # loaded by the commands that shard work
+    if distributed is not None:
+        distributed.close_process_group()  # launched runs (torchrun): every rank finishes together
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -63,6 +63,10 @@ from . import hook_copy
 TRACKER_HOOK_NAME = "diffusion_accel.step_tracker"
 DEFAULT_CONTEXT = "default"
 CACHE_CLIENT = "cache"  # the client name feature caching registers (cache/session.py)
+# Contexts of their own for calls repeating a position (CFG branches called one by one, PAG's or SD3's skip-layer
+# third pass): a few per step. A loop calling the denoiser at one position made one per call, each keeping its
+# cached features until the next pipeline call (~21 MB a call on SD 1.5 at 512 px, session 32 soak probe).
+MAX_REPEAT_CONTEXTS = 8
 
 
 class _ContextState:
@@ -336,9 +340,9 @@ class StepTracker(ModelHook):
         if position is None:
             return context, self._counters.get(context, 0)
         branch, repeat = context, 0
-        while self._last_positions.get(branch) == position:
+        while self._last_positions.get(branch) == position and repeat < MAX_REPEAT_CONTEXTS:
             repeat += 1
-            branch = f"{context}#{repeat}"
+            branch = f"{context}#{repeat}"  # past the cap the last one is reused: a loop over one step, not branches
         self._last_positions[branch] = position
         return branch, position
 

@@ -10,7 +10,7 @@ from diffusion_accel.cache import (BlockCacheConfig, CalibratedCacheConfig, Deep
                                    enable_cache, nonuniform_full_steps, remove_cache,
                                    resample_full_steps, summary, uniform_full_steps)
 from diffusion_accel.cache.policies import SchedulePolicy
-from diffusion_accel.cache.session import SESSION_ATTR, end_session, start_session
+from diffusion_accel.cache.session import SESSION_ATTR, end_session, get_session, start_session
 from diffusion_accel.cache.stack import StackBlockHook
 from diffusion_accel.cache.streams import BlockIO
 from diffusion_accel.cache.unet_branch import CachedOutputHook, ModelHookReady
@@ -319,3 +319,27 @@ def test_schedule_and_teacache_fits_take_numpy_numbers(monkeypatch):
 
 def test_nonuniform_schedule_with_a_huge_power_ends():
     assert nonuniform_full_steps(10, 3, power=1e6) == nonuniform_full_steps(10, 3, power=1.0 + 1e-9)
+
+
+def test_a_denoiser_looped_at_one_position_keeps_a_bounded_state(monkeypatch):
+    """Direct calls repeating one scheduler position each got a context of their own ('default#k', with its
+    cached features) and a step record, without end until the next pipeline call (session 32 soak probe)."""
+    from diffusion_accel.cache import session as session_module
+    from diffusion_accel.hooks import MAX_REPEAT_CONTEXTS
+
+    monkeypatch.setattr(session_module, "MAX_RECORDS", 5)
+    pipe = build_tiny("sd")
+    enable_cache(pipe, DeepCacheConfig(interval=2))
+    pipe(**tiny_call_kwargs("sd", steps=4))
+    unet, tracker = pipe.unet, get_tracker(pipe.unet)
+    x, text = torch.randn(2, 4, 4, 4), torch.randn(2, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        for _ in range(3 * MAX_REPEAT_CONTEXTS):
+            unet(x, pipe.scheduler.timesteps[0], encoder_hidden_states=text)
+    assert len(tracker.client_states("cache")) == MAX_REPEAT_CONTEXTS + 1
+    with torch.no_grad():
+        for _ in range(12):  # a fixed timestep that is no view of the schedule: one trajectory that never resets
+            unet(x, torch.tensor(500), encoder_hidden_states=text)
+    assert len(get_session(unet).records) == 5
+    pipe(**tiny_call_kwargs("sd", steps=4))
+    assert summary(pipe)["denoiser_calls"] == 4

@@ -677,7 +677,8 @@ def test_two_cpu_processes_under_torchrun_shard_the_evaluation_and_match_one_pro
             "--num-prompts", "3", "--steps", "2"]
     done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "diffusion_accel.cli", *argv,
                            "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
-    # (flaky under heavy load, rank 1 aborting: keep each rank's own error lines in the message, not only the tail)
+    # (rank 1 sometimes aborted in the process group's teardown at exit, ~1 run in 3 in session 32, until the CLI
+    # closed the group after a barrier: keep each rank's own error lines in the message, not only the tail)
     errors = [line for line in done.stderr.splitlines() if "rror" in line or "bort" in line or "Signal" in line]
     assert done.returncode == 0, "\n".join(errors[:40]) + "\n...\n" + done.stderr[-2000:]
     # printed by the main process only (the output is kept in the message: this test failed twice in session

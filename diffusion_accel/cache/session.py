@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,15 +44,24 @@ class _CallLog(threading.local):
     each read their own call in ``summary``); a deep copy carries the copying thread's log."""
 
     def __init__(self) -> None:
-        self.records: list[StepRecord] = []
-        self.residual_changes: list[tuple[int, str, float]] = []
+        self.records: deque[StepRecord] = _log()
+        self.residual_changes: deque[tuple[int, str, float]] = _log()
         self.fresh = True  # the next record starts a new call's log
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "_CallLog":
         clone = _CallLog()
-        clone.records, clone.fresh = copy.deepcopy(self.records, memo), self.fresh
-        clone.residual_changes = list(self.residual_changes)
+        clone.records, clone.fresh = _log(copy.deepcopy(list(self.records), memo)), self.fresh
+        clone.residual_changes = _log(self.residual_changes)
         return clone
+
+
+MAX_RECORDS = 20_000  # per call's log: a 1,000-step pipeline call with separate CFG calls makes 2,000-3,000
+
+
+def _log(items: Any = ()) -> deque:
+    """A call log keeping the last MAX_RECORDS entries: a denoiser called directly in a loop, never reset by a
+    pipeline call, added one record per call without end (session 32 soak probe)."""
+    return deque(items, maxlen=MAX_RECORDS)
 
 
 class StepDecision:
@@ -155,7 +165,7 @@ class CacheSession:
     def start_records_if_fresh(self) -> None:
         """Drop the previous call's log on the first record after a reset."""
         if self.fresh:
-            self.records, self.residual_changes, self.fresh = [], [], False
+            self.records, self.residual_changes, self.fresh = _log(), _log(), False
 
     # ---- installation --------------------------------------------------------------
     def hook(self, module: nn.Module, hook: ModelHook) -> None:

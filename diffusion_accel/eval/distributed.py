@@ -48,6 +48,15 @@ def _check_joined(state: PartialState) -> None:
             f"PartialState(cpu=True) (or Accelerator(cpu=True)), or let diffusion_accel create it")
 
 
+def close_process_group() -> None:
+    """Wait for every process, then tear down the process group ``process_state`` joined (no-op without one).
+    Launched processes exited with it live: a rank done first sometimes aborted in the group's teardown
+    ("terminate called without an active exception") while the main one still scored, failing the run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def shard(items: Sequence[Any], state: Any = None) -> list[Any]:
     """This process's contiguous share of ``items`` (all of them on a single process)."""
     state = state if state is not None else process_state()
