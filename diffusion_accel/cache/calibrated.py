@@ -68,17 +68,6 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
     search runs every prompt once per schedule it tries, thousands of runs at 50 steps: batching them is ~2x faster
     on a CPU, with other random latents per prompt than one prompt per call); ``progress``: a bar counting the
     schedules tried; ``call_kwargs``: further pipeline arguments."""
-    with showing_progress(progress or progress_shown()):
-        return _calibrate_schedule(pipe, prompts, budget, num_inference_steps, branch=branch, seed=seed, search=search,
-                                   max_candidates=max_candidates, max_passes=max_passes, resample=resample,
-                                   forecast=forecast, forecast_target=forecast_target, batch_size=batch_size,
-                                   **call_kwargs)
-
-
-def _calibrate_schedule(pipe: Any, prompts: Any, budget: float, num_inference_steps: int, *, branch: int, seed: int,
-                        search: str, max_candidates: int | None, max_passes: int, resample: bool, forecast: int,
-                        forecast_target: str, batch_size: int, **call_kwargs: Any) -> CalibratedCacheConfig:
-    """:func:`calibrate_schedule` once its progress setting is in place."""
     budget, num_inference_steps, branch, seed, max_candidates, max_passes, forecast, batch_size = (
         plain_number(value) for value in (budget, num_inference_steps, branch, seed, max_candidates, max_passes,
                                           forecast, batch_size))  # numpy sweeps pass these
@@ -97,7 +86,7 @@ def _calibrate_schedule(pipe: Any, prompts: Any, budget: float, num_inference_st
     seen: dict[frozenset, float] = {}
     count = len(ran)  # the search and the budget cover the steps that run (img2img from 0.5: the last half)
     target = min(count, max(1, round(budget * count)))
-    with progress_counter("schedule search", "schedule") as tried:
+    with showing_progress(progress or progress_shown()), progress_counter("schedule search", "schedule") as tried:
 
         def error(positions: set[int]) -> float:
             """Final-output error of a schedule, given as positions among the steps that run (each run once)."""
