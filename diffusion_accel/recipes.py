@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,10 +26,6 @@ from .arch import get_adapter
 from .artifact import base_fingerprint, save_folder_problem
 from .loading import check_device, default_demo_spec, load_pipeline
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 COLLECTOR_KINDS = ("ranges", "hessian", "features")
 PRUNE_METHODS = ("obs", "wanda", "magnitude")
