@@ -204,6 +204,38 @@ def test_timestep_group_bounds_sit_between_the_groups_calibrated_timesteps():
     assert [groups.group_of_timestep(t) for t in (999.0, 700.0, 699.0, 300.0, 1.0)] == [0, 0, 1, 1, 2]
 
 
+def test_heun_calls_at_one_timestep_take_the_group_their_ranges_were_calibrated_in():
+    """At 10 Heun steps (19 calls) the edge of 2 groups fell between the two calls at one timestep: calibration
+    filed the second call's ranges into group 1 by position, while the run gave that call group 0's scales (the
+    bound equals its timestep). Calibration now files each step by the run's rule."""
+    from types import SimpleNamespace
+
+    import diffusers
+
+    from diffusion_accel.quant.calibrate import Collected, group_ranges
+    from diffusion_accel.quant.layers import StepGroups, timestep_bounds
+
+    scheduler = diffusers.HeunDiscreteScheduler()
+    scheduler.set_timesteps(10)
+    timesteps = {step: float(t) for step, t in enumerate(scheduler.timesteps)}
+    calls = len(timesteps)
+    selector = StepGroups(torch.nn.Linear(1, 1), 2, calls, timestep_bounds(timesteps, 2, calls))
+    assert selector.bounds == (timesteps[9],) and timesteps[9] == timesteps[10]  # the edge splits a pair
+
+    class Observer:  # call s saw inputs in (s, s + 0.5)
+        def range(self, name):
+            return (0.0, calls + 0.5)
+
+        def step_ranges(self, name):
+            return {step: (float(step), step + 0.5) for step in range(calls)}
+
+    collected = Collected(None, None, None, calls, SimpleNamespace(timesteps=timesteps))
+    ranges = group_ranges(Observer(), "layer", 2, collected.step_group(selector))
+    for step, timestep in timesteps.items():
+        lo, hi = ranges[selector.group_of_timestep(timestep)]
+        assert lo <= step and step + 0.5 <= hi, (step, timestep, ranges)
+
+
 def test_timestep_groups_follow_the_noise_level_on_other_timesteps(tmp_path):
     """Groups followed the position in the run's schedule: custom high-noise timesteps (all in the
     calibration's first group) ran half their steps on the low-noise group's scales."""

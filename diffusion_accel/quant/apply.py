@@ -90,7 +90,7 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
     if others:
         state.notes.append(f"{sum(others.values())} attention modules stay unquantized (processors not "
                            f"replaced: {describe_processors(others)})")
-    uncalibrated = _uncalibrated_groups_note(config, collected)
+    uncalibrated = _uncalibrated_groups_note(config, collected, selector)
     if uncalibrated:
         warnings.warn(uncalibrated, stacklevel=3)
         state.notes.append(uncalibrated)
@@ -98,14 +98,15 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
     return pipe
 
 
-def _uncalibrated_groups_note(config: PTQConfig, collected: Collected) -> str | None:
+def _uncalibrated_groups_note(config: PTQConfig, collected: Collected, selector: StepGroups | None) -> str | None:
     """A sentence when some timestep groups hold no calibrated step (they use the range over all steps: the
     same scales as one group, so those groups buy nothing), else None."""
-    if config.timestep_groups < 2 or collected.calibration is None:
+    if selector is None or collected.calibration is None:
         return None
     groups, steps, calibration = config.timestep_groups, collected.num_steps, collected.calibration
     calibrated = sorted(step for step in calibration.selected_steps if step in calibration.timesteps)
-    observed = {min(groups - 1, step * groups // max(steps, 1)) for step in calibrated}
+    step_group = collected.step_group(selector)
+    observed = {step_group(step) for step in calibrated}
     empty = [group for group in range(groups) if group not in observed]
     if not empty:
         return None

@@ -71,13 +71,13 @@ def activation_quantizer(target: LayerTarget, collected: Collected, config: PTQC
         halves = () if target.split is None else (target.split, channels - target.split)
         return DynamicActQuantizer(config.activations, config.act_symmetric, channel_dim, per_tensor=True,
                                    segment_sizes=halves)
-    groups, steps = config.timestep_groups, collected.num_steps
+    groups, step_group = config.timestep_groups, collected.step_group(selector)
     if target.split is None:
-        ranges = [group_ranges(collected.plain, target.representative, groups, steps)]
+        ranges = [group_ranges(collected.plain, target.representative, groups, step_group)]
         sizes: tuple[int, ...] = ()
     else:
         inner = collected.split.inner
-        ranges = [group_ranges(inner, f"{target.name}[{i}]", groups, steps) for i in (0, 1)]
+        ranges = [group_ranges(inner, f"{target.name}[{i}]", groups, step_group) for i in (0, 1)]
         sizes = (target.split, channels - target.split)
     _check_finite_ranges(target.name, ranges)
     scale, zero = qparam_table(ranges, config)

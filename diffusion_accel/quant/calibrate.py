@@ -23,7 +23,7 @@ from ..calib import (Calibration, Collector, HessianCollector, RangeObserver, Sa
 from ..progress import progress_shown
 from ..prompts import for_pipeline as prompts_for_pipeline
 from .configs import PTQConfig
-from .layers import float_type_of
+from .layers import StepGroups, float_type_of
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -146,6 +146,14 @@ class Collected:
         mean_square = self.input_norms.input_sq_norms(name) / max(self.input_norms.num_rows(name), 1)
         return mean_square + 1e-4 * mean_square.mean()  # dead inputs still break ties
 
+    def step_group(self, selector: StepGroups | None) -> Callable[[int], int]:
+        """Calibrated step index -> its timestep group, by the rule the run picks scales with
+        (``StepGroups.group_of_call`` on the step's recorded timestep); 0 without groups."""
+        if selector is None:
+            return lambda step: 0
+        timesteps = self.calibration.timesteps if self.calibration is not None else {}
+        return lambda step: selector.group_of_call(step, timesteps.get(step))
+
 
 def _range_options(config: PTQConfig) -> dict[str, Any]:
     return dict(method=config.act_method, percentile=config.act_percentile,
@@ -221,8 +229,10 @@ def _run(pipe: Any, config: PTQConfig, collectors: list[Collector], calib: Calib
     return calib.rerun(pipe, collectors, progress=progress_shown())
 
 
-def group_ranges(observer: RangeObserver, name: str, groups: int, num_steps: int) -> list[tuple[float, float]]:
-    """(lo, hi) per timestep group: the union of the step ranges falling in each group.
+def group_ranges(observer: RangeObserver, name: str, groups: int,
+                 step_group: Callable[[int], int]) -> list[tuple[float, float]]:
+    """(lo, hi) per timestep group: the union of the ranges of the steps ``step_group`` (step index -> group, the
+    rule the run picks scales by) files in each group.
 
     A group with no calibrated step falls back to the range over all steps.
     """
@@ -231,7 +241,7 @@ def group_ranges(observer: RangeObserver, name: str, groups: int, num_steps: int
     overall = observer.range(name)
     merged: list[tuple[float, float] | None] = [None] * groups
     for step, (lo, hi) in observer.step_ranges(name).items():
-        g = min(groups - 1, step * groups // max(num_steps, 1))
+        g = step_group(step)
         old = merged[g]
         merged[g] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
     return [item if item is not None else overall for item in merged]

@@ -52,14 +52,21 @@ class StepGroups:
         steps = max(num_steps or self.default_steps, 1)
         return min(self.groups - 1, max(step_index, 0) * self.groups // steps)
 
+    def group_of_call(self, step_index: int, timestep: float | None, num_steps: int | None = None) -> int:
+        """Group of a denoiser call: by ``timestep`` against the bounds when both exist, else by position.
+        Calibration files each step's ranges with this too (``group_ranges``), so that Heun's two calls at one
+        timestep share the group the run picks (by position, an edge between them filed the second call's
+        ranges into the next group while the run gave it the previous group's scales)."""
+        if self.bounds is not None and timestep is not None:
+            return self.group_of_timestep(timestep)
+        return self.group_of(step_index, num_steps)
+
     def current_index(self) -> int:
         """The group of the denoiser call in progress (0 without a tracker)."""
         tracker = get_tracker(self.denoiser)
         if tracker is None:
             return 0
-        if self.bounds is not None and tracker.timestep is not None:
-            return self.group_of_timestep(tracker.timestep)
-        return self.group_of(tracker.step_index, tracker.num_inference_steps)
+        return self.group_of_call(tracker.step_index, tracker.timestep, tracker.num_inference_steps)
 
     def note_call(self) -> None:
         """Step-tracker callback at each denoiser call: store its group in ``active``. Compiled graphs read
@@ -86,7 +93,9 @@ def timestep_bounds(timesteps: dict[int, float | None], groups: int, num_steps: 
     """Timestep values separating the ``groups`` position slices of a calibrated trajectory of ``num_steps``
     (``timesteps``: step index -> timestep, ``Calibration.timesteps``): midway between the timesteps of
     the two steps where the group changes. None unless those steps were recorded and the timesteps
-    never increase (Heun repeats each); groups are then chosen by position (``StepGroups.group_of``)."""
+    never increase (Heun repeats each); groups are then chosen by position (``StepGroups.group_of``). An edge
+    between two calls at one timestep (Heun) gives that timestep as the bound: both calls then belong to the
+    earlier group, at calibration as at run time (``StepGroups.group_of_call``)."""
     values = [value for _, value in sorted(timesteps.items()) if value is not None]
     if groups < 2 or any(later > earlier for earlier, later in zip(values, values[1:])):
         return None
