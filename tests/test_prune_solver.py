@@ -152,6 +152,36 @@ def test_error_allocation_spends_the_budget_where_error_is_cheapest():
     assert sum(error_at(n, s) for n, s in shares.items()) < uniform_error
 
 
+def test_global_allocation_meets_the_target_when_saliencies_tie():
+    """One threshold cannot split a tie: an all-equal layer kept every weight at a 50% target, and a layer
+    of int4-rounded weights (few distinct magnitudes) took 67%."""
+    from diffusion_accel.prune.allocate import SaliencyProfile, allocate_sparsity, normalized_saliency
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(256, 256, generator=generator)
+    step = weight.abs().max() / 7
+    int4_rounded = torch.clamp(torch.round(weight / step), -8, 7) * step
+    for layers in ({"equal": torch.ones(64, 64)}, {"zero": torch.zeros(8, 8)}, {"int4": int4_rounded},
+                   {"int4": int4_rounded, "float": torch.randn(256, 256, generator=generator)}):
+        profiles = {name: SaliencyProfile(normalized_saliency(w, None)) for name, w in layers.items()}
+        shares = allocate_sparsity(profiles, 0.5)
+        mean = sum(shares[name] * w.numel() for name, w in layers.items()) / sum(w.numel() for w in layers.values())
+        assert abs(mean - 0.5) < 1e-6, (list(layers), shares)
+
+
+def test_error_allocation_stops_at_the_target_after_a_partial_take():
+    """The float residue of the budget after a partial take continued into the layer's next hull segment,
+    setting its share to that segment's start (15% for a 13.6% target)."""
+    from diffusion_accel.prune.allocate import allocate_by_error, error_grid
+    grid = error_grid(0.136)
+    shares = allocate_by_error({"layer": [1.7 * s ** 2 for s in grid]}, {"layer": 409600}, 0.136, grid)
+    assert abs(shares["layer"] - 0.136) < 1e-9
+    curves = {"free_a": [0.0] * 20, "free_b": [0.0] * 20, "free_c": [0.0] * 20,
+              "costly": [0.0] * 5 + [1.0] * 13 + [0.5, 1.0]}
+    sizes = {"free_a": 172, "free_b": 1, "costly": 1804, "free_c": 72}
+    shares = allocate_by_error(curves, sizes, 0.40625, error_grid(0.40625))
+    assert abs(sum(shares[n] * sizes[n] for n in sizes) / sum(sizes.values()) - 0.40625) < 1e-3
+
+
 def test_relative_output_error_is_zero_for_the_dense_weight_and_one_for_all_zero():
     from diffusion_accel.prune.allocate import relative_output_error
     generator = torch.Generator().manual_seed(0)

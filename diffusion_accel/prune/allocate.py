@@ -25,6 +25,7 @@ MAX_LAYER_SPARSITY = 0.95
 ERROR_GRID_STEP = 0.05
 QUANTILE_LEVELS = 1025
 BISECTION_STEPS = 60
+BUDGET_TOLERANCE = 0.5  # weights: an error allocation stops once less than half a weight is left to remove
 
 
 def normalized_saliency(weight: torch.Tensor, input_sq_norms: torch.Tensor | None) -> torch.Tensor:
@@ -50,10 +51,10 @@ class SaliencyProfile:
     def fraction_below(self, threshold: float) -> float:
         """Fraction of the layer's weights with normalised saliency below ``threshold`` (piecewise linear)."""
         q = self.quantiles
+        if threshold >= q[-1]:  # first: a layer of equal saliencies (q[0] == q[-1]) is all below its top
+            return 1.0
         if threshold <= q[0]:
             return 0.0
-        if threshold >= q[-1]:
-            return 1.0
         index = int(torch.searchsorted(q, torch.tensor(threshold, dtype=q.dtype), right=True)) - 1
         low, high = float(q[index]), float(q[index + 1])
         share = 0.0 if high == low else (threshold - low) / (high - low)
@@ -62,9 +63,9 @@ class SaliencyProfile:
 
 def allocate_sparsity(profiles: dict[str, SaliencyProfile], target: float) -> dict[str, float]:
     """Per-layer sparsities whose weight-count-weighted mean is ``target`` (one global threshold,
-    found by bisection; the per-layer fractions are continuous in it, so the mean is exact up to the
-    per-layer rounding to whole weights). The cap per layer is ``max(MAX_LAYER_SPARSITY, target)``,
-    so every target below 1 is reachable.
+    found by bisection; the mean is exact up to the per-layer rounding to whole weights: a layer whose
+    saliencies tie at the threshold takes only part of the tied weights, ``_blend``). The cap per layer is
+    ``max(MAX_LAYER_SPARSITY, target)``, so every target below 1 is reachable.
     """
     if not profiles:
         return {}
@@ -81,7 +82,20 @@ def allocate_sparsity(profiles: dict[str, SaliencyProfile], target: float) -> di
     for _ in range(BISECTION_STEPS):
         middle = (low + high) / 2
         low, high = (middle, high) if overall(allocation(middle)) < target else (low, middle)
-    return allocation(high)
+    return _blend(allocation(low), allocation(high), target, overall)
+
+
+def _blend(below: dict[str, float], above: dict[str, float], target: float,
+           overall: Callable[[dict[str, float]], float]) -> dict[str, float]:
+    """The shares just below and at the threshold, mixed so that their mean is ``target``. Where saliencies
+    tie (a quantile plateau: a layer of equal magnitudes, or dequantized int4 weights) a layer's fraction
+    jumps at the threshold, and the threshold alone missed the target (an all-equal layer kept 0% at a 50%
+    target; an int4-rounded one took 67%); any part of a tie is as salient as the rest."""
+    low_mean, high_mean = overall(below), overall(above)
+    if high_mean <= low_mean:
+        return above
+    mix = min(max((target - low_mean) / (high_mean - low_mean), 0.0), 1.0)
+    return {name: below[name] + mix * (above[name] - below[name]) for name in above}
 
 
 def error_grid(target: float) -> list[float]:
@@ -134,8 +148,8 @@ def allocate_by_error(curves: dict[str, Sequence[float]], sizes: dict[str, int],
     budget = target * sum(sizes.values())
     shares = dict.fromkeys(curves, 0.0)
     for _, start, end, name in segments:
-        if budget <= 0:
-            break
+        if budget < BUDGET_TOLERANCE:  # a float residue of the last partial take once jumped a layer to its next
+            break                      # segment's start: 15% for a 13.6% target
         take = min(end - start, budget / sizes[name])
         shares[name] = start + take
         budget -= take * sizes[name]
