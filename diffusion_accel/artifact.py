@@ -460,13 +460,14 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
     _check_superseded(manifest, directory)
     attribute = getattr(base_pipe, component)  # the denoiser, or a torch.compile wrapper around it
     compiled = runs_compiled(base_pipe)
-    _set_denoiser(base_pipe, component, copy.deepcopy(original))
-    try:
-        for entry in manifest["techniques"]:
-            _restore_technique(base_pipe, entry, Path(directory))
-    except BaseException:
-        _set_denoiser(base_pipe, component, attribute)
-        raise
+    with marks_restored_on_error(base_pipe):  # the pipeline's guards an earlier technique of the manifest installed
+        _set_denoiser(base_pipe, component, copy.deepcopy(original))
+        try:
+            for entry in manifest["techniques"]:
+                _restore_technique(base_pipe, entry, Path(directory))
+        except BaseException:
+            _set_denoiser(base_pipe, component, attribute)
+            raise
     if compiled:  # a wrapper, or module.compile() / compile_denoiser (in place: not deep-copied)
         warnings.warn(f"load() replaced the compiled pipe.{component} with the accelerated "
                       f"{type(original).__name__} (applied to a copy, so a failed load changes nothing), which is "

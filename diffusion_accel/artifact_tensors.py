@@ -35,10 +35,10 @@ class TechniqueTensors(Mapping):
         return len(self._tensors)
 
     def take(self, key: str, shape: Sequence[int] | None = None, dtype: torch.dtype | str | None = None,
-             values: tuple[int, int] | None = None, scales: str | None = None) -> torch.Tensor:
+             values: tuple[int, int] | None = None, scales: str | None = None, finite: bool = False) -> torch.Tensor:
         """Tensor ``key``, checked: ``shape`` exactly, ``dtype`` a torch dtype or a kind ("float" or
         "int"), integer ``values`` within the inclusive range, ``scales`` "positive" or "nonnegative"
-        finite floats; ValueError naming the tensor otherwise."""
+        finite floats, ``finite`` no NaN or infinity; ValueError naming the tensor otherwise."""
         tensor = self[key]
         if shape is not None and tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"tensor {key!r} of {self.filename} has shape {list(tensor.shape)}, expected "
@@ -52,6 +52,9 @@ class TechniqueTensors(Mapping):
                              f"{int(tensor.max())}], outside the format's [{values[0]}, {values[1]}]")
         if scales is not None:
             self._check_scales(key, tensor, scales)
+        if finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"tensor {key!r} of {self.filename} holds {int((~torch.isfinite(tensor)).sum())} NaN "
+                             f"or infinite values (saved weights are finite numbers)")
         return tensor
 
     def _check_scales(self, key: str, tensor: torch.Tensor, kind: str) -> None:

@@ -107,6 +107,27 @@ def test_failed_restore_leaves_pipeline_unchanged(tmp_path):
     assert artifact.applied_techniques(base) == []
 
 
+def test_a_load_failing_in_its_second_technique_leaves_the_pipeline_object_unchanged(tmp_path):
+    """The first technique's restore put guards on the pipeline (save_pretrained, load_lora_weights); the
+    denoiser was rolled back when the second failed, the pipeline kept them."""
+    import diffusion_accel as da
+    from safetensors.torch import save_file
+
+    pipe = build_tiny("sd")
+    da.prune_(pipe, da.PruneConfig(method="magnitude", sparsity=0.5))
+    da.quantize_(pipe, da.PTQConfig(calib_prompts=1, calib_num_steps=2, calib_steps="all"))
+    artifact.save(pipe, tmp_path)
+    tensors = load_file(tmp_path / "01-ptq.safetensors")
+    tensors[_first(tensors, ".weight_scale")] *= -1
+    save_file(tensors, tmp_path / "01-ptq.safetensors")
+    base = build_tiny("sd")
+    attributes_before, unet_before = dict(vars(base)), base.unet
+    with pytest.raises(artifact.ArtifactError, match=r"weight_scale' .* not nonnegative"):
+        artifact.load(base, tmp_path)
+    assert base.unet is unet_before and artifact.applied_techniques(base) == []
+    assert vars(base).keys() == attributes_before.keys()
+
+
 def test_bad_folders_are_rejected(tmp_path):
     with pytest.raises(artifact.ArtifactError, match="no manifest.json"):
         artifact.load(build_tiny("sd"), tmp_path)
@@ -275,12 +296,13 @@ def saved_artifacts(tmp_path_factory):
     import diffusion_accel as da
 
     folders = {}
-    for technique in ("ptq", "prune"):
+    for technique in ("ptq", "prune", "structured"):
         pipe = build_tiny("sd")
         if technique == "ptq":
             da.quantize_(pipe, da.PTQConfig(calib_prompts=1, calib_num_steps=2, calib_steps="all"))
         else:
-            da.prune_(pipe, da.PruneConfig(method="magnitude", sparsity=0.5))
+            da.prune_(pipe, da.PruneConfig(method="magnitude", sparsity=0.5 if technique == "prune" else 0.3,
+                                           pattern="structured" if technique == "structured" else "unstructured"))
         folders[technique] = artifact.save(pipe, tmp_path_factory.mktemp(technique))
     return folders
 
@@ -315,9 +337,19 @@ def _set(suffix, edit):
     ("ptq", _set(".act_scale", lambda t: t * 0), r"act_scale' .* holds 1 scales that are not positive"),
     ("ptq", _set(".act_scale", lambda t: t + float("inf")), r"act_scale' .* not positive finite numbers \(e.g. inf"),
     ("ptq", _set(".act_zero_point", lambda t: t + 1000), r"act_zero_point' .* outside the format's \[0, 255\]"),
+    ("prune", _set(".values", lambda t: t.index_fill(0, torch.tensor([0]), float("nan"))),
+     r"values' .* holds 1 NaN or infinite values"),
+    ("structured", _set("attn1.to_q.weight", lambda t: t[:-2].contiguous()),
+     r"leaves attention '.*attn1' with widths .*to_q': 10.* expected 6 heads x 2 = 12"),
+    ("structured", _set("ff.net.0.proj.weight", lambda t: t[:-1].contiguous()),
+     r"\.ff\.net\.0\.proj\.bias' .* has shape"),
+    ("structured", _set("ff.net.2.weight", lambda t: t[:, :-1].contiguous()),
+     r"leaves feed-forward '.*' with widths"),
+    ("structured", _set("attn1.to_out.0.bias", lambda t: t + float("inf")), r"holds 16 NaN or infinite values"),
 ], ids=["scale-transposed", "scale-broadcast", "scale-int", "codes-float", "zero-float", "act-scale-wide", "extra",
         "values-int", "values-short", "mask-short", "mask-float", "scale-nan", "scale-negative", "act-scale-zero",
-        "act-scale-inf", "zero-point-range"])
+        "act-scale-inf", "zero-point-range", "values-nan", "to-q-narrower", "geglu-short", "ff-out-narrower",
+        "bias-inf"])
 def test_technique_tensors_of_another_shape_or_dtype_are_refused(saved_artifacts, tmp_path, technique, edit,
                                                                  message):
     """They loaded silently when they broadcast or cast, and the images changed (0.07-0.26)."""
@@ -325,7 +357,7 @@ def test_technique_tensors_of_another_shape_or_dtype_are_refused(saved_artifacts
     from safetensors.torch import save_file
 
     folder = shutil.copytree(saved_artifacts[technique], tmp_path / "edited")
-    path = folder / f"00-{technique}.safetensors"
+    path = folder / f"00-{'prune' if technique == 'structured' else technique}.safetensors"
     tensors = load_file(path)
     edit(tensors)
     save_file(tensors, path)
@@ -335,6 +367,38 @@ def test_technique_tensors_of_another_shape_or_dtype_are_refused(saved_artifacts
         artifact.load(base, folder)
     assert base.unet is unet_before and artifact.applied_techniques(base) == []
     assert all(torch.equal(value, state_before[key]) for key, value in base.unet.state_dict().items())
+
+
+def _first_heads(count):
+    def edit(config):
+        heads = config["record"]["heads"]
+        heads[next(iter(heads))] = count
+    return edit
+
+
+@pytest.mark.parametrize("technique, edit, message", [
+    ("structured", _first_heads(5), r"leaves attention .* expected 5 heads x 2 = 10"),
+    ("structured", _first_heads(1), r"expected 1 heads x 2 = 2"),
+    ("structured", _first_heads("banana"), r"'banana' heads; a head count is an integer >= 1"),
+    ("structured", _first_heads(0), r"0 heads; a head count is an integer >= 1"),
+    ("prune", lambda config: config["record"]["masked"].append("no.such.layer"),
+     r"record.masked and its restored layers differ on \['no.such.layer'\]"),
+    ("prune", lambda config: config["record"]["masked"].remove(next(iter(config["masked_shapes"]))),
+     r"record.masked and its restored layers differ on \['"),
+], ids=["heads-5", "heads-1", "heads-text", "heads-0", "masked-unknown", "masked-dropped"])
+def test_edited_prune_records_are_refused_and_nothing_changes(saved_artifacts, tmp_path, technique, edit, message):
+    """Head counts went onto the attention unchecked (1-4 or 12 of 6 loaded and ran heads of the wrong width;
+    0, 5 or text failed at the first call), and record.masked names failed only at the next save."""
+    import shutil
+
+    folder = shutil.copytree(saved_artifacts[technique], tmp_path / "edited")
+    _edit_manifest(folder, lambda m: edit(m["techniques"][0]["config"]))
+    base = build_tiny("sd")
+    unet_before, heads_before = base.unet, [m.heads for m in base.unet.modules() if hasattr(m, "heads")]
+    with pytest.raises(artifact.ArtifactError, match=message):
+        artifact.load(base, folder)
+    assert base.unet is unet_before and artifact.applied_techniques(base) == []
+    assert heads_before == [m.heads for m in base.unet.modules() if hasattr(m, "heads")]
 
 
 def test_int8_codes_under_a_manifest_saying_int4_are_refused(saved_artifacts, tmp_path):

@@ -21,6 +21,7 @@ from ..hooks import refuse_while_cached
 from .apply import TECHNIQUE
 from .record import ensure_record, get_record
 from .sparse import dense_weight
+from .geometry import BaseGeometry
 from .structured import set_head_count
 from .surgery import new_group_norm, new_layer, replace_module
 
@@ -91,6 +92,8 @@ def restore_prune(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Te
     tensors = technique_tensors(tensors)
     saved = config["record"]
     superseded = set(config.get("superseded", []))  # layers the artifact's quantization replaces
+    _check_masked_names(saved, config["masked_shapes"])
+    geometry = BaseGeometry.of(denoiser)  # the base's units, read before any layer is resized
     _restore_heads(denoiser, saved["heads"])
     norm_groups = saved.get("norm_groups", {})
     for name, base_shape in saved["base_shapes"].items():
@@ -98,6 +101,7 @@ def restore_prune(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Te
         _restore_resized(denoiser, name, base_shape, tensors, norm_groups.get(name), shape)
     for name, shape in config["masked_shapes"].items():
         _restore_masked(denoiser, name, shape, tensors, name in superseded)
+    geometry.check(denoiser, saved["heads"], set(saved["base_shapes"]))
     record = ensure_record(denoiser)
     record.configs += saved["configs"]
     record.calibrations += saved.get("calibrations", [None] * len(saved["configs"]))  # older artifacts: none
@@ -106,6 +110,18 @@ def restore_prune(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Te
     record.base_shapes |= saved["base_shapes"]
     record.heads |= saved["heads"]
     record.norm_groups |= norm_groups
+
+
+def _check_masked_names(saved: dict[str, Any], masked_shapes: dict[str, Any]) -> None:
+    """The record's masked layers hold every layer restored with a mask and name only restored layers: an
+    unknown name failed only at the next save (a raw AttributeError), a dropped one left its mask out of it."""
+    listed = saved["masked"]
+    if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
+        raise ValueError(f"pruned artifact's record.masked must list layer names, got {listed!r:.80}")
+    odd = sorted((set(listed) - set(masked_shapes) - set(saved["base_shapes"])) | (set(masked_shapes) - set(listed)))
+    if odd:
+        raise ValueError(f"pruned artifact's record.masked and its restored layers differ on {odd[:3]} "
+                         f"({len(odd)} names): the manifest is edited by hand or damaged")
 
 
 def _layer(denoiser: nn.Module, name: str, shape: list[int]) -> nn.Module:
@@ -127,6 +143,9 @@ def _restore_heads(denoiser: nn.Module, heads: dict[str, int]) -> None:
     for name, count in heads.items():
         if name not in head_dims:
             raise ValueError(f"pruned artifact names attention {name!r}, which this base model does not have")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"pruned artifact gives attention {name!r} {count!r} heads; a head count is an "
+                             f"integer >= 1")
         set_head_count(denoiser.get_submodule(name), count, head_dims[name])
 
 
@@ -135,12 +154,12 @@ def _restore_resized(denoiser: nn.Module, name: str, base_shape: list[int], tens
     """Swap in the saved smaller Linear / Conv2d (or GroupNorm over ``norm_groups`` groups); a layer the
     artifact's quantization replaces gets its saved shape with zero weights (``supersede_prune``)."""
     layer = _layer(denoiser, name, base_shape)
-    weight = tensors.take(f"{name}.weight", dtype="float") if superseded_shape is None else \
+    weight = tensors.take(f"{name}.weight", dtype="float", finite=True) if superseded_shape is None else \
         torch.zeros(superseded_shape, dtype=layer.weight.dtype, device=layer.weight.device)
     if weight.dim() != len(base_shape) or any(size > base for size, base in zip(weight.shape, base_shape)):
         raise ValueError(f"pruned artifact holds a weight of shape {list(weight.shape)} for {name!r}, whose "
                          f"base weight is {list(base_shape)}: a pruned layer is never larger")
-    bias = None if layer.bias is None else tensors.take(f"{name}.bias", (weight.shape[0],), "float")
+    bias = None if layer.bias is None else tensors.take(f"{name}.bias", (weight.shape[0],), "float", finite=True)
     if isinstance(layer, nn.GroupNorm) and norm_groups is not None:
         new = new_group_norm(norm_groups, weight, bias, layer, weight.shape[0])
     elif isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups == 1):
@@ -161,7 +180,7 @@ def _restore_masked(denoiser: nn.Module, name: str, shape: list[int], tensors: T
         with torch.no_grad():
             layer.weight.mul_(mask)
         return
-    values = tensors.take(f"{name}.values", (int(mask.sum()),), "float")
+    values = tensors.take(f"{name}.values", (int(mask.sum()),), "float", finite=True)
     weight = torch.zeros(shape, dtype=layer.weight.dtype, device=layer.weight.device)
     weight[mask] = values.to(weight)
     with torch.no_grad():
