@@ -400,7 +400,7 @@ def _write_base_sample(denoiser: torch.nn.Module, files: StagedWrite) -> dict[st
 def _is_artifact_manifest(path: Path) -> bool:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
@@ -411,7 +411,7 @@ def _listed_files(folder: Path) -> set[str]:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         return {Path(entry["tensors"]).name for entry in manifest["techniques"]} if manifest.get("format") == FORMAT \
             else set()
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return set()
 
 
@@ -426,8 +426,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             if interrupted else ""))
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ArtifactError(f"{path} is not valid JSON ({error}); the artifact is damaged: save it again") from None
+    except (ValueError, RecursionError) as error:  # ValueError: bad JSON or UTF-8, an integer past 4,300 digits
+        raise ArtifactError(f"{path} is not valid JSON ({type(error).__name__}: {str(error):.200}); the artifact "
+                            f"is damaged: save it again") from None
     found = manifest.get("format") if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
     if found != FORMAT:
         raise ArtifactError(f"{path}: format {found!r}, expected {FORMAT!r}")
@@ -498,7 +499,8 @@ def _restore_technique(pipe: Any, entry: dict[str, Any], folder: Path) -> None:
         _HANDLERS[entry["name"]].restore(pipe, entry["config"], tensors)
     except ArtifactError:
         raise
-    except (KeyError, TypeError, IndexError, ValueError, RuntimeError, NotImplementedError, AttributeError) as error:
+    except (KeyError, TypeError, IndexError, ValueError, RuntimeError, NotImplementedError, AttributeError,
+            ArithmeticError) as error:
         raise ArtifactError(
             f"artifact {folder}: technique {entry['name']!r} cannot be restored from its manifest config and "
             f"{entry['tensors']} ({type(error).__name__}: {error}); {damaged}") from error

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import math
 import time
 import tomllib
 from pathlib import Path
@@ -45,8 +46,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
     try:
         recipe = tomllib.loads(recipe_path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"recipe {str(path)!r} is not valid TOML: {error}") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as error:  # RecursionError: arrays nested thousands deep
+        raise ValueError(f"recipe {str(path)!r} is not valid TOML: {type(error).__name__}: {error}") from None
     _check_tables(path, recipe)
     for key, value in recipe.get("calibration", {}).items():
         _check_calibration_value(path, key, value)
@@ -80,7 +81,8 @@ def _check_calibration_value(path: str | Path, key: str, value: Any) -> None:
     if key in _POSITIVE_INTS:
         ok, wanted = isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1"
     elif key == "guidance":
-        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), \
+            "a finite number"
     elif key in ("prompts", "selection"):
         ok = isinstance(value, str) or (isinstance(value, list) and all(
             isinstance(item, str if key == "prompts" else int) for item in value))

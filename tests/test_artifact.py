@@ -159,6 +159,10 @@ def test_an_empty_save_path_is_refused_not_the_current_folder(tmp_path, monkeypa
 @pytest.mark.parametrize("damage, message", [
     (lambda folder: (folder / "manifest.json").write_text("{not json"), r"manifest.json is not valid JSON"),
     (lambda folder: (folder / "manifest.json").write_text("[1, 2]"), r"format 'a JSON list'"),
+    (lambda folder: (folder / "manifest.json").write_text("[" * 100_000 + "]" * 100_000),
+     r"manifest.json is not valid JSON \(RecursionError"),
+    (lambda folder: (folder / "manifest.json").write_text('{"format_version": 1' + "0" * 5000 + "}"),
+     r"manifest.json is not valid JSON \(ValueError: Exceeds the limit"),
     (lambda folder: (folder / "00-test-scale.safetensors").unlink(), r"00-test-scale.safetensors is missing"),
     (lambda folder: (folder / "00-test-scale.safetensors").write_bytes(b"garbage"),
      r"00-test-scale.safetensors is not readable safetensors"),

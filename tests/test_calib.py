@@ -92,6 +92,16 @@ def test_select_steps_rejects_bad_selections(selection, error, words):
         assert word in str(info.value)
 
 
+def test_a_step_count_past_the_limit_is_refused_before_listing_its_steps():
+    """A PTQConfig (or an artifact's) calib_num_steps of 1e7 built a 0.4 GB list while validating; 2e9 ~ 70 GB."""
+    from diffusion_accel import PTQConfig
+
+    with pytest.raises(ValueError, match=r"num_inference_steps must be an int in \[1, 100000\], got 10000000000"):
+        select_steps(10 ** 10, "all")
+    with pytest.raises(ValueError, match=r"calib_num_steps=2000000000: num_inference_steps must be an int in"):
+        PTQConfig(calib_num_steps=2_000_000_000)
+
+
 def test_log_decrease_weights_match_obs_diff_formula():
     T, w_min, w_max = 25, 0.8, 1.2
     weights = step_weights(T, "log-decrease", w_min, w_max)

@@ -53,6 +53,9 @@ def test_user_mistakes_are_one_line_errors(argv, message, capsys, tmp_path, monk
      "[calibration] num_prompts = '8' must be an integer >= 1"),  # was a TypeError traceback
     ('[calibration]\nselection = ["0", "3"]\n', "must be a selection string"),
     ("spec = = 1\n", "recipe.toml' is not valid TOML"),
+    ("x = " + "[" * 20_000 + "]" * 20_000 + "\n", "recipe.toml' is not valid TOML: RecursionError"),
+    ('[calibration]\nguidance = nan\n', "[calibration] guidance = nan must be a finite number"),
+    ('[calibration]\nsteps = 4611686018427387904\n', "num_inference_steps must be an int in [1, 100000]"),
     ('[model]\nid = 5\n', "[model] id = 5 must be a string"),
     ('[model]\nid = "tiny:sd"\n[prune]\nsparsity = "0.5"\n', "recipe [prune] / flags: sparsity must be a float"),
     # these three were ignored: the run went on with the defaults

@@ -68,9 +68,12 @@ def select_steps(num_steps: int, selection: str | Sequence[int] = "all") -> list
                     f"accepted: {', '.join(SELECTION_FORMS)}")
 
 
+MAX_STEPS = 100_000  # denoiser calls per pipeline call; a step list past it is a typo or a hostile artifact (2e9 ~ 70 GB)
+
+
 def _check_num_steps(num_steps: int) -> None:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_steps!r}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_STEPS:
+        raise ValueError(f"num_inference_steps must be an int in [1, {MAX_STEPS}], got {num_steps!r}")
 
 
 def _select_by_name(num_steps: int, selection: str) -> list[int]:
