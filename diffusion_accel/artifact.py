@@ -39,6 +39,7 @@ from .uncompiled import runs_compiled
 from .manifest_schema import ManifestError, check_manifest
 from .paths import EMPTY_PATH_PROBLEM, empty_path
 from .pretrained_guard import GUARDED_MODEL_METHODS, GUARDED_PIPELINE_METHODS, install_guards, uninstall_methods
+from .stacklevel import user_stacklevel
 
 FORMAT = "diffusion_accel.artifact"
 FORMAT_VERSION = 1
@@ -590,11 +591,11 @@ def _warn_on_rounding(directory: str | Path, component: str, saved: str, rounded
                       f"{rounded} (techniques applied in {rounded}, cast to {saved} after); this base's {actual} "
                       f"weights are not: it runs, but its images will differ from the saved pipeline's. For those, "
                       f"load the base in {rounded} (or pipe.to(torch.{rounded}) before load) and call "
-                      f"pipe.to(torch.{saved}) after load", stacklevel=4)
+                      f"pipe.to(torch.{saved}) after load", stacklevel=user_stacklevel())
     elif actual != saved:
         warnings.warn(f"artifact {directory} was saved from a {saved} {component} (its weights rounded to {rounded}); "
                       f"this base's {component} is {actual}: pipe.to(torch.{saved}) after load gives the saved "
-                      f"pipeline's images", stacklevel=4)
+                      f"pipeline's images", stacklevel=user_stacklevel())
 
 
 def _set_denoiser(pipe: Any, component: str, denoiser: torch.nn.Module) -> None:

@@ -11,13 +11,12 @@ beneath the caller's explicit arguments. Calling the pipeline yourself, pass the
 from __future__ import annotations
 
 import inspect
-import sys
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 from .arch.registry import DENOISER_COMPONENTS
+from .stacklevel import user_stacklevel
 
 _ATTR = "_diffusion_accel_call_defaults"
 
@@ -84,7 +83,7 @@ def check_call_arguments(pipe: Any, names: Any, owner: str) -> None:
     if not takes_any:
         raise CallArgumentError(f"{message} (from {owner}); it accepts: {named}")
     warnings.warn(f"{message}: {owner} passes {'it' if len(unknown) == 1 else 'them'} into its **kwargs, which "
-                  f"diffusers ignores; its arguments are {named}", stacklevel=_caller_stacklevel())
+                  f"diffusers ignores; its arguments are {named}", stacklevel=user_stacklevel())
 
 
 def _check_value_types(pipe: Any, params: Any, values: dict[str, Any], owner: str) -> None:
@@ -101,16 +100,6 @@ def _check_value_types(pipe: Any, params: Any, values: dict[str, Any], owner: st
         if not fits and value is not None:
             raise CallArgumentError(f"{type(pipe).__name__}.__call__ argument {name}={value!r} (from {owner}) must "
                                     f"be {wanted} (its default is {default!r})")
-
-
-def _caller_stacklevel() -> int:
-    """The ``warnings`` stacklevel, for the function calling this one, of the first frame outside this
-    package: the user's line that called ``calibrate`` / ``evaluate``, however deep inside it the check ran."""
-    package = str(Path(__file__).parent)
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 IMAGE_ARGUMENTS = ("image", "mask_image", "control_image")  # inputs image-conditioned pipelines need

@@ -482,7 +482,7 @@ def test_a_saved_report_loads_back_and_a_grid_less_save_removes_the_old_grid(tmp
         assert loaded.rows == report.rows and loaded.to_markdown() == report.to_markdown()
         assert (loaded.machine, loaded.settings, loaded.notes, loaded.details) == (
             report.machine, report.settings, report.notes, report.details)
-        assert list(loaded.grid.getdata()) == list(grid.getdata())
+        assert np.array_equal(np.asarray(loaded.grid), np.asarray(grid))
     EvalReport(rows=[{"variant": "other"}]).save(tmp_path)
     assert not (tmp_path / "grid.png").exists() and EvalReport.load(tmp_path).grid is None
     with pytest.raises(FileNotFoundError, match="no report at .*expected a folder holding report.json"):

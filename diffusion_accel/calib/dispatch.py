@@ -17,6 +17,7 @@ from torch import nn
 
 from ..arch.registry import DENOISER_COMPONENTS, UnsupportedModelError, find_denoiser
 from ..hooks import ModuleHooks
+from ..stacklevel import user_stacklevel
 from .collectors import WANTS, Collector, ModuleCall, Step, check_module_names, pick_tensor
 
 
@@ -68,7 +69,7 @@ def _warn_if_reused(collector: Collector) -> None:
     if runs:
         warnings.warn(f"{type(collector).__name__} already holds data from {runs} earlier run(s); it accumulates "
                       f"this run's too, and every Calibration holding it sees the sum: use a new collector per run",
-                      stacklevel=4)
+                      stacklevel=user_stacklevel())
     setattr(collector, _RUNS_ATTR, runs + 1)
 
 

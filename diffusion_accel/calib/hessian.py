@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..stacklevel import user_stacklevel
 from .collectors import Collector, Step
 
 SUPPORTED_LAYERS = ("torch.nn.Linear", "torch.nn.Conv2d with groups=1")
@@ -108,7 +109,7 @@ def warn_if_hessians_large(denoiser: nn.Module, names: Iterable[str]) -> None:
         warnings.warn(f"this calibration pass collects {_size_text(size)} of input Hessians (fp32, d x d per "
                       f"layer) at once, over a quarter of this device's {_size_text(4 * budget)}: collect fewer "
                       f"layers per HessianCollector (pruning and GPTQ already split their groups to fit, down "
-                      f"to one layer group per pass)", stacklevel=5)
+                      f"to one layer group per pass)", stacklevel=user_stacklevel())
 
 
 def _size_text(size: int) -> str:

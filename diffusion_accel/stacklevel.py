@@ -1,0 +1,18 @@
+"""The ``warnings`` stacklevel that points a warning at the user's line, however deep in the package it is raised."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+PACKAGE_FOLDER = str(Path(__file__).parent)
+
+
+def user_stacklevel() -> int:
+    """Stacklevel, for the function calling this one, of the first frame outside this package: the user's line
+    that called ``calibrate`` / ``prune_`` / ``load``..., whichever path inside led to the warning (fixed levels
+    pointed at library lines when a second path reached the same check)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE_FOLDER):
+        frame, level = frame.f_back, level + 1
+    return level
