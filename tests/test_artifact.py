@@ -420,7 +420,9 @@ def test_int8_codes_under_a_manifest_saying_int4_are_refused(saved_artifacts, tm
     (lambda config: config.update(num_steps=-1), r"num_steps must be an integer >= 1, got -1"),
     (lambda config: config["layers"].update({"no.such.layer": next(iter(config["layers"].values()))}),
      r"AttributeError: .*no attribute `no`"),
-], ids=["lowered-truthy", "num-steps", "unknown-layer"])
+    (lambda config: next(e for e in config["layers"].values() if e["act"])["act"].update(mode="Dynamic"),
+     r"act mode must be one of \('static', 'dynamic'\), got 'Dynamic'"),
+], ids=["lowered-truthy", "num-steps", "unknown-layer", "act-mode"])
 def test_mistyped_ptq_manifest_fields_are_refused(saved_artifacts, tmp_path, edit, message):
     """Any truthy 'lowered' (1, a list) was taken as lowered, num_steps -1 loaded, and an unknown layer name ended in a
     bare AttributeError traceback."""

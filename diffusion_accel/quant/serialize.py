@@ -39,6 +39,9 @@ def _layer_weight(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor 
     return module.weight_codes, module.weight_scale
 
 
+ACT_ENTRY_MODES = ("static", "dynamic")
+
+
 def _act_entry(act: nn.Module | None) -> dict[str, Any] | None:
     if act is None:
         return None
@@ -76,6 +79,8 @@ def _restore_act(entry: dict[str, Any] | None, name: str, tensors: dict[str, tor
                  selector: StepGroups | None) -> nn.Module | None:
     if entry is None:
         return None
+    if entry["mode"] not in ACT_ENTRY_MODES:  # anything but "dynamic" was restored as static
+        raise ValueError(f"layer {name!r}: act mode must be one of {ACT_ENTRY_MODES}, got {entry['mode']!r}")
     if entry["mode"] == "dynamic":
         segments = entry.get("segments", [0])
         return DynamicActQuantizer(entry["fmt"], entry["symmetric"], entry["channel_dim"],
