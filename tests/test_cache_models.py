@@ -56,6 +56,22 @@ def test_deepcache_matches_the_deepcache_package(branch):
     assert (ours - reference).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("threshold", [0.25, 0.35])  # tiny Flux at 20 steps: 7-29 of 20 / 40 calls reused
+@pytest.mark.parametrize("true_cfg", [False, True])
+def test_first_block_cache_matches_diffusers_first_block_cache(threshold, true_cfg):
+    """A faithful port: diffusers' FirstBlockCache and ours make the same decisions, so the images are equal."""
+    from diffusers.hooks import FirstBlockCacheConfig as DiffusersFirstBlockCacheConfig
+
+    extra = {"negative_prompt": "blurry", "true_cfg_scale": 3.0} if true_cfg else {}
+    reference_pipe = build_tiny("flux")
+    reference_pipe.transformer.enable_cache(DiffusersFirstBlockCacheConfig(threshold=threshold))
+    reference = _images(reference_pipe, "flux", steps=20, **extra)
+    pipe = build_tiny("flux")
+    enable_cache(pipe, FirstBlockCacheConfig(threshold=threshold))
+    ours = _images(pipe, "flux", steps=20, **extra)
+    assert 0 < summary(pipe)["reused_calls"] < (40 if true_cfg else 20) - 2 and torch.equal(ours, reference)
+
+
 @pytest.mark.parametrize("family", UNET_FAMILIES + DIT_FAMILIES)
 def test_every_family_caches_generates_and_is_deterministic(family):
     pipe = build_tiny(family)
