@@ -73,7 +73,8 @@ def _check_non_negative(coefficients: np.ndarray, largest_change: float, degree:
     fit to 6 points gave poly(0) = -1040)."""
     grid = np.linspace(0.0, largest_change, 257)
     values = np.polyval(coefficients, grid)
-    if values.min() < 0:
+    rounding = 1e-9 * max(float(np.abs(values).max()), 1e-12)  # y = 2x fitted to poly(0) = -1e-16 on one numpy
+    if values.min() < -rounding:
         where = float(grid[int(values.argmin())])
         raise ValueError(f"the degree-{degree} fit to {points} points is negative on [0, {largest_change:.4g}] "
                          f"(minimum {values.min():.4g} at change {where:.4g}): TeaCache would accumulate "
