@@ -209,6 +209,44 @@ def test_flux_img2img_true_cfg_without_cache_context_keeps_branches_apart():
             [(5, True), (6, True), (7, False), (8, True), (9, False)]
 
 
+@pytest.mark.parametrize("before", ["direct call", "interrupted text-to-image", "its own interrupted call"])
+def test_a_flux_pipeline_with_its_own_scheduler_starts_fresh_after_an_unfinished_trajectory(before):
+    """diffusers resets Flux's hooks only at the end of a completed pipeline call: after a direct transformer
+    call or an interrupted call, an img2img pipeline with its own scheduler continued the stale trajectory
+    (steps counted on, features reused: images off by 0.07-0.11; session 33 probe)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    def pipelines():
+        pipe = build_tiny("flux")
+        pipe.set_progress_bar_config(disable=True)
+        enable_cache(pipe, BlockCacheConfig(interval=3))
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        img2img = FluxImg2ImgPipeline.from_pipe(pipe, scheduler=scheduler)
+        img2img.set_progress_bar_config(disable=True)
+        return pipe, img2img
+
+    def stop(*_):
+        raise RuntimeError("stopped by the user")
+
+    def kwargs():  # a fresh generator for every call
+        return dict(tiny_call_kwargs("flux", steps=4), strength=0.6,
+                    image=torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+
+    pipe, img2img = pipelines()
+    fresh, fresh_steps = img2img(**kwargs()).images, summary(pipe)["steps"]
+    pipe, img2img = pipelines()
+    with pytest.raises(RuntimeError, match="stopped by the user") if before != "direct call" else torch.no_grad():
+        if before == "direct call":
+            pipe.transformer(hidden_states=torch.randn(1, 16, 16), timestep=torch.tensor([1.0]),
+                             encoder_hidden_states=torch.randn(1, 8, 32), pooled_projections=torch.randn(1, 32),
+                             txt_ids=torch.zeros(8, 3), img_ids=torch.zeros(16, 3), guidance=None)
+        elif before == "interrupted text-to-image":
+            pipe(**tiny_call_kwargs("flux", steps=6), callback_on_step_end=stop)
+        else:
+            img2img(**kwargs(), callback_on_step_end=stop)
+    assert torch.equal(img2img(**kwargs()).images, fresh) and summary(pipe)["steps"] == fresh_steps
+
+
 def _flux_controlnet_pipeline():
     """Tiny FluxControlNetPipeline whose ControlNet residuals are far from zero (its output
     projections start at zero when trained from scratch)."""
