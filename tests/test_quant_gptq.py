@@ -39,6 +39,35 @@ def test_gptq_lowers_output_error_and_stays_on_the_grid(fmt_name, granularity):
     assert output_error(codes) < 0.75 * output_error(nearest)
 
 
+@pytest.mark.parametrize("fmt_name", ["int4", "int8"])
+def test_act_order_rounds_the_loudest_inputs_first_and_lowers_the_output_error(fmt_name):
+    """GPTQ's act_order on inputs with a few outlier channels: the same grid, the columns swept by decreasing
+    Hessian diagonal (a faithfulness probe measured 20-45% lower error with the reference's act_order)."""
+    from diffusion_accel.quant.gptq import activation_order, ordered_inverse_factor
+
+    x = _correlated_inputs(seed=5)
+    x[:, [3, 17, 40, 58]] *= 12.0  # outlier input channels
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(6))
+    fmt, sizes = get_format(fmt_name), segment_sizes(64, "per_channel", 32)
+    scale = weight_scales(w, fmt, sizes)
+    hessian = 2 * x.T @ x / len(x)
+    order = activation_order(hessian)
+    assert set(order[:4].tolist()) == {3, 17, 40, 58} and sorted(order.tolist()) == list(range(64))
+    in_order, _ = gptq_codes(w, scale, sizes, fmt, upper_inverse_factor(hessian, 0.01), blocksize=16)
+    factor, order = ordered_inverse_factor(hessian, 0.01, act_order=True)
+    by_energy, _ = gptq_codes(w, scale, sizes, fmt, factor, blocksize=16, order=order)
+    assert by_energy.dtype == torch.int8 and by_energy.min() >= fmt.qmin and by_energy.max() <= fmt.qmax
+
+    def output_error(codes):
+        return (x @ (dequantize_weight(codes, scale, sizes) - w).T).pow(2).mean().item()
+
+    assert output_error(by_energy) < 0.9 * output_error(in_order)
+    identity_factor, identity = ordered_inverse_factor(torch.diag(torch.arange(64.0, 0, -1)), 0.01, act_order=True)
+    assert torch.equal(identity, torch.arange(64))  # already in order: the plain sweep
+    assert torch.equal(gptq_codes(w, scale, sizes, fmt, identity_factor, 16, order=identity)[0],
+                       gptq_codes(w, scale, sizes, fmt, identity_factor, 16)[0])
+
+
 def test_lazy_group_scales_fit_the_compensated_weights():
     """Each later group's scale comes from the weights as compensation left them: no code is clipped
     that a scale refitted to those weights would have kept, and the output error drops."""
@@ -90,13 +119,14 @@ def _sqnr_db(ref, out):
 def test_gptq_w4_pipeline_is_closer_to_float_than_nearest_rounding():
     reference = build_tiny("flux")(**tiny_call_kwargs("flux")).images
     sqnr = {}
-    for rounding in ("nearest", "gptq"):
+    for rounding, extra in (("nearest", {}), ("gptq", {}),
+                            ("gptq act_order", dict(gptq_act_order=True, gptq_group_scales="static"))):
         pipe = build_tiny("flux")
-        quantize_(pipe, PTQConfig(weights="int4", activations=None, weight_rounding=rounding, gptq_groups=2,
-                                  **FLUX_FAST))
-        assert "int4-packed" in summary(pipe) and f"rounding {rounding}" in summary(pipe)  # lowered like any codes
+        quantize_(pipe, PTQConfig(weights="int4", activations=None, weight_rounding=rounding.split()[0],
+                                  gptq_groups=2, **FLUX_FAST, **extra))
+        assert "int4-packed" in summary(pipe) and f"rounding {rounding.split()[0]}" in summary(pipe)  # lowered
         sqnr[rounding] = _sqnr_db(reference, pipe(**tiny_call_kwargs("flux")).images)
-    assert sqnr["gptq"] > sqnr["nearest"] + 3
+    assert sqnr["gptq"] > sqnr["nearest"] + 3 and sqnr["gptq act_order"] > sqnr["nearest"] + 3
 
 
 def test_gptq_groups_over_the_hessian_budget_split_into_more_sweeps_with_the_same_codes(monkeypatch):
@@ -131,6 +161,8 @@ def test_gptq_groups_over_the_hessian_budget_split_into_more_sweeps_with_the_sam
     (dict(gptq_damp=0), "gptq_damp"),
     (dict(gptq_groups=0), "gptq_groups"),
     (dict(gptq_group_scales="dynamic"), "gptq_group_scales"),
+    (dict(gptq_act_order=True), r"gptq_act_order=True rounds columns out of order.*gptq_group_scales='static'"),
+    (dict(gptq_act_order=1, gptq_group_scales="static"), r"gptq_act_order must be True or False, got 1"),
 ])
 def test_bad_gptq_configs_raise(changes, message):
     with pytest.raises(ValueError, match=message):

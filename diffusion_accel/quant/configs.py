@@ -21,7 +21,7 @@ WEIGHT_SCALE_METHODS = ("max", "mse", "output_mse")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 ACT_MODES = ("static", "dynamic", "dynamic_per_tensor")
 GPTQ_GROUP_SCALES = ("lazy", "static")
-FLAGS = ("act_symmetric", "split_shortcut", "keep_high_precision", "reconstruct", "lower")
+FLAGS = ("act_symmetric", "split_shortcut", "keep_high_precision", "reconstruct", "lower", "gptq_act_order")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,9 @@ class PTQConfig:
     quarter of the device's memory; ``gptq_damp`` is relative to mean(diag H)).
     gptq_group_scales: "lazy" (each later scale segment, a weight group or split-shortcut half, gets its
     scale when the GPTQ sweep reaches it, from the weights as compensation left them) or "static"
-    (every scale fitted to the original weights first).
+    (every scale fitted to the original weights first). gptq_act_order: round the columns in order of
+    decreasing Hessian diagonal (GPTQ's act_order: the inputs with the most energy first); the sweep then
+    runs out of column order, so it needs gptq_group_scales="static".
     act_mode: "static" (per-tensor scale from calibration), "dynamic" (per-token scales at run time) or
     "dynamic_per_tensor" (one scale per layer call, per split-shortcut half, from that call's min / max:
     no range calibration, and it still lowers to int8 GEMMs and oneDNN int8 convs, which take the
@@ -68,6 +70,7 @@ class PTQConfig:
     gptq_blocksize: int = 128
     gptq_groups: int = 4
     gptq_group_scales: str = "lazy"
+    gptq_act_order: bool = False
     act_mode: str = "static"
     act_method: str = "minmax"
     act_percentile: float = 99.99
@@ -327,6 +330,9 @@ def _check_gptq(config: PTQConfig) -> None:
     if config.weights not in ("int8", "int4"):
         raise ValueError(f"PTQConfig.weight_rounding='gptq' needs integer weights ('int8' or 'int4'); "
                          f"got weights={config.weights!r}")
+    if config.gptq_act_order and config.gptq_group_scales != "static":
+        raise ValueError("PTQConfig.gptq_act_order=True rounds columns out of order, so scales cannot be fitted "
+                         "lazily as the sweep reaches them; set gptq_group_scales='static'")
     if config.reconstruct:
         raise ValueError("PTQConfig.weight_rounding='gptq' and reconstruct=True both choose the weight "
                          "rounding (AdaRound restarts from the float weights); use one of them")

@@ -29,9 +29,24 @@ Sweep = Callable[[list[str]], HessianCollector]
 Rescale = Callable[[torch.Tensor, int], torch.Tensor]
 
 
+def activation_order(hessian: torch.Tensor) -> torch.Tensor:
+    """GPTQ's act_order: input columns by decreasing Hessian diagonal (d,), the inputs carrying the most energy
+    rounded first, while the most columns remain to absorb their error (ties keep column order)."""
+    return torch.sort(torch.diagonal(hessian), descending=True, stable=True).indices
+
+
+def ordered_inverse_factor(hessian: torch.Tensor, damp: float, act_order: bool
+                           ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+    """(``upper_inverse_factor`` of ``hessian`` with rows and columns in rounding order, that order or None)."""
+    order = activation_order(hessian) if act_order else None
+    ordered = hessian if order is None else hessian[order][:, order]
+    return upper_inverse_factor(ordered, damp), order
+
+
 def gptq_codes(w2d: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int], fmt: NumberFormat,
                inverse_factor: tuple[torch.Tensor, torch.Tensor], blocksize: int = 128,
-               rescale: Rescale | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               rescale: Rescale | None = None, order: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes (out, d), scales (out, S)) of ``w2d`` (out, d) on a per-segment grid, GPTQ-rounded.
 
     ``scale`` (out, S) is the grid of the first segment, and of every segment when ``rescale`` is
@@ -44,12 +59,19 @@ def gptq_codes(w2d: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int], fmt
     (d, d). Weights of dead inputs (zero Hessian diagonal: no signal in calibration) are rounded to
     nearest: zero there only at the calibration size (a 3x3 conv's off-centre taps on a 1x1 feature
     map see padding), so zeroing them (SparseGPT's rule, ours until session 27) broke larger images.
+    ``order`` (d,): round the columns in this order (``activation_order``; ``inverse_factor`` is then of the
+    Hessian in that order, ``ordered_inverse_factor``), on static scales only.
     """
+    if order is not None and rescale is not None:
+        raise ValueError("GPTQ's act_order rounds columns out of order: its scales must be static")
     with no_tf32():
         work = w2d.detach().to(torch.float32).clone()
         factor, _ = (t.to(work.device) for t in inverse_factor)
         scale = scale.float().clone()
         grid = expand_segments(scale, sizes).expand_as(work).clone()
+        if order is not None:
+            order = order.to(work.device)
+            work, grid = work[:, order].contiguous(), grid[:, order].contiguous()
         later_starts = {start: (index, width) for index, start, width in segment_spans(sizes) if index > 0}
 
         def round_column(block_w: torch.Tensor, block_u: torch.Tensor, start: int, i: int) -> torch.Tensor:
@@ -64,6 +86,8 @@ def gptq_codes(w2d: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int], fmt
             return fmt.round(block_w[:, i] / step) * step
 
         obs_column_pass(work, factor, blocksize, round_column)
+        if order is not None:
+            work = work[:, torch.argsort(order)]
     return quantize_weight(work, scale, fmt, sizes), scale
 
 
@@ -90,15 +114,17 @@ def gptq_round_all(denoiser: nn.Module, targets: Sequence[Any], config: PTQConfi
     for group in progress_bar(groups, "GPTQ layer groups"):
         collector = sweep(list(dict.fromkeys(keys[t.name] for t in group)))
         users = Counter(keys[t.name] for t in group)
-        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        factors: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]] = {}
         for target in group:
             key = keys[target.name]
             if key not in factors:
                 with no_tf32():
-                    factors[key] = upper_inverse_factor(collector.hessian(key), config.gptq_damp)
+                    factors[key] = ordered_inverse_factor(collector.hessian(key), config.gptq_damp,
+                                                          config.gptq_act_order)
                 collector.free(key)  # the factor replaces it: a group held every Hessian and factor at once
             w2d, scale, sizes, fmt, rescale = grid(target)
-            codes, scale = gptq_codes(w2d, scale, sizes, fmt, factors[key], config.gptq_blocksize, rescale)
+            factor, order = factors[key]
+            codes, scale = gptq_codes(w2d, scale, sizes, fmt, factor, config.gptq_blocksize, rescale, order)
             rounded[target.name] = codes, scale, sizes
             users[key] -= 1
             if not users[key]:
