@@ -53,8 +53,9 @@ def gptq_codes(w2d: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int], fmt
     None. With ``rescale(current weights (out, width), segment index) -> (out,)``, each later
     segment's scale is chosen when the sweep reaches its first column, from the weights as the
     earlier columns' rounding errors have moved them (GPTQ's lazy group scales; columns past the
-    current block lack only that block's pending update, as in the reference): a scale fitted to
-    the original weights would clip what the compensation pushed past it.
+    current block lack only that block's pending update; the reference fits a group starting inside a
+    block to the weights before that block's updates): a scale fitted to the original weights would clip
+    what the compensation pushed past it.
     ``inverse_factor``: ``prune.obs.upper_inverse_factor(H, damp)`` of the layer's input Hessian
     (d, d). Weights of dead inputs (zero Hessian diagonal: no signal in calibration) are rounded to
     nearest: zero there only at the calibration size (a 3x3 conv's off-centre taps on a 1x1 feature
