@@ -405,6 +405,24 @@ def test_edited_prune_records_are_refused_and_nothing_changes(saved_artifacts, t
     assert heads_before == [m.heads for m in base.unet.modules() if hasattr(m, "heads")]
 
 
+def test_a_flux_single_stream_proj_out_of_the_wrong_width_is_refused(tmp_path):
+    """Flux's single-stream proj_out reads cat([attention, MLP hidden]): neither the attention check (it has no
+    to_out) nor the FFN check (an offset) covered it, and a column short loaded, then failed at the first call."""
+    import diffusion_accel as da
+    from safetensors.torch import save_file
+
+    pipe = build_tiny("flux")
+    da.prune_(pipe, da.PruneConfig(method="magnitude", sparsity=0.3, pattern="structured"))
+    artifact.save(pipe, tmp_path)
+    artifact.load(build_tiny("flux"), tmp_path)  # the artifact as saved loads
+    tensors = load_file(tmp_path / "00-prune.safetensors")
+    name = "single_transformer_blocks.0.proj_out.weight"
+    tensors[name] = tensors[name][:, :-1].contiguous()
+    save_file(tensors, tmp_path / "00-prune.safetensors")
+    with pytest.raises(artifact.ArtifactError, match=r"leaves feed-forward 'single_transformer_blocks.0' with widths"):
+        artifact.load(build_tiny("flux"), tmp_path)
+
+
 def test_int8_codes_under_a_manifest_saying_int4_are_refused(saved_artifacts, tmp_path):
     import shutil
 

@@ -35,9 +35,15 @@ class BaseGeometry:
         for info in self.attentions:
             if info.name in heads or resized & set(_projections(info)):
                 _check_attention(denoiser, info, heads.get(info.name, info.heads))
+        shared = {info.shared_out: info for info in self.attentions if info.shared_out is not None}
         for info in self.ffns:
-            if info.proj_out_offset == 0 and resized & {*info.proj_in, info.proj_out}:
+            if not resized & {*info.proj_in, info.proj_out}:
+                continue
+            if info.proj_out_offset == 0:
                 _check_ffn(denoiser, info)
+            elif info.proj_out in shared:  # Flux single-stream: proj_out reads cat([attention, MLP hidden])
+                attention = shared[info.proj_out]
+                _check_shared_out(denoiser, info, heads.get(attention.name, attention.heads) * attention.head_dim)
         for info in self.resnets:
             if resized & {info.conv1, info.norm2, info.conv2}:
                 _check_resnet(denoiser, info)
@@ -73,6 +79,15 @@ def _check_ffn(denoiser: nn.Module, info: FFNInfo) -> None:
     if any(size != expected for size in outputs.values()):
         _refuse(f"feed-forward {info.name!r}", f"{expected} outputs for {info.proj_out!r}'s {hidden} inputs",
                 {**outputs, info.proj_out: hidden})
+
+
+def _check_shared_out(denoiser: nn.Module, info: FFNInfo, attention_width: int) -> None:
+    outputs = _widths(denoiser, list(info.proj_in), 0)
+    hidden = next(iter(outputs.values())) // (2 if info.gated else 1)
+    columns = _widths(denoiser, [info.proj_out], 1)[info.proj_out]
+    if columns != attention_width + hidden or any(size != next(iter(outputs.values())) for size in outputs.values()):
+        _refuse(f"feed-forward {info.name!r}", f"{info.proj_out!r} reading the attention's {attention_width} and the "
+                f"MLP's {hidden} columns", {**outputs, info.proj_out: columns})
 
 
 def _check_resnet(denoiser: nn.Module, info: ResnetInfo) -> None:
