@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-PACKAGE_FOLDER = str(Path(__file__).parent)
+PACKAGE_FOLDER = str(Path(__file__).parent) + os.sep  # the separator: a sibling "diffusion_accel_x/" is the user's
 
 
 def user_stacklevel() -> int:

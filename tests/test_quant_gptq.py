@@ -167,3 +167,5 @@ def test_gptq_groups_over_the_hessian_budget_split_into_more_sweeps_with_the_sam
 def test_bad_gptq_configs_raise(changes, message):
     with pytest.raises(ValueError, match=message):
         PTQConfig(weight_rounding="gptq", **changes)
+    with pytest.raises(ValueError, match=r"gptq_act_order=True orders GPTQ's sweep; it needs weight_rounding='gptq'"):
+        PTQConfig(gptq_act_order=True, gptq_group_scales="static")

@@ -326,6 +326,9 @@ def _check_gptq(config: PTQConfig) -> None:
     _choice("gptq_group_scales", config.gptq_group_scales, GPTQ_GROUP_SCALES)
     _finite("gptq_damp", config.gptq_damp, 0.0, low_open=True)
     if config.weight_rounding != "gptq":
+        if config.gptq_act_order:
+            raise ValueError(f"PTQConfig.gptq_act_order=True orders GPTQ's sweep; it needs weight_rounding='gptq', "
+                             f"got {config.weight_rounding!r}")
         return
     if config.weights not in ("int8", "int4"):
         raise ValueError(f"PTQConfig.weight_rounding='gptq' needs integer weights ('int8' or 'int4'); "

@@ -95,7 +95,9 @@ def timestep_bounds(timesteps: dict[int, float | None], groups: int, num_steps: 
     the two steps where the group changes. None unless those steps were recorded and the timesteps
     never increase (Heun repeats each); groups are then chosen by position (``StepGroups.group_of``). An edge
     between two calls at one timestep (Heun) gives that timestep as the bound: both calls then belong to the
-    earlier group, at calibration as at run time (``StepGroups.group_of_call``)."""
+    earlier group, at calibration as at run time (``StepGroups.group_of_call``); the bound then sits midway to the
+    next smaller timestep, so that a run timestep rounded a little below the recorded one (Flux divides it in
+    the latents' dtype: bf16 after an fp32 calibration) stays in that group."""
     values = [value for _, value in sorted(timesteps.items()) if value is not None]
     if groups < 2 or any(later > earlier for earlier, later in zip(values, values[1:])):
         return None
@@ -103,7 +105,14 @@ def timestep_bounds(timesteps: dict[int, float | None], groups: int, num_steps: 
     edges = [step for step in range(num_steps - 1) if group[step] != group[step + 1]]
     if len(edges) != groups - 1 or any(timesteps.get(s) is None or timesteps.get(s + 1) is None for s in edges):
         return None
-    return tuple((timesteps[step] + timesteps[step + 1]) / 2 for step in edges)
+    return tuple((timesteps[step] + _next_lower(timesteps, step, num_steps)) / 2 for step in edges)
+
+
+def _next_lower(timesteps: dict[int, float | None], step: int, num_steps: int) -> float:
+    """The first recorded timestep after ``step`` below ``timesteps[step]`` (Heun repeats each one once)."""
+    upper = timesteps[step]
+    later = (timesteps.get(k) for k in range(step + 1, num_steps))
+    return next((value for value in later if value is not None and value < upper), upper - 1.0)
 
 
 _SAME_SIZE_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
