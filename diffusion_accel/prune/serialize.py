@@ -93,7 +93,8 @@ def restore_prune(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Te
     saved = config["record"]
     superseded = set(config.get("superseded", []))  # layers the artifact's quantization replaces
     _check_masked_names(saved, config["masked_shapes"])
-    geometry = BaseGeometry.of(denoiser)  # the base's units, read before any layer is resized
+    structured = bool(saved["heads"] or saved["base_shapes"])  # unstructured artifacts resize nothing
+    geometry = BaseGeometry.of(denoiser) if structured else None  # the base's units, read before any resize
     _restore_heads(denoiser, saved["heads"])
     norm_groups = saved.get("norm_groups", {})
     for name, base_shape in saved["base_shapes"].items():
@@ -101,7 +102,8 @@ def restore_prune(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Te
         _restore_resized(denoiser, name, base_shape, tensors, norm_groups.get(name), shape)
     for name, shape in config["masked_shapes"].items():
         _restore_masked(denoiser, name, shape, tensors, name in superseded)
-    geometry.check(denoiser, saved["heads"], set(saved["base_shapes"]))
+    if geometry is not None:
+        geometry.check(denoiser, saved["heads"], set(saved["base_shapes"]))
     record = ensure_record(denoiser)
     record.configs += saved["configs"]
     record.calibrations += saved.get("calibrations", [None] * len(saved["configs"]))  # older artifacts: none
