@@ -112,13 +112,28 @@ def settings_cli(doc: str, models: tuple[str, ...], default_model: str,
     parser = script_parser(doc, None)
     parser.add_argument("--model", choices=models, default=default_model)
     parser.add_argument("--threads", type=COUNT, default=1)
+    parser.add_argument("--only", nargs="+", metavar="TEXT",
+                        help="run only the settings whose label contains one of these (the reference always runs); "
+                             "give --out too, else the model's full report is overwritten by the subset")
     return parser.parse_args(argv)
+
+
+def selected(settings: dict[str, dict], reference: str, only: list[str] | None) -> dict[str, dict]:
+    """``settings`` limited to ``--only`` (labels containing one of its texts) and the reference."""
+    if not only:
+        return settings
+    chosen = {label: changes for label, changes in settings.items()
+              if label == reference or any(text in label for text in only)}
+    if len(chosen) == 1:
+        raise SystemExit(f"--only {only} matches no setting; labels: {list(settings)}")
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> None:
     args = settings_cli(__doc__, MODELS, "fashion-sd", argv)
     settings = SETTINGS | (UNET_ONLY if denoiser_attr(args.model) == "unet" else {})
-    run_settings(args.model, settings, REFERENCE, "ptq_rounding", TITLE, args.threads, out=args.out)
+    run_settings(args.model, selected(settings, REFERENCE, args.only), REFERENCE, "ptq_rounding", TITLE,
+                 args.threads, out=args.out)
 
 
 if __name__ == "__main__":

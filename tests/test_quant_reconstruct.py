@@ -1,5 +1,6 @@
 """AdaRound block reconstruction lowers block output error vs plain rounding."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -49,6 +50,32 @@ def test_reconstruction_beats_nearest_rounding_on_a_block():
     assert block[0].rounding is None and block[0].weight_codes.dtype == torch.int8
     assert block[0].weight_codes.abs().max() <= 8
     assert learned_error < 0.8 * nearest_error
+
+
+def test_reconstruction_loss_counts_every_stream():
+    """Flux's blocks return the text and the image stream: only the first (text) one was reconstructed."""
+    from diffusion_accel.quant.reconstruct import reconstruction_loss
+
+    image, text = torch.zeros(2, 3, 4, 4), torch.zeros(2, 5, 6)
+    assert reconstruction_loss([image + 2], [image], 2.0) == 4.0
+    both = reconstruction_loss([text + 1, torch.zeros(2, 15, 6)], [text, torch.zeros(2, 15, 6)], 2.0)
+    assert both == 60 / 240  # 60 erring elements of 240
+    with pytest.raises(ValueError):
+        reconstruction_loss([text], [text, text], 2.0)
+
+
+def test_flux_reconstruction_moves_the_image_stream_codes_too():
+    """Image-stream layers of Flux's double blocks got no gradient and stayed at nearest rounding."""
+    base = dict(weights="int4", activations=None, calib_prompts=1, calib_num_steps=2, calib_steps="all",
+                calib_kwargs=(("height", 16), ("width", 16)))
+    nearest, reconstructed = build_tiny("flux"), build_tiny("flux")
+    quantize_(nearest, PTQConfig(**base))
+    quantize_(reconstructed, PTQConfig(**base, reconstruct=True, recon_iters=200, recon_samples=4, recon_batch=2,
+                                       recon_lr=1e-2))
+    for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.ff.net.2",
+                 "transformer_blocks.0.ff_context.net.2"):
+        codes = [pipe.transformer.get_submodule(name).weight_codes for pipe in (nearest, reconstructed)]
+        assert not torch.equal(*codes), name
 
 
 def test_pipeline_reconstruction_runs_and_generates():
