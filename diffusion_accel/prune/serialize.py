@@ -19,9 +19,9 @@ from ..artifact import register_technique
 from ..artifact_tensors import TechniqueTensors, technique_tensors
 from ..hooks import refuse_while_cached
 from .apply import TECHNIQUE
+from .geometry import BaseGeometry
 from .record import ensure_record, get_record
 from .sparse import dense_weight
-from .geometry import BaseGeometry
 from .structured import set_head_count
 from .surgery import new_group_norm, new_layer, replace_module
 
