@@ -124,7 +124,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "\n").splitlines()[0])
     parser.add_argument("--steps", type=COUNT, default=6)
     parser.add_argument("--repeats", type=COUNT, default=3)
     parser.add_argument("--device", default="cpu")

@@ -69,7 +69,7 @@ def pipeline_folder(workdir: Path) -> tuple[Path, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "\n").splitlines()[0])
     parser.add_argument("--methods", default="ptq")
     parser.add_argument("--num-prompts", type=COUNT, default=4)
     parser.add_argument("--steps", type=COUNT, default=10, help="calibration steps (the recipe: 25)")

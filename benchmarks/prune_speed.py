@@ -114,7 +114,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "\n").splitlines()[0])
     parser.add_argument("--repeats", type=COUNT, default=5)
     parser.add_argument("--sparsity", type=float, default=0.3)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))

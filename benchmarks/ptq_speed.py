@@ -238,7 +238,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--repeats", type=COUNT, default=5)
     parser.add_argument("--compiled-repeats", type=COUNT, default=3)
     parser.add_argument("--threads", type=COUNT, default=2)

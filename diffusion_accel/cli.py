@@ -46,9 +46,14 @@ def _add_generation_args(parser: argparse.ArgumentParser, steps: int | None) -> 
                              "--call max_sequence_length=256 (VALUE parsed as JSON, else a string)")
 
 
+DESCRIPTION = ("Make diffusers pipelines faster and smaller without retraining (quantize, prune, cache) "
+               "and measure the result.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="diffusion-accel", description=__doc__.splitlines()[0])
+    """The full argument parser with every subcommand (its description a literal: ``python -OO`` drops
+    docstrings)."""
+    parser = argparse.ArgumentParser(prog="diffusion-accel", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_subcommand in (_add_demo, _add_calibrate, _add_eval, _add_bench, _add_grid):
         add_subcommand(sub)

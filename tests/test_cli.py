@@ -528,3 +528,14 @@ def test_calibrate_refuses_an_out_folder_save_would_refuse_before_calibrating(tm
     (tmp_path / "art" / "manifest.json").write_text('{"format": "diffusion_accel.artifact"}')
     assert main(["calibrate", "--pipe", "tiny:sd", "--out", str(tmp_path / "art")]) == 2
     assert "holds an artifact (manifest.json): statistics would replace" in capsys.readouterr().err
+
+
+def test_help_under_python_OO_which_drops_docstrings():
+    """``python -OO`` sets every ``__doc__`` to None; the parser's description came from one."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-OO", "-m", "diffusion_accel.cli", "--help"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "usage: diffusion-accel" in result.stdout
