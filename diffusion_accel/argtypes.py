@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from .paths import output_folder_problem
+from .paths import EMPTY_PATH_PROBLEM, empty_path, output_folder_problem
 
 
 def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -62,6 +62,8 @@ def fraction(text: str) -> float:
 def output_folder(text: str) -> str:
     """An argparse type for ``--out`` folders: refuses a path that is, or lies under, an existing file, so
     the command does not fail only when writing its results, after the work (an evaluation, a demo)."""
+    if empty_path(text):  # before Path(), which turns "" into "." (the current folder)
+        raise argparse.ArgumentTypeError(EMPTY_PATH_PROBLEM)
     text = str(Path(text).expanduser())  # --out=~/x: the shell expands no ~ after "="
     problem = output_folder_problem(text)
     if problem is not None:
@@ -72,6 +74,8 @@ def output_folder(text: str) -> str:
 def output_file(text: str) -> str:
     """An argparse type for an output file (``grid --out``): its folder must be creatable, checked before the
     work (a path under a file failed with ``[Errno 17] File exists`` after every image was generated)."""
+    if empty_path(text):
+        raise argparse.ArgumentTypeError(EMPTY_PATH_PROBLEM)
     path = Path(text).expanduser()
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{str(path)!r} is a folder; give an image file path")

@@ -128,7 +128,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--fid-reference", default=None,
                           help="FID reference: a stats file, an image folder, or DATASET:SPLIT of the zoo's "
                                "data (fashion-mnist:test, mnist:test); its statistics are cached")
-    evaluate.add_argument("--fid-cache", default=FID_CACHE,
+    evaluate.add_argument("--fid-cache", type=output_folder, default=FID_CACHE,
                           help=f"folder caching FID reference statistics (default {FID_CACHE})")
     evaluate.add_argument("--fid-dtype", choices=["float32", "bfloat16"], default="float32",
                           help="precision of the TF-Inception network: bfloat16 (autocast) is ~1.5x faster on "

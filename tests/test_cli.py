@@ -388,6 +388,27 @@ def test_an_output_folder_that_is_a_file_is_a_usage_error_before_any_work(comman
     assert (tmp_path / "taken").read_text() == "mine"
 
 
+@pytest.mark.parametrize("command", [["demo"], ["eval", "--pipe", "tiny:sd"], ["calibrate", "--pipe", "tiny:sd"],
+                                     ["grid", "--pipe", "tiny:sd"], ["zoo", "train", "fashion-clip"]])
+def test_an_empty_out_is_a_usage_error(command, capsys, monkeypatch, tmp_path):
+    """``--out ""`` became '.' before the check, and the results landed in the current folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("diffusion_accel.loading.load_pipeline", lambda *a, **k: pytest.fail("pipeline loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--out", ""])
+    assert exit_info.value.code == 2 and "argument --out: the path is empty" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_fid_cache_that_is_a_file_is_a_usage_error(capsys, monkeypatch, tmp_path):
+    """It failed with '[Errno 17] File exists' after the reference statistics were computed."""
+    (tmp_path / "taken").write_text("mine")
+    monkeypatch.setattr("diffusion_accel.loading.load_pipeline", lambda *a, **k: pytest.fail("pipeline loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--pipe", "tiny:sd", "--fid-cache", str(tmp_path / "taken")])
+    assert exit_info.value.code == 2 and "argument --fid-cache: " in capsys.readouterr().err
+
+
 def test_a_recipes_uniform_selection_caps_at_fewer_steps(tmp_path):
     import argparse
 

@@ -145,6 +145,29 @@ def test_fid_against_cached_stats_needs_no_reference_images(tmp_path):
     assert fid_to_reference(loaded, generated, extractor=extractor) == pytest.approx(direct, rel=1e-9)
 
 
+@pytest.mark.parametrize("damage", [lambda data: data[: len(data) // 2], lambda data: b""])
+def test_a_damaged_cache_entry_is_recomputed_with_a_warning(tmp_path, damage):
+    """A truncated cache file failed every later run, blaming the user's reference."""
+    images, cache = smooth_images(6), tmp_path / "cache"
+    first = reference_stats(images, extractor=CountingFeatures(), cache_dir=cache)
+    (entry,) = cache.glob("fid_ref_*.safetensors")
+    entry.write_bytes(damage(entry.read_bytes()))
+    with pytest.warns(UserWarning, match=r"cached FID statistics .*fid_ref_.* are damaged .*recomputing"):
+        again = reference_stats(images, extractor=CountingFeatures(), cache_dir=cache)
+    assert torch.equal(again.mean, first.mean) and torch.equal(again.cov, first.cov)
+    assert torch.equal(FIDStats.load(entry).mean, first.mean)  # replaced by the recomputed statistics
+
+
+def test_a_cache_dir_that_is_a_file_fails_before_computing(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    extractor = CountingFeatures()
+    with pytest.raises(ValueError, match=r"FID cache_dir: '.*afile' is a file"):
+        reference_stats(smooth_images(6), extractor=extractor, cache_dir=tmp_path / "afile")
+    with pytest.raises(ValueError, match="FID cache_dir: the path is empty"):
+        reference_stats(smooth_images(6), extractor=extractor, cache_dir="")
+    assert extractor.calls == 0
+
+
 @pytest.mark.parametrize("write", [
     lambda path: np.savez(path, mu=np.zeros(4), sigma=np.eye(4)),  # pytorch-fid / clean-fid statistics
     lambda path: path.write_bytes(b"not safetensors"),

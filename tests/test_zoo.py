@@ -565,3 +565,18 @@ def test_python_m_train_reports_user_errors_in_one_line(capsys):
         main(["fashion-clip", "--lr", "1e-3"])
     assert exit_info.value.code == 2
     assert "python -m diffusion_accel.zoo.train: error: --lr applies to" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage bytes, not a checkpoint", b"PK\x03\x04truncated zip"])
+def test_a_damaged_checkpoint_is_a_clear_error_naming_it(tmp_path, content, capsys):
+    """A truncated or foreign checkpoint.pt printed torch's raw traceback (PytorchStreamReader / Unpickling)."""
+    from diffusion_accel.zoo.train import main
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(content)
+    with pytest.raises(ValueError, match=r"cannot resume from '.*checkpoint.pt': it is not a readable checkpoint "
+                                         r".*start over with --no-resume"):
+        C.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fashion-clip", "--out", str(tmp_path / "run"), "--steps", "1"])
+    assert exit_info.value.code == 2 and "cannot resume from" in capsys.readouterr().err

@@ -33,8 +33,8 @@ from ..pipeline_defaults import call_defaults, check_call_arguments
 from .clip_score import DEFAULT_CLIP_MODEL, check_clip_reachable, clip_metric, clip_score
 from .cost import denoiser_flops, model_size
 from .distributed import gather, merge_ordered, process_state, shard, share_from_main
-from .fid import (FIDStats, check_reference, compute_fid_stats, fid_feature_extractor, frechet_distance,
-                  reference_stats)
+from .fid import (FIDStats, check_cache_dir, check_reference, compute_fid_stats, fid_feature_extractor,
+                  frechet_distance, reference_stats)
 from .fidelity import fidelity
 from .grid import make_grid
 from .machine import denoiser_runtime, machine_info
@@ -246,6 +246,7 @@ def _check_inputs(run: _Run, pipelines: Mapping[str, Any], output_dir: str | Pat
         raise ValueError(f"output_dir {problem}")
     if "fid" in run.requested and run.fid_reference is not None:
         check_reference(run.fid_reference, run.fid_extractor)
+        check_cache_dir(run.fid_cache_dir)
     if "clip" in run.requested and all(isinstance(job.prompt, str) for job in run.jobs):  # else not scored
         check_clip_reachable(run.clip_model or DEFAULT_CLIP_MODEL)
     for name, pipe in pipelines.items():

@@ -24,6 +24,8 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 from tqdm.auto import tqdm
 
+from ..paths import EMPTY_PATH_PROBLEM, empty_path, output_folder_problem
+from ..stacklevel import user_stacklevel
 from .images import (as_nchw, checked_unit_range, hash_files, hash_tensor, image_files, iter_dataset_images, load_image,
                      to_rgb, to_uint8)
 from .inception import TF_INCEPTION_ID, TFInceptionFeatures, find_tf_inception, tf1_bilinear_resize
@@ -246,6 +248,38 @@ def _check_same_network(reference: FIDStats, extractor: nn.Module | None) -> Non
                          f"recompute the reference with this one")
 
 
+def check_cache_dir(cache_dir: str | Path | None) -> None:
+    """A ``cache_dir`` (None: no cache) that cannot become a folder is an error before the (minutes-long)
+    computation: one that is a file failed only when saving the result."""
+    if cache_dir is None:
+        return
+    if empty_path(cache_dir):
+        raise ValueError(f"FID cache_dir: {EMPTY_PATH_PROBLEM}")
+    problem = output_folder_problem(Path(cache_dir).expanduser())
+    if problem is not None:
+        raise ValueError(f"FID cache_dir: {problem}")
+
+
+def _cache_file(cache_dir: str | Path, content_hash: str, extractor: nn.Module | None) -> Path:
+    """The cache file of these images' statistics under this feature network (its folder checked)."""
+    check_cache_dir(cache_dir)
+    key = hashlib.sha256(f"{content_hash}|{_extractor_id(extractor)}".encode()).hexdigest()[:24]
+    return Path(cache_dir).expanduser() / f"fid_ref_{key}.safetensors"
+
+
+def _load_cached(cache_file: Path) -> FIDStats | None:
+    """The cached statistics, or None when absent or damaged (a truncated write): a damaged cache entry is
+    recomputed and replaced, with a warning, instead of failing every later run."""
+    if not cache_file.is_file():
+        return None
+    try:
+        return FIDStats.load(cache_file)
+    except (ValueError, KeyError) as error:
+        warnings.warn(f"the cached FID statistics {str(cache_file)!r} are damaged ({error}); recomputing them",
+                      stacklevel=user_stacklevel())
+        return None
+
+
 def reference_stats(source: Any, *, cache_dir: str | Path | None = None, extractor: nn.Module | None = None,
                     batch_size: int = DEFAULT_BATCH_SIZE) -> FIDStats:
     """Reference statistics from FIDStats, a ``.safetensors`` stats file, a folder, tensor or dataset.
@@ -262,10 +296,10 @@ def reference_stats(source: Any, *, cache_dir: str | Path | None = None, extract
     content_hash, images = _content_hash(source)
     cache_file = None
     if cache_dir is not None:
-        key = hashlib.sha256(f"{content_hash}|{_extractor_id(extractor)}".encode()).hexdigest()[:24]
-        cache_file = Path(cache_dir).expanduser() / f"fid_ref_{key}.safetensors"
-        if cache_file.is_file():
-            return FIDStats.load(cache_file)
+        cache_file = _cache_file(cache_dir, content_hash, extractor)
+        cached = _load_cached(cache_file)
+        if cached is not None:
+            return cached
     stats = compute_fid_stats(images, extractor=extractor, batch_size=batch_size, source=f"sha256:{content_hash}")
     if cache_file is not None:
         stats.save(cache_file)

@@ -215,7 +215,12 @@ def load_checkpoint(path: Path) -> dict | None:
     """Load a checkpoint written by ``save_checkpoint`` (weights_only=True), or None if absent."""
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip (RuntimeError), not a checkpoint (UnpicklingError), empty (EOFError)
+        raise ValueError(f"cannot resume from {str(path)!r}: it is not a readable checkpoint "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}); "
+                         f"start over with --no-resume, or delete the file") from None
 
 
 def resume(cfg: Any, stateful: dict[str, Any], generator: torch.Generator) -> tuple[int, float, list[str]]:
