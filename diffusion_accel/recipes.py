@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from . import prompts as prompt_sets
 from .arch import get_adapter
 from .artifact import base_fingerprint, save_folder_problem
+from .artifact_files import StagedWrite
 from .loading import check_device, default_demo_spec, load_pipeline
 
 
@@ -261,8 +262,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     summaries, seconds = _apply_chain(pipe, methods, configs, args, recipe, prompt_list, settings)
     from .artifact import save
 
-    (Path(args.out) / "calibration.json").unlink(missing_ok=True)  # never left describing an older artifact
-    save(pipe, args.out)
+    save(pipe, args.out)  # a failed save leaves the older artifact whole, and its calibration.json with it
     _write_artifact_notes(Path(args.out), spec, methods, settings, prompt_list, seconds)
     summary = "\n".join(summaries) + f"\nartifact (safetensors + manifest.json) written to {args.out}/"
     return {"summary": summary, "methods": methods, "seconds": seconds, "out": args.out}
@@ -464,14 +464,21 @@ def _selection(value: Any) -> Any:
 
 def _write_statistics(out: Path, spec: str, pipe: Any, settings: dict[str, Any], calib: Any,
                       collectors: list[Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in statistics_tensors(collectors).items()},
-              str(out / "statistics.safetensors"))
+    """``statistics.safetensors`` and its ``calibration.json``, staged and swapped in together (the JSON
+    last, as an artifact's manifest): a failure between them left new statistics under the old settings."""
+    tensors = {k: v.contiguous() for k, v in statistics_tensors(collectors).items()}
     manifest = {"format": "diffusion_accel.calibration", "model": spec, "pipeline": type(pipe).__name__,
                 "base_fingerprint": base_fingerprint(pipe), "settings": settings,
                 "selected_steps": list(calib.selected_steps), "collectors": [c.describe() for c in collectors],
                 "summary": calib.summary().splitlines()}
-    (out / "calibration.json").write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+    out.mkdir(parents=True, exist_ok=True)
+    staged = StagedWrite(out)
+    try:
+        staged.write("statistics.safetensors", lambda path: save_file(tensors, str(path)))
+        staged.commit("calibration.json", json.dumps(manifest, indent=2, default=str))
+    except BaseException:
+        staged.discard()
+        raise
 
 
 def _write_artifact_notes(out: Path, spec: str, methods: list[str], settings: dict[str, Any], prompt_list: list,
@@ -479,4 +486,4 @@ def _write_artifact_notes(out: Path, spec: str, methods: list[str], settings: di
     """``calibration.json`` beside the artifact: how it was made (not read by ``load``)."""
     notes = {"format": "diffusion_accel.calibration", "model": spec, "methods": methods, "settings": settings,
              "num_prompts": len(prompt_list), "seconds": seconds}
-    (out / "calibration.json").write_text(json.dumps(notes, indent=2, default=str), encoding="utf-8")
+    StagedWrite(out).commit("calibration.json", json.dumps(notes, indent=2, default=str))  # old notes out first

@@ -87,6 +87,30 @@ def test_calibrate_writes_statistics_and_manifest(tmp_path, capsys):
     assert any(k.startswith("feature_change/") for k in tensors)
 
 
+def test_a_failing_calibrate_write_leaves_the_earlier_output_whole(tmp_path, capsys, monkeypatch):
+    """Statistics were written before their calibration.json (a failure between left new tensors under the
+    old settings), and an artifact's calibration.json was deleted before a save that then failed."""
+    import diffusion_accel.artifact as artifact_module
+    import diffusion_accel.recipes as recipes
+
+    stats, art = tmp_path / "stats", tmp_path / "art"
+    base = ["calibrate", "--pipe", "tiny:sd", "--steps", "2", "--num-prompts", "1"]
+    assert main([*base, "--method", "stats", "--out", str(stats)]) == 0
+    assert main([*base, "--method", "ptq", "--out", str(art)]) == 0
+    before = {path: path.read_bytes() for folder in (stats, art) for path in folder.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(recipes.json, "dumps", full_disk)
+    assert main([*base, "--num-prompts", "2", "--method", "stats", "--out", str(stats)]) == 2
+    monkeypatch.undo()
+    monkeypatch.setattr(artifact_module, "save_file", full_disk)
+    assert main([*base, "--num-prompts", "2", "--method", "ptq", "--out", str(art)]) == 2
+    assert {path: path.read_bytes() for folder in (stats, art) for path in folder.iterdir()} == before
+    assert "No space left on device" in capsys.readouterr().err
+
+
 def test_eval_and_grid_on_tiny_pipelines(tmp_path, capsys):
     code = main(["eval", "--pipe", "a=tiny:sd", "--pipe", "b=tiny:sd", "--num-prompts", "2",
                  "--steps", "2", "--metrics", "psnr,latency", "--out", str(tmp_path / "r")])

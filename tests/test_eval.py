@@ -490,6 +490,23 @@ def test_report_json_is_standard_and_markdown_has_a_row_per_variant(tmp_path):
     assert "| variant | PSNR dB |" in markdown and "| fast | inf |" in markdown and "- a note" in markdown
 
 
+def test_a_report_save_failing_part_way_leaves_the_old_report_whole(tmp_path, monkeypatch):
+    """report.json and report.md were written first: a failing grid left the new rows beside the old grid."""
+    from PIL import Image
+
+    EvalReport(rows=[{"variant": "OLD"}], grid=Image.new("RGB", (4, 4), (255, 0, 0))).save(tmp_path)
+    new = EvalReport(rows=[{"variant": "NEW"}], grid=Image.new("RGB", (4, 4), (0, 0, 255)))
+    monkeypatch.setattr(Image.Image, "save", lambda *args, **kwargs: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        new.save(tmp_path)
+    monkeypatch.undo()
+    old = EvalReport.load(tmp_path)
+    assert old.rows == [{"variant": "OLD"}] and old.grid.getpixel((0, 0)) == (255, 0, 0)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["grid.png", "report.json", "report.md"]
+    with pytest.raises(ValueError, match="EvalReport.save: the path is empty"):
+        new.save("")
+
+
 def test_a_saved_report_loads_back_and_a_grid_less_save_removes_the_old_grid(tmp_path):
     """No loader existed, and a report without a grid saved over one with a grid left the old grid.png."""
     from PIL import Image

@@ -20,7 +20,8 @@ from typing import Any
 
 from PIL import Image
 
-from .grid import save_grid
+from ..artifact_files import StagedWrite
+from ..paths import output_folder_problem
 
 MARKDOWN_COLUMNS = (
     ("variant", "variant"), ("images", "images"), ("fid", "FID"), ("fid_vs_baseline", "FID vs base"),
@@ -132,17 +133,27 @@ class EvalReport:
 
     def save(self, directory: str | Path) -> dict[str, Path]:
         """Write ``report.json``, ``report.md`` and (if made) ``grid.png`` into ``directory``; a ``grid.png``
-        an earlier report left there is removed when this one has no grid (it showed other images)."""
+        an earlier report left there is removed when this one has no grid (it showed other images).
+
+        Staged and swapped in as an artifact is (``artifact_files.StagedWrite``, ``report.json`` last): a
+        failure part-way left the new rows beside the old grid, which ``load`` read as one report."""
+        problem = output_folder_problem(directory)
+        if problem is not None:
+            raise ValueError(f"EvalReport.save: {problem}")
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
+        staged = StagedWrite(folder)
+        try:
+            staged.write("report.md", lambda path: path.write_text(self.to_markdown(), encoding="utf-8"))
+            if self.grid is not None:
+                grid = self.grid
+                staged.write("grid.png", lambda path: grid.save(path, format="PNG"))
+            staged.commit("report.json", self.to_json() + "\n", stale=["grid.png"])
+        except BaseException:
+            staged.discard()
+            raise
         paths = {"json": folder / "report.json", "markdown": folder / "report.md"}
-        self.to_json(paths["json"])
-        paths["markdown"].write_text(self.to_markdown(), encoding="utf-8")
-        if self.grid is not None:
-            paths["grid"] = save_grid(self.grid, folder / "grid.png")
-        elif (folder / "grid.png").is_file():
-            (folder / "grid.png").unlink()
-        return paths
+        return paths | ({"grid": folder / "grid.png"} if self.grid is not None else {})
 
     @classmethod
     def load(cls, path: str | Path) -> EvalReport:
