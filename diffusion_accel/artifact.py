@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -317,10 +318,11 @@ def save(pipe: Any, directory: str | Path) -> Path:
                      **_rounding_entry(denoiser), **_write_base_sample(denoiser, files)},
             "techniques": entries,
         }
+        manifest_text = json.dumps(manifest, indent=2)
     except BaseException:
         files.discard()
         raise
-    files.commit(MANIFEST, json.dumps(manifest, indent=2), stale=previous_files)  # stale: an earlier artifact's
+    files.commit(MANIFEST, manifest_text, stale=previous_files)  # stale: an earlier artifact's
     return folder
 
 
@@ -341,9 +343,9 @@ def _check_has_weights(pipe: Any, call: str) -> None:
 
 def _check_folder_argument(call: str, pipe: Any, directory: Any) -> None:
     """TypeError for a folder that is no path (None; the arguments swapped), before any work."""
-    if isinstance(directory, (str, Path)) and not isinstance(pipe, (str, Path)):
+    if isinstance(directory, (str, os.PathLike)) and not isinstance(pipe, (str, os.PathLike)):
         return
-    raise TypeError(f"{call} takes the pipeline first and a folder path (str or Path) second; got "
+    raise TypeError(f"{call} takes the pipeline first and a folder path (str or os.PathLike) second; got "
                     f"{type(pipe).__name__} and {type(directory).__name__}")
 
 

@@ -52,6 +52,22 @@ def test_round_trip_reproduces_images_exactly(tmp_path):
     assert torch.equal(_images(loaded), _images(accelerated))
 
 
+def test_any_os_pathlike_folder_is_accepted(tmp_path):
+    """Only str and Path were: another os.PathLike (a py.path, a custom class) was a TypeError."""
+
+    class Folder:
+        def __init__(self, path):
+            self.path = path
+
+        def __fspath__(self):
+            return str(self.path)
+
+    accelerated = _scaled_pipe()
+    assert artifact.save(accelerated, Folder(tmp_path / "a")) == tmp_path / "a"
+    loaded = artifact.load(build_tiny("sd"), Folder(tmp_path / "a"))
+    assert torch.equal(_images(loaded), _images(accelerated))
+
+
 def test_saving_a_pipeline_with_no_technique_warns_and_loads_as_the_base(tmp_path):
     """It wrote an empty artifact silently (usually a forgotten quantize_ / prune_ / enable_cache)."""
     with pytest.warns(UserWarning, match="no technique applied"):
