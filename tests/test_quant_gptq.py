@@ -138,7 +138,7 @@ def test_gptq_groups_over_the_hessian_budget_split_into_more_sweeps_with_the_sam
     from diffusion_accel.quant import calibrate as quant_calibrate
 
     sweeps, run = [], quant_calibrate._run
-    monkeypatch.setattr(quant_calibrate, "_run", lambda *args: sweeps.append(args[2]) or run(*args))
+    monkeypatch.setattr(quant_calibrate, "_run", lambda *args, **kwargs: sweeps.append(args[2]) or run(*args, **kwargs))
     config = PTQConfig(weights="int4", activations=None, weight_rounding="gptq", gptq_groups=1, **FLUX_FAST)
     roomy = quantize_(build_tiny("flux"), config)
     roomy_sweeps = len(sweeps)
@@ -152,6 +152,22 @@ def test_gptq_groups_over_the_hessian_budget_split_into_more_sweeps_with_the_sam
         split = quantize_(build_tiny("flux"), config)
     assert roomy_sweeps == 1 and len(sweeps) - roomy_sweeps > 3
     assert torch.equal(split(**tiny_call_kwargs("flux")).images, roomy(**tiny_call_kwargs("flux")).images)
+
+
+@pytest.mark.parametrize("activations", [None, "int8"])
+def test_gptq_sweeps_replay_the_first_pass_and_round_as_reruns_do(monkeypatch, activations):
+    """Every sweep reran the whole pipeline (text encoder, VAE, unselected steps) on the same float denoiser."""
+    from diffusion_accel.quant import calibrate as quant_calibrate
+
+    config = PTQConfig(weights="int4", activations=activations, weight_rounding="gptq", gptq_groups=3, **FLUX_FAST)
+    encodes = []
+    pipe = build_tiny("flux")
+    pipe.text_encoder_2.register_forward_hook(lambda *args: encodes.append(1))
+    quantize_(pipe, config)
+    monkeypatch.setattr(quant_calibrate, "replayable", lambda calib: None)
+    rerun = quantize_(build_tiny("flux"), config)
+    assert len(encodes) == 1  # one pipeline call (1 prompt): the other sweeps replayed its denoiser inputs
+    assert torch.equal(pipe(**tiny_call_kwargs("flux")).images, rerun(**tiny_call_kwargs("flux")).images)
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -125,7 +125,8 @@ def _gptq(pipe: Any, denoiser: nn.Module, config: PTQConfig, targets: list[Layer
         rescale = segment_rescaler(fmt, sizes, config.weight_scale, column_weights) \
             if config.gptq_group_scales == "lazy" else None
         return w2d, scale, sizes, fmt, rescale
-    return gptq_round_all(denoiser, targets, config, hessian_sweep(pipe, config, calib), grid)
+    sweep = hessian_sweep(pipe, config, calib, first_pass=collected.calibration)
+    return gptq_round_all(denoiser, targets, config, sweep, grid)
 
 
 def _attention_targets(pipe: Any, config: PTQConfig) -> tuple[list[str], dict[str, int]]:
