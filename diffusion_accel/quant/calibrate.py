@@ -212,7 +212,8 @@ def hessian_sweep(pipe: Any, config: PTQConfig, calib: Calibration | None,
 
     Every sweep sees the unquantized denoiser, so without ``calib`` they replay ``first_pass`` (the pass
     ``collect`` ran) when it kept its whole trajectory, or without one the first sweep keeps its own for
-    the others (replays run the selected steps only: fashion-sd GPTQ 1.6-1.9x faster than rerunning)."""
+    the others (replays run the selected steps only: the w4a8 preset's ``quantize_`` 1.42x faster on fashion-sd, 1.47x
+    on fashion-flux, ``benchmarks/results/gptq_sweeps.md``)."""
     source = calib if calib is not None else replayable(first_pass)
     settled = calib is not None or first_pass is not None
 
