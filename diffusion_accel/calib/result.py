@@ -89,6 +89,12 @@ class Calibration:
         """Batch rows of the observed denoiser calls (CFG halves included)."""
         return self.counts.observed_rows
 
+    @property
+    def complete_trajectory(self) -> bool:
+        """True when the stored trajectory holds every observed denoiser call of the pass (not truncated by
+        ``max_trajectory_bytes``): replaying it then sees what rerunning the pass would, on the same denoiser."""
+        return bool(self.trajectory) and not self.trajectory_truncated
+
     def collector(self, kind: type[CollectorT]) -> CollectorT:
         """The first collector of type ``kind``."""
         for item in self.collectors:

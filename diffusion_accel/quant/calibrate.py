@@ -230,9 +230,7 @@ def hessian_sweep(pipe: Any, config: PTQConfig, calib: Calibration | None,
 def replayable(calib: Calibration | None) -> Calibration | None:
     """``calib`` when it holds every selected denoiser call of its pass (replaying feeds just those steps:
     no text encoder, VAE or unselected steps), else None (a truncated trajectory would replay only part)."""
-    if calib is None or not calib.trajectory or calib.trajectory_truncated:
-        return None
-    return calib
+    return calib if calib is not None and calib.complete_trajectory else None
 
 
 def _run(pipe: Any, config: PTQConfig, collectors: list[Collector], calib: Calibration | None,
