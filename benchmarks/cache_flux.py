@@ -59,7 +59,7 @@ from diffusion_accel.cache import (BlockCacheConfig, CalibratedCacheConfig, Firs
 from diffusion_accel.cache.calibrated import evenly_spaced_steps  # noqa: E402
 from diffusion_accel.zoo.captions import TEMPLATES, caption  # noqa: E402
 
-from zoo_harness import RESULTS, Variant, ZooBench, markdown_table, time_variants  # noqa: E402
+from zoo_harness import RESULTS, Variant, ZooBench, made_by, markdown_table, time_variants  # noqa: E402
 from zoo_quality import DEFAULTS, prompts_for  # noqa: E402
 
 diffusers_logging.disable_progress_bar()  # the many pipeline loads would flood the log
@@ -730,7 +730,8 @@ def main(argv: list[str] | None = None) -> dict:
         # the harness' wall-clock timing (with denoiser time), then a CPU-time pass (see time_round_robin)
         timing = time_variants(pipes, CALL, prompts, repeats=args.timing_repeats)
         cpu = time_round_robin(pipes, prompts, args.timing_repeats)
-        report["timing"] = {**report.get("timing", {}), **timing}
+        report["timing"] = {**report.get("timing", {}),
+                            **{name: {**row, "made_by": made_by(report["command"])} for name, row in timing.items()}}
         report["timing_cpu"] = {**report.get("timing_cpu", {}), **cpu}
         report["timing_info"] = {"prompts": args.timing_prompts, "repeats": args.timing_repeats,
                                  "baseline_ms": timing["baseline"]["pipeline_ms"],

@@ -33,7 +33,7 @@ from diffusion_accel.cache.configs import config_to_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_options import COUNT, report_path  # noqa: E402
-from zoo_harness import RESULTS, Variant, ZooBench, digest, markdown_table, time_variants  # noqa: E402
+from zoo_harness import RESULTS, Variant, ZooBench, digest, made_by, markdown_table, time_variants  # noqa: E402
 from zoo_quality import DEFAULTS, prompts_for  # noqa: E402
 
 MODEL = "fashion-sd"
@@ -201,7 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_timing:
         # a partial (--only) timing keeps the other variants' rows; each speed-up is against the baseline
         # timed in its own run, so time every variant in one run for a table of one sitting
-        report["timing"] = {**report.get("timing", {}), **timing(selected, args.timing_prompts, args.repeats)}
+        timed = timing(selected, args.timing_prompts, args.repeats)
+        report["timing"] = {**report.get("timing", {}),
+                            **{name: {**row, "made_by": made_by(report["command"])} for name, row in timed.items()}}
         report["timing_setup"] = {"prompts_per_call": args.timing_prompts, "repeats": args.repeats,
                                   "threads": torch.get_num_threads()}
     args.out.write_text(json.dumps(report, indent=1))

@@ -92,6 +92,17 @@ def digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+ROW_MACHINE_KEYS = ("device", "cpu_model", "cpu_features", "torch_threads", "torch_version")  # per row
+
+
+def made_by(command: str | None) -> dict:
+    """A row's provenance: the command, date and machine of the run that measured it (reports grow over
+    ``--only`` runs, so the report's own ``command`` is only the last run's)."""
+    machine = machine_info()
+    return {"command": command, "date": time.strftime("%Y-%m-%d"),
+            "machine": {key: machine.get(key) for key in ROW_MACHINE_KEYS}}
+
+
 class ZooBench:
     """Scores variants of zoo pipeline ``model`` on ``n`` class-cycled prompts; results in ``out``."""
 
@@ -178,6 +189,9 @@ class ZooBench:
         return row
 
     def _record(self, label: str, row: dict) -> None:
+        """Store ``row`` with the command and machine that made it (a report grows over ``--only`` runs, whose
+        top-level ``command`` is the last one's and ``machine`` the first one's) and rewrite the report."""
+        row = {**row, "made_by": made_by(self.report.get("command"))}
         self.report["variants"][label] = row
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text(json.dumps(self.report, indent=1))

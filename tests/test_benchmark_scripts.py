@@ -164,3 +164,20 @@ def test_benchmark_arguments_are_checked_before_any_work(script, argv, message, 
     with pytest.raises(SystemExit) as exit_info:
         importlib.import_module(script).main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_every_zoo_report_row_records_the_command_and_machine_that_made_it(tmp_path, capsys):
+    """Reports grow over --only runs, whose top-level command is the last run's: rows of earlier runs
+    (FIDs computed by other commands) named no command or machine."""
+    from zoo_harness import ZooBench
+
+    bench = object.__new__(ZooBench)  # _record needs only these; the full harness loads Inception and data
+    bench.model, bench.out = "fashion-sd", tmp_path / "report.json"
+    bench.report = {"config": {}, "machine": {}, "variants": {}, "command": "python benchmarks/x.py --only a"}
+    bench._record("a", {"fid": 30.0, "psnr_vs_baseline": 40.0})
+    bench.report["command"] = "python benchmarks/x.py --only b --skip-quality"
+    bench._record("b", {"fid": 31.0, "psnr_vs_baseline": 41.0})
+    rows = json.loads(bench.out.read_text())["variants"]
+    assert rows["a"]["made_by"]["command"] == "python benchmarks/x.py --only a"
+    assert rows["b"]["made_by"]["command"].endswith("--skip-quality")
+    assert {"cpu_model", "torch_threads"} <= set(rows["a"]["made_by"]["machine"])
