@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))
     args.out.with_suffix(".md").write_text(markdown(results))
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)  # the run finished: its checkpoint is done
     print(markdown(results))
 
 

@@ -146,7 +146,7 @@ def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: i
     calib, summary = calibration_pass(pipe, prompt_list, steps, seed, call_kwargs)
     variants = {"fp32": pipe} | {name: build(pipe, calib) for name, build in demo_variants().items()}
     clip_folder = _demo_clip(variants)
-    metrics = ("psnr", "ssim", "latency", "flops") + (("clip",) if clip_folder else ())
+    metrics = ("psnr", "ssim", "latency", "memory", "flops") + (("clip",) if clip_folder else ())
     report = evaluate(variants, prompt_list, metrics=metrics, num_inference_steps=steps, seed=seed,
                       clip_model=clip_folder, call_kwargs=call_kwargs, repeats=repeats)
     if clip_folder is None:

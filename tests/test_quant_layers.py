@@ -54,14 +54,22 @@ def test_split_shortcut_layer_equals_float_layer_at_16_bits():
     assert layer.weight_scale.shape == (16, 2) and layer.act.scale.shape == (1, 2)
 
 
-def test_split_shortcut_beats_one_scale_on_mismatched_halves():
-    conv = nn.Conv2d(32, 16, 1)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_shortcut_beats_one_scale_on_mismatched_halves(seed):
+    """One scale over both halves rounds the small half (|x| ~ 0.05 beside ~ 20) to the zero point: the
+    split keeps its contribution. Scored on that half's contribution, where the whole-input error was
+    dominated by the large half's rounding, so the conv's random init decided (33 of 200 inits failed;
+    it was built from whatever RNG state earlier tests left)."""
     x = _skip_input()
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(32, 16, 1)
     split = _quant(conv, "int8", (8, 24), _split_act(x, 8, "int8"))
     s, z = activation_qparams(float(x.min()), float(x.max()), get_format("int8"), False)
     whole = _quant(conv, "int8", (32,), ActQuantizer(torch.tensor([[s]]), torch.tensor([[z]]), "int8", False, (), 1))
-    ref = conv(x)
-    assert (split(x) - ref).pow(2).mean() < (whole(x) - ref).pow(2).mean()
+    skip_half = torch.cat([x[:, :8], torch.zeros_like(x[:, 8:])], dim=1)  # the ranges stay those of x
+    with torch.no_grad():
+        ref = conv(skip_half)
+        assert (split(skip_half) - ref).pow(2).mean() < 0.01 * (whole(skip_half) - ref).pow(2).mean()
 
 
 def test_split_segments_from_config_follow_the_adapter_split():

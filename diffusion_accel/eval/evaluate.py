@@ -49,6 +49,7 @@ SPEED_METRICS = ("latency", "memory", "flops")
 GRID_COLUMNS = 8
 NO_GAIN_BAND = 0.05  # a speedup below 1.05x is reported as "not measurably faster"
 MIB = 2 ** 20
+CALL_MEMORY_KINDS = ("cuda_max_allocated", "process_peak_rss")  # kinds whose peak is of the call alone
 MEMORY_KINDS = {  # memory.MemoryStats.kind -> what "peak MiB" means
     "cuda_max_allocated": "the CUDA allocator's peak during one call",
     "process_peak_rss": "the whole process's peak resident memory during one call (CPU: weights of every "
@@ -422,6 +423,10 @@ def _add_speed(report: EvalReport, rows: dict[str, dict[str, Any]], pipelines: M
     kinds = sorted({row["memory_kind"] for row in rows.values() if "memory_kind" in row})
     if kinds:
         report.notes.append("peak MiB: " + "; ".join(MEMORY_KINDS.get(kind, kind) for kind in kinds) + ".")
+    if set(kinds) & set(CALL_MEMORY_KINDS):
+        report.notes.append("call MiB: the peak minus the level when the call started, what the call itself "
+                            "needed on top of what was resident (activations, cached features, dequantized "
+                            "weights); compare variants by it.")
 
 
 def _latency_fields(timing: PipelineTiming) -> dict[str, Any]:
@@ -436,8 +441,9 @@ def _memory_fields(pipe: Any, make_kwargs: Callable[[], dict[str, Any]]) -> dict
     memory = measure_peak_memory(lambda: pipe(**make_kwargs()), pipeline_device(pipe))
     size = model_size(denoiser_of(pipe))
     serialized = None if size.serialized_bytes is None else size.serialized_bytes / MIB
-    return {"peak_memory_mib": memory.peak_mib, "memory_kind": memory.kind, "params": size.parameters,
-            "state_mib": size.state_bytes / MIB, "serialized_mib": serialized}
+    call = memory.added_bytes / MIB if memory.kind in CALL_MEMORY_KINDS else None  # a lifetime peak has no start
+    return {"peak_memory_mib": memory.peak_mib, "call_memory_mib": call, "memory_kind": memory.kind,
+            "params": size.parameters, "state_mib": size.state_bytes / MIB, "serialized_mib": serialized}
 
 
 def _add_speedups(report: EvalReport, rows: dict[str, dict[str, Any]], baseline: str) -> None:

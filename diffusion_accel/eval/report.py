@@ -6,7 +6,8 @@ Row keys (present when the metric was requested; units in the names):
 ``clip_score``; ``psnr_db``, ``ssim``, ``max_abs_diff`` (0..255, vs the baseline's images, same
 seeds); ``latency_ms`` (+ ``_p10``/``_p90``), ``speedup`` (baseline median / this median),
 ``denoiser_ms`` (denoiser time per pipeline call), ``denoiser_speedup``, ``denoiser_calls``;
-``peak_memory_mib``, ``memory_kind``, ``params``, ``state_mib``, ``serialized_mib``;
+``peak_memory_mib``, ``call_memory_mib`` (the peak minus the level at the call's start; None where the
+peak is the process's lifetime one), ``memory_kind``, ``params``, ``state_mib``, ``serialized_mib``;
 ``gflops_per_denoiser_call``, ``gflops_per_image``; ``device``, ``dtype``, ``compiled``.
 """
 
@@ -27,8 +28,8 @@ MARKDOWN_COLUMNS = (
     ("variant", "variant"), ("images", "images"), ("fid", "FID"), ("fid_vs_baseline", "FID vs base"),
     ("clip_score", "CLIP"), ("psnr_db", "PSNR dB"), ("ssim", "SSIM"), ("max_abs_diff", r"max \|diff\|"),
     ("latency_ms", "latency ms"), ("speedup", "speedup"), ("denoiser_ms", "denoiser ms"),
-    ("denoiser_speedup", "denoiser speedup"), ("peak_memory_mib", "peak MiB"), ("params", "params"),
-    ("serialized_mib", "size MiB"), ("gflops_per_denoiser_call", "GFLOPs/call"), ("dtype", "dtype"),
+    ("denoiser_speedup", "denoiser speedup"), ("peak_memory_mib", "peak MiB"), ("call_memory_mib", "call MiB"),
+    ("params", "params"), ("serialized_mib", "size MiB"), ("gflops_per_denoiser_call", "GFLOPs/call"), ("dtype", "dtype"),
     ("compiled", "compiled"),
 )
 
