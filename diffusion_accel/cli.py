@@ -76,7 +76,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     _add_pipe_args(calibrate, many=False)
     _add_generation_args(calibrate, steps=None)
     calibrate.add_argument("--recipe", default=None, help="a recipe TOML from pipelines/ (sets the defaults)")
-    calibrate.add_argument("--selection", default=None, help='"all", "uniform:K" or "0,5,10" (default all)')
+    calibrate.add_argument("--selection", default=None, help='"all", "uniform:K", "every:K" or "0,5,10" (default all)')
     calibrate.add_argument("--weighting", default=None,
                            help="per-step weights of the calibration's Hessians: uniform, linear, log-decrease or "
                                 "log-increase (default uniform; pruning's default log-decrease, OBS-Diff's)")
@@ -134,7 +134,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                           help="precision of the TF-Inception network: bfloat16 (autocast) is ~1.5x faster on "
                                "CPUs with AVX-512 BF16/AMX (emulated, so slower, elsewhere); compare FIDs only "
                                "at equal precision (reference statistics are cached per precision)")
-    evaluate.add_argument("--clip-model", default=None, help="CLIP model name or local folder for CLIP score")
+    evaluate.add_argument("--clip-model", default=None,
+                          help="CLIP model name or local folder for CLIP score (default: the bundled fashion-clip "
+                               "when every --pipe is a zoo:fashion-* model, else openai/clip-vit-large-patch14 "
+                               "from the hub)")
     evaluate.add_argument("--out", type=output_folder, default=None, help="folder for report.json / report.md / grid.png")
     evaluate.set_defaults(handler=_cmd_eval)
 
@@ -160,7 +163,7 @@ def _add_grid(sub: argparse._SubParsersAction) -> None:
     _add_pipe_args(grid, many=True)
     _add_generation_args(grid, steps=25)
     grid.add_argument("--out", type=output_file, default="grid.png",
-                      help="image path: .png, .jpg or .webp (default %(default)s)")
+                      help="image path: .png, .jpg, .jpeg or .webp (no suffix: PNG; default %(default)s)")
     grid.add_argument("--cell", type=int_at_least(1, MAX_CELL), default=128,
                       help=f"cell size in pixels, at most {MAX_CELL} (default %(default)s)")
     grid.set_defaults(handler=_cmd_grid)
@@ -365,9 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_third_party_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = getattr(args, "handler", None) or getattr(args, "func", None)
-    if handler is None:  # a command group given without its action, e.g. ``diffusion-accel zoo``
-        parser.parse_args([*(argv or sys.argv[1:]), "--help"])
+    handler = getattr(args, "handler", None) or getattr(args, "func", None)  # a group's action is required
     try:
         status = int(handler(args) or 0)
     except USER_ERRORS as error:

@@ -19,6 +19,13 @@ def test_help_of_every_subcommand(command, capsys):
     assert "usage: diffusion-accel" in capsys.readouterr().out
 
 
+def test_a_command_group_without_its_action_names_the_actions(capsys):
+    """``diffusion-accel zoo`` said 'required: zoo_command', an internal name."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["zoo"])
+    assert exit_info.value.code == 2 and "the following arguments are required: {list,train}" in capsys.readouterr().err
+
+
 def test_unknown_subcommand_and_bad_flag_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["frobnicate"])

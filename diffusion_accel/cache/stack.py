@@ -30,7 +30,8 @@ def stack_blocks(pipe: Any) -> list[str]:
     """All transformer blocks of the denoiser's block stacks, in execution order."""
     points = [p for p in get_adapter(pipe).cache_points() if p.kind == "block_stack"]
     if not points:
-        raise ValueError("this denoiser has no transformer block stacks; use DeepCacheConfig for UNets")
+        raise ValueError("this denoiser has no transformer block stacks; use DeepCacheConfig for UNets "
+                         "(the CLI's --cache-method deepcache)")
     return [name for point in points for name in point.blocks]
 
 

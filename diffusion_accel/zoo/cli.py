@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from .train import add_train_arguments
 
     zoo = subparsers.add_parser("zoo", help="the bundled reference models: list, train")
-    actions = zoo.add_subparsers(dest="zoo_command", required=True)
+    actions = zoo.add_subparsers(dest="zoo_command", required=True, metavar="{list,train}")
     actions.add_parser("list", help="shipped zoo models and their sizes").set_defaults(func=_list)
     train = actions.add_parser("train", help="train (or resume) a zoo model from a seed")
     add_train_arguments(train).set_defaults(func=_train)

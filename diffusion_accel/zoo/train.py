@@ -29,7 +29,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--time-budget-min", type=positive_float, default=None,
                         help="stop (and export) after M minutes of training (loading, latent encoding and the final "
                              "evaluation come on top)")
-    parser.add_argument("--out", type=output_folder, default=None, help="run folder (default zoo_runs/NAME)")
+    parser.add_argument("--out", type=output_folder, default=None,
+                        help=f"run folder (default {C.RUNS_ROOT}/NAME; set DIFFUSION_ACCEL_ZOO_RUNS to move that root, "
+                             f"where later stages also find the earlier ones, e.g. fashion-sd its VAE)")
     parser.add_argument("--seed", type=int_at_least(0, 2 ** 63 - 1), default=0)
     parser.add_argument("--batch-size", type=int_at_least(1), default=None)
     parser.add_argument("--data", default=None, help="folder with the Fashion-MNIST idx files (*-ubyte.gz, .xz or uncompressed; mnist-ddpm: MNIST's, or mnist.pkl.gz)")
