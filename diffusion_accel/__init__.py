@@ -72,3 +72,8 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY_MODULES:
         return importlib.import_module(f"diffusion_accel.{name}")
     raise AttributeError(f"module 'diffusion_accel' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazy names too (``dir(da)`` and tab completion listed only what was already imported)."""
+    return sorted(set(globals()) | set(__all__))

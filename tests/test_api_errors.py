@@ -117,3 +117,12 @@ def test_calibration_inputs_that_overflow_are_named(apply):
     calib = da.calibrate(pipe, ["a photo"], num_inference_steps=2, progress=False)
     with pytest.raises(ValueError, match=r"calibration inputs of layer '.*' (range over|hold) .*NaN or inf"):
         apply(pipe, calib)
+
+
+def test_every_public_name_resolves_and_dir_lists_the_lazy_ones():
+    """``dir(diffusion_accel)`` listed only what was already imported (no tab completion for ``da.calibrate``)."""
+    import diffusion_accel
+
+    assert set(diffusion_accel.__all__) <= set(dir(diffusion_accel))
+    for name in diffusion_accel.__all__:
+        assert getattr(diffusion_accel, name) is not None, name

@@ -48,13 +48,16 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
     """Run ``pipe`` over the calibration inputs and feed ``collectors`` on the selected steps.
 
     ``prompts``: strings for text-to-image pipelines, class ids or label names for class-conditional
-    ones (DiT), None for unconditional ones (DDPM; then ``num_samples`` items). ``steps``: "all",
+    ones (DiT), None for unconditional ones (DDPM; then ``num_samples`` items), run at
+    ``num_inference_steps`` steps, ``batch_size`` items per pipeline call, ``num_images_per_prompt`` images
+    each (CFG's unconditional branch, ``negative_prompt`` if given, is observed too). ``steps``: "all",
     "uniform:K", "every:K" or a list of step indices. ``weighting``: "uniform", "linear",
     "log-decrease", "log-increase" (between ``weight_range`` = (w_min, w_max)) or one weight per step.
-    ``guidance_scale=None`` keeps the pipeline's default. Pipeline call k uses a CPU generator seeded
-    ``seed + k``. With ``store_trajectory`` the denoiser inputs of selected steps are kept (CPU, at
+    ``guidance_scale=None`` keeps the pipeline's default. Pipeline call k (of ``batch_size`` items) uses a
+    CPU generator seeded ``seed + k``. With ``store_trajectory`` the denoiser inputs of selected steps are kept (CPU, at
     most ``max_trajectory_bytes``) for ``Calibration.replay``. Extra keyword arguments go to every
-    pipeline call (e.g. height, width). The pipeline is left exactly as it was.
+    pipeline call (e.g. height, width). ``progress``: a bar over the pipeline calls. The pipeline is left
+    exactly as it was.
     """
     _, denoiser = resolve_denoiser(pipe)  # a pipeline at all (None, a spec string, a list): named before anything
     num_inference_steps, batch_size, num_images_per_prompt, num_samples, seed, max_trajectory_bytes = (

@@ -182,8 +182,9 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
              repeats: int = 3, grid_cell_size: int = 128, grid_columns: int | None = GRID_COLUMNS) -> EvalReport:
     """Compare pipeline variants ({name: pipe}) on ``prompts`` with identical seeds; see module doc.
 
-    ``metrics``: any of fid, clip, psnr, ssim, latency, memory, flops (default all; fid needs
-    ``fid_reference``, and clip a CLIP model: offline, only zoo pipelines have one bundled). ``baseline``:
+    ``metrics``: any of fid, clip, psnr, ssim, latency, memory, flops (default all; fid scores against
+    ``fid_reference``, or without one against the baseline's images, ``fid_vs_baseline``; clip needs a CLIP
+    model: offline, only zoo pipelines have one bundled, so name the metrics for others). ``baseline``:
     the variant psnr / ssim / speed-ups compare against (default: the first). Image ``k`` of prompt ``p``
     is seeded ``seed + p * images_per_prompt + k`` in every variant; ``num_inference_steps`` steps,
     ``batch_size`` images per pipeline call, ``call_kwargs`` further pipeline arguments (over each

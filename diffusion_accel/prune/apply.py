@@ -38,7 +38,8 @@ def prune_(pipe: Any, config: PruneConfig, calib: Calibration | None = None, *, 
     ``calib`` supplies the calibration inputs (prompts, steps, guidance, seeds); its settings are
     re-run once per group of ``config.groups`` with ``config.weighting`` / ``config.weight_range``.
     Without ``calib`` the first ``config.calib_prompts`` default prompts (class ids 0.., or
-    unconditional samples) at ``config.calib_num_steps`` steps are used. Magnitude pruning needs none.
+    unconditional samples) at ``config.calib_num_steps`` steps are used. Magnitude pruning needs none
+    (except with ``scope="global", allocation="error"``, which measures each layer's output error on them).
 
     The pipeline's denoiser is replaced by a pruned copy (so a failure restores the original object):
     a pipeline that shares the old denoiser object (``from_pipe``, ``Img2ImgPipeline(**pipe.components)``)

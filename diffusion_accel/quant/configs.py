@@ -35,7 +35,8 @@ class PTQConfig:
     square).
     weight_rounding: "nearest" or "gptq" (codes chosen column by column against each layer's input
     Hessian, collected in ``gptq_groups`` calibration sweeps, more where a group's Hessians would exceed a
-    quarter of the device's memory; ``gptq_damp`` is relative to mean(diag H)).
+    quarter of the device's memory; ``gptq_damp`` is relative to mean(diag H); ``gptq_blocksize`` columns
+    are rounded per block before the rest are updated, GPTQ's lazy batch).
     gptq_group_scales: "lazy" (each later scale segment, a weight group or split-shortcut half, gets its
     scale when the GPTQ sweep reaches it, from the weights as compensation left them) or "static"
     (every scale fitted to the original weights first). gptq_act_order: round the columns in order of
@@ -45,7 +46,8 @@ class PTQConfig:
     "dynamic_per_tensor" (one scale per layer call, per split-shortcut half, from that call's min / max:
     no range calibration, and it still lowers to int8 GEMMs and oneDNN int8 convs, which take the
     activation scale at call time).
-    act_method: how static ranges are set ("minmax", "percentile", "mse"). act_symmetric: False =
+    act_method: how static ranges are set ("minmax", "percentile" at ``act_percentile`` in (50, 100],
+    "mse"). act_symmetric: False =
     asymmetric with a zero point. timestep_groups: K > 1 gives K activation scales over the
     trajectory, chosen at run time by the step index. split_shortcut: separate scales for the two
     channel halves of UNet skip concatenations. include/exclude: fnmatch globs on layer names.
@@ -54,7 +56,12 @@ class PTQConfig:
     layers fed by raw skip concatenations); each pattern must match at least one quantized layer.
     keep_high_precision: keep the adapter's high-precision layers (conv_in, embeddings, conv_out).
     calib_*: used only when ``quantize_`` runs the calibration itself. reconstruct: AdaRound/BRECQ
-    block reconstruction with ``recon_iters`` iterations per block. lower: turn the calibrated
+    block reconstruction with ``recon_iters`` rounding iterations per block (Adam at ``recon_lr``; the
+    first ``recon_act_iters`` iterations also learn the activation step sizes, at ``recon_act_lr``), on
+    ``recon_samples`` stored block calls in batches of ``recon_batch``; loss: the block outputs' mean
+    |error|^``recon_p`` plus, after the first ``recon_warmup`` fraction (in [0, 1)) of the iterations,
+    ``recon_reg`` times the rounding regulariser, its exponent annealed from ``recon_beta[0]`` to
+    ``recon_beta[1]``. lower: turn the calibrated
     layers into real int8 / packed int4 layers at the end. attention: "int8" | "fp8" | None quantizes
     the attention matmul inputs (Q, K, V dynamic per tensor) and the softmax output on an unsigned
     ``softmax_bits`` grid, through processors for UNet/DiT, SD3 and Flux attention (simulated).

@@ -90,11 +90,12 @@ def check_pipeline_class(folder: Path, expected: str, what: str) -> None:
                          f"{expected} this model is")
 
 
-def load(name: str, torch_dtype: torch.dtype = torch.float32, folder: str | Path | None = None) -> Any:
+def load(name: str, torch_dtype: torch.dtype | str | None = torch.float32, folder: str | Path | None = None) -> Any:
     """Load zoo model ``name`` offline: a diffusers pipeline, or (CLIPModel, CLIPProcessor) for fashion-clip.
 
-    ``folder``: another save_pretrained folder of that model (a training export or a staged ship) to load
-    with the same settings instead of the shipped one.
+    ``torch_dtype``: a torch dtype or its name ("float32" / "fp32", "float16" / "fp16", "bfloat16" / "bf16";
+    None: float32). ``folder``: another save_pretrained folder of that model (a training export or a staged
+    ship) to load with the same settings instead of the shipped one.
     """
     if not isinstance(torch_dtype, torch.dtype):  # diffusers fell back to fp32 while the source said float16
         from ..loading import parse_dtype
