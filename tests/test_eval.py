@@ -415,6 +415,40 @@ def test_peak_memory_sees_a_temporary_allocation():
     assert stats.added_bytes >= 60 * 2 ** 20, stats
 
 
+@pytest.mark.parametrize("platform, has_resource, kind, peak_mib", [
+    ("darwin", True, "process_peak_rss_lifetime", 300.0),  # getrusage reports bytes there, KiB on Linux
+    ("linux", True, "process_peak_rss_lifetime", 300.0 * 1024),
+    ("win32", False, "unavailable", None),  # no resource module: importing it failed every evaluation
+])
+def test_peak_memory_where_the_peak_cannot_be_reset(monkeypatch, platform, has_resource, kind, peak_mib):
+    import builtins
+    import sys
+    import types
+
+    from diffusion_accel.eval import memory
+    from diffusion_accel.eval.evaluate import _memory_fields
+
+    monkeypatch.setattr(memory, "reset_peak_rss", lambda: False)
+    monkeypatch.setattr(sys, "platform", platform)
+    fake = types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(ru_maxrss=300 * 2 ** 20))
+    real_import = builtins.__import__
+
+    def importing(name, *args, **kwargs):
+        if name == "resource":
+            if not has_resource:
+                raise ImportError("No module named 'resource'")
+            return fake
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", importing)
+    stats = measure_peak_memory(lambda: None)
+    assert stats.kind == kind and (stats.peak_mib if peak_mib is not None else None) == peak_mib
+    pipe = build_tiny("sd")
+    fields = _memory_fields(pipe, lambda: {"prompt": "a", "num_inference_steps": 1, **SD_CALL})
+    assert fields["memory_kind"] == kind and fields["call_memory_mib"] is None
+    assert (fields["peak_memory_mib"] is None) == (kind == "unavailable")
+
+
 def test_model_size_counts_parameters_and_serialized_bytes():
     size = model_size(nn.Linear(16, 8))
     assert size.parameters == 136 and size.state_bytes == 136 * 4

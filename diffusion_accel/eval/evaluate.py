@@ -57,6 +57,7 @@ MEMORY_KINDS = {  # memory.MemoryStats.kind -> what "peak MiB" means
                         "differences",
     "process_peak_rss_lifetime": "the whole process's lifetime peak resident memory (this OS cannot reset it), "
                                  "not one call's",
+    "unavailable": "not measured (this OS offers no peak resident memory to Python: Windows)",
 }
 
 
@@ -443,7 +444,8 @@ def _memory_fields(pipe: Any, make_kwargs: Callable[[], dict[str, Any]]) -> dict
     size = model_size(denoiser_of(pipe))
     serialized = None if size.serialized_bytes is None else size.serialized_bytes / MIB
     call = memory.added_bytes / MIB if memory.kind in CALL_MEMORY_KINDS else None  # a lifetime peak has no start
-    return {"peak_memory_mib": memory.peak_mib, "call_memory_mib": call, "memory_kind": memory.kind,
+    peak = memory.peak_mib if memory.kind != "unavailable" else None
+    return {"peak_memory_mib": peak, "call_memory_mib": call, "memory_kind": memory.kind,
             "params": size.parameters, "state_mib": size.state_bytes / MIB, "serialized_mib": serialized}
 
 

@@ -4,7 +4,8 @@ On Linux the process high-water mark is reset by writing "5" to ``/proc/self/cle
 back as ``VmHWM`` from ``/proc/self/status``, so the figure covers this call only (it includes
 everything resident at the start: weights, other pipelines). Free heap pages are returned to the
 OS first (``malloc_trim``) so that reused free memory does not hide the call's own allocations. Where that is impossible, the
-lifetime peak from ``getrusage`` is reported and labelled as such.
+lifetime peak from ``getrusage`` is reported and labelled as such (macOS), and where even that is missing (Windows has
+no ``resource`` module) the memory is reported as not measured.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import resource
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +30,7 @@ class MemoryStats:
 
     peak_bytes: int
     start_bytes: int
-    kind: str  # "cuda_max_allocated", "process_peak_rss" or "process_peak_rss_lifetime"
+    kind: str  # "cuda_max_allocated", "process_peak_rss", "process_peak_rss_lifetime" or "unavailable"
 
     @property
     def peak_mib(self) -> float:
@@ -82,8 +83,21 @@ def _cpu_peak(fn: Callable[[], Any]) -> MemoryStats:
     fn()
     if resettable:
         return MemoryStats(_status_bytes("VmHWM") or 0, start, "process_peak_rss")
-    lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    lifetime = lifetime_peak_rss()
+    if lifetime is None:
+        return MemoryStats(0, start, "unavailable")
     return MemoryStats(lifetime, start, "process_peak_rss_lifetime")
+
+
+def lifetime_peak_rss() -> int | None:
+    """The process's lifetime peak resident memory in bytes (``getrusage``: KiB on Linux, bytes on macOS), or
+    None without the ``resource`` module (Windows; importing it there made every evaluation fail)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _cuda_peak(fn: Callable[[], Any], device: torch.device) -> MemoryStats:
