@@ -469,6 +469,7 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
         try:
             for entry in manifest["techniques"]:
                 _restore_technique(base_pipe, entry, Path(directory))
+            _keep_base_identity(find_denoiser(base_pipe)[1], original, manifest)
         except BaseException:
             _set_denoiser(base_pipe, component, attribute)
             raise
@@ -478,6 +479,16 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
                       f"not compiled; compile it again (pipe.{component} = torch.compile(pipe.{component}), or "
                       f"diffusion_accel.eval.compile_denoiser(pipe))", stacklevel=2)
     return base_pipe
+
+
+def _keep_base_identity(loaded: torch.nn.Module, original: torch.nn.Module, manifest: dict[str, Any]) -> None:
+    """Record on the loaded denoiser that its base is the artifact's (the manifest's fingerprint, the base's
+    weight sample): ``base_fingerprint`` took them afresh from the accelerated weights, so a loaded pipeline
+    saved again (another technique stacked on it, ``calibrate --pipe ARTIFACT``) named them as its base and
+    could not be loaded."""
+    if techniques_on(loaded):  # none: the base is unchanged and fingerprints itself
+        setattr(loaded, _FINGERPRINT_ATTR, manifest["base"]["fingerprint"])
+        setattr(loaded, _BASE_SAMPLE_ATTR, (structure_fingerprint(original), weight_sample(original)))
 
 
 def _check_superseded(manifest: dict[str, Any], directory: str | Path) -> None:
@@ -514,11 +525,15 @@ def _restore_technique(pipe: Any, entry: dict[str, Any], folder: Path) -> None:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of one technique file; ArtifactError naming the file when missing or damaged."""
+    """The tensors of one technique file; ArtifactError naming the file when missing or damaged.
+
+    Copied out of the memory-mapped file: tensors viewing the mapping kept the file mapped for the life of
+    the pipeline, and Windows refuses to replace a mapped file, so saving back into the artifact's own
+    folder would fail part-way."""
     if not path.is_file():
         raise ArtifactError(f"artifact file {path} is missing (manifest.json lists it); save the artifact again")
     try:
-        return load_file(str(path))
+        return {name: tensor.clone() for name, tensor in load_file(str(path)).items()}
     except Exception as error:  # safetensors raises its own SafetensorError for damaged headers
         raise ArtifactError(f"artifact file {path} is not readable safetensors ({error}); "
                             f"save the artifact again") from None

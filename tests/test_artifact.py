@@ -3,6 +3,7 @@
 import copy
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +67,36 @@ def test_any_os_pathlike_folder_is_accepted(tmp_path):
     assert artifact.save(accelerated, Folder(tmp_path / "a")) == tmp_path / "a"
     loaded = artifact.load(build_tiny("sd"), Folder(tmp_path / "a"))
     assert torch.equal(_images(loaded), _images(accelerated))
+
+
+def test_a_loaded_artifact_leaves_no_file_mapped(tmp_path):
+    """Its tensors viewed the memory-mapped safetensors file for the pipeline's life: Windows refuses to
+    replace a mapped file, so saving back into the same folder failed after removing the old manifest."""
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    import diffusion_accel as da
+
+    config = da.PTQConfig(calib_prompts=1, calib_num_steps=2, calib_steps="all")
+    artifact.save(da.quantize_(build_tiny("sd"), config), tmp_path)
+    loaded = artifact.load(build_tiny("sd"), tmp_path)
+    assert str(tmp_path) not in maps.read_text()
+    artifact.save(loaded, tmp_path)  # back into its own folder
+    assert torch.equal(_images(artifact.load(build_tiny("sd"), tmp_path)), _images(loaded))
+
+
+def test_a_loaded_pipeline_saved_again_with_a_technique_stacked_loads_on_the_same_base(tmp_path):
+    """After load, base_fingerprint hashed the accelerated weights, so the stacked artifact named them as
+    its base and every later load of it was refused as 'made for a different base model'."""
+    import diffusion_accel as da
+
+    config = da.PTQConfig(calib_prompts=1, calib_num_steps=2, calib_steps="all")
+    artifact.save(da.quantize_(build_tiny("sd"), config), tmp_path / "ptq")
+    stacked = da.enable_cache(artifact.load(build_tiny("sd"), tmp_path / "ptq"), da.DeepCacheConfig(interval=2))
+    artifact.save(stacked, tmp_path / "both")
+    again = artifact.load(build_tiny("sd"), tmp_path / "both")
+    assert artifact.applied_techniques(again) == ["ptq", "cache"]
+    assert torch.equal(_images(again), _images(stacked))
 
 
 def test_saving_a_pipeline_with_no_technique_warns_and_loads_as_the_base(tmp_path):

@@ -336,6 +336,9 @@ def test_calibrate_on_an_artifact_adds_the_next_technique(tmp_path, capsys):
     manifest = json.loads((both / "manifest.json").read_text())
     assert [t["name"] for t in manifest["techniques"]] == ["prune", "ptq"]
     assert manifest["base"]["source"]["spec"] == "tiny:sd"  # the base, not the intermediate artifact
+    # it named the pruned weights' fingerprint as its base until session 34, and then could not be loaded
+    assert manifest["base"]["fingerprint"] == json.loads((pruned / "manifest.json").read_text())["base"]["fingerprint"]
+    assert main(["eval", "--pipe", str(both), *common, "--metrics", "psnr"]) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("chain", ["ptq,obs", "obs,wanda", "stats,ptq", "cache,ptq", "ptq,ptq", "ptq,fp4"])
