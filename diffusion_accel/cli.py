@@ -243,6 +243,23 @@ def _fid_extractor(dtype_name: str, metrics: list[str], device: str | None) -> A
     return fid_feature_extractor(getattr(torch, dtype_name), device=device or "cpu")
 
 
+def _check_cpu_compiler(device: str | None) -> None:
+    """``--compile`` on a CPU needs inductor's C++ compiler: without one (Windows without MSVC's ``cl``, macOS
+    without the command-line tools) the first compiled call failed with a traceback, after every load."""
+    if device is not None and not str(device).startswith("cpu"):
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch layout: the compile itself reports
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as error:  # torch's own "compiler not found" / InvalidCxxCompiler errors
+        raise ValueError(f"--compile: torch.compile's CPU backend needs a C++ compiler and found none "
+                         f"({type(error).__name__}: {error}); install one (g++ or clang; MSVC's cl on Windows) "
+                         f"or run without --compile") from None
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .eval import compile_denoiser, evaluate
     from .eval.evaluate import SPEED_METRICS
@@ -251,6 +268,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not metrics or set(metrics) - set(SPEED_METRICS):
         raise ValueError(f"--metrics {args.metrics!r}: bench measures {', '.join(SPEED_METRICS)} "
                          "(quality metrics are in `diffusion-accel eval`)")
+    if args.compile:
+        _check_cpu_compiler(args.device)
     pipes = _load_variants(args)
     if args.compile:
         pipes = {name: compile_denoiser(pipe) for name, pipe in pipes.items()}

@@ -443,6 +443,20 @@ def test_a_fid_cache_that_is_a_file_is_a_usage_error(capsys, monkeypatch, tmp_pa
     assert exit_info.value.code == 2 and "argument --fid-cache: " in capsys.readouterr().err
 
 
+def test_bench_compile_without_a_cpp_compiler_is_a_usage_error_before_loading(monkeypatch, capsys):
+    """Windows without cl / macOS without the command-line tools: the first compiled call raised inductor's
+    error as a traceback, after every pipeline had loaded."""
+    from torch._inductor import cpp_builder
+
+    def no_compiler():
+        raise RuntimeError("Compiler: cl is not found.")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    monkeypatch.setattr("diffusion_accel.loading.load_pipeline", lambda *a, **k: pytest.fail("pipeline loaded"))
+    assert main(["bench", "--pipe", "tiny:sd", "--compile"]) == 2
+    assert "--compile: torch.compile's CPU backend needs a C++ compiler" in capsys.readouterr().err
+
+
 def test_a_recipes_uniform_selection_caps_at_fewer_steps(tmp_path):
     import argparse
 

@@ -186,7 +186,7 @@ def source_steps(source: Path | None) -> int:
     info_file = None if source is None else source / "train_info.json"
     if info_file is None or not info_file.is_file():
         return 0
-    info = json.loads(info_file.read_text())
+    info = json.loads(info_file.read_text(encoding="utf-8"))
     return int(info.get("total_steps", info.get("steps", 0)))
 
 

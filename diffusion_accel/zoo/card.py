@@ -101,11 +101,11 @@ def shipped_stage_info(name: str, stage: str, folder: Path, runs_root: Path) -> 
     a from-scratch run beside the weights of a warm start, or stale VAE runs. None: keep the old card's."""
     if stage == name:
         own = folder / "train_info.json"
-        return json.loads(own.read_text()) if own.is_file() else None
+        return json.loads(own.read_text(encoding="utf-8")) if own.is_file() else None
     run = runs_root / stage / "final"
     if not (run / "train_info.json").is_file() or not _same_vae(folder / "vae", run, stage.endswith("-vae")):
         return None
-    return json.loads((run / "train_info.json").read_text())
+    return json.loads((run / "train_info.json").read_text(encoding="utf-8"))
 
 
 def _same_vae(shipped: Path, run: Path, encoder_only: bool) -> bool:
@@ -129,7 +129,7 @@ def write_card(name: str, folder: Path, metrics_md: str = "", runs_root: Path | 
     """
     runs_root = runs_root or C.RUNS_ROOT
     card = folder / "README.md"
-    recorded = recorded_sections(card.read_text()) if card.is_file() else {}
+    recorded = recorded_sections(card.read_text(encoding="utf-8")) if card.is_file() else {}
     parts = [f"# {name}\n", DESCRIPTIONS[name] + "\n", DATA.get(name, FASHION_DATA), "## Training\n",
              "Reproduce in order (each stage resumes from `zoo_runs/<stage>/checkpoint.pt` if interrupted; "
              "`--time-budget-min` stops and exports early):\n"]
@@ -137,5 +137,5 @@ def write_card(name: str, folder: Path, metrics_md: str = "", runs_root: Path | 
         info = shipped_stage_info(name, stage, folder, runs_root)
         parts += stage_sections(stage, info, recorded.get(stage, []))
     parts += ["## Quality\n", metrics_md or "Not measured yet.\n"]
-    card.write_text("\n".join(parts))
+    card.write_text("\n".join(parts), encoding="utf-8")
     return card

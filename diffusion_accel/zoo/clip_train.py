@@ -91,7 +91,7 @@ def export(model: CLIPModel, tok: CLIPTokenizer, folder: Path, info: dict) -> Pa
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     build_processor(tok).save_pretrained(folder)
-    (folder / "train_info.json").write_text(json.dumps(info, indent=2))
+    (folder / "train_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return folder
 
 

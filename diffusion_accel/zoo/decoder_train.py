@@ -154,5 +154,5 @@ def train(cfg: C.RunConfig, name: str) -> Path:
             "adv_weight": ADV_WEIGHT, "adv_start": ADV_START, "peak_lr": peak_lr, **metrics}
     folder = cfg.run_dir / "final"
     vae.cpu().save_pretrained(folder)  # scaling/shift factors unchanged: the latent space is the source's
-    (folder / "train_info.json").write_text(json.dumps(info, indent=2))
+    (folder / "train_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return folder

@@ -93,7 +93,7 @@ def export(parts: dict, folder: Path, info: dict) -> Path:
                         tokenizer=parts["clip_tok"], text_encoder_2=parts["t5"], tokenizer_2=parts["t5_tok"],
                         transformer=parts["transformer"])
     pipe.save_pretrained(folder)
-    (folder / "train_info.json").write_text(json.dumps(info, indent=2))
+    (folder / "train_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return folder
 
 

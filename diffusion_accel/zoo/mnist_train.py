@@ -42,7 +42,7 @@ def export(unet: UNet2DModel, folder: Path, info: dict) -> Path:
     """save_pretrained a DDPMPipeline whose scheduler is DDIM (call it with ``num_inference_steps=100``)."""
     scheduler = DDIMScheduler(**SCHEDULE, set_alpha_to_one=True)
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
-    (folder / "train_info.json").write_text(json.dumps(info, indent=2))
+    (folder / "train_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return folder
 
 

@@ -94,7 +94,7 @@ def export(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTex
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder)
-    (folder / "train_info.json").write_text(json.dumps(info, indent=2))
+    (folder / "train_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return folder
 
 

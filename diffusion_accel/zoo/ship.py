@@ -26,7 +26,7 @@ LATENT_KEYS = ("encoder.", "quant_conv.")
 def check_same_latent_space(pipeline_vae: Path, vae: Path) -> None:
     """Raise ValueError unless ``vae`` encodes exactly like ``pipeline_vae`` (same encoder and quant_conv
     weights at float16, same scaling/shift factors): only then does the denoiser stay valid with it."""
-    configs = [json.loads((folder / "config.json").read_text()) for folder in (pipeline_vae, vae)]
+    configs = [json.loads((folder / "config.json").read_text(encoding="utf-8")) for folder in (pipeline_vae, vae)]
     for key in ("scaling_factor", "shift_factor", "latent_channels"):
         if configs[0].get(key) != configs[1].get(key):
             raise ValueError(f"--vae {vae}: {key} {configs[1].get(key)} differs from the pipeline's {configs[0].get(key)}")
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         dest = ship(args.name, args.source or C.RUNS_ROOT / args.name / "final", args.dest, args.vae)
-        metrics = args.metrics.read_text() if args.metrics else ""
+        metrics = args.metrics.read_text(encoding="utf-8") if args.metrics else ""
         write_card(args.name, dest, metrics)
     except (ValueError, OSError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

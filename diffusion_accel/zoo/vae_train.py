@@ -82,7 +82,7 @@ def export(vae: AutoencoderKL, folder: Path, metrics: dict, shift: bool, info: d
         vae.register_to_config(shift_factor=round(metrics["latent_mean"], 5))
     folder.mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(folder)
-    (folder / "train_info.json").write_text(json.dumps({**info, **metrics}, indent=2))
+    (folder / "train_info.json").write_text(json.dumps({**info, **metrics}, indent=2), encoding="utf-8")
     return folder
 
 
