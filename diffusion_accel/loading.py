@@ -217,8 +217,13 @@ def _zoo_model_name(folder: Path) -> str | None:
 
 
 def _looks_like_a_path(spec: str) -> bool:
-    """A spec that cannot be a hub id ('org/model'): absolute, relative-dotted, home-based or deeper."""
-    return spec.startswith(("/", ".", "~", "\\")) or spec.count("/") > 1
+    """A spec that cannot be a hub id ('org/model'): absolute, relative-dotted, home-based, deeper, or a
+    Windows path (a backslash or a drive: ``C:\\models\\sd`` was an 'unknown pipeline spec', ``C:/models``
+    went to the hub)."""
+    from pathlib import PureWindowsPath
+
+    return (spec.startswith(("/", ".", "~", "\\")) or spec.count("/") > 1 or "\\" in spec
+            or bool(PureWindowsPath(spec).drive))
 
 
 def default_demo_spec() -> str:

@@ -45,6 +45,8 @@ def test_unknown_subcommand_and_bad_flag_exit_2(capsys):
     (["eval", "--pipe", "tiny:sd", "--metrics", "speed"], "speed"),
     (["eval", "--pipe", "tiny:sd", "--dtype", "int3"], "unknown dtype"),
     (["eval", "--pipe", "./runs/missing"], "'./runs/missing': no such folder"),  # was a hub repo-id error
+    (["eval", "--pipe", "C:\\models\\sd"], "no such folder"),  # Windows paths: an 'unknown pipeline spec'
+    (["eval", "--pipe", "C:/models"], "'C:/models': no such folder"),  # and a hub lookup
     (["eval", "--pipe", "tiny:sd", "--device", "cuda:99"], "'cuda:99' is not available"),  # was a traceback
     (["eval", "--pipe", "tiny:sd", "--device", "gpu"], "unknown device 'gpu'"),
 ])
