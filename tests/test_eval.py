@@ -368,6 +368,17 @@ def test_time_callable_reports_median_and_percentiles_over_requested_repeats():
         time_callable(lambda: None, repeats=0)
 
 
+@pytest.mark.parametrize("device, waits", [("mps", 2), ("xpu:0", 2), ("cpu", 0), (None, 0)])
+def test_timing_on_a_non_cuda_accelerator_waits_for_its_queue(monkeypatch, device, waits):
+    """MPS / XPU calls return before their kernels run: perf_counter timed only the launches."""
+    from diffusion_accel.eval.timing import time_once_ms
+
+    synced = []
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda device=None: synced.append(str(device)))
+    time_once_ms(lambda: None, device)
+    assert len(synced) == waits and all(name.startswith(str(device).split(":")[0]) for name in synced)
+
+
 def test_time_pipeline_times_denoiser_calls_inside_the_pipeline():
     pipe = build_tiny("sd")
     kwargs = dict(prompt="a cat", num_inference_steps=3, output_type="np", **SD_CALL)

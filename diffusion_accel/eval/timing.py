@@ -54,6 +54,13 @@ def _is_cuda(device: Any) -> bool:
     return device is not None and torch.device(device).type == "cuda"
 
 
+def _wait_for(device: Any) -> None:
+    """Finish the work queued on a non-CUDA accelerator (Apple's MPS, Intel's XPU) before reading the clock:
+    their calls return before the kernels run, so perf_counter timed only the launches."""
+    if device is not None and torch.device(device).type not in ("cpu", "cuda", "meta"):
+        torch.accelerator.synchronize(torch.device(device))
+
+
 def _check_counts(warmup: int, repeats: int) -> None:
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1; got warmup={warmup}, repeats={repeats}")
@@ -69,8 +76,10 @@ def time_once_ms(fn: Callable[[], Any], device: Any = None) -> float:
         end.record(stream)
         torch.cuda.synchronize(device)
         return float(start.elapsed_time(end))
+    _wait_for(device)
     begin = time.perf_counter()
     fn()
+    _wait_for(device)
     return (time.perf_counter() - begin) * 1000.0
 
 
@@ -96,6 +105,7 @@ class DenoiserTimer:
 
     def _stamp(self) -> Any:
         if not self.cuda:
+            _wait_for(self.device)
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
         event.record(torch.cuda.current_stream(self.device))
