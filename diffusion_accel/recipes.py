@@ -309,8 +309,9 @@ def _check_calibration_settings(settings: dict[str, Any], seed: int) -> None:
 def _check_out_is_not_the_base(out: str, spec: str, methods: list[str]) -> None:
     """Writing the artifact into the base model's folder left neither loadable by spec; a folder ``save``
     refuses (a diffusers pipeline, another tool's manifest.json) is refused before the calibration."""
-    base = spec.rpartition("+")[0] if "+" in spec and not Path(spec).exists() else spec
-    if Path(base).expanduser().is_dir() and Path(out).expanduser().resolve() == Path(base).expanduser().resolve():
+    base = Path(spec.rpartition("+")[0] if "+" in spec and not Path(spec).exists() else spec).expanduser()
+    same = base.is_dir() and Path(out).expanduser().resolve() == base.resolve()
+    if same and not (base / "manifest.json").is_file():  # an artifact given as --pipe may be replaced, as save allows
         raise ValueError(f"--out {out!r} is the base pipeline's folder; write the artifact to another folder")
     problem = None if methods == ["stats"] else save_folder_problem(Path(out).expanduser())
     if problem:

@@ -341,6 +341,23 @@ def test_calibrate_on_an_artifact_adds_the_next_technique(tmp_path, capsys):
     # it named the pruned weights' fingerprint as its base until session 34, and then could not be loaded
     assert manifest["base"]["fingerprint"] == json.loads((pruned / "manifest.json").read_text())["base"]["fingerprint"]
     assert main(["eval", "--pipe", str(both), *common, "--metrics", "psnr"]) == 0, capsys.readouterr().err
+    # the artifact given as --pipe may be replaced by its successor (da.save allows it; refused as 'the base
+    # pipeline's folder' until session 34), a pipeline folder may not
+    assert main(["calibrate", "--pipe", str(both), "--method", "cache", *common, "--out", str(both)]) == 0, \
+        capsys.readouterr().err
+    assert [t["name"] for t in json.loads((both / "manifest.json").read_text())["techniques"]] == ["prune", "ptq", "cache"]
+    assert main(["eval", "--pipe", str(both), *common, "--metrics", "psnr"]) == 0, capsys.readouterr().err
+
+
+def test_calibrate_refuses_to_write_into_the_base_pipelines_folder(tmp_path, capsys):
+    from diffusion_accel.testing.tiny import build_tiny
+
+    build_tiny("sd").save_pretrained(tmp_path / "base")
+    before = sorted(path.name for path in (tmp_path / "base").iterdir())
+    assert main(["calibrate", "--pipe", str(tmp_path / "base"), "--method", "ptq", "--steps", "2",
+                 "--num-prompts", "1", "--out", str(tmp_path / "base")]) == 2
+    assert "is the base pipeline's folder" in capsys.readouterr().err
+    assert sorted(path.name for path in (tmp_path / "base").iterdir()) == before
 
 
 @pytest.mark.parametrize("chain", ["ptq,obs", "obs,wanda", "stats,ptq", "cache,ptq", "ptq,ptq", "ptq,fp4"])
