@@ -128,7 +128,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--fid-reference", default=None,
                           help="FID reference: a stats file, an image folder, or DATASET:SPLIT of the zoo's "
                                "data (fashion-mnist:test, mnist:test); its statistics are cached")
-    evaluate.add_argument("--fid-cache", type=output_folder, default=FID_CACHE,
+    evaluate.add_argument("--fid-cache", type=output_folder, default=None,  # the default is checked only for fid
                           help=f"folder caching FID reference statistics (default {FID_CACHE})")
     evaluate.add_argument("--fid-dtype", choices=["float32", "bfloat16"], default="float32",
                           help="precision of the TF-Inception network: bfloat16 (autocast) is ~1.5x faster on "
@@ -213,8 +213,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     pipes = _load_variants(args)
     report = evaluate(pipes, _prompts_for(args, next(iter(pipes.values()))),
                       metrics=metrics, num_inference_steps=args.steps, seed=args.seed,
-                      fid_reference=fid_reference, fid_cache_dir=args.fid_cache, fid_extractor=fid_extractor,
-                      clip_model=args.clip_model, call_kwargs=_call_kwargs(args))
+                      fid_reference=fid_reference, fid_cache_dir=args.fid_cache or FID_CACHE,
+                      fid_extractor=fid_extractor, clip_model=args.clip_model, call_kwargs=_call_kwargs(args))
     return _print_and_save(report, args.out)
 
 
@@ -223,10 +223,11 @@ def _check_eval_inputs(args: argparse.Namespace, metrics: list[str], fid_referen
     (minutes for a hub model or an artifact; they were checked only after; ``_load_variants`` checks the
     prompt file and ``--call``)."""
     from .eval.clip_score import check_clip_model
-    from .eval.fid import check_reference
+    from .eval.fid import check_cache_dir, check_reference
 
     if "fid" in metrics and fid_reference is not None:
         check_reference(fid_reference, fid_extractor)
+        check_cache_dir(args.fid_cache or FID_CACHE)  # the default only when FID is asked for
     if "clip" in metrics and args.clip_model is not None:
         check_clip_model(args.clip_model)
 

@@ -100,7 +100,7 @@ def test_a_failing_calibrate_write_leaves_the_earlier_output_whole(tmp_path, cap
     """Statistics were written before their calibration.json (a failure between left new tensors under the
     old settings), and an artifact's calibration.json was deleted before a save that then failed."""
     import diffusion_accel.artifact as artifact_module
-    import diffusion_accel.recipes as recipes
+    from diffusion_accel.artifact_files import StagedWrite
 
     stats, art = tmp_path / "stats", tmp_path / "art"
     base = ["calibrate", "--pipe", "tiny:sd", "--steps", "2", "--num-prompts", "1"]
@@ -111,7 +111,7 @@ def test_a_failing_calibrate_write_leaves_the_earlier_output_whole(tmp_path, cap
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(recipes.json, "dumps", full_disk)
+    monkeypatch.setattr(StagedWrite, "commit", full_disk)  # after the new statistics were written
     assert main([*base, "--num-prompts", "2", "--method", "stats", "--out", str(stats)]) == 2
     monkeypatch.undo()
     monkeypatch.setattr(artifact_module, "save_file", full_disk)
@@ -451,6 +451,20 @@ def test_an_empty_out_is_a_usage_error(command, capsys, monkeypatch, tmp_path):
         main([*command, "--out", ""])
     assert exit_info.value.code == 2 and "argument --out: the path is empty" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_the_default_fid_cache_is_checked_only_when_fid_is_asked_for(capsys, monkeypatch, tmp_path):
+    """argparse ran --fid-cache's check on its default too: a home whose .cache is a file failed every eval."""
+    (tmp_path / ".cache").write_text("a file")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["eval", "--pipe", "tiny:sd", "--steps", "2", "--num-prompts", "1", "--metrics", "latency"]) == 0
+    capsys.readouterr()
+    from PIL import Image
+
+    (tmp_path / "ref").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "ref" / "0.png")
+    assert main(["eval", "--pipe", "tiny:sd", "--metrics", "fid", "--fid-reference", str(tmp_path / "ref")]) == 2
+    assert "FID cache_dir: '" in capsys.readouterr().err
 
 
 def test_a_fid_cache_that_is_a_file_is_a_usage_error(capsys, monkeypatch, tmp_path):

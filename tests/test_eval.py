@@ -368,12 +368,16 @@ def test_time_callable_reports_median_and_percentiles_over_requested_repeats():
         time_callable(lambda: None, repeats=0)
 
 
-@pytest.mark.parametrize("device, waits", [("mps", 2), ("xpu:0", 2), ("cpu", 0), (None, 0)])
-def test_timing_on_a_non_cuda_accelerator_waits_for_its_queue(monkeypatch, device, waits):
-    """MPS / XPU calls return before their kernels run: perf_counter timed only the launches."""
+@pytest.mark.parametrize("device, accelerator, waits", [("mps", "mps", 2), ("xpu:0", "xpu", 2), ("cpu", None, 0),
+                                                      (None, "mps", 0), ("hpu", "mps", 0)])
+def test_timing_on_a_non_cuda_accelerator_waits_for_its_queue(monkeypatch, device, accelerator, waits):
+    """MPS / XPU calls return before their kernels run: perf_counter timed only the launches. A device of
+    another backend than torch's current accelerator is left alone (synchronize would raise)."""
     from diffusion_accel.eval.timing import time_once_ms
 
     synced = []
+    monkeypatch.setattr(torch.accelerator, "current_accelerator",
+                        lambda *args: None if accelerator is None else torch.device(accelerator))
     monkeypatch.setattr(torch.accelerator, "synchronize", lambda device=None: synced.append(str(device)))
     time_once_ms(lambda: None, device)
     assert len(synced) == waits and all(name.startswith(str(device).split(":")[0]) for name in synced)

@@ -580,3 +580,11 @@ def test_a_damaged_checkpoint_is_a_clear_error_naming_it(tmp_path, content, caps
     with pytest.raises(SystemExit) as exit_info:
         main(["fashion-clip", "--out", str(tmp_path / "run"), "--steps", "1"])
     assert exit_info.value.code == 2 and "cannot resume from" in capsys.readouterr().err
+
+
+def test_an_unreadable_checkpoint_keeps_its_os_error(tmp_path, monkeypatch):
+    """Permissions or I/O: the file may be fine, so no advice to delete it or start over."""
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    monkeypatch.setattr(C.torch, "load", lambda *args, **kwargs: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    with pytest.raises(PermissionError):
+        C.load_checkpoint(tmp_path / "checkpoint.pt")

@@ -57,8 +57,10 @@ def _is_cuda(device: Any) -> bool:
 def _wait_for(device: Any) -> None:
     """Finish the work queued on a non-CUDA accelerator (Apple's MPS, Intel's XPU) before reading the clock:
     their calls return before the kernels run, so perf_counter timed only the launches."""
-    if device is not None and torch.device(device).type not in ("cpu", "cuda", "meta"):
-        torch.accelerator.synchronize(torch.device(device))
+    kind = None if device is None else torch.device(device).type
+    accelerator = torch.accelerator.current_accelerator()
+    if kind not in (None, "cpu", "cuda", "meta") and accelerator is not None and accelerator.type == kind:
+        torch.accelerator.synchronize(torch.device(device))  # another backend's device (xla): not ours to sync
 
 
 def _check_counts(warmup: int, repeats: int) -> None:

@@ -217,6 +217,8 @@ def load_checkpoint(path: Path) -> dict | None:
         return None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # unreadable (permissions, I/O): the file may be fine, so no advice to delete it
+        raise
     except Exception as error:  # truncated zip (RuntimeError), not a checkpoint (UnpicklingError), empty (EOFError)
         raise ValueError(f"cannot resume from {str(path)!r}: it is not a readable checkpoint "
                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}); "
