@@ -305,8 +305,7 @@ def save(pipe: Any, directory: str | Path) -> Path:
     exported = [(technique, *(exports.get(technique) or _HANDLERS[technique].export(pipe)))
                 for technique in applied_techniques(pipe)]
     _check_json_configs(exported)  # before any file is written: a failure left tensors without a manifest
-    files = StagedWrite(folder)  # interrupted: the old artifact whole, none, or the new one whole
-    try:
+    with StagedWrite(folder) as files:  # interrupted: the old artifact whole, none, or the new one whole
         entries = [{"name": technique, "config": config,
                     "tensors": files.write(f"{index:02d}-{technique}.safetensors", _tensor_writer(tensors))}
                    for index, (technique, config, tensors) in enumerate(exported)]
@@ -319,9 +318,6 @@ def save(pipe: Any, directory: str | Path) -> Path:
             "techniques": entries,
         }
         manifest_text = json.dumps(manifest, indent=2)
-    except BaseException:
-        files.discard()
-        raise
     files.commit(MANIFEST, manifest_text, stale=previous_files)  # stale: an earlier artifact's
     return folder
 

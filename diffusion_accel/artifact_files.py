@@ -47,6 +47,14 @@ class StagedWrite:
         """Remove every staged file (the save failed before its commit)."""
         remove_staged(self.folder)
 
+    def __enter__(self) -> "StagedWrite":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        """Any exception in the block (KeyboardInterrupt too) discards what it staged; it propagates."""
+        if kind is not None:
+            self.discard()
+
     def commit(self, manifest_name: str, manifest_text: str, stale: Iterable[str] = ()) -> None:
         """Remove the old manifest, rename the staged files into place, write the manifest, delete ``stale``."""
         (self.folder / manifest_name).unlink(missing_ok=True)

@@ -473,13 +473,9 @@ def _write_statistics(out: Path, spec: str, pipe: Any, settings: dict[str, Any],
                 "selected_steps": list(calib.selected_steps), "collectors": [c.describe() for c in collectors],
                 "summary": calib.summary().splitlines()}
     out.mkdir(parents=True, exist_ok=True)
-    staged = StagedWrite(out)
-    try:
+    with StagedWrite(out) as staged:
         staged.write("statistics.safetensors", lambda path: save_file(tensors, str(path)))
         staged.commit("calibration.json", json.dumps(manifest, indent=2, default=str))
-    except BaseException:
-        staged.discard()
-        raise
 
 
 def _write_artifact_notes(out: Path, spec: str, methods: list[str], settings: dict[str, Any], prompt_list: list,

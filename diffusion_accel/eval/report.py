@@ -143,16 +143,12 @@ class EvalReport:
             raise ValueError(f"EvalReport.save: {problem}")
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
-        staged = StagedWrite(folder)
-        try:
+        with StagedWrite(folder) as staged:
             staged.write("report.md", lambda path: path.write_text(self.to_markdown(), encoding="utf-8"))
             if self.grid is not None:
                 grid = self.grid
                 staged.write("grid.png", lambda path: grid.save(path, format="PNG"))
             staged.commit("report.json", self.to_json() + "\n", stale=["grid.png"])
-        except BaseException:
-            staged.discard()
-            raise
         paths = {"json": folder / "report.json", "markdown": folder / "report.md"}
         return paths | ({"grid": folder / "grid.png"} if self.grid is not None else {})
 
