@@ -58,9 +58,11 @@ def _wait_for(device: Any) -> None:
     """Finish the work queued on a non-CUDA accelerator (Apple's MPS, Intel's XPU) before reading the clock:
     their calls return before the kernels run, so perf_counter timed only the launches."""
     kind = None if device is None else torch.device(device).type
+    if kind in (None, "cpu", "cuda", "meta"):  # the usual case, on the timing path: nothing else to ask
+        return
     accelerator = torch.accelerator.current_accelerator()
-    if kind not in (None, "cpu", "cuda", "meta") and accelerator is not None and accelerator.type == kind:
-        torch.accelerator.synchronize(torch.device(device))  # another backend's device (xla): not ours to sync
+    if accelerator is not None and accelerator.type == kind:  # another backend's device (xla): not ours to sync
+        torch.accelerator.synchronize(torch.device(device))
 
 
 def _check_counts(warmup: int, repeats: int) -> None:
