@@ -111,6 +111,10 @@ def _add_technique_options(parser: argparse.ArgumentParser) -> None:
                                 "interval 3 with forecast 1)")
     parser.add_argument("--budget", type=float, default=None,
                            help="--cache-method calibrated: fraction of steps that run the full denoiser")
+    parser.add_argument("--search-blocks", action="store_const", const=True, default=None,
+                           help="--cache-method calibrated: also choose partial steps, reuse steps that recompute "
+                                "part of the cached blocks (leading transformer blocks; a deeper UNet branch), paid "
+                                "from the budget by their share of the cached blocks' FLOPs")
     parser.add_argument("--interval", type=int_at_least(1), default=None, help="cache interval (deepcache, block, ...)")
     parser.add_argument("--forecast", type=int, default=None, choices=(0, 1),
                            help="reuse steps: 0 reuse the cached feature, 1 forecast it linearly")

@@ -273,7 +273,8 @@ DEFAULT_COLLECT = "ranges,features"
 _FLAG_METHODS = {"layers": ("stats",), "collect": ("stats",), "preset": ("ptq",),
                  "sparsity": PRUNE_METHODS, "pattern": PRUNE_METHODS, "scope": PRUNE_METHODS,
                  "allocation": PRUNE_METHODS, "cache_method": ("cache",), "budget": ("cache",),
-                 "interval": ("cache",), "forecast": ("cache",), "forecast_target": ("cache",)}
+                 "interval": ("cache",), "forecast": ("cache",), "forecast_target": ("cache",),
+                 "search_blocks": ("cache",)}
 
 
 def _check_flags_apply(args: argparse.Namespace, methods: list[str]) -> None:
@@ -342,7 +343,8 @@ def _cache_table(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, 
     if args.cache_method is not None and args.cache_method != table.get("method"):
         table = {}  # the recipe's keys belong to its own method
     flags = (("method", args.cache_method), ("budget", args.budget), ("interval", args.interval),
-             ("forecast", args.forecast), ("forecast_target", args.forecast_target))
+             ("forecast", args.forecast), ("forecast_target", args.forecast_target),
+             ("search_blocks", args.search_blocks))
     return table | {key: value for key, value in flags if value is not None}
 
 

@@ -41,8 +41,8 @@ def test_stack_residual_is_added_to_the_fresh_input_on_skipped_steps():
     session = _toy_session(toy, interval=2)
     io = BlockIO("hidden_states", "encoder_hidden_states", 0, None, ("hidden_states",))
     session.cached_blocks, session.total_blocks = ("blocks.0", "blocks.1"), 2
-    session.hook(toy.blocks[0], StackBlockHook(session, "blocks.0", io, first=True, last=False))
-    session.hook(toy.blocks[1], StackBlockHook(session, "blocks.1", io, first=False, last=True))
+    session.hook(toy.blocks[0], StackBlockHook(session, "blocks.0", io, 0, last=False))
+    session.hook(toy.blocks[1], StackBlockHook(session, "blocks.1", io, 1, last=True))
     # step 0: (10 + 1) * 2 = 22, residual 12; step 1 reuses: 5 + 12 = 17; step 2: (5 + 1) * 2 = 12
     assert [float(toy(None, t)) for t in (10, 5, 5)] == [22.0, 17.0, 12.0]
     end_session(session)
@@ -56,8 +56,8 @@ def test_stack_residual_counts_what_the_loop_adds_between_blocks_once():
     session = _toy_session(toy, interval=2)
     io = BlockIO("hidden_states", None, 0, None, ("hidden_states",))
     session.cached_blocks, session.total_blocks = ("blocks.0", "blocks.1"), 2
-    session.hook(toy.blocks[0], StackBlockHook(session, "blocks.0", io, first=True, last=False))
-    session.hook(toy.blocks[1], StackBlockHook(session, "blocks.1", io, first=False, last=True))
+    session.hook(toy.blocks[0], StackBlockHook(session, "blocks.0", io, 0, last=False))
+    session.hook(toy.blocks[1], StackBlockHook(session, "blocks.1", io, 1, last=True))
     # step 0: ((10 + 1) + 100) * 2 = 222 (+ 100 after), residual 212; step 1 reuses: 5 + 212 (+ 100);
     # step 2: ((5 + 1) + 100) * 2 (+ 100). Adding the residual to the last block's input gave 417.
     assert [float(toy(None, t)) for t in (10, 5, 5)] == [322.0, 317.0, 312.0]

@@ -15,7 +15,7 @@ from diffusion_accel.arch import find_denoiser, get_adapter
 from diffusion_accel.cache import (FASTER_DIFFUSION_KEY_STEPS, BlockCacheConfig, DeepCacheConfig, DeltaCacheConfig,
                                    EncoderPropagationConfig, TeaCacheConfig, enable_cache, remove_cache,
                                    summary)
-from diffusion_accel.cache.configs import config_from_dict, config_to_dict
+from diffusion_accel.cache.configs import CalibratedCacheConfig, config_from_dict, config_to_dict
 from diffusion_accel.cache.delta import DeltaBlockHook, delta_spans
 from diffusion_accel.cache.encoder import key_steps
 from diffusion_accel.cache.policies import DeltaPolicy
@@ -425,6 +425,8 @@ def test_teacache_watches_the_timestep_modulated_input(family):
     ("dit", DeltaCacheConfig(interval=2), "eager"),
     ("ddpm", EncoderPropagationConfig(interval=2, noise_injection=0.05), "eager"),
     ("dit", BlockCacheConfig(interval=2, forecast=1, forecast_target="output"), "eager"),
+    ("flux", CalibratedCacheConfig((0, 2), 4, forecast=1, partial_steps=((1, 2),)), "eager"),
+    ("sd", CalibratedCacheConfig((0, 2), 4, partial_steps=((3, 2),)), "eager"),
     pytest.param("sd", EncoderPropagationConfig(interval=2), "inductor", marks=pytest.mark.slow),
     pytest.param("flux", DeltaCacheConfig(interval=2), "inductor", marks=pytest.mark.slow),
 ])
@@ -452,6 +454,7 @@ def test_enable_cache_on_a_compiled_denoiser_matches_eager(family, config, backe
     ("dit", BlockCacheConfig(interval=3, forecast=1)),
     ("ddpm", EncoderPropagationConfig(interval=3, noise_injection=0.05)),
     ("dit", DeltaCacheConfig(interval=2)),
+    ("flux", CalibratedCacheConfig((0, 6), 12, partial_steps=((2, 1), (4, 1), (8, 1)))),
 ])
 def test_a_compiled_step_schedule_cache_compiles_a_few_graphs_whatever_the_step_count(family, config):
     """A step policy decides in the tracker's graph break and no step number reaches a compiled hook: one graph

@@ -305,6 +305,22 @@ def test_calibrate_cache_forecast_target_flag_reaches_the_manifest(tmp_path, cap
     assert params["forecast_target"] == "output" and params["forecast"] == 1
 
 
+def test_calibrate_cache_search_blocks_flag_searches_partial_steps(tmp_path, capsys):
+    import diffusion_accel as da
+    from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
+
+    out = tmp_path / "calibrated"
+    assert main(["calibrate", "--pipe", "tiny:flux", "--method", "cache", "--cache-method", "calibrated", "--budget",
+                 "0.5", "--search-blocks", "--steps", "6", "--num-prompts", "1", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    params = json.loads((out / "manifest.json").read_text())["techniques"][0]["config"]["params"]
+    assert isinstance(params["partial_steps"], list) and len(params["full_steps"]) <= 3
+    da.load(build_tiny("flux"), out)(**tiny_call_kwargs("flux", steps=6))
+    assert main(["calibrate", "--pipe", "tiny:flux", "--method", "cache", "--cache-method", "block", "--search-blocks",
+                 "--out", str(tmp_path / "block")]) == 2
+    assert "search_blocks" in capsys.readouterr().err
+
+
 def test_calibrate_chain_saves_one_artifact_that_eval_loads_by_folder(tmp_path, capsys):
     import torch
 

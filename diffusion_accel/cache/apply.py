@@ -19,10 +19,11 @@ from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, 
                       EncoderPropagationConfig, FirstBlockCacheConfig, TeaCacheConfig, config_to_dict)
 from .delta import install_delta_cache
 from .encoder import encoder_point, install_encoder_cache, key_steps
+from .partial import check_levels, deeper_points, is_unet, partial_steps_for_call, scaled_timesteps
 from .policies import DeltaPolicy, FirstBlockPolicy, SchedulePolicy, TeaCachePolicy
 from .schedules import nonuniform_full_steps, resample_full_steps, uniform_full_steps
 from .session import CacheSession, drop_empty_registry, end_session, finish_session, get_session, start_session
-from .stack import check_stack, install_stack_cache, output_layer
+from .stack import check_stack, install_stack_cache, output_layer, partial_levels
 from .unet_branch import branch_point, install_branch_cache
 
 TECHNIQUE = "cache"
@@ -94,14 +95,19 @@ def _encoder_propagation(pipe: Any, config: EncoderPropagationConfig) -> tuple[s
 @register_cache_method(CalibratedCacheConfig)
 def _calibrated(pipe: Any, config: CalibratedCacheConfig) -> tuple[str, Any, Installer]:
     policy = CalibratedPolicy(config)
-    is_unet = any(p.kind == "skip_branch" for p in get_adapter(pipe).cache_points())
-    if not is_unet and config.branch != 0:  # it was accepted and ignored
+    unet = is_unet(pipe)
+    if not unet and config.branch != 0:  # it was accepted and ignored
         raise ValueError(f"branch={config.branch} picks a UNet's DeepCache skip branch; a transformer's calibrated "
                          f"schedule caches its block stack: leave branch=0")
-    if is_unet and config.forecast_target != "residual":
+    if unet and config.forecast_target != "residual":
         raise ValueError(f"forecast_target={config.forecast_target!r} is for transformer denoisers; a UNet's "
                          f"calibrated schedule reuses its DeepCache branch (use forecast_target='residual')")
-    installer = _unet_installer(pipe, config.branch) if is_unet else _stack_installer(pipe, False, config)
+    installer = _unet_installer(pipe, config.branch) if unet else _stack_installer(pipe, False, config)
+    if config.partial_steps:
+        check_levels(pipe, config)
+        if unet:
+            point, deeper = branch_point(pipe, config.branch), deeper_points(pipe, partial_levels(config))
+            installer = lambda session, _pipe: install_branch_cache(session, point, deeper)  # noqa: E731
     return "calibrated", policy, installer
 
 
@@ -120,7 +126,8 @@ def calibrated_steps(config: CalibratedCacheConfig, num_steps: int) -> list[int]
 class CalibratedPolicy(SchedulePolicy):
     """A calibrated schedule's policy: ``calibrated_steps`` for the call's step count and, when the config
     records the timesteps it was searched on and the call's schedule has as many but others, the full
-    steps at the nearest noise levels (``steps_at_noise_levels``)."""
+    steps at the nearest noise levels (``steps_at_noise_levels``); partial steps follow them
+    (``partial.partial_steps_for_call``)."""
 
     def __init__(self, config: CalibratedCacheConfig) -> None:
         super().__init__(lambda n: calibrated_steps(config, n), config.num_inference_steps,
@@ -128,19 +135,44 @@ class CalibratedPolicy(SchedulePolicy):
         self.config = config
         self.tracker: Any = None
         self._last: tuple[Any, frozenset[int]] | None = None  # (the call's timesteps tensor, its full steps)
+        self._partial: tuple[Any, dict[int, int]] | None = None  # ((steps, timesteps tensor), {step: level})
 
     def bind(self, tracker: Any) -> None:
         """The session's step tracker, which knows the timesteps of the call in progress."""
         self.tracker = tracker
 
-    def should_compute(self, step: int, num_steps: int | None, state: dict, signal: Any = None) -> bool:
+    def _timesteps_to_map(self, num_steps: int | None) -> Any:
+        """The call's timesteps tensor when the schedule follows noise levels for it, else None."""
         timesteps = self.tracker.watched_timesteps() if self.tracker is not None else None
         if timesteps is None or self.config.timesteps is None or num_steps != self.config.num_inference_steps:
+            return None
+        return timesteps
+
+    def should_compute(self, step: int, num_steps: int | None, state: dict, signal: Any = None) -> bool:
+        timesteps = self._timesteps_to_map(num_steps)
+        if timesteps is None:
             return super().should_compute(step, num_steps, state, signal)
         last = self._last
         if last is None or last[0] is not timesteps:
             last = self._last = (timesteps, frozenset(steps_at_noise_levels(self.config, timesteps.tolist())))
         return step in last[1]
+
+    def partial_level(self, step: int, num_steps: int | None) -> int | None:
+        """The level of ``step`` when it is a partial step of this call's schedule, else None."""
+        if not self.config.partial_steps:
+            return None
+        steps = self.config.num_inference_steps if num_steps is None else num_steps
+        timesteps = self._timesteps_to_map(steps)
+        key = (steps, timesteps)
+        if self._partial is None or self._partial[0][0] != steps or self._partial[0][1] is not timesteps:
+            self._partial = (key, self._partial_plan(steps, timesteps))
+        return self._partial[1].get(step)
+
+    def _partial_plan(self, num_steps: int, timesteps: Any) -> dict[int, int]:
+        if timesteps is None:
+            return partial_steps_for_call(self.config, calibrated_steps(self.config, num_steps), num_steps)
+        values = timesteps.tolist()
+        return partial_steps_for_call(self.config, steps_at_noise_levels(self.config, values), num_steps, values)
 
 
 def steps_at_noise_levels(config: CalibratedCacheConfig, timesteps: list[float]) -> list[int]:
@@ -151,7 +183,7 @@ def steps_at_noise_levels(config: CalibratedCacheConfig, timesteps: list[float])
     that only starts elsewhere (DDIM "trailing" / "linspace" spacing, DPM++: 999 vs 901) moved every full
     step one position later, 2-5 dB below reusing the positions (fashion-sd). Where the positions differ,
     ValueError when ``config.resample`` is False."""
-    calibrated, current, chosen = _normalized(config.timesteps), _normalized(timesteps), {0}
+    calibrated, current, chosen = scaled_timesteps(config.timesteps), scaled_timesteps(timesteps), {0}
     for step in config.full_steps[1:]:
         free = [index for index in range(len(current)) if index not in chosen]
         chosen.add(min(free, key=lambda index: (abs(current[index] - calibrated[step]), abs(index - step))))
@@ -162,13 +194,6 @@ def steps_at_noise_levels(config: CalibratedCacheConfig, timesteps: list[float])
                          f"recalibrate with this schedule, or set resample=True to take the full steps at the "
                          f"nearest noise levels")
     return sorted(chosen)
-
-
-def _normalized(timesteps: Any) -> list[float]:
-    """``timesteps`` scaled to [0, 1] by their own minimum and maximum (all 0 for a constant schedule)."""
-    values = [float(value) for value in timesteps]
-    low, span = min(values), max(values) - min(values)
-    return [(value - low) / span if span > 0 else 0.0 for value in values]
 
 
 def _few(values: Any) -> str:
@@ -307,7 +332,8 @@ def _summary_text(info: dict[str, Any]) -> str:
              f"{info['denoiser_calls']} denoiser calls; {info['cached_blocks']} of "
              f"{info['total_blocks']} blocks cached"]
     for record in info["steps"]:
-        mark = "compute" if record["computed"] else "reuse  "
+        mark = "compute" if record["computed"] else "reuse  " if record.get("partial") is None else (
+            f"partial (level {record['partial']})")
         lines.append(f"  step {record['step']:3d} [{record['context']}] {mark} "
                      f"blocks computed {record['computed_blocks']}, reused {record['reused_blocks']}")
     return "\n".join(lines)

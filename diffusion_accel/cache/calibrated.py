@@ -9,6 +9,11 @@ lowers the error, then, from the best of them, also moves single full steps to a
 local minimum of the nearby moves is often not one of these), so on the calibration prompts it is
 never worse than any start (on fashion-flux without forecast the front-loaded start halves the
 error of the evenly spaced one); ``"greedy"`` grows the schedule from step 0.
+
+With ``search_blocks`` the search then also chooses which blocks recompute: *partial steps* (see
+:mod:`.partial`) run part of the cached blocks, costing their share of those blocks' FLOPs. Greedily,
+the budget left over by rounding, then one released full step at a time, is spent on the partial step
+(position and level) that lowers the final error most, while that beats the schedule without them.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from ..progress import progress_counter, progress_shown, showing_progress
 from ..scalars import plain_number
 from .apply import enable_cache, remove_cache, summary as cache_summary
 from .configs import CalibratedCacheConfig, check_int
+from .partial import level_costs, level_range
 from .runs import final_outputs, planned_calls, relative_error
 from .session import get_session
 
@@ -56,7 +62,7 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
                        branch: int = 0, seed: int = 0, search: str = "refine", max_candidates: int | None = None,
                        max_passes: int = 3, resample: bool = True, forecast: int = 0,
                        forecast_target: str = "residual", batch_size: int = 1, progress: bool = False,
-                       **call_kwargs: Any) -> CalibratedCacheConfig:
+                       search_blocks: bool = False, **call_kwargs: Any) -> CalibratedCacheConfig:
     """The schedule with round(budget * steps) full steps that minimises the final-output error on
     ``prompts`` (see the module doc for the two searches). ``max_candidates`` thins the greedy
     search's candidates; ``max_passes`` bounds the refine search's sweeps (nearby moves: about 4 runs
@@ -67,11 +73,16 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
     those are refused); ``seed``: first seed of the prompts' runs; ``batch_size``: prompts per pipeline call (the
     search runs every prompt once per schedule it tries, thousands of runs at 50 steps: batching them is ~2x faster
     on a CPU, with other random latents per prompt than one prompt per call); ``progress``: a bar counting the
-    schedules tried; ``call_kwargs``: further pipeline arguments."""
+    schedules tried; ``search_blocks``: also choose partial steps, which recompute part of the cached blocks
+    (the budget then counts each by its share of the cached blocks' FLOPs; see the module doc; at most
+    ``max_passes`` full steps are traded for them, ``max_candidates`` thins their positions);
+    ``call_kwargs``: further pipeline arguments."""
     budget, num_inference_steps, branch, seed, max_candidates, max_passes, forecast, batch_size = (
         plain_number(value) for value in (budget, num_inference_steps, branch, seed, max_candidates, max_passes,
                                           forecast, batch_size))  # numpy sweeps pass these
     _check_search(search, max_candidates, max_passes)
+    if not isinstance(search_blocks, bool):
+        raise ValueError(f"search_blocks must be True or False, got {search_blocks!r}")
     if get_session(find_denoiser(pipe)[1]) is not None:
         raise ValueError("calibrate_schedule needs a pipeline without a cache; call remove_cache first")
     num_steps = denoiser_steps(pipe, num_inference_steps)  # the schedule's steps are denoiser calls (Heun: 2N - 1)
@@ -88,16 +99,22 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
     target = min(count, max(1, round(budget * count)))
     with showing_progress(progress or progress_shown()), progress_counter("schedule search", "schedule") as tried:
 
-        def error(positions: set[int]) -> float:
-            """Final-output error of a schedule, given as positions among the steps that run (each run once)."""
-            key = frozenset(positions)
+        def error(positions: set[int], partial: dict[int, int] | None = None) -> float:
+            """Final-output error of a schedule, given as positions among the steps that run (each run once),
+            with ``partial`` {position: level} steps."""
+            key = (frozenset(positions), frozenset((partial or {}).items()))
             if key not in seen:
-                seen[key] = schedule_error(pipe, _with_steps(probe, _steps_at(ran, positions)), calls, references)
+                config = _with_steps(probe, _steps_at(ran, positions), _partial_at(ran, partial))
+                seen[key] = schedule_error(pipe, config, calls, references)
                 tried()
             return seen[key]
 
-        chosen = _search(error, count, target, search, max_candidates, max_passes)
-    return _with_steps(probe, _steps_at(ran, chosen))
+        chosen, partial = _search(error, count, target, search, max_candidates, max_passes), {}
+        if search_blocks:
+            costs = level_costs(pipe, branch, candidate_levels(pipe, branch), lambda: final_outputs(pipe, calls[:1]))
+            chosen, partial = search_partial_steps(error, count, chosen, costs, budget * count - target,
+                                                   max_passes, max_candidates)
+    return _with_steps(probe, _steps_at(ran, chosen), _partial_at(ran, partial))
 
 
 def _search(error: Any, count: int, target: int, search: str, max_candidates: int | None, max_passes: int) -> set[int]:
@@ -222,5 +239,103 @@ def _refine_far(error: Any, num_steps: int, chosen: set[int], max_passes: int) -
     return chosen
 
 
-def _with_steps(config: CalibratedCacheConfig, steps: set[int]) -> CalibratedCacheConfig:
-    return replace(config, full_steps=tuple(sorted(steps)))
+MAX_LEVELS = 8  # partial levels searched (evenly spaced among the model's): each costs a run per free position
+MAX_PARTIAL_ADDS = 8  # partial steps added per released full step (cheap levels could otherwise fill every step)
+
+
+def candidate_levels(pipe: Any, branch: int) -> list[int]:
+    """The partial levels the search tries: all of the model's (``partial.level_range``), or MAX_LEVELS of
+    them evenly spaced (a 57-block Flux stack has 56)."""
+    levels = list(level_range(pipe, branch))
+    if len(levels) <= MAX_LEVELS:
+        return levels
+    return sorted({levels[round(i * (len(levels) - 1) / (MAX_LEVELS - 1))] for i in range(MAX_LEVELS)})
+
+
+def search_partial_steps(error: Any, count: int, chosen: set[int], costs: dict[int, float], spare: float,
+                         max_rounds: int, max_candidates: int | None = None) -> tuple[set[int], dict[int, int]]:
+    """(full positions, {position: level}) with the lowest ``error``: ``chosen`` as it is, or with partial steps
+    bought by the ``spare`` budget (full-step units) and then by up to ``max_rounds`` released full steps (each
+    round drops the full step whose loss hurts least, never position 0, adds partial steps greedily, then
+    moves full and partial steps to nearby free steps while that helps); stops at the first round that does
+    not improve on the best so far. ``costs``: each level's price in full-step units."""
+    full, partial, left = set(chosen), {}, spare
+    best = (error(full), set(full), {})
+    for round_index in range(max_rounds + 1):
+        if round_index:
+            removable = sorted(full - {0})
+            if not removable:
+                break
+            full = min((full - {step} for step in removable), key=lambda trial: error(trial, partial))
+            left += 1.0
+        partial, left = _add_partial_steps(error, count, full, partial, costs, left, max_candidates)
+        full, partial = _refine_with_partial(error, count, full, partial, max(max_rounds, 1))
+        current = error(full, partial)
+        if current < best[0]:
+            best = (current, set(full), dict(partial))
+        elif round_index:
+            break
+    return best[1], best[2]
+
+
+def _add_partial_steps(error: Any, count: int, full: set[int], partial: dict[int, int], costs: dict[int, float],
+                       left: float, max_candidates: int | None) -> tuple[dict[int, int], float]:
+    """Greedily add the (free position, level) that lowers ``error`` most while its cost fits in ``left`` and
+    it helps, at most MAX_PARTIAL_ADDS times; returns the partial steps and the budget left."""
+    partial = dict(partial)
+    for _ in range(MAX_PARTIAL_ADDS):
+        current = error(full, partial)
+        free = _candidates(count, full | set(partial), max_candidates)
+        trials = [(position, level) for position in free for level, cost in costs.items() if cost <= left + 1e-9]
+        if not trials:
+            break
+        position, level = min(trials, key=lambda trial: error(full, partial | {trial[0]: trial[1]}))
+        if error(full, partial | {position: level}) >= current:
+            break
+        partial[position] = level
+        left -= costs[level]
+    return partial, left
+
+
+def _refine_with_partial(error: Any, count: int, full: set[int], partial: dict[int, int],
+                         max_passes: int) -> tuple[set[int], dict[int, int]]:
+    """Move single full steps (``_refine``, the partial steps held) and then single partial steps by ±1 or ±2
+    to free steps while that lowers the error, at most ``max_passes`` sweeps of both."""
+    if not partial:
+        return full, partial
+    for _ in range(max_passes):
+        held = set(partial)
+        moved_full = _refine(lambda trial: error(trial, partial) if not trial & held else float("inf"),
+                             count, full, 1)
+        moved_partial = _move_partial_steps(lambda trial: error(moved_full, trial), count, moved_full, partial)
+        if moved_full == full and moved_partial == partial:
+            break
+        full, partial = moved_full, moved_partial
+    return full, partial
+
+
+def _move_partial_steps(error: Any, count: int, full: set[int], partial: dict[int, int]) -> dict[int, int]:
+    """One sweep moving each partial step (its level kept) by ±1 or ±2 to a free step while that lowers ``error``."""
+    best = error(partial)
+    for position in sorted(partial):
+        if position not in partial:
+            continue
+        for moved in (position - 1, position + 1, position - 2, position + 2):
+            if not 0 < moved < count or moved in full or moved in partial:
+                continue
+            trial = {p: level for p, level in partial.items() if p != position} | {moved: partial[position]}
+            trial_error = error(trial)
+            if trial_error < best:
+                partial, best = trial, trial_error
+                break
+    return partial
+
+
+def _partial_at(ran: list[int], partial: dict[int, int] | None) -> tuple[tuple[int, int], ...]:
+    """Schedule (step, level) pairs of partial steps given as positions among the steps that run."""
+    return tuple(sorted((ran[position], level) for position, level in (partial or {}).items()))
+
+
+def _with_steps(config: CalibratedCacheConfig, steps: set[int],
+                partial: tuple[tuple[int, int], ...] = ()) -> CalibratedCacheConfig:
+    return replace(config, full_steps=tuple(sorted(steps)), partial_steps=partial)

@@ -289,7 +289,8 @@ class CalibratedCacheConfig(_ConfigMethods):
     """A calibrated schedule: ``full_steps`` of a ``num_inference_steps`` trajectory run the whole
     denoiser, the others reuse (UNets: DeepCache at ``branch``; transformers: the stack residual).
 
-    Built by :func:`calibrate_schedule` for a compute ``budget`` (fraction of full calls). Steps count
+    Built by :func:`calibrate_schedule` for a compute ``budget`` (fraction of full calls; a partial step
+    counts as its share of the cached blocks' FLOPs). Steps count
     denoiser calls per item: ``num_inference_steps`` is the pipeline's for first-order schedulers, 2N - 1
     for a Heun / KDPM2 call of N steps (``calib.denoiser_steps``). For another step count the schedule is
     resampled proportionally, or refused when ``resample`` is False.
@@ -297,6 +298,11 @@ class CalibratedCacheConfig(_ConfigMethods):
     :class:`BlockCacheConfig`, the UNet deep feature as in :class:`DeepCacheConfig`);
     ``forecast_target="output"`` (transformers only) fills reuse steps from the final projection's
     output instead of the stack residual (see :class:`BlockCacheConfig`).
+    ``partial_steps``: ``(step, level)`` pairs of reuse steps that recompute part of the cached blocks
+    (``calibrate_schedule(..., search_blocks=True)`` chooses them): for transformers ``level`` is the
+    number of leading stack blocks that run, the rest adding their cached delta (output minus that
+    block's input at the last full step); for UNets it is a deeper DeepCache branch than ``branch``,
+    whose deep path alone is reused. Resampled with the full steps.
     ``timesteps``: the scheduler timesteps the schedule was searched on (``calibrate_schedule`` records
     them; None in older artifacts). A call with as many steps but other timesteps (another scheduler,
     Karras sigmas, another spacing) gets the full steps at the nearest noise levels, or a ValueError when
@@ -312,6 +318,7 @@ class CalibratedCacheConfig(_ConfigMethods):
     forecast: int = 0
     forecast_target: str = "residual"
     timesteps: tuple[float, ...] | None = None
+    partial_steps: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         plain_scalars(self)
@@ -328,6 +335,29 @@ class CalibratedCacheConfig(_ConfigMethods):
                                                               self.num_inference_steps))
         if self.timesteps is not None:
             object.__setattr__(self, "timesteps", _checked_timesteps(self.timesteps, self.num_inference_steps))
+        object.__setattr__(self, "partial_steps", _checked_partial_steps(self.partial_steps, self.full_steps,
+                                                                         self.num_inference_steps))
+
+
+def _checked_partial_steps(values: Any, full_steps: tuple[int, ...], num_steps: int) -> tuple[tuple[int, int], ...]:
+    """``(step, level)`` pairs sorted by step, as ints; ValueError unless each step is a reuse step of the
+    schedule (not a full step, in [1, num_steps), once) and each level an int >= 1 (the model's range is
+    checked by ``enable_cache``)."""
+    try:
+        pairs = [tuple(pair) for pair in values]
+        if any(len(pair) != 2 or any(isinstance(item, bool) for item in pair) for pair in pairs):
+            raise TypeError("not a pair")
+        pairs = sorted((operator.index(step), operator.index(level)) for step, level in pairs)
+    except TypeError:
+        raise ValueError(f"partial_steps must be a sequence of (step, level) int pairs, got {values!r:.80}") from None
+    steps = [step for step, _ in pairs]
+    bad = [step for step in steps if not 0 < step < num_steps or step in full_steps]
+    if bad or len(set(steps)) != len(steps):
+        raise ValueError(f"partial_steps must name distinct reuse steps in [1, {num_steps}) that are not full steps "
+                         f"({list(full_steps)}), got {values!r:.80}")
+    for _, level in pairs:
+        check_int("a partial step's level", level, 1)
+    return tuple(pairs)
 
 
 CACHE_CONFIGS: tuple[type, ...] = (DeepCacheConfig, BlockCacheConfig, FirstBlockCacheConfig,
@@ -337,8 +367,13 @@ CACHE_CONFIGS: tuple[type, ...] = (DeepCacheConfig, BlockCacheConfig, FirstBlock
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """JSON-ready ``{"type": class name, "params": fields}`` of a cache config."""
-    params = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+    params = {k: _lists(v) for k, v in asdict(config).items()}
     return {"type": type(config).__name__, "params": params}
+
+
+def _lists(value: Any) -> Any:
+    """(Nested) tuples as JSON lists."""
+    return [_lists(item) for item in value] if isinstance(value, tuple) else value
 
 
 def config_from_dict(data: dict[str, Any]) -> Any:
@@ -355,4 +390,9 @@ def config_from_dict(data: dict[str, Any]) -> Any:
     unknown = sorted(set(data["params"]) - names)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {unknown}; accepted: {sorted(names)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["params"].items()})
+    return cls(**{k: _tuples(v) for k, v in data["params"].items()})
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to (nested) tuples, as the frozen configs hold them."""
+    return tuple(_tuples(item) for item in value) if isinstance(value, list) else value

@@ -3,7 +3,7 @@
 ``method`` names the cache (none: ``default_cache_config``'s); the other keys are that config's
 fields. Two methods calibrate on the recipe's prompts first: ``"calibrated"`` searches a schedule
 (keys: ``budget``, ``branch``, ``forecast``, ``forecast_target``, ``search``, ``max_passes``,
-``max_candidates``, ``resample``) and ``"teacache"`` fits its rescaling polynomial when no
+``max_candidates``, ``resample``, ``search_blocks``) and ``"teacache"`` fits its rescaling polynomial when no
 ``coefficients`` are given (key ``degree``, default 4).
 """
 
@@ -22,7 +22,7 @@ STATIC_METHODS: dict[str, type] = {
     "teacache": TeaCacheConfig, "delta": DeltaCacheConfig, "encoder_propagation": EncoderPropagationConfig,
 }
 CALIBRATED_KEYS = ("budget", "branch", "forecast", "forecast_target", "search", "max_passes", "max_candidates",
-                   "resample")
+                   "resample", "search_blocks")
 CACHE_METHODS = (*STATIC_METHODS, "calibrated")
 
 

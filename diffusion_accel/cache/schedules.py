@@ -61,11 +61,11 @@ def resample_full_steps(full_steps: tuple[int, ...], source_steps: int, target_s
     chosen: set[int] = set()
     for i in range(wanted):
         position = float(np.interp(i * (len(fractions) - 1) / max(wanted - 1, 1), range(len(fractions)), fractions))
-        chosen.add(_nearest_free(round(position * (target_steps - 1)), chosen, target_steps))
+        chosen.add(nearest_free(round(position * (target_steps - 1)), chosen, target_steps))
     return sorted(chosen)
 
 
-def _nearest_free(step: int, taken: set[int], num_steps: int) -> int:
+def nearest_free(step: int, taken: set[int], num_steps: int) -> int:
     """``step`` if free, else the closest free step in [0, num_steps) (later one first on ties)."""
     for distance in range(num_steps):
         for candidate in (step + distance, step - distance):

@@ -29,7 +29,8 @@ TRACKER_CLIENT = CACHE_CLIENT
 
 @dataclass
 class StepRecord:
-    """What one denoiser call did: blocks computed vs reused, and the policy's signal change."""
+    """What one denoiser call did: blocks computed vs reused, the policy's signal change, and a partial step's
+    level (a reuse step recomputing part of the cached blocks; None otherwise)."""
 
     step: int
     context: str
@@ -37,6 +38,7 @@ class StepRecord:
     computed_blocks: int
     reused_blocks: int
     signal_change: float | None = None
+    partial: int | None = None
 
 
 class _CallLog(threading.local):
@@ -75,10 +77,12 @@ class StepDecision:
         self.full_step: int | None = None  # the last two steps that computed, for forecasts
         self.previous_full_step: int | None = None
         self.forecast_scale: torch.Tensor | None = None  # on reuse steps (see forecast.forecast_scale)
+        self.partial: int | None = None  # a reuse step's level when it recomputes part of the cached blocks
 
-    def update(self, step: int, compute: bool) -> None:
-        """Record ``compute`` for ``step`` and, on a reuse step, its forecast scale."""
-        self.step, self.compute = step, compute
+    def update(self, step: int, compute: bool, partial: int | None = None) -> None:
+        """Record ``compute`` (and a reuse step's ``partial`` level) for ``step`` and, on a reuse step, its
+        forecast scale."""
+        self.step, self.compute, self.partial = step, compute, None if compute else partial
         if compute:
             self.previous_full_step, self.full_step = self.full_step, step
         self.forecast_scale = None if compute else forecast_scale(step, self.full_step, self.previous_full_step)
@@ -101,6 +105,7 @@ class CacheSession:
     cached_blocks: tuple[str, ...] = ()
     total_blocks: int = 0
     reuse_size: int | None = None  # blocks bypassed per reuse step when fewer than cached_blocks (Δ-DiT)
+    partial_reused: dict[int, int] = field(default_factory=dict)  # blocks a partial step of each level reuses
     hooked: list[nn.Module] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
     log: _CallLog = field(default_factory=_CallLog)
@@ -131,6 +136,11 @@ class CacheSession:
         decision = state.get("decision")
         return True if decision is None else decision.compute
 
+    def partial(self, state: dict[str, Any]) -> int | None:
+        """This reuse step's partial level (None: the whole cached part is reused, or the step computes)."""
+        decision = state.get("decision")
+        return None if decision is None else decision.partial
+
     def forecast_scale(self, state: dict[str, Any]) -> torch.Tensor | None:
         """This reuse step's forecast scale (None: reuse the last full step's value as it is)."""
         decision = state.get("decision")
@@ -146,16 +156,25 @@ class CacheSession:
         state, step = self.state(), self.tracker.step_index
         decision = state.setdefault("decision", StepDecision())
         if decision.step != step:
-            compute = self.policy.should_compute(step, self.tracker.num_inference_steps, state, signal)
-            decision.update(step, compute or not state.get("ready", False))
-            self._record(step, decision.compute, state.get("signal_change"))
+            num_steps = self.tracker.num_inference_steps
+            compute = self.policy.should_compute(step, num_steps, state, signal) or not state.get("ready", False)
+            decision.update(step, compute, None if compute else self._partial_level(step, num_steps, state))
+            self._record(step, decision.compute, state.get("signal_change"), decision.partial)
         return decision.compute
 
-    def _record(self, step: int, compute: bool, change: float | None) -> None:
+    def _partial_level(self, step: int, num_steps: int | None, state: dict[str, Any]) -> int | None:
+        """The policy's partial level for this reuse step, if the last full step recorded what it reuses
+        (``state["partial_levels"]``); else None, a whole reuse."""
+        level_of = getattr(self.policy, "partial_level", None)
+        level = None if level_of is None else level_of(step, num_steps)
+        return level if level is not None and level in state.get("partial_levels", ()) else None
+
+    def _record(self, step: int, compute: bool, change: float | None, partial: int | None = None) -> None:
         self.start_records_if_fresh()
-        reused = 0 if compute else (self.reuse_size or len(self.cached_blocks))
+        reused = 0 if compute else self.partial_reused[partial] if partial is not None else (
+            self.reuse_size or len(self.cached_blocks))
         self.records.append(StepRecord(step, self.tracker.context, compute,
-                                       self.total_blocks - reused, reused, change))
+                                       self.total_blocks - reused, reused, change, partial))
 
     def on_reset(self) -> None:
         """The tracker reset (a new call, or diffusers resetting hooks after one): the next record

@@ -36,11 +36,15 @@ def stack_blocks(pipe: Any) -> list[str]:
 
 
 class StackBlockHook(ModelHook):
-    """One cached block: ``first`` records the stack input, ``last`` the residual; others pass through."""
+    """Cached block ``index``: block 0 (``first``) records the stack input, the ``last`` the residual; others
+    pass through. A block whose index is in ``splits`` also records its input on full steps, so that a
+    partial step of that level (blocks before it run) can add the delta of the blocks from it on."""
 
-    def __init__(self, session: CacheSession, key: str, io: BlockIO, first: bool, last: bool) -> None:
+    def __init__(self, session: CacheSession, key: str, io: BlockIO, index: int, last: bool,
+                 splits: frozenset[int] = frozenset()) -> None:
         super().__init__()
-        self.session, self.key, self.io, self.first, self.last = session, key, io, first, last
+        self.session, self.key, self.io, self.index, self.last = session, key, io, index, last
+        self.first, self.splits = index == 0, splits
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         session = self.session
@@ -51,19 +55,24 @@ class StackBlockHook(ModelHook):
         inputs = self.io.inputs(args, kwargs)
         if compute:
             return self._compute(state, inputs, args, kwargs)
-        return self.io.build(state["templates"][self.key], self._reuse(state, inputs))
+        level = session.partial(state)
+        if level is not None and self.index < level:  # a partial step runs the blocks before its level
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return self.io.build(state["templates"][self.key], self._reuse(state, inputs, level))
 
-    def _reuse(self, state: dict, inputs: dict) -> dict:
-        """Pass the inputs through; the last block returns this step's stack input + the residual.
+    def _reuse(self, state: dict, inputs: dict, level: int | None = None) -> dict:
+        """Pass the inputs through; the last block returns the input of the first bypassed block (block 0,
+        or a partial step's ``level``) + the residual of the bypassed blocks.
 
-        The stack input is the one the first bypassed block received: anything the denoiser's own loop
+        That input is the one the first bypassed block received: anything the denoiser's own loop
         adds between blocks (ControlNet residuals) was part of the cached residual already, so adding the
         residual to the last block's input would count it twice."""
-        if self.first:
+        if self.index == (level or 0):
             state["reuse_input"] = inputs
         if not self.last:
             return inputs
-        return add_streams(state.pop("reuse_input", inputs), self._residual(state))
+        residual = self._residual(state) if level is None else self._suffix_delta(state, level)
+        return add_streams(state.pop("reuse_input", inputs), residual)
 
     def _residual(self, state: dict) -> dict:
         """The residual to add on a reuse step: the cached one, or its linear forecast."""
@@ -71,22 +80,40 @@ class StackBlockHook(ModelHook):
             return state["residual"]
         return forecast_residual(state, self.session.forecast_scale(state))
 
+    def _suffix_delta(self, state: dict, level: int) -> dict:
+        """The delta of blocks ``level`` onwards from the last full step (or its linear forecast)."""
+        if not getattr(self.session.config, "forecast", 0):
+            return state["suffix"][level]
+        previous = state.get("previous_suffix", {}).get(level)
+        return linear_forecast(state["suffix"][level], previous, self.session.forecast_scale(state))
+
     def _compute(self, state: dict, inputs: dict, args: tuple, kwargs: dict) -> Any:
         if self.first:
             state["stack_input"] = inputs
+        if self.index in self.splits:
+            state.setdefault("split_inputs", {})[self.index] = inputs
         output = self.fn_ref.original_forward(*args, **kwargs)
         state.setdefault("templates", {})[self.key] = self.io.template(output)
         if self.last:
-            stack_input = state.pop("stack_input", None)
+            stack_input, split_inputs = state.pop("stack_input", None), state.pop("split_inputs", {})
             if stack_input is None:  # the first cached block did not run (SD3's skip-layer guidance pass): no
                 return output        # residual to record, and with no decision made every block computes
-            residual = sub_streams(self.io.outputs(output), stack_input)
+            outputs = self.io.outputs(output)
+            residual = sub_streams(outputs, stack_input)
             if self.session.record_residuals:
                 self._note_residual_change(state, residual["hidden"])
             if getattr(self.session.config, "forecast", 0):  # keep the one before only when forecasting
                 state["previous_residual"] = state.get("residual")
+                state["previous_suffix"] = state.get("suffix", {})
             state["residual"], state["ready"] = detached(residual), True
+            if self.splits:
+                self._record_suffixes(state, outputs, split_inputs)
         return output
+
+    def _record_suffixes(self, state: dict, outputs: dict, split_inputs: dict) -> None:
+        """Deltas (stack output minus block input) of the split blocks that ran; their levels may be partial."""
+        state["suffix"] = {level: detached(sub_streams(outputs, inputs)) for level, inputs in split_inputs.items()}
+        state["partial_levels"] = frozenset(state["suffix"])
 
     def _note_residual_change(self, state: dict, residual: torch.Tensor | None) -> None:
         previous = state.get("residual", {}).get("hidden")
@@ -139,6 +166,11 @@ class HeadBlockHook(ModelHook):
         return self.io.outputs(output)["hidden"] - hidden_in
 
 
+def partial_levels(config: Any) -> list[int]:
+    """The partial-step levels a config uses (a calibrated schedule's; none for the other methods)."""
+    return sorted({level for _, level in getattr(config, "partial_steps", ())})
+
+
 def check_stack(pipe: Any, uses_head: bool) -> list[str]:
     """Validate that the block stack can be cached (known block outputs, enough blocks)."""
     names = stack_blocks(pipe)
@@ -151,7 +183,8 @@ def check_stack(pipe: Any, uses_head: bool) -> list[str]:
 
 
 def install_stack_cache(session: CacheSession, pipe: Any) -> None:
-    """Hook the block stack for ``session.policy`` (with a computed head block if it uses one)."""
+    """Hook the block stack for ``session.policy`` (with a computed head block if it uses one; a calibrated
+    schedule's partial levels split it)."""
     names = check_stack(pipe, session.policy.uses_head)
     adapter = get_adapter(pipe)
     modules = [session.denoiser.get_submodule(name) for name in names]
@@ -163,8 +196,10 @@ def install_stack_cache(session: CacheSession, pipe: Any) -> None:
         if session.policy.signal == "modulated":
             _capture_modulation(session, modules[0], adapter.block_streams(names[0]))
     offset = len(names) - len(cached)
+    splits = frozenset(partial_levels(session.config))
+    session.partial_reused = {level: len(cached) - level for level in splits}
     for index, name in enumerate(cached):
-        hook = StackBlockHook(session, name, ios[offset + index], first=index == 0, last=index == len(cached) - 1)
+        hook = StackBlockHook(session, name, ios[offset + index], index, index == len(cached) - 1, splits)
         session.hook(modules[offset + index], hook)
     final = output_layer(pipe, session.config)
     if final is not None:

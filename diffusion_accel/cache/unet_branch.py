@@ -39,10 +39,12 @@ class CachedOutputHook(ModelHook):
     pile up in the stored tensors, one more per reuse step.
     """
 
-    def __init__(self, session: CacheSession, key: str, forecasts: bool = False, snapshot: bool = False) -> None:
+    def __init__(self, session: CacheSession, key: str, forecasts: bool = False, snapshot: bool = False,
+                 reused_levels: frozenset[int] = frozenset(), forecast_levels: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.session, self.key, self.forecasts = session, key, forecasts
         self.snapshot = snapshot
+        self.reused_levels, self.forecast_levels = reused_levels, forecast_levels
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         session = self.session
@@ -51,9 +53,14 @@ class CachedOutputHook(ModelHook):
         state = session.state()
         outputs = state.setdefault("outputs", {})
         compute = session.compute(state)
-        forecast = self.forecasts and getattr(session.config, "forecast", 0)
+        level = None if compute else session.partial(state)
+        if level is not None and level not in self.reused_levels:  # a partial step recomputes this module;
+            return self.fn_ref.original_forward(*args, **kwargs)   # its store keeps the last full step's output
+        enabled = getattr(session.config, "forecast", 0)
+        forecast = enabled and (self.forecasts if level is None else level in self.forecast_levels)
         if compute or self.key not in outputs:
-            if forecast:  # keep the one before (None at first: the state keeps one layout, one graph fewer)
+            if enabled and (self.forecasts or self.forecast_levels):  # keep the one before (None at first: the
+                # state keeps one layout, one graph fewer)
                 state.setdefault("previous_outputs", {})[self.key] = outputs.get(self.key)
             output = self.fn_ref.original_forward(*args, **kwargs)
             kept = detached(output)
@@ -95,27 +102,39 @@ def branch_point(pipe: Any, branch: int) -> CachePoint:
     return points[branch]
 
 
-def install_branch_cache(session: CacheSession, point: CachePoint) -> None:
-    """Hook every module the branch's cache replaces."""
+def install_branch_cache(session: CacheSession, point: CachePoint,
+                         partial_points: dict[int, CachePoint] | None = None) -> None:
+    """Hook every module the branch's cache replaces. ``partial_points``: the deeper branches partial steps
+    reuse, by level (their modules are among the branch's; a module reused at a level whose last module it is
+    feeds the shallow path there, so it forecasts on those steps)."""
     adapter = get_adapter(session.denoiser)
+    partial_points = partial_points or {}
     session.cached_blocks = point.blocks
     session.total_blocks = len(adapter.blocks())
-    state_ready = ModelHookReady(session)
+    session.partial_reused = {level: len(deeper.blocks) for level, deeper in partial_points.items()}
+    state_ready = ModelHookReady(session, frozenset(partial_points))
     last = len(point.blocks) - 1  # its output feeds point.up, the only live consumer on reuse steps
     for index, name in enumerate(point.blocks):
-        hook = CachedOutputHook(session, name, forecasts=index == last)
+        reused = frozenset(level for level, deeper in partial_points.items() if name in deeper.blocks)
+        feeding = frozenset(level for level, deeper in partial_points.items() if name == deeper.blocks[-1])
+        hook = CachedOutputHook(session, name, forecasts=index == last, reused_levels=reused,
+                                forecast_levels=feeding)
         session.hook(session.denoiser.get_submodule(name), hook)
     session.hook(session.denoiser.get_submodule(point.up), state_ready)
 
 
 class ModelHookReady(ModelHook):
-    """On the branch's consumer resnet: after a full step the cache is complete (reuse allowed)."""
+    """On the branch's consumer resnet: after a full step the cache is complete (reuse allowed, and partial
+    steps of ``partial_levels``)."""
 
-    def __init__(self, session: CacheSession) -> None:
+    def __init__(self, session: CacheSession, partial_levels: frozenset[int] = frozenset()) -> None:
         super().__init__()
-        self.session = session
+        self.session, self.partial_levels = session, partial_levels
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         if self.session.active():
-            self.session.state()["ready"] = True
+            state = self.session.state()
+            state["ready"] = True
+            if self.partial_levels and self.session.compute(state):
+                state["partial_levels"] = self.partial_levels
         return output

@@ -1,0 +1,188 @@
+"""Which blocks recompute: calibrated cache schedules with partial steps vs steps only, at the same budget.
+
+    python benchmarks/cache_blocks.py [--models fashion-flux fashion-sd] [--held-out 20] [--threads 1]
+
+For each zoo model and setting, ``calibrate_schedule`` searches twice on the same calibration prompts and
+seed (the ones cache_flux.py / cache_sd.py calibrate on): full and reuse steps only, and with partial steps
+(``search_blocks=True``: reuse steps that run the leading transformer blocks, or a deeper UNet branch).
+Per schedule: relative L2 error of the final latents vs uncached on the calibration prompts and on held-out
+prompts (other prompts, seed 555), PSNR of the decoded held-out images vs uncached, denoiser FLOPs of one
+pipeline call as a fraction of uncached (counted, so partial steps are priced by what they run), the
+whole-pipeline speed-up over uncached (timed round-robin, median), and the search's wall time.
+The report is rewritten after every schedule and a rerun skips the settings it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from cli_options import COUNT, NONNEGATIVE, RESULTS, script_parser
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cache_flux as cf  # noqa: E402
+from zoo_harness import time_variants  # noqa: E402
+from zoo_quality import DEFAULTS, prompts_for  # noqa: E402
+
+from diffusion_accel import zoo  # noqa: E402
+from diffusion_accel.cache import calibrate_schedule, enable_cache  # noqa: E402
+from diffusion_accel.cache.configs import config_to_dict  # noqa: E402
+from diffusion_accel.cache.runs import final_outputs, planned_calls, relative_error  # noqa: E402
+from diffusion_accel.eval.cost import denoiser_flops  # noqa: E402
+from diffusion_accel.eval.machine import machine_info, machine_summary  # noqa: E402
+
+HELD_OUT_SEED = 555
+SD_CALIBRATION_SEED = 1000  # cache_sd.py's
+# model -> settings: label -> calibrate_schedule options (budget as full steps of the model's step count)
+SETTINGS = {
+    "fashion-flux": {"residual-10of28": {"full": 10, "forecast": 0},
+                     "output-forecast-10of28": {"full": 10, "forecast": 1, "forecast_target": "output"}},
+    "fashion-sd": {"forecast-10of50": {"full": 10, "forecast": 1, "max_candidates": 12},
+                   "reuse-10of50": {"full": 10, "forecast": 0, "max_candidates": 12}},
+}
+
+
+def model_calls(model: str, pipe: Any, held_out: int) -> tuple[list[str], dict, dict[str, list]]:
+    """(calibration prompts, extra call kwargs, planned calls by set) as the model's cache benchmark uses."""
+    steps = DEFAULTS[model]["num_inference_steps"]
+    if model == "fashion-flux":
+        calib, kwargs, seed = cf.calibration_prompts(4), cf.calib_call_kwargs(pipe), cf.CALIB_SEED
+        extra = [p for p in cf.calibration_prompts(4 + held_out) if p not in calib][:held_out]
+    else:
+        calib, seed = prompts_for(8, SD_CALIBRATION_SEED)[0], SD_CALIBRATION_SEED
+        kwargs = {"guidance_scale": DEFAULTS[model]["guidance_scale"], "height": 32, "width": 32}
+        extra = prompts_for(held_out, HELD_OUT_SEED)[0]
+        random.Random(HELD_OUT_SEED).shuffle(extra)
+    calls = {"calibration": planned_calls(pipe, calib, steps, seed=seed, **kwargs),
+             "held_out": planned_calls(pipe, extra, steps, seed=HELD_OUT_SEED, **kwargs),
+             "held_out_images": planned_calls(pipe, extra, steps, seed=HELD_OUT_SEED, **kwargs | {"output_type": "pt"})}
+    return calib, {"seed": seed, **kwargs}, calls
+
+
+def psnr(images: list[torch.Tensor], references: list[torch.Tensor]) -> float:
+    """Mean PSNR (dB) of [0, 1] images vs references, per image."""
+    values = []
+    for batch, reference in zip(images, references):
+        for image, target in zip(batch, reference):
+            mse = float(((image - target) ** 2).mean())
+            values.append(float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item())
+    return sum(values) / len(values)
+
+
+def flops_of_one_call(pipe: Any, call: Any) -> int:
+    """Denoiser FLOPs of one planned call."""
+    kwargs = call.kwargs | {"generator": torch.Generator().manual_seed(call.seed)}
+    return denoiser_flops(pipe, kwargs).total
+
+
+def measure_schedule(model: str, options: dict, search_blocks: bool, context: dict) -> dict:
+    """Calibrate one schedule and measure it (see the module doc)."""
+    pipe = zoo.load(model)
+    pipe.set_progress_bar_config(disable=True)
+    steps = DEFAULTS[model]["num_inference_steps"]
+    options = dict(options)
+    full = options.pop("full")
+    start = time.perf_counter()
+    config = calibrate_schedule(pipe, context["calib"], budget=full / steps, num_inference_steps=steps,
+                                max_passes=2, search_blocks=search_blocks, **options, **context["kwargs"])
+    search_s = time.perf_counter() - start
+    enable_cache(pipe, config)
+    errors = {name: relative_error(final_outputs(pipe, context["calls"][name]), context["references"][name])
+              for name in ("calibration", "held_out")}
+    images = final_outputs(pipe, context["calls"]["held_out_images"])
+    return {"config": config_to_dict(config), "full_steps": list(config.full_steps),
+            "partial_steps": [list(pair) for pair in config.partial_steps], "search_s": round(search_s, 1),
+            "error_calibration": errors["calibration"], "error_held_out": errors["held_out"],
+            "psnr_held_out": psnr(images, context["references"]["held_out_images"]),
+            "flops_fraction": flops_of_one_call(pipe, context["calls"]["held_out"][0]) / context["base_flops"]}
+
+
+def model_context(model: str, held_out: int) -> dict:
+    """Calls, uncached references and uncached FLOPs of ``model``."""
+    pipe = zoo.load(model)
+    pipe.set_progress_bar_config(disable=True)
+    calib, kwargs, calls = model_calls(model, pipe, held_out)
+    seed = kwargs.pop("seed")
+    return {"calib": calib, "kwargs": {"seed": seed, **kwargs}, "calls": calls,
+            "references": {name: final_outputs(pipe, c) for name, c in calls.items()},
+            "base_flops": flops_of_one_call(pipe, calls["held_out"][0])}
+
+
+def timing(model: str, rows: dict, repeats: int) -> dict:
+    """Whole-pipeline speed-up of every schedule over the uncached pipeline, timed round-robin."""
+    from diffusion_accel.cache.configs import config_from_dict
+
+    pipes = {"uncached": zoo.load(model)}
+    for label, row in rows.items():
+        pipes[label] = enable_cache(zoo.load(model), config_from_dict(row["config"]))
+    return time_variants(pipes, dict(DEFAULTS[model]), prompts_for(4, 7)[0], repeats=repeats)
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Calibrated cache schedules: partial steps (which blocks recompute) vs steps only", "",
+             f"Machine: {machine_summary(report['machine'])}. Same budget, prompts and seeds per pair; "
+             "error = relative L2 of the final latents vs uncached (calibration prompts the search saw / "
+             f"{report['held_out']} held-out prompts, seed {HELD_OUT_SEED}); PSNR of held-out decoded images vs "
+             "uncached; FLOPs = denoiser FLOPs of one call vs uncached (counted); speed-up = whole pipeline vs "
+             "uncached, median of timed calls.", "",
+             "| model | setting | search | full steps | partial steps (step:level) | FLOPs | error calib | "
+             "error held-out | PSNR held-out (dB) | speed-up | search (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for model, settings in report["models"].items():
+        for setting, pair in settings.items():
+            for search, row in pair.items():
+                if not isinstance(row, dict) or "full_steps" not in row:
+                    continue
+                partial = " ".join(f"{step}:{level}" for step, level in row["partial_steps"]) or "-"
+                speed = pair.get("timing", {}).get(search, {}).get("speedup")
+                lines.append(f"| {model} | {setting} | {search} | {len(row['full_steps'])} | {partial} | "
+                             f"{row['flops_fraction']:.3f} | {row['error_calibration']:.4f} | "
+                             f"{row['error_held_out']:.4f} | {row['psnr_held_out']:.2f} | "
+                             f"{'' if speed is None else f'{speed:.2f}×'} | {row['search_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = script_parser(__doc__, RESULTS / "cache_blocks.json")
+    parser.add_argument("--models", nargs="+", choices=tuple(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--held-out", type=COUNT, default=20, help="held-out prompts")
+    parser.add_argument("--timing-repeats", type=NONNEGATIVE, default=5,
+                        help="timed calls per variant (median); 0: no timing (FLOPs only)")
+    parser.add_argument("--threads", type=COUNT, default=1, help="torch threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    report = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    report.update({"command": "python benchmarks/cache_blocks.py " + " ".join(argv or sys.argv[1:]),
+                   "machine": machine_info(), "held_out": args.held_out})
+    models = report.setdefault("models", {})
+    for model in args.models:
+        context = None
+        for setting, options in SETTINGS[model].items():
+            pair = models.setdefault(model, {}).setdefault(setting, {})
+            for search, blocks in (("steps", False), ("steps+blocks", True)):
+                if search in pair:
+                    continue
+                context = context or model_context(model, args.held_out)
+                pair[search] = measure_schedule(model, options, blocks, context)
+                row = pair[search]
+                print(f"{model} {setting} {search}: {row['full_steps']} partial {row['partial_steps']} "
+                      f"held-out {row['error_held_out']:.4f}", flush=True)
+                write(report, args.out)
+            if "timing" not in pair and args.timing_repeats:
+                pair["timing"] = timing(model, {s: pair[s] for s in ("steps", "steps+blocks")}, args.timing_repeats)
+                write(report, args.out)
+    return report
+
+
+def write(report: dict, path: Path) -> None:
+    path.write_text(json.dumps(report, indent=1))
+    path.with_suffix(".md").write_text(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

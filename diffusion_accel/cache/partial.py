@@ -1,0 +1,140 @@
+"""Partial steps of a calibrated schedule: reuse steps that recompute part of the cached blocks.
+
+A partial step's *level* says which part: for a transformer's block stack, the number of leading
+blocks that run (the others add their delta from the last full step, as in Δ-DiT's rear span); for
+a UNet, a DeepCache branch deeper than the schedule's own, whose deep path alone is reused. This
+module checks levels against the model, maps a schedule's partial steps onto a call's steps, and
+measures what each level costs (its share of the cached blocks' FLOPs), which the schedule search
+spends its budget on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..arch import get_adapter
+from ..arch.base import CachePoint
+from .schedules import nearest_free
+
+
+def is_unet(pipe: Any) -> bool:
+    """True when the denoiser caches DeepCache skip branches (a UNet), False for a block stack."""
+    return any(point.kind == "skip_branch" for point in get_adapter(pipe).cache_points())
+
+
+def level_range(pipe: Any, branch: int) -> range:
+    """The partial levels ``pipe``'s denoiser accepts: UNets the branches deeper than ``branch``,
+    transformers 1 .. blocks - 1 (leading blocks run)."""
+    points = get_adapter(pipe).cache_points()
+    if is_unet(pipe):
+        return range(branch + 1, sum(point.kind == "skip_branch" for point in points))
+    blocks = sum(len(point.blocks) for point in points if point.kind == "block_stack")
+    return range(1, blocks)
+
+
+def check_levels(pipe: Any, config: Any) -> None:
+    """ValueError naming a partial level of ``config`` outside :func:`level_range` (before any hook)."""
+    accepted = level_range(pipe, config.branch)
+    for step, level in config.partial_steps:
+        if level not in accepted:
+            meaning = ("a UNet partial step reuses a deeper DeepCache branch than branch="
+                       f"{config.branch}" if is_unet(pipe) else "a transformer partial step runs that many "
+                       "leading blocks of the stack")
+            raise ValueError(f"partial step {step} has level {level}; {meaning}: accepted levels here are "
+                             f"{_range_text(accepted)}")
+
+
+def _range_text(levels: range) -> str:
+    return f"{levels.start}..{levels.stop - 1}" if len(levels) else "none (no deeper branch or too few blocks)"
+
+
+def deeper_points(pipe: Any, levels: Sequence[int]) -> dict[int, CachePoint]:
+    """UNet cache points of the partial ``levels`` (deeper branches), by level."""
+    points = [point for point in get_adapter(pipe).cache_points() if point.kind == "skip_branch"]
+    return {level: points[level] for level in levels}
+
+
+def partial_steps_for_call(config: Any, full_steps: Sequence[int], num_steps: int,
+                           timesteps: Sequence[float] | None = None) -> dict[int, int]:
+    """``config.partial_steps`` for a call of ``num_steps`` whose full steps are ``full_steps``: {step: level}.
+    Each goes to the free step nearest its noise level (when both schedules' ``timesteps`` are known and as
+    long), else nearest its relative position; a call of the calibrated schedule keeps them as they are."""
+    taken, plan = set(full_steps), {}
+    calibrated = scaled_timesteps(config.timesteps) if timesteps is not None and config.timesteps is not None else None
+    current = scaled_timesteps(timesteps) if calibrated is not None else None
+    for step, level in config.partial_steps:
+        if current is not None:
+            free = [index for index in range(num_steps) if index not in taken]
+            if not free:
+                break
+            target = min(free, key=lambda index: (abs(current[index] - calibrated[step]), abs(index - step)))
+        else:
+            position = round(step * (num_steps - 1) / max(config.num_inference_steps - 1, 1))
+            target = nearest_free(position, taken, num_steps)
+            if target in taken:
+                break
+        taken.add(target)
+        plan[target] = level
+    return plan
+
+
+def scaled_timesteps(timesteps: Sequence[float]) -> list[float]:
+    """``timesteps`` scaled to [0, 1] by their own minimum and maximum (all 0 for a constant schedule): a
+    schedule's noise levels, comparable across schedules."""
+    values = [float(value) for value in timesteps]
+    low, span = min(values), max(values) - min(values)
+    return [(value - low) / span if span > 0 else 0.0 for value in values]
+
+
+def level_costs(pipe: Any, branch: int, levels: Sequence[int], run: Any) -> dict[int, float]:
+    """What a partial step of each level computes, as a fraction of the FLOPs of the blocks a whole reuse
+    step skips (branch ``branch``'s deep path; a transformer's stack), counted during ``run()`` (one
+    calibration call, uncached)."""
+    adapter = get_adapter(pipe)
+    if is_unet(pipe):
+        points = [point for point in adapter.cache_points() if point.kind == "skip_branch"]
+        cached, reused = points[branch].blocks, {level: set(points[level].blocks) for level in levels}
+    else:
+        cached = [name for point in adapter.cache_points() if point.kind == "block_stack" for name in point.blocks]
+        reused = {level: set(cached[level:]) for level in levels}
+    flops = module_flops(adapter.denoiser, cached, run)
+    total = max(sum(flops.values()), 1)
+    return {level: sum(flops[name] for name in cached if name not in reused[level]) / total for level in levels}
+
+
+def module_flops(denoiser: torch.nn.Module, names: Sequence[str], run: Any) -> dict[str, int]:
+    """FLOPs each named submodule of ``denoiser`` ran during ``run()`` (a counting mode per module call)."""
+    flops = dict.fromkeys(names, 0)
+    handles = []
+    for name in names:
+        counter = _ModuleCounter(flops, name)
+        module = denoiser.get_submodule(name)
+        handles += [module.register_forward_pre_hook(counter.start), module.register_forward_hook(counter.stop)]
+    try:
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return flops
+
+
+class _ModuleCounter:
+    """Forward hooks adding one module's FLOPs per call to ``flops[name]``."""
+
+    def __init__(self, flops: dict[str, int], name: str) -> None:
+        self.flops, self.name, self.mode = flops, name, None
+
+    def start(self, module: torch.nn.Module, args: Any) -> None:
+        self.mode = FlopCounterMode(display=False)
+        self.mode.__enter__()
+
+    def stop(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.flops[self.name] += int(self.mode.get_total_flops())
+            self.mode = None
