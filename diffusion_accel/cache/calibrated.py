@@ -110,8 +110,9 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
             return seen[key]
 
         chosen, partial = _search(error, count, target, search, max_candidates, max_passes), {}
-        if search_blocks:
-            costs = level_costs(pipe, branch, candidate_levels(pipe, branch), lambda: final_outputs(pipe, calls[:1]))
+        levels = candidate_levels(pipe, branch) if search_blocks else []
+        if levels:  # none: a one-block stack, a UNet cached at its deepest branch
+            costs = level_costs(pipe, branch, levels, lambda: final_outputs(pipe, calls[:1]))
             chosen, partial = search_partial_steps(error, count, chosen, costs, budget * count - target,
                                                    max_passes, max_candidates)
     return _with_steps(probe, _steps_at(ran, chosen), _partial_at(ran, partial))
