@@ -3,7 +3,8 @@
     python benchmarks/cache_blocks.py [--models fashion-flux fashion-sd] [--held-out 20] [--threads 1]
 
 For each zoo model and setting, ``calibrate_schedule`` searches twice on the same calibration prompts and
-seed (the ones cache_flux.py / cache_sd.py calibrate on): full and reuse steps only, and with partial steps
+seed (the ones cache_flux.py / cache_sd.py calibrate on; fashion-sd's 8 share one call, as in the README's
+``calibrate --batch-size 8`` example): full and reuse steps only, and with partial steps
 (``search_blocks=True``: reuse steps that run the leading transformer blocks, or a deeper UNet branch).
 Per schedule: relative L2 error of the final latents vs uncached on the calibration prompts and on held-out
 prompts (other prompts, seed 555), PSNR of the decoded held-out images vs uncached, denoiser FLOPs of one
@@ -45,6 +46,7 @@ SETTINGS = {
     "fashion-sd": {"forecast-10of50": {"full": 10, "forecast": 1, "max_candidates": 12},
                    "reuse-10of50": {"full": 10, "forecast": 0, "max_candidates": 12}},
 }
+CALIBRATION_BATCH = {"fashion-flux": 1, "fashion-sd": 8}  # prompts per search call (8: the README's CLI example)
 
 
 def model_calls(model: str, pipe: Any, held_out: int) -> tuple[list[str], dict, dict[str, list]]:
@@ -58,7 +60,7 @@ def model_calls(model: str, pipe: Any, held_out: int) -> tuple[list[str], dict, 
         kwargs = {"guidance_scale": DEFAULTS[model]["guidance_scale"], "height": 32, "width": 32}
         extra = prompts_for(held_out, HELD_OUT_SEED)[0]
         random.Random(HELD_OUT_SEED).shuffle(extra)
-    calls = {"calibration": planned_calls(pipe, calib, steps, seed=seed, **kwargs),
+    calls = {"calibration": planned_calls(pipe, calib, steps, seed=seed, batch_size=CALIBRATION_BATCH[model], **kwargs),
              "held_out": planned_calls(pipe, extra, steps, seed=HELD_OUT_SEED, **kwargs),
              "held_out_images": planned_calls(pipe, extra, steps, seed=HELD_OUT_SEED, **kwargs | {"output_type": "pt"})}
     return calib, {"seed": seed, **kwargs}, calls
@@ -89,7 +91,8 @@ def measure_schedule(model: str, options: dict, search_blocks: bool, context: di
     full = options.pop("full")
     start = time.perf_counter()
     config = calibrate_schedule(pipe, context["calib"], budget=full / steps, num_inference_steps=steps,
-                                max_passes=2, search_blocks=search_blocks, **options, **context["kwargs"])
+                                max_passes=2, search_blocks=search_blocks, batch_size=CALIBRATION_BATCH[model],
+                                **options, **context["kwargs"])
     search_s = time.perf_counter() - start
     enable_cache(pipe, config)
     errors = {name: relative_error(final_outputs(pipe, context["calls"][name]), context["references"][name])
@@ -150,6 +153,7 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = script_parser(__doc__, RESULTS / "cache_blocks.json")
     parser.add_argument("--models", nargs="+", choices=tuple(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=None, help="only these settings (labels of SETTINGS)")
     parser.add_argument("--held-out", type=COUNT, default=20, help="held-out prompts")
     parser.add_argument("--timing-repeats", type=NONNEGATIVE, default=5,
                         help="timed calls per variant (median); 0: no timing (FLOPs only)")
@@ -157,12 +161,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    report.update({"command": "python benchmarks/cache_blocks.py " + " ".join(argv or sys.argv[1:]),
-                   "machine": machine_info(), "held_out": args.held_out})
+    command = "python benchmarks/cache_blocks.py " + " ".join(argv or sys.argv[1:])
+    report.setdefault("commands", []).append(command)  # a rerun resumes (timing, skipped settings)
+    report.update({"command": command, "machine": machine_info(), "held_out": args.held_out})
     models = report.setdefault("models", {})
     for model in args.models:
         context = None
         for setting, options in SETTINGS[model].items():
+            if args.settings and setting not in args.settings:
+                continue
             pair = models.setdefault(model, {}).setdefault(setting, {})
             for search, blocks in (("steps", False), ("steps+blocks", True)):
                 if search in pair:
