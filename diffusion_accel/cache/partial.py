@@ -13,9 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from ..arch import get_adapter
 from ..arch.base import CachePoint
 from .schedules import nearest_free
@@ -101,40 +98,8 @@ def level_costs(pipe: Any, branch: int, levels: Sequence[int], run: Any) -> dict
     else:
         cached = [name for point in adapter.cache_points() if point.kind == "block_stack" for name in point.blocks]
         reused = {level: set(cached[level:]) for level in levels}
+    from ..eval.cost import module_flops  # the eval package loads the metrics; only a block search needs this
+
     flops = module_flops(adapter.denoiser, cached, run)
     total = max(sum(flops.values()), 1)
     return {level: sum(flops[name] for name in cached if name not in reused[level]) / total for level in levels}
-
-
-def module_flops(denoiser: torch.nn.Module, names: Sequence[str], run: Any) -> dict[str, int]:
-    """FLOPs each named submodule of ``denoiser`` ran during ``run()`` (a counting mode per module call)."""
-    flops = dict.fromkeys(names, 0)
-    handles = []
-    for name in names:
-        counter = _ModuleCounter(flops, name)
-        module = denoiser.get_submodule(name)
-        handles += [module.register_forward_pre_hook(counter.start), module.register_forward_hook(counter.stop)]
-    try:
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return flops
-
-
-class _ModuleCounter:
-    """Forward hooks adding one module's FLOPs per call to ``flops[name]``."""
-
-    def __init__(self, flops: dict[str, int], name: str) -> None:
-        self.flops, self.name, self.mode = flops, name, None
-
-    def start(self, module: torch.nn.Module, args: Any) -> None:
-        self.mode = FlopCounterMode(display=False)
-        self.mode.__enter__()
-
-    def stop(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if self.mode is not None:
-            self.mode.__exit__(None, None, None)
-            self.flops[self.name] += int(self.mode.get_total_flops())
-            self.mode = None

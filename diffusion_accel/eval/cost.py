@@ -95,6 +95,19 @@ def denoiser_flops(pipe: Any, call_kwargs: dict[str, Any]) -> FlopStats:
     return stats
 
 
+def module_flops(root: torch.nn.Module, names: Any, run: Callable[[], Any]) -> dict[str, int]:
+    """FLOPs each named submodule of ``root`` ran during ``run()``, summed over its calls (eagerly, as in
+    :func:`denoiser_flops`); the modules must not contain one another."""
+    stats = {name: FlopStats() for name in names}
+    with ModuleHooks() as hooks, torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        for name, module_stats in stats.items():
+            recorder, module = _PerCallFlops(module_stats), root.get_submodule(name)
+            hooks.pre(module, recorder.pre)
+            hooks.post(module, recorder.post)
+        run()
+    return {name: module_stats.total for name, module_stats in stats.items()}
+
+
 @dataclass
 class SizeStats:
     """Parameter count, bytes of all state tensors, and the safetensors file size (None if unknown)."""
