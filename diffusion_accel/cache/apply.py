@@ -19,7 +19,8 @@ from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, 
                       EncoderPropagationConfig, FirstBlockCacheConfig, TeaCacheConfig, config_to_dict)
 from .delta import install_delta_cache
 from .encoder import encoder_point, install_encoder_cache, key_steps
-from .partial import check_levels, deeper_points, is_unet, partial_steps_for_call, scaled_timesteps
+from .partial import (check_levels, deeper_points, is_unet, nearest_noise_level, partial_steps_for_call,
+                      scaled_timesteps)
 from .policies import DeltaPolicy, FirstBlockPolicy, SchedulePolicy, TeaCachePolicy
 from .schedules import nonuniform_full_steps, resample_full_steps, uniform_full_steps
 from .session import CacheSession, drop_empty_registry, end_session, finish_session, get_session, start_session
@@ -186,7 +187,7 @@ def steps_at_noise_levels(config: CalibratedCacheConfig, timesteps: list[float])
     calibrated, current, chosen = scaled_timesteps(config.timesteps), scaled_timesteps(timesteps), {0}
     for step in config.full_steps[1:]:
         free = [index for index in range(len(current)) if index not in chosen]
-        chosen.add(min(free, key=lambda index: (abs(current[index] - calibrated[step]), abs(index - step))))
+        chosen.add(nearest_noise_level(free, current, calibrated[step], step))
     if sorted(chosen) != list(config.full_steps) and not config.resample:
         raise ValueError(f"this cache schedule was calibrated on timesteps {_few(config.timesteps)}; this call's "
                          f"{len(timesteps)} steps run at {_few(timesteps)} (another scheduler, sigmas or spacing, "

@@ -16,21 +16,20 @@ from typing import Any
 from ..arch import get_adapter
 from ..arch.base import CachePoint
 from .schedules import nearest_free
+from .stack import stack_blocks
+from .unet_branch import skip_branches
 
 
 def is_unet(pipe: Any) -> bool:
     """True when the denoiser caches DeepCache skip branches (a UNet), False for a block stack."""
-    return any(point.kind == "skip_branch" for point in get_adapter(pipe).cache_points())
+    return bool(skip_branches(pipe))
 
 
 def level_range(pipe: Any, branch: int) -> range:
     """The partial levels ``pipe``'s denoiser accepts: UNets the branches deeper than ``branch``,
     transformers 1 .. blocks - 1 (leading blocks run)."""
-    points = get_adapter(pipe).cache_points()
-    if is_unet(pipe):
-        return range(branch + 1, sum(point.kind == "skip_branch" for point in points))
-    blocks = sum(len(point.blocks) for point in points if point.kind == "block_stack")
-    return range(1, blocks)
+    branches = skip_branches(pipe)
+    return range(branch + 1, len(branches)) if branches else range(1, len(stack_blocks(pipe)))
 
 
 def check_levels(pipe: Any, config: Any) -> None:
@@ -51,7 +50,7 @@ def _range_text(levels: range) -> str:
 
 def deeper_points(pipe: Any, levels: Sequence[int]) -> dict[int, CachePoint]:
     """UNet cache points of the partial ``levels`` (deeper branches), by level."""
-    points = [point for point in get_adapter(pipe).cache_points() if point.kind == "skip_branch"]
+    points = skip_branches(pipe)
     return {level: points[level] for level in levels}
 
 
@@ -68,7 +67,7 @@ def partial_steps_for_call(config: Any, full_steps: Sequence[int], num_steps: in
             free = [index for index in range(num_steps) if index not in taken]
             if not free:
                 break
-            target = min(free, key=lambda index: (abs(current[index] - calibrated[step]), abs(index - step)))
+            target = nearest_noise_level(free, current, calibrated[step], step)
         else:
             position = round(step * (num_steps - 1) / max(config.num_inference_steps - 1, 1))
             target = nearest_free(position, taken, num_steps)
@@ -77,6 +76,12 @@ def partial_steps_for_call(config: Any, full_steps: Sequence[int], num_steps: in
         taken.add(target)
         plan[target] = level
     return plan
+
+
+def nearest_noise_level(free: Sequence[int], levels: Sequence[float], wanted: float, step: int) -> int:
+    """The position among ``free`` whose scaled noise level (``levels``) is nearest ``wanted``, the one nearest
+    ``step`` on ties."""
+    return min(free, key=lambda index: (abs(levels[index] - wanted), abs(index - step)))
 
 
 def scaled_timesteps(timesteps: Sequence[float]) -> list[float]:
@@ -91,15 +96,14 @@ def level_costs(pipe: Any, branch: int, levels: Sequence[int], run: Any) -> dict
     """What a partial step of each level computes, as a fraction of the FLOPs of the blocks a whole reuse
     step skips (branch ``branch``'s deep path; a transformer's stack), counted during ``run()`` (one
     calibration call, uncached)."""
-    adapter = get_adapter(pipe)
-    if is_unet(pipe):
-        points = [point for point in adapter.cache_points() if point.kind == "skip_branch"]
-        cached, reused = points[branch].blocks, {level: set(points[level].blocks) for level in levels}
-    else:
-        cached = [name for point in adapter.cache_points() if point.kind == "block_stack" for name in point.blocks]
-        reused = {level: set(cached[level:]) for level in levels}
     from ..eval.cost import module_flops  # the eval package loads the metrics; only a block search needs this
 
-    flops = module_flops(adapter.denoiser, cached, run)
+    points = skip_branches(pipe)
+    if points:
+        cached, reused = points[branch].blocks, {level: set(points[level].blocks) for level in levels}
+    else:
+        cached = stack_blocks(pipe)
+        reused = {level: set(cached[level:]) for level in levels}
+    flops = module_flops(get_adapter(pipe).denoiser, cached, run)
     total = max(sum(flops.values()), 1)
     return {level: sum(flops[name] for name in cached if name not in reused[level]) / total for level in levels}

@@ -91,9 +91,14 @@ def clone_tensors(value: Any, copies: list[tuple[torch.Tensor, torch.Tensor]] | 
     return value
 
 
+def skip_branches(pipe: Any) -> list[CachePoint]:
+    """The denoiser's DeepCache skip branches, shallowest first (none for a transformer)."""
+    return [point for point in get_adapter(pipe).cache_points() if point.kind == "skip_branch"]
+
+
 def branch_point(pipe: Any, branch: int) -> CachePoint:
     """The UNet cache point of ``branch``; ValueError listing the valid range otherwise."""
-    points = [p for p in get_adapter(pipe).cache_points() if p.kind == "skip_branch"]
+    points = skip_branches(pipe)
     if not points:
         raise ValueError("this denoiser has no UNet skip branches; DeepCache needs a UNet")
     if not 0 <= branch < len(points):
