@@ -153,7 +153,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     _add_generation_args(bench, steps=25)
     bench.add_argument("--batch-size", type=int_at_least(1), default=1, help="prompts per timed pipeline call (default 1)")
     bench.add_argument("--compile", action="store_true",
-                       help="torch.compile every variant's denoiser first (compilation happens in the warm-up)")
+                       help="torch.compile every variant's denoiser first (compilation happens in the warm-up; "
+                            "with a First-Block-Cache or TeaCache, regionally: its blocks beneath the cache hooks)")
     bench.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls before timing (default %(default)s)")
     bench.add_argument("--repeats", type=int_at_least(1), default=5, help="timed calls (default %(default)s)")
     bench.add_argument("--metrics", default="latency,memory,flops",

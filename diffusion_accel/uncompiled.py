@@ -19,21 +19,27 @@ from .arch.registry import find_denoiser
 @contextmanager
 def uncompiled(pipe: Any) -> Iterator[None]:
     """Within: ``pipe``'s denoiser runs without torch.compile (a wrapper swapped for its module, modules
-    compiled in place switched off); both are put back afterwards, also on error."""
+    compiled in place and blocks compiled beneath their cache hooks switched off); all are put back
+    afterwards, also on error."""
     component, denoiser = find_denoiser(pipe)
     wrapper = getattr(pipe, component, None) if component else None
     unwrapped = wrapper is not None and wrapper is not denoiser
     in_place = {module: module._compiled_call_impl for module in denoiser.modules()
                 if getattr(module, "_compiled_call_impl", None) is not None}
+    beneath = {hook: hook.compiled_forward for module in denoiser.modules() for hook in compiled_hooks(module)}
     if unwrapped:
         setattr(pipe, component, denoiser)
     for module in in_place:
         module._compiled_call_impl = None
+    for hook in beneath:
+        hook.compiled_forward = None
     try:
         yield
     finally:
         for module, compiled in in_place.items():
             module._compiled_call_impl = compiled
+        for hook, compiled in beneath.items():
+            hook.compiled_forward = compiled
         if unwrapped:
             setattr(pipe, component, wrapper)
 
@@ -48,5 +54,15 @@ def runs_compiled(pipe: Any) -> bool:
 
 
 def is_compiled(module: Any) -> bool:
-    """True if ``module`` is a ``torch.compile`` wrapper or was compiled in place (``module.compile()``)."""
-    return hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
+    """True if ``module`` is a ``torch.compile`` wrapper, was compiled in place (``module.compile()``) or is
+    computed by a compiled forward beneath its cache hook (``compile_denoiser(pipe, regional=True)``)."""
+    return (hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
+            or bool(compiled_hooks(module)))
+
+
+def compiled_hooks(module: Any) -> list[Any]:
+    """The hooks on ``module`` that compute it through a compiled forward (``compiled_forward``, set by
+    regional compilation on the cache's block hooks)."""
+    registry = getattr(module, "__dict__", {}).get("_diffusers_hook")
+    hooks = registry.hooks.values() if registry is not None else ()
+    return [hook for hook in hooks if getattr(hook, "compiled_forward", None) is not None]

@@ -13,8 +13,8 @@ import diffusion_accel as da
 from cache_toys import Offset, Toy
 from diffusion_accel.arch import find_denoiser, get_adapter
 from diffusion_accel.cache import (FASTER_DIFFUSION_KEY_STEPS, BlockCacheConfig, DeepCacheConfig, DeltaCacheConfig,
-                                   EncoderPropagationConfig, TeaCacheConfig, enable_cache, remove_cache,
-                                   summary)
+                                   EncoderPropagationConfig, FirstBlockCacheConfig, TeaCacheConfig, enable_cache,
+                                   remove_cache, summary)
 from diffusion_accel.cache.configs import CalibratedCacheConfig, config_from_dict, config_to_dict
 from diffusion_accel.cache.delta import DeltaBlockHook, delta_spans
 from diffusion_accel.cache.encoder import key_steps
@@ -474,5 +474,89 @@ def test_a_compiled_step_schedule_cache_compiles_a_few_graphs_whatever_the_step_
         counters.clear()
         _images(pipe, family, steps=12)
         assert counters["stats"]["unique_graphs"] == 0
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("config", [FirstBlockCacheConfig(threshold=0.3),
+                                    TeaCacheConfig(threshold=0.3, coefficients=(1.0, 0.0))])
+def test_a_threshold_cache_compiles_its_blocks_beneath_their_hooks_with_no_graph_break(config):
+    """Compiled whole, a First-Block-Cache / TeaCache decision (in the denoiser's block loop) made dynamo skip the
+    loop's frame and compile each hooked block's hook frame (fashion-flux: slower than eager). compile_denoiser
+    picks the regional form for them: each block compiled beneath its hook, one graph per block class."""
+    from torch._dynamo.utils import counters
+
+    from diffusion_accel.eval import compile_denoiser
+    from diffusion_accel.eval.pipes import hooked_blocks, unhooked_regions
+    from diffusion_accel.uncompiled import is_compiled, uncompiled
+
+    torch._dynamo.reset()
+    pipe = build_tiny("flux")
+    base = _images(pipe, "flux", steps=8)
+    enable_cache(pipe, config)
+    eager = _images(pipe, "flux", steps=8)
+    blocks, regions = [module for module, _ in hooked_blocks(pipe.transformer)], unhooked_regions(pipe.transformer)
+    head = pipe.transformer.transformer_blocks[0]
+    assert len(blocks) == 4 - isinstance(config, TeaCacheConfig)  # TeaCache's head block has a hooked child
+    assert (head in blocks) != isinstance(config, TeaCacheConfig)
+    try:
+        compile_denoiser(pipe, backend="eager")
+        assert all(is_compiled(block) for block in blocks) and not is_compiled(pipe.transformer)
+        counters.clear()
+        torch.testing.assert_close(_images(pipe, "flux", steps=8), eager, atol=1e-5, rtol=1e-5)
+        assert summary(pipe)["reused_calls"] > 0 and not counters["graph_break"]
+        assert counters["stats"]["unique_graphs"] <= len(regions) + len({type(block) for block in blocks})
+        counters.clear()
+        _images(pipe, "flux", steps=8)
+        assert counters["stats"]["unique_graphs"] == 0
+        with uncompiled(pipe):
+            assert not any(is_compiled(block) for block in blocks)
+        assert all(is_compiled(block) for block in blocks)
+        remove_cache(pipe)
+        assert not any(is_compiled(block) for block in blocks)  # the compiled forwards lived on the hooks
+        torch.testing.assert_close(_images(pipe, "flux", steps=8), base, atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compile_denoiser_compiles_a_step_schedule_cache_whole_and_a_threshold_cache_by_regions():
+    """The default (``regional=None``) picks the faster form of each on the zoo (benchmarks/cache_compile.py)."""
+    from diffusion_accel.eval import compile_denoiser
+    from diffusion_accel.eval.machine import denoiser_runtime
+    from diffusion_accel.eval.pipes import hooked_blocks
+    from diffusion_accel.uncompiled import is_compiled
+
+    for config, whole in ((DeltaCacheConfig(interval=2), True), (FirstBlockCacheConfig(threshold=0.3), False)):
+        pipe = enable_cache(build_tiny("flux"), config)
+        compile_denoiser(pipe, backend="eager")
+        blocks = [module for module, _ in hooked_blocks(pipe.transformer)]
+        assert is_compiled(pipe.transformer) == whole and len(blocks) == 4
+        assert all(is_compiled(block) != whole for block in blocks)
+        assert denoiser_runtime(pipe)["compiled"]  # reports (bench --compile) say so for regions too
+
+
+def test_a_block_whose_hook_wraps_another_hooks_forward_is_not_compiled_beneath_it():
+    """Beneath our hook lies another hook's forward, not the block's own: compiling the block's class forward
+    in its place would skip that hook, so regional compilation compiles the block's children instead."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    from diffusion_accel.eval import compile_denoiser
+    from diffusion_accel.eval.pipes import hooked_blocks
+
+    class Doubling(ModelHook):
+        def new_forward(self, module, *args, **kwargs):
+            hidden, encoder = self.fn_ref.original_forward(*args, **kwargs)
+            return hidden, encoder * 2
+
+    torch._dynamo.reset()
+    pipe = build_tiny("flux")
+    block = pipe.transformer.transformer_blocks[1]
+    HookRegistry.check_if_exists_or_initialize(block).register_hook(Doubling(), "doubling")
+    enable_cache(pipe, FirstBlockCacheConfig(threshold=0.3))
+    eager = _images(pipe, "flux", steps=6)
+    assert block not in [module for module, _ in hooked_blocks(pipe.transformer)]
+    try:
+        compile_denoiser(pipe, regional=True, backend="eager")
+        torch.testing.assert_close(_images(pipe, "flux", steps=6), eager, atol=1e-5, rtol=1e-5)
     finally:
         torch._dynamo.reset()

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from diffusers.hooks import ModelHook
 from torch import nn
 
 from ..arch import get_adapter
+from .computing import ComputingHook
 from .session import CacheSession
 from .stack import check_stack
 from .streams import BlockIO, add_streams, block_io, detached, sub_streams
@@ -41,8 +41,10 @@ def delta_spans(num_blocks: int, fraction: float) -> dict[str, Span]:
     return {"front": Span("front", 0, count), "rear": Span("rear", num_blocks - count, num_blocks)}
 
 
-class DeltaBlockHook(ModelHook):
+class DeltaBlockHook(ComputingHook):
     """One block of a Δ-cached stack (block ``index``), following the call's decision."""
+
+    repeated_block = True
 
     def __init__(self, session: CacheSession, key: str, io: BlockIO, index: int, last: bool,
                  spans: dict[str, Span]) -> None:
@@ -52,14 +54,14 @@ class DeltaBlockHook(ModelHook):
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         session = self.session
         if not session.active():
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return self.compute(*args, **kwargs)
         state = session.state()
         compute = session.compute(state)
         if compute:
             return self._compute(state, args, kwargs)
         span = self.spans[state["span"]]
         if not span.holds(self.index):
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return self.compute(*args, **kwargs)
         return self.io.build(state["templates"][self.key], self._reuse(state, span, self.io.inputs(args, kwargs)))
 
     def _reuse(self, state: dict, span: Span, inputs: dict) -> dict:
@@ -78,7 +80,7 @@ class DeltaBlockHook(ModelHook):
         for span in self.spans.values():
             if span.start == self.index:
                 starts[span.name] = self.io.inputs(args, kwargs)
-        output = self.fn_ref.original_forward(*args, **kwargs)
+        output = self.compute(*args, **kwargs)
         state.setdefault("templates", {})[self.key] = self.io.template(output)
         for span in self.spans.values():
             if span.stop - 1 == self.index:

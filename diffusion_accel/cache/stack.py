@@ -16,10 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers.hooks import ModelHook
 from torch import nn
 
 from ..arch import BlockStreams, get_adapter
+from .computing import ComputingHook
 from .forecast import linear_forecast
 from .session import CacheSession
 from .streams import BlockIO, add_streams, block_io, detached, rel_l1, sub_streams
@@ -35,10 +35,12 @@ def stack_blocks(pipe: Any) -> list[str]:
     return [name for point in points for name in point.blocks]
 
 
-class StackBlockHook(ModelHook):
+class StackBlockHook(ComputingHook):
     """Cached block ``index``: block 0 (``first``) records the stack input, the ``last`` the residual; others
     pass through. A block whose index is in ``splits`` also records its input on full steps, so that a
     partial step of that level (blocks before it run) can add the delta of the blocks from it on."""
+
+    repeated_block = True
 
     def __init__(self, session: CacheSession, key: str, io: BlockIO, index: int, last: bool,
                  splits: frozenset[int] = frozenset()) -> None:
@@ -49,7 +51,7 @@ class StackBlockHook(ModelHook):
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         session = self.session
         if not session.active():
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return self.compute(*args, **kwargs)
         state = session.state()
         compute = session.compute(state)
         inputs = self.io.inputs(args, kwargs)
@@ -57,7 +59,7 @@ class StackBlockHook(ModelHook):
             return self._compute(state, inputs, args, kwargs)
         level = session.partial(state)
         if level is not None and self.index < level:  # a partial step runs the blocks before its level
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return self.compute(*args, **kwargs)
         return self.io.build(state["templates"][self.key], self._reuse(state, inputs, level))
 
     def _reuse(self, state: dict, inputs: dict, level: int | None = None) -> dict:
@@ -92,7 +94,7 @@ class StackBlockHook(ModelHook):
             state["stack_input"] = inputs
         if self.index in self.splits:
             state.setdefault("split_inputs", {})[self.index] = inputs
-        output = self.fn_ref.original_forward(*args, **kwargs)
+        output = self.compute(*args, **kwargs)
         state.setdefault("templates", {})[self.key] = self.io.template(output)
         if self.last:
             stack_input, split_inputs = state.pop("stack_input", None), state.pop("split_inputs", {})
@@ -142,8 +144,10 @@ def output_layer(pipe: Any, config: Any) -> str | None:
     return name
 
 
-class HeadBlockHook(ModelHook):
+class HeadBlockHook(ComputingHook):
     """Block 0 under a head policy: always computed; its signal decides for the other blocks."""
+
+    repeated_block = True
 
     def __init__(self, session: CacheSession, io: BlockIO) -> None:
         super().__init__()
@@ -151,7 +155,7 @@ class HeadBlockHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         session = self.session
-        output = self.fn_ref.original_forward(*args, **kwargs)
+        output = self.compute(*args, **kwargs)
         if session.active():
             state = session.state()
             session.decide(self._signal(state, args, kwargs, output))

@@ -16,12 +16,13 @@ from torch import nn
 
 from ..arch import get_adapter
 from ..arch.base import CachePoint
+from .computing import ComputingHook
 from .forecast import linear_forecast
 from .session import CacheSession
 from .streams import detached
 
 
-class CachedOutputHook(ModelHook):
+class CachedOutputHook(ComputingHook):
     """Computes and stores the module's output on full steps; returns the stored one otherwise
     (DeepCache's cached modules, encoder propagation, a transformer's final projection under
     ``forecast_target="output"``).
@@ -49,20 +50,20 @@ class CachedOutputHook(ModelHook):
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         session = self.session
         if not session.active():
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return self.compute(*args, **kwargs)
         state = session.state()
         outputs = state.setdefault("outputs", {})
         compute = session.compute(state)
         level = None if compute else session.partial(state)
         if level is not None and level not in self.reused_levels:  # a partial step recomputes this module;
-            return self.fn_ref.original_forward(*args, **kwargs)   # its store keeps the last full step's output
+            return self.compute(*args, **kwargs)   # its store keeps the last full step's output
         enabled = getattr(session.config, "forecast", 0)
         forecast = enabled and (self.forecasts if level is None else level in self.forecast_levels)
         if compute or self.key not in outputs:
             if enabled and (self.forecasts or self.forecast_levels):  # keep the one before (None at first: the
                 # state keeps one layout, one graph fewer)
                 state.setdefault("previous_outputs", {})[self.key] = outputs.get(self.key)
-            output = self.fn_ref.original_forward(*args, **kwargs)
+            output = self.compute(*args, **kwargs)
             kept = detached(output)
             outputs[self.key] = clone_tensors(kept) if self.snapshot else kept
             return output

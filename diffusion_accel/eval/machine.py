@@ -65,13 +65,13 @@ def machine_info(device: Any = None) -> dict[str, Any]:
 
 
 def denoiser_runtime(pipe: Any) -> dict[str, Any]:
-    """Device, dtype and compilation state of the pipeline's denoiser."""
+    """Device, dtype and compilation state of the pipeline's denoiser (compiled: whole, or in regions)."""
     denoiser = denoiser_of(pipe)
     parameter = next(denoiser.parameters(), None)
     return {"denoiser_class": type(getattr(denoiser, "_orig_mod", denoiser)).__name__,
             "device": str(parameter.device) if parameter is not None else "cpu",
             "dtype": str(parameter.dtype).replace("torch.", "") if parameter is not None else "unknown",
-            "compiled": is_compiled(denoiser)}
+            "compiled": any(is_compiled(module) for module in denoiser.modules())}
 
 
 def machine_summary(machine: dict[str, Any] | str) -> str:

@@ -19,6 +19,7 @@ process count or the variant: variants are compared on identical starting noise.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 from contextlib import contextmanager
@@ -53,48 +54,100 @@ def denoiser_of(pipe: Any) -> nn.Module:
                     f"{DENOISER_COMPONENTS} or an nn.Module")
 
 
-def compile_denoiser(pipe: Any, *, regional: bool = False, **compile_kwargs: Any) -> Any:
+def compile_denoiser(pipe: Any, *, regional: bool | None = None, **compile_kwargs: Any) -> Any:
     """``torch.compile`` the pipeline's denoiser in place (``nn.Module.compile``: the module, its
     hooks and the pipeline's attribute stay the same objects); compilation runs on the first call.
     Returns ``pipe``.
 
-    A denoiser with hooked modules (a feature cache's blocks) compiles one graph per hooked block and
-    cache state, past dynamo's default ``recompile_limit`` of 8 (tiny Flux's 4 blocks hit it on the third
-    call; SD's up blocks at 12 steps), after which those frames run eagerly with a warning only; so the
-    limit is raised to ``recompile_limit_for(denoiser)``. ``regional=True`` compiles instead every largest
-    submodule that carries no hook (``unhooked_regions``), as diffusers' ``compile_repeated_blocks`` does
-    for its caches: the hooks and their skip decisions run eagerly between compiled regions, with no graph
-    break inside one. Cached, CPU, 20 steps, 1 thread (``benchmarks/cache_compile.py``): fashion-sd's first call
-    1.9 s instead of 38.6 s and 105 ms per call instead of 117 (eager 99); fashion-flux 2.7 s instead of 9.2 s,
-    but 66 ms instead of 54 (eager 71)."""
+    A denoiser with hooked modules (a feature cache's blocks) compiles one graph per cache state (step
+    schedules) or, where the decision falls inside the block loop (First-Block-Cache, TeaCache), one per
+    hooked block and state, past dynamo's default ``recompile_limit`` of 8, after which those frames run
+    eagerly with a warning only; so the limit is raised to ``recompile_limit_for(denoiser)``.
+    ``regional=True`` compiles instead every largest submodule that carries no hook (``unhooked_regions``),
+    as diffusers' ``compile_repeated_blocks`` does for its caches, and each cache-hooked transformer block
+    beneath its hook (``hooked_blocks``: the hook computes the block through the compiled forward of its class,
+    shared by the blocks of that class): the hooks and their skip decisions run eagerly between compiled
+    regions, with no graph break inside one. Remove the cache and the blocks run uncompiled again. ``regional=None``
+    (default): regional for a cache that decides inside the block loop, else the whole denoiser (the faster
+    form of each on the zoo). Numbers: ``benchmarks/results/cache_compile.md``."""
     denoiser = denoiser_of(pipe)
     limit = recompile_limit_for(denoiser)
     if limit > torch._dynamo.config.recompile_limit:
         torch._dynamo.config.recompile_limit = limit
-    for module in unhooked_regions(denoiser) if regional else [denoiser]:
+    if regional is None:
+        regional = decides_inside_the_block_loop(denoiser)
+    if not regional:
+        denoiser.compile(**compile_kwargs)
+        return pipe
+    for module in unhooked_regions(denoiser):
         module.compile(**compile_kwargs)
+    compiled_forwards: dict[type, Callable[..., Any]] = {}  # one per block class: its blocks share the graphs
+    for module, hook in hooked_blocks(denoiser):
+        block_class = type(module)
+        if block_class not in compiled_forwards:
+            compiled_forwards[block_class] = torch.compile(block_class.forward, **compile_kwargs)
+        hook.compiled_forward = functools.partial(compiled_forwards[block_class], module)
     return pipe
 
 
-def unhooked_regions(root: nn.Module) -> list[nn.Module]:
-    """The largest submodules of ``root`` with parameters on which, and under which, no hook is registered
-    (diffusers hook registries or torch forward hooks); ``root`` itself when nothing is hooked."""
-    def hooked(module: nn.Module) -> bool:
-        return ("_diffusers_hook" in vars(module) or bool(module._forward_hooks)
-                or bool(module._forward_pre_hooks))
+def decides_inside_the_block_loop(denoiser: nn.Module) -> bool:
+    """Whether a feature cache on ``denoiser`` takes its skip decision in the block loop, from a head block's
+    output (First-Block-Cache, TeaCache), where a compiled whole denoiser breaks its graph and dynamo then
+    compiles the hooked blocks one by one."""
+    from ..cache.session import get_session
 
+    session = get_session(getattr(denoiser, "_orig_mod", denoiser))
+    return session is not None and session.policy.uses_head
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a diffusers hook registry or a torch forward (pre-)hook sits on ``module``."""
+    return "_diffusers_hook" in vars(module) or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
+
+
+def _block_hook(module: nn.Module) -> Any:
+    """The hook on ``module`` that computes it through its own forward and can take a compiled one instead (the
+    cache's hooks on a transformer's repeated blocks), if nothing beneath ``module`` is hooked; else None."""
+    registry = vars(module).get("_diffusers_hook")
+    if registry is None or any(_hooked(inner) for inner in list(module.modules())[1:]):
+        return None
+    return next((hook for hook in registry.hooks.values()
+                 if getattr(hook, "repeated_block", False) and hook.computes_own_forward(module)), None)
+
+
+def _regions(root: nn.Module) -> tuple[list[nn.Module], list[tuple[nn.Module, Any]]]:
+    """``unhooked_regions`` and ``hooked_blocks`` of ``root``, found in one walk."""
     regions: list[nn.Module] = []
+    blocks: list[tuple[nn.Module, Any]] = []
 
     def visit(module: nn.Module) -> None:
-        if not any(hooked(inner) for inner in module.modules()):
+        if not any(_hooked(inner) for inner in module.modules()):
             if next(module.parameters(), None) is not None:
                 regions.append(module)
+            return
+        hook = _block_hook(module)
+        if hook is not None:
+            blocks.append((module, hook))
             return
         for child in module.children():
             visit(child)
 
     visit(root)
-    return regions
+    return regions, blocks
+
+
+def unhooked_regions(root: nn.Module) -> list[nn.Module]:
+    """The largest submodules of ``root`` with parameters on which, and under which, no hook is registered
+    (diffusers hook registries or torch forward hooks), outside the ``hooked_blocks``; ``root`` itself when
+    nothing is hooked."""
+    return _regions(root)[0]
+
+
+def hooked_blocks(root: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """(module, hook) pairs: the repeated transformer blocks of ``root`` whose cache hook computes them with their
+    own forward (``cache.computing.ComputingHook.repeated_block``) and under which nothing is hooked, so that they
+    can be compiled beneath that hook."""
+    return _regions(root)[1]
 
 
 def recompile_limit_for(denoiser: nn.Module) -> int:
