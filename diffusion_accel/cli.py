@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .arch.registry import UnsupportedModelError
 from .argtypes import int_at_least, nonnegative_float, output_file, output_folder
@@ -379,18 +380,34 @@ def _prompts_for(args: argparse.Namespace, pipe: object) -> list:
     return prompts.load(args.prompts, limit=args.num_prompts)
 
 
-def _quiet_third_party_logs() -> None:
-    """Silence import-time warnings of optional kernels (torchao .so files built for other GPUs)."""
-    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+@contextmanager
+def _quiet_third_party_logs() -> Iterator[None]:
+    """Within: import-time warnings of optional kernels (torchao .so files built for other GPUs) and
+    transformers' notices are silenced; the levels are put back afterwards (``main`` called from Python, a
+    notebook or a test, used to leave them silenced for the whole process)."""
     from transformers.utils import logging as transformers_logging
 
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers")]
+    levels, verbosity = [logger.level for logger in loggers], transformers_logging.get_verbosity()
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        transformers_logging.set_verbosity(verbosity)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``diffusion-accel`` console script."""
-    _quiet_third_party_logs()
+    with _quiet_third_party_logs():
+        return _run(argv)
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run its command; user errors print one line and return 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None) or getattr(args, "func", None)  # a group's action is required

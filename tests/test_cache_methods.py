@@ -519,6 +519,27 @@ def test_a_threshold_cache_compiles_its_blocks_beneath_their_hooks_with_no_graph
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("family", ["sd3", "pixart", "dit"])
+@pytest.mark.parametrize("config", [FirstBlockCacheConfig(threshold=0.3), DeltaCacheConfig(interval=2)])
+def test_every_transformer_family_compiles_its_cached_blocks_beneath_their_hooks(family, config):
+    from torch._dynamo.utils import counters
+
+    from diffusion_accel.eval import compile_denoiser
+    from diffusion_accel.eval.pipes import hooked_blocks
+
+    torch._dynamo.reset()
+    pipe = enable_cache(build_tiny(family), config)
+    eager = _images(pipe, family, steps=6)
+    assert len(hooked_blocks(find_denoiser(pipe)[1])) == 2
+    try:
+        compile_denoiser(pipe, regional=True, backend="eager")
+        counters.clear()
+        torch.testing.assert_close(_images(pipe, family, steps=6), eager, atol=1e-5, rtol=1e-5)
+        assert not counters["graph_break"] and summary(pipe)["reused_calls"] > 0
+    finally:
+        torch._dynamo.reset()
+
+
 def test_compile_denoiser_compiles_a_step_schedule_cache_whole_and_a_threshold_cache_by_regions():
     """The default (``regional=None``) picks the faster form of each on the zoo (benchmarks/cache_compile.py)."""
     from diffusion_accel.eval import compile_denoiser

@@ -26,6 +26,25 @@ def test_a_command_group_without_its_action_names_the_actions(capsys):
     assert exit_info.value.code == 2 and "the following arguments are required: {list,train}" in capsys.readouterr().err
 
 
+def test_main_puts_back_the_log_levels_it_quiets(capsys):
+    """main() silenced torchao's, pytree's and transformers' logs for the rest of the process: a notebook or
+    a program calling it lost their warnings from then on."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    torchao = logging.getLogger("torchao")
+    before = torchao.level, transformers_logging.get_verbosity()
+    torchao.setLevel(logging.INFO)
+    try:
+        assert main(["zoo", "list"]) == 0
+        with pytest.raises(SystemExit):
+            main(["zoo", "--help"])
+        assert (torchao.level, transformers_logging.get_verbosity()) == (logging.INFO, before[1])
+    finally:
+        torchao.setLevel(before[0])
+
+
 def test_unknown_subcommand_and_bad_flag_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["frobnicate"])

@@ -33,6 +33,7 @@ from ..scalars import plain_number
 from .apply import enable_cache, remove_cache, summary as cache_summary
 from .configs import CalibratedCacheConfig, check_int
 from .partial import level_costs, level_range
+from .prefix import PrefixReplay
 from .runs import final_outputs, planned_calls, relative_error
 from .session import get_session
 
@@ -62,7 +63,8 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
                        branch: int = 0, seed: int = 0, search: str = "refine", max_candidates: int | None = None,
                        max_passes: int = 3, resample: bool = True, forecast: int = 0,
                        forecast_target: str = "residual", batch_size: int = 1, progress: bool = False,
-                       search_blocks: bool = False, **call_kwargs: Any) -> CalibratedCacheConfig:
+                       search_blocks: bool = False, reuse_prefix: bool = True,
+                       **call_kwargs: Any) -> CalibratedCacheConfig:
     """The schedule with round(budget * steps) full steps that minimises the final-output error on
     ``prompts`` (see the module doc for the two searches). ``max_candidates`` thins the greedy
     search's candidates; ``max_passes`` bounds the refine search's sweeps (nearby moves: about 4 runs
@@ -76,13 +78,16 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
     schedules tried; ``search_blocks``: also choose partial steps, which recompute part of the cached blocks
     (the budget then counts each by its share of the cached blocks' FLOPs; see the module doc; at most
     ``max_passes`` full steps are traded for them, ``max_candidates`` thins their positions);
-    ``call_kwargs``: further pipeline arguments."""
+    ``reuse_prefix``: replay the denoiser outputs a schedule shares with one tried before, up to the first step
+    where they differ (:mod:`.prefix`; the same errors and result, fewer denoiser calls; False runs every schedule
+    from step 0); ``call_kwargs``: further pipeline arguments."""
     budget, num_inference_steps, branch, seed, max_candidates, max_passes, forecast, batch_size = (
         plain_number(value) for value in (budget, num_inference_steps, branch, seed, max_candidates, max_passes,
                                           forecast, batch_size))  # numpy sweeps pass these
     _check_search(search, max_candidates, max_passes)
-    if not isinstance(search_blocks, bool):
-        raise ValueError(f"search_blocks must be True or False, got {search_blocks!r}")
+    for name, flag in (("search_blocks", search_blocks), ("reuse_prefix", reuse_prefix)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     if get_session(find_denoiser(pipe)[1]) is not None:
         raise ValueError("calibrate_schedule needs a pipeline without a cache; call remove_cache first")
     num_steps = denoiser_steps(pipe, num_inference_steps)  # the schedule's steps are denoiser calls (Heun: 2N - 1)
@@ -97,7 +102,8 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
     seen: dict[frozenset, float] = {}
     count = len(ran)  # the search and the budget cover the steps that run (img2img from 0.5: the last half)
     target = min(count, max(1, round(budget * count)))
-    with showing_progress(progress or progress_shown()), progress_counter("schedule search", "schedule") as tried:
+    with (showing_progress(progress or progress_shown()), progress_counter("schedule search", "schedule") as tried,
+          PrefixReplay(pipe, find_denoiser(pipe)[1], enabled=reuse_prefix) as replay):
 
         def error(positions: set[int], partial: dict[int, int] | None = None) -> float:
             """Final-output error of a schedule, given as positions among the steps that run (each run once),
@@ -105,7 +111,7 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
             key = (frozenset(positions), frozenset((partial or {}).items()))
             if key not in seen:
                 config = _with_steps(probe, _steps_at(ran, positions), _partial_at(ran, partial))
-                seen[key] = schedule_error(pipe, config, calls, references)
+                seen[key] = replay.error(config, calls, references)
                 tried()
             return seen[key]
 

@@ -6,7 +6,7 @@ pipeline arguments that ``calibrate`` uses); call k is seeded ``seed + k`` so ru
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -30,13 +30,15 @@ def planned_calls(pipe: Any, prompts: Any, num_inference_steps: int, seed: int =
 
 
 @torch.no_grad()
-def final_outputs(pipe: Any, calls: list) -> list[torch.Tensor]:
+def final_outputs(pipe: Any, calls: list, before_call: Callable[[int], None] | None = None) -> list[torch.Tensor]:
     """The final latents (or images) of every planned call, as float32 CPU tensors; the scheduler is left
-    as it was (``calib.runner.scheduler_state``)."""
+    as it was (``calib.runner.scheduler_state``). ``before_call(index)`` runs before call ``index``."""
     outputs, saved_scheduler = [], scheduler_state(pipe)
     try:
         with uncompiled(pipe), silent_pipeline_bar(pipe):  # trial caches on a compiled denoiser recompiled per schedule
-            for call in calls:
+            for index, call in enumerate(calls):
+                if before_call is not None:
+                    before_call(index)
                 result = seeded_call(pipe, call.kwargs | {"generator": torch.Generator().manual_seed(call.seed)},
                                      call.seed)
                 images = result[0] if isinstance(result, tuple) else result.images

@@ -110,6 +110,8 @@ class CacheSession:
     handles: list[Any] = field(default_factory=list)
     log: _CallLog = field(default_factory=_CallLog)
     record_residuals: bool = False  # log residual changes per full step (TeaCache fitting only)
+    replayed_steps: frozenset[int] = frozenset()  # steps whose outputs a schedule search replays (.prefix): they
+    # decide as if the steps before them had run (ready, partial levels recorded) although no hook ran
 
     records = _logged("records")  # this thread's last call: one StepRecord per denoiser call
     residual_changes = _logged("residual_changes")  # (step, context, change) per full step, when recorded
@@ -157,7 +159,8 @@ class CacheSession:
         decision = state.setdefault("decision", StepDecision())
         if decision.step != step:
             num_steps = self.tracker.num_inference_steps
-            compute = self.policy.should_compute(step, num_steps, state, signal) or not state.get("ready", False)
+            ready = state.get("ready", False) or step in self.replayed_steps
+            compute = self.policy.should_compute(step, num_steps, state, signal) or not ready
             decision.update(step, compute, None if compute else self._partial_level(step, num_steps, state))
             self._record(step, decision.compute, state.get("signal_change"), decision.partial)
         return decision.compute
@@ -167,7 +170,8 @@ class CacheSession:
         (``state["partial_levels"]``); else None, a whole reuse."""
         level_of = getattr(self.policy, "partial_level", None)
         level = None if level_of is None else level_of(step, num_steps)
-        return level if level is not None and level in state.get("partial_levels", ()) else None
+        recorded = level in state.get("partial_levels", ()) or step in self.replayed_steps
+        return level if level is not None and recorded else None
 
     def _record(self, step: int, compute: bool, change: float | None, partial: int | None = None) -> None:
         self.start_records_if_fresh()
