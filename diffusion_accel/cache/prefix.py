@@ -26,6 +26,7 @@ from .apply import enable_cache, remove_cache, summary as cache_summary
 from .configs import CalibratedCacheConfig
 from .runs import final_outputs, relative_error
 from .session import drop_empty_registry, get_session
+from .streams import detached
 from .unet_branch import clone_tensors
 
 REPLAY_HOOK_NAME = "diffusion_accel.cache.prefix_replay"
@@ -59,14 +60,16 @@ class ReplayHook(ModelHook):
 
 
 def _kept_copy(value: Any) -> Any:
-    """A detached copy of a denoiser output (a tensor, or tuples / lists of them: pipelines pass
-    ``return_dict=False``); None for other outputs, which are then never replayed."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+    """A detached copy of a denoiser output made of tensors in tuples / lists (pipelines pass
+    ``return_dict=False``); None for any other output, which is then never replayed."""
+    return clone_tensors(detached(value)) if _tensors_only(value) else None
+
+
+def _tensors_only(value: Any) -> bool:
+    """Whether ``value`` is a tensor, or tuples / lists holding only those."""
     if isinstance(value, (tuple, list)):
-        items = [_kept_copy(item) if isinstance(item, (torch.Tensor, tuple, list)) else item for item in value]
-        return None if any(item is None for item in items) else type(value)(items)
-    return None
+        return all(_tensors_only(item) for item in value)
+    return isinstance(value, torch.Tensor)
 
 
 def schedule_decisions(config: CalibratedCacheConfig) -> tuple[Any, ...]:
