@@ -35,27 +35,32 @@ KEPT_RUNS = 16  # recent runs whose outputs may be replayed
 
 class ReplayHook(ModelHook):
     """Beneath the tracker: returns the source run's output for calls at ``replayed`` steps, else computes;
-    records every output of the current pipeline call (detached copies)."""
+    with ``record``, keeps every output of the current pipeline call (detached copies; a replayed one is the
+    source's own copy, which is never handed out, so shared)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.replayed_calls = 0  # over the hook's life
-        self.start(None, frozenset())
+        self.replayed_calls = self.total_calls = 0  # over the hook's life
+        self.start(None, frozenset(), record=False)
 
-    def start(self, source: list | None, replayed: frozenset[int]) -> None:
+    def start(self, source: list | None, replayed: frozenset[int], record: bool = True) -> None:
         """Begin a pipeline call replaying ``source`` (its outputs in call order) at ``replayed`` steps."""
-        self.source, self.replayed, self.recorded = source, replayed, []
+        self.source, self.replayed, self.record, self.recorded = source, replayed, record, []
+        self.calls = 0  # denoiser calls of this pipeline call
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        tracker, index = get_tracker(module), len(self.recorded)
+        tracker, index = get_tracker(module), self.calls
+        self.calls, self.total_calls = self.calls + 1, self.total_calls + 1
         step = tracker.step_index if tracker is not None and tracker.in_call else None
         kept = self.source[index] if self.source is not None and index < len(self.source) else None
         if kept is not None and step in self.replayed:
-            output = clone_tensors(kept)
             self.replayed_calls += 1
+            output = clone_tensors(kept)
         else:
             output = self.fn_ref.original_forward(*args, **kwargs)
-        self.recorded.append(_kept_copy(output))
+            kept = _kept_copy(output) if self.record else None
+        if self.record:
+            self.recorded.append(kept)
         return output
 
 
@@ -106,12 +111,16 @@ class PrefixReplay:
         self.runs: deque[tuple[tuple, list[list]]] = deque(maxlen=KEPT_RUNS)
         # a tracker already attached (timestep-grouped quantization) would sit beneath the hook, miss replayed calls
         self.enabled, self.hook = enabled and get_tracker(denoiser) is None, ReplayHook()
-        self.total_calls = 0  # denoiser calls run through error(), replayed or computed
 
     @property
     def replayed_calls(self) -> int:
         """Denoiser calls answered from recorded runs so far."""
         return self.hook.replayed_calls
+
+    @property
+    def total_calls(self) -> int:
+        """Denoiser calls through the hook so far, replayed or computed (none while it is not installed)."""
+        return self.hook.total_calls
 
     def __enter__(self) -> "PrefixReplay":
         if self.enabled:  # registered before enable_cache attaches the tracker, so the tracker wraps it
@@ -134,7 +143,7 @@ class PrefixReplay:
             """Before pipeline call ``index``: keep the previous call's outputs, replay this one's prefix."""
             if index:
                 recorded.append(self.hook.recorded)
-            self.hook.start(None if source is None else source[index], replayed)
+            self.hook.start(None if source is None else source[index], replayed, record=self.enabled)
 
         enable_cache(self.pipe, config)
         get_session(self.denoiser).replayed_steps = replayed
@@ -144,13 +153,13 @@ class PrefixReplay:
             as_planned = self._ran_as_planned(decisions)
         finally:
             remove_cache(self.pipe)
+            self.hook.start(None, frozenset(), record=False)  # other runs (the search's FLOP count) only compute
         if not as_planned:  # placed otherwise than predicted: replays could be wrong; run without them from now
             self.enabled = False
             if source is not None:
                 return self.error(config, calls, references)
         if self.enabled:
             self.runs.append((decisions, recorded))
-        self.total_calls += sum(len(call) for call in recorded)
         return relative_error(outputs, references)
 
     def _plan(self, decisions: tuple, forecasting: bool) -> tuple[list | None, frozenset[int]]:
