@@ -47,6 +47,8 @@ _LAZY_ATTRIBUTES = {
     "TeaCacheConfig": ("diffusion_accel.cache", "TeaCacheConfig"),
     "CalibratedCacheConfig": ("diffusion_accel.cache", "CalibratedCacheConfig"),
     "calibrate_schedule": ("diffusion_accel.cache", "calibrate_schedule"),
+    "RouterCacheConfig": ("diffusion_accel.cache", "RouterCacheConfig"),
+    "learn_router": ("diffusion_accel.cache", "learn_router"),
     "fit_teacache_coefficients": ("diffusion_accel.cache", "fit_teacache_coefficients"),
     # timestep-aware post-training quantization (issue 4)
     "quantize_": ("diffusion_accel.quant", "quantize_"),

@@ -107,11 +107,13 @@ def _add_technique_options(parser: argparse.ArgumentParser) -> None:
                                 "or by normalised saliency (default for magnitude)")
     parser.add_argument("--cache-method", default=None,
                            help="--method cache: deepcache, block, first_block, teacache, delta, "
-                                "encoder_propagation or calibrated (default: the recipe's [cache] method, else "
+                                "encoder_propagation, calibrated or router (a learned block router, transformers; "
+                                "default: the recipe's [cache] method, else "
                                 "da.default_cache_config: deepcache for UNets, block for transformers, "
                                 "interval 3 with forecast 1)")
     parser.add_argument("--budget", type=float, default=None,
-                           help="--cache-method calibrated: fraction of steps that run the full denoiser")
+                           help="--cache-method calibrated: fraction of steps that run the full denoiser; router: "
+                                "fraction of the transformer blocks' FLOPs over all steps")
     parser.add_argument("--search-blocks", action="store_const", const=True, default=None,
                            help="--cache-method calibrated: also choose partial steps, reuse steps that recompute "
                                 "part of the cached blocks (leading transformer blocks; a deeper UNet branch), paid "

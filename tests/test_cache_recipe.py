@@ -24,6 +24,16 @@ def test_calibrated_table_searches_a_schedule_for_the_budget():
     assert len(config.full_steps) == 3 and config.forecast == 1 and config.num_inference_steps == 6
 
 
+def test_router_table_learns_a_block_router_for_the_budget():
+    from diffusion_accel.cache import RouterCacheConfig
+
+    pipe = build_tiny("dit")
+    pipe.set_progress_bar_config(disable=True)
+    config = config_from_table(pipe, {"method": "router", "budget": 0.5, "epochs": 1, "step_weights": "uniform"},
+                               [1], 6, guidance_scale=1.0)
+    assert isinstance(config, RouterCacheConfig) and config.num_inference_steps == 6 and config.budget == 0.5
+
+
 def test_teacache_without_coefficients_fits_them():
     pipe = build_tiny("dit")
     pipe.set_progress_bar_config(disable=True)
@@ -37,6 +47,7 @@ def test_teacache_without_coefficients_fits_them():
     ({}, "accepted methods"),
     ({"method": "deepcache", "budget": 0.3}, r"keys \['budget'\] do not apply to method 'deepcache'"),
     ({"method": "calibrated", "interval": 3}, r"keys \['interval'\] do not apply"),
+    ({"method": "router", "forecast": 1}, r"keys \['forecast'\] do not apply to method 'router'"),
     ({"method": "deepcache", "interval": 0}, "interval must be an int >= 1"),
     ({"method": "teacache", "coefficients": [1.0, 0.0], "degree": 2}, "does not apply when coefficients"),
 ])
@@ -56,3 +67,17 @@ def test_every_shipped_recipe_cache_table_builds_a_config():
         table = load_recipe(path).get("cache")
         if table is not None:
             assert config_from_table(None, table, [], 10) is not None, path.name
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"method": "router", "epochs": 0}, "epochs must be an int >= 1"),
+    ({"method": "router", "step_weights": "loss"}, "step_weights must be one of"),
+    ({"method": "router", "budget": 2.0}, "budget is a fraction"),
+    ({"method": "router", "resample": "yes"}, "resample must be True or False"),
+])
+def test_a_router_table_is_checked_before_any_pipeline_loads(table, message):
+    from diffusion_accel.cache.recipe import check_table
+
+    with pytest.raises(ValueError, match=message):
+        check_table(table)
+    check_table({"method": "router", "budget": 0.3, "epochs": 5})

@@ -16,12 +16,14 @@ from ..arch import find_denoiser, get_adapter
 from ..artifact import base_fingerprint, mark_applied, marks_restored_on_error, unmark_applied
 from ..hooks import CACHE_CLIENT, detach_tracker_if_unused, get_tracker
 from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, DeltaCacheConfig,
-                      EncoderPropagationConfig, FirstBlockCacheConfig, TeaCacheConfig, config_to_dict)
+                      EncoderPropagationConfig, FirstBlockCacheConfig, RouterCacheConfig, TeaCacheConfig,
+                      config_to_dict)
 from .delta import install_delta_cache
 from .encoder import encoder_point, install_encoder_cache, key_steps
 from .partial import (check_levels, deeper_points, is_unet, nearest_noise_level, partial_steps_for_call,
                       scaled_timesteps)
 from .policies import DeltaPolicy, FirstBlockPolicy, SchedulePolicy, TeaCachePolicy
+from .router import RouterPolicy, check_router, install_router_cache
 from .schedules import nonuniform_full_steps, resample_full_steps, uniform_full_steps
 from .session import CacheSession, drop_empty_registry, end_session, finish_session, get_session, start_session
 from .stack import check_stack, install_stack_cache, output_layer, partial_levels
@@ -83,6 +85,12 @@ def _delta_cache(pipe: Any, config: DeltaCacheConfig) -> tuple[str, Any, Install
     check_stack(pipe, uses_head=False)  # raises for UNets and unknown blocks before any hook exists
     install = lambda session, _pipe: install_delta_cache(session, _pipe, config.cached_fraction)  # noqa: E731
     return "delta_cache", DeltaPolicy(config.interval, config.boundary), install
+
+
+@register_cache_method(RouterCacheConfig)
+def _router(pipe: Any, config: RouterCacheConfig) -> tuple[str, Any, Installer]:
+    check_router(pipe, config)  # raises for UNets, unknown blocks and another stack length before any hook exists
+    return "router", RouterPolicy(config), install_router_cache
 
 
 @register_cache_method(EncoderPropagationConfig)

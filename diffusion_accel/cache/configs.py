@@ -360,9 +360,75 @@ def _checked_partial_steps(values: Any, full_steps: tuple[int, ...], num_steps: 
     return tuple(pairs)
 
 
+@dataclass(frozen=True)
+class RouterCacheConfig(_ConfigMethods):
+    """A learned block router (Learning-to-Cache's per-step, per-block decisions, trained as HarmoniCa trains
+    them: :func:`learn_router`): at step ``s`` the transformer stack's blocks listed in ``computed_blocks[s]`` run
+    and every other block adds its own delta (its output minus its input, per stream) from the last step it
+    ran. Step 0 runs every block. ``num_blocks``: the stack's length (checked against the model);
+    ``budget``: the block FLOPs the schedule was learned for, as a fraction of running every block at every
+    step. For another step count the decisions are taken from the nearest calibrated step (by noise level
+    when both schedules' ``timesteps`` are known, else by relative position), or refused when ``resample``
+    is False; ``timesteps``: the scheduler timesteps it was learned on (None if unknown)."""
+
+    computed_blocks: tuple[tuple[int, ...], ...]
+    num_blocks: int
+    budget: float = 0.4
+    resample: bool = True
+    timesteps: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        plain_scalars(self)
+        check_int("num_blocks", self.num_blocks, 1)
+        _check_float("budget", self.budget, 0.0, inclusive=False)
+        if self.budget > 1.0:
+            raise ValueError(f"budget is a fraction of the stack's block FLOPs in (0, 1], got {self.budget!r}")
+        if not isinstance(self.resample, bool):
+            raise ValueError(f"resample must be True or False, got {self.resample!r}")
+        object.__setattr__(self, "computed_blocks", _checked_block_sets(self.computed_blocks, self.num_blocks))
+        if self.timesteps is not None:
+            object.__setattr__(self, "timesteps", _checked_timesteps(self.timesteps, self.num_inference_steps))
+
+    @property
+    def num_inference_steps(self) -> int:
+        """Denoiser calls per item the router was learned for (one entry of ``computed_blocks`` each)."""
+        return len(self.computed_blocks)
+
+    def block_fraction(self) -> float:
+        """Block computations run, as a fraction of every block at every step (unweighted by FLOPs)."""
+        return sum(map(len, self.computed_blocks)) / (self.num_blocks * self.num_inference_steps)
+
+
+def _checked_block_sets(values: Any, num_blocks: int) -> tuple[tuple[int, ...], ...]:
+    """Per step, the sorted distinct block indices (ints) that compute; ValueError unless there is at least one
+    step, every index lies in [0, num_blocks) and step 0 computes every block (nothing is cached before it)."""
+    try:
+        steps = [tuple(sorted({operator.index(index) for index in _no_bools(step)})) for step in values]
+    except TypeError:
+        raise ValueError(f"computed_blocks must hold, per step, a sequence of int block indices, got "
+                         f"{values!r:.80}") from None
+    if not steps:
+        raise ValueError("computed_blocks must hold at least one step")
+    bad = [index for step in steps for index in step if not 0 <= index < num_blocks]
+    if bad:
+        raise ValueError(f"computed_blocks names blocks {sorted(set(bad))[:5]} outside [0, {num_blocks})")
+    if steps[0] != tuple(range(num_blocks)):
+        raise ValueError(f"computed_blocks[0] must list every block 0..{num_blocks - 1} (step 0 has nothing cached "
+                         f"to reuse), got {list(steps[0])}")
+    return tuple(steps)
+
+
+def _no_bools(items: Any) -> tuple:
+    """``items`` as a tuple; TypeError if any is a bool (an int subclass that is no block index)."""
+    items = tuple(items)
+    if any(isinstance(item, bool) for item in items):
+        raise TypeError("bool")
+    return items
+
+
 CACHE_CONFIGS: tuple[type, ...] = (DeepCacheConfig, BlockCacheConfig, FirstBlockCacheConfig,
                                    TeaCacheConfig, CalibratedCacheConfig, DeltaCacheConfig,
-                                   EncoderPropagationConfig)
+                                   EncoderPropagationConfig, RouterCacheConfig)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

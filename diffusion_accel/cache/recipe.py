@@ -1,9 +1,10 @@
 """Cache configs from a recipe's ``[cache]`` table (``diffusion-accel calibrate --method cache``).
 
 ``method`` names the cache (none: ``default_cache_config``'s); the other keys are that config's
-fields. Two methods calibrate on the recipe's prompts first: ``"calibrated"`` searches a schedule
+fields. Three methods calibrate on the recipe's prompts first: ``"calibrated"`` searches a schedule
 (keys: ``budget``, ``branch``, ``forecast``, ``forecast_target``, ``search``, ``max_passes``,
-``max_candidates``, ``resample``, ``search_blocks``) and ``"teacache"`` fits its rescaling polynomial when no
+``max_candidates``, ``resample``, ``search_blocks``), ``"router"`` learns a block router (keys: ``budget``,
+``epochs``, ``lr``, ``step_weights``, ``resample``) and ``"teacache"`` fits its rescaling polynomial when no
 ``coefficients`` are given (key ``degree``, default 4).
 """
 
@@ -13,8 +14,9 @@ from dataclasses import fields
 from typing import Any
 
 from .calibrated import calibrate_schedule
-from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, DeltaCacheConfig, EncoderPropagationConfig,
-                      FirstBlockCacheConfig, TeaCacheConfig)
+from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, DeltaCacheConfig,
+                      EncoderPropagationConfig, FirstBlockCacheConfig, RouterCacheConfig, TeaCacheConfig)
+from .router_learn import check_learning_settings, learn_router
 from .teacache_fit import fit_teacache_coefficients
 
 STATIC_METHODS: dict[str, type] = {
@@ -23,7 +25,9 @@ STATIC_METHODS: dict[str, type] = {
 }
 CALIBRATED_KEYS = ("budget", "branch", "forecast", "forecast_target", "search", "max_passes", "max_candidates",
                    "resample", "search_blocks")
-CACHE_METHODS = (*STATIC_METHODS, "calibrated")
+ROUTER_KEYS = ("budget", "epochs", "lr", "step_weights", "resample")
+LEARNED_METHODS = {"calibrated": CALIBRATED_KEYS, "router": ROUTER_KEYS}
+CACHE_METHODS = (*STATIC_METHODS, *LEARNED_METHODS)
 
 
 def config_from_table(pipe: Any, table: dict[str, Any], prompts: Any, num_inference_steps: int,
@@ -35,6 +39,9 @@ def config_from_table(pipe: Any, table: dict[str, Any], prompts: Any, num_infere
     if method == "calibrated":
         return calibrate_schedule(pipe, prompts, num_inference_steps=num_inference_steps, seed=seed,
                                   batch_size=batch_size, progress=progress, **options, **call_kwargs)
+    if method == "router":
+        return learn_router(pipe, prompts, num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size,
+                            progress=progress, **options, **call_kwargs)
     degree = options.pop("degree", 4) if method == "teacache" else None
     if method == "teacache" and options.get("coefficients") is None:
         options["coefficients"] = fit_teacache_coefficients(pipe, prompts, num_inference_steps, degree=degree,
@@ -50,6 +57,10 @@ def check_table(table: dict[str, Any]) -> None:
         if "budget" in options:  # the config checks it; any schedule will do for that
             CalibratedCacheConfig((0,), 1, budget=options["budget"])
         return
+    if method == "router":
+        check_learning_settings(**{key: value for key, value in options.items() if key != "resample"})
+        RouterCacheConfig(((0,),), 1, resample=options.get("resample", True))
+        return
     options.pop("degree", None)
     if method != "teacache" or options.get("coefficients") is not None:
         STATIC_METHODS[method](**options)
@@ -62,8 +73,8 @@ def _method_and_options(table: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     method = options.pop("method", None)
     if method not in CACHE_METHODS:
         raise ValueError(f"[cache] method {method!r}: accepted methods are {', '.join(CACHE_METHODS)}")
-    if method == "calibrated":
-        _check_keys(method, options, CALIBRATED_KEYS)
+    if method in LEARNED_METHODS:
+        _check_keys(method, options, LEARNED_METHODS[method])
         return method, options
     if "degree" in options and options.get("coefficients") is not None:
         raise ValueError("[cache] degree fits TeaCache's polynomial; it does not apply when coefficients are given")

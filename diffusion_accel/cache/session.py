@@ -162,7 +162,7 @@ class CacheSession:
             ready = state.get("ready", False) or step in self.replayed_steps
             compute = self.policy.should_compute(step, num_steps, state, signal) or not ready
             decision.update(step, compute, None if compute else self._partial_level(step, num_steps, state))
-            self._record(step, decision.compute, state.get("signal_change"), decision.partial)
+            self._record(step, decision.compute, state.get("signal_change"), decision.partial, state)
         return decision.compute
 
     def _partial_level(self, step: int, num_steps: int | None, state: dict[str, Any]) -> int | None:
@@ -173,12 +173,21 @@ class CacheSession:
         recorded = level in state.get("partial_levels", ()) or step in self.replayed_steps
         return level if level is not None and recorded else None
 
-    def _record(self, step: int, compute: bool, change: float | None, partial: int | None = None) -> None:
+    def _record(self, step: int, compute: bool, change: float | None, partial: int | None = None,
+                state: dict[str, Any] | None = None) -> None:
         self.start_records_if_fresh()
-        reused = 0 if compute else self.partial_reused[partial] if partial is not None else (
-            self.reuse_size or len(self.cached_blocks))
+        reused = 0 if compute else self._reused_count(partial, state)
         self.records.append(StepRecord(step, self.tracker.context, compute,
                                        self.total_blocks - reused, reused, change, partial))
+
+    def _reused_count(self, partial: int | None, state: dict[str, Any] | None) -> int:
+        """Blocks a reuse step reuses: a partial level's, the policy's own count (a block router's), or all cached."""
+        if partial is not None:
+            return self.partial_reused[partial]
+        counted = getattr(self.policy, "reused_count", None)
+        if counted is not None and state is not None:
+            return counted(state)
+        return self.reuse_size or len(self.cached_blocks)
 
     def on_reset(self) -> None:
         """The tracker reset (a new call, or diffusers resetting hooks after one): the next record

@@ -93,11 +93,12 @@ def compile_denoiser(pipe: Any, *, regional: bool | None = None, **compile_kwarg
 def decides_inside_the_block_loop(denoiser: nn.Module) -> bool:
     """Whether a feature cache on ``denoiser`` takes its skip decision in the block loop, from a head block's
     output (First-Block-Cache, TeaCache), where a compiled whole denoiser breaks its graph and dynamo then
-    compiles the hooked blocks one by one."""
+    compiles the hooked blocks one by one, or decides block by block (a learned router: a whole graph would be
+    specialised, and recompiled, for each step's set of running blocks)."""
     from ..cache.session import get_session
 
     session = get_session(getattr(denoiser, "_orig_mod", denoiser))
-    return session is not None and session.policy.uses_head
+    return session is not None and (session.policy.uses_head or getattr(session.policy, "decides_per_block", False))
 
 
 def _hooked(module: nn.Module) -> bool:

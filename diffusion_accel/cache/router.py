@@ -1,0 +1,167 @@
+"""Running a learned block router (:class:`RouterCacheConfig`): per step, which blocks of a transformer stack run.
+
+Learning-to-Cache's layer caching: a block the router skips at a step returns its fresh input plus its own
+delta (output minus input, per stream) from the last step it ran, so each block is reused or recomputed on
+its own rather than the whole stack at once. The policy tells the session whether a step runs every block
+(a full step) and leaves the step's block set in the context's state for the block hooks; :mod:`.router_learn`
+trains the decisions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import get_adapter
+from .computing import ComputingHook
+from .configs import RouterCacheConfig
+from .partial import scaled_timesteps
+from .session import CacheSession
+from .stack import check_stack
+from .streams import STREAMS, BlockIO, add_streams, block_io, detached, sub_streams
+
+BLOCKS_KEY = "router_blocks"  # the state entry holding the blocks that run in this call
+DELTAS_KEY = "block_deltas"  # block index -> its delta streams from the last step it ran
+
+
+def source_steps(config: RouterCacheConfig, num_steps: int, timesteps: list[float] | None = None) -> list[int]:
+    """For each step of a ``num_steps`` call, the learned step whose decisions it takes: the one at the nearest
+    noise level when ``timesteps`` (the call's) and the config's are known, else the nearest relative position
+    (the same step when the schedules agree). ValueError when they differ and ``config.resample`` is False."""
+    learned = config.num_inference_steps
+    if timesteps is not None and config.timesteps is not None and len(timesteps) == num_steps:
+        levels, wanted = scaled_timesteps(timesteps), scaled_timesteps(config.timesteps)
+        relative = [step * (learned - 1) / max(num_steps - 1, 1) for step in range(num_steps)]
+        sources = [min(range(learned), key=lambda source: (abs(wanted[source] - levels[step]),
+                                                            abs(source - relative[step])))
+                   for step in range(num_steps)]
+    else:
+        sources = [round(step * (learned - 1) / max(num_steps - 1, 1)) for step in range(num_steps)]
+    if sources != list(range(learned)) and not config.resample:
+        raise ValueError(f"this block router was learned for {learned} denoiser steps per call on timesteps "
+                         f"{_few(config.timesteps)}; this call runs {num_steps} steps at {_few(timesteps)}: learn it "
+                         f"again for this schedule, or set resample=True to take each step's blocks from the "
+                         f"nearest learned step")
+    return sources
+
+
+def _few(values: Any) -> str:
+    if values is None:
+        return "(unknown)"
+    values = [round(float(value), 3) for value in values]
+    return str(values) if len(values) <= 6 else f"[{', '.join(map(str, values[:3]))}, ..., {values[-1]}]"
+
+
+def call_plan(config: RouterCacheConfig, num_steps: int, timesteps: list[float] | None = None
+              ) -> tuple[frozenset[int], ...]:
+    """The blocks that run at each step of a ``num_steps`` call (step 0: every block)."""
+    every = frozenset(range(config.num_blocks))
+    plan = [frozenset(config.computed_blocks[source]) for source in source_steps(config, num_steps, timesteps)]
+    plan[0] = every
+    return tuple(plan)
+
+
+class RouterPolicy:
+    """The session's policy for a router: a step computes (runs the whole stack) when it runs every block; the
+    step's block set goes to ``state[BLOCKS_KEY]``. ``soft``: the trainer's gates while learning (else None)."""
+
+    uses_head = False
+    signal = None
+    decides_per_block = True  # regional compilation compiles the blocks beneath their hooks (eval.compile_denoiser)
+
+    def __init__(self, config: RouterCacheConfig) -> None:
+        self.config, self.tracker, self.soft = config, None, None
+        self._plan: tuple[Any, tuple[frozenset[int], ...]] | None = None  # ((steps, timesteps), plan)
+
+    def bind(self, tracker: Any) -> None:
+        """The session's step tracker, which knows the timesteps of the call in progress."""
+        self.tracker = tracker
+
+    def plan(self, num_steps: int | None) -> tuple[frozenset[int], ...]:
+        """This call's plan; a call of unknown length (a bare denoiser) follows the learned steps as they are."""
+        steps = self.config.num_inference_steps if num_steps is None else num_steps
+        timesteps = self.tracker.watched_timesteps() if self.tracker is not None and num_steps is not None else None
+        if self._plan is None or self._plan[0][0] != steps or self._plan[0][1] is not timesteps:
+            values = None if timesteps is None else timesteps.tolist()
+            self._plan = ((steps, timesteps), call_plan(self.config, steps, values))
+        return self._plan[1]
+
+    def blocks_at(self, step: int, num_steps: int | None) -> frozenset[int]:
+        """The blocks that run at ``step`` (all of them past the plan's end)."""
+        plan = self.plan(num_steps)
+        return plan[step] if step < len(plan) else frozenset(range(self.config.num_blocks))
+
+    def should_compute(self, step: int, num_steps: int | None, state: dict, signal: Any = None) -> bool:
+        blocks = self.blocks_at(step, num_steps)
+        state[BLOCKS_KEY] = blocks
+        return len(blocks) == self.config.num_blocks
+
+    def reused_count(self, state: dict) -> int:
+        """Blocks this call reuses (for the session's step records)."""
+        return self.config.num_blocks - len(state.get(BLOCKS_KEY, ()))
+
+
+def _usable(delta: dict | None, inputs: dict) -> bool:
+    """Whether ``delta`` can be added to ``inputs``: recorded, for every stream the block receives."""
+    return delta is not None and all(inputs[name] is None or delta.get(name) is not None for name in STREAMS)
+
+
+class RouterBlockHook(ComputingHook):
+    """Block ``index`` of a routed stack: runs when the step's plan lists it (or nothing is cached for it yet)
+    and records its delta; otherwise returns its inputs plus that delta."""
+
+    repeated_block = True
+
+    def __init__(self, session: CacheSession, key: str, io: BlockIO, index: int, num_blocks: int) -> None:
+        super().__init__()
+        self.session, self.key, self.io, self.index, self.num_blocks = session, key, io, index, num_blocks
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        session = self.session
+        if not session.active():
+            return self.compute(*args, **kwargs)
+        state = session.state()
+        if session.policy.soft is not None:  # learning: the trainer mixes computed and reused outputs
+            return session.policy.soft.block_forward(self, state, args, kwargs)
+        inputs, deltas = self.io.inputs(args, kwargs), state.setdefault(DELTAS_KEY, {})
+        delta = deltas.get(self.index)
+        runs = session.compute(state) or self.index in state.get(BLOCKS_KEY, (self.index,))
+        if runs or not _usable(delta, inputs):
+            return self._compute(state, deltas, inputs, args, kwargs)
+        return self.io.build(state["templates"][self.key], add_streams(inputs, delta))
+
+    def _compute(self, state: dict, deltas: dict, inputs: dict, args: tuple, kwargs: dict) -> Any:
+        """Run the block and record its delta; the last block marks the cache ready once every block has one."""
+        output = self.compute(*args, **kwargs)
+        state.setdefault("templates", {})[self.key] = self.io.template(output)
+        deltas[self.index] = detached(sub_streams(self.io.outputs(output), inputs))
+        if self.index == self.num_blocks - 1 and len(deltas) == self.num_blocks:
+            state["ready"] = True
+        return output
+
+
+def check_router(pipe: Any, config: RouterCacheConfig) -> list[str]:
+    """The stack's block names; ValueError when the stack's length is not the router's."""
+    names = check_stack(pipe, uses_head=False)
+    if len(names) != config.num_blocks:
+        raise ValueError(f"this block router was learned for a stack of {config.num_blocks} transformer blocks; "
+                         f"{type(get_adapter(pipe).denoiser).__name__} here has {len(names)}: learn it for this model")
+    return names
+
+
+def install_router_cache(session: CacheSession, pipe: Any) -> None:
+    """Hook every block of the stack with a :class:`RouterBlockHook`."""
+    names = check_router(pipe, session.config)
+    adapter = get_adapter(pipe)
+    session.cached_blocks, session.total_blocks = tuple(names), len(names)
+    for index, name in enumerate(names):
+        hook = RouterBlockHook(session, name, block_io(adapter, name), index, len(names))
+        session.hook(session.denoiser.get_submodule(name), hook)
+
+
+def block_mix(gate: torch.Tensor, fresh: dict, cached: dict) -> dict:
+    """``gate * fresh + (1 - gate) * cached`` per stream (the fresh stream where nothing is cached)."""
+    return {name: fresh[name] if fresh[name] is None or cached.get(name) is None
+            else gate * fresh[name] + (1 - gate) * cached[name] for name in STREAMS}

@@ -1,0 +1,324 @@
+"""Learning a block router: which transformer blocks run at which step (Learning-to-Cache's router, trained the
+way HarmoniCa trains it), for a budget of block FLOPs.
+
+Each (step, block) pair has a gate ``sigmoid((logit + shift) / temperature)`` that mixes the block's fresh delta
+(output minus input) with its cached one, ``gate * fresh + (1 - gate) * cached``; the mixture is the block's
+output (added to its input) and its cache from then on (a gate of 1 refreshes it, 0 keeps it), so the soft
+router runs the hard router's recurrence. Training follows HarmoniCa:
+
+- *step-wise denoising training*: the pipeline samples its own trajectory with the soft router in the loop (the
+  inputs of later steps carry the router's earlier errors, as at inference) and every denoiser call is compared
+  with the uncached denoiser on the same input. The latents are cut between calls, the caches are not: a step's
+  decision is credited with the later steps' errors its stale or fresh cache causes;
+- *an image-error proxy*: each step's error is weighted by how far the final outputs move when that step's
+  decision flips in the current hard router (first the uncached model, then remeasured every PROXY_EPOCHS
+  epochs), so steps whose reuse the image feels weigh more than the per-step noise error says.
+
+The shared ``shift`` holds the gates' expected block FLOPs at the budget after every update, so training only
+moves compute between (step, block) pairs; a gradient step moves the logit with the largest gradient by ``lr``
+and the others in proportion (per-parameter normalisers such as Adam's moved every gate pushed the same way
+alike, and the shift undid it). The temperature falls to FINAL_TEMPERATURE, so the gates end near 0 or 1, and
+the hard router takes the most open gates that fit the budget. Measured on fashion-flux
+(``benchmarks/cache_router.py``): sampled straight-through decisions, Adam, a fixed FLOP price and an error summed
+over the trajectory before squaring each learned worse routers than this.
+
+Only transformer block stacks are routed (UNets: use :func:`calibrate_schedule`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from ..arch import find_denoiser, get_adapter
+from ..calib import denoiser_steps
+from ..hooks import get_tracker
+from ..progress import progress_counter, progress_shown, showing_progress
+from ..scalars import plain_number
+from .apply import enable_cache, remove_cache
+from .calibrated import recorded_timesteps
+from .configs import RouterCacheConfig, _check_float, check_int
+from .router import block_mix
+from .runs import final_outputs, planned_calls
+from .session import drop_empty_registry, get_session
+from .stack import check_stack
+from .streams import add_streams, sub_streams
+
+TRAINER_HOOK_NAME = "diffusion_accel.cache.router_trainer"
+STEP_WEIGHTS = ("final", "uniform")
+FINAL_TEMPERATURE = 0.2  # the gates' temperature at the last epoch (1 at the first, geometric in between)
+PROXY_EPOCHS = 5  # epochs between measurements of the image-error proxy
+
+
+class SoftGates(nn.Module):
+    """The trainable router: ``logits`` (steps x blocks), the ``shift`` holding the gates' expected block FLOPs at
+    ``budget`` and the ``temperature``; the blocks' forward while learning and the pipeline call's loss."""
+
+    def __init__(self, num_steps: int, block_costs: list[float], budget: float) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(num_steps, len(block_costs)))
+        self.register_buffer("block_costs", torch.tensor(block_costs))
+        self.register_buffer("step_weights", torch.tensor([0.0] + [1.0] * (num_steps - 1)))
+        self.budget, self.teacher_pass, self.shift, self.temperature = budget, False, 0.0, 1.0
+        self.losses: list[torch.Tensor] = []  # this pipeline call's weighted step errors, backpropagated together
+        self.fit_shift()
+
+    def probabilities(self, shift: float | None = None) -> torch.Tensor:
+        """Every gate's value (steps x blocks), step 0's included (it always runs)."""
+        return torch.sigmoid((self.logits + (self.shift if shift is None else shift)) / self.temperature)
+
+    def expected_budget(self, shift: float | None = None) -> float:
+        """Block FLOPs of the gates (step 0 runs all) as a fraction of every block at every step."""
+        with torch.no_grad():
+            open_share = (self.probabilities(shift)[1:] * self.block_costs).sum()
+            return float((1.0 + open_share) / self.logits.shape[0])
+
+    def fit_shift(self) -> None:
+        """Bisect the shared shift so that the gates' expected FLOPs equal the budget."""
+        low, high = -60.0, 60.0
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (middle, high) if self.expected_budget(middle) < self.budget else (low, middle)
+        self.shift = (low + high) / 2
+
+    def gate(self, step: int, index: int) -> torch.Tensor | None:
+        """The gate of block ``index`` at ``step`` (None at step 0 and past the learned steps: the block runs)."""
+        if not 0 < step < self.logits.shape[0]:
+            return None
+        return torch.sigmoid((self.logits[step, index] + self.shift) / self.temperature)
+
+    def block_forward(self, hook: Any, state: dict, args: tuple, kwargs: dict) -> Any:
+        """A routed block while learning: the teacher pass computes plainly; the student's output is the block's
+        input plus the gate's mixture of its fresh and cached deltas, which becomes the block's cache (kept with
+        its graph until the pipeline call ends)."""
+        output = hook.compute(*args, **kwargs)
+        if self.teacher_pass:
+            return output
+        inputs = hook.io.inputs(args, kwargs)
+        fresh = sub_streams(hook.io.outputs(output), inputs)
+        deltas = state.setdefault("soft_deltas", {})
+        gate = self.gate(hook.session.tracker.step_index, hook.index)
+        cached = deltas.get(hook.index)
+        mixed = fresh if gate is None or cached is None else block_mix(gate, fresh, cached)
+        deltas[hook.index] = mixed
+        return hook.io.build(hook.io.template(output), add_streams(inputs, mixed))
+
+    def add_call_loss(self, step: int, student: torch.Tensor, teacher: torch.Tensor) -> None:
+        """Keep one denoiser call's relative squared error, weighted by its step's image-error proxy."""
+        weight = self.step_weights[step] if step < len(self.step_weights) else 0.0
+        error = (student.float() - teacher.float()).pow(2).sum() / teacher.float().pow(2).sum().clamp_min(1e-12)
+        if error.requires_grad:
+            self.losses.append(weight * error)
+
+    def backward(self) -> None:
+        """Backpropagate the pipeline call's losses into the logits."""
+        if self.losses:
+            with torch.enable_grad():  # called between pipeline calls, inside the runs' no_grad
+                torch.stack(self.losses).sum().backward()
+        self.losses = []
+
+    def descend(self, lr: float) -> None:
+        """A gradient step moving the logit with the largest gradient by ``lr``, the others in proportion."""
+        grad = self.logits.grad
+        if grad is not None:
+            with torch.no_grad():
+                self.logits -= lr * grad / grad.abs().max().clamp_min(1e-30)
+            self.logits.grad = None
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    """The denoiser's prediction in ``output`` (a tensor, a tuple's first item, or an output dataclass's)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return next(iter(output.values()))
+
+
+def _detached_output(output: Any) -> Any:
+    """``output`` with its tensors detached, in its own type (a diffusers output dataclass stays one)."""
+    if isinstance(output, torch.Tensor):
+        return output.detach()
+    if isinstance(output, (tuple, list)):
+        return type(output)(_detached_output(item) for item in output)
+    if isinstance(output, dict):
+        return type(output)(**{key: _detached_output(value) for key, value in output.items()})
+    return output
+
+
+class TrainerHook(ModelHook):
+    """On the denoiser, beneath the step tracker (which places each call): runs the uncached teacher and the
+    soft student on the call's input, backpropagates the call's loss into the gates and hands the pipeline
+    the student's prediction, so that the trajectory is the router's own."""
+
+    def __init__(self, gates: SoftGates) -> None:
+        super().__init__()
+        self.gates = gates
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        gates, tracker = self.gates, get_tracker(module)
+        with torch.no_grad():
+            gates.teacher_pass = True
+            try:
+                teacher = self.fn_ref.original_forward(*args, **kwargs)
+            finally:
+                gates.teacher_pass = False
+        with torch.enable_grad():
+            student = self.fn_ref.original_forward(*args, **kwargs)
+            gates.add_call_loss(tracker.step_index, _first_tensor(student), _first_tensor(teacher))
+        return _detached_output(student)
+
+
+@contextmanager
+def training_hooks(pipe: Any, denoiser: nn.Module, gates: SoftGates, num_steps: int, num_blocks: int
+                   ) -> Iterator[None]:
+    """The trainer hook (registered before the cache attaches the tracker, so the tracker wraps it) and a
+    router computing every block with ``gates`` in charge; the denoiser's parameters frozen. All undone after."""
+    trainable = [parameter for parameter in denoiser.parameters() if parameter.requires_grad]
+    HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(TrainerHook(gates), TRAINER_HOOK_NAME)
+    try:
+        for parameter in trainable:
+            parameter.requires_grad_(False)
+        every = RouterCacheConfig(tuple(tuple(range(num_blocks)) for _ in range(num_steps)), num_blocks)
+        enable_cache(pipe, every)
+        get_session(denoiser).policy.soft = gates
+        yield
+    finally:
+        remove_cache(pipe)
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+        registry = getattr(denoiser, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(TRAINER_HOOK_NAME) is not None:
+            registry.remove_hook(TRAINER_HOOK_NAME, recurse=False)
+            drop_empty_registry(denoiser)
+
+
+def block_costs(pipe: Any, names: list[str], run: Any) -> list[float]:
+    """Each block's share of the stack's FLOPs, counted during ``run()`` (one uncached calibration call)."""
+    from ..eval.cost import module_flops  # the eval package loads the metrics; only learning needs this
+
+    flops = module_flops(get_adapter(pipe).denoiser, names, run)
+    total = max(sum(flops.values()), 1)
+    return [flops[name] / total for name in names]
+
+
+def image_error_weights(pipe: Any, routed: tuple[tuple[int, ...], ...], num_blocks: int, calls: list,
+                        references: list) -> list[float]:
+    """HarmoniCa's image-error proxy for the hard router ``routed`` (per step, the blocks that run): per step, how
+    far the final outputs move when that step's decision flips (every block runs where some were reused, none
+    where all ran), relative to the uncached outputs; scaled to mean 1 over steps 1.. (step 0 always runs: 0).
+    All zero (no step moves the output): uniform weights."""
+    every = tuple(range(num_blocks))
+    base = _routed_outputs(pipe, routed, num_blocks, calls)
+    weights = [0.0]
+    for step in range(1, len(routed)):
+        flipped = routed[:step] + (() if routed[step] == every else every,) + routed[step + 1:]
+        outputs = _routed_outputs(pipe, flipped, num_blocks, calls)
+        weights.append(sum(float(torch.linalg.vector_norm(out - ref_base) / torch.linalg.vector_norm(ref)
+                                 .clamp_min(1e-12)) for out, ref_base, ref in zip(outputs, base, references))
+                       / len(calls))
+    mean = sum(weights[1:]) / max(len(routed) - 1, 1)
+    return [weight / mean for weight in weights] if mean > 0 else [0.0] + [1.0] * (len(routed) - 1)
+
+
+def _routed_outputs(pipe: Any, routed: tuple[tuple[int, ...], ...], num_blocks: int, calls: list) -> list:
+    """The final outputs of ``calls`` with the hard router ``routed``."""
+    enable_cache(pipe, RouterCacheConfig(routed, num_blocks))
+    try:
+        return final_outputs(pipe, calls)
+    finally:
+        remove_cache(pipe)
+
+
+def cut_to_budget(probabilities: torch.Tensor, costs: list[float], budget: float) -> tuple[tuple[int, ...], ...]:
+    """Hard decisions from learned gate ``probabilities`` (steps x blocks): step 0 runs every block, then
+    (step, block) pairs in order of decreasing probability while their FLOPs fit in ``budget`` (a fraction of
+    every block at every step)."""
+    num_steps, num_blocks = probabilities.shape
+    allowance = budget * num_steps - 1.0
+    chosen: list[set[int]] = [set(range(num_blocks))] + [set() for _ in range(num_steps - 1)]
+    order = sorted(((float(probabilities[step, index]), -step, index) for step in range(1, num_steps)
+                    for index in range(num_blocks)), reverse=True)
+    for _, negative_step, index in order:
+        if costs[index] <= allowance + 1e-9:
+            chosen[-negative_step].add(index)
+            allowance -= costs[index]
+    return tuple(tuple(sorted(blocks)) for blocks in chosen)
+
+
+def check_learning_settings(**settings: Any) -> None:
+    """ValueError naming the first bad one of the given ``learn_router`` settings (``budget``, ``epochs``, ``lr``,
+    ``step_weights``); settings not given are not checked."""
+    if "budget" in settings:
+        _check_float("budget", settings["budget"], 0.0, inclusive=False)
+        if settings["budget"] > 1.0:
+            raise ValueError(f"budget is a fraction of the stack's block FLOPs in (0, 1], got {settings['budget']!r}")
+    if "epochs" in settings:
+        check_int("epochs", settings["epochs"], 1)
+    if "lr" in settings:
+        _check_float("lr", settings["lr"], 0.0, inclusive=False)
+    if settings.get("step_weights", "final") not in STEP_WEIGHTS:
+        raise ValueError(f"step_weights must be one of {STEP_WEIGHTS} ('final': HarmoniCa's final-image error "
+                         f"proxy, 'uniform': every step alike), got {settings['step_weights']!r}")
+
+
+def learn_router(pipe: Any, prompts: Any, budget: float = 0.4, num_inference_steps: int = 28, *, epochs: int = 20,
+                 lr: float = 0.3, seed: int = 0, batch_size: int = 1, step_weights: str = "final",
+                 resample: bool = True, progress: bool = False, **call_kwargs: Any) -> RouterCacheConfig:
+    """A :class:`RouterCacheConfig` for ``pipe``'s transformer stack, learned on ``prompts`` (see the module doc)
+    for ``budget``: block FLOPs as a fraction of every block at every step (step 0 included, which runs them all).
+
+    ``epochs``: passes over the calibration calls (a gradient step per pipeline call; each call costs about four
+    uncached ones: teacher, student and its backward); ``lr``: how far the logit with the largest gradient moves
+    per step (the others in proportion); ``step_weights``: "final" weighs each step's error by HarmoniCa's
+    image-error proxy (measured before every PROXY_EPOCHS epochs: one pipeline run per step and calibration
+    call each time), "uniform" weighs all steps alike; ``seed``, ``batch_size`` and ``call_kwargs`` as in
+    :func:`calibrate_schedule`; ``resample``: whether another step count or schedule may use it; ``progress``: a
+    bar counting the training calls. The trained denoiser's parameters are left as they were (frozen while
+    learning, no gradients kept)."""
+    budget, num_inference_steps, epochs, lr, seed, batch_size = (
+        plain_number(value) for value in (budget, num_inference_steps, epochs, lr, seed, batch_size))
+    check_learning_settings(budget=budget, epochs=epochs, lr=lr, step_weights=step_weights)
+    denoiser = find_denoiser(pipe)[1]
+    if get_session(denoiser) is not None:
+        raise ValueError("learn_router needs a pipeline without a cache; call remove_cache first")
+    names = check_stack(pipe, uses_head=False)  # UNets: a clear error, before anything runs
+    num_steps = denoiser_steps(pipe, num_inference_steps)
+    calls = planned_calls(pipe, prompts, num_inference_steps, seed=seed, batch_size=batch_size, **call_kwargs)
+    with recorded_timesteps(pipe) as timesteps:
+        references = final_outputs(pipe, calls)
+    costs = block_costs(pipe, names, lambda: final_outputs(pipe, calls[:1]))
+    gates = SoftGates(num_steps, costs, budget)
+    routed = tuple(tuple(range(len(names))) for _ in range(num_steps))  # the proxy starts from the uncached model
+    for first in range(0, epochs, PROXY_EPOCHS):
+        if step_weights == "final":
+            gates.step_weights = torch.tensor(image_error_weights(pipe, routed, len(names), calls, references))
+        _train(pipe, denoiser, gates, calls, range(first, min(first + PROXY_EPOCHS, epochs)), epochs, lr, progress)
+        routed = cut_to_budget(gates.probabilities().detach(), costs, budget)
+    return RouterCacheConfig(routed, len(names), budget=budget, resample=resample,
+                             timesteps=tuple(timesteps) if len(timesteps) == num_steps else None)
+
+
+def _train(pipe: Any, denoiser: nn.Module, gates: SoftGates, calls: list, epochs: range, total_epochs: int, lr: float,
+           progress: bool) -> None:
+    """The ``epochs`` (of ``total_epochs``) over ``calls`` with the soft router in the loop; a gradient step on the
+    gates after each call."""
+
+    def step_gates() -> None:
+        gates.backward()
+        gates.descend(lr)
+        gates.fit_shift()
+
+    with (showing_progress(progress or progress_shown()), progress_counter("router training", "call") as trained,
+          training_hooks(pipe, denoiser, gates, *gates.logits.shape)):
+        for epoch in epochs:
+            gates.temperature = FINAL_TEMPERATURE ** (epoch / max(total_epochs - 1, 1))
+            gates.fit_shift()
+            final_outputs(pipe, calls, before_call=lambda index: (step_gates(), trained()) if index else None)
+            step_gates()
+            trained()
