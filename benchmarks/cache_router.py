@@ -25,7 +25,7 @@ from cli_options import COUNT, NONNEGATIVE, RESULTS, script_parser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cache_blocks as cb  # noqa: E402
-from zoo_harness import time_variants  # noqa: E402
+from zoo_harness import time_variants, write_result  # noqa: E402
 from zoo_quality import DEFAULTS  # noqa: E402
 
 from diffusion_accel import zoo  # noqa: E402
@@ -116,16 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
         context = context or cb.model_context(MODEL, args.held_out)
         variants[label] = measure(label, calibrate, context)
         print(f"{label}: held-out {variants[label]['error_held_out']:.4f}", flush=True)
-        write(report, args.out)
+        write_result(args.out, report, markdown)
     if args.timing_repeats and set(report.get("timing", {})) != {"uncached", *variants}:
         report["timing"] = timing(variants, args.timing_repeats)
-        write(report, args.out)
+        write_result(args.out, report, markdown)
     return report
-
-
-def write(report: dict, path: Path) -> None:
-    path.write_text(json.dumps(report, indent=1))
-    path.with_suffix(".md").write_text(markdown(report))
 
 
 if __name__ == "__main__":
