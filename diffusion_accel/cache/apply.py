@@ -20,8 +20,8 @@ from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, 
                       config_to_dict)
 from .delta import install_delta_cache
 from .encoder import encoder_point, install_encoder_cache, key_steps
-from .partial import (check_levels, deeper_points, is_unet, nearest_noise_level, partial_steps_for_call,
-                      scaled_timesteps)
+from .partial import (check_levels, deeper_points, few_values, is_unet, nearest_noise_level,
+                      partial_steps_for_call, scaled_timesteps)
 from .policies import DeltaPolicy, FirstBlockPolicy, SchedulePolicy, TeaCachePolicy
 from .router import RouterPolicy, check_router, install_router_cache
 from .schedules import nonuniform_full_steps, resample_full_steps, uniform_full_steps
@@ -197,17 +197,12 @@ def steps_at_noise_levels(config: CalibratedCacheConfig, timesteps: list[float])
         free = [index for index in range(len(current)) if index not in chosen]
         chosen.add(nearest_noise_level(free, current, calibrated[step], step))
     if sorted(chosen) != list(config.full_steps) and not config.resample:
-        raise ValueError(f"this cache schedule was calibrated on timesteps {_few(config.timesteps)}; this call's "
-                         f"{len(timesteps)} steps run at {_few(timesteps)} (another scheduler, sigmas or spacing, "
-                         f"or a resolution that shifts the schedule), where its full steps sit at other positions: "
-                         f"recalibrate with this schedule, or set resample=True to take the full steps at the "
-                         f"nearest noise levels")
+        raise ValueError(f"this cache schedule was calibrated on timesteps {few_values(config.timesteps)}; this "
+                         f"call's {len(timesteps)} steps run at {few_values(timesteps)} (another scheduler, sigmas or "
+                         f"spacing, or a resolution that shifts the schedule), where its full steps sit at other "
+                         f"positions: recalibrate with this schedule, or set resample=True to take the full steps at "
+                         f"the nearest noise levels")
     return sorted(chosen)
-
-
-def _few(values: Any) -> str:
-    values = [round(float(value), 3) for value in values]
-    return str(values) if len(values) <= 6 else f"[{', '.join(map(str, values[:3]))}, ..., {values[-1]}]"
 
 
 def _handler_for(config: Any) -> Callable:

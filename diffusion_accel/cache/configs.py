@@ -367,7 +367,7 @@ class RouterCacheConfig(_ConfigMethods):
     and every other block adds its own delta (its output minus its input, per stream) from the last step it
     ran. Step 0 runs every block. ``num_blocks``: the stack's length (checked against the model);
     ``budget``: the block FLOPs the schedule was learned for, as a fraction of running every block at every
-    step. For another step count the decisions are taken from the nearest calibrated step (by noise level
+    step. For another step count the decisions are taken from the nearest learned step (by noise level
     when both schedules' ``timesteps`` are known, else by relative position), or refused when ``resample``
     is False; ``timesteps``: the scheduler timesteps it was learned on (None if unknown)."""
 

@@ -84,6 +84,14 @@ def nearest_noise_level(free: Sequence[int], levels: Sequence[float], wanted: fl
     return min(free, key=lambda index: (abs(levels[index] - wanted), abs(index - step)))
 
 
+def few_values(values: Any) -> str:
+    """A short text of a timestep list for error messages (the first three and the last past six; None: unknown)."""
+    if values is None:
+        return "(unknown)"
+    values = [round(float(value), 3) for value in values]
+    return str(values) if len(values) <= 6 else f"[{', '.join(map(str, values[:3]))}, ..., {values[-1]}]"
+
+
 def scaled_timesteps(timesteps: Sequence[float]) -> list[float]:
     """``timesteps`` scaled to [0, 1] by their own minimum and maximum (all 0 for a constant schedule): a
     schedule's noise levels, comparable across schedules."""

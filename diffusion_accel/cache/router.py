@@ -17,7 +17,7 @@ from torch import nn
 from ..arch import get_adapter
 from .computing import ComputingHook
 from .configs import RouterCacheConfig
-from .partial import scaled_timesteps
+from .partial import few_values, scaled_timesteps
 from .session import CacheSession
 from .stack import check_stack
 from .streams import STREAMS, BlockIO, add_streams, block_io, detached, sub_streams
@@ -41,17 +41,10 @@ def source_steps(config: RouterCacheConfig, num_steps: int, timesteps: list[floa
         sources = [round(step * (learned - 1) / max(num_steps - 1, 1)) for step in range(num_steps)]
     if sources != list(range(learned)) and not config.resample:
         raise ValueError(f"this block router was learned for {learned} denoiser steps per call on timesteps "
-                         f"{_few(config.timesteps)}; this call runs {num_steps} steps at {_few(timesteps)}: learn it "
-                         f"again for this schedule, or set resample=True to take each step's blocks from the "
-                         f"nearest learned step")
+                         f"{few_values(config.timesteps)}; this call runs {num_steps} steps at "
+                         f"{few_values(timesteps)}: learn it again for this schedule, or set resample=True to take "
+                         f"each step's blocks from the nearest learned step")
     return sources
-
-
-def _few(values: Any) -> str:
-    if values is None:
-        return "(unknown)"
-    values = [round(float(value), 3) for value in values]
-    return str(values) if len(values) <= 6 else f"[{', '.join(map(str, values[:3]))}, ..., {values[-1]}]"
 
 
 def call_plan(config: RouterCacheConfig, num_steps: int, timesteps: list[float] | None = None
