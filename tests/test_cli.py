@@ -340,6 +340,22 @@ def test_calibrate_cache_search_blocks_flag_searches_partial_steps(tmp_path, cap
     assert "search_blocks" in capsys.readouterr().err
 
 
+def test_calibrate_cache_method_router_learns_and_saves_a_block_router(tmp_path, capsys):
+    import diffusion_accel as da
+    from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nid = "tiny:flux"\n[calibration]\nsteps = 6\nnum_prompts = 1\n'
+                      '[cache]\nmethod = "router"\nepochs = 2\n')
+    out = tmp_path / "routed"
+    assert main(["calibrate", "--recipe", str(recipe), "--method", "cache", "--budget", "0.5",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    config = json.loads((out / "manifest.json").read_text())["techniques"][0]["config"]
+    assert config["type"] == "RouterCacheConfig" and config["params"]["budget"] == 0.5
+    assert len(config["params"]["computed_blocks"]) == 6
+    da.load(build_tiny("flux"), out)(**tiny_call_kwargs("flux", steps=6))
+
+
 def test_calibrate_chain_saves_one_artifact_that_eval_loads_by_folder(tmp_path, capsys):
     import torch
 
