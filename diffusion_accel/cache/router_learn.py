@@ -22,7 +22,8 @@ the hard router takes the most open gates that fit the budget.
 
 Development probes on fashion-flux (10 of 28 steps' block FLOPs, the benchmark's 4 calibration and 20 held-out
 prompts; final-latent error vs uncached, calibration / held-out; session 37): this recipe 0.095 / 0.096 (the
-benchmark's row; uniform block caching 0.163 / 0.185, the schedule search 0.048 / 0.053). Worse: Adam on the
+benchmark's row; 40 epochs 0.084 / 0.087; uniform block caching 0.163 / 0.185, the schedule search
+0.048 / 0.053). Worse: Adam on the
 logits with a dual-ascent FLOP price 0.23 / 0.25 (Adam moved every consistently pushed gate alike); sampled
 straight-through hard decisions 0.29-0.47; without temperature decay 0.12 / 0.14, and with the proxy measured
 once as well 0.10 / 0.11; a final temperature of 0.05 0.099 / 0.105; ``lr`` 1.0 0.095 / 0.101; the weighted errors
@@ -287,7 +288,9 @@ def learn_router(pipe: Any, prompts: Any, budget: float = 0.4, num_inference_ste
     call each time), "uniform" weighs all steps alike; ``seed``, ``batch_size`` and ``call_kwargs`` as in
     :func:`calibrate_schedule`; ``resample``: whether another step count or schedule may use it; ``progress``: a
     bar counting the training calls. The trained denoiser's parameters are left as they were (frozen while
-    learning, no gradients kept)."""
+    learning, no gradients kept). Memory: the blocks' autograd graphs of one pipeline call are kept until it
+    ends (the caches carry them across steps), about what training through the whole trajectory would keep:
+    small for the zoo, many GB for a FLUX-size model at full resolution (use fewer steps or a smaller size)."""
     budget, num_inference_steps, epochs, lr, seed, batch_size = (
         plain_number(value) for value in (budget, num_inference_steps, epochs, lr, seed, batch_size))
     check_learning_settings(budget=budget, epochs=epochs, lr=lr, step_weights=step_weights)
