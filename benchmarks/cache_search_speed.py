@@ -8,7 +8,7 @@ For each zoo model and setting of ``cache_blocks.py`` (the same calibration prom
 (``reuse_prefix=True``, the default), in alternating order over the settings. Reported: wall time of each
 search, their ratio, whether both found the same schedule (they must: the errors are bit-identical), the
 schedules tried and the share of denoiser calls answered by replay. The report is rewritten after every
-setting.
+setting; a rerun keeps the rows it holds (each names its machine) and runs the missing ones.
 """
 
 from __future__ import annotations
@@ -86,23 +86,27 @@ def main(argv: list[str] | None = None) -> dict:
     import diffusion_accel.cache.calibrated as calibrated
 
     calibrated.PrefixReplay = CountedReplay  # the search's own instance then reports its call counts
-    report = {"machine": machine_info(), "threads": args.threads, "rows": {},
-              "command": " ".join(["python", *sys.argv])}
-    order = 0
+    report = json.loads(args.out.read_text()) if args.out.is_file() else {"machine": machine_info()}
+    report.update({"threads": args.threads, "command": " ".join(["python", *sys.argv])})
+    rows, order = report.setdefault("rows", {}), 0
     for model in args.models:
         pipe = zoo.load(model)
         pipe.set_progress_bar_config(disable=True)
         calib, kwargs, _ = cb.model_calls(model, pipe, held_out=1)  # its held-out calls go unused
         for setting, options in cb.SETTINGS[model].items():
+            if f"{model}/{setting}" in rows:  # kept from an earlier run (the alternating order counts it)
+                order += 1
+                continue
             runs = {}
             for reuse in ((False, True) if order % 2 == 0 else (True, False)):
                 runs["replay" if reuse else "plain"] = search(pipe, model, calib, kwargs, options, reuse)
                 print(model, setting, "replay" if reuse else "plain", runs["replay" if reuse else "plain"],
                       flush=True)
             order += 1
-            report["rows"][f"{model}/{setting}"] = {
-                "model": model, "setting": setting, **runs,
+            rows[f"{model}/{setting}"] = {
+                "model": model, "setting": setting, **runs, "machine": machine_summary(machine_info()),
                 "same_schedule": runs["plain"]["config"] == runs["replay"]["config"]}
+            report.get("not_run", {}).pop(f"{model}/{setting}", None)
             write(report, args.out)
     return report
 
