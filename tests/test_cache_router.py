@@ -164,7 +164,7 @@ def test_learn_router_meets_its_budget_beats_reusing_blindly_and_leaves_the_pipe
     learned = schedule_error(pipe, config, calls, references)
     late = RouterCacheConfig(_every(4, 3) + ((), (), ()), 4)  # the same count of block runs, reused at the end
     early = RouterCacheConfig(((0, 1, 2, 3), (), (), ()) + _every(4, 2), 4)  # ... or in the middle
-    assert 0 < learned < max(schedule_error(pipe, late, calls, references),
+    assert 0 < learned < min(schedule_error(pipe, late, calls, references),  # 0.0037 vs 0.0072 / 0.0061
                              schedule_error(pipe, early, calls, references))
 
 
