@@ -47,13 +47,18 @@ def _candidates(num_steps: int, chosen: set[int], max_candidates: int | None) ->
     return sorted({free[int(i * stride)] for i in range(max_candidates)})
 
 
-def schedule_error(pipe: Any, config: CalibratedCacheConfig, calls: list, references: list) -> float:
-    """Mean relative L2 error of the final outputs with ``config`` vs the uncached references."""
+def cached_outputs(pipe: Any, config: Any, calls: list) -> list:
+    """The final outputs of ``calls`` with the cache ``config`` enabled (removed afterwards)."""
     enable_cache(pipe, config)
     try:
-        return relative_error(final_outputs(pipe, calls), references)
+        return final_outputs(pipe, calls)
     finally:
         remove_cache(pipe)
+
+
+def schedule_error(pipe: Any, config: CalibratedCacheConfig, calls: list, references: list) -> float:
+    """Mean relative L2 error of the final outputs with ``config`` vs the uncached references."""
+    return relative_error(cached_outputs(pipe, config, calls), references)
 
 
 SEARCHES = ("refine", "greedy")

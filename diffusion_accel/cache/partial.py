@@ -100,18 +100,25 @@ def scaled_timesteps(timesteps: Sequence[float]) -> list[float]:
     return [(value - low) / span if span > 0 else 0.0 for value in values]
 
 
+def flop_shares(pipe: Any, names: Sequence[str], run: Any) -> dict[str, float]:
+    """Each named denoiser module's share of the FLOPs the named modules ran during ``run()`` (one calibration
+    call, uncached)."""
+    from ..eval.cost import module_flops  # the eval package loads the metrics; only searches and learning need this
+
+    flops = module_flops(get_adapter(pipe).denoiser, names, run)
+    total = max(sum(flops.values()), 1)
+    return {name: flops[name] / total for name in names}
+
+
 def level_costs(pipe: Any, branch: int, levels: Sequence[int], run: Any) -> dict[int, float]:
     """What a partial step of each level computes, as a fraction of the FLOPs of the blocks a whole reuse
     step skips (branch ``branch``'s deep path; a transformer's stack), counted during ``run()`` (one
     calibration call, uncached)."""
-    from ..eval.cost import module_flops  # the eval package loads the metrics; only a block search needs this
-
     points = skip_branches(pipe)
     if points:
         cached, reused = points[branch].blocks, {level: set(points[level].blocks) for level in levels}
     else:
         cached = stack_blocks(pipe)
         reused = {level: set(cached[level:]) for level in levels}
-    flops = module_flops(get_adapter(pipe).denoiser, cached, run)
-    total = max(sum(flops.values()), 1)
-    return {level: sum(flops[name] for name in cached if name not in reused[level]) / total for level in levels}
+    shares = flop_shares(pipe, cached, run)
+    return {level: sum(shares[name] for name in cached if name not in reused[level]) for level in levels}

@@ -43,14 +43,15 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from ..arch import find_denoiser, get_adapter
+from ..arch import find_denoiser
 from ..calib import denoiser_steps
 from ..hooks import get_tracker
 from ..progress import progress_counter, progress_shown, showing_progress
 from ..scalars import plain_number
 from .apply import enable_cache, remove_cache
-from .calibrated import recorded_timesteps
+from .calibrated import cached_outputs, recorded_timesteps
 from .configs import RouterCacheConfig, _check_float, check_int
+from .partial import flop_shares
 from .router import block_mix
 from .runs import final_outputs, planned_calls
 from .session import drop_empty_registry, get_session
@@ -206,15 +207,6 @@ def training_hooks(pipe: Any, denoiser: nn.Module, gates: SoftGates, num_steps: 
             drop_empty_registry(denoiser)
 
 
-def block_costs(pipe: Any, names: list[str], run: Any) -> list[float]:
-    """Each block's share of the stack's FLOPs, counted during ``run()`` (one uncached calibration call)."""
-    from ..eval.cost import module_flops  # the eval package loads the metrics; only learning needs this
-
-    flops = module_flops(get_adapter(pipe).denoiser, names, run)
-    total = max(sum(flops.values()), 1)
-    return [flops[name] / total for name in names]
-
-
 def image_error_weights(pipe: Any, routed: tuple[tuple[int, ...], ...], num_blocks: int, calls: list,
                         references: list) -> list[float]:
     """HarmoniCa's image-error proxy for the hard router ``routed`` (per step, the blocks that run): per step, how
@@ -222,25 +214,16 @@ def image_error_weights(pipe: Any, routed: tuple[tuple[int, ...], ...], num_bloc
     where all ran), relative to the uncached outputs; scaled to mean 1 over steps 1.. (step 0 always runs: 0).
     All zero (no step moves the output): uniform weights."""
     every = tuple(range(num_blocks))
-    base = _routed_outputs(pipe, routed, num_blocks, calls)
+    base = cached_outputs(pipe, RouterCacheConfig(routed, num_blocks), calls)
     weights = [0.0]
     for step in range(1, len(routed)):
         flipped = routed[:step] + (() if routed[step] == every else every,) + routed[step + 1:]
-        outputs = _routed_outputs(pipe, flipped, num_blocks, calls)
+        outputs = cached_outputs(pipe, RouterCacheConfig(flipped, num_blocks), calls)
         weights.append(sum(float(torch.linalg.vector_norm(out - ref_base) / torch.linalg.vector_norm(ref)
                                  .clamp_min(1e-12)) for out, ref_base, ref in zip(outputs, base, references))
                        / len(calls))
     mean = sum(weights[1:]) / max(len(routed) - 1, 1)
     return [weight / mean for weight in weights] if mean > 0 else [0.0] + [1.0] * (len(routed) - 1)
-
-
-def _routed_outputs(pipe: Any, routed: tuple[tuple[int, ...], ...], num_blocks: int, calls: list) -> list:
-    """The final outputs of ``calls`` with the hard router ``routed``."""
-    enable_cache(pipe, RouterCacheConfig(routed, num_blocks))
-    try:
-        return final_outputs(pipe, calls)
-    finally:
-        remove_cache(pipe)
 
 
 def cut_to_budget(probabilities: torch.Tensor, costs: list[float], budget: float) -> tuple[tuple[int, ...], ...]:
@@ -302,7 +285,7 @@ def learn_router(pipe: Any, prompts: Any, budget: float = 0.4, num_inference_ste
     calls = planned_calls(pipe, prompts, num_inference_steps, seed=seed, batch_size=batch_size, **call_kwargs)
     with recorded_timesteps(pipe) as timesteps:
         references = final_outputs(pipe, calls)
-    costs = block_costs(pipe, names, lambda: final_outputs(pipe, calls[:1]))
+    costs = list(flop_shares(pipe, names, lambda: final_outputs(pipe, calls[:1])).values())
     gates = SoftGates(num_steps, costs, budget)
     routed = tuple(tuple(range(len(names))) for _ in range(num_steps))  # the proxy starts from the uncached model
     for first in range(0, epochs, PROXY_EPOCHS):
