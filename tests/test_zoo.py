@@ -329,6 +329,8 @@ def test_warm_start_from_the_shipped_model(name, denoiser, tmp_path, monkeypatch
     info = json.loads((folder / "train_info.json").read_text())
     assert info["init_steps"] == C.source_steps(zoo.path(name)) > 0
     assert info["total_steps"] == info["init_steps"] + 1 and info["peak_lr"] == 1e-9
+    # the card records whether bf16 autocast ran: the flux stages autocast where bf16 is native, sd's never
+    assert info["bf16_autocast"] is (name == "fashion-flux" and C.bf16_autocast_wanted("cpu"))
     ship_main([name, "--from", str(folder), "--dest", str(tmp_path / "staged")])  # e.g. on a GPU machine
     staged = tmp_path / "staged" / name
     weights = load_file(str(staged / denoiser / "diffusion_pytorch_model.safetensors"))
@@ -489,8 +491,11 @@ def test_the_fashion_prompt_set_is_the_training_captions():
     assert prompts.load("fashion") == [caption(label, 0) for label in range(10)]
 
 
-def test_training_autocasts_to_bf16_on_cpu_only_unless_the_environment_says(monkeypatch):
+def test_training_autocasts_to_bf16_on_cpus_with_native_bf16_only_unless_the_environment_says(monkeypatch):
     monkeypatch.delenv(C.AUTOCAST_ENV, raising=False)
+    monkeypatch.setattr(C, "native_bf16_cpu", lambda: False)  # emulated bf16: float32 trains faster
+    assert not C.bf16_autocast_wanted("cpu") and not C.bf16_autocast_wanted("cuda")
+    monkeypatch.setattr(C, "native_bf16_cpu", lambda: True)
     assert C.bf16_autocast_wanted("cpu") and not C.bf16_autocast_wanted("cuda")
     with C.autocast(torch.device("cpu")):
         assert torch.is_autocast_enabled("cpu")
@@ -498,7 +503,8 @@ def test_training_autocasts_to_bf16_on_cpu_only_unless_the_environment_says(monk
     with C.autocast(torch.device("cpu")):
         assert not torch.is_autocast_enabled("cpu")
     monkeypatch.setenv(C.AUTOCAST_ENV, "1")
-    assert C.bf16_autocast_wanted("cuda")
+    monkeypatch.setattr(C, "native_bf16_cpu", lambda: False)
+    assert C.bf16_autocast_wanted("cuda") and C.bf16_autocast_wanted("cpu")
     monkeypatch.setenv(C.AUTOCAST_ENV, "yes")
     with pytest.raises(ValueError, match="DIFFUSION_ACCEL_AUTOCAST must be '0' or '1', got 'yes'"):
         C.bf16_autocast_wanted("cpu")

@@ -48,13 +48,21 @@ def _env_threads() -> int:
 AUTOCAST_ENV = "DIFFUSION_ACCEL_AUTOCAST"
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 natively (AMX tiles or AVX-512 BF16); elsewhere oneDNN emulates it."""
+    checks = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(check is not None and bool(check()) for check in checks)
+
+
 def bf16_autocast_wanted(device_type: str) -> bool:
-    """Whether training runs under bf16 autocast on ``device_type``: on CPU yes (≈1.6× faster VAE steps),
-    on CUDA no (these small models are launch-bound there: fashion-flux, batch 512 on an H200, ran 10.5
-    steps/s in bf16 and 20.6 in float32 with TF32 matmuls). ``DIFFUSION_ACCEL_AUTOCAST=1`` / ``0`` forces it."""
+    """Whether training runs under bf16 autocast on ``device_type``: on a CPU that computes bf16 natively (AMX,
+    AVX-512 BF16: ≈1.6× faster VAE steps), not on one that emulates it (a 2-core Xeon with AVX-512 VNNI only,
+    2 threads: fashion-flux transformer steps 2.7× and VAE steps 3.5× *slower* in bf16), not on CUDA (these
+    small models are launch-bound there: fashion-flux, batch 512 on an H200, ran 10.5 steps/s in bf16 and 20.6
+    in float32 with TF32 matmuls). ``DIFFUSION_ACCEL_AUTOCAST=1`` / ``0`` forces it."""
     choice = os.environ.get(AUTOCAST_ENV)
     if choice is None:
-        return device_type == "cpu"
+        return device_type == "cpu" and native_bf16_cpu()
     if choice not in ("0", "1"):
         raise ValueError(f"{AUTOCAST_ENV} must be '0' or '1', got {choice!r}")
     return choice == "1"
@@ -118,10 +126,12 @@ def denoiser_state(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.opti
 
 
 def run_info(name: str, cfg: "RunConfig", steps_done: int, batch_size: int, device: torch.device,
-             wall_time_s: float, commands: list[str]) -> dict:
-    """The train_info.json fields every stage records: what ran, how long (s), where and by which commands."""
+             wall_time_s: float, commands: list[str], autocasts: bool = False) -> dict:
+    """The train_info.json fields every stage records: what ran, how long (s), where and by which commands;
+    ``autocasts``: whether the stage trains under :func:`autocast` (recorded as whether bf16 was on)."""
     return {"name": name, "seed": cfg.seed, "steps": steps_done, "batch_size": batch_size, "device": str(device),
-            "wall_time_s": round(wall_time_s, 1), "threads": torch.get_num_threads(), "command": " && ".join(commands)}
+            "wall_time_s": round(wall_time_s, 1), "threads": torch.get_num_threads(),
+            "bf16_autocast": autocasts and bf16_autocast_wanted(device.type), "command": " && ".join(commands)}
 
 
 @dataclass

@@ -58,8 +58,8 @@ FASHION_DATA = ("Data: Fashion-MNIST (MIT, Debian `dataset-fashion-mnist`), 28×
                 "them as float32.\n")
 STAGES = {"fashion-clip": ("fashion-clip",), "fashion-sd": ("fashion-sd-vae", "fashion-sd-decoder", "fashion-sd"),
           "fashion-flux": ("fashion-flux-vae", "fashion-flux-decoder", "fashion-flux"), "mnist-ddpm": ("mnist-ddpm",)}
-KEYS = ("command", "seed", "steps", "batch_size", "wall_time_s", "device", "threads", "params", "unet_params",
-        "transformer_params", "t5_params", "init_from", "init_steps", "total_steps", "peak_lr", "source",
+KEYS = ("command", "seed", "steps", "batch_size", "wall_time_s", "device", "threads", "bf16_autocast", "params",
+        "unet_params", "transformer_params", "t5_params", "init_from", "init_steps", "total_steps", "peak_lr", "source",
         "adv_weight", "zero_shot_test_accuracy", "test_psnr_db", "note")
 
 

@@ -137,6 +137,7 @@ def train(cfg: C.RunConfig, name: str = "fashion-clip") -> Path:
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, "fashion-clip")
     acc = zero_shot_accuracy(model, tok, to_rgb32(test_x), test_y)
     print(f"fashion-clip: zero-shot test accuracy {acc:.4f} after {done} steps")
-    info = {**C.run_info("fashion-clip", cfg, done, bs, device, elapsed + time.time() - t_start, commands),
+    info = {**C.run_info("fashion-clip", cfg, done, bs, device, elapsed + time.time() - t_start, commands,
+                         autocasts=True),
             "zero_shot_test_accuracy": acc}
     return export(model.cpu(), tok, cfg.run_dir / "final", info)

@@ -150,7 +150,8 @@ def train(cfg: C.RunConfig, name: str) -> Path:
     metrics = evaluate(vae, test_images)
     print(f"{name}: test PSNR {metrics['test_psnr_db']:.2f} dB after {done} steps")
     origin = {"init_from": source_label} if cfg.init_from is not None else {"source": source_label}
-    info = {**C.run_info(name, cfg, done, bs, device, elapsed + time.time() - t_start, commands), **origin,
+    info = {**C.run_info(name, cfg, done, bs, device, elapsed + time.time() - t_start, commands,
+                         autocasts=True), **origin,
             "adv_weight": ADV_WEIGHT, "adv_start": ADV_START, "peak_lr": peak_lr, **metrics}
     folder = cfg.run_dir / "final"
     vae.cpu().save_pretrained(folder)  # scaling/shift factors unchanged: the latent space is the source's

@@ -206,7 +206,8 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
                 "arch_chosen": arch_chosen}
 
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, name)
-    info = {**C.run_info(name, cfg, done, bs, device, elapsed + time.time() - t_start, commands),
+    info = {**C.run_info(name, cfg, done, bs, device, elapsed + time.time() - t_start, commands,
+                         autocasts=True),
             "transformer_params": sum(p.numel() for p in model.parameters()),
             "t5_params": sum(p.numel() for p in t5.parameters()), "caption_dropout": CAPTION_DROPOUT,
             "ema_decay": EMA_DECAY, "t5_max_sequence_length": T5_MAX_LENGTH, "peak_lr": peak_lr,

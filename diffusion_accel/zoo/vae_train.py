@@ -123,7 +123,8 @@ def train(cfg: C.RunConfig, name: str) -> Path:
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, name)
     metrics = evaluate(vae, test_images)
     print(f"{name}: test PSNR {metrics['test_psnr_db']:.2f} dB after {done} steps")
-    info = {**C.run_info(name, cfg, done, bs, device, elapsed + time.time() - t_start, commands),
+    info = {**C.run_info(name, cfg, done, bs, device, elapsed + time.time() - t_start, commands,
+                         autocasts=True),
             "params": sum(p.numel() for p in vae.parameters()),
             **({"init_from": f"{donor} (same-shaped tensors)"} if donor_used else {})}
     return export(vae.cpu(), cfg.run_dir / "final", metrics, name == "fashion-flux-vae", info)
