@@ -28,7 +28,9 @@ logits with a dual-ascent FLOP price 0.23 / 0.25 (Adam moved every consistently 
 straight-through hard decisions 0.29-0.47; without temperature decay 0.12 / 0.14, and with the proxy measured
 once as well 0.10 / 0.11; a final temperature of 0.05 0.099 / 0.105; ``lr`` 1.0 0.095 / 0.101; the weighted errors
 summed over the trajectory before squaring (a linearised final error) 0.15 / 0.17; uniform step weights
-0.12 / 0.15 (probe) and 0.108 / 0.139 (benchmark).
+0.12 / 0.15 (probe) and 0.108 / 0.139 (benchmark). Warm-started from the search's schedule (its full steps'
+logits at +m, the rest at -m; m = 0.3, 1 or 3; 10 epochs; session 38) the training kept that schedule exactly
+(0.048 / 0.053): the gradient moves no block across it, so a warm start adds nothing over the search itself.
 
 Only transformer block stacks are routed (UNets: use :func:`calibrate_schedule`).
 """
