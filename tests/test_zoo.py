@@ -594,3 +594,16 @@ def test_an_unreadable_checkpoint_keeps_its_os_error(tmp_path, monkeypatch):
     monkeypatch.setattr(C.torch, "load", lambda *args, **kwargs: (_ for _ in ()).throw(PermissionError(13, "denied")))
     with pytest.raises(PermissionError):
         C.load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+def test_the_text_tower_loads_from_fashion_clip_without_a_load_report(capfd):
+    """Trainers take fashion-clip's text tower from the full CLIPModel folder: transformers' report of every
+    skipped vision weight (UNEXPECTED) is not printed, and transformers' verbosity is left as it was."""
+    from transformers.utils import logging as hf_logging
+
+    from diffusion_accel.zoo.sd_train import clip_text_tower
+
+    verbosity = hf_logging.get_verbosity()
+    tower = clip_text_tower(zoo.path("fashion-clip"))
+    assert type(tower).__name__ == "CLIPTextModel" and hf_logging.get_verbosity() == verbosity
+    assert "UNEXPECTED" not in "".join(capfd.readouterr())

@@ -14,7 +14,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel,
 
 from . import _common as C
 from .captions import TEMPLATES, all_captions
-from .sd_train import encode_latents, stage_folder, vae_folder, warm_start_info
+from .sd_train import clip_text_tower, encode_latents, stage_folder, vae_folder, warm_start_info
 from .tokenizer import T5_MAX_LENGTH, build_t5_tokenizer
 
 DEFAULT_STEPS = 3000
@@ -107,7 +107,7 @@ def frozen_parts(device: torch.device, source: Path | None = None) -> dict:
                 "t5_tok": T5Tokenizer.from_pretrained(source / "tokenizer_2")}
     clip = stage_folder("fashion-clip")
     return {"vae": AutoencoderKL.from_pretrained(vae_folder("fashion-flux-vae")).to(device).eval(),
-            "clip": CLIPTextModel.from_pretrained(clip).to(device).eval(),
+            "clip": clip_text_tower(clip).to(device).eval(),
             "clip_tok": CLIPTokenizer.from_pretrained(clip), "t5_tok": build_t5_tokenizer()}
 
 

@@ -11,6 +11,7 @@ import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
                        UNet2DConditionModel)
 from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as hf_logging
 
 from . import _common as C
 from .captions import TEMPLATES, all_captions
@@ -98,6 +99,17 @@ def export(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTex
     return folder
 
 
+def clip_text_tower(folder: Path) -> CLIPTextModel:
+    """The text tower of the full ``CLIPModel`` saved in ``folder`` (fashion-clip), without transformers' load
+    report listing every vision weight it skips as UNEXPECTED."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return CLIPTextModel.from_pretrained(folder)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_frozen(device: torch.device, source: Path | None = None) -> tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer]:
     """The frozen VAE and fashion-clip text tower + tokenizer on ``device``: from the warm-start pipeline
     ``source`` when given, else the trained stages (see ``vae_folder``)."""
@@ -107,7 +119,7 @@ def load_frozen(device: torch.device, source: Path | None = None) -> tuple[Autoe
         return vae.to(device).eval(), text_encoder.to(device).eval(), CLIPTokenizer.from_pretrained(source / "tokenizer")
     vae = AutoencoderKL.from_pretrained(vae_folder("fashion-sd-vae")).to(device).eval()
     clip = stage_folder("fashion-clip")
-    text_encoder = CLIPTextModel.from_pretrained(clip).to(device).eval()
+    text_encoder = clip_text_tower(clip).to(device).eval()
     return vae, text_encoder, CLIPTokenizer.from_pretrained(clip)
 
 
