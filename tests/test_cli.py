@@ -1,6 +1,7 @@
 """The command line: help on every subcommand, real work on tiny pipelines, one-line errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -278,14 +279,20 @@ def test_calibrate_method_writes_a_loadable_artifact(method, extra, tmp_path, ca
     assert torch.isfinite(images).all()
 
 
+def _calibrate_cache_recipe(tmp_path: Path, recipe_text: str, capsys, *flags: str) -> tuple[Path, Path, dict]:
+    """Write ``recipe_text`` as a recipe, run ``calibrate --method cache`` on it with ``flags``; returns the
+    recipe's path, the artifact folder and the cache config its manifest holds."""
+    recipe, out = tmp_path / "r.toml", tmp_path / "cached"
+    recipe.write_text(recipe_text)
+    assert main(["calibrate", "--recipe", str(recipe), "--method", "cache", *flags, "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    return recipe, out, json.loads((out / "manifest.json").read_text())["techniques"][0]["config"]
+
+
 def test_calibrate_cache_reads_the_recipe_table_and_flags_override_it(tmp_path, capsys):
-    recipe = tmp_path / "r.toml"
-    recipe.write_text('[model]\nid = "tiny:sd"\n[calibration]\nsteps = 4\nnum_prompts = 1\n'
-                      '[cache]\nmethod = "deepcache"\ninterval = 2\nbranch = 0\n')
-    out = tmp_path / "cached"
-    assert main(["calibrate", "--recipe", str(recipe), "--method", "cache", "--interval", "3",
-                 "--out", str(out)]) == 0, capsys.readouterr().err
-    config = json.loads((out / "manifest.json").read_text())["techniques"][0]["config"]
+    recipe, out, config = _calibrate_cache_recipe(
+        tmp_path, '[model]\nid = "tiny:sd"\n[calibration]\nsteps = 4\nnum_prompts = 1\n'
+                  '[cache]\nmethod = "deepcache"\ninterval = 2\nbranch = 0\n', capsys, "--interval", "3")
     assert config == {"type": "DeepCacheConfig", "params": {"interval": 3, "branch": 0, "schedule": "uniform",
                                                             "center": 0.3, "power": 1.4, "forecast": 0}}
     assert main(["calibrate", "--recipe", str(recipe), "--method", "cache", "--cache-method", "calibrated",
@@ -344,13 +351,9 @@ def test_calibrate_cache_method_router_learns_and_saves_a_block_router(tmp_path,
     import diffusion_accel as da
     from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
 
-    recipe = tmp_path / "r.toml"
-    recipe.write_text('[model]\nid = "tiny:flux"\n[calibration]\nsteps = 6\nnum_prompts = 1\n'
-                      '[cache]\nmethod = "router"\nepochs = 2\n')
-    out = tmp_path / "routed"
-    assert main(["calibrate", "--recipe", str(recipe), "--method", "cache", "--budget", "0.5",
-                 "--out", str(out)]) == 0, capsys.readouterr().err
-    config = json.loads((out / "manifest.json").read_text())["techniques"][0]["config"]
+    _, out, config = _calibrate_cache_recipe(
+        tmp_path, '[model]\nid = "tiny:flux"\n[calibration]\nsteps = 6\nnum_prompts = 1\n'
+                  '[cache]\nmethod = "router"\nepochs = 2\n', capsys, "--budget", "0.5")
     assert config["type"] == "RouterCacheConfig" and config["params"]["budget"] == 0.5
     assert len(config["params"]["computed_blocks"]) == 6
     da.load(build_tiny("flux"), out)(**tiny_call_kwargs("flux", steps=6))
