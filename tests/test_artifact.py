@@ -565,6 +565,24 @@ def test_quantizing_a_pruned_pipeline_frees_the_pruned_float_weights_it_replaced
         artifact.load(build_tiny("sd"), tmp_path)
 
 
+@pytest.mark.parametrize("prune_config", [dict(method="obs", sparsity=0.5), dict(method="magnitude", sparsity=0.5,
+                                                                                  pattern="structured")],
+                         ids=["obs", "structured"])
+def test_activation_only_quantization_keeps_the_pruned_weights_it_computes_with(tmp_path, prune_config):
+    """Quantizing only activations (weights=None) wraps the pruned float weights without storing them: the
+    prune export must keep them (it dropped them, and the reload ran zeroed or unpruned-base weights)."""
+    import diffusion_accel as da
+
+    pipe = build_tiny("sd")
+    calib = da.calibrate(pipe, ["a cat", "a dog"], num_inference_steps=3, progress=False)
+    da.prune_(pipe, da.PruneConfig(**prune_config), calib=calib)
+    da.quantize_(pipe, da.PTQConfig(weights=None, activations="int8", act_mode="dynamic", lower=False))
+    assert not pipe.unet._diffusion_accel_exports["prune"][0].get("superseded")
+    artifact.save(pipe, tmp_path)
+    loaded = artifact.load(build_tiny("sd"), tmp_path)
+    assert torch.equal(_images(loaded), _images(pipe))
+
+
 def test_an_artifact_folder_is_a_pipeline_spec_that_loads_its_recorded_base(tmp_path):
     from diffusion_accel.loading import load_pipeline
 

@@ -170,11 +170,17 @@ def install(pipe: Any, layers: dict[str, nn.Module], state: PTQState,
                 TRACKER_CLIENT, on_call=None if selector is None else selector.note_call)
         if finish is not None:
             finish(originals)
-        mark_applied(pipe, TECHNIQUE, replaced=layers)  # a pruned export drops those layers' float weights
+        mark_applied(pipe, TECHNIQUE, replaced=_weights_replaced(layers))  # their pruned float weights dropped
     except BaseException:  # (quantize_ puts the marks back: interrupted in mark_applied, the layers stayed)
         restore_attention(denoiser, processors)
         _rollback(denoiser, originals)
         raise
+
+
+def _weights_replaced(layers: dict[str, nn.Module]) -> list[str]:
+    """The layers whose quantized weights the PTQ export stores: activation-only layers (``weights=None``)
+    compute with the float weight they wrapped, which only an earlier technique's export (pruning's) holds."""
+    return [name for name, layer in layers.items() if getattr(layer, "weight_fmt", None) is not None]
 
 
 def _rollback(denoiser: nn.Module, originals: dict[str, nn.Module]) -> None:
