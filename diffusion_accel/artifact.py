@@ -455,6 +455,7 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
     if not manifest["techniques"]:
         warnings.warn(f"artifact {directory} holds no technique (saved from a pipeline with none applied): "
                       f"load() returns the base unchanged", stacklevel=2)
+        return base_pipe  # the same denoiser (a copy swapped in would drop a compiled wrapper for nothing)
     if not component:  # a bare denoiser has no pipeline to swap a copy into
         raise ArtifactError("load() needs a pipeline (with a 'unet' or 'transformer'), not a bare denoiser")
     _check_superseded(manifest, directory)

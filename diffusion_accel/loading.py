@@ -11,13 +11,15 @@ base is loaded from the spec its manifest records, then the artifact is applied)
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float64": torch.float64, "fp64": torch.float64}
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -44,12 +46,11 @@ def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str
     variant = _checked_variant(variant)
     base_spec, artifact = split_artifact_spec(spec)
     if artifact is not None:
-        pipe = _load_with_artifact(base_spec, artifact, torch_dtype, variant)
-    else:
-        pipe = _load_by_kind(spec, torch_dtype, variant)
-        if torch_dtype is not None and getattr(pipe, "dtype", None) != torch_dtype:
-            pipe.to(dtype=torch_dtype)
-        record_source(pipe, _portable_spec(spec), torch_dtype, variant)
+        return _load_with_artifact(base_spec, artifact, torch_dtype, variant, target)
+    pipe = _load_by_kind(spec, torch_dtype, variant)
+    if torch_dtype is not None and getattr(pipe, "dtype", None) != torch_dtype:
+        pipe.to(dtype=torch_dtype)
+    record_source(pipe, _portable_spec(spec), torch_dtype, variant)
     if target is not None:
         pipe.to(target)
     return pipe
@@ -138,14 +139,32 @@ def artifact_variant(artifact: str | Path) -> str | None:
     return (read_manifest(artifact)["base"].get("source") or {}).get("variant")
 
 
+def artifact_rounding(artifact: str | Path) -> torch.dtype | None:
+    """The half precision the artifact's base weights were rounded to before it computed wider (techniques
+    applied in bf16, then ``pipe.to(torch.float32)``), else None."""
+    from .artifact import read_manifest
+
+    return parse_dtype(read_manifest(artifact)["base"].get("rounded_to"))
+
+
 def _load_with_artifact(base_spec: str | None, artifact: Path, torch_dtype: torch.dtype | None,
-                        variant: str | None) -> Any:
+                        variant: str | None, device: torch.device | None) -> Any:
     """Load the base (``base_spec`` or the one the manifest records) in ``torch_dtype`` (or the
-    recorded dtype) from ``variant``'s files (or the recorded variant), then apply the artifact to it."""
+    recorded dtype) from ``variant``'s files (or the recorded variant) onto ``device``, then apply the
+    artifact to it (there, so quantized layers are lowered for that device's kernels). With no dtype
+    asked for, a base whose weights the saved pipeline had rounded to half precision is loaded in it and
+    cast to the recorded dtype after: the saved pipeline's images, bit for bit."""
     from .artifact import load
 
     spec, dtype = artifact_base(artifact, base_spec, torch_dtype)
-    return load(load_pipeline(spec, dtype=dtype, variant=variant or artifact_variant(artifact)), artifact)
+    rounding = None if torch_dtype is not None else artifact_rounding(artifact)
+    base = load_pipeline(spec, dtype=rounding or dtype, device=None if device is None else str(device),
+                         variant=variant or artifact_variant(artifact))
+    if rounding is None or rounding == dtype:
+        return load(base, artifact)
+    with warnings.catch_warnings():  # its advice, a cast after load, follows
+        warnings.filterwarnings("ignore", message=r".*after load gives the saved pipeline's images")
+        return load(base, artifact).to(dtype=dtype)
 
 
 def _load_by_kind(spec: str, torch_dtype: torch.dtype | None, variant: str | None = None) -> Any:

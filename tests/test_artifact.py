@@ -104,7 +104,9 @@ def test_saving_a_pipeline_with_no_technique_warns_and_loads_as_the_base(tmp_pat
     with pytest.warns(UserWarning, match="no technique applied"):
         artifact.save(build_tiny("sd"), tmp_path)
     base = build_tiny("sd")
+    unet = base.unet
     assert artifact.load(base, tmp_path) is base and artifact.applied_techniques(base) == []
+    assert base.unet is unet  # not a copy: a compiled wrapper stays
 
 
 def test_fingerprint_ignores_dtype_but_not_weights():
@@ -612,6 +614,49 @@ def test_a_pipeline_cast_before_saving_reloads_in_its_dtype(tmp_path):
     loaded = load_pipeline(str(tmp_path))
     assert loaded.unet.dtype == torch.bfloat16 and torch.equal(_images(loaded), _images(pipe))
     with pytest.warns(UserWarning, match="saved from a bfloat16 unet; this base's unet is float32"):
+        artifact.load(build_tiny("sd"), tmp_path)
+
+
+def test_an_artifact_of_a_bf16_base_cast_to_float32_loads_by_spec_bit_exactly(tmp_path):
+    """Techniques applied in bf16, then pipe.to(float32): the spec loaded the base in float32, from weights
+    without the bf16 rounding, and the images differed; now it loads the base in bf16 and casts after."""
+    import diffusion_accel as da
+    from diffusion_accel.loading import load_pipeline
+
+    pipe = load_pipeline("tiny:sd", dtype="bf16")
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=2, branch=0))
+    pipe.to(torch.float32)
+    artifact.save(pipe, tmp_path)
+    assert json.loads((tmp_path / "manifest.json").read_text())["base"]["rounded_to"] == "bfloat16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_pipeline(str(tmp_path))
+    assert loaded.unet.dtype == torch.float32 and torch.equal(_images(loaded), _images(pipe))
+
+
+def test_a_float64_pipeline_reloads_by_spec(tmp_path):
+    from diffusion_accel.loading import load_pipeline
+
+    accelerated = _scaled_pipe(pipe=load_pipeline("tiny:sd", dtype="float64"))
+    artifact.save(accelerated, tmp_path)
+    loaded = load_pipeline(str(tmp_path))
+    assert loaded.unet.dtype == torch.float64 and torch.equal(_images(loaded), _images(accelerated))
+
+
+def test_loading_where_other_kernels_lower_the_layers_warns(tmp_path, monkeypatch):
+    """Kernels follow the device the base is on: a host without them (no VNNI here) lowers to others, whose images
+    differ slightly from the saved pipeline's; load says so."""
+    import diffusion_accel as da
+    from diffusion_accel.quant import lower as lower_module
+
+    pipe = da.quantize_(build_tiny("sd"), da.PTQConfig(weights="int8", activations="int8", act_mode="dynamic"))
+    artifact.save(pipe, tmp_path)
+    assert any(hasattr(module, "kind") for module in pipe.unet.modules())  # lowered here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        artifact.load(build_tiny("sd"), tmp_path)  # the same host: no warning
+    monkeypatch.setattr(lower_module, "LOWERINGS", {})  # a device with no lowering at all
+    with pytest.warns(UserWarning, match=r"other kernels than the saved pipeline ran \(.*-> simulated"):
         artifact.load(build_tiny("sd"), tmp_path)
 
 

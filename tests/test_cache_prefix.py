@@ -106,3 +106,27 @@ def test_replayed_steps_keep_the_full_steps_the_cache_holds():
 def test_reuse_prefix_must_be_a_bool():
     with pytest.raises(ValueError, match="reuse_prefix must be True or False, got 'yes'"):
         calibrate_schedule(build_tiny("flux"), ["a cat"], num_inference_steps=4, reuse_prefix="yes")
+
+
+def test_runs_replay_only_runs_made_with_the_same_settings():
+    """A replay keyed by step decisions alone answered a forecasting schedule with a plain one's outputs."""
+    pipe = build_tiny("flux")
+    calls = _calls(pipe, "flux")
+    references = final_outputs(pipe, calls)
+    configs = [CalibratedCacheConfig((0, 3, 6), STEPS), CalibratedCacheConfig((0, 3, 7), STEPS, forecast=1),
+               CalibratedCacheConfig((0, 3, 7), STEPS, forecast=1, forecast_target="output")]
+    plain = [schedule_error(pipe, config, calls, references) for config in configs]
+    with PrefixReplay(pipe, find_denoiser(pipe)[1]) as replay:
+        assert [replay.error(config, calls, references) for config in configs] == plain
+
+
+def test_a_search_on_custom_sigmas_plans_the_steps_they_set():
+    """calibrate_schedule counted num_inference_steps (8), not the 4 steps custom sigmas set: every schedule it
+    tried was squeezed onto the calls' 4 steps, and the result ran half its budget."""
+    pipe = build_tiny("flux")
+    sigmas = [1.0, 0.75, 0.5, 0.25]
+    config = calibrate_schedule(pipe, ["a cat"], budget=0.5, num_inference_steps=8, search="greedy",
+                                sigmas=sigmas, resample=False, **{key: value for key, value in
+                                tiny_call_kwargs("flux", steps=4).items()
+                                if key not in ("generator", "prompt", "num_inference_steps")})
+    assert config.num_inference_steps == 4 and len(config.full_steps) == 2 and len(config.timesteps) == 4

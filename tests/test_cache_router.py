@@ -148,6 +148,12 @@ def test_cut_to_budget_keeps_step_0_and_the_most_open_gates_that_fit():
     assert cut_to_budget(probabilities, [0.5, 0.5], budget=0.25) == ((0, 1), (), (), ())
 
 
+def test_a_router_learned_on_custom_sigmas_has_the_steps_they_set():
+    config = learn_router(build_tiny("flux"), ["a cat"], budget=0.5, num_inference_steps=8, epochs=1,
+                          sigmas=[1.0, 0.75, 0.5, 0.25], **_call_kwargs("flux"))
+    assert config.num_inference_steps == 4 and len(config.timesteps) == 4
+
+
 def test_learn_router_meets_its_budget_beats_reusing_blindly_and_leaves_the_pipeline_as_it_was():
     pipe = build_tiny("flux")
     denoiser = find_denoiser(pipe)[1]

@@ -152,3 +152,13 @@ def test_structured_pruning_and_timestep_groups_run_on_cuda(tmp_path):
     assert torch.isfinite(images).all()
     da.save(pipe, tmp_path)
     assert torch.equal(_images(da.load(build_tiny("sd").to("cuda"), tmp_path)), images)
+
+
+def test_an_artifact_spec_loaded_onto_cuda_is_lowered_for_cuda(tmp_path):
+    """load_pipeline applied the artifact on the CPU and moved the pipeline after: layers got the CPU's kernels."""
+    from diffusion_accel.loading import load_pipeline
+
+    da.save(quantize_(load_pipeline("tiny:sd"), PTQConfig.preset("w8a8", **FAST)), tmp_path)
+    by_spec = load_pipeline(str(tmp_path), device="cuda")
+    assert summary(by_spec) == summary(da.load(build_tiny("sd").to("cuda"), tmp_path))
+    assert "int8-gemm" in summary(by_spec)

@@ -95,7 +95,8 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     if get_session(find_denoiser(pipe)[1]) is not None:
         raise ValueError("calibrate_schedule needs a pipeline without a cache; call remove_cache first")
-    num_steps = denoiser_steps(pipe, num_inference_steps)  # the schedule's steps are denoiser calls (Heun: 2N - 1)
+    num_steps = denoiser_steps(pipe, num_inference_steps, call_kwargs.get("timesteps"),  # Heun: 2N - 1 calls
+                               call_kwargs.get("sigmas"))  # custom schedules set their own length
     probe = CalibratedCacheConfig((0,), num_steps, budget=budget, branch=branch, resample=resample,
                                   forecast=forecast, forecast_target=forecast_target)
     calls = planned_calls(pipe, prompts, num_inference_steps, seed=seed, batch_size=batch_size, **call_kwargs)

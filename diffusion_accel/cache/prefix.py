@@ -77,6 +77,12 @@ def _tensors_only(value: Any) -> bool:
     return isinstance(value, torch.Tensor)
 
 
+def run_settings(config: CalibratedCacheConfig) -> tuple[Any, ...]:
+    """What besides the step decisions shapes a run's outputs (the branch cached, the forecast and its target,
+    the timesteps steps are mapped by): runs replay only runs made with the same."""
+    return (config.num_inference_steps, config.branch, config.forecast, config.forecast_target, config.timesteps)
+
+
 def schedule_decisions(config: CalibratedCacheConfig) -> tuple[Any, ...]:
     """Per step of ``config``: "full", the partial level (int) or "reuse"."""
     partial = dict(config.partial_steps)
@@ -108,7 +114,7 @@ class PrefixReplay:
 
     def __init__(self, pipe: Any, denoiser: nn.Module, enabled: bool = True) -> None:
         self.pipe, self.denoiser = pipe, denoiser  # the denoiser itself, not a compiled wrapper
-        self.runs: deque[tuple[tuple, list[list]]] = deque(maxlen=KEPT_RUNS)
+        self.runs: deque[tuple[tuple, tuple, list[list]]] = deque(maxlen=KEPT_RUNS)  # (settings, decisions, outputs)
         # a tracker already attached (timestep-grouped quantization) would sit beneath the hook, miss replayed calls
         self.enabled, self.hook = enabled and get_tracker(denoiser) is None, ReplayHook()
 
@@ -135,8 +141,8 @@ class PrefixReplay:
 
     def error(self, config: CalibratedCacheConfig, calls: list, references: list) -> float:
         """Mean relative L2 error of the final outputs of ``calls`` with ``config`` vs ``references``."""
-        decisions = schedule_decisions(config)
-        source, replayed = self._plan(decisions, bool(getattr(config, "forecast", 0)))
+        decisions, settings = schedule_decisions(config), run_settings(config)
+        source, replayed = self._plan(settings, decisions, bool(getattr(config, "forecast", 0)))
         recorded: list[list] = []
 
         def start(index: int) -> None:
@@ -159,14 +165,16 @@ class PrefixReplay:
             if source is not None:
                 return self.error(config, calls, references)
         if self.enabled:
-            self.runs.append((decisions, recorded))
+            self.runs.append((settings, decisions, recorded))
         return relative_error(outputs, references)
 
-    def _plan(self, decisions: tuple, forecasting: bool) -> tuple[list | None, frozenset[int]]:
-        """The kept run sharing the longest prefix with ``decisions`` and the steps to replay from it."""
-        if not self.enabled or not self.runs:
+    def _plan(self, settings: tuple, decisions: tuple, forecasting: bool) -> tuple[list | None, frozenset[int]]:
+        """The kept run (of the same ``settings``) sharing the longest prefix with ``decisions`` and the steps to
+        replay from it."""
+        alike = [(kept, outputs) for kept_settings, kept, outputs in self.runs if kept_settings == settings]
+        if not self.enabled or not alike:
             return None, frozenset()
-        length, outputs = max(((_common_prefix(decisions, kept), outputs) for kept, outputs in self.runs),
+        length, outputs = max(((_common_prefix(decisions, kept), outputs) for kept, outputs in alike),
                               key=lambda pair: pair[0])
         replayed = replayed_steps(decisions, length, forecasting)
         return (outputs, replayed) if replayed else (None, frozenset())

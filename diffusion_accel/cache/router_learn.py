@@ -283,7 +283,8 @@ def learn_router(pipe: Any, prompts: Any, budget: float = 0.4, num_inference_ste
     if get_session(denoiser) is not None:
         raise ValueError("learn_router needs a pipeline without a cache; call remove_cache first")
     names = check_stack(pipe, uses_head=False)  # UNets: a clear error, before anything runs
-    num_steps = denoiser_steps(pipe, num_inference_steps)
+    num_steps = denoiser_steps(pipe, num_inference_steps, call_kwargs.get("timesteps"),  # Heun: 2N - 1 calls
+                               call_kwargs.get("sigmas"))  # custom schedules set their own length
     calls = planned_calls(pipe, prompts, num_inference_steps, seed=seed, batch_size=batch_size, **call_kwargs)
     with recorded_timesteps(pipe) as timesteps:
         references = final_outputs(pipe, calls)

@@ -10,6 +10,7 @@ unquantized weight come from the base pipeline, whose fingerprint the framework 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from ..arch.registry import find_denoiser
 from ..hooks import refuse_while_cached
+from ..stacklevel import user_stacklevel
 from ..artifact import ArtifactError, compute_dtype, register_technique
 from ..artifact_tensors import TechniqueTensors, technique_tensors
 from .apply import TECHNIQUE, install
@@ -160,12 +162,29 @@ def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tens
               for name, entry in config["layers"].items()}
     dtype = compute_dtype(denoiser)  # before any layer is swapped: the base's own float dtype
     lowered = {name: lower_layer(layers[name], dtype) for name, entry in config["layers"].items() if entry["lowered"]}
+    _warn_on_other_kernels(config["layers"], lowered)
     final = {name: lowered.get(name) or layer for name, layer in layers.items()}
     state = PTQState(ptq_config.to_dict(), list(config["layers"]), config["num_steps"],
                      lowered={name: module.kind for name, module in lowered.items() if module is not None},
                      notes=["restored from an artifact"], attention=list(config.get("attention", [])),
                      group_bounds=bounds, calibration_record=config.get("calibration"))
     install(pipe, final, state)
+
+
+def _warn_on_other_kernels(entries: dict[str, dict[str, Any]], lowered: dict[str, nn.Module | None]) -> None:
+    """Lowering picks kernels for the device the base is on (oneDNN int8 convs need a VNNI CPU, ``_int_mm`` a
+    GPU): say when this one lowers layers to other kernels than the saved pipeline ran, whose images then differ
+    (within the lowering's tolerance) and whose speed may too."""
+    changed: dict[tuple[str, str], int] = {}
+    for name, module in lowered.items():
+        kind = "simulated" if module is None else module.kind
+        if kind != entries[name]["lowered"]:
+            changed[(entries[name]["lowered"], kind)] = changed.get((entries[name]["lowered"], kind), 0) + 1
+    if changed:
+        moves = ", ".join(f"{count} {saved} -> {kind}" for (saved, kind), count in sorted(changed.items()))
+        warnings.warn(f"this device lowers quantized layers to other kernels than the saved pipeline ran ({moves}): "
+                      "its images differ slightly from the saved pipeline's; load onto a base on the device it was "
+                      "saved from for a bit-exact round trip", stacklevel=user_stacklevel())
 
 
 def check_attention_current(pipe: Any) -> None:
