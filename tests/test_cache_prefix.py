@@ -20,13 +20,14 @@ MOVES = [((0, 3, 6), ()), ((0, 3, 7), ()), ((0, 2, 7), ()), ((0, 3, 6), ((8, 1),
 
 def _calls(pipe, family):
     kwargs = {key: value for key, value in tiny_call_kwargs(family, steps=STEPS).items()
-              if key not in ("generator", "prompt", "num_inference_steps")}
-    return planned_calls(pipe, ["a cat", "a dog"], STEPS, seed=0, **kwargs)
+              if key not in ("generator", "prompt", "class_labels", "num_inference_steps")}
+    prompts = {"dit": ["bag", "coat"], "ddpm": [None, None]}.get(family, ["a cat", "a dog"])  # classes, samples
+    return planned_calls(pipe, prompts, STEPS, seed=0, **kwargs)
 
 
 @pytest.mark.parametrize("family, forecast, target", [
     ("flux", 0, "residual"), ("flux", 1, "residual"), ("flux", 1, "output"), ("sd", 0, "residual"),
-    ("sd", 1, "residual"), ("sd3", 0, "residual"),
+    ("sd", 1, "residual"), ("sd3", 0, "residual"), ("dit", 1, "residual"), ("ddpm", 0, "residual"),
 ])
 def test_replayed_errors_equal_errors_run_from_step_0(family, forecast, target):
     pipe = build_tiny(family)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..hooks import get_tracker
@@ -55,7 +56,7 @@ class ReplayHook(ModelHook):
         kept = self.source[index] if self.source is not None and index < len(self.source) else None
         if kept is not None and step in self.replayed:
             self.replayed_calls += 1
-            output = clone_tensors(kept)
+            output = _copied(kept)
         else:
             output = self.fn_ref.original_forward(*args, **kwargs)
             kept = _kept_copy(output) if self.record else None
@@ -65,9 +66,20 @@ class ReplayHook(ModelHook):
 
 
 def _kept_copy(value: Any) -> Any:
-    """A detached copy of a denoiser output made of tensors in tuples / lists (pipelines pass
-    ``return_dict=False``); None for any other output, which is then never replayed."""
+    """A detached copy of a denoiser output made of tensors in tuples / lists (pipelines passing
+    ``return_dict=False``) or in a diffusers output (DiT's and DDPM's read ``.sample``); None for any
+    other output, which is then never replayed."""
+    if isinstance(value, BaseOutput):
+        return _copied(type(value)(**{key: detached(item) for key, item in value.items()})) \
+            if _tensors_only(tuple(value.values())) else None
     return clone_tensors(detached(value)) if _tensors_only(value) else None
+
+
+def _copied(value: Any) -> Any:
+    """``value`` with its tensors cloned (a diffusers output rebuilt in its own class)."""
+    if isinstance(value, BaseOutput):
+        return type(value)(**{key: clone_tensors(item) for key, item in value.items()})
+    return clone_tensors(value)
 
 
 def _tensors_only(value: Any) -> bool:
