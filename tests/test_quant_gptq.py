@@ -185,3 +185,24 @@ def test_bad_gptq_configs_raise(changes, message):
         PTQConfig(weight_rounding="gptq", **changes)
     with pytest.raises(ValueError, match=r"gptq_act_order=True orders GPTQ's sweep; it needs weight_rounding='gptq'"):
         PTQConfig(gptq_act_order=True, gptq_group_scales="static")
+
+
+@pytest.mark.parametrize("rounding", [dict(weight_rounding="gptq"), dict(reconstruct=True, recon_iters=30)],
+                         ids=["gptq", "adaround"])
+def test_quantizing_a_2_4_pruned_model_keeps_its_pruned_weights_zero(rounding):
+    """GPTQ handed earlier columns' rounding errors to pruned zeros and AdaRound could round them up: a 2:4
+    pruned layer left quantization with nonzero codes in its pruned places (sparsity 0.465, 8 groups broken)."""
+    from diffusion_accel.prune import PruneConfig, prune_
+    from diffusion_accel.quant.layers import QuantLayer
+
+    pipe = prune_(build_tiny("dit"), PruneConfig(method="magnitude", pattern="2:4"))
+    kept = {name: module.weight.detach().reshape(module.weight.shape[0], -1) != 0
+            for name, module in pipe.transformer.named_modules() if getattr(module, "weight", None) is not None}
+    quantize_(pipe, PTQConfig(weights="int4", activations=None, lower=False, calib_prompts=1, calib_num_steps=2,
+                              calib_steps="all", **rounding))
+    layers = {name: module for name, module in pipe.transformer.named_modules()
+              if isinstance(module, QuantLayer)}
+    checked = [name for name, layer in layers.items() if kept[name].float().mean() <= 0.5]
+    assert len(checked) >= 4
+    for name in checked:
+        assert not (layers[name].weight_codes.reshape(kept[name].shape) != 0)[~kept[name]].any(), name

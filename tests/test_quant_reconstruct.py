@@ -86,3 +86,15 @@ def test_pipeline_reconstruction_runs_and_generates():
     quantize_(pipe, config)
     images = pipe(**tiny_call_kwargs("flux")).images
     assert torch.isfinite(images).all()
+
+
+def test_adaround_keeps_pruned_zeros_at_zero_however_it_learns():
+    from diffusion_accel.quant.reconstruct import AdaRound
+
+    weight = torch.tensor([[0.0, 0.3, 0.0, -0.7], [0.26, 0.0, 0.0, 0.9]])
+    rounding = AdaRound(weight, torch.full((2, 1), 0.1), [4], "int8")
+    with torch.no_grad():
+        rounding.alpha.fill_(10.0)  # every weight rounded up
+    assert torch.equal(rounding()[weight == 0], torch.zeros(4))
+    assert torch.equal(rounding.hard_codes()[weight == 0], torch.zeros(4, dtype=torch.int8))
+    assert torch.equal(rounding.hard_codes()[weight != 0], torch.tensor([4, -6, 3, 10], dtype=torch.int8))

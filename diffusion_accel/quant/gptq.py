@@ -62,6 +62,8 @@ def gptq_codes(w2d: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int], fmt
     map see padding), so zeroing them (SparseGPT's rule, ours until session 27) broke larger images.
     ``order`` (d,): round the columns in this order (``activation_order``; ``inverse_factor`` is then of the
     Hessian in that order, ``ordered_inverse_factor``), on static scales only.
+    Weights that are exactly zero (pruned) stay zero, their compensation handed on (SparseGPT's joint rule):
+    the rounding errors of earlier columns re-filled them, a 2:4 pruned layer lost its pattern.
     """
     if order is not None and rescale is not None:
         raise ValueError("GPTQ's act_order rounds columns out of order: its scales must be static")
@@ -74,6 +76,7 @@ def gptq_codes(w2d: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int], fmt
             order = order.to(work.device)
             work, grid = work[:, order].contiguous(), grid[:, order].contiguous()
         later_starts = {start: (index, width) for index, start, width in segment_spans(sizes) if index > 0}
+        pruned = work == 0
 
         def round_column(block_w: torch.Tensor, block_u: torch.Tensor, start: int, i: int) -> torch.Tensor:
             column = start + i
@@ -84,7 +87,7 @@ def gptq_codes(w2d: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int], fmt
                 scale[:, index] = rescale(current, index)
                 grid[:, column:column + width] = scale[:, index:index + 1]
             step = grid[:, column]
-            return fmt.round(block_w[:, i] / step) * step
+            return (fmt.round(block_w[:, i] / step) * step).masked_fill(pruned[:, column], 0.0)
 
         obs_column_pass(work, factor, blocksize, round_column)
         if order is not None:

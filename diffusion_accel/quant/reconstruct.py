@@ -33,7 +33,8 @@ BatchFn = Callable[[torch.Tensor], tuple[tuple, dict, Any]]  # (args, kwargs, th
 
 
 class AdaRound(nn.Module):
-    """Learnable rounding of a float weight (out, columns) on a fixed per-segment scale grid."""
+    """Learnable rounding of a float weight (out, columns) on a fixed per-segment scale grid. Weights that are
+    exactly zero (pruned) stay zero: rounding them up would undo the pruning (a 2:4 pattern)."""
 
     def __init__(self, w2d: torch.Tensor, scale: torch.Tensor, sizes: Sequence[int], fmt: str) -> None:
         super().__init__()
@@ -41,6 +42,7 @@ class AdaRound(nn.Module):
         scaled = w2d.float() / full
         self.register_buffer("floor", torch.floor(scaled))
         self.register_buffer("full_scale", full)
+        self.register_buffer("pruned", w2d == 0)
         rest = (scaled - self.floor).clamp(1e-4, 1 - 1e-4)
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         number = get_format(fmt)
@@ -48,7 +50,7 @@ class AdaRound(nn.Module):
 
     def soft(self) -> torch.Tensor:
         """h(V) in [0, 1]: the rectified sigmoid."""
-        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1).masked_fill(self.pruned, 0.0)
 
     def forward(self) -> torch.Tensor:
         return torch.clamp(self.floor + self.soft(), self.qmin, self.qmax) * self.full_scale
@@ -58,7 +60,8 @@ class AdaRound(nn.Module):
 
     def hard_codes(self) -> torch.Tensor:
         """Final int8 codes: round up where V >= 0."""
-        return torch.clamp(self.floor + (self.alpha >= 0).float(), self.qmin, self.qmax).to(torch.int8)
+        rounded_up = (self.alpha >= 0) & ~self.pruned
+        return torch.clamp(self.floor + rounded_up.float(), self.qmin, self.qmax).to(torch.int8)
 
 
 def _beta(iteration: int, total: int, config: PTQConfig) -> float | None:
