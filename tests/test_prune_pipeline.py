@@ -121,6 +121,7 @@ def test_error_allocation_beats_saliency_allocation_on_summed_layer_error():
     # session 31: accepted (a negative guidance calibrated without CFG; damp=True damped by 1.0)
     (dict(calib_guidance_scale=-1), ValueError, "calib_guidance_scale must be a finite number >= 0 or None, got -1"),
     (dict(damp=True), ValueError, "damp must be a finite float > 0, got True"),
+    (dict(method="obs", pattern="1:3"), ValueError, "blocksize 128 must be a multiple of M=3 .* with method 'obs'"),
     (dict(calib_kwargs={"height": torch.tensor(32)}), ValueError, "cannot be stored in the artifact manifest"),
 ])
 def test_bad_configs_raise_clear_errors(kwargs, error, match):
@@ -273,9 +274,26 @@ def test_self_calibration_passes_calib_kwargs_to_the_pipeline():
 
 
 def test_nm_patterns_take_their_implied_sparsity_by_default():
-    """PruneConfig(pattern="1:4") said 'implies sparsity 0.75; got sparsity=0.5', a value never passed."""
+    """PruneConfig(pattern="1:4") said 'implies sparsity 0.75; got sparsity=0.5', a value never passed; so did
+    PruneConfig().with_(pattern="1:4"), whose 0.5 was the default's."""
     assert PruneConfig(pattern="1:4").target_sparsity == 0.75 and PruneConfig().sparsity == 0.5
     assert PruneConfig.from_dict(PruneConfig(pattern="3:4").to_dict()).target_sparsity == 0.25
+    assert PruneConfig().with_(pattern="1:4").target_sparsity == 0.75
+    assert PruneConfig(pattern="1:4").with_(pattern="unstructured").target_sparsity == 0.5
+    with pytest.raises(ValueError, match="implies sparsity 0.75"):
+        PruneConfig().with_(pattern="1:4", sparsity=0.5)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_nm_patterns_whose_m_does_not_divide_obs_blocksize_work_for_the_other_methods(method):
+    """Only OBS sweeps columns in blocks; 1:3 was refused for magnitude and Wanda over a blocksize they never read."""
+    assert PruneConfig(method=method, pattern="1:3").nm == (1, 3)
+
+
+def test_excluding_the_last_block_does_not_keep_the_one_before_it_dense():
+    pipe = build_tiny("dit")
+    report = prune_(pipe, PruneConfig(method="magnitude", exclude=("transformer_blocks.1",)))
+    assert any(name.startswith("transformer_blocks.0.") for name in prune_report(pipe).layers_pruned), report
 
 
 @pytest.mark.parametrize("config, match", [

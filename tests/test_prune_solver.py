@@ -63,6 +63,11 @@ def test_unstructured_counts_are_exact(sparsity):
     assert torch.all(per_row == round(70 * sparsity))
 
 
+def test_wanda_keeps_one_weight_per_row_however_high_the_sparsity():
+    """round(7 * 0.98) = 7: every row of a 7-wide layer was cleared, the layer left with its bias only."""
+    assert torch.all(wanda_mask(torch.randn(5, 7), torch.rand(7) + 0.1, 0.98).sum(1) == 6)
+
+
 @pytest.mark.parametrize("keep,group", [(2, 4), (4, 8), (1, 4)])
 def test_nm_patterns_are_exact(keep, group):
     weight = torch.randn(16, 64)

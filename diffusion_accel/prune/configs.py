@@ -134,6 +134,8 @@ class PruneConfig:
         unknown = sorted(set(changes) - set(self.__dataclass_fields__))
         if unknown:
             raise ValueError(f"unknown PruneConfig fields {unknown}; accepted: {sorted(self.__dataclass_fields__)}")
+        if "pattern" in changes and "sparsity" not in changes and parse_nm(str(changes["pattern"])) is not None:
+            changes["sparsity"] = None  # an N:M pattern sets it (the sparsity kept, 0.5 by default, conflicted)
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -258,8 +260,9 @@ def _check_numbers(config: PruneConfig) -> None:
     if isinstance(config.blocksize, bool) or not isinstance(config.blocksize, int) or config.blocksize < 1:
         raise ValueError(f"blocksize must be an int >= 1, got {config.blocksize!r}")
     nm = parse_nm(config.pattern)
-    if nm is not None and config.blocksize % nm[1]:
-        raise ValueError(f"blocksize {config.blocksize} must be a multiple of M={nm[1]} for pattern {config.pattern!r}")
+    if nm is not None and config.method == "obs" and config.blocksize % nm[1]:  # OBS's column blocks hold whole groups
+        raise ValueError(f"blocksize {config.blocksize} must be a multiple of M={nm[1]} for pattern {config.pattern!r} "
+                         f"with method 'obs'")
     if isinstance(config.calib_prompts, bool) or not isinstance(config.calib_prompts, int) or config.calib_prompts < 1:
         raise ValueError(f"calib_prompts must be an int >= 1, got {config.calib_prompts!r}")
     if isinstance(config.calib_num_steps, bool) or not isinstance(config.calib_num_steps, int) or config.calib_num_steps < 1:

@@ -27,13 +27,17 @@ def unstructured_plan(adapter: DenoiserAdapter, config: PruneConfig) -> tuple[li
     is_excluded = excluded(adapter, config)
     skipped: dict[str, str] = {}
     groups: list[LayerGroup] = []
+    high_precision = set(adapter.high_precision_layers())
+    prunable_blocks = []  # blocks with layers any config could prune: config.exclude does not move the last one
     for group in adapter.layer_groups():
         kept = tuple(name for name in group.layers if not is_excluded(name))
         skipped |= {name: "excluded (high precision or config.exclude)" for name in group.layers if is_excluded(name)}
         if kept:
             groups.append(LayerGroup(kept, group.block, group.role, group.input_key))
-    if config.keep_last_block_dense and groups:
-        last = groups[-1].block
+        if any(name not in high_precision for name in group.layers):
+            prunable_blocks.append(group.block)
+    if config.keep_last_block_dense and prunable_blocks:  # excluding the last block kept the one before it dense too
+        last = prunable_blocks[-1]
         skipped |= {name: "last block kept dense" for g in groups if g.block == last for name in g.layers}
         groups = [g for g in groups if g.block != last]
     return groups, skipped
@@ -47,9 +51,13 @@ def structured_plan(adapter: DenoiserAdapter, config: PruneConfig) -> tuple[list
                              lambda name: is_excluded(name) or name in weighted, config.prune_resnets)
     skipped: dict[str, str] = {name: f"heads kept: its {kind} holds projections of its own (IP-Adapter's image "
                                      f"key/value) that head removal would not resize" for name, kind in weighted.items()}
-    if config.keep_last_block_dense and units:
-        skipped[units[-1].block] = "last block kept dense"
-        units = units[:-1]
+    if config.keep_last_block_dense and units:  # the model's last block with units, whatever config.exclude says
+        high_precision = set(adapter.high_precision_layers())
+        every_unit = structured_units(adapter, config.prune_heads, config.prune_ffn,
+                                      lambda name: name in high_precision or name in weighted, config.prune_resnets)
+        if units[-1].block == every_unit[-1].block:
+            skipped[units[-1].block] = "last block kept dense"
+            units = units[:-1]
     return units, skipped
 
 
