@@ -98,3 +98,34 @@ def test_adaround_keeps_pruned_zeros_at_zero_however_it_learns():
     assert torch.equal(rounding()[weight == 0], torch.zeros(4))
     assert torch.equal(rounding.hard_codes()[weight == 0], torch.zeros(4, dtype=torch.int8))
     assert torch.equal(rounding.hard_codes()[weight != 0], torch.tensor([4, -6, 3, 10], dtype=torch.int8))
+
+
+def test_reconstruction_with_timestep_groups_runs_each_batch_in_its_samples_group(monkeypatch):
+    """Blocks are reconstructed outside any denoiser call, where every sample took group 0's activation scales
+    and only group 0's were learned; now each batch holds one group's samples, quantized with its scales."""
+    from diffusion_accel.quant import layers as layers_module
+    from diffusion_accel.quant import reconstruct as reconstruct_module
+
+    used, changed = [], {}
+    group_qparams = layers_module.ActQuantizer.group_qparams
+
+    def spying(self):
+        if torch.is_grad_enabled() and self.selector is not None:
+            used.append(self.selector.index_for_call())
+        return group_qparams(self)
+
+    block_pass = reconstruct_module.reconstruct_block
+
+    def recording(block, layers, originals, batches, count, config, **groups):
+        before = {name: layer.act.scale.detach().clone() for name, layer in layers.items()}
+        block_pass(block, layers, originals, batches, count, config, **groups)
+        for name, layer in layers.items():
+            changed[name] = (layer.act.scale - before[name]).abs().amax(dim=1) > 0
+
+    monkeypatch.setattr(layers_module.ActQuantizer, "group_qparams", spying)
+    monkeypatch.setattr(reconstruct_module, "reconstruct_block", recording)
+    quantize_(build_tiny("sd"), PTQConfig(timestep_groups=2, calib_prompts=1, calib_num_steps=4, calib_steps="all",
+                                          reconstruct=True, recon_iters=12, recon_act_iters=12, recon_samples=8,
+                                          recon_batch=4, lower=False))
+    assert set(used) == {0, 1}
+    assert any(bool(flags[1]) for flags in changed.values())  # group 1's scales learned too

@@ -145,7 +145,9 @@ def _attention_targets(pipe: Any, config: PTQConfig) -> tuple[list[str], dict[st
 def _finish(pipe: Any, config: PTQConfig, collected: Collected, originals: dict[str, nn.Module]) -> None:
     """Post-install steps that may fail (and then roll back): reconstruction, lowering."""
     if config.reconstruct:
-        reconstruct_blocks(pipe, config, collected.samples, originals)
+        selector = next((found for found in (getattr(module, "selector", None) for module in
+                                             find_denoiser(pipe)[1].modules()) if isinstance(found, StepGroups)), None)
+        reconstruct_blocks(pipe, config, collected.samples, originals, selector, collected.step_group(selector))
     if config.lower:
         lower_(pipe)
 

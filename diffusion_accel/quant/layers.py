@@ -42,6 +42,7 @@ class StepGroups:
         self.groups, self.default_steps = groups, default_steps
         self.bounds = None if bounds is None else tuple(float(bound) for bound in bounds)
         self.active = 0  # the group of the latest denoiser call (``note_call``): what compiled graphs read
+        self.forced: int | None = None  # set by block reconstruction, which calls blocks outside any denoiser call
 
     def group_of_timestep(self, timestep: float) -> int:
         """Group of a call at ``timestep``: the number of group bounds above it."""
@@ -62,7 +63,9 @@ class StepGroups:
         return self.group_of(step_index, num_steps)
 
     def current_index(self) -> int:
-        """The group of the denoiser call in progress (0 without a tracker)."""
+        """The group of the denoiser call in progress (0 without a tracker); ``forced`` when set."""
+        if self.forced is not None:
+            return self.forced
         tracker = get_tracker(self.denoiser)
         if tracker is None:
             return 0

@@ -24,7 +24,7 @@ from ..calib.trees import tensors_in
 from ..progress import progress_bar
 from .configs import PTQConfig
 from .formats import get_format
-from .layers import ActQuantizer, QuantLayer
+from .layers import ActQuantizer, QuantLayer, StepGroups
 from .quantizers import expand_segments
 from .state import get_state
 
@@ -108,8 +108,13 @@ def reconstruction_loss(preds: Sequence[torch.Tensor], targets: Sequence[torch.T
 
 
 def reconstruct_block(block: nn.Module, layers: dict[str, QuantLayer], originals: dict[str, nn.Module],
-                      batches: BatchFn, num_samples: int, config: PTQConfig, seed: int = 0) -> None:
-    """Optimise the rounding (and activation scales) of ``layers`` inside ``block``; freeze codes."""
+                      batches: BatchFn, num_samples: int, config: PTQConfig, seed: int = 0,
+                      sample_groups: Sequence[int] | None = None, selector: StepGroups | None = None) -> None:
+    """Optimise the rounding (and activation scales) of ``layers`` inside ``block``; freeze codes.
+
+    ``sample_groups`` (with ``selector``, timestep groups): each sample's group. A batch then holds samples of
+    one group, quantized with that group's activation scales (``selector.forced``): the block runs outside any
+    denoiser call, where every sample took group 0's scales and only those were learned."""
     saved = {p: p.requires_grad for p in block.parameters()}
     for p in saved:
         p.requires_grad_(False)
@@ -121,7 +126,7 @@ def reconstruct_block(block: nn.Module, layers: dict[str, QuantLayer], originals
     try:
         with torch.enable_grad():
             for it in range(total):
-                idx = torch.randperm(num_samples, generator=generator)[:config.recon_batch]
+                idx = _batch_indices(num_samples, config.recon_batch, generator, sample_groups, selector)
                 args, kwargs, target = batches(idx)
                 loss = reconstruction_loss(tensors_in(block(*args, **kwargs)), tensors_in(target), config.recon_p)
                 beta = _beta(it, config.recon_iters, config)
@@ -136,9 +141,23 @@ def reconstruct_block(block: nn.Module, layers: dict[str, QuantLayer], originals
                 if opt_a is not None and it < config.recon_act_iters:
                     opt_a.step()
     finally:
+        if selector is not None:
+            selector.forced = None
         _freeze(layers)
         for p, flag in saved.items():
             p.requires_grad_(flag)
+
+
+def _batch_indices(num_samples: int, batch: int, generator: torch.Generator, sample_groups: Sequence[int] | None,
+                   selector: StepGroups | None) -> torch.Tensor:
+    """A random batch of sample indices; with groups, of the group of a random sample (groups weighted by their
+    sample counts), and ``selector`` forced to that group."""
+    order = torch.randperm(num_samples, generator=generator)
+    if sample_groups is None or selector is None:
+        return order[:batch]
+    group = sample_groups[int(order[0])]
+    selector.forced = group
+    return order[torch.tensor([sample_groups[int(index)] == group for index in order])][:batch]
 
 
 def store_batches(samples: SampleStore, name: str, device: torch.device) -> tuple[BatchFn, int]:
@@ -155,9 +174,10 @@ def store_batches(samples: SampleStore, name: str, device: torch.device) -> tupl
     return batches, count
 
 
-def reconstruct_blocks(pipe: Any, config: PTQConfig, samples: SampleStore | None,
-                       originals: dict[str, nn.Module]) -> None:
-    """Reconstruct every adapter block that holds quantized layers, sequentially."""
+def reconstruct_blocks(pipe: Any, config: PTQConfig, samples: SampleStore | None, originals: dict[str, nn.Module],
+                       selector: StepGroups | None = None, step_group: Callable[[int], int] | None = None) -> None:
+    """Reconstruct every adapter block that holds quantized layers, sequentially; with timestep groups
+    (``selector``, ``step_group``: calibrated step index -> group), each batch in its samples' group."""
     _, denoiser = find_denoiser(pipe)
     state = get_state(denoiser)
     if samples is None:
@@ -168,6 +188,9 @@ def reconstruct_blocks(pipe: Any, config: PTQConfig, samples: SampleStore | None
         if not layers or not samples.samples(info.name):
             continue
         batches, count = store_batches(samples, info.name, device)
-        reconstruct_block(denoiser.get_submodule(info.name), layers, originals, batches, count, config)
+        groups = None if selector is None or step_group is None else \
+            [step_group(sample.step.step_index) for sample in samples.samples(info.name)]
+        reconstruct_block(denoiser.get_submodule(info.name), layers, originals, batches, count, config,
+                          sample_groups=groups, selector=selector)
     state.notes.append(f"block reconstruction: {config.recon_iters} AdaRound iterations per block, "
                        f"{config.recon_act_iters} activation-step iterations, fp block inputs")
