@@ -5,6 +5,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 import diffusion_accel as da
+from diffusion_accel.artifact import applied_techniques
 from diffusion_accel.quant import PTQConfig, quantize_, summary
 from diffusion_accel.quant.attention import (QUANT_PROCESSORS, QuantAttnProcessor, QuantFluxAttnProcessor,
                                              QuantJointAttnProcessor, quantize_softmax)
@@ -113,6 +114,20 @@ def test_save_refuses_once_quantized_attention_processors_were_replaced(tmp_path
     with pytest.raises(da.ArtifactError, match=r"14 attention modules .* now use other processors .*AttnProcessor2_0"):
         da.save(pipe, tmp_path / "after")
     assert not (tmp_path / "after").exists()
+
+
+def test_loading_quantized_attention_onto_a_base_with_other_processors_names_them(tmp_path):
+    """It said the artifact was damaged (a bare KeyError), which saving again cannot mend."""
+    pipe = build_tiny("sd")
+    quantize_(pipe, PTQConfig(attention="int8", calib_prompts=1, calib_num_steps=2, calib_steps="all"))
+    da.save(pipe, tmp_path)
+    base = build_tiny("sd")
+    base.unet.set_attn_processor(AttnProcessor())
+    unet = base.unet
+    with pytest.raises(da.ArtifactError, match=r"14 of them use processors .*AttnProcessor; accepted: .*no "
+                                               r"attention slicing"):
+        da.load(base, tmp_path)
+    assert base.unet is unet and applied_techniques(base) == []
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

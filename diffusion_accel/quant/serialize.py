@@ -158,6 +158,7 @@ def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tens
                          f"timesteps, got {bounds!r}")
     selector = StepGroups(denoiser, ptq_config.timestep_groups, config["num_steps"], bounds) \
         if ptq_config.timestep_groups > 1 else None
+    _check_attention_processors(denoiser, config.get("attention", []))
     layers = {name: _restore_layer(denoiser.get_submodule(name), name, entry, ptq_config, tensors, selector)
               for name, entry in config["layers"].items()}
     dtype = compute_dtype(denoiser)  # before any layer is swapped: the base's own float dtype
@@ -169,6 +170,23 @@ def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tens
                      notes=["restored from an artifact"], attention=list(config.get("attention", [])),
                      group_bounds=bounds, calibration_record=config.get("calibration"))
     install(pipe, final, state)
+
+
+def _check_attention_processors(denoiser: nn.Module, names: list[str]) -> None:
+    """ArtifactError when the base's processors on the attention modules the artifact quantizes are ones
+    attention quantization cannot wrap (attention slicing, xformers, a plain ``AttnProcessor``): the KeyError it
+    gave called the artifact damaged, which saving again cannot mend."""
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"attention must list attention module names, got {names!r}")
+    unfit = {name: type(denoiser.get_submodule(name).processor).__name__ for name in names
+             if type(denoiser.get_submodule(name).processor) not in QUANT_PROCESSORS}
+    if unfit:
+        name, processor = next(iter(unfit.items()))
+        raise ArtifactError(
+            f"the artifact quantizes the attention of {len(names)} modules, but on this base {len(unfit)} of them use "
+            f"processors attention quantization cannot wrap (e.g. {name}: {processor}; accepted: "
+            f"{', '.join(cls.__name__ for cls in QUANT_PROCESSORS)}). Load onto a base with diffusers' default "
+            f"processors (no attention slicing or xformers, no set_attn_processor) and change them after load")
 
 
 def _warn_on_other_kernels(entries: dict[str, dict[str, Any]], lowered: dict[str, nn.Module | None]) -> None:
