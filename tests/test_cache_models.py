@@ -370,7 +370,33 @@ def test_diffusers_own_cache_and_ours_exclude_each_other_and_calibration():
             action()  # statistics through diffusers' cache would miss every skipped block too
 
 
-@pytest.mark.parametrize("config", [BlockCacheConfig(interval=2), TeaCacheConfig(threshold=0.3)])
+@pytest.mark.parametrize("skipped", [[1], [2]], ids=["rear-span-start", "front-span-end"])
+def test_delta_cache_spans_with_a_block_the_skip_layer_pass_skips_run_it_plainly(skipped):
+    """4 blocks, spans [0, 3) and [1, 4): a skipped span start raised KeyError; a skipped span end recorded no
+    delta, yet reuse steps bypassed the span's blocks (their work lost). Such a span now computes on reuse
+    steps of that pass."""
+    from diffusers import SD3Transformer2DModel
+
+    pipe = build_tiny("sd3")
+    torch.manual_seed(0)
+    pipe.transformer = SD3Transformer2DModel.from_config({**pipe.transformer.config, "num_layers": 4}).eval()
+    kwargs = tiny_call_kwargs("sd3", steps=6) | {"guidance_scale": 5.0, "skip_guidance_layers": skipped,
+                                                 "skip_layer_guidance_start": 0.0, "skip_layer_guidance_stop": 1.0}
+    enable_cache(pipe, DeltaCacheConfig(interval=2, cached_fraction=0.75, boundary=0.0))  # reuse steps: front
+    first = pipe(**kwargs).images
+    runs = []  # the pass of every computation of block 0 (its norm1 runs only then), which only the front span holds
+    pipe.transformer.transformer_blocks[0].norm1.register_forward_pre_hook(
+        lambda module, args: runs.append(get_tracker(pipe.transformer).context))
+    again = pipe(**(kwargs | {"generator": torch.Generator().manual_seed(0)})).images
+    assert torch.isfinite(first).all() and torch.equal(first, again)
+    skip_pass = [record for record in summary(pipe)["steps"] if record["context"] == "default#1"]
+    reused = sum(not record["computed"] for record in skip_pass)
+    if skipped == [2]:  # the front span has no delta in that pass: block 0 runs at each of its steps, reused or not
+        assert reused and runs.count("default#1") == len(skip_pass)
+
+
+@pytest.mark.parametrize("config", [BlockCacheConfig(interval=2), TeaCacheConfig(threshold=0.3),
+                                    DeltaCacheConfig(interval=2, cached_fraction=1.0)])
 def test_sd3_skip_layer_guidance_skipping_the_first_cached_block_runs(config):
     """SD3's skip-layer guidance pass skips block 0, so the last cached block found no stack input
     (KeyError: 'stack_input')."""

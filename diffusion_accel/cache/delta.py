@@ -60,7 +60,7 @@ class DeltaBlockHook(ComputingHook):
         if compute:
             return self._compute(state, args, kwargs)
         span = self.spans[state["span"]]
-        if not span.holds(self.index):
+        if not span.holds(self.index) or span.name not in state.get("deltas", {}):  # none: a block of it never ran
             return self.compute(*args, **kwargs)
         return self.io.build(state["templates"][self.key], self._reuse(state, span, self.io.inputs(args, kwargs)))
 
@@ -82,11 +82,16 @@ class DeltaBlockHook(ComputingHook):
                 starts[span.name] = self.io.inputs(args, kwargs)
         output = self.compute(*args, **kwargs)
         state.setdefault("templates", {})[self.key] = self.io.template(output)
+        deltas = state.setdefault("deltas", {})
         for span in self.spans.values():
             if span.stop - 1 == self.index:
-                delta = sub_streams(self.io.outputs(output), starts.pop(span.name))
-                state.setdefault("deltas", {})[span.name] = detached(delta)
+                start = starts.pop(span.name, None)
+                if start is None:  # its first block did not run (SD3's skip-layer guidance pass): no delta, and
+                    deltas.pop(span.name, None)  # reuse steps run the span's blocks
+                else:
+                    deltas[span.name] = detached(sub_streams(self.io.outputs(output), start))
         if self.last:
+            starts.clear()  # a span whose last block did not run recorded no delta
             state["ready"] = True
         return output
 
