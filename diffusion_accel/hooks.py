@@ -136,6 +136,7 @@ class _CallState(threading.local):
         self.timestep_value: float | None = None
         self.context = DEFAULT_CONTEXT
         self.in_call = False
+        self.shared_contexts: set[str] = set()  # contexts calls past MAX_REPEAT_CONTEXTS repeats of a position share
         self.calls_since_reset = 0
         self.pinned_context: str | None = None
         self.client_states = _ClientStates()  # client -> context -> state
@@ -182,6 +183,7 @@ class StepTracker(ModelHook):
     _timestep_value = _per_thread("timestep_value")
     context = _per_thread("context")
     in_call = _per_thread("in_call")
+    _shared_contexts = _per_thread("shared_contexts")
     calls_since_reset = _per_thread("calls_since_reset")
     _pinned_context = _per_thread("pinned_context")
 
@@ -253,6 +255,7 @@ class StepTracker(ModelHook):
         self._last_values.clear()
         self._last_positions.clear()
         self._input_shapes.clear()
+        self._shared_contexts.clear()
         self._scheduler_live = False
         self.calls_since_reset = 0
         self._call.client_states.clear()
@@ -364,7 +367,9 @@ class StepTracker(ModelHook):
         branch, repeat = context, 0
         while self._last_positions.get(branch) == position and repeat < MAX_REPEAT_CONTEXTS:
             repeat += 1
-            branch = f"{context}#{repeat}"  # past the cap the last one is reused: a loop over one step, not branches
+            branch = f"{context}#{repeat}"
+        if self._last_positions.get(branch) == position:  # past the cap: tiles or views of one step share the last
+            self._shared_contexts.add(branch)             # context (``shared_context``), not branches
         self._last_positions[branch] = position
         return branch, position
 
@@ -434,6 +439,13 @@ class StepTracker(ModelHook):
         self.calls_since_reset += 1
         self.in_call = False
         return output
+
+    @property
+    def shared_context(self) -> bool:
+        """Whether this call's context is shared by calls repeating one position more than MAX_REPEAT_CONTEXTS
+        times in this trajectory (tiles, MultiDiffusion views): caches must compute every call there (reused,
+        one tile's features went to the others)."""
+        return self.context in self._shared_contexts
 
     def watched_timesteps(self) -> torch.Tensor | None:
         """The watched scheduler's timesteps when they place the current call (see ``num_inference_steps``),

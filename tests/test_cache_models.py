@@ -407,3 +407,30 @@ def test_sd3_skip_layer_guidance_skipping_the_first_cached_block_runs(config):
     first = pipe(**kwargs).images
     again = pipe(**(kwargs | {"generator": torch.Generator().manual_seed(0)})).images
     assert torch.isfinite(first).all() and torch.equal(first, again)
+
+
+def test_calls_repeating_one_step_past_the_context_cap_never_reuse_a_shared_context(monkeypatch):
+    """A loop calling the UNet once per tile at each step (MultiDiffusion / panorama views) put every call past
+    the ninth in one context: on reuse steps they all got the last tile's features (max diff 0.147 on 11 views).
+    With the cap at 0 both views (width 576: the panorama pipeline counts 8 px per latent) share one context: the
+    cached pipeline now computes every call there,
+    giving the uncached images exactly."""
+    from diffusers import StableDiffusionPanoramaPipeline
+
+    from diffusion_accel import hooks
+
+    sd = build_tiny("sd")
+    pipe = StableDiffusionPanoramaPipeline(**{key: value for key, value in sd.components.items()
+                                              if key != "image_encoder"})
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe("a photo of a red bicycle", height=32, width=576, num_inference_steps=4, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    uncached = run()
+    monkeypatch.setattr(hooks, "MAX_REPEAT_CONTEXTS", 0)
+    enable_cache(pipe, DeepCacheConfig(interval=2))
+    assert torch.equal(run(), uncached)
+    records = summary(pipe)["steps"]
+    assert {record["context"] for record in records} == {"default"} and all(r["computed"] for r in records)

@@ -157,6 +157,11 @@ class CacheSession:
         """Ask the policy once per (context, step); store and log the answer."""
         state, step = self.state(), self.tracker.step_index
         decision = state.setdefault("decision", StepDecision())
+        if self.tracker.shared_context:  # several tiles in one context: each computes (and is logged once per step)
+            if decision.step != step or not decision.compute:
+                decision.update(step, True, None)
+                self._record(step, True, None, None, state)
+            return True
         if decision.step != step:
             num_steps = self.tracker.num_inference_steps
             ready = state.get("ready", False) or step in self.replayed_steps
