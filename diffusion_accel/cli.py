@@ -215,6 +215,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--metrics {args.metrics!r}: name at least one of {', '.join(DEFAULT_METRICS)} (grid "
                          "images alone: diffusion-accel grid)")
     metrics = list(check_metrics(requested))
+    _check_metric_options(args, metrics)
     fid_extractor = _fid_extractor(args.fid_dtype, metrics, args.device)
     fid_reference = _fid_reference(args.fid_reference)
     _check_eval_inputs(args, metrics, fid_reference, fid_extractor)  # before loading any pipeline
@@ -224,6 +225,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       fid_reference=fid_reference, fid_cache_dir=args.fid_cache or FID_CACHE,
                       fid_extractor=fid_extractor, clip_model=args.clip_model, call_kwargs=_call_kwargs(args))
     return _print_and_save(report, args.out)
+
+
+def _check_metric_options(args: argparse.Namespace, metrics: list[str]) -> None:
+    """Refuse options of a metric not asked for (they were ignored silently, a zoo reference loaded for nothing)."""
+    idle = [flag for flag, value, metric in (("--fid-reference", args.fid_reference, "fid"),
+                                             ("--fid-cache", args.fid_cache, "fid"),
+                                             ("--clip-model", args.clip_model, "clip"))
+            if value is not None and metric not in metrics]
+    if idle:
+        raise ValueError(f"{', '.join(idle)}: options of metrics that --metrics {','.join(metrics)} does not ask for "
+                         f"(--fid-reference / --fid-cache: fid; --clip-model: clip); add the metric or drop them")
 
 
 def _check_eval_inputs(args: argparse.Namespace, metrics: list[str], fid_reference: Any, fid_extractor: Any) -> None:

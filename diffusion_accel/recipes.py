@@ -274,7 +274,10 @@ _FLAG_METHODS = {"layers": ("stats",), "collect": ("stats",), "preset": ("ptq",)
                  "sparsity": PRUNE_METHODS, "pattern": PRUNE_METHODS, "scope": PRUNE_METHODS,
                  "allocation": PRUNE_METHODS, "cache_method": ("cache",), "budget": ("cache",),
                  "interval": ("cache",), "forecast": ("cache",), "forecast_target": ("cache",),
-                 "search_blocks": ("cache",)}
+                 "search_blocks": ("cache",),
+                 # the calibration's (a cache method draws its own steps and weights none; batches: a search's)
+                 "selection": ("stats", "ptq", *PRUNE_METHODS), "weighting": ("stats", "ptq", *PRUNE_METHODS),
+                 "batch_size": ("stats", "ptq", *PRUNE_METHODS, "cache")}
 
 
 def _check_flags_apply(args: argparse.Namespace, methods: list[str]) -> None:

@@ -599,6 +599,8 @@ def test_bench_batch_size_above_num_prompts_cycles_prompts(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["calibrate", "--method", "ptq", "--sparsity", "0.5", "--layers", "x*"], "--layers, --sparsity not used by --method ptq (--layers is read by --method stats; --sparsity is read by --method obs/wanda/magnitude)"),
     (["calibrate", "--method", "stats", "--preset", "w4a8"], "--preset not used by --method stats"),
+    (["calibrate", "--method", "cache", "--selection", "0,1", "--weighting", "log-increase"],
+     "--selection, --weighting not used by --method cache"),  # both were ignored, and recorded as used
     (["calibrate", "--method", "ptq", "--call", "seed=3"], "may not set ['seed']: these are settings of the calibration"),
     (["calibrate", "--method", "obs,ptq,cache", "--cache-method", "bogus"], "[cache] method 'bogus'"),
     (["calibrate", "--method", "cache", "--cache-method", "deepcache", "--budget", "0.2"], "do not apply to method 'deepcache'"),
@@ -616,6 +618,8 @@ def test_bench_batch_size_above_num_prompts_cycles_prompts(tmp_path):
     (["eval", "--metrics", "fid", "--fid-reference", "/no/such/stats"], "is neither a statistics"),
     (["eval", "--metrics", "clip", "--clip-model", "/no/such/clip"], "is neither a local folder"),
     (["eval", "--prompts", "/no/such/prompts.txt"], "prompts.txt"),
+    (["eval", "--metrics", "psnr", "--fid-reference", "/nonexistent", "--clip-model", "/nope"],
+     "--fid-reference, --clip-model: options of metrics that --metrics psnr does not ask for"),  # ignored silently
 ])
 def test_command_line_inputs_are_checked_before_any_pipeline_loads(argv, message, monkeypatch, capsys, tmp_path):
     """Each was found only after the pipeline loaded (minutes for a hub model), or ran ignoring the flag."""
