@@ -43,10 +43,13 @@ def structure_fingerprint(denoiser: torch.nn.Module) -> str:
 
 def dense(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` detached; a quantized tensor subclass (torchao's, loaded through diffusers'
-    ``quantization_config``) by its dequantized values (it implements no ``view``)."""
+    ``quantization_config``) by its dequantized values (it implements no ``view``), a 2:4 semi-structured one
+    by its dense values."""
     tensor = tensor.detach()
     if type(tensor) is not torch.Tensor and callable(getattr(tensor, "dequantize", None)):
         return tensor.dequantize()
+    if type(tensor).__name__.startswith("SparseSemiStructured"):  # 2:4 kernels' storage (no view / reshape)
+        return tensor.to_dense()
     return tensor
 
 

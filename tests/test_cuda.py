@@ -162,3 +162,15 @@ def test_an_artifact_spec_loaded_onto_cuda_is_lowered_for_cuda(tmp_path):
     by_spec = load_pipeline(str(tmp_path), device="cuda")
     assert summary(by_spec) == summary(da.load(build_tiny("sd").to("cuda"), tmp_path))
     assert "int8-gemm" in summary(by_spec)
+
+
+def test_a_2_4_pruned_pipeline_saved_with_sparse_kernels_loads_with_them(tmp_path):
+    from diffusion_accel.prune import PruneConfig, prune_
+
+    pipe = prune_(build_tiny("sd").to("cuda", torch.bfloat16), PruneConfig(method="magnitude", pattern="2:4"))
+    sparse = lambda p: sum(type(m.weight).__name__.startswith("SparseSemiStructured")  # noqa: E731
+                           for m in p.unet.modules() if isinstance(m, nn.Linear))
+    assert sparse(pipe) > 0
+    da.save(pipe, tmp_path)
+    loaded = da.load(build_tiny("sd").to("cuda", torch.bfloat16), tmp_path)
+    assert sparse(loaded) == sparse(pipe) and torch.equal(_images(loaded), _images(pipe))

@@ -228,6 +228,23 @@ def test_save_load_round_trip_is_exact(tmp_path, family, config):
     assert torch.equal(generate(base, family), expected)
 
 
+def test_a_2_4_artifact_asks_for_sparse_kernels_on_load_as_prune_did(tmp_path, monkeypatch):
+    """Loading put 2:4 layers back dense: on a GPU the saved pipeline ran sparse kernels and the loaded one not
+    (tests/test_cuda.py checks the kernels there; a CPU has none, so here the request is what is checked)."""
+    import diffusion_accel.prune.serialize as serialize
+
+    pipe = prune_(build_tiny("sd"), PruneConfig(method="magnitude", pattern="2:4"))
+    da.save(pipe, tmp_path)
+    asked = []
+    monkeypatch.setattr(serialize, "enable_sparse_kernels", lambda denoiser, names, pattern: asked.append(names))
+    da.load(build_tiny("sd"), tmp_path)
+    assert asked and sorted(asked[0]) == sorted(name for name in prune_report(pipe).layers_pruned)
+    da.save(prune_(build_tiny("sd"), PruneConfig(method="magnitude", pattern="2:4", sparse_kernels=False)),
+            tmp_path / "dense")
+    da.load(build_tiny("sd"), tmp_path / "dense")
+    assert len(asked) == 1
+
+
 def test_unstructured_artifact_is_smaller_than_dense(tmp_path):
     pipe = build_tiny("sd")
     prune_(pipe, PruneConfig(method="magnitude", sparsity=0.5))

@@ -21,7 +21,7 @@ from ..hooks import refuse_while_cached
 from .apply import TECHNIQUE
 from .geometry import BaseGeometry
 from .record import ensure_record, get_record
-from .sparse import dense_weight
+from .sparse import dense_weight, enable_sparse_kernels
 from .structured import set_head_count
 from .surgery import new_group_norm, new_layer, replace_module
 
@@ -112,6 +112,16 @@ def restore_prune(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Te
     record.base_shapes |= saved["base_shapes"]
     record.heads |= saved["heads"]
     record.norm_groups |= norm_groups
+    _restore_sparse_kernels(denoiser, saved["configs"], [name for name in config["masked_shapes"]
+                                                        if name not in superseded])
+
+
+def _restore_sparse_kernels(denoiser: nn.Module, configs: list[Any], masked: list[str]) -> None:
+    """2:4 sparse kernels on the restored masked layers where the last prune asked for them and the device has
+    them (a pipeline saved with them came back dense: other GEMMs, no speed-up); nothing on a CPU."""
+    last = configs[-1] if configs and isinstance(configs[-1], dict) else {}
+    if last.get("pattern") == "2:4" and last.get("sparse_kernels", True) and masked:
+        enable_sparse_kernels(denoiser, masked, "2:4")
 
 
 def _check_masked_names(saved: dict[str, Any], masked_shapes: dict[str, Any]) -> None:
