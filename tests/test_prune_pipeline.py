@@ -109,6 +109,7 @@ def test_error_allocation_beats_saliency_allocation_on_summed_layer_error():
     (dict(allocation="error"), ValueError, "it needs scope='global'"),
     (dict(calib_kwargs=(("height",),)), TypeError, "calib_kwargs must be"),
     (dict(calib_kwargs={1: 2}), TypeError, "calib_kwargs keys must be strings"),
+    (dict(calib_kwargs=(("height", 16), ("height", 32))), ValueError, r"calib_kwargs sets \['height'\] more than once"),
     (dict(calib_num_steps="all"), ValueError, "as PTQConfig.s calib_num_steps"),
     # session 27: each was accepted and misbehaved, or a bare Python error at prune time
     (dict(exclude="down_blocks"), ValueError, "got the string 'down_blocks'; write \\('down_blocks',\\)"),

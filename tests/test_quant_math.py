@@ -231,6 +231,8 @@ def test_numpy_scalars_in_configs_become_python_scalars():
     ({"include": 5}, "include takes a tuple"),
     ({"include": {"*": 1}}, "include takes a tuple"),
     ({"calib_kwargs": (("eta",),)}, "calib_kwargs takes \\(name, value\\) pairs"),
+    ({"calib_kwargs": (("height", 16), ("height", 32))}, r"calib_kwargs sets \['height'\] more than once"),
+    ({"calib_steps": 5}, "calib_steps takes a tuple \\(or list\\) or a string: 'all', 'uniform:K'"),
     ({"calib_guidance_scale": float("nan")}, "calib_guidance_scale must be a finite number"),
 ])
 def test_config_fields_of_the_wrong_type_are_refused(fields, message):

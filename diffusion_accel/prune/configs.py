@@ -211,6 +211,10 @@ def _pairs(name: str, value: Any) -> tuple[tuple[str, Any], ...]:
         raise TypeError(f"{name} must be a dict or (name, value) pairs, got {value!r}") from None
     if not all(isinstance(key, str) for key, _ in pairs):
         raise TypeError(f"{name} keys must be strings, got {[key for key, _ in pairs]!r}")
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:  # a dict of them kept the last value silently
+        raise ValueError(f"{name} sets {repeated} more than once; give each argument once")
     return pairs
 
 

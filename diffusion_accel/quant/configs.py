@@ -187,7 +187,8 @@ def _as_tuple(name: str, value: Any) -> tuple:
     if name == "calib_kwargs" and isinstance(value, dict):
         return tuple(value.items())
     if not isinstance(value, (list, tuple)):
-        raise ValueError(f"PTQConfig.{name} takes a tuple (or list), got {value!r}")
+        forms = " or a string: 'all', 'uniform:K', 'every:K'" if name == "calib_steps" else ""
+        raise ValueError(f"PTQConfig.{name} takes a tuple (or list){forms}, got {value!r}")
     return tuple(tuple(item) if name == "calib_kwargs" and isinstance(item, list) else item for item in value)
 
 
@@ -286,6 +287,10 @@ def _check_calib_kwargs(pairs: tuple) -> None:
     and pipeline arguments pass on."""
     if not all(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) for pair in pairs):
         raise ValueError(f"PTQConfig.calib_kwargs takes (name, value) pairs, e.g. (('height', 32),); got {pairs!r}")
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # dict(pairs) kept the last value silently
+        raise ValueError(f"PTQConfig.calib_kwargs sets {repeated} more than once; give each argument once")
     own = sorted(set(dict(pairs)) & set(SELF_CALIBRATION_ARGUMENTS))
     if own:
         raise ValueError(f"PTQConfig.calib_kwargs may not set {own}: quantize_'s own calibration sets them; use "
