@@ -60,7 +60,9 @@ def _guarded_add_adapter(model: nn.Module, adapter_config: Any, *args: Any, **kw
 def _guarded_load_lora_adapter(model: nn.Module, source: Any, *args: Any, **kwargs: Any) -> Any:
     if isinstance(source, dict):
         prefix, replaced = kwargs.get("prefix", args[0] if args else "transformer"), replaced_layers(model)
-        _refuse_targets(model, LOAD_METHOD, [name for name in lora_targets(source, prefix) if name in replaced])
+        targets = lora_targets(source, prefix)
+        _refuse_targets(model, LOAD_METHOD, [name for name in targets if name in replaced])
+        _refuse_resized_targets(model, targets)
     return _rolled_back_on_error(model, lambda: type(model).load_lora_adapter(model, source, *args, **kwargs))
 
 
@@ -101,6 +103,23 @@ def _refuse_targets(model: nn.Module, method: str, targeted: list[str]) -> None:
         f"Merge the LoRA into the base pipeline before applying the techniques: pipe.load_lora_weights(...), "
         f"pipe.fuse_lora(), pipe.unload_lora_weights(), then quantize_ / prune_ (feature caching alone "
         f"works with unmerged adapters).")
+
+
+def _refuse_resized_targets(model: nn.Module, targets: list[str]) -> None:
+    """A LoRA trained on the base model does not fit layers structured pruning made smaller (peft's 'size
+    mismatch' listed every tensor, dozens of lines, without saying why)."""
+    from .prune.record import get_record
+
+    record = get_record(model)
+    resized = [name for name in targets if record is not None and name in record.base_shapes]
+    if resized:
+        layer = model.get_submodule(resized[0])
+        raise AdapterOnReplacedLayerError(
+            f"{LOAD_METHOD}() cannot load this LoRA: it adapts {resized[0]}"
+            f"{f' and {len(resized) - 1} more layers' if len(resized) > 1 else ''}, which structured pruning made "
+            f"smaller (weight {record.base_shapes[resized[0]]} -> {list(layer.weight.shape)}), and its tensors have "
+            f"the base model's shapes. Nothing was changed. Merge the LoRA into the base pipeline before pruning: "
+            f"pipe.load_lora_weights(...), pipe.fuse_lora(), pipe.unload_lora_weights(), then prune_.")
 
 
 def _rolled_back_on_error(model: nn.Module, call: Callable[[], Any]) -> Any:

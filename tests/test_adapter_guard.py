@@ -110,3 +110,13 @@ def test_flux_load_lora_weights_names_the_replaced_layer_instead_of_a_key_error(
                                                            r"[\w.]+\.to_[qkv] \(Int8Linear\): .* replaced it"):
         pipe.load_lora_weights(lora)
     assert _wrappers(pipe.transformer) == [] and torch.equal(pipe(**tiny_call_kwargs("flux")).images, before)
+
+
+def test_a_lora_for_layers_structured_pruning_resized_is_refused_with_the_reason(lora_state_dict):
+    """peft raised 'size mismatch for ...' over dozens of lines; nothing said the layers were pruned smaller."""
+    pipe = da.prune_(build_tiny("sd"), da.PruneConfig(method="magnitude", sparsity=0.5, pattern="structured"))
+    before = _images(pipe)
+    with pytest.raises(AdapterOnReplacedLayerError, match=r"which structured pruning made smaller \(weight "
+                                                           r"\[\d+, \d+\] -> \[\d+, \d+\]\).*before pruning"):
+        pipe.load_lora_weights(dict(lora_state_dict))
+    assert _wrappers(pipe.unet) == [] and torch.equal(_images(pipe), before)
