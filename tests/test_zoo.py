@@ -65,6 +65,18 @@ def test_loader_reads_an_xz_copy_made_by_pack_xz(tmp_path):
     got_images, got_labels = load_split("train", root=tmp_path / "xz")
     assert torch.equal(got_images, torch.from_numpy(images.astype("uint8")))
     assert got_labels.tolist() == labels.tolist()
+    test_only = pack_xz(tmp_path / "test_xz", "test", root=_only_test_files(source, tmp_path / "t10k"))
+    assert sorted(p.name for p in test_only) == ["t10k-images-idx3-ubyte.xz", "t10k-labels-idx1-ubyte.xz"]
+
+
+def _only_test_files(source, folder):
+    """A copy of ``source`` without the train files (packing the test split needed them)."""
+    import shutil
+
+    folder.mkdir()
+    for path in source.glob("t10k-*"):
+        shutil.copy(path, folder / path.name)
+    return folder
 
 
 def test_loader_finds_one_split_raw_files_and_names_damaged_or_mismatched_ones(tmp_path, monkeypatch):

