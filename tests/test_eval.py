@@ -872,6 +872,18 @@ def test_fid_statistics_record_the_image_size_and_a_mismatch_is_noted(tmp_path):
     assert any("FID reference images are 24x24, generated ones" in note for note in report.notes)
 
 
+def test_a_folder_of_mixed_image_sizes_records_no_single_size(tmp_path):
+    """Its batches are resized to 299 for the network, and that size was recorded as the images' own."""
+    from PIL import Image
+
+    for index, side in enumerate((32, 32, 64, 64)):
+        Image.new("RGB", (side, side), (index * 40, 0, 0)).save(tmp_path / f"{index}.png")
+    assert compute_fid_stats(tmp_path, extractor=CountingFeatures()).image_size is None
+    for path in tmp_path.glob("[23].png"):
+        path.unlink()
+    assert compute_fid_stats(tmp_path, extractor=CountingFeatures()).image_size == (32, 32)
+
+
 def test_an_unloadable_hub_clip_fails_before_any_image_is_generated(monkeypatch):
     """Offline, the default hub CLIP failed after generating every image (and ~46 s of hub retries)."""
     import transformers

@@ -132,10 +132,13 @@ def _stack(images: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([tf1_bilinear_resize(image[None].float()) / 255.0 for image in images])
 
 
-def _group(images: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
-    """Group single (3, H, W) images into batches."""
+def _group(images: Iterable[torch.Tensor], batch_size: int, sizes: set | None = None) -> Iterator[torch.Tensor]:
+    """Group single (3, H, W) images into batches; each image's (H, W) is added to ``sizes`` (the batches of
+    mixed sizes are resized to 299)."""
     pending: list[torch.Tensor] = []
     for image in images:
+        if sizes is not None:
+            sizes.add(tuple(image.shape[-2:]))
         pending.append(image)
         if len(pending) == batch_size:
             yield _stack(pending)
@@ -144,22 +147,26 @@ def _group(images: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Te
         yield _stack(pending)
 
 
-def image_batches(images: Any, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[torch.Tensor]:
-    """Batches (B, C, H, W) from a tensor/array, an image folder, or an iterable of images."""
+def image_batches(images: Any, batch_size: int = DEFAULT_BATCH_SIZE, sizes: set | None = None
+                  ) -> Iterator[torch.Tensor]:
+    """Batches (B, C, H, W) from a tensor/array, an image folder, or an iterable of images; the images' own
+    (H, W) sizes are added to ``sizes`` when given (before any resize to 299)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     if isinstance(images, (str, Path)):
-        yield from _group((load_image(path) for path in image_files(images)), batch_size)
+        yield from _group((load_image(path) for path in image_files(images)), batch_size, sizes)
         return
     if isinstance(images, np.ndarray):
         images = to_uint8(images)
     if isinstance(images, torch.Tensor):
         images = to_rgb(as_nchw(images))
+        if sizes is not None:
+            sizes.add(tuple(images.shape[-2:]))
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
             yield checked_unit_range(batch) if batch.is_floating_point() else batch
         return
-    yield from _group(iter_dataset_images(images), batch_size)
+    yield from _group(iter_dataset_images(images), batch_size, sizes)
 
 
 def _stats_from_metric(metric: FrechetInceptionDistance, source: str,
@@ -180,10 +187,9 @@ def compute_fid_stats(images: Any, *, extractor: nn.Module | None = None, batch_
     metric = metric if metric is not None else fid_metric(extractor)
     metric.reset()
     total = len(images) if isinstance(images, (torch.Tensor, np.ndarray, list)) else None
-    sizes = set()
+    sizes: set[tuple[int, int]] = set()  # the images' own: a folder of mixed sizes was recorded as 299 x 299
     with tqdm(total=total, desc="FID features", unit="img", leave=False) as bar:
-        for batch in image_batches(images, batch_size):
-            sizes.add(tuple(batch.shape[-2:]))
+        for batch in image_batches(images, batch_size, sizes):
             metric.update(_metric_input(metric, batch), real=True)
             bar.update(len(batch))
     return _stats_from_metric(metric, source, next(iter(sizes)) if len(sizes) == 1 else None)
