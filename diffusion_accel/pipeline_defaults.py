@@ -74,6 +74,7 @@ def check_call_arguments(pipe: Any, names: Any, owner: str) -> None:
     params = inspect.signature(pipe.__call__).parameters
     if isinstance(names, dict):
         _check_value_types(pipe, params, names, owner)
+    _check_guidance_is_read(pipe, params, names, owner)
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     named = sorted(name for name, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD)
     unknown = sorted(set(names) - set(named) - set(KWARGS_DIFFUSERS_READS if takes_any else ()))
@@ -84,6 +85,25 @@ def check_call_arguments(pipe: Any, names: Any, owner: str) -> None:
         raise CallArgumentError(f"{message} (from {owner}); it accepts: {named}")
     warnings.warn(f"{message}: {owner} passes {'it' if len(unknown) == 1 else 'them'} into its **kwargs, which "
                   f"diffusers ignores; its arguments are {named}", stacklevel=user_stacklevel())
+
+
+def _check_guidance_is_read(pipe: Any, params: Any, names: Any, owner: str) -> None:
+    if "guidance_scale" in names:
+        check_guidance_scale_is_read(pipe, owner)
+
+
+def check_guidance_scale_is_read(pipe: Any, owner: str) -> None:
+    """CallArgumentError for ``guidance_scale`` on a Flux pipeline whose transformer has no guidance embedding
+    (FLUX.1-schnell, the zoo's fashion-flux): diffusers ignores it there (``--guidance 1`` and ``9`` gave the same
+    images); its classifier-free guidance is ``true_cfg_scale`` with a ``negative_prompt``."""
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    takes_true_cfg = "true_cfg_scale" in inspect.signature(pipe.__call__).parameters
+    if takes_true_cfg and config is not None and config.get("guidance_embeds") is False:
+        raise CallArgumentError(
+            f"guidance_scale (from {owner}) has no effect on this {type(pipe).__name__}: its transformer has no "
+            f"guidance embedding (guidance_embeds=False), so diffusers ignores it; its classifier-free guidance is "
+            f"true_cfg_scale with a negative_prompt (command line: --call true_cfg_scale=3.0 --call "
+            f"negative_prompt=)")
 
 
 def _check_value_types(pipe: Any, params: Any, values: dict[str, Any], owner: str) -> None:

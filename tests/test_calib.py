@@ -689,16 +689,21 @@ def test_a_collector_passed_to_a_second_run_warns_that_it_accumulates():
 
 def test_calibrating_without_the_cfg_a_pipeline_guides_with_by_default_warns():
     """CFG off in calibration never observes the unconditional branch: a tiny DiT's W8A8 fell from 56 to 27-29 dB
-    with CFG on (session 31). Flux embeds guidance_scale (true_cfg_scale guides): no warning there."""
+    with CFG on (session 31). A Flux without guidance embedding ignores guidance_scale (true_cfg_scale guides): a
+    clear error there, since --guidance changed nothing (session 40)."""
     import warnings
+
+    from diffusion_accel.pipeline_defaults import CallArgumentError
 
     with pytest.warns(UserWarning, match=r"DiTPipeline with guidance_scale=1.0 runs no classifier-free guidance, "
                                          r"while its default \(4.0\) does"):
         calibrate(build_tiny("dit"), [1], 2, guidance_scale=1.0, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        calibrate(build_tiny("flux"), ["a cat"], 2, guidance_scale=1.0, height=16, width=16, progress=False)
         calibrate(build_tiny("dit"), [1], 2, guidance_scale=4.0, progress=False)
+    with pytest.raises(CallArgumentError, match=r"guidance_scale \(from calibrate\) has no effect on this FluxPipeline"
+                                                r".*true_cfg_scale"):
+        calibrate(build_tiny("flux"), ["a cat"], 2, guidance_scale=1.0, height=16, width=16, progress=False)
 
 
 def test_numpy_numbers_are_taken_as_python_numbers(sd_pipe):

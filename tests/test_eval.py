@@ -872,6 +872,17 @@ def test_fid_statistics_record_the_image_size_and_a_mismatch_is_noted(tmp_path):
     assert any("FID reference images are 24x24, generated ones" in note for note in report.notes)
 
 
+def test_guidance_scale_a_flux_pipeline_ignores_is_refused():
+    """diffusion-accel eval --pipe zoo:fashion-flux --guidance 9 gave the images of --guidance 1: fashion-flux has no
+    guidance embedding; its CFG is true_cfg_scale."""
+    from diffusion_accel.pipeline_defaults import CallArgumentError
+
+    pipe = build_tiny("flux")
+    with pytest.raises(CallArgumentError, match=r"guidance_scale \(from evaluate\) has no effect .*true_cfg_scale"):
+        evaluate({"flux": pipe}, ["a cat"], metrics=("psnr",), num_inference_steps=2, progress=False,
+                 call_kwargs={"guidance_scale": 9.0, "height": 16, "width": 16})
+
+
 def test_a_folder_of_mixed_image_sizes_records_no_single_size(tmp_path):
     """Its batches are resized to 299 for the network, and that size was recorded as the images' own."""
     from PIL import Image

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..arch.registry import UnsupportedModelError, get_adapter
-from ..pipeline_defaults import call_defaults, check_call_arguments, per_prompt_negative
+from ..pipeline_defaults import (call_defaults, check_call_arguments, check_guidance_scale_is_read,
+                                 per_prompt_negative)
 from ..stacklevel import user_stacklevel
 
 CALL_MODES = ("prompt", "class", "unconditional")
@@ -221,6 +222,8 @@ def _check_options(pipe: Any, mode: str, params: dict[str, inspect.Parameter], p
     name = type(pipe).__name__
     if guidance_scale is not None and "guidance_scale" not in params:
         raise ValueError(f"{name} has no guidance_scale; leave guidance_scale=None")
+    if guidance_scale is not None:
+        check_guidance_scale_is_read(pipe, "calibrate")
     bad = isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
     if guidance_scale is not None and (bad or not math.isfinite(guidance_scale) or guidance_scale < 0):
         raise ValueError(f"guidance_scale must be a finite number >= 0 (or None for the pipeline's default), got "
