@@ -101,7 +101,7 @@ def calibration_pass(pipe: Any, prompts: list, steps: int, seed: int,
     layers = adapter.eligible_layers()
     blocks = [block.name for block in adapter.blocks()]
     ranges = RangeObserver(layers, per_step=True)
-    probe = FeatureChangeProbe(blocks)
+    probe = FeatureChangeProbe.for_blocks(adapter)
     calib = calibrate(pipe, prompts, num_inference_steps=steps, collectors=[ranges, probe],
                       seed=seed, store_trajectory=True, progress=True, **call_kwargs)
     drift = {name: _range_drift(ranges.step_ranges(name)) for name in layers}

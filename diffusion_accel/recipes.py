@@ -184,7 +184,7 @@ def build_collectors(pipe: Any, kinds: list[str], layer_glob: str | None) -> lis
                                 if applied else ""))
     factories = {"ranges": lambda: RangeObserver(layers, per_step=True),
                  "hessian": lambda: HessianCollector(layers),
-                 "features": lambda: FeatureChangeProbe([block.name for block in adapter.blocks()])}
+                 "features": lambda: FeatureChangeProbe.for_blocks(adapter)}
     return [factories[kind]() for kind in kinds]
 
 

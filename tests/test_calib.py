@@ -714,3 +714,29 @@ def test_numpy_numbers_are_taken_as_python_numbers(sd_pipe):
                       guidance_scale=np.float32(2.0), progress=False, **SD_SIZE)
     assert calib.seeds == [3] and type(calib.settings.seed) is int and calib.settings.guidance_scale == 2.0
     assert calib.provenance()["settings"]["num_inference_steps"] == 2
+
+
+@pytest.mark.parametrize("family, kwargs", [("flux", dict(height=16, width=16)), ("sd3", {})])
+def test_block_feature_probes_watch_the_image_stream_of_two_stream_blocks(family, kwargs, monkeypatch):
+    """Flux's and SD3's blocks return (context, hidden): the probe watched the text stream of every block but
+    SD3's last, which returns (None, hidden) and so gave the image stream; tensor_index=1 failed there."""
+    from diffusion_accel.arch import get_adapter
+
+    pipe = build_tiny(family)
+    adapter = get_adapter(pipe)
+    probe = FeatureChangeProbe.for_blocks(adapter)
+    seen = {}
+    observe = FeatureChangeProbe.observe
+    monkeypatch.setattr(FeatureChangeProbe, "observe",
+                        lambda self, name, value, step: (seen.setdefault(name, value.shape), observe(self, name, value,
+                                                                                                      step))[1])
+    text_tokens = set()
+
+    def note_text(module, args, kwargs):
+        text_tokens.add(kwargs["encoder_hidden_states"].shape[1])
+
+    pipe.transformer.register_forward_pre_hook(note_text, with_kwargs=True)
+    calibrate(pipe, ["a cat"], num_inference_steps=2, collectors=[probe], progress=False, **kwargs)
+    assert set(seen) == {block.name for block in adapter.blocks()}
+    assert len({shape for shape in seen.values()}) == 1 and all(shape[1] not in text_tokens
+                                                                 for shape in seen.values()), (seen, text_tokens)

@@ -64,6 +64,10 @@ class Collector(ABC):
         """Look at the named modules before a run; the default checks nothing beyond existence."""
         check_module_names(denoiser, self.module_names)
 
+    def pick(self, value: Any, name: str) -> torch.Tensor:
+        """The tensor of module ``name``'s inputs or output (``value``) this collector observes."""
+        return pick_tensor(value, self.tensor_index, name)
+
     @abstractmethod
     def observe(self, name: str, value: Any, step: Step) -> None:
         """Take one tensor (or a ModuleCall for ``wants="call"``) of module ``name`` at ``step``."""

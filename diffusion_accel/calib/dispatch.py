@@ -18,7 +18,7 @@ from torch import nn
 from ..arch.registry import DENOISER_COMPONENTS, UnsupportedModelError, find_denoiser
 from ..hooks import ModuleHooks
 from ..stacklevel import user_stacklevel
-from .collectors import WANTS, Collector, ModuleCall, Step, check_module_names, pick_tensor
+from .collectors import WANTS, Collector, ModuleCall, Step, check_module_names
 
 
 def resolve_denoiser(pipe: Any) -> tuple[str, nn.Module]:
@@ -99,7 +99,7 @@ class CollectorRouter:
             step = self.current_step()
             if step is not None:
                 for collector in collectors:
-                    collector.observe(name, pick_tensor((args, kwargs), collector.tensor_index, name), step)
+                    collector.observe(name, collector.pick((args, kwargs), name), step)
         return hook
 
     def _output_hook(self, name: str, on_output: list[Collector], on_call: list[Collector]) -> Callable:
@@ -108,7 +108,7 @@ class CollectorRouter:
             if step is None:
                 return
             for collector in on_output:
-                collector.observe(name, pick_tensor(output, collector.tensor_index, name), step)
+                collector.observe(name, collector.pick(output, name), step)
             for collector in on_call:
                 collector.observe(name, ModuleCall(args=args, kwargs=kwargs, output=output), step)
         return hook

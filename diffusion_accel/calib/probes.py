@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 from dataclasses import dataclass
 
 import torch
 
-from .collectors import Collector, Step
+from .collectors import Collector, Step, pick_tensor
 
 PROBE_SOURCES = ("input", "output")
 
@@ -40,13 +41,33 @@ class FeatureChangeProbe(Collector):
     """
 
     def __init__(self, module_names: str | Iterable[str], wants: str = "output",
-                 tensor_index: int = 0) -> None:
+                 tensor_index: int = 0, output_positions: dict[str, int] | None = None) -> None:
         super().__init__(module_names, tensor_index)
         if wants not in PROBE_SOURCES:
             raise ValueError(f"FeatureChangeProbe wants must be one of {PROBE_SOURCES}, got {wants!r}")
         self.wants = wants
+        self.output_positions = dict(output_positions or {})  # module -> item of its tuple output (a stream)
         self.records: dict[str, list[ChangeRecord]] = {name: [] for name in self.module_names}
         self._previous: dict[tuple[str, str], tuple[int, torch.Tensor]] = {}
+
+    @classmethod
+    def for_blocks(cls, adapter: Any) -> "FeatureChangeProbe":
+        """A probe of every adapter block's image (hidden) stream: Flux's and SD3's blocks return
+        ``(context, hidden)``, whose first tensor is the text; an SD3 last block ``(None, hidden)``."""
+        names = [block.name for block in adapter.blocks()]
+        positions = {}
+        for name in names:
+            try:
+                positions[name] = adapter.block_streams(name).hidden_out
+            except TypeError:  # UNet blocks: their first output is the hidden state
+                continue
+        return cls(names, output_positions=positions)
+
+    def pick(self, value: Any, name: str) -> torch.Tensor:
+        position = self.output_positions.get(name) if self.wants == "output" else None
+        if position is not None and isinstance(value, (tuple, list)):
+            return pick_tensor(value[position], 0, name)
+        return super().pick(value, name)
 
     def observe(self, name: str, value: torch.Tensor, step: Step) -> None:
         """Compare ``value`` with the previous step's tensor of ``name`` in the same context."""
