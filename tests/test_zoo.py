@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
@@ -619,3 +620,9 @@ def test_the_text_tower_loads_from_fashion_clip_without_a_load_report(capfd):
     tower = clip_text_tower(zoo.path("fashion-clip"))
     assert type(tower).__name__ == "CLIPTextModel" and hf_logging.get_verbosity() == verbosity
     assert "UNEXPECTED" not in "".join(capfd.readouterr())
+
+
+def test_training_runs_of_an_installed_package_go_to_the_user_cache_not_site_packages(monkeypatch, tmp_path):
+    assert C.default_runs_root() == C.REPO_ROOT / "zoo_runs"  # this checkout
+    monkeypatch.setattr(C, "REPO_ROOT", tmp_path / "site-packages")  # a wheel install: no pyproject.toml there
+    assert C.default_runs_root() == Path.home() / ".cache" / "diffusion_accel" / "zoo_runs"

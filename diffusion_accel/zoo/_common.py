@@ -20,7 +20,17 @@ import torch
 from tqdm.auto import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RUNS_ROOT = Path(os.environ.get("DIFFUSION_ACCEL_ZOO_RUNS", REPO_ROOT / "zoo_runs"))
+
+
+def default_runs_root() -> Path:
+    """Where training runs go: ``zoo_runs/`` of a source checkout; for an installed package (whose parent is
+    site-packages, maybe read-only) ``~/.cache/diffusion_accel/zoo_runs``."""
+    if (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "diffusion_accel").is_dir():
+        return REPO_ROOT / "zoo_runs"
+    return Path.home() / ".cache" / "diffusion_accel" / "zoo_runs"
+
+
+RUNS_ROOT = Path(os.environ.get("DIFFUSION_ACCEL_ZOO_RUNS") or default_runs_root())
 
 
 def setup_device(threads: int | None = None) -> torch.device:
