@@ -49,7 +49,8 @@ class PTQConfig:
     act_method: how static ranges are set ("minmax", "percentile" at ``act_percentile`` in (50, 100],
     "mse"). act_symmetric: False =
     asymmetric with a zero point. timestep_groups: K > 1 gives K activation scales over the
-    trajectory, chosen at run time by the step index. split_shortcut: separate scales for the two
+    trajectory, chosen at run time by the call's timestep against the calibrated bounds (by step position
+    without them). split_shortcut: separate scales for the two
     channel halves of UNet skip concatenations. include/exclude: fnmatch globs on layer names.
     act_exclude: globs of quantized layers whose input activations stay in floating point while their
     weights are still quantized (per-layer mixed precision, e.g. ``("*conv_shortcut",)`` for the UNet
