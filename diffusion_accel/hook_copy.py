@@ -40,7 +40,8 @@ def _deepcopy_with_hooks(denoiser: nn.Module, memo: dict[int, Any]) -> nn.Module
     cls = type(denoiser)
     clone = cls.__new__(cls)
     memo[id(denoiser)] = clone
-    clone.__setstate__(copy.deepcopy(denoiser.__dict__, memo))
+    # Module.__getstate__ drops ``_compiled_call_impl``: copied, ``module.compile()``'s binding ran the original
+    clone.__setstate__(copy.deepcopy(denoiser.__getstate__(), memo))
     for module in clone.modules():
         _rebuild_forward_chain(module)
     return clone

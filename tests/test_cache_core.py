@@ -161,6 +161,27 @@ def test_remove_cache_is_bit_identical_and_leaves_no_hooks():
 
 
 
+def test_a_deep_copy_of_a_cached_denoiser_compiled_in_place_runs_its_own_weights():
+    """The copy kept module.compile()'s binding to the original (torch's __getstate__ drops it; copying __dict__
+    did not): zeroing the copy's output layer changed nothing, it ran the original."""
+    import copy
+
+    from diffusion_accel.eval.pipes import compile_denoiser
+    from diffusion_accel.uncompiled import runs_compiled
+
+    pipe = build_tiny("sd")
+    enable_cache(pipe, DeepCacheConfig(interval=2))
+    compile_denoiser(pipe, regional=False, backend="eager")
+    reference = pipe(**tiny_call_kwargs("sd", steps=3)).images
+    twin = copy.deepcopy(pipe)
+    assert "_compiled_call_impl" not in vars(twin.unet) and not runs_compiled(twin)
+    with torch.no_grad():
+        twin.unet.conv_out.weight.zero_()
+        twin.unet.conv_out.bias.zero_()
+    assert not torch.equal(twin(**tiny_call_kwargs("sd", steps=3)).images, reference)
+    assert torch.equal(pipe(**tiny_call_kwargs("sd", steps=3)).images, reference)
+
+
 @pytest.mark.parametrize("family, config", [("sd", DeepCacheConfig(interval=2, branch=1)),
                                             ("pixart", BlockCacheConfig(interval=2))])
 def test_a_deep_copy_of_a_cached_pipeline_runs_its_own_weights_and_state(family, config):
