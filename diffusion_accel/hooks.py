@@ -128,6 +128,7 @@ class _CallState(threading.local):
         self.input_shapes: dict[str, tuple] = {}  # per context: the previous call's tensor input shapes
         self.scheduler_live = False  # the watched scheduler's timesteps were set in this trajectory
         self.caller_timesteps: torch.Tensor | None = None  # CacheMixin: the last calling pipeline's timesteps
+        self.caller_scheduler: Any = None  # ... and its scheduler (which places calls the watched one does not)
         self.vouched = False  # whether the previous call's timestep was a view of the watched ones
         self.driven = False  # whether the watched scheduler places the current call (see num_inference_steps)
         self.foreign_length: int | None = None  # length of another schedule this call's timestep is a view of
@@ -175,6 +176,7 @@ class StepTracker(ModelHook):
     _input_shapes = _per_thread("input_shapes")
     _scheduler_live = _per_thread("scheduler_live")
     _caller_timesteps = _per_thread("caller_timesteps")
+    _caller_scheduler = _per_thread("caller_scheduler")
     _vouched = _per_thread("vouched")
     _driven = _per_thread("driven")
     _foreign_length = _per_thread("foreign_length")
@@ -346,13 +348,14 @@ class StepTracker(ModelHook):
         call after an interruption) starts a new trajectory: it continued the stale one, counting steps on and
         reusing its features (images off by 0.07-0.11 on tiny Flux, session 33 probe). The watched scheduler's
         new timesteps are ``_detect_new_call``'s."""
-        timesteps = _calling_pipeline_timesteps()
-        if timesteps is None:
+        scheduler = getattr(_calling_pipeline(), "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if not isinstance(timesteps, torch.Tensor):
             return
         stale = timesteps is not self._caller_timesteps and self.calls_since_reset > 0
         if stale and timesteps is not self._scheduler_timesteps():
             self.reset()
-        self._caller_timesteps = timesteps
+        self._caller_timesteps, self._caller_scheduler = timesteps, scheduler
 
     def _place(self, context: str, vouched: bool) -> tuple[str, int]:
         """This call's (context, step index): its position in the timesteps when known, a context of
@@ -362,6 +365,8 @@ class StepTracker(ModelHook):
         self._foreign_length = None
         if position is None and not self._driven:
             position = self._foreign_position()
+        if position is None and not self._driven:
+            position = self._caller_position()
         if position is None:
             return context, self._counters.get(context, 0)
         branch, repeat = context, 0
@@ -384,6 +389,23 @@ class StepTracker(ModelHook):
         position = _view_position(value, base)
         if position is not None:
             self._foreign_length = int(base.numel())
+        return position
+
+    def _caller_position(self) -> int | None:
+        """For a ``CacheMixin`` (Flux) call from another pipeline with a scheduler of its own (its timesteps are no
+        views): that scheduler's ``step_index`` (``begin_index`` before its first step, else 0), which also gives the
+        trajectory length. Without it such calls had no step count (a Δ-cache never reached its detail stage, a
+        calibrated schedule was not resampled), unlike the same call from the watched pipeline."""
+        scheduler, timesteps = self._caller_scheduler, self._caller_timesteps
+        if scheduler is None or timesteps is None or scheduler is getattr(self.pipeline, "scheduler", None) \
+                or not hasattr(scheduler, "begin_index"):
+            return None
+        position = getattr(scheduler, "step_index", None)
+        position = getattr(scheduler, "begin_index", None) if position is None else position
+        position = 0 if position is None else int(position)
+        if position >= len(timesteps):
+            return None
+        self._foreign_length = int(len(timesteps))
         return position
 
     def _position(self, vouched: bool) -> int | None:
@@ -523,16 +545,15 @@ def _timestep_argument(args: tuple, kwargs: dict) -> Any:
 PIPELINE_FRAME_DEPTH = 40  # frames searched above a denoiser call for the pipeline __call__ making it
 
 
-def _calling_pipeline_timesteps() -> torch.Tensor | None:
-    """``scheduler.timesteps`` of the diffusers pipeline whose ``__call__`` makes the current denoiser call (the
-    nearest on this thread's stack), or None (a direct call, or a scheduler without timesteps)."""
+def _calling_pipeline() -> DiffusionPipeline | None:
+    """The diffusers pipeline whose ``__call__`` makes the current denoiser call (the nearest on this thread's
+    stack), or None (a direct call)."""
     frame = sys._getframe(1)
     for _ in range(PIPELINE_FRAME_DEPTH):
         if frame is None:
             return None
         if frame.f_code.co_name == "__call__" and isinstance(frame.f_locals.get("self"), DiffusionPipeline):
-            timesteps = getattr(getattr(frame.f_locals["self"], "scheduler", None), "timesteps", None)
-            return timesteps if isinstance(timesteps, torch.Tensor) else None
+            return frame.f_locals["self"]
         frame = frame.f_back
     return None
 

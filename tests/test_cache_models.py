@@ -209,6 +209,21 @@ def test_flux_img2img_true_cfg_without_cache_context_keeps_branches_apart():
             [(5, True), (6, True), (7, False), (8, True), (9, False)]
 
 
+def test_a_flux_pipeline_sharing_the_transformer_with_its_own_scheduler_places_steps_by_it():
+    """Its calls had no step count (Flux passes no timestep views): a Δ-cache never reached its detail stage and
+    gave other images than the same cache called from the pipeline it was enabled on."""
+    import copy
+
+    from diffusers import FluxPipeline
+
+    pipe = build_tiny("flux")
+    enable_cache(pipe, DeltaCacheConfig(interval=2, boundary=0.5))
+    reference = pipe(**tiny_call_kwargs("flux", steps=6)).images
+    sharing = FluxPipeline.from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))
+    assert torch.equal(sharing(**tiny_call_kwargs("flux", steps=6)).images, reference)
+    assert len(summary(pipe)["steps"]) == 6
+
+
 @pytest.mark.parametrize("before", ["direct call", "interrupted text-to-image", "its own interrupted call"])
 def test_a_flux_pipeline_with_its_own_scheduler_starts_fresh_after_an_unfinished_trajectory(before):
     """diffusers resets Flux's hooks only at the end of a completed pipeline call: after a direct transformer
