@@ -172,10 +172,10 @@ class CalibratedPolicy(SchedulePolicy):
             return None
         steps = self.config.num_inference_steps if num_steps is None else num_steps
         timesteps = self._timesteps_to_map(steps)
-        key = (steps, timesteps)
-        if self._partial is None or self._partial[0][0] != steps or self._partial[0][1] is not timesteps:
-            self._partial = (key, self._partial_plan(steps, timesteps))
-        return self._partial[1].get(step)
+        cached = self._partial  # read once: another thread's call may replace it meanwhile
+        if cached is None or cached[0][0] != steps or cached[0][1] is not timesteps:
+            cached = self._partial = ((steps, timesteps), self._partial_plan(steps, timesteps))
+        return cached[1].get(step)
 
     def _partial_plan(self, num_steps: int, timesteps: Any) -> dict[int, int]:
         if timesteps is None:

@@ -76,10 +76,11 @@ class RouterPolicy:
         """This call's plan; a call of unknown length (a bare denoiser) follows the learned steps as they are."""
         steps = self.config.num_inference_steps if num_steps is None else num_steps
         timesteps = self.tracker.watched_timesteps() if self.tracker is not None and num_steps is not None else None
-        if self._plan is None or self._plan[0][0] != steps or self._plan[0][1] is not timesteps:
+        cached = self._plan  # read once: another thread's call may replace it meanwhile
+        if cached is None or cached[0][0] != steps or cached[0][1] is not timesteps:
             values = None if timesteps is None else timesteps.tolist()
-            self._plan = ((steps, timesteps), call_plan(self.config, steps, values))
-        return self._plan[1]
+            cached = self._plan = ((steps, timesteps), call_plan(self.config, steps, values))
+        return cached[1]
 
     def blocks_at(self, step: int, num_steps: int | None) -> frozenset[int]:
         """The blocks that run at ``step`` (all of them past the plan's end)."""
