@@ -217,12 +217,15 @@ def test_a_deep_copy_of_a_cached_pipeline_runs_its_own_weights_and_state(family,
 
 
 def test_pickling_a_cached_denoiser_is_a_clear_error_and_gradients_flow_through_reused_steps():
+    import copy
     import pickle
 
     pipe = build_tiny("sd")
     enable_cache(pipe, DeepCacheConfig(interval=3, branch=0))
-    with pytest.raises(TypeError, match=r"cannot pickle this UNet2DConditionModel: .*da.save"):
+    with pytest.raises(TypeError, match=r"cannot pickle or copy.copy this UNet2DConditionModel: .*da.save"):
         pickle.dumps(pipe.unet)
+    with pytest.raises(TypeError, match=r"copy.copy this .*a shallow copy would share the hooks"):
+        copy.copy(pipe.unet)
     pipe.scheduler.set_timesteps(3)
     context = torch.randn(1, 4, pipe.unet.config.cross_attention_dim)
     for timestep in pipe.scheduler.timesteps:  # classifier guidance: a backward per step, reused steps too
