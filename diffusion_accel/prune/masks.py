@@ -54,5 +54,5 @@ def wanda_mask(weight: torch.Tensor, input_sq_norms: torch.Tensor, sparsity: flo
     scores = weight.detach().abs().float() * input_sq_norms.to(weight.device).float().sqrt().unsqueeze(0)
     if nm is not None:
         return nm_mask(scores, *nm)
-    return row_lowest_mask(scores, min(round(weight.shape[1] * sparsity), weight.shape[1] - 1))  # a row keeps one:
-    # rounding 0.98 of a 7-wide row removed all 7, and whole layers went to zero
+    # every row keeps one weight: rounding 0.98 of a 7-wide row removed all 7, and whole layers went to zero
+    return row_lowest_mask(scores, min(round(weight.shape[1] * sparsity), weight.shape[1] - 1))

@@ -145,8 +145,7 @@ def _attention_targets(pipe: Any, config: PTQConfig) -> tuple[list[str], dict[st
 def _finish(pipe: Any, config: PTQConfig, collected: Collected, originals: dict[str, nn.Module]) -> None:
     """Post-install steps that may fail (and then roll back): reconstruction, lowering."""
     if config.reconstruct:
-        selector = next((found for found in (getattr(module, "selector", None) for module in
-                                             find_denoiser(pipe)[1].modules()) if isinstance(found, StepGroups)), None)
+        selector = _step_groups(find_denoiser(pipe)[1])
         reconstruct_blocks(pipe, config, collected.samples, originals, selector, collected.step_group(selector))
     if config.lower:
         lower_(pipe)
@@ -166,8 +165,7 @@ def install(pipe: Any, layers: dict[str, nn.Module], state: PTQState,
             processors = install_attention(denoiser, state.attention, state.config["attention"],
                                            state.config["softmax_bits"])
         if state.config["timestep_groups"] > 1:
-            selectors = (getattr(module, "selector", None) for module in denoiser.modules())
-            selector = next((found for found in selectors if isinstance(found, StepGroups)), None)
+            selector = _step_groups(denoiser)
             attach_tracker(denoiser, pipeline=pipe).register_client(
                 TRACKER_CLIENT, on_call=None if selector is None else selector.note_call)
         if finish is not None:
@@ -177,6 +175,12 @@ def install(pipe: Any, layers: dict[str, nn.Module], state: PTQState,
         restore_attention(denoiser, processors)
         _rollback(denoiser, originals)
         raise
+
+
+def _step_groups(denoiser: nn.Module) -> StepGroups | None:
+    """The timestep-group selector the quantized layers share (None without timestep groups)."""
+    selectors = (getattr(module, "selector", None) for module in denoiser.modules())
+    return next((found for found in selectors if isinstance(found, StepGroups)), None)
 
 
 def _weights_replaced(layers: dict[str, nn.Module]) -> list[str]:
