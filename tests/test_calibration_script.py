@@ -89,7 +89,7 @@ def test_default_recipes_are_the_shipped_ones(tmp_path):
         "calibrate", "--recipe", str(args.recipes[0])]
 
 
-@pytest.mark.parametrize("recipe, family", [("sd15", "sd"), ("sdxl", "sdxl"), ("sd3", "sd3"), ("flux", "flux"),
+@pytest.mark.parametrize("recipe, family", [("sd15", "sd"), ("sdxl", "sdxl"), ("sd3", "sd3"), ("flux", "flux-dev"),
                                             ("pixart", "pixart")])
 def test_shipped_recipes_build_on_tiny_stand_ins(recipe, family, tmp_path):
     """The hub recipes themselves (their guidance, selection, weighting, [cache] table) drive the job;

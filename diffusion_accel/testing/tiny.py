@@ -126,13 +126,14 @@ def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     )
 
 
-def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
-    """FluxPipeline: 2 double-stream + 2 single-stream blocks, 4-channel latents packed 2x2."""
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = False) -> FluxPipeline:
+    """FluxPipeline: 2 double-stream + 2 single-stream blocks, 4-channel latents packed 2x2; with
+    ``guidance_embeds`` FLUX.1-dev's guidance-distilled layout (``guidance_scale`` embedded), else schnell's."""
     _seeded(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16, out_channels=16, num_layers=2, num_single_layers=2,
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
-        pooled_projection_dim=TEXT_DIM, axes_dims_rope=(4, 4, 8),
+        pooled_projection_dim=TEXT_DIM, axes_dims_rope=(4, 4, 8), guidance_embeds=guidance_embeds,
     ).eval()
     vae = tiny_vae(latent_channels=4, use_quant_conv=False, use_post_quant_conv=False,
                    shift_factor=0.0609, scaling_factor=1.5035)
@@ -193,6 +194,7 @@ TINY_BUILDERS: dict[str, Callable[..., Any]] = {
     "sdxl": tiny_sdxl_pipeline,
     "sd3": tiny_sd3_pipeline,
     "flux": tiny_flux_pipeline,
+    "flux-dev": lambda seed=0: tiny_flux_pipeline(seed, guidance_embeds=True),
     "pixart": tiny_pixart_pipeline,
     "dit": tiny_dit_pipeline,
     "ddpm": tiny_ddpm_pipeline,
@@ -214,7 +216,7 @@ def tiny_call_kwargs(family: str, steps: int = 2, seed: int = 0) -> dict[str, An
         return kwargs | {"batch_size": 1}
     if family == "dit":
         return kwargs | {"class_labels": [1], "guidance_scale": 1.0}
-    size = 16 if family == "flux" else 32
+    size = 16 if family.startswith("flux") else 32
     kwargs |= {"prompt": "a photo of a red bicycle", "height": size, "width": size}
     if family == "pixart":
         kwargs |= {"use_resolution_binning": False, "clean_caption": False}
