@@ -109,7 +109,8 @@ def reconstruction_loss(preds: Sequence[torch.Tensor], targets: Sequence[torch.T
 
 def reconstruct_block(block: nn.Module, layers: dict[str, QuantLayer], originals: dict[str, nn.Module],
                       batches: BatchFn, num_samples: int, config: PTQConfig, seed: int = 0,
-                      sample_groups: Sequence[int] | None = None, selector: StepGroups | None = None) -> None:
+                      sample_groups: Sequence[int] | torch.Tensor | None = None,
+                      selector: StepGroups | None = None) -> None:
     """Optimise the rounding (and activation scales) of ``layers`` inside ``block``; freeze codes.
 
     ``sample_groups`` (with ``selector``, timestep groups): each sample's group. A batch then holds samples of
@@ -148,16 +149,18 @@ def reconstruct_block(block: nn.Module, layers: dict[str, QuantLayer], originals
             p.requires_grad_(flag)
 
 
-def _batch_indices(num_samples: int, batch: int, generator: torch.Generator, sample_groups: Sequence[int] | None,
+def _batch_indices(num_samples: int, batch: int, generator: torch.Generator,
+                   sample_groups: Sequence[int] | torch.Tensor | None,
                    selector: StepGroups | None) -> torch.Tensor:
     """A random batch of sample indices; with groups, of the group of a random sample (groups weighted by their
     sample counts), and ``selector`` forced to that group."""
     order = torch.randperm(num_samples, generator=generator)
     if sample_groups is None or selector is None:
         return order[:batch]
-    group = sample_groups[int(order[0])]
+    groups = torch.as_tensor(sample_groups)
+    group = int(groups[order[0]])
     selector.forced = group
-    return order[torch.tensor([sample_groups[int(index)] == group for index in order])][:batch]
+    return order[groups[order] == group][:batch]
 
 
 def store_batches(samples: SampleStore, name: str, device: torch.device) -> tuple[BatchFn, int]:
@@ -189,7 +192,7 @@ def reconstruct_blocks(pipe: Any, config: PTQConfig, samples: SampleStore | None
             continue
         batches, count = store_batches(samples, info.name, device)
         groups = None if selector is None or step_group is None else \
-            [step_group(sample.step.step_index) for sample in samples.samples(info.name)]
+            torch.tensor([step_group(sample.step.step_index) for sample in samples.samples(info.name)])
         reconstruct_block(denoiser.get_submodule(info.name), layers, originals, batches, count, config,
                           sample_groups=groups, selector=selector)
     state.notes.append(f"block reconstruction: {config.recon_iters} AdaRound iterations per block, "
