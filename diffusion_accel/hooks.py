@@ -397,15 +397,11 @@ class StepTracker(ModelHook):
         trajectory length. Without it such calls had no step count (a Δ-cache never reached its detail stage, a
         calibrated schedule was not resampled), unlike the same call from the watched pipeline."""
         scheduler, timesteps = self._caller_scheduler, self._caller_timesteps
-        if scheduler is None or timesteps is None or scheduler is getattr(self.pipeline, "scheduler", None) \
-                or not hasattr(scheduler, "begin_index"):
+        if scheduler is None or timesteps is None or scheduler is getattr(self.pipeline, "scheduler", None):
             return None
-        position = getattr(scheduler, "step_index", None)
-        position = getattr(scheduler, "begin_index", None) if position is None else position
-        position = 0 if position is None else int(position)
-        if position >= len(timesteps):
-            return None
-        self._foreign_length = int(len(timesteps))
+        position = _scheduler_position(scheduler, timesteps)
+        if position is not None:
+            self._foreign_length = int(len(timesteps))
         return position
 
     def _position(self, vouched: bool) -> int | None:
@@ -417,13 +413,7 @@ class StepTracker(ModelHook):
             return None
         if vouched:
             return _view_position(self._timestep_argument, timesteps)
-        scheduler = self.pipeline.scheduler
-        if not self._scheduler_live or not hasattr(scheduler, "begin_index"):
-            return None
-        position = getattr(scheduler, "step_index", None)
-        position = getattr(scheduler, "begin_index", None) if position is None else position
-        position = 0 if position is None else int(position)
-        return position if position < len(timesteps) else None
+        return _scheduler_position(self.pipeline.scheduler, timesteps) if self._scheduler_live else None
 
     @property
     def timestep(self) -> float | None:
@@ -543,6 +533,17 @@ def _timestep_argument(args: tuple, kwargs: dict) -> Any:
 
 
 PIPELINE_FRAME_DEPTH = 40  # frames searched above a denoiser call for the pipeline __call__ making it
+
+
+def _scheduler_position(scheduler: Any, timesteps: torch.Tensor) -> int | None:
+    """The step a scheduler is at in ``timesteps``: its ``step_index`` (``begin_index`` before its first step,
+    else 0); None for a scheduler without these or past the end."""
+    if not hasattr(scheduler, "begin_index"):
+        return None
+    position = getattr(scheduler, "step_index", None)
+    position = getattr(scheduler, "begin_index", None) if position is None else position
+    position = 0 if position is None else int(position)
+    return position if position < len(timesteps) else None
 
 
 def _calling_pipeline() -> DiffusionPipeline | None:

@@ -74,7 +74,8 @@ def check_call_arguments(pipe: Any, names: Any, owner: str) -> None:
     params = inspect.signature(pipe.__call__).parameters
     if isinstance(names, dict):
         _check_value_types(pipe, params, names, owner)
-    _check_guidance_is_read(pipe, params, names, owner)
+    if "guidance_scale" in names:
+        check_guidance_scale_is_read(pipe, owner)
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     named = sorted(name for name, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD)
     unknown = sorted(set(names) - set(named) - set(KWARGS_DIFFUSERS_READS if takes_any else ()))
@@ -85,11 +86,6 @@ def check_call_arguments(pipe: Any, names: Any, owner: str) -> None:
         raise CallArgumentError(f"{message} (from {owner}); it accepts: {named}")
     warnings.warn(f"{message}: {owner} passes {'it' if len(unknown) == 1 else 'them'} into its **kwargs, which "
                   f"diffusers ignores; its arguments are {named}", stacklevel=user_stacklevel())
-
-
-def _check_guidance_is_read(pipe: Any, params: Any, names: Any, owner: str) -> None:
-    if "guidance_scale" in names:
-        check_guidance_scale_is_read(pipe, owner)
 
 
 def check_guidance_scale_is_read(pipe: Any, owner: str) -> None:

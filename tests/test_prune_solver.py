@@ -209,3 +209,12 @@ def test_precomputed_inverse_factor_gives_the_same_result():
         direct = obs_prune(weight, hessian, sparsity)
         shared = obs_prune(weight, hessian, sparsity, inverse_factor=factor)
         assert torch.equal(direct[0], shared[0]) and torch.equal(direct[1], shared[1])
+
+
+def test_only_weights_in_the_2_4_pattern_qualify_for_its_sparse_kernels():
+    from diffusion_accel.prune.sparse import follows_2_4
+
+    weight = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0]])
+    assert follows_2_4(weight)
+    assert not follows_2_4(torch.tensor([[1.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0]]))  # 3 of 4 kept
+    assert not follows_2_4(torch.zeros(2, 6))  # no groups of 4

@@ -124,7 +124,7 @@ def test_loading_quantized_attention_onto_a_base_with_other_processors_names_the
     base = build_tiny("sd")
     base.unet.set_attn_processor(AttnProcessor())
     unet = base.unet
-    with pytest.raises(da.ArtifactError, match=r"14 of them use processors .*AttnProcessor; accepted: .*no "
+    with pytest.raises(da.ArtifactError, match=r"14 of them use processors .*\(AttnProcessor ×14; accepted: .*no "
                                                r"attention slicing"):
         da.load(base, tmp_path)
     assert base.unet is unet and applied_techniques(base) == []

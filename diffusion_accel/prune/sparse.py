@@ -57,6 +57,8 @@ def enable_sparse_kernels(denoiser: nn.Module, layer_names: list[str], pattern: 
     converted = 0
     for name in linears:
         layer = denoiser.get_submodule(name)
+        if not follows_2_4(layer.weight):  # the kernels would compute with the wrong values, silently
+            continue
         try:
             layer.weight = nn.Parameter(_semi_structured(layer.weight.detach(), backend), requires_grad=False)
             converted += 1
@@ -64,6 +66,13 @@ def enable_sparse_kernels(denoiser: nn.Module, layer_names: list[str], pattern: 
             continue
     where = "" if backend == "auto" else f" ({backend})"
     return f"2:4 sparse kernels{where} enabled on {converted} of {len(linears)} pruned Linear layers"
+
+
+def follows_2_4(weight: torch.Tensor) -> bool:
+    """Whether a (out, in) weight has at most 2 nonzeros in every group of 4 along its input dimension (a layer
+    pruned by an earlier, other pattern does not; an artifact of two prunes restores both's layers)."""
+    rows, columns = weight.shape
+    return columns % 4 == 0 and int((weight.detach().reshape(rows, -1, 4) != 0).sum(-1).max()) <= 2
 
 
 def dense_weight(weight: torch.Tensor) -> torch.Tensor:

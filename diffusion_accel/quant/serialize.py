@@ -11,6 +11,7 @@ unquantized weight come from the base pipeline, whose fingerprint the framework 
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from ..stacklevel import user_stacklevel
 from ..artifact import ArtifactError, compute_dtype, register_technique
 from ..artifact_tensors import TechniqueTensors, technique_tensors
 from .apply import TECHNIQUE, install
-from .attention import QUANT_PROCESSORS, replaced_attention
+from .attention import QUANT_PROCESSORS, describe_processors, quantizable_attention, replaced_attention
 from .configs import PTQConfig
 from .fp8 import FP8_DTYPE
 from .formats import get_format
@@ -158,7 +159,7 @@ def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tens
                          f"timesteps, got {bounds!r}")
     selector = StepGroups(denoiser, ptq_config.timestep_groups, config["num_steps"], bounds) \
         if ptq_config.timestep_groups > 1 else None
-    _check_attention_processors(denoiser, config.get("attention", []))
+    _check_attention_processors(pipe, config.get("attention", []))
     layers = {name: _restore_layer(denoiser.get_submodule(name), name, entry, ptq_config, tensors, selector)
               for name, entry in config["layers"].items()}
     dtype = compute_dtype(denoiser)  # before any layer is swapped: the base's own float dtype
@@ -172,19 +173,18 @@ def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tens
     install(pipe, final, state)
 
 
-def _check_attention_processors(denoiser: nn.Module, names: list[str]) -> None:
+def _check_attention_processors(pipe: Any, names: list[str]) -> None:
     """ArtifactError when the base's processors on the attention modules the artifact quantizes are ones
     attention quantization cannot wrap (attention slicing, xformers, a plain ``AttnProcessor``): the KeyError it
     gave called the artifact damaged, which saving again cannot mend."""
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         raise ValueError(f"attention must list attention module names, got {names!r}")
-    unfit = {name: type(denoiser.get_submodule(name).processor).__name__ for name in names
-             if type(denoiser.get_submodule(name).processor) not in QUANT_PROCESSORS}
+    fit, others = quantizable_attention(pipe)
+    unfit = sorted(set(names) - set(fit))
     if unfit:
-        name, processor = next(iter(unfit.items()))
         raise ArtifactError(
             f"the artifact quantizes the attention of {len(names)} modules, but on this base {len(unfit)} of them use "
-            f"processors attention quantization cannot wrap (e.g. {name}: {processor}; accepted: "
+            f"processors attention quantization cannot wrap ({describe_processors(others)}; accepted: "
             f"{', '.join(cls.__name__ for cls in QUANT_PROCESSORS)}). Load onto a base with diffusers' default "
             f"processors (no attention slicing or xformers, no set_attn_processor) and change them after load")
 
@@ -193,11 +193,9 @@ def _warn_on_other_kernels(entries: dict[str, dict[str, Any]], lowered: dict[str
     """Lowering picks kernels for the device the base is on (oneDNN int8 convs need a VNNI CPU, ``_int_mm`` a
     GPU): say when this one lowers layers to other kernels than the saved pipeline ran, whose images then differ
     (within the lowering's tolerance) and whose speed may too."""
-    changed: dict[tuple[str, str], int] = {}
-    for name, module in lowered.items():
-        kind = "simulated" if module is None else module.kind
-        if kind != entries[name]["lowered"]:
-            changed[(entries[name]["lowered"], kind)] = changed.get((entries[name]["lowered"], kind), 0) + 1
+    kinds = {name: "simulated" if module is None else module.kind for name, module in lowered.items()}
+    changed = Counter((entries[name]["lowered"], kind) for name, kind in kinds.items()
+                      if kind != entries[name]["lowered"])
     if changed:
         moves = ", ".join(f"{count} {saved} -> {kind}" for (saved, kind), count in sorted(changed.items()))
         warnings.warn(f"this device lowers quantized layers to other kernels than the saved pipeline ran ({moves}): "
