@@ -148,6 +148,29 @@ def test_cut_to_budget_keeps_step_0_and_the_most_open_gates_that_fit():
     assert cut_to_budget(probabilities, [0.5, 0.5], budget=0.25) == ((0, 1), (), (), ())
 
 
+def test_cut_to_budget_spends_only_on_the_steps_that_run():
+    probabilities = torch.tensor([[0.0, 0.0], [0.9, 0.9], [0.9, 0.9], [0.8, 0.2], [0.1, 0.7]])
+    # steps 2..4 run (img2img): step 2 computes all, 0.5 of 3 steps leaves 0.5 for the gates of steps 3 and 4
+    assert cut_to_budget(probabilities, [0.5, 0.5], budget=0.5, ran_steps=[2, 3, 4]) == ((0, 1), (), (0, 1), (0,), ())
+
+
+def test_a_router_learned_on_img2img_keeps_its_budget_over_the_steps_that_run():
+    """Strength 0.5 runs steps 4..7 of 8; until session 41 the budget covered all 8 (step 0 counted as the free
+    full step, the first step that runs computed everything anyway): 0.75 of the blocks ran for a 0.4 budget."""
+    from diffusers import FluxImg2ImgPipeline
+
+    pipe = FluxImg2ImgPipeline(**build_tiny("flux").components)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(image=torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)), strength=0.5,
+                  height=16, width=16)
+    config = learn_router(pipe, ["a red bicycle"], budget=0.4, num_inference_steps=8, epochs=2, **kwargs)
+    assert config.computed_blocks[1:4] == ((), (), ()) and len(config.computed_blocks[4]) == config.num_blocks
+    enable_cache(pipe, config)
+    pipe("a red bicycle", num_inference_steps=8, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert summary(pipe)["block_compute_fraction"] <= 0.4 + 1e-6
+    remove_cache(pipe)
+
+
 def test_a_router_learned_on_custom_sigmas_has_the_steps_they_set():
     config = learn_router(build_tiny("flux"), ["a cat"], budget=0.5, num_inference_steps=8, epochs=1,
                           sigmas=[1.0, 0.75, 0.5, 0.25], **_call_kwargs("flux"))

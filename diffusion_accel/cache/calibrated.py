@@ -156,8 +156,9 @@ def recorded_timesteps(pipe: Any) -> Iterator[list[float]]:
         handle.remove()
 
 
-def steps_that_run(pipe: Any, every_step: CalibratedCacheConfig, calls: list) -> list[int]:
-    """The schedule positions a call actually runs, read from one fully computed cached run: a pipeline
+def steps_that_run(pipe: Any, every_step: Any, calls: list) -> list[int]:
+    """The schedule positions a call actually runs, read from one fully computed cached run (``every_step``: a
+    calibrated or router config computing every step): a pipeline
     that starts mid-schedule (img2img, a refiner's ``denoising_start``) skips the early ones, and a schedule
     searched over all of them spent its budget on steps that never run (no caching at all)."""
     enable_cache(pipe, every_step)

@@ -51,7 +51,7 @@ from ..hooks import get_tracker
 from ..progress import progress_counter, progress_shown, showing_progress
 from ..scalars import plain_number
 from .apply import enable_cache, remove_cache
-from .calibrated import cached_outputs, recorded_timesteps
+from .calibrated import cached_outputs, recorded_timesteps, steps_that_run
 from .configs import RouterCacheConfig, _check_float, check_int
 from .partial import flop_shares
 from .router import block_mix
@@ -70,11 +70,17 @@ class SoftGates(nn.Module):
     """The trainable router: ``logits`` (steps x blocks), the ``shift`` holding the gates' expected block FLOPs at
     ``budget`` and the ``temperature``; the blocks' forward while learning and the pipeline call's loss."""
 
-    def __init__(self, num_steps: int, block_costs: list[float], budget: float) -> None:
+    def __init__(self, num_steps: int, block_costs: list[float], budget: float,
+                 ran_steps: list[int] | None = None) -> None:
         super().__init__()
+        ran_steps = sorted(ran_steps) if ran_steps else list(range(num_steps))
+        learned = torch.zeros(num_steps)
+        learned[ran_steps[1:]] = 1.0  # the first step that runs computes every block (nothing is cached yet)
         self.logits = nn.Parameter(torch.zeros(num_steps, len(block_costs)))
         self.register_buffer("block_costs", torch.tensor(block_costs))
-        self.register_buffer("step_weights", torch.tensor([0.0] + [1.0] * (num_steps - 1)))
+        self.register_buffer("learned_steps", learned)  # 1 at the steps whose gates are learned
+        self.register_buffer("step_weights", learned.clone())
+        self.running_steps = len(ran_steps)
         self.budget, self.teacher_pass, self.shift, self.temperature = budget, False, 0.0, 1.0
         self.losses: list[torch.Tensor] = []  # this pipeline call's weighted step errors, backpropagated together
         self.fit_shift()
@@ -84,10 +90,11 @@ class SoftGates(nn.Module):
         return torch.sigmoid((self.logits + (self.shift if shift is None else shift)) / self.temperature)
 
     def expected_budget(self, shift: float | None = None) -> float:
-        """Block FLOPs of the gates (step 0 runs all) as a fraction of every block at every step."""
+        """Block FLOPs of the gates (the first step that runs computes all) as a fraction of every block at every
+        step that runs."""
         with torch.no_grad():
-            open_share = (self.probabilities(shift)[1:] * self.block_costs).sum()
-            return float((1.0 + open_share) / self.logits.shape[0])
+            open_share = (self.probabilities(shift) * self.block_costs * self.learned_steps[:, None]).sum()
+            return float((1.0 + open_share) / self.running_steps)
 
     def fit_shift(self) -> None:
         """Bisect the shared shift so that the gates' expected FLOPs equal the budget."""
@@ -98,8 +105,9 @@ class SoftGates(nn.Module):
         self.shift = (low + high) / 2
 
     def gate(self, step: int, index: int) -> torch.Tensor | None:
-        """The gate of block ``index`` at ``step`` (None at step 0 and past the learned steps: the block runs)."""
-        if not 0 < step < self.logits.shape[0]:
+        """The gate of block ``index`` at ``step`` (None at the first step that runs, at steps that never run and
+        past the learned steps: the block runs)."""
+        if not 0 <= step < self.logits.shape[0] or not self.learned_steps[step]:
             return None
         return torch.sigmoid((self.logits[step, index] + self.shift) / self.temperature)
 
@@ -210,32 +218,38 @@ def training_hooks(pipe: Any, denoiser: nn.Module, gates: SoftGates, num_steps: 
 
 
 def image_error_weights(pipe: Any, routed: tuple[tuple[int, ...], ...], num_blocks: int, calls: list,
-                        references: list) -> list[float]:
-    """HarmoniCa's image-error proxy for the hard router ``routed`` (per step, the blocks that run): per step, how
-    far the final outputs move when that step's decision flips (every block runs where some were reused, none
-    where all ran), relative to the uncached outputs; scaled to mean 1 over steps 1.. (step 0 always runs: 0).
-    All zero (no step moves the output): uniform weights."""
+                        references: list, learned_steps: list[int]) -> list[float]:
+    """HarmoniCa's image-error proxy for the hard router ``routed`` (per step, the blocks that run): per learned
+    step, how far the final outputs move when that step's decision flips (every block runs where some were
+    reused, none where all ran), relative to the uncached outputs; scaled to mean 1 over ``learned_steps`` (the
+    first step that runs, and steps that never run: 0). All zero (no step moves the output): uniform weights."""
     every = tuple(range(num_blocks))
     base = cached_outputs(pipe, RouterCacheConfig(routed, num_blocks), calls)
-    weights = [0.0]
-    for step in range(1, len(routed)):
+    weights = [0.0] * len(routed)
+    for step in learned_steps:
         flipped = routed[:step] + (() if routed[step] == every else every,) + routed[step + 1:]
         outputs = cached_outputs(pipe, RouterCacheConfig(flipped, num_blocks), calls)
-        weights.append(sum(float(torch.linalg.vector_norm(out - ref_base) / torch.linalg.vector_norm(ref)
-                                 .clamp_min(1e-12)) for out, ref_base, ref in zip(outputs, base, references))
-                       / len(calls))
-    mean = sum(weights[1:]) / max(len(routed) - 1, 1)
-    return [weight / mean for weight in weights] if mean > 0 else [0.0] + [1.0] * (len(routed) - 1)
+        weights[step] = sum(float(torch.linalg.vector_norm(out - ref_base) / torch.linalg.vector_norm(ref)
+                                  .clamp_min(1e-12)) for out, ref_base, ref in zip(outputs, base, references)
+                            ) / len(calls)
+    mean = sum(weights) / max(len(learned_steps), 1)
+    if mean > 0:
+        return [weight / mean for weight in weights]
+    return [1.0 if step in learned_steps else 0.0 for step in range(len(routed))]
 
 
-def cut_to_budget(probabilities: torch.Tensor, costs: list[float], budget: float) -> tuple[tuple[int, ...], ...]:
-    """Hard decisions from learned gate ``probabilities`` (steps x blocks): step 0 runs every block, then
-    (step, block) pairs in order of decreasing probability while their FLOPs fit in ``budget`` (a fraction of
-    every block at every step)."""
+def cut_to_budget(probabilities: torch.Tensor, costs: list[float], budget: float,
+                  ran_steps: list[int] | None = None) -> tuple[tuple[int, ...], ...]:
+    """Hard decisions from learned gate ``probabilities`` (steps x blocks): step 0 and the first of ``ran_steps``
+    (the steps a call runs; default all) run every block, then (step, block) pairs of the other steps that run
+    in order of decreasing probability while their FLOPs fit in ``budget`` (a fraction of every block at every
+    step that runs). Steps that never run (before an img2img call's start) reuse every block."""
     num_steps, num_blocks = probabilities.shape
-    allowance = budget * num_steps - 1.0
-    chosen: list[set[int]] = [set(range(num_blocks))] + [set() for _ in range(num_steps - 1)]
-    order = sorted(((float(probabilities[step, index]), -step, index) for step in range(1, num_steps)
+    ran_steps = sorted(ran_steps) if ran_steps else list(range(num_steps))
+    allowance = budget * len(ran_steps) - 1.0
+    chosen: list[set[int]] = [set() for _ in range(num_steps)]
+    chosen[0], chosen[ran_steps[0]] = set(range(num_blocks)), set(range(num_blocks))
+    order = sorted(((float(probabilities[step, index]), -step, index) for step in ran_steps[1:]
                     for index in range(num_blocks)), reverse=True)
     for _, negative_step, index in order:
         if costs[index] <= allowance + 1e-9:
@@ -264,7 +278,8 @@ def learn_router(pipe: Any, prompts: Any, budget: float = 0.4, num_inference_ste
                  lr: float = 0.3, seed: int = 0, batch_size: int = 1, step_weights: str = "final",
                  resample: bool = True, progress: bool = False, **call_kwargs: Any) -> RouterCacheConfig:
     """A :class:`RouterCacheConfig` for ``pipe``'s transformer stack, learned on ``prompts`` (see the module doc)
-    for ``budget``: block FLOPs as a fraction of every block at every step (step 0 included, which runs them all).
+    for ``budget``: block FLOPs as a fraction of every block at every step a call runs (the first included, which
+    runs them all; an img2img call's skipped early steps are not counted).
 
     ``epochs``: passes over the calibration calls (a gradient step per pipeline call; each call costs about four
     uncached ones: teacher, student and its backward); ``lr``: how far the logit with the largest gradient moves
@@ -289,13 +304,15 @@ def learn_router(pipe: Any, prompts: Any, budget: float = 0.4, num_inference_ste
     with recorded_timesteps(pipe) as timesteps:
         references = final_outputs(pipe, calls)
     costs = list(flop_shares(pipe, names, lambda: final_outputs(pipe, calls[:1])).values())
-    gates = SoftGates(num_steps, costs, budget)
     routed = tuple(tuple(range(len(names))) for _ in range(num_steps))  # the proxy starts from the uncached model
+    ran = steps_that_run(pipe, RouterCacheConfig(routed, len(names)), calls)  # img2img: from its start
+    gates = SoftGates(num_steps, costs, budget, ran)
     for first in range(0, epochs, PROXY_EPOCHS):
         if step_weights == "final":
-            gates.step_weights = torch.tensor(image_error_weights(pipe, routed, len(names), calls, references))
+            gates.step_weights = torch.tensor(image_error_weights(pipe, routed, len(names), calls, references,
+                                                                  ran[1:]))
         _train(pipe, denoiser, gates, calls, range(first, min(first + PROXY_EPOCHS, epochs)), epochs, lr, progress)
-        routed = cut_to_budget(gates.probabilities().detach(), costs, budget)
+        routed = cut_to_budget(gates.probabilities().detach(), costs, budget, ran)
     return RouterCacheConfig(routed, len(names), budget=budget, resample=resample,
                              timesteps=tuple(timesteps) if len(timesteps) == num_steps else None)
 
