@@ -165,6 +165,40 @@ def test_onednn_int8_conv_matches_simulation(kernel, stride, split, symmetric, d
     torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("padding,kernel,dilation,kind", [("same", 3, 1, "int8-conv"), ("same", 3, 2, "int8-conv"),
+                                                          ("valid", 3, 1, "int8-conv"), ("valid", 1, 1, "int8-conv"),
+                                                          ("same", 4, 1, "dequant-int8")])
+def test_string_padding_lowers_and_matches_simulation(padding, kernel, dilation, kind):
+    """Conv2d(padding="same" / "valid") reached oneDNN's prepack as ["s", "a", "m", "e"] (RuntimeError in
+    quantize_ until session 41); an even kernel's "same" pads unevenly, which only the float form can."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 7, 7)
+    conv = nn.Conv2d(8, 6, kernel, padding=padding, dilation=dilation)
+    layer = _quant(conv, "int8", (8 * kernel ** 2,), _conv_act(x))
+    lowered = lower_layer(layer)
+    if kind == "int8-conv" and not onednn.onednn_available():  # a 1x1 "valid" conv is a GEMM over pixels
+        kind = "int8-gemm" if kernel == 1 and int8_kernels_on(torch.device("cpu")) else "dequant-int8"
+    assert lowered.kind == kind
+    torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_load_state_dict_into_lowered_layers_computes_with_the_loaded_weights(weight_only):
+    """oneDNN packs and cached dequantized weights were made once, so a lowered UNet that loaded another's state
+    dict went on computing with its own weights (1.7 apart on tiny SD, session 41)."""
+    x = torch.randn(2, 8, 6, 6)
+    layers = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        layers.append(lower_layer(_quant(nn.Conv2d(8, 6, 3, padding=1), "int8", (72,),
+                                         None if weight_only else _conv_act(x))))
+    source, target = layers
+    with torch.no_grad():
+        target(x)
+        target.load_state_dict(source.state_dict())
+        assert torch.equal(target(x), source(x))
+
+
 @needs_onednn
 def test_onednn_int8_conv_follows_timestep_groups_and_survives_copies():
     import copy

@@ -330,13 +330,19 @@ class StoredWeightLayer(KeepsQuantDtypes):
         self.bias, self.act = layer.bias, layer.act
         self._tinygemm: TinyGemmWeight | None = None
         self._pack_tinygemm()
+        self.register_load_state_dict_post_hook(_rederive_after_load)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "StoredWeightLayer":
         super()._apply(fn, recurse)
-        if self.cached_weight is not None:  # cast along, but re-derived from the codes: exact after any round trip
-            self.cached_weight = self._dequantize().to(self.cached_weight.dtype)
-        self._pack_tinygemm()  # .to("cuda") / .cpu(): the tinygemm pack exists only on CUDA
+        self._rederive()  # .to("cuda") / .cpu(): the tinygemm pack exists only on CUDA
         return self
+
+    def _rederive(self) -> None:
+        """The cached dequantized weight (cast along, but re-derived from the codes: exact after any round trip)
+        and the tinygemm pack, from the codes and scales as they are now."""
+        if self.cached_weight is not None:
+            self.cached_weight = self._dequantize().to(self.cached_weight.dtype)
+        self._pack_tinygemm()
 
     def _pack_tinygemm(self) -> None:
         """int4 weight-only Linear layers on CUDA run tinygemm (``tinygemm``); others dequantize per call."""
@@ -367,6 +373,11 @@ class StoredWeightLayer(KeepsQuantDtypes):
         return self.op(x, self.weight.to(x.dtype), bias, **self.op_kwargs)
 
 
+def _rederive_after_load(layer: StoredWeightLayer, incompatible_keys: Any) -> None:
+    """``load_state_dict`` copies codes and scales in place: the cached weight and pack follow them."""
+    layer._rederive()
+
+
 def _gemm_ready(layer: QuantLayer, fmt: str = "int8") -> bool:
     """``fmt`` weights and ``fmt`` activations, the weight split at most like the activation."""
     act = layer.act
@@ -379,7 +390,7 @@ def _gemm_ready(layer: QuantLayer, fmt: str = "int8") -> bool:
 
 def _is_pointwise(conv: QuantConv2d) -> bool:
     return (tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1) and conv.groups == 1
-            and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1))
+            and onednn.explicit_padding(conv) == (0, 0) and tuple(conv.dilation) == (1, 1))
 
 
 def int8_kernels_on(device: torch.device) -> bool:

@@ -69,11 +69,22 @@ def per_tensor_act(act: nn.Module | None) -> bool:
     return per_tensor and act.fmt_name == "int8"
 
 
+def explicit_padding(conv: nn.Module) -> tuple[int, ...] | None:
+    """``conv.padding`` as ints per spatial dimension: "valid" is 0, "same" half the dilated kernel (None where
+    that is odd, which torch pads unevenly and the int8 kernels cannot)."""
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    if conv.padding == "same":
+        totals = [dilation * (kernel - 1) for dilation, kernel in zip(conv.dilation, conv.kernel_size)]
+        return None if any(total % 2 for total in totals) else tuple(total // 2 for total in totals)
+    return tuple(conv.padding)
+
+
 def supports(layer: QuantConv2d) -> bool:
     """Whether ``layer`` can run as a oneDNN int8 conv: int8 weights per output channel (one scale per
-    activation segment), static or dynamic per-tensor int8 activations, ungrouped, on CPU."""
+    activation segment), static or dynamic per-tensor int8 activations, ungrouped, even padding, on CPU."""
     act = layer.act
-    if layer.weight_fmt != "int8" or not per_tensor_act(act):
+    if layer.weight_fmt != "int8" or not per_tensor_act(act) or explicit_padding(layer) is None:
         return False
     unit = layer.weight_codes.shape[1] // layer.in_channels
     act_segments = act.segment_sizes if len(act.segment_sizes) > 1 else (layer.in_channels,)
@@ -103,9 +114,11 @@ class OneDNNInt8Conv2d(KeepsQuantDtypes):
         self.code_offset = int(-act_grid(layer.act.fmt, layer.act.symmetric)[0])  # codes -> [0, 255]
         unit = self.weight_codes.shape[1] // self.in_channels
         self.channel_segments = tuple(size // unit for size in self.segment_sizes)
+        self.kernel_padding = list(explicit_padding(self))  # padding="same" / "valid" as ints (supports checked)
         self._packed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self.constants = DerivedConstants()
         self._repack()
+        self.register_load_state_dict_post_hook(_repack_after_load)
 
     def export_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.weight_codes, self.weight_scale
@@ -136,7 +149,7 @@ class OneDNNInt8Conv2d(KeepsQuantDtypes):
         for s, part in enumerate(codes.split(list(self.channel_segments), dim=1)):
             scale = self.weight_scale[:, s].float().contiguous()
             self._packed.append((torch.ops.onednn.qconv_prepack(
-                part.contiguous(), scale, 1.0, 0, list(self.stride), list(self.padding), list(self.dilation),
+                part.contiguous(), scale, 1.0, 0, list(self.stride), self.kernel_padding, list(self.dilation),
                 1, None), scale, torch.zeros_like(scale, dtype=torch.int64)))
 
     def _qparams(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -173,7 +186,7 @@ class OneDNNInt8Conv2d(KeepsQuantDtypes):
         act, bias = self._modules["act"], self.bias
         qparams = self._folded_qparams(act) if isinstance(act, ActQuantizer) and fast_path_on() else self._qparams(x)
         bias = bias if bias is None or bias.dtype == torch.float32 else bias.float()
-        stride, padding, dilation = list(self.stride), list(self.padding), list(self.dilation)
+        stride, padding, dilation = list(self.stride), self.kernel_padding, list(self.dilation)
         out, start, single = None, 0, len(self._packed) == 1
         for s, ((packed, w_scale, w_zero), (scale, zero)) in enumerate(zip(self._packed, qparams)):
             part = x if single else x[:, start:start + self.channel_segments[s]]
@@ -185,3 +198,8 @@ class OneDNNInt8Conv2d(KeepsQuantDtypes):
                 stride, padding, dilation, 1, 1.0, 0, torch.float32, "none", [], "")
             out = y if out is None else out.add_(y)
         return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _repack_after_load(layer: OneDNNInt8Conv2d, incompatible_keys: Any) -> None:
+    """``load_state_dict`` copies codes and scales in place: pack the loaded weights (the old packs ran on)."""
+    layer._repack()
