@@ -424,6 +424,30 @@ def test_denoiser_flops_of_a_compiled_denoiser_compile_nothing_more():
     assert dynamo_utils.counters["frames"]["total"] == frames
 
 
+@pytest.mark.parametrize("counter", ["denoiser", "modules"])
+def test_a_call_that_raises_while_counting_flops_leaves_no_counting_mode(counter):
+    """A denoiser call raising between the counter's pre and post hooks (Ctrl-C, out of memory) left the
+    FlopCounterMode active for the rest of the process until session 41."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    from diffusion_accel.eval.cost import module_flops
+
+    class Pipe:
+        unet = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+
+        def __call__(self, calls):
+            for call in range(calls):
+                self.unet(torch.randn(2, 8) if call == 0 else torch.randn(2, 3))  # the second call raises
+
+    pipe, before = Pipe(), len(_get_current_dispatch_mode_stack())
+    with pytest.raises(RuntimeError):
+        if counter == "denoiser":
+            denoiser_flops(pipe, dict(calls=2))
+        else:
+            module_flops(pipe.unet, ["0", "1"], lambda: pipe(2))
+    assert len(_get_current_dispatch_mode_stack()) == before
+
+
 def test_peak_memory_sees_a_temporary_allocation():
     stats = measure_peak_memory(lambda: torch.ones(64 * 2 ** 20 // 4).sum())
     assert stats.kind == "process_peak_rss"
