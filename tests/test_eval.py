@@ -23,7 +23,7 @@ from diffusion_accel.eval.distributed import merge_ordered, shard
 from diffusion_accel.eval.evaluate import shared_denoiser_notes
 from diffusion_accel.eval.fid import image_batches
 from diffusion_accel.eval.images import to_uint8
-from diffusion_accel.eval.inception import TFInceptionFeatures, find_tf_inception, inception_input
+from diffusion_accel.eval.inception import TF_INCEPTION_ID, TFInceptionFeatures, find_tf_inception, inception_input
 from diffusion_accel.eval.machine import is_compiled
 from diffusion_accel.eval.pipes import default_prompt_to_kwargs, generate_images, make_jobs
 from diffusion_accel.testing.tiny import build_tiny
@@ -120,6 +120,54 @@ def test_reference_stats_are_cached_by_content_and_not_recomputed(tmp_path):
     assert len(list(tmp_path.glob("fid_ref_*.safetensors"))) == 1
     reference_stats(add_noise(images, 5), cache_dir=tmp_path, extractor=extractor)
     assert len(list(tmp_path.glob("fid_ref_*.safetensors"))) == 2
+
+
+class _Projection(nn.Module):
+    """A feature network without an ``fid_id``: a fixed random projection of 4x4-pooled pixels."""
+
+    num_features = 8
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.register_buffer("weights", torch.randn(48, 8, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        return F.adaptive_avg_pool2d(pixels, 4).flatten(1) @ self.weights
+
+
+def test_networks_without_an_fid_id_are_told_apart_by_their_weights(tmp_path):
+    """Two networks of one class shared a cache entry and an id until session 41: the second got the first's
+    statistics (FID of a set against itself 1774)."""
+    images = smooth_images(20)
+    first = reference_stats(images, cache_dir=tmp_path, extractor=_Projection(0))
+    second = reference_stats(images, cache_dir=tmp_path, extractor=_Projection(1))
+    assert first.extractor != second.extractor and not torch.equal(first.mean, second.mean)
+    assert len(list(tmp_path.glob("fid_ref_*.safetensors"))) == 2
+    assert reference_stats(images, cache_dir=tmp_path, extractor=_Projection(1)).extractor == second.extractor
+    with pytest.raises(ValueError, match="feature network"):
+        fid_to_reference(first, images, extractor=_Projection(1))
+
+
+def test_a_torchscript_file_other_than_tf_inception_gets_its_own_network_id(tmp_path):
+    scripted = tmp_path / "other.pt"
+    torch.jit.script(nn.Identity()).save(str(scripted))
+    other = TFInceptionFeatures(path=scripted)
+    assert other.fid_id != TF_INCEPTION_ID and "sha256:" in other.fid_id
+    if find_tf_inception() is not None:  # a copy of the stock file keeps the stock id
+        assert TFInceptionFeatures(path=find_tf_inception()).fid_id == TF_INCEPTION_ID
+
+
+def test_a_data_loader_as_reference_gives_every_image_of_its_batches():
+    """Only the first image of each batch was read until session 41 (64 images gave 4)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    images = smooth_images(24)
+    expected = compute_fid_stats(images, extractor=CountingFeatures())
+    batched = compute_fid_stats(DataLoader(TensorDataset(images, torch.zeros(24)), batch_size=8),
+                                extractor=CountingFeatures())
+    assert batched.n == 24 and torch.allclose(batched.mean, expected.mean)
+    assert compute_fid_stats([images[:12], images[12:]], extractor=CountingFeatures()).n == 24
 
 
 def test_reference_stats_from_folder_dataset_and_file_agree(tmp_path):

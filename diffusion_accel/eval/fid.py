@@ -112,10 +112,17 @@ def extractor_id(metric: FrechetInceptionDistance) -> str:
 
 
 def _extractor_id(extractor: nn.Module | None) -> str:
-    """Name of ``extractor``; for None, of the network ``fid_metric(None)`` would use."""
-    if extractor is not None:
-        return str(getattr(extractor, "fid_id", type(extractor).__name__))
-    return TF_INCEPTION_ID if find_tf_inception() is not None else TORCHMETRICS_INCEPTION_ID
+    """Name of ``extractor``; for None, of the network ``fid_metric(None)`` would use. An extractor without an
+    ``fid_id`` is named by its class and a hash of its weights (by class alone until session 41, so statistics
+    of another network of the class were reused from the cache and compared without complaint)."""
+    if extractor is None:
+        return TF_INCEPTION_ID if find_tf_inception() is not None else TORCHMETRICS_INCEPTION_ID
+    fid_id = getattr(extractor, "fid_id", None)
+    if fid_id is not None:
+        return str(fid_id)
+    digest = hashlib.sha256("".join(f"{name}{hash_tensor(tensor)}" for name, tensor
+                                    in extractor.state_dict().items()).encode()).hexdigest()
+    return f"{type(extractor).__name__} weights sha256:{digest[:16]}"
 
 
 def _metric_input(metric: FrechetInceptionDistance, batch: torch.Tensor) -> torch.Tensor:

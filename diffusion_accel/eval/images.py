@@ -123,10 +123,11 @@ def load_image(path: str | Path) -> torch.Tensor:
 
 
 def iter_dataset_images(dataset: Iterable[Any]) -> Iterator[torch.Tensor]:
-    """Yield uint8 (3, H, W) images from a dataset of images or (image, label, ...) tuples."""
+    """Yield uint8 (3, H, W) images from a dataset of images or (image, label, ...) tuples, or of batches of
+    them (a ``DataLoader``: each yields every image of its batch; until session 41 only the first)."""
     for item in dataset:
         image = item[0] if isinstance(item, (tuple, list)) else item
-        yield to_uint8(image)[0]
+        yield from to_uint8(image)
 
 
 def hash_tensor(tensor: torch.Tensor) -> str:

