@@ -635,7 +635,8 @@ def test_a_saved_report_loads_back_and_a_grid_less_save_removes_the_old_grid(tmp
     grid = Image.new("RGB", (8, 4), (10, 200, 30))
     report = EvalReport(rows=[{"variant": "base", "baseline": True, "psnr_db": math.inf, "dtype": "nan"},
                               {"variant": "fast", "psnr_db": 41.5, "speedup": 1.9}],
-                        machine={"device": "cpu"}, settings={"steps": 4}, notes=["n"], details={"fast": {"a": 1}},
+                        machine={"device": "cpu"}, settings={"steps": 4}, notes=["n"],
+                        details={"fast": {"a": 1, "psnr_per_image_db": [math.inf, 40.0], "timing": {"timer": "x"}}},
                         grid=grid)
     report.save(tmp_path)
     for source in (tmp_path, tmp_path / "report.json", str(tmp_path)):
@@ -657,6 +658,21 @@ def test_a_saved_report_loads_back_and_a_grid_less_save_removes_the_old_grid(tmp
 
 
 # ----- evaluate ----------------------------------------------------------------------------------
+
+
+def test_speed_metrics_leave_the_global_rng_as_generation_does():
+    """A sampler drawing from the global RNG (stochastic flow matching) had the user's stream advanced by the
+    latency, memory and FLOPs calls until session 41."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = build_tiny("flux")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    evaluate({"p": pipe}, ["a red bicycle"], metrics=("latency", "memory", "flops"), num_inference_steps=2,
+             call_kwargs={"height": 16, "width": 16}, progress=False, repeats=1, warmup=0)
+    assert torch.equal(torch.rand(1), expected)
 
 def test_evaluate_two_tiny_sd_pipelines_reports_every_metric(tmp_path, tiny_clip_folder):
     pipelines = {"base": build_tiny("sd", seed=0), "same": build_tiny("sd", seed=0),

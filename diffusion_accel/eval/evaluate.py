@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..artifact import pipeline_source, techniques_on
 from ..paths import output_folder_problem
 from ..pipeline_defaults import call_defaults, check_call_arguments
+from ..seeding import seeded_global_rng
 from .clip_score import DEFAULT_CLIP_MODEL, check_clip_reachable, clip_metric, clip_score
 from .cost import denoiser_flops, model_size
 from .distributed import gather, merge_ordered, process_state, shard, share_from_main
@@ -406,6 +407,9 @@ def _add_speed(report: EvalReport, rows: dict[str, dict[str, Any]], pipelines: M
     with ExitStack() as stack:
         for pipe in pipelines.values():
             stack.enter_context(quiet_progress(pipe))
+        # samplers that draw from the global RNG (stochastic flow matching) leave the user's stream as it was,
+        # as generation does (until session 41 the speed calls advanced it)
+        stack.enter_context(seeded_global_rng(batch[0].seed))
         if "latency" in run.requested:
             timings = time_pipelines(pipelines, factories, warmup=run.warmup, repeats=run.repeats)
             for name, timing in timings.items():

@@ -57,6 +57,16 @@ def _from_json_row(row: dict[str, Any]) -> dict[str, Any]:
             for key, value in row.items()}
 
 
+def _from_json_details(value: Any) -> Any:
+    """Saved details with their "inf" / "-inf" / "nan" strings read back as floats, at any depth (per-image PSNR
+    lists: identical images are inf; until session 41 they stayed strings, so sums of them failed)."""
+    if isinstance(value, dict):
+        return {key: _from_json_details(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_from_json_details(item) for item in value]
+    return float(value) if isinstance(value, str) and value in NON_FINITE_TEXT else value
+
+
 def _cell(value: Any) -> str:
     """Markdown text of one value: 4 significant digits for floats, thousands separators for ints."""
     if value is None:
@@ -169,7 +179,7 @@ class EvalReport:
             raise ValueError(f"{str(json_path)!r} is not an evaluation report: no 'rows' list of variant rows")
         return cls(rows=[_from_json_row(row) for row in rows], machine=data.get("machine", {}),
                    settings=data.get("settings", {}), notes=data.get("notes", []),
-                   details=data.get("details", {}), grid=_read_grid(json_path.parent / "grid.png"))
+                   details=_from_json_details(data.get("details", {})), grid=_read_grid(json_path.parent / "grid.png"))
 
 
 def _read_grid(path: Path) -> Image.Image | None:
