@@ -357,10 +357,11 @@ def _fid_reference(text: str | None) -> Any:
 
 def _call_kwargs(args: argparse.Namespace) -> dict:
     """Pipeline arguments from ``--call KEY=VALUE`` and ``--guidance``."""
-    from .recipes import parse_call_args
+    from .recipes import command_line_guidance, parse_call_args
 
-    guidance = {} if args.guidance is None else {"guidance_scale": args.guidance}
-    return parse_call_args(args.call) | guidance
+    call = parse_call_args(args.call)
+    guidance = command_line_guidance(args.guidance, call)  # a --guidance that disagrees with --call: an error
+    return call | ({} if guidance is None else {"guidance_scale": guidance})
 
 
 def _load_variants(args: argparse.Namespace) -> dict:

@@ -111,6 +111,17 @@ def parse_call_args(pairs: list[str] | None) -> dict[str, Any]:
     return kwargs
 
 
+def command_line_guidance(guidance_flag: float | None, command_line_call: dict[str, Any]) -> Any:
+    """The guidance the command line asks for, ``--guidance`` or ``--call guidance_scale=X`` (None: neither);
+    ValueError when both are given and disagree."""
+    if "guidance_scale" not in command_line_call:
+        return guidance_flag
+    value = command_line_call["guidance_scale"]
+    if guidance_flag is not None and guidance_flag != value:
+        raise ValueError(f"--guidance {guidance_flag} and --call guidance_scale={value!r} disagree: give one of them")
+    return value
+
+
 def sampling_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
     """The pipeline arguments every calibration call gets: the ``[call]`` table + flags, the guidance."""
     guidance = {} if settings["guidance"] is None else {"guidance_scale": settings["guidance"]}
@@ -123,12 +134,16 @@ def merged_settings(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[st
     settings = {"steps": 25, "selection": "all", "weighting": "uniform", "batch_size": 1,
                 "prompts": None, "num_prompts": None, "guidance": None}
     settings.update(recipe.get("calibration", {}))
-    settings["call"] = dict(recipe.get("call", {})) | parse_call_args(getattr(args, "call", None))
+    command_line_call = parse_call_args(getattr(args, "call", None))
+    settings["call"] = dict(recipe.get("call", {})) | command_line_call
     _check_call_table(settings["call"])
     for key in CALIBRATION_KEYS:
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
+    guidance = command_line_guidance(getattr(args, "guidance", None), command_line_call)
+    if guidance is not None:  # --call guidance_scale=X beats the recipe too (its guidance replaced it, session 41)
+        settings["guidance"] = guidance
     selection = str(settings["selection"])
     if getattr(args, "selection", None) is None and selection.startswith("uniform:"):
         count = selection.removeprefix("uniform:")
@@ -400,7 +415,8 @@ def technique_configs(methods: list[str], args: argparse.Namespace, recipe: dict
     for method in methods:
         if method == "ptq":
             options = dict(recipe.get("quant", {}))
-            preset = args.preset or options.pop("preset", "w8a8")
+            recipe_preset = options.pop("preset", "w8a8")  # popped always: with --preset it reached PTQConfig
+            preset = args.preset or recipe_preset
             configs[method] = _built("quant", PTQConfig.preset, preset, **options)
         elif method not in ("cache", "stats"):
             options = {**_calibration_weighting(recipe), **recipe.get("prune", {}), "method": method}

@@ -557,6 +557,40 @@ def test_a_recipes_uniform_selection_caps_at_fewer_steps(tmp_path):
     assert merged_settings(given, recipe)["selection"] == "uniform:25"
 
 
+def test_command_line_guidance_beats_the_recipes_and_disagreeing_flags_are_refused():
+    """--call guidance_scale=X was silently replaced by the recipe's [calibration] guidance until session 41."""
+    import argparse
+
+    from diffusion_accel.recipes import merged_settings, sampling_kwargs
+
+    recipe = {"calibration": {"guidance": 7.5}}
+    flags = dict(prompts=None, num_prompts=None, weighting=None, batch_size=None, steps=None, selection=None)
+    given = merged_settings(argparse.Namespace(guidance=None, call=["guidance_scale=1.0"], **flags), recipe)
+    assert given["guidance"] == 1.0 and sampling_kwargs(given)["guidance_scale"] == 1.0
+    assert merged_settings(argparse.Namespace(guidance=None, call=None, **flags), recipe)["guidance"] == 7.5
+    same = argparse.Namespace(guidance=2.0, call=["guidance_scale=2.0"], **flags)
+    assert merged_settings(same, recipe)["guidance"] == 2.0
+    with pytest.raises(ValueError, match="--guidance 3.0 and --call guidance_scale=1.0 disagree"):
+        merged_settings(argparse.Namespace(guidance=3.0, call=["guidance_scale=1.0"], **flags), recipe)
+    from diffusion_accel.cli import _call_kwargs
+
+    assert _call_kwargs(argparse.Namespace(guidance=None, call=["guidance_scale=2"]))["guidance_scale"] == 2
+    with pytest.raises(ValueError, match="disagree"):  # eval / bench / grid: --guidance won silently
+        _call_kwargs(argparse.Namespace(guidance=3.0, call=["guidance_scale=1.0"]))
+
+
+def test_the_preset_flag_overrides_a_recipes_quant_preset(tmp_path, capsys):
+    """With [quant] preset in the recipe, --preset left the recipe's key in the options: 'unknown PTQConfig
+    fields ['preset']' (exit 2) until session 41."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nid = "tiny:sd"\n[calibration]\nsteps = 2\nnum_prompts = 1\n[quant]\npreset = "w8a8"\n')
+    out = tmp_path / "w4a8"
+    assert main(["calibrate", "--recipe", str(recipe), "--method", "ptq", "--preset", "w4a8", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    config = json.loads((out / "manifest.json").read_text())["techniques"][0]["config"]
+    assert config["ptq_config"]["weights"] == "int4"
+
+
 def test_bench_times_variants_and_compiles_denoisers_on_request(tmp_path, capsys, monkeypatch):
     import diffusion_accel.eval as eval_package
     from diffusion_accel.eval import compile_denoiser
