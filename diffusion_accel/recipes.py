@@ -95,6 +95,18 @@ def _check_calibration_value(path: str | Path, key: str, value: Any) -> None:
         raise ValueError(f"{path}: [calibration] {key} = {value!r} must be {wanted}")
 
 
+def given_prompts(settings: dict[str, Any]) -> list[str]:
+    """The calibration prompts ``settings["prompts"]`` names (a set name or file, or a recipe's list of strings:
+    a TypeError traceback until session 41), the first ``num_prompts`` of them."""
+    value, limit = settings["prompts"], settings["num_prompts"]
+    if isinstance(value, list):
+        prompts = [prompt.strip() for prompt in value if prompt.strip()]
+        if not prompts:
+            raise ValueError("[calibration] prompts is an empty list: name at least one prompt")
+        return prompts[:limit] if limit else prompts
+    return prompt_sets.load(value, limit=limit)
+
+
 def parse_call_args(pairs: list[str] | None) -> dict[str, Any]:
     """``--call KEY=VALUE`` flags -> pipeline keyword arguments; a VALUE that parses as JSON becomes
     that value (``512``, ``3.5``, ``true``, ``[1, 2]``), anything else stays a string."""
@@ -265,7 +277,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     variant = args.variant or (model.get("variant") if args.pipe is None else None)  # so are its weight files
     pipe = load_pipeline(spec, dtype=dtype, device=args.device, variant=variant)
     _check_chain_fits(pipe, methods)
-    prompt_list = (prompt_sets.load(settings["prompts"], limit=settings["num_prompts"]) if settings["prompts"]
+    prompt_list = (given_prompts(settings) if settings["prompts"]
                    else prompt_sets.for_pipeline(pipe, limit=settings["num_prompts"]))
     if methods == ["stats"]:
         collectors = build_collectors(pipe, [k.strip() for k in (args.collect or DEFAULT_COLLECT).split(",")
@@ -322,7 +334,7 @@ def _check_calibration_settings(settings: dict[str, Any], seed: int) -> None:
     if seed < 0:
         raise ValueError(f"--seed must be an int >= 0, got {seed}")
     if settings["prompts"]:
-        prompt_sets.load(settings["prompts"], limit=settings["num_prompts"])
+        given_prompts(settings)
 
 
 def _check_out_is_not_the_base(out: str, spec: str, methods: list[str]) -> None:

@@ -579,6 +579,17 @@ def test_command_line_guidance_beats_the_recipes_and_disagreeing_flags_are_refus
         _call_kwargs(argparse.Namespace(guidance=3.0, call=["guidance_scale=1.0"]))
 
 
+def test_a_recipes_list_of_prompts_calibrates_on_those_prompts(tmp_path, capsys):
+    """load_recipe accepted `prompts = [...]`, then prompts.load raised a TypeError traceback (until session 41)."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nid = "tiny:sd"\n[calibration]\nprompts = ["a red car", "a blue boat", "a cat"]\n'
+                      'num_prompts = 2\nsteps = 2\n')
+    out = tmp_path / "listed"
+    assert main(["calibrate", "--recipe", str(recipe), "--method", "ptq", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    assert json.loads((out / "calibration.json").read_text())["num_prompts"] == 2
+
+
 def test_the_preset_flag_overrides_a_recipes_quant_preset(tmp_path, capsys):
     """With [quant] preset in the recipe, --preset left the recipe's key in the options: 'unknown PTQConfig
     fields ['preset']' (exit 2) until session 41."""
