@@ -106,10 +106,11 @@ def split_artifact_spec(spec: str) -> tuple[str | None, Path | None]:
     base, plus, artifact = spec.rpartition("+")
     if not plus or not base:
         return None, None
-    if not (Path(artifact) / MANIFEST).is_file():
+    folder = Path(artifact).expanduser()  # the shell expands no ~ after '+' (refused until session 41)
+    if not (folder / MANIFEST).is_file():
         raise FileNotFoundError(f"pipeline spec {spec!r}: {artifact!r} after '+' is not an artifact folder "
                                 f"(no {MANIFEST}); BASE+ARTIFACT needs a folder written by save / calibrate")
-    return base, Path(artifact)
+    return base, folder
 
 
 def artifact_base(artifact: str | Path, base_spec: str | None = None,

@@ -585,6 +585,15 @@ def test_activation_only_quantization_keeps_the_pruned_weights_it_computes_with(
     assert torch.equal(_images(loaded), _images(pipe))
 
 
+def test_a_tilde_after_the_plus_of_base_and_artifact_is_the_home_folder(tmp_path, monkeypatch):
+    """The shell expands no ~ after '+': 'tiny:sd+~/art' was refused as not an artifact until session 41."""
+    from diffusion_accel.loading import load_pipeline
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    artifact.save(_scaled_pipe(pipe=load_pipeline("tiny:sd")), tmp_path / "art")
+    assert artifact.applied_techniques(load_pipeline("tiny:sd+~/art")) == ["test-scale"]
+
+
 def test_an_artifact_folder_is_a_pipeline_spec_that_loads_its_recorded_base(tmp_path):
     from diffusion_accel.loading import load_pipeline
 
