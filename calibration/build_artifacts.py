@@ -21,6 +21,7 @@ Any calibrate flag can be passed after ``--`` (e.g. ``-- --selection uniform:10 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -75,14 +76,25 @@ def build_one(recipe: Path, out: Path, args: argparse.Namespace) -> dict[str, An
     result = run_calibrate(build_parser().parse_args(argv))
     row.update(status="built", wall_s=round(time.perf_counter() - start, 1), technique_s=result["seconds"],
                summary=result["summary"].splitlines())
-    (out / BUILD_FILE).write_text(json.dumps({"calibrate_argv": _settings_argv(argv)}, indent=1), encoding="utf-8")
+    record = {"calibrate_argv": _settings_argv(argv), "recipe_sha256": recipe_digest(recipe)}
+    (out / BUILD_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return row
 
 
 def _settings_argv(argv: list[str]) -> list[str]:
-    """A calibrate command line without its ``--out`` (what decides the artifact's content)."""
+    """A calibrate command line without its ``--out`` (what decides the artifact's content), the recipe as an
+    absolute path (the same recipe given as pipelines/x.toml and as ROOT/pipelines/x.toml was refused)."""
     index = argv.index("--out")
-    return argv[:index] + argv[index + 2:]
+    argv = argv[:index] + argv[index + 2:]
+    if "--recipe" in argv:
+        at = argv.index("--recipe") + 1
+        argv[at] = str(Path(argv[at]).resolve())
+    return argv
+
+
+def recipe_digest(recipe: Path) -> str:
+    """SHA-256 of the recipe file's bytes: an edited recipe builds another artifact under the same path."""
+    return hashlib.sha256(recipe.read_bytes()).hexdigest()
 
 
 def kept_artifact_problems(args: argparse.Namespace) -> list[str]:
@@ -108,8 +120,12 @@ def kept_artifact_problem(recipe: Path, out: Path, args: argparse.Namespace) -> 
     built = out / BUILD_FILE
     wanted = _settings_argv(calibrate_argv(recipe, out, args))
     if built.is_file():
-        found = json.loads(built.read_text(encoding="utf-8")).get("calibrate_argv")
+        record = json.loads(built.read_text(encoding="utf-8"))
+        found = record.get("calibrate_argv")
+        found = _settings_argv(found + ["--out", ""]) if isinstance(found, list) else found  # older records
         problem = None if found == wanted else f"it was built by `diffusion-accel {' '.join(found or [])}`"
+        if problem is None and record.get("recipe_sha256", recipe_digest(recipe)) != recipe_digest(recipe):
+            problem = f"{recipe} was edited since it was built"  # the path alone matched (until session 41)
     else:
         techniques = [entry["name"] for entry in json.loads((out / MANIFEST).read_text(encoding="utf-8"))["techniques"]]
         problem = None if techniques == _technique_names(args.methods) else f"it holds {techniques}"
@@ -143,7 +159,7 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
     from diffusion_accel.eval import evaluate
     from diffusion_accel.loading import artifact_base, artifact_variant, load_pipeline
     from diffusion_accel.pipeline_defaults import call_defaults, set_call_defaults
-    from diffusion_accel.recipes import load_recipe, sampling_kwargs
+    from diffusion_accel.recipes import sampling_kwargs
 
     spec, dtype = artifact_base(folder, args.pipe, args.dtype)
     base = load_pipeline(spec, dtype=dtype, device=args.device,  # the files the artifact was built from:
@@ -153,9 +169,7 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
     if hasattr(base, "default_sample_size"):
         accelerated.default_sample_size = base.default_sample_size
     set_call_defaults(accelerated, call_defaults(base))  # a zoo base's call settings (T5 length, CFG)
-    table = load_recipe(recipe)
-    sampling = sampling_kwargs({"call": table.get("call", {}),
-                                "guidance": table.get("calibration", {}).get("guidance")})
+    sampling = sampling_kwargs(_calibrated_settings(folder, recipe))
     report = evaluate({"base": base, "accelerated": accelerated},
                       prompts.for_pipeline(base, limit=args.check_prompts), metrics=("psnr", "ssim", "latency"),
                       num_inference_steps=args.check_steps, repeats=args.check_repeats, progress=False,
@@ -165,6 +179,21 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
             "speedup": rows["accelerated"].get("speedup"), "latency_ms": rows["accelerated"].get("latency_ms"),
             "base_latency_ms": rows["base"].get("latency_ms"), "check_prompts": rows["base"]["images"],
             "check_steps": args.check_steps}
+
+
+def _calibrated_settings(folder: Path, recipe: Path) -> dict[str, Any]:
+    """The ``call`` and ``guidance`` settings the artifact was calibrated with (its ``calibration.json``, which
+    includes calibrate flags given after ``--``: the check ran at the recipe's alone until session 41), else
+    the recipe's."""
+    from diffusion_accel.recipes import load_recipe
+
+    notes = folder / "calibration.json"
+    if notes.is_file():
+        settings = json.loads(notes.read_text(encoding="utf-8")).get("settings", {})
+        if isinstance(settings.get("call"), dict):
+            return {"call": settings["call"], "guidance": settings.get("guidance")}
+    table = load_recipe(recipe)
+    return {"call": table.get("call", {}), "guidance": table.get("calibration", {}).get("guidance")}
 
 
 def process(recipe: Path, args: argparse.Namespace) -> dict[str, Any]:

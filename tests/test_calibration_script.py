@@ -52,6 +52,35 @@ def test_resuming_with_other_settings_refuses_the_kept_artifact(tmp_path, capsys
         "weights"] == "int4"
 
 
+def test_resuming_reads_the_recipes_content_not_the_path_it_was_given_by(tmp_path, capsys, monkeypatch):
+    """Until session 41 an edited recipe was 'kept' (its path unchanged) and the same recipe by another path was
+    refused."""
+    recipe, out = _recipe(tmp_path, "small", "tiny:sd"), tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    run = ["--methods", "ptq", "--check-prompts", "0", "--out", str(out)]
+    assert build_artifacts.main(["small.toml", *run]) == 0
+    assert build_artifacts.main([str(recipe), *run]) == 0  # the same recipe, given by its absolute path
+    assert json.loads((out / "summary.json").read_text())["rows"][0]["status"].startswith("kept")
+    recipe.write_text(recipe.read_text().replace("steps = 3", "steps = 2"))
+    capsys.readouterr()
+    assert build_artifacts.main(["small.toml", *run]) == 2
+    assert "small.toml was edited since it was built" in capsys.readouterr().err
+
+
+def test_the_check_samples_with_the_settings_the_artifact_was_calibrated_with(tmp_path, monkeypatch):
+    """Calibrate flags after -- (--guidance, --call) were left out of the check, which ran at the recipe's."""
+    import diffusion_accel.eval as eval_package
+
+    seen = []
+    real = eval_package.evaluate
+    monkeypatch.setattr(eval_package, "evaluate", lambda *a, **k: seen.append(k["call_kwargs"]) or real(*a, **k))
+    recipe, out = _recipe(tmp_path, "small", "tiny:sd"), tmp_path / "out"
+    assert build_artifacts.main([str(recipe), "--methods", "ptq", "--check-prompts", "1", "--check-steps", "2",
+                                 "--check-repeats", "1", "--out", str(out), "--", "--guidance", "1.5",
+                                 "--call", "height=16", "--call", "width=16"]) == 0
+    assert seen == [{"height": 16, "width": 16, "guidance_scale": 1.5}]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "bogus"], "--methods: --method 'bogus': accepted methods are"),
     (["--methods", "stats"], "writes calibration statistics, not an artifact"),
