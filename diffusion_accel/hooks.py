@@ -66,6 +66,7 @@ from . import hook_copy
 
 TRACKER_HOOK_NAME = "diffusion_accel.step_tracker"
 DEFAULT_CONTEXT = "default"
+PER_CALL = "per_call"  # a client state's entry that a batch change mid-call keeps (the rest is dropped)
 CACHE_CLIENT = "cache"  # the client name feature caching registers (cache/session.py)
 # Contexts of their own for calls repeating a position (CFG branches called one by one, PAG's or SD3's skip-layer
 # third pass): a few per step. A loop calling the denoiser at one position made one per call, each keeping its
@@ -481,10 +482,13 @@ class StepTracker(ModelHook):
 
     def _drop_state_if_shapes_changed(self, context: str, shapes: tuple) -> None:
         """Forget every client's state of ``context`` when this call's input shapes differ from its
-        previous call's (the batch changed mid-trajectory); step positions are kept."""
+        previous call's (the batch changed mid-trajectory), except what clients keep for the whole call under
+        ``PER_CALL`` (a schedule's first step, the prior noise); step positions are kept."""
         if self._input_shapes.get(context, shapes) != shapes:
             for states in self._call.client_states.values():
-                states.pop(context, None)
+                dropped = states.pop(context, None)
+                if dropped and PER_CALL in dropped:
+                    states[context] = {PER_CALL: dropped[PER_CALL]}
         self._input_shapes[context] = shapes
 
 

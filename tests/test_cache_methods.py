@@ -176,6 +176,64 @@ def test_prior_noise_injection_adds_the_initial_noise_on_late_reused_steps(famil
     assert torch.allclose(injected[3][1], plain[3][1] + 0.1 * prior, atol=1e-6)
 
 
+def test_prior_noise_fits_predictions_of_other_channels_and_a_cut_batch():
+    """An inpainting UNet's 9-channel input never matched its 4-channel prediction: nothing was injected; a CFG
+    batch halved mid-call dropped the prior noise (until session 41)."""
+    from diffusion_accel.cache.encoder import add_to_prediction
+
+    prior, prediction = torch.randn(2, 9, 4, 4), torch.randn(2, 4, 4, 4)
+    assert torch.equal(add_to_prediction(prediction, prior), prediction + prior[:, :4])  # inpainting: the latents
+    variance = torch.randn(2, 8, 4, 4)  # learned variance: on the epsilon half
+    added = add_to_prediction(variance, prior[:, :4])
+    assert torch.equal(added[:, :4], variance[:, :4] + prior[:, :4]) and torch.equal(added[:, 4:], variance[:, 4:])
+    assert torch.equal(add_to_prediction(prediction[1:], prior[:, :4]), prediction[1:] + prior[1:, :4])
+    assert add_to_prediction(prediction, torch.randn(2, 4, 8, 8)) is None
+
+
+def test_prior_noise_injection_goes_on_after_a_cfg_cutoff():
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    pipe = build_tiny("sd")
+    outputs = {}
+    for strength in (0.0, 0.1):
+        enable_cache(pipe, EncoderPropagationConfig(interval=2, noise_injection=strength, injection_start=0.5))
+        calls = []
+        handle = pipe.unet.register_forward_hook(lambda m, a, k, out: calls.append((a[0], out[0])), with_kwargs=True)
+        _images(pipe, "sd", steps=8, guidance_scale=5.0, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.4))
+        handle.remove()
+        outputs[strength] = calls
+    plain, injected = outputs[0.0], outputs[0.1]
+    assert plain[5][1].shape[0] == 1 and plain[0][0].shape[0] == 2  # the batch was cut after step 3
+    torch.testing.assert_close(injected[5][1], plain[5][1] + 0.1 * injected[0][0][-1:], rtol=0, atol=1e-6)
+
+
+def test_lcm_img2img_injects_no_noised_image_as_prior_noise():
+    """LCM's scheduler shortens its own schedule for img2img: step 0 is a noised image at timestep 499 (it was
+    injected as the prior noise until session 41)."""
+    from diffusers import LatentConsistencyModelImg2ImgPipeline, LCMScheduler, UNet2DConditionModel
+
+    from diffusion_accel.testing.tiny import TEXT_DIM
+
+    pipe = build_tiny("sd")
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM,
+        attention_head_dim=8, norm_num_groups=8, time_cond_proj_dim=32).eval()
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    img2img = LatentConsistencyModelImg2ImgPipeline.from_pipe(pipe)
+    img2img.set_progress_bar_config(disable=True)
+    images = {}
+    for strength in (0.0, 0.1):
+        enable_cache(img2img, EncoderPropagationConfig(interval=2, noise_injection=strength, injection_start=0.5))
+        images[strength] = img2img("a red bicycle", image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+                                   num_inference_steps=6, strength=0.5, generator=torch.Generator().manual_seed(0),
+                                   output_type="latent").images
+        assert img2img.scheduler.timesteps[0] < 999
+    assert torch.equal(images[0.0], images[0.1])
+
+
 def test_key_steps_uniform_paper_and_resampled():
     assert key_steps(EncoderPropagationConfig(interval=3), 10) == [0, 3, 6, 9]
     paper = EncoderPropagationConfig(key_steps=FASTER_DIFFUSION_KEY_STEPS, num_inference_steps=50)
@@ -323,7 +381,7 @@ def test_batched_cfg_propagates_both_halves_in_one_state():
         if get_tracker(_pipe.unet).at_last_step:
             return kwargs  # the cache dropped its state after the last step
         state = get_tracker(_pipe.unet).state("cache", "default")
-        seen[step] = (state["outputs"]["mid_block"].shape[0], state["prior_noise"].shape[0])
+        seen[step] = (state["outputs"]["mid_block"].shape[0], state["per_call"]["prior_noise"].shape[0])
         return kwargs
 
     _images(pipe, "sd", steps=3, guidance_scale=5.0, callback_on_step_end=inspect_state)

@@ -56,6 +56,30 @@ def test_deepcache_matches_the_deepcache_package(branch):
     assert (ours - reference).abs().max().item() <= 1e-4
 
 
+@pytest.mark.skipif(importlib.util.find_spec("DeepCache") is None,
+                    reason="the deepcache package is not installed (pip install --no-deps deepcache)")
+@pytest.mark.parametrize("strength, interval", [(0.5, 3), (0.8, 5)])
+def test_deepcache_on_img2img_matches_the_deepcache_package(strength, interval):
+    """The package counts its interval from the call's first step; until session 41 ours placed it on the whole
+    schedule's positions: at strength 0.8 steps 0, 1, 6, 11 of 16 computed (0, 5, 10, 15 in the package)."""
+    from DeepCache import DeepCacheSDHelper
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(image=image, strength=strength, height=None, width=None, output_type="latent")
+    reference_pipe = StableDiffusionImg2ImgPipeline.from_pipe(_sd_with_three_resnet_up_blocks())
+    helper = DeepCacheSDHelper(pipe=reference_pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=0)
+    helper.enable()
+    reference = _images(reference_pipe, "sd", steps=20, **kwargs)
+    helper.disable()
+    pipe = StableDiffusionImg2ImgPipeline.from_pipe(_sd_with_three_resnet_up_blocks())
+    enable_cache(pipe, DeepCacheConfig(interval=interval, branch=0))
+    ours = _images(pipe, "sd", steps=20, **kwargs)
+    steps = [record["step"] for record in summary(pipe)["steps"] if record["computed"]]
+    assert steps == list(range(steps[0], 20, interval)) and (ours - reference).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("threshold", [0.25, 0.35])  # tiny Flux at 20 steps: 7-29 of 20 / 40 calls reused
 @pytest.mark.parametrize("true_cfg", [False, True])
 def test_first_block_cache_matches_diffusers_first_block_cache(threshold, true_cfg):
@@ -147,6 +171,26 @@ def test_cfg_cutoff_callback_mid_call_recomputes_instead_of_reusing_the_other_ba
     assert [step for step in range(10) if computed[step]] == [0, 3, 5, 6, 9]  # 5: the first at batch 1
 
 
+@pytest.mark.parametrize("stop", ["denoising_end", "interrupt"])
+def test_a_unet_call_stopped_before_the_last_step_frees_its_cached_features(stop):
+    """SDXL base with denoising_end (base + refiner) or an interrupted call never reached the schedule's last step:
+    the UNet's cached features stayed on the device until its next call (until session 41)."""
+    from diffusion_accel.cache.session import DIFFUSERS_RESET
+
+    def interrupt(pipe, step, timestep, kwargs):
+        pipe._interrupt = step == 4
+        return kwargs
+
+    pipe = build_tiny("sdxl")
+    enable_cache(pipe, DeepCacheConfig(interval=3))
+    extra = {"denoising_end": 0.8} if stop == "denoising_end" else {"callback_on_step_end": interrupt}
+    _images(pipe, "sdxl", steps=10, output_type="latent", **extra)
+    assert get_tracker(pipe.unet).client_states("cache") == {}
+    assert 0 < len(summary(pipe)["steps"]) < 10  # the call's log is still readable
+    remove_cache(pipe)
+    assert DIFFUSERS_RESET not in vars(pipe.unet)
+
+
 def test_flux_true_cfg_keeps_separate_state_per_context():
     pipe = build_tiny("flux")
     enable_cache(pipe, BlockCacheConfig(interval=2))
@@ -183,7 +227,7 @@ def test_img2img_steps_are_positions_in_the_schedule():
     enable_cache(pipe, DeepCacheConfig(interval=2))
     _img2img(pipe, StableDiffusionImg2ImgPipeline)
     steps = [(s["step"], s["computed"]) for s in summary(pipe)["steps"]]
-    assert steps == [(5, True), (6, True), (7, False), (8, True), (9, False)]
+    assert steps == [(5, True), (6, False), (7, True), (8, False), (9, True)]  # the interval from the first step
 
 
 def test_flux_img2img_true_cfg_without_cache_context_keeps_branches_apart():
@@ -206,7 +250,7 @@ def test_flux_img2img_true_cfg_without_cache_context_keeps_branches_apart():
     records = [(s["context"], s["step"], s["computed"]) for s in summary(pipe)["steps"]]
     for context in ("default", "default#1"):
         assert [(st, c) for ctx, st, c in records if ctx == context] == \
-            [(5, True), (6, True), (7, False), (8, True), (9, False)]
+            [(5, True), (6, False), (7, True), (8, False), (9, True)]
 
 
 def test_a_flux_pipeline_sharing_the_transformer_with_its_own_scheduler_places_steps_by_it():

@@ -59,12 +59,12 @@ def _deepcache(pipe: Any, config: DeepCacheConfig) -> tuple[str, Any, Installer]
         full = lambda n: uniform_full_steps(n, config.interval)  # noqa: E731
     else:
         full = lambda n: nonuniform_full_steps(n, config.interval, config.center, config.power)  # noqa: E731
-    return "deepcache", SchedulePolicy(full, config.interval), _unet_installer(pipe, config.branch)
+    return "deepcache", SchedulePolicy(full, config.interval, from_first_step=True), _unet_installer(pipe, config.branch)
 
 
 @register_cache_method(BlockCacheConfig)
 def _block_cache(pipe: Any, config: BlockCacheConfig) -> tuple[str, Any, Installer]:
-    policy = SchedulePolicy(lambda n: uniform_full_steps(n, config.interval), config.interval)
+    policy = SchedulePolicy(lambda n: uniform_full_steps(n, config.interval), config.interval, from_first_step=True)
     return "block_cache", policy, _stack_installer(pipe, policy.uses_head, config)
 
 

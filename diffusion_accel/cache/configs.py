@@ -231,7 +231,9 @@ class EncoderPropagationConfig(_ConfigMethods):
     of the initial noise (the denoiser's input at step 0) to the prediction on non-key steps from
     ``injection_start`` (a fraction of the trajectory) on: the paper's prior-noise injection, moved
     from the sampling loop's latents to the denoiser output (see docs/architecture.md). Calls that
-    start mid-schedule (img2img, inpainting) have no step 0 and inject nothing.
+    start mid-schedule (img2img and inpainting at strength < 1; LCM / TCD img2img, whose scheduler shortens
+    the schedule) inject nothing; an inpainting UNet's step-0 input gives its noise latents (the leading
+    channels).
     """
 
     interval: int = 2

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..arch import get_adapter
 from ..arch.base import CachePoint
+from ..hooks import PER_CALL
 from .configs import EncoderPropagationConfig
 from .schedules import resample_full_steps, uniform_full_steps
 from .session import CacheSession
@@ -59,7 +60,12 @@ class PriorNoiseInjection:
     """Forward hook on the denoiser: keeps its step-0 input per context (the prior noise) and adds
     ``strength`` times it to the output of non-key steps from ``start`` of the trajectory on. A call
     that starts mid-schedule (img2img) never sees step 0: its first input is a noised image, not
-    the prior noise, so nothing is injected.
+    the prior noise, so nothing is injected; nor where the scheduler shortened the schedule itself
+    (LCM / TCD img2img: step 0 below the noisiest training timestep). The prior noise is kept for the whole
+    call (``PER_CALL``: a batch halved mid-call by a CFG cutoff takes its last rows); of an input with more
+    channels than the prediction (inpainting's mask and masked image, an upscaler's low-res image) the
+    leading ones, the noise latents, are kept; a prediction with more channels (learned variance) gets it on
+    its leading ones.
 
     Runs after the step tracker's post-forward, whose step index and context still describe the
     call that just finished.
@@ -73,29 +79,52 @@ class PriorNoiseInjection:
     @torch.compiler.disable  # reads step numbers: out of compiled graphs, as the tracker (after the denoiser's graph)
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         state, step = self.session.state(), self.session.tracker.step_index
+        kept = state.setdefault(PER_CALL, {})
         if step == 0:
             sample = args[0] if args else kwargs.get(self.sample_arg)
-            state["prior_noise"] = sample.detach() if isinstance(sample, torch.Tensor) else None
+            starts_from_noise = isinstance(sample, torch.Tensor) and not self._schedule_shortened()
+            kept["prior_noise"] = sample.detach() if starts_from_noise else None
             return None
         if not self._injects(state, step):
             return None
-        return add_to_prediction(output, self.strength * state["prior_noise"])
+        return add_to_prediction(output, self.strength * kept["prior_noise"])
 
     def _injects(self, state: dict, step: int) -> bool:
         """True on a reused step at or after the injection start, with the prior noise known."""
         num_steps = self.session.tracker.num_inference_steps
         reused = not self.session.compute(state)
         late = num_steps is not None and step >= self.start * num_steps
-        return reused and late and state.get("prior_noise") is not None
+        return reused and late and state.get(PER_CALL, {}).get("prior_noise") is not None
+
+    def _schedule_shortened(self) -> bool:
+        """Whether this call's step 0 is not the start of a sampling trajectory: a scheduler that shortens its
+        own schedule for img2img (``set_timesteps(strength=...)``: LCM, TCD) starting below its noisiest
+        training timestep."""
+        pipeline = self.session.tracker.pipeline
+        scheduler = getattr(pipeline, "scheduler", None)
+        set_timesteps = getattr(scheduler, "set_timesteps", None)
+        if set_timesteps is None or "strength" not in inspect.signature(set_timesteps).parameters:
+            return False
+        timestep, train_steps = self.session.tracker.timestep, scheduler.config.get("num_train_timesteps")
+        return timestep is not None and train_steps is not None and timestep < train_steps - 1
 
 
 def add_to_prediction(output: Any, delta: torch.Tensor) -> Any:
-    """``output`` with ``delta`` added to its first tensor (a tensor, a tuple or a diffusers output);
-    None (output unchanged) when the shapes differ."""
+    """``output`` with ``delta`` added to its first tensor (a tensor, a tuple or a diffusers output): over their
+    common leading channels (dim 1), to the last rows of a larger ``delta`` batch (a CFG batch cut to its
+    conditional half); None (output unchanged) when the rest of the shapes differ."""
     first = output if isinstance(output, torch.Tensor) else output[0]
-    if not isinstance(first, torch.Tensor) or first.shape != delta.shape:
+    if not isinstance(first, torch.Tensor) or first.dim() != delta.dim() or first.dim() < 2:
         return None
-    updated = first + delta.to(first.dtype)
+    channels = min(first.shape[1], delta.shape[1])
+    delta = delta[-first.shape[0]:, :channels]
+    if first.shape[:1] + first.shape[2:] != delta.shape[:1] + delta.shape[2:]:
+        return None
+    delta = delta.to(first.dtype)
+    if channels == first.shape[1]:
+        updated = first + delta
+    else:
+        updated = torch.cat([first[:, :channels] + delta, first[:, channels:]], dim=1)
     if isinstance(output, torch.Tensor):
         return updated
     if isinstance(output, tuple):

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..hooks import PER_CALL
 from .schedules import uniform_full_steps
 from .streams import rel_l1
 
@@ -21,10 +22,14 @@ class SchedulePolicy:
     signal = None
 
     def __init__(self, full_steps: Callable[[int], list[int]], fallback_interval: int,
-                 assumed_steps: int | None = None) -> None:
+                 assumed_steps: int | None = None, from_first_step: bool = False) -> None:
+        """``from_first_step``: place the schedule on the steps a call runs, counted from its first (an interval
+        schedule, as the deepcache package and FORA count), not on the positions of the whole schedule, where an
+        img2img call computed its first step (nothing cached yet) and again at the next grid position."""
         self._full_steps = full_steps
         self._fallback_interval = fallback_interval
         self._assumed_steps = assumed_steps
+        self._from_first_step = from_first_step
         self._memo: dict[int, frozenset[int]] = {}
 
     def full_steps(self, num_steps: int) -> frozenset[int]:
@@ -38,6 +43,9 @@ class SchedulePolicy:
         pipeline's scheduler) a schedule written for ``assumed_steps`` is used as it stands (a calibrated
         one fell back to every ``num_inference_steps``-th step: only step 0 ran), else every
         ``fallback_interval``-th step; past the assumed length every step computes."""
+        if self._from_first_step:
+            first = state.setdefault(PER_CALL, {}).setdefault("first_step", step)  # per context and call
+            step, num_steps = step - first, None if num_steps is None else num_steps - first
         if num_steps is None and self._assumed_steps is not None:
             return step >= self._assumed_steps or step in self.full_steps(self._assumed_steps)
         if num_steps is None or step >= num_steps:

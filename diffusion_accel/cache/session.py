@@ -23,6 +23,7 @@ from .forecast import forecast_scale
 
 SESSION_ATTR = "_diffusion_accel_cache"
 DIFFUSERS_ENABLE = "enable_cache"  # diffusers' CacheMixin method, refused while our cache is on
+DIFFUSERS_RESET = "_reset_stateful_cache"  # what pipelines call on each component when a call ends
 CACHE_HOOK_NAME = "diffusion_accel.cache"
 TRACKER_CLIENT = CACHE_CLIENT
 
@@ -255,6 +256,7 @@ def start_session(pipe: Any, denoiser: nn.Module, config: Any, method: str, poli
     tracker.register_client(TRACKER_CLIENT, session.on_reset, on_call=session.on_call)
     setattr(denoiser, SESSION_ATTR, session)
     _guard_diffusers_cache(denoiser)
+    _reset_when_calls_end(denoiser)
     return session
 
 
@@ -268,9 +270,10 @@ def end_session(session: CacheSession) -> None:
     session.remove()
     if getattr(session.denoiser, SESSION_ATTR, None) is session:
         delattr(session.denoiser, SESSION_ATTR)
-    guard = vars(session.denoiser).get(DIFFUSERS_ENABLE)
-    if getattr(guard, "__func__", None) is _refuse_diffusers_cache:
-        del session.denoiser.__dict__[DIFFUSERS_ENABLE]
+    for name, ours in ((DIFFUSERS_ENABLE, _refuse_diffusers_cache), (DIFFUSERS_RESET, _reset_stateful_hooks)):
+        method = vars(session.denoiser).get(name)
+        if getattr(method, "__func__", None) is ours:
+            del session.denoiser.__dict__[name]
 
 
 def _guard_diffusers_cache(denoiser: nn.Module) -> None:
@@ -279,6 +282,23 @@ def _guard_diffusers_cache(denoiser: nn.Module) -> None:
     stale features (an instance-bound method, like ``pretrained_guard``; a deep copy carries its own)."""
     if callable(getattr(type(denoiser), DIFFUSERS_ENABLE, None)) and DIFFUSERS_ENABLE not in vars(denoiser):
         object.__setattr__(denoiser, DIFFUSERS_ENABLE, GuardedMethod(_refuse_diffusers_cache, denoiser))
+
+
+def _reset_when_calls_end(denoiser: nn.Module) -> None:
+    """Every diffusers pipeline calls its components' ``_reset_stateful_cache`` when a call ends
+    (``maybe_free_model_hooks``), a call stopped early by ``denoising_end`` (SDXL base + refiner) or an interrupt
+    included. Transformers have it (``CacheMixin``) and their tracker resets there; UNets do not, and their
+    cached features stayed on the device after such calls until the next one (``DropStateAfterLastStep`` only
+    frees them after the schedule's last step). While the cache is on, an instance-bound one does the same."""
+    if not hasattr(type(denoiser), DIFFUSERS_RESET) and DIFFUSERS_RESET not in vars(denoiser):
+        object.__setattr__(denoiser, DIFFUSERS_RESET, GuardedMethod(_reset_stateful_hooks, denoiser))
+
+
+def _reset_stateful_hooks(denoiser: nn.Module, recurse: bool = True) -> None:
+    """``CacheMixin._reset_stateful_cache``: reset the stateful hooks of the denoiser's registry (the tracker)."""
+    registry = getattr(denoiser, "_diffusers_hook", None)
+    if registry is not None:
+        registry.reset_stateful_hooks(recurse=recurse)
 
 
 def _refuse_diffusers_cache(denoiser: nn.Module, *args: Any, **kwargs: Any) -> None:
