@@ -171,10 +171,17 @@ def open_report(path: Path, variants: list[str], n: int) -> tuple[dict, str, Zoo
     unknown = [v for v in variants if v not in known_labels(script, report)]
     if unknown:
         raise SystemExit(f"not in {path}: {unknown}; available: {known_labels(script, report)}")
-    model = report["config"]["model"]
-    bench = ZooBench(model, n, Path("/dev/null"))
-    if bench.config["base_fingerprint"] != report["config"]["base_fingerprint"]:
+    config = report["config"]
+    model = config["model"]
+    dtype = "bfloat16" if str(config.get("fid_network", "")).endswith(" bf16") else "float32"
+    bench = ZooBench(model, n, Path("/dev/null"), n_ref=config.get("n_ref_test", 10000), inception_dtype=dtype,
+                     seed=config.get("seed", 0))  # the report's reference and network (until session 41 the defaults)
+    if bench.config["base_fingerprint"] != config["base_fingerprint"]:
         raise SystemExit(f"{path} measured another {model} than the installed one (model fingerprint differs)")
+    differing = sorted(key for key in ("n_ref_test", "fid_network", "seed", "sampling")
+                       if json.loads(json.dumps(bench.config[key])) != config.get(key))
+    if differing:
+        raise SystemExit(f"{path} was measured with other settings than this bootstrap can reproduce: {differing}")
     return report, script, bench
 
 

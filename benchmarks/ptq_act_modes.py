@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ptq_quality import SHORTCUTS  # noqa: E402
-from ptq_rounding import run_settings, settings_cli  # noqa: E402
+from ptq_rounding import run_settings, selected, settings_cli  # noqa: E402
 from zoo_harness import denoiser_attr  # noqa: E402
 
 REFERENCE = "static per-tensor ranges (ours W8A8)"
@@ -38,7 +38,8 @@ UNET_ONLY = {
 def main(argv: list[str] | None = None) -> None:
     args = settings_cli(__doc__, ("fashion-sd", "fashion-flux"), "fashion-sd", argv)  # text-to-image
     settings = SETTINGS | (UNET_ONLY if denoiser_attr(args.model) == "unet" else {})
-    run_settings(args.model, settings, REFERENCE, "ptq_act_modes", TITLE, args.threads, bits="w8a8", out=args.out)
+    run_settings(args.model, selected(settings, REFERENCE, args.only), REFERENCE, "ptq_act_modes", TITLE, args.threads,
+                 bits="w8a8", out=args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ptq_quality import MODELS  # noqa: E402
-from ptq_rounding import run_settings, settings_cli  # noqa: E402
+from ptq_rounding import run_settings, selected, settings_cli  # noqa: E402
 
 REFERENCE = "GPTQ, lazy output-MSE scales (the w4a8 preset)"
 GPTQ = dict(reconstruct=False, weight_rounding="gptq", gptq_groups=1, weight_scale="output_mse")  # as ptq_rounding.py
@@ -31,8 +31,8 @@ SETTINGS = {
 
 def main(argv: list[str] | None = None) -> None:
     args = settings_cli(__doc__, MODELS, "fashion-sd", argv)
-    run_settings(args.model, SETTINGS, REFERENCE, "ptq_act_order", "GPTQ act_order at W4A8", args.threads,
-                 out=args.out)
+    run_settings(args.model, selected(SETTINGS, REFERENCE, args.only), REFERENCE, "ptq_act_order",
+                 "GPTQ act_order at W4A8", args.threads, out=args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ptq_quality import GPTQ, MODELS, naive  # noqa: E402
-from ptq_rounding import run_settings, settings_cli  # noqa: E402
+from ptq_rounding import run_settings, selected, settings_cli  # noqa: E402
 from zoo_harness import denoiser_attr  # noqa: E402
 
 REFERENCE = "GPTQ, per-channel"
@@ -46,7 +46,8 @@ def settings(model: str) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     args = settings_cli(__doc__, MODELS, "fashion-flux", argv)
-    run_settings(args.model, settings(args.model), REFERENCE, "ptq_group_scales", TITLE, args.threads, out=args.out)
+    run_settings(args.model, selected(settings(args.model), REFERENCE, args.only), REFERENCE, "ptq_group_scales",
+                 TITLE, args.threads, out=args.out)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,9 @@ def _network_id(path: Path) -> str:
         for chunk in iter(lambda: file.read(1 << 20), b""):
             digest.update(chunk)
     sha = digest.hexdigest()
-    return TF_INCEPTION_ID if sha == TF_INCEPTION_SHA256 else f"TorchScript feature network {path.name} sha256:{sha[:16]}"
+    if sha == TF_INCEPTION_SHA256:
+        return TF_INCEPTION_ID
+    return f"TorchScript feature network {path.name} sha256:{sha[:16]}"
 
 
 def tf1_bilinear_resize(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
@@ -101,7 +103,9 @@ class TFInceptionFeatures(nn.Module):
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=DeprecationWarning)
             self.net = torch.jit.load(str(resolved), map_location="cpu").eval()
         self.compute_dtype = dtype
-        network = TF_INCEPTION_ID if path is None else _network_id(resolved)
+        stock = find_tf_inception() if path is not None else resolved  # the stock file itself: no hashing
+        stock_file = stock is not None and resolved.resolve() == stock.resolve()
+        network = TF_INCEPTION_ID if stock_file else _network_id(resolved)
         self.fid_id = network if dtype == torch.float32 else f"{network} bf16"
 
     def train(self, mode: bool = True) -> "TFInceptionFeatures":
