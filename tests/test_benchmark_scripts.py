@@ -181,3 +181,24 @@ def test_every_zoo_report_row_records_the_command_and_machine_that_made_it(tmp_p
     assert rows["a"]["made_by"]["command"] == "python benchmarks/x.py --only a"
     assert rows["b"]["made_by"]["command"].endswith("--skip-quality")
     assert {"cpu_model", "torch_threads"} <= set(rows["a"]["made_by"]["machine"])
+
+
+TEXTS = ("W8A8 +", "group 64", "act_order", "per-token", "nearest, output")  # one or two labels of each script
+
+
+@pytest.mark.parametrize("script", ["ptq_rounding", "ptq_act_order", "ptq_act_modes", "ptq_group_scales",
+                                    "ptq_attention"])
+def test_only_limits_every_settings_script_to_the_matching_labels_and_the_reference(script, tmp_path, monkeypatch):
+    """Four of these accepted --only and ran every setting (hours, over the committed report) until session 41."""
+    import importlib
+
+    module = importlib.import_module(script)
+    ran = []
+    monkeypatch.setattr(module, "run_settings", lambda model, settings, reference, *a, **k: ran.append(
+        (list(settings), reference)))
+    module.main(["--only", *TEXTS, "--out", str(tmp_path / "r.json")])
+    labels, reference = ran[0]
+    assert reference in labels and all(label == reference or any(
+        text in label for text in TEXTS) for label in labels) and len(labels) < 5
+    with pytest.raises(SystemExit, match="matches no setting"):
+        module.main(["--only", "no such label", "--out", str(tmp_path / "r.json")])
