@@ -220,6 +220,15 @@ def _img2img(pipe, pipeline_class, **overrides):
     return img2img(**(kwargs | overrides)).images
 
 
+@pytest.mark.parametrize("config", [BlockCacheConfig(interval=3), DeltaCacheConfig(interval=3)])
+def test_transformer_interval_caches_count_from_an_img2img_calls_first_step(config):
+    """Δ-DiT kept the whole schedule's grid until session 41: steps 5, 6 and 9 of 5..9 computed (two in a row)."""
+    pipe = build_tiny("flux")
+    enable_cache(pipe, config)
+    _img2img(pipe, FluxImg2ImgPipeline, height=32, width=32)
+    assert [s["step"] for s in summary(pipe)["steps"] if s["computed"]] == [5, 8]
+
+
 def test_img2img_steps_are_positions_in_the_schedule():
     """Starting mid-schedule (strength 0.5 of 10 steps) runs steps 5..9 of the schedule, not 0..4:
     timestep-dependent schedules and PTQ's step-group scales stay aligned with text-to-image."""

@@ -58,8 +58,8 @@ class DeltaPolicy(SchedulePolicy):
     before ``boundary`` (a fraction of the trajectory) and "front" from it on (in ``state["span"]``)."""
 
     def __init__(self, interval: int, boundary: float) -> None:
-        super().__init__(lambda n: uniform_full_steps(n, interval), interval)
-        self.boundary = boundary
+        super().__init__(lambda n: uniform_full_steps(n, interval), interval, from_first_step=True)
+        self.boundary = boundary  # a noise level: ``span`` reads the step's absolute position
 
     def span(self, step: int, num_steps: int | None) -> str:
         """The span bypassed at ``step``: rear blocks in the outline stage, front blocks after it."""
