@@ -201,6 +201,25 @@ def test_weighting_reaches_the_hessians(monkeypatch):
     assert prune_report(pipe).step_weights == pytest.approx(formula)
 
 
+def test_a_saliency_allocations_norm_sweep_counts_in_the_peak_memory(monkeypatch):
+    """It held every layer's input norms at once and was left out of peak_hessian_bytes until session 41 (14,976
+    bytes reported, 43,072 held on tiny SD)."""
+    from diffusion_accel.prune.sequential import accumulator_bytes
+
+    held, sweep = [], prune_apply._CalibrationSweep.__call__
+
+    def measured(self, names, *args, **kwargs):
+        collector = sweep(self, names, *args, **kwargs)
+        held.append(accumulator_bytes(collector, names))
+        return collector
+
+    monkeypatch.setattr(prune_apply._CalibrationSweep, "__call__", measured)
+    pipe = build_tiny("sd")
+    prune_(pipe, PruneConfig(method="wanda", sparsity=0.4, scope="global", allocation="saliency"),
+           calib=tiny_calibration(pipe, "sd"))
+    assert prune_report(pipe).peak_hessian_bytes == max(held) > 0
+
+
 def test_fully_sequential_and_single_group_both_run():
     reports = {}
     for groups in ("all", 1):

@@ -24,7 +24,7 @@ from .configs import PruneConfig
 from .plan import structured_plan, unstructured_plan
 from .record import ensure_record
 from .report import REPORT_ATTR, PruneReport, count_parameters, zero_fraction
-from .sequential import MemoryBudget, SequentialPruner, SequentialStats, Sweep
+from .sequential import MemoryBudget, SequentialPruner, SequentialStats, Sweep, accumulator_bytes
 from .sparse import enable_sparse_kernels
 from .structured import StructuredUnit, prune_structured_unit
 from .unstructured import layer_error_curves, prune_layer_group, saliency_layer_sparsity, skip_reason
@@ -246,13 +246,16 @@ def _saliency_allocation(denoiser: nn.Module, groups: list, config: PruneConfig,
                          sweep: Sweep | None) -> tuple[dict[str, float], SequentialStats]:
     """allocation="saliency": one input-norm sweep of the dense model (none for magnitude)."""
     start = time.perf_counter()
-    collector = sweep([group.layers[0] for group in groups], False) if sweep is not None else None
+    names = [group.layers[0] for group in groups]
+    collector = sweep(names, False) if sweep is not None else None
+    held = 0 if collector is None else accumulator_bytes(collector, names)  # every layer's norms at once
     try:
         shares = saliency_layer_sparsity(denoiser, groups, config, collector)
     finally:
         if collector is not None:
             collector.free()
-    return shares, SequentialStats(sweeps=int(sweep is not None), seconds=time.perf_counter() - start)
+    return shares, SequentialStats(sweeps=int(sweep is not None), peak_hessian_bytes=held,
+                                   seconds=time.perf_counter() - start)
 
 
 def _error_allocation(denoiser: nn.Module, groups: list, config: PruneConfig,
