@@ -2,7 +2,8 @@
 
 1. One trajectory-calibration pass: per-step activation ranges of every eligible layer and the
    step-to-step feature change of every block (what timestep-aware PTQ and caching build on).
-2. ``evaluate`` of the pipeline variants on identical seeds: the fp32 base, a bf16 copy, feature
+2. ``evaluate`` of the pipeline variants on identical seeds: the base (named by its dtype: fp32 by default), a
+   bf16 copy, feature
    caching, W8A8 lowered to int8, structured OBS pruning (30% of attention heads and FFN neurons
    removed) and all three stacked, with CLIP score (bundled
    CLIP), PSNR/SSIM against the base, latency and FLOPs.
@@ -19,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from . import prompts as prompt_sets
-from .arch import get_adapter
+from .arch import find_denoiser, get_adapter
 from .loading import default_demo_spec, load_pipeline
 
 VariantBuilder = Callable[[Any, Any], Any]  # (base pipeline, Calibration) -> accelerated copy
@@ -91,6 +92,16 @@ def demo_variants() -> dict[str, VariantBuilder]:
             "obs-structured-30%": obs_variant, "obs-structured+w8a8+cache": stacked_variant}
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def base_variant_name(pipe: Any) -> str:
+    """The demo's name for the unaccelerated pipeline: its denoiser's dtype ("fp32", "bf16", ...); a variant of
+    that name (the bf16 copy of a bf16 base) would repeat it and is left out."""
+    dtype = next(find_denoiser(pipe)[1].parameters()).dtype
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
 def calibration_pass(pipe: Any, prompts: list, steps: int, seed: int,
                      call_kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """One calibration pass that every variant reuses (stored trajectory for PTQ, settings for
@@ -144,7 +155,8 @@ def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: i
     out.mkdir(parents=True, exist_ok=True)
     call_kwargs = dict(call_kwargs or {})
     calib, summary = calibration_pass(pipe, prompt_list, steps, seed, call_kwargs)
-    variants = {"fp32": pipe} | {name: build(pipe, calib) for name, build in demo_variants().items()}
+    base = base_variant_name(pipe)  # the base's own dtype: with --dtype bf16 it was labelled fp32
+    variants = {base: pipe} | {name: build(pipe, calib) for name, build in demo_variants().items() if name != base}
     clip_folder = _demo_clip(variants)
     metrics = ("psnr", "ssim", "latency", "memory", "flops") + (("clip",) if clip_folder else ())
     report = evaluate(variants, prompt_list, metrics=metrics, num_inference_steps=steps, seed=seed,

@@ -172,6 +172,15 @@ def test_demo_runs_on_the_tiny_pipeline(tmp_path, capsys):
     assert "clip_score" not in saved["rows"][0] and any("CLIP score skipped" in note for note in saved["notes"])
 
 
+def test_the_demo_names_its_base_by_its_dtype():
+    """With --dtype bf16 the bf16 base was labelled "fp32" and a bf16 copy of it credited with a speed-up."""
+    from diffusion_accel.demo import base_variant_name
+    from diffusion_accel.testing.tiny import build_tiny
+
+    assert base_variant_name(build_tiny("sd")) == "fp32"
+    assert base_variant_name(build_tiny("sd").to(torch.bfloat16)) == "bf16"
+
+
 def test_demo_bf16_variant_of_a_pixel_space_pipeline_returns_float_images():
     """DDPMPipeline converts the denoiser's samples to numpy, which has no bf16: the variant keeps
     the denoiser in bf16 and its outputs in fp32."""

@@ -626,3 +626,25 @@ def test_training_runs_of_an_installed_package_go_to_the_user_cache_not_site_pac
     assert C.default_runs_root() == C.REPO_ROOT / "zoo_runs"  # this checkout
     monkeypatch.setattr(C, "REPO_ROOT", tmp_path / "site-packages")  # a wheel install: no pyproject.toml there
     assert C.default_runs_root() == Path.home() / ".cache" / "diffusion_accel" / "zoo_runs"
+
+
+def test_shipping_another_models_export_under_a_name_is_refused(tmp_path, capsys):
+    """`zoo.ship fashion-sd --from <a fashion-flux export>` shipped it (into the package by default) until session 41."""
+    from diffusion_accel.zoo.ship import main as ship_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        ship_main(["fashion-sd", "--from", str(zoo.path("fashion-flux")), "--dest", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "holds a FluxPipeline pipeline (model_index.json), not the StableDiffusionPipeline" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_packing_a_missing_split_is_a_one_line_error(tmp_path, capsys):
+    """`python -m diffusion_accel.zoo.data DEST` printed a FileNotFoundError traceback (exit 1) until session 41."""
+    from diffusion_accel.zoo.data import main as data_main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        data_main([str(tmp_path / "out"), "--root", str(tmp_path / "empty")])
+    assert exit_info.value.code == 2 and "python -m diffusion_accel.zoo.data: error:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

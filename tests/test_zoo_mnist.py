@@ -189,6 +189,23 @@ def test_resuming_with_other_settings_is_refused_and_unset_ones_continue_the_run
     C.apply_checkpoint_settings(C.RunConfig(run_dir=tmp_path, steps=8, stage="x", batch_size=32, resume=False))
 
 
+def test_a_resumed_run_may_freeze_the_text_tower_and_keeps_its_warm_start_source(tmp_path):
+    """The documented fashion-clip continuation `--freeze-text --steps N` was refused, and a run warm-started with
+    --init-from resumed without it from the stages under the runs root (another VAE), until session 41."""
+    C.save_checkpoint(tmp_path / "checkpoint.pt", {"settings": C.RunConfig(
+        run_dir=tmp_path, steps=4, stage="fashion-clip").settings()})
+    frozen = C.RunConfig(run_dir=tmp_path, steps=8, stage="fashion-clip", freeze_text=True)
+    C.apply_checkpoint_settings(frozen)
+    assert frozen.freeze_text
+    C.save_checkpoint(tmp_path / "checkpoint.pt", {"settings": C.RunConfig(
+        run_dir=tmp_path, steps=4, stage="fashion-sd", init_from="zoo").settings()})
+    unset = C.RunConfig(run_dir=tmp_path, steps=8, stage="fashion-sd")
+    C.apply_checkpoint_settings(unset)
+    assert unset.init_from == "zoo"
+    with pytest.raises(ValueError, match=r"other settings \(init_from 'zoo' -> "):
+        C.apply_checkpoint_settings(C.RunConfig(run_dir=tmp_path, steps=8, stage="fashion-sd", init_from=tmp_path))
+
+
 def test_the_time_budget_counts_the_whole_run(tmp_path):
     """Each resumed command got a fresh budget (and restarted the LR schedule's time)."""
     C.save_checkpoint(tmp_path / "checkpoint.pt", {"gen": torch.Generator().get_state(), "step": 3,

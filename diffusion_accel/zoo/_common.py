@@ -167,8 +167,12 @@ class RunConfig:
     def settings(self) -> dict:
         """The options a resumed run must keep: a checkpoint continues the weights, optimiser and data order
         they made (a resumed --batch-size 32 on a batch-8 run mixed both silently)."""
+        init_from = None if self.init_from is None else str(self.init_from)
+        if init_from not in (None, "zoo"):  # a warm start's source: a resumed run left unset kept its own stages
+            init_from = str(Path(init_from).expanduser().resolve())
         return {"stage": self.stage, "batch_size": self.batch_size, "lr": self.lr, "arch": self.arch,
-                "data_root": self.data_root, "limit_images": self.limit_images, "freeze_text": self.freeze_text}
+                "data_root": self.data_root, "limit_images": self.limit_images, "freeze_text": self.freeze_text,
+                "init_from": init_from}
 
 
 def init_source(cfg: RunConfig, name: str) -> Path | None:
@@ -273,6 +277,11 @@ def apply_checkpoint_settings(cfg: Any) -> None:
         _check_same_settings(cfg, state.get("settings", {}))
 
 
+# options a resumed run may switch on: freezing fashion-clip's text tower changes neither the data order nor the
+# optimiser's state (the documented continuation, `--freeze-text --steps N`, was refused until session 41)
+CHANGEABLE_ON_RESUME = frozenset({"freeze_text"})
+
+
 def _check_same_settings(cfg: Any, saved: dict) -> None:
     """Adopt the checkpoint's value of every option left unset (None / False); a ValueError naming the options
     given with other values (checkpoints before session 30 record none: accepted)."""
@@ -286,7 +295,7 @@ def _check_same_settings(cfg: Any, saved: dict) -> None:
             continue
         if current[key] in (None, False):
             setattr(cfg, key, value)
-        else:
+        elif key not in CHANGEABLE_ON_RESUME:
             changed[key] = (value, current[key])
     if not changed:
         return

@@ -123,7 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", choices=sorted(SPLITS), default="train")
     parser.add_argument("--root", default=None, help="where Fashion-MNIST is (default: as the loader finds it)")
     args = parser.parse_args(argv)
-    print("\n".join(str(p) for p in pack_xz(args.dest, args.split, root=args.root)))
+    try:
+        written = pack_xz(args.dest, args.split, root=args.root)
+    except (ValueError, OSError) as error:  # missing data: one line, as zoo.train and zoo.ship (a traceback before)
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    print("\n".join(str(p) for p in written))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ def ship(name: str, folder: Path, dest_root: Path = MODELS_DIR, vae: Path | None
     """
     if name not in SHIPPED:
         raise ValueError(f"only {SHIPPED} are shipped, got {name!r} (VAE stages live inside the pipelines)")
+    from . import _export_folder
+
+    _export_folder(name, Path(folder))  # another model's export shipped under this name until session 41
     if vae is not None:
         if name not in ("fashion-sd", "fashion-flux"):
             raise ValueError(f"--vae applies to fashion-sd and fashion-flux, not to {name}")

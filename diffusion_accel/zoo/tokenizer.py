@@ -72,8 +72,9 @@ def write_clip_vocab(folder: Path, words: tuple[str, ...] | None = None) -> Path
 
 def build_clip_tokenizer(max_length: int = CLIP_MAX_LENGTH) -> CLIPTokenizer:
     """A CLIP tokenizer whose caption words are single tokens; any other text falls back to bytes."""
-    folder = write_clip_vocab(Path(tempfile.mkdtemp(prefix="da_zoo_clip_tok_")))
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length, pad_token=EOS)
+    with tempfile.TemporaryDirectory(prefix="da_zoo_clip_tok_") as temporary:  # one was left behind per call
+        folder = write_clip_vocab(Path(temporary))
+        return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length, pad_token=EOS)
 
 
 def build_t5_tokenizer(max_length: int = T5_MAX_LENGTH) -> T5Tokenizer:
