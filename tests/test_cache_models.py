@@ -502,3 +502,18 @@ def test_calls_repeating_one_step_past_the_context_cap_never_reuse_a_shared_cont
     assert torch.equal(run(), uncached)
     records = summary(pipe)["steps"]
     assert {record["context"] for record in records} == {"default"} and all(r["computed"] for r in records)
+
+
+@pytest.mark.parametrize("config", [FirstBlockCacheConfig(threshold=0.3), TeaCacheConfig(threshold=0.3)])
+def test_summary_counts_skip_layer_guidance_calls_that_skip_the_head_block(config):
+    """SD3's skip-layer guidance skipping block 0 bypasses the head policy's decision: those 5 of 11 calls were
+    missing from summary() until session 41."""
+    pipe = build_tiny("sd3")
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    enable_cache(pipe, config)
+    _images(pipe, "sd3", steps=6, guidance_scale=5.0, skip_guidance_layers=[0], skip_layer_guidance_start=0.0,
+            skip_layer_guidance_stop=1.0)
+    report = summary(pipe)
+    assert report["denoiser_calls"] == len(calls) == 11
+    assert {record["context"] for record in report["steps"]} == {"default", "default#1"}

@@ -134,6 +134,16 @@ class CacheSession:
         if not getattr(self.policy, "uses_head", False):
             self._decide(None)
 
+    def log_undecided_call(self) -> None:
+        """Log a head policy's call that never ran its head block (SD3's skip-layer guidance skipping block 0)
+        as computed: it ran every block without a decision, and ``summary`` left it out (until session 41)."""
+        if not getattr(self.policy, "uses_head", False) or self.tracker.shared_context:
+            return
+        state = self.state()
+        decision, step = state.get("decision"), self.tracker.step_index
+        if decision is None or decision.step != step:
+            self._record(step, True, None, None, state)
+
     def compute(self, state: dict[str, Any]) -> bool:
         """This call's decision for a hooked module: True computes (also before any decision)."""
         decision = state.get("decision")
@@ -240,6 +250,7 @@ class DropStateAfterLastStep:
 
     @torch.compiler.disable
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.session.log_undecided_call()
         if self.session.tracker.at_last_step:
             self.session.tracker.drop_state(TRACKER_CLIENT)
 
