@@ -443,6 +443,19 @@ def test_a_calibration_of_another_architecture_is_refused_as_quantize_refuses_it
     assert pipe.unet is unet
 
 
+def test_a_failed_prune_of_a_compiled_pipeline_keeps_its_compile_wrapper(monkeypatch):
+    """The rollback set back the bare module, dropping the user's torch.compile wrapper (until session 41)."""
+    import diffusion_accel as da
+    from diffusion_accel.testing.tiny import build_tiny
+
+    pipe = build_tiny("sd")
+    compiled = pipe.unet = torch.compile(pipe.unet, backend="eager")
+    monkeypatch.setattr(prune_apply, "prune_denoiser_", lambda *args: (_ for _ in ()).throw(RuntimeError("failed")))
+    with pytest.raises(RuntimeError, match="failed"):
+        da.prune_(pipe, da.PruneConfig(method="magnitude", sparsity=0.5))
+    assert pipe.unet is compiled
+
+
 def test_pruning_a_compiled_pipeline_says_the_pruned_copy_is_not_compiled():
     """prune_ swaps in a pruned copy of the denoiser: a torch.compile wrapper (or in-place compilation) was
     dropped without a word."""

@@ -62,6 +62,7 @@ def _prune_a_copy(pipe: Any, component: str, original: nn.Module, config: PruneC
     """Prune a deep copy of ``original`` and set it as ``pipe.<component>``; the original is put back on any
     error (KeyboardInterrupt included)."""
     base_fingerprint(pipe)
+    attribute = getattr(pipe, component)  # a torch.compile wrapper is put back as it was (the bare module was)
     working = copy.deepcopy(original)
     setattr(pipe, component, working)
     try:
@@ -75,7 +76,7 @@ def _prune_a_copy(pipe: Any, component: str, original: nn.Module, config: PruneC
             warnings.warn(f"prune_: {report.unobserved_inputs_text()}", stacklevel=3)
         mark_applied(pipe, TECHNIQUE)
     except BaseException:
-        setattr(pipe, component, original)
+        setattr(pipe, component, attribute)
         raise
 
 
