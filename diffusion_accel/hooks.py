@@ -595,6 +595,19 @@ def refuse_while_cached(denoiser: torch.nn.Module, action: str) -> None:
                          f"call its disable_cache(), run {action}, then enable the cache again")
 
 
+def check_no_cpu_offload(denoiser: torch.nn.Module, action: str) -> None:
+    """Refuse ``action`` on a denoiser under accelerate's CPU offload (``enable_model_cpu_offload``,
+    ``enable_sequential_cpu_offload``): diffusers re-applies it at the end of every call, restoring the forward it
+    saved, so hooks added after it stopped running from the second call on (a cache then gave uncached images,
+    calibration saw only the first prompt), removing ours deleted its wrapper, and copies of the denoiser copied
+    the models its hook chain points at (until session 41)."""
+    if getattr(denoiser, "_hf_hook", None) is not None:
+        raise ValueError(f"{action}: the {type(denoiser).__name__} is under CPU offload (enable_model_cpu_offload / "
+                         f"enable_sequential_cpu_offload), which re-installs its own forward after every call and "
+                         f"drops hooks added after it. Call pipe.remove_all_hooks() first and enable the offload "
+                         f"again afterwards")
+
+
 def attach_tracker(denoiser: torch.nn.Module, pipeline: Any | None = None) -> StepTracker:
     """Attach (or return the existing) tracker; ``pipeline`` enables automatic per-call reset."""
     tracker = get_tracker(denoiser)
@@ -602,6 +615,7 @@ def attach_tracker(denoiser: torch.nn.Module, pipeline: Any | None = None) -> St
         if pipeline is not None and tracker.pipeline is None:
             tracker._pipeline_ref = weakref.ref(pipeline)
         return tracker
+    check_no_cpu_offload(denoiser, "calibrate / step-dependent techniques")
     tracker = StepTracker(pipeline)
     registry = HookRegistry.check_if_exists_or_initialize(denoiser)
     registry.register_hook(tracker, TRACKER_HOOK_NAME)

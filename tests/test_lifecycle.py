@@ -442,3 +442,22 @@ def test_a_cache_replacement_interrupted_half_way_through_removing_the_old_hooks
     # (half unhooked, the deep modules computed on reuse steps: same images, wasted work)
     assert da.cache.cache_config(pipe).interval == 3 and cache_hooked() == hooked
     assert torch.equal(pipe(**tiny_call_kwargs("sd", 4)).images, before)
+
+
+def test_remove_cache_under_model_offload_enabled_after_it_is_refused_until_the_hooks_are_removed():
+    """Removing our hooks beneath accelerate's offload wrapper deleted the wrapper (the UNet's onload hook stopped
+    running) and left its saved forward pointing at the removed hooks (until session 41)."""
+    from diffusion_accel.testing.tiny import tiny_call_kwargs
+
+    plain = build_tiny("sd")(**tiny_call_kwargs("sd", steps=4)).images
+    pipe = build_tiny("sd")
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
+    pipe.enable_model_cpu_offload(device="cpu")
+    first, second = (pipe(**tiny_call_kwargs("sd", steps=4)).images for _ in range(2))
+    assert torch.equal(first, second) and not torch.equal(first, plain)  # the cache runs on every call
+    with pytest.raises(ValueError, match="remove_cache: the UNet2DConditionModel is under CPU offload"):
+        da.remove_cache(pipe)
+    pipe.remove_all_hooks()
+    da.remove_cache(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert torch.equal(pipe(**tiny_call_kwargs("sd", steps=4)).images, plain)

@@ -502,17 +502,24 @@ def test_offloaded_denoisers_are_refused_before_anything_changes(family):
     denoiser_name = "transformer" if family == "flux" else "unet"
     getattr(grouped, denoiser_name).enable_group_offload(torch.device("cpu"), offload_device=torch.device("cpu"),
                                                          offload_type="block_level", num_blocks_per_group=1)
-    sequential = build_tiny(family)
+    sequential, model = build_tiny(family), build_tiny(family)
     sequential.enable_sequential_cpu_offload(device="cpu")
-    for pipe, match in ((grouped, "cannot change a denoiser under diffusers' group offloading .* "
-                                  "call enable_group_offload afterwards"),
-                        (sequential, "needs the denoiser.s weights in memory, but '.*weight' is on the 'meta' device")):
+    model.enable_model_cpu_offload(device="cpu")  # re-installs its forward after every call: later hooks were lost
+    offload = ": the .* is under CPU offload .* Call pipe.remove_all_hooks.. first"
+    for pipe, match in ((grouped, " cannot change a denoiser under diffusers' group offloading .* "
+                                  "call enable_group_offload afterwards"), (sequential, offload), (model, offload)):
         denoiser = getattr(pipe, denoiser_name)
-        with pytest.raises(ValueError, match="quantize_ " + match):
+        with pytest.raises(ValueError, match="quantize_" + match):
             quantize_(pipe, PTQConfig.preset("w8a8"), calib=calib)
-        with pytest.raises(ValueError, match="prune_ " + match):
+        with pytest.raises(ValueError, match="prune_" + match):
             da.prune_(pipe, da.PruneConfig(method="obs", sparsity=0.3), calib=calib)
         assert getattr(pipe, denoiser_name) is denoiser and applied_techniques(pipe) == []
+    for pipe in (sequential, model):
+        with pytest.raises(ValueError, match="enable_cache" + offload):
+            da.enable_cache(pipe, da.default_cache_config(pipe))
+        with pytest.raises(ValueError, match="calibrate / step-dependent techniques" + offload):
+            calibrate(pipe, ["a cat"], 2, progress=False, **size)
+        assert applied_techniques(pipe) == []
     assert torch.equal(grouped(**tiny_call_kwargs(family, steps=2)).images, reference)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..hooks import check_no_cpu_offload
 from .base import DenoiserAdapter
 
 _ADAPTERS: dict[str, type[DenoiserAdapter]] = {}
@@ -140,6 +141,7 @@ def check_not_offloaded(denoiser: nn.Module, technique: str) -> None:
     group offloading moves the modules it hooked (layers swapped in afterwards would stay on the
     offload device, and with CUDA streams it onloads from copies taken when it was enabled, undoing
     in-place changes); sequential CPU offload (accelerate) leaves the weights on the meta device."""
+    check_no_cpu_offload(denoiser, technique)
     found = _first_diffusers_hook(denoiser, GROUP_OFFLOADING_HOOK)
     if found is not None:
         raise ValueError(

@@ -14,7 +14,7 @@ from diffusers.hooks import HookRegistry
 
 from ..arch import find_denoiser, get_adapter
 from ..artifact import base_fingerprint, mark_applied, marks_restored_on_error, unmark_applied
-from ..hooks import CACHE_CLIENT, detach_tracker_if_unused, get_tracker
+from ..hooks import CACHE_CLIENT, check_no_cpu_offload, detach_tracker_if_unused, get_tracker
 from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, DeltaCacheConfig,
                       EncoderPropagationConfig, FirstBlockCacheConfig, RouterCacheConfig, TeaCacheConfig,
                       config_to_dict)
@@ -222,6 +222,7 @@ def enable_cache(pipe: Any, config: Any) -> Any:
     handler = _handler_for(config)
     component, denoiser = find_denoiser(pipe)
     _refuse_diffusers_cache(component, denoiser)
+    check_no_cpu_offload(denoiser, "enable_cache")
     method, policy, install = handler(pipe, config)
     previous = get_session(denoiser)
     had_registry = "_diffusers_hook" in vars(denoiser)
@@ -287,6 +288,7 @@ def remove_cache(pipe: Any) -> Any:
     _, denoiser = find_denoiser(pipe)
     session = get_session(denoiser)
     if session is not None:
+        check_no_cpu_offload(denoiser, "remove_cache")  # offload enabled after the cache wraps our hooks
         end_session(session)
     unmark_applied(pipe, TECHNIQUE)
     return pipe
