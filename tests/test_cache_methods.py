@@ -199,7 +199,8 @@ def test_prior_noise_injection_goes_on_after_a_cfg_cutoff():
         enable_cache(pipe, EncoderPropagationConfig(interval=2, noise_injection=strength, injection_start=0.5))
         calls = []
         handle = pipe.unet.register_forward_hook(lambda m, a, k, out: calls.append((a[0], out[0])), with_kwargs=True)
-        _images(pipe, "sd", steps=8, guidance_scale=5.0, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.4))
+        _images(pipe, "sd", steps=8, guidance_scale=5.0,
+                callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.4))
         handle.remove()
         outputs[strength] = calls
     plain, injected = outputs[0.0], outputs[0.1]
@@ -227,9 +228,9 @@ def test_lcm_img2img_injects_no_noised_image_as_prior_noise():
     images = {}
     for strength in (0.0, 0.1):
         enable_cache(img2img, EncoderPropagationConfig(interval=2, noise_injection=strength, injection_start=0.5))
-        images[strength] = img2img("a red bicycle", image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
-                                   num_inference_steps=6, strength=0.5, generator=torch.Generator().manual_seed(0),
-                                   output_type="latent").images
+        image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        images[strength] = img2img("a red bicycle", image=image, num_inference_steps=6, strength=0.5,
+                                   generator=torch.Generator().manual_seed(0), output_type="latent").images
         assert img2img.scheduler.timesteps[0] < 999
     assert torch.equal(images[0.0], images[0.1])
 

@@ -605,8 +605,8 @@ def test_the_preset_flag_overrides_a_recipes_quant_preset(tmp_path, capsys):
     recipe = tmp_path / "r.toml"
     recipe.write_text('[model]\nid = "tiny:sd"\n[calibration]\nsteps = 2\nnum_prompts = 1\n[quant]\npreset = "w8a8"\n')
     out = tmp_path / "w4a8"
-    assert main(["calibrate", "--recipe", str(recipe), "--method", "ptq", "--preset", "w4a8", "--out", str(out)]) == 0, \
-        capsys.readouterr().err
+    code = main(["calibrate", "--recipe", str(recipe), "--method", "ptq", "--preset", "w4a8", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
     config = json.loads((out / "manifest.json").read_text())["techniques"][0]["config"]
     assert config["ptq_config"]["weights"] == "int4"
 

@@ -629,13 +629,15 @@ def test_training_runs_of_an_installed_package_go_to_the_user_cache_not_site_pac
 
 
 def test_shipping_another_models_export_under_a_name_is_refused(tmp_path, capsys):
-    """`zoo.ship fashion-sd --from <a fashion-flux export>` shipped it (into the package by default) until session 41."""
+    """`zoo.ship fashion-sd --from <a fashion-flux export>` shipped it (into the package by default) until
+    session 41."""
     from diffusion_accel.zoo.ship import main as ship_main
 
     with pytest.raises(SystemExit) as exit_info:
         ship_main(["fashion-sd", "--from", str(zoo.path("fashion-flux")), "--dest", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "holds a FluxPipeline pipeline (model_index.json), not the StableDiffusionPipeline" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "holds a FluxPipeline pipeline (model_index.json), not the StableDiffusionPipeline" in error
     assert not any(tmp_path.iterdir())
 
 

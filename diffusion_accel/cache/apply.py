@@ -59,7 +59,8 @@ def _deepcache(pipe: Any, config: DeepCacheConfig) -> tuple[str, Any, Installer]
         full = lambda n: uniform_full_steps(n, config.interval)  # noqa: E731
     else:
         full = lambda n: nonuniform_full_steps(n, config.interval, config.center, config.power)  # noqa: E731
-    return "deepcache", SchedulePolicy(full, config.interval, from_first_step=True), _unet_installer(pipe, config.branch)
+    policy = SchedulePolicy(full, config.interval, from_first_step=True)
+    return "deepcache", policy, _unet_installer(pipe, config.branch)
 
 
 @register_cache_method(BlockCacheConfig)
