@@ -55,3 +55,14 @@ def test_blank_json_prompts_and_byte_order_marks_are_dropped(tmp_path):
     (tmp_path / "bom.txt").write_text("\ufeff# a comment\nhello\n", encoding="utf-8")
     (tmp_path / "bom.json").write_text('\ufeff["hi", " "]', encoding="utf-8")
     assert prompts.load(tmp_path / "bom.txt") == ["hello"] and prompts.load(tmp_path / "bom.json") == ["hi"]
+
+
+def test_class_ids_stop_at_the_classes_the_model_was_trained_on():
+    """DiT splits ImageNet labels on commas, so label names outnumber classes: ids past the class count raised
+    IndexError or hit the null class until session 41."""
+    from diffusion_accel.testing.tiny import build_tiny
+
+    pipe = build_tiny("dit")
+    pipe.transformer.register_to_config(num_embeds_ada_norm=4)
+    pipe.labels = {name: index // 2 for index, name in enumerate("abcdefgh")}  # 8 names of 4 classes
+    assert prompts.for_pipeline(pipe, limit=20) == [0, 1, 2, 3]

@@ -67,8 +67,21 @@ def for_pipeline(pipe: object, limit: int | None = None) -> list:
     if "prompt" in parameters:
         return load("fashion" if _is_fashion_pipeline(pipe) else "default", limit=limit)
     if "class_labels" in parameters:
-        return list(range(min(count, len(getattr(pipe, "labels", {})) or count)))
+        return list(range(min(count, _class_count(pipe) or count)))
     return [None] * count
+
+
+def _class_count(pipe: object) -> int | None:
+    """The classes the denoiser was trained on (the adapter's ``num_classes``), else the label names' count.
+    DiT splits ImageNet labels on commas ("tench, Tinca tinca"), so names outnumber classes: ids past the class
+    count raised IndexError, or hit the null (unconditional) class, until session 41."""
+    from ..arch import get_adapter
+
+    try:
+        classes = getattr(get_adapter(pipe), "num_classes", lambda: None)()
+    except (ValueError, TypeError):  # no supported denoiser (UnsupportedModelError is a ValueError)
+        classes = None
+    return classes or len(getattr(pipe, "labels", None) or {}) or None
 
 
 def _is_fashion_pipeline(pipe: object) -> bool:
