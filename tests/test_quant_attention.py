@@ -67,6 +67,24 @@ def test_joint_attention_processors_match_diffusers_at_16_bits_and_differ_at_4(f
         assert (first(coarse) - first(reference)).abs().max() > 5e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_flux_attention_takes_a_batch_by_tokens_mask_as_diffusers_does(dtype):
+    """A (batch, tokens) mask at batch 2 raised a shape error in the quantizing processor until session 41."""
+    pipe = build_tiny("flux")
+    attn = pipe.transformer.transformer_blocks[0].attn
+    torch.manual_seed(0)
+    hidden, context = torch.randn(2, 16, pipe.transformer.inner_dim), torch.randn(2, 8, pipe.transformer.inner_dim)
+    mask = torch.ones(2, 24, dtype=torch.bool) if dtype == torch.bool else torch.zeros(2, 24)
+    mask[1, 5:8] = False if dtype == torch.bool else float("-inf")
+    original = attn.processor
+    with torch.no_grad():
+        reference = attn(hidden, encoder_hidden_states=context, attention_mask=mask)
+        attn.set_processor(QuantFluxAttnProcessor("int16", 16, original))
+        quantized = attn(hidden, encoder_hidden_states=context, attention_mask=mask)
+    attn.set_processor(original)
+    torch.testing.assert_close(quantized, reference, rtol=5e-3, atol=5e-3)
+
+
 def test_softmax_grid_is_unsigned_and_fixed():
     probs = torch.tensor([0.0, 0.01, 0.5, 1.0])
     assert torch.equal(quantize_softmax(probs, 2), torch.tensor([0.0, 0.0, 2 / 3, 1.0]))

@@ -152,6 +152,8 @@ class QuantFluxAttnProcessor(QuantAttentionBase):
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        if attention_mask is not None and attention_mask.ndim == 2:  # (batch, tokens), as diffusers' native
+            attention_mask = attention_mask[:, None, None, :]  # backend reads it (batch > 1 failed until session 41)
         out = self.attend(*(t.transpose(1, 2) for t in (query, key, value)), attention_mask, attn.head_dim ** -0.5)
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
