@@ -366,9 +366,10 @@ def _call_kwargs(args: argparse.Namespace) -> dict:
 
 def _load_variants(args: argparse.Namespace) -> dict:
     """``--pipe NAME=SPEC`` (or bare SPEC) entries loaded in order, names unique."""
+    from .eval.pipes import check_call_kwargs
     from .loading import default_demo_spec, load_pipeline
 
-    _call_kwargs(args)  # a malformed --call, a missing --prompts file: errors before the first load
+    check_call_kwargs(_call_kwargs(args))  # before any load: a malformed or refused --call, a missing --prompts file
     if getattr(args, "prompts", None) is not None:
         from . import prompts
 
@@ -376,7 +377,8 @@ def _load_variants(args: argparse.Namespace) -> dict:
     entries = args.pipe or [default_demo_spec()]
     named: dict[str, str] = {}
     for entry in entries:  # every name checked before the first (minutes-long) load
-        name, _, spec = entry.partition("=") if "=" in entry else (entry, "", entry)
+        bare = "=" not in entry or Path(entry).expanduser().exists()  # a folder named lr=1e-4/ is a bare spec
+        name, _, spec = (entry, "", entry) if bare else entry.partition("=")
         if not name.strip() or not spec.strip():
             raise ValueError(f"--pipe {entry!r}: give NAME=SPEC with a non-empty name and spec, or a bare SPEC")
         if name in named:

@@ -172,6 +172,32 @@ def test_demo_runs_on_the_tiny_pipeline(tmp_path, capsys):
     assert "clip_score" not in saved["rows"][0] and any("CLIP score skipped" in note for note in saved["notes"])
 
 
+def test_a_bare_pipe_folder_with_an_equals_sign_is_a_spec_and_refused_call_keys_fail_before_loading(
+        tmp_path, monkeypatch, capsys):
+    """`--pipe runs/lr=1e-4/model` was read as NAME=SPEC (the hub id '1e-4/model'); `--call prompt=...` was refused
+    only after every pipeline had loaded (until session 41)."""
+    from diffusion_accel.testing.tiny import build_tiny
+
+    folder = tmp_path / "lr=1e-4" / "model"
+    build_tiny("sd").save_pretrained(folder)
+    assert main(["grid", "--pipe", str(folder), "--steps", "1", "--num-prompts", "1",
+                 "--out", str(tmp_path / "g.png")]) == 0, capsys.readouterr().err
+    monkeypatch.setattr("diffusion_accel.loading.load_pipeline", lambda *a, **k: pytest.fail("pipeline loaded"))
+    assert main(["eval", "--pipe", "tiny:sd", "--call", "prompt=a cat"]) == 2
+    assert "call_kwargs may not set ['prompt']" in capsys.readouterr().err
+
+
+def test_a_per_prompt_negative_prompt_list_follows_the_prompts_of_each_batch():
+    """evaluate passed the whole list to every call of one prompt (a batch-size error) until session 41."""
+    from diffusion_accel.eval.pipes import build_call_kwargs, make_jobs
+    from diffusion_accel.testing.tiny import build_tiny
+
+    jobs = make_jobs(["a cat", "a dog", "a cow"], 2, seed=0)
+    kwargs = build_call_kwargs(build_tiny("sd"), jobs[2:5], num_inference_steps=2,
+                               call_kwargs={"negative_prompt": ["blurry", "dark", "noisy"]})
+    assert kwargs["prompt"] == ["a dog", "a dog", "a cow"] and kwargs["negative_prompt"] == ["dark", "dark", "noisy"]
+
+
 def test_the_demo_names_its_base_by_its_dtype():
     """With --dtype bf16 the bf16 base was labelled "fp32" and a bf16 copy of it credited with a speed-up."""
     from diffusion_accel.demo import base_variant_name

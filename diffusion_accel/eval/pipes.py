@@ -257,8 +257,11 @@ def build_call_kwargs(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_step
     extra = check_call_kwargs(call_kwargs)
     kwargs: dict[str, Any] = {"output_type": "np", **call_defaults(pipe), **extra}
     kwargs.update(to_kwargs(pipe, [job.prompt for job in jobs]))
+    negative = extra.get("negative_prompt")
+    if isinstance(negative, (list, tuple)) and jobs and all(job.prompt_index < len(negative) for job in jobs):
+        negative = [negative[job.prompt_index] for job in jobs]  # one per prompt of the run, as calibration reads it
     if "negative_prompt" in extra and isinstance(kwargs.get("prompt"), list):  # yours, not a zoo default
-        kwargs["negative_prompt"] = per_prompt_negative(extra["negative_prompt"], len(kwargs["prompt"]))
+        kwargs["negative_prompt"] = per_prompt_negative(negative, len(kwargs["prompt"]))
     kwargs["num_inference_steps"] = num_inference_steps
     kwargs["generator"] = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
     return kwargs
