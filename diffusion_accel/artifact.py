@@ -36,7 +36,6 @@ from .base_match import (SAMPLE_FILE, config_items, dense, only_rounded, represe
 from .adapter_guard import GUARDED_ADAPTER_METHODS, PIPELINE_METHOD, install_adapter_guards
 from .artifact_files import StagedWrite
 from .artifact_tensors import TechniqueTensors
-from .hooks import check_no_cpu_offload
 from .uncompiled import runs_compiled
 from .manifest_schema import ManifestError, check_manifest
 from .paths import EMPTY_PATH_PROBLEM, empty_path
@@ -460,6 +459,8 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
     if not component:  # a bare denoiser has no pipeline to swap a copy into
         raise ArtifactError("load() needs a pipeline (with a 'unet' or 'transformer'), not a bare denoiser")
     _check_superseded(manifest, directory)
+    from .hooks import check_no_cpu_offload  # imported here: diffusers.hooks pulls peft (`--help` stays light)
+
     check_no_cpu_offload(original, "load")  # before the copy: it would copy the models the offload chain holds
     attribute = getattr(base_pipe, component)  # the denoiser, or a torch.compile wrapper around it
     compiled = runs_compiled(base_pipe)

@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hooks import check_no_cpu_offload
 from .base import DenoiserAdapter
 
 _ADAPTERS: dict[str, type[DenoiserAdapter]] = {}
@@ -141,6 +140,8 @@ def check_not_offloaded(denoiser: nn.Module, technique: str) -> None:
     group offloading moves the modules it hooked (layers swapped in afterwards would stay on the
     offload device, and with CUDA streams it onloads from copies taken when it was enabled, undoing
     in-place changes); sequential CPU offload (accelerate) leaves the weights on the meta device."""
+    from ..hooks import check_no_cpu_offload  # imported here: diffusers.hooks pulls peft (`--help` stays light)
+
     check_no_cpu_offload(denoiser, technique)
     found = _first_diffusers_hook(denoiser, GROUP_OFFLOADING_HOOK)
     if found is not None:
