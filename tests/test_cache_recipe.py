@@ -81,3 +81,23 @@ def test_a_router_table_is_checked_before_any_pipeline_loads(table, message):
     with pytest.raises(ValueError, match=message):
         check_table(table)
     check_table({"method": "router", "budget": 0.3, "epochs": 5})
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"method": "calibrated", "search": "gready"}, "search must be one of"),
+    ({"method": "calibrated", "max_passes": -1}, "max_passes"),
+    ({"method": "calibrated", "max_candidates": 0}, "max_candidates"),
+    ({"method": "calibrated", "forecast": 3}, "forecast"),
+    ({"method": "calibrated", "forecast_target": "velocity"}, "forecast_target"),
+    ({"method": "calibrated", "resample": "yes"}, "resample must be True or False"),
+    ({"method": "calibrated", "search_blocks": "yes"}, "search_blocks must be True or False"),
+    ({"method": "calibrated", "branch": -1}, "branch"),
+])
+def test_a_calibrated_table_is_checked_before_any_pipeline_loads(table, message):
+    """Only its budget was checked: `search = "gready"` failed after the model loaded and the chain ran (until
+    session 41)."""
+    from diffusion_accel.cache.recipe import check_table
+
+    with pytest.raises(ValueError, match=message):
+        check_table(table)
+    check_table({"method": "calibrated", "budget": 0.3, "search": "greedy", "forecast": 1, "search_blocks": True})

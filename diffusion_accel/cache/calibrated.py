@@ -89,10 +89,9 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
     budget, num_inference_steps, branch, seed, max_candidates, max_passes, forecast, batch_size = (
         plain_number(value) for value in (budget, num_inference_steps, branch, seed, max_candidates, max_passes,
                                           forecast, batch_size))  # numpy sweeps pass these
-    _check_search(search, max_candidates, max_passes)
-    for name, flag in (("search_blocks", search_blocks), ("reuse_prefix", reuse_prefix)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    check_search_settings(budget, branch=branch, search=search, max_candidates=max_candidates, max_passes=max_passes,
+                          resample=resample, forecast=forecast, forecast_target=forecast_target,
+                          search_blocks=search_blocks, reuse_prefix=reuse_prefix)
     if get_session(find_denoiser(pipe)[1]) is not None:
         raise ValueError("calibrate_schedule needs a pipeline without a cache; call remove_cache first")
     num_steps = denoiser_steps(pipe, num_inference_steps, call_kwargs.get("timesteps"),  # Heun: 2N - 1 calls
@@ -174,6 +173,19 @@ def _steps_at(ran: list[int], positions: set[int]) -> set[int]:
     """Schedule steps of search ``positions`` (indices into ``ran``), with step 0 (the config requires it;
     a call starting later never reaches it)."""
     return {0} | {ran[position] for position in positions}
+
+
+def check_search_settings(budget: Any = 0.4, *, branch: Any = 0, search: Any = "refine", max_candidates: Any = None,
+                          max_passes: Any = 3, resample: Any = True, forecast: Any = 0, forecast_target: Any = "residual",
+                          search_blocks: Any = False, reuse_prefix: Any = True) -> None:
+    """ValueError naming the first bad :func:`calibrate_schedule` setting, before anything runs (also a recipe's
+    ``[cache]`` table, whose values were checked only after the model loaded and the chain ran until session 41)."""
+    _check_search(search, max_candidates, max_passes)
+    for name, flag in (("search_blocks", search_blocks), ("reuse_prefix", reuse_prefix)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    CalibratedCacheConfig((0,), 1, budget=budget, branch=branch, resample=resample, forecast=forecast,
+                          forecast_target=forecast_target)
 
 
 def _check_search(search: Any, max_candidates: Any, max_passes: Any) -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from .calibrated import calibrate_schedule
-from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, DeltaCacheConfig,
+from .calibrated import calibrate_schedule, check_search_settings
+from .configs import (BlockCacheConfig, DeepCacheConfig, DeltaCacheConfig,
                       EncoderPropagationConfig, FirstBlockCacheConfig, RouterCacheConfig, TeaCacheConfig)
 from .router_learn import check_learning_settings, learn_router
 from .teacache_fit import fit_teacache_coefficients
@@ -54,8 +54,7 @@ def check_table(table: dict[str, Any]) -> None:
     its method, its keys, and (for methods needing no calibration) its values."""
     method, options = _method_and_options(table)
     if method == "calibrated":
-        if "budget" in options:  # the config checks it; any schedule will do for that
-            CalibratedCacheConfig((0,), 1, budget=options["budget"])
+        check_search_settings(**options)
         return
     if method == "router":
         check_learning_settings(**{key: value for key, value in options.items() if key != "resample"})
