@@ -101,3 +101,12 @@ def test_a_calibrated_table_is_checked_before_any_pipeline_loads(table, message)
     with pytest.raises(ValueError, match=message):
         check_table(table)
     check_table({"method": "calibrated", "budget": 0.3, "search": "greedy", "forecast": 1, "search_blocks": True})
+
+
+def test_cache_calibration_refuses_several_images_per_prompt_with_its_own_message():
+    """It named calibrate's num_images_per_prompt argument, which calibrate_schedule lacks (until session 41)."""
+    from diffusion_accel.cache import calibrate_schedule
+    from diffusion_accel.testing.tiny import build_tiny
+
+    with pytest.raises(ValueError, match="cache calibration runs one image per prompt"):
+        calibrate_schedule(build_tiny("sd"), ["a cat"], num_inference_steps=4, num_images_per_prompt=2)

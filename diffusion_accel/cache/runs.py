@@ -22,6 +22,10 @@ def planned_calls(pipe: Any, prompts: Any, num_inference_steps: int, seed: int =
     """The calibration calls (``batch_size`` prompts / classes / samples per call) with their seeds; pass the
     sampling settings the pipeline will run with (``height``/``width``, Flux's ``true_cfg_scale`` with
     ``negative_prompt``), since pipeline defaults may differ (Flux defaults to 1024×1024)."""
+    if "num_images_per_prompt" in call_kwargs:  # calibrate's own message named an argument these callers lack
+        raise ValueError(f"num_images_per_prompt={call_kwargs['num_images_per_prompt']!r}: cache calibration runs one "
+                         f"image per prompt (a schedule fits any batch); give more prompts, or batch_size for "
+                         f"several prompts per call")
     prompts, num_samples = placeholder_prompts(prompts, num_samples)  # [None] * N, as prompts.for_pipeline gives
     items = calibration_items(pipe, prompts, num_samples)
     return plan_calls(pipe, items, num_inference_steps=num_inference_steps, batch_size=batch_size,
