@@ -13,11 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from ..arch import get_adapter
 from ..arch.base import CachePoint
-from .schedules import nearest_free
+from .schedules import interpolated_positions, nearest_free
 from .stack import stack_blocks
 from .unet_branch import skip_branches
 
@@ -93,14 +91,9 @@ def resampled_partials(partial_steps: Sequence[tuple[int, int]], source_steps: i
     ordered = sorted(partial_steps)
     if target_steps == source_steps or not ordered:
         return ordered
-    fractions = [step / max(source_steps - 1, 1) for step, _ in ordered]
     wanted = min(target_steps - 1, round(len(ordered) * target_steps / source_steps))
-    pairs = []
-    for i in range(wanted):
-        index = i * (len(ordered) - 1) / max(wanted - 1, 1)
-        fraction = float(np.interp(index, range(len(ordered)), fractions))
-        pairs.append((round(fraction * (target_steps - 1)), ordered[round(index)][1]))
-    return pairs
+    return [(position, ordered[round(index)][1]) for index, position
+            in interpolated_positions([step for step, _ in ordered], source_steps, target_steps, wanted)]
 
 
 def nearest_noise_level(free: Sequence[int], levels: Sequence[float], wanted: float, step: int) -> int:

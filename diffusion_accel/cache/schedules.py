@@ -56,13 +56,23 @@ def resample_full_steps(full_steps: tuple[int, ...], source_steps: int, target_s
     """
     if target_steps == source_steps:
         return sorted(full_steps)
-    fractions = [s / max(source_steps - 1, 1) for s in sorted(full_steps)]
-    wanted = min(target_steps, max(1, round(len(fractions) * target_steps / source_steps)))
+    wanted = min(target_steps, max(1, round(len(full_steps) * target_steps / source_steps)))
     chosen: set[int] = set()
-    for i in range(wanted):
-        position = float(np.interp(i * (len(fractions) - 1) / max(wanted - 1, 1), range(len(fractions)), fractions))
-        chosen.add(nearest_free(round(position * (target_steps - 1)), chosen, target_steps))
+    for _, position in interpolated_positions(sorted(full_steps), source_steps, target_steps, wanted):
+        chosen.add(nearest_free(position, chosen, target_steps))
     return sorted(chosen)
+
+
+def interpolated_positions(steps: list[int], source_steps: int, target_steps: int,
+                           wanted: int) -> list[tuple[float, int]]:
+    """``wanted`` (index into ``steps``, position in a ``target_steps`` trajectory) pairs, evenly spaced along the
+    sorted ``steps`` of a ``source_steps`` one read as fractions of it (dense regions stay dense)."""
+    fractions = [step / max(source_steps - 1, 1) for step in steps]
+    pairs = []
+    for i in range(wanted):
+        index = i * (len(steps) - 1) / max(wanted - 1, 1)
+        pairs.append((index, round(float(np.interp(index, range(len(steps)), fractions)) * (target_steps - 1))))
+    return pairs
 
 
 def nearest_free(step: int, taken: set[int], num_steps: int) -> int:
