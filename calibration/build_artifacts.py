@@ -82,11 +82,16 @@ def build_one(recipe: Path, out: Path, args: argparse.Namespace) -> dict[str, An
 
 
 def _settings_argv(argv: list[str]) -> list[str]:
-    """A calibrate command line without its ``--out`` (what decides the artifact's content), the recipe as an
-    absolute path (the same recipe given as pipelines/x.toml and as ROOT/pipelines/x.toml was refused)."""
+    """A calibrate command line without its ``--out`` (what decides the artifact's content)."""
     index = argv.index("--out")
-    argv = argv[:index] + argv[index + 2:]
-    if "--recipe" in argv:
+    return _absolute_recipe(argv[:index] + argv[index + 2:])
+
+
+def _absolute_recipe(argv: list[str]) -> list[str]:
+    """``argv`` with its recipe as an absolute path (the same recipe given as pipelines/x.toml and as
+    ROOT/pipelines/x.toml was refused as other settings until session 41)."""
+    argv = list(argv)
+    if "--recipe" in argv[:-1]:
         at = argv.index("--recipe") + 1
         argv[at] = str(Path(argv[at]).resolve())
     return argv
@@ -122,7 +127,7 @@ def kept_artifact_problem(recipe: Path, out: Path, args: argparse.Namespace) -> 
     if built.is_file():
         record = json.loads(built.read_text(encoding="utf-8"))
         found = record.get("calibrate_argv")
-        found = _settings_argv(found + ["--out", ""]) if isinstance(found, list) else found  # older records
+        found = _absolute_recipe(found) if isinstance(found, list) else found  # records before session 41
         problem = None if found == wanted else f"it was built by `diffusion-accel {' '.join(found or [])}`"
         if problem is None and record.get("recipe_sha256", recipe_digest(recipe)) != recipe_digest(recipe):
             problem = f"{recipe} was edited since it was built"  # the path alone matched (until session 41)
