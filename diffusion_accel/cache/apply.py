@@ -223,7 +223,7 @@ def enable_cache(pipe: Any, config: Any) -> Any:
     handler = _handler_for(config)
     component, denoiser = find_denoiser(pipe)
     _refuse_diffusers_cache(component, denoiser)
-    check_no_cpu_offload(denoiser, "enable_cache")
+    check_no_cpu_offload(denoiser, "enable_cache")  # before the fingerprint (meta weights under sequential offload)
     method, policy, install = handler(pipe, config)
     previous = get_session(denoiser)
     had_registry = "_diffusers_hook" in vars(denoiser)

@@ -237,9 +237,10 @@ class CacheSession:
         _invalidate_registry_cache(self.denoiser)
 
 
-class DropStateAfterLastStep:
-    """Forward hook on the denoiser, registered after the method's own: once a context's last step of the
-    schedule has run, its cached features are dropped. UNet caches kept them (fashion-sd DeepCache with a
+class AfterEachCall:
+    """Forward hook on the denoiser, registered after the method's own, ending each denoiser call: it logs a
+    head policy's call that made no decision (``CacheSession.log_undecided_call``) and, once a context's last
+    step of the schedule has run, drops its cached features. UNet caches kept them (fashion-sd DeepCache with a
     forecast: 2.9 MiB; SD 1.5 at 512 px ~21 MB, encoder propagation ~54 MB) on the device after the call
     returned, until the next call. A torch hook runs after every diffusers hook's post-forward, so the
     cache's own hooks (and the prior-noise injection, also a torch hook, registered earlier) still saw
@@ -256,8 +257,8 @@ class DropStateAfterLastStep:
 
 
 def finish_session(session: CacheSession) -> None:
-    """Last step of installing a cache: free its per-context state when a context's last step has run."""
-    session.handles.append(session.denoiser.register_forward_hook(DropStateAfterLastStep(session)))
+    """Last step of installing a cache: the hook ending each denoiser call (``AfterEachCall``)."""
+    session.handles.append(session.denoiser.register_forward_hook(AfterEachCall(session)))
 
 
 def start_session(pipe: Any, denoiser: nn.Module, config: Any, method: str, policy: Any) -> CacheSession:
@@ -299,7 +300,7 @@ def _reset_when_calls_end(denoiser: nn.Module) -> None:
     """Every diffusers pipeline calls its components' ``_reset_stateful_cache`` when a call ends
     (``maybe_free_model_hooks``), a call stopped early by ``denoising_end`` (SDXL base + refiner) or an interrupt
     included. Transformers have it (``CacheMixin``) and their tracker resets there; UNets do not, and their
-    cached features stayed on the device after such calls until the next one (``DropStateAfterLastStep`` only
+    cached features stayed on the device after such calls until the next one (``AfterEachCall`` only
     frees them after the schedule's last step). While the cache is on, an instance-bound one does the same."""
     if not hasattr(type(denoiser), DIFFUSERS_RESET) and DIFFUSERS_RESET not in vars(denoiser):
         object.__setattr__(denoiser, DIFFUSERS_RESET, GuardedMethod(_reset_stateful_hooks, denoiser))
