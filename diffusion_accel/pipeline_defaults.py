@@ -11,6 +11,8 @@ beneath the caller's explicit arguments. Calling the pipeline yourself, pass the
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -103,19 +105,74 @@ def check_guidance_scale_is_read(pipe: Any, owner: str) -> None:
 
 
 def _check_value_types(pipe: Any, params: Any, values: dict[str, Any], owner: str) -> None:
-    """CallArgumentError for a value whose type contradicts the parameter's number or bool default
-    (``--call guidance_scale=abc`` ended in a TypeError traceback deep inside diffusers)."""
+    """CallArgumentError for a value whose type contradicts the parameter's number or bool default, or, for a
+    JSON-like value (what ``--call`` gives), its annotation (``--call guidance_scale=abc``, ``clip_skip=x`` or
+    ``negative_prompt=2024`` ended in a TypeError traceback deep inside diffusers)."""
+    hints = _call_type_hints(pipe)
     for name, value in values.items():
         default = params[name].default if name in params else None
         if isinstance(default, bool):
             wanted, fits = "true or false", isinstance(value, bool)
         elif isinstance(default, (int, float)):
             wanted, fits = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif name in hints and _json_like(value):
+            wanted, fits = _describe_type(hints[name]), _type_fits(hints[name], value) is not False
         else:
             continue
         if not fits and value is not None:
             raise CallArgumentError(f"{type(pipe).__name__}.__call__ argument {name}={value!r} (from {owner}) must "
-                                    f"be {wanted} (its default is {default!r})")
+                                    f"be {wanted}" + ("" if default is None else f" (its default is {default!r})"))
+
+
+def _call_type_hints(pipe: Any) -> dict[str, Any]:
+    """``__call__``'s resolved annotations; {} where they do not resolve (a forward reference to a missing name)."""
+    try:
+        return typing.get_type_hints(type(pipe).__call__)
+    except Exception:
+        return {}
+
+
+def _json_like(value: Any) -> bool:
+    """A value ``--call`` can produce: a JSON scalar, or a list / dict of them."""
+    if isinstance(value, (list, dict)):
+        return all(_json_like(item) for item in (value.values() if isinstance(value, dict) else value))
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+_SIMPLE_TYPES = {str: "a string", int: "an int", float: "a number", bool: "true or false", type(None): "null"}
+
+
+def _type_fits(annotation: Any, value: Any) -> bool | None:
+    """Whether a JSON-like ``value`` has the annotated type: True, False, or None where the annotation is one this
+    check does not judge (tensors, images, callables)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_type_fits(member, value) for member in args]
+        return True if True in verdicts else (None if None in verdicts else False)
+    if annotation is typing.Any:
+        return True
+    if annotation in (int, float):
+        numbers = int if annotation is int else (int, float)
+        return isinstance(value, numbers) and not isinstance(value, bool)
+    if annotation in _SIMPLE_TYPES:
+        return isinstance(value, annotation)
+    if (origin or annotation) in (list, dict):
+        if not isinstance(value, origin or annotation):
+            return False
+        items = value.values() if isinstance(value, dict) else value
+        verdicts = [_type_fits(args[-1], item) for item in items] if args else []
+        return False if False in verdicts else True
+    return None
+
+
+def _describe_type(annotation: Any) -> str:
+    """An annotation in words: ``str | list[str] | None`` -> 'a string, a list of a string or null'."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        parts = [_describe_type(member) for member in typing.get_args(annotation)]
+        return ", ".join(parts[:-1]) + " or " + parts[-1]
+    if typing.get_origin(annotation) is list and typing.get_args(annotation):
+        return f"a list of {_describe_type(typing.get_args(annotation)[0]).removeprefix('a ').removeprefix('an ')}s"
+    return _SIMPLE_TYPES.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 IMAGE_ARGUMENTS = ("image", "mask_image", "control_image")  # inputs image-conditioned pipelines need

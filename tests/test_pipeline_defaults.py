@@ -3,6 +3,8 @@ library calls it: calibration plans and evaluation calls, recorded in the evalua
 
 import copy
 
+import torch
+
 import diffusion_accel as da
 from diffusion_accel.calib.inputs import plan_calls
 from diffusion_accel.pipeline_defaults import call_defaults, set_call_defaults
@@ -106,3 +108,23 @@ def test_a_call_argument_of_the_wrong_type_is_named_before_any_call():
                         call_kwargs={"guidance_rescale": value}, progress=False)
     with pytest.raises(CallArgumentError, match=r"eta='0.5' \(from calibrate\) must be a number"):
         da.calibrate(pipe, ["a cat"], num_inference_steps=2, eta="0.5", progress=False)
+
+
+def test_a_call_argument_contradicting_its_annotation_is_named_before_any_call():
+    """Parameters defaulting to None are judged by their annotation: ``--call negative_prompt=2024`` and
+    ``clip_skip=x`` ended in diffusers' TypeError traceback; values it does not judge (dicts of Any, tensors)
+    and right ones pass."""
+    import pytest
+
+    from diffusion_accel.pipeline_defaults import CallArgumentError, check_call_arguments
+
+    pipe = build_tiny("sd")
+    for name, value, wanted in (("negative_prompt", 2024, "a string, a list of strings or null"),
+                                ("negative_prompt", ["blurry", 3], "a string, a list of strings or null"),
+                                ("clip_skip", "x", "an int or null"), ("clip_skip", True, "an int or null")):
+        with pytest.raises(CallArgumentError, match=rf"{name}={value!r} \(from evaluate\) must be {wanted}$".replace("[", r"\[")):
+            check_call_arguments(pipe, {name: value}, "evaluate")
+    check_call_arguments(pipe, {"negative_prompt": ["blurry"], "clip_skip": 1, "timesteps": [999, 500],
+                                "cross_attention_kwargs": {"scale": 0.5}, "latents": torch.zeros(1)}, "evaluate")
+    with pytest.raises(CallArgumentError, match=r"clip_skip='x' \(from calibrate\)"):
+        da.calibrate(pipe, ["a cat"], num_inference_steps=2, clip_skip="x", progress=False)
