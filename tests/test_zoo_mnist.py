@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import os
 import pickle
@@ -204,6 +205,22 @@ def test_a_resumed_run_may_freeze_the_text_tower_and_keeps_its_warm_start_source
     assert unset.init_from == "zoo"
     with pytest.raises(ValueError, match=r"other settings \(init_from 'zoo' -> "):
         C.apply_checkpoint_settings(C.RunConfig(run_dir=tmp_path, steps=8, stage="fashion-sd", init_from=tmp_path))
+
+
+def test_a_resumed_run_may_restate_its_stages_defaults(tmp_path, monkeypatch):
+    """`zoo train fashion-sd --batch-size 128` on a run started without it (128 is the stage's default) was
+    refused as a change of batch size (None -> 128); another value still is, named by the default it changes."""
+    from diffusion_accel.zoo import sd_train, train
+
+    C.save_checkpoint(tmp_path / "checkpoint.pt", {"settings": C.RunConfig(
+        run_dir=tmp_path, steps=4, stage="fashion-sd").settings()})
+    monkeypatch.setattr(sd_train, "train", lambda cfg, name: cfg)
+    parser = train.add_train_arguments(argparse.ArgumentParser())
+    restated = train.run(parser.parse_args(["fashion-sd", "--out", str(tmp_path), "--batch-size", "128",
+                                            "--lr", "3e-4"]))
+    assert (restated.batch_size, restated.lr) == (128, 3e-4)
+    with pytest.raises(ValueError, match=r"other settings \(batch_size 128 -> 64\)"):
+        train.run(parser.parse_args(["fashion-sd", "--out", str(tmp_path), "--batch-size", "64"]))
 
 
 def test_the_time_budget_counts_the_whole_run(tmp_path):

@@ -162,6 +162,7 @@ class RunConfig:
     lr: float | None = None
     arch: str | None = None  # fashion-flux: a flux_train.ARCHS name
     stage: str = ""  # the zoo stage training in run_dir (recorded in its checkpoint)
+    defaults: dict = field(default_factory=dict)  # the stage's values of options left unset (batch_size, lr)
     resumed: dict = field(default_factory=dict)  # set by resume: what run_loop restores (RNG, elapsed time)
 
     def settings(self) -> dict:
@@ -291,17 +292,22 @@ def _check_same_settings(cfg: Any, saved: dict) -> None:
                          f"give this stage its own --out")
     changed = {}
     for key, value in saved.items():
-        if key == "stage" or key not in current or value == current[key]:
-            continue
+        if key == "stage" or key not in current or _effective(cfg, key, value) == _effective(cfg, key, current[key]):
+            continue  # a value given on one command and left to the stage's default on the other is no change
         if current[key] in (None, False):
             setattr(cfg, key, value)
         elif key not in CHANGEABLE_ON_RESUME:
-            changed[key] = (value, current[key])
+            changed[key] = (_effective(cfg, key, value), current[key])
     if not changed:
         return
     listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
     raise ValueError(f"resuming {cfg.run_dir} with other settings ({listed}): a resumed run keeps the settings it "
                      f"started with; repeat them, or start over with --no-resume")
+
+
+def _effective(cfg: Any, key: str, value: Any) -> Any:
+    """``value`` of the option ``key``, or the stage's default where it was left unset (None)."""
+    return getattr(cfg, "defaults", {}).get(key) if value is None else value
 
 
 def global_rng_state() -> dict:

@@ -24,7 +24,7 @@ DEFAULT_STEPS = 3000
 DEFAULT_BATCH = 64
 ADV_WEIGHT = 0.2
 ADV_START = 200
-LR = 2e-4
+DEFAULT_LR = 2e-4
 
 
 def default_steps(name: str) -> int:
@@ -112,7 +112,7 @@ def train(cfg: C.RunConfig, name: str) -> Path:
     source, source_label = vae_source(cfg, _check(name))
     vae = AutoencoderKL.from_pretrained(source).float().to(device)
     disc = build_discriminator().to(device)
-    peak_lr = cfg.lr or LR
+    peak_lr = cfg.lr or DEFAULT_LR
     opt_g = torch.optim.AdamW(decoder_parameters(vae), lr=peak_lr, weight_decay=0.0, betas=(0.5, 0.9))
     opt_d = torch.optim.AdamW(disc.parameters(), lr=peak_lr, weight_decay=0.0, betas=(0.5, 0.9))
     images, _ = C.load_data(cfg, "train")

@@ -19,6 +19,7 @@ from .tokenizer import T5_MAX_LENGTH, build_t5_tokenizer
 
 DEFAULT_STEPS = 3000
 DEFAULT_BATCH = 128
+DEFAULT_LR = 3e-4
 CAPTION_DROPOUT = 0.1
 EMA_DECAY = 0.999
 
@@ -181,7 +182,7 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
     fresh = source is None or arch_chosen  # --arch with --init-from: only the frozen parts come from the source
     model, t5 = trainable(source, ids["pooled"].shape[1], len(parts["t5_tok"]), arch if fresh else None)
     arch = arch_of(model)  # a warm start trains the source's architecture
-    model, t5, peak_lr = model.to(device), t5.to(device), cfg.lr or 3e-4
+    model, t5, peak_lr = model.to(device), t5.to(device), cfg.lr or DEFAULT_LR
     trained = torch.nn.ModuleList([model, t5])  # trained jointly: one optimiser, one EMA
     ema = copy.deepcopy(trained).requires_grad_(False)
     opt = torch.optim.AdamW(trained.parameters(), lr=peak_lr, weight_decay=0.01)

@@ -19,6 +19,7 @@ from .data import to_rgb32
 
 DEFAULT_STEPS = 3000
 DEFAULT_BATCH = 128
+DEFAULT_LR = 3e-4
 CAPTION_DROPOUT = 0.1
 EMA_DECAY = 0.999
 MIN_SNR_GAMMA = 5.0
@@ -143,7 +144,7 @@ def train(cfg: C.RunConfig, name: str = "fashion-sd") -> Path:
     texts = encode_captions(text_encoder, tok, all_captions() + [""])
     unet = (UNet2DConditionModel.from_pretrained(source / "unet").float() if source is not None
             else build_unet(text_encoder.config.hidden_size)).to(device)
-    peak_lr = cfg.lr or 3e-4
+    peak_lr = cfg.lr or DEFAULT_LR
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=peak_lr, weight_decay=0.01)
     sched = DDPMScheduler(**SCHEDULE)

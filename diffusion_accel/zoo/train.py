@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> Path:
                       seed=args.seed, time_budget_min=args.time_budget_min, resume=args.resume,
                       batch_size=args.batch_size, data_root=args.data,
                       freeze_text=args.freeze_text, init_from=args.init_from, lr=args.lr,
-                      arch=getattr(args, "arch", None), stage=args.name)
+                      arch=getattr(args, "arch", None), stage=args.name,
+                      defaults={"batch_size": module.DEFAULT_BATCH, "lr": getattr(module, "DEFAULT_LR", None)})
     C.apply_checkpoint_settings(cfg)  # resuming: unset options continue the run's, others must match
     folder = module.train(cfg, args.name)
     if args.ship:
