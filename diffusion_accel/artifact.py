@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .arch.registry import adapter_wrapped_layers, find_denoiser
-from .base_match import (SAMPLE_FILE, config_items, dense, only_rounded, representable_in, rounded_to, samples_match,
+from .base_match import (SAMPLE_FILE, base_state_dict, config_items, dense, only_rounded, representable_in, rounded_to, samples_match,
                          structure_fingerprint, weight_sample)
 from .adapter_guard import GUARDED_ADAPTER_METHODS, PIPELINE_METHOD, install_adapter_guards
 from .artifact_files import StagedWrite
@@ -110,7 +110,7 @@ def fingerprint(denoiser: torch.nn.Module) -> str:
     config = config_items(denoiser)
     if config is not None:
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in denoiser.state_dict().items():
+    for name, tensor in base_state_dict(denoiser).items():  # an unmerged LoRA is not the base
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())
         digest.update(_sampled_bytes(tensor))
     return digest.hexdigest()
@@ -349,7 +349,7 @@ def _check_weights_unchanged(pipe: Any) -> None:
     """ArtifactError when the denoiser's weights changed after the last technique was applied (``fuse_lora``,
     ``load_state_dict``, an optimizer step): the exports taken then would be saved, and ``load`` would
     rebuild the old weights (a LoRA fused into a pruned UNet vanished silently). Layers an unmerged adapter
-    wraps are renamed, not compared: ``save`` warns about those."""
+    wraps are compared by their base weights; the adapters themselves are not (``save`` warns about those)."""
     _, denoiser = find_denoiser(pipe)
     applied_sample = getattr(denoiser, _APPLIED_SAMPLE_ATTR, None)
     if applied_sample is None or not techniques_on(denoiser):

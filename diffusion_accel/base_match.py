@@ -32,11 +32,23 @@ def config_items(module: torch.nn.Module) -> dict[str, Any] | None:
     return {key: value for key, value in values.items() if not key.startswith("_") and key not in LIBRARY_KEYS}
 
 
+_PEFT_ADAPTER_MARK = ".lora_"  # peft's adapter tensors: "<layer>.lora_A.<adapter>.weight", ".lora_magnitude_vector..."
+_PEFT_WRAPPED_MARK = ".base_layer."  # the layer a peft wrapper holds: "<layer>.base_layer.weight"
+
+
+def base_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``denoiser.state_dict()`` as its base model has it: unmerged peft adapters (a LoRA loaded with
+    ``load_lora_weights``) left out, the layers they wrap under their own names, so an artifact names the base
+    without the LoRA (one saved beside an unmerged LoRA was refused on the plain base the save told to use)."""
+    return {name.replace(_PEFT_WRAPPED_MARK, "."): tensor for name, tensor in denoiser.state_dict().items()
+            if _PEFT_ADAPTER_MARK not in name}
+
+
 def structure_fingerprint(denoiser: torch.nn.Module) -> str:
     """SHA-256 of class, config and tensor names and shapes: the architecture, not the weights."""
     digest = hashlib.sha256(type(denoiser).__name__.encode())
     digest.update(json.dumps(config_items(denoiser), sort_keys=True, default=str).encode())
-    for name, tensor in denoiser.state_dict().items():
+    for name, tensor in base_state_dict(denoiser).items():
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())
     return digest.hexdigest()
 
@@ -54,9 +66,9 @@ def dense(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def weight_sample(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Up to 16 evenly spaced values of every state-dict tensor, in its own dtype, on the CPU."""
+    """Up to 16 evenly spaced values of every base state-dict tensor, in its own dtype, on the CPU."""
     sample = {}
-    for name, tensor in denoiser.state_dict().items():
+    for name, tensor in base_state_dict(denoiser).items():
         flat = dense(tensor).reshape(-1)
         last = max(flat.numel() - 1, 0)
         positions = torch.linspace(0, last, min(_VALUES_PER_TENSOR, flat.numel()))

@@ -82,3 +82,19 @@ def test_save_refuses_weights_changed_after_the_techniques_by_a_fused_lora(tmp_p
     with pytest.raises(ArtifactError, match="changed after \\['prune'\\] were applied"):
         da.save(pipe, tmp_path / "art")
     assert not (tmp_path / "art" / "manifest.json").exists()
+
+
+def test_an_artifact_saved_beside_an_unmerged_lora_names_the_plain_base(tmp_path):
+    """The save warning says to load the adapters again after load(), but the artifact's fingerprint held the
+    LoRA's tensors: the plain base was refused as "a different base model", also after unload_lora_weights."""
+    pipe = da.enable_cache(_with_lora(), da.DeepCacheConfig(interval=2))
+    with_adapters = _images(pipe)
+    with pytest.warns(UserWarning, match="load the adapters again"):
+        da.save(pipe, tmp_path / "art")
+    loaded = da.load(build_tiny("sd"), tmp_path / "art")
+    torch.manual_seed(0)  # the same LoRA as _with_lora's
+    loaded.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=TARGETS))
+    assert torch.equal(_images(loaded), with_adapters)
+    pipe.unload_lora_weights()  # the base's own weights again: saved, it loads onto the plain base too
+    da.save(pipe, tmp_path / "unloaded")
+    assert torch.equal(_images(da.load(build_tiny("sd"), tmp_path / "unloaded")), _images(pipe))
