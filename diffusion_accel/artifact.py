@@ -459,9 +459,7 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
     if not component:  # a bare denoiser has no pipeline to swap a copy into
         raise ArtifactError("load() needs a pipeline (with a 'unet' or 'transformer'), not a bare denoiser")
     _check_superseded(manifest, directory)
-    from .hooks import check_no_cpu_offload  # imported here: diffusers.hooks pulls peft (`--help` stays light)
-
-    check_no_cpu_offload(original, "load")  # before the copy: it would copy the models the offload chain holds
+    _check_loadable_base(original, component, manifest)  # before the copy, which would copy the hooks' state
     attribute = getattr(base_pipe, component)  # the denoiser, or a torch.compile wrapper around it
     compiled = runs_compiled(base_pipe)
     with marks_restored_on_error(base_pipe):  # the pipeline's guards an earlier technique of the manifest installed
@@ -479,6 +477,30 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
                       f"not compiled; compile it again (pipe.{component} = torch.compile(pipe.{component}), or "
                       f"diffusion_accel.eval.compile_denoiser(pipe))", stacklevel=2)
     return base_pipe
+
+
+def _check_loadable_base(denoiser: torch.nn.Module, component: str, manifest: dict[str, Any]) -> None:
+    """Refuse a base whose diffusers / accelerate hooks a copy cannot take, naming them and the fix: layerwise
+    casting's copy ran the original's closures (every later call failed on float8 weights), group offloading's
+    copy was a raw "cannot pickle 'module' object", diffusers' own cache was called a damaged artifact; and, for
+    techniques that change weights, unmerged adapters and pre-quantized weights, as quantize_ / prune_ do."""
+    from .arch.registry import check_no_layerwise_casting, check_not_offloaded, check_not_prequantized
+
+    check_not_offloaded(denoiser, "load")
+    check_no_layerwise_casting(denoiser, "load")
+    if getattr(denoiser, "is_cache_enabled", False):  # diffusers' own (CacheMixin.enable_cache)
+        raise ArtifactError(f"load() needs a base without diffusers' own cache ({type(denoiser._cache_config).__name__} "
+                            f"is enabled on pipe.{component}): call pipe.{component}.disable_cache(), load, then "
+                            f"enable it again")
+    changing = [entry["name"] for entry in manifest["techniques"] if entry["name"] != "cache"]  # of the weights
+    wrapped = adapter_wrapped_layers(denoiser)
+    if changing and wrapped:
+        raise ArtifactError(f"load() cannot apply {changing} to layers that unmerged adapters (LoRA, via peft) wrap: "
+                            f"{len(wrapped)} in pipe.{component}, e.g. {wrapped[0]!r}; load onto the base without "
+                            f"them (pipe.unload_lora_weights()). To run a LoRA with {changing}, fuse it into the "
+                            f"base (fuse_lora, unload_lora_weights) before applying them, and save that")
+    if changing:
+        check_not_prequantized(denoiser, "load")
 
 
 def _keep_base_identity(loaded: torch.nn.Module, original: torch.nn.Module, manifest: dict[str, Any]) -> None:

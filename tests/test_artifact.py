@@ -868,3 +868,46 @@ def test_a_save_interrupted_over_an_artifact_never_leaves_a_mixed_one(tmp_path, 
         loaded = artifact.load(build_tiny("sd"), tmp_path)
     assert loaded.unet._test_scale in (2.0, 3.0)
     assert torch.equal(_images(loaded), _images(old if loaded.unet._test_scale == 2.0 else new))
+
+
+def test_load_refuses_bases_whose_hooks_a_copy_cannot_take_before_changing_anything(tmp_path):
+    """A layerwise-cast base loaded any artifact and then failed at every call (the copy ran the original's
+    float8 closures), group offloading ended in "cannot pickle 'module' object", diffusers' own cache was
+    called a damaged artifact, and an unmerged LoRA a different base model."""
+    import diffusion_accel as da
+    from diffusers import FirstBlockCacheConfig
+    from peft import LoraConfig
+
+    cached, pruned = tmp_path / "cached", tmp_path / "pruned"
+    da.save(da.enable_cache(build_tiny("sd"), da.DeepCacheConfig(interval=2)), cached)
+    da.save(da.prune_(build_tiny("sd"), da.PruneConfig(method="magnitude", sparsity=0.5)), pruned)
+    flux_pruned = tmp_path / "flux"
+    da.save(da.prune_(build_tiny("flux"), da.PruneConfig(method="magnitude", sparsity=0.5)), flux_pruned)
+
+    def layerwise(pipe):
+        pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+
+    def group_offload(pipe):
+        pipe.unet.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                       offload_type="block_level", num_blocks_per_group=1)
+
+    def lora(pipe):
+        pipe.unet.add_adapter(LoraConfig(r=4, target_modules=["to_q"], init_lora_weights=False))
+
+    cases = [("sd", layerwise, cached, "layerwise casting stores in torch.float8_e4m3fn.*enable_layerwise_casting"),
+             ("sd", group_offload, cached, "group offloading.*enable_group_offload afterwards"),
+             ("sd", lora, pruned, r"cannot apply \['prune'\] to layers that unmerged adapters.*unload_lora_weights"),
+             ("flux", lambda pipe: pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.05)), flux_pruned,
+              r"diffusers' own cache \(FirstBlockCacheConfig.*pipe.transformer.disable_cache\(\), load")]
+    for family, hook, folder, message in cases:
+        base = build_tiny(family)
+        hook(base)
+        denoiser = base.unet if family == "sd" else base.transformer
+        with pytest.raises(ValueError, match=message):
+            artifact.load(base, folder)
+        assert (base.unet if family == "sd" else base.transformer) is denoiser
+        assert artifact.applied_techniques(base) == []
+    with_lora = build_tiny("sd")
+    lora(with_lora)
+    artifact.load(with_lora, cached)  # a cache changes no weights: it runs with the adapters
+    assert artifact.applied_techniques(with_lora) == ["cache"]
