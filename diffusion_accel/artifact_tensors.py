@@ -52,8 +52,9 @@ class TechniqueTensors(Mapping):
                              f"{int(tensor.max())}], outside the format's [{values[0]}, {values[1]}]")
         if scales is not None:
             self._check_scales(key, tensor, scales)
-        if finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"tensor {key!r} of {self.filename} holds {int((~torch.isfinite(tensor)).sum())} NaN "
+        finite_values = torch.isfinite(tensor.float()) if finite and tensor.is_floating_point() else None  # fp8 too
+        if finite_values is not None and not bool(finite_values.all()):
+            raise ValueError(f"tensor {key!r} of {self.filename} holds {int((~finite_values).sum())} NaN "
                              f"or infinite values (saved weights are finite numbers)")
         return tensor
 

@@ -911,3 +911,30 @@ def test_load_refuses_bases_whose_hooks_a_copy_cannot_take_before_changing_anyth
     lora(with_lora)
     artifact.load(with_lora, cached)  # a cache changes no weights: it runs with the adapters
     assert artifact.applied_techniques(with_lora) == ["cache"]
+
+
+def test_fp8_codes_and_timestep_group_bounds_must_be_finite(tmp_path):
+    """NaN fp8 weight codes loaded silently (NaN images), and so did NaN or unordered group bounds (every step in
+    group 0: other images)."""
+    import shutil
+
+    import diffusion_accel as da
+    from safetensors.torch import save_file
+
+    fast = {"calib_prompts": 1, "calib_num_steps": 2, "calib_steps": "all"}
+    fp8 = artifact.save(da.quantize_(build_tiny("sd"), da.PTQConfig.preset("fp8", activations=None, **fast)),
+                        tmp_path / "fp8")
+    groups = artifact.save(da.quantize_(build_tiny("sd"), da.PTQConfig(timestep_groups=3, **{**fast, "calib_num_steps": 4})),
+                           tmp_path / "groups")
+    tensors = load_file(fp8 / "00-ptq.safetensors")
+    codes = _first(tensors, ".codes")
+    tensors[codes] = tensors[codes].float().index_fill(0, torch.tensor([0]), float("nan")).to(tensors[codes].dtype)
+    save_file(tensors, fp8 / "00-ptq.safetensors")
+    with pytest.raises(artifact.ArtifactError, match=rf"{codes}' .* holds \d+ NaN or infinite values"):
+        artifact.load(build_tiny("sd"), fp8)
+    bounds = json.loads((groups / "manifest.json").read_text())["techniques"][0]["config"]["group_bounds"]
+    for edited in ([float("nan")] * 2, list(reversed(bounds)) if bounds[0] != bounds[1] else [0, 1], ["1", "2"]):
+        folder = shutil.copytree(groups, tmp_path / f"edited{len(list(tmp_path.iterdir()))}")
+        _edit_manifest(folder, lambda m: m["techniques"][0]["config"].update(group_bounds=edited))
+        with pytest.raises(artifact.ArtifactError, match=r"group_bounds must list .* finite timesteps in descending"):
+            artifact.load(build_tiny("sd"), folder)

@@ -10,6 +10,7 @@ unquantized weight come from the base pipeline, whose fingerprint the framework 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from typing import Any
@@ -115,7 +116,7 @@ def _restore_weight(source: nn.Module, name: str, entry: dict[str, Any], fmt: st
     else:
         grid = get_format(fmt)
         codes = tensors.take(f"{name}.codes", (rows, columns), FP8_DTYPE if grid.is_float else torch.int8,
-                             values=None if grid.is_float else (int(grid.qmin), int(grid.qmax)))
+                             values=None if grid.is_float else (int(grid.qmin), int(grid.qmax)), finite=grid.is_float)
     return codes, tensors.take(f"{name}.weight_scale", (rows, len(segments)), "float", scales="nonnegative")
 
 
@@ -146,6 +147,16 @@ def _check_saved_fields(config: dict[str, Any]) -> None:
             raise ValueError(f"layer {name!r}: lowered must be a kernel name or null, got {entry['lowered']!r}")
 
 
+def _valid_bounds(bounds: Any, count: int) -> bool:
+    """Whether ``bounds`` lists ``count`` finite numbers, descending (NaN bounds put every step in group 0)."""
+    if not isinstance(bounds, list) or len(bounds) != count:
+        return False
+    if not all(isinstance(bound, (int, float)) and not isinstance(bound, bool) and math.isfinite(bound)
+               for bound in bounds):
+        return False
+    return all(earlier >= later for earlier, later in zip(bounds, bounds[1:]))
+
+
 def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """Rebuild the saved quantized layers on ``pipe``'s denoiser (and lower the lowered ones)."""
     _, denoiser = find_denoiser(pipe)
@@ -154,9 +165,9 @@ def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tens
     ptq_config = PTQConfig.from_dict(config["ptq_config"])
     _check_saved_fields(config)
     bounds = config.get("group_bounds")  # artifacts saved before session 28: groups by position
-    if bounds is not None and (not isinstance(bounds, list) or len(bounds) != ptq_config.timestep_groups - 1):
+    if bounds is not None and not _valid_bounds(bounds, ptq_config.timestep_groups - 1):
         raise ValueError(f"group_bounds must list timestep_groups - 1 = {ptq_config.timestep_groups - 1} "
-                         f"timesteps, got {bounds!r}")
+                         f"finite timesteps in descending order, got {bounds!r}")
     selector = StepGroups(denoiser, ptq_config.timestep_groups, config["num_steps"], bounds) \
         if ptq_config.timestep_groups > 1 else None
     _check_attention_processors(pipe, config.get("attention", []))
