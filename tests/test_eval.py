@@ -407,6 +407,29 @@ def test_fidelity_identical_and_noisy_images():
         fidelity(images, images[:2])
 
 
+def test_fidelity_scores_a_few_images_at_a_time_with_the_same_values(monkeypatch):
+    """SSIM ran in float64 on every image at once: 64 images of 256 px took 21 GiB, an SD 1.5 report at 512 px
+    was killed. Chunks bound the memory; the per-image values are those of one call."""
+    import importlib
+
+    from diffusion_accel.eval.images import to_uint8
+
+    fidelity_module = importlib.import_module("diffusion_accel.eval.fidelity")  # the package exports the function
+
+    images, reference = add_noise(smooth_images(9), 10), smooth_images(9)
+    at_once = fidelity_module._scores(to_uint8(images), to_uint8(reference))
+    batches = []
+    ssim = fidelity_module.structural_similarity_index_measure
+    monkeypatch.setattr(fidelity_module, "structural_similarity_index_measure",
+                        lambda preds, *args, **kwargs: batches.append(len(preds)) or ssim(preds, *args, **kwargs))
+    assert fidelity_module.VALUES_PER_CHUNK // (3 * 256 * 256) == 4  # SD's 256-px images: four per call
+    monkeypatch.setattr(fidelity_module, "VALUES_PER_CHUNK", 4 * images[0].numel())  # these 32-px ones: four too
+    result = fidelity(images, reference)
+    assert batches == [4, 4, 1]
+    assert (result.psnr_per_image, result.ssim_per_image) == at_once
+    assert result.ssim == pytest.approx(sum(at_once[1]) / 9) and result.max_abs_diff > 10
+
+
 def test_time_callable_reports_median_and_percentiles_over_requested_repeats():
     calls = []
     stats = time_callable(lambda: calls.append(1), warmup=2, repeats=7)
