@@ -137,6 +137,20 @@ def test_dynamic_per_token_params_follow_each_token():
     assert ((out - x).abs() <= scale / 2 + 1e-5).all()
 
 
+def test_fp8_activations_of_all_zero_tokens_stay_finite_in_float16():
+    """An all-zero token (SDXL's zeroed negative-prompt embeddings) got an fp8 scale of 0 in float16 (EPS 1e-12
+    underflows there): 0 / 0 made NaN images; static scales of an all-zero range did the same."""
+    from diffusion_accel.quant.layers import ActQuantizer, DynamicActQuantizer
+
+    x = torch.randn(4, 16).half()
+    x[1] = 0
+    static = ActQuantizer(torch.full((1, 1), 1e-12), torch.zeros(1, 1), "fp8", True)  # an all-zero range
+    for quantizer in (DynamicActQuantizer("fp8", True, -1), DynamicActQuantizer("fp8", True, -1, per_tensor=True),
+                      static):
+        out = quantizer(x)
+        assert out.dtype == torch.float16 and torch.isfinite(out).all() and (out[1] == 0).all()
+
+
 def test_int4_pack_round_trip():
     codes = torch.randint(-8, 8, (5, 12), dtype=torch.int8)
     packed = pack_int4(codes)

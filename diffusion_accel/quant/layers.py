@@ -18,7 +18,7 @@ from torch import nn
 from ..hooks import get_tracker
 from .formats import get_format
 from .quantizers import (dequantize_weight, dynamic_qparams, expand_segments, fake_quant_act, in_float32,
-                         tensor_qparams)
+                         scale_floor, tensor_qparams)
 
 
 class StepGroups:
@@ -223,7 +223,8 @@ class ActQuantizer(KeepsQuantDtypes, _ActQuantizerBase):
 
     def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero_point = self.qparams(x)
-        return fake_quant_act(x, scale.to(x.dtype), zero_point, self.fmt, self.symmetric)
+        scale = scale.to(x.dtype).clamp_min(scale_floor(x.dtype))  # fp8 computes in float16 too
+        return fake_quant_act(x, scale, zero_point, self.fmt, self.symmetric)
 
     def extra_repr(self) -> str:
         groups, segments = self.scale.shape

@@ -201,14 +201,22 @@ def tensor_qparams(x: torch.Tensor, fmt: NumberFormat, symmetric: bool) -> tuple
     return range_qparams(lo, hi, fmt, symmetric)
 
 
+def scale_floor(dtype: torch.dtype) -> float:
+    """The smallest scale held in ``dtype``: EPS, or float16's smallest normal (6.1e-5), where EPS is 0 and an
+    all-zero token (SDXL's zeroed negative-prompt embeddings) made fp8's ``0 / 0`` NaN images. A larger scale
+    only lowers ``|x| / scale``, so no value leaves the grid."""
+    return max(EPS, torch.finfo(dtype).tiny) if dtype.is_floating_point else EPS
+
+
 def range_qparams(lo: torch.Tensor, hi: torch.Tensor, fmt: NumberFormat,
                   symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero_point) tensors covering [lo, hi] widened to include 0, as ``activation_qparams``."""
     lo, hi = lo.clamp_max(0), hi.clamp_min(0)
+    floor = scale_floor(lo.dtype)
     if symmetric or fmt.is_float:
-        return (torch.maximum(-lo, hi) / fmt.qmax).clamp_min(EPS), torch.zeros_like(lo)
+        return (torch.maximum(-lo, hi) / fmt.qmax).clamp_min(floor), torch.zeros_like(lo)
     qmin, qmax = fmt.unsigned_range()
-    scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(floor)
     return scale, torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
 
 
