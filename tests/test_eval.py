@@ -747,6 +747,15 @@ def test_evaluate_prompt_less_ddpm(tmp_path):
     assert report.row("base")["gflops_per_denoiser_call"] > 0 and report.grid.size == grid_size(2, 3)
 
 
+def test_unconditional_variants_named_by_text_placeholders_get_no_clip_score(tiny_clip_folder):
+    """A DDPM's sample names ("sample 1") were scored as captions: a CLIP score of 0.0 and no note."""
+    pipelines = {"sd": build_tiny("sd", seed=0), "ddpm": build_tiny("ddpm", seed=0)}
+    report = evaluate(pipelines, ["sample 1", "sample 2"], metrics=("clip",), num_inference_steps=2, progress=False,
+                      clip_model=tiny_clip_folder)
+    assert report.row("ddpm")["clip_score"] is None and report.row("sd")["clip_score"] is not None
+    assert any("CLIP score not computed for ['ddpm']: they take no text prompt" in note for note in report.notes)
+
+
 def test_class_label_prompts_map_to_dit_ids():
     pipe = build_tiny("dit")
     assert default_prompt_to_kwargs(pipe, ["sandal", "bag"]) == {"class_labels": [5, 8]}
@@ -981,6 +990,8 @@ def test_fid_statistics_record_the_image_size_and_a_mismatch_is_noted(tmp_path):
     report = evaluate({"tiny:sd": build_tiny("sd")}, ["a cat", "a dog"], metrics=("fid",), num_inference_steps=2,
                       fid_reference=stats, fid_extractor=extractor, call_kwargs=SD_CALL, progress=False)
     assert any("FID reference images are 24x24, generated ones" in note for note in report.notes)
+    report.save(tmp_path / "report")  # the settings round-trip (image_size was a tuple, read back as a list)
+    assert EvalReport.load(tmp_path / "report").settings == report.settings
 
 
 def test_guidance_scale_a_flux_pipeline_ignores_is_refused():

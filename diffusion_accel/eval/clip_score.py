@@ -1,4 +1,7 @@
-"""CLIP score (torchmetrics ``CLIPScore``: 100 x cosine(image, text), clamped at 0, averaged).
+"""CLIP score (torchmetrics ``CLIPScore``: 100 x cosine(image, text) averaged over the pairs, then clamped at 0).
+
+torchmetrics clamps the mean, where the CLIPScore paper clamps each pair: the two differ only when some pairs'
+cosines are negative (badly degraded images), and a variant whose mean cosine is negative scores 0.
 
 ``model`` is a hub id (e.g. ``"openai/clip-vit-large-patch14"``, needs the hub) or a local folder
 holding a ``CLIPModel`` and a ``CLIPProcessor`` saved with ``save_pretrained`` (e.g. the zoo's

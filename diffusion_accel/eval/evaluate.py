@@ -41,7 +41,7 @@ from .grid import make_grid
 from .machine import denoiser_runtime, machine_info
 from .memory import measure_peak_memory
 from .pipes import (ImageJob, PromptToKwargs, build_call_kwargs, check_call_kwargs, default_prompt_to_kwargs,
-                    denoiser_of, generate_images, make_jobs, quiet_progress, whole_number)
+                    denoiser_of, generate_images, is_text_conditioned, make_jobs, quiet_progress, whole_number)
 from .report import EvalReport
 from .timing import PipelineTiming, pipeline_device, time_pipelines
 
@@ -251,7 +251,7 @@ def _check_inputs(run: _Run, pipelines: Mapping[str, Any], output_dir: str | Pat
     if "fid" in run.requested and run.fid_reference is not None:
         check_reference(run.fid_reference, run.fid_extractor)
         check_cache_dir(run.fid_cache_dir)
-    if "clip" in run.requested and all(isinstance(job.prompt, str) for job in run.jobs):  # else not scored
+    if "clip" in run.requested and _clip_scored(pipelines, run):  # else not scored
         check_clip_reachable(run.clip_model or DEFAULT_CLIP_MODEL)
     for name, pipe in pipelines.items():
         check_call_arguments(pipe, run.call_kwargs or {}, "evaluate")
@@ -365,8 +365,9 @@ def _add_fid(report: EvalReport, rows: dict[str, dict[str, Any]], pipelines: Map
         skip = key == "fid_vs_baseline" and name == run.baseline
         row[key] = None if skip else frechet_distance(
             reference, compute_fid_stats(report.images[name], extractor=extractor))
+    size = None if reference.image_size is None else list(reference.image_size)  # as report.json holds it
     report.settings["fid_reference"] = {"n": reference.n, "extractor": reference.extractor,
-                                        "source": reference.source, "image_size": reference.image_size}
+                                        "source": reference.source, "image_size": size}
     _note_fid_sizes(report, reference)
     report.notes.append(f"FID: {len(run.jobs)} generated vs {reference.n} reference images; FID at small n is "
                         "biased upward, so compare variants only at equal n.")
@@ -387,16 +388,28 @@ def _note_fid_sizes(report: EvalReport, reference: FIDStats) -> None:
 
 def _add_clip(report: EvalReport, rows: dict[str, dict[str, Any]], pipelines: Mapping[str, Any],
               run: _Run) -> None:
-    """Mean CLIP score of each variant's images against their prompts."""
+    """Mean CLIP score of each variant's images against their prompts; None for a variant that takes no
+    prompt (an unconditional pipeline's placeholder names scored as captions gave a CLIP score of 0.0)."""
     texts = [job.prompt for job in run.jobs]
-    if not all(isinstance(text, str) for text in texts):
-        for row in rows.values():
-            row["clip_score"] = None
+    scored = _clip_scored(pipelines, run)
+    for name in set(rows) - set(scored):
+        rows[name]["clip_score"] = None
+    if not scored:
         report.notes.append("CLIP score not computed: the prompts are not text (class ids or placeholders).")
         return
+    if len(scored) < len(rows):
+        report.notes.append(f"CLIP score not computed for {sorted(set(rows) - set(scored))}: they take no text prompt "
+                            f"(the prompts only name their images).")
     metric, device = clip_metric(run.clip_model or DEFAULT_CLIP_MODEL), pipeline_device(pipelines[run.baseline])
-    for name, row in rows.items():
-        row["clip_score"] = clip_score(report.images[name], texts, model=metric, device=device)
+    for name in scored:
+        rows[name]["clip_score"] = clip_score(report.images[name], texts, model=metric, device=device)
+
+
+def _clip_scored(pipelines: Mapping[str, Any], run: _Run) -> list[str]:
+    """The variants whose images have a caption to score: text prompts, given to a pipeline taking them."""
+    if not all(isinstance(job.prompt, str) for job in run.jobs):
+        return []
+    return [name for name, pipe in pipelines.items() if is_text_conditioned(pipe)]
 
 
 def _add_speed(report: EvalReport, rows: dict[str, dict[str, Any]], pipelines: Mapping[str, Any],
