@@ -1026,7 +1026,7 @@ def test_an_unloadable_hub_clip_fails_before_any_image_is_generated(monkeypatch)
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", unreachable)
     pipe = build_tiny("sd")
-    monkeypatch.setattr(type(pipe), "__call__", lambda *a, **k: pytest.fail("generated before the check"))
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, prompt=None, **k: pytest.fail("generated first"))
     with pytest.raises(OSError, match=r"the CLIP model 'org/clip' of the clip metric cannot be loaded .*--clip-model"):
         evaluate({"a": pipe}, ["a cat", "a dog"], metrics=("clip",), clip_model="org/clip", num_inference_steps=2,
                  progress=False)
