@@ -11,6 +11,11 @@ LoRA whose targets include a replaced layer is refused before anything changes, 
 unwraps the layers the call wrapped, so the denoiser is left as it was. Flux's ``load_lora_weights``
 fails earlier, with a KeyError for the replaced layer's ``weight`` (nothing loaded yet): the pipeline's
 method is guarded to say why.
+
+IP-Adapters are guarded too: diffusers builds their projections at the config's width and rebuilds every
+other attention processor with no arguments, so one loaded after structured pruning of attention heads
+computed attention over the wrong tokens, silently, and after ``quantize_(attention=...)`` its load (and
+``unload_ip_adapter``, after dropping the image encoder) failed with a TypeError from our processors.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from .pretrained_guard import install_method
 ADD_METHOD = "add_adapter"
 LOAD_METHOD = "load_lora_adapter"
 PIPELINE_METHOD = "load_lora_weights"
+IP_LOAD_METHOD = "_load_ip_adapter_weights"  # on the denoiser: what load_ip_adapter calls after the image encoder
+IP_UNLOAD_METHOD = "unload_ip_adapter"  # on the pipeline
 GUARDED_ADAPTER_METHODS = (ADD_METHOD, LOAD_METHOD)  # on the denoiser
 _LORA_KEY_MARK = ".lora_"  # "<module>.lora_A.weight", "<module>.lora_B.<adapter>.weight", ...
 
@@ -38,7 +45,9 @@ def install_adapter_guards(pipe: Any, denoiser: nn.Module) -> None:
     classes have them."""
     for owner, method, guarded in ((denoiser, ADD_METHOD, _guarded_add_adapter),
                                    (denoiser, LOAD_METHOD, _guarded_load_lora_adapter),
-                                   (pipe, PIPELINE_METHOD, _guarded_load_lora_weights)):
+                                   (pipe, PIPELINE_METHOD, _guarded_load_lora_weights),
+                                   (denoiser, IP_LOAD_METHOD, _guarded_load_ip_adapter),
+                                   (pipe, IP_UNLOAD_METHOD, _guarded_unload_ip_adapter)):
         if owner is not None:
             install_method(owner, method, guarded)
 
@@ -79,6 +88,42 @@ def _guarded_load_lora_weights(pipe: Any, *args: Any, **kwargs: Any) -> Any:
         if layer in replaced_layers(denoiser):
             _refuse_targets(denoiser, PIPELINE_METHOD, [layer])
         raise
+
+
+def _guarded_load_ip_adapter(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    from .prune.record import get_record
+
+    record = get_record(model)
+    resized = [name for name in (record.base_shapes if record is not None else {})
+               if name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v")]
+    if resized:
+        raise AdapterOnReplacedLayerError(
+            f"load_ip_adapter() cannot add an IP-Adapter here: structured pruning removed attention heads (e.g. in "
+            f"{resized[0]}), and diffusers builds the adapter's to_k_ip / to_v_ip at the base model's width, so its "
+            f"attention would run over the wrong tokens. Nothing was changed. Load the IP-Adapter before prune_.")
+    _refuse_quantized_processors(model, "load_ip_adapter")
+    return getattr(type(model), IP_LOAD_METHOD)(model, *args, **kwargs)
+
+
+def _guarded_unload_ip_adapter(pipe: Any, *args: Any, **kwargs: Any) -> Any:
+    from .arch.registry import find_denoiser
+
+    _refuse_quantized_processors(find_denoiser(pipe)[1], "unload_ip_adapter")
+    return getattr(type(pipe), IP_UNLOAD_METHOD)(pipe, *args, **kwargs)
+
+
+def _refuse_quantized_processors(model: nn.Module, method: str) -> None:
+    """diffusers rebuilds the attention processors it does not replace as ``processor.__class__()``: ours,
+    quantize_'s attention processors, need their format (a TypeError after part of the pipeline changed)."""
+    from .quant.attention import QuantAttentionBase
+
+    processors = getattr(model, "attn_processors", {})
+    quantized = [name for name, processor in processors.items() if isinstance(processor, QuantAttentionBase)]
+    if quantized:
+        raise AdapterOnReplacedLayerError(
+            f"{method}() cannot run on this {type(model).__name__}: quantize_(attention=...) replaced {len(quantized)} "
+            f"attention processors (e.g. {quantized[0]}), which diffusers would rebuild without their settings. "
+            f"Nothing was changed. Load or unload IP-Adapters before quantize_, or quantize without attention.")
 
 
 def lora_targets(state_dict: dict[str, Any], prefix: str | None) -> list[str]:

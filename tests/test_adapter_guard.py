@@ -120,3 +120,43 @@ def test_a_lora_for_layers_structured_pruning_resized_is_refused_with_the_reason
                                                            r"\[\d+, \d+\] -> \[\d+, \d+\]\).*before pruning"):
         pipe.load_lora_weights(dict(lora_state_dict))
     assert _wrappers(pipe.unet) == [] and torch.equal(_images(pipe), before)
+
+
+def _ip_adapter_state_dict(unet, embed_dim=16):
+    """A diffusers-format IP-Adapter for ``unet`` (random weights): image projection + to_k_ip / to_v_ip of every
+    cross-attention, at the config's widths, as load_ip_adapter hands them to the UNet."""
+    torch.manual_seed(1)
+    cross, widths = unet.config.cross_attention_dim, unet.config.block_out_channels
+    image_proj = {"proj.weight": torch.randn(4 * cross, embed_dim) * 0.1, "proj.bias": torch.zeros(4 * cross),
+                  "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    layers, key = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        level = name.split(".")[1] if not name.startswith("mid_block") else None
+        width = widths[-1] if level is None else (widths[::-1] if name.startswith("up") else widths)[int(level)]
+        layers |= {f"{key}.to_k_ip.weight": torch.randn(width, cross) * 0.1,
+                   f"{key}.to_v_ip.weight": torch.randn(width, cross) * 0.1}
+        key += 2
+    return {"image_proj": image_proj, "ip_adapter": layers}
+
+
+def test_ip_adapters_are_refused_where_diffusers_would_build_them_wrong():
+    """After structured head pruning an IP-Adapter loaded at the base's width and attended over the wrong tokens,
+    silently; after quantize_(attention=...) load_ip_adapter and unload_ip_adapter failed with a TypeError, the
+    latter after dropping the image encoder (our processors cannot be rebuilt with no arguments)."""
+    pruned = da.prune_(build_tiny("sd"), da.PruneConfig(method="magnitude", sparsity=0.5, pattern="structured"))
+    with pytest.raises(AdapterOnReplacedLayerError, match=r"structured pruning removed attention heads.*before prune_"):
+        pruned.unet._load_ip_adapter_weights([_ip_adapter_state_dict(pruned.unet)])
+    assert pruned.unet.encoder_hid_proj is None
+    with_ip = build_tiny("sd")
+    with_ip.unet._load_ip_adapter_weights([_ip_adapter_state_dict(with_ip.unet)])
+    da.quantize_(with_ip, da.PTQConfig(weights=None, activations=None, attention="int8"))
+    processors = dict(with_ip.unet.attn_processors)
+    with pytest.raises(AdapterOnReplacedLayerError, match=r"unload_ip_adapter\(\) cannot run .*Nothing was changed"):
+        with_ip.unload_ip_adapter()
+    assert with_ip.unet.encoder_hid_proj is not None and with_ip.unet.attn_processors == processors
+    with pytest.raises(AdapterOnReplacedLayerError, match=r"load_ip_adapter\(\) cannot run .*quantize_\(attention"):
+        with_ip.unet._load_ip_adapter_weights([_ip_adapter_state_dict(with_ip.unet)])
+    unstructured = da.prune_(build_tiny("sd"), da.PruneConfig(method="magnitude", sparsity=0.5))
+    unstructured.unet._load_ip_adapter_weights([_ip_adapter_state_dict(unstructured.unet)])  # no head removed: it loads
