@@ -141,6 +141,22 @@ def test_model_dependent_errors_leave_the_pipeline_unchanged(family, config, mat
     _assert_no_cache_left(pipe, denoiser)
 
 
+def test_the_deepest_branch_of_a_unet_without_a_mid_block_is_refused():
+    """Nothing runs between its skip's producer and consumer, so it cached nothing while the summary counted
+    reused calls."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = build_tiny("sd")
+    pipe.unet = UNet2DConditionModel(**{**pipe.unet.config, "mid_block_type": None}).eval()
+    deepest = len(da.get_adapter(pipe).cache_points()) - 1
+    with pytest.raises(ValueError, match=rf"branch {deepest} caches nothing .*no mid block.*\(0\.\.{deepest - 1}\)"):
+        enable_cache(pipe, DeepCacheConfig(interval=2, branch=deepest))
+    _assert_no_cache_left(pipe, pipe.unet)
+    enable_cache(pipe, DeepCacheConfig(interval=2, branch=deepest - 1))
+    pipe(**tiny_call_kwargs("sd", steps=4))
+    assert da.cache_summary(pipe)["block_compute_fraction"] < 1
+
+
 def test_unsupported_config_type_and_unsupported_pipeline():
     pipe = build_tiny("sd")
     with pytest.raises(TypeError, match="DeepCacheConfig"):

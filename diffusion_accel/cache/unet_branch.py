@@ -105,6 +105,9 @@ def branch_point(pipe: Any, branch: int) -> CachePoint:
     if not 0 <= branch < len(points):
         raise ValueError(f"branch {branch} is out of range for this UNet: valid branch ids are "
                          f"0..{len(points) - 1} (0 = conv_in, the shallowest skip)")
+    if not points[branch].blocks:  # the deepest skip of a UNet without a mid block: its summary said "reused"
+        raise ValueError(f"branch {branch} caches nothing in this UNet: no block runs between {points[branch].down} "
+                         f"and {points[branch].up} (it has no mid block); choose a shallower branch (0..{branch - 1})")
     return points[branch]
 
 
