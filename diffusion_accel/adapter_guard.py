@@ -32,7 +32,8 @@ LOAD_METHOD = "load_lora_adapter"
 PIPELINE_METHOD = "load_lora_weights"
 IP_LOAD_METHOD = "_load_ip_adapter_weights"  # on the denoiser: what load_ip_adapter calls after the image encoder
 IP_UNLOAD_METHOD = "unload_ip_adapter"  # on the pipeline
-GUARDED_ADAPTER_METHODS = (ADD_METHOD, LOAD_METHOD)  # on the denoiser
+GUARDED_ADAPTER_METHODS = (ADD_METHOD, LOAD_METHOD, IP_LOAD_METHOD)  # on the denoiser
+GUARDED_ADAPTER_PIPELINE_METHODS = (PIPELINE_METHOD, IP_UNLOAD_METHOD)  # on the pipeline
 _LORA_KEY_MARK = ".lora_"  # "<module>.lora_A.weight", "<module>.lora_B.<adapter>.weight", ...
 
 

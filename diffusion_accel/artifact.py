@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from .arch.registry import adapter_wrapped_layers, find_denoiser
 from .base_match import (SAMPLE_FILE, base_state_dict, config_items, dense, only_rounded, representable_in, rounded_to, samples_match,
                          structure_fingerprint, weight_sample)
-from .adapter_guard import GUARDED_ADAPTER_METHODS, PIPELINE_METHOD, install_adapter_guards
+from .adapter_guard import GUARDED_ADAPTER_METHODS, GUARDED_ADAPTER_PIPELINE_METHODS, install_adapter_guards
 from .artifact_files import StagedWrite
 from .artifact_tensors import TechniqueTensors
 from .uncompiled import runs_compiled
@@ -186,7 +186,7 @@ def marks_restored_on_error(pipe: Any) -> Iterator[None]:
     _, denoiser = find_denoiser(pipe)
     names = [(denoiser, _MARK_ATTRS + GUARDED_MODEL_METHODS + GUARDED_ADAPTER_METHODS)]
     if pipe is not denoiser:
-        names.append((pipe, GUARDED_PIPELINE_METHODS + (PIPELINE_METHOD,)))
+        names.append((pipe, GUARDED_PIPELINE_METHODS + GUARDED_ADAPTER_PIPELINE_METHODS))
     saved = [(owner, {name: vars(owner)[name] for name in keys if name in vars(owner)}, keys) for owner, keys in names]
     try:
         yield
@@ -216,7 +216,7 @@ def unmark_applied(pipe: Any, technique: str) -> None:
         denoiser.__dict__.pop(attribute, None)
     uninstall_methods(denoiser, GUARDED_MODEL_METHODS + GUARDED_ADAPTER_METHODS)
     if pipe is not denoiser:
-        uninstall_methods(pipe, GUARDED_PIPELINE_METHODS + (PIPELINE_METHOD,))
+        uninstall_methods(pipe, GUARDED_PIPELINE_METHODS + GUARDED_ADAPTER_PIPELINE_METHODS)
 
 
 def applied_techniques(pipe: Any) -> list[str]:
