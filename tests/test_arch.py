@@ -528,3 +528,25 @@ def test_find_denoiser_looks_through_torch_compile() -> None:
     original = pipe.unet
     pipe.unet = torch.compile(original, backend="eager")
     assert find_denoiser(pipe) == ("unet", original)
+
+
+def test_gligen_fuser_layers_are_grouped_and_quantized() -> None:
+    """GLIGEN's gated self-attention (``fuser``, attention_type="gated") was in neither layer list: quantize_ and
+    prune_ left its 28 Linears in float, silently."""
+    import diffusion_accel as da
+    from diffusers import StableDiffusionGLIGENPipeline, UNet2DConditionModel
+
+    sd = build_tiny("sd")
+    unet = UNet2DConditionModel(**{**sd.unet.config, "attention_type": "gated"}).eval()
+    pipe = StableDiffusionGLIGENPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet,
+                                         scheduler=sd.scheduler, safety_checker=None, feature_extractor=None,
+                                         requires_safety_checker=False)
+    adapter = get_adapter(pipe)
+    fuser = [name for name in all_layers(unet) if ".fuser." in name]
+    assert fuser and set(fuser) <= set(adapter.eligible_layers())
+    assert set(adapter.eligible_layers()) | set(adapter.high_precision_layers()) == set(all_layers(unet))
+    grounding = {"gligen_phrases": ["a cat"], "gligen_boxes": [[0.1, 0.1, 0.6, 0.6]], "height": 32, "width": 32,
+                 "gligen_scheduled_sampling_beta": 1.0}  # the fuser runs on every step
+    da.quantize_(pipe, da.PTQConfig(calib_prompts=1, calib_num_steps=2, calib_steps="all",
+                                    calib_kwargs=tuple(grounding.items())))
+    assert {type(pipe.unet.get_submodule(name)).__name__ for name in fuser} <= {"Int8Linear", "QuantLinear"}

@@ -165,6 +165,11 @@ def basic_block_groups(prefix: str, block: nn.Module, owner: str) -> list[LayerG
     """Groups of a ``BasicTransformerBlock`` in execution order; ``owner`` is the enclosing block."""
     groups = group(block, prefix, ("norm1.linear",), owner, "adaln")
     groups += attention_groups(join(prefix, "attn1"), block.attn1, owner)
+    fuser = getattr(block, "fuser", None)  # GLIGEN's gated self-attention over the grounding tokens, after attn1
+    if fuser is not None:
+        groups += group(block, prefix, ("fuser.linear",), owner, "grounding_in")
+        groups += attention_groups(join(prefix, "fuser.attn"), fuser.attn, owner)
+        groups += ffn_groups(join(prefix, "fuser.ff"), fuser.ff, owner)
     if getattr(block, "attn2", None) is not None:
         groups += group(block, prefix, ("norm2.linear",), owner, "adaln")
         groups += attention_groups(join(prefix, "attn2"), block.attn2, owner)
