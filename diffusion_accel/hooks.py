@@ -312,6 +312,8 @@ class StepTracker(ModelHook):
         unset = getattr(getattr(self.pipeline, "scheduler", None), "num_inference_steps", None) is None
         foreign = not vouched and (_is_any_view(self._timestep_argument) or not owned or unset)
         if timesteps is not None and timesteps is not self._last_timesteps and not foreign:
+            if not vouched and _called_with_another_scheduler(self.pipeline):
+                return vouched  # the watched schedule is an old one (set before attach, or restored): not this call's
             self._last_timesteps = timesteps
             self.reset()
             self._scheduler_live = True
@@ -561,6 +563,13 @@ def _calling_pipeline() -> DiffusionPipeline | None:
             return frame.f_locals["self"]
         frame = frame.f_back
     return None
+
+
+def _called_with_another_scheduler(watched: Any) -> bool:
+    """Whether a pipeline other than ``watched``, with a scheduler of its own, makes the current denoiser call (a
+    ``FluxImg2ImgPipeline.from_pipe(flux, scheduler=...)``): the watched scheduler's timesteps do not place it."""
+    caller = _calling_pipeline()
+    return caller is not None and getattr(caller, "scheduler", None) is not getattr(watched, "scheduler", None)
 
 
 def _scalar_timestep(value: Any) -> float | None:

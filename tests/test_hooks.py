@@ -178,3 +178,25 @@ def test_detach_leaves_the_module_as_it_was():
     with use_tracker(model, "probe"):
         pass
     assert "forward" not in vars(model) and not hasattr(model, "_diffusers_hook")
+
+
+def test_a_sibling_pipeline_with_its_own_scheduler_is_placed_by_it_after_the_watched_one_ran():
+    """After a text-to-image call made before the tracker was attached (or a calibration restored the watched
+    scheduler), the first call of a FluxImg2ImgPipeline with a scheduler of its own was counted from 0 as a new run
+    of the watched pipeline: a Δ-cache's first img2img call differed from the second (0.0115 on latents of 3.4)."""
+    import diffusion_accel as da
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline
+
+    flux = build_tiny("flux")
+    flux.set_progress_bar_config(disable=True)
+    flux(prompt="x", num_inference_steps=8, height=16, width=16, output_type="latent")  # before any tracker
+    da.enable_cache(flux, da.DeltaCacheConfig(interval=2, cached_fraction=0.5, boundary=0.5))
+    sibling = FluxImg2ImgPipeline.from_pipe(flux, scheduler=FlowMatchEulerDiscreteScheduler.from_config(
+        flux.scheduler.config))
+    sibling.set_progress_bar_config(disable=True)
+    tracker, positions = get_tracker(flux.transformer), []
+    flux.transformer.register_forward_hook(lambda *args: positions.append(tracker.step_index))
+    latents = [sibling(prompt="a cat", image=torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)),
+                       strength=0.5, num_inference_steps=8, height=16, width=16, output_type="latent",
+                       generator=torch.Generator().manual_seed(0)).images for _ in range(2)]
+    assert positions == [4, 5, 6, 7] * 2 and torch.equal(latents[0], latents[1])
