@@ -58,10 +58,10 @@ def dense(tensor: torch.Tensor) -> torch.Tensor:
     ``quantization_config``) by its dequantized values (it implements no ``view``), a 2:4 semi-structured one
     by its dense values."""
     tensor = tensor.detach()
-    if type(tensor) is not torch.Tensor and callable(getattr(tensor, "dequantize", None)):
-        return tensor.dequantize()
     if type(tensor).__name__.startswith("SparseSemiStructured"):  # 2:4 kernels' storage (no view / reshape)
-        return tensor.to_dense()
+        return tensor.to_dense()  # first: every tensor has a dequantize, which 2:4 classes refuse (prune_ failed)
+    if type(tensor) is not torch.Tensor and type(tensor).dequantize is not torch.Tensor.dequantize:
+        return tensor.dequantize()
     return tensor
 
 

@@ -938,3 +938,19 @@ def test_fp8_codes_and_timestep_group_bounds_must_be_finite(tmp_path):
         _edit_manifest(folder, lambda m: m["techniques"][0]["config"].update(group_bounds=edited))
         with pytest.raises(artifact.ArtifactError, match=r"group_bounds must list .* finite timesteps in descending"):
             artifact.load(build_tiny("sd"), folder)
+
+
+def test_fingerprints_read_2_4_sparse_weights_densely(monkeypatch):
+    """Every tensor has a dequantize method, which torch's 2:4 classes refuse: weight_sample asked it first, so a
+    2:4 prune with sparse kernels (GPU) failed in mark_applied and was rolled back, and so did loading its
+    artifact."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    from diffusion_accel.base_match import dense
+
+    weight = torch.randn(64, 64, dtype=torch.bfloat16)
+    for cls in (SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS):
+        sparse = cls(weight.shape, packed=weight.clone(), meta=torch.zeros(1, dtype=torch.int16), packed_t=None,
+                     meta_t=None, compressed_swizzled_bitmask=None)  # the class's dispatch table: no device needed
+        monkeypatch.setattr(cls, "to_dense", lambda self: weight)  # its kernels need a GPU
+        assert dense(torch.nn.Parameter(sparse, requires_grad=False)) is weight
