@@ -469,3 +469,33 @@ def test_pruning_a_compiled_pipeline_says_the_pruned_copy_is_not_compiled():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an uncompiled pipeline: no such warning
         da.prune_(build_tiny("sd"), da.PruneConfig(method="magnitude", sparsity=0.5))
+
+
+def test_weights_stored_as_tensor_subclasses_are_refused_clearly():
+    """A UNet quantized with torchao's own quantize_ (Int8Tensor weights) ended prune_ / quantize_ in
+    "NotImplementedError: Int8Tensor dispatch: ... aten.abs"; 2:4 kernel storage likewise."""
+    import torch
+    from torchao.quantization import Int8WeightOnlyConfig
+    from torchao.quantization import quantize_ as torchao_quantize
+
+    import diffusion_accel as da
+    from diffusion_accel.testing.tiny import build_tiny
+
+    pipe = build_tiny("sd")
+    torchao_quantize(pipe.unet, Int8WeightOnlyConfig())
+    unet = pipe.unet
+    for apply in (lambda: da.prune_(pipe, da.PruneConfig(method="magnitude", sparsity=0.5)),
+                  lambda: da.quantize_(pipe, da.PTQConfig(calib_prompts=1, calib_num_steps=2, calib_steps="all"))):
+        with pytest.raises(ValueError, match=r"needs floating-point weights, but '.*' is a Int8Tensor .*torchao"):
+            apply()
+        assert pipe.unet is unet and da.artifact.applied_techniques(pipe) == []
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS
+
+    from diffusion_accel.arch.registry import check_not_prequantized
+
+    layer = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    layer.weight = torch.nn.Parameter(SparseSemiStructuredTensorCUTLASS(
+        layer.weight.shape, packed=layer.weight.detach().clone(), meta=torch.zeros(1, dtype=torch.int16),
+        packed_t=None, meta_t=None, compressed_swizzled_bitmask=None), requires_grad=False)
+    with pytest.raises(ValueError, match=r"stored for 2:4 sparse kernels .*sparse_kernels=False"):
+        check_not_prequantized(layer, "quantize_")

@@ -106,6 +106,17 @@ def check_not_prequantized(denoiser: nn.Module, technique: str) -> None:
             f"{technique} needs floating-point weights, but this {type(denoiser).__name__} was loaded already "
             f"quantized by diffusers ({method}). Load it without quantization_config and apply {technique} "
             f"to the float model (feature caching works on the quantized one).")
+    stored = next(((name, type(param.detach())) for name, param in denoiser.named_parameters()
+                   if type(param.detach()) is not torch.Tensor), None)  # torchao's quantize_, 2:4 kernels' storage
+    if stored is None:
+        return
+    if stored[1].__name__.startswith("SparseSemiStructured"):
+        raise ValueError(f"{technique} needs dense floating-point weights, but {stored[0]!r} is stored for 2:4 sparse "
+                         f"kernels ({stored[1].__name__}); to stack it on 2:4 pruning, prune with "
+                         f"PruneConfig(..., sparse_kernels=False) first")
+    raise ValueError(f"{technique} needs floating-point weights, but {stored[0]!r} is a {stored[1].__name__} (quantized "
+                     f"with torchao's quantize_?). Apply {technique} to the float model (feature caching works on "
+                     f"the quantized one).")
 
 
 LAYERWISE_CASTING_HOOK = "layerwise_casting"  # diffusers' hook names (enable_layerwise_casting,
