@@ -387,8 +387,8 @@ class StepTracker(ModelHook):
         views), which also gives the trajectory length; None if the timestep is no such view."""
         value = self._timestep_argument
         base = value._base if isinstance(value, torch.Tensor) else None
-        if base is None or base.dim() != 1 or base.device != value.device:
-            return None
+        if base is None or base.dim() != 1 or base.numel() < 2 or base.device != value.device:
+            return None  # a one-value base is no schedule (AuraFlow expands a fresh tensor([t]) each step)
         position = _view_position(value, base)
         if position is not None:
             self._foreign_length = int(base.numel())

@@ -13,15 +13,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .arch.registry import find_denoiser
+from .arch.registry import find_any_denoiser, find_denoiser
 
 
 @contextmanager
 def uncompiled(pipe: Any) -> Iterator[None]:
     """Within: ``pipe``'s denoiser runs without torch.compile (a wrapper swapped for its module, modules
     compiled in place and blocks compiled beneath their cache hooks switched off); all are put back
-    afterwards, also on error."""
-    component, denoiser = find_denoiser(pipe)
+    afterwards, also on error. (Calibration runs here, which needs no adapter: ``find_any_denoiser``.)"""
+    component, denoiser = find_any_denoiser(pipe)
     wrapper = getattr(pipe, component, None) if component else None
     unwrapped = wrapper is not None and wrapper is not denoiser
     in_place = {module: module._compiled_call_impl for module in denoiser.modules()

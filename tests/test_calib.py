@@ -740,3 +740,37 @@ def test_block_feature_probes_watch_the_image_stream_of_two_stream_blocks(family
     assert set(seen) == {block.name for block in adapter.blocks()}
     assert len({shape for shape in seen.values()}) == 1 and all(shape[1] not in text_tokens
                                                                  for shape in seen.values()), (seen, text_tokens)
+
+
+def test_a_denoiser_no_adapter_supports_is_calibrated_and_placed_step_by_step():
+    """calibrate needs no adapter (dispatch's own docs), yet its uncompiled() step asked for one: an AuraFlow
+    pipeline raised UnsupportedModelError after marking the collectors used. AuraFlow also passes a view of a fresh
+    one-value tensor per step, which the tracker read as position 0 of a 1-step schedule (four contexts at step 0)."""
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from diffusion_accel.hooks import attach_tracker
+    from diffusion_accel.testing.tiny import tiny_vae
+    from diffusion_accel.testing.tokenizers import t5_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = t5_tokenizer()
+    text = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=8, num_layers=1,
+                                       num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                       decoder_start_token_id=0)).eval()
+    transformer = AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, out_channels=4,
+        pos_embed_max_size=64).eval()
+    pipe = AuraFlowPipeline(tokenizer=tokenizer, text_encoder=text, vae=tiny_vae(), transformer=transformer,
+                            scheduler=FlowMatchEulerDiscreteScheduler())
+    layer = [name for name, module in transformer.named_modules() if isinstance(module, nn.Linear)][3]
+    observer = RangeObserver([layer])
+    calibration = calibrate(pipe, ["a cat"], 4, collectors=[observer], height=32, width=32, max_sequence_length=16,
+                            progress=False)
+    low, high = calibration.collector(RangeObserver).range(layer)
+    assert low < high
+    tracker, placed = attach_tracker(transformer, pipe), []
+    transformer.register_forward_hook(lambda *args: placed.append((tracker.context, tracker.step_index)))
+    pipe("a cat", num_inference_steps=4, height=32, width=32, output_type="latent", max_sequence_length=16)
+    assert placed == [("default", step) for step in range(4)]

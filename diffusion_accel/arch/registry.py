@@ -75,6 +75,19 @@ def find_denoiser(pipe: Any) -> tuple[str, nn.Module]:
         f"{type(pipe).__name__} (no 'unet' or 'transformer' component found)"))
 
 
+def find_any_denoiser(pipe: Any) -> tuple[str, nn.Module]:
+    """``find_denoiser``, else the first standard denoiser component that is a module: calibration addresses
+    modules by name and needs no adapter, so a denoiser no adapter supports yet is still found."""
+    try:
+        return find_denoiser(pipe)
+    except UnsupportedModelError:
+        for component in DENOISER_COMPONENTS:
+            candidate = _unwrap_compiled(getattr(pipe, component, None))
+            if isinstance(candidate, nn.Module):
+                return component, candidate
+        raise
+
+
 def adapter_wrapped_layers(denoiser: nn.Module) -> list[str]:
     """Names of the layers of ``denoiser`` that unmerged adapters wrap (peft LoRA: modules holding a
     ``base_layer``)."""

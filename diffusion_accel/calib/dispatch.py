@@ -15,26 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from ..arch.registry import DENOISER_COMPONENTS, UnsupportedModelError, find_denoiser
+from ..arch.registry import find_denoiser
 from ..hooks import ModuleHooks
 from ..stacklevel import user_stacklevel
 from .collectors import WANTS, Collector, ModuleCall, Step, check_module_names
-
-
-def resolve_denoiser(pipe: Any) -> tuple[str, nn.Module]:
-    """``(component_name, denoiser)`` of a pipeline.
-
-    Calibration addresses modules by name and needs no adapter, so a denoiser that no adapter
-    supports yet is still found in the pipeline's standard components.
-    """
-    try:
-        return find_denoiser(pipe)
-    except UnsupportedModelError:
-        for component in DENOISER_COMPONENTS:
-            candidate = getattr(pipe, component, None)
-            if isinstance(candidate, nn.Module):
-                return component, candidate
-        raise
 
 
 def validate_collectors(collectors: Sequence[Collector] | Collector, denoiser: nn.Module) -> list[Collector]:

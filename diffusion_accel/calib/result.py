@@ -10,9 +10,10 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ..arch.registry import find_any_denoiser
 from ..hooks import refuse_while_cached
 from .collectors import Collector
-from .dispatch import resolve_denoiser, validate_collectors
+from .dispatch import validate_collectors
 from .replay import CallCounts, replay_records
 from .trajectory import TrajectoryRecord
 
@@ -110,7 +111,7 @@ class Calibration:
         recompute each block, silently)."""
         if not self.trajectory:
             raise ValueError(self._no_trajectory_reason())
-        module = denoiser if isinstance(denoiser, nn.Module) else resolve_denoiser(denoiser)[1]
+        module = denoiser if isinstance(denoiser, nn.Module) else find_any_denoiser(denoiser)[1]
         module = getattr(module, "_orig_mod", module)  # a torch.compile wrapper: replay runs the model eagerly
         refuse_while_cached(module, "replay")
         self.check_fits(module)

@@ -21,12 +21,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..arch.registry import find_any_denoiser
 from ..hooks import ModuleHooks, StepTracker, get_tracker, refuse_while_cached, use_tracker
 from ..scalars import plain_number
 from ..seeding import seeded_call
 from ..uncompiled import uncompiled
 from .collectors import Collector, Step
-from .dispatch import CollectorRouter, resolve_denoiser, validate_collectors
+from .dispatch import CollectorRouter, validate_collectors
 from .inputs import PlannedCall, calibration_items, call_mode, placeholder_prompts, plan_calls
 from .result import Calibration, CalibrationSettings, architecture_config
 from .schedule import denoiser_steps, resolve_weights, select_steps
@@ -59,7 +60,7 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
     pipeline call (e.g. height, width). ``progress``: a bar over the pipeline calls. The pipeline is left
     exactly as it was.
     """
-    _, denoiser = resolve_denoiser(pipe)  # a pipeline at all (None, a spec string, a list): named before anything
+    _, denoiser = find_any_denoiser(pipe)  # a pipeline at all (None, a spec string, a list): named before anything
     num_inference_steps, batch_size, num_images_per_prompt, num_samples, seed, max_trajectory_bytes = (
         plain_number(value) for value in (num_inference_steps, batch_size, num_images_per_prompt, num_samples, seed,
                                            max_trajectory_bytes))
