@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from diffusion_accel.argtypes import int_at_least
+from diffusion_accel.argtypes import int_at_least, output_folder
 from diffusion_accel.artifact import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,7 +265,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check-steps", type=int_at_least(1), default=20, help="denoising steps of the check")
     parser.add_argument("--check-repeats", type=int_at_least(1), default=2, help="timed repeats of the check")
     parser.add_argument("--force", action="store_true", help="rebuild artifacts that already exist")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the artifacts and the summary")
+    parser.add_argument("--out", type=lambda text: Path(output_folder(text)), required=True,
+                        help="folder for the artifacts and the summary")
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])

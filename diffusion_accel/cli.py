@@ -189,9 +189,14 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:
 # ----- handlers ----------------------------------------------------------------------------
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .eval.pipes import check_call_kwargs
+    from .recipes import check_call_table
 
+    call_kwargs = _call_kwargs(args)
+    check_call_kwargs(call_kwargs)  # before loading: what evaluation sets itself (`--call seed=3` crashed the demo)
+    check_call_table(call_kwargs)  # and what calibration does
     report = run_demo(spec=args.pipe, prompts=args.prompts, num_prompts=args.num_prompts,
-                      steps=args.steps, call_kwargs=_call_kwargs(args), seed=args.seed, out=Path(args.out),
+                      steps=args.steps, call_kwargs=call_kwargs, seed=args.seed, out=Path(args.out),
                       repeats=args.repeats, dtype=args.dtype, device=args.device, variant=args.variant)
     if _is_main_process():
         print(report.to_markdown())
@@ -231,11 +236,14 @@ def _check_metric_options(args: argparse.Namespace, metrics: list[str]) -> None:
     """Refuse options of a metric not asked for (they were ignored silently, a zoo reference loaded for nothing)."""
     idle = [flag for flag, value, metric in (("--fid-reference", args.fid_reference, "fid"),
                                              ("--fid-cache", args.fid_cache, "fid"),
-                                             ("--clip-model", args.clip_model, "clip"))
+                                             ("--clip-model", args.clip_model, "clip"),
+                                             ("--fid-dtype", None if args.fid_dtype == "float32" else args.fid_dtype,
+                                              "fid"))
             if value is not None and metric not in metrics]
     if idle:
         raise ValueError(f"{', '.join(idle)}: options of metrics that --metrics {','.join(metrics)} does not ask for "
-                         f"(--fid-reference / --fid-cache: fid; --clip-model: clip); add the metric or drop them")
+                         f"(--fid-reference / --fid-cache / --fid-dtype: fid; --clip-model: clip); add the metric or "
+                         f"drop them")
 
 
 def _check_eval_inputs(args: argparse.Namespace, metrics: list[str], fid_reference: Any, fid_extractor: Any) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from . import prompts as prompt_sets
 from .arch import find_denoiser, get_adapter
+from .artifact import applied_techniques
 from .loading import default_demo_spec, load_pipeline
 
 VariantBuilder = Callable[[Any, Any], Any]  # (base pipeline, Calibration) -> accelerated copy
@@ -150,6 +151,10 @@ def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: i
     from .eval.distributed import process_state
 
     pipe = load_pipeline(spec or default_demo_spec(), dtype=dtype, device=device, variant=variant)
+    applied = applied_techniques(pipe)
+    if applied:  # its replaced layers left the calibration no module to observe ("needs at least one module name")
+        raise ValueError(f"the demo accelerates a base model, but {spec!r} already has {applied} applied: give the "
+                         f"artifact's base instead (its manifest's base source)")
     prompt_list = (prompt_sets.load(prompts, limit=num_prompts) if prompts
                    else prompt_sets.for_pipeline(pipe, limit=num_prompts))
     out.mkdir(parents=True, exist_ok=True)

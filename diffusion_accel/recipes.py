@@ -35,7 +35,7 @@ METHODS = ("stats", *PRUNE_METHODS, "ptq", "cache")
 _STAGES = {"stats": -1, "obs": 0, "wanda": 0, "magnitude": 0, "ptq": 1, "cache": 2}  # chain order
 CALIBRATION_KEYS = ("prompts", "num_prompts", "steps", "guidance", "selection", "weighting", "batch_size")
 MODEL_KEYS = ("id", "dtype", "variant")
-# [quant] / [prune] / [cache] keys are checked by the configs they build; [call] keys by _check_call_table
+# [quant] / [prune] / [cache] keys are checked by the configs they build; [call] keys by check_call_table
 RECIPE_TABLES = ("model", "calibration", "call", "quant", "prune", "cache")
 
 
@@ -56,6 +56,11 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         if not isinstance(value, str):
             raise ValueError(f"{path}: [model] {key} = {value!r} must be a string (a pipeline spec such as "
                              f"'zoo:fashion-sd' / a dtype such as 'bf16')")
+    in_call = recipe.get("call", {}).get("guidance_scale")
+    in_calibration = recipe.get("calibration", {}).get("guidance")
+    if None not in (in_call, in_calibration) and in_call != in_calibration:  # calibration silently ran at one
+        raise ValueError(f"{path}: [call] guidance_scale = {in_call!r} and [calibration] guidance = {in_calibration!r} "
+                         f"disagree: give one of them")
     return recipe
 
 
@@ -148,7 +153,7 @@ def merged_settings(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[st
     settings.update(recipe.get("calibration", {}))
     command_line_call = parse_call_args(getattr(args, "call", None))
     settings["call"] = dict(recipe.get("call", {})) | command_line_call
-    _check_call_table(settings["call"])
+    check_call_table(settings["call"])
     for key in CALIBRATION_KEYS:
         value = getattr(args, key, None)
         if value is not None:
@@ -173,7 +178,7 @@ _OWN_SETTINGS = {"num_inference_steps": "--steps / [calibration] steps", "genera
 _PIPELINE_ARGUMENTS_CALIBRATE_TAKES = ("guidance_scale", "negative_prompt", "num_images_per_prompt")
 
 
-def _check_call_table(call: dict[str, Any]) -> None:
+def check_call_table(call: dict[str, Any]) -> None:
     """Refuse ``--call`` / ``[call]`` keys that calibration sets from its own settings."""
     clashes = sorted(set(call) & set(_OWN_SETTINGS))
     if clashes:

@@ -165,3 +165,11 @@ def test_a_mirror_holding_only_variant_files_is_built_and_checked_from_them(tmp_
         assert row["status"] == "built" and row["check"]["psnr_db"] > 10
         source = json.loads((out / "mirrored" / "manifest.json").read_text())["base"]["source"]
         assert source["variant"] == "fp16" and source["dtype"] == "bfloat16"
+
+
+def test_an_out_path_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    """It ended in a FileExistsError traceback (exit 1) after parsing."""
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        build_artifacts.main([str(_recipe(tmp_path, "small", "tiny:sd")), "--out", str(tmp_path / "afile")])
+    assert exit_info.value.code == 2 and "is a file; give a folder" in capsys.readouterr().err

@@ -69,6 +69,14 @@ def test_unknown_subcommand_and_bad_flag_exit_2(capsys):
     (["eval", "--pipe", "C:/models"], "'C:/models': no such folder"),  # and a hub lookup
     (["eval", "--pipe", "tiny:sd", "--device", "cuda:99"], "'cuda:99' is not available"),  # was a traceback
     (["eval", "--pipe", "tiny:sd", "--device", "gpu"], "unknown device 'gpu'"),
+    # session 42: tracebacks (demo: calibrate() got multiple values for 'seed'), a silently changed selection, an
+    # ignored flag, a TypeError for text prompts to an unconditional pipeline
+    (["demo", "--pipe", "tiny:sd", "--call", "seed=3"], "may not set ['seed']: these are settings of the calibration"),
+    (["demo", "--pipe", "tiny:sd", "--call", "steps=[0]"], "may not set ['steps']"),
+    (["demo", "--pipe", "tiny:sd", "--call", "num_inference_steps=3"], "may not set ['num_inference_steps']"),
+    (["eval", "--pipe", "tiny:sd", "--metrics", "psnr", "--fid-dtype", "bfloat16"], "--fid-dtype: options of metrics"),
+    (["calibrate", "--pipe", "tiny:ddpm", "--prompts", "default", "--steps", "2", "--out", "x"],
+     "DDPMPipeline is unconditional and takes no prompts; pass prompts=None and num_samples=N (command line: drop"),
 ])
 def test_user_mistakes_are_one_line_errors(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -93,6 +101,8 @@ def test_user_mistakes_are_one_line_errors(argv, message, capsys, tmp_path, monk
     ('[model]\nid = "tiny:sd"\nrevision = "fp16"\n', "unknown [model] keys ['revision']; accepted: ['id', 'dtype', 'variant']"),
     ('steps = 4\n[model]\nid = "tiny:sd"\n', "unknown recipe tables or keys ['steps']"),
     ('call = 4\n[model]\nid = "tiny:sd"\n', "call = 4 must be a table ([call] with key = value lines)"),
+    ('[model]\nid = "tiny:sd"\n[calibration]\nguidance = 3.0\n[call]\nguidance_scale = 5.0\n',
+     "[call] guidance_scale = 5.0 and [calibration] guidance = 3.0 disagree"),  # calibration ran at 3, silently
 ])
 def test_malformed_recipes_are_one_line_errors(text, message, capsys, tmp_path):
     (tmp_path / "recipe.toml").write_text(text)
@@ -779,3 +789,13 @@ def test_help_under_python_OO_which_drops_docstrings():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "usage: diffusion-accel" in result.stdout
+
+
+def test_the_demo_refuses_an_accelerated_pipeline_naming_its_techniques(capsys, tmp_path):
+    """An artifact as --pipe failed with "a collector needs at least one module name" (its layers were replaced)."""
+    import diffusion_accel as da
+    from diffusion_accel.testing.tiny import build_tiny
+
+    da.save(da.prune_(build_tiny("sd"), da.PruneConfig(method="magnitude", sparsity=0.5)), tmp_path / "pruned")
+    assert main(["demo", "--pipe", f"tiny:sd+{tmp_path / 'pruned'}", "--out", str(tmp_path / "demo")]) == 2
+    assert "already has ['prune'] applied: give the artifact's base" in capsys.readouterr().err

@@ -131,10 +131,16 @@ def placeholder_prompts(prompts: Any, num_samples: int | None) -> tuple[Any, int
     return None, len(prompts)
 
 
+class PromptsForUnconditionalError(TypeError, ValueError):
+    """Prompts given to an unconditional pipeline: a TypeError of the Python call, and a ValueError, the command
+    line's bad-input error (``calibrate --pipe zoo:mnist-ddpm --prompts default`` ended in a traceback)."""
+
+
 def _unconditional_items(pipe: Any, prompts: Any, num_samples: int | None) -> list[None]:
     if prompts is not None:
-        raise TypeError(f"{type(pipe).__name__} is unconditional and takes no prompts; "
-                        f"pass prompts=None and num_samples=N")
+        raise PromptsForUnconditionalError(
+            f"{type(pipe).__name__} is unconditional and takes no prompts; pass prompts=None and num_samples=N "
+            f"(command line: drop --prompts, and --num-prompts N sets the number of samples)")
     count = 1 if num_samples is None else num_samples
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
