@@ -168,7 +168,7 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
 
     spec, dtype = artifact_base(folder, args.pipe, args.dtype)
     base = load_pipeline(spec, dtype=dtype, device=args.device,  # the files the artifact was built from:
-                         variant=args.variant or artifact_variant(folder))  # a fp16-only folder failed here
+                         variant=args.variant or artifact_variant(folder, args.pipe))  # fp16-only folders failed
     accelerated = load(type(base).from_pipe(base), folder)  # its own copy of the denoiser; the pipeline's
     # config (SDXL's force_zeros_for_empty_prompt, ...) kept: type(base)(**base.components) reset it
     if hasattr(base, "default_sample_size"):

@@ -133,11 +133,22 @@ def artifact_base(artifact: str | Path, base_spec: str | None = None,
     return base_spec, parse_dtype(dtype) or parse_dtype(base.get("dtype") or source.get("dtype"))
 
 
-def artifact_variant(artifact: str | Path) -> str | None:
-    """The weight-file variant the artifact's base was loaded with (None: the default files)."""
+def artifact_variant(artifact: str | Path, base_spec: str | None = None) -> str | None:
+    """The weight-file variant the artifact's base was loaded with (None: the default files), for its recorded base:
+    a ``base_spec`` naming another one gets None (``tiny:sd+ART`` of an fp16-variant artifact asked tiny:sd for
+    fp16 files, and no command could ask for "no variant")."""
     from .artifact import read_manifest
 
-    return (read_manifest(artifact)["base"].get("source") or {}).get("variant")
+    source = read_manifest(artifact)["base"].get("source") or {}
+    return source.get("variant") if base_spec is None or _same_spec(base_spec, source.get("spec")) else None
+
+
+def _same_spec(given: str, recorded: str | None) -> bool:
+    """Whether ``given`` names the recorded base spec (folders compared by their resolved paths)."""
+    if recorded is None or given == recorded:
+        return given == recorded
+    folder = Path(given).expanduser()
+    return folder.exists() and folder.resolve() == Path(recorded).expanduser().resolve()
 
 
 def artifact_rounding(artifact: str | Path) -> torch.dtype | None:
@@ -160,7 +171,7 @@ def _load_with_artifact(base_spec: str | None, artifact: Path, torch_dtype: torc
     spec, dtype = artifact_base(artifact, base_spec, torch_dtype)
     rounding = None if torch_dtype is not None else artifact_rounding(artifact)
     base = load_pipeline(spec, dtype=rounding or dtype, device=None if device is None else str(device),
-                         variant=variant or artifact_variant(artifact))
+                         variant=variant or artifact_variant(artifact, base_spec))
     if rounding is None or rounding == dtype:
         return load(base, artifact)
     with warnings.catch_warnings():  # its advice, a cast after load, follows

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -824,6 +825,12 @@ def test_variant_weight_files_load_and_an_artifact_records_them(tmp_path):
     assert torch.equal(loaded(**tiny_call_kwargs("sd")).images, pipe(**tiny_call_kwargs("sd")).images)
     with pytest.raises(ValueError, match="selects weight files of a hub model or save_pretrained folder"):
         load_pipeline("tiny:sd", variant="fp16")
+    # another base named explicitly takes its own default files, not the recorded variant (both failed)
+    build_tiny("sd").save_pretrained(tmp_path / "plain")
+    for base in ("tiny:sd", str(tmp_path / "plain")):
+        assert artifact.applied_techniques(load_pipeline(f"{base}+{tmp_path / 'artifact'}")) == ["cache"]
+    relative = os.path.relpath(tmp_path / "model")  # the recorded base under another spelling keeps its variant
+    assert artifact.applied_techniques(load_pipeline(f"{relative}+{tmp_path / 'artifact'}")) == ["cache"]
 
 
 def test_weight_samples_of_tensors_past_two_to_the_24_elements_stay_in_bounds():
