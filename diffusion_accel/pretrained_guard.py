@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .base_match import base_state_dict
+
 SAVE_METHOD = "save_pretrained"
 FUSE_METHOD = "fuse_qkv_projections"
 GUARDED_MODEL_METHODS = (SAVE_METHOD, FUSE_METHOD)  # on the denoiser
@@ -194,8 +196,18 @@ def check_savable(denoiser: nn.Module) -> None:
     mismatched = mismatched_tensors(denoiser)
     if not mismatched:
         return
+    from .arch.registry import adapter_wrapped_layers
     from .artifact import applied_techniques
 
+    wrapped = adapter_wrapped_layers(denoiser)
+    if wrapped:  # peft renames the layers it wraps: those tensors are the adapters', not the techniques'
+        mismatched = mismatched_tensors(denoiser, without_adapters=True)
+    if wrapped and not mismatched:
+        raise UnsavableModelError(
+            f"diffusers' save_pretrained cannot save this {type(denoiser).__name__}: unmerged adapters (LoRA, via "
+            f"peft) wrap {len(wrapped)} of its layers (e.g. {wrapped[0]!r}), whose tensors from_pretrained would not "
+            f"read back. Merge them first (pipe.fuse_lora(), pipe.unload_lora_weights()) or save the LoRA with "
+            f"save_lora_weights; diffusion_accel.save(pipe, DIR) saves {applied_techniques(denoiser)} without them.")
     examples = ", ".join(mismatched[:_EXAMPLES]) + (", ..." if len(mismatched) > _EXAMPLES else "")
     raise UnsavableModelError(
         f"diffusers' save_pretrained cannot save this {type(denoiser).__name__}: techniques "
@@ -206,9 +218,10 @@ def check_savable(denoiser: nn.Module) -> None:
         f"model itself can be saved with save_pretrained before the techniques are applied.")
 
 
-def mismatched_tensors(denoiser: nn.Module) -> list[str]:
-    """State-dict entries of ``denoiser`` that are missing, extra or differently shaped compared with
-    a model built from ``denoiser.config`` (built on the meta device: no memory, no weights)."""
+def mismatched_tensors(denoiser: nn.Module, without_adapters: bool = False) -> list[str]:
+    """State-dict entries of ``denoiser`` (``without_adapters``: as its base has them, ``base_state_dict``) that are
+    missing, extra or differently shaped compared with a model built from ``denoiser.config`` (built on the meta
+    device: no memory, no weights)."""
     config = getattr(denoiser, "config", None)
     if config is None or not hasattr(type(denoiser), "from_config"):
         return []
@@ -220,6 +233,7 @@ def mismatched_tensors(denoiser: nn.Module) -> list[str]:
                       f"back ({type(error).__name__}: {error}); saving it unchecked", stacklevel=3)
         return []
     expected = {name: tuple(tensor.shape) for name, tensor in reference.state_dict().items()}
-    actual = {name: tuple(tensor.shape) for name, tensor in denoiser.state_dict().items()}
+    state = base_state_dict(denoiser) if without_adapters else denoiser.state_dict()
+    actual = {name: tuple(tensor.shape) for name, tensor in state.items()}
     names = sorted(expected.keys() | actual.keys())
     return [name for name in names if expected.get(name) != actual.get(name)]

@@ -98,3 +98,19 @@ def test_an_artifact_saved_beside_an_unmerged_lora_names_the_plain_base(tmp_path
     pipe.unload_lora_weights()  # the base's own weights again: saved, it loads onto the plain base too
     da.save(pipe, tmp_path / "unloaded")
     assert torch.equal(_images(da.load(build_tiny("sd"), tmp_path / "unloaded")), _images(pipe))
+
+
+def test_save_pretrained_with_unmerged_adapters_names_them_not_the_techniques(tmp_path):
+    """The refusal said "techniques ['cache'] changed 112 of its tensors": caching changed none, peft's renamed
+    layers were the mismatch."""
+    from diffusion_accel.pretrained_guard import UnsavableModelError
+
+    pipe = da.enable_cache(_with_lora(), da.DeepCacheConfig(interval=2))
+    with pytest.raises(UnsavableModelError, match=r"unmerged adapters \(LoRA, via peft\) wrap 56 .*fuse_lora"):
+        pipe.save_pretrained(tmp_path / "pipe")
+    quantized = _with_lora()
+    quantized.fuse_lora(components=["unet"])
+    quantized.unload_lora_weights()
+    da.quantize_(quantized, da.PTQConfig.preset("w8a8", calib_prompts=1, calib_num_steps=2, calib_steps="all"))
+    with pytest.raises(UnsavableModelError, match=r"techniques \['ptq'\] changed"):
+        quantized.save_pretrained(tmp_path / "quantized")
