@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .arch.registry import adapter_wrapped_layers, find_denoiser
-from .base_match import (SAMPLE_FILE, base_state_dict, config_items, dense, only_rounded, representable_in, rounded_to, samples_match,
-                         structure_fingerprint, weight_sample)
+from .base_match import (SAMPLE_FILE, base_state_dict, config_items, dense, only_rounded, representable_in, rounded_to,
+                         samples_match, structure_fingerprint, weight_sample)
 from .adapter_guard import GUARDED_ADAPTER_METHODS, GUARDED_ADAPTER_PIPELINE_METHODS, install_adapter_guards
 from .artifact_files import StagedWrite
 from .artifact_tensors import TechniqueTensors
@@ -489,9 +489,9 @@ def _check_loadable_base(denoiser: torch.nn.Module, component: str, manifest: di
     check_not_offloaded(denoiser, "load")
     check_no_layerwise_casting(denoiser, "load")
     if getattr(denoiser, "is_cache_enabled", False):  # diffusers' own (CacheMixin.enable_cache)
-        raise ArtifactError(f"load() needs a base without diffusers' own cache ({type(denoiser._cache_config).__name__} "
-                            f"is enabled on pipe.{component}): call pipe.{component}.disable_cache(), load, then "
-                            f"enable it again")
+        raise ArtifactError(f"load() needs a base without diffusers' own cache "
+                            f"({type(denoiser._cache_config).__name__} is enabled on pipe.{component}): call "
+                            f"pipe.{component}.disable_cache(), load, then enable it again")
     changing = [entry["name"] for entry in manifest["techniques"] if entry["name"] != "cache"]  # of the weights
     wrapped = adapter_wrapped_layers(denoiser)
     if changing and wrapped:

@@ -931,8 +931,8 @@ def test_fp8_codes_and_timestep_group_bounds_must_be_finite(tmp_path):
     fast = {"calib_prompts": 1, "calib_num_steps": 2, "calib_steps": "all"}
     fp8 = artifact.save(da.quantize_(build_tiny("sd"), da.PTQConfig.preset("fp8", activations=None, **fast)),
                         tmp_path / "fp8")
-    groups = artifact.save(da.quantize_(build_tiny("sd"), da.PTQConfig(timestep_groups=3, **{**fast, "calib_num_steps": 4})),
-                           tmp_path / "groups")
+    grouped = da.PTQConfig(timestep_groups=3, **{**fast, "calib_num_steps": 4})
+    groups = artifact.save(da.quantize_(build_tiny("sd"), grouped), tmp_path / "groups")
     tensors = load_file(fp8 / "00-ptq.safetensors")
     codes = _first(tensors, ".codes")
     tensors[codes] = tensors[codes].float().index_fill(0, torch.tensor([0]), float("nan")).to(tensors[codes].dtype)

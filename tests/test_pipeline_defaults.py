@@ -122,7 +122,8 @@ def test_a_call_argument_contradicting_its_annotation_is_named_before_any_call()
     for name, value, wanted in (("negative_prompt", 2024, "a string, a list of strings or null"),
                                 ("negative_prompt", ["blurry", 3], "a string, a list of strings or null"),
                                 ("clip_skip", "x", "an int or null"), ("clip_skip", True, "an int or null")):
-        with pytest.raises(CallArgumentError, match=rf"{name}={value!r} \(from evaluate\) must be {wanted}$".replace("[", r"\[")):
+        message = rf"{name}={value!r} \(from evaluate\) must be {wanted}$".replace("[", r"\[")
+        with pytest.raises(CallArgumentError, match=message):
             check_call_arguments(pipe, {name: value}, "evaluate")
     check_call_arguments(pipe, {"negative_prompt": ["blurry"], "clip_skip": 1, "timesteps": [999, 500],
                                 "cross_attention_kwargs": {"scale": 0.5}, "latents": torch.zeros(1)}, "evaluate")

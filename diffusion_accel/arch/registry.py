@@ -127,9 +127,9 @@ def check_not_prequantized(denoiser: nn.Module, technique: str) -> None:
         raise ValueError(f"{technique} needs dense floating-point weights, but {stored[0]!r} is stored for 2:4 sparse "
                          f"kernels ({stored[1].__name__}); to stack it on 2:4 pruning, prune with "
                          f"PruneConfig(..., sparse_kernels=False) first")
-    raise ValueError(f"{technique} needs floating-point weights, but {stored[0]!r} is a {stored[1].__name__} (quantized "
-                     f"with torchao's quantize_?). Apply {technique} to the float model (feature caching works on "
-                     f"the quantized one).")
+    raise ValueError(f"{technique} needs floating-point weights, but {stored[0]!r} is a {stored[1].__name__} "
+                     f"(quantized with torchao's quantize_?). Apply {technique} to the float model (feature caching "
+                     f"works on the quantized one).")
 
 
 LAYERWISE_CASTING_HOOK = "layerwise_casting"  # diffusers' hook names (enable_layerwise_casting,

@@ -15,7 +15,6 @@ from typing import Any
 
 from torch import nn
 
-from ..arch.registry import find_denoiser
 from ..hooks import ModuleHooks
 from ..stacklevel import user_stacklevel
 from .collectors import WANTS, Collector, ModuleCall, Step, check_module_names
