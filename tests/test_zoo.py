@@ -140,6 +140,17 @@ def test_t5_tokenizer_word_level():
     assert all(w.isalpha() or w == "-" for w in vocabulary())
 
 
+def test_t5_tokenizer_lowercases_like_the_clip_ones_also_when_shipped(tmp_path):
+    """fashion-flux's T5 tokenizer was case-sensitive: "A Sneaker" became <unk> and letters, and the model drew bags."""
+    from transformers import AutoTokenizer
+
+    built = build_t5_tokenizer()
+    built.save_pretrained(tmp_path)
+    for tok in (built, AutoTokenizer.from_pretrained(tmp_path), zoo.load("fashion-flux").tokenizer_2):
+        assert tok("A Sneaker on a PLAIN background").input_ids == tok("a sneaker on a plain background").input_ids
+        assert tok.convert_ids_to_tokens(tok("A Sneaker").input_ids) == ["\u2581a", "\u2581sneaker", "</s>"]
+
+
 def test_fashion_clip_round_trip_and_clip_score(tmp_path):
     from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import CLIPModel, CLIPProcessor

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
 from . import _common as C
 from .captions import TEMPLATES, all_captions
@@ -67,7 +67,7 @@ def clip_pooled(text_encoder: CLIPTextModel, tok: CLIPTokenizer, texts: list[str
     return text_encoder(ids.to(text_encoder.device), output_hidden_states=False).pooler_output.float()
 
 
-def t5_ids(tok: T5Tokenizer, texts: list[str]) -> torch.Tensor:
+def t5_ids(tok: Any, texts: list[str]) -> torch.Tensor:
     """T5 input_ids padded to T5_MAX_LENGTH (len(texts) × 32), as FluxPipeline pads them."""
     return tok(texts, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True,
                return_tensors="pt").input_ids
@@ -105,7 +105,7 @@ def frozen_parts(device: torch.device, source: Path | None = None) -> dict:
         return {"vae": AutoencoderKL.from_pretrained(source / "vae").float().to(device).eval(),
                 "clip": CLIPTextModel.from_pretrained(source / "text_encoder").float().to(device).eval(),
                 "clip_tok": CLIPTokenizer.from_pretrained(source / "tokenizer"),
-                "t5_tok": T5Tokenizer.from_pretrained(source / "tokenizer_2")}
+                "t5_tok": AutoTokenizer.from_pretrained(source / "tokenizer_2")}  # T5Tokenizer before session 42
     clip = stage_folder("fashion-clip")
     return {"vae": AutoencoderKL.from_pretrained(vae_folder("fashion-flux-vae")).to(device).eval(),
             "clip": clip_text_tower(clip).to(device).eval(),

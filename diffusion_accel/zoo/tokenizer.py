@@ -7,7 +7,8 @@ import string
 import tempfile
 from pathlib import Path
 
-from transformers import CLIPTokenizer, T5Tokenizer
+from tokenizers import normalizers
+from transformers import CLIPTokenizer, PreTrainedTokenizerFast, T5Tokenizer
 
 from .captions import vocabulary
 
@@ -77,10 +78,16 @@ def build_clip_tokenizer(max_length: int = CLIP_MAX_LENGTH) -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length, pad_token=EOS)
 
 
-def build_t5_tokenizer(max_length: int = T5_MAX_LENGTH) -> T5Tokenizer:
-    """A Unigram T5 tokenizer: one piece per caption word, letters/digits/punctuation as fallback."""
+def build_t5_tokenizer(max_length: int = T5_MAX_LENGTH) -> PreTrainedTokenizerFast:
+    """A Unigram T5 tokenizer: one piece per caption word, letters/digits/punctuation as fallback, lowercasing
+    first as the CLIP tokenizers do (its pieces are lowercase: "A Sneaker" lost both words to <unk> and letters,
+    and fashion-flux drew bags for it). A ``PreTrainedTokenizerFast`` around T5's tokenizer: transformers'
+    ``T5Tokenizer`` rebuilds its normalizer from a sentencepiece charsmap when loaded, dropping the lowercasing."""
     specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     words = [("\u2581" + w, -1.0) for w in vocabulary() if w.isalpha()]
     words += [(w, -1.5) for w in vocabulary() if w.isalpha() and len(w) > 1]
     chars = [(c, -5.0) for c in string.ascii_lowercase + string.digits + "-.,'"]
-    return T5Tokenizer(vocab=specials + words + chars, extra_ids=0, model_max_length=max_length)
+    t5 = T5Tokenizer(vocab=specials + words + chars, extra_ids=0, model_max_length=max_length)
+    t5.backend_tokenizer.normalizer = normalizers.Lowercase()
+    return PreTrainedTokenizerFast(tokenizer_object=t5.backend_tokenizer, eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", model_max_length=max_length)
