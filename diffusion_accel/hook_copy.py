@@ -37,6 +37,7 @@ def _deepcopy_with_hooks(denoiser: nn.Module, memo: dict[int, Any]) -> nn.Module
     """``copy.deepcopy(denoiser)`` whose hooks run on the copy: copied as ``object.__reduce_ex__`` would
     (the same memo, so hooks, sessions and registries map to their copies), then each hook registry in
     the copy re-registers its copied hooks in order, which rebuilds ``forward`` around the copy."""
+    _refuse_unrebuildable_hooks(denoiser)
     cls = type(denoiser)
     clone = cls.__new__(cls)
     memo[id(denoiser)] = clone
@@ -45,6 +46,18 @@ def _deepcopy_with_hooks(denoiser: nn.Module, memo: dict[int, Any]) -> nn.Module
     for module in clone.modules():
         _rebuild_forward_chain(module)
     return clone
+
+
+def _refuse_unrebuildable_hooks(denoiser: nn.Module) -> None:
+    """diffusers' layerwise casting hook cannot be removed (``NotImplementedError`` from its registry), so a copy's
+    chain cannot be rebuilt around it: a clear TypeError instead of diffusers' "does not support deinitialization"."""
+    from .arch.registry import LAYERWISE_CASTING_HOOK, first_diffusers_hook
+
+    found = first_diffusers_hook(denoiser, LAYERWISE_CASTING_HOOK)
+    if found is not None:
+        raise TypeError(f"cannot copy.deepcopy this {type(denoiser).__name__}: it carries diffusion_accel's step hooks "
+                        f"and diffusers' layerwise casting (at {found[0]!r}), whose hook cannot be rebuilt on a copy; "
+                        f"copy it before enable_layerwise_casting, or da.remove_cache(pipe) first")
 
 
 def _rebuild_forward_chain(module: nn.Module) -> None:

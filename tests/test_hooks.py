@@ -200,3 +200,18 @@ def test_a_sibling_pipeline_with_its_own_scheduler_is_placed_by_it_after_the_wat
                        strength=0.5, num_inference_steps=8, height=16, width=16, output_type="latent",
                        generator=torch.Generator().manual_seed(0)).images for _ in range(2)]
     assert positions == [4, 5, 6, 7] * 2 and torch.equal(latents[0], latents[1])
+
+
+def test_copying_a_cached_denoiser_under_layerwise_casting_is_a_clear_error():
+    """diffusers' layerwise-casting hook cannot be removed, so rebuilding the copy's chain raised its
+    "does not support deinitialization" NotImplementedError."""
+    import copy
+
+    import diffusion_accel as da
+
+    pipe = build_tiny("sd")
+    pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
+    with pytest.raises(TypeError, match=r"cannot copy.deepcopy .* layerwise casting .*before enable_layerwise_casting"):
+        copy.deepcopy(pipe.unet)
+    assert torch.isfinite(pipe(**tiny_call_kwargs("sd", steps=2)).images).all()

@@ -136,7 +136,7 @@ LAYERWISE_CASTING_HOOK = "layerwise_casting"  # diffusers' hook names (enable_la
 GROUP_OFFLOADING_HOOK = "group_offloading"     # enable_group_offload)
 
 
-def _first_diffusers_hook(denoiser: nn.Module, hook_name: str) -> tuple[str, Any] | None:
+def first_diffusers_hook(denoiser: nn.Module, hook_name: str) -> tuple[str, Any] | None:
     """(module name, hook) of the first module carrying diffusers' hook ``hook_name``, else None."""
     for name, module in denoiser.named_modules():
         registry = getattr(module, "_diffusers_hook", None)
@@ -150,7 +150,7 @@ def check_no_layerwise_casting(denoiser: nn.Module, technique: str) -> None:
     """Refuse a weight-changing ``technique`` while diffusers' layerwise casting stores weights in a
     low-precision dtype (``enable_layerwise_casting``, e.g. float8): the solvers and quantizers would
     read the lossy stored weights and fail on the dtype (float8 times float32) or change them."""
-    found = _first_diffusers_hook(denoiser, LAYERWISE_CASTING_HOOK)
+    found = first_diffusers_hook(denoiser, LAYERWISE_CASTING_HOOK)
     if found is not None:
         raise ValueError(
             f"{technique} cannot change layers whose weights diffusers' layerwise casting stores in "
@@ -167,7 +167,7 @@ def check_not_offloaded(denoiser: nn.Module, technique: str) -> None:
     from ..hooks import check_no_cpu_offload  # imported here: diffusers.hooks pulls peft (`--help` stays light)
 
     check_no_cpu_offload(denoiser, technique)
-    found = _first_diffusers_hook(denoiser, GROUP_OFFLOADING_HOOK)
+    found = first_diffusers_hook(denoiser, GROUP_OFFLOADING_HOOK)
     if found is not None:
         raise ValueError(
             f"{technique} cannot change a denoiser under diffusers' group offloading (hooked at {found[0]!r}): "
