@@ -5,7 +5,8 @@ available" (#4 W8A8 vs bf16 compiled, fp8; #5 structured and 2:4 sparse kernels)
     python benchmarks/device_speed.py --device cuda --model dit --only dense structured
     python benchmarks/device_speed.py --device cpu --smoke               # tiny shapes: the script end to end
 
-``--smoke`` also forces the fp8 kernel path (torch's CPU ``_scaled_mm`` is exact, just slow) so that
+Each run writes its own report, ``results/device_speed_<device>_<model>[_<N>px][_smoke].json`` (an ``--only`` run holds
+only its groups: give ``--out`` to keep a committed report whole). ``--smoke`` also forces the fp8 kernel path (torch's CPU ``_scaled_mm`` is exact, just slow) so that
 every code path runs on a machine without a GPU.
 
 Full-size published architectures with random weights (speed does not depend on weight values), 256 px,
@@ -256,7 +257,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.model != "sd15":
         args.only = [g for g in args.only if g not in ("w8a8", "fp8", "w4a16")]
     size = f"_{args.resolution}px" if args.resolution else ""
-    args.out = args.out or RESULTS / f"device_speed_{args.device.split(':')[0]}_{args.model}{size}.json"
+    smoke = "_smoke" if args.smoke else ""  # tiny shapes never land on a full run's committed report
+    args.out = args.out or RESULTS / f"device_speed_{args.device.split(':')[0]}_{args.model}{size}{smoke}.json"
     if args.smoke:
         fp8.fp8_kernel_available = lambda device: True  # exercise the kernel path (see the module doc)
     report = run(args)

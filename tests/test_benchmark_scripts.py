@@ -25,6 +25,21 @@ def test_device_speed_smoke_runs_every_variant(tmp_path):
     assert out.with_suffix(".md").read_text().count("|") > 20
 
 
+def test_a_smoke_run_never_writes_a_full_runs_report(monkeypatch):
+    """`device_speed.py --smoke` without --out wrote its tiny-shape timings over the committed
+    device_speed_cuda_sd15.json (on a GPU machine, where --device defaults to cuda)."""
+    import device_speed
+
+    targets = []
+    monkeypatch.setattr(device_speed, "run", lambda args: targets.append(args.out) or {})
+    monkeypatch.setattr(device_speed, "markdown", lambda report: "")
+    for argv in (["--device", "cuda", "--smoke"], ["--device", "cuda:0", "--model", "dit", "--smoke"],
+                 ["--device", "cuda"]):
+        device_speed.main(argv)
+    assert [path.name for path in targets] == ["device_speed_cuda_sd15_smoke.json", "device_speed_cuda_dit_smoke.json",
+                                               "device_speed_cuda_sd15.json"]
+
+
 def test_fid_bootstrap_formula_matches_torchmetrics_and_pairs_resamples():
     import torch
     from fid_bootstrap import FixedReferenceFID, bootstrap
