@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from .arch.registry import DENOISER_COMPONENTS
+from .scalars import plain_number
 from .stacklevel import user_stacklevel
 
 _ATTR = "_diffusion_accel_call_defaults"
@@ -105,23 +106,29 @@ def check_guidance_scale_is_read(pipe: Any, owner: str) -> None:
 
 
 def _check_value_types(pipe: Any, params: Any, values: dict[str, Any], owner: str) -> None:
-    """CallArgumentError for a value whose type contradicts the parameter's number or bool default, or, for a
-    JSON-like value (what ``--call`` gives), its annotation (``--call guidance_scale=abc``, ``clip_skip=x`` or
-    ``negative_prompt=2024`` ended in a TypeError traceback deep inside diffusers)."""
+    """CallArgumentError for a JSON-like value (what ``--call`` gives; numpy scalars as Python numbers) that its
+    annotation, else its number or bool default, rules out (``--call guidance_scale=abc``, ``clip_skip=x``,
+    ``negative_prompt=2024``, ``max_sequence_length=16.0`` ended in a TypeError deep inside diffusers). Tensors,
+    images and other objects are the pipeline's to judge; None only where the default or annotation allows it."""
     hints = _call_type_hints(pipe)
-    for name, value in values.items():
-        default = params[name].default if name in params else None
-        if isinstance(default, bool):
-            wanted, fits = "true or false", isinstance(value, bool)
-        elif isinstance(default, (int, float)):
-            wanted, fits = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
-        elif name in hints and _json_like(value):
+    for name, raw in values.items():
+        value, default = plain_number(raw), params[name].default if name in params else None
+        if not _json_like(value) or (value is None and default is None):
+            continue
+        if name in hints:  # Union[float, List[float]] (ControlNet scales) takes lists its float default does not
             wanted, fits = _describe_type(hints[name]), _type_fits(hints[name], value) is not False
+        elif isinstance(default, (int, float)):
+            wanted, fits = _default_kind(default), _type_fits(type(default), value) is not False
         else:
             continue
-        if not fits and value is not None:
+        if not fits:
             raise CallArgumentError(f"{type(pipe).__name__}.__call__ argument {name}={value!r} (from {owner}) must "
                                     f"be {wanted}" + ("" if default is None else f" (its default is {default!r})"))
+
+
+def _default_kind(default: Any) -> str:
+    """What a number or bool default asks for, in words."""
+    return _SIMPLE_TYPES[type(default)] if type(default) in _SIMPLE_TYPES else "a number"
 
 
 def _call_type_hints(pipe: Any) -> dict[str, Any]:

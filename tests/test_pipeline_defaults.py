@@ -127,5 +127,20 @@ def test_a_call_argument_contradicting_its_annotation_is_named_before_any_call()
             check_call_arguments(pipe, {name: value}, "evaluate")
     check_call_arguments(pipe, {"negative_prompt": ["blurry"], "clip_skip": 1, "timesteps": [999, 500],
                                 "cross_attention_kwargs": {"scale": 0.5}, "latents": torch.zeros(1)}, "evaluate")
+    # numpy scalars and tensors pass (they were refused for number defaults); None only where allowed
+    import numpy as np
+
+    check_call_arguments(pipe, {"eta": np.float32(0.5), "guidance_rescale": torch.tensor(0.7),
+                                "return_dict": np.bool_(True), "height": np.int64(32)}, "evaluate")
+    for name, value, wanted in (("eta", None, "a number"), ("height", 32.0, "an int or null")):
+        with pytest.raises(CallArgumentError, match=rf"{name}={value!r} \(from evaluate\) must be {wanted}"):
+            check_call_arguments(pipe, {name: value}, "evaluate")
+    from diffusers import StableDiffusionControlNetPipeline  # Union[float, List[float]] with a float default
+
+    controlnet = StableDiffusionControlNetPipeline.__new__(StableDiffusionControlNetPipeline)
+    check_call_arguments(controlnet, {"controlnet_conditioning_scale": [1.0, 0.5],
+                                      "control_guidance_start": [0.0, 0.2]}, "calibrate")
+    with pytest.raises(CallArgumentError, match=r"controlnet_conditioning_scale='x'"):
+        check_call_arguments(controlnet, {"controlnet_conditioning_scale": "x"}, "calibrate")
     with pytest.raises(CallArgumentError, match=r"clip_skip='x' \(from calibrate\)"):
         da.calibrate(pipe, ["a cat"], num_inference_steps=2, clip_skip="x", progress=False)
