@@ -154,3 +154,15 @@ def test_attention_codes_of_half_precision_inputs_are_those_of_float32(dtype):
     torch.manual_seed(0)
     x = torch.randn(2, 4, 16, 32).to(dtype)
     assert torch.equal(processor._quant(x), processor._quant(x.float()).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_softmax_grid_is_computed_in_float32(dtype):
+    """float16 holds no 65535: softmax_bits=16 (the top of its range, advised for Flux) failed every float16 call
+    with "value cannot be converted to type c10::Half without overflow"."""
+    from diffusion_accel.quant.attention import quantize_softmax
+
+    probs = torch.rand(2, 4, 8, 8).softmax(dim=-1)
+    for bits in (8, 16):
+        out = quantize_softmax(probs.to(dtype), bits)
+        assert out.dtype == dtype and torch.equal(out, quantize_softmax(probs.to(dtype).float(), bits).to(dtype))

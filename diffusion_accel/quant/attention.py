@@ -30,9 +30,10 @@ from .quantizers import dynamic_qparams, fake_quant_act, in_float32
 
 
 def quantize_softmax(probs: torch.Tensor, bits: int) -> torch.Tensor:
-    """Round probabilities in [0, 1] onto the unsigned grid of ``2**bits`` levels."""
+    """Round probabilities in [0, 1] onto the unsigned grid of ``2**bits`` levels, in float32 (float16 holds no
+    65535: 16 bits failed every float16 call) and returned in ``probs``' dtype."""
     levels = 2 ** bits - 1
-    return torch.round(probs * levels).clamp(0, levels) / levels
+    return (torch.round(probs.float() * levels).clamp(0, levels) / levels).to(probs.dtype)
 
 
 class QuantAttentionBase:
