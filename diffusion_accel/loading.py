@@ -195,7 +195,8 @@ def _load_by_kind(spec: str, torch_dtype: torch.dtype | None, variant: str | Non
     if spec.startswith("tiny:"):
         from .testing.tiny import build_tiny
 
-        return build_tiny(spec[5:])
+        with torch.random.fork_rng(devices=[]):  # the builders seed torch's global RNG: the user's stream is kept
+            return build_tiny(spec[5:])
     from diffusers import DiffusionPipeline
 
     if Path(spec).is_dir():
@@ -203,6 +204,9 @@ def _load_by_kind(spec: str, torch_dtype: torch.dtype | None, variant: str | Non
         if zoo_name is not None:  # the zoo's call settings and native size come with its folder
             from . import zoo
 
+            if variant is not None:  # it loaded the standard files silently and recorded the variant
+                raise ValueError(f"variant={variant!r}: {spec!r} holds the zoo pipeline {zoo_name}, whose folder has "
+                                 f"one set of weight files; load it without a variant")
             return zoo.load(zoo_name, torch_dtype or torch.float32, folder=spec)
         return DiffusionPipeline.from_pretrained(spec, dtype=torch_dtype or torch.float32, **extra)
     if _looks_like_a_path(spec):

@@ -961,3 +961,19 @@ def test_fingerprints_read_2_4_sparse_weights_densely(monkeypatch):
                      meta_t=None, compressed_swizzled_bitmask=None)  # the class's dispatch table: no device needed
         monkeypatch.setattr(cls, "to_dense", lambda self: weight)  # its kernels need a GPU
         assert dense(torch.nn.Parameter(sparse, requires_grad=False)) is weight
+
+
+def test_tiny_specs_keep_the_users_random_stream_and_zoo_folders_refuse_a_variant():
+    """load_pipeline("tiny:...") re-seeded torch's global RNG (two users' seeds gave the same numbers after it), and
+    variant="fp16" on the zoo's own folder loaded its one set of files silently and recorded the variant."""
+    from diffusion_accel import zoo
+    from diffusion_accel.loading import load_pipeline
+
+    draws = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        load_pipeline("tiny:ddpm")
+        draws.append(torch.rand(3))
+    assert not torch.equal(*draws)
+    with pytest.raises(ValueError, match=r"variant='fp16': .* holds the zoo pipeline fashion-sd"):
+        load_pipeline(str(zoo.path("fashion-sd")), variant="fp16")

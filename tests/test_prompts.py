@@ -66,3 +66,14 @@ def test_class_ids_stop_at_the_classes_the_model_was_trained_on():
     pipe.transformer.register_to_config(num_embeds_ada_norm=4)
     pipe.labels = {name: index // 2 for index, name in enumerate("abcdefgh")}  # 8 names of 4 classes
     assert prompts.for_pipeline(pipe, limit=20) == [0, 1, 2, 3]
+
+
+def test_a_numpy_integer_limit_is_taken():
+    """np.int64(2) was refused as "limit must be None or an int >= 1", unlike numpy scalars elsewhere."""
+    import numpy as np
+
+    from diffusion_accel import prompts
+    from diffusion_accel.testing.tiny import build_tiny
+
+    assert prompts.load("default", limit=np.int64(2)) == prompts.load("default", limit=2)
+    assert prompts.for_pipeline(build_tiny("sd"), limit=np.int64(3)) == prompts.for_pipeline(build_tiny("sd"), limit=3)

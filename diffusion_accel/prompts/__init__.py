@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..scalars import plain_number
+
 _HERE = Path(__file__).parent
 
 
@@ -15,7 +17,7 @@ def names() -> list[str]:
 
 def load(name_or_path: str | Path, limit: int | None = None) -> list[str]:
     """Prompts of a bundled set or of a file (``.txt`` one per line, ``#`` comments; ``.json`` list)."""
-    _check_limit(limit)
+    limit = _check_limit(limit)
     path = _resolve(name_or_path)
     if path.suffix.lower() == ".json":
         try:  # utf-8-sig: a byte-order mark is no part of the text
@@ -36,10 +38,13 @@ def load(name_or_path: str | Path, limit: int | None = None) -> list[str]:
     return prompts[:limit] if limit else prompts
 
 
-def _check_limit(limit: object) -> None:
-    """``limit`` is None or an int >= 1 (floats, strings and bools were bare TypeErrors or taken as 1)."""
+def _check_limit(limit: object) -> int | None:
+    """``limit`` (a numpy integer as a Python int) checked to be None or an int >= 1 (floats, strings and bools
+    were bare TypeErrors or taken as 1)."""
+    limit = plain_number(limit)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be None or an int >= 1, got {limit!r}")
+    return limit
 
 
 def _resolve(name_or_path: str | Path) -> Path:
@@ -61,7 +66,7 @@ def for_pipeline(pipe: object, limit: int | None = None) -> list:
     """
     import inspect
 
-    _check_limit(limit)
+    limit = _check_limit(limit)
     parameters = inspect.signature(type(pipe).__call__).parameters
     count = limit or 8
     if "prompt" in parameters:
