@@ -30,6 +30,9 @@ def test_a_smoke_run_never_writes_a_full_runs_report(monkeypatch):
     device_speed_cuda_sd15.json (on a GPU machine, where --device defaults to cuda)."""
     import device_speed
 
+    from diffusion_accel.quant import fp8
+
+    monkeypatch.setattr(fp8, "fp8_kernel_available", fp8.fp8_kernel_available)  # --smoke forces it: put it back
     targets = []
     monkeypatch.setattr(device_speed, "run", lambda args: targets.append(args.out) or {})
     monkeypatch.setattr(device_speed, "markdown", lambda report: "")
