@@ -5,9 +5,10 @@ available" (#4 W8A8 vs bf16 compiled, fp8; #5 structured and 2:4 sparse kernels)
     python benchmarks/device_speed.py --device cuda --model dit --only dense structured
     python benchmarks/device_speed.py --device cpu --smoke               # tiny shapes: the script end to end
 
-Each run writes its own report, ``results/device_speed_<device>_<model>[_<N>px][_smoke].json`` (an ``--only`` run holds
-only its groups: give ``--out`` to keep a committed report whole). ``--smoke`` also forces the fp8 kernel path (torch's CPU ``_scaled_mm`` is exact, just slow) so that
-every code path runs on a machine without a GPU.
+Each run writes its own report, ``results/device_speed_<device>_<model>[_<N>px][_smoke].json`` (an ``--only``
+run holds only its groups: give ``--out`` to keep a committed report whole). ``--smoke`` also forces the fp8
+kernel path (torch's CPU ``_scaled_mm`` is exact, just slow) so that every code path runs on a machine without a
+GPU.
 
 Full-size published architectures with random weights (speed does not depend on weight values), 256 px,
 batch 2 (CFG). Every variant is timed in this process on the same inputs: median of ``--repeats`` after
