@@ -35,6 +35,7 @@ from .base_match import (SAMPLE_FILE, base_state_dict, config_items, dense, only
                          samples_match, structure_fingerprint, weight_sample)
 from .adapter_guard import GUARDED_ADAPTER_METHODS, GUARDED_ADAPTER_PIPELINE_METHODS, install_adapter_guards
 from .artifact_files import StagedWrite
+from .base_config import comparable_config, config_differences, upgraded_from
 from .artifact_tensors import TechniqueTensors
 from .uncompiled import runs_compiled
 from .manifest_schema import ManifestError, check_manifest
@@ -49,6 +50,7 @@ _APPLIED_ATTR = "_diffusion_accel_applied"
 _EXPORTS_ATTR = "_diffusion_accel_exports"
 _FINGERPRINT_ATTR = "_diffusion_accel_base_fingerprint"
 _BASE_SAMPLE_ATTR = "_diffusion_accel_base_sample"  # (structure fingerprint, weight sample)
+_BASE_CONFIG_ATTR = "_diffusion_accel_base_config"  # the config the base fingerprint hashed (base_config)
 _APPLIED_SAMPLE_ATTR = "_diffusion_accel_applied_sample"  # weight sample right after the last technique
 _SOURCE_ATTR = "_diffusion_accel_source"
 _SAMPLE_ELEMENTS = 2048  # per tensor: head, tail and a strided middle sample
@@ -101,13 +103,14 @@ def registered_techniques() -> list[str]:
 
 
 # ----- fingerprints and the applied-techniques record -------------------------------------
-def fingerprint(denoiser: torch.nn.Module) -> str:
+def fingerprint(denoiser: torch.nn.Module, recorded_config: dict[str, Any] | None = None) -> str:
     """A dtype- and device-independent SHA-256 of class, config and sampled weight values (any
     module; diffusers configs are dicts, transformers configs give theirs by ``to_dict``). The
     library version a config names (diffusers' ``_diffusers_version``, transformers'
-    ``transformers_version``) is left out: the same model must fingerprint alike after an upgrade."""
+    ``transformers_version``) is left out: the same model must fingerprint alike after an upgrade;
+    ``recorded_config`` (an artifact's, see ``base_config``) is hashed in place of the module's own."""
     digest = hashlib.sha256(type(denoiser).__name__.encode())
-    config = config_items(denoiser)
+    config = recorded_config if recorded_config is not None else config_items(denoiser)
     if config is not None:
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in base_state_dict(denoiser).items():  # an unmerged LoRA is not the base
@@ -139,6 +142,7 @@ def base_fingerprint(pipe: Any) -> str:
         cached = fingerprint(denoiser)
         setattr(denoiser, _FINGERPRINT_ATTR, cached)
         setattr(denoiser, _BASE_SAMPLE_ATTR, (structure_fingerprint(denoiser), weight_sample(denoiser)))
+        setattr(denoiser, _BASE_CONFIG_ATTR, comparable_config(denoiser))
     return cached
 
 
@@ -175,7 +179,8 @@ def mark_applied(pipe: Any, technique: str, replaced: Iterable[str] = ()) -> Non
     setattr(denoiser, _APPLIED_SAMPLE_ATTR, weight_sample(denoiser))  # what save checks the weights against
 
 
-_MARK_ATTRS = (_APPLIED_ATTR, _EXPORTS_ATTR, _APPLIED_SAMPLE_ATTR, _FINGERPRINT_ATTR, _BASE_SAMPLE_ATTR)
+_MARK_ATTRS = (_APPLIED_ATTR, _EXPORTS_ATTR, _APPLIED_SAMPLE_ATTR, _FINGERPRINT_ATTR, _BASE_SAMPLE_ATTR,
+               _BASE_CONFIG_ATTR)
 
 
 @contextmanager
@@ -312,7 +317,7 @@ def save(pipe: Any, directory: str | Path) -> Path:
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
             "base": {"pipeline": type(pipe).__name__, "denoiser": type(denoiser).__name__,
-                     "component": component, "fingerprint": base_fingerprint(pipe),
+                     "component": component, "fingerprint": base_fingerprint(pipe), **_config_entry(denoiser),
                      "source": pipeline_source(pipe), "dtype": _dtype_name(compute_dtype(denoiser)),
                      **_rounding_entry(denoiser), **_write_base_sample(denoiser, files)},
             "techniques": entries,
@@ -385,6 +390,13 @@ def _rounding_entry(denoiser: torch.nn.Module) -> dict[str, str]:
     if rounded is None or dtype is None or dtype.itemsize <= rounded.itemsize:
         return {}
     return {"rounded_to": _dtype_name(rounded)}
+
+
+def _config_entry(denoiser: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """``{"config": ...}``: the config the base fingerprint hashed, so a load after a diffusers upgrade that added
+    ``__init__`` arguments can hash it again (``base_config``); empty for a denoiser without a config."""
+    config = getattr(denoiser, _BASE_CONFIG_ATTR, None)
+    return {"config": config} if isinstance(config, dict) else {}
 
 
 def _write_base_sample(denoiser: torch.nn.Module, files: StagedWrite) -> dict[str, str]:
@@ -509,8 +521,10 @@ def _keep_base_identity(loaded: torch.nn.Module, original: torch.nn.Module, mani
     saved again (another technique stacked on it, ``calibrate --pipe ARTIFACT``) named them as its base and
     could not be loaded."""
     if techniques_on(loaded):  # none: the base is unchanged and fingerprints itself
+        recorded = _recorded_config(manifest, original)
         setattr(loaded, _FINGERPRINT_ATTR, manifest["base"]["fingerprint"])
-        setattr(loaded, _BASE_SAMPLE_ATTR, (structure_fingerprint(original), weight_sample(original)))
+        setattr(loaded, _BASE_SAMPLE_ATTR, (structure_fingerprint(original, recorded), weight_sample(original)))
+        setattr(loaded, _BASE_CONFIG_ATTR, recorded if recorded is not None else comparable_config(original))
 
 
 def _check_superseded(manifest: dict[str, Any], directory: str | Path) -> None:
@@ -568,20 +582,30 @@ def _check_base(base_pipe: Any, manifest: dict[str, Any], directory: str | Path)
     _check_has_weights(base_pipe, "load")
     component, denoiser = find_denoiser(base_pipe)
     expected = manifest["base"]["fingerprint"]
-    actual = fingerprint(denoiser)  # not base_fingerprint: a refused load left its cache on the denoiser
-    if actual != expected and not _same_base_in_another_dtype(base_pipe, manifest, directory):
+    recorded = _recorded_config(manifest, denoiser)
+    actual = fingerprint(denoiser, recorded)  # not base_fingerprint: a refused load left its cache on the denoiser
+    if actual != expected and not _same_base_in_another_dtype(denoiser, manifest, directory, recorded):
+        differences = config_differences(manifest["base"].get("config"), denoiser)
         raise ArtifactError(
             f"artifact {directory} was made for a different base model "
             f"({manifest['base']['denoiser']} fingerprint {expected[:12]}…), this pipeline's "
-            f"{type(find_denoiser(base_pipe)[1]).__name__} has fingerprint {actual[:12]}…")
+            f"{type(denoiser).__name__} has fingerprint {actual[:12]}…"
+            + (f"; its config differs ({'; '.join(differences)})" if differences else ""))
 
 
-def _same_base_in_another_dtype(base_pipe: Any, manifest: dict[str, Any], directory: str | Path) -> bool:
-    """Whether ``base_pipe``'s denoiser is the artifact's base cast to another dtype (the bf16-rounded
+def _recorded_config(manifest: dict[str, Any], denoiser: torch.nn.Module) -> dict[str, Any] | None:
+    """The artifact's recorded base config when ``denoiser``'s is that one plus arguments a newer diffusers added
+    at their defaults (hash it in place of the denoiser's own); None otherwise."""
+    recorded = manifest["base"].get("config")
+    return recorded if upgraded_from(recorded, denoiser) else None
+
+
+def _same_base_in_another_dtype(denoiser: torch.nn.Module, manifest: dict[str, Any], directory: str | Path,
+                                recorded_config: dict[str, Any] | None) -> bool:
+    """Whether ``denoiser`` is the artifact's base cast to another dtype (the bf16-rounded
     fingerprint cannot tell for float16): same architecture and the saved weight sample matches."""
-    _, denoiser = find_denoiser(base_pipe)
     sample_file = manifest["base"].get("sample")
-    if not sample_file or manifest["base"].get("structure") != structure_fingerprint(denoiser):
+    if not sample_file or manifest["base"].get("structure") != structure_fingerprint(denoiser, recorded_config):
         return False
     return samples_match(_read_tensors(Path(directory) / sample_file), weight_sample(denoiser))
 

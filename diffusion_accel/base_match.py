@@ -44,10 +44,12 @@ def base_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
             if _PEFT_ADAPTER_MARK not in name}
 
 
-def structure_fingerprint(denoiser: torch.nn.Module) -> str:
-    """SHA-256 of class, config and tensor names and shapes: the architecture, not the weights."""
+def structure_fingerprint(denoiser: torch.nn.Module, recorded_config: dict[str, Any] | None = None) -> str:
+    """SHA-256 of class, config (``recorded_config`` in place of its own: see ``base_config``) and tensor names and
+    shapes: the architecture, not the weights."""
     digest = hashlib.sha256(type(denoiser).__name__.encode())
-    digest.update(json.dumps(config_items(denoiser), sort_keys=True, default=str).encode())
+    config = recorded_config if recorded_config is not None else config_items(denoiser)
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in base_state_dict(denoiser).items():
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())
     return digest.hexdigest()

@@ -15,7 +15,7 @@ from typing import Any
 BASE_FIELDS: dict[str, tuple[type, ...]] = {"fingerprint": (str,), "denoiser": (str,)}
 OPTIONAL_BASE_FIELDS: dict[str, tuple[type, ...]] = {
     "source": (dict, type(None)), "dtype": (str, type(None)), "structure": (str,), "sample": (str,),
-    "rounded_to": (str,)}
+    "rounded_to": (str,), "config": (dict,)}
 ROUNDING_DTYPE_NAMES = ("bfloat16", "float16")  # base.rounded_to (artifact.save)
 TECHNIQUE_FIELDS: dict[str, tuple[type, ...]] = {"name": (str,), "config": (dict,), "tensors": (str,)}
 
