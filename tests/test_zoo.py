@@ -661,3 +661,16 @@ def test_packing_a_missing_split_is_a_one_line_error(tmp_path, capsys):
         data_main([str(tmp_path / "out"), "--root", str(tmp_path / "empty")])
     assert exit_info.value.code == 2 and "python -m diffusion_accel.zoo.data: error:" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_card_written_again_for_the_same_warm_start_lists_its_run_once():
+    """ship then ship --metrics (or ship --from twice) renamed the current run's own recorded table as the
+    weights it started from and listed it again below."""
+    from diffusion_accel.zoo.card import stage_sections, stage_table
+
+    start = stage_table("fashion-sd", {"seed": 0, "steps": 7975})
+    info = {"seed": 1, "steps": 5000, "init_from": "zoo:fashion-sd"}
+    first = stage_sections("fashion-sd", info, [start])
+    assert first == [start.replace("`fashion-sd`", "`fashion-sd` (the shipped weights it started from)"),
+                     stage_table("fashion-sd", info)]
+    assert stage_sections("fashion-sd", info, first) == first

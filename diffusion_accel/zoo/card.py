@@ -82,15 +82,21 @@ def recorded_sections(card_text: str) -> dict[str, list[str]]:
 def stage_sections(stage: str, info: dict | None, recorded: list[str]) -> list[str]:
     """A stage's card sections: its new run's table, after the recorded ones when that run warm-started from
     the shipped model (so the card still says how the starting weights were made); the recorded sections
-    alone when the stage was not rerun here."""
+    alone when the stage was not rerun here. A recorded section with this run's own table (the card written
+    again for the same weights: ``ship --metrics``) is not its starting point: it was listed twice, once as that."""
     if info is None:
         return recorded
     table = stage_table(stage, info)
     if not str(info.get("init_from", "")).startswith("zoo:"):
         return [table]
     kept = [re.sub(r"^### Stage `([^`]+)`[^\n]*", r"### Stage `\1` (the shipped weights it started from)", section,
-                   count=1) for section in recorded]
+                   count=1) for section in recorded if _table_rows(section) != _table_rows(table)]
     return kept + [table]
+
+
+def _table_rows(section: str) -> str:
+    """A stage section without its heading line (which says whether it is the starting point)."""
+    return section.partition("\n")[2].strip()
 
 
 def shipped_stage_info(name: str, stage: str, folder: Path, runs_root: Path) -> dict | None:
