@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from cli_options import RESULTS, script_parser
+from cli_options import COUNT, RESULTS, script_parser
 
 VARIANTS = {"cached, eager": (True, None), "cached, whole denoiser compiled": (True, "whole"),
             "cached, regions compiled": (True, "regional"), "uncached, eager": (False, None),
@@ -90,7 +90,7 @@ def fitted_coefficients() -> list[float]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = script_parser(__doc__, RESULTS / "cache_compile.json")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=COUNT, default=3,
                         help="sweeps over every variant; the table shows each cell's median over them (default 3)")
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "CACHE", "COMPILED", "COEFFICIENTS"),
                         help=argparse.SUPPRESS)

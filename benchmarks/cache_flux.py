@@ -444,6 +444,29 @@ def choose(probe: dict, threshold: float) -> dict | None:
             "reached_target": bool(fast)}
 
 
+def same_candidate(chosen: dict | None, pick: dict) -> bool:
+    """Whether ``chosen`` (a report's choice, with the full steps a calibrated search added) is ``pick``'s candidate:
+    a rerun with another --target or --margin must choose again from the kept probe, not keep the old choice."""
+    def candidate(choice: dict) -> dict:
+        return {key: value for key, value in choice["setting"].items() if key != "full_steps"}
+
+    return chosen is not None and candidate(chosen) == candidate(pick)
+
+
+def forget_other_calibration(report: dict, calib: list[str]) -> None:
+    """Drop fits, probes, choices and their quality rows made on other calibration prompts (--calib-prompts changed):
+    the report's settings name the new count, so they must not describe results of the old one."""
+    recorded = report.get("calibration", {}).get("prompts")
+    if recorded is None or recorded == calib:
+        return
+    print(f"other calibration prompts than the report's ({len(recorded)} -> {len(calib)}): fitting, probing and "
+          f"choosing again", flush=True)
+    for method in report.get("chosen", {}):
+        report.get("variants", {}).pop(method, None)
+    for key in ("calibration", "probe", "chosen"):
+        report.pop(key, None)
+
+
 def not_run_reason(method: str) -> str | None:
     if method.startswith("cache-dit"):
         try:
@@ -651,6 +674,7 @@ def main(argv: list[str] | None = None) -> dict:
     probe_prompts = prompts_for(args.probe_prompts, PROBE_SEED)[0]
     threshold = args.target * (1 + args.margin)
 
+    forget_other_calibration(report, calib)
     report.setdefault("probe", {})
     report.setdefault("chosen", {})
     report.setdefault("not_run", {})
@@ -665,22 +689,24 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{method}: {reason}", flush=True)
                 continue
             report["not_run"].pop(method, None)
-            if method in report["probe"] and not args.reprobe and choose(report["probe"][method], threshold):
-                continue
-            if ref is None:
-                ref = final_latents(load_pipe(), calib)
-            print(f"probe {method} ({len(METHODS[method]['grid'])} candidates)", flush=True)
-            try:
-                report["probe"][method] = probe_method(method, cal, probe_prompts, calib, ref, args.probe_repeats)
-            except Exception as exc:
-                report["not_run"][method] = f"not run: {type(exc).__name__}: {exc}"
-                traceback.print_exc()
-                continue
+            probed = method in report["probe"] and not args.reprobe and choose(report["probe"][method], threshold)
+            if not probed:
+                if ref is None:
+                    ref = final_latents(load_pipe(), calib)
+                print(f"probe {method} ({len(METHODS[method]['grid'])} candidates)", flush=True)
+                try:
+                    report["probe"][method] = probe_method(method, cal, probe_prompts, calib, ref, args.probe_repeats)
+                except Exception as exc:
+                    report["not_run"][method] = f"not run: {type(exc).__name__}: {exc}"
+                    traceback.print_exc()
+                    continue
             pick = choose(report["probe"][method], threshold)
             if pick is None:
                 errors = dict.fromkeys(c.get("error", "no error recorded") for c in report["probe"][method]["candidates"])
                 report["not_run"][method] = ("not run: every candidate failed: " + "; ".join(errors))[:500]
                 report["chosen"].pop(method, None)
+            elif probed and same_candidate(report["chosen"].get(method), pick):
+                pass  # the kept probe picks what it picked before (a calibrated schedule stays searched)
             else:
                 report["chosen"][method] = pick
                 # a recomputed choice invalidates an old quality row of the same label

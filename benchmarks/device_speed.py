@@ -255,8 +255,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes of the same architectures")
     parser.add_argument("--out", type=report_path, default=None)
     args = parser.parse_args(argv)
-    if args.model != "sd15":
-        args.only = [g for g in args.only if g not in ("w8a8", "fp8", "w4a16")]
+    if args.model != "sd15":  # the PTQ groups quantize the SD 1.5 UNet only
+        skipped = [g for g in args.only if g in ("w8a8", "fp8", "w4a16")]
+        args.only = [g for g in args.only if g not in skipped]
+        if not args.only:  # timed nothing and exited 0
+            parser.error(f"--only {skipped} time the SD 1.5 UNet only; --model {args.model} takes "
+                         f"{[g for g in GROUPS if g not in ('w8a8', 'fp8', 'w4a16')]}")
+        if skipped:
+            print(f"--model {args.model}: skipping {skipped} (SD 1.5 only)", flush=True)
     size = f"_{args.resolution}px" if args.resolution else ""
     smoke = "_smoke" if args.smoke else ""  # tiny shapes never land on a full run's committed report
     args.out = args.out or RESULTS / f"device_speed_{args.device.split(':')[0]}_{args.model}{size}{smoke}.json"

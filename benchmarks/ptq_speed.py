@@ -228,12 +228,12 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {size['artifact_mb']:.0f} | {size['standalone_mb']:.0f} | "
                      f"{size['standalone_ratio']:.3f} |")
     lines += ["", f"fp32 denoiser: {results['size']['w8a8']['fp32_mb']:.0f} MB (artifact = PTQ file only; "
-              "standalone = artifact + the base tensors it does not replace). Quantize time "
-              f"{results['quantize_s']:.0f} s.", "", "```", results["summary"], "```"]
-    if "summary_dynamic_per_tensor" in results:
-        lines += ["", f"Dynamic per-tensor activations (no range calibration; quantize time "
-                  f"{results['quantize_s_dynamic_per_tensor']:.0f} s):", "", "```",
-                  results["summary_dynamic_per_tensor"], "```"]
+              "standalone = artifact + the base tensors it does not replace)."]
+    for suffix, title in (("", "Static activations"), ("_dynamic_per_tensor", "Dynamic per-tensor activations "
+                                                                                "(no range calibration)")):
+        if f"summary{suffix}" in results:  # the modes --act-modes ran (static alone was assumed: KeyError)
+            lines += ["", f"{title}; quantize time {results[f'quantize_s{suffix}']:.0f} s:", "", "```",
+                      results[f"summary{suffix}"], "```"]
     return "\n".join(lines) + "\n"
 
 

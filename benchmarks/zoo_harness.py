@@ -231,6 +231,9 @@ def markdown_table(report: dict, title: str, extra: str = "") -> str:
         lines.append(f"| {label} | {row.get('group', '')} | {row['fid']:.2f} | {delta:+.2f} | {clip} | "
                      f"{acc} | {row['psnr_vs_baseline']:.2f} | {row['ssim_vs_baseline']:.3f} | "
                      f"{'' if speed is None else f'{speed:.2f}×'} | {row.get('prepare_s', '')} | {row.get('note', '')} |")
+    for label, timed in report.get("timing", {}).items():  # timed without a quality row (--skip-quality)
+        if label not in report["variants"] and "speedup" in timed:
+            lines.append(f"| {label} |  | – | – | – | – | – | – | {timed['speedup']:.2f}× |  | timed only |")
     return "\n".join(lines) + "\n" + (f"\n{extra}\n" if extra else "")
 
 

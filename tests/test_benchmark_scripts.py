@@ -175,6 +175,9 @@ def test_every_benchmark_script_prints_help_without_running(script, capsys):
     ("fid_bootstrap", ["--report", "missing.json"], "'missing.json' is not a file"),
     ("ptq_conv_unfold", ["--out", "."], "is a folder; give the JSON report's file path"),
     ("prune_quality", ["--only", "bogus"], "--only ['bogus'] are no variants of fashion-sd"),
+    ("cache_sd", ["--only", "deepcache_interval_3"], "--only ['deepcache_interval_3'] are no variants"),
+    ("cache_compile", ["--rounds", "0"], "--rounds: must be an int >= 1, got 0"),
+    ("device_speed", ["--model", "dit", "--only", "w8a8", "--smoke"], "--only ['w8a8'] time the SD 1.5 UNet only"),
 ])
 def test_benchmark_arguments_are_checked_before_any_work(script, argv, message, capsys):
     import importlib
@@ -220,3 +223,86 @@ def test_only_limits_every_settings_script_to_the_matching_labels_and_the_refere
         text in label for text in TEXTS) for label in labels) and len(labels) < 5
     with pytest.raises(SystemExit, match="matches no setting"):
         module.main(["--only", "no such label", "--out", str(tmp_path / "r.json")])
+
+
+@pytest.mark.parametrize("modes", [[""], ["_dynamic_per_tensor"], ["", "_dynamic_per_tensor"]])
+def test_ptq_speed_markdown_shows_the_activation_modes_that_ran(modes):
+    """`ptq_speed.py --act-modes dynamic_per_tensor` alone failed writing its table (KeyError 'quantize_s')."""
+    import ptq_speed
+
+    results = {"latency": {"fp32_eager": {"median_ms": 100.0}}, "model": "fashion-sd", "inputs": "x",
+               "resolution": 32, "batch": 2, "repeats": 1, "compiled_repeats": 1, "load_average_start": (0, 0, 0),
+               "load_average_end": (0, 0, 0), "machine": {"cpu_model": "cpu", "cpu_cores_available": 2,
+                                                          "torch_threads": 2},
+               "size": {"w8a8": {"fp32_mb": 4.0, "artifact_mb": 1.0, "standalone_mb": 1.2, "standalone_ratio": 0.3}}}
+    for suffix in modes:
+        results[f"quantize_s{suffix}"], results[f"summary{suffix}"] = 7.0, f"summary{suffix or '_static'}"
+    text = ptq_speed.markdown(results)
+    assert all(f"summary{suffix or '_static'}" in text for suffix in modes)
+    assert ("Static activations" in text) == ("" in modes)
+
+
+def _probed_flux_report():
+    import cache_flux
+
+    probe = {"candidates": [{"setting": {"threshold": 0.05}, "calib_rel_error": 0.01, "speedup": 1.6},
+                            {"setting": {"threshold": 0.2}, "calib_rel_error": 0.05, "speedup": 2.2}]}
+    return {"calibration": {"prompts": cache_flux.calibration_prompts(4), "teacache_coefficients": [1.0],
+                            "magcache_ratios": [1.0]},
+            "probe": {"ours-fbc": probe}, "chosen": {"ours-fbc": cache_flux.choose(probe, 2.0 * 1.03)},
+            "variants": {"baseline": {"fid": 1.0}, "ours-fbc": {"fid": 2.0}}, "not_run": {}}
+
+
+def test_cache_flux_chooses_again_for_a_new_target_and_forgets_other_calibration_prompts(tmp_path):
+    """A rerun with another --target kept the old choice (and its quality row) under the new target's settings;
+    one with another --calib-prompts kept fits and probes of the old prompts."""
+    import cache_flux
+
+    out = tmp_path / "flux.json"
+    out.write_text(json.dumps(_probed_flux_report()))
+    report = cache_flux.main(["--methods", "ours-fbc", "--skip-quality", "--skip-timing", "--target", "1.5",
+                              "--out", str(out)])
+    assert report["chosen"]["ours-fbc"]["setting"] == {"threshold": 0.05} and "ours-fbc" not in report["variants"]
+    report = _probed_flux_report()
+    cache_flux.forget_other_calibration(report, cache_flux.calibration_prompts(4))
+    assert report["chosen"] and "ours-fbc" in report["variants"]  # the same prompts: all kept
+    cache_flux.forget_other_calibration(report, cache_flux.calibration_prompts(8))
+    assert not {"calibration", "probe", "chosen"} & set(report) and list(report["variants"]) == ["baseline"]
+
+
+def test_cache_sd_redoes_rows_made_with_other_calibration_settings(tmp_path, monkeypatch):
+    """Rows were kept by label: a rerun with --calibration-prompts 8 kept the row calibrated on 1 prompt."""
+    import cache_sd
+
+    forced = {}
+
+    class Bench:
+        def __init__(self, *args, **kwargs):
+            self.report = {"config": {"model": "fashion-sd", "n_generated": 1, "n_ref_test": 1, "fid_network": "x",
+                                      "sampling": {}}, "machine": {"cpu_model": "cpu", "torch_threads": 1},
+                           "variants": {"calibrated_17of50": {"note": "refine search, 1 calibration prompts"},
+                                        "deepcache_interval3": {"note": "17 full steps of 50"}}}
+
+        def run_baseline(self):
+            pass
+
+        def run(self, variant, force=False):
+            forced[variant.label] = force
+
+    monkeypatch.setattr(cache_sd, "ZooBench", Bench)
+    monkeypatch.setattr(cache_sd, "markdown_table", lambda *args: "")
+    monkeypatch.setattr(cache_sd, "parity", lambda steps: {})
+    cache_sd.main(["--only", "calibrated_17of50", "deepcache_interval3", "--calibration-prompts", "8", "--skip-timing",
+                   "--out", str(tmp_path / "r.json")])
+    assert forced == {"calibrated_17of50": True, "deepcache_interval3": False}
+
+
+def test_a_timing_only_run_lists_its_speed_ups_in_the_markdown_table():
+    """cache_sd.py --skip-quality wrote the speed-ups to JSON and a table without rows."""
+    from zoo_harness import markdown_table
+
+    report = {"config": {"model": "fashion-sd", "n_generated": 1, "n_ref_test": 1, "fid_network": "x", "sampling": {}},
+              "machine": {"cpu_model": "cpu", "torch_threads": 1}, "variants": {},
+              "timing": {"baseline": {"speedup": 1.0}, "deepcache_interval3": {"speedup": 2.33}}}
+    table = markdown_table(report, "t")
+    assert "| deepcache_interval3 |" in table and "2.33×" in table and "| baseline |" in table
