@@ -233,7 +233,8 @@ def markdown_table(report: dict, title: str, extra: str = "") -> str:
                      f"{'' if speed is None else f'{speed:.2f}×'} | {row.get('prepare_s', '')} | {row.get('note', '')} |")
     for label, timed in report.get("timing", {}).items():  # timed without a quality row (--skip-quality)
         if label not in report["variants"] and "speedup" in timed:
-            lines.append(f"| {label} |  | – | – | – | – | – | – | {timed['speedup']:.2f}× |  | timed only |")
+            lines.append(f"| {label} |  | – | – | – | – | – | – | {timed['speedup']:.2f}× |  | "
+                         f"timed only |")
     return "\n".join(lines) + "\n" + (f"\n{extra}\n" if extra else "")
 
 
