@@ -157,6 +157,23 @@ def test_the_deepest_branch_of_a_unet_without_a_mid_block_is_refused():
     assert da.cache_summary(pipe)["block_compute_fraction"] < 1
 
 
+def test_partial_steps_of_a_unet_without_a_mid_block_never_use_its_empty_deepest_branch():
+    """level_range offered it: enable_cache failed with an IndexError and search_blocks tried it."""
+    from diffusers import UNet2DConditionModel
+
+    from diffusion_accel.cache.calibrated import candidate_levels
+
+    pipe = build_tiny("sd")
+    pipe.unet = UNet2DConditionModel(**{**pipe.unet.config, "mid_block_type": None}).eval()
+    deepest = len(da.get_adapter(pipe).cache_points()) - 1
+    assert deepest not in candidate_levels(pipe, 0) and deepest - 1 in candidate_levels(pipe, 0)
+    with pytest.raises(ValueError, match=rf"partial step 1 has level {deepest}.*accepted levels here are 1\.\."):
+        enable_cache(pipe, CalibratedCacheConfig((0, 2), 4, partial_steps=((1, deepest),)))
+    _assert_no_cache_left(pipe, pipe.unet)
+    enable_cache(pipe, CalibratedCacheConfig((0, 2), 4, partial_steps=((1, deepest - 1),)))
+    pipe(**tiny_call_kwargs("sd", steps=4))
+
+
 def test_unsupported_config_type_and_unsupported_pipeline():
     pipe = build_tiny("sd")
     with pytest.raises(TypeError, match="DeepCacheConfig"):

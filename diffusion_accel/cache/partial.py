@@ -26,10 +26,13 @@ def is_unet(pipe: Any) -> bool:
 
 
 def level_range(pipe: Any, branch: int) -> range:
-    """The partial levels ``pipe``'s denoiser accepts: UNets the branches deeper than ``branch``,
-    transformers 1 .. blocks - 1 (leading blocks run)."""
+    """The partial levels ``pipe``'s denoiser accepts: UNets the branches deeper than ``branch`` that cache
+    something (a UNet without a mid block has nothing below its deepest skip: an IndexError at install, and
+    the search tried it), transformers 1 .. blocks - 1 (leading blocks run)."""
     branches = skip_branches(pipe)
-    return range(branch + 1, len(branches)) if branches else range(1, len(stack_blocks(pipe)))
+    if not branches:
+        return range(1, len(stack_blocks(pipe)))
+    return range(branch + 1, len(branches) - (0 if branches[-1].blocks else 1))
 
 
 def check_levels(pipe: Any, config: Any) -> None:
