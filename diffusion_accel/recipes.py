@@ -385,11 +385,14 @@ def _cache_table(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, 
 
 def _check_cache_table(table: dict[str, Any]) -> None:
     """A ``[cache]`` table naming its method is checked before loading (it failed after the chain's
-    calibration, pruning and quantization); one without a method gets the pipeline's default later."""
-    from .cache.recipe import check_table
+    calibration, pruning and quantization); one without a method gets the pipeline's default later, and keys
+    no default method takes are refused now."""
+    from .cache.recipe import check_table, check_table_without_method
 
     if table.get("method"):
         check_table(table)
+    else:
+        check_table_without_method(table)
 
 
 def _apply_chain(pipe: Any, methods: list[str], configs: dict[str, Any], args: argparse.Namespace,

@@ -103,6 +103,21 @@ def test_a_calibrated_table_is_checked_before_any_pipeline_loads(table, message)
     check_table({"method": "calibrated", "budget": 0.3, "search": "greedy", "forecast": 1, "search_blocks": True})
 
 
+@pytest.mark.parametrize("table, message", [
+    ({"method": "teacache", "threshold": -1.0}, "threshold must be a finite number >= 0.0"),
+    ({"method": "teacache", "threshold": "high"}, "threshold must be a finite number"),
+    ({"method": "teacache", "degree": 0}, "degree must be an int >= 1, got 0"),
+    ({"method": "teacache", "degree": "four"}, "degree must be an int >= 1, got 'four'"),
+])
+def test_a_teacache_table_to_fit_is_checked_before_any_pipeline_loads(table, message):
+    """Without coefficients (to be fitted) its values were checked after the model loaded and the fit ran."""
+    from diffusion_accel.cache.recipe import check_table
+
+    with pytest.raises(ValueError, match=message):
+        check_table(table)
+    check_table({"method": "teacache", "threshold": 0.2, "degree": 3})
+
+
 def test_cache_calibration_refuses_several_images_per_prompt_with_its_own_message():
     """It named calibrate's num_images_per_prompt argument, which calibrate_schedule lacks (until session 41)."""
     from diffusion_accel.cache import calibrate_schedule

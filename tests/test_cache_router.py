@@ -208,6 +208,18 @@ def test_learn_router_rejects_bad_settings_and_a_cached_pipeline():
         learn_router(pipe, ["a cat"], num_inference_steps=STEPS)
 
 
+def test_learn_router_checks_resample_before_any_run(monkeypatch):
+    """resample="no" was refused by the final RouterCacheConfig, after the reference runs and the training."""
+    from diffusion_accel.cache import router_learn
+
+    def ran(*args, **kwargs):
+        raise AssertionError("a calibration run started")
+
+    monkeypatch.setattr(router_learn, "planned_calls", ran)
+    with pytest.raises(ValueError, match="resample must be True or False, got 'no'"):
+        learn_router(build_tiny("flux"), ["a cat"], num_inference_steps=STEPS, resample="no")
+
+
 def test_a_router_saves_loads_and_compiles_beneath_its_hooks(tmp_path):
     from torch._dynamo.utils import counters
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from .calibrated import calibrate_schedule, check_search_settings
 from .configs import (BlockCacheConfig, DeepCacheConfig, DeltaCacheConfig,
-                      EncoderPropagationConfig, FirstBlockCacheConfig, RouterCacheConfig, TeaCacheConfig)
+                      EncoderPropagationConfig, FirstBlockCacheConfig, TeaCacheConfig)
 from .router_learn import check_learning_settings, learn_router
-from .teacache_fit import fit_teacache_coefficients
+from .teacache_fit import check_degree, fit_teacache_coefficients
 
 STATIC_METHODS: dict[str, type] = {
     "deepcache": DeepCacheConfig, "block": BlockCacheConfig, "first_block": FirstBlockCacheConfig,
@@ -57,12 +57,26 @@ def check_table(table: dict[str, Any]) -> None:
         check_search_settings(**options)
         return
     if method == "router":
-        check_learning_settings(**{key: value for key, value in options.items() if key != "resample"})
-        RouterCacheConfig(((0,),), 1, resample=options.get("resample", True))
+        check_learning_settings(**options)
         return
-    options.pop("degree", None)
-    if method != "teacache" or options.get("coefficients") is not None:
-        STATIC_METHODS[method](**options)
+    degree = options.pop("degree", None)
+    if degree is not None:  # a TeaCache fit's (refused beside coefficients): checked before the model loads
+        check_degree(degree)
+    STATIC_METHODS[method](**options)  # a TeaCache to fit too: its threshold was checked only after the fit
+
+
+DEFAULT_METHODS = ("deepcache", "block")  # what default_cache_config picks: UNets, transformers
+
+
+def check_table_without_method(table: dict[str, Any]) -> None:
+    """A ``[cache]`` table naming no method gets the pipeline's default (known once it loads): keys neither default
+    method takes (``budget``, ``search_blocks``) are refused now, before a chain's calibration, pruning and PTQ."""
+    accepted = sorted({field.name for method in DEFAULT_METHODS for field in fields(STATIC_METHODS[method])})
+    unknown = sorted(set(table) - set(accepted) - {"method"})
+    if unknown:
+        raise ValueError(f"[cache] keys {unknown} apply to no default cache method (deepcache for UNets, block for "
+                         f"transformers: {accepted}); name the method that takes them ([cache] method / "
+                         f"--cache-method, e.g. calibrated)")
 
 
 def _method_and_options(table: dict[str, Any]) -> tuple[str, dict[str, Any]]:

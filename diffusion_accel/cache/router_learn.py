@@ -260,7 +260,7 @@ def cut_to_budget(probabilities: torch.Tensor, costs: list[float], budget: float
 
 def check_learning_settings(**settings: Any) -> None:
     """ValueError naming the first bad one of the given ``learn_router`` settings (``budget``, ``epochs``, ``lr``,
-    ``step_weights``); settings not given are not checked."""
+    ``step_weights``, ``resample``); settings not given are not checked."""
     if "budget" in settings:
         _check_float("budget", settings["budget"], 0.0, inclusive=False)
         if settings["budget"] > 1.0:
@@ -269,6 +269,8 @@ def check_learning_settings(**settings: Any) -> None:
         check_int("epochs", settings["epochs"], 1)
     if "lr" in settings:
         _check_float("lr", settings["lr"], 0.0, inclusive=False)
+    if "resample" in settings:  # checked by RouterCacheConfig too, but only after the training
+        RouterCacheConfig(((0,),), 1, resample=settings["resample"])
     if settings.get("step_weights", "final") not in STEP_WEIGHTS:
         raise ValueError(f"step_weights must be one of {STEP_WEIGHTS} ('final': HarmoniCa's final-image error "
                          f"proxy, 'uniform': every step alike), got {settings['step_weights']!r}")
@@ -293,7 +295,7 @@ def learn_router(pipe: Any, prompts: Any, budget: float = 0.4, num_inference_ste
     small for the zoo, many GB for a FLUX-size model at full resolution (use fewer steps or a smaller size)."""
     budget, num_inference_steps, epochs, lr, seed, batch_size = (
         plain_number(value) for value in (budget, num_inference_steps, epochs, lr, seed, batch_size))
-    check_learning_settings(budget=budget, epochs=epochs, lr=lr, step_weights=step_weights)
+    check_learning_settings(budget=budget, epochs=epochs, lr=lr, step_weights=step_weights, resample=resample)
     denoiser = find_denoiser(pipe)[1]
     if get_session(denoiser) is not None:
         raise ValueError("learn_router needs a pipeline without a cache; call remove_cache first")

@@ -47,14 +47,21 @@ def teacache_samples(pipe: Any, prompts: Any, num_inference_steps: int = 25, see
     return xs, ys
 
 
+def check_degree(degree: Any) -> int:
+    """``degree`` of the polynomial fit, checked: an int >= 1 (numpy integers too); ValueError otherwise."""
+    degree = plain_number(degree)
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        raise ValueError(f"degree must be an int >= 1, got {degree!r}")
+    return degree
+
+
 def fit_teacache_coefficients(pipe: Any, prompts: Any, num_inference_steps: int = 25, degree: int = 4,
                               seed: int = 0, **call_kwargs: Any) -> tuple[float, ...]:
     """Polynomial coefficients (highest power first) for ``TeaCacheConfig(coefficients=...)``: a degree-
     ``degree`` fit of the stack's output change against its modulated input's change, over uncached runs
     of ``prompts`` (``num_inference_steps`` steps, seeded from ``seed``, ``call_kwargs`` passed on)."""
-    num_inference_steps, degree, seed = (plain_number(value) for value in (num_inference_steps, degree, seed))
-    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
-        raise ValueError(f"degree must be an int >= 1, got {degree!r}")
+    degree = check_degree(degree)
+    num_inference_steps, seed = (plain_number(value) for value in (num_inference_steps, seed))
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 2:
         raise ValueError(f"num_inference_steps must be an int >= 2 (the fit needs changes between steps), "
                          f"got {num_inference_steps!r}")  # 0 was a ZeroDivisionError inside the pipeline
