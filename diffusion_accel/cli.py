@@ -256,8 +256,17 @@ def _check_eval_inputs(args: argparse.Namespace, metrics: list[str], fid_referen
     if "fid" in metrics and fid_reference is not None:
         check_reference(fid_reference, fid_extractor)
         check_cache_dir(args.fid_cache or FID_CACHE)  # the default only when FID is asked for
+    if args.fid_cache is not None and (fid_reference is None or _is_file(fid_reference)):  # ignored silently
+        raise ValueError(f"--fid-cache {args.fid_cache}: it keeps statistics computed from reference images "
+                         f"(--fid-reference FOLDER or DATASET:SPLIT); "
+                         + ("without --fid-reference FID compares with the baseline's images" if fid_reference is None
+                            else f"{fid_reference!r} is a statistics file already") + "; drop it")
     if "clip" in metrics and args.clip_model is not None:
         check_clip_model(args.clip_model)
+
+
+def _is_file(reference: Any) -> bool:
+    return isinstance(reference, (str, Path)) and Path(reference).expanduser().is_file()
 
 
 def _fid_extractor(dtype_name: str, metrics: list[str], device: str | None) -> Any:

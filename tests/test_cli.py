@@ -694,6 +694,8 @@ def test_bench_batch_size_above_num_prompts_cycles_prompts(tmp_path):
     (["calibrate", "--method", "ptq", "--call", "seed=3"], "may not set ['seed']: these are settings of the calibration"),
     (["calibrate", "--method", "obs,ptq,cache", "--cache-method", "bogus"], "[cache] method 'bogus'"),
     (["calibrate", "--method", "cache", "--cache-method", "deepcache", "--budget", "0.2"], "do not apply to method 'deepcache'"),
+    (["calibrate", "--method", "obs,ptq,cache", "--budget", "0.3"], "keys ['budget'] apply to no default cache method"),
+    (["calibrate", "--method", "cache", "--search-blocks"], "keys ['search_blocks'] apply to no default cache"),
     (["calibrate", "--selection", "0,,3"], "expected comma-separated step indices"),
     (["calibrate", "--weighting", "nope"], "nope"),
     (["calibrate", "--prompts", "/no/such/prompts.txt"], "prompts.txt"),
@@ -706,6 +708,7 @@ def test_bench_batch_size_above_num_prompts_cycles_prompts(tmp_path):
     (["eval", "--metrics", ","], "name at least one of"),  # ran with no metric
     (["eval", "--pipe", "=tiny:sd"], "give NAME=SPEC with a non-empty name"),  # an unnamed report row
     (["eval", "--metrics", "fid", "--fid-reference", "/no/such/stats"], "is neither a statistics"),
+    (["eval", "--metrics", "fid", "--fid-cache", "/tmp/unused-fid-cache"], "without --fid-reference FID compares"),
     (["eval", "--metrics", "clip", "--clip-model", "/no/such/clip"], "is neither a local folder"),
     (["eval", "--prompts", "/no/such/prompts.txt"], "prompts.txt"),
     (["eval", "--metrics", "psnr", "--fid-reference", "/nonexistent", "--clip-model", "/nope"],

@@ -174,3 +174,14 @@ def test_a_2_4_pruned_pipeline_saved_with_sparse_kernels_loads_with_them(tmp_pat
     da.save(pipe, tmp_path)
     loaded = da.load(build_tiny("sd").to("cuda", torch.bfloat16), tmp_path)
     assert sparse(loaded) == sparse(pipe) and torch.equal(_images(loaded), _images(pipe))
+
+
+def test_clip_score_on_the_gpu_matches_the_cpu():
+    """The images went to the GPU, the metric's score states stayed on the CPU (a device-mismatch error)."""
+    from diffusion_accel.eval.clip_score import clip_metric, clip_score
+
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompts = ["a sneaker", "a bag", "a dress", "a shirt"]
+    metric = clip_metric()
+    on_cpu = clip_score(images, prompts, model=metric)
+    assert clip_score(images, prompts, model=metric, device="cuda") == pytest.approx(on_cpu, abs=0.05)

@@ -108,6 +108,21 @@ def test_image_files_of_any_pil_mode_load_as_rgb_uint8(tmp_path):
     assert sixteen.shape == (3, 32, 32) and sixteen.dtype == torch.uint8
     assert (sixteen.int() - eight.int()).abs().max() <= 1  # the same picture at 8 bits
     assert load_image(tmp_path / "rgba.png").shape == (3, 32, 32)
+    as_int32 = Image.open(tmp_path / "gray16.png").convert("I")  # what older Pillow opens 16-bit PNGs as
+    as_int32.format = "PNG"
+    assert torch.equal(to_uint8(as_int32), sixteen[None])
+
+
+def test_float_and_32_bit_pil_images_are_not_clipped_silently(tmp_path):
+    """Modes "F" and "I" went through convert("RGB"), which clips at 255: a [0, 1] float TIFF loaded black."""
+    ramp = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    from_float = to_uint8(Image.fromarray(ramp, "F"))
+    assert torch.equal(from_float[0, 0], torch.from_numpy((ramp * 255).round().astype(np.uint8)))
+    with pytest.raises(ValueError, match=r"float images must hold values in \[0, 1\]"):
+        to_uint8(Image.fromarray(ramp * 255, "F"))
+    Image.fromarray((ramp * 65535).astype(np.int32), "I").save(tmp_path / "int32.tif")
+    with pytest.raises(ValueError, match="mode 'I' .* has no known value range"):
+        to_uint8(Image.open(tmp_path / "int32.tif"))
 
 
 def test_reference_stats_are_cached_by_content_and_not_recomputed(tmp_path):
@@ -760,6 +775,10 @@ def test_class_label_prompts_map_to_dit_ids():
     pipe = build_tiny("dit")
     assert default_prompt_to_kwargs(pipe, ["sandal", "bag"]) == {"class_labels": [5, 8]}
     assert default_prompt_to_kwargs(pipe, [1, 2]) == {"class_labels": [1, 2]}
+    ids = default_prompt_to_kwargs(pipe, list(np.array([1, 2])))["class_labels"]  # numpy ints: refused before
+    assert ids == [1, 2] and all(type(label) is int for label in ids)
+    with pytest.raises(TypeError, match="class ids"):
+        default_prompt_to_kwargs(pipe, [True, False])
     images = generate_images(pipe, make_jobs(["sandal", "bag"]), num_inference_steps=2,
                              call_kwargs={"guidance_scale": 1.0})
     assert [index for index, _ in images] == [0, 1] and images[0][1].dtype == torch.uint8

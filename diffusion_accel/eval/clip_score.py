@@ -122,6 +122,7 @@ def clip_score(images: Any, prompts: Sequence[str], *, model: str | Path | CLIPS
         kinds = sorted({type(text).__name__ for text in texts})
         raise TypeError(f"CLIP score needs text prompts (str); got {kinds}")
     metric = model if isinstance(model, CLIPScore) else clip_metric(model)
+    metric = metric.to(pixels.device)  # torchmetrics moves the CLIP model but sums scores into the metric's states
     metric.reset()
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):

@@ -2,7 +2,8 @@
 
 Accepted inputs: a torch tensor (N, C, H, W) or (C, H, W), uint8 in 0..255 or float in [0, 1];
 a numpy array (N, H, W, C) or (H, W, C) (diffusers' ``output_type="np"``), uint8 or float in
-[0, 1]; a PIL image; or a list of any of these with equal sizes. Grayscale (C = 1) becomes RGB.
+[0, 1]; a PIL image (16-bit grayscale rescaled, float mode "F" in [0, 1]; 32-bit integer mode "I" refused);
+or a list of any of these with equal sizes. Grayscale (C = 1) becomes RGB.
 """
 
 from __future__ import annotations
@@ -29,15 +30,27 @@ def to_uint8(images: Any) -> torch.Tensor:
             raise ValueError(f"images have different sizes {sorted(shapes)}; resize them to one size first")
         return torch.cat(parts)
     if isinstance(images, Image.Image):
-        if images.mode.startswith("I;16"):  # 16-bit grayscale: PIL's convert("RGB") clips it at 255
-            return _from_hwc((np.array(images).astype(np.uint32) * 255 // 65535).astype(np.uint8))
-        return _from_hwc(np.array(images.convert("RGB")))
+        return _from_pil(images)
     if isinstance(images, np.ndarray):
         return _from_hwc(images)
     if isinstance(images, torch.Tensor):
         return _from_chw(images)
     raise TypeError(f"unsupported image type {type(images).__name__}; accepted: torch.Tensor "
                     "(N,C,H,W), numpy array (N,H,W,C), PIL.Image, or a list of these")
+
+
+def _from_pil(image: Image.Image) -> torch.Tensor:
+    """A PIL image -> uint8 (1, 3, H, W). PIL's ``convert("RGB")`` clips wider modes at 255: 16-bit grayscale is
+    rescaled (older Pillow opens 16-bit PNGs as "I"), float ("F") read as [0, 1] like numpy floats, and other
+    32-bit integer images (whose range nothing says) refused: they loaded clipped, silently."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        return _from_hwc((np.array(image).astype(np.int64).clip(0, 65535) * 255 // 65535).astype(np.uint8))
+    if image.mode == "F":
+        return _from_hwc(np.array(image))
+    if image.mode == "I":
+        raise ValueError("PIL image of mode 'I' (32-bit integers) has no known value range; convert it to 8-bit "
+                         "('L' / 'RGB'), 16-bit ('I;16') or a float array in [0, 1] first")
+    return _from_hwc(np.array(image.convert("RGB")))
 
 
 def _from_hwc(array: np.ndarray) -> torch.Tensor:

@@ -202,13 +202,24 @@ def _call_parameters(pipe: Any) -> set[str]:
 
 
 def _class_ids(pipe: Any, labels: list[Any]) -> list[int]:
-    """Class ids from ints or label names (``pipe.get_label_ids``)."""
-    if all(isinstance(label, int) for label in labels):
-        return list(labels)
+    """Class ids from ints (numpy integers too, as DiT takes them) or label names (``pipe.get_label_ids``)."""
+    if all(_is_integer(label) for label in labels):
+        return [operator.index(label) for label in labels]
     if all(isinstance(label, str) for label in labels) and hasattr(pipe, "get_label_ids"):
         return list(pipe.get_label_ids(labels))
     raise TypeError(f"class-conditional {type(pipe).__name__} needs prompts that are class ids (int) or label "
                     f"names (str); got {sorted({type(label).__name__ for label in labels})}")
+
+
+def _is_integer(value: Any) -> bool:
+    """An int or numpy integer, not a bool (``operator.index`` takes both)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def default_prompt_to_kwargs(pipe: Any, prompts: list[Any]) -> dict[str, Any]:
