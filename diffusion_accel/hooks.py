@@ -332,10 +332,13 @@ class StepTracker(ModelHook):
 
     def _detect_other_caller(self, module: torch.nn.Module, context: str) -> None:
         """For a call the watched scheduler does not vouch for: reset on a switch of caller or a rising
-        timestep in ``context`` (a new descent); ``CacheMixin`` denoisers are reset by diffusers."""
+        timestep in ``context`` (a new descent); ``CacheMixin`` denoisers called by a pipeline are reset by
+        diffusers (called directly, in a user's own loop, they never were: a second loop continued the first)."""
         if isinstance(module, CacheMixin):
-            self._detect_calling_schedule()
-            return
+            caller = _calling_pipeline()
+            if caller is not None:
+                self._detect_calling_schedule(caller)
+                return
         value = self.timestep
         previous = self._last_values.get(context)
         caller_switched = self._vouched and self.calls_since_reset > 0
@@ -344,14 +347,14 @@ class StepTracker(ModelHook):
         if value is not None:
             self._last_values[context] = value
 
-    def _detect_calling_schedule(self) -> None:
+    def _detect_calling_schedule(self, caller: DiffusionPipeline) -> None:
         """``CacheMixin`` (Flux) denoisers are reset by diffusers at the end of a completed pipeline call, not after
         an interrupted one (an exception from a callback, Ctrl-C) or a direct call. So a call from a pipeline whose
         scheduler holds other timesteps than the previous caller's (another pipeline's own scheduler, or its new
         call after an interruption) starts a new trajectory: it continued the stale one, counting steps on and
         reusing its features (images off by 0.07-0.11 on tiny Flux, session 33 probe). The watched scheduler's
         new timesteps are ``_detect_new_call``'s."""
-        scheduler = getattr(_calling_pipeline(), "scheduler", None)
+        scheduler = getattr(caller, "scheduler", None)
         timesteps = getattr(scheduler, "timesteps", None)
         if not isinstance(timesteps, torch.Tensor):
             return
@@ -364,7 +367,8 @@ class StepTracker(ModelHook):
         """This call's (context, step index): its position in the timesteps when known, a context of
         its own for a repeated position (a CFG branch called separately), else the call count."""
         position = self._position(vouched)
-        self._driven = position is not None or (self._scheduler_live and not _is_any_view(self._timestep_argument))
+        self._driven = position is not None or (self._scheduler_live and not _is_any_view(self._timestep_argument)
+                                                and not self._watched_schedule_finished())
         self._foreign_length = None
         if position is None and not self._driven:
             position = self._foreign_position()
@@ -406,6 +410,13 @@ class StepTracker(ModelHook):
         if position is not None:
             self._foreign_length = int(len(timesteps))
         return position
+
+    def _watched_schedule_finished(self) -> bool:
+        """Whether the watched scheduler has stepped past its last timestep: a call now is no step of that schedule
+        (a direct denoiser loop after the pipeline ran was placed on it: its length and last step, session 43)."""
+        timesteps = self._scheduler_timesteps()
+        step_index = getattr(getattr(self.pipeline, "scheduler", None), "step_index", None)
+        return timesteps is not None and isinstance(step_index, int) and step_index >= len(timesteps)
 
     def _position(self, vouched: bool) -> int | None:
         """Index of this call's timestep in the watched ``scheduler.timesteps``, or None if unknown:

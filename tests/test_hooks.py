@@ -215,3 +215,48 @@ def test_copying_a_cached_denoiser_under_layerwise_casting_is_a_clear_error():
     with pytest.raises(TypeError, match=r"cannot copy.deepcopy .* layerwise casting .*before enable_layerwise_casting"):
         copy.deepcopy(pipe.unet)
     assert torch.isfinite(pipe(**tiny_call_kwargs("sd", steps=2)).images).all()
+
+
+def _direct_loop(pipe, family, args, kwargs, steps=5):
+    """A user's own sampling loop: the denoiser called with fresh timestep tensors, no pipeline on the stack."""
+    _, denoiser = find_denoiser(pipe)
+    outputs, lengths = [], []
+    for index in range(steps):
+        timestep = torch.full((1,), (1.0 - index / steps) * (1 if family == "flux" else 999))
+        call_args, call_kwargs = list(args), dict(kwargs)
+        if len(call_args) > 1:
+            call_args[1] = timestep
+        else:
+            call_kwargs["timestep"] = timestep
+        with torch.no_grad():
+            outputs.append(denoiser(*call_args, **call_kwargs)[0])
+        lengths.append(get_tracker(denoiser).num_inference_steps)
+    return outputs, lengths
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+@pytest.mark.parametrize("pipeline_first", [True, False])
+def test_direct_denoiser_loops_of_a_cached_pipeline_repeat_exactly(family, pipeline_first):
+    """Flux (a CacheMixin) called directly never started a new trajectory, so a second loop reused the first's
+    features; a loop after the pipeline ran before enable_cache was placed on that call's finished schedule."""
+    import diffusion_accel as da
+    from diffusion_accel.cache.configs import BlockCacheConfig, DeepCacheConfig
+
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = build_tiny(family)
+    if family == "sd":  # a scheduler that counts its steps (DDIM keeps no step_index: see docs/architecture.md)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    _, denoiser = find_denoiser(pipe)
+    captured = []
+    handle = denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.append((args, dict(kwargs))) if not captured else None, with_kwargs=True)
+    pipe(**tiny_call_kwargs(family, steps=2))
+    handle.remove()
+    da.enable_cache(pipe, BlockCacheConfig(interval=3) if family == "flux" else DeepCacheConfig(interval=3))
+    if not pipeline_first:
+        pipe(**tiny_call_kwargs(family, steps=2))
+    first, lengths = _direct_loop(pipe, family, *captured[0])
+    second, _ = _direct_loop(pipe, family, *captured[0])
+    assert all(torch.equal(a, b) for a, b in zip(first, second)) and lengths == [None] * 5
+    assert [row["computed"] for row in da.cache_summary(pipe)["steps"]][-5:] == [True, False, False, True, False]
