@@ -11,6 +11,7 @@ base is loaded from the spec its manifest records, then the artifact is applied)
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,10 @@ def _checked_variant(variant: Any) -> str | None:
 
 
 def _checked_spec(spec: Any) -> str:
-    """``spec`` with ``~`` expanded; a ValueError for an empty or non-string one (``''`` reached the hub's
-    'Repo id must be ...' error)."""
+    """``spec`` with ``~`` expanded, a ``pathlib.Path`` (any ``os.PathLike``) as its string; a ValueError for an
+    empty or non-string one (``''`` reached the hub's 'Repo id must be ...' error)."""
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"pipeline spec {spec!r} is empty; accepted: zoo:NAME, tiny:FAMILY, a local "
                          "save_pretrained folder, an artifact folder, BASE+ARTIFACT, or a hub id like 'org/model'")
@@ -96,8 +99,9 @@ def check_device(device: str | torch.device) -> torch.device:
 def split_artifact_spec(spec: str) -> tuple[str | None, Path | None]:
     """``(base spec or None, artifact folder)`` if ``spec`` names an artifact, else ``(None, None)``.
 
-    An artifact is a folder with a ``manifest.json``, alone (base from the manifest) or after the
-    last ``+`` of ``BASE+ARTIFACT``; a path that exists is taken as a whole, ``+`` included.
+    An artifact is a folder with a ``manifest.json``, alone (base from the manifest) or after a ``+`` of
+    ``BASE+ARTIFACT``: the last one, or an earlier one where the artifact's own name holds a ``+`` (``obs+cache``);
+    a path that exists is taken as a whole, ``+`` included.
     """
     from .artifact import MANIFEST
 
@@ -106,6 +110,10 @@ def split_artifact_spec(spec: str) -> tuple[str | None, Path | None]:
     base, plus, artifact = spec.rpartition("+")
     if not plus or not base:
         return None, None
+    for split in (index for index, character in enumerate(spec) if character == "+" and index > 0):
+        folder = Path(spec[split + 1:]).expanduser()
+        if (folder / MANIFEST).is_file():  # the longest artifact path first: its folder name may hold a '+'
+            return spec[:split], folder
     folder = Path(artifact).expanduser()  # the shell expands no ~ after '+' (refused until session 41)
     if not (folder / MANIFEST).is_file():
         raise FileNotFoundError(f"pipeline spec {spec!r}: {artifact!r} after '+' is not an artifact folder "
@@ -191,7 +199,7 @@ def _load_by_kind(spec: str, torch_dtype: torch.dtype | None, variant: str | Non
             raise ValueError("zoo:fashion-clip is a CLIP model (it scores images and encodes text for the "
                              "pipelines), not a diffusion pipeline; pipelines: zoo:fashion-sd, zoo:fashion-flux, "
                              "zoo:mnist-ddpm")
-        return zoo.load(spec[4:])
+        return zoo.load(spec[4:], torch_dtype or torch.float32)  # as zoo.load: modules kept in float32 stay so
     if spec.startswith("tiny:"):
         from .testing.tiny import build_tiny
 

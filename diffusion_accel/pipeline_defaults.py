@@ -46,9 +46,11 @@ def call_defaults(pipe: Any) -> dict[str, Any]:
 
 def _denoiser(pipe: Any) -> Any:
     """``pipe.unet`` or ``pipe.transformer`` when it is a module (no adapter lookup: the tags go on the denoiser
-    whether or not an adapter supports it)."""
+    whether or not an adapter supports it); under ``torch.compile`` the module it wraps, which the tag is on
+    (``pipe.unet = torch.compile(pipe.unet)`` lost the zoo's settings in pipelines built from the components)."""
     for attribute in DENOISER_COMPONENTS:
         module = getattr(pipe, attribute, None)
+        module = getattr(module, "_orig_mod", module)
         if isinstance(getattr(module, "__dict__", None), dict) and hasattr(module, "forward"):
             return module
     return None
@@ -170,6 +172,22 @@ def _type_fits(annotation: Any, value: Any) -> bool | None:
         verdicts = [_type_fits(args[-1], item) for item in items] if args else []
         return False if False in verdicts else True
     return None
+
+
+def with_tuples(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with lists as tuples where ``__call__`` annotates a tuple and no list (SDXL's ``original_size``,
+    ``target_size``, ``crops_coords_top_left``): JSON (``--call``, a recipe's ``[call]``) has no tuples, and
+    diffusers adds them to its tuple defaults (``original_size=[64, 64]`` failed with a TypeError inside)."""
+    hints = _call_type_hints(pipe)
+    return {name: tuple(value) if isinstance(value, list) and _takes_tuple_not_list(hints.get(name)) else value
+            for name, value in kwargs.items()}
+
+
+def _takes_tuple_not_list(annotation: Any) -> bool:
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    origins = {typing.get_origin(member) or member for member in members}
+    return tuple in origins and list not in origins
 
 
 def _describe_type(annotation: Any) -> str:

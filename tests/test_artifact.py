@@ -595,6 +595,18 @@ def test_a_tilde_after_the_plus_of_base_and_artifact_is_the_home_folder(tmp_path
     assert artifact.applied_techniques(load_pipeline("tiny:sd+~/art")) == ["test-scale"]
 
 
+def test_an_artifact_whose_folder_name_holds_a_plus_and_path_specs_load(tmp_path):
+    """'BASE+/x/obs+cache' split at the last '+' ('cache': not an artifact); a pathlib.Path spec was refused as
+    'empty'."""
+    from diffusion_accel.loading import load_pipeline
+
+    artifact.save(_scaled_pipe(pipe=load_pipeline("tiny:sd")), tmp_path / "obs+cache")
+    assert artifact.applied_techniques(load_pipeline(f"tiny:sd+{tmp_path / 'obs+cache'}")) == ["test-scale"]
+    assert artifact.applied_techniques(load_pipeline(tmp_path / "obs+cache")) == ["test-scale"]
+    with pytest.raises(FileNotFoundError, match="'missing' after '\\+' is not an artifact folder"):
+        load_pipeline(f"tiny:sd+{tmp_path / 'obs+cache'}+missing")
+
+
 def test_an_artifact_folder_is_a_pipeline_spec_that_loads_its_recorded_base(tmp_path):
     from diffusion_accel.loading import load_pipeline
 

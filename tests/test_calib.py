@@ -774,3 +774,16 @@ def test_a_denoiser_no_adapter_supports_is_calibrated_and_placed_step_by_step():
     transformer.register_forward_hook(lambda *args: placed.append((tracker.context, tracker.step_index)))
     pipe("a cat", num_inference_steps=4, height=32, width=32, output_type="latent", max_sequence_length=16)
     assert placed == [("default", step) for step in range(4)]
+
+
+def test_a_default_negative_prompt_goes_one_per_prompt_with_several_images_each():
+    """fashion-flux's call defaults hold negative_prompt="": calibrate with batch_size 2 and
+    num_images_per_prompt 2 failed inside FluxPipeline (4 vs 2) unless the user passed it again."""
+    import diffusion_accel as da
+    from diffusion_accel.pipeline_defaults import set_call_defaults
+
+    pipe = build_tiny("flux")
+    set_call_defaults(pipe, {"true_cfg_scale": 2.0, "negative_prompt": ""})
+    calibration = da.calibrate(pipe, ["a cat", "a dog"], num_inference_steps=2, batch_size=2,
+                               num_images_per_prompt=2, progress=False)
+    assert len(calibration.seeds) == 1

@@ -802,3 +802,17 @@ def test_the_demo_refuses_an_accelerated_pipeline_naming_its_techniques(capsys, 
     da.save(da.prune_(build_tiny("sd"), da.PruneConfig(method="magnitude", sparsity=0.5)), tmp_path / "pruned")
     assert main(["demo", "--pipe", f"tiny:sd+{tmp_path / 'pruned'}", "--out", str(tmp_path / "demo")]) == 2
     assert "already has ['prune'] applied: give the artifact's base" in capsys.readouterr().err
+
+
+def test_tuple_arguments_given_as_json_lists_reach_the_pipeline_as_tuples(tmp_path):
+    """JSON has no tuples: `--call original_size=[64,64]` on SDXL failed inside diffusers (list + tuple)."""
+    from diffusion_accel.calib.inputs import plan_calls
+    from diffusion_accel.testing.tiny import build_tiny
+
+    assert main(["grid", "--pipe", "tiny:sdxl", "--num-prompts", "1", "--steps", "1",
+                 "--call", "original_size=[64,64]", "--call", "crops_coords_top_left=[0,0]",
+                 "--out", str(tmp_path / "g.png")]) == 0
+    calls = plan_calls(build_tiny("sdxl"), ["a cat"], num_inference_steps=1, batch_size=1, num_images_per_prompt=1,
+                       guidance_scale=None, negative_prompt=None, seed=0,
+                       call_kwargs={"target_size": [64, 64], "prompt_2": ["x"]})
+    assert calls[0].kwargs["target_size"] == (64, 64) and calls[0].kwargs["prompt_2"] == ["x"]

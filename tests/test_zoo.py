@@ -231,6 +231,29 @@ def test_a_zoo_folder_given_as_a_pipeline_spec_keeps_its_call_settings(tmp_path)
     assert call_defaults(load_pipeline(str(tmp_path / "copy"))) == {}
 
 
+def test_a_zoo_spec_in_half_precision_loads_what_zoo_load_does():
+    """`zoo:fashion-flux` with dtype fp16 loaded in float32 and cast: T5's layers transformers keeps in float32 were
+    cast too, so images (and an artifact reloaded by its spec) differed from zoo.load(name, float16)'s."""
+    from diffusion_accel.loading import load_pipeline
+
+    by_spec, direct = load_pipeline("zoo:fashion-flux", dtype="fp16"), zoo.load("fashion-flux", torch.float16)
+    dtypes = {name: tensor.dtype for name, tensor in direct.text_encoder_2.state_dict().items()}
+    assert torch.float32 in dtypes.values()  # the kept-in-float32 layers this is about
+    assert {name: tensor.dtype for name, tensor in by_spec.text_encoder_2.state_dict().items()} == dtypes
+
+
+def test_pipelines_built_from_a_compiled_denoiser_keep_the_zoo_call_settings():
+    """After pipe.unet = torch.compile(pipe.unet) the tag sat on _orig_mod: from_pipe / **components got {}
+    (fashion-sd ran at diffusers' CFG 7.5, not 3.0)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from diffusion_accel.pipeline_defaults import call_defaults
+
+    pipe = zoo.load("fashion-sd")
+    pipe.unet = torch.compile(pipe.unet)
+    assert call_defaults(StableDiffusionImg2ImgPipeline(**pipe.components)) == zoo.CALL_DEFAULTS["fashion-sd"]
+
+
 @needs_data
 def test_training_smoke_run_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "RUNS_ROOT", tmp_path)

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..arch.registry import UnsupportedModelError, get_adapter
 from ..pipeline_defaults import (call_defaults, check_call_arguments, check_guidance_scale_is_read,
-                                 per_prompt_negative)
+                                 per_prompt_negative, with_tuples)
 from ..stacklevel import user_stacklevel
 
 CALL_MODES = ("prompt", "class", "unconditional")
@@ -162,12 +162,15 @@ def plan_calls(pipe: Any, items: list[Any], *, num_inference_steps: int, batch_s
     shared.update(call_defaults(pipe))  # the pipeline's own settings, beneath the explicit ones
     if guidance_scale is not None:
         shared["guidance_scale"] = guidance_scale
-    shared.update(call_kwargs)
+    shared.update(with_tuples(pipe, call_kwargs))
     _warn_if_cfg_is_off(pipe, params, shared.get("guidance_scale"))
     calls = []
     for index, start in enumerate(range(0, len(items), batch_size)):
         chunk = slice(start, start + batch_size)
         kwargs = shared | _batch_inputs(mode, items[chunk], num_images_per_prompt, negative_prompt, chunk)
+        if mode == "prompt" and isinstance(kwargs.get("negative_prompt"), str):  # a zoo default's or --call's:
+            # one per prompt, as an explicit one (Flux failed on a string with num_images_per_prompt > 1)
+            kwargs["negative_prompt"] = per_prompt_negative(kwargs["negative_prompt"], len(items[chunk]))
         calls.append(PlannedCall(kwargs=kwargs, num_items=len(items[chunk]), seed=seed + index))
     return calls
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..arch.registry import DENOISER_COMPONENTS
-from ..pipeline_defaults import call_defaults, per_prompt_negative
+from ..pipeline_defaults import call_defaults, per_prompt_negative, with_tuples
 from ..seeding import seeded_call
 from .images import to_uint8
 
@@ -265,7 +265,7 @@ def build_call_kwargs(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_step
     """Keyword arguments generating ``jobs`` in one call, one seeded CPU generator per image
     (``call_kwargs`` over the pipeline's own ``call_defaults``)."""
     to_kwargs = prompt_to_kwargs or default_prompt_to_kwargs
-    extra = check_call_kwargs(call_kwargs)
+    extra = with_tuples(pipe, check_call_kwargs(call_kwargs))
     kwargs: dict[str, Any] = {"output_type": "np", **call_defaults(pipe), **extra}
     kwargs.update(to_kwargs(pipe, [job.prompt for job in jobs]))
     negative = extra.get("negative_prompt")
