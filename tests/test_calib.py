@@ -787,3 +787,22 @@ def test_a_default_negative_prompt_goes_one_per_prompt_with_several_images_each(
     calibration = da.calibrate(pipe, ["a cat", "a dog"], num_inference_steps=2, batch_size=2,
                                num_images_per_prompt=2, progress=False)
     assert len(calibration.seeds) == 1
+
+
+def test_a_pipeline_that_changes_the_denoiser_during_its_calls_is_rerun_not_replayed():
+    """PAG swaps attention processors for its perturbed branch (restored at the end of the call): the stored
+    inputs replayed through the restored processors, so quantize_(calib=...) calibrated other ranges (W8A8 at
+    17.1 dB vs 21.3 dB when rerun, silently)."""
+    import diffusion_accel as da
+    from diffusers import StableDiffusionPAGPipeline
+
+    from diffusion_accel.calib import HessianCollector
+
+    pipe = StableDiffusionPAGPipeline(**build_tiny("sd").components, pag_applied_layers=["mid"])
+    calibration = da.calibrate(pipe, ["a cat", "a dog"], 2, progress=False, height=32, width=32, pag_scale=3.0)
+    assert calibration.trajectory and not calibration.complete_trajectory
+    assert "processor" in calibration.trajectory_state_change
+    with pytest.raises(ValueError, match="cannot be replayed: the pipeline changed .*processor"):
+        calibration.replay([HessianCollector(["mid_block.attentions.0.proj_in"])], pipe, progress=False)
+    plain = da.calibrate(build_tiny("sd"), ["a cat"], 2, progress=False)
+    assert plain.complete_trajectory and plain.trajectory_state_change is None

@@ -43,7 +43,8 @@ def test_calibration_calls_use_the_defaults_under_explicit_arguments():
     pipe = _tagged_flux()
     settings = dict(num_inference_steps=2, batch_size=1, num_images_per_prompt=1, seed=0)
     call = plan_calls(pipe, ["a cat"], guidance_scale=None, negative_prompt=None, call_kwargs={}, **settings)[0]
-    assert {key: call.kwargs[key] for key in FLUX_DEFAULTS} == FLUX_DEFAULTS
+    per_prompt = {"negative_prompt": [FLUX_DEFAULTS["negative_prompt"]]}  # a string default goes one per prompt
+    assert {key: call.kwargs[key] for key in FLUX_DEFAULTS} == FLUX_DEFAULTS | per_prompt
     call = plan_calls(pipe, ["a cat"], guidance_scale=None, negative_prompt="blurry",
                       call_kwargs={"max_sequence_length": 8}, **settings)[0]
     assert call.kwargs["max_sequence_length"] == 8 and call.kwargs["negative_prompt"] == ["blurry"]

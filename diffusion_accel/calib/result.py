@@ -65,6 +65,7 @@ class Calibration:
     trajectory: list[TrajectoryRecord] = field(default_factory=list)
     trajectory_bytes: int = 0
     trajectory_truncated: bool = False
+    trajectory_state_change: str | None = None  # why the trajectory cannot be replayed (call_state), or None
     counts: CallCounts = field(default_factory=CallCounts)
     source: str = "pipeline"
     denoiser_config: dict[str, Any] = field(default_factory=dict)  # architecture the inputs were recorded for
@@ -93,8 +94,9 @@ class Calibration:
     @property
     def complete_trajectory(self) -> bool:
         """True when the stored trajectory holds every observed denoiser call of the pass (not truncated by
-        ``max_trajectory_bytes``): replaying it then sees what rerunning the pass would, on the same denoiser."""
-        return bool(self.trajectory) and not self.trajectory_truncated
+        ``max_trajectory_bytes``) and the pipeline changed no module of the denoiser during its calls (PAG,
+        GLIGEN: ``call_state``): replaying it then sees what rerunning the pass would, on the same denoiser."""
+        return bool(self.trajectory) and not self.trajectory_truncated and self.trajectory_state_change is None
 
     def collector(self, kind: type[CollectorT]) -> CollectorT:
         """The first collector of type ``kind``."""
@@ -111,6 +113,9 @@ class Calibration:
         recompute each block, silently)."""
         if not self.trajectory:
             raise ValueError(self._no_trajectory_reason())
+        if self.trajectory_state_change is not None:
+            raise ValueError(f"this calibration's trajectory cannot be replayed: {self.trajectory_state_change}, and "
+                             f"the stored inputs hold none of that; use rerun(pipe, collectors)")
         module = denoiser if isinstance(denoiser, nn.Module) else find_any_denoiser(denoiser)[1]
         module = getattr(module, "_orig_mod", module)  # a torch.compile wrapper: replay runs the model eagerly
         refuse_while_cached(module, "replay")
@@ -122,7 +127,7 @@ class Calibration:
             selected_steps=list(self.selected_steps), step_weights=self.step_weights, collectors=bound,
             seeds=list(self.seeds), timesteps=dict(self.timesteps), trajectory=self.trajectory,
             trajectory_bytes=self.trajectory_bytes, trajectory_truncated=self.trajectory_truncated,
-            counts=counts, source="replay", denoiser_config=dict(self.denoiser_config))
+            trajectory_state_change=self.trajectory_state_change, counts=counts, source="replay", denoiser_config=dict(self.denoiser_config))
 
     def _no_trajectory_reason(self) -> str:
         if self.trajectory_truncated:

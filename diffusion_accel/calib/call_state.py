@@ -1,0 +1,39 @@
+"""What a pipeline changes in its denoiser for the length of a call, which a stored trajectory cannot replay.
+
+A trajectory keeps the denoiser's inputs only. Some pipelines also change its modules while they call it:
+the PAG pipelines swap attention processors for the perturbed branch and restore them at the end, GLIGEN
+switches its gated fusers off part-way. Replayed inputs then ran through other modules than the live pass
+(a PAG W8A8 lost 4 dB; GLIGEN's fuser was unobserved), silently. ``call_state`` is the denoiser's attention
+processor classes and boolean ``enabled`` switches; calibration records it on observed calls and refuses to
+replay when it differs from the state after the pass.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+CallState = tuple[tuple[str, str], ...]
+
+
+def call_state(denoiser: nn.Module) -> CallState:
+    """(module name, processor class or ``enabled`` flag) for every attention processor and switchable module."""
+    entries = []
+    for name, module in denoiser.named_modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None:  # diffusers' Attention modules
+            entries.append((f"{name}.processor", type(processor).__name__))
+        enabled = getattr(module, "enabled", None)
+        if isinstance(enabled, bool):
+            entries.append((f"{name}.enabled", str(enabled)))
+    return tuple(entries)
+
+
+def state_change(during: set[CallState], after: CallState) -> str | None:
+    """A sentence naming the first module whose state on an observed call differs from ``after``; None if none."""
+    settled = dict(after)
+    for state in during:
+        for key, value in state:
+            if settled.get(key) != value:
+                return (f"the pipeline changed {key} to {value} during its calls (it is {settled.get(key)} now: "
+                        f"PAG swaps attention processors, GLIGEN switches its fusers off part-way)")
+    return None
