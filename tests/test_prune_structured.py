@@ -169,3 +169,16 @@ def test_attention_with_ip_adapter_projections_keeps_its_heads():
     images = pipe("a red bicycle", num_inference_steps=3, height=32, width=32, output_type="pt",
                   ip_adapter_image_embeds=embeds).images
     assert torch.isfinite(images).all()
+
+
+def test_the_structured_report_lists_what_exclude_kept_dense():
+    """The unstructured report listed excluded layers; the structured one named only the last block, so
+    summary() said 'left dense: 1' beside an attention kept whole on purpose."""
+    from diffusion_accel.prune import prune_report
+
+    pipe = build_tiny("sd")
+    excluded = get_adapter(pipe).attention()[0].name
+    prune_(pipe, PruneConfig(method="magnitude", pattern="structured", sparsity=0.5, exclude=(excluded,)))
+    assert pipe.unet.get_submodule(excluded).heads == 8
+    skipped = prune_report(pipe).layers_skipped
+    assert skipped[excluded].startswith("excluded") and list(skipped.values()).count("last block kept dense") == 1

@@ -51,6 +51,11 @@ def structured_plan(adapter: DenoiserAdapter, config: PruneConfig) -> tuple[list
                              lambda name: is_excluded(name) or name in weighted, config.prune_resnets)
     skipped: dict[str, str] = {name: f"heads kept: its {kind} holds projections of its own (IP-Adapter's image "
                                      f"key/value) that head removal would not resize" for name, kind in weighted.items()}
+    candidates = structured_units(adapter, config.prune_heads, config.prune_ffn, lambda name: name in weighted,
+                                  config.prune_resnets)
+    pruned = {member.name for unit in units for member in (*unit.attentions, *unit.ffns, *unit.resnets)}
+    skipped |= {member.name: "excluded (high precision or config.exclude)" for unit in candidates
+                for member in (*unit.attentions, *unit.ffns, *unit.resnets) if member.name not in pruned}
     if config.keep_last_block_dense and units:  # the model's last block with units, whatever config.exclude says
         high_precision = set(adapter.high_precision_layers())
         every_unit = structured_units(adapter, config.prune_heads, config.prune_ffn,
