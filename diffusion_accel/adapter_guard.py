@@ -35,6 +35,8 @@ IP_UNLOAD_METHOD = "unload_ip_adapter"  # on the pipeline
 GUARDED_ADAPTER_METHODS = (ADD_METHOD, LOAD_METHOD, IP_LOAD_METHOD)  # on the denoiser
 GUARDED_ADAPTER_PIPELINE_METHODS = (PIPELINE_METHOD, IP_UNLOAD_METHOD)  # on the pipeline
 _LORA_KEY_MARK = ".lora_"  # "<module>.lora_A.weight", "<module>.lora_B.<adapter>.weight", ...
+_LOKR_KEY_MARK = ".lokr_"  # LoKr factors: "<module>.lokr_w1", ...
+ALL_LINEAR = "all-linear"  # peft's target_modules shorthand
 
 
 class AdapterOnReplacedLayerError(ValueError):
@@ -60,10 +62,7 @@ def replaced_layers(denoiser: nn.Module) -> dict[str, nn.Module]:
 
 
 def _guarded_add_adapter(model: nn.Module, adapter_config: Any, *args: Any, **kwargs: Any) -> Any:
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    replaced = replaced_layers(model)
-    _refuse_targets(model, ADD_METHOD, [name for name in replaced if check_target_module_exists(adapter_config, name)])
+    _refuse_targets(model, ADD_METHOD, _config_targets(adapter_config, replaced_layers(model)))
     return _rolled_back_on_error(model, lambda: type(model).add_adapter(model, adapter_config, *args, **kwargs))
 
 
@@ -74,6 +73,17 @@ def _guarded_load_lora_adapter(model: nn.Module, source: Any, *args: Any, **kwar
         _refuse_targets(model, LOAD_METHOD, [name for name in targets if name in replaced])
         _refuse_resized_targets(model, targets)
     return _rolled_back_on_error(model, lambda: type(model).load_lora_adapter(model, source, *args, **kwargs))
+
+
+def _config_targets(adapter_config: Any, replaced: dict[str, nn.Module]) -> list[str]:
+    """The ``replaced`` layers a peft config targets. peft's "all-linear" expands to ``nn.Linear`` layers alone,
+    which ours are not: it wrapped 2 of 83 Linears of a W8A8 UNet, silently (its regex check matches no name)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = getattr(adapter_config, "target_modules", None)
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        return [name for name, module in replaced.items() if hasattr(module, "in_features")]
+    return [name for name in replaced if check_target_module_exists(adapter_config, name)]
 
 
 def _guarded_load_lora_weights(pipe: Any, *args: Any, **kwargs: Any) -> Any:
@@ -128,10 +138,16 @@ def _refuse_quantized_processors(model: nn.Module, method: str) -> None:
 
 
 def lora_targets(state_dict: dict[str, Any], prefix: str | None) -> list[str]:
-    """Module names a diffusers-format LoRA state dict adapts (keys ``[prefix.]<module>.lora_...``)."""
+    """Module names a diffusers-format LoRA (or LoKr) state dict adapts (keys ``[prefix.]<module>.lora_...``); the
+    older ``<module>.lora.down.weight`` keys are converted as ``load_lora_adapter`` converts them (they passed the
+    guard: peft's raw errors followed, and a long 'size mismatch' list after structured pruning)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
     lead = f"{prefix}." if prefix else ""
-    names = {key[len(lead):].split(_LORA_KEY_MARK)[0] for key in state_dict
-             if key.startswith(lead) and _LORA_KEY_MARK in key}
+    own = {key[len(lead):]: value for key, value in state_dict.items() if key.startswith(lead)}
+    if own and "lora_A" not in next(iter(own)) and not any(_LOKR_KEY_MARK in key for key in own):
+        own = convert_unet_state_dict_to_peft(own)
+    names = {key.split(mark)[0] for key in own for mark in (_LORA_KEY_MARK, _LOKR_KEY_MARK) if mark in key}
     return sorted(names)
 
 

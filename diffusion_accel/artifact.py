@@ -53,6 +53,7 @@ _BASE_SAMPLE_ATTR = "_diffusion_accel_base_sample"  # (structure fingerprint, we
 _BASE_CONFIG_ATTR = "_diffusion_accel_base_config"  # the config the base fingerprint hashed (base_config)
 _APPLIED_SAMPLE_ATTR = "_diffusion_accel_applied_sample"  # weight sample right after the last technique
 _SOURCE_ATTR = "_diffusion_accel_source"
+TECHNIQUE_FILE_PATTERN = "[0-9][0-9]-*.safetensors"  # save's technique files: f"{index:02d}-{technique}.safetensors"
 _SAMPLE_ELEMENTS = 2048  # per tensor: head, tail and a strided middle sample
 
 
@@ -267,9 +268,19 @@ def save_folder_problem(directory: str | Path) -> str | None:
     if (folder / "model_index.json").is_file():
         return "it holds a diffusers pipeline (model_index.json), which would then load as this artifact; " \
                "give another folder"
-    if (folder / MANIFEST).is_file() and not _is_artifact_manifest(folder / MANIFEST):
+    if (folder / MANIFEST).is_file() and not _is_artifact_manifest(folder / MANIFEST) and not _damaged_artifact(folder):
         return f"its {MANIFEST} is not a diffusion_accel artifact's and would be overwritten; give another folder"
     return None
+
+
+def _damaged_artifact(folder: Path) -> bool:
+    """Whether ``folder``'s manifest is not JSON beside technique files of ours: a damaged artifact, which ``load``
+    says to save again (save refused it as another tool's manifest until session 43)."""
+    try:
+        json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return any(folder.glob(TECHNIQUE_FILE_PATTERN))
+    return False
 
 
 def _artifact_folder(directory: str | Path) -> Path:
@@ -304,7 +315,7 @@ def save(pipe: Any, directory: str | Path) -> Path:
     if not applied_techniques(pipe):
         warnings.warn(f"saving an artifact of a pipeline with no technique applied: {folder} will hold only the "
                       f"base's fingerprint, and load() will return the base unchanged (apply prune_, quantize_ "
-                      f"or enable_cache first)", stacklevel=2)
+                      f"or enable_cache first)", stacklevel=user_stacklevel())
     _warn_on_adapters(denoiser, component)
     exports = getattr(denoiser, _EXPORTS_ATTR, {})
     exported = [(technique, *(exports.get(technique) or _HANDLERS[technique].export(pipe)))
@@ -431,7 +442,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     _import_builtin_techniques()
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        interrupted = any(Path(directory).glob("[0-9][0-9]-*.safetensors")) if Path(directory).is_dir() else False
+        interrupted = any(Path(directory).glob(TECHNIQUE_FILE_PATTERN)) if Path(directory).is_dir() else False
         raise ArtifactError(f"{directory} is not a diffusion_accel artifact: no {MANIFEST}" + (
             " (it holds technique files without one: a save into it was interrupted; save the artifact again)"
             if interrupted else ""))
@@ -466,7 +477,7 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
     _warn_on_dtype_change(manifest, original, component, directory)
     if not manifest["techniques"]:
         warnings.warn(f"artifact {directory} holds no technique (saved from a pipeline with none applied): "
-                      f"load() returns the base unchanged", stacklevel=2)
+                      f"load() returns the base unchanged", stacklevel=user_stacklevel())
         return base_pipe  # the same denoiser (a copy swapped in would drop a compiled wrapper for nothing)
     if not component:  # a bare denoiser has no pipeline to swap a copy into
         raise ArtifactError("load() needs a pipeline (with a 'unet' or 'transformer'), not a bare denoiser")
@@ -487,7 +498,7 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
         warnings.warn(f"load() replaced the compiled pipe.{component} with the accelerated "
                       f"{type(original).__name__} (applied to a copy, so a failed load changes nothing), which is "
                       f"not compiled; compile it again (pipe.{component} = torch.compile(pipe.{component}), or "
-                      f"diffusion_accel.eval.compile_denoiser(pipe))", stacklevel=2)
+                      f"diffusion_accel.eval.compile_denoiser(pipe))", stacklevel=user_stacklevel())
     return base_pipe
 
 
@@ -618,7 +629,7 @@ def _warn_on_adapters(denoiser: torch.nn.Module, component: str) -> None:
         warnings.warn(f"pipe.{component} holds unmerged adapters (LoRA, via peft) on {len(wrapped)} layers, e.g. "
                       f"{wrapped[0]!r}; the artifact holds only {techniques_on(denoiser)}, not them: after "
                       f"load(), load the adapters again (pipe.load_lora_weights) to get this pipeline's images",
-                      stacklevel=3)
+                      stacklevel=user_stacklevel())
 
 
 def compute_dtype(denoiser: torch.nn.Module) -> torch.dtype | None:
@@ -642,7 +653,7 @@ def _warn_on_dtype_change(manifest: dict[str, Any], denoiser: torch.nn.Module, c
         warnings.warn(f"artifact {directory} was saved from a {saved} {component}; this base's {component} "
                       f"is {actual}: it runs, but its images will differ from the saved pipeline's. For a "
                       f"bit-exact round trip load the base in {saved} (from_pretrained(..., dtype=torch.{saved}), "
-                      f"or pipe.to(torch.{saved}) before load)", stacklevel=3)
+                      f"or pipe.to(torch.{saved}) before load)", stacklevel=user_stacklevel())
 
 
 def _warn_on_rounding(directory: str | Path, component: str, saved: str, rounded: str, actual: str,

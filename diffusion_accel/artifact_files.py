@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-STAGING_SUFFIX = ".partial"
+STAGING_SUFFIX = ".diffusion_accel.partial"  # ours alone: a user's ".notes.partial" was deleted by every save
 
 
 def staging_path(folder: Path, name: str) -> Path:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .base_match import base_state_dict
+from .stacklevel import user_stacklevel
 
 SAVE_METHOD = "save_pretrained"
 FUSE_METHOD = "fuse_qkv_projections"
@@ -230,7 +231,7 @@ def mismatched_tensors(denoiser: nn.Module, without_adapters: bool = False) -> l
             reference = type(denoiser).from_config(config)
     except Exception as error:  # a model whose __init__ cannot run on meta: save unchecked, say so
         warnings.warn(f"could not check that from_pretrained can read this {type(denoiser).__name__} "
-                      f"back ({type(error).__name__}: {error}); saving it unchecked", stacklevel=3)
+                      f"back ({type(error).__name__}: {error}); saving it unchecked", stacklevel=user_stacklevel())
         return []
     expected = {name: tuple(tensor.shape) for name, tensor in reference.state_dict().items()}
     state = base_state_dict(denoiser) if without_adapters else denoiser.state_dict()

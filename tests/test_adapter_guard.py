@@ -83,6 +83,25 @@ def test_lora_on_layers_kept_in_float_or_on_a_cached_pipeline_loads(quantized, l
     assert len(_wrappers(cached.unet)) == len(lora_targets(lora_state_dict, "unet"))
 
 
+def test_all_linear_on_quantized_layers_is_refused(quantized):
+    """peft expands "all-linear" to nn.Linear layers only: it wrapped the 2 float ones of a W8A8 UNet, silently."""
+    pipe, before = quantized
+    with pytest.raises(AdapterOnReplacedLayerError, match=r"\(Int8Linear\) or \d+ more"):
+        pipe.unet.add_adapter(_lora_config("all-linear"))
+    assert _wrappers(pipe.unet) == [] and torch.equal(_images(pipe), before)
+
+
+def test_older_format_lora_keys_are_read_like_diffusers_reads_them(quantized, lora_state_dict):
+    """'<module>.lora.down.weight' keys (diffusers' older format) named no target: peft's raw error followed."""
+    older = {key.replace("lora_A.weight", "lora.down.weight").replace("lora_B.weight", "lora.up.weight"): value
+             for key, value in lora_state_dict.items()}
+    assert lora_targets(older, "unet") == lora_targets(lora_state_dict, "unet")
+    pipe, before = quantized
+    with pytest.raises(AdapterOnReplacedLayerError, match=r"load_lora_adapter\(\) cannot put a LoRA adapter on"):
+        pipe.load_lora_weights(older)
+    assert _wrappers(pipe.unet) == [] and torch.equal(_images(pipe), before)
+
+
 def test_lora_targets_reads_module_names_from_diffusers_keys():
     keys = {"unet.a.to_q.lora_A.weight": 0, "unet.a.to_q.lora_B.weight": 0, "unet.b.lora_B.default.weight": 0,
             "text_encoder.c.lora_A.weight": 0, "unet.a.to_q.alpha": 0}

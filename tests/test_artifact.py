@@ -306,6 +306,30 @@ def test_save_refuses_folders_it_would_break_or_overwrite(tmp_path):
     artifact.save(pipe, tmp_path / "ours")  # over an artifact of ours: fine
 
 
+def test_a_damaged_artifact_can_be_saved_again_and_user_files_stay(tmp_path):
+    """load said 'the artifact is damaged: save it again', and save refused the folder as another tool's; every save
+    deleted hidden '.*.partial' files of the user's."""
+    pipe = _scaled_pipe()
+    artifact.save(pipe, tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": "diffusion_acc')
+    (tmp_path / ".notes.partial").write_text("mine")
+    with pytest.raises(artifact.ArtifactError, match="is damaged: save it again"):
+        artifact.load(build_tiny("sd"), tmp_path)
+    artifact.save(pipe, tmp_path)
+    assert artifact.applied_techniques(artifact.load(build_tiny("sd"), tmp_path)) == ["test-scale"]
+    assert (tmp_path / ".notes.partial").read_text() == "mine"
+
+
+def test_load_warnings_through_a_pipeline_spec_point_at_the_callers_line(tmp_path):
+    """The dtype-change warning of load_pipeline('BASE+ARTIFACT', dtype=...) pointed into loading.py."""
+    from diffusion_accel.loading import load_pipeline
+
+    artifact.save(_scaled_pipe(), tmp_path / "art")
+    with pytest.warns(UserWarning) as caught:
+        load_pipeline(f"tiny:sd+{tmp_path / 'art'}", dtype="bf16")
+    assert caught and all(record.filename == __file__ for record in caught)
+
+
 def test_loading_an_artifact_without_techniques_warns_and_onto_meta_weights_is_refused(tmp_path):
     with pytest.warns(UserWarning, match="no technique applied"):
         artifact.save(build_tiny("sd"), tmp_path)
