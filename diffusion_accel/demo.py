@@ -150,6 +150,7 @@ def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: i
     from .eval import evaluate
     from .eval.distributed import process_state
 
+    check_demo_out(out)
     pipe = load_pipeline(spec or default_demo_spec(), dtype=dtype, device=device, variant=variant)
     applied = applied_techniques(pipe)
     if applied:  # its replaced layers left the calibration no module to observe ("needs at least one module name")
@@ -175,6 +176,18 @@ def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: i
         # interrupted run left a new calibration.json beside the previous run's report (session 31)
         (out / "calibration.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     return report
+
+
+OTHER_COMMANDS_FILES = ("manifest.json", "statistics.safetensors")  # calibrate's: its calibration.json goes with them
+
+
+def check_demo_out(out: Path) -> None:
+    """ValueError when ``out`` holds an artifact or statistics of ``calibrate``: the demo's calibration.json
+    replaced theirs (how they were made, which build_artifacts.py reads), silently."""
+    taken = [name for name in OTHER_COMMANDS_FILES if (Path(out) / name).is_file()]
+    if taken:
+        raise ValueError(f"--out {str(out)!r} holds {taken[0]} from diffusion-accel calibrate: the demo's "
+                         f"calibration.json would replace the one beside it; write the demo to another folder")
 
 
 def _demo_clip(variants: dict[str, Any]) -> str | None:

@@ -10,6 +10,7 @@ beneath the caller's explicit arguments. Calling the pipeline yourself, pass the
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
 import types
 import typing
@@ -160,6 +161,10 @@ def _type_fits(annotation: Any, value: Any) -> bool | None:
         return True if True in verdicts else (None if None in verdicts else False)
     if annotation is typing.Any:
         return True
+    if (origin or annotation) is collections.abc.Callable:  # callback_on_step_end=x was a TypeError inside the call
+        return callable(value)
+    if isinstance(annotation, type) and annotation.__module__.startswith("diffusers."):  # PipelineCallback...
+        return isinstance(value, annotation)
     if annotation in (int, float):
         numbers = int if annotation is int else (int, float)
         return isinstance(value, numbers) and not isinstance(value, bool)

@@ -272,6 +272,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     settings = merged_settings(args, recipe)  # and bad --call keys
     if "cache" in methods:
         _check_cache_table(_cache_table(args, recipe))
+    _check_calibration_flags_read(args, methods, configs, _cache_table(args, recipe) if "cache" in methods else {})
     _check_calibration_settings(settings, args.seed)
     model = recipe.get("model", {})
     spec = args.pipe if args.pipe is not None else (model.get("id") or default_demo_spec())
@@ -324,6 +325,26 @@ def _check_flags_apply(args: argparse.Namespace, methods: list[str]) -> None:
                          f"add the method")
 
 
+def _check_calibration_flags_read(args: argparse.Namespace, methods: list[str], configs: dict[str, Any],
+                                  cache_table: dict[str, Any]) -> None:
+    """Refuse ``--selection`` / ``--weighting`` / ``--batch-size`` when no method of the chain calibrates: magnitude
+    pruning (layer scope, saliency allocation) and the static caches read no inputs, yet the flags were recorded
+    in calibration.json and the manifest as if they had shaped the artifact."""
+    calibrating = [method for method in methods if method in ("stats", "ptq")
+                   or (method in configs and getattr(configs[method], "needs_calibration", True))]
+    searching = "cache" in methods and (cache_table.get("method") in ("calibrated", "router") or (
+        cache_table.get("method") == "teacache" and cache_table.get("coefficients") is None))
+    idle = [flag for flag in ("selection", "weighting") if getattr(args, flag, None) is not None and not calibrating]
+    if getattr(args, "batch_size", None) is not None and not calibrating and not searching:
+        idle.append("batch_size")
+    if idle:
+        names = ", ".join(f"--{flag.replace('_', '-')}" for flag in idle)
+        raise ValueError(f"{names} not used by --method {','.join(methods)}: nothing in it calibrates (magnitude "
+                         f"pruning by layer or saliency and the deepcache / block / first_block / delta / "
+                         f"encoder_propagation caches read no inputs; a calibrated, router or fitted TeaCache cache "
+                         f"reads --batch-size); drop them")
+
+
 def _check_calibration_settings(settings: dict[str, Any], seed: int) -> None:
     """Selection, weighting, seed and prompt file checked before the pipeline loads (each failed after it).
     The selection is checked against twice the step count (Heun-like schedulers run 2N - 1 calls)."""
@@ -363,6 +384,11 @@ def _check_chain_fits(pipe: Any, methods: list[str]) -> None:
     the chain (pruning or PTQ after PTQ) fails after the calibration pass otherwise."""
     from .artifact import applied_techniques
 
+    observing = [method for method in methods if method != "cache"]
+    if "cache" in applied_techniques(pipe) and observing:  # calibrate refused it after loading, with Python advice
+        raise ValueError(f"the base pipeline is an artifact with a feature cache; --method {','.join(observing)} "
+                         f"observes the uncached denoiser: give that artifact's own base (its manifest's base "
+                         f"source) and --method {','.join(observing)},cache")
     applied = [technique for technique in applied_techniques(pipe) if technique != "cache"]
     late = {"prune": 0, "ptq": 1}
     done = max((late[technique] for technique in applied if technique in late), default=-1)

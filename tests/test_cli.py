@@ -696,6 +696,10 @@ def test_bench_batch_size_above_num_prompts_cycles_prompts(tmp_path):
     (["calibrate", "--method", "cache", "--cache-method", "deepcache", "--budget", "0.2"], "do not apply to method 'deepcache'"),
     (["calibrate", "--method", "obs,ptq,cache", "--budget", "0.3"], "keys ['budget'] apply to no default cache method"),
     (["calibrate", "--method", "cache", "--search-blocks"], "keys ['search_blocks'] apply to no default cache"),
+    (["calibrate", "--method", "magnitude", "--selection", "1", "--weighting", "linear", "--batch-size", "4"],
+     "--selection, --weighting, --batch-size not used by --method magnitude: nothing in it calibrates"),
+    (["calibrate", "--method", "cache", "--cache-method", "deepcache", "--batch-size", "4"],
+     "--batch-size not used by --method cache: nothing in it calibrates"),
     (["calibrate", "--selection", "0,,3"], "expected comma-separated step indices"),
     (["calibrate", "--weighting", "nope"], "nope"),
     (["calibrate", "--prompts", "/no/such/prompts.txt"], "prompts.txt"),
@@ -816,3 +820,36 @@ def test_tuple_arguments_given_as_json_lists_reach_the_pipeline_as_tuples(tmp_pa
                        guidance_scale=None, negative_prompt=None, seed=0,
                        call_kwargs={"target_size": [64, 64], "prompt_2": ["x"]})
     assert calls[0].kwargs["target_size"] == (64, 64) and calls[0].kwargs["prompt_2"] == ["x"]
+
+
+@pytest.mark.parametrize("kept", ["manifest.json", "statistics.safetensors"])
+def test_demo_refuses_an_out_folder_holding_calibrate_output(kept, tmp_path, monkeypatch, capsys):
+    """The demo's calibration.json replaced an artifact's or statistics' own (how they were made), silently."""
+    import diffusion_accel.demo as demo
+
+    monkeypatch.setattr(demo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
+    (tmp_path / kept).write_text("{}")
+    (tmp_path / "calibration.json").write_text('{"format": "diffusion_accel.calibration"}')
+    assert main(["demo", "--pipe", "tiny:sd", "--out", str(tmp_path)]) == 2
+    assert f"holds {kept} from diffusion-accel calibrate" in capsys.readouterr().err
+    assert (tmp_path / "calibration.json").read_text() == '{"format": "diffusion_accel.calibration"}'
+
+
+def test_calibrating_on_a_cached_artifact_base_is_refused_with_command_line_advice(tmp_path, capsys):
+    """It loaded, then failed with calibrate()'s Python advice ('call da.remove_cache(pipe)')."""
+    common = ["--steps", "2", "--num-prompts", "1"]
+    cached = str(tmp_path / "cached")
+    assert main(["calibrate", "--pipe", "tiny:sd", "--method", "cache", *common, "--out", cached]) == 0
+    capsys.readouterr()
+    for method in ("ptq", "stats"):
+        assert main(["calibrate", "--pipe", str(tmp_path / "cached"), "--method", method, *common,
+                     "--out", str(tmp_path / method)]) == 2
+        assert f"give that artifact's own base (its manifest's base source) and --method {method},cache" in \
+            capsys.readouterr().err
+
+
+def test_a_callback_argument_from_the_command_line_is_a_one_line_error(capsys):
+    """`--call callback_on_step_end=x` reached the pipeline: a TypeError traceback mid-call."""
+    assert main(["eval", "--pipe", "tiny:sd", "--steps", "1", "--num-prompts", "1", "--metrics", "latency",
+                 "--call", "callback_on_step_end=x"]) == 2
+    assert "callback_on_step_end='x' (from evaluate) must be Callable" in capsys.readouterr().err

@@ -42,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffusion-accel")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as error:  # a one-line error, as `diffusion-accel zoo` (it was a traceback)
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except KeyboardInterrupt:  # the training loop said where the run was saved
+        parser.exit(130)
 
 
 if __name__ == "__main__":
