@@ -145,3 +145,22 @@ def test_a_call_argument_contradicting_its_annotation_is_named_before_any_call()
         check_call_arguments(controlnet, {"controlnet_conditioning_scale": "x"}, "calibrate")
     with pytest.raises(CallArgumentError, match=r"clip_skip='x' \(from calibrate\)"):
         da.calibrate(pipe, ["a cat"], num_inference_steps=2, clip_skip="x", progress=False)
+
+
+def test_warnings_of_decorated_entry_points_point_at_the_callers_line():
+    """calibrate / quantize_ / prune_ run under torch.inference_mode(False), whose wrapper frame lies outside the
+    package: fixed stacklevels pointed into torch/utils/_contextlib.py."""
+    import warnings
+
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    import diffusion_accel as da
+
+    pipe = StableDiffusionImg2ImgPipeline(**build_tiny("sd").components)
+    image = torch.rand(1, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        da.calibrate(pipe, ["a cat"], 4, steps=(0, 3), progress=False, image=image, strength=0.5)
+    ours = [item for item in caught if "did not run" in str(item.message)]
+    assert ours and all(item.filename == __file__ for item in ours)

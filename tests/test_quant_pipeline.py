@@ -628,3 +628,26 @@ def test_quantizing_a_compiled_pipeline_calibrates_uncompiled():
     finally:
         dynamo.reset()
     assert pipe.unet is wrapper and during == 0 and after == 1, (during, after)
+
+
+def test_the_qdiffusion_preset_runs_on_pipelines_without_classifier_free_guidance():
+    """It fixed calib_guidance_scale=7.5: DDPM ('has no guidance_scale') and Flux refused a value the user never gave,
+    and fashion-sd calibrated at 7.5 beside its own CFG 3."""
+    assert PTQConfig.preset("qdiffusion").calib_guidance_scale is None
+    quick = dict(FAST, recon_iters=2, recon_act_iters=1, recon_samples=2, recon_batch=2)
+    for family in ("ddpm", "flux"):
+        pipe = quantize_(build_tiny(family), PTQConfig.preset("qdiffusion", **quick))
+        assert applied_techniques(pipe) == ["ptq"]
+
+
+def test_calibration_and_quantization_work_under_inference_mode():
+    """The trajectory recorder read tensor._version (inference tensors have none), AdaRound could not train."""
+    pipe = build_tiny("sd")
+    with torch.inference_mode():
+        calibration = calibrate(pipe, ["a cat"], 2, progress=False)
+        quantize_(pipe, PTQConfig.preset("w4a8", **FAST), calib=calibration)
+    assert calibration.complete_trajectory and applied_techniques(pipe) == ["ptq"]
+    other = build_tiny("sd")
+    with torch.inference_mode():
+        quantize_(other, PTQConfig(**FAST, weights="int4", reconstruct=True, recon_iters=2, recon_samples=2))
+    assert torch.isfinite(other(**tiny_call_kwargs("sd")).images).all()

@@ -276,6 +276,7 @@ def check_learning_settings(**settings: Any) -> None:
                          f"proxy, 'uniform': every step alike), got {settings['step_weights']!r}")
 
 
+@torch.inference_mode(False)  # it trains gates with autograd, which inference_mode forbids
 def learn_router(pipe: Any, prompts: Any, budget: float = 0.4, num_inference_steps: int = 28, *, epochs: int = 20,
                  lr: float = 0.3, seed: int = 0, batch_size: int = 1, step_weights: str = "final",
                  resample: bool = True, progress: bool = False, **call_kwargs: Any) -> RouterCacheConfig:

@@ -25,6 +25,7 @@ from ..arch.registry import find_any_denoiser
 from ..hooks import ModuleHooks, StepTracker, get_tracker, refuse_while_cached, use_tracker
 from ..scalars import plain_number
 from ..seeding import seeded_call
+from ..stacklevel import user_stacklevel
 from ..uncompiled import uncompiled
 from .collectors import Collector, Step
 from .dispatch import CollectorRouter, validate_collectors
@@ -39,6 +40,7 @@ TRACKER_CLIENT = "calib"
 DEFAULT_MAX_TRAJECTORY_BYTES = 1 << 30
 
 
+@torch.inference_mode(False)  # tensors made under a caller's inference_mode have no version to record
 def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
               collectors: Sequence[Collector] | Collector = (), steps: str | Sequence[int] = "all",
               weighting: str | Sequence[float] = "uniform", weight_range: tuple[float, float] = (0.8, 1.2),
@@ -102,7 +104,8 @@ def _check_selected_steps_ran(result: Calibration) -> None:
     if beyond:
         warnings.warn(f"the pipeline ran {ran[-1] + 1} denoiser steps per call where its scheduler set for "
                       f"num_inference_steps={result.settings.num_inference_steps} has {result.num_steps} "
-                      f"(custom timesteps or sigmas?); steps {beyond} were not calibrated", stacklevel=3)
+                      f"(custom timesteps or sigmas?); steps {beyond} were not calibrated",
+                      stacklevel=user_stacklevel())
     observed = [step for step in result.selected_steps if step in result.timesteps]
     missed = [step for step in result.selected_steps if step not in result.timesteps]
     if not ran or not missed:
@@ -115,7 +118,7 @@ def _check_selected_steps_ran(result: Calibration) -> None:
                          f"select steps among those, or steps='all'")
     if result.settings.steps != "all":
         warnings.warn(f"selected calibration steps {missed} did not run: {where}; the calibration "
-                      f"observed {observed} only", stacklevel=3)
+                      f"observed {observed} only", stacklevel=user_stacklevel())
 
 
 def _frozen(value: Any) -> Any:

@@ -19,6 +19,7 @@ import torch
 
 from .collectors import Step
 from .trees import batched_leaf_indices, call_batch_size, flatten, merge_rows, same_layout, to_cpu_copy
+from ..stacklevel import user_stacklevel
 
 
 @dataclass
@@ -96,7 +97,7 @@ class TrajectoryRecorder:
         self.bytes = sum(tensor.numel() * tensor.element_size() for tensor in kept.values())
         warnings.warn(f"calibration trajectory reached max_trajectory_bytes={self.max_bytes}: it keeps the first "
                       f"{len(self.records)} denoiser calls, whole pipeline calls; later calls are not stored (replay "
-                      f"will see only the stored ones)", RuntimeWarning, stacklevel=2)
+                      f"will see only the stored ones)", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def group_records(records: list[TrajectoryRecord], max_rows: int | None) -> Iterator[list[TrajectoryRecord]]:

@@ -7,6 +7,7 @@ import time
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from .. import prompts as prompt_sets
@@ -18,6 +19,7 @@ from ..calib import (Calibration, HessianCollector, calibrate, call_mode, class_
 from ..calib.hessian import UnobservedLayerError
 from ..hooks import refuse_while_cached
 from ..progress import showing_progress
+from ..stacklevel import user_stacklevel
 from ..uncompiled import runs_compiled
 from .allocate import allocate_by_error, error_grid
 from .configs import PruneConfig
@@ -32,6 +34,7 @@ from .unstructured import layer_error_curves, prune_layer_group, saliency_layer_
 TECHNIQUE = "prune"
 
 
+@torch.inference_mode(False)  # new weights made under a caller's inference_mode could not be updated after it
 def prune_(pipe: Any, config: PruneConfig, calib: Calibration | None = None, *, progress: bool = False) -> Any:
     """Prune ``pipe``'s denoiser per ``config`` and return ``pipe``; on any error it is left unchanged.
 
@@ -53,7 +56,7 @@ def prune_(pipe: Any, config: PruneConfig, calib: Calibration | None = None, *, 
     if compiled_before:
         warnings.warn(f"prune_ replaced the compiled pipe.{component} with its pruned copy, which is not compiled; "
                       f"compile it again (pipe.{component} = torch.compile(pipe.{component}), or "
-                      f"diffusion_accel.eval.compile_denoiser(pipe))", stacklevel=2)
+                      f"diffusion_accel.eval.compile_denoiser(pipe))", stacklevel=user_stacklevel())
     return pipe
 
 
@@ -73,7 +76,7 @@ def _prune_a_copy(pipe: Any, component: str, original: nn.Module, config: PruneC
             report.step_weights = used_step_weights(pipe, config, calib)
             ensure_record(working).calibrations[-1] = sweep.first_calibration()
         if report.unobserved_inputs:
-            warnings.warn(f"prune_: {report.unobserved_inputs_text()}", stacklevel=3)
+            warnings.warn(f"prune_: {report.unobserved_inputs_text()}", stacklevel=user_stacklevel())
         mark_applied(pipe, TECHNIQUE)
     except BaseException:
         setattr(pipe, component, attribute)

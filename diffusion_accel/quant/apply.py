@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..arch.registry import check_plain_weights, find_denoiser
@@ -18,6 +19,7 @@ from ..artifact import base_fingerprint, mark_applied, marks_restored_on_error
 from ..calib import Calibration
 from ..hooks import attach_tracker, detach_tracker_if_unused, get_tracker, refuse_while_cached
 from ..progress import showing_progress
+from ..stacklevel import user_stacklevel
 from .attention import (QUANT_PROCESSORS, describe_processors, install_attention, quantizable_attention,
                         replaced_attention, restore_attention)
 from .build import build_layer, weight_grid
@@ -44,6 +46,7 @@ def register_quant_method(config_type: type) -> Callable[[Handler], Handler]:
     return decorate
 
 
+@torch.inference_mode(False)  # under a caller's inference_mode AdaRound cannot train (nor layers update)
 def quantize_(pipe: Any, config: Any = None, calib: Calibration | None = None,
               filter_fn: FilterFn | None = None, *, progress: bool = False) -> Any:
     """Quantize the denoiser of ``pipe`` in place per ``config`` (default W8A8); returns ``pipe``.
@@ -92,7 +95,7 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
                            f"replaced: {describe_processors(others)})")
     uncalibrated = _uncalibrated_groups_note(config, collected, selector)
     if uncalibrated:
-        warnings.warn(uncalibrated, stacklevel=3)
+        warnings.warn(uncalibrated, stacklevel=user_stacklevel())
         state.notes.append(uncalibrated)
     install(pipe, layers, state, lambda originals: _finish(pipe, config, collected, originals))
     return pipe

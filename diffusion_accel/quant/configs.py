@@ -169,7 +169,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      calib_steps="uniform:5", lower=True),
     "qdiffusion": dict(weights="int4", activations="int8", weight_scale="mse", act_method="mse",
                        calib_prompts=32, calib_num_steps=50, calib_steps="uniform:25",
-                       calib_guidance_scale=7.5, reconstruct=True, recon_iters=20000,
+                       reconstruct=True, recon_iters=20000,  # guidance: the pipeline's own (SD 1.5: the paper's 7.5)
                        recon_act_iters=5000, recon_batch=8, recon_samples=256, recon_lr=1e-3,
                        recon_act_lr=4e-4, recon_reg=0.01, recon_beta=(20.0, 2.0), recon_warmup=0.2,
                        recon_p=2.4),

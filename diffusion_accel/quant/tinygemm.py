@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from .quantizers import expand_segments
+from ..stacklevel import user_stacklevel
 
 GROUP_SIZES = (256, 128, 64, 32)  # tinygemm's group sizes, largest first
 INNER_K_TILES = (8, 4, 2)
@@ -84,7 +85,7 @@ def _matches_dequantized(weight: TinyGemmWeight, codes: torch.Tensor, weight_sca
     if error <= CHECK_TOLERANCE:
         return True
     warnings.warn(f"tinygemm int4 check failed (relative error {float(error):.3g}); this layer keeps the "
-                  f"dequantize-per-call path", stacklevel=3)
+                  f"dequantize-per-call path", stacklevel=user_stacklevel())
     return False
 
 
