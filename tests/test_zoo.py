@@ -482,6 +482,15 @@ def test_cli_register_parses_train_options():
     assert parser.parse_args(["zoo", "list"]).func.__name__ == "_list"
 
 
+def test_the_stand_alone_zoo_cli_reports_bad_options_in_one_line(tmp_path, capsys):
+    """`python -m diffusion_accel.zoo.cli zoo train fashion-sd-vae --arch small` printed a traceback (exit 1)."""
+    from diffusion_accel.zoo.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["zoo", "train", "fashion-sd-vae", "--arch", "small", "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and "error: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["fashion-sd", "fashion-flux"])
 def test_pipelines_share_the_fashion_clip_text_tower(name):
     from safetensors.torch import load_file
@@ -697,3 +706,17 @@ def test_a_card_written_again_for_the_same_warm_start_lists_its_run_once():
     assert first == [start.replace("`fashion-sd`", "`fashion-sd` (the shipped weights it started from)"),
                      stage_table("fashion-sd", info)]
     assert stage_sections("fashion-sd", info, first) == first
+
+
+def test_vae_scaling_factors_come_from_training_images_not_the_test_split():
+    """scaling_factor / shift_factor were the test split's latent statistics, and that split is the FID reference."""
+    from diffusion_accel.zoo import vae_train
+
+    torch.manual_seed(0)
+    vae = vae_train.build_vae(4)
+    train = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8)
+    test = torch.randint(0, 128, (4, 28, 28), dtype=torch.uint8)
+    metrics = vae_train.final_metrics(vae, train, test)
+    on_train, on_test = vae_train.evaluate(vae, train), vae_train.evaluate(vae, test)
+    assert (metrics["latent_std"], metrics["latent_mean"]) == (on_train["latent_std"], on_train["latent_mean"])
+    assert metrics["test_psnr_db"] == on_test["psnr_db"] and on_test["latent_std"] != on_train["latent_std"]

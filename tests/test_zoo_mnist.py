@@ -250,3 +250,29 @@ def test_shipped_mnist_ddpm_generates_offline(monkeypatch):
     images = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 32, 32, 1) and 0.0 <= images.min() and images.max() <= 1.0
     assert type(pipe.unet).__name__ == "UNet2DModel"
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_interrupt_messages_say_how_to_resume(tmp_path, capsys, resume):
+    """A second Ctrl-C mid-step printed nothing (the check read the first one's flag), and a --no-resume run was
+    told to rerun the same command, which starts over."""
+    cfg = C.RunConfig(run_dir=tmp_path / "run", steps=6, stage="test", resume=resume)
+    generator = C.seed_all(0)
+    start, _, _ = C.resume(cfg, {}, generator)
+
+    def step_fn(step, frac):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # stop after this step
+            if resume:
+                os.kill(os.getpid(), signal.SIGINT)  # and a second one, at once
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        C.run_loop(cfg, start, step_fn, lambda step: {"gen": generator.get_state(), "step": step, "elapsed_s": 0.0},
+                   "test")
+    out = capsys.readouterr()
+    text = out.out + out.err
+    if resume:
+        assert "interrupted during step 3: run the same command again to resume" in text
+    else:
+        assert "3 steps saved" in text and "rerun the command without --no-resume to resume" in text

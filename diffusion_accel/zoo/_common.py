@@ -378,6 +378,8 @@ def run_loop(cfg: RunConfig, start_step: int, step_fn: Callable[[int, float], di
         **state_fn(steps_done), "seed": cfg.seed, "settings": cfg.settings(), "global_rng": global_rng_state()})
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=desc,
                mininterval=10.0, dynamic_ncols=True)
+    rerun = "run the same command again" if cfg.resume else "rerun the command without --no-resume"
+    saved_at_boundary = False
     try:
         with interrupts_at_step_boundaries() as interrupted:
             for step in bar:
@@ -392,15 +394,15 @@ def run_loop(cfg: RunConfig, start_step: int, step_fn: Callable[[int, float], di
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
                 if interrupted():
                     checkpoint(done)
-                    bar.write(f"interrupted: {done} steps saved to {ckpt}; run the same command again to resume")
+                    saved_at_boundary = True
+                    bar.write(f"interrupted: {done} steps saved to {ckpt}; {rerun} to resume")
                     raise KeyboardInterrupt
                 if time.time() - last_ckpt > cfg.checkpoint_every_min * 60:
                     checkpoint(done)
                     last_ckpt = time.time()
     except KeyboardInterrupt:
-        if not interrupted():  # a second Ctrl-C, mid-step: that step's state is not saved
-            bar.write(f"interrupted during step {done + 1}: rerunning the command resumes from the last "
-                      f"checkpoint in {ckpt}")
+        if not saved_at_boundary:  # a second Ctrl-C, mid-step (interrupted() was already true: it never said so)
+            bar.write(f"interrupted during step {done + 1}: {rerun} to resume from the last checkpoint in {ckpt}")
         raise
     finally:
         bar.close()

@@ -147,7 +147,7 @@ def train(cfg: C.RunConfig, name: str) -> Path:
                 "elapsed_s": elapsed + (time.time() - t_start), "commands": commands}
 
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, name)
-    metrics = evaluate(vae, test_images)
+    metrics = {"test_psnr_db": evaluate(vae, test_images)["psnr_db"]}  # the factors stay the source's
     print(f"{name}: test PSNR {metrics['test_psnr_db']:.2f} dB after {done} steps")
     origin = {"init_from": source_label} if cfg.init_from is not None else {"source": source_label}
     info = {**C.run_info(name, cfg, done, bs, device, elapsed + time.time() - t_start, commands,

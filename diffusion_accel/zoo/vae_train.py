@@ -57,9 +57,12 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return F.l1_loss(rec, x) + mse + KL_WEIGHT * kl, mse
 
 
+LATENT_STAT_IMAGES = 10000  # training images the scaling / shift factors are measured on (as many as the test split)
+
+
 @torch.no_grad()
 def evaluate(vae: AutoencoderKL, images: torch.Tensor, batch: int = 500) -> dict:
-    """Test PSNR (dB, mean over images, range [-1,1] → peak 2) and latent mean/std of the posterior mode."""
+    """PSNR (dB, mean over images, range [-1,1] → peak 2) and latent mean/std of the posterior mode."""
     vae.eval()
     device = next(vae.parameters()).device
     psnrs, lat = [], []
@@ -71,8 +74,15 @@ def evaluate(vae: AutoencoderKL, images: torch.Tensor, batch: int = 500) -> dict
         psnrs.append(10 * torch.log10(4.0 / mse.clamp_min(1e-10)))
         lat.append(z.cpu())
     z = torch.cat(lat)
-    return {"test_psnr_db": float(torch.cat(psnrs).mean()), "latent_mean": float(z.mean()),
-            "latent_std": float(z.std())}
+    return {"psnr_db": float(torch.cat(psnrs).mean()), "latent_mean": float(z.mean()), "latent_std": float(z.std())}
+
+
+def final_metrics(vae: AutoencoderKL, train_images: torch.Tensor, test_images: torch.Tensor) -> dict:
+    """Test PSNR, and the latent statistics the scaling / shift factors come from, measured on the first
+    LATENT_STAT_IMAGES training images: they came from the test split until session 43 (the FID reference)."""
+    train = evaluate(vae, train_images[:LATENT_STAT_IMAGES])
+    return {"test_psnr_db": evaluate(vae, test_images)["psnr_db"], "latent_mean": train["latent_mean"],
+            "latent_std": train["latent_std"]}
 
 
 def export(vae: AutoencoderKL, folder: Path, metrics: dict, shift: bool, info: dict) -> Path:
@@ -121,7 +131,7 @@ def train(cfg: C.RunConfig, name: str) -> Path:
                 "step": step, "elapsed_s": elapsed + (time.time() - t_start), "commands": commands}
 
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, name)
-    metrics = evaluate(vae, test_images)
+    metrics = final_metrics(vae, images, test_images)
     print(f"{name}: test PSNR {metrics['test_psnr_db']:.2f} dB after {done} steps")
     info = {**C.run_info(name, cfg, done, bs, device, elapsed + time.time() - t_start, commands,
                          autocasts=True),
