@@ -15,10 +15,17 @@ from torch import nn
 CallState = tuple[tuple[str, str], ...]
 
 
-def call_state(denoiser: nn.Module) -> CallState:
-    """(module name, processor class or ``enabled`` flag) for every attention processor and switchable module."""
+def stateful_modules(denoiser: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules whose call state ``call_state`` reads: attention modules (a ``processor``) and modules with a
+    boolean ``enabled`` switch; found once per pass, read on every recorded call."""
+    return [(name, module) for name, module in denoiser.named_modules()
+            if getattr(module, "processor", None) is not None or isinstance(getattr(module, "enabled", None), bool)]
+
+
+def call_state(modules: list[tuple[str, nn.Module]]) -> CallState:
+    """(module name, processor class or ``enabled`` flag) for every module of ``stateful_modules``."""
     entries = []
-    for name, module in denoiser.named_modules():
+    for name, module in modules:
         processor = getattr(module, "processor", None)
         if processor is not None:  # diffusers' Attention modules
             entries.append((f"{name}.processor", type(processor).__name__))

@@ -32,7 +32,7 @@ from .dispatch import CollectorRouter, validate_collectors
 from .inputs import PlannedCall, calibration_items, call_mode, placeholder_prompts, plan_calls
 from .result import Calibration, CalibrationSettings, architecture_config
 from .schedule import denoiser_steps, resolve_weights, select_steps
-from .call_state import CallState, call_state, state_change
+from .call_state import CallState, call_state, state_change, stateful_modules
 from .trajectory import TrajectoryRecorder
 from .trees import call_batch_size
 
@@ -141,7 +141,7 @@ class _LiveRun:
         self.items_in_call = 0
         self.next_progress_step = 0
         self.bar: tqdm | None = None
-        self.denoiser: nn.Module | None = None
+        self.stateful: list[tuple[str, nn.Module]] = []  # the denoiser's modules call_state reads
         self.call_states: set[CallState] = set()  # the denoiser's modules on recorded calls (call_state)
 
     def current_step(self) -> Step | None:
@@ -180,12 +180,12 @@ class _LiveRun:
             counts.add_observed(step, call_batch_size(args, kwargs))
             if self.recorder is not None:
                 self.recorder.record(args, kwargs, step)
-                self.call_states.add(call_state(module))
+                self.call_states.add(call_state(self.stateful))
 
     def run(self, pipe: Any, denoiser: nn.Module, calls: list[PlannedCall], progress: bool) -> None:
         """Make every planned pipeline call with hooks installed; hooks always come off again."""
         _refuse_nested(denoiser)
-        self.thread, self.denoiser = threading.get_ident(), denoiser
+        self.thread, self.stateful = threading.get_ident(), stateful_modules(denoiser)
         router = CollectorRouter(denoiser, self.result.collectors, self.current_step)
         total = sum(call.num_items for call in calls) * self.result.num_steps
         saved_bar_config, saved_scheduler = _silence_pipeline_bar(pipe), scheduler_state(pipe)
@@ -214,7 +214,7 @@ class _LiveRun:
             self.result.trajectory = self.recorder.records
             self.result.trajectory_bytes = self.recorder.bytes
             self.result.trajectory_truncated = self.recorder.truncated
-            self.result.trajectory_state_change = state_change(self.call_states, call_state(self.denoiser))
+            self.result.trajectory_state_change = state_change(self.call_states, call_state(self.stateful))
 
 
 def _refuse_nested(denoiser: nn.Module) -> None:
