@@ -17,6 +17,13 @@ def plain_number(value: Any) -> Any:
 
 
 def plain_scalars(config: Any) -> None:
-    """Replace every field of the (frozen) dataclass ``config`` by :func:`plain_number` of it, before validation."""
+    """Replace every field of the (frozen) dataclass ``config`` by :func:`plain_number` of it, inside tuples and
+    lists too (``calib_steps=(np.int64(0),)`` was refused as 'must be ints'), before validation."""
     for field in dataclasses.fields(config):
-        object.__setattr__(config, field.name, plain_number(getattr(config, field.name)))
+        object.__setattr__(config, field.name, _plain(getattr(config, field.name)))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (tuple, list)) and type(value) in (tuple, list):  # not namedtuples: kept as they are
+        return type(value)(_plain(item) for item in value)
+    return plain_number(value)

@@ -265,3 +265,14 @@ def test_config_dict_round_trip_and_presets():
     assert config.weights == "int4" and config.reconstruct and config.recon_iters == 20000
     assert PTQConfig.from_dict(config.to_dict()) == config
     assert PTQConfig.preset("W8A8") == PTQConfig.preset("w8a8")  # as papers write it
+
+
+def test_numpy_scalars_inside_tuple_fields_are_plain_values():
+    """calib_steps=(np.int64(0),) was 'step indices must be ints', recon_beta of np.float32 'two finite numbers'."""
+    from diffusion_accel.cache.configs import CalibratedCacheConfig
+    from diffusion_accel.quant import PTQConfig
+
+    config = PTQConfig(calib_steps=(np.int64(0), np.int64(3)), recon_beta=(np.float32(20.0), 2.0))
+    assert config.calib_steps == (0, 3) and type(config.calib_steps[0]) is int and config.recon_beta == (20.0, 2.0)
+    cache = CalibratedCacheConfig((np.int64(0), 2), 4, partial_steps=((np.int64(1), np.int64(1)),))
+    assert cache.partial_steps == ((1, 1),) and type(cache.partial_steps[0][0]) is int

@@ -18,7 +18,9 @@ What each layer becomes (``summary`` lists the counts):
   fake-quantized if configured. torchao's int4 weight-only needs mslk or CUDA here, and torch's
   ``_weight_int4pack_mm_for_cpu`` measured slower than a dense bf16 matmul: smaller, not faster.
   On CUDA, weight-only int4 Linear layers called in bf16 run tinygemm (``torch._weight_int4pack_mm``, the
-  kernel torchao's int4 weight-only tensors use) on the same codes (``tinygemm``).
+  kernel torchao's int4 weight-only tensors use) on the same codes (``tinygemm``). An int4 layer with an odd
+  number of input columns cannot pack two codes per byte: it is ``dequant-int4`` (int8-stored codes,
+  dequantized once into a cached float weight, as ``dequant-int8``).
 - ``dequant-int8``: int8 weights that cannot use an int8 kernel (group-wise, weight-only, k x k
   convs without oneDNN, every int8 layer on a CPU without VNNI), stored as int8 and dequantized once into a cached float weight: fp speed, int8 on disk.
   k x k convs are not lowered to unfold + int8 GEMM: on this CPU (SD 1.5 3x3 shapes, 256 px) it
