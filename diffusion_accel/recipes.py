@@ -270,9 +270,10 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     recipe = load_recipe(args.recipe) if args.recipe else {}
     configs = technique_configs(methods, args, recipe)  # bad presets/options fail before any loading
     settings = merged_settings(args, recipe)  # and bad --call keys
+    cache_table = _cache_table(args, recipe) if "cache" in methods else {}
     if "cache" in methods:
-        _check_cache_table(_cache_table(args, recipe))
-    _check_calibration_flags_read(args, methods, configs, _cache_table(args, recipe) if "cache" in methods else {})
+        _check_cache_table(cache_table)
+    _check_calibration_flags_read(args, methods, configs, cache_table)
     _check_calibration_settings(settings, args.seed)
     model = recipe.get("model", {})
     spec = args.pipe if args.pipe is not None else (model.get("id") or default_demo_spec())
