@@ -179,6 +179,22 @@ def test_timestep_groups_without_a_calibrated_step_are_named():
     assert "hold none of the calibrated steps [0, 1]" in summary(pipe)
 
 
+def test_a_loaded_pipeline_keeps_quantize_notes_and_notes_its_own_lowering(tmp_path):
+    """load's summary said only "restored from an artifact": quantize_'s notes and the lowering notes were lost."""
+    pipe = build_tiny("flux")
+    with pytest.warns(UserWarning, match="hold none"):
+        quantize_(pipe, PTQConfig(weights="int4", weight_granularity="group", group_size=32, timestep_groups=10,
+                                  lower=True, **FLUX_FAST))
+    da.save(pipe, tmp_path)
+    base = build_tiny("flux")
+    da.load(base, tmp_path)
+    notes = [line for line in summary(base).split("\n") if line.startswith("  note:")]
+    assert notes == ["  note: restored from an artifact"] + [
+        line for line in summary(pipe).split("\n") if line.startswith("  note:")]
+    assert any("hold none of the calibrated steps" in note for note in notes)
+    assert any("int4-packed layers dequantize per call" in note for note in notes)
+
+
 def test_timestep_groups_split_a_heun_trajectory_as_calibrated():
     """Heun at 3 steps calls the UNet 5 times: calibration and run time both split those 5 calls into the
     two groups (calibration used to split its first 3 only)."""

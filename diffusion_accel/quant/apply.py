@@ -234,5 +234,5 @@ def summary(pipe: Any) -> str:
             lines.append(f"  warning: {len(replaced)} of them no longer run the quantizing processor (replaced "
                          f"after quantize_, e.g. by enable_attention_slicing or set_attn_processor: {replaced[0]}); "
                          "their attention runs unquantized until the pipeline is quantized or loaded again")
-    lines += [f"  note: {note}" for note in state.notes]
+    lines += [f"  note: {note}" for note in state.notes + state.lowering_notes]
     return "\n".join(lines)

@@ -452,25 +452,28 @@ def lower_(pipe: Any) -> Any:
         if module is not None:
             swap_module(denoiser, name, module)
             state.lowered[name] = module.kind
-    _note_lowering(state, lowered)
+    note_lowering(state, lowered)
     if TECHNIQUE in applied_techniques(pipe):  # refresh the saved state: layers are lowered now
         mark_applied(pipe, TECHNIQUE)
     return pipe
 
 
-def _note_lowering(state: Any, lowered: dict[str, nn.Module | None]) -> None:
+def note_lowering(state: Any, lowered: dict[str, nn.Module | None]) -> None:
+    """Add to ``state.lowering_notes`` what the kernels chosen here mean for speed (layers ``lowered`` maps
+    to None stayed simulated)."""
+    notes = state.lowering_notes
     kept = [name for name, module in lowered.items() if module is None]
     if kept:
-        state.notes.append(f"{len(kept)} layers stay simulated (fp8 k x k convs, fp8 weights without fp8 "
-                           "activations, or float weights: no kernel)")
+        notes.append(f"{len(kept)} layers stay simulated (fp8 k x k convs, fp8 weights without fp8 "
+                     "activations, or float weights: no kernel)")
     if any(kind == "fp8-gemm" for kind in state.lowered.values()):
-        state.notes.append("fp8-gemm layers run torch._scaled_mm on GPUs with fp8 tensor cores (CUDA >= 8.9) "
-                           "and the simulated fp8 math elsewhere")
+        notes.append("fp8-gemm layers run torch._scaled_mm on GPUs with fp8 tensor cores (CUDA >= 8.9) "
+                     "and the simulated fp8 math elsewhere")
     if any(kind == "dequant-int8" for kind in state.lowered.values()):
-        state.notes.append("dequant-int8 layers (group-wise or weight-only int8; k x k convs off VNNI CPUs; "
-                           "every int8 layer on CPUs without VNNI / AMX int8 units) run the "
-                           "float op on a weight dequantized once: int8 on disk, no speed-up")
+        notes.append("dequant-int8 layers (group-wise or weight-only int8; k x k convs off VNNI CPUs; "
+                     "every int8 layer on CPUs without VNNI / AMX int8 units) run the "
+                     "float op on a weight dequantized once: int8 on disk, no speed-up")
     if any(kind == "int4-packed" for kind in state.lowered.values()):
-        state.notes.append("int4-packed layers dequantize per call (no int4 CPU kernel): smaller, not faster; "
-                           "weight-only int4 Linear layers on CUDA in bf16 run tinygemm instead")
-    state.notes[:] = list(dict.fromkeys(state.notes))
+        notes.append("int4-packed layers dequantize per call (no int4 CPU kernel): smaller, not faster; "
+                     "weight-only int4 Linear layers on CUDA in bf16 run tinygemm instead")
+    notes[:] = list(dict.fromkeys(notes))

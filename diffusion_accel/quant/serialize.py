@@ -30,7 +30,7 @@ from .fp8 import FP8_DTYPE
 from .formats import get_format
 from .layers import (CHANNEL_DIMS, QUANT_LAYER_TYPES, ActQuantizer, DynamicActQuantizer, StepGroups,
                      float_type_of)
-from .lower import lower_layer
+from .lower import lower_layer, note_lowering
 from .quantizers import pack_int4, unpack_int4
 from .state import PTQState, get_state
 
@@ -75,7 +75,8 @@ def export_ptq(pipe: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         layers[name] = {"segments": list(module.segment_sizes), "packed": packed,
                         "act": _act_entry(module.act), "lowered": state.lowered.get(name)}
     config = {"ptq_config": state.config, "num_steps": state.num_steps, "group_bounds": state.group_bounds,
-              "layers": layers, "attention": list(state.attention), "calibration": state.calibration_record}
+              "layers": layers, "attention": list(state.attention), "calibration": state.calibration_record,
+              "notes": list(state.notes)}
     return config, tensors
 
 
@@ -179,9 +180,20 @@ def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tens
     final = {name: lowered.get(name) or layer for name, layer in layers.items()}
     state = PTQState(ptq_config.to_dict(), list(config["layers"]), config["num_steps"],
                      lowered={name: module.kind for name, module in lowered.items() if module is not None},
-                     notes=["restored from an artifact"], attention=list(config.get("attention", [])),
+                     notes=["restored from an artifact"] + _saved_notes(config),
+                     attention=list(config.get("attention", [])),
                      group_bounds=bounds, calibration_record=config.get("calibration"))
+    note_lowering(state, lowered)
     install(pipe, final, state)
+
+
+def _saved_notes(config: dict[str, Any]) -> list[str]:
+    """quantize_'s notes for ``summary`` (unquantized attention, uncalibrated groups, reconstruction); artifacts
+    saved before session 44 have none."""
+    notes = config.get("notes", [])
+    if not isinstance(notes, list) or not all(isinstance(note, str) for note in notes):
+        raise ValueError(f"notes must list strings, got {notes!r}")
+    return notes
 
 
 def _check_attention_processors(pipe: Any, names: list[str]) -> None:

@@ -21,7 +21,8 @@ class PTQState:
     layers: list[str]
     num_steps: int
     lowered: dict[str, str] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # from quantize_ (saved with the artifact)
+    lowering_notes: list[str] = field(default_factory=list)  # from the last lowering on this device (not saved)
     calibration: str = ""
     attention: list[str] = field(default_factory=list)
     group_bounds: list[float] | None = None  # timestep values between timestep groups (layers.StepGroups)
