@@ -101,16 +101,40 @@ def measure_schedule(model: str, options: dict, search_blocks: bool, context: di
             "partial_steps": [list(pair) for pair in config.partial_steps], "search_s": round(search_s, 1),
             "error_calibration": errors["calibration"], "error_held_out": errors["held_out"],
             "psnr_held_out": held_out_psnr(pipe, context), "psnr": PSNR_CONVENTION,
-            "flops_fraction": flops_of_one_call(pipe, context["calls"]["held_out"][0]) / context["base_flops"]}
+            "flops_fraction": flops_of_one_call(pipe, context["calls"]["held_out"][0]) / context["base_flops"],
+            "held_out": context["held_out"]}
 
 
-def remeasure_psnr(model: str, row: dict, context: dict) -> None:
-    """Measure a stored schedule's held-out PSNR again, by the project's convention."""
+def remeasure_held_out(model: str, row: dict, context: dict) -> None:
+    """Measure a stored schedule on this run's held-out prompts again (its error and PSNR, by the project's
+    convention): the search only saw the calibration prompts, so the schedule itself stands."""
     from diffusion_accel.cache.configs import config_from_dict
 
     pipe = enable_cache(zoo.load(model), config_from_dict(row["config"]))
     pipe.set_progress_bar_config(disable=True)
+    row["error_held_out"] = relative_error(final_outputs(pipe, context["calls"]["held_out"]),
+                                           context["references"]["held_out"])
     row["psnr_held_out"], row["psnr"] = held_out_psnr(pipe, context), PSNR_CONVENTION
+    row["held_out"] = context["held_out"]
+
+
+def schedule_rows(report: dict) -> list[dict]:
+    """Every measured schedule row of ``report`` (not the timing entries)."""
+    return [row for settings in report.get("models", {}).values() for pair in settings.values()
+            for row in pair.values() if isinstance(row, dict) and "full_steps" in row]
+
+
+def stamp_held_out(report: dict) -> None:
+    """Rows written before session 44 lack their held-out count: they hold the count of the report they were
+    written into (read before this run replaces it)."""
+    for row in schedule_rows(report):
+        row.setdefault("held_out", report.get("held_out"))
+
+
+def stale_held_out(row: dict, held_out: int) -> bool:
+    """Whether ``row``'s held-out figures were measured another way than this run asks: PSNR of float images
+    (before the review) or on another number of held-out prompts."""
+    return row.get("psnr") != PSNR_CONVENTION or row["held_out"] != held_out
 
 
 def model_context(model: str, held_out: int) -> dict:
@@ -119,7 +143,7 @@ def model_context(model: str, held_out: int) -> dict:
     pipe.set_progress_bar_config(disable=True)
     calib, kwargs, calls = model_calls(model, pipe, held_out)
     seed = kwargs.pop("seed")
-    return {"calib": calib, "kwargs": {"seed": seed, **kwargs}, "calls": calls,
+    return {"calib": calib, "kwargs": {"seed": seed, **kwargs}, "calls": calls, "held_out": held_out,
             "references": {name: final_outputs(pipe, c) for name, c in calls.items()},
             "base_flops": flops_of_one_call(pipe, calls["held_out"][0])}
 
@@ -151,9 +175,11 @@ def markdown(report: dict) -> str:
                     continue
                 partial = " ".join(f"{step}:{level}" for step, level in row["partial_steps"]) or "-"
                 speed = pair.get("timing", {}).get(search, {}).get("speedup")
+                count = row.get("held_out", report["held_out"])
+                other_count = "" if count == report["held_out"] else f" ({count} prompts)"
                 lines.append(f"| {model} | {setting} | {search} | {len(row['full_steps'])} | {partial} | "
                              f"{row['flops_fraction']:.3f} | {row['error_calibration']:.4f} | "
-                             f"{row['error_held_out']:.4f} | {row['psnr_held_out']:.2f} | "
+                             f"{row['error_held_out']:.4f}{other_count} | {row['psnr_held_out']:.2f}{other_count} | "
                              f"{'' if speed is None else f'{speed:.2f}×'} | {row['search_s']} |")
     return "\n".join(lines) + "\n"
 
@@ -169,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    stamp_held_out(report)
     command = "python benchmarks/cache_blocks.py " + " ".join(argv or sys.argv[1:])
     report.setdefault("commands", []).append(command)  # a rerun resumes (timing, skipped settings)
     report.update({"command": command, "machine": machine_info(), "held_out": args.held_out})
@@ -181,9 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
             pair = models.setdefault(model, {}).setdefault(setting, {})
             for search, blocks in (("steps", False), ("steps+blocks", True)):
                 if search in pair:
-                    if pair[search].get("psnr") != PSNR_CONVENTION:
+                    if stale_held_out(pair[search], args.held_out):
                         context = context or model_context(model, args.held_out)
-                        remeasure_psnr(model, pair[search], context)
+                        remeasure_held_out(model, pair[search], context)
                         write(report, args.out)
                     continue
                 context = context or model_context(model, args.held_out)

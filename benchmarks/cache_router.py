@@ -72,6 +72,26 @@ def measure(label: str, calibrate: Any, context: dict) -> dict:
             "flops_fraction": cb.flops_of_one_call(pipe, context["calls"]["held_out"][0]) / context["base_flops"]}
 
 
+def row_settings(label: str, held_out: int | None, epochs: int | None) -> dict:
+    """What a variant's row was measured with: the held-out prompt count, and for routers the --epochs value."""
+    return {"held_out": held_out, "epochs": epochs if label.startswith("router") else None}
+
+
+def stamp_settings(report: dict) -> None:
+    """Rows written before session 44 lack their settings: they hold those of the report they were written
+    into (read before this run replaces them)."""
+    for label, row in report.get("variants", {}).items():
+        row.setdefault("settings", row_settings(label, report.get("held_out"), report.get("epochs")))
+
+
+def settings_note(label: str, row: dict, report: dict) -> str:
+    """Empty, or what a kept row was measured with where it differs from this report's settings."""
+    if row["settings"] == row_settings(label, report["held_out"], report["epochs"]):
+        return ""
+    epochs = row["settings"]["epochs"]
+    return f" ({row['settings']['held_out']} held-out prompts{'' if epochs is None else f', --epochs {epochs}'})"
+
+
 def timing(rows: dict, repeats: int) -> dict:
     """Whole-pipeline speed-up of every variant over the uncached pipeline, timed round-robin."""
     pipes = {"uncached": zoo.load(MODEL)}
@@ -92,7 +112,7 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for label, row in report["variants"].items():
         speed = report.get("timing", {}).get(label, {}).get("speedup")
-        lines.append(f"| {label} | {row['flops_fraction']:.3f} | {row['error_calibration']:.4f} | "
+        lines.append(f"| {label}{settings_note(label, row, report)} | {row['flops_fraction']:.3f} | {row['error_calibration']:.4f} | "
                      f"{row['error_held_out']:.4f} | {row['psnr_held_out']:.2f} | "
                      f"{'' if speed is None else f'{speed:.2f}×'} | {row['calibration_s']} |")
     return "\n".join(lines) + "\n"
@@ -109,15 +129,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    stamp_settings(report)
     command = "python benchmarks/cache_router.py " + " ".join(argv or sys.argv[1:])
     report.setdefault("commands", []).append(command)
     report.update({"command": command, "machine": machine_info(), "held_out": args.held_out, "epochs": args.epochs})
     variants, context = report.setdefault("variants", {}), None
     for label, calibrate in calibrators(args.epochs).items():
-        if label in variants or (args.variants and label not in args.variants):
-            continue
+        settings = row_settings(label, args.held_out, args.epochs)
+        if args.variants and label not in args.variants or variants.get(label, {}).get("settings") == settings:
+            continue  # rows made with other --held-out / --epochs are measured again
         context = context or cb.model_context(MODEL, args.held_out)
-        variants[label] = measure(label, calibrate, context)
+        variants[label] = measure(label, calibrate, context) | {"settings": settings}
+        report.get("timing", {}).pop(label, None)
         print(f"{label}: held-out {variants[label]['error_held_out']:.4f}", flush=True)
         write_result(args.out, report, markdown)
     if args.timing_repeats and set(report.get("timing", {})) != {"uncached", *variants}:

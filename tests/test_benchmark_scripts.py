@@ -297,6 +297,53 @@ def test_cache_sd_redoes_rows_made_with_other_calibration_settings(tmp_path, mon
     assert forced == {"calibrated_17of50": True, "deepcache_interval3": False}
 
 
+def test_cache_blocks_measures_kept_schedules_again_on_other_held_out_prompts(tmp_path, monkeypatch):
+    """A rerun with --held-out 5 kept the rows measured on 20 prompts and headed them "5 held-out prompts"."""
+    import cache_blocks
+
+    row = {"config": {}, "full_steps": [0], "partial_steps": [], "search_s": 1.0, "error_calibration": 0.1,
+           "error_held_out": 0.2, "psnr_held_out": 30.0, "psnr": cache_blocks.PSNR_CONVENTION, "flops_fraction": 0.5}
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"held_out": 20, "machine": {"cpu_model": "cpu", "torch_threads": 1}, "models": {
+        model: {setting: {"steps": dict(row), "steps+blocks": dict(row)} for setting in settings}
+        for model, settings in cache_blocks.SETTINGS.items()}}))
+    remeasured = []
+
+    def remeasure(model, stored, context):
+        remeasured.append(model)
+        stored["held_out"] = context["held_out"]
+
+    monkeypatch.setattr(cache_blocks, "model_context", lambda model, held_out: {"held_out": held_out})
+    monkeypatch.setattr(cache_blocks, "remeasure_held_out", remeasure)
+    cache_blocks.main(["--models", "fashion-sd", "--held-out", "5", "--timing-repeats", "0", "--out", str(out)])
+    assert remeasured == ["fashion-sd"] * 4
+    table = out.with_suffix(".md").read_text()
+    assert "5 held-out prompts" in table and table.count("(20 prompts)") == 2 * 4  # fashion-flux's kept rows
+    cache_blocks.main(["--models", "fashion-sd", "--held-out", "5", "--timing-repeats", "0", "--out", str(out)])
+    assert remeasured == ["fashion-sd"] * 4  # measured on 5 now: kept
+
+
+def test_cache_router_measures_kept_variants_again_with_other_epochs_or_held_out_prompts(tmp_path, monkeypatch):
+    """Rows were kept by label: a rerun with --epochs 40 kept the 20-epoch routers under "trained 40 epochs"."""
+    import cache_router
+
+    row = {"config": {}, "calibration_s": 1.0, "error_calibration": 0.1, "error_held_out": 0.2, "psnr_held_out": 30.0,
+           "flops_fraction": 0.5}
+    labels = list(cache_router.calibrators(20))
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"held_out": 20, "epochs": 20, "machine": {"cpu_model": "cpu", "torch_threads": 1},
+                               "variants": {label: dict(row) for label in labels}}))
+    measured = []
+    monkeypatch.setattr(cache_router.cb, "model_context", lambda model, held_out: {})
+    monkeypatch.setattr(cache_router, "measure", lambda label, calibrate, context: measured.append(label) or dict(row))
+    cache_router.main(["--epochs", "40", "--timing-repeats", "0", "--variants", *labels[:3], "--out", str(out)])
+    assert measured == labels[2:3]  # the uniform and searched schedules do not depend on --epochs
+    table = out.with_suffix(".md").read_text()
+    assert table.count("(20 held-out prompts, --epochs 20)") == 2  # the routers left out by --variants
+    cache_router.main(["--epochs", "40", "--held-out", "5", "--timing-repeats", "0", "--out", str(out)])
+    assert measured[1:] == [label for label in cache_router.calibrators(40)]
+
+
 def test_a_timing_only_run_lists_its_speed_ups_in_the_markdown_table():
     """cache_sd.py --skip-quality wrote the speed-ups to JSON and a table without rows."""
     from zoo_harness import markdown_table
