@@ -482,6 +482,24 @@ def test_flops_of_a_linear_layer_are_two_in_out_rows():
     assert count_flops(layer, torch.randn(rows, 16)) == 2 * 16 * 8 * rows
 
 
+def test_fused_attention_and_int4_products_count_like_the_float_ops_they_replace():
+    """CPU's fused attention and tinygemm's int4 product had no formula: both counted 0 (29% of a tiny UNet)."""
+    from diffusers.models.attention_processor import AttnProcessor
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    query = torch.randn(1, 2, 64, 8)
+    assert count_flops(torch.nn.functional.scaled_dot_product_attention, query, query, query) == 4 * 2 * 64 * 64 * 8
+    pipe, call = build_tiny("sd"), dict(prompt="a cat", num_inference_steps=1, output_type="np", **SD_CALL)
+    fused = denoiser_flops(pipe, call).total
+    pipe.unet.set_attn_processor(AttnProcessor())  # attention as explicit matmuls
+    assert fused == denoiser_flops(pipe, call).total
+    with FakeTensorMode(allow_non_fake_inputs=True):  # tinygemm runs on CUDA only: shapes suffice
+        x = torch.empty(4, 256, dtype=torch.bfloat16, device="cuda")
+        packed = torch.empty(8, 2, 32, 4, dtype=torch.int32, device="cuda")
+        scales = torch.empty(2, 64, 2, dtype=torch.bfloat16, device="cuda")
+        assert count_flops(lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, scales)) == 2 * 4 * 256 * 64
+
+
 def test_denoiser_flops_counts_every_call_of_one_pipeline_call():
     pipe = build_tiny("sd")
     stats = denoiser_flops(pipe, dict(prompt="a cat", num_inference_steps=2, output_type="np", **SD_CALL))
