@@ -6,7 +6,9 @@ about 1 value in 8 and rounds the other way for half of those, so float16 bases 
 setting) never matched an artifact saved from float32. An artifact therefore also keeps a few weight
 values per tensor in the saved dtype (``weight_sample``) and a hash of the architecture alone
 (``structure_fingerprint``); ``samples_match`` casts the finer of two samples to the coarser dtype and
-compares exactly: the same model cast with round-to-nearest matches bit for bit, a fine-tune does not.
+compares exactly: the same model cast with round-to-nearest matches bit for bit, a fine-tune does not. Samples
+rounded along different paths (float16 vs bfloat16; fp16 variant files loaded in bfloat16, rounded twice) match
+when they lie within one bfloat16 step of each other.
 """
 
 from __future__ import annotations
@@ -89,24 +91,36 @@ def samples_match(saved: dict[str, torch.Tensor], actual: dict[str, torch.Tensor
 def _values_match(saved: torch.Tensor, actual: torch.Tensor) -> bool:
     if saved.shape != actual.shape:
         return False
-    if saved.dtype == actual.dtype:
-        return torch.equal(saved, actual)
+    if saved.dtype == actual.dtype and torch.equal(saved, actual):
+        return True
     if not (saved.is_floating_point() and actual.is_floating_point()):
         return False
-    if saved.dtype == torch.float32:  # cast the finer one: a float32 value rounds to one float16/bf16 value
-        return torch.equal(saved.to(actual.dtype), actual)
-    if actual.dtype == torch.float32:
-        return torch.equal(actual.to(saved.dtype), saved)
-    return _half_precisions_match(saved, actual)
+    if saved.dtype == torch.float32 and actual.dtype != torch.float32:  # a float32 value rounds to one half value
+        return torch.equal(saved.to(actual.dtype), actual) or _one_rounding_apart(saved, actual)
+    if actual.dtype == torch.float32 and saved.dtype != torch.float32:
+        return torch.equal(actual.to(saved.dtype), saved) or _one_rounding_apart(saved, actual)
+    return _one_rounding_apart(saved, actual)
 
 
-def _half_precisions_match(saved: torch.Tensor, actual: torch.Tensor) -> bool:
-    """bfloat16 vs float16 (an fp16 recipe's artifact on a bf16 pipeline, a bf16 one on fp16): neither is a
-    rounding of the other, but both round the same weights, so they agree within a bfloat16 rounding (2^-8
-    relative; 2^-24 absolute where float16 is subnormal). Weights of another model differ far more. Until
-    session 30 such loads were refused as "a different base model"."""
-    finer, coarser = saved.float(), actual.float()
-    return bool(torch.isclose(finer, coarser, rtol=2 ** -8, atol=2 ** -24).all())
+def _one_rounding_apart(saved: torch.Tensor, actual: torch.Tensor) -> bool:
+    """Whether two samples, one of them rounded to a half precision on the way (a half dtype, or float32 values
+    that all are float16 / bfloat16 values), differ by at most one bfloat16 step (2^-24 absolute where float16
+    is subnormal): the same weights rounded along different paths. float16 vs bfloat16 (an fp16 recipe's artifact
+    on a bf16 pipeline) is neither a rounding of the other, and fp16 variant files loaded in bf16 round twice
+    (bf16(fp16(w)) differs from bf16(w) by one step in ~7% of values): both were refused as "a different base
+    model" (until sessions 30 / 44). Another model's weights differ far more; so does a fine-tune (1% moves)."""
+    if not (_rounded_to_half(saved) or _rounded_to_half(actual)):
+        return False  # two float32 samples that differ: other weights
+    first, second = saved.float(), actual.float()
+    magnitude = torch.maximum(first.abs(), second.abs())
+    _, exponent = torch.frexp(magnitude)
+    bfloat16_step = torch.where(magnitude > 0, torch.ldexp(torch.ones_like(magnitude), exponent - 8), 0.0)
+    return bool(((first - second).abs() <= bfloat16_step + 2 ** -24).all())
+
+
+def _rounded_to_half(values: torch.Tensor) -> bool:
+    """Whether ``values`` are all float16 or all bfloat16 values (a half dtype, or a half model widened)."""
+    return any(torch.equal(values.to(dtype).to(values.dtype), values) for dtype in (torch.bfloat16, torch.float16))
 
 
 ROUNDING_DTYPES = (torch.bfloat16, torch.float16)

@@ -780,6 +780,25 @@ def test_the_same_base_in_another_float_dtype_is_recognised(tmp_path, saved_dtyp
         assert artifact.applied_techniques(artifact.load(base, tmp_path)) == ["test-scale"]
 
 
+@pytest.mark.parametrize("saved_route, loaded_route", [
+    ((torch.float16, torch.bfloat16), (torch.float32,)), ((torch.float16, torch.bfloat16), (torch.bfloat16,)),
+    ((torch.bfloat16,), (torch.float16, torch.bfloat16)), ((torch.float32,), (torch.float16, torch.bfloat16)),
+    ((torch.float16, torch.float32), (torch.bfloat16,))])
+def test_the_same_base_rounded_along_another_path_is_recognised(tmp_path, saved_route, loaded_route):
+    """fp16 variant files loaded in bf16 (the sd15 / sdxl recipes' variant with --dtype bf16) round the weights
+    twice: such an artifact was refused as "a different base model" on the model loaded from its fp32 files."""
+    def routed(dtypes):
+        pipe = build_tiny("sd")
+        for dtype in dtypes:
+            pipe.to(dtype)
+        return pipe
+
+    artifact.save(_scaled_pipe(pipe=routed(saved_route)), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dtype-change warning (tested above)
+        assert artifact.applied_techniques(artifact.load(routed(loaded_route), tmp_path)) == ["test-scale"]
+
+
 def test_another_model_in_float16_is_still_refused(tmp_path):
     artifact.save(_scaled_pipe(), tmp_path)
     fine_tuned = build_tiny("sd")
