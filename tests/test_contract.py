@@ -25,3 +25,19 @@ def test_contract_catches_a_patched_call():
 
     with pytest.raises(AssertionError, match="patched"):
         check_drop_in("sd", patch)
+
+
+def test_contract_catches_classifier_free_guidance_made_a_no_op():
+    """Copying the conditional half of the CFG batch over the unconditional half passed a shape-only check."""
+    def break_guidance(pipe):
+        def conditional_everywhere(module, args, output):
+            sample = output[0]
+            half = sample.shape[0] // 2
+            sample[:half] = sample[half:].clone()
+            return output
+
+        pipe.unet.register_forward_hook(conditional_everywhere)
+        return pipe
+
+    with pytest.raises(AssertionError, match="CFG is a no-op"):
+        check_drop_in("sd", break_guidance)

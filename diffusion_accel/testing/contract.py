@@ -3,8 +3,8 @@
 Every technique's tests call :func:`check_drop_in` with a transform (``quantize_``, ``prune_``,
 ``enable_cache``, ``calibrate``...). The checks: same object, same class, ``__call__`` untouched;
 ``output_type`` pil/np/pt/latent, ``return_dict=False``, ``num_images_per_prompt``, ``generator``
-determinism, user ``latents``, ``negative_prompt``, ``guidance_scale <= 1`` (no CFG),
-``callback_on_step_end`` and ``.to(dtype)`` keep working.
+determinism, user ``latents``, ``negative_prompt`` and ``guidance_scale`` (still steering the images),
+``guidance_scale <= 1`` (no CFG), ``callback_on_step_end`` and ``.to(dtype)`` keep working.
 """
 
 from __future__ import annotations
@@ -74,17 +74,22 @@ def check_determinism_and_return_dict(pipe: Any, family: str) -> None:
 
 
 def check_prompt_options(pipe: Any, family: str) -> None:
-    """num_images_per_prompt, negative_prompt and guidance_scale <= 1 keep working."""
+    """num_images_per_prompt gives that many different images; negative_prompt and guidance_scale still steer
+    them (a pipeline whose CFG became a no-op passed a shape-only check); guidance_scale <= 1 works."""
     if family not in PROMPT_FAMILIES:
         return
     two = _images(_call(pipe, family, num_images_per_prompt=2))
-    if two.shape[0] != 2:
-        raise AssertionError(f"num_images_per_prompt=2 gave {two.shape[0]} images")
+    if two.shape[0] != 2 or torch.equal(two[0], two[1]):
+        raise AssertionError(f"num_images_per_prompt=2 gave {two.shape[0]} images, expected 2 different ones")
     if family in CFG_FAMILIES:
-        with_negative = _images(_call(pipe, family, negative_prompt="blurry", guidance_scale=5.0))
+        negative = _images(_call(pipe, family, negative_prompt="blurry", guidance_scale=5.0))
+        other_negative = _images(_call(pipe, family, negative_prompt="a red bicycle, bright", guidance_scale=5.0))
+        stronger = _images(_call(pipe, family, negative_prompt="blurry", guidance_scale=9.0))
         without_cfg = _images(_call(pipe, family, guidance_scale=1.0))
-        if with_negative.shape != without_cfg.shape:
+        if negative.shape != without_cfg.shape:
             raise AssertionError("negative_prompt / guidance_scale=1 changed the output shape")
+        if torch.equal(negative, other_negative) or torch.equal(negative, stronger):
+            raise AssertionError("negative_prompt or guidance_scale no longer changes the images: CFG is a no-op")
 
 
 def check_latents_and_callback(pipe: Any, family: str) -> None:
