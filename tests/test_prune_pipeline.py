@@ -347,6 +347,36 @@ def test_configs_that_cannot_act_as_asked_are_refused_before_pruning(config, mat
     assert pipe.unet is unet and applied_techniques(pipe) == []
 
 
+@pytest.mark.parametrize("config, match", [
+    (PruneConfig(method="magnitude", exclude=("down_blocks.*",)), "exclude entry 'down_blocks.\\*' matches no module"),
+    (PruneConfig(method="magnitude", pattern="1:7", blocksize=126), "nothing to prune"),
+])
+def test_prune_denoiser_refuses_what_prune_refuses(config, match):
+    """The bare-denoiser entry point skipped the checks: a glob in exclude excluded nothing, silently."""
+    from diffusion_accel.prune import prune_denoiser_
+
+    unet = build_tiny("sd").unet
+    before = {name: tensor.clone() for name, tensor in unet.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        prune_denoiser_(unet, config)
+    assert all(torch.equal(before[name], tensor) for name, tensor in unet.state_dict().items())
+
+
+def test_structured_pruning_over_an_earlier_prunes_zeros_is_refused():
+    """OBS compensation refilled the 2:4 zeros of the layers structured pruning updates (ff.net.2 kept none),
+    silently, while the record still listed them as masked. The other order works."""
+    pipe = build_tiny("sd")
+    calib = tiny_calibration(pipe, "sd")
+    prune_(pipe, PruneConfig(method="obs", pattern="2:4"), calib=calib)
+    unet = pipe.unet
+    with pytest.raises(ValueError, match="prune structured first, then unstructured or N:M"):
+        prune_(pipe, PruneConfig(method="obs", pattern="structured", sparsity=0.3), calib=calib)
+    assert pipe.unet is unet
+    pipe = build_tiny("sd")
+    prune_(pipe, PruneConfig(method="obs", pattern="structured", sparsity=0.3), calib=calib)
+    prune_(pipe, PruneConfig(method="obs", pattern="2:4"), calib=calib)
+
+
 def test_structured_pruning_leaves_a_unit_with_an_excluded_projection_whole():
     """exclude=(...attn1.to_q,) still shrank to_q from 16 to 8 rows."""
     pipe = build_tiny("sd")

@@ -24,7 +24,7 @@ from ..uncompiled import runs_compiled
 from .allocate import allocate_by_error, error_grid
 from .configs import PruneConfig
 from .plan import structured_plan, unstructured_plan
-from .record import ensure_record
+from .record import ensure_record, get_record
 from .report import REPORT_ATTR, PruneReport, count_parameters, zero_fraction
 from .sequential import MemoryBudget, SequentialPruner, SequentialStats, Sweep, accumulator_bytes
 from .sparse import enable_sparse_kernels
@@ -100,9 +100,14 @@ def check_arguments(pipe: Any, config: PruneConfig, calib: Calibration | None) -
                         "denoiser use prune_denoiser_(denoiser, config) with method='magnitude'")
     if calib is not None:  # the class and the architecture config, as quantize_ checks (SDXL's fed SD's before)
         calib.check_fits(denoiser)
-    adapter = get_adapter(pipe)
-    _check_exclude(denoiser, config)
     _check_calib_kwargs(config)
+    check_denoiser(denoiser, get_adapter(pipe), config)
+
+
+def check_denoiser(denoiser: nn.Module, adapter: Any, config: PruneConfig) -> None:
+    """ValueError before anything changes when ``config`` cannot prune ``denoiser`` as asked: an ``exclude`` entry
+    matching nothing, nothing left to prune, or structured pruning over an earlier prune's masks."""
+    _check_exclude(denoiser, config)
     units, _ = structured_plan(adapter, config) if config.structured else unstructured_plan(adapter, config)
     if not config.structured:  # layers an N:M pattern (width % M) or the solver cannot take
         units = [group for group in units
@@ -110,6 +115,19 @@ def check_arguments(pipe: Any, config: PruneConfig, calib: Calibration | None) -
     if not units:
         raise ValueError(f"nothing to prune in {type(denoiser).__name__} with pattern {config.pattern!r} "
                          f"(all candidates excluded, kept dense, or too narrow for the pattern)")
+    if config.structured:
+        _check_masks_survive(denoiser, units)
+
+
+def _check_masks_survive(denoiser: nn.Module, units: list[Any]) -> None:
+    """Structured pruning rewrites the output layers of what it prunes (OBS updates every remaining weight,
+    removed columns shift N:M groups): over an earlier unstructured or N:M prune it silently undid its zeros."""
+    record = get_record(denoiser)
+    outputs = {name for unit in units for name in unit.output_layers()}
+    masked = [name for name in (record.masked if record is not None else []) if name in outputs]
+    if masked:
+        raise ValueError(f"structured pruning would overwrite the zeros an earlier prune_ left in {len(masked)} "
+                         f"layers it updates (e.g. {masked[0]}): prune structured first, then unstructured or N:M")
 
 
 def _check_exclude(denoiser: nn.Module, config: PruneConfig) -> None:
@@ -198,6 +216,7 @@ def prune_denoiser_(denoiser: nn.Module, config: PruneConfig, sweep: Sweep | Non
         raise ValueError(f"{what} needs calibration inputs; use prune_(pipe, ...), or method='magnitude' "
                          f"(with allocation='saliency' for scope='global')")
     adapter = get_adapter(denoiser)
+    check_denoiser(denoiser, adapter, config)
     report = PruneReport(config.method, config.pattern, config.target_sparsity,
                          params_before=count_parameters(denoiser))
     if config.structured:
