@@ -485,6 +485,21 @@ def test_int8_codes_of_half_precision_inputs_are_those_of_float32(dtype, make_ac
     assert torch.equal(core(x, None), core(x.float(), None).to(dtype))
 
 
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_onednn_conv_codes_of_half_precision_inputs_are_those_of_float32(dtype, dynamic, int8_kernels):
+    """The oneDNN conv took a dynamic per-tensor scale from the half-precision input (2-3x further from the
+    simulated layer than static scales), unlike the quantizers and the int8 GEMM."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6) * 3 + 1
+    lowered = lower_layer(_quant(nn.Conv2d(8, 16, 3, padding=1), "int8", (72,), _conv_act(x, dynamic=dynamic)))
+    assert isinstance(lowered, onednn.OneDNNInt8Conv2d)
+    lowered.to(dtype)
+    with torch.no_grad():
+        assert torch.equal(lowered(x.to(dtype)), lowered(x.to(dtype).float()).to(dtype))
+
+
 @pytest.mark.parametrize("segments", [(256,), (64, 64, 64, 64), (128, 192), (96, 32)])
 def test_tinygemm_operands_compute_our_int4_codes_with_bf16_scales(segments):
     """The CUDA int4 path hands tinygemm q = code + 8 with zero 0 and one scale per group of the largest

@@ -23,7 +23,7 @@ from torch import nn
 from .constants import DerivedConstants, fast_path_on
 from .kernel_grad import run_kernel
 from .layers import ActQuantizer, DynamicActQuantizer, KeepsQuantDtypes, QuantConv2d
-from .quantizers import act_grid, dequantize_weight, quantize_codes
+from .quantizers import act_grid, as_float32, dequantize_weight, quantize_codes
 
 CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
               "padding_mode")
@@ -183,16 +183,15 @@ class OneDNNInt8Conv2d(KeepsQuantDtypes):
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         """oneDNN's int8 convolution per channel segment, summed; fp32 out cast to ``x``'s dtype."""
-        act, bias = self._modules["act"], self.bias
-        qparams = self._folded_qparams(act) if isinstance(act, ActQuantizer) and fast_path_on() else self._qparams(x)
+        act, bias, x32 = self._modules["act"], self.bias, as_float32(x)  # dynamic scales and codes in float32
+        qparams = self._folded_qparams(act) if isinstance(act, ActQuantizer) and fast_path_on() else self._qparams(x32)
         bias = bias if bias is None or bias.dtype == torch.float32 else bias.float()
         stride, padding, dilation = list(self.stride), self.kernel_padding, list(self.dilation)
         out, start, single = None, 0, len(self._packed) == 1
         for s, ((packed, w_scale, w_zero), (scale, zero)) in enumerate(zip(self._packed, qparams)):
-            part = x if single else x[:, start:start + self.channel_segments[s]]
+            part = x32 if single else x32[:, start:start + self.channel_segments[s]]
             start += self.channel_segments[s]
-            codes = quantize_codes(part if part.dtype == torch.float32 else part.float(), scale, zero, 0, 255,
-                                   torch.uint8)
+            codes = quantize_codes(part, scale, zero, 0, 255, torch.uint8)
             y = torch.ops.onednn.qconv_pointwise.tensor(
                 codes, scale, zero, packed, w_scale, w_zero, bias if s == 0 else None,
                 stride, padding, dilation, 1, 1.0, 0, torch.float32, "none", [], "")
