@@ -24,11 +24,24 @@ def uncompiled(pipe: Any) -> Iterator[None]:
     component, denoiser = find_any_denoiser(pipe)
     wrapper = getattr(pipe, component, None) if component else None
     unwrapped = wrapper is not None and wrapper is not denoiser
+    if unwrapped:
+        setattr(pipe, component, denoiser)
+    try:
+        with uncompiled_module(denoiser):
+            yield
+    finally:
+        if unwrapped:
+            setattr(pipe, component, wrapper)
+
+
+@contextmanager
+def uncompiled_module(denoiser: Any) -> Iterator[None]:
+    """Within: ``denoiser`` (a module, not a wrapper) and its submodules run eagerly: compiled-in-place forwards
+    (``module.compile()``, ``compile_denoiser``) and compiled forwards beneath cache hooks switched off, put back
+    afterwards, also on error. ``Calibration.replay`` runs here (its collector hooks recompiled per layer)."""
     in_place = {module: module._compiled_call_impl for module in denoiser.modules()
                 if getattr(module, "_compiled_call_impl", None) is not None}
     beneath = {hook: hook.compiled_forward for module in denoiser.modules() for hook in compiled_hooks(module)}
-    if unwrapped:
-        setattr(pipe, component, denoiser)
     for module in in_place:
         module._compiled_call_impl = None
     for hook in beneath:
@@ -40,8 +53,6 @@ def uncompiled(pipe: Any) -> Iterator[None]:
             module._compiled_call_impl = compiled
         for hook, compiled in beneath.items():
             hook.compiled_forward = compiled
-        if unwrapped:
-            setattr(pipe, component, wrapper)
 
 
 def runs_compiled(pipe: Any) -> bool:

@@ -646,6 +646,30 @@ def test_quantizing_a_compiled_pipeline_calibrates_uncompiled():
     assert pipe.unet is wrapper and during == 0 and after == 1, (during, after)
 
 
+def test_replaying_a_calibration_on_a_denoiser_compiled_in_place_runs_it_uncompiled():
+    """Calibration.replay unwrapped torch.compile wrappers only: on compile_denoiser's in-place compile it ran
+    compiled with a hook per layer, hit the recompile limit (8 graphs) and the quantized UNet stayed eager."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    from diffusion_accel.eval.pipes import compile_denoiser
+
+    pipe = build_tiny("sd")
+    dynamo.reset()
+    counters.clear()
+    try:
+        compile_denoiser(pipe, backend="eager")
+        calib = da.calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False)
+        before = counters["stats"]["unique_graphs"]
+        quantize_(pipe, PTQConfig(lower=False, **FAST), calib=calib)
+        during = counters["stats"]["unique_graphs"] - before
+        pipe(**tiny_call_kwargs("sd", steps=2))
+        after = counters["stats"]["unique_graphs"] - before - during
+    finally:
+        dynamo.reset()
+    assert during == 0 and after == 1, (during, after)
+
+
 def test_the_qdiffusion_preset_runs_on_pipelines_without_classifier_free_guidance():
     """It fixed calib_guidance_scale=7.5: DDPM ('has no guidance_scale') and Flux refused a value the user never gave,
     and fashion-sd calibrated at 7.5 beside its own CFG 3."""

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..arch.registry import find_any_denoiser
 from ..hooks import refuse_while_cached
+from ..uncompiled import uncompiled_module
 from .collectors import Collector
 from .dispatch import validate_collectors
 from .replay import CallCounts, replay_records
@@ -121,7 +122,8 @@ class Calibration:
         refuse_while_cached(module, "replay")
         self.check_fits(module)
         bound = validate_collectors(collectors, module)
-        counts = replay_records(self.trajectory, bound, module, batch_size=batch_size, progress=progress)
+        with uncompiled_module(module):  # hooks on every layer: compiled in place, dynamo recompiled per hook
+            counts = replay_records(self.trajectory, bound, module, batch_size=batch_size, progress=progress)
         return Calibration(
             settings=self.settings, pipeline_class=self.pipeline_class, denoiser_class=type(module).__name__,
             selected_steps=list(self.selected_steps), step_weights=self.step_weights, collectors=bound,
