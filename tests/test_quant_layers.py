@@ -387,6 +387,30 @@ def test_lowered_layers_give_the_simulated_layers_gradients(monkeypatch, int8_ke
     with torch.no_grad():
         torch.testing.assert_close(lowered(x), simulated(x), rtol=1e-5, atol=1e-4)
 
+def test_a_lowered_layers_gradient_keeps_the_timestep_group_of_its_forward(int8_kernels):
+    """Backward recomputed the simulated path with the group current at backward time: after another denoiser
+    call moved the tracker (a loss over several sampling steps) it took the other group's scales."""
+    denoiser = nn.Sequential(nn.Identity())
+    tracker = attach_tracker(denoiser)
+    selector = StepGroups(denoiser, groups=2, default_steps=10)
+    act = ActQuantizer(torch.tensor([[0.05], [0.5]]), torch.tensor([[128], [128]]), "int8", False, (), -1, selector)
+    torch.manual_seed(0)
+    simulated = _quant(nn.Linear(16, 8), "int8", (16,), act)
+    lowered = lower_layer(simulated)
+    assert isinstance(lowered, Int8Linear)
+    x = torch.randn(4, 16) * 8  # beyond group 0's clip range (0.05 * 128 = 6.4): no straight-through gradient
+    grads = {}
+    for name, layer in (("simulated", simulated), ("lowered", lowered)):
+        x_in = x.clone().requires_grad_(True)
+        tracker.step_index = 1  # group 0
+        out = layer(x_in)
+        tracker.step_index = 8  # the next denoiser call is in group 1 before backward
+        out.pow(2).sum().backward()
+        grads[name] = x_in.grad
+    assert selector.forced is None
+    torch.testing.assert_close(grads["lowered"], grads["simulated"], rtol=1e-4, atol=1e-5)
+
+
 def test_deepcopy_of_a_quantized_denoiser_reads_its_own_tracker():
     import copy
 

@@ -48,4 +48,27 @@ def run_kernel(module: nn.Module, x: torch.Tensor, kernel: Path, float_path: Pat
         return kernel(x)
     if torch.compiler.is_compiling():
         return float_path(x)
-    return _KernelWithFloatGrad.apply(kernel, float_path, params, x, *params)
+    return _KernelWithFloatGrad.apply(kernel, _in_this_group(module, float_path), params, x, *params)
+
+
+def _in_this_group(module: nn.Module, float_path: Path) -> Path:
+    """``float_path`` computed with the timestep group of this forward call pinned: backward recomputes it
+    later, when another denoiser call may have moved the step tracker (a loss over several sampling steps took
+    the gradient of another group's scales; the simulated layer keeps its forward's)."""
+    selectors = {id(selector): selector for selector in (getattr(sub, "selector", None) for sub in module.modules())
+                 if selector is not None}
+    if not selectors:
+        return float_path
+    groups = {key: selector.current_index() for key, selector in selectors.items()}
+
+    def pinned(x: torch.Tensor) -> torch.Tensor:
+        previous = {key: selector.forced for key, selector in selectors.items()}
+        for key, selector in selectors.items():
+            selector.forced = groups[key]
+        try:
+            return float_path(x)
+        finally:
+            for key, selector in selectors.items():
+                selector.forced = previous[key]
+
+    return pinned
