@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from .paths import EMPTY_PATH_PROBLEM, empty_path, output_folder_problem
+from .paths import EMPTY_PATH_PROBLEM, empty_path, expand_home, output_folder_problem
 
 
 def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -59,12 +59,20 @@ def fraction(text: str) -> float:
     return value
 
 
+def _expanded(text: str) -> Path:
+    """``paths.expand_home`` with its error as argparse's (a ValueError became "invalid value", unexplained)."""
+    try:
+        return expand_home(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def output_folder(text: str) -> str:
     """An argparse type for ``--out`` folders: refuses a path that is, or lies under, an existing file, so
     the command does not fail only when writing its results, after the work (an evaluation, a demo)."""
     if empty_path(text):  # before Path(), which turns "" into "." (the current folder)
         raise argparse.ArgumentTypeError(EMPTY_PATH_PROBLEM)
-    text = str(Path(text).expanduser())  # --out=~/x: the shell expands no ~ after "="
+    text = str(_expanded(text))  # --out=~/x: the shell expands no ~ after "="
     problem = output_folder_problem(text)
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)
@@ -76,7 +84,7 @@ def output_file(text: str) -> str:
     work (a path under a file failed with ``[Errno 17] File exists`` after every image was generated)."""
     if empty_path(text):
         raise argparse.ArgumentTypeError(EMPTY_PATH_PROBLEM)
-    path = Path(text).expanduser()
+    path = _expanded(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{str(path)!r} is a folder; give an image file path")
     problem = output_folder_problem(path.parent)

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 
 from .arch.registry import UnsupportedModelError
 from .argtypes import int_at_least, nonnegative_float, output_file, output_folder
+from .paths import expand_home
 
 # Mistakes a user can make (bad values, missing files, unsupported models): one line, exit 2.
 FID_CACHE = "~/.cache/diffusion_accel/fid"
@@ -266,7 +267,7 @@ def _check_eval_inputs(args: argparse.Namespace, metrics: list[str], fid_referen
 
 
 def _is_file(reference: Any) -> bool:
-    return isinstance(reference, (str, Path)) and Path(reference).expanduser().is_file()
+    return isinstance(reference, (str, Path)) and expand_home(reference).is_file()
 
 
 def _fid_extractor(dtype_name: str, metrics: list[str], device: str | None) -> Any:
@@ -394,7 +395,7 @@ def _load_variants(args: argparse.Namespace) -> dict:
     entries = args.pipe or [default_demo_spec()]
     named: dict[str, str] = {}
     for entry in entries:  # every name checked before the first (minutes-long) load
-        bare = "=" not in entry or Path(entry).expanduser().exists()  # a folder named lr=1e-4/ is a bare spec
+        bare = "=" not in entry or expand_home(entry).exists()  # a folder named lr=1e-4/ is a bare spec
         name, _, spec = (entry, "", entry) if bare else entry.partition("=")
         if not name.strip() or not spec.strip():
             raise ValueError(f"--pipe {entry!r}: give NAME=SPEC with a non-empty name and spec, or a bare SPEC")

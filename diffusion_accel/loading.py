@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .paths import expand_home
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float64": torch.float64, "fp64": torch.float64}
@@ -71,7 +73,7 @@ def _checked_spec(spec: Any) -> str:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"pipeline spec {spec!r} is empty; accepted: zoo:NAME, tiny:FAMILY, a local "
                          "save_pretrained folder, an artifact folder, BASE+ARTIFACT, or a hub id like 'org/model'")
-    return str(Path(spec).expanduser()) if spec.startswith("~") else spec
+    return str(expand_home(spec)) if spec.startswith("~") else spec
 
 
 def _portable_spec(spec: str) -> str:
@@ -111,10 +113,10 @@ def split_artifact_spec(spec: str) -> tuple[str | None, Path | None]:
     if not plus or not base:
         return None, None
     for split in (index for index, character in enumerate(spec) if character == "+" and index > 0):
-        folder = Path(spec[split + 1:]).expanduser()
+        folder = expand_home(spec[split + 1:])
         if (folder / MANIFEST).is_file():  # the longest artifact path first: its folder name may hold a '+'
             return spec[:split], folder
-    folder = Path(artifact).expanduser()  # the shell expands no ~ after '+' (refused until session 41)
+    folder = expand_home(artifact)  # the shell expands no ~ after '+' (refused until session 41)
     if not (folder / MANIFEST).is_file():
         raise FileNotFoundError(f"pipeline spec {spec!r}: {artifact!r} after '+' is not an artifact folder "
                                 f"(no {MANIFEST}); BASE+ARTIFACT needs a folder written by save / calibrate")
@@ -155,8 +157,8 @@ def _same_spec(given: str, recorded: str | None) -> bool:
     """Whether ``given`` names the recorded base spec (folders compared by their resolved paths)."""
     if recorded is None or given == recorded:
         return given == recorded
-    folder = Path(given).expanduser()
-    return folder.exists() and folder.resolve() == Path(recorded).expanduser().resolve()
+    folder = expand_home(given)
+    return folder.exists() and folder.resolve() == expand_home(recorded).resolve()
 
 
 def artifact_rounding(artifact: str | Path) -> torch.dtype | None:

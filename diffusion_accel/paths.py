@@ -5,6 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def expand_home(path: str | Path) -> Path:
+    """``path`` with ``~`` / ``~user`` expanded; a ValueError naming it when that user has no home directory
+    (pathlib's RuntimeError reached users as a traceback)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as error:
+        raise ValueError(f"cannot expand '~' in {str(path)!r}: {error}") from None
+
+
 def output_folder_problem(path: str | Path) -> str | None:
     """Why ``path`` cannot become an output folder (it is, or lies under, an existing file), or None.
 

@@ -27,6 +27,7 @@ from .arch import get_adapter
 from .artifact import base_fingerprint, save_folder_problem
 from .artifact_files import StagedWrite
 from .loading import check_device, default_demo_spec, load_pipeline
+from .paths import expand_home
 
 
 COLLECTOR_KINDS = ("ranges", "hessian", "features")
@@ -367,15 +368,15 @@ def _check_calibration_settings(settings: dict[str, Any], seed: int) -> None:
 def _check_out_is_not_the_base(out: str, spec: str, methods: list[str]) -> None:
     """Writing the artifact into the base model's folder left neither loadable by spec; a folder ``save``
     refuses (a diffusers pipeline, another tool's manifest.json) is refused before the calibration."""
-    base = Path(spec.rpartition("+")[0] if "+" in spec and not Path(spec).exists() else spec).expanduser()
-    same = base.is_dir() and Path(out).expanduser().resolve() == base.resolve()
+    base = expand_home(spec.rpartition("+")[0] if "+" in spec and not Path(spec).exists() else spec)
+    same = base.is_dir() and expand_home(out).resolve() == base.resolve()
     if same and not (base / "manifest.json").is_file():  # an artifact given as --pipe may be replaced, as save allows
         raise ValueError(f"--out {out!r} is the base pipeline's folder; write the artifact to another folder")
-    problem = None if methods == ["stats"] else save_folder_problem(Path(out).expanduser())
+    problem = None if methods == ["stats"] else save_folder_problem(expand_home(out))
     if problem:
         raise ValueError(f"--out {out!r}: {problem}")
     # statistics into an artifact's folder replaced the artifact's calibration.json (how it was made)
-    if methods == ["stats"] and (Path(out).expanduser() / "manifest.json").is_file():
+    if methods == ["stats"] and (expand_home(out) / "manifest.json").is_file():
         raise ValueError(f"--out {out!r} holds an artifact (manifest.json): statistics would replace its "
                          f"calibration.json and sit beside it; write them to another folder")
 

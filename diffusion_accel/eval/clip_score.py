@@ -20,6 +20,7 @@ from torch import nn
 from torchmetrics.multimodal.clip_score import CLIPScore
 
 from .images import to_uint8
+from ..paths import expand_home
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 
@@ -72,7 +73,7 @@ def check_clip_model(model: str | Path) -> str:
     """``model`` as a loadable name: an existing folder, or a hub id ``org/name`` (``evaluate`` asks before
     generating). A path-like name that is no folder (``/x``, ``./x``, ``~/x``, ``a/b/c``) is an error here,
     not the hub's 'Repo id must use alphanumeric chars' after every image was generated."""
-    folder = Path(str(model)).expanduser()
+    folder = expand_home(str(model))
     if folder.is_dir():
         return str(folder)
     name = str(model)

@@ -24,7 +24,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 from tqdm.auto import tqdm
 
-from ..paths import EMPTY_PATH_PROBLEM, empty_path, output_folder_problem
+from ..paths import EMPTY_PATH_PROBLEM, empty_path, expand_home, output_folder_problem
 from ..stacklevel import user_stacklevel
 from .images import (as_nchw, checked_unit_range, hash_files, hash_tensor, image_files, iter_dataset_images, load_image,
                      to_rgb, to_uint8)
@@ -221,7 +221,7 @@ def fid_to_reference(reference: FIDStats, images: Any, *, extractor: nn.Module |
 def _content_hash(source: Any) -> tuple[str, Any]:
     """(hash, images) for a folder, tensor/array or iterable; iterables are read into memory once."""
     if isinstance(source, (str, Path)):
-        root = Path(source).expanduser()
+        root = expand_home(source)
         return hash_files(image_files(root), root), root
     if isinstance(source, (torch.Tensor, np.ndarray)):
         tensor = torch.as_tensor(source) if isinstance(source, np.ndarray) else source
@@ -242,7 +242,7 @@ def check_reference(source: Any, extractor: nn.Module | None = None) -> None:
         _check_same_network(source, extractor)
     if not isinstance(source, (str, Path)):
         return
-    path = Path(source).expanduser()
+    path = expand_home(source)
     if path.is_file():
         _check_same_network(FIDStats.load(path), extractor)
     elif path.is_dir():
@@ -268,7 +268,7 @@ def check_cache_dir(cache_dir: str | Path | None) -> None:
         return
     if empty_path(cache_dir):
         raise ValueError(f"FID cache_dir: {EMPTY_PATH_PROBLEM}")
-    problem = output_folder_problem(Path(cache_dir).expanduser())
+    problem = output_folder_problem(expand_home(cache_dir))
     if problem is not None:
         raise ValueError(f"FID cache_dir: {problem}")
 
@@ -277,7 +277,7 @@ def _cache_file(cache_dir: str | Path, content_hash: str, extractor: nn.Module |
     """The cache file of these images' statistics under this feature network (its folder checked)."""
     check_cache_dir(cache_dir)
     key = hashlib.sha256(f"{content_hash}|{_extractor_id(extractor)}".encode()).hexdigest()[:24]
-    return Path(cache_dir).expanduser() / f"fid_ref_{key}.safetensors"
+    return expand_home(cache_dir) / f"fid_ref_{key}.safetensors"
 
 
 def _load_cached(cache_file: Path) -> FIDStats | None:
@@ -302,9 +302,9 @@ def reference_stats(source: Any, *, cache_dir: str | Path | None = None, extract
     """
     if isinstance(source, FIDStats):
         return source
-    if isinstance(source, (str, Path)) and Path(source).expanduser().is_file():
-        return FIDStats.load(Path(source).expanduser())
-    if isinstance(source, (str, Path)) and not Path(source).expanduser().is_dir():
+    if isinstance(source, (str, Path)) and expand_home(source).is_file():
+        return FIDStats.load(expand_home(source))
+    if isinstance(source, (str, Path)) and not expand_home(source).is_dir():
         raise ValueError(f"FID reference {str(source)!r} is neither a statistics file nor an image folder")
     content_hash, images = _content_hash(source)
     cache_file = None

@@ -19,6 +19,8 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..paths import expand_home
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -170,7 +172,7 @@ class RunConfig:
         they made (a resumed --batch-size 32 on a batch-8 run mixed both silently)."""
         init_from = None if self.init_from is None else str(self.init_from)
         if init_from not in (None, "zoo"):  # a warm start's source: a resumed run left unset kept its own stages
-            init_from = str(Path(init_from).expanduser().resolve())
+            init_from = str(expand_home(init_from).resolve())
         return {"stage": self.stage, "batch_size": self.batch_size, "lr": self.lr, "arch": self.arch,
                 "data_root": self.data_root, "limit_images": self.limit_images, "freeze_text": self.freeze_text,
                 "init_from": init_from}
