@@ -8,8 +8,8 @@ import torch
 from diffusers import (FluxControlNetModel, FluxControlNetPipeline, FluxImg2ImgPipeline,
                        StableDiffusionImg2ImgPipeline, UNet2DConditionModel)
 
-from diffusion_accel.cache import (BlockCacheConfig, DeepCacheConfig, DeltaCacheConfig, FirstBlockCacheConfig,
-                                   TeaCacheConfig, calibrate_schedule, enable_cache,
+from diffusion_accel.cache import (BlockCacheConfig, DeepCacheConfig, DeltaCacheConfig, EncoderPropagationConfig,
+                                   FirstBlockCacheConfig, TeaCacheConfig, calibrate_schedule, enable_cache,
                                    fit_teacache_coefficients, remove_cache, summary)
 from diffusion_accel.hooks import get_tracker
 from diffusion_accel.testing.contract import check_drop_in
@@ -237,6 +237,14 @@ def test_img2img_steps_are_positions_in_the_schedule():
     _img2img(pipe, StableDiffusionImg2ImgPipeline)
     steps = [(s["step"], s["computed"]) for s in summary(pipe)["steps"]]
     assert steps == [(5, True), (6, False), (7, True), (8, False), (9, True)]  # the interval from the first step
+
+
+def test_encoder_propagation_counts_its_interval_from_an_img2img_calls_first_step():
+    """It kept the whole schedule's grid: steps 5, 6 and 9 of 5..9 computed (two in a row), unlike DeepCache."""
+    pipe = build_tiny("sd")
+    enable_cache(pipe, EncoderPropagationConfig(interval=3))
+    _img2img(pipe, StableDiffusionImg2ImgPipeline)
+    assert [s["step"] for s in summary(pipe)["steps"] if s["computed"]] == [5, 8]
 
 
 def test_flux_img2img_true_cfg_without_cache_context_keeps_branches_apart():

@@ -97,8 +97,10 @@ def _router(pipe: Any, config: RouterCacheConfig) -> tuple[str, Any, Installer]:
 @register_cache_method(EncoderPropagationConfig)
 def _encoder_propagation(pipe: Any, config: EncoderPropagationConfig) -> tuple[str, Any, Installer]:
     point = encoder_point(pipe)  # raises for transformers before any hook exists
-    policy = SchedulePolicy(lambda n: key_steps(config, n), config.interval,
-                            assumed_steps=config.num_inference_steps if config.key_steps is not None else None)
+    uniform = config.key_steps is None  # an interval counts from a call's first step (img2img), as DeepCache's;
+    # a key_steps list names positions of the schedule it was written for
+    policy = SchedulePolicy(lambda n: key_steps(config, n), config.interval, from_first_step=uniform,
+                            assumed_steps=None if uniform else config.num_inference_steps)
     return "encoder_propagation", policy, lambda session, _pipe: install_encoder_cache(session, point, config)
 
 
