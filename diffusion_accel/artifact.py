@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .arch.registry import adapter_wrapped_layers, find_denoiser
+from .arch.registry import UnsupportedModelError, adapter_wrapped_layers, find_any_denoiser, find_denoiser
 from .base_match import (SAMPLE_FILE, base_state_dict, config_items, dense, only_rounded, representable_in, rounded_to,
                          samples_match, structure_fingerprint, weight_sample)
 from .adapter_guard import GUARDED_ADAPTER_METHODS, GUARDED_ADAPTER_PIPELINE_METHODS, install_adapter_guards
@@ -241,13 +241,27 @@ def record_source(pipe: Any, spec: str, dtype: torch.dtype | None, variant: str 
     reads it back)."""
     dtype_name = None if dtype is None else str(dtype).removeprefix("torch.")
     source = {"spec": spec, "dtype": dtype_name}
-    setattr(pipe, _SOURCE_ATTR, source if variant is None else {**source, "variant": variant})
+    source = source if variant is None else {**source, "variant": variant}
+    setattr(pipe, _SOURCE_ATTR, source)
+    denoiser = _any_denoiser(pipe)
+    if denoiser is not None:  # pipelines built from its components (from_pipe, Img2Img(**components)) share it
+        object.__setattr__(denoiser, _SOURCE_ATTR, source)
+
+
+def _any_denoiser(pipe: Any) -> torch.nn.Module | None:
+    try:
+        return find_any_denoiser(pipe)[1]
+    except UnsupportedModelError:
+        return None
 
 
 def pipeline_source(pipe: Any) -> dict[str, Any] | None:
-    """``{"spec", "dtype"}`` of where ``pipe`` came from: what diffusion_accel loaded it from, else
-    diffusers' ``_name_or_path`` (hub id or folder; dtype unknown); None for pipelines built in code."""
-    source = getattr(pipe, _SOURCE_ATTR, None)
+    """``{"spec", "dtype"}`` of where ``pipe`` came from: what diffusion_accel loaded it (or the pipeline whose
+    denoiser it shares) from, else diffusers' ``_name_or_path`` (hub id or folder; dtype unknown); None for
+    pipelines built in code. (A sibling of a zoo pipeline recorded this machine's install folder, not
+    ``zoo:NAME``, until session 44.)"""
+    denoiser = _any_denoiser(pipe)
+    source = getattr(pipe, _SOURCE_ATTR, None) or getattr(denoiser, _SOURCE_ATTR, None)
     if source is not None:
         return dict(source)
     name = getattr(getattr(pipe, "config", None), "_name_or_path", None)
@@ -469,7 +483,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 def load(base_pipe: Any, directory: str | Path) -> Any:
-    """Re-apply a saved artifact onto ``base_pipe`` (same object returned); all or nothing."""
+    """Re-apply a saved artifact onto ``base_pipe`` (same object returned); all or nothing: it works on a copy of
+    the denoiser and sets that on ``base_pipe``, so pipelines sharing the old denoiser (``from_pipe``) built
+    before keep it: build them after."""
     _check_folder_argument("load(base_pipe, directory)", base_pipe, directory)
     manifest = read_manifest(directory)
     _check_base(base_pipe, manifest, directory)

@@ -254,6 +254,17 @@ def test_pipelines_built_from_a_compiled_denoiser_keep_the_zoo_call_settings():
     assert call_defaults(StableDiffusionImg2ImgPipeline(**pipe.components)) == zoo.CALL_DEFAULTS["fashion-sd"]
 
 
+def test_an_artifact_saved_from_a_zoo_pipelines_sibling_names_the_zoo_model():
+    """The sibling's source was diffusers' _name_or_path: this machine's install folder, not zoo:fashion-sd."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from diffusion_accel.artifact import pipeline_source
+
+    pipe = zoo.load("fashion-sd", torch.bfloat16)
+    expected = {"spec": "zoo:fashion-sd", "dtype": "bfloat16"}
+    assert pipeline_source(StableDiffusionImg2ImgPipeline.from_pipe(pipe)) == pipeline_source(pipe) == expected
+
+
 @needs_data
 def test_training_smoke_run_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "RUNS_ROOT", tmp_path)
