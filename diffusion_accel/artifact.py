@@ -442,7 +442,11 @@ def _is_artifact_manifest(path: Path) -> bool:
 
 
 def _listed_files(folder: Path) -> set[str]:
-    """The technique files an artifact already in ``folder`` lists (none if there is no readable one)."""
+    """The technique files an artifact already in ``folder`` lists (none if there is no readable one); with no
+    manifest beside our base sample, the technique files a save interrupted in its commit left (the old
+    manifest removed: they stayed beside every later artifact until session 44)."""
+    if not (folder / MANIFEST).exists() and (folder / SAMPLE_FILE).is_file():
+        return {path.name for path in folder.glob(TECHNIQUE_FILE_PATTERN)}
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         return {Path(entry["tensors"]).name for entry in manifest["techniques"]} if manifest.get("format") == FORMAT \

@@ -932,6 +932,17 @@ def test_a_save_interrupted_over_an_artifact_never_leaves_a_mixed_one(tmp_path, 
     assert torch.equal(_images(loaded), _images(old if loaded.unet._test_scale == 2.0 else new))
 
 
+def test_saving_again_after_a_save_interrupted_in_its_commit_removes_the_old_artifacts_files(tmp_path):
+    """With the old manifest already removed nothing listed the old technique files: they stayed for good."""
+    artifact.save(_scaled_pipe(), tmp_path)
+    (tmp_path / "00-test-scale.safetensors").rename(tmp_path / "07-old.safetensors")  # another stack's file
+    (tmp_path / "manifest.json").unlink()  # the commit removed the old manifest, then was interrupted
+    (tmp_path / "notes.txt").write_text("mine")
+    artifact.save(_scaled_pipe(), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00-test-scale.safetensors", "base-sample.safetensors",
+                                                          "manifest.json", "notes.txt"]
+
+
 def test_load_refuses_bases_whose_hooks_a_copy_cannot_take_before_changing_anything(tmp_path):
     """A layerwise-cast base loaded any artifact and then failed at every call (the copy ran the original's
     float8 closures), group offloading ended in "cannot pickle 'module' object", diffusers' own cache was

@@ -444,6 +444,24 @@ def test_a_cache_replacement_interrupted_half_way_through_removing_the_old_hooks
     assert torch.equal(pipe(**tiny_call_kwargs("sd", 4)).images, before)
 
 
+def test_a_first_cache_interrupted_while_attaching_the_step_tracker_leaves_no_hook_registry(monkeypatch):
+    """The registry was created, its first hook interrupted: with no tracker to detach, it stayed on the UNet."""
+    from diffusers.hooks import HookRegistry
+
+    pipe = build_tiny("sd")
+    assert "_diffusers_hook" not in vars(pipe.unet)
+    register_hook = HookRegistry.register_hook
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(HookRegistry, "register_hook", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
+    monkeypatch.setattr(HookRegistry, "register_hook", register_hook)
+    assert "_diffusers_hook" not in vars(pipe.unet) and "forward" not in vars(pipe.unet)
+
+
 def test_remove_cache_under_model_offload_enabled_after_it_is_refused_until_the_hooks_are_removed():
     """Removing our hooks beneath accelerate's offload wrapper deleted the wrapper (the UNet's onload hook stopped
     running) and left its saved forward pointing at the removed hooks (until session 41)."""

@@ -129,3 +129,20 @@ def test_reconstruction_with_timestep_groups_runs_each_batch_in_its_samples_grou
                                           recon_batch=4, lower=False))
     assert set(used) == {0, 1}
     assert any(bool(flags[1]) for flags in changed.values())  # group 1's scales learned too
+
+
+def test_an_interrupted_reconstruction_leaves_every_parameter_trainable_as_before(monkeypatch):
+    """The clean-up froze the final codes before it gave the block's parameters back their requires_grad: an
+    interrupt there (a second Ctrl-C) left the rolled-back denoiser's norms and biases frozen."""
+    import diffusion_accel.quant.reconstruct as reconstruct
+
+    def interrupted(layers):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reconstruct, "_freeze", interrupted)
+    pipe = build_tiny("sd")
+    before = {name: p.requires_grad for name, p in pipe.unet.named_parameters()}
+    with pytest.raises(KeyboardInterrupt):
+        quantize_(pipe, PTQConfig(reconstruct=True, recon_iters=2, recon_samples=2, recon_batch=2, calib_prompts=1,
+                                  calib_num_steps=2, calib_steps="all"))
+    assert {name: p.requires_grad for name, p in pipe.unet.named_parameters()} == before

@@ -264,6 +264,8 @@ def _roll_back(pipe: Any, denoiser: Any, previous: CacheSession | None, had_regi
     finally:
         if had_registry:
             HookRegistry.check_if_exists_or_initialize(denoiser)
+        elif get_session(denoiser) is None:  # interrupted inside attach_tracker, before its hook was registered:
+            drop_empty_registry(denoiser)  # no tracker to detach, the registry alone was left
 
 
 def _reenable(pipe: Any, config: Any) -> None:

@@ -144,9 +144,9 @@ def reconstruct_block(block: nn.Module, layers: dict[str, QuantLayer], originals
     finally:
         if selector is not None:
             selector.forced = None
-        _freeze(layers)
-        for p, flag in saved.items():
+        for p, flag in saved.items():  # first: an interrupted _freeze left the base's parameters frozen
             p.requires_grad_(flag)
+        _freeze(layers)
 
 
 def _batch_indices(num_samples: int, batch: int, generator: torch.Generator,
