@@ -285,6 +285,8 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     variant = args.variant or (model.get("variant") if args.pipe is None else None)  # so are its weight files
     pipe = load_pipeline(spec, dtype=dtype, device=args.device, variant=variant)
     _check_chain_fits(pipe, methods)
+    if "cache" in methods and not cache_table.get("method"):
+        _check_default_cache_table(pipe, cache_table)
     prompt_list = (given_prompts(settings) if settings["prompts"]
                    else prompt_sets.for_pipeline(pipe, limit=settings["num_prompts"]))
     if methods == ["stats"]:
@@ -297,8 +299,9 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     summaries, seconds = _apply_chain(pipe, methods, configs, args, recipe, prompt_list, settings)
     from .artifact import save
 
+    base_notes = _artifact_notes_of(spec)  # read first: --out may be that artifact's folder
     save(pipe, args.out)  # a failed save leaves the older artifact whole, and its calibration.json with it
-    _write_artifact_notes(Path(args.out), spec, methods, settings, prompt_list, seconds)
+    _write_artifact_notes(Path(args.out), spec, methods, settings, prompt_list, seconds, base_notes)
     summary = "\n".join(summaries) + f"\nartifact (safetensors + manifest.json) written to {args.out}/"
     return {"summary": summary, "methods": methods, "seconds": seconds, "out": args.out}
 
@@ -381,6 +384,18 @@ def _check_out_is_not_the_base(out: str, spec: str, methods: list[str]) -> None:
                          f"calibration.json and sit beside it; write them to another folder")
 
 
+def _artifact_notes_of(spec: str) -> dict[str, Any] | None:
+    """The ``calibration.json`` of the artifact folder ``spec`` names (``ARTIFACT`` or ``BASE+ARTIFACT``), or None."""
+    folder = expand_home(spec.rpartition("+")[2] if "+" in spec and not Path(spec).exists() else spec)
+    notes = folder / "calibration.json"
+    if not ((folder / "manifest.json").is_file() and notes.is_file()):
+        return None
+    try:
+        return json.loads(notes.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
 def _check_chain_fits(pipe: Any, methods: list[str]) -> None:
     """An artifact loaded as the base already holds techniques: a method that must come before them in
     the chain (pruning or PTQ after PTQ) fails after the calibration pass otherwise."""
@@ -421,6 +436,15 @@ def _check_cache_table(table: dict[str, Any]) -> None:
         check_table(table)
     else:
         check_table_without_method(table)
+
+
+def _check_default_cache_table(pipe: Any, table: dict[str, Any]) -> None:
+    """A ``[cache]`` table naming no method, checked against the default method of the loaded pipeline before the
+    chain runs: a key only the other default takes (``forecast_target`` on a UNet, ``branch`` on a transformer)
+    was refused after the chain's calibration, pruning and quantization."""
+    from .cache.recipe import check_table, default_cache_table
+
+    check_table(default_cache_table(pipe) | table)
 
 
 def _apply_chain(pipe: Any, methods: list[str], configs: dict[str, Any], args: argparse.Namespace,
@@ -548,8 +572,11 @@ def _write_statistics(out: Path, spec: str, pipe: Any, settings: dict[str, Any],
 
 
 def _write_artifact_notes(out: Path, spec: str, methods: list[str], settings: dict[str, Any], prompt_list: list,
-                          seconds: dict[str, float]) -> None:
-    """``calibration.json`` beside the artifact: how it was made (not read by ``load``)."""
+                          seconds: dict[str, float], base_notes: dict[str, Any] | None = None) -> None:
+    """``calibration.json`` beside the artifact: how it was made (not read by ``load``); on an artifact base, that
+    artifact's own notes under ``base_artifact`` (a cache overlaid into its folder replaced them)."""
     notes = {"format": "diffusion_accel.calibration", "model": spec, "methods": methods, "settings": settings,
              "num_prompts": len(prompt_list), "seconds": seconds}
+    if base_notes is not None:
+        notes["base_artifact"] = base_notes
     StagedWrite(out).commit("calibration.json", json.dumps(notes, indent=2, default=str))  # old notes out first

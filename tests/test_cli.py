@@ -865,3 +865,30 @@ def test_a_callback_argument_from_the_command_line_is_a_one_line_error(capsys):
     assert main(["eval", "--pipe", "tiny:sd", "--steps", "1", "--num-prompts", "1", "--metrics", "latency",
                  "--call", "callback_on_step_end=x"]) == 2
     assert "callback_on_step_end='x' (from evaluate) must be Callable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pipe, cache_key", [("tiny:sd", "forecast_target = \"output\""), ("tiny:flux", "branch = 1")])
+def test_a_cache_key_only_the_other_default_method_takes_is_refused_before_the_chain(pipe, cache_key, capsys,
+                                                                                     tmp_path, monkeypatch):
+    """Without a cache method the table was checked against both defaults before loading, and against the
+    pipeline's own only after the chain's calibration, pruning and quantization had run."""
+    import diffusion_accel.recipes as recipes
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f"[cache]\n{cache_key}\n")
+    monkeypatch.setattr(recipes, "_apply_chain", lambda *args: pytest.fail("the chain ran"))
+    assert main(["calibrate", "--recipe", str(recipe), "--pipe", pipe, "--method", "obs,ptq,cache", "--steps", "2",
+                 "--num-prompts", "1", "--out", str(tmp_path / "art")]) == 2
+    assert "do not apply to method" in capsys.readouterr().err
+
+
+def test_a_cache_overlaid_into_an_artifacts_folder_keeps_how_the_artifact_was_made(tmp_path, capsys):
+    """calibration.json was replaced by one recording only the cache step (the prune/PTQ settings were lost)."""
+    out = tmp_path / "art"
+    assert main(["calibrate", "--pipe", "tiny:sd", "--method", "magnitude", "--sparsity", "0.3", "--steps", "2",
+                 "--num-prompts", "1", "--out", str(out)]) == 0, capsys.readouterr().err
+    first = json.loads((out / "calibration.json").read_text())
+    assert main(["calibrate", "--pipe", str(out), "--method", "cache", "--steps", "2", "--num-prompts", "1",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    notes = json.loads((out / "calibration.json").read_text())
+    assert notes["methods"] == ["cache"] and notes["base_artifact"] == first
