@@ -405,16 +405,25 @@ def _check_json_configs(exported: list[tuple[str, Any, Any]]) -> None:
 
 
 def _rounding_entry(denoiser: torch.nn.Module) -> dict[str, str]:
-    """``{"rounded_to": "bfloat16"}`` when the denoiser computes wider than the half precision its float weights
-    were rounded to (techniques applied in bf16, then ``pipe.to(torch.float32)``; or a cast there and back): a
-    float32 base lacks that rounding, so ``load`` says how to get the saved images. Empty otherwise."""
+    """``{"rounded_to": "bfloat16"}`` when the denoiser computes in another dtype than the half precision its float
+    weights were rounded to (techniques applied in bf16, then ``pipe.to(torch.float32)`` or ``torch.float16``; a
+    cast there and back; techniques applied in fp16, then ``pipe.to(torch.bfloat16)``, read from the base sample
+    taken in fp16): a base loaded in the saved dtype lacks that rounding, so ``load_pipeline`` loads it in the
+    rounding dtype and ``load`` says how to get the saved images. Empty otherwise (half-to-half casts were not
+    recorded until session 44: such artifacts reloaded other images without a word)."""
     dtype = compute_dtype(denoiser)
-    base_names = getattr(denoiser, _BASE_SAMPLE_ATTR, (None, None))[1] or {}
-    sample = {name: tensor for name, tensor in weight_sample(denoiser).items() if not base_names or name in base_names}
-    rounded = rounded_to(sample)  # the base's own tensors: scales that quantization added stay float32
-    if rounded is None or dtype is None or dtype.itemsize <= rounded.itemsize:
+    base_sample = getattr(denoiser, _BASE_SAMPLE_ATTR, (None, None))[1] or {}
+    sample = {name: tensor for name, tensor in weight_sample(denoiser).items() if not base_sample or name in base_sample}
+    rounded = rounded_to(sample) or _half_dtype_of(base_sample)  # the base's own tensors: scales stay float32
+    if rounded is None or dtype is None or rounded == dtype:
         return {}
     return {"rounded_to": _dtype_name(rounded)}
+
+
+def _half_dtype_of(sample: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The half precision of the base sample's float tensors (the dtype techniques were applied in), or None."""
+    dtypes = {tensor.dtype for tensor in sample.values() if tensor.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16} else None
 
 
 def _config_entry(denoiser: torch.nn.Module) -> dict[str, dict[str, Any]]:

@@ -127,12 +127,12 @@ ROUNDING_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def representable_in(sample: dict[str, torch.Tensor], dtype: torch.dtype) -> bool:
-    """Whether every value of the sample's float tensors wider than ``dtype`` is exactly a ``dtype`` value (a
-    model made or cast in ``dtype``, widened after; a float32 model's weights never are), with at least one such
-    tensor."""
-    wider = [tensor for tensor in sample.values()
-             if tensor.is_floating_point() and tensor.element_size() > torch.finfo(dtype).bits // 8]
-    return bool(wider) and all(torch.equal(tensor.to(dtype).to(tensor.dtype), tensor) for tensor in wider)
+    """Whether every value of the sample's float tensors of finer precision than ``dtype`` is exactly a ``dtype``
+    value (a model made or cast in ``dtype``, cast to a finer dtype after: float32, or float16 after bfloat16; a
+    float32 model's weights never are), with at least one such tensor."""
+    finer = [tensor for tensor in sample.values()
+             if tensor.is_floating_point() and torch.finfo(tensor.dtype).eps < torch.finfo(dtype).eps]
+    return bool(finer) and all(torch.equal(tensor.to(dtype).to(tensor.dtype), tensor) for tensor in finer)
 
 
 def rounded_to(sample: dict[str, torch.Tensor]) -> torch.dtype | None:
