@@ -166,3 +166,21 @@ def test_the_softmax_grid_is_computed_in_float32(dtype):
     for bits in (8, 16):
         out = quantize_softmax(probs.to(dtype), bits)
         assert out.dtype == dtype and torch.equal(out, quantize_softmax(probs.to(dtype).float(), bits).to(dtype))
+
+
+def test_float16_attention_scores_that_overflow_before_scaling_stay_finite():
+    """Q·Kᵀ was taken in the pipeline's dtype before the 1/sqrt(d) scale: unscaled scores past 65504 became inf in
+    float16 (NaN images) where diffusers' attention stays finite."""
+    attn = _attention()
+    with torch.no_grad():
+        attn.to_q.weight.mul_(100.0)
+        attn.to_k.weight.mul_(100.0)
+    x, context = torch.randn(2, 10, 32), torch.randn(2, 7, 16) * 4
+    attn = attn.half()
+    reference = attn(x.half(), encoder_hidden_states=context.half())
+    attn.set_processor(QuantAttnProcessor("int8", 8, AttnProcessor2_0()))
+    query = attn.to_q(x.half()).view(2, 10, 4, 8).transpose(1, 2)
+    key = attn.to_k(context.half()).view(2, 7, 4, 8).transpose(1, 2)
+    unscaled = query @ key.transpose(-1, -2)
+    assert torch.isfinite(reference).all() and not torch.isfinite(unscaled).all()  # the case: overflow unscaled
+    assert torch.isfinite(attn(x.half(), encoder_hidden_states=context.half())).all()

@@ -54,8 +54,10 @@ class QuantAttentionBase:
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-        """(B, H, Lq, D) x (B, H, Lk, D) -> (B, H, Lq, D) with quantized matmul inputs."""
-        scores = self._quant(query) @ self._quant(key).transpose(-1, -2) * scale
+        """(B, H, Lq, D) x (B, H, Lk, D) -> (B, H, Lq, D) with quantized matmul inputs. Scores and softmax in
+        float32 (as an int8 kernel accumulates in int32, and SDPA in float): unscaled Q·Kᵀ of a float16 pipeline
+        overflowed to inf where the float model's attention stayed finite (NaN images)."""
+        scores = self._quant(query).float() @ self._quant(key).float().transpose(-1, -2) * scale
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         probs = quantize_softmax(scores.softmax(dim=-1), self.softmax_bits)
