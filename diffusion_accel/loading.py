@@ -186,7 +186,12 @@ def _load_with_artifact(base_spec: str | None, artifact: Path, torch_dtype: torc
         return load(base, artifact)
     with warnings.catch_warnings():  # its advice, a cast after load, follows
         warnings.filterwarnings("ignore", message=r".*after load gives the saved pipeline's images")
-        return load(base, artifact).to(dtype=dtype)
+        loaded = load(base, artifact)
+    from .arch.registry import find_denoiser
+    from .prune.sparse import densify_
+
+    densify_(find_denoiser(loaded)[1])  # 2:4 kernels a GPU base got on load take no cast; the saved pipeline ran dense
+    return loaded.to(dtype=dtype)
 
 
 def _load_by_kind(spec: str, torch_dtype: torch.dtype | None, variant: str | None = None) -> Any:

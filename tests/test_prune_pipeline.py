@@ -529,3 +529,39 @@ def test_weights_stored_as_tensor_subclasses_are_refused_clearly():
         packed_t=None, meta_t=None, compressed_swizzled_bitmask=None), requires_grad=False)
     with pytest.raises(ValueError, match=r"stored for 2:4 sparse kernels .*sparse_kernels=False"):
         check_not_prequantized(layer, "quantize_")
+
+
+def test_a_2_4_artifact_with_a_rounding_cast_loads_by_spec_where_sparse_kernels_exist(tmp_path, monkeypatch):
+    """Pruned in bf16, cast to float32, saved: load_pipeline loads the base in bf16, where a GPU gives the restored
+    layers 2:4 kernels, and then casts; torch casts semi-structured weights to no dtype (NotImplementedError).
+    A GPU with 2:4 kernels is emulated: torch's device check is bypassed, its other checks kept."""
+    from torch.sparse import SparseSemiStructuredTensor
+
+    import diffusion_accel.prune.serialize as serialize
+    import diffusion_accel.prune.sparse as sparse
+    from diffusion_accel.loading import load_pipeline
+
+    pipe = load_pipeline("tiny:sd", dtype="bf16")
+    prune_(pipe, PruneConfig(method="magnitude", pattern="2:4"))
+    pipe.to(torch.float32)
+    da.save(pipe, tmp_path)
+    validate = SparseSemiStructuredTensor._validate_device_dim_dtype_shape.__func__
+
+    class OnCuda:
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+        def __getattr__(self, name):
+            return True if name == "is_cuda" else getattr(self.tensor, name)
+
+    monkeypatch.setattr(SparseSemiStructuredTensor, "_validate_device_dim_dtype_shape",
+                        classmethod(lambda cls, tensor: validate(cls, OnCuda(tensor))))
+    monkeypatch.setattr(SparseSemiStructuredTensor, "_FORCE_CUTLASS", True)
+    monkeypatch.setattr(sparse, "sparse_kernel_unavailable",
+                        lambda weight, pattern, backend="auto": None if weight.dtype == torch.bfloat16 else "dense")
+    converted = []
+    monkeypatch.setattr(serialize, "enable_sparse_kernels",
+                        lambda *args: converted.append(sparse.enable_sparse_kernels(*args)) or converted[-1])
+    loaded = load_pipeline(str(tmp_path))
+    assert "2:4 sparse kernels enabled on" in converted[0] and loaded.unet.dtype == torch.float32
+    assert torch.equal(generate(loaded, "sd"), generate(pipe, "sd"))

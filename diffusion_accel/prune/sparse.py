@@ -80,3 +80,13 @@ def dense_weight(weight: torch.Tensor) -> torch.Tensor:
     if weight.layout != torch.strided or type(weight).__name__.startswith("SparseSemiStructured"):
         return weight.to_dense()
     return weight
+
+
+def densify_(module: nn.Module) -> int:
+    """Give every Linear of ``module`` holding a semi-structured 2:4 weight a dense one again (torch casts such
+    weights to no other dtype: ``pipe.to(torch.float32)`` raised NotImplementedError); returns how many."""
+    layers = [layer for layer in module.modules()
+              if isinstance(layer, nn.Linear) and type(layer.weight).__name__.startswith("SparseSemiStructured")]
+    for layer in layers:
+        layer.weight = nn.Parameter(dense_weight(layer.weight.detach()), requires_grad=False)
+    return len(layers)
