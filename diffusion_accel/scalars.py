@@ -27,3 +27,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (tuple, list)) and type(value) in (tuple, list):  # not namedtuples: kept as they are
         return type(value)(_plain(item) for item in value)
     return plain_number(value)
+
+
+def plain_values(value: Any) -> Any:
+    """``value`` with numpy arrays as lists and numpy scalars as Python ones, inside tuples and lists too
+    (``calibrate(steps=np.arange(0, 4, 2))`` was refused as 'must be a string or a list of ints')."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return _plain(value)

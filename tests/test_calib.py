@@ -806,3 +806,40 @@ def test_a_pipeline_that_changes_the_denoiser_during_its_calls_is_rerun_not_repl
         calibration.replay([HessianCollector(["mid_block.attentions.0.proj_in"])], pipe, progress=False)
     plain = da.calibrate(build_tiny("sd"), ["a cat"], 2, progress=False)
     assert plain.complete_trajectory and plain.trajectory_state_change is None
+
+
+def test_a_t2i_adapter_trajectory_replays_with_the_adapter_residuals():
+    """The UNet pops the adapter's residuals off the list it is given, and the inputs were stored after the call:
+    every record held an empty list and replays (quantize_(calib=...)) ran as if there were no adapter."""
+    from diffusers import StableDiffusionAdapterPipeline, T2IAdapter
+
+    base = build_tiny("sd")
+    torch.manual_seed(0)
+    adapter = T2IAdapter(in_channels=3, channels=[16, 32, 32], num_res_blocks=1, downscale_factor=2,
+                         adapter_type="full_adapter")
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            parameter.normal_(0, 0.3)
+    components = {name: value for name, value in base.components.items() if name != "image_encoder"}
+    pipe = StableDiffusionAdapterPipeline(**components, adapter=adapter)
+    name = "mid_block.resnets.0.conv1"
+    live = RangeObserver([name])
+    calib = calibrate(pipe, ["a cat"], 2, collectors=[live], progress=False, image=torch.rand(1, 3, 32, 32),
+                      **SD_SIZE)
+    assert all(record.kwargs["down_intrablock_additional_residuals"] for record in calib.trajectory)
+    replayed = calib.replay([RangeObserver([name])], pipe.unet, progress=False)
+    assert replayed.collectors[0].range(name) == live.range(name)
+
+
+def test_numpy_class_ids_steps_and_weights_are_taken_as_their_values():
+    """DiTPipeline and evaluate take numpy class ids, PTQConfig numpy steps; calibrate refused them all."""
+    import numpy as np
+
+    calib = calibrate(build_tiny("dit"), list(np.array([3, 1])), 2, progress=False, guidance_scale=1.0)
+    assert calib.provenance()["settings"]["prompts"] == [3, 1]
+    calib = calibrate(build_tiny("sd"), ["a"], 4, steps=np.arange(0, 4, 2), weighting=np.array([1.0, 2.0, 3.0, 4.0]),
+                      progress=False, **SD_SIZE)
+    assert calib.selected_steps == [0, 2] and calib.provenance()["settings"]["weighting"] == [1.0, 2.0, 3.0, 4.0]
+    calib = calibrate(build_tiny("sd"), ["a"], 2, weighting="linear", weight_range=(np.float32(0.5), np.float32(1.5)),
+                      progress=False, **SD_SIZE)
+    assert calib.provenance()["settings"]["weight_range"] == [0.5, 1.5]

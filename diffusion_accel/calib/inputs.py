@@ -26,6 +26,7 @@ from typing import Any
 from ..arch.registry import UnsupportedModelError, get_adapter
 from ..pipeline_defaults import (call_defaults, check_call_arguments, check_guidance_scale_is_read,
                                  per_prompt_negative, with_tuples)
+from ..scalars import plain_number
 from ..stacklevel import user_stacklevel
 
 CALL_MODES = ("prompt", "class", "unconditional")
@@ -97,6 +98,7 @@ def _class_items(pipe: Any, prompts: Any) -> list[int]:
     labels = getattr(pipe, "labels", None) or {}
     ids = []
     for item in _as_list(prompts, "class ids or label names (`prompts`)"):
+        item = plain_number(item)  # numpy ids, as DiTPipeline and evaluate take them
         if isinstance(item, str):
             if item not in labels:
                 raise ValueError(f"unknown class label {item!r}; known labels: {sorted(labels)}")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..arch.registry import find_any_denoiser
 from ..hooks import ModuleHooks, StepTracker, get_tracker, refuse_while_cached, use_tracker
-from ..scalars import plain_number
+from ..scalars import plain_number, plain_values
 from ..seeding import seeded_call
 from ..stacklevel import user_stacklevel
 from ..uncompiled import uncompiled
@@ -68,6 +68,7 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
         plain_number(value) for value in (num_inference_steps, batch_size, num_images_per_prompt, num_samples, seed,
                                            max_trajectory_bytes))
     guidance_scale = plain_number(guidance_scale)
+    steps, weighting, weight_range = (plain_values(value) for value in (steps, weighting, weight_range))  # recorded
     num_steps = denoiser_steps(pipe, num_inference_steps, call_kwargs.get("timesteps"),  # Heun: 2N - 1
                                call_kwargs.get("sigmas"))
     selected = select_steps(num_steps, steps)
@@ -143,6 +144,7 @@ class _LiveRun:
         self.bar: tqdm | None = None
         self.stateful: list[tuple[str, nn.Module]] = []  # the denoiser's modules call_state reads
         self.call_states: set[CallState] = set()  # the denoiser's modules on recorded calls (call_state)
+        self.call_inputs: tuple[tuple, dict] | None = None  # the call in progress's inputs, containers copied
 
     def current_step(self) -> Step | None:
         """Tag of the denoiser call in progress, or None when its step is not selected."""
@@ -164,10 +166,19 @@ class _LiveRun:
         if self.recorder is not None:
             self.recorder.new_trajectory()
 
+    def before_denoiser_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the denoiser: keep the inputs' containers as given (a UNet pops T2I-Adapter
+        residuals off its ``down_intrablock_additional_residuals`` list: recorded after the call, every stored
+        record held an empty list and replays ran without the adapter, 10.9 vs 26.3 dB W8A8 SNR)."""
+        if self._ours() and self.recorder is not None:
+            self.call_inputs = (_containers_copied(args), _containers_copied(kwargs))
+
     def after_denoiser_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Forward post-hook on the denoiser: count, remember the timestep, record the inputs."""
         if not self._ours():
             return
+        args, kwargs = self.call_inputs or (args, kwargs)
+        self.call_inputs = None
         tracker, counts = self.tracker, self.result.counts
         index = tracker.step_index
         counts.denoiser_calls += 1
@@ -195,6 +206,7 @@ class _LiveRun:
                     ModuleHooks() as hooks, tqdm(total=total, desc="calibrate", disable=not progress) as bar:
                 self.tracker, self.bar = tracker, bar
                 router.install(hooks)
+                hooks.pre(denoiser, self.before_denoiser_call, with_kwargs=True)
                 hooks.post(denoiser, self.after_denoiser_call, with_kwargs=True)
                 for call in calls:
                     tracker.reset()   # a new trajectory, even if a scheduler reuses its timesteps tensor
@@ -277,3 +289,13 @@ def calibrate_parameters() -> set[str]:
     a 'multiple values' crash, ``weight_range`` silently changed the weighting)."""
     return {name for name, parameter in inspect.signature(calibrate).parameters.items()
             if parameter.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+
+
+def _containers_copied(value: Any) -> Any:
+    """``value`` with its lists, tuples and dicts copied (tensors and other leaves shared): what the denoiser was
+    given, whatever it does to those containers during the call."""
+    if isinstance(value, dict):
+        return {key: _containers_copied(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_containers_copied(item) for item in value)
+    return value

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..scalars import plain_values
+
 SELECTION_FORMS = ('"all"', '"uniform:K"', '"every:K"', "a list of step indices")
 WEIGHTING_SCHEMES = ("uniform", "linear", "log-decrease", "log-increase")
 
@@ -60,6 +62,7 @@ def select_steps(num_steps: int, selection: str | Sequence[int] = "all") -> list
     - a list of ints: exactly those steps (duplicates removed).
     """
     _check_num_steps(num_steps)
+    selection = plain_values(selection)  # numpy arrays and integers, as numpy-driven sweeps pass them
     if isinstance(selection, str):
         return _select_by_name(num_steps, selection)
     if isinstance(selection, Sequence):
@@ -140,6 +143,7 @@ def _check_weight_range(w_min: float, w_max: float) -> None:
 def resolve_weights(num_steps: int, weighting: str | Sequence[float],
                     weight_range: tuple[float, float] = (0.8, 1.2)) -> torch.Tensor:
     """Weights (num_steps,) from a scheme name or an explicit per-step sequence of floats >= 0."""
+    weighting, weight_range = plain_values(weighting), plain_values(weight_range)  # numpy arrays and scalars too
     if isinstance(weighting, str):
         if not isinstance(weight_range, (tuple, list)) or len(weight_range) != 2:
             raise ValueError(f"weight_range must be (w_min, w_max), got {weight_range!r}")
