@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .arch.registry import UnsupportedModelError, adapter_wrapped_layers, find_any_denoiser, find_denoiser
+from .hooks import diffusers_cache_problem
 from .base_match import (SAMPLE_FILE, base_state_dict, config_items, dense, only_rounded, representable_in, rounded_to,
                          samples_match, structure_fingerprint, weight_sample)
 from .adapter_guard import GUARDED_ADAPTER_METHODS, GUARDED_ADAPTER_PIPELINE_METHODS, install_adapter_guards
@@ -540,10 +541,10 @@ def _check_loadable_base(denoiser: torch.nn.Module, component: str, manifest: di
 
     check_not_offloaded(denoiser, "load")
     check_no_layerwise_casting(denoiser, "load")
-    if getattr(denoiser, "is_cache_enabled", False):  # diffusers' own (CacheMixin.enable_cache)
-        raise ArtifactError(f"load() needs a base without diffusers' own cache "
-                            f"({type(denoiser._cache_config).__name__} is enabled on pipe.{component}): call "
-                            f"pipe.{component}.disable_cache(), load, then enable it again")
+    problem = diffusers_cache_problem(denoiser, f"pipe.{component}")
+    if problem is not None:
+        raise ArtifactError(f"load() needs a base without diffusers' own cache, but {problem}, load, then enable it "
+                            f"again")
     changing = [entry["name"] for entry in manifest["techniques"] if entry["name"] != "cache"]  # of the weights
     wrapped = adapter_wrapped_layers(denoiser)
     if changing and wrapped:
@@ -621,6 +622,7 @@ def _check_base(base_pipe: Any, manifest: dict[str, Any], directory: str | Path)
                             f"{applied_techniques(base_pipe)} applied")
     _check_has_weights(base_pipe, "load")
     component, denoiser = find_denoiser(base_pipe)
+    _check_unfused_base(denoiser, component)
     expected = manifest["base"]["fingerprint"]
     recorded = _recorded_config(manifest, denoiser)
     actual = fingerprint(denoiser, recorded)  # not base_fingerprint: a refused load left its cache on the denoiser
@@ -631,6 +633,19 @@ def _check_base(base_pipe: Any, manifest: dict[str, Any], directory: str | Path)
             f"({manifest['base']['denoiser']} fingerprint {expected[:12]}…), this pipeline's "
             f"{type(denoiser).__name__} has fingerprint {actual[:12]}…"
             + (f"; its config differs ({'; '.join(differences)})" if differences else ""))
+
+
+def _check_unfused_base(denoiser: torch.nn.Module, component: str) -> None:
+    """ArtifactError naming ``unfuse_qkv_projections`` for a base whose attention runs fused projections: their
+    weights changed its fingerprint, and load said "made for a different base model" (before session 44)."""
+    from .arch.families._common import uses_fused_projections
+
+    fused = next((name for name, module in denoiser.named_modules() if uses_fused_projections(module)), None)
+    if fused is not None:
+        raise ArtifactError(f"load() needs a base with separate to_q/to_k/to_v projections, but pipe.{component}'s "
+                            f"attention {fused!r} runs fused ones (fuse_qkv_projections()): call "
+                            f"pipe.{component}.unfuse_qkv_projections() (or pipe.unfuse_qkv_projections()) before "
+                            f"load; a cache-only artifact's pipeline may fuse them again after it")
 
 
 def _recorded_config(manifest: dict[str, Any], denoiser: torch.nn.Module) -> dict[str, Any] | None:

@@ -609,10 +609,38 @@ def refuse_while_cached(denoiser: torch.nn.Module, action: str) -> None:
         raise ValueError(f"{action} needs every block of the denoiser computed, but a feature cache is "
                          "enabled on it. Caching comes last (prune_, then quantize_, then enable_cache): "
                          f"call da.remove_cache(pipe), run {action}, then enable the cache again")
-    if getattr(denoiser, "is_cache_enabled", False):  # diffusers' own (CacheMixin.enable_cache)
-        raise ValueError(f"{action} needs every block of the denoiser computed, but diffusers' own cache "
-                         f"({type(denoiser._cache_config).__name__}) is enabled on this {type(denoiser).__name__}: "
-                         f"call its disable_cache(), run {action}, then enable the cache again")
+    problem = diffusers_cache_problem(denoiser)
+    if problem is not None:
+        raise ValueError(f"{action} needs every block of the denoiser computed, but {problem}, run {action}, then "
+                         f"enable the cache again")
+
+
+# diffusers' cache hooks (apply_first_block_cache, apply_faster_cache, apply_mag_cache,
+# apply_pyramid_attention_broadcast, apply_sea_cache, apply_taylorseer_cache); named in diffusers.hooks' modules
+DIFFUSERS_CACHE_HOOKS = frozenset({
+    "fbc_leader_block_hook", "fbc_block_hook", "faster_cache_denoiser", "faster_cache_block",
+    "mag_cache_leader_block_hook", "mag_cache_block_hook", "pyramid_attention_broadcast", "sea_cache_root",
+    "sea_cache_leader_block", "sea_cache_block", "sea_cache_post_norm", "taylorseer_cache"})
+
+
+def diffusers_cache_problem(denoiser: torch.nn.Module, owner: str = "") -> str | None:
+    """What of diffusers' own caches sits on ``denoiser`` and how to remove it (a clause), or None: one enabled
+    with ``denoiser.enable_cache(...)`` (``is_cache_enabled``), or hooks its ``apply_*`` functions registered,
+    which set no flag (until session 44 calibration ran through them and our cache stacked on them). ``owner``:
+    how the caller names the denoiser (``pipe.transformer``)."""
+    name = type(denoiser).__name__
+    if getattr(denoiser, "is_cache_enabled", False):
+        return (f"diffusers' own cache ({type(denoiser._cache_config).__name__}) is enabled on this {name}: call "
+                f"{owner + '.' if owner else 'its '}disable_cache()")
+    for module_name, module in denoiser.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        found = sorted(DIFFUSERS_CACHE_HOOKS & set(getattr(registry, "hooks", {})))
+        if found:
+            return (f"diffusers' cache hook {found[0]!r} (from diffusers' apply_* cache functions) is on "
+                    f"{module_name or name!r} of this {name}: remove it (diffusers.hooks.HookRegistry."
+                    f"check_if_exists_or_initialize(denoiser).remove_hook({found[0]!r}, recurse=True), for each of "
+                    f"its hooks)")
+    return None
 
 
 def check_no_cpu_offload(denoiser: torch.nn.Module, action: str) -> None:

@@ -1046,3 +1046,17 @@ def test_tiny_specs_keep_the_users_random_stream_and_zoo_folders_refuse_a_varian
     assert not torch.equal(*draws)
     with pytest.raises(ValueError, match=r"variant='fp16': .* holds the zoo pipeline fashion-sd"):
         load_pipeline(str(zoo.path("fashion-sd")), variant="fp16")
+
+
+def test_loading_onto_a_base_with_fused_projections_names_the_unfuse(tmp_path):
+    """The fused to_qkv weights changed the fingerprint: "made for a different base model", on the same model."""
+    import diffusion_accel as da
+
+    folder = tmp_path
+    da.save(da.enable_cache(build_tiny("flux"), da.BlockCacheConfig(interval=2)), folder)
+    base = build_tiny("flux")
+    base.transformer.fuse_qkv_projections()
+    with pytest.raises(artifact.ArtifactError, match=r"runs fused ones .*pipe.transformer.unfuse_qkv_projections\(\)"):
+        da.load(base, folder)
+    base.transformer.unfuse_qkv_projections()
+    assert artifact.applied_techniques(da.load(base, folder)) == ["cache"]

@@ -290,6 +290,30 @@ def test_diffusers_own_cache_must_be_disabled_first():
     enable_cache(pipe, DeltaCacheConfig())
 
 
+def test_diffusers_caches_applied_by_their_functions_are_found_too(tmp_path):
+    """apply_first_block_cache / apply_pyramid_attention_broadcast set no is_cache_enabled: calibration ran through
+    them (quantize_'s scales from the computed steps only) and our cache stacked on them."""
+    import diffusers
+    from diffusers.hooks import FirstBlockCacheConfig as DiffusersFirstBlockCache
+    from diffusers.hooks import HookRegistry
+
+    import diffusion_accel as da
+
+    da.save(enable_cache(build_tiny("flux"), DeltaCacheConfig()), tmp_path)
+    pipe = build_tiny("flux")
+    diffusers.apply_first_block_cache(pipe.transformer, DiffusersFirstBlockCache(threshold=0.2))
+    with pytest.raises(ValueError, match=r"diffusers' cache hook 'fbc_.*remove_hook"):
+        enable_cache(pipe, DeltaCacheConfig())
+    with pytest.raises(ValueError, match=r"calibrate needs every block .* diffusers' cache hook 'fbc_"):
+        da.calibrate(pipe, ["a"], 2, progress=False)
+    with pytest.raises(da.artifact.ArtifactError, match=r"load\(\) needs a base without diffusers' own cache"):
+        da.load(pipe, tmp_path)
+    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
+    for name in ("fbc_leader_block_hook", "fbc_block_hook"):
+        registry.remove_hook(name, recurse=True)
+    enable_cache(pipe, DeltaCacheConfig())
+
+
 def test_a_pipeline_built_from_the_components_with_its_own_scheduler_repeats_its_images():
     """Per-call reset must not depend on which pipeline calls the cached denoiser: with 5 steps and
     interval 3, a missed reset starts the second call mid-schedule on the first call's stale features."""

@@ -14,7 +14,7 @@ from diffusers.hooks import HookRegistry
 
 from ..arch import find_denoiser, get_adapter
 from ..artifact import base_fingerprint, mark_applied, marks_restored_on_error, unmark_applied
-from ..hooks import CACHE_CLIENT, check_no_cpu_offload, detach_tracker_if_unused, get_tracker
+from ..hooks import CACHE_CLIENT, check_no_cpu_offload, detach_tracker_if_unused, diffusers_cache_problem, get_tracker
 from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, DeltaCacheConfig,
                       EncoderPropagationConfig, FirstBlockCacheConfig, RouterCacheConfig, TeaCacheConfig,
                       config_to_dict)
@@ -282,10 +282,9 @@ def _reenable(pipe: Any, config: Any) -> None:
 def _refuse_diffusers_cache(component: str, denoiser: Any) -> None:
     """Two caches on one denoiser would skip on each other's stale features: like diffusers, which
     refuses a second cache, ask for its own (``denoiser.enable_cache(...)``) to be disabled first."""
-    if getattr(denoiser, "is_cache_enabled", False):
-        owner = f"pipe.{component}" if component else "denoiser"
-        raise ValueError(f"diffusers' own cache ({type(denoiser._cache_config).__name__}) is enabled on "
-                         f"this {type(denoiser).__name__}; call {owner}.disable_cache() before enable_cache")
+    problem = diffusers_cache_problem(denoiser, f"pipe.{component}" if component else "denoiser")
+    if problem is not None:
+        raise ValueError(f"{problem} before enable_cache")
 
 
 def remove_cache(pipe: Any) -> Any:
