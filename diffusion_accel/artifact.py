@@ -387,7 +387,7 @@ def _check_weights_unchanged(pipe: Any) -> None:
         return
     current = weight_sample(denoiser)
     changed = [name for name in applied_sample.keys() & current.keys()
-               if not samples_match({name: applied_sample[name]}, {name: current[name]})]
+               if not samples_match({name: applied_sample[name]}, {name: current[name]}, strict=True)]
     if changed and not only_rounded(applied_sample, current, changed):  # a cast there and back rounds, no more
         raise ArtifactError(f"cannot save: {len(changed)} tensors of the {type(denoiser).__name__} changed after "
                             f"{applied_techniques(pipe)} were applied (e.g. {sorted(changed)[0]}; fuse_lora, "

@@ -84,6 +84,22 @@ def test_save_refuses_weights_changed_after_the_techniques_by_a_fused_lora(tmp_p
     assert not (tmp_path / "art" / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_save_refuses_a_small_weight_change_in_a_half_precision_pipeline(tmp_path, dtype):
+    """The tolerance that recognises a base rounded along another path (one bfloat16 step) let a 0.3% change made
+    after prune_ through save's check, which compares one model with itself."""
+    import diffusion_accel as da
+    from diffusion_accel.artifact import ArtifactError
+    from diffusion_accel.testing.tiny import build_tiny
+
+    pipe = da.prune_(build_tiny("sd").to(dtype), da.PruneConfig(method="magnitude", sparsity=0.5))
+    with torch.no_grad():
+        for parameter in pipe.unet.parameters():
+            parameter.mul_(1.003)
+    with pytest.raises(ArtifactError, match="changed after \\['prune'\\] were applied"):
+        da.save(pipe, tmp_path / "art")
+
+
 def test_an_artifact_saved_beside_an_unmerged_lora_names_the_plain_base(tmp_path):
     """The save warning says to load the adapters again after load(), but the artifact's fingerprint held the
     LoRA's tensors: the plain base was refused as "a different base model", also after unload_lora_weights."""

@@ -375,6 +375,11 @@ def test_structured_pruning_over_an_earlier_prunes_zeros_is_refused():
     pipe = build_tiny("sd")
     prune_(pipe, PruneConfig(method="obs", pattern="structured", sparsity=0.3), calib=calib)
     prune_(pipe, PruneConfig(method="obs", pattern="2:4"), calib=calib)
+    pipe = build_tiny("sd")  # magnitude scoring updates no weight: an unstructured prune's zeros survive it
+    prune_(pipe, PruneConfig(method="magnitude", sparsity=0.5))
+    zeros = {name: int((pipe.unet.get_submodule(name).weight == 0).sum()) for name in prune_report(pipe).layers_pruned}
+    prune_(pipe, PruneConfig(method="magnitude", pattern="structured", sparsity=0.3))
+    assert all(int((pipe.unet.get_submodule(name).weight == 0).sum()) > 0 for name in zeros)
 
 
 def test_structured_pruning_leaves_a_unit_with_an_excluded_projection_whole():

@@ -193,6 +193,9 @@ def test_a_loaded_pipeline_keeps_quantize_notes_and_notes_its_own_lowering(tmp_p
         line for line in summary(pipe).split("\n") if line.startswith("  note:")]
     assert any("hold none of the calibrated steps" in note for note in notes)
     assert any("int4-packed layers dequantize per call" in note for note in notes)
+    da.save(base, tmp_path / "again")  # saved again (calibrate --pipe ARTIFACT): the load note once
+    again = da.load(build_tiny("flux"), tmp_path / "again")
+    assert [line for line in summary(again).split("\n") if line.startswith("  note:")] == notes
 
 
 def test_timestep_groups_split_a_heun_trajectory_as_calibrated():

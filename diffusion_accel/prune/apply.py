@@ -116,15 +116,22 @@ def check_denoiser(denoiser: nn.Module, adapter: Any, config: PruneConfig) -> No
         raise ValueError(f"nothing to prune in {type(denoiser).__name__} with pattern {config.pattern!r} "
                          f"(all candidates excluded, kept dense, or too narrow for the pattern)")
     if config.structured:
-        _check_masks_survive(denoiser, units)
+        _check_masks_survive(denoiser, units, config)
 
 
-def _check_masks_survive(denoiser: nn.Module, units: list[Any]) -> None:
+def _check_masks_survive(denoiser: nn.Module, units: list[Any], config: PruneConfig) -> None:
     """Structured pruning rewrites the output layers of what it prunes (OBS updates every remaining weight,
-    removed columns shift N:M groups): over an earlier unstructured or N:M prune it silently undid its zeros."""
+    removed columns shift N:M groups): over an earlier unstructured or N:M prune it silently undid its zeros.
+    Magnitude scoring updates nothing, so only earlier N:M groups break under it."""
     record = get_record(denoiser)
+    if record is None:
+        return
+    earlier_nm = any(isinstance(entry, dict) and entry.get("pattern") not in ("unstructured", "structured")
+                     for entry in record.configs)
+    if config.method == "magnitude" and not earlier_nm:
+        return
     outputs = {name for unit in units for name in unit.output_layers()}
-    masked = [name for name in (record.masked if record is not None else []) if name in outputs]
+    masked = [name for name in record.masked if name in outputs]
     if masked:
         raise ValueError(f"structured pruning would overwrite the zeros an earlier prune_ left in {len(masked)} "
                          f"layers it updates (e.g. {masked[0]}): prune structured first, then unstructured or N:M")

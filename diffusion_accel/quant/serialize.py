@@ -180,7 +180,7 @@ def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tens
     final = {name: lowered.get(name) or layer for name, layer in layers.items()}
     state = PTQState(ptq_config.to_dict(), list(config["layers"]), config["num_steps"],
                      lowered={name: module.kind for name, module in lowered.items() if module is not None},
-                     notes=["restored from an artifact"] + _saved_notes(config),
+                     notes=list(dict.fromkeys(["restored from an artifact"] + _saved_notes(config))),  # re-saved
                      attention=list(config.get("attention", [])),
                      group_bounds=bounds, calibration_record=config.get("calibration"))
     note_lowering(state, lowered)
