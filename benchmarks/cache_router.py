@@ -112,7 +112,8 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for label, row in report["variants"].items():
         speed = report.get("timing", {}).get(label, {}).get("speedup")
-        lines.append(f"| {label}{settings_note(label, row, report)} | {row['flops_fraction']:.3f} | {row['error_calibration']:.4f} | "
+        lines.append(f"| {label}{settings_note(label, row, report)} | {row['flops_fraction']:.3f} | "
+                     f"{row['error_calibration']:.4f} | "
                      f"{row['error_held_out']:.4f} | {row['psnr_held_out']:.2f} | "
                      f"{'' if speed is None else f'{speed:.2f}×'} | {row['calibration_s']} |")
     return "\n".join(lines) + "\n"

@@ -414,7 +414,8 @@ def _rounding_entry(denoiser: torch.nn.Module) -> dict[str, str]:
     recorded until session 44: such artifacts reloaded other images without a word)."""
     dtype = compute_dtype(denoiser)
     base_sample = getattr(denoiser, _BASE_SAMPLE_ATTR, (None, None))[1] or {}
-    sample = {name: tensor for name, tensor in weight_sample(denoiser).items() if not base_sample or name in base_sample}
+    sample = {name: tensor for name, tensor in weight_sample(denoiser).items()
+              if not base_sample or name in base_sample}
     rounded = rounded_to(sample) or _half_dtype_of(base_sample)  # the base's own tensors: scales stay float32
     if rounded is None or dtype is None or rounded == dtype:
         return {}

@@ -57,8 +57,8 @@ def _refuse_unrebuildable_hooks(denoiser: nn.Module) -> None:
     if found is not None:
         raise TypeError(f"cannot copy.deepcopy this {type(denoiser).__name__}: it carries diffusion_accel's step hooks "
                         f"and diffusers' layerwise casting (at {found[0]!r}), whose hook cannot be rebuilt on a copy; "
-                        f"copy it before enable_layerwise_casting (the step hooks come from a cache, da.remove_cache(pipe) "
-                        f"removes them, or from quantize_'s timestep groups)")
+                        f"copy it before enable_layerwise_casting (the step hooks come from a cache, "
+                        f"da.remove_cache(pipe) removes them, or from quantize_'s timestep groups)")
 
 
 def _rebuild_forward_chain(module: nn.Module) -> None:
