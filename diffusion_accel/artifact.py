@@ -31,7 +31,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .arch.registry import UnsupportedModelError, adapter_wrapped_layers, find_any_denoiser, find_denoiser
-from .hooks import diffusers_cache_problem
 from .base_match import (SAMPLE_FILE, base_state_dict, config_items, dense, only_rounded, representable_in, rounded_to,
                          samples_match, structure_fingerprint, weight_sample)
 from .adapter_guard import GUARDED_ADAPTER_METHODS, GUARDED_ADAPTER_PIPELINE_METHODS, install_adapter_guards
@@ -539,6 +538,7 @@ def _check_loadable_base(denoiser: torch.nn.Module, component: str, manifest: di
     copy was a raw "cannot pickle 'module' object", diffusers' own cache was called a damaged artifact; and, for
     techniques that change weights, unmerged adapters and pre-quantized weights, as quantize_ / prune_ do."""
     from .arch.registry import check_no_layerwise_casting, check_not_offloaded, check_not_prequantized
+    from .hooks import diffusers_cache_problem  # here: the hook engine imports diffusers (the CLI's --help must not)
 
     check_not_offloaded(denoiser, "load")
     check_no_layerwise_casting(denoiser, "load")
