@@ -34,7 +34,7 @@ from .result import Calibration, CalibrationSettings, architecture_config
 from .schedule import denoiser_steps, resolve_weights, select_steps
 from .call_state import CallState, call_state, state_change, stateful_modules
 from .trajectory import TrajectoryRecorder
-from .trees import call_batch_size
+from .trees import call_batch_size, map_tensors
 
 TRACKER_CLIENT = "calib"
 DEFAULT_MAX_TRAJECTORY_BYTES = 1 << 30
@@ -171,7 +171,7 @@ class _LiveRun:
         residuals off its ``down_intrablock_additional_residuals`` list: recorded after the call, every stored
         record held an empty list and replays ran without the adapter, 10.9 vs 26.3 dB W8A8 SNR)."""
         if self._ours() and self.recorder is not None:
-            self.call_inputs = (_containers_copied(args), _containers_copied(kwargs))
+            self.call_inputs = map_tensors(lambda tensor: tensor, (args, kwargs))  # new containers, same tensors
 
     def after_denoiser_call(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Forward post-hook on the denoiser: count, remember the timestep, record the inputs."""
@@ -290,12 +290,3 @@ def calibrate_parameters() -> set[str]:
     return {name for name, parameter in inspect.signature(calibrate).parameters.items()
             if parameter.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
 
-
-def _containers_copied(value: Any) -> Any:
-    """``value`` with its lists, tuples and dicts copied (tensors and other leaves shared): what the denoiser was
-    given, whatever it does to those containers during the call."""
-    if isinstance(value, dict):
-        return {key: _containers_copied(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
-        return type(value)(_containers_copied(item) for item in value)
-    return value

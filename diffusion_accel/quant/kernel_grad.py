@@ -54,21 +54,18 @@ def run_kernel(module: nn.Module, x: torch.Tensor, kernel: Path, float_path: Pat
 def _in_this_group(module: nn.Module, float_path: Path) -> Path:
     """``float_path`` computed with the timestep group of this forward call pinned: backward recomputes it
     later, when another denoiser call may have moved the step tracker (a loss over several sampling steps took
-    the gradient of another group's scales; the simulated layer keeps its forward's)."""
-    selectors = {id(selector): selector for selector in (getattr(sub, "selector", None) for sub in module.modules())
-                 if selector is not None}
-    if not selectors:
+    the gradient of another group's scales; the simulated layer keeps its forward's). A layer's activation
+    quantizer holds the denoiser's one ``StepGroups`` selector, if any."""
+    selector = next((sub.selector for sub in module.modules() if getattr(sub, "selector", None) is not None), None)
+    if selector is None:
         return float_path
-    groups = {key: selector.current_index() for key, selector in selectors.items()}
+    group = selector.current_index()
 
     def pinned(x: torch.Tensor) -> torch.Tensor:
-        previous = {key: selector.forced for key, selector in selectors.items()}
-        for key, selector in selectors.items():
-            selector.forced = groups[key]
+        previous, selector.forced = selector.forced, group
         try:
             return float_path(x)
         finally:
-            for key, selector in selectors.items():
-                selector.forced = previous[key]
+            selector.forced = previous
 
     return pinned
