@@ -67,6 +67,14 @@ def _expanded(text: str) -> Path:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def input_path(text: str) -> str:
+    """An argparse type for a path read from (``--data``, ``--init-from``, ``ship --from``): ``~`` expanded, as
+    the shell does not after ``=`` (``--init-from=~/run`` was "not an exported pipeline folder")."""
+    if empty_path(text):
+        raise argparse.ArgumentTypeError(EMPTY_PATH_PROBLEM)
+    return str(_expanded(text))
+
+
 def output_folder(text: str) -> str:
     """An argparse type for ``--out`` folders: refuses a path that is, or lies under, an existing file, so
     the command does not fail only when writing its results, after the work (an evaluation, a demo)."""

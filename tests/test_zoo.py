@@ -399,7 +399,9 @@ def test_warm_start_from_the_shipped_model(name, denoiser, tmp_path, monkeypatch
 @needs_data
 def test_decoder_warm_start_ships_with_the_pipeline(tmp_path, monkeypatch):
     """fashion-sd-decoder --init-from zoo tunes the shipped VAE's decoder; ship --vae swaps it into the
-    pipeline, and the card keeps the recorded stages and the table of the weights it started from."""
+    pipeline, and the card keeps the recorded stages and the table of the weights it started from. The decoder
+    trains under its own --out (as the shipped card's command did): the card still describes it (until session 45
+    it kept the old decoder's table, found only in the default run folder)."""
     import json
 
     from safetensors.torch import load_file
@@ -410,8 +412,8 @@ def test_decoder_warm_start_ships_with_the_pipeline(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "RUNS_ROOT", tmp_path / "runs")
     monkeypatch.setenv("DIFFUSION_ACCEL_THREADS", "1")
     threads = torch.get_num_threads()
-    cfg = C.RunConfig(run_dir=tmp_path / "runs" / "fashion-sd-decoder", steps=1, batch_size=4, limit_images=16,
-                      init_from="zoo", lr=1e-3)
+    cfg = C.RunConfig(run_dir=tmp_path / "elsewhere" / "fashion-sd-decoder-s45", steps=1, batch_size=4,
+                      limit_images=16, init_from="zoo", lr=1e-3)
     try:
         folder = decoder_train.train(cfg, "fashion-sd-decoder")
     finally:
@@ -431,6 +433,7 @@ def test_decoder_warm_start_ships_with_the_pipeline(tmp_path, monkeypatch):
     assert "### Stage `fashion-sd-vae`" in card  # not rerun: the recorded table stays
     assert "### Stage `fashion-sd-decoder` (the shipped weights it started from)" in card
     assert "| init_from | zoo:fashion-sd |" in card and "### Stage `fashion-sd`\n" in card
+    assert f"| test_psnr_db | {info['test_psnr_db']} |" in card and "| peak_lr | 0.001 |" in card
     ship_main(["fashion-sd", "--from", str(staged), "--dest", str(tmp_path / "staged"), "--vae", str(folder)])
     assert load_file(str(staged / "vae" / "diffusion_pytorch_model.safetensors")).keys() == vae.keys()  # onto itself
     assert not (tmp_path / "staged" / ".fashion-sd.staging").exists()
@@ -491,6 +494,25 @@ def test_cli_register_parses_train_options():
                               "--seed", "3", "--no-resume"])
     assert (args.name, args.steps, args.time_budget_min, args.seed, args.resume) == ("fashion-sd", 5, 1.5, 3, False)
     assert parser.parse_args(["zoo", "list"]).func.__name__ == "_list"
+
+
+def test_input_paths_expand_home_also_after_an_equals_sign(tmp_path, monkeypatch):
+    """`--init-from=~/exp/fashion-sd` (the shell expands no ~ after '=') was "not an exported pipeline folder",
+    as was `init_from="~/..."` in Python, and `ship --from=~/...` / `--data=~/...` named no folder (until
+    session 45)."""
+    from diffusion_accel.zoo.ship import main as ship_main
+    from diffusion_accel.zoo.train import add_train_arguments
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "fashion-sd").symlink_to(zoo.path("fashion-sd"))
+    args = add_train_arguments(argparse.ArgumentParser()).parse_args(
+        ["fashion-sd", "--init-from=~/exp/fashion-sd", "--data=~/data"])
+    assert (args.init_from, args.data) == (str(tmp_path / "exp" / "fashion-sd"), str(tmp_path / "data"))
+    assert C.init_source(C.RunConfig(run_dir=tmp_path / "run", steps=1, init_from="~/exp/fashion-sd"),
+                         "fashion-sd") == tmp_path / "exp" / "fashion-sd"
+    ship_main(["fashion-sd", "--from=~/exp/fashion-sd", "--dest=~/staged"])
+    assert (tmp_path / "staged" / "fashion-sd" / "model_index.json").is_file()
 
 
 def test_the_stand_alone_zoo_cli_reports_bad_options_in_one_line(tmp_path, capsys):
@@ -731,3 +753,27 @@ def test_vae_scaling_factors_come_from_training_images_not_the_test_split():
     on_train, on_test = vae_train.evaluate(vae, train), vae_train.evaluate(vae, test)
     assert (metrics["latent_std"], metrics["latent_mean"]) == (on_train["latent_std"], on_train["latent_mean"])
     assert metrics["test_psnr_db"] == on_test["psnr_db"] and on_test["latent_std"] != on_train["latent_std"]
+
+
+def test_a_flux_card_describes_the_shipped_transformer_size(tmp_path):
+    """`zoo train fashion-flux --arch large` shipped 4 + 8 blocks under a card that said 2 + 4 and recorded no arch
+    (until session 45)."""
+    import json
+    import shutil
+
+    from diffusion_accel.zoo.card import write_card
+
+    folder = tmp_path / "fashion-flux"
+    shutil.copytree(zoo.path("fashion-flux") / "transformer", folder / "transformer",
+                    ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    (folder / "transformer" / "config.json").write_text(json.dumps({**config, "num_layers": 4, "num_single_layers": 8}))
+    (folder / "train_info.json").write_text(json.dumps({"name": "fashion-flux", "arch": "large",
+                                                        "frozen_parts_from": "zoo:fashion-flux"}))
+    card = write_card("fashion-flux", folder, runs_root=tmp_path / "runs").read_text()
+    assert "`FluxTransformer2DModel` (4 double-stream + 8 single-stream blocks, 4 heads × 32," in card
+    assert "| arch | large |" in card and "| frozen_parts_from | zoo:fashion-flux |" in card
+    from diffusion_accel.zoo.card import description
+
+    shipped = description("fashion-flux", zoo.path("fashion-flux"))
+    assert "(2 double-stream + 4 single-stream blocks, 4 heads × 32," in shipped

@@ -7,6 +7,7 @@ import gzip
 import os
 import pickle
 import signal
+import warnings
 
 import numpy as np
 import pytest
@@ -126,6 +127,13 @@ def test_a_resume_keeps_the_runs_seed_and_an_interrupt_keeps_the_completed_steps
         with pytest.warns(UserWarning, match="--seed 7 is ignored: resuming .* started with seed 0"):
             folder = run(3, 7)
         assert json.loads((folder / "train_info.json").read_text())["seed"] == 0
+        seeded = lambda steps, seed: mnist_train.train(C.RunConfig(  # noqa: E731
+            run_dir=tmp_path / "seeded", steps=steps, seed=seed, batch_size=4,
+            data_root=str(tmp_path / "mnist.pkl.gz")))
+        seeded(1, 3)
+        with warnings.catch_warnings():  # no seed asked for: no "--seed 0 is ignored" (until session 45)
+            warnings.simplefilter("error")
+            assert json.loads((seeded(2, None) / "train_info.json").read_text())["seed"] == 3
         calls = []
 
         def interrupt_at_step_4(cfg, start, step_fn, state_fn, desc):

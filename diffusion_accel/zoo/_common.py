@@ -152,7 +152,7 @@ class RunConfig:
 
     run_dir: Path
     steps: int
-    seed: int = 0
+    seed: int | None = None  # None: 0 for a fresh run, the checkpoint's when resuming (no "--seed 0 is ignored")
     time_budget_min: float | None = None
     resume: bool = True
     checkpoint_every_min: float = 3.0
@@ -166,6 +166,11 @@ class RunConfig:
     stage: str = ""  # the zoo stage training in run_dir (recorded in its checkpoint)
     defaults: dict = field(default_factory=dict)  # the stage's values of options left unset (batch_size, lr)
     resumed: dict = field(default_factory=dict)  # set by resume: what run_loop restores (RNG, elapsed time)
+    seed_given: bool = field(init=False, default=False)  # whether a seed was asked for (resume warns if it differs)
+
+    def __post_init__(self) -> None:
+        self.seed_given = self.seed is not None
+        self.seed = 0 if self.seed is None else self.seed
 
     def settings(self) -> dict:
         """The options a resumed run must keep: a checkpoint continues the weights, optimiser and data order
@@ -191,7 +196,7 @@ def init_source(cfg: RunConfig, name: str) -> Path | None:
         from . import path
 
         return path(name)
-    folder = Path(cfg.init_from)
+    folder = expand_home(cfg.init_from)
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"--init-from {str(cfg.init_from)!r}: expected 'zoo' or an exported pipeline folder "
                          f"with a model_index.json (e.g. zoo_runs/{name}/final)")
@@ -260,10 +265,10 @@ def resume(cfg: Any, stateful: dict[str, Any], generator: torch.Generator) -> tu
     if state is None:
         return 0, 0.0, [command_line()]
     saved_seed = state.get("seed", cfg.seed)
-    if saved_seed != cfg.seed:  # the data order and weights continue the checkpoint's: record its seed
+    if saved_seed != cfg.seed and cfg.seed_given:  # the data order and weights continue the checkpoint's
         warnings.warn(f"--seed {cfg.seed} is ignored: resuming {cfg.run_dir}, a run started with seed {saved_seed} "
                       f"(--no-resume starts over with the new seed)", stacklevel=2)
-        cfg.seed = saved_seed
+    cfg.seed = saved_seed  # recorded in its train_info
     _check_same_settings(cfg, state.get("settings", {}))
     for key, target in stateful.items():
         target.load_state_dict(state[key])

@@ -30,7 +30,8 @@ DESCRIPTIONS = {
         "`diffusion_accel.zoo.load` tags the pipeline with these settings: `pipe(prompt, "
         "**diffusion_accel.call_defaults(pipe))`, and the library's own calls apply them."),
     "fashion-flux": (
-        "A `FluxPipeline`: `FluxTransformer2DModel` (2 double-stream + 4 single-stream blocks, 4 heads × 32, "
+        "A `FluxPipeline`: `FluxTransformer2DModel` ({num_layers} double-stream + {num_single_layers} single-stream "
+        "blocks, {num_attention_heads} heads × {attention_head_dim}, "
         "no guidance embedding), `AutoencoderKL` with 16 latent channels (32×32 → 8×8×16, packed 2×2 into "
         "16 tokens), the fashion-clip text tower for the pooled embedding and a 2-layer `T5EncoderModel` "
         "(d_model 128, word-level Unigram tokenizer) trained jointly with the transformer for the sequence "
@@ -59,8 +60,18 @@ FASHION_DATA = ("Data: Fashion-MNIST (MIT, Debian `dataset-fashion-mnist`), 28×
 STAGES = {"fashion-clip": ("fashion-clip",), "fashion-sd": ("fashion-sd-vae", "fashion-sd-decoder", "fashion-sd"),
           "fashion-flux": ("fashion-flux-vae", "fashion-flux-decoder", "fashion-flux"), "mnist-ddpm": ("mnist-ddpm",)}
 KEYS = ("command", "seed", "steps", "batch_size", "wall_time_s", "device", "threads", "bf16_autocast", "params",
-        "unet_params", "transformer_params", "t5_params", "init_from", "init_steps", "total_steps", "peak_lr", "source",
-        "adv_weight", "zero_shot_test_accuracy", "test_psnr_db", "note")
+        "unet_params", "transformer_params", "arch", "t5_params", "init_from", "frozen_parts_from", "init_steps",
+        "total_steps", "peak_lr", "source", "adv_weight", "zero_shot_test_accuracy", "test_psnr_db", "note")
+FLUX_SIZE_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim")
+
+
+def description(name: str, folder: Path) -> str:
+    """The card's opening paragraph; fashion-flux's block counts and heads come from the shipped transformer's
+    config (``zoo train fashion-flux --arch large`` ships 4 + 8 blocks)."""
+    if name != "fashion-flux":
+        return DESCRIPTIONS[name]
+    config = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8"))
+    return DESCRIPTIONS[name].format(**{key: config[key] for key in FLUX_SIZE_KEYS})
 
 
 def stage_table(stage: str, info: dict) -> str:
@@ -103,15 +114,23 @@ def shipped_stage_info(name: str, stage: str, folder: Path, runs_root: Path) -> 
     """The train_info of ``stage`` as shipped in ``folder``: the model's own stage from the folder's copy
     (the run it was shipped from, ``ship --from``), an earlier VAE stage from ``runs_root`` only when that
     run's weights are the shipped VAE's (the encoder for a ``-vae`` stage, whose decoder a ``-decoder``
-    stage fine-tunes). Before session 28 every stage was read from ``runs_root``: a card could describe
-    a from-scratch run beside the weights of a warm start, or stale VAE runs. None: keep the old card's."""
+    stage fine-tunes); a decoder shipped by ``ship --vae`` from its record in the VAE folder. Before session 28
+    every stage was read from ``runs_root``: a card could describe a from-scratch run beside the weights of a
+    warm start, or stale VAE runs. None: keep the old card's."""
     if stage == name:
-        own = folder / "train_info.json"
-        return json.loads(own.read_text(encoding="utf-8")) if own.is_file() else None
+        return _read_info(folder / "train_info.json")
+    shipped_vae = _read_info(folder / "vae" / "train_info.json")  # a decoder run shipped by ``ship --vae``
+    if shipped_vae is not None and shipped_vae.get("name") == stage:
+        return shipped_vae
     run = runs_root / stage / "final"
     if not (run / "train_info.json").is_file() or not _same_vae(folder / "vae", run, stage.endswith("-vae")):
         return None
     return json.loads((run / "train_info.json").read_text(encoding="utf-8"))
+
+
+def _read_info(file: Path) -> dict | None:
+    """A train_info.json's fields, or None when there is none."""
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
 
 
 def _same_vae(shipped: Path, run: Path, encoder_only: bool) -> bool:
@@ -136,7 +155,7 @@ def write_card(name: str, folder: Path, metrics_md: str = "", runs_root: Path | 
     runs_root = runs_root or C.RUNS_ROOT
     card = folder / "README.md"
     recorded = recorded_sections(card.read_text(encoding="utf-8")) if card.is_file() else {}
-    parts = [f"# {name}\n", DESCRIPTIONS[name] + "\n", DATA.get(name, FASHION_DATA), "## Training\n",
+    parts = [f"# {name}\n", description(name, folder) + "\n", DATA.get(name, FASHION_DATA), "## Training\n",
              "Reproduce in order (each stage resumes from `zoo_runs/<stage>/checkpoint.pt` if interrupted; "
              "`--time-budget-min` stops and exports early):\n"]
     for stage in STAGES[name]:

@@ -58,7 +58,8 @@ def ship(name: str, folder: Path, dest_root: Path = MODELS_DIR, vae: Path | None
     shutil.copytree(folder, staged, ignore=shutil.ignore_patterns("*.pt", "*.tmp"))
     if vae is not None:
         shutil.rmtree(staged / "vae")
-        shutil.copytree(vae, staged / "vae", ignore=shutil.ignore_patterns("*.pt", "*.tmp", "train_info.json"))
+        # its train_info.json goes along: the card names the decoder run that ships, wherever it was trained
+        shutil.copytree(vae, staged / "vae", ignore=shutil.ignore_patterns("*.pt", "*.tmp"))
     for path in staged.rglob("*.safetensors"):
         to_fp16_safetensors(path)
     if (dest / "README.md").is_file():  # the card's recorded stages outlive the weights
@@ -79,22 +80,24 @@ def main(argv: list[str] | None = None) -> None:
     fp16, write card."""
     import argparse
 
+    from ..argtypes import input_path, output_folder
     from . import _common as C
     from .card import write_card
 
     parser = argparse.ArgumentParser(prog="python -m diffusion_accel.zoo.ship")
     parser.add_argument("name", choices=SHIPPED)
-    parser.add_argument("--from", dest="source", type=Path, default=None, help="default zoo_runs/NAME/final")
-    parser.add_argument("--dest", type=Path, default=MODELS_DIR,
+    parser.add_argument("--from", dest="source", type=input_path, default=None, help="default zoo_runs/NAME/final")
+    parser.add_argument("--dest", type=output_folder, default=MODELS_DIR,
                         help="folder to ship into (default: the package's models/; e.g. a staging folder on a GPU machine)")
-    parser.add_argument("--metrics", type=Path, default=None, help="markdown with measured quality")
-    parser.add_argument("--vae", type=Path, default=None,
+    parser.add_argument("--metrics", type=input_path, default=None, help="markdown with measured quality")
+    parser.add_argument("--vae", type=input_path, default=None,
                         help="a decoder stage's export (e.g. zoo_runs/fashion-sd-decoder/final) to ship in place of "
                              "the pipeline's VAE; its encoder must be the pipeline's")
     args = parser.parse_args(argv)
     try:
-        dest = ship(args.name, args.source or C.RUNS_ROOT / args.name / "final", args.dest, args.vae)
-        metrics = args.metrics.read_text(encoding="utf-8") if args.metrics else ""
+        dest = ship(args.name, Path(args.source or C.RUNS_ROOT / args.name / "final"), Path(args.dest),
+                    None if args.vae is None else Path(args.vae))
+        metrics = Path(args.metrics).read_text(encoding="utf-8") if args.metrics else ""
         write_card(args.name, dest, metrics)
     except (ValueError, OSError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

@@ -6,7 +6,7 @@ import argparse
 import importlib
 from pathlib import Path
 
-from ..argtypes import int_at_least, output_folder, positive_float
+from ..argtypes import input_path, int_at_least, output_folder, positive_float
 from . import _common as C
 
 TRAINERS = {
@@ -32,15 +32,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--out", type=output_folder, default=None,
                         help=f"run folder (default {C.RUNS_ROOT}/NAME; set DIFFUSION_ACCEL_ZOO_RUNS to move that root, "
                              f"where later stages also find the earlier ones, e.g. fashion-sd its VAE)")
-    parser.add_argument("--seed", type=int_at_least(0, 2 ** 63 - 1), default=0)
+    parser.add_argument("--seed", type=int_at_least(0, 2 ** 63 - 1), default=None,
+                        help="a fresh run's seed (default 0); a resumed run keeps its own")
     parser.add_argument("--batch-size", type=int_at_least(1), default=None)
-    parser.add_argument("--data", default=None, help="folder with the Fashion-MNIST idx files (*-ubyte.gz, .xz or uncompressed; mnist-ddpm: MNIST's, or mnist.pkl.gz)")
+    parser.add_argument("--data", type=input_path, default=None,
+                        help="folder with the Fashion-MNIST idx files (*-ubyte.gz, .xz or uncompressed; "
+                             "mnist-ddpm: MNIST's, or mnist.pkl.gz)")
     parser.add_argument("--resume", dest="resume", action="store_true", default=True,
                         help="continue from run folder's checkpoint.pt if present (default)")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="start from scratch")
     parser.add_argument("--freeze-text", action="store_true",
                         help="fashion-clip only: keep the text tower fixed (it is already the pipelines' encoder)")
-    parser.add_argument("--init-from", default=None, metavar="zoo|FOLDER",
+    parser.add_argument("--init-from", type=input_path, default=None, metavar="zoo|FOLDER",
                         help="fashion-sd / fashion-flux (and their -decoder stages): warm-start a fresh run from the shipped "
                              "model ('zoo') or an exported pipeline folder (its denoiser, and for flux its T5, plus "
                              "its frozen parts; a decoder stage takes its VAE)")
