@@ -201,6 +201,19 @@ def test_weighting_reaches_the_hessians(monkeypatch):
     assert prune_report(pipe).step_weights == pytest.approx(formula)
 
 
+def test_the_report_lists_the_weights_of_the_steps_a_custom_schedule_ran():
+    """calib_kwargs' ``timesteps`` ran 3 steps, but the report listed calib_num_steps' 10 weights (until session 45)."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = build_tiny("sd")
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    config = PruneConfig(method="obs", sparsity=0.5, groups=1, calib_prompts=1, calib_num_steps=10,
+                         weighting="log-decrease", calib_kwargs=(("height", 32), ("width", 32),
+                                                                 ("timesteps", [900, 500, 100])))
+    prune_(pipe, config)
+    assert prune_report(pipe).step_weights == pytest.approx(step_weights(3, "log-decrease").tolist())
+
+
 def test_a_saliency_allocations_norm_sweep_counts_in_the_peak_memory(monkeypatch):
     """It held every layer's input norms at once and was left out of peak_hessian_bytes until session 41 (14,976
     bytes reported, 43,072 held on tiny SD)."""

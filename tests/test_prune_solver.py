@@ -218,3 +218,25 @@ def test_only_weights_in_the_2_4_pattern_qualify_for_its_sparse_kernels():
     assert follows_2_4(weight)
     assert not follows_2_4(torch.tensor([[1.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0]]))  # 3 of 4 kept
     assert not follows_2_4(torch.zeros(2, 6))  # no groups of 4
+
+
+@pytest.mark.parametrize(("owner", "value"), [("global", "tf32"), ("matmul", "tf32"), ("conv", "ieee")])
+def test_obs_runs_and_restores_tf32_settings_made_with_the_fp32_precision_api(owner, value):
+    """torch >= 2.9 raises on reading the legacy allow_tf32 flags after its fp32_precision ones were set (matmul's to
+    "tf32", cuDNN's to "ieee"): every OBS prune (and GPTQ) failed for such a user until session 45."""
+    from diffusion_accel.prune.obs import no_tf32
+
+    backends = torch.backends
+    knobs = (backends, backends.cuda.matmul, backends.cudnn.conv)
+    before = [knob.fp32_precision for knob in knobs]
+    target = {"global": backends, "matmul": backends.cuda.matmul, "conv": backends.cudnn.conv}[owner]
+    target.fp32_precision = value
+    try:
+        with no_tf32():
+            assert (backends.cudnn.conv if owner == "conv" else backends.cuda.matmul).fp32_precision == "ieee"
+        assert target.fp32_precision == value
+        _, mask = obs_prune(torch.randn(8, 16), torch.eye(16), 0.5)
+        assert int(mask.sum()) == 64
+    finally:
+        for knob, value in zip(knobs, before):
+            knob.fp32_precision = value

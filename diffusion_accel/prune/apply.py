@@ -14,8 +14,7 @@ from .. import prompts as prompt_sets
 from ..arch import find_denoiser, get_adapter
 from ..arch.registry import check_plain_weights
 from ..artifact import applied_techniques, base_fingerprint, mark_applied, marks_restored_on_error
-from ..calib import (Calibration, HessianCollector, calibrate, call_mode, class_count,
-                     denoiser_steps, resolve_weights)
+from ..calib import Calibration, HessianCollector, calibrate, call_mode, class_count
 from ..calib.hessian import UnobservedLayerError
 from ..hooks import refuse_while_cached
 from ..progress import showing_progress
@@ -73,7 +72,7 @@ def _prune_a_copy(pipe: Any, component: str, original: nn.Module, config: PruneC
         with showing_progress(progress):
             report = prune_denoiser_(working, config, sweep)
         if sweep is not None:
-            report.step_weights = used_step_weights(pipe, config, calib)
+            report.step_weights = sweep.step_weights()
             ensure_record(working).calibrations[-1] = sweep.first_calibration()
         if report.unobserved_inputs:
             warnings.warn(f"prune_: {report.unobserved_inputs_text()}", stacklevel=user_stacklevel())
@@ -205,15 +204,14 @@ class _CalibrationSweep:
         self.first = self.first or calibration
         return collector
 
+    def step_weights(self) -> list[float]:
+        """The per-step Hessian weights the passes used, one per denoiser step they ran (custom ``timesteps`` /
+        ``sigmas`` in ``calib_kwargs`` included: recomputed from ``calib_num_steps``, the report listed others)."""
+        return [] if self.first is None else self.first.step_weights.tolist()
+
     def first_calibration(self) -> dict[str, Any] | None:
         """``Calibration.provenance()`` of the first pass, or None before any."""
         return None if self.first is None else self.first.provenance()
-
-
-def used_step_weights(pipe: Any, config: PruneConfig, calib: Calibration | None) -> list[float]:
-    """The per-step Hessian weights the sweeps used (one per denoiser step of a pipeline call)."""
-    num_steps = calib.num_steps if calib is not None else denoiser_steps(pipe, config.calib_num_steps)
-    return resolve_weights(num_steps, config.weighting, config.weight_range).tolist()
 
 
 def prune_denoiser_(denoiser: nn.Module, config: PruneConfig, sweep: Sweep | None = None) -> PruneReport:

@@ -19,13 +19,32 @@ MAX_DAMP_RETRIES = 4
 
 @contextmanager
 def no_tf32() -> Iterator[None]:
-    """Disable TF32 matmuls (CUDA) inside the block; restores the previous settings."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    """Disable TF32 matmuls and convolutions (CUDA) inside the block; restores the previous settings."""
+    switches = _tf32_switches()
+    saved = [getattr(owner, name) for owner, name, _ in switches]
+    for owner, name, off in switches:
+        setattr(owner, name, off)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for (owner, name, _), value in zip(switches, saved):
+            setattr(owner, name, value)
+
+
+def _tf32_switches() -> list[tuple[object, str, object]]:
+    """(owner, attribute, value turning TF32 off) for cuBLAS matmuls and cuDNN convolutions, in the API the user set
+    them with: torch >= 2.9 raises on reading the legacy ``allow_tf32`` flags once its ``fp32_precision`` ones were
+    set (``torch.backends.cuda.matmul.fp32_precision = "tf32"`` made every OBS prune fail), and reading the new
+    ones after legacy writes would break the user's legacy reads in turn."""
+    backends = torch.backends
+    switches = []
+    for legacy_owner, new_owner in ((backends.cuda.matmul, backends.cuda.matmul), (backends.cudnn, backends.cudnn.conv)):
+        try:
+            getattr(legacy_owner, "allow_tf32")
+            switches.append((legacy_owner, "allow_tf32", False))
+        except RuntimeError:
+            switches.append((new_owner, "fp32_precision", "ieee"))
+    return switches
 
 
 def damped_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
