@@ -337,8 +337,8 @@ def _check_calibration_flags_read(args: argparse.Namespace, methods: list[str], 
     in calibration.json and the manifest as if they had shaped the artifact."""
     calibrating = [method for method in methods if method in ("stats", "ptq")
                    or (method in configs and getattr(configs[method], "needs_calibration", True))]
-    searching = "cache" in methods and (cache_table.get("method") in ("calibrated", "router") or (
-        cache_table.get("method") == "teacache" and cache_table.get("coefficients") is None))
+    searching = "cache" in methods and cache_table.get("method") in ("calibrated", "router")  # a TeaCache fit: one
+    # prompt per call (its samples are per call and step), --batch-size was recorded and ignored until session 45
     idle = [flag for flag in ("selection", "weighting") if getattr(args, flag, None) is not None and not calibrating]
     if getattr(args, "batch_size", None) is not None and not calibrating and not searching:
         idle.append("batch_size")
@@ -346,8 +346,8 @@ def _check_calibration_flags_read(args: argparse.Namespace, methods: list[str], 
         names = ", ".join(f"--{flag.replace('_', '-')}" for flag in idle)
         raise ValueError(f"{names} not used by --method {','.join(methods)}: nothing in it calibrates (magnitude "
                          f"pruning by layer or saliency and the deepcache / block / first_block / delta / "
-                         f"encoder_propagation caches read no inputs; a calibrated, router or fitted TeaCache cache "
-                         f"reads --batch-size); drop them")
+                         f"encoder_propagation caches read no inputs; a calibrated or router cache reads "
+                         f"--batch-size, a fitted TeaCache runs one prompt per call); drop them")
 
 
 def _check_calibration_settings(settings: dict[str, Any], seed: int) -> None:

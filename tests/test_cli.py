@@ -712,6 +712,8 @@ def test_bench_batch_size_above_num_prompts_cycles_prompts(tmp_path):
      "--selection, --weighting, --batch-size not used by --method magnitude: nothing in it calibrates"),
     (["calibrate", "--method", "cache", "--cache-method", "deepcache", "--batch-size", "4"],
      "--batch-size not used by --method cache: nothing in it calibrates"),
+    (["calibrate", "--method", "cache", "--cache-method", "teacache", "--batch-size", "4"],  # recorded, unused
+     "--batch-size not used by --method cache: nothing in it calibrates"),  # until session 45
     (["calibrate", "--selection", "0,,3"], "expected comma-separated step indices"),
     (["calibrate", "--weighting", "nope"], "nope"),
     (["calibrate", "--prompts", "/no/such/prompts.txt"], "prompts.txt"),
