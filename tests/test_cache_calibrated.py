@@ -245,7 +245,8 @@ def test_a_calibrated_schedule_holds_under_a_pipeline_with_its_own_scheduler():
 
 def test_a_schedule_for_a_pipeline_that_starts_mid_schedule_spends_its_budget_on_steps_that_run():
     """img2img at strength 0.5 of 10 steps runs steps 5..9; the search placed its full steps over all ten
-    ((0, 6, 7, 8, 9)): every step that ran was computed, nothing was cached."""
+    ((0, 6, 7, 8, 9)): every step that ran was computed, nothing was cached. At other step counts the schedule was
+    resampled over the whole trajectory, its full steps mostly on steps the call skips."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
     from diffusion_accel.cache import summary
@@ -256,10 +257,25 @@ def test_a_schedule_for_a_pipeline_that_starts_mid_schedule_spends_its_budget_on
     kwargs = {"image": image, "strength": 0.5, "height": 32, "width": 32}
     schedule = calibrate_schedule(img2img, ["a red bicycle"], budget=0.5, num_inference_steps=10, max_passes=1,
                                   **kwargs)
+    assert schedule.first_step == 5 and CalibratedCacheConfig.from_dict(schedule.to_dict()) == schedule
     enable_cache(img2img, schedule)
-    img2img("a red bicycle", num_inference_steps=10, generator=torch.Generator().manual_seed(0), **kwargs)
-    computed = [record["computed"] for record in summary(img2img)["steps"]]
-    assert len(computed) == 5 and computed.count(True) == 2
+    for steps, runs, full in ((10, 5, 2), (20, 10, 4), (40, 20, 8)):  # other step counts: the share of steps that
+        img2img("a red bicycle", num_inference_steps=steps, generator=torch.Generator().manual_seed(0), **kwargs)
+        computed = [record["computed"] for record in summary(img2img)["steps"]]  # run (1 of 20 at 40 steps until
+        assert len(computed) == runs and computed.count(True) == full  # session 45: resampled over all 40)
+
+
+def test_a_mid_schedule_calibration_resamples_its_partial_steps_over_the_steps_that_run_too():
+    from diffusion_accel.cache.apply import running_plan
+
+    config = CalibratedCacheConfig(full_steps=(0, 5, 7), num_inference_steps=10, partial_steps=((8, 1),), first_step=5)
+    assert running_plan(config, 10, 5) == (frozenset({5, 7}), {8: 1})
+    full, partial = running_plan(config, 20, 10)
+    assert min(full) == 10 and len(full) == 4 and len(partial) == 2 and min(partial) > 10
+    with pytest.raises(ValueError, match="calibrated for 10 denoiser steps"):
+        running_plan(config.with_(resample=False), 20, 10)
+    with pytest.raises(ValueError, match="first_step must be below num_inference_steps=10"):
+        config.with_(first_step=10)
 
 
 def test_a_schedule_under_other_timesteps_of_the_same_length_follows_the_noise_levels_or_is_refused():

@@ -8,13 +8,15 @@ attached, so a bad config leaves the pipeline unchanged.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from typing import Any, Callable
 
 from diffusers.hooks import HookRegistry
 
 from ..arch import find_denoiser, get_adapter
 from ..artifact import base_fingerprint, mark_applied, marks_restored_on_error, unmark_applied
-from ..hooks import CACHE_CLIENT, check_no_cpu_offload, detach_tracker_if_unused, diffusers_cache_problem, get_tracker
+from ..hooks import (CACHE_CLIENT, PER_CALL, check_no_cpu_offload, detach_tracker_if_unused, diffusers_cache_problem,
+                     get_tracker)
 from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, DeltaCacheConfig,
                       EncoderPropagationConfig, FirstBlockCacheConfig, RouterCacheConfig, TeaCacheConfig,
                       config_to_dict)
@@ -127,12 +129,39 @@ def calibrated_steps(config: CalibratedCacheConfig, num_steps: int) -> list[int]
     """The calibrated full steps for a ``num_steps`` trajectory (resampled, or ValueError)."""
     if num_steps == config.num_inference_steps:
         return list(config.full_steps)
+    _check_resampling(config, num_steps)
+    return resample_full_steps(config.full_steps, config.num_inference_steps, num_steps)
+
+
+def _check_resampling(config: CalibratedCacheConfig, num_steps: int) -> None:
+    """ValueError unless ``config`` may be resampled to a call of ``num_steps`` (another step count)."""
     if not config.resample:
         raise ValueError(f"this cache schedule was calibrated for {config.num_inference_steps} denoiser steps per "
                          f"call; this call runs {num_steps} (another num_inference_steps, or a scheduler that "
                          f"calls the denoiser 2N - 1 times for N steps, as Heun / KDPM2 do, where the calibration's "
                          f"did not): recalibrate with this scheduler and step count, or set resample=True")
-    return resample_full_steps(config.full_steps, config.num_inference_steps, num_steps)
+
+
+def running_view(config: CalibratedCacheConfig) -> CalibratedCacheConfig:
+    """``config`` counted from the first step its calibration's calls ran (``first_step``): a schedule of the steps
+    that run (its step 0 the first of them)."""
+    start = config.first_step
+    return replace(config, full_steps=(0, *(step - start for step in config.full_steps if step > start)),
+                   num_inference_steps=config.num_inference_steps - start, timesteps=None, first_step=0,
+                   partial_steps=tuple((step - start, level) for step, level in config.partial_steps if step > start))
+
+
+def running_plan(config: CalibratedCacheConfig, num_steps: int,
+                 first_step: int) -> tuple[frozenset[int], dict[int, int]]:
+    """(full steps, {partial step: level}) of a call of ``num_steps`` that runs from ``first_step``, for a schedule
+    calibrated on calls starting mid-schedule (``config.first_step`` > 0: img2img) and another step count: resampled
+    over the steps that run. Over the whole trajectory most full steps fell on steps the call skips (tiny SD img2img
+    at strength 0.3, searched for 40% of 10 steps: 2 of the 15 steps a 50-step call runs computed, until session 45)."""
+    _check_resampling(config, num_steps)
+    view, running = running_view(config), num_steps - first_step
+    full = calibrated_steps(view, running)
+    partial = partial_steps_for_call(view, full, running)
+    return frozenset(first_step + step for step in full), {first_step + step: level for step, level in partial.items()}
 
 
 class CalibratedPolicy(SchedulePolicy):
@@ -148,6 +177,7 @@ class CalibratedPolicy(SchedulePolicy):
         self.tracker: Any = None
         self._last: tuple[Any, frozenset[int]] | None = None  # (the call's timesteps tensor, its full steps)
         self._partial: tuple[Any, dict[int, int]] | None = None  # ((steps, timesteps tensor), {step: level})
+        self._running: dict[tuple[int, int], tuple[frozenset[int], dict[int, int]]] = {}  # (steps, first): plan
 
     def bind(self, tracker: Any) -> None:
         """The session's step tracker, which knows the timesteps of the call in progress."""
@@ -163,22 +193,38 @@ class CalibratedPolicy(SchedulePolicy):
     def should_compute(self, step: int, num_steps: int | None, state: dict, signal: Any = None) -> bool:
         timesteps = self._timesteps_to_map(num_steps)
         if timesteps is None:
-            return super().should_compute(step, num_steps, state, signal)
+            running = self._running_plan(step, num_steps, state)
+            return super().should_compute(step, num_steps, state, signal) if running is None else step in running[0]
         last = self._last
         if last is None or last[0] is not timesteps:
             last = self._last = (timesteps, frozenset(steps_at_noise_levels(self.config, timesteps.tolist())))
         return step in last[1]
 
-    def partial_level(self, step: int, num_steps: int | None) -> int | None:
-        """The level of ``step`` when it is a partial step of this call's schedule, else None."""
+    def partial_level(self, step: int, num_steps: int | None, state: dict | None = None) -> int | None:
+        """The level of ``step`` when it is a partial step of this call's schedule, else None (``state``: the
+        context's, which knows where the call started)."""
         if not self.config.partial_steps:
             return None
+        running = None if state is None else self._running_plan(step, num_steps, state)
+        if running is not None:
+            return running[1].get(step)
         steps = self.config.num_inference_steps if num_steps is None else num_steps
         timesteps = self._timesteps_to_map(steps)
         cached = self._partial  # read once: another thread's call may replace it meanwhile
         if cached is None or cached[0][0] != steps or cached[0][1] is not timesteps:
             cached = self._partial = ((steps, timesteps), self._partial_plan(steps, timesteps))
         return cached[1].get(step)
+
+    def _running_plan(self, step: int, num_steps: int | None,
+                      state: dict) -> tuple[frozenset[int], dict[int, int]] | None:
+        """``running_plan`` for this call when the schedule was calibrated from mid-schedule and the call runs
+        another step count (its first step kept per context and call), else None."""
+        if self.config.first_step == 0 or num_steps is None or num_steps == self.config.num_inference_steps:
+            return None
+        first = state.setdefault(PER_CALL, {}).setdefault("first_step", step)
+        if (num_steps, first) not in self._running:
+            self._running[(num_steps, first)] = running_plan(self.config, num_steps, first)
+        return self._running[(num_steps, first)]
 
     def _partial_plan(self, num_steps: int, timesteps: Any) -> dict[int, int]:
         if timesteps is None:

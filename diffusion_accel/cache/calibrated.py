@@ -100,6 +100,7 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
                                   forecast=forecast, forecast_target=forecast_target)
     calls = planned_calls(pipe, prompts, num_inference_steps, seed=seed, batch_size=batch_size, **call_kwargs)
     ran = steps_that_run(pipe, _with_steps(probe, set(range(num_steps))), calls)  # also checks branch / target
+    probe = replace(probe, first_step=ran[0])  # img2img: other step counts resample the steps that run
     with recorded_timesteps(pipe) as timesteps:
         references = final_outputs(pipe, calls)
     if len(timesteps) == num_steps:  # the schedule follows noise levels under other schedules of this length

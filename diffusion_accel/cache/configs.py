@@ -310,6 +310,9 @@ class CalibratedCacheConfig(_ConfigMethods):
     Karras sigmas, another spacing) gets the full steps at the nearest noise levels, or a ValueError when
     ``resample`` is False: its positions alone were reused silently (fashion-flux, default -> Karras
     sigmas: 27.05 dB, mapped 34.60 = recalibrated; ``benchmarks/cache_schedule_transfer.py``).
+    ``first_step``: the first step the calibration's calls ran (an img2img call of strength s starts at
+    N - int(N s); 0 for text-to-image): a call of another step count gets the schedule resampled over the steps it
+    runs, from its own first, not over the whole trajectory (where most full steps fell on steps it skips).
     """
 
     full_steps: tuple[int, ...]
@@ -321,6 +324,7 @@ class CalibratedCacheConfig(_ConfigMethods):
     forecast_target: str = "residual"
     timesteps: tuple[float, ...] | None = None
     partial_steps: tuple[tuple[int, int], ...] = ()
+    first_step: int = 0
 
     def __post_init__(self) -> None:
         plain_scalars(self)
@@ -328,6 +332,10 @@ class CalibratedCacheConfig(_ConfigMethods):
         _check_forecast_target(self.forecast_target)
         check_int("num_inference_steps", self.num_inference_steps, 1)
         check_int("branch", self.branch, 0)
+        check_int("first_step", self.first_step, 0)
+        if self.first_step >= self.num_inference_steps:
+            raise ValueError(f"first_step must be below num_inference_steps={self.num_inference_steps}, "
+                             f"got {self.first_step}")
         _check_float("budget", self.budget, 0.0, inclusive=False)
         if self.budget > 1.0:
             raise ValueError(f"budget is a fraction of full denoiser calls in (0, 1], got {self.budget!r}")

@@ -185,7 +185,7 @@ class CacheSession:
         """The policy's partial level for this reuse step, if the last full step recorded what it reuses
         (``state["partial_levels"]``); else None, a whole reuse."""
         level_of = getattr(self.policy, "partial_level", None)
-        level = None if level_of is None else level_of(step, num_steps)
+        level = None if level_of is None else level_of(step, num_steps, state)
         recorded = level in state.get("partial_levels", ()) or step in self.replayed_steps
         return level if level is not None and recorded else None
 
