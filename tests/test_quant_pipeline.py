@@ -291,6 +291,7 @@ def _state(pipe):
     lambda pipe: quantize_(pipe, PTQConfig(include=("no_such_layer*",), **FAST)),
     lambda pipe: quantize_(pipe, PTQConfig(exclude=("*to_qq",), **FAST)),  # quantized every layer
     lambda pipe: quantize_(pipe, PTQConfig(include=("*attn*", "*to_kk"), **FAST)),  # the typo went unnoticed
+    lambda pipe: quantize_(pipe, PTQConfig(include=("conv_in", "*to_q"), **FAST)),  # conv_in stayed float, unsaid
     lambda pipe: quantize_(pipe, PTQConfig(**FAST), calib="not a calibration"),
     lambda pipe: quantize_(pipe, "w8a8"),
 ])
@@ -302,6 +303,16 @@ def test_bad_inputs_raise_and_leave_the_pipeline_unchanged(bad):
     after = _state(pipe)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert classes == [type(m) for m in pipe.unet.modules()] and applied_techniques(pipe) == []
+
+
+def test_an_include_pattern_naming_only_high_precision_layers_says_why_it_quantizes_nothing():
+    """Until session 45 it was accepted and ignored (with "*to_q" beside it), or "no layer is selected"."""
+    pipe = build_tiny("sd")
+    with pytest.raises(ValueError, match=r"include pattern 'conv_in' matches only \['conv_in'\], which "
+                                         r"keep_high_precision=True keeps .* set keep_high_precision=False"):
+        quantize_(pipe, PTQConfig(include=("conv_in", "*to_q"), **FAST))
+    quantize_(pipe, PTQConfig(include=("conv_in", "*to_q"), keep_high_precision=False, **FAST))
+    assert type(pipe.unet.conv_in) is not torch.nn.Conv2d
 
 
 def test_empty_calibration_raises_and_failure_midway_rolls_back():

@@ -10,7 +10,7 @@ should widen the range to include 0 itself.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -43,9 +43,13 @@ def percentile_range(sample: torch.Tensor, percentile: float) -> tuple[float, fl
     return lo, hi
 
 
+QuantError = Callable[[torch.Tensor, float, float], float]  # (sample, lo, hi) -> its quantization MSE
+
+
 def mse_range(sample: torch.Tensor, lo: float, hi: float, bits: int,
-              num_candidates: int = 100) -> tuple[float, float]:
-    """Clipping range inside [lo, hi] minimizing quantization MSE of ``sample`` at ``bits``.
+              num_candidates: int = 100, quant_error: QuantError | None = None) -> tuple[float, float]:
+    """Clipping range inside [lo, hi] minimizing quantization MSE of ``sample`` at ``bits`` (asymmetric integer),
+    or by ``quant_error`` (the grid the range is for: symmetric, fp8).
 
     Candidates shrink [lo, hi] towards an anchor (0 when the range spans it, else the end nearer
     to 0) by factors from 1 down to 0.01, as Q-Diffusion's search does.
@@ -54,7 +58,7 @@ def mse_range(sample: torch.Tensor, lo: float, hi: float, bits: int,
     best, best_error = (lo, hi), math.inf
     for fraction in torch.linspace(1.0, 0.01, num_candidates).tolist():
         candidate = (anchor + (lo - anchor) * fraction, anchor + (hi - anchor) * fraction)
-        error = quantization_mse(sample, *candidate, bits)
+        error = quantization_mse(sample, *candidate, bits) if quant_error is None else quant_error(sample, *candidate)
         if error < best_error:
             best, best_error = candidate, error
     return best
@@ -81,14 +85,15 @@ class RangeObserver(Collector):
     def __init__(self, module_names: str | Iterable[str], method: str = "minmax",
                  percentile: float = 99.99, per_step: bool = False, bits: int = 8,
                  wants: str = "input", sample_size: int = 65536, per_step_sample_size: int = 4096,
-                 tensor_index: int = 0, seed: int = 0) -> None:
+                 tensor_index: int = 0, seed: int = 0, quant_error: QuantError | None = None) -> None:
+        """``quant_error``: how method "mse" scores a range (default: asymmetric ``bits``-bit integer MSE)."""
         super().__init__(module_names, tensor_index)
         _check_range_options(method, percentile, bits, wants)
         for label, size in (("sample_size", sample_size), ("per_step_sample_size", per_step_sample_size)):
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ValueError(f"{label} must be an int >= 1, got {size!r}")
         self.method, self.percentile, self.bits, self.wants = method, float(percentile), bits, wants
-        self.per_step, self.seed = per_step, seed
+        self.per_step, self.seed, self.quant_error = per_step, seed, quant_error
         self.sample_size, self.per_step_sample_size = sample_size, per_step_sample_size
         self._totals: dict[str, _Extremes] = {}
         self._per_step: dict[str, dict[int, _Extremes]] = {name: {} for name in self.module_names}
@@ -149,7 +154,7 @@ class RangeObserver(Collector):
             p_lo, p_hi = percentile_range(stats.reservoir.values, self.percentile)
             return max(lo, p_lo), min(hi, p_hi)
         if self.method == "mse":
-            return mse_range(stats.reservoir.values, lo, hi, self.bits)
+            return mse_range(stats.reservoir.values, lo, hi, self.bits, quant_error=self.quant_error)
         return lo, hi
 
     def describe(self) -> str:
