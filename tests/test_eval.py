@@ -601,6 +601,18 @@ def test_model_size_counts_parameters_and_serialized_bytes():
     assert model_size(meta_layer).serialized_bytes is None
 
 
+def test_model_size_counts_torchaos_quantized_weights_by_their_storage():
+    """A torchao int8 weight-only layer reported its float32 size and no serialized size (safetensors cannot write
+    its tensor subclass) until session 45."""
+    torchao_quantization = pytest.importorskip("torchao.quantization")
+    layer = nn.Linear(64, 32)
+    torchao_quantization.quantize_(layer, torchao_quantization.Int8WeightOnlyConfig())
+    size = model_size(layer)
+    assert size.parameters == 64 * 32 + 32
+    assert 64 * 32 + 32 * 4 < size.state_bytes < 64 * 32 * 2  # int8 codes, the bias, per-row scales (fp32: 8,320)
+    assert size.serialized_bytes is not None and size.serialized_bytes > size.state_bytes
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own jit imports
 def test_is_compiled_recognises_torch_compile_wrappers():
     layer = nn.Linear(2, 2)
@@ -698,6 +710,11 @@ def test_a_saved_report_loads_back_and_a_grid_less_save_removes_the_old_grid(tmp
     for source in (tmp_path, tmp_path / "report.json", str(tmp_path)):
         loaded = EvalReport.load(source)
         assert loaded.rows == report.rows and loaded.to_markdown() == report.to_markdown()
+    with pytest.MonkeyPatch.context() as patch:  # "~/x" was a folder named "~" in the working directory (s45)
+        patch.setenv("HOME", str(tmp_path / "home"))
+        patch.chdir(tmp_path)
+        assert report.save("~/saved")["json"] == tmp_path / "home" / "saved" / "report.json"
+        assert EvalReport.load("~/saved").rows == report.rows and not (tmp_path / "~").exists()
         assert (loaded.machine, loaded.settings, loaded.notes, loaded.details) == (
             report.machine, report.settings, report.notes, report.details)
         assert np.array_equal(np.asarray(loaded.grid), np.asarray(grid))
@@ -730,12 +747,13 @@ def test_speed_metrics_leave_the_global_rng_as_generation_does():
              call_kwargs={"height": 16, "width": 16}, progress=False, repeats=1, warmup=0)
     assert torch.equal(torch.rand(1), expected)
 
-def test_evaluate_two_tiny_sd_pipelines_reports_every_metric(tmp_path, tiny_clip_folder):
+def test_evaluate_two_tiny_sd_pipelines_reports_every_metric(tmp_path, tiny_clip_folder, monkeypatch):
     pipelines = {"base": build_tiny("sd", seed=0), "same": build_tiny("sd", seed=0),
                  "other": build_tiny("sd", seed=1)}
+    monkeypatch.setenv("HOME", str(tmp_path))  # output_dir "~/..." made a folder named "~" until session 45
     report = evaluate(pipelines, PROMPTS, num_inference_steps=2, fid_reference=smooth_images(8),
                       fid_extractor=CountingFeatures(), clip_model=tiny_clip_folder, call_kwargs=SD_CALL,
-                      batch_size=2, output_dir=tmp_path, progress=False, repeats=2)
+                      batch_size=2, output_dir="~/", progress=False, repeats=2)
     expected = {"fid", "clip_score", "psnr_db", "ssim", "latency_ms", "latency_p10_ms", "latency_p90_ms",
                 "speedup", "denoiser_ms", "peak_memory_mib", "call_memory_mib", "params", "serialized_mib",
                 "gflops_per_denoiser_call", "device", "dtype", "compiled"}
@@ -835,6 +853,9 @@ def test_bad_counts_fail_before_generation(arguments, message, monkeypatch):
     (("fid",), {"fid_reference": "/no/such/reference"}, "FID reference '/no/such/reference' is neither a statistics"),
     (("fid",), {"fid_reference": "EMPTY"}, "no images in"),
     (("fid",), {"fid_reference": "NOT_STATS"}, "is not a FID statistics file of diffusion-accel"),
+    (("fid",), {"fid_reference": "ONE_IMAGE"}, "need at least 2 images; the reference folder .* holds 1"),  # these
+    (("fid",), {"fid_reference": torch.zeros(1, 3, 8, 8)}, "the reference tensor holds 1"),  # three failed after
+    (("fid",), {"fid_reference": [{"label": 1}]}, r"has no image column; accepted: image, img"),  # generation (s45)
     (("clip",), {"clip_model": "/no/such/clip"}, "CLIP model '/no/such/clip' is neither a local folder nor a hub id"),
     (("clip",), {"clip_model": "./clip"}, "CLIP model './clip' is neither"),
 ])
@@ -844,8 +865,12 @@ def test_a_missing_fid_reference_or_clip_model_fails_before_generation(metrics, 
     'Repo id must use alphanumeric chars')."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "not-stats.safetensors").write_bytes(b"{}")
+    (tmp_path / "one").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "a.png")
     value = next(iter(arguments.values()))
-    value = {"EMPTY": str(tmp_path / "empty"), "NOT_STATS": str(tmp_path / "not-stats.safetensors")}.get(value, value)
+    if isinstance(value, str):
+        value = {"EMPTY": str(tmp_path / "empty"), "NOT_STATS": str(tmp_path / "not-stats.safetensors"),
+                 "ONE_IMAGE": str(tmp_path / "one")}.get(value, value)
     module = importlib.import_module("diffusion_accel.eval.evaluate")  # the package exports the function
     monkeypatch.setattr(module, "_generate_all", lambda *a: pytest.fail("generated"))
     with pytest.raises(ValueError, match=message):
@@ -1105,7 +1130,8 @@ def test_report_numbers_never_print_as_the_marks_of_identical_images_and_large_o
 
     assert _cell(0.99997) == "0.99997" and _cell(1.0) == "1" and _cell(0.5) == "0.5"
     assert _cell(1e-9) == "1e-09" and _cell(12345.6) == "12,346" and _cell(99999.5) == "100,000"
-    assert _cell(0.12345) == "0.1235"
+    assert _cell(0.12345) == "0.1235" and _cell(9999.7) == "10,000" and _cell(-9999.5) == "-10,000"  # 1e+04 (s45)
+    assert _cell(9998.4) == "9998"
 
 
 @pytest.mark.parametrize("names, message", [
@@ -1142,3 +1168,12 @@ def test_long_grid_labels_keep_their_last_characters():
     draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
     first, second = (_truncate(draw, "x" * 200 + end, 120, None) for end in ("-v1", "-v2"))
     assert first != second and first.endswith("xxx-v1") and "..." in first
+
+
+def test_a_reference_dataset_of_dict_rows_gives_its_image_column():
+    """Iterating a Hugging Face ``datasets.Dataset`` gives dict rows: "unsupported image type dict" until session 45."""
+    from diffusion_accel.eval.images import iter_dataset_images
+
+    rows = [{"image": Image.new("RGB", (8, 8), (255, 0, 0)), "label": 3}, {"img": torch.zeros(3, 8, 8), "label": 1}]
+    images = list(iter_dataset_images(rows))
+    assert len(images) == 2 and images[0][0, 0, 0] == 255 and images[1].dtype == torch.uint8

@@ -178,22 +178,41 @@ def quantized_weight_count(module: torch.nn.Module) -> int:
 def state_bytes(module: torch.nn.Module) -> int:
     """Bytes of all parameters and buffers in the state dict (tied tensors counted once)."""
     unique = {id(tensor): tensor for tensor in module.state_dict(keep_vars=True).values()}
-    return int(sum(tensor.numel() * tensor.element_size() for tensor in unique.values()))
+    return int(sum(tensor_bytes(tensor) for tensor in unique.values()))
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Storage bytes of ``tensor``; a wrapper subclass (torchao's quantized weights) by the tensors it holds (its
+    float32 shape counted until session 45: an int8 weight-only UNet reported its fp32 size)."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        inner = [getattr(tensor, name) for name in names]
+        return sum(tensor_bytes(value) for value in inner if isinstance(value, torch.Tensor))
+    return tensor.numel() * tensor.element_size()
 
 
 def serialized_bytes(module: torch.nn.Module) -> int | None:
-    """Size of ``module`` written with ``safetensors.torch.save_model``; None on meta or if unsavable."""
+    """Size of ``module`` written with ``safetensors.torch.save_model``, or with ``torch.save`` when it holds tensor
+    subclasses safetensors cannot write (torchao's quantized weights); None on meta or if unsavable."""
     if any(tensor.device.type == "meta" for tensor in module.state_dict().values()):
         return None
     with tempfile.TemporaryDirectory(prefix="da_size_") as folder:
-        path = Path(folder) / "model.safetensors"
+        subclasses = _holds_tensor_subclasses(module)
+        path = Path(folder) / ("model.pt" if subclasses else "model.safetensors")
         try:
-            save_model(module, str(path))
+            if subclasses:
+                torch.save(module.state_dict(), path)
+            else:
+                save_model(module, str(path))
         except (TypeError, ValueError, RuntimeError, AttributeError) as error:
             warnings.warn(f"could not serialize {type(module).__name__} with safetensors ({error}); "
                           "serialized size not reported", stacklevel=2)
             return None
         return path.stat().st_size
+
+
+def _holds_tensor_subclasses(module: torch.nn.Module) -> bool:
+    return any(type(tensor) not in (torch.Tensor, torch.nn.Parameter) for tensor in module.state_dict().values())
 
 
 def model_size(module: torch.nn.Module, *, serialize: bool = True) -> SizeStats:

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..artifact import pipeline_source, techniques_on
-from ..paths import output_folder_problem
+from ..paths import empty_path, expand_home, output_folder_problem
 from ..pipeline_defaults import call_defaults, check_call_arguments
 from ..seeding import seeded_global_rng
 from .clip_score import DEFAULT_CLIP_MODEL, check_clip_reachable, clip_metric, clip_score
@@ -210,6 +210,8 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
                prompt_to_kwargs=prompt_to_kwargs, fid_reference=fid_reference, fid_cache_dir=fid_cache_dir,
                fid_extractor=fid_extractor, clip_model=clip_model or default_clip_model(pipelines), warmup=warmup,
                repeats=repeats, grid_cell_size=grid_cell_size, grid_columns=grid_columns)
+    if output_dir is not None and not empty_path(output_dir):
+        output_dir = expand_home(output_dir)  # "~/x" made a folder named "~"
     _check_inputs(run, pipelines, output_dir)
     shared = shared_denoiser_notes(pipelines)
     for note in shared:

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from ..paths import EMPTY_PATH_PROBLEM, empty_path, expand_home, output_folder_problem
 from ..stacklevel import user_stacklevel
-from .images import (as_nchw, checked_unit_range, hash_files, hash_tensor, image_files, iter_dataset_images, load_image,
-                     to_rgb, to_uint8)
+from .images import (as_nchw, checked_unit_range, dataset_image, hash_files, hash_tensor, image_files,
+                     iter_dataset_images, load_image, to_rgb, to_uint8)
 from .inception import TF_INCEPTION_ID, TFInceptionFeatures, find_tf_inception, tf1_bilinear_resize
 
 STATS_FORMAT = "diffusion_accel.fid_stats/1"
@@ -236,19 +236,41 @@ def _content_hash(source: Any) -> tuple[str, Any]:
 def check_reference(source: Any, extractor: nn.Module | None = None) -> None:
     """Cheap checks of ``fid_reference`` before any image is generated (``evaluate`` calls it): a
     statistics file must be ours and, like given ``FIDStats``, come from ``extractor``'s network
-    (None: the default one); a folder must hold images; anything else is the error ``reference_stats``
-    would raise only after generation."""
+    (None: the default one); a folder or tensor must hold at least 2 images, a re-iterable dataset's first item
+    must be an image; anything else is the error ``reference_stats`` would raise only after generation
+    (a one-image folder, a dataset of dict rows failed after every image was generated until session 45)."""
     if isinstance(source, FIDStats):
         _check_same_network(source, extractor)
+        return
+    if isinstance(source, (torch.Tensor, np.ndarray)):
+        _check_enough(len(to_uint8(source)) if source.ndim < 4 else source.shape[0], "the reference tensor")
+        return
     if not isinstance(source, (str, Path)):
+        _check_first_item(source)
         return
     path = expand_home(source)
     if path.is_file():
         _check_same_network(FIDStats.load(path), extractor)
     elif path.is_dir():
-        image_files(path)
+        _check_enough(len(image_files(path)), f"the reference folder {str(path)!r}")
     else:
         reference_stats(source)  # the error it raises for a path that is neither
+
+
+def _check_enough(count: int, what: str) -> None:
+    if count < 2:
+        raise ValueError(f"FID statistics need at least 2 images; {what} holds {count}")
+
+
+def _check_first_item(dataset: Any) -> None:
+    """The first item of a re-iterable dataset (a list, a ``datasets.Dataset``, a ``DataLoader``) must be an image;
+    a one-shot iterator is left whole."""
+    if not isinstance(dataset, Iterable) or iter(dataset) is dataset:
+        return
+    first = next(iter(dataset), None)
+    if first is None:
+        raise ValueError("the reference dataset yielded no images")
+    to_uint8(dataset_image(first))
 
 
 def _check_same_network(reference: FIDStats, extractor: nn.Module | None) -> None:

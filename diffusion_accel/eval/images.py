@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -135,12 +135,28 @@ def load_image(path: str | Path) -> torch.Tensor:
         return to_uint8(image)[0]
 
 
+IMAGE_KEYS = ("image", "img", "pixel_values")  # the image column of a dict row (Hugging Face ``datasets``)
+
+
 def iter_dataset_images(dataset: Iterable[Any]) -> Iterator[torch.Tensor]:
-    """Yield uint8 (3, H, W) images from a dataset of images or (image, label, ...) tuples, or of batches of
-    them (a ``DataLoader``: each yields every image of its batch; until session 41 only the first)."""
+    """Yield uint8 (3, H, W) images from a dataset of images, (image, label, ...) tuples or dict rows with an
+    ``IMAGE_KEYS`` column (a Hugging Face ``datasets.Dataset``), or of batches of them (a ``DataLoader``: each yields
+    every image of its batch; until session 41 only the first)."""
     for item in dataset:
-        image = item[0] if isinstance(item, (tuple, list)) else item
-        yield from to_uint8(image)
+        yield from to_uint8(dataset_image(item))
+
+
+def dataset_image(item: Any) -> Any:
+    """The image (or batch) of one dataset item: a tuple's first element, a dict row's image column, else itself."""
+    if isinstance(item, (tuple, list)):
+        return item[0]
+    if isinstance(item, Mapping):
+        key = next((key for key in IMAGE_KEYS if key in item), None)
+        if key is None:
+            raise ValueError(f"a dataset row with keys {sorted(item)[:8]} has no image column; accepted: "
+                             f"{', '.join(IMAGE_KEYS)}")
+        return item[key]
+    return item
 
 
 def hash_tensor(tensor: torch.Tensor) -> str:

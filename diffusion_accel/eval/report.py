@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from ..artifact_files import StagedWrite
-from ..paths import output_folder_problem
+from ..paths import empty_path, expand_home, output_folder_problem
 
 MARKDOWN_COLUMNS = (
     ("variant", "variant"), ("images", "images"), ("fid", "FID"), ("fid_vs_baseline", "FID vs base"),
@@ -83,7 +83,7 @@ def _cell(value: Any) -> str:
 def _float_text(value: float) -> str:
     """4 significant digits; whole numbers from 10,000 up (not 1.235e+04), and more digits where 4 would show
     0, 1 or -1 for a value that is not (SSIM 0.99997 printed as 1, the mark of identical images)."""
-    if 1e4 <= abs(value) < 1e15:
+    if 1e4 <= abs(float(f"{value:.4g}")) and abs(value) < 1e15:  # 9,999.7 rounds to 4 digits as 1e+04
         return f"{value:,.0f}"
     text, digits = f"{value:.4g}", 4
     while float(text) in (0.0, 1.0, -1.0) and float(text) != value and digits < 12:
@@ -126,8 +126,9 @@ class EvalReport:
         """JSON text of :meth:`to_dict`; also written to ``path`` if given."""
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text + "\n", encoding="utf-8")
+            path = expand_home(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n", encoding="utf-8")
         return text
 
     def to_markdown(self) -> str:
@@ -148,10 +149,10 @@ class EvalReport:
 
         Staged and swapped in as an artifact is (``artifact_files.StagedWrite``, ``report.json`` last): a
         failure part-way left the new rows beside the old grid, which ``load`` read as one report."""
-        problem = output_folder_problem(directory)
+        folder = directory if empty_path(directory) else expand_home(directory)  # "~/x" made a folder named "~"
+        problem = output_folder_problem(folder)
         if problem is not None:
             raise ValueError(f"EvalReport.save: {problem}")
-        folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
         with StagedWrite(folder) as staged:
             staged.write("report.md", lambda path: path.write_text(self.to_markdown(), encoding="utf-8"))
@@ -166,7 +167,8 @@ class EvalReport:
     def load(cls, path: str | Path) -> EvalReport:
         """The report :meth:`save` wrote: ``path`` is its folder or its ``report.json``; the grid is read
         when ``grid.png`` is beside it (images are not saved, so ``images`` is empty)."""
-        json_path = Path(path) / "report.json" if Path(path).is_dir() else Path(path)
+        path = expand_home(path)
+        json_path = path / "report.json" if path.is_dir() else path
         if not json_path.is_file():
             raise FileNotFoundError(f"no report at {str(path)!r}: expected a folder holding report.json "
                                     f"(as EvalReport.save / evaluate(output_dir=...) write) or the JSON file itself")
