@@ -223,6 +223,7 @@ def _load_by_kind(spec: str, torch_dtype: torch.dtype | None, variant: str | Non
                 raise ValueError(f"variant={variant!r}: {spec!r} holds the zoo pipeline {zoo_name}, whose folder has "
                                  f"one set of weight files; load it without a variant")
             return zoo.load(zoo_name, torch_dtype or torch.float32, folder=spec)
+        _check_pipeline_class_known(Path(spec))
         return DiffusionPipeline.from_pretrained(spec, dtype=torch_dtype or torch.float32, **extra)
     if _looks_like_a_path(spec):
         raise FileNotFoundError(f"pipeline spec {spec!r}: no such folder (a local pipeline is a "
@@ -251,19 +252,43 @@ def _hub_problem() -> str:
 
 def _zoo_model_name(folder: Path) -> str | None:
     """The zoo pipeline a folder holds (the shipped one, a copy or a training export), read from the
-    ``train_info.json`` zoo training writes beside ``model_index.json``; None for other pipelines."""
-    import json
-
+    ``train_info.json`` zoo training writes beside ``model_index.json``, else from its pipeline class and denoiser
+    config (a zoo pipeline's own ``save_pretrained`` writes no train_info.json: its folder loaded without the zoo's
+    call settings, a 512-px fashion-flux, until session 45); None for other pipelines."""
     from . import zoo
 
-    info = folder / "train_info.json"
-    if not (info.is_file() and (folder / "model_index.json").is_file()):
+    index = _json_object(folder / "model_index.json")
+    if index is None:
         return None
+    info = _json_object(folder / "train_info.json")
+    if info is not None:
+        return info.get("name") if info.get("name") in zoo.CALL_DEFAULTS else None
+    denoiser = next((name for name in ("transformer", "unet") if name in index), None)
+    config = None if denoiser is None else _json_object(folder / denoiser / "config.json")
+    name = None if config is None else zoo.model_of_denoiser(config)
+    return name if name is not None and index.get("_class_name") == zoo.PIPELINE_CLASSES[name] else None
+
+
+def _check_pipeline_class_known(folder: Path) -> None:
+    """ValueError naming the pipeline class of ``folder``'s model_index.json when this diffusers has none of that
+    name (a folder saved by a newer diffusers: an AttributeError traceback until session 45)."""
+    import diffusers
+
+    name = (_json_object(folder / "model_index.json") or {}).get("_class_name")
+    if isinstance(name, str) and not hasattr(diffusers, name):
+        raise ValueError(f"pipeline folder {str(folder)!r} holds a {name}, which diffusers {diffusers.__version__} "
+                         f"does not have (saved by a newer diffusers, or a community pipeline): upgrade diffusers")
+
+
+def _json_object(file: Path) -> dict | None:
+    """The JSON object in ``file``, or None (no such file, not JSON, not an object)."""
+    import json
+
     try:
-        name = json.loads(info.read_text(encoding="utf-8")).get("name")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return name if name in zoo.CALL_DEFAULTS else None
+    return value if isinstance(value, dict) else None
 
 
 def _looks_like_a_path(spec: str) -> bool:

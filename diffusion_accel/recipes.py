@@ -43,7 +43,7 @@ RECIPE_TABLES = ("model", "calibration", "call", "quant", "prune", "cache")
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Parse a recipe TOML file; unknown tables, unknown [model] / [calibration] keys and values of the
     wrong type are errors naming them."""
-    recipe_path = Path(path)
+    recipe_path = expand_home(path)  # --recipe=~/r.toml: the shell expands no ~ after "="
     if not recipe_path.is_file():
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
     try:
@@ -54,8 +54,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     for key, value in recipe.get("calibration", {}).items():
         _check_calibration_value(path, key, value)
     for key, value in recipe.get("model", {}).items():
-        if not isinstance(value, str):
-            raise ValueError(f"{path}: [model] {key} = {value!r} must be a string (a pipeline spec such as "
+        if not isinstance(value, str) or not value.strip():  # id = "" calibrated the demo model (until s45)
+            raise ValueError(f"{path}: [model] {key} = {value!r} must be a non-empty string (a pipeline spec such as "
                              f"'zoo:fashion-sd' / a dtype such as 'bf16')")
     in_call = recipe.get("call", {}).get("guidance_scale")
     in_calibration = recipe.get("calibration", {}).get("guidance")
@@ -285,9 +285,13 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     variant = args.variant or (model.get("variant") if args.pipe is None else None)  # so are its weight files
     pipe = load_pipeline(spec, dtype=dtype, device=args.device, variant=variant)
     _check_chain_fits(pipe, methods)
-    if "cache" in methods and not cache_table.get("method"):
-        _check_default_cache_table(pipe, cache_table)
-    prompt_list = (given_prompts(settings) if settings["prompts"]
+    if "cache" in methods:  # a method-less table meets --cache-method naming the pipeline's default (until s45: lost)
+        cache_table = _cache_table(args, recipe, pipe)
+        if cache_table.get("method"):
+            _check_cache_table(cache_table)
+        else:
+            _check_default_cache_table(pipe, cache_table)
+    prompt_list = (given_prompts(settings) if settings["prompts"] is not None  # [] ran the defaults (until s45)
                    else prompt_sets.for_pipeline(pipe, limit=settings["num_prompts"]))
     if methods == ["stats"]:
         collectors = build_collectors(pipe, [k.strip() for k in (args.collect or DEFAULT_COLLECT).split(",")
@@ -364,7 +368,7 @@ def _check_calibration_settings(settings: dict[str, Any], seed: int) -> None:
     resolve_weights(settings["steps"], settings["weighting"])
     if seed < 0:
         raise ValueError(f"--seed must be an int >= 0, got {seed}")
-    if settings["prompts"]:
+    if settings["prompts"] is not None:
         given_prompts(settings)
 
 
@@ -415,11 +419,17 @@ def _check_chain_fits(pipe: Any, methods: list[str]) -> None:
                          "before them (the order is pruning, then ptq, then cache): start from the original model")
 
 
-def _cache_table(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
-    """The ``[cache]`` table with the cache flags over it (the recipe's keys only for its own method)."""
+def _cache_table(args: argparse.Namespace, recipe: dict[str, Any], pipe: Any = None) -> dict[str, Any]:
+    """The ``[cache]`` table with the cache flags over it (the recipe's keys only for its own method: a table naming
+    none is for ``pipe``'s default method, and kept when ``--cache-method`` names that one; before the pipeline is
+    loaded it is left out of the checks)."""
+    from .cache.recipe import default_cache_table
+
     table = dict(recipe.get("cache", {}))
     if args.cache_method is not None and args.cache_method != table.get("method"):
-        table = {}  # the recipe's keys belong to its own method
+        default = None if table.get("method") or pipe is None else default_cache_table(pipe)["method"]
+        if args.cache_method != default:
+            table = {}  # the recipe's keys belong to its own method
     flags = (("method", args.cache_method), ("budget", args.budget), ("interval", args.interval),
              ("forecast", args.forecast), ("forecast_target", args.forecast_target),
              ("search_blocks", args.search_blocks))
@@ -484,6 +494,8 @@ def technique_configs(methods: list[str], args: argparse.Namespace, recipe: dict
     from .quant import PTQConfig
 
     configs: dict[str, Any] = {}
+    for table in ("quant", "prune"):
+        _refuse_calibration_options(table, recipe.get(table, {}))
     for method in methods:
         if method == "ptq":
             options = dict(recipe.get("quant", {}))
@@ -496,6 +508,22 @@ def technique_configs(methods: list[str], args: argparse.Namespace, recipe: dict
                      ("scope", getattr(args, "scope", None)), ("allocation", getattr(args, "allocation", None)))
             configs[method] = _built("prune", PruneConfig, **options | {k: v for k, v in flags if v is not None})
     return configs
+
+
+# where the command takes what a config's own calibration options set (the chain calibrates once, for all)
+CALIBRATION_OPTIONS = {"calib_prompts": "[calibration] num_prompts / prompts", "calib_num_steps": "[calibration] steps",
+                       "calib_steps": "[calibration] selection", "calib_guidance_scale": "[calibration] guidance",
+                       "calib_kwargs": "[call]"}
+
+
+def _refuse_calibration_options(table: str, options: dict[str, Any]) -> None:
+    """A ``[quant]`` / ``[prune]`` ``calib_*`` key: the command's one calibration ignored it while the manifest
+    recorded it as used (until session 45)."""
+    given = sorted(key for key in options if key.startswith("calib_"))
+    if given:
+        instead = "; ".join(f"{key}: {CALIBRATION_OPTIONS.get(key, '[calibration]')}" for key in given)
+        raise ValueError(f"[{table}] {given}: the command calibrates once for every technique of its chain, from "
+                         f"the [calibration] and [call] tables and their flags; use {instead}")
 
 
 def _calibration_weighting(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -535,7 +563,7 @@ def _apply_cache(pipe: Any, args: argparse.Namespace, recipe: dict[str, Any], pr
     from .cache.configs import config_to_dict
     from .cache.recipe import config_from_table, default_cache_table
 
-    table = _cache_table(args, recipe)
+    table = _cache_table(args, recipe, pipe)
     remove_cache(pipe)  # an artifact's cache is replaced; calibrating a schedule needs the uncached model
     if not table.get("method"):
         table = default_cache_table(pipe) | table

@@ -104,7 +104,7 @@ def test_an_out_path_of_a_user_without_a_home_is_a_usage_error(command, capsys):
     ("x = " + "[" * 20_000 + "]" * 20_000 + "\n", "recipe.toml' is not valid TOML: RecursionError"),
     ('[calibration]\nguidance = nan\n', "[calibration] guidance = nan must be a finite number"),
     ('[calibration]\nsteps = 4611686018427387904\n', "num_inference_steps must be an int in [1, 100000]"),
-    ('[model]\nid = 5\n', "[model] id = 5 must be a string"),
+    ('[model]\nid = 5\n', "[model] id = 5 must be a non-empty string"),
     ('[model]\nid = "tiny:sd"\n[prune]\nsparsity = "0.5"\n', "recipe [prune] / flags: sparsity must be a float"),
     # these three were ignored: the run went on with the defaults
     ('[model]\nid = "tiny:sd"\n[quantization]\npreset = "w4a8"\n',
@@ -114,6 +114,12 @@ def test_an_out_path_of_a_user_without_a_home_is_a_usage_error(command, capsys):
     ('call = 4\n[model]\nid = "tiny:sd"\n', "call = 4 must be a table ([call] with key = value lines)"),
     ('[model]\nid = "tiny:sd"\n[calibration]\nguidance = 3.0\n[call]\nguidance_scale = 5.0\n',
      "[call] guidance_scale = 5.0 and [calibration] guidance = 3.0 disagree"),  # calibration ran at 3, silently
+    # until session 45: the default prompts / the demo model ran, calib_* keys were ignored and recorded as used
+    ('[model]\nid = "tiny:sd"\n[calibration]\nprompts = []\n', "[calibration] prompts is an empty list"),
+    ('[model]\nid = ""\n', "[model] id = '' must be a non-empty string"),
+    ('[model]\nid = "tiny:sd"\n[prune]\ncalib_num_steps = 9\n',
+     "[prune] ['calib_num_steps']: the command calibrates once for every technique of its chain"),
+    ('[model]\nid = "tiny:sd"\n[quant]\ncalib_prompts = 3\n', "use calib_prompts: [calibration] num_prompts"),
 ])
 def test_malformed_recipes_are_one_line_errors(text, message, capsys, tmp_path):
     (tmp_path / "recipe.toml").write_text(text)
@@ -356,6 +362,17 @@ def test_calibrate_cache_reads_the_recipe_table_and_flags_override_it(tmp_path, 
                  "--budget", "0.5", "--out", str(out)]) == 0, capsys.readouterr().err  # recipe keys dropped
 
 
+def test_a_method_less_cache_table_is_kept_when_the_flag_names_the_pipelines_default_method(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """Its keys are for the default method (DeepCache on a UNet): `--cache-method deepcache` dropped them silently
+    (interval 3, not the recipe's 5) until session 45. The recipe is found under ~ too (`--recipe=~/r.toml`)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    text = '[model]\nid = "tiny:sd"\n[calibration]\nsteps = 4\nnum_prompts = 1\n[cache]\ninterval = 5\n'
+    _, _, config = _calibrate_cache_recipe(tmp_path, text, capsys, "--cache-method", "deepcache")
+    assert config["type"] == "DeepCacheConfig" and config["params"]["interval"] == 5
+    assert main(["calibrate", "--recipe=~/r.toml", "--method", "cache", "--out", str(tmp_path / "again")]) == 0
+
+
 @pytest.mark.parametrize("family, expected", [
     ("sd", {"type": "DeepCacheConfig", "params": {"interval": 2, "branch": 0, "schedule": "uniform",
                                                   "center": 0.3, "power": 1.4, "forecast": 1}}),
@@ -573,7 +590,8 @@ def test_the_default_fid_cache_is_checked_only_when_fid_is_asked_for(capsys, mon
     from PIL import Image
 
     (tmp_path / "ref").mkdir()
-    Image.new("RGB", (8, 8)).save(tmp_path / "ref" / "0.png")
+    for index in range(2):
+        Image.new("RGB", (8, 8)).save(tmp_path / "ref" / f"{index}.png")
     assert main(["eval", "--pipe", "tiny:sd", "--metrics", "fid", "--fid-reference", str(tmp_path / "ref")]) == 2
     assert "FID cache_dir: '" in capsys.readouterr().err
 
@@ -894,3 +912,14 @@ def test_a_cache_overlaid_into_an_artifacts_folder_keeps_how_the_artifact_was_ma
                  "--out", str(out)]) == 0, capsys.readouterr().err
     notes = json.loads((out / "calibration.json").read_text())
     assert notes["methods"] == ["cache"] and notes["base_artifact"] == first
+
+
+def test_a_folder_of_a_pipeline_class_this_diffusers_lacks_is_a_one_line_error(tmp_path, capsys):
+    """A folder saved by a newer diffusers: an AttributeError traceback (exit 1) until session 45."""
+    from diffusion_accel.testing.tiny import build_tiny
+
+    build_tiny("sd").save_pretrained(tmp_path / "newer")
+    index = json.loads((tmp_path / "newer" / "model_index.json").read_text())
+    (tmp_path / "newer" / "model_index.json").write_text(json.dumps({**index, "_class_name": "FuturePipeline"}))
+    assert main(["calibrate", "--pipe", str(tmp_path / "newer"), "--out", str(tmp_path / "out")]) == 2
+    assert "holds a FuturePipeline, which diffusers" in capsys.readouterr().err

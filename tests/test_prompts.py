@@ -77,3 +77,27 @@ def test_a_numpy_integer_limit_is_taken():
 
     assert prompts.load("default", limit=np.int64(2)) == prompts.load("default", limit=2)
     assert prompts.for_pipeline(build_tiny("sd"), limit=np.int64(3)) == prompts.for_pipeline(build_tiny("sd"), limit=3)
+
+
+def test_a_prompt_file_under_home_is_found(tmp_path, monkeypatch):
+    """A recipe's `prompts = "~/p.txt"` (no shell expands it) was an "unknown prompt set" until session 45."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "p.txt").write_text("a cat\n")
+    assert prompts.load("~/p.txt") == ["a cat"]
+
+
+def test_the_zoo_caption_set_goes_to_zoo_denoisers_whatever_their_folder_is_called(tmp_path):
+    """It went by "fashion" in the pipeline's folder name until session 45: a zoo copy in `copy/` got the generic
+    set, a non-zoo pipeline in `my-fashion-finetune/` the zoo's captions."""
+    from diffusers import DiffusionPipeline
+
+    from diffusion_accel import zoo
+    from diffusion_accel.testing.tiny import build_tiny
+
+    fashion = prompts.load("fashion", limit=2)
+    zoo.load("fashion-sd").save_pretrained(tmp_path / "copy")
+    build_tiny("sd").save_pretrained(tmp_path / "my-fashion-finetune")
+    assert prompts.for_pipeline(DiffusionPipeline.from_pretrained(tmp_path / "copy"), limit=2) == fashion
+    other = DiffusionPipeline.from_pretrained(tmp_path / "my-fashion-finetune")
+    assert prompts.for_pipeline(other, limit=2) == prompts.load("default", limit=2)
+    assert prompts.for_pipeline(zoo.load("fashion-flux"), limit=2) == fashion

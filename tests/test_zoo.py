@@ -220,6 +220,7 @@ def test_a_zoo_folder_given_as_a_pipeline_spec_keeps_its_call_settings(tmp_path)
 
     from diffusion_accel.loading import load_pipeline
     from diffusion_accel.pipeline_defaults import call_defaults
+    from diffusion_accel.testing.tiny import build_tiny
 
     shutil.copytree(zoo.path("fashion-flux"), tmp_path / "copy")
     for folder in (zoo.path("fashion-flux"), tmp_path / "copy"):
@@ -227,8 +228,10 @@ def test_a_zoo_folder_given_as_a_pipeline_spec_keeps_its_call_settings(tmp_path)
         assert call_defaults(pipe) == zoo.CALL_DEFAULTS["fashion-flux"], folder
         assert pipe.default_sample_size * pipe.vae_scale_factor == zoo.NATIVE_SIZE
         assert pipe.transformer.dtype == torch.bfloat16
-    (tmp_path / "copy" / "train_info.json").unlink()  # any other save_pretrained folder: diffusers as is
-    assert call_defaults(load_pipeline(str(tmp_path / "copy"))) == {}
+    zoo.load("fashion-flux").save_pretrained(tmp_path / "saved")  # no train_info.json: known by its denoiser's
+    assert call_defaults(load_pipeline(str(tmp_path / "saved"))) == zoo.CALL_DEFAULTS["fashion-flux"]  # config (s45)
+    build_tiny("flux").save_pretrained(tmp_path / "other")  # any other save_pretrained folder: diffusers as is
+    assert call_defaults(load_pipeline(str(tmp_path / "other"))) == {}
 
 
 def test_a_zoo_spec_in_half_precision_loads_what_zoo_load_does():

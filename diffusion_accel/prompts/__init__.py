@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..paths import expand_home
 from ..scalars import plain_number
 
 _HERE = Path(__file__).parent
@@ -51,7 +52,7 @@ def _resolve(name_or_path: str | Path) -> Path:
     bundled = _HERE / f"{name_or_path}.txt"
     if isinstance(name_or_path, str) and bundled.is_file():
         return bundled
-    path = Path(name_or_path)
+    path = expand_home(name_or_path)  # a recipe's "~/prompts.txt" never passes through a shell
     if path.is_file():
         return path
     raise ValueError(f"unknown prompt set {str(name_or_path)!r}: not a bundled set "
@@ -90,5 +91,14 @@ def _class_count(pipe: object) -> int | None:
 
 
 def _is_fashion_pipeline(pipe: object) -> bool:
-    source = str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or "")
-    return "fashion" in source
+    """Whether ``pipe`` runs a zoo fashion model's denoiser (by its config: a folder's name said so until session
+    45, so a copy in ``my-run/`` got the generic set and any ``*fashion*`` folder the zoo's captions)."""
+    from .. import zoo
+    from ..arch.registry import find_denoiser
+
+    try:
+        denoiser = find_denoiser(pipe)[1]
+    except (ValueError, TypeError):
+        return False
+    config = getattr(denoiser, "config", None)
+    return config is not None and zoo.model_of_denoiser(config) in ("fashion-sd", "fashion-flux")

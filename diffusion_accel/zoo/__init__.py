@@ -7,6 +7,8 @@ unconditional pixel-space UNet2DModel on MNIST with a DDIM scheduler); ``path(na
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,29 @@ def load(name: str, torch_dtype: torch.dtype | str | None = torch.float32, folde
         # and calibrations without height/width generate what the model was trained for.
         pipe.default_sample_size = NATIVE_SIZE // pipe.vae_scale_factor
     return pipe
+
+
+DENOISERS = {"fashion-sd": "unet", "fashion-flux": "transformer", "mnist-ddpm": "unet"}  # component names
+
+
+def model_of_denoiser(config: Mapping[str, Any]) -> str | None:
+    """The shipped zoo pipeline whose denoiser has this config (``_`` keys aside), else None: how a copy, a
+    ``save_pretrained`` folder or a sibling pipeline of a zoo model is known without its train_info.json."""
+    wanted = _plain_config(config)
+    for name, component in DENOISERS.items():
+        try:
+            file = path(name) / component / "config.json"
+        except FileNotFoundError:
+            continue
+        if _plain_config(json.loads(file.read_text(encoding="utf-8"))) == wanted:
+            return name
+    return None
+
+
+def _plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A model config without its ``_`` keys, in JSON's types (tuples as lists)."""
+    return json.loads(json.dumps({key: value for key, value in dict(config).items() if not key.startswith("_")},
+                                 default=str))
 
 
 def bundled_clip() -> str | None:
