@@ -211,7 +211,8 @@ def test_prior_noise_injection_goes_on_after_a_cfg_cutoff():
 def test_lcm_img2img_injects_no_noised_image_as_prior_noise():
     """LCM's scheduler shortens its own schedule for img2img: step 0 is a noised image at timestep 499 (it was
     injected as the prior noise until session 41)."""
-    from diffusers import LatentConsistencyModelImg2ImgPipeline, LCMScheduler, UNet2DConditionModel
+    from diffusers import (LatentConsistencyModelImg2ImgPipeline, LatentConsistencyModelPipeline, LCMScheduler,
+                           UNet2DConditionModel)
 
     from diffusion_accel.testing.tiny import TEXT_DIM
 
@@ -233,6 +234,13 @@ def test_lcm_img2img_injects_no_noised_image_as_prior_noise():
                                    generator=torch.Generator().manual_seed(0), output_type="latent").images
         assert img2img.scheduler.timesteps[0] < 999
     assert torch.equal(images[0.0], images[0.1])
+    text_to_image = LatentConsistencyModelPipeline.from_pipe(pipe)  # starts from the prior noise, at 989 for
+    text_to_image.set_progress_bar_config(disable=True)  # original_inference_steps=30: nothing was injected (s45)
+    for strength in (0.0, 0.5):
+        enable_cache(text_to_image, EncoderPropagationConfig(interval=3, noise_injection=strength, injection_start=0))
+        images[strength] = text_to_image("a red bicycle", num_inference_steps=6, original_inference_steps=30,
+                                         generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert text_to_image.scheduler.timesteps[0] == 989 and not torch.equal(images[0.0], images[0.5])
 
 
 def test_key_steps_uniform_paper_and_resampled():

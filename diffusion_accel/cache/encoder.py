@@ -99,8 +99,13 @@ class PriorNoiseInjection:
     def _schedule_shortened(self) -> bool:
         """Whether this call's step 0 is not the start of a sampling trajectory: a scheduler that shortens its
         own schedule for img2img (``set_timesteps(strength=...)``: LCM, TCD) starting below its noisiest
-        training timestep."""
+        training timestep. A pipeline whose call takes no ``strength`` starts from the prior noise whatever its
+        first timestep: LCM's text-to-image at ``original_inference_steps=30`` starts at 989, and injected nothing
+        until session 45."""
         pipeline = self.session.tracker.pipeline
+        call = getattr(type(pipeline), "__call__", None) if pipeline is not None else None
+        if call is not None and "strength" not in inspect.signature(call).parameters:
+            return False
         scheduler = getattr(pipeline, "scheduler", None)
         set_timesteps = getattr(scheduler, "set_timesteps", None)
         if set_timesteps is None or "strength" not in inspect.signature(set_timesteps).parameters:
