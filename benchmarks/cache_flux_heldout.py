@@ -48,10 +48,22 @@ def settings_to_check(report: dict) -> dict[str, tuple[str, dict]]:
     return rows
 
 
+def search_prompts(report: dict) -> list[str]:
+    """Every prompt a setting of the report was chosen or searched on: its calibration prompts and the larger
+    search sets of methods naming one (``schedule_prompts``: the "-c16" rows; until session 45 three of their 16
+    were among the held-out prompts)."""
+    searched = list(report["calibration"]["prompts"])
+    for method in report["chosen"]:
+        count = cf.METHODS.get(method, {}).get("schedule_prompts")
+        searched += [p for p in cf.calibration_prompts(count) if p not in searched] if count else []
+    return searched
+
+
 def call_sets(pipe: Any, report: dict, held_out: int) -> dict[str, list]:
-    """The calibration calls of the report and ``held_out`` calls on other prompts and seeds."""
-    calib = report["calibration"]["prompts"]
-    extra = [p for p in cf.calibration_prompts(len(calib) + held_out) if p not in calib][:held_out]
+    """The calibration calls of the report and ``held_out`` calls on prompts no setting was searched on, other
+    seeds."""
+    calib, searched = report["calibration"]["prompts"], search_prompts(report)
+    extra = [p for p in cf.calibration_prompts(len(searched) + held_out) if p not in searched][:held_out]
     kwargs = cf.calib_call_kwargs(pipe)
     return {"calibration": planned_calls(pipe, calib, cf.STEPS, seed=cf.CALIB_SEED, **kwargs),
             "held_out": planned_calls(pipe, extra, cf.STEPS, seed=HELD_OUT_SEED, **kwargs)}
@@ -70,15 +82,17 @@ def evaluate(report: dict, held_out: int) -> dict[str, Any]:
         print(f"{label}: calibration {errors['calibration']:.4f}, held-out {errors['held_out']:.4f}", flush=True)
     return {"report": report.get("command"), "held_out_prompts": len(calls["held_out"]),
             "calibration_prompts": len(calls["calibration"]), "held_out_seed": HELD_OUT_SEED,
-            "machine": machine_info(), "rows": rows}
+            "searched_prompts": len(search_prompts(report)), "machine": machine_info(), "rows": rows}
 
 
 def markdown(result: dict) -> str:
     lines = ["# Calibration vs held-out error of cache_flux's chosen settings", "",
              f"Machine: {machine_summary(result['machine'])}.", "",
              f"Relative L2 error of the final latents vs uncached (fashion-flux, 28 steps, true CFG 3), mean "
-             f"over calls: on the {result['calibration_prompts']} calibration prompts every setting was chosen or "
-             f"searched on, and on {result['held_out_prompts']} held-out prompts (seed {result['held_out_seed']}).",
+             f"over calls: on the report's {result['calibration_prompts']} calibration prompts, on which every setting "
+             f"was chosen or searched (the \"-c16\" rows' schedules on a set of 16 prompts of their own), and "
+             f"on {result['held_out_prompts']} held-out prompts (seed {result['held_out_seed']}), none of the "
+             f"{result.get('searched_prompts', result['calibration_prompts'])} prompts any setting was searched on.",
              "", "| setting | calibration | held-out | full steps |", "|---|---|---|---|"]
     for label, row in sorted(result["rows"].items(), key=lambda item: item[1]["held_out"]):
         steps = row["setting"].get("full_steps", "")
