@@ -52,6 +52,7 @@ _FINGERPRINT_ATTR = "_diffusion_accel_base_fingerprint"
 _BASE_SAMPLE_ATTR = "_diffusion_accel_base_sample"  # (structure fingerprint, weight sample)
 _BASE_CONFIG_ATTR = "_diffusion_accel_base_config"  # the config the base fingerprint hashed (base_config)
 _APPLIED_SAMPLE_ATTR = "_diffusion_accel_applied_sample"  # weight sample right after the last technique
+_CHANGED_ATTR = "_diffusion_accel_changed_after"  # (a tensor, the techniques): weights changed after those
 _SOURCE_ATTR = "_diffusion_accel_source"
 TECHNIQUE_FILE_PATTERN = "[0-9][0-9]-*.safetensors"  # save's technique files: f"{index:02d}-{technique}.safetensors"
 _SAMPLE_ELEMENTS = 2048  # per tensor: head, tail and a strided middle sample
@@ -139,7 +140,10 @@ def base_fingerprint(pipe: Any) -> str:
     artifact named the old weights as its base.)"""
     _, denoiser = find_denoiser(pipe)
     cached = getattr(denoiser, _FINGERPRINT_ATTR, None)
+    if techniques_on(denoiser):
+        _note_weight_changes(denoiser)  # before the technique about to run retakes the sample save compares with
     if cached is None or not techniques_on(denoiser):
+        denoiser.__dict__.pop(_CHANGED_ATTR, None)
         cached = fingerprint(denoiser)
         setattr(denoiser, _FINGERPRINT_ATTR, cached)
         setattr(denoiser, _BASE_SAMPLE_ATTR, (structure_fingerprint(denoiser), weight_sample(denoiser)))
@@ -181,7 +185,7 @@ def mark_applied(pipe: Any, technique: str, replaced: Iterable[str] = ()) -> Non
 
 
 _MARK_ATTRS = (_APPLIED_ATTR, _EXPORTS_ATTR, _APPLIED_SAMPLE_ATTR, _FINGERPRINT_ATTR, _BASE_SAMPLE_ATTR,
-               _BASE_CONFIG_ATTR)
+               _BASE_CONFIG_ATTR, _CHANGED_ATTR)
 
 
 @contextmanager
@@ -376,22 +380,35 @@ def _check_folder_argument(call: str, pipe: Any, directory: Any) -> None:
 
 
 def _check_weights_unchanged(pipe: Any) -> None:
-    """ArtifactError when the denoiser's weights changed after the last technique was applied (``fuse_lora``,
+    """ArtifactError when the denoiser's weights changed after a technique was applied (``fuse_lora``,
     ``load_state_dict``, an optimizer step): the exports taken then would be saved, and ``load`` would
-    rebuild the old weights (a LoRA fused into a pruned UNet vanished silently). Layers an unmerged adapter
+    rebuild the old weights (a LoRA fused into a pruned UNet vanished silently). A change followed by another
+    technique (or a ``calibrate_schedule``, whose trial caches apply one) counts too: that technique retook the
+    sample compared with, and the artifact reloaded the old weights until session 45. Layers an unmerged adapter
     wraps are compared by their base weights; the adapters themselves are not (``save`` warns about those)."""
     _, denoiser = find_denoiser(pipe)
+    if not techniques_on(denoiser):
+        return
+    _note_weight_changes(denoiser)
+    noted = getattr(denoiser, _CHANGED_ATTR, None)
+    if noted is not None:
+        tensor, techniques = noted
+        raise ArtifactError(f"cannot save: tensors of the {type(denoiser).__name__} changed after {techniques} were "
+                            f"applied (e.g. {tensor}; fuse_lora, load_state_dict or training?), and the artifact would "
+                            f"restore them as they were then; change the weights first and apply the techniques to "
+                            f"the result")
+
+
+def _note_weight_changes(denoiser: torch.nn.Module) -> None:
+    """Remember a change of the weights since the last technique was applied (the first one found), for ``save``."""
     applied_sample = getattr(denoiser, _APPLIED_SAMPLE_ATTR, None)
-    if applied_sample is None or not techniques_on(denoiser):
+    if applied_sample is None or getattr(denoiser, _CHANGED_ATTR, None) is not None:
         return
     current = weight_sample(denoiser)
     changed = [name for name in applied_sample.keys() & current.keys()
                if not samples_match({name: applied_sample[name]}, {name: current[name]}, strict=True)]
     if changed and not only_rounded(applied_sample, current, changed):  # a cast there and back rounds, no more
-        raise ArtifactError(f"cannot save: {len(changed)} tensors of the {type(denoiser).__name__} changed after "
-                            f"{applied_techniques(pipe)} were applied (e.g. {sorted(changed)[0]}; fuse_lora, "
-                            f"load_state_dict or training?), and the artifact would restore them as they were then; "
-                            f"change the weights first and apply the techniques to the result")
+        setattr(denoiser, _CHANGED_ATTR, (sorted(changed)[0], techniques_on(denoiser)))
 
 
 def _check_json_configs(exported: list[tuple[str, Any, Any]]) -> None:

@@ -84,6 +84,28 @@ def test_save_refuses_weights_changed_after_the_techniques_by_a_fused_lora(tmp_p
     assert not (tmp_path / "art" / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("then", ["cache", "ptq", "calibrate_schedule"])
+def test_save_refuses_weights_changed_between_techniques(tmp_path, then):
+    """The next technique (or calibrate_schedule's trial caches) retook the sample save compares with: the change
+    was saved as the old weights, and the artifact reloaded other images, until session 45."""
+    import diffusion_accel as da
+    from diffusion_accel.artifact import ArtifactError
+    from diffusion_accel.testing.tiny import build_tiny
+
+    pipe = da.prune_(build_tiny("sd"), da.PruneConfig(method="magnitude", sparsity=0.3))
+    with torch.no_grad():
+        pipe.unet.conv_out.weight.mul_(1.5)
+    if then == "cache":
+        da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
+    elif then == "ptq":
+        da.quantize_(pipe, da.PTQConfig(calib_prompts=1, calib_num_steps=2, calib_steps="all"))
+    else:
+        da.calibrate_schedule(pipe, ["a cat"], budget=0.5, num_inference_steps=4, height=32, width=32)
+    with pytest.raises(ArtifactError, match="changed after \\['prune'\\] were applied \\(e.g. conv_out.weight"):
+        da.save(pipe, tmp_path / "art")
+    assert not (tmp_path / "art" / "manifest.json").exists()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_save_refuses_a_small_weight_change_in_a_half_precision_pipeline(tmp_path, dtype):
     """The tolerance that recognises a base rounded along another path (one bfloat16 step) let a 0.3% change made

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch.registry import find_denoiser
-from ..artifact import applied_techniques, compute_dtype, mark_applied
+from ..artifact import applied_techniques, base_fingerprint, compute_dtype, mark_applied
 from . import onednn
 from .fp8 import Fp8GemmCore
 from .formats import get_format
@@ -445,6 +445,8 @@ def lower_(pipe: Any) -> Any:
     state = get_state(denoiser)
     if state is None:
         raise ValueError("lower_ needs a quantized pipeline; call quantize_ first")
+    if TECHNIQUE in applied_techniques(pipe):
+        base_fingerprint(pipe)  # notes a weight change since quantize_ before the refreshed state hides it from save
     dtype = compute_dtype(denoiser)
     lowered = {name: lower_layer(denoiser.get_submodule(name), dtype) for name in state.layers
                if name not in state.lowered}
