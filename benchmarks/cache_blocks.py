@@ -3,14 +3,14 @@
     python benchmarks/cache_blocks.py [--models fashion-flux fashion-sd] [--held-out 20] [--threads 1]
 
 For each zoo model and setting, ``calibrate_schedule`` searches twice on the same calibration prompts and
-seed (the ones cache_flux.py / cache_sd.py calibrate on; fashion-sd's 8 share one call, as in the README's
-``calibrate --batch-size 8`` example): full and reuse steps only, and with partial steps
-(``search_blocks=True``: reuse steps that run the leading transformer blocks, or a deeper UNet branch).
-Per schedule: relative L2 error of the final latents vs uncached on the calibration prompts and on held-out
-prompts (other prompts, seed 555), PSNR of the decoded held-out images vs uncached (uint8, as every table
-here), denoiser FLOPs of one pipeline call as a fraction of uncached (counted, so partial steps are priced
-by what they run), the whole-pipeline speed-up over uncached (timed round-robin, median), and the search's
-wall time.
+seed (cache_flux.py's prompts and seed; cache_sd.py's 8 captions, drawn with seed 1000, also the calls' seed
+here; fashion-sd's 8 share one call, as in the README's ``calibrate --batch-size 8`` example): full and reuse
+steps only, and with partial steps (``search_blocks=True``: reuse steps that run the leading transformer
+blocks, or a deeper UNet branch). Per schedule: relative L2 error of the final latents vs uncached on the
+calibration prompts and on held-out prompts (captions not among the calibration ones, seed 555), PSNR of the
+decoded held-out images vs uncached (uint8, as every table here), denoiser FLOPs of one pipeline call as a
+fraction of uncached (counted, so partial steps are priced by what they run), the whole-pipeline speed-up over
+uncached (timed round-robin, median), and the search's wall time.
 The report is rewritten after every schedule and a rerun skips the settings it holds.
 """
 
@@ -41,7 +41,8 @@ from diffusion_accel.eval.machine import machine_info, machine_summary  # noqa: 
 
 HELD_OUT_SEED = 555
 PSNR_CONVENTION = "uint8 (eval.fidelity)"  # rows without it measured float images (before the review)
-SD_CALIBRATION_SEED = 1000  # cache_sd.py's
+SD_CALIBRATION_SEED = 1000  # draws cache_sd.py's calibration captions (and seeds the search's calls here)
+HELD_OUT_RULE = "captions not among the calibration prompts"  # fashion-sd's held-out list held one until session 45
 # model -> settings: label -> calibrate_schedule options (budget as full steps of the model's step count)
 SETTINGS = {
     "fashion-flux": {"residual-10of28": {"full": 10, "forecast": 0},
@@ -61,7 +62,7 @@ def model_calls(model: str, pipe: Any, held_out: int) -> tuple[list[str], dict, 
     else:
         calib, seed = prompts_for(8, SD_CALIBRATION_SEED)[0], SD_CALIBRATION_SEED
         kwargs = {"guidance_scale": DEFAULTS[model]["guidance_scale"], "height": 32, "width": 32}
-        extra = prompts_for(held_out, HELD_OUT_SEED)[0]
+        extra = [p for p in prompts_for(held_out + len(calib), HELD_OUT_SEED)[0] if p not in calib][:held_out]
         random.Random(HELD_OUT_SEED).shuffle(extra)
     calls = {"calibration": planned_calls(pipe, calib, steps, seed=seed, batch_size=CALIBRATION_BATCH[model], **kwargs),
              "held_out": planned_calls(pipe, extra, steps, seed=HELD_OUT_SEED, **kwargs),
@@ -102,7 +103,8 @@ def measure_schedule(model: str, options: dict, search_blocks: bool, context: di
             "error_calibration": errors["calibration"], "error_held_out": errors["held_out"],
             "psnr_held_out": held_out_psnr(pipe, context), "psnr": PSNR_CONVENTION,
             "flops_fraction": flops_of_one_call(pipe, context["calls"]["held_out"][0]) / context["base_flops"],
-            "held_out": context["held_out"]}
+            "held_out": context["held_out"], "held_out_rule": HELD_OUT_RULE,
+            "search_machine": machine_summary(machine_info())}
 
 
 def remeasure_held_out(model: str, row: dict, context: dict) -> None:
@@ -115,7 +117,7 @@ def remeasure_held_out(model: str, row: dict, context: dict) -> None:
     row["error_held_out"] = relative_error(final_outputs(pipe, context["calls"]["held_out"]),
                                            context["references"]["held_out"])
     row["psnr_held_out"], row["psnr"] = held_out_psnr(pipe, context), PSNR_CONVENTION
-    row["held_out"] = context["held_out"]
+    row["held_out"], row["held_out_rule"] = context["held_out"], HELD_OUT_RULE
 
 
 def schedule_rows(report: dict) -> list[dict]:
@@ -125,16 +127,23 @@ def schedule_rows(report: dict) -> list[dict]:
 
 
 def stamp_held_out(report: dict) -> None:
-    """Rows written before session 44 lack their held-out count: they hold the count of the report they were
-    written into (read before this run replaces it)."""
-    for row in schedule_rows(report):
-        row.setdefault("held_out", report.get("held_out"))
+    """Rows written before session 44 lack their held-out count, before session 45 the machine of their search:
+    they hold those of the report they were written into (read before this run replaces it). fashion-flux's
+    held-out prompts always left out the calibration ones."""
+    for model, settings in report.get("models", {}).items():
+        for pair in settings.values():
+            for row in (row for row in pair.values() if isinstance(row, dict) and "full_steps" in row):
+                row.setdefault("held_out", report.get("held_out"))
+                row.setdefault("search_machine", machine_summary(report["machine"]))
+                if model == "fashion-flux":
+                    row.setdefault("held_out_rule", HELD_OUT_RULE)
 
 
 def stale_held_out(row: dict, held_out: int) -> bool:
     """Whether ``row``'s held-out figures were measured another way than this run asks: PSNR of float images
-    (before the review) or on another number of held-out prompts."""
-    return row.get("psnr") != PSNR_CONVENTION or row["held_out"] != held_out
+    (before the review), on another number of held-out prompts, or on held-out captions the calibration shared."""
+    return (row.get("psnr") != PSNR_CONVENTION or row["held_out"] != held_out
+            or row.get("held_out_rule") != HELD_OUT_RULE)
 
 
 def model_context(model: str, held_out: int) -> dict:
@@ -162,7 +171,8 @@ def markdown(report: dict) -> str:
     lines = ["# Calibrated cache schedules: partial steps (which blocks recompute) vs steps only", "",
              f"Machine: {machine_summary(report['machine'])}. Same budget, prompts and seeds per pair; "
              "error = relative L2 of the final latents vs uncached (calibration prompts the search saw / "
-             f"{report['held_out']} held-out prompts, seed {HELD_OUT_SEED}); PSNR of held-out decoded images vs "
+             f"{report['held_out']} held-out prompts, {HELD_OUT_RULE}, seed {HELD_OUT_SEED}); PSNR of held-out "
+             "decoded images vs "
              "uncached; FLOPs = denoiser FLOPs of one call vs uncached (counted); speed-up = whole pipeline vs "
              "uncached, median of timed calls.", "",
              "| model | setting | search | full steps | partial steps (step:level) | FLOPs | error calib | "
@@ -181,6 +191,10 @@ def markdown(report: dict) -> str:
                              f"{row['flops_fraction']:.3f} | {row['error_calibration']:.4f} | "
                              f"{row['error_held_out']:.4f}{other_count} | {row['psnr_held_out']:.2f}{other_count} | "
                              f"{'' if speed is None else f'{speed:.2f}×'} | {row['search_s']} |")
+    searched_on = sorted({row["search_machine"] for row in schedule_rows(report) if "search_machine" in row}
+                         - {machine_summary(report["machine"])})
+    if searched_on:  # a rerun that only re-measured held-out figures ran elsewhere
+        lines += ["", f"Searches (their seconds) ran on: {'; '.join(searched_on)}."]
     return "\n".join(lines) + "\n"
 
 
