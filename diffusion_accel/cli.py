@@ -278,6 +278,10 @@ def _fid_extractor(dtype_name: str, metrics: list[str], device: str | None) -> A
     import torch
 
     from .eval.fid import fid_feature_extractor
+    from .loading import check_device
+
+    if device is not None:  # a traceback from inside torch (exit 1) until session 45
+        check_device(device)
 
     return fid_feature_extractor(getattr(torch, dtype_name), device=device or "cpu")
 

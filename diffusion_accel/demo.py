@@ -158,7 +158,6 @@ def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: i
                          f"artifact's base instead (its manifest's base source)")
     prompt_list = (prompt_sets.load(prompts, limit=num_prompts) if prompts
                    else prompt_sets.for_pipeline(pipe, limit=num_prompts))
-    out.mkdir(parents=True, exist_ok=True)
     call_kwargs = dict(call_kwargs or {})
     calib, summary = calibration_pass(pipe, prompt_list, steps, seed, call_kwargs)
     base = base_variant_name(pipe)  # the base's own dtype: with --dtype bf16 it was labelled fp32

@@ -219,10 +219,11 @@ def _load_by_kind(spec: str, torch_dtype: torch.dtype | None, variant: str | Non
         if zoo_name is not None:  # the zoo's call settings and native size come with its folder
             from . import zoo
 
-            if variant is not None:  # it loaded the standard files silently and recorded the variant
+            if variant is not None and not _has_variant_files(Path(spec), variant):  # it loaded the standard
+                # files silently and recorded the variant
                 raise ValueError(f"variant={variant!r}: {spec!r} holds the zoo pipeline {zoo_name}, whose folder has "
-                                 f"one set of weight files; load it without a variant")
-            return zoo.load(zoo_name, torch_dtype or torch.float32, folder=spec)
+                                 f"no {variant} weight files; load it without a variant")
+            return zoo.load(zoo_name, torch_dtype or torch.float32, folder=spec, variant=variant)
         _check_pipeline_class_known(Path(spec))
         return DiffusionPipeline.from_pretrained(spec, dtype=torch_dtype or torch.float32, **extra)
     if _looks_like_a_path(spec):
@@ -267,6 +268,11 @@ def _zoo_model_name(folder: Path) -> str | None:
     config = None if denoiser is None else _json_object(folder / denoiser / "config.json")
     name = None if config is None else zoo.model_of_denoiser(config)
     return name if name is not None and index.get("_class_name") == zoo.PIPELINE_CLASSES[name] else None
+
+
+def _has_variant_files(folder: Path, variant: str) -> bool:
+    """Whether ``folder`` holds weight files of ``variant`` (``model.fp16.safetensors``, sharded ones too)."""
+    return any(f".{variant}." in path.name for path in folder.rglob("*") if path.suffix in (".safetensors", ".bin"))
 
 
 def _check_pipeline_class_known(folder: Path) -> None:

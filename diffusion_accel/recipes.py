@@ -38,6 +38,7 @@ CALIBRATION_KEYS = ("prompts", "num_prompts", "steps", "guidance", "selection", 
 MODEL_KEYS = ("id", "dtype", "variant")
 # [quant] / [prune] / [cache] keys are checked by the configs they build; [call] keys by check_call_table
 RECIPE_TABLES = ("model", "calibration", "call", "quant", "prune", "cache")
+CALIBRATION_FORMAT = "diffusion_accel.calibration"  # calibration.json written by calibrate (statistics, artifacts)
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -57,7 +58,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         if not isinstance(value, str) or not value.strip():  # id = "" calibrated the demo model (until s45)
             raise ValueError(f"{path}: [model] {key} = {value!r} must be a non-empty string (a pipeline spec such as "
                              f"'zoo:fashion-sd' / a dtype such as 'bf16')")
-    in_call = recipe.get("call", {}).get("guidance_scale")
+    in_call = checked_guidance(recipe.get("call", {}).get("guidance_scale"), f"{path}: [call] guidance_scale")
     in_calibration = recipe.get("calibration", {}).get("guidance")
     if None not in (in_call, in_calibration) and in_call != in_calibration:  # calibration silently ran at one
         raise ValueError(f"{path}: [call] guidance_scale = {in_call!r} and [calibration] guidance = {in_calibration!r} "
@@ -134,9 +135,17 @@ def command_line_guidance(guidance_flag: float | None, command_line_call: dict[s
     ValueError when both are given and disagree."""
     if "guidance_scale" not in command_line_call:
         return guidance_flag
-    value = command_line_call["guidance_scale"]
+    value = checked_guidance(command_line_call["guidance_scale"], "--call guidance_scale")
     if guidance_flag is not None and guidance_flag != value:
         raise ValueError(f"--guidance {guidance_flag} and --call guidance_scale={value!r} disagree: give one of them")
+    return value
+
+
+def checked_guidance(value: Any, where: str) -> Any:
+    """``value`` unless it is a non-finite or negative number (NaN ran SD without CFG silently, as ``--guidance nan``
+    did before the flag refused it; session 45); other values are the pipeline's to judge."""
+    if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{where}={value!r} must be a finite number >= 0")
     return value
 
 
@@ -274,7 +283,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     cache_table = _cache_table(args, recipe) if "cache" in methods else {}
     if "cache" in methods:
         _check_cache_table(cache_table)
-    _check_calibration_flags_read(args, methods, configs, cache_table)
+    runs_pipeline = _check_calibration_flags_read(args, methods, configs, cache_table)
     _check_calibration_settings(settings, args.seed)
     model = recipe.get("model", {})
     spec = args.pipe if args.pipe is not None else (model.get("id") or default_demo_spec())
@@ -305,7 +314,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
 
     base_notes = _artifact_notes_of(spec)  # read first: --out may be that artifact's folder
     save(pipe, args.out)  # a failed save leaves the older artifact whole, and its calibration.json with it
-    _write_artifact_notes(Path(args.out), spec, methods, settings, prompt_list, seconds, base_notes)
+    _write_artifact_notes(Path(args.out), spec, methods, settings, prompt_list, seconds, base_notes, runs_pipeline)
     summary = "\n".join(summaries) + f"\nartifact (safetensors + manifest.json) written to {args.out}/"
     return {"summary": summary, "methods": methods, "seconds": seconds, "out": args.out}
 
@@ -335,14 +344,18 @@ def _check_flags_apply(args: argparse.Namespace, methods: list[str]) -> None:
 
 
 def _check_calibration_flags_read(args: argparse.Namespace, methods: list[str], configs: dict[str, Any],
-                                  cache_table: dict[str, Any]) -> None:
+                                  cache_table: dict[str, Any]) -> bool:
     """Refuse ``--selection`` / ``--weighting`` / ``--batch-size`` when no method of the chain calibrates: magnitude
     pruning (layer scope, saliency allocation) and the static caches read no inputs, yet the flags were recorded
-    in calibration.json and the manifest as if they had shaped the artifact."""
+    in calibration.json and the manifest as if they had shaped the artifact. Returns whether anything in the chain
+    runs the pipeline: calibration.json says so (``--steps``, ``--prompts``, ``--guidance``, ``--call`` of a run
+    that samples nothing were recorded as its calibration settings until session 45; build_artifacts.py's check
+    still samples at them)."""
     calibrating = [method for method in methods if method in ("stats", "ptq")
                    or (method in configs and getattr(configs[method], "needs_calibration", True))]
     searching = "cache" in methods and cache_table.get("method") in ("calibrated", "router")  # a TeaCache fit: one
     # prompt per call (its samples are per call and step), --batch-size was recorded and ignored until session 45
+    fitting = "cache" in methods and cache_table.get("method") == "teacache" and cache_table.get("coefficients") is None
     idle = [flag for flag in ("selection", "weighting") if getattr(args, flag, None) is not None and not calibrating]
     if getattr(args, "batch_size", None) is not None and not calibrating and not searching:
         idle.append("batch_size")
@@ -352,6 +365,7 @@ def _check_calibration_flags_read(args: argparse.Namespace, methods: list[str], 
                          f"pruning by layer or saliency and the deepcache / block / first_block / delta / "
                          f"encoder_propagation caches read no inputs; a calibrated or router cache reads "
                          f"--batch-size, a fitted TeaCache runs one prompt per call); drop them")
+    return bool(calibrating or searching or fitting)
 
 
 def _check_calibration_settings(settings: dict[str, Any], seed: int) -> None:
@@ -386,6 +400,25 @@ def _check_out_is_not_the_base(out: str, spec: str, methods: list[str]) -> None:
     if methods == ["stats"] and (expand_home(out) / "manifest.json").is_file():
         raise ValueError(f"--out {out!r} holds an artifact (manifest.json): statistics would replace its "
                          f"calibration.json and sit beside it; write them to another folder")
+    other = _other_commands_output(expand_home(out), methods)
+    if other:  # until session 45 an artifact replaced the statistics' calibration.json, or the demo's
+        raise ValueError(f"--out {out!r} holds {other}: this run's calibration.json would replace the one beside it; "
+                         f"write to another folder")
+
+
+def _other_commands_output(folder: Path, methods: list[str]) -> str | None:
+    """What another command left in ``folder`` whose calibration.json this run would replace: statistics (for an
+    artifact), or a calibration.json not of ``calibrate`` (the demo's), else None."""
+    if methods != ["stats"] and (folder / "statistics.safetensors").is_file():
+        return "statistics.safetensors from diffusion-accel calibrate --method stats"
+    notes = folder / "calibration.json"
+    if not notes.is_file():
+        return None
+    try:
+        kind = json.loads(notes.read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        kind = None
+    return None if kind == CALIBRATION_FORMAT else "a calibration.json of another command (the demo's)"
 
 
 def _artifact_notes_of(spec: str) -> dict[str, Any] | None:
@@ -492,6 +525,7 @@ def technique_configs(methods: list[str], args: argparse.Namespace, recipe: dict
     the recipe's ``[quant]`` / ``[prune]`` table + flags; building them validates them."""
     from .prune import PruneConfig
     from .quant import PTQConfig
+    from .quant.configs import check_range_method
 
     configs: dict[str, Any] = {}
     for table in ("quant", "prune"):
@@ -502,6 +536,7 @@ def technique_configs(methods: list[str], args: argparse.Namespace, recipe: dict
             recipe_preset = options.pop("preset", "w8a8")  # popped always: with --preset it reached PTQConfig
             preset = args.preset or recipe_preset
             configs[method] = _built("quant", PTQConfig.preset, preset, **options)
+            check_range_method(configs[method])  # before the chain's calibration, not after it
         elif method not in ("cache", "stats"):
             options = {**_calibration_weighting(recipe), **recipe.get("prune", {}), "method": method}
             flags = (("sparsity", args.sparsity), ("pattern", args.pattern), ("weighting", args.weighting),
@@ -589,7 +624,7 @@ def _write_statistics(out: Path, spec: str, pipe: Any, settings: dict[str, Any],
     """``statistics.safetensors`` and its ``calibration.json``, staged and swapped in together (the JSON
     last, as an artifact's manifest): a failure between them left new statistics under the old settings."""
     tensors = {k: v.contiguous() for k, v in statistics_tensors(collectors).items()}
-    manifest = {"format": "diffusion_accel.calibration", "model": spec, "pipeline": type(pipe).__name__,
+    manifest = {"format": CALIBRATION_FORMAT, "model": spec, "pipeline": type(pipe).__name__,
                 "base_fingerprint": base_fingerprint(pipe), "settings": settings,
                 "selected_steps": list(calib.selected_steps), "collectors": [c.describe() for c in collectors],
                 "summary": calib.summary().splitlines()}
@@ -600,11 +635,13 @@ def _write_statistics(out: Path, spec: str, pipe: Any, settings: dict[str, Any],
 
 
 def _write_artifact_notes(out: Path, spec: str, methods: list[str], settings: dict[str, Any], prompt_list: list,
-                          seconds: dict[str, float], base_notes: dict[str, Any] | None = None) -> None:
+                          seconds: dict[str, float], base_notes: dict[str, Any] | None = None,
+                          calibrated: bool = True) -> None:
     """``calibration.json`` beside the artifact: how it was made (not read by ``load``); on an artifact base, that
-    artifact's own notes under ``base_artifact`` (a cache overlaid into its folder replaced them)."""
-    notes = {"format": "diffusion_accel.calibration", "model": spec, "methods": methods, "settings": settings,
-             "num_prompts": len(prompt_list), "seconds": seconds}
+    artifact's own notes under ``base_artifact`` (a cache overlaid into its folder replaced them). ``calibrated``:
+    whether anything in the chain ran the pipeline with ``settings`` and the prompts."""
+    notes = {"format": CALIBRATION_FORMAT, "model": spec, "methods": methods, "settings": settings,
+             "num_prompts": len(prompt_list), "calibrated": calibrated, "seconds": seconds}
     if base_notes is not None:
         notes["base_artifact"] = base_notes
     StagedWrite(out).commit("calibration.json", json.dumps(notes, indent=2, default=str))  # old notes out first

@@ -1048,6 +1048,16 @@ def test_tiny_specs_keep_the_users_random_stream_and_zoo_folders_refuse_a_varian
         load_pipeline(str(zoo.path("fashion-sd")), variant="fp16")
 
 
+def test_a_zoo_pipeline_saved_with_a_variant_loads_with_it_and_keeps_its_call_settings(tmp_path):
+    """Recognised as the zoo pipeline by its denoiser config, it was refused its variant (session 45's review)."""
+    from diffusion_accel import call_defaults, zoo
+    from diffusion_accel.loading import load_pipeline
+
+    zoo.load("fashion-sd").save_pretrained(tmp_path, variant="fp16")
+    loaded = load_pipeline(str(tmp_path), variant="fp16")
+    assert call_defaults(loaded) == zoo.CALL_DEFAULTS["fashion-sd"]
+
+
 def test_loading_onto_a_base_with_fused_projections_names_the_unfuse(tmp_path):
     """The fused to_qkv weights changed the fingerprint: "made for a different base model", on the same model."""
     import diffusion_accel as da

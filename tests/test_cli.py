@@ -732,6 +732,8 @@ def test_bench_batch_size_above_num_prompts_cycles_prompts(tmp_path):
      "--batch-size not used by --method cache: nothing in it calibrates"),
     (["calibrate", "--method", "cache", "--cache-method", "teacache", "--batch-size", "4"],  # recorded, unused
      "--batch-size not used by --method cache: nothing in it calibrates"),  # until session 45
+    (["calibrate", "--method", "ptq", "--call", "guidance_scale=NaN"], "--call guidance_scale=nan must be a finite"),
+    (["eval", "--metrics", "fid", "--fid-dtype", "bfloat16", "--device", "cuda:7"], "not available"),  # traceback
     (["calibrate", "--selection", "0,,3"], "expected comma-separated step indices"),
     (["calibrate", "--weighting", "nope"], "nope"),
     (["calibrate", "--prompts", "/no/such/prompts.txt"], "prompts.txt"),
@@ -923,3 +925,40 @@ def test_a_folder_of_a_pipeline_class_this_diffusers_lacks_is_a_one_line_error(t
     (tmp_path / "newer" / "model_index.json").write_text(json.dumps({**index, "_class_name": "FuturePipeline"}))
     assert main(["calibrate", "--pipe", str(tmp_path / "newer"), "--out", str(tmp_path / "out")]) == 2
     assert "holds a FuturePipeline, which diffusers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("left, message", [
+    ({"statistics.safetensors": ""}, "holds statistics.safetensors from diffusion-accel calibrate --method stats"),
+    ({"calibration.json": '{"steps": 4}', "report.json": "{}"}, "holds a calibration.json of another command"),
+])
+def test_calibrate_refuses_an_out_holding_another_commands_calibration_notes(left, message, tmp_path, capsys):
+    """An artifact replaced the statistics' calibration.json (their only description), or the demo's, until
+    session 45; the opposite directions were refused already."""
+    for name, text in left.items():
+        (tmp_path / name).write_text(text)
+    assert main(["calibrate", "--pipe", "tiny:sd", "--method", "ptq", "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err and (tmp_path / "manifest.json").exists() is False
+
+
+def test_comparing_families_whose_prompts_differ_is_a_one_line_error_in_either_order(tmp_path, capsys):
+    """`grid --pipe tiny:dit --pipe tiny:sd` printed a TypeError traceback (exit 1) until session 45."""
+    for first, second in (("tiny:dit", "tiny:sd"), ("tiny:sd", "tiny:dit")):
+        assert main(["grid", "--pipe", f"a={first}", "--pipe", f"b={second}", "--steps", "1",
+                     "--out", str(tmp_path / "grid.png")]) == 2
+        assert "cannot take these prompts" in capsys.readouterr().err
+
+
+def test_a_failed_demo_leaves_no_out_folder(tmp_path, capsys):
+    """It created --out before the calibration pass and left it empty (session 45)."""
+    assert main(["demo", "--pipe", "tiny:ddpm", "--guidance", "3", "--out", str(tmp_path / "demo")]) == 2
+    assert not (tmp_path / "demo").exists()
+
+
+def test_calibration_notes_say_whether_the_chain_ran_the_pipeline(tmp_path):
+    """A magnitude prune samples nothing: its --steps / --num-prompts were recorded as if it had calibrated with
+    them (session 45); they stay recorded (build_artifacts' check samples at them) with calibrated false."""
+    for method, calibrated in (("magnitude", False), ("wanda", True)):
+        out = tmp_path / method
+        assert main(["calibrate", "--pipe", "tiny:sd", "--method", method, "--sparsity", "0.3", "--steps", "2",
+                     "--num-prompts", "1", "--out", str(out)]) == 0
+        assert json.loads((out / "calibration.json").read_text())["calibrated"] is calibrated

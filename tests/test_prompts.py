@@ -101,3 +101,16 @@ def test_the_zoo_caption_set_goes_to_zoo_denoisers_whatever_their_folder_is_call
     other = DiffusionPipeline.from_pretrained(tmp_path / "my-fashion-finetune")
     assert prompts.for_pipeline(other, limit=2) == prompts.load("default", limit=2)
     assert prompts.for_pipeline(zoo.load("fashion-flux"), limit=2) == fashion
+
+
+def test_a_zoo_training_export_of_another_size_gets_the_zoo_captions():
+    """Tagged with the zoo's call settings (`--arch large` exports load so), it runs no shipped denoiser config:
+    the config test alone gave it the generic set (session 45's review)."""
+    from diffusion_accel import zoo
+    from diffusion_accel.pipeline_defaults import set_call_defaults
+    from diffusion_accel.testing.tiny import build_tiny
+
+    pipe = build_tiny("flux")
+    assert prompts.for_pipeline(pipe, limit=2) == prompts.load("default", limit=2)
+    set_call_defaults(pipe, zoo.CALL_DEFAULTS["fashion-flux"])
+    assert prompts.for_pipeline(pipe, limit=2) == prompts.load("fashion", limit=2)

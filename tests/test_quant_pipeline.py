@@ -292,6 +292,7 @@ def _state(pipe):
     lambda pipe: quantize_(pipe, PTQConfig(exclude=("*to_qq",), **FAST)),  # quantized every layer
     lambda pipe: quantize_(pipe, PTQConfig(include=("*attn*", "*to_kk"), **FAST)),  # the typo went unnoticed
     lambda pipe: quantize_(pipe, PTQConfig(include=("conv_in", "*to_q"), **FAST)),  # conv_in stayed float, unsaid
+    lambda pipe: quantize_(pipe, PTQConfig(weights="fp8", activations="fp8", act_method="mse", **FAST)),
     lambda pipe: quantize_(pipe, PTQConfig(**FAST), calib="not a calibration"),
     lambda pipe: quantize_(pipe, "w8a8"),
 ])

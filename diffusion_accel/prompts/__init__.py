@@ -91,14 +91,19 @@ def _class_count(pipe: object) -> int | None:
 
 
 def _is_fashion_pipeline(pipe: object) -> bool:
-    """Whether ``pipe`` runs a zoo fashion model's denoiser (by its config: a folder's name said so until session
-    45, so a copy in ``my-run/`` got the generic set and any ``*fashion*`` folder the zoo's captions)."""
+    """Whether ``pipe`` is a zoo fashion model: tagged with its call settings by ``zoo.load`` (a training export
+    of another size too), or running its denoiser (by config). A folder's name said so until session 45, so a
+    copy in ``my-run/`` got the generic set and any ``*fashion*`` folder the zoo's captions."""
     from .. import zoo
     from ..arch.registry import find_denoiser
+    from ..pipeline_defaults import call_defaults
 
+    fashion = ("fashion-sd", "fashion-flux")
+    if call_defaults(pipe) in [zoo.CALL_DEFAULTS[name] for name in fashion]:
+        return True
     try:
         denoiser = find_denoiser(pipe)[1]
     except (ValueError, TypeError):
         return False
     config = getattr(denoiser, "config", None)
-    return config is not None and zoo.model_of_denoiser(config) in ("fashion-sd", "fashion-flux")
+    return config is not None and zoo.model_of_denoiser(config) in fashion

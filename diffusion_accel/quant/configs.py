@@ -268,13 +268,18 @@ def _check_activation_options(config: PTQConfig) -> None:
     if config.activations is None and (config.timestep_groups > 1 or config.act_mode != "static"):
         raise ValueError(f"PTQConfig.timestep_groups={config.timestep_groups} / act_mode={config.act_mode!r} set how "
                          "activations are quantized, but activations=None keeps them in floating point")
+    if config.act_exclude and config.activations is None:
+        raise ValueError(f"PTQConfig.act_exclude={list(config.act_exclude)} keeps some layers' activations in "
+                         "floating point, but activations=None already keeps all of them")
+
+
+def check_range_method(config: PTQConfig) -> None:
+    """ValueError for an "mse" range search of fp8 activations, checked where ranges are calibrated anew (not in
+    ``validate``: artifacts saved with it before session 45 hold their ranges and still load)."""
     if config.act_method == "mse" and config.activations is not None and get_format(config.activations).is_float:
         raise ValueError(f"PTQConfig.act_method='mse' clips a range to the least quantization error, which an fp8 "
                          f"grid (activations={config.activations!r}) gets by clipping outliers its relative precision "
                          f"does not need to lose (fashion-sd fp8: 25.1 dB mse vs 27.1 minmax); use act_method='minmax'")
-    if config.act_exclude and config.activations is None:
-        raise ValueError(f"PTQConfig.act_exclude={list(config.act_exclude)} keeps some layers' activations in "
-                         "floating point, but activations=None already keeps all of them")
 
 
 def _check_attention(config: PTQConfig) -> None:

@@ -92,12 +92,14 @@ def check_pipeline_class(folder: Path, expected: str, what: str) -> None:
                          f"{expected} this model is")
 
 
-def load(name: str, torch_dtype: torch.dtype | str | None = torch.float32, folder: str | Path | None = None) -> Any:
+def load(name: str, torch_dtype: torch.dtype | str | None = torch.float32, folder: str | Path | None = None,
+         variant: str | None = None) -> Any:
     """Load zoo model ``name`` offline: a diffusers pipeline, or (CLIPModel, CLIPProcessor) for fashion-clip.
 
     ``torch_dtype``: a torch dtype or its name ("float32" / "fp32", "float16" / "fp16", "bfloat16" / "bf16";
-    None: float32). ``folder``: another save_pretrained folder of that model (a training export or a staged
-    ship) to load with the same settings instead of the shipped one.
+    None: float32). ``folder``: another save_pretrained folder of that model (a training export, a staged
+    ship, its ``save_pretrained``) to load with the same settings instead of the shipped one; ``variant``: that
+    folder's weight-file variant (``save_pretrained(..., variant="fp16")``), as diffusers' ``from_pretrained``.
     """
     if not isinstance(torch_dtype, torch.dtype):  # diffusers fell back to fp32 while the source said float16
         from ..loading import parse_dtype
@@ -112,7 +114,8 @@ def load(name: str, torch_dtype: torch.dtype | str | None = torch.float32, folde
         return model, CLIPProcessor.from_pretrained(folder)
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
+    extra = {} if variant is None else {"variant": variant}
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype, local_files_only=True, **extra)
     if shipped:  # artifacts saved from it name "zoo:NAME", not this machine's install path
         from ..artifact import record_source
 
