@@ -59,11 +59,16 @@ def search_prompts(report: dict) -> list[str]:
     return searched
 
 
+def held_out_prompts(report: dict, count: int) -> list[str]:
+    """``count`` prompts no setting of the report was searched on."""
+    searched = search_prompts(report)
+    return [p for p in cf.calibration_prompts(len(searched) + count) if p not in searched][:count]
+
+
 def call_sets(pipe: Any, report: dict, held_out: int) -> dict[str, list]:
     """The calibration calls of the report and ``held_out`` calls on prompts no setting was searched on, other
     seeds."""
-    calib, searched = report["calibration"]["prompts"], search_prompts(report)
-    extra = [p for p in cf.calibration_prompts(len(searched) + held_out) if p not in searched][:held_out]
+    calib, extra = report["calibration"]["prompts"], held_out_prompts(report, held_out)
     kwargs = cf.calib_call_kwargs(pipe)
     return {"calibration": planned_calls(pipe, calib, cf.STEPS, seed=cf.CALIB_SEED, **kwargs),
             "held_out": planned_calls(pipe, extra, cf.STEPS, seed=HELD_OUT_SEED, **kwargs)}

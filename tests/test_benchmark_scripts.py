@@ -309,9 +309,9 @@ def test_cache_blocks_measures_kept_schedules_again_on_other_held_out_prompts(tm
         for model, settings in cache_blocks.SETTINGS.items()}}))
     remeasured = []
 
-    def remeasure(model, stored, context):
+    def remeasure(model, stored, context):  # as the real one: the held-out count and rule it measured with
         remeasured.append(model)
-        stored["held_out"] = context["held_out"]
+        stored["held_out"], stored["held_out_rule"] = context["held_out"], cache_blocks.HELD_OUT_RULE
 
     monkeypatch.setattr(cache_blocks, "model_context", lambda model, held_out: {"held_out": held_out})
     monkeypatch.setattr(cache_blocks, "remeasure_held_out", remeasure)
@@ -321,6 +321,14 @@ def test_cache_blocks_measures_kept_schedules_again_on_other_held_out_prompts(tm
     assert "5 held-out prompts" in table and table.count("(20 prompts)") == 2 * 4  # fashion-flux's kept rows
     cache_blocks.main(["--models", "fashion-sd", "--held-out", "5", "--timing-repeats", "0", "--out", str(out)])
     assert remeasured == ["fashion-sd"] * 4  # measured on 5 now: kept
+    rows = json.loads(out.read_text())["models"]
+    assert all(row["held_out_rule"] == cache_blocks.HELD_OUT_RULE for pair in rows["fashion-flux"].values()
+               for row in pair.values())  # fashion-flux's held-out set always left the calibration prompts out
+    sd_row = rows["fashion-sd"]["forecast-10of50"]["steps"]
+    del sd_row["held_out_rule"]  # a row measured before session 45 (one calibration caption held out): again
+    out.write_text(json.dumps({**json.loads(out.read_text()), "models": rows}))
+    cache_blocks.main(["--models", "fashion-sd", "--held-out", "5", "--timing-repeats", "0", "--out", str(out)])
+    assert remeasured == ["fashion-sd"] * 5
 
 
 def test_cache_router_measures_kept_variants_again_with_other_epochs_or_held_out_prompts(tmp_path, monkeypatch):
@@ -353,3 +361,16 @@ def test_a_timing_only_run_lists_its_speed_ups_in_the_markdown_table():
               "timing": {"baseline": {"speedup": 1.0}, "deepcache_interval3": {"speedup": 2.33}}}
     table = markdown_table(report, "t")
     assert "| deepcache_interval3 |" in table and "2.33×" in table and "| baseline |" in table
+
+
+def test_cache_flux_heldout_leaves_out_every_prompt_a_setting_was_searched_on():
+    """Three of the 20 held-out prompts were among the "-c16" rows' 16 search prompts until session 45."""
+    import cache_flux as cf
+    import cache_flux_heldout
+
+    report = {"calibration": {"prompts": cf.calibration_prompts(4)},
+              "chosen": {"ours-calibrated-output-11": {}, "ours-calibrated-output-11-c16": {}}}
+    searched = cache_flux_heldout.search_prompts(report)
+    assert set(cf.calibration_prompts(16)) <= set(searched) and set(cf.calibration_prompts(4)) <= set(searched)
+    held_out = cache_flux_heldout.held_out_prompts(report, 20)
+    assert len(held_out) == 20 and not set(held_out) & set(searched)
