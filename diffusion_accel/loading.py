@@ -271,8 +271,12 @@ def _zoo_model_name(folder: Path) -> str | None:
 
 
 def _has_variant_files(folder: Path, variant: str) -> bool:
-    """Whether ``folder`` holds weight files of ``variant`` (``model.fp16.safetensors``, sharded ones too)."""
-    return any(f".{variant}." in path.name for path in folder.rglob("*") if path.suffix in (".safetensors", ".bin"))
+    """Whether ``folder`` holds weight files of ``variant``: ``model.fp16.safetensors``, or shards
+    ``model.fp16-00001-of-00003.safetensors``."""
+    import re
+
+    pattern = re.compile(rf"\.{re.escape(variant)}(\.|-\d+-of-\d+\.)")
+    return any(pattern.search(path.name) for path in folder.rglob("*") if path.suffix in (".safetensors", ".bin"))
 
 
 def _check_pipeline_class_known(folder: Path) -> None:

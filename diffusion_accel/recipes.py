@@ -144,7 +144,8 @@ def command_line_guidance(guidance_flag: float | None, command_line_call: dict[s
 def checked_guidance(value: Any, where: str) -> Any:
     """``value`` unless it is a non-finite or negative number (NaN ran SD without CFG silently, as ``--guidance nan``
     did before the flag refused it; session 45); other values are the pipeline's to judge."""
-    if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{where}={value!r} must be a finite number >= 0")
     return value
 

@@ -1056,6 +1056,11 @@ def test_a_zoo_pipeline_saved_with_a_variant_loads_with_it_and_keeps_its_call_se
     zoo.load("fashion-sd").save_pretrained(tmp_path, variant="fp16")
     loaded = load_pipeline(str(tmp_path), variant="fp16")
     assert call_defaults(loaded) == zoo.CALL_DEFAULTS["fashion-sd"]
+    zoo.load("fashion-sd").save_pretrained(tmp_path / "sharded", variant="fp16", max_shard_size="200KB")
+    assert any("fp16-00001-of-" in path.name for path in (tmp_path / "sharded").rglob("*.safetensors"))
+    assert call_defaults(load_pipeline(str(tmp_path / "sharded"), variant="fp16")) == zoo.CALL_DEFAULTS["fashion-sd"]
+    with pytest.raises(OSError, match="nosuchvariant"):  # fashion-clip loaded its standard files silently
+        zoo.load("fashion-clip", variant="nosuchvariant")
 
 
 def test_loading_onto_a_base_with_fused_projections_names_the_unfuse(tmp_path):

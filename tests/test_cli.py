@@ -733,6 +733,7 @@ def test_bench_batch_size_above_num_prompts_cycles_prompts(tmp_path):
     (["calibrate", "--method", "cache", "--cache-method", "teacache", "--batch-size", "4"],  # recorded, unused
      "--batch-size not used by --method cache: nothing in it calibrates"),  # until session 45
     (["calibrate", "--method", "ptq", "--call", "guidance_scale=NaN"], "--call guidance_scale=nan must be a finite"),
+    (["calibrate", "--method", "ptq", "--call", "guidance_scale=-1"], "--call guidance_scale=-1 must be a finite"),
     (["eval", "--metrics", "fid", "--fid-dtype", "bfloat16", "--device", "cuda:7"], "not available"),  # traceback
     (["calibrate", "--selection", "0,,3"], "expected comma-separated step indices"),
     (["calibrate", "--weighting", "nope"], "nope"),

@@ -110,7 +110,8 @@ def load(name: str, torch_dtype: torch.dtype | str | None = torch.float32, folde
     if name == "fashion-clip":
         from transformers import CLIPModel, CLIPProcessor
 
-        model = CLIPModel.from_pretrained(folder, dtype=torch_dtype).eval()
+        extra = {} if variant is None else {"variant": variant}
+        model = CLIPModel.from_pretrained(folder, dtype=torch_dtype, **extra).eval()
         return model, CLIPProcessor.from_pretrained(folder)
     from diffusers import DiffusionPipeline
 
