@@ -602,6 +602,14 @@ def test_unconditional_pipeline_rejects_prompts():
         calibrate(build_tiny("ddpm"), ["a cat"], 2, progress=False)
 
 
+def test_a_default_unconditional_pass_reports_its_one_sample_and_text_embeddings_are_refused(sd_pipe):
+    """Its summary said "items: None x 1 image(s)"; prompt_embeds beside the prompts failed in the first pipeline
+    call, printing the tensor (session 45)."""
+    assert "items: 1 x 1 image(s)" in calibrate(build_tiny("ddpm"), None, 2, progress=False).summary()
+    with pytest.raises(TypeError, match="do not pass 'prompt_embeds' .* from its own argument\\(s\\): prompts"):
+        calibrate(sd_pipe, ["a cat"], 1, progress=False, prompt_embeds=torch.zeros(1, 4, 8), **SD_SIZE)
+
+
 def test_replay_needs_a_stored_trajectory(sd_pipe):
     calib = calibrate(sd_pipe, "a", 1, store_trajectory=False, progress=False, **SD_SIZE)
     with pytest.raises(ValueError, match="store_trajectory=True"):

@@ -34,6 +34,9 @@ RESERVED_KWARGS = {
     "prompt": "prompts", "negative_prompt": "negative_prompt", "class_labels": "prompts",
     "batch_size": "num_samples and batch_size", "num_images_per_prompt": "num_images_per_prompt",
     "guidance_scale": "guidance_scale", "generator": "seed", "num_inference_steps": "num_inference_steps",
+    # text embeddings beside the prompts failed in the first call ("Cannot forward both"), printing the tensor
+    "prompt_embeds": "prompts", "negative_prompt_embeds": "negative_prompt", "pooled_prompt_embeds": "prompts",
+    "negative_pooled_prompt_embeds": "negative_prompt",
 }
 
 

@@ -172,7 +172,7 @@ class Calibration:
     def summary(self) -> str:
         """A short human-readable report of the pass."""
         s = self.settings
-        items = len(s.prompts) if s.prompts is not None else s.num_samples
+        items = len(s.prompts) if s.prompts is not None else s.num_samples or 1  # None: one sample ("None x 1")
         lines = [
             f"Calibration ({self.source}) of {self.pipeline_class} / {self.denoiser_class}",
             f"  items: {items} x {s.num_images_per_prompt} image(s), batch_size {s.batch_size}, "
