@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .paths import expand_home
+from .paths import expand_home, read_json_object
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -258,14 +258,14 @@ def _zoo_model_name(folder: Path) -> str | None:
     call settings, a 512-px fashion-flux, until session 45); None for other pipelines."""
     from . import zoo
 
-    index = _json_object(folder / "model_index.json")
+    index = read_json_object(folder / "model_index.json")
     if index is None:
         return None
-    info = _json_object(folder / "train_info.json")
+    info = read_json_object(folder / "train_info.json")
     if info is not None:
         return info.get("name") if info.get("name") in zoo.CALL_DEFAULTS else None
     denoiser = next((name for name in ("transformer", "unet") if name in index), None)
-    config = None if denoiser is None else _json_object(folder / denoiser / "config.json")
+    config = None if denoiser is None else read_json_object(folder / denoiser / "config.json")
     name = None if config is None else zoo.model_of_denoiser(config)
     return name if name is not None and index.get("_class_name") == zoo.PIPELINE_CLASSES[name] else None
 
@@ -284,21 +284,10 @@ def _check_pipeline_class_known(folder: Path) -> None:
     name (a folder saved by a newer diffusers: an AttributeError traceback until session 45)."""
     import diffusers
 
-    name = (_json_object(folder / "model_index.json") or {}).get("_class_name")
+    name = (read_json_object(folder / "model_index.json") or {}).get("_class_name")
     if isinstance(name, str) and not hasattr(diffusers, name):
         raise ValueError(f"pipeline folder {str(folder)!r} holds a {name}, which diffusers {diffusers.__version__} "
                          f"does not have (saved by a newer diffusers, or a community pipeline): upgrade diffusers")
-
-
-def _json_object(file: Path) -> dict | None:
-    """The JSON object in ``file``, or None (no such file, not JSON, not an object)."""
-    import json
-
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _looks_like_a_path(spec: str) -> bool:

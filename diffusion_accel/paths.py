@@ -37,3 +37,15 @@ EMPTY_PATH_PROBLEM = "the path is empty (it would write into the current folder)
 def empty_path(path: str | Path) -> bool:
     """True for ``""`` or blanks: ``Path("")`` is the current folder, where reports and artifacts landed silently."""
     return isinstance(path, str) and not path.strip()
+
+
+def read_json_object(file: str | Path) -> dict | None:
+    """The JSON object in ``file``, or None (no such file, not JSON, not an object): for the files other tools or
+    commands may have written (model_index.json, train_info.json, calibration.json)."""
+    import json
+
+    try:
+        value = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None

@@ -27,7 +27,7 @@ from .arch import get_adapter
 from .artifact import base_fingerprint, save_folder_problem
 from .artifact_files import StagedWrite
 from .loading import check_device, default_demo_spec, load_pipeline
-from .paths import expand_home
+from .paths import expand_home, read_json_object
 
 
 COLLECTOR_KINDS = ("ranges", "hessian", "features")
@@ -415,23 +415,16 @@ def _other_commands_output(folder: Path, methods: list[str]) -> str | None:
     notes = folder / "calibration.json"
     if not notes.is_file():
         return None
-    try:
-        kind = json.loads(notes.read_text(encoding="utf-8")).get("format")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        kind = None
+    kind = (read_json_object(notes) or {}).get("format")
     return None if kind == CALIBRATION_FORMAT else "a calibration.json of another command (the demo's)"
 
 
 def _artifact_notes_of(spec: str) -> dict[str, Any] | None:
     """The ``calibration.json`` of the artifact folder ``spec`` names (``ARTIFACT`` or ``BASE+ARTIFACT``), or None."""
     folder = expand_home(spec.rpartition("+")[2] if "+" in spec and not Path(spec).exists() else spec)
-    notes = folder / "calibration.json"
-    if not ((folder / "manifest.json").is_file() and notes.is_file()):
+    if not (folder / "manifest.json").is_file():
         return None
-    try:
-        return json.loads(notes.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
+    return read_json_object(folder / "calibration.json")
 
 
 def _check_chain_fits(pipe: Any, methods: list[str]) -> None:

@@ -169,7 +169,7 @@ class Collected:
 
 def _range_options(config: PTQConfig) -> dict[str, Any]:
     """RangeObserver options; an "mse" search scores ranges on the quantizer the layers get (it scored asymmetric
-    int8 for every format: fp8 images 0.9 dB worse than min/max on fashion-sd until session 45)."""
+    int8 for every format until session 45: symmetric int8 on fashion-sd 30.6 dB, now 33.8; fp8 is refused)."""
     quant_error = None
     if config.act_method == "mse" and config.activations is not None:
         quant_error = partial(activation_quant_error, fmt=get_format(config.activations),
