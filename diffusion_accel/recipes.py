@@ -299,6 +299,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         cache_table = _cache_table(args, recipe, pipe)
         if cache_table.get("method"):
             _check_cache_table(cache_table)
+            _check_cache_fits(pipe, cache_table)
         else:
             _check_default_cache_table(pipe, cache_table)
     prompt_list = (given_prompts(settings) if settings["prompts"] is not None  # [] ran the defaults (until s45)
@@ -475,6 +476,14 @@ def _check_cache_table(table: dict[str, Any]) -> None:
         check_table_without_method(table)
 
 
+def _check_cache_fits(pipe: Any, table: dict[str, Any]) -> None:
+    """The method a ``[cache]`` table names, checked against the loaded pipeline's denoiser before the chain runs:
+    DeepCache on a transformer, a router or TeaCache on a UNet failed after the calibration, pruning and PTQ."""
+    from .cache.recipe import check_table_fits
+
+    check_table_fits(pipe, table)
+
+
 def _check_default_cache_table(pipe: Any, table: dict[str, Any]) -> None:
     """A ``[cache]`` table naming no method, checked against the default method of the loaded pipeline before the
     chain runs: a key only the other default takes (``forecast_target`` on a UNet, ``branch`` on a transformer)
@@ -519,7 +528,7 @@ def technique_configs(methods: list[str], args: argparse.Namespace, recipe: dict
     the recipe's ``[quant]`` / ``[prune]`` table + flags; building them validates them."""
     from .prune import PruneConfig
     from .quant import PTQConfig
-    from .quant.configs import check_range_method
+    from .quant.configs import check_calibration_choices
 
     configs: dict[str, Any] = {}
     for table in ("quant", "prune"):
@@ -530,7 +539,7 @@ def technique_configs(methods: list[str], args: argparse.Namespace, recipe: dict
             recipe_preset = options.pop("preset", "w8a8")  # popped always: with --preset it reached PTQConfig
             preset = args.preset or recipe_preset
             configs[method] = _built("quant", PTQConfig.preset, preset, **options)
-            check_range_method(configs[method])  # before the chain's calibration, not after it
+            check_calibration_choices(configs[method])  # before the chain's calibration, not after it
         elif method not in ("cache", "stats"):
             options = {**_calibration_weighting(recipe), **recipe.get("prune", {}), "method": method}
             flags = (("sparsity", args.sparsity), ("pattern", args.pattern), ("weighting", args.weighting),

@@ -905,6 +905,24 @@ def test_a_cache_key_only_the_other_default_method_takes_is_refused_before_the_c
     assert "do not apply to method" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("pipe, method, message", [
+    ("tiny:sd", "router", "no transformer block stacks"), ("tiny:sd", "teacache", "no transformer block stacks"),
+    ("tiny:sd", "first_block", "no transformer block stacks"), ("tiny:flux", "deepcache", "no UNet skip branches"),
+    ("tiny:flux", "encoder_propagation", "UNet"),
+])
+def test_a_cache_method_the_denoiser_cannot_take_is_refused_before_the_chain(pipe, method, message, capsys,
+                                                                             tmp_path, monkeypatch):
+    """A named cache method was checked against the denoiser only when it was applied, after the chain's
+    calibration, pruning and quantization had run (minutes to hours on a real model)."""
+    import diffusion_accel.recipes as recipes
+
+    monkeypatch.setattr(recipes, "_apply_chain", lambda *args: pytest.fail("the chain ran"))
+    assert main(["calibrate", "--pipe", pipe, "--method", "obs,ptq,cache", "--cache-method", method, "--steps", "2",
+                 "--num-prompts", "1", "--out", str(tmp_path / "art")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "art").exists()
+
+
 def test_a_cache_overlaid_into_an_artifacts_folder_keeps_how_the_artifact_was_made(tmp_path, capsys):
     """calibration.json was replaced by one recording only the cache step (the prune/PTQ settings were lost)."""
     out = tmp_path / "art"

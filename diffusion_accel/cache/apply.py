@@ -262,6 +262,12 @@ def _handler_for(config: Any) -> Callable:
     return handler
 
 
+def check_cache_fits(pipe: Any, config: Any) -> None:
+    """ValueError when ``config``'s method cannot cache ``pipe``'s denoiser (DeepCache on a transformer, a block
+    cache on a UNet, a branch out of range): ``enable_cache``'s checks, installing nothing."""
+    _handler_for(config)(pipe, config)
+
+
 def enable_cache(pipe: Any, config: Any) -> Any:
     """Cache denoiser features across steps as ``config`` says; returns the same pipeline.
 

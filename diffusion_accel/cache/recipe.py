@@ -13,10 +13,12 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
+from .apply import check_cache_fits
 from .calibrated import calibrate_schedule, check_search_settings
-from .configs import (BlockCacheConfig, DeepCacheConfig, DeltaCacheConfig,
+from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, DeltaCacheConfig,
                       EncoderPropagationConfig, FirstBlockCacheConfig, TeaCacheConfig)
 from .router_learn import check_learning_settings, learn_router
+from .stack import check_stack
 from .teacache_fit import check_degree, fit_teacache_coefficients
 
 STATIC_METHODS: dict[str, type] = {
@@ -63,6 +65,22 @@ def check_table(table: dict[str, Any]) -> None:
     if degree is not None:  # a TeaCache fit's (refused beside coefficients): checked before the model loads
         check_degree(degree)
     STATIC_METHODS[method](**options)  # a TeaCache to fit too: its threshold was checked only after the fit
+
+
+def check_table_fits(pipe: Any, table: dict[str, Any]) -> None:
+    """ValueError when the method a ``[cache]`` table names cannot cache ``pipe``'s denoiser, checked once the
+    pipeline loads: a router or TeaCache on a UNet, DeepCache on a transformer failed only after a chain's
+    calibration, pruning and PTQ had run (session 46)."""
+    method, options = _method_and_options(table)
+    if method == "router":
+        check_stack(pipe, uses_head=False)
+        return
+    if method == "calibrated":  # the schedule is searched later; its branch / target are checked on a probe
+        targets = {key: options[key] for key in ("branch", "forecast", "forecast_target") if key in options}
+        check_cache_fits(pipe, CalibratedCacheConfig((0,), 2, **targets))
+        return
+    options.pop("degree", None)
+    check_cache_fits(pipe, STATIC_METHODS[method](**options))
 
 
 DEFAULT_METHODS = ("deepcache", "block")  # what default_cache_config picks: UNets, transformers
