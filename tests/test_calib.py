@@ -443,6 +443,35 @@ def test_sample_store_keeps_a_capped_uniform_sample_with_outputs(sd_pipe):
     assert len(small.samples(SD_CONV)) == 3
 
 
+def _offer_rows(store, name, rows, width, step=0):
+    """Offer ``rows`` float32 rows of ``width`` values (and as large outputs) as one call of ``name``."""
+    from diffusion_accel.calib.collectors import ModuleCall
+
+    values = torch.randn(rows, width)
+    store.observe(name, ModuleCall((values,), {}, values.clone()), Step(step))
+
+
+def test_the_sample_store_budget_is_shared_by_sample_count_not_bytes():
+    """An equal byte share per module left the modules of large samples (a full-size UNet's 64x64 blocks) 1-2
+    samples while small ones kept dozens; the budget now keeps the counts level."""
+    store = SampleStore(["big", "small"], max_samples=64, max_bytes=20 * (2 * 4 * 1000 + 2 * 4 * 10),
+                        with_outputs=True)
+    for step in range(40):
+        _offer_rows(store, "big", 1, 1000, step)
+        _offer_rows(store, "small", 1, 10, step)
+    assert len(store.samples("big")) == len(store.samples("small")) == 20
+    assert store.total_bytes <= store.max_bytes
+    kept = [sample.step.step_index for sample in store.samples("big")]
+    assert max(kept) > 20  # late rows are still taken (below the keys given up), not only the first ones
+
+
+def test_a_sample_store_budget_below_one_sample_per_module_names_max_bytes():
+    store = SampleStore(["a", "b"], max_samples=4, max_bytes=1000, with_outputs=True)
+    _offer_rows(store, "a", 1, 100)
+    with pytest.raises(ValueError, match="max_bytes=1000 cannot hold one sample of each of the 2 modules"):
+        _offer_rows(store, "b", 1, 100)
+
+
 def test_trajectory_cap_keeps_whole_first_trajectories(sd_pipe):
     full = calibrate(sd_pipe, ["a", "b"], 2, progress=False, **SD_SIZE)
     per_prompt = full.trajectory_bytes // 2

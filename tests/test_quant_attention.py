@@ -184,3 +184,21 @@ def test_float16_attention_scores_that_overflow_before_scaling_stay_finite():
     unscaled = query @ key.transpose(-1, -2)
     assert torch.isfinite(reference).all() and not torch.isfinite(unscaled).all()  # the case: overflow unscaled
     assert torch.isfinite(attn(x.half(), encoder_hidden_states=context.half())).all()
+
+
+def test_gradients_reach_the_query_and_key_projections_through_the_quantized_softmax():
+    """The softmax grid rounded without a straight-through gradient: to_q / to_k got none (exactly 0), so block
+    reconstruction never moved their AdaRound codes."""
+    probs = torch.rand(2, 5, requires_grad=True)
+    quantize_softmax(probs, 8).sum().backward()
+    assert torch.equal(probs.grad, torch.ones_like(probs))
+    torch.manual_seed(0)
+    pipe = build_tiny("sd")
+    quantize_(pipe, PTQConfig(weights=None, activations=None, attention="int8", calib_prompts=1, calib_num_steps=2,
+                              calib_steps="all"))
+    query = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q").weight
+    query.requires_grad_(True)
+    sample = torch.randn(1, 4, 8, 8, requires_grad=True)
+    text = torch.randn(1, 77, pipe.unet.config.cross_attention_dim)
+    pipe.unet(sample, torch.tensor([500]), encoder_hidden_states=text).sample.pow(2).sum().backward()
+    assert query.grad.abs().sum() > 0

@@ -293,8 +293,8 @@ def test_an_mse_range_search_scores_the_quantizer_the_layers_get(activations, sy
     observer.observe("layer", values, Step(0))
     error = lambda lo, hi: activation_quant_error(values, lo, hi, get_format(activations), symmetric)  # noqa: E731
     assert error(*observer.range("layer")) <= error(*observer.minmax("layer"))
-    from diffusion_accel.quant.configs import check_range_method
+    from diffusion_accel.quant.configs import check_calibration_choices
 
     saved = PTQConfig(weights="fp8", activations="fp8", act_method="mse")  # artifacts saved so still load
     with pytest.raises(ValueError, match="act_method='mse' clips a range .* use act_method='minmax'"):
-        check_range_method(saved)  # what quantize_ and the CLI check before calibrating
+        check_calibration_choices(saved)  # what quantize_ and the CLI check before calibrating

@@ -146,3 +146,62 @@ def test_an_interrupted_reconstruction_leaves_every_parameter_trainable_as_befor
         quantize_(pipe, PTQConfig(reconstruct=True, recon_iters=2, recon_samples=2, recon_batch=2, calib_prompts=1,
                                   calib_num_steps=2, calib_steps="all"))
     assert {name: p.requires_grad for name, p in pipe.unet.named_parameters()} == before
+
+
+@pytest.mark.parametrize("options", [{"activations": None}, {"act_mode": "dynamic"}])
+def test_activation_step_iterations_without_static_activation_scales_are_refused(options):
+    """They were accepted, ran a forward and backward pass each and learned nothing, while the note said they had."""
+    pipe = build_tiny("sd")
+    config = PTQConfig(weights="int4", reconstruct=True, recon_iters=2, recon_act_iters=5, calib_prompts=1,
+                       calib_num_steps=2, calib_steps="all", **options)
+    with pytest.raises(ValueError, match="recon_act_iters=5 learns static activation scales"):
+        quantize_(pipe, config)
+    assert not any(isinstance(module, QuantLinear) for module in pipe.unet.modules())
+
+
+def test_a_block_without_activation_scales_runs_only_its_rounding_iterations():
+    """A block whose activations all stay in floating point (act_exclude) ran max(recon_iters, recon_act_iters)
+    passes, the ones past recon_iters updating nothing."""
+    config = PTQConfig(weights="int4", activations=None, recon_iters=4, recon_batch=8)
+    config_with_act_iters = PTQConfig(weights="int4", recon_iters=4, recon_act_iters=20, recon_batch=8)
+    block, x = _tiny_block(), torch.randn(16, 32)
+    target = _tiny_block()(x).detach()
+    originals = _quantize_block(block, config)
+    calls = []
+
+    def batches(idx):
+        calls.append(idx)
+        return (x[idx],), {}, target[idx]
+
+    layers = {name: block[int(name)] for name in originals}  # weight-only layers: no activation quantizer
+    reconstruct_block(block, layers, originals, batches, 16, config_with_act_iters)
+    assert len(calls) == 4
+
+
+def test_quantized_layers_outside_every_block_are_reconstructed_too():
+    """With keep_high_precision=False conv_in, the time embedding and conv_out are quantized but lie outside the
+    adapter's blocks: they kept nearest rounding while the note said every block was reconstructed."""
+    from diffusion_accel.quant.state import get_state
+
+    base = dict(weights="int4", activations=None, calib_prompts=1, calib_num_steps=2, calib_steps="all",
+                lower=False, keep_high_precision=False)
+    nearest, learned = build_tiny("sd"), build_tiny("sd")
+    quantize_(nearest, PTQConfig(**base))
+    quantize_(learned, PTQConfig(**base, reconstruct=True, recon_iters=150, recon_samples=4, recon_batch=2,
+                                 recon_lr=1e-2))
+    outside = ["conv_in", "time_embedding.linear_1", "time_embedding.linear_2", "conv_out"]
+    assert set(outside) <= set(get_state(learned.unet).layers)
+    for name in outside:
+        assert not torch.equal(nearest.unet.get_submodule(name).weight_codes,
+                               learned.unet.get_submodule(name).weight_codes), name
+
+
+def test_blocks_the_memory_budget_leaves_few_samples_are_named_in_a_warning_and_the_notes():
+    from diffusion_accel.quant.state import get_state
+
+    pipe = build_tiny("sd")
+    config = PTQConfig(weights="int4", activations=None, calib_prompts=2, calib_num_steps=2, calib_steps="all",
+                       reconstruct=True, recon_iters=1, recon_samples=8, recon_max_bytes=300_000)
+    with pytest.warns(RuntimeWarning, match="recon_max_bytes=300000 held .* samples in .* blocks"):
+        quantize_(pipe, config)
+    assert any("raise recon_max_bytes" in note for note in get_state(pipe.unet).notes)

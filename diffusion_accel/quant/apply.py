@@ -25,7 +25,7 @@ from .attention import (QUANT_PROCESSORS, describe_processors, install_attention
 from .build import build_layer, weight_grid
 from .calibrate import (Collected, FilterFn, LayerTarget, collect, hessian_sweep, keeps_float_activations,
                         select_layers)
-from .configs import PTQConfig, check_range_method
+from .configs import PTQConfig, check_calibration_choices
 from .formats import get_format
 from .gptq import gptq_round_all
 from .layers import StepGroups, timestep_bounds
@@ -74,7 +74,7 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
     _, denoiser = find_denoiser(pipe)
     if get_state(denoiser) is not None:
         raise ValueError("this pipeline's denoiser is already quantized; quantize a fresh base pipeline")
-    check_range_method(config)
+    check_calibration_choices(config)
     targets = select_layers(pipe, config, filter_fn) if config.weights or config.activations else []
     attention, others = _attention_targets(pipe, config)
     collected = collect(pipe, config, targets, calib)

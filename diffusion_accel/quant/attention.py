@@ -26,14 +26,16 @@ from torch import nn
 
 from ..arch import get_adapter
 from .formats import get_format
-from .quantizers import dynamic_qparams, fake_quant_act, in_float32
+from .quantizers import dynamic_qparams, fake_quant_act, in_float32, round_ste
 
 
 def quantize_softmax(probs: torch.Tensor, bits: int) -> torch.Tensor:
     """Round probabilities in [0, 1] onto the unsigned grid of ``2**bits`` levels, in float32 (float16 holds no
-    65535: 16 bits failed every float16 call) and returned in ``probs``' dtype."""
+    65535: 16 bits failed every float16 call) and returned in ``probs``' dtype. The rounding passes gradients
+    straight through, as the Q/K/V fake quantization does (a plain round left Q and K without gradient: block
+    reconstruction never moved their AdaRound codes)."""
     levels = 2 ** bits - 1
-    return (torch.round(probs.float() * levels).clamp(0, levels) / levels).to(probs.dtype)
+    return (round_ste(probs.float() * levels).clamp(0, levels) / levels).to(probs.dtype)
 
 
 class QuantAttentionBase:

@@ -186,6 +186,15 @@ def activation_quant_error(sample: torch.Tensor, lo: float, hi: float, fmt: Numb
     return float((rounded - values).pow(2).mean())
 
 
+def reconstruction_units(pipe: Any, layer_names: Sequence[str]) -> list[str]:
+    """What block reconstruction fits one at a time: the adapter's blocks, then each quantized layer outside all of
+    them (conv_in, the time embedding, conv_out with ``keep_high_precision=False``), alone: they kept nearest
+    rounding while the note said every block was reconstructed (until session 46)."""
+    blocks = [info.name for info in get_adapter(pipe).blocks()]
+    outside = [name for name in layer_names if not any(name.startswith(block + ".") for block in blocks)]
+    return blocks + sorted(set(outside), key=list(layer_names).index)
+
+
 def build_collectors(pipe: Any, config: PTQConfig, targets: Sequence[LayerTarget]) -> list[Collector]:
     """Range observers for static activations and a SampleStore of blocks for reconstruction."""
     collectors: list[Collector] = []
@@ -200,8 +209,9 @@ def build_collectors(pipe: Any, config: PTQConfig, targets: Sequence[LayerTarget
     if config.weights is not None and config.weight_scale == "output_mse":
         collectors.append(HessianCollector([t.name for t in targets], full=False))
     if config.reconstruct:
-        blocks = [info.name for info in get_adapter(pipe).blocks()]
-        collectors.append(SampleStore(blocks, max_samples=config.recon_samples, with_outputs=True))
+        units = reconstruction_units(pipe, [target.name for target in targets])
+        collectors.append(SampleStore(units, max_samples=config.recon_samples, max_bytes=config.recon_max_bytes,
+                                      with_outputs=True))
     return collectors
 
 

@@ -59,7 +59,8 @@ class PTQConfig:
     calib_*: used only when ``quantize_`` runs the calibration itself. reconstruct: AdaRound/BRECQ
     block reconstruction with ``recon_iters`` rounding iterations per block (Adam at ``recon_lr``; the
     first ``recon_act_iters`` iterations also learn the activation step sizes, at ``recon_act_lr``), on
-    ``recon_samples`` stored block calls in batches of ``recon_batch``; loss: the block outputs' mean
+    ``recon_samples`` stored block calls in batches of ``recon_batch`` (all blocks' samples together at most
+    ``recon_max_bytes`` of CPU memory, shared by sample count; a warning names blocks left fewer); loss: the block outputs' mean
     |error|^``recon_p`` plus, after the first ``recon_warmup`` fraction (in [0, 1)) of the iterations,
     ``recon_reg`` times the rounding regulariser, its exponent annealed from ``recon_beta[0]`` to
     ``recon_beta[1]``. lower: turn the calibrated
@@ -99,6 +100,7 @@ class PTQConfig:
     recon_act_iters: int = 0
     recon_batch: int = 8
     recon_samples: int = 64
+    recon_max_bytes: int = 1 << 30
     recon_lr: float = 1e-3
     recon_act_lr: float = 4e-4
     recon_reg: float = 0.01
@@ -243,7 +245,7 @@ def _check_calibration_options(config: PTQConfig) -> None:
     if config.calib_guidance_scale is not None:
         _finite("calib_guidance_scale", config.calib_guidance_scale, 0.0)
     _check_calib_kwargs(config.calib_kwargs)
-    for name in ("calib_prompts", "calib_num_steps", "recon_batch", "recon_samples"):
+    for name in ("calib_prompts", "calib_num_steps", "recon_batch", "recon_samples", "recon_max_bytes"):
         _positive_int(name, getattr(config, name))
     for name in ("recon_iters", "recon_act_iters"):
         _positive_int(name, getattr(config, name), minimum=0)
@@ -273,9 +275,20 @@ def _check_activation_options(config: PTQConfig) -> None:
                          "floating point, but activations=None already keeps all of them")
 
 
-def check_range_method(config: PTQConfig) -> None:
-    """ValueError for an "mse" range search of fp8 activations, checked where ranges are calibrated anew (not in
-    ``validate``: artifacts saved with it before session 45 hold their ranges and still load)."""
+def check_calibration_choices(config: PTQConfig) -> None:
+    """ValueError for settings refused where a model is calibrated anew but not in ``validate`` (artifacts saved with
+    them hold what they learned and still load): an "mse" range search of fp8 activations (session 45), and
+    activation-step iterations where no activation has a static scale to learn (session 46)."""
+    _check_range_method(config)
+    learns_scales = config.activations is not None and config.act_mode == "static"
+    if config.reconstruct and config.recon_act_iters > 0 and not learns_scales:
+        raise ValueError(f"PTQConfig.recon_act_iters={config.recon_act_iters} learns static activation scales, but "
+                         f"activations={config.activations!r} / act_mode={config.act_mode!r} has none to learn (the "
+                         f"iterations ran and changed nothing); set recon_act_iters=0")
+
+
+def _check_range_method(config: PTQConfig) -> None:
+    """An "mse" range search of fp8 activations is refused."""
     if config.act_method == "mse" and config.activations is not None and get_format(config.activations).is_float:
         raise ValueError(f"PTQConfig.act_method='mse' clips a range to the least quantization error, which an fp8 "
                          f"grid (activations={config.activations!r}) gets by clipping outliers its relative precision "

@@ -11,6 +11,7 @@ rounding is then frozen into the integer codes. Inputs are the full-precision mo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,8 @@ from ..arch.registry import find_denoiser
 from ..calib import SampleStore
 from ..calib.trees import tensors_in
 from ..progress import progress_bar
+from ..stacklevel import user_stacklevel
+from .calibrate import reconstruction_units
 from .configs import PTQConfig
 from .formats import get_format
 from .layers import ActQuantizer, QuantLayer, StepGroups
@@ -123,7 +126,7 @@ def reconstruct_block(block: nn.Module, layers: dict[str, QuantLayer], originals
     opt_w = torch.optim.Adam(rounding_params, lr=config.recon_lr)
     opt_a = torch.optim.Adam(act_params, lr=config.recon_act_lr) if act_params else None
     generator = torch.Generator().manual_seed(seed)
-    total = max(config.recon_iters, config.recon_act_iters)
+    total = max(config.recon_iters, config.recon_act_iters if act_params else 0)  # no scales here: nothing to learn
     try:
         with torch.enable_grad():
             for it in range(total):
@@ -179,21 +182,41 @@ def store_batches(samples: SampleStore, name: str, device: torch.device) -> tupl
 
 def reconstruct_blocks(pipe: Any, config: PTQConfig, samples: SampleStore | None, originals: dict[str, nn.Module],
                        selector: StepGroups | None = None, step_group: Callable[[int], int] | None = None) -> None:
-    """Reconstruct every adapter block that holds quantized layers, sequentially; with timestep groups
+    """Reconstruct every adapter block that holds quantized layers, then each quantized layer outside them, alone
+    (``reconstruction_units``), sequentially; with timestep groups
     (``selector``, ``step_group``: calibrated step index -> group), each batch in its samples' group."""
     _, denoiser = find_denoiser(pipe)
     state = get_state(denoiser)
     if samples is None:
         raise ValueError("reconstruction needs stored block calls; none were collected")
-    device = next(denoiser.parameters()).device
-    for info in progress_bar(get_adapter(pipe).blocks(), "reconstruct blocks"):
-        layers = {n: denoiser.get_submodule(n) for n in state.layers if n.startswith(info.name + ".")}
-        if not layers or not samples.samples(info.name):
+    device, reconstructed = next(denoiser.parameters()).device, []
+    for unit in progress_bar(reconstruction_units(pipe, state.layers), "reconstruct blocks"):
+        layers = {n: denoiser.get_submodule(n) for n in state.layers if n == unit or n.startswith(unit + ".")}
+        if not layers or unit not in samples.module_names or not samples.samples(unit):
             continue
-        batches, count = store_batches(samples, info.name, device)
+        reconstructed.append(unit)
+        batches, count = store_batches(samples, unit, device)
         groups = None if selector is None or step_group is None else \
-            torch.tensor([step_group(sample.step.step_index) for sample in samples.samples(info.name)])
-        reconstruct_block(denoiser.get_submodule(info.name), layers, originals, batches, count, config,
+            torch.tensor([step_group(sample.step.step_index) for sample in samples.samples(unit)])
+        reconstruct_block(denoiser.get_submodule(unit), layers, originals, batches, count, config,
                           sample_groups=groups, selector=selector)
     state.notes.append(f"block reconstruction: {config.recon_iters} AdaRound iterations per block, "
                        f"{config.recon_act_iters} activation-step iterations, fp block inputs")
+    _note_memory_capped(state, samples, config, reconstructed)
+
+
+def _note_memory_capped(state: Any, samples: SampleStore, config: PTQConfig, blocks: list[str]) -> None:
+    """Warn (and note) when ``recon_max_bytes`` left ``blocks`` fewer stored calls than ``recon_samples`` and their
+    calls offered: their rounding is fitted to those few (full-size SD 1.5 at 512 px: 1-2 per block until the
+    budget was shared by count, session 46)."""
+    held = {name: len(samples.samples(name)) for name in blocks}
+    short = {name: count for name, count in held.items()
+             if count < min(config.recon_samples, samples.rows_seen[name])}
+    if not short:
+        return
+    fewest = min(short.values())
+    message = (f"block reconstruction: recon_max_bytes={config.recon_max_bytes} held {fewest} to "
+               f"{max(short.values())} samples in {len(short)} blocks (recon_samples={config.recon_samples}), "
+               f"e.g. {min(short, key=short.get)!r} {fewest}; raise recon_max_bytes for more")
+    warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
+    state.notes.append(message)
