@@ -375,6 +375,23 @@ def test_prune_denoiser_refuses_what_prune_refuses(config, match):
     assert all(torch.equal(before[name], tensor) for name, tensor in unet.state_dict().items())
 
 
+def test_prune_denoiser_refuses_quantized_and_non_finite_denoisers_as_prune_does():
+    """The bare-denoiser entry point checked no weights: a quantized denoiser was "nothing to prune", NaN weights
+    and unmerged adapters went through."""
+    from diffusion_accel.prune import prune_denoiser_
+    from diffusion_accel.quant import PTQConfig, quantize_
+
+    quantized = quantize_(build_tiny("sd"), PTQConfig(weights="int8", activations=None, calib_prompts=1,
+                                                      calib_num_steps=2, calib_steps="all")).unet
+    with pytest.raises(ValueError, match="already quantized; prune first"):
+        prune_denoiser_(quantized, PruneConfig(method="magnitude", sparsity=0.5))
+    broken = build_tiny("sd").unet
+    with torch.no_grad():
+        broken.conv_in.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="prune_denoiser_ needs finite weights"):
+        prune_denoiser_(broken, PruneConfig(method="magnitude", sparsity=0.5))
+
+
 def test_structured_pruning_over_an_earlier_prunes_zeros_is_refused():
     """OBS compensation refilled the 2:4 zeros of the layers structured pruning updates (ff.net.2 kept none),
     silently, while the record still listed them as masked. The other order works."""

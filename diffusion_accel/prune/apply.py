@@ -13,7 +13,7 @@ from torch import nn
 from .. import prompts as prompt_sets
 from ..arch import find_denoiser, get_adapter
 from ..arch.registry import check_plain_weights
-from ..artifact import applied_techniques, base_fingerprint, mark_applied, marks_restored_on_error
+from ..artifact import base_fingerprint, mark_applied, marks_restored_on_error, techniques_on
 from ..calib import Calibration, HessianCollector, calibrate, call_mode, class_count
 from ..calib.hessian import UnobservedLayerError
 from ..hooks import refuse_while_cached
@@ -89,11 +89,7 @@ def check_arguments(pipe: Any, config: PruneConfig, calib: Calibration | None) -
     if calib is not None and not isinstance(calib, Calibration):
         raise TypeError(f"calib must be a Calibration from da.calibrate or None, got {type(calib).__name__}")
     component, denoiser = find_denoiser(pipe)
-    check_plain_weights(denoiser, "prune_")
-    refuse_while_cached(denoiser, "prune_")
-    if "ptq" in applied_techniques(pipe):
-        raise ValueError("this pipeline's denoiser is already quantized; prune first, then quantize_ "
-                         "(the order is pruning, then PTQ, then caching)")
+    check_prunable_weights(denoiser, "prune_")
     if not component:
         raise TypeError("prune_ needs a diffusers pipeline (it re-runs it to calibrate); for a bare "
                         "denoiser use prune_denoiser_(denoiser, config) with method='magnitude'")
@@ -101,6 +97,17 @@ def check_arguments(pipe: Any, config: PruneConfig, calib: Calibration | None) -
         calib.check_fits(denoiser)
     _check_calib_kwargs(config)
     check_denoiser(denoiser, get_adapter(pipe), config)
+
+
+def check_prunable_weights(denoiser: nn.Module, technique: str) -> None:
+    """ValueError unless ``denoiser``'s weights are plain float ones to prune: not quantized (ours or loaded so), no
+    unmerged adapters, not cached, offloaded or layerwise-cast (``prune_denoiser_`` checked none of these until
+    session 46: on a quantized denoiser it said "nothing to prune")."""
+    check_plain_weights(denoiser, technique)
+    refuse_while_cached(denoiser, technique)
+    if "ptq" in techniques_on(denoiser):
+        raise ValueError("this pipeline's denoiser is already quantized; prune first, then quantize_ "
+                         "(the order is pruning, then PTQ, then caching)")
 
 
 def check_denoiser(denoiser: nn.Module, adapter: Any, config: PruneConfig) -> None:
@@ -220,6 +227,7 @@ def prune_denoiser_(denoiser: nn.Module, config: PruneConfig, sweep: Sweep | Non
         what = f"method {config.method!r}" if config.method != "magnitude" else "allocation='error'"
         raise ValueError(f"{what} needs calibration inputs; use prune_(pipe, ...), or method='magnitude' "
                          f"(with allocation='saliency' for scope='global')")
+    check_prunable_weights(denoiser, "prune_denoiser_")
     adapter = get_adapter(denoiser)
     check_denoiser(denoiser, adapter, config)
     report = PruneReport(config.method, config.pattern, config.target_sparsity,
