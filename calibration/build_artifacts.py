@@ -13,7 +13,8 @@ any work (exit 2, summary untouched); a recipe that fails is reported and the ot
     python calibration/build_artifacts.py --methods ptq --preset w8a8 --out artifacts/
     python calibration/build_artifacts.py pipelines/sdxl.toml --methods obs,ptq,cache --sparsity 0.3 \
         --pattern structured --out artifacts/
-    diffusion-accel eval --pipe base=stabilityai/stable-diffusion-xl-base-1.0 --pipe accel=artifacts/sdxl
+    diffusion-accel eval --pipe base=stabilityai/stable-diffusion-xl-base-1.0 --pipe accel=artifacts/sdxl \
+        --dtype fp16 --variant fp16
 
 Any calibrate flag can be passed after ``--`` (e.g. ``-- --selection uniform:10 --budget 0.4``).
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import sys
 import time
@@ -169,8 +171,7 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
     spec, dtype = artifact_base(folder, args.pipe, args.dtype)
     base = load_pipeline(spec, dtype=dtype, device=args.device,  # the files the artifact was built from:
                          variant=args.variant or artifact_variant(folder, args.pipe))  # fp16-only folders failed
-    accelerated = load(type(base).from_pipe(base), folder)  # its own copy of the denoiser; the pipeline's
-    # config (SDXL's force_zeros_for_empty_prompt, ...) kept: type(base)(**base.components) reset it
+    accelerated = load(sibling_pipeline(base), folder)  # its own copy of the denoiser
     if hasattr(base, "default_sample_size"):
         accelerated.default_sample_size = base.default_sample_size
     set_call_defaults(accelerated, call_defaults(base))  # a zoo base's call settings (T5 length, CFG)
@@ -184,6 +185,17 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
             "speedup": rows["accelerated"].get("speedup"), "latency_ms": rows["accelerated"].get("latency_ms"),
             "base_latency_ms": rows["base"].get("latency_ms"), "check_prompts": rows["base"]["images"],
             "check_steps": args.check_steps}
+
+
+def sibling_pipeline(base: Any) -> Any:
+    """A pipeline of ``base``'s class on the same components and init options (SDXL's
+    ``force_zeros_for_empty_prompt``, which ``type(base)(**base.components)`` reset). Not ``from_pipe``: without a
+    dtype it casts every shared component to float32, so an fp16 recipe's base and artifact were checked in fp32
+    (until session 46)."""
+    parameters = inspect.signature(type(base).__init__).parameters
+    options = {name: base.config[name] for name in parameters
+               if name in base.config and name not in base.components}
+    return type(base)(**base.components, **options)
 
 
 def _calibrated_settings(folder: Path, recipe: Path) -> dict[str, Any]:

@@ -173,3 +173,18 @@ def test_an_out_path_that_is_a_file_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_artifacts.main([str(_recipe(tmp_path, "small", "tiny:sd")), "--out", str(tmp_path / "afile")])
     assert exit_info.value.code == 2 and "is a file; give a folder" in capsys.readouterr().err
+
+
+def test_the_check_pipeline_shares_the_base_components_in_their_dtype_and_keeps_its_options():
+    """from_pipe, which built it, casts every shared component to float32 without a dtype: an fp16 recipe's base
+    and artifact were compared in float32 (and a FLUX.1-dev check held a 48 GB transformer)."""
+    import torch
+
+    from diffusion_accel.testing.tiny import build_tiny
+
+    base = build_tiny("sdxl").to(torch.float16)
+    base.register_to_config(force_zeros_for_empty_prompt=False)
+    sibling = build_artifacts.sibling_pipeline(base)
+    assert sibling.unet is base.unet and sibling.vae is base.vae
+    assert base.unet.dtype == base.text_encoder.dtype == torch.float16
+    assert sibling.config.force_zeros_for_empty_prompt is False
