@@ -488,9 +488,10 @@ def _check_default_cache_table(pipe: Any, table: dict[str, Any]) -> None:
     """A ``[cache]`` table naming no method, checked against the default method of the loaded pipeline before the
     chain runs: a key only the other default takes (``forecast_target`` on a UNet, ``branch`` on a transformer)
     was refused after the chain's calibration, pruning and quantization."""
-    from .cache.recipe import check_table, default_cache_table
+    from .cache.recipe import check_table, check_table_fits, default_cache_table
 
     check_table(default_cache_table(pipe) | table)
+    check_table_fits(pipe, default_cache_table(pipe) | table)  # a branch out of range (until s46: after the chain)
 
 
 def _apply_chain(pipe: Any, methods: list[str], configs: dict[str, Any], args: argparse.Namespace,

@@ -923,6 +923,18 @@ def test_a_cache_method_the_denoiser_cannot_take_is_refused_before_the_chain(pip
     assert not (tmp_path / "art").exists()
 
 
+def test_a_method_less_cache_table_that_cannot_fit_the_denoiser_is_refused_before_the_chain(capsys, tmp_path,
+                                                                                             monkeypatch):
+    import diffusion_accel.recipes as recipes
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[cache]\nbranch = 9\n")
+    monkeypatch.setattr(recipes, "_apply_chain", lambda *args: pytest.fail("the chain ran"))
+    assert main(["calibrate", "--recipe", str(recipe), "--pipe", "tiny:sd", "--method", "ptq,cache", "--steps", "2",
+                 "--num-prompts", "1", "--out", str(tmp_path / "art")]) == 2
+    assert "branch 9 is out of range" in capsys.readouterr().err
+
+
 def test_a_cache_overlaid_into_an_artifacts_folder_keeps_how_the_artifact_was_made(tmp_path, capsys):
     """calibration.json was replaced by one recording only the cache step (the prune/PTQ settings were lost)."""
     out = tmp_path / "art"
