@@ -9,8 +9,9 @@ computing other images; ``load_lora_adapter`` deletes the adapter but leaves the
 From the first technique on, both methods are guarded on the denoiser instance (never the class): a
 LoRA whose targets include a replaced layer is refused before anything changes, and any other failure
 unwraps the layers the call wrapped, so the denoiser is left as it was. Flux's ``load_lora_weights``
-fails earlier, with a KeyError for the replaced layer's ``weight`` (nothing loaded yet): the pipeline's
-method is guarded to say why.
+first widens every layer narrower than the LoRA's tensors (Control LoRAs), which swapped structured-pruned
+layers for zero-padded base-size ones, and reads each targeted layer's ``weight`` (a KeyError on a replaced
+layer): its widening step is guarded to check the LoRA's targets before any layer changes.
 
 IP-Adapters are guarded too: diffusers builds their projections at the config's width and rebuilds every
 other attention processor with no arguments, so one loaded after structured pruning of attention heads
@@ -33,7 +34,8 @@ PIPELINE_METHOD = "load_lora_weights"
 IP_LOAD_METHOD = "_load_ip_adapter_weights"  # on the denoiser: what load_ip_adapter calls after the image encoder
 IP_UNLOAD_METHOD = "unload_ip_adapter"  # on the pipeline
 GUARDED_ADAPTER_METHODS = (ADD_METHOD, LOAD_METHOD, IP_LOAD_METHOD)  # on the denoiser
-GUARDED_ADAPTER_PIPELINE_METHODS = (PIPELINE_METHOD, IP_UNLOAD_METHOD)  # on the pipeline
+EXPAND_METHOD = "_maybe_expand_transformer_param_shape_or_error_"  # Flux's load_lora_weights: widens layers first
+GUARDED_ADAPTER_PIPELINE_METHODS = (PIPELINE_METHOD, IP_UNLOAD_METHOD, EXPAND_METHOD)  # on the pipeline
 _LORA_KEY_MARK = ".lora_"  # "<module>.lora_A.weight", "<module>.lora_B.<adapter>.weight", ...
 _LOKR_KEY_MARK = ".lokr_"  # LoKr factors: "<module>.lokr_w1", ...
 ALL_LINEAR = "all-linear"  # peft's target_modules shorthand
@@ -49,6 +51,7 @@ def install_adapter_guards(pipe: Any, denoiser: nn.Module) -> None:
     for owner, method, guarded in ((denoiser, ADD_METHOD, _guarded_add_adapter),
                                    (denoiser, LOAD_METHOD, _guarded_load_lora_adapter),
                                    (pipe, PIPELINE_METHOD, _guarded_load_lora_weights),
+                                   (pipe, EXPAND_METHOD, _guarded_expand),
                                    (denoiser, IP_LOAD_METHOD, _guarded_load_ip_adapter),
                                    (pipe, IP_UNLOAD_METHOD, _guarded_unload_ip_adapter)):
         if owner is not None:
@@ -99,6 +102,19 @@ def _guarded_load_lora_weights(pipe: Any, *args: Any, **kwargs: Any) -> Any:
         if layer in replaced_layers(denoiser):
             _refuse_targets(denoiser, PIPELINE_METHOD, [layer])
         raise
+
+
+def _guarded_expand(pipe: Any, transformer: nn.Module, lora_state_dict: Any = None, *args: Any, **kwargs: Any) -> Any:
+    """Flux's ``load_lora_weights`` widens every Linear narrower than the LoRA's tensors (Control LoRAs) before it
+    loads anything: on a structured-pruned transformer it swapped the pruned layers for zero-padded base-size ones,
+    then the ``load_lora_adapter`` guard refused "Nothing was changed" and every later call failed (until session
+    46). The LoRA's targets are checked here, before any layer changes."""
+    if lora_state_dict:
+        targets = lora_targets(lora_state_dict, "transformer")
+        replaced = replaced_layers(transformer)
+        _refuse_targets(transformer, PIPELINE_METHOD, [name for name in targets if name in replaced])
+        _refuse_resized_targets(transformer, targets, PIPELINE_METHOD)
+    return getattr(type(pipe), EXPAND_METHOD)(transformer, lora_state_dict, *args, **kwargs)
 
 
 def _guarded_load_ip_adapter(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -167,7 +183,7 @@ def _refuse_targets(model: nn.Module, method: str, targeted: list[str]) -> None:
         f"works with unmerged adapters).")
 
 
-def _refuse_resized_targets(model: nn.Module, targets: list[str]) -> None:
+def _refuse_resized_targets(model: nn.Module, targets: list[str], method: str = LOAD_METHOD) -> None:
     """A LoRA trained on the base model does not fit layers structured pruning made smaller (peft's 'size
     mismatch' listed every tensor, dozens of lines, without saying why)."""
     from .prune.record import get_record
@@ -177,7 +193,7 @@ def _refuse_resized_targets(model: nn.Module, targets: list[str]) -> None:
     if resized:
         layer = model.get_submodule(resized[0])
         raise AdapterOnReplacedLayerError(
-            f"{LOAD_METHOD}() cannot load this LoRA: it adapts {resized[0]}"
+            f"{method}() cannot load this LoRA: it adapts {resized[0]}"
             f"{f' and {len(resized) - 1} more layers' if len(resized) > 1 else ''}, which structured pruning made "
             f"smaller (weight {record.base_shapes[resized[0]]} -> {list(layer.weight.shape)}), and its tensors have "
             f"the base model's shapes. Nothing was changed. Merge the LoRA into the base pipeline before pruning: "

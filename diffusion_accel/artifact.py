@@ -687,10 +687,18 @@ def _warn_on_adapters(denoiser: torch.nn.Module, component: str) -> None:
     """Unmerged LoRA adapters change the images but are not a technique of this library: the artifact
     cannot hold them, so say that a load needs them loaded again."""
     wrapped = adapter_wrapped_layers(denoiser)
-    if wrapped:
-        warnings.warn(f"pipe.{component} holds unmerged adapters (LoRA, via peft) on {len(wrapped)} layers, e.g. "
-                      f"{wrapped[0]!r}; the artifact holds only {techniques_on(denoiser)}, not them: after "
+    fused = [name for name in wrapped if getattr(denoiser.get_submodule(name), "merged", False)]
+    unmerged = [name for name in wrapped if name not in fused]
+    if unmerged:
+        warnings.warn(f"pipe.{component} holds unmerged adapters (LoRA, via peft) on {len(unmerged)} layers, e.g. "
+                      f"{unmerged[0]!r}; the artifact holds only {techniques_on(denoiser)}, not them: after "
                       f"load(), load the adapters again (pipe.load_lora_weights) to get this pipeline's images",
+                      stacklevel=user_stacklevel())
+    if fused:  # their base layers hold W + BA: the artifact's base is the fused model (until s46: "load them again")
+        warnings.warn(f"pipe.{component} holds adapters fused into its weights but not unloaded (fuse_lora without "
+                      f"unload_lora_weights) on {len(fused)} layers, e.g. {fused[0]!r}: the artifact's base is the "
+                      f"fused model; load it onto a base with the same LoRA fused (load_lora_weights, fuse_lora, "
+                      f"unload_lora_weights), not onto the plain base with the LoRA loaded again",
                       stacklevel=user_stacklevel())
 
 

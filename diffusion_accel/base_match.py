@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .arch.registry import adapter_wrapped_layers
+
 SAMPLE_FILE = "base-sample.safetensors"
 _VALUES_PER_TENSOR = 16
 LIBRARY_KEYS = frozenset({"transformers_version"})  # not underscored, unlike diffusers' _diffusers_version
@@ -34,16 +36,37 @@ def config_items(module: torch.nn.Module) -> dict[str, Any] | None:
     return {key: value for key, value in values.items() if not key.startswith("_") and key not in LIBRARY_KEYS}
 
 
-_PEFT_ADAPTER_MARK = ".lora_"  # peft's adapter tensors: "<layer>.lora_A.<adapter>.weight", ".lora_magnitude_vector..."
-_PEFT_WRAPPED_MARK = ".base_layer."  # the layer a peft wrapper holds: "<layer>.base_layer.weight"
+_PEFT_BASE_LAYER = "base_layer."  # the layer a peft wrapper holds: "<layer>.base_layer.weight"
 
 
 def base_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``denoiser.state_dict()`` as its base model has it: unmerged peft adapters (a LoRA loaded with
-    ``load_lora_weights``) left out, the layers they wrap under their own names, so an artifact names the base
-    without the LoRA (one saved beside an unmerged LoRA was refused on the plain base the save told to use)."""
-    return {name.replace(_PEFT_WRAPPED_MARK, "."): tensor for name, tensor in denoiser.state_dict().items()
-            if _PEFT_ADAPTER_MARK not in name}
+    ``load_lora_weights``, LoKr, LoHa, DoRA) left out, the layers they wrap under their own names, so an artifact
+    names the base without them (one saved beside an unmerged LoRA was refused on the plain base the save told to
+    use). Adapters are known by structure, a module holding a ``base_layer``: a ".lora_" mark in tensor names kept
+    LoKr's and LoHa's factors (until session 46)."""
+    state = denoiser.state_dict()
+    wrappers = set(adapter_wrapped_layers(denoiser))
+    if not wrappers:
+        return dict(state)
+    kept = {}
+    for name, tensor in state.items():
+        wrapper = _wrapper_of(name, wrappers)
+        if wrapper is None:
+            kept[name] = tensor
+        elif name.startswith(_PEFT_BASE_LAYER, len(wrapper) + 1):  # the wrapped layer's own tensors, renamed
+            kept[wrapper + "." + name[len(wrapper) + 1 + len(_PEFT_BASE_LAYER):]] = tensor
+    return kept
+
+
+def _wrapper_of(tensor_name: str, wrappers: set[str]) -> str | None:
+    """The adapter wrapper ``tensor_name`` lies in, if any (its shortest module prefix in ``wrappers``)."""
+    parts = tensor_name.split(".")
+    for depth in range(1, len(parts)):
+        prefix = ".".join(parts[:depth])
+        if prefix in wrappers:
+            return prefix
+    return None
 
 
 def structure_fingerprint(denoiser: torch.nn.Module, recorded_config: dict[str, Any] | None = None) -> str:

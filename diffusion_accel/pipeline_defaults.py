@@ -206,6 +206,13 @@ def _describe_type(annotation: Any) -> str:
 
 
 IMAGE_ARGUMENTS = ("image", "mask_image", "control_image")  # inputs image-conditioned pipelines need
+IP_ADAPTER_ARGUMENTS = ("ip_adapter_image", "ip_adapter_image_embeds")  # one of them, once an IP-Adapter is loaded
+
+
+def _has_ip_adapter(pipe: Any) -> bool:
+    """Whether ``pipe``'s denoiser has an IP-Adapter loaded (its image projection set by ``load_ip_adapter``)."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    return type(getattr(denoiser, "encoder_hid_proj", None)).__name__ == "MultiIPAdapterImageProjection"
 
 
 @contextmanager
@@ -218,7 +225,9 @@ def image_input_hint(pipe: Any, kwargs: dict[str, Any]) -> Iterator[None]:
     except (TypeError, ValueError) as error:
         parameters = inspect.signature(type(pipe).__call__).parameters
         missing = [name for name in IMAGE_ARGUMENTS if name in parameters and kwargs.get(name) is None]
-        if not missing:
+        if _has_ip_adapter(pipe) and all(kwargs.get(name) is None for name in IP_ADAPTER_ARGUMENTS):
+            missing.append(" or ".join(IP_ADAPTER_ARGUMENTS))  # diffusers: "argument of type 'NoneType' is not
+        if not missing:  # iterable" (until s46, unexplained)
             raise
         message = (f"{error}\n{type(pipe).__name__} takes {missing}, not given: pass them as extra keyword "
                    f"arguments (da.calibrate(pipe, prompts, steps, image=...), calibrate_schedule(..., image=...), "

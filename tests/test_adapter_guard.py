@@ -126,7 +126,8 @@ def test_flux_load_lora_weights_names_the_replaced_layer_instead_of_a_key_error(
     pipe = da.quantize_(build_tiny("flux"), da.PTQConfig.preset("w8a8", **FAST))
     before = pipe(**tiny_call_kwargs("flux")).images
     with pytest.raises(AdapterOnReplacedLayerError, match=r"load_lora_weights\(\) cannot put a LoRA adapter on "
-                                                           r"[\w.]+\.to_[qkv] \(Int8Linear\): .* replaced it"):
+                                                           r"[\w.]+\.to_[qkv] \(Int8Linear\) or 11 more: .* replaced "
+                                                           r"these layers"):
         pipe.load_lora_weights(lora)
     assert _wrappers(pipe.transformer) == [] and torch.equal(pipe(**tiny_call_kwargs("flux")).images, before)
 
@@ -139,6 +140,26 @@ def test_a_lora_for_layers_structured_pruning_resized_is_refused_with_the_reason
                                                            r"\[\d+, \d+\] -> \[\d+, \d+\]\).*before pruning"):
         pipe.load_lora_weights(dict(lora_state_dict))
     assert _wrappers(pipe.unet) == [] and torch.equal(_images(pipe), before)
+
+
+@pytest.mark.parametrize("targets", [["to_out.0", "ff.net.2"], ["to_q", "to_k", "to_out.0"]])
+def test_a_flux_lora_for_pruned_layers_is_refused_before_flux_widens_them(targets):
+    """FluxPipeline.load_lora_weights widens every Linear narrower than the LoRA's input first (Control LoRAs): the
+    pruned to_out.0 / ff.net.2 became zero-padded base-size layers, then the refusal said "Nothing was changed"
+    and every later call failed with a shape error. A LoRA on output-resized layers got peft's raw size mismatch."""
+    donor = build_tiny("flux").transformer
+    donor.add_adapter(_lora_config(targets))
+    lora = {f"transformer.{key}": value for key, value in get_peft_model_state_dict(donor).items()}
+    pipe = da.prune_(build_tiny("flux"), da.PruneConfig(method="magnitude", sparsity=0.5, pattern="structured"))
+    shapes = {name: tuple(module.weight.shape) for name, module in pipe.transformer.named_modules()
+              if isinstance(module, torch.nn.Linear)}
+    before = pipe(**tiny_call_kwargs("flux")).images
+    with pytest.raises(AdapterOnReplacedLayerError, match=r"load_lora_weights\(\) cannot load this LoRA: .* made "
+                                                           r"smaller \(weight \[32, 32\] -> \[\d+, \d+\]\)"):
+        pipe.load_lora_weights(lora)
+    assert shapes == {name: tuple(module.weight.shape) for name, module in pipe.transformer.named_modules()
+                      if isinstance(module, torch.nn.Linear)}
+    assert _wrappers(pipe.transformer) == [] and torch.equal(pipe(**tiny_call_kwargs("flux")).images, before)
 
 
 def _ip_adapter_state_dict(unet, embed_dim=16):
@@ -179,3 +200,11 @@ def test_ip_adapters_are_refused_where_diffusers_would_build_them_wrong():
         with_ip.unet._load_ip_adapter_weights([_ip_adapter_state_dict(with_ip.unet)])
     unstructured = da.prune_(build_tiny("sd"), da.PruneConfig(method="magnitude", sparsity=0.5))
     unstructured.unet._load_ip_adapter_weights([_ip_adapter_state_dict(unstructured.unet)])  # no head removed: it loads
+
+
+def test_calibrating_a_pipeline_with_an_ip_adapter_but_no_image_embeddings_says_which_input_is_missing():
+    """diffusers failed with "argument of type 'NoneType' is not iterable" and nothing named the missing input."""
+    pipe = build_tiny("sd")
+    pipe.unet._load_ip_adapter_weights([_ip_adapter_state_dict(pipe.unet)])
+    with pytest.raises(TypeError, match=r"takes \['ip_adapter_image or ip_adapter_image_embeds'\], not given"):
+        da.calibrate(pipe, ["a"], 2, progress=False)

@@ -152,3 +152,67 @@ def test_save_pretrained_with_unmerged_adapters_names_them_not_the_techniques(tm
     da.quantize_(quantized, da.PTQConfig.preset("w8a8", calib_prompts=1, calib_num_steps=2, calib_steps="all"))
     with pytest.raises(UnsavableModelError, match=r"techniques \['ptq'\] changed"):
         quantized.save_pretrained(tmp_path / "quantized")
+
+
+def _flux_lora(pipe):
+    torch.manual_seed(0)
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["proj_out", "to_q"],
+                                            init_lora_weights=False))
+    with torch.no_grad():
+        for name, parameter in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(10)
+    return pipe
+
+
+def _flux_images(pipe):
+    return pipe(**tiny_call_kwargs("flux", steps=6)).images
+
+
+def test_the_output_cache_follows_proj_out_when_peft_wraps_or_unwraps_it():
+    """The default transformer cache hooked the proj_out module object: a LoRA added after enable_cache left the
+    hook on its base layer (cached base output + a LoRA delta of the passed-through input: 0.35 off the other
+    order), and unloading a LoRA added before dropped the hook with the wrapper (output caching stopped)."""
+    config = da.BlockCacheConfig(interval=3, forecast=1, forecast_target="output")
+    lora_first = _flux_images(da.enable_cache(_flux_lora(build_tiny("flux")), config))
+    cache_first = _flux_lora(da.enable_cache(build_tiny("flux"), config))
+    assert torch.equal(_flux_images(cache_first), lora_first)
+    plain_cached = _flux_images(da.enable_cache(build_tiny("flux"), config))
+    unloaded = da.enable_cache(_flux_lora(build_tiny("flux")), config)
+    unloaded.transformer.unload_lora()
+    assert torch.equal(_flux_images(unloaded), plain_cached)
+
+
+@pytest.mark.parametrize("adapter", ["lokr", "loha"])
+def test_an_artifact_saved_beside_other_peft_adapters_names_the_plain_base(tmp_path, adapter):
+    """The fingerprint dropped tensors named ".lora_" only: LoKr's and LoHa's factors stayed in it, so the plain
+    base the save warning points to was refused as "a different base model"."""
+    import peft
+
+    torch.manual_seed(0)
+    pipe = build_tiny("sd")
+    config = (peft.LoKrConfig if adapter == "lokr" else peft.LoHaConfig)(r=4, target_modules=TARGETS)
+    pipe.unet.add_adapter(config)
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
+    with pytest.warns(UserWarning, match="load the adapters again"):
+        da.save(pipe, tmp_path / "art")
+    plain = build_tiny("sd")
+    assert torch.equal(_images(da.load(plain, tmp_path / "art")),
+                       _images(da.enable_cache(build_tiny("sd"), da.DeepCacheConfig(interval=2))))
+
+
+def test_save_with_a_fused_but_not_unloaded_lora_says_the_artifact_base_is_the_fused_model(tmp_path):
+    """It said to load the adapters again onto the plain base, which the artifact refuses (its base layers hold
+    W + BA)."""
+    pipe = _with_lora()
+    pipe.fuse_lora(components=["unet"])
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        da.save(pipe, tmp_path / "art")
+    messages = " ".join(str(warning.message) for warning in caught)
+    assert "the artifact's base is the fused model" in messages and "load the adapters again" not in messages
+    fused = _with_lora()
+    fused.fuse_lora(components=["unet"])
+    fused.unload_lora_weights()
+    assert torch.equal(_images(da.load(fused, tmp_path / "art")), _images(pipe))

@@ -109,6 +109,7 @@ class CacheSession:
     partial_reused: dict[int, int] = field(default_factory=dict)  # blocks a partial step of each level reuses
     hooked: list[nn.Module] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
+    named_hooks: dict[str, tuple[nn.Module, Any]] = field(default_factory=dict)  # name -> (module, make_hook)
     log: _CallLog = field(default_factory=_CallLog)
     record_residuals: bool = False  # log residual changes per full step (TeaCache fitting only)
     replayed_steps: frozenset[int] = frozenset()  # steps whose outputs a schedule search replays (.prefix): they
@@ -131,6 +132,7 @@ class CacheSession:
         """Tracker callback at each denoiser call, once the call is placed: a step policy decides here, so
         under torch.compile the decision costs no graph break of its own (a head policy decides on its
         signal, in the head block: see :meth:`decide`)."""
+        self._follow_replaced_modules()
         if not getattr(self.policy, "uses_head", False):
             self._decide(None)
 
@@ -221,6 +223,30 @@ class CacheSession:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, CACHE_HOOK_NAME)
         self.hooked.append(module)
 
+    def hook_named(self, name: str, make_hook: Any) -> None:
+        """Hook the denoiser's submodule ``name`` with ``make_hook()``, and hook whatever module holds that name at
+        a later call instead (``_follow_replaced_modules``)."""
+        module = self.denoiser.get_submodule(name)
+        self.hook(module, make_hook())
+        self.named_hooks[name] = (module, make_hook)
+
+    def _follow_replaced_modules(self) -> None:
+        """Move each named hook onto the module now at its name. peft wraps a leaf layer in place when a LoRA is
+        added (the hooked ``proj_out`` became its ``base_layer``: the cached base output plus a LoRA delta of the
+        passed-through input) and puts the base back on unload (the wrapper's hook went with it: output caching
+        stopped, silently); until session 46."""
+        for name, (module, make_hook) in list(self.named_hooks.items()):
+            current = self.denoiser.get_submodule(name)
+            if current is module:
+                continue
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None:
+                registry.remove_hook(CACHE_HOOK_NAME, recurse=False)
+                drop_empty_registry(module)
+            self.hooked = [hooked for hooked in self.hooked if hooked is not module]
+            self.hook(current, make_hook())
+            self.named_hooks[name] = (current, make_hook)
+
     def remove(self) -> None:
         """Remove every hook, torch handle and the tracker client; leave no empty registries."""
         for module in self.hooked:
@@ -230,7 +256,7 @@ class CacheSession:
                 drop_empty_registry(module)
         for handle in self.handles:
             handle.remove()
-        self.hooked, self.handles = [], []
+        self.hooked, self.handles, self.named_hooks = [], [], {}
         self.tracker.unregister_client(TRACKER_CLIENT)
         if detach_tracker_if_unused(self.denoiser):
             drop_empty_registry(self.denoiser)

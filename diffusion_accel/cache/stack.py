@@ -206,8 +206,8 @@ def install_stack_cache(session: CacheSession, pipe: Any) -> None:
         hook = StackBlockHook(session, name, ios[offset + index], index, index == len(cached) - 1, splits)
         session.hook(modules[offset + index], hook)
     final = output_layer(pipe, session.config)
-    if final is not None:
-        session.hook(session.denoiser.get_submodule(final), CachedOutputHook(session, final, forecasts=True))
+    if final is not None:  # a leaf layer peft may wrap: the hook follows it
+        session.hook_named(final, lambda: CachedOutputHook(session, final, forecasts=True))
 
 
 class ModulationKeeper:
