@@ -372,13 +372,14 @@ def _check_calibration_flags_read(args: argparse.Namespace, methods: list[str], 
 
 def _check_calibration_settings(settings: dict[str, Any], seed: int) -> None:
     """Selection, weighting, seed and prompt file checked before the pipeline loads (each failed after it).
-    The selection is checked against twice the step count (Heun-like schedulers run 2N - 1 calls)."""
+    The selection is checked against the most calls a scheduler makes: Heun-like ones run 2N - 1, PNDM with PRK
+    steps N + 9 (13 at N = 4, which 2N refused until session 46); ``calibrate`` checks the real count."""
     from .calib import resolve_weights, select_steps
 
     selection = settings["selection"]
     chosen = _selection(selection)
     try:
-        select_steps(2 * settings["steps"], chosen)
+        select_steps(max(2 * settings["steps"], settings["steps"] + 9), chosen)
     except ValueError as error:
         raise ValueError(f"--selection / [calibration] selection {selection!r}: {error}") from None
     resolve_weights(settings["steps"], settings["weighting"])

@@ -993,3 +993,14 @@ def test_calibration_notes_say_whether_the_chain_ran_the_pipeline(tmp_path):
         assert main(["calibrate", "--pipe", "tiny:sd", "--method", method, "--sparsity", "0.3", "--steps", "2",
                      "--num-prompts", "1", "--out", str(out)]) == 0
         assert json.loads((out / "calibration.json").read_text())["calibrated"] is calibrated
+
+
+def test_the_early_selection_check_admits_every_call_a_pndm_prk_schedule_makes():
+    """Checked against 2N calls before loading: PNDM with PRK steps makes N + 9 (13 at N = 4), so a selection
+    calibrate() accepts was refused, naming a wrong call count."""
+    from diffusion_accel.recipes import _check_calibration_settings
+
+    settings = {"steps": 4, "selection": "0,6,12", "weighting": "uniform", "prompts": None, "num_prompts": None}
+    _check_calibration_settings(settings, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        _check_calibration_settings(settings | {"selection": "0,13"}, 0)
