@@ -74,7 +74,7 @@ def _guarded_load_lora_adapter(model: nn.Module, source: Any, *args: Any, **kwar
         prefix, replaced = kwargs.get("prefix", args[0] if args else "transformer"), replaced_layers(model)
         targets = lora_targets(source, prefix)
         _refuse_targets(model, LOAD_METHOD, [name for name in targets if name in replaced])
-        _refuse_resized_targets(model, targets)
+        _refuse_resized_targets(model, targets, _own_lora_tensors(source, prefix))
     return _rolled_back_on_error(model, lambda: type(model).load_lora_adapter(model, source, *args, **kwargs))
 
 
@@ -113,7 +113,8 @@ def _guarded_expand(pipe: Any, transformer: nn.Module, lora_state_dict: Any = No
         targets = lora_targets(lora_state_dict, "transformer")
         replaced = replaced_layers(transformer)
         _refuse_targets(transformer, PIPELINE_METHOD, [name for name in targets if name in replaced])
-        _refuse_resized_targets(transformer, targets, PIPELINE_METHOD)
+        _refuse_resized_targets(transformer, targets, _own_lora_tensors(lora_state_dict, "transformer"),
+                                PIPELINE_METHOD)
     return getattr(type(pipe), EXPAND_METHOD)(transformer, lora_state_dict, *args, **kwargs)
 
 
@@ -157,14 +158,32 @@ def lora_targets(state_dict: dict[str, Any], prefix: str | None) -> list[str]:
     """Module names a diffusers-format LoRA (or LoKr) state dict adapts (keys ``[prefix.]<module>.lora_...``); the
     older ``<module>.lora.down.weight`` keys are converted as ``load_lora_adapter`` converts them (they passed the
     guard: peft's raw errors followed, and a long 'size mismatch' list after structured pruning)."""
+    own = _own_lora_tensors(state_dict, prefix)
+    names = {key.split(mark)[0] for key in own for mark in (_LORA_KEY_MARK, _LOKR_KEY_MARK) if mark in key}
+    return sorted(names)
+
+
+def _own_lora_tensors(state_dict: dict[str, Any], prefix: str | None) -> dict[str, Any]:
+    """The state dict's entries under ``prefix.``, prefix removed, in peft's key format."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     lead = f"{prefix}." if prefix else ""
     own = {key[len(lead):]: value for key, value in state_dict.items() if key.startswith(lead)}
     if own and "lora_A" not in next(iter(own)) and not any(_LOKR_KEY_MARK in key for key in own):
         own = convert_unet_state_dict_to_peft(own)
-    names = {key.split(mark)[0] for key in own for mark in (_LORA_KEY_MARK, _LOKR_KEY_MARK) if mark in key}
-    return sorted(names)
+    return own
+
+
+def _fits_layer(own: dict[str, Any], name: str, layer: nn.Module) -> bool:
+    """Whether the LoRA's A / B tensors for ``name`` have ``layer``'s current input / output widths (a LoRA trained
+    on the pruned model); False for other adapter types and missing tensors."""
+    down = [value for key, value in own.items() if key.startswith(f"{name}.lora_A")]
+    up = [value for key, value in own.items() if key.startswith(f"{name}.lora_B")]
+    weight = getattr(layer, "weight", None)
+    if not down or not up or weight is None or weight.dim() != 2:
+        return False
+    return all(tensor.shape[1] == weight.shape[1] for tensor in down) and all(
+        tensor.shape[0] == weight.shape[0] for tensor in up)
 
 
 def _refuse_targets(model: nn.Module, method: str, targeted: list[str]) -> None:
@@ -183,13 +202,16 @@ def _refuse_targets(model: nn.Module, method: str, targeted: list[str]) -> None:
         f"works with unmerged adapters).")
 
 
-def _refuse_resized_targets(model: nn.Module, targets: list[str], method: str = LOAD_METHOD) -> None:
+def _refuse_resized_targets(model: nn.Module, targets: list[str], own: dict[str, Any],
+                            method: str = LOAD_METHOD) -> None:
     """A LoRA trained on the base model does not fit layers structured pruning made smaller (peft's 'size
-    mismatch' listed every tensor, dozens of lines, without saying why)."""
+    mismatch' listed every tensor, dozens of lines, without saying why); one whose tensors fit them (trained on the
+    pruned model) loads."""
     from .prune.record import get_record
 
     record = get_record(model)
-    resized = [name for name in targets if record is not None and name in record.base_shapes]
+    resized = [name for name in targets if record is not None and name in record.base_shapes
+               and not _fits_layer(own, name, model.get_submodule(name))]
     if resized:
         layer = model.get_submodule(resized[0])
         raise AdapterOnReplacedLayerError(

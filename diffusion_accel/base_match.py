@@ -37,16 +37,17 @@ def config_items(module: torch.nn.Module) -> dict[str, Any] | None:
 
 
 _PEFT_BASE_LAYER = "base_layer."  # the layer a peft wrapper holds: "<layer>.base_layer.weight"
+_PEFT_ORIGINAL = "original_module."  # the layer a modules_to_save wrapper holds beside its trained copies
 
 
 def base_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``denoiser.state_dict()`` as its base model has it: unmerged peft adapters (a LoRA loaded with
     ``load_lora_weights``, LoKr, LoHa, DoRA) left out, the layers they wrap under their own names, so an artifact
     names the base without them (one saved beside an unmerged LoRA was refused on the plain base the save told to
-    use). Adapters are known by structure, a module holding a ``base_layer``: a ".lora_" mark in tensor names kept
-    LoKr's and LoHa's factors (until session 46)."""
+    use). Adapters are known by structure, a module holding a ``base_layer`` (or, for ``modules_to_save``, an
+    ``original_module``): a ".lora_" mark in tensor names kept LoKr's and LoHa's factors (until session 46)."""
     state = denoiser.state_dict()
-    wrappers = set(adapter_wrapped_layers(denoiser))
+    wrappers = set(adapter_wrapped_layers(denoiser)) | set(_modules_to_save_wrappers(denoiser))
     if not wrappers:
         return dict(state)
     kept = {}
@@ -54,9 +55,19 @@ def base_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
         wrapper = _wrapper_of(name, wrappers)
         if wrapper is None:
             kept[name] = tensor
-        elif name.startswith(_PEFT_BASE_LAYER, len(wrapper) + 1):  # the wrapped layer's own tensors, renamed
-            kept[wrapper + "." + name[len(wrapper) + 1 + len(_PEFT_BASE_LAYER):]] = tensor
+            continue
+        inner = name[len(wrapper) + 1:]
+        for mark in (_PEFT_BASE_LAYER, _PEFT_ORIGINAL):  # the wrapped layer's own tensors, renamed
+            if inner.startswith(mark):
+                kept[f"{wrapper}.{inner[len(mark):]}"] = tensor
     return kept
+
+
+def _modules_to_save_wrappers(denoiser: torch.nn.Module) -> list[str]:
+    """Names of peft ``modules_to_save`` wrappers (an ``original_module`` beside trained copies) in ``denoiser``."""
+    return [name for name, module in denoiser.named_modules()
+            if isinstance(getattr(module, "original_module", None), torch.nn.Module)
+            and hasattr(module, "modules_to_save")]
 
 
 def _wrapper_of(tensor_name: str, wrappers: set[str]) -> str | None:

@@ -77,5 +77,6 @@ def _refuse_pickle(denoiser: nn.Module, protocol: int = 2) -> Any:
     raise TypeError(
         f"cannot pickle or copy.copy this {type(denoiser).__name__}: it carries diffusion_accel's step hooks (a "
         f"feature cache or timestep-group activation scales), and diffusers' hooked forward is a closure that does not "
-        f"pickle. Save the accelerated pipeline with da.save(pipe, folder) (safetensors + manifest), or "
-        f"da.remove_cache(pipe) first; copy.deepcopy works (a shallow copy would share the hooks and their state)")
+        f"pickle. Save the accelerated pipeline with da.save(pipe, folder) (safetensors + manifest), or, for a "
+        f"cache, da.remove_cache(pipe) first (timestep groups keep theirs); copy.deepcopy works (a shallow copy would "
+        f"share the hooks and their state)")

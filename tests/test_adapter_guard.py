@@ -208,3 +208,16 @@ def test_calibrating_a_pipeline_with_an_ip_adapter_but_no_image_embeddings_says_
     pipe.unet._load_ip_adapter_weights([_ip_adapter_state_dict(pipe.unet)])
     with pytest.raises(TypeError, match=r"takes \['ip_adapter_image or ip_adapter_image_embeds'\], not given"):
         da.calibrate(pipe, ["a"], 2, progress=False)
+
+
+@pytest.mark.parametrize("family, component", [("sd", "unet"), ("flux", "transformer")])
+def test_a_lora_trained_on_the_pruned_model_loads_onto_it(family, component):
+    """Every target structured pruning resized was refused, also a LoRA whose tensors have the pruned widths
+    (add_adapter works on a pruned model, so its own LoRA could never be loaded back)."""
+    import copy
+
+    pipe = da.prune_(build_tiny(family), da.PruneConfig(method="magnitude", sparsity=0.5, pattern="structured"))
+    donor = copy.deepcopy(getattr(pipe, component))
+    donor.add_adapter(_lora_config(["to_out.0"]))
+    pipe.load_lora_weights({f"{component}.{key}": value for key, value in get_peft_model_state_dict(donor).items()})
+    assert _wrappers(getattr(pipe, component))

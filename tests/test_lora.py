@@ -1,6 +1,7 @@
 """LoRA adapters (peft) on the denoiser: weight-changing techniques refuse unmerged adapters before
 changing anything and work once they are fused; caching works with them loaded."""
 
+import copy
 import warnings
 
 import pytest
@@ -177,6 +178,8 @@ def test_the_output_cache_follows_proj_out_when_peft_wraps_or_unwraps_it():
     lora_first = _flux_images(da.enable_cache(_flux_lora(build_tiny("flux")), config))
     cache_first = _flux_lora(da.enable_cache(build_tiny("flux"), config))
     assert torch.equal(_flux_images(cache_first), lora_first)
+    copied = _flux_lora(copy.deepcopy(da.enable_cache(build_tiny("flux"), config)))  # its own session's hook
+    assert torch.equal(_flux_images(copied), lora_first)
     plain_cached = _flux_images(da.enable_cache(build_tiny("flux"), config))
     unloaded = da.enable_cache(_flux_lora(build_tiny("flux")), config)
     unloaded.transformer.unload_lora()
@@ -216,3 +219,14 @@ def test_save_with_a_fused_but_not_unloaded_lora_says_the_artifact_base_is_the_f
     fused.fuse_lora(components=["unet"])
     fused.unload_lora_weights()
     assert torch.equal(_images(da.load(fused, tmp_path / "art")), _images(pipe))
+
+
+def test_an_artifact_saved_beside_modules_to_save_names_the_plain_base(tmp_path):
+    """peft's modules_to_save wrapper holds original_module (no base_layer): its tensors stayed in the fingerprint
+    and the plain base the save warning points to was refused."""
+    pipe = build_tiny("sd")
+    pipe.unet.add_adapter(LoraConfig(r=4, target_modules=TARGETS, modules_to_save=["conv_out"]))
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
+    with pytest.warns(UserWarning, match="load the adapters again"):
+        da.save(pipe, tmp_path / "art")
+    da.load(build_tiny("sd"), tmp_path / "art")

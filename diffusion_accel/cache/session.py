@@ -224,10 +224,11 @@ class CacheSession:
         self.hooked.append(module)
 
     def hook_named(self, name: str, make_hook: Any) -> None:
-        """Hook the denoiser's submodule ``name`` with ``make_hook()``, and hook whatever module holds that name at
-        a later call instead (``_follow_replaced_modules``)."""
+        """Hook the denoiser's submodule ``name`` with ``make_hook(session)``, and hook whatever module holds that
+        name at a later call instead (``_follow_replaced_modules``). The session is an argument, not captured: a
+        deep copy shares the function, and a closure tied the copy's moved hook to the original's session."""
         module = self.denoiser.get_submodule(name)
-        self.hook(module, make_hook())
+        self.hook(module, make_hook(self))
         self.named_hooks[name] = (module, make_hook)
 
     def _follow_replaced_modules(self) -> None:
@@ -244,7 +245,7 @@ class CacheSession:
                 registry.remove_hook(CACHE_HOOK_NAME, recurse=False)
                 drop_empty_registry(module)
             self.hooked = [hooked for hooked in self.hooked if hooked is not module]
-            self.hook(current, make_hook())
+            self.hook(current, make_hook(self))
             self.named_hooks[name] = (current, make_hook)
 
     def remove(self) -> None:

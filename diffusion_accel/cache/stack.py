@@ -13,6 +13,7 @@ to ``norm_out`` no longer matters (its residual path still runs; two elementwise
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -207,7 +208,7 @@ def install_stack_cache(session: CacheSession, pipe: Any) -> None:
         session.hook(modules[offset + index], hook)
     final = output_layer(pipe, session.config)
     if final is not None:  # a leaf layer peft may wrap: the hook follows it
-        session.hook_named(final, lambda: CachedOutputHook(session, final, forecasts=True))
+        session.hook_named(final, partial(CachedOutputHook, key=final, forecasts=True))
 
 
 class ModulationKeeper:
