@@ -157,7 +157,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     _add_generation_args(bench, steps=25)
     bench.add_argument("--batch-size", type=int_at_least(1), default=1, help="prompts per timed pipeline call (default 1)")
     bench.add_argument("--compile", action="store_true",
-                       help="torch.compile every variant's denoiser first (compilation happens in the warm-up; "
+                       help="torch.compile every variant's denoiser first (compiled while the images are generated, "
+                            "before the timed calls; "
                             "with a First-Block-Cache or TeaCache, regionally: its blocks beneath the cache hooks)")
     bench.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls before timing (default %(default)s)")
     bench.add_argument("--repeats", type=int_at_least(1), default=5, help="timed calls (default %(default)s)")
@@ -225,6 +226,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     fid_extractor = _fid_extractor(args.fid_dtype, metrics, args.device)
     fid_reference = _fid_reference(args.fid_reference)
     _check_eval_inputs(args, metrics, fid_reference, fid_extractor)  # before loading any pipeline
+    _check_report_folder(args.out)
     pipes = _load_variants(args)
     report = evaluate(pipes, _prompts_for(args, next(iter(pipes.values()))),
                       metrics=metrics, num_inference_steps=args.steps, seed=args.seed,
@@ -313,6 +315,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                          "(quality metrics are in `diffusion-accel eval`)")
     if args.compile:
         _check_cpu_compiler(args.device)
+    _check_report_folder(args.out)
     pipes = _load_variants(args)
     if args.compile:
         pipes = {name: compile_denoiser(pipe) for name, pipe in pipes.items()}
@@ -342,6 +345,16 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 
 
 # ----- helpers -------------------------------------------------------------------------------
+def _check_report_folder(out: str | None) -> None:
+    """``--out`` holding folders named like the report's files failed after every image and metric, leaving a
+    half-written report (until session 46): refused before any pipeline loads."""
+    from .eval.evaluate import report_folder_problem
+
+    problem = None if not out else report_folder_problem(out)
+    if problem is not None:
+        raise ValueError(f"--out {problem}")
+
+
 def _print_and_save(report: Any, out: str | None) -> int:
     """Print the report's Markdown table and, with ``--out``, save it there (on the main process only
     under a multi-process launcher: every process holds the same gathered report)."""

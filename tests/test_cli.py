@@ -1004,3 +1004,15 @@ def test_the_early_selection_check_admits_every_call_a_pndm_prk_schedule_makes()
     _check_calibration_settings(settings, 0)
     with pytest.raises(ValueError, match="out of range"):
         _check_calibration_settings(settings | {"selection": "0,13"}, 0)
+
+
+@pytest.mark.parametrize("command", [["eval", "--metrics", "psnr"], ["bench", "--metrics", "latency"]])
+def test_eval_and_bench_refuse_an_out_folder_holding_report_named_folders_before_loading(command, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """Found when the grid was saved, after every image and metric, leaving a half-written report."""
+    import diffusion_accel.loading as loading
+
+    (tmp_path / "grid.png").mkdir()
+    monkeypatch.setattr(loading, "load_pipeline", lambda *args, **kwargs: pytest.fail("a pipeline loaded"))
+    assert main([*command, "--pipe", "a=tiny:sd", "--steps", "2", "--num-prompts", "1", "--out", str(tmp_path)]) == 2
+    assert "holds folders named ['grid.png']" in capsys.readouterr().err

@@ -1177,3 +1177,17 @@ def test_a_reference_dataset_of_dict_rows_gives_its_image_column():
     rows = [{"image": Image.new("RGB", (8, 8), (255, 0, 0)), "label": 3}, {"img": torch.zeros(3, 8, 8), "label": 1}]
     images = list(iter_dataset_images(rows))
     assert len(images) == 2 and images[0][0, 0, 0] == 255 and images[1].dtype == torch.uint8
+
+
+def test_numpy_counts_seed_generators_and_are_saved_as_numbers():
+    """A numpy images_per_prompt passed the check, then seeded no generator (TypeError); numpy seed / steps /
+    batch size were written to report.json as strings ("3")."""
+    import json
+
+    import diffusion_accel as da
+
+    report = da.evaluate({"a": build_tiny("sd")}, ["a cat", "a dog"], metrics=("psnr",), progress=False,
+                         num_inference_steps=np.int64(2), images_per_prompt=np.int64(1), seed=np.int64(3),
+                         batch_size=np.int64(2))
+    settings = json.loads(report.to_json())["settings"]
+    assert (settings["seed"], settings["num_inference_steps"], settings["batch_size"]) == (3, 2, 2)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..artifact import pipeline_source, techniques_on
 from ..paths import empty_path, expand_home, output_folder_problem
 from ..pipeline_defaults import call_defaults, check_call_arguments
+from ..scalars import plain_number
 from ..seeding import seeded_global_rng
 from .clip_score import DEFAULT_CLIP_MODEL, check_clip_reachable, clip_metric, clip_score
 from .cost import denoiser_flops, model_size
@@ -204,6 +205,10 @@ def evaluate(pipelines: Mapping[str, Any], prompts: Sequence[Any], metrics: Sequ
                         f"{type(prompt_to_kwargs).__name__}")
     _check_counts(images_per_prompt=images_per_prompt, batch_size=batch_size, warmup=warmup, repeats=repeats,
                   grid_cell_size=grid_cell_size, **({} if grid_columns is None else {"grid_columns": grid_columns}))
+    # numpy counts as Python ints: a numpy images_per_prompt seeded no generator, report.json held "3" strings
+    images_per_prompt, batch_size, warmup, repeats, grid_cell_size, grid_columns, seed, num_inference_steps = (
+        plain_number(value) for value in (images_per_prompt, batch_size, warmup, repeats, grid_cell_size,
+                                          grid_columns, seed, num_inference_steps))
     run = _Run(requested=check_metrics(metrics), baseline=_check_variants(pipelines, baseline),
                jobs=make_jobs(prompts, images_per_prompt, seed), images_per_prompt=images_per_prompt,
                num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size, call_kwargs=call_kwargs,
@@ -244,10 +249,7 @@ def _check_inputs(run: _Run, pipelines: Mapping[str, Any], output_dir: str | Pat
     """A missing FID reference (or one of another feature network), a CLIP model, prompts or a call
     argument a pipeline cannot take, or an output folder that is a file, is an error before generation,
     not after it (hours for 2,000 images of a hub model)."""
-    problem = None if output_dir is None else output_folder_problem(output_dir)
-    taken = [] if output_dir is None else [name for name in REPORT_FILES if (Path(output_dir) / name).is_dir()]
-    if problem is None and taken:  # found when the grid was saved, after every image and metric
-        problem = f"{str(output_dir)!r} holds folders named {taken}, where the report writes files"
+    problem = None if output_dir is None else report_folder_problem(output_dir)
     if problem is not None:
         raise ValueError(f"output_dir {problem}")
     if "fid" in run.requested and run.fid_reference is not None:
@@ -262,6 +264,16 @@ def _check_inputs(run: _Run, pipelines: Mapping[str, Any], output_dir: str | Pat
 
 
 REPORT_FILES = ("report.json", "report.md", "grid.png")  # what EvalReport.save writes into output_dir
+
+
+def report_folder_problem(output_dir: str | Path) -> str | None:
+    """Why a report cannot be saved into ``output_dir`` (a file in its path, folders named like the report's files:
+    found when the grid was saved, after every image and metric), or None."""
+    problem = output_folder_problem(output_dir)
+    taken = [name for name in REPORT_FILES if (Path(output_dir) / name).is_dir()]
+    if problem is None and taken:
+        problem = f"{str(output_dir)!r} holds folders named {taken}, where the report writes files"
+    return problem
 
 
 def _check_prompts_fit(name: str, pipe: Any, prompts: list[Any]) -> None:
