@@ -348,7 +348,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 def _check_report_folder(out: str | None) -> None:
     """``--out`` holding folders named like the report's files failed after every image and metric, leaving a
     half-written report (until session 46): refused before any pipeline loads."""
-    from .eval.evaluate import report_folder_problem
+    from .eval.report import report_folder_problem
 
     problem = None if not out else report_folder_problem(out)
     if problem is not None:

@@ -696,6 +696,17 @@ def test_a_report_save_failing_part_way_leaves_the_old_report_whole(tmp_path, mo
         new.save("")
 
 
+def test_a_report_save_into_a_folder_holding_a_report_named_folder_keeps_the_old_report(tmp_path):
+    """The old report.json was removed, then the grid's rename failed on the folder named grid.png."""
+    EvalReport(rows=[{"variant": "OLD"}]).save(tmp_path)
+    (tmp_path / "grid.png").mkdir()
+    from PIL import Image
+
+    with pytest.raises(ValueError, match="holds folders named \\['grid.png'\\]"):
+        EvalReport(rows=[{"variant": "NEW"}], grid=Image.new("RGB", (4, 4))).save(tmp_path)
+    assert EvalReport.load(tmp_path).rows == [{"variant": "OLD"}]
+
+
 def test_a_saved_report_loads_back_and_a_grid_less_save_removes_the_old_grid(tmp_path):
     """No loader existed, and a report without a grid saved over one with a grid left the old grid.png."""
     from PIL import Image

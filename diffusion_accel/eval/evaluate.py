@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..artifact import pipeline_source, techniques_on
-from ..paths import empty_path, expand_home, output_folder_problem
+from ..paths import empty_path, expand_home
 from ..pipeline_defaults import call_defaults, check_call_arguments
 from ..scalars import plain_number
 from ..seeding import seeded_global_rng
@@ -43,7 +43,7 @@ from .machine import denoiser_runtime, machine_info
 from .memory import measure_peak_memory
 from .pipes import (ImageJob, PromptToKwargs, build_call_kwargs, check_call_kwargs, default_prompt_to_kwargs,
                     denoiser_of, generate_images, is_text_conditioned, make_jobs, quiet_progress, whole_number)
-from .report import EvalReport
+from .report import EvalReport, report_folder_problem
 from .timing import PipelineTiming, pipeline_device, time_pipelines
 
 DEFAULT_METRICS = ("fid", "clip", "psnr", "ssim", "latency", "memory", "flops")
@@ -263,17 +263,6 @@ def _check_inputs(run: _Run, pipelines: Mapping[str, Any], output_dir: str | Pat
             _check_prompts_fit(name, pipe, [job.prompt for job in run.jobs])
 
 
-REPORT_FILES = ("report.json", "report.md", "grid.png")  # what EvalReport.save writes into output_dir
-
-
-def report_folder_problem(output_dir: str | Path) -> str | None:
-    """Why a report cannot be saved into ``output_dir`` (a file in its path, folders named like the report's files:
-    found when the grid was saved, after every image and metric), or None."""
-    problem = output_folder_problem(output_dir)
-    taken = [name for name in REPORT_FILES if (Path(output_dir) / name).is_dir()]
-    if problem is None and taken:
-        problem = f"{str(output_dir)!r} holds folders named {taken}, where the report writes files"
-    return problem
 
 
 def _check_prompts_fit(name: str, pipe: Any, prompts: list[Any]) -> None:

@@ -34,6 +34,19 @@ MARKDOWN_COLUMNS = (
 )
 
 
+REPORT_FILES = ("report.json", "report.md", "grid.png")  # what EvalReport.save writes into its folder
+
+
+def report_folder_problem(output_dir: str | Path) -> str | None:
+    """Why a report cannot be saved into ``output_dir`` (a file in its path, folders named like the report's files:
+    found when the grid was saved, after every image and metric and the old report.json), or None."""
+    problem = output_folder_problem(output_dir)
+    taken = [name for name in REPORT_FILES if (Path(output_dir) / name).is_dir()]
+    if problem is None and taken:
+        problem = f"{str(output_dir)!r} holds folders named {taken}, where the report writes files"
+    return problem
+
+
 def _json_safe(value: Any) -> Any:
     """Replace non-finite floats by strings ("inf", "-inf", "nan") so the JSON is standard."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -150,7 +163,7 @@ class EvalReport:
         Staged and swapped in as an artifact is (``artifact_files.StagedWrite``, ``report.json`` last): a
         failure part-way left the new rows beside the old grid, which ``load`` read as one report."""
         folder = directory if empty_path(directory) else expand_home(directory)  # "~/x" made a folder named "~"
-        problem = output_folder_problem(folder)
+        problem = report_folder_problem(folder)  # report-named folders: after the old report.json was removed
         if problem is not None:
             raise ValueError(f"EvalReport.save: {problem}")
         folder.mkdir(parents=True, exist_ok=True)

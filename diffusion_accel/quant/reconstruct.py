@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import get_adapter
 from ..arch.registry import find_denoiser
 from ..calib import SampleStore
 from ..calib.trees import tensors_in
