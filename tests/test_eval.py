@@ -1202,3 +1202,24 @@ def test_numpy_counts_seed_generators_and_are_saved_as_numbers():
                          batch_size=np.int64(2))
     settings = json.loads(report.to_json())["settings"]
     assert (settings["seed"], settings["num_inference_steps"], settings["batch_size"]) == (3, 2, 2)
+
+
+def test_a_flipped_numpy_fid_reference_is_hashed_and_a_0_255_float_one_refused_before_generation():
+    """A BGR->RGB view (negative strides) passed every check, then failed in the reference hash after every image
+    was generated; a float tensor in 0..255 was refused only then too."""
+    from diffusion_accel.eval.fid import _content_hash, check_reference
+
+    flipped = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)[..., ::-1]
+    check_reference(flipped)
+    assert _content_hash(flipped)[0] == _content_hash(np.ascontiguousarray(flipped))[0]
+    with pytest.raises(ValueError, match="float images must hold values in \\[0, 1\\]"):
+        check_reference(torch.full((3, 3, 8, 8), 200.0))
+
+
+def test_a_nan_image_error_names_its_place_in_the_whole_run():
+    """Under several processes the count was this process's share: 'images 4-5 of 2'."""
+    pipe = build_tiny("sd")
+    pipe.vae.decoder.register_forward_hook(lambda module, args, output: output * float("nan"))
+    jobs = make_jobs(["a", "b", "c", "d", "e"])
+    with pytest.raises(ValueError, match="images 4-5 of 5"):
+        generate_images(pipe, jobs[3:], num_inference_steps=1, batch_size=2, total=len(jobs))

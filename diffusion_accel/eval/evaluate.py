@@ -155,7 +155,8 @@ def _generate_all(pipelines: Mapping[str, Any], run: _Run, state: Any, progress:
         try:
             local = generate_images(pipe, mine, num_inference_steps=run.num_inference_steps,
                                     batch_size=run.batch_size, call_kwargs=run.call_kwargs,
-                                    prompt_to_kwargs=run.prompt_to_kwargs, progress=bar.update)
+                                    prompt_to_kwargs=run.prompt_to_kwargs, progress=bar.update,
+                                    total=len(run.jobs))
         except ValueError as error:
             raise ValueError(f"variant {name!r}: {error}") from error
         images[name] = torch.stack(merge_ordered(gather(local, state), len(run.jobs)))

@@ -224,7 +224,8 @@ def _content_hash(source: Any) -> tuple[str, Any]:
         root = expand_home(source)
         return hash_files(image_files(root), root), root
     if isinstance(source, (torch.Tensor, np.ndarray)):
-        tensor = torch.as_tensor(source) if isinstance(source, np.ndarray) else source
+        tensor = torch.from_numpy(np.ascontiguousarray(source)) if isinstance(source, np.ndarray) else source
+        # (a flipped view, arr[..., ::-1], has negative strides: as_tensor failed after every image was generated)
         return hash_tensor(tensor), source
     images = list(iter_dataset_images(source))
     if not images:
@@ -244,6 +245,9 @@ def check_reference(source: Any, extractor: nn.Module | None = None) -> None:
         return
     if isinstance(source, (torch.Tensor, np.ndarray)):
         _check_enough(len(to_uint8(source)) if source.ndim < 4 else source.shape[0], "the reference tensor")
+        if source.ndim >= 4 and _is_float(source):  # 0..255 floats failed only after generation (until s46)
+            checked_unit_range(torch.as_tensor(np.ascontiguousarray(source)) if isinstance(source, np.ndarray)
+                               else source)
         return
     if not isinstance(source, (str, Path)):
         _check_first_item(source)
@@ -255,6 +259,10 @@ def check_reference(source: Any, extractor: nn.Module | None = None) -> None:
         _check_enough(len(image_files(path)), f"the reference folder {str(path)!r}")
     else:
         reference_stats(source)  # the error it raises for a path that is neither
+
+
+def _is_float(source: torch.Tensor | np.ndarray) -> bool:
+    return source.is_floating_point() if isinstance(source, torch.Tensor) else np.issubdtype(source.dtype, np.floating)
 
 
 def _check_enough(count: int, what: str) -> None:

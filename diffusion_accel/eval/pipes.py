@@ -300,8 +300,10 @@ def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 
 def generate_images(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_steps: int, batch_size: int = 1,
                     call_kwargs: dict[str, Any] | None = None, prompt_to_kwargs: PromptToKwargs | None = None,
-                    progress: Callable[[int], None] | None = None) -> list[tuple[int, torch.Tensor]]:
-    """Generate every job's image: list of (job index, uint8 (3, H, W))."""
+                    progress: Callable[[int], None] | None = None,
+                    total: int | None = None) -> list[tuple[int, torch.Tensor]]:
+    """Generate every job's image: list of (job index, uint8 (3, H, W)); ``total``: the run's image count, which
+    errors name (``jobs`` may be one process's share)."""
     num_inference_steps = whole_number("num_inference_steps", num_inference_steps, minimum=1)
     results: list[tuple[int, torch.Tensor]] = []
     with quiet_progress(pipe):
@@ -317,7 +319,8 @@ def generate_images(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_steps:
             except ValueError as error:  # NaN images: say which of the run's images
                 first, last = batch[0].index + 1, batch[-1].index + 1
                 raise ValueError(f"{type(pipe).__name__} image{'s' if last > first else ''} "
-                                 f"{first if last == first else f'{first}-{last}'} of {len(jobs)}: {error}") from None
+                                 f"{first if last == first else f'{first}-{last}'} of {total or len(jobs)}: "
+                                 f"{error}") from None
             if len(images) != len(batch):
                 raise ValueError(f"{type(pipe).__name__} returned {len(images)} images for {len(batch)} requested")
             results.extend((job.index, image) for job, image in zip(batch, images))
