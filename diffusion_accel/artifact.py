@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .arch.registry import UnsupportedModelError, adapter_wrapped_layers, find_any_denoiser, find_denoiser
+from .arch.registry import UnsupportedModelError, adapter_layers, find_any_denoiser, find_denoiser
 from .base_match import (SAMPLE_FILE, base_state_dict, config_items, dense, only_rounded, representable_in, rounded_to,
                          samples_match, structure_fingerprint, weight_sample)
 from .adapter_guard import GUARDED_ADAPTER_METHODS, GUARDED_ADAPTER_PIPELINE_METHODS, install_adapter_guards
@@ -564,7 +564,7 @@ def _check_loadable_base(denoiser: torch.nn.Module, component: str, manifest: di
         raise ArtifactError(f"load() needs a base without diffusers' own cache, but {problem}, load, then enable it "
                             f"again")
     changing = [entry["name"] for entry in manifest["techniques"] if entry["name"] != "cache"]  # of the weights
-    wrapped = adapter_wrapped_layers(denoiser)
+    wrapped = adapter_layers(denoiser)
     if changing and wrapped:
         raise ArtifactError(f"load() cannot apply {changing} to layers that unmerged adapters (LoRA, via peft) wrap: "
                             f"{len(wrapped)} in pipe.{component}, e.g. {wrapped[0]!r}; load onto the base without "
@@ -686,7 +686,7 @@ def _same_base_in_another_dtype(denoiser: torch.nn.Module, manifest: dict[str, A
 def _warn_on_adapters(denoiser: torch.nn.Module, component: str) -> None:
     """Unmerged LoRA adapters change the images but are not a technique of this library: the artifact
     cannot hold them, so say that a load needs them loaded again."""
-    wrapped = adapter_wrapped_layers(denoiser)
+    wrapped = adapter_layers(denoiser)  # modules_to_save copies too: their images were lost silently (until s46)
     fused = [name for name in wrapped if getattr(denoiser.get_submodule(name), "merged", False)]
     unmerged = [name for name in wrapped if name not in fused]
     if unmerged:

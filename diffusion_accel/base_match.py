@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .arch.registry import adapter_wrapped_layers
+from .arch.registry import adapter_layers
 
 SAMPLE_FILE = "base-sample.safetensors"
 _VALUES_PER_TENSOR = 16
@@ -47,7 +47,7 @@ def base_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
     use). Adapters are known by structure, a module holding a ``base_layer`` (or, for ``modules_to_save``, an
     ``original_module``): a ".lora_" mark in tensor names kept LoKr's and LoHa's factors (until session 46)."""
     state = denoiser.state_dict()
-    wrappers = set(adapter_wrapped_layers(denoiser)) | set(_modules_to_save_wrappers(denoiser))
+    wrappers = set(adapter_layers(denoiser))
     if not wrappers:
         return dict(state)
     kept = {}
@@ -61,13 +61,6 @@ def base_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
             if inner.startswith(mark):
                 kept[f"{wrapper}.{inner[len(mark):]}"] = tensor
     return kept
-
-
-def _modules_to_save_wrappers(denoiser: torch.nn.Module) -> list[str]:
-    """Names of peft ``modules_to_save`` wrappers (an ``original_module`` beside trained copies) in ``denoiser``."""
-    return [name for name, module in denoiser.named_modules()
-            if isinstance(getattr(module, "original_module", None), torch.nn.Module)
-            and hasattr(module, "modules_to_save")]
 
 
 def _wrapper_of(tensor_name: str, wrappers: set[str]) -> str | None:

@@ -230,3 +230,17 @@ def test_an_artifact_saved_beside_modules_to_save_names_the_plain_base(tmp_path)
     with pytest.warns(UserWarning, match="load the adapters again"):
         da.save(pipe, tmp_path / "art")
     da.load(build_tiny("sd"), tmp_path / "art")
+
+
+def test_modules_to_save_copies_left_by_unload_count_as_adapters(tmp_path):
+    """unload_lora_weights leaves peft's modules_to_save wrappers, whose trained copies compute: save said nothing
+    and the artifact loaded onto the plain base giving other images (0.33 off); quantize_ left them in float."""
+    pipe = build_tiny("sd")
+    pipe.unet.add_adapter(LoraConfig(r=4, target_modules=["to_q"], modules_to_save=["proj_in"]))
+    pipe.unload_lora_weights()
+    with pytest.raises(ValueError, match="quantize_ cannot change layers that adapters"):
+        da.quantize_(pipe, da.PTQConfig(weights="int8", activations=None, calib_prompts=1, calib_num_steps=2,
+                                        calib_steps="all"))
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
+    with pytest.warns(UserWarning, match="holds unmerged adapters .* e.g. 'down_blocks.0.attentions.0.proj_in'"):
+        da.save(pipe, tmp_path / "art")

@@ -95,11 +95,23 @@ def adapter_wrapped_layers(denoiser: nn.Module) -> list[str]:
             if isinstance(getattr(module, "base_layer", None), nn.Module)]
 
 
+def modules_to_save_wrappers(denoiser: nn.Module) -> list[str]:
+    """Names of peft ``modules_to_save`` wrappers in ``denoiser`` (an ``original_module`` beside trained copies, the
+    active one computing; ``unload_lora_weights`` leaves them)."""
+    return [name for name, module in denoiser.named_modules()
+            if isinstance(getattr(module, "original_module", None), nn.Module) and hasattr(module, "modules_to_save")]
+
+
+def adapter_layers(denoiser: nn.Module) -> list[str]:
+    """Every layer of ``denoiser`` an adapter changes: LoRA-style wrappers and ``modules_to_save`` wrappers."""
+    return adapter_wrapped_layers(denoiser) + modules_to_save_wrappers(denoiser)
+
+
 def check_no_unmerged_adapters(denoiser: nn.Module, technique: str) -> None:
     """Refuse a weight-changing ``technique`` while adapter layers (peft LoRA: modules holding a
-    ``base_layer``) wrap layers of ``denoiser``: it would find only the layers peft left unwrapped
-    and silently quantize or prune fewer of them, with the adapters still in float."""
-    wrapped = adapter_wrapped_layers(denoiser)
+    ``base_layer``; ``modules_to_save`` copies) wrap layers of ``denoiser``: it would find only the layers peft left
+    unwrapped and silently quantize or prune fewer of them, with the adapters still in float."""
+    wrapped = adapter_layers(denoiser)
     if wrapped:
         raise ValueError(
             f"{technique} cannot change layers that adapters (LoRA, via peft) wrap: {len(wrapped)} in "
