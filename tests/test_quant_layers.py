@@ -552,3 +552,23 @@ def test_tinygemm_needs_a_group_size_dividing_every_segment_and_cuda():
     assert group_size_for((320,)) == 64 and group_size_for((256, 512)) == 256 and group_size_for((100,)) is None
     codes = torch.zeros(16, 256, dtype=torch.int8)
     assert pack_for_cuda(codes, torch.ones(16, 1), (256,)) is None  # CPU tensors: the dequantize path
+
+
+@pytest.mark.parametrize("kernel, dynamic", [(1, False), (3, False), (1, True)])
+def test_lowered_convs_take_an_unbatched_input_as_conv2d_does(kernel, dynamic):
+    """nn.Conv2d and the simulated layer take (C, H, W); the lowered kernels unpacked four dims or failed in
+    oneDNN's descriptor."""
+    from diffusion_accel.quant.lower import lower_layer
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, kernel, padding=kernel // 2)
+    weight = conv.weight.detach().reshape(8, -1)
+    scale = weight_scales(weight, get_format("int8"), (weight.shape[1],))
+    act = DynamicActQuantizer("int8", False, 1) if dynamic else \
+        ActQuantizer(torch.tensor([[0.05]]), torch.tensor([[128]]), "int8", False, (), 1)
+    simulated = QuantConv2d(conv, quantize_weight(weight, scale, get_format("int8"), (weight.shape[1],)), scale,
+                            (weight.shape[1],), "int8", act)
+    lowered, x = lower_layer(simulated), torch.randn(16, 4, 4)
+    with torch.no_grad():  # and as the batch of one it is (the simulated per-token scales read H as channels)
+        assert torch.allclose(simulated(x), simulated(x[None])[0], atol=1e-6)
+        assert torch.allclose(lowered(x), simulated(x), atol=1e-4, rtol=1e-5)

@@ -328,6 +328,8 @@ class QuantConv2d(QuantLayer):
         self._init_weight(source, codes, scale, segment_sizes, fmt, act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W): activation scales read channels at dim 1 (per-token ones took H)
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         x = self.quantized_input(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.conv2d(x, self.weight.to(x.dtype), bias, self.stride, self.padding, self.dilation, self.groups)

@@ -289,6 +289,8 @@ class Int8Conv1x1(_GemmLayer):
         return F.conv2d(self.act(x), weight, self._bias(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), which nn.Conv2d takes (the kernel unpacked four dims)
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         return run_kernel(self, x, self._kernel, self._simulated)
 
 

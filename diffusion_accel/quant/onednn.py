@@ -177,6 +177,8 @@ class OneDNNInt8Conv2d(KeepsQuantDtypes):
                         self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), which nn.Conv2d takes (oneDNN's descriptor needs a batch)
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if self._packed is None or x.device.type != "cpu":
             return self._float_forward(x)
         return run_kernel(self, x, self._kernel, self._float_forward)
