@@ -21,7 +21,8 @@ What each layer becomes (``summary`` lists the counts):
   kernel torchao's int4 weight-only tensors use) on the same codes (``tinygemm``). An int4 layer with an odd
   number of input columns cannot pack two codes per byte: it is ``dequant-int4`` (int8-stored codes,
   dequantized once into a cached float weight, as ``dequant-int8``).
-- ``dequant-int8``: int8 weights that cannot use an int8 kernel (group-wise, weight-only, k x k
+- ``dequant-int8``: int8 weights that cannot use an int8 kernel (group-wise with more than two groups (two are
+  computed as the split-shortcut halves are, ``int8-gemm``), weight-only, k x k
   convs without oneDNN, every int8 layer on a CPU without VNNI), stored as int8 and dequantized once into a cached float weight: fp speed, int8 on disk.
   k x k convs are not lowered to unfold + int8 GEMM: on this CPU (SD 1.5 3x3 shapes, 256 px) it
   took 1.5-2.6x the fp32 conv's time in eager mode and ran at 0.9-1.4x its speed under
