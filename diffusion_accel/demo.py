@@ -183,10 +183,15 @@ OTHER_COMMANDS_FILES = ("manifest.json", "statistics.safetensors")  # calibrate'
 def check_demo_out(out: Path) -> None:
     """ValueError when ``out`` holds an artifact or statistics of ``calibrate``: the demo's calibration.json
     replaced theirs (how they were made, which build_artifacts.py reads), silently."""
+    from .eval.report import report_folder_problem
+
     taken = [name for name in OTHER_COMMANDS_FILES if (Path(out) / name).is_file()]
     if taken:
         raise ValueError(f"--out {str(out)!r} holds {taken[0]} from diffusion-accel calibrate: the demo's "
                          f"calibration.json would replace the one beside it; write the demo to another folder")
+    problem = report_folder_problem(out)  # report-named folders: found after the whole demo (until s46)
+    if problem is not None:
+        raise ValueError(f"--out {problem}")
 
 
 def _demo_clip(variants: dict[str, Any]) -> str | None:

@@ -197,10 +197,10 @@ def check_savable(denoiser: nn.Module) -> None:
     mismatched = mismatched_tensors(denoiser)
     if not mismatched:
         return
-    from .arch.registry import adapter_wrapped_layers
+    from .arch.registry import adapter_layers
     from .artifact import applied_techniques
 
-    wrapped = adapter_wrapped_layers(denoiser)
+    wrapped = adapter_layers(denoiser)  # modules_to_save copies too (blamed on the techniques until s46)
     if wrapped:  # peft renames the layers it wraps: those tensors are the adapters', not the techniques'
         mismatched = mismatched_tensors(denoiser, without_adapters=True)
     if wrapped and not mismatched:

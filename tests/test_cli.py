@@ -857,6 +857,16 @@ def test_tuple_arguments_given_as_json_lists_reach_the_pipeline_as_tuples(tmp_pa
     assert calls[0].kwargs["target_size"] == (64, 64) and calls[0].kwargs["prompt_2"] == ["x"]
 
 
+def test_demo_refuses_an_out_folder_holding_report_named_folders_before_loading(tmp_path, monkeypatch, capsys):
+    """Found when the report was saved, after the whole demo (hours on a hub model)."""
+    import diffusion_accel.demo as demo
+
+    monkeypatch.setattr(demo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
+    (tmp_path / "grid.png").mkdir()
+    assert main(["demo", "--pipe", "tiny:sd", "--out", str(tmp_path)]) == 2
+    assert "holds folders named ['grid.png']" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kept", ["manifest.json", "statistics.safetensors"])
 def test_demo_refuses_an_out_folder_holding_calibrate_output(kept, tmp_path, monkeypatch, capsys):
     """The demo's calibration.json replaced an artifact's or statistics' own (how they were made), silently."""

@@ -244,3 +244,15 @@ def test_modules_to_save_copies_left_by_unload_count_as_adapters(tmp_path):
     da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
     with pytest.warns(UserWarning, match="holds unmerged adapters .* e.g. 'down_blocks.0.attentions.0.proj_in'"):
         da.save(pipe, tmp_path / "art")
+
+
+def test_save_pretrained_names_modules_to_save_copies_as_adapters_not_the_techniques(tmp_path):
+    """It said "techniques ['cache'] changed 42 of its tensors" and pointed to an artifact, which loses the copies."""
+    from diffusion_accel.pretrained_guard import UnsavableModelError
+
+    pipe = build_tiny("sd")
+    pipe.unet.add_adapter(LoraConfig(r=4, target_modules=["to_q"], modules_to_save=["proj_in"]))
+    pipe.unload_lora_weights()
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
+    with pytest.raises(UnsavableModelError, match="unmerged adapters"):
+        pipe.save_pretrained(tmp_path / "out")

@@ -572,3 +572,21 @@ def test_lowered_convs_take_an_unbatched_input_as_conv2d_does(kernel, dynamic):
     with torch.no_grad():  # and as the batch of one it is (the simulated per-token scales read H as channels)
         assert torch.allclose(simulated(x), simulated(x[None])[0], atol=1e-6)
         assert torch.allclose(lowered(x), simulated(x), atol=1e-4, rtol=1e-5)
+
+
+def test_a_dequantized_conv_takes_an_unbatched_input_as_conv2d_does():
+    """The dequant path (group-wise int8 with three scale segments, CPUs without int8 kernels) passed (C, H, W) to
+    per-token activation scales that read H as the channels (0.058 off the simulated layer)."""
+    from diffusion_accel.quant.lower import StoredWeightLayer, lower_layer
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(48, 8, 3, padding=1)
+    weight = conv.weight.detach().reshape(8, -1)
+    segments = (144, 144, 144)
+    scale = weight_scales(weight, get_format("int8"), segments)
+    simulated = QuantConv2d(conv, quantize_weight(weight, scale, get_format("int8"), segments), scale, segments,
+                            "int8", DynamicActQuantizer("int8", False, 1))
+    lowered, x = lower_layer(simulated), torch.randn(48, 5, 6) * torch.linspace(0.1, 10, 48)[:, None, None]
+    assert isinstance(lowered, StoredWeightLayer)
+    with torch.no_grad():
+        assert torch.allclose(lowered(x), simulated(x), atol=1e-5) and torch.allclose(lowered(x), lowered(x[None])[0])

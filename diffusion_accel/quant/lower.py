@@ -368,6 +368,8 @@ class StoredWeightLayer(KeepsQuantDtypes):
         return self.cached_weight if self.cached_weight is not None else self._dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op is F.conv2d and x.dim() == 3:  # unbatched (C, H, W): per-token scales read dim 1 as channels
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if self._tinygemm is not None and x.is_cuda and x.dtype == torch.bfloat16:
             return run_kernel(self, x, lambda x: tinygemm_linear(x, self._tinygemm, self.bias), self._float_op)
         return self._float_op(x)
