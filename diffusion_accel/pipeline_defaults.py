@@ -16,6 +16,7 @@ import types
 import typing
 import warnings
 from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, Iterator
 
 from .arch.registry import DENOISER_COMPONENTS
@@ -62,6 +63,20 @@ def per_prompt_negative(negative_prompt: Any, num_prompts: int) -> Any:
     prompts): StableDiffusionPipeline refuses a string beside a list of prompts; the other pipelines
     broadcast it themselves, so this changes nothing else."""
     return [negative_prompt] * num_prompts if isinstance(negative_prompt, str) else negative_prompt
+
+
+OTHER_PROMPTS = ("prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3")  # the other text towers
+
+
+def per_prompt_values(value: Any, indices: Sequence[int], num_prompts: int) -> Any:
+    """A call argument that holds one text per prompt of a run (``prompt_2`` ...) for the call taking the prompts
+    at ``indices``: a string copied once per prompt, a list of ``num_prompts`` texts picked at ``indices``;
+    anything else as it is. A string ``prompt_2`` beside a batched call failed in SDXL's encoder (2 vs 1 rows)."""
+    if isinstance(value, str):
+        return [value] * len(indices)
+    if isinstance(value, (list, tuple)) and len(value) == num_prompts:
+        return [value[index] for index in indices]
+    return value
 
 
 KWARGS_DIFFUSERS_READS = ("callback", "callback_steps")  # the deprecated arguments pipelines take via **kwargs

@@ -880,3 +880,18 @@ def test_numpy_class_ids_steps_and_weights_are_taken_as_their_values():
     calib = calibrate(build_tiny("sd"), ["a"], 2, weighting="linear", weight_range=(np.float32(0.5), np.float32(1.5)),
                       progress=False, **SD_SIZE)
     assert calib.provenance()["settings"]["weight_range"] == [0.5, 1.5]
+
+
+def test_the_other_text_towers_prompts_follow_each_calls_prompts():
+    """A string prompt_2 beside two prompts per call failed in SDXL's encoder (2 vs 1 rows); a list of one per
+    prompt went whole to every call."""
+    from diffusion_accel.calib.inputs import plan_calls
+
+    pipe = build_tiny("sdxl")
+    calls = plan_calls(pipe, ["a", "b", "c"], num_inference_steps=2, batch_size=2, num_images_per_prompt=1,
+                          guidance_scale=None, negative_prompt=None, seed=0,
+                          call_kwargs={"prompt_2": ["A", "B", "C"], "negative_prompt_2": "blurry"})
+    assert [call.kwargs["prompt_2"] for call in calls] == [["A", "B"], ["C"]]
+    assert [call.kwargs["negative_prompt_2"] for call in calls] == [["blurry", "blurry"], ["blurry"]]
+    calibrate(pipe, ["a red bike", "a cat"], 2, batch_size=2, progress=False, height=32, width=32,
+              prompt_2="a blue bike")

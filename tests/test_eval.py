@@ -1223,3 +1223,13 @@ def test_a_nan_image_error_names_its_place_in_the_whole_run():
     jobs = make_jobs(["a", "b", "c", "d", "e"])
     with pytest.raises(ValueError, match="images 4-5 of 5"):
         generate_images(pipe, jobs[3:], num_inference_steps=1, batch_size=2, total=len(jobs))
+
+
+def test_a_string_prompt_2_is_evaluated_in_batches():
+    """It failed in SDXL's encoder with two prompts per call (2 vs 1 rows)."""
+    import diffusion_accel as da
+
+    report = da.evaluate({"base": build_tiny("sdxl")}, ["a red bike", "a cat"], metrics=("latency",), batch_size=2,
+                         num_inference_steps=2, progress=False,
+                         call_kwargs={"height": 32, "width": 32, "prompt_2": "a blue bike"})
+    assert report.rows[0]["images"] == 2

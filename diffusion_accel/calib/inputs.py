@@ -25,7 +25,7 @@ from typing import Any
 
 from ..arch.registry import UnsupportedModelError, get_adapter
 from ..pipeline_defaults import (call_defaults, check_call_arguments, check_guidance_scale_is_read,
-                                 per_prompt_negative, with_tuples)
+                                 OTHER_PROMPTS, per_prompt_negative, per_prompt_values, with_tuples)
 from ..scalars import plain_number
 from ..stacklevel import user_stacklevel
 
@@ -176,6 +176,10 @@ def plan_calls(pipe: Any, items: list[Any], *, num_inference_steps: int, batch_s
         if mode == "prompt" and isinstance(kwargs.get("negative_prompt"), str):  # a zoo default's or --call's:
             # one per prompt, as an explicit one (Flux failed on a string with num_images_per_prompt > 1)
             kwargs["negative_prompt"] = per_prompt_negative(kwargs["negative_prompt"], len(items[chunk]))
+        if mode == "prompt":  # the other towers' texts follow the prompts of the call
+            indices = range(len(items))[chunk]
+            kwargs |= {name: per_prompt_values(shared[name], indices, len(items))
+                       for name in OTHER_PROMPTS if name in shared}
         calls.append(PlannedCall(kwargs=kwargs, num_items=len(items[chunk]), seed=seed + index))
     return calls
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..arch.registry import DENOISER_COMPONENTS
-from ..pipeline_defaults import call_defaults, per_prompt_negative, with_tuples
+from ..pipeline_defaults import OTHER_PROMPTS, call_defaults, per_prompt_negative, per_prompt_values, with_tuples
 from ..seeding import seeded_call
 from .images import to_uint8
 
@@ -273,9 +273,20 @@ def build_call_kwargs(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_step
         negative = [negative[job.prompt_index] for job in jobs]  # one per prompt of the run, as calibration reads it
     if "negative_prompt" in extra and isinstance(kwargs.get("prompt"), list):  # yours, not a zoo default
         kwargs["negative_prompt"] = per_prompt_negative(negative, len(kwargs["prompt"]))
+    if isinstance(kwargs.get("prompt"), list):  # the other towers' texts follow the prompts of the call
+        kwargs |= {name: _per_job(extra[name], jobs) for name in OTHER_PROMPTS if name in extra}
     kwargs["num_inference_steps"] = num_inference_steps
     kwargs["generator"] = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
     return kwargs
+
+
+def _per_job(value: Any, jobs: Sequence[ImageJob]) -> Any:
+    """``value`` (one text, or one per prompt of the run) as one text per job of this call."""
+    indices = [job.prompt_index for job in jobs]
+    if isinstance(value, (list, tuple)):
+        return per_prompt_values(value, indices, len(value)) if all(index < len(value) for index in indices) \
+            else value
+    return per_prompt_values(value, indices, len(indices))
 
 
 @contextmanager
