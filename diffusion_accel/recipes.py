@@ -89,11 +89,11 @@ def _check_calibration_value(path: str | Path, key: str, value: Any) -> None:
     if key in _POSITIVE_INTS:
         ok, wanted = isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1"
     elif key == "guidance":
-        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), \
-            "a finite number"
+        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and value >= 0, "a finite number >= 0"  # a negative one was refused only after loading (until s46)
     elif key in ("prompts", "selection"):
         ok = isinstance(value, str) or (isinstance(value, list) and all(
-            isinstance(item, str if key == "prompts" else int) for item in value))
+            isinstance(item, str if key == "prompts" else int) and not isinstance(item, bool) for item in value))
         wanted = "a prompt-set name or path, or a list of strings" if key == "prompts" else \
             "a selection string (e.g. 'uniform:5') or a list of step indices"
     else:
@@ -380,7 +380,7 @@ def _check_calibration_settings(settings: dict[str, Any], seed: int) -> None:
     chosen = _selection(selection)
     try:
         select_steps(max(2 * settings["steps"], settings["steps"] + 9), chosen)
-    except ValueError as error:
+    except (TypeError, ValueError) as error:  # TypeError: a non-int index (a traceback until s46)
         raise ValueError(f"--selection / [calibration] selection {selection!r}: {error}") from None
     resolve_weights(settings["steps"], settings["weighting"])
     if seed < 0:
@@ -529,6 +529,7 @@ def technique_configs(methods: list[str], args: argparse.Namespace, recipe: dict
     """The ``PTQConfig`` / ``PruneConfig`` of each quantization or pruning method in ``methods``, from
     the recipe's ``[quant]`` / ``[prune]`` table + flags; building them validates them."""
     from .prune import PruneConfig
+    from .prune.configs import parse_nm
     from .quant import PTQConfig
     from .quant.configs import check_calibration_choices
 
@@ -543,7 +544,13 @@ def technique_configs(methods: list[str], args: argparse.Namespace, recipe: dict
             configs[method] = _built("quant", PTQConfig.preset, preset, **options)
             check_calibration_choices(configs[method])  # before the chain's calibration, not after it
         elif method not in ("cache", "stats"):
-            options = {**_calibration_weighting(recipe), **recipe.get("prune", {}), "method": method}
+            options = {**_calibration_weighting(recipe), **recipe.get("prune", {})}
+            if options.pop("method", method) != method:  # --method decided silently (until s46)
+                raise ValueError(f"recipe [prune] method {recipe['prune']['method']!r} differs from --method's "
+                                 f"{method!r}: --method names the pruning method; drop the key or make them equal")
+            options["method"] = method
+            if args.pattern is not None and args.sparsity is None and parse_nm(str(args.pattern)) is not None:
+                options.pop("sparsity", None)  # an N:M --pattern sets it: the recipe's sparsity conflicted
             flags = (("sparsity", args.sparsity), ("pattern", args.pattern), ("weighting", args.weighting),
                      ("scope", getattr(args, "scope", None)), ("allocation", getattr(args, "allocation", None)))
             configs[method] = _built("prune", PruneConfig, **options | {k: v for k, v in flags if v is not None})

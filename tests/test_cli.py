@@ -1026,3 +1026,21 @@ def test_eval_and_bench_refuse_an_out_folder_holding_report_named_folders_before
     monkeypatch.setattr(loading, "load_pipeline", lambda *args, **kwargs: pytest.fail("a pipeline loaded"))
     assert main([*command, "--pipe", "a=tiny:sd", "--steps", "2", "--num-prompts", "1", "--out", str(tmp_path)]) == 2
     assert "holds folders named ['grid.png']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("table, flags, message", [
+    ("[calibration]\nselection = [true]\n", [], "[calibration] selection = [True] must be"),  # a traceback
+    ("[calibration]\nguidance = -3\n", [], "a finite number >= 0"),  # refused only after loading
+    ("[prune]\nmethod = \"obs\"\n", ["--method", "wanda"], "differs from --method's 'wanda'"),  # ignored silently
+    ("[prune]\nsparsity = 0.3\n", ["--method", "obs", "--pattern", "2:4"], "reached the load"),  # refused
+])
+def test_recipe_values_meet_the_flags_before_loading(table, flags, message, tmp_path, monkeypatch, capsys):
+    import diffusion_accel.recipes as recipes
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(table)
+    monkeypatch.setattr(recipes, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(ValueError("reached the load")))
+    argv = ["calibrate", "--recipe", str(recipe), "--pipe", "tiny:sd", "--steps", "2", "--num-prompts", "1",
+            "--out", str(tmp_path / "art")]
+    assert main(argv + (flags or ["--method", "ptq"])) == 2
+    assert message in capsys.readouterr().err
