@@ -9,6 +9,7 @@ optionally one scale per timestep group and per channel segment) or a ``DynamicA
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -316,6 +317,17 @@ class QuantLinear(QuantLayer):
         return F.linear(x, self.weight.to(x.dtype), bias)
 
 
+def takes_unbatched_images(forward: Callable) -> Callable:
+    """``forward`` of a quantized Conv2d, taking an unbatched (C, H, W) input as ``nn.Conv2d`` does: run as a batch
+    of one (activation scales read the channels at dim 1, per-token ones took H; the int8 kernels need four dims)."""
+    @functools.wraps(forward)
+    def batched(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            return forward(self, x.unsqueeze(0)).squeeze(0)
+        return forward(self, x)
+    return batched
+
+
 class QuantConv2d(QuantLayer):
     """Simulated quantized ``nn.Conv2d`` (zeros padding)."""
 
@@ -327,9 +339,8 @@ class QuantConv2d(QuantLayer):
             setattr(self, name, getattr(source, name))
         self._init_weight(source, codes, scale, segment_sizes, fmt, act)
 
+    @takes_unbatched_images
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:  # unbatched (C, H, W): activation scales read channels at dim 1 (per-token ones took H)
-            return self.forward(x.unsqueeze(0)).squeeze(0)
         x = self.quantized_input(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.conv2d(x, self.weight.to(x.dtype), bias, self.stride, self.padding, self.dilation, self.groups)

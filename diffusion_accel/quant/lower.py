@@ -52,7 +52,8 @@ from .fp8 import Fp8GemmCore
 from .formats import get_format
 from .kernel_grad import run_kernel
 from .constants import DerivedConstants, fast_path_on
-from .layers import ActQuantizer, DynamicActQuantizer, KeepsQuantDtypes, QuantConv2d, QuantLayer, QuantLinear
+from .layers import (ActQuantizer, DynamicActQuantizer, KeepsQuantDtypes, QuantConv2d, QuantLayer, QuantLinear,
+                     takes_unbatched_images)
 from .quantizers import (as_float32, dequantize_weight, dynamic_qparams, pack_int4, quantize_codes, segment_spans,
                          unpack_int4)
 from .state import TECHNIQUE, get_state, swap_module
@@ -289,9 +290,8 @@ class Int8Conv1x1(_GemmLayer):
         weight = self.float_weight(x.dtype).reshape(self.out_channels, self.in_channels, 1, 1)
         return F.conv2d(self.act(x), weight, self._bias(x.dtype))
 
+    @takes_unbatched_images
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:  # unbatched (C, H, W), which nn.Conv2d takes (the kernel unpacked four dims)
-            return self.forward(x.unsqueeze(0)).squeeze(0)
         return run_kernel(self, x, self._kernel, self._simulated)
 
 
@@ -368,8 +368,8 @@ class StoredWeightLayer(KeepsQuantDtypes):
         return self.cached_weight if self.cached_weight is not None else self._dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.op is F.conv2d and x.dim() == 3:  # unbatched (C, H, W): per-token scales read dim 1 as channels
-            return self.forward(x.unsqueeze(0)).squeeze(0)
+        if self.op is F.conv2d and x.dim() == 3:  # unbatched (C, H, W), as takes_unbatched_images (Linear layers
+            return self.forward(x.unsqueeze(0)).squeeze(0)  # take 3-D token inputs as they are)
         if self._tinygemm is not None and x.is_cuda and x.dtype == torch.bfloat16:
             return run_kernel(self, x, lambda x: tinygemm_linear(x, self._tinygemm, self.bias), self._float_op)
         return self._float_op(x)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .constants import DerivedConstants, fast_path_on
 from .kernel_grad import run_kernel
-from .layers import ActQuantizer, DynamicActQuantizer, KeepsQuantDtypes, QuantConv2d
+from .layers import ActQuantizer, DynamicActQuantizer, KeepsQuantDtypes, QuantConv2d, takes_unbatched_images
 from .quantizers import act_grid, as_float32, dequantize_weight, quantize_codes
 
 CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
@@ -176,9 +176,8 @@ class OneDNNInt8Conv2d(KeepsQuantDtypes):
         return F.conv2d(self.act(x), weight.reshape(self.weight_shape).to(x.dtype), bias, self.stride,
                         self.padding, self.dilation, self.groups)
 
+    @takes_unbatched_images
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:  # unbatched (C, H, W), which nn.Conv2d takes (oneDNN's descriptor needs a batch)
-            return self.forward(x.unsqueeze(0)).squeeze(0)
         if self._packed is None or x.device.type != "cpu":
             return self._float_forward(x)
         return run_kernel(self, x, self._kernel, self._float_forward)
