@@ -331,13 +331,16 @@ class StepTracker(ModelHook):
         return owner[1] == thread
 
     def _detect_other_caller(self, module: torch.nn.Module, context: str) -> None:
-        """For a call the watched scheduler does not vouch for: reset on a switch of caller or a rising
-        timestep in ``context`` (a new descent); ``CacheMixin`` denoisers called by a pipeline are reset by
-        diffusers (called directly, in a user's own loop, they never were: a second loop continued the first)."""
-        if isinstance(module, CacheMixin):
-            caller = _calling_pipeline()
-            if caller is not None:
-                self._detect_calling_schedule(caller)
+        """For a call the watched scheduler does not vouch for: reset when the calling pipeline's scheduler holds
+        new timesteps, on a switch of caller, or on a rising timestep in ``context`` (a new descent);
+        ``CacheMixin`` denoisers called by a pipeline are reset by diffusers (called directly, in a user's own
+        loop, they never were: a second loop continued the first). Other denoisers are reset by nobody after an
+        exception, so the caller's new timesteps mark their next call (a strength-0.3 img2img call after an
+        interrupted one starts below its last timestep: it continued the stale trajectory, session 47)."""
+        caller = _calling_pipeline()
+        if caller is not None:
+            self._detect_calling_schedule(caller)
+            if isinstance(module, CacheMixin):
                 return
         value = self.timestep
         previous = self._last_values.get(context)
@@ -348,7 +351,7 @@ class StepTracker(ModelHook):
             self._last_values[context] = value
 
     def _detect_calling_schedule(self, caller: DiffusionPipeline) -> None:
-        """``CacheMixin`` (Flux) denoisers are reset by diffusers at the end of a completed pipeline call, not after
+        """Denoisers are reset by diffusers (``CacheMixin``, Flux) at the end of a completed pipeline call, not after
         an interrupted one (an exception from a callback, Ctrl-C) or a direct call. So a call from a pipeline whose
         scheduler holds other timesteps than the previous caller's (another pipeline's own scheduler, or its new
         call after an interruption) starts a new trajectory: it continued the stale one, counting steps on and

@@ -1,6 +1,7 @@
 """Caches on the tiny pipelines: DeepCache parity with the deepcache package, every family, CFG
 state separation, per-call reset, the drop-in contract, torch.compile, fitting and calibration."""
 
+import copy
 import importlib.util
 
 import pytest
@@ -273,7 +274,6 @@ def test_flux_img2img_true_cfg_without_cache_context_keeps_branches_apart():
 def test_a_flux_pipeline_sharing_the_transformer_with_its_own_scheduler_places_steps_by_it():
     """Its calls had no step count (Flux passes no timestep views): a Δ-cache never reached its detail stage and
     gave other images than the same cache called from the pipeline it was enabled on."""
-    import copy
 
     from diffusers import FluxPipeline
 
@@ -321,6 +321,41 @@ def test_a_flux_pipeline_with_its_own_scheduler_starts_fresh_after_an_unfinished
         else:
             img2img(**kwargs(), callback_on_step_end=stop)
     assert torch.equal(img2img(**kwargs()).images, fresh) and summary(pipe)["steps"] == fresh_steps
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_an_img2img_pipeline_with_its_own_scheduler_starts_fresh_after_its_interrupted_call(family):
+    """diffusers never resets after an exception, and for denoisers other than Flux's only a rising timestep
+    marked a new call: an img2img sibling with a scheduler of its own whose call was stopped at step 4 of 10, then
+    called at strength 0.3 (its first timestep below the stopped call's last), continued the stopped trajectory
+    (reused its features, counted its steps: SD 0.39 off a fresh call, SD3 0.046; session 47 review)."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    img2img_class = {"sd": StableDiffusionImg2ImgPipeline, "sd3": StableDiffusion3Img2ImgPipeline}[family]
+    config = DeepCacheConfig(interval=3, branch=0) if family == "sd" else BlockCacheConfig(interval=3)
+
+    def pipelines():
+        pipe = build_tiny(family)
+        enable_cache(pipe, config)
+        img2img = img2img_class(**{**pipe.components, "scheduler": copy.deepcopy(pipe.scheduler)})
+        img2img.set_progress_bar_config(disable=True)
+        return pipe, img2img
+
+    def kwargs(strength):  # a fresh generator for every call
+        return dict(tiny_call_kwargs(family, steps=10), strength=strength,
+                    image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
+
+    def stop(_pipe, step, _timestep, _kwargs):
+        if step == 4:
+            raise RuntimeError("stopped by the user")
+        return {}
+
+    pipe, img2img = pipelines()
+    fresh, fresh_steps = img2img(**kwargs(0.3)).images, summary(pipe)["steps"]
+    pipe, img2img = pipelines()
+    with pytest.raises(RuntimeError, match="stopped by the user"):
+        img2img(**kwargs(1.0), callback_on_step_end=stop)
+    assert torch.equal(img2img(**kwargs(0.3)).images, fresh) and summary(pipe)["steps"] == fresh_steps
 
 
 def _flux_controlnet_pipeline():
