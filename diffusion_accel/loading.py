@@ -175,11 +175,16 @@ def _load_with_artifact(base_spec: str | None, artifact: Path, torch_dtype: torc
     recorded dtype) from ``variant``'s files (or the recorded variant) onto ``device``, then apply the
     artifact to it (there, so quantized layers are lowered for that device's kernels). With no dtype
     asked for, a base whose weights the saved pipeline had rounded to half precision is loaded in it and
-    cast to the recorded dtype after: the saved pipeline's images, bit for bit."""
+    cast to the recorded dtype after: the saved pipeline's images, bit for bit; so is one asked for the recorded
+    dtype (``--dtype fp32`` for the recorded float32 gave other images, 0.046 off) or a wider one than the rounding
+    (cast after too)."""
     from .artifact import load
 
     spec, dtype = artifact_base(artifact, base_spec, torch_dtype)
-    rounding = None if torch_dtype is not None else artifact_rounding(artifact)
+    rounding = artifact_rounding(artifact)
+    recorded = artifact_base(artifact, base_spec)[1]
+    if torch_dtype is not None and rounding is not None and dtype != recorded and dtype.itemsize <= rounding.itemsize:
+        rounding = None  # another half precision asked for (or the rounding itself): loaded in it
     base = load_pipeline(spec, dtype=rounding or dtype, device=None if device is None else str(device),
                          variant=variant or artifact_variant(artifact, base_spec))
     if rounding is None or rounding == dtype:

@@ -43,6 +43,7 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> None:
     for name in ("spec", "dtype", "variant"):  # where the base was loaded from (loading.artifact_base reads them)
         if isinstance(base.get("source"), dict) and name in base["source"]:
             _field(base["source"], name, (str, type(None)), path, "base.source.")
+    _check_dtype_names(base, path)
     techniques = _field(manifest, "techniques", (list,), path, "")
     seen: set[str] = set()
     for index, entry in enumerate(techniques):
@@ -55,6 +56,21 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> None:
         if entry["name"] in seen:
             _fail(path, f"{where}.name", f"a technique not listed before, got {entry['name']!r} a second time")
         seen.add(entry["name"])
+
+
+def _check_dtype_names(base: dict[str, Any], path: Path) -> None:
+    """base.dtype / base.source.dtype name a floating torch dtype and base.source.variant a weight-file variant: a
+    "float99" loaded with a warning naming torch.float99, and load_pipeline failed naming neither file nor field."""
+    import torch
+
+    source = base.get("source") if isinstance(base.get("source"), dict) else {}
+    for where, value in (("base.dtype", base.get("dtype")), ("base.source.dtype", source.get("dtype"))):
+        dtype = getattr(torch, value, None) if isinstance(value, str) else None
+        if value is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            _fail(path, where, f"a floating torch dtype name such as 'float32' or 'bfloat16', or null, got {value!r}")
+    variant = source.get("variant")
+    if variant is not None and (not variant.strip() or "/" in variant):
+        _fail(path, "base.source.variant", f"a weight-file variant name such as 'fp16', or null, got {variant!r}")
 
 
 def _field(mapping: dict[str, Any], name: str, kinds: tuple[type, ...], path: Path, prefix: str) -> Any:

@@ -250,9 +250,16 @@ def _edit_manifest(folder, edit):
     (lambda m: m["base"].update(source={"spec": ["tiny:sd"]}), r"field 'base.source.spec' must be a string or null"),
     (lambda m: m["base"].update(sample="../base-sample.safetensors"),
      r"field 'base.sample' must be a file name inside the artifact folder"),
+    (lambda m: m["base"].update(dtype="float99"), r"field 'base.dtype' must be a floating torch dtype name .* 'float99'"),
+    (lambda m: m["base"].update(dtype="int8"), r"field 'base.dtype' must be a floating torch dtype name .* 'int8'"),
+    (lambda m: m["base"].update(source={"spec": "tiny:sd", "dtype": "fp99"}),
+     r"field 'base.source.dtype' must be a floating torch dtype name"),
+    (lambda m: m["base"].update(source={"spec": "tiny:sd", "variant": "a/b"}),
+     r"field 'base.source.variant' must be a weight-file variant name such as 'fp16', or null, got 'a/b'"),
 ])
 def test_a_damaged_manifest_is_an_artifact_error_naming_the_field(tmp_path, edit, message):
-    """Each was a bare KeyError / TypeError from inside load()."""
+    """Each was a bare KeyError / TypeError from inside load(); a bad dtype name loaded with a warning naming
+    torch.float99 and failed load_pipeline naming neither manifest nor field (session 47)."""
     artifact.save(_scaled_pipe(), tmp_path)
     _edit_manifest(tmp_path, edit)
     base = build_tiny("sd")
@@ -506,6 +513,29 @@ def test_int8_codes_under_a_manifest_saying_int4_are_refused(saved_artifacts, tm
                                                      r"format's \[-8, 7\]"):
         artifact.load(build_tiny("sd"), folder)
 
+@pytest.mark.parametrize("technique", ["ptq", "structured"])
+def test_an_artifact_loaded_under_inference_mode_gives_a_pipeline_that_takes_later_techniques(saved_artifacts,
+                                                                                             technique):
+    """load() deep-copied the denoiser under the caller's inference_mode: every weight became an inference tensor,
+    so a later load_state_dict failed and quantize_ stacked on a loaded structured-pruned pipeline raised
+    "abs(): functions with out=... don't support automatic differentiation" (session 47)."""
+    import diffusion_accel as da
+
+    pipe = build_tiny("sd")
+    with torch.inference_mode():
+        artifact.load(pipe, saved_artifacts[technique])
+    assert not any(tensor.is_inference() for tensor in pipe.unet.state_dict().values())
+    pipe.unet.conv_in.load_state_dict({k: v.clone() for k, v in pipe.unet.conv_in.state_dict().items()})
+    if technique == "structured":
+        da.quantize_(pipe, da.PTQConfig(calib_prompts=1, calib_num_steps=2, calib_steps="all"))
+        assert artifact.applied_techniques(pipe) == ["prune", "ptq"]
+
+
+def _split_layer(config):
+    """The manifest entry of the first layer quantized with split-shortcut (two activation segments)."""
+    return next(entry for entry in config["layers"].values() if entry["act"] and len(entry["act"]["segments"]) == 2)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda config: next(iter(config["layers"].values())).update(lowered=1),
      r"lowered must be a kernel name or null, got 1"),
@@ -514,10 +544,17 @@ def test_int8_codes_under_a_manifest_saying_int4_are_refused(saved_artifacts, tm
      r"AttributeError: .*no attribute `no`"),
     (lambda config: next(e for e in config["layers"].values() if e["act"])["act"].update(mode="Dynamic"),
      r"act mode must be one of \('static', 'dynamic'\), got 'Dynamic'"),
-], ids=["lowered-truthy", "num-steps", "unknown-layer", "act-mode"])
+    (lambda config: _split_layer(config)["act"].update(segments=[10, 10]),
+     r"act segments \[10, 10\] must be positive channel counts summing to the base layer's \d+ input channels"),
+    (lambda config: _split_layer(config)["act"].update(segments=[-1, 1]), r"act segments \[-1, 1\] must be positive"),
+    (lambda config: _split_layer(config).update(segments=[-1, 1 + sum(_split_layer(config)["segments"])]),
+     r"segments \[-1, \d+\] must be positive column counts summing to the base layer's \d+ weight columns"),
+], ids=["lowered-truthy", "num-steps", "unknown-layer", "act-mode", "act-segments-short", "act-segments-negative",
+        "weight-segments-negative"])
 def test_mistyped_ptq_manifest_fields_are_refused(saved_artifacts, tmp_path, edit, message):
     """Any truthy 'lowered' (1, a list) was taken as lowered, num_steps -1 loaded, and an unknown layer name ended in a
-    bare AttributeError traceback."""
+    bare AttributeError traceback. Act segments not covering the layer's input channels loaded and every call then
+    failed in the split (session 47)."""
     import shutil
 
     folder = shutil.copytree(saved_artifacts["ptq"], tmp_path / "edited")
@@ -677,10 +714,11 @@ def test_an_artifact_of_a_half_base_cast_after_loads_by_spec_bit_exactly(tmp_pat
     pipe.to(cast_to)
     artifact.save(pipe, tmp_path)
     assert json.loads((tmp_path / "manifest.json").read_text())["base"]["rounded_to"] == made_in
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        loaded = load_pipeline(str(tmp_path))
-    assert loaded.unet.dtype == cast_to and torch.equal(_images(loaded), _images(pipe))
+    for asked in (None, cast_to):  # the recorded dtype asked for (one --dtype for every CLI variant) was loaded
+        with warnings.catch_warnings():  # in it, without the rounding: other images (0.046 off, session 47)
+            warnings.simplefilter("error")
+            loaded = load_pipeline(str(tmp_path), dtype=asked)
+        assert loaded.unet.dtype == cast_to and torch.equal(_images(loaded), _images(pipe))
 
 
 def test_a_float64_pipeline_reloads_by_spec(tmp_path):

@@ -80,18 +80,35 @@ def export_ptq(pipe: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return config, tensors
 
 
+def _act_segments(entry: dict[str, Any], name: str, channels: int) -> list[int]:
+    """The activation channel segments of layer ``name`` ([] for one segment), checked to cover its ``channels``
+    input channels: other sizes loaded, and every call then failed in the split (or quantized the halves wrongly)."""
+    segments = entry.get("segments", [0])
+    if segments == [0]:
+        return []
+    if not _covers(segments, channels):
+        raise ValueError(f"artifact layer {name!r}: act segments {segments!r} must be positive channel counts "
+                         f"summing to the base layer's {channels} input channels (or [0]: one segment)")
+    return segments
+
+
+def _covers(sizes: Any, total: int) -> bool:
+    """Whether ``sizes`` is a list of positive integers summing to ``total``."""
+    return (isinstance(sizes, list) and all(isinstance(size, int) and not isinstance(size, bool) and size > 0
+                                            for size in sizes) and sum(sizes) == total)
+
+
 def _restore_act(entry: dict[str, Any] | None, name: str, tensors: dict[str, torch.Tensor],
-                 selector: StepGroups | None) -> nn.Module | None:
+                 selector: StepGroups | None, channels: int) -> nn.Module | None:
+    """The activation quantizer of layer ``name`` (``channels`` input channels) from its manifest ``entry``."""
     if entry is None:
         return None
     if entry["mode"] not in ACT_ENTRY_MODES:  # anything but "dynamic" was restored as static
         raise ValueError(f"layer {name!r}: act mode must be one of {ACT_ENTRY_MODES}, got {entry['mode']!r}")
+    segments = _act_segments(entry, name, channels)
     if entry["mode"] == "dynamic":
-        segments = entry.get("segments", [0])
         return DynamicActQuantizer(entry["fmt"], entry["symmetric"], entry["channel_dim"],
-                                   per_tensor=entry.get("per_tensor", False),
-                                   segment_sizes=segments if segments != [0] else [])
-    segments = entry["segments"] if entry["segments"] != [0] else []
+                                   per_tensor=entry.get("per_tensor", False), segment_sizes=segments)
     shape = (selector.groups if selector is not None else 1, max(len(segments), 1))
     fmt = get_format(entry["fmt"])
     zero_points = (0, 0) if entry["symmetric"] or fmt.is_float else tuple(int(v) for v in fmt.unsigned_range())
@@ -106,9 +123,9 @@ def _restore_weight(source: nn.Module, name: str, entry: dict[str, Any], fmt: st
     saved format: a ValueError naming the tensor when a shape, dtype or code range does not fit."""
     rows, columns = source.weight.shape[0], source.weight[0].numel()
     segments = entry["segments"]
-    if sum(segments) != columns:
-        raise ValueError(f"artifact layer {name!r}: segments {segments} cover {sum(segments)} weight columns; "
-                         f"the base layer has {columns}")
+    if not _covers(segments, columns):
+        raise ValueError(f"artifact layer {name!r}: segments {segments!r} must be positive column counts summing "
+                         f"to the base layer's {columns} weight columns")
     if entry["packed"]:
         if fmt != "int4" or columns % 2:
             raise ValueError(f"artifact layer {name!r}: packed codes, but the weights are {fmt} with {columns} "
@@ -130,7 +147,7 @@ def _restore_layer(source: nn.Module, name: str, entry: dict[str, Any], config: 
     codes = scale = None  # activation-only quantization keeps the base's float weights
     if config.weights is not None:
         codes, scale = _restore_weight(source, name, entry, config.weights, tensors)
-    act = _restore_act(entry["act"], name, tensors, selector)
+    act = _restore_act(entry["act"], name, tensors, selector, source.weight.shape[1])
     if act is not None and act.channel_dim != CHANNEL_DIMS[float_type]:
         raise ValueError(f"artifact layer {name!r}: activation channel dim {act.channel_dim} does not fit a "
                          f"{float_type.__name__}")
