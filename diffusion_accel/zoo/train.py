@@ -22,6 +22,13 @@ TRAINERS = {
 WARM_STARTABLE = ("fashion-sd", "fashion-flux", "fashion-sd-decoder", "fashion-flux-decoder")
 
 
+def init_source_argument(text: str) -> str:
+    """``--init-from``: ``zoo`` (the shipped model) or a folder, ``~`` expanded; a folder written ``./zoo`` or
+    ``zoo/`` stays a folder (normalised to ``zoo`` it warm-started from the shipped model instead, silently)."""
+    folder = input_path(text)
+    return "./zoo" if folder == "zoo" and text != "zoo" else folder
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add NAME and the training options to ``parser``."""
     parser.add_argument("name", choices=sorted(TRAINERS), help="which zoo model (or stage) to train")
@@ -43,7 +50,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="start from scratch")
     parser.add_argument("--freeze-text", action="store_true",
                         help="fashion-clip only: keep the text tower fixed (it is already the pipelines' encoder)")
-    parser.add_argument("--init-from", type=input_path, default=None, metavar="zoo|FOLDER",
+    parser.add_argument("--init-from", type=init_source_argument, default=None, metavar="zoo|FOLDER",
                         help="fashion-sd / fashion-flux (and their -decoder stages): warm-start a fresh run from the shipped "
                              "model ('zoo') or an exported pipeline folder (its denoiser, and for flux its T5, plus "
                              "its frozen parts; a decoder stage takes its VAE)")
@@ -75,13 +82,15 @@ def run(args: argparse.Namespace) -> Path:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     module = importlib.import_module(f"{__package__}.{TRAINERS[args.name]}")
     run_dir = Path(args.out) if args.out else C.RUNS_ROOT / args.name
-    cfg = C.RunConfig(run_dir=Path(run_dir), steps=args.steps or module.default_steps(args.name),
+    cfg = C.RunConfig(run_dir=Path(run_dir), steps=args.steps,
                       seed=args.seed, time_budget_min=args.time_budget_min, resume=args.resume,
                       batch_size=args.batch_size, data_root=args.data,
                       freeze_text=args.freeze_text, init_from=args.init_from, lr=args.lr,
                       arch=getattr(args, "arch", None), stage=args.name,
                       defaults={"batch_size": module.DEFAULT_BATCH, "lr": getattr(module, "DEFAULT_LR", None)})
     C.apply_checkpoint_settings(cfg)  # resuming: unset options continue the run's, others must match
+    if cfg.steps is None:  # neither given nor the resumed run's
+        cfg.steps = module.default_steps(args.name)
     folder = module.train(cfg, args.name)
     if args.ship:
         from .card import write_card
