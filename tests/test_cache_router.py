@@ -197,6 +197,29 @@ def test_learn_router_meets_its_budget_beats_reusing_blindly_and_leaves_the_pipe
                              schedule_error(pipe, early, calls, references))
 
 
+def test_learn_router_trains_with_gradient_checkpointing_on_and_leaves_it_on():
+    """diffusers' checkpointing recomputed the blocks in the backward, running the router's stateful hooks again:
+    "A different number of tensors was saved during the original forward and recomputation" (session 47)."""
+    plain, checkpointed = build_tiny("flux"), build_tiny("flux")
+    checkpointed.transformer.enable_gradient_checkpointing()
+    kwargs = dict(budget=0.5, num_inference_steps=STEPS, epochs=1, **_call_kwargs("flux"))
+    assert learn_router(checkpointed, ["a cat"], **kwargs) == learn_router(plain, ["a cat"], **kwargs)
+    assert checkpointed.transformer.is_gradient_checkpointing
+
+
+def test_learn_router_refuses_inference_tensor_weights_and_leaves_the_pipeline_working():
+    """A pipeline loaded inside torch.inference_mode failed in training, then in restoring requires_grad: every
+    parameter stayed frozen, the trainer hook stayed, and every later call failed (session 47)."""
+    with torch.inference_mode():
+        pipe = build_tiny("flux")
+    kwargs = _call_kwargs("flux")
+    with pytest.raises(ValueError, match="learn_router trains with autograd .* inference tensors"):
+        learn_router(pipe, ["a cat"], budget=0.5, num_inference_steps=STEPS, epochs=1, **kwargs)
+    denoiser = find_denoiser(pipe)[1]
+    assert "_diffusers_hook" not in vars(denoiser) and all(p.requires_grad for p in denoiser.parameters())
+    pipe("a cat", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), **kwargs)
+
+
 def test_learn_router_rejects_bad_settings_and_a_cached_pipeline():
     pipe = build_tiny("flux")
     for bad, message in [({"budget": 0}, "budget"), ({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"),

@@ -392,6 +392,33 @@ def test_prune_denoiser_refuses_quantized_and_non_finite_denoisers_as_prune_does
         prune_denoiser_(broken, PruneConfig(method="magnitude", sparsity=0.5))
 
 
+def test_structured_pruning_keeps_a_frozen_denoiser_frozen_also_through_load(tmp_path):
+    """The rebuilt Linear / Conv / GroupNorm layers came back with requires_grad=True on a frozen base (84 of 324
+    parameters on tiny SD): an optimiser over the trainable parameters (LoRA on a frozen base) trained them."""
+    config = PruneConfig(method="magnitude", sparsity=0.3, pattern="structured")
+    pipe = build_tiny("sd")
+    pipe.unet.requires_grad_(False)
+    prune_(pipe, config)
+    assert not any(parameter.requires_grad for parameter in pipe.unet.parameters())
+    da.save(pipe, tmp_path)
+    base = build_tiny("sd")
+    base.unet.requires_grad_(False)
+    assert not any(parameter.requires_grad for parameter in da.load(base, tmp_path).unet.parameters())
+    trainable = prune_(build_tiny("sd"), config)
+    assert all(parameter.requires_grad for parameter in trainable.unet.parameters())
+
+
+def test_prune_denoiser_under_inference_mode_makes_no_inference_tensors():
+    """Its new structured layers were inference tensors: a backward through the denoiser and a later quantize_
+    failed (prune_ had the guard, prune_denoiser_ not; session 47)."""
+    from diffusion_accel.prune.apply import prune_denoiser_
+
+    pipe = build_tiny("sd")
+    with torch.inference_mode():
+        prune_denoiser_(pipe.unet, PruneConfig(method="magnitude", sparsity=0.3, pattern="structured"))
+    assert not any(tensor.is_inference() for tensor in pipe.unet.state_dict().values())
+
+
 def test_structured_pruning_over_an_earlier_prunes_zeros_is_refused():
     """OBS compensation refilled the 2:4 zeros of the layers structured pruning updates (ff.net.2 kept none),
     silently, while the record still listed them as masked. The other order works."""

@@ -706,3 +706,27 @@ def test_calibration_and_quantization_work_under_inference_mode():
     with torch.inference_mode():
         quantize_(other, PTQConfig(**FAST, weights="int4", reconstruct=True, recon_iters=2, recon_samples=2))
     assert torch.isfinite(other(**tiny_call_kwargs("sd")).images).all()
+
+
+def test_a_pipeline_loaded_under_inference_mode_quantizes_and_reconstruction_is_refused_up_front():
+    """Its weights are inference tensors that require grad: every quantize_ failed in the finiteness check
+    ("abs(): functions with out=... don't support automatic differentiation"), and reconstruction, which trains
+    through them, is refused before any work (session 47)."""
+    with torch.inference_mode():
+        loaded = build_tiny("sd")
+    images = quantize_(build_tiny("sd"), PTQConfig(**FAST))(**tiny_call_kwargs("sd")).images
+    assert torch.equal(quantize_(loaded, PTQConfig(**FAST))(**tiny_call_kwargs("sd")).images, images)
+    with torch.inference_mode():
+        other = build_tiny("sd")
+    with pytest.raises(ValueError, match=r"quantize_ with block reconstruction .* inference tensors"):
+        quantize_(other, PTQConfig(**FAST, reconstruct=True, recon_iters=2, recon_samples=2))
+    assert applied_techniques(other) == [] and all(p.requires_grad for p in other.unet.parameters())
+
+
+def test_lower_under_inference_mode_makes_no_inference_buffers():
+    """The lowered layers' buffers were inference tensors: a later load_state_dict into them failed (session 47)."""
+    pipe = quantize_(build_tiny("sd"), PTQConfig(**FAST, lower=False))
+    with torch.inference_mode():
+        lower_(pipe)
+    assert not any(tensor.is_inference() for tensor in pipe.unet.state_dict().values())
+    pipe.unet.load_state_dict(pipe.unet.state_dict())

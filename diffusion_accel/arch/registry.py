@@ -211,13 +211,26 @@ def check_finite_weights(denoiser: nn.Module, technique: str) -> None:
     named = [(name, tensor) for name, tensor in denoiser.named_parameters() if tensor.is_floating_point()]
     if not named:
         return
-    finite = torch.stack([torch.isfinite(tensor).all().to(named[0][1].device) for _, tensor in named])
+    # detached: inference tensors that require grad (a pipeline loaded under inference_mode) failed isfinite's
+    # autograd check outside it ("abs(): functions with out=... don't support automatic differentiation")
+    finite = torch.stack([torch.isfinite(tensor.detach()).all().to(named[0][1].device) for _, tensor in named])
     if bool(finite.all()):  # one device sync for the whole denoiser
         return
     name, tensor = named[int((~finite).nonzero()[0])]
-    count = int((~torch.isfinite(tensor)).sum())
+    count = int((~torch.isfinite(tensor.detach())).sum())
     raise ValueError(f"{technique} needs finite weights, but {name!r} holds {count} NaN or inf values (the float "
                      f"model already gives NaN images); check the checkpoint or the changes made to it")
+
+
+def check_no_inference_weights(denoiser: nn.Module, technique: str) -> None:
+    """Refuse a denoiser whose weights are inference tensors (loaded, built or moved inside torch.inference_mode())
+    for a ``technique`` that trains through them with autograd: it failed part-way with "Inference tensors cannot be
+    saved for backward", and restoring the frozen weights' requires_grad failed in turn (a router's hooks stayed)."""
+    name = next((name for name, tensor in denoiser.named_parameters() if tensor.is_inference()), None)
+    if name is not None:
+        raise ValueError(f"{technique} trains with autograd through the denoiser, but its weights (e.g. {name!r}) are "
+                         f"inference tensors: the pipeline was loaded or moved inside torch.inference_mode(). Load "
+                         f"it outside inference_mode (torch.no_grad() is fine), or clone the weights outside it")
 
 
 def get_adapter(pipe_or_denoiser: Any) -> DenoiserAdapter:

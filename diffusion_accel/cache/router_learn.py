@@ -46,6 +46,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from ..arch import find_denoiser
+from ..arch.registry import check_no_inference_weights
 from ..calib import denoiser_steps
 from ..hooks import get_tracker
 from ..progress import progress_counter, progress_shown, showing_progress
@@ -197,10 +198,15 @@ class TrainerHook(ModelHook):
 def training_hooks(pipe: Any, denoiser: nn.Module, gates: SoftGates, num_steps: int, num_blocks: int
                    ) -> Iterator[None]:
     """The trainer hook (registered before the cache attaches the tracker, so the tracker wraps it) and a
-    router computing every block with ``gates`` in charge; the denoiser's parameters frozen. All undone after."""
+    router computing every block with ``gates`` in charge; the denoiser's parameters frozen and diffusers' gradient
+    checkpointing off (its recomputation ran the router's stateful block hooks again: "A different number of tensors
+    was saved during the original forward and recomputation"). All undone after."""
     trainable = [parameter for parameter in denoiser.parameters() if parameter.requires_grad]
+    checkpointing = [module for module in denoiser.modules() if getattr(module, "gradient_checkpointing", False) is True]
     HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(TrainerHook(gates), TRAINER_HOOK_NAME)
     try:
+        for module in checkpointing:
+            module.gradient_checkpointing = False
         for parameter in trainable:
             parameter.requires_grad_(False)
         every = RouterCacheConfig(tuple(tuple(range(num_blocks)) for _ in range(num_steps)), num_blocks)
@@ -211,6 +217,8 @@ def training_hooks(pipe: Any, denoiser: nn.Module, gates: SoftGates, num_steps: 
         remove_cache(pipe)
         for parameter in trainable:
             parameter.requires_grad_(True)
+        for module in checkpointing:
+            module.gradient_checkpointing = True
         registry = getattr(denoiser, "_diffusers_hook", None)
         if registry is not None and registry.get_hook(TRAINER_HOOK_NAME) is not None:
             registry.remove_hook(TRAINER_HOOK_NAME, recurse=False)
@@ -300,6 +308,7 @@ def learn_router(pipe: Any, prompts: Any, budget: float = 0.4, num_inference_ste
     denoiser = find_denoiser(pipe)[1]
     if get_session(denoiser) is not None:
         raise ValueError("learn_router needs a pipeline without a cache; call remove_cache first")
+    check_no_inference_weights(denoiser, "learn_router")
     names = check_stack(pipe, uses_head=False)  # UNets: a clear error, before anything runs
     num_steps = denoiser_steps(pipe, num_inference_steps, call_kwargs.get("timesteps"),  # Heun: 2N - 1 calls
                                call_kwargs.get("sigmas"))  # custom schedules set their own length

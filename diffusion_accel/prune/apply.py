@@ -221,6 +221,7 @@ class _CalibrationSweep:
         return None if self.first is None else self.first.provenance()
 
 
+@torch.inference_mode(False)  # as prune_: new layers made under a caller's inference_mode could not be updated after it
 def prune_denoiser_(denoiser: nn.Module, config: PruneConfig, sweep: Sweep | None = None) -> PruneReport:
     """Prune ``denoiser`` in place (no rollback); ``sweep`` collects inputs (required unless magnitude)."""
     if config.needs_calibration and sweep is None:

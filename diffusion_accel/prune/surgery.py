@@ -15,12 +15,22 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _filled(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Module) -> nn.Module:
-    """``layer`` with ``weight`` / ``bias`` copied in and ``like``'s train/eval mode."""
+    """``layer`` with ``weight`` / ``bias`` copied in and ``like``'s train/eval mode and requires_grad flags."""
     with torch.no_grad():
         layer.weight.copy_(weight)
         if bias is not None:
             layer.bias.copy_(bias)
+    return _like(layer, like)
+
+
+def _like(layer: nn.Module, like: nn.Module) -> nn.Module:
+    """``layer`` in ``like``'s train/eval mode, each parameter requiring grad as ``like``'s of that name does (a
+    frozen base's pruned layers came back trainable: an optimiser over requires_grad parameters trained them)."""
     layer.train(like.training)
+    for name, parameter in layer.named_parameters(recurse=False):
+        source = getattr(like, name, None)
+        if isinstance(source, torch.Tensor):
+            parameter.requires_grad_(source.requires_grad)
     return layer
 
 
@@ -72,8 +82,7 @@ def new_group_norm(num_groups: int, weight: torch.Tensor | None, bias: torch.Ten
         with torch.no_grad():
             norm.weight.copy_(weight)
             norm.bias.copy_(bias)
-    norm.train(like.training)
-    return norm
+    return _like(norm, like)
 
 
 def keep_groups(root: nn.Module, name: str, groups: torch.Tensor) -> None:

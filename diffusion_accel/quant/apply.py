@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch.registry import check_plain_weights, find_denoiser
+from ..arch.registry import check_no_inference_weights, check_plain_weights, find_denoiser
 from ..artifact import base_fingerprint, mark_applied, marks_restored_on_error
 from ..calib import Calibration
 from ..hooks import attach_tracker, detach_tracker_if_unused, get_tracker, refuse_while_cached
@@ -75,6 +75,8 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
     if get_state(denoiser) is not None:
         raise ValueError("this pipeline's denoiser is already quantized; quantize a fresh base pipeline")
     check_calibration_choices(config)
+    if config.reconstruct:
+        check_no_inference_weights(denoiser, "quantize_ with block reconstruction (reconstruct=True)")
     targets = select_layers(pipe, config, filter_fn) if config.weights or config.activations else []
     attention, others = _attention_targets(pipe, config)
     collected = collect(pipe, config, targets, calib)

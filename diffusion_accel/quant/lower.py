@@ -444,6 +444,7 @@ def lower_layer(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     return LOWERINGS[type(layer)](layer, dtype or torch.float32)
 
 
+@torch.inference_mode(False)  # lowered buffers made under a caller's inference_mode could not be loaded into after it
 def lower_(pipe: Any) -> Any:
     """Replace every simulated quantized layer of ``pipe``'s denoiser by its lowered form; returns ``pipe``."""
     _, denoiser = find_denoiser(pipe)
