@@ -130,6 +130,10 @@ class _CallState(threading.local):
         self.scheduler_live = False  # the watched scheduler's timesteps were set in this trajectory
         self.caller_timesteps: torch.Tensor | None = None  # CacheMixin: the last calling pipeline's timesteps
         self.caller_scheduler: Any = None  # ... and its scheduler (which places calls the watched one does not)
+        # the schedule tensor the previous unvouched call's timestep viewed: a new one is a new call of a pipeline
+        # with a scheduler of its own (set_timesteps made it), which after an interrupted call nothing else marked:
+        # a strength-0.3 img2img call starts below the stopped call's last timestep (0.39 off, session 47)
+        self.foreign_schedule: torch.Tensor | None = None
         self.vouched = False  # whether the previous call's timestep was a view of the watched ones
         self.driven = False  # whether the watched scheduler places the current call (see num_inference_steps)
         self.foreign_length: int | None = None  # length of another schedule this call's timestep is a view of
@@ -178,6 +182,7 @@ class StepTracker(ModelHook):
     _scheduler_live = _per_thread("scheduler_live")
     _caller_timesteps = _per_thread("caller_timesteps")
     _caller_scheduler = _per_thread("caller_scheduler")
+    _foreign_schedule = _per_thread("foreign_schedule")
     _vouched = _per_thread("vouched")
     _driven = _per_thread("driven")
     _foreign_length = _per_thread("foreign_length")
@@ -331,27 +336,35 @@ class StepTracker(ModelHook):
         return owner[1] == thread
 
     def _detect_other_caller(self, module: torch.nn.Module, context: str) -> None:
-        """For a call the watched scheduler does not vouch for: reset when the calling pipeline's scheduler holds
-        new timesteps, on a switch of caller, or on a rising timestep in ``context`` (a new descent);
+        """For a call the watched scheduler does not vouch for: reset on a switch of caller, on a timestep viewing
+        another schedule than the previous such call's, or on a rising timestep in ``context`` (a new descent);
         ``CacheMixin`` denoisers called by a pipeline are reset by diffusers (called directly, in a user's own
-        loop, they never were: a second loop continued the first). Other denoisers are reset by nobody after an
-        exception, so the caller's new timesteps mark their next call (a strength-0.3 img2img call after an
-        interrupted one starts below its last timestep: it continued the stale trajectory, session 47)."""
-        caller = _calling_pipeline()
-        if caller is not None:
-            self._detect_calling_schedule(caller)
-            if isinstance(module, CacheMixin):
+        loop, they never were: a second loop continued the first)."""
+        if isinstance(module, CacheMixin):
+            caller = _calling_pipeline()
+            if caller is not None:
+                self._detect_calling_schedule(caller)
                 return
+            # a direct call after a pipeline's (an interrupted one: diffusers reset none) starts a new trajectory,
+            # which no pipeline's scheduler places: a user's loop was placed at the stopped call's step, each call
+            # in a repeat context (session 47)
+            if self._caller_timesteps is not None and self.calls_since_reset > 0:
+                self.reset()
+            self._caller_timesteps = self._caller_scheduler = None
         value = self.timestep
         previous = self._last_values.get(context)
         caller_switched = self._vouched and self.calls_since_reset > 0
-        if caller_switched or (value is not None and previous is not None and value > previous):
+        schedule = _viewed_schedule(self._timestep_argument)
+        earlier = self._foreign_schedule
+        new_schedule = schedule is not None and earlier is not None and earlier is not schedule
+        if caller_switched or new_schedule or (value is not None and previous is not None and value > previous):
             self.reset()
+        self._foreign_schedule = schedule
         if value is not None:
             self._last_values[context] = value
 
     def _detect_calling_schedule(self, caller: DiffusionPipeline) -> None:
-        """Denoisers are reset by diffusers (``CacheMixin``, Flux) at the end of a completed pipeline call, not after
+        """``CacheMixin`` (Flux) denoisers are reset by diffusers at the end of a completed pipeline call, not after
         an interrupted one (an exception from a callback, Ctrl-C) or a direct call. So a call from a pipeline whose
         scheduler holds other timesteps than the previous caller's (another pipeline's own scheduler, or its new
         call after an interruption) starts a new trajectory: it continued the stale one, counting steps on and
@@ -528,6 +541,13 @@ def _is_view_of(value: Any, timesteps: torch.Tensor | None) -> bool:
     if not isinstance(value, torch.Tensor) or timesteps is None or value.device != timesteps.device:
         return False
     return value.untyped_storage().data_ptr() == timesteps.untyped_storage().data_ptr()
+
+
+def _viewed_schedule(value: Any) -> torch.Tensor | None:
+    """The 1-D schedule (two values or more) tensor ``value`` is a view of, else None (AuraFlow expands a fresh
+    tensor([t]) each step: a one-value base is no schedule)."""
+    base = value._base if isinstance(value, torch.Tensor) else None
+    return base if base is not None and base.dim() == 1 and base.numel() >= 2 else None
 
 
 def _is_any_view(value: Any) -> bool:

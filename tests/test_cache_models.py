@@ -358,6 +358,59 @@ def test_an_img2img_pipeline_with_its_own_scheduler_starts_fresh_after_its_inter
     assert torch.equal(img2img(**kwargs(0.3)).images, fresh) and summary(pipe)["steps"] == fresh_steps
 
 
+def test_a_panorama_pipeline_with_its_own_scheduler_caches_as_with_the_shared_one():
+    """StableDiffusionPanoramaPipeline restores a deep copy of its scheduler's state before every view, so its
+    scheduler.timesteps is a new object at every UNet call: a new-call check on that object reset the cache at every
+    call (nothing reused, 0.062 off the shared-scheduler call; session 47 review of the fix above)."""
+    from diffusers import DDIMScheduler, StableDiffusionPanoramaPipeline
+
+    def panorama(own_scheduler):
+        pipe = build_tiny("sd")
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        enable_cache(pipe, DeepCacheConfig(interval=3, branch=0))
+        components = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
+        if own_scheduler:
+            components["scheduler"] = DDIMScheduler.from_config(pipe.scheduler.config)
+        sibling = StableDiffusionPanoramaPipeline(**components)
+        sibling.set_progress_bar_config(disable=True)
+        return sibling(**tiny_call_kwargs("sd", steps=8)).images, summary(pipe)
+
+    (shared, shared_summary), (own, own_summary) = panorama(False), panorama(True)
+    assert own_summary["reused_calls"] == shared_summary["reused_calls"] > 0
+    assert torch.equal(own, shared)
+
+
+def test_a_direct_flux_loop_after_an_interrupted_call_of_a_pipeline_with_its_own_scheduler_counts_from_0():
+    """The tracker kept the interrupted caller's scheduler: a user's own transformer loop was placed at that call's
+    step (3 of 8), each call in a repeat context (default#1, #2, ...), so caches reused across contexts never
+    (session 47)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = build_tiny("flux")
+    pipe.set_progress_bar_config(disable=True)
+    enable_cache(pipe, BlockCacheConfig(interval=3))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    img2img = FluxImg2ImgPipeline.from_pipe(pipe, scheduler=scheduler)
+    img2img.set_progress_bar_config(disable=True)
+
+    def stop(_pipe, step, _timestep, _kwargs):
+        if step == 2:
+            raise RuntimeError("stopped by the user")
+        return {}
+
+    with pytest.raises(RuntimeError, match="stopped by the user"):
+        img2img(**tiny_call_kwargs("flux", steps=8), strength=1.0, callback_on_step_end=stop,
+                image=torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    tracker, placed = get_tracker(pipe.transformer), []
+    with torch.no_grad():
+        for step in range(4):
+            pipe.transformer(hidden_states=torch.randn(1, 16, 16), timestep=torch.tensor([1.0 - 0.2 * step]),
+                             encoder_hidden_states=torch.randn(1, 8, 32), pooled_projections=torch.randn(1, 32),
+                             txt_ids=torch.zeros(8, 3), img_ids=torch.zeros(16, 3), guidance=None)
+            placed.append((tracker.context, tracker.step_index, tracker.num_inference_steps))
+    assert placed == [("default", step, None) for step in range(4)]
+
+
 def _flux_controlnet_pipeline():
     """Tiny FluxControlNetPipeline whose ControlNet residuals are far from zero (its output
     projections start at zero when trained from scratch)."""
