@@ -59,15 +59,15 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> None:
 
 
 def _check_dtype_names(base: dict[str, Any], path: Path) -> None:
-    """base.dtype / base.source.dtype name a floating torch dtype and base.source.variant a weight-file variant: a
-    "float99" loaded with a warning naming torch.float99, and load_pipeline failed naming neither file nor field."""
-    import torch
+    """base.dtype / base.source.dtype name a dtype ``loading`` knows (save writes torch's names) and
+    base.source.variant a weight-file variant: a "float99" loaded with a warning naming torch.float99, and
+    load_pipeline failed naming neither file nor field."""
+    from .loading import DTYPES
 
     source = base.get("source") if isinstance(base.get("source"), dict) else {}
     for where, value in (("base.dtype", base.get("dtype")), ("base.source.dtype", source.get("dtype"))):
-        dtype = getattr(torch, value, None) if isinstance(value, str) else None
-        if value is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            _fail(path, where, f"a floating torch dtype name such as 'float32' or 'bfloat16', or null, got {value!r}")
+        if value is not None and value not in DTYPES:
+            _fail(path, where, f"one of {sorted(DTYPES)} or null, got {value!r}")
     variant = source.get("variant")
     if variant is not None and (not variant.strip() or "/" in variant):
         _fail(path, "base.source.variant", f"a weight-file variant name such as 'fp16', or null, got {variant!r}")

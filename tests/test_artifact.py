@@ -250,10 +250,12 @@ def _edit_manifest(folder, edit):
     (lambda m: m["base"].update(source={"spec": ["tiny:sd"]}), r"field 'base.source.spec' must be a string or null"),
     (lambda m: m["base"].update(sample="../base-sample.safetensors"),
      r"field 'base.sample' must be a file name inside the artifact folder"),
-    (lambda m: m["base"].update(dtype="float99"), r"field 'base.dtype' must be a floating torch dtype name .* 'float99'"),
-    (lambda m: m["base"].update(dtype="int8"), r"field 'base.dtype' must be a floating torch dtype name .* 'int8'"),
+    (lambda m: m["base"].update(dtype="float99"), r"field 'base.dtype' must be one of \[.*'float32'.*\] or null, got "
+                                                   r"'float99'"),
+    (lambda m: m["base"].update(dtype="int8"), r"field 'base.dtype' must be one of .* got 'int8'"),
+    (lambda m: m["base"].update(dtype="half"), r"field 'base.dtype' must be one of .* got 'half'"),
     (lambda m: m["base"].update(source={"spec": "tiny:sd", "dtype": "fp99"}),
-     r"field 'base.source.dtype' must be a floating torch dtype name"),
+     r"field 'base.source.dtype' must be one of"),
     (lambda m: m["base"].update(source={"spec": "tiny:sd", "variant": "a/b"}),
      r"field 'base.source.variant' must be a weight-file variant name such as 'fp16', or null, got 'a/b'"),
 ])

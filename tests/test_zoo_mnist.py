@@ -262,6 +262,17 @@ def test_a_resume_left_without_steps_or_budget_keeps_the_runs_and_may_change_the
     assert (extended.steps, extended.time_budget_min) == (12, 2.0)
     fresh = train.run(parser.parse_args(["mnist-ddpm", "--out", str(tmp_path / "new")]))
     assert (fresh.steps, fresh.time_budget_min) == (mnist_train.default_steps("mnist-ddpm"), None)
+    longer = train.run(parser.parse_args(["mnist-ddpm", "--out", str(tmp_path), "--steps", "40"]))
+    assert (longer.steps, longer.time_budget_min) == (40, float("inf"))  # the spent budget would stop it at once
+
+
+def test_a_spent_time_budget_warns_that_nothing_trains(tmp_path):
+    C.save_checkpoint(tmp_path / "checkpoint.pt", {"gen": torch.Generator().get_state(), "step": 3,
+                                                   "elapsed_s": 120.0})
+    cfg = C.RunConfig(run_dir=tmp_path, steps=10, time_budget_min=1.0)
+    start, _, _ = C.resume(cfg, {}, torch.Generator())
+    with pytest.warns(UserWarning, match="time budget of 1.0 min .* is spent: nothing to train"):
+        C.run_loop(cfg, start, lambda step, frac: {}, lambda step: {"step": step, "elapsed_s": 120.0}, "t")
 
 
 def test_a_resumed_fashion_flux_run_may_restate_the_default_arch(tmp_path, monkeypatch):
@@ -293,6 +304,11 @@ def test_a_command_stopped_early_is_marked_in_the_runs_history_and_commands_are_
                                                    "commands": ["first --steps 8"], "settings": saved})
     assert C.resume(C.RunConfig(run_dir=tmp_path, steps=12, stage="test"), {}, torch.Generator())[2][0] == \
         "first --steps 8"  # it ran to its own count
+    info = C.run_info("test", C.RunConfig(run_dir=tmp_path, steps=12), 9, 4, torch.device("cpu"), 1.0,
+                      ["first --steps 8", "second --steps 12"])
+    assert info["command"] == "first --steps 8 && second --steps 12 (stopped at step 9)"  # its budget, say
+    monkeypatch.setattr(sys, "argv", ["/x/diffusion_accel/zoo/train.py", "fashion-sd", "--steps", "10"])
+    assert C.command_line() == "python -m diffusion_accel.zoo.train fashion-sd --steps 10"  # the head unquoted
 
 
 def test_steps_below_the_runs_count_warn_that_nothing_trains(tmp_path):

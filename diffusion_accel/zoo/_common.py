@@ -95,7 +95,8 @@ def command_line() -> str:
         head = "python -m diffusion_accel.zoo." + Path(head).stem
     elif Path(head).name == "diffusion-accel":  # the console script's absolute path in a virtualenv
         head = "diffusion-accel"
-    return shlex.join([head, *sys.argv[1:]])  # a folder with a space was recorded unquoted
+    return " ".join([head, shlex.join(sys.argv[1:])]).rstrip()  # the arguments quoted (a folder with a space was
+    # recorded unquoted), not the head: "python -m diffusion_accel.zoo.train" is three words
 
 
 def seed_all(seed: int) -> torch.Generator:
@@ -142,6 +143,7 @@ def run_info(name: str, cfg: "RunConfig", steps_done: int, batch_size: int, devi
              wall_time_s: float, commands: list[str], autocasts: bool = False) -> dict:
     """The train_info.json fields every stage records: what ran, how long (s), where and by which commands;
     ``autocasts``: whether the stage trains under :func:`autocast` (recorded as whether bf16 was on)."""
+    commands = _mark_stopped(list(commands), steps_done, {"steps": cfg.steps})  # this command's, as a resume marks
     return {"name": name, "seed": cfg.seed, "steps": steps_done, "batch_size": batch_size, "device": str(device),
             "wall_time_s": round(wall_time_s, 1), "threads": torch.get_num_threads(),
             "bf16_autocast": autocasts and bf16_autocast_wanted(device.type), "command": " && ".join(commands)}
@@ -177,7 +179,8 @@ class RunConfig:
         """The options a resumed run keeps: a checkpoint continues the weights, optimiser and data order
         they made (a resumed --batch-size 32 on a batch-8 run mixed both silently); ``steps`` and ``time_budget_min``
         may be given anew (CHANGEABLE_ON_RESUME) and are the run's when left unset (a resume without them headed for
-        the stage's default steps with no budget: the LR rose again). fashion-flux's ``arch`` is compared with the
+        the stage's default steps with no budget: the LR rose again); a new ``--steps`` alone drops the budget
+        (``train.run`` sets it to infinity: the spent one stopped the extended run at once). fashion-flux's ``arch`` is compared with the
         checkpoint's own by ``flux_train.checked_arch`` (restating the default was refused here)."""
         init_from = None if self.init_from is None else str(self.init_from)
         if init_from not in (None, "zoo"):  # a warm start's source: a resumed run left unset kept its own stages
@@ -398,6 +401,9 @@ def run_loop(cfg: RunConfig, start_step: int, step_fn: Callable[[int, float], di
     t0 = last_ckpt = time.time()
     budget_s = None if cfg.time_budget_min is None else cfg.time_budget_min * 60
     spent_before = cfg.resumed.get("elapsed_s", 0.0)  # the budget and the LR schedule's time are the run's
+    if budget_s is not None and start_step < cfg.steps and spent_before > budget_s:
+        warnings.warn(f"{cfg.run_dir}'s time budget of {cfg.time_budget_min} min (over all its commands) is spent: "
+                      f"nothing to train; give a larger --time-budget-min to continue", stacklevel=2)
     restore_global_rng(cfg.resumed.get("rng"))
     done, interrupted = start_step, lambda: False  # steps completed; whether Ctrl-C asked to stop
     checkpoint = lambda steps_done: save_checkpoint(ckpt, {  # noqa: E731

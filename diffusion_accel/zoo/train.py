@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 from pathlib import Path
 
 from ..argtypes import input_path, int_at_least, output_folder, positive_float
@@ -82,8 +83,11 @@ def run(args: argparse.Namespace) -> Path:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     module = importlib.import_module(f"{__package__}.{TRAINERS[args.name]}")
     run_dir = Path(args.out) if args.out else C.RUNS_ROOT / args.name
+    budget = args.time_budget_min
+    if budget is None and args.steps is not None:  # a new extent: a resumed run's spent budget does not carry over
+        budget = math.inf                          # (it stopped at once: --steps 40 on a budgeted run trained nothing)
     cfg = C.RunConfig(run_dir=Path(run_dir), steps=args.steps,
-                      seed=args.seed, time_budget_min=args.time_budget_min, resume=args.resume,
+                      seed=args.seed, time_budget_min=budget, resume=args.resume,
                       batch_size=args.batch_size, data_root=args.data,
                       freeze_text=args.freeze_text, init_from=args.init_from, lr=args.lr,
                       arch=getattr(args, "arch", None), stage=args.name,
