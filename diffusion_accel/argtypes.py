@@ -9,6 +9,8 @@ from typing import Callable
 
 from .paths import EMPTY_PATH_PROBLEM, empty_path, expand_home, output_folder_problem
 
+SEED_LIMIT = 2 ** 63 - 1  # the largest base seed (calls and images are seeded seed + k; generators stop at 2**64 - 1)
+
 
 def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     """An argparse type accepting an int >= ``minimum`` (and <= ``maximum`` if given)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .arch.registry import UnsupportedModelError
-from .argtypes import int_at_least, nonnegative_float, output_file, output_folder
+from .argtypes import SEED_LIMIT, int_at_least, nonnegative_float, output_file, output_folder
 from .paths import expand_home
 
 # Mistakes a user can make (bad values, missing files, unsupported models): one line, exit 2.
@@ -42,7 +42,8 @@ def _add_generation_args(parser: argparse.ArgumentParser, steps: int | None) -> 
     parser.add_argument("--steps", type=int_at_least(1), default=steps,
                         help=f"denoising steps (default {steps or '25, or the recipe value'})")
     parser.add_argument("--guidance", type=nonnegative_float, default=None, help="guidance scale (default: the pipeline's)")
-    parser.add_argument("--seed", type=int_at_least(0), default=0, help="base seed (default %(default)s)")
+    parser.add_argument("--seed", type=int_at_least(0, SEED_LIMIT), default=0,  # too large failed after loading
+                        help="base seed (default %(default)s)")
     parser.add_argument("--call", action="append", metavar="KEY=VALUE",
                         help="a further pipeline argument, repeatable: --call height=512 --call width=512, "
                              "--call max_sequence_length=256 (VALUE parsed as JSON, else a string)")

@@ -151,13 +151,13 @@ def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: i
     from .eval.distributed import process_state
 
     check_demo_out(out)
-    pipe = load_pipeline(spec or default_demo_spec(), dtype=dtype, device=device, variant=variant)
+    given_prompts = prompt_sets.load(prompts, limit=num_prompts) if prompts else None  # before loading (a hub model:
+    pipe = load_pipeline(spec or default_demo_spec(), dtype=dtype, device=device, variant=variant)  # minutes)
     applied = applied_techniques(pipe)
     if applied:  # its replaced layers left the calibration no module to observe ("needs at least one module name")
         raise ValueError(f"the demo accelerates a base model, but {spec!r} already has {applied} applied: give the "
                          f"artifact's base instead (its manifest's base source)")
-    prompt_list = (prompt_sets.load(prompts, limit=num_prompts) if prompts
-                   else prompt_sets.for_pipeline(pipe, limit=num_prompts))
+    prompt_list = given_prompts or prompt_sets.for_pipeline(pipe, limit=num_prompts)
     call_kwargs = dict(call_kwargs or {})
     calib, summary = calibration_pass(pipe, prompt_list, steps, seed, call_kwargs)
     base = base_variant_name(pipe)  # the base's own dtype: with --dtype bf16 it was labelled fp32

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections.abc
 import inspect
+import math
 import types
 import typing
 import warnings
@@ -95,6 +96,7 @@ def check_call_arguments(pipe: Any, names: Any, owner: str) -> None:
     params = inspect.signature(pipe.__call__).parameters
     if isinstance(names, dict):
         _check_value_types(pipe, params, names, owner)
+        _check_guidance_values(names, owner)
     if "guidance_scale" in names:
         check_guidance_scale_is_read(pipe, owner)
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -107,6 +109,18 @@ def check_call_arguments(pipe: Any, names: Any, owner: str) -> None:
         raise CallArgumentError(f"{message} (from {owner}); it accepts: {named}")
     warnings.warn(f"{message}: {owner} passes {'it' if len(unknown) == 1 else 'them'} into its **kwargs, which "
                   f"diffusers ignores; its arguments are {named}", stacklevel=user_stacklevel())
+
+
+GUIDANCE_ARGUMENTS = ("guidance_scale", "true_cfg_scale")
+
+
+def _check_guidance_values(values: dict[str, Any], owner: str) -> None:
+    """CallArgumentError for a NaN, infinite or negative guidance (``true_cfg_scale`` is fashion-flux's CFG): NaN
+    or -3 turned CFG off silently (the pipelines test ``> 1``), as ``--guidance nan`` did before it was refused."""
+    for key in GUIDANCE_ARGUMENTS:
+        value = values.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (math.isfinite(value) and value >= 0):
+            raise CallArgumentError(f"{key}={value!r} (from {owner}) must be a finite number >= 0")
 
 
 def check_guidance_scale_is_read(pipe: Any, owner: str) -> None:

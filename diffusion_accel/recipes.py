@@ -127,6 +127,8 @@ def parse_call_args(pairs: list[str] | None) -> dict[str, Any]:
             kwargs[key.strip()] = json.loads(text)
         except json.JSONDecodeError:
             kwargs[key.strip()] = text
+    if "true_cfg_scale" in kwargs:  # before any loading (guidance_scale: command_line_guidance)
+        checked_guidance(kwargs["true_cfg_scale"], "--call true_cfg_scale")
     return kwargs
 
 

@@ -826,6 +826,28 @@ def test_a_default_negative_prompt_goes_one_per_prompt_with_several_images_each(
     assert len(calibration.seeds) == 1
 
 
+def test_an_explicit_negative_prompt_none_drops_the_pipelines_default_also_on_rerun():
+    """calibrate(negative_prompt=None) (the CLI's --call negative_prompt=null) could not be told from no value:
+    fashion-flux's default "" stayed, so the calibration ran true CFG where evaluate, keeping the None, ran
+    without (session 47). Left unset the default applies; a rerun repeats either."""
+    import diffusion_accel as da
+    from diffusion_accel.calib import HessianCollector
+    from diffusion_accel.pipeline_defaults import set_call_defaults
+
+    pipe = build_tiny("flux")
+    set_call_defaults(pipe, {"true_cfg_scale": 2.0, "negative_prompt": ""})
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *args: calls.append(1))
+    layer = ["transformer_blocks.0.attn.to_q"]
+    for given, expected in (({}, 4), ({"negative_prompt": None}, 2)):
+        calls.clear()
+        calibration = da.calibrate(pipe, ["a cat"], num_inference_steps=2, progress=False, **given)
+        assert len(calls) == expected, given
+        calls.clear()
+        calibration.rerun(pipe, [HessianCollector(layer)], progress=False)
+        assert len(calls) == expected, given
+
+
 def test_a_pipeline_that_changes_the_denoiser_during_its_calls_is_rerun_not_replayed():
     """PAG swaps attention processors for its perturbed branch (restored at the end of the call): the stored
     inputs replayed through the restored processors, so quantize_(calib=...) calibrated other ranges (W8A8 at

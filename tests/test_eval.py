@@ -897,6 +897,18 @@ def test_a_negative_prompt_string_works_for_stable_diffusion_batches():
     assert len(images) == 2
 
 
+@pytest.mark.parametrize("key, count", [("negative_prompt", 1), ("negative_prompt", 2), ("prompt_2", 4)])
+def test_a_per_prompt_list_of_another_length_is_refused_before_generation(monkeypatch, key, count):
+    """A list of one went to every prompt, one too long was cut silently, one too short failed in diffusers after
+    the images before it (calibrate refused them all; session 47)."""
+    module = importlib.import_module("diffusion_accel.eval.evaluate")
+    monkeypatch.setattr(module, "_generate_all", lambda *a: pytest.fail("generated"))
+    with pytest.raises(ValueError, match=f"call_kwargs {key} must be a string or a list of 3 strings .* a list of "
+                                         f"{count}"):
+        evaluate({"base": build_tiny("sd")}, PROMPTS[:3], metrics=["psnr"], progress=False,
+                 call_kwargs={key: ["x"] * count})
+
+
 # ----- sharding across processes ---------------------------------------------------------------
 
 class FakeState:

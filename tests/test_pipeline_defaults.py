@@ -2,11 +2,13 @@
 library calls it: calibration plans and evaluation calls, recorded in the evaluation report."""
 
 import copy
+import json
 
+import pytest
 import torch
 
 import diffusion_accel as da
-from diffusion_accel.calib.inputs import plan_calls
+from diffusion_accel.calib.inputs import UNSET, plan_calls
 from diffusion_accel.pipeline_defaults import call_defaults, set_call_defaults
 from diffusion_accel.eval.pipes import ImageJob, build_call_kwargs
 from diffusion_accel.testing.tiny import build_tiny
@@ -42,9 +44,12 @@ def test_pipelines_built_from_a_tagged_pipelines_components_keep_its_defaults():
 def test_calibration_calls_use_the_defaults_under_explicit_arguments():
     pipe = _tagged_flux()
     settings = dict(num_inference_steps=2, batch_size=1, num_images_per_prompt=1, seed=0)
-    call = plan_calls(pipe, ["a cat"], guidance_scale=None, negative_prompt=None, call_kwargs={}, **settings)[0]
+    call = plan_calls(pipe, ["a cat"], guidance_scale=None, negative_prompt=UNSET, call_kwargs={}, **settings)[0]
     per_prompt = {"negative_prompt": [FLUX_DEFAULTS["negative_prompt"]]}  # a string default goes one per prompt
     assert {key: call.kwargs[key] for key in FLUX_DEFAULTS} == FLUX_DEFAULTS | per_prompt
+    dropped = plan_calls(pipe, ["a cat"], guidance_scale=None, negative_prompt=None, call_kwargs={}, **settings)[0]
+    assert "negative_prompt" not in dropped.kwargs and dropped.kwargs["true_cfg_scale"] == 2.0  # None given: no
+    # negative prompt, so no true CFG, as evaluate runs it
     call = plan_calls(pipe, ["a cat"], guidance_scale=None, negative_prompt="blurry",
                       call_kwargs={"max_sequence_length": 8}, **settings)[0]
     assert call.kwargs["max_sequence_length"] == 8 and call.kwargs["negative_prompt"] == ["blurry"]
@@ -164,3 +169,18 @@ def test_warnings_of_decorated_entry_points_point_at_the_callers_line():
         da.calibrate(pipe, ["a cat"], 4, steps=(0, 3), progress=False, image=image, strength=0.5)
     ours = [item for item in caught if "did not run" in str(item.message)]
     assert ours and all(item.filename == __file__ for item in ours)
+
+
+@pytest.mark.parametrize("family, key", [("sd", "guidance_scale"), ("flux", "true_cfg_scale")])
+@pytest.mark.parametrize("value", [float("nan"), -3.0, float("inf")])
+def test_a_nan_or_negative_guidance_is_refused_by_every_entry(family, key, value):
+    """NaN or -3 turned CFG off silently (the pipelines test > 1): evaluate's call_kwargs and, for true_cfg_scale
+    (fashion-flux's CFG), the command line's --call took them; --guidance refused them since session 45."""
+    from diffusion_accel.pipeline_defaults import CallArgumentError, check_call_arguments
+    from diffusion_accel.recipes import parse_call_args
+
+    with pytest.raises(CallArgumentError, match=f"{key}={value!r} \\(from evaluate\\) must be a finite number >= 0"):
+        check_call_arguments(build_tiny(family), {key: value}, "evaluate")
+    if key == "true_cfg_scale":
+        with pytest.raises(ValueError, match="--call true_cfg_scale=.* must be a finite number >= 0"):
+            parse_call_args([f"true_cfg_scale={json.dumps(value)}"])  # NaN, Infinity: JSON's spellings

@@ -114,3 +114,10 @@ def test_a_zoo_training_export_of_another_size_gets_the_zoo_captions():
     assert prompts.for_pipeline(pipe, limit=2) == prompts.load("default", limit=2)
     set_call_defaults(pipe, zoo.CALL_DEFAULTS["fashion-flux"])
     assert prompts.for_pipeline(pipe, limit=2) == prompts.load("fashion", limit=2)
+
+
+def test_a_prompt_file_breaks_lines_only_at_line_ends(tmp_path):
+    """splitlines() also broke a prompt at U+2028, U+0085 or a form feed (session 47)."""
+    file = tmp_path / "p.txt"
+    file.write_bytes("a shirt\u2028with stripes\r\nb\x0cc\rd\n".encode("utf-8"))
+    assert prompts.load(str(file)) == ["a shirt\u2028with stripes", "b\x0cc", "d"]

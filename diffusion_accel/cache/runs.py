@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..calib.inputs import calibration_items, placeholder_prompts, plan_calls
+from ..calib.inputs import UNSET, calibration_items, placeholder_prompts, plan_calls
 from ..calib.runner import restore_scheduler_state, scheduler_state, silent_pipeline_bar
 from ..seeding import seeded_call
 from ..uncompiled import uncompiled
@@ -18,7 +18,7 @@ from ..uncompiled import uncompiled
 
 def planned_calls(pipe: Any, prompts: Any, num_inference_steps: int, seed: int = 0,
                   num_samples: int | None = None, guidance_scale: float | None = None,
-                  negative_prompt: Any = None, batch_size: int = 1, **call_kwargs: Any) -> list:
+                  negative_prompt: Any = UNSET, batch_size: int = 1, **call_kwargs: Any) -> list:
     """The calibration calls (``batch_size`` prompts / classes / samples per call) with their seeds; pass the
     sampling settings the pipeline will run with (``height``/``width``, Flux's ``true_cfg_scale`` with
     ``negative_prompt``), since pipeline defaults may differ (Flux defaults to 1024×1024)."""

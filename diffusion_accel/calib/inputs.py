@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..argtypes import SEED_LIMIT
 from ..arch.registry import UnsupportedModelError, get_adapter
 from ..pipeline_defaults import (call_defaults, check_call_arguments, check_guidance_scale_is_read,
                                  OTHER_PROMPTS, per_prompt_negative, per_prompt_values, with_tuples)
@@ -152,11 +153,25 @@ def _unconditional_items(pipe: Any, prompts: Any, num_samples: int | None) -> li
     return [None] * count
 
 
+class _Unset:
+    """The default of calibration's ``negative_prompt``: the pipeline's own applies (fashion-flux's "", which runs
+    true CFG), where an explicit None turns it off as it does in evaluate (``--call negative_prompt=null`` was
+    indistinguishable from no value: calibrated with true CFG what the evaluation ran without)."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+UNSET: Any = _Unset()
+
+
 def plan_calls(pipe: Any, items: list[Any], *, num_inference_steps: int, batch_size: int,
                num_images_per_prompt: int, guidance_scale: float | None,
                negative_prompt: str | Sequence[str] | None, seed: int,
                call_kwargs: dict[str, Any]) -> list[PlannedCall]:
-    """Split ``items`` into pipeline calls of ``batch_size`` items; call k is seeded ``seed + k``."""
+    """Split ``items`` into pipeline calls of ``batch_size`` items; call k is seeded ``seed + k``. ``negative_prompt``
+    UNSET keeps the pipeline's default, None drops it."""
+    drop_negative, negative_prompt = negative_prompt is None, None if negative_prompt is UNSET else negative_prompt
     mode, params = call_mode(pipe), _call_parameters(pipe)
     _check_counts(batch_size, num_images_per_prompt, seed)
     _check_call_kwargs(pipe, call_kwargs)
@@ -165,6 +180,8 @@ def plan_calls(pipe: Any, items: list[Any], *, num_inference_steps: int, batch_s
     if "output_type" in params:
         shared["output_type"] = "latent" if mode == "prompt" else "pt"
     shared.update(call_defaults(pipe))  # the pipeline's own settings, beneath the explicit ones
+    if drop_negative:
+        shared.pop("negative_prompt", None)
     if guidance_scale is not None:
         shared["guidance_scale"] = guidance_scale
     shared.update(with_tuples(pipe, call_kwargs))
@@ -215,7 +232,7 @@ def _batch_inputs(mode: str, batch: list[Any], per_item: int, negative_prompt: A
     return inputs
 
 
-MAX_SEED = 2 ** 63 - 1
+MAX_SEED = SEED_LIMIT  # the --seed flag's bound too
 
 
 def _check_counts(batch_size: int, num_images_per_prompt: int, seed: int) -> None:
@@ -251,7 +268,7 @@ def _check_options(pipe: Any, mode: str, params: dict[str, inspect.Parameter], p
     if negative_prompt is None:
         return
     if "negative_prompt" not in params:
-        raise ValueError(f"{name} takes no negative_prompt; leave negative_prompt=None")
+        raise ValueError(f"{name} takes no negative_prompt; leave negative_prompt unset")
     if isinstance(negative_prompt, str):
         return
     negatives = list(negative_prompt) if isinstance(negative_prompt, (list, tuple)) else None

@@ -38,10 +38,15 @@ class CalibrationSettings:
     seed: int
     max_trajectory_bytes: int
     call_kwargs: dict[str, Any] = field(default_factory=dict)
+    drop_negative_prompt: bool = False  # negative_prompt=None was given: the pipeline's default one dropped
 
     def as_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``calibrate`` (without collectors, store_trajectory, progress)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "call_kwargs"}
+        """Keyword arguments for ``calibrate`` (without collectors, store_trajectory, progress); no negative_prompt
+        where none was given (the pipeline's default applies again; None would drop it)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)
+                  if f.name not in ("call_kwargs", "drop_negative_prompt")}
+        if values["negative_prompt"] is None and not self.drop_negative_prompt:
+            del values["negative_prompt"]
         return values | dict(self.call_kwargs)
 
 

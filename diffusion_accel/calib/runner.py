@@ -29,7 +29,7 @@ from ..stacklevel import user_stacklevel
 from ..uncompiled import uncompiled
 from .collectors import Collector, Step
 from .dispatch import CollectorRouter, validate_collectors
-from .inputs import PlannedCall, calibration_items, call_mode, placeholder_prompts, plan_calls
+from .inputs import UNSET, PlannedCall, calibration_items, call_mode, placeholder_prompts, plan_calls
 from .result import Calibration, CalibrationSettings, architecture_config
 from .schedule import denoiser_steps, resolve_weights, select_steps
 from .call_state import CallState, call_state, state_change, stateful_modules
@@ -44,7 +44,7 @@ DEFAULT_MAX_TRAJECTORY_BYTES = 1 << 30
 def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
               collectors: Sequence[Collector] | Collector = (), steps: str | Sequence[int] = "all",
               weighting: str | Sequence[float] = "uniform", weight_range: tuple[float, float] = (0.8, 1.2),
-              guidance_scale: float | None = None, negative_prompt: str | Sequence[str] | None = None,
+              guidance_scale: float | None = None, negative_prompt: str | Sequence[str] | None = UNSET,
               batch_size: int = 1, num_images_per_prompt: int = 1, num_samples: int | None = None,
               seed: int = 0, store_trajectory: bool = True,
               max_trajectory_bytes: int = DEFAULT_MAX_TRAJECTORY_BYTES, progress: bool = True,
@@ -54,7 +54,8 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
     ``prompts``: strings for text-to-image pipelines, class ids or label names for class-conditional
     ones (DiT), None for unconditional ones (DDPM; then ``num_samples`` items), run at
     ``num_inference_steps`` steps, ``batch_size`` items per pipeline call, ``num_images_per_prompt`` images
-    each (CFG's unconditional branch, ``negative_prompt`` if given, is observed too). ``steps``: "all",
+    each (CFG's unconditional branch, ``negative_prompt`` if given, is observed too; left unset, the pipeline's
+    call default applies, e.g. fashion-flux's "" for true CFG, and None drops it). ``steps``: "all",
     "uniform:K", "every:K" or a list of step indices. ``weighting``: "uniform", "linear",
     "log-decrease", "log-increase" (between ``weight_range`` = (w_min, w_max)) or one weight per step.
     ``guidance_scale=None`` keeps the pipeline's default. Pipeline call k (of ``batch_size`` items) uses a
@@ -85,9 +86,10 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
         prompts=None if call_mode(pipe) == "unconditional" else tuple(items),
         num_inference_steps=num_inference_steps, steps=_frozen(steps), weighting=_frozen(weighting),
         weight_range=tuple(weight_range), guidance_scale=guidance_scale,
-        negative_prompt=_frozen(negative_prompt), batch_size=batch_size,
+        negative_prompt=_frozen(None if negative_prompt is UNSET else negative_prompt), batch_size=batch_size,
         num_images_per_prompt=num_images_per_prompt, num_samples=num_samples, seed=seed,
-        max_trajectory_bytes=max_trajectory_bytes, call_kwargs=dict(call_kwargs))
+        max_trajectory_bytes=max_trajectory_bytes, call_kwargs=dict(call_kwargs),
+        drop_negative_prompt=negative_prompt is None)
     result = Calibration(settings=settings, pipeline_class=type(pipe).__name__,
                          denoiser_class=type(denoiser).__name__, selected_steps=selected,
                          step_weights=weights, collectors=bound, seeds=[call.seed for call in calls],

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..artifact import pipeline_source, techniques_on
 from ..paths import empty_path, expand_home
-from ..pipeline_defaults import call_defaults, check_call_arguments
+from ..pipeline_defaults import OTHER_PROMPTS, call_defaults, check_call_arguments
 from ..scalars import plain_number
 from ..seeding import seeded_global_rng
 from .clip_score import DEFAULT_CLIP_MODEL, check_clip_reachable, clip_metric, clip_score
@@ -258,12 +258,24 @@ def _check_inputs(run: _Run, pipelines: Mapping[str, Any], output_dir: str | Pat
         check_cache_dir(run.fid_cache_dir)
     if "clip" in run.requested and _clip_scored(pipelines, run):  # else not scored
         check_clip_reachable(run.clip_model or DEFAULT_CLIP_MODEL)
+    _check_per_prompt_lists(run.call_kwargs or {}, len(run.jobs) // run.images_per_prompt)
     for name, pipe in pipelines.items():
         check_call_arguments(pipe, run.call_kwargs or {}, "evaluate")
         if run.prompt_to_kwargs is None:  # a user's function may be costly (text encoding): not run twice
             _check_prompts_fit(name, pipe, [job.prompt for job in run.jobs])
 
 
+
+
+def _check_per_prompt_lists(call_kwargs: Mapping[str, Any], num_prompts: int) -> None:
+    """A list negative_prompt (or prompt_2 ...) holds one text per prompt of the run, as calibrate requires: one
+    of another length went whole to every call (a list of one: every prompt got it; of two for three prompts:
+    diffusers failed after two images)."""
+    for key in ("negative_prompt", *OTHER_PROMPTS):
+        value = call_kwargs.get(key)
+        if isinstance(value, (list, tuple)) and len(value) != num_prompts:
+            raise ValueError(f"call_kwargs {key} must be a string or a list of {num_prompts} strings (one per "
+                             f"prompt), got a list of {len(value)}")
 
 
 def _check_prompts_fit(name: str, pipe: Any, prompts: list[Any]) -> None:

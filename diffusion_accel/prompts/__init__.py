@@ -30,7 +30,8 @@ def load(name_or_path: str | Path, limit: int | None = None) -> list[str]:
         prompts = [prompt.strip() for prompt in prompts if prompt.strip()]  # as blank .txt lines are
     else:
         try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").split("\n")  # read_text made \r\n and \r "\n"; splitlines
+            # also broke prompts at U+2028, U+0085, form feeds
         except UnicodeDecodeError as error:
             raise ValueError(f"{path} is not a UTF-8 text file of prompts, one per line: {error}") from None
         prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
