@@ -1,6 +1,7 @@
 """GPTQ's act_order at W4A8, paired per image (issue #4): does rounding the loudest inputs first help?
 
-The ``"w4a8"`` preset (GPTQ on output-MSE scales fitted lazily as the sweep reaches each segment) against
+GPTQ on output-MSE scales fitted lazily as the sweep reaches each segment, in one Hessian group (the ``"w4a8"``
+preset's rounding, which now defaults to 4 groups and min-max activation ranges; this run: MSE ranges) against
 the same with static scales (every scale fitted to the original weights first, which act_order needs) and
 with static scales plus ``gptq_act_order=True`` (columns swept by decreasing Hessian diagonal), on 40
 class-cycled prompts of a zoo model (fashion-sd: 50 DDIM steps, CFG 3; fashion-flux: 28 steps, true CFG 3),
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ptq_quality import MODELS  # noqa: E402
 from ptq_rounding import run_settings, selected, settings_cli  # noqa: E402
 
-REFERENCE = "GPTQ, lazy output-MSE scales (the w4a8 preset)"
+REFERENCE = "GPTQ, lazy output-MSE scales, one Hessian group"
 GPTQ = dict(reconstruct=False, weight_rounding="gptq", gptq_groups=1, weight_scale="output_mse")  # as ptq_rounding.py
 SETTINGS = {
     REFERENCE: GPTQ,

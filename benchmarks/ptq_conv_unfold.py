@@ -3,7 +3,8 @@
     python benchmarks/ptq_conv_unfold.py [--out REPORT.json]
 
 SD 1.5 UNet conv shapes at 256 px, batch 2; median of 5 after warm-up, eager and compiled unfold
-path. Decides whether ``lower.py`` lowers k x k convs to int8 GEMMs (it does not: see results).
+path. Decides whether ``lower.py`` lowers k x k convs to int8 GEMMs (it does not: mixed by shape, and a bf16
+conv is faster still; lowered k x k convs run oneDNN's int8 convolution where it exists).
 Writes ``benchmarks/results/ptq_conv_unfold.{json,md}``.
 """
 
@@ -46,10 +47,11 @@ def measure(channels: int, side: int) -> dict[str, float]:
     weight = torch.randn(channels, channels, 3, 3) * 0.02
     w_t = torch.randint(-127, 128, (channels * 9, channels), dtype=torch.int8)
     out_scale = torch.rand(channels) * 1e-3
-    compiled = torch.compile(unfold_int8)
+    x_bf16, weight_bf16 = x.bfloat16(), weight.bfloat16()  # a bf16 model holds bf16 weights: casting inside the
+    compiled = torch.compile(unfold_int8)                      # timed call made bf16 look up to 2.7x slower
     with torch.inference_mode():
         return {"fp32_conv_ms": median_ms(lambda: F.conv2d(x, weight, padding=1)),
-                "bf16_conv_ms": median_ms(lambda: F.conv2d(x.bfloat16(), weight.bfloat16(), padding=1)),
+                "bf16_conv_ms": median_ms(lambda: F.conv2d(x_bf16, weight_bf16, padding=1)),
                 "unfold_int8_eager_ms": median_ms(lambda: unfold_int8(x, w_t, 0.05, out_scale)),
                 "unfold_int8_compiled_ms": median_ms(lambda: compiled(x, w_t, 0.05, out_scale))}
 

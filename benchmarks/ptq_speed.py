@@ -137,6 +137,11 @@ def zoo_target(name: str, batch_prompts: int) -> tuple[Any, Callable[[], Any], d
     return pipe, make, inputs, PTQConfig.preset("w8a8", act_method="mse", **calib_fields(name))
 
 
+def compiled_note(results: dict[str, Any], compiled_ms: float | None) -> str:
+    """"(compiled: N)" where compiled variants were timed (a --no-compile run said it too)."""
+    return f"(compiled: {results['compiled_repeats']})" if compiled_ms else "(no compiled variants)"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     if args.model == "sd15":
@@ -213,11 +218,13 @@ def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     title = ("SD 1.5 UNet (random weights)" if results.get("model", "sd15") == "sd15"
              else f"{results['model']} denoiser (zoo weights, real inputs {results['inputs']})")
-    lines = [f"# PTQ speed: {title}, {results['resolution']} px, batch {results['batch']}",
+    batch = (f"batch {results['batch']}" if results.get("model", "sd15") == "sd15"  # the denoiser's (CFG included)
+             else f"{results['batch']} prompts per call (denoiser batch {next(iter(results['inputs'].values()))[0]})")
+    lines = [f"# PTQ speed: {title}, {results['resolution']} px, {batch}",
              "", f"CPU {m['cpu_model']} ({m.get('cpu_features', 'features not recorded')}), {m['cpu_cores_available']} cores, torch threads {m['torch_threads']}, "
              f"torch {m.get('torch_version')}; load average {results['load_average_start']} -> "
              f"{results['load_average_end']} (a high load average means the cores were shared); median of {results['repeats']} "
-             f"(compiled: {results['compiled_repeats']}) after 1 warm-up (the compiled warm-up includes compilation).", "", "| variant | median ms | vs fp32 eager | vs fp32 compiled |", "|---|---|---|---|"]
+             f"{compiled_note(results, compiled)} after 1 warm-up (the compiled warm-up includes compilation).", "", "| variant | median ms | vs fp32 eager | vs fp32 compiled |", "|---|---|---|---|"]
     for name, item in lat.items():
         ratio_c = f"{compiled / item['median_ms']:.2f}x" if compiled else "-"
         lines.append(f"| {name} | {item['median_ms']:.0f} | {base / item['median_ms']:.2f}x | {ratio_c} |")

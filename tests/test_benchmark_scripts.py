@@ -230,7 +230,7 @@ def test_ptq_speed_markdown_shows_the_activation_modes_that_ran(modes):
     """`ptq_speed.py --act-modes dynamic_per_tensor` alone failed writing its table (KeyError 'quantize_s')."""
     import ptq_speed
 
-    results = {"latency": {"fp32_eager": {"median_ms": 100.0}}, "model": "fashion-sd", "inputs": "x",
+    results = {"latency": {"fp32_eager": {"median_ms": 100.0}}, "model": "fashion-sd", "inputs": {"sample": [4, 4]},
                "resolution": 32, "batch": 2, "repeats": 1, "compiled_repeats": 1, "load_average_start": (0, 0, 0),
                "load_average_end": (0, 0, 0), "machine": {"cpu_model": "cpu", "cpu_cores_available": 2,
                                                           "torch_threads": 2},
@@ -240,6 +240,8 @@ def test_ptq_speed_markdown_shows_the_activation_modes_that_ran(modes):
     text = ptq_speed.markdown(results)
     assert all(f"summary{suffix or '_static'}" in text for suffix in modes)
     assert ("Static activations" in text) == ("" in modes)
+    assert "2 prompts per call (denoiser batch 4)" in text and "(no compiled variants)" in text  # "batch 2" and
+    # "(compiled: 1)" before session 47
 
 
 def _probed_flux_report():
@@ -374,3 +376,14 @@ def test_cache_flux_heldout_leaves_out_every_prompt_a_setting_was_searched_on():
     assert set(cf.calibration_prompts(16)) <= set(searched) and set(cf.calibration_prompts(4)) <= set(searched)
     held_out = cache_flux_heldout.held_out_prompts(report, 20)
     assert len(held_out) == 20 and not set(held_out) & set(searched)
+
+
+def test_cache_sd_skips_its_plot_where_matplotlib_is_missing(tmp_path, monkeypatch, capsys):
+    """No dependency installs matplotlib: the documented full run ended in an ImportError after writing its tables."""
+    import sys
+
+    import cache_sd
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    cache_sd.plot({"timing": {}, "variants": {}}, tmp_path / "plot.png")
+    assert "skipped: matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "plot.png").exists()

@@ -24,9 +24,9 @@ What each layer becomes (``summary`` lists the counts):
 - ``dequant-int8``: int8 weights that cannot use an int8 kernel (group-wise with more than two groups (two are
   computed as the split-shortcut halves are, ``int8-gemm``), weight-only, k x k
   convs without oneDNN, every int8 layer on a CPU without VNNI), stored as int8 and dequantized once into a cached float weight: fp speed, int8 on disk.
-  k x k convs are not lowered to unfold + int8 GEMM: on this CPU (SD 1.5 3x3 shapes, 256 px) it
-  took 1.5-2.6x the fp32 conv's time in eager mode and ran at 0.9-1.4x its speed under
-  torch.compile (mixed, within the shared-core noise), with a 9x larger unfolded input (``benchmarks/ptq_conv_unfold.py``).
+  k x k convs are not lowered to unfold + int8 GEMM: on a 2-core AMD EPYC (SD 1.5 3x3 shapes, 256 px; session 47)
+  it took 0.2-3.2x the fp32 conv's time eager and 0.35-1.2x compiled (mixed by shape), with a 9x larger unfolded
+  input, while a bf16 conv took 0.3-0.5x (``benchmarks/ptq_conv_unfold.py``).
 - ``fp8-gemm``: fp8 weights with fp8 activations (Linear and 1x1 convs) run ``torch._scaled_mm`` on
   GPUs with fp8 tensor cores and the simulated fp8 math elsewhere (``fp8.Fp8GemmCore``); fp8 k x k
   convs and fp8 weight-only layers stay simulated (``simulated`` in the summary).
