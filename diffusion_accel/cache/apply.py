@@ -368,7 +368,8 @@ def cache_config(pipe: Any) -> Any | None:
 
 def summary(pipe: Any, as_text: bool = False) -> dict[str, Any] | str:
     """What the last pipeline call computed vs reused: totals and one record per denoiser call (a dict;
-    ``as_text=True``: a readable summary)."""
+    ``as_text=True``: a readable summary). Blocks the model itself skips are counted as computed where a call
+    computes: SD3's skip-layer guidance pass (``skip_guidance_layers``) runs a few blocks fewer than recorded."""
     session = get_session(find_denoiser(pipe)[1])
     if session is None:
         return "no cache enabled" if as_text else {"enabled": False}

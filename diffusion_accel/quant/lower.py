@@ -478,7 +478,8 @@ def note_lowering(state: Any, lowered: dict[str, nn.Module | None]) -> None:
         notes.append("fp8-gemm layers run torch._scaled_mm on GPUs with fp8 tensor cores (CUDA >= 8.9) "
                      "and the simulated fp8 math elsewhere")
     if any(kind == "dequant-int8" for kind in state.lowered.values()):
-        notes.append("dequant-int8 layers (group-wise or weight-only int8; k x k convs off VNNI CPUs; "
+        notes.append("dequant-int8 layers (group-wise or weight-only int8; k x k convs off VNNI CPUs or with "
+                     "per-token dynamic activations, which oneDNN's int8 convolution does not take; "
                      "every int8 layer on CPUs without VNNI / AMX int8 units) run the "
                      "float op on a weight dequantized once: int8 on disk, no speed-up")
     if any(kind == "int4-packed" for kind in state.lowered.values()):
