@@ -115,6 +115,73 @@ def test_attention_only_config_without_known_processors_raises_and_leaves_it_unc
     assert processors == {n: type(m.processor) for n, m in pipe.unet.named_modules() if hasattr(m, "processor")}
 
 
+ATTENTION_ONLY = dict(weights=None, activations=None, attention="int8", calib_prompts=1, calib_num_steps=2,
+                      calib_steps="all")
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(include=("nomatch*",)), r"include / exclude select weight and activation layers, but weights=None"),
+    (dict(exclude=("*attn2*",)), r"include / exclude select weight and activation layers"),
+    (dict(attention=None, softmax_bits=4, weights="int8"), r"softmax_bits=4 sets the softmax output's bits .* "
+                                                           r"attention=None turns off"),
+])
+def test_options_with_no_effect_on_attention_quantization_are_refused(changes, message):
+    """A glob matching nothing quantized every attention module, an exclude excluded none, softmax_bits without
+    attention did nothing: all silently (session 47)."""
+    pipe = build_tiny("sd")
+    with pytest.raises(ValueError, match=message):
+        quantize_(pipe, PTQConfig(**{**ATTENTION_ONLY, **changes}))
+    assert applied_techniques(pipe) == []
+    with pytest.raises(ValueError, match="filter_fn selects weight and activation layers"):
+        quantize_(pipe, PTQConfig(**ATTENTION_ONLY), filter_fn=lambda module, name: False)  # never called
+
+
+def test_an_interrupted_attention_install_puts_every_swapped_processor_back(monkeypatch):
+    """install_attention returned the processors it replaced only when it finished: interrupted after 3 of 14
+    swaps, quantize_ rolled back the rest but left those 3 quantizing (session 47)."""
+    import diffusion_accel.quant.attention as attention_module
+
+    pipe = build_tiny("sd")
+    before = {n: m.processor for n, m in pipe.unet.named_modules() if hasattr(m, "processor")}
+    swaps, real = [], attention_module.QuantAttnProcessor
+
+    def failing_after_three(*args):
+        swaps.append(1)
+        if len(swaps) > 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setitem(attention_module.QUANT_PROCESSORS, AttnProcessor2_0, failing_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_(pipe, PTQConfig(**ATTENTION_ONLY))
+    assert before == {n: m.processor for n, m in pipe.unet.named_modules() if hasattr(m, "processor")}
+
+
+def test_a_pag_pipelines_summary_says_its_pag_layers_run_float_attention():
+    """PAG puts its own processors on its layers during each call: the summary counted them quantized."""
+    from diffusers import StableDiffusionPAGPipeline
+
+    pipe = StableDiffusionPAGPipeline(**build_tiny("sd").components, pag_applied_layers=["down_blocks.0"])
+    quantize_(pipe, PTQConfig(**ATTENTION_ONLY))
+    assert "PAG puts its own float processors on the self-attention of its layers ['down_blocks.0']" in summary(pipe)
+
+
+def test_a_manifest_listing_attention_without_its_format_is_refused(tmp_path):
+    """It loaded and every call then failed with "unknown number format None" (session 47)."""
+    import json
+
+    from diffusion_accel.artifact import ArtifactError
+
+    da.save(quantize_(build_tiny("sd"), PTQConfig(**{**ATTENTION_ONLY, "weights": "int8"})), tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["techniques"][0]["config"]["ptq_config"]["attention"] = None
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    base = build_tiny("sd")
+    with pytest.raises(ArtifactError, match="attention lists 14 modules, but ptq_config.attention is null"):
+        da.load(base, tmp_path)
+    assert applied_techniques(base) == []
+
+
 def test_summary_warns_when_attention_processors_are_replaced_afterwards():
     pipe = build_tiny("sd")
     quantize_(pipe, PTQConfig(attention="int8", calib_prompts=1, calib_num_steps=2, calib_steps="all"))

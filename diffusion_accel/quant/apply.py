@@ -75,6 +75,9 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
     if get_state(denoiser) is not None:
         raise ValueError("this pipeline's denoiser is already quantized; quantize a fresh base pipeline")
     check_calibration_choices(config)
+    if filter_fn is not None and config.weights is None and config.activations is None:  # it was never called
+        raise ValueError("filter_fn selects weight and activation layers, but weights=None and activations=None "
+                         "quantize none (attention quantization covers every attention module); drop it")
     if config.reconstruct:
         check_no_inference_weights(denoiser, "quantize_ with block reconstruction (reconstruct=True)")
     targets = select_layers(pipe, config, filter_fn) if config.weights or config.activations else []
@@ -96,6 +99,10 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
     if others:
         state.notes.append(f"{sum(others.values())} attention modules stay unquantized (processors not "
                            f"replaced: {describe_processors(others)})")
+    pag_layers = getattr(pipe, "pag_applied_layers", None) if attention else None
+    if pag_layers:  # diffusers swaps them in per call and ours back after: the summary counted them quantized
+        state.notes.append(f"PAG puts its own float processors on the self-attention of its layers {list(pag_layers)} "
+                           f"during calls with pag_scale > 0: those run unquantized then")
     uncalibrated = _uncalibrated_groups_note(config, collected, selector)
     if uncalibrated:
         warnings.warn(uncalibrated, stacklevel=user_stacklevel())
@@ -167,9 +174,9 @@ def install(pipe: Any, layers: dict[str, nn.Module], state: PTQState,
         for name, layer in layers.items():
             originals[name] = swap_module(denoiser, name, layer)
         set_state(denoiser, state)
-        if state.attention:
-            processors = install_attention(denoiser, state.attention, state.config["attention"],
-                                           state.config["softmax_bits"])
+        if state.attention:  # filled as it goes: interrupted part-way, the swapped ones are put back
+            install_attention(denoiser, state.attention, state.config["attention"], state.config["softmax_bits"],
+                              processors)
         if state.config["timestep_groups"] > 1:
             selector = _step_groups(denoiser)
             attach_tracker(denoiser, pipeline=pipe).register_client(

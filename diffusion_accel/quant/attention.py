@@ -205,9 +205,11 @@ def describe_processors(counts: dict[str, int]) -> str:
     return ", ".join(f"{name} ×{count}" for name, count in counts.items())
 
 
-def install_attention(denoiser: nn.Module, names: list[str], fmt: str, softmax_bits: int) -> dict[str, Any]:
-    """Set the quantizing processor on ``names``; returns the processors they had (for rollback)."""
-    originals = {}
+def install_attention(denoiser: nn.Module, names: list[str], fmt: str, softmax_bits: int,
+                      originals: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Set the quantizing processor on ``names``; returns the processors they had (for rollback), recorded into
+    ``originals`` as each is swapped (a caller's dict holds them also when the loop is interrupted)."""
+    originals = {} if originals is None else originals
     for name in names:
         module = denoiser.get_submodule(name)
         originals[name] = module.processor

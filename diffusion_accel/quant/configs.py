@@ -278,8 +278,17 @@ def _check_activation_options(config: PTQConfig) -> None:
 def check_calibration_choices(config: PTQConfig) -> None:
     """ValueError for settings refused where a model is calibrated anew but not in ``validate`` (artifacts saved with
     them hold what they learned and still load): an "mse" range search of fp8 activations (session 45), and
-    activation-step iterations where no activation has a static scale to learn (session 46)."""
+    activation-step iterations where no activation has a static scale to learn (session 46), and options with no
+    effect: include / exclude globs where no weight or activation layer is quantized (attention quantization covers
+    every attention module: a glob matching nothing quantized all of them), softmax_bits without attention."""
     _check_range_method(config)
+    if (config.include or config.exclude) and config.weights is None and config.activations is None:
+        raise ValueError(f"PTQConfig.include / exclude select weight and activation layers, but weights=None and "
+                         f"activations=None quantize none (attention={config.attention!r} covers every attention "
+                         f"module); drop them")
+    if config.attention is None and config.softmax_bits != PTQConfig.softmax_bits:
+        raise ValueError(f"PTQConfig.softmax_bits={config.softmax_bits} sets the softmax output's bits of attention "
+                         f"quantization, which attention=None turns off; set attention (e.g. 'int8') or drop it")
     learns_scales = config.activations is not None and config.act_mode == "static"
     if config.reconstruct and config.recon_act_iters > 0 and not learns_scales:
         raise ValueError(f"PTQConfig.recon_act_iters={config.recon_act_iters} learns static activation scales, but "

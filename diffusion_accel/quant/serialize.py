@@ -189,6 +189,9 @@ def restore_ptq(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Tens
     selector = StepGroups(denoiser, ptq_config.timestep_groups, config["num_steps"], bounds) \
         if ptq_config.timestep_groups > 1 else None
     _check_attention_processors(pipe, config.get("attention", []))
+    if config.get("attention") and ptq_config.attention is None:  # it loaded, then every call failed
+        raise ValueError(f"attention lists {len(config['attention'])} modules, but ptq_config.attention is null: "
+                         f"no format to quantize them in")
     layers = {name: _restore_layer(denoiser.get_submodule(name), name, entry, ptq_config, tensors, selector)
               for name, entry in config["layers"].items()}
     dtype = compute_dtype(denoiser)  # before any layer is swapped: the base's own float dtype
