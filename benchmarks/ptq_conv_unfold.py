@@ -4,7 +4,7 @@
 
 SD 1.5 UNet conv shapes at 256 px, batch 2; median of 5 after warm-up, eager and compiled unfold
 path. Decides whether ``lower.py`` lowers k x k convs to int8 GEMMs (it does not: mixed by shape, and a bf16
-conv is faster still; lowered k x k convs run oneDNN's int8 convolution where it exists).
+conv beats it at two of the three shapes; lowered k x k convs run oneDNN's int8 convolution where it exists).
 Writes ``benchmarks/results/ptq_conv_unfold.{json,md}``.
 """
 

@@ -9,7 +9,8 @@ from typing import Callable
 
 from .paths import EMPTY_PATH_PROBLEM, empty_path, expand_home, output_folder_problem
 
-SEED_LIMIT = 2 ** 63 - 1  # the largest base seed (calls and images are seeded seed + k; generators stop at 2**64 - 1)
+SEED_LIMIT = 2 ** 63 - 1  # calibration's largest base seed (call k is seeded seed + k)
+GENERATOR_SEED_LIMIT = 2 ** 64 - 1  # torch generators' (evaluate checks seed + images itself)
 
 
 def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:

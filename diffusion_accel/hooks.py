@@ -30,11 +30,13 @@ pipeline the technique was applied to; the denoiser may also be called by anothe
 from its components with a scheduler of its own, or outlive that pipeline. So a call whose timestep
 is not a view of the watched ``scheduler.timesteps`` (SD, SDXL, SD3, PixArt, DiT and DDPM pass
 views; checking costs no device sync) is checked by value instead: the first such call after calls
-that were views, or a timestep above the previous one in the same context (samplers only descend),
-starts a new trajectory. Denoisers with diffusers' ``CacheMixin`` (Flux) skip the value check:
-their pipelines reset stateful hooks (``reset_state`` here) at the end of every completed call; after an
-interrupted or a direct call, a call from a pipeline whose scheduler holds other timesteps (the pipeline
-``__call__`` found on the stack) starts a new trajectory.
+that were views, a timestep above the previous one in the same context (samplers only descend), or,
+from a pipeline (its ``__call__`` found on the stack), a timestep viewing another schedule tensor than the
+previous such call's (its own scheduler's new ``set_timesteps``: after an interrupted call, a strength-0.3
+img2img call starts below the stopped call's last timestep) starts a new trajectory. Denoisers with
+diffusers' ``CacheMixin`` (Flux) skip the value check: their pipelines reset stateful hooks (``reset_state``
+here) at the end of every completed call; after an interrupted or a direct call, a call from a pipeline whose
+scheduler holds other timesteps starts a new trajectory, and a direct call after a pipeline's starts one too.
 
 Trajectory state is per thread (``_CallState``, a ``threading.local``; diffusers' ``cache_context`` name
 too): pipelines built from the same components (diffusers' documented way to share a denoiser) may run
@@ -264,6 +266,7 @@ class StepTracker(ModelHook):
         self._last_positions.clear()
         self._input_shapes.clear()
         self._shared_contexts.clear()
+        self._foreign_schedule = None
         self._scheduler_live = False
         self.calls_since_reset = 0
         self._call.client_states.clear()
@@ -354,14 +357,22 @@ class StepTracker(ModelHook):
         value = self.timestep
         previous = self._last_values.get(context)
         caller_switched = self._vouched and self.calls_since_reset > 0
-        schedule = _viewed_schedule(self._timestep_argument)
-        earlier = self._foreign_schedule
-        new_schedule = schedule is not None and earlier is not None and earlier is not schedule
-        if caller_switched or new_schedule or (value is not None and previous is not None and value > previous):
+        if caller_switched or self._new_pipeline_schedule() or (value is not None and previous is not None
+                                                                and value > previous):
             self.reset()
-        self._foreign_schedule = schedule
+        self._foreign_schedule = _viewed_schedule(self._timestep_argument)
         if value is not None:
             self._last_values[context] = value
+
+    def _new_pipeline_schedule(self) -> bool:
+        """Whether a pipeline makes this unvouched call with a timestep viewing another schedule tensor than the
+        previous unvouched call's (or the first view after calls passing none): a new call of a pipeline with a
+        scheduler of its own (set_timesteps made the tensor), which after an interrupted call nothing else marked:
+        a strength-0.3 img2img call starts below the stopped call's last timestep (0.39 off, session 47). Direct
+        calls are left to the value check: a user's loop may index a fresh copy of its schedule at every step."""
+        schedule = _viewed_schedule(self._timestep_argument)
+        return (schedule is not None and schedule is not self._foreign_schedule and self.calls_since_reset > 0
+                and _calling_pipeline() is not None)
 
     def _detect_calling_schedule(self, caller: DiffusionPipeline) -> None:
         """``CacheMixin`` (Flux) denoisers are reset by diffusers at the end of a completed pipeline call, not after

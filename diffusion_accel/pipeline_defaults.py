@@ -118,9 +118,16 @@ def _check_guidance_values(values: dict[str, Any], owner: str) -> None:
     """CallArgumentError for a NaN, infinite or negative guidance (``true_cfg_scale`` is fashion-flux's CFG): NaN
     or -3 turned CFG off silently (the pipelines test ``> 1``), as ``--guidance nan`` did before it was refused."""
     for key in GUIDANCE_ARGUMENTS:
-        value = values.get(key)
+        value = _scalar_value(values.get(key))
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not (math.isfinite(value) and value >= 0):
             raise CallArgumentError(f"{key}={value!r} (from {owner}) must be a finite number >= 0")
+
+
+def _scalar_value(value: Any) -> Any:
+    """A numpy scalar or a one-value tensor as its Python number (np.float32 NaN passed the check); else as is."""
+    if hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1:
+        return value.item()
+    return plain_number(value)
 
 
 def check_guidance_scale_is_read(pipe: Any, owner: str) -> None:

@@ -358,6 +358,49 @@ def test_an_img2img_pipeline_with_its_own_scheduler_starts_fresh_after_its_inter
     assert torch.equal(img2img(**kwargs(0.3)).images, fresh) and summary(pipe)["steps"] == fresh_steps
 
 
+def test_an_img2img_pipeline_with_its_own_scheduler_starts_fresh_after_an_unfinished_direct_loop():
+    """A direct UNet loop passing plain ints, stopped part-way, then the sibling's strength-0.3 call: the first
+    call viewing a schedule after calls passing none is a new trajectory (it continued the loop's: 0.0087 off;
+    session 47 review)."""
+    def pipelines():
+        pipe = build_tiny("sd")
+        enable_cache(pipe, DeepCacheConfig(interval=3, branch=0))
+        img2img = StableDiffusionImg2ImgPipeline(**{**pipe.components, "scheduler": copy.deepcopy(pipe.scheduler)})
+        img2img.set_progress_bar_config(disable=True)
+        return pipe, img2img
+
+    def kwargs():
+        return dict(tiny_call_kwargs("sd", steps=10), strength=0.3,
+                    image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
+
+    pipe, img2img = pipelines()
+    fresh = img2img(**kwargs()).images
+    pipe, img2img = pipelines()
+    config = pipe.unet.config
+    with torch.no_grad():
+        sample, context = torch.randn(1, config.in_channels, 8, 8), torch.randn(1, 4, config.cross_attention_dim)
+        for timestep in (999, 899, 799, 699, 599):
+            pipe.unet(sample, timestep, encoder_hidden_states=context)
+    assert torch.equal(img2img(**kwargs()).images, fresh)
+
+
+def test_a_direct_loop_indexing_a_fresh_copy_of_its_schedule_still_reuses():
+    """sched.timesteps.float()[i] views a new tensor every step: taken for a new schedule, every call reset and
+    nothing was reused (session 47 review); direct calls are left to the value check."""
+    from diffusers import DDIMScheduler
+
+    pipe = build_tiny("sd")
+    enable_cache(pipe, DeepCacheConfig(interval=3, branch=0))
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(6)
+    config = pipe.unet.config
+    with torch.no_grad():
+        sample, context = torch.randn(1, config.in_channels, 8, 8), torch.randn(1, 4, config.cross_attention_dim)
+        for index in range(6):
+            pipe.unet(sample, scheduler.timesteps.float()[index], encoder_hidden_states=context)
+    assert summary(pipe)["reused_calls"] == 4
+
+
 def test_a_panorama_pipeline_with_its_own_scheduler_caches_as_with_the_shared_one():
     """StableDiffusionPanoramaPipeline restores a deep copy of its scheduler's state before every view, so its
     scheduler.timesteps is a new object at every UNet call: a new-call check on that object reset the cache at every

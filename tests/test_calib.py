@@ -846,6 +846,10 @@ def test_an_explicit_negative_prompt_none_drops_the_pipelines_default_also_on_re
         calls.clear()
         calibration.rerun(pipe, [HessianCollector(layer)], progress=False)
         assert len(calls) == expected, given
+        dropped = bool(given)  # the summary and the record artifacts keep say which (both said "default")
+        assert ("negative_prompt: none (the pipeline default dropped)" in calibration.summary()) == dropped
+        assert calibration.provenance()["settings"].get("drop_negative_prompt", False) == dropped
+        assert calibration.provenance()["settings"]["negative_prompt"] is None  # null: none given, as before
 
 
 def test_a_pipeline_that_changes_the_denoiser_during_its_calls_is_rerun_not_replayed():

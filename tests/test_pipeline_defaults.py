@@ -4,6 +4,7 @@ library calls it: calibration plans and evaluation calls, recorded in the evalua
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,15 +173,15 @@ def test_warnings_of_decorated_entry_points_point_at_the_callers_line():
 
 
 @pytest.mark.parametrize("family, key", [("sd", "guidance_scale"), ("flux", "true_cfg_scale")])
-@pytest.mark.parametrize("value", [float("nan"), -3.0, float("inf")])
+@pytest.mark.parametrize("value", [float("nan"), -3.0, float("inf"), np.float32("nan"), torch.tensor(-2.0)])
 def test_a_nan_or_negative_guidance_is_refused_by_every_entry(family, key, value):
     """NaN or -3 turned CFG off silently (the pipelines test > 1): evaluate's call_kwargs and, for true_cfg_scale
     (fashion-flux's CFG), the command line's --call took them; --guidance refused them since session 45."""
     from diffusion_accel.pipeline_defaults import CallArgumentError, check_call_arguments
     from diffusion_accel.recipes import parse_call_args
 
-    with pytest.raises(CallArgumentError, match=f"{key}={value!r} \\(from evaluate\\) must be a finite number >= 0"):
+    with pytest.raises(CallArgumentError, match=f"{key}=.* \\(from evaluate\\) must be a finite number >= 0"):
         check_call_arguments(build_tiny(family), {key: value}, "evaluate")
-    if key == "true_cfg_scale":
+    if key == "true_cfg_scale" and isinstance(value, float):
         with pytest.raises(ValueError, match="--call true_cfg_scale=.* must be a finite number >= 0"):
             parse_call_args([f"true_cfg_scale={json.dumps(value)}"])  # NaN, Infinity: JSON's spellings

@@ -171,6 +171,9 @@ class Calibration:
         prompts and their order change the result (call k is seeded seed + k). Values JSON cannot hold
         (an image of img2img calls) are named by type."""
         settings = {name: json_safe(value) for name, value in self.settings.as_kwargs().items()}
+        settings.setdefault("negative_prompt", None)  # null: none given, the pipeline's default ran (as before
+        if self.settings.drop_negative_prompt:        # session 47); a given None says so
+            settings["drop_negative_prompt"] = True
         return {"source": self.source, "pipeline_class": self.pipeline_class, "settings": settings,
                 "seeds": list(self.seeds)}
 
@@ -185,7 +188,8 @@ class Calibration:
             f"  steps: {s.num_inference_steps} ({self.num_steps} denoiser steps), selection {s.steps!r} -> "
             f"{self.selected_steps}",
             f"  weighting: {s.weighting!r}, weights {[round(w, 3) for w in self.step_weights.tolist()]}",
-            f"  guidance_scale: {_or_default(s.guidance_scale)}, negative_prompt: {_or_default(s.negative_prompt)}",
+            f"  guidance_scale: {_or_default(s.guidance_scale)}, negative_prompt: "
+            f"{'none (the pipeline default dropped)' if s.drop_negative_prompt else _or_default(s.negative_prompt)}",
             f"  denoiser calls: {self.denoiser_calls} seen, {self.observed_calls} observed "
             f"({self.observed_rows} rows; per context {self.counts.calls_per_context})",
             f"  trajectory: {len(self.trajectory)} calls, {self.trajectory_bytes / 2**20:.1f} MiB"
