@@ -9,8 +9,8 @@ from typing import Callable
 
 from .paths import EMPTY_PATH_PROBLEM, empty_path, expand_home, output_folder_problem
 
-SEED_LIMIT = 2 ** 63 - 1  # calibration's largest base seed (call k is seeded seed + k)
-GENERATOR_SEED_LIMIT = 2 ** 64 - 1  # torch generators' (evaluate checks seed + images itself)
+SEED_LIMIT = 2 ** 63 - 1  # the largest --seed: calibration's (call k is seeded seed + k), and far enough below torch
+# generators' 2**64 - 1 that an evaluation's image seeds (seed + k) fit: checked before any pipeline loads
 
 
 def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .arch.registry import UnsupportedModelError
-from .argtypes import GENERATOR_SEED_LIMIT, SEED_LIMIT, int_at_least, nonnegative_float, output_file, output_folder
+from .argtypes import SEED_LIMIT, int_at_least, nonnegative_float, output_file, output_folder
 from .paths import expand_home
 
 # Mistakes a user can make (bad values, missing files, unsupported models): one line, exit 2.
@@ -35,16 +35,15 @@ def _add_pipe_args(parser: argparse.ArgumentParser, many: bool) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: as loaded)")
 
 
-def _add_generation_args(parser: argparse.ArgumentParser, steps: int | None, seed_limit: int = SEED_LIMIT) -> None:
-    """--prompts ... --call; ``seed_limit``: calibration's (the demo's, calibrate's) or torch generators' (eval)."""
+def _add_generation_args(parser: argparse.ArgumentParser, steps: int | None) -> None:
     parser.add_argument("--prompts", default=None,
                         help="bundled prompt set (default, fashion) or a .txt/.json file")
     parser.add_argument("--num-prompts", type=int_at_least(1), default=None, help="use only the first N prompts")
     parser.add_argument("--steps", type=int_at_least(1), default=steps,
                         help=f"denoising steps (default {steps or '25, or the recipe value'})")
     parser.add_argument("--guidance", type=nonnegative_float, default=None, help="guidance scale (default: the pipeline's)")
-    parser.add_argument("--seed", type=int_at_least(0, seed_limit), default=0,  # too large failed after loading
-                        help="base seed (default %(default)s)")
+    parser.add_argument("--seed", type=int_at_least(0, SEED_LIMIT), default=0,  # too large failed after loading
+                        help="base seed, 0 .. 2**63 - 1 (default %(default)s)")
     parser.add_argument("--call", action="append", metavar="KEY=VALUE",
                         help="a further pipeline argument, repeatable: --call height=512 --call width=512, "
                              "--call max_sequence_length=256 (VALUE parsed as JSON, else a string)")
@@ -132,7 +131,7 @@ def _add_technique_options(parser: argparse.ArgumentParser) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser("eval", help="measure pipelines side by side (table + JSON + Markdown)")
     _add_pipe_args(evaluate, many=True)
-    _add_generation_args(evaluate, steps=25, seed_limit=GENERATOR_SEED_LIMIT)
+    _add_generation_args(evaluate, steps=25)
     evaluate.add_argument("--metrics", default="psnr,ssim,latency,flops",
                           help="comma list of: fid, clip, psnr, ssim, latency, memory, flops (default %(default)s)")
     evaluate.add_argument("--fid-reference", default=None,
@@ -156,7 +155,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="speed side by side: pipeline and denoiser latency, peak memory, "
                                          "size, FLOPs (optionally torch.compile'd)")
     _add_pipe_args(bench, many=True)
-    _add_generation_args(bench, steps=25, seed_limit=GENERATOR_SEED_LIMIT)
+    _add_generation_args(bench, steps=25)
     bench.add_argument("--batch-size", type=int_at_least(1), default=1, help="prompts per timed pipeline call (default 1)")
     bench.add_argument("--compile", action="store_true",
                        help="torch.compile every variant's denoiser first (compiled while the images are generated, "
@@ -173,7 +172,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _add_grid(sub: argparse._SubParsersAction) -> None:
     grid = sub.add_parser("grid", help="comparison grid: rows = variants, columns = prompts")
     _add_pipe_args(grid, many=True)
-    _add_generation_args(grid, steps=25, seed_limit=GENERATOR_SEED_LIMIT)
+    _add_generation_args(grid, steps=25)
     grid.add_argument("--out", type=output_file, default="grid.png",
                       help="image path: .png, .jpg, .jpeg or .webp (no suffix: PNG; default %(default)s)")
     grid.add_argument("--cell", type=int_at_least(1, MAX_CELL), default=128,

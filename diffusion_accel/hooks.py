@@ -30,10 +30,10 @@ pipeline the technique was applied to; the denoiser may also be called by anothe
 from its components with a scheduler of its own, or outlive that pipeline. So a call whose timestep
 is not a view of the watched ``scheduler.timesteps`` (SD, SDXL, SD3, PixArt, DiT and DDPM pass
 views; checking costs no device sync) is checked by value instead: the first such call after calls
-that were views, a timestep above the previous one in the same context (samplers only descend), or,
-from a pipeline (its ``__call__`` found on the stack), a timestep viewing another schedule tensor than the
-previous such call's (its own scheduler's new ``set_timesteps``: after an interrupted call, a strength-0.3
-img2img call starts below the stopped call's last timestep) starts a new trajectory. Denoisers with
+that were views, a timestep above the previous one in the same context (samplers only descend), or a
+timestep viewing another schedule tensor than the previous such call's (its own scheduler's new
+``set_timesteps``: after an interrupted call, a strength-0.3 img2img call starts below the stopped call's last
+timestep; a direct call one position on in a same-length schedule continues) starts a new trajectory. Denoisers with
 diffusers' ``CacheMixin`` (Flux) skip the value check: their pipelines reset stateful hooks (``reset_state``
 here) at the end of every completed call; after an interrupted or a direct call, a call from a pipeline whose
 scheduler holds other timesteps starts a new trajectory, and a direct call after a pipeline's starts one too.
@@ -135,7 +135,7 @@ class _CallState(threading.local):
         # the schedule tensor the previous unvouched call's timestep viewed: a new one is a new call of a pipeline
         # with a scheduler of its own (set_timesteps made it), which after an interrupted call nothing else marked:
         # a strength-0.3 img2img call starts below the stopped call's last timestep (0.39 off, session 47)
-        self.foreign_schedule: torch.Tensor | None = None
+        self.foreign_schedule: tuple[torch.Tensor, int | None] | None = None  # (schedule, position in it)
         self.vouched = False  # whether the previous call's timestep was a view of the watched ones
         self.driven = False  # whether the watched scheduler places the current call (see num_inference_steps)
         self.foreign_length: int | None = None  # length of another schedule this call's timestep is a view of
@@ -360,19 +360,27 @@ class StepTracker(ModelHook):
         if caller_switched or self._new_pipeline_schedule() or (value is not None and previous is not None
                                                                 and value > previous):
             self.reset()
-        self._foreign_schedule = _viewed_schedule(self._timestep_argument)
+        schedule = _viewed_schedule(self._timestep_argument)
+        self._foreign_schedule = None if schedule is None else (schedule, _view_position(self._timestep_argument,
+                                                                                          schedule))
         if value is not None:
             self._last_values[context] = value
 
     def _new_pipeline_schedule(self) -> bool:
-        """Whether a pipeline makes this unvouched call with a timestep viewing another schedule tensor than the
-        previous unvouched call's (or the first view after calls passing none): a new call of a pipeline with a
-        scheduler of its own (set_timesteps made the tensor), which after an interrupted call nothing else marked:
-        a strength-0.3 img2img call starts below the stopped call's last timestep (0.39 off, session 47). Direct
-        calls are left to the value check: a user's loop may index a fresh copy of its schedule at every step."""
+        """Whether this unvouched call's timestep views another schedule tensor than the previous unvouched call's
+        (or is the first view after calls passing none): a new call of a pipeline or loop with a scheduler of its
+        own (set_timesteps made the tensor), which after an interrupted call nothing else marked: a strength-0.3
+        img2img call starts below the stopped call's last timestep (0.39 off, session 47). A direct call one
+        position on in a schedule of the same length continues: a user's loop may index a fresh copy of its
+        schedule at every step (``.float()[i]``: every call reset)."""
         schedule = _viewed_schedule(self._timestep_argument)
-        return (schedule is not None and schedule is not self._foreign_schedule and self.calls_since_reset > 0
-                and _calling_pipeline() is not None)
+        earlier = self._foreign_schedule
+        if schedule is None or self.calls_since_reset == 0 or (earlier is not None and schedule is earlier[0]):
+            return False
+        if _calling_pipeline() is not None or earlier is None:
+            return True
+        position = _view_position(self._timestep_argument, schedule)
+        return not (len(earlier[0]) == len(schedule) and earlier[1] is not None and position == earlier[1] + 1)
 
     def _detect_calling_schedule(self, caller: DiffusionPipeline) -> None:
         """``CacheMixin`` (Flux) denoisers are reset by diffusers at the end of a completed pipeline call, not after

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from collections.abc import Sequence
 from typing import Any, Iterator
 
+import numpy as np
+
 from .arch.registry import DENOISER_COMPONENTS
 from .scalars import plain_number
 from .stacklevel import user_stacklevel
@@ -124,8 +126,11 @@ def _check_guidance_values(values: dict[str, Any], owner: str) -> None:
 
 
 def _scalar_value(value: Any) -> Any:
-    """A numpy scalar or a one-value tensor as its Python number (np.float32 NaN passed the check); else as is."""
-    if hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1:
+    """A numpy scalar or a one-value numpy array or tensor as its Python number (np.float32 NaN passed the check);
+    anything else as is."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        return value.item()
+    if callable(getattr(value, "numel", None)) and not getattr(value, "is_meta", False) and value.numel() == 1:
         return value.item()
     return plain_number(value)
 

@@ -401,6 +401,36 @@ def test_a_direct_loop_indexing_a_fresh_copy_of_its_schedule_still_reuses():
     assert summary(pipe)["reused_calls"] == 4
 
 
+def test_a_second_direct_loop_over_a_new_schedule_starts_fresh_after_an_unfinished_one():
+    """Loop A over views of its own schedule stopped after 5 of 10 steps, then loop B over a new schedule from step
+    7 (below A's last timestep): B continued A's trajectory when direct calls were left to the value check (0.68
+    off; session 47 review)."""
+    from diffusers import DDIMScheduler
+
+    def loop(pipe, start, stop):
+        scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(10)
+        config, generator = pipe.unet.config, torch.Generator().manual_seed(0)
+        sample = torch.randn(1, config.in_channels, 8, 8, generator=generator)
+        context = torch.randn(1, 4, config.cross_attention_dim, generator=generator)
+        outputs = []
+        with torch.no_grad():
+            for timestep in scheduler.timesteps[start:stop]:
+                outputs.append(pipe.unet(sample, timestep, encoder_hidden_states=context).sample)
+                sample = scheduler.step(outputs[-1], timestep, sample).prev_sample
+        return torch.stack(outputs)
+
+    def cached():
+        pipe = build_tiny("sd")
+        enable_cache(pipe, DeepCacheConfig(interval=3, branch=0))
+        return pipe
+
+    fresh = loop(cached(), 7, 10)
+    pipe = cached()
+    loop(pipe, 0, 5)
+    assert torch.equal(loop(pipe, 7, 10), fresh)
+
+
 def test_a_panorama_pipeline_with_its_own_scheduler_caches_as_with_the_shared_one():
     """StableDiffusionPanoramaPipeline restores a deep copy of its scheduler's state before every view, so its
     scheduler.timesteps is a new object at every UNet call: a new-call check on that object reset the cache at every

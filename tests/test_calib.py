@@ -850,6 +850,8 @@ def test_an_explicit_negative_prompt_none_drops_the_pipelines_default_also_on_re
         assert ("negative_prompt: none (the pipeline default dropped)" in calibration.summary()) == dropped
         assert calibration.provenance()["settings"].get("drop_negative_prompt", False) == dropped
         assert calibration.provenance()["settings"]["negative_prompt"] is None  # null: none given, as before
+    plain = da.calibrate(build_tiny("sd"), ["a cat"], num_inference_steps=2, progress=False, negative_prompt=None)
+    assert "dropped" not in plain.summary() and "drop_negative_prompt" not in plain.provenance()["settings"]  # none
 
 
 def test_a_pipeline_that_changes_the_denoiser_during_its_calls_is_rerun_not_replayed():

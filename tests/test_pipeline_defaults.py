@@ -173,7 +173,8 @@ def test_warnings_of_decorated_entry_points_point_at_the_callers_line():
 
 
 @pytest.mark.parametrize("family, key", [("sd", "guidance_scale"), ("flux", "true_cfg_scale")])
-@pytest.mark.parametrize("value", [float("nan"), -3.0, float("inf"), np.float32("nan"), torch.tensor(-2.0)])
+@pytest.mark.parametrize("value", [float("nan"), -3.0, float("inf"), np.float32("nan"), torch.tensor(-2.0),
+                                   np.array([float("nan")])])
 def test_a_nan_or_negative_guidance_is_refused_by_every_entry(family, key, value):
     """NaN or -3 turned CFG off silently (the pipelines test > 1): evaluate's call_kwargs and, for true_cfg_scale
     (fashion-flux's CFG), the command line's --call took them; --guidance refused them since session 45."""

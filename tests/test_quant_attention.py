@@ -164,6 +164,12 @@ def test_a_pag_pipelines_summary_says_its_pag_layers_run_float_attention():
     pipe = StableDiffusionPAGPipeline(**build_tiny("sd").components, pag_applied_layers=["down_blocks.0"])
     quantize_(pipe, PTQConfig(**ATTENTION_ONLY))
     assert "PAG puts its own float processors on the self-attention of its layers ['down_blocks.0']" in summary(pipe)
+    pipe.set_pag_applied_layers(["mid"])  # the pipeline summarised now, not the one quantize_ ran on
+    assert "its layers ['mid']" in summary(pipe)
+    plain = quantize_(build_tiny("sd"), PTQConfig(**ATTENTION_ONLY))
+    assert "PAG" not in summary(plain)
+    assert "its layers ['up_blocks.1']" in summary(StableDiffusionPAGPipeline.from_pipe(
+        plain, pag_applied_layers=["up_blocks.1"]))
 
 
 def test_a_manifest_listing_attention_without_its_format_is_refused(tmp_path):

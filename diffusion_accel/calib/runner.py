@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..arch.registry import find_any_denoiser
 from ..hooks import ModuleHooks, StepTracker, get_tracker, refuse_while_cached, use_tracker
+from ..pipeline_defaults import call_defaults
 from ..scalars import plain_number, plain_values
 from ..seeding import seeded_call
 from ..stacklevel import user_stacklevel
@@ -89,7 +90,7 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
         negative_prompt=_frozen(None if negative_prompt is UNSET else negative_prompt), batch_size=batch_size,
         num_images_per_prompt=num_images_per_prompt, num_samples=num_samples, seed=seed,
         max_trajectory_bytes=max_trajectory_bytes, call_kwargs=dict(call_kwargs),
-        drop_negative_prompt=negative_prompt is None)
+        drop_negative_prompt=negative_prompt is None and call_defaults(pipe).get("negative_prompt") is not None)
     result = Calibration(settings=settings, pipeline_class=type(pipe).__name__,
                          denoiser_class=type(denoiser).__name__, selected_steps=selected,
                          step_weights=weights, collectors=bound, seeds=[call.seed for call in calls],

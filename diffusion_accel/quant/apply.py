@@ -99,10 +99,6 @@ def _ptq(pipe: Any, config: PTQConfig, calib: Calibration | None, filter_fn: Fil
     if others:
         state.notes.append(f"{sum(others.values())} attention modules stay unquantized (processors not "
                            f"replaced: {describe_processors(others)})")
-    pag_layers = getattr(pipe, "pag_applied_layers", None) if attention else None
-    if pag_layers:  # diffusers swaps them in per call and ours back after: the summary counted them quantized
-        state.notes.append(f"PAG puts its own float processors on the self-attention of its layers {list(pag_layers)} "
-                           f"during calls with pag_scale > 0: those run unquantized then")
     uncalibrated = _uncalibrated_groups_note(config, collected, selector)
     if uncalibrated:
         warnings.warn(uncalibrated, stacklevel=user_stacklevel())
@@ -239,6 +235,10 @@ def summary(pipe: Any) -> str:
     if state.attention:
         lines.append(f"  attention matmuls: {len(state.attention)} modules (Q/K/V {config['attention']} dynamic "
                      f"per tensor, softmax {config['softmax_bits']}-bit unsigned; simulated)")
+        pag_layers = getattr(pipe, "pag_applied_layers", None)  # this pipeline's, now: not stored in the notes
+        if pag_layers:  # diffusers swaps PAG's processors in per call and ours back after: counted quantized
+            lines.append(f"  PAG puts its own float processors on the self-attention of its layers "
+                         f"{list(pag_layers)} during calls with pag_scale > 0: those run unquantized then")
         replaced = replaced_attention(denoiser, state.attention)
         if replaced:
             lines.append(f"  warning: {len(replaced)} of them no longer run the quantizing processor (replaced "
