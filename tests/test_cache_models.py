@@ -285,21 +285,25 @@ def test_a_flux_pipeline_sharing_the_transformer_with_its_own_scheduler_places_s
     assert len(summary(pipe)["steps"]) == 6
 
 
+def _flux_and_an_img2img_sibling():
+    """Tiny Flux with a block cache, and a FluxImg2ImgPipeline sharing its transformer with a scheduler of its own."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = build_tiny("flux")
+    pipe.set_progress_bar_config(disable=True)
+    enable_cache(pipe, BlockCacheConfig(interval=3))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    img2img = FluxImg2ImgPipeline.from_pipe(pipe, scheduler=scheduler)
+    img2img.set_progress_bar_config(disable=True)
+    return pipe, img2img
+
+
 @pytest.mark.parametrize("before", ["direct call", "interrupted text-to-image", "its own interrupted call"])
 def test_a_flux_pipeline_with_its_own_scheduler_starts_fresh_after_an_unfinished_trajectory(before):
     """diffusers resets Flux's hooks only at the end of a completed pipeline call: after a direct transformer
     call or an interrupted call, an img2img pipeline with its own scheduler continued the stale trajectory
     (steps counted on, features reused: images off by 0.07-0.11; session 33 probe)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    def pipelines():
-        pipe = build_tiny("flux")
-        pipe.set_progress_bar_config(disable=True)
-        enable_cache(pipe, BlockCacheConfig(interval=3))
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        img2img = FluxImg2ImgPipeline.from_pipe(pipe, scheduler=scheduler)
-        img2img.set_progress_bar_config(disable=True)
-        return pipe, img2img
+    pipelines = _flux_and_an_img2img_sibling
 
     def stop(*_):
         raise RuntimeError("stopped by the user")
@@ -457,14 +461,7 @@ def test_a_direct_flux_loop_after_an_interrupted_call_of_a_pipeline_with_its_own
     """The tracker kept the interrupted caller's scheduler: a user's own transformer loop was placed at that call's
     step (3 of 8), each call in a repeat context (default#1, #2, ...), so caches reused across contexts never
     (session 47)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    pipe = build_tiny("flux")
-    pipe.set_progress_bar_config(disable=True)
-    enable_cache(pipe, BlockCacheConfig(interval=3))
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    img2img = FluxImg2ImgPipeline.from_pipe(pipe, scheduler=scheduler)
-    img2img.set_progress_bar_config(disable=True)
+    pipe, img2img = _flux_and_an_img2img_sibling()
 
     def stop(_pipe, step, _timestep, _kwargs):
         if step == 2:
