@@ -33,7 +33,8 @@ views; checking costs no device sync) is checked by value instead: the first suc
 that were views, a timestep above the previous one in the same context (samplers only descend), or a
 timestep viewing another schedule tensor than the previous such call's (its own scheduler's new
 ``set_timesteps``: after an interrupted call, a strength-0.3 img2img call starts below the stopped call's last
-timestep; a direct call one position on in a same-length schedule continues) starts a new trajectory. Denoisers with
+timestep; a direct call at the same position or one on in a same-length schedule continues) starts a new
+trajectory. Denoisers with
 diffusers' ``CacheMixin`` (Flux) skip the value check: their pipelines reset stateful hooks (``reset_state``
 here) at the end of every completed call; after an interrupted or a direct call, a call from a pipeline whose
 scheduler holds other timesteps starts a new trajectory, and a direct call after a pipeline's starts one too.
@@ -357,30 +358,33 @@ class StepTracker(ModelHook):
         value = self.timestep
         previous = self._last_values.get(context)
         caller_switched = self._vouched and self.calls_since_reset > 0
-        if caller_switched or self._new_pipeline_schedule() or (value is not None and previous is not None
-                                                                and value > previous):
-            self.reset()
         schedule = _viewed_schedule(self._timestep_argument)
-        self._foreign_schedule = None if schedule is None else (schedule, _view_position(self._timestep_argument,
-                                                                                          schedule))
+        position = None if schedule is None else _view_position(self._timestep_argument, schedule)
+        if caller_switched or self._new_schedule(schedule, position) or (value is not None and previous is not None
+                                                                         and value > previous):
+            self.reset()
+        self._foreign_schedule = None if schedule is None else (schedule, position)
         if value is not None:
             self._last_values[context] = value
 
-    def _new_pipeline_schedule(self) -> bool:
-        """Whether this unvouched call's timestep views another schedule tensor than the previous unvouched call's
-        (or is the first view after calls passing none): a new call of a pipeline or loop with a scheduler of its
-        own (set_timesteps made the tensor), which after an interrupted call nothing else marked: a strength-0.3
-        img2img call starts below the stopped call's last timestep (0.39 off, session 47). A direct call one
-        position on in a schedule of the same length continues: a user's loop may index a fresh copy of its
-        schedule at every step (``.float()[i]``: every call reset)."""
-        schedule = _viewed_schedule(self._timestep_argument)
+    def _new_schedule(self, schedule: torch.Tensor | None, position: int | None) -> bool:
+        """Whether this unvouched call's timestep views (at ``position`` of ``schedule``) another schedule tensor
+        than the previous unvouched call's: a new call of a pipeline or loop with a scheduler of its own
+        (set_timesteps made the tensor), which after an interrupted call nothing else marked: a strength-0.3
+        img2img call starts below the stopped call's last timestep (0.39 off, session 47). From a pipeline, also the
+        first view after calls passing none. A direct call at the same position or one on, in a schedule of the
+        same length, continues: a user's loop may index a fresh copy of its schedule at every call (``.float()[i]``,
+        CFG as two calls) or run two loops in lockstep; so a second direct loop starting exactly where an
+        unfinished one stopped continues it (further on, it resets)."""
         earlier = self._foreign_schedule
         if schedule is None or self.calls_since_reset == 0 or (earlier is not None and schedule is earlier[0]):
             return False
-        if _calling_pipeline() is not None or earlier is None:
+        if _calling_pipeline() is not None:
             return True
-        position = _view_position(self._timestep_argument, schedule)
-        return not (len(earlier[0]) == len(schedule) and earlier[1] is not None and position == earlier[1] + 1)
+        if earlier is None:  # a direct loop mixing views and other timesteps: the value check places it
+            return False
+        same_length = len(earlier[0]) == len(schedule) and earlier[1] is not None and position is not None
+        return not (same_length and position - earlier[1] in (0, 1))
 
     def _detect_calling_schedule(self, caller: DiffusionPipeline) -> None:
         """``CacheMixin`` (Flux) denoisers are reset by diffusers at the end of a completed pipeline call, not after

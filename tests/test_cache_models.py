@@ -402,7 +402,38 @@ def test_a_direct_loop_indexing_a_fresh_copy_of_its_schedule_still_reuses():
         sample, context = torch.randn(1, config.in_channels, 8, 8), torch.randn(1, 4, config.cross_attention_dim)
         for index in range(6):
             pipe.unet(sample, scheduler.timesteps.float()[index], encoder_hidden_states=context)
-    assert summary(pipe)["reused_calls"] == 4
+        assert summary(pipe)["reused_calls"] == 4
+        for index in range(6):  # CFG as two calls, each indexing its own fresh copy: reset at every step (review)
+            for _branch in range(2):
+                pipe.unet(sample, scheduler.timesteps.float()[index], encoder_hidden_states=context)
+    assert summary(pipe)["reused_calls"] == 8
+
+
+def test_two_direct_loops_in_lockstep_keep_their_own_trajectories():
+    """Loop A's step i, loop B's step i (each with its own scheduler), A's step i + 1, ...: A continued B's
+    trajectory and reused its features (0.6 off A alone) when only one position on continued (session 47 review)."""
+    from diffusers import DDIMScheduler
+
+    pipe = build_tiny("sd")
+    enable_cache(pipe, DeepCacheConfig(interval=3, branch=0))
+    config = pipe.unet.config
+    generator = torch.Generator().manual_seed(0)
+    samples = [torch.randn(1, config.in_channels, 8, 8, generator=generator) for _ in range(2)]
+    context = torch.randn(1, 4, config.cross_attention_dim, generator=generator)
+    schedulers = [DDIMScheduler.from_config(pipe.scheduler.config) for _ in range(2)]
+    for scheduler in schedulers:
+        scheduler.set_timesteps(6)
+    with torch.no_grad():
+        alone = [pipe.unet(samples[0], t, encoder_hidden_states=context).sample for t in schedulers[0].timesteps]
+        remove_cache(pipe)
+        enable_cache(pipe, DeepCacheConfig(interval=3, branch=0))
+        lockstep = []
+        for index in range(6):
+            for loop, scheduler in enumerate(schedulers):
+                output = pipe.unet(samples[loop], scheduler.timesteps[index], encoder_hidden_states=context).sample
+                if loop == 0:
+                    lockstep.append(output)
+    assert all(torch.equal(a, b) for a, b in zip(alone, lockstep))
 
 
 def test_a_second_direct_loop_over_a_new_schedule_starts_fresh_after_an_unfinished_one():
