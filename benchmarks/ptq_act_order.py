@@ -5,7 +5,7 @@ preset's rounding, which now defaults to 4 groups and min-max activation ranges;
 the same with static scales (every scale fitted to the original weights first, which act_order needs) and
 with static scales plus ``gptq_act_order=True`` (columns swept by decreasing Hessian diagonal), on 40
 class-cycled prompts of a zoo model (fashion-sd: 50 DDIM steps, CFG 3; fashion-flux: 28 steps, true CFG 3),
-simulated. Mean PSNR against the fp32 images of the same seeds, paired against the preset. Writes
+simulated. Mean PSNR against the fp32 images of the same seeds, paired against that reference. Writes
 benchmarks/results/ptq_act_order_<model>.{json,md}.
 
     python benchmarks/ptq_act_order.py --model fashion-sd

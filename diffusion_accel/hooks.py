@@ -34,8 +34,8 @@ that were views, a timestep above the previous one in the same context (samplers
 timestep viewing another schedule tensor than the previous such call's (its own scheduler's new
 ``set_timesteps``: after an interrupted call, a strength-0.3 img2img call starts below the stopped call's last
 timestep; a direct call at the same position or one on in a same-length schedule continues) starts a new
-trajectory. Denoisers with
-diffusers' ``CacheMixin`` (Flux) skip the value check: their pipelines reset stateful hooks (``reset_state``
+trajectory. Calls of denoisers with
+diffusers' ``CacheMixin`` (Flux) from a pipeline skip the value check: their pipelines reset stateful hooks (``reset_state``
 here) at the end of every completed call; after an interrupted or a direct call, a call from a pipeline whose
 scheduler holds other timesteps starts a new trajectory, and a direct call after a pipeline's starts one too.
 

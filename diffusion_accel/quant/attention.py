@@ -10,8 +10,8 @@ an unsigned ``softmax_bits`` grid over [0, 1] and V (for P·V):
   embeddings, fused projections, the single-stream blocks' output without projection).
 
 Q/K/V use dynamic per-tensor symmetric scales (no calibration needed); the softmax grid is fixed
-(scale ``1 / (2**bits - 1)``). Simulation only: no speed-up. Other processors (IP-Adapter, PAG,
-attention slicing) are left unchanged (``summary`` says how many).
+(scale ``1 / (2**bits - 1)``). Simulation only: no speed-up. Other processors (IP-Adapter, attention slicing)
+are left unchanged (``summary`` says how many; PAG swaps its own in only during calls, which ``summary`` notes).
 """
 
 from __future__ import annotations

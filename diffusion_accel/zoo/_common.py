@@ -296,7 +296,7 @@ def _mark_stopped(commands: list[str], step: int, saved: dict) -> list[str]:
 
 def apply_checkpoint_settings(cfg: Any) -> None:
     """Before a resumed run reads its options: those left unset take the checkpoint's values, those given
-    otherwise are a ValueError (``train.run`` calls it; ``resume`` checks again)."""
+    otherwise are a ValueError except CHANGEABLE_ON_RESUME's (``train.run`` calls it; ``resume`` checks again)."""
     state = load_checkpoint(cfg.run_dir / "checkpoint.pt") if cfg.resume else None
     if state is not None:
         _check_same_settings(cfg, state.get("settings", {}))
@@ -310,7 +310,7 @@ CHANGEABLE_ON_RESUME = frozenset({"freeze_text", "steps", "time_budget_min"})
 
 def _check_same_settings(cfg: Any, saved: dict) -> None:
     """Adopt the checkpoint's value of every option left unset (None / False); a ValueError naming the options
-    given with other values (checkpoints before session 30 record none: accepted)."""
+    given with other values, CHANGEABLE_ON_RESUME's aside (checkpoints before session 30 record none: accepted)."""
     current = cfg.settings()
     if saved.get("stage") and cfg.stage and saved["stage"] != cfg.stage:
         raise ValueError(f"{cfg.run_dir} holds a checkpoint of the stage {saved['stage']!r}, not {cfg.stage!r}: "

@@ -33,7 +33,9 @@ def init_source_argument(text: str) -> str:
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add NAME and the training options to ``parser``."""
     parser.add_argument("name", choices=sorted(TRAINERS), help="which zoo model (or stage) to train")
-    parser.add_argument("--steps", type=int_at_least(1), default=None, help="total optimiser steps (default per model)")
+    parser.add_argument("--steps", type=int_at_least(1), default=None,
+                        help="total optimiser steps (default: a resumed run's, else per model); given without "
+                             "--time-budget-min it drops a resumed run's budget")
     parser.add_argument("--time-budget-min", type=positive_float, default=None,
                         help="stop (and export) after M minutes of training (loading, latent encoding and the final "
                              "evaluation come on top)")
