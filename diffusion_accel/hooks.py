@@ -137,6 +137,7 @@ class _CallState(threading.local):
         # with a scheduler of its own (set_timesteps made it), which after an interrupted call nothing else marked:
         # a strength-0.3 img2img call starts below the stopped call's last timestep (0.39 off, session 47)
         self.foreign_schedule: tuple[torch.Tensor, int | None] | None = None  # (schedule, position in it)
+        self.provisional_schedule: tuple[torch.Tensor, int] | None = None  # a direct call's new one, same position
         self.vouched = False  # whether the previous call's timestep was a view of the watched ones
         self.driven = False  # whether the watched scheduler places the current call (see num_inference_steps)
         self.foreign_length: int | None = None  # length of another schedule this call's timestep is a view of
@@ -186,6 +187,7 @@ class StepTracker(ModelHook):
     _caller_timesteps = _per_thread("caller_timesteps")
     _caller_scheduler = _per_thread("caller_scheduler")
     _foreign_schedule = _per_thread("foreign_schedule")
+    _provisional_schedule = _per_thread("provisional_schedule")
     _vouched = _per_thread("vouched")
     _driven = _per_thread("driven")
     _foreign_length = _per_thread("foreign_length")
@@ -267,7 +269,7 @@ class StepTracker(ModelHook):
         self._last_positions.clear()
         self._input_shapes.clear()
         self._shared_contexts.clear()
-        self._foreign_schedule = None
+        self._foreign_schedule = self._provisional_schedule = None
         self._scheduler_live = False
         self.calls_since_reset = 0
         self._call.client_states.clear()
@@ -369,21 +371,26 @@ class StepTracker(ModelHook):
 
     def _new_schedule(self, schedule: torch.Tensor | None, position: int | None) -> bool:
         """Whether this unvouched call's timestep views (at ``position`` of ``schedule``) another schedule tensor
-        than the previous unvouched call's: a new call of a pipeline or loop with a scheduler of its own
-        (set_timesteps made the tensor), which after an interrupted call nothing else marked: a strength-0.3
-        img2img call starts below the stopped call's last timestep (0.39 off, session 47). From a pipeline, also the
-        first view after calls passing none. A direct call at the same position or one on, in a schedule of the
-        same length, continues: a user's loop may index a fresh copy of its schedule at every call (``.float()[i]``,
-        CFG as two calls) or run two loops in lockstep; so a second direct loop starting exactly where an
-        unfinished one stopped continues it (further on, it resets)."""
-        earlier = self._foreign_schedule
-        if schedule is None or self.calls_since_reset == 0 or (earlier is not None and schedule is earlier[0]):
+        than the previous unvouched call's, or is the first view after calls passing none: a new call of a pipeline
+        or loop with a scheduler of its own (set_timesteps made the tensor), which after an interrupted call nothing
+        else marked: a strength-0.3 img2img call starts below the stopped call's last timestep (0.39 off, session
+        47). A direct call at the same position or one on, in a schedule of the same length, continues: a user's
+        loop may index a fresh copy of its schedule at every call (``.float()[i]``, CFG as two calls) or run two
+        loops in lockstep. One at the same position stays provisional: the next call viewing that tensor one on,
+        with no other tensor between, was a restarted loop (a step run, then the whole loop), which resets there.
+        So a second direct loop starting one on from where an unfinished one stopped continues it."""
+        earlier, provisional, self._provisional_schedule = self._foreign_schedule, self._provisional_schedule, None
+        if schedule is None or self.calls_since_reset == 0:
             return False
-        if _calling_pipeline() is not None:
+        if provisional is not None and schedule is provisional[0] and position == provisional[1] + 1:
+            return True  # the same-position call began a new loop
+        if earlier is not None and schedule is earlier[0]:
+            return False
+        if _calling_pipeline() is not None or earlier is None:
             return True
-        if earlier is None:  # a direct loop mixing views and other timesteps: the value check places it
-            return False
         same_length = len(earlier[0]) == len(schedule) and earlier[1] is not None and position is not None
+        if same_length and position == earlier[1]:
+            self._provisional_schedule = (schedule, position)
         return not (same_length and position - earlier[1] in (0, 1))
 
     def _detect_calling_schedule(self, caller: DiffusionPipeline) -> None:

@@ -409,6 +409,36 @@ def test_a_direct_loop_indexing_a_fresh_copy_of_its_schedule_still_reuses():
     assert summary(pipe)["reused_calls"] == 8
 
 
+@pytest.mark.parametrize("first_loop_passes", ["views", "ints"])
+def test_a_direct_loop_restarted_at_the_step_an_unfinished_one_stopped_reuses_none_of_its_features(first_loop_passes):
+    """A loop over steps 0-4 stopped, then a loop over a new schedule from step 4 (a step run, then the whole loop):
+    the restart's first call was taken for a CFG-style repeat and its next call reused the stopped loop's step-4
+    features (1.03 off; session 47 review). Its first two calls now compute."""
+    from diffusers import DDIMScheduler
+
+    pipe = build_tiny("sd")
+    enable_cache(pipe, DeepCacheConfig(interval=3, branch=0))
+    config = pipe.unet.config
+    generator = torch.Generator().manual_seed(0)
+    samples = [torch.randn(1, config.in_channels, 8, 8, generator=generator) for _ in range(2)]
+    context = torch.randn(1, 4, config.cross_attention_dim, generator=generator)
+
+    def loop(sample, start, stop, as_int=False):
+        scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(10)
+        with torch.no_grad():
+            return [pipe.unet(sample, int(t) if as_int else t, encoder_hidden_states=context).sample
+                    for t in scheduler.timesteps[start:stop]]
+
+    loop(samples[0], 0, 5, as_int=first_loop_passes == "ints")
+    restarted = loop(samples[1], 4, 6)
+    remove_cache(pipe)
+    if first_loop_passes == "ints":  # the restart's first view resets at once: a fresh cached run's outputs
+        enable_cache(pipe, DeepCacheConfig(interval=3, branch=0))
+    expected = loop(samples[1], 4, 6)
+    assert all(torch.equal(a, b) for a, b in zip(restarted, expected))
+
+
 def test_two_direct_loops_in_lockstep_keep_their_own_trajectories():
     """Loop A's step i, loop B's step i (each with its own scheduler), A's step i + 1, ...: A continued B's
     trajectory and reused its features (0.6 off A alone) when only one position on continued (session 47 review)."""
