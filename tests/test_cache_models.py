@@ -409,19 +409,25 @@ def test_a_direct_loop_indexing_a_fresh_copy_of_its_schedule_still_reuses():
     assert summary(pipe)["reused_calls"] == 8
 
 
-@pytest.mark.parametrize("first_loop_passes", ["views", "ints"])
-def test_a_direct_loop_restarted_at_the_step_an_unfinished_one_stopped_reuses_none_of_its_features(first_loop_passes):
-    """A loop over steps 0-4 stopped, then a loop over a new schedule from step 4 (a step run, then the whole loop):
-    the restart's first call was taken for a CFG-style repeat and its next call reused the stopped loop's step-4
-    features (1.03 off; session 47 review). Its first two calls now compute."""
-    from diffusers import DDIMScheduler
-
+def _cached_sd_with_two_samples():
+    """Tiny SD with DeepCache (interval 3), two latent samples and a text context for direct UNet loops."""
     pipe = build_tiny("sd")
     enable_cache(pipe, DeepCacheConfig(interval=3, branch=0))
     config = pipe.unet.config
     generator = torch.Generator().manual_seed(0)
     samples = [torch.randn(1, config.in_channels, 8, 8, generator=generator) for _ in range(2)]
-    context = torch.randn(1, 4, config.cross_attention_dim, generator=generator)
+    return pipe, samples, torch.randn(1, 4, config.cross_attention_dim, generator=generator)
+
+
+@pytest.mark.parametrize("first_loop_passes", ["views", "ints"])
+def test_a_direct_loop_restarted_at_the_step_an_unfinished_one_stopped_reuses_none_of_its_features(first_loop_passes):
+    """A loop over steps 0-4 stopped, then a loop over a new schedule from step 4 (a step run, then the whole loop):
+    the restart's first call was taken for a CFG-style repeat and its next call reused the stopped loop's step-4
+    features (1.03 off; session 47 review). After a loop of views its first two calls now compute; after a loop of
+    ints its first view resets at once."""
+    from diffusers import DDIMScheduler
+
+    pipe, samples, context = _cached_sd_with_two_samples()
 
     def loop(sample, start, stop, as_int=False):
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -444,12 +450,7 @@ def test_two_direct_loops_in_lockstep_keep_their_own_trajectories():
     trajectory and reused its features (0.6 off A alone) when only one position on continued (session 47 review)."""
     from diffusers import DDIMScheduler
 
-    pipe = build_tiny("sd")
-    enable_cache(pipe, DeepCacheConfig(interval=3, branch=0))
-    config = pipe.unet.config
-    generator = torch.Generator().manual_seed(0)
-    samples = [torch.randn(1, config.in_channels, 8, 8, generator=generator) for _ in range(2)]
-    context = torch.randn(1, 4, config.cross_attention_dim, generator=generator)
+    pipe, samples, context = _cached_sd_with_two_samples()
     schedulers = [DDIMScheduler.from_config(pipe.scheduler.config) for _ in range(2)]
     for scheduler in schedulers:
         scheduler.set_timesteps(6)
