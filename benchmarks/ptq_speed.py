@@ -255,8 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=["sd15", "fashion-sd", "fashion-flux"], default="sd15")
     parser.add_argument("--act-modes", nargs="+", default=["static"], choices=["static", "dynamic_per_tensor"],
                         help="W8A8 activation modes to time (each quantizes a fresh base)")
-    parser.add_argument("--batch-prompts", type=COUNT, default=32, help="zoo models: prompts per call (fashion-sd's CFG doubles the "
-                        "denoiser batch; fashion-flux's true CFG calls the branches apart)")
+    parser.add_argument("--batch-prompts", type=COUNT, default=32,
+                        help="zoo models: prompts per call (fashion-sd's CFG doubles the denoiser batch; "
+                             "fashion-flux's true CFG calls the branches apart)")
     parser.add_argument("--out", type=report_path, default=RESULTS / "ptq_speed.json", help="JSON (Markdown beside it)")
     args = parser.parse_args(argv)
     results = run(args)

@@ -513,7 +513,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-@torch.inference_mode(False)  # its copy of the denoiser made under a caller's inference_mode could not be updated after it
+@torch.inference_mode(False)  # a copy of the denoiser made under a caller's inference_mode: no later update
 def load(base_pipe: Any, directory: str | Path) -> Any:
     """Re-apply a saved artifact onto ``base_pipe`` (same object returned); all or nothing: it works on a copy of
     the denoiser and sets that on ``base_pipe``, so pipelines sharing the old denoiser (``from_pipe``) built

@@ -34,10 +34,10 @@ that were views, a timestep above the previous one in the same context (samplers
 timestep viewing another schedule tensor than the previous such call's (its own scheduler's new
 ``set_timesteps``: after an interrupted call, a strength-0.3 img2img call starts below the stopped call's last
 timestep; a direct call at the same position or one on in a same-length schedule continues) starts a new
-trajectory. Calls of denoisers with
-diffusers' ``CacheMixin`` (Flux) from a pipeline skip the value check: their pipelines reset stateful hooks (``reset_state``
-here) at the end of every completed call; after an interrupted or a direct call, a call from a pipeline whose
-scheduler holds other timesteps starts a new trajectory, and a direct call after a pipeline's starts one too.
+trajectory. Calls of denoisers with diffusers' ``CacheMixin`` (Flux) from a pipeline skip the value check: their
+pipelines reset stateful hooks (``reset_state`` here) at the end of every completed call; after an interrupted or
+a direct call, a call from a pipeline whose scheduler holds other timesteps starts a new trajectory, and a direct
+call after a pipeline's starts one too.
 
 Trajectory state is per thread (``_CallState``, a ``threading.local``; diffusers' ``cache_context`` name
 too): pipelines built from the same components (diffusers' documented way to share a denoiser) may run

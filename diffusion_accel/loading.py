@@ -180,9 +180,9 @@ def _load_with_artifact(base_spec: str | None, artifact: Path, torch_dtype: torc
     (cast after too)."""
     from .artifact import load
 
-    spec, dtype = artifact_base(artifact, base_spec, torch_dtype)
+    spec, recorded = artifact_base(artifact, base_spec)
+    dtype = parse_dtype(torch_dtype) or recorded
     rounding = artifact_rounding(artifact)
-    recorded = artifact_base(artifact, base_spec)[1]
     if torch_dtype is not None and rounding is not None and dtype != recorded and dtype.itemsize <= rounding.itemsize:
         rounding = None  # another half precision asked for (or the rounding itself): loaded in it
     base = load_pipeline(spec, dtype=rounding or dtype, device=None if device is None else str(device),

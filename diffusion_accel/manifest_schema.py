@@ -62,15 +62,17 @@ def _check_dtype_names(base: dict[str, Any], path: Path) -> None:
     """base.dtype / base.source.dtype name a dtype ``loading`` knows (save writes torch's names) and
     base.source.variant a weight-file variant: a "float99" loaded with a warning naming torch.float99, and
     load_pipeline failed naming neither file nor field."""
-    from .loading import DTYPES
+    from .loading import DTYPES, _checked_variant
 
     source = base.get("source") if isinstance(base.get("source"), dict) else {}
     for where, value in (("base.dtype", base.get("dtype")), ("base.source.dtype", source.get("dtype"))):
         if value is not None and value not in DTYPES:
             _fail(path, where, f"one of {sorted(DTYPES)} or null, got {value!r}")
-    variant = source.get("variant")
-    if variant is not None and (not variant.strip() or "/" in variant):
-        _fail(path, "base.source.variant", f"a weight-file variant name such as 'fp16', or null, got {variant!r}")
+    try:
+        _checked_variant(source.get("variant"))
+    except ValueError:
+        _fail(path, "base.source.variant", f"a weight-file variant name such as 'fp16', or null, got "
+                                           f"{source.get('variant')!r}")
 
 
 def _field(mapping: dict[str, Any], name: str, kinds: tuple[type, ...], path: Path, prefix: str) -> Any:

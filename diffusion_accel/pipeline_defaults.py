@@ -121,7 +121,8 @@ def _check_guidance_values(values: dict[str, Any], owner: str) -> None:
     or -3 turned CFG off silently (the pipelines test ``> 1``), as ``--guidance nan`` did before it was refused."""
     for key in GUIDANCE_ARGUMENTS:
         value = _scalar_value(values.get(key))
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (math.isfinite(value) and value >= 0):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and not (math.isfinite(value) and value >= 0):
             raise CallArgumentError(f"{key}={value!r} (from {owner}) must be a finite number >= 0")
 
 

@@ -202,7 +202,8 @@ def training_hooks(pipe: Any, denoiser: nn.Module, gates: SoftGates, num_steps: 
     checkpointing off (its recomputation ran the router's stateful block hooks again: "A different number of tensors
     was saved during the original forward and recomputation"). All undone after."""
     trainable = [parameter for parameter in denoiser.parameters() if parameter.requires_grad]
-    checkpointing = [module for module in denoiser.modules() if getattr(module, "gradient_checkpointing", False) is True]
+    checkpointing = [module for module in denoiser.modules()
+                     if getattr(module, "gradient_checkpointing", False) is True]
     HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(TrainerHook(gates), TRAINER_HOOK_NAME)
     try:
         for module in checkpointing:

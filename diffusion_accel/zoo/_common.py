@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import signal
 import threading
@@ -180,8 +181,8 @@ class RunConfig:
         they made (a resumed --batch-size 32 on a batch-8 run mixed both silently); ``steps`` and ``time_budget_min``
         may be given anew (CHANGEABLE_ON_RESUME) and are the run's when left unset (a resume without them headed for
         the stage's default steps with no budget: the LR rose again); a new ``--steps`` alone drops the budget
-        (``train.run`` sets it to infinity: the spent one stopped the extended run at once). fashion-flux's ``arch`` is compared with the
-        checkpoint's own by ``flux_train.checked_arch`` (restating the default was refused here)."""
+        (``train.run`` sets it to infinity: the spent one stopped the extended run at once). fashion-flux's ``arch``
+        is compared with the checkpoint's own by ``flux_train.checked_arch`` (restating the default was refused)."""
         init_from = None if self.init_from is None else str(self.init_from)
         if init_from not in (None, "zoo"):  # a warm start's source: a resumed run left unset kept its own stages
             init_from = str(expand_home(init_from).resolve())
@@ -285,11 +286,14 @@ def resume(cfg: Any, stateful: dict[str, Any], generator: torch.Generator) -> tu
     return int(state["step"]), float(state["elapsed_s"]), [*commands, command_line()]
 
 
+STOPPED_MARK = re.compile(r" \(stopped at step \d+\)$")
+
+
 def _mark_stopped(commands: list[str], step: int, saved: dict) -> list[str]:
     """``commands`` with the last one marked ``(stopped at step N)`` when it ended before its ``--steps`` (Ctrl-C or
     its time budget): replayed as recorded, it ran on to its own count and the card's chain gave other weights."""
     target = saved.get("steps")
-    if commands and isinstance(target, int) and step < target and not commands[-1].endswith(")"):
+    if commands and isinstance(target, int) and step < target and not STOPPED_MARK.search(commands[-1]):
         commands[-1] = f"{commands[-1]} (stopped at step {step})"
     return commands
 

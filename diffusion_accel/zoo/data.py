@@ -52,7 +52,8 @@ def find_root(root: str | os.PathLike | None = None, split: str = "train") -> Pa
         f"`diffusion-accel zoo train --data FOLDER`.")
 
 
-MISSING_FILE_ADVICE = f"install `dataset-fashion-mnist` or point {ENV_VAR} at a folder holding all four *-ubyte.gz files"
+MISSING_FILE_ADVICE = (f"install `dataset-fashion-mnist` or point {ENV_VAR} at a folder holding all four "
+                       f"*-ubyte.gz files")
 
 
 def _read_idx(path: Path, ndim: int, dataset: str = "Fashion-MNIST", advice: str = MISSING_FILE_ADVICE) -> np.ndarray:
