@@ -137,6 +137,32 @@ def test_reference_stats_are_cached_by_content_and_not_recomputed(tmp_path):
     assert len(list(tmp_path.glob("fid_ref_*.safetensors"))) == 2
 
 
+def test_a_reference_dataset_in_another_order_hits_the_same_cache_entry(tmp_path):
+    """The key hashed the images in the order read: a shuffling DataLoader recomputed the statistics and wrote
+    another cache file every run (until session 48)."""
+    extractor, images = CountingFeatures(), smooth_images(8)
+    reference_stats(list(images), cache_dir=tmp_path, extractor=extractor)
+    calls = extractor.calls
+    reference_stats(list(images.flip(0)), cache_dir=tmp_path, extractor=extractor)
+    assert extractor.calls == calls and len(list(tmp_path.glob("fid_ref_*.safetensors"))) == 1
+    reference_stats(list(images[:7]), cache_dir=tmp_path, extractor=extractor)  # other content: its own entry
+    assert len(list(tmp_path.glob("fid_ref_*.safetensors"))) == 2
+
+
+def test_a_one_image_reference_list_is_refused_before_generation():
+    """A one-image list failed only after every image was generated (until session 48); a list of one batch
+    of several images is fine."""
+    from diffusion_accel.eval.fid import check_reference
+
+    images = smooth_images(3)
+    with pytest.raises(ValueError, match="at least 2 images; the reference dataset holds 1"):
+        check_reference([images[0]])
+    with pytest.raises(ValueError, match="at least 2 images"):
+        check_reference([(images[0], 0)])
+    check_reference([images])
+    check_reference([images[0], images[1]])
+
+
 class _Projection(nn.Module):
     """A feature network without an ``fid_id``: a fixed random projection of 4x4-pooled pixels."""
 

@@ -15,7 +15,7 @@ import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sized
 
 import numpy as np
 import torch
@@ -230,7 +230,8 @@ def _content_hash(source: Any) -> tuple[str, Any]:
     images = list(iter_dataset_images(source))
     if not images:
         raise ValueError("the reference dataset yielded no images")
-    digest = hashlib.sha256("".join(hash_tensor(image) for image in images).encode())
+    # sorted: the statistics do not depend on the order, and a shuffling DataLoader missed the cache every run
+    digest = hashlib.sha256("".join(sorted(hash_tensor(image) for image in images)).encode())
     return digest.hexdigest(), images
 
 
@@ -271,14 +272,17 @@ def _check_enough(count: int, what: str) -> None:
 
 
 def _check_first_item(dataset: Any) -> None:
-    """The first item of a re-iterable dataset (a list, a ``datasets.Dataset``, a ``DataLoader``) must be an image;
-    a one-shot iterator is left whole."""
+    """The first item of a re-iterable dataset (a list, a ``datasets.Dataset``, a ``DataLoader``) must be an image
+    (or a batch of them), and a dataset of one item must hold at least 2 images; a one-shot iterator is left whole
+    (a one-image list failed only after every image was generated, until session 48)."""
     if not isinstance(dataset, Iterable) or iter(dataset) is dataset:
         return
     first = next(iter(dataset), None)
     if first is None:
         raise ValueError("the reference dataset yielded no images")
-    to_uint8(dataset_image(first))
+    first_images = to_uint8(dataset_image(first))
+    if isinstance(dataset, Sized) and len(dataset) == 1:
+        _check_enough(len(first_images), "the reference dataset")
 
 
 def _check_same_network(reference: FIDStats, extractor: nn.Module | None) -> None:
