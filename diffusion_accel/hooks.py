@@ -140,7 +140,7 @@ class _CallState(threading.local):
         self.provisional_schedule: tuple[torch.Tensor, int] | None = None  # a direct call's new one, same position
         self.vouched = False  # whether the previous call's timestep was a view of the watched ones
         self.driven = False  # whether the watched scheduler places the current call (see num_inference_steps)
-        self.foreign_length: int | None = None  # length of another schedule this call's timestep is a view of
+        self.foreign_timesteps: torch.Tensor | None = None  # another schedule placing this call (a view's, a caller's)
         self.step_index = 0
         self.timestep_argument: Any = None
         self.timestep_value: float | None = None
@@ -190,7 +190,7 @@ class StepTracker(ModelHook):
     _provisional_schedule = _per_thread("provisional_schedule")
     _vouched = _per_thread("vouched")
     _driven = _per_thread("driven")
-    _foreign_length = _per_thread("foreign_length")
+    _foreign_timesteps = _per_thread("foreign_timesteps")
     step_index = _per_thread("step_index")
     _timestep_argument = _per_thread("timestep_argument")
     _timestep_value = _per_thread("timestep_value")
@@ -299,10 +299,8 @@ class StepTracker(ModelHook):
 
     @property
     def num_inference_steps(self) -> int | None:
-        timesteps = self._scheduler_timesteps()
-        if timesteps is not None and self._driven:
-            return int(len(timesteps))
-        return self._foreign_length
+        timesteps = self.placing_timesteps()
+        return None if timesteps is None else int(len(timesteps))
 
     def _scheduler_timesteps(self) -> torch.Tensor | None:
         pipeline = self.pipeline
@@ -415,7 +413,7 @@ class StepTracker(ModelHook):
         position = self._position(vouched)
         self._driven = position is not None or (self._scheduler_live and not _is_any_view(self._timestep_argument)
                                                 and not self._watched_schedule_finished())
-        self._foreign_length = None
+        self._foreign_timesteps = None
         if position is None and not self._driven:
             position = self._foreign_position()
         if position is None and not self._driven:
@@ -441,7 +439,7 @@ class StepTracker(ModelHook):
             return None  # a one-value base is no schedule (AuraFlow expands a fresh tensor([t]) each step)
         position = _view_position(value, base)
         if position is not None:
-            self._foreign_length = int(base.numel())
+            self._foreign_timesteps = base
         return position
 
     def _caller_position(self) -> int | None:
@@ -454,7 +452,7 @@ class StepTracker(ModelHook):
             return None
         position = _scheduler_position(scheduler, timesteps)
         if position is not None:
-            self._foreign_length = int(len(timesteps))
+            self._foreign_timesteps = timesteps
         return position
 
     def _watched_schedule_finished(self) -> bool:
@@ -487,6 +485,8 @@ class StepTracker(ModelHook):
     # torch.compile graphs so it costs one clean graph break instead of recompiles and splits.
     @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        if self.in_call:  # this thread's previous call raised (post_forward never ran): its trajectory ended there
+            self._end_aborted_call()
         self._timestep_argument, self._timestep_value = _timestep_argument(args, kwargs), None
         context = self._pinned_context or self._context_reader.current_name()
         vouched = self._detect_new_call() or self._pinned_context is not None
@@ -500,9 +500,13 @@ class StepTracker(ModelHook):
         self.context = context
         self._drop_state_if_shapes_changed(context, _tensor_shapes(args, kwargs))
         self.in_call = True
-        for client in self._clients.values():
-            if client.on_call is not None:
-                client.on_call()
+        try:
+            for client in self._clients.values():
+                if client.on_call is not None:
+                    client.on_call()
+        except BaseException:  # a client refused the call (a schedule calibrated for other steps): not in one
+            self._end_aborted_call()
+            raise
         return args, kwargs
 
     @torch.compiler.disable
@@ -512,6 +516,13 @@ class StepTracker(ModelHook):
         self.in_call = False
         return output
 
+    def _end_aborted_call(self) -> None:
+        """Start afresh after a call that raised (an OOM, a policy's refusal): it left its position recorded and
+        no call counted, so the next call of a sibling with a scheduler of its own continued the stale trajectory
+        in a repeat context (0.048 off) and its records followed the failed call's (until session 48)."""
+        self.in_call = False
+        self.reset()
+
     @property
     def shared_context(self) -> bool:
         """Whether this call's context is shared by calls repeating one position more than MAX_REPEAT_CONTEXTS
@@ -519,10 +530,13 @@ class StepTracker(ModelHook):
         one tile's features went to the others)."""
         return self.context in self._shared_contexts
 
-    def watched_timesteps(self) -> torch.Tensor | None:
-        """The watched scheduler's timesteps when they place the current call (see ``num_inference_steps``),
-        else None."""
-        return self._scheduler_timesteps() if self._driven else None
+    def placing_timesteps(self) -> torch.Tensor | None:
+        """The timesteps of the schedule placing the current call: the watched scheduler's when it drives the call,
+        else another schedule the call's timestep views or its calling pipeline's scheduler holds (a sibling with a
+        scheduler of its own, whose calls calibrated schedules mapped by position, not noise level, and never
+        refused, until session 48); None for a bare denoiser."""
+        timesteps = self._scheduler_timesteps()
+        return timesteps if timesteps is not None and self._driven else self._foreign_timesteps
 
     @property
     def at_last_step(self) -> bool:

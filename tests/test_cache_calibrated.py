@@ -329,3 +329,51 @@ def test_a_shifted_schedule_that_keeps_every_full_step_in_place_is_not_refused()
     with pytest.raises(ValueError, match="sit at other positions"):
         steps_at_noise_levels(config, [1000, 950, 900, 750, 500, 250])
     assert steps_at_noise_levels(config.with_(resample=True), [1000, 950, 900, 750, 500, 250]) == [0, 3, 4]
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_a_sibling_with_a_scheduler_of_its_own_maps_and_refuses_like_the_pipeline(family):
+    """A ``from_pipe`` sibling's calls are placed by its own schedule: the calibrated full steps stayed at their
+    positions (not the nearest noise levels) and resample=False never refused, unlike the same scheduler on the
+    pipeline itself (until session 48)."""
+    import diffusers
+    from diffusers import FluxPipeline, StableDiffusionPipeline
+
+    from diffusion_accel.cache import summary
+    from diffusion_accel.cache.configs import RouterCacheConfig
+
+    pipe, steps, full = build_tiny(family), *((8, (0, 3, 6)) if family == "flux" else (6, (0, 2, 4)))
+    pipe.set_progress_bar_config(disable=True)
+    if family == "sd":
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    base_scheduler = pipe.scheduler
+    base_scheduler.set_timesteps(steps)
+    calibrated_on = tuple(base_scheduler.timesteps.tolist())
+    configs = [CalibratedCacheConfig(full, steps, timesteps=calibrated_on)]
+    if family == "flux":
+        every = (0, 1, 2, 3)
+        configs.append(RouterCacheConfig((every,) + tuple(every if step in (3, 6) else (0,) for step in range(1, steps)),
+                                         4, timesteps=calibrated_on))
+
+    def karras():
+        karras_class = type(base_scheduler) if family == "flux" else diffusers.EulerDiscreteScheduler
+        return karras_class.from_config(base_scheduler.config, use_karras_sigmas=True)
+
+    def full_steps(runner):
+        runner(**tiny_call_kwargs(family, steps))
+        return [record["step"] for record in summary(pipe)["steps"] if record["computed"]]
+
+    pipeline_class = FluxPipeline if family == "flux" else StableDiffusionPipeline
+    sibling = pipeline_class.from_pipe(pipe, scheduler=karras())
+    sibling.set_progress_bar_config(disable=True)
+    for config in configs:
+        pipe.scheduler = base_scheduler
+        enable_cache(pipe, config)
+        from_sibling = full_steps(sibling)
+        pipe.scheduler = karras()
+        assert from_sibling == full_steps(pipe) and from_sibling != list(full)
+        remove_cache(pipe)
+    pipe.scheduler = base_scheduler
+    enable_cache(pipe, configs[0].with_(resample=False))
+    with pytest.raises(ValueError, match="resample"):
+        sibling(**tiny_call_kwargs(family, steps))

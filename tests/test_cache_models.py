@@ -9,9 +9,9 @@ import torch
 from diffusers import (FluxControlNetModel, FluxControlNetPipeline, FluxImg2ImgPipeline,
                        StableDiffusionImg2ImgPipeline, UNet2DConditionModel)
 
-from diffusion_accel.cache import (BlockCacheConfig, DeepCacheConfig, DeltaCacheConfig, EncoderPropagationConfig,
-                                   FirstBlockCacheConfig, TeaCacheConfig, calibrate_schedule, enable_cache,
-                                   fit_teacache_coefficients, remove_cache, summary)
+from diffusion_accel.cache import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, DeltaCacheConfig,
+                                   EncoderPropagationConfig, FirstBlockCacheConfig, TeaCacheConfig, calibrate_schedule,
+                                   enable_cache, fit_teacache_coefficients, remove_cache, summary)
 from diffusion_accel.hooks import get_tracker
 from diffusion_accel.testing.contract import check_drop_in
 from diffusion_accel.testing.tiny import build_tiny, tiny_call_kwargs
@@ -745,3 +745,33 @@ def test_summary_counts_skip_layer_guidance_calls_that_skip_the_head_block(confi
     report = summary(pipe)
     assert report["denoiser_calls"] == len(calls) == 11
     assert {record["context"] for record in report["steps"]} == {"default", "default#1"}
+
+
+@pytest.mark.parametrize("failure", ["error inside the UNet", "refused step count"])
+def test_a_sibling_call_after_a_call_that_raised_starts_a_fresh_trajectory(failure):
+    """A call raising inside the denoiser (an OOM) or refused by the schedule left its position recorded and no
+    call counted: a sibling with a scheduler of its own then ran step 0 in a repeat context and recomputed a reuse
+    step (0.048 off), its summary holding the failed call's record too (until session 48)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = build_tiny("sd")
+    pipe.set_progress_bar_config(disable=True)
+    sibling = StableDiffusionPipeline.from_pipe(pipe, scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
+    enable_cache(pipe, CalibratedCacheConfig((0, 2, 4), 6, resample=False))
+    clean = sibling(**tiny_call_kwargs("sd", 6)).images
+    clean_records = summary(pipe)["steps"]
+    if failure == "refused step count":
+        with pytest.raises(ValueError, match="calibrated for 6"):
+            pipe(**tiny_call_kwargs("sd", 8))
+        assert not get_tracker(pipe.unet).in_call
+    else:
+        def fail(*_):
+            raise RuntimeError("out of memory")
+
+        handle = pipe.unet.conv_in.register_forward_pre_hook(fail)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            pipe(**tiny_call_kwargs("sd", 6))
+        handle.remove()
+        assert get_tracker(pipe.unet).in_call  # no hook runs after an error in the forward: the next call ends it
+    assert torch.equal(torch.as_tensor(sibling(**tiny_call_kwargs("sd", 6)).images), torch.as_tensor(clean))
+    assert summary(pipe)["steps"] == clean_records

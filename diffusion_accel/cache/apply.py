@@ -185,7 +185,7 @@ class CalibratedPolicy(SchedulePolicy):
 
     def _timesteps_to_map(self, num_steps: int | None) -> Any:
         """The call's timesteps tensor when the schedule follows noise levels for it, else None."""
-        timesteps = self.tracker.watched_timesteps() if self.tracker is not None else None
+        timesteps = self.tracker.placing_timesteps() if self.tracker is not None else None
         if timesteps is None or self.config.timesteps is None or num_steps != self.config.num_inference_steps:
             return None
         return timesteps

@@ -75,7 +75,7 @@ class RouterPolicy:
     def plan(self, num_steps: int | None) -> tuple[frozenset[int], ...]:
         """This call's plan; a call of unknown length (a bare denoiser) follows the learned steps as they are."""
         steps = self.config.num_inference_steps if num_steps is None else num_steps
-        timesteps = self.tracker.watched_timesteps() if self.tracker is not None and num_steps is not None else None
+        timesteps = self.tracker.placing_timesteps() if self.tracker is not None and num_steps is not None else None
         cached = self._plan  # read once: another thread's call may replace it meanwhile
         if cached is None or cached[0][0] != steps or cached[0][1] is not timesteps:
             values = None if timesteps is None else timesteps.tolist()
