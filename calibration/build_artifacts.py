@@ -64,7 +64,8 @@ def _weights_of(recipe: Path, args: argparse.Namespace) -> tuple[str | None, str
     from diffusion_accel.recipes import load_recipe
 
     model = load_recipe(recipe).get("model", {})
-    return args.dtype or model.get("dtype"), args.variant or model.get("variant")
+    # --variant "" (the mirror holds the standard files) was replaced by the recipe's fp16 until session 48
+    return args.dtype or model.get("dtype"), args.variant if args.variant is not None else model.get("variant")
 
 
 def build_one(recipe: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -78,7 +79,8 @@ def build_one(recipe: Path, out: Path, args: argparse.Namespace) -> dict[str, An
     result = run_calibrate(build_parser().parse_args(argv))
     row.update(status="built", wall_s=round(time.perf_counter() - start, 1), technique_s=result["seconds"],
                summary=result["summary"].splitlines())
-    record = {"calibrate_argv": _settings_argv(argv), "recipe_sha256": recipe_digest(recipe)}
+    record = {"calibrate_argv": _settings_argv(argv), "recipe_sha256": recipe_digest(recipe),
+              "prompts_sha256": prompts_digest(argv)}
     (out / BUILD_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return row
 
@@ -102,6 +104,19 @@ def _absolute_recipe(argv: list[str]) -> list[str]:
 def recipe_digest(recipe: Path) -> str:
     """SHA-256 of the recipe file's bytes: an edited recipe builds another artifact under the same path."""
     return hashlib.sha256(recipe.read_bytes()).hexdigest()
+
+
+def prompts_digest(argv: list[str]) -> str | None:
+    """SHA-256 of the calibration prompts a calibrate command line names (``--prompts`` or the recipe's: a file,
+    a bundled set or a list), None for the pipeline's defaults: an edited prompt file was kept as built (s48)."""
+    from diffusion_accel.cli import build_parser
+    from diffusion_accel.recipes import given_prompts, load_recipe, merged_settings
+
+    parsed = build_parser().parse_args(argv)
+    settings = merged_settings(parsed, load_recipe(parsed.recipe))
+    if settings["prompts"] is None:
+        return None
+    return hashlib.sha256(json.dumps(given_prompts(settings)).encode()).hexdigest()
 
 
 def kept_artifact_problems(args: argparse.Namespace) -> list[str]:
@@ -133,6 +148,9 @@ def kept_artifact_problem(recipe: Path, out: Path, args: argparse.Namespace) -> 
         problem = None if found == wanted else f"it was built by `diffusion-accel {' '.join(found or [])}`"
         if problem is None and record.get("recipe_sha256", recipe_digest(recipe)) != recipe_digest(recipe):
             problem = f"{recipe} was edited since it was built"  # the path alone matched (until session 41)
+        if problem is None and "prompts_sha256" in record and record["prompts_sha256"] != prompts_digest(
+                calibrate_argv(recipe, out, args)):
+            problem = "its calibration prompts changed since it was built"
     else:
         techniques = [entry["name"] for entry in json.loads((out / MANIFEST).read_text(encoding="utf-8"))["techniques"]]
         problem = None if techniques == _technique_names(args.methods) else f"it holds {techniques}"
@@ -175,7 +193,7 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
     if hasattr(base, "default_sample_size"):
         accelerated.default_sample_size = base.default_sample_size
     set_call_defaults(accelerated, call_defaults(base))  # a zoo base's call settings (T5 length, CFG)
-    sampling = sampling_kwargs(_calibrated_settings(folder, recipe))
+    sampling = checkable_call(sampling_kwargs(_calibrated_settings(folder, recipe)))
     report = evaluate({"base": base, "accelerated": accelerated},
                       prompts.for_pipeline(base, limit=args.check_prompts), metrics=("psnr", "ssim", "latency"),
                       num_inference_steps=args.check_steps, repeats=args.check_repeats, progress=False,
@@ -185,6 +203,16 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
             "speedup": rows["accelerated"].get("speedup"), "latency_ms": rows["accelerated"].get("latency_ms"),
             "base_latency_ms": rows["base"].get("latency_ms"), "check_prompts": rows["base"]["images"],
             "check_steps": args.check_steps}
+
+
+def checkable_call(call: dict[str, Any]) -> dict[str, Any]:
+    """The calibration call settings the check can pass to ``evaluate``: without those evaluation controls
+    (``num_images_per_prompt``, ``return_dict``) or a non-image ``output_type``, which calibrate takes and
+    ``evaluate`` refuses (a built artifact was reported failed at its check, until session 48)."""
+    from diffusion_accel.eval.pipes import CONTROLLED_KWARGS, IMAGE_OUTPUT_TYPES
+
+    return {key: value for key, value in call.items() if key not in CONTROLLED_KWARGS
+            and not (key == "output_type" and value not in IMAGE_OUTPUT_TYPES)}
 
 
 def sibling_pipeline(base: Any) -> Any:
@@ -267,7 +295,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pipe", default=None, help="load this pipeline instead of the recipe's model id "
                         "(a local mirror of the hub model; with one recipe only)")
     parser.add_argument("--dtype", default=None, help="override the recipe's dtype (fp32, bf16, fp16)")
-    parser.add_argument("--variant", default=None, help="weight-file variant (e.g. fp16; default: the recipe's)")
+    parser.add_argument("--variant", default=None, help="weight-file variant (e.g. fp16; default: the recipe's; '' for the standard files)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: as loaded)")
     parser.add_argument("--num-prompts", type=int_at_least(1), default=None,
                         help="calibration prompts (default: the recipe's)")

@@ -31,7 +31,7 @@ def _add_pipe_args(parser: argparse.ArgumentParser, many: bool) -> None:
     parser.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: as loaded)")
     parser.add_argument("--variant", default=None,
                         help="weight-file variant of a hub model or folder, e.g. fp16 (diffusers' variant=; "
-                             "default: the standard files)")
+                             "default: the standard files, or a recipe's variant; '' for the standard files)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: as loaded)")
 
 

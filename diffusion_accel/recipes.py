@@ -5,7 +5,9 @@ A recipe has a ``[model]`` table (``id``: any pipeline spec, ``dtype``, ``varian
 table (``prompts``, ``num_prompts``, ``steps``, ``guidance``, ``selection``, ``weighting``,
 ``batch_size``), an optional ``[call]`` table of further pipeline arguments (``height``, ``width``,
 ``max_sequence_length``, ...); technique tables (``[cache]``, ...) are read by their techniques.
-Command-line flags override the recipe (``--call KEY=VALUE`` the ``[call]`` table).
+Command-line flags override the recipe (``--call KEY=VALUE`` the ``[call]`` table). A relative prompt-file
+path in ``prompts`` is found beside the recipe first, then in the current folder; a relative ``[model] id``
+is a path from the current folder or a hub id, as in ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -63,7 +65,20 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     if None not in (in_call, in_calibration) and in_call != in_calibration:  # calibration silently ran at one
         raise ValueError(f"{path}: [call] guidance_scale = {in_call!r} and [calibration] guidance = {in_calibration!r} "
                          f"disagree: give one of them")
+    _find_prompt_file_beside(recipe_path, recipe)
     return recipe
+
+
+def _find_prompt_file_beside(recipe_path: Path, recipe: dict[str, Any]) -> None:
+    """Make a ``[calibration] prompts`` file path relative to the recipe absolute when the file is there (it was
+    looked up from the current folder only: the recipe failed when run from elsewhere, until session 48)."""
+    calibration = recipe.get("calibration", {})
+    value = calibration.get("prompts")
+    if not isinstance(value, str) or value in prompt_sets.names() or value.startswith("~"):
+        return
+    beside = recipe_path.parent / value
+    if beside.is_file():
+        calibration["prompts"] = str(beside.resolve())
 
 
 def _check_tables(path: str | Path, recipe: dict[str, Any]) -> None:
@@ -294,8 +309,9 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     if args.device is not None:
         check_device(args.device)  # before the (minutes-long) load, whichever loader runs
     dtype = args.dtype or (model.get("dtype") if args.pipe is None else None)  # the recipe's dtype is its model's
-    variant = args.variant or (model.get("variant") if args.pipe is None else None)  # so are its weight files
-    pipe = load_pipeline(spec, dtype=dtype, device=args.device, variant=variant)
+    # so are its weight files; --variant "" asks for the standard files (it fell back to the recipe's, until s48)
+    variant = args.variant if args.variant is not None else (model.get("variant") if args.pipe is None else None)
+    pipe = load_pipeline(spec, dtype=dtype, device=args.device, variant=variant or None)
     _check_chain_fits(pipe, methods)
     if "cache" in methods:  # a method-less table meets --cache-method naming the pipeline's default (until s45: lost)
         cache_table = _cache_table(args, recipe, pipe)

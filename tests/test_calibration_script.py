@@ -188,3 +188,52 @@ def test_the_check_pipeline_shares_the_base_components_in_their_dtype_and_keeps_
     assert sibling.unet is base.unet and sibling.vae is base.vae
     assert base.unet.dtype == base.text_encoder.dtype == torch.float16
     assert sibling.config.force_zeros_for_empty_prompt is False
+
+
+def test_a_recipe_calling_with_images_per_prompt_is_built_and_checked(tmp_path):
+    """calibrate takes num_images_per_prompt / return_dict in [call], evaluate refuses them: the check failed
+    and the built artifact was reported 'failed' (until session 48)."""
+    recipe, out = _recipe(tmp_path, "small", "tiny:sd"), tmp_path / "out"
+    recipe.write_text(recipe.read_text() + "[call]\nnum_images_per_prompt = 2\noutput_type = \"latent\"\n")
+    assert build_artifacts.main([str(recipe), "--methods", "ptq", "--check-prompts", "1", "--check-steps", "2",
+                                 "--check-repeats", "1", "--out", str(out)]) == 0
+    row = json.loads((out / "summary.json").read_text())["rows"][0]
+    assert row["status"] == "built" and row["check"]["psnr_db"] > 10
+
+
+def test_a_prompt_file_beside_the_recipe_is_found_and_its_edits_rebuild(tmp_path, capsys, monkeypatch):
+    """A recipe's relative prompt file was looked up from the current folder only, and an edited prompt file
+    kept the artifact calibrated on the old prompts (until session 48)."""
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    recipe = _recipe(folder, "small", "tiny:sd")
+    recipe.write_text(recipe.read_text().replace("num_prompts = 2", 'prompts = "mine.txt"'))
+    (folder / "mine.txt").write_text("a red cube\na blue ball\n")
+    monkeypatch.chdir(tmp_path)
+    run = [str(recipe), "--methods", "ptq", "--check-prompts", "0", "--out", str(tmp_path / "out")]
+    assert build_artifacts.main(run) == 0
+    notes = json.loads((tmp_path / "out" / "small" / "calibration.json").read_text())
+    assert notes["settings"]["prompts"] == str((folder / "mine.txt").resolve()) and notes["num_prompts"] == 2
+    assert build_artifacts.main(run) == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"][0]["status"].startswith("kept")
+    (folder / "mine.txt").write_text("a green cone\n")
+    capsys.readouterr()
+    assert build_artifacts.main(run) == 2
+    assert "calibration prompts changed since it was built" in capsys.readouterr().err
+
+
+def test_an_empty_variant_builds_a_mirror_of_the_standard_files(tmp_path):
+    """--variant '' was replaced by the recipe's fp16: a plain save_pretrained mirror of an fp16 recipe's model
+    could not be built (until session 48)."""
+    from diffusion_accel.testing.tiny import build_tiny
+
+    folder = tmp_path / "mirror"
+    build_tiny("sd").save_pretrained(folder)
+    recipe = tmp_path / "fp16.toml"
+    recipe.write_text(f'[model]\nid = "{folder}"\nvariant = "fp16"\n[calibration]\nsteps = 2\nnum_prompts = 1\n')
+    out = tmp_path / "out"
+    assert build_artifacts.main([str(recipe), "--methods", "ptq", "--check-prompts", "1", "--check-steps", "2",
+                                 "--check-repeats", "1", "--pipe", str(folder), "--variant", "", "--out",
+                                 str(out)]) == 0
+    row = json.loads((out / "summary.json").read_text())["rows"][0]
+    assert row["status"] == "built" and row["check"]["psnr_db"] > 10
