@@ -510,6 +510,27 @@ def test_cli_register_parses_train_options():
     assert parser.parse_args(["zoo", "list"]).func.__name__ == "_list"
 
 
+def test_zoo_list_and_path_tell_an_incomplete_folder_from_a_missing_one(tmp_path, monkeypatch, capsys):
+    """A folder without model_index.json was listed with its size as shipped, and zoo.path called it missing
+    (until session 48)."""
+    import shutil
+
+    from diffusion_accel.zoo.cli import _list
+
+    shutil.copytree(zoo.MODELS_DIR / "fashion-clip", tmp_path / "fashion-clip")
+    (tmp_path / "fashion-sd").mkdir()
+    (tmp_path / "fashion-sd" / "unet").mkdir()
+    monkeypatch.setattr(zoo, "MODELS_DIR", tmp_path)
+    assert _list(argparse.Namespace()) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert " MB " in lines["fashion-clip"] and "incomplete" in lines["fashion-sd"]
+    assert "lacks model_index.json" in lines["fashion-sd"] and lines["fashion-flux"].endswith("not shipped")
+    with pytest.raises(FileNotFoundError, match="lacks model_index.json: an incomplete copy"):
+        zoo.path("fashion-sd")
+    with pytest.raises(FileNotFoundError, match="fashion-flux is missing"):
+        zoo.path("fashion-flux")
+
+
 def test_input_paths_expand_home_also_after_an_equals_sign(tmp_path, monkeypatch):
     """`--init-from=~/exp/fashion-sd` (the shell expands no ~ after '=') was "not an exported pipeline folder",
     as was `init_from="~/..."` in Python, and `ship --from=~/...` / `--data=~/...` named no folder (until
@@ -781,6 +802,48 @@ def test_a_card_written_again_for_the_same_warm_start_lists_its_run_once():
     assert first == [start.replace("`fashion-sd`", "`fashion-sd` (the shipped weights it started from)"),
                      stage_table("fashion-sd", info)]
     assert stage_sections("fashion-sd", info, first) == first
+
+
+def test_a_card_of_a_resumed_warm_start_does_not_list_its_own_earlier_export_as_its_start():
+    """A warm start shipped after its first command, resumed and shipped again, listed that first export as
+    "the shipped weights it started from" (until session 48)."""
+    from diffusion_accel.zoo.card import stage_sections, stage_table
+
+    start = stage_table("fashion-sd", {"seed": 0, "steps": 7975})
+    first_command = {"seed": 0, "steps": 1, "init_from": "zoo:fashion-sd", "init_steps": 7975, "total_steps": 7976}
+    recorded = stage_sections("fashion-sd", first_command, [start])
+    resumed = {**first_command, "steps": 3, "total_steps": 7978}
+    assert stage_sections("fashion-sd", resumed, recorded) == [recorded[0], stage_table("fashion-sd", resumed)]
+
+
+@needs_data
+def test_a_resumed_warm_start_shipped_between_commands_keeps_its_starting_steps(tmp_path, monkeypatch):
+    """--init-from zoo resumed after --ship read init_steps from the shipped model, by then the run's own first
+    export: 7976 + 2 instead of 7975 + 3 (until session 48)."""
+    import json
+    import shutil
+
+    from diffusion_accel.zoo import sd_train
+    from diffusion_accel.zoo.ship import ship
+
+    models = tmp_path / "models"
+    for name in ("fashion-sd", "fashion-clip"):
+        shutil.copytree(zoo.path(name), models / name)
+    started_from = C.source_steps(models / "fashion-sd")
+    monkeypatch.setattr(zoo, "MODELS_DIR", models)
+    monkeypatch.setattr(C, "RUNS_ROOT", tmp_path / "runs")
+    monkeypatch.setenv("DIFFUSION_ACCEL_THREADS", "1")
+    threads = torch.get_num_threads()
+    try:
+        for steps, init_from in ((1, "zoo"), (3, None)):
+            cfg = C.RunConfig(run_dir=tmp_path / "runs" / "fashion-sd", steps=steps, batch_size=4, limit_images=16,
+                              init_from=init_from, lr=1e-9, stage="fashion-sd")
+            C.apply_checkpoint_settings(cfg)
+            ship("fashion-sd", sd_train.train(cfg, "fashion-sd"), dest_root=models)
+    finally:
+        torch.set_num_threads(threads)
+    info = json.loads((models / "fashion-sd" / "train_info.json").read_text())
+    assert (info["init_steps"], info["total_steps"]) == (started_from, started_from + 3)
 
 
 def test_vae_scaling_factors_come_from_training_images_not_the_test_split():

@@ -54,8 +54,10 @@ def path(name: str) -> Path:
     if name not in _NAMES:
         raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(_NAMES)}")
     folder = MODELS_DIR / name
-    if not (folder / ("config.json" if name == "fashion-clip" else "model_index.json")).is_file():
-        raise FileNotFoundError(f"zoo model {name!r} is not shipped in this install ({folder} is missing); "
+    marker = folder / ("config.json" if name == "fashion-clip" else "model_index.json")
+    if not marker.is_file():  # a folder without it was called missing (until session 48)
+        where = f"{folder} is missing" if not folder.is_dir() else f"{folder} lacks {marker.name}: an incomplete copy"
+        raise FileNotFoundError(f"zoo model {name!r} is not shipped in this install ({where}); "
                                 f"train it with `diffusion-accel zoo train {name} --ship`")
     _check_tokenizers(name, folder)
     return folder

@@ -230,6 +230,17 @@ def source_steps(source: Path | None) -> int:
     return int(info.get("total_steps", info.get("steps", 0)))
 
 
+def warm_start_steps(cfg: RunConfig, source: Path | None) -> int | None:
+    """Optimiser steps behind a warm start's ``source`` (None without one): a resumed run's checkpoint record, else
+    the source's ``source_steps``. ``--init-from zoo`` resumed after ``--ship`` read the shipped model, by then the
+    run's own first export (init_steps one command too high, until session 48); checkpoints keep it as
+    ``init_steps``."""
+    if source is None:
+        return None
+    recorded = cfg.resumed.get("init_steps")
+    return int(recorded) if recorded is not None else source_steps(source)
+
+
 def load_data(cfg: RunConfig, split: str, dataset: str = "fashion-mnist") -> tuple[torch.Tensor, torch.Tensor]:
     """``dataset`` ("fashion-mnist" or "mnist") ``split`` as (uint8 N×28×28, int64 N), cut to
     ``cfg.limit_images`` (smoke runs)."""
@@ -281,7 +292,8 @@ def resume(cfg: Any, stateful: dict[str, Any], generator: torch.Generator) -> tu
     for key, target in stateful.items():
         target.load_state_dict(state[key])
     generator.set_state(state["gen"])
-    cfg.resumed = {"rng": state.get("global_rng"), "elapsed_s": float(state["elapsed_s"])}
+    cfg.resumed = {"rng": state.get("global_rng"), "elapsed_s": float(state["elapsed_s"]),
+                   "init_steps": state.get("init_steps")}
     commands = _mark_stopped(list(state.get("commands", [])), int(state["step"]), state.get("settings", {}))
     return int(state["step"]), float(state["elapsed_s"]), [*commands, command_line()]
 

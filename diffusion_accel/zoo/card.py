@@ -94,15 +94,28 @@ def stage_sections(stage: str, info: dict | None, recorded: list[str]) -> list[s
     """A stage's card sections: its new run's table, after the recorded ones when that run warm-started from
     the shipped model (so the card still says how the starting weights were made); the recorded sections
     alone when the stage was not rerun here. A recorded section with this run's own table (the card written
-    again for the same weights: ``ship --metrics``) is not its starting point: it was listed twice, once as that."""
+    again for the same weights: ``ship --metrics``) is not its starting point: it was listed twice, once as that;
+    nor is one with more steps behind it than this run started from (this run's own earlier export, shipped
+    before the run was resumed: labelled as its starting point until session 48)."""
     if info is None:
         return recorded
     table = stage_table(stage, info)
     if not str(info.get("init_from", "")).startswith("zoo:"):
         return [table]
+    history = [section for section in recorded if _table_rows(section) != _table_rows(table)
+               and not _section_steps(section) > info.get("init_steps", float("inf"))]
     kept = [re.sub(r"^### Stage `([^`]+)`[^\n]*", r"### Stage `\1` (the shipped weights it started from)", section,
-                   count=1) for section in recorded if _table_rows(section) != _table_rows(table)]
+                   count=1) for section in history]
     return kept + [table]
+
+
+def _section_steps(section: str) -> float:
+    """Optimiser steps behind a recorded stage section's weights (its total_steps, else steps; 0 if unknown)."""
+    for key in ("total_steps", "steps"):
+        match = re.search(rf"(?m)^\| {key} \| (\d+) \|", section)
+        if match:
+            return int(match.group(1))
+    return 0
 
 
 def _table_rows(section: str) -> str:

@@ -6,13 +6,16 @@ import argparse
 
 
 def _list(args: argparse.Namespace) -> int:
-    """Print each shipped model, its folder and size (or that it is missing)."""
-    from . import MODELS_DIR, names
+    """Print each shipped model, its folder and size (or why it cannot be loaded: missing, incomplete)."""
+    from . import MODELS_DIR, names, path
     from .ship import folder_size_mb
 
     for name in names():
         folder = MODELS_DIR / name
-        state = f"{folder_size_mb(folder):6.1f} MB  {folder}" if folder.is_dir() else "not shipped"
+        try:
+            state = f"{folder_size_mb(path(name)):6.1f} MB  {folder}"
+        except FileNotFoundError as error:  # a partial folder was listed with its size (until session 48)
+            state = "not shipped" if not folder.is_dir() else f"incomplete: {error}"
         print(f"{name:14s} {state}")
     return 0
 

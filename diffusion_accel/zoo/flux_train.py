@@ -188,6 +188,7 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
     opt = torch.optim.AdamW(trained.parameters(), lr=peak_lr, weight_decay=0.01)
     bs, n_caps = cfg.batch_size or DEFAULT_BATCH, len(ids["pooled"])
     start, elapsed, commands = C.resume(cfg, {"model": model, "t5": t5, "ema": ema, "opt": opt}, gen)
+    init_steps = None if fresh else C.warm_start_steps(cfg, source)
     t_start = time.time()
 
     def step_fn(step: int, frac: float) -> dict:
@@ -204,7 +205,7 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
         return {"model": model.state_dict(), "t5": t5.state_dict(), "ema": ema.state_dict(),
                 "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
                 "elapsed_s": elapsed + (time.time() - t_start), "commands": commands, "arch": arch,
-                "arch_chosen": arch_chosen}
+                "arch_chosen": arch_chosen, "init_steps": init_steps}
 
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, name)
     info = {**C.run_info(name, cfg, done, bs, device, elapsed + time.time() - t_start, commands,
@@ -213,7 +214,7 @@ def train(cfg: C.RunConfig, name: str = "fashion-flux") -> Path:
             "t5_params": sum(p.numel() for p in t5.parameters()), "caption_dropout": CAPTION_DROPOUT,
             "ema_decay": EMA_DECAY, "t5_max_sequence_length": T5_MAX_LENGTH, "peak_lr": peak_lr,
             "arch": arch,
-            **(warm_start_info(cfg, name, source, done) if not fresh
+            **(warm_start_info(cfg, name, init_steps, done) if not fresh
                else {"frozen_parts_from": C.init_label(cfg, name)} if source is not None else {})}
     parts.update(transformer=ema[0].cpu(), t5=ema[1].cpu(), vae=parts["vae"].cpu(), clip=parts["clip"].cpu())
     return export(parts, cfg.run_dir / "final", info)

@@ -124,12 +124,11 @@ def load_frozen(device: torch.device, source: Path | None = None) -> tuple[Autoe
     return vae, text_encoder, CLIPTokenizer.from_pretrained(clip)
 
 
-def warm_start_info(cfg: C.RunConfig, name: str, source: Path | None, steps_done: int) -> dict:
-    """train_info fields of a warm start from ``source``: where it started (as given: "zoo" names the
-    shipped model) and the optimiser steps behind the exported weights."""
-    if source is None:
+def warm_start_info(cfg: C.RunConfig, name: str, init_steps: int | None, steps_done: int) -> dict:
+    """train_info fields of a warm start (``init_steps``: ``C.warm_start_steps``, None without one): where it
+    started (as given: "zoo" names the shipped model) and the optimiser steps behind the exported weights."""
+    if init_steps is None:
         return {}
-    init_steps = C.source_steps(source)
     return {"init_from": C.init_label(cfg, name), "init_steps": init_steps, "total_steps": init_steps + steps_done}
 
 
@@ -150,6 +149,7 @@ def train(cfg: C.RunConfig, name: str = "fashion-sd") -> Path:
     sched = DDPMScheduler(**SCHEDULE)
     bs, scale = cfg.batch_size or DEFAULT_BATCH, vae.config.scaling_factor
     start, elapsed, commands = C.resume(cfg, {"model": unet, "ema": ema, "opt": opt}, gen)
+    init_steps = C.warm_start_steps(cfg, source)
     t_start = time.time()
 
     def step_fn(step: int, frac: float) -> dict:
@@ -170,11 +170,12 @@ def train(cfg: C.RunConfig, name: str = "fashion-sd") -> Path:
         return {"loss": loss.item()}
 
     def state_fn(step: int) -> dict:
-        return C.denoiser_state(unet, ema, opt, gen, step, elapsed + (time.time() - t_start), commands)
+        return {**C.denoiser_state(unet, ema, opt, gen, step, elapsed + (time.time() - t_start), commands),
+                "init_steps": init_steps}
 
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, name)
     info = {**C.run_info(name, cfg, done, bs, device, elapsed + time.time() - t_start, commands),
             "unet_params": sum(p.numel() for p in unet.parameters()),
             "caption_dropout": CAPTION_DROPOUT, "ema_decay": EMA_DECAY, "peak_lr": peak_lr,
-            **warm_start_info(cfg, name, source, done)}
+            **warm_start_info(cfg, name, init_steps, done)}
     return export(ema.cpu(), vae.cpu(), text_encoder.cpu(), tok, cfg.run_dir / "final", info)
