@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 
@@ -15,19 +17,32 @@ def expand_home(path: str | Path) -> Path:
 
 
 def output_folder_problem(path: str | Path) -> str | None:
-    """Why ``path`` cannot become an output folder (it is, or lies under, an existing file), or None.
+    """Why ``path`` cannot become an output folder (it is, or lies under, an existing file; its nearest existing
+    folder takes no new entries), or None.
 
     Checked before the work (an evaluation, a demo, a training run) rather than when its results are
-    written, which failed with ``[Errno 17] File exists`` after it."""
+    written, which failed with ``[Errno 17] File exists`` after it (and, for a folder that cannot be written,
+    with ``[Errno 2]`` / ``[Errno 13]`` after every image was generated, until session 48)."""
     if empty_path(path):
         return EMPTY_PATH_PROBLEM
     path = Path(path)
     for candidate in (path, *path.parents):
         if candidate.exists():
             if candidate.is_dir():
-                return None
+                return _unwritable_problem(path, candidate)
             where = "is a file" if candidate == path else f"lies under the file {str(candidate)!r}"
             return f"{str(path)!r} {where}; give a folder (it is created if missing)"
+    return None
+
+
+def _unwritable_problem(path: Path, folder: Path) -> str | None:
+    """Why nothing can be created in the existing ``folder`` on the way to ``path`` (probed by making and removing
+    an empty folder: permissions, a read-only or virtual file system), or None."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".diffusion-accel-probe-", dir=folder))
+    except OSError as error:
+        subject = repr(str(path)) if folder == path else f"{str(path)!r} cannot be created: {str(folder)!r}"
+        return f"{subject} takes no new entries ({error.strerror or error}); give a writable folder"
     return None
 
 

@@ -570,6 +570,27 @@ def test_an_output_folder_that_is_a_file_is_a_usage_error_before_any_work(comman
     assert (tmp_path / "taken").read_text() == "mine"
 
 
+@pytest.mark.parametrize("command", [["eval", "--pipe", "tiny:sd"], ["bench", "--pipe", "tiny:sd"],
+                                     ["grid", "--pipe", "tiny:sd"], ["calibrate", "--pipe", "tiny:sd"]])
+def test_an_output_folder_that_cannot_be_written_is_a_usage_error_before_any_work(command, capsys, monkeypatch,
+                                                                                   tmp_path):
+    """A folder taking no new entries (permissions, a read-only file system) failed only when the results were
+    written, after every image was generated (until session 48)."""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr("diffusion_accel.loading.load_pipeline", lambda *a, **k: pytest.fail("pipeline loaded"))
+    out = tmp_path / "locked" / ("grid.png" if command[0] == "grid" else "results")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--out", str(out)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"'{tmp_path / 'locked'}' takes no new entries (Permission denied)" in error
+
+
 @pytest.mark.parametrize("command", [["demo"], ["eval", "--pipe", "tiny:sd"], ["calibrate", "--pipe", "tiny:sd"],
                                      ["grid", "--pipe", "tiny:sd"], ["zoo", "train", "fashion-clip"]])
 def test_an_empty_out_is_a_usage_error(command, capsys, monkeypatch, tmp_path):
