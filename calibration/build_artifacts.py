@@ -188,7 +188,7 @@ def check_artifact(folder: Path, recipe: Path, args: argparse.Namespace) -> dict
 
     spec, dtype = artifact_base(folder, args.pipe, args.dtype)
     base = load_pipeline(spec, dtype=dtype, device=args.device,  # the files the artifact was built from:
-                         variant=args.variant or artifact_variant(folder, args.pipe))  # fp16-only folders failed
+                         variant=args.variant if args.variant is not None else artifact_variant(folder, args.pipe))
     accelerated = load(sibling_pipeline(base), folder)  # its own copy of the denoiser
     if hasattr(base, "default_sample_size"):
         accelerated.default_sample_size = base.default_sample_size

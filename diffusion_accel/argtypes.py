@@ -90,6 +90,18 @@ def output_folder(text: str) -> str:
     return text
 
 
+def cache_folder(text: str) -> str:
+    """An argparse type for a cache folder (``--fid-cache``): as ``output_folder``, but it may be read-only (a shared
+    cache holding the statistics; refused until session 48's writability check was narrowed to outputs)."""
+    if empty_path(text):
+        raise argparse.ArgumentTypeError(EMPTY_PATH_PROBLEM)
+    text = str(_expanded(text))
+    problem = output_folder_problem(text, writable=False)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def output_file(text: str) -> str:
     """An argparse type for an output file (``grid --out``): its folder must be creatable, checked before the
     work (a path under a file failed with ``[Errno 17] File exists`` after every image was generated)."""

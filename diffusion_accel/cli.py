@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .arch.registry import UnsupportedModelError
-from .argtypes import SEED_LIMIT, int_at_least, nonnegative_float, output_file, output_folder
+from .argtypes import SEED_LIMIT, cache_folder, int_at_least, nonnegative_float, output_file, output_folder
 from .paths import expand_home
 
 # Mistakes a user can make (bad values, missing files, unsupported models): one line, exit 2.
@@ -137,7 +137,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--fid-reference", default=None,
                           help="FID reference: a stats file, an image folder, or DATASET:SPLIT of the zoo's "
                                "data (fashion-mnist:test, mnist:test); its statistics are cached")
-    evaluate.add_argument("--fid-cache", type=output_folder, default=None,  # the default is checked only for fid
+    evaluate.add_argument("--fid-cache", type=cache_folder, default=None,  # the default is checked only for fid
                           help=f"folder caching FID reference statistics (default {FID_CACHE})")
     evaluate.add_argument("--fid-dtype", choices=["float32", "bfloat16"], default="float32",
                           help="precision of the TF-Inception network: bfloat16 (autocast) is ~1.5x faster on "

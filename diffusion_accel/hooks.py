@@ -284,6 +284,8 @@ class StepTracker(ModelHook):
         """
         if step_index < 0:
             raise ValueError(f"step_index must be >= 0, got {step_index}")
+        if self.in_call:  # end a call that raised now: at the next call its reset dropped this pin (session 48)
+            self._end_aborted_call()
         self._detect_new_call()
         self._pinned_context = context
         self._counters[context] = step_index

@@ -40,7 +40,8 @@ def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str
 
     ``variant`` (e.g. "fp16") reads a hub model's or folder's variant weight files
     (``model.fp16.safetensors``), as diffusers' ``from_pretrained(variant=...)``: half the download of
-    the fp32 files for a half-precision run; an artifact records it for its base."""
+    the fp32 files for a half-precision run; an artifact records it for its base. ``""`` asks for the standard
+    files, also under an artifact whose base recorded a variant (None: the recorded one)."""
     from .artifact import record_source
 
     torch_dtype = parse_dtype(dtype)
@@ -50,6 +51,7 @@ def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str
     base_spec, artifact = split_artifact_spec(spec)
     if artifact is not None:
         return _load_with_artifact(base_spec, artifact, torch_dtype, variant, target)
+    variant = variant or None  # "": the standard files
     pipe = _load_by_kind(spec, torch_dtype, variant)
     if torch_dtype is not None and getattr(pipe, "dtype", None) != torch_dtype:
         pipe.to(dtype=torch_dtype)
@@ -60,9 +62,12 @@ def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str
 
 
 def _checked_variant(variant: Any) -> str | None:
-    if variant is None or (isinstance(variant, str) and variant.strip() and "/" not in variant):
-        return variant
-    raise ValueError(f"variant {variant!r} must be a weight-file variant name such as 'fp16', or None")
+    """``variant`` as given (blank: ``""``, the standard files; the CLI's ``--variant ''`` was refused in every
+    command but calibrate until session 48), or a ValueError naming it."""
+    if variant is None or (isinstance(variant, str) and "/" not in variant):
+        return variant if variant is None or variant.strip() else ""
+    raise ValueError(f"variant {variant!r} must be a weight-file variant name such as 'fp16', '' for the standard "
+                     f"files, or None")
 
 
 def _checked_spec(spec: Any) -> str:
@@ -186,7 +191,7 @@ def _load_with_artifact(base_spec: str | None, artifact: Path, torch_dtype: torc
     if torch_dtype is not None and rounding is not None and dtype != recorded and dtype.itemsize <= rounding.itemsize:
         rounding = None  # another half precision asked for (or the rounding itself): loaded in it
     base = load_pipeline(spec, dtype=rounding or dtype, device=None if device is None else str(device),
-                         variant=variant or artifact_variant(artifact, base_spec))
+                         variant=variant if variant is not None else artifact_variant(artifact, base_spec))
     if rounding is None or rounding == dtype:
         return load(base, artifact)
     with warnings.catch_warnings():  # its advice, a cast after load, follows

@@ -16,9 +16,9 @@ def expand_home(path: str | Path) -> Path:
         raise ValueError(f"cannot expand '~' in {str(path)!r}: {error}") from None
 
 
-def output_folder_problem(path: str | Path) -> str | None:
-    """Why ``path`` cannot become an output folder (it is, or lies under, an existing file; its nearest existing
-    folder takes no new entries), or None.
+def output_folder_problem(path: str | Path, writable: bool = True) -> str | None:
+    """Why ``path`` cannot become an output folder (it is, or lies under, an existing file; with ``writable``, its
+    nearest existing folder takes no new entries: not asked of a cache, which a read-only one may serve), or None.
 
     Checked before the work (an evaluation, a demo, a training run) rather than when its results are
     written, which failed with ``[Errno 17] File exists`` after it (and, for a folder that cannot be written,
@@ -29,7 +29,7 @@ def output_folder_problem(path: str | Path) -> str | None:
     for candidate in (path, *path.parents):
         if candidate.exists():
             if candidate.is_dir():
-                return _unwritable_problem(path, candidate)
+                return _unwritable_problem(path, candidate) if writable else None
             where = "is a file" if candidate == path else f"lies under the file {str(candidate)!r}"
             return f"{str(path)!r} {where}; give a folder (it is created if missing)"
     return None

@@ -931,6 +931,31 @@ def test_variant_weight_files_load_and_an_artifact_records_them(tmp_path):
     assert artifact.applied_techniques(load_pipeline(f"{relative}+{tmp_path / 'artifact'}")) == ["cache"]
 
 
+def test_an_empty_variant_asks_for_the_standard_files_also_under_an_artifact(tmp_path, capsys):
+    """variant '' was refused ('must be a weight-file variant name') by every command but calibrate, and an
+    artifact whose base recorded fp16 files could not be loaded from the standard ones (session 48 review)."""
+    import diffusion_accel as da
+    from diffusion_accel.cli import main
+    from diffusion_accel.loading import load_pipeline
+
+    model = tmp_path / "model"
+    build_tiny("sd").save_pretrained(model, variant="fp16")
+    pipe = load_pipeline(str(model), variant="fp16")
+    da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
+    da.save(pipe, tmp_path / "artifact")
+    build_tiny("sd").save_pretrained(model)  # the standard files in place of the fp16 ones
+    for variant_file in model.glob("*/*.fp16.*"):
+        variant_file.unlink()
+    with pytest.raises(ValueError, match="variant=fp16"):
+        load_pipeline(str(tmp_path / "artifact"))  # the recorded fp16 files
+    loaded = load_pipeline(str(tmp_path / "artifact"), variant="")
+    assert artifact.applied_techniques(loaded) == ["cache"] and "variant" not in artifact.pipeline_source(loaded)
+    with pytest.raises(ValueError, match="'' for the standard files"):
+        load_pipeline(str(model), variant="a/b")
+    assert main(["eval", "--pipe", f"base={model}", "--variant", "", "--steps", "2", "--num-prompts", "1",
+                 "--metrics", "latency", "--out", str(tmp_path / "report")]) == 0
+
+
 def test_weight_samples_of_tensors_past_two_to_the_24_elements_stay_in_bounds():
     """float32 sample positions rounded past the end of a 29,491,200-weight conv (full-size SD 1.5):
     every technique failed with IndexError before doing anything."""

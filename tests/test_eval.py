@@ -149,6 +149,36 @@ def test_a_reference_dataset_in_another_order_hits_the_same_cache_entry(tmp_path
     assert len(list(tmp_path.glob("fid_ref_*.safetensors"))) == 2
 
 
+def test_a_read_only_fid_cache_serves_its_statistics_and_a_failed_cache_write_only_warns(tmp_path, monkeypatch):
+    """The output folders' writability probe refused a read-only cache holding the statistics (session 48 review);
+    a cache taking no new file failed the evaluation after the statistics were computed."""
+    import tempfile
+
+    from safetensors import SafetensorError
+
+    from diffusion_accel.argtypes import cache_folder
+    from diffusion_accel.eval.fid import FIDStats
+
+    extractor, images = CountingFeatures(), smooth_images(6)
+    first = reference_stats(images, cache_dir=tmp_path, extractor=extractor)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)  # the folder takes no new entries
+    calls = extractor.calls
+    assert torch.equal(reference_stats(images, cache_dir=tmp_path, extractor=extractor).mean, first.mean)
+    assert extractor.calls == calls and cache_folder(str(tmp_path)) == str(tmp_path)
+
+    def fail_to_write(self, path):
+        raise SafetensorError("Error while serializing: I/O error: Operation not permitted")
+
+    monkeypatch.setattr(FIDStats, "save", fail_to_write)
+    with pytest.warns(UserWarning, match="FID statistics not cached in .*computed again next time"):
+        other = reference_stats(images[:4], cache_dir=tmp_path, extractor=extractor)
+    assert other.n == 4
+
+
 def test_a_one_image_reference_list_is_refused_before_generation():
     """A one-image list failed only after every image was generated (until session 48); a list of one batch
     of several images is fine."""
@@ -161,6 +191,13 @@ def test_a_one_image_reference_list_is_refused_before_generation():
         check_reference([(images[0], 0)])
     check_reference([images])
     check_reference([images[0], images[1]])
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Stream(IterableDataset):  # no __len__: len() of its DataLoader raises TypeError
+        def __iter__(self):
+            return iter(images)
+
+    check_reference(DataLoader(Stream(), batch_size=2))
 
 
 class _Projection(nn.Module):

@@ -173,6 +173,28 @@ def test_pin_reports_a_given_step_and_context_until_unpinned():
             tracker.pin(-1)
 
 
+def test_a_pin_after_a_call_that_raised_reports_its_step():
+    """The next call ended the failed call by resetting the tracker, which dropped the pin: a replay after an OOM
+    was placed at step 0 (session 48 review)."""
+    class FailsOnce(AddOne):
+        failed = False
+
+        def forward(self, sample, timestep=None):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("out of memory")
+            return super().forward(sample, timestep)
+
+    model = FailsOnce()
+    with use_tracker(model, "probe") as tracker:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            model(torch.zeros(1))
+        assert tracker.in_call
+        tracker.pin(3)
+        model(torch.zeros(1))
+        assert tracker.step_index == 3 and not tracker.in_call
+
+
 def test_detach_leaves_the_module_as_it_was():
     model = AddOne()
     with use_tracker(model, "probe"):

@@ -281,8 +281,16 @@ def _check_first_item(dataset: Any) -> None:
     if first is None:
         raise ValueError("the reference dataset yielded no images")
     first_images = to_uint8(dataset_image(first))
-    if isinstance(dataset, Sized) and len(dataset) == 1:
+    if _length(dataset) == 1:
         _check_enough(len(first_images), "the reference dataset")
+
+
+def _length(dataset: Any) -> int | None:
+    """``len(dataset)``, or None where it has none (a DataLoader over an IterableDataset raises TypeError)."""
+    try:
+        return len(dataset) if isinstance(dataset, Sized) else None
+    except TypeError:
+        return None
 
 
 def _check_same_network(reference: FIDStats, extractor: nn.Module | None) -> None:
@@ -302,7 +310,7 @@ def check_cache_dir(cache_dir: str | Path | None) -> None:
         return
     if empty_path(cache_dir):
         raise ValueError(f"FID cache_dir: {EMPTY_PATH_PROBLEM}")
-    problem = output_folder_problem(expand_home(cache_dir))
+    problem = output_folder_problem(expand_home(cache_dir), writable=False)  # a read-only cache may hold them
     if problem is not None:
         raise ValueError(f"FID cache_dir: {problem}")
 
@@ -349,5 +357,17 @@ def reference_stats(source: Any, *, cache_dir: str | Path | None = None, extract
             return cached
     stats = compute_fid_stats(images, extractor=extractor, batch_size=batch_size, source=f"sha256:{content_hash}")
     if cache_file is not None:
-        stats.save(cache_file)
+        _save_to_cache(stats, cache_file)
     return stats
+
+
+def _save_to_cache(stats: FIDStats, cache_file: Path) -> None:
+    """Keep the statistics in the cache; a cache that takes no new files (read-only, shared) is warned about:
+    the statistics are computed and the evaluation goes on."""
+    from safetensors import SafetensorError
+
+    try:
+        stats.save(cache_file)
+    except (OSError, SafetensorError) as error:  # safetensors reports I/O errors as its own
+        warnings.warn(f"FID statistics not cached in {str(cache_file.parent)!r} ({error}); they are computed "
+                      f"again next time", stacklevel=3)
