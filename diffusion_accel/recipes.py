@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import prompts as prompt_sets
-from .arch import get_adapter
+from .arch import find_denoiser, get_adapter
 from .artifact import base_fingerprint, save_folder_problem
 from .artifact_files import StagedWrite
 from .loading import check_device, default_demo_spec, load_pipeline
@@ -232,6 +232,9 @@ def build_collectors(pipe: Any, kinds: list[str], layer_glob: str | None) -> lis
     unknown = sorted(set(kinds) - set(COLLECTOR_KINDS))
     if unknown or not kinds:
         raise ValueError(f"--collect {','.join(kinds)!r}: accepted kinds are {', '.join(COLLECTOR_KINDS)}")
+    if layer_glob is not None and not set(kinds) & {"ranges", "hessian"}:  # ignored silently (until session 48)
+        raise ValueError(f"--layers {layer_glob!r} selects the layers of --collect ranges / hessian; "
+                         f"--collect {','.join(kinds)} probes every block: drop --layers or add ranges / hessian")
     adapter = get_adapter(pipe)
     layers = [name for name in adapter.eligible_layers() if fnmatch.fnmatch(name, layer_glob or "*")]
     if not layers and set(kinds) & {"ranges", "hessian"}:  # features read blocks, not layers
@@ -258,12 +261,15 @@ def statistics_tensors(collectors: list[Any]) -> dict[str, torch.Tensor]:
             if isinstance(collector, RangeObserver):
                 tensors[f"range/{name}"] = torch.tensor(collector.range(name))
                 per_step = collector.step_ranges(name)
-                tensors[f"step_range/{name}"] = torch.tensor([[s, lo, hi] for s, (lo, hi) in per_step.items()])
+                tensors[f"step_range/{name}"] = torch.tensor([[s, lo, hi] for s, (lo, hi) in per_step.items()],
+                                                             dtype=torch.float32).reshape(-1, 3)
             elif isinstance(collector, HessianCollector):
                 tensors[f"hessian/{name}"] = collector.hessian(name)
             elif isinstance(collector, FeatureChangeProbe):
                 change = collector.mean_change(name)
-                tensors[f"feature_change/{name}"] = torch.tensor([[s, c] for s, c in change.items()])
+                # (steps, 2) also when empty (one selected step: shape (0,) until session 48)
+                tensors[f"feature_change/{name}"] = torch.tensor([[s, c] for s, c in change.items()],
+                                                                 dtype=torch.float32).reshape(-1, 2)
     return tensors
 
 
@@ -311,7 +317,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
     dtype = args.dtype or (model.get("dtype") if args.pipe is None else None)  # the recipe's dtype is its model's
     # so are its weight files; --variant "" asks for the standard files (it fell back to the recipe's, until s48)
     variant = args.variant if args.variant is not None else (model.get("variant") if args.pipe is None else None)
-    pipe = load_pipeline(spec, dtype=dtype, device=args.device, variant=variant or None)
+    pipe = load_pipeline(spec, dtype=dtype, device=args.device, variant=variant)
     _check_chain_fits(pipe, methods)
     if "cache" in methods:  # a method-less table meets --cache-method naming the pipeline's default (until s45: lost)
         cache_table = _cache_table(args, recipe, pipe)
@@ -326,7 +332,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         collectors = build_collectors(pipe, [k.strip() for k in (args.collect or DEFAULT_COLLECT).split(",")
                                              if k.strip()], args.layers)
         calib = _run_calibration(pipe, prompt_list, settings, args.seed, collectors, store_trajectory=False)
-        _write_statistics(Path(args.out), spec, pipe, settings, calib, collectors)
+        _write_statistics(Path(args.out), spec, pipe, {**settings, "seed": args.seed}, calib, collectors)
         return {"summary": calib.summary() + f"\nstatistics written to {args.out}/", "methods": methods,
                 "seconds": {}, "out": args.out}
     summaries, seconds = _apply_chain(pipe, methods, configs, args, recipe, prompt_list, settings)
@@ -454,9 +460,11 @@ def _check_chain_fits(pipe: Any, methods: list[str]) -> None:
 
     observing = [method for method in methods if method != "cache"]
     if "cache" in applied_techniques(pipe) and observing:  # calibrate refused it after loading, with Python advice
+        advice = ("run it on that artifact's own base (its manifest's base source)" if methods == ["stats"] else
+                  f"give that artifact's own base (its manifest's base source) and --method "
+                  f"{','.join(observing)},cache")  # stats,cache was the advice for stats, and is refused (s48)
         raise ValueError(f"the base pipeline is an artifact with a feature cache; --method {','.join(observing)} "
-                         f"observes the uncached denoiser: give that artifact's own base (its manifest's base "
-                         f"source) and --method {','.join(observing)},cache")
+                         f"observes the uncached denoiser: {advice}")
     applied = [technique for technique in applied_techniques(pipe) if technique != "cache"]
     late = {"prune": 0, "ptq": 1}
     done = max((late[technique] for technique in applied if technique in late), default=-1)
@@ -654,14 +662,26 @@ def _write_statistics(out: Path, spec: str, pipe: Any, settings: dict[str, Any],
     """``statistics.safetensors`` and its ``calibration.json``, staged and swapped in together (the JSON
     last, as an artifact's manifest): a failure between them left new statistics under the old settings."""
     tensors = {k: v.contiguous() for k, v in statistics_tensors(collectors).items()}
+    denoiser = find_denoiser(pipe)[1]
+    weight = next(denoiser.parameters(), None)  # bf16 and fp32 statistics differ and were told apart nowhere (s48)
+    loaded = {} if weight is None else {"dtype": str(weight.dtype).removeprefix("torch."), "device": str(weight.device)}
     manifest = {"format": CALIBRATION_FORMAT, "model": spec, "pipeline": type(pipe).__name__,
-                "base_fingerprint": base_fingerprint(pipe), "settings": settings,
+                "base_fingerprint": base_fingerprint(pipe), "loaded": {**loaded, **_variant_of(pipe)},
+                "settings": settings,
                 "selected_steps": list(calib.selected_steps), "collectors": [c.describe() for c in collectors],
                 "summary": calib.summary().splitlines()}
     out.mkdir(parents=True, exist_ok=True)
     with StagedWrite(out) as staged:
         staged.write("statistics.safetensors", lambda path: save_file(tensors, str(path)))
         staged.commit("calibration.json", json.dumps(manifest, indent=2, default=str))
+
+
+def _variant_of(pipe: Any) -> dict[str, str]:
+    """``{"variant": NAME}`` when the pipeline was loaded from variant weight files, else ``{}``."""
+    from .artifact import pipeline_source
+
+    variant = (pipeline_source(pipe) or {}).get("variant")
+    return {} if variant is None else {"variant": variant}
 
 
 def _write_artifact_notes(out: Path, spec: str, methods: list[str], settings: dict[str, Any], prompt_list: list,

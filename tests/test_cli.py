@@ -143,6 +143,26 @@ def test_calibrate_writes_statistics_and_manifest(tmp_path, capsys):
     assert any(k.startswith("feature_change/") for k in tensors)
 
 
+def test_statistics_record_how_the_model_was_loaded_and_keep_their_layout_at_one_step(tmp_path, capsys):
+    """bf16 and fp32 statistics wrote identical calibration.json files (no dtype, no seed); with one selected step
+    the feature changes were saved as shape (0,), not (0, 2); --layers with --collect features was ignored (s48)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "stats"
+    assert main(["calibrate", "--pipe", "tiny:sd", "--steps", "2", "--num-prompts", "1", "--selection", "1",
+                 "--dtype", "bf16", "--seed", "7", "--collect", "ranges,features", "--out", str(out)]) == 0
+    manifest = json.loads((out / "calibration.json").read_text())
+    assert manifest["loaded"] == {"dtype": "bfloat16", "device": "cpu"} and manifest["settings"]["seed"] == 7
+    tensors = load_file(out / "statistics.safetensors")
+    changes = [tensor for name, tensor in tensors.items() if name.startswith("feature_change/")]
+    assert changes and all(tensor.shape == (0, 2) for tensor in changes)
+    assert all(tensor.shape[1:] == (3,) for name, tensor in tensors.items() if name.startswith("step_range/"))
+    capsys.readouterr()
+    assert main(["calibrate", "--pipe", "tiny:sd", "--steps", "2", "--num-prompts", "1", "--collect", "features",
+                 "--layers", "no_such_layer*", "--out", str(tmp_path / "other")]) == 2
+    assert "--collect features probes every block: drop --layers" in capsys.readouterr().err
+
+
 def test_a_failing_calibrate_write_leaves_the_earlier_output_whole(tmp_path, capsys, monkeypatch):
     """Statistics were written before their calibration.json (a failure between left new tensors under the
     old settings), and an artifact's calibration.json was deleted before a save that then failed."""
@@ -922,11 +942,12 @@ def test_calibrating_on_a_cached_artifact_base_is_refused_with_command_line_advi
     cached = str(tmp_path / "cached")
     assert main(["calibrate", "--pipe", "tiny:sd", "--method", "cache", *common, "--out", cached]) == 0
     capsys.readouterr()
+    advice = {"ptq": "give that artifact's own base (its manifest's base source) and --method ptq,cache",
+              "stats": "run it on that artifact's own base (its manifest's base source)"}  # stats,cache is refused
     for method in ("ptq", "stats"):
         assert main(["calibrate", "--pipe", str(tmp_path / "cached"), "--method", method, *common,
                      "--out", str(tmp_path / method)]) == 2
-        assert f"give that artifact's own base (its manifest's base source) and --method {method},cache" in \
-            capsys.readouterr().err
+        assert advice[method] in capsys.readouterr().err
 
 
 def test_a_callback_argument_from_the_command_line_is_a_one_line_error(capsys):
