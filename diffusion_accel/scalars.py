@@ -17,8 +17,8 @@ def plain_number(value: Any) -> Any:
 
 
 def plain_scalars(config: Any) -> None:
-    """Replace every field of the (frozen) dataclass ``config`` by :func:`plain_number` of it, inside tuples and
-    lists too (``calib_steps=(np.int64(0),)`` was refused as 'must be ints'), before validation."""
+    """Replace every field of the (frozen) dataclass ``config`` by :func:`plain_number` of it, inside tuples, lists
+    and dict values too (``calib_steps=(np.int64(0),)`` was refused as 'must be ints'), before validation."""
     for field in dataclasses.fields(config):
         object.__setattr__(config, field.name, _plain(getattr(config, field.name)))
 
@@ -26,6 +26,8 @@ def plain_scalars(config: Any) -> None:
 def _plain(value: Any) -> Any:
     if isinstance(value, (tuple, list)) and type(value) in (tuple, list):  # not namedtuples: kept as they are
         return type(value)(_plain(item) for item in value)
+    if type(value) is dict:  # calib_kwargs={"height": np.int64(32)} was refused, its pairs form taken (s48)
+        return {key: _plain(item) for key, item in value.items()}
     return plain_number(value)
 
 

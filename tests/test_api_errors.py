@@ -71,6 +71,23 @@ def test_every_config_round_trips_and_copies_the_same_way(config):
         config.with_(bogus=1)
 
 
+def test_calib_kwargs_and_calib_steps_are_taken_or_refused_alike_in_every_form():
+    """PTQConfig.from_dict split a dict's keys into letters, took ['hw'] as a pair and failed on 5 naming nothing;
+    numpy values were made plain in pairs but refused in a dict; (0.0, 2.0) as calib_steps was a TypeError naming
+    no field (session 48 review)."""
+    import numpy as np
+
+    assert da.PTQConfig.from_dict({"calib_kwargs": {"height": 32}}).calib_kwargs == (("height", 32),)
+    assert da.PTQConfig.from_dict({"calib_kwargs": [["height", 32]]}).calib_kwargs == (("height", 32),)
+    for bad in (5, ["hw"]):
+        with pytest.raises(ValueError, match="PTQConfig.calib_kwargs takes"):
+            da.PTQConfig.from_dict({"calib_kwargs": bad})
+    for cls in (da.PTQConfig, da.PruneConfig):
+        assert cls(calib_kwargs={"height": np.int64(32)}).calib_kwargs == (("height", 32),)
+    with pytest.raises(ValueError, match=r"PTQConfig.calib_steps=\(0.0, 2.0\) .*must be ints"):
+        da.PTQConfig(calib_steps=(0.0, 2.0))
+
+
 def test_a_cache_config_dict_of_another_type_is_refused():
     with pytest.raises(ValueError, match="DeepCacheConfig.from_dict got a BlockCacheConfig"):
         da.DeepCacheConfig.from_dict(da.BlockCacheConfig(interval=2).to_dict())

@@ -141,11 +141,8 @@ class PTQConfig:
         """Inverse of ``to_dict``; unknown keys raise ValueError naming the accepted ones."""
         if not isinstance(values, dict):
             raise TypeError(f"PTQConfig.from_dict takes a dict (PTQConfig.to_dict()), got {type(values).__name__}")
-        _check_fields(values)
-        items = dict(values)
-        if "calib_kwargs" in items:
-            items["calib_kwargs"] = tuple(tuple(pair) for pair in items["calib_kwargs"])
-        return cls(**items)
+        _check_fields(values)  # calib_kwargs' JSON lists become pairs in __post_init__ (a dict split its keys into
+        return cls(**values)   # letters here, and a bare 5 was a TypeError naming nothing, until session 48)
 
     def with_(self, **changes: Any) -> "PTQConfig":
         """A validated copy with ``changes`` applied."""
@@ -251,7 +248,7 @@ def _check_calibration_options(config: PTQConfig) -> None:
         _positive_int(name, getattr(config, name), minimum=0)
     try:
         select_steps(config.calib_num_steps, config.calib_steps)
-    except ValueError as error:
+    except (TypeError, ValueError) as error:  # (0.0, 2.0): its TypeError named no field (until session 48)
         raise ValueError(f"PTQConfig.calib_steps={config.calib_steps!r} with calib_num_steps="
                          f"{config.calib_num_steps}: {error}") from None
 
