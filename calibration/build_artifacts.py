@@ -295,7 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pipe", default=None, help="load this pipeline instead of the recipe's model id "
                         "(a local mirror of the hub model; with one recipe only)")
     parser.add_argument("--dtype", default=None, help="override the recipe's dtype (fp32, bf16, fp16)")
-    parser.add_argument("--variant", default=None, help="weight-file variant (e.g. fp16; default: the recipe's; '' for the standard files)")
+    parser.add_argument("--variant", default=None,
+                        help="weight-file variant (e.g. fp16; default: the recipe's; '' for the standard files)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: as loaded)")
     parser.add_argument("--num-prompts", type=int_at_least(1), default=None,
                         help="calibration prompts (default: the recipe's)")

@@ -53,12 +53,16 @@ submodules, or from a forward *post*-hook on the denoiser.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
+import numbers
 import sys
 import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.hooks import HookRegistry, ModelHook
@@ -489,7 +493,7 @@ class StepTracker(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         if self.in_call:  # this thread's previous call raised (post_forward never ran): its trajectory ended there
             self._end_aborted_call()
-        self._timestep_argument, self._timestep_value = _timestep_argument(args, kwargs), None
+        self._timestep_argument, self._timestep_value = _timestep_argument(module, args, kwargs), None
         context = self._pinned_context or self._context_reader.current_name()
         vouched = self._detect_new_call() or self._pinned_context is not None
         if not vouched:
@@ -610,12 +614,32 @@ def _view_position(value: torch.Tensor, timesteps: torch.Tensor) -> int | None:
     return offset if remainder == 0 and 0 <= offset < len(timesteps) else None
 
 
-def _timestep_argument(args: tuple, kwargs: dict) -> Any:
-    """The ``timestep`` argument of a denoiser call (keyword or second positional), or None."""
+def _timestep_argument(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The ``timestep`` argument of a denoiser call (keyword, or positional where the class's ``forward`` takes
+    it), or None. PixArt, SD3 and Flux transformers take it third or fourth: a positional call read the text
+    embeddings' first value as its timestep, which picked another timestep group's scales (until session 48)."""
     value = kwargs.get("timestep")
-    if value is None and len(args) >= 2:
-        value = args[1]
+    position = _timestep_position(type(module))
+    if value is None and position is not None and len(args) > position:
+        value = args[position]
     return value
+
+
+@functools.lru_cache(maxsize=None)
+def _timestep_position(module_class: type) -> int | None:
+    """Index among the positional arguments of ``module_class.forward`` of its ``timestep`` parameter (1, as
+    UNets take it, where the signature names none), or None when it cannot be given positionally."""
+    try:
+        parameters = list(inspect.signature(module_class.forward).parameters.values())[1:]  # without self
+    except (TypeError, ValueError):
+        return 1
+    for index, parameter in enumerate(parameters):
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            return 1 if index <= 1 else None
+        if parameter.name == "timestep":
+            return index if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                               inspect.Parameter.POSITIONAL_OR_KEYWORD) else None
+    return 1
 
 
 PIPELINE_FRAME_DEPTH = 40  # frames searched above a denoiser call for the pipeline __call__ making it
@@ -653,10 +677,14 @@ def _called_with_another_scheduler(watched: Any) -> bool:
 
 
 def _scalar_timestep(value: Any) -> float | None:
-    """The first value of a timestep argument as a float (None for anything else)."""
+    """The first value of a timestep argument as a float (None for anything else): a tensor, a number (numpy's
+    too: ``np.int64`` timesteps of a loop over ``scheduler.timesteps.numpy()`` were taken for none, and timestep
+    groups chosen by call count, until session 48) or a numpy array."""
     if isinstance(value, torch.Tensor):
         return float(value.flatten()[0].item()) if value.numel() else None
-    if isinstance(value, (int, float)):
+    if isinstance(value, np.ndarray):
+        return float(value.flat[0]) if value.size and np.issubdtype(value.dtype, np.number) else None
+    if isinstance(value, numbers.Real):
         return float(value)
     return None
 

@@ -352,8 +352,8 @@ def test_a_sibling_with_a_scheduler_of_its_own_maps_and_refuses_like_the_pipelin
     configs = [CalibratedCacheConfig(full, steps, timesteps=calibrated_on)]
     if family == "flux":
         every = (0, 1, 2, 3)
-        configs.append(RouterCacheConfig((every,) + tuple(every if step in (3, 6) else (0,) for step in range(1, steps)),
-                                         4, timesteps=calibrated_on))
+        blocks = (every,) + tuple(every if step in (3, 6) else (0,) for step in range(1, steps))
+        configs.append(RouterCacheConfig(blocks, 4, timesteps=calibrated_on))
 
     def karras():
         karras_class = type(base_scheduler) if family == "flux" else diffusers.EulerDiscreteScheduler

@@ -1,5 +1,6 @@
 """The hook engine: step counting per context, reset per pipeline call, clean removal."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -193,6 +194,48 @@ def test_a_pin_after_a_call_that_raised_reports_its_step():
         tracker.pin(3)
         model(torch.zeros(1))
         assert tracker.step_index == 3 and not tracker.in_call
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd3", "flux"])
+def test_a_transformer_called_with_a_positional_timestep_reports_it(family):
+    """PixArt, SD3 and Flux take the timestep third or fourth: a positional call reported the text embeddings'
+    first value as its timestep (timestep groups then picked another group's scales; session 48 review)."""
+    import inspect
+
+    pipe = build_tiny(family)
+    denoiser = find_denoiser(pipe)[1]
+    names = list(inspect.signature(type(denoiser).forward).parameters)[1:]
+    generator = torch.Generator().manual_seed(0)
+    config = denoiser.config
+    inputs = {"hidden_states": torch.randn(1, config.in_channels, 4, 4, generator=generator),
+              "encoder_hidden_states": torch.randn(1, 3, config.get("joint_attention_dim") or
+                                                   config.get("caption_channels") or config.cross_attention_dim,
+                                                   generator=generator),
+              "timestep": torch.tensor([0.9 if family == "flux" else 900.0])}
+    if family == "flux":
+        inputs["hidden_states"] = torch.randn(1, 4, config.in_channels, generator=generator)
+        inputs |= {"pooled_projections": torch.randn(1, config.pooled_projection_dim, generator=generator),
+                   "txt_ids": torch.zeros(3, 3), "img_ids": torch.zeros(4, 3)}
+    elif family == "sd3":
+        inputs["pooled_projections"] = torch.randn(1, config.pooled_projection_dim, generator=generator)
+    elif family == "pixart":
+        inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+    position = names.index("timestep")
+    positional = [inputs.pop(name) for name in names[:position + 1]]
+    with use_tracker(denoiser, "probe") as tracker, torch.no_grad():
+        denoiser(*positional, **inputs)
+        assert tracker.timestep == pytest.approx(float(positional[position]))
+
+
+@pytest.mark.parametrize("timestep", [np.int64(900), np.int32(900), np.float32(900.0), np.array([900])],
+                         ids=["int64", "int32", "float32", "array"])
+def test_numpy_timesteps_are_read(timestep):
+    """np.int64 timesteps (a loop over scheduler.timesteps.numpy()) were taken for none: timestep groups fell back
+    to counting calls (session 48 review)."""
+    model = AddOne()
+    with use_tracker(model, "probe") as tracker:
+        model(torch.zeros(1), timestep)
+        assert tracker.timestep == 900.0
 
 
 def test_detach_leaves_the_module_as_it_was():

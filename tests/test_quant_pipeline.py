@@ -84,6 +84,29 @@ def test_lowered_denoiser_passes_the_simulated_gradient_to_its_input(int8_kernel
     # AMD EPYC; dynamic mode: 127 / 121 dB)
     assert _sqnr_db(grads[0], grads[1]) > 20
 
+@pytest.mark.parametrize("lower", [False, True], ids=["simulated", "lowered"])
+def test_gradient_checkpointing_recomputes_each_call_in_its_own_timestep_group(int8_kernels, lower):
+    """Backward's recompute under diffusers' gradient checkpointing read the group of the latest call: with two
+    calls before one backward, the first call's gradient took the second call's scales (0.06 off; session 48)."""
+    pipe = build_tiny("sd")
+    quantize_(pipe, PTQConfig(timestep_groups=2, lower=lower, calib_prompts=1, calib_num_steps=4, calib_steps="all"))
+    unet = pipe.unet
+    sample = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+
+    def input_gradients(checkpointing):
+        unet.enable_gradient_checkpointing() if checkpointing else unet.disable_gradient_checkpointing()
+        unet.train()
+        inputs = [sample.clone().requires_grad_(True) for _ in range(2)]
+        outputs = [unet(x, torch.tensor([t]), context).sample for x, t in zip(inputs, (900, 50))]
+        sum(output.square().sum() for output in outputs).backward()
+        unet.eval()
+        return [x.grad for x in inputs]
+
+    plain, checkpointed = input_gradients(False), input_gradients(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed))
+
+
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_output_mse_weight_scales_use_calibrated_input_norms(family):
     options = FLUX_FAST if family == "flux" else FAST

@@ -79,6 +79,8 @@ class StepGroups:
         recompiles on the first call, past dynamo's recompile limit). Eager calls keep ``current``: it is
         per thread, ``active`` is shared."""
         self.active = self.current_index()
+        if torch.is_grad_enabled():
+            pin_checkpointed_groups(self)
 
     def index_for_call(self) -> int:
         """The group of the call in progress: ``active`` inside a torch.compile graph, else ``current_index``
@@ -91,6 +93,49 @@ class StepGroups:
         this returned a 0-d device tensor, and indexing the scales with it read it back: on a GPU one upload
         and two device syncs per quantized layer per call (a CPU review; never measured on a GPU)."""
         return self.current_index()
+
+
+def pin_checkpointed_groups(selector: StepGroups) -> None:
+    """Have diffusers' gradient checkpointing recompute each block in the group of the call that ran it: backward
+    recomputes after later calls moved the tracker (two calls, then one backward: the first call's gradient took
+    the second call's scales, 0.06 off, until session 48). Wraps each checkpointing module's
+    ``_gradient_checkpointing_func`` once (``enable_gradient_checkpointing`` may set a new one at any time)."""
+    for module in selector.denoiser.modules():
+        function = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) is True and callable(function) \
+                and not isinstance(function, GroupPinnedCheckpoint):
+            module._gradient_checkpointing_func = GroupPinnedCheckpoint(function, selector)
+
+
+class GroupPinnedCheckpoint:
+    """A ``_gradient_checkpointing_func`` running its block with the timestep group of the call in progress
+    forced, in the forward and in backward's recompute alike."""
+
+    def __init__(self, checkpoint: Callable, selector: StepGroups) -> None:
+        self.checkpoint, self.selector = checkpoint, selector
+
+    def __call__(self, block: Callable, *args: object) -> object:
+        return self.checkpoint(_GroupPinnedBlock(block, self.selector, self.selector.current_index()), *args)
+
+
+class _GroupPinnedBlock:
+    """``block`` called with ``selector.forced`` set to ``group``; other attributes are the block's."""
+
+    def __init__(self, block: Callable, selector: StepGroups, group: int) -> None:
+        self.block, self.selector, self.group = block, selector, group
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        previous, self.selector.forced = self.selector.forced, self.group
+        try:
+            return self.block(*args, **kwargs)
+        finally:
+            self.selector.forced = previous
+
+    def __getattr__(self, name: str) -> object:
+        block = self.__dict__.get("block")  # (copy / pickle look up attributes before __init__ set it)
+        if block is None:
+            raise AttributeError(name)
+        return getattr(block, name)
 
 
 def timestep_bounds(timesteps: dict[int, float | None], groups: int, num_steps: int) -> tuple[float, ...] | None:
