@@ -145,8 +145,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                                "at equal precision (reference statistics are cached per precision)")
     evaluate.add_argument("--clip-model", default=None,
                           help="CLIP model name or local folder for CLIP score (default: the bundled fashion-clip "
-                               "when every --pipe is a zoo:fashion-* model, else openai/clip-vit-large-patch14 "
-                               "from the hub)")
+                               "when every --pipe is a Fashion-MNIST zoo model: zoo:fashion-*, its folder or an "
+                               "artifact on it; else openai/clip-vit-large-patch14 from the hub)")
     evaluate.add_argument("--out", type=output_folder, default=None, help="folder for report.json / report.md / grid.png")
     evaluate.set_defaults(handler=_cmd_eval)
 

@@ -22,38 +22,17 @@ import torch
 from . import prompts as prompt_sets
 from .arch import find_denoiser, get_adapter
 from .artifact import applied_techniques
-from .loading import default_demo_spec, load_pipeline
+from .loading import default_demo_spec, float32_pixel_outputs, load_pipeline
 
 VariantBuilder = Callable[[Any, Any], Any]  # (base pipeline, Calibration) -> accelerated copy
 
 
 def bf16_variant(pipe: Any, calib: Any) -> Any:
-    """A bf16 copy of the pipeline (bf16 matmuls are ~4x faster than fp32 on AMX CPUs).
-
-    Pixel-space pipelines (no VAE: DDPM) hand the denoiser's samples straight to numpy, which has no
-    bf16; there the denoiser alone runs in bf16 and its output returns to fp32.
-    """
+    """A bf16 copy of the pipeline (bf16 matmuls are ~4x faster than fp32 on AMX CPUs); a pixel-space one
+    returns fp32 samples (``loading.float32_pixel_outputs``)."""
     variant = copy.deepcopy(pipe).to(torch.bfloat16)
-    if getattr(variant, "vae", None) is None:
-        _float32_outputs(get_adapter(variant).denoiser)
+    float32_pixel_outputs(variant)
     return variant
-
-
-def _float32_outputs(denoiser: torch.nn.Module) -> None:
-    """Cast ``denoiser``'s floating inputs to its dtype and its ``sample`` output to fp32."""
-    def cast_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        def cast(value: Any) -> Any:
-            return value.to(module.dtype) if torch.is_tensor(value) and value.is_floating_point() else value
-        return tuple(cast(value) for value in args), {key: cast(value) for key, value in kwargs.items()}
-
-    def float_output(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if isinstance(output, tuple):
-            return (output[0].float(), *output[1:])
-        output.sample = output.sample.float()
-        return output
-
-    denoiser.register_forward_pre_hook(cast_inputs, with_kwargs=True)
-    denoiser.register_forward_hook(float_output, with_kwargs=True)
 
 
 def cache_variant(pipe: Any, calib: Any) -> Any:
@@ -151,17 +130,24 @@ def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: i
     from .eval.distributed import process_state
 
     check_demo_out(out)
-    given_prompts = prompt_sets.load(prompts, limit=num_prompts) if prompts else None  # before loading (a hub model:
-    pipe = load_pipeline(spec or default_demo_spec(), dtype=dtype, device=device, variant=variant)  # minutes)
+    # before loading (a hub model: minutes); an empty --prompts / --pipe is refused as eval refuses it, not replaced
+    # by the defaults (until session 48)
+    given_prompts = prompt_sets.load(prompts, limit=num_prompts) if prompts is not None else None
+    pipe = load_pipeline(default_demo_spec() if spec is None else spec, dtype=dtype, device=device, variant=variant)
     applied = applied_techniques(pipe)
     if applied:  # its replaced layers left the calibration no module to observe ("needs at least one module name")
         raise ValueError(f"the demo accelerates a base model, but {spec!r} already has {applied} applied: give the "
                          f"artifact's base instead (its manifest's base source)")
     prompt_list = given_prompts or prompt_sets.for_pipeline(pipe, limit=num_prompts)
     call_kwargs = dict(call_kwargs or {})
-    calib, summary = calibration_pass(pipe, prompt_list, steps, seed, call_kwargs)
     base = base_variant_name(pipe)  # the base's own dtype: with --dtype bf16 it was labelled fp32
-    variants = {base: pipe} | {name: build(pipe, calib) for name, build in demo_variants().items() if name != base}
+    calib, summary = calibration_pass(pipe, prompt_list, steps, seed, call_kwargs)
+    weight = next(find_denoiser(pipe)[1].parameters())  # as calibrate --method stats records it (session 48)
+    summary |= {"loaded": {"dtype": str(weight.dtype).removeprefix("torch."), "device": str(weight.device)},
+                "seed": seed}
+    skipped = {base} | ({"bf16"} if base == "fp64" else set())  # fp64 noise: other values for the same seed
+    variants = {base: pipe} | {name: build(pipe, calib) for name, build in demo_variants().items()
+                               if name not in skipped}
     clip_folder = _demo_clip(variants)
     metrics = ("psnr", "ssim", "latency", "memory", "flops") + (("clip",) if clip_folder else ())
     report = evaluate(variants, prompt_list, metrics=metrics, num_inference_steps=steps, seed=seed,
@@ -169,11 +155,14 @@ def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: i
     if clip_folder is None:
         report.notes.append("CLIP score skipped: the bundled fashion-clip judges only the Fashion-MNIST zoo "
                             "pipelines; score others with `diffusion-accel eval --metrics clip --clip-model ...`.")
+    if base == "fp64":
+        report.notes.append("No bf16 variant: diffusers draws other starting noise in float64 than in float32 / "
+                            "bf16 for the same seed, so its PSNR would compare different images.")
     if process_state().is_main_process:  # under a launcher every process holds the report: one writes it
-        report.save(out)
-        # the calibration summary is written with the report it belongs to, after it: written first, an
-        # interrupted run left a new calibration.json beside the previous run's report (session 31)
-        (out / "calibration.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+        # the calibration summary is staged with the report it belongs to: written first, an interrupted run left
+        # a new calibration.json beside the previous run's report (session 31); written after, the new report
+        # beside the previous run's calibration.json (session 48)
+        report.save(out, extra_files={"calibration.json": json.dumps(summary, indent=2, default=str)})
     return report
 
 
@@ -189,8 +178,8 @@ def check_demo_out(out: Path) -> None:
     if taken:
         raise ValueError(f"--out {str(out)!r} holds {taken[0]} from diffusion-accel calibrate: the demo's "
                          f"calibration.json would replace the one beside it; write the demo to another folder")
-    problem = report_folder_problem(out)  # report-named folders: found after the whole demo (until s46)
-    if problem is not None:
+    problem = report_folder_problem(out, extra_names=("calibration.json",))  # report-named folders: found after
+    if problem is not None:                                                 # the whole demo (until s46 / s48)
         raise ValueError(f"--out {problem}")
 
 

@@ -55,10 +55,47 @@ def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str
     pipe = _load_by_kind(spec, torch_dtype, variant)
     if torch_dtype is not None and getattr(pipe, "dtype", None) != torch_dtype:
         pipe.to(dtype=torch_dtype)
+    if torch_dtype == torch.bfloat16:
+        float32_pixel_outputs(pipe)
     record_source(pipe, _portable_spec(spec), torch_dtype, variant)
     if target is not None:
         pipe.to(target)
     return pipe
+
+
+_FLOAT32_OUTPUTS_ATTR = "_diffusion_accel_float32_outputs"
+
+
+def float32_pixel_outputs(pipe: Any) -> None:
+    """For a bf16 pipeline without a VAE (DDPM), whose denoiser's samples go straight to numpy, which has no
+    bf16: cast the denoiser's floating inputs to its dtype and its ``sample`` output to float32 (once; the
+    denoiser still runs in bf16). ``--dtype bf16`` on DDPM failed after every image was generated (until
+    session 48 outside the demo's bf16 variant)."""
+    from .arch.registry import UnsupportedModelError, find_any_denoiser
+
+    if getattr(pipe, "vae", None) is not None:
+        return
+    try:
+        denoiser = find_any_denoiser(pipe)[1]
+    except UnsupportedModelError:
+        return
+    if getattr(denoiser, _FLOAT32_OUTPUTS_ATTR, False):
+        return
+
+    def cast_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        def cast(value: Any) -> Any:
+            return value.to(module.dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+        return tuple(cast(value) for value in args), {key: cast(value) for key, value in kwargs.items()}
+
+    def float_output(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (output[0].float(), *output[1:])
+        output.sample = output.sample.float()
+        return output
+
+    denoiser.register_forward_pre_hook(cast_inputs, with_kwargs=True)
+    denoiser.register_forward_hook(float_output, with_kwargs=True)
+    object.__setattr__(denoiser, _FLOAT32_OUTPUTS_ATTR, True)
 
 
 def _checked_variant(variant: Any) -> str | None:

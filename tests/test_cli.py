@@ -907,6 +907,35 @@ def test_demo_refuses_an_out_folder_holding_report_named_folders_before_loading(
     (tmp_path / "grid.png").mkdir()
     assert main(["demo", "--pipe", "tiny:sd", "--out", str(tmp_path)]) == 2
     assert "holds folders named ['grid.png']" in capsys.readouterr().err
+    (tmp_path / "grid.png").rmdir()
+    (tmp_path / "calibration.json").mkdir()  # written outside the report's staged save, after it (until s48)
+    assert main(["demo", "--pipe", "tiny:sd", "--out", str(tmp_path)]) == 2
+    assert "holds folders named ['calibration.json']" in capsys.readouterr().err
+
+
+def test_demo_refuses_an_empty_pipe_or_prompts(tmp_path, monkeypatch, capsys):
+    """Both were replaced by the defaults: --pipe '' measured zoo:fashion-sd (session 48 review)."""
+    assert main(["demo", "--pipe", "", "--out", str(tmp_path / "a")]) == 2
+    assert "pipeline spec '' is empty" in capsys.readouterr().err
+    assert main(["demo", "--pipe", "tiny:sd", "--prompts", "", "--out", str(tmp_path / "b")]) == 2
+    assert "unknown prompt set ''" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_bf16_pixel_space_pipeline_is_evaluated_and_a_float64_demo_has_no_bf16_row(tmp_path, capsys):
+    """eval / demo --dtype bf16 on DDPM failed in diffusers' numpy conversion after generating (only the demo's bf16
+    variant kept float32 outputs); a float64 demo's bf16 row compared images of other starting noise (13.6 dB)
+    (session 48 review)."""
+    assert main(["eval", "--pipe", "tiny:ddpm", "--dtype", "bf16", "--steps", "2", "--num-prompts", "1",
+                 "--metrics", "latency", "--out", str(tmp_path / "eval")]) == 0
+    out = tmp_path / "demo"
+    assert main(["demo", "--pipe", "tiny:ddpm", "--dtype", "fp64", "--steps", "2", "--num-prompts", "1",
+                 "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [row["variant"] for row in report["rows"]][:2] == ["fp64", "cache-every-3"]
+    assert any("No bf16 variant" in note for note in report["notes"])
+    notes = json.loads((out / "calibration.json").read_text())
+    assert notes["loaded"] == {"dtype": "float64", "device": "cpu"} and notes["seed"] == 0
 
 
 def test_demo_checks_its_prompts_and_seed_before_loading(tmp_path, monkeypatch, capsys):

@@ -1308,3 +1308,19 @@ def test_a_string_prompt_2_is_evaluated_in_batches():
                          num_inference_steps=2, progress=False,
                          call_kwargs={"height": 32, "width": 32, "prompt_2": "a blue bike"})
     assert report.rows[0]["images"] == 2
+
+
+def test_a_zoo_pipeline_loaded_from_its_folder_is_scored_with_the_bundled_clip(tmp_path):
+    """Only `zoo:fashion-*` specs got fashion-clip: the zoo's folder, a copy or a training export was scored with
+    the hub CLIP (offline: no CLIP score at all; session 48 review)."""
+    from diffusion_accel import zoo
+    from diffusion_accel.eval.clip_score import DEFAULT_CLIP_MODEL
+    from diffusion_accel.eval.evaluate import default_clip_model
+    from diffusion_accel.loading import load_pipeline
+
+    bundled = zoo.bundled_clip()
+    if bundled is None:
+        pytest.skip("an install without the zoo's weights")
+    from_folder = load_pipeline(str(zoo.path("fashion-sd")))
+    assert default_clip_model({"base": from_folder}) == bundled
+    assert default_clip_model({"base": from_folder, "other": build_tiny("sd")}) == DEFAULT_CLIP_MODEL

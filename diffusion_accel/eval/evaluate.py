@@ -166,12 +166,16 @@ def _generate_all(pipelines: Mapping[str, Any], run: _Run, state: Any, progress:
 
 def default_clip_model(pipelines: Mapping[str, Any]) -> str:
     """The CLIP that scores ``pipelines``: the bundled in-domain fashion-clip when every one was loaded
-    from the Fashion-MNIST zoo (``zoo:fashion-*``; a general CLIP knows nothing of 32-px garments and
-    needs the hub), else ``DEFAULT_CLIP_MODEL``."""
-    specs = [(pipeline_source(pipe) or {}).get("spec", "") for pipe in pipelines.values()]
-    if specs and all(spec.startswith("zoo:fashion-") for spec in specs):
-        from ..zoo import bundled_clip
+    from the Fashion-MNIST zoo (``zoo:fashion-*``, or its folder, a copy or a training export of it: those were
+    scored with nothing until session 48; a general CLIP knows nothing of 32-px garments and needs the hub), else
+    ``DEFAULT_CLIP_MODEL``."""
+    from ..zoo import ZOO_MODEL_ATTR, bundled_clip
 
+    def from_fashion_zoo(pipe: Any) -> bool:
+        spec = (pipeline_source(pipe) or {}).get("spec", "")
+        return spec.startswith("zoo:fashion-") or str(getattr(pipe, ZOO_MODEL_ATTR, "")).startswith("fashion-")
+
+    if pipelines and all(from_fashion_zoo(pipe) for pipe in pipelines.values()):
         return bundled_clip() or DEFAULT_CLIP_MODEL  # None: an install without the zoo's weights
     return DEFAULT_CLIP_MODEL
 

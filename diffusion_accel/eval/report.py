@@ -37,11 +37,12 @@ MARKDOWN_COLUMNS = (
 REPORT_FILES = ("report.json", "report.md", "grid.png")  # what EvalReport.save writes into its folder
 
 
-def report_folder_problem(output_dir: str | Path) -> str | None:
-    """Why a report cannot be saved into ``output_dir`` (a file in its path, folders named like the report's files:
-    found when the grid was saved, after every image and metric and the old report.json), or None."""
+def report_folder_problem(output_dir: str | Path, extra_names: tuple[str, ...] = ()) -> str | None:
+    """Why a report (and ``extra_names`` files saved with it) cannot be saved into ``output_dir`` (a file in its path,
+    folders named like the report's files: found when the grid was saved, after every image and metric and the old
+    report.json), or None."""
     problem = output_folder_problem(output_dir)
-    taken = [name for name in REPORT_FILES if (Path(output_dir) / name).is_dir()]
+    taken = [name for name in (*REPORT_FILES, *extra_names) if (Path(output_dir) / name).is_dir()]
     if problem is None and taken:
         problem = f"{str(output_dir)!r} holds folders named {taken}, where the report writes files"
     return problem
@@ -156,25 +157,30 @@ class EvalReport:
             lines += ["", "**Notes:**"] + [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
 
-    def save(self, directory: str | Path) -> dict[str, Path]:
-        """Write ``report.json``, ``report.md`` and (if made) ``grid.png`` into ``directory``; a ``grid.png``
-        an earlier report left there is removed when this one has no grid (it showed other images).
+    def save(self, directory: str | Path, extra_files: dict[str, str] | None = None) -> dict[str, Path]:
+        """Write ``report.json``, ``report.md`` and (if made) ``grid.png`` into ``directory``, with ``extra_files``
+        (name -> text: the demo's ``calibration.json``); a ``grid.png`` an earlier report left there is removed when
+        this one has no grid (it showed other images).
 
         Staged and swapped in as an artifact is (``artifact_files.StagedWrite``, ``report.json`` last): a
         failure part-way left the new rows beside the old grid, which ``load`` read as one report."""
         folder = directory if empty_path(directory) else expand_home(directory)  # "~/x" made a folder named "~"
-        problem = report_folder_problem(folder)  # report-named folders: after the old report.json was removed
+        extra_files = dict(extra_files or {})
+        problem = report_folder_problem(folder, tuple(extra_files))  # after the old report.json was removed
         if problem is not None:
             raise ValueError(f"EvalReport.save: {problem}")
         folder.mkdir(parents=True, exist_ok=True)
         with StagedWrite(folder) as staged:
+            for name, text in extra_files.items():
+                staged.write(name, lambda path, text=text: path.write_text(text, encoding="utf-8"))
             staged.write("report.md", lambda path: path.write_text(self.to_markdown(), encoding="utf-8"))
             if self.grid is not None:
                 grid = self.grid
                 staged.write("grid.png", lambda path: grid.save(path, format="PNG"))
             staged.commit("report.json", self.to_json() + "\n", stale=["grid.png"])
         paths = {"json": folder / "report.json", "markdown": folder / "report.md"}
-        return paths | ({"grid": folder / "grid.png"} if self.grid is not None else {})
+        return paths | ({"grid": folder / "grid.png"} if self.grid is not None else {}) | {
+            name: folder / name for name in extra_files}
 
     @classmethod
     def load(cls, path: str | Path) -> EvalReport:

@@ -94,6 +94,9 @@ def check_pipeline_class(folder: Path, expected: str, what: str) -> None:
                          f"{expected} this model is")
 
 
+ZOO_MODEL_ATTR = "_diffusion_accel_zoo_model"  # the zoo model a loaded pipeline is (shipped, a copy or an export)
+
+
 def load(name: str, torch_dtype: torch.dtype | str | None = torch.float32, folder: str | Path | None = None,
          variant: str | None = None) -> Any:
     """Load zoo model ``name`` offline: a diffusers pipeline, or (CLIPModel, CLIPProcessor) for fashion-clip.
@@ -124,6 +127,7 @@ def load(name: str, torch_dtype: torch.dtype | str | None = torch.float32, folde
 
         record_source(pipe, f"zoo:{name}", torch_dtype)
     set_call_defaults(pipe, CALL_DEFAULTS[name])
+    setattr(pipe, ZOO_MODEL_ATTR, name)  # also from a folder: its CLIP is the bundled one (evaluate's default)
     if hasattr(pipe, "default_sample_size") and hasattr(pipe, "vae_scale_factor"):
         # FluxPipeline defaults to 128 latent pixels (1024 px); the zoo's native size is 32 px, so calls
         # and calibrations without height/width generate what the model was trained for.
