@@ -634,12 +634,10 @@ def _timestep_position(module_class: type) -> int | None:
     except (TypeError, ValueError):
         return 1
     for index, parameter in enumerate(parameters):
-        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
-            return 1 if index <= 1 else None
         if parameter.name == "timestep":
             return index if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY,
                                                inspect.Parameter.POSITIONAL_OR_KEYWORD) else None
-    return 1
+    return 1  # (also with *args: forward(self, sample, t, *extra) takes it second)
 
 
 PIPELINE_FRAME_DEPTH = 40  # frames searched above a denoiser call for the pipeline __call__ making it

@@ -227,6 +227,24 @@ def test_a_transformer_called_with_a_positional_timestep_reports_it(family):
         assert tracker.timestep == pytest.approx(float(positional[position]))
 
 
+def test_a_custom_denoiser_taking_its_timestep_second_before_varargs_reports_it():
+    """forward(self, sample, t, *extra) named no timestep: the *args made its position unknown (session 48 review),
+    and a second direct loop continued the first one's step count."""
+
+    class WithExtras(nn.Module):
+        def forward(self, sample, t, *extra, **options):
+            return sample + 1
+
+    model = WithExtras()
+    with use_tracker(model, "probe") as tracker:
+        steps = []
+        for _ in range(2):
+            for t in (900, 500, 100):
+                model(torch.zeros(1), torch.tensor(t))
+                steps.append(tracker.step_index)
+        assert tracker.timestep == 100.0 and steps == [0, 1, 2, 0, 1, 2]
+
+
 @pytest.mark.parametrize("timestep", [np.int64(900), np.int32(900), np.float32(900.0), np.array([900])],
                          ids=["int64", "int32", "float32", "array"])
 def test_numpy_timesteps_are_read(timestep):

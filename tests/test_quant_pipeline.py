@@ -107,6 +107,26 @@ def test_gradient_checkpointing_recomputes_each_call_in_its_own_timestep_group(i
     assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed))
 
 
+def test_a_forced_timestep_group_belongs_to_the_thread_that_set_it():
+    """The group a checkpointed block's wrapper forces was one attribute for every thread: a training call paused
+    inside a block moved another thread's inference to its group, and two overlapping ones left it set for good
+    (0.05 off; session 48 review). Deep copies start with none forced."""
+    import threading
+
+    from diffusion_accel.quant.layers import StepGroups
+
+    selector = StepGroups(torch.nn.Linear(1, 1), groups=2, default_steps=10, bounds=(500.0,))
+    selector.forced = 1
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(selector.forced))
+    worker.start()
+    worker.join()
+    assert seen == [None] and selector.forced == 1
+    copied = copy.deepcopy(selector)
+    assert copied.forced is None and copied.bounds == (500.0,) and copied.denoiser is not selector.denoiser
+    selector.forced = None
+
+
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_output_mse_weight_scales_use_calibrated_input_norms(family):
     options = FLUX_FAST if family == "flux" else FAST

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -43,7 +44,27 @@ class StepGroups:
         self.groups, self.default_steps = groups, default_steps
         self.bounds = None if bounds is None else tuple(float(bound) for bound in bounds)
         self.active = 0  # the group of the latest denoiser call (``note_call``): what compiled graphs read
-        self.forced: int | None = None  # set by block reconstruction, which calls blocks outside any denoiser call
+        self._forced = threading.local()
+
+    @property
+    def forced(self) -> int | None:
+        """The group this thread's calls take whatever their timestep (None: chosen per call): set by block
+        reconstruction, which calls blocks outside any denoiser call, and around a block whose backward recomputes
+        it. Per thread: shared, one thread's training call moved another's inference to its group (session 48)."""
+        return getattr(self._forced, "group", None)
+
+    @forced.setter
+    def forced(self, group: int | None) -> None:
+        self._forced.group = group
+
+    def __getstate__(self) -> dict:
+        state = dict(vars(self))
+        del state["_forced"]  # a threading.local: a deep copy starts with none forced
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
+        self._forced = threading.local()
 
     def group_of_timestep(self, timestep: float) -> int:
         """Group of a call at ``timestep``: the number of group bounds above it."""
