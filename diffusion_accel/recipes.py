@@ -340,7 +340,8 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
 
     base_notes = _artifact_notes_of(spec)  # read first: --out may be that artifact's folder
     save(pipe, args.out)  # a failed save leaves the older artifact whole, and its calibration.json with it
-    _write_artifact_notes(Path(args.out), spec, methods, settings, prompt_list, seconds, base_notes, runs_pipeline)
+    _write_artifact_notes(Path(args.out), spec, methods, {**settings, "seed": args.seed}, prompt_list, seconds,
+                          base_notes, runs_pipeline)  # the seed, as the statistics' notes record it (session 48)
     summary = "\n".join(summaries) + f"\nartifact (safetensors + manifest.json) written to {args.out}/"
     return {"summary": summary, "methods": methods, "seconds": seconds, "out": args.out}
 

@@ -163,6 +163,14 @@ def test_statistics_record_how_the_model_was_loaded_and_keep_their_layout_at_one
     assert "--collect features probes every block: drop --layers" in capsys.readouterr().err
 
 
+def test_an_artifacts_calibration_notes_record_the_seed(tmp_path):
+    """As the statistics' notes do since session 48 (an artifact's recorded none)."""
+    out = tmp_path / "art"
+    assert main(["calibrate", "--pipe", "tiny:sd", "--method", "cache", "--steps", "2", "--num-prompts", "1",
+                 "--seed", "5", "--out", str(out)]) == 0
+    assert json.loads((out / "calibration.json").read_text())["settings"]["seed"] == 5
+
+
 def test_a_failing_calibrate_write_leaves_the_earlier_output_whole(tmp_path, capsys, monkeypatch):
     """Statistics were written before their calibration.json (a failure between left new tensors under the
     old settings), and an artifact's calibration.json was deleted before a save that then failed."""
