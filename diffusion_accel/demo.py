@@ -22,7 +22,7 @@ import torch
 from . import prompts as prompt_sets
 from .arch import find_denoiser, get_adapter
 from .artifact import applied_techniques
-from .loading import default_demo_spec, float32_pixel_outputs, load_pipeline
+from .loading import default_demo_spec, float32_pixel_outputs, load_pipeline, loaded_as
 
 VariantBuilder = Callable[[Any, Any], Any]  # (base pipeline, Calibration) -> accelerated copy
 
@@ -142,9 +142,7 @@ def run_demo(spec: str | None = None, prompts: str | None = None, num_prompts: i
     call_kwargs = dict(call_kwargs or {})
     base = base_variant_name(pipe)  # the base's own dtype: with --dtype bf16 it was labelled fp32
     calib, summary = calibration_pass(pipe, prompt_list, steps, seed, call_kwargs)
-    weight = next(find_denoiser(pipe)[1].parameters())  # as calibrate --method stats records it (session 48)
-    summary |= {"loaded": {"dtype": str(weight.dtype).removeprefix("torch."), "device": str(weight.device)},
-                "seed": seed}
+    summary |= {"loaded": loaded_as(pipe), "seed": seed}  # as calibrate records them (session 48)
     skipped = {base} | ({"bf16"} if base == "fp64" else set())  # fp64 noise: other values for the same seed
     variants = {base: pipe} | {name: build(pipe, calib) for name, build in demo_variants().items()
                                if name not in skipped}

@@ -63,6 +63,19 @@ def load_pipeline(spec: str, dtype: str | torch.dtype | None = None, device: str
     return pipe
 
 
+def loaded_as(pipe: Any) -> dict[str, str]:
+    """How ``pipe``'s denoiser is loaded, for notes beside statistics and reports: its ``dtype`` and ``device``
+    (torch's names) and, when it came from variant weight files, the ``variant`` (bf16 and float32 statistics
+    differ and their notes were identical until session 48)."""
+    from .arch.registry import find_any_denoiser
+    from .artifact import pipeline_source
+
+    weight = next(find_any_denoiser(pipe)[1].parameters(), None)
+    loaded = {} if weight is None else {"dtype": str(weight.dtype).removeprefix("torch."), "device": str(weight.device)}
+    variant = (pipeline_source(pipe) or {}).get("variant")
+    return loaded if variant is None else {**loaded, "variant": variant}
+
+
 _FLOAT32_OUTPUTS_ATTR = "_diffusion_accel_float32_outputs"
 
 

@@ -25,10 +25,10 @@ import torch
 from safetensors.torch import save_file
 
 from . import prompts as prompt_sets
-from .arch import find_denoiser, get_adapter
+from .arch import get_adapter
 from .artifact import base_fingerprint, save_folder_problem
 from .artifact_files import StagedWrite
-from .loading import check_device, default_demo_spec, load_pipeline
+from .loading import check_device, default_demo_spec, load_pipeline, loaded_as
 from .paths import expand_home, read_json_object
 
 
@@ -328,11 +328,12 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
             _check_default_cache_table(pipe, cache_table)
     prompt_list = (given_prompts(settings) if settings["prompts"] is not None  # [] ran the defaults (until s45)
                    else prompt_sets.for_pipeline(pipe, limit=settings["num_prompts"]))
+    noted_settings = {**settings, "seed": args.seed}  # calibration.json records the seed (none until session 48)
     if methods == ["stats"]:
         collectors = build_collectors(pipe, [k.strip() for k in (args.collect or DEFAULT_COLLECT).split(",")
                                              if k.strip()], args.layers)
         calib = _run_calibration(pipe, prompt_list, settings, args.seed, collectors, store_trajectory=False)
-        _write_statistics(Path(args.out), spec, pipe, {**settings, "seed": args.seed}, calib, collectors)
+        _write_statistics(Path(args.out), spec, pipe, noted_settings, calib, collectors)
         return {"summary": calib.summary() + f"\nstatistics written to {args.out}/", "methods": methods,
                 "seconds": {}, "out": args.out}
     summaries, seconds = _apply_chain(pipe, methods, configs, args, recipe, prompt_list, settings)
@@ -340,8 +341,8 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
 
     base_notes = _artifact_notes_of(spec)  # read first: --out may be that artifact's folder
     save(pipe, args.out)  # a failed save leaves the older artifact whole, and its calibration.json with it
-    _write_artifact_notes(Path(args.out), spec, methods, {**settings, "seed": args.seed}, prompt_list, seconds,
-                          base_notes, runs_pipeline)  # the seed, as the statistics' notes record it (session 48)
+    _write_artifact_notes(Path(args.out), spec, methods, noted_settings, prompt_list, seconds, base_notes,
+                          runs_pipeline)
     summary = "\n".join(summaries) + f"\nartifact (safetensors + manifest.json) written to {args.out}/"
     return {"summary": summary, "methods": methods, "seconds": seconds, "out": args.out}
 
@@ -663,26 +664,14 @@ def _write_statistics(out: Path, spec: str, pipe: Any, settings: dict[str, Any],
     """``statistics.safetensors`` and its ``calibration.json``, staged and swapped in together (the JSON
     last, as an artifact's manifest): a failure between them left new statistics under the old settings."""
     tensors = {k: v.contiguous() for k, v in statistics_tensors(collectors).items()}
-    denoiser = find_denoiser(pipe)[1]
-    weight = next(denoiser.parameters(), None)  # bf16 and fp32 statistics differ and were told apart nowhere (s48)
-    loaded = {} if weight is None else {"dtype": str(weight.dtype).removeprefix("torch."), "device": str(weight.device)}
     manifest = {"format": CALIBRATION_FORMAT, "model": spec, "pipeline": type(pipe).__name__,
-                "base_fingerprint": base_fingerprint(pipe), "loaded": {**loaded, **_variant_of(pipe)},
-                "settings": settings,
+                "base_fingerprint": base_fingerprint(pipe), "loaded": loaded_as(pipe), "settings": settings,
                 "selected_steps": list(calib.selected_steps), "collectors": [c.describe() for c in collectors],
                 "summary": calib.summary().splitlines()}
     out.mkdir(parents=True, exist_ok=True)
     with StagedWrite(out) as staged:
         staged.write("statistics.safetensors", lambda path: save_file(tensors, str(path)))
         staged.commit("calibration.json", json.dumps(manifest, indent=2, default=str))
-
-
-def _variant_of(pipe: Any) -> dict[str, str]:
-    """``{"variant": NAME}`` when the pipeline was loaded from variant weight files, else ``{}``."""
-    from .artifact import pipeline_source
-
-    variant = (pipeline_source(pipe) or {}).get("variant")
-    return {} if variant is None else {"variant": variant}
 
 
 def _write_artifact_notes(out: Path, spec: str, methods: list[str], settings: dict[str, Any], prompt_list: list,
