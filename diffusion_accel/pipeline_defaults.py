@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections.abc
 import inspect
-import math
 import types
 import typing
 import warnings
@@ -23,7 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .arch.registry import DENOISER_COMPONENTS
-from .scalars import plain_number
+from .scalars import is_finite_number, plain_number
 from .stacklevel import user_stacklevel
 
 _ATTR = "_diffusion_accel_call_defaults"
@@ -122,7 +121,7 @@ def _check_guidance_values(values: dict[str, Any], owner: str) -> None:
     for key in GUIDANCE_ARGUMENTS:
         value = _scalar_value(values.get(key))
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if number and not (math.isfinite(value) and value >= 0):
+        if number and not (is_finite_number(value) and value >= 0):
             raise CallArgumentError(f"{key}={value!r} (from {owner}) must be a finite number >= 0")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import math
 import time
 import tomllib
 from pathlib import Path
@@ -30,6 +29,7 @@ from .artifact import base_fingerprint, save_folder_problem
 from .artifact_files import StagedWrite
 from .loading import check_device, default_demo_spec, load_pipeline, loaded_as
 from .paths import expand_home, read_json_object
+from .scalars import is_finite_number
 
 
 COLLECTOR_KINDS = ("ranges", "hessian", "features")
@@ -104,7 +104,7 @@ def _check_calibration_value(path: str | Path, key: str, value: Any) -> None:
     if key in _POSITIVE_INTS:
         ok, wanted = isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1"
     elif key == "guidance":
-        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        ok, wanted = is_finite_number(value) \
             and value >= 0, "a finite number >= 0"  # a negative one was refused only after loading (until s46)
     elif key in ("prompts", "selection"):
         ok = isinstance(value, str) or (isinstance(value, list) and all(
@@ -142,9 +142,25 @@ def parse_call_args(pairs: list[str] | None) -> dict[str, Any]:
             kwargs[key.strip()] = json.loads(text)
         except json.JSONDecodeError:
             kwargs[key.strip()] = text
+    refuse_tensor_arguments(kwargs, "--call")
     if "true_cfg_scale" in kwargs:  # before any loading (guidance_scale: command_line_guidance)
         checked_guidance(kwargs["true_cfg_scale"], "--call true_cfg_scale")
     return kwargs
+
+
+def is_tensor_argument(name: str) -> bool:
+    """Whether pipeline argument ``name`` takes only a tensor (``latents``, ``prompt_embeds``,
+    ``image_latents``, ...), which a command line or a TOML table cannot give."""
+    return name == "latents" or name.endswith(("_latents", "_embeds"))
+
+
+def refuse_tensor_arguments(call: dict[str, Any], where: str) -> None:
+    """ValueError for a tensor-only argument given a text or number value (``--call latents=1`` failed with a
+    traceback after the pipeline had loaded, session 48); ``null`` (the pipeline's default) passes."""
+    given = sorted(key for key, value in call.items() if is_tensor_argument(key) and value is not None)
+    if given:
+        raise ValueError(f"{where} {given[0]}={call[given[0]]!r}: {given} take tensors, which {where} cannot give; "
+                         "pass them from Python (call_kwargs / the pipeline call) or leave them out")
 
 
 def command_line_guidance(guidance_flag: float | None, command_line_call: dict[str, Any]) -> Any:
@@ -162,7 +178,7 @@ def checked_guidance(value: Any, where: str) -> Any:
     """``value`` unless it is a non-finite or negative number (NaN ran SD without CFG silently, as ``--guidance nan``
     did before the flag refused it; session 45); other values are the pipeline's to judge."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if number and not (math.isfinite(value) and value >= 0):
+    if number and not (is_finite_number(value) and value >= 0):
         raise ValueError(f"{where}={value!r} must be a finite number >= 0")
     return value
 
@@ -207,7 +223,8 @@ _PIPELINE_ARGUMENTS_CALIBRATE_TAKES = ("guidance_scale", "negative_prompt", "num
 
 
 def check_call_table(call: dict[str, Any]) -> None:
-    """Refuse ``--call`` / ``[call]`` keys that calibration sets from its own settings."""
+    """Refuse ``--call`` / ``[call]`` keys that calibration sets from its own settings, and tensor-only ones."""
+    refuse_tensor_arguments(call, "--call / [call]")
     clashes = sorted(set(call) & set(_OWN_SETTINGS))
     if clashes:
         raise ValueError(f"--call / [call] may not set {clashes}: calibration sets them from "

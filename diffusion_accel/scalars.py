@@ -5,6 +5,7 @@ pass them (``DeepCacheConfig(interval=np.int64(2))`` was refused as "must be an 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,18 @@ def plain_number(value: Any) -> Any:
     """A numpy scalar as its Python value (``np.int64(2)`` -> 2, ``np.float32(0.5)`` -> 0.5, ``np.bool_(True)``
     -> True); anything else as it is, for the caller's checks to name."""
     return value.item() if isinstance(value, np.generic) else value
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is an int or float (not a bool) that a float holds finitely: NaN, inf and ints beyond
+    float range (``10**400``, where ``math.isfinite`` raised OverflowError instead of the caller's ValueError) are
+    not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def plain_scalars(config: Any) -> None:

@@ -88,6 +88,26 @@ def test_calib_kwargs_and_calib_steps_are_taken_or_refused_alike_in_every_form()
         da.PTQConfig(calib_steps=(0.0, 2.0))
 
 
+def test_an_int_beyond_float_range_is_refused_by_name_in_every_config_field():
+    """10**400 in a float field raised OverflowError from math.isfinite / float() (TeaCacheConfig coefficients,
+    PTQConfig.recon_lr, PruneConfig.damp, ...), not the field's error; so did calibrate's guidance (session 49)."""
+    import dataclasses
+
+    configs = [getattr(da, name) for name in dir(da) if name.endswith("Config")]
+    assert len(configs) >= 10
+    checked = 0
+    for cls in configs:
+        for field in (f for f in dataclasses.fields(cls) if f.init):
+            for value in (10 ** 400, (10 ** 400, 1.0)):
+                try:
+                    cls(**{field.name: value})
+                except (ValueError, TypeError):
+                    checked += 1
+    assert checked > 50
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0"):
+        da.calibrate(build_tiny("sd"), ["a"], 2, guidance_scale=10 ** 400)
+
+
 def test_a_cache_config_dict_of_another_type_is_refused():
     with pytest.raises(ValueError, match="DeepCacheConfig.from_dict got a BlockCacheConfig"):
         da.DeepCacheConfig.from_dict(da.BlockCacheConfig(interval=2).to_dict())

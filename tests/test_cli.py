@@ -304,6 +304,23 @@ def test_call_flags_parse_json_values_and_refuse_malformed_pairs():
             parse_call_args([bad])
 
 
+def test_a_tensor_argument_from_the_command_line_or_a_recipe_is_refused_before_loading(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """`--call latents=1` / `negative_prompt_embeds=[1,2]` failed with a traceback inside the pipeline call, after
+    loading (until session 49); a recipe's [call] table the same. `latents=null` is the pipeline's default."""
+    from diffusion_accel.recipes import parse_call_args
+
+    assert parse_call_args(["latents=null"]) == {"latents": None}
+    monkeypatch.setattr("diffusion_accel.loading.load_pipeline", lambda *a, **k: pytest.fail("pipeline loaded"))
+    for pair in ("latents=1", "negative_prompt_embeds=[1, 2]", "image_latents=x"):
+        assert main(["bench", "--pipe", "tiny:sd", "--call", pair]) == 2
+        assert f"--call {pair.split('=')[0]}=" in capsys.readouterr().err
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nid = "tiny:sd"\n[call]\nprompt_embeds = 1\n')
+    assert main(["calibrate", "--recipe", str(recipe), "--method", "ptq", "--out", str(tmp_path / "art")]) == 2
+    assert "['prompt_embeds'] take tensors" in capsys.readouterr().err
+
+
 def test_call_flags_reach_the_pipeline(tmp_path):
     """--call height/width changes the generated size: 4x the pixels, 4x the convolution and projection FLOPs and
     16x attention's (6.4x in all on tiny SD)."""

@@ -6,13 +6,12 @@ Model-dependent checks (a UNet branch id in range, a denoiser family the method 
 
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from ..scalars import plain_scalars
+from ..scalars import is_finite_number, plain_scalars
 
 SCHEDULES = ("uniform", "non-uniform")
 FORECAST_ORDERS = (0, 1)
@@ -47,11 +46,14 @@ def _number_sequence(value: Any) -> tuple[float, ...]:
         return ()
     if not all(isinstance(item, numbers.Real) and not isinstance(item, bool) for item in items):
         return ()
-    return tuple(float(item) for item in items)
+    try:
+        return tuple(float(item) for item in items)
+    except OverflowError:  # an int beyond float range (10**400): no such sequence either
+        return ()
 
 
 def _check_float(name: str, value: Any, minimum: float, inclusive: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_finite_number(value)
     ok = ok and (value >= minimum if inclusive else value > minimum)
     if not ok:
         bound = ">=" if inclusive else ">"
@@ -167,7 +169,7 @@ class TeaCacheConfig(_ConfigMethods):
         _check_float("threshold", self.threshold, 0.0)
         if self.coefficients is not None:
             values = _number_sequence(self.coefficients)
-            if not values or not all(math.isfinite(c) for c in values):
+            if not values or not all(is_finite_number(c) for c in values):
                 raise ValueError(f"coefficients must be a non-empty sequence of finite numbers or None, "
                                  f"got {self.coefficients!r}")
             object.__setattr__(self, "coefficients", tuple(float(c) for c in values))
@@ -263,9 +265,9 @@ def _checked_timesteps(values: Any, num_steps: int) -> tuple[float, ...]:
     """``values`` as a tuple of ``num_steps`` finite floats; ValueError otherwise."""
     try:
         timesteps = tuple(float(value) for value in values)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"timesteps must be a sequence of numbers, got {values!r:.80}") from None
-    if len(timesteps) != num_steps or not all(math.isfinite(value) for value in timesteps):
+    if len(timesteps) != num_steps or not all(is_finite_number(value) for value in timesteps):
         raise ValueError(f"timesteps must hold {num_steps} finite values (one per step), got {values!r:.80}")
     return timesteps
 

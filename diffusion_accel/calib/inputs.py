@@ -17,7 +17,6 @@ Pipelines without a latent output (DiT decodes always, DDPM is pixel-space) get
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from ..argtypes import SEED_LIMIT
 from ..arch.registry import UnsupportedModelError, get_adapter
 from ..pipeline_defaults import (call_defaults, check_call_arguments, check_guidance_scale_is_read,
                                  OTHER_PROMPTS, per_prompt_negative, per_prompt_values, with_tuples)
-from ..scalars import plain_number
+from ..scalars import is_finite_number, plain_number
 from ..stacklevel import user_stacklevel
 
 CALL_MODES = ("prompt", "class", "unconditional")
@@ -259,8 +258,7 @@ def _check_options(pipe: Any, mode: str, params: dict[str, inspect.Parameter], p
         raise ValueError(f"{name} has no guidance_scale; leave guidance_scale=None")
     if guidance_scale is not None:
         check_guidance_scale_is_read(pipe, "calibrate")
-    bad = isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
-    if guidance_scale is not None and (bad or not math.isfinite(guidance_scale) or guidance_scale < 0):
+    if guidance_scale is not None and not (is_finite_number(guidance_scale) and guidance_scale >= 0):
         raise ValueError(f"guidance_scale must be a finite number >= 0 (or None for the pipeline's default), got "
                          f"{guidance_scale!r}")  # NaN / -1 ran without CFG, silently; inf overflowed the ranges
     if per_item != 1 and mode == "prompt" and "num_images_per_prompt" not in params:

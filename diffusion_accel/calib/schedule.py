@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..scalars import plain_values
+from ..scalars import is_finite_number, plain_values
 
 SELECTION_FORMS = ('"all"', '"uniform:K"', '"every:K"', "a list of step indices")
 WEIGHTING_SCHEMES = ("uniform", "linear", "log-decrease", "log-increase")
@@ -134,7 +134,7 @@ def step_weights(num_steps: int, scheme: str = "uniform", w_min: float = 0.8,
 
 
 def _check_weight_range(w_min: float, w_max: float) -> None:
-    values_ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (w_min, w_max))
+    values_ok = all(is_finite_number(v) for v in (w_min, w_max))
     if not values_ok or w_min < 0 or w_max < w_min or w_max <= 0:
         raise ValueError(f"step weights need finite 0 <= w_min <= w_max with w_max > 0, "
                          f"got w_min={w_min!r}, w_max={w_max!r}")

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..calib.schedule import WEIGHTING_SCHEMES
-from ..scalars import plain_scalars
+from ..scalars import is_finite_number, plain_scalars
 
 METHODS = ("obs", "wanda", "magnitude")
 PATTERNS = ("unstructured", "structured", "2:4", "4:8", "any 'N:M' with 0 < N < M")
@@ -176,8 +176,7 @@ def _number_pair(name: str, value: Any) -> tuple[float, float]:
         pair = tuple(value)
     except TypeError:
         pair = ()
-    ok = len(pair) == 2 and all(isinstance(item, (int, float)) and not isinstance(item, bool)
-                                and math.isfinite(item) for item in pair)
+    ok = len(pair) == 2 and all(is_finite_number(item) for item in pair)
     if not ok:
         raise ValueError(f"{name} must be (w_min, w_max), two finite numbers, got {value!r}")
     return pair
@@ -251,15 +250,14 @@ def _check_sparsity(config: PruneConfig) -> None:
             raise ValueError(f"pattern {config.pattern!r} implies sparsity {implied:g}; got sparsity={value!r} "
                              f"(pass None or {implied:g})")
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise TypeError(f"sparsity must be a float in [0, 1), got {value!r}")
     if not 0.0 <= value < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {value!r}")
 
 
 def _check_numbers(config: PruneConfig) -> None:
-    if isinstance(config.damp, bool) or not (isinstance(config.damp, (int, float)) and config.damp > 0
-                                             and math.isfinite(config.damp)):
+    if not (is_finite_number(config.damp) and config.damp > 0):
         raise ValueError(f"damp must be a finite float > 0, got {config.damp!r}")
     if isinstance(config.blocksize, bool) or not isinstance(config.blocksize, int) or config.blocksize < 1:
         raise ValueError(f"blocksize must be an int >= 1, got {config.blocksize!r}")
@@ -274,8 +272,7 @@ def _check_numbers(config: PruneConfig) -> None:
                          f"steps and observes all of them, as PTQConfig's calib_num_steps), "
                          f"got {config.calib_num_steps!r}")
     guidance = config.calib_guidance_scale
-    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
-                                 or not math.isfinite(guidance) or guidance < 0):
+    if guidance is not None and not (is_finite_number(guidance) and guidance >= 0):
         raise ValueError(f"calib_guidance_scale must be a finite number >= 0 or None, got {guidance!r}")
     if not 0 <= config.weight_range[0] <= config.weight_range[1]:
         raise ValueError(f"weight_range must be (w_min, w_max) with 0 <= w_min <= w_max, got {config.weight_range!r}")

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..calib.ranges import RANGE_METHODS
 from ..calib.schedule import select_steps
-from ..scalars import plain_scalars
+from ..scalars import is_finite_number, plain_scalars
 from .formats import ACTIVATION_FORMATS, WEIGHT_FORMATS, get_format
 
 # calibrate() arguments quantize_'s own calibration sets from the config (quant/calibrate.py's _run)
@@ -199,7 +199,7 @@ def _flag(name: str, value: Any) -> None:
 
 def _finite(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> None:
     """A finite number in [low, high) ((low, high) when ``low_open``), else a ValueError naming the field."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_finite_number(value)
     ok = ok and (value > low if low_open else value >= low) and value < high
     if not ok:
         bounds = f"{'(' if low_open else '['}{low:g}, {high:g})"
@@ -351,8 +351,7 @@ def _check_reconstruction(config: PTQConfig) -> None:
     for name in ("recon_lr", "recon_act_lr", "recon_p"):
         _finite(name, getattr(config, name), 0.0, low_open=True)
     _finite("recon_reg", config.recon_reg, 0.0)
-    ok = len(config.recon_beta) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
-                                              and math.isfinite(b) and b > 0 for b in config.recon_beta)
+    ok = len(config.recon_beta) == 2 and all(is_finite_number(b) and b > 0 for b in config.recon_beta)
     if not ok:
         raise ValueError(f"PTQConfig.recon_beta must be (start, end), two finite numbers > 0, got {config.recon_beta!r}")
     if config.reconstruct and config.weights not in ("int8", "int4"):

@@ -10,7 +10,6 @@ unquantized weight come from the base pipeline, whose fingerprint the framework 
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import Counter
 from typing import Any
@@ -20,6 +19,7 @@ from torch import nn
 
 from ..arch.registry import find_denoiser
 from ..hooks import refuse_while_cached
+from ..scalars import is_finite_number
 from ..stacklevel import user_stacklevel
 from ..artifact import ArtifactError, compute_dtype, register_technique
 from ..artifact_tensors import TechniqueTensors, technique_tensors
@@ -169,7 +169,7 @@ def _valid_bounds(bounds: Any, count: int) -> bool:
     """Whether ``bounds`` lists ``count`` finite numbers, descending (NaN bounds put every step in group 0)."""
     if not isinstance(bounds, list) or len(bounds) != count:
         return False
-    if not all(isinstance(bound, (int, float)) and not isinstance(bound, bool) and math.isfinite(bound)
+    if not all(is_finite_number(bound)
                for bound in bounds):
         return False
     return all(earlier >= later for earlier, later in zip(bounds, bounds[1:]))
