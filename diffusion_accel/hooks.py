@@ -351,7 +351,7 @@ class StepTracker(ModelHook):
         ``CacheMixin`` denoisers called by a pipeline are reset by diffusers (called directly, in a user's own
         loop, they never were: a second loop continued the first)."""
         if isinstance(module, CacheMixin):
-            caller = _calling_pipeline()
+            caller = calling_pipeline()
             if caller is not None:
                 self._detect_calling_schedule(caller)
                 return
@@ -390,7 +390,7 @@ class StepTracker(ModelHook):
             return True  # the same-position call began a new loop
         if earlier is not None and schedule is earlier[0]:
             return False
-        if _calling_pipeline() is not None or earlier is None:
+        if calling_pipeline() is not None or earlier is None:
             return True
         same_length = len(earlier[0]) == len(schedule) and earlier[1] is not None and position is not None
         if same_length and position == earlier[1]:
@@ -654,7 +654,7 @@ def _scheduler_position(scheduler: Any, timesteps: torch.Tensor) -> int | None:
     return position if position < len(timesteps) else None
 
 
-def _calling_pipeline() -> DiffusionPipeline | None:
+def calling_pipeline() -> DiffusionPipeline | None:
     """The diffusers pipeline whose ``__call__`` makes the current denoiser call (the nearest on this thread's
     stack), or None (a direct call)."""
     frame = sys._getframe(1)
@@ -670,7 +670,7 @@ def _calling_pipeline() -> DiffusionPipeline | None:
 def _called_with_another_scheduler(watched: Any) -> bool:
     """Whether a pipeline other than ``watched``, with a scheduler of its own, makes the current denoiser call (a
     ``FluxImg2ImgPipeline.from_pipe(flux, scheduler=...)``): the watched scheduler's timesteps do not place it."""
-    caller = _calling_pipeline()
+    caller = calling_pipeline()
     return caller is not None and getattr(caller, "scheduler", None) is not getattr(watched, "scheduler", None)
 
 

@@ -404,3 +404,30 @@ def test_a_denoiser_looped_at_one_position_keeps_a_bounded_state(monkeypatch):
     assert len(get_session(unet).records) == 5
     pipe(**tiny_call_kwargs("sd", steps=4))
     assert summary(pipe)["denoiser_calls"] == 4
+
+
+def test_pipelines_reading_attention_maps_inside_the_unet_are_refused_or_computed_not_crashed():
+    """SAG reads the mid block's self-attention map and Attend-and-Excite back-propagates through cross-attention
+    maps: on a reuse step those modules do not run, and both crashed deep in diffusers (a shape error; autograd's
+    "not used in the graph") until session 49. enable_cache refuses them; a from_pipe sibling of a cached pipeline
+    computes every block of its calls (uncached images, a warning), and the cached pipeline goes on caching."""
+    from diffusers import StableDiffusionAttendAndExcitePipeline, StableDiffusionSAGPipeline
+
+    sd = build_tiny("sd")
+    components = {name: part for name, part in sd.components.items() if name != "image_encoder"}
+    for cls in (StableDiffusionSAGPipeline, StableDiffusionAttendAndExcitePipeline):
+        with pytest.raises(ValueError, match=f"enable_cache: {cls.__name__} reads attention maps"):
+            da.enable_cache(cls(**components), DeepCacheConfig(interval=2))
+    assert get_tracker(sd.unet) is None  # nothing installed
+    sag, excite = StableDiffusionSAGPipeline.from_pipe(sd), StableDiffusionAttendAndExcitePipeline.from_pipe(sd)
+    sag_kwargs, excite_kwargs = {"sag_scale": 0.75}, {"token_indices": [2], "max_iter_to_alter": 3}
+    uncached = [pipe(**tiny_call_kwargs("sd", steps=4), **kwargs).images
+                for pipe, kwargs in ((sd, {}), (sag, sag_kwargs), (excite, excite_kwargs))]
+    da.enable_cache(sd, DeepCacheConfig(interval=2))
+    cached = sd(**tiny_call_kwargs("sd", steps=4)).images
+    assert not torch.equal(cached, uncached[0])
+    for pipe, kwargs, expected in ((sag, sag_kwargs, uncached[1]), (excite, excite_kwargs, uncached[2])):
+        with pytest.warns(UserWarning, match=f"{type(pipe).__name__} reads attention maps .* compute every block"):
+            assert torch.equal(pipe(**tiny_call_kwargs("sd", steps=4), **kwargs).images, expected)
+        assert all(record["computed"] for record in da.cache_summary(sd)["steps"])
+    assert torch.equal(sd(**tiny_call_kwargs("sd", steps=4)).images, cached)

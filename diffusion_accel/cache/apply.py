@@ -27,7 +27,8 @@ from .partial import (check_levels, deeper_points, few_values, is_unet, nearest_
 from .policies import DeltaPolicy, FirstBlockPolicy, SchedulePolicy, TeaCachePolicy
 from .router import RouterPolicy, check_router, install_router_cache
 from .schedules import nonuniform_full_steps, resample_full_steps, uniform_full_steps
-from .session import CacheSession, drop_empty_registry, end_session, finish_session, get_session, start_session
+from .session import (CacheSession, drop_empty_registry, end_session, finish_session, get_session,
+                      refuse_map_reading_pipeline, start_session)
 from .stack import check_stack, install_stack_cache, output_layer, partial_levels
 from .unet_branch import branch_point, install_branch_cache
 
@@ -275,6 +276,7 @@ def enable_cache(pipe: Any, config: Any) -> Any:
     unchanged.
     """
     handler = _handler_for(config)
+    refuse_map_reading_pipeline(pipe, "enable_cache")
     component, denoiser = find_denoiser(pipe)
     _refuse_diffusers_cache(component, denoiser)
     check_no_cpu_offload(denoiser, "enable_cache")  # before the fingerprint (meta weights under sequential offload)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +18,9 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from ..hooks import CACHE_CLIENT, StepTracker, attach_tracker, detach_tracker_if_unused
+from ..hooks import CACHE_CLIENT, StepTracker, attach_tracker, calling_pipeline, detach_tracker_if_unused
 from ..pretrained_guard import GuardedMethod
+from ..stacklevel import user_stacklevel
 from .forecast import forecast_scale
 
 SESSION_ATTR = "_diffusion_accel_cache"
@@ -26,6 +28,39 @@ DIFFUSERS_ENABLE = "enable_cache"  # diffusers' CacheMixin method, refused while
 DIFFUSERS_RESET = "_reset_stateful_cache"  # what pipelines call on each component when a call ends
 CACHE_HOOK_NAME = "diffusion_accel.cache"
 TRACKER_CLIENT = CACHE_CLIENT
+
+
+# Pipelines that read attention maps out of the denoiser's inner modules during a call (SAG the mid block's
+# self-attention map, Attend-and-Excite the cross-attention maps it back-propagates through to the latents): a cache
+# skips those modules on reuse steps, leaving a stale map or none (a shape error, or autograd's "not used in the
+# graph", deep inside diffusers; session 49 review).
+MAP_READING_PIPELINES = ("StableDiffusionSAGPipeline", "StableDiffusionAttendAndExcitePipeline")
+
+
+def map_reading_name(pipe: Any) -> str | None:
+    """The name in :data:`MAP_READING_PIPELINES` that ``pipe`` is or derives from (None: none, or no pipeline)."""
+    names = {cls.__name__ for cls in type(pipe).__mro__} if pipe is not None else set()
+    return next((name for name in MAP_READING_PIPELINES if name in names), None)
+
+
+def refuse_map_reading_pipeline(pipe: Any, where: str) -> None:
+    """ValueError when ``pipe`` is, or derives from, one of :data:`MAP_READING_PIPELINES`."""
+    name = map_reading_name(pipe)
+    if name is not None:
+        raise ValueError(f"{where}: {name} reads attention maps from inside the denoiser during its call, and a "
+                         f"feature cache skips those modules on reuse steps (the map would be stale or missing); "
+                         f"call it without the cache (da.remove_cache(pipe)), or cache another pipeline")
+
+
+def _warn_if_map_reading(caller: Any) -> bool:
+    """Whether ``caller`` (the pipeline making this denoiser call) reads attention maps: then the call computes
+    every block (a ``from_pipe`` sibling of a cached pipeline; refusing mid-call left SAG's attention processor
+    swapped), with a warning that its calls are not accelerated."""
+    name = map_reading_name(caller)
+    if name is not None:
+        warnings.warn(f"{name} reads attention maps from inside the cached denoiser: its calls compute every block "
+                      f"(no caching; enable_cache refuses it)", stacklevel=user_stacklevel())
+    return name is not None
 
 
 @dataclass
@@ -133,6 +168,7 @@ class CacheSession:
         under torch.compile the decision costs no graph break of its own (a head policy decides on its
         signal, in the head block: see :meth:`decide`)."""
         self._follow_replaced_modules()
+        self.state()["map_reading"] = _warn_if_map_reading(calling_pipeline())  # a from_pipe sibling: computes
         if not getattr(self.policy, "uses_head", False):
             self._decide(None)
 
@@ -170,7 +206,8 @@ class CacheSession:
         """Ask the policy once per (context, step); store and log the answer."""
         state, step = self.state(), self.tracker.step_index
         decision = state.setdefault("decision", StepDecision())
-        if self.tracker.shared_context:  # several tiles in one context: each computes (and is logged once per step)
+        if self.tracker.shared_context or state.get("map_reading"):  # tiles in one context / a map-reading pipeline:
+            # each computes (and is logged once per step)
             if decision.step != step or not decision.compute:
                 decision.update(step, True, None)
                 self._record(step, True, None, None, state)
