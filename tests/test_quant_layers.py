@@ -109,6 +109,24 @@ def test_int8_linear_matches_simulation(act, int8_kernels, grad_enabled):
     torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("module, channel_dim, shape", [(nn.Linear(1, 5), -1, (2, 3, 1)),
+                                                        (nn.Conv2d(1, 4, 1), 1, (2, 1, 3, 3))], ids=["linear", "conv1x1"])
+def test_an_int8_gemm_with_one_input_column_matches_simulation(monkeypatch, int8_kernels, module, channel_dim, shape):
+    """The (1, N) transposed weight of a one-input layer has strides (1, 1), which torch counts as contiguous and
+    CPU _int_mm misread: huge values changing from run to run (until session 49)."""
+    monkeypatch.setattr(onednn, "supports", lambda layer: False)  # the GEMM path for the conv too
+    monkeypatch.setattr(onednn, "cpu_has_vnni", lambda: True)  # _int_mm itself, on any CPU
+    torch.manual_seed(0)
+    layer = _quant(module, "int8", (1,), DynamicActQuantizer("int8", False, channel_dim))
+    lowered = lower_layer(layer)
+    assert lowered.kind == "int8-gemm"
+    x = torch.randn(*shape)
+    for _ in range(3):
+        torch.testing.assert_close(lowered(x), layer(x), rtol=1e-5, atol=1e-4)
+    column = torch.full((5, 1), 3, dtype=torch.int8).t()
+    assert int8_matmul(torch.ones(2, 1, dtype=torch.int8), column).eq(3).all()
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_int8_conv1x1_split_matches_simulation(monkeypatch, int8_kernels, dynamic, grad_enabled):
     monkeypatch.setattr(onednn, "supports", lambda layer: False)  # the portable GEMM path

@@ -82,6 +82,13 @@ def exact_float_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def row_major(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix`` (2-D) with row-major strides (rows apart by the row length, elements by 1). The transpose of an
+    (N, 1) tensor has strides (1, 1), which torch counts as contiguous and CPU ``_int_mm`` misread: a
+    ``Linear(1, N)`` lowered to int8 returned garbage that changed from run to run (session 49)."""
+    return matrix if matrix.stride() == (matrix.shape[1], 1) else matrix.clone(memory_format=torch.contiguous_format)
+
+
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(M, K) int8 @ (K, N) int8 -> (M, N) int32, exact.
 
@@ -96,7 +103,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device.type == "cpu" and not onednn.cpu_has_vnni():
         return exact_float_matmul(a, b)
     if a.device.type != "cuda":
-        return torch._int_mm(a.contiguous(), b)
+        return torch._int_mm(row_major(a), row_major(b))
     rows = max(24, -(-m // 8) * 8)
     key = (a.device.index or 0, rows, k, b.shape[1])
     if k % 8 or b.shape[1] % 8 or key in CUBLAS_REFUSED:
@@ -125,7 +132,7 @@ class Int8GemmCore(KeepsQuantDtypes):
                  act: nn.Module) -> None:
         super().__init__()
         self.segment_sizes = tuple(segment_sizes)
-        self.register_buffer("weight_t", codes.t().contiguous())
+        self.register_buffer("weight_t", row_major(codes.t()))
         self.register_buffer("weight_scale", weight_scale.clone())
         sums = [part.to(torch.int32).sum(dim=1) for part in codes.split(list(segment_sizes), dim=1)]
         self.register_buffer("col_sums", torch.stack(sums))
