@@ -140,6 +140,29 @@ def test_an_interrupted_reconstruction_leaves_every_parameter_trainable_as_befor
         raise KeyboardInterrupt
 
     monkeypatch.setattr(reconstruct, "_freeze", interrupted)
+    _assert_interrupted_quantize_leaves_requires_grad()
+
+
+def test_an_interrupt_while_adaround_is_attached_leaves_every_parameter_trainable_as_before(monkeypatch):
+    """The parameters were frozen before the try whose finally restores them: a Ctrl-C while a block's AdaRound
+    modules were built left its norms and biases frozen (until session 49)."""
+    import diffusion_accel.quant.reconstruct as reconstruct
+
+    built = []
+    adaround_init = reconstruct.AdaRound.__init__
+
+    def init(self, *args, **kwargs):
+        built.append(1)
+        if len(built) == 20:  # a later block's
+            raise KeyboardInterrupt
+        adaround_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(reconstruct.AdaRound, "__init__", init)
+    _assert_interrupted_quantize_leaves_requires_grad()
+    assert len(built) == 20
+
+
+def _assert_interrupted_quantize_leaves_requires_grad() -> None:
     pipe = build_tiny("sd")
     before = {name: p.requires_grad for name, p in pipe.unet.named_parameters()}
     with pytest.raises(KeyboardInterrupt):

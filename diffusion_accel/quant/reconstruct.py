@@ -119,14 +119,14 @@ def reconstruct_block(block: nn.Module, layers: dict[str, QuantLayer], originals
     one group, quantized with that group's activation scales (``selector.forced``): the block runs outside any
     denoiser call, where every sample took group 0's scales and only those were learned."""
     saved = {p: p.requires_grad for p in block.parameters()}
-    for p in saved:
-        p.requires_grad_(False)
-    rounding_params, act_params = _attach(layers, originals, config.recon_act_iters > 0)
-    opt_w = torch.optim.Adam(rounding_params, lr=config.recon_lr)
-    opt_a = torch.optim.Adam(act_params, lr=config.recon_act_lr) if act_params else None
-    generator = torch.Generator().manual_seed(seed)
-    total = max(config.recon_iters, config.recon_act_iters if act_params else 0)  # no scales here: nothing to learn
-    try:
+    try:  # from the first change: a Ctrl-C in _attach left the block's norms and biases frozen (until session 49)
+        for p in saved:
+            p.requires_grad_(False)
+        rounding_params, act_params = _attach(layers, originals, config.recon_act_iters > 0)
+        opt_w = torch.optim.Adam(rounding_params, lr=config.recon_lr)
+        opt_a = torch.optim.Adam(act_params, lr=config.recon_act_lr) if act_params else None
+        generator = torch.Generator().manual_seed(seed)
+        total = max(config.recon_iters, config.recon_act_iters if act_params else 0)  # no scales: nothing to learn
         with torch.enable_grad():
             for it in range(total):
                 idx = _batch_indices(num_samples, config.recon_batch, generator, sample_groups, selector)
