@@ -15,6 +15,7 @@ when every step succeeded.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import importlib
 import importlib.util
@@ -49,7 +50,8 @@ MANIFEST = "manifest.json"
 _APPLIED_ATTR = "_diffusion_accel_applied"
 _EXPORTS_ATTR = "_diffusion_accel_exports"
 _FINGERPRINT_ATTR = "_diffusion_accel_base_fingerprint"
-_BASE_SAMPLE_ATTR = "_diffusion_accel_base_sample"  # (structure fingerprint, weight sample)
+_BASE_SAMPLE_ATTR = "_diffusion_accel_base_sample"
+_PLACEHOLDER_ATTR = "_diffusion_accel_placeholder"  # a restored layer a later technique must replace  # (structure fingerprint, weight sample)
 _BASE_CONFIG_ATTR = "_diffusion_accel_base_config"  # the config the base fingerprint hashed (base_config)
 _APPLIED_SAMPLE_ATTR = "_diffusion_accel_applied_sample"  # weight sample right after the last technique
 _CHANGED_ATTR = "_diffusion_accel_changed_after"  # (a tensor, the techniques): weights changed after those
@@ -476,10 +478,13 @@ def _listed_files(folder: Path) -> set[str]:
         return {path.name for path in folder.glob(TECHNIQUE_FILE_PATTERN)}
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        return {Path(entry["tensors"]).name for entry in manifest["techniques"]} if manifest.get("format") == FORMAT \
+        listed = {Path(entry["tensors"]).name for entry in manifest["techniques"]} if manifest.get("format") == FORMAT \
             else set()
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return set()
+    # only names save writes: an edited manifest listing "manifest.json" or "../notes.txt" had save delete the manifest
+    # it had just written, or the user's notes.txt beside it (until session 49)
+    return {name for name in listed if fnmatch.fnmatchcase(name, TECHNIQUE_FILE_PATTERN)}
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
@@ -538,6 +543,7 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
         try:
             for entry in manifest["techniques"]:
                 _restore_technique(base_pipe, entry, Path(directory))
+            _check_placeholders_replaced(find_denoiser(base_pipe)[1], manifest, directory)
             _keep_base_identity(find_denoiser(base_pipe)[1], original, manifest)
         except BaseException:
             _set_denoiser(base_pipe, component, attribute)
@@ -597,6 +603,28 @@ def _check_superseded(manifest: dict[str, Any], directory: str | Path) -> None:
             raise ArtifactError(f"artifact {directory}: technique {entry['name']!r} saved no weights for the "
                                 f"layers {later!r} replaces, but no {later!r} follows in the manifest; the artifact "
                                 f"is damaged or edited by hand: save it again")
+
+
+def mark_placeholder(module: torch.nn.Module) -> None:
+    """Mark ``module`` as holding no real weights: a restored layer whose export left them to a later technique
+    (``superseded_by``), which must replace it (:func:`_check_placeholders_replaced`)."""
+    setattr(module, _PLACEHOLDER_ATTR, True)
+
+
+def _check_placeholders_replaced(denoiser: torch.nn.Module, manifest: dict[str, Any], directory: str | Path) -> None:
+    """ArtifactError for a superseded layer still a placeholder after every technique restored: an entry of the
+    later technique that no longer covers it loaded all-zero weights there (0.09 off, until session 49)."""
+    for entry in manifest["techniques"]:
+        names = entry["config"].get("superseded")
+        for name in names if isinstance(names, list) else []:
+            try:
+                module = denoiser.get_submodule(name)
+            except (AttributeError, TypeError):
+                continue  # the technique's own restore judged its names
+            if getattr(module, _PLACEHOLDER_ATTR, False):
+                raise ArtifactError(f"artifact {directory}: technique {entry['name']!r} left layer {name!r} to "
+                                    f"{entry['config'].get('superseded_by')!r}, which did not restore it; the "
+                                    f"artifact is damaged or edited by hand: save it again")
 
 
 def _restore_technique(pipe: Any, entry: dict[str, Any], folder: Path) -> None:

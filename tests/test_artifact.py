@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from diffusion_accel import artifact
 from diffusion_accel.base_match import weight_sample
@@ -625,6 +625,14 @@ def test_quantizing_a_pruned_pipeline_frees_the_pruned_float_weights_it_replaced
     loaded = artifact.load(build_tiny("sd"), tmp_path)
     assert torch.equal(_images(loaded), _images(pipe))
     manifest = json.loads((tmp_path / "manifest.json").read_text())
+    edited = copy.deepcopy(manifest)  # the quantization no longer covers one replaced layer: it loaded all zeros
+    left_out = config["superseded"][0]
+    del edited["techniques"][1]["config"]["layers"][left_out]
+    (tmp_path / "manifest.json").write_text(json.dumps(edited))
+    ptq_file = tmp_path / edited["techniques"][1]["tensors"]
+    save_file({name: t for name, t in load_file(ptq_file).items() if not name.startswith(f"{left_out}.")}, ptq_file)
+    with pytest.raises(artifact.ArtifactError, match=f"left layer '{left_out}' to 'ptq', which did not restore it"):
+        artifact.load(build_tiny("sd"), tmp_path)
     manifest["techniques"] = manifest["techniques"][:1]  # the quantization that replaces them, cut off
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(artifact.ArtifactError, match="no 'ptq' follows in the manifest"):
@@ -647,6 +655,23 @@ def test_activation_only_quantization_keeps_the_pruned_weights_it_computes_with(
     artifact.save(pipe, tmp_path)
     loaded = artifact.load(build_tiny("sd"), tmp_path)
     assert torch.equal(_images(loaded), _images(pipe))
+
+
+@pytest.mark.parametrize("groups", [-2, 6.0, True, "6"])
+def test_a_resized_group_norms_group_count_is_checked_on_load(tmp_path, groups):
+    """record.norm_groups -2 / 6.0 / true loaded, and every call then failed inside torch's group_norm (session 49)."""
+    import diffusion_accel as da
+
+    pipe = da.prune_(build_tiny("sd"), da.PruneConfig(method="magnitude", sparsity=0.3, pattern="structured",
+                                                     prune_resnets=True))
+    artifact.save(pipe, tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    norm_groups = manifest["techniques"][0]["config"]["record"]["norm_groups"]
+    name = next(iter(norm_groups))
+    norm_groups[name] = groups
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(artifact.ArtifactError, match=f"gives GroupNorm '{name}' .* groups; a group count is an integer"):
+        artifact.load(build_tiny("sd"), tmp_path)
 
 
 def test_a_tilde_after_the_plus_of_base_and_artifact_is_the_home_folder(tmp_path, monkeypatch):
@@ -807,6 +832,21 @@ def test_saving_over_an_artifact_removes_the_files_only_the_old_one_listed(tmp_p
     artifact.save(_scaled_pipe(), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00-test-scale.safetensors", "base-sample.safetensors",
                                                           "manifest.json", "notes.txt"]
+
+
+def test_saving_over_an_edited_manifest_deletes_only_technique_files(tmp_path):
+    """An old manifest listing "manifest.json" or "../notes.txt" as technique files had save delete the manifest it
+    had just written (the folder then read as an interrupted save) and the user's notes.txt (until session 49)."""
+    artifact.save(_scaled_pipe(), tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["techniques"] += [{"name": "x", "config": {}, "tensors": "manifest.json"},
+                               {"name": "y", "config": {}, "tensors": "../notes.txt"}]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "notes.txt").write_text("mine")
+    artifact.save(_scaled_pipe(), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00-test-scale.safetensors", "base-sample.safetensors",
+                                                          "manifest.json", "notes.txt"]
+    assert artifact.applied_techniques(artifact.load(build_tiny("sd"), tmp_path)) == ["test-scale"]
 
 
 @pytest.mark.parametrize("saved_dtype, loaded_dtype", [

@@ -1,5 +1,7 @@
 """Attention matmul quantization through a custom processor."""
 
+import json
+
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
@@ -219,6 +221,11 @@ def test_loading_quantized_attention_onto_a_base_with_other_processors_names_the
                                                r"attention slicing"):
         da.load(base, tmp_path)
     assert base.unet is unet and applied_techniques(base) == []
+    manifest = json.loads((tmp_path / "manifest.json").read_text())  # a name the base lacks: not its processors
+    manifest["techniques"][0]["config"]["attention"][0] = "no.such.attention"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(da.ArtifactError, match=r"\['no.such.attention'\] \(1 names\), which are no attention modules"):
+        da.load(build_tiny("sd"), tmp_path)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

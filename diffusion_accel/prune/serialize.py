@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..arch import find_denoiser, get_adapter
-from ..artifact import register_technique
+from ..artifact import mark_placeholder, register_technique
 from ..artifact_tensors import TechniqueTensors, technique_tensors
 from ..hooks import refuse_while_cached
 from .apply import TECHNIQUE
@@ -96,7 +96,7 @@ def restore_prune(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Te
     structured = bool(saved["heads"] or saved["base_shapes"])  # unstructured artifacts resize nothing
     geometry = BaseGeometry.of(denoiser) if structured else None  # the base's units, read before any resize
     _restore_heads(denoiser, saved["heads"])
-    norm_groups = saved.get("norm_groups", {})
+    norm_groups = _checked_norm_groups(saved.get("norm_groups", {}), saved["base_shapes"])
     for name, base_shape in saved["base_shapes"].items():
         shape = config.get("superseded_shapes", {}).get(name) if name in superseded else None
         _restore_resized(denoiser, name, base_shape, tensors, norm_groups.get(name), shape)
@@ -114,6 +114,21 @@ def restore_prune(pipe: Any, config: dict[str, Any], tensors: dict[str, torch.Te
     record.norm_groups |= norm_groups
     _restore_sparse_kernels(denoiser, saved["configs"], [name for name in config["masked_shapes"]
                                                         if name not in superseded])
+
+
+def _checked_norm_groups(norm_groups: Any, base_shapes: dict[str, Any]) -> dict[str, int]:
+    """The record's GroupNorm group counts, each an int >= 1 for a resized layer: -2 or 6.0 loaded, and every call
+    then failed inside torch's group_norm (until session 49)."""
+    if not isinstance(norm_groups, dict):
+        raise ValueError(f"pruned artifact's record.norm_groups must map layer names to group counts, "
+                         f"got {norm_groups!r:.80}")
+    for name, groups in norm_groups.items():
+        if name not in base_shapes:
+            raise ValueError(f"pruned artifact gives GroupNorm {name!r} a group count, but resizes no such layer")
+        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+            raise ValueError(f"pruned artifact gives GroupNorm {name!r} {groups!r} groups; a group count is an "
+                             f"integer >= 1")
+    return norm_groups
 
 
 def _restore_sparse_kernels(denoiser: nn.Module, configs: list[Any], masked: list[str]) -> None:
@@ -179,6 +194,8 @@ def _restore_resized(denoiser: nn.Module, name: str, base_shape: list[int], tens
     else:
         raise ValueError(f"pruned artifact resized {name!r}, a {type(layer).__name__} in the base model; "
                          "only Linear, Conv2d and GroupNorm layers can be restored smaller")
+    if superseded_shape is not None:
+        mark_placeholder(new)
     replace_module(denoiser, name, new)
 
 
@@ -191,6 +208,7 @@ def _restore_masked(denoiser: nn.Module, name: str, shape: list[int], tensors: T
     if superseded:
         with torch.no_grad():
             layer.weight.mul_(mask)
+        mark_placeholder(layer)
         return
     values = tensors.take(f"{name}.values", (int(mask.sum()),), "float", finite=True)
     weight = torch.zeros(shape, dtype=layer.weight.dtype, device=layer.weight.device)

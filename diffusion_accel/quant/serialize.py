@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..arch import get_adapter
 from ..arch.registry import find_denoiser
 from ..hooks import refuse_while_cached
 from ..scalars import is_finite_number
@@ -223,6 +224,10 @@ def _check_attention_processors(pipe: Any, names: list[str]) -> None:
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         raise ValueError(f"attention must list attention module names, got {names!r}")
     fit, others = quantizable_attention(pipe)
+    unknown = sorted(set(names) - set(fit) - {info.name for info in get_adapter(pipe).attention()})
+    if unknown:  # they were reported as processors to change, listing none (session 49)
+        raise ValueError(f"the artifact quantizes the attention of {unknown[:3]} ({len(unknown)} names), which are no "
+                         f"attention modules of this base model")
     unfit = sorted(set(names) - set(fit))
     if unfit:
         raise ArtifactError(
