@@ -315,6 +315,11 @@ def _check_flux_arch(tmp_path):
     with pytest.raises(ValueError, match=r"holds a 'large' transformer, not 'small': resume without --arch"):
         flux_train.train(C.RunConfig(run_dir=tmp_path / "flux-large", steps=2, arch="small"), "fashion-flux")
     assert flux_train.checked_arch(C.RunConfig(run_dir=tmp_path / "fashion-flux", steps=2)) == ("small", False)
+    # restating a resumed run's own arch keeps the checkpoint's answer: a warm start stayed one (until session 49)
+    assert flux_train.checked_arch(C.RunConfig(run_dir=tmp_path / "fashion-flux", steps=2, arch="small")) == (
+        "small", False)
+    assert flux_train.checked_arch(C.RunConfig(run_dir=tmp_path / "flux-large", steps=2, arch="large")) == (
+        "large", True)
 
 
 def _check_decoder_stage_kept_the_latent_space(tmp_path):
@@ -529,6 +534,32 @@ def test_zoo_list_and_path_tell_an_incomplete_folder_from_a_missing_one(tmp_path
         zoo.path("fashion-sd")
     with pytest.raises(FileNotFoundError, match="fashion-flux is missing"):
         zoo.path("fashion-flux")
+
+
+def test_a_zoo_folder_missing_a_components_files_is_incomplete_not_shipped(tmp_path, monkeypatch, capsys):
+    """Only model_index.json and the tokenizers were checked: a copy without unet/ (or its weights, or without
+    fashion-clip's weights) was listed as shipped and failed to load blaming the pipeline folder's config.json
+    (until session 49)."""
+    import shutil
+
+    from diffusion_accel.zoo.cli import _list
+
+    for name in ("fashion-clip", "fashion-sd", "mnist-ddpm"):
+        shutil.copytree(zoo.MODELS_DIR / name, tmp_path / name)
+    shutil.rmtree(tmp_path / "fashion-sd" / "unet")
+    for weights in (tmp_path / "fashion-clip").glob("*.safetensors"):
+        weights.unlink()
+    for weights in (tmp_path / "mnist-ddpm" / "unet").glob("*.safetensors"):
+        weights.unlink()
+    monkeypatch.setattr(zoo, "MODELS_DIR", tmp_path)
+    assert _list(argparse.Namespace()) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "incomplete" in lines["fashion-sd"] and "lacks unet/:" in lines["fashion-sd"]
+    assert "lacks unet/*.safetensors" in lines["mnist-ddpm"] and "lacks *.safetensors" in lines["fashion-clip"]
+    with pytest.raises(FileNotFoundError, match="lacks unet/: an incomplete copy"):
+        zoo.load("fashion-sd")
+    with pytest.raises(FileNotFoundError, match="lacks unet/: an incomplete copy"):
+        zoo.load("fashion-sd", folder=tmp_path / "fashion-sd")
 
 
 def test_input_paths_expand_home_also_after_an_equals_sign(tmp_path, monkeypatch):

@@ -44,6 +44,42 @@ def _check_tokenizers(name: str, folder: Path) -> None:
                                 f"again or re-export it")
 
 
+_NO_WEIGHTS = ("Tokenizer", "TokenizerFast", "TokenizersBackend", "Scheduler", "Processor", "FeatureExtractor")
+
+
+def _missing_parts(name: str, folder: Path) -> list[str]:
+    """What the save_pretrained layout of zoo model ``name`` in ``folder`` lacks: a component folder its
+    model_index.json lists, or a model component's config.json / safetensors weights (an interrupted copy was
+    listed as shipped, and loading it blamed the pipeline folder's config.json; until session 49)."""
+    if name == "fashion-clip":
+        return [] if any(folder.glob("*.safetensors")) else ["*.safetensors (the model's weights)"]
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ["a readable model_index.json"]
+    missing = []
+    for component, spec in (index.items() if isinstance(index, dict) else []):
+        if component.startswith("_") or not isinstance(spec, list) or None in spec:
+            continue
+        part = folder / component
+        if not part.is_dir():
+            missing.append(f"{component}/")
+        elif not str(spec[-1]).endswith(_NO_WEIGHTS) and not component.startswith(("tokenizer", "scheduler")):
+            missing += [f"{component}/{file}" for file, found in
+                        (("config.json", (part / "config.json").is_file()),
+                         ("*.safetensors", any(part.glob("*.safetensors")))) if not found]
+    return missing
+
+
+def _check_complete(name: str, folder: Path, what: str) -> None:
+    """FileNotFoundError naming the parts (:func:`_missing_parts`) and the tokenizer files ``folder`` lacks."""
+    missing = _missing_parts(name, folder)
+    if missing:
+        raise FileNotFoundError(f"{what} lacks {', '.join(missing)}: an incomplete copy; copy the folder again or "
+                                f"re-export it")
+    _check_tokenizers(name, folder)
+
+
 def names() -> tuple[str, ...]:
     """Names of the shipped zoo models."""
     return _NAMES
@@ -59,7 +95,7 @@ def path(name: str) -> Path:
         where = f"{folder} is missing" if not folder.is_dir() else f"{folder} lacks {marker.name}: an incomplete copy"
         raise FileNotFoundError(f"zoo model {name!r} is not shipped in this install ({where}); "
                                 f"train it with `diffusion-accel zoo train {name} --ship`")
-    _check_tokenizers(name, folder)
+    _check_complete(name, folder, f"zoo model folder {str(folder)!r}")
     return folder
 
 
@@ -76,7 +112,7 @@ def _export_folder(name: str, folder: Path) -> Path:
         raise FileNotFoundError(f"folder={str(folder)!r} has no {marker}: expected a save_pretrained export of {name}")
     if name in PIPELINE_CLASSES:
         check_pipeline_class(folder, PIPELINE_CLASSES[name], f"folder={str(folder)!r}")
-    _check_tokenizers(name, folder)
+    _check_complete(name, folder, f"folder={str(folder)!r}")
     return folder
 
 

@@ -150,7 +150,9 @@ def checked_arch(cfg: C.RunConfig) -> tuple[str, bool]:
     if cfg.arch is not None and saved is not None and cfg.arch != saved:
         raise ValueError(f"{cfg.run_dir}/checkpoint.pt holds a {saved!r} transformer, not {cfg.arch!r}: resume "
                          f"without --arch, or start over with --no-resume (or another --out)")
-    chosen = cfg.arch is not None or (state is not None and bool(state.get("arch_chosen", False)))
+    # a resumed run keeps the checkpoint's answer: restating a warm start's own --arch made it "fresh" (its card
+    # recorded no init_from / init_steps, and the checkpoint kept that; until session 49)
+    chosen = cfg.arch is not None if state is None else bool(state.get("arch_chosen", False))
     return cfg.arch or saved or DEFAULT_ARCH, chosen
 
 
