@@ -413,7 +413,7 @@ def _load_variants(args: argparse.Namespace) -> dict:
     entries = args.pipe or [default_demo_spec()]
     named: dict[str, str] = {}
     for entry in entries:  # every name checked before the first (minutes-long) load
-        bare = "=" not in entry or expand_home(entry).exists()  # a folder named lr=1e-4/ is a bare spec
+        bare = "=" not in entry or expand_home(entry).exists() or _equals_inside_artifact_spec(entry)
         name, _, spec = (entry, "", entry) if bare else entry.partition("=")
         if not name.strip() or not spec.strip():
             raise ValueError(f"--pipe {entry!r}: give NAME=SPEC with a non-empty name and spec, or a bare SPEC")
@@ -422,6 +422,19 @@ def _load_variants(args: argparse.Namespace) -> dict:
         named[name] = spec
     return {name: load_pipeline(spec, dtype=args.dtype, device=args.device, variant=args.variant)
             for name, spec in named.items()}
+
+
+def _equals_inside_artifact_spec(entry: str) -> bool:
+    """Whether ``entry`` is a bare BASE+ARTIFACT whose '=' is a path's (``lr=1e-4+art``, ``tiny:sd+art_lr=1e-4``,
+    read as NAME=SPEC until session 49): an artifact folder after a '+', and a base holding no '=' or an existing
+    path. ``q=tiny:sd+art`` stays NAME=SPEC."""
+    from .loading import split_artifact_spec
+
+    try:
+        base, artifact = split_artifact_spec(entry)
+    except OSError:
+        return False
+    return artifact is not None and (base is None or "=" not in base or expand_home(base).exists())
 
 
 def _prompts_for(args: argparse.Namespace, pipe: object) -> list:

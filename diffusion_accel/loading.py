@@ -11,6 +11,7 @@ base is loaded from the spec its manifest records, then the artifact is applied)
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -150,6 +151,12 @@ def check_device(device: str | torch.device) -> torch.device:
             found = "no CUDA device" if count == 0 else f"{count} CUDA device(s): cuda:0..cuda:{count - 1}"
             raise ValueError(f"device {device!r} is not available: torch {torch.__version__} sees {found}; "
                              f"use 'cpu'")
+    elif parsed.type != "cpu":  # mps / xpu on a build without them failed in pipe.to after the load (until s49)
+        try:
+            torch.empty(0, device=parsed)
+        except (RuntimeError, NotImplementedError, AssertionError, ImportError, AttributeError) as error:
+            raise ValueError(f"device {device!r} is not available: torch {torch.__version__} cannot allocate on it "
+                             f"({str(error).splitlines()[0][:80]}); use 'cpu'") from None
     return parsed
 
 
@@ -240,8 +247,16 @@ def _load_with_artifact(base_spec: str | None, artifact: Path, torch_dtype: torc
     rounding = artifact_rounding(artifact)
     if torch_dtype is not None and rounding is not None and dtype != recorded and dtype.itemsize <= rounding.itemsize:
         rounding = None  # another half precision asked for (or the rounding itself): loaded in it
-    base = load_pipeline(spec, dtype=rounding or dtype, device=None if device is None else str(device),
-                         variant=variant if variant is not None else artifact_variant(artifact, base_spec))
+    try:
+        base = load_pipeline(spec, dtype=rounding or dtype, device=None if device is None else str(device),
+                             variant=variant if variant is not None else artifact_variant(artifact, base_spec))
+    except (OSError, ValueError) as error:
+        if base_spec is not None:
+            raise
+        # a recorded base folder moved or on another machine: the error named a path the user never typed (s49)
+        kind = OSError if isinstance(error, OSError) else ValueError
+        raise kind(f"artifact {str(artifact)!r} was made from {spec!r}, which cannot be loaded here ({error}); "
+                   f"name its base as BASE+{artifact}") from None
     if rounding is None or rounding == dtype:
         return load(base, artifact)
     with warnings.catch_warnings():  # its advice, a cast after load, follows
@@ -285,7 +300,11 @@ def _load_by_kind(spec: str, torch_dtype: torch.dtype | None, variant: str | Non
                                  f"no {variant} weight files; load it without a variant")
             return zoo.load(zoo_name, torch_dtype or torch.float32, folder=spec, variant=variant)
         _check_pipeline_class_known(Path(spec))
-        return DiffusionPipeline.from_pretrained(spec, dtype=torch_dtype or torch.float32, **extra)
+        _check_tokenizer_files(Path(spec))
+        return _from_folder(spec, torch_dtype, variant)
+    if Path(spec).is_file():  # it went to the hub, or was "no such folder" (until session 49)
+        raise ValueError(f"pipeline spec {spec!r} is a file; a local pipeline is a save_pretrained folder (with "
+                         f"model_index.json), or name an artifact folder, zoo:NAME, tiny:FAMILY or a hub id")
     if _looks_like_a_path(spec):
         raise FileNotFoundError(f"pipeline spec {spec!r}: no such folder (a local pipeline is a "
                                 f"save_pretrained folder; a hub id looks like 'org/model')")
@@ -328,6 +347,56 @@ def _zoo_model_name(folder: Path) -> str | None:
     config = None if denoiser is None else read_json_object(folder / denoiser / "config.json")
     name = None if config is None else zoo.model_of_denoiser(config)
     return name if name is not None and index.get("_class_name") == zoo.PIPELINE_CLASSES[name] else None
+
+
+def _from_folder(spec: str, torch_dtype: torch.dtype | None, variant: str | None) -> Any:
+    """``DiffusionPipeline.from_pretrained`` of the folder ``spec``; a damaged weight file, or a folder holding
+    only variant files loaded without a variant, is an OSError naming the folder and the way out (a truncated
+    transformers component was a SafetensorError traceback, a variant-only folder "no file named
+    diffusion_pytorch_model.bin" in a component folder; until session 49)."""
+    from diffusers import DiffusionPipeline
+    from safetensors import SafetensorError
+
+    extra = {} if variant is None else {"variant": variant}
+    try:
+        return DiffusionPipeline.from_pretrained(spec, dtype=torch_dtype or torch.float32, **extra)
+    except SafetensorError as error:
+        raise OSError(f"pipeline folder {spec!r}: a weight file is damaged ({str(error)[:120]}); copy or save the "
+                      f"folder again") from None
+    except OSError as error:
+        found = _variants_in(Path(spec)) if variant is None else []
+        if not found:
+            raise
+        raise OSError(f"pipeline folder {spec!r} holds only variant weight files ({', '.join(found)}) where the "
+                      f"standard ones are missing; pass --variant {found[0]} (variant={found[0]!r}) "
+                      f"(diffusers: {str(error).split('. ')[0]})") from None
+
+
+def _variants_in(folder: Path) -> list[str]:
+    """The weight-file variants ``folder`` holds (``model.fp16.safetensors`` -> fp16), sorted."""
+    import re
+
+    pattern = re.compile(r"^(?:diffusion_pytorch_model|model)\.([A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.(?:safetensors|bin)$")
+    return sorted({match.group(1) for path in folder.rglob("*") if (match := pattern.match(path.name))})
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.model")
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """FileNotFoundError for a tokenizer component of ``folder``'s model_index.json with no vocabulary file:
+    transformers builds a 2-token vocabulary from nothing, and the first prompt failed (an OverflowError
+    traceback; until session 49), as ``zoo._check_tokenizers`` refuses for zoo folders."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # diffusers names what it cannot read
+    for component, spec in (index.items() if isinstance(index, dict) else []):
+        if component.startswith("tokenizer") and isinstance(spec, list) and None not in spec:
+            if not any((folder / component / name).is_file() for name in TOKENIZER_FILES):
+                raise FileNotFoundError(f"pipeline folder {str(folder)!r}: {component}/ holds no tokenizer files "
+                                        f"({', '.join(TOKENIZER_FILES)}); without them every prompt becomes unknown "
+                                        f"tokens: copy or save the folder again")
 
 
 def _has_variant_files(folder: Path, variant: str) -> bool:

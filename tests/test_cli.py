@@ -88,6 +88,48 @@ def test_user_mistakes_are_one_line_errors(argv, message, capsys, tmp_path, monk
     assert err.startswith("error:") and message in err and "Traceback" not in err
 
 
+def test_damaged_or_unusual_pipeline_folders_are_one_line_errors_and_equals_signs_in_paths_load(
+        tmp_path, monkeypatch, capsys):
+    """Session 49 review of pipeline specs: each of these was a traceback, a hub lookup, a misleading message or a
+    refusal of a valid BASE+ARTIFACT, in every command taking --pipe."""
+    import shutil
+
+    import diffusion_accel as da
+    from diffusion_accel.testing.tiny import build_tiny
+
+    monkeypatch.chdir(tmp_path)
+    build_tiny("sd").save_pretrained("sd")
+    grid = ["grid", "--steps", "1", "--num-prompts", "1", "--out", "g.png"]
+
+    def refused(spec, message, *flags):
+        assert main([*grid, "--pipe", spec, *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+    weights = next(Path("sd/unet").glob("*.safetensors"))
+    refused(str(weights), "is a file; a local pipeline is a save_pretrained folder")  # went to the hub
+    shutil.copytree("sd", "no_tok")
+    shutil.rmtree("no_tok/tokenizer")
+    Path("no_tok/tokenizer").mkdir()
+    refused("no_tok", "tokenizer/ holds no tokenizer files")  # loaded a 2-token vocabulary, then an OverflowError
+    shutil.copytree("sd", "trunc")
+    text_weights = next(Path("trunc/text_encoder").glob("*.safetensors"))
+    text_weights.write_bytes(text_weights.read_bytes()[:100])
+    refused("trunc", "pipeline folder 'trunc': a weight file is damaged")  # a SafetensorError traceback
+    build_tiny("sd").save_pretrained("sd16", variant="fp16")
+    refused("sd16", "holds only variant weight files (fp16) where the standard ones are missing; pass --variant fp16")
+    assert main([*grid, "--pipe", "sd16", "--variant", "fp16"]) == 0
+    base = Path("lr=1e-4")
+    shutil.copytree("sd", base)
+    da.save(da.enable_cache(da.loading.load_pipeline(str(base)), da.DeepCacheConfig(interval=2)), "art_lr=2")
+    for spec in ("lr=1e-4+art_lr=2", "sd+art_lr=2", "named=lr=1e-4+art_lr=2"):  # read as NAME=SPEC before
+        assert main([*grid, "--pipe", spec]) == 0, capsys.readouterr().err
+    shutil.move(base, "moved")  # the artifact records the base's absolute path
+    refused("art_lr=2", f"artifact 'art_lr=2' was made from '{base.resolve()}', which cannot be loaded here")
+    if not (hasattr(torch, "xpu") and torch.xpu.is_available()):  # failed in pipe.to after the whole load
+        refused("tiny:sd", "device 'xpu' is not available", "--device", "xpu")
+
+
 @pytest.mark.parametrize("command", [["eval", "--pipe", "tiny:sd"], ["grid", "--pipe", "tiny:sd"]])
 def test_an_out_path_of_a_user_without_a_home_is_a_usage_error(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
