@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -364,39 +365,48 @@ def _from_folder(spec: str, torch_dtype: torch.dtype | None, variant: str | None
         raise OSError(f"pipeline folder {spec!r}: a weight file is damaged ({str(error)[:120]}); copy or save the "
                       f"folder again") from None
     except OSError as error:
-        found = _variants_in(Path(spec)) if variant is None else []
-        if not found:
+        found = _variants_only(Path(spec)) if variant is None else []
+        if not found:  # the standard files are there: diffusers' own error is the one (a missing config.json)
             raise
         raise OSError(f"pipeline folder {spec!r} holds only variant weight files ({', '.join(found)}) where the "
                       f"standard ones are missing; pass --variant {found[0]} (variant={found[0]!r}) "
                       f"(diffusers: {str(error).split('. ')[0]})") from None
 
 
-def _variants_in(folder: Path) -> list[str]:
-    """The weight-file variants ``folder`` holds (``model.fp16.safetensors`` -> fp16), sorted."""
-    import re
-
-    pattern = re.compile(r"^(?:diffusion_pytorch_model|model)\.([A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.(?:safetensors|bin)$")
-    return sorted({match.group(1) for path in folder.rglob("*") if (match := pattern.match(path.name))})
+_WEIGHT_NAME = re.compile(r"^(?:diffusion_pytorch_model|model)(?:\.([A-Za-z0-9_]+))?(?:-\d+-of-\d+)?"
+                          r"\.(?:safetensors|bin)(?:\.index\.json)?$")  # group 1: the variant, if any
 
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.model")
+def _variants_only(folder: Path) -> list[str]:
+    """The weight-file variants (``model.fp16.safetensors`` -> fp16) of the component folders of ``folder`` that
+    hold variant weight files and no standard ones, sorted ([] when every component has its standard files)."""
+    found = set()
+    for component in (path for path in folder.iterdir() if path.is_dir()):
+        matches = [match for path in component.iterdir() if (match := _WEIGHT_NAME.match(path.name))]
+        if matches and all(match.group(1) for match in matches):
+            found |= {match.group(1) for match in matches}
+    return sorted(found)
 
 
 def _check_tokenizer_files(folder: Path) -> None:
-    """FileNotFoundError for a tokenizer component of ``folder``'s model_index.json with no vocabulary file:
-    transformers builds a 2-token vocabulary from nothing, and the first prompt failed (an OverflowError
-    traceback; until session 49), as ``zoo._check_tokenizers`` refuses for zoo folders."""
+    """FileNotFoundError for a tokenizer component of ``folder``'s model_index.json holding none of the vocabulary
+    files its transformers class reads (``vocab_files_names``; a byte-level ByT5 has none): transformers builds a
+    2-token vocabulary from nothing, and the first prompt failed (an OverflowError traceback; until session 49), as
+    ``zoo._check_tokenizers`` refuses for zoo folders."""
+    import transformers
+
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # diffusers names what it cannot read
     for component, spec in (index.items() if isinstance(index, dict) else []):
-        if component.startswith("tokenizer") and isinstance(spec, list) and None not in spec:
-            if not any((folder / component / name).is_file() for name in TOKENIZER_FILES):
-                raise FileNotFoundError(f"pipeline folder {str(folder)!r}: {component}/ holds no tokenizer files "
-                                        f"({', '.join(TOKENIZER_FILES)}); without them every prompt becomes unknown "
-                                        f"tokens: copy or save the folder again")
+        if not (isinstance(spec, list) and len(spec) == 2 and spec[0] == "transformers" and isinstance(spec[1], str)):
+            continue
+        files = sorted(set((getattr(getattr(transformers, spec[1], None), "vocab_files_names", None) or {}).values()))
+        if "Tokenizer" in spec[1] and files and not any((folder / component / name).is_file() for name in files):
+            raise FileNotFoundError(f"pipeline folder {str(folder)!r}: {component}/ holds none of the {spec[1]} "
+                                    f"files ({', '.join(files)}); without them every prompt becomes unknown "
+                                    f"tokens: copy or save the folder again")
 
 
 def _has_variant_files(folder: Path, variant: str) -> bool:

@@ -148,16 +148,19 @@ def parse_call_args(pairs: list[str] | None) -> dict[str, Any]:
     return kwargs
 
 
-def is_tensor_argument(name: str) -> bool:
-    """Whether pipeline argument ``name`` takes only a tensor (``latents``, ``prompt_embeds``,
-    ``image_latents``, ...), which a command line or a TOML table cannot give."""
-    return name == "latents" or name.endswith(("_latents", "_embeds"))
+def is_tensor_argument(name: str, value: Any) -> bool:
+    """Whether pipeline argument ``name`` takes only a tensor, which ``value`` from a command line or a TOML table
+    cannot be: ``latents`` and ``*_embeds`` (``prompt_embeds``, ...) always, ``*_latents`` (``image_latents``) for a
+    text or list value (diffusers has flags and numbers of such names: ``add_noise_to_image_latents: bool``)."""
+    if name == "latents" or name.endswith("_embeds"):
+        return value is not None
+    return name.endswith("_latents") and isinstance(value, (str, list))
 
 
 def refuse_tensor_arguments(call: dict[str, Any], where: str) -> None:
     """ValueError for a tensor-only argument given a text or number value (``--call latents=1`` failed with a
     traceback after the pipeline had loaded, session 48); ``null`` (the pipeline's default) passes."""
-    given = sorted(key for key, value in call.items() if is_tensor_argument(key) and value is not None)
+    given = sorted(key for key, value in call.items() if is_tensor_argument(key, value))
     if given:
         raise ValueError(f"{where} {given[0]}={call[given[0]]!r}: {given} take tensors, which {where} cannot give; "
                          "pass them from Python (call_kwargs / the pipeline call) or leave them out")

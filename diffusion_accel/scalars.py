@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
 
 def plain_number(value: Any) -> Any:
@@ -45,8 +46,8 @@ def _plain(value: Any) -> Any:
 
 
 def plain_values(value: Any) -> Any:
-    """``value`` with numpy arrays as lists and numpy scalars as Python ones, inside tuples and lists too
-    (``calibrate(steps=np.arange(0, 4, 2))`` was refused as 'must be a string or a list of ints')."""
-    if isinstance(value, np.ndarray):
+    """``value`` with numpy arrays and torch tensors as lists and numpy scalars as Python ones, inside tuples and
+    lists too (``calibrate(steps=np.arange(0, 4, 2))`` was refused as 'must be a string or a list of ints')."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):  # a tensor of step indices was refused (until session 49)
         return value.tolist()
     return _plain(value)

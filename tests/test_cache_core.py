@@ -348,12 +348,14 @@ def test_a_teacache_fit_negative_on_the_seen_range_is_refused(monkeypatch):
     from diffusion_accel.cache import teacache_fit
 
     changes = [0.136, 0.14, 0.145, 0.15, 0.155, 0.16, 0.162, 0.164, 0.166, 0.168]
-    noisy = [0.2, 0.1, 0.3, 0.05, 0.25, 0.1, 0.3, 0.02, 0.2, 0.1]
+    noisy = [0.4, 0.01, 0.0, 0.01, 0.3, 0.3, 0.01, 0.0, 0.01, 0.4]  # the degree-4 fit dips to -0.09 among them
     monkeypatch.setattr(teacache_fit, "teacache_samples", lambda *a, **k: (changes, noisy))
-    with pytest.raises(ValueError, match="the degree-4 fit to 10 points is negative on"):
+    with pytest.raises(ValueError, match=r"the degree-4 fit to 10 points is negative on the changes seen, \[0.136, "):
         teacache_fit.fit_teacache_coefficients(None, ["a cat"], degree=4)
     # y = 2x fitted on Python 3.12's numpy gave an intercept of -1.0e-16: rounding, not a negative fit
-    teacache_fit._check_non_negative(numpy.array([2.0, -1.012e-16]), 1.0, 1, 10)
+    teacache_fit._check_non_negative(numpy.array([2.0, -1.012e-16]), (0.0, 1.0), 1, 10)
+    # negative only below the smallest change seen (where the policy clamps at 0): a usable fit (session 49)
+    teacache_fit._check_non_negative(numpy.array([1.157, -0.0428]), (0.164, 1.184), 1, 10)
     with pytest.raises(ValueError, match="only 10 calibration points for a degree-5 fit"):
         teacache_fit.fit_teacache_coefficients(None, ["a cat"], degree=5)
     for steps in (0, 1, 2.0):  # 0 was a ZeroDivisionError inside FluxPipeline (session 31)
@@ -431,3 +433,10 @@ def test_pipelines_reading_attention_maps_inside_the_unet_are_refused_or_compute
             assert torch.equal(pipe(**tiny_call_kwargs("sd", steps=4), **kwargs).images, expected)
         assert all(record["computed"] for record in da.cache_summary(sd)["steps"])
     assert torch.equal(sd(**tiny_call_kwargs("sd", steps=4)).images, cached)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:  # load refuses by the class, not as a damaged artifact
+        da.save(sd, folder)
+        with pytest.raises(da.ArtifactError, match="enables a feature cache, which StableDiffusionSAGPipeline cannot"):
+            fresh = {name: part for name, part in build_tiny("sd").components.items() if name != "image_encoder"}
+            da.load(StableDiffusionSAGPipeline(**fresh), folder)

@@ -267,3 +267,16 @@ def test_a_router_saves_loads_and_compiles_beneath_its_hooks(tmp_path):
         assert not counters["graph_break"]
     finally:
         torch._dynamo.reset()
+
+
+def test_sd3s_last_block_which_returns_no_text_stream_is_reused_as_the_summary_says():
+    """SD3's last block (context_pre_only) returns no text stream, so its delta has none: the router asked for one
+    and recomputed the block at every step it skipped, while the summary counted it reused (until session 49)."""
+    pipe = build_tiny("sd3")
+    ran = [0, 0]
+    for index, block in enumerate(pipe.transformer.transformer_blocks):
+        block.attn.register_forward_hook(lambda module, args, output, index=index: ran.__setitem__(index, ran[index] + 1))
+    enable_cache(pipe, RouterCacheConfig(computed_blocks=((0, 1), (0,), (0,), (0,)), num_blocks=2))
+    pipe(**tiny_call_kwargs("sd3", steps=4))
+    records = summary(pipe)["steps"]
+    assert ran == [4, 1] and sum(record["computed_blocks"] for record in records) == sum(ran)

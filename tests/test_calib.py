@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -295,6 +296,15 @@ def test_img2img_calibrates_the_steps_it_runs_and_says_which_selected_ones_it_mi
         calibrate(pipe, ["a cat"], num_inference_steps=10, steps=[0, 3, 6, 9], **kwargs)
     with pytest.raises(ValueError, match=r"none of the selected calibration steps \[0, 5\] ran: .* steps 7..9"):
         calibrate(pipe, ["a cat"], num_inference_steps=10, steps=[0, 5], **kwargs)
+    # a strength that runs no step gave an empty calibration, silently: prune_ then pruned nothing (session 49)
+    none_run = dict(kwargs, strength=0.05)
+    with pytest.raises(ValueError, match="the pipeline made no denoiser call in 10 steps"):
+        calibrate(pipe, ["a cat"], num_inference_steps=10, **none_run)
+    import diffusion_accel as da
+
+    with pytest.raises(ValueError, match="the pipeline made no denoiser call in 10 steps"):
+        da.calibrate_schedule(pipe, ["a cat"], budget=0.5, num_inference_steps=10, image=kwargs["image"],
+                              strength=0.05)
 
 
 def _with_scheduler(name, **overrides):
@@ -722,6 +732,13 @@ def test_a_collector_passed_to_a_second_run_warns_that_it_accumulates():
     calibrate(pipe, ["a cat"], num_inference_steps=2, collectors=[collector], progress=False)
     with pytest.warns(UserWarning, match="already holds data from 1 earlier run"):
         calibrate(pipe, ["a dog"], num_inference_steps=2, collectors=[collector], progress=False)
+    fresh = HessianCollector([layer])  # a run failing before any observed call leaves it unused (session 49)
+    with pytest.raises(ValueError):
+        calibrate(pipe, ["a cat"], num_inference_steps=2, collectors=[fresh], progress=False, height=33, width=32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        calibrate(pipe, ["a cat"], num_inference_steps=2, collectors=[fresh], progress=False)
+    assert not [warning for warning in caught if "already holds data" in str(warning.message)]
 
 
 def test_calibrating_without_the_cfg_a_pipeline_guides_with_by_default_warns():
@@ -923,3 +940,14 @@ def test_the_other_text_towers_prompts_follow_each_calls_prompts():
     assert [call.kwargs["negative_prompt_2"] for call in calls] == [["blurry", "blurry"], ["blurry"]]
     calibrate(pipe, ["a red bike", "a cat"], 2, batch_size=2, progress=False, height=32, width=32,
               prompt_2="a blue bike")
+
+
+def test_other_prompt_lists_are_one_per_prompt_and_step_tensors_are_index_lists():
+    """A prompt_2 list of the wrong length paired calls with the wrong texts or failed inside the text encoder; a
+    torch tensor of step indices was refused while numpy arrays were taken (session 49)."""
+    from diffusion_accel.calib.schedule import select_steps
+
+    pipe = build_tiny("sdxl")
+    with pytest.raises(ValueError, match=r"prompt_2 must be a string or a list of 4 strings \(one per prompt\)"):
+        calibrate(pipe, ["a", "b", "c", "d"], num_inference_steps=2, prompt_2=["x", "y"], progress=False)
+    assert select_steps(4, torch.tensor([0, 2])) == [0, 2]

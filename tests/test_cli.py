@@ -111,7 +111,7 @@ def test_damaged_or_unusual_pipeline_folders_are_one_line_errors_and_equals_sign
     shutil.copytree("sd", "no_tok")
     shutil.rmtree("no_tok/tokenizer")
     Path("no_tok/tokenizer").mkdir()
-    refused("no_tok", "tokenizer/ holds no tokenizer files")  # loaded a 2-token vocabulary, then an OverflowError
+    refused("no_tok", "tokenizer/ holds none of the CLIPTokenizer files")  # a 2-token vocabulary, then an OverflowError
     shutil.copytree("sd", "trunc")
     text_weights = next(Path("trunc/text_encoder").glob("*.safetensors"))
     text_weights.write_bytes(text_weights.read_bytes()[:100])
@@ -119,6 +119,16 @@ def test_damaged_or_unusual_pipeline_folders_are_one_line_errors_and_equals_sign
     build_tiny("sd").save_pretrained("sd16", variant="fp16")
     refused("sd16", "holds only variant weight files (fp16) where the standard ones are missing; pass --variant fp16")
     assert main([*grid, "--pipe", "sd16", "--variant", "fp16"]) == 0
+    build_tiny("sd").save_pretrained("sd16", variant=None)  # standard files beside the fp16 ones: diffusers' error
+    Path("sd16/unet/config.json").unlink()
+    refused("sd16", "no file named config.json")
+    index = json.loads(Path("sd/model_index.json").read_text())  # a byte-level tokenizer has no vocabulary files
+    index["tokenizer"] = ["transformers", "ByT5Tokenizer"]
+    Path("byt5/tokenizer").mkdir(parents=True)
+    Path("byt5/model_index.json").write_text(json.dumps(index))
+    from diffusion_accel.loading import _check_tokenizer_files
+
+    _check_tokenizer_files(Path("byt5"))
     base = Path("lr=1e-4")
     shutil.copytree("sd", base)
     da.save(da.enable_cache(da.loading.load_pipeline(str(base)), da.DeepCacheConfig(interval=2)), "art_lr=2")
@@ -353,6 +363,7 @@ def test_a_tensor_argument_from_the_command_line_or_a_recipe_is_refused_before_l
     from diffusion_accel.recipes import parse_call_args
 
     assert parse_call_args(["latents=null"]) == {"latents": None}
+    assert parse_call_args(["add_noise_to_image_latents=false"]) == {"add_noise_to_image_latents": False}  # Helios
     monkeypatch.setattr("diffusion_accel.loading.load_pipeline", lambda *a, **k: pytest.fail("pipeline loaded"))
     for pair in ("latents=1", "negative_prompt_embeds=[1, 2]", "image_latents=x"):
         assert main(["bench", "--pipe", "tiny:sd", "--call", pair]) == 2

@@ -1324,3 +1324,37 @@ def test_a_zoo_pipeline_loaded_from_its_folder_is_scored_with_the_bundled_clip(t
     from_folder = load_pipeline(str(zoo.path("fashion-sd")))
     assert default_clip_model({"base": from_folder}) == bundled
     assert default_clip_model({"base": from_folder, "other": build_tiny("sd")}) == DEFAULT_CLIP_MODEL
+
+
+def test_input_images_follow_their_prompts_and_do_not_depend_on_the_batch_size():
+    """A list of one image per prompt went whole to every call (at batch size 1 every prompt got the first image);
+    inpainting drew one image's latents from the first generator only, so an image changed with its place in the
+    batch (until session 49)."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    from diffusion_accel.eval.pipes import generate_images, make_jobs
+    from diffusion_accel.testing.tiny import build_tiny
+
+    torch.manual_seed(0)
+    images = [torch.rand(1, 3, 32, 32) for _ in range(3)]
+    img2img = StableDiffusionImg2ImgPipeline(**build_tiny("sd").components)
+    jobs = make_jobs(["a", "b", "c"], 1, seed=0)
+
+    def run(pipe, batch_size, **call):
+        return [image for _, image in generate_images(pipe, jobs, num_inference_steps=4, batch_size=batch_size,
+                                                      call_kwargs=call)]
+
+    per_prompt = run(img2img, 1, image=images, strength=0.5)
+    for index, image in enumerate(images):  # each prompt from its own image, at any batch size
+        own = run(img2img, 1, image=image, strength=0.5)[index]
+        assert torch.equal(per_prompt[index], own)
+    assert all(torch.equal(a, b) for a, b in zip(run(img2img, 3, image=images, strength=0.5), per_prompt))
+    inpaint = StableDiffusionInpaintPipeline(**build_tiny("sd").components)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    one, three = run(inpaint, 1, image=images[0], mask_image=mask), run(inpaint, 3, image=images[0], mask_image=mask)
+    assert all((a.int() - b.int()).abs().max() <= 1 for a, b in zip(one, three))
+    with pytest.raises(ValueError, match=r"call_kwargs image must be one image or a list of 3 \(one per prompt\)"):
+        da_evaluate = importlib.import_module("diffusion_accel").evaluate
+        da_evaluate({"a": img2img}, ["a", "b", "c"], metrics=("latency",), num_inference_steps=2, progress=False,
+                    call_kwargs={"image": images[:2], "strength": 0.5})

@@ -256,3 +256,28 @@ def test_save_pretrained_names_modules_to_save_copies_as_adapters_not_the_techni
     da.enable_cache(pipe, da.DeepCacheConfig(interval=2))
     with pytest.raises(UnsavableModelError, match="unmerged adapters"):
         pipe.save_pretrained(tmp_path / "out")
+
+
+def _conv_in_lora(pipe):
+    """A LoRA on conv_in (a leaf the encoder cache hooks) and to_q, with weights that move the images."""
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["conv_in", "to_q"]))
+    with torch.no_grad():
+        for name, parameter in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(10)
+    return pipe
+
+
+def test_a_lora_on_conv_in_is_cached_whichever_comes_first_and_deepcache_takes_it():
+    """Encoder propagation hooked conv_in itself: a LoRA added after enable_cache left the hook on peft's base layer
+    (cached base output plus a fresh LoRA delta, 0.025 off), an unload took it away; DeepCache read conv_in's
+    out_channels, which peft's wrapper lacks (an AttributeError; until session 49)."""
+    config = da.EncoderPropagationConfig(interval=2)
+    lora_first = _images(da.enable_cache(_conv_in_lora(build_tiny("sd")), config))
+    assert torch.equal(_images(_conv_in_lora(da.enable_cache(build_tiny("sd"), config))), lora_first)
+    unloaded = da.enable_cache(_conv_in_lora(build_tiny("sd")), config)
+    unloaded.unet.unload_lora()
+    assert torch.equal(_images(unloaded), _images(da.enable_cache(build_tiny("sd"), config)))
+    deep = da.enable_cache(_conv_in_lora(build_tiny("sd")), da.DeepCacheConfig(interval=2))
+    assert da.cache_summary(deep)["method"] == "deepcache" and _images(deep).isfinite().all()

@@ -320,6 +320,10 @@ def _check_flux_arch(tmp_path):
         "small", False)
     assert flux_train.checked_arch(C.RunConfig(run_dir=tmp_path / "flux-large", steps=2, arch="large")) == (
         "large", True)
+    old = tmp_path / "flux-old"  # a checkpoint from before arch_chosen: --arch given on resume chose it
+    old.mkdir()
+    torch.save({"arch": "large", "step": 1}, old / "checkpoint.pt")
+    assert flux_train.checked_arch(C.RunConfig(run_dir=old, steps=2, arch="large")) == ("large", True)
 
 
 def _check_decoder_stage_kept_the_latent_space(tmp_path):
@@ -560,6 +564,9 @@ def test_a_zoo_folder_missing_a_components_files_is_incomplete_not_shipped(tmp_p
         zoo.load("fashion-sd")
     with pytest.raises(FileNotFoundError, match="lacks unet/: an incomplete copy"):
         zoo.load("fashion-sd", folder=tmp_path / "fashion-sd")
+    monkeypatch.undo()
+    zoo.load("mnist-ddpm").save_pretrained(tmp_path / "bin", safe_serialization=False)  # .bin weights are weights
+    assert type(zoo.load("mnist-ddpm", folder=tmp_path / "bin")).__name__ == "DDPMPipeline"
 
 
 def test_input_paths_expand_home_also_after_an_equals_sign(tmp_path, monkeypatch):

@@ -167,7 +167,11 @@ def steps_that_run(pipe: Any, every_step: Any, calls: list) -> list[int]:
         steps = sorted({record["step"] for record in cache_summary(pipe)["steps"]})
     finally:
         remove_cache(pipe)
-    return steps or list(range(every_step.num_inference_steps))
+    if not steps:  # "every step ran" was assumed, and a schedule searched on outputs no denoiser call made (s49)
+        raise ValueError(f"the pipeline made no denoiser call in {every_step.num_inference_steps} steps (img2img / "
+                         f"inpainting run about strength x num_inference_steps of them: none at this strength); "
+                         f"raise num_inference_steps or strength")
+    return steps
 
 
 def _steps_at(ran: list[int], positions: set[int]) -> set[int]:

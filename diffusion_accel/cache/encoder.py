@@ -9,6 +9,8 @@ input (the initial noise) to the prediction of non-key steps late in the traject
 
 from __future__ import annotations
 
+from functools import partial
+
 import inspect
 from typing import Any
 
@@ -47,9 +49,8 @@ def install_encoder_cache(session: CacheSession, point: CachePoint, config: Enco
     inside = tuple(f"{name}." for name in point.blocks)
     session.cached_blocks = tuple(info.name for info in adapter.blocks() if info.name.startswith(inside))
     session.total_blocks = len(adapter.blocks())
-    for name in point.blocks:
-        hook = CachedOutputHook(session, name, snapshot=True)  # the decoder is live
-        session.hook(session.denoiser.get_submodule(name), hook)
+    for name in point.blocks:  # named: a LoRA wrapping conv_in (a leaf) gets the hook, as in _follow_replaced_modules
+        session.hook_named(name, partial(CachedOutputHook, key=name, snapshot=True))  # the decoder is live
     session.hook(session.denoiser.get_submodule(point.up), ModelHookReady(session))
     if config.noise_injection > 0:
         injection = PriorNoiseInjection(session, config.noise_injection, config.injection_start)

@@ -97,9 +97,12 @@ class RouterPolicy:
         return self.config.num_blocks - len(state.get(BLOCKS_KEY, ()))
 
 
-def _usable(delta: dict | None, inputs: dict) -> bool:
-    """Whether ``delta`` can be added to ``inputs``: recorded, for every stream the block receives."""
-    return delta is not None and all(inputs[name] is None or delta.get(name) is not None for name in STREAMS)
+def _usable(delta: dict | None, inputs: dict, returned: set[str]) -> bool:
+    """Whether ``delta`` can be added to ``inputs``: recorded, for every stream the block receives and returns
+    (``returned``; SD3's last block returns no text stream, so it has no text delta, and it recomputed at every
+    step the router skipped it while the summary counted it reused; until session 49)."""
+    return delta is not None and all(inputs[name] is None or name not in returned or delta.get(name) is not None
+                                     for name in STREAMS)
 
 
 class RouterBlockHook(ComputingHook):
@@ -122,7 +125,7 @@ class RouterBlockHook(ComputingHook):
         inputs, deltas = self.io.inputs(args, kwargs), state.setdefault(DELTAS_KEY, {})
         delta = deltas.get(self.index)
         runs = session.compute(state) or self.index in state.get(BLOCKS_KEY, (self.index,))
-        if runs or not _usable(delta, inputs):
+        if runs or not _usable(delta, inputs, self.io.returned_streams(state.get("templates", {}).get(self.key))):
             return self._compute(state, deltas, inputs, args, kwargs)
         return self.io.build(state["templates"][self.key], add_streams(inputs, delta))
 

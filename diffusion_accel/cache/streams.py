@@ -54,6 +54,14 @@ class BlockIO:
             return "tensor"
         return tuple(value is None for value in output)
 
+    def returned_streams(self, template: Any) -> set[str]:
+        """The streams a return value of structure ``template`` holds (None: no template recorded, no stream)."""
+        if template is None:
+            return set()
+        if template == "tensor" or self.encoder_out is None or template[self.encoder_out]:
+            return {"hidden"}
+        return {"hidden", "encoder"}
+
     def build(self, template: Any, streams: dict[str, torch.Tensor | None]) -> Any:
         """A return value with the structure ``template`` holding ``streams``."""
         if template == "tensor":

@@ -70,19 +70,21 @@ def fit_teacache_coefficients(pipe: Any, prompts: Any, num_inference_steps: int 
         raise ValueError(f"only {len(xs)} calibration points for a degree-{degree} fit (need at least "
                          f"{POINTS_PER_COEFFICIENT * (degree + 1)}); use more prompts or steps, or a lower degree")
     coefficients = np.polyfit(np.asarray(xs), np.asarray(ys), degree)
-    _check_non_negative(coefficients, max(xs), degree, len(xs))
+    _check_non_negative(coefficients, (min(xs), max(xs)), degree, len(xs))
     return tuple(float(c) for c in coefficients)
 
 
-def _check_non_negative(coefficients: np.ndarray, largest_change: float, degree: int, points: int) -> None:
-    """The policy accumulates the polynomial's values: one that dips below zero between no change and the
-    largest change seen never lets the sum reach the threshold, so every middle step was reused (a degree-4
-    fit to 6 points gave poly(0) = -1040)."""
-    grid = np.linspace(0.0, largest_change, 257)
+def _check_non_negative(coefficients: np.ndarray, seen: tuple[float, float], degree: int, points: int) -> None:
+    """The policy accumulates the polynomial's values: one that dips below zero over the changes ``seen`` (smallest,
+    largest) never lets the sum reach the threshold, so every middle step was reused (a degree-4 fit to 6 points
+    gave poly(0) = -1040). Below the smallest change seen the policy's clamp at 0 makes a dip harmless: checking
+    from 0 refused a usable degree-1 fit, positive at every change seen (until session 49)."""
+    grid = np.linspace(seen[0], seen[1], 257)
     values = np.polyval(coefficients, grid)
     rounding = 1e-9 * max(float(np.abs(values).max()), 1e-12)  # y = 2x fitted to poly(0) = -1e-16 on one numpy
     if values.min() < -rounding:
         where = float(grid[int(values.argmin())])
-        raise ValueError(f"the degree-{degree} fit to {points} points is negative on [0, {largest_change:.4g}] "
+        raise ValueError(f"the degree-{degree} fit to {points} points is negative on the changes seen, "
+                         f"[{seen[0]:.4g}, {seen[1]:.4g}] "
                          f"(minimum {values.min():.4g} at change {where:.4g}): TeaCache would accumulate "
                          f"nothing and reuse every step; use more prompts or steps, or a lower degree")

@@ -56,6 +56,12 @@ def _warn_if_reused(collector: Collector) -> None:
     setattr(collector, _RUNS_ATTR, runs + 1)
 
 
+def forget_run(collectors: Sequence[Collector]) -> None:
+    """Undo :func:`validate_collectors`' count of a run that gave ``collectors`` no data (it failed first)."""
+    for collector in collectors:
+        setattr(collector, _RUNS_ATTR, max(getattr(collector, _RUNS_ATTR, 1) - 1, 0))
+
+
 class CollectorRouter:
     """Installs hooks on the modules collectors name and forwards their tensors on selected steps."""
 

@@ -175,6 +175,7 @@ def plan_calls(pipe: Any, items: list[Any], *, num_inference_steps: int, batch_s
     _check_counts(batch_size, num_images_per_prompt, seed)
     _check_call_kwargs(pipe, call_kwargs)
     _check_options(pipe, mode, params, num_images_per_prompt, guidance_scale, negative_prompt, len(items))
+    _check_other_prompts(call_kwargs, len(items))
     shared = {"num_inference_steps": num_inference_steps}
     if "output_type" in params:
         shared["output_type"] = "latent" if mode == "prompt" else "pt"
@@ -249,6 +250,17 @@ def _check_call_kwargs(pipe: Any, call_kwargs: dict[str, Any]) -> None:
             raise TypeError(f"do not pass {key!r} as an extra pipeline argument; calibrate sets it "
                             f"from its own argument(s): {RESERVED_KWARGS[key]}")
     check_call_arguments(pipe, call_kwargs, "calibrate")
+
+
+def _check_other_prompts(call_kwargs: dict[str, Any], num_items: int) -> None:
+    """ValueError for a list of the other towers' texts (``prompt_2`` ...) that is not one per prompt, as for
+    ``negative_prompt``: 2 of 4 paired every call with the same two texts, 2 of 3 failed inside the text encoder
+    (until session 49)."""
+    for key in OTHER_PROMPTS:
+        value = call_kwargs.get(key)
+        if isinstance(value, (list, tuple)) and (len(value) != num_items or not all(isinstance(v, str) for v in value)):
+            raise ValueError(f"{key} must be a string or a list of {num_items} strings (one per prompt), "
+                             f"got {value!r:.80}")
 
 
 def _check_options(pipe: Any, mode: str, params: dict[str, inspect.Parameter], per_item: int,

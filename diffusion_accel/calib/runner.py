@@ -29,7 +29,7 @@ from ..seeding import seeded_call
 from ..stacklevel import user_stacklevel
 from ..uncompiled import uncompiled
 from .collectors import Collector, Step
-from .dispatch import CollectorRouter, validate_collectors
+from .dispatch import CollectorRouter, forget_run, validate_collectors
 from .inputs import UNSET, PlannedCall, calibration_items, call_mode, placeholder_prompts, plan_calls
 from .result import Calibration, CalibrationSettings, architecture_config
 from .schedule import denoiser_steps, resolve_weights, select_steps
@@ -95,13 +95,18 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
                          denoiser_class=type(denoiser).__name__, selected_steps=selected,
                          step_weights=weights, collectors=bound, seeds=[call.seed for call in calls],
                          denoiser_config=architecture_config(denoiser))
-    _LiveRun(result, recorder).run(pipe, denoiser, calls, progress)
-    _check_selected_steps_ran(result)
+    try:
+        _LiveRun(result, recorder).run(pipe, denoiser, calls, progress)
+        _check_selected_steps_ran(result)
+    except BaseException:
+        if result.observed_calls == 0:  # they hold nothing of this run: the retry was warned they held data (s49)
+            forget_run(bound)
+        raise
     return result
 
 
 def _check_selected_steps_ran(result: Calibration) -> None:
-    """Raise if no selected step ran, warn if some did not (unless all steps were asked for): calls
+    """Raise if no step or no selected step ran, warn if some did not (unless all steps were asked for): calls
     that start mid-schedule (img2img, inpainting at strength < 1) never run the early steps."""
     ran = sorted(result.timesteps)
     beyond = [step for step in ran if step >= result.num_steps]
@@ -110,9 +115,13 @@ def _check_selected_steps_ran(result: Calibration) -> None:
                       f"num_inference_steps={result.settings.num_inference_steps} has {result.num_steps} "
                       f"(custom timesteps or sigmas?); steps {beyond} were not calibrated",
                       stacklevel=user_stacklevel())
+    if not ran:  # it returned an empty calibration: prune_ then pruned nothing, silently (until session 49)
+        raise ValueError(f"the pipeline made no denoiser call in {result.settings.num_inference_steps} steps "
+                         f"(img2img / inpainting run about strength x num_inference_steps of them: none at this "
+                         f"strength); raise num_inference_steps or strength")
     observed = [step for step in result.selected_steps if step in result.timesteps]
     missed = [step for step in result.selected_steps if step not in result.timesteps]
-    if not ran or not missed:
+    if not missed:
         return
     why = ("img2img and inpainting start mid-schedule" if ran[0] > 0 else
            "the trajectory ended early: custom timesteps or sigmas, or a callback that interrupted it")

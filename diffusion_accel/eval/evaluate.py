@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..artifact import pipeline_source, techniques_on
 from ..paths import empty_path, expand_home
-from ..pipeline_defaults import OTHER_PROMPTS, call_defaults, check_call_arguments
+from ..pipeline_defaults import IMAGE_ARGUMENTS, OTHER_PROMPTS, call_defaults, check_call_arguments
 from ..scalars import plain_number
 from ..seeding import seeded_global_rng
 from .clip_score import DEFAULT_CLIP_MODEL, check_clip_reachable, clip_metric, clip_score
@@ -42,7 +42,8 @@ from .grid import make_grid
 from .machine import denoiser_runtime, machine_info
 from .memory import measure_peak_memory
 from .pipes import (ImageJob, PromptToKwargs, build_call_kwargs, check_call_kwargs, default_prompt_to_kwargs,
-                    denoiser_of, generate_images, is_text_conditioned, make_jobs, quiet_progress, whole_number)
+                    denoiser_of, generate_images, is_text_conditioned, make_jobs, multi_controlnet, quiet_progress,
+                    whole_number)
 from .report import EvalReport, report_folder_problem
 from .timing import PipelineTiming, pipeline_device, time_pipelines
 
@@ -265,6 +266,7 @@ def _check_inputs(run: _Run, pipelines: Mapping[str, Any], output_dir: str | Pat
     _check_per_prompt_lists(run.call_kwargs or {}, len(run.jobs) // run.images_per_prompt)
     for name, pipe in pipelines.items():
         check_call_arguments(pipe, run.call_kwargs or {}, "evaluate")
+        _check_image_lists(name, pipe, run.call_kwargs or {}, len(run.jobs) // run.images_per_prompt)
         if run.prompt_to_kwargs is None:  # a user's function may be costly (text encoding): not run twice
             _check_prompts_fit(name, pipe, [job.prompt for job in run.jobs])
 
@@ -280,6 +282,16 @@ def _check_per_prompt_lists(call_kwargs: Mapping[str, Any], num_prompts: int) ->
         if isinstance(value, (list, tuple)) and len(value) != num_prompts:
             raise ValueError(f"call_kwargs {key} must be a string or a list of {num_prompts} strings (one per "
                              f"prompt), got a list of {len(value)}")
+
+
+def _check_image_lists(name: str, pipe: Any, call_kwargs: Mapping[str, Any], num_prompts: int) -> None:
+    """A list of input images holds one image, or one per prompt (a list of another length went whole to every
+    call); a MultiControlNet pipeline's ``image`` list holds one per ControlNet instead."""
+    for key in IMAGE_ARGUMENTS:
+        value = call_kwargs.get(key)
+        if isinstance(value, (list, tuple)) and len(value) not in (1, num_prompts) and not multi_controlnet(pipe):
+            raise ValueError(f"call_kwargs {key} must be one image or a list of {num_prompts} (one per prompt) for "
+                             f"variant {name!r}, got a list of {len(value)}")
 
 
 def _check_prompts_fit(name: str, pipe: Any, prompts: list[Any]) -> None:

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from ..arch.registry import DENOISER_COMPONENTS
-from ..pipeline_defaults import OTHER_PROMPTS, call_defaults, per_prompt_negative, per_prompt_values, with_tuples
+from ..pipeline_defaults import (IMAGE_ARGUMENTS, OTHER_PROMPTS, call_defaults, per_prompt_negative, per_prompt_values,
+                                 with_tuples)
 from ..seeding import seeded_call
 from .images import to_uint8
 
@@ -275,6 +276,8 @@ def build_call_kwargs(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_step
         kwargs["negative_prompt"] = per_prompt_negative(negative, len(kwargs["prompt"]))
     if isinstance(kwargs.get("prompt"), list):  # the other towers' texts follow the prompts of the call
         kwargs |= {name: _per_job(extra[name], jobs) for name in OTHER_PROMPTS if name in extra}
+    if not multi_controlnet(pipe):  # its image list holds one image per ControlNet
+        kwargs |= {name: _image_per_job(extra[name], jobs) for name in IMAGE_ARGUMENTS if extra.get(name) is not None}
     kwargs["num_inference_steps"] = num_inference_steps
     kwargs["generator"] = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
     return kwargs
@@ -287,6 +290,33 @@ def _per_job(value: Any, jobs: Sequence[ImageJob]) -> Any:
         return per_prompt_values(value, indices, len(value)) if all(index < len(value) for index in indices) \
             else value
     return per_prompt_values(value, indices, len(indices))
+
+
+def multi_controlnet(pipe: Any) -> bool:
+    """Whether ``pipe`` runs several ControlNets (its ``image`` is a list of one control image per ControlNet)."""
+    return "Multi" in type(getattr(pipe, "controlnet", None)).__name__
+
+
+def _image_per_job(value: Any, jobs: Sequence[ImageJob]) -> Any:
+    """An input image of the run (``image``, ``mask_image``, ``control_image``) for this call's jobs: of a list of
+    one per prompt the jobs' own, one image once per job. A list went whole to every call (at batch size 1 every
+    prompt got the first image); inpainting and Flux img2img drew one image's latents from the first generator
+    only, so an image changed with its place in the batch (until session 49)."""
+    indices = [job.prompt_index for job in jobs]
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1 and not all(index < len(value) for index in indices):
+            return value
+        picked = [value[0] if len(value) == 1 else value[index] for index in indices]
+        return picked[0] if len(picked) == 1 else picked
+    return [value] * len(jobs) if len(jobs) > 1 and _one_image(value) else value
+
+
+def _one_image(value: Any) -> bool:
+    """Whether ``value`` is one image: a PIL image, or a (C, H, W) / (1, C, H, W) tensor or array."""
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return len(shape) == 3 or (len(shape) == 4 and shape[0] == 1)
+    return type(value).__module__.startswith("PIL.")
 
 
 @contextmanager

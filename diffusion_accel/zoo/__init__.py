@@ -52,7 +52,7 @@ def _missing_parts(name: str, folder: Path) -> list[str]:
     model_index.json lists, or a model component's config.json / safetensors weights (an interrupted copy was
     listed as shipped, and loading it blamed the pipeline folder's config.json; until session 49)."""
     if name == "fashion-clip":
-        return [] if any(folder.glob("*.safetensors")) else ["*.safetensors (the model's weights)"]
+        return [] if _has_weights(folder) else ["*.safetensors (the model's weights)"]
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -67,8 +67,14 @@ def _missing_parts(name: str, folder: Path) -> list[str]:
         elif not str(spec[-1]).endswith(_NO_WEIGHTS) and not component.startswith(("tokenizer", "scheduler")):
             missing += [f"{component}/{file}" for file, found in
                         (("config.json", (part / "config.json").is_file()),
-                         ("*.safetensors", any(part.glob("*.safetensors")))) if not found]
+                         ("*.safetensors", _has_weights(part))) if not found]
     return missing
+
+
+def _has_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds a weight file (safetensors, or .bin of ``save_pretrained(safe_serialization=False)``,
+    refused as an incomplete copy in a review of session 49's check)."""
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 
 
 def _check_complete(name: str, folder: Path, what: str) -> None:

@@ -152,7 +152,7 @@ def checked_arch(cfg: C.RunConfig) -> tuple[str, bool]:
                          f"without --arch, or start over with --no-resume (or another --out)")
     # a resumed run keeps the checkpoint's answer: restating a warm start's own --arch made it "fresh" (its card
     # recorded no init_from / init_steps, and the checkpoint kept that; until session 49)
-    chosen = cfg.arch is not None if state is None else bool(state.get("arch_chosen", False))
+    chosen = cfg.arch is not None if state is None else bool(state.get("arch_chosen", cfg.arch is not None))
     return cfg.arch or saved or DEFAULT_ARCH, chosen
 
 

@@ -193,7 +193,8 @@ class UNetAdapter(DenoiserAdapter):
     # ---- skip connections and DeepCache branches ---------------------------------------
     def skip_producers(self) -> list[tuple[str, int]]:
         """(module whose output is pushed as a skip, its channels), shallowest (conv_in) first."""
-        producers = [("conv_in", self.denoiser.conv_in.out_channels)]
+        conv_in = self.denoiser.conv_in  # peft's LoRA wrapper has no out_channels (an AttributeError until s49)
+        producers = [("conv_in", getattr(conv_in, "base_layer", conv_in).out_channels)]
         return producers + [(unit[-1].name, self.module(unit[0].name).out_channels)
                             for unit in self.down_units()]
 
