@@ -550,3 +550,9 @@ def test_gligen_fuser_layers_are_grouped_and_quantized() -> None:
     da.quantize_(pipe, da.PTQConfig(calib_prompts=1, calib_num_steps=2, calib_steps="all",
                                     calib_kwargs=tuple(grounding.items())))
     assert {type(pipe.unet.get_submodule(name)).__name__ for name in fuser} <= {"Int8Linear", "QuantLinear"}
+    attention = da.quantize_(StableDiffusionGLIGENPipeline(**{**pipe.components, "unet": UNet2DConditionModel(
+        **{**sd.unet.config, "attention_type": "gated"}).eval()}), da.PTQConfig(
+        weights=None, activations=None, attention="int8", calib_prompts=1, calib_num_steps=2, calib_steps="all",
+        calib_kwargs=tuple(grounding.items())))  # its fuser's attention is named, not left in float unsaid (s49)
+    assert "7 attention modules stay unquantized (processors not replaced: modules the adapter does not list, e.g. " \
+        "'down_blocks.0.attentions.0.transformer_blocks.0.fuser.attn'" in da.quant_summary(attention)

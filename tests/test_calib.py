@@ -951,3 +951,27 @@ def test_other_prompt_lists_are_one_per_prompt_and_step_tensors_are_index_lists(
     with pytest.raises(ValueError, match=r"prompt_2 must be a string or a list of 4 strings \(one per prompt\)"):
         calibrate(pipe, ["a", "b", "c", "d"], num_inference_steps=2, prompt_2=["x", "y"], progress=False)
     assert select_steps(4, torch.tensor([0, 2])) == [0, 2]
+
+
+def test_default_calibration_items_repeat_the_bundled_prompts_or_classes_for_quantize_and_prune(monkeypatch):
+    """quantize_'s own calibration stopped at the end of the prompt set (10 fashion prompts for calib_prompts 32)
+    and ran past a DiT's classes ("class ids [10, 11] are out of range"); prune_ repeated both (session 49)."""
+    import diffusion_accel as da
+    from diffusion_accel.calib import default_calibration_items
+    import diffusion_accel.calib.inputs as inputs
+
+    sd = build_tiny("sd")
+    assert len(default_calibration_items(sd, 40)["prompts"]) == 40
+    monkeypatch.setattr(inputs, "class_count", lambda pipe: 3)
+    assert default_calibration_items(build_tiny("dit"), 5) == {"prompts": [0, 1, 2, 0, 1]}
+    assert default_calibration_items(build_tiny("ddpm"), 4) == {"prompts": None, "num_samples": 4}
+    seen = {}
+
+    def recorded(pipe, prompts=None, *args, **kwargs):
+        seen["prompts"] = prompts
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("diffusion_accel.quant.calibrate.calibrate", recorded)
+    with pytest.raises(KeyboardInterrupt):
+        da.quantize_(sd, da.PTQConfig(calib_prompts=40, calib_num_steps=2, calib_steps="all"))
+    assert len(seen["prompts"]) == 40

@@ -1,6 +1,7 @@
 """Prompt sets: bundled names, .txt / .json files, and clear errors for files that are neither."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +122,15 @@ def test_a_prompt_file_breaks_lines_only_at_line_ends(tmp_path):
     file = tmp_path / "p.txt"
     file.write_bytes("a shirt\u2028with stripes\r\nb\x0cc\rd\n".encode("utf-8"))
     assert prompts.load(str(file)) == ["a shirt\u2028with stripes", "b\x0cc", "d"]
+
+
+def test_an_absolute_prompt_path_string_reads_that_file_not_a_txt_beside_it(tmp_path):
+    """"/data/captions" as a string was looked up as a bundled set: the join gave "/data/captions.txt", which was
+    read instead, and a missing file was found through its .txt sibling (session 49)."""
+    (tmp_path / "captions").write_text("from captions\n")
+    (tmp_path / "captions.txt").write_text("from captions.txt\n")
+    (tmp_path / "other.txt").write_text("only txt\n")
+    assert prompts.load(str(tmp_path / "captions")) == ["from captions"]
+    with pytest.raises(ValueError, match="unknown prompt set"):
+        prompts.load(str(tmp_path / "other"))
+    assert prompts.load("fashion", limit=1) == prompts.load(Path(prompts.__file__).parent / "fashion.txt", limit=1)

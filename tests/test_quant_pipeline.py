@@ -773,3 +773,18 @@ def test_lower_under_inference_mode_makes_no_inference_buffers():
         lower_(pipe)
     assert not any(tensor.is_inference() for tensor in pipe.unet.state_dict().values())
     pipe.unet.load_state_dict(pipe.unet.state_dict())
+
+
+def test_weight_free_quantization_leaves_act_excluded_layers_alone_and_refuses_excluding_all():
+    """With weights=None an act-excluded layer quantizes nothing: it was wrapped anyway and counted quantized, and
+    act_exclude=("*",) quantized nothing at all while the pipeline was marked quantized (session 49)."""
+    from diffusion_accel.quant.layers import QuantLayer
+
+    common = dict(weights=None, activations="int8", calib_prompts=1, calib_num_steps=2, calib_steps="all")
+    pipe = build_tiny("sd")
+    quantize_(pipe, PTQConfig(act_exclude=("*conv_shortcut",), **common))
+    wrapped = [name for name, module in pipe.unet.named_modules() if isinstance(module, QuantLayer)]
+    assert wrapped and not any(name.endswith("conv_shortcut") for name in wrapped)
+    assert f"layers quantized: {len(wrapped)};" in summary(pipe)
+    with pytest.raises(ValueError, match=r"no layer of UNet2DConditionModel is selected .*act_exclude=\['\*'\]"):
+        quantize_(build_tiny("sd"), PTQConfig(act_exclude=("*",), **common))

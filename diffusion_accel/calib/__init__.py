@@ -7,7 +7,7 @@
 
 from .collectors import WANTS, Collector, ModuleCall, Step
 from .hessian import HessianCollector, conv2d_rows, linear_rows
-from .inputs import CALL_MODES, call_mode, class_count
+from .inputs import CALL_MODES, call_mode, class_count, default_calibration_items
 from .probes import ChangeRecord, FeatureChangeProbe
 from .ranges import RANGE_METHODS, RangeObserver, fake_quantize, mse_range, percentile_range, quantization_mse
 from .replay import CallCounts
@@ -24,7 +24,7 @@ __all__ = [
     "WEIGHTING_SCHEMES", "CallCounts", "Calibration", "CalibrationSettings", "ChangeRecord", "Collector",
     "FeatureChangeProbe", "HessianCollector", "ModuleCall", "RangeObserver", "Sample", "SampleStore", "Step",
     "TrajectoryRecord", "ValueReservoir", "calibrate", "calibrate_parameters", "call_mode", "class_count",
-    "conv2d_rows", "denoiser_steps", "fake_quantize",
+    "conv2d_rows", "default_calibration_items", "denoiser_steps", "fake_quantize",
     "linear_rows", "mse_range", "percentile_range", "quantization_mse", "resolve_weights", "select_steps",
     "step_weights",
 ]

@@ -117,6 +117,20 @@ def _class_items(pipe: Any, prompts: Any) -> list[int]:
     return ids
 
 
+def default_calibration_items(pipe: Any, count: int) -> dict[str, Any]:
+    """``calibrate`` keyword arguments giving ``count`` default items for ``pipe``'s call mode: its bundled
+    prompts or class ids, repeated up to ``count`` (quantize_ stopped at the set's end, 10 fashion prompts for
+    calib_prompts 32, and ran past a DiT's classes; prune_ repeated them: one function since session 49), or
+    ``count`` unconditional samples."""
+    from .. import prompts as prompt_sets
+
+    mode = call_mode(pipe)
+    if mode == "unconditional":
+        return {"prompts": None, "num_samples": count}
+    items = list(range(class_count(pipe) or count)) if mode == "class" else prompt_sets.for_pipeline(pipe, limit=count)
+    return {"prompts": [items[index % len(items)] for index in range(count)]}
+
+
 def class_count(pipe: Any) -> int | None:
     """Classes of a class-conditional pipeline's denoiser (its adapter's ``num_classes``), None if unknown
     (no class labels, or no adapter for the denoiser)."""

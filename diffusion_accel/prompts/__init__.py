@@ -50,9 +50,10 @@ def _check_limit(limit: object) -> int | None:
 
 
 def _resolve(name_or_path: str | Path) -> Path:
-    bundled = _HERE / f"{name_or_path}.txt"
-    if isinstance(name_or_path, str) and bundled.is_file():
-        return bundled
+    """A bundled set by its bare name, else the file: an absolute path string was joined onto the bundled folder as
+    itself plus ".txt", so "/data/captions" read "/data/captions.txt" beside it (until session 49)."""
+    if isinstance(name_or_path, str) and name_or_path in names():
+        return _HERE / f"{name_or_path}.txt"
     path = expand_home(name_or_path)  # a recipe's "~/prompts.txt" never passes through a shell
     if path.is_file():
         return path

@@ -10,11 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import prompts as prompt_sets
 from ..arch import find_denoiser, get_adapter
 from ..arch.registry import check_plain_weights
 from ..artifact import base_fingerprint, mark_applied, marks_restored_on_error, techniques_on
-from ..calib import Calibration, HessianCollector, calibrate, call_mode, class_count
+from ..calib import Calibration, HessianCollector, calibrate, default_calibration_items
 from ..calib.hessian import UnobservedLayerError
 from ..hooks import refuse_while_cached
 from ..progress import showing_progress
@@ -173,19 +172,9 @@ def calibration_kwargs(pipe: Any, config: PruneConfig, calib: Calibration | None
     weights = {"weighting": config.weighting, "weight_range": config.weight_range}
     if calib is not None:
         return calib.settings.as_kwargs() | weights
-    count, mode = config.calib_prompts, call_mode(pipe)
-    inputs: dict[str, Any] = {"prompts": _cycled(prompt_sets.for_pipeline(pipe, limit=count), count)}
-    if mode == "class":
-        inputs = {"prompts": _cycled(list(range(class_count(pipe) or count)), count)}
-    elif mode == "unconditional":
-        inputs = {"prompts": None, "num_samples": count}
+    inputs = default_calibration_items(pipe, config.calib_prompts)
     return inputs | weights | {"num_inference_steps": config.calib_num_steps,
                                "guidance_scale": config.calib_guidance_scale} | dict(config.calib_kwargs)
-
-
-def _cycled(items: list[Any], count: int) -> list[Any]:
-    """``count`` items, repeating ``items`` (32 default prompts, or 1000 class ids, for more calibration calls)."""
-    return [items[index % len(items)] for index in range(count)]
 
 
 def make_sweep(pipe: Any, config: PruneConfig, calib: Calibration | None, progress: bool) -> Sweep:

@@ -197,7 +197,16 @@ def quantizable_attention(pipe: Any) -> tuple[list[str], dict[str, int]]:
             names.append(info.name)
         else:
             others[type(processor).__name__] = others.get(type(processor).__name__, 0) + 1
+    unlisted = _unlisted_attention(adapter.denoiser, {info.name for info in adapter.attention()})
+    if unlisted:  # GLIGEN's fuser.attn ran in float with no word (until session 49)
+        others[f"modules the adapter does not list, e.g. {unlisted[0]!r}"] = len(unlisted)
     return names, others
+
+
+def _unlisted_attention(denoiser: nn.Module, listed: set[str]) -> list[str]:
+    """Names of the denoiser's attention modules (those with a ``processor``) outside ``listed``."""
+    return [name for name, module in denoiser.named_modules()
+            if name not in listed and hasattr(module, "processor") and hasattr(module, "to_q")]
 
 
 def describe_processors(counts: dict[str, int]) -> str:

@@ -21,9 +21,8 @@ from torch import nn
 from ..arch import get_adapter
 from ..arch.registry import find_denoiser
 from ..calib import (Calibration, Collector, HessianCollector, RangeObserver, SampleStore, Step, calibrate,
-                     call_mode, denoiser_steps)
+                     default_calibration_items, denoiser_steps)
 from ..progress import progress_shown
-from ..prompts import for_pipeline as prompts_for_pipeline
 from .configs import PTQConfig
 from .formats import NumberFormat, get_format
 from .layers import StepGroups, float_type_of
@@ -69,10 +68,14 @@ def select_layers(pipe: Any, config: PTQConfig, filter_fn: FilterFn | None = Non
         chosen = [name for name in group if _wanted(denoiser, name, config, high, filter_fn)]
         targets += [LayerTarget(name, float_type_of(denoiser.get_submodule(name)), splits.get(name),
                                 chosen[0] if name not in splits else name) for name in chosen]
+    if targets:
+        _check_act_exclude(targets, config, type(denoiser).__name__)
+    if config.weights is None:  # an act-excluded layer would quantize nothing, and was counted quantized (s49)
+        targets = [target for target in targets if not keeps_float_activations(target.name, config)]
     if not targets:
         raise ValueError(f"no layer of {type(denoiser).__name__} is selected for quantization "
-                         f"(include={list(config.include)}, exclude={list(config.exclude)}, filter_fn)")
-    _check_act_exclude(targets, config, type(denoiser).__name__)
+                         f"(include={list(config.include)}, exclude={list(config.exclude)}, "
+                         f"act_exclude={list(config.act_exclude)} with weights=None, filter_fn)")
     return targets
 
 
@@ -215,16 +218,6 @@ def build_collectors(pipe: Any, config: PTQConfig, targets: Sequence[LayerTarget
     return collectors
 
 
-def default_calibration_inputs(pipe: Any, count: int) -> dict[str, Any]:
-    """``calibrate`` keyword arguments giving ``count`` default items for this pipeline's call mode."""
-    mode = call_mode(pipe)
-    if mode == "prompt":
-        return {"prompts": prompts_for_pipeline(pipe, limit=count)}
-    if mode == "unconditional":
-        return {"num_samples": count}
-    return {"prompts": list(range(count))}
-
-
 def collect(pipe: Any, config: PTQConfig, targets: Sequence[LayerTarget],
             calib: Calibration | None) -> Collected:
     """Run (or replay) calibration into fresh collectors; raises ValueError if it saw nothing."""
@@ -279,7 +272,7 @@ def _run(pipe: Any, config: PTQConfig, collectors: list[Collector], calib: Calib
             return calibrate(pipe, num_inference_steps=config.calib_num_steps, collectors=collectors,
                              steps=config.calib_steps, guidance_scale=config.calib_guidance_scale,
                              store_trajectory=keep_trajectory, progress=progress_shown(),
-                             **default_calibration_inputs(pipe, config.calib_prompts), **dict(config.calib_kwargs))
+                             **default_calibration_items(pipe, config.calib_prompts), **dict(config.calib_kwargs))
     if not isinstance(calib, Calibration):
         raise TypeError(f"calib must be a diffusion_accel Calibration or None, got {type(calib).__name__}")
     if calib.observed_calls == 0:

@@ -126,7 +126,7 @@ class PTQConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "PTQConfig":
         """A named recipe ("w8a8", "w4a8", "w8a16", "fp8", "w4a16", "qdiffusion", "cpu-fast"; any case)."""
-        key = name.lower() if isinstance(name, str) else name
+        key = name.lower() if isinstance(name, str) else None  # a list was "unhashable type" (until session 49)
         if key not in PRESETS:
             raise ValueError(f"unknown PTQ preset {name!r}; accepted: {', '.join(PRESETS)}")
         _check_fields(overrides)
