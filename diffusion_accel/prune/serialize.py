@@ -125,10 +125,14 @@ def _checked_norm_groups(norm_groups: Any, base_shapes: dict[str, Any]) -> dict[
     for name, groups in norm_groups.items():
         if name not in base_shapes:
             raise ValueError(f"pruned artifact gives GroupNorm {name!r} a group count, but resizes no such layer")
-        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-            raise ValueError(f"pruned artifact gives GroupNorm {name!r} {groups!r} groups; a group count is an "
-                             f"integer >= 1")
+        _check_count(f"GroupNorm {name!r}", groups, "group")
     return norm_groups
+
+
+def _check_count(what: str, count: Any, unit: str) -> None:
+    """ValueError unless ``count`` (of ``what``'s heads or groups) is an integer >= 1."""
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"pruned artifact gives {what} {count!r} {unit}s; a {unit} count is an integer >= 1")
 
 
 def _restore_sparse_kernels(denoiser: nn.Module, configs: list[Any], masked: list[str]) -> None:
@@ -170,9 +174,7 @@ def _restore_heads(denoiser: nn.Module, heads: dict[str, int]) -> None:
     for name, count in heads.items():
         if name not in head_dims:
             raise ValueError(f"pruned artifact names attention {name!r}, which this base model does not have")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ValueError(f"pruned artifact gives attention {name!r} {count!r} heads; a head count is an "
-                             f"integer >= 1")
+        _check_count(f"attention {name!r}", count, "head")
         set_head_count(denoiser.get_submodule(name), count, head_dims[name])
 
 
