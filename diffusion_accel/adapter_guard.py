@@ -223,8 +223,10 @@ def _refuse_resized_targets(model: nn.Module, targets: list[str], own: dict[str,
 
 
 def _rolled_back_on_error(model: nn.Module, call: Callable[[], Any]) -> Any:
-    """Run ``call``; if it raises, unwrap the adapter layers it added and restore the peft bookkeeping."""
+    """Run ``call``; if it raises, unwrap the adapter layers it added, drop the adapters it added to layers wrapped
+    before (they kept a failed adapter's lora_A / lora_B until session 49) and restore the peft bookkeeping."""
     wrapped_before = set(adapter_wrapped_layers(model))
+    adapters_before = {name: _adapter_names(model.get_submodule(name)) for name in wrapped_before}
     configs_before = dict(getattr(model, "peft_config", {}) or {})
     had_configs = "peft_config" in vars(model)
     loaded_flag = getattr(model, "_hf_peft_config_loaded", None)
@@ -232,8 +234,12 @@ def _rolled_back_on_error(model: nn.Module, call: Callable[[], Any]) -> Any:
         return call()
     except BaseException:
         for name in adapter_wrapped_layers(model):
+            layer = model.get_submodule(name)
             if name not in wrapped_before:
-                _replace(model, name, model.get_submodule(name).base_layer)
+                _replace(model, name, layer.base_layer)
+                continue
+            for adapter in _adapter_names(layer) - adapters_before[name]:
+                layer.delete_adapter(adapter)
         if had_configs:
             model.peft_config = configs_before
         elif "peft_config" in vars(model):
@@ -241,6 +247,11 @@ def _rolled_back_on_error(model: nn.Module, call: Callable[[], Any]) -> Any:
         if loaded_flag is not None:
             model._hf_peft_config_loaded = loaded_flag
         raise
+
+
+def _adapter_names(layer: nn.Module) -> set[str]:
+    """The adapters a peft-wrapped layer holds (the keys of its ``adapter_layer_names`` dicts: lora_A, ...)."""
+    return {key for attribute in getattr(layer, "adapter_layer_names", ()) for key in getattr(layer, attribute, {})}
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -73,6 +73,21 @@ def test_a_lora_file_peft_fails_on_is_unwrapped_again(quantized, lora_state_dict
     assert torch.equal(_images(pipe), before)
 
 
+def test_a_failed_lora_file_leaves_no_tensors_on_layers_an_earlier_adapter_wrapped(quantized, lora_state_dict,
+                                                                                   tmp_path):
+    """The rollback unwrapped only the layers the call wrapped: a layer wrapped by adapter "a" kept the failed
+    adapter "b"'s lora_A / lora_B (until session 49)."""
+    pipe, _ = quantized
+    pipe.unet.add_adapter(_lora_config(["linear_1"]), adapter_name="a")
+    keys, before = set(pipe.unet.state_dict()), _images(pipe)
+    save_file(dict(lora_state_dict), tmp_path / "pytorch_lora_weights.safetensors")
+    with pytest.raises(ValueError, match="not supported"):
+        pipe.unet.load_lora_adapter(str(tmp_path), prefix="unet", weight_name="pytorch_lora_weights.safetensors",
+                                    adapter_name="b")
+    assert set(pipe.unet.state_dict()) == keys and list(pipe.unet.peft_config) == ["a"]
+    assert torch.equal(_images(pipe), before)
+
+
 def test_lora_on_layers_kept_in_float_or_on_a_cached_pipeline_loads(quantized, lora_state_dict):
     pipe, before = quantized
     pipe.unet.add_adapter(_lora_config(["linear_1"]))
