@@ -399,21 +399,32 @@ def _check_calibration_flags_read(args: argparse.Namespace, methods: list[str], 
     runs the pipeline: calibration.json says so (``--steps``, ``--prompts``, ``--guidance``, ``--call`` of a run
     that samples nothing were recorded as its calibration settings until session 45; build_artifacts.py's check
     still samples at them)."""
-    calibrating = [method for method in methods if method in ("stats", "ptq")
-                   or (method in configs and getattr(configs[method], "needs_calibration", True))]
+    calibrating = [method for method in methods if method == "stats"  # a weight-only PTQ reads none (until s49 it ran
+                   or (method in configs and getattr(configs[method], "needs_calibration", True))]  # a pass anyway)
     searching = "cache" in methods and cache_table.get("method") in ("calibrated", "router")  # a TeaCache fit: one
     # prompt per call (its samples are per call and step), --batch-size was recorded and ignored until session 45
     fitting = "cache" in methods and cache_table.get("method") == "teacache" and cache_table.get("coefficients") is None
     idle = [flag for flag in ("selection", "weighting") if getattr(args, flag, None) is not None and not calibrating]
     if getattr(args, "batch_size", None) is not None and not calibrating and not searching:
         idle.append("batch_size")
+    if getattr(args, "weighting", None) is not None and calibrating and not _weighs_steps(calibrating, configs):
+        raise ValueError(f"--weighting not used by --method {','.join(methods)}: no method of it weighs calibration "
+                         f"steps (pruning's OBS / Wanda Hessians, PTQ's output_mse scales and GPTQ do); drop it")
     if idle:
         names = ", ".join(f"--{flag.replace('_', '-')}" for flag in idle)
-        raise ValueError(f"{names} not used by --method {','.join(methods)}: nothing in it calibrates (magnitude "
+        raise ValueError(f"{names} not used by --method {','.join(methods)}: nothing in it calibrates (weight-only "
+                         f"PTQ with max scales and nearest rounding, magnitude "
                          f"pruning by layer or saliency and the deepcache / block / first_block / delta / "
                          f"encoder_propagation caches read no inputs; a calibrated or router cache reads "
                          f"--batch-size, a fitted TeaCache runs one prompt per call); drop them")
     return bool(calibrating or searching or fitting)
+
+
+def _weighs_steps(calibrating: list[str], configs: dict[str, Any]) -> bool:
+    """Whether a calibrating method of the chain reads the steps' weights (W8A8's ranges do not: --weighting was
+    recorded and changed nothing until session 49)."""
+    return any(method == "stats" or method in PRUNE_METHODS or getattr(configs.get(method), "reads_step_weights", False)
+               for method in calibrating)
 
 
 def _check_calibration_settings(settings: dict[str, Any], seed: int) -> None:

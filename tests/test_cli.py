@@ -412,6 +412,21 @@ def test_the_weighting_of_a_recipe_or_flag_reaches_pruning(tmp_path):
     assert pruning_weighting("--weighting", "log-increase") == "log-increase"
 
 
+def test_a_weight_only_ptq_runs_no_calibration_and_takes_no_calibration_flags(tmp_path, monkeypatch, capsys):
+    """A weight-only preset reads no layer inputs: the chain still ran a calibration pass and recorded --selection /
+    --weighting as if they had shaped the artifact; --weighting with W8A8 (ranges only) the same (session 49)."""
+    import diffusion_accel.recipes as recipes
+
+    common = ["calibrate", "--pipe", "tiny:sd", "--method", "ptq", "--steps", "3", "--num-prompts", "1"]
+    assert main([*common, "--preset", "w8a16", "--selection", "0", "--out", str(tmp_path / "a")]) == 2
+    assert "--selection not used by --method ptq: nothing in it calibrates (weight-only PTQ" in capsys.readouterr().err
+    assert main([*common, "--weighting", "log-increase", "--out", str(tmp_path / "b")]) == 2
+    assert "--weighting not used by --method ptq: no method of it weighs calibration steps" in capsys.readouterr().err
+    monkeypatch.setattr(recipes, "_run_calibration", lambda *args, **kwargs: pytest.fail("a calibration pass ran"))
+    assert main([*common, "--preset", "w8a16", "--out", str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c" / "calibration.json").read_text())["calibrated"] is False
+
+
 def test_parser_lists_every_subcommand():
     text = build_parser().format_help()
     for command in SUBCOMMANDS:

@@ -132,6 +132,18 @@ class PTQConfig:
         _check_fields(overrides)
         return cls(**(PRESETS[key] | overrides))
 
+    @property
+    def needs_calibration(self) -> bool:
+        """True when quantization reads layer inputs (``quant.calibrate.build_collectors``: static activation ranges,
+        output-MSE weight scales, block reconstruction; GPTQ's Hessians): weight-only round-to-nearest reads none."""
+        return (self.activations is not None and self.act_mode == "static") or self.reconstruct \
+            or self.reads_step_weights
+
+    @property
+    def reads_step_weights(self) -> bool:
+        """True when the calibration steps' weights shape the result (Hessians of output-MSE scales or GPTQ)."""
+        return (self.weights is not None and self.weight_scale == "output_mse") or self.weight_rounding == "gptq"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
