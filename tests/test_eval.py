@@ -1358,3 +1358,27 @@ def test_input_images_follow_their_prompts_and_do_not_depend_on_the_batch_size()
         da_evaluate = importlib.import_module("diffusion_accel").evaluate
         da_evaluate({"a": img2img}, ["a", "b", "c"], metrics=("latency",), num_inference_steps=2, progress=False,
                     call_kwargs={"image": images[:2], "strength": 0.5})
+
+
+def test_image_lists_of_one_image_per_condition_stay_whole():
+    """A T2I MultiAdapter's image list holds one image per adapter (a ControlNet-Union's one per control mode): the
+    per-prompt split of session 49 refused or broke them, so they go whole to every call, as before."""
+    from diffusers import MultiAdapter, StableDiffusionAdapterPipeline, T2IAdapter
+    from PIL import Image
+
+    from diffusion_accel.eval import evaluate
+    from diffusion_accel.testing.tiny import build_tiny
+
+    base = build_tiny("sd")
+    torch.manual_seed(0)
+    adapters = [T2IAdapter(in_channels=3, channels=[16, 32, 32], num_res_blocks=1, downscale_factor=2,
+                           adapter_type="full_adapter").eval() for _ in range(2)]
+    pipe = StableDiffusionAdapterPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                          unet=base.unet, scheduler=base.scheduler, adapter=MultiAdapter(adapters),
+                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    images = [Image.new("RGB", (32, 32), (10, 20, 30)), Image.new("RGB", (32, 32), (200, 20, 30))]
+    for prompts in (["a cat", "a dog"], ["a cat", "a dog", "a car"]):
+        report = evaluate({"base": pipe}, prompts, metrics=("latency",), num_inference_steps=2, warmup=0, repeats=1,
+                          progress=False, call_kwargs=dict(image=images, adapter_conditioning_scale=[1.0, 1.0],
+                                                           height=32, width=32))
+        assert report.rows[0]["images"] == len(prompts)

@@ -42,7 +42,7 @@ from .grid import make_grid
 from .machine import denoiser_runtime, machine_info
 from .memory import measure_peak_memory
 from .pipes import (ImageJob, PromptToKwargs, build_call_kwargs, check_call_kwargs, default_prompt_to_kwargs,
-                    denoiser_of, generate_images, is_text_conditioned, make_jobs, multi_controlnet, quiet_progress,
+                    denoiser_of, generate_images, images_per_condition, is_text_conditioned, make_jobs, quiet_progress,
                     whole_number)
 from .report import EvalReport, report_folder_problem
 from .timing import PipelineTiming, pipeline_device, time_pipelines
@@ -289,7 +289,7 @@ def _check_image_lists(name: str, pipe: Any, call_kwargs: Mapping[str, Any], num
     call); a MultiControlNet pipeline's ``image`` list holds one per ControlNet instead."""
     for key in IMAGE_ARGUMENTS:
         value = call_kwargs.get(key)
-        if isinstance(value, (list, tuple)) and len(value) not in (1, num_prompts) and not multi_controlnet(pipe):
+        if isinstance(value, (list, tuple)) and len(value) not in (1, num_prompts) and not images_per_condition(pipe):
             raise ValueError(f"call_kwargs {key} must be one image or a list of {num_prompts} (one per prompt) for "
                              f"variant {name!r}, got a list of {len(value)}")
 

@@ -276,7 +276,7 @@ def build_call_kwargs(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_step
         kwargs["negative_prompt"] = per_prompt_negative(negative, len(kwargs["prompt"]))
     if isinstance(kwargs.get("prompt"), list):  # the other towers' texts follow the prompts of the call
         kwargs |= {name: _per_job(extra[name], jobs) for name in OTHER_PROMPTS if name in extra}
-    if not multi_controlnet(pipe):  # its image list holds one image per ControlNet
+    if not images_per_condition(pipe):  # a MultiControlNet's image list holds one per ControlNet
         kwargs |= {name: _image_per_job(extra[name], jobs) for name in IMAGE_ARGUMENTS if extra.get(name) is not None}
     kwargs["num_inference_steps"] = num_inference_steps
     kwargs["generator"] = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
@@ -292,9 +292,11 @@ def _per_job(value: Any, jobs: Sequence[ImageJob]) -> Any:
     return per_prompt_values(value, indices, len(indices))
 
 
-def multi_controlnet(pipe: Any) -> bool:
-    """Whether ``pipe`` runs several ControlNets (its ``image`` is a list of one control image per ControlNet)."""
-    return "Multi" in type(getattr(pipe, "controlnet", None)).__name__
+def images_per_condition(pipe: Any) -> bool:
+    """Whether ``pipe``'s image lists hold one image per condition, not per prompt: several ControlNets, a
+    ControlNet-Union (one per ``control_mode``) or a T2I ``MultiAdapter``; evaluate leaves them whole."""
+    kinds = type(getattr(pipe, "controlnet", None)).__name__ + type(getattr(pipe, "adapter", None)).__name__
+    return "Multi" in kinds or "Union" in kinds or "control_mode" in inspect.signature(type(pipe).__call__).parameters
 
 
 def _image_per_job(value: Any, jobs: Sequence[ImageJob]) -> Any:
