@@ -1382,3 +1382,25 @@ def test_image_lists_of_one_image_per_condition_stay_whole():
                           progress=False, call_kwargs=dict(image=images, adapter_conditioning_scale=[1.0, 1.0],
                                                            height=32, width=32))
         assert report.rows[0]["images"] == len(prompts)
+
+
+def test_images_per_condition_reads_the_loaded_models_not_the_call_signature():
+    """Flux's ControlNet pipelines take control_mode with any ControlNet: reading the signature left a plain
+    FluxControlNetModel's per-prompt control images whole, a shape error inside diffusers (session 49 review)."""
+    from diffusion_accel.eval.pipes import images_per_condition
+
+    class FluxControlNetModel: ...
+
+    class ControlNetUnionModel: ...
+
+    class MultiAdapter: ...
+
+    class Pipeline:
+        def __init__(self, **parts):
+            self.__dict__.update(parts)
+
+        def __call__(self, prompt=None, control_image=None, control_mode=None): ...
+
+    assert not images_per_condition(Pipeline(controlnet=FluxControlNetModel()))
+    assert images_per_condition(Pipeline(controlnet=ControlNetUnionModel()))
+    assert images_per_condition(Pipeline(adapter=MultiAdapter()))

@@ -294,9 +294,10 @@ def _per_job(value: Any, jobs: Sequence[ImageJob]) -> Any:
 
 def images_per_condition(pipe: Any) -> bool:
     """Whether ``pipe``'s image lists hold one image per condition, not per prompt: several ControlNets, a
-    ControlNet-Union (one per ``control_mode``) or a T2I ``MultiAdapter``; evaluate leaves them whole."""
+    ControlNet-Union (one per ``control_mode``) or a T2I ``MultiAdapter``, by the loaded model (Flux's ControlNet
+    pipelines take ``control_mode`` with any ControlNet); evaluate leaves them whole."""
     kinds = type(getattr(pipe, "controlnet", None)).__name__ + type(getattr(pipe, "adapter", None)).__name__
-    return "Multi" in kinds or "Union" in kinds or "control_mode" in inspect.signature(type(pipe).__call__).parameters
+    return "Multi" in kinds or "Union" in kinds
 
 
 def _image_per_job(value: Any, jobs: Sequence[ImageJob]) -> Any:
