@@ -329,6 +329,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         _check_cache_table(cache_table)
     runs_pipeline = _check_calibration_flags_read(args, methods, configs, cache_table)
     _check_calibration_settings(settings, args.seed)
+    _check_teacache_fit_steps(cache_table, settings["steps"])
     model = recipe.get("model", {})
     spec = args.pipe if args.pipe is not None else (model.get("id") or default_demo_spec())
     _check_out_is_not_the_base(args.out, spec, methods)
@@ -534,6 +535,15 @@ def _check_cache_table(table: dict[str, Any]) -> None:
         check_table(table)
     else:
         check_table_without_method(table)
+
+
+def _check_teacache_fit_steps(table: dict[str, Any], steps: Any) -> None:
+    """A TeaCache whose coefficients are fitted needs changes between steps: ``--steps 1`` was refused only after
+    the chain's calibration, pruning and PTQ had run (session 49 review)."""
+    fitted = table.get("method") == "teacache" and table.get("coefficients") is None
+    if fitted and isinstance(steps, int) and steps < 2:
+        raise ValueError(f"--steps {steps}: fitting TeaCache's coefficients needs at least 2 denoising steps (the "
+                         f"changes between steps); raise --steps or give [cache] coefficients")
 
 
 def _check_cache_fits(pipe: Any, table: dict[str, Any]) -> None:

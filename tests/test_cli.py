@@ -427,6 +427,16 @@ def test_a_weight_only_ptq_runs_no_calibration_and_takes_no_calibration_flags(tm
     assert json.loads((tmp_path / "c" / "calibration.json").read_text())["calibrated"] is False
 
 
+def test_a_teacache_to_fit_in_one_step_is_refused_before_the_chain_runs(monkeypatch, capsys, tmp_path):
+    """--steps 1 with a fitted TeaCache was refused only after the chain's OBS pruning and PTQ (session 49 review)."""
+    import diffusion_accel.recipes as recipes
+
+    monkeypatch.setattr(recipes, "load_pipeline", lambda *args, **kwargs: pytest.fail("the pipeline loaded"))
+    assert main(["calibrate", "--pipe", "tiny:flux", "--method", "obs,ptq,cache", "--cache-method", "teacache",
+                 "--steps", "1", "--num-prompts", "1", "--out", str(tmp_path / "art")]) == 2
+    assert "--steps 1: fitting TeaCache's coefficients needs at least 2 denoising steps" in capsys.readouterr().err
+
+
 def test_parser_lists_every_subcommand():
     text = build_parser().format_help()
     for command in SUBCOMMANDS:
