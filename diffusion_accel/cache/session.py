@@ -168,7 +168,9 @@ class CacheSession:
         under torch.compile the decision costs no graph break of its own (a head policy decides on its
         signal, in the head block: see :meth:`decide`)."""
         self._follow_replaced_modules()
-        self.state()["map_reading"] = _warn_if_map_reading(calling_pipeline())  # a from_pipe sibling: computes
+        state = self.state()
+        if "map_reading" not in state:  # once per context and pipeline call (a stack walk), not per denoiser call
+            state["map_reading"] = _warn_if_map_reading(calling_pipeline())  # a from_pipe sibling: computes
         if not getattr(self.policy, "uses_head", False):
             self._decide(None)
 
