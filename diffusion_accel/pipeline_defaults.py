@@ -250,6 +250,24 @@ IMAGE_ARGUMENTS = ("image", "mask_image", "control_image")  # inputs image-condi
 IP_ADAPTER_ARGUMENTS = ("ip_adapter_image", "ip_adapter_image_embeds")  # one of them, once an IP-Adapter is loaded
 
 
+def images_per_condition(pipe: Any) -> bool:
+    """Whether ``pipe``'s image lists hold one image per condition, not per prompt: several ControlNets, a
+    ControlNet-Union (one per ``control_mode``) or a T2I ``MultiAdapter``, by the loaded model (Flux's ControlNet
+    pipelines take ``control_mode`` with any ControlNet); evaluation and calibration leave them whole."""
+    kinds = type(getattr(pipe, "controlnet", None)).__name__ + type(getattr(pipe, "adapter", None)).__name__
+    return "Multi" in kinds or "Union" in kinds
+
+
+def per_prompt_images(value: Any, indices: Sequence[int]) -> Any:
+    """An input image list of a run (one image, or one per prompt) for the call taking the prompts at ``indices``:
+    the images at ``indices`` (a one-image list's image once per prompt), one image where the call takes one prompt;
+    anything else as it is. A list went whole to every call: each prompt got the first image, or the call failed."""
+    if not isinstance(value, (list, tuple)) or (len(value) != 1 and not all(index < len(value) for index in indices)):
+        return value
+    picked = [value[0] if len(value) == 1 else value[index] for index in indices]
+    return picked[0] if len(picked) == 1 else picked
+
+
 def _has_ip_adapter(pipe: Any) -> bool:
     """Whether ``pipe``'s denoiser has an IP-Adapter loaded (its image projection set by ``load_ip_adapter``)."""
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)

@@ -5,6 +5,7 @@ pass them (``DeepCacheConfig(interval=np.int64(2))`` was refused as "must be an 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -51,3 +52,10 @@ def plain_values(value: Any) -> Any:
     if isinstance(value, (np.ndarray, torch.Tensor)):  # a tensor of step indices was refused (until session 49)
         return value.tolist()
     return _plain(value)
+
+
+def json_form(value: Any) -> Any:
+    """``value`` as the artifact's JSON manifest gives it back (tuples as lists): a config holding
+    ``original_size=(64, 64)`` in ``calib_kwargs`` compared unequal to itself after a save / load (until session 50).
+    Raises TypeError / ValueError for what JSON cannot hold (NaN, objects)."""
+    return json.loads(json.dumps(value, allow_nan=False))

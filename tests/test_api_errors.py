@@ -88,6 +88,17 @@ def test_calib_kwargs_and_calib_steps_are_taken_or_refused_alike_in_every_form()
         da.PTQConfig(calib_steps=(0.0, 2.0))
 
 
+def test_configs_with_tuple_calib_kwargs_equal_themselves_after_a_json_round_trip():
+    """``original_size=(64, 64)`` came back from the manifest as a list: the loaded config compared unequal to the
+    one saved (until session 50); values are held as JSON gives them back."""
+    import json
+
+    for cls in (da.PTQConfig, da.PruneConfig):
+        config = cls(calib_kwargs={"original_size": (64, 64), "extra": {"a": (1, (2, 3))}})
+        assert config == cls.from_dict(json.loads(json.dumps(config.to_dict())))
+        assert dict(config.calib_kwargs)["extra"] == {"a": [1, [2, 3]]}
+
+
 def test_an_int_beyond_float_range_is_refused_by_name_in_every_config_field():
     """10**400 in a float field raised OverflowError from math.isfinite / float() (TeaCacheConfig coefficients,
     PTQConfig.recon_lr, PruneConfig.damp, ...), not the field's error; so did calibrate's guidance (session 49)."""

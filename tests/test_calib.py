@@ -741,6 +741,25 @@ def test_a_collector_passed_to_a_second_run_warns_that_it_accumulates():
     assert not [warning for warning in caught if "already holds data" in str(warning.message)]
 
 
+def test_a_run_failing_inside_its_first_observed_call_still_counts_as_holding_data():
+    """An error in a late layer of the first observed call (an out-of-memory) left the collector with that call's
+    rows but counted the run as never made: the retry on it was not warned and mixed the rows in (session 50)."""
+    pipe = build_tiny("sd")
+    layer = "down_blocks.0.resnets.0.conv1"
+    collector = HessianCollector([layer])
+
+    def out_of_memory(module, args):
+        raise RuntimeError("out of memory (simulated)")
+
+    handle = pipe.unet.up_blocks[-1].register_forward_pre_hook(out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        calibrate(pipe, ["a cat"], num_inference_steps=2, collectors=[collector], progress=False)
+    handle.remove()
+    assert collector.num_rows(layer) > 0
+    with pytest.warns(UserWarning, match="already holds data from 1 earlier run"):
+        calibrate(pipe, ["a cat"], num_inference_steps=2, collectors=[collector], progress=False)
+
+
 def test_calibrating_without_the_cfg_a_pipeline_guides_with_by_default_warns():
     """CFG off in calibration never observes the unconditional branch: a tiny DiT's W8A8 fell from 56 to 27-29 dB
     with CFG on (session 31). A Flux without guidance embedding ignores guidance_scale (true_cfg_scale guides): a
@@ -975,3 +994,20 @@ def test_default_calibration_items_repeat_the_bundled_prompts_or_classes_for_qua
     with pytest.raises(KeyboardInterrupt):
         da.quantize_(sd, da.PTQConfig(calib_prompts=40, calib_num_steps=2, calib_steps="all"))
     assert len(seen["prompts"]) == 40
+
+
+def test_an_image_list_gives_each_prompt_its_own_image():
+    """A list of one image per prompt went whole to every call: at batch size 1 img2img failed (512 vs 256 rows)
+    or paired each prompt with the list (session 50); each call now takes its prompts' images, as evaluate does."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline(**build_tiny("sd").components)
+    images = [torch.full((3, 32, 32), value) for value in (0.2, 0.8)]
+    kwargs = dict(num_inference_steps=3, strength=1.0, steps=[0], progress=False)
+    both = calibrate(pipe, ["a cat", "a dog"], image=images, batch_size=1, **kwargs)
+    second = calibrate(pipe, ["a dog"], image=images[1], seed=1, **kwargs)
+    assert torch.equal(both.trajectory[1].args[0], second.trajectory[0].args[0])
+    batched = calibrate(pipe, ["a cat", "a dog"], image=images, batch_size=2, **kwargs)
+    assert batched.trajectory[0].batch == 4  # two prompts, with CFG
+    with pytest.raises(ValueError, match=r"image must be one image or a list of 2 \(one per prompt\), got a list of 3"):
+        calibrate(pipe, ["a cat", "a dog"], image=images + images[:1], **kwargs)

@@ -24,8 +24,9 @@ from typing import Any
 
 from ..argtypes import SEED_LIMIT
 from ..arch.registry import UnsupportedModelError, get_adapter
-from ..pipeline_defaults import (call_defaults, check_call_arguments, check_guidance_scale_is_read,
-                                 OTHER_PROMPTS, per_prompt_negative, per_prompt_values, with_tuples)
+from ..pipeline_defaults import (IMAGE_ARGUMENTS, OTHER_PROMPTS, call_defaults, check_call_arguments,
+                                 check_guidance_scale_is_read, images_per_condition, per_prompt_images,
+                                 per_prompt_negative, per_prompt_values, with_tuples)
 from ..scalars import is_finite_number, plain_number
 from ..stacklevel import user_stacklevel
 
@@ -190,6 +191,9 @@ def plan_calls(pipe: Any, items: list[Any], *, num_inference_steps: int, batch_s
     _check_call_kwargs(pipe, call_kwargs)
     _check_options(pipe, mode, params, num_images_per_prompt, guidance_scale, negative_prompt, len(items))
     _check_other_prompts(call_kwargs, len(items))
+    split_images = mode == "prompt" and not images_per_condition(pipe)  # a MultiControlNet's: one per ControlNet
+    if split_images:
+        _check_image_lists(call_kwargs, len(items))
     shared = {"num_inference_steps": num_inference_steps}
     if "output_type" in params:
         shared["output_type"] = "latent" if mode == "prompt" else "pt"
@@ -211,6 +215,9 @@ def plan_calls(pipe: Any, items: list[Any], *, num_inference_steps: int, batch_s
             indices = range(len(items))[chunk]
             kwargs |= {name: per_prompt_values(shared[name], indices, len(items))
                        for name in OTHER_PROMPTS if name in shared}
+        if split_images:
+            kwargs |= {name: per_prompt_images(shared[name], range(len(items))[chunk])
+                       for name in IMAGE_ARGUMENTS if isinstance(shared.get(name), (list, tuple))}
         calls.append(PlannedCall(kwargs=kwargs, num_items=len(items[chunk]), seed=seed + index))
     return calls
 
@@ -275,6 +282,17 @@ def _check_other_prompts(call_kwargs: dict[str, Any], num_items: int) -> None:
         if isinstance(value, (list, tuple)) and (len(value) != num_items or not all(isinstance(v, str) for v in value)):
             raise ValueError(f"{key} must be a string or a list of {num_items} strings (one per prompt), "
                              f"got {value!r:.80}")
+
+
+def _check_image_lists(call_kwargs: dict[str, Any], num_items: int) -> None:
+    """ValueError for a list of input images (``image``, ``mask_image``, ``control_image``) that is neither one image
+    nor one per prompt: the whole list went to every call, which failed in the pipeline (512 vs 256 rows) or paired
+    each prompt with the first image (until session 50)."""
+    for key in IMAGE_ARGUMENTS:
+        value = call_kwargs.get(key)
+        if isinstance(value, (list, tuple)) and len(value) not in (1, num_items):
+            raise ValueError(f"{key} must be one image or a list of {num_items} (one per prompt), got a list of "
+                             f"{len(value)}")
 
 
 def _check_options(pipe: Any, mode: str, params: dict[str, inspect.Parameter], per_item: int,

@@ -95,12 +95,13 @@ def calibrate(pipe: Any, prompts: Any = None, num_inference_steps: int = 25, *,
                          denoiser_class=type(denoiser).__name__, selected_steps=selected,
                          step_weights=weights, collectors=bound, seeds=[call.seed for call in calls],
                          denoiser_config=architecture_config(denoiser))
+    live = _LiveRun(result, recorder)
     try:
-        _LiveRun(result, recorder).run(pipe, denoiser, calls, progress)
+        live.run(pipe, denoiser, calls, progress)
         _check_selected_steps_ran(result)
     except BaseException:
-        if result.observed_calls == 0:  # they hold nothing of this run: the retry was warned they held data (s49)
-            forget_run(bound)
+        if not live.fed_collectors:  # they hold nothing of this run: the retry was warned they held data (s49); a
+            forget_run(bound)        # failure inside the first observed call counted none while they held data (s50)
         raise
     return result
 
@@ -157,12 +158,14 @@ class _LiveRun:
         self.stateful: list[tuple[str, nn.Module]] = []  # the denoiser's modules call_state reads
         self.call_states: set[CallState] = set()  # the denoiser's modules on recorded calls (call_state)
         self.call_inputs: tuple[tuple, dict] | None = None  # the call in progress's inputs, containers copied
+        self.fed_collectors = False  # whether a step tag went to the collectors' hooks (they may hold data)
 
     def current_step(self) -> Step | None:
         """Tag of the denoiser call in progress, or None when its step is not selected."""
         tracker = self.tracker
         if tracker is None or not self._ours() or not tracker.in_call or tracker.step_index not in self.selected:
             return None
+        self.fed_collectors = True
         return Step(tracker.step_index, tracker.timestep, tracker.context, self.weights[tracker.step_index])
 
     def _ours(self) -> bool:

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from ..arch.registry import DENOISER_COMPONENTS
-from ..pipeline_defaults import (IMAGE_ARGUMENTS, OTHER_PROMPTS, call_defaults, per_prompt_negative, per_prompt_values,
-                                 with_tuples)
+from ..pipeline_defaults import (IMAGE_ARGUMENTS, OTHER_PROMPTS, call_defaults, images_per_condition, per_prompt_images,
+                                 per_prompt_negative, per_prompt_values, with_tuples)
 from ..seeding import seeded_call
 from .images import to_uint8
 
@@ -292,25 +292,13 @@ def _per_job(value: Any, jobs: Sequence[ImageJob]) -> Any:
     return per_prompt_values(value, indices, len(indices))
 
 
-def images_per_condition(pipe: Any) -> bool:
-    """Whether ``pipe``'s image lists hold one image per condition, not per prompt: several ControlNets, a
-    ControlNet-Union (one per ``control_mode``) or a T2I ``MultiAdapter``, by the loaded model (Flux's ControlNet
-    pipelines take ``control_mode`` with any ControlNet); evaluate leaves them whole."""
-    kinds = type(getattr(pipe, "controlnet", None)).__name__ + type(getattr(pipe, "adapter", None)).__name__
-    return "Multi" in kinds or "Union" in kinds
-
-
 def _image_per_job(value: Any, jobs: Sequence[ImageJob]) -> Any:
     """An input image of the run (``image``, ``mask_image``, ``control_image``) for this call's jobs: of a list of
     one per prompt the jobs' own, one image once per job. A list went whole to every call (at batch size 1 every
     prompt got the first image); inpainting and Flux img2img drew one image's latents from the first generator
     only, so an image changed with its place in the batch (until session 49)."""
-    indices = [job.prompt_index for job in jobs]
     if isinstance(value, (list, tuple)):
-        if len(value) != 1 and not all(index < len(value) for index in indices):
-            return value
-        picked = [value[0] if len(value) == 1 else value[index] for index in indices]
-        return picked[0] if len(picked) == 1 else picked
+        return per_prompt_images(value, [job.prompt_index for job in jobs])
     return [value] * len(jobs) if len(jobs) > 1 and _one_image(value) else value
 
 

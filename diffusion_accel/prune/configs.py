@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..calib.schedule import WEIGHTING_SCHEMES
-from ..scalars import is_finite_number, plain_scalars
+from ..scalars import is_finite_number, json_form, plain_scalars
 
 METHODS = ("obs", "wanda", "magnitude")
 PATTERNS = ("unstructured", "structured", "2:4", "4:8", "any 'N:M' with 0 < N < M")
@@ -185,14 +184,14 @@ def _number_pair(name: str, value: Any) -> tuple[float, float]:
 def _json_pairs(name: str, value: Any) -> tuple[tuple[str, Any], ...]:
     """``_pairs`` whose values the artifact's JSON manifest can hold (a numpy int passed pruning, then
     ``save`` failed half-written)."""
-    pairs = _pairs(name, value)
-    for key, item in pairs:
+    pairs = []
+    for key, item in _pairs(name, value):
         try:
-            json.dumps(item, allow_nan=False)
+            pairs.append((key, json_form(item)))  # as a save / load gives it back
         except (TypeError, ValueError):
             raise ValueError(f"{name}[{key!r}]={item!r} cannot be stored in the artifact manifest (JSON); pass "
                              f"plain values (int, float, str, bool, None, lists / dicts of them)") from None
-    return pairs
+    return tuple(pairs)
 
 
 def _check_flags(config: "PruneConfig") -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..calib.ranges import RANGE_METHODS
 from ..calib.schedule import select_steps
-from ..scalars import is_finite_number, plain_scalars
+from ..scalars import is_finite_number, json_form, plain_scalars
 from .formats import ACTIVATION_FORMATS, WEIGHT_FORMATS, get_format
 
 # calibrate() arguments quantize_'s own calibration sets from the config (quant/calibrate.py's _run)
@@ -121,7 +121,8 @@ class PTQConfig:
             object.__setattr__(self, name, _as_tuple(name, getattr(self, name)))
         if not isinstance(self.calib_steps, str):
             object.__setattr__(self, "calib_steps", _as_tuple("calib_steps", self.calib_steps))
-        validate(self)
+        validate(self)  # values as a save / load gives them back (a tuple value was unequal to itself after one)
+        object.__setattr__(self, "calib_kwargs", tuple((name, json_form(value)) for name, value in self.calib_kwargs))
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "PTQConfig":
