@@ -4,6 +4,7 @@ naming the value, before any pipeline loads (minutes for a hub model) or trainin
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -108,8 +109,9 @@ def output_file(text: str) -> str:
     if empty_path(text):
         raise argparse.ArgumentTypeError(EMPTY_PATH_PROBLEM)
     path = _expanded(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{str(path)!r} is a folder; give an image file path")
+    if path.is_dir() or text.endswith(("/", os.sep)):  # "newdir/" became a PNG file named newdir (until s50)
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give an image file path, e.g. "
+                                         f"{str(path / 'grid.png')!r}")
     problem = output_folder_problem(path.parent)
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)

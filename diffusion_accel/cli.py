@@ -331,11 +331,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_grid(args: argparse.Namespace) -> int:
     from .eval import evaluate, save_grid
-    from .eval.grid import grid_format
+    from .eval.grid import check_grid_fits, grid_format, grid_size
 
     grid_format(args.out)  # a bad --out is an error before any pipeline loads
     pipes = _load_variants(args)
-    report = evaluate(pipes, _prompts_for(args, next(iter(pipes.values()))), metrics=("latency",),
+    prompts = _prompts_for(args, next(iter(pipes.values())))
+    check_grid_fits(args.out, grid_size(len(pipes), len(prompts), cell_size=args.cell))  # before any image
+    report = evaluate(pipes, prompts, metrics=("latency",),
                       num_inference_steps=args.steps, seed=args.seed, grid_cell_size=args.cell,
                       grid_columns=None, call_kwargs=_call_kwargs(args), repeats=1)
     if not _is_main_process():  # every process holds the gathered report: one writes the PNG

@@ -17,6 +17,7 @@ import fnmatch
 import json
 import time
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -349,6 +350,8 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
             _check_default_cache_table(pipe, cache_table)
     prompt_list = (given_prompts(settings) if settings["prompts"] is not None  # [] ran the defaults (until s45)
                    else prompt_sets.for_pipeline(pipe, limit=settings["num_prompts"]))
+    if "cache" in methods:
+        _check_teacache_fit_points(pipe, cache_table, settings, len(prompt_list))
     noted_settings = {**settings, "seed": args.seed}  # calibration.json records the seed (none until session 48)
     if methods == ["stats"]:
         collectors = build_collectors(pipe, [k.strip() for k in (args.collect or DEFAULT_COLLECT).split(",")
@@ -358,6 +361,7 @@ def run_calibrate(args: argparse.Namespace) -> dict[str, Any]:
         return {"summary": calib.summary() + f"\nstatistics written to {args.out}/", "methods": methods,
                 "seconds": {}, "out": args.out}
     summaries, seconds = _apply_chain(pipe, methods, configs, args, recipe, prompt_list, settings)
+    noted_settings["step_weighting"] = _step_weightings(methods, configs, settings["weighting"])
     from .artifact import save
 
     base_notes = _artifact_notes_of(spec)  # read first: --out may be that artifact's folder
@@ -426,6 +430,21 @@ def _weighs_steps(calibrating: list[str], configs: dict[str, Any]) -> bool:
     recorded and changed nothing until session 49)."""
     return any(method == "stats" or method in PRUNE_METHODS or getattr(configs.get(method), "reads_step_weights", False)
                for method in calibrating)
+
+
+def _step_weightings(methods: list[str], configs: dict[str, Any], weighting: Any) -> dict[str, Any]:
+    """The per-step weighting each method of the chain applied, for calibration.json: pruning re-weights its Hessians
+    with its own config's (OBS-Diff's log-decrease by default), PTQ's output-MSE scales and GPTQ read the pass's
+    ``weighting``; methods that weigh no step are left out (the pass's "uniform" was the only one recorded, beside
+    OBS's log-decrease, until session 50)."""
+    weightings = {}
+    for method in methods:
+        config = configs.get(method)
+        if method in PRUNE_METHODS and config.needs_calibration:
+            weightings[method] = config.weighting
+        elif getattr(config, "reads_step_weights", False):
+            weightings[method] = weighting
+    return weightings
 
 
 def _check_calibration_settings(settings: dict[str, Any], seed: int) -> None:
@@ -546,6 +565,24 @@ def _check_teacache_fit_steps(table: dict[str, Any], steps: Any) -> None:
                          f"changes between steps); raise --steps or give [cache] coefficients")
 
 
+def _check_teacache_fit_points(pipe: Any, table: dict[str, Any], settings: dict[str, Any], num_prompts: int) -> None:
+    """A TeaCache fit that cannot get the points its degree needs, refused before the chain runs (it was refused after
+    the chain's pruning and PTQ, session 49 review): at most one change per denoiser call after the first, per
+    prompt and CFG branch."""
+    from .cache.teacache_fit import POINTS_PER_COEFFICIENT
+    from .calib.schedule import denoiser_steps
+
+    if table.get("method") != "teacache" or table.get("coefficients") is not None:
+        return
+    degree, call = table.get("degree", 4), settings["call"]
+    calls = denoiser_steps(pipe, settings["steps"], call.get("timesteps"), call.get("sigmas"))
+    most, needed = num_prompts * (calls - 1) * 2, POINTS_PER_COEFFICIENT * (degree + 1)
+    if most < needed:
+        raise ValueError(f"fitting TeaCache's degree-{degree} polynomial needs at least {needed} calibration points; "
+                         f"{num_prompts} prompt(s) x {calls} denoiser calls give at most {most}: raise --num-prompts "
+                         f"or --steps, lower [cache] degree, or give [cache] coefficients")
+
+
 def _check_cache_fits(pipe: Any, table: dict[str, Any]) -> None:
     """The method a ``[cache]`` table names, checked against the loaded pipeline's denoiser before the chain runs:
     DeepCache on a transformer, a router or TeaCache on a UNet failed after the calibration, pruning and PTQ."""
@@ -610,6 +647,8 @@ def technique_configs(methods: list[str], args: argparse.Namespace, recipe: dict
             options = dict(recipe.get("quant", {}))
             recipe_preset = options.pop("preset", "w8a8")  # popped always: with --preset it reached PTQConfig
             preset = args.preset or recipe_preset
+            if args.preset is not None:
+                options = _without_preset_keys(options, args.preset)
             configs[method] = _built("quant", PTQConfig.preset, preset, **options)
             check_calibration_choices(configs[method])  # before the chain's calibration, not after it
         elif method not in ("cache", "stats"):
@@ -624,6 +663,21 @@ def technique_configs(methods: list[str], args: argparse.Namespace, recipe: dict
                      ("scope", getattr(args, "scope", None)), ("allocation", getattr(args, "allocation", None)))
             configs[method] = _built("prune", PruneConfig, **options | {k: v for k, v in flags if v is not None})
     return configs
+
+
+def _without_preset_keys(options: dict[str, Any], preset: Any) -> dict[str, Any]:
+    """The recipe's ``[quant]`` keys without those ``--preset`` sets, with a warning naming them: the flag wins, as
+    every flag does over the recipe (``weights = "int8"`` turned ``--preset w4a16`` into int8 weights, silently,
+    until session 50). Keys the preset leaves alone (``exclude``, ``act_method`` ...) still apply."""
+    from .quant.configs import PRESETS
+
+    preset_fields = PRESETS.get(preset.lower(), {}) if isinstance(preset, str) else {}
+    overridden = sorted(key for key in options if key in preset_fields and options[key] != preset_fields[key])
+    if overridden:
+        warnings.warn(f"--preset {preset} sets {', '.join(f'{key}={preset_fields[key]!r}' for key in overridden)}: the "
+                      f"recipe's [quant] {', '.join(f'{key} = {options[key]!r}' for key in overridden)} "
+                      f"{'is' if len(overridden) == 1 else 'are'} ignored", stacklevel=2)
+    return {key: value for key, value in options.items() if key not in overridden}
 
 
 # where the command takes what a config's own calibration options set (the chain calibrates once, for all)

@@ -427,6 +427,16 @@ def test_a_weight_only_ptq_runs_no_calibration_and_takes_no_calibration_flags(tm
     assert json.loads((tmp_path / "c" / "calibration.json").read_text())["calibrated"] is False
 
 
+def test_calibration_notes_name_the_weighting_each_method_applied(tmp_path):
+    """calibration.json recorded only the pass's weighting ("uniform") while Wanda re-weighted its norms with its
+    config's log-decrease (until session 50): ``step_weighting`` names each method's; W8A8 ranges weigh none."""
+    out = tmp_path / "art"
+    assert main(["calibrate", "--pipe", "tiny:sd", "--method", "wanda,ptq", "--steps", "2", "--num-prompts", "1",
+                 "--out", str(out)]) == 0
+    settings = json.loads((out / "calibration.json").read_text())["settings"]
+    assert settings["weighting"] == "uniform" and settings["step_weighting"] == {"wanda": "log-decrease"}
+
+
 def test_a_teacache_to_fit_in_one_step_is_refused_before_the_chain_runs(monkeypatch, capsys, tmp_path):
     """--steps 1 with a fitted TeaCache was refused only after the chain's OBS pruning and PTQ (session 49 review)."""
     import diffusion_accel.recipes as recipes
@@ -435,6 +445,21 @@ def test_a_teacache_to_fit_in_one_step_is_refused_before_the_chain_runs(monkeypa
     assert main(["calibrate", "--pipe", "tiny:flux", "--method", "obs,ptq,cache", "--cache-method", "teacache",
                  "--steps", "1", "--num-prompts", "1", "--out", str(tmp_path / "art")]) == 2
     assert "--steps 1: fitting TeaCache's coefficients needs at least 2 denoising steps" in capsys.readouterr().err
+
+
+def test_a_teacache_fit_without_enough_points_is_refused_before_the_chain_runs(monkeypatch, capsys, tmp_path):
+    """A degree-4 fit needs 10 points; 1 prompt x 3 steps gives at most 4: refused only after the chain's pruning
+    and PTQ (until session 50), now right after the load."""
+    import diffusion_accel.recipes as recipes
+
+    def no_chain(*args, **kwargs):
+        pytest.fail("the chain ran")
+
+    monkeypatch.setattr(recipes, "_apply_chain", no_chain)
+    assert main(["calibrate", "--pipe", "tiny:flux", "--method", "obs,ptq,cache", "--cache-method", "teacache",
+                 "--steps", "3", "--num-prompts", "1", "--out", str(tmp_path / "art")]) == 2
+    assert ("fitting TeaCache's degree-4 polynomial needs at least 10 calibration points; 1 prompt(s) x 3 denoiser "
+            "calls give at most 4") in capsys.readouterr().err
 
 
 def test_parser_lists_every_subcommand():
@@ -659,6 +684,7 @@ def test_bad_counts_are_usage_errors_before_any_pipeline_loads(argv, message, ca
     (".", "argument --out: '.' is a folder; give an image file path"),  # was '[Errno 21] Is a directory' late
     ("taken/grid.png", "argument --out: 'taken' is a file; give a folder"),  # was '[Errno 17] File exists' late
     ("grid.gif", "unknown image suffix '.gif'; accepted: .png, .jpg, .jpeg, .webp"),
+    ("newdir/", "argument --out: 'newdir/' is a folder; give an image file path"),  # a PNG named newdir (s50)
 ])
 def test_a_bad_grid_path_is_an_error_before_any_pipeline_loads(out, message, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
@@ -669,6 +695,14 @@ def test_a_bad_grid_path_is_an_error_before_any_pipeline_loads(out, message, cap
     except SystemExit as usage_error:
         code = usage_error.code
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_a_grid_too_large_for_its_format_is_refused_before_any_image(capsys, monkeypatch, tmp_path):
+    """A 32-prompt grid of 512-px cells is 16544 px wide: WebP holds 16383, and the encoder failed after every
+    image was generated (until session 50)."""
+    monkeypatch.setattr("diffusion_accel.eval.evaluate", lambda *a, **k: pytest.fail("images generated"))
+    code = main(["grid", "--pipe", "tiny:sd", "--num-prompts", "32", "--cell", "512", "--out", str(tmp_path / "g.webp")])
+    assert code == 2 and "a 16544x544 grid exceeds WEBP's limit of 16383 pixels a side" in capsys.readouterr().err
 
 
 def test_out_folders_given_with_a_tilde_after_an_equals_sign_go_home(monkeypatch, tmp_path):
@@ -820,6 +854,23 @@ def test_the_preset_flag_overrides_a_recipes_quant_preset(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     config = json.loads((out / "manifest.json").read_text())["techniques"][0]["config"]
     assert config["ptq_config"]["weights"] == "int4"
+
+
+def test_the_preset_flag_wins_over_recipe_quant_keys_it_sets():
+    """A recipe's [quant] ``weights = "int8"`` turned ``--preset w4a16`` into int8 weights, silently (until session
+    50): the flag wins for the fields its preset sets, with a warning; keys the preset leaves alone still apply."""
+    import argparse
+
+    from diffusion_accel.recipes import technique_configs
+
+    recipe = {"quant": {"preset": "w8a8", "weights": "int8", "act_method": "mse", "exclude": ["conv_in"]}}
+    with pytest.warns(UserWarning, match=r"--preset w4a16 sets weights='int4': the recipe's \[quant\] weights = "
+                                         r"'int8' is ignored"):
+        config = technique_configs(["ptq"], argparse.Namespace(preset="w4a16"), recipe)["ptq"]
+    assert (config.weights, config.activations, config.group_size) == ("int4", None, 128)
+    assert config.act_method == "mse" and config.exclude == ("conv_in",)
+    without_flag = technique_configs(["ptq"], argparse.Namespace(preset=None), recipe)["ptq"]
+    assert (without_flag.weights, without_flag.activations) == ("int8", "int8")
 
 
 def test_bench_times_variants_and_compiles_denoisers_on_request(tmp_path, capsys, monkeypatch):

@@ -1246,6 +1246,32 @@ def test_grid_cell_size_and_folders_in_the_way_fail_before_generation(tmp_path, 
     assert cli.MAX_CELL == module.MAX_GRID_CELL
 
 
+def test_save_grid_expands_the_home_folder_and_checks_the_format_limit(tmp_path, monkeypatch):
+    """``save_grid(grid, "~/g.png")`` wrote './~/g.png' (until session 50); a grid larger than WebP holds is a
+    clear error, not the encoder's."""
+    from PIL import Image
+
+    from diffusion_accel.eval.grid import save_grid
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    path = save_grid(Image.new("RGB", (8, 8)), "~/grids/g.png")
+    assert path == tmp_path / "home" / "grids" / "g.png" and path.is_file() and not (tmp_path / "~").exists()
+    with pytest.raises(ValueError, match=r"a 16384x8 grid exceeds WEBP's limit of 16383 pixels a side"):
+        save_grid(Image.new("RGB", (16384, 8)), tmp_path / "g.webp")
+    with pytest.raises(ValueError, match=r"grid path 'newdir/' is a folder"):
+        save_grid(Image.new("RGB", (8, 8)), "newdir/")
+
+
+def test_metrics_given_as_an_iterator_are_measured():
+    """An iterator was used up by the emptiness check: every image generated, no metric measured (until s50)."""
+    from diffusion_accel.eval.evaluate import check_metrics
+
+    assert check_metrics(iter(["ssim", "psnr"])) == ("psnr", "ssim")
+    with pytest.raises(TypeError, match="metrics must be a metric name or a sequence of them, got 5"):
+        check_metrics(5)
+
+
 def test_long_grid_labels_keep_their_last_characters():
     from PIL import Image, ImageDraw
 

@@ -68,6 +68,11 @@ def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     """``metrics`` in report order; a ValueError naming unknown ones and the accepted names."""
     if isinstance(metrics, str):
         metrics = (metrics,)
+    try:  # an iterator was used up by the check below: every image generated, no metric measured (until s50)
+        metrics = tuple(metrics)
+    except TypeError:
+        raise TypeError(f"metrics must be a metric name or a sequence of them, got {metrics!r}; accepted: "
+                        f"{list(DEFAULT_METRICS)}") from None
     if not metrics:
         raise ValueError(f"metrics is empty: nothing to measure; accepted: {list(DEFAULT_METRICS)}")
     unknown = sorted(set(metrics) - set(DEFAULT_METRICS))

@@ -9,11 +9,13 @@ tiny 32x32 samples stay crisp) and centred. The PNG is therefore exactly
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..paths import expand_home
 from .images import to_pil
 
 CELL_SIZE = 128
@@ -91,14 +93,16 @@ def make_grid(rows: Mapping[str, Any], *, column_labels: Sequence[str] | None = 
 
 
 GRID_FORMATS = {"": "PNG", ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}  # pixels a side the format can hold (PNG: no practical limit)
 
 
 def grid_format(path: str | Path) -> str:
-    """The PIL format ``path``'s suffix names (PNG without one); ValueError for a folder or another suffix.
-    The CLI asks before generating, so a bad ``--out`` costs no images."""
-    target = Path(path)
-    if target.is_dir():
-        raise ValueError(f"grid path {str(target)!r} is a folder; give an image file, e.g. {str(target / 'grid.png')!r}")
+    """The PIL format ``path``'s suffix names (PNG without one); ValueError for a folder (or a path ending in a
+    separator: ``newdir/`` became a PNG file named ``newdir``) or another suffix. The CLI asks before generating,
+    so a bad ``--out`` costs no images."""
+    target = expand_home(path)
+    if target.is_dir() or str(path).endswith(("/", os.sep)):
+        raise ValueError(f"grid path {str(path)!r} is a folder; give an image file, e.g. {str(target / 'grid.png')!r}")
     suffix = target.suffix.lower()
     if suffix not in GRID_FORMATS:
         raise ValueError(f"grid path {str(target)!r}: unknown image suffix {target.suffix!r}; "
@@ -106,11 +110,22 @@ def grid_format(path: str | Path) -> str:
     return GRID_FORMATS[suffix]
 
 
+def check_grid_fits(path: str | Path, size: tuple[int, int]) -> None:
+    """ValueError when a grid of ``size`` (width, height) pixels exceeds what ``path``'s format holds (WebP 16383,
+    JPEG 65500 a side): it failed in the encoder after every image was generated (until session 50)."""
+    image_format = grid_format(path)
+    limit = MAX_SIDE.get(image_format)
+    if limit is not None and max(size) > limit:
+        raise ValueError(f"a {size[0]}x{size[1]} grid exceeds {image_format}'s limit of {limit} pixels a side "
+                         f"({str(path)!r}); write a .png, or use a smaller cell or fewer prompts or variants")
+
+
 def save_grid(grid: Image.Image, path: str | Path) -> Path:
     """Write the grid in the format its suffix names (PNG, JPEG or WebP; PNG without one: until session
-    26 a ``.jpg`` path got PNG bytes); returns the path."""
+    26 a ``.jpg`` path got PNG bytes); returns the path (``~`` expanded)."""
     image_format = grid_format(path)
-    target = Path(path)
+    check_grid_fits(path, grid.size)
+    target = expand_home(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     grid.save(target, format=image_format, **({"quality": 95} if image_format == "JPEG" else {}))
     return target
