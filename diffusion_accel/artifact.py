@@ -325,6 +325,7 @@ def save(pipe: Any, directory: str | Path) -> Path:
 
     _check_folder_argument("save(pipe, directory)", pipe, directory)
     _check_has_weights(pipe, "save")
+    _check_no_weight_hooks(pipe)
     for technique in applied_techniques(pipe):
         if _HANDLERS[technique].check_current is not None:
             _HANDLERS[technique].check_current(pipe)
@@ -379,6 +380,27 @@ def _check_folder_argument(call: str, pipe: Any, directory: Any) -> None:
         return
     raise TypeError(f"{call} takes the pipeline first and a folder path (str or os.PathLike) second; got "
                     f"{type(pipe).__name__} and {type(directory).__name__}")
+
+
+def _check_no_weight_hooks(pipe: Any) -> None:
+    """ArtifactError for a denoiser whose weights diffusers' hooks hold in another form than it computes with:
+    under layerwise casting ``save`` recorded the float8 storage dtype as the base's dtype, and the artifact could
+    never load (until session 50); under group offloading to disk the offloaded weights are placeholders between
+    calls, refused as "changed after the techniques" (training?)."""
+    from .arch.registry import GROUP_OFFLOADING_HOOK, LAYERWISE_CASTING_HOOK, first_diffusers_hook
+
+    component, denoiser = find_denoiser(pipe)
+    casting = first_diffusers_hook(denoiser, LAYERWISE_CASTING_HOOK)
+    if casting is not None:
+        raise ArtifactError(f"save: diffusers' layerwise casting stores the {component or 'denoiser'}'s weights in "
+                            f"{casting[1].storage_dtype} (e.g. {casting[0]!r}), not as computed; save before "
+                            f"enable_layerwise_casting (its hook cannot be removed: load the base again, apply or load "
+                            f"the techniques, save, then enable it)")
+    offload = first_diffusers_hook(denoiser, GROUP_OFFLOADING_HOOK)
+    if offload is not None and getattr(offload[1].group, "offload_to_disk_path", None):
+        raise ArtifactError(f"save: diffusers' group offloading keeps the {component or 'denoiser'}'s weights on disk "
+                            f"(at {offload[0]!r}) and placeholders in memory between calls; save before "
+                            f"enable_group_offload, or offload without offload_to_disk_path")
 
 
 def _check_weights_unchanged(pipe: Any) -> None:

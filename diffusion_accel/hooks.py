@@ -766,13 +766,28 @@ def attach_tracker(denoiser: torch.nn.Module, pipeline: Any | None = None) -> St
     return tracker
 
 
+def remove_hook_keeping_later(registry: Any, name: str) -> None:
+    """``registry.remove_hook(name, recurse=False)`` that keeps a hook registered after ``name`` running: diffusers
+    re-points the next hook's ``forward`` at the removed one's inner forward, which for a hook with its own
+    ``new_forward`` (diffusers' FirstBlockCache, MagCache ... added after our cache) replaced that hook's entry
+    point, so it stopped caching, silently (until session 50). The inner forward belongs beneath it instead."""
+    if name not in registry.hooks:
+        return
+    index = registry._hook_order.index(name)
+    following = registry._fn_refs[index + 1] if index + 1 < len(registry._fn_refs) else None
+    entry = following.forward if following is not None and following.original_forward is not None else None
+    registry.remove_hook(name, recurse=False)
+    if entry is not None:
+        following.original_forward, following.forward = following.forward, entry
+
+
 def detach_tracker_if_unused(denoiser: torch.nn.Module) -> bool:
     """Remove the tracker when no client uses it any more; returns True if it was removed."""
     tracker = get_tracker(denoiser)
     if tracker is None or tracker.client_names:
         return False
     registry = denoiser._diffusers_hook
-    registry.remove_hook(TRACKER_HOOK_NAME, recurse=False)
+    remove_hook_keeping_later(registry, TRACKER_HOOK_NAME)
     hook_copy.uninstall(denoiser)
     if not registry.hooks:  # leave the module exactly as it was: class forward, no registry
         denoiser.__dict__.pop("forward", None)

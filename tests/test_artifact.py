@@ -1094,6 +1094,24 @@ def test_load_refuses_bases_whose_hooks_a_copy_cannot_take_before_changing_anyth
     assert artifact.applied_techniques(with_lora) == ["cache"]
 
 
+def test_save_refuses_weights_that_diffusers_hooks_hold_in_another_form(tmp_path):
+    """Under layerwise casting save recorded base.dtype 'float8_e4m3fn', and every load of the artifact failed as
+    "damaged" (until session 50); under group offloading to disk the weights are placeholders between calls."""
+    import diffusion_accel as da
+
+    cast = da.enable_cache(build_tiny("sd"), da.DeepCacheConfig(interval=2))
+    cast.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    with pytest.raises(artifact.ArtifactError, match=r"save: diffusers' layerwise casting stores the unet's weights "
+                                                     r"in torch.float8_e4m3fn .*save before enable_layerwise_casting"):
+        da.save(cast, tmp_path / "cast")
+    assert not (tmp_path / "cast").exists()
+    offloaded = da.prune_(build_tiny("sd"), da.PruneConfig(method="magnitude", sparsity=0.5))
+    offloaded.unet.enable_group_offload(torch.device("cpu"), offload_device=torch.device("cpu"),
+                                        offload_type="leaf_level", offload_to_disk_path=str(tmp_path / "disk"))
+    with pytest.raises(artifact.ArtifactError, match=r"group offloading keeps the unet's weights on disk"):
+        da.save(offloaded, tmp_path / "offloaded")
+
+
 def test_fp8_codes_and_timestep_group_bounds_must_be_finite(tmp_path):
     """NaN fp8 weight codes loaded silently (NaN images), and so did NaN or unordered group bounds (every step in
     group 0: other images)."""

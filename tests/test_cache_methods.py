@@ -322,6 +322,55 @@ def test_diffusers_caches_applied_by_their_functions_are_found_too(tmp_path):
     enable_cache(pipe, DeltaCacheConfig())
 
 
+def test_diffusers_cache_applied_after_ours_is_refused_and_survives_remove_cache():
+    """diffusers' apply_first_block_cache after our cache stacked silently (0.016 off diffusers' alone), and
+    remove_cache then bypassed diffusers' hooks: their images equalled uncached ones (until session 50)."""
+    import diffusers
+    from diffusers.hooks import FirstBlockCacheConfig as DiffusersFirstBlockCache
+
+    from diffusion_accel.testing.tiny import tiny_call_kwargs
+
+    def generate(pipe):
+        return pipe(**tiny_call_kwargs("flux", steps=8)).images
+
+    theirs = build_tiny("flux")
+    diffusers.apply_first_block_cache(theirs.transformer, DiffusersFirstBlockCache(threshold=0.5))
+    expected, uncached = generate(theirs), generate(build_tiny("flux"))
+    pipe = enable_cache(build_tiny("flux"), BlockCacheConfig(interval=4))
+    diffusers.apply_first_block_cache(pipe.transformer, DiffusersFirstBlockCache(threshold=0.5))
+    with pytest.raises(ValueError, match=r"diffusion_accel's cache is enabled on this FluxTransformer2DModel, and "
+                                         r"diffusers' cache hook 'fbc_.*keep one"):
+        generate(pipe)
+    remove_cache(pipe)
+    images = generate(pipe)
+    assert torch.equal(images, expected) and not torch.equal(images, uncached)
+
+
+def test_a_cache_under_group_offloading_of_several_blocks_per_group_is_refused(tmp_path):
+    """A group loads its weights when its first block runs: a Δ-DiT reuse step skipping block 0 ran block 1 on
+    offloaded weights (NaN images from disk offload, until session 50). Enabled first, the cache works."""
+    from diffusion_accel.testing.tiny import tiny_call_kwargs
+
+    config = DeltaCacheConfig(interval=2, cached_fraction=0.5, boundary=0.0)
+
+    def offload(pipe, folder, per_group=2):
+        pipe.transformer.enable_group_offload(torch.device("cpu"), offload_device=torch.device("cpu"),
+                                              offload_type="block_level", num_blocks_per_group=per_group,
+                                              offload_to_disk_path=str(folder))
+        return pipe
+
+    pipe = offload(build_tiny("pixart"), tmp_path / "a")
+    with pytest.raises(ValueError, match=r"enable_cache: diffusers' group offloading loads 2 modules together .*"
+                                         r"enable the cache first and call enable_group_offload afterwards"):
+        enable_cache(pipe, config)
+    assert get_session(pipe.transformer) is None
+    expected = enable_cache(build_tiny("pixart"), config)(**tiny_call_kwargs("pixart", steps=5)).images
+    cached_first = offload(enable_cache(build_tiny("pixart"), config), tmp_path / "b")
+    assert torch.equal(cached_first(**tiny_call_kwargs("pixart", steps=5)).images, expected)
+    one_per_group = enable_cache(offload(build_tiny("pixart"), tmp_path / "c", per_group=1), config)
+    assert torch.equal(one_per_group(**tiny_call_kwargs("pixart", steps=5)).images, expected)
+
+
 def test_a_pipeline_built_from_the_components_with_its_own_scheduler_repeats_its_images():
     """Per-call reset must not depend on which pipeline calls the cached denoiser: with 5 steps and
     interval 3, a missed reset starts the second call mid-schedule on the first call's stale features."""

@@ -158,6 +158,23 @@ def first_diffusers_hook(denoiser: nn.Module, hook_name: str) -> tuple[str, Any]
     return None
 
 
+def check_no_grouped_offload(denoiser: nn.Module, action: str) -> None:
+    """Refuse ``action`` (a cache) under diffusers' group offloading whose groups hold several blocks: the group
+    loads its weights when its first block runs, so a skipped first block left the next one computing on offloaded
+    weights (NaN from disk offload; until session 50). One block per group, leaf-level offloading, and the cache
+    enabled before the offload (its hooks then load every group first) are fine."""
+    for name, module in denoiser.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook(GROUP_OFFLOADING_HOOK) if registry is not None and name else None  # the root's
+        group = getattr(hook, "group", None)  # group (the modules outside block lists) loads at every call
+        if group is not None and len(getattr(group, "modules", ())) > 1:
+            raise ValueError(
+                f"{action}: diffusers' group offloading loads {len(group.modules)} modules together (at {name!r}) "
+                f"when the first of them runs, and a cache that skips it would run the others on offloaded weights; "
+                f"enable the cache first and call enable_group_offload afterwards, or offload one block per group "
+                f"(num_blocks_per_group=1) or at leaf level")
+
+
 def check_no_layerwise_casting(denoiser: nn.Module, technique: str) -> None:
     """Refuse a weight-changing ``technique`` while diffusers' layerwise casting stores weights in a
     low-precision dtype (``enable_layerwise_casting``, e.g. float8): the solvers and quantizers would

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from diffusers.hooks import HookRegistry
 
 from ..arch import find_denoiser, get_adapter
+from ..arch.registry import check_no_grouped_offload
 from ..artifact import base_fingerprint, mark_applied, marks_restored_on_error, unmark_applied
 from ..hooks import (CACHE_CLIENT, PER_CALL, check_no_cpu_offload, detach_tracker_if_unused, diffusers_cache_problem,
                      get_tracker)
@@ -280,6 +281,7 @@ def enable_cache(pipe: Any, config: Any) -> Any:
     component, denoiser = find_denoiser(pipe)
     _refuse_diffusers_cache(component, denoiser)
     check_no_cpu_offload(denoiser, "enable_cache")  # before the fingerprint (meta weights under sequential offload)
+    check_no_grouped_offload(denoiser, "enable_cache")
     method, policy, install = handler(pipe, config)
     previous = get_session(denoiser)
     had_registry = "_diffusers_hook" in vars(denoiser)

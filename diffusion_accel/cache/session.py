@@ -18,7 +18,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from ..hooks import CACHE_CLIENT, StepTracker, attach_tracker, calling_pipeline, detach_tracker_if_unused
+from ..hooks import (CACHE_CLIENT, StepTracker, attach_tracker, calling_pipeline, detach_tracker_if_unused,
+                     diffusers_cache_problem, remove_hook_keeping_later)
 from ..pretrained_guard import GuardedMethod
 from ..stacklevel import user_stacklevel
 from .forecast import forecast_scale
@@ -171,6 +172,7 @@ class CacheSession:
         state = self.state()
         if "map_reading" not in state:  # once per context and pipeline call (a stack walk), not per denoiser call
             state["map_reading"] = _warn_if_map_reading(calling_pipeline())  # a from_pipe sibling: computes
+            _refuse_later_diffusers_cache(self.denoiser)
         if not getattr(self.policy, "uses_head", False):
             self._decide(None)
 
@@ -281,7 +283,7 @@ class CacheSession:
                 continue
             registry = getattr(module, "_diffusers_hook", None)
             if registry is not None:
-                registry.remove_hook(CACHE_HOOK_NAME, recurse=False)
+                remove_hook_keeping_later(registry, CACHE_HOOK_NAME)
                 drop_empty_registry(module)
             self.hooked = [hooked for hooked in self.hooked if hooked is not module]
             self.hook(current, make_hook(self))
@@ -292,7 +294,7 @@ class CacheSession:
         for module in self.hooked:
             registry = getattr(module, "_diffusers_hook", None)  # gone already: a removal interrupted before
             if registry is not None:
-                registry.remove_hook(CACHE_HOOK_NAME, recurse=False)
+                remove_hook_keeping_later(registry, CACHE_HOOK_NAME)
                 drop_empty_registry(module)
         for handle in self.handles:
             handle.remove()
@@ -377,6 +379,17 @@ def _reset_stateful_hooks(denoiser: nn.Module, recurse: bool = True) -> None:
     registry = getattr(denoiser, "_diffusers_hook", None)
     if registry is not None:
         registry.reset_stateful_hooks(recurse=recurse)
+
+
+def _refuse_later_diffusers_cache(denoiser: nn.Module) -> None:
+    """ValueError when diffusers' ``apply_*`` cache functions hooked the denoiser after our cache was enabled (the
+    guard only covers ``denoiser.enable_cache``): both caches ran, each skipping on the other's stale features
+    (0.026 off either alone, until session 50)."""
+    problem = diffusers_cache_problem(denoiser)
+    if problem is not None:
+        raise ValueError(f"diffusion_accel's cache is enabled on this {type(denoiser).__name__}, and {problem}: two "
+                         f"caches would skip on each other's stale features; keep one (diffusion_accel.remove_cache"
+                         f"(pipe) removes ours)")
 
 
 def _refuse_diffusers_cache(denoiser: nn.Module, *args: Any, **kwargs: Any) -> None:
