@@ -260,12 +260,12 @@ def images_per_condition(pipe: Any) -> bool:
 
 def per_prompt_images(value: Any, indices: Sequence[int]) -> Any:
     """An input image list of a run (one image, or one per prompt) for the call taking the prompts at ``indices``:
-    the images at ``indices`` (a one-image list's image once per prompt), one image where the call takes one prompt;
-    anything else as it is. A list went whole to every call: each prompt got the first image, or the call failed."""
+    a list of the images at ``indices`` (a one-image list's image once per prompt); anything else as it is. A list
+    went whole to every call: each prompt got the first image, or the call failed; a bare tensor for a call of one
+    prompt had its channels read as a ControlNet's image batch (3 vs 1, session 50 review)."""
     if not isinstance(value, (list, tuple)) or (len(value) != 1 and not all(index < len(value) for index in indices)):
         return value
-    picked = [value[0] if len(value) == 1 else value[index] for index in indices]
-    return picked[0] if len(picked) == 1 else picked
+    return [value[0] if len(value) == 1 else value[index] for index in indices]
 
 
 def _has_ip_adapter(pipe: Any) -> bool:

@@ -909,6 +909,57 @@ def test_a_pipeline_that_changes_the_denoiser_during_its_calls_is_rerun_not_repl
     assert plain.complete_trajectory and plain.trajectory_state_change is None
 
 
+def test_a_pag_calibration_stopped_part_way_restores_the_attention_processors():
+    """PAG swaps its processors in at the start of a call and restores them only at the normal end: a Ctrl-C in
+    calibrate left them installed, and calls without PAG failed on "not enough values to unpack" (until s50)."""
+    from diffusers import StableDiffusionPAGPipeline
+
+    from diffusion_accel.testing.tiny import tiny_call_kwargs
+
+    pipe = StableDiffusionPAGPipeline(**build_tiny("sd").components, pag_applied_layers=["mid"])
+    processors = dict(pipe.unet.attn_processors)
+    calls = []
+
+    def interrupt_the_third_call(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    handle = pipe.unet.register_forward_pre_hook(interrupt_the_third_call)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(pipe, ["a cat"], 4, progress=False, height=32, width=32)
+    handle.remove()
+    assert all(pipe.unet.attn_processors[name] is processor for name, processor in processors.items())
+    pipe(**tiny_call_kwargs("sd", 2), pag_scale=0.0)
+
+
+def test_block_reconstruction_on_pag_fits_the_float_blocks_outputs():
+    """PAG's perturbed rows ran identity self-attention, outputs the block cannot produce outside a PAG call: a
+    third of the mid block's targets were unreachable and the reconstruction loss stayed 240x higher (until s50)."""
+    import diffusion_accel as da
+    import diffusion_accel.quant.reconstruct as reconstruct
+    from diffusers import StableDiffusionPAGPipeline
+
+    losses = []
+    loss_of = reconstruct.reconstruction_loss
+
+    def recorded(preds, targets, p):
+        loss = loss_of(preds, targets, p)
+        losses.append(loss.item())
+        return loss
+
+    pipe = StableDiffusionPAGPipeline(**build_tiny("sd").components, pag_applied_layers=["mid"])
+    original = reconstruct.reconstruction_loss
+    reconstruct.reconstruction_loss = recorded
+    try:
+        da.quantize_(pipe, da.PTQConfig(weights="int4", activations=None, reconstruct=True, recon_iters=20,
+                                        recon_act_iters=0, calib_prompts=2, calib_num_steps=4, calib_steps="all",
+                                        include=("mid_block.attentions*",)))
+    finally:
+        reconstruct.reconstruction_loss = original
+    assert losses and max(losses) < 1e-3  # 5e-3 or more with the PAG rows' stored outputs as targets
+
+
 def test_a_t2i_adapter_trajectory_replays_with_the_adapter_residuals():
     """The UNet pops the adapter's residuals off the list it is given, and the inputs were stored after the call:
     every record held an empty list and replays (quantize_(calib=...)) ran as if there were no adapter."""
@@ -1011,3 +1062,18 @@ def test_an_image_list_gives_each_prompt_its_own_image():
     assert batched.trajectory[0].batch == 4  # two prompts, with CFG
     with pytest.raises(ValueError, match=r"image must be one image or a list of 2 \(one per prompt\), got a list of 3"):
         calibrate(pipe, ["a cat", "a dog"], image=images + images[:1], **kwargs)
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from diffusion_accel.eval import evaluate
+
+    # a call of one prompt takes a one-image list: a bare CHW tensor's channels were a ControlNet's image batch
+    sd = build_tiny("sd")
+    controlled = StableDiffusionControlNetPipeline(
+        **sd.components, controlnet=ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(4, 8)))
+    calibrate(controlled, ["a cat", "a dog"], image=images, num_inference_steps=2, progress=False)
+    report = evaluate({"base": controlled}, ["a cat", "a dog"], metrics=("latency",), num_inference_steps=2,
+                      repeats=1, call_kwargs={"image": images})
+    import json  # the settings name a tensor by type, shape and dtype, not by its whole repr
+
+    recorded = json.loads(report.to_json())["settings"]["call_kwargs"]["image"]
+    assert recorded == ["<Tensor (3, 32, 32) torch.float32>"] * 2

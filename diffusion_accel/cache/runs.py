@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..arch import find_denoiser
+from ..calib.call_state import processors_restored_on_error
 from ..calib.inputs import UNSET, calibration_items, placeholder_prompts, plan_calls
 from ..calib.runner import restore_scheduler_state, scheduler_state, silent_pipeline_bar
 from ..seeding import seeded_call
@@ -39,7 +41,9 @@ def final_outputs(pipe: Any, calls: list, before_call: Callable[[int], None] | N
     as it was (``calib.runner.scheduler_state``). ``before_call(index)`` runs before call ``index``."""
     outputs, saved_scheduler = [], scheduler_state(pipe)
     try:
-        with uncompiled(pipe), silent_pipeline_bar(pipe):  # trial caches on a compiled denoiser recompiled per schedule
+        with uncompiled(pipe), silent_pipeline_bar(pipe), \
+                processors_restored_on_error(find_denoiser(pipe)[1]):  # uncompiled: trial caches on a compiled
+            # denoiser recompiled per schedule; the processors: a PAG call interrupted left its own installed
             for index, call in enumerate(calls):
                 if before_call is not None:
                     before_call(index)

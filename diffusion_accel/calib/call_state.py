@@ -10,6 +10,9 @@ replay when it differs from the state after the pass.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
 CallState = tuple[tuple[str, str], ...]
@@ -44,3 +47,19 @@ def state_change(during: set[CallState], after: CallState) -> str | None:
                 return (f"the pipeline changed {key} to {value} during its calls (it is {settled.get(key)} now: "
                         f"PAG swaps attention processors, GLIGEN switches its fusers off part-way)")
     return None
+
+
+@contextmanager
+def processors_restored_on_error(denoiser: nn.Module) -> Iterator[None]:
+    """Put the denoiser's attention processors back when the pipeline calls inside fail: a PAG pipeline swaps its
+    processors in at the start of a call and restores them only at its normal end, so a Ctrl-C or an error
+    part-way through calibrate or quantize_ left PAG's installed, and every later call without PAG failed on
+    "not enough values to unpack" (until session 50)."""
+    saved = dict(denoiser.attn_processors) if hasattr(denoiser, "set_attn_processor") else None
+    try:
+        yield
+    except BaseException:
+        current = dict(denoiser.attn_processors) if saved is not None else {}
+        if saved is not None and any(current.get(name) is not processor for name, processor in saved.items()):
+            denoiser.set_attn_processor(saved)
+        raise

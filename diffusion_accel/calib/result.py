@@ -71,7 +71,8 @@ class Calibration:
     trajectory: list[TrajectoryRecord] = field(default_factory=list)
     trajectory_bytes: int = 0
     trajectory_truncated: bool = False
-    trajectory_state_change: str | None = None  # why the trajectory cannot be replayed (call_state), or None
+    trajectory_state_change: str | None = None  # how the pipeline changed the denoiser during its calls (call_state:
+    # a trajectory then cannot be replayed, and block reconstruction fits to the float block's outputs), or None
     counts: CallCounts = field(default_factory=CallCounts)
     source: str = "pipeline"
     denoiser_config: dict[str, Any] = field(default_factory=dict)  # architecture the inputs were recorded for

@@ -33,7 +33,7 @@ from .dispatch import CollectorRouter, forget_run, validate_collectors
 from .inputs import UNSET, PlannedCall, calibration_items, call_mode, placeholder_prompts, plan_calls
 from .result import Calibration, CalibrationSettings, architecture_config
 from .schedule import denoiser_steps, resolve_weights, select_steps
-from .call_state import CallState, call_state, state_change, stateful_modules
+from .call_state import CallState, call_state, processors_restored_on_error, state_change, stateful_modules
 from .trajectory import TrajectoryRecorder
 from .trees import call_batch_size, map_tensors
 
@@ -204,9 +204,9 @@ class _LiveRun:
         if index in self.selected:
             step = Step(index, tracker.timestep, tracker.context, self.weights[index])
             counts.add_observed(step, call_batch_size(args, kwargs))
+            self.call_states.add(call_state(self.stateful))  # also unrecorded: reconstruction's stored outputs (s50)
             if self.recorder is not None:
                 self.recorder.record(args, kwargs, step)
-                self.call_states.add(call_state(self.stateful))
 
     def run(self, pipe: Any, denoiser: nn.Module, calls: list[PlannedCall], progress: bool) -> None:
         """Make every planned pipeline call with hooks installed; hooks always come off again."""
@@ -216,7 +216,7 @@ class _LiveRun:
         total = sum(call.num_items for call in calls) * self.result.num_steps
         saved_bar_config, saved_scheduler = _silence_pipeline_bar(pipe), scheduler_state(pipe)
         try:
-            with uncompiled(pipe), \
+            with uncompiled(pipe), processors_restored_on_error(denoiser), \
                     use_tracker(denoiser, TRACKER_CLIENT, pipeline=pipe, on_reset=self.on_new_trajectory) as tracker, \
                     ModuleHooks() as hooks, tqdm(total=total, desc="calibrate", disable=not progress) as bar:
                 self.tracker, self.bar = tracker, bar
@@ -236,12 +236,12 @@ class _LiveRun:
     def _finish(self) -> None:
         for collector in self.result.collectors:
             collector.finish()
+        self.result.trajectory_state_change = state_change(self.call_states, call_state(self.stateful))
         if self.recorder is not None:
             self.recorder.new_trajectory()
             self.result.trajectory = self.recorder.records
             self.result.trajectory_bytes = self.recorder.bytes
             self.result.trajectory_truncated = self.recorder.truncated
-            self.result.trajectory_state_change = state_change(self.call_states, call_state(self.stateful))
 
 
 def _refuse_nested(denoiser: nn.Module) -> None:

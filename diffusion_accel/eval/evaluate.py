@@ -107,8 +107,18 @@ def _check_variants(pipelines: Mapping[str, Any], baseline: str | None) -> str:
 
 def _plain(value: Any) -> Any:
     """A call argument for the JSON report: numbers, strings, booleans and None as they are (guidance 3.0
-    was written as the string "3.0"), anything else (tensors, generators, images) as its repr."""
-    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
+    was written as the string "3.0"), lists and tuples item by item, tensors and arrays by type, shape and dtype,
+    images by mode and size (a tensor's whole repr filled the settings line), anything else as its repr."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "dtype"):
+        return f"<{type(value).__name__} {tuple(shape)} {value.dtype}>"
+    if type(value).__module__.startswith("PIL."):
+        return f"<PIL image {value.mode} {value.width}x{value.height}>"
+    return repr(value)
 
 
 @dataclass

@@ -155,7 +155,9 @@ def _finish(pipe: Any, config: PTQConfig, collected: Collected, originals: dict[
     """Post-install steps that may fail (and then roll back): reconstruction, lowering."""
     if config.reconstruct:
         selector = _step_groups(find_denoiser(pipe)[1])
-        reconstruct_blocks(pipe, config, collected.samples, originals, selector, collected.step_group(selector))
+        changed = collected.calibration is not None and collected.calibration.trajectory_state_change is not None
+        reconstruct_blocks(pipe, config, collected.samples, originals, selector, collected.step_group(selector),
+                           float_targets=changed)
     if config.lower:
         lower_(pipe)
 

@@ -11,6 +11,7 @@ rounding is then frozen into the integer codes. Inputs are the full-precision mo
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -165,8 +166,10 @@ def _batch_indices(num_samples: int, batch: int, generator: torch.Generator,
     return order[groups[order] == group][:batch]
 
 
-def store_batches(samples: SampleStore, name: str, device: torch.device) -> tuple[BatchFn, int]:
-    """A batch function over the stored calls of block ``name`` and the number of samples."""
+def store_batches(samples: SampleStore, name: str, device: torch.device,
+                  target_block: nn.Module | None = None) -> tuple[BatchFn, int]:
+    """A batch function over the stored calls of block ``name`` and the number of samples; the targets are the
+    stored outputs, or ``target_block``'s (the float block's) outputs on the stored inputs."""
     count = len(samples.samples(name))
 
     def batches(indices: torch.Tensor) -> tuple[tuple, dict, torch.Tensor]:
@@ -174,16 +177,35 @@ def store_batches(samples: SampleStore, name: str, device: torch.device) -> tupl
         move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
         args = tuple(move(a) for a in call.args)
         kwargs = {k: move(v) for k, v in call.kwargs.items()}
+        if target_block is not None:
+            with torch.no_grad():
+                return args, kwargs, tuple(tensors_in(target_block(*args, **kwargs)))
         return args, kwargs, tuple(output.to(device) for output in tensors_in(call.output))
 
     return batches, count
 
 
+def float_block(block: nn.Module, unit: str, layers: dict[str, QuantLayer],
+                originals: dict[str, nn.Module]) -> nn.Module:
+    """``block`` (the reconstruction unit ``unit``) with its quantized ``layers`` back in float: a copy holding the
+    original layers (shared, not copied), or the original layer itself for a unit that is one layer."""
+    if unit in layers:
+        return originals[unit]
+    copied = copy.deepcopy(block)
+    for name in layers:
+        copied.set_submodule(name[len(unit) + 1:], originals[name])
+    return copied
+
+
 def reconstruct_blocks(pipe: Any, config: PTQConfig, samples: SampleStore | None, originals: dict[str, nn.Module],
-                       selector: StepGroups | None = None, step_group: Callable[[int], int] | None = None) -> None:
+                       selector: StepGroups | None = None, step_group: Callable[[int], int] | None = None,
+                       float_targets: bool = False) -> None:
     """Reconstruct every adapter block that holds quantized layers, then each quantized layer outside them, alone
     (``reconstruction_units``), sequentially; with timestep groups
-    (``selector``, ``step_group``: calibrated step index -> group), each batch in its samples' group."""
+    (``selector``, ``step_group``: calibrated step index -> group), each batch in its samples' group.
+    ``float_targets``: fit to the float block's outputs on the stored inputs, not the stored outputs, when the
+    pipeline changed modules during its calls: PAG's perturbed rows ran identity self-attention, targets the block
+    cannot produce outside a PAG call (a third of the samples missed by up to 0.7; until session 50)."""
     _, denoiser = find_denoiser(pipe)
     state = get_state(denoiser)
     if samples is None:
@@ -194,7 +216,8 @@ def reconstruct_blocks(pipe: Any, config: PTQConfig, samples: SampleStore | None
         if not layers or unit not in samples.module_names or not samples.samples(unit):
             continue
         reconstructed.append(unit)
-        batches, count = store_batches(samples, unit, device)
+        target_block = float_block(denoiser.get_submodule(unit), unit, layers, originals) if float_targets else None
+        batches, count = store_batches(samples, unit, device, target_block)
         groups = None if selector is None or step_group is None else \
             torch.tensor([step_group(sample.step.step_index) for sample in samples.samples(unit)])
         reconstruct_block(denoiser.get_submodule(unit), layers, originals, batches, count, config,
