@@ -103,6 +103,18 @@ def cache_folder(text: str) -> str:
     return text
 
 
+def report_folder(text: str) -> str:
+    """An argparse type for a report's output folder (the examples' ``--out``): ``output_folder``, and no folders
+    named like the report's files in it, checked before the work (found by ``evaluate`` after it, until s50)."""
+    from .eval.report import report_folder_problem  # here: the eval package imports torch (--help stays light)
+
+    text = output_folder(text)
+    problem = report_folder_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def output_file(text: str) -> str:
     """An argparse type for an output file (``grid --out``): its folder must be creatable, checked before the
     work (a path under a file failed with ``[Errno 17] File exists`` after every image was generated)."""

@@ -54,6 +54,9 @@ def empty_path(path: str | Path) -> bool:
     return isinstance(path, str) and not path.strip()
 
 
+CALIBRATION_FORMAT = "diffusion_accel.calibration"  # calibration.json written by calibrate (statistics, artifacts)
+
+
 def read_json_object(file: str | Path) -> dict | None:
     """The JSON object in ``file``, or None (no such file, not JSON, not an object): for the files other tools or
     commands may have written (model_index.json, train_info.json, calibration.json)."""

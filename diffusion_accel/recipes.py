@@ -29,7 +29,7 @@ from .arch import get_adapter
 from .artifact import base_fingerprint, save_folder_problem
 from .artifact_files import StagedWrite
 from .loading import check_device, default_demo_spec, load_pipeline, loaded_as
-from .paths import expand_home, read_json_object
+from .paths import CALIBRATION_FORMAT, expand_home, read_json_object
 from .scalars import is_finite_number
 
 
@@ -41,7 +41,6 @@ CALIBRATION_KEYS = ("prompts", "num_prompts", "steps", "guidance", "selection", 
 MODEL_KEYS = ("id", "dtype", "variant")
 # [quant] / [prune] / [cache] keys are checked by the configs they build; [call] keys by check_call_table
 RECIPE_TABLES = ("model", "calibration", "call", "quant", "prune", "cache")
-CALIBRATION_FORMAT = "diffusion_accel.calibration"  # calibration.json written by calibrate (statistics, artifacts)
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -647,8 +646,8 @@ def technique_configs(methods: list[str], args: argparse.Namespace, recipe: dict
             options = dict(recipe.get("quant", {}))
             recipe_preset = options.pop("preset", "w8a8")  # popped always: with --preset it reached PTQConfig
             preset = args.preset or recipe_preset
-            if args.preset is not None:
-                options = _without_preset_keys(options, args.preset)
+            if args.preset is not None and str(args.preset).lower() != str(recipe_preset).lower():
+                options = _without_preset_keys(options, args.preset)  # the recipe's tweaks of its own preset stay
             configs[method] = _built("quant", PTQConfig.preset, preset, **options)
             check_calibration_choices(configs[method])  # before the chain's calibration, not after it
         elif method not in ("cache", "stats"):
@@ -672,12 +671,18 @@ def _without_preset_keys(options: dict[str, Any], preset: Any) -> dict[str, Any]
     from .quant.configs import PRESETS
 
     preset_fields = PRESETS.get(preset.lower(), {}) if isinstance(preset, str) else {}
-    overridden = sorted(key for key in options if key in preset_fields and options[key] != preset_fields[key])
+    overridden = sorted(key for key in options if key in preset_fields  # TOML lists against the preset's tuples
+                        and _as_tuples(options[key]) != _as_tuples(preset_fields[key]))
     if overridden:
         warnings.warn(f"--preset {preset} sets {', '.join(f'{key}={preset_fields[key]!r}' for key in overridden)}: the "
                       f"recipe's [quant] {', '.join(f'{key} = {options[key]!r}' for key in overridden)} "
                       f"{'is' if len(overridden) == 1 else 'are'} ignored", stacklevel=2)
     return {key: value for key, value in options.items() if key not in overridden}
+
+
+def _as_tuples(value: Any) -> Any:
+    """``value`` with lists as tuples, at every depth (a TOML array against a preset's tuple compared unequal)."""
+    return tuple(_as_tuples(item) for item in value) if isinstance(value, (list, tuple)) else value
 
 
 # where the command takes what a config's own calibration options set (the chain calibrates once, for all)

@@ -7,7 +7,7 @@ import argparse
 import copy
 
 import diffusion_accel as da
-from diffusion_accel.argtypes import int_at_least, output_folder
+from diffusion_accel.argtypes import int_at_least, report_folder
 from diffusion_accel.loading import default_demo_spec, load_pipeline
 
 
@@ -15,7 +15,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipe", default=default_demo_spec())
     parser.add_argument("--steps", type=int_at_least(1), default=25)
-    parser.add_argument("--out", type=output_folder, default="comparison")
+    parser.add_argument("--out", type=report_folder, default="comparison")
     args = parser.parse_args()
 
     base = load_pipeline(args.pipe)

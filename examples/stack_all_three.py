@@ -12,7 +12,7 @@ import copy
 import torch
 
 import diffusion_accel as da
-from diffusion_accel.argtypes import int_at_least, output_folder
+from diffusion_accel.argtypes import int_at_least, report_folder
 from diffusion_accel.loading import default_demo_spec, load_pipeline
 
 
@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipe", default=default_demo_spec())
     parser.add_argument("--steps", type=int_at_least(1), default=20)
-    parser.add_argument("--out", type=output_folder, default="stacked")
+    parser.add_argument("--out", type=report_folder, default="stacked")
     args = parser.parse_args(argv)
 
     base = load_pipeline(args.pipe)

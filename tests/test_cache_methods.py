@@ -360,10 +360,13 @@ def test_a_cache_under_group_offloading_of_several_blocks_per_group_is_refused(t
         return pipe
 
     pipe = offload(build_tiny("pixart"), tmp_path / "a")
-    with pytest.raises(ValueError, match=r"enable_cache: diffusers' group offloading loads 2 modules together .*"
-                                         r"enable the cache first and call enable_group_offload afterwards"):
+    with pytest.raises(ValueError, match=r"enable_cache\(DeltaCacheConfig\): diffusers' group offloading loads 2 "
+                                         r"modules together .*enable the cache first and call enable_group_offload"):
         enable_cache(pipe, config)
     assert get_session(pipe.transformer) is None
+    whole_stack = BlockCacheConfig(interval=2)  # skips every block or none: it was refused too (session 50 review)
+    expected_whole = enable_cache(build_tiny("pixart"), whole_stack)(**tiny_call_kwargs("pixart", steps=5)).images
+    assert torch.equal(enable_cache(pipe, whole_stack)(**tiny_call_kwargs("pixart", steps=5)).images, expected_whole)
     expected = enable_cache(build_tiny("pixart"), config)(**tiny_call_kwargs("pixart", steps=5)).images
     cached_first = offload(enable_cache(build_tiny("pixart"), config), tmp_path / "b")
     assert torch.equal(cached_first(**tiny_call_kwargs("pixart", steps=5)).images, expected)

@@ -1,6 +1,7 @@
 """The command line: help on every subcommand, real work on tiny pipelines, one-line errors."""
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -871,6 +872,14 @@ def test_the_preset_flag_wins_over_recipe_quant_keys_it_sets():
     assert config.act_method == "mse" and config.exclude == ("conv_in",)
     without_flag = technique_configs(["ptq"], argparse.Namespace(preset=None), recipe)["ptq"]
     assert (without_flag.weights, without_flag.activations) == ("int8", "int8")
+    # the recipe's own preset named again keeps its tweaks; equal values (a TOML list, a tuple) are no conflict
+    tuned = {"quant": {"preset": "qdiffusion", "recon_iters": 2000, "recon_beta": [20.0, 2.0]}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert technique_configs(["ptq"], argparse.Namespace(preset="QDiffusion"), tuned)["ptq"].recon_iters == 2000
+        other = technique_configs(["ptq"], argparse.Namespace(preset="w4a8"),
+                                  {"quant": {"preset": "w8a8", "weights": "int4"}})["ptq"]
+    assert other.weight_rounding == "gptq"
 
 
 def test_bench_times_variants_and_compiles_denoisers_on_request(tmp_path, capsys, monkeypatch):

@@ -49,6 +49,32 @@ def test_img2img_example_refuses_what_it_cannot_run_before_generating(argv, mess
     assert __import__("re").search(message, capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("script", ["stack_all_three.py", "comparison_grid.py"])
+def test_report_examples_refuse_an_unusable_out_before_any_work(script, tmp_path, monkeypatch, capsys):
+    """A report.json folder in --out failed with a traceback after the work, leaving the artifact without its report
+    (until session 50)."""
+    (tmp_path / "report.json").mkdir()
+    monkeypatch.setattr("diffusion_accel.loading.load_pipeline", lambda *a, **k: pytest.fail("pipeline loaded"))
+    monkeypatch.setattr(sys, "argv", [script, "--pipe", "tiny:sd", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+    assert "holds folders named ['report.json'], where the report writes files" in capsys.readouterr().err
+
+
+def test_a_report_into_a_folder_holding_an_earlier_runs_notes_is_refused(tmp_path):
+    """eval --out into a demo's folder replaced its report and kept the demo's calibration.json beside it (until
+    session 50); the demo itself, which writes its own calibration.json, may write there again."""
+    from diffusion_accel.eval.report import report_folder_problem
+
+    (tmp_path / "report.json").write_text("{}")
+    (tmp_path / "calibration.json").write_text('{"family": "unet2d_condition"}')
+    assert "holds a demo's report and calibration.json" in report_folder_problem(tmp_path)
+    assert report_folder_problem(tmp_path, extra_names=("calibration.json",)) is None
+    # calibrate's own notes (an artifact's, a second eval into it was refused: session 50 review) do not count
+    (tmp_path / "calibration.json").write_text('{"format": "diffusion_accel.calibration"}')
+    assert report_folder_problem(tmp_path) is None
+
+
 def test_readme_python_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
     """The README's Python block, verbatim, with the zoo swapped for the tiny SD pipeline and two prompts."""
     import diffusion_accel as da

@@ -159,10 +159,11 @@ def first_diffusers_hook(denoiser: nn.Module, hook_name: str) -> tuple[str, Any]
 
 
 def check_no_grouped_offload(denoiser: nn.Module, action: str) -> None:
-    """Refuse ``action`` (a cache) under diffusers' group offloading whose groups hold several blocks: the group
-    loads its weights when its first block runs, so a skipped first block left the next one computing on offloaded
-    weights (NaN from disk offload; until session 50). One block per group, leaf-level offloading, and the cache
-    enabled before the offload (its hooks then load every group first) are fine."""
+    """Refuse ``action`` (a cache that may skip a block while running a later one of its list) under diffusers' group
+    offloading whose groups hold several blocks: the group loads its weights when its first block runs, so a skipped
+    first block left the next one computing on offloaded weights (NaN from disk offload; until session 50). One
+    block per group, leaf-level offloading, and the cache enabled before the offload (its hooks then load every
+    group first) are fine."""
     for name, module in denoiser.named_modules():
         registry = getattr(module, "_diffusers_hook", None)
         hook = registry.get_hook(GROUP_OFFLOADING_HOOK) if registry is not None and name else None  # the root's

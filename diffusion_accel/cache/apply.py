@@ -256,6 +256,11 @@ def steps_at_noise_levels(config: CalibratedCacheConfig, timesteps: list[float])
     return sorted(chosen)
 
 
+# methods that may skip a block of a list while running a later one (a span, a branch, per-block decisions): under
+# group offloading of several blocks per group that later block ran on offloaded weights
+SPLITS_BLOCK_LISTS = (DeepCacheConfig, DeltaCacheConfig, CalibratedCacheConfig, RouterCacheConfig)
+
+
 def _handler_for(config: Any) -> Callable:
     handler = _HANDLERS.get(type(config))
     if handler is None:
@@ -281,7 +286,8 @@ def enable_cache(pipe: Any, config: Any) -> Any:
     component, denoiser = find_denoiser(pipe)
     _refuse_diffusers_cache(component, denoiser)
     check_no_cpu_offload(denoiser, "enable_cache")  # before the fingerprint (meta weights under sequential offload)
-    check_no_grouped_offload(denoiser, "enable_cache")
+    if isinstance(config, SPLITS_BLOCK_LISTS):  # the others skip a block list whole or run its first block
+        check_no_grouped_offload(denoiser, f"enable_cache({type(config).__name__})")
     method, policy, install = handler(pipe, config)
     previous = get_session(denoiser)
     had_registry = "_diffusers_hook" in vars(denoiser)

@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from ..artifact_files import StagedWrite
-from ..paths import empty_path, expand_home, output_folder_problem
+from ..paths import CALIBRATION_FORMAT, empty_path, expand_home, output_folder_problem, read_json_object
 
 MARKDOWN_COLUMNS = (
     ("variant", "variant"), ("images", "images"), ("fid", "FID"), ("fid_vs_baseline", "FID vs base"),
@@ -45,7 +45,19 @@ def report_folder_problem(output_dir: str | Path, extra_names: tuple[str, ...] =
     taken = [name for name in (*REPORT_FILES, *extra_names) if (Path(output_dir) / name).is_dir()]
     if problem is None and taken:
         problem = f"{str(output_dir)!r} holds folders named {taken}, where the report writes files"
+    if problem is None and "calibration.json" not in extra_names and _holds_demo_notes(Path(output_dir)):
+        problem = (f"{str(output_dir)!r} holds a demo's report and calibration.json: this report would replace that "
+                   f"report and leave the demo's calibration.json beside it; write to another folder")
     return problem
+
+
+def _holds_demo_notes(folder: Path) -> bool:
+    """Whether ``folder`` holds a demo's report with its calibration.json (eval there kept the notes beside the new
+    report, until session 50); calibrate's own calibration.json (of its artifact or statistics) does not count."""
+    notes = folder / "calibration.json"
+    if not (notes.is_file() and (folder / "report.json").is_file()):
+        return False
+    return (read_json_object(notes) or {}).get("format") != CALIBRATION_FORMAT
 
 
 def _json_safe(value: Any) -> Any:
