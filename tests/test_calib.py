@@ -958,6 +958,24 @@ def test_block_reconstruction_on_pag_fits_the_float_blocks_outputs():
     finally:
         reconstruct.reconstruction_loss = original
     assert losses and max(losses) < 1e-3  # 5e-3 or more with the PAG rows' stored outputs as targets
+    # with timestep groups the copy reached the whole denoiser through their selector and failed half-built, and
+    # it kept the quantizing attention processors in its "float" targets (session 50 review)
+    from diffusion_accel.quant.attention import QuantAttentionBase
+    from diffusion_accel.quant.layers import QuantLayer
+
+    copies = []
+    make_copy = reconstruct.float_block
+    reconstruct.float_block = lambda *args: copies.append(make_copy(*args)) or copies[-1]
+    try:
+        grouped = StableDiffusionPAGPipeline(**build_tiny("sd").components, pag_applied_layers=["mid"])
+        da.quantize_(grouped, da.PTQConfig(weights="int4", activations="int8", attention="int8", timestep_groups=2,
+                                           reconstruct=True, recon_iters=2, recon_act_iters=0, calib_prompts=1,
+                                           calib_num_steps=4, calib_steps="all"))
+    finally:
+        reconstruct.float_block = make_copy
+    modules = [module for copied in copies for module in copied.modules()]
+    assert copies and not any(isinstance(module, QuantLayer) for module in modules)
+    assert not any(isinstance(getattr(module, "processor", None), QuantAttentionBase) for module in modules)
 
 
 def test_a_t2i_adapter_trajectory_replays_with_the_adapter_residuals():

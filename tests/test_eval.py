@@ -932,6 +932,9 @@ def test_bad_counts_fail_before_generation(arguments, message, monkeypatch):
     (("fid",), {"fid_reference": [{"label": 1}]}, r"has no image column; accepted: image, img"),  # generation (s45)
     (("clip",), {"clip_model": "/no/such/clip"}, "CLIP model '/no/such/clip' is neither a local folder nor a hub id"),
     (("clip",), {"clip_model": "./clip"}, "CLIP model './clip' is neither"),
+    # an empty folder, a pipeline's or a text encoder's failed after every image (session 50 review)
+    (("clip",), {"clip_model": "EMPTY"}, r"CLIP model folder .* holds no CLIPModel config"),
+    (("clip",), {"clip_model": "TEXT_ENCODER"}, r"holds no CLIPModel config .*found 'clip_text_model'"),
 ])
 def test_a_missing_fid_reference_or_clip_model_fails_before_generation(metrics, arguments, message, tmp_path,
                                                                        monkeypatch):
@@ -943,8 +946,9 @@ def test_a_missing_fid_reference_or_clip_model_fails_before_generation(metrics, 
     Image.new("RGB", (8, 8)).save(tmp_path / "one" / "a.png")
     value = next(iter(arguments.values()))
     if isinstance(value, str):
+        text_encoder = importlib.import_module("diffusion_accel.zoo").path("fashion-sd") / "text_encoder"
         value = {"EMPTY": str(tmp_path / "empty"), "NOT_STATS": str(tmp_path / "not-stats.safetensors"),
-                 "ONE_IMAGE": str(tmp_path / "one")}.get(value, value)
+                 "ONE_IMAGE": str(tmp_path / "one"), "TEXT_ENCODER": str(text_encoder)}.get(value, value)
     module = importlib.import_module("diffusion_accel.eval.evaluate")  # the package exports the function
     monkeypatch.setattr(module, "_generate_all", lambda *a: pytest.fail("generated"))
     with pytest.raises(ValueError, match=message):
@@ -1062,6 +1066,37 @@ def test_two_cpu_processes_under_torchrun_shard_the_evaluation_and_match_one_pro
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     assert report["settings"]["num_processes"] == 2 and report["rows"][0]["images"] == 3
     assert report["rows"][0]["clip_score"] >= 0
+
+
+def test_processes_take_whole_batches_so_images_match_one_process():
+    """5 images at batch size 2 over 2 processes ran [0,1] [2] and [3,4]: images 2-4 in other batches than one
+    process's [0,1] [2,3] [4] (1/255 off, whole images with global-RNG samplers; until session 50)."""
+    from types import SimpleNamespace
+
+    from accelerate import PartialState
+
+    from diffusion_accel.eval.distributed import shard_batches
+
+    def state(index):  # accelerate's own split, for process ``index`` of 2
+        fake = SimpleNamespace(num_processes=2, process_index=index)
+        fake.split_between_processes = lambda items: PartialState.split_between_processes(fake, items)
+        return fake
+
+    shares = [shard_batches(list(range(5)), 2, state(index)) for index in (0, 1)]
+    assert shares == [[0, 1, 2, 3], [4]]
+    assert [shard_batches(list(range(6)), 3, state(index)) for index in (0, 1)] == [[0, 1, 2], [3, 4, 5]]
+    assert shard_batches(list(range(3)), 2) == [0, 1, 2]  # one process: everything
+
+
+def test_report_settings_keep_scalar_call_arguments_and_summarise_tensors():
+    """0-d numpy / torch values (guidance np.float32(3.0)) are recorded by value, tensors by type, shape and dtype
+    (their whole repr filled the settings line; session 50)."""
+    import numpy as np
+
+    from diffusion_accel.eval.evaluate import _plain
+
+    assert _plain(np.float32(3.0)) == 3.0 and _plain(torch.tensor(0.5)) == 0.5
+    assert _plain([torch.zeros(3, 8, 8), (1, 2)]) == ["<Tensor (3, 8, 8) torch.float32>", [1, 2]]
 
 
 def test_a_state_created_without_a_process_group_under_a_launcher_is_refused(monkeypatch):
@@ -1208,6 +1243,14 @@ def test_regional_compile_of_a_cached_denoiser_compiles_the_unhooked_parts_and_m
         assert all(is_compiled(region) for region in regions) and not is_compiled(pipe.unet)
         torch.testing.assert_close(pipe(**tiny_call_kwargs("sd", steps=4)).images, eager, atol=1e-5, rtol=1e-5)
     assert unhooked_regions(build_tiny("sd").unet)[0].__class__.__name__ == "UNet2DConditionModel"
+    # a ModuleList is never called: compiled as a region, every block inside stayed eager (session 50 review)
+    assert not any(isinstance(region, (torch.nn.ModuleList, torch.nn.ModuleDict)) for region in regions)
+    grouped = da.quantize_(build_tiny("flux"), da.PTQConfig(timestep_groups=2, calib_prompts=1, calib_num_steps=2,
+                                                            calib_steps="all",
+                                                            calib_kwargs={"height": 16, "width": 16}))
+    flux_regions = unhooked_regions(grouped.transformer)  # the step tracker hooks the root only
+    assert grouped.transformer.transformer_blocks[0] in flux_regions
+    assert not any(isinstance(region, torch.nn.ModuleList) for region in flux_regions)
 
 
 def test_report_numbers_never_print_as_the_marks_of_identical_images_and_large_ones_stay_plain():

@@ -185,14 +185,16 @@ def test_zoo_pipeline_generates_offline(name, monkeypatch):
     assert pipeline_source(pipe) == {"spec": f"zoo:{name}", "dtype": "float32"}  # what artifacts record
 
 
-def test_load_reads_another_export_of_the_model(tmp_path):
-    """zoo.load(name, folder=...) loads a candidate export with the shipped model's settings."""
+def test_load_reads_another_export_of_the_model(tmp_path, monkeypatch):
+    """zoo.load(name, folder=...) loads a candidate export with the shipped model's settings; ``~`` in the folder
+    is the home folder (it was taken literally until session 50)."""
     import shutil
 
     from diffusion_accel.artifact import pipeline_source as artifact_source
 
     shutil.copytree(zoo.path("fashion-flux"), tmp_path / "candidate")
-    pipe = zoo.load("fashion-flux", folder=tmp_path / "candidate")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    pipe = zoo.load("fashion-flux", folder="~/candidate")
     assert pipe.default_sample_size * pipe.vae_scale_factor == zoo.NATIVE_SIZE
     assert pipe.transformer.dtype == torch.float32
     assert "zoo:" not in str(artifact_source(pipe))  # another export is not the shipped model

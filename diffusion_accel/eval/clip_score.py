@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics.multimodal.clip_score import CLIPScore
 
 from .images import to_uint8
-from ..paths import expand_home
+from ..paths import expand_home, read_json_object
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 
@@ -75,6 +75,10 @@ def check_clip_model(model: str | Path) -> str:
     not the hub's 'Repo id must use alphanumeric chars' after every image was generated."""
     folder = expand_home(str(model))
     if folder.is_dir():
+        problem = _clip_folder_problem(folder)
+        if problem is not None:  # an empty folder, a pipeline's, a text encoder's failed after every image (s50)
+            raise ValueError(f"CLIP model folder {str(folder)!r} {problem}; accepted: a folder with a saved CLIPModel "
+                             f"+ CLIPProcessor (save_pretrained of both), or a hub id such as {DEFAULT_CLIP_MODEL!r}")
         return str(folder)
     name = str(model)
     parts = name.split("/")
@@ -82,6 +86,19 @@ def check_clip_model(model: str | Path) -> str:
         raise ValueError(f"CLIP model {name!r} is neither a local folder nor a hub id; accepted: a folder with a "
                          f"saved CLIPModel + CLIPProcessor, or a hub id such as {DEFAULT_CLIP_MODEL!r}")
     return name
+
+
+def _clip_folder_problem(folder: Path) -> str | None:
+    """What a folder lacks to load as a CLIPModel + CLIPProcessor (a clause), or None."""
+    config = read_json_object(folder / "config.json") or {}
+    if config.get("model_type") != "clip":
+        found = config.get("model_type") or config.get("_class_name")
+        return f"holds no CLIPModel config (config.json of model_type 'clip'{f'; found {found!r}' if found else ''})"
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        return "holds no weights (*.safetensors or *.bin)"
+    if not any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
+        return "holds no CLIPProcessor (processor_config.json or preprocessor_config.json)"
+    return None
 
 
 def check_clip_reachable(model: str | Path) -> None:

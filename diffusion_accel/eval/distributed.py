@@ -64,6 +64,14 @@ def shard(items: Sequence[Any], state: Any = None) -> list[Any]:
         return list(mine)
 
 
+def shard_batches(items: Sequence[Any], batch_size: int, state: Any = None) -> list[Any]:
+    """This process's share of ``items`` in whole batches of ``batch_size``: a share of single items regrouped into
+    its own batches, so images (and FID, PSNR) differed from one process at the same batch size (1/255; whole
+    images with samplers drawing from the global RNG; until session 50)."""
+    batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
+    return [item for batch in shard(batches, state) for item in batch]
+
+
 def gather(pairs: list[tuple[int, Any]], state: Any = None) -> list[tuple[int, Any]]:
     """Every process's ``(index, item)`` pairs, on every process."""
     state = state if state is not None else process_state()

@@ -34,7 +34,7 @@ from ..scalars import plain_number
 from ..seeding import seeded_global_rng
 from .clip_score import DEFAULT_CLIP_MODEL, check_clip_reachable, clip_metric, clip_score
 from .cost import denoiser_flops, model_size
-from .distributed import gather, merge_ordered, process_state, shard, share_from_main
+from .distributed import gather, merge_ordered, process_state, shard_batches, share_from_main
 from .fid import (FIDStats, check_cache_dir, check_reference, compute_fid_stats, fid_feature_extractor,
                   frechet_distance, reference_stats)
 from .fidelity import fidelity
@@ -114,6 +114,8 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     shape = getattr(value, "shape", None)
+    if shape is not None and len(shape) == 0 and hasattr(value, "item"):  # np.float32(3.0), tensor(0.3): the value
+        return _plain(value.item())
     if shape is not None and hasattr(value, "dtype"):
         return f"<{type(value).__name__} {tuple(shape)} {value.dtype}>"
     if type(value).__module__.startswith("PIL."):
@@ -163,7 +165,7 @@ class _Run:
 
 def _generate_all(pipelines: Mapping[str, Any], run: _Run, state: Any, progress: bool) -> dict[str, torch.Tensor]:
     """uint8 (N, 3, H, W) images per variant, in job order, on every process."""
-    mine = shard(run.jobs, state)
+    mine = shard_batches(run.jobs, run.batch_size, state)
     bar = tqdm(total=len(mine) * len(pipelines), desc="generating", unit="img",
                disable=not (progress and state.is_main_process))
     images = {}

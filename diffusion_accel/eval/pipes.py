@@ -123,7 +123,9 @@ def _regions(root: nn.Module) -> tuple[list[nn.Module], list[tuple[nn.Module, An
     blocks: list[tuple[nn.Module, Any]] = []
 
     def visit(module: nn.Module) -> None:
-        if not any(_hooked(inner) for inner in module.modules()):
+        container = type(module).forward is nn.Module.forward  # ModuleList / ModuleDict: never called, and their
+        # compiled form left every block inside eager (session 50 review): their children are the regions
+        if not container and not any(_hooked(inner) for inner in module.modules()):
             if next(module.parameters(), None) is not None:
                 regions.append(module)
             return

@@ -27,6 +27,7 @@ from ..stacklevel import user_stacklevel
 from .calibrate import reconstruction_units
 from .configs import PTQConfig
 from .formats import get_format
+from .attention import QuantAttentionBase
 from .layers import ActQuantizer, QuantLayer, StepGroups
 from .quantizers import expand_segments
 from .state import get_state
@@ -187,14 +188,18 @@ def store_batches(samples: SampleStore, name: str, device: torch.device,
 
 def float_block(block: nn.Module, unit: str, layers: dict[str, QuantLayer],
                 originals: dict[str, nn.Module]) -> nn.Module:
-    """``block`` (the reconstruction unit ``unit``) with its quantized ``layers`` back in float: a copy holding the
-    original layers (shared, not copied), or the original layer itself for a unit that is one layer."""
+    """``block`` (the reconstruction unit ``unit``) with its quantized ``layers`` and attention processors back in
+    float: a copy holding the original layers and processors (shared, not copied), or the original layer itself for
+    a unit that is one layer. The copy never reaches a quantized layer: their timestep-group selector holds the
+    whole denoiser, whose copy failed half-built ('no attribute _modules', session 50 review)."""
     if unit in layers:
         return originals[unit]
-    copied = copy.deepcopy(block)
-    for name in layers:
-        copied.set_submodule(name[len(unit) + 1:], originals[name])
-    return copied
+    memo: dict[int, Any] = {id(layer): originals[name] for name, layer in layers.items()}
+    for module in block.modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, QuantAttentionBase):  # targets with attention quantization error otherwise
+            memo[id(processor)] = processor.original
+    return copy.deepcopy(block, memo)
 
 
 def reconstruct_blocks(pipe: Any, config: PTQConfig, samples: SampleStore | None, originals: dict[str, nn.Module],

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..paths import expand_home
 from ..pipeline_defaults import set_call_defaults
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -153,7 +154,7 @@ def load(name: str, torch_dtype: torch.dtype | str | None = torch.float32, folde
 
         torch_dtype = parse_dtype(torch_dtype) or torch.float32
     shipped = folder is None
-    folder = path(name) if shipped else _export_folder(name, Path(folder))
+    folder = path(name) if shipped else _export_folder(name, expand_home(folder))  # "~/x" (session 50)
     if name == "fashion-clip":
         from transformers import CLIPModel, CLIPProcessor
 
