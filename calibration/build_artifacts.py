@@ -35,6 +35,7 @@ import torch
 
 from diffusion_accel.argtypes import int_at_least, output_folder
 from diffusion_accel.artifact import MANIFEST
+from diffusion_accel.loading import check_device
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "pipelines"
@@ -76,6 +77,7 @@ def build_one(recipe: Path, out: Path, args: argparse.Namespace) -> dict[str, An
     argv = calibrate_argv(recipe, out, args)
     row: dict[str, Any] = {"recipe": recipe.stem, "command": "diffusion-accel " + " ".join(argv)}
     start = time.perf_counter()
+    (out / BUILD_FILE).unlink(missing_ok=True)  # an interrupted rebuild left the old record beside the new artifact
     result = run_calibrate(build_parser().parse_args(argv))
     row.update(status="built", wall_s=round(time.perf_counter() - start, 1), technique_s=result["seconds"],
                summary=result["summary"].splitlines())
@@ -151,9 +153,8 @@ def kept_artifact_problem(recipe: Path, out: Path, args: argparse.Namespace) -> 
         if problem is None and "prompts_sha256" in record and record["prompts_sha256"] != prompts_digest(
                 calibrate_argv(recipe, out, args)):
             problem = "its calibration prompts changed since it was built"
-    else:
-        techniques = [entry["name"] for entry in json.loads((out / MANIFEST).read_text(encoding="utf-8"))["techniques"]]
-        problem = None if techniques == _technique_names(args.methods) else f"it holds {techniques}"
+    else:  # a build interrupted before its record, or an artifact made by hand: its settings are unknown (its
+        problem = f"it has no {BUILD_FILE} (an interrupted build, or made outside this script)"  # technique names
     return None if problem is None else (f"{out} holds an artifact of other settings ({problem}); this run asks for "
                                          f"`diffusion-accel {' '.join(wanted)}`: --force rebuilds it, or give "
                                          f"another --out")
@@ -319,10 +320,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.pipe is not None and len(args.recipes) > 1:  # every recipe's artifact came from that one model
         parser.error(f"--pipe {args.pipe!r} replaces the model of one recipe; name that recipe "
                      f"({len(args.recipes)} given), or point each recipe's [model] id at its local mirror")
+    stems = [recipe.stem for recipe in args.recipes]  # each writes OUT/<stem>: one overwrote the other's artifact
+    shared = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if shared:
+        parser.error(f"recipes share the file names {shared} ({[str(r) for r in args.recipes if r.stem in shared]}), "
+                     f"and each writes its artifact to --out/<name>: rename one, or build them into another --out")
     try:
         _technique_names(args.methods)
     except ValueError as error:
         parser.error(f"--methods: {error}")
+    try:  # it failed in the summary's machine line, after the first recipe, with a raw torch error (until s50)
+        if args.device is not None:
+            check_device(args.device)
+    except ValueError as error:
+        parser.error(f"--device: {error}")
     return args
 
 

@@ -52,6 +52,55 @@ def test_resuming_with_other_settings_refuses_the_kept_artifact(tmp_path, capsys
         "weights"] == "int4"
 
 
+def test_an_artifact_without_its_build_record_is_not_kept_as_built_with_these_settings(tmp_path, capsys):
+    """A first build interrupted after its save, or an artifact made by hand with calibrate, has no build.json: only
+    its technique names were compared, and a w8a8 one was 'kept' for a w4a16 run; a --force rebuild interrupted
+    before its record kept the old record beside the new artifact (until session 50)."""
+    recipe, out = _recipe(tmp_path, "small", "tiny:sd"), tmp_path / "out"
+    base = [str(recipe), "--methods", "ptq", "--check-prompts", "0", "--out", str(out)]
+    assert build_artifacts.main(base + ["--preset", "w8a8"]) == 0
+    (out / "small" / build_artifacts.BUILD_FILE).unlink()
+    capsys.readouterr()
+    assert build_artifacts.main(base + ["--preset", "w4a16"]) == 2
+    assert "has no build.json (an interrupted build, or made outside this script)" in capsys.readouterr().err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    build_artifacts.main(base + ["--preset", "w8a8", "--force"])
+    import diffusion_accel.recipes as recipes
+
+    real = recipes.run_calibrate
+    recipes.run_calibrate = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_artifacts.build_one(recipe, out / "small", build_artifacts.parse_args(base + ["--preset", "w4a16"]))
+    finally:
+        recipes.run_calibrate = real
+    assert not (out / "small" / build_artifacts.BUILD_FILE).exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "cdua"], "--device: unknown device 'cdua'"),
+    (["--device", "cuda:7"], "--device: device 'cuda:7' is not available"),
+])
+def test_a_bad_device_is_an_argument_error(extra, message, tmp_path, capsys):
+    """It failed in the summary's machine line after the first recipe, with a raw torch error (until session 50)."""
+    with pytest.raises(SystemExit):
+        build_artifacts.parse_args([str(_recipe(tmp_path, "small", "tiny:sd")), "--out", str(tmp_path / "o"), *extra])
+    assert message in capsys.readouterr().err
+
+
+def test_recipes_sharing_a_file_name_are_refused(tmp_path, capsys):
+    """Both wrote --out/<name>: the second overwrote the first's artifact, and both rows said built (until s50)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = _recipe(tmp_path / "a", "sd", "tiny:sd"), _recipe(tmp_path / "b", "sd", "tiny:sd")
+    with pytest.raises(SystemExit):
+        build_artifacts.parse_args([str(first), str(second), "--out", str(tmp_path / "o")])
+    assert "recipes share the file names ['sd']" in capsys.readouterr().err
+
+
 def test_resuming_reads_the_recipes_content_not_the_path_it_was_given_by(tmp_path, capsys, monkeypatch):
     """Until session 41 an edited recipe was 'kept' (its path unchanged) and the same recipe by another path was
     refused."""
