@@ -727,9 +727,13 @@ def test_calls_repeating_one_step_past_the_context_cap_never_reuse_a_shared_cont
     uncached = run()
     monkeypatch.setattr(hooks, "MAX_REPEAT_CONTEXTS", 0)
     enable_cache(pipe, DeepCacheConfig(interval=2))
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
     assert torch.equal(run(), uncached)
+    handle.remove()
     records = summary(pipe)["steps"]
     assert {record["context"] for record in records} == {"default"} and all(r["computed"] for r in records)
+    assert len(records) == len(calls) == 8  # one per view and step: once per step under-counted (session 50)
 
 
 @pytest.mark.parametrize("config", [FirstBlockCacheConfig(threshold=0.3), TeaCacheConfig(threshold=0.3)])
