@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="timed calls per variant (median); 0: no timing")
     parser.add_argument("--threads", type=COUNT, default=1, help="torch threads")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.variants or ()) - set(calibrators(args.epochs)))
+    if unknown:  # every row was skipped and the run exited 0, measuring nothing (until session 50)
+        parser.error(f"--variants {unknown}: no such variant at --epochs {args.epochs}; accepted: "
+                     f"{list(calibrators(args.epochs))}")
     torch.set_num_threads(args.threads)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     stamp_settings(report)

@@ -567,7 +567,8 @@ def _check_teacache_fit_steps(table: dict[str, Any], steps: Any) -> None:
 def _check_teacache_fit_points(pipe: Any, table: dict[str, Any], settings: dict[str, Any], num_prompts: int) -> None:
     """A TeaCache fit that cannot get the points its degree needs, refused before the chain runs (it was refused after
     the chain's pruning and PTQ, session 49 review): at most one change per denoiser call after the first, per
-    prompt and CFG branch."""
+    prompt and separate CFG call (two only for Flux's true CFG: batched CFG and FLUX-dev's embedded guidance give
+    one, and counting two let a 5-point run reach the chain, session 50 review)."""
     from .cache.teacache_fit import POINTS_PER_COEFFICIENT
     from .calib.schedule import denoiser_steps
 
@@ -575,11 +576,29 @@ def _check_teacache_fit_points(pipe: Any, table: dict[str, Any], settings: dict[
         return
     degree, call = table.get("degree", 4), settings["call"]
     calls = denoiser_steps(pipe, settings["steps"], call.get("timesteps"), call.get("sigmas"))
-    most, needed = num_prompts * (calls - 1) * 2, POINTS_PER_COEFFICIENT * (degree + 1)
+    branches = _separate_cfg_calls(pipe, call)
+    most, needed = num_prompts * (calls - 1) * branches, POINTS_PER_COEFFICIENT * (degree + 1)
     if most < needed:
         raise ValueError(f"fitting TeaCache's degree-{degree} polynomial needs at least {needed} calibration points; "
-                         f"{num_prompts} prompt(s) x {calls} denoiser calls give at most {most}: raise --num-prompts "
-                         f"or --steps, lower [cache] degree, or give [cache] coefficients")
+                         f"{num_prompts} prompt(s) x {calls} denoiser calls{' x 2 CFG calls' if branches == 2 else ''} "
+                         f"give at most {most}: raise --num-prompts or --steps, lower [cache] degree, or give [cache] "
+                         f"coefficients")
+
+
+def _separate_cfg_calls(pipe: Any, call: dict[str, Any]) -> int:
+    """Denoiser calls per step and prompt: 2 where the pipeline runs true CFG as separate calls (Flux's
+    ``true_cfg_scale`` > 1 with a negative prompt, from ``call`` over its call defaults), else 1."""
+    import inspect
+
+    from .pipeline_defaults import call_defaults
+
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    if "true_cfg_scale" not in parameters:
+        return 1
+    arguments = {**call_defaults(pipe), **call}
+    scale = arguments.get("true_cfg_scale", parameters["true_cfg_scale"].default)
+    negative = arguments.get("negative_prompt", arguments.get("negative_prompt_embeds"))
+    return 2 if isinstance(scale, (int, float)) and scale > 1 and negative is not None else 1
 
 
 def _check_cache_fits(pipe: Any, table: dict[str, Any]) -> None:

@@ -354,6 +354,16 @@ def test_cache_router_measures_kept_variants_again_with_other_epochs_or_held_out
     assert measured[1:] == [label for label in cache_router.calibrators(40)]
 
 
+def test_cache_router_refuses_unknown_variant_labels(tmp_path, capsys):
+    """A typo, or a label that exists only at other --epochs, skipped every row and exited 0 (until session 50)."""
+    import cache_router
+
+    with pytest.raises(SystemExit):
+        cache_router.main(["--epochs", "10", "--variants", "router (final)", "--out", str(tmp_path / "r.json")])
+    assert "--variants ['router (final)']: no such variant at --epochs 10; accepted:" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_a_timing_only_run_lists_its_speed_ups_in_the_markdown_table():
     """cache_sd.py --skip-quality wrote the speed-ups to JSON and a table without rows."""
     from zoo_harness import markdown_table

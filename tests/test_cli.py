@@ -460,7 +460,17 @@ def test_a_teacache_fit_without_enough_points_is_refused_before_the_chain_runs(m
     assert main(["calibrate", "--pipe", "tiny:flux", "--method", "obs,ptq,cache", "--cache-method", "teacache",
                  "--steps", "3", "--num-prompts", "1", "--out", str(tmp_path / "art")]) == 2
     assert ("fitting TeaCache's degree-4 polynomial needs at least 10 calibration points; 1 prompt(s) x 3 denoiser "
-            "calls give at most 4") in capsys.readouterr().err
+            "calls give at most 2") in capsys.readouterr().err
+    # one point per step without separate CFG calls: counting two let 6 steps (5 points) reach the chain (s50)
+    assert main(["calibrate", "--pipe", "tiny:sd3", "--method", "obs,ptq,cache", "--cache-method", "teacache",
+                 "--steps", "6", "--num-prompts", "1", "--out", str(tmp_path / "art")]) == 2
+    assert "1 prompt(s) x 6 denoiser calls give at most 5" in capsys.readouterr().err
+    from diffusion_accel.recipes import _separate_cfg_calls
+    from diffusion_accel.testing.tiny import build_tiny
+
+    flux = build_tiny("flux")
+    assert _separate_cfg_calls(flux, {}) == 1 and _separate_cfg_calls(flux, {"true_cfg_scale": 3.0}) == 1
+    assert _separate_cfg_calls(flux, {"true_cfg_scale": 3.0, "negative_prompt": ""}) == 2
 
 
 def test_parser_lists_every_subcommand():
