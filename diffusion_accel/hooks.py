@@ -773,12 +773,14 @@ def remove_hook_keeping_later(registry: Any, name: str) -> None:
     point, so it stopped caching, silently (until session 50). The inner forward belongs beneath it instead."""
     if name not in registry.hooks:
         return
-    index = registry._hook_order.index(name)
+    hook, index = registry.hooks[name], registry._hook_order.index(name)
     following = registry._fn_refs[index + 1] if index + 1 < len(registry._fn_refs) else None
     entry = following.forward if following is not None and following.original_forward is not None else None
     registry.remove_hook(name, recurse=False)
     if entry is not None:
         following.original_forward, following.forward = following.forward, entry
+    hook.fn_ref = None  # it held the hook's own bound methods and the module's forward: a cycle that kept a deleted
+    # pipeline's denoiser alive until the cycle collector ran (session 50)
 
 
 def detach_tracker_if_unused(denoiser: torch.nn.Module) -> bool:

@@ -18,11 +18,13 @@ PRUNE_CALIB = dict(calib_prompts=1, calib_num_steps=2)
 
 
 def _freed_without_the_cycle_collector(accelerate=lambda pipe: pipe) -> bool:
-    pipe = accelerate(build_tiny("sd"))  # built here: an argument stays referenced by the caller's frame
-    denoiser = weakref.ref(pipe.unet)
+    """No collection between accelerating and ``del``: the hooks a calibration or ``remove_cache`` removed kept the
+    denoiser in a cycle (their ``fn_ref``) that a collection there hid (until session 50)."""
     gc.collect()
     gc.disable()
     try:
+        pipe = accelerate(build_tiny("sd"))  # built here: an argument stays referenced by the caller's frame
+        denoiser = weakref.ref(pipe.unet)
         del pipe
         return denoiser() is None
     finally:
@@ -34,7 +36,8 @@ def _freed_without_the_cycle_collector(accelerate=lambda pipe: pipe) -> bool:
     lambda pipe: da.quantize_(pipe, da.PTQConfig.preset("w8a16", **CALIB)),
     lambda pipe: da.prune_(pipe, da.PruneConfig(method="magnitude", sparsity=0.3)),
     lambda pipe: da.remove_cache(da.enable_cache(pipe, da.DeepCacheConfig(interval=2))),
-], ids=["w8a8", "w8a16", "prune", "cache-removed"])
+    lambda pipe: da.calibrate(pipe, ["a cat"], 2, progress=False) and pipe,
+], ids=["w8a8", "w8a16", "prune", "cache-removed", "calibrated"])
 def test_accelerated_pipelines_are_freed_by_del(accelerate):
     assert _freed_without_the_cycle_collector()  # as diffusers' own
     assert _freed_without_the_cycle_collector(accelerate)

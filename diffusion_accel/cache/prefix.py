@@ -22,7 +22,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..hooks import get_tracker
+from ..hooks import get_tracker, remove_hook_keeping_later
 from .apply import enable_cache, remove_cache, summary as cache_summary
 from .configs import CalibratedCacheConfig
 from .runs import final_outputs, relative_error
@@ -148,7 +148,7 @@ class PrefixReplay:
     def __exit__(self, *exc: object) -> None:
         registry = getattr(self.denoiser, "_diffusers_hook", None)
         if registry is not None and registry.get_hook(REPLAY_HOOK_NAME) is not None:
-            registry.remove_hook(REPLAY_HOOK_NAME, recurse=False)
+            remove_hook_keeping_later(registry, REPLAY_HOOK_NAME)
             drop_empty_registry(self.denoiser)
 
     def error(self, config: CalibratedCacheConfig, calls: list, references: list) -> float:

@@ -48,7 +48,7 @@ from torch import nn
 from ..arch import find_denoiser
 from ..arch.registry import check_no_inference_weights
 from ..calib import denoiser_steps
-from ..hooks import get_tracker
+from ..hooks import get_tracker, remove_hook_keeping_later
 from ..progress import progress_counter, progress_shown, showing_progress
 from ..scalars import plain_number
 from .apply import enable_cache, remove_cache
@@ -222,7 +222,7 @@ def training_hooks(pipe: Any, denoiser: nn.Module, gates: SoftGates, num_steps: 
             module.gradient_checkpointing = True
         registry = getattr(denoiser, "_diffusers_hook", None)
         if registry is not None and registry.get_hook(TRAINER_HOOK_NAME) is not None:
-            registry.remove_hook(TRAINER_HOOK_NAME, recurse=False)
+            remove_hook_keeping_later(registry, TRAINER_HOOK_NAME)
             drop_empty_registry(denoiser)
 
 
