@@ -16,7 +16,7 @@ import types
 import typing
 import warnings
 from contextlib import contextmanager
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Iterator
 
 import numpy as np
@@ -256,6 +256,16 @@ def images_per_condition(pipe: Any) -> bool:
     pipelines take ``control_mode`` with any ControlNet); evaluation and calibration leave them whole."""
     kinds = type(getattr(pipe, "controlnet", None)).__name__ + type(getattr(pipe, "adapter", None)).__name__
     return "Multi" in kinds or "Union" in kinds
+
+
+def odd_image_list(call_kwargs: Mapping[str, Any], num_prompts: int) -> tuple[str, int] | None:
+    """(argument, length) of the first input image list (``image``, ``mask_image``, ``control_image``) holding
+    neither one image nor one per prompt, or None: such a list went whole to every call (calibrate, evaluate)."""
+    for key in IMAGE_ARGUMENTS:
+        value = call_kwargs.get(key)
+        if isinstance(value, (list, tuple)) and len(value) not in (1, num_prompts):
+            return key, len(value)
+    return None
 
 
 def per_prompt_images(value: Any, indices: Sequence[int]) -> Any:

@@ -25,7 +25,7 @@ from typing import Any
 from ..argtypes import SEED_LIMIT
 from ..arch.registry import UnsupportedModelError, get_adapter
 from ..pipeline_defaults import (IMAGE_ARGUMENTS, OTHER_PROMPTS, call_defaults, check_call_arguments,
-                                 check_guidance_scale_is_read, images_per_condition, per_prompt_images,
+                                 check_guidance_scale_is_read, images_per_condition, odd_image_list, per_prompt_images,
                                  per_prompt_negative, per_prompt_values, with_tuples)
 from ..scalars import is_finite_number, plain_number
 from ..stacklevel import user_stacklevel
@@ -288,11 +288,9 @@ def _check_image_lists(call_kwargs: dict[str, Any], num_items: int) -> None:
     """ValueError for a list of input images (``image``, ``mask_image``, ``control_image``) that is neither one image
     nor one per prompt: the whole list went to every call, which failed in the pipeline (512 vs 256 rows) or paired
     each prompt with the first image (until session 50)."""
-    for key in IMAGE_ARGUMENTS:
-        value = call_kwargs.get(key)
-        if isinstance(value, (list, tuple)) and len(value) not in (1, num_items):
-            raise ValueError(f"{key} must be one image or a list of {num_items} (one per prompt), got a list of "
-                             f"{len(value)}")
+    odd = odd_image_list(call_kwargs, num_items)
+    if odd is not None:
+        raise ValueError(f"{odd[0]} must be one image or a list of {num_items} (one per prompt), got a list of {odd[1]}")
 
 
 def _check_options(pipe: Any, mode: str, params: dict[str, inspect.Parameter], per_item: int,

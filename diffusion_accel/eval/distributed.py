@@ -17,6 +17,8 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
+from .pipes import chunks
+
 
 # The other processes wait in one collective while the main one scores every metric (an FID reference of
 # 10,000 images takes 30-40 min on 2 CPU cores): past gloo's 30-min / NCCL's 10-min default they crashed.
@@ -68,8 +70,7 @@ def shard_batches(items: Sequence[Any], batch_size: int, state: Any = None) -> l
     """This process's share of ``items`` in whole batches of ``batch_size``: a share of single items regrouped into
     its own batches, so images (and FID, PSNR) differed from one process at the same batch size (1/255; whole
     images with samplers drawing from the global RNG; until session 50)."""
-    batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
-    return [item for batch in shard(batches, state) for item in batch]
+    return [item for batch in shard(chunks(items, batch_size), state) for item in batch]
 
 
 def gather(pairs: list[tuple[int, Any]], state: Any = None) -> list[tuple[int, Any]]:

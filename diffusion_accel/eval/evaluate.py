@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..artifact import pipeline_source, techniques_on
 from ..paths import empty_path, expand_home
-from ..pipeline_defaults import IMAGE_ARGUMENTS, OTHER_PROMPTS, call_defaults, check_call_arguments
+from ..pipeline_defaults import OTHER_PROMPTS, call_defaults, check_call_arguments, odd_image_list
 from ..scalars import plain_number
 from ..seeding import seeded_global_rng
 from .clip_score import DEFAULT_CLIP_MODEL, check_clip_reachable, clip_metric, clip_score
@@ -288,8 +288,6 @@ def _check_inputs(run: _Run, pipelines: Mapping[str, Any], output_dir: str | Pat
             _check_prompts_fit(name, pipe, [job.prompt for job in run.jobs])
 
 
-
-
 def _check_per_prompt_lists(call_kwargs: Mapping[str, Any], num_prompts: int) -> None:
     """A list negative_prompt (or prompt_2 ...) holds one text per prompt of the run, as calibrate requires: one
     of another length went whole to every call (a list of one: every prompt got it; of two for three prompts:
@@ -304,11 +302,10 @@ def _check_per_prompt_lists(call_kwargs: Mapping[str, Any], num_prompts: int) ->
 def _check_image_lists(name: str, pipe: Any, call_kwargs: Mapping[str, Any], num_prompts: int) -> None:
     """A list of input images holds one image, or one per prompt (a list of another length went whole to every
     call); a MultiControlNet pipeline's ``image`` list holds one per ControlNet instead."""
-    for key in IMAGE_ARGUMENTS:
-        value = call_kwargs.get(key)
-        if isinstance(value, (list, tuple)) and len(value) not in (1, num_prompts) and not images_per_condition(pipe):
-            raise ValueError(f"call_kwargs {key} must be one image or a list of {num_prompts} (one per prompt) for "
-                             f"variant {name!r}, got a list of {len(value)}")
+    odd = None if images_per_condition(pipe) else odd_image_list(call_kwargs, num_prompts)
+    if odd is not None:
+        raise ValueError(f"call_kwargs {odd[0]} must be one image or a list of {num_prompts} (one per prompt) for "
+                         f"variant {name!r}, got a list of {odd[1]}")
 
 
 def _check_prompts_fit(name: str, pipe: Any, prompts: list[Any]) -> None:

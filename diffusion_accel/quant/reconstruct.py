@@ -170,20 +170,45 @@ def _batch_indices(num_samples: int, batch: int, generator: torch.Generator,
 def store_batches(samples: SampleStore, name: str, device: torch.device,
                   target_block: nn.Module | None = None) -> tuple[BatchFn, int]:
     """A batch function over the stored calls of block ``name`` and the number of samples; the targets are the
-    stored outputs, or ``target_block``'s (the float block's) outputs on the stored inputs."""
+    stored outputs, or ``target_block``'s (the float block's) outputs on the stored inputs, computed once."""
     count = len(samples.samples(name))
+    targets = None if target_block is None else _block_outputs(samples, name, device, target_block)
 
     def batches(indices: torch.Tensor) -> tuple[tuple, dict, torch.Tensor]:
         call = samples.batch(name, indices.tolist())
-        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        args = tuple(move(a) for a in call.args)
-        kwargs = {k: move(v) for k, v in call.kwargs.items()}
-        if target_block is not None:
+        args, kwargs = _moved(call.args, device), {k: _moved(v, device) for k, v in call.kwargs.items()}
+        if targets is not None:
+            return args, kwargs, tuple(stream[indices.to(stream.device)] for stream in targets)
+        if target_block is not None:  # an output stream without a batch dimension: computed per batch
             with torch.no_grad():
                 return args, kwargs, tuple(tensors_in(target_block(*args, **kwargs)))
         return args, kwargs, tuple(output.to(device) for output in tensors_in(call.output))
 
     return batches, count
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    """A tensor (or a tuple of arguments) on ``device``; anything else as it is."""
+    if isinstance(value, tuple):
+        return tuple(_moved(item, device) for item in value)
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+@torch.no_grad()
+def _block_outputs(samples: SampleStore, name: str, device: torch.device, block: nn.Module,
+                   chunk: int = 16) -> tuple[torch.Tensor, ...] | None:
+    """``block``'s output streams on every stored call of ``name``, the samples along dim 0: once per block, not at
+    every reconstruction iteration; None when a stream has no batch dimension."""
+    count, parts = len(samples.samples(name)), []
+    for start in range(0, count, chunk):
+        rows = list(range(start, min(start + chunk, count)))
+        call = samples.batch(name, rows)
+        args, kwargs = _moved(call.args, device), {k: _moved(v, device) for k, v in call.kwargs.items()}
+        streams = tuple(tensors_in(block(*args, **kwargs)))
+        if any(stream.dim() == 0 or stream.shape[0] != len(rows) for stream in streams):
+            return None
+        parts.append(streams)
+    return tuple(torch.cat(stream) for stream in zip(*parts))
 
 
 def float_block(block: nn.Module, unit: str, layers: dict[str, QuantLayer],
