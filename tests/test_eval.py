@@ -3,6 +3,7 @@
 import importlib
 import json
 import math
+import shutil
 import types
 from pathlib import Path
 
@@ -935,6 +936,9 @@ def test_bad_counts_fail_before_generation(arguments, message, monkeypatch):
     # an empty folder, a pipeline's or a text encoder's failed after every image (session 50 review)
     (("clip",), {"clip_model": "EMPTY"}, r"CLIP model folder .* holds no CLIPModel config"),
     (("clip",), {"clip_model": "TEXT_ENCODER"}, r"holds no CLIPModel config .*found 'clip_text_model'"),
+    # only variant weights passed a *.safetensors check; the loader asks for no variant (session 51)
+    (("clip",), {"clip_model": "VARIANT_ONLY"}, r"holds no weights \(model.safetensors or .*found only "
+                                                 r"model.fp16.safetensors"),
 ])
 def test_a_missing_fid_reference_or_clip_model_fails_before_generation(metrics, arguments, message, tmp_path,
                                                                        monkeypatch):
@@ -946,9 +950,15 @@ def test_a_missing_fid_reference_or_clip_model_fails_before_generation(metrics, 
     Image.new("RGB", (8, 8)).save(tmp_path / "one" / "a.png")
     value = next(iter(arguments.values()))
     if isinstance(value, str):
-        text_encoder = importlib.import_module("diffusion_accel.zoo").path("fashion-sd") / "text_encoder"
+        zoo = importlib.import_module("diffusion_accel.zoo")
+        text_encoder = zoo.path("fashion-sd") / "text_encoder"
+        variant_only = tmp_path / "variant-only"
+        if value == "VARIANT_ONLY":
+            shutil.copytree(zoo.path("fashion-clip"), variant_only)
+            (variant_only / "model.safetensors").rename(variant_only / "model.fp16.safetensors")
         value = {"EMPTY": str(tmp_path / "empty"), "NOT_STATS": str(tmp_path / "not-stats.safetensors"),
-                 "ONE_IMAGE": str(tmp_path / "one"), "TEXT_ENCODER": str(text_encoder)}.get(value, value)
+                 "ONE_IMAGE": str(tmp_path / "one"), "TEXT_ENCODER": str(text_encoder),
+                 "VARIANT_ONLY": str(variant_only)}.get(value, value)
     module = importlib.import_module("diffusion_accel.eval.evaluate")  # the package exports the function
     monkeypatch.setattr(module, "_generate_all", lambda *a: pytest.fail("generated"))
     with pytest.raises(ValueError, match=message):

@@ -88,14 +88,22 @@ def check_clip_model(model: str | Path) -> str:
     return name
 
 
+# the names CLIPModel.from_pretrained reads without a variant: one file or a sharded index (a folder holding
+# only model.fp16.safetensors passed a *.safetensors check, then failed after every image was generated)
+CLIP_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")
+
+
 def _clip_folder_problem(folder: Path) -> str | None:
     """What a folder lacks to load as a CLIPModel + CLIPProcessor (a clause), or None."""
     config = read_json_object(folder / "config.json") or {}
     if config.get("model_type") != "clip":
         found = config.get("model_type") or config.get("_class_name")
         return f"holds no CLIPModel config (config.json of model_type 'clip'{f'; found {found!r}' if found else ''})"
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        return "holds no weights (*.safetensors or *.bin)"
+    if not any((folder / name).is_file() for name in CLIP_WEIGHT_FILES):
+        variants = sorted(path.name for path in (*folder.glob("*.safetensors"), *folder.glob("*.bin")))
+        found = f"; found only {', '.join(variants)}, which the loader (no variant) does not read" if variants else ""
+        return f"holds no weights ({' or '.join(CLIP_WEIGHT_FILES)}{found})"
     if not any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
         return "holds no CLIPProcessor (processor_config.json or preprocessor_config.json)"
     return None
