@@ -414,6 +414,13 @@ def test_a_grayscale_batch_without_a_channel_axis_is_a_clear_error():
             convert(batch)
 
 
+def test_integer_tensors_other_than_uint8_are_refused_by_image_batches():
+    """int64 pixels passed through unchecked; torchmetrics' Inception input read them as [0, 1] floats (1..255
+    became 255)."""
+    with pytest.raises(TypeError, match=r"dtype torch.int64 unsupported; accepted: uint8 or float in \[0, 1\]"):
+        next(image_batches(torch.full((2, 3, 8, 8), 100, dtype=torch.int64)))
+
+
 def test_a_variant_giving_nan_images_is_named():
     """'1 of 1 images hold NaN' named neither the variant nor which of its images."""
     import diffusion_accel as da
@@ -931,6 +938,11 @@ def test_bad_counts_fail_before_generation(arguments, message, monkeypatch):
     (("fid",), {"fid_reference": "ONE_IMAGE"}, "need at least 2 images; the reference folder .* holds 1"),  # these
     (("fid",), {"fid_reference": torch.zeros(1, 3, 8, 8)}, "the reference tensor holds 1"),  # three failed after
     (("fid",), {"fid_reference": [{"label": 1}]}, r"has no image column; accepted: image, img"),  # generation (s45)
+    # a wrong layout or dtype, an unreadable file: after generation until session 51
+    (("fid",), {"fid_reference": torch.zeros(4, 8, 8, 3, dtype=torch.uint8)}, r"shape \(4, 8, 8, 3\) .*must be \(N,C,H,W\)"),
+    (("fid",), {"fid_reference": np.zeros((4, 3, 8, 8), np.uint8)}, r"shape \(4, 3, 8, 8\) .*must be \(N,H,W,C\)|shape \(4, 3, 8, 8\) .*\(N,C,H,W\)"),
+    (("fid",), {"fid_reference": torch.zeros(4, 3, 8, 8, dtype=torch.int64)}, "dtype torch.int64 unsupported"),
+    (("fid",), {"fid_reference": "BROKEN"}, r"reference image .*3.png' cannot be read"),
     (("clip",), {"clip_model": "/no/such/clip"}, "CLIP model '/no/such/clip' is neither a local folder nor a hub id"),
     (("clip",), {"clip_model": "./clip"}, "CLIP model './clip' is neither"),
     # an empty folder, a pipeline's or a text encoder's failed after every image (session 50 review)
@@ -948,6 +960,9 @@ def test_a_missing_fid_reference_or_clip_model_fails_before_generation(metrics, 
     (tmp_path / "not-stats.safetensors").write_bytes(b"{}")
     (tmp_path / "one").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "one" / "a.png")
+    shutil.copytree(tmp_path / "one", tmp_path / "broken")
+    Image.new("RGB", (8, 8)).save(tmp_path / "broken" / "b.png")
+    (tmp_path / "broken" / "3.png").write_bytes(b"")  # an interrupted copy
     value = next(iter(arguments.values()))
     if isinstance(value, str):
         zoo = importlib.import_module("diffusion_accel.zoo")
@@ -957,7 +972,8 @@ def test_a_missing_fid_reference_or_clip_model_fails_before_generation(metrics, 
             shutil.copytree(zoo.path("fashion-clip"), variant_only)
             (variant_only / "model.safetensors").rename(variant_only / "model.fp16.safetensors")
         value = {"EMPTY": str(tmp_path / "empty"), "NOT_STATS": str(tmp_path / "not-stats.safetensors"),
-                 "ONE_IMAGE": str(tmp_path / "one"), "TEXT_ENCODER": str(text_encoder),
+                 "ONE_IMAGE": str(tmp_path / "one"), "BROKEN": str(tmp_path / "broken"),
+                 "TEXT_ENCODER": str(text_encoder),
                  "VARIANT_ONLY": str(variant_only)}.get(value, value)
     module = importlib.import_module("diffusion_accel.eval.evaluate")  # the package exports the function
     monkeypatch.setattr(module, "_generate_all", lambda *a: pytest.fail("generated"))

@@ -15,9 +15,10 @@ import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sized
+from typing import Any, Iterable, Iterator, Sequence, Sized
 
 import numpy as np
+from PIL import Image
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -167,6 +168,8 @@ def image_batches(images: Any, batch_size: int = DEFAULT_BATCH_SIZE, sizes: set 
         images = to_uint8(images)
     if isinstance(images, torch.Tensor):
         images = to_rgb(as_nchw(images))
+        if images.dtype != torch.uint8 and not images.is_floating_point():  # int64 0..255 became 0/255 (s51)
+            raise TypeError(f"image tensor dtype {images.dtype} unsupported; accepted: uint8 or float in [0, 1]")
         if sizes is not None:
             sizes.add(tuple(images.shape[-2:]))
         for start in range(0, len(images), batch_size):
@@ -246,6 +249,8 @@ def check_reference(source: Any, extractor: nn.Module | None = None) -> None:
         return
     if isinstance(source, (torch.Tensor, np.ndarray)):
         _check_enough(len(to_uint8(source)) if source.ndim < 4 else source.shape[0], "the reference tensor")
+        if source.ndim >= 4:
+            _check_layout(source)
         if source.ndim >= 4 and _is_float(source):  # 0..255 floats failed only after generation (until s46)
             checked_unit_range(torch.as_tensor(np.ascontiguousarray(source)) if isinstance(source, np.ndarray)
                                else source)
@@ -257,9 +262,32 @@ def check_reference(source: Any, extractor: nn.Module | None = None) -> None:
     if path.is_file():
         _check_same_network(FIDStats.load(path), extractor)
     elif path.is_dir():
-        _check_enough(len(image_files(path)), f"the reference folder {str(path)!r}")
+        files = image_files(path)
+        _check_enough(len(files), f"the reference folder {str(path)!r}")
+        _check_readable(files)
     else:
         reference_stats(source)  # the error it raises for a path that is neither
+
+
+def _check_layout(source: torch.Tensor | np.ndarray) -> None:
+    """The first image converts (tensors N,C,H,W, arrays N,H,W,C; uint8 or float): an NHWC tensor, an NCHW
+    array or int64 pixels failed only after every image was generated (until session 51)."""
+    try:
+        to_uint8(source[:1])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"the reference {type(source).__name__} of shape {tuple(source.shape)} and dtype "
+                         f"{source.dtype} is not a batch of images: {error}") from error
+
+
+def _check_readable(files: Sequence[Path]) -> None:
+    """Every file's header decodes (a lazy open, ~1 ms each): a zero-byte or foreign file in a reference folder
+    failed only after every image was generated (until session 51)."""
+    for file in files:
+        try:
+            with Image.open(file):
+                pass
+        except (OSError, ValueError) as error:
+            raise ValueError(f"reference image {str(file)!r} cannot be read ({error}); remove or replace it") from error
 
 
 def _is_float(source: torch.Tensor | np.ndarray) -> bool:
