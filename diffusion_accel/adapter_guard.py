@@ -6,21 +6,30 @@ wrap every targeted layer in turn. peft wraps only plain torch layers: on a laye
 (kept-float ones such as the time embedding). Those kept their LoRA: ``add_adapter`` left the denoiser
 computing other images; ``load_lora_adapter`` deletes the adapter but leaves the wrappers.
 
-From the first technique on, both methods are guarded on the denoiser instance (never the class): a
-LoRA whose targets include a replaced layer is refused before anything changes, and any other failure
-unwraps the layers the call wrapped, so the denoiser is left as it was. Flux's ``load_lora_weights``
-first widens every layer narrower than the LoRA's tensors (Control LoRAs), which swapped structured-pruned
-layers for zero-padded base-size ones, and reads each targeted layer's ``weight`` (a KeyError on a replaced
-layer): its widening step is guarded to check the LoRA's targets before any layer changes.
+From the first technique on, both methods are guarded on the denoiser instance: a LoRA whose targets
+include a replaced layer is refused before anything changes, and any other failure unwraps the layers the
+call wrapped, so the denoiser is left as it was. Flux's ``load_lora_weights`` first widens every layer
+narrower than the LoRA's tensors (Control LoRAs), which swapped structured-pruned layers for zero-padded
+base-size ones, and reads each targeted layer's ``weight`` (a KeyError on a replaced layer): its widening
+step is guarded to check the LoRA's targets before any layer changes.
 
 IP-Adapters are guarded too: diffusers builds their projections at the config's width and rebuilds every
 other attention processor with no arguments, so one loaded after structured pruning of attention heads
 computed attention over the wrong tokens, silently, and after ``quantize_(attention=...)`` its load (and
 ``unload_ip_adapter``, after dropping the image encoder) failed with a TypeError from our processors.
+
+The two steps that run on the pipeline (Flux's widening, ``unload_ip_adapter``) are guarded on diffusers'
+loader mixin classes, once, by pass-through wrappers that check only denoisers with a technique applied: a
+pipeline built from an accelerated one's components (``FluxImg2ImgPipeline(**pipe.components)``,
+``from_pipe``) shares the denoiser but not the instance guards of the pipeline that ``mark_applied`` saw,
+and its ``load_lora_weights`` widened pruned layers (every later call of both pipelines failed) until
+session 51.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable
 
 from torch import nn
@@ -32,10 +41,11 @@ ADD_METHOD = "add_adapter"
 LOAD_METHOD = "load_lora_adapter"
 PIPELINE_METHOD = "load_lora_weights"
 IP_LOAD_METHOD = "_load_ip_adapter_weights"  # on the denoiser: what load_ip_adapter calls after the image encoder
-IP_UNLOAD_METHOD = "unload_ip_adapter"  # on the pipeline
+IP_UNLOAD_METHOD = "unload_ip_adapter"  # on the pipeline's IP-Adapter mixin
 GUARDED_ADAPTER_METHODS = (ADD_METHOD, LOAD_METHOD, IP_LOAD_METHOD)  # on the denoiser
 EXPAND_METHOD = "_maybe_expand_transformer_param_shape_or_error_"  # Flux's load_lora_weights: widens layers first
-GUARDED_ADAPTER_PIPELINE_METHODS = (PIPELINE_METHOD, IP_UNLOAD_METHOD, EXPAND_METHOD)  # on the pipeline
+_CLASS_GUARD_MODULES = ("diffusers.loaders.lora_pipeline", "diffusers.loaders.ip_adapter")
+_CLASS_GUARD_MARK = "__diffusion_accel_guard__"  # on a wrapper: the mixin's method is already guarded
 _LORA_KEY_MARK = ".lora_"  # "<module>.lora_A.weight", "<module>.lora_B.<adapter>.weight", ...
 _LOKR_KEY_MARK = ".lokr_"  # LoKr factors: "<module>.lokr_w1", ...
 ALL_LINEAR = "all-linear"  # peft's target_modules shorthand
@@ -45,17 +55,53 @@ class AdapterOnReplacedLayerError(ValueError):
     """A LoRA adapter targets a layer that a technique replaced (peft cannot wrap it)."""
 
 
-def install_adapter_guards(pipe: Any, denoiser: nn.Module) -> None:
-    """Guard ``denoiser.add_adapter`` / ``load_lora_adapter`` and ``pipe.load_lora_weights`` where their
-    classes have them."""
-    for owner, method, guarded in ((denoiser, ADD_METHOD, _guarded_add_adapter),
-                                   (denoiser, LOAD_METHOD, _guarded_load_lora_adapter),
-                                   (pipe, PIPELINE_METHOD, _guarded_load_lora_weights),
-                                   (pipe, EXPAND_METHOD, _guarded_expand),
-                                   (denoiser, IP_LOAD_METHOD, _guarded_load_ip_adapter),
-                                   (pipe, IP_UNLOAD_METHOD, _guarded_unload_ip_adapter)):
-        if owner is not None:
-            install_method(owner, method, guarded)
+def install_adapter_guards(denoiser: nn.Module) -> None:
+    """Guard ``denoiser.add_adapter`` / ``load_lora_adapter`` / ``_load_ip_adapter_weights`` where its class has
+    them, and (once per process) the pipeline-side steps on diffusers' loader mixins."""
+    for method, guarded in ((ADD_METHOD, _guarded_add_adapter), (LOAD_METHOD, _guarded_load_lora_adapter),
+                            (IP_LOAD_METHOD, _guarded_load_ip_adapter)):
+        install_method(denoiser, method, guarded)
+    install_mixin_guards()
+
+
+def install_mixin_guards() -> None:
+    """Wrap Flux's widening step and every ``unload_ip_adapter`` of diffusers' loader mixins (where a class
+    defines them) with checks that run only for a denoiser with a technique applied; idempotent."""
+    import importlib
+
+    for module_name in _CLASS_GUARD_MODULES:
+        module = importlib.import_module(module_name)
+        for owner in vars(module).values():
+            if not isinstance(owner, type) or owner.__module__ != module_name:
+                continue
+            if isinstance(vars(owner).get(EXPAND_METHOD), classmethod):
+                _wrap(owner, EXPAND_METHOD, _check_expand, classmethod)
+            if callable(vars(owner).get(IP_UNLOAD_METHOD)):
+                _wrap(owner, IP_UNLOAD_METHOD, _check_unload_ip_adapter, None)
+
+
+def _wrap(owner: type, method: str, check: Callable[[dict[str, Any]], None], kind: type | None) -> None:
+    """Replace ``owner.method`` by a wrapper calling ``check(bound arguments)`` first (pass-through wrappers:
+    the checks return at once for denoisers without techniques)."""
+    original = vars(owner)[method]
+    function = original.__func__ if kind is classmethod else original
+    if getattr(function, _CLASS_GUARD_MARK, False):
+        return
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        check(signature.bind(*args, **kwargs).arguments)
+        return function(*args, **kwargs)
+
+    setattr(guarded, _CLASS_GUARD_MARK, True)
+    setattr(owner, method, kind(guarded) if kind is classmethod else guarded)
+
+
+def _accelerated(denoiser: Any) -> bool:
+    from .artifact import techniques_on
+
+    return isinstance(denoiser, nn.Module) and bool(techniques_on(denoiser))
 
 
 def replaced_layers(denoiser: nn.Module) -> dict[str, nn.Module]:
@@ -89,33 +135,33 @@ def _config_targets(adapter_config: Any, replaced: dict[str, nn.Module]) -> list
     return [name for name in replaced if check_target_module_exists(adapter_config, name)]
 
 
-def _guarded_load_lora_weights(pipe: Any, *args: Any, **kwargs: Any) -> Any:
-    """Flux's ``load_lora_weights`` reads ``<layer>.weight`` of every targeted layer before loading anything:
-    a KeyError naming a replaced layer becomes this module's error."""
-    try:
-        return type(pipe).load_lora_weights(pipe, *args, **kwargs)
-    except KeyError as error:
-        from .arch.registry import find_denoiser
-
-        _, denoiser = find_denoiser(pipe)
-        layer = str(error.args[0]).rsplit(".", 1)[0] if error.args else ""
-        if layer in replaced_layers(denoiser):
-            _refuse_targets(denoiser, PIPELINE_METHOD, [layer])
-        raise
-
-
-def _guarded_expand(pipe: Any, transformer: nn.Module, lora_state_dict: Any = None, *args: Any, **kwargs: Any) -> Any:
+def _check_expand(arguments: dict[str, Any]) -> None:
     """Flux's ``load_lora_weights`` widens every Linear narrower than the LoRA's tensors (Control LoRAs) before it
     loads anything: on a structured-pruned transformer it swapped the pruned layers for zero-padded base-size ones,
     then the ``load_lora_adapter`` guard refused "Nothing was changed" and every later call failed (until session
-    46). The LoRA's targets are checked here, before any layer changes."""
-    if lora_state_dict:
-        targets = lora_targets(lora_state_dict, "transformer")
-        replaced = replaced_layers(transformer)
-        _refuse_targets(transformer, PIPELINE_METHOD, [name for name in targets if name in replaced])
-        _refuse_resized_targets(transformer, targets, _own_lora_tensors(lora_state_dict, "transformer"),
-                                PIPELINE_METHOD)
-    return getattr(type(pipe), EXPAND_METHOD)(transformer, lora_state_dict, *args, **kwargs)
+    46); on a quantized one it read ``<layer>.weight`` (a KeyError). The LoRA's targets are checked here, before
+    any layer changes."""
+    transformer, lora_state_dict = arguments.get("transformer"), arguments.get("lora_state_dict")
+    if not lora_state_dict or not _accelerated(transformer):
+        return
+    prefix = arguments.get("prefix") or getattr(arguments.get("cls"), "transformer_name", "transformer")
+    targets = lora_targets(lora_state_dict, prefix)
+    replaced = replaced_layers(transformer)
+    _refuse_targets(transformer, PIPELINE_METHOD, [name for name in targets if name in replaced])
+    _refuse_resized_targets(transformer, targets, _own_lora_tensors(lora_state_dict, prefix), PIPELINE_METHOD)
+
+
+def _check_unload_ip_adapter(arguments: dict[str, Any]) -> None:
+    """``unload_ip_adapter`` drops the denoiser's image projection, then rebuilds our attention processors
+    without their settings (a TypeError, the IP-Adapter gone): refused first on a quantized denoiser."""
+    from .arch.registry import UnsupportedModelError, find_denoiser
+
+    try:
+        _, denoiser = find_denoiser(arguments.get("self"))
+    except UnsupportedModelError:
+        return
+    if _accelerated(denoiser):
+        _refuse_quantized_processors(denoiser, IP_UNLOAD_METHOD)
 
 
 def _guarded_load_ip_adapter(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -131,13 +177,6 @@ def _guarded_load_ip_adapter(model: nn.Module, *args: Any, **kwargs: Any) -> Any
             f"attention would run over the wrong tokens. Nothing was changed. Load the IP-Adapter before prune_.")
     _refuse_quantized_processors(model, "load_ip_adapter")
     return getattr(type(model), IP_LOAD_METHOD)(model, *args, **kwargs)
-
-
-def _guarded_unload_ip_adapter(pipe: Any, *args: Any, **kwargs: Any) -> Any:
-    from .arch.registry import find_denoiser
-
-    _refuse_quantized_processors(find_denoiser(pipe)[1], "unload_ip_adapter")
-    return getattr(type(pipe), IP_UNLOAD_METHOD)(pipe, *args, **kwargs)
 
 
 def _refuse_quantized_processors(model: nn.Module, method: str) -> None:

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from .arch.registry import UnsupportedModelError, adapter_layers, find_any_denoiser, find_denoiser
 from .base_match import (SAMPLE_FILE, base_state_dict, config_items, dense, only_rounded, representable_in, rounded_to,
                          samples_match, structure_fingerprint, weight_sample)
-from .adapter_guard import GUARDED_ADAPTER_METHODS, GUARDED_ADAPTER_PIPELINE_METHODS, install_adapter_guards
+from .adapter_guard import GUARDED_ADAPTER_METHODS, install_adapter_guards
 from .artifact_files import StagedWrite
 from .base_config import comparable_config, config_differences, upgraded_from
 from .artifact_tensors import TechniqueTensors
@@ -171,7 +171,7 @@ def mark_applied(pipe: Any, technique: str, replaced: Iterable[str] = ()) -> Non
                          f"registered: {registered_techniques()}")
     _, denoiser = find_denoiser(pipe)
     install_guards(pipe, denoiser)
-    install_adapter_guards(pipe if pipe is not denoiser else None, denoiser)
+    install_adapter_guards(denoiser)
     applied = list(getattr(denoiser, _APPLIED_ATTR, []))
     if technique not in applied:
         applied.append(technique)
@@ -198,7 +198,7 @@ def marks_restored_on_error(pipe: Any) -> Iterator[None]:
     _, denoiser = find_denoiser(pipe)
     names = [(denoiser, _MARK_ATTRS + GUARDED_MODEL_METHODS + GUARDED_ADAPTER_METHODS)]
     if pipe is not denoiser:
-        names.append((pipe, GUARDED_PIPELINE_METHODS + GUARDED_ADAPTER_PIPELINE_METHODS))
+        names.append((pipe, GUARDED_PIPELINE_METHODS))
     saved = [(owner, {name: vars(owner)[name] for name in keys if name in vars(owner)}, keys) for owner, keys in names]
     try:
         yield
@@ -228,7 +228,7 @@ def unmark_applied(pipe: Any, technique: str) -> None:
         denoiser.__dict__.pop(attribute, None)
     uninstall_methods(denoiser, GUARDED_MODEL_METHODS + GUARDED_ADAPTER_METHODS)
     if pipe is not denoiser:
-        uninstall_methods(pipe, GUARDED_PIPELINE_METHODS + GUARDED_ADAPTER_PIPELINE_METHODS)
+        uninstall_methods(pipe, GUARDED_PIPELINE_METHODS)
 
 
 def applied_techniques(pipe: Any) -> list[str]:
@@ -413,8 +413,9 @@ def _check_weights_unchanged(pipe: Any) -> None:
     _, denoiser = find_denoiser(pipe)
     if not techniques_on(denoiser):
         return
-    _note_weight_changes(denoiser)
-    noted = getattr(denoiser, _CHANGED_ATTR, None)
+    # noted when a later technique retook the sample; a change since is compared, not noted: weights restored
+    # exactly after a refused save stayed refused until session 51
+    noted = getattr(denoiser, _CHANGED_ATTR, None) or _weight_change(denoiser)
     if noted is not None:
         tensor, techniques = noted
         raise ArtifactError(f"cannot save: tensors of the {type(denoiser).__name__} changed after {techniques} were "
@@ -424,15 +425,25 @@ def _check_weights_unchanged(pipe: Any) -> None:
 
 
 def _note_weight_changes(denoiser: torch.nn.Module) -> None:
-    """Remember a change of the weights since the last technique was applied (the first one found), for ``save``."""
+    """Remember a change of the weights since the last technique was applied, for ``save`` (before a technique
+    retakes the sample it is compared with)."""
+    if getattr(denoiser, _CHANGED_ATTR, None) is None:
+        change = _weight_change(denoiser)
+        if change is not None:
+            setattr(denoiser, _CHANGED_ATTR, change)
+
+
+def _weight_change(denoiser: torch.nn.Module) -> tuple[str, list[str]] | None:
+    """(the first tensor changed since the last technique was applied, the techniques), or None."""
     applied_sample = getattr(denoiser, _APPLIED_SAMPLE_ATTR, None)
-    if applied_sample is None or getattr(denoiser, _CHANGED_ATTR, None) is not None:
-        return
+    if applied_sample is None:
+        return None
     current = weight_sample(denoiser)
     changed = [name for name in applied_sample.keys() & current.keys()
                if not samples_match({name: applied_sample[name]}, {name: current[name]}, strict=True)]
     if changed and not only_rounded(applied_sample, current, changed):  # a cast there and back rounds, no more
-        setattr(denoiser, _CHANGED_ATTR, (sorted(changed)[0], techniques_on(denoiser)))
+        return sorted(changed)[0], techniques_on(denoiser)
+    return None
 
 
 def _check_json_configs(exported: list[tuple[str, Any, Any]]) -> None:

@@ -133,7 +133,21 @@ def test_a_loaded_artifact_is_guarded_too(quantized, lora_state_dict, tmp_path):
     assert _wrappers(loaded.unet) == [] and torch.equal(_images(loaded), before)
 
 
-def test_flux_load_lora_weights_names_the_replaced_layer_instead_of_a_key_error():
+# how a pipeline the user calls is had from the accelerated one: itself, or a sibling sharing its components (these
+# bypassed the guards installed on the accelerated pipeline's instance until session 51)
+SIBLINGS = {"itself": lambda pipe: pipe,
+            "components": lambda pipe: _img2img_class(pipe)(**pipe.components),
+            "from_pipe": lambda pipe: _img2img_class(pipe).from_pipe(pipe)}
+
+
+def _img2img_class(pipe):
+    from diffusers import FluxImg2ImgPipeline, StableDiffusionImg2ImgPipeline
+
+    return FluxImg2ImgPipeline if hasattr(pipe, "transformer") else StableDiffusionImg2ImgPipeline
+
+
+@pytest.mark.parametrize("sibling", SIBLINGS)
+def test_flux_load_lora_weights_names_the_replaced_layer_instead_of_a_key_error(sibling):
     """FluxPipeline.load_lora_weights reads every targeted layer's ``weight`` first (KeyError on an Int8Linear)."""
     donor = build_tiny("flux").transformer
     donor.add_adapter(_lora_config(["to_q", "to_k", "to_v"]))
@@ -143,7 +157,7 @@ def test_flux_load_lora_weights_names_the_replaced_layer_instead_of_a_key_error(
     with pytest.raises(AdapterOnReplacedLayerError, match=r"load_lora_weights\(\) cannot put a LoRA adapter on "
                                                            r"[\w.]+\.to_[qkv] \(Int8Linear\) or 11 more: .* replaced "
                                                            r"these layers"):
-        pipe.load_lora_weights(lora)
+        SIBLINGS[sibling](pipe).load_lora_weights(lora)
     assert _wrappers(pipe.transformer) == [] and torch.equal(pipe(**tiny_call_kwargs("flux")).images, before)
 
 
@@ -157,8 +171,9 @@ def test_a_lora_for_layers_structured_pruning_resized_is_refused_with_the_reason
     assert _wrappers(pipe.unet) == [] and torch.equal(_images(pipe), before)
 
 
+@pytest.mark.parametrize("sibling", SIBLINGS)
 @pytest.mark.parametrize("targets", [["to_out.0", "ff.net.2"], ["to_q", "to_k", "to_out.0"]])
-def test_a_flux_lora_for_pruned_layers_is_refused_before_flux_widens_them(targets):
+def test_a_flux_lora_for_pruned_layers_is_refused_before_flux_widens_them(targets, sibling):
     """FluxPipeline.load_lora_weights widens every Linear narrower than the LoRA's input first (Control LoRAs): the
     pruned to_out.0 / ff.net.2 became zero-padded base-size layers, then the refusal said "Nothing was changed"
     and every later call failed with a shape error. A LoRA on output-resized layers got peft's raw size mismatch."""
@@ -171,7 +186,7 @@ def test_a_flux_lora_for_pruned_layers_is_refused_before_flux_widens_them(target
     before = pipe(**tiny_call_kwargs("flux")).images
     with pytest.raises(AdapterOnReplacedLayerError, match=r"load_lora_weights\(\) cannot load this LoRA: .* made "
                                                            r"smaller \(weight \[32, 32\] -> \[\d+, \d+\]\)"):
-        pipe.load_lora_weights(lora)
+        SIBLINGS[sibling](pipe).load_lora_weights(lora)
     assert shapes == {name: tuple(module.weight.shape) for name, module in pipe.transformer.named_modules()
                       if isinstance(module, torch.nn.Linear)}
     assert _wrappers(pipe.transformer) == [] and torch.equal(pipe(**tiny_call_kwargs("flux")).images, before)
@@ -196,7 +211,8 @@ def _ip_adapter_state_dict(unet, embed_dim=16):
     return {"image_proj": image_proj, "ip_adapter": layers}
 
 
-def test_ip_adapters_are_refused_where_diffusers_would_build_them_wrong():
+@pytest.mark.parametrize("sibling", SIBLINGS)
+def test_ip_adapters_are_refused_where_diffusers_would_build_them_wrong(sibling):
     """After structured head pruning an IP-Adapter loaded at the base's width and attended over the wrong tokens,
     silently; after quantize_(attention=...) load_ip_adapter and unload_ip_adapter failed with a TypeError, the
     latter after dropping the image encoder (our processors cannot be rebuilt with no arguments)."""
@@ -209,7 +225,7 @@ def test_ip_adapters_are_refused_where_diffusers_would_build_them_wrong():
     da.quantize_(with_ip, da.PTQConfig(weights=None, activations=None, attention="int8"))
     processors = dict(with_ip.unet.attn_processors)
     with pytest.raises(AdapterOnReplacedLayerError, match=r"unload_ip_adapter\(\) cannot run .*Nothing was changed"):
-        with_ip.unload_ip_adapter()
+        SIBLINGS[sibling](with_ip).unload_ip_adapter()
     assert with_ip.unet.encoder_hid_proj is not None and with_ip.unet.attn_processors == processors
     with pytest.raises(AdapterOnReplacedLayerError, match=r"load_ip_adapter\(\) cannot run .*quantize_\(attention"):
         with_ip.unet._load_ip_adapter_weights([_ip_adapter_state_dict(with_ip.unet)])
@@ -236,3 +252,21 @@ def test_a_lora_trained_on_the_pruned_model_loads_onto_it(family, component):
     donor.add_adapter(_lora_config(["to_out.0"]))
     pipe.load_lora_weights({f"{component}.{key}": value for key, value in get_peft_model_state_dict(donor).items()})
     assert _wrappers(getattr(pipe, component))
+
+
+def test_the_mixin_guards_pass_plain_pipelines_through():
+    """The class-level wrappers act only for denoisers with a technique applied: a plain Flux pipeline's Control
+    LoRA still widens its layer, as diffusers does, and installing twice wraps once."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    from diffusion_accel.adapter_guard import install_mixin_guards
+
+    install_mixin_guards()
+    wrapped = FluxLoraLoaderMixin._maybe_expand_transformer_param_shape_or_error_
+    install_mixin_guards()
+    assert FluxLoraLoaderMixin._maybe_expand_transformer_param_shape_or_error_ == wrapped
+    pipe = build_tiny("flux")
+    embedder = pipe.transformer.x_embedder
+    pipe.load_lora_weights({"transformer.x_embedder.lora_A.weight": torch.randn(4, 2 * embedder.in_features),
+                            "transformer.x_embedder.lora_B.weight": torch.randn(embedder.out_features, 4)})
+    assert pipe.transformer.x_embedder.base_layer.weight.shape == (embedder.out_features, 2 * embedder.in_features)

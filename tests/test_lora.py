@@ -107,6 +107,26 @@ def test_save_refuses_weights_changed_between_techniques(tmp_path, then):
     assert not (tmp_path / "art" / "manifest.json").exists()
 
 
+def test_save_works_again_once_changed_weights_are_restored_exactly(tmp_path):
+    """A refused save noted the change for good: the weights copied back bit for bit stayed refused ("would restore
+    them as they were then", which was then true of nothing)."""
+    import diffusion_accel as da
+    from diffusion_accel.artifact import ArtifactError
+    from diffusion_accel.testing.tiny import build_tiny
+
+    pipe = da.prune_(build_tiny("sd"), da.PruneConfig(method="magnitude", sparsity=0.5))
+    weight = pipe.unet.conv_out.weight
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(2)
+    with pytest.raises(ArtifactError, match="changed after \\['prune'\\] were applied"):
+        da.save(pipe, tmp_path / "changed")
+    with torch.no_grad():
+        weight.copy_(kept)
+    da.save(pipe, tmp_path / "restored")
+    assert torch.equal(_images(da.load(build_tiny("sd"), tmp_path / "restored")), _images(pipe))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_save_refuses_a_small_weight_change_in_a_half_precision_pipeline(tmp_path, dtype):
     """The tolerance that recognises a base rounded along another path (one bfloat16 step) let a 0.3% change made
