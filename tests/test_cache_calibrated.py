@@ -265,6 +265,33 @@ def test_a_schedule_for_a_pipeline_that_starts_mid_schedule_spends_its_budget_on
         assert len(computed) == runs and computed.count(True) == full  # session 45: resampled over all 40)
 
 
+def test_a_mid_schedule_calibration_is_resampled_for_calls_of_its_step_count_that_start_elsewhere():
+    """At the calibrated step count a call starting earlier ran the searched positions as they stood: text-to-image
+    on the shared UNet computed (0, 5, 7) of 10 (steps 1-4 reused step 0's features), img2img at strength 0.8
+    reused step 2's at steps 3-4; resample=False did not refuse."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from diffusion_accel.cache import summary
+    from diffusion_accel.cache.apply import running_plan
+
+    pipe = build_tiny("sd")
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    schedule = CalibratedCacheConfig(full_steps=(0, 5, 7), num_inference_steps=10, first_step=5)
+    enable_cache(pipe, schedule)
+    for runner, kwargs, first in ((pipe, {}, 0), (img2img, {"image": image, "strength": 0.8}, 2),
+                                  (img2img, {"image": image, "strength": 0.5}, 5)):
+        runner("a red bicycle", num_inference_steps=10, height=32, width=32, **kwargs)
+        computed = [record["step"] for record in summary(pipe)["steps"] if record["computed"]]
+        assert computed == sorted(running_plan(schedule, 10, first)[0])
+        assert len(computed) == round(0.4 * (10 - first))  # the calibrated share (2 of the 5 steps it ran)
+    assert computed == [5, 7]  # the calibrated start: the searched positions
+    remove_cache(pipe)
+    enable_cache(pipe, schedule.with_(resample=False))
+    with pytest.raises(ValueError, match="calibrated on calls starting at step 5 of 10 .* this call starts at step 0"):
+        pipe("a red bicycle", num_inference_steps=10, height=32, width=32)
+
+
 def test_a_mid_schedule_calibration_resamples_its_partial_steps_over_the_steps_that_run_too():
     from diffusion_accel.cache.apply import running_plan
 

@@ -156,10 +156,16 @@ def running_view(config: CalibratedCacheConfig) -> CalibratedCacheConfig:
 def running_plan(config: CalibratedCacheConfig, num_steps: int,
                  first_step: int) -> tuple[frozenset[int], dict[int, int]]:
     """(full steps, {partial step: level}) of a call of ``num_steps`` that runs from ``first_step``, for a schedule
-    calibrated on calls starting mid-schedule (``config.first_step`` > 0: img2img) and another step count: resampled
-    over the steps that run. Over the whole trajectory most full steps fell on steps the call skips (tiny SD img2img
+    calibrated on calls starting mid-schedule (``config.first_step`` > 0: img2img) and another step count or first
+    step: resampled over the steps that run. Over the whole trajectory most full steps fell on steps the call skips (tiny SD img2img
     at strength 0.3, searched for 40% of 10 steps: 2 of the 15 steps a 50-step call runs computed, until session 45)."""
-    _check_resampling(config, num_steps)
+    if num_steps != config.num_inference_steps:
+        _check_resampling(config, num_steps)
+    elif not config.resample:
+        raise ValueError(f"this cache schedule was calibrated on calls starting at step {config.first_step} of "
+                         f"{num_steps} (img2img at that strength); this call starts at step {first_step}, on steps the "
+                         f"search did not plan: recalibrate at this strength, or set resample=True to resample the "
+                         f"schedule over the steps this call runs")
     view, running = running_view(config), num_steps - first_step
     full = calibrated_steps(view, running)
     partial = partial_steps_for_call(view, full, running)
@@ -193,10 +199,12 @@ class CalibratedPolicy(SchedulePolicy):
         return timesteps
 
     def should_compute(self, step: int, num_steps: int | None, state: dict, signal: Any = None) -> bool:
+        running = self._running_plan(step, num_steps, state)
+        if running is not None:
+            return step in running[0]
         timesteps = self._timesteps_to_map(num_steps)
         if timesteps is None:
-            running = self._running_plan(step, num_steps, state)
-            return super().should_compute(step, num_steps, state, signal) if running is None else step in running[0]
+            return super().should_compute(step, num_steps, state, signal)
         last = self._last
         if last is None or last[0] is not timesteps:
             last = self._last = (timesteps, frozenset(steps_at_noise_levels(self.config, timesteps.tolist())))
@@ -220,10 +228,14 @@ class CalibratedPolicy(SchedulePolicy):
     def _running_plan(self, step: int, num_steps: int | None,
                       state: dict) -> tuple[frozenset[int], dict[int, int]] | None:
         """``running_plan`` for this call when the schedule was calibrated from mid-schedule and the call runs
-        another step count (its first step kept per context and call), else None."""
-        if self.config.first_step == 0 or num_steps is None or num_steps == self.config.num_inference_steps:
+        another step count or starts at another step (its first step kept per context and call), else None. At the
+        calibrated count a call starting earlier (text-to-image, a higher strength) ran the searched positions as
+        they stood until session 51: steps before the searched ones reused the first step's features."""
+        if self.config.first_step == 0 or num_steps is None:
             return None
         first = state.setdefault(PER_CALL, {}).setdefault("first_step", step)
+        if num_steps == self.config.num_inference_steps and first == self.config.first_step:
+            return None
         if (num_steps, first) not in self._running:
             self._running[(num_steps, first)] = running_plan(self.config, num_steps, first)
         return self._running[(num_steps, first)]

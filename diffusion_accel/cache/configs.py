@@ -313,8 +313,9 @@ class CalibratedCacheConfig(_ConfigMethods):
     ``resample`` is False: its positions alone were reused silently (fashion-flux, default -> Karras
     sigmas: 27.05 dB, mapped 34.60 = recalibrated; ``benchmarks/cache_schedule_transfer.py``).
     ``first_step``: the first step the calibration's calls ran (an img2img call of strength s starts at
-    N - int(N s); 0 for text-to-image): a call of another step count gets the schedule resampled over the steps it
-    runs, from its own first, not over the whole trajectory (where most full steps fell on steps it skips).
+    N - int(N s); 0 for text-to-image): a call of another step count, or starting at another step, gets the schedule
+    resampled over the steps it runs, from its own first, not over the whole trajectory (where most full steps fell
+    on steps it skips), or a ValueError when ``resample`` is False.
     """
 
     full_steps: tuple[int, ...]
