@@ -290,7 +290,16 @@ def save_folder_problem(directory: str | Path) -> str | None:
                "give another folder"
     if (folder / MANIFEST).is_file() and not _is_artifact_manifest(folder / MANIFEST) and not _damaged_artifact(folder):
         return f"its {MANIFEST} is not a diffusion_accel artifact's and would be overwritten; give another folder"
-    return None
+    return folders_named_like(folder, (MANIFEST, SAMPLE_FILE), TECHNIQUE_FILE_PATTERN)
+
+
+def folders_named_like(folder: Path, names: Iterable[str], pattern: str | None = None) -> str | None:
+    """A problem naming the sub-folders of ``folder`` called like files written there (``names``, or matching
+    ``pattern``), or None: the write failed with a bare "Is a directory" after the work (and, for an artifact,
+    after its tensors were moved into place; session 51)."""
+    taken = sorted({name for name in names if (folder / name).is_dir()}
+                   | {path.name for path in (folder.glob(pattern) if pattern and folder.is_dir() else ()) if path.is_dir()})
+    return f"it holds folders named {taken}, where files are written; give another folder" if taken else None
 
 
 def _damaged_artifact(folder: Path) -> bool:
@@ -355,7 +364,7 @@ def save(pipe: Any, directory: str | Path) -> Path:
             "techniques": entries,
         }
         manifest_text = json.dumps(manifest, indent=2)
-    files.commit(MANIFEST, manifest_text, stale=previous_files)  # stale: an earlier artifact's
+        files.commit(MANIFEST, manifest_text, stale=previous_files)  # stale: an earlier artifact's
     return folder
 
 

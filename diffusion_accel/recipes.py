@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from . import prompts as prompt_sets
 from .arch import get_adapter
-from .artifact import base_fingerprint, save_folder_problem
+from .artifact import base_fingerprint, folders_named_like, save_folder_problem
 from .artifact_files import StagedWrite
 from .loading import check_device, default_demo_spec, load_pipeline, loaded_as
 from .paths import CALIBRATION_FORMAT, expand_home, read_json_object
@@ -472,7 +472,9 @@ def _check_out_is_not_the_base(out: str, spec: str, methods: list[str]) -> None:
     same = base.is_dir() and expand_home(out).resolve() == base.resolve()
     if same and not (base / "manifest.json").is_file():  # an artifact given as --pipe may be replaced, as save allows
         raise ValueError(f"--out {out!r} is the base pipeline's folder; write the artifact to another folder")
-    problem = None if methods == ["stats"] else save_folder_problem(expand_home(out))
+    written = ("calibration.json", "statistics.safetensors") if methods == ["stats"] else ("calibration.json",)
+    problem = (None if methods == ["stats"] else save_folder_problem(expand_home(out))) or folders_named_like(
+        expand_home(out), written)
     if problem:
         raise ValueError(f"--out {out!r}: {problem}")
     # statistics into an artifact's folder replaced the artifact's calibration.json (how it was made)

@@ -313,6 +313,24 @@ def test_save_refuses_folders_it_would_break_or_overwrite(tmp_path):
     assert (foreign / "manifest.json").read_text() == '{"tool": "other"}'
     artifact.save(pipe, tmp_path / "ours")
     artifact.save(pipe, tmp_path / "ours")  # over an artifact of ours: fine
+    (tmp_path / "taken" / "manifest.json").mkdir(parents=True)  # the tensors were moved in, then "Is a directory",
+    with pytest.raises(artifact.ArtifactError, match=r"holds folders named \['manifest.json'\]"):  # staged files
+        artifact.save(pipe, tmp_path / "taken")  # left behind (session 51)
+    assert sorted(path.name for path in (tmp_path / "taken").iterdir()) == ["manifest.json"]
+
+
+def test_a_save_failing_in_its_commit_leaves_no_staged_files(tmp_path, monkeypatch):
+    """The commit ran outside the staging block: a failure there (a full disk at the manifest) left hidden
+    '.*.diffusion_accel.partial' files in the folder."""
+    import diffusion_accel.artifact_files as artifact_files
+
+    def failing_replace(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(artifact_files.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        artifact.save(_scaled_pipe(), tmp_path / "art")
+    assert list((tmp_path / "art").iterdir()) == []
 
 
 def test_a_damaged_artifact_can_be_saved_again_and_user_files_stay(tmp_path):

@@ -1035,6 +1035,15 @@ def test_calibrate_refuses_an_out_folder_save_would_refuse_before_calibrating(tm
     (tmp_path / "art" / "manifest.json").write_text('{"format": "diffusion_accel.artifact"}')
     assert main(["calibrate", "--pipe", "tiny:sd", "--out", str(tmp_path / "art")]) == 2
     assert "holds an artifact (manifest.json): statistics would replace" in capsys.readouterr().err
+    # folders named like the run's files: a bare "Is a directory" after the calibration, the artifact left without
+    # its calibration.json (session 51)
+    for name, method in [("calibration.json", "stats"), ("statistics.safetensors", "stats"),
+                         ("calibration.json", "magnitude"), ("manifest.json", "magnitude"),
+                         ("00-prune.safetensors", "magnitude"), ("base-sample.safetensors", "magnitude")]:
+        (tmp_path / method / name).mkdir(parents=True)
+        assert main(["calibrate", "--pipe", "tiny:sd", "--method", method, "--out", str(tmp_path / method)]) == 2
+        assert f"holds folders named ['{name}'], where files are written" in capsys.readouterr().err
+        (tmp_path / method / name).rmdir()
 
 
 def test_help_under_python_OO_which_drops_docstrings():
