@@ -705,6 +705,50 @@ def test_class_ids_beyond_the_model_and_huge_seeds_are_refused_before_any_call()
         calibrate(build_tiny("sd"), ["a cat"], num_inference_steps=2, seed=2 ** 64, progress=False)
 
 
+class _ClassUNetPipeline:
+    """A minimal class-conditional pipeline around a UNet2DModel (no diffusers pipeline passes class_labels to one)."""
+
+    @staticmethod
+    def build():
+        from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
+        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+        class ClassUNetPipeline(DiffusionPipeline):
+            def __init__(self, unet, scheduler):
+                super().__init__()
+                self.register_modules(unet=unet, scheduler=scheduler)
+
+            @torch.no_grad()
+            def __call__(self, class_labels, num_inference_steps=2, generator=None, output_type="np"):
+                labels = torch.tensor(class_labels, dtype=torch.long)
+                size = self.unet.config.sample_size
+                image = torch.randn(len(labels), 3, size, size, generator=generator)
+                self.scheduler.set_timesteps(num_inference_steps)
+                for t in self.scheduler.timesteps:
+                    noise = self.unet(image, t, class_labels=labels).sample
+                    image = self.scheduler.step(noise, t, image).prev_sample
+                return ImagePipelineOutput(images=(image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy())
+
+        torch.manual_seed(0)
+        unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                           down_block_types=("DownBlock2D", "AttnDownBlock2D"), norm_num_groups=4,
+                           up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=2).eval()
+        return ClassUNetPipeline(unet=unet, scheduler=DDIMScheduler())
+
+
+def test_a_class_conditional_unet2d_knows_its_classes():
+    """The UNet2DModel adapter reported no class count: default calibration ids and prompts.for_pipeline ran past its
+    2-row class table (an IndexError inside torch), and explicit ids beyond it were not refused up front."""
+    import diffusion_accel as da
+
+    pipe = _ClassUNetPipeline.build()
+    assert da.get_adapter(pipe).num_classes() == 2 and da.prompts.for_pipeline(pipe) == [0, 1]
+    with pytest.raises(ValueError, match=r"class ids \[5\] are out of range: .* has 2 classes"):
+        calibrate(pipe, [0, 1, 5], num_inference_steps=2, progress=False)
+    da.quantize_(pipe, da.PTQConfig.preset("w8a8").with_(calib_num_steps=2, calib_steps="all"))
+    assert da.get_adapter(build_tiny("ddpm")).num_classes() is None
+
+
 def test_custom_timesteps_set_the_number_of_calibrated_steps():
     """With timesteps=[999, 500, 1] three steps ran while ten were planned (and weighted)."""
     from diffusers import EulerDiscreteScheduler
