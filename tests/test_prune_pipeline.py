@@ -627,3 +627,26 @@ def test_a_2_4_artifact_with_a_rounding_cast_loads_by_spec_where_sparse_kernels_
     loaded = load_pipeline(str(tmp_path))
     assert "2:4 sparse kernels enabled on" in converted[0] and loaded.unet.dtype == torch.float32
     assert torch.equal(generate(loaded, "sd"), generate(pipe, "sd"))
+
+
+@pytest.mark.parametrize("method, scope", [("obs", "layer"), ("wanda", "layer"), ("obs", "global"),
+                                           ("wanda", "global"), ("magnitude", "layer")])
+def test_a_grouped_conv_stays_dense_under_every_method(method, scope):
+    """Magnitude left a depthwise Conv2d dense, as skip_reason says; OBS and Wanda read their groups' Hessians at the
+    first layer and raised TypeError in the Hessian collector (a custom denoiser with a depthwise downsampler)."""
+    from torch import nn
+
+    from diffusion_accel.prune.surgery import replace_module
+
+    pipe = build_tiny("sd")
+    name = "down_blocks.0.downsamplers.0.conv"
+    old = pipe.unet.get_submodule(name)
+    replace_module(pipe.unet, name, nn.Conv2d(old.in_channels, old.out_channels, 3, stride=old.stride,
+                                              padding=old.padding, groups=old.in_channels))
+    weight = pipe.unet.get_submodule(name).weight.detach().clone()
+    prune_(pipe, PruneConfig(method=method, sparsity=0.5, scope=scope, groups=2, calib_prompts=1, calib_num_steps=2,
+                             calib_kwargs=(("height", 32), ("width", 32))))
+    report = prune_report(pipe)
+    assert report.layers_skipped[name] == f"grouped Conv2d (groups={old.in_channels})"
+    assert torch.equal(pipe.unet.get_submodule(name).weight, weight) and abs(report.achieved_sparsity - 0.5) < 0.01
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import warnings
 from typing import Any
@@ -237,6 +238,8 @@ def prune_denoiser_(denoiser: nn.Module, config: PruneConfig, sweep: Sweep | Non
 def _prune_unstructured(denoiser: nn.Module, adapter: Any, config: PruneConfig, sweep: Sweep | None,
                         report: PruneReport) -> None:
     groups, report.layers_skipped = unstructured_plan(adapter, config)
+    groups, unfit = _fitting_groups(denoiser, groups, config)
+    report.layers_skipped |= unfit
     record = ensure_record(denoiser)
     allocation_stats = SequentialStats()
     if config.scope == "global":
@@ -258,6 +261,20 @@ def _prune_unstructured(denoiser: nn.Module, adapter: Any, config: PruneConfig, 
         report.sparse_kernels = enable_sparse_kernels(denoiser, report.layers_pruned, config.pattern)
     else:
         report.sparse_kernels = "no sparse kernel used: unstructured zeros are stored densely (storage savings only via save)"
+
+
+def _fitting_groups(denoiser: nn.Module, groups: list, config: PruneConfig) -> tuple[list, dict[str, str]]:
+    """(the groups without the layers ``config``'s pattern cannot take, {such a layer: why it stays dense}): the
+    sweeps read a group's Hessian at its first layer, and a grouped Conv2d there raised TypeError in the Hessian
+    collector for OBS and Wanda (magnitude skipped it; until session 51)."""
+    fitting, unfit = [], {}
+    for group in groups:
+        reasons = {name: skip_reason(denoiser.get_submodule(name), config) for name in group.layers}
+        unfit |= {name: reason for name, reason in reasons.items() if reason is not None}
+        layers = tuple(name for name in group.layers if reasons[name] is None)
+        if layers:
+            fitting.append(dataclasses.replace(group, layers=layers))
+    return fitting, unfit
 
 
 def _allocate_globally(denoiser: nn.Module, groups: list, config: PruneConfig,
