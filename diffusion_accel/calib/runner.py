@@ -125,7 +125,7 @@ def _check_selected_steps_ran(result: Calibration) -> None:
     if not missed:
         return
     why = ("img2img and inpainting start mid-schedule" if ran[0] > 0 else
-           "the trajectory ended early: custom timesteps or sigmas, or a callback that interrupted it")
+           "the trajectory ended early: denoising_end, custom timesteps or sigmas, or a callback that interrupted it")
     where = f"the pipeline ran steps {ran[0]}..{ran[-1]} of {result.num_steps} ({why})"
     if not observed:
         raise ValueError(f"none of the selected calibration steps {result.selected_steps} ran: {where}; "
