@@ -823,6 +823,25 @@ def test_calibrating_without_the_cfg_a_pipeline_guides_with_by_default_warns():
         calibrate(build_tiny("flux"), ["a cat"], 2, guidance_scale=1.0, height=16, width=16, progress=False)
 
 
+@pytest.mark.parametrize("pipeline_class", ["FluxControlPipeline", "FluxFillPipeline"])
+def test_flux_pipelines_without_true_cfg_get_no_cfg_warning(pipeline_class):
+    """FluxFill / FluxControl embed guidance_scale and have no true_cfg_scale: calibrating them at guidance 1 warned
+    that "its default (30.0) runs classifier-free guidance ... the unconditional branch is never observed"."""
+    import inspect
+    import warnings
+
+    import diffusers
+
+    from diffusion_accel.calib.inputs import _warn_if_cfg_is_off
+
+    cls = getattr(diffusers, pipeline_class)
+    accepted = inspect.signature(cls.__init__).parameters
+    pipe = cls(**{name: value for name, value in build_tiny("flux-dev").components.items() if name in accepted})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_cfg_is_off(pipe, dict(inspect.signature(cls.__call__).parameters), 1.0)
+
+
 def test_numpy_numbers_are_taken_as_python_numbers(sd_pipe):
     """np.int64 seeds and counts were "must be an int >= 0, got np.int64(0)" (session 31)."""
     import numpy as np

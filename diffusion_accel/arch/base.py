@@ -185,6 +185,9 @@ class DenoiserAdapter(ABC):
     family: ClassVar[str] = ""
     denoiser_classes: ClassVar[tuple[str, ...]] = ()
     component: ClassVar[str] = "transformer"  # the pipeline attribute holding the denoiser
+    # whether the pipelines of this family feed guidance_scale to the denoiser (distilled guidance) instead of
+    # running classifier-free guidance with it (true CFG, where offered, is a separate argument)
+    embeds_guidance: ClassVar[bool] = False
 
     def __init__(self, denoiser: nn.Module) -> None:
         self.denoiser = denoiser

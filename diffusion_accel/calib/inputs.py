@@ -222,13 +222,21 @@ def plan_calls(pipe: Any, items: list[Any], *, num_inference_steps: int, batch_s
     return calls
 
 
+def _embeds_guidance(pipe: Any) -> bool:
+    try:
+        return get_adapter(pipe).embeds_guidance
+    except UnsupportedModelError:
+        return False
+
+
 def _warn_if_cfg_is_off(pipe: Any, params: dict[str, inspect.Parameter], guidance: Any) -> None:
     """Warn when the calibration turns classifier-free guidance off (guidance_scale <= 1) for a pipeline that
     guides by default: the unconditional branch its calls run is then never observed (a tiny DiT's W8A8 fell
-    from 56 to 27-29 dB PSNR with CFG on, session 31 probe). Flux-style pipelines (``true_cfg_scale``) embed
-    guidance_scale instead, and are left alone."""
+    from 56 to 27-29 dB PSNR with CFG on, session 31 probe). Pipelines whose denoiser embeds guidance_scale
+    (the adapter's ``embeds_guidance``: every Flux pipeline, FluxFill / FluxControl too, which have no
+    ``true_cfg_scale`` and got this warning until session 51) are left alone."""
     parameter = params.get("guidance_scale")
-    if parameter is None or "true_cfg_scale" in params or not isinstance(guidance, (int, float)) or guidance > 1:
+    if parameter is None or not isinstance(guidance, (int, float)) or guidance > 1 or _embeds_guidance(pipe):
         return
     default = call_defaults(pipe).get("guidance_scale", parameter.default)
     if isinstance(default, (int, float)) and default > 1:

@@ -39,6 +39,7 @@ class FluxAdapter(TransformerStackAdapter):
 
     family = "flux"
     denoiser_classes = ("FluxTransformer2DModel",)
+    embeds_guidance = True
     stacks = (("transformer_blocks", "double_stream"), ("single_transformer_blocks", "single_stream"))
     # Both block kinds take (hidden_states, encoder_hidden_states, temb) and return
     # (encoder_hidden_states, hidden_states); the adaptive norm's first output is the modulated input.
