@@ -8,6 +8,7 @@ import os
 import pickle
 import signal
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,6 +212,37 @@ def test_resuming_with_other_settings_is_refused_and_unset_ones_continue_the_run
     with pytest.raises(ValueError, match="holds a checkpoint of the stage 'mnist-ddpm', not 'fashion-sd-vae'"):
         C.apply_checkpoint_settings(C.RunConfig(run_dir=tmp_path, steps=8, stage="fashion-sd-vae"))
     C.apply_checkpoint_settings(C.RunConfig(run_dir=tmp_path, steps=8, stage="x", batch_size=32, resume=False))
+
+
+def test_a_moved_dataset_does_not_stop_a_resume(tmp_path):
+    """--data was a kept setting: a run whose data folder moved could not resume (the old path won over --data and
+    the environment variable), and a relative one read another folder from another working directory."""
+    C.save_checkpoint(tmp_path / "checkpoint.pt", {"settings": C.RunConfig(
+        run_dir=tmp_path, steps=4, stage="fashion-clip", data_root="data_old").settings()})
+    moved = C.RunConfig(run_dir=tmp_path, steps=8, stage="fashion-clip", data_root=str(tmp_path / "data_new"))
+    C.apply_checkpoint_settings(moved)
+    assert moved.data_root == str(tmp_path / "data_new")
+    unset = C.RunConfig(run_dir=tmp_path, steps=8, stage="fashion-clip")
+    C.apply_checkpoint_settings(unset)
+    assert unset.data_root is None  # found where the data is now (environment variable, standard places)
+
+
+def test_a_resumed_flux_vae_keeps_its_checkpoints_warm_start_donor(tmp_path, monkeypatch):
+    """Decided anew by every command: a fashion-sd VAE exported after the run began was named on the card as its
+    start (its tensors loaded, then replaced by the checkpoint's), and one moved away dropped from the card."""
+    from diffusion_accel.zoo import vae_train
+
+    monkeypatch.setattr(C, "RUNS_ROOT", tmp_path)
+    cfg = C.RunConfig(run_dir=tmp_path / "run", steps=4, stage="fashion-flux-vae")
+    assert vae_train.warm_start_donor(cfg, "fashion-flux-vae") is None
+    (tmp_path / "run").mkdir()
+    C.save_checkpoint(tmp_path / "run" / "checkpoint.pt", {"donor": None})
+    (tmp_path / "fashion-sd-vae" / "final").mkdir(parents=True)  # exported after the run began
+    assert vae_train.warm_start_donor(cfg, "fashion-flux-vae") is None
+    assert vae_train.warm_start_donor(C.RunConfig(run_dir=tmp_path / "run", steps=4, resume=False),
+                                      "fashion-flux-vae") == tmp_path / "fashion-sd-vae" / "final"
+    C.save_checkpoint(tmp_path / "run" / "checkpoint.pt", {"donor": "/moved/away/final"})
+    assert vae_train.warm_start_donor(cfg, "fashion-flux-vae") == Path("/moved/away/final")
 
 
 def test_a_resumed_run_may_freeze_the_text_tower_and_keeps_its_warm_start_source(tmp_path):

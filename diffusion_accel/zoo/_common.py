@@ -182,11 +182,14 @@ class RunConfig:
         may be given anew (CHANGEABLE_ON_RESUME) and are the run's when left unset (a resume without them headed for
         the stage's default steps with no budget: the LR rose again); a new ``--steps`` alone drops the budget
         (``train.run`` sets it to infinity: the spent one stopped the extended run at once). fashion-flux's ``arch``
-        is compared with the checkpoint's own by ``flux_train.checked_arch`` (restating the default was refused)."""
+        is compared with the checkpoint's own by ``flux_train.checked_arch`` (restating the default was refused).
+        The data folder (``--data``) is not kept: it says where Fashion-MNIST is, not how the run trains, and kept it
+        made a moved dataset unresumable (the old path won over --data and the environment variable) and a relative
+        one read another folder from another working directory (until session 51)."""
         init_from = None if self.init_from is None else str(self.init_from)
         if init_from not in (None, "zoo"):  # a warm start's source: a resumed run left unset kept its own stages
             init_from = str(expand_home(init_from).resolve())
-        return {"stage": self.stage, "batch_size": self.batch_size, "lr": self.lr, "data_root": self.data_root,
+        return {"stage": self.stage, "batch_size": self.batch_size, "lr": self.lr,
                 "limit_images": self.limit_images, "freeze_text": self.freeze_text, "init_from": init_from,
                 "steps": self.steps, "time_budget_min": self.time_budget_min}
 

@@ -96,14 +96,25 @@ def export(vae: AutoencoderKL, folder: Path, metrics: dict, shift: bool, info: d
     return folder
 
 
+def warm_start_donor(cfg: C.RunConfig, name: str) -> Path | None:
+    """The fashion-sd VAE export fashion-flux-vae starts from (its same-shaped tensors), or None. A resumed run keeps
+    its checkpoint's answer: decided anew, a donor exported after the run began was named on its card though the
+    checkpoint's weights replaced it, and one moved away dropped from the card (until session 51)."""
+    state = C.load_checkpoint(cfg.run_dir / "checkpoint.pt") if cfg.resume else None
+    if state is not None and "donor" in state:
+        return None if state["donor"] is None else Path(state["donor"])
+    donor = C.RUNS_ROOT / "fashion-sd-vae" / "final"
+    return donor if name == "fashion-flux-vae" and donor.is_dir() else None
+
+
 def train(cfg: C.RunConfig, name: str) -> Path:
     """Train (or resume) VAE stage ``name``; returns the exported folder ``run_dir/final``."""
     device = C.setup_device()
     gen = C.seed_all(cfg.seed)
     vae = build_vae(LATENT_CHANNELS[_check(name)])
-    donor = C.RUNS_ROOT / "fashion-sd-vae" / "final"
-    donor_used = name == "fashion-flux-vae" and donor.is_dir()
-    if donor_used:  # recorded below: the same command gives other weights without that run on disk
+    donor = warm_start_donor(cfg, name)
+    resuming = cfg.resume and (cfg.run_dir / "checkpoint.pt").is_file()  # its weights replace a donor's
+    if donor is not None and not resuming:  # recorded below: the same command gives other weights without that run
         print(f"initialised {init_from(vae, donor)} tensors from {donor}")
     vae.to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99))
@@ -128,7 +139,8 @@ def train(cfg: C.RunConfig, name: str) -> Path:
 
     def state_fn(step: int) -> dict:
         return {"model": vae.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                "step": step, "elapsed_s": elapsed + (time.time() - t_start), "commands": commands}
+                "step": step, "elapsed_s": elapsed + (time.time() - t_start), "commands": commands,
+                "donor": None if donor is None else str(donor)}
 
     done, _ = C.run_loop(cfg, start, step_fn, state_fn, name)
     metrics = final_metrics(vae, images, test_images)
@@ -136,5 +148,5 @@ def train(cfg: C.RunConfig, name: str) -> Path:
     info = {**C.run_info(name, cfg, done, bs, device, elapsed + time.time() - t_start, commands,
                          autocasts=True),
             "params": sum(p.numel() for p in vae.parameters()),
-            **({"init_from": f"{donor} (same-shaped tensors)"} if donor_used else {})}
+            **({"init_from": f"{donor} (same-shaped tensors)"} if donor is not None else {})}
     return export(vae.cpu(), cfg.run_dir / "final", metrics, name == "fashion-flux-vae", info)
