@@ -206,3 +206,28 @@ def test_quantizing_a_2_4_pruned_model_keeps_its_pruned_weights_zero(rounding):
     assert len(checked) >= 4
     for name in checked:
         assert not (layers[name].weight_codes.reshape(kept[name].shape) != 0)[~kept[name]].any(), name
+
+
+@pytest.mark.parametrize("extra", [dict(weight_scale="output_mse"), dict(weight_rounding="gptq"),
+                                   dict(weight_scale="output_mse", weight_rounding="gptq")])
+def test_a_grouped_conv_gets_plain_mse_scales_and_nearest_rounding(extra):
+    """A depthwise Conv2d raised TypeError in the Hessian collector for output_mse scales and GPTQ (the w4a8 preset)
+    while plain W8A8 quantized it; it now gets the plain MSE search and nearest rounding."""
+    from torch import nn
+
+    from diffusion_accel.prune.surgery import replace_module
+    from diffusion_accel.quant.build import weight_codes
+
+    pipe = build_tiny("sd")
+    name = "down_blocks.0.downsamplers.0.conv"
+    old = pipe.unet.get_submodule(name)
+    replace_module(pipe.unet, name, nn.Conv2d(old.in_channels, old.out_channels, 3, stride=old.stride,
+                                              padding=old.padding, groups=old.in_channels))
+    depthwise = pipe.unet.get_submodule(name)
+    config = PTQConfig(weights="int4", activations="int8", calib_prompts=1, calib_num_steps=2, calib_steps="all",
+                       lower=False, **extra)
+    expected, _, _ = weight_codes(depthwise, config.with_(weight_scale="mse" if "weight_scale" in extra else "max"),
+                                  None)
+    quantize_(pipe, config)
+    quantized = pipe.unet.get_submodule(name)
+    assert torch.equal(quantized.weight_codes.reshape(expected.shape).to(expected.dtype), expected)

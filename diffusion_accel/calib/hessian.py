@@ -39,11 +39,16 @@ def conv2d_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
+def takes_hessian(module: nn.Module) -> bool:
+    """Whether a ``HessianCollector`` can take ``module`` (a Linear, or a Conv2d without groups)."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
 def row_function(module: nn.Module, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function turning ``module``'s input into Hessian rows; TypeError for other layer types."""
     if isinstance(module, nn.Linear):
         return linear_rows
-    if isinstance(module, nn.Conv2d) and module.groups == 1:
+    if takes_hessian(module):
         return lambda x: conv2d_rows(module, x)
     detail = f" (groups={module.groups})" if isinstance(module, nn.Conv2d) else ""
     raise TypeError(f"HessianCollector cannot take module {name!r} of type {type(module).__name__}{detail}; "

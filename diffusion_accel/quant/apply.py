@@ -23,8 +23,8 @@ from ..stacklevel import user_stacklevel
 from .attention import (QUANT_PROCESSORS, describe_processors, install_attention, quantizable_attention,
                         replaced_attention, restore_attention)
 from .build import build_layer, weight_grid
-from .calibrate import (Collected, FilterFn, LayerTarget, collect, hessian_sweep, keeps_float_activations,
-                        select_layers)
+from .calibrate import (Collected, FilterFn, LayerTarget, collect, hessian_sweep, hessian_targets,
+                        keeps_float_activations, select_layers)
 from .configs import PTQConfig, check_calibration_choices
 from .formats import get_format
 from .gptq import gptq_round_all
@@ -135,7 +135,8 @@ def _gptq(pipe: Any, denoiser: nn.Module, config: PTQConfig, targets: list[Layer
             if config.gptq_group_scales == "lazy" else None
         return w2d, scale, sizes, fmt, rescale
     sweep = hessian_sweep(pipe, config, calib, first_pass=collected.calibration)
-    return gptq_round_all(denoiser, targets, config, sweep, grid)
+    hessian_layers = set(hessian_targets(pipe, targets))  # others (grouped convs) are rounded to nearest
+    return gptq_round_all(denoiser, [t for t in targets if t.name in hessian_layers], config, sweep, grid)
 
 
 def _attention_targets(pipe: Any, config: PTQConfig) -> tuple[list[str], dict[str, int]]:

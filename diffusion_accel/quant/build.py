@@ -19,7 +19,8 @@ def weight_grid(module: nn.Module, config: PTQConfig, split: int | None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
     """(flattened weight (out, columns), scales (out, S) or None if fp, segment sizes) of ``module``.
 
-    ``column_weights`` (columns,): per-column input mean squares, used by weight_scale "output_mse".
+    ``column_weights`` (columns,): per-column input mean squares, used by weight_scale "output_mse" (a layer without
+    them, a grouped Conv2d, gets the plain "mse" search).
     """
     weight = module.weight.detach()
     w2d = weight.reshape(weight.shape[0], -1)
@@ -27,7 +28,8 @@ def weight_grid(module: nn.Module, config: PTQConfig, split: int | None,
     sizes = segment_sizes(w2d.shape[1], config.weight_granularity, config.group_size, split, unit)
     if config.weights is None:
         return w2d, None, sizes
-    return w2d, weight_scales(w2d, get_format(config.weights), sizes, config.weight_scale, column_weights), sizes
+    method = "mse" if config.weight_scale == "output_mse" and column_weights is None else config.weight_scale
+    return w2d, weight_scales(w2d, get_format(config.weights), sizes, method, column_weights), sizes
 
 
 def weight_codes(module: nn.Module, config: PTQConfig, split: int | None,

@@ -22,6 +22,7 @@ from ..arch import get_adapter
 from ..arch.registry import find_denoiser
 from ..calib import (Calibration, Collector, HessianCollector, RangeObserver, SampleStore, Step, calibrate,
                      default_calibration_items, denoiser_steps)
+from ..calib.hessian import takes_hessian
 from ..progress import progress_shown
 from .configs import PTQConfig
 from .formats import NumberFormat, get_format
@@ -156,7 +157,7 @@ class Collected:
 
     def column_weights(self, name: str) -> torch.Tensor | None:
         """Mean square of each weight column's input feature of layer ``name`` (for "output_mse")."""
-        if self.input_norms is None:
+        if self.input_norms is None or name not in self.input_norms.module_names:  # not a Hessian layer
             return None
         mean_square = self.input_norms.input_sq_norms(name) / max(self.input_norms.num_rows(name), 1)
         return mean_square + 1e-4 * mean_square.mean()  # dead inputs still break ties
@@ -210,12 +211,19 @@ def build_collectors(pipe: Any, config: PTQConfig, targets: Sequence[LayerTarget
         if splits:
             collectors.append(SegmentRangeObserver(splits, **_range_options(config)))
     if config.weights is not None and config.weight_scale == "output_mse":
-        collectors.append(HessianCollector([t.name for t in targets], full=False))
+        collectors.append(HessianCollector(hessian_targets(pipe, targets), full=False))
     if config.reconstruct:
         units = reconstruction_units(pipe, [target.name for target in targets])
         collectors.append(SampleStore(units, max_samples=config.recon_samples, max_bytes=config.recon_max_bytes,
                                       with_outputs=True))
     return collectors
+
+
+def hessian_targets(pipe: Any, targets: Sequence[LayerTarget]) -> list[str]:
+    """The targets' names a HessianCollector takes: a grouped Conv2d (depthwise) raised TypeError there for
+    weight_scale "output_mse" and GPTQ (the w4a8 preset); it gets the plain MSE search and nearest rounding."""
+    denoiser = find_denoiser(pipe)[1]
+    return [t.name for t in targets if takes_hessian(denoiser.get_submodule(t.name))]
 
 
 def collect(pipe: Any, config: PTQConfig, targets: Sequence[LayerTarget],
