@@ -521,18 +521,26 @@ def test_split_by_memory_keeps_units_in_order_and_counts_shared_layers_once():
     assert plan_groups(units, 2, list, budget) == [[["a"], ["a"], ["b"]], [["c"]], [["d"], ["d"]]]
     assert plan_groups(units, 2, list) == [[["a"], ["a"], ["b"]], [["c"], ["d"], ["d"]]]
 
-def test_a_calibration_of_another_architecture_is_refused_as_quantize_refuses_it():
+@pytest.mark.parametrize("store_trajectory", [True, False])
+def test_a_calibration_of_another_architecture_is_refused_as_quantize_refuses_it(store_trajectory):
     """prune_ compared only the denoiser class: an SDXL calibration was accepted for SD (both
-    UNet2DConditionModel), while quantize_ refused it."""
+    UNet2DConditionModel), while quantize_ refused it; quantize_ refused it only when it replayed a stored
+    trajectory (without one it reran SDXL's prompts on SD), and weight-only configs took any object (session 51)."""
     import diffusion_accel as da
     from diffusion_accel.testing.tiny import build_tiny
 
-    sdxl_calibration = da.calibrate(build_tiny("sdxl"), ["a cat"], num_inference_steps=2, progress=False)
+    sdxl_calibration = da.calibrate(build_tiny("sdxl"), ["a cat"], num_inference_steps=2, progress=False,
+                                    store_trajectory=store_trajectory)
     pipe = build_tiny("sd")
     unet = pipe.unet
     with pytest.raises(ValueError, match=r"recorded on a StableDiffusionXLPipeline .* differs in"):
         da.prune_(pipe, da.PruneConfig(method="wanda", sparsity=0.5), calib=sdxl_calibration)
-    assert pipe.unet is unet
+    for config in (da.PTQConfig.preset("w8a8"), da.PTQConfig.preset("w8a16")):
+        with pytest.raises(ValueError, match=r"recorded on a StableDiffusionXLPipeline .* differs in"):
+            da.quantize_(pipe, config, calib=sdxl_calibration)
+        with pytest.raises(TypeError, match="calib must be a Calibration from da.calibrate or None, got str"):
+            da.quantize_(pipe, config, calib="oops")
+    assert pipe.unet is unet and not applied_techniques(pipe)
 
 
 def test_a_failed_prune_of_a_compiled_pipeline_keeps_its_compile_wrapper(monkeypatch):

@@ -230,3 +230,16 @@ def architecture_config(denoiser: nn.Module) -> dict[str, Any]:
     config = getattr(denoiser, "config", None) or {}
     plain = {key: value for key, value in dict(config).items() if not key.startswith("_")}
     return json.loads(json.dumps(plain, default=str))
+
+
+def check_given_calibration(calib: Any, denoiser: nn.Module) -> None:
+    """Before any work: a TypeError unless ``calib`` is None or a ``Calibration``, and ``check_fits`` for one
+    (``prune_`` and ``quantize_``; until session 51 quantize_ checked only when it replayed a stored trajectory:
+    another model's calibration without one reran its prompts on this pipeline, and weight-only configs took any
+    object)."""
+    if calib is None:
+        return
+    if not isinstance(calib, Calibration):
+        raise TypeError(f"calib must be a Calibration from da.calibrate or None, got {type(calib).__name__}")
+    calib.check_fits(denoiser)
+

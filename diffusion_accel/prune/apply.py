@@ -14,7 +14,7 @@ from torch import nn
 from ..arch import find_denoiser, get_adapter
 from ..arch.registry import check_plain_weights
 from ..artifact import base_fingerprint, mark_applied, marks_restored_on_error, techniques_on
-from ..calib import Calibration, HessianCollector, calibrate, default_calibration_items
+from ..calib import Calibration, HessianCollector, calibrate, check_given_calibration, default_calibration_items
 from ..calib.hessian import UnobservedLayerError
 from ..hooks import refuse_while_cached
 from ..progress import showing_progress
@@ -86,15 +86,12 @@ def check_arguments(pipe: Any, config: PruneConfig, calib: Calibration | None) -
     """Type and fit checks done before anything is modified."""
     if not isinstance(config, PruneConfig):
         raise TypeError(f"config must be a PruneConfig, got {type(config).__name__}")
-    if calib is not None and not isinstance(calib, Calibration):
-        raise TypeError(f"calib must be a Calibration from da.calibrate or None, got {type(calib).__name__}")
     component, denoiser = find_denoiser(pipe)
+    check_given_calibration(calib, denoiser)  # the class and the architecture config (SDXL's fed SD's before)
     check_prunable_weights(denoiser, "prune_")
     if not component:
         raise TypeError("prune_ needs a diffusers pipeline (it re-runs it to calibrate); for a bare "
                         "denoiser use prune_denoiser_(denoiser, config) with method='magnitude'")
-    if calib is not None:  # the class and the architecture config, as quantize_ checks (SDXL's fed SD's before)
-        calib.check_fits(denoiser)
     _check_calib_kwargs(config)
     check_denoiser(denoiser, get_adapter(pipe), config)
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..arch.registry import check_no_inference_weights, check_plain_weights, find_denoiser
 from ..artifact import base_fingerprint, mark_applied, marks_restored_on_error
-from ..calib import Calibration
+from ..calib import Calibration, check_given_calibration
 from ..hooks import attach_tracker, detach_tracker_if_unused, get_tracker, refuse_while_cached
 from ..progress import showing_progress
 from ..stacklevel import user_stacklevel
@@ -63,6 +63,7 @@ def quantize_(pipe: Any, config: Any = None, calib: Calibration | None = None,
         raise TypeError(f"filter_fn must be a function (module, name) -> bool, got {filter_fn!r:.60}; for name "
                         f"globs use PTQConfig(include=..., exclude=...)")
     _, denoiser = find_denoiser(pipe)
+    check_given_calibration(calib, denoiser)
     check_plain_weights(denoiser, "quantize_")
     refuse_while_cached(denoiser, "quantize_")
     with showing_progress(progress), marks_restored_on_error(pipe):
