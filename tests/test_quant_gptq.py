@@ -231,3 +231,9 @@ def test_a_grouped_conv_gets_plain_mse_scales_and_nearest_rounding(extra):
     quantize_(pipe, config)
     quantized = pipe.unet.get_submodule(name)
     assert torch.equal(quantized.weight_codes.reshape(expected.shape).to(expected.dtype), expected)
+    only = build_tiny("sd")  # only grouped convs selected: no Hessian collector at all ("needs at least one module")
+    replace_module(only.unet, name, nn.Conv2d(old.in_channels, old.out_channels, 3, stride=old.stride,
+                                              padding=old.padding, groups=old.in_channels))
+    quantize_(only, config.with_(include=(name,)))
+    assert type(only.unet.get_submodule(name)).__name__ == "QuantConv2d"
+

@@ -210,8 +210,9 @@ def build_collectors(pipe: Any, config: PTQConfig, targets: Sequence[LayerTarget
             collectors.append(RangeObserver(plain, **_range_options(config)))
         if splits:
             collectors.append(SegmentRangeObserver(splits, **_range_options(config)))
-    if config.weights is not None and config.weight_scale == "output_mse":
-        collectors.append(HessianCollector(hessian_targets(pipe, targets), full=False))
+    names = hessian_targets(pipe, targets) if config.weights is not None and config.weight_scale == "output_mse" else []
+    if names:  # none when only grouped convs are selected: they get the plain "mse" search
+        collectors.append(HessianCollector(names, full=False))
     if config.reconstruct:
         units = reconstruction_units(pipe, [target.name for target in targets])
         collectors.append(SampleStore(units, max_samples=config.recon_samples, max_bytes=config.recon_max_bytes,
