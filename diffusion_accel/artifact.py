@@ -40,7 +40,7 @@ from .base_config import comparable_config, config_differences, upgraded_from
 from .artifact_tensors import TechniqueTensors
 from .uncompiled import runs_compiled
 from .manifest_schema import ManifestError, check_manifest
-from .paths import EMPTY_PATH_PROBLEM, empty_path
+from .paths import EMPTY_PATH_PROBLEM, empty_path, expand_home
 from .pretrained_guard import GUARDED_MODEL_METHODS, GUARDED_PIPELINE_METHODS, install_guards, uninstall_methods
 from .stacklevel import user_stacklevel
 
@@ -332,7 +332,7 @@ def save(pipe: Any, directory: str | Path) -> Path:
     """Write the techniques applied to ``pipe`` as safetensors + ``manifest.json``; returns the folder."""
     from . import __version__
 
-    _check_folder_argument("save(pipe, directory)", pipe, directory)
+    directory = _folder_argument("save(pipe, directory)", pipe, directory)
     _check_has_weights(pipe, "save")
     _check_no_weight_hooks(pipe)
     for technique in applied_techniques(pipe):
@@ -383,10 +383,12 @@ def _check_has_weights(pipe: Any, call: str) -> None:
                             f"{component or 'denoiser'} with its weights")
 
 
-def _check_folder_argument(call: str, pipe: Any, directory: Any) -> None:
-    """TypeError for a folder that is no path (None; the arguments swapped), before any work."""
+def _folder_argument(call: str, pipe: Any, directory: Any) -> str | Path:
+    """``directory`` with ``~`` expanded ("~/art" made a folder named "~" in the working directory until session
+    51; an empty string is kept for the checks that refuse it); TypeError for a folder that is no path (None; the
+    arguments swapped), before any work."""
     if isinstance(directory, (str, os.PathLike)) and not isinstance(pipe, (str, os.PathLike)):
-        return
+        return directory if empty_path(directory) else expand_home(directory)
     raise TypeError(f"{call} takes the pipeline first and a folder path (str or os.PathLike) second; got "
                     f"{type(pipe).__name__} and {type(directory).__name__}")
 
@@ -565,7 +567,7 @@ def load(base_pipe: Any, directory: str | Path) -> Any:
     """Re-apply a saved artifact onto ``base_pipe`` (same object returned); all or nothing: it works on a copy of
     the denoiser and sets that on ``base_pipe``, so pipelines sharing the old denoiser (``from_pipe``) built
     before keep it: build them after."""
-    _check_folder_argument("load(base_pipe, directory)", base_pipe, directory)
+    directory = _folder_argument("load(base_pipe, directory)", base_pipe, directory)
     manifest = read_manifest(directory)
     _check_base(base_pipe, manifest, directory)
     component, original = find_denoiser(base_pipe)

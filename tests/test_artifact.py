@@ -701,6 +701,16 @@ def test_a_tilde_after_the_plus_of_base_and_artifact_is_the_home_folder(tmp_path
     assert artifact.applied_techniques(load_pipeline("tiny:sd+~/art")) == ["test-scale"]
 
 
+def test_save_and_load_expand_a_tilde(tmp_path, monkeypatch):
+    """da.save(pipe, "~/art") made a folder named "~" in the working directory, and da.load(pipe, "~/art") found no
+    manifest there (pipeline specs and zoo.load expanded it)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert artifact.save(_scaled_pipe(), "~/art") == tmp_path / "home" / "art"
+    assert not (tmp_path / "~").exists() and (tmp_path / "home" / "art" / "manifest.json").is_file()
+    assert artifact.applied_techniques(artifact.load(build_tiny("sd"), "~/art")) == ["test-scale"]
+
+
 def test_an_artifact_whose_folder_name_holds_a_plus_and_path_specs_load(tmp_path):
     """'BASE+/x/obs+cache' split at the last '+' ('cache': not an artifact); a pathlib.Path spec was refused as
     'empty'."""

@@ -226,6 +226,11 @@ def test_loading_quantized_attention_onto_a_base_with_other_processors_names_the
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(da.ArtifactError, match=r"\['no.such.attention'\] \(1 names\), which are no attention modules"):
         da.load(build_tiny("sd"), tmp_path)
+    names = manifest["techniques"][0]["config"]["attention"]  # a name twice: a KeyError naming a processor class
+    names[0] = names[1]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(da.ArtifactError, match=r"attention names \[.*\] more than once"):
+        da.load(build_tiny("sd"), tmp_path)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

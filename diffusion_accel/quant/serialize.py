@@ -223,6 +223,9 @@ def _check_attention_processors(pipe: Any, names: list[str]) -> None:
     gave called the artifact damaged, which saving again cannot mend."""
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         raise ValueError(f"attention must list attention module names, got {names!r}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # the second install found our processor there: a KeyError naming a class (session 51 review)
+        raise ValueError(f"attention names {repeated[:3]} more than once; each attention module is quantized once")
     fit, others = quantizable_attention(pipe)
     unknown = sorted(set(names) - set(fit) - {info.name for info in get_adapter(pipe).attention()})
     if unknown:  # they were reported as processors to change, listing none (session 49)
