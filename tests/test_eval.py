@@ -897,6 +897,17 @@ def test_class_label_prompts_map_to_dit_ids():
     assert ids == [1, 2] and all(type(label) is int for label in ids)
     with pytest.raises(TypeError, match="class ids"):
         default_prompt_to_kwargs(pipe, [True, False])
+    # 1000, DiT's CFG null label, gave unconditional images scored as a class; 5000 / -1 an IndexError mid-run
+    for ids in ([1, 1000], [5000], [-1]):
+        with pytest.raises(ValueError, match=r"class ids \[-?\d+\] are out of range: DiTPipeline has 1000 classes"):
+            default_prompt_to_kwargs(pipe, ids)
+    import diffusion_accel as da
+
+    module = importlib.import_module("diffusion_accel.eval.evaluate")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "_generate_all", lambda *a: pytest.fail("generated"))
+        with pytest.raises(ValueError, match=r"class ids \[1000\] are out of range"):
+            da.evaluate({"base": pipe}, [1, 1000], metrics=("psnr",), num_inference_steps=2, progress=False)
     images = generate_images(pipe, make_jobs(["sandal", "bag"]), num_inference_steps=2,
                              call_kwargs={"guidance_scale": 1.0})
     assert [index for index, _ in images] == [0, 1] and images[0][1].dtype == torch.uint8

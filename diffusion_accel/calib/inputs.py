@@ -110,12 +110,19 @@ def _class_items(pipe: Any, prompts: Any) -> list[int]:
         if isinstance(item, bool) or not isinstance(item, int) or item < 0:
             raise TypeError(f"class ids must be ints >= 0 or label strings, got {item!r}")
         ids.append(int(item))
-    classes = class_count(pipe)
-    beyond = [item for item in ids if classes is not None and item >= classes]
-    if beyond:  # 1000 is DiT's unconditional (CFG) label; larger ids failed inside the embedding
-        raise ValueError(f"class ids {beyond[:5]} are out of range: {type(pipe).__name__} has {classes} classes "
-                         f"(ids 0..{classes - 1})")
+    check_class_ids(pipe, ids)
     return ids
+
+
+def check_class_ids(pipe: Any, ids: Sequence[int]) -> None:
+    """ValueError for class ids ``pipe``'s denoiser has no class for: negative, or past its class count (1000 is
+    DiT's unconditional (CFG) label: its images are not of a class; larger ids failed inside the embedding)."""
+    classes = class_count(pipe)
+    beyond = [item for item in ids if item < 0 or (classes is not None and item >= classes)]
+    if beyond:
+        accepted = f"{type(pipe).__name__} has {classes} classes (ids 0..{classes - 1})" if classes is not None \
+            else "class ids are ints >= 0"
+        raise ValueError(f"class ids {beyond[:5]} are out of range: {accepted}")
 
 
 def default_calibration_items(pipe: Any, count: int) -> dict[str, Any]:

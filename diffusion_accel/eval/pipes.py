@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..arch.registry import DENOISER_COMPONENTS
+from ..calib.inputs import check_class_ids
 from ..pipeline_defaults import (IMAGE_ARGUMENTS, OTHER_PROMPTS, call_defaults, images_per_condition, per_prompt_images,
                                  per_prompt_negative, per_prompt_values, with_tuples)
 from ..seeding import seeded_call
@@ -206,8 +207,10 @@ def _call_parameters(pipe: Any) -> set[str]:
 
 def _class_ids(pipe: Any, labels: list[Any]) -> list[int]:
     """Class ids from ints (numpy integers too, as DiT takes them) or label names (``pipe.get_label_ids``)."""
-    if all(_is_integer(label) for label in labels):
-        return [operator.index(label) for label in labels]
+    if all(_is_integer(label) for label in labels):  # out of range: DiT's 1000 gave unconditional images, silently
+        ids = [operator.index(label) for label in labels]
+        check_class_ids(pipe, ids)
+        return ids
     if all(isinstance(label, str) for label in labels) and hasattr(pipe, "get_label_ids"):
         return list(pipe.get_label_ids(labels))
     raise TypeError(f"class-conditional {type(pipe).__name__} needs prompts that are class ids (int) or label "
