@@ -284,8 +284,7 @@ def _check_readable(files: Sequence[Path]) -> None:
     failed only after every image was generated (until session 51)."""
     for file in files:
         try:
-            with Image.open(file):
-                pass
+            Image.open(file).close()  # reads the header only; the pixels are decoded with the statistics
         except (OSError, ValueError) as error:
             raise ValueError(f"reference image {str(file)!r} cannot be read ({error}); remove or replace it") from error
 
