@@ -297,8 +297,9 @@ def folders_named_like(folder: Path, names: Iterable[str], pattern: str | None =
     """A problem naming the sub-folders of ``folder`` called like files written there (``names``, or matching
     ``pattern``), or None: the write failed with a bare "Is a directory" after the work (and, for an artifact,
     after its tensors were moved into place; session 51)."""
-    taken = sorted({name for name in names if (folder / name).is_dir()}
-                   | {path.name for path in (folder.glob(pattern) if pattern and folder.is_dir() else ()) if path.is_dir()})
+    matching = folder.glob(pattern) if pattern and folder.is_dir() else ()
+    taken = sorted({name for name in names if (folder / name).is_dir()} | {path.name for path in matching
+                                                                            if path.is_dir()})
     return f"it holds folders named {taken}, where files are written; give another folder" if taken else None
 
 

@@ -157,8 +157,9 @@ def running_plan(config: CalibratedCacheConfig, num_steps: int,
                  first_step: int) -> tuple[frozenset[int], dict[int, int]]:
     """(full steps, {partial step: level}) of a call of ``num_steps`` that runs from ``first_step``, for a schedule
     calibrated on calls starting mid-schedule (``config.first_step`` > 0: img2img) and another step count or first
-    step: resampled over the steps that run. Over the whole trajectory most full steps fell on steps the call skips (tiny SD img2img
-    at strength 0.3, searched for 40% of 10 steps: 2 of the 15 steps a 50-step call runs computed, until session 45)."""
+    step: resampled over the steps that run. Over the whole trajectory most full steps fell on steps the call skips
+    (tiny SD img2img at strength 0.3, searched for 40% of 10 steps: 2 of the 15 steps a 50-step call runs computed,
+    until session 45)."""
     if num_steps != config.num_inference_steps:
         _check_resampling(config, num_steps)
     elif not config.resample:
