@@ -540,6 +540,14 @@ def test_zoo_list_and_path_tell_an_incomplete_folder_from_a_missing_one(tmp_path
         zoo.path("fashion-sd")
     with pytest.raises(FileNotFoundError, match="fashion-flux is missing"):
         zoo.path("fashion-flux")
+    # the demo (eval, bench, grid without --pipe) ran on the random tiny pipeline instead, exit 0 (session 51)
+    from diffusion_accel.cli import main
+    from diffusion_accel.loading import default_demo_spec
+
+    with pytest.raises(FileNotFoundError, match="an incomplete copy"):
+        default_demo_spec()
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    assert "an incomplete copy" in capsys.readouterr().err and not (tmp_path / "demo").exists()
 
 
 def test_a_zoo_folder_missing_a_components_files_is_incomplete_not_shipped(tmp_path, monkeypatch, capsys):
