@@ -40,7 +40,7 @@ from .base_config import comparable_config, config_differences, upgraded_from
 from .artifact_tensors import TechniqueTensors
 from .uncompiled import runs_compiled
 from .manifest_schema import ManifestError, check_manifest
-from .paths import EMPTY_PATH_PROBLEM, empty_path, expand_home
+from .paths import EMPTY_PATH_PROBLEM, empty_path, expand_home, folders_named_like
 from .pretrained_guard import GUARDED_MODEL_METHODS, GUARDED_PIPELINE_METHODS, install_guards, uninstall_methods
 from .stacklevel import user_stacklevel
 
@@ -290,17 +290,8 @@ def save_folder_problem(directory: str | Path) -> str | None:
                "give another folder"
     if (folder / MANIFEST).is_file() and not _is_artifact_manifest(folder / MANIFEST) and not _damaged_artifact(folder):
         return f"its {MANIFEST} is not a diffusion_accel artifact's and would be overwritten; give another folder"
-    return folders_named_like(folder, (MANIFEST, SAMPLE_FILE), TECHNIQUE_FILE_PATTERN)
-
-
-def folders_named_like(folder: Path, names: Iterable[str], pattern: str | None = None) -> str | None:
-    """A problem naming the sub-folders of ``folder`` called like files written there (``names``, or matching
-    ``pattern``), or None: the write failed with a bare "Is a directory" after the work (and, for an artifact,
-    after its tensors were moved into place; session 51)."""
-    matching = folder.glob(pattern) if pattern and folder.is_dir() else ()
-    taken = sorted({name for name in names if (folder / name).is_dir()} | {path.name for path in matching
-                                                                            if path.is_dir()})
-    return f"it holds folders named {taken}, where files are written; give another folder" if taken else None
+    taken = folders_named_like(folder, (MANIFEST, SAMPLE_FILE), TECHNIQUE_FILE_PATTERN)  # after the tensors were
+    return f"it {taken}; give another folder" if taken else None  # moved into place (until session 51)
 
 
 def _damaged_artifact(folder: Path) -> bool:

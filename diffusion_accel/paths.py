@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -67,3 +68,14 @@ def read_json_object(file: str | Path) -> dict | None:
     except (OSError, ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def folders_named_like(folder: Path, names: Iterable[str], pattern: str | None = None) -> str | None:
+    """"holds folders named [...], where files are written" for the sub-folders of ``folder`` called like files
+    written there (``names``, or matching ``pattern``), else None: a write there failed with a bare "Is a directory"
+    after the work (reports, artifacts, calibrate's notes)."""
+    matching = folder.glob(pattern) if pattern and folder.is_dir() else ()
+    taken = sorted({name for name in names if (folder / name).is_dir()} | {path.name for path in matching
+                                                                            if path.is_dir()})
+    return f"holds folders named {taken}, where files are written" if taken else None
+

@@ -26,10 +26,10 @@ from safetensors.torch import save_file
 
 from . import prompts as prompt_sets
 from .arch import get_adapter
-from .artifact import base_fingerprint, folders_named_like, save_folder_problem
+from .artifact import base_fingerprint, save_folder_problem
 from .artifact_files import StagedWrite
 from .loading import check_device, default_demo_spec, load_pipeline, loaded_as
-from .paths import CALIBRATION_FORMAT, expand_home, read_json_object
+from .paths import CALIBRATION_FORMAT, expand_home, folders_named_like, read_json_object
 from .scalars import is_finite_number
 
 

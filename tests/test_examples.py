@@ -58,7 +58,7 @@ def test_report_examples_refuse_an_unusable_out_before_any_work(script, tmp_path
     monkeypatch.setattr(sys, "argv", [script, "--pipe", "tiny:sd", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         runpy.run_path(str(EXAMPLES / script), run_name="__main__")
-    assert "holds folders named ['report.json'], where the report writes files" in capsys.readouterr().err
+    assert "holds folders named ['report.json'], where files are written" in capsys.readouterr().err
 
 
 def test_a_report_into_a_folder_holding_an_earlier_runs_notes_is_refused(tmp_path):

@@ -22,7 +22,8 @@ from typing import Any
 from PIL import Image
 
 from ..artifact_files import StagedWrite
-from ..paths import CALIBRATION_FORMAT, empty_path, expand_home, output_folder_problem, read_json_object
+from ..paths import (CALIBRATION_FORMAT, empty_path, expand_home, folders_named_like, output_folder_problem,
+                     read_json_object)
 
 MARKDOWN_COLUMNS = (
     ("variant", "variant"), ("images", "images"), ("fid", "FID"), ("fid_vs_baseline", "FID vs base"),
@@ -42,9 +43,9 @@ def report_folder_problem(output_dir: str | Path, extra_names: tuple[str, ...] =
     folders named like the report's files: found when the grid was saved, after every image and metric and the old
     report.json), or None."""
     problem = output_folder_problem(output_dir)
-    taken = [name for name in (*REPORT_FILES, *extra_names) if (Path(output_dir) / name).is_dir()]
-    if problem is None and taken:
-        problem = f"{str(output_dir)!r} holds folders named {taken}, where the report writes files"
+    taken = None if problem is not None else folders_named_like(Path(output_dir), (*REPORT_FILES, *extra_names))
+    if taken:
+        problem = f"{str(output_dir)!r} {taken}"
     if problem is None and "calibration.json" not in extra_names and _holds_demo_notes(Path(output_dir)):
         problem = (f"{str(output_dir)!r} holds a demo's report and calibration.json: this report would replace that "
                    f"report and leave the demo's calibration.json beside it; write to another folder")
