@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from ..paths import EMPTY_PATH_PROBLEM, empty_path, expand_home, output_folder_problem
 from ..stacklevel import user_stacklevel
-from .images import (as_nchw, checked_unit_range, dataset_image, hash_files, hash_tensor, image_files,
-                     iter_dataset_images, load_image, to_rgb, to_uint8)
+from .images import (as_nchw, check_pixel_dtype, checked_unit_range, dataset_image, hash_files, hash_tensor,
+                     image_files, iter_dataset_images, load_image, to_rgb, to_uint8)
 from .inception import TF_INCEPTION_ID, TFInceptionFeatures, find_tf_inception, tf1_bilinear_resize
 
 STATS_FORMAT = "diffusion_accel.fid_stats/1"
@@ -167,9 +167,7 @@ def image_batches(images: Any, batch_size: int = DEFAULT_BATCH_SIZE, sizes: set 
     if isinstance(images, np.ndarray):
         images = to_uint8(images)
     if isinstance(images, torch.Tensor):
-        images = to_rgb(as_nchw(images))
-        if images.dtype != torch.uint8 and not images.is_floating_point():  # int64 0..255 became 0/255 (s51)
-            raise TypeError(f"image tensor dtype {images.dtype} unsupported; accepted: uint8 or float in [0, 1]")
+        images = check_pixel_dtype(to_rgb(as_nchw(images)))  # int64 0..255 became 0/255 (until session 51)
         if sizes is not None:
             sizes.add(tuple(images.shape[-2:]))
         for start in range(0, len(images), batch_size):

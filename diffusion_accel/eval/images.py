@@ -66,12 +66,17 @@ def _from_hwc(array: np.ndarray) -> torch.Tensor:
 
 def _from_chw(tensor: torch.Tensor) -> torch.Tensor:
     """torch (C, H, W) / (N, C, H, W), uint8 or float in [0, 1] -> uint8 (N, 3, H, W)."""
-    tensor = as_nchw(tensor).detach().cpu()
+    tensor = check_pixel_dtype(as_nchw(tensor).detach().cpu())
     if tensor.dtype != torch.uint8:
-        if not tensor.is_floating_point():
-            raise TypeError(f"image tensor dtype {tensor.dtype} unsupported; accepted: uint8 or float in [0, 1]")
         tensor = (checked_unit_range(tensor.float()) * 255).round().clamp(0, 255).to(torch.uint8)
     return to_rgb(tensor)
+
+
+def check_pixel_dtype(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` if its pixels are uint8 or float, else a TypeError (int64 0..255 was read as [0, 1] floats)."""
+    if tensor.dtype != torch.uint8 and not tensor.is_floating_point():
+        raise TypeError(f"image tensor dtype {tensor.dtype} unsupported; accepted: uint8 or float in [0, 1]")
+    return tensor
 
 
 def as_nchw(tensor: torch.Tensor) -> torch.Tensor:
