@@ -16,6 +16,7 @@ The report is rewritten after every schedule and a rerun skips the settings it h
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import sys
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="timed calls per variant (median); 0: no timing (FLOPs only)")
     parser.add_argument("--threads", type=COUNT, default=1, help="torch threads")
     args = parser.parse_args(argv)
+    check_settings(parser, args.models, args.settings)
     torch.set_num_threads(args.threads)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     stamp_held_out(report)
@@ -239,7 +241,18 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def check_settings(parser: argparse.ArgumentParser, models: list[str], settings: list[str] | None) -> None:
+    """Argument error for a --settings label none of the chosen models has (a typo measured nothing until
+    session 52)."""
+    known = {label for model in models for label in SETTINGS[model]}
+    unknown = sorted(set(settings or ()) - known)
+    if unknown:
+        parser.error(f"--settings {' '.join(unknown)}: not a setting of {', '.join(models)}; "
+                     f"choose from {', '.join(sorted(known))}")
+
+
 def write(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
     path.with_suffix(".md").write_text(markdown(report))
 

@@ -430,7 +430,26 @@ def probe_method(method: str, cal: dict, probe_prompts: list[str], calib: list[s
               f"{entry.get('calib_rel_error', float('nan')):.4f} {entry.get('error', '')}", flush=True)
     base = timing.get("baseline", {})
     return {"baseline_cpu_ms": base.get("cpu_ms"), "baseline_wall_ms": base.get("wall_ms"),
-            "timing_s": round(time.time() - t0, 1), "candidates": candidates}
+            "timing_s": round(time.time() - t0, 1), "candidates": candidates,
+            "probe_prompts": len(probe_prompts), "probe_repeats": repeats}
+
+
+PROBE_COUNTS = ("probe_prompts", "probe_repeats")
+
+
+def stamp_probe_counts(report: dict) -> None:
+    """Give kept probes made before they recorded their own counts those of the run that made them (the
+    report's settings, which this run overwrites): the Markdown described every probe with the last run's."""
+    previous = report.get("settings", {})
+    for probe in report.get("probe", {}).values():
+        for key in PROBE_COUNTS:
+            if key not in probe and key in previous:
+                probe[key] = previous[key]
+
+
+def probe_counts_match(probe: dict, settings: dict) -> bool:
+    """Whether a kept probe was timed with this run's prompts per call and repeats (unknown counts: kept)."""
+    return all(probe.get(key, settings[key]) == settings[key] for key in PROBE_COUNTS)
 
 
 def choose(probe: dict, threshold: float) -> dict | None:
@@ -597,6 +616,9 @@ def extra_markdown(report: dict) -> str:
         note = [] if c["reached_target"] else [f"no setting reached {report['settings']['target']}×: fastest shown"]
         if m in CFG_NOTES:
             note.append(CFG_NOTES[m])
+        probe = report["probe"].get(m, {})
+        if not probe_counts_match(probe, st):
+            note.append(f"probed on {probe['probe_prompts']} prompts per call, {probe['probe_repeats']} calls")
         lines.append(f"| {m} | {METHODS[m]['name']} | {settings_text(m, c)} | {c['probe_speedup']:.2f}× | "
                      f"{final} | {c.get('calib_rel_error_calibrated', c['calib_rel_error']):.4f} "
                      f"| {n_cand} | {'; '.join(note)} |")
@@ -665,6 +687,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out.is_file():
         report = json.loads(args.out.read_text())
     report["command"] = "python benchmarks/cache_flux.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    stamp_probe_counts(report)
     report["settings"] = {"target": args.target, "margin": args.margin, "probe_prompts": args.probe_prompts,
                           "probe_repeats": args.probe_repeats, "calib_prompts": args.calib_prompts,
                           "calib_passes": args.calib_passes, "timing_prompts": args.timing_prompts,
@@ -689,7 +712,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{method}: {reason}", flush=True)
                 continue
             report["not_run"].pop(method, None)
-            probed = method in report["probe"] and not args.reprobe and choose(report["probe"][method], threshold)
+            probed = (method in report["probe"] and not args.reprobe and choose(report["probe"][method], threshold)
+                      and probe_counts_match(report["probe"][method], report["settings"]))
             if not probed:
                 if ref is None:
                     ref = final_latents(load_pipe(), calib)

@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
                             **{name: {**row, "made_by": made_by(report["command"])} for name, row in timed.items()}}
         report["timing_setup"] = {"prompts_per_call": args.timing_prompts, "repeats": args.repeats,
                                   "threads": torch.get_num_threads()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # only quality rows (ZooBench) create it otherwise
     args.out.write_text(json.dumps(report, indent=1))
     extra = ("Parity with the `deepcache` package (max |Δ| of final latents, 8 prompts, branch 0): "
              + ", ".join(f"{k}: {v:.1e}" for k, v in report["parity_max_abs_diff"].items()) + ".")

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="keep 100 samples per model and redraw the README grid (--grid) from every saved model")
     p.add_argument("--grid", type=Path, default=None,
                    help="default docs/zoo_grid.png (Fashion-MNIST models), docs/zoo_grid_mnist.png (mnist-ddpm)")
-    p.add_argument("--stats-only", action="store_true", help="only compute and cache the real statistics")
+    p.add_argument("--stats-only", action="store_true", help="only compute and cache the real statistics (floors, class accuracy), written to --out")
     p.add_argument("--inception-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="bfloat16 runs TF-Inception under autocast (~2x faster on AMX CPUs; labelled in the report)")
     p.add_argument("--threads", type=COUNT, default=2)
@@ -299,14 +299,14 @@ def main(argv: list[str] | None = None) -> dict:
     if dataset == "fashion-mnist":
         test_x, test_y = load_split("test")
         report["class_accuracy_real_test"] = class_accuracy(to_uint8_rgb32(test_x), test_y.tolist())[0]
-    if args.stats_only:
+    if args.stats_only:  # the floors and real-image statistics alone, written to --out like a full run
         print(json.dumps(report, indent=1))
+        write_report(report, args.out)
         return report
     for name in args.models:
         report["models"][name] = evaluate_model(name, args, ref, extractor, train_ref)
         print(json.dumps({name: report["models"][name]}, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_report(report, args.out)
     for name in args.models:
         args.out.with_name(f"{args.out.stem}_{name}.md").write_text(markdown(report, name))
     if args.save_grid:
@@ -314,6 +314,12 @@ def main(argv: list[str] | None = None) -> dict:
         write_grid(args.grid or ROOT / "docs" / default_grid, dataset=dataset)
     print(json.dumps(report, indent=1))
     return report
+
+
+def write_report(report: dict, path: Path) -> None:
+    """The JSON report at ``path``, its folder created if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -272,6 +272,31 @@ def test_cache_flux_chooses_again_for_a_new_target_and_forgets_other_calibration
     assert not {"calibration", "probe", "chosen"} & set(report) and list(report["variants"]) == ["baseline"]
 
 
+def test_cache_flux_probes_again_with_other_probe_counts_and_labels_kept_probes_with_their_own(tmp_path, monkeypatch):
+    """A kept probe was described with the last run's --probe-prompts / --probe-repeats, whatever it was timed with."""
+    import cache_flux
+
+    probed = []
+
+    def probe_method(method, cal, probe_prompts, calib, ref, repeats):
+        probed.append((len(probe_prompts), repeats))
+        return {**_probed_flux_report()["probe"]["ours-fbc"], "probe_prompts": len(probe_prompts),
+                "probe_repeats": repeats}
+
+    monkeypatch.setattr(cache_flux, "probe_method", probe_method)
+    monkeypatch.setattr(cache_flux, "final_latents", lambda pipe, prompts: None)
+    monkeypatch.setattr(cache_flux, "load_pipe", lambda: None)
+    out = tmp_path / "flux.json"
+    out.write_text(json.dumps({**_probed_flux_report(), "settings": {"probe_prompts": 20, "probe_repeats": 3}}))
+    argv = ["--methods", "ours-fbc", "--skip-quality", "--skip-timing", "--out", str(out)]
+    report = cache_flux.main(argv + ["--probe-prompts", "20", "--probe-repeats", "3"])
+    assert not probed and report["probe"]["ours-fbc"]["probe_prompts"] == 20  # stamped from the old settings
+    report = cache_flux.main(argv + ["--probe-prompts", "5", "--probe-repeats", "3"])
+    assert probed == [(5, 3)]
+    report["settings"]["probe_prompts"] = 20
+    assert "probed on 5 prompts per call, 3 calls" in cache_flux.extra_markdown(report)
+
+
 def test_cache_sd_redoes_rows_made_with_other_calibration_settings(tmp_path, monkeypatch):
     """Rows were kept by label: a rerun with --calibration-prompts 8 kept the row calibrated on 1 prompt."""
     import cache_sd
@@ -397,3 +422,28 @@ def test_cache_sd_skips_its_plot_where_matplotlib_is_missing(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     cache_sd.plot({"timing": {}, "variants": {}}, tmp_path / "plot.png")
     assert "skipped: matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "plot.png").exists()
+
+
+def test_cache_blocks_refuses_unknown_settings_before_any_work(capsys):
+    """A misspelt --settings label (forecast_10of50) measured nothing, wrote nothing and exited 0."""
+    import cache_blocks
+
+    with pytest.raises(SystemExit) as exit_info:
+        cache_blocks.main(["--models", "fashion-sd", "--settings", "forecast_10of50"])
+    assert exit_info.value.code == 2 and "--settings forecast_10of50: not a setting of fashion-sd" in capsys.readouterr().err
+
+
+def test_cache_blocks_and_cache_sd_create_a_missing_out_folder(tmp_path, monkeypatch):
+    """Both wrote --out without creating its folder: the run died after its search / parity work."""
+    import cache_blocks
+    import cache_sd
+
+    out = tmp_path / "new" / "sub" / "report.json"
+    monkeypatch.setattr(cache_blocks, "markdown", lambda report: "")
+    cache_blocks.write({"models": {}}, out)
+    assert out.is_file() and out.with_suffix(".md").is_file()
+    monkeypatch.setattr(cache_sd, "markdown_table", lambda *args: "")
+    monkeypatch.setattr(cache_sd, "parity", lambda steps: {})
+    sd_out = tmp_path / "sd" / "cache_sd.json"
+    cache_sd.main(["--skip-quality", "--skip-timing", "--out", str(sd_out)])
+    assert json.loads(sd_out.read_text())["parity_max_abs_diff"] == {}
