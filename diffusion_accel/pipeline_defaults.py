@@ -251,17 +251,30 @@ IP_ADAPTER_ARGUMENTS = ("ip_adapter_image", "ip_adapter_image_embeds")  # one of
 
 
 def images_per_condition(pipe: Any) -> bool:
-    """Whether ``pipe``'s image lists hold one image per condition, not per prompt: several ControlNets, a
-    ControlNet-Union (one per ``control_mode``) or a T2I ``MultiAdapter``, by the loaded model (Flux's ControlNet
-    pipelines take ``control_mode`` with any ControlNet); evaluation and calibration leave them whole."""
+    """Whether ``pipe``'s condition images (``per_prompt_image_arguments``) come one per condition, not per prompt:
+    several ControlNets, a ControlNet-Union (one per ``control_mode``) or a T2I ``MultiAdapter``, by the loaded
+    model (Flux's ControlNet pipelines take ``control_mode`` with any ControlNet)."""
     kinds = type(getattr(pipe, "controlnet", None)).__name__ + type(getattr(pipe, "adapter", None)).__name__
     return "Multi" in kinds or "Union" in kinds
 
 
-def odd_image_list(call_kwargs: Mapping[str, Any], num_prompts: int) -> tuple[str, int] | None:
-    """(argument, length) of the first input image list (``image``, ``mask_image``, ``control_image``) holding
-    neither one image nor one per prompt, or None: such a list went whole to every call (calibrate, evaluate)."""
-    for key in IMAGE_ARGUMENTS:
+def per_prompt_image_arguments(pipe: Any) -> tuple[str, ...]:
+    """The input image arguments of ``pipe`` holding one image per prompt, which evaluation and calibration split
+    per call: all of ``IMAGE_ARGUMENTS`` but the condition images of several ControlNets / a Union / a
+    ``MultiAdapter`` (``control_image`` where ``__call__`` takes it, else ``image``), left whole. Until session 52
+    the img2img / inpaint variants' ``image`` and ``mask_image`` were left whole too: every prompt got the first
+    init image (evaluate) or the call failed (calibrate)."""
+    if not images_per_condition(pipe):
+        return IMAGE_ARGUMENTS
+    condition = "control_image" if "control_image" in inspect.signature(pipe.__call__).parameters else "image"
+    return tuple(name for name in IMAGE_ARGUMENTS if name != condition)
+
+
+def odd_image_list(call_kwargs: Mapping[str, Any], num_prompts: int,
+                   names: Sequence[str] = IMAGE_ARGUMENTS) -> tuple[str, int] | None:
+    """(argument, length) of the first input image list among ``names`` holding neither one image nor one per
+    prompt, or None: such a list went whole to every call (calibrate, evaluate)."""
+    for key in names:
         value = call_kwargs.get(key)
         if isinstance(value, (list, tuple)) and len(value) not in (1, num_prompts):
             return key, len(value)

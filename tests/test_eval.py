@@ -1493,7 +1493,7 @@ def test_image_lists_of_one_image_per_condition_stay_whole():
 def test_images_per_condition_reads_the_loaded_models_not_the_call_signature():
     """Flux's ControlNet pipelines take control_mode with any ControlNet: reading the signature left a plain
     FluxControlNetModel's per-prompt control images whole, a shape error inside diffusers (session 49 review)."""
-    from diffusion_accel.eval.pipes import images_per_condition
+    from diffusion_accel.pipeline_defaults import images_per_condition
 
     class FluxControlNetModel: ...
 

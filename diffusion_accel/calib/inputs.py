@@ -24,8 +24,8 @@ from typing import Any
 
 from ..argtypes import SEED_LIMIT
 from ..arch.registry import UnsupportedModelError, get_adapter
-from ..pipeline_defaults import (IMAGE_ARGUMENTS, OTHER_PROMPTS, call_defaults, check_call_arguments,
-                                 check_guidance_scale_is_read, images_per_condition, odd_image_list, per_prompt_images,
+from ..pipeline_defaults import (OTHER_PROMPTS, call_defaults, check_call_arguments,
+                                 check_guidance_scale_is_read, odd_image_list, per_prompt_image_arguments, per_prompt_images,
                                  per_prompt_negative, per_prompt_values, with_tuples)
 from ..scalars import is_finite_number, plain_number
 from ..stacklevel import user_stacklevel
@@ -198,9 +198,9 @@ def plan_calls(pipe: Any, items: list[Any], *, num_inference_steps: int, batch_s
     _check_call_kwargs(pipe, call_kwargs)
     _check_options(pipe, mode, params, num_images_per_prompt, guidance_scale, negative_prompt, len(items))
     _check_other_prompts(call_kwargs, len(items))
-    split_images = mode == "prompt" and not images_per_condition(pipe)  # a MultiControlNet's: one per ControlNet
-    if split_images:
-        _check_image_lists(call_kwargs, len(items))
+    # a MultiControlNet's control images: one per ControlNet, left whole
+    split_images = per_prompt_image_arguments(pipe) if mode == "prompt" else ()
+    _check_image_lists(call_kwargs, len(items), split_images)
     shared = {"num_inference_steps": num_inference_steps}
     if "output_type" in params:
         shared["output_type"] = "latent" if mode == "prompt" else "pt"
@@ -222,9 +222,8 @@ def plan_calls(pipe: Any, items: list[Any], *, num_inference_steps: int, batch_s
             indices = range(len(items))[chunk]
             kwargs |= {name: per_prompt_values(shared[name], indices, len(items))
                        for name in OTHER_PROMPTS if name in shared}
-        if split_images:
-            kwargs |= {name: per_prompt_images(shared[name], range(len(items))[chunk])
-                       for name in IMAGE_ARGUMENTS if isinstance(shared.get(name), (list, tuple))}
+        kwargs |= {name: per_prompt_images(shared[name], range(len(items))[chunk])
+                   for name in split_images if isinstance(shared.get(name), (list, tuple))}
         calls.append(PlannedCall(kwargs=kwargs, num_items=len(items[chunk]), seed=seed + index))
     return calls
 
@@ -299,11 +298,11 @@ def _check_other_prompts(call_kwargs: dict[str, Any], num_items: int) -> None:
                              f"got {value!r:.80}")
 
 
-def _check_image_lists(call_kwargs: dict[str, Any], num_items: int) -> None:
+def _check_image_lists(call_kwargs: dict[str, Any], num_items: int, names: Sequence[str]) -> None:
     """ValueError for a list of input images (``image``, ``mask_image``, ``control_image``) that is neither one image
     nor one per prompt: the whole list went to every call, which failed in the pipeline (512 vs 256 rows) or paired
     each prompt with the first image (until session 50)."""
-    odd = odd_image_list(call_kwargs, num_items)
+    odd = odd_image_list(call_kwargs, num_items, names)
     if odd is not None:
         raise ValueError(f"{odd[0]} must be one image or a list of {num_items} (one per prompt), got a list of {odd[1]}")
 

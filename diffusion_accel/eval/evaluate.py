@@ -42,7 +42,7 @@ from .grid import make_grid
 from .machine import denoiser_runtime, machine_info
 from .memory import measure_peak_memory
 from .pipes import (ImageJob, PromptToKwargs, build_call_kwargs, check_call_kwargs, default_prompt_to_kwargs,
-                    denoiser_of, generate_images, images_per_condition, is_text_conditioned, make_jobs, quiet_progress,
+                    denoiser_of, generate_images, is_text_conditioned, make_jobs, per_prompt_image_arguments, quiet_progress,
                     whole_number)
 from .report import EvalReport, report_folder_problem
 from .timing import PipelineTiming, pipeline_device, time_pipelines
@@ -302,7 +302,7 @@ def _check_per_prompt_lists(call_kwargs: Mapping[str, Any], num_prompts: int) ->
 def _check_image_lists(name: str, pipe: Any, call_kwargs: Mapping[str, Any], num_prompts: int) -> None:
     """A list of input images holds one image, or one per prompt (a list of another length went whole to every
     call); a MultiControlNet pipeline's ``image`` list holds one per ControlNet instead."""
-    odd = None if images_per_condition(pipe) else odd_image_list(call_kwargs, num_prompts)
+    odd = odd_image_list(call_kwargs, num_prompts, per_prompt_image_arguments(pipe))
     if odd is not None:
         raise ValueError(f"call_kwargs {odd[0]} must be one image or a list of {num_prompts} (one per prompt) for "
                          f"variant {name!r}, got a list of {odd[1]}")

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..arch.registry import DENOISER_COMPONENTS
 from ..calib.inputs import check_class_ids
-from ..pipeline_defaults import (IMAGE_ARGUMENTS, OTHER_PROMPTS, call_defaults, images_per_condition, per_prompt_images,
+from ..pipeline_defaults import (OTHER_PROMPTS, call_defaults, per_prompt_image_arguments, per_prompt_images,
                                  per_prompt_negative, per_prompt_values, with_tuples)
 from ..seeding import seeded_call
 from .images import to_uint8
@@ -281,8 +281,9 @@ def build_call_kwargs(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_step
         kwargs["negative_prompt"] = per_prompt_negative(negative, len(kwargs["prompt"]))
     if isinstance(kwargs.get("prompt"), list):  # the other towers' texts follow the prompts of the call
         kwargs |= {name: _per_job(extra[name], jobs) for name in OTHER_PROMPTS if name in extra}
-    if not images_per_condition(pipe):  # a MultiControlNet's image list holds one per ControlNet
-        kwargs |= {name: _image_per_job(extra[name], jobs) for name in IMAGE_ARGUMENTS if extra.get(name) is not None}
+    # a MultiControlNet's control images hold one per ControlNet, left whole
+    kwargs |= {name: _image_per_job(extra[name], jobs) for name in per_prompt_image_arguments(pipe)
+               if extra.get(name) is not None}
     kwargs["num_inference_steps"] = num_inference_steps
     kwargs["generator"] = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
     return kwargs
