@@ -625,6 +625,20 @@ def test_calibrate_schedule_meets_the_budget_and_beats_uniform():
     assert errors["calibrated"] <= errors["uniform"] + 1e-6
 
 
+def test_cache_searches_compare_pil_outputs_when_the_call_asks_for_them():
+    """output_type="pil" in a search's call arguments (DiT's own default) failed in torch.as_tensor: "Could not
+    infer dtype of Image"; the images are compared as arrays in [0, 1]."""
+    from diffusion_accel.cache.runs import final_outputs, planned_calls
+
+    pipe = build_tiny("dit")
+    pipe.set_progress_bar_config(disable=True)
+    config = calibrate_schedule(pipe, [1], budget=0.5, num_inference_steps=4, guidance_scale=1.0, output_type="pil")
+    assert len(config.full_steps) == 2
+    calls = planned_calls(pipe, [1], num_inference_steps=2, guidance_scale=1.0, output_type="pil")
+    (images,) = final_outputs(pipe, calls)
+    assert images.dtype == torch.float32 and images.shape[-1] == 3 and 0 <= images.min() <= images.max() <= 1
+
+
 def test_calibrating_techniques_refuse_an_enabled_cache_before_changing_anything():
     """Calibration under a cache sees the deep blocks only on recomputing steps (and replay would run
     through the cache): calibrate, quantize_ and prune_ refuse, naming the order; the cache keeps working."""

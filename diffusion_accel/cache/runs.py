@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
+import PIL.Image
 import torch
 
 from ..arch import find_denoiser
@@ -50,10 +52,18 @@ def final_outputs(pipe: Any, calls: list, before_call: Callable[[int], None] | N
                 result = seeded_call(pipe, call.kwargs | {"generator": torch.Generator().manual_seed(call.seed)},
                                      call.seed)
                 images = result[0] if isinstance(result, tuple) else result.images
-                outputs.append(torch.as_tensor(images).detach().float().cpu())
+                outputs.append(_as_tensor(images))
     finally:
         restore_scheduler_state(pipe, saved_scheduler)
     return outputs
+
+
+def _as_tensor(images: Any) -> torch.Tensor:
+    """A call's output images as a float32 CPU tensor; PIL images (``output_type="pil"`` in the call arguments,
+    a RuntimeError "Could not infer dtype of Image" until session 52) as (N, H, W, C) values in [0, 1]."""
+    if isinstance(images, (list, tuple)) and images and isinstance(images[0], PIL.Image.Image):
+        return torch.from_numpy(np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in images]))
+    return torch.as_tensor(images).detach().float().cpu()
 
 
 def relative_error(outputs: list[torch.Tensor], references: list[torch.Tensor]) -> float:
