@@ -236,6 +236,26 @@ def test_onednn_int8_conv_follows_timestep_groups_and_survives_copies():
     assert torch.equal(denoiser.double().float()[0](x), twin[0](x))
 
 
+@needs_onednn
+def test_a_deep_copy_of_a_compiled_onednn_conv_runs_its_own_weights():
+    """OneDNNInt8Conv2d's __getstate__ copied __dict__ whole, with module.compile()'s binding to the original
+    (a regional compile_denoiser compiles lowered convs in place): the copy ran the original's weights and hooks."""
+    import copy
+
+    x = torch.randn(1, 8, 5, 5)
+    layer = lower_layer(_quant(nn.Conv2d(8, 4, 3, padding=1), "int8", (72,), _conv_act(x)))
+    layer.compile(backend="eager")
+    reference = layer(x)
+    twin = copy.deepcopy(layer)
+    assert "_compiled_call_impl" not in vars(twin)
+    calls = []
+    layer.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        twin.weight_codes.zero_()
+        twin._repack()
+    assert not torch.equal(twin(x), reference) and not calls
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv1x1", "onednn-conv"])
 def test_folded_constants_follow_timestep_groups_edits_and_copies(monkeypatch, int8_kernels, kind):
     """In eager inference lowered layers fold their static scales once per timestep group; the folded

@@ -124,7 +124,9 @@ class OneDNNInt8Conv2d(KeepsQuantDtypes):
         return self.weight_codes, self.weight_scale
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
+        # Module's state: without ``_compiled_call_impl`` (a regional compile's binding to this layer kept by a
+        # plain ``dict(self.__dict__)`` until session 52, so a deep copy ran the original's weights and hooks)
+        state = super().__getstate__()
         state["_packed"] = None  # oneDNN's opaque packed weights cannot be copied ...
         return state
 
