@@ -1158,3 +1158,55 @@ def test_an_image_list_gives_each_prompt_its_own_image():
 
     recorded = json.loads(report.to_json())["settings"]["call_kwargs"]["image"]
     assert recorded == ["<Tensor (3, 32, 32) torch.float32>"] * 2
+
+
+def test_multi_controlnet_img2img_splits_init_images_per_prompt_and_keeps_control_images_whole():
+    """With several ControlNets every image list was left whole: evaluate generated every prompt from the first
+    init image, and calibrate failed inside diffusers (4 vs 2 rows); only control_image is one per ControlNet."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    from diffusion_accel.calib.inputs import plan_calls
+    from diffusion_accel.eval.pipes import build_call_kwargs, make_jobs
+
+    sd = build_tiny("sd")
+    controlnets = MultiControlNetModel([ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(4, 8))
+                                        for _ in range(2)])
+    pipe = StableDiffusionControlNetImg2ImgPipeline(**sd.components, controlnet=controlnets)
+    init = [torch.full((3, 32, 32), 0.2), torch.full((3, 32, 32), 0.9)]
+    control = [torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)]
+    call_kwargs = {"image": init, "control_image": control, "strength": 0.5}
+    jobs = make_jobs(["a cat", "a dog"])
+    second = build_call_kwargs(pipe, jobs[1:], num_inference_steps=2, call_kwargs=call_kwargs)
+    assert second["image"][0] is init[1] and second["control_image"] is control
+    calls = plan_calls(pipe, ["a cat", "a dog"], num_inference_steps=2, batch_size=1, num_images_per_prompt=1,
+                       guidance_scale=None, negative_prompt=None, seed=0, call_kwargs=call_kwargs)
+    assert [call.kwargs["image"][0] for call in calls] == init and calls[1].kwargs["control_image"] is control
+    calibration = calibrate(pipe, ["a cat", "a dog"], num_inference_steps=2, progress=False, **call_kwargs)
+    assert len(calibration.trajectory) == 2  # strength 0.5: one of the two steps per prompt
+    with pytest.raises(ValueError, match=r"image must be one image or a list of 2 \(one per prompt\), got a list of 3"):
+        calibrate(pipe, ["a cat", "a dog"], num_inference_steps=2, progress=False,
+                  **{**call_kwargs, "image": init + init[:1]})
+
+
+def test_flux_position_ids_and_rotary_tables_stay_whole_at_a_batch_equal_to_their_token_count():
+    """A tensor whose first dimension equals the call's batch counted as per image: at 8x8 px (4 image tokens)
+    and 4 prompts per call img_ids was cut into rows and concatenated on merge (replay(batch_size=8) failed), and
+    a block's rotary table at 12 rows (4 + 8 tokens) was sliced per sample and merged in sample order."""
+    from diffusion_accel.calib import RangeObserver, SampleStore
+
+    pipe = build_tiny("flux")
+    seen = {}
+    block = pipe.transformer.transformer_blocks[0]
+    block.register_forward_pre_hook(lambda module, args, kwargs: seen.setdefault("rope", kwargs["image_rotary_emb"])
+                                    and None, with_kwargs=True)
+    store = SampleStore(["transformer_blocks.0"], max_samples=64, with_outputs=True)
+    calib = calibrate(pipe, [f"item {i}" for i in range(12)], num_inference_steps=2, steps="all", batch_size=12,
+                      height=8, width=8, max_sequence_length=8, collectors=[store], store_trajectory=True,
+                      progress=False)
+    call = store.batch("transformer_blocks.0", [5, 0, 17, 3, 9, 22, 1, 14, 7, 2, 11, 20])
+    assert all(torch.equal(merged, true) for merged, true in zip(call.kwargs["image_rotary_emb"], seen["rope"]))
+    torch.testing.assert_close(block(*call.args, **call.kwargs)[1], call.output[1])
+    calib = calibrate(pipe, [f"item {i}" for i in range(8)], num_inference_steps=2, steps="all", batch_size=4,
+                      height=8, width=8, store_trajectory=True, progress=False)
+    calib.replay(RangeObserver(["x_embedder"]), pipe.transformer, batch_size=8, progress=False)

@@ -14,6 +14,12 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+# Call arguments (of a denoiser or its blocks) that every image of a batch shares whatever their first dimension:
+# Flux's / Chroma's position ids (tokens, 3) and the rotary tables diffusers' DiTs pass their blocks (tokens, dim).
+# Calibration records split and merge tensors per image by their first dimension; at a batch equal to a token
+# count these were cut into rows (replay and block reconstruction failed or trained on wrong tables).
+BATCH_SHARED_ARGUMENTS = frozenset({"img_ids", "txt_ids", "image_rotary_emb"})
+
 
 @dataclass(frozen=True)
 class BlockInfo:

@@ -11,7 +11,9 @@ share (until session 46) left a full-size SD 1.5 UNet's 64x64 blocks 1-2 samples
 8x8 blocks kept dozens. Samples live on the CPU.
 
 A tensor counts as batched when its first dimension equals the call's batch size (that of the
-call's first tensor); other tensors (rotary embeddings, ids) are kept whole in every sample.
+call's first tensor), unless a keyword argument every image shares holds it (``arch.base.BATCH_SHARED_ARGUMENTS``:
+Flux's rotary tables, whose first dimension is a token count, were cut into rows at a batch of that count until
+session 52); other tensors (rotary embeddings, ids) are kept whole in every sample.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from .collectors import Collector, ModuleCall, Step
 from .trees import (batched_leaf_indices, call_batch_size, flatten, merge_rows, nbytes, same_layout,
-                    take_row, tensors_in, to_cpu_copy)
+                    shared_leaf_indices, take_row, tensors_in, to_cpu_copy)
 
 
 @dataclass
@@ -81,7 +83,7 @@ class SampleStore(Collector):
         """Offer every batch row of one call of ``name`` to the store."""
         batch = call_batch_size(value.args, value.kwargs)
         in_leaves, in_rebuild = flatten((value.args, value.kwargs))
-        in_batched = batched_leaf_indices(in_leaves, batch)
+        in_batched = batched_leaf_indices(in_leaves, batch, shared_leaf_indices(value.args, value.kwargs))
         out_leaves, out_rebuild = flatten(value.output if self.with_outputs else None)
         out_batched = batched_leaf_indices(out_leaves, batch)
         self.rows_seen[name] += batch

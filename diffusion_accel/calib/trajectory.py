@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from .collectors import Step
-from .trees import batched_leaf_indices, call_batch_size, flatten, merge_rows, same_layout, to_cpu_copy
+from .trees import (batched_leaf_indices, call_batch_size, flatten, merge_rows, same_layout, shared_leaf_indices,
+                    to_cpu_copy)
 from ..stacklevel import user_stacklevel
 
 
@@ -70,7 +71,7 @@ class TrajectoryRecorder:
         batch = call_batch_size(args, kwargs)
         stored_args, stored_kwargs = rebuild(copies)
         self.records.append(TrajectoryRecord(step, stored_args, stored_kwargs, batch,
-                                             batched_leaf_indices(copies, batch)))
+                                             batched_leaf_indices(copies, batch, shared_leaf_indices(args, kwargs))))
 
     def _cached(self, tensor: torch.Tensor) -> torch.Tensor | None:
         entry = self._copies.get(id(tensor))

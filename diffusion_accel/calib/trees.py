@@ -2,7 +2,8 @@
 
 Used to copy denoiser and module call inputs off the device, to count their bytes, and to split
 a batched call into rows or merge rows back into one call. A tensor leaf counts as *batched* when
-its first dimension equals the call's batch size (the first dimension of the call's first tensor).
+its first dimension equals the call's batch size (the first dimension of the call's first tensor),
+unless it belongs to a keyword argument every image shares (``arch.base.BATCH_SHARED_ARGUMENTS``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
+
+from ..arch.base import BATCH_SHARED_ARGUMENTS
 
 
 def flatten(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
@@ -52,10 +55,21 @@ def call_batch_size(args: tuple, kwargs: dict) -> int:
     return 1
 
 
-def batched_leaf_indices(leaves: list[Any], batch: int) -> frozenset[int]:
-    """Indices of tensor leaves whose first dimension equals ``batch``."""
-    return frozenset(i for i, leaf in enumerate(leaves)
-                     if isinstance(leaf, torch.Tensor) and leaf.ndim >= 1 and leaf.shape[0] == batch)
+def batched_leaf_indices(leaves: list[Any], batch: int, shared: frozenset[int] = frozenset()) -> frozenset[int]:
+    """Indices of tensor leaves whose first dimension equals ``batch``, but for those in ``shared``."""
+    return frozenset(i for i, leaf in enumerate(leaves) if i not in shared
+                     and isinstance(leaf, torch.Tensor) and leaf.ndim >= 1 and leaf.shape[0] == batch)
+
+
+_SHARED = object()  # marks the leaves of batch-shared arguments
+
+
+def shared_leaf_indices(args: tuple, kwargs: dict[str, Any]) -> frozenset[int]:
+    """Indices, among the leaves of ``flatten((args, kwargs))``, of the tensors of keyword arguments every image
+    of the batch shares (``BATCH_SHARED_ARGUMENTS``)."""
+    marked = {name: map_tensors(lambda tensor: _SHARED, value) if name in BATCH_SHARED_ARGUMENTS else value
+              for name, value in kwargs.items()}
+    return frozenset(i for i, leaf in enumerate(flatten((args, marked))[0]) if leaf is _SHARED)
 
 
 def take_row(leaves: list[Any], batched: frozenset[int], row: int) -> list[Any]:
