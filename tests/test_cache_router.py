@@ -165,10 +165,41 @@ def test_a_router_learned_on_img2img_keeps_its_budget_over_the_steps_that_run():
                   height=16, width=16)
     config = learn_router(pipe, ["a red bicycle"], budget=0.4, num_inference_steps=8, epochs=2, **kwargs)
     assert config.computed_blocks[1:4] == ((), (), ()) and len(config.computed_blocks[4]) == config.num_blocks
+    assert config.first_step == 4
     enable_cache(pipe, config)
     pipe("a red bicycle", num_inference_steps=8, generator=torch.Generator().manual_seed(0), **kwargs)
     assert summary(pipe)["block_compute_fraction"] <= 0.4 + 1e-6
     remove_cache(pipe)
+    # text-to-image on the shared transformer: steps 1-3 ran no block (step 0's deltas) until session 52
+    from diffusers import FluxPipeline
+
+    from diffusion_accel.cache.router import running_call_plan
+
+    text_pipe = FluxPipeline(**pipe.components)
+    text_pipe.set_progress_bar_config(disable=True)
+    enable_cache(text_pipe, config)
+    text_pipe("a red bicycle", num_inference_steps=8, height=16, width=16, generator=torch.Generator().manual_seed(0))
+    computed = [record["computed_blocks"] for record in summary(text_pipe)["steps"]]
+    assert computed == [len(blocks) for blocks in running_call_plan(config, 8, 0)]
+    assert computed[1] == config.num_blocks  # the learned first step's row (every block), not an empty one
+    remove_cache(text_pipe)
+
+
+def test_a_router_learned_from_mid_schedule_maps_its_rows_over_the_steps_a_call_runs_or_is_refused():
+    from diffusion_accel.cache.router import running_call_plan
+
+    every = frozenset({0, 1})
+    config = RouterCacheConfig(((0, 1), (), (), (0, 1), (0,), (1,)), 2, first_step=3)
+    assert running_call_plan(config, 6, 0) == (every, every, frozenset({0}), frozenset({0}), frozenset({1}),
+                                               frozenset({1}))  # rows 3..5 over the 6 steps that run
+    assert running_call_plan(config, 4, 1) == (every, every, frozenset({0}), frozenset({1}))
+    with pytest.raises(ValueError, match="starting at step 3 .* set resample=True"):
+        running_call_plan(config.with_(resample=False), 6, 0)
+    with pytest.raises(ValueError, match=r"computed_blocks\[first_step=1\] must list every block"):
+        RouterCacheConfig(((0, 1), (0,)), 2, first_step=1)
+    with pytest.raises(ValueError, match="first_step must be below the 2 learned steps"):
+        RouterCacheConfig(((0, 1), (0,)), 2, first_step=2)
+    assert config_from_dict(config_to_dict(config)) == config
 
 
 def test_a_router_learned_on_custom_sigmas_has_the_steps_they_set():

@@ -382,17 +382,23 @@ class RouterCacheConfig(_ConfigMethods):
     ``budget``: the block FLOPs the schedule was learned for, as a fraction of running every block at every
     step. For another step count the decisions are taken from the nearest learned step (by noise level
     when both schedules' ``timesteps`` are known, else by relative position), or refused when ``resample``
-    is False; ``timesteps``: the scheduler timesteps it was learned on (None if unknown)."""
+    is False; ``timesteps``: the scheduler timesteps it was learned on (None if unknown). ``first_step``: the first
+    step the learning calls ran (img2img: N - int(N s); 0 for text-to-image), whose row lists every block: a call
+    of another step count, or starting at another step, takes the rows from ``first_step`` on over the steps it
+    runs, as :class:`CalibratedCacheConfig` does (over the whole trajectory a text-to-image call ran no block at the
+    steps img2img never reached, until session 52), or a ValueError when ``resample`` is False."""
 
     computed_blocks: tuple[tuple[int, ...], ...]
     num_blocks: int
     budget: float = 0.4
     resample: bool = True
     timesteps: tuple[float, ...] | None = None
+    first_step: int = 0
 
     def __post_init__(self) -> None:
         plain_scalars(self)
         check_int("num_blocks", self.num_blocks, 1)
+        check_int("first_step", self.first_step, 0)
         _check_float("budget", self.budget, 0.0, inclusive=False)
         if self.budget > 1.0:
             raise ValueError(f"budget is a fraction of the stack's block FLOPs in (0, 1], got {self.budget!r}")
@@ -401,6 +407,15 @@ class RouterCacheConfig(_ConfigMethods):
         object.__setattr__(self, "computed_blocks", _checked_block_sets(self.computed_blocks, self.num_blocks))
         if self.timesteps is not None:
             object.__setattr__(self, "timesteps", _checked_timesteps(self.timesteps, self.num_inference_steps))
+        self._check_first_step()
+
+    def _check_first_step(self) -> None:
+        if self.first_step >= self.num_inference_steps:
+            raise ValueError(f"first_step must be below the {self.num_inference_steps} learned steps, "
+                             f"got {self.first_step}")
+        if self.computed_blocks[self.first_step] != tuple(range(self.num_blocks)):
+            raise ValueError(f"computed_blocks[first_step={self.first_step}] must list every block (the first step a "
+                             f"call runs has nothing cached), got {list(self.computed_blocks[self.first_step])}")
 
     @property
     def num_inference_steps(self) -> int:

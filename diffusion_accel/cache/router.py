@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..arch import get_adapter
+from ..hooks import PER_CALL
 from .computing import ComputingHook
 from .configs import RouterCacheConfig
 from .partial import few_values, scaled_timesteps
@@ -56,6 +57,21 @@ def call_plan(config: RouterCacheConfig, num_steps: int, timesteps: list[float] 
     return tuple(plan)
 
 
+def running_call_plan(config: RouterCacheConfig, num_steps: int, first_step: int) -> tuple[frozenset[int], ...]:
+    """The plan of a ``num_steps`` call that runs from ``first_step``, for a router learned on calls starting at
+    ``config.first_step`` > 0 (img2img) and a call of another step count or start: the learned rows from
+    ``config.first_step`` on, mapped by relative position over the steps the call runs (its first: every block;
+    the steps before it never run). ValueError when ``config.resample`` is False."""
+    if not config.resample:
+        raise ValueError(f"this block router was learned for {config.num_inference_steps} denoiser steps per call "
+                         f"starting at step {config.first_step} (img2img at that strength); this call runs "
+                         f"{num_steps} from step {first_step}: learn it again for these calls, or set resample=True "
+                         f"to map its decisions over the steps this call runs")
+    every = frozenset(range(config.num_blocks))
+    view = RouterCacheConfig(config.computed_blocks[config.first_step:], config.num_blocks)
+    return (every,) * first_step + call_plan(view, num_steps - first_step)
+
+
 class RouterPolicy:
     """The session's policy for a router: a step computes (runs the whole stack) when it runs every block; the
     step's block set goes to ``state[BLOCKS_KEY]``. ``soft``: the trainer's gates while learning (else None)."""
@@ -67,6 +83,7 @@ class RouterPolicy:
     def __init__(self, config: RouterCacheConfig) -> None:
         self.config, self.tracker, self.soft = config, None, None
         self._plan: tuple[Any, tuple[frozenset[int], ...]] | None = None  # ((steps, timesteps), plan)
+        self._running: dict[tuple[int, int], tuple[frozenset[int], ...]] = {}  # (steps, first step): plan
 
     def bind(self, tracker: Any) -> None:
         """The session's step tracker, which knows the timesteps of the call in progress."""
@@ -82,13 +99,28 @@ class RouterPolicy:
             cached = self._plan = ((steps, timesteps), call_plan(self.config, steps, values))
         return cached[1]
 
-    def blocks_at(self, step: int, num_steps: int | None) -> frozenset[int]:
-        """The blocks that run at ``step`` (all of them past the plan's end)."""
-        plan = self.plan(num_steps)
+    def running_plan(self, step: int, num_steps: int | None, state: dict) -> tuple[frozenset[int], ...] | None:
+        """``running_call_plan`` for this call when the router was learned on calls starting mid-schedule and this
+        one runs another step count or starts at another step (its first step kept per context and call), else
+        None (the plan over the whole trajectory)."""
+        if self.config.first_step == 0 or num_steps is None:
+            return None
+        first = state.setdefault(PER_CALL, {}).setdefault("first_step", step)
+        if num_steps == self.config.num_inference_steps and first == self.config.first_step:
+            return None
+        if (num_steps, first) not in self._running:
+            self._running[(num_steps, first)] = running_call_plan(self.config, num_steps, first)
+        return self._running[(num_steps, first)]
+
+    def blocks_at(self, step: int, num_steps: int | None, state: dict | None = None) -> frozenset[int]:
+        """The blocks that run at ``step`` (all of them past the plan's end); ``state``: the context's, which
+        knows where the call started."""
+        running = None if state is None else self.running_plan(step, num_steps, state)
+        plan = self.plan(num_steps) if running is None else running
         return plan[step] if step < len(plan) else frozenset(range(self.config.num_blocks))
 
     def should_compute(self, step: int, num_steps: int | None, state: dict, signal: Any = None) -> bool:
-        blocks = self.blocks_at(step, num_steps)
+        blocks = self.blocks_at(step, num_steps, state)
         state[BLOCKS_KEY] = blocks
         return len(blocks) == self.config.num_blocks
 

@@ -326,7 +326,7 @@ def learn_router(pipe: Any, prompts: Any, budget: float = 0.4, num_inference_ste
                                                                   ran[1:]))
         _train(pipe, denoiser, gates, calls, range(first, min(first + PROXY_EPOCHS, epochs)), epochs, lr, progress)
         routed = cut_to_budget(gates.probabilities().detach(), costs, budget, ran)
-    return RouterCacheConfig(routed, len(names), budget=budget, resample=resample,
+    return RouterCacheConfig(routed, len(names), budget=budget, resample=resample, first_step=ran[0],
                              timesteps=tuple(timesteps) if len(timesteps) == num_steps else None)
 
 
