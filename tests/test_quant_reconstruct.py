@@ -228,3 +228,20 @@ def test_blocks_the_memory_budget_leaves_few_samples_are_named_in_a_warning_and_
     with pytest.warns(RuntimeWarning, match="recon_max_bytes=300000 held .* samples in .* blocks"):
         quantize_(pipe, config)
     assert any("raise recon_max_bytes" in note for note in get_state(pipe.unet).notes)
+
+
+def test_reconstruction_batches_hold_samples_of_one_layout_and_one_timestep_group():
+    """Samples whose shared tables differ (Flux Kontext, per reference-image shape) cannot merge into one call."""
+    from diffusion_accel.quant.reconstruct import _batch_indices
+
+    class Selector:
+        forced = None
+
+    layouts, groups = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1]), torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        selector = Selector()
+        indices = _batch_indices(8, 4, generator, groups, selector, layouts)
+        assert len(set(layouts[indices].tolist())) == 1 and set(groups[indices].tolist()) == {selector.forced}
+        assert len(indices) == 2
+    assert len(set(layouts[_batch_indices(8, 8, generator, None, None, layouts)].tolist())) == 1

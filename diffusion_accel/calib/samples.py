@@ -147,6 +147,21 @@ class SampleStore(Collector):
         output = flatten(first.output)[1](merge_rows(out_lists, first._output_batched))
         return ModuleCall(args=args, kwargs=kwargs, output=output)
 
+    def layout_classes(self, name: str) -> list[int]:
+        """Per sample of ``name``, the index of its class of samples ``batch`` can merge (``same_layout``: one shape,
+        and the same tensors every row shares, such as Flux Kontext's position ids per reference-image shape)."""
+        representatives: list[tuple[list[Any], frozenset[int]]] = []
+        classes = []
+        for sample in self.samples(name):
+            leaves = flatten((sample.args, sample.kwargs))[0]
+            found = next((index for index, (first, batched) in enumerate(representatives)
+                          if batched == sample._input_batched and same_layout(first, leaves, batched)), None)
+            if found is None:
+                found = len(representatives)
+                representatives.append((leaves, sample._input_batched))
+            classes.append(found)
+        return classes
+
     def steps(self, name: str) -> list[Step]:
         """Step tags of the samples of ``name``, in sample order."""
         return [sample.step for sample in self.samples(name)]

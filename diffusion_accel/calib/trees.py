@@ -85,7 +85,9 @@ def merge_rows(leaf_lists: list[list[Any]], batched: frozenset[int]) -> list[Any
 
 
 def same_layout(a: list[Any], b: list[Any], batched: frozenset[int]) -> bool:
-    """Whether two leaf lists can be merged: same count, same shapes except batched dims."""
+    """Whether two leaf lists can be merged: same count, same shapes except batched dims, and equal values in the
+    tensors every row shares (``merge_rows`` keeps the first's: Flux Kontext's position ids and rotary tables of a
+    landscape and a portrait reference have one shape, and merged calls ran with the first's until session 52)."""
     if len(a) != len(b):
         return False
     for i, (x, y) in enumerate(zip(a, b)):
@@ -94,5 +96,7 @@ def same_layout(a: list[Any], b: list[Any], batched: frozenset[int]) -> bool:
         if isinstance(x, torch.Tensor):
             shape_x, shape_y = (x.shape[1:], y.shape[1:]) if i in batched else (x.shape, y.shape)
             if shape_x != shape_y or x.dtype != y.dtype:
+                return False
+            if i not in batched and x is not y and not torch.equal(x, y):
                 return False
     return True

@@ -114,7 +114,8 @@ def reconstruction_loss(preds: Sequence[torch.Tensor], targets: Sequence[torch.T
 def reconstruct_block(block: nn.Module, layers: dict[str, QuantLayer], originals: dict[str, nn.Module],
                       batches: BatchFn, num_samples: int, config: PTQConfig, seed: int = 0,
                       sample_groups: Sequence[int] | torch.Tensor | None = None,
-                      selector: StepGroups | None = None) -> None:
+                      selector: StepGroups | None = None,
+                      sample_layouts: Sequence[int] | torch.Tensor | None = None) -> None:
     """Optimise the rounding (and activation scales) of ``layers`` inside ``block``; freeze codes.
 
     ``sample_groups`` (with ``selector``, timestep groups): each sample's group. A batch then holds samples of
@@ -131,7 +132,8 @@ def reconstruct_block(block: nn.Module, layers: dict[str, QuantLayer], originals
         total = max(config.recon_iters, config.recon_act_iters if act_params else 0)  # no scales: nothing to learn
         with torch.enable_grad():
             for it in range(total):
-                idx = _batch_indices(num_samples, config.recon_batch, generator, sample_groups, selector)
+                idx = _batch_indices(num_samples, config.recon_batch, generator, sample_groups, selector,
+                                     sample_layouts)
                 args, kwargs, target = batches(idx)
                 loss = reconstruction_loss(tensors_in(block(*args, **kwargs)), tensors_in(target), config.recon_p)
                 beta = _beta(it, config.recon_iters, config)
@@ -155,16 +157,21 @@ def reconstruct_block(block: nn.Module, layers: dict[str, QuantLayer], originals
 
 def _batch_indices(num_samples: int, batch: int, generator: torch.Generator,
                    sample_groups: Sequence[int] | torch.Tensor | None,
-                   selector: StepGroups | None) -> torch.Tensor:
+                   selector: StepGroups | None, sample_layouts: Sequence[int] | torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """A random batch of sample indices; with groups, of the group of a random sample (groups weighted by their
-    sample counts), and ``selector`` forced to that group."""
+    sample counts), and ``selector`` forced to that group; with layouts (``SampleStore.layout_classes``), of the
+    random sample's layout too, since only those merge into one call."""
     order = torch.randperm(num_samples, generator=generator)
-    if sample_groups is None or selector is None:
-        return order[:batch]
-    groups = torch.as_tensor(sample_groups)
-    group = int(groups[order[0]])
-    selector.forced = group
-    return order[groups[order] == group][:batch]
+    keep = torch.ones(num_samples, dtype=torch.bool)
+    if sample_layouts is not None:
+        layouts = torch.as_tensor(sample_layouts)
+        keep &= layouts[order] == layouts[order[0]]
+    if sample_groups is not None and selector is not None:
+        groups = torch.as_tensor(sample_groups)
+        selector.forced = int(groups[order[0]])
+        keep &= groups[order] == groups[order[0]]
+    return order[keep][:batch]
 
 
 def store_batches(samples: SampleStore, name: str, device: torch.device,
@@ -199,16 +206,22 @@ def _block_outputs(samples: SampleStore, name: str, device: torch.device, block:
                    chunk: int = 16) -> tuple[torch.Tensor, ...] | None:
     """``block``'s output streams on every stored call of ``name``, the samples along dim 0: once per block, not at
     every reconstruction iteration; None when a stream has no batch dimension."""
-    count, parts = len(samples.samples(name)), []
-    for start in range(0, count, chunk):
-        rows = list(range(start, min(start + chunk, count)))
-        call = samples.batch(name, rows)
-        args, kwargs = _moved(call.args, device), {k: _moved(v, device) for k, v in call.kwargs.items()}
-        streams = tuple(tensors_in(block(*args, **kwargs)))
-        if any(stream.dim() == 0 or stream.shape[0] != len(rows) for stream in streams):
-            return None
-        parts.append(streams)
-    return tuple(torch.cat(stream) for stream in zip(*parts))
+    layouts = samples.layout_classes(name)  # chunks of one layout: only those merge into one call
+    order, parts = [], []
+    for layout in sorted(set(layouts)):
+        members = [index for index, value in enumerate(layouts) if value == layout]
+        for start in range(0, len(members), chunk):
+            rows = members[start:start + chunk]
+            call = samples.batch(name, rows)
+            args, kwargs = _moved(call.args, device), {k: _moved(v, device) for k, v in call.kwargs.items()}
+            streams = tuple(tensors_in(block(*args, **kwargs)))
+            if any(stream.dim() == 0 or stream.shape[0] != len(rows) for stream in streams):
+                return None
+            order.extend(rows)
+            parts.append(streams)
+    position = torch.empty(len(order), dtype=torch.long)
+    position[torch.tensor(order)] = torch.arange(len(order))  # back to sample order
+    return tuple(torch.cat(stream)[position.to(stream[0].device)] for stream in zip(*parts))
 
 
 def float_block(block: nn.Module, unit: str, layers: dict[str, QuantLayer],
@@ -250,8 +263,10 @@ def reconstruct_blocks(pipe: Any, config: PTQConfig, samples: SampleStore | None
         batches, count = store_batches(samples, unit, device, target_block)
         groups = None if selector is None or step_group is None else \
             torch.tensor([step_group(sample.step.step_index) for sample in samples.samples(unit)])
+        layouts = samples.layout_classes(unit)
         reconstruct_block(denoiser.get_submodule(unit), layers, originals, batches, count, config,
-                          sample_groups=groups, selector=selector)
+                          sample_groups=groups, selector=selector,
+                          sample_layouts=torch.tensor(layouts) if len(set(layouts)) > 1 else None)
     state.notes.append(f"block reconstruction: {config.recon_iters} AdaRound iterations per block, "
                        f"{config.recon_act_iters} activation-step iterations, fp block inputs")
     _note_memory_capped(state, samples, config, reconstructed)
