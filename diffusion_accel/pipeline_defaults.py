@@ -246,7 +246,7 @@ def _describe_type(annotation: Any) -> str:
     return _SIMPLE_TYPES.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
-IMAGE_ARGUMENTS = ("image", "mask_image", "control_image")  # inputs image-conditioned pipelines need
+IMAGE_ARGUMENTS = ("image", "mask_image", "control_image", "control_mask")  # inputs image-conditioned pipelines need
 IP_ADAPTER_ARGUMENTS = ("ip_adapter_image", "ip_adapter_image_embeds")  # one of them, once an IP-Adapter is loaded
 
 

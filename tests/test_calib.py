@@ -1210,3 +1210,82 @@ def test_flux_position_ids_and_rotary_tables_stay_whole_at_a_batch_equal_to_thei
     calib = calibrate(pipe, [f"item {i}" for i in range(8)], num_inference_steps=2, steps="all", batch_size=4,
                       height=8, width=8, store_trajectory=True, progress=False)
     calib.replay(RangeObserver(["x_embedder"]), pipe.transformer, batch_size=8, progress=False)
+
+
+def test_calls_whose_shared_position_tables_differ_are_never_merged():
+    """Flux Kontext's ids and rotary tables follow the reference image's shape: a 16x32 and a 32x16 reference
+    have one token count, and merged records / samples ran with the first's tables (replay(batch_size=2), block
+    reconstruction's batches), 0.09 off on the second row."""
+    from diffusers import FluxKontextPipeline
+
+    from diffusion_accel.calib import SampleStore
+    from diffusion_accel.calib.trajectory import group_records
+    from diffusion_accel.quant.reconstruct import _block_outputs
+
+    pipe = FluxKontextPipeline(**build_tiny("flux").components)
+    store = SampleStore(["transformer_blocks.0"], max_samples=64, with_outputs=True)
+    images = [torch.rand(1, 3, 16, 32), torch.rand(1, 3, 32, 16)]
+    calib = calibrate(pipe, ["a", "b"], num_inference_steps=2, steps="all", height=16, width=16, image=images,
+                      _auto_resize=False, max_area=256, max_sequence_length=8, collectors=[store],
+                      store_trajectory=True, progress=False)
+    assert all(len(group) == 1 for group in group_records(calib.trajectory, 2))
+    layouts = store.layout_classes("transformer_blocks.0")
+    assert sorted(set(layouts)) == [0, 1] and len(layouts) == 4
+    with pytest.raises(ValueError, match="different input layouts"):
+        store.batch("transformer_blocks.0")
+    block = pipe.transformer.transformer_blocks[0]
+    outputs = _block_outputs(store, "transformer_blocks.0", torch.device("cpu"), block)
+    for index, sample in enumerate(store.samples("transformer_blocks.0")):
+        torch.testing.assert_close(outputs[1][index:index + 1], sample.output[1])
+
+
+def test_sd3_controlnet_inpainting_masks_are_split_per_prompt():
+    """control_mask was no image argument: every call got the whole list (calibrate failed inside diffusers,
+    evaluate gave each job every mask)."""
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetInpaintingPipeline
+
+    from diffusion_accel.eval.pipes import build_call_kwargs, make_jobs
+
+    sd3 = build_tiny("sd3")
+    config = sd3.transformer.config
+    controlnet = SD3ControlNetModel(
+        sample_size=config.sample_size, patch_size=config.patch_size, in_channels=config.in_channels, num_layers=1,
+        attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads,
+        joint_attention_dim=config.joint_attention_dim, caption_projection_dim=config.caption_projection_dim,
+        pooled_projection_dim=config.pooled_projection_dim, out_channels=config.out_channels,
+        pos_embed_max_size=config.pos_embed_max_size, extra_conditioning_channels=1)
+    parts = {name: part for name, part in sd3.components.items() if name not in ("image_encoder", "feature_extractor")}
+    pipe = StableDiffusion3ControlNetInpaintingPipeline(**parts, controlnet=controlnet)
+    controls = [torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)]
+    masks = [torch.ones(1, 1, 32, 32), torch.zeros(1, 1, 32, 32)]
+    kwargs = build_call_kwargs(pipe, make_jobs(["a", "b"])[1:], num_inference_steps=2,
+                               call_kwargs={"control_image": controls, "control_mask": masks})
+    assert kwargs["control_mask"] == [masks[1]] and kwargs["control_image"] == [controls[1]]
+    calibration = calibrate(pipe, ["a", "b"], num_inference_steps=2, height=32, width=32, control_image=controls,
+                            control_mask=masks, progress=False)
+    assert len(calibration.trajectory) == 4
+
+
+def test_several_images_per_prompt_keep_each_prompts_input_image_on_its_rows():
+    """diffusers tiles an image list against repeated prompts ([A, B] -> A, B, A, B for p0, p0, p1, p1): calibrate
+    with num_images_per_prompt=2 and batch_size=2 paired half the rows with another prompt's image or mask."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline
+
+    from diffusion_accel.calib.inputs import plan_calls
+
+    sd = build_tiny("sd")
+    pipe = StableDiffusionImg2ImgPipeline(**sd.components)
+    images = [torch.full((3, 32, 32), 0.2), torch.full((3, 32, 32), 0.9)]
+    (call,) = plan_calls(pipe, ["a cat", "a dog"], num_inference_steps=2, batch_size=2, num_images_per_prompt=2,
+                         guidance_scale=None, negative_prompt=["ugly", "blurry"], seed=0,
+                         call_kwargs={"image": images, "strength": 0.5})
+    assert call.kwargs["prompt"] == ["a cat", "a cat", "a dog", "a dog"] and "num_images_per_prompt" not in call.kwargs
+    assert call.kwargs["negative_prompt"] == ["ugly", "ugly", "blurry", "blurry"]
+    assert [image is images[0] for image in call.kwargs["image"]] == [True, True, False, False]
+    calibration = calibrate(pipe, ["a cat", "a dog"], num_inference_steps=2, batch_size=2, num_images_per_prompt=2,
+                            image=images, strength=0.5, progress=False)
+    assert calibration.trajectory[0].batch == 8  # 2 prompts x 2 images, with CFG
+    controlled = StableDiffusionControlNetPipeline(
+        **sd.components, controlnet=ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(4, 8)))
+    calibrate(controlled, ["a cat", "a dog"], num_inference_steps=2, batch_size=2, num_images_per_prompt=2,
+              image=images, progress=False)  # a ControlNet takes one image per row as well

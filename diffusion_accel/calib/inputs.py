@@ -224,8 +224,25 @@ def plan_calls(pipe: Any, items: list[Any], *, num_inference_steps: int, batch_s
                        for name in OTHER_PROMPTS if name in shared}
         kwargs |= {name: per_prompt_images(shared[name], range(len(items))[chunk])
                    for name in split_images if isinstance(shared.get(name), (list, tuple))}
-        calls.append(PlannedCall(kwargs=kwargs, num_items=len(items[chunk]), seed=seed + index))
+        calls.append(PlannedCall(kwargs=_rows_per_image(kwargs, split_images), num_items=len(items[chunk]),
+                                 seed=seed + index))
     return calls
+
+
+def _rows_per_image(kwargs: dict[str, Any], image_names: Sequence[str]) -> dict[str, Any]:
+    """A call of several prompts, each with its own input image, and ``num_images_per_prompt`` > 1, as one row per
+    image: every prompt, per-prompt text and image repeated ``num_images_per_prompt`` times in a row, one image per
+    prompt (the same latents: one generator, one batch). diffusers tiles such image lists ([A, B] -> A, B, A, B
+    against prompts p0, p0, p1, p1: instruct-pix2pix, inpainting) where ControlNets repeat each image: half the
+    rows paired a prompt with another's image or mask until session 52."""
+    per_image = kwargs.get("num_images_per_prompt", 1)
+    images = [name for name in image_names if isinstance(kwargs.get(name), list) and len(kwargs[name]) > 1]
+    if per_image == 1 or not images:
+        return kwargs
+    repeated = {name: [value for value in kwargs[name] for _ in range(per_image)]
+                for name in ("prompt", "negative_prompt", *OTHER_PROMPTS, *images)
+                if isinstance(kwargs.get(name), list)}
+    return {name: value for name, value in kwargs.items() if name != "num_images_per_prompt"} | repeated
 
 
 def _embeds_guidance(pipe: Any) -> bool:
