@@ -74,17 +74,33 @@ def state_bytes(module: torch.nn.Module) -> dict[str, int]:
     return {k: t.numel() * t.element_size() for k, t in module.state_dict().items()}
 
 
+BASE_SAMPLE = "base-sample.safetensors"  # save's sample of the base's weights, to recognise it: no denoiser part
+
+
 def artifact_size(pipe: Any, base_state: dict[str, int]) -> dict[str, float]:
-    """Artifact bytes, and artifact + base tensors not replaced by quantized weights, vs fp32."""
+    """Sizes vs the fp32 denoiser's tensor bytes: the artifact's technique files (tensors with their safetensors
+    headers) and manifest.json, and standalone = those + the base tensors they do not replace (what a quantized
+    checkpoint holds); tensors = the tensor bytes alone (codes, scales, zero points, kept base tensors: no headers,
+    no manifest). The base-sample file is reported, not counted (until session 52 it was, in an "artifact" the table
+    called the PTQ file only)."""
     layers = set(get_state(denoiser_of(pipe)).layers)
-    kept = {k: v for k, v in base_state.items() if not (k.endswith(".weight") and k[:-7] in layers)}
+    kept = sum(v for k, v in base_state.items() if not (k.endswith(".weight") and k[:-7] in layers))
     with tempfile.TemporaryDirectory() as folder:
         save(pipe, folder)
-        artifact = sum(f.stat().st_size for f in Path(folder).iterdir())
+        files = {f.name: f.stat().st_size for f in Path(folder).iterdir()}
+        tensor_bytes = sum(tensor_payload(f) for f in Path(folder).glob("*.safetensors") if f.name != BASE_SAMPLE)
+    artifact = sum(size for name, size in files.items() if name != BASE_SAMPLE)
     fp32 = sum(base_state.values())
-    standalone = artifact + sum(kept.values())
-    return {"artifact_mb": artifact / 2**20, "standalone_mb": standalone / 2**20, "fp32_mb": fp32 / 2**20,
-            "standalone_ratio": standalone / fp32, "artifact_ratio": artifact / fp32}
+    return {"artifact_mb": artifact / 2**20, "standalone_mb": (artifact + kept) / 2**20, "fp32_mb": fp32 / 2**20,
+            "standalone_ratio": (artifact + kept) / fp32, "artifact_ratio": artifact / fp32,
+            "tensors_ratio": (tensor_bytes + kept) / fp32, "files": files}
+
+
+def tensor_payload(path: Path) -> int:
+    """Bytes of the tensors in a safetensors file: the file less its 8-byte length field and JSON header."""
+    with path.open("rb") as handle:
+        header_length = int.from_bytes(handle.read(8), "little")
+    return path.stat().st_size - 8 - header_length
 
 
 def weight_only_size(make_pipe: Callable[[], Any], config: PTQConfig, base_state: dict[str, int]) -> dict[str, float]:
@@ -160,6 +176,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                "resolution": RESOLUTION if args.model == "sd15" else 32,
                                "batch": BATCH if args.model == "sd15" else args.batch_prompts, "repeats": args.repeats,
                                "compiled_repeats": args.compiled_repeats, "latency": {}, "size": sizes}
+    if args.size_only:  # the W8A8 artifact too (a calibrated quantize_), no timing
+        quantized_denoiser(pipe, config, results, "static")
+        sizes["w8a8"] = artifact_size(pipe, base_state)
+        return results
     lat = results["latency"]
     partial = args.out.with_suffix(".partial.json")  # checkpoint of a run in progress (git-ignored)
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -213,6 +233,8 @@ def quantized_denoiser(pipe: Any, config: PTQConfig, results: dict[str, Any], ac
 
 def markdown(results: dict[str, Any]) -> str:
     """A Markdown table of latencies (with ratios to fp32 eager / compiled) and sizes."""
+    if not results["latency"]:
+        return size_markdown(results)
     lat = results["latency"]
     base, compiled = lat["fp32_eager"]["median_ms"], lat.get("fp32_compiled", {}).get("median_ms")
     m = results["machine"]
@@ -230,18 +252,35 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {item['median_ms']:.0f} | {base / item['median_ms']:.2f}x | {ratio_c} |")
     if "bf16_eager" not in lat:
         lines += ["", "bf16 eager not timed (`--no-bf16`: this CPU emulates bf16)."]
-    lines += ["", "| weights | artifact MB | standalone MB | standalone / fp32 |", "|---|---|---|---|"]
-    for name, size in results["size"].items():
-        lines.append(f"| {name} | {size['artifact_mb']:.0f} | {size['standalone_mb']:.0f} | "
-                     f"{size['standalone_ratio']:.3f} |")
-    lines += ["", f"fp32 denoiser: {results['size']['w8a8']['fp32_mb']:.0f} MB (artifact = PTQ file only; "
-              "standalone = artifact + the base tensors it does not replace)."]
+    lines += size_lines(results)
     for suffix, title in (("", "Static activations"), ("_dynamic_per_tensor", "Dynamic per-tensor activations "
                                                                                 "(no range calibration)")):
         if f"summary{suffix}" in results:  # the modes --act-modes ran (static alone was assumed: KeyError)
             lines += ["", f"{title}; quantize time {results[f'quantize_s{suffix}']:.0f} s:", "", "```",
                       results[f"summary{suffix}"], "```"]
     return "\n".join(lines) + "\n"
+
+
+def size_markdown(results: dict[str, Any]) -> str:
+    """The size table of a --size-only run."""
+    m = results["machine"]
+    lines = [f"# PTQ size: {results['model']} denoiser", "", f"CPU {m['cpu_model']}, torch {m.get('torch_version')}; "
+             f"W8A8 calibrated as the speed run does (quantize time {results['quantize_s']:.0f} s)."]
+    return "\n".join(lines + size_lines(results) + ["", "```", results["summary"], "```"]) + "\n"
+
+
+def size_lines(results: dict[str, Any]) -> list[str]:
+    lines = ["", "| weights | artifact MB | standalone MB | standalone / fp32 | tensors alone / fp32 |",
+             "|---|---|---|---|---|"]
+    for name, size in results["size"].items():
+        tensors = f"{size['tensors_ratio']:.3f}" if "tensors_ratio" in size else "not recorded"
+        lines.append(f"| {name} | {size['artifact_mb']:.1f} | {size['standalone_mb']:.1f} | "
+                     f"{size['standalone_ratio']:.3f} | {tensors} |")
+    lines += ["", f"fp32 denoiser: {results['size']['w8a8']['fp32_mb']:.1f} MB of tensors (artifact = the PTQ "
+              "safetensors file with its header + manifest.json, not the base-sample file that recognises the base; "
+              "standalone = artifact + the base tensors it does not replace; tensors alone = codes, scales, zero "
+              "points and kept base tensors, no headers or manifest)."]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -258,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-prompts", type=COUNT, default=32,
                         help="zoo models: prompts per call (fashion-sd's CFG doubles the denoiser batch; "
                              "fashion-flux's true CFG calls the branches apart)")
+    parser.add_argument("--size-only", action="store_true", help="sizes alone (int4 weight-only, calibrated W8A8)")
     parser.add_argument("--out", type=report_path, default=RESULTS / "ptq_speed.json", help="JSON (Markdown beside it)")
     args = parser.parse_args(argv)
     results = run(args)

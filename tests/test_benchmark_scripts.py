@@ -447,3 +447,24 @@ def test_cache_blocks_and_cache_sd_create_a_missing_out_folder(tmp_path, monkeyp
     sd_out = tmp_path / "sd" / "cache_sd.json"
     cache_sd.main(["--skip-quality", "--skip-timing", "--out", str(sd_out)])
     assert json.loads(sd_out.read_text())["parity_max_abs_diff"] == {}
+
+
+def test_ptq_speed_sizes_count_the_ptq_file_and_manifest_not_the_base_sample():
+    """Since session 51's base-sample file the "artifact = PTQ file only" size counted it as well; the tensors-alone
+    ratio (no safetensors header, no manifest) is the payload's."""
+    import ptq_speed
+
+    from diffusion_accel.quant import PTQConfig, quantize_
+    from diffusion_accel.testing.tiny import build_tiny
+
+    pipe = build_tiny("sd")
+    base_state = ptq_speed.state_bytes(pipe.unet)
+    quantize_(pipe, PTQConfig(weights="int8", activations=None))
+    size = ptq_speed.artifact_size(pipe, base_state)
+    files = size["files"]
+    assert set(files) == {"00-ptq.safetensors", "manifest.json", "base-sample.safetensors"}
+    fp32 = sum(base_state.values())
+    assert size["artifact_ratio"] * fp32 == files["00-ptq.safetensors"] + files["manifest.json"]
+    assert size["tensors_ratio"] < size["standalone_ratio"]
+    codes = sum(module.weight_codes.numel() for module in pipe.unet.modules() if hasattr(module, "weight_codes"))
+    assert size["tensors_ratio"] * fp32 > codes  # at least the int8 codes
