@@ -3,6 +3,7 @@ or on a zoo pipeline's denoiser (``--model fashion-sd``: real weights and real d
 
     python benchmarks/ptq_speed.py [--repeats 5] [--no-compile] [--threads 2]
     python benchmarks/ptq_speed.py --model fashion-sd --out benchmarks/results/ptq_speed_fashion-sd.json
+    python benchmarks/ptq_speed.py --model fashion-sd --size-only --out benchmarks/results/ptq_size_fashion-sd.json
 
 Denoiser-only latency, median of ``repeats`` after warm-up, every variant timed in this process:
 fp32 eager, fp32 ``torch.compile``, bf16 eager (``--no-bf16`` skips it), W8A8 lowered eager and compiled
