@@ -103,6 +103,11 @@ def test_router_config_validates_and_round_trips():
     config = RouterCacheConfig(((0, 1), (1,), ()), 2, budget=0.5, timesteps=(3.0, 2.0, 1.0))
     assert config.num_inference_steps == 3 and config.block_fraction() == 0.5
     assert config_from_dict(config_to_dict(config)) == config
+    # the same count and start on other noise levels (another resolution's shift): only rows from first_step on
+    timed = RouterCacheConfig(((0, 1), (), (), (0, 1), (0,), (1,)), 2, first_step=3,
+                              timesteps=(1000.0, 800.0, 600.0, 400.0, 200.0, 100.0), resample=False)
+    assert source_steps(timed, 6, [1000.0, 800.0, 600.0, 400.0, 200.0, 100.0]) == [0, 1, 2, 3, 4, 5]
+    assert source_steps(timed.with_(resample=True), 6, [1000.0, 990.0, 980.0, 970.0, 700.0, 100.0])[3:] == [3, 3, 5]
     for bad, message in [(((0,), (1,)), "must list every block"), (((0, 1), (2,)), "outside"),
                          ((), "at least one step"), (((0, 1), (True,)), "int block indices")]:
         with pytest.raises(ValueError, match=message):

@@ -31,12 +31,15 @@ def source_steps(config: RouterCacheConfig, num_steps: int, timesteps: list[floa
     """For each step of a ``num_steps`` call, the learned step whose decisions it takes: the one at the nearest
     noise level when ``timesteps`` (the call's) and the config's are known, else the nearest relative position
     (the same step when the schedules agree). ValueError when they differ and ``config.resample`` is False."""
-    learned = config.num_inference_steps
+    learned, start = config.num_inference_steps, config.first_step
     if timesteps is not None and config.timesteps is not None and len(timesteps) == num_steps:
         levels, wanted = scaled_timesteps(timesteps), scaled_timesteps(config.timesteps)
         relative = [step * (learned - 1) / max(num_steps - 1, 1) for step in range(num_steps)]
-        sources = [min(range(learned), key=lambda source: (abs(wanted[source] - levels[step]),
-                                                            abs(source - relative[step])))
+        # from a mid-schedule start (img2img) only the rows learned from it on: the earlier ones never ran (empty),
+        # and another resolution's shift put running steps on them until session 52; earlier steps never run
+        sources = [step if step < start else
+                   min(range(start, learned), key=lambda source: (abs(wanted[source] - levels[step]),
+                                                                  abs(source - relative[step])))
                    for step in range(num_steps)]
     else:
         sources = [round(step * (learned - 1) / max(num_steps - 1, 1)) for step in range(num_steps)]
