@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ..argtypes import SEED_LIMIT
 from ..arch.registry import UnsupportedModelError, get_adapter
 from ..pipeline_defaults import (OTHER_PROMPTS, call_defaults, check_call_arguments,
@@ -235,14 +237,21 @@ def _rows_per_image(kwargs: dict[str, Any], image_names: Sequence[str]) -> dict[
     prompt (the same latents: one generator, one batch). diffusers tiles such image lists ([A, B] -> A, B, A, B
     against prompts p0, p0, p1, p1: instruct-pix2pix, inpainting) where ControlNets repeat each image: half the
     rows paired a prompt with another's image or mask until session 52."""
-    per_image = kwargs.get("num_images_per_prompt", 1)
-    images = [name for name in image_names if isinstance(kwargs.get(name), list) and len(kwargs[name]) > 1]
-    if per_image == 1 or not images:
+    per_image, prompts = kwargs.get("num_images_per_prompt", 1), len(kwargs.get("prompt") or ())
+    lists = [name for name in image_names if isinstance(kwargs.get(name), list) and len(kwargs[name]) > 1]
+    batches = [name for name in image_names if _image_batch(kwargs.get(name), prompts)]
+    if per_image == 1 or not lists + batches:
         return kwargs
     repeated = {name: [value for value in kwargs[name] for _ in range(per_image)]
-                for name in ("prompt", "negative_prompt", *OTHER_PROMPTS, *images)
+                for name in ("prompt", "negative_prompt", *OTHER_PROMPTS, *lists)
                 if isinstance(kwargs.get(name), list)}
+    repeated |= {name: kwargs[name].repeat_interleave(per_image, dim=0) for name in batches}
     return {name: value for name, value in kwargs.items() if name != "num_images_per_prompt"} | repeated
+
+
+def _image_batch(value: Any, prompts: int) -> bool:
+    """Whether ``value`` is one batched (N, C, H, W) tensor of an image or mask per prompt of a call of several."""
+    return isinstance(value, torch.Tensor) and value.ndim == 4 and prompts > 1 and value.shape[0] == prompts
 
 
 def _embeds_guidance(pipe: Any) -> bool:
