@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -1282,6 +1283,10 @@ def test_several_images_per_prompt_keep_each_prompts_input_image_on_its_rows():
     assert call.kwargs["prompt"] == ["a cat", "a cat", "a dog", "a dog"] and "num_images_per_prompt" not in call.kwargs
     assert call.kwargs["negative_prompt"] == ["ugly", "ugly", "blurry", "blurry"]
     assert [image is images[0] for image in call.kwargs["image"]] == [True, True, False, False]
+    (call,) = plan_calls(pipe, ["a cat", "a dog"], num_inference_steps=2, batch_size=2, num_images_per_prompt=2,
+                         guidance_scale=None, negative_prompt=None, seed=0,
+                         call_kwargs={"image": torch.stack(images), "strength": 0.5})  # one batched tensor
+    assert torch.equal(call.kwargs["image"], torch.stack([images[0], images[0], images[1], images[1]]))
     calibration = calibrate(pipe, ["a cat", "a dog"], num_inference_steps=2, batch_size=2, num_images_per_prompt=2,
                             image=images, strength=0.5, progress=False)
     assert calibration.trajectory[0].batch == 8  # 2 prompts x 2 images, with CFG
@@ -1289,3 +1294,23 @@ def test_several_images_per_prompt_keep_each_prompts_input_image_on_its_rows():
         **sd.components, controlnet=ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(4, 8)))
     calibrate(controlled, ["a cat", "a dog"], num_inference_steps=2, batch_size=2, num_images_per_prompt=2,
               image=images, progress=False)  # a ControlNet takes one image per row as well
+
+
+def test_an_lcm_unet_embeds_its_guidance_and_gets_no_cfg_warning():
+    """LCM feeds guidance_scale to the UNet (time_cond_proj_dim) and runs no CFG batch: calibrating it at guidance 1
+    warned that the unconditional branch is never observed."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+
+    from diffusion_accel.arch import get_adapter
+    from diffusion_accel.calib.inputs import _warn_if_cfg_is_off
+
+    sd = build_tiny("sd")
+    unet = UNet2DConditionModel(**{**sd.unet.config, "time_cond_proj_dim": 32})
+    pipe = LatentConsistencyModelPipeline(
+        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet, safety_checker=None,
+        scheduler=LCMScheduler.from_config(sd.scheduler.config), feature_extractor=None, requires_safety_checker=False)
+    assert get_adapter(pipe).embeds_guidance and not get_adapter(sd).embeds_guidance
+    params = dict(inspect.signature(pipe.__call__).parameters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_cfg_is_off(pipe, params, 1.0)

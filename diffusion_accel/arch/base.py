@@ -192,7 +192,8 @@ class DenoiserAdapter(ABC):
     denoiser_classes: ClassVar[tuple[str, ...]] = ()
     component: ClassVar[str] = "transformer"  # the pipeline attribute holding the denoiser
     # whether the pipelines of this family feed guidance_scale to the denoiser (distilled guidance) instead of
-    # running classifier-free guidance with it (true CFG, where offered, is a separate argument)
+    # running classifier-free guidance with it (true CFG, where offered, is a separate argument); an adapter may
+    # read it off the model (UNets with ``time_cond_proj_dim``: LCM)
     embeds_guidance: ClassVar[bool] = False
 
     def __init__(self, denoiser: nn.Module) -> None:

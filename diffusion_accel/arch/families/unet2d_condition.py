@@ -16,3 +16,9 @@ class UNet2DConditionAdapter(UNetAdapter):
 
     family = "unet2d_condition"
     denoiser_classes = ("UNet2DConditionModel",)
+
+    @property
+    def embeds_guidance(self) -> bool:  # type: ignore[override]
+        """LCM / TCD-style UNets (``time_cond_proj_dim`` set) take the guidance scale as an embedding and run no
+        classifier-free guidance batch (the CFG-off calibration warning was false for them until session 52)."""
+        return getattr(self.denoiser.config, "time_cond_proj_dim", None) is not None
