@@ -182,3 +182,25 @@ def test_the_structured_report_lists_what_exclude_kept_dense():
     assert pipe.unet.get_submodule(excluded).heads == 8
     skipped = prune_report(pipe).layers_skipped
     assert skipped[excluded].startswith("excluded") and list(skipped.values()).count("last block kept dense") == 1
+
+
+def test_a_structured_sparsity_that_rounds_to_nothing_is_refused_and_whole_kinds_are_named():
+    """0.05 of 8 heads rounds to none: pruning removed nothing, warned nothing and reported every output layer
+    pruned (the artifact held them as resized). Only the layers that lost columns are reported now."""
+    import warnings
+
+    from diffusion_accel.prune import prune_report
+
+    pipe = build_tiny("sd")
+    before = {name: value.clone() for name, value in pipe.unet.state_dict().items()}
+    with pytest.raises(ValueError, match=r"structured sparsity 0.05 removes nothing: heads \(round\(8 x 0.05\) = 0"):
+        prune_(pipe, PruneConfig(method="magnitude", sparsity=0.05, pattern="structured", prune_ffn=False))
+    assert all(torch.equal(before[name], value) for name, value in pipe.unet.state_dict().items())
+    with pytest.warns(UserWarning, match=r"structured sparsity 0.05 leaves whole: heads"):
+        prune_(pipe, PruneConfig(method="magnitude", sparsity=0.05, pattern="structured"))
+    report = prune_report(pipe)
+    assert report.heads_removed == 0 and report.neurons_removed > 0
+    assert report.layers_pruned and all(name.endswith("ff.net.2") for name in report.layers_pruned)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune_(build_tiny("sd"), PruneConfig(method="magnitude", sparsity=0.3, pattern="structured"))

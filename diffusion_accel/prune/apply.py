@@ -27,7 +27,7 @@ from .record import ensure_record, get_record
 from .report import REPORT_ATTR, PruneReport, count_parameters, zero_fraction
 from .sequential import MemoryBudget, SequentialPruner, SequentialStats, Sweep, accumulator_bytes
 from .sparse import enable_sparse_kernels
-from .structured import StructuredUnit, prune_structured_unit
+from .structured import StructuredUnit, prune_structured_unit, removable, largest_sizes
 from .unstructured import layer_error_curves, prune_layer_group, saliency_layer_sparsity, skip_reason
 
 TECHNIQUE = "prune"
@@ -119,7 +119,23 @@ def check_denoiser(denoiser: nn.Module, adapter: Any, config: PruneConfig) -> No
         raise ValueError(f"nothing to prune in {type(denoiser).__name__} with pattern {config.pattern!r} "
                          f"(all candidates excluded, kept dense, or too narrow for the pattern)")
     if config.structured:
+        _check_something_removed(units, config)
         _check_masks_survive(denoiser, units, config)
+
+
+def _check_something_removed(units: list[Any], config: PruneConfig) -> None:
+    """ValueError when the sparsity removes nothing (each count rounds: 0.1 of 4 heads is 0), which pruned nothing
+    silently, reported as pruned, until session 52; a warning for the kinds it leaves whole while others shrink."""
+    fraction, sizes = config.target_sparsity, largest_sizes(units)
+    totals = {kind: sum(removable(unit, fraction)[kind] for unit in units) for kind in sizes}
+    untouched = [f"{kind} (round({size} x {fraction:g}) = {round(size * fraction)} of the most {kind} one holds, {size})"
+                 for kind, size in sizes.items() if totals[kind] == 0]
+    if not any(totals.values()):
+        raise ValueError(f"structured sparsity {fraction:g} removes nothing: " + "; ".join(untouched)
+                         + "; raise sparsity (counts round to whole heads, neurons and channel groups)")
+    if untouched:
+        warnings.warn(f"structured sparsity {fraction:g} leaves whole: " + "; ".join(untouched),
+                      stacklevel=user_stacklevel())
 
 
 def _check_masks_survive(denoiser: nn.Module, units: list[Any], config: PruneConfig) -> None:
@@ -327,11 +343,12 @@ def _prune_structured(denoiser: nn.Module, adapter: Any, config: PruneConfig, sw
         if hessians is None:
             report.layers_skipped[unit.block] = "no calibration input reached its output projections"
             return
-        removed = prune_structured_unit(denoiser, unit, hessians, config.target_sparsity, config.damp, record)
+        removed, changed = prune_structured_unit(denoiser, unit, hessians, config.target_sparsity, config.damp,
+                                                 record)
         report.heads_removed += removed["heads"]
         report.neurons_removed += removed["neurons"]
         report.channels_removed += removed["channels"]
-        report.layers_pruned += unit.output_layers()
+        report.layers_pruned += changed
 
     stats = SequentialPruner(StructuredUnit.output_layers, prune_unit, sweep,
                              _budget(denoiser, config)).run(units, config.groups)

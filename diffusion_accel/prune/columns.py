@@ -20,6 +20,7 @@ class ColumnPruner:
         self.weight = weight.detach().to(torch.float32).clone()
         self.hessian = None if hessian is None else hessian.detach().to(torch.float32)
         self.damp = damp
+        self.removed = 0  # columns removed so far
 
     def inverse(self) -> torch.Tensor:
         """H^-1 of the damped Hessian (identity without a Hessian), (d, d)."""
@@ -48,6 +49,7 @@ class ColumnPruner:
         """Delete ``columns`` (long indices), compensating the others; the Hessian shrinks too."""
         if columns.numel() == 0:
             return
+        self.removed += columns.numel()
         keep = torch.ones(self.weight.shape[1], dtype=torch.bool, device=self.weight.device)
         keep[columns] = False
         if self.hessian is not None:

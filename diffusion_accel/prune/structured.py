@@ -90,6 +90,22 @@ def _removal_count(total: int, fraction: float) -> int:
     return min(round(total * fraction), total - 1)
 
 
+def removable(unit: StructuredUnit, fraction: float) -> dict[str, int]:
+    """Of each kind in ``unit`` (heads, FFN neurons, ResNet channel groups), how many ``fraction`` removes: the
+    count rounds, so 0.1 of 4 heads removes none."""
+    return {"heads": sum(_removal_count(attn.heads, fraction) for attn in unit.attentions),
+            "neurons": sum(_removal_count(ffn.hidden, fraction) for ffn in unit.ffns),
+            "channel groups": sum(_removal_count(resnet.groups, fraction) for resnet in unit.resnets)}
+
+
+def largest_sizes(units: list[StructuredUnit]) -> dict[str, int]:
+    """Of each kind present in ``units``, the largest count one attention / FFN / ResNet holds."""
+    sizes = {"heads": [attn.heads for unit in units for attn in unit.attentions],
+             "neurons": [ffn.hidden for unit in units for ffn in unit.ffns],
+             "channel groups": [resnet.groups for unit in units for resnet in unit.resnets]}
+    return {kind: max(values) for kind, values in sizes.items() if values}
+
+
 def remove_ffn_neurons(denoiser: nn.Module, ffn: FFNInfo, pruner: ColumnPruner, fraction: float,
                        record: PruneRecord) -> int:
     """Remove the lowest-scoring ``fraction`` of ``ffn``'s hidden neurons; returns how many."""
@@ -170,9 +186,10 @@ def set_head_count(module: nn.Module, heads: int, head_dim: int) -> None:
 
 
 def prune_structured_unit(denoiser: nn.Module, unit: StructuredUnit, hessians: dict[str, torch.Tensor | None],
-                          fraction: float, damp: float, record: PruneRecord) -> dict[str, int]:
+                          fraction: float, damp: float, record: PruneRecord) -> tuple[dict[str, int], list[str]]:
     """Prune one unit's ResNet channels, FFNs then heads (FFN columns follow attention columns in
-    shared layers)."""
+    shared layers); returns the counts removed and the output layers that lost columns (only those are rewritten:
+    a unit removing nothing was reported pruned, its layers rewritten unchanged, until session 52)."""
     pruners = {name: ColumnPruner(weight_matrix(denoiser.get_submodule(name)), hessians.get(name), damp)
                for name in unit.output_layers()}
     removed = {"neurons": 0, "heads": 0, "channels": 0}
@@ -182,7 +199,8 @@ def prune_structured_unit(denoiser: nn.Module, unit: StructuredUnit, hessians: d
         removed["neurons"] += remove_ffn_neurons(denoiser, ffn, pruners[ffn.proj_out], fraction, record)
     for attn in unit.attentions:
         removed["heads"] += remove_heads(denoiser, attn, pruners, fraction, record)
-    for name, pruner in pruners.items():
+    changed = [name for name, pruner in pruners.items() if pruner.removed]
+    for name in changed:
         record.note_shape(denoiser, name)
-        set_columns(denoiser, name, pruner.weight)
-    return removed
+        set_columns(denoiser, name, pruners[name].weight)
+    return removed, changed
