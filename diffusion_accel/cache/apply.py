@@ -16,7 +16,7 @@ from diffusers.hooks import HookRegistry
 from ..arch import find_denoiser, get_adapter
 from ..arch.registry import check_no_grouped_offload
 from ..artifact import base_fingerprint, mark_applied, marks_restored_on_error, unmark_applied
-from ..hooks import (CACHE_CLIENT, PER_CALL, check_no_cpu_offload, detach_tracker_if_unused, diffusers_cache_problem,
+from ..hooks import (CACHE_CLIENT, check_no_cpu_offload, detach_tracker_if_unused, diffusers_cache_problem,
                      get_tracker)
 from .configs import (BlockCacheConfig, CalibratedCacheConfig, DeepCacheConfig, DeltaCacheConfig,
                       EncoderPropagationConfig, FirstBlockCacheConfig, RouterCacheConfig, TeaCacheConfig,
@@ -25,7 +25,7 @@ from .delta import install_delta_cache
 from .encoder import encoder_point, install_encoder_cache, key_steps
 from .partial import (check_levels, deeper_points, few_values, is_unet, nearest_noise_level,
                       partial_steps_for_call, scaled_timesteps)
-from .policies import DeltaPolicy, FirstBlockPolicy, SchedulePolicy, TeaCachePolicy
+from .policies import DeltaPolicy, FirstBlockPolicy, SchedulePolicy, TeaCachePolicy, plan_from_other_start
 from .router import RouterPolicy, check_router, install_router_cache
 from .schedules import nonuniform_full_steps, resample_full_steps, uniform_full_steps
 from .session import (CacheSession, drop_empty_registry, end_session, finish_session, get_session,
@@ -232,14 +232,8 @@ class CalibratedPolicy(SchedulePolicy):
         another step count or starts at another step (its first step kept per context and call), else None. At the
         calibrated count a call starting earlier (text-to-image, a higher strength) ran the searched positions as
         they stood until session 51: steps before the searched ones reused the first step's features."""
-        if self.config.first_step == 0 or num_steps is None:
-            return None
-        first = state.setdefault(PER_CALL, {}).setdefault("first_step", step)
-        if num_steps == self.config.num_inference_steps and first == self.config.first_step:
-            return None
-        if (num_steps, first) not in self._running:
-            self._running[(num_steps, first)] = running_plan(self.config, num_steps, first)
-        return self._running[(num_steps, first)]
+        return plan_from_other_start(self.config, step, num_steps, state, self._running,
+                                     lambda steps, first: running_plan(self.config, steps, first))
 
     def _partial_plan(self, num_steps: int, timesteps: Any) -> dict[int, int]:
         if timesteps is None:

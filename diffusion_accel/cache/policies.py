@@ -15,6 +15,21 @@ from .schedules import uniform_full_steps
 from .streams import rel_l1
 
 
+def plan_from_other_start(config: Any, step: int, num_steps: int | None, state: dict, plans: dict,
+                          build: Callable[[int, int], Any]) -> Any:
+    """For a schedule or router made on calls starting mid-schedule (``config.first_step`` > 0, img2img): the plan
+    ``build(num_steps, first)`` of a call running another step count or starting at another step (its first step
+    kept per context and call in ``state[PER_CALL]``), cached in ``plans``; None otherwise (the config as made)."""
+    if config.first_step == 0 or num_steps is None:
+        return None
+    first = state.setdefault(PER_CALL, {}).setdefault("first_step", step)
+    if num_steps == config.num_inference_steps and first == config.first_step:
+        return None
+    if (num_steps, first) not in plans:
+        plans[(num_steps, first)] = build(num_steps, first)
+    return plans[(num_steps, first)]
+
+
 class SchedulePolicy:
     """Compute on a fixed set of steps, given as a function of the trajectory length."""
 

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from ..arch import get_adapter
-from ..hooks import PER_CALL
 from .computing import ComputingHook
 from .configs import RouterCacheConfig
 from .partial import few_values, scaled_timesteps
+from .policies import plan_from_other_start
 from .session import CacheSession
 from .stack import check_stack
 from .streams import STREAMS, BlockIO, add_streams, block_io, detached, sub_streams
@@ -106,14 +106,8 @@ class RouterPolicy:
         """``running_call_plan`` for this call when the router was learned on calls starting mid-schedule and this
         one runs another step count or starts at another step (its first step kept per context and call), else
         None (the plan over the whole trajectory)."""
-        if self.config.first_step == 0 or num_steps is None:
-            return None
-        first = state.setdefault(PER_CALL, {}).setdefault("first_step", step)
-        if num_steps == self.config.num_inference_steps and first == self.config.first_step:
-            return None
-        if (num_steps, first) not in self._running:
-            self._running[(num_steps, first)] = running_call_plan(self.config, num_steps, first)
-        return self._running[(num_steps, first)]
+        return plan_from_other_start(self.config, step, num_steps, state, self._running,
+                                     lambda steps, first: running_call_plan(self.config, steps, first))
 
     def blocks_at(self, step: int, num_steps: int | None, state: dict | None = None) -> frozenset[int]:
         """The blocks that run at ``step`` (all of them past the plan's end); ``state``: the context's, which
