@@ -1286,7 +1286,16 @@ def test_several_images_per_prompt_keep_each_prompts_input_image_on_its_rows():
     (call,) = plan_calls(pipe, ["a cat", "a dog"], num_inference_steps=2, batch_size=2, num_images_per_prompt=2,
                          guidance_scale=None, negative_prompt=None, seed=0,
                          call_kwargs={"image": torch.stack(images), "strength": 0.5})  # one batched tensor
-    assert torch.equal(call.kwargs["image"], torch.stack([images[0], images[0], images[1], images[1]]))
+    assert torch.equal(torch.stack(call.kwargs["image"]), torch.stack([images[0], images[0], images[1], images[1]]))
+    first, second = plan_calls(pipe, ["a cat", "a dog"], num_inference_steps=2, batch_size=1, num_images_per_prompt=1,
+                               guidance_scale=None, negative_prompt=None, seed=0,
+                               call_kwargs={"image": torch.stack(images), "strength": 0.5})
+    assert torch.equal(second.kwargs["image"][0], images[1])  # the whole tensor went to every call
+    from diffusion_accel.eval import evaluate
+
+    report = evaluate({"base": pipe}, ["a cat", "a dog"], metrics=("latency",), num_inference_steps=2, warmup=0,
+                      repeats=1, progress=False, call_kwargs={"image": torch.stack(images), "strength": 0.5})
+    assert report.rows[0]["images"] == 2  # "cannot duplicate image of batch size 2 to 1 text prompts" before
     calibration = calibrate(pipe, ["a cat", "a dog"], num_inference_steps=2, batch_size=2, num_images_per_prompt=2,
                             image=images, strength=0.5, progress=False)
     assert calibration.trajectory[0].batch == 8  # 2 prompts x 2 images, with CFG

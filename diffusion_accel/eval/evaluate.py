@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..artifact import pipeline_source, techniques_on
 from ..paths import empty_path, expand_home
-from ..pipeline_defaults import OTHER_PROMPTS, call_defaults, check_call_arguments, odd_image_list
+from ..pipeline_defaults import OTHER_PROMPTS, batches_as_lists, call_defaults, check_call_arguments, odd_image_list
 from ..scalars import plain_number
 from ..seeding import seeded_global_rng
 from .clip_score import DEFAULT_CLIP_MODEL, check_clip_reachable, clip_metric, clip_score
@@ -42,8 +42,8 @@ from .grid import make_grid
 from .machine import denoiser_runtime, machine_info
 from .memory import measure_peak_memory
 from .pipes import (ImageJob, PromptToKwargs, build_call_kwargs, check_call_kwargs, default_prompt_to_kwargs,
-                    denoiser_of, generate_images, is_text_conditioned, make_jobs, per_prompt_image_arguments, quiet_progress,
-                    whole_number)
+                    denoiser_of, generate_images, is_text_conditioned, make_jobs, per_prompt_image_arguments,
+                    quiet_progress, whole_number)
 from .report import EvalReport, report_folder_problem
 from .timing import PipelineTiming, pipeline_device, time_pipelines
 
@@ -147,8 +147,10 @@ class _Run:
 
     def call_kwargs_for(self, pipe: Any, jobs: Sequence[ImageJob]) -> dict[str, Any]:
         """Pipeline kwargs generating ``jobs`` (fresh seeded generators every time)."""
+        call_kwargs = batches_as_lists(self.call_kwargs or {}, per_prompt_image_arguments(pipe),
+                                       len(self.jobs) // self.images_per_prompt)  # a tensor of one per prompt
         return build_call_kwargs(pipe, jobs, num_inference_steps=self.num_inference_steps,
-                                 call_kwargs=self.call_kwargs, prompt_to_kwargs=self.prompt_to_kwargs)
+                                 call_kwargs=call_kwargs, prompt_to_kwargs=self.prompt_to_kwargs)
 
     def settings(self, num_processes: int, pipelines: Mapping[str, Any]) -> dict[str, Any]:
         """The run's settings as plain values for the report (with each pipeline's own call defaults)."""
