@@ -430,7 +430,8 @@ def test_cache_blocks_refuses_unknown_settings_before_any_work(capsys):
 
     with pytest.raises(SystemExit) as exit_info:
         cache_blocks.main(["--models", "fashion-sd", "--settings", "forecast_10of50"])
-    assert exit_info.value.code == 2 and "--settings forecast_10of50: not a setting of fashion-sd" in capsys.readouterr().err
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--settings forecast_10of50: not a setting of fashion-sd" in message
 
 
 def test_cache_blocks_and_cache_sd_create_a_missing_out_folder(tmp_path, monkeypatch):

@@ -128,8 +128,8 @@ def _check_something_removed(units: list[Any], config: PruneConfig) -> None:
     silently, reported as pruned, until session 52; a warning for the kinds it leaves whole while others shrink."""
     fraction, sizes = config.target_sparsity, largest_sizes(units)
     totals = {kind: sum(removable(unit, fraction)[kind] for unit in units) for kind in sizes}
-    untouched = [f"{kind} (round({size} x {fraction:g}) = {round(size * fraction)} of the most {kind} one holds, {size})"
-                 for kind, size in sizes.items() if totals[kind] == 0]
+    untouched = [f"{kind} (round({size} x {fraction:g}) = {round(size * fraction)} of the most {kind} one holds, "
+                 f"{size})" for kind, size in sizes.items() if totals[kind] == 0]
     if not any(totals.values()):
         raise ValueError(f"structured sparsity {fraction:g} removes nothing: " + "; ".join(untouched)
                          + "; raise sparsity (counts round to whole heads, neurons and channel groups)")
