@@ -404,3 +404,16 @@ def test_a_sibling_with_a_scheduler_of_its_own_maps_and_refuses_like_the_pipelin
     enable_cache(pipe, configs[0].with_(resample=False))
     with pytest.raises(ValueError, match="resample"):
         sibling(**tiny_call_kwargs(family, steps))
+
+
+def test_a_schedule_searched_from_mid_schedule_keeps_its_full_steps_on_the_steps_a_call_runs():
+    """Karras sigmas moved a full step of a strength-0.4 schedule ((0, 6, 7, 8) of 10) onto step 5, which the call
+    never runs: 2 of its 3 full steps computed, 0.043 off uncached instead of 0.015."""
+    from diffusion_accel.cache.apply import steps_at_noise_levels
+
+    config = CalibratedCacheConfig((0, 6, 7, 8), 10, first_step=6,
+                                   timesteps=(901.0, 801.0, 701.0, 601.0, 501.0, 401.0, 301.0, 201.0, 101.0, 1.0))
+    karras = [901.0, 815.0, 711.0, 582.0, 427.0, 260.0, 121.0, 40.0, 9.0, 1.0]
+    mapped = steps_at_noise_levels(config, karras)
+    assert mapped[:2] == [0, 6] and len(mapped) == 4 and min(mapped[1:]) >= 6
+    assert steps_at_noise_levels(config, list(config.timesteps)) == [0, 6, 7, 8]
