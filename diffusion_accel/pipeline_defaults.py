@@ -282,17 +282,13 @@ def odd_image_list(call_kwargs: Mapping[str, Any], num_prompts: int,
     return None
 
 
-def batches_as_lists(call_kwargs: Mapping[str, Any], names: Sequence[str], num_prompts: int) -> dict[str, Any]:
-    """``call_kwargs`` with every (N, C, H, W) tensor among ``names`` holding one image (or mask) per prompt of a
-    run of ``num_prompts`` > 1 as a list of N (C, H, W) tensors (diffusers deprecates lists of 4-D ones), which calls
-    split by prompt as image lists: the whole tensor went to every call (each prompt's rows tiled with the others', or
-    a shape error) until session 52."""
-    converted = dict(call_kwargs)
-    for name in names:
-        value = call_kwargs.get(name)
-        if isinstance(value, torch.Tensor) and value.ndim == 4 and num_prompts > 1 and value.shape[0] == num_prompts:
-            converted[name] = list(value.unbind(0))
-    return converted
+def prompt_rows(value: Any, indices: Sequence[int], num_prompts: int) -> Any:
+    """An (N, C, H, W) tensor holding one image (or mask) per prompt of a run of ``num_prompts`` > 1: its rows at
+    ``indices``, still a tensor (some pipelines use a tensor raw but preprocess a list); anything else as it is. The
+    whole tensor went to every call (each prompt's rows tiled with the others', or a shape error) until session 52."""
+    if isinstance(value, torch.Tensor) and value.ndim == 4 and num_prompts > 1 and value.shape[0] == num_prompts:
+        return value[list(indices)]
+    return value
 
 
 def per_prompt_images(value: Any, indices: Sequence[int]) -> Any:

@@ -22,11 +22,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ..argtypes import SEED_LIMIT
 from ..arch.registry import UnsupportedModelError, get_adapter
-from ..pipeline_defaults import (OTHER_PROMPTS, batches_as_lists, call_defaults, check_call_arguments,
-                                 check_guidance_scale_is_read, odd_image_list, per_prompt_image_arguments,
-                                 per_prompt_images, per_prompt_negative, per_prompt_values, with_tuples)
+from ..pipeline_defaults import (OTHER_PROMPTS, call_defaults, check_call_arguments, check_guidance_scale_is_read,
+                                 odd_image_list, per_prompt_image_arguments, per_prompt_images, per_prompt_negative,
+                                 per_prompt_values, prompt_rows, with_tuples)
 from ..scalars import is_finite_number, plain_number
 from ..stacklevel import user_stacklevel
 
@@ -200,7 +202,6 @@ def plan_calls(pipe: Any, items: list[Any], *, num_inference_steps: int, batch_s
     _check_other_prompts(call_kwargs, len(items))
     # a MultiControlNet's control images: one per ControlNet, left whole
     split_images = per_prompt_image_arguments(pipe) if mode == "prompt" else ()
-    call_kwargs = batches_as_lists(call_kwargs, split_images, len(items))
     _check_image_lists(call_kwargs, len(items), split_images)
     shared = {"num_inference_steps": num_inference_steps}
     if "output_type" in params:
@@ -225,6 +226,8 @@ def plan_calls(pipe: Any, items: list[Any], *, num_inference_steps: int, batch_s
                        for name in OTHER_PROMPTS if name in shared}
         kwargs |= {name: per_prompt_images(shared[name], range(len(items))[chunk])
                    for name in split_images if isinstance(shared.get(name), (list, tuple))}
+        kwargs |= {name: prompt_rows(shared[name], range(len(items))[chunk], len(items))
+                   for name in split_images if isinstance(shared.get(name), torch.Tensor)}
         calls.append(PlannedCall(kwargs=_rows_per_image(kwargs, split_images), num_items=len(items[chunk]),
                                  seed=seed + index))
     return calls
@@ -236,13 +239,16 @@ def _rows_per_image(kwargs: dict[str, Any], image_names: Sequence[str]) -> dict[
     prompt (the same latents: one generator, one batch). diffusers tiles such image lists ([A, B] -> A, B, A, B
     against prompts p0, p0, p1, p1: instruct-pix2pix, inpainting) where ControlNets repeat each image: half the
     rows paired a prompt with another's image or mask until session 52."""
-    per_image = kwargs.get("num_images_per_prompt", 1)
+    per_image, prompts = kwargs.get("num_images_per_prompt", 1), len(kwargs.get("prompt") or ())
     images = [name for name in image_names if isinstance(kwargs.get(name), list) and len(kwargs[name]) > 1]
-    if per_image == 1 or not images:
+    batches = [name for name in image_names if prompt_rows(kwargs.get(name), range(prompts), prompts)
+               is not kwargs.get(name)]  # a tensor of one per prompt of this call
+    if per_image == 1 or not images + batches:
         return kwargs
     repeated = {name: [value for value in kwargs[name] for _ in range(per_image)]
                 for name in ("prompt", "negative_prompt", *OTHER_PROMPTS, *images)
                 if isinstance(kwargs.get(name), list)}
+    repeated |= {name: kwargs[name].repeat_interleave(per_image, dim=0) for name in batches}
     return {name: value for name, value in kwargs.items() if name != "num_images_per_prompt"} | repeated
 
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..artifact import pipeline_source, techniques_on
 from ..paths import empty_path, expand_home
-from ..pipeline_defaults import OTHER_PROMPTS, batches_as_lists, call_defaults, check_call_arguments, odd_image_list
+from ..pipeline_defaults import OTHER_PROMPTS, call_defaults, check_call_arguments, odd_image_list, prompt_rows
 from ..scalars import plain_number
 from ..seeding import seeded_global_rng
 from .clip_score import DEFAULT_CLIP_MODEL, check_clip_reachable, clip_metric, clip_score
@@ -147,8 +147,9 @@ class _Run:
 
     def call_kwargs_for(self, pipe: Any, jobs: Sequence[ImageJob]) -> dict[str, Any]:
         """Pipeline kwargs generating ``jobs`` (fresh seeded generators every time)."""
-        call_kwargs = batches_as_lists(self.call_kwargs or {}, per_prompt_image_arguments(pipe),
-                                       len(self.jobs) // self.images_per_prompt)  # a tensor of one per prompt
+        num_prompts, indices = len(self.jobs) // self.images_per_prompt, [job.prompt_index for job in jobs]
+        call_kwargs = {name: prompt_rows(value, indices, num_prompts) if name in per_prompt_image_arguments(pipe)
+                       else value for name, value in (self.call_kwargs or {}).items()}  # a tensor of one per prompt
         return build_call_kwargs(pipe, jobs, num_inference_steps=self.num_inference_steps,
                                  call_kwargs=call_kwargs, prompt_to_kwargs=self.prompt_to_kwargs)
 
