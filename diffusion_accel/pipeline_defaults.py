@@ -286,9 +286,12 @@ def prompt_rows(value: Any, indices: Sequence[int], num_prompts: int) -> Any:
     """An (N, C, H, W) tensor holding one image (or mask) per prompt of a run of ``num_prompts`` > 1: its rows at
     ``indices``, still a tensor (some pipelines use a tensor raw but preprocess a list); anything else as it is. The
     whole tensor went to every call (each prompt's rows tiled with the others', or a shape error) until session 52."""
-    if isinstance(value, torch.Tensor) and value.ndim == 4 and num_prompts > 1 and value.shape[0] == num_prompts:
-        return value[list(indices)]
-    return value
+    return value[list(indices)] if is_prompt_batch(value, num_prompts) else value
+
+
+def is_prompt_batch(value: Any, num_prompts: int) -> bool:
+    """Whether ``value`` is an (N, C, H, W) tensor of one image or mask per prompt of ``num_prompts`` > 1."""
+    return isinstance(value, torch.Tensor) and value.ndim == 4 and num_prompts > 1 and value.shape[0] == num_prompts
 
 
 def per_prompt_images(value: Any, indices: Sequence[int]) -> Any:

@@ -27,8 +27,8 @@ import torch
 from ..argtypes import SEED_LIMIT
 from ..arch.registry import UnsupportedModelError, get_adapter
 from ..pipeline_defaults import (OTHER_PROMPTS, call_defaults, check_call_arguments, check_guidance_scale_is_read,
-                                 odd_image_list, per_prompt_image_arguments, per_prompt_images, per_prompt_negative,
-                                 per_prompt_values, prompt_rows, with_tuples)
+                                 is_prompt_batch, odd_image_list, per_prompt_image_arguments, per_prompt_images,
+                                 per_prompt_negative, per_prompt_values, prompt_rows, with_tuples)
 from ..scalars import is_finite_number, plain_number
 from ..stacklevel import user_stacklevel
 
@@ -241,8 +241,7 @@ def _rows_per_image(kwargs: dict[str, Any], image_names: Sequence[str]) -> dict[
     rows paired a prompt with another's image or mask until session 52."""
     per_image, prompts = kwargs.get("num_images_per_prompt", 1), len(kwargs.get("prompt") or ())
     images = [name for name in image_names if isinstance(kwargs.get(name), list) and len(kwargs[name]) > 1]
-    batches = [name for name in image_names if prompt_rows(kwargs.get(name), range(prompts), prompts)
-               is not kwargs.get(name)]  # a tensor of one per prompt of this call
+    batches = [name for name in image_names if is_prompt_batch(kwargs.get(name), prompts)]  # one per prompt
     if per_image == 1 or not images + batches:
         return kwargs
     repeated = {name: [value for value in kwargs[name] for _ in range(per_image)]
