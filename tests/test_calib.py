@@ -1301,6 +1301,12 @@ def test_several_images_per_prompt_keep_each_prompts_input_image_on_its_rows():
     report = evaluate({"base": pipe}, ["a cat", "a dog"], metrics=("latency",), num_inference_steps=2, warmup=0,
                       repeats=1, progress=False, call_kwargs={"image": torch.stack(images), "strength": 0.5})
     assert report.rows[0]["images"] == 2  # "cannot duplicate image of batch size 2 to 1 text prompts" before
+    generated = {}
+    for label, image in (("list", images), ("tensor", torch.stack(images))):  # the generated images too, not only
+        generated[label] = evaluate({"base": pipe}, ["a cat", "a dog"], metrics=("latency",), num_inference_steps=2,
+                                    warmup=0, repeats=1, progress=False, images_per_prompt=2, batch_size=2,
+                                    call_kwargs={"image": image, "strength": 0.5}).images["base"]  # the timed calls
+    assert torch.equal(torch.as_tensor(generated["list"]), torch.as_tensor(generated["tensor"]))
     calibration = calibrate(pipe, ["a cat", "a dog"], num_inference_steps=2, batch_size=2, num_images_per_prompt=2,
                             image=images, strength=0.5, progress=False)
     assert calibration.trajectory[0].batch == 8  # 2 prompts x 2 images, with CFG

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..artifact import pipeline_source, techniques_on
 from ..paths import empty_path, expand_home
-from ..pipeline_defaults import OTHER_PROMPTS, call_defaults, check_call_arguments, odd_image_list, prompt_rows
+from ..pipeline_defaults import OTHER_PROMPTS, call_defaults, check_call_arguments, odd_image_list
 from ..scalars import plain_number
 from ..seeding import seeded_global_rng
 from .clip_score import DEFAULT_CLIP_MODEL, check_clip_reachable, clip_metric, clip_score
@@ -147,11 +147,14 @@ class _Run:
 
     def call_kwargs_for(self, pipe: Any, jobs: Sequence[ImageJob]) -> dict[str, Any]:
         """Pipeline kwargs generating ``jobs`` (fresh seeded generators every time)."""
-        num_prompts, indices = len(self.jobs) // self.images_per_prompt, [job.prompt_index for job in jobs]
-        call_kwargs = {name: prompt_rows(value, indices, num_prompts) if name in per_prompt_image_arguments(pipe)
-                       else value for name, value in (self.call_kwargs or {}).items()}  # a tensor of one per prompt
         return build_call_kwargs(pipe, jobs, num_inference_steps=self.num_inference_steps,
-                                 call_kwargs=call_kwargs, prompt_to_kwargs=self.prompt_to_kwargs)
+                                 call_kwargs=self.call_kwargs, prompt_to_kwargs=self.prompt_to_kwargs,
+                                 num_prompts=self.num_prompts)
+
+    @property
+    def num_prompts(self) -> int:
+        """The run's prompt count."""
+        return len(self.jobs) // self.images_per_prompt
 
     def settings(self, num_processes: int, pipelines: Mapping[str, Any]) -> dict[str, Any]:
         """The run's settings as plain values for the report (with each pipeline's own call defaults)."""
@@ -177,7 +180,7 @@ def _generate_all(pipelines: Mapping[str, Any], run: _Run, state: Any, progress:
             local = generate_images(pipe, mine, num_inference_steps=run.num_inference_steps,
                                     batch_size=run.batch_size, call_kwargs=run.call_kwargs,
                                     prompt_to_kwargs=run.prompt_to_kwargs, progress=bar.update,
-                                    total=len(run.jobs))
+                                    total=len(run.jobs), num_prompts=run.num_prompts)
         except ValueError as error:
             raise ValueError(f"variant {name!r}: {error}") from error
         images[name] = torch.stack(merge_ordered(gather(local, state), len(run.jobs)))

@@ -32,7 +32,7 @@ from torch import nn
 from ..arch.registry import DENOISER_COMPONENTS
 from ..calib.inputs import check_class_ids
 from ..pipeline_defaults import (OTHER_PROMPTS, call_defaults, per_prompt_image_arguments, per_prompt_images,
-                                 per_prompt_negative, per_prompt_values, with_tuples)
+                                 per_prompt_negative, per_prompt_values, prompt_rows, with_tuples)
 from ..seeding import seeded_call
 from .images import to_uint8
 
@@ -267,9 +267,10 @@ def check_call_kwargs(call_kwargs: dict[str, Any] | None) -> dict[str, Any]:
 
 def build_call_kwargs(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_steps: int,
                       call_kwargs: dict[str, Any] | None = None,
-                      prompt_to_kwargs: PromptToKwargs | None = None) -> dict[str, Any]:
+                      prompt_to_kwargs: PromptToKwargs | None = None, num_prompts: int = 0) -> dict[str, Any]:
     """Keyword arguments generating ``jobs`` in one call, one seeded CPU generator per image
-    (``call_kwargs`` over the pipeline's own ``call_defaults``)."""
+    (``call_kwargs`` over the pipeline's own ``call_defaults``); ``num_prompts``: the run's prompt count, by which an
+    (N, C, H, W) image tensor of one per prompt gives the jobs their rows (``prompt_rows``)."""
     to_kwargs = prompt_to_kwargs or default_prompt_to_kwargs
     extra = with_tuples(pipe, check_call_kwargs(call_kwargs))
     kwargs: dict[str, Any] = {"output_type": "np", **call_defaults(pipe), **extra}
@@ -282,8 +283,8 @@ def build_call_kwargs(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_step
     if isinstance(kwargs.get("prompt"), list):  # the other towers' texts follow the prompts of the call
         kwargs |= {name: _per_job(extra[name], jobs) for name in OTHER_PROMPTS if name in extra}
     # a MultiControlNet's control images hold one per ControlNet, left whole
-    kwargs |= {name: _image_per_job(extra[name], jobs) for name in per_prompt_image_arguments(pipe)
-               if extra.get(name) is not None}
+    kwargs |= {name: _image_per_job(prompt_rows(extra[name], [job.prompt_index for job in jobs], num_prompts), jobs)
+               for name in per_prompt_image_arguments(pipe) if extra.get(name) is not None}
     kwargs["num_inference_steps"] = num_inference_steps
     kwargs["generator"] = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
     return kwargs
@@ -339,15 +340,16 @@ def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 def generate_images(pipe: Any, jobs: Sequence[ImageJob], *, num_inference_steps: int, batch_size: int = 1,
                     call_kwargs: dict[str, Any] | None = None, prompt_to_kwargs: PromptToKwargs | None = None,
                     progress: Callable[[int], None] | None = None,
-                    total: int | None = None) -> list[tuple[int, torch.Tensor]]:
+                    total: int | None = None, num_prompts: int = 0) -> list[tuple[int, torch.Tensor]]:
     """Generate every job's image: list of (job index, uint8 (3, H, W)); ``total``: the run's image count, which
-    errors name (``jobs`` may be one process's share)."""
+    errors name (``jobs`` may be one process's share); ``num_prompts`` as in ``build_call_kwargs``."""
     num_inference_steps = whole_number("num_inference_steps", num_inference_steps, minimum=1)
     results: list[tuple[int, torch.Tensor]] = []
     with quiet_progress(pipe):
         for batch in chunks(list(jobs), batch_size):
             kwargs = build_call_kwargs(pipe, batch, num_inference_steps=num_inference_steps,
-                                       call_kwargs=call_kwargs, prompt_to_kwargs=prompt_to_kwargs)
+                                       call_kwargs=call_kwargs, prompt_to_kwargs=prompt_to_kwargs,
+                                       num_prompts=num_prompts)
             output = seeded_call(pipe, kwargs, batch[0].seed)  # stochastic samplers draw from the global RNG
             if not hasattr(output, "images"):  # AudioLDM & co. (their UNets are supported denoisers)
                 raise TypeError(f"{type(pipe).__name__} returned a {type(output).__name__} without images: "
