@@ -283,15 +283,25 @@ def odd_image_list(call_kwargs: Mapping[str, Any], num_prompts: int,
 
 
 def prompt_rows(value: Any, indices: Sequence[int], num_prompts: int) -> Any:
-    """An (N, C, H, W) tensor holding one image (or mask) per prompt of a run of ``num_prompts`` > 1: its rows at
-    ``indices``, still a tensor (some pipelines use a tensor raw but preprocess a list); anything else as it is. The
-    whole tensor went to every call (each prompt's rows tiled with the others', or a shape error) until session 52."""
+    """An image batch holding one image (or mask) per prompt of a run of ``num_prompts`` > 1 (see
+    ``is_prompt_batch``): its rows at ``indices``, still a tensor / array (some pipelines use a tensor raw but
+    preprocess a list); anything else as it is. The whole batch went to every call (each prompt's rows tiled with the
+    others', or a shape error) until session 52 (tensors) / 53 (numpy arrays)."""
     return value[list(indices)] if is_prompt_batch(value, num_prompts) else value
 
 
 def is_prompt_batch(value: Any, num_prompts: int) -> bool:
-    """Whether ``value`` is an (N, C, H, W) tensor of one image or mask per prompt of ``num_prompts`` > 1."""
-    return isinstance(value, torch.Tensor) and value.ndim == 4 and num_prompts > 1 and value.shape[0] == num_prompts
+    """Whether ``value`` is a 4-D image batch of one image or mask per prompt of ``num_prompts`` > 1: a torch
+    (N, C, H, W) tensor or a numpy (N, H, W, C) array, as diffusers' image processor reads them."""
+    return (isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 4 and num_prompts > 1
+            and value.shape[0] == num_prompts)
+
+
+def repeat_rows(batch: torch.Tensor | np.ndarray, repeats: int) -> torch.Tensor | np.ndarray:
+    """Each row of an image batch (tensor or numpy array) ``repeats`` times in a row (A, A, B, B)."""
+    if isinstance(batch, np.ndarray):
+        return np.repeat(batch, repeats, axis=0)
+    return batch.repeat_interleave(repeats, dim=0)
 
 
 def per_prompt_images(value: Any, indices: Sequence[int]) -> Any:

@@ -1316,6 +1316,34 @@ def test_several_images_per_prompt_keep_each_prompts_input_image_on_its_rows():
               image=images, progress=False)  # a ControlNet takes one image per row as well
 
 
+def test_a_numpy_image_batch_of_one_per_prompt_is_split_like_a_tensor():
+    """diffusers reads a 4-D numpy array as an (N, H, W, C) image batch: one image per prompt went whole to every
+    call (calibrate at batch size 1: "cannot duplicate image of batch size 2 to 1 text prompts")."""
+    import numpy as np
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from diffusion_accel.calib.inputs import plan_calls
+    from diffusion_accel.eval import evaluate
+
+    pipe = StableDiffusionImg2ImgPipeline(**build_tiny("sd").components)
+    images = np.stack([np.full((32, 32, 3), 0.2, np.float32), np.full((32, 32, 3), 0.9, np.float32)])
+    first, second = plan_calls(pipe, ["a cat", "a dog"], num_inference_steps=2, batch_size=1, num_images_per_prompt=1,
+                               guidance_scale=None, negative_prompt=None, seed=0,
+                               call_kwargs={"image": images, "strength": 0.5})
+    assert np.array_equal(first.kwargs["image"], images[:1]) and np.array_equal(second.kwargs["image"], images[1:])
+    (call,) = plan_calls(pipe, ["a cat", "a dog"], num_inference_steps=2, batch_size=2, num_images_per_prompt=2,
+                         guidance_scale=None, negative_prompt=None, seed=0, call_kwargs={"image": images, "strength": 0.5})
+    assert np.array_equal(call.kwargs["image"], images[[0, 0, 1, 1]])
+    calibration = calibrate(pipe, ["a cat", "a dog"], num_inference_steps=2, batch_size=1, image=images, strength=0.5,
+                            progress=False)
+    assert len(calibration.trajectory) == 2
+    generated = {label: evaluate({"base": pipe}, ["a cat", "a dog"], metrics=("latency",), num_inference_steps=2,
+                                 warmup=0, repeats=1, progress=False, images_per_prompt=2, batch_size=2,
+                                 call_kwargs={"image": image, "strength": 0.5}).images["base"]
+                 for label, image in (("list", list(images)), ("array", images))}
+    assert torch.equal(torch.as_tensor(generated["list"]), torch.as_tensor(generated["array"]))
+
+
 def test_an_lcm_unet_embeds_its_guidance_and_gets_no_cfg_warning():
     """LCM feeds guidance_scale to the UNet (time_cond_proj_dim) and runs no CFG batch: calibrating it at guidance 1
     warned that the unconditional branch is never observed."""

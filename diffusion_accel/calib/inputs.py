@@ -28,7 +28,7 @@ from ..argtypes import SEED_LIMIT
 from ..arch.registry import UnsupportedModelError, get_adapter
 from ..pipeline_defaults import (OTHER_PROMPTS, call_defaults, check_call_arguments, check_guidance_scale_is_read,
                                  is_prompt_batch, odd_image_list, per_prompt_image_arguments, per_prompt_images,
-                                 per_prompt_negative, per_prompt_values, prompt_rows, with_tuples)
+                                 per_prompt_negative, per_prompt_values, prompt_rows, repeat_rows, with_tuples)
 from ..scalars import is_finite_number, plain_number
 from ..stacklevel import user_stacklevel
 
@@ -227,7 +227,7 @@ def plan_calls(pipe: Any, items: list[Any], *, num_inference_steps: int, batch_s
         kwargs |= {name: per_prompt_images(shared[name], range(len(items))[chunk])
                    for name in split_images if isinstance(shared.get(name), (list, tuple))}
         kwargs |= {name: prompt_rows(shared[name], range(len(items))[chunk], len(items))
-                   for name in split_images if isinstance(shared.get(name), torch.Tensor)}
+                   for name in split_images if is_prompt_batch(shared.get(name), len(items))}
         calls.append(PlannedCall(kwargs=_rows_per_image(kwargs, split_images), num_items=len(items[chunk]),
                                  seed=seed + index))
     return calls
@@ -247,7 +247,7 @@ def _rows_per_image(kwargs: dict[str, Any], image_names: Sequence[str]) -> dict[
     repeated = {name: [value for value in kwargs[name] for _ in range(per_image)]
                 for name in ("prompt", "negative_prompt", *OTHER_PROMPTS, *images)
                 if isinstance(kwargs.get(name), list)}
-    repeated |= {name: kwargs[name].repeat_interleave(per_image, dim=0) for name in batches}
+    repeated |= {name: repeat_rows(kwargs[name], per_image) for name in batches}
     return {name: value for name, value in kwargs.items() if name != "num_images_per_prompt"} | repeated
 
 
