@@ -129,6 +129,9 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
     off-centre taps on a 1x1 feature map seeing only padding.
     ``inverse_factor``: ``upper_inverse_factor(hessian, damp)`` when already computed (layers that
     share an input, or one layer pruned at several sparsities, need it once).
+    Weights already zero (an earlier prune's) stay zero and count toward each block's / group's budget: chosen
+    after the earlier columns' compensation, 17% of an unstructured 50% prune's zeros came back under a 2:4 one
+    (until session 53; the GPTQ sweep keeps them likewise).
     """
     with no_tf32():
         work = weight.detach().to(torch.float32).clone()
@@ -136,20 +139,24 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
             inverse_factor = upper_inverse_factor(hessian.to(work.device), damp)
         factor, _ = (t.to(work.device) for t in inverse_factor)
         rows, cols = work.shape
-        mask = torch.zeros_like(work, dtype=torch.bool)
+        already_zero = work == 0
+        mask = already_zero.clone()
         counts = _block_counts(rows, cols, sparsity, blocksize)
 
         def prune_column(block_w: torch.Tensor, block_u: torch.Tensor, start: int, i: int) -> torch.Tensor:
             width = block_w.shape[1]
             if nm is None and i == 0 and counts[start // blocksize] > 0:
                 scores = block_w.pow(2) / torch.diag(block_u).pow(2).unsqueeze(0)
+                zeros = already_zero[:, start:start + width]
+                scores = scores.masked_fill(zeros, float("-inf"))  # picked first: they fill the budget
                 lowest = torch.topk(scores.flatten(), counts[start // blocksize], largest=False).indices
-                block_mask = torch.zeros_like(block_w, dtype=torch.bool)
+                block_mask = zeros.clone()
                 block_mask.view(-1)[lowest] = True
                 mask[:, start:start + width] = block_mask
             if nm is not None and i % nm[1] == 0:
                 scores = block_w[:, i:i + nm[1]].pow(2) / torch.diag(block_u)[i:i + nm[1]].pow(2)
-                mask[:, start + i:start + i + nm[1]] = _nm_prune(scores, *nm)
+                zeros = already_zero[:, start + i:start + i + nm[1]]
+                mask[:, start + i:start + i + nm[1]] = _nm_prune(scores.masked_fill(zeros, float("-inf")), *nm) | zeros
             column = block_w[:, i]
             return torch.where(mask[:, start + i], torch.zeros_like(column), column)
 
