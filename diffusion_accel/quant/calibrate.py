@@ -286,7 +286,7 @@ def _run(pipe: Any, config: PTQConfig, collectors: list[Collector], calib: Calib
         raise TypeError(f"calib must be a diffusion_accel Calibration or None, got {type(calib).__name__}")
     if calib.observed_calls == 0:
         raise ValueError("the given calibration is empty: it observed no denoiser calls")
-    if calib.trajectory and calib.trajectory_state_change is None:  # else replaying would not see the live modules
+    if calib.complete_trajectory:  # else replaying would not see the live modules, or only the stored calls
         return calib.replay(collectors, find_denoiser(pipe)[1], progress=progress_shown())
     return calib.rerun(pipe, collectors, progress=progress_shown())
 
