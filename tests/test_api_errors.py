@@ -153,8 +153,9 @@ def test_a_weight_holding_nan_is_named_and_nothing_changes(apply):
 
 @pytest.mark.parametrize("apply", [
     lambda p, calib: da.quantize_(p, da.PTQConfig.preset("w8a8"), calib=calib),
+    lambda p, calib: da.quantize_(p, da.PTQConfig.preset("w8a8", act_method="mse"), calib=calib),  # round(NaN)
     lambda p, calib: da.prune_(p, da.PruneConfig(method="obs", sparsity=0.5), calib=calib),
-], ids=["w8a8", "obs"])
+], ids=["w8a8", "w8a8-mse", "obs"])
 def test_calibration_inputs_that_overflow_are_named(apply):
     """Finite weights whose activations overflow (a float16 model's usual failure) gave errors naming no layer."""
     import torch

@@ -150,6 +150,8 @@ class RangeObserver(Collector):
 
     def _resolve(self, stats: _Extremes) -> tuple[float, float]:
         lo, hi = float(stats.lo), float(stats.hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # no clipping search over NaN / inf: the caller names it
+            return lo, hi  # (the MSE search failed in round(NaN), naming no layer, until session 53)
         if self.method == "percentile":
             p_lo, p_hi = percentile_range(stats.reservoir.values, self.percentile)
             return max(lo, p_lo), min(hi, p_hi)
