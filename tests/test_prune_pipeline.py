@@ -658,3 +658,18 @@ def test_a_grouped_conv_stays_dense_under_every_method(method, scope):
     assert report.layers_skipped[name] == f"grouped Conv2d (groups={old.in_channels})"
     assert torch.equal(pipe.unet.get_submodule(name).weight, weight) and abs(report.achieved_sparsity - 0.5) < 0.01
 
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "structured"])
+def test_calibrated_steps_that_all_weigh_zero_are_refused(pattern):
+    """weight_range from 0 gives the last step weight 0: a calibration of that step alone left structured pruning
+    skipping every block as unobserved, removing nothing, with no warning (session 53 review)."""
+    pipe = build_tiny("sd")
+    calib = da.calibrate(pipe, ["a cat", "a dog"], num_inference_steps=3, steps=[2], store_trajectory=False,
+                         progress=False, height=32, width=32)
+    before = {name: tensor.clone() for name, tensor in pipe.unet.state_dict().items()}
+    config = PruneConfig(method="obs", sparsity=0.5, pattern=pattern, weight_range=(0.0, 1.2))
+    with pytest.raises(ValueError, match=r"every calibrated step \[2\] has weight 0 under weighting='log-decrease'"):
+        prune_(pipe, config, calib=calib)
+    after = pipe.unet.state_dict()
+    assert applied_techniques(pipe) == [] and all(torch.equal(after[name], before[name]) for name in before)

@@ -211,8 +211,21 @@ class _CalibrationSweep:
         collector = HessianCollector(layer_names, full=self.full if full is None else full)
         calibration = calibrate(self.pipe, collectors=[collector], store_trajectory=False, progress=self.progress,
                                 **self.kwargs)
+        if collector.full:
+            _check_weighted_steps(calibration)
         self.first = self.first or calibration
         return collector
+
+
+def _check_weighted_steps(calibration: Calibration) -> None:
+    """Refuse Hessians from selected steps that all weigh 0 (``weight_range`` from 0): structured pruning skipped
+    every block as unobserved and returned, having removed nothing, with no warning (until session 53)."""
+    weights = [float(calibration.step_weights[step]) for step in calibration.selected_steps]
+    if weights and not any(weights):
+        settings = calibration.settings
+        raise ValueError(f"every calibrated step {list(calibration.selected_steps)} has weight 0 under "
+                         f"weighting={settings.weighting!r}, weight_range={tuple(settings.weight_range)}: the "
+                         f"Hessians would hold nothing; select other steps or raise weight_range's first value")
 
     def step_weights(self) -> list[float]:
         """The per-step Hessian weights the passes used, one per denoiser step they ran (custom ``timesteps`` /
