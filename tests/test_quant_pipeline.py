@@ -808,3 +808,13 @@ def test_weight_free_quantization_leaves_act_excluded_layers_alone_and_refuses_e
     assert f"layers quantized: {len(wrapped)};" in summary(pipe)
     with pytest.raises(ValueError, match=r"no layer of UNet2DConditionModel is selected .*act_exclude=\['\*'\]"):
         quantize_(build_tiny("sd"), PTQConfig(act_exclude=("*",), **common))
+
+
+def test_a_group_size_without_group_wise_weights_is_refused():
+    """preset("w4a8", group_size=32) quantized per output channel, the size ignored silently (session 53 review)."""
+    pipe = build_tiny("sd")
+    with pytest.raises(ValueError, match=r"group_size=32 sets the input columns per scale of "
+                                         r"weight_granularity='group', but weight_granularity='per_channel'"):
+        quantize_(pipe, PTQConfig.preset("w4a8", group_size=32, **FAST))
+    assert applied_techniques(pipe) == []
+    quantize_(pipe, PTQConfig.preset("w4a16", weight_granularity="per_channel", **FAST))  # the default size stays

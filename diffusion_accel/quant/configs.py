@@ -290,12 +290,17 @@ def check_calibration_choices(config: PTQConfig) -> None:
     them hold what they learned and still load): an "mse" range search of fp8 activations (session 45), and
     activation-step iterations where no activation has a static scale to learn (session 46), and options with no
     effect: include / exclude globs where no weight or activation layer is quantized (attention quantization covers
-    every attention module: a glob matching nothing quantized all of them), softmax_bits without attention."""
+    every attention module: a glob matching nothing quantized all of them), softmax_bits without attention, a
+    group_size without group-wise weights (session 53)."""
     _check_range_method(config)
     if (config.include or config.exclude) and config.weights is None and config.activations is None:
         raise ValueError(f"PTQConfig.include / exclude select weight and activation layers, but weights=None and "
                          f"activations=None quantize none (attention={config.attention!r} covers every attention "
                          f"module); drop them")
+    if config.weight_granularity != "group" and config.group_size != PTQConfig.group_size:
+        raise ValueError(f"PTQConfig.group_size={config.group_size} sets the input columns per scale of "
+                         f"weight_granularity='group', but weight_granularity={config.weight_granularity!r} keeps one "
+                         f"scale per output channel (the size was ignored); set weight_granularity='group' or drop it")
     if config.attention is None and config.softmax_bits != PTQConfig.softmax_bits:
         raise ValueError(f"PTQConfig.softmax_bits={config.softmax_bits} sets the softmax output's bits of attention "
                          f"quantization, which attention=None turns off; set attention (e.g. 'int8') or drop it")
