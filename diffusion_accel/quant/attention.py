@@ -9,7 +9,7 @@ an unsigned ``softmax_bits`` grid over [0, 1] and V (for P·V):
 - ``QuantFluxAttnProcessor`` for Flux's ``FluxAttnProcessor`` (context tokens first, rotary
   embeddings, fused projections, the single-stream blocks' output without projection).
 
-Q/K/V use dynamic per-tensor symmetric scales (no calibration needed); the softmax grid is fixed
+Q/K/V use dynamic symmetric scales, one per batch row (no calibration needed); the softmax grid is fixed
 (scale ``1 / (2**bits - 1)``). Simulation only: no speed-up. Other processors (IP-Adapter, attention slicing)
 are left unchanged (``summary`` says how many; PAG swaps its own in only during calls, which ``summary`` notes).
 """
@@ -45,14 +45,18 @@ class QuantAttentionBase:
         self.fmt_name, self.softmax_bits, self.original = fmt, softmax_bits, original
 
     def _quant(self, x: torch.Tensor) -> torch.Tensor:
-        """Dynamic per-tensor symmetric fake quantization; integer codes computed in float32 (``in_float32``)."""
+        """Dynamic symmetric fake quantization, one scale per batch row (image, CFG half); integer codes computed in
+        float32 (``in_float32``)."""
         fmt = get_format(self.fmt_name)
         return in_float32(lambda values: self._fake_quant(values, fmt), x, fmt)
 
     @staticmethod
     def _fake_quant(x: torch.Tensor, fmt: Any) -> torch.Tensor:
-        scale, zero = dynamic_qparams(x.reshape(1, -1), -1, fmt, symmetric=True)
-        return fake_quant_act(x, scale.reshape(()), zero.reshape(()), fmt, True)
+        """``x`` (B, H, L, D) on a grid scaled per batch row: one scale over the whole batch made an image depend on
+        the others generated beside it (evaluate's PSNR changed with batch_size) until session 53."""
+        scale, zero = dynamic_qparams(x.reshape(x.shape[0], -1), -1, fmt, symmetric=True)
+        per_row = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return fake_quant_act(x, scale.reshape(per_row), zero.reshape(per_row), fmt, True)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                mask: torch.Tensor | None, scale: float) -> torch.Tensor:
