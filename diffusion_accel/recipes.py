@@ -507,6 +507,17 @@ def _artifact_notes_of(spec: str) -> dict[str, Any] | None:
     return read_json_object(folder / "calibration.json")
 
 
+def _rebuilding_chain(applied: list[str], observing: list[str]) -> str:
+    """The ``--method`` chain that rebuilds an artifact's techniques (``applied``) with ``observing`` from its base,
+    ending in the cache: advising ``ptq,cache`` for an artifact holding pruning and a cache dropped its pruning."""
+    pruning = "<its pruning method: obs, wanda or magnitude>"
+    earlier = [pruning if technique == "prune" else technique for technique in applied if technique != "cache"]
+    if any(_STAGES[method] == 0 for method in observing):
+        earlier = [method for method in earlier if method != pruning]
+    chain = sorted(dict.fromkeys(observing + earlier), key=lambda method: 0 if method == pruning else _STAGES[method])
+    return ",".join(chain + ["cache"])
+
+
 def _check_chain_fits(pipe: Any, methods: list[str]) -> None:
     """An artifact loaded as the base already holds techniques: a method that must come before them in
     the chain (pruning or PTQ after PTQ) fails after the calibration pass otherwise."""
@@ -516,7 +527,7 @@ def _check_chain_fits(pipe: Any, methods: list[str]) -> None:
     if "cache" in applied_techniques(pipe) and observing:  # calibrate refused it after loading, with Python advice
         advice = ("run it on that artifact's own base (its manifest's base source)" if methods == ["stats"] else
                   f"give that artifact's own base (its manifest's base source) and --method "
-                  f"{','.join(observing)},cache")  # stats,cache was the advice for stats, and is refused (s48)
+                  f"{_rebuilding_chain(applied_techniques(pipe), observing)}")  # stats,cache was refused (s48)
         raise ValueError(f"the base pipeline is an artifact with a feature cache; --method {','.join(observing)} "
                          f"observes the uncached denoiser: {advice}")
     applied = [technique for technique in applied_techniques(pipe) if technique != "cache"]

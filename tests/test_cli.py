@@ -1067,6 +1067,23 @@ def test_the_demo_refuses_an_accelerated_pipeline_naming_its_techniques(capsys, 
     assert "already has ['prune'] applied: give the artifact's base" in capsys.readouterr().err
 
 
+def test_an_artifact_with_a_cache_as_base_gets_advice_rebuilding_all_of_its_techniques(capsys, tmp_path):
+    """On a wanda+cache artifact, --method ptq,cache was refused with the advice "--method ptq,cache" on its base,
+    which followed literally dropped the pruning (session 53 review)."""
+    import diffusion_accel as da
+    from diffusion_accel.testing.tiny import build_tiny
+
+    pipe = da.prune_(build_tiny("sd"), da.PruneConfig(method="magnitude", sparsity=0.5))
+    da.save(da.enable_cache(pipe, da.DeepCacheConfig(interval=2)), tmp_path / "pruned-cached")
+    assert main(["calibrate", "--pipe", f"tiny:sd+{tmp_path / 'pruned-cached'}", "--method", "ptq,cache",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert ("--method <its pruning method: obs, wanda or magnitude>,ptq,cache" in
+            " ".join(capsys.readouterr().err.split()))
+    assert main(["calibrate", "--pipe", f"tiny:sd+{tmp_path / 'pruned-cached'}", "--method", "wanda,ptq",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "--method wanda,ptq,cache" in " ".join(capsys.readouterr().err.split())
+
+
 def test_tuple_arguments_given_as_json_lists_reach_the_pipeline_as_tuples(tmp_path):
     """JSON has no tuples: `--call original_size=[64,64]` on SDXL failed inside diffusers (list + tuple)."""
     from diffusion_accel.calib.inputs import plan_calls
