@@ -39,7 +39,7 @@ from .artifact_files import StagedWrite
 from .base_config import comparable_config, config_differences, upgraded_from
 from .artifact_tensors import TechniqueTensors
 from .uncompiled import runs_compiled
-from .manifest_schema import ManifestError, check_manifest
+from .manifest_schema import ManifestError, check_manifest, link_problem
 from .paths import EMPTY_PATH_PROBLEM, empty_path, expand_home, folders_named_like
 from .pretrained_guard import GUARDED_MODEL_METHODS, GUARDED_PIPELINE_METHODS, install_guards, uninstall_methods
 from .stacklevel import user_stacklevel
@@ -532,6 +532,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{directory} is not a diffusion_accel artifact: no {MANIFEST}" + (
             " (it holds technique files without one: a save into it was interrupted; save the artifact again)"
             if interrupted else ""))
+    problem = link_problem(path)  # a manifest linked from elsewhere was read as this folder's (session 53)
+    if problem is not None:
+        raise ArtifactError(f"{path} must be a file inside the artifact folder, got {problem}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as error:  # ValueError: bad JSON or UTF-8, an integer past 4,300 digits

@@ -91,9 +91,20 @@ def _plain_file_name(name: str, path: Path, where: str) -> None:
     no symbolic link to a file elsewhere."""
     if not name or Path(name).name != name or name in (".", ".."):
         _fail(path, where, f"a file name inside the artifact folder, got {name!r}")
-    target = path.parent / name
-    if target.is_symlink() and target.resolve().parent != path.parent.resolve():
-        _fail(path, where, f"a file inside the artifact folder, got {name!r}, a link to {str(target.resolve())!r}")
+    problem = link_problem(path.parent / name)
+    if problem is not None:
+        _fail(path, where, f"a file inside the artifact folder, got {name!r}, {problem}")
+
+
+def link_problem(target: Path) -> str | None:
+    """Why ``target``, a file named in an artifact folder, is not a file of that folder: a symbolic link to a file
+    elsewhere, or a link that does not resolve (a loop: a RuntimeError traceback until session 53); else None."""
+    try:
+        if target.is_symlink() and target.resolve().parent != target.parent.resolve():
+            return f"a link to {str(target.resolve())!r}"
+    except (RuntimeError, OSError) as error:
+        return f"a link that does not resolve ({type(error).__name__}: {error})"
+    return None
 
 
 def _fail(path: Path, field: str, expected: str) -> None:

@@ -296,6 +296,24 @@ def test_a_technique_file_linking_outside_the_artifact_is_refused(tmp_path):
         artifact.load(build_tiny("sd"), folder)
 
 
+def test_a_link_loop_or_a_manifest_linking_outside_the_artifact_is_refused(tmp_path):
+    """A technique file linked to itself failed with a RuntimeError traceback (the CLI's user errors leave it out);
+    a manifest.json linked from another folder was read as this artifact's (session 53 review)."""
+    other, folder = tmp_path / "other", tmp_path / "artifact"
+    artifact.save(_scaled_pipe(), other)
+    artifact.save(_scaled_pipe(), folder)
+    (folder / "00-test-scale.safetensors").unlink()
+    (folder / "00-test-scale.safetensors").symlink_to("00-test-scale.safetensors")
+    with pytest.raises(artifact.ArtifactError, match=r"got '00-test-scale.safetensors', a link that does not resolve"):
+        artifact.load(build_tiny("sd"), folder)
+    artifact.save(_scaled_pipe(), folder)
+    (folder / "manifest.json").unlink()
+    (folder / "manifest.json").symlink_to(other / "manifest.json")
+    with pytest.raises(artifact.ArtifactError, match=r"manifest.json must be a file inside the artifact folder, got a "
+                                                      r"link to"):
+        artifact.load(build_tiny("sd"), folder)
+
+
 def test_save_refuses_folders_it_would_break_or_overwrite(tmp_path):
     """Saving into the folder the base was loaded from made both unloadable by spec; another tool's
     manifest.json was overwritten without a word."""
