@@ -200,10 +200,20 @@ def artifact_base(artifact: str | Path, base_spec: str | None = None,
     if not base_spec:
         raise ArtifactError(f"artifact {str(artifact)!r} does not record the pipeline it was made from "
                             f"(it was built in code); name the base as BASE+{artifact}, e.g. 'org/model+{artifact}'")
-    if split_artifact_spec(base_spec)[1] is not None:
+    if _names_an_artifact(base_spec):
         raise ArtifactError(f"the base {base_spec!r} of artifact {str(artifact)!r} is itself an artifact; "
                             "an artifact already holds every technique applied before it was saved")
     return base_spec, parse_dtype(dtype) or parse_dtype(base.get("dtype") or source.get("dtype"))
+
+
+def _names_an_artifact(spec: str) -> bool:
+    """Whether ``spec`` names an artifact; a missing folder with a '+' in its name does not (a recorded base folder
+    ``sd+merged`` moved away was "'merged' after '+' is not an artifact folder", a spec nobody typed, until
+    session 53: loading it now says the recorded base cannot be loaded and how to name one)."""
+    try:
+        return split_artifact_spec(spec)[1] is not None
+    except FileNotFoundError:
+        return False
 
 
 def artifact_variant(artifact: str | Path, base_spec: str | None = None) -> str | None:

@@ -137,6 +137,10 @@ def test_damaged_or_unusual_pipeline_folders_are_one_line_errors_and_equals_sign
         assert main([*grid, "--pipe", spec]) == 0, capsys.readouterr().err
     shutil.move(base, "moved")  # the artifact records the base's absolute path
     refused("art_lr=2", f"artifact 'art_lr=2' was made from '{base.resolve()}', which cannot be loaded here")
+    shutil.copytree("sd", "sd+merged")  # a base folder with a '+': "'merged' after '+' is not an artifact folder"
+    da.save(da.enable_cache(da.loading.load_pipeline("sd+merged"), da.DeepCacheConfig(interval=2)), "art_plus")
+    shutil.move("sd+merged", "moved_plus")
+    refused("art_plus", f"artifact 'art_plus' was made from '{Path('sd+merged').resolve()}', which cannot be loaded")
     if not (hasattr(torch, "xpu") and torch.xpu.is_available()):  # failed in pipe.to after the whole load
         refused("tiny:sd", "device 'xpu' is not available", "--device", "xpu")
 
