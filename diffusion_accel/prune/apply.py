@@ -216,6 +216,15 @@ class _CalibrationSweep:
         self.first = self.first or calibration
         return collector
 
+    def step_weights(self) -> list[float]:
+        """The per-step Hessian weights the passes used, one per denoiser step they ran (custom ``timesteps`` /
+        ``sigmas`` in ``calib_kwargs`` included: recomputed from ``calib_num_steps``, the report listed others)."""
+        return [] if self.first is None else self.first.step_weights.tolist()
+
+    def first_calibration(self) -> dict[str, Any] | None:
+        """``Calibration.provenance()`` of the first pass, or None before any."""
+        return None if self.first is None else self.first.provenance()
+
 
 def _check_weighted_steps(calibration: Calibration) -> None:
     """Refuse Hessians from selected steps that all weigh 0 (``weight_range`` from 0): structured pruning skipped
@@ -226,15 +235,6 @@ def _check_weighted_steps(calibration: Calibration) -> None:
         raise ValueError(f"every calibrated step {list(calibration.selected_steps)} has weight 0 under "
                          f"weighting={settings.weighting!r}, weight_range={tuple(settings.weight_range)}: the "
                          f"Hessians would hold nothing; select other steps or raise weight_range's first value")
-
-    def step_weights(self) -> list[float]:
-        """The per-step Hessian weights the passes used, one per denoiser step they ran (custom ``timesteps`` /
-        ``sigmas`` in ``calib_kwargs`` included: recomputed from ``calib_num_steps``, the report listed others)."""
-        return [] if self.first is None else self.first.step_weights.tolist()
-
-    def first_calibration(self) -> dict[str, Any] | None:
-        """``Calibration.provenance()`` of the first pass, or None before any."""
-        return None if self.first is None else self.first.provenance()
 
 
 @torch.inference_mode(False)  # as prune_: new layers made under a caller's inference_mode could not be updated after it
