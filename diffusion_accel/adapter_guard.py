@@ -182,10 +182,9 @@ def _guarded_load_ip_adapter(model: nn.Module, *args: Any, **kwargs: Any) -> Any
 def _refuse_quantized_processors(model: nn.Module, method: str) -> None:
     """diffusers rebuilds the attention processors it does not replace as ``processor.__class__()``: ours,
     quantize_'s attention processors, need their format (a TypeError after part of the pipeline changed)."""
-    from .quant.attention import QuantAttentionBase
+    from .quant.attention import quantizing_processors
 
-    processors = getattr(model, "attn_processors", {})
-    quantized = [name for name, processor in processors.items() if isinstance(processor, QuantAttentionBase)]
+    quantized = quantizing_processors(model)
     if quantized:
         raise AdapterOnReplacedLayerError(
             f"{method}() cannot run on this {type(model).__name__}: quantize_(attention=...) replaced {len(quantized)} "

@@ -301,3 +301,22 @@ def test_an_image_does_not_depend_on_the_images_beside_it(fmt):
     together = quantizer._quant(batch)
     for row in range(3):
         assert torch.equal(together[row:row + 1], quantizer._quant(batch[row:row + 1]))
+
+
+def test_save_pretrained_and_fusing_refuse_quantized_attention(tmp_path):
+    """Attention quantization lives in processors, not tensors: save_pretrained wrote the float model (from_pretrained
+    gave images 0.039 off) and fuse_qkv_projections swapped in float processors, both silently (session 53 review)."""
+    from diffusion_accel.pretrained_guard import UnfusableModelError, UnsavableModelError
+
+    pipe = build_tiny("sd")
+    quantize_(pipe, PTQConfig(weights=None, activations=None, attention="int8"))
+    processors = dict(pipe.unet.attn_processors)
+    with pytest.raises(UnsavableModelError, match=r"quantize \d+ attention processors .* diffusion_accel.save"):
+        pipe.save_pretrained(tmp_path / "pipe")
+    with pytest.raises(UnsavableModelError, match=r"quantize \d+ attention processors"):
+        pipe.unet.save_pretrained(tmp_path / "unet")
+    with pytest.raises(UnfusableModelError, match=r"fuse_qkv_projections\(\) cannot fuse its attention"):
+        pipe.fuse_qkv_projections()
+    assert dict(pipe.unet.attn_processors) == processors and not (tmp_path / "pipe").exists()
+    pipe.unet.set_attn_processor(AttnProcessor2_0())  # float attention again: the float model, saved as such
+    pipe.unet.save_pretrained(tmp_path / "unet")

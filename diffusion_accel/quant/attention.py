@@ -235,6 +235,12 @@ def replaced_attention(denoiser: nn.Module, names: list[str]) -> list[str]:
     return [name for name in names if not isinstance(denoiser.get_submodule(name).processor, QuantAttentionBase)]
 
 
+def quantizing_processors(model: nn.Module) -> list[str]:
+    """Names (as ``attn_processors`` lists them) of ``model``'s attention processors that quantize."""
+    processors = getattr(model, "attn_processors", {})
+    return [name for name, processor in processors.items() if isinstance(processor, QuantAttentionBase)]
+
+
 def restore_attention(denoiser: nn.Module, originals: dict[str, Any]) -> None:
     """Put the original processors back."""
     for name, processor in originals.items():
