@@ -1371,6 +1371,22 @@ def test_a_reference_dataset_of_dict_rows_gives_its_image_column():
     assert len(images) == 2 and images[0][0, 0, 0] == 255 and images[1].dtype == torch.uint8
 
 
+def test_a_dataloader_of_image_lists_or_row_lists_gives_every_image_of_each_batch():
+    """``DataLoader(collate_fn=list)`` yields lists of PIL images (or of (image, label) rows): the first image of
+    each batch only was read, and rows failed with "unsupported image type int" (session 53 review)."""
+    from torch.utils.data import DataLoader
+
+    from diffusion_accel.eval.images import iter_dataset_images
+
+    pictures = [Image.new("RGB", (8, 8), (value, 0, 0)) for value in range(6)]
+    for dataset in (pictures, [(picture, index) for index, picture in enumerate(pictures)]):
+        images = list(iter_dataset_images(DataLoader(dataset, batch_size=4, collate_fn=list)))
+        assert [int(image[0, 0, 0]) for image in images] == list(range(6))
+    tensors = torch.stack([torch.full((3, 8, 8), value / 255) for value in range(6)])  # default collate still works
+    images = list(iter_dataset_images(DataLoader(list(zip(tensors, range(6))), batch_size=4)))
+    assert [int(image[0, 0, 0]) for image in images] == list(range(6))
+
+
 def test_numpy_counts_seed_generators_and_are_saved_as_numbers():
     """A numpy images_per_prompt passed the check, then seeded no generator (TypeError); numpy seed / steps /
     batch size were written to report.json as strings ("3")."""
