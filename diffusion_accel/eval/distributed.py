@@ -9,6 +9,8 @@ same code runs on one CPU and on many GPUs or machines.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 from datetime import timedelta
 from typing import Any, Sequence
@@ -33,7 +35,23 @@ def process_state() -> PartialState:
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     state = PartialState(cpu=not has_accelerator, timeout=COLLECTIVE_TIMEOUT)
     _check_joined(state)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        _tear_down_at_exit()
     return state
+
+
+@functools.cache
+def _tear_down_at_exit() -> None:
+    """Destroy the process group when the process exits (once): destroyed at the end of a CLI command, it left
+    accelerate's shared state naming 2 processes of a group that no longer existed, so a second command or
+    ``evaluate`` in the same launched process failed ("Default process group has not been initialized")."""
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    """No barrier: a rank leaving on an error would wait in it for peers stuck in another collective."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _check_joined(state: PartialState) -> None:
@@ -51,12 +69,11 @@ def _check_joined(state: PartialState) -> None:
 
 
 def close_process_group() -> None:
-    """Wait for every process, then tear down the process group ``process_state`` joined (no-op without one).
-    Launched processes exited with it live: a rank done first sometimes aborted in the group's teardown
-    ("terminate called without an active exception") while the main one still scored, failing the run."""
+    """Wait for every process at the end of a command (no-op without a process group); the group itself is torn
+    down at exit (``process_state``). Launched processes exited with it live: a rank done first sometimes aborted
+    in the group's teardown ("terminate called without an active exception") while the main one still scored."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 def shard(items: Sequence[Any], state: Any = None) -> list[Any]:
