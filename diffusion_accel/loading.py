@@ -139,11 +139,21 @@ def _portable_spec(spec: str) -> str:
     return str(Path(spec).resolve()) if Path(spec).is_dir() else spec
 
 
+def process_device(device: torch.device) -> torch.device:
+    """An accelerator without an index (``cuda``) as this launched process's own (``cuda:LOCAL_RANK``) when a
+    launcher started several (``WORLD_SIZE`` > 1): every rank of ``torchrun ... --device cuda`` loaded onto
+    cuda:0 (until session 53; accelerate picks the local device only when its state is made, after loading)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    if device.type == "cpu" or device.index is not None or not launched or "LOCAL_RANK" not in os.environ:
+        return device
+    return torch.device(device.type, int(os.environ["LOCAL_RANK"]))
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """``device`` as a ``torch.device``; ValueError naming it when this torch cannot use it (a CUDA
     device on a CPU-only build, or an index past the GPUs present), before anything is loaded onto it."""
     try:
-        parsed = torch.device(device)
+        parsed = process_device(torch.device(device))
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"unknown device {device!r} ({error}); accepted: cpu, cuda, cuda:N, ...") from None
     if parsed.type == "cuda":

@@ -1533,3 +1533,16 @@ def test_images_per_condition_reads_the_loaded_models_not_the_call_signature():
     assert not images_per_condition(Pipeline(controlnet=FluxControlNetModel()))
     assert images_per_condition(Pipeline(controlnet=ControlNetUnionModel()))
     assert images_per_condition(Pipeline(adapter=MultiAdapter()))
+
+
+def test_an_accelerator_without_index_is_each_launched_process_own(monkeypatch):
+    """Under torchrun, `--device cuda` loaded every rank's pipelines onto cuda:0 (session 53 review)."""
+    from diffusion_accel.loading import process_device
+
+    cuda = torch.device("cuda")
+    assert process_device(cuda) == cuda  # not launched
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert process_device(cuda) == torch.device("cuda", 1)
+    assert process_device(torch.device("cuda", 0)) == torch.device("cuda", 0)  # an explicit index is kept
+    assert process_device(torch.device("cpu")) == torch.device("cpu")
