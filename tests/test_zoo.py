@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -480,6 +481,12 @@ def test_ship_vae_refuses_another_latent_space(tmp_path):
         ship("fashion-sd", zoo.path("fashion-sd"), tmp_path / "staged", vae=other)
     with pytest.raises(ValueError, match="scaling_factor"):
         ship("fashion-sd", zoo.path("fashion-sd"), tmp_path / "staged", vae=zoo.path("fashion-flux") / "vae")
+    shutil.rmtree(other)
+    shutil.copytree(zoo.path("fashion-sd") / "vae", other)  # same weights, other encoder groups: latents 1.76 off
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "norm_num_groups": config["norm_num_groups"] * 2}))
+    with pytest.raises(ValueError, match=r"config differs from the pipeline's in norm_num_groups"):
+        ship("fashion-sd", zoo.path("fashion-sd"), tmp_path / "staged", vae=other)
     with pytest.raises(ValueError, match="not to fashion-clip"):
         ship("fashion-clip", zoo.path("fashion-clip"), tmp_path / "staged", vae=other)
     assert not (tmp_path / "staged").exists()

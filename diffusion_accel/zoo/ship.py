@@ -21,15 +21,21 @@ def to_fp16_safetensors(path: Path) -> None:
 
 
 LATENT_KEYS = ("encoder.", "quant_conv.")
+DECODER_ONLY_CONFIG = ("up_block_types", "out_channels", "use_post_quant_conv", "force_upcast", "sample_size")
 
 
 def check_same_latent_space(pipeline_vae: Path, vae: Path) -> None:
     """Raise ValueError unless ``vae`` encodes exactly like ``pipeline_vae`` (same encoder and quant_conv
-    weights at float16, same scaling/shift factors): only then does the denoiser stay valid with it."""
+    weights at float16, same config but for the decoder-only keys: scaling / shift factors, and the
+    encoder's groups and activation, whose change kept the weights and moved latents by 1.76 until session 53):
+    only then does the denoiser stay valid with it."""
     configs = [json.loads((folder / "config.json").read_text(encoding="utf-8")) for folder in (pipeline_vae, vae)]
-    for key in ("scaling_factor", "shift_factor", "latent_channels"):
-        if configs[0].get(key) != configs[1].get(key):
-            raise ValueError(f"--vae {vae}: {key} {configs[1].get(key)} differs from the pipeline's {configs[0].get(key)}")
+    encoding = sorted(key for key in set(configs[0]) | set(configs[1])
+                      if not key.startswith("_") and key not in DECODER_ONLY_CONFIG)
+    differing = [key for key in encoding if configs[0].get(key) != configs[1].get(key)]
+    if differing:
+        raise ValueError(f"--vae {vae}: its config differs from the pipeline's in " + ", ".join(
+            f"{key} ({configs[1].get(key)} vs {configs[0].get(key)})" for key in differing) + ": another latent space")
     old, new = (load_file(str(folder / "diffusion_pytorch_model.safetensors")) for folder in (pipeline_vae, vae))
     changed = [key for key, tensor in old.items() if key.startswith(LATENT_KEYS)
                and (key not in new or not torch.equal(tensor.half(), new[key].half()))]
