@@ -63,6 +63,17 @@ def test_both_searches_meet_the_budget(search):
     assert len(config.full_steps) == 4 and config.full_steps[0] == 0
 
 
+def test_a_budget_buys_whole_steps_never_over_it_and_one_at_least_with_a_warning():
+    """round() sent half steps to the even count (0.3 and 0.5 of 5 steps both bought 2, 0.7 and 0.9 both 4; 0.3 of
+    25 spent 0.32) and a budget below one step was silent (session 53 review)."""
+    from diffusion_accel.cache.calibrated import full_step_count
+
+    assert [full_step_count(budget, 5) for budget in (0.3, 0.5, 0.7, 0.9, 1.0)] == [1, 2, 3, 4, 5]
+    assert full_step_count(0.3, 25) == 7 and full_step_count(11 / 28, 28) == 11  # full / steps gives back full
+    with pytest.warns(RuntimeWarning, match=r"budget=0.01 of 5 steps buys less than one full step"):
+        assert full_step_count(0.01, 5) == 1
+
+
 def test_a_schedule_search_batches_prompts_counts_schedules_and_hides_per_run_bars(capsys, monkeypatch):
     """The README's 50-step search ran thousands of pipeline calls, each printing its own 50-step bar, with no
     overall progress; prompts now share calls (``batch_size``) and a bar counts the schedules tried."""
@@ -92,7 +103,7 @@ def test_schedule_steps_count_denoiser_calls_of_second_order_schedulers():
     pipe.set_progress_bar_config(disable=True)
     size = {"height": 32, "width": 32}
     config = calibrate_schedule(pipe, ["a cat"], budget=0.5, num_inference_steps=4, guidance_scale=1.0, **size)
-    assert config.num_inference_steps == 7 and len(config.full_steps) == 4
+    assert config.num_inference_steps == 7 and len(config.full_steps) == 3  # floor(0.5 x 7)
     enable_cache(pipe, config)
     pipe(**tiny_call_kwargs("sd", steps=4), guidance_scale=1.0)
     report = summary(pipe)

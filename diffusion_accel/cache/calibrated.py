@@ -18,6 +18,8 @@ the budget left over by rounding, then one released full step at a time, is spen
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -30,6 +32,7 @@ from ..arch import find_denoiser
 from ..calib import denoiser_steps
 from ..progress import progress_counter, progress_shown, showing_progress
 from ..scalars import plain_number
+from ..stacklevel import user_stacklevel
 from .apply import enable_cache, remove_cache, summary as cache_summary
 from .configs import CalibratedCacheConfig, check_int
 from .partial import level_costs, level_range
@@ -70,8 +73,8 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
                        forecast_target: str = "residual", batch_size: int = 1, progress: bool = False,
                        search_blocks: bool = False, reuse_prefix: bool = True,
                        **call_kwargs: Any) -> CalibratedCacheConfig:
-    """The schedule with round(budget * steps) full steps that minimises the final-output error on
-    ``prompts`` (see the module doc for the two searches). ``max_candidates`` thins the greedy
+    """The schedule with floor(budget * steps) full steps (``full_step_count``) that minimises the final-output
+    error on ``prompts`` (see the module doc for the two searches). ``max_candidates`` thins the greedy
     search's candidates; ``max_passes`` bounds the refine search's sweeps (nearby moves: about 4 runs
     per full step per sweep, per start; moves anywhere: one run per (full step, free step) pair per
     sweep, from the best start only). ``forecast`` and ``forecast_target`` are searched with (the schedule suits how
@@ -107,7 +110,7 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
         probe = replace(probe, timesteps=tuple(timesteps))
     seen: dict[frozenset, float] = {}
     count = len(ran)  # the search and the budget cover the steps that run (img2img from 0.5: the last half)
-    target = min(count, max(1, round(budget * count)))
+    target = full_step_count(budget, count)
     with (showing_progress(progress or progress_shown()), progress_counter("schedule search", "schedule") as tried,
           PrefixReplay(pipe, find_denoiser(pipe)[1], enabled=reuse_prefix) as replay):
 
@@ -128,6 +131,17 @@ def calibrate_schedule(pipe: Any, prompts: Any, budget: float = 0.4, num_inferen
             chosen, partial = search_partial_steps(error, count, chosen, costs, budget * count - target,
                                                    max_passes, max_candidates)
     return _with_steps(probe, _steps_at(ran, chosen), _partial_at(ran, partial))
+
+
+def full_step_count(budget: float, count: int) -> int:
+    """Full steps ``budget`` buys among ``count`` steps: floor(budget·count), never over the budget, and at least one
+    (warned: it then spends 1/count). With round() budgets of half a step went to the even count (0.3 and 0.5 of 5
+    steps both bought 2, 0.3 of 25 spent 0.32) and a partial-step search started over budget (until session 53)."""
+    target = min(count, math.floor(budget * count + 1e-9))  # budget = full / steps gives back exactly ``full``
+    if target < 1:
+        warnings.warn(f"budget={budget} of {count} steps buys less than one full step: the schedule computes one, "
+                      f"{1 / count:.3g} of the full cost", RuntimeWarning, stacklevel=user_stacklevel())
+    return max(1, target)
 
 
 def _search(error: Any, count: int, target: int, search: str, max_candidates: int | None, max_passes: int) -> set[int]:
