@@ -669,7 +669,16 @@ def test_calibrated_steps_that_all_weigh_zero_are_refused(pattern):
                          progress=False, height=32, width=32)
     before = {name: tensor.clone() for name, tensor in pipe.unet.state_dict().items()}
     config = PruneConfig(method="obs", sparsity=0.5, pattern=pattern, weight_range=(0.0, 1.2))
-    with pytest.raises(ValueError, match=r"every calibrated step \[2\] has weight 0 under weighting='log-decrease'"):
+    with pytest.raises(ValueError, match=r"every calibrated step that ran, \[2\], has weight 0 under "
+                                         r"weighting='log-decrease'"):
         prune_(pipe, config, calib=calib)
     after = pipe.unet.state_dict()
     assert applied_techniques(pipe) == [] and all(torch.equal(after[name], before[name]) for name in before)
+    from diffusers import StableDiffusionImg2ImgPipeline  # step 0 selected but never run: only step 2 observed
+
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    with pytest.warns(UserWarning, match="did not run"):
+        calib = da.calibrate(img2img, ["a cat", "a dog"], num_inference_steps=3, steps=[0, 2], strength=0.5,
+                             image=torch.full((1, 3, 32, 32), 0.5), store_trajectory=False, progress=False)
+    with pytest.raises(ValueError, match=r"every calibrated step that ran, \[2\], has weight 0"):
+        prune_(img2img, config, calib=calib)

@@ -227,12 +227,14 @@ class _CalibrationSweep:
 
 
 def _check_weighted_steps(calibration: Calibration) -> None:
-    """Refuse Hessians from selected steps that all weigh 0 (``weight_range`` from 0): structured pruning skipped
-    every block as unobserved and returned, having removed nothing, with no warning (until session 53)."""
-    weights = [float(calibration.step_weights[step]) for step in calibration.selected_steps]
+    """Refuse Hessians from selected steps that ran and all weigh 0 (``weight_range`` from 0; img2img runs only the
+    last steps): structured pruning skipped every block as unobserved and returned, having removed nothing, with no
+    warning (until session 53)."""
+    ran = [step for step in calibration.selected_steps if step in calibration.timesteps]
+    weights = [float(calibration.step_weights[step]) for step in ran]
     if weights and not any(weights):
         settings = calibration.settings
-        raise ValueError(f"every calibrated step {list(calibration.selected_steps)} has weight 0 under "
+        raise ValueError(f"every calibrated step that ran, {ran}, has weight 0 under "
                          f"weighting={settings.weighting!r}, weight_range={tuple(settings.weight_range)}: the "
                          f"Hessians would hold nothing; select other steps or raise weight_range's first value")
 
