@@ -682,3 +682,18 @@ def test_calibrated_steps_that_all_weigh_zero_are_refused(pattern):
                              image=torch.full((1, 3, 32, 32), 0.5), store_trajectory=False, progress=False)
     with pytest.raises(ValueError, match=r"every calibrated step that ran, \[2\], has weight 0"):
         prune_(img2img, config, calib=calib)
+
+
+def test_obs_pruning_and_gptq_run_under_a_float64_default_dtype():
+    """The Hessian accumulators followed torch's default dtype: float64 there met float32 rows, "self and mat2 must
+    have the same dtype" (session 53 review)."""
+    pipe = build_tiny("sd")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        prune_(pipe, PruneConfig(method="obs", sparsity=0.3, calib_prompts=1, calib_num_steps=2))
+        da.quantize_(pipe, da.PTQConfig(weights="int4", activations=None, weight_rounding="gptq", calib_prompts=1,
+                                        calib_num_steps=2, calib_steps="all"))
+    finally:
+        torch.set_default_dtype(previous)
+    assert applied_techniques(pipe) == ["prune", "ptq"]

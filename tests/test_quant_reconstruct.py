@@ -230,6 +230,19 @@ def test_blocks_the_memory_budget_leaves_few_samples_are_named_in_a_warning_and_
     assert any("raise recon_max_bytes" in note for note in get_state(pipe.unet).notes)
 
 
+def test_a_memory_budget_below_one_sample_per_block_names_recon_max_bytes():
+    """The error said "raise max_bytes", an option PTQConfig has not (session 53 review)."""
+    from diffusion_accel.artifact import applied_techniques
+
+    pipe = build_tiny("sd")
+    config = PTQConfig(weights="int4", activations=None, calib_prompts=1, calib_num_steps=2, calib_steps="all",
+                       reconstruct=True, recon_iters=1, recon_samples=8, recon_max_bytes=50_000)
+    with pytest.raises(ValueError, match=r"PTQConfig.recon_max_bytes=50000 cannot hold one sample .* raise "
+                                         r"PTQConfig.recon_max_bytes"):
+        quantize_(pipe, config)
+    assert applied_techniques(pipe) == []
+
+
 def test_reconstruction_batches_hold_samples_of_one_layout_and_one_timestep_group():
     """Samples whose shared tables differ (Flux Kontext, per reference-image shape) cannot merge into one call."""
     from diffusion_accel.quant.reconstruct import _batch_indices

@@ -159,8 +159,10 @@ class HessianCollector(Collector):
     def _sums_for(self, name: str, rows: torch.Tensor) -> _HessianSums:
         width = rows.shape[1]
         if name not in self._sums:
-            xtx = torch.zeros(width, width, device=rows.device) if self.full else None
-            self._sums[name] = _HessianSums(xtx=xtx, sq_norms=torch.zeros(width, device=rows.device))
+            # float32 whatever torch's default dtype (a float64 default failed every OBS prune and GPTQ: s53)
+            xtx = torch.zeros(width, width, device=rows.device, dtype=torch.float32) if self.full else None
+            self._sums[name] = _HessianSums(xtx=xtx, sq_norms=torch.zeros(width, device=rows.device,
+                                                                          dtype=torch.float32))
         sums = self._sums[name]
         if sums.sq_norms.shape[0] != width:
             raise ValueError(f"layer {name!r} received inputs with {width} features after "

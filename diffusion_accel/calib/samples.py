@@ -62,17 +62,20 @@ class _ModuleSamples:
 
 
 class SampleStore(Collector):
-    """Uniform subsample (at most ``max_samples`` rows per module, ``max_bytes`` in all) of module calls."""
+    """Uniform subsample (at most ``max_samples`` rows per module, ``max_bytes`` in all) of module calls;
+    ``budget_name``: what errors call ``max_bytes`` (the option a caller set it from)."""
 
     wants = "call"
 
     def __init__(self, module_names: str | Iterable[str], max_samples: int = 256,
-                 max_bytes: int = 1 << 30, with_outputs: bool = False, seed: int = 0) -> None:
+                 max_bytes: int = 1 << 30, with_outputs: bool = False, seed: int = 0,
+                 budget_name: str = "max_bytes") -> None:
         super().__init__(module_names)
         for label, value in (("max_samples", max_samples), ("max_bytes", max_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be an int >= 1, got {value!r}")
         self.max_samples, self.max_bytes, self.with_outputs = max_samples, max_bytes, bool(with_outputs)
+        self.budget_name = budget_name  # quantize_'s error said "raise max_bytes", an option it has not (s53)
         self.total_bytes = 0
         self._generator = torch.Generator().manual_seed(seed)
         self._order = itertools.count()
@@ -113,8 +116,8 @@ class SampleStore(Collector):
         store = max(self._stores.values(), key=lambda held: (len(held.heap), held.bytes))
         if len(store.heap) <= 1:
             called = sum(1 for held in self._stores.values() if held.heap)
-            raise ValueError(f"max_bytes={self.max_bytes} cannot hold one sample of each of the {called} modules "
-                             f"called so far ({self.total_bytes} bytes); raise max_bytes")
+            raise ValueError(f"{self.budget_name}={self.max_bytes} cannot hold one sample of each of the {called} "
+                             f"modules called so far ({self.total_bytes} bytes); raise {self.budget_name}")
         return store
 
     def _give_up(self, store: _ModuleSamples) -> None:

@@ -216,7 +216,7 @@ def build_collectors(pipe: Any, config: PTQConfig, targets: Sequence[LayerTarget
     if config.reconstruct:
         units = reconstruction_units(pipe, [target.name for target in targets])
         collectors.append(SampleStore(units, max_samples=config.recon_samples, max_bytes=config.recon_max_bytes,
-                                      with_outputs=True))
+                                      with_outputs=True, budget_name="PTQConfig.recon_max_bytes"))
     return collectors
 
 
