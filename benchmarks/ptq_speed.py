@@ -271,13 +271,13 @@ def size_markdown(results: dict[str, Any]) -> str:
 
 
 def size_lines(results: dict[str, Any]) -> list[str]:
-    lines = ["", "| weights | artifact MB | standalone MB | standalone / fp32 | tensors alone / fp32 |",
+    lines = ["", "| weights | artifact MiB | standalone MiB | standalone / fp32 | tensors alone / fp32 |",
              "|---|---|---|---|---|"]
     for name, size in results["size"].items():
         tensors = f"{size['tensors_ratio']:.3f}" if "tensors_ratio" in size else "not recorded"
         lines.append(f"| {name} | {size['artifact_mb']:.1f} | {size['standalone_mb']:.1f} | "
                      f"{size['standalone_ratio']:.3f} | {tensors} |")
-    lines += ["", f"fp32 denoiser: {results['size']['w8a8']['fp32_mb']:.1f} MB of tensors (artifact = the PTQ "
+    lines += ["", f"fp32 denoiser: {results['size']['w8a8']['fp32_mb']:.1f} MiB of tensors (artifact = the PTQ "
               "safetensors file with its header + manifest.json, not the base-sample file that recognises the base; "
               "standalone = artifact + the base tensors it does not replace; tensors alone = codes, scales, zero "
               "points and kept base tensors, no headers or manifest)."]
