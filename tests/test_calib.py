@@ -1362,3 +1362,10 @@ def test_an_lcm_unet_embeds_its_guidance_and_gets_no_cfg_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_if_cfg_is_off(pipe, params, 1.0)
+
+
+def test_a_calibration_prints_as_one_line(sd_pipe):
+    """The dataclass repr printed every stored trajectory tensor (130k characters on tiny SD; session 53 review)."""
+    calib = calibrate(sd_pipe, ["a"], 2, progress=False, **SD_SIZE)
+    text = repr(calib)
+    assert "\n" not in text and len(text) < 300 and text.startswith("Calibration(pipeline, ")

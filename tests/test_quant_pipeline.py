@@ -818,3 +818,11 @@ def test_a_group_size_without_group_wise_weights_is_refused():
         quantize_(pipe, PTQConfig.preset("w4a8", group_size=32, **FAST))
     assert applied_techniques(pipe) == []
     quantize_(pipe, PTQConfig.preset("w4a16", weight_granularity="per_channel", **FAST))  # the default size stays
+
+
+def test_the_summary_of_weight_only_quantization_describes_no_activation_quantizer():
+    """w8a16 / w4a16 summaries read "activations=None (static, minmax, asym, timestep groups 1)" (session 53 review)."""
+    pipe = build_tiny("sd")
+    quantize_(pipe, PTQConfig.preset("w8a16", **FAST))
+    text = summary(pipe)
+    assert "activations=float (weight-only)" in text and "timestep groups" not in text.splitlines()[0]

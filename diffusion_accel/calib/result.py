@@ -178,6 +178,13 @@ class Calibration:
         return {"source": self.source, "pipeline_class": self.pipeline_class, "settings": settings,
                 "seeds": list(self.seeds)}
 
+    def __repr__(self) -> str:
+        """One line (the dataclass repr printed every stored trajectory tensor: 130k characters on a tiny model);
+        ``summary()`` says more."""
+        return (f"Calibration({self.source}, {self.pipeline_class} / {self.denoiser_class}, {self.num_steps} steps, "
+                f"selected {self.selected_steps}, {self.observed_calls} denoiser calls observed, "
+                f"{len(self.trajectory)} stored, {len(self.collectors)} collector(s))")
+
     def summary(self) -> str:
         """A short human-readable report of the pass."""
         s = self.settings

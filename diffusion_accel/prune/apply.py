@@ -400,6 +400,7 @@ def _copy_stats(report: PruneReport, stats: SequentialStats,
 
 
 def prune_report(pipe: Any) -> PruneReport | None:
-    """The report of the last ``prune_`` on ``pipe``'s denoiser (a pipeline or a bare denoiser), or None."""
+    """The report of the last ``prune_`` on ``pipe``'s denoiser (a pipeline or a bare denoiser), or None (also
+    after ``da.load``: an artifact holds the pruned shapes and masks, not the report)."""
     _, denoiser = find_denoiser(pipe)
     return getattr(denoiser, REPORT_ATTR, None)

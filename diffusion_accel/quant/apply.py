@@ -227,9 +227,9 @@ def summary(pipe: Any) -> str:
     lines = [f"PTQ of {type(denoiser).__name__}: weights={config['weights']} "
              f"({config['weight_granularity']}, scale {config['weight_scale']}, "
              f"rounding {'AdaRound' if config['reconstruct'] else config.get('weight_rounding', 'nearest')}), "
-             f"activations="
-             f"{config['activations']} ({config['act_mode']}, {config['act_method']}, "
-             f"{'sym' if symmetric else 'asym'}, timestep groups {config['timestep_groups']})",
+             f"activations=" + ("float (weight-only)" if config["activations"] is None else
+                                f"{config['activations']} ({config['act_mode']}, {config['act_method']}, "
+                                f"{'sym' if symmetric else 'asym'}, timestep groups {config['timestep_groups']})"),
              f"  layers quantized: {len(state.layers)}; execution: "
              + ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))]
     float_inputs = [name for name in state.layers if keeps_float_activations(name, config)]
