@@ -285,32 +285,21 @@ def test_a_manifest_cannot_point_load_at_files_outside_the_artifact(tmp_path, wh
         artifact.load(build_tiny("sd"), folder)
 
 
-def test_a_technique_file_linking_outside_the_artifact_is_refused(tmp_path):
+@pytest.mark.parametrize("name, target, message", [
+    ("00-test-scale.safetensors", "other", r"'techniques\[0\].tensors' must be a file inside the artifact folder, "
+                                           r"got '00-test-scale.safetensors', a link to"),
+    ("00-test-scale.safetensors", "itself", r"got '00-test-scale.safetensors', a link that does not resolve"),
+    ("manifest.json", "other", r"manifest.json must be a file inside the artifact folder, got a link to"),
+])
+def test_artifact_files_linking_elsewhere_or_nowhere_are_refused(tmp_path, name, target, message):
+    """A link to another folder's file was read from there; a link to itself (a loop) was a RuntimeError traceback
+    the CLI's user errors leave out, and a linked manifest.json was read as this artifact's (session 53 review)."""
     other, folder = tmp_path / "other", tmp_path / "artifact"
     artifact.save(_scaled_pipe(), other)
     artifact.save(_scaled_pipe(), folder)
-    (folder / "00-test-scale.safetensors").unlink()
-    (folder / "00-test-scale.safetensors").symlink_to(other / "00-test-scale.safetensors")
-    with pytest.raises(artifact.ArtifactError, match=r"'techniques\[0\].tensors' must be a file inside the "
-                                                      r"artifact folder, got '00-test-scale.safetensors', a link to"):
-        artifact.load(build_tiny("sd"), folder)
-
-
-def test_a_link_loop_or_a_manifest_linking_outside_the_artifact_is_refused(tmp_path):
-    """A technique file linked to itself failed with a RuntimeError traceback (the CLI's user errors leave it out);
-    a manifest.json linked from another folder was read as this artifact's (session 53 review)."""
-    other, folder = tmp_path / "other", tmp_path / "artifact"
-    artifact.save(_scaled_pipe(), other)
-    artifact.save(_scaled_pipe(), folder)
-    (folder / "00-test-scale.safetensors").unlink()
-    (folder / "00-test-scale.safetensors").symlink_to("00-test-scale.safetensors")
-    with pytest.raises(artifact.ArtifactError, match=r"got '00-test-scale.safetensors', a link that does not resolve"):
-        artifact.load(build_tiny("sd"), folder)
-    artifact.save(_scaled_pipe(), folder)
-    (folder / "manifest.json").unlink()
-    (folder / "manifest.json").symlink_to(other / "manifest.json")
-    with pytest.raises(artifact.ArtifactError, match=r"manifest.json must be a file inside the artifact folder, got a "
-                                                      r"link to"):
+    (folder / name).unlink()
+    (folder / name).symlink_to(other / name if target == "other" else name)
+    with pytest.raises(artifact.ArtifactError, match=message):
         artifact.load(build_tiny("sd"), folder)
 
 

@@ -22,8 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from ..argtypes import SEED_LIMIT
 from ..arch.registry import UnsupportedModelError, get_adapter
 from ..pipeline_defaults import (OTHER_PROMPTS, call_defaults, check_call_arguments, check_guidance_scale_is_read,
