@@ -283,10 +283,9 @@ def _fid_extractor(dtype_name: str, metrics: list[str], device: str | None) -> A
     from .eval.fid import fid_feature_extractor
     from .loading import check_device
 
-    if device is not None:  # a traceback from inside torch (exit 1) until session 45
-        check_device(device)
-
-    return fid_feature_extractor(getattr(torch, dtype_name), device=device or "cpu")
+    # checked: a traceback from inside torch (exit 1) until session 45; launched: this process's own GPU (s53)
+    target = check_device(device) if device is not None else "cpu"
+    return fid_feature_extractor(getattr(torch, dtype_name), device=target)
 
 
 def _check_cpu_compiler(device: str | None) -> None:

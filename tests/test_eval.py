@@ -1381,6 +1381,7 @@ def test_a_reference_dataset_of_dict_rows_gives_its_image_column():
 def test_a_dataloader_of_image_lists_or_row_lists_gives_every_image_of_each_batch():
     """``DataLoader(collate_fn=list)`` yields lists of PIL images (or of (image, label) rows): the first image of
     each batch only was read, and rows failed with "unsupported image type int" (session 53 review)."""
+    import numpy as np
     from torch.utils.data import DataLoader
 
     from diffusion_accel.eval.images import iter_dataset_images
@@ -1389,6 +1390,11 @@ def test_a_dataloader_of_image_lists_or_row_lists_gives_every_image_of_each_batc
     for dataset in (pictures, [(picture, index) for index, picture in enumerate(pictures)]):
         images = list(iter_dataset_images(DataLoader(dataset, batch_size=4, collate_fn=list)))
         assert [int(image[0, 0, 0]) for image in images] == list(range(6))
+    sizes = [Image.new("RGB", (8 + value, 8), (value, 0, 0)) for value in range(6)]  # collate_fn=list's usual reason
+    assert [int(image[0, 0, 0]) for image in iter_dataset_images(DataLoader(sizes, batch_size=4, collate_fn=list))] \
+        == list(range(6))
+    grey = [np.full((8, 8), value, np.uint8) for value in range(6)]  # (H, W) arrays: the first of each batch only
+    assert len(list(iter_dataset_images(DataLoader(grey, batch_size=4, collate_fn=list)))) == 6
     tensors = torch.stack([torch.full((3, 8, 8), value / 255) for value in range(6)])  # default collate still works
     images = list(iter_dataset_images(DataLoader(list(zip(tensors, range(6))), batch_size=4)))
     assert [int(image[0, 0, 0]) for image in images] == list(range(6))

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..paths import EMPTY_PATH_PROBLEM, empty_path, expand_home, output_folder_problem
 from ..stacklevel import user_stacklevel
-from .images import (as_nchw, check_pixel_dtype, checked_unit_range, dataset_image, hash_files, hash_tensor,
+from .images import (as_nchw, check_pixel_dtype, checked_unit_range, dataset_images, hash_files, hash_tensor,
                      image_files, iter_dataset_images, load_image, to_rgb, to_uint8)
 from .inception import TF_INCEPTION_ID, TFInceptionFeatures, find_tf_inception, tf1_bilinear_resize
 
@@ -305,7 +305,7 @@ def _check_first_item(dataset: Any) -> None:
     first = next(iter(dataset), None)
     if first is None:
         raise ValueError("the reference dataset yielded no images")
-    first_images = to_uint8(dataset_image(first))
+    first_images = dataset_images(first)
     if _length(dataset) == 1:
         _check_enough(len(first_images), "the reference dataset")
 

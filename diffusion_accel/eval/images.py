@@ -148,13 +148,21 @@ def iter_dataset_images(dataset: Iterable[Any]) -> Iterator[torch.Tensor]:
     ``IMAGE_KEYS`` column (a Hugging Face ``datasets.Dataset``), or of batches of them (a ``DataLoader``: each yields
     every image of its batch; until session 41 only the first)."""
     for item in dataset:
-        yield from to_uint8(dataset_image(item))
+        yield from dataset_images(item)
+
+
+def dataset_images(item: Any) -> list[torch.Tensor]:
+    """The uint8 (3, H, W) images of one dataset item (see ``dataset_image``); a list batch (a DataLoader with
+    ``collate_fn=list``, often of images of several sizes) converted image by image."""
+    parts = dataset_image(item)
+    parts = parts if isinstance(item, list) and isinstance(parts, list) else [parts]
+    return [image for part in parts for image in to_uint8(part)]
 
 
 def dataset_image(item: Any) -> Any:
     """The image (or batch) of one dataset item: a tuple's first element, a dict row's image column, else itself; a
-    list batch of images or of rows (a DataLoader with ``collate_fn=list``) gives all of its images (until session
-    53 only the first: 2 of 6 images counted into an FID reference, silently)."""
+    list batch of images or of rows (a DataLoader with ``collate_fn=list``) gives the list of its images (until
+    session 53 only the first: 2 of 6 images counted into an FID reference, silently)."""
     if isinstance(item, list) and item and all(isinstance(element, (tuple, list, Mapping)) for element in item):
         return [dataset_image(element) for element in item]
     if isinstance(item, list) and len(item) > 1 and all(_single_image(element) for element in item):
@@ -171,9 +179,11 @@ def dataset_image(item: Any) -> Any:
 
 
 def _single_image(value: Any) -> bool:
-    """Whether ``value`` is one image: a PIL image or a (C, H, W) / (H, W, C) tensor or array (not a label, not a
-    batch)."""
-    return isinstance(value, Image.Image) or (isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 3)
+    """Whether ``value`` is one image: a PIL image, a (C, H, W) tensor or an (H, W, C) / (H, W) array (not a label,
+    not a batch)."""
+    if isinstance(value, np.ndarray):
+        return value.ndim in (2, 3)
+    return isinstance(value, Image.Image) or (isinstance(value, torch.Tensor) and value.ndim == 3)
 
 
 def hash_tensor(tensor: torch.Tensor) -> str:
