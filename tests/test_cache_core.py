@@ -79,6 +79,8 @@ def test_calibrated_schedule_resampling_and_refusal():
     resampled = calibrated_steps(config, 25)
     assert resampled[0] == 0 and len(resampled) == 3 and max(resampled) < 25
     assert len(resample_full_steps(config.full_steps, 50, 100)) == 12
+    assert len(resample_full_steps((0, 3, 6), 10, 25)) == 7  # 7.5: floor, never more (round() gave 8, 5 of 10 12)
+    assert len(resample_full_steps((0, 2, 4, 6, 8), 10, 25)) == 12
     strict = CalibratedCacheConfig(full_steps=(0, 2), num_inference_steps=50, resample=False)
     with pytest.raises(ValueError, match="calibrated for 50 denoiser steps per call; this call runs 20"):
         calibrated_steps(strict, 20)

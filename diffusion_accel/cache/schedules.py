@@ -51,16 +51,23 @@ def resample_full_steps(full_steps: tuple[int, ...], source_steps: int, target_s
     """Map a schedule of ``source_steps`` onto ``target_steps``, keeping the fraction of full steps.
 
     The full steps are read as positions in [0, 1] of the trajectory; the target takes
-    round(count * target / source) positions interpolated along them (so dense regions stay
-    dense) and rounds each to the nearest free step. Step 0 stays full.
+    floor(count * target / source) positions, at least one (as ``calibrate_schedule`` buys full steps: never more
+    than the fraction; round() sent halves to the even count until session 53, 3 of 10 steps to 8 of 25),
+    interpolated along them (so dense regions stay dense), each rounded to the nearest free step. Step 0 stays full.
     """
     if target_steps == source_steps:
         return sorted(full_steps)
-    wanted = min(target_steps, max(1, round(len(full_steps) * target_steps / source_steps)))
+    wanted = min(target_steps, max(1, resampled_count(len(full_steps), source_steps, target_steps)))
     chosen: set[int] = set()
     for _, position in interpolated_positions(sorted(full_steps), source_steps, target_steps, wanted):
         chosen.add(nearest_free(position, chosen, target_steps))
     return sorted(chosen)
+
+
+def resampled_count(count: int, source_steps: int, target_steps: int) -> int:
+    """How many of ``count`` steps of a ``source_steps`` schedule a ``target_steps`` one keeps: floor of their share,
+    never more (round() sent halves to the even count until session 53)."""
+    return math.floor(count * target_steps / source_steps + 1e-9)
 
 
 def interpolated_positions(steps: list[int], source_steps: int, target_steps: int,
