@@ -73,14 +73,30 @@ def test_schedules():
     assert nonuniform_full_steps(4, 1) == [0, 1, 2, 3]
 
 
+def test_the_nonuniform_schedule_is_deepcaches():
+    """DeepCache's sample_from_quad_center(50, n, center=15, pow=1.4) at intervals 3 / 5 / 10 (values from the
+    reference implementation); our own curve through both ends made the last step full and moved the early ones
+    (0, 4, 7, ..., 49 at interval 3) until session 53. It matched the reference on 42,749 settings checked then."""
+    assert nonuniform_full_steps(50, 3) == [0, 3, 6, 8, 11, 13, 15, 17, 20, 22, 25, 28, 32, 35, 38, 42, 46]
+    assert nonuniform_full_steps(50, 5) == [0, 5, 9, 13, 17, 21, 26, 31, 37, 43]
+    assert nonuniform_full_steps(50, 10) == [0, 9, 17, 26, 37]
+    assert nonuniform_full_steps(27, 9, center=0.0, power=2.0) == [0, 3, 12]  # real arithmetic from center 0
+
+
 def test_calibrated_schedule_resampling_and_refusal():
     config = CalibratedCacheConfig(full_steps=(0, 2, 5, 10, 20, 40), num_inference_steps=50)
     assert calibrated_steps(config, 50) == [0, 2, 5, 10, 20, 40]
     resampled = calibrated_steps(config, 25)
     assert resampled[0] == 0 and len(resampled) == 3 and max(resampled) < 25
     assert len(resample_full_steps(config.full_steps, 50, 100)) == 12
-    assert len(resample_full_steps((0, 3, 6), 10, 25)) == 7  # 7.5: floor, never more (round() gave 8, 5 of 10 12)
-    assert len(resample_full_steps((0, 2, 4, 6, 8), 10, 25)) == 12
+    assert len(calibrated_steps(CalibratedCacheConfig((0, 3, 6), 10), 25)) == 7  # 7.5: within the budget, floor
+    assert len(resample_full_steps((0, 3, 6), 10, 25, within_budget=True)) == 7  # (round() gave 8, and 12 for 5)
+    assert len(resample_full_steps((0, 2, 4, 6, 8), 10, 25, within_budget=True)) == 12
+    assert len(resample_full_steps((0, 2, 4, 6, 8), 10, 25)) == 13  # key steps (no budget): nearest, halves up
+    from diffusion_accel.cache.encoder import key_steps
+
+    keys = EncoderPropagationConfig(key_steps=(0, 1, 2, 3, 5, 10, 15, 25, 35), num_inference_steps=50)
+    assert len(key_steps(keys, 15)) == 3 and len(key_steps(keys, 10)) == 2  # a floor kept 2 and 1 (11.6 dB)
     strict = CalibratedCacheConfig(full_steps=(0, 2), num_inference_steps=50, resample=False)
     with pytest.raises(ValueError, match="calibrated for 50 denoiser steps per call; this call runs 20"):
         calibrated_steps(strict, 20)
@@ -382,8 +398,11 @@ def test_schedule_and_teacache_fits_take_numpy_numbers(monkeypatch):
     assert len(config.full_steps) == 2 and type(config.budget) is float
 
 
-def test_nonuniform_schedule_with_a_huge_power_ends():
-    assert nonuniform_full_steps(10, 3, power=1e6) == nonuniform_full_steps(10, 3, power=1.0 + 1e-9)
+@pytest.mark.parametrize("power", [1e6, float("inf"), 1.0 + 1e-9])
+def test_nonuniform_schedule_with_a_huge_power_ends(power):
+    """Lowering the power 0.02 at a time from 1e6 took 5e7 tries (inf never ended): bounded, then even spacing."""
+    steps = nonuniform_full_steps(10, 3, power=power)
+    assert len(steps) == 4 and steps[0] == 0 and steps == sorted(set(steps)) and steps[-1] < 10
 
 
 def test_a_denoiser_looped_at_one_position_keeps_a_bounded_state(monkeypatch):

@@ -107,10 +107,12 @@ def test_partial_steps_survive_the_manifest_and_save_load(tmp_path):
 def test_partial_steps_follow_the_schedule_onto_other_step_counts():
     config = CalibratedCacheConfig((0, 4, 9), 12, partial_steps=((2, 1), (6, 2), (10, 3)))
     assert partial_steps_for_call(config, config.full_steps, 12) == {2: 1, 6: 2, 10: 3}
-    plan = partial_steps_for_call(config, [0, 2, 4], 6)  # half the steps: round(3 / 2) = 2 partial steps
+    plan = partial_steps_for_call(config, [0, 2, 4], 6)  # half the steps: 3 / 2 to the nearest = 2 partial steps
     assert len(plan) == 2 and set(plan.values()) <= {1, 2, 3} and not set(plan) & {0, 2, 4}
     assert len(partial_steps_for_call(config, [0, 4, 8, 13, 17], 24)) == 6  # twice the steps: twice as many
     assert partial_steps_for_call(config, list(range(6)), 6) == {}  # no free step left
+    one = CalibratedCacheConfig((0, 5), 10, partial_steps=((3, 1),))  # 2.5 at 25 steps: halves up (round() gave 2)
+    assert len(partial_steps_for_call(one, [0, 12], 25)) == 3
     levels = [float(t) for t in range(12, 0, -1)]  # same noise levels: same positions
     timed = CalibratedCacheConfig((0, 4, 9), 12, partial_steps=((2, 1),), timesteps=levels)
     assert partial_steps_for_call(timed, timed.full_steps, 12, levels) == {2: 1}

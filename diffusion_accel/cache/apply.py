@@ -132,7 +132,7 @@ def calibrated_steps(config: CalibratedCacheConfig, num_steps: int) -> list[int]
     if num_steps == config.num_inference_steps:
         return list(config.full_steps)
     _check_resampling(config, num_steps)
-    return resample_full_steps(config.full_steps, config.num_inference_steps, num_steps)
+    return resample_full_steps(config.full_steps, config.num_inference_steps, num_steps, within_budget=True)
 
 
 def _check_resampling(config: CalibratedCacheConfig, num_steps: int) -> None:

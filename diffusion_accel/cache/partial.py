@@ -10,13 +10,12 @@ spends its budget on.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 from ..arch import get_adapter
 from ..arch.base import CachePoint
-from .schedules import interpolated_positions, nearest_free
+from .schedules import interpolated_positions, nearest_free, resampled_count
 from .stack import stack_blocks
 from .unet_branch import skip_branches
 
@@ -88,15 +87,15 @@ def partial_steps_for_call(config: Any, full_steps: Sequence[int], num_steps: in
 def resampled_partials(partial_steps: Sequence[tuple[int, int]], source_steps: int,
                        target_steps: int) -> list[tuple[int, int]]:
     """(position, level) pairs of ``partial_steps`` for a call of ``target_steps``: as many as keep their share
-    of the steps, count * target / source to the nearest (halves up: round() sent them to the even count until
-    session 53), at positions interpolated along them (as
+    of the steps, count * target / source to the nearest (``schedules.resampled_count``, halves up: round() sent
+    them to the even count until session 53), at positions interpolated along them (as
     ``schedules.resample_full_steps`` does for full steps), each with the level of the nearest original. Until
     session 41 every partial step was kept, so a 50-step schedule's 8 partial steps filled all reuse steps of a
     10-step call (block compute 0.50 for a 0.2 budget)."""
     ordered = sorted(partial_steps)
     if target_steps == source_steps or not ordered:
         return ordered
-    wanted = min(target_steps - 1, math.floor(len(ordered) * target_steps / source_steps + 0.5))  # halves up
+    wanted = min(target_steps - 1, resampled_count(len(ordered), source_steps, target_steps))  # halves up
     return [(position, ordered[round(index)][1]) for index, position
             in interpolated_positions([step for step, _ in ordered], source_steps, target_steps, wanted)]
 

@@ -12,62 +12,75 @@ def uniform_full_steps(num_steps: int, interval: int) -> list[int]:
     return list(range(0, num_steps, interval))
 
 
-POWER_TRIES = 200  # powers lowered by 0.05 at most this often before even spacing
+POWER_TRIES = 200  # powers lowered by POWER_STEP at most this often before even spacing
+POWER_STEP = 0.02  # DeepCache's
 
 
 def nonuniform_full_steps(num_steps: int, interval: int, center: float = 0.3,
                           power: float = 1.4) -> list[int]:
-    """ceil(num_steps / interval) full steps, dense near ``center * num_steps``, sparse far from it.
+    """ceil(num_steps / interval) full steps, dense near step round(``center`` * num_steps), sparse far from it:
+    DeepCache's non-uniform schedule (its ``sample_from_quad_center``; step 0 always full, the last step not).
 
-    Offsets from the center are ``sign(u) * |u| ** power`` for ``u`` evenly spaced; if rounding
-    makes two steps collide the power is lowered towards 1 (even spacing). Step 0 is always full.
+    Until session 53 this was a curve of our own through both ends (the last step always full, the early ones
+    later): at interval 3 of 50 steps, 0, 4, 7, ..., 49 where DeepCache takes 0, 3, 6, ..., 46. If two steps
+    collide the power is lowered towards 1 by DeepCache's 0.02; past that, even spacing.
     """
     count = min(num_steps, math.ceil(num_steps / interval))
     if count >= num_steps:
         return list(range(num_steps))
-    middle = center * (num_steps - 1)
-    for lowered in range(POWER_TRIES):  # bounded: power 1e6 took 2e7 tries, inf never ended
-        candidate = power - 0.05 * lowered
+    center_step, candidate = round(center * num_steps), power
+    for _ in range(POWER_TRIES):  # bounded: power 1e6 took 2e7 tries, inf never ended
         if candidate <= 1.0:
             break
-        steps = _power_spaced(num_steps, count, middle, candidate)
-        if len(steps) == count:
+        steps = _quadratic_around(num_steps, count, center_step, candidate)
+        if len(steps) == count and steps == sorted(set(steps)) and steps[-1] < num_steps:
             return steps
-    return _power_spaced(num_steps, count, 0.0, 1.0) if count > 1 else [0]
+        candidate -= POWER_STEP  # lowered by repeated subtraction, as DeepCache: the same float powers
+    return _evenly_spaced(num_steps, count)
 
 
-def _power_spaced(num_steps: int, count: int, middle: float, power: float) -> list[int]:
-    """Distinct steps at ``middle + sign(u) |u|^power``; u spans [0, num_steps - 1] after mapping."""
-    low = -(middle ** (1.0 / power))
-    high = (num_steps - 1 - middle) ** (1.0 / power)
-    points = [low + (high - low) * i / (count - 1) for i in range(count)] if count > 1 else [low]
-    steps = {0}
-    for u in points[1:]:
-        steps.add(min(num_steps - 1, max(0, int(round(middle + math.copysign(abs(u) ** power, u))))))
-    return sorted(steps)
+def _quadratic_around(num_steps: int, count: int, center_step: int, power: float) -> list[int]:
+    """Step 0, then the inner ones of ``count`` + 1 points evenly spaced in u between the principal
+    ``power``-th roots of -center_step and num_steps - center_step, mapped back by u ** power (real part, truncated
+    towards zero; DeepCache's numpy arithmetic takes the complex root of the negative end, and its published
+    schedules come from that), distinct, offset by ``center_step``."""
+    start = complex(-center_step) ** (1.0 / power) if center_step > 0 else 0.0  # real arithmetic from 0, as there
+    stop = (num_steps - center_step) ** (1.0 / power)
+    offsets = np.trunc((np.linspace(start, stop, count + 1) ** power).real).astype(np.int64)
+    return [0] + [int(offset) + center_step for offset in np.unique(offsets)[1:-1]]
 
 
-def resample_full_steps(full_steps: tuple[int, ...], source_steps: int, target_steps: int) -> list[int]:
+def _evenly_spaced(num_steps: int, count: int) -> list[int]:
+    """``count`` distinct steps evenly spread over [0, num_steps - 1], step 0 first."""
+    if count <= 1:
+        return [0]
+    return sorted({round(i * (num_steps - 1) / (count - 1)) for i in range(count)})
+
+
+def resample_full_steps(full_steps: tuple[int, ...], source_steps: int, target_steps: int,
+                        within_budget: bool = False) -> list[int]:
     """Map a schedule of ``source_steps`` onto ``target_steps``, keeping the fraction of full steps.
 
-    The full steps are read as positions in [0, 1] of the trajectory; the target takes
-    floor(count * target / source) positions, at least one (as ``calibrate_schedule`` buys full steps: never more
-    than the fraction; round() sent halves to the even count until session 53, 3 of 10 steps to 8 of 25),
-    interpolated along them (so dense regions stay dense), each rounded to the nearest free step. Step 0 stays full.
+    The full steps are read as positions in [0, 1] of the trajectory; the target takes count * target / source
+    positions (``resampled_count``: the nearest, halves up; ``within_budget``, for schedules searched for a budget:
+    the floor, never more, as ``calibrate_schedule`` buys them), at least one, interpolated along them (so dense
+    regions stay dense), each rounded to the nearest free step. Step 0 stays full.
     """
     if target_steps == source_steps:
         return sorted(full_steps)
-    wanted = min(target_steps, max(1, resampled_count(len(full_steps), source_steps, target_steps)))
+    wanted = min(target_steps, max(1, resampled_count(len(full_steps), source_steps, target_steps, within_budget)))
     chosen: set[int] = set()
     for _, position in interpolated_positions(sorted(full_steps), source_steps, target_steps, wanted):
         chosen.add(nearest_free(position, chosen, target_steps))
     return sorted(chosen)
 
 
-def resampled_count(count: int, source_steps: int, target_steps: int) -> int:
-    """How many of ``count`` steps of a ``source_steps`` schedule a ``target_steps`` one keeps: floor of their share,
-    never more (round() sent halves to the even count until session 53)."""
-    return math.floor(count * target_steps / source_steps + 1e-9)
+def resampled_count(count: int, source_steps: int, target_steps: int, within_budget: bool = False) -> int:
+    """How many of ``count`` steps of a ``source_steps`` schedule a ``target_steps`` one keeps: their share to the
+    nearest, halves up, or (``within_budget``) its floor. round() sent halves to the even count until session 53
+    (3 of 10 steps became 8 of 25, 5 of 10 12)."""
+    share = count * target_steps / source_steps
+    return math.floor(share + 1e-9) if within_budget else math.floor(share + 0.5)
 
 
 def interpolated_positions(steps: list[int], source_steps: int, target_steps: int,
