@@ -821,8 +821,12 @@ def test_a_group_size_without_group_wise_weights_is_refused():
 
 
 def test_the_summary_of_weight_only_quantization_describes_no_activation_quantizer():
-    """w8a16 / w4a16 summaries read "activations=None (static, minmax, asym, timestep groups 1)" (session 53 review)."""
+    """w8a16 / w4a16 summaries read "activations=None (static, minmax, asym, timestep groups 1)", attention-only ones
+    "weights=None (per_channel, scale max, ...)" (session 53 reviews)."""
     pipe = build_tiny("sd")
     quantize_(pipe, PTQConfig.preset("w8a16", **FAST))
     text = summary(pipe)
-    assert "activations=float (weight-only)" in text and "timestep groups" not in text.splitlines()[0]
+    assert "activations=float" in text and "timestep groups" not in text.splitlines()[0]
+    attention_only = build_tiny("sd")  # nothing weight-quantized: no weight settings either
+    quantize_(attention_only, PTQConfig(weights=None, activations=None, attention="int8"))
+    assert summary(attention_only).splitlines()[0].endswith("weights=float, activations=float")

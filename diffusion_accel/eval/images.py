@@ -165,8 +165,9 @@ def dataset_image(item: Any) -> Any:
     session 53 only the first: 2 of 6 images counted into an FID reference, silently)."""
     if isinstance(item, list) and item and all(isinstance(element, (tuple, list, Mapping)) for element in item):
         return [dataset_image(element) for element in item]
-    if isinstance(item, list) and len(item) > 1 and all(_single_image(element) for element in item):
-        return item
+    if isinstance(item, list) and len(item) > 1 and all(_single_image(element) for element in item) \
+            and len({(type(element), getattr(element, "ndim", None)) for element in item}) == 1:
+        return item  # one kind of image throughout: an [image, mask] row stays a row
     if isinstance(item, (tuple, list)):
         return item[0]
     if isinstance(item, Mapping):

@@ -224,10 +224,11 @@ def summary(pipe: Any) -> str:
         kind = state.lowered.get(name, "simulated")
         kinds[kind] = kinds.get(kind, 0) + 1
     symmetric = config["act_symmetric"] or config["activations"] == "fp8"  # fp8 has no zero point
-    lines = [f"PTQ of {type(denoiser).__name__}: weights={config['weights']} "
-             f"({config['weight_granularity']}, scale {config['weight_scale']}, "
-             f"rounding {'AdaRound' if config['reconstruct'] else config.get('weight_rounding', 'nearest')}), "
-             f"activations=" + ("float (weight-only)" if config["activations"] is None else
+    weights = "float" if config["weights"] is None else (
+        f"{config['weights']} ({config['weight_granularity']}, scale {config['weight_scale']}, "
+        f"rounding {'AdaRound' if config['reconstruct'] else config.get('weight_rounding', 'nearest')})")
+    lines = [f"PTQ of {type(denoiser).__name__}: weights={weights}, "
+             f"activations=" + ("float" if config["activations"] is None else
                                 f"{config['activations']} ({config['act_mode']}, {config['act_method']}, "
                                 f"{'sym' if symmetric else 'asym'}, timestep groups {config['timestep_groups']})"),
              f"  layers quantized: {len(state.layers)}; execution: "
