@@ -81,6 +81,7 @@ def test_the_nonuniform_schedule_is_deepcaches():
     assert nonuniform_full_steps(50, 5) == [0, 5, 9, 13, 17, 21, 26, 31, 37, 43]
     assert nonuniform_full_steps(50, 10) == [0, 9, 17, 26, 37]
     assert nonuniform_full_steps(27, 9, center=0.0, power=2.0) == [0, 3, 12]  # real arithmetic from center 0
+    assert nonuniform_full_steps(20, 2, center=0.1, power=6.0) == [0, 1, 2, 3, 4, 6, 8, 11, 13, 16]  # lowered to 1.74
 
 
 def test_calibrated_schedule_resampling_and_refusal():

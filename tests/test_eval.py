@@ -1395,8 +1395,10 @@ def test_a_dataloader_of_image_lists_or_row_lists_gives_every_image_of_each_batc
         == list(range(6))
     grey = [np.full((8, 8), value, np.uint8) for value in range(6)]  # (H, W) arrays: the first of each batch only
     assert len(list(iter_dataset_images(DataLoader(grey, batch_size=4, collate_fn=list)))) == 6
-    rows = [[np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8)] for _ in range(3)]  # [image, mask] rows
-    assert len(list(iter_dataset_images(rows))) == 3
+    for image, mask in ((np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8)),  # [image, mask] rows
+                        (Image.new("RGB", (8, 8)), Image.new("L", (8, 8), 255)),
+                        (torch.zeros(3, 8, 8), torch.ones(1, 8, 8))):
+        assert len(list(iter_dataset_images([[image, mask]] * 3))) == 3
     tensors = torch.stack([torch.full((3, 8, 8), value / 255) for value in range(6)])  # default collate still works
     images = list(iter_dataset_images(DataLoader(list(zip(tensors, range(6))), batch_size=4)))
     assert [int(image[0, 0, 0]) for image in images] == list(range(6))

@@ -166,7 +166,7 @@ def dataset_image(item: Any) -> Any:
     if isinstance(item, list) and item and all(isinstance(element, (tuple, list, Mapping)) for element in item):
         return [dataset_image(element) for element in item]
     if isinstance(item, list) and len(item) > 1 and all(_single_image(element) for element in item) \
-            and len({(type(element), getattr(element, "ndim", None)) for element in item}) == 1:
+            and len({_image_kind(element) for element in item}) == 1:
         return item  # one kind of image throughout: an [image, mask] row stays a row
     if isinstance(item, (tuple, list)):
         return item[0]
@@ -185,6 +185,15 @@ def _single_image(value: Any) -> bool:
     if isinstance(value, np.ndarray):
         return value.ndim in (2, 3)
     return isinstance(value, Image.Image) or (isinstance(value, torch.Tensor) and value.ndim == 3)
+
+
+def _image_kind(image: Any) -> tuple:
+    """What tells an image from a mask beside it: type, PIL mode, array rank and channels, tensor channels."""
+    if isinstance(image, Image.Image):
+        return ("pil", image.mode)
+    if isinstance(image, np.ndarray):
+        return ("array", image.ndim, image.shape[-1] if image.ndim == 3 else 1)
+    return ("tensor", image.shape[0])
 
 
 def hash_tensor(tensor: torch.Tensor) -> str:
