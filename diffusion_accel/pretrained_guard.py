@@ -136,7 +136,7 @@ def check_fusable(denoiser: nn.Module) -> None:
     ``nn.Linear`` with a dense weight (quantized, or a sparse-kernel weight)."""
     from .artifact import applied_techniques
 
-    _refuse_quantized_attention(denoiser, "fuse_qkv_projections() cannot fuse its attention")
+    _refuse_quantized_attention(denoiser, "fuse_qkv_projections() cannot fuse its attention", UnfusableModelError)
     for name, module in denoiser.named_modules():
         for attribute in PROJECTIONS:
             projection = getattr(module, attribute, None)
@@ -150,7 +150,7 @@ def check_fusable(denoiser: nn.Module) -> None:
                 f"layers. Pruned plain layers fuse normally.")
 
 
-def _refuse_quantized_attention(denoiser: nn.Module, what: str) -> None:
+def _refuse_quantized_attention(denoiser: nn.Module, what: str, error: type[ValueError]) -> None:
     """Refuse an operation on ``denoiser`` while quantize_(attention=...) processors are on it: their quantization
     lives in no tensor, so fusing replaced them with float ones and save_pretrained wrote the float model, silently
     (until session 53)."""
@@ -160,7 +160,6 @@ def _refuse_quantized_attention(denoiser: nn.Module, what: str) -> None:
     quantized = quantizing_processors(denoiser)
     if not quantized:
         return
-    error = UnfusableModelError if what.startswith("fuse") else UnsavableModelError
     raise error(f"{what}: techniques {applied_techniques(denoiser)} quantize {len(quantized)} attention processors "
                 f"(e.g. {quantized[0]}), which hold no tensors: diffusers would drop them (fusing swaps in float "
                 f"processors; from_pretrained rebuilds float attention). Save with diffusion_accel.save(pipe, DIR) "
@@ -213,7 +212,8 @@ def check_savable(denoiser: nn.Module) -> None:
     """Raise ``UnsavableModelError`` if ``from_pretrained`` could not rebuild ``denoiser`` from its
     ``state_dict`` and config (tensor names or shapes differ from a model built from the config), or while
     quantized attention processors are on it."""
-    _refuse_quantized_attention(denoiser, f"diffusers' save_pretrained cannot save this {type(denoiser).__name__}")
+    _refuse_quantized_attention(denoiser, f"diffusers' save_pretrained cannot save this {type(denoiser).__name__}",
+                                UnsavableModelError)
     mismatched = mismatched_tensors(denoiser)
     if not mismatched:
         return
