@@ -92,7 +92,7 @@ class DeepCacheConfig(_ConfigMethods):
 
     ``schedule="non-uniform"`` places the same number of full steps (ceil(steps / interval))
     densely around ``center`` (a fraction of the trajectory) and sparsely far from it, with
-    offsets growing as ``|u| ** power``.
+    offsets growing as ``|u| ** power``: DeepCache's own schedule (``schedules.nonuniform_full_steps``).
 
     ``forecast=1`` fills a reuse step with the linear extrapolation (in the step index) of the deep
     feature from the last two full steps instead of the last one (TaylorSeer's first-order forecast
