@@ -1,7 +1,7 @@
 """Attention matmul quantization on top of W8A8, paired per image (issue #4).
 
 W8A8 (ours, simulated) with and without Q·Kᵀ and softmax·V input quantization (Q, K, V int8 dynamic
-per tensor; softmax output on an unsigned 16-, 8- or 6-bit grid: which of the two costs what), on
+per batch row; softmax output on an unsigned 16-, 8- or 6-bit grid: which of the two costs what), on
 40 class-cycled prompts of a zoo model (fashion-sd: the UNet's attention; fashion-flux: Flux's joint
 attention, double- and single-stream blocks). Mean PSNR against the fp32 images of the same seeds and
 the paired difference to plain W8A8. fashion-flux uses dynamic per-token activations (its best W8A8

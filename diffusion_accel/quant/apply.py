@@ -239,7 +239,7 @@ def summary(pipe: Any) -> str:
                      f"{len(float_inputs)} layers")
     if state.attention:
         lines.append(f"  attention matmuls: {len(state.attention)} modules (Q/K/V {config['attention']} dynamic "
-                     f"per tensor, softmax {config['softmax_bits']}-bit unsigned; simulated)")
+                     f"per batch row, softmax {config['softmax_bits']}-bit unsigned; simulated)")
         pag_layers = getattr(pipe, "pag_applied_layers", None)  # this pipeline's, now: not stored in the notes
         if pag_layers:  # diffusers swaps PAG's processors in per call and ours back after: counted quantized
             lines.append(f"  PAG puts its own float processors on the self-attention of its layers "

@@ -65,7 +65,7 @@ class PTQConfig:
     ``recon_reg`` times the rounding regulariser, its exponent annealed from ``recon_beta[0]`` to
     ``recon_beta[1]``. lower: turn the calibrated
     layers into real int8 / packed int4 layers at the end. attention: "int8" | "fp8" | None quantizes
-    the attention matmul inputs (Q, K, V dynamic per tensor) and the softmax output on an unsigned
+    the attention matmul inputs (Q, K, V dynamic, one scale per batch row) and the softmax output on an unsigned
     ``softmax_bits`` grid, through processors for UNet/DiT, SD3 and Flux attention (simulated).
     """
 
